@@ -1,0 +1,142 @@
+"""The :class:`Backend` protocol: the small, batch-shaped storage interface behind ``AsyncTasks``.
+
+Retries, backoff, timeouts, dead-lettering, draining and recovery policy live once, in the worker engine.
+A backend only stores records and applies state changes atomically. Every method that changes state takes
+the current time from the engine (``now`` / ``at``), so a backend never reads the clock for a state change;
+only :meth:`Backend.wait_for_work` deals in real time.
+
+A backend is used by one ``AsyncTasks`` at a time, from one event loop; it is ``open``-ed before any other
+call and ``close``-d after the last. Several processes (each with its own backend object) may share the same
+storage: every method must be safe against concurrent callers in other processes.
+
+Write your own by implementing these methods, then run the public conformance suite
+(:mod:`lifecycle.asynctask.testing`) against it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import Literal, Protocol, runtime_checkable
+
+from ._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
+
+__all__ = ["Backend", "TransactionalBackend"]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Durable storage for asynchronous tasks. See the module docstring for the rules all methods share."""
+
+    async def open(self) -> None:
+        """Connect, create or migrate the schema. Raises :class:`BackendError` when the storage cannot be
+        used (unsupported async library, a schema newer than this code, a bad URL)."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections. Idempotent."""
+        ...
+
+    async def enqueue_many(
+        self, tasks: Sequence[NewTask], *, if_exists: Literal["error", "skip"] = "error"
+    ) -> list[str]:
+        """Store ``tasks`` durably (committed before returning) and return the ids stored, in order.
+
+        ``if_exists="error"``: if any task's id belongs to a ``PENDING`` or ``ACTIVE`` record, raise
+        :class:`DuplicateTaskError` and store nothing of the batch; a record with that id in a final state is
+        replaced. ``if_exists="skip"``: tasks whose id exists in any state are left out (used for schedules,
+        so one fire time is enqueued once), the rest are stored.
+        """
+        ...
+
+    async def claim(
+        self, queues: Sequence[str], limit: int, *, now: float, lease_until: float
+    ) -> list[ClaimedTask]:
+        """Lease up to ``limit`` ``PENDING`` tasks whose ``run_at <= now`` to the caller.
+
+        ``queues`` is in priority order: take from ``queues[0]`` first, then the next. Within a queue, the
+        earliest ``run_at`` first, then enqueue order. Each claimed task becomes ``ACTIVE`` with
+        ``attempts + 1``, ``started_at = now``, ``lease_until`` and a fresh unique lease token. Two callers
+        never receive the same task from one ``PENDING`` period.
+        """
+        ...
+
+    async def extend_leases(self, leases: Sequence[tuple[str, str]], *, lease_until: float) -> set[str]:
+        """Heartbeat: set ``lease_until`` for each ``(task_id, token)`` still held; return the task ids whose
+        lease was lost (the token no longer matches or the task is no longer ``ACTIVE``)."""
+        ...
+
+    async def settle(self, settlements: Sequence[Settlement]) -> set[str]:
+        """Apply each settlement whose ``(task_id, token)`` lease is still held; return the ids that were not
+        applied because the lease was lost. Each applied settlement, with its ``then`` tasks, is atomic."""
+        ...
+
+    async def reclaim_expired(self, *, now: float, lease_until: float, limit: int) -> list[ClaimedTask]:
+        """Take over up to ``limit`` ``ACTIVE`` tasks whose ``lease_until < now`` (their worker died) with a
+        fresh token and the new ``lease_until``, without changing ``attempts``: the lost attempt was
+        counted when it was claimed. The engine then settles them (retry or dead)."""
+        ...
+
+    async def wait_for_work(self, queues: Sequence[str], *, timeout: float) -> None:
+        """Return when a task in ``queues`` may have become claimable (enqueued, released, or its
+        ``run_at`` reached), or after ``timeout`` seconds. Returning early without work is allowed."""
+        ...
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        """The record with this id, or ``None`` when there is none (never stored, or removed)."""
+        ...
+
+    async def list_records(
+        self,
+        *,
+        states: Collection[TaskState] | None = None,
+        queue: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[TaskRecord]:
+        """Records matching the filters (``None`` means any), newest ``enqueued_at`` first."""
+        ...
+
+    async def stats(self) -> Mapping[str, Mapping[TaskState, int]]:
+        """The number of records per queue and state. States with no record may be left out."""
+        ...
+
+    async def cancel(self, task_ids: Sequence[str], *, now: float) -> list[str]:
+        """Make ``PENDING`` tasks ``CANCELLED`` (``finished_at = now``); return the ids that were cancelled.
+        Tasks in any other state, or unknown ids, are left as they are."""
+        ...
+
+    async def requeue(
+        self, task_ids: Sequence[str] | None = None, *, queue: str | None = None, now: float
+    ) -> int:
+        """Move ``DEAD`` or ``CANCELLED`` tasks back to ``PENDING`` with ``attempts = 0`` and
+        ``run_at = now``; ``last_error`` is kept. With ``task_ids`` only those; with ``task_ids=None`` every
+        ``DEAD`` task (of ``queue`` when given). Returns how many moved."""
+        ...
+
+    async def purge(
+        self,
+        *,
+        states: Collection[TaskState],
+        queue: str | None = None,
+        before: float | None = None,
+        limit: int | None = None,
+    ) -> int:
+        """Delete records in ``states`` (of ``queue`` when given) whose ``finished_at`` (or ``enqueued_at``
+        when not finished) is earlier than ``before`` when given; at most ``limit`` when given. Returns how
+        many were deleted. The engine never passes ``ACTIVE``."""
+        ...
+
+
+@runtime_checkable
+class TransactionalBackend(Backend, Protocol):
+    """A backend whose enqueue can join a transaction the caller opened (the transactional outbox).
+
+    ``connection`` is the backend's own connection type (for PostgreSQL, a psycopg ``AsyncConnection`` in a
+    transaction): the tasks are stored if and only if the caller's transaction commits.
+    """
+
+    async def enqueue_many_in(
+        self, connection: object, tasks: Sequence[NewTask], *, if_exists: Literal["error", "skip"] = "error"
+    ) -> list[str]:
+        """Like :meth:`Backend.enqueue_many`, inside the caller's transaction on ``connection``."""
+        ...

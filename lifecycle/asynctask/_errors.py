@@ -1,0 +1,27 @@
+"""Errors raised by :mod:`lifecycle.asynctask` and by backends."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["BackendError", "DuplicateTaskError"]
+
+
+class DuplicateTaskError(Exception):
+    """An enqueue named a ``task_id`` that belongs to a task still pending or active.
+
+    ``task_id`` is the first conflicting id; ``task_ids`` holds every conflicting id of the batch. Nothing of
+    the batch was stored. A finished task's id (succeeded, dead, cancelled) may be reused.
+    """
+
+    def __init__(self, task_id: str, task_ids: Sequence[str] | None = None) -> None:
+        self.task_id = task_id
+        self.task_ids: tuple[str, ...] = tuple(task_ids) if task_ids else (task_id,)
+        super().__init__(
+            f"a task with id {task_id!r} is already pending or active; "
+            "pick another task_id, or wait until that task has finished"
+        )
+
+
+class BackendError(Exception):
+    """A backend could not be used as configured (wrong URL, unsupported async library, newer schema)."""
