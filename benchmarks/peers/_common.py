@@ -1,0 +1,459 @@
+"""What every library adapter shares: the run configuration, the probe inside the worker, a tiny Redis
+admin client, and the driver that runs one scenario for one library.
+
+Standard library only: this module is imported by each peer's own virtualenv as well as by ours.
+
+One run = one *producer* process (this driver) that prepares the storage, enqueues, and for the worker
+scenarios spawns exactly one *worker* process (the same adapter module with ``--role worker``). The
+worker's tasks report to the producer through an inherited pipe:
+
+- ``count`` mode (drain, mix): the task body calls :meth:`Probe.start` / :meth:`Probe.finish`; the worker
+  notes the time and its own CPU time (``time.process_time``: every thread of the worker process) at the
+  first start and at the N-th finish, and writes one JSON line. Nothing per task crosses the pipe.
+- ``latency`` mode: every start writes ``"<index> <time.monotonic()>"`` (CLOCK_MONOTONIC is system-wide on
+  Linux, so the producer can subtract its own send time).
+
+The adapter module prints one line ``BENCH-RESULT {json}`` on stdout; ``benchmarks/run.py`` reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import itertools
+import json
+import os
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+RESULT_PREFIX = "BENCH-RESULT "
+SCENARIOS = ("drain", "enqueue", "latency", "mix", "sqlite_drain", "sqlite_enqueue")
+WORKER_START_TIMEOUT = 60.0
+
+
+@dataclass
+class Config:
+    """Everything one run needs; passed from run.py to the producer and from the producer to its worker."""
+
+    library: str
+    scenario: str
+    n: int
+    concurrency: int
+    redis_url: str
+    sqlite_path: str
+    bulk_size: int
+    timeout: float
+    role: str = "producer"
+    workload: str = "noop"  # "noop" or "sleep" (await a 10 ms sleep)
+    probe: str = "count"  # "count" or "latency"
+
+    @property
+    def storage(self) -> str:
+        """``"sqlite"`` for the SQLite scenarios, else ``"redis"``."""
+        return "sqlite" if self.scenario.startswith("sqlite") else "redis"
+
+    def argv(self) -> list[str]:
+        """This configuration as command-line arguments for :func:`parse_config`."""
+        out: list[str] = []
+        for key, value in asdict(self).items():
+            out += [f"--{key.replace('_', '-')}", str(value)]
+        return out
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Read a :class:`Config` from the command line (see :meth:`Config.argv`)."""
+    parser = argparse.ArgumentParser(description="Run one benchmark scenario for one library.")
+    parser.add_argument("--library", required=True)
+    parser.add_argument("--scenario", required=True, choices=SCENARIOS)
+    parser.add_argument("--n", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15")
+    parser.add_argument("--sqlite-path", default="/tmp/lifecycle-bench.db")
+    parser.add_argument("--bulk-size", type=int, default=1000)
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--role", default="producer", choices=("producer", "worker"))
+    parser.add_argument("--workload", default="noop", choices=("noop", "sleep"))
+    parser.add_argument("--probe", default="count", choices=("count", "latency"))
+    return Config(**vars(parser.parse_args(argv)))
+
+
+# ---------------------------------------------------------------------------------------------- probe
+
+
+class Probe:
+    """Measures the worker from inside its tasks; configured by the producer through the environment."""
+
+    def __init__(self) -> None:
+        self.n = int(os.environ.get("BENCH_N", "0"))
+        self.fd = int(os.environ.get("BENCH_FD", "-1"))
+        self.latency = os.environ.get("BENCH_PROBE") == "latency"
+        # next() on itertools.count is atomic under the GIL: safe from the thread-pool workers too.
+        self._started = itertools.count()
+        self._finished = itertools.count()
+        self._first = (0.0, 0.0)
+
+    def start(self, index: int) -> None:
+        """Call first thing in the task body."""
+        if self.latency:
+            os.write(self.fd, f"{index} {time.monotonic()!r}\n".encode())
+        elif next(self._started) == 0:
+            self._first = (time.monotonic(), time.process_time())
+
+    def finish(self) -> None:
+        """Call last thing in the task body."""
+        if not self.latency and next(self._finished) == self.n - 1:
+            end, cpu = time.monotonic(), time.process_time()
+            line = {"first_start": self._first[0], "last_finish": end, "cpu": cpu - self._first[1]}
+            os.write(self.fd, (json.dumps(line) + "\n").encode())
+
+
+PROBE = Probe()
+
+
+def noop_body(index: int) -> None:
+    """The whole body of a no-op task, for synchronous task functions."""
+    PROBE.start(index)
+    PROBE.finish()
+
+
+async def sleep_body(index: int) -> None:
+    """The body of the realistic-mix task: await a 10 ms asyncio sleep."""
+    PROBE.start(index)
+    await asyncio.sleep(0.01)
+    PROBE.finish()
+
+
+def thread_sleep_body(index: int) -> None:
+    """The realistic-mix task for thread-pool workers (their equivalent of awaiting a sleep)."""
+    PROBE.start(index)
+    time.sleep(0.01)
+    PROBE.finish()
+
+
+# --------------------------------------------------------------------------------------- redis admin
+
+
+class RedisAdmin:
+    """A minimal RESP2 client for the producer's bookkeeping (FLUSHDB, INFO), independent of every peer."""
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.db = int((parts.path or "/0").lstrip("/") or "0")
+        self._sock = socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), timeout=30)
+        self._file = self._sock.makefile("rb")
+        if parts.password:
+            user = urllib.parse.unquote(parts.username or "default")
+            self.command("AUTH", user, urllib.parse.unquote(parts.password))
+        self.command("SELECT", str(self.db))
+
+    def command(self, *args: str) -> Any:
+        """Send one command and return its decoded reply; a Redis error raises ``RuntimeError``."""
+        chunks = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            data = arg.encode()
+            chunks.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        self._sock.sendall(b"".join(chunks))
+        return self._read()
+
+    def _read(self) -> Any:
+        line = self._file.readline()
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise RuntimeError(f"Redis error: {rest.decode()}")
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            size = int(rest)
+            return None if size < 0 else self._file.read(size + 2)[:-2].decode()
+        if kind == b"*":
+            return [self._read() for _ in range(int(rest))]
+        raise RuntimeError(f"unexpected Redis reply {line!r}")
+
+    def flush_own_db(self) -> None:
+        """FLUSHDB the benchmark's own database; refuses DB 0, which other users of the server share."""
+        if self.db == 0:
+            raise SystemExit("refusing to FLUSHDB Redis DB 0: give --redis-url a dedicated DB, e.g. /15")
+        self.command("FLUSHDB")
+
+    def commands_processed(self) -> int:
+        """The server's ``total_commands_processed`` (server-wide: run on a quiet server)."""
+        info: str = self.command("INFO", "stats")
+        for line in info.splitlines():
+            if line.startswith("total_commands_processed:"):
+                return int(line.split(":", 1)[1])
+        raise RuntimeError("INFO stats has no total_commands_processed")
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._sock.close()
+
+
+# ------------------------------------------------------------------------------------------- adapter
+
+
+class Adapter:
+    """The common shape of a library adapter; subclasses fill in the library calls.
+
+    Producer side (async or plain methods, see ``is_async``): ``open``, ``enqueue(index)`` (one awaited,
+    durable enqueue), ``enqueue_bulk(indices)`` (the library's bulk API; leave ``bulk_api = None`` when it
+    has none), ``close``. Worker side: ``work()`` runs the library's worker in this process until the
+    process is terminated. ``cfg.workload`` says which task to enqueue and ``cfg.concurrency`` how many
+    tasks the worker runs at once.
+    """
+
+    is_async = True
+    bulk_api: str | None = None  # the name of the bulk call, for the report
+    storages: frozenset[str] = frozenset({"redis"})
+    settings = ""  # non-default settings the adapter uses, for the report
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def open(self) -> Any:
+        """Connect the producer."""
+
+    def enqueue(self, index: int) -> Any:
+        """Enqueue one task with argument ``index`` and wait until the library says it is stored."""
+        raise NotImplementedError
+
+    def enqueue_bulk(self, indices: range) -> Any:
+        """Enqueue all ``indices`` with the library's bulk API."""
+        raise NotImplementedError
+
+    def close(self) -> Any:
+        """Disconnect the producer."""
+
+    def work(self) -> None:
+        """Run the worker in this process until it is terminated."""
+        raise NotImplementedError
+
+
+async def _call(adapter: Adapter, method: Callable[..., Any], *args: Any) -> Any:
+    result = method(*args)
+    if adapter.is_async:
+        return await result
+    return result
+
+
+# -------------------------------------------------------------------------------------------- driver
+
+
+def _die_with_parent() -> None:
+    # The worker must never outlive its producer (for example when run.py times a run out).
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class WorkerProcess:
+    """The one worker process of a run, with the read end of its probe pipe."""
+
+    def __init__(self, cfg: Config, module: str, probe: str, n: int) -> None:
+        read_fd, write_fd = os.pipe()
+        env = dict(os.environ, BENCH_N=str(n), BENCH_FD=str(write_fd), BENCH_PROBE=probe)
+        worker_cfg = Config(**{**asdict(cfg), "role": "worker", "probe": probe})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, *worker_cfg.argv()],
+            env=env,
+            pass_fds=(write_fd,),
+            preexec_fn=_die_with_parent,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        os.close(write_fd)
+        self._fd = read_fd
+        self._buffer = b""
+
+    def read_line(self, timeout: float) -> str:
+        """The next line the worker's probe wrote; raises ``TimeoutError`` or ``RuntimeError`` (exited)."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"the worker reported nothing for {timeout:.0f} s")
+            ready, _, _ = select.select([self._fd], [], [], remaining)
+            if ready:
+                chunk = os.read(self._fd, 65536)
+                if not chunk:
+                    raise RuntimeError(f"the worker exited (status {self.proc.wait()}) before reporting")
+                self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
+
+    def stop(self) -> None:
+        """SIGTERM (the library's graceful stop), SIGKILL after 5 s: the measurement is already taken."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        os.close(self._fd)
+
+
+def _prepare_storage(cfg: Config) -> RedisAdmin | None:
+    if cfg.storage == "sqlite":
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(cfg.sqlite_path + suffix).unlink(missing_ok=True)
+        return None
+    admin = RedisAdmin(cfg.redis_url)
+    admin.flush_own_db()
+    return admin
+
+
+def _commands(admin: RedisAdmin | None) -> int:
+    return admin.commands_processed() if admin is not None else 0
+
+
+async def _enqueue_all(adapter: Adapter, n: int, bulk: bool) -> None:
+    if bulk:
+        for start in range(0, n, adapter.cfg.bulk_size):
+            await _call(adapter, adapter.enqueue_bulk, range(start, min(n, start + adapter.cfg.bulk_size)))
+    else:
+        for index in range(n):
+            await _call(adapter, adapter.enqueue, index)
+
+
+async def _drain(factory: Callable[[Config], Adapter], cfg: Config, module: str) -> dict[str, Any]:
+    admin = _prepare_storage(cfg)
+    adapter = factory(cfg)
+    await _call(adapter, adapter.open)
+    await _enqueue_all(adapter, cfg.n, bulk=adapter.bulk_api is not None)
+    await _call(adapter, adapter.close)
+    before = _commands(admin)
+    worker = WorkerProcess(cfg, module, "count", cfg.n)
+    try:
+        report = json.loads(worker.read_line(cfg.timeout))
+        after = _commands(admin)
+    finally:
+        worker.stop()
+    elapsed = report["last_finish"] - report["first_start"]
+    metrics = {
+        "tasks_per_s": cfg.n / elapsed if elapsed > 0 else float("inf"),
+        "seconds": elapsed,
+        "cpu_ms_per_task": report["cpu"] * 1000 / cfg.n,
+    }
+    if admin is not None:
+        metrics["redis_cmds_per_task"] = (after - before) / cfg.n
+        admin.close()
+    return metrics
+
+
+async def _enqueue(factory: Callable[[Config], Adapter], cfg: Config) -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
+    variants = [("single", False)] + ([("bulk", True)] if factory(cfg).bulk_api is not None else [])
+    for label, bulk in variants:
+        admin = _prepare_storage(cfg)
+        adapter = factory(cfg)  # after the storage was reset: some libraries create their schema here
+        await _call(adapter, adapter.open)
+        before, cpu, start = _commands(admin), time.process_time(), time.perf_counter()
+        await _enqueue_all(adapter, cfg.n, bulk=bulk)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        after = _commands(admin)
+        await _call(adapter, adapter.close)
+        metrics[f"{label}_per_s"] = cfg.n / elapsed
+        metrics[f"{label}_cpu_ms_per_task"] = cpu * 1000 / cfg.n
+        if admin is not None:
+            metrics[f"{label}_redis_cmds_per_task"] = (after - before) / cfg.n
+            admin.close()
+    return metrics
+
+
+async def _latency(factory: Callable[[Config], Adapter], cfg: Config, module: str) -> dict[str, Any]:
+    admin = _prepare_storage(cfg)
+    adapter = factory(cfg)
+    await _call(adapter, adapter.open)
+    worker = WorkerProcess(cfg, module, "latency", cfg.n)
+    samples: list[float] = []
+    try:
+        # Warm-up: the first task waits for the worker to start; a few more warm connections and caches.
+        for index in range(-20, cfg.n):
+            sent = time.monotonic()
+            await _call(adapter, adapter.enqueue, index)
+            got, started = worker.read_line(WORKER_START_TIMEOUT if index == -20 else 10.0).split()
+            if int(got) != index:
+                raise RuntimeError(f"task {got} started while waiting for task {index}")
+            if index >= 0:
+                samples.append((float(started) - sent) * 1000)
+    finally:
+        worker.stop()
+        await _call(adapter, adapter.close)
+        if admin is not None:
+            admin.close()
+    samples.sort()
+    return {
+        "p50_ms": statistics.median(samples),
+        "p99_ms": samples[min(len(samples) - 1, int(len(samples) * 0.99))],
+        "max_ms": samples[-1],
+    }
+
+
+async def _produce(factory: Callable[[Config], Adapter], cfg: Config, module: str) -> dict[str, Any]:
+    if cfg.scenario in ("drain", "mix", "sqlite_drain"):
+        return await _drain(factory, cfg, module)
+    if cfg.scenario in ("enqueue", "sqlite_enqueue"):
+        return await _enqueue(factory, cfg)
+    return await _latency(factory, cfg, module)
+
+
+def _work(adapter: Adapter) -> None:
+    profile = os.environ.get("BENCH_PROFILE")
+    if not profile:
+        adapter.work()
+        return
+    import cProfile  # only for --profile runs: it slows the worker down, so those numbers are not reported
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        adapter.work()
+    finally:
+        profiler.disable()
+        profiler.dump_stats(profile)
+
+
+def main(factory: Callable[[Config], Adapter], module: str, argv: list[str] | None = None) -> None:
+    """Entry point of every adapter module: ``python -m benchmarks.peers.<name> --scenario ...``."""
+    cfg = parse_config(argv)
+    if cfg.role == "worker":
+        _work(factory(cfg))
+        return
+    adapter = factory(cfg)
+    if cfg.storage not in adapter.storages:
+        raise SystemExit(f"{cfg.library} has no {cfg.storage} storage in this harness")
+    metrics = asyncio.run(_produce(factory, cfg, module))
+    result = {"library": cfg.library, "scenario": cfg.scenario, "n": cfg.n, "metrics": metrics}
+    result["settings"] = adapter.settings
+    result["bulk_api"] = adapter.bulk_api
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_async_worker(coro_factory: Callable[[], Awaitable[None]]) -> None:
+    """Run an asyncio worker until SIGTERM, which cancels it (the libraries' own stop path)."""
+
+    async def runner() -> None:
+        task = asyncio.ensure_future(coro_factory())
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(runner())
+
+
+def wait_for_sigterm() -> None:
+    """Block the main thread until SIGTERM (for workers that run in threads of this process)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.sigwait({signal.SIGTERM})

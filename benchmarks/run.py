@@ -1,0 +1,316 @@
+"""Run the benchmarks: every scenario for every library, in turn, for several rounds; then write the
+results into docs/benchmarks.md and draw docs/benchmarks.png.
+
+    python benchmarks/run.py --rounds 3 --n 20000
+
+Run it with the project's interpreter (the one with ``lifecycle`` and its ``redis`` extra installed). It
+creates one virtualenv per peer under ``benchmarks/.venv-peers`` from ``requirements-peers.txt`` (pip
+needs the package index the first time), uses the Redis at ``--redis-url`` (its DB 15 by default, which
+it FLUSHes before every run: never point it at a database that holds anything), and SQLite files in a
+temporary directory. See docs/benchmarks.md for the method and what each number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import report, venvs  # noqa: E402
+from benchmarks.peers._common import RESULT_PREFIX, Config, RedisAdmin  # noqa: E402
+
+OURS = report.OURS
+PEERS = ("arq", "saq", "streaq", "taskiq", "dramatiq", "huey", "celery", "rq")
+LIBRARIES = (OURS, *PEERS)
+SCENARIOS = ("drain", "enqueue", "latency", "mix", "sqlite_drain", "sqlite_enqueue", "core")
+SQLITE_LIBRARIES = (OURS, "huey")
+NO_MIX = ("rq",)  # one job at a time per worker process: the concurrency-100 mix does not apply
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; every default is the full run documented in docs/benchmarks.md."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every scenario (default 3)")
+    parser.add_argument("--n", type=int, default=20_000, help="tasks per drain/enqueue/mix run")
+    parser.add_argument("--latency-n", type=int, default=2_000, help="tasks sent one at a time")
+    parser.add_argument("--concurrency", type=int, default=32, help="worker concurrency for drain")
+    parser.add_argument("--mix-concurrency", type=int, default=100, help="worker concurrency for the mix")
+    parser.add_argument("--bulk-size", type=int, default=1_000, help="tasks per bulk enqueue call")
+    parser.add_argument("--core-n", type=int, default=100_000, help="execute tasks to hot-add")
+    parser.add_argument("--shutdown-n", type=int, default=10_000, help="running tasks to shut down")
+    parser.add_argument("--libraries", default=",".join(LIBRARIES), help="comma-separated subset")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset")
+    parser.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/15",
+        help="a Redis database of its own: it is flushed before every run",
+    )
+    parser.add_argument("--run-timeout", type=float, default=900.0, help="seconds before a run is killed")
+    parser.add_argument("--skip-install", action="store_true", help="use the peer venvs as they are")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=ROOT / "docs" / "benchmarks.md",
+        help="markdown file whose results section is replaced",
+    )
+    parser.add_argument(
+        "--chart", default=str(ROOT / "docs" / "benchmarks.png"), help="PNG to draw ('none' to skip)"
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=ROOT / "benchmarks" / "results" / "latest.json",
+        help="where the raw runs are saved",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="run every worker under cProfile and save DIR/<library>-<scenario>-<round>.pstats "
+        "(slows the workers: for finding where time goes, not for the table)",
+    )
+    parser.add_argument(
+        "--report-only",
+        type=Path,
+        metavar="JSON",
+        help="only rewrite the markdown and chart from saved raw runs",
+    )
+    args = parser.parse_args(argv)
+    args.libraries = _subset(args.libraries, LIBRARIES, "--libraries")
+    args.scenarios = _subset(args.scenarios, SCENARIOS, "--scenarios")
+    if args.rounds < 1 or args.n < 1 or args.latency_n < 1:
+        parser.error("--rounds, --n and --latency-n must be at least 1")
+    return args
+
+
+def _subset(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
+    chosen = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [item for item in chosen if item not in allowed]
+    if unknown:
+        raise SystemExit(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    return chosen
+
+
+def plan(args: argparse.Namespace, sqlite_dir: str) -> list[tuple[str, str, list[str]]]:
+    """One round: (scenario, library, command) for every pair, libraries in the same order each round."""
+    runs: list[tuple[str, str, list[str]]] = []
+    for scenario in args.scenarios:
+        if scenario == "core":
+            for backend in ("asyncio", "trio"):
+                for library, subject in ((OURS, "manager"), ("anyio", "raw")):
+                    command = [
+                        sys.executable,
+                        "-m",
+                        "benchmarks.core",
+                        "--subject",
+                        subject,
+                        "--backend",
+                        backend,
+                        "--n",
+                        str(args.core_n),
+                        "--shutdown-n",
+                        str(args.shutdown_n),
+                        "--library",
+                        library,
+                    ]
+                    runs.append((f"core_{backend}", library, command))
+            continue
+        for library in args.libraries:
+            if scenario.startswith("sqlite") and library not in SQLITE_LIBRARIES:
+                continue
+            if scenario == "mix" and library in NO_MIX:
+                continue
+            cfg = Config(
+                library=library,
+                scenario=scenario,
+                n=args.latency_n if scenario == "latency" else args.n,
+                concurrency=args.mix_concurrency if scenario == "mix" else args.concurrency,
+                redis_url=args.redis_url,
+                sqlite_path=os.path.join(sqlite_dir, f"{library}.db"),
+                bulk_size=args.bulk_size,
+                timeout=max(30.0, args.run_timeout - 30),
+                workload="sleep" if scenario == "mix" else "noop",
+            )
+            python = sys.executable if library == OURS else str(venvs.python_for(library))
+            module = "benchmarks.peers.ours" if library == OURS else f"benchmarks.peers.{library}"
+            runs.append((scenario, library, [python, "-m", module, *cfg.argv()]))
+    return runs
+
+
+def run_one(command: list[str], timeout: float, profile: Path | None = None) -> dict[str, Any]:
+    """Run one benchmark process and return its result (``ok`` False with the error when it failed).
+
+    With ``profile``, its worker process runs under cProfile and saves its statistics there.
+    """
+    env = dict(os.environ)
+    env.pop("BENCH_PROFILE", None)
+    if profile is not None:
+        env["BENCH_PROFILE"] = str(profile)
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(
+            command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False, env=env
+        )
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
+    wall = time.monotonic() - started
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return {"ok": True, "wall_s": wall, **json.loads(line[len(RESULT_PREFIX) :])}
+    tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-3:]
+    return {"ok": False, "wall_s": wall, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
+
+
+def _versions(libraries: list[str]) -> dict[str, str]:
+    import lifecycle
+
+    versions = {OURS: lifecycle.__version__}
+    pins = venvs.read_sections()
+    for library in libraries:
+        if library in pins:
+            main = next((pin for pin in pins[library] if pin.split("[")[0].split("==")[0] == library), None)
+            versions[library] = main.split("==")[1] if main else "?"
+    return versions
+
+
+def _machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = ""
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        memory = f", {kib / 1024 / 1024:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"{model}, {os.cpu_count()} cores{memory}, {platform.system()} {platform.release()}"
+
+
+def _redis_version(url: str) -> str:
+    try:
+        admin = RedisAdmin(url)
+        info: str = admin.command("INFO", "server")
+        admin.close()
+    except OSError as error:
+        return f"unreachable ({error})"
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    return f"{fields.get('redis_version', '?')} (appendonly {_appendonly(url)})"
+
+
+def _appendonly(url: str) -> str:
+    admin = RedisAdmin(url)
+    try:
+        reply = admin.command("CONFIG", "GET", "appendonly")
+        return str(reply[1]) if isinstance(reply, list) and len(reply) > 1 else "?"
+    except RuntimeError:
+        return "?"
+    finally:
+        admin.close()
+
+
+def write_outputs(result: dict[str, Any], output: Path, chart: str) -> None:
+    """Rewrite the markdown results section and draw the chart (in the report venv, with matplotlib)."""
+    if chart != "none":
+        try:
+            python = venvs.ensure_venv("report")
+            subprocess.run(
+                [str(python), str(ROOT / "benchmarks" / "chart.py"), "-", chart],
+                input=json.dumps(result),
+                text=True,
+                check=True,
+                cwd=ROOT,
+            )
+            result["meta"]["chart"] = os.path.relpath(chart, output.parent)
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
+            print(f"[report] could not draw the chart: {error}", file=sys.stderr)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    report.update_markdown(output, report.render(result))
+    print(f"[report] wrote {output}" + ("" if chart == "none" else f" and {chart}"), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Set up, run every round, save the raw runs, write the report. Returns the exit status."""
+    args = parse_args(argv)
+    if args.report_only:
+        result = json.loads(args.report_only.read_text())
+        write_outputs(result, args.output, args.chart)
+        return 0
+    peers = [lib for lib in args.libraries if lib != OURS]
+    if not args.skip_install:
+        for library in peers:
+            venvs.ensure_venv(library)
+    sqlite_dir = tempfile.mkdtemp(prefix="lifecycle-bench-")
+    runs: list[dict[str, Any]] = []
+    try:
+        round_plan = plan(args, sqlite_dir)
+        total = len(round_plan) * args.rounds
+        for round_index in range(args.rounds):
+            for scenario, library, command in round_plan:
+                profile = None
+                if args.profile is not None:
+                    args.profile.mkdir(parents=True, exist_ok=True)
+                    profile = args.profile.resolve() / f"{library}-{scenario}-{round_index + 1}.pstats"
+                outcome = run_one(command, args.run_timeout, profile)
+                outcome.update(scenario=scenario, library=library, round=round_index + 1)
+                runs.append(outcome)
+                brief = json.dumps(outcome.get("metrics")) if outcome["ok"] else outcome["error"]
+                print(
+                    f"[{len(runs)}/{total}] round {round_index + 1} {scenario:<14} {library:<9} {brief}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    finally:
+        shutil.rmtree(sqlite_dir, ignore_errors=True)
+    params = {
+        key: getattr(args, key)
+        for key in (
+            "rounds",
+            "n",
+            "latency_n",
+            "concurrency",
+            "mix_concurrency",
+            "bulk_size",
+            "core_n",
+            "shutdown_n",
+        )
+    }
+    result = {
+        "meta": {
+            "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+            "machine": _machine(),
+            "python": f"Python {platform.python_version()}",
+            "redis": _redis_version(args.redis_url),
+            "command": " ".join(
+                shlex.quote(part) for part in ["python", "benchmarks/run.py", *(argv or sys.argv[1:])]
+            ),
+            "versions": _versions(args.libraries),
+            "params": params,
+        },
+        "runs": runs,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1))
+    write_outputs(result, args.output, args.chart)
+    return 0 if all(run["ok"] for run in runs) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""The manager's private record of one task: what it is and where it is in its life."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from ._status import TaskKind, TaskRunState, TaskStatus
+from ._task import Stage, TaskType
+
+__all__ = ["Entry"]
+
+
+class Entry:
+    """Mutable, slot-based bookkeeping for one task; the hot path only sets attributes on it."""
+
+    __slots__ = (
+        "awaitable",
+        "cancel_requested",
+        "cleanup_timeout",
+        "done_event",
+        "ended_at",
+        "error",
+        "execute_fn",
+        "finished",
+        "initialize_timeout",
+        "initialized",
+        "kind",
+        "level",
+        "name",
+        "runtime",
+        "scope",
+        "stage",
+        "stage_t0",
+        "started_at",
+        "state",
+        "task",
+        "task_handle",
+        "task_type",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        kind: TaskKind,
+        task: Any,
+        task_type: TaskType,
+        execute_fn: Callable[[], Awaitable[None]],
+        *,
+        runtime: bool = False,
+        initialize_timeout: float | None = None,
+        cleanup_timeout: float | None = None,
+    ) -> None:
+        self.name = name
+        self.kind: TaskKind = kind
+        self.task = task
+        self.task_type = task_type
+        self.execute_fn = execute_fn
+        self.runtime = runtime
+        # Work hot-added while running (one per connection, say) reports its steps at DEBUG, not INFO.
+        self.level = logging.DEBUG if runtime else logging.INFO
+        self.initialize_timeout = initialize_timeout
+        self.cleanup_timeout = cleanup_timeout
+        self.stage: Stage | None = None
+        self.state: TaskRunState = "pending"
+        self.stage_t0 = 0.0
+        self.started_at: float | None = None
+        self.ended_at: float | None = None
+        self.error: BaseException | None = None
+        self.initialized = False
+        self.finished = False
+        self.cancel_requested = False
+        self.scope: anyio.CancelScope | None = None
+        # anyio >= 4.14: the TaskHandle start_soon returns (it has its own cancel scope, so cancelling one
+        # execute task needs no extra scope of ours); None on older anyio.
+        self.task_handle: Any = None
+        self.awaitable: object | None = None
+        self.done_event: anyio.Event | None = None
+
+    def snapshot(self) -> TaskStatus:
+        """This entry as an immutable :class:`TaskStatus` row."""
+        return TaskStatus(
+            name=self.name,
+            kind=self.kind,
+            task_type=self.task_type,
+            stage=self.stage,
+            state=self.state,
+            started_at=self.started_at,
+            ended_at=self.ended_at,
+            error=self.error,
+        )
+
+    def finish(self) -> None:
+        """Mark the entry's part in this run as over and wake whoever waits on its handle."""
+        self.finished = True
+        self.scope = None
+        self.task_handle = None
+        self.awaitable = None
+        if self.done_event is not None:
+            self.done_event.set()

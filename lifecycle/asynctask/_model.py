@@ -1,0 +1,230 @@
+"""The user-facing nouns of :mod:`lifecycle.asynctask`: TaskInfo, QueueStats, Call, TaskContext, Retry, Abort."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from ._records import TaskState
+
+__all__ = ["Abort", "Call", "QueueStats", "Retry", "TaskContext", "TaskInfo"]
+
+@dataclass(frozen=True, slots=True)
+class TaskInfo:
+    """What is known about one stored task, as :meth:`AsyncTasks.info` and :meth:`AsyncTasks.list` return it.
+
+    Times are seconds since the epoch, from the ``AsyncTasks`` clock. ``attempts`` counts how many times a
+    worker started the task (including an attempt whose worker died). ``result`` is the decoded return value
+    of a succeeded task (``None`` when it returned nothing, or returned something the encoding cannot encode).
+    ``last_error`` is the text of the latest failure: exception type, message and traceback.
+    """
+
+    id: str
+    name: str
+    queue: str
+    state: TaskState
+    attempts: int
+    max_retries: int
+    enqueued_at: float
+    run_at: float
+    last_error: str | None = None
+    result: Any = None
+    timeout: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def retries_left(self) -> int:
+        """How many more failed attempts would still be retried (0 once the task is out of retries)."""
+        return max(0, self.max_retries + 1 - self.attempts)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """The number of tasks of one queue in each state, as :meth:`AsyncTasks.stats` returns them."""
+
+    pending: int = 0
+    active: int = 0
+    succeeded: int = 0
+    dead: int = 0
+    cancelled: int = 0
+
+    def __getitem__(self, state: TaskState | str) -> int:
+        """The count for ``state`` (a :class:`TaskState` or its value, e.g. ``"dead"``)."""
+        return int(getattr(self, TaskState(state).value))
+
+    @property
+    def total(self) -> int:
+        """Every task of the queue, whatever its state."""
+        return self.pending + self.active + self.succeeded + self.dead + self.cancelled
+
+
+class Call:
+    """One call to enqueue with :meth:`AsyncTasks.enqueue_many`: a function (or registered name), its positional
+    arguments, and the same options :meth:`AsyncTasks.enqueue` takes.
+
+    Example::
+
+        await tasks.enqueue_many([Call(update_cache, "a", []), Call("app.jobs.send", 42, delay=60)])
+    """
+
+    __slots__ = ("args", "at", "delay", "max_retries", "queue", "target", "task_id", "timeout")
+
+    def __init__(
+        self,
+        target: Callable[..., Any] | str,
+        /,
+        *args: Any,
+        delay: float | timedelta | None = None,
+        at: datetime | float | None = None,
+        queue: str | None = None,
+        max_retries: int | None = None,
+        timeout: float | timedelta | None = None,
+        task_id: str | None = None,
+    ) -> None:
+        self.target = target
+        self.args = args
+        self.delay = delay
+        self.at = at
+        self.queue = queue
+        self.max_retries = max_retries
+        self.timeout = timeout
+        self.task_id = task_id
+
+    def __repr__(self) -> str:
+        target = self.target if isinstance(self.target, str) else getattr(self.target, "__qualname__", self.target)
+        args = ", ".join(repr(arg) for arg in self.args)
+        return f"Call({target!s}{', ' if args else ''}{args})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Call):
+            return NotImplemented
+        return all(getattr(self, slot) == getattr(other, slot) for slot in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class TaskContext:
+    """What a running task knows about itself; declare it as the first parameter to receive it.
+
+    It is recognised by the annotation (``ctx: TaskContext``), so its parameter name is free. ``attempt`` is
+    1 on the first run and grows with each retry (a run whose worker died counts too). ``deadline`` is the
+    time (seconds since the epoch, the ``AsyncTasks`` clock) at which the task's ``timeout`` cancels it, or
+    ``None`` without a timeout. ``logger`` logs through ``lifecycle.asynctask.task`` with the task's name and
+    id in front of each message. ``previous_result`` is the result of the previous step of a chain, ``None``
+    otherwise.
+
+    Example::
+
+        @tasks.register
+        async def send_mail(ctx: TaskContext, to: str) -> None:
+            ctx.logger.info("attempt %d of %d", ctx.attempt, ctx.max_retries + 1)
+    """
+
+    __slots__ = (
+        "_logger",
+        "attempt",
+        "deadline",
+        "enqueued_at",
+        "max_retries",
+        "name",
+        "previous_result",
+        "queue",
+        "task_id",
+    )
+
+    def __init__(
+        self,
+        *,
+        task_id: str,
+        name: str,
+        queue: str,
+        attempt: int,
+        max_retries: int,
+        enqueued_at: float,
+        deadline: float | None = None,
+        previous_result: Any = None,
+    ) -> None:
+        self.task_id = task_id
+        self.name = name
+        self.queue = queue
+        self.attempt = attempt
+        self.max_retries = max_retries
+        self.enqueued_at = enqueued_at
+        self.deadline = deadline
+        self.previous_result = previous_result
+        self._logger: logging.LoggerAdapter[logging.Logger] | None = None
+
+    @property
+    def is_last_attempt(self) -> bool:
+        """True when a failure of this run makes the task ``dead`` instead of retrying it."""
+        return self.attempt > self.max_retries
+
+    @property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose messages start with ``[task name id]`` and carry ``task_id`` / ``task_name`` extras."""
+        if self._logger is None:
+            self._logger = _TaskLogger(
+                logging.getLogger("lifecycle.asynctask.task"), {"task_id": self.task_id, "task_name": self.name}
+            )
+        return self._logger
+
+    def __repr__(self) -> str:
+        return (
+            f"TaskContext(task_id={self.task_id!r}, name={self.name!r}, queue={self.queue!r}, "
+            f"attempt={self.attempt}, max_retries={self.max_retries})"
+        )
+
+
+class _TaskLogger(logging.LoggerAdapter[logging.Logger]):
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        extra = self.extra or {}
+        kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
+        return f"[{extra.get('task_name')} {extra.get('task_id')}] {msg}", kwargs
+
+
+class Retry(Exception):  # noqa: N818 - a request, not an error: `raise Retry(after=30)` reads right
+    """Raise from a task to ask for another attempt, ``after`` seconds from now (or after the usual backoff
+    when ``after`` is ``None``).
+
+    A retry requested this way still counts as an attempt and is bounded by ``max_retries``: when none is
+    left the task goes ``dead`` with ``reason`` in its error.
+
+    Example::
+
+        if response.status == 429:
+            raise Retry(after=float(response.headers["Retry-After"]), reason="rate limited")
+    """
+
+    def __init__(self, after: float | timedelta | None = None, reason: str = "") -> None:
+        seconds = after.total_seconds() if isinstance(after, timedelta) else after
+        if seconds is not None and (not isinstance(seconds, int | float) or seconds < 0 or seconds != seconds):
+            raise ValueError(f"Retry(after=...) takes seconds >= 0 or a timedelta, got {after!r}")
+        self.after: float | None = None if seconds is None else float(seconds)
+        self.reason = reason
+        super().__init__(reason or (f"retry requested after {self.after} s" if self.after is not None else ""))
+
+
+class Abort(Exception):  # noqa: N818 - a request, not an error: `raise Abort("bad input")` reads right
+    """Raise from a task to fail it for good: it goes ``dead`` at once with ``reason``, without retries.
+
+    Example::
+
+        if order is None:
+            raise Abort(f"order {order_id} does not exist")
+    """
+
+    def __init__(self, reason: str = "") -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+def describe_target(target: object) -> str:
+    """A short human name for a function or registered name, for error messages."""
+    if isinstance(target, str):
+        return repr(target)
+    return str(getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(target))
+

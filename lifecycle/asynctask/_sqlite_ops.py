@@ -1,0 +1,373 @@
+"""The SQL behind each :class:`~lifecycle.asynctask.SQLiteBackend` method.
+
+Every function here is synchronous, takes the backend's connection and runs on its connection thread.
+Write operations are called inside a ``BEGIN IMMEDIATE`` transaction opened by the backend, so each call is
+atomic and serialised against every other process writing the same file.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Collection, Iterator, Sequence
+from typing import Any, Literal
+
+from ._errors import DuplicateTaskError
+from ._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
+from ._sqlite_schema import TASK_COLUMNS
+
+__all__ = [
+    "cancel",
+    "claim",
+    "enqueue_many",
+    "extend_leases",
+    "get",
+    "list_records",
+    "next_run_at",
+    "purge",
+    "reclaim_expired",
+    "requeue",
+    "settle",
+    "stats",
+]
+
+# Stay well below SQLite's limit on bound variables per statement.
+_CHUNK = 500
+
+_PENDING = TaskState.PENDING.value
+_ACTIVE = TaskState.ACTIVE.value
+
+_INSERT = (
+    "INSERT INTO lifecycle_tasks (id, name, queue, payload, state, attempts, max_retries, timeout, "
+    "enqueued_at, run_at, meta) VALUES (?, ?, ?, ?, 'pending', 0, ?, ?, ?, ?, ?)"
+)
+_INSERT_OR_SKIP = _INSERT + " ON CONFLICT (id) DO NOTHING"
+
+# Claims, recovery and wait_for_work name their partial index: without ANALYZE statistics the planner may
+# otherwise prefer the (state, ...) index and sort.
+# A fresh random lease token per claimed row, made by SQLite inside the same UPDATE.
+_NEW_TOKEN = "lower(hex(randomblob(12)))"
+
+_CLAIM = (
+    f"UPDATE lifecycle_tasks SET state = 'active', attempts = attempts + 1, started_at = ?, "
+    f"lease_until = ?, token = {_NEW_TOKEN} "
+    "WHERE seq IN (SELECT seq FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending "
+    "WHERE state = 'pending' AND queue = ? AND run_at <= ? "
+    "ORDER BY run_at, seq LIMIT ?) "
+    f"RETURNING token, seq, {TASK_COLUMNS}"
+)
+
+_RECLAIM = (
+    f"UPDATE lifecycle_tasks SET lease_until = ?, token = {_NEW_TOKEN} "
+    "WHERE seq IN (SELECT seq FROM lifecycle_tasks INDEXED BY lifecycle_tasks_active "
+    "WHERE state = 'active' AND lease_until < ? "
+    "ORDER BY lease_until, seq LIMIT ?) "
+    f"RETURNING token, seq, {TASK_COLUMNS}"
+)
+
+_HELD = "WHERE id = ? AND token = ? AND state = 'active'"
+_SETTLE_SUCCEEDED = (
+    "UPDATE lifecycle_tasks SET state = 'succeeded', finished_at = ?, result = ?, "
+    f"last_error = coalesce(?, last_error), lease_until = NULL, token = NULL {_HELD}"
+)
+_SETTLE_FINAL = (
+    "UPDATE lifecycle_tasks SET state = ?, finished_at = ?, result = coalesce(?, result), "
+    f"last_error = coalesce(?, last_error), lease_until = NULL, token = NULL {_HELD}"
+)
+_SETTLE_PENDING = (
+    "UPDATE lifecycle_tasks SET state = 'pending', run_at = ?, attempts = max(attempts - ?, 0), "
+    f"finished_at = NULL, last_error = coalesce(?, last_error), lease_until = NULL, token = NULL {_HELD}"
+)
+_EXTEND = f"UPDATE lifecycle_tasks SET lease_until = ? {_HELD}"
+
+
+def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+def _marks(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+def _blob(value: object) -> bytes:
+    # A row written by hand may hold TEXT where a BLOB belongs; hand the engine bytes either way.
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape")
+    return bytes(value)  # type: ignore[call-overload, no-any-return]
+
+
+def record_from_row(row: Sequence[Any]) -> TaskRecord:
+    """Build a :class:`TaskRecord` from a row selected with ``TASK_COLUMNS``."""
+    result = row[14]
+    return TaskRecord(
+        id=row[0],
+        name=row[1],
+        queue=row[2],
+        payload=_blob(row[3]),
+        state=TaskState(row[4]),
+        attempts=row[5],
+        max_retries=row[6],
+        timeout=row[7],
+        enqueued_at=row[8],
+        run_at=row[9],
+        started_at=row[10],
+        finished_at=row[11],
+        lease_until=row[12],
+        last_error=row[13],
+        result=None if result is None else _blob(result),
+        meta=row[15],
+    )
+
+
+def _claimed(rows: list[Any]) -> list[ClaimedTask]:
+    # RETURNING gives no order guarantee: put the rows back into (run_at, seq) order.
+    rows.sort(key=lambda row: (row[11], row[1]))
+    return [ClaimedTask(token=row[0], record=record_from_row(row[2:])) for row in rows]
+
+
+def _new_task_row(task: NewTask) -> tuple[Any, ...]:
+    return (
+        task.id,
+        task.name,
+        task.queue,
+        task.payload,
+        task.max_retries,
+        task.timeout,
+        task.enqueued_at,
+        task.run_at,
+        task.meta,
+    )
+
+
+def enqueue_many(
+    connection: sqlite3.Connection, tasks: Sequence[NewTask], if_exists: Literal["error", "skip"]
+) -> list[str]:
+    """Insert ``tasks``; see :meth:`Backend.enqueue_many` for the duplicate rules."""
+    if not tasks:
+        return []
+    # Fast path: fresh ids (the common case) need one executemany and no look-up.
+    connection.execute("SAVEPOINT lifecycle_enqueue")
+    inserted = connection.executemany(_INSERT_OR_SKIP, map(_new_task_row, tasks)).rowcount
+    if inserted == len(tasks):
+        connection.execute("RELEASE lifecycle_enqueue")
+        return [task.id for task in tasks]
+    connection.execute("ROLLBACK TO lifecycle_enqueue")
+    connection.execute("RELEASE lifecycle_enqueue")
+
+    existing: dict[str, str] = {}
+    for chunk in _chunks(list({task.id for task in tasks})):
+        query = f"SELECT id, state FROM lifecycle_tasks WHERE id IN ({_marks(len(chunk))})"
+        existing.update(connection.execute(query, chunk).fetchall())
+    seen: set[str] = set()
+    to_insert: list[NewTask] = []
+    to_replace: list[str] = []
+    conflicts: list[str] = []
+    for task in tasks:
+        state = existing.get(task.id)
+        if task.id in seen:  # the same id twice in one batch: the first copy is pending
+            if if_exists == "error":
+                conflicts.append(task.id)
+            continue
+        seen.add(task.id)
+        if state is None:
+            to_insert.append(task)
+        elif if_exists == "skip":
+            continue
+        elif state in (_PENDING, _ACTIVE):
+            conflicts.append(task.id)
+        else:
+            to_replace.append(task.id)
+            to_insert.append(task)
+    if conflicts:
+        raise DuplicateTaskError(conflicts[0], conflicts)
+    for chunk in _chunks(to_replace):
+        connection.execute(f"DELETE FROM lifecycle_tasks WHERE id IN ({_marks(len(chunk))})", chunk)
+    connection.executemany(_INSERT, map(_new_task_row, to_insert))
+    return [task.id for task in to_insert]
+
+
+def claim(
+    connection: sqlite3.Connection, queues: Sequence[str], limit: int, now: float, lease_until: float
+) -> list[ClaimedTask]:
+    """Lease up to ``limit`` due pending tasks, ``queues`` in priority order."""
+    claimed: list[ClaimedTask] = []
+    for queue in dict.fromkeys(queues):
+        wanted = limit - len(claimed)
+        if wanted <= 0:
+            break
+        rows = connection.execute(_CLAIM, (now, lease_until, queue, now, wanted)).fetchall()
+        claimed.extend(_claimed(rows))
+    return claimed
+
+
+def extend_leases(
+    connection: sqlite3.Connection, leases: Sequence[tuple[str, str]], lease_until: float
+) -> set[str]:
+    """Renew the leases still held; return the ids whose lease was lost."""
+    lost: set[str] = set()
+    for task_id, token in leases:
+        if connection.execute(_EXTEND, (lease_until, task_id, token)).rowcount == 0:
+            lost.add(task_id)
+    return lost
+
+
+def settle(connection: sqlite3.Connection, settlements: Sequence[Settlement]) -> set[str]:
+    """Apply each settlement whose lease is still held (with its ``then`` tasks); return the lost ids."""
+    lost: set[str] = set()
+    for s in settlements:
+        if s.state is TaskState.SUCCEEDED:
+            cursor = connection.execute(_SETTLE_SUCCEEDED, (s.at, s.result, s.error, s.task_id, s.token))
+        elif s.state is TaskState.PENDING:
+            run_at = s.at if s.run_at is None else s.run_at
+            refund = 1 if s.refund_attempt else 0
+            cursor = connection.execute(_SETTLE_PENDING, (run_at, refund, s.error, s.task_id, s.token))
+        elif s.state in (TaskState.DEAD, TaskState.CANCELLED):
+            params = (s.state.value, s.at, s.result, s.error, s.task_id, s.token)
+            cursor = connection.execute(_SETTLE_FINAL, params)
+        else:
+            raise ValueError(
+                f"cannot settle task {s.task_id!r} as {s.state.value!r}: a settlement's state must be "
+                "pending, succeeded, dead or cancelled"
+            )
+        if cursor.rowcount == 0:
+            lost.add(s.task_id)
+        elif s.then:
+            connection.executemany(_INSERT_OR_SKIP, map(_new_task_row, s.then))
+    return lost
+
+
+def reclaim_expired(
+    connection: sqlite3.Connection, now: float, lease_until: float, limit: int
+) -> list[ClaimedTask]:
+    """Take over active tasks whose lease expired before ``now``, attempts unchanged."""
+    rows = connection.execute(_RECLAIM, (lease_until, now, limit)).fetchall()
+    rows.sort(key=lambda row: row[1])
+    return [ClaimedTask(token=row[0], record=record_from_row(row[2:])) for row in rows]
+
+
+def next_run_at(connection: sqlite3.Connection, queues: Sequence[str]) -> tuple[float | None, int]:
+    """The earliest ``run_at`` of a pending task in ``queues`` (``None`` if none) and the data version."""
+    earliest: float | None = None
+    for queue in dict.fromkeys(queues):
+        (value,) = connection.execute(
+            "SELECT min(run_at) FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending "
+            "WHERE state = 'pending' AND queue = ?",
+            (queue,),
+        ).fetchone()
+        if value is not None and (earliest is None or value < earliest):
+            earliest = float(value)
+    (data_version,) = connection.execute("PRAGMA data_version").fetchone()
+    return earliest, int(data_version)
+
+
+def get(connection: sqlite3.Connection, task_id: str) -> TaskRecord | None:
+    """The record with ``task_id`` or ``None``."""
+    row = connection.execute(
+        f"SELECT {TASK_COLUMNS} FROM lifecycle_tasks WHERE id = ?", (task_id,)
+    ).fetchone()
+    return None if row is None else record_from_row(row)
+
+
+def _filters(states: Collection[TaskState] | None, queue: str | None) -> tuple[list[str], list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    if states is not None:
+        values = sorted({TaskState(state).value for state in states})
+        clauses.append(f"state IN ({_marks(len(values))})")
+        params.extend(values)
+    if queue is not None:
+        clauses.append("queue = ?")
+        params.append(queue)
+    return clauses, params
+
+
+def _where(clauses: list[str]) -> str:
+    return f" WHERE {' AND '.join(clauses)}" if clauses else ""
+
+
+def list_records(
+    connection: sqlite3.Connection,
+    states: Collection[TaskState] | None,
+    queue: str | None,
+    limit: int,
+    offset: int,
+) -> list[TaskRecord]:
+    """Records matching the filters, newest ``enqueued_at`` first."""
+    clauses, params = _filters(states, queue)
+    query = (
+        f"SELECT {TASK_COLUMNS} FROM lifecycle_tasks{_where(clauses)} "
+        "ORDER BY enqueued_at DESC, seq DESC LIMIT ? OFFSET ?"
+    )
+    rows = connection.execute(query, [*params, max(limit, 0), max(offset, 0)]).fetchall()
+    return [record_from_row(row) for row in rows]
+
+
+def stats(connection: sqlite3.Connection) -> dict[str, dict[TaskState, int]]:
+    """Counts per queue and state."""
+    counts: dict[str, dict[TaskState, int]] = {}
+    query = "SELECT queue, state, count(*) FROM lifecycle_tasks GROUP BY queue, state"
+    for queue, state, count in connection.execute(query):
+        counts.setdefault(queue, {})[TaskState(state)] = count
+    return counts
+
+
+def cancel(connection: sqlite3.Connection, task_ids: Sequence[str], now: float) -> list[str]:
+    """Cancel the pending tasks among ``task_ids``; return those cancelled, in the order given."""
+    cancelled: set[str] = set()
+    unique = list(dict.fromkeys(task_ids))
+    for chunk in _chunks(unique):
+        query = (
+            "UPDATE lifecycle_tasks SET state = 'cancelled', finished_at = ?, lease_until = NULL, "
+            f"token = NULL WHERE state = 'pending' AND id IN ({_marks(len(chunk))}) RETURNING id"
+        )
+        cancelled.update(row[0] for row in connection.execute(query, [now, *chunk]))
+    return [task_id for task_id in unique if task_id in cancelled]
+
+
+_REQUEUE_SET = (
+    "UPDATE lifecycle_tasks SET state = 'pending', attempts = 0, run_at = ?, finished_at = NULL, "
+    "lease_until = NULL, token = NULL"
+)
+
+
+def requeue(
+    connection: sqlite3.Connection, task_ids: Sequence[str] | None, queue: str | None, now: float
+) -> int:
+    """Move dead (or, by id, cancelled) tasks back to pending with no attempts; return how many moved."""
+    queue_clause, queue_params = (" AND queue = ?", [queue]) if queue is not None else ("", [])
+    if task_ids is None:
+        query = f"{_REQUEUE_SET} WHERE state = 'dead'{queue_clause}"
+        return connection.execute(query, [now, *queue_params]).rowcount
+    moved = 0
+    for chunk in _chunks(list(dict.fromkeys(task_ids))):
+        query = (
+            f"{_REQUEUE_SET} WHERE state IN ('dead', 'cancelled') AND id IN ({_marks(len(chunk))})"
+            f"{queue_clause}"
+        )
+        moved += connection.execute(query, [now, *chunk, *queue_params]).rowcount
+    return moved
+
+
+def purge(
+    connection: sqlite3.Connection,
+    states: Collection[TaskState],
+    queue: str | None,
+    before: float | None,
+    limit: int | None,
+) -> int:
+    """Delete matching records; return how many were deleted."""
+    if not states or (limit is not None and limit <= 0):
+        return 0
+    clauses, params = _filters(states, queue)
+    if before is not None:
+        clauses.append("coalesce(finished_at, enqueued_at) < ?")
+        params.append(before)
+    if limit is None:
+        return connection.execute(f"DELETE FROM lifecycle_tasks{_where(clauses)}", params).rowcount
+    query = (
+        f"DELETE FROM lifecycle_tasks WHERE seq IN "
+        f"(SELECT seq FROM lifecycle_tasks{_where(clauses)} ORDER BY seq LIMIT ?)"
+    )
+    return connection.execute(query, [*params, limit]).rowcount

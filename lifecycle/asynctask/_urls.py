@@ -1,0 +1,164 @@
+"""backend_from_url(): pick and configure a backend from one URL string (for the CLI and configuration)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+from ._backend import Backend
+
+__all__ = ["backend_from_url"]
+
+_ACCEPTED = (
+    '"memory://", '
+    '"sqlite:///relative/path.db" or "sqlite:////absolute/path.db" '
+    "(options: ?poll_interval=0.1&busy_timeout=30&synchronous=NORMAL), "
+    '"redis://[user:password@]host:port/db?prefix=NAME" (also "rediss://"), '
+    '"postgresql://user@host:port/dbname?schema=NAME" (also "postgres://")'
+)
+
+_SQLITE_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "poll_interval": float,
+    "busy_timeout": float,
+    "synchronous": str.upper,
+}
+
+
+def backend_from_url(url: str) -> Backend:
+    """Build the backend a URL names. The backend is not opened yet (``AsyncTasks`` opens it).
+
+    Accepted forms:
+
+    - ``memory://``: a :class:`~lifecycle.asynctask.MemoryBackend` (one process, not durable).
+    - ``sqlite:///tasks.db`` (relative to the working directory) or ``sqlite:////var/lib/app/tasks.db``
+      (absolute: four slashes, as in SQLAlchemy); ``sqlite://`` alone is a private in-memory database.
+      Query options ``poll_interval``, ``busy_timeout`` and ``synchronous`` go to
+      :class:`~lifecycle.asynctask.SQLiteBackend`.
+    - ``redis://...`` / ``rediss://...``: ``lifecycle.asynctask.redis.RedisBackend``; a ``prefix=NAME``
+      query option becomes its ``prefix`` (the rest of the URL goes to redis-py unchanged).
+    - ``postgresql://...`` / ``postgres://...``: ``lifecycle.asynctask.postgres.PostgresBackend``; a
+      ``schema=NAME`` query option becomes its ``schema``.
+
+    Raises:
+        ValueError: the URL has another scheme, or a malformed part or option; the message lists the forms.
+        ImportError: the backend's optional dependency is missing; the message says which extra to install.
+
+    Example::
+
+        backend = backend_from_url("sqlite:///var/tasks.db?synchronous=FULL")
+    """
+    if not isinstance(url, str):
+        raise TypeError(f"backend_from_url() takes a URL string, got {type(url).__name__}")
+    scheme, _, _ = url.partition(":")
+    scheme = scheme.lower()
+    if scheme == "memory":
+        return _memory(url)
+    if scheme == "sqlite":
+        return _sqlite(url)
+    if scheme in ("redis", "rediss"):
+        return _redis(url)
+    if scheme in ("postgresql", "postgres"):
+        return _postgres(url)
+    hint = ""
+    if "://" not in url and url.endswith((".db", ".sqlite", ".sqlite3")):
+        hint = f' (for a SQLite file write "sqlite:///{url}")'
+    raise ValueError(f"unsupported task backend URL {url!r}{hint}; use one of: {_ACCEPTED}")
+
+
+def _memory(url: str) -> Backend:
+    parts = urlsplit(url)
+    if parts.netloc or parts.path or parts.query:
+        raise ValueError(
+            f'the memory backend URL takes no host, path or options: use "memory://", got {url!r}'
+        )
+    from ._memory import MemoryBackend
+
+    backend: Backend = MemoryBackend()
+    return backend
+
+
+def _sqlite(url: str) -> Backend:
+    parts = urlsplit(url)
+    if parts.netloc:
+        raise ValueError(
+            f"a sqlite URL has no host part, got {parts.netloc!r} in {url!r}: use "
+            '"sqlite:///relative/path.db" (three slashes) or "sqlite:////absolute/path.db" (four)'
+        )
+    path = unquote(parts.path[1:]) if parts.path.startswith("/") else unquote(parts.path)
+    options: dict[str, Any] = {}
+    for name, value in _query(url, parts.query).items():
+        convert = _SQLITE_OPTIONS.get(name)
+        if convert is None:
+            raise ValueError(
+                f"unknown option {name!r} in sqlite URL {url!r}; accepted: {', '.join(_SQLITE_OPTIONS)}"
+            )
+        try:
+            options[name] = convert(value)
+        except ValueError:
+            raise ValueError(f"option {name}={value!r} in sqlite URL {url!r} is not a number") from None
+    from ._sqlite import SQLiteBackend
+
+    return SQLiteBackend(path or ":memory:", **options)
+
+
+def _redis(url: str) -> Backend:
+    rest, prefix = _take_option(url, "prefix")
+    module = _import_extra("lifecycle.asynctask.redis", extra="redis", needs=("redis",))
+    if prefix is None:
+        backend: Backend = module.RedisBackend(rest)
+    else:
+        backend = module.RedisBackend(rest, prefix=prefix)
+    return backend
+
+
+def _postgres(url: str) -> Backend:
+    rest, schema = _take_option(url, "schema")
+    module = _import_extra(
+        "lifecycle.asynctask.postgres", extra="postgres", needs=("psycopg", "psycopg_pool")
+    )
+    if schema is None:
+        backend: Backend = module.PostgresBackend(rest)
+    else:
+        backend = module.PostgresBackend(rest, schema=schema)
+    return backend
+
+
+def _query(url: str, query: str) -> dict[str, str]:
+    pairs = parse_qsl(query, keep_blank_values=True)
+    options: dict[str, str] = {}
+    for name, value in pairs:
+        if name in options:
+            raise ValueError(f"option {name!r} is given twice in URL {url!r}; give it once")
+        options[name] = value
+    return options
+
+
+def _take_option(url: str, name: str) -> tuple[str, str | None]:
+    """Remove the ``name`` query option from ``url``; return the rest of the URL and the option's value."""
+    parts = urlsplit(url)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    values = [value for key, value in pairs if key == name]
+    if len(values) > 1:
+        raise ValueError(f"option {name!r} is given twice in URL {url!r}; give it once")
+    if values and not values[0]:
+        raise ValueError(f"option {name!r} in URL {url!r} is empty; give a name, as in ?{name}=myapp")
+    if not values:
+        return url, None
+    rest = urlencode([(key, value) for key, value in pairs if key != name])
+    return urlunsplit(parts._replace(query=rest)), values[0]
+
+
+def _import_extra(module: str, *, extra: str, needs: tuple[str, ...]) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        if missing in needs:
+            raise ImportError(
+                f"the {extra} backend needs the optional dependency {missing!r}, which is not installed: "
+                f'pip install "anyio-lifecycle[{extra}]"'
+            ) from exc
+        raise

@@ -1,0 +1,455 @@
+"""PostgresBackend: durable tasks in a PostgreSQL database you already operate (extra ``postgres``).
+
+Install with ``pip install "anyio-lifecycle[postgres]"`` (psycopg 3 and psycopg-pool). asyncio only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from typing import Any, Literal
+
+import anyio
+import psycopg
+import psycopg.conninfo
+import psycopg.errors
+from psycopg.pq import TransactionStatus
+from psycopg_pool import AsyncConnectionPool
+
+from . import _postgres_ops as ops
+from ._errors import BackendError
+from ._postgres_listen import Listener
+from ._postgres_schema import ensure_schema
+from ._postgres_sql import Statements
+from ._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
+
+__all__ = ["PostgresBackend"]
+
+_log = logging.getLogger("lifecycle.asynctask.postgres")
+
+_MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1, in bytes
+_APPLICATION_NAME = "lifecycle-asynctask"
+
+
+def _current_async_library() -> str:
+    try:
+        import sniffio
+    except ImportError:  # no sniffio means no trio (trio depends on it): asyncio or nothing
+        return "asyncio"
+    try:
+        return sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return "none"
+
+
+def _channel_for(schema: str) -> str:
+    channel = f"lifecycle.{schema}"
+    if len(channel.encode()) <= _MAX_IDENTIFIER:
+        return channel
+    return "lifecycle." + hashlib.sha256(schema.encode()).hexdigest()[:40]
+
+
+def _safe_dsn(dsn: str) -> str:
+    """The DSN's connection parameters without the password, for messages."""
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    shown = {key: ("***" if key == "password" else value) for key, value in params.items()}
+    return psycopg.conninfo.make_conninfo(**shown) or "(libpq defaults)"  # type: ignore[arg-type]
+
+
+class PostgresBackend:
+    """Stores tasks in PostgreSQL through psycopg 3 (asyncio), with a connection pool.
+
+    Any number of worker processes, on any number of hosts, may share one database and schema (each with its
+    own ``PostgresBackend``). Claims lock rows with ``FOR UPDATE SKIP LOCKED``, so concurrent workers never
+    take the same task and never wait for each other; an enqueue wakes idle workers at once through
+    ``LISTEN``/``NOTIFY``. Every state change is one transaction: a task is stored once
+    :meth:`enqueue_many` returns, and survives any crash of the server with PostgreSQL's usual durability
+    (``synchronous_commit`` and replication settings of your server apply).
+
+    Args:
+        dsn: a libpq connection string or URL, such as ``"postgresql://app@db.internal:5432/app"`` or
+            ``"host=db.internal dbname=app user=app"`` (passwords, TLS and the rest as libpq accepts them,
+            including ``PGPASSWORD``/``~/.pgpass``).
+        schema: the PostgreSQL schema that holds the backend's tables (created when missing). Use one schema
+            per application; two applications on one database keep apart by schema.
+        pool_size: the most pooled connections this object opens (one more is kept for ``LISTEN``). A worker
+            uses up to four at once: claims, settlements, heartbeats and its wait.
+        connect_timeout: how long :meth:`open`, and any call that needs a new connection, waits for the
+            server before giving up (seconds).
+        poll_interval: how long an idle worker waits at most before it looks at the table again, in case a
+            notification was missed (seconds). Notifications normally wake it at once.
+
+    The schema is created and migrated by :meth:`open` (versioned; a schema written by a newer version is
+    refused). After a server restart the pool replaces broken connections and the ``LISTEN`` connection
+    reconnects in the background; calls made while the server is down raise :class:`psycopg.OperationalError`.
+
+    :meth:`enqueue_many_in` joins a transaction of your own connection (the transactional outbox).
+
+    Raises :class:`BackendError` from :meth:`open` under trio (psycopg's async support needs asyncio), when
+    the server cannot be reached, or when the schema holds a newer or foreign layout.
+
+    Example::
+
+        backend = PostgresBackend("postgresql://app@127.0.0.1/app", schema="app_tasks")
+        tasks = AsyncTasks(backend)
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "lifecycle",
+        pool_size: int = 5,
+        connect_timeout: float = 10.0,
+        poll_interval: float = 1.0,
+    ) -> None:
+        if not isinstance(dsn, str):
+            raise TypeError(f"PostgresBackend(dsn) takes a connection string, got {type(dsn).__name__}")
+        try:
+            params = psycopg.conninfo.conninfo_to_dict(dsn)
+        except psycopg.ProgrammingError as exc:
+            raise ValueError(
+                f"PostgresBackend: cannot parse the connection string: {exc}; give a URL such as "
+                '"postgresql://user@host:5432/dbname" or "host=... dbname=... user=..."'
+            ) from None
+        if not isinstance(schema, str) or not schema or "\x00" in schema:
+            raise ValueError(f"schema must be a non-empty name without NUL characters, got {schema!r}")
+        if len(schema.encode()) > _MAX_IDENTIFIER:
+            raise ValueError(
+                f"schema {schema!r} is longer than PostgreSQL's {_MAX_IDENTIFIER}-byte limit for names; "
+                "choose a shorter schema name"
+            )
+        if not isinstance(pool_size, int) or pool_size < 1:
+            raise ValueError(f"pool_size must be a whole number >= 1, got {pool_size!r}")
+        if not connect_timeout > 0:
+            raise ValueError(f"connect_timeout must be a positive number of seconds, got {connect_timeout!r}")
+        if not poll_interval > 0:
+            raise ValueError(f"poll_interval must be a positive number of seconds, got {poll_interval!r}")
+        self._dsn = dsn
+        self._schema = schema
+        self._pool_size = pool_size
+        self._connect_timeout = float(connect_timeout)
+        self._poll_interval = float(poll_interval)
+        self._connect_kwargs: dict[str, Any] = {}
+        if "application_name" not in params:
+            self._connect_kwargs["application_name"] = _APPLICATION_NAME
+        if "connect_timeout" not in params:  # libpq's own limit for each connection attempt
+            self._connect_kwargs["connect_timeout"] = max(2, math.ceil(self._connect_timeout))
+        self._statements = Statements.for_schema(schema, _channel_for(schema))
+        self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+        self._listener: Listener | None = None
+        self._reported: tuple[object, ...] | None = None  # what wait_for_work last returned for
+
+    @property
+    def schema(self) -> str:
+        """The PostgreSQL schema holding this backend's tables."""
+        return self._schema
+
+    @property
+    def channel(self) -> str:
+        """The ``NOTIFY`` channel writers signal new work on (payload: the queue name)."""
+        return self._statements.channel
+
+    @property
+    def listening(self) -> bool:
+        """Whether the ``LISTEN`` connection is up. While it is down (a server restart), it reconnects in
+        the background and idle workers look at the table every ``poll_interval``."""
+        listener = self._listener
+        return listener is not None and listener.connected
+
+    @property
+    def poll_interval(self) -> float:
+        """The longest an idle worker waits before looking at the table again (seconds)."""
+        return self._poll_interval
+
+    def __repr__(self) -> str:
+        return f"PostgresBackend({_safe_dsn(self._dsn)!r}, schema={self._schema!r})"
+
+    # -- connection ---------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, create or migrate the schema, start listening. Calling it again does nothing.
+
+        Raises :class:`BackendError` under trio, when the server cannot be reached within
+        ``connect_timeout``, or for a schema written by a newer version.
+        """
+        if self._pool is not None:
+            return
+        library = _current_async_library()
+        if library != "asyncio":
+            raise BackendError(
+                f"PostgresBackend needs asyncio, but it runs under {library}: psycopg's async support is "
+                "asyncio-only; run this service with anyio's asyncio backend (the default), or use "
+                "SQLiteBackend, which works under trio"
+            )
+        listener = Listener(self._dsn, self.channel, connect_kwargs=self._connect_kwargs)
+        try:
+            # The LISTEN connection also creates or migrates the schema, so a bad DSN fails here, clearly.
+            with anyio.fail_after(self._connect_timeout):
+                await self._prepare_schema()
+                await listener.start()
+        except TimeoutError:
+            await listener.close()
+            raise BackendError(
+                f"cannot connect to PostgreSQL at {_safe_dsn(self._dsn)} within {self._connect_timeout} s; "
+                "check that the server runs and accepts connections, or raise connect_timeout"
+            ) from None
+        except psycopg.OperationalError as exc:
+            await listener.close()
+            raise BackendError(
+                f"cannot connect to PostgreSQL at {_safe_dsn(self._dsn)}: {str(exc).strip()}; check the "
+                "host, port, database name, user and password of the DSN"
+            ) from exc
+        except BaseException:
+            await listener.close()
+            raise
+        pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
+            self._dsn,
+            kwargs={"autocommit": True, **self._connect_kwargs},
+            min_size=1,
+            max_size=self._pool_size,
+            open=False,
+            # A quick liveness check when a connection leaves the pool: after a server restart the broken
+            # idle connections are replaced instead of failing the caller.
+            check=AsyncConnectionPool.check_connection,
+            timeout=self._connect_timeout,
+            name=f"lifecycle-{self._schema}",
+        )
+        try:
+            await pool.open(wait=True, timeout=self._connect_timeout)
+        except BaseException:
+            await listener.close()
+            with anyio.CancelScope(shield=True):
+                await pool.close()
+            raise
+        self._pool, self._listener = pool, listener
+
+    async def _prepare_schema(self) -> None:
+        connection = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True, **self._connect_kwargs)
+        try:
+            await ensure_schema(connection, self._schema)
+        finally:
+            await connection.close()
+
+    async def close(self) -> None:
+        """Stop listening and close every connection. Idempotent."""
+        pool, self._pool = self._pool, None
+        listener, self._listener = self._listener, None
+        with anyio.CancelScope(shield=True):
+            if listener is not None:
+                await listener.close()
+            if pool is not None:
+                await pool.close()
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        pool = self._pool
+        if pool is None:
+            raise BackendError(
+                f"{self!r} is not open: call `await backend.open()` first (AsyncTasks does it in initialize)"
+            )
+        async with pool.connection() as connection:
+            yield connection
+
+    # -- the Backend protocol -----------------------------------------------------------------------------
+
+    async def enqueue_many(
+        self, tasks: Sequence[NewTask], *, if_exists: Literal["error", "skip"] = "error"
+    ) -> list[str]:
+        """Store ``tasks`` in one committed transaction and notify waiting workers; see
+        :meth:`Backend.enqueue_many`."""
+        _check_if_exists(if_exists)
+        if not tasks:
+            return []
+        async with self._connection() as connection:
+            return await ops.enqueue(connection, self._statements, tasks, if_exists)
+
+    async def enqueue_many_in(
+        self,
+        connection: object,
+        tasks: Sequence[NewTask],
+        *,
+        if_exists: Literal["error", "skip"] = "error",
+    ) -> list[str]:
+        """Store ``tasks`` inside the caller's transaction on ``connection`` (the transactional outbox).
+
+        ``connection`` is your ``psycopg.AsyncConnection`` to the same database. On a connection that is
+        not in autocommit mode (psycopg's default) the call joins the open transaction, or starts it as any
+        statement would; inside ``async with conn.transaction():`` it joins that block. The tasks are written
+        in a savepoint of that transaction and become visible, and wake workers, only when it commits; a
+        rollback removes them. On a connection in autocommit mode outside a transaction block there is no
+        transaction to join: the tasks are committed at once. Raises :class:`DuplicateTaskError` like
+        :meth:`enqueue_many` (your transaction stays usable: only the savepoint is rolled back), and
+        :class:`BackendError` when the backend's tables do not exist yet (open a ``PostgresBackend`` over
+        this database once first). This backend object need not be open.
+
+        Example::
+
+            async with await psycopg.AsyncConnection.connect(dsn) as conn:
+                async with conn.transaction():
+                    await conn.execute("INSERT INTO orders ...")
+                    await backend.enqueue_many_in(conn, [task])
+        """
+        _check_if_exists(if_exists)
+        if not isinstance(connection, psycopg.AsyncConnection):
+            raise TypeError(
+                "PostgresBackend.enqueue_many_in() needs a psycopg.AsyncConnection to the task database, "
+                f"got {type(connection).__name__}"
+            )
+        if not tasks:
+            return []
+        if not connection.autocommit and connection.info.transaction_status == TransactionStatus.IDLE:
+            # No statement ran yet: start the caller's transaction the way psycopg would on a first
+            # execute. (A transaction block opened on an idle connection would commit on its own.)
+            await connection.execute("SELECT 1")
+        try:
+            return await ops.enqueue(connection, self._statements, tasks, if_exists)
+        except psycopg.errors.UndefinedTable as exc:
+            raise BackendError(
+                f"the task tables of schema {self._schema!r} do not exist in this database: open a "
+                "PostgresBackend with this schema once (AsyncTasks does it at start) to create them"
+            ) from exc
+
+    async def claim(
+        self, queues: Sequence[str], limit: int, *, now: float, lease_until: float
+    ) -> list[ClaimedTask]:
+        """Lease up to ``limit`` due tasks, ``queues`` in priority order, in one statement; see
+        :meth:`Backend.claim`."""
+        if limit <= 0 or not queues:
+            return []
+        async with self._connection() as connection:
+            return await ops.claim(
+                connection, self._statements, list(dict.fromkeys(queues)), limit, now, lease_until
+            )
+
+    async def extend_leases(self, leases: Sequence[tuple[str, str]], *, lease_until: float) -> set[str]:
+        """Renew held leases in one statement; return the ids whose lease was lost."""
+        if not leases:
+            return set()
+        async with self._connection() as connection:
+            return await ops.extend_leases(connection, self._statements, leases, lease_until)
+
+    async def settle(self, settlements: Sequence[Settlement]) -> set[str]:
+        """Apply every settlement whose lease is held, with its ``then`` tasks, in one statement; return
+        the ids not applied."""
+        if not settlements:
+            return set()
+        async with self._connection() as connection:
+            return await ops.settle(connection, self._statements, settlements)
+
+    async def reclaim_expired(self, *, now: float, lease_until: float, limit: int) -> list[ClaimedTask]:
+        """Take over active tasks whose lease ended before ``now``, attempts unchanged."""
+        if limit <= 0:
+            return []
+        async with self._connection() as connection:
+            return await ops.reclaim_expired(connection, self._statements, now, lease_until, limit)
+
+    async def wait_for_work(self, queues: Sequence[str], *, timeout: float) -> None:
+        """Return when a task in ``queues`` was enqueued or released (a notification), when the earliest
+        delayed task becomes due, or after ``timeout`` (seconds).
+
+        A failure to reach the server is not raised here (the caller's next claim reports it): the call
+        then waits like an idle one. A task already due is reported once: while nothing changes, later calls wait instead of returning
+        at once, so a caller that cannot claim it yet does not spin. Without notifications (the ``LISTEN``
+        connection is reconnecting, or rows were written by hand) the table is checked every
+        ``poll_interval``.
+        """
+        listener = self._listener
+        if listener is None or self._pool is None:
+            return
+        deadline = anyio.current_time() + max(0.0, timeout)
+        key = tuple(dict.fromkeys(queues))
+        while True:
+            changed = listener.changed()
+            generation = listener.generation(key)
+            due = None
+            if key:
+                try:
+                    async with self._connection() as connection:
+                        due = await ops.next_due(connection, self._statements, key)
+                except psycopg.OperationalError as exc:
+                    # The server is unreachable (restarting?): wait as if idle; the caller's next claim
+                    # reports the outage, and the next look at the table finds what was missed.
+                    _log.debug("wait_for_work could not look for due tasks: %s", exc)
+            wall = time.time()
+            if due is not None and due[0] <= wall:
+                snapshot = (key, due, generation)
+                if snapshot != self._reported:
+                    self._reported = snapshot
+                    return
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
+                return
+            pause = min(remaining, self._poll_interval)
+            if due is not None and due[0] > wall:
+                pause = min(pause, due[0] - wall)
+            with anyio.move_on_after(pause):
+                while listener.generation(key) == generation:
+                    await changed.wait()
+                    changed = listener.changed()
+                return
+            if self._listener is None:
+                return  # closed while waiting
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        """The record with this id, or ``None``."""
+        async with self._connection() as connection:
+            return await ops.get(connection, self._statements, task_id)
+
+    async def list_records(
+        self,
+        *,
+        states: Collection[TaskState] | None = None,
+        queue: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[TaskRecord]:
+        """Records matching the filters, newest ``enqueued_at`` first."""
+        if states is not None and not states:
+            return []
+        async with self._connection() as connection:
+            return await ops.list_records(connection, self._statements, states, queue, limit, offset)
+
+    async def stats(self) -> Mapping[str, Mapping[TaskState, int]]:
+        """Counts per queue and state (states with no record are left out)."""
+        async with self._connection() as connection:
+            return await ops.stats(connection, self._statements)
+
+    async def cancel(self, task_ids: Sequence[str], *, now: float) -> list[str]:
+        """Cancel pending tasks among ``task_ids``; return those cancelled."""
+        if not task_ids:
+            return []
+        async with self._connection() as connection:
+            return await ops.cancel(connection, self._statements, task_ids, now)
+
+    async def requeue(
+        self, task_ids: Sequence[str] | None = None, *, queue: str | None = None, now: float
+    ) -> int:
+        """Move dead/cancelled tasks back to pending with ``attempts = 0``; return how many moved."""
+        if task_ids is not None and not task_ids:
+            return 0
+        async with self._connection() as connection:
+            return await ops.requeue(connection, self._statements, task_ids, queue, now)
+
+    async def purge(
+        self,
+        *,
+        states: Collection[TaskState],
+        queue: str | None = None,
+        before: float | None = None,
+        limit: int | None = None,
+    ) -> int:
+        """Delete matching records; return how many were deleted."""
+        if not states:
+            return 0
+        async with self._connection() as connection:
+            return await ops.purge(connection, self._statements, states, queue, before, limit)
+
+
+def _check_if_exists(if_exists: str) -> None:
+    if if_exists not in ("error", "skip"):
+        raise ValueError(f"if_exists must be 'error' or 'skip', got {if_exists!r}")

@@ -1,0 +1,23 @@
+"""Ready-made tasks for a :class:`~lifecycle.TaskManager`.
+
+- :class:`Repeat`: call an async function every ``interval`` seconds (an ExecuteTask).
+- :class:`Timer`: return after some seconds; add it as ``STOP_GROUP`` to run a service for a while.
+- :class:`Interruptible`: reload a Task (cleanup, initialize, execute again) on SIGHUP.
+- :class:`Subprocess`: run an OS child process as a Task, with a readiness check and a graceful stop.
+
+They log through the ``lifecycle.tasks`` logger.
+"""
+
+from ._interruptible import Interruptible as Interruptible
+from ._repeat import Repeat as Repeat
+from ._subprocess import ProcessExitedError as ProcessExitedError
+from ._subprocess import Subprocess as Subprocess
+from ._timer import Timer as Timer
+
+__all__ = (
+    "Interruptible",
+    "ProcessExitedError",
+    "Repeat",
+    "Subprocess",
+    "Timer",
+)

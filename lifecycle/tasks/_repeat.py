@@ -1,0 +1,146 @@
+"""Repeat: call an async function every ``interval`` seconds, start to start, for as long as it runs."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Awaitable, Callable
+
+import anyio
+
+from ._checks import positive_seconds
+
+__all__ = ["Repeat"]
+
+logger = logging.getLogger("lifecycle.tasks")
+
+
+class _NotAwaitableError(Exception):
+    """``fn`` returned something that is not awaitable (a programming error, raised as ``TypeError``)."""
+
+
+class Repeat:
+    """An :class:`~lifecycle.ExecuteTask` that calls ``fn`` every ``interval`` seconds until it is cancelled.
+
+    Calls keep to a fixed schedule measured start to start: ``t0, t0 + interval, t0 + 2*interval, ...``
+    where ``t0`` is when ``execute`` starts (with ``run_immediately=False`` the first call is at
+    ``t0 + interval``). A call that runs longer than ``interval`` makes the ticks that fell during it be
+    dropped, not queued: the next call happens at the first tick that has not passed yet, so ``fn`` never
+    runs twice at once and never in a burst.
+
+    An exception raised by ``fn`` is logged with its traceback on the ``lifecycle.tasks`` logger (ERROR, with
+    the number of failures in a row) and the repetition goes on at the next tick; cancellation (the manager
+    shutting down) stops it at once, even in the middle of a call.
+
+    Args:
+        fn: a zero-argument async function (or any callable returning an awaitable).
+        interval: seconds between the starts of two calls; a positive number.
+        run_immediately: call ``fn`` as soon as ``execute`` starts (default) rather than one interval later.
+        name: shown in log messages; defaults to ``fn``'s qualified name.
+        clock: the time source, ``anyio.current_time`` by default (a seam for tests).
+        sleep: the sleep function, ``anyio.sleep`` by default (a seam for tests).
+
+    Raises ``ValueError`` for an ``interval`` that is not a positive number, ``TypeError`` when ``fn`` is not
+    callable; ``execute`` raises ``TypeError`` when ``fn`` returns something that cannot be awaited.
+
+    Example::
+
+        async def report_health() -> None:
+            logger.info("healthy: %d connections", server.connections)
+
+        manager.add_execute_task("health", Repeat(report_health, interval=30))
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[], Awaitable[object]],
+        *,
+        interval: float,
+        run_immediately: bool = True,
+        name: str | None = None,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], Awaitable[object]] | None = None,
+    ) -> None:
+        if not callable(fn):
+            raise TypeError(f"Repeat needs a zero-argument async function to call, got {fn!r}")
+        self._fn = fn
+        self._interval = positive_seconds("Repeat interval", interval)
+        self._run_immediately = bool(run_immediately)
+        self._name = name or getattr(fn, "__qualname__", None) or repr(fn)
+        self._clock = clock or anyio.current_time
+        self._sleep = sleep or anyio.sleep
+        self._calls = 0
+        self._failures = 0
+        self._skipped = 0
+        self._failures_in_a_row = 0
+
+    @property
+    def interval(self) -> float:
+        """Seconds between the starts of two calls."""
+        return self._interval
+
+    @property
+    def calls(self) -> int:
+        """How many times ``fn`` has been called (failed calls included)."""
+        return self._calls
+
+    @property
+    def failures(self) -> int:
+        """How many calls of ``fn`` raised an exception."""
+        return self._failures
+
+    @property
+    def skipped(self) -> int:
+        """How many ticks were dropped because the call before them was still running."""
+        return self._skipped
+
+    async def execute(self) -> None:
+        """Call ``fn`` on every tick until cancelled; never returns on its own."""
+        interval = self._interval
+        next_tick = self._clock() + (0.0 if self._run_immediately else interval)
+        while True:
+            delay = next_tick - self._clock()
+            if delay > 0:
+                await self._sleep(delay)
+            await self._call_once()
+            next_tick += interval
+            now = self._clock()
+            if next_tick < now:
+                # The call overran one or more ticks: drop them and keep to the original schedule.
+                missed = math.ceil((now - next_tick) / interval)
+                self._skipped += missed
+                next_tick += missed * interval
+                logger.debug(
+                    "%s: the call took longer than %gs; dropped %d tick(s)", self._name, interval, missed
+                )
+
+    async def _call_once(self) -> None:
+        """Run ``fn`` once; an exception it raises is logged with its traceback, cancellation propagates."""
+        self._calls += 1
+        try:
+            result = self._fn()
+            if not inspect.isawaitable(result):
+                raise _NotAwaitableError(type(result).__name__)
+            await result
+        except _NotAwaitableError as error:
+            raise TypeError(
+                f"Repeat({self._name}): fn returned {error}, not an awaitable; pass an async def function "
+                "(or a callable returning an awaitable)"
+            ) from None
+        except Exception:
+            self._failures += 1
+            self._failures_in_a_row += 1
+            logger.error(
+                "%s: call %d failed (%d in a row); it runs again at the next tick (every %gs)",
+                self._name,
+                self._calls,
+                self._failures_in_a_row,
+                self._interval,
+                exc_info=True,
+            )
+        else:
+            self._failures_in_a_row = 0
+
+    def __repr__(self) -> str:
+        return f"<Repeat {self._name} every {self._interval:g}s, {self._calls} call(s)>"

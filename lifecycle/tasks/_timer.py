@@ -1,0 +1,40 @@
+"""Timer: an execute task that returns after a number of seconds."""
+
+from __future__ import annotations
+
+import anyio
+
+from ._checks import positive_seconds
+
+__all__ = ["Timer"]
+
+
+class Timer:
+    """An :class:`~lifecycle.ExecuteTask` whose ``execute`` returns after ``seconds``.
+
+    Added as ``STOP_GROUP`` it bounds how long a service runs (the manager shuts down gracefully when every
+    STOP_GROUP task has returned); added as ``STRICT`` it is a deadline that fails the service when reached.
+    Each call of ``execute`` waits the full ``seconds`` again. Cancellation ends it at once.
+
+    Raises ``ValueError`` when ``seconds`` is negative or not a finite number (``0`` returns at the next
+    scheduling point).
+
+    Example::
+
+        manager.add_execute_task("run-for-a-minute", Timer(60), lifecycle.TaskType.STOP_GROUP)
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = positive_seconds("Timer seconds", seconds, allow_zero=True)
+
+    @property
+    def seconds(self) -> float:
+        """How long ``execute`` waits before returning."""
+        return self._seconds
+
+    async def execute(self) -> None:
+        """Wait ``seconds``, then return."""
+        await anyio.sleep(self._seconds)
+
+    def __repr__(self) -> str:
+        return f"Timer({self._seconds:g})"

@@ -1,0 +1,401 @@
+"""What only PostgresBackend has: configuration checks, asyncio only, the versioned schema, quoting, SKIP
+LOCKED claims, LISTEN/NOTIFY wake-ups and reconnecting after the server dropped a connection."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import psycopg
+import pytest
+import trio
+from psycopg import sql
+
+from lifecycle.asynctask import BackendError, TaskState
+from lifecycle.asynctask import _postgres_schema as schema_module
+from lifecycle.asynctask._urls import backend_from_url
+from lifecycle.asynctask.postgres import PostgresBackend
+
+from ._support import OpenPostgres, make_task
+
+# Marked at collection time (the root conftest marks anyio tests only after collection, too late for the
+# anyio_backend override in conftest.py to take effect).
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+
+
+def _with_app_name(dsn: str, name: str) -> str:
+    return f"{dsn}{'&' if '?' in dsn else '?'}application_name={name}"
+
+
+async def _execute(
+    dsn: str, query: sql.Composable | str, params: tuple[object, ...] = ()
+) -> list[tuple[object, ...]]:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as connection:
+        cursor = await connection.execute(query, params)  # type: ignore[arg-type]
+        return await cursor.fetchall() if cursor.description else []
+
+
+# -- configuration ----------------------------------------------------------------------------------------
+
+
+def test_constructor_rejects_bad_arguments_with_clear_messages() -> None:
+    with pytest.raises(ValueError, match="cannot parse the connection string"):
+        PostgresBackend("host=127.0.0.1 port")
+    with pytest.raises(ValueError, match="63-byte limit"):
+        PostgresBackend("postgresql://127.0.0.1/test", schema="s" * 64)
+    with pytest.raises(ValueError, match="non-empty"):
+        PostgresBackend("postgresql://127.0.0.1/test", schema="")
+    with pytest.raises(ValueError, match="pool_size"):
+        PostgresBackend("postgresql://127.0.0.1/test", pool_size=0)
+    with pytest.raises(ValueError, match="poll_interval"):
+        PostgresBackend("postgresql://127.0.0.1/test", poll_interval=0)
+    with pytest.raises(TypeError, match="connection string"):
+        PostgresBackend(b"postgresql://127.0.0.1/test")  # type: ignore[arg-type]
+
+
+def test_repr_never_shows_the_password() -> None:
+    backend = PostgresBackend("postgresql://app:s3cret-pw@127.0.0.1:5432/test", schema="app")
+    assert "s3cret-pw" not in repr(backend)
+    assert "127.0.0.1" in repr(backend)
+    assert "app" in repr(backend)
+
+
+def test_opening_under_trio_raises_a_clear_backend_error(postgres_dsn: str) -> None:
+    backend = PostgresBackend(postgres_dsn, schema="never_created")
+
+    async def open_under_trio() -> None:
+        await backend.open()
+
+    with pytest.raises(BackendError, match=r"needs asyncio, but it runs under trio"):
+        trio.run(open_under_trio)
+
+
+async def test_an_unreachable_server_raises_backend_error_without_the_password() -> None:
+    with anyio.fail_after(30):
+        with pytest.raises(BackendError, match="cannot connect to PostgreSQL") as raised:
+            # Port 1 on the loopback interface: nothing listens there, the connection is refused at once.
+            await PostgresBackend("postgresql://app:s3cret-pw@127.0.0.1:1/test", connect_timeout=5).open()
+    assert "s3cret-pw" not in str(raised.value)
+    assert "port=1" in str(raised.value)
+
+
+async def test_calls_before_open_raise_a_clear_error(postgres_dsn: str, pg_schema: str) -> None:
+    backend = PostgresBackend(postgres_dsn, schema=pg_schema)
+    with pytest.raises(BackendError, match=r"is not open: call `await backend.open\(\)` first"):
+        await backend.get("x")
+    await backend.close()  # closing a backend that was never opened is fine
+
+
+async def test_backend_from_url_builds_a_postgres_backend_with_the_schema_option(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    backend = backend_from_url(f"{postgres_dsn}?schema={pg_schema}")
+    assert isinstance(backend, PostgresBackend)
+    assert backend.schema == pg_schema
+    await backend.open()
+    try:
+        assert await backend.enqueue_many([make_task("via-url")]) == ["via-url"]
+    finally:
+        await backend.close()
+    rows = await _execute(
+        postgres_dsn, sql.SQL("SELECT id FROM {}").format(sql.Identifier(pg_schema, "lifecycle_tasks"))
+    )
+    assert rows == [("via-url",)]
+
+
+# -- schema -----------------------------------------------------------------------------------------------
+
+
+async def test_open_creates_a_versioned_schema(
+    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str
+) -> None:
+    await open_pg()
+    rows = await _execute(
+        postgres_dsn, sql.SQL("SELECT version FROM {}").format(sql.Identifier(pg_schema, "lifecycle_schema"))
+    )
+    assert rows == [(schema_module.SCHEMA_VERSION,)]
+    await open_pg()  # a second object over the same schema opens it as it is
+    assert (
+        len(
+            await _execute(
+                postgres_dsn,
+                sql.SQL("SELECT version FROM {}").format(sql.Identifier(pg_schema, "lifecycle_schema")),
+            )
+        )
+        == 1
+    )
+
+
+async def test_many_processes_may_create_the_schema_at_once(open_pg: OpenPostgres) -> None:
+    opened: list[PostgresBackend] = []
+
+    async def open_one() -> None:
+        opened.append(await open_pg())
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as group:
+            for _ in range(5):
+                group.start_soon(open_one)
+    assert len(opened) == 5
+    await opened[0].enqueue_many([make_task("after-racing-opens")])
+    assert (await opened[4].get("after-racing-opens")) is not None
+
+
+async def test_a_schema_written_by_a_newer_version_is_refused(
+    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str
+) -> None:
+    await open_pg()
+    newer = schema_module.SCHEMA_VERSION + 1
+    await _execute(
+        postgres_dsn,
+        sql.SQL("UPDATE {} SET version = %s").format(sql.Identifier(pg_schema, "lifecycle_schema")),
+        (newer,),
+    )
+    with pytest.raises(BackendError, match=rf"newer anyio-lifecycle \(schema version {newer}"):
+        await open_pg()
+
+
+async def test_a_foreign_tasks_table_is_refused(
+    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str
+) -> None:
+    await _execute(postgres_dsn, sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(pg_schema)))
+    await _execute(
+        postgres_dsn,
+        sql.SQL("CREATE TABLE {} (id int)").format(sql.Identifier(pg_schema, "lifecycle_tasks")),
+    )
+    with pytest.raises(BackendError, match="did not create"):
+        await open_pg()
+
+
+async def test_an_older_schema_is_migrated_step_by_step(
+    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await open_pg()
+    await (await open_pg()).enqueue_many([make_task("kept")])
+    steps: list[int] = []
+
+    async def add_column(cursor: psycopg.AsyncCursor[tuple[object, ...]], schema: str) -> None:
+        steps.append(1)
+        table = sql.Identifier(schema, "lifecycle_tasks")
+        await cursor.execute(sql.SQL("ALTER TABLE {} ADD COLUMN priority integer").format(table))
+
+    current = schema_module.SCHEMA_VERSION
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", current + 1)
+    monkeypatch.setitem(schema_module._MIGRATIONS, current, add_column)
+    migrated = await open_pg()
+    assert steps == [1]
+    versions = await _execute(
+        postgres_dsn, sql.SQL("SELECT version FROM {}").format(sql.Identifier(pg_schema, "lifecycle_schema"))
+    )
+    assert versions == [(current + 1,)]
+    columns = await _execute(
+        postgres_dsn,
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND column_name = %s",
+        (pg_schema, "priority"),
+    )
+    assert columns == [("priority",)]
+    assert (await migrated.get("kept")) is not None, "a migration keeps the stored tasks"
+    await open_pg()
+    assert steps == [1], "a migrated schema is not migrated again"
+
+
+async def test_odd_schema_names_are_quoted_safely(postgres_dsn: str) -> None:
+    name = 'Odd "Schema"; DROP TABLE x; --'
+    backend = PostgresBackend(postgres_dsn, schema=name)
+    try:
+        await backend.open()
+        await backend.enqueue_many([make_task("quoted")])
+        now = time.time()
+        (claimed,) = await backend.claim(["default"], 5, now=now, lease_until=now + 30)
+        assert claimed.record.id == "quoted"
+        with anyio.fail_after(10):
+            await backend.wait_for_work(["default"], timeout=0)
+    finally:
+        await backend.close()
+        await _execute(postgres_dsn, sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+# -- claims -----------------------------------------------------------------------------------------------
+
+
+async def test_claim_skips_rows_locked_by_another_transaction_instead_of_waiting(
+    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str
+) -> None:
+    backend = await open_pg()
+    start = time.time() - 10
+    await backend.enqueue_many([make_task(f"t{n}", at=start + n) for n in range(3)])
+    table = sql.Identifier(pg_schema, "lifecycle_tasks")
+    async with await psycopg.AsyncConnection.connect(postgres_dsn) as locker:
+        # Another session holds the oldest task's row lock (as a concurrent claimer would, mid-statement).
+        await locker.execute(sql.SQL("SELECT id FROM {} WHERE id = 't0' FOR UPDATE").format(table))
+        with anyio.fail_after(10):
+            now = time.time()
+            claimed = await backend.claim(["default"], 10, now=now, lease_until=now + 30)
+        assert [c.record.id for c in claimed] == ["t1", "t2"], "a locked row is skipped, not waited for"
+        await locker.rollback()
+    now = time.time()
+    assert [c.record.id for c in await backend.claim(["default"], 10, now=now, lease_until=now + 30)] == [
+        "t0"
+    ]
+
+
+async def test_a_large_batch_is_enqueued_claimed_and_settled(open_pg: OpenPostgres) -> None:
+    from lifecycle.asynctask import Settlement
+
+    backend = await open_pg()
+    now = time.time()
+    ids = await backend.enqueue_many([make_task(f"big{n:05d}", at=now) for n in range(5000)])
+    assert len(ids) == 5000
+    claimed = await backend.claim(["default"], 5000, now=now + 1, lease_until=now + 60)
+    assert [c.record.id for c in claimed] == ids, "one claim takes the whole batch, in enqueue order"
+    verdicts = [
+        Settlement(task_id=c.record.id, token=c.token, state=TaskState.SUCCEEDED, at=now + 2) for c in claimed
+    ]
+    assert await backend.settle(verdicts) == set()
+    assert (await backend.stats())["default"] == {TaskState.SUCCEEDED: 5000}
+
+
+# -- LISTEN / NOTIFY --------------------------------------------------------------------------------------
+
+
+async def _start_waiter(
+    group: anyio.abc.TaskGroup, backend: PostgresBackend, queue: str, returned: anyio.Event
+) -> None:
+    async def wait() -> None:
+        await backend.wait_for_work([queue], timeout=120)
+        returned.set()
+
+    group.start_soon(wait)
+    await anyio.wait_all_tasks_blocked()
+
+
+async def test_an_enqueue_wakes_an_idle_worker_through_notify_not_polling(open_pg: OpenPostgres) -> None:
+    waiter = await open_pg(poll_interval=3600)  # polling would take an hour: only NOTIFY can wake it
+    producer = await open_pg()
+    returned = anyio.Event()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            await _start_waiter(group, waiter, "default", returned)
+            await producer.enqueue_many([make_task("wake")])
+            await returned.wait()
+
+
+async def test_a_notify_for_another_queue_does_not_wake_the_worker(open_pg: OpenPostgres) -> None:
+    waiter = await open_pg(poll_interval=3600)
+    producer = await open_pg()
+    default_returned, other_returned = anyio.Event(), anyio.Event()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            await _start_waiter(group, waiter, "default", default_returned)
+            await _start_waiter(group, waiter, "other", other_returned)
+            await producer.enqueue_many([make_task("elsewhere", queue="other")])
+            await other_returned.wait()
+            await anyio.wait_all_tasks_blocked()
+            assert not default_returned.is_set(), "a task in queue 'other' must not wake a 'default' worker"
+            await producer.enqueue_many([make_task("here")])
+            await default_returned.wait()
+
+
+async def test_a_delayed_task_caps_the_wait_even_with_a_long_poll_interval(open_pg: OpenPostgres) -> None:
+    waiter = await open_pg(poll_interval=3600)
+    producer = await open_pg()
+    await producer.enqueue_many([make_task("soon", delay=0.3)])
+    with anyio.fail_after(10):
+        while True:
+            now = time.time()
+            if await waiter.claim(["default"], 1, now=now, lease_until=now + 30):
+                break
+            await waiter.wait_for_work(["default"], timeout=120)
+
+
+async def _notifications_delivered(backend: PostgresBackend, dsn: str) -> None:
+    """Return once every notification committed so far has reached ``backend``'s listener: they arrive in
+    commit order, so it is enough to see a marker sent now."""
+    returned = anyio.Event()
+    async with anyio.create_task_group() as group:
+        await _start_waiter(group, backend, "marker", returned)
+        await _execute(dsn, "SELECT pg_notify(%s, 'marker')", (backend.channel,))
+        await returned.wait()
+
+
+async def test_a_due_task_is_reported_once_so_a_caller_that_cannot_claim_it_does_not_spin(
+    open_pg: OpenPostgres, postgres_dsn: str
+) -> None:
+    backend = await open_pg(poll_interval=3600)
+    await backend.enqueue_many([make_task("due")])
+    with anyio.fail_after(10):
+        await _notifications_delivered(backend, postgres_dsn)  # the enqueue's own NOTIFY is no news later
+        await backend.wait_for_work(["default"], timeout=120)  # due now: returns at once
+    started = anyio.current_time()
+    await backend.wait_for_work(["default"], timeout=0.3)  # nothing changed: waits for the timeout
+    assert anyio.current_time() - started >= 0.29
+
+
+async def test_notifications_are_sent_on_commit_only(open_pg: OpenPostgres, postgres_dsn: str) -> None:
+    waiter = await open_pg(poll_interval=3600)
+    producer = await open_pg()
+    default_returned = anyio.Event()
+    # A connection in psycopg's default mode (not autocommit), with no statement run yet: the enqueue
+    # itself starts the transaction, which must stay open until the commit below.
+    async with await psycopg.AsyncConnection.connect(postgres_dsn) as outbox:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as group:
+                await _start_waiter(group, waiter, "default", default_returned)
+                await producer.enqueue_many_in(outbox, [make_task("in-transaction")])
+                # Notifications arrive in commit order: once a later one is in, an early one would be too.
+                await _notifications_delivered(waiter, postgres_dsn)
+                await anyio.wait_all_tasks_blocked()
+                assert not default_returned.is_set(), "an uncommitted enqueue must not wake workers"
+                await outbox.commit()
+                await default_returned.wait()
+
+
+async def _reconnected(backend: PostgresBackend) -> None:
+    # The listener reconnects in a background task with its own backoff; there is no event to wait on
+    # from outside, so look at its state at each turn, bounded by the caller's deadline.
+    while not backend.listening:
+        await anyio.sleep(0.02)
+
+
+async def test_the_listen_connection_reconnects_after_the_server_dropped_it(
+    open_pg: OpenPostgres, postgres_dsn: str, unique_name: str
+) -> None:
+    app = f"lc_listen_{unique_name}"
+    waiter = await open_pg(poll_interval=3600, dsn=_with_app_name(postgres_dsn, app))
+    producer = await open_pg()
+    assert waiter.listening
+    terminated = await _execute(
+        postgres_dsn,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE application_name = %s AND query LIKE 'LISTEN%%'",
+        (app,),
+    )
+    assert terminated == [(True,)]
+    with anyio.fail_after(20):
+        # Losing the connection wakes idle workers (notifications may have been missed) ...
+        await waiter.wait_for_work(["default"], timeout=120)
+        await _reconnected(waiter)
+        # ... and once it is back, notifications wake them again.
+        returned = anyio.Event()
+        async with anyio.create_task_group() as group:
+            await _start_waiter(group, waiter, "default", returned)
+            await producer.enqueue_many([make_task("after-reconnect")])
+            await returned.wait()
+
+
+async def test_pooled_connections_dropped_by_the_server_are_replaced(
+    open_pg: OpenPostgres, postgres_dsn: str, unique_name: str
+) -> None:
+    app = f"lc_pool_{unique_name}"
+    backend = await open_pg(dsn=_with_app_name(postgres_dsn, app))
+    await backend.enqueue_many([make_task("before")])
+    terminated = await _execute(
+        postgres_dsn,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE application_name = %s AND query NOT LIKE 'LISTEN%%'",
+        (app,),
+    )
+    assert terminated and all(ok for (ok,) in terminated)
+    with anyio.fail_after(20):
+        assert (await backend.get("before")) is not None
+        assert await backend.enqueue_many([make_task("after")]) == ["after"]

@@ -1,0 +1,27 @@
+"""PostgresBackend passes the public Backend conformance suite unchanged."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from lifecycle.asynctask.postgres import PostgresBackend
+from lifecycle.asynctask.testing import BackendConformance
+
+from ._support import OpenPostgres
+
+# Marked at collection time (the root conftest marks anyio tests only after collection, too late for the
+# anyio_backend override in conftest.py to take effect).
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+
+
+class TestPostgresConformance(BackendConformance):
+    """Every rule of the Backend protocol, against the shared server, in a fresh schema per test."""
+
+    @pytest.fixture
+    def backend_factory(self, open_pg: OpenPostgres) -> Callable[[], Awaitable[PostgresBackend]]:
+        async def factory() -> PostgresBackend:
+            return await open_pg()
+
+        return factory

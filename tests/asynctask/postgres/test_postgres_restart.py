@@ -1,0 +1,107 @@
+"""PostgresBackend survives a restart of its server: a private server on a free port, crashed and restarted
+while tasks are leased. The shared server is never touched."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import anyio
+import anyio.to_thread
+import psycopg
+import pytest
+
+from lifecycle.asynctask import Settlement, TaskState
+from lifecycle.asynctask.postgres import PostgresBackend
+
+from ._server import PrivatePostgres, private_postgres
+from ._support import make_task
+
+# Marked at collection time (the root conftest marks anyio tests only after collection, too late for the
+# anyio_backend override in conftest.py to take effect).
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[PrivatePostgres]:
+    """A private PostgreSQL server for this module's tests, which stop and restart it."""
+    with private_postgres() as started:
+        yield started
+
+
+@pytest.fixture
+async def backend(server: PrivatePostgres, unique_name: str) -> AsyncIterator[PostgresBackend]:
+    """A backend on the private server; a long poll interval, so only notifications wake idle waits."""
+    opened = PostgresBackend(server.dsn, schema=unique_name, connect_timeout=5, poll_interval=3600)
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+def _succeeded(claimed: list[object], at: float) -> list[Settlement]:
+    return [
+        Settlement(task_id=c.record.id, token=c.token, state=TaskState.SUCCEEDED, at=at)  # type: ignore[attr-defined]
+        for c in claimed
+    ]
+
+
+async def _listening_again(backend: PostgresBackend) -> None:
+    # The LISTEN connection comes back from a background task with its own backoff; there is no event to
+    # wait on from outside, so look at its state at each turn (the caller bounds the wait).
+    while not backend.listening:
+        await anyio.sleep(0.02)
+
+
+async def test_leased_and_pending_tasks_survive_a_server_crash_and_restart(
+    backend: PostgresBackend, server: PrivatePostgres
+) -> None:
+    ids = [f"task-{n:03d}" for n in range(100)]
+    now = time.time()
+    await backend.enqueue_many([make_task(task_id, at=now) for task_id in ids])
+    leased = await backend.claim(["default"], 40, now=now, lease_until=now + 600)
+    assert len(leased) == 40
+
+    # Like a crash: no shutdown checkpoint, the committed work is replayed from the WAL on start.
+    await anyio.to_thread.run_sync(server.restart, "immediate")
+
+    with anyio.fail_after(60):
+        # The pool replaces its broken connections; the leases taken before the crash are still held.
+        assert await backend.settle(_succeeded(leased, time.time())) == set()
+        rest = await backend.claim(["default"], 100, now=time.time(), lease_until=time.time() + 600)
+        assert sorted(c.record.id for c in rest) == ids[40:]
+        assert await backend.settle(_succeeded(rest, time.time())) == set()
+        assert await backend.stats() == {"default": {TaskState.SUCCEEDED: 100}}
+        assert await backend.claim(["default"], 100, now=time.time(), lease_until=time.time() + 600) == []
+
+        # The LISTEN connection is back, and an enqueue wakes an idle worker again.
+        await _listening_again(backend)
+        returned = anyio.Event()
+
+        async def wait() -> None:
+            await backend.wait_for_work(["default"], timeout=120)
+            returned.set()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()
+            await backend.enqueue_many([make_task("after-restart")])
+            await returned.wait()
+
+
+async def test_calls_during_an_outage_fail_clearly_and_work_again_after_it(
+    backend: PostgresBackend, server: PrivatePostgres
+) -> None:
+    await backend.enqueue_many([make_task("before")])
+    await anyio.to_thread.run_sync(server.stop, "fast")
+    try:
+        with anyio.fail_after(60):
+            with pytest.raises(psycopg.OperationalError):
+                await backend.get("before")
+            # An idle wait does not raise during the outage: it waits (here, its short timeout).
+            await backend.wait_for_work(["default"], timeout=0.1)
+    finally:
+        await anyio.to_thread.run_sync(server.start)
+    with anyio.fail_after(60):
+        record = await backend.get("before")
+        assert record is not None and record.state is TaskState.PENDING
+        assert await backend.enqueue_many([make_task("after")]) == ["after"]

@@ -1,0 +1,79 @@
+"""The task functions a harness worker registers, and the JSON lines they print.
+
+Every function takes a ``key`` (a string without spaces) so the test can follow each task. ``ran`` events and
+``runs.log`` lines are written only once a run has finished its work, just before it returns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from lifecycle.asynctask import AsyncTasks, TaskContext
+
+__all__ = ["configure", "emit", "register_jobs"]
+
+_out_dir = Path(".")
+
+
+def configure(out_dir: Path) -> None:
+    """Set the directory for ``runs.log`` and the first-start marker files."""
+    global _out_dir
+    _out_dir = out_dir
+
+
+def emit(event: str, **fields: Any) -> None:
+    """Print one machine-readable line (flushed at once, so the test sees it before anything else happens)."""
+    sys.stdout.write(json.dumps({"event": event, "pid": os.getpid(), **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def _finish(ctx: TaskContext, key: str) -> str:
+    # One O_APPEND write per run: lines from several processes never interleave.
+    fd = os.open(_out_dir / "runs.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{key} {ctx.attempt} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+    emit("ran", key=key, attempt=ctx.attempt)
+    return key
+
+
+async def record(ctx: TaskContext, key: str) -> str:
+    """Record one run of ``key`` and return it."""
+    return _finish(ctx, key)
+
+
+async def hang_first(ctx: TaskContext, key: str) -> str:
+    """Hang forever the first time any worker starts ``key``; finish normally on every later start.
+
+    The first start is detected with an ``O_EXCL`` marker file, so it holds across processes and attempts.
+    """
+    try:
+        fd = os.open(_out_dir / f"first-{key}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        emit("started", key=key, attempt=ctx.attempt, first=False)
+        return _finish(ctx, key)
+    os.close(fd)
+    emit("started", key=key, attempt=ctx.attempt, first=True)
+    await anyio.sleep_forever()
+    raise AssertionError("unreachable")
+
+
+async def slow(ctx: TaskContext, key: str, seconds: float) -> str:
+    """Take ``seconds`` (a task that can finish within a shutdown grace period), then record the run."""
+    emit("started", key=key, attempt=ctx.attempt)
+    await anyio.sleep(seconds)
+    return _finish(ctx, key)
+
+
+def register_jobs(tasks: AsyncTasks) -> None:
+    """Register the harness functions under stable names (``procs.record``, ...)."""
+    tasks.register(record, name="procs.record")
+    tasks.register(hang_first, name="procs.hang_first")
+    tasks.register(slow, name="procs.slow")

@@ -1,0 +1,66 @@
+"""A harness worker process: AsyncTasks on a backend URL under a TaskManager, run by ``lifecycle.run``.
+
+Run by path (``python tests/asynctask/procs/worker.py --url sqlite:////tmp/x.db --out-dir /tmp/out``) or as
+``python -m procs.worker`` from ``tests/asynctask``. Prints JSON lines: ``ready`` once every task of the
+manager has started executing, the job events of ``jobs.py``, and ``exit`` with the exit code at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run by path: make `procs` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import anyio
+
+import lifecycle
+from lifecycle.asynctask import AsyncTasks
+from lifecycle.asynctask._urls import backend_from_url
+from procs import jobs
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The worker's command line."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--url", required=True, help="backend URL, e.g. sqlite:////tmp/tasks.db")
+    parser.add_argument("--out-dir", required=True, type=Path, help="where runs.log and markers go")
+    parser.add_argument("--name", default="worker")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--lease", type=float, default=2.0)
+    parser.add_argument("--poll-interval", type=float, default=0.05)
+    parser.add_argument("--shutdown-grace", type=float, default=5.0)
+    parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the manager, run it until SIGTERM/SIGINT, print the exit code."""
+    args = parse_args(argv)
+    jobs.configure(args.out_dir)
+    tasks = AsyncTasks(
+        backend_from_url(args.url),
+        concurrency=args.concurrency,
+        shutdown_grace=args.shutdown_grace,
+        lease=args.lease,
+        poll_interval=args.poll_interval,
+        recovery_interval=args.lease / 2,
+    )
+    jobs.register_jobs(tasks)
+
+    async def announce() -> None:
+        jobs.emit("ready", name=args.name)
+        await anyio.sleep_forever()
+
+    manager = lifecycle.TaskManager(name=args.name)
+    manager.add_task("async-tasks", tasks)
+    manager.add_execute_task("announce", announce)
+    code = lifecycle.run(manager, backend=args.backend)
+    jobs.emit("exit", code=code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Worker processes on one shared backend: exactly-once without crashes, kill -9, SIGTERM, corrupt rows.
+
+Each test starts real worker processes (``procs/worker.py``) and synchronises only on the JSON lines they
+print. The backend is a parameter (``backend_url``): SQLite here; server backends add their URL to
+``BACKENDS``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from procs import Workers, read_runs
+
+from lifecycle.asynctask import AsyncTasks, Call, TaskRecord, TaskState
+from lifecycle.asynctask._urls import backend_from_url
+
+pytestmark = pytest.mark.slow
+
+
+def _sqlite_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    yield f"sqlite:///{tmp_path / 'tasks.db'}"
+
+
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Iterator[str]]] = {"sqlite": _sqlite_url}
+"""Backend name -> generator fixture body yielding a fresh, empty URL (and cleaning up after the test)."""
+
+# Which async library each worker of a multi-worker test runs on, per backend (server backends: asyncio).
+WORKER_LIBRARIES: dict[str, Sequence[str]] = {"sqlite": ("asyncio", "trio", "asyncio")}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """The backend under test."""
+    return str(request.param)
+
+
+@pytest.fixture
+def backend_url(backend_name: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL to fresh, empty storage of the backend under test."""
+    yield from BACKENDS[backend_name](request, tmp_path)
+
+
+def enqueue(url: str, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[str]:
+    """Enqueue ``(registered name, args)`` calls by name through an enqueue-only AsyncTasks."""
+
+    async def main() -> list[str]:
+        tasks = AsyncTasks(backend_from_url(url), execution=False)
+        await tasks.initialize()
+        try:
+            return await tasks.enqueue_many([Call(name, *args) for name, args in calls])
+        finally:
+            await tasks.cleanup()
+
+    return anyio.run(main)
+
+
+def records(url: str) -> dict[str, TaskRecord]:
+    """Every stored record by id, read straight from the backend."""
+
+    async def main() -> dict[str, TaskRecord]:
+        backend = backend_from_url(url)
+        await backend.open()
+        try:
+            return {record.id: record for record in await backend.list_records(limit=100_000)}
+        finally:
+            await backend.close()
+
+    return anyio.run(main)
+
+
+def test_several_workers_run_every_task_exactly_once(
+    backend_name: str, backend_url: str, tmp_path: Path
+) -> None:
+    count = 300
+    out = tmp_path / "out"
+    with Workers(backend_url, out) as workers:
+        for library in WORKER_LIBRARIES.get(backend_name, ("asyncio",) * 3):
+            worker = workers.start(concurrency=8, backend=library)
+            workers.wait_for("ready", worker=worker.name)
+        ids = enqueue(backend_url, [("procs.slow", (f"k{i}", 0.005)) for i in range(count)])
+        workers.wait_until(lambda seen: len(workers.keys_ran()) == count, what=f"all {count} tasks ran")
+        assert workers.stop_all() == {w.name: 0 for w in workers.workers}
+
+    runs = read_runs(out)
+    counts = Counter(key for key, _, _ in runs)
+    assert counts == Counter({f"k{i}": 1 for i in range(count)}), "every task must run exactly once"
+    assert len({pid for _, _, pid in runs}) >= 2, "the work should have been shared between processes"
+    stored = records(backend_url)
+    assert {stored[i].state for i in ids} == {TaskState.SUCCEEDED}
+    assert {stored[i].attempts for i in ids} == {1}
+
+
+def test_a_killed_worker_loses_nothing_and_its_attempt_counts(backend_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with Workers(backend_url, out) as workers:
+        victim = workers.start("victim", lease=1.0, concurrency=4)
+        workers.wait_for("ready", worker="victim")
+        [doomed_id, *other_ids] = enqueue(
+            backend_url, [("procs.hang_first", ("doomed",)), *(("procs.record", (f"k{i}",)) for i in range(40))]
+        )
+        workers.wait_for("started", key="doomed", worker="victim")
+        victim.kill()  # kill -9 while "doomed" runs (and perhaps with unsettled results of others)
+
+        workers.start("rescuer", lease=1.0)
+        expected = {"doomed", *(f"k{i}" for i in range(40))}
+        workers.wait_until(lambda seen: workers.keys_ran() >= expected, what="every task completed")
+        assert workers.stop_all()["rescuer"] == 0
+
+    stored = records(backend_url)
+    doomed = stored[doomed_id]
+    assert doomed.state is TaskState.SUCCEEDED
+    assert doomed.attempts == 2, "the attempt of the killed worker must be counted"
+    assert doomed.last_error is not None, "the lost attempt should leave its reason"
+    assert {stored[i].state for i in other_ids} == {TaskState.SUCCEEDED}
+
+    runs = read_runs(out)
+    counts = Counter(key for key, _, _ in runs)
+    assert counts["doomed"] == 1
+    assert [pid for key, _, pid in runs if key == "doomed"] == [workers.workers[1].pid]
+    for key, runs_of_key in counts.items():
+        if runs_of_key > 1:  # at-least-once: only a task whose result died with the victim runs again
+            pids = [pid for k, _, pid in runs if k == key]
+            assert victim.pid in pids, f"{key} ran {runs_of_key} times without a killed worker"
+            assert runs_of_key == 2
+
+
+def test_sigterm_returns_in_flight_tasks_to_pending_without_an_attempt(
+    backend_url: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    with Workers(backend_url, out) as workers:
+        victim = workers.start("victim", shutdown_grace=0.2)
+        workers.wait_for("ready", worker="victim")
+        [stuck_id] = enqueue(backend_url, [("procs.hang_first", ("stuck",))])
+        workers.wait_for("started", key="stuck", worker="victim")
+        victim.terminate()
+        assert victim.wait() == 0
+
+        stuck = records(backend_url)[stuck_id]
+        assert stuck.state is TaskState.PENDING, "a task cancelled at shutdown must go back to pending"
+        assert stuck.attempts == 0, "an attempt cut short by shutdown must not count"
+
+        workers.start("next")
+        workers.wait_for("ran", key="stuck", worker="next")
+        assert workers.stop_all()["next"] == 0
+
+    stuck = records(backend_url)[stuck_id]
+    assert (stuck.state, stuck.attempts) == (TaskState.SUCCEEDED, 1)
+    assert [key for key, _, _ in read_runs(out)] == ["stuck"]
+
+
+def test_sigterm_lets_in_flight_tasks_finish_within_the_grace_period(backend_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with Workers(backend_url, out) as workers:
+        worker = workers.start(shutdown_grace=30.0)
+        workers.wait_for("ready", worker=worker.name)
+        [task_id] = enqueue(backend_url, [("procs.slow", ("quick", 0.5))])
+        workers.wait_for("started", key="quick")
+        worker.terminate()
+        workers.wait_for("ran", key="quick")
+        assert worker.wait() == 0
+
+    task = records(backend_url)[task_id]
+    assert (task.state, task.attempts) == (TaskState.SUCCEEDED, 1)
+    assert [key for key, _, _ in read_runs(out)] == ["quick"]
+
+
+@pytest.mark.parametrize("backend_name", ["sqlite"])  # writes into the SQLite file itself
+def test_a_corrupt_payload_row_goes_dead_and_nothing_else_is_lost(backend_url: str, tmp_path: Path) -> None:
+    db = backend_url.removeprefix("sqlite:///")
+    enqueue(backend_url, [])  # creates the schema
+    now = time.time()
+    with sqlite3.connect(db) as raw:  # written by hand, claimed first (earliest run_at)
+        raw.execute(
+            "INSERT INTO lifecycle_tasks (id, name, queue, payload, state, max_retries, enqueued_at, run_at) "
+            "VALUES ('corrupt', 'procs.record', 'default', ?, 'pending', 5, ?, ?)",
+            (b"\xff\xfe{not an encoded argument list", now - 10, now - 10),
+        )
+    ids = enqueue(backend_url, [("procs.record", (f"k{i}",)) for i in range(10)])
+    out = tmp_path / "out"
+    with Workers(backend_url, out) as workers:
+        worker = workers.start(concurrency=1)
+        expected = {f"k{i}" for i in range(10)}
+        workers.wait_until(lambda seen: workers.keys_ran() >= expected, what="the good tasks ran")
+        assert workers.stop_all() == {worker.name: 0}
+
+    stored = records(backend_url)
+    corrupt = stored["corrupt"]
+    assert corrupt.state is TaskState.DEAD, "an undecodable payload must go dead at once"
+    assert corrupt.attempts == 1
+    assert corrupt.last_error
+    assert "decode" in corrupt.last_error.lower()
+    assert {stored[i].state for i in ids} == {TaskState.SUCCEEDED}
+    assert Counter(key for key, _, _ in read_runs(out)) == Counter({f"k{i}": 1 for i in range(10)})

@@ -1,0 +1,361 @@
+"""SQLiteBackend: the public conformance suite, plus what only a SQLite file has (WAL, schema, files)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from lifecycle.asynctask import BackendError, DuplicateTaskError, NewTask, Settlement, TaskState
+from lifecycle.asynctask._sqlite import SQLiteBackend
+from lifecycle.asynctask._sqlite_schema import SCHEMA_VERSION, check_sqlite_version
+
+try:
+    from lifecycle.asynctask.testing import BackendConformance
+except ImportError:  # the suite is written in parallel; run the SQLite-only tests meanwhile
+    BackendConformance = None  # type: ignore[assignment,misc]
+
+# Marked here, at collection time: the conftest marks async tests only after collection, which loses
+# @pytest.mark.parametrize combinations on async tests.
+pytestmark = pytest.mark.anyio
+
+Factory = Callable[..., Awaitable[SQLiteBackend]]
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    """A fresh database path in a directory that exists."""
+    return tmp_path / "tasks.db"
+
+
+@pytest.fixture
+async def open_sqlite(db_path: Path) -> AsyncIterator[Factory]:
+    """Open SQLiteBackend objects over ``db_path`` (keyword options pass through); all closed afterwards."""
+    opened: list[SQLiteBackend] = []
+
+    async def factory(**options: object) -> SQLiteBackend:
+        backend = SQLiteBackend(db_path, **options)  # type: ignore[arg-type]
+        await backend.open()
+        opened.append(backend)
+        return backend
+
+    yield factory
+    for backend in opened:
+        await backend.close()
+
+
+if BackendConformance is not None:
+
+    class TestSQLiteConformance(BackendConformance):  # type: ignore[misc,valid-type]
+        """The public Backend conformance suite, unchanged, on one SQLite file per test."""
+
+        @pytest.fixture
+        def backend_factory(self, open_sqlite: Factory) -> Callable[[], Awaitable[SQLiteBackend]]:
+            async def factory() -> SQLiteBackend:
+                # a short poll so the suite's cross-object wait_for_work tests stay fast
+                return await open_sqlite(poll_interval=0.02)
+
+            return factory
+
+
+def task(
+    task_id: str, *, queue: str = "default", run_at: float | None = None, now: float = 1000.0
+) -> NewTask:
+    """A no-op task record due at ``run_at`` (default: ``now``)."""
+    return NewTask(
+        id=task_id,
+        name="tests.job",
+        queue=queue,
+        payload=b'["x"]',
+        max_retries=3,
+        timeout=None,
+        enqueued_at=now,
+        run_at=now if run_at is None else run_at,
+    )
+
+
+# -- the file ----------------------------------------------------------------------------------------------
+
+
+async def test_open_switches_the_file_to_wal_and_records_the_schema_version(
+    open_sqlite: Factory, db_path: Path
+) -> None:
+    await open_sqlite()
+    with sqlite3.connect(db_path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert raw.execute("SELECT version FROM lifecycle_schema").fetchall() == [(SCHEMA_VERSION,)]
+        indexes = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"lifecycle_tasks_pending", "lifecycle_tasks_active"} <= indexes
+
+
+@pytest.mark.parametrize(("mode", "level"), [("NORMAL", 1), ("FULL", 2), ("off", 0)])
+async def test_synchronous_setting_is_applied_to_the_connection(
+    open_sqlite: Factory, mode: str, level: int
+) -> None:
+    backend = await open_sqlite(synchronous=mode)
+    assert backend._connection is not None
+    assert backend._connection.execute("PRAGMA synchronous").fetchone() == (level,)
+
+
+async def test_a_file_written_by_a_newer_schema_version_is_refused(db_path: Path) -> None:
+    backend = SQLiteBackend(db_path)
+    await backend.open()
+    await backend.enqueue_many([task("kept")])
+    await backend.close()
+    with sqlite3.connect(db_path) as raw:
+        raw.execute("UPDATE lifecycle_schema SET version = ?", (SCHEMA_VERSION + 1,))
+
+    newer = SQLiteBackend(db_path)
+    with pytest.raises(BackendError, match=r"newer anyio-lifecycle \(schema version 2.*upgrade"):
+        await newer.open()
+    with sqlite3.connect(db_path) as raw:  # refused without touching anything
+        assert raw.execute("SELECT version FROM lifecycle_schema").fetchall() == [(SCHEMA_VERSION + 1,)]
+        assert raw.execute("SELECT id FROM lifecycle_tasks").fetchall() == [("kept",)]
+    await newer.close()  # closing a backend that never opened is harmless
+
+
+async def test_a_damaged_schema_table_is_refused(db_path: Path) -> None:
+    with sqlite3.connect(db_path) as raw:
+        raw.execute("CREATE TABLE lifecycle_schema (version INTEGER NOT NULL)")
+        raw.executemany("INSERT INTO lifecycle_schema VALUES (?)", [(1,), (1,)])
+    with pytest.raises(BackendError, match="damaged"):
+        await SQLiteBackend(db_path).open()
+
+
+async def test_a_missing_directory_is_a_clear_error_and_creates_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such" / "dir"
+    with pytest.raises(BackendError, match=r"directory '.*no/such/dir' does not exist; create the directory"):
+        await SQLiteBackend(missing / "tasks.db").open()
+    assert not (tmp_path / "no").exists()
+
+
+async def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("these are not the tables you are looking for\n" * 100)
+    with pytest.raises(BackendError, match=r"cannot use .*notes\.txt.* as a SQLite task database"):
+        await SQLiteBackend(path).open()
+    assert path.read_text().startswith("these are not the tables")
+
+
+def test_an_old_sqlite_library_is_refused_with_the_versions_named() -> None:
+    with pytest.raises(BackendError, match=r"SQLite >= 3\.35\.0 .* linked against SQLite 3\.31\.1"):
+        check_sqlite_version((3, 31, 1))
+    check_sqlite_version((3, 35, 0))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"poll_interval": 0}, "poll_interval must be a positive"),
+        ({"busy_timeout": -1}, "busy_timeout must be zero or more"),
+        ({"synchronous": "SOMETIMES"}, "synchronous must be one of OFF, NORMAL, FULL, EXTRA"),
+    ],
+)
+def test_bad_options_are_refused_at_construction(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SQLiteBackend("tasks.db", **options)  # type: ignore[arg-type]
+
+
+async def test_calls_before_open_and_after_close_say_to_open_first(db_path: Path) -> None:
+    backend = SQLiteBackend(db_path)
+    with pytest.raises(BackendError, match=r"is not open: call `await backend.open\(\)` first"):
+        await backend.get("x")
+    await backend.open()
+    await backend.open()  # a second open is a no-op
+    await backend.close()
+    await backend.close()  # idempotent
+    with pytest.raises(BackendError, match="is not open"):
+        await backend.enqueue_many([task("x")])
+    await backend.wait_for_work(["default"], timeout=10)  # a closed backend has no work: returns at once
+
+
+async def test_in_memory_database_works_within_one_object() -> None:
+    backend = SQLiteBackend(":memory:")
+    await backend.open()
+    try:
+        await backend.enqueue_many([task("m")])
+        claimed = await backend.claim(["default"], 5, now=1000.0, lease_until=1030.0)
+        assert [c.record.id for c in claimed] == ["m"]
+    finally:
+        await backend.close()
+
+
+# -- several objects and processes on one file -------------------------------------------------------------
+
+
+async def test_tasks_survive_closing_and_reopening_the_file(db_path: Path) -> None:
+    first = SQLiteBackend(db_path)
+    await first.open()
+    await first.enqueue_many([task("durable", run_at=1234.5)])
+    await first.close()
+    second = SQLiteBackend(db_path)
+    await second.open()
+    try:
+        record = await second.get("durable")
+        assert record is not None
+        assert (record.state, record.payload, record.run_at) == (TaskState.PENDING, b'["x"]', 1234.5)
+    finally:
+        await second.close()
+
+
+async def test_two_objects_share_the_file_and_never_claim_the_same_task(open_sqlite: Factory) -> None:
+    a, b = await open_sqlite(), await open_sqlite()
+    await a.enqueue_many([task(f"t{i}") for i in range(300)])
+    taken: dict[str, list[str]] = {"a": [], "b": []}
+
+    async def drain(name: str, backend: SQLiteBackend) -> None:
+        while claimed := await backend.claim(["default"], 7, now=1000.0, lease_until=1030.0):
+            taken[name].extend(c.record.id for c in claimed)
+            settlements = [
+                Settlement(task_id=c.record.id, token=c.token, state=TaskState.SUCCEEDED, at=1001.0)
+                for c in claimed
+            ]
+            assert await backend.settle(settlements) == set()
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as group:
+            group.start_soon(drain, "a", a)
+            group.start_soon(drain, "b", b)
+    everything = taken["a"] + taken["b"]
+    assert sorted(everything) == sorted(f"t{i}" for i in range(300))  # each exactly once
+    assert taken["a"], "both objects should have claimed some of the work"
+    assert taken["b"], "both objects should have claimed some of the work"
+    assert await b.stats() == {"default": {TaskState.SUCCEEDED: 300}}
+
+
+async def test_wait_for_work_sees_another_objects_enqueue_by_polling(open_sqlite: Factory) -> None:
+    worker = await open_sqlite(poll_interval=0.02)
+    producer = await open_sqlite()
+    returned = anyio.Event()
+
+    async def wait() -> None:
+        await worker.wait_for_work(["default"], timeout=60)
+        returned.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            group.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()
+            assert not returned.is_set()
+            await producer.enqueue_many([task("from-elsewhere", now=time.time())])
+            await returned.wait()
+
+
+async def test_wait_for_work_wakes_at_once_on_a_write_through_the_same_object(open_sqlite: Factory) -> None:
+    # poll_interval of an hour: only the in-process wake-up can end the wait within the bound.
+    backend = await open_sqlite(poll_interval=3600)
+    returned = anyio.Event()
+
+    async def wait() -> None:
+        await backend.wait_for_work(["default"], timeout=3600)
+        returned.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            group.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()
+            await backend.enqueue_many([task("local", now=time.time())])
+            await returned.wait()
+
+
+async def test_wait_for_work_wakes_when_a_delayed_task_becomes_due(open_sqlite: Factory) -> None:
+    backend = await open_sqlite(poll_interval=3600)
+    await backend.enqueue_many([task("soon", now=time.time(), run_at=time.time() + 0.2)])
+    await backend.wait_for_work(["default"], timeout=0)  # consume the wake-up of the enqueue itself
+    with anyio.fail_after(10):
+        started = anyio.current_time()
+        await backend.wait_for_work(["default"], timeout=3600)
+    assert anyio.current_time() - started >= 0.15, "returned before the task was due"
+
+
+async def test_wait_for_work_reports_a_due_task_once_while_nothing_changes(open_sqlite: Factory) -> None:
+    # An engine whose clock is behind the wall clock cannot claim the task yet; it must not be woken in a
+    # busy loop: the second call waits for its timeout because nothing changed in the file.
+    backend = await open_sqlite(poll_interval=0.01)
+    await backend.enqueue_many([task("due", now=1.0)])
+    with anyio.fail_after(5):
+        await backend.wait_for_work(["default"], timeout=3600)  # due: returns at once
+        started = anyio.current_time()
+        await backend.wait_for_work(["default"], timeout=0.1)
+    assert anyio.current_time() - started >= 0.09
+    await backend.enqueue_many([task("another", now=1.0)])  # a change: reported again at once
+    with anyio.fail_after(5):
+        await backend.wait_for_work(["default"], timeout=3600)
+
+
+async def test_wait_for_work_ignores_other_queues(open_sqlite: Factory) -> None:
+    backend = await open_sqlite(poll_interval=0.01)
+    other = await open_sqlite()
+    await other.enqueue_many([task("elsewhere", queue="other", now=1.0)])
+    started = anyio.current_time()
+    with anyio.fail_after(5):
+        await backend.wait_for_work(["default"], timeout=0.1)
+    assert anyio.current_time() - started >= 0.09
+
+
+# -- SQL edge cases ----------------------------------------------------------------------------------------
+
+
+async def test_batches_larger_than_one_statement_are_handled(open_sqlite: Factory) -> None:
+    backend = await open_sqlite()
+    ids = [f"big{i}" for i in range(1200)]
+    assert await backend.enqueue_many([task(i) for i in ids]) == ids
+    with pytest.raises(DuplicateTaskError) as raised:  # the slow path checks ids in chunks
+        await backend.enqueue_many([task("fresh"), *(task(i) for i in ids[::-1])])
+    assert raised.value.task_id == ids[-1]
+    assert len(raised.value.task_ids) == 1200
+    assert await backend.get("fresh") is None
+    assert await backend.cancel(ids, now=1001.0) == ids
+    assert await backend.requeue(ids, now=1002.0) == 1200
+    assert await backend.purge(states=[TaskState.PENDING], limit=700) == 700
+    assert await backend.stats() == {"default": {TaskState.PENDING: 500}}
+
+
+async def test_the_same_id_twice_in_one_batch(open_sqlite: Factory) -> None:
+    backend = await open_sqlite()
+    with pytest.raises(DuplicateTaskError, match="'twice'"):
+        await backend.enqueue_many([task("twice"), task("other"), task("twice")])
+    assert await backend.stats() == {}
+    assert await backend.enqueue_many([task("twice"), task("twice")], if_exists="skip") == ["twice"]
+
+
+async def test_a_settlement_in_a_non_settling_state_is_refused_and_nothing_of_the_batch_applies(
+    open_sqlite: Factory,
+) -> None:
+    backend = await open_sqlite()
+    await backend.enqueue_many([task("a"), task("b")])
+    a, b = await backend.claim(["default"], 2, now=1000.0, lease_until=1030.0)
+    good = Settlement(task_id=a.record.id, token=a.token, state=TaskState.SUCCEEDED, at=1001.0)
+    bad = Settlement(task_id=b.record.id, token=b.token, state=TaskState.ACTIVE, at=1001.0)
+    with pytest.raises(ValueError, match="must be pending, succeeded, dead or cancelled"):
+        await backend.settle([good, bad])
+    record = await backend.get(a.record.id)
+    assert record is not None
+    assert record.state is TaskState.ACTIVE
+
+
+async def test_a_row_written_by_hand_with_text_payload_reads_back_as_bytes(
+    open_sqlite: Factory, db_path: Path
+) -> None:
+    backend = await open_sqlite()
+    with sqlite3.connect(db_path) as raw:
+        raw.execute(
+            "INSERT INTO lifecycle_tasks (id, name, queue, payload, state, max_retries, enqueued_at, run_at) "
+            "VALUES ('hand', 'tests.job', 'default', 'not json {', 'pending', 3, 1.0, 1.0)"
+        )
+    claimed = await backend.claim(["default"], 1, now=1000.0, lease_until=1030.0)
+    assert [c.record.payload for c in claimed] == [b"not json {"]
+
+
+async def test_a_lease_token_is_unique_per_claim(open_sqlite: Factory) -> None:
+    backend = await open_sqlite()
+    await backend.enqueue_many([task(f"t{i}") for i in range(50)])
+    claimed = await backend.claim(["default"], 50, now=1000.0, lease_until=1001.0)
+    reclaimed = await backend.reclaim_expired(now=2000.0, lease_until=2030.0, limit=50)
+    tokens = [c.token for c in claimed] + [c.token for c in reclaimed]
+    assert len(set(tokens)) == 100
+    assert [c.record.id for c in reclaimed] == [c.record.id for c in claimed]  # oldest first

@@ -1,0 +1,105 @@
+"""The benchmark harness keeps working: a tiny run with our library only, plus its pure parts.
+
+The full comparison with the peers (benchmarks/run.py without --libraries) is not part of the test suite;
+it needs the peers' virtualenvs and a quiet machine. See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import report, venvs  # noqa: E402
+
+# The harness FLUSHes its Redis database before every run, so it gets one of its own (never DB 0).
+BENCH_REDIS_URL = os.environ.get("LIFECYCLE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
+OUR_SCENARIOS = {"drain", "enqueue", "latency", "mix", "sqlite_drain", "sqlite_enqueue", "core_asyncio", "core_trio"}
+
+
+@pytest.mark.redis
+def test_tiny_run_of_every_scenario_reports_numbers_for_our_library(redis_url: str, tmp_path: Path) -> None:
+    output = tmp_path / "benchmarks.md"
+    output.write_text("# Benchmarks\n\nprose that must survive\n\n" + report.BEGIN + "\nold\n" + report.END + "\n")
+    raw = tmp_path / "raw.json"
+    command = [
+        sys.executable, "benchmarks/run.py", "--rounds", "1", "--n", "200", "--latency-n", "20",
+        "--core-n", "2000", "--shutdown-n", "300", "--libraries", "lifecycle", "--skip-install",
+        "--redis-url", BENCH_REDIS_URL, "--run-timeout", "60", "--output", str(output), "--chart", "none",
+        "--json", str(raw),
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, f"harness failed:\n{proc.stderr[-4000:]}"
+
+    runs = json.loads(raw.read_text())["runs"]
+    assert {run["scenario"] for run in runs} == OUR_SCENARIOS
+    assert all(run["ok"] for run in runs), [run.get("error") for run in runs]
+    ours = {run["scenario"]: run["metrics"] for run in runs if run["library"] == "lifecycle"}
+    assert ours.keys() == OUR_SCENARIOS
+    for scenario in ("drain", "mix", "sqlite_drain"):
+        assert ours[scenario]["tasks_per_s"] > 0
+        assert ours[scenario]["cpu_ms_per_task"] > 0
+    assert ours["drain"]["redis_cmds_per_task"] > 0
+    # A 10 ms task at concurrency 100 cannot finish 200 tasks faster than 2 rounds of sleeps.
+    assert ours["mix"]["seconds"] >= 0.02
+    for scenario in ("enqueue", "sqlite_enqueue"):
+        assert ours[scenario]["single_per_s"] > 0
+        assert ours[scenario]["bulk_per_s"] > 0
+    assert 0 < ours["latency"]["p50_ms"] <= ours["latency"]["p99_ms"]
+    for backend in ("asyncio", "trio"):
+        assert ours[f"core_{backend}"]["hot_add_s"] > 0
+        assert ours[f"core_{backend}"]["shutdown_s"] > 0
+    assert {run["library"] for run in runs if run["scenario"] == "core_trio"} == {"lifecycle", "anyio"}
+
+    text = output.read_text()
+    assert "prose that must survive" in text
+    assert "\nold\n" not in text
+    assert "| **lifecycle** |" in text
+    assert "### Failed runs" not in text
+
+
+def test_every_peer_has_a_pinned_section_and_an_adapter() -> None:
+    sections = venvs.read_sections()
+    peers = ("arq", "saq", "streaq", "taskiq", "dramatiq", "huey", "celery", "rq")
+    for peer in peers:
+        assert peer in sections, peer
+        assert all("==" in requirement for requirement in sections[peer]), sections[peer]
+        assert (ROOT / "benchmarks" / "peers" / f"{peer}.py").is_file()
+    assert "report" in sections
+
+
+def test_requirements_outside_a_section_are_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "requirements.txt"
+    path.write_text("arq==1.0\n# == arq ==\narq==1.0\n")
+    with pytest.raises(ValueError, match="outside any"):
+        venvs.read_sections(path)
+
+
+def test_medians_min_max_and_failures_are_aggregated_per_library() -> None:
+    runs = [
+        {"ok": True, "scenario": "drain", "library": "x", "metrics": {"tasks_per_s": value}}
+        for value in (300.0, 100.0, 200.0)
+    ] + [{"ok": False, "scenario": "drain", "library": "y", "error": "exit 1: boom"}]
+    table, errors = report.aggregate(runs)
+    stat = table["drain"]["x"]["tasks_per_s"]
+    assert (stat.median, stat.low, stat.high) == (200.0, 100.0, 300.0)
+    assert stat.fmt() == "200 (100-300)"
+    assert errors == {("drain", "y"): ["exit 1: boom"]}
+
+
+def test_update_markdown_replaces_only_the_results_section(tmp_path: Path) -> None:
+    path = tmp_path / "doc.md"
+    path.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\noutro\n")
+    report.update_markdown(path, f"{report.BEGIN}\nnew\n{report.END}")
+    assert path.read_text() == f"intro\n{report.BEGIN}\nnew\n{report.END}\noutro\n"
+    fresh = tmp_path / "fresh.md"
+    report.update_markdown(fresh, f"{report.BEGIN}\nnew\n{report.END}")
+    assert fresh.read_text().startswith("## Results\n\n" + report.BEGIN)

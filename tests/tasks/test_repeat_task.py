@@ -1,0 +1,221 @@
+"""Repeat: start-to-start schedule, dropped ticks, failures logged and survived, cancellation."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import anyio
+import pytest
+
+import lifecycle
+from lifecycle.tasks import Repeat
+
+
+class FakeTime:
+    """A clock and a sleep that advance instantly, so schedules are checked without real waiting."""
+
+    def __init__(self, start: float = 100.0) -> None:
+        self.now = start
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        await anyio.lowlevel.checkpoint()
+
+
+async def run_calls(
+    time: FakeTime, durations: list[float], *, interval: float = 1.0, run_immediately: bool = True
+) -> tuple[list[float], Repeat]:
+    """Run a Repeat until it has made ``len(durations)`` calls; call ``i`` takes ``durations[i]`` seconds."""
+    starts: list[float] = []
+    with anyio.fail_after(5), anyio.CancelScope() as scope:
+
+        async def fn() -> None:
+            starts.append(time.now)
+            time.now += durations[len(starts) - 1]
+            if len(starts) == len(durations):
+                scope.cancel()
+
+        repeat = Repeat(
+            fn, interval=interval, run_immediately=run_immediately, clock=time.clock, sleep=time.sleep
+        )
+        await repeat.execute()
+    return starts, repeat
+
+
+async def test_calls_are_spaced_start_to_start() -> None:
+    time = FakeTime()
+    starts, repeat = await run_calls(time, [0.2, 0.0, 0.7, 0.3])
+    assert starts == pytest.approx([100.0, 101.0, 102.0, 103.0])
+    # The sleeps make up for how long each call took (start to start, not end to start).
+    assert time.sleeps[:3] == pytest.approx([0.8, 1.0, 0.3])
+    assert (repeat.calls, repeat.failures, repeat.skipped) == (4, 0, 0)
+
+
+async def test_run_immediately_false_waits_one_interval_first() -> None:
+    time = FakeTime()
+    starts, _ = await run_calls(time, [0.0, 0.0], interval=5.0, run_immediately=False)
+    assert starts == pytest.approx([105.0, 110.0])
+
+
+async def test_overrunning_call_drops_missed_ticks_instead_of_queueing_them() -> None:
+    time = FakeTime()
+    starts, repeat = await run_calls(time, [2.5, 0.1, 0.1])
+    # Ticks at 101 and 102 fell during the first call: dropped, and the schedule stays on the grid.
+    assert starts == pytest.approx([100.0, 103.0, 104.0])
+    assert repeat.skipped == 2
+
+
+async def test_call_ending_exactly_on_a_tick_runs_again_at_once() -> None:
+    time = FakeTime()
+    starts, repeat = await run_calls(time, [1.0, 2.0, 0.0])
+    assert starts == pytest.approx([100.0, 101.0, 103.0])
+    assert repeat.skipped == 1  # only the tick at 102, which passed during the second call
+
+
+async def test_failure_is_logged_with_traceback_and_repetition_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    time = FakeTime()
+    starts: list[float] = []
+    caplog.set_level(logging.INFO, logger="lifecycle")
+    with anyio.fail_after(5), anyio.CancelScope() as scope:
+
+        async def flaky() -> None:
+            starts.append(time.now)
+            if len(starts) in (1, 2):
+                raise ValueError(f"boom {len(starts)}")
+            scope.cancel()
+
+        repeat = Repeat(flaky, interval=1.0, clock=time.clock, sleep=time.sleep, name="flaky-check")
+        await repeat.execute()
+    assert starts == pytest.approx([100.0, 101.0, 102.0])
+    assert (repeat.calls, repeat.failures) == (3, 2)
+    failures = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert [r.name for r in failures] == ["lifecycle.tasks", "lifecycle.tasks"]
+    assert "flaky-check" in failures[0].getMessage()
+    assert "1 in a row" in failures[0].getMessage()
+    assert "2 in a row" in failures[1].getMessage()
+    exc_info = failures[1].exc_info
+    assert exc_info is not None and isinstance(exc_info[1], ValueError)
+    assert str(exc_info[1]) == "boom 2"
+
+
+async def test_synchronous_exception_from_fn_is_logged_too(caplog: pytest.LogCaptureFixture) -> None:
+    time = FakeTime()
+    calls = 0
+    with anyio.fail_after(5), anyio.CancelScope() as scope:
+
+        def broken() -> object:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                scope.cancel()
+            raise KeyError("sync")
+
+        await Repeat(broken, interval=1.0, clock=time.clock, sleep=time.sleep).execute()
+    assert calls == 2
+    assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [KeyError, KeyError]
+
+
+async def test_fn_returning_a_non_awaitable_is_a_type_error() -> None:
+    time = FakeTime()
+    repeat = Repeat(lambda: None, interval=1.0, clock=time.clock, sleep=time.sleep)  # type: ignore[arg-type,return-value]
+    with anyio.fail_after(5), pytest.raises(TypeError, match="not an awaitable"):
+        await repeat.execute()
+
+
+async def test_cancellation_stops_a_call_in_progress_without_logging_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    entered = anyio.Event()
+    cancelled = False
+
+    async def slow() -> None:
+        nonlocal cancelled
+        entered.set()
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            cancelled = True
+            raise
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(Repeat(slow, interval=0.01).execute)
+            await entered.wait()
+            task_group.cancel_scope.cancel()
+    assert cancelled
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_real_clock_calls_in_order_and_never_overlap() -> None:
+    running = 0
+    overlaps = 0
+    starts: list[float] = []
+    three_done = anyio.Event()
+
+    async def tick() -> None:
+        nonlocal running, overlaps
+        running += 1
+        overlaps += running > 1
+        starts.append(anyio.current_time())
+        await anyio.sleep(0)
+        running -= 1
+        if len(starts) == 3:
+            three_done.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(Repeat(tick, interval=0.005).execute)
+            await three_done.wait()
+            task_group.cancel_scope.cancel()
+    assert overlaps == 0
+    assert starts == sorted(starts)
+
+
+async def test_keeps_a_manager_running_and_stops_at_shutdown(caplog: pytest.LogCaptureFixture) -> None:
+    calls = 0
+    manager = lifecycle.TaskManager(name="repeat-test")
+
+    async def report() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("first report fails")
+        if calls == 3:
+            manager.shutdown()
+
+    manager.add_execute_task("reporter", Repeat(report, interval=0.001))
+    with anyio.fail_after(10):
+        await manager.run()  # a failing call does not stop the manager: no TaskManagerError
+    assert calls == 3
+    assert any(r.name == "lifecycle.tasks" and r.exc_info for r in caplog.records)
+
+
+@pytest.mark.parametrize("interval", [0, -1.0, math.nan, math.inf, "1", True, None])
+def test_interval_must_be_a_positive_number(interval: object) -> None:
+    async def fn() -> None: ...
+
+    with pytest.raises(ValueError, match="Repeat interval"):
+        Repeat(fn, interval=interval)  # type: ignore[arg-type]
+
+
+def test_fn_must_be_callable() -> None:
+    with pytest.raises(TypeError, match="zero-argument async function"):
+        Repeat("not callable", interval=1.0)  # type: ignore[arg-type]
+
+
+def test_is_an_execute_task_with_a_readable_repr() -> None:
+    async def heartbeat() -> None: ...
+
+    repeat = Repeat(heartbeat, interval=2.5)
+    assert isinstance(repeat, lifecycle.ExecuteTask)
+    assert repeat.interval == 2.5
+    assert "heartbeat" in repr(repeat)
+    assert "2.5s" in repr(repeat)
