@@ -104,9 +104,21 @@ def _drain_table(table: Table, scenario: str) -> list[str]:
         [
             ("tasks/s, median (min-max)", _cell(table, scenario, "tasks_per_s")),
             ("worker CPU ms/task", _cell(table, scenario, "cpu_ms_per_task", 3, spread=False)),
-            ("Redis commands/task", _cell(table, scenario, "redis_cmds_per_task", 2, spread=False)),
+            ("Redis commands/task (socket reads/task)", _redis_cell(table, scenario, "")),
+            ("peak running", _cell(table, scenario, "peak_running", spread=False)),
         ],
     )
+
+
+def _redis_cell(table: Table, scenario: str, prefix: str) -> Callable[[str], str]:
+    def cell(lib: str) -> str:
+        cmds = _get(table, scenario, lib, f"{prefix}redis_cmds_per_task")
+        reads = _get(table, scenario, lib, f"{prefix}redis_reads_per_task")
+        if cmds is None:
+            return "n/a"
+        return f"{cmds.median:.2f}" + (f" ({reads.median:.2f})" if reads is not None else "")
+
+    return cell
 
 
 def _enqueue_table(table: Table, scenario: str, bulk_apis: dict[str, str]) -> list[str]:
@@ -118,13 +130,8 @@ def _enqueue_table(table: Table, scenario: str, bulk_apis: dict[str, str]) -> li
             ("single awaited enqueues/s", _cell(table, scenario, "single_per_s")),
             ("bulk API", lambda lib: f"`{bulk_apis[lib]}`" if bulk_apis.get(lib) else "none"),
             ("bulk enqueues/s", _cell(table, scenario, "bulk_per_s")),
-            (
-                "Redis commands/task single / bulk",
-                lambda lib: " / ".join(
-                    _cell(table, scenario, m, 2, spread=False)(lib)
-                    for m in ("single_redis_cmds_per_task", "bulk_redis_cmds_per_task")
-                ),
-            ),
+            ("Redis commands/task (reads/task), single", _redis_cell(table, scenario, "single_")),
+            ("bulk", _redis_cell(table, scenario, "bulk_")),
         ],
     )
 
@@ -174,9 +181,10 @@ def _targets(table: Table) -> list[str]:
         None if cpu is None else cpu.median <= 0.1,
     )
     cmds = _get(table, "drain", OURS, "redis_cmds_per_task")
+    reads = _get(table, "drain", OURS, "redis_reads_per_task")
     add(
-        "≤ 2 Redis commands/task (drain)",
-        f"{cmds.median:.2f}" if cmds else "n/a",
+        "≤ 2 Redis commands/task (drain; judged on commands, Lua-internal ones included)",
+        (f"{cmds.median:.2f} commands, {reads.median:.2f} socket reads" if cmds and reads else "n/a"),
         None if cmds is None else cmds.median <= 2,
     )
     bulk = _get(table, "enqueue", OURS, "bulk_per_s")
@@ -228,7 +236,9 @@ def render(result: dict[str, Any]) -> str:
     """The markdown results section for one harness run (``result`` as ``run.py`` saves it)."""
     meta = result["meta"]
     table, errors = aggregate(result["runs"])
-    bulk_apis = {run["library"]: run.get("bulk_api") for run in result["runs"] if run.get("ok")}
+    bulk_apis = {
+        run["library"]: run["bulk_api"] for run in result["runs"] if run.get("ok") and "bulk_api" in run
+    }
     p = meta["params"]
     out = [
         BEGIN,
@@ -283,6 +293,7 @@ def render(result: dict[str, Any]) -> str:
             [
                 ("drain tasks/s", _cell(table, "sqlite_drain", "tasks_per_s")),
                 ("worker CPU ms/task", _cell(table, "sqlite_drain", "cpu_ms_per_task", 3, spread=False)),
+                ("peak running", _cell(table, "sqlite_drain", "peak_running", spread=False)),
                 ("single enqueues/s", _cell(table, "sqlite_enqueue", "single_per_s")),
                 ("bulk enqueues/s", _cell(table, "sqlite_enqueue", "bulk_per_s")),
             ],

@@ -175,14 +175,24 @@ def run_one(command: list[str], timeout: float, profile: Path | None = None) -> 
 
 
 def _versions(libraries: list[str]) -> dict[str, str]:
+    from importlib import metadata
+
     import lifecycle
 
-    versions = {OURS: lifecycle.__version__}
+    stack = []
+    for dist in ("redis", "hiredis", "orjson", "anyio", "trio"):
+        try:
+            stack.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            stack.append(f"no {dist}")
+    versions = {OURS: f"{lifecycle.__version__} ({', '.join(stack)})"}
     pins = venvs.read_sections()
     for library in libraries:
         if library in pins:
-            main = next((pin for pin in pins[library] if pin.split("[")[0].split("==")[0] == library), None)
-            versions[library] = main.split("==")[1] if main else "?"
+            split = (pin.split("==") for pin in pins[library] if "==" in pin)
+            named = {name.split("[")[0]: version for name, version in split}
+            others = ", ".join(f"{name} {version}" for name, version in named.items() if name != library)
+            versions[library] = named.get(library, "?") + (f" ({others})" if others else "")
     return versions
 
 

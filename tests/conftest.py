@@ -1,8 +1,8 @@
-"""Shared fixtures: every async test runs on asyncio and trio; server fixtures skip or fail clearly."""
+"""Shared fixtures: every async test runs on asyncio and trio (anyio_mode = "auto" in pyproject.toml);
+server fixtures skip or fail clearly."""
 
 from __future__ import annotations
 
-import inspect
 import os
 import socket
 import uuid
@@ -12,14 +12,6 @@ import pytest
 REQUIRE_SERVICES = os.environ.get("LIFECYCLE_REQUIRE_SERVICES") == "1"
 REDIS_URL = os.environ.get("LIFECYCLE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_DSN = os.environ.get("LIFECYCLE_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Mark every coroutine test for anyio's plugin so no test module can forget it.
-    for item in items:
-        function = getattr(item, "function", None)
-        if function is not None and inspect.iscoroutinefunction(function):
-            item.add_marker(pytest.mark.anyio)
 
 
 @pytest.fixture(params=["asyncio", "trio"])

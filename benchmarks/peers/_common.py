@@ -102,19 +102,31 @@ class Probe:
         self._started = itertools.count()
         self._finished = itertools.count()
         self._first = (0.0, 0.0)
+        # Tasks running at once, to check that the worker keeps to its concurrency (exact for event-loop
+        # workers; for thread pools the unlocked += may be off by a little).
+        self._running = 0
+        self._peak = 0
 
     def start(self, index: int) -> None:
         """Call first thing in the task body."""
         if self.latency:
             os.write(self.fd, f"{index} {time.monotonic()!r}\n".encode())
-        elif next(self._started) == 0:
+            return
+        if next(self._started) == 0:
             self._first = (time.monotonic(), time.process_time())
+        self._running += 1
+        if self._running > self._peak:
+            self._peak = self._running
 
     def finish(self) -> None:
         """Call last thing in the task body."""
-        if not self.latency and next(self._finished) == self.n - 1:
+        if self.latency:
+            return
+        self._running -= 1
+        if next(self._finished) == self.n - 1:
             end, cpu = time.monotonic(), time.process_time()
             line = {"first_start": self._first[0], "last_finish": end, "cpu": cpu - self._first[1]}
+            line["peak_running"] = self._peak
             os.write(self.fd, (json.dumps(line) + "\n").encode())
 
 
@@ -188,13 +200,13 @@ class RedisAdmin:
             raise SystemExit("refusing to FLUSHDB Redis DB 0: give --redis-url a dedicated DB, e.g. /15")
         self.command("FLUSHDB")
 
-    def commands_processed(self) -> int:
-        """The server's ``total_commands_processed`` (server-wide: run on a quiet server)."""
+    def counters(self) -> tuple[int, int]:
+        """The server's ``total_commands_processed`` (commands run inside Lua scripts included) and
+        ``total_reads_processed`` (socket reads: about one per round trip, a pipeline often in one read).
+        Both are server-wide: run on a quiet server."""
         info: str = self.command("INFO", "stats")
-        for line in info.splitlines():
-            if line.startswith("total_commands_processed:"):
-                return int(line.split(":", 1)[1])
-        raise RuntimeError("INFO stats has no total_commands_processed")
+        fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+        return int(fields["total_commands_processed"]), int(fields.get("total_reads_processed", "0"))
 
     def close(self) -> None:
         """Close the connection."""
@@ -312,8 +324,16 @@ def _prepare_storage(cfg: Config) -> RedisAdmin | None:
     return admin
 
 
-def _commands(admin: RedisAdmin | None) -> int:
-    return admin.commands_processed() if admin is not None else 0
+def _counters(admin: RedisAdmin | None) -> tuple[int, int]:
+    return admin.counters() if admin is not None else (0, 0)
+
+
+def _redis_metrics(prefix: str, before: tuple[int, int], after: tuple[int, int], n: int) -> dict[str, float]:
+    # The admin's own INFO between the two readings is one command and one read: not the library's.
+    return {
+        f"{prefix}redis_cmds_per_task": (after[0] - before[0] - 1) / n,
+        f"{prefix}redis_reads_per_task": (after[1] - before[1] - 1) / n,
+    }
 
 
 async def _enqueue_all(adapter: Adapter, n: int, bulk: bool) -> None:
@@ -331,11 +351,11 @@ async def _drain(factory: Callable[[Config], Adapter], cfg: Config, module: str)
     await _call(adapter, adapter.open)
     await _enqueue_all(adapter, cfg.n, bulk=adapter.bulk_api is not None)
     await _call(adapter, adapter.close)
-    before = _commands(admin)
+    before = _counters(admin)
     worker = WorkerProcess(cfg, module, "count", cfg.n)
     try:
         report = json.loads(worker.read_line(cfg.timeout))
-        after = _commands(admin)
+        after = _counters(admin)
     finally:
         worker.stop()
     elapsed = report["last_finish"] - report["first_start"]
@@ -343,9 +363,10 @@ async def _drain(factory: Callable[[Config], Adapter], cfg: Config, module: str)
         "tasks_per_s": cfg.n / elapsed if elapsed > 0 else float("inf"),
         "seconds": elapsed,
         "cpu_ms_per_task": report["cpu"] * 1000 / cfg.n,
+        "peak_running": report["peak_running"],
     }
     if admin is not None:
-        metrics["redis_cmds_per_task"] = (after - before) / cfg.n
+        metrics.update(_redis_metrics("", before, after, cfg.n))
         admin.close()
     return metrics
 
@@ -357,15 +378,15 @@ async def _enqueue(factory: Callable[[Config], Adapter], cfg: Config) -> dict[st
         admin = _prepare_storage(cfg)
         adapter = factory(cfg)  # after the storage was reset: some libraries create their schema here
         await _call(adapter, adapter.open)
-        before, cpu, start = _commands(admin), time.process_time(), time.perf_counter()
+        before, cpu, start = _counters(admin), time.process_time(), time.perf_counter()
         await _enqueue_all(adapter, cfg.n, bulk=bulk)
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-        after = _commands(admin)
+        after = _counters(admin)
         await _call(adapter, adapter.close)
         metrics[f"{label}_per_s"] = cfg.n / elapsed
         metrics[f"{label}_cpu_ms_per_task"] = cpu * 1000 / cfg.n
         if admin is not None:
-            metrics[f"{label}_redis_cmds_per_task"] = (after - before) / cfg.n
+            metrics.update(_redis_metrics(f"{label}_", before, after, cfg.n))
             admin.close()
     return metrics
 

@@ -14,7 +14,12 @@ from typing import Any
 
 import lifecycle
 from benchmarks.peers._common import PROBE, Adapter, Config, main, sleep_body
-from lifecycle.asynctask import AsyncTasks, Backend, Call, SQLiteBackend
+from lifecycle.asynctask import AsyncTasks, Backend, Call
+
+try:
+    from lifecycle.asynctask import SQLiteBackend
+except ImportError:  # not re-exported from lifecycle.asynctask yet (issue 3 says it will be)
+    from lifecycle.asynctask._sqlite import SQLiteBackend
 
 PREFIX = "bench"
 

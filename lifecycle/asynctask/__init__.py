@@ -2,22 +2,48 @@
 
 from ._backend import Backend as Backend
 from ._backend import TransactionalBackend as TransactionalBackend
+from ._clock import ManualClock as ManualClock
+from ._encoding import Encoding as Encoding
+from ._encoding import JSONEncoding as JSONEncoding
+from ._encoding import PickleEncoding as PickleEncoding
 from ._errors import BackendError as BackendError
 from ._errors import DuplicateTaskError as DuplicateTaskError
+from ._memory import MemoryBackend as MemoryBackend
+from ._model import Abort as Abort
+from ._model import Call as Call
+from ._model import QueueStats as QueueStats
+from ._model import Retry as Retry
+from ._model import TaskContext as TaskContext
+from ._model import TaskInfo as TaskInfo
+from ._module import AsyncTasks as AsyncTasks
 from ._records import ClaimedTask as ClaimedTask
 from ._records import NewTask as NewTask
 from ._records import Settlement as Settlement
 from ._records import TaskRecord as TaskRecord
 from ._records import TaskState as TaskState
+from ._worker import WorkerLostError as WorkerLostError
 
 __all__ = (
+    "Abort",
+    "AsyncTasks",
     "Backend",
     "BackendError",
+    "Call",
     "ClaimedTask",
     "DuplicateTaskError",
+    "Encoding",
+    "JSONEncoding",
+    "ManualClock",
+    "MemoryBackend",
     "NewTask",
+    "PickleEncoding",
+    "QueueStats",
+    "Retry",
     "Settlement",
+    "TaskContext",
+    "TaskInfo",
     "TaskRecord",
     "TaskState",
     "TransactionalBackend",
+    "WorkerLostError",
 )

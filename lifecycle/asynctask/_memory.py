@@ -103,9 +103,9 @@ class MemoryBackend:
     Each object is its own private storage: two ``MemoryBackend()`` objects share nothing, and one object must
     be used from one event loop at a time. Tasks are lost when the process ends.
 
-    ``clock`` is only used by :meth:`wait_for_work` to tell when a delayed task becomes due (every state change
-    takes its time from the caller, as the protocol requires); pass the same clock you give ``AsyncTasks``
-    when you drive time by hand in tests.
+    ``clock`` is only used by :meth:`wait_for_work` to tell when a delayed task becomes due (every state
+    change takes its time from the caller, as the protocol requires); pass the same clock you give
+    ``AsyncTasks`` when you drive time by hand in tests.
 
     Example::
 
@@ -123,7 +123,6 @@ class MemoryBackend:
         self._changed: anyio.Event | None = None
         self._version = 0
         self._reported: tuple[tuple[str, ...], int] | None = None
-        self._closed = False
 
     def __repr__(self) -> str:
         return f"MemoryBackend(<{len(self._rows)} tasks>)"
@@ -131,13 +130,14 @@ class MemoryBackend:
     # -- lifecycle ------------------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Nothing to connect; makes a closed backend usable again (its tasks are kept)."""
-        self._closed = False
+        """Nothing to connect: a MemoryBackend is usable from its creation (and after :meth:`close`)."""
+        await anyio.lowlevel.checkpoint()
 
     async def close(self) -> None:
-        """Wake any waiter; the stored tasks are kept while the object lives. Idempotent."""
-        self._closed = True
+        """Wake any waiter; the stored tasks are kept while the object lives (several ``AsyncTasks`` may share
+        one MemoryBackend, and closing it for one must not break the others). Idempotent."""
         self._notify()
+        await anyio.lowlevel.checkpoint()
 
     # -- internals ------------------------------------------------------------------------------------------
 
@@ -208,9 +208,9 @@ class MemoryBackend:
             conflicts: list[str] = []
             for task in tasks:
                 existing = rows.get(task.id)
-                if task.id in seen or (existing is not None and existing.state.is_live):
-                    if task.id not in conflicts:
-                        conflicts.append(task.id)
+                live = existing is not None and existing.state.is_live
+                if (task.id in seen or live) and task.id not in conflicts:
+                    conflicts.append(task.id)
                 seen.add(task.id)
             if conflicts:
                 raise DuplicateTaskError(conflicts[0], conflicts)
@@ -317,7 +317,9 @@ class MemoryBackend:
         taken: list[ClaimedTask] = []
         if limit <= 0:
             return taken
-        expired = [row for row in self._active.values() if row.lease_until is not None and row.lease_until < now]
+        expired = [
+            row for row in self._active.values() if row.lease_until is not None and row.lease_until < now
+        ]
         expired.sort(key=lambda row: (row.lease_until or 0.0, row.seq))
         for row in expired[:limit]:
             taken.append(self._lease(row, lease_until))
@@ -333,9 +335,6 @@ class MemoryBackend:
         deadline = anyio.current_time() + max(0.0, timeout)
         key = tuple(dict.fromkeys(queues))
         while True:
-            if self._closed:
-                await anyio.lowlevel.checkpoint()
-                return
             due: float | None = None
             for queue in key:
                 entry = self._head(queue)
@@ -472,4 +471,3 @@ class MemoryBackend:
             self._active.pop(row.id, None)
             row.entry = None
         return len(victims)
-

@@ -1,4 +1,5 @@
-"""The user-facing nouns of :mod:`lifecycle.asynctask`: TaskInfo, QueueStats, Call, TaskContext, Retry, Abort."""
+"""The user-facing nouns of :mod:`lifecycle.asynctask`: TaskInfo, QueueStats, Call, TaskContext, Retry and
+Abort."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from ._records import TaskState
 
 __all__ = ["Abort", "Call", "QueueStats", "Retry", "TaskContext", "TaskInfo"]
+
 
 @dataclass(frozen=True, slots=True)
 class TaskInfo:
@@ -63,8 +65,8 @@ class QueueStats:
 
 
 class Call:
-    """One call to enqueue with :meth:`AsyncTasks.enqueue_many`: a function (or registered name), its positional
-    arguments, and the same options :meth:`AsyncTasks.enqueue` takes.
+    """One call to enqueue with :meth:`AsyncTasks.enqueue_many`: a function (or registered name), its
+    positional arguments, and the same options :meth:`AsyncTasks.enqueue` takes.
 
     Example::
 
@@ -95,7 +97,9 @@ class Call:
         self.task_id = task_id
 
     def __repr__(self) -> str:
-        target = self.target if isinstance(self.target, str) else getattr(self.target, "__qualname__", self.target)
+        target = (
+            self.target if isinstance(self.target, str) else getattr(self.target, "__qualname__", self.target)
+        )
         args = ", ".join(repr(arg) for arg in self.args)
         return f"Call({target!s}{', ' if args else ''}{args})"
 
@@ -165,10 +169,11 @@ class TaskContext:
 
     @property
     def logger(self) -> logging.LoggerAdapter[logging.Logger]:
-        """A logger whose messages start with ``[task name id]`` and carry ``task_id`` / ``task_name`` extras."""
+        """A logger that puts ``[task name id]`` before each message and ``task_id``/``task_name`` extras."""
         if self._logger is None:
             self._logger = _TaskLogger(
-                logging.getLogger("lifecycle.asynctask.task"), {"task_id": self.task_id, "task_name": self.name}
+                logging.getLogger("lifecycle.asynctask.task"),
+                {"task_id": self.task_id, "task_name": self.name},
             )
         return self._logger
 
@@ -186,7 +191,7 @@ class _TaskLogger(logging.LoggerAdapter[logging.Logger]):
         return f"[{extra.get('task_name')} {extra.get('task_id')}] {msg}", kwargs
 
 
-class Retry(Exception):  # noqa: N818 - a request, not an error: `raise Retry(after=30)` reads right
+class Retry(Exception):
     """Raise from a task to ask for another attempt, ``after`` seconds from now (or after the usual backoff
     when ``after`` is ``None``).
 
@@ -201,14 +206,18 @@ class Retry(Exception):  # noqa: N818 - a request, not an error: `raise Retry(af
 
     def __init__(self, after: float | timedelta | None = None, reason: str = "") -> None:
         seconds = after.total_seconds() if isinstance(after, timedelta) else after
-        if seconds is not None and (not isinstance(seconds, int | float) or seconds < 0 or seconds != seconds):
+        if seconds is not None and (
+            not isinstance(seconds, int | float) or seconds < 0 or seconds != seconds
+        ):
             raise ValueError(f"Retry(after=...) takes seconds >= 0 or a timedelta, got {after!r}")
         self.after: float | None = None if seconds is None else float(seconds)
         self.reason = reason
-        super().__init__(reason or (f"retry requested after {self.after} s" if self.after is not None else ""))
+        super().__init__(
+            reason or (f"retry requested after {self.after} s" if self.after is not None else "")
+        )
 
 
-class Abort(Exception):  # noqa: N818 - a request, not an error: `raise Abort("bad input")` reads right
+class Abort(Exception):
     """Raise from a task to fail it for good: it goes ``dead`` at once with ``reason``, without retries.
 
     Example::
@@ -227,4 +236,3 @@ def describe_target(target: object) -> str:
     if isinstance(target, str):
         return repr(target)
     return str(getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(target))
-

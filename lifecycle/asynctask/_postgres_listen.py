@@ -128,14 +128,17 @@ class Listener:
                     self._wake_all()  # notifications sent while we were away are lost: look again
                 async for notify in connection.notifies():
                     self._notified(notify.payload)
-            except psycopg.Error as exc:
+            except Exception as exc:
                 failures += 1
                 if failures == 1:
+                    # A psycopg.Error is the expected case (server restart, network); anything else is a bug
+                    # worth a traceback. Either way keep going: waiters fall back to polling meanwhile.
                     _log.warning(
                         "LISTEN connection for %r failed (%s); reconnecting in the background, idle workers "
                         "poll meanwhile",
                         self._channel,
                         exc,
+                        exc_info=not isinstance(exc, psycopg.Error),
                     )
                 if connection is not None:
                     self._connection = None

@@ -19,7 +19,7 @@ from psycopg.rows import TupleRow, tuple_row
 
 from ._errors import DuplicateTaskError
 from ._postgres_schema import TASK_COLUMNS
-from ._postgres_sql import Statements
+from ._postgres_sql import NOTIFY_QUEUE, Statements
 from ._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
 
 __all__ = [
@@ -81,9 +81,25 @@ def _float_or_none(value: float | None) -> float | None:
     return None if value is None else float(value)
 
 
+def _check_text(task: NewTask) -> None:
+    for field in ("id", "name", "queue", "meta"):
+        value = getattr(task, field)
+        if value is not None and "\x00" in value:
+            raise ValueError(
+                f"task {task.id!r}: its {field} contains a NUL character, which PostgreSQL text cannot "
+                "store; remove it (NUL is allowed in the payload bytes)"
+            )
+
+
+def _error_text(error: str | None) -> str | None:
+    # An error message is diagnostic text: keep it storable rather than fail the whole settlement batch.
+    return None if error is None else error.replace("\x00", "\\x00")
+
+
 def _new_task_arrays(tasks: Iterable[NewTask]) -> list[list[Any]]:
     columns: list[list[Any]] = [[] for _ in range(9)]
     for task in tasks:
+        _check_text(task)
         values = (
             task.id,
             task.name,
@@ -228,7 +244,7 @@ async def settle(connection: Connection, st: Statements, settlements: Sequence[S
             state.value,
             float(s.at),
             _float_or_none(run_at),
-            s.error,
+            _error_text(s.error),
             result,
             int(s.refund_attempt),
         )
@@ -342,7 +358,7 @@ async def requeue(
     query = sql.SQL(
         "WITH moved AS (UPDATE {tasks} SET state = 'pending', attempts = 0, run_at = %s, finished_at = NULL, "
         "lease_until = NULL, token = NULL{where} RETURNING queue) "
-        "SELECT count(*), pg_notify(%s, queue) FROM moved GROUP BY queue"
+        "SELECT count(*), " + NOTIFY_QUEUE + " FROM moved GROUP BY queue"
     ).format(tasks=st.tasks, where=_where(clauses))
     cursor = _cursor(connection)
     await cursor.execute(query, [*params, st.channel])

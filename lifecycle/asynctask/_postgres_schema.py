@@ -13,6 +13,9 @@ Layout (schema version 1), inside the backend's own schema (``lifecycle`` unless
     are ``bytea``, ``state`` the :class:`~lifecycle.asynctask.TaskState` value, ``token`` the lease token
     while ``ACTIVE``.
 
+The table is a queue: every task is inserted, updated a few times and deleted by retention, so autovacuum
+is told to visit it after 2 % of its rows changed (PostgreSQL's default is 20 %).
+
 Indexes: a partial index over pending tasks ``(queue, run_at, seq)`` serves claims and ``wait_for_work``;
 a partial index over active tasks ``(lease_until, seq)`` serves recovery; a partial index over finished
 tasks ``(coalesce(finished_at, enqueued_at))`` serves retention purges; ``(enqueued_at, seq)`` serves the
@@ -64,7 +67,7 @@ _CREATE_V1 = (
         last_error   text,
         result       bytea,
         meta         text
-    )
+    ) WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02)
     """,
     "CREATE INDEX {pending} ON {tasks} (queue, run_at, seq) WHERE state = 'pending'",
     "CREATE INDEX {active} ON {tasks} (lease_until, seq) WHERE state = 'active'",

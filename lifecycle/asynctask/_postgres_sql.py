@@ -15,7 +15,7 @@ from psycopg import sql
 
 from ._postgres_schema import TASK_COLUMNS, TASKS_TABLE
 
-__all__ = ["Statements"]
+__all__ = ["NOTIFY_QUEUE", "Statements"]
 
 _NEW_TASK_ARRAYS = (
     "%s::text[], %s::text[], %s::text[], %b::bytea[], %s::int[], %s::float8[], %s::float8[], "
@@ -27,6 +27,9 @@ _INSERT_HEAD = (
     "enqueued_at, run_at, meta) SELECT n.id, n.name, n.queue, n.payload, 'pending', 0, n.max_retries, "
     "n.timeout, n.enqueued_at, n.run_at, n.meta "
 )
+#: Notify the channel (a parameter) that ``queue`` got work. NOTIFY payloads are limited to 8000 bytes, so
+#: an absurdly long queue name wakes every waiter instead ("*") rather than failing the statement.
+NOTIFY_QUEUE = "pg_notify(%s, CASE WHEN octet_length(queue) < 7900 THEN queue ELSE '*' END)"
 _RETURNED = ", ".join(f"t.{column.strip()}" for column in TASK_COLUMNS.split(","))
 
 
@@ -85,11 +88,11 @@ class Statements:
                 + _INSERT_HEAD
                 + unnest_new
                 + "ORDER BY n.ord ON CONFLICT (id) DO NOTHING RETURNING t.id, t.queue) "
-                "SELECT id, pg_notify(%s, queue) FROM stored"
+                "SELECT id, " + NOTIFY_QUEUE + " FROM stored"
             ),
             insert_checked=render(
                 "WITH stored AS (" + _INSERT_HEAD + unnest_new + "ORDER BY n.ord RETURNING t.id, t.queue) "
-                "SELECT id, pg_notify(%s, queue) FROM stored"
+                "SELECT id, " + NOTIFY_QUEUE + " FROM stored"
             ),
             lock_existing=render("SELECT id, state FROM {tasks} WHERE id = ANY(%s::text[]) FOR UPDATE"),
             delete_ids=render("DELETE FROM {tasks} WHERE id = ANY(%s::text[])"),
@@ -146,8 +149,8 @@ class Statements:
                 f"WITH ORDINALITY AS n({_NEW_TASK_COLUMNS}, parent, ord) "
                 "WHERE n.parent IN (SELECT id FROM done) ORDER BY n.ord "
                 "ON CONFLICT (id) DO NOTHING RETURNING t.queue) "
-                "SELECT id, CASE WHEN state = 'pending' THEN pg_notify(%s, queue) END FROM done "
-                "UNION ALL SELECT NULL, pg_notify(%s, queue) FROM follow"
+                "SELECT id, CASE WHEN state = 'pending' THEN " + NOTIFY_QUEUE + " END FROM done "
+                "UNION ALL SELECT NULL, " + NOTIFY_QUEUE + " FROM follow"
             ),
             # Params: queues. The earliest pending (run_at, seq) of each queue, one index probe each.
             next_due=render(

@@ -17,6 +17,7 @@ import anyio
 import psycopg
 import psycopg.conninfo
 import psycopg.errors
+import psycopg_pool
 from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
@@ -187,26 +188,6 @@ class PostgresBackend:
                 "SQLiteBackend, which works under trio"
             )
         listener = Listener(self._dsn, self.channel, connect_kwargs=self._connect_kwargs)
-        try:
-            # The LISTEN connection also creates or migrates the schema, so a bad DSN fails here, clearly.
-            with anyio.fail_after(self._connect_timeout):
-                await self._prepare_schema()
-                await listener.start()
-        except TimeoutError:
-            await listener.close()
-            raise BackendError(
-                f"cannot connect to PostgreSQL at {_safe_dsn(self._dsn)} within {self._connect_timeout} s; "
-                "check that the server runs and accepts connections, or raise connect_timeout"
-            ) from None
-        except psycopg.OperationalError as exc:
-            await listener.close()
-            raise BackendError(
-                f"cannot connect to PostgreSQL at {_safe_dsn(self._dsn)}: {str(exc).strip()}; check the "
-                "host, port, database name, user and password of the DSN"
-            ) from exc
-        except BaseException:
-            await listener.close()
-            raise
         pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
             self._dsn,
             kwargs={"autocommit": True, **self._connect_kwargs},
@@ -220,11 +201,31 @@ class PostgresBackend:
             name=f"lifecycle-{self._schema}",
         )
         try:
-            await pool.open(wait=True, timeout=self._connect_timeout)
-        except BaseException:
-            await listener.close()
+            with anyio.fail_after(self._connect_timeout):
+                # A connection of its own first, so that a bad DSN or missing rights fail here, clearly.
+                await self._prepare_schema()
+                await listener.start()
+                await pool.open(wait=True, timeout=self._connect_timeout)
+        except BaseException as exc:
             with anyio.CancelScope(shield=True):
+                await listener.close()
                 await pool.close()
+            if isinstance(exc, (TimeoutError, psycopg_pool.PoolTimeout)):
+                raise BackendError(
+                    f"cannot connect to PostgreSQL at {_safe_dsn(self._dsn)} within {self._connect_timeout} "
+                    "s; check that the server runs and accepts connections, or raise connect_timeout"
+                ) from None
+            if isinstance(exc, psycopg.OperationalError):
+                raise BackendError(
+                    f"cannot connect to PostgreSQL at {_safe_dsn(self._dsn)}: {str(exc).strip()}; check the "
+                    "host, port, database name, user and password of the DSN"
+                ) from exc
+            if isinstance(exc, psycopg.Error):
+                raise BackendError(
+                    f"cannot create or migrate the task tables in schema {self._schema!r}: "
+                    f"{str(exc).strip()}; grant this user the right to create the schema and its tables, "
+                    "or open the backend once as a user who has it"
+                ) from exc
             raise
         self._pool, self._listener = pool, listener
 
@@ -352,11 +353,11 @@ class PostgresBackend:
         """Return when a task in ``queues`` was enqueued or released (a notification), when the earliest
         delayed task becomes due, or after ``timeout`` (seconds).
 
-        A failure to reach the server is not raised here (the caller's next claim reports it): the call
-        then waits like an idle one. A task already due is reported once: while nothing changes, later calls wait instead of returning
+        A task already due is reported once: while nothing changes, later calls wait instead of returning
         at once, so a caller that cannot claim it yet does not spin. Without notifications (the ``LISTEN``
         connection is reconnecting, or rows were written by hand) the table is checked every
-        ``poll_interval``.
+        ``poll_interval``. A failure to reach the server is not raised here (the caller's next claim
+        reports it): the call then waits like an idle one.
         """
         listener = self._listener
         if listener is None or self._pool is None:
@@ -369,8 +370,10 @@ class PostgresBackend:
             due = None
             if key:
                 try:
-                    async with self._connection() as connection:
-                        due = await ops.next_due(connection, self._statements, key)
+                    # Bounded by the deadline: during an outage the pool would wait connect_timeout.
+                    with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                        async with self._connection() as connection:
+                            due = await ops.next_due(connection, self._statements, key)
                 except psycopg.OperationalError as exc:
                     # The server is unreachable (restarting?): wait as if idle; the caller's next claim
                     # reports the outage, and the next look at the table finds what was missed.

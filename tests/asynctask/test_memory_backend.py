@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lifecycle.asynctask import Backend
-from lifecycle.asynctask._memory import MemoryBackend
+from lifecycle.asynctask import Backend, MemoryBackend
 from lifecycle.asynctask.testing import BackendConformance, BackendFactory
 
 

@@ -112,7 +112,12 @@ async def test_cancel_cleanups_cancels_the_running_cleanup_inside_its_shield_and
     [task_error] = error.exceptions
     assert (task_error.task_name, task_error.stage) == ("stuck", Stage.CLEANUP)
     assert "forced shutdown" in str(task_error.__cause__)
-    assert [e for e in log if "cleanup" in e] == ["c.cleanup", "stuck.cleanup", "stuck.cleanup.cancelled", "a.cleanup"]
+    assert [e for e in log if "cleanup" in e] == [
+        "c.cleanup",
+        "stuck.cleanup",
+        "stuck.cleanup.cancelled",
+        "a.cleanup",
+    ]
 
 
 async def test_a_cleanup_that_swallows_the_forced_cancel_and_finishes_is_not_an_error() -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 import pytest
 from lifecycle_testkit import Boom, FakeTask, manager, raises
 
-from lifecycle import EventKind, ManagerState, TaskManager
+from lifecycle import EventKind, ManagerState, TaskManager, TaskType
 
 pytestmark = pytest.mark.anyio
 
@@ -110,3 +111,18 @@ async def test_keyboard_interrupt_wins_over_ordinary_errors_but_they_are_still_r
     failed = [(e.task_name, e.stage.value) for e in events.events if e.kind is EventKind.TASK_FAILED]  # type: ignore[union-attr]
     assert failed == [("b", "execute"), ("a", "cleanup")]
     assert isinstance(next(e for e in events.events if e.task_name == "a" and e.error).error.__cause__, Boom)  # type: ignore[union-attr]
+
+
+async def test_keyboard_interrupt_from_a_cleanup_lets_the_other_cleanups_run_then_re_raises() -> None:
+    log: list[str] = []
+
+    async def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    m = TaskManager()
+    m.add_task("a", FakeTask("a", log))
+    m.add_task("b", FakeTask("b", log, cleanup=interrupt))
+    m.add_execute_task("stop", anyio.lowlevel.checkpoint, TaskType.STOP_GROUP)
+    with pytest.raises(KeyboardInterrupt):
+        await m.run()
+    assert [e for e in log if "cleanup" in e] == ["b.cleanup", "a.cleanup"]

@@ -66,7 +66,9 @@ class Child:
                 self.process.kill()
                 pytest.fail(f"child never printed {text!r}; stdout so far: {self.lines}")
             if line is None:
-                pytest.fail(f"child exited before printing {text!r}; stdout: {self.lines}; stderr: {self.stderr}")
+                pytest.fail(
+                    f"child exited before printing {text!r}; stdout: {self.lines}; stderr: {self.stderr}"
+                )
             self.lines.append(line)
             if text in line:
                 return
@@ -117,7 +119,9 @@ def children() -> object:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_first_signal_shuts_down_gracefully_with_cleanup_in_reverse(backend: str, signum: int, children) -> None:
+def test_first_signal_shuts_down_gracefully_with_cleanup_in_reverse(
+    backend: str, signum: int, children
+) -> None:
     child = children(backend, "graceful")
     child.expect("EVENT running")
     child.send(signum)

@@ -8,7 +8,15 @@ import anyio
 import pytest
 from lifecycle_testkit import FakeTask, Outcome, manager, raises, returns, run_capturing
 
-from lifecycle import EventKind, ManagerState, Stage, TaskManagerError, TaskStatus, TaskType, UnexpectedStopError
+from lifecycle import (
+    EventKind,
+    ManagerState,
+    Stage,
+    TaskManagerError,
+    TaskStatus,
+    TaskType,
+    UnexpectedStopError,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -20,7 +28,12 @@ async def test_status_rows_while_running_and_after_stopping() -> None:
     m.add_execute_task("worker", anyio.sleep_forever, TaskType.ERROR)
     m.add_execute_task("done", returns, TaskType.ERROR)
     [pending, *_] = m.status()
-    assert (pending.stage, pending.state, pending.started_at, pending.ended_at) == (None, "pending", None, None)
+    assert (pending.stage, pending.state, pending.started_at, pending.ended_at) == (
+        None,
+        "pending",
+        None,
+        None,
+    )
 
     outcome = Outcome()
     async with anyio.create_task_group() as tg:

@@ -53,7 +53,9 @@ def test_format_stuck_report_lists_each_task_and_its_stack() -> None:
         "svc",
         "shutdown stuck",
         [
-            StuckTask("db", TaskType.STRICT, Stage.EXECUTE, 2.5, ("app.py:10 in execute", "app.py:20 in wait")),
+            StuckTask(
+                "db", TaskType.STRICT, Stage.EXECUTE, 2.5, ("app.py:10 in execute", "app.py:20 in wait")
+            ),
             StuckTask("cache", TaskType.ERROR, Stage.CLEANUP, 0.5, ()),
         ],
     )

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 import anyio
 import pytest
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 import lifecycle
 from lifecycle.tasks import Interruptible
@@ -34,11 +33,11 @@ class Recorder:
 
     def __init__(self) -> None:
         self.log: list[str] = []
-        self._send, self.executions = anyio.create_memory_object_stream[int](10)
-        self._count = 0
+        self.executions = 0
+        self._executed: anyio.Event | None = None
         self.fail_initialize_on: int | None = None
         self.initializes = 0
-        self.cleanup_started = anyio.Event()
+        self.cleanup_started: anyio.Event | None = None
         self.release_cleanup: anyio.Event | None = None
         self.return_from_execute = False
         self.raise_from_execute: BaseException | None = None
@@ -51,10 +50,20 @@ class Recorder:
             raise OSError("cannot read the new configuration")
         self.log.append("initialize")
 
+    async def executed(self, count: int) -> None:
+        """Wait until ``execute`` has started ``count`` times in all."""
+        with anyio.fail_after(10):
+            while self.executions < count:
+                if self._executed is None:
+                    self._executed = anyio.Event()
+                await self._executed.wait()
+
     async def execute(self) -> None:
-        self._count += 1
+        self.executions += 1
         self.log.append("execute")
-        self._send.send_nowait(self._count)
+        if self._executed is not None:
+            self._executed.set()
+            self._executed = None
         if self.raise_from_execute is not None:
             raise self.raise_from_execute
         if self.return_from_execute:
@@ -67,15 +76,11 @@ class Recorder:
 
     async def cleanup(self) -> None:
         self.log.append("cleanup started")
-        self.cleanup_started.set()
+        if self.cleanup_started is not None:
+            self.cleanup_started.set()
         if self.release_cleanup is not None:
             await self.release_cleanup.wait()
         self.log.append("cleanup")
-
-
-async def next_execution(executions: MemoryObjectReceiveStream[int]) -> int:
-    with anyio.fail_after(10):
-        return await executions.receive()
 
 
 async def test_sighup_reloads_cleanup_then_initialize_then_execute() -> None:
@@ -85,11 +90,11 @@ async def test_sighup_reloads_cleanup_then_initialize_then_execute() -> None:
         await task.initialize()
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(task.execute)
-            assert await next_execution(inner.executions) == 1
+            await inner.executed(1)
             os.kill(os.getpid(), signal.SIGHUP)
-            assert await next_execution(inner.executions) == 2
+            await inner.executed(2)
             os.kill(os.getpid(), signal.SIGHUP)
-            assert await next_execution(inner.executions) == 3
+            await inner.executed(3)
             task_group.cancel_scope.cancel()
         await task.cleanup()
     reload = ["execute cancelled", "cleanup started", "cleanup", "initialize", "execute"]
@@ -125,7 +130,7 @@ async def test_handlers_are_released_when_cancelled() -> None:
         await task.initialize()
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(task.execute)
-            await next_execution(inner.executions)
+            await inner.executed(1)
             assert signal.getsignal(signal.SIGHUP) != signal.SIG_DFL
             task_group.cancel_scope.cancel()
     assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
@@ -139,9 +144,9 @@ async def test_custom_signal_triggers_the_reload() -> None:
         await task.initialize()
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(task.execute)
-            await next_execution(inner.executions)
+            await inner.executed(1)
             os.kill(os.getpid(), signal.SIGUSR1)
-            assert await next_execution(inner.executions) == 2
+            await inner.executed(2)
             task_group.cancel_scope.cancel()
     assert task.reloads == 1
 
@@ -166,7 +171,7 @@ async def test_failed_reload_raises_and_the_inner_cleanup_does_not_run_twice() -
         async with anyio.create_task_group() as task_group:
 
             async def send_sighup() -> None:
-                await next_execution(inner.executions)
+                await inner.executed(1)
                 os.kill(os.getpid(), signal.SIGHUP)
 
             task_group.start_soon(send_sighup)
@@ -187,14 +192,15 @@ async def test_failed_reload_raises_and_the_inner_cleanup_does_not_run_twice() -
 async def test_shutdown_during_a_reload_lets_the_inner_cleanup_finish() -> None:
     inner = Recorder()
     inner.release_cleanup = anyio.Event()
+    inner.cleanup_started = anyio.Event()
     task = Interruptible(inner)
     with anyio.fail_after(10):
         await task.initialize()
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(task.execute)
-            await next_execution(inner.executions)
+            await inner.executed(1)
             os.kill(os.getpid(), signal.SIGHUP)
-            await inner.cleanup_started.wait()
+            await inner.cleanup_started.wait()  # type: ignore[union-attr]
             task_group.cancel_scope.cancel()  # shutdown while the inner cleanup is running
             await anyio.lowlevel.checkpoint()
             assert inner.log[-1] == "cleanup started"
@@ -210,9 +216,9 @@ async def test_reload_through_a_task_manager() -> None:
     manager.add_task("config", Interruptible(inner))
 
     async def operator() -> None:
-        await next_execution(inner.executions)
+        await inner.executed(1)
         os.kill(os.getpid(), signal.SIGHUP)
-        await next_execution(inner.executions)
+        await inner.executed(2)
         manager.shutdown()
 
     manager.add_execute_task("operator", operator, lifecycle.TaskType.ERROR)

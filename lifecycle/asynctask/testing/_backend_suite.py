@@ -9,6 +9,7 @@ from ._suite_data import DataRules
 from ._suite_enqueue import EnqueueRules
 from ._suite_inspect import InspectRules
 from ._suite_leases import LeaseRules
+from ._suite_races import RaceRules
 from ._suite_settle import SettleRules
 from ._suite_wait import WaitRules
 
@@ -25,6 +26,7 @@ class BackendConformance(
     AdminRules,
     DataRules,
     BatchRules,
+    RaceRules,
 ):
     """Conformance tests for a :class:`~lifecycle.asynctask.Backend`, to subclass in a pytest test module.
 
@@ -38,8 +40,8 @@ class BackendConformance(
     storage (an in-process one) may return the same opened object every time. The suite closes every object
     it obtained after each test, so ``close`` must be idempotent.
 
-    The tests are ``async def`` and need the ``anyio_backend`` fixture (pytest's anyio plugin, with each test
-    marked ``@pytest.mark.anyio`` or an equivalent conftest hook). Parametrise ``anyio_backend`` over
+    The tests are ``async def`` and marked for anyio's pytest plugin, so they run once per value of the
+    ``anyio_backend`` fixture (anyio's default: every installed async library). Parametrise it over
     ``"asyncio"`` and ``"trio"`` when the backend supports both, or return ``"asyncio"`` for an asyncio-only
     one. State-changing calls use explicit times (``T0 = 1_000_000.0`` plus offsets), so no test waits for
     the clock; only the ``wait_for_work`` tests use real time, with generous bounds.
@@ -61,9 +63,10 @@ class BackendConformance(
                 return open_backend
 
     Where the protocol's docstrings leave room, the suite takes the stricter reading, so that the engine can
-    rely on it: claimed tasks come back in claim order; ``lease_until`` is ``None`` once a task left
-    ``ACTIVE``; requeued tasks have ``finished_at = None``; an id repeated inside one batch is a duplicate;
-    ``wait_for_work`` returns promptly when work is already due when it is called; an empty ``states``
-    collection matches nothing; ``meta=""`` and ``meta=None`` stay distinct; times keep microsecond
-    precision. ``docs/backend-protocol.md`` lists every rule.
+    rely on it: claimed tasks come back in claim order; a lease is lost by a new token or by leaving
+    ``ACTIVE``, never by the clock; ``lease_until`` is ``None`` once a task left ``ACTIVE``; requeued tasks
+    have ``finished_at = None``; an id repeated inside one batch is a duplicate; ``wait_for_work`` returns
+    promptly when work is already due when it is called; an empty ``states`` collection matches nothing;
+    ``meta=""`` and ``meta=None`` stay distinct; times keep microsecond precision; every batch method takes
+    thousands of items. ``docs/backend-protocol.md`` lists every rule.
     """

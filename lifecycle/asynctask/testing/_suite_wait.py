@@ -1,8 +1,8 @@
 """Conformance rules for :meth:`Backend.wait_for_work`, the only method that deals in real time.
 
 Every test bounds its wait generously (``PROMPT`` seconds) while passing a long ``timeout`` (``LONG``), so a
-backend that ignores the event it should react to fails clearly instead of passing by timing out, and no test
-sleeps.
+backend that ignores the event it should react to fails clearly instead of passing by timing out. No test
+sleeps; the cancellation test cancels a wait after 0.3 s, as a stopping worker would.
 """
 
 from __future__ import annotations
@@ -27,21 +27,24 @@ LONG = 120.0
 """The ``timeout`` the suite passes when the wait must end because of work, not because of the timeout."""
 
 
-async def _wait_in_background(
-    group: anyio.abc.TaskGroup, backend: Backend, queues: list[str], returned: anyio.Event
+async def _work_loop_in_background(
+    group: anyio.abc.TaskGroup, backend: Backend, claimed: anyio.Event
 ) -> None:
-    """Start ``wait_for_work`` in ``group`` and return once it has been entered (it runs up to its first
-    suspension before this returns), so the event the test causes next happens while it waits. A backend
-    that checks for due work and then subscribes must not lose an event between the two: that is the
-    backend's race to close, not the suite's."""
+    """Run the engine's idle loop in ``group`` (claim; when nothing is due, ``wait_for_work``; repeat) and
+    return once the first claim found nothing and the loop has entered ``wait_for_work``, so the event the
+    test causes next happens while it waits. ``claimed`` is set when the loop claimed a task.
+
+    A backend that checks for due work and then subscribes must not lose an event between the two: that race
+    is the backend's to close, not the suite's."""
     entered = anyio.Event()
 
-    async def wait() -> None:
-        entered.set()
-        await backend.wait_for_work(queues, timeout=LONG)
-        returned.set()
+    async def loop() -> None:
+        while not await backend.claim(["default"], 1, now=time.time(), lease_until=time.time() + LEASE):
+            entered.set()
+            await backend.wait_for_work(["default"], timeout=LONG)
+        claimed.set()
 
-    group.start_soon(wait)
+    group.start_soon(loop)
     await entered.wait()
     await anyio.lowlevel.checkpoint()
 
@@ -54,13 +57,13 @@ class WaitRules(SuiteBase):
     ) -> None:
         waiter = await open_backend()
         producer = await open_backend()
-        returned = anyio.Event()
+        claimed = anyio.Event()
         with anyio.move_on_after(PROMPT) as deadline:
             async with anyio.create_task_group() as group:
-                await _wait_in_background(group, waiter, ["default"], returned)
+                await _work_loop_in_background(group, waiter, claimed)
                 now = time.time()
                 await producer.enqueue_many([new_task("wake", enqueued_at=now)])
-                await returned.wait()
+                await claimed.wait()
         assert not deadline.cancelled_caught, (
             f"wait_for_work(timeout={LONG}) did not return within {PROMPT} s of an enqueue to its queue"
         )
@@ -87,17 +90,17 @@ class WaitRules(SuiteBase):
         worker = await open_backend()
         now = time.time()
         await worker.enqueue_many([new_task("job", enqueued_at=now)])
-        claimed = await claim_one(worker, "job", now=now, lease_until=now + LEASE)
-        returned = anyio.Event()
+        first = await claim_one(worker, "job", now=now, lease_until=now + LEASE)
+        claimed = anyio.Event()
         with anyio.move_on_after(PROMPT) as deadline:
             async with anyio.create_task_group() as group:
-                await _wait_in_background(group, waiter, ["default"], returned)
+                await _work_loop_in_background(group, waiter, claimed)
                 now = time.time()
                 release = Settlement(
-                    task_id="job", token=claimed.token, state=TaskState.PENDING, at=now, run_at=now
+                    task_id="job", token=first.token, state=TaskState.PENDING, at=now, run_at=now
                 )
                 assert await worker.settle([release]) == set()
-                await returned.wait()
+                await claimed.wait()
         assert not deadline.cancelled_caught, (
             f"wait_for_work(timeout={LONG}) did not return within {PROMPT} s of a task released to pending"
         )

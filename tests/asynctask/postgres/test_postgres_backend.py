@@ -7,6 +7,7 @@ import time
 
 import anyio
 import psycopg
+import psycopg.conninfo
 import pytest
 import trio
 from psycopg import sql
@@ -395,7 +396,71 @@ async def test_pooled_connections_dropped_by_the_server_are_replaced(
         "WHERE application_name = %s AND query NOT LIKE 'LISTEN%%'",
         (app,),
     )
-    assert terminated and all(ok for (ok,) in terminated)
+    assert terminated
+    assert all(ok for (ok,) in terminated)
     with anyio.fail_after(20):
         assert (await backend.get("before")) is not None
         assert await backend.enqueue_many([make_task("after")]) == ["after"]
+
+
+# -- text PostgreSQL cannot store -------------------------------------------------------------------------
+
+
+async def test_a_nul_character_in_a_task_id_is_refused_before_anything_is_stored(
+    open_pg: OpenPostgres,
+) -> None:
+    backend = await open_pg()
+    with pytest.raises(ValueError, match="contains a NUL character"):
+        await backend.enqueue_many([make_task("fine"), make_task("bad\x00id")])
+    assert await backend.stats() == {}
+
+
+async def test_a_nul_character_in_an_error_message_does_not_fail_the_settlement(
+    open_pg: OpenPostgres,
+) -> None:
+    from lifecycle.asynctask import Settlement
+
+    backend = await open_pg()
+    await backend.enqueue_many([make_task("job")])
+    now = time.time()
+    (claimed,) = await backend.claim(["default"], 1, now=now, lease_until=now + 30)
+    verdict = Settlement(
+        task_id="job", token=claimed.token, state=TaskState.DEAD, at=now, error="ValueError: b'\x00'"
+    )
+    assert await backend.settle([verdict]) == set()
+    record = await backend.get("job")
+    assert record is not None
+    assert (record.state, record.last_error) == (TaskState.DEAD, "ValueError: b'\\x00'")
+
+
+async def test_a_user_without_the_right_to_create_the_schema_gets_a_clear_error(
+    postgres_dsn: str, pg_schema: str, unique_name: str
+) -> None:
+    role = f"{unique_name}_reader"
+    await _execute(postgres_dsn, sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    try:
+        restricted = psycopg.conninfo.make_conninfo(postgres_dsn, user=role)
+        with pytest.raises(
+            BackendError, match=r"cannot create or migrate the task tables .* grant this user"
+        ):
+            await PostgresBackend(restricted, schema=pg_schema).open()
+    finally:
+        await _execute(postgres_dsn, sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+async def test_a_queue_name_too_long_for_a_notify_payload_still_wakes_its_worker(
+    open_pg: OpenPostgres,
+) -> None:
+    waiter = await open_pg(poll_interval=3600)
+    producer = await open_pg()
+    queue = "q" * 9000  # NOTIFY payloads stop at 8000 bytes: its waiters get a wake-everyone instead
+    returned = anyio.Event()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            await _start_waiter(group, waiter, queue, returned)
+            await producer.enqueue_many([make_task("long-queue", queue=queue)])
+            await returned.wait()
+    now = time.time()
+    assert [c.record.id for c in await waiter.claim([queue], 5, now=now, lease_until=now + 30)] == [
+        "long-queue"
+    ]

@@ -70,7 +70,8 @@ async def test_tasks_are_stored_when_the_callers_transaction_commits(
         assert await backend.get("ship-1") is None, "not visible to others before the commit"
     assert await _order_ids(postgres_dsn, pg_schema) == ["order-1"]
     record = await backend.get("ship-1")
-    assert record is not None and record.state is TaskState.PENDING
+    assert record is not None
+    assert record.state is TaskState.PENDING
     now = time.time()
     claimed = await backend.claim(["default"], 10, now=now, lease_until=now + 30)
     assert [c.record.id for c in claimed] == ["ship-1", "mail-1"]
@@ -82,11 +83,17 @@ async def test_tasks_vanish_when_the_callers_transaction_rolls_back(
     pg_schema: str,
     postgres_dsn: str,
 ) -> None:
-    with pytest.raises(RuntimeError, match="payment declined"):
+    class PaymentDeclined(Exception):
+        pass
+
+    async def place_order() -> None:
         async with conn.transaction():
             await conn.execute(_orders(pg_schema), ("order-2",))
             await backend.enqueue_many_in(conn, [make_task("ship-2")])
-            raise RuntimeError("payment declined")
+            raise PaymentDeclined
+
+    with pytest.raises(PaymentDeclined):
+        await place_order()
     assert await backend.get("ship-2") is None
     assert await _order_ids(postgres_dsn, pg_schema) == []
     assert await backend.stats() == {}
@@ -140,7 +147,8 @@ async def test_a_finished_task_id_is_replaced_inside_the_transaction(
     async with conn.transaction():
         assert await backend.enqueue_many_in(conn, [make_task("again")]) == ["again"]
     record = await backend.get("again")
-    assert record is not None and record.state is TaskState.PENDING
+    assert record is not None
+    assert record.state is TaskState.PENDING
 
 
 async def test_on_an_autocommit_connection_the_tasks_are_committed_at_once(
@@ -185,8 +193,10 @@ async def test_the_backend_need_not_be_open_but_its_tables_must_exist(
 async def test_only_an_async_psycopg_connection_is_accepted(
     backend: PostgresBackend, postgres_dsn: str
 ) -> None:
-    with psycopg.connect(postgres_dsn) as sync_connection:
-        with pytest.raises(TypeError, match="needs a psycopg.AsyncConnection"):
-            await backend.enqueue_many_in(sync_connection, [make_task("x")])
+    with (
+        psycopg.connect(postgres_dsn) as sync_connection,
+        pytest.raises(TypeError, match=r"needs a psycopg\.AsyncConnection"),
+    ):
+        await backend.enqueue_many_in(sync_connection, [make_task("x")])
     with pytest.raises(ValueError, match="if_exists"):
         await backend.enqueue_many_in(object(), [make_task("x")], if_exists="replace")  # type: ignore[arg-type]

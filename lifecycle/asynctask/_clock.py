@@ -1,0 +1,74 @@
+"""Time for the engine: the clock type, a manual clock for tests, and conversions of user-given times."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+__all__ = ["Clock", "ManualClock", "as_epoch", "as_seconds"]
+
+Clock = Callable[[], float]
+"""A function returning the current time in seconds since the epoch, like :func:`time.time` (the default)."""
+
+
+class ManualClock:
+    """A clock that moves only when told to, for tests about delays, retries and retention.
+
+    Pass it as ``AsyncTasks(..., clock=clock)``: every time the engine stores (``run_at``, leases, finish
+    times) comes from it, so a test advances it and asserts stored times instead of waiting.
+
+    Example::
+
+        clock = ManualClock(1_000_000.0)
+        tasks = AsyncTasks(MemoryBackend(clock=clock), clock=clock)
+        clock.advance(30)
+    """
+
+    def __init__(self, start: float | None = None) -> None:
+        self._now = time.time() if start is None else float(start)
+
+    def __call__(self) -> float:
+        """The current (manual) time."""
+        return self._now
+
+    def __repr__(self) -> str:
+        return f"ManualClock({self._now!r})"
+
+    def advance(self, seconds: float | timedelta) -> float:
+        """Move the clock forward by ``seconds`` (>= 0) and return the new time."""
+        amount = as_seconds(seconds, "ManualClock.advance()")
+        self._now += amount
+        return self._now
+
+    def set(self, now: float) -> None:
+        """Jump to ``now`` (seconds since the epoch); going backwards is allowed, for clock-skew tests."""
+        self._now = float(now)
+
+
+def as_seconds(value: float | timedelta, where: str) -> float:
+    """``value`` (seconds or ``timedelta``) as a float >= 0; ``TypeError``/``ValueError`` naming ``where``."""
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise TypeError(f"{where}: expected seconds (a number) or a timedelta, got {value!r}")
+    if not 0 <= seconds < math.inf:
+        raise ValueError(f"{where}: expected a finite number of seconds >= 0, got {value!r}")
+    return float(seconds)
+
+
+def as_epoch(value: datetime | float, where: str) -> float:
+    """``value`` as seconds since the epoch: a number as it is, an aware ``datetime`` by its instant.
+
+    A naive ``datetime`` is refused (``ValueError``): it is ambiguous across machines; attach a timezone.
+    """
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(
+                f"{where}: the datetime {value!r} has no timezone; pass an aware datetime such as "
+                "datetime.now(timezone.utc) + timedelta(minutes=5)"
+            )
+        return value.timestamp()
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise TypeError(f"{where}: expected an aware datetime or seconds since the epoch, got {value!r}")
+    return float(value)

@@ -1,0 +1,136 @@
+"""Turn records into Lua script arguments and script replies back into records, for the Redis backend.
+
+Times travel as Python ``repr`` text, so every float survives exactly (Lua never does arithmetic on them);
+``None`` travels as ``""`` for numbers and as a flag for text that may legitimately be empty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
+
+__all__ = [
+    "RECORD_FIELDS",
+    "STATE_NAMES",
+    "claimed_tasks",
+    "new_task_args",
+    "record_from_fields",
+    "records",
+    "settlement_args",
+    "time_text",
+]
+
+RECORD_FIELDS = ("n", "q", "p", "s", "a", "m", "to", "e", "r", "st", "f", "l", "err", "res", "meta")
+"""The record hash fields in the order the scripts return them (the order of TaskRecord after ``id``)."""
+
+_STRIDE = 2 + len(RECORD_FIELDS)  # token, id, fields
+
+STATE_NAMES: dict[TaskState, str] = {state: state.value for state in TaskState}
+"""How a state is written in records and key names."""
+
+_STATES: dict[bytes, TaskState] = {state.value.encode(): state for state in TaskState}
+
+
+def time_text(value: float) -> str:
+    """A time (or any float) as exact text for a script argument."""
+    return repr(float(value))
+
+
+def new_task_args(task: NewTask) -> list[str | bytes]:
+    """The ten script arguments that describe one task to store (see ``store()`` in the Lua prelude)."""
+    return [
+        task.id,
+        task.name,
+        task.queue,
+        task.payload,
+        str(int(task.max_retries)),
+        "" if task.timeout is None else repr(float(task.timeout)),
+        repr(float(task.enqueued_at)),
+        repr(float(task.run_at)),
+        "0" if task.meta is None else "1",
+        "" if task.meta is None else task.meta,
+    ]
+
+
+def settlement_args(settlement: Settlement) -> list[str | bytes]:
+    """The script arguments for one settlement, its follow-up tasks included."""
+    at = repr(float(settlement.at))
+    run_at = at if settlement.run_at is None else repr(float(settlement.run_at))
+    flags = (
+        ("0" if settlement.error is None else "1")
+        + ("0" if settlement.result is None else "1")
+        + ("1" if settlement.refund_attempt else "0")
+    )
+    args: list[str | bytes] = [
+        settlement.task_id,
+        settlement.token,
+        STATE_NAMES[TaskState(settlement.state)],
+        at,
+        run_at,
+        flags,
+        "" if settlement.error is None else settlement.error,
+        b"" if settlement.result is None else settlement.result,
+        str(len(settlement.then)),
+    ]
+    for task in settlement.then:
+        args += new_task_args(task)
+    return args
+
+
+def _time(value: bytes | None) -> float | None:
+    return float(value) if value else None
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode()
+
+
+def record_from_fields(task_id: bytes | str, fields: Sequence[bytes | None]) -> TaskRecord:
+    """A :class:`TaskRecord` from the 15 values of ``RECORD_FIELDS`` (as HMGET returns them)."""
+    (name, queue, payload, state, attempts, max_retries, timeout, enqueued_at, run_at, started_at,
+     finished_at, lease_until, last_error, result, meta) = fields  # fmt: skip
+    assert name is not None and queue is not None and state is not None
+    assert attempts is not None and max_retries is not None
+    assert enqueued_at is not None and run_at is not None
+    return TaskRecord(
+        task_id if isinstance(task_id, str) else task_id.decode(),
+        name.decode(),
+        queue.decode(),
+        payload if payload is not None else b"",
+        _STATES[state],
+        int(attempts),
+        int(max_retries),
+        _time(timeout),
+        float(enqueued_at),
+        float(run_at),
+        _time(started_at),
+        _time(finished_at),
+        _time(lease_until),
+        _text(last_error),
+        result,
+        _text(meta),
+    )
+
+
+def claimed_tasks(reply: Sequence[bytes | None]) -> list[ClaimedTask]:
+    """The leased tasks of a claim or reclaim script reply (token, id and fields per task)."""
+    tasks = []
+    for start in range(0, len(reply), _STRIDE):
+        token = reply[start]
+        task_id = reply[start + 1]
+        assert token is not None and task_id is not None
+        record = record_from_fields(task_id, reply[start + 2 : start + _STRIDE])
+        tasks.append(ClaimedTask(token.decode(), record))
+    return tasks
+
+
+def records(reply: Sequence[bytes | None]) -> list[TaskRecord]:
+    """The records of a listing script reply (same shape as a claim reply, tokens empty)."""
+    found = []
+    for start in range(0, len(reply), _STRIDE):
+        task_id = reply[start + 1]
+        fields = reply[start + 2 : start + _STRIDE]
+        if task_id is not None and fields[3] is not None:  # deleted between index and read: leave out
+            found.append(record_from_fields(task_id, fields))
+    return found

@@ -1,0 +1,182 @@
+"""Connections for the Redis backend: URL checks, the two clients, and scripts run with reconnects.
+
+Script calls are retried after a dropped connection or a server restart until ``reconnect_timeout`` has
+passed. That is safe because every script is idempotent under a retry with the same arguments: enqueue and
+admin calls carry a call id the records remember, claims log what they leased, and a settlement repeated with
+the same token and verdict counts as applied. A script the server forgot (``NOSCRIPT`` after a restart) is
+loaded again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection, parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ._errors import BackendError
+from ._redis_lua import SCRIPTS
+
+__all__ = ["ScriptRunner", "check_url", "current_async_library", "make_client", "safe_url"]
+
+_log = logging.getLogger("lifecycle.asynctask.redis")
+
+RETRYABLE = (RedisConnectionError, RedisTimeoutError)
+"""Errors after which a script call is repeated (redis-py's BusyLoadingError is a ConnectionError)."""
+
+_FORBIDDEN_OPTIONS = ("decode_responses", "encoding", "protocol")
+
+
+def current_async_library() -> str:
+    """``"asyncio"``, ``"trio"`` or ``"none"`` (called outside an event loop)."""
+    try:
+        import sniffio
+    except ImportError:  # trio depends on sniffio, so without it only asyncio can be running
+        return "asyncio"
+    try:
+        return sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return "none"
+
+
+def safe_url(url: str) -> str:
+    """The URL with its password replaced by ``***``, for messages and ``repr``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def check_url(url: str) -> None:
+    """Raise ``ValueError`` naming the problem when redis-py cannot use ``url`` for this backend."""
+    if not isinstance(url, str):
+        raise TypeError(f"RedisBackend(url) takes a URL string, got {type(url).__name__}")
+    try:
+        options = parse_url(url)
+    except ValueError as exc:
+        raise ValueError(
+            f"RedisBackend: bad Redis URL {safe_url(url)!r}: {exc}; use "
+            '"redis://[[user]:password@]host[:port][/db]", "rediss://..." for TLS, or "unix:///path.sock"'
+        ) from None
+    for name in _FORBIDDEN_OPTIONS:
+        if name in options:
+            raise ValueError(
+                f"RedisBackend: the URL option {name!r} is not supported (payloads and results are raw "
+                f"bytes over RESP2); remove it from {safe_url(url)!r}"
+            )
+
+
+def make_client(
+    url: str,
+    *,
+    socket_timeout: float | None,
+    connect_timeout: float,
+    max_connections: int | None,
+    options: Mapping[str, Any],
+) -> aioredis.Redis:
+    """A redis-py asyncio client with its own pool. Retries are ours (see :class:`ScriptRunner`), so
+    redis-py's own are switched off."""
+    kwargs: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": connect_timeout,
+        "socket_keepalive": True,
+        "retry": Retry(NoBackoff(), 0),
+        "client_name": "lifecycle-asynctask",
+        **options,
+        "decode_responses": False,
+    }
+    if max_connections is not None:
+        kwargs["max_connections"] = max_connections
+    pool = aioredis.ConnectionPool.from_url(url, **kwargs)
+    pool.connection_class = _with_fast_packing(pool.connection_class)
+    return aioredis.Redis(connection_pool=pool)
+
+
+def _with_fast_packing(base: type[AbstractConnection]) -> type[AbstractConnection]:
+    """``base`` packing commands with hiredis (C) when it is installed: redis-py's asyncio connection packs in
+    Python, which costs more than the rest of a large batch's round trip."""
+    try:
+        from hiredis import pack_command
+    except ImportError:
+        return base
+
+    def pack(self: AbstractConnection, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str) and " " in args[0]:  # "SCRIPT LOAD" and the like: separate words
+            args = (*args[0].split(), *args[1:])
+        try:
+            return [pack_command(args)]
+        except TypeError:  # a value hiredis does not take: let redis-py encode it, or explain the error
+            return base.pack_command(self, *args)
+
+    return type(f"FastPacking{base.__name__}", (base,), {"pack_command": pack})
+
+
+class ScriptRunner:
+    """Runs the backend's Lua scripts on one client: EVALSHA, reload on NOSCRIPT, retry on a lost
+    connection until ``reconnect_timeout`` seconds have passed (then the redis-py error propagates)."""
+
+    def __init__(self, client: aioredis.Redis, *, prefix: str, reconnect_timeout: float) -> None:
+        self.client = client
+        self.prefix = prefix
+        self._anchor = f"{prefix}seq"
+        self._reconnect_timeout = reconnect_timeout
+
+    async def load_all(self) -> None:
+        """Load every script into the server's script cache (also proves the server runs Lua)."""
+        for script in SCRIPTS.values():
+            await self.client.script_load(script.source)
+
+    async def run(self, name: str, args: Sequence[str | bytes | int]) -> Any:
+        """Run script ``name`` with ``ARGV = [prefix, *args]`` and return its reply."""
+        script = SCRIPTS[name]
+        keys_and_args = (self._anchor, self.prefix, *args)
+
+        async def call() -> Any:
+            try:
+                return await self.client.evalsha(script.sha, 1, *keys_and_args)  # type: ignore[no-untyped-call]
+            except NoScriptError:
+                # The server restarted or SCRIPT FLUSH ran, so the script did not run: load it, run it.
+                await self.client.script_load(script.source)
+                return await self.client.evalsha(script.sha, 1, *keys_and_args)  # type: ignore[no-untyped-call]
+
+        return await self.retrying(call, name)
+
+    async def retrying(self, call: Callable[[], Awaitable[Any]], what: str) -> Any:
+        """Await ``call()``, repeated after a lost connection until ``reconnect_timeout`` has passed."""
+        deadline = math.inf
+        delay = 0.02
+        while True:
+            try:
+                return await call()
+            except RETRYABLE as exc:
+                now = time.monotonic()
+                if deadline == math.inf:
+                    deadline = now + self._reconnect_timeout
+                    _log.warning("Redis connection lost during %s (%s); reconnecting", what, exc)
+                if now >= deadline:
+                    raise
+                await anyio.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, 1.0)
+
+
+def unusable(url: str, exc: BaseException) -> BackendError:
+    """The error :meth:`RedisBackend.open` raises when the server cannot be used."""
+    return BackendError(
+        f"cannot use Redis at {safe_url(url)}: {exc}; check that the server runs and that the URL's host, "
+        "port, database, user, password and TLS settings are right"
+    )

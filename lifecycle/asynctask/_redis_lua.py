@@ -1,0 +1,524 @@
+"""The Lua scripts behind :class:`~lifecycle.asynctask.redis.RedisBackend`: every state change is one script.
+
+Each script receives the key prefix ``{name}:`` as ``ARGV[1]`` and one declared key (``{name}:seq``) so that
+Redis Cluster routes it; every key a script builds starts with the same ``{name}`` hash tag, so all of them
+live in the declared key's slot. The key layout (documented in ``docs/backends.md``):
+
+- ``{P}:t:<id>``           hash, the record. Fields: n name, q queue, p payload, s state, a attempts,
+                           m max_retries, to timeout, e enqueued_at, r run_at, st started_at, f finished_at,
+                           l lease_until, err last_error, res result, meta meta, o enqueue sequence (16 hex
+                           digits), k lease token, c id of the enqueue call, x id of the last cancel/requeue
+                           call. Times are the engine's floats as Python ``repr`` text; ``""`` means None for
+                           to/st/f/l; err/res/meta are absent when None.
+- ``{P}:r:<queue>``        sorted set of the queue's PENDING tasks, score run_at, member ``o .. id`` (so
+                           equal run_at falls back to enqueue order): what claims take from.
+- ``{P}:i:<state>:<queue>`` sorted set per queue and state, score enqueued_at, member ``o .. id``: stats,
+                           listing, requeue and purge.
+- ``{P}:leases``           sorted set of ACTIVE task ids by lease_until: what reclaim takes from.
+- ``{P}:w:<queue>``        list holding at most one wake-up token; idle workers block on it (BLPOP).
+- ``{P}:u:<nonce>``        one waiting backend object's alarm list: it pushes to it itself to end its own
+                           BLPOP exactly on time (Redis ends blocking commands up to 100 ms late).
+- ``{P}:queues``           set of queue names seen; ``{P}:seq`` enqueue counter; ``{P}:layout`` version.
+- ``{P}:c:<call id>``      list of task ids one claim/reclaim call leased (expires), so a call retried after
+                           a dropped connection returns the same tasks instead of leasing more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+__all__ = ["SCRIPTS", "LAYOUT_VERSION", "LuaScript"]
+
+LAYOUT_VERSION = 1
+"""Version of the key layout; stored in ``{P}:layout``. A newer one is refused at open."""
+
+CALL_LOG_TTL = 300
+"""Seconds a claim call's log survives, so a retry after a dropped connection can find its tasks."""
+
+_PRELUDE = """
+local P = ARGV[1]
+local FIELDS = {'n', 'q', 'p', 's', 'a', 'm', 'to', 'e', 'r', 'st', 'f', 'l', 'err', 'res', 'meta'}
+local STATES = {'pending', 'active', 'succeeded', 'dead', 'cancelled'}
+local function rkey(id) return P .. 't:' .. id end
+local function idx(state, q) return P .. 'i:' .. state .. ':' .. q end
+local function ready(q) return P .. 'r:' .. q end
+local function read(key) return redis.call('HMGET', key, unpack(FIELDS)) end
+local function wake(q)
+  local key = P .. 'w:' .. q
+  redis.call('LPUSH', key, '1')
+  redis.call('LTRIM', key, 0, 0)
+end
+local function announce(queues)
+  for q in pairs(queues) do
+    redis.call('SADD', P .. 'queues', q)
+    wake(q)
+  end
+end
+local function emit(out, token, id, rec)
+  out[#out + 1] = token
+  out[#out + 1] = id
+  for i = 1, 15 do out[#out + 1] = rec[i] end
+end
+-- Sorted-set writes of many members at once, in slices that stay below Lua's unpack limit.
+local function bulk(command, key, items)
+  for first = 1, #items, 4000 do
+    redis.call(command, key, unpack(items, first, math.min(first + 3999, #items)))
+  end
+end
+-- Store ARGV[b .. b+9] (id, name, queue, payload, max_retries, timeout, enqueued_at, run_at, has_meta, meta)
+-- as a fresh PENDING record with enqueue sequence number seq. old = {state, queue, o} of a finished record
+-- with the same id, which is replaced.
+local function store(b, seq, callid, old, queues)
+  local id, q = ARGV[b], ARGV[b + 2]
+  local key = rkey(id)
+  if old then
+    redis.call('ZREM', idx(old[1], old[2]), old[3] .. id)
+    redis.call('DEL', key)
+  end
+  local o = string.format('%016x', seq)
+  local member = o .. id
+  if ARGV[b + 8] == '1' then
+    redis.call('HSET', key, 'n', ARGV[b + 1], 'q', q, 'p', ARGV[b + 3], 's', 'pending', 'a', '0',
+      'm', ARGV[b + 4], 'to', ARGV[b + 5], 'e', ARGV[b + 6], 'r', ARGV[b + 7], 'o', o, 'c', callid,
+      'meta', ARGV[b + 9])
+  else
+    redis.call('HSET', key, 'n', ARGV[b + 1], 'q', q, 'p', ARGV[b + 3], 's', 'pending', 'a', '0',
+      'm', ARGV[b + 4], 'to', ARGV[b + 5], 'e', ARGV[b + 6], 'r', ARGV[b + 7], 'o', o, 'c', callid)
+  end
+  redis.call('ZADD', ready(q), ARGV[b + 7], member)
+  redis.call('ZADD', idx('pending', q), ARGV[b + 6], member)
+  queues[q] = true
+end
+-- A claim or reclaim call retried after a dropped connection: return what the first execution leased.
+local function replay(log, callid)
+  local out = {}
+  for i, id in ipairs(redis.call('LRANGE', log, 0, -1)) do
+    local key = rkey(id)
+    local token = callid .. ':' .. i
+    if redis.call('HGET', key, 'k') == token then
+      local rec = read(key)
+      if rec[4] == 'active' then emit(out, token, id, rec) end
+    end
+  end
+  return out
+end
+local function forget(previous)
+  if previous ~= '' then redis.call('DEL', P .. 'c:' .. previous) end
+end
+"""
+
+# ARGV: P, mode ('error' | 'skip'), call id, task count, then 10 values per task (see store()).
+# Returns {1, flags} with one '1' (stored) or '0' (skipped) per task, or {0, {conflicting ids}}.
+_ENQUEUE = """
+local mode, callid, n = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local plan, seen, dups, dupseen = {}, {}, {}, {}
+local fresh = 0
+for i = 0, n - 1 do
+  local id = ARGV[5 + i * 10]
+  if seen[id] then
+    if mode == 'error' and not dupseen[id] then dups[#dups + 1] = id; dupseen[id] = true end
+    plan[i] = 0
+  else
+    seen[id] = true
+    local cur = redis.call('HMGET', rkey(id), 's', 'q', 'o', 'c')
+    if cur[4] == callid then
+      plan[i] = 1  -- stored by this very call, before a retry
+    elseif not cur[1] then
+      plan[i] = 2
+      fresh = fresh + 1
+    elseif mode == 'skip' then
+      plan[i] = 0
+    elseif cur[1] == 'pending' or cur[1] == 'active' then
+      if not dupseen[id] then dups[#dups + 1] = id; dupseen[id] = true end
+      plan[i] = 0
+    else
+      plan[i] = cur
+      fresh = fresh + 1
+    end
+  end
+end
+if #dups > 0 then return {0, dups} end
+local seq = 0
+if fresh > 0 then seq = redis.call('INCRBY', P .. 'seq', fresh) - fresh end
+local flags, queues = {}, {}
+for i = 0, n - 1 do
+  local p = plan[i]
+  if p == 0 then
+    flags[i + 1] = '0'
+  elseif p == 1 then
+    flags[i + 1] = '1'
+  else
+    seq = seq + 1
+    if p == 2 then p = nil end
+    store(5 + i * 10, seq, callid, p, queues)
+    flags[i + 1] = '1'
+  end
+end
+announce(queues)
+return {1, table.concat(flags)}
+"""
+
+# ARGV: P, now, lease_until, limit, call id, previous call id or '', queues... in priority order.
+# Returns 17 values per claimed task: token, id, the 15 record FIELDS.
+_CLAIM = """
+local now, lease, limit, callid = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+forget(ARGV[6])
+local log = P .. 'c:' .. callid
+if redis.call('EXISTS', log) == 1 then return replay(log, callid) end
+local out, ids, leases = {}, {}, {}
+local n = 0
+for qi = 7, #ARGV do
+  if n >= limit then break end
+  local q = ARGV[qi]
+  local rk = ready(q)
+  local members = redis.call('ZRANGEBYSCORE', rk, '-inf', now, 'LIMIT', 0, limit - n)
+  if #members > 0 then
+    bulk('ZREM', rk, members)
+    bulk('ZREM', idx('pending', q), members)
+    local active = {}
+    for _, member in ipairs(members) do
+      local id = string.sub(member, 17)
+      local key = rkey(id)
+      n = n + 1
+      local token = callid .. ':' .. n
+      local rec = read(key)
+      local attempts = tonumber(rec[5]) + 1
+      redis.call('HSET', key, 's', 'active', 'a', attempts, 'st', now, 'l', lease, 'k', token)
+      rec[4], rec[5], rec[10], rec[12] = 'active', tostring(attempts), now, lease
+      active[#active + 1] = rec[8]
+      active[#active + 1] = member
+      leases[#leases + 1] = lease
+      leases[#leases + 1] = id
+      ids[n] = id
+      emit(out, token, id, rec)
+    end
+    bulk('ZADD', idx('active', q), active)
+    -- More is due than this call could take: wake another idle worker.
+    if n >= limit and redis.call('ZRANGEBYSCORE', rk, '-inf', now, 'LIMIT', 0, 1)[1] then wake(q) end
+  end
+end
+if n > 0 then
+  bulk('ZADD', P .. 'leases', leases)
+  bulk('RPUSH', log, ids)
+  redis.call('EXPIRE', log, %(ttl)d)
+end
+return out
+"""
+
+# ARGV: P, now, lease_until, limit, call id, previous call id or ''. Returns like the claim script.
+_RECLAIM = """
+local now, lease, limit, callid = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+forget(ARGV[6])
+local log = P .. 'c:' .. callid
+if redis.call('EXISTS', log) == 1 then return replay(log, callid) end
+local out = {}
+local ids = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', '(' .. now, 'LIMIT', 0, limit)
+for i, id in ipairs(ids) do
+  local key = rkey(id)
+  local token = callid .. ':' .. i
+  redis.call('HSET', key, 'l', lease, 'k', token)
+  redis.call('ZADD', P .. 'leases', lease, id)
+  emit(out, token, id, read(key))
+end
+if #ids > 0 then
+  bulk('RPUSH', log, ids)
+  redis.call('EXPIRE', log, %(ttl)d)
+end
+return out
+"""
+
+# ARGV: P, lease_until, then (id, token) pairs. Returns the ids whose lease was lost.
+_EXTEND = """
+local lease = ARGV[2]
+local lost = {}
+for i = 3, #ARGV, 2 do
+  local id, token = ARGV[i], ARGV[i + 1]
+  local key = rkey(id)
+  local cur = redis.call('HMGET', key, 's', 'k')
+  if cur[1] == 'active' and cur[2] == token then
+    redis.call('HSET', key, 'l', lease)
+    redis.call('ZADD', P .. 'leases', lease, id)
+  else
+    lost[#lost + 1] = id
+  end
+end
+return lost
+"""
+
+# ARGV: P, call id, then per settlement: id, token, state, at, run_at, flags (3 characters '0'/'1': has
+# error, has result, refund attempt), error, result, follow-up count, 10 values per follow-up task.
+# Returns the ids whose lease was lost. A settlement repeated with the same token and verdict (a retry after
+# a dropped connection) counts as applied and changes nothing.
+_SETTLE = """
+local callid = ARGV[2]
+local lost, queues = {}, {}
+local i = 3
+while i <= #ARGV do
+  local id, token, state, at, run_at, flags = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4],
+    ARGV[i + 5]
+  local nthen = tonumber(ARGV[i + 8])
+  local first = i + 9
+  local err, res = ARGV[i + 6], ARGV[i + 7]
+  i = first + nthen * 10
+  local key = rkey(id)
+  local cur = redis.call('HMGET', key, 's', 'k', 'q', 'e', 'o')
+  if cur[1] == 'active' and cur[2] == token then
+    local q, member = cur[3], cur[5] .. id
+    redis.call('ZREM', P .. 'leases', id)
+    redis.call('ZREM', idx('active', q), member)
+    local set = {'s', state, 'l', ''}
+    if string.sub(flags, 1, 1) == '1' then
+      set[#set + 1] = 'err'
+      set[#set + 1] = err
+    end
+    if state == 'pending' then
+      set[#set + 1] = 'r'
+      set[#set + 1] = run_at
+      redis.call('HSET', key, unpack(set))
+      if string.sub(flags, 3, 3) == '1' then redis.call('HINCRBY', key, 'a', -1) end
+      redis.call('ZADD', ready(q), run_at, member)
+      redis.call('ZADD', idx('pending', q), cur[4], member)
+      queues[q] = true
+    else
+      set[#set + 1] = 'f'
+      set[#set + 1] = at
+      if string.sub(flags, 2, 2) == '1' then
+        set[#set + 1] = 'res'
+        set[#set + 1] = res
+      end
+      redis.call('HSET', key, unpack(set))
+      redis.call('ZADD', idx(state, q), cur[4], member)
+    end
+    for t = 0, nthen - 1 do
+      local b = first + t * 10
+      if redis.call('EXISTS', rkey(ARGV[b])) == 0 then
+        store(b, redis.call('INCR', P .. 'seq'), callid, nil, queues)
+      end
+    end
+  elseif not (cur[2] == token and cur[1] == state) then
+    lost[#lost + 1] = id
+  end
+end
+announce(queues)
+return lost
+"""
+
+# ARGV: P, at, call id, ids... Returns the ids cancelled.
+_CANCEL = """
+local at, callid = ARGV[2], ARGV[3]
+local done = {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  local key = rkey(id)
+  local cur = redis.call('HMGET', key, 's', 'q', 'e', 'o', 'x')
+  if cur[1] == 'pending' then
+    local q, member = cur[2], cur[4] .. id
+    redis.call('HSET', key, 's', 'cancelled', 'f', at, 'x', callid)
+    redis.call('ZREM', ready(q), member)
+    redis.call('ZREM', idx('pending', q), member)
+    redis.call('ZADD', idx('cancelled', q), cur[3], member)
+    done[#done + 1] = id
+  elseif cur[1] == 'cancelled' and cur[5] == callid then
+    done[#done + 1] = id
+  end
+end
+return done
+"""
+
+_REQUEUE_ONE = """
+local function requeue_one(id, cur, now, callid, queues)
+  local q, member = cur[2], cur[4] .. id
+  redis.call('HSET', rkey(id), 's', 'pending', 'a', '0', 'r', now, 'f', '', 'x', callid, 'k', '')
+  redis.call('ZREM', idx(cur[1], q), member)
+  redis.call('ZADD', idx('pending', q), cur[3], member)
+  redis.call('ZADD', ready(q), now, member)
+  queues[q] = true
+end
+"""
+
+# ARGV: P, now, call id, ids... Returns how many moved back to PENDING.
+_REQUEUE_IDS = (
+    _REQUEUE_ONE
+    + """
+local now, callid = ARGV[2], ARGV[3]
+local moved, queues = 0, {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  local cur = redis.call('HMGET', rkey(id), 's', 'q', 'e', 'o', 'x')
+  if cur[1] == 'dead' or cur[1] == 'cancelled' then
+    requeue_one(id, cur, now, callid, queues)
+    moved = moved + 1
+  elseif cur[1] == 'pending' and cur[5] == callid then
+    moved = moved + 1
+  end
+end
+announce(queues)
+return moved
+"""
+)
+
+# ARGV: P, now, call id, limit, has_queue ('0'/'1'), queue. Moves up to limit DEAD tasks; returns how many.
+_REQUEUE_DEAD = (
+    _REQUEUE_ONE
+    + """
+local now, callid, limit = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local qs
+if ARGV[5] == '1' then qs = {ARGV[6]} else qs = redis.call('SMEMBERS', P .. 'queues') end
+local moved, queues = 0, {}
+for _, q in ipairs(qs) do
+  if moved >= limit then break end
+  for _, member in ipairs(redis.call('ZRANGE', idx('dead', q), 0, limit - moved - 1)) do
+    local id = string.sub(member, 17)
+    local cur = redis.call('HMGET', rkey(id), 's', 'q', 'e', 'o')
+    requeue_one(id, cur, now, callid, queues)
+    moved = moved + 1
+  end
+end
+announce(queues)
+return moved
+"""
+)
+
+# ARGV: P, queue, state, before or '', offset, chunk. Deletes matching records among the next chunk
+# candidates of one (queue, state) index. Returns {deleted, skipped, examined}.
+_PURGE = """
+local q, state, before = ARGV[2], ARGV[3], ARGV[4]
+local offset, chunk = tonumber(ARGV[5]), tonumber(ARGV[6])
+local ik = idx(state, q)
+local members
+if before == '' then
+  members = redis.call('ZRANGE', ik, offset, offset + chunk - 1)
+else
+  members = redis.call('ZRANGEBYSCORE', ik, '-inf', '(' .. before, 'LIMIT', offset, chunk)
+end
+local final = state == 'succeeded' or state == 'dead' or state == 'cancelled'
+local limit = tonumber(before)
+local deleted, skipped = 0, 0
+for _, member in ipairs(members) do
+  local id = string.sub(member, 17)
+  local key = rkey(id)
+  local wanted = true
+  if before ~= '' and final then
+    local finished = tonumber(redis.call('HGET', key, 'f') or '')
+    wanted = finished ~= nil and finished < limit
+  end
+  if wanted then
+    if state == 'pending' then
+      redis.call('ZREM', ready(q), member)
+    elseif state == 'active' then
+      redis.call('ZREM', P .. 'leases', id)
+    end
+    redis.call('ZREM', ik, member)
+    redis.call('DEL', key)
+    deleted = deleted + 1
+  else
+    skipped = skipped + 1
+  end
+end
+if deleted > 0 then
+  local empty = true
+  for _, s in ipairs(STATES) do
+    if redis.call('EXISTS', idx(s, q)) == 1 then empty = false; break end
+  end
+  if empty then
+    redis.call('SREM', P .. 'queues', q)
+    redis.call('DEL', P .. 'w:' .. q)
+  end
+end
+return {deleted, skipped, #members}
+"""
+
+# ARGV: P. Returns queue, then the count of each of STATES, per queue.
+_STATS = """
+local out = {}
+for _, q in ipairs(redis.call('SMEMBERS', P .. 'queues')) do
+  out[#out + 1] = q
+  for _, s in ipairs(STATES) do out[#out + 1] = redis.call('ZCARD', idx(s, q)) end
+end
+return out
+"""
+
+# ARGV: P, limit, offset, has_queue ('0'/'1'), queue, states... Returns '' (no token), id and the 15 record
+# FIELDS per record, newest enqueued_at first (then the later enqueue first).
+_LIST = """
+local limit, offset = tonumber(ARGV[2]), tonumber(ARGV[3])
+local qs
+if ARGV[4] == '1' then qs = {ARGV[5]} else qs = redis.call('SMEMBERS', P .. 'queues') end
+local want = offset + limit
+local found = {}
+for _, q in ipairs(qs) do
+  for si = 6, #ARGV do
+    local page = redis.call('ZREVRANGE', idx(ARGV[si], q), 0, want - 1, 'WITHSCORES')
+    for j = 1, #page, 2 do found[#found + 1] = {tonumber(page[j + 1]), page[j]} end
+  end
+end
+table.sort(found, function(a, b)
+  if a[1] ~= b[1] then return a[1] > b[1] end
+  return a[2] > b[2]
+end)
+local out = {}
+for k = offset + 1, math.min(#found, want) do
+  local id = string.sub(found[k][2], 17)
+  emit(out, '', id, read(rkey(id)))
+end
+return out
+"""
+
+# ARGV: P, alarm key, queues... Drops stale wake-up tokens (and the caller's alarm) and returns {run_at,
+# member} of the PENDING task of the queues that is due first (or nil). Atomic, so a wake-up pushed after it
+# is never lost and one pushed before is reflected in what it returns.
+_PREPARE_WAIT = """
+redis.call('DEL', ARGV[2])
+local best = nil
+for i = 3, #ARGV do
+  local q = ARGV[i]
+  redis.call('DEL', P .. 'w:' .. q)
+  local first = redis.call('ZRANGE', ready(q), 0, 0, 'WITHSCORES')
+  if first[2] and (best == nil or tonumber(first[2]) < tonumber(best[1])) then best = {first[2], first[1]} end
+end
+return best
+"""
+
+# ARGV: P, layout version. Records the layout version on first use; returns the stored version.
+_LAYOUT = """
+redis.call('SET', P .. 'layout', ARGV[2], 'NX')
+return redis.call('GET', P .. 'layout')
+"""
+
+
+@dataclass(frozen=True)
+class LuaScript:
+    """One script: its name (for messages), full source and SHA1 (for EVALSHA)."""
+
+    name: str
+    source: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+
+
+def _script(name: str, body: str) -> LuaScript:
+    return LuaScript(name, _PRELUDE + body.replace("%(ttl)d", str(CALL_LOG_TTL)))
+
+
+SCRIPTS: dict[str, LuaScript] = {
+    script.name: script
+    for script in (
+        _script("enqueue", _ENQUEUE),
+        _script("claim", _CLAIM),
+        _script("reclaim", _RECLAIM),
+        _script("extend", _EXTEND),
+        _script("settle", _SETTLE),
+        _script("cancel", _CANCEL),
+        _script("requeue_ids", _REQUEUE_IDS),
+        _script("requeue_dead", _REQUEUE_DEAD),
+        _script("purge", _PURGE),
+        _script("stats", _STATS),
+        _script("list", _LIST),
+        _script("prepare_wait", _PREPARE_WAIT),
+        _script("layout", _LAYOUT),
+    )
+}
+"""Every script by name."""

@@ -1,0 +1,109 @@
+"""The engine's failure policy as pure functions: how a finished attempt becomes a :class:`Settlement`.
+
+Retry or dead, backoff delays, error texts: all decided here from the claimed record, the time and the
+backoff, so the rules are tested without running anything.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import traceback
+from dataclasses import dataclass
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+from .._backoff import Backoff
+from ._model import Abort, Retry
+from ._records import ClaimedTask, Settlement, TaskState
+
+__all__ = ["MAX_ERROR_CHARS", "Policy", "error_text", "find_request"]
+
+MAX_ERROR_CHARS = 32_000
+"""Longer error texts keep their start and end (the exception line is at the end of a traceback)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Retry policy shared by every task of one ``AsyncTasks``."""
+
+    backoff: Backoff
+    rng: random.Random
+
+    def success(self, claimed: ClaimedTask, *, now: float, result: bytes | None) -> Settlement:
+        """The task returned."""
+        return Settlement(
+            task_id=claimed.record.id, token=claimed.token, state=TaskState.SUCCEEDED, at=now, result=result
+        )
+
+    def failure(
+        self, claimed: ClaimedTask, *, now: float, error: str, retry_after: float | None = None
+    ) -> Settlement:
+        """A failed attempt: retried at ``now`` + backoff (or ``retry_after``) while attempts are left
+        (``attempts <= max_retries``), ``dead`` otherwise. ``error`` becomes ``last_error`` either way."""
+        record = claimed.record
+        if record.attempts <= record.max_retries:
+            delay = retry_after if retry_after is not None else self.backoff.delay(record.attempts, self.rng)
+            return Settlement(
+                task_id=record.id,
+                token=claimed.token,
+                state=TaskState.PENDING,
+                at=now,
+                run_at=now + delay,
+                error=error,
+            )
+        return self.dead(claimed, now=now, error=error)
+
+    def dead(self, claimed: ClaimedTask, *, now: float, error: str) -> Settlement:
+        """Failed for good, without a retry."""
+        return Settlement(
+            task_id=claimed.record.id, token=claimed.token, state=TaskState.DEAD, at=now, error=error
+        )
+
+    def release(self, claimed: ClaimedTask, *, now: float) -> Settlement:
+        """Back to pending at once without counting the attempt (graceful shutdown)."""
+        return Settlement(
+            task_id=claimed.record.id,
+            token=claimed.token,
+            state=TaskState.PENDING,
+            at=now,
+            run_at=now,
+            refund_attempt=True,
+        )
+
+    def for_exception(self, claimed: ClaimedTask, exc: BaseException, *, now: float) -> Settlement:
+        """The verdict for an attempt that raised ``exc``: :class:`Retry` asks for a retry (still bounded by
+        ``max_retries``), :class:`Abort` makes the task dead at once, anything else is a failure."""
+        request = find_request(exc)
+        if isinstance(request, Abort):
+            reason = request.reason or "no reason given"
+            return self.dead(claimed, now=now, error=f"aborted by the task: {reason}\n{error_text(request)}")
+        if isinstance(request, Retry):
+            record = claimed.record
+            what = request.reason or "no reason given"
+            if record.attempts > record.max_retries:
+                error = (
+                    f"the task asked for a retry ({what}) but has no retries left "
+                    f"(attempt {record.attempts}, max_retries={record.max_retries})"
+                )
+                return self.dead(claimed, now=now, error=error)
+            return self.failure(claimed, now=now, error=f"retry requested: {what}", retry_after=request.after)
+        return self.failure(claimed, now=now, error=error_text(exc))
+
+
+def find_request(exc: BaseException) -> BaseException:
+    """``exc`` itself, or the :class:`Retry`/:class:`Abort` inside a group holding exactly one exception (a
+    task group around the task's code wraps what it raises)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def error_text(exc: BaseException) -> str:
+    """The exception type, message and traceback, as ``traceback`` prints them, cut to a bounded length."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip("\n")
+    if len(text) > MAX_ERROR_CHARS:
+        half = MAX_ERROR_CHARS // 2
+        text = f"{text[:half]}\n... ({len(text) - MAX_ERROR_CHARS} characters cut) ...\n{text[-half:]}"
+    return text

@@ -1,0 +1,515 @@
+"""RedisBackend: durable tasks in a Redis server you already operate (extra ``redis``).
+
+Install with ``pip install "anyio-lifecycle[redis]"`` (redis-py; hiredis is used when installed). asyncio only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import re
+import secrets
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, Literal
+
+import anyio
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ._errors import BackendError, DuplicateTaskError
+from ._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
+from ._redis_codec import (
+    RECORD_FIELDS,
+    STATE_NAMES,
+    claimed_tasks,
+    new_task_args,
+    record_from_fields,
+    records,
+    settlement_args,
+    time_text,
+)
+from ._redis_conn import (
+    RETRYABLE,
+    ScriptRunner,
+    check_url,
+    current_async_library,
+    make_client,
+    safe_url,
+    unusable,
+)
+from ._redis_lua import LAYOUT_VERSION
+
+__all__ = ["RedisBackend"]
+
+_log = logging.getLogger("lifecycle.asynctask.redis")
+
+_PURGE_CHUNK = 500
+_REQUEUE_CHUNK = 500
+_MIN_REDIS = (6, 0)
+_ALL_STATES = tuple(TaskState)
+
+
+class RedisBackend:
+    """Stores tasks in Redis through redis-py's asyncio client.
+
+    Any number of worker processes on any number of hosts may share one server and ``prefix`` (each with its
+    own ``RedisBackend``). Every state change is one Lua script, so it is atomic; claims lease a whole batch
+    in one script call and settlements, heartbeats and enqueues are batched the same way, so a busy worker
+    needs far fewer than one round trip per task. Idle workers block on the server (``BLPOP`` on a per-queue
+    wake-up list, on a connection of their own) until a task is enqueued or released or the earliest delayed
+    task is due, so nothing polls.
+
+    Durability is Redis's: a task is in the server's memory once :meth:`enqueue_many` returns, and survives a
+    server crash only as far as the server's persistence allows (``appendonly yes`` with
+    ``appendfsync always`` loses nothing, ``everysec`` up to a second of writes, RDB snapshots everything
+    since the last snapshot; replication to a replica that is then promoted may lose the last writes too).
+
+    Args:
+        url: a redis-py URL: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` for TLS
+            (certificate options as URL query options, e.g. ``?ssl_cert_reqs=required&ssl_ca_certs=/ca.pem``),
+            or ``unix:///path/to/redis.sock?db=0``.
+        prefix: the name every key starts with, as the hash tag ``{prefix}``, so all keys of one prefix live
+            in one Redis Cluster slot. Use one prefix per application; two applications on one server keep
+            apart by prefix.
+        socket_timeout: how long a command may wait for the server's reply before the connection counts as
+            lost (seconds).
+        connect_timeout: how long connecting may take (seconds); :meth:`open` fails after it.
+        reconnect_timeout: how long a call keeps retrying after the connection dropped (a server restart, a
+            failover) before it raises redis-py's ``ConnectionError`` (seconds). Retries never lose or
+            duplicate work: every script is idempotent under a retry.
+        max_connections: the most pooled connections this object opens (one more is used for waiting).
+        clock: the time source :meth:`wait_for_work` compares ``run_at`` with (the engine's clock).
+        client_options: further keyword arguments for redis-py's ``ConnectionPool.from_url`` (TLS files,
+            ``health_check_interval``, ...).
+
+    Raises :class:`BackendError` from :meth:`open` under trio (redis-py's client needs asyncio), when the
+    server cannot be reached or refuses the credentials, is older than Redis 6.0, or holds a newer key
+    layout under this prefix.
+
+    Example::
+
+        backend = RedisBackend("redis://:secret@redis.internal:6379/0", prefix="shop")
+        tasks = AsyncTasks(backend)
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str = "lifecycle",
+        socket_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        reconnect_timeout: float = 30.0,
+        max_connections: int = 32,
+        clock: Callable[[], float] = time.time,
+        client_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        check_url(url)
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(
+                f"prefix {prefix!r} must not contain '{{' or '}}': the backend wraps it in braces itself "
+                "(a Redis Cluster hash tag); choose a name without braces"
+            )
+        for name, value in (
+            ("socket_timeout", socket_timeout),
+            ("connect_timeout", connect_timeout),
+            ("reconnect_timeout", reconnect_timeout),
+        ):
+            if not (isinstance(value, int | float) and 0 < value < math.inf):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if not isinstance(max_connections, int) or max_connections < 2:
+            raise ValueError(f"max_connections must be a whole number >= 2, got {max_connections!r}")
+        self._url = url
+        self._name = prefix
+        self._prefix = "{" + prefix + "}:"
+        self._socket_timeout = float(socket_timeout)
+        self._connect_timeout = float(connect_timeout)
+        self._reconnect_timeout = float(reconnect_timeout)
+        self._max_connections = max_connections
+        self._clock = clock
+        self._client_options = dict(client_options or {})
+        self._runner: ScriptRunner | None = None
+        self._waiter: aioredis.Redis | None = None
+        self._nonce = ""
+        self._calls = itertools.count(1)
+        self._last_claim = ""
+        self._last_reclaim = ""
+        self._reported: tuple[tuple[str, ...], bytes, bytes] | None = None
+
+    @property
+    def prefix(self) -> str:
+        """The application's key prefix (keys are named ``{prefix}:...``)."""
+        return self._name
+
+    @property
+    def key_prefix(self) -> str:
+        """What every key of this backend starts with: ``{prefix}:`` (the braces are the hash tag)."""
+        return self._prefix
+
+    def __repr__(self) -> str:
+        return f"RedisBackend({safe_url(self._url)!r}, prefix={self._name!r})"
+
+    # -- connection ---------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, check the server and the key layout, load the scripts. Calling it again does nothing.
+
+        Raises :class:`BackendError` under trio, when the server cannot be reached within
+        ``connect_timeout`` or refuses the login, runs a Redis older than 6.0, or holds a newer layout.
+        """
+        if self._runner is not None:
+            return
+        library = current_async_library()
+        if library != "asyncio":
+            raise BackendError(
+                f"RedisBackend needs asyncio, but it runs under {library}: redis-py's client is asyncio-only; "
+                "run this service with anyio's asyncio backend (the default), or use SQLiteBackend, which "
+                "works under trio"
+            )
+        client = make_client(
+            self._url,
+            socket_timeout=self._socket_timeout,
+            connect_timeout=self._connect_timeout,
+            max_connections=self._max_connections,
+            options=self._client_options,
+        )
+        waiter = make_client(
+            self._url,
+            socket_timeout=None,
+            connect_timeout=self._connect_timeout,
+            max_connections=None,
+            options=self._client_options,
+        )
+        runner = ScriptRunner(client, prefix=self._prefix, reconnect_timeout=self._reconnect_timeout)
+        try:
+            with anyio.fail_after(self._connect_timeout + self._socket_timeout):
+                info = await client.info("server")
+                version = _version(str(info.get("redis_version", "0")))
+                if version < _MIN_REDIS:
+                    raise BackendError(
+                        f"Redis at {safe_url(self._url)} runs version {info.get('redis_version')}, but "
+                        "RedisBackend needs Redis 6.0 or newer; upgrade the server"
+                    )
+                await runner.load_all()
+                stored = await runner.run("layout", [str(LAYOUT_VERSION)])
+        except BackendError:
+            await _close_clients(client, waiter)
+            raise
+        except (RedisError, OSError, TimeoutError) as exc:
+            await _close_clients(client, waiter)
+            raise unusable(self._url, exc) from exc
+        except BaseException:
+            await _close_clients(client, waiter)
+            raise
+        if int(stored) > LAYOUT_VERSION:
+            await _close_clients(client, waiter)
+            raise BackendError(
+                f"the keys under prefix {self._name!r} at {safe_url(self._url)} use layout version "
+                f"{int(stored)}, newer than this version of lifecycle understands ({LAYOUT_VERSION}); "
+                "upgrade anyio-lifecycle, or use another prefix"
+            )
+        self._nonce = secrets.token_hex(6)
+        self._runner = runner
+        self._waiter = waiter
+
+    async def close(self) -> None:
+        """Close both connection pools. Idempotent."""
+        runner, waiter = self._runner, self._waiter
+        self._runner = self._waiter = None
+        if runner is not None and waiter is not None:
+            await _close_clients(runner.client, waiter)
+
+    def _run(self) -> ScriptRunner:
+        if self._runner is None:
+            raise RuntimeError("this RedisBackend is not open: call `await backend.open()` first")
+        return self._runner
+
+    def _call_id(self) -> str:
+        return f"{self._nonce}.{next(self._calls):x}"
+
+    # -- the worker's path --------------------------------------------------------------------------------
+
+    async def enqueue_many(
+        self, tasks: Sequence[NewTask], *, if_exists: Literal["error", "skip"] = "error"
+    ) -> list[str]:
+        """Store ``tasks`` in one atomic script call; see :meth:`Backend.enqueue_many`.
+
+        The whole batch is one command, so a very large batch holds the server for its duration (about a
+        second per 100 000 small tasks): split huge imports at the call site.
+        """
+        if if_exists not in ("error", "skip"):
+            raise ValueError(f'if_exists must be "error" or "skip", got {if_exists!r}')
+        runner = self._run()
+        if not tasks:
+            return []
+        args: list[str | bytes] = [if_exists, self._call_id(), str(len(tasks))]
+        for task in tasks:
+            args += new_task_args(task)
+        stored, detail = await runner.run("enqueue", args)
+        if stored == 0:
+            conflicts = [task_id.decode() for task_id in detail]
+            raise DuplicateTaskError(conflicts[0], conflicts)
+        return [task.id for task, flag in zip(tasks, detail, strict=True) if flag == 49]  # b"1"
+
+    async def claim(
+        self, queues: Sequence[str], limit: int, *, now: float, lease_until: float
+    ) -> list[ClaimedTask]:
+        """Lease up to ``limit`` due tasks in one script call; see :meth:`Backend.claim`."""
+        runner = self._run()
+        if not queues or limit <= 0:
+            return []
+        call = self._call_id()
+        args = [
+            time_text(now),
+            time_text(lease_until),
+            str(int(limit)),
+            call,
+            self._last_claim,
+            *dict.fromkeys(queues),
+        ]
+        reply = await runner.run("claim", args)
+        self._last_claim = call if reply else ""
+        if reply:
+            self._reported = None
+        return claimed_tasks(reply)
+
+    async def extend_leases(self, leases: Sequence[tuple[str, str]], *, lease_until: float) -> set[str]:
+        """Renew every held lease in one script call; see :meth:`Backend.extend_leases`."""
+        runner = self._run()
+        if not leases:
+            return set()
+        args = [time_text(lease_until)]
+        for task_id, token in leases:
+            args += (task_id, token)
+        lost = await runner.run("extend", args)
+        return {task_id.decode() for task_id in lost}
+
+    async def settle(self, settlements: Sequence[Settlement]) -> set[str]:
+        """Apply every settlement (with its ``then`` tasks) in one script call; see :meth:`Backend.settle`."""
+        runner = self._run()
+        if not settlements:
+            return set()
+        args: list[str | bytes] = [self._call_id()]
+        for settlement in settlements:
+            args += settlement_args(settlement)
+        lost = await runner.run("settle", args)
+        return {task_id.decode() for task_id in lost}
+
+    async def reclaim_expired(self, *, now: float, lease_until: float, limit: int) -> list[ClaimedTask]:
+        """Take over up to ``limit`` expired leases; see :meth:`Backend.reclaim_expired`."""
+        runner = self._run()
+        if limit <= 0:
+            return []
+        call = self._call_id()
+        args = [time_text(now), time_text(lease_until), str(int(limit)), call]
+        reply = await runner.run("reclaim", [*args, self._last_reclaim])
+        self._last_reclaim = call if reply else ""
+        return claimed_tasks(reply)
+
+    async def wait_for_work(self, queues: Sequence[str], *, timeout: float) -> None:
+        """Block on the server until a task of ``queues`` is enqueued or released, the earliest delayed one
+        is due (by ``clock``), or ``timeout`` seconds passed; see :meth:`Backend.wait_for_work`.
+
+        Work that is already due is reported once; when the same task is still the first due one at the
+        next call (the caller's clock disagrees), the call waits for a change instead of returning at once.
+        """
+        runner = self._run()
+        waiter = self._waiter
+        assert waiter is not None
+        names = tuple(dict.fromkeys(queues))
+        if not names:
+            await anyio.sleep(max(0.0, timeout))
+            return
+        alarm = f"{self._prefix}u:{self._nonce}"
+        first = await runner.run("prepare_wait", [alarm, *names])
+        pause = float(timeout)
+        if first is not None:
+            due_in = float(first[0]) - self._clock()
+            if due_in <= 0:
+                head = (names, first[0], first[1])
+                if self._reported != head:
+                    self._reported = head
+                    return
+            else:
+                pause = min(pause, due_in)
+        if pause <= 0:
+            return
+        keys = [*(f"{self._prefix}w:{name}" for name in names), alarm]
+        try:
+            async with anyio.create_task_group() as group:
+                # Redis ends a BLPOP up to 100 ms after its timeout (it checks on its cron tick), so our own
+                # alarm ends it on time; the server-side timeout is only the fallback.
+                group.start_soon(self._ring, alarm, pause)
+                with anyio.move_on_after(pause + self._socket_timeout):  # the server stopped answering
+                    await waiter.blpop(keys, timeout=pause + 1.0)  # type: ignore[arg-type]
+                group.cancel_scope.cancel()
+        except RETRYABLE as exc:
+            # The connection dropped (a restart?): the next claim reconnects; do not spin meanwhile.
+            _log.debug("wait_for_work: Redis connection lost (%s)", exc)
+            await anyio.sleep(min(pause, 0.25))
+
+    async def _ring(self, alarm: str, delay: float) -> None:
+        await anyio.sleep(delay)
+        runner = self._runner
+        if runner is not None:
+            try:
+                await runner.client.lpush(alarm, b"1")
+            except RETRYABLE as exc:  # the waiting connection sees the same trouble and returns
+                _log.debug("wait_for_work: cannot ring the alarm (%s)", exc)
+
+    # -- inspection and operator actions ------------------------------------------------------------------
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        """The record with this id, or ``None``; one ``HMGET``."""
+        runner = self._run()
+        key = f"{self._prefix}t:{task_id}"
+        fields = await runner.retrying(lambda: runner.client.hmget(key, RECORD_FIELDS), "get")
+        if fields[3] is None:
+            return None
+        return record_from_fields(task_id, fields)
+
+    async def list_records(
+        self,
+        *,
+        states: Collection[TaskState] | None = None,
+        queue: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[TaskRecord]:
+        """Records matching the filters, newest ``enqueued_at`` first; see :meth:`Backend.list_records`.
+
+        Reads ``offset + limit`` index entries per queue and state, so deep pages cost more than shallow ones.
+        """
+        runner = self._run()
+        chosen = _ALL_STATES if states is None else tuple(dict.fromkeys(TaskState(s) for s in states))
+        if not chosen or limit <= 0:
+            return []
+        args = [
+            str(int(limit)),
+            str(max(0, int(offset))),
+            "0" if queue is None else "1",
+            "" if queue is None else queue,
+            *(STATE_NAMES[state] for state in chosen),
+        ]
+        return records(await runner.run("list", args))
+
+    async def stats(self) -> Mapping[str, Mapping[TaskState, int]]:
+        """The number of records per queue and state (states without records are left out)."""
+        reply = await self._run().run("stats", [])
+        counts: dict[str, dict[TaskState, int]] = {}
+        width = 1 + len(_ALL_STATES)
+        for start in range(0, len(reply), width):
+            numbers = {s: int(n) for s, n in zip(_ALL_STATES, reply[start + 1 : start + width]) if n}
+            if numbers:
+                counts[reply[start].decode()] = numbers
+        return counts
+
+    async def cancel(self, task_ids: Sequence[str], *, now: float) -> list[str]:
+        """Cancel the ``PENDING`` tasks among ``task_ids`` (one atomic call); see :meth:`Backend.cancel`."""
+        runner = self._run()
+        unique = list(dict.fromkeys(task_ids))
+        if not unique:
+            return []
+        done = await runner.run("cancel", [time_text(now), self._call_id(), *unique])
+        return [task_id.decode() for task_id in done]
+
+    async def requeue(
+        self, task_ids: Sequence[str] | None = None, *, queue: str | None = None, now: float
+    ) -> int:
+        """Move ``DEAD``/``CANCELLED`` tasks back to ``PENDING``; see :meth:`Backend.requeue`.
+
+        With ``task_ids`` it is one atomic call (and ``queue``, when given, is not consulted). Without, dead
+        tasks move in batches of 500 until none is left.
+        """
+        runner = self._run()
+        if task_ids is not None:
+            unique = list(dict.fromkeys(task_ids))
+            if not unique:
+                return 0
+            return int(await runner.run("requeue_ids", [time_text(now), self._call_id(), *unique]))
+        moved = 0
+        while True:
+            args = [
+                time_text(now),
+                self._call_id(),
+                str(_REQUEUE_CHUNK),
+                "0" if queue is None else "1",
+                "" if queue is None else queue,
+            ]
+            batch = int(await runner.run("requeue_dead", args))
+            moved += batch
+            if batch < _REQUEUE_CHUNK:
+                return moved
+
+    async def purge(
+        self,
+        *,
+        states: Collection[TaskState],
+        queue: str | None = None,
+        before: float | None = None,
+        limit: int | None = None,
+    ) -> int:
+        """Delete records in ``states``; see :meth:`Backend.purge`. Works in batches of 500 records, so a
+        large purge never blocks the server for long (and is not atomic as a whole)."""
+        runner = self._run()
+        chosen = tuple(dict.fromkeys(TaskState(s) for s in states))
+        remaining = math.inf if limit is None else int(limit)
+        if not chosen or remaining <= 0:
+            return 0
+        if queue is not None:
+            queues = [queue]
+        else:
+            key = f"{self._prefix}queues"
+            members = await runner.retrying(lambda: runner.client.smembers(key), "purge")
+            queues = sorted(member.decode() for member in members)
+        before_text = "" if before is None else time_text(before)
+        deleted = 0
+        for name in queues:
+            for state in chosen:
+                offset = 0
+                while remaining > 0:
+                    chunk = int(min(_PURGE_CHUNK, remaining))
+                    args = [name, STATE_NAMES[state], before_text, str(offset), str(chunk)]
+                    gone, skipped, examined = await runner.run("purge", args)
+                    deleted += gone
+                    remaining -= gone
+                    offset += skipped
+                    if examined < chunk:
+                        break
+        return deleted
+
+    async def clear(self) -> int:
+        """Delete every key under this prefix: all tasks of all queues, in any state. Returns how many keys
+        were deleted. For tests and for decommissioning an application; workers must be stopped first."""
+        runner = self._run()
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self._prefix) + "*"
+        client = runner.client
+        deleted = 0
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += int(await client.unlink(*batch))
+                batch = []
+        if batch:
+            deleted += int(await client.unlink(*batch))
+        return deleted
+
+
+def _version(text: str) -> tuple[int, int]:
+    parts = (text.split(".") + ["0", "0"])[:2]
+    try:
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        return (0, 0)
+
+
+async def _close_clients(*clients: aioredis.Redis) -> None:
+    for client in clients:
+        with anyio.CancelScope(shield=True):
+            await client.aclose()
+            await client.connection_pool.disconnect()
