@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 
+from ._restart import Restart, RestartWindow
 from ._status import TaskKind, TaskRunState, TaskStatus
 from ._task import Stage, TaskType
 
@@ -29,10 +30,15 @@ class Entry:
         "initialize_timeout",
         "initialized",
         "kind",
+        "last_error",
         "level",
         "name",
+        "restart",
+        "restarting",
+        "restarts",
         "runtime",
         "scope",
+        "starting",
         "stage",
         "stage_t0",
         "started_at",
@@ -40,6 +46,7 @@ class Entry:
         "task",
         "task_handle",
         "task_type",
+        "window",
     )
 
     def __init__(
@@ -53,6 +60,7 @@ class Entry:
         runtime: bool = False,
         initialize_timeout: float | None = None,
         cleanup_timeout: float | None = None,
+        restart: Restart | None = None,
     ) -> None:
         self.name = name
         self.kind: TaskKind = kind
@@ -79,6 +87,12 @@ class Entry:
         self.task_handle: Any = None
         self.awaitable: object | None = None
         self.done_event: anyio.Event | None = None
+        self.restart = restart
+        self.window = None if restart is None else RestartWindow(restart)
+        self.restarts = 0
+        self.last_error: BaseException | None = None
+        self.restarting = False  # between a failure and the next execute (backoff, cleanup, initialize)
+        self.starting = False  # queued at the start of the execute phase and not executing yet (readiness)
 
     def snapshot(self) -> TaskStatus:
         """This entry as an immutable :class:`TaskStatus` row."""
@@ -91,6 +105,8 @@ class Entry:
             started_at=self.started_at,
             ended_at=self.ended_at,
             error=self.error,
+            restarts=self.restarts,
+            last_error=self.last_error,
         )
 
     def finish(self) -> None:

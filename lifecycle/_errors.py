@@ -23,6 +23,8 @@ class TaskError(Exception):
         task_name: the name the task was added under.
         stage: the stage that failed (:class:`~lifecycle.Stage`).
         task_type: the task's :class:`~lifecycle.TaskType`.
+        restarts: how many times the task had been restarted (by its :class:`~lifecycle.Restart` policy)
+            when this error ended it; 0 without a policy. The message says so when it is not 0.
 
     Example::
 
@@ -34,19 +36,35 @@ class TaskError(Exception):
     """
 
     def __init__(
-        self, task_name: str, stage: Stage, task_type: TaskType, cause: BaseException | None = None
+        self,
+        task_name: str,
+        stage: Stage,
+        task_type: TaskType,
+        cause: BaseException | None = None,
+        restarts: int = 0,
+        restart_note: str = "",
     ) -> None:
         self.task_name = task_name
         self.stage = stage
         self.task_type = task_type
+        self.restarts = restarts
+        self.restart_note = restart_note
         detail = "" if cause is None else f": {type(cause).__name__}: {cause}"
-        super().__init__(f"task {task_name!r} ({task_type.name}) failed in {stage.value}{detail}")
+        after = ""
+        if restart_note:
+            after = f" ({restart_note})"
+        elif restarts:
+            after = f" after {restarts} restart{'s' if restarts != 1 else ''}"
+        super().__init__(f"task {task_name!r} ({task_type.name}) failed in {stage.value}{after}{detail}")
         if cause is not None:
             self.__cause__ = cause
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Keyword-free constructor arguments so the error survives pickling (multiprocessing, logging).
-        return (type(self), (self.task_name, self.stage, self.task_type, self.__cause__))
+        return (
+            type(self),
+            (self.task_name, self.stage, self.task_type, self.__cause__, self.restarts, self.restart_note),
+        )
 
 
 class UnexpectedStopError(Exception):

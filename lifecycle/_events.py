@@ -35,6 +35,18 @@ class EventKind(str, enum.Enum):
     TASK_CLEANED_UP = "task_cleaned_up"
     #: A stage failed; ``event.error`` is the :class:`~lifecycle.TaskError`.
     TASK_FAILED = "task_failed"
+    #: A task's execute ended (``event.error``: the failure as a :class:`~lifecycle.TaskError`, or ``None``
+    #: for a return under ``Restart(mode="always")``) and its restart policy runs it again after a backoff;
+    #: ``event.duration`` is that backoff, ``event.detail`` says which restart it is. Logged at WARNING.
+    TASK_RESTARTING = "task_restarting"
+    #: The manager became ready: every task initialized and every execute started (again, after a restart).
+    READY = "ready"
+    #: The manager stopped being ready while running (a task is restarting); ``event.detail`` says why.
+    NOT_READY = "not_ready"
+    #: Shutdown began with a ``drain_delay``: readiness is false, executes keep running until ``DRAINED``.
+    DRAINING = "draining"
+    #: The drain delay is over: the executes are cancelled next, then the cleanups run.
+    DRAINED = "drained"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,18 +99,31 @@ class EventSink:
     log record is built: hot-added execute tasks cost nothing extra in the default configuration.
     """
 
-    __slots__ = ("_callbacks", "_manager")
+    __slots__ = ("_callbacks", "_manager", "_watchers")
 
     def __init__(self, manager: str, on_event: Listener | None) -> None:
         self._manager = manager
         self._callbacks: tuple[Listener, ...] = () if on_event is None else (on_event,)
+        # Listeners that skip the per-stage step events (systemd notifications): they cost nothing per
+        # hot-added execute task.
+        self._watchers: tuple[Listener, ...] = ()
 
-    def add_listener(self, listener: Listener) -> None:
-        """Also deliver every event to ``listener`` (used by :func:`lifecycle.run`)."""
-        self._callbacks = (*self._callbacks, listener)
+    def add_listener(self, listener: Listener, *, steps: bool = True) -> None:
+        """Also deliver every event to ``listener`` (used by :func:`lifecycle.run`). With ``steps=False`` no
+        event is built just for it for the per-stage steps (guarded by :meth:`wants`): it surely gets the
+        manager-level events, failures and restarts, and the steps only when somebody else wants them."""
+        if steps:
+            self._callbacks = (*self._callbacks, listener)
+        else:
+            self._watchers = (*self._watchers, listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        """Stop delivering events to ``listener`` (no-op when it is not registered)."""
+        self._callbacks = tuple(c for c in self._callbacks if c is not listener)
+        self._watchers = tuple(c for c in self._watchers if c is not listener)
 
     def wants(self, level: int) -> bool:
-        """Whether an event at ``level`` would reach anybody."""
+        """Whether a stage-step event at ``level`` would reach anybody."""
         return bool(self._callbacks) or logger.isEnabledFor(level)
 
     def emit(
@@ -115,14 +140,14 @@ class EventSink:
         detail: str | None = None,
     ) -> None:
         """Build the event and deliver it; a callback that raises is logged, never propagated."""
-        if not self._callbacks and not logger.isEnabledFor(level):
+        if not self._callbacks and not self._watchers and not logger.isEnabledFor(level):
             return
         event = LifecycleEvent(
             kind, self._manager, time.time(), task_name, task_type, stage, duration, error, state, detail
         )
         if logger.isEnabledFor(level):
             _log(event, level)
-        for callback in self._callbacks:
+        for callback in (*self._callbacks, *self._watchers) if self._watchers else self._callbacks:
             try:
                 callback(event)
             except Exception:
@@ -141,6 +166,18 @@ def _log(event: LifecycleEvent, level: int) -> None:
             return
         text = event.state.value if event.state is not None else (event.detail or event.kind.value)
         logger.log(level, "%s: %s", event.manager, text)
+        return
+    if event.kind is EventKind.TASK_RESTARTING:
+        cause = None if event.error is None else (event.error.__cause__ or event.error)
+        logger.log(
+            level,
+            "%s: task %r %s: %s",
+            event.manager,
+            event.task_name,
+            "failed" if cause is not None else "returned",
+            event.detail,
+            exc_info=None if cause is None else (type(cause), cause, cause.__traceback__),
+        )
         return
     timing = "" if event.duration is None else f" after {event.duration:.3f} s"
     if event.kind is EventKind.TASK_FAILED and event.error is not None:

@@ -14,13 +14,17 @@ from types import EllipsisType
 
 import anyio
 
+from ._background import background_group
 from ._entry import Entry
 from ._errors import TaskManagerError, summarize
 from ._events import EventSink, LifecycleEvent
 from ._handle import ExecuteHandle
+from ._readiness import Health
+from ._restart import Restart
 from ._stages import StageMachine
 from ._status import TaskStatus
 from ._stuck import format_stuck_report
+from ._systemd import SystemdNotifier
 from ._task import ExecuteTask, ManagerState, Task, TaskType
 
 __all__ = ["TaskManager"]
@@ -36,6 +40,15 @@ def _check_timeout(what: str, value: float | None) -> float | None:
     return float(value)
 
 
+def _check_restart(name: str, restart: object) -> Restart | None:
+    if restart is None or isinstance(restart, Restart):
+        return restart
+    raise TypeError(
+        f"task {name!r}: restart must be a lifecycle.Restart (e.g. Restart(max_restarts=5, within=60)) or "
+        f"None, got {restart!r}"
+    )
+
+
 class TaskManager(StageMachine):
     """Runs a service's long-lived parts: initialize in order, execute together, clean up in reverse.
 
@@ -47,8 +60,18 @@ class TaskManager(StageMachine):
             it the manager reports the stuck tasks (a :class:`~lifecycle.TaskError` each, and a report of
             where each one waits) and keeps waiting. :func:`lifecycle.run` exits with status 1 at that point.
         on_event: called with every :class:`~lifecycle.LifecycleEvent`; an exception it raises is logged.
+        drain_delay: on a shutdown from RUNNING, readiness turns false at once (:meth:`health`,
+            ``/readyz``), then the executes keep running for ``drain_delay`` seconds (so load balancers stop
+            sending traffic) before they are cancelled and the cleanups run. ``None`` or 0: no delay.
+            ``shutdown_timeout`` counts from the end of the drain. During the drain
+            :meth:`add_execute_task` still accepts work.
 
-    Raises ``ValueError`` for a timeout that is not a positive number or ``None``.
+    Raises ``ValueError`` for a timeout that is not a positive number or ``None``, or a negative
+    ``drain_delay``.
+
+    When the environment has ``NOTIFY_SOCKET`` (a systemd ``Type=notify`` unit), :meth:`run` sends
+    ``READY=1``, ``STATUS=...``, ``STOPPING=1`` and, with ``WatchdogSec=``, ``WATCHDOG=1`` while
+    :meth:`health` says live (see ``docs/operations.md``).
 
     A TaskManager is itself a :class:`~lifecycle.Task`, so a task of one manager can be another manager.
 
@@ -69,6 +92,7 @@ class TaskManager(StageMachine):
         cleanup_timeout: float | None = None,
         shutdown_timeout: float | None = None,
         on_event: Callable[[LifecycleEvent], None] | None = None,
+        drain_delay: float | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"TaskManager name must be a non-empty string, got {name!r}")
@@ -76,8 +100,15 @@ class TaskManager(StageMachine):
             raise TypeError(f"on_event must be a callable taking a LifecycleEvent, got {on_event!r}")
         self._initialize_timeout = _check_timeout("initialize_timeout", initialize_timeout)
         self._cleanup_timeout = _check_timeout("cleanup_timeout", cleanup_timeout)
+        if drain_delay is not None and (
+            isinstance(drain_delay, bool) or not isinstance(drain_delay, (int, float)) or not drain_delay >= 0
+        ):
+            raise ValueError(f"drain_delay must be a number of seconds >= 0 or None, got {drain_delay!r}")
         super().__init__(
-            name, _check_timeout("shutdown_timeout", shutdown_timeout), EventSink(name, on_event)
+            name,
+            _check_timeout("shutdown_timeout", shutdown_timeout),
+            None if not drain_delay else float(drain_delay),
+            EventSink(name, on_event),
         )
 
     # ------------------------------------------------------------------ public surface
@@ -100,11 +131,14 @@ class TaskManager(StageMachine):
         *,
         initialize_timeout: float | EllipsisType | None = ...,
         cleanup_timeout: float | EllipsisType | None = ...,
+        restart: Restart | None = None,
     ) -> None:
         """Add a :class:`~lifecycle.Task` (initialize / execute / cleanup). Only before :meth:`run`.
 
         ``initialize_timeout`` / ``cleanup_timeout`` override the manager's defaults for this task (``...``
-        keeps the default, ``None`` removes the bound).
+        keeps the default, ``None`` removes the bound). ``restart``: a :class:`~lifecycle.Restart` policy;
+        when execute fails the task is cleaned up, initialized and executed again (a failing first
+        ``initialize`` is never restarted: startup stops as usual).
 
         Raises ``RuntimeError`` once the manager has started (use :meth:`add_execute_task` for work added
         while running), ``ValueError`` for a name already in use, ``TypeError`` for an object without async
@@ -117,6 +151,7 @@ class TaskManager(StageMachine):
             )
         self._check_new_name(name)
         self._check_task_type(name, task_type)
+        policy = _check_restart(name, restart)
         missing = [
             method
             for method in ("initialize", "execute", "cleanup")
@@ -148,6 +183,7 @@ class TaskManager(StageMachine):
                 if cleanup_timeout is ...
                 else _check_timeout("cleanup_timeout", cleanup_timeout)
             ),
+            restart=policy,
         )
         self._entries[name] = entry
         self._tasks.append(entry)
@@ -160,6 +196,8 @@ class TaskManager(StageMachine):
         name: str,
         task: ExecuteTask | Callable[[], Awaitable[None]],
         task_type: TaskType = TaskType.STRICT,
+        *,
+        restart: Restart | None = None,
     ) -> ExecuteHandle:
         """Add execute-only work: an :class:`~lifecycle.ExecuteTask` or a zero-argument ``async def``.
 
@@ -170,12 +208,18 @@ class TaskManager(StageMachine):
         added while running is forgotten (its row leaves :meth:`status`, its name is free again) once it ends
         without error, so a long-running service can add one per request.
 
-        Returns an :class:`~lifecycle.ExecuteHandle` to cancel or await this one task.
+        ``restart``: a :class:`~lifecycle.Restart` policy; a failed execute runs again after its backoff.
 
-        Raises ``RuntimeError`` once shutdown has begun or from a foreign thread, ``ValueError`` for a name
-        in use, ``TypeError`` for something that is neither an ExecuteTask nor callable.
+        Returns an :class:`~lifecycle.ExecuteHandle` to cancel or await this one task (or use
+        :meth:`cancel` with its name).
+
+        Raises ``RuntimeError`` once shutdown has begun (the ``drain_delay``, when there is one, excepted:
+        the service keeps serving during it) or from a foreign thread, ``ValueError`` for a name in use,
+        ``TypeError`` for something that is neither an ExecuteTask nor callable.
         """
-        if self._stop_requested or self._state is _STOPPING or self._state is _STOPPED:
+        if (
+            self._stop_requested or self._state is _STOPPING or self._state is _STOPPED
+        ) and not self._draining:
             raise RuntimeError(
                 f"add_execute_task({name!r}): task manager {self._name!r} is shutting down "
                 f"({self._state.value}); no work can be added once shutdown has begun"
@@ -199,8 +243,10 @@ class TaskManager(StageMachine):
             )
         if task_type.__class__ is not TaskType:
             self._check_task_type(name, task_type)
+        if restart is not None:
+            restart = _check_restart(name, restart)
         task_group = self._task_group
-        entry = Entry(name, "execute", task, task_type, fn, runtime=task_group is not None)
+        entry = Entry(name, "execute", task, task_type, fn, runtime=task_group is not None, restart=restart)
         self._entries[name] = entry
         if task_type is TaskType.STOP_GROUP:
             self._stop_group_left += 1
@@ -220,6 +266,30 @@ class TaskManager(StageMachine):
         called a second time, or on a manager already started as another manager's task.
         """
         self._claim("run")
+        notifier = SystemdNotifier.from_environment()
+        outcome: BaseException | None = None
+        # The background group outlives the phases: the systemd watchdog and work a task's initialize starts
+        # for the whole run (HealthServer) live there. Errors are raised outside it, never wrapped in a group.
+        async with anyio.create_task_group() as background:
+            with background_group(background):
+                if notifier is not None:
+                    self._events.add_listener(notifier.on_event, steps=False)
+                    background.start_soon(notifier.watchdog, self.health, self._timing.sleep)
+                try:
+                    await self._run_phases()
+                except BaseException as exc:
+                    if isinstance(exc, anyio.get_cancelled_exc_class()):
+                        raise
+                    outcome = exc
+                finally:
+                    background.cancel_scope.cancel()
+                    if notifier is not None:
+                        self._events.remove_listener(notifier.on_event)
+                        notifier.close()
+        if outcome is not None:
+            raise outcome
+
+    async def _run_phases(self) -> None:
         try:
             await self._initialize_phase()
             if not self._init_failed:
@@ -248,13 +318,46 @@ class TaskManager(StageMachine):
         """One :class:`~lifecycle.TaskStatus` row per task, in add order (a snapshot)."""
         return [entry.snapshot() for entry in self._entries.values()]
 
+    def health(self) -> Health:
+        """A typed snapshot for probes: ``ready``, ``live``, ``draining`` and each task's state.
+
+        Ready: RUNNING, every task initialized, every execute added before the execute stage started, no
+        task restarting, no shutdown begun. Live: no task failed for good, no shutdown stuck past
+        ``shutdown_timeout``, not STOPPED. See :class:`~lifecycle.Health`.
+        """
+        return super().health()
+
+    def cancel(self, name: str) -> bool:
+        """Cancel the execute task added under ``name``, like its handle's ``cancel()``; not an error.
+
+        Returns ``True`` when the task was running or queued (it never starts), ``False`` when no execute
+        task of that name is running any more (it has ended, or a runtime task ended and was forgotten).
+        Raises ``ValueError`` when ``name`` is a :class:`~lifecycle.Task` (those stop with the manager),
+        ``RuntimeError`` from a foreign thread.
+        """
+        self._check_thread("cancel")
+        entry = self._entries.get(name)
+        if entry is not None and entry.kind == "task":
+            raise ValueError(
+                f"cancel({name!r}): {name!r} is a Task (initialize/execute/cleanup) of task manager "
+                f"{self._name!r}; only execute tasks can be cancelled on their own. A Task stops when the "
+                "manager shuts down"
+            )
+        if entry is None or entry.finished:
+            return False
+        self._cancel_entry(entry)
+        return True
+
     def cancel_cleanups(self) -> int:
         """Cancel the cleanup running now (forced shutdown: the second signal of :func:`lifecycle.run`).
 
         The cleanup gets a cancellation inside its shield and is recorded as a failed cleanup; later
-        cleanups still run. Reaches into a nested manager's running cleanup too. Returns how many cleanups
-        were cancelled (0 when none is running).
+        cleanups still run. Reaches into a nested manager's running cleanup too. A ``drain_delay`` in
+        progress is cut short as well (the executes are cancelled at once). Returns how many cleanups were
+        cancelled (0 when none is running).
         """
+        if self._drain_scope is not None:
+            self._drain_scope.cancel()
         entry = self._cleaning
         if entry is None or entry.scope is None:
             return 0

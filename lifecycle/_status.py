@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from ._task import Stage, TaskType
 
-__all__ = ["TaskKind", "TaskRunState", "TaskStatus"]
+__all__ = ["TaskKind", "TaskRunState", "TaskStatus", "describe_error"]
 
 #: ``"task"`` for a full :class:`~lifecycle.Task`, ``"execute"`` for an execute task.
 TaskKind = Literal["task", "execute"]
 
 #: Where the task is within ``stage``:
 #: ``"pending"`` (not started yet), ``"running"``, ``"done"`` (the stage completed: initialized, execute
-#: returned, cleaned up), ``"cancelled"`` (execute cancelled by shutdown or by its handle), ``"failed"``, or
-#: ``"skipped"`` (the manager stopped before the task's turn came: ``stage`` is ``None``).
-TaskRunState = Literal["pending", "running", "done", "cancelled", "failed", "skipped"]
+#: returned, cleaned up), ``"cancelled"`` (execute cancelled by shutdown or by its handle), ``"failed"``,
+#: ``"skipped"`` (the manager stopped before the task's turn came: ``stage`` is ``None``), or
+#: ``"restarting"`` (its execute ended and its :class:`~lifecycle.Restart` policy waits out the backoff
+#: before running it again).
+TaskRunState = Literal["pending", "running", "done", "cancelled", "failed", "skipped", "restarting"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +34,10 @@ class TaskStatus:
         started_at: wall-clock time (``time.time()``) its first stage started, or ``None``.
         ended_at: wall-clock time its last stage ended (cleanup for a task, execute for an execute task),
             or ``None`` while it has not ended.
-        error: the first error it raised, or ``None``.
+        error: the error that ended it (the first one), or ``None``. Failures its restart policy recovered
+            from are not here but in ``last_error``.
+        restarts: how many times its :class:`~lifecycle.Restart` policy has restarted it.
+        last_error: the most recent failure (a :class:`~lifecycle.TaskError`), restarted or not, or ``None``.
 
     Example: a ``Task`` whose execute was cancelled at shutdown and then cleaned up reads
     ``stage=Stage.CLEANUP, state="done"``; a ``STRICT`` execute task that returned early reads
@@ -47,6 +52,8 @@ class TaskStatus:
     started_at: float | None
     ended_at: float | None
     error: BaseException | None
+    restarts: int = 0
+    last_error: BaseException | None = None
 
     @property
     def duration(self) -> float | None:
@@ -54,3 +61,28 @@ class TaskStatus:
         if self.started_at is None or self.ended_at is None:
             return None
         return self.ended_at - self.started_at
+
+    def to_dict(self) -> dict[str, Any]:
+        """This row as JSON-ready data (enums as their values, errors as ``"Type: message"`` of the cause)."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "task_type": self.task_type.value,
+            "stage": None if self.stage is None else self.stage.value,
+            "state": self.state,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "duration": self.duration,
+            "error": describe_error(self.error),
+            "restarts": self.restarts,
+            "last_error": describe_error(self.last_error),
+        }
+
+
+def describe_error(error: BaseException | None) -> str | None:
+    """``"Type: message"`` of a task error's cause (or of the error itself), for JSON and status lines."""
+    if error is None:
+        return None
+    cause = error.__cause__ if error.__cause__ is not None else error
+    text = str(cause)
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__

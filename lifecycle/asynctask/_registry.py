@@ -230,8 +230,14 @@ def _is_context(fn: Callable[..., Any], parameter: inspect.Parameter) -> bool:
             hints = {}
         resolved = hints.get(parameter.name)
         if resolved is None:
-            # Unresolvable annotations (names imported under TYPE_CHECKING): compare the written name.
-            return annotation.rsplit(".", 1)[-1].strip("'\"") == "TaskContext"
+            # Another parameter's annotation may be what failed: resolve this one alone.
+            target = inspect.unwrap(fn)
+            namespace = getattr(target, "__globals__", None)
+            try:
+                resolved = eval(annotation, dict(namespace or {}))  # what get_type_hints does, for one name
+            except Exception:
+                # Names imported under TYPE_CHECKING only: compare the written name.
+                return annotation.rsplit(".", 1)[-1].strip("'\"") == "TaskContext"
         annotation = resolved
     return isinstance(annotation, type) and issubclass(annotation, TaskContext)
 

@@ -194,8 +194,11 @@ class Worker:
         runners = self._runners
         assert runners is not None
         for claimed in batch:
+            # Counted as running from the claim on, so the next claim sees the slot as taken.
+            running = _Running(claimed)
             self._held[claimed.record.id] = claimed.token
-            runners.start_soon(self._run, claimed)
+            self._running[claimed.record.id] = running
+            runners.start_soon(self._run, running)
 
     async def _idle(self, generation: int) -> None:
         if self._stopping or generation != self._wake_generation:
@@ -247,10 +250,9 @@ class Worker:
 
     # -- one task -------------------------------------------------------------------------------------------
 
-    async def _run(self, claimed: ClaimedTask) -> None:
-        running = _Running(claimed)
+    async def _run(self, running: _Running) -> None:
+        claimed = running.claimed
         task_id = claimed.record.id
-        self._running[task_id] = running
         try:
             settlement = await self._execute(running)
         finally:
@@ -266,6 +268,8 @@ class Worker:
         claimed = running.claimed
         record = claimed.record
         policy = self._policy
+        if running.reason is not None:  # stopped or lost before it started
+            return policy.release(claimed, now=self._clock()) if running.reason == _SHUTDOWN else None
         definition = self._registry.get(record.name)
         if definition is None:
             known = ", ".join(self._registry.names()) or "none"
@@ -319,6 +323,8 @@ class Worker:
             args = (ctx, *args)
         scope = anyio.CancelScope(deadline=math.inf if timeout is None else anyio.current_time() + timeout)
         running.scope = scope
+        if running.reason is not None:
+            scope.cancel()
         finished = False
         result: Any = None
         failure: Exception | None = None

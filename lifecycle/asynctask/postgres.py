@@ -367,17 +367,7 @@ class PostgresBackend:
         while True:
             changed = listener.changed()
             generation = listener.generation(key)
-            due = None
-            if key:
-                try:
-                    # Bounded by the deadline: during an outage the pool would wait connect_timeout.
-                    with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
-                        async with self._connection() as connection:
-                            due = await ops.next_due(connection, self._statements, key)
-                except psycopg.OperationalError as exc:
-                    # The server is unreachable (restarting?): wait as if idle; the caller's next claim
-                    # reports the outage, and the next look at the table finds what was missed.
-                    _log.debug("wait_for_work could not look for due tasks: %s", exc)
+            due = await self._next_due(key, max(0.0, deadline - anyio.current_time())) if key else None
             wall = time.time()
             if due is not None and due[0] <= wall:
                 snapshot = (key, due, generation)
@@ -397,6 +387,38 @@ class PostgresBackend:
                 return
             if self._listener is None:
                 return  # closed while waiting
+
+    async def _next_due(self, queues: tuple[str, ...], within: float) -> tuple[float, int] | None:
+        """The earliest pending ``(run_at, seq)`` of ``queues``; ``None`` when there is none or it could not
+        be read (the server is unreachable, or no connection came free ``within`` seconds)."""
+        pool = self._pool
+        if pool is None:
+            return None
+        try:
+            # Only the wait for a connection follows the caller's cancellation and deadline (during an
+            # outage the pool would wait connect_timeout). The query itself is shielded: psycopg answers an
+            # interrupted query by cancelling it on the server and closing the connection, and callers
+            # cancel wait_for_work routinely, whenever something else woke them first.
+            connection: psycopg.AsyncConnection[Any] | None = None
+            with anyio.move_on_after(within):
+                connection = await pool.getconn()
+            if connection is None:
+                return None
+        except psycopg.OperationalError as exc:
+            # The server is unreachable (restarting?): wait as if idle; the caller's next claim reports
+            # the outage, and the next look at the table finds what was missed.
+            _log.debug("wait_for_work could not look for due tasks: %s", exc)
+            return None
+        due: tuple[float, int] | None = None
+        with anyio.CancelScope(shield=True):
+            try:
+                with anyio.move_on_after(self._connect_timeout):  # a server gone silent
+                    due = await ops.next_due(connection, self._statements, queues)
+            except psycopg.OperationalError as exc:
+                _log.debug("wait_for_work could not look for due tasks: %s", exc)
+            finally:
+                await pool.putconn(connection)
+        return due
 
     async def get(self, task_id: str) -> TaskRecord | None:
         """The record with this id, or ``None``."""

@@ -103,7 +103,8 @@ def test_a_killed_worker_loses_nothing_and_its_attempt_counts(backend_url: str, 
         victim = workers.start("victim", lease=1.0, concurrency=4)
         workers.wait_for("ready", worker="victim")
         [doomed_id, *other_ids] = enqueue(
-            backend_url, [("procs.hang_first", ("doomed",)), *(("procs.record", (f"k{i}",)) for i in range(40))]
+            backend_url,
+            [("procs.hang_first", ("doomed",)), *(("procs.record", (f"k{i}",)) for i in range(40))],
         )
         workers.wait_for("started", key="doomed", worker="victim")
         victim.kill()  # kill -9 while "doomed" runs (and perhaps with unsettled results of others)
@@ -156,7 +157,9 @@ def test_sigterm_returns_in_flight_tasks_to_pending_without_an_attempt(
     assert [key for key, _, _ in read_runs(out)] == ["stuck"]
 
 
-def test_sigterm_lets_in_flight_tasks_finish_within_the_grace_period(backend_url: str, tmp_path: Path) -> None:
+def test_sigterm_lets_in_flight_tasks_finish_within_the_grace_period(
+    backend_url: str, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     with Workers(backend_url, out) as workers:
         worker = workers.start(shutdown_grace=30.0)

@@ -1,4 +1,5 @@
-"""PostgresBackend passes the public Backend conformance suite unchanged."""
+"""PostgresBackend passes the public conformance suites unchanged: the Backend protocol, and the AsyncTasks
+engine end to end."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from lifecycle.asynctask.postgres import PostgresBackend
-from lifecycle.asynctask.testing import BackendConformance
+from lifecycle.asynctask.testing import BackendConformance, EngineConformance
 
 from ._support import OpenPostgres
 
@@ -18,6 +19,17 @@ pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
 class TestPostgresConformance(BackendConformance):
     """Every rule of the Backend protocol, against the shared server, in a fresh schema per test."""
+
+    @pytest.fixture
+    def backend_factory(self, open_pg: OpenPostgres) -> Callable[[], Awaitable[PostgresBackend]]:
+        async def factory() -> PostgresBackend:
+            return await open_pg()
+
+        return factory
+
+
+class TestPostgresEngine(EngineConformance):
+    """AsyncTasks end to end on PostgresBackend, in a fresh schema per test."""
 
     @pytest.fixture
     def backend_factory(self, open_pg: OpenPostgres) -> Callable[[], Awaitable[PostgresBackend]]:

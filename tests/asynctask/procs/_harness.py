@@ -25,7 +25,7 @@ _REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 class Worker:
-    """One worker process. Its stdout is read by a thread into the shared event queue of its :class:`Workers`."""
+    """One worker process; a thread reads its stdout into the shared event queue of its :class:`Workers`."""
 
     def __init__(self, name: str, command: Sequence[str], out_dir: Path, events: queue.Queue[Event]) -> None:
         self.name = name
@@ -46,18 +46,20 @@ class Worker:
         return self.process.pid
 
     def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            line = line.rstrip("\n")
-            try:
-                event = json.loads(line)
-            except ValueError:
-                event = None
-            if isinstance(event, dict) and "event" in event:
-                event["worker"] = self.name
-                self._events.put(event)
-            else:
-                self.other_lines.append(line)
+        stdout = self.process.stdout
+        assert stdout is not None
+        with stdout:
+            for line in stdout:
+                line = line.rstrip("\n")
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    event = None
+                if isinstance(event, dict) and "event" in event:
+                    event["worker"] = self.name
+                    self._events.put(event)
+                else:
+                    self.other_lines.append(line)
         self._events.put({"event": "eof", "worker": self.name})
 
     def alive(self) -> bool:
@@ -193,7 +195,9 @@ class Workers:
                 if not any(matches(candidate) for candidate in self.seen):
                     self._fail(f"every worker exited before a {event!r} event (key={key!r})")
 
-    def wait_until(self, condition: Callable[[list[Event]], bool], *, what: str, timeout: float = 60.0) -> None:
+    def wait_until(
+        self, condition: Callable[[list[Event]], bool], *, what: str, timeout: float = 60.0
+    ) -> None:
         """Wait until ``condition(seen)`` holds for the events received so far."""
         deadline = time.monotonic() + timeout
         while not condition(self.seen):

@@ -1,0 +1,120 @@
+"""Restart policies: when a failed (or returned) execute is run again, how often, and after what delay.
+
+:class:`Restart` is the public policy. :class:`RestartWindow` applies its intensity (at most ``max_restarts``
+restarts within a sliding window of ``within`` seconds, as in Erlang/OTP supervisors). :class:`Timing` is the
+manager's one source of time (a monotonic clock, a sleep and the jitter source), so tests about backoff,
+restart intensity, the drain delay and the systemd watchdog drive time themselves instead of waiting.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import anyio
+
+from ._backoff import Backoff
+
+__all__ = ["Restart", "RestartMode", "RestartWindow", "Timing"]
+
+#: ``"on-failure"``: restart when execute raises (or a STRICT execute returns before shutdown);
+#: ``"always"``: also restart an execute that returned.
+RestartMode = Literal["on-failure", "always"]
+
+_MODES = ("on-failure", "always")
+
+
+@dataclass(frozen=True, slots=True)
+class Restart:
+    """A restart policy for one task, given to ``add_task(..., restart=)`` or ``add_execute_task(..., restart=)``.
+
+    When the task's ``execute`` fails before shutdown (it raises, or a ``STRICT`` execute returns), the
+    manager waits ``backoff.delay(n)`` (``n``: restarts in the current window) and runs it again: a
+    :class:`~lifecycle.Task` gets ``cleanup``, ``initialize`` and ``execute`` again, an execute task gets
+    ``execute`` again. A failure of that ``cleanup`` or ``initialize`` counts as one more failure of the task.
+    With ``mode="always"`` an ``execute`` that returned is restarted too.
+
+    At most ``max_restarts`` restarts may happen within any ``within`` seconds (a sliding window: a restart
+    leaves the window exactly ``within`` seconds after it happened). The failure that would exceed it is
+    handled as the task's :class:`~lifecycle.TaskType` says without a policy (a raise stops the manager; a
+    ``STRICT`` early return is an :class:`~lifecycle.UnexpectedStopError`), and its
+    :class:`~lifecycle.TaskError` says how many restarts happened (``error.restarts``). Nothing is restarted
+    once shutdown has begun, nor after the task was cancelled through its handle or ``manager.cancel()``.
+
+    Raises ``ValueError`` for an unknown ``mode``, a negative ``max_restarts`` or a ``within`` that is not a
+    positive number, ``TypeError`` when ``backoff`` is not a :class:`~lifecycle.Backoff`.
+
+    Example::
+
+        manager.add_task("consumer", Consumer(), restart=lifecycle.Restart(max_restarts=3, within=30))
+    """
+
+    mode: RestartMode = "on-failure"
+    max_restarts: int = 5
+    within: float = 60.0
+    backoff: Backoff = field(default=Backoff(initial=0.1, cap=30.0))
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise ValueError(f"Restart mode must be 'on-failure' or 'always', got {self.mode!r}")
+        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise ValueError(f"Restart max_restarts must be an int >= 0, got {self.max_restarts!r}")
+        if isinstance(self.within, bool) or not isinstance(self.within, int | float) or not self.within > 0:
+            raise ValueError(f"Restart within must be a positive number of seconds, got {self.within!r}")
+        if not isinstance(self.backoff, Backoff):
+            raise TypeError(f"Restart backoff must be a lifecycle.Backoff, got {self.backoff!r}")
+
+    def describe(self) -> str:
+        """A short human-readable form, used in error messages."""
+        return f"Restart(mode={self.mode!r}, max_restarts={self.max_restarts}, within={self.within:g})"
+
+
+class RestartWindow:
+    """The restarts of one task within its policy's sliding window.
+
+    A restart recorded at time ``t`` counts against the intensity while ``now - t < within``.
+    """
+
+    __slots__ = ("_policy", "_times")
+
+    def __init__(self, policy: Restart) -> None:
+        self._policy = policy
+        self._times: deque[float] = deque()
+
+    def in_window(self, now: float) -> int:
+        """How many restarts happened within the last ``within`` seconds (forgetting older ones)."""
+        horizon = now - self._policy.within
+        while self._times and self._times[0] <= horizon:
+            self._times.popleft()
+        return len(self._times)
+
+    def allows(self, now: float) -> bool:
+        """Whether one more restart at ``now`` stays within ``max_restarts``."""
+        return self.in_window(now) < self._policy.max_restarts
+
+    def record(self, now: float) -> int:
+        """Record a restart at ``now``; returns its number within the window (1 for the first)."""
+        self._times.append(now)
+        return self.in_window(now)
+
+
+async def _sleep(seconds: float) -> None:
+    await anyio.sleep(seconds)
+
+
+@dataclass(slots=True)
+class Timing:
+    """Where a :class:`~lifecycle.TaskManager` gets time from: restart backoff, drain delay, watchdog.
+
+    ``clock`` is monotonic seconds, ``sleep`` an async sleep, ``rng`` the jitter source (``None``: the
+    ``random`` module). Tests replace ``manager._timing`` with a fake whose ``sleep`` advances ``clock`` and
+    returns when the test says so, so no test waits for real time.
+    """
+
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Awaitable[None]] = _sleep
+    rng: random.Random | None = None

@@ -1,0 +1,273 @@
+"""JSONEncoding and PickleEncoding: exact round trips (hypothesis), registered classes, and clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import math
+import uuid
+from decimal import Decimal
+from typing import Any, NamedTuple
+from zoneinfo import ZoneInfo
+
+import attrs
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lifecycle.asynctask import Encoding, JSONEncoding, PickleEncoding
+
+
+class Color(enum.Enum):
+    RED = "red"
+    BLUE = 2
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    x: int
+    y: float
+    label: str = "p"
+
+
+class Pair(NamedTuple):
+    left: Any
+    right: Any
+
+
+@attrs.define
+class Box:
+    content: Any
+    _secret: int = 0
+
+
+@dataclasses.dataclass
+class Unregistered:
+    value: int
+
+
+class Money:
+    def __init__(self, cents: int, currency: str) -> None:
+        self.cents, self.currency = cents, currency
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Money) and (self.cents, self.currency) == (other.cents, other.currency)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def make_encoding() -> JSONEncoding:
+    encoding = JSONEncoding()
+    encoding.register(Point)
+    encoding.register(Pair)
+    encoding.register(Box)
+    encoding.register(
+        Money,
+        name="money",
+        encode=lambda money: [money.cents, money.currency],
+        decode=lambda data: Money(*data),
+    )
+    return encoding
+
+
+ENCODING = make_encoding()
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal with the same types all the way down (NaN equal to NaN)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[key], b[key]) for key in a)
+    if isinstance(a, Decimal):
+        return str(a) == str(b)
+    if isinstance(a, dt.datetime | dt.time):
+        return a == b and a.tzinfo == b.tzinfo and a.fold == b.fold
+    if dataclasses.is_dataclass(a) or isinstance(a, Box):
+        return same(vars(a) if not hasattr(a, "__slots__") else attrs.asdict(a, recurse=False), vars(b) if
+                    not hasattr(b, "__slots__") else attrs.asdict(b, recurse=False))
+    return bool(a == b)
+
+
+hashable = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.text(),
+    st.binary(max_size=20),
+    st.uuids(),
+    st.dates(),
+    st.sampled_from(list(Color) + list(Level)),
+)
+scalars = st.one_of(
+    hashable,
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.decimals(allow_nan=True, allow_infinity=True),
+    st.datetimes(timezones=st.none() | st.timezones() | st.just(dt.timezone.utc)),
+    st.datetimes().map(lambda value: value.replace(tzinfo=dt.timezone(dt.timedelta(hours=-3, minutes=-30)))),
+    st.times(timezones=st.none() | st.just(dt.timezone.utc)),
+    st.timedeltas(),
+    st.binary(max_size=20).map(bytearray),
+    st.builds(Point, st.integers(), st.floats(allow_nan=False), st.text(max_size=5)),
+    st.builds(Money, st.integers(), st.sampled_from(["EUR", "USD"])),
+)
+values = st.recursive(
+    scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=5),
+        st.lists(children, max_size=5).map(tuple),
+        st.dictionaries(st.text(max_size=8), children, max_size=5),
+        st.dictionaries(hashable, children, max_size=5),
+        st.sets(hashable, max_size=5),
+        st.frozensets(hashable, max_size=5),
+        st.builds(Pair, children, children),
+        st.builds(Box, children, st.integers()),
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(values)
+def test_json_round_trips_to_the_same_types(value: Any) -> None:
+    data = ENCODING.encode(value)
+    assert isinstance(data, bytes)
+    assert same(ENCODING.decode(data), value), data
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(values, max_size=4).map(tuple))
+def test_argument_tuples_round_trip_through_a_second_encoding_with_the_same_registrations(args: tuple[Any, ...]) -> None:
+    worker_side = make_encoding()
+    assert same(worker_side.decode(ENCODING.encode(args)), args)
+
+
+@settings(max_examples=100, deadline=None)
+@given(values)
+def test_pickle_round_trips(value: Any) -> None:
+    encoding = PickleEncoding()
+    assert same(encoding.decode(encoding.encode(value)), value)
+
+
+def test_json_output_is_ascii_json_readable_in_a_database() -> None:
+    data = ENCODING.encode(("k", ["r"], {"a": 1}))
+    assert data == b'{"__lifecycle__":"tuple","v":["k",["r"],{"a":1}]}'
+    assert ENCODING.encode("\udc80 é") == b'"\\udc80 \\u00e9"', "lone surrogates survive too"
+
+
+def test_a_user_dict_with_the_tag_key_is_not_mistaken_for_a_tag() -> None:
+    tricky = {"__lifecycle__": "tuple", "v": [1, 2]}
+    assert ENCODING.decode(ENCODING.encode(tricky)) == tricky
+    assert ENCODING.decode(ENCODING.encode({1: "int key", (1, 2): "tuple key"})) == {1: "int key", (1, 2): "tuple key"}
+
+
+def test_zoneinfo_datetimes_keep_their_zone_and_fold() -> None:
+    zone = ZoneInfo("Europe/Berlin")
+    ambiguous = dt.datetime(2024, 10, 27, 2, 30, tzinfo=zone, fold=1)
+    decoded = ENCODING.decode(ENCODING.encode(ambiguous))
+    assert decoded.tzinfo is zone
+    assert decoded.fold == 1
+    assert decoded.utcoffset() == ambiguous.utcoffset()
+
+
+def test_encodings_satisfy_the_protocol() -> None:
+    assert isinstance(JSONEncoding(), Encoding)
+    assert isinstance(PickleEncoding(), Encoding)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (Unregistered(1), r"register the class with encoding.register\(Unregistered\)"),
+        (object(), "use JSON types, tuple, bytes"),
+        (dt.datetime(2024, 1, 1, tzinfo=ZoneInfo("UTC")).replace(tzinfo=dt.tzinfo()), "tzinfo"),
+    ],
+)
+def test_unencodable_values_raise_type_error_saying_what_to_do(value: object, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        ENCODING.encode(value)
+
+
+def test_subclasses_of_builtins_are_refused_to_keep_types_exact() -> None:
+    class Tags(list[str]):
+        pass
+
+    with pytest.raises(TypeError, match="subclass of list; pass a plain list"):
+        ENCODING.encode(Tags(["a"]))
+
+
+def test_self_containing_values_are_a_type_error() -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+    with pytest.raises(TypeError, match="contains itself"):
+        ENCODING.encode(loop)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\x80 not json", "not a valid JSONEncoding payload"),
+        (b'{"__lifecycle__":"obj","cls":"nobody.Knows","v":{}}', "'nobody.Knows', which is not registered"),
+        (b'{"__lifecycle__":"enum","cls":"no_such_module:Color","v":1}', "has not imported"),
+        (b'{"__lifecycle__":"from-the-future","v":1}', "unknown JSONEncoding tag"),
+        (b'{"__lifecycle__":"bytes","v":"***"}', "not a valid JSONEncoding payload"),
+    ],
+)
+def test_undecodable_bytes_raise_value_error_saying_why(data: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ENCODING.decode(data)
+
+
+def test_register_rules() -> None:
+    encoding = JSONEncoding()
+    assert encoding.register(Point) is Point
+    with pytest.raises(ValueError, match="already registered"):
+        encoding.register(Point, name="other")
+    with pytest.raises(ValueError, match="already registered"):
+        encoding.register(Pair, name=f"{Point.__module__}.{Point.__qualname__}")
+    with pytest.raises(ValueError, match="encoded natively"):
+        encoding.register(dict)
+    with pytest.raises(TypeError, match="pass encode=.*and decode="):
+        encoding.register(Money)
+    with pytest.raises(TypeError, match="both encode= and decode="):
+        encoding.register(Money, encode=lambda m: m)  # type: ignore[call-overload]
+
+    @dataclasses.dataclass
+    class NeedsInitVar:
+        value: int
+        extra: dataclasses.InitVar[int]
+
+    with pytest.raises(TypeError, match="needs extra, which are not fields"):
+        encoding.register(NeedsInitVar, name="needs")
+
+    @encoding.register(name="decorated")
+    @dataclasses.dataclass
+    class Decorated:
+        value: int
+
+    assert encoding.decode(encoding.encode(Decorated(3))) == Decorated(3)
+
+
+def test_an_enum_may_be_registered_to_pin_its_name() -> None:
+    encoding = JSONEncoding()
+    encoding.register(Color, name="colors")
+    assert encoding.encode(Color.RED) == b'{"__lifecycle__":"obj","cls":"colors","v":"red"}'
+    assert encoding.decode(encoding.encode(Color.BLUE)) is Color.BLUE
+
+
+def test_pickle_errors_are_type_and_value_errors() -> None:
+    encoding = PickleEncoding()
+    with pytest.raises(TypeError, match="cannot pickle"):
+        encoding.encode(lambda: None)
+    with pytest.raises(ValueError, match="cannot unpickle"):
+        encoding.decode(b"definitely not a pickle")
