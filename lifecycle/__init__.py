@@ -8,6 +8,10 @@ from ._events import EventKind as EventKind
 from ._events import LifecycleEvent as LifecycleEvent
 from ._handle import ExecuteHandle as ExecuteHandle
 from ._manager import TaskManager as TaskManager
+from ._metrics import Metrics as Metrics
+from ._readiness import Health as Health
+from ._readiness import TaskHealth as TaskHealth
+from ._restart import Restart as Restart
 from ._run import run as run
 from ._status import TaskStatus as TaskStatus
 from ._task import ExecuteTask as ExecuteTask
@@ -22,11 +26,15 @@ __all__ = (
     "EventKind",
     "ExecuteHandle",
     "ExecuteTask",
+    "Health",
     "LifecycleEvent",
     "ManagerState",
+    "Metrics",
+    "Restart",
     "Stage",
     "Task",
     "TaskError",
+    "TaskHealth",
     "TaskManager",
     "TaskManagerError",
     "TaskStatus",

@@ -141,7 +141,7 @@ class MachineCore:
     def health(self) -> Health:
         """A typed snapshot: ready, live, draining, and each task's state (see :class:`~lifecycle.Health`)."""
         tasks = tuple(
-            TaskHealth(e.name, e.kind, e.stage, e.state, e.error is None, e.restarts)
+            TaskHealth(e.name, e.kind, e.stage, e.state, e.error is None, e.restarts, e.restarting)
             for e in self._entries.values()
         )
         state = self._state

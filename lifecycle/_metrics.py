@@ -94,8 +94,8 @@ class _ManagerCollector:
         states = GaugeMetricFamily(
             "lifecycle_manager_state", "1 for the manager's current state", labels=["manager", "state"]
         )
-        for state in ManagerState:
-            states.add_metric([name, state.value], 1.0 if state is health.state else 0.0)
+        for manager_state in ManagerState:
+            states.add_metric([name, manager_state.value], 1.0 if manager_state is health.state else 0.0)
         yield states
 
         task_states = GaugeMetricFamily(
@@ -177,17 +177,14 @@ class AsyncTasksMetrics:
 
     def finished(self, queue: str, task: str, outcome: AttemptOutcome, seconds: float) -> None:
         """An attempt ended after ``seconds``: ``"succeeded"``, or failed and ``"retried"`` or ``"dead"``."""
+        if outcome not in ("succeeded", "retried", "dead"):
+            raise ValueError(f"outcome must be 'succeeded', 'retried' or 'dead', got {outcome!r}")
         self._runtime.labels(queue, task).observe(seconds)
         if outcome == "succeeded":
             self._succeeded.labels(queue, task).inc()
             return
         self._failed.labels(queue, task).inc()
-        if outcome == "retried":
-            self._retried.labels(queue, task).inc()
-        elif outcome == "dead":
-            self._dead.labels(queue, task).inc()
-        else:
-            raise ValueError(f"outcome must be 'succeeded', 'retried' or 'dead', got {outcome!r}")
+        (self._retried if outcome == "retried" else self._dead).labels(queue, task).inc()
 
     def track(self, tasks: _Stats) -> None:
         """Report ``tasks.stats()`` (an :class:`~lifecycle.asynctask.AsyncTasks`) as queue depths."""
@@ -224,7 +221,9 @@ class Metrics:
 
     def __init__(self, manager: TaskManager, *, registry: CollectorRegistry | None = None) -> None:
         prometheus = _prometheus()
-        self.registry: CollectorRegistry = registry if registry is not None else prometheus.CollectorRegistry()
+        if registry is None:
+            registry = prometheus.CollectorRegistry()
+        self.registry: CollectorRegistry = registry
         self.registry.register(_ManagerCollector(manager))
         self._async_tasks: AsyncTasksMetrics | None = None
 

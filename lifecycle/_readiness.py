@@ -23,6 +23,8 @@ class TaskHealth:
         live: ``False`` once the task has failed for good, or is stuck in a shutdown past
             ``shutdown_timeout``; a task that ended normally, or restarts within its policy, is live.
         restarts: how many times its restart policy restarted it.
+        restarting: ``True`` from a failure its policy restarts until its execute runs again (the backoff,
+            and for a Task its cleanup and initialize): the manager is not ready meanwhile.
     """
 
     name: str
@@ -31,6 +33,7 @@ class TaskHealth:
     state: TaskRunState
     live: bool
     restarts: int
+    restarting: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,7 @@ class Health:
                     "state": t.state,
                     "live": t.live,
                     "restarts": t.restarts,
+                    "restarting": t.restarting,
                 }
                 for t in self.tasks
             ],

@@ -30,7 +30,7 @@ _MODES = ("on-failure", "always")
 
 @dataclass(frozen=True, slots=True)
 class Restart:
-    """A restart policy for one task, given to ``add_task(..., restart=)`` or ``add_execute_task(..., restart=)``.
+    """A restart policy for one task: ``add_task(..., restart=)`` or ``add_execute_task(..., restart=)``.
 
     When the task's ``execute`` fails before shutdown (it raises, or a ``STRICT`` execute returns), the
     manager waits ``backoff.delay(n)`` (``n``: restarts in the current window) and runs it again: a
@@ -61,7 +61,8 @@ class Restart:
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
             raise ValueError(f"Restart mode must be 'on-failure' or 'always', got {self.mode!r}")
-        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+        count = self.max_restarts
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"Restart max_restarts must be an int >= 0, got {self.max_restarts!r}")
         if isinstance(self.within, bool) or not isinstance(self.within, int | float) or not self.within > 0:
             raise ValueError(f"Restart within must be a positive number of seconds, got {self.within!r}")

@@ -4,7 +4,7 @@ Signals (SIGINT / SIGTERM, received through ``anyio.open_signal_receiver`` for t
 included, so trio cannot swallow the second Ctrl-C during a shielded cleanup):
 
 1. first: graceful shutdown (``manager.shutdown()``);
-2. second: cancel the cleanups running now (``manager.cancel_cleanups()``);
+2. second: cancel the cleanups running now, or cut a ``drain_delay`` short (``manager.cancel_cleanups()``);
 3. third: print the stuck-shutdown report and exit at once with status 128 + the signal number.
 
 When ``shutdown_timeout`` passes with tasks stuck, the report is printed and the process exits with 1.
@@ -128,8 +128,8 @@ class _SignalPolicy:
                 )
             else:
                 logger.warning(
-                    "%s: received %s again: no cleanup is running yet (execute tasks are still stopping); "
-                    "a third time exits at once",
+                    "%s: received %s again: no cleanup is running yet (execute tasks are still stopping; a "
+                    "drain delay, if any, is cut short); a third time exits at once",
                     self._manager.name,
                     name,
                 )

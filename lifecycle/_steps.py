@@ -161,7 +161,8 @@ class StageSteps(MachineCore):
         saying how many restarts happened. Cancellation (shutdown, the handle) propagates.
         """
         policy, window = entry.restart, entry.window
-        assert policy is not None and window is not None
+        assert policy is not None
+        assert window is not None
         while True:
             if self._stop_requested or entry.cancel_requested:
                 return failure, ""

@@ -95,7 +95,7 @@ class SystemdNotifier:
         self.send(message)
 
     async def watchdog(self, health: Callable[[], Health], sleep: Callable[[float], Awaitable[None]]) -> None:
-        """Send ``WATCHDOG=1`` every :attr:`watchdog_interval` while ``health().live``; runs until cancelled."""
+        """Send ``WATCHDOG=1`` every :attr:`watchdog_interval` while ``health().live``, until cancelled."""
         interval = self.watchdog_interval
         if interval is None:
             return

@@ -19,11 +19,15 @@ DOCUMENTED = (
     "EventKind",
     "ExecuteHandle",
     "ExecuteTask",
+    "Health",
     "LifecycleEvent",
     "ManagerState",
+    "Metrics",
+    "Restart",
     "Stage",
     "Task",
     "TaskError",
+    "TaskHealth",
     "TaskManager",
     "TaskManagerError",
     "TaskStatus",
@@ -61,6 +65,7 @@ def test_the_issue_signatures_are_kept() -> None:
         "cleanup_timeout",
         "shutdown_timeout",
         "on_event",
+        "drain_delay",
     ]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in init.parameters.values())
     add_task = inspect.signature(lifecycle.TaskManager.add_task)
@@ -71,10 +76,11 @@ def test_the_issue_signatures_are_kept() -> None:
         "task_type",
         "initialize_timeout",
         "cleanup_timeout",
+        "restart",
     ]
     assert add_task.parameters["initialize_timeout"].default is ...
     add_execute = inspect.signature(lifecycle.TaskManager.add_execute_task)
-    assert list(add_execute.parameters) == ["self", "name", "task", "task_type"]
+    assert list(add_execute.parameters) == ["self", "name", "task", "task_type", "restart"]
     run = inspect.signature(lifecycle.run)
     assert list(run.parameters) == ["manager", "backend"]
     assert run.parameters["backend"].default == "asyncio"

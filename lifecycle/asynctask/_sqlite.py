@@ -159,10 +159,16 @@ class SQLiteBackend:
             ensure_schema(connection, where=where)
         except BaseException as exc:
             connection.close()
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise BackendError(
+                    f"cannot open the SQLite task database {where}: {exc} (another process held its write "
+                    f"lock for longer than busy_timeout={self._busy_timeout:g} s); try again, or raise "
+                    "busy_timeout"
+                ) from exc
             if isinstance(exc, sqlite3.DatabaseError):
                 raise BackendError(
-                    f"cannot use {where} as a SQLite task database: {exc}; point SQLiteBackend at a new file "
-                    "or at one it created"
+                    f"cannot use {where} as a SQLite task database: {exc}; check that the file is writable, "
+                    "or point SQLiteBackend at a new file or at one it created"
                 ) from exc
             raise
         return connection

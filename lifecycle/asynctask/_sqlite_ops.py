@@ -368,6 +368,6 @@ def purge(
         return connection.execute(f"DELETE FROM lifecycle_tasks{_where(clauses)}", params).rowcount
     query = (
         f"DELETE FROM lifecycle_tasks WHERE seq IN "
-        f"(SELECT seq FROM lifecycle_tasks{_where(clauses)} ORDER BY seq LIMIT ?)"
+        f"(SELECT seq FROM lifecycle_tasks{_where(clauses)} LIMIT ?)"
     )
     return connection.execute(query, [*params, limit]).rowcount

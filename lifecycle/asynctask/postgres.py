@@ -247,14 +247,25 @@ class PostgresBackend:
                 await pool.close()
 
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    async def _connection(self, *, wait: float | None = None) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection; ``wait`` bounds the wait for one (default: ``connect_timeout``)."""
         pool = self._pool
         if pool is None:
             raise BackendError(
                 f"{self!r} is not open: call `await backend.open()` first (AsyncTasks does it in initialize)"
             )
-        async with pool.connection() as connection:
+        # Taking and returning a connection are shielded from cancellation: psycopg_pool is not written
+        # for anyio's cancel scopes, which cancel every await until the scope is left, and interrupted in
+        # its connection check or while taking a connection back it can lose track of one, so the pool
+        # shrinks for good. Both steps are quick; when the server is unreachable the pool's own timeout
+        # bounds them.
+        with anyio.CancelScope(shield=True):
+            connection = await pool.getconn(timeout=wait)
+        try:
             yield connection
+        finally:
+            with anyio.CancelScope(shield=True):
+                await pool.putconn(connection)
 
     # -- the Backend protocol -----------------------------------------------------------------------------
 
@@ -367,7 +378,10 @@ class PostgresBackend:
         while True:
             changed = listener.changed()
             generation = listener.generation(key)
-            due = await self._next_due(key, max(0.0, deadline - anyio.current_time())) if key else None
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
+                return
+            due = await self._next_due(key, remaining) if key else None
             wall = time.time()
             if due is not None and due[0] <= wall:
                 snapshot = (key, due, generation)
@@ -391,34 +405,19 @@ class PostgresBackend:
     async def _next_due(self, queues: tuple[str, ...], within: float) -> tuple[float, int] | None:
         """The earliest pending ``(run_at, seq)`` of ``queues``; ``None`` when there is none or it could not
         be read (the server is unreachable, or no connection came free ``within`` seconds)."""
-        pool = self._pool
-        if pool is None:
-            return None
         try:
-            # Only the wait for a connection follows the caller's cancellation and deadline (during an
-            # outage the pool would wait connect_timeout). The query itself is shielded: psycopg answers an
-            # interrupted query by cancelling it on the server and closing the connection, and callers
-            # cancel wait_for_work routinely, whenever something else woke them first.
-            connection: psycopg.AsyncConnection[Any] | None = None
-            with anyio.move_on_after(within):
-                connection = await pool.getconn()
-            if connection is None:
-                return None
+            async with self._connection(wait=within) as connection:
+                # Shielded too: psycopg answers an interrupted query by cancelling it on the server and
+                # closing the connection, and callers cancel wait_for_work routinely, whenever something
+                # else woke them first. The query is one index probe per queue.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self._connect_timeout):
+                    return await ops.next_due(connection, self._statements, queues)
+                return None  # the server went silent
         except psycopg.OperationalError as exc:
-            # The server is unreachable (restarting?): wait as if idle; the caller's next claim reports
-            # the outage, and the next look at the table finds what was missed.
+            # The server is unreachable (restarting?): wait as if idle; the caller's next claim reports the
+            # outage, and the next look at the table finds what was missed.
             _log.debug("wait_for_work could not look for due tasks: %s", exc)
             return None
-        due: tuple[float, int] | None = None
-        with anyio.CancelScope(shield=True):
-            try:
-                with anyio.move_on_after(self._connect_timeout):  # a server gone silent
-                    due = await ops.next_due(connection, self._statements, queues)
-            except psycopg.OperationalError as exc:
-                _log.debug("wait_for_work could not look for due tasks: %s", exc)
-            finally:
-                await pool.putconn(connection)
-        return due
 
     async def get(self, task_id: str) -> TaskRecord | None:
         """The record with this id, or ``None``."""

@@ -5,6 +5,7 @@ Install with ``pip install "anyio-lifecycle[redis]"`` (redis-py; hiredis is used
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import math
@@ -340,26 +341,31 @@ class RedisBackend:
             return
         keys = [*(f"{self._prefix}w:{name}" for name in names), alarm]
         try:
-            async with anyio.create_task_group() as group:
-                # Redis ends a BLPOP up to 100 ms after its timeout (it checks on its cron tick), so our own
-                # alarm ends it on time; the server-side timeout is only the fallback.
-                group.start_soon(self._ring, alarm, pause)
-                with anyio.move_on_after(pause + self._socket_timeout):  # the server stopped answering
-                    await waiter.blpop(keys, timeout=pause + 1.0)  # type: ignore[arg-type]
-                group.cancel_scope.cancel()
+            await self._block(waiter, keys, alarm, pause)
         except RETRYABLE as exc:
             # The connection dropped (a restart?): the next claim reconnects; do not spin meanwhile.
             _log.debug("wait_for_work: Redis connection lost (%s)", exc)
             await anyio.sleep(min(pause, 0.25))
 
-    async def _ring(self, alarm: str, delay: float) -> None:
-        await anyio.sleep(delay)
-        runner = self._runner
-        if runner is not None:
-            try:
-                await runner.client.lpush(alarm, b"1")
-            except RETRYABLE as exc:  # the waiting connection sees the same trouble and returns
-                _log.debug("wait_for_work: cannot ring the alarm (%s)", exc)
+    async def _block(self, waiter: aioredis.Redis, keys: list[str], alarm: str, pause: float) -> None:
+        """BLPOP ``keys`` for ``pause`` seconds. Redis ends a blocking command up to 100 ms after its timeout
+        (it checks on its cron tick), so when ``pause`` is up we push to our own ``alarm`` key, which ends
+        the BLPOP at once; the server-side timeout is only a fallback."""
+        blpop = asyncio.get_running_loop().create_task(waiter.blpop(keys, timeout=pause + 1.0))  # type: ignore[arg-type]
+        try:
+            done, _ = await asyncio.wait((blpop,), timeout=pause)
+            if not done:
+                await self._run().client.lpush(alarm, b"1")
+                done, _ = await asyncio.wait((blpop,), timeout=self._socket_timeout)
+            if done:
+                blpop.result()
+        finally:
+            if not blpop.done():
+                blpop.cancel()  # redis-py drops the connection; the pool opens a new one next time
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait((blpop,))
+            if not blpop.cancelled():
+                blpop.exception()  # retrieved: an error was raised above or does not matter any more
 
     # -- inspection and operator actions ------------------------------------------------------------------
 

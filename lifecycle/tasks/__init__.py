@@ -4,10 +4,12 @@
 - :class:`Timer`: return after some seconds; add it as ``STOP_GROUP`` to run a service for a while.
 - :class:`Interruptible`: reload a Task (cleanup, initialize, execute again) on SIGHUP.
 - :class:`Subprocess`: run an OS child process as a Task, with a readiness check and a graceful stop.
+- :class:`HealthServer`: serve a manager's liveness, readiness, status and metrics over HTTP.
 
 They log through the ``lifecycle.tasks`` logger.
 """
 
+from ._health import HealthServer as HealthServer
 from ._interruptible import Interruptible as Interruptible
 from ._repeat import Repeat as Repeat
 from ._subprocess import ProcessExitedError as ProcessExitedError
@@ -15,6 +17,7 @@ from ._subprocess import Subprocess as Subprocess
 from ._timer import Timer as Timer
 
 __all__ = (
+    "HealthServer",
     "Interruptible",
     "ProcessExitedError",
     "Repeat",

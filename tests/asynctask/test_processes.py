@@ -8,6 +8,8 @@ print. The backend is a parameter (``backend_url``): SQLite here; server backend
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -202,3 +204,33 @@ def test_a_corrupt_payload_row_goes_dead_and_nothing_else_is_lost(backend_url: s
     assert "decode" in corrupt.last_error.lower()
     assert {stored[i].state for i in ids} == {TaskState.SUCCEEDED}
     assert Counter(key for key, _, _ in read_runs(out)) == Counter({f"k{i}": 1 for i in range(10)})
+
+
+_OPEN_AND_COUNT = """
+import sys, anyio
+from lifecycle.asynctask._urls import backend_from_url
+
+async def main():
+    backend = backend_from_url(sys.argv[1])
+    await backend.open()
+    print(sum(sum(states.values()) for states in (await backend.stats()).values()))
+    await backend.close()
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.parametrize("backend_name", ["sqlite"])  # creating the file's schema is SQLite's own business
+def test_processes_opening_a_fresh_file_at_once_all_succeed(backend_url: str) -> None:
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPEN_AND_COUNT, backend_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
+    results = [process.communicate(timeout=60) for process in processes]
+    assert [process.returncode for process in processes] == [0] * 6, [err for _, err in results]
+    assert [out.strip() for out, _ in results] == ["0"] * 6

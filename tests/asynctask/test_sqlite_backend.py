@@ -13,11 +13,7 @@ import pytest
 from lifecycle.asynctask import BackendError, DuplicateTaskError, NewTask, Settlement, TaskState
 from lifecycle.asynctask._sqlite import SQLiteBackend
 from lifecycle.asynctask._sqlite_schema import SCHEMA_VERSION, check_sqlite_version
-
-try:
-    from lifecycle.asynctask.testing import BackendConformance
-except ImportError:  # the suite is written in parallel; run the SQLite-only tests meanwhile
-    BackendConformance = None  # type: ignore[assignment,misc]
+from lifecycle.asynctask.testing import BackendConformance, EngineConformance
 
 # Marked here, at collection time: the conftest marks async tests only after collection, which loses
 # @pytest.mark.parametrize combinations on async tests.
@@ -48,18 +44,35 @@ async def open_sqlite(db_path: Path) -> AsyncIterator[Factory]:
         await backend.close()
 
 
-if BackendConformance is not None:
+@pytest.fixture
+def sqlite_factory(open_sqlite: Factory) -> Callable[[], Awaitable[SQLiteBackend]]:
+    """The conformance suites' ``backend_factory``: a new SQLiteBackend over the test's file per call."""
 
-    class TestSQLiteConformance(BackendConformance):  # type: ignore[misc,valid-type]
-        """The public Backend conformance suite, unchanged, on one SQLite file per test."""
+    async def factory() -> SQLiteBackend:
+        # a short poll so the suites' cross-object wait_for_work tests stay fast
+        return await open_sqlite(poll_interval=0.02)
 
-        @pytest.fixture
-        def backend_factory(self, open_sqlite: Factory) -> Callable[[], Awaitable[SQLiteBackend]]:
-            async def factory() -> SQLiteBackend:
-                # a short poll so the suite's cross-object wait_for_work tests stay fast
-                return await open_sqlite(poll_interval=0.02)
+    return factory
 
-            return factory
+
+class TestSQLiteConformance(BackendConformance):
+    """The public Backend conformance suite, unchanged, on one SQLite file per test."""
+
+    @pytest.fixture
+    def backend_factory(
+        self, sqlite_factory: Callable[[], Awaitable[SQLiteBackend]]
+    ) -> Callable[[], Awaitable[SQLiteBackend]]:
+        return sqlite_factory
+
+
+class TestSQLiteEngine(EngineConformance):
+    """AsyncTasks end to end on SQLite: the engine conformance suite, unchanged."""
+
+    @pytest.fixture
+    def backend_factory(
+        self, sqlite_factory: Callable[[], Awaitable[SQLiteBackend]]
+    ) -> Callable[[], Awaitable[SQLiteBackend]]:
+        return sqlite_factory
 
 
 def task(
@@ -359,3 +372,14 @@ async def test_a_lease_token_is_unique_per_claim(open_sqlite: Factory) -> None:
     tokens = [c.token for c in claimed] + [c.token for c in reclaimed]
     assert len(set(tokens)) == 100
     assert [c.record.id for c in reclaimed] == [c.record.id for c in claimed]  # oldest first
+
+
+async def test_a_file_locked_by_another_writer_past_busy_timeout_is_a_clear_error(db_path: Path) -> None:
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+    try:
+        with pytest.raises(BackendError, match=r"database is locked .*busy_timeout=0\.05 s"):
+            await SQLiteBackend(db_path, busy_timeout=0.05).open()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

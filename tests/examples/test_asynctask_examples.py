@@ -153,7 +153,7 @@ def test_producer_and_workers_share_one_sqlite_file(tmp_path: Path, background: 
         worker = Background("worker.py", "--db", str(db), "--concurrency", "2", log=log, lines=shared)
         background.append(worker)
         worker.wait_for("serving")
-    done = set()
+    done: set[str] = set()
     while len(done) < 6:
         done.add(background[0].wait_for("resized ").split()[1])
     assert done == {f"photo-{n}.png" for n in range(1, 7)}

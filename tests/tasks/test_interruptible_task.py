@@ -196,12 +196,18 @@ async def test_shutdown_during_a_reload_lets_the_inner_cleanup_finish() -> None:
     task = Interruptible(inner)
     with anyio.fail_after(10):
         await task.initialize()
+        execute_scope = anyio.CancelScope()
+
+        async def execute() -> None:
+            with execute_scope:
+                await task.execute()
+
         async with anyio.create_task_group() as task_group:
-            task_group.start_soon(task.execute)
+            task_group.start_soon(execute)
             await inner.executed(1)
             os.kill(os.getpid(), signal.SIGHUP)
-            await inner.cleanup_started.wait()  # type: ignore[union-attr]
-            task_group.cancel_scope.cancel()  # shutdown while the inner cleanup is running
+            await inner.cleanup_started.wait()
+            execute_scope.cancel()  # shutdown while the inner cleanup is running
             await anyio.lowlevel.checkpoint()
             assert inner.log[-1] == "cleanup started"
             inner.release_cleanup.set()
@@ -249,7 +255,12 @@ def test_rejects_what_is_not_a_task() -> None:
 
 @pytest.mark.parametrize(
     ("signals", "message"),
-    [((), "at least one signal"), ((signal.SIGKILL,), "SIGKILL"), ((99999,), "signal numbers"), (("HUP",), "")],
+    [
+        ((), "at least one signal"),
+        ((signal.SIGKILL,), "SIGKILL"),
+        ((99999,), "signal numbers"),
+        (("HUP",), "signal numbers"),
+    ],
 )
 def test_rejects_bad_signals(signals: tuple[object, ...], message: str) -> None:
     with pytest.raises(ValueError, match=message):

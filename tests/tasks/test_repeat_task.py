@@ -102,7 +102,8 @@ async def test_failure_is_logged_with_traceback_and_repetition_goes_on(
     assert "1 in a row" in failures[0].getMessage()
     assert "2 in a row" in failures[1].getMessage()
     exc_info = failures[1].exc_info
-    assert exc_info is not None and isinstance(exc_info[1], ValueError)
+    assert exc_info is not None
+    assert isinstance(exc_info[1], ValueError)
     assert str(exc_info[1]) == "boom 2"
 
 
@@ -118,7 +119,7 @@ async def test_synchronous_exception_from_fn_is_logged_too(caplog: pytest.LogCap
                 scope.cancel()
             raise KeyError("sync")
 
-        await Repeat(broken, interval=1.0, clock=time.clock, sleep=time.sleep).execute()
+        await Repeat(broken, interval=1.0, clock=time.clock, sleep=time.sleep).execute()  # type: ignore[arg-type]
     assert calls == 2
     assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [KeyError, KeyError]
 

@@ -74,7 +74,7 @@ async def test_as_strict_it_is_a_deadline_that_fails_the_service() -> None:
     manager.add_execute_task("deadline", Timer(0))
     with anyio.fail_after(10), pytest.raises(lifecycle.TaskManagerError) as caught:
         await manager.run()
-    (error,) = caught.value.exceptions
+    (error,) = caught.value.errors
     assert error.task_name == "deadline"
     assert isinstance(error.__cause__, lifecycle.UnexpectedStopError)
 

@@ -3,6 +3,7 @@ LOCKED claims, LISTEN/NOTIFY wake-ups and reconnecting after the server dropped 
 
 from __future__ import annotations
 
+import logging
 import time
 
 import anyio
@@ -464,3 +465,24 @@ async def test_a_queue_name_too_long_for_a_notify_payload_still_wakes_its_worker
     assert [c.record.id for c in await waiter.claim([queue], 5, now=now, lease_until=now + 30)] == [
         "long-queue"
     ]
+
+
+async def test_cancelling_wait_for_work_mid_flight_keeps_connections_healthy(
+    open_pg: OpenPostgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The engine cancels wait_for_work whenever something else woke it first. psycopg answers a query
+    # interrupted by cancellation by closing its connection (and logging a warning), and psycopg_pool is not
+    # written for anyio's cancel scopes: the backend must keep both out of the way of a cancellation.
+    backend = await open_pg(pool_size=2, connect_timeout=5)
+    await backend.enqueue_many([make_task("due")])
+    caplog.set_level(logging.WARNING, logger="psycopg")
+    with anyio.fail_after(30):
+        for step in range(60):
+            # Cancel at a different point of the call each time: waiting for a connection, mid-query, ...
+            with anyio.move_on_after(step * 0.0002):
+                await backend.wait_for_work(["default", "other"], timeout=120)
+                await backend.wait_for_work(["default", "other"], timeout=120)
+        for _ in range(10):
+            assert (await backend.get("due")) is not None
+    broken = [record.getMessage() for record in caplog.records if record.name.startswith("psycopg")]
+    assert broken == [], "a cancelled wait_for_work must not break pooled connections"

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["Event", "Worker", "Workers", "read_runs"]
 
@@ -225,7 +225,7 @@ class Workers:
             worker.terminate()
         return {worker.name: worker.wait(timeout) for worker in self.workers}
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str) -> NoReturn:
         events = "\n".join(json.dumps(event) for event in self.seen[-30:])
         details = "\n".join(worker.diagnostics() for worker in self.workers)
         raise AssertionError(f"{message}\nlast events:\n{events}\n{details}")

@@ -1,0 +1,285 @@
+"""AsyncTasks: options, enqueue checks before anything is stored, the lifecycle Task stages under a manager."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal
+
+import anyio
+import pytest
+
+import lifecycle
+from lifecycle.asynctask import (
+    AsyncTasks,
+    Call,
+    JSONEncoding,
+    ManualClock,
+    MemoryBackend,
+    NewTask,
+    TaskContext,
+    TaskState,
+)
+
+T0 = 1_700_000_000.0
+
+
+async def job(ctx: TaskContext, key: str, items: list[str]) -> str:
+    return key
+
+
+async def no_args() -> None: ...
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0)
+
+
+@pytest.fixture
+async def tasks(clock: ManualClock) -> Any:
+    tasks = AsyncTasks(MemoryBackend(), clock=clock, execution=False)
+    tasks.register(job, name="app.job", queue="jobs", max_retries=3, timeout=9)
+    async with tasks:
+        yield tasks
+
+
+async def stored(tasks: AsyncTasks, task_id: str) -> Any:
+    record = await tasks.backend.get(task_id)
+    assert record is not None
+    return record
+
+
+async def test_enqueue_stores_the_call_with_the_registered_defaults(tasks: AsyncTasks) -> None:
+    task_id = await tasks.enqueue(job, "k", ["r"])
+    record = await stored(tasks, task_id)
+    assert (record.name, record.queue, record.max_retries, record.timeout) == ("app.job", "jobs", 3, 9.0)
+    assert (record.enqueued_at, record.run_at, record.state) == (T0, T0, TaskState.PENDING)
+    assert tasks.encoding.decode(record.payload) == ("k", ["r"])
+    assert len(task_id) == 32
+
+
+async def test_enqueue_options_override_the_defaults(tasks: AsyncTasks) -> None:
+    task_id = await tasks.enqueue(
+        job, "k", [], queue="other", max_retries=0, timeout=timedelta(seconds=2), delay=timedelta(minutes=1),
+        task_id="mine",
+    )
+    assert task_id == "mine"
+    record = await stored(tasks, task_id)
+    assert (record.queue, record.max_retries, record.timeout, record.run_at) == ("other", 0, 2.0, T0 + 60)
+    at = await tasks.enqueue(job, "k", [], at=datetime.fromtimestamp(T0 + 3600, timezone.utc))
+    assert (await stored(tasks, at)).run_at == T0 + 3600
+    epoch = await tasks.enqueue(job, "k", [], at=T0 + 5)
+    assert (await stored(tasks, epoch)).run_at == T0 + 5
+
+
+async def test_enqueue_by_name_of_an_unknown_function_only_checks_encodability(tasks: AsyncTasks) -> None:
+    task_id = await tasks.enqueue("elsewhere.job", 1, 2, 3)
+    record = await stored(tasks, task_id)
+    assert (record.name, record.queue, record.max_retries, record.timeout) == ("elsewhere.job", "default", 5, None)
+    with pytest.raises(TypeError, match="argument 2: cannot encode"):
+        await tasks.enqueue("elsewhere.job", 1, object())
+
+
+async def test_enqueue_by_registered_name_checks_the_arity(tasks: AsyncTasks) -> None:
+    with pytest.raises(TypeError, match=r"task 'app.job' takes 2 arguments \(key, items\) but 1 was given"):
+        await tasks.enqueue("app.job", "k")
+
+
+@pytest.mark.parametrize(
+    ("args", "options", "error", "message"),
+    [
+        (("k",), {}, TypeError, r"takes 2 arguments \(key, items\) but 1 was given"),
+        (("k", [], 3), {}, TypeError, "but 3 were given"),
+        (("k", {1j}), {}, TypeError, r"argument 2 \(items\): cannot encode builtins.complex"),
+        (("k", []), {"delay": 1, "at": T0}, TypeError, "pass delay= or at=, not both"),
+        (("k", []), {"delay": -1}, ValueError, "delay: expected a finite number of seconds >= 0"),
+        (("k", []), {"at": datetime(2030, 1, 1)}, ValueError, "has no timezone"),
+        (("k", []), {"at": "tomorrow"}, TypeError, "expected an aware datetime or seconds"),
+        (("k", []), {"queue": ""}, TypeError, "queue must be a non-empty string"),
+        (("k", []), {"max_retries": -2}, ValueError, "max_retries must be >= 0"),
+        (("k", []), {"timeout": -2}, ValueError, "timeout must be a positive"),
+        (("k", []), {"task_id": ""}, TypeError, "task_id must be a non-empty string"),
+    ],
+)
+async def test_bad_enqueues_raise_before_anything_is_stored(
+    tasks: AsyncTasks, args: tuple[Any, ...], options: dict[str, Any], error: type, message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        await tasks.enqueue(job, *args, **options)
+    assert await tasks.list() == []
+
+
+async def test_enqueue_of_an_unregistered_function_says_to_register_it(tasks: AsyncTasks) -> None:
+    with pytest.raises(TypeError, match=r"no_args is not registered with this AsyncTasks: decorate it"):
+        await tasks.enqueue(no_args)
+
+
+async def test_enqueue_many_is_all_or_nothing(tasks: AsyncTasks) -> None:
+    with pytest.raises(TypeError, match="cannot encode"):
+        await tasks.enqueue_many([Call(job, "a", []), Call(job, "b", [object()])])
+    assert await tasks.list() == []
+    ids = await tasks.enqueue_many([Call(job, "a", []), Call("app.job", "b", [], delay=5)])
+    assert [info.id for info in await tasks.list()] == ids[::-1]
+    assert await tasks.enqueue_many([]) == []
+    with pytest.raises(TypeError, match="takes Call objects"):
+        await tasks.enqueue_many([job])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="for one call use enqueue"):
+        await tasks.enqueue_many(Call(job, "a", []))  # type: ignore[arg-type]
+
+
+async def test_connection_needs_a_transactional_backend(tasks: AsyncTasks) -> None:
+    with pytest.raises(TypeError, match="MemoryBackend cannot: drop connection="):
+        await tasks.enqueue(job, "k", [], connection=object())
+
+
+class RecordingTransactionalBackend(MemoryBackend):
+    """A MemoryBackend that also offers enqueue_many_in (records what joined which "transaction")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.joined: list[tuple[object, list[str]]] = []
+
+    async def enqueue_many_in(
+        self, connection: object, tasks: Sequence[NewTask], *, if_exists: Literal["error", "skip"] = "error"
+    ) -> list[str]:
+        self.joined.append((connection, [task.id for task in tasks]))
+        return [task.id for task in tasks]
+
+
+async def test_connection_goes_to_enqueue_many_in_of_a_transactional_backend() -> None:
+    backend = RecordingTransactionalBackend()
+    tasks = AsyncTasks(backend, execution=False)
+    tasks.register(job, name="app.job")
+    transaction = object()
+    task_id = await tasks.enqueue(job, "k", [], connection=transaction)  # no open() needed for this path
+    assert backend.joined == [(transaction, [task_id])]
+    assert await backend.get(task_id) is None, "only the caller's transaction stores it"
+
+
+async def test_operations_before_the_backend_is_open_say_how_to_start() -> None:
+    tasks = AsyncTasks(MemoryBackend())
+    tasks.register(job, name="app.job")
+    with pytest.raises(RuntimeError, match=r"AsyncTasks.enqueue\(\) before the backend is open: add"):
+        await tasks.enqueue(job, "k", [])
+    with pytest.raises(RuntimeError, match="before the backend is open"):
+        await tasks.stats()
+
+
+async def test_cancel_requeue_purge_and_wait_on_an_enqueue_only_instance(
+    tasks: AsyncTasks, clock: ManualClock
+) -> None:
+    task_id = await tasks.enqueue(job, "k", [], delay=60)
+    assert await tasks.cancel(task_id)
+    info = await tasks.wait(task_id, timeout=5)
+    assert (info.state, info.finished_at) == (TaskState.CANCELLED, T0)
+    assert await tasks.requeue(task_id), "a cancelled task can be requeued by id"
+    assert (await stored(tasks, task_id)).run_at == T0
+    with pytest.raises(TimeoutError):
+        await tasks.wait(task_id, timeout=0.05)
+    clock.advance(10)
+    assert await tasks.purge("pending", older_than=5) == 1
+    with pytest.raises(LookupError, match="no task with id"):
+        await tasks.wait(task_id, timeout=5)
+    with pytest.raises(ValueError, match="cannot delete active tasks"):
+        await tasks.purge([TaskState.ACTIVE, TaskState.DEAD])
+    with pytest.raises(ValueError, match="unknown task state"):
+        await tasks.list(state="finished")
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"concurrency": 0}, ValueError, "concurrency must be an int >= 1"),
+        ({"queues": "default"}, TypeError, r"write queues=\['default'\]"),
+        ({"queues": []}, ValueError, "queues is empty"),
+        ({"queues": ["a", "a"]}, ValueError, "lists 'a' more than once"),
+        ({"queues": {"a": 0}}, ValueError, "weight of queue 'a' must be a positive int"),
+        ({"lease": 0}, ValueError, "lease must be a positive"),
+        ({"poll_interval": float("inf")}, ValueError, "poll_interval must be a positive, finite"),
+        ({"shutdown_grace": -1}, ValueError, "shutdown_grace"),
+        ({"retention": {"pending": 5}}, ValueError, "pending tasks are not finished"),
+        ({"retention": {"done": 5}}, ValueError, "unknown state 'done'"),
+        ({"encoding": object()}, TypeError, "encoding must have encode"),
+        ({"on_error": 3}, TypeError, "on_error must be a callable"),
+        ({"retry_backoff": 3}, TypeError, "retry_backoff must be a lifecycle.Backoff"),
+    ],
+)
+def test_bad_options_are_named(options: dict[str, Any], error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        AsyncTasks(MemoryBackend(), **options)
+
+
+def test_the_backend_must_be_a_backend() -> None:
+    with pytest.raises(TypeError, match=r"AsyncTasks needs a Backend \(MemoryBackend\(\), SQLiteBackend"):
+        AsyncTasks("sqlite:///tasks.db")  # type: ignore[arg-type]
+
+
+def test_properties_describe_the_configuration() -> None:
+    encoding = JSONEncoding()
+    tasks = AsyncTasks(MemoryBackend(), encoding=encoding, queues={"a": 3, "b": 1}, concurrency=7)
+    assert (tasks.encoding, tasks.queues, tasks.concurrency, tasks.execution) == (encoding, ("a", "b"), 7, True)
+    assert isinstance(tasks, lifecycle.Task)
+
+
+async def test_under_a_task_manager_tasks_run_and_shutdown_drains() -> None:
+    tasks = AsyncTasks(MemoryBackend(), shutdown_grace=0.05, poll_interval=0.05)
+    started = anyio.Event()
+
+    @tasks.register(name="app.quick")
+    async def quick(value: int) -> int:
+        return value + 1
+
+    @tasks.register(name="app.stuck")
+    async def stuck() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    executing = anyio.Event()
+
+    def on_event(event: lifecycle.LifecycleEvent) -> None:
+        if event.kind is lifecycle.EventKind.TASK_EXECUTING and event.task_name == "async-tasks":
+            executing.set()
+
+    manager = lifecycle.TaskManager(name="tasks-test", on_event=on_event)
+    manager.add_task("async-tasks", tasks)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(manager.run)
+        with anyio.fail_after(10):
+            await executing.wait()
+            quick_id = await tasks.enqueue(quick, 41)
+            info = await tasks.wait(quick_id, timeout=10)
+            stuck_id = await tasks.enqueue(stuck)
+            await started.wait()
+            manager.shutdown()
+    assert (info.state, info.result) == (TaskState.SUCCEEDED, 42)
+    async with tasks:  # the manager closed it; reopen the same storage to look
+        stuck_info = await tasks.info(stuck_id)
+    assert stuck_info is not None
+    assert (stuck_info.state, stuck_info.attempts) == (TaskState.PENDING, 0)
+
+
+async def test_execute_without_execution_waits_until_cancelled(tasks: AsyncTasks) -> None:
+    with anyio.move_on_after(0.05) as scope:
+        await tasks.execute()
+    assert scope.cancelled_caught
+
+
+async def test_two_async_tasks_over_two_backends_never_interfere() -> None:
+    first, second = AsyncTasks(MemoryBackend(), poll_interval=0.05), AsyncTasks(MemoryBackend(), poll_interval=0.05)
+    ran: list[str] = []
+
+    async def record(where: str) -> None:
+        ran.append(where)
+
+    first.register(record, name="record")
+    second.register(record, name="record")
+    async with first, second, anyio.create_task_group() as group:
+        group.start_soon(first.execute)
+        task_id = await first.enqueue(record, "first")
+        await first.wait(task_id, timeout=10)
+        assert await second.info(task_id) is None
+        assert await second.stats() == {}
+        group.cancel_scope.cancel()
+    assert ran == ["first"]

@@ -1,0 +1,360 @@
+"""The worker engine's own rules, on MemoryBackend with a manual clock: leases, heartbeats, backend failures,
+local wake-ups, threads, hooks (asyncio and trio)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import anyio
+import pytest
+
+from lifecycle import Backoff
+from lifecycle.asynctask import (
+    AsyncTasks,
+    ClaimedTask,
+    ManualClock,
+    MemoryBackend,
+    Retry,
+    Settlement,
+    TaskContext,
+    TaskInfo,
+    TaskState,
+)
+from lifecycle.asynctask._worker import Worker
+
+T0 = 1_700_000_000.0
+WAIT = 10.0
+
+
+class Instrumented(MemoryBackend):
+    """A MemoryBackend that can fail calls on purpose and reports heartbeats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_claims = 0
+        self.fail_settles = 0
+        self.settle_calls: list[list[str]] = []
+        self.extended: list[list[str]] = []
+        self.extend_event: anyio.Event | None = None
+
+    async def claim(self, queues: Sequence[str], limit: int, *, now: float, lease_until: float) -> list[ClaimedTask]:
+        if self.fail_claims:
+            self.fail_claims -= 1
+            raise ConnectionError("claim failed on purpose")
+        return await super().claim(queues, limit, now=now, lease_until=lease_until)
+
+    async def settle(self, settlements: Sequence[Settlement]) -> set[str]:
+        if self.fail_settles:
+            self.fail_settles -= 1
+            raise ConnectionError("settle failed on purpose")
+        self.settle_calls.append([s.task_id for s in settlements])
+        return await super().settle(settlements)
+
+    async def extend_leases(self, leases: Sequence[tuple[str, str]], *, lease_until: float) -> set[str]:
+        lost = await super().extend_leases(leases, lease_until=lease_until)
+        self.extended.append([task_id for task_id, _ in leases])
+        if self.extend_event is not None:
+            self.extend_event.set()
+        return lost
+
+
+class DeafBackend(MemoryBackend):
+    """wait_for_work that never notices anything: only the timeout ends it."""
+
+    async def wait_for_work(self, queues: Sequence[str], *, timeout: float) -> None:
+        await anyio.sleep(timeout)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0)
+
+
+@pytest.fixture
+async def group() -> AsyncIterator[Any]:
+    async with anyio.create_task_group() as group:
+        yield group
+        group.cancel_scope.cancel()
+
+
+def make(backend: MemoryBackend, clock: ManualClock, **options: Any) -> AsyncTasks:
+    defaults: dict[str, Any] = {
+        "clock": clock,
+        "poll_interval": 0.05,
+        "retry_backoff": Backoff(initial=0.0, cap=0.0, jitter=False),
+        "recovery_interval": 3600.0,
+    }
+    return AsyncTasks(backend, **{**defaults, **options})
+
+
+async def test_a_lost_lease_cancels_the_run_locally_and_the_task_runs_again(
+    clock: ManualClock, group: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = Instrumented()
+    tasks = make(backend, clock, lease=0.3)
+    started = anyio.Event()
+    cancelled = anyio.Event()
+    attempts: list[int] = []
+
+    @tasks.register(name="long")
+    async def long(ctx: TaskContext) -> int:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            started.set()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                cancelled.set()
+        return ctx.attempt
+
+    async with tasks:
+        group.start_soon(tasks.execute)
+        task_id = await tasks.enqueue(long)
+        with anyio.fail_after(WAIT):
+            await started.wait()
+            # Another worker takes it over after the lease expired (this worker looked stalled).
+            clock.advance(1.0)
+            assert await tasks.recover_expired() == 1
+            await cancelled.wait()  # the next heartbeat finds the lease lost and cancels the local run
+        info = await tasks.wait(task_id, timeout=WAIT)
+        assert (info.state, info.result, attempts) == (TaskState.SUCCEEDED, 2, [1, 2])
+        assert "lost the lease of running task" in caplog.text
+
+
+async def test_heartbeats_renew_the_leases_of_running_tasks(clock: ManualClock, group: Any) -> None:
+    backend = Instrumented()
+    tasks = make(backend, clock, lease=0.3)
+    release = anyio.Event()
+
+    @tasks.register(name="held")
+    async def held() -> None:
+        await release.wait()
+
+    async with tasks:
+        group.start_soon(tasks.execute)
+        task_id = await tasks.enqueue(held)
+        with anyio.fail_after(WAIT):
+            while True:
+                backend.extend_event = anyio.Event()
+                clock.advance(100)
+                await backend.extend_event.wait()
+                if backend.extended[-1] == [task_id]:
+                    break
+        record = await backend.get(task_id)
+        assert record is not None
+        assert record.lease_until == clock() + 0.3, "a heartbeat sets lease_until = now + lease"
+        release.set()
+        assert (await tasks.wait(task_id, timeout=WAIT)).state is TaskState.SUCCEEDED
+
+
+async def test_backend_failures_are_retried_and_nothing_is_lost(
+    clock: ManualClock, group: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = Instrumented()
+    backend.fail_claims = 2
+    backend.fail_settles = 2
+    tasks = make(backend, clock)
+
+    @tasks.register(name="double")
+    async def double(value: int) -> int:
+        return value * 2
+
+    async with tasks:
+        ids = [await tasks.enqueue(double, n) for n in range(5)]
+        group.start_soon(tasks.execute)
+        results = [(await tasks.wait(task_id, timeout=WAIT)).result for task_id in ids]
+    assert results == [0, 2, 4, 6, 8]
+    assert "could not claim tasks (ConnectionError: claim failed on purpose)" in caplog.text
+    assert "could not save" in caplog.text
+
+
+async def test_results_are_saved_in_batches(clock: ManualClock, group: Any) -> None:
+    backend = Instrumented()
+    tasks = make(backend, clock, concurrency=50)
+    release = anyio.Event()
+
+    @tasks.register(name="gated")
+    async def gated() -> None:
+        await release.wait()
+
+    async with tasks:
+        ids = [await tasks.enqueue(gated) for _ in range(50)]
+        group.start_soon(tasks.execute)
+        with anyio.fail_after(WAIT):
+            while (await tasks.stats())["default"].active < 50:
+                await tasks.wait(ids[-1], timeout=WAIT, states={TaskState.ACTIVE})
+        release.set()
+        for task_id in ids:
+            await tasks.wait(task_id, timeout=WAIT)
+    assert sum(len(batch) for batch in backend.settle_calls) == 50
+    assert len(backend.settle_calls) < 50, "results finishing together share settle calls"
+
+
+async def test_same_process_enqueue_does_not_wait_for_the_poll(clock: ManualClock, group: Any) -> None:
+    tasks = make(DeafBackend(), clock, poll_interval=3600)
+    ran = anyio.Event()
+
+    @tasks.register(name="quick")
+    async def quick() -> None:
+        ran.set()
+
+    async with tasks:
+        group.start_soon(tasks.execute)
+        await tasks.enqueue(quick)
+        with anyio.fail_after(WAIT):
+            await ran.wait()
+
+
+async def test_a_sync_function_over_its_timeout_is_abandoned_and_fails(clock: ManualClock, group: Any) -> None:
+    tasks = make(MemoryBackend(), clock)
+    unblock = threading.Event()
+
+    @tasks.register(name="blocking", timeout=0.1, max_retries=0)
+    def blocking() -> None:
+        unblock.wait(WAIT)
+
+    try:
+        async with tasks:
+            group.start_soon(tasks.execute)
+            info = await tasks.wait(await tasks.enqueue(blocking), timeout=WAIT)
+            assert info.state is TaskState.DEAD
+            assert info.last_error is not None and "timed out after 0.1 s" in info.last_error
+    finally:
+        unblock.set()
+
+
+async def test_on_error_may_be_sync_or_async_and_sees_the_verdict(clock: ManualClock, group: Any) -> None:
+    seen: list[tuple[str, TaskState, int, str]] = []
+
+    async def async_hook(info: TaskInfo, exc: BaseException) -> None:
+        await anyio.lowlevel.checkpoint()
+        seen.append(("async", info.state, info.attempts, type(exc).__name__))
+
+    tasks = make(MemoryBackend(), clock, on_error=async_hook)
+    sync_seen: list[TaskInfo] = []
+    sync_tasks = make(MemoryBackend(), clock, on_error=lambda info, exc: sync_seen.append(info))
+
+    async def fails() -> None:
+        raise KeyError("missing")
+
+    tasks.register(fails, name="fails", max_retries=1)
+    sync_tasks.register(fails, name="fails", max_retries=0)
+    async with tasks, sync_tasks:
+        group.start_soon(tasks.execute)
+        group.start_soon(sync_tasks.execute)
+        await tasks.wait(await tasks.enqueue(fails), timeout=WAIT)
+        dead = await sync_tasks.wait(await sync_tasks.enqueue(fails), timeout=WAIT)
+    assert seen == [("async", TaskState.PENDING, 1, "KeyError"), ("async", TaskState.DEAD, 2, "KeyError")]
+    assert [(info.id, info.state) for info in sync_seen] == [(dead.id, TaskState.DEAD)]
+    assert sync_seen[0].last_error is not None and "KeyError: 'missing'" in sync_seen[0].last_error
+
+
+async def test_retry_raised_inside_a_task_group_is_still_a_retry(clock: ManualClock, group: Any) -> None:
+    tasks = make(MemoryBackend(), clock)
+
+    @tasks.register(name="grouped")
+    async def grouped(ctx: TaskContext) -> int:
+        if ctx.attempt == 1:
+            async with anyio.create_task_group():
+                raise Retry(after=30, reason="from a child scope")
+        return ctx.attempt
+
+    async with tasks:
+        group.start_soon(tasks.execute)
+        task_id = await tasks.enqueue(grouped)
+        info = await tasks._wait_for(task_id, lambda i: i.attempts == 1 and i.state is TaskState.PENDING, WAIT)
+        assert info.run_at == T0 + 30
+        clock.advance(30)
+        assert (await tasks.wait(task_id, timeout=WAIT)).result == 2
+
+
+async def test_backoff_with_jitter_uses_the_seeded_rng(clock: ManualClock, group: Any) -> None:
+    import random
+
+    backoff = Backoff(initial=8.0, cap=100.0)
+    tasks = make(MemoryBackend(), clock, retry_backoff=backoff, rng=random.Random(42))
+
+    @tasks.register(name="fails")
+    async def fails() -> None:
+        raise RuntimeError("no")
+
+    async with tasks:
+        group.start_soon(tasks.execute)
+        task_id = await tasks.enqueue(fails)
+        info = await tasks._wait_for(task_id, lambda i: i.attempts == 1 and i.state is TaskState.PENDING, WAIT)
+    delay = info.run_at - T0
+    assert 0.0 <= delay <= 8.0
+    assert delay != 8.0, "full jitter draws from [0, ceiling]"
+
+
+async def test_the_task_logger_names_the_task(clock: ManualClock, group: Any, caplog: pytest.LogCaptureFixture) -> None:
+    tasks = make(MemoryBackend(), clock)
+
+    @tasks.register(name="talks")
+    async def talks(ctx: TaskContext) -> None:
+        ctx.logger.warning("hello from attempt %d", ctx.attempt)
+
+    async with tasks:
+        group.start_soon(tasks.execute)
+        task_id = await tasks.enqueue(talks)
+        await tasks.wait(task_id, timeout=WAIT)
+    record = next(r for r in caplog.records if r.name == "lifecycle.asynctask.task")
+    assert record.getMessage() == f"[talks {task_id}] hello from attempt 1"
+    assert (record.task_id, record.task_name) == (task_id, "talks")  # type: ignore[attr-defined]
+
+
+async def test_a_task_stopped_before_its_run_started_is_released_without_running(clock: ManualClock) -> None:
+    backend = MemoryBackend()
+    tasks = make(backend, clock)
+
+    @tasks.register(name="never_started")
+    async def never_started() -> None:
+        raise AssertionError("must not run: the worker stopped before it started")
+
+    async with tasks:
+        task_id = await tasks.enqueue(never_started)
+        claimed = await backend.claim(["default"], 1, now=clock(), lease_until=clock() + 30)
+        worker = Worker(backend, tasks._registry, tasks.encoding, tasks._options, logging.getLogger("test"))
+        async with anyio.create_task_group() as runners:
+            worker._runners = runners
+            worker._start(claimed)
+            worker._running[task_id].cancel("shutdown")  # the drain, in the same step as the claim
+        (release,) = worker._settler._buffer
+    assert (release.task_id, release.state, release.refund_attempt) == (task_id, TaskState.PENDING, True)
+
+
+async def test_a_failed_final_flush_leaves_tasks_active_for_recovery(
+    clock: ManualClock, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import lifecycle.asynctask._worker as worker_module
+
+    monkeypatch.setattr(worker_module, "_FINAL_FLUSH_TIMEOUT", 0.2)
+    backend = Instrumented()
+    tasks = make(backend, clock, shutdown_grace=0)
+    started = anyio.Event()
+
+    @tasks.register(name="endless")
+    async def endless() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    async with tasks:
+        task_id = await tasks.enqueue(endless)
+        async with anyio.create_task_group() as group:
+            group.start_soon(tasks.execute)
+            with anyio.fail_after(WAIT):
+                await started.wait()
+            backend.fail_settles = 10**6
+            group.cancel_scope.cancel()
+        info = await tasks.info(task_id)
+        assert info is not None and info.state is TaskState.ACTIVE
+        assert "could not save 1 task verdict(s) at shutdown" in caplog.text
+        backend.fail_settles = 0
+        clock.advance(31)
+        assert await tasks.recover_expired() == 1
+        info = await tasks.info(task_id)
+        assert info is not None and info.state is TaskState.PENDING
+

@@ -1,0 +1,440 @@
+"""Restart policies: what restarts, in which order, with which backoff, and the sliding-window intensity.
+
+Time comes from a fake clock and sleep (``fake_timing``): the window's edges are hit exactly, no test waits.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+import anyio
+import pytest
+from fake_timing import FakeTiming, install
+from lifecycle_testkit import Boom, FakeTask, Outcome, manager, run_capturing
+
+import lifecycle
+from lifecycle import Backoff, EventKind, Restart, Stage, TaskError, TaskManagerError, TaskType, UnexpectedStopError
+
+STEADY = Backoff(initial=0.5, cap=4.0, jitter=False)
+
+
+def failing_at(timing: FakeTiming, times: list[float], then: anyio.Event | None = None) -> lifecycle.ExecuteTask:
+    """An execute task whose n-th run sets the clock to ``times[n]`` and raises; afterwards it waits."""
+
+    class Flaky:
+        runs = 0
+
+        async def execute(self) -> None:
+            run = Flaky.runs
+            Flaky.runs += 1
+            if run < len(times):
+                timing.now = times[run]
+                raise Boom(f"run {run}")
+            if then is not None:
+                then.set()
+            await anyio.sleep_forever()
+
+    return Flaky()
+
+
+# ------------------------------------------------------------------ the policy object
+
+
+def test_defaults_match_the_issue() -> None:
+    policy = Restart()
+    assert (policy.mode, policy.max_restarts, policy.within) == ("on-failure", 5, 60.0)
+    assert policy.backoff == Backoff(initial=0.1, cap=30.0)
+    assert policy.backoff.jitter
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"mode": "sometimes"}, ValueError, "'on-failure' or 'always'"),
+        ({"max_restarts": -1}, ValueError, "max_restarts must be an int >= 0"),
+        ({"max_restarts": 2.5}, ValueError, "max_restarts must be an int >= 0"),
+        ({"within": 0}, ValueError, "within must be a positive number"),
+        ({"backoff": 1.0}, TypeError, "backoff must be a lifecycle.Backoff"),
+    ],
+)
+def test_bad_policies_are_refused_with_a_clear_message(
+    kwargs: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        Restart(**kwargs)  # type: ignore[arg-type]
+
+
+def test_add_refuses_something_that_is_not_a_restart() -> None:
+    m = lifecycle.TaskManager()
+    with pytest.raises(TypeError, match="restart must be a lifecycle.Restart"):
+        m.add_task("db", FakeTask("db", []), restart=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="restart must be a lifecycle.Restart"):
+        m.add_execute_task("w", anyio.sleep_forever, restart={"max_restarts": 1})  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ the sliding window, at its edges
+
+
+@pytest.mark.parametrize(
+    ("failure_times", "restarts", "sleeps"),
+    [
+        # max_restarts=2 within 10 s: a third failure 9.999 s after the first is one too many ...
+        ([0.0, 1.0, 9.999], 2, [0.5, 1.0]),
+        # ... exactly 10 s after it, the first restart has left the window, so it restarts a third time
+        # (the window holds 1.0 and 10.0: the backoff is at its second step), and the next failure at
+        # 10.5 finds two restarts in the window again.
+        ([0.0, 1.0, 10.0, 10.5], 3, [0.5, 1.0, 1.0]),
+        # at 11.0 both 0.0 and 1.0 are out: restart number 1 of a fresh window (backoff back to 0.5)
+        ([0.0, 1.0, 11.0, 11.0, 11.0], 4, [0.5, 1.0, 0.5, 1.0]),
+    ],
+)
+async def test_intensity_is_a_sliding_window_tested_at_its_edges(
+    failure_times: list[float], restarts: int, sleeps: list[float]
+) -> None:
+    m, events = manager()
+    timing = install(m, FakeTiming(advance=False))
+    policy = Restart(max_restarts=2, within=10.0, backoff=STEADY)
+    m.add_execute_task("flaky", failing_at(timing, failure_times), TaskType.ERROR, restart=policy)
+    with pytest.raises(TaskManagerError) as caught:
+        with anyio.fail_after(10):
+            await m.run()
+    [error] = caught.value.exceptions
+    assert error.task_name == "flaky"
+    assert error.restarts == restarts
+    assert isinstance(error.__cause__, Boom)
+    assert str(error.__cause__) == f"run {len(failure_times) - 1}"
+    assert f"gave up after {restarts} restarts: 2 within 10 s reached max_restarts=2" in str(error)
+    assert timing.sleeps == sleeps
+    assert len([e for e in events.events if e.kind is EventKind.TASK_RESTARTING]) == restarts
+    [row] = m.status()
+    assert (row.state, row.restarts, row.error) == ("failed", restarts, error)
+    assert row.last_error is error
+
+
+async def test_max_restarts_zero_never_restarts_and_says_so() -> None:
+    m, _ = manager()
+    timing = install(m, FakeTiming())
+    m.add_execute_task("once", failing_at(timing, [0.0]), restart=Restart(max_restarts=0))
+    with pytest.raises(TaskManagerError) as caught:
+        await m.run()
+    [error] = caught.value.exceptions
+    assert error.restarts == 0
+    assert "gave up after 0 restarts" in str(error)
+
+
+async def test_backoff_grows_with_the_restarts_in_the_window_and_uses_the_jitter_source() -> None:
+    m, _ = manager()
+    timing = install(m, FakeTiming(advance=False))
+    timing.rng = random.Random(7)  # type: ignore[assignment]
+    backoff = Backoff(initial=1.0, cap=5.0)
+    m.add_execute_task("flaky", failing_at(timing, [0.0] * 5), restart=Restart(max_restarts=4, backoff=backoff))
+    with pytest.raises(TaskManagerError):
+        await m.run()
+    same_draws = random.Random(7)
+    assert timing.sleeps == [backoff.delay(n, same_draws) for n in (1, 2, 3, 4)]
+    assert all(0.0 <= d <= c for d, c in zip(timing.sleeps, [1.0, 2.0, 4.0, 5.0], strict=True))
+
+
+# ------------------------------------------------------------------ what a restart does
+
+
+async def test_a_restarted_task_runs_cleanup_then_initialize_then_execute_again() -> None:
+    log: list[str] = []
+    failures = iter([Boom("first"), Boom("second")])
+    steady = anyio.Event()
+
+    async def execute() -> None:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        steady.set()
+        await anyio.sleep_forever()
+
+    m, events = manager()
+    install(m, FakeTiming())
+    m.add_task("db", FakeTask("db", log, execute=execute), restart=Restart(backoff=STEADY))
+    outcome = Outcome()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_capturing, m, outcome)
+        with anyio.fail_after(10):
+            await steady.wait()
+        m.shutdown()
+    assert await outcome.finished() is None
+    assert log == [
+        "db.initialize",
+        "db.execute",
+        "db.cleanup",
+        "db.initialize",
+        "db.execute",
+        "db.cleanup",
+        "db.initialize",
+        "db.execute",
+        "db.execute.cancelled",
+        "db.cleanup",
+    ]
+    [row] = m.status()
+    assert (row.restarts, row.error, row.stage, row.state) == (2, None, Stage.CLEANUP, "done")
+    assert isinstance(row.last_error, TaskError)
+    assert str(row.last_error.__cause__) == "second"
+
+
+async def test_every_restart_is_an_event_and_visible_in_status_and_health() -> None:
+    m, events = manager()
+    timing = install(m, FakeTiming(gated=True))
+    again = anyio.Event()
+    policy = Restart(max_restarts=3, within=60, backoff=STEADY)
+    m.add_execute_task("worker", failing_at(timing, [timing.now], then=again), restart=policy)
+    outcome = Outcome()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_capturing, m, outcome)
+        assert await timing.sleeping() == 0.5  # in the backoff now
+        restarting = await events.wait(EventKind.TASK_RESTARTING, "worker")
+        assert restarting.duration == 0.5
+        assert isinstance(restarting.error, TaskError)
+        assert isinstance(restarting.error.__cause__, Boom)
+        assert restarting.detail is not None and "restart 1 of 3 within 60 s" in restarting.detail
+        [row] = m.status()
+        assert (row.state, row.restarts, row.error) == ("restarting", 1, None)
+        assert row.last_error is restarting.error
+        health = m.health()
+        assert not health.ready
+        assert health.live
+        assert health.tasks[0].restarting
+        not_ready = await events.wait(EventKind.NOT_READY)
+        assert not_ready.detail == "task 'worker' is restarting"
+        timing.release()
+        with anyio.fail_after(10):
+            await again.wait()
+        assert m.health().ready
+        assert m.status()[0].state == "running"
+        m.shutdown()
+    assert await outcome.finished() is None
+    kinds = [e.kind for e in events.events if e.kind in (EventKind.READY, EventKind.NOT_READY)]
+    assert kinds == [EventKind.READY, EventKind.NOT_READY, EventKind.READY]
+
+
+async def test_a_strict_early_return_is_a_failure_to_restart_and_past_the_intensity_an_unexpected_stop() -> None:
+    calls = 0
+
+    async def returns_early() -> None:
+        nonlocal calls
+        calls += 1
+
+    m, _ = manager()
+    install(m, FakeTiming())
+    m.add_execute_task("strict", returns_early, restart=Restart(max_restarts=2, backoff=STEADY))
+    with pytest.raises(TaskManagerError) as caught:
+        await m.run()
+    [error] = caught.value.exceptions
+    assert calls == 3
+    assert isinstance(error.__cause__, UnexpectedStopError)
+    assert error.restarts == 2
+    assert "gave up after 2 restarts" in str(error)
+
+
+async def test_on_failure_leaves_a_returning_error_task_alone_but_always_restarts_it() -> None:
+    calls = {"on-failure": 0, "always": 0}
+
+    def returner(mode: str) -> lifecycle.ExecuteTask:
+        class Returns:
+            async def execute(self) -> None:
+                calls[mode] += 1
+
+        return Returns()
+
+    m, events = manager()
+    install(m, FakeTiming())
+    m.add_execute_task("calm", returner("on-failure"), TaskType.ERROR, restart=Restart(backoff=STEADY))
+    m.add_execute_task(
+        "eager", returner("always"), TaskType.ERROR, restart=Restart("always", max_restarts=3, backoff=STEADY)
+    )
+    outcome = Outcome()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_capturing, m, outcome)
+        await events.wait(EventKind.TASK_RETURNED, "eager")
+        await events.wait(EventKind.TASK_RETURNED, "calm")
+        assert m.state is lifecycle.ManagerState.RUNNING  # past the intensity an ERROR return is still fine
+        m.shutdown()
+    assert await outcome.finished() is None
+    assert calls == {"on-failure": 1, "always": 4}
+    rows = {row.name: row for row in m.status()}
+    assert (rows["eager"].restarts, rows["eager"].state, rows["eager"].error) == (3, "done", None)
+    assert rows["calm"].restarts == 0
+    [restart_event, *_] = [e for e in events.events if e.kind is EventKind.TASK_RESTARTING]
+    assert restart_event.error is None  # a return, not a failure
+
+
+async def test_a_failing_initialize_during_a_restart_counts_as_one_more_failure() -> None:
+    log: list[str] = []
+    initializations = 0
+
+    async def initialize() -> None:
+        nonlocal initializations
+        initializations += 1
+        if initializations == 2:
+            raise Boom("cannot reconnect")
+
+    executions = 0
+    steady = anyio.Event()
+
+    async def execute() -> None:
+        nonlocal executions
+        executions += 1
+        if executions == 1:
+            raise Boom("connection lost")
+        steady.set()
+        await anyio.sleep_forever()
+
+    m, events = manager()
+    timing = install(m, FakeTiming())
+    m.add_task("db", FakeTask("db", log, initialize=initialize, execute=execute), restart=Restart(backoff=STEADY))
+    outcome = Outcome()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_capturing, m, outcome)
+        with anyio.fail_after(10):
+            await steady.wait()
+        m.shutdown()
+    assert await outcome.finished() is None
+    restarts = [e for e in events.events if e.kind is EventKind.TASK_RESTARTING]
+    assert [e.error.stage for e in restarts if e.error is not None] == [Stage.EXECUTE, Stage.INITIALIZE]
+    assert timing.sleeps == [0.5, 1.0]
+    # the failed initialize released what it took: no cleanup for it, one cleanup per completed initialize
+    assert log == [
+        "db.initialize",
+        "db.execute",
+        "db.cleanup",
+        "db.initialize",
+        "db.initialize",
+        "db.execute",
+        "db.execute.cancelled",
+        "db.cleanup",
+    ]
+
+
+async def test_a_failing_first_initialize_is_not_restarted() -> None:
+    m, _ = manager()
+    install(m, FakeTiming())
+    log: list[str] = []
+    m.add_task("db", FakeTask("db", log, initialize=_raise_boom), restart=Restart())
+    with pytest.raises(TaskManagerError) as caught:
+        await m.run()
+    assert [e.stage for e in caught.value.exceptions] == [Stage.INITIALIZE]
+    assert log == ["db.initialize"]
+
+
+async def _raise_boom() -> None:
+    raise Boom("nope")
+
+
+# ------------------------------------------------------------------ what stops restarting
+
+
+async def test_shutdown_during_the_backoff_ends_the_task_without_error_or_second_cleanup() -> None:
+    log: list[str] = []
+    m, events = manager()
+    timing = install(m, FakeTiming(gated=True))
+    m.add_task("db", FakeTask("db", log, execute=_raise_boom), restart=Restart(backoff=STEADY))
+    outcome = Outcome()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_capturing, m, outcome)
+        await timing.sleeping()
+        m.shutdown()
+    assert await outcome.finished() is None
+    assert log == ["db.initialize", "db.execute", "db.cleanup"]
+    [row] = m.status()
+    assert (row.restarts, row.error) == (1, None)
+    assert m.health().tasks[0].restarting is False
+
+
+async def test_cancelling_during_the_backoff_stops_restarting_and_is_not_an_error() -> None:
+    m, events = manager()
+    timing = install(m, FakeTiming(gated=True))
+    outcome = Outcome()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_capturing, m, outcome)
+        await events.running()
+        handle = m.add_execute_task("job", _raise_boom, restart=Restart(backoff=STEADY))
+        await timing.sleeping()
+        assert not m.health().ready
+        assert m.cancel("job") is True
+        await handle.wait()
+        assert m.health().ready  # nothing restarts any more
+        assert m.cancel("job") is False  # ended (and forgotten: it ended without error)
+        assert m.state is lifecycle.ManagerState.RUNNING
+        m.shutdown()
+    assert await outcome.finished() is None
+    assert events.kinds("job")[-1] == "task_cancelled"
+
+
+async def test_errors_after_shutdown_began_are_not_restarted() -> None:
+    m, events = manager()
+    timing = install(m, FakeTiming())
+
+    async def fails_when_cancelled() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            raise Boom("while stopping")
+
+    m.add_execute_task("w", fails_when_cancelled, restart=Restart())
+    outcome = Outcome()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_capturing, m, outcome)
+        await events.wait(EventKind.READY)
+        m.shutdown()
+    error = await outcome.finished()
+    assert isinstance(error, TaskManagerError)
+    assert error.exceptions[0].restarts == 0
+    assert timing.sleeps == []
+
+
+async def test_an_execute_task_added_while_running_restarts_too() -> None:
+    m, events = manager()
+    install(m, FakeTiming())
+    steady = anyio.Event()
+    outcome = Outcome()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_capturing, m, outcome)
+        await events.running()
+        timing = m._timing
+        assert isinstance(timing, FakeTiming)
+        m.add_execute_task("late", failing_at(timing, [0.0, 0.0], then=steady), restart=Restart(backoff=STEADY))
+        with anyio.fail_after(10):
+            await steady.wait()
+        assert {row.name: row.restarts for row in m.status()} == {"late": 2}
+        m.shutdown()
+    assert await outcome.finished() is None
+
+
+# ------------------------------------------------------------------ cancel by name
+
+
+async def test_manager_cancel_by_name() -> None:
+    m, events = manager()
+    m.add_task("db", FakeTask("db", []))
+    queued = m.add_execute_task("queued", anyio.sleep_forever)
+    assert m.cancel("queued") is True  # before run(): it never starts
+    assert m.cancel("nobody") is False
+    with pytest.raises(ValueError, match="'db' is a Task"):
+        m.cancel("db")
+    outcome = Outcome()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_capturing, m, outcome)
+        await events.running()
+        m.add_execute_task("conn", anyio.sleep_forever)
+        await events.wait(EventKind.TASK_EXECUTING, "conn")
+        assert m.cancel("conn") is True
+        await events.wait(EventKind.TASK_CANCELLED, "conn")
+        assert m.state is lifecycle.ManagerState.RUNNING
+        m.shutdown()
+    assert await outcome.finished() is None
+    assert queued.done
+    assert "task_executing" not in events.kinds("queued")
+
+
+def test_task_errors_keep_their_restart_count_through_pickling() -> None:
+    error = TaskError("db", Stage.EXECUTE, TaskType.STRICT, Boom("x"), 3, "gave up after 3 restarts")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.restarts, copy.restart_note, str(copy)) == (3, "gave up after 3 restarts", str(error))
+    assert "after 2 restarts" in str(TaskError("db", Stage.EXECUTE, TaskType.STRICT, Boom("x"), 2))
