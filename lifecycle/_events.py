@@ -89,6 +89,8 @@ _VERBS = {
     EventKind.TASK_FAILED: "failed",
 }
 
+_READINESS = frozenset({EventKind.READY, EventKind.NOT_READY, EventKind.DRAINING, EventKind.DRAINED})
+
 Listener = Callable[[LifecycleEvent], None]
 
 
@@ -165,6 +167,8 @@ def _log(event: LifecycleEvent, level: int) -> None:
             logger.log(level, "%s", event.detail)
             return
         text = event.state.value if event.state is not None else (event.detail or event.kind.value)
+        if event.kind in _READINESS and event.detail:
+            text = f"{event.kind.value.replace('_', ' ')}: {event.detail}"
         logger.log(level, "%s: %s", event.manager, text)
         return
     if event.kind is EventKind.TASK_RESTARTING:

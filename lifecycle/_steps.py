@@ -186,6 +186,8 @@ class StageSteps(MachineCore):
             failure = None
             if entry.kind == "task" and entry.initialized:
                 cleanup_failure = await self._cleanup_stage(entry, forcible=False)
+                if cleanup_failure is not None and not isinstance(cleanup_failure, Exception):
+                    raise cleanup_failure  # KeyboardInterrupt, SystemExit...: stop, never restart
                 if cleanup_failure is not None:
                     failure = (Stage.CLEANUP, cleanup_failure)
                     continue
@@ -217,8 +219,8 @@ class StageSteps(MachineCore):
             duration=delay,
             error=error,
             detail=(
-                f"restart {number} of {policy.max_restarts} within {policy.within:g} s "
-                f"({entry.restarts} in total) after {delay:.3f} s"
+                f"restarting in {delay:.3f} s (restart {number} of {policy.max_restarts} within "
+                f"{policy.within:g} s, {entry.restarts} in total)"
             ),
         )
         self._restarting_begins(entry)

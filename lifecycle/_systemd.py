@@ -147,7 +147,7 @@ def _message(event: LifecycleEvent) -> str | None:
     if kind is EventKind.SHUTDOWN_STUCK:
         return _status(f"{event.manager}: shutdown stuck past shutdown_timeout")
     if kind is EventKind.TASK_RESTARTING:
-        return _status(f"{event.manager}: restarting task {event.task_name!r}: {event.detail}")
+        return _status(f"{event.manager}: task {event.task_name!r} {event.detail}")
     if kind is EventKind.TASK_FAILED and event.stage is not None:
         return _status(f"{event.manager}: task {event.task_name!r} failed in {event.stage.value}")
     return None

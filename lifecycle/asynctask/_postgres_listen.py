@@ -126,8 +126,9 @@ class Listener:
                     )
                     failures = 0
                     self._wake_all()  # notifications sent while we were away are lost: look again
-                async for notify in connection.notifies():
-                    self._notified(notify.payload)
+                while True:
+                    for queue in await _next_notifications(connection):
+                        self._notified(queue)
             except Exception as exc:
                 failures += 1
                 if failures == 1:
@@ -146,3 +147,35 @@ class Listener:
                         await connection.close()
                 self._wake_all()
                 await asyncio.sleep(self._retry.delay(failures))
+
+
+async def _next_notifications(connection: psycopg.AsyncConnection[Any]) -> list[str]:
+    """Wait for the next notifications on a connection used for nothing else; return their payloads.
+
+    Lower level than ``connection.notifies()`` on purpose: psycopg's waits wake every 100 ms to poll, which
+    would wake every idle worker ten times a second (and keeps ``anyio.wait_all_tasks_blocked`` from ever
+    seeing it blocked). Here the task sleeps until the socket is readable. Raises
+    :class:`psycopg.OperationalError` when the connection is lost.
+    """
+    pgconn = connection.pgconn
+    encoding = connection.info.encoding
+    loop = asyncio.get_running_loop()
+    while True:
+        pgconn.consume_input()
+        payloads: list[str] = []
+        while (notify := pgconn.notifies()) is not None:
+            payloads.append(notify.extra.decode(encoding, "replace"))
+        if payloads:
+            return payloads
+        readable: asyncio.Future[None] = loop.create_future()
+        fileno = pgconn.socket
+        loop.add_reader(fileno, _set_once, readable)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(fileno)
+
+
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

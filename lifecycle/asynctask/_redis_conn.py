@@ -28,12 +28,21 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ._errors import BackendError
 from ._redis_lua import SCRIPTS
 
-__all__ = ["ScriptRunner", "check_url", "current_async_library", "make_client", "safe_url"]
+__all__ = [
+    "RETRYABLE",
+    "ScriptRunner",
+    "check_url",
+    "current_async_library",
+    "make_client",
+    "safe_url",
+    "unusable",
+]
 
 _log = logging.getLogger("lifecycle.asynctask.redis")
 
-RETRYABLE = (RedisConnectionError, RedisTimeoutError)
-"""Errors after which a script call is repeated (redis-py's BusyLoadingError is a ConnectionError)."""
+RETRYABLE = (RedisConnectionError, RedisTimeoutError, TimeoutError)
+"""Errors after which a call is repeated: a lost connection (redis-py's BusyLoadingError, raised while a
+restarted server loads its data, is a ConnectionError) or no reply within ``socket_timeout``."""
 
 _FORBIDDEN_OPTIONS = ("decode_responses", "encoding", "protocol")
 
@@ -82,17 +91,16 @@ def check_url(url: str) -> None:
 
 
 def make_client(
-    url: str,
-    *,
-    socket_timeout: float | None,
-    connect_timeout: float,
-    max_connections: int | None,
-    options: Mapping[str, Any],
+    url: str, *, connect_timeout: float, max_connections: int | None, options: Mapping[str, Any]
 ) -> aioredis.Redis:
     """A redis-py asyncio client with its own pool. Retries are ours (see :class:`ScriptRunner`), so
-    redis-py's own are switched off."""
+    redis-py's own are switched off.
+
+    redis-py's ``socket_timeout`` stays off: on Python < 3.12 it wraps every send in ``asyncio.wait_for``,
+    which can swallow a cancellation that arrives as the send completes (the cancelled task then runs on).
+    Reply timeouts are applied around each call with an anyio cancel scope instead."""
     kwargs: dict[str, Any] = {
-        "socket_timeout": socket_timeout,
+        "socket_timeout": None,
         "socket_connect_timeout": connect_timeout,
         "socket_keepalive": True,
         "retry": Retry(NoBackoff(), 0),
@@ -130,10 +138,13 @@ class ScriptRunner:
     """Runs the backend's Lua scripts on one client: EVALSHA, reload on NOSCRIPT, retry on a lost
     connection until ``reconnect_timeout`` seconds have passed (then the redis-py error propagates)."""
 
-    def __init__(self, client: aioredis.Redis, *, prefix: str, reconnect_timeout: float) -> None:
+    def __init__(
+        self, client: aioredis.Redis, *, prefix: str, socket_timeout: float, reconnect_timeout: float
+    ) -> None:
         self.client = client
         self.prefix = prefix
         self._anchor = f"{prefix}seq"
+        self._socket_timeout = socket_timeout
         self._reconnect_timeout = reconnect_timeout
 
     async def load_all(self) -> None:
@@ -162,7 +173,7 @@ class ScriptRunner:
         delay = 0.02
         while True:
             try:
-                return await call()
+                return await self.once(call)
             except RETRYABLE as exc:
                 now = time.monotonic()
                 if deadline == math.inf:
@@ -172,6 +183,13 @@ class ScriptRunner:
                     raise
                 await anyio.sleep(min(delay, deadline - now))
                 delay = min(delay * 2, 1.0)
+
+
+    async def once(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """Await ``call()``; raise :class:`TimeoutError` when the server has not answered within
+        ``socket_timeout`` (the cancelled command's connection is dropped by redis-py)."""
+        with anyio.fail_after(self._socket_timeout):
+            return await call()
 
 
 def unusable(url: str, exc: BaseException) -> BackendError:

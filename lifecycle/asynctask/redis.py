@@ -173,19 +173,19 @@ class RedisBackend:
             )
         client = make_client(
             self._url,
-            socket_timeout=self._socket_timeout,
             connect_timeout=self._connect_timeout,
             max_connections=self._max_connections,
             options=self._client_options,
         )
         waiter = make_client(
-            self._url,
-            socket_timeout=None,
-            connect_timeout=self._connect_timeout,
-            max_connections=None,
-            options=self._client_options,
+            self._url, connect_timeout=self._connect_timeout, max_connections=None, options=self._client_options
         )
-        runner = ScriptRunner(client, prefix=self._prefix, reconnect_timeout=self._reconnect_timeout)
+        runner = ScriptRunner(
+            client,
+            prefix=self._prefix,
+            socket_timeout=self._socket_timeout,
+            reconnect_timeout=self._reconnect_timeout,
+        )
         try:
             with anyio.fail_after(self._connect_timeout + self._socket_timeout):
                 info = await client.info("server")
@@ -355,7 +355,8 @@ class RedisBackend:
         try:
             done, _ = await asyncio.wait((blpop,), timeout=pause)
             if not done:
-                await self._run().client.lpush(alarm, b"1")
+                runner = self._run()
+                await runner.once(lambda: runner.client.lpush(alarm, b"1"))
                 done, _ = await asyncio.wait((blpop,), timeout=self._socket_timeout)
             if done:
                 blpop.result()

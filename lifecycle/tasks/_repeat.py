@@ -103,6 +103,9 @@ class Repeat:
             delay = next_tick - self._clock()
             if delay > 0:
                 await self._sleep(delay)
+            else:
+                # Behind schedule: still yield, so cancellation and other tasks get their turn.
+                await anyio.lowlevel.checkpoint()
             await self._call_once()
             next_tick += interval
             now = self._clock()

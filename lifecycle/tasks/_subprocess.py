@@ -206,7 +206,6 @@ class Subprocess:
         message = (
             f"{self._name}: the child process {_describe_exit(returncode)} while the service was running"
         )
-        logger.error("%s", self._with_output(message))
         raise ProcessExitedError(self._with_output(message), returncode, self._last_lines)
 
     async def cleanup(self) -> None:

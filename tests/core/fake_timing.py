@@ -58,7 +58,7 @@ class FakeTiming:
 
     def release(self) -> None:
         """Let the oldest gated sleep return."""
-        delay, gate = self._asleep.pop(0)
+        _, gate = self._asleep.pop(0)
         gate.set()
 
 

@@ -53,7 +53,8 @@ async def test_readiness_turns_false_then_the_drain_delay_then_cancel_then_clean
     assert order[6:] == ["db:task_cleaning_up", "db:task_cleaned_up"]
     assert log == ["db.initialize", "db.execute", "db.execute.cancelled", "db.cleanup"]
     drained = next(e for e in events.events if e.kind is EventKind.DRAINING)
-    assert drained.detail is not None and "drain_delay=5" in drained.detail
+    assert drained.detail is not None
+    assert "drain_delay=5" in drained.detail
 
 
 async def test_without_drain_delay_the_executes_are_cancelled_at_once() -> None:
@@ -107,7 +108,8 @@ async def test_a_forced_shutdown_cuts_the_drain_short() -> None:
         assert m.cancel_cleanups() == 0  # the second signal of lifecycle.run: no cleanup runs yet
         drained = await events.wait(EventKind.DRAINED)
     assert await outcome.finished() is None
-    assert drained.detail is not None and "cut short" in drained.detail
+    assert drained.detail is not None
+    assert "cut short" in drained.detail
 
 
 async def test_cancelling_run_from_outside_does_not_wait_for_the_drain() -> None:

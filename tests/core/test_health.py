@@ -1,4 +1,4 @@
-"""manager.health(): ready only once every task executes, live until something failed for good or got stuck."""
+"""manager.health(): ready once every task executes; live until something failed for good or got stuck."""
 
 from __future__ import annotations
 
@@ -31,7 +31,12 @@ async def test_ready_only_when_every_task_is_initialized_and_every_execute_has_s
         tg.start_soon(run_capturing, m, outcome)
         await events.wait(EventKind.READY)
         health = m.health()
-        assert (health.ready, health.live, health.draining, health.state) == (True, True, False, ManagerState.RUNNING)
+        assert (health.ready, health.live, health.draining, health.state) == (
+            True,
+            True,
+            False,
+            ManagerState.RUNNING,
+        )
         assert [(t.name, t.kind, t.stage, t.state, t.live) for t in health.tasks] == [
             ("db", "task", Stage.EXECUTE, "running", True),
             ("a", "execute", Stage.EXECUTE, "running", True),
@@ -46,7 +51,12 @@ async def test_ready_only_when_every_task_is_initialized_and_every_execute_has_s
     assert [ready for _, ready in seen[:5]] == [False] * 5  # not ready until the last execute started
     assert seen[5][1] is True
     final = m.health()
-    assert (final.ready, final.live, final.draining, final.state) == (False, False, False, ManagerState.STOPPED)
+    assert (final.ready, final.live, final.draining, final.state) == (
+        False,
+        False,
+        False,
+        ManagerState.STOPPED,
+    )
 
 
 async def test_an_empty_manager_is_ready_as_soon_as_it_runs() -> None:
@@ -70,7 +80,7 @@ async def test_a_task_that_failed_for_good_makes_the_manager_not_live_while_it_s
         cleaning.set()
         await release.wait()
 
-    m, events = manager()
+    m, _ = manager()
     m.add_task("db", FakeTask("db", [], cleanup=slow_cleanup))
     m.add_execute_task("broken", raises("boom"))
     outcome = Outcome()
@@ -146,5 +156,10 @@ async def test_status_rows_serialise_with_errors_as_text() -> None:
     data = row.to_dict()
     assert data["error"] == "Boom: it broke"
     assert data["last_error"] == "Boom: it broke"
-    assert (data["task_type"], data["stage"], data["state"], data["restarts"]) == ("strict", "execute", "failed", 0)
+    assert (data["task_type"], data["stage"], data["state"], data["restarts"]) == (
+        "strict",
+        "execute",
+        "failed",
+        0,
+    )
     assert isinstance(data["duration"], float)

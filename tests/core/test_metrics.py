@@ -145,7 +145,9 @@ async def test_async_task_counters_histograms_and_queue_depths_after_a_known_wor
     assert samples[key("lifecycle_asynctask_queue_depth", queue="low", state="dead")] == 0
 
 
-async def test_a_failing_queue_depth_source_does_not_break_the_scrape(caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_failing_queue_depth_source_does_not_break_the_scrape(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     class Broken:
         async def stats(self) -> dict[str, object]:
             raise ConnectionError("backend down")
@@ -157,7 +159,9 @@ async def test_a_failing_queue_depth_source_does_not_break_the_scrape(caplog: py
     assert "could not read the queue depths" in caplog.text
 
 
-def test_without_prometheus_client_metrics_say_which_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_prometheus_client_metrics_say_which_extra_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setitem(sys.modules, "prometheus_client", None)
     with pytest.raises(ImportError, match=r"pip install 'anyio-lifecycle\[metrics\]'"):
         Metrics(lifecycle.TaskManager())

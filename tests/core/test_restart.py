@@ -14,12 +14,23 @@ from fake_timing import FakeTiming, install
 from lifecycle_testkit import Boom, FakeTask, Outcome, manager, run_capturing
 
 import lifecycle
-from lifecycle import Backoff, EventKind, Restart, Stage, TaskError, TaskManagerError, TaskType, UnexpectedStopError
+from lifecycle import (
+    Backoff,
+    EventKind,
+    Restart,
+    Stage,
+    TaskError,
+    TaskManagerError,
+    TaskType,
+    UnexpectedStopError,
+)
 
 STEADY = Backoff(initial=0.5, cap=4.0, jitter=False)
 
 
-def failing_at(timing: FakeTiming, times: list[float], then: anyio.Event | None = None) -> lifecycle.ExecuteTask:
+def failing_at(
+    timing: FakeTiming, times: list[float], then: anyio.Event | None = None
+) -> lifecycle.ExecuteTask:
     """An execute task whose n-th run sets the clock to ``times[n]`` and raises; afterwards it waits."""
 
     class Flaky:
@@ -67,9 +78,9 @@ def test_bad_policies_are_refused_with_a_clear_message(
 
 def test_add_refuses_something_that_is_not_a_restart() -> None:
     m = lifecycle.TaskManager()
-    with pytest.raises(TypeError, match="restart must be a lifecycle.Restart"):
+    with pytest.raises(TypeError, match=r"restart must be a lifecycle\.Restart"):
         m.add_task("db", FakeTask("db", []), restart=5)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="restart must be a lifecycle.Restart"):
+    with pytest.raises(TypeError, match=r"restart must be a lifecycle\.Restart"):
         m.add_execute_task("w", anyio.sleep_forever, restart={"max_restarts": 1})  # type: ignore[arg-type]
 
 
@@ -128,7 +139,9 @@ async def test_backoff_grows_with_the_restarts_in_the_window_and_uses_the_jitter
     timing = install(m, FakeTiming(advance=False))
     timing.rng = random.Random(7)  # type: ignore[assignment]
     backoff = Backoff(initial=1.0, cap=5.0)
-    m.add_execute_task("flaky", failing_at(timing, [0.0] * 5), restart=Restart(max_restarts=4, backoff=backoff))
+    m.add_execute_task(
+        "flaky", failing_at(timing, [0.0] * 5), restart=Restart(max_restarts=4, backoff=backoff)
+    )
     with pytest.raises(TaskManagerError):
         await m.run()
     same_draws = random.Random(7)
@@ -151,7 +164,7 @@ async def test_a_restarted_task_runs_cleanup_then_initialize_then_execute_again(
         steady.set()
         await anyio.sleep_forever()
 
-    m, events = manager()
+    m, _ = manager()
     install(m, FakeTiming())
     m.add_task("db", FakeTask("db", log, execute=execute), restart=Restart(backoff=STEADY))
     outcome = Outcome()
@@ -193,7 +206,8 @@ async def test_every_restart_is_an_event_and_visible_in_status_and_health() -> N
         assert restarting.duration == 0.5
         assert isinstance(restarting.error, TaskError)
         assert isinstance(restarting.error.__cause__, Boom)
-        assert restarting.detail is not None and "restart 1 of 3 within 60 s" in restarting.detail
+        assert restarting.detail is not None
+        assert "restart 1 of 3 within 60 s" in restarting.detail
         [row] = m.status()
         assert (row.state, row.restarts, row.error) == ("restarting", 1, None)
         assert row.last_error is restarting.error
@@ -214,7 +228,9 @@ async def test_every_restart_is_an_event_and_visible_in_status_and_health() -> N
     assert kinds == [EventKind.READY, EventKind.NOT_READY, EventKind.READY]
 
 
-async def test_a_strict_early_return_is_a_failure_to_restart_and_past_the_intensity_an_unexpected_stop() -> None:
+async def test_a_strict_early_return_is_a_failure_to_restart_and_past_the_intensity_an_unexpected_stop() -> (
+    None
+):
     calls = 0
 
     async def returns_early() -> None:
@@ -288,7 +304,9 @@ async def test_a_failing_initialize_during_a_restart_counts_as_one_more_failure(
 
     m, events = manager()
     timing = install(m, FakeTiming())
-    m.add_task("db", FakeTask("db", log, initialize=initialize, execute=execute), restart=Restart(backoff=STEADY))
+    m.add_task(
+        "db", FakeTask("db", log, initialize=initialize, execute=execute), restart=Restart(backoff=STEADY)
+    )
     outcome = Outcome()
     async with anyio.create_task_group() as tg:
         tg.start_soon(run_capturing, m, outcome)
@@ -332,7 +350,7 @@ async def _raise_boom() -> None:
 
 async def test_shutdown_during_the_backoff_ends_the_task_without_error_or_second_cleanup() -> None:
     log: list[str] = []
-    m, events = manager()
+    m, _ = manager()
     timing = install(m, FakeTiming(gated=True))
     m.add_task("db", FakeTask("db", log, execute=_raise_boom), restart=Restart(backoff=STEADY))
     outcome = Outcome()
@@ -399,7 +417,9 @@ async def test_an_execute_task_added_while_running_restarts_too() -> None:
         await events.running()
         timing = m._timing
         assert isinstance(timing, FakeTiming)
-        m.add_execute_task("late", failing_at(timing, [0.0, 0.0], then=steady), restart=Restart(backoff=STEADY))
+        m.add_execute_task(
+            "late", failing_at(timing, [0.0, 0.0], then=steady), restart=Restart(backoff=STEADY)
+        )
         with anyio.fail_after(10):
             await steady.wait()
         assert {row.name: row.restarts for row in m.status()} == {"late": 2}
@@ -438,3 +458,54 @@ def test_task_errors_keep_their_restart_count_through_pickling() -> None:
     copy = pickle.loads(pickle.dumps(error))
     assert (copy.restarts, copy.restart_note, str(copy)) == (3, "gave up after 3 restarts", str(error))
     assert "after 2 restarts" in str(TaskError("db", Stage.EXECUTE, TaskType.STRICT, Boom("x"), 2))
+
+
+async def test_a_failing_cleanup_during_a_restart_counts_as_one_more_failure() -> None:
+    log: list[str] = []
+    cleanups = 0
+
+    async def cleanup() -> None:
+        nonlocal cleanups
+        cleanups += 1
+        if cleanups == 1:
+            raise Boom("cannot close")
+
+    executions = 0
+    steady = anyio.Event()
+
+    async def execute() -> None:
+        nonlocal executions
+        executions += 1
+        if executions == 1:
+            raise Boom("crashed")
+        steady.set()
+        await anyio.sleep_forever()
+
+    m, events = manager()
+    timing = install(m, FakeTiming())
+    task = FakeTask("db", log, execute=execute, cleanup=cleanup)
+    m.add_task("db", task, restart=Restart(backoff=STEADY))
+    outcome = Outcome()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_capturing, m, outcome)
+        with anyio.fail_after(10):
+            await steady.wait()
+        m.shutdown()
+    assert await outcome.finished() is None
+    restarts = [e.error for e in events.events if e.kind is EventKind.TASK_RESTARTING]
+    assert [(e.stage, str(e.__cause__)) for e in restarts if e is not None] == [
+        (Stage.EXECUTE, "crashed"),
+        (Stage.CLEANUP, "cannot close"),
+    ]
+    # the failed cleanup is not retried: the next round initializes again
+    assert log == [
+        "db.initialize",
+        "db.execute",
+        "db.cleanup",
+        "db.initialize",
+        "db.execute",
+        "db.execute.cancelled",
+        "db.cleanup",
+    ]
+    assert timing.sleeps == [1.0]  # the backoff of the second restart (the first one's cleanup failed)
+    assert m.status()[0].restarts == 2

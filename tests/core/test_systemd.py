@@ -1,4 +1,4 @@
-"""sd_notify: the datagrams TaskManager.run() sends to NOTIFY_SOCKET, received on a socket the test listens on."""
+"""sd_notify: the datagrams TaskManager.run() sends to NOTIFY_SOCKET, read from a socket the test binds."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def notify_socket(monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifySocket]:
 
 
 async def test_ready_status_and_stopping_are_sent_in_order(notify_socket: NotifySocket) -> None:
-    m, events = manager(name="svc")
+    m, _ = manager(name="svc")
     m.add_task("db", FakeTask("db", []))
     m.add_execute_task("worker", anyio.sleep_forever)
     outcome = Outcome()
@@ -103,8 +103,9 @@ async def test_restarts_and_failures_update_the_status_line(notify_socket: Notif
         tg.start_soon(run_capturing, m, outcome)
         messages = await notify_socket.receive_until("STOPPING=1")
     assert isinstance(await outcome.finished(), TaskManagerError)
-    [restarting] = [m for m in messages if "restarting task 'flaky'" in m]
-    assert restarting.startswith("STATUS=svc: restarting task 'flaky': restart 1 of 1 within 60 s (1 in total)")
+    [restarting] = [m for m in messages if "task 'flaky' restarting" in m]
+    assert restarting.startswith("STATUS=svc: task 'flaky' restarting in ")
+    assert restarting.endswith(" s (restart 1 of 1 within 60 s, 1 in total)")
     assert "STATUS=svc: task 'flaky' failed in execute" in messages
     assert all("\n" not in line.split("STATUS=", 1)[-1] for line in messages)
 
@@ -113,7 +114,7 @@ async def test_an_abstract_socket_address_works(monkeypatch: pytest.MonkeyPatch)
     listener = NotifySocket(f"@lifecycle-test-{uuid.uuid4().hex}")
     monkeypatch.setenv("NOTIFY_SOCKET", listener.address)
     try:
-        m, events = manager()
+        m, _ = manager()
         outcome = Outcome()
         async with anyio.create_task_group() as tg:
             tg.start_soon(run_capturing, m, outcome)
@@ -176,11 +177,13 @@ def test_environment_parsing(monkeypatch: pytest.MonkeyPatch, caplog: pytest.Log
     other = SystemdNotifier.from_environment(
         {"NOTIFY_SOCKET": "/run/x", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": str(os.getpid() + 1)}
     )
-    assert other is not None and other.watchdog_interval is None  # the watchdog is another process's
+    assert other is not None
+    assert other.watchdog_interval is None  # the watchdog is another process's
     with caplog.at_level(logging.WARNING, logger="lifecycle.systemd"):
         assert SystemdNotifier.from_environment({"NOTIFY_SOCKET": "vsock:2:1234"}) is None
         bad = SystemdNotifier.from_environment({"NOTIFY_SOCKET": "/run/x", "WATCHDOG_USEC": "soon"})
-    assert bad is not None and bad.watchdog_interval is None
+    assert bad is not None
+    assert bad.watchdog_interval is None
     assert "not a socket path or an abstract '@name' socket" in caplog.text
     assert "WATCHDOG_USEC='soon' is not a positive integer" in caplog.text
 

@@ -15,7 +15,9 @@ from lifecycle import EventKind, LifecycleEvent, ManagerState, Restart
 from lifecycle.tasks import HealthServer
 
 
-async def http(port: int, path: str, method: str = "GET", raw: bytes | None = None) -> tuple[int, dict[str, str], str]:
+async def http(
+    port: int, path: str, method: str = "GET", raw: bytes | None = None
+) -> tuple[int, dict[str, str], str]:
     """One HTTP request; returns (status, headers, body). The server closes the connection after it."""
     with anyio.fail_after(10):
         async with await anyio.connect_tcp("127.0.0.1", port) as stream:
@@ -29,7 +31,9 @@ async def http(port: int, path: str, method: str = "GET", raw: bytes | None = No
     head, _, body = data.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode().split("\r\n")
     headers = dict(line.split(": ", 1) for line in header_lines)
-    assert int(headers["Content-Length"]) == (len(body) if method != "HEAD" else int(headers["Content-Length"]))
+    assert int(headers["Content-Length"]) == (
+        len(body) if method != "HEAD" else int(headers["Content-Length"])
+    )
     return int(status_line.split(" ")[1]), headers, body.decode()
 
 
@@ -216,7 +220,8 @@ async def test_head_unknown_paths_bad_methods_and_malformed_requests() -> None:
             status, headers, body = await http(server.port, "/livez", method="HEAD")
             assert (status, body, headers["Content-Length"]) == (200, "", "3")
             status, _, body = await http(server.port, "/nope?x=1")
-            assert status == 404 and "/livez, /readyz, /status, /metrics" in body
+            assert status == 404
+            assert "/livez, /readyz, /status, /metrics" in body
             status, headers, _ = await http(server.port, "/livez", method="POST")
             assert (status, headers["Allow"]) == (405, "GET, HEAD")
             assert (await http(server.port, "", raw=b"garbage\r\n\r\n"))[0] == 400
@@ -262,7 +267,7 @@ async def test_a_port_in_use_fails_the_startup() -> None:
 
 def test_bad_arguments_are_refused() -> None:
     manager = lifecycle.TaskManager()
-    with pytest.raises(TypeError, match="needs a lifecycle.TaskManager"):
+    with pytest.raises(TypeError, match=r"needs a lifecycle\.TaskManager"):
         HealthServer(object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="port must be an int from 0 to 65535"):
         HealthServer(manager, port=70000)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Iterator
 
 import anyio
 import pytest
 
 import lifecycle
-from lifecycle.tasks import Interruptible
+from lifecycle.tasks import Interruptible, Subprocess
 
 
 @pytest.fixture(autouse=True)
@@ -273,3 +274,40 @@ def test_is_a_task_and_describes_itself() -> None:
     assert task.signals == (signal.SIGHUP,)
     assert "Recorder" in repr(task)
     assert "SIGHUP" in repr(task)
+
+
+async def test_sighup_restarts_a_subprocess_with_a_new_child() -> None:
+    class WatchedSubprocess(Subprocess):
+        """Reports each execute start, so the test knows the signal receiver is open."""
+
+        def __init__(self) -> None:
+            code = "import os, time; print('ready', flush=True); time.sleep(3600)"
+            super().__init__([sys.executable, "-c", code], ready=lambda line: line == "ready")
+            self.pids: list[int | None] = []
+            self.executing: anyio.Event | None = None
+
+        async def execute(self) -> None:
+            self.pids.append(self.pid)
+            if self.executing is not None:
+                self.executing.set()
+            await super().execute()
+
+    child = WatchedSubprocess()
+    task = Interruptible(child)
+    with anyio.fail_after(30):
+        await task.initialize()
+        async with anyio.create_task_group() as task_group:
+            child.executing = anyio.Event()
+            task_group.start_soon(task.execute)
+            await child.executing.wait()
+            child.executing = anyio.Event()
+            os.kill(os.getpid(), signal.SIGHUP)
+            await child.executing.wait()
+            task_group.cancel_scope.cancel()
+        await task.cleanup()
+    first, second = child.pids
+    assert first is not None
+    assert second is not None
+    assert first != second
+    assert child.pid is None
+    assert child.returncode == -signal.SIGTERM

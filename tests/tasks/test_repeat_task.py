@@ -190,12 +190,12 @@ async def test_keeps_a_manager_running_and_stops_at_shutdown(caplog: pytest.LogC
         if calls == 1:
             raise RuntimeError("first report fails")
         if calls == 3:
-            manager.shutdown()
+            manager.shutdown()  # the manager cancels its executes soon after, not within this call
 
     manager.add_execute_task("reporter", Repeat(report, interval=0.001))
     with anyio.fail_after(10):
         await manager.run()  # a failing call does not stop the manager: no TaskManagerError
-    assert calls == 3
+    assert calls >= 3
     assert any(r.name == "lifecycle.tasks" and r.exc_info for r in caplog.records)
 
 
