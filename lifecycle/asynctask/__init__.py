@@ -21,7 +21,8 @@ from ._records import NewTask as NewTask
 from ._records import Settlement as Settlement
 from ._records import TaskRecord as TaskRecord
 from ._records import TaskState as TaskState
-from ._worker import WorkerLostError as WorkerLostError
+from ._sqlite import SQLiteBackend as SQLiteBackend
+from ._upkeep import WorkerLostError as WorkerLostError
 
 __all__ = (
     "Abort",
@@ -39,6 +40,7 @@ __all__ = (
     "PickleEncoding",
     "QueueStats",
     "Retry",
+    "SQLiteBackend",
     "Settlement",
     "TaskContext",
     "TaskInfo",

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import builtins
 import logging
-import math
 import random
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, TypeVar, overload
@@ -17,37 +15,28 @@ import anyio
 
 from .._backoff import Backoff
 from ._backend import Backend, TransactionalBackend
-from ._clock import Clock, as_epoch, as_seconds
+from ._clock import Clock, as_seconds
 from ._encoding import Encoding, JSONEncoding
-from ._model import Call, QueueStats, TaskInfo, describe_target
+from ._enqueue import build_task, check_calls
+from ._model import Call, TaskInfo, describe_target
+from ._operations import TaskOperations
+from ._options import DEFAULT_RETENTION, check_positive, check_retention
 from ._queues import QueueOrder
-from ._records import NewTask, TaskRecord, TaskState
+from ._records import TaskState
 from ._registry import (
-    DEFAULT_MAX_RETRIES,
     DEFAULT_QUEUE,
     Registry,
-    TaskDefinition,
-    check_max_retries,
-    check_queue,
     check_timeout,
 )
-from ._verdict import Policy
-from ._worker import EngineOptions, Worker, purge_expired, recover_expired
+from ._verdict import Policy, find_request
+from ._worker import EngineOptions, Worker
 
 __all__ = ["DEFAULT_RETENTION", "AsyncTasks"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-DEFAULT_RETENTION: Mapping[TaskState, float | None] = {
-    TaskState.SUCCEEDED: 86_400.0,
-    TaskState.DEAD: 7 * 86_400.0,
-    TaskState.CANCELLED: 7 * 86_400.0,
-}
-"""How long finished tasks are kept by default (seconds after they finished): succeeded 1 day, dead and
-cancelled 7 days."""
 
-
-class AsyncTasks:
+class AsyncTasks(TaskOperations):
     """Durable asynchronous tasks: register functions, enqueue calls, and run them in workers.
 
     An ``AsyncTasks`` is a :class:`lifecycle.Task`: ``initialize`` opens the backend, ``execute`` runs the
@@ -122,7 +111,7 @@ class AsyncTasks:
         if not callable(clock):
             raise TypeError(f"clock must be a callable returning seconds since the epoch, got {clock!r}")
         self._rng = rng if rng is not None else random.Random()
-        lease = _positive(lease, "lease")
+        lease = check_positive(lease, "lease")
         self._backend = backend
         self._execution = bool(execution)
         self._encoding: Encoding = encoding if encoding is not None else JSONEncoding()
@@ -133,12 +122,12 @@ class AsyncTasks:
             concurrency=concurrency,
             queues=QueueOrder(queues, self._rng),
             lease=lease,
-            poll_interval=_positive(poll_interval, "poll_interval"),
-            recovery_interval=_positive(
+            poll_interval=check_positive(poll_interval, "poll_interval"),
+            recovery_interval=check_positive(
                 lease / 2 if recovery_interval is None else recovery_interval, "recovery_interval"
             ),
-            retention=_retention(retention),
-            retention_interval=_positive(retention_interval, "retention_interval"),
+            retention=check_retention(retention),
+            retention_interval=check_positive(retention_interval, "retention_interval"),
             shutdown_grace=as_seconds(shutdown_grace, "shutdown_grace"),
             clock=clock,
             policy=Policy(retry_backoff, self._rng),
@@ -287,7 +276,7 @@ class AsyncTasks:
         conflict raises :class:`DuplicateTaskError` and stores nothing of the batch.
         """
         now = self._clock()
-        tasks = [self._new_task(call, now) for call in _calls(calls)]
+        tasks = [build_task(call, now, self._registry, self._encoding) for call in check_calls(calls)]
         if connection is not None:
             backend = self._backend
             if not isinstance(backend, TransactionalBackend):
@@ -305,236 +294,6 @@ class AsyncTasks:
             worker.wake()
         self._notify_changed()
         return ids
-
-    def _new_task(self, call: Call, now: float) -> NewTask:
-        target = call.target
-        definition: TaskDefinition | None
-        if isinstance(target, str):
-            if not target:
-                raise TypeError("enqueue() needs a task function or a non-empty registered name, got ''")
-            definition = self._registry.get(target)
-            name = target
-        else:
-            definition = self._registry.for_function(target)
-            if definition is None:
-                raise TypeError(
-                    f"{describe_target(target)} is not registered with this AsyncTasks: decorate it with "
-                    "@tasks.register (or enqueue it by its registered name)"
-                )
-            name = definition.name
-        where = f"enqueue({name!r})"
-        if definition is not None:
-            definition.check_arity(len(call.args))
-        queue = (
-            check_queue(call.queue, where)
-            if call.queue is not None
-            else (definition.queue if definition is not None else DEFAULT_QUEUE)
-        )
-        if call.max_retries is not None:
-            max_retries = check_max_retries(call.max_retries, where)
-        else:
-            max_retries = definition.max_retries if definition is not None else DEFAULT_MAX_RETRIES
-        if call.timeout is not None:
-            timeout = check_timeout(call.timeout, where)
-        else:
-            timeout = definition.timeout if definition is not None else None
-        if call.delay is not None and call.at is not None:
-            raise TypeError(f"{where}: pass delay= or at=, not both")
-        run_at = now
-        if call.delay is not None:
-            run_at = now + as_seconds(call.delay, f"{where} delay")
-        elif call.at is not None:
-            run_at = as_epoch(call.at, f"{where} at")
-        task_id = call.task_id
-        if task_id is None:
-            task_id = uuid.uuid4().hex
-        elif not isinstance(task_id, str) or not task_id:
-            raise TypeError(f"{where}: task_id must be a non-empty string, got {task_id!r}")
-        return NewTask(
-            id=task_id,
-            name=name,
-            queue=queue,
-            payload=self._encode_arguments(name, call.args, definition),
-            max_retries=max_retries,
-            timeout=timeout,
-            enqueued_at=now,
-            run_at=run_at,
-        )
-
-    def _encode_arguments(self, name: str, args: tuple[Any, ...], definition: TaskDefinition | None) -> bytes:
-        try:
-            return self._encoding.encode(args)
-        except TypeError as whole:
-            for index, arg in enumerate(args):
-                try:
-                    self._encoding.encode(arg)
-                except TypeError as exc:
-                    names = definition.parameter_names if definition is not None else ()
-                    which = f"argument {index + 1}" + (f" ({names[index]})" if index < len(names) else "")
-                    raise TypeError(f"cannot enqueue {name!r}: {which}: {exc}") from None
-            raise TypeError(f"cannot enqueue {name!r}: {whole}") from None
-
-    # -- inspection and operations --------------------------------------------------------------------------
-
-    async def info(self, task_id: str) -> TaskInfo | None:
-        """The task with this id, or ``None`` (never stored, or removed by retention or :meth:`purge`)."""
-        self._check_open("info")
-        record = await self._backend.get(task_id)
-        return None if record is None else self._info(record)
-
-    async def list(
-        self,
-        *,
-        state: TaskState | str | Collection[TaskState | str] | None = None,
-        queue: str | None = None,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> builtins.list[TaskInfo]:
-        """Tasks, newest first, optionally of one or several states and of one queue."""
-        self._check_open("list")
-        states = None if state is None else _states(state)
-        records = await self._backend.list_records(states=states, queue=queue, limit=limit, offset=offset)
-        return [self._info(record) for record in records]
-
-    async def stats(self) -> dict[str, QueueStats]:
-        """The number of tasks per queue and state, by queue name."""
-        self._check_open("stats")
-        counts = await self._backend.stats()
-        return {
-            queue: QueueStats(**{TaskState(state).value: count for state, count in per_state.items()})
-            for queue, per_state in sorted(counts.items())
-        }
-
-    async def cancel(self, task_id: str) -> bool:
-        """Cancel a pending task (it will not run); ``False`` when it is not pending (running, finished,
-        unknown). A running task cannot be cancelled."""
-        self._check_open("cancel")
-        cancelled = bool(await self._backend.cancel([task_id], now=self._clock()))
-        self._notify_changed()
-        return cancelled
-
-    async def requeue(self, task_id: str) -> bool:
-        """Move a dead or cancelled task back to pending, attempts reset; ``False`` when it is in another
-        state or unknown."""
-        self._check_open("requeue")
-        moved = await self._backend.requeue([task_id], now=self._clock()) > 0
-        if moved and self._worker is not None:
-            self._worker.wake()
-        return moved
-
-    async def requeue_dead(self, queue: str | None = None) -> int:
-        """Move every dead task (of ``queue`` when given) back to pending; returns how many moved."""
-        self._check_open("requeue_dead")
-        moved = await self._backend.requeue(None, queue=queue, now=self._clock())
-        if moved and self._worker is not None:
-            self._worker.wake()
-        return moved
-
-    async def purge(
-        self,
-        state: TaskState | str | Collection[TaskState | str],
-        *,
-        queue: str | None = None,
-        older_than: float | timedelta | None = None,
-    ) -> int:
-        """Delete tasks in ``state`` (one or several; not ``active``), of ``queue`` when given, finished
-        (or, if pending, enqueued) more than ``older_than`` seconds ago when given. Returns how many."""
-        self._check_open("purge")
-        states = _states(state)
-        if TaskState.ACTIVE in states:
-            raise ValueError("purge() cannot delete active tasks: a worker owns them; wait until they finish")
-        before = None if older_than is None else self._clock() - as_seconds(older_than, "purge() older_than")
-        return await self._backend.purge(states=states, queue=queue, before=before)
-
-    async def purge_expired(self) -> int:
-        """Apply the retention now (executing workers do it every ``retention_interval``); returns how many
-        tasks were deleted."""
-        self._check_open("purge_expired")
-        return await purge_expired(self._backend, self._options)
-
-    async def recover_expired(self) -> int:
-        """Recover now the tasks whose worker died (lease expired): each is retried, or dead when out of
-        retries (executing workers do it every ``recovery_interval``). Returns how many were recovered."""
-        self._check_open("recover_expired")
-        worker = self._worker
-        if worker is not None:
-            return await worker.recover_expired()
-        recovered = await recover_expired(self._backend, self._options, None, None, self._logger)
-        self._notify_changed()
-        return recovered
-
-    async def wait(
-        self,
-        task_id: str,
-        *,
-        timeout: float | None = None,
-        states: Collection[TaskState | str] | None = None,
-    ) -> TaskInfo:
-        """Wait until the task is in one of ``states`` (default: finished: succeeded, dead or cancelled) and
-        return it.
-
-        A worker in this process wakes the waiter as soon as it saves a verdict; changes made by other
-        processes are seen by polling every ``poll_interval``. Raises ``TimeoutError`` after ``timeout``
-        seconds, ``LookupError`` when there is no task with this id (never stored, or purged).
-
-        Example::
-
-            task_id = await tasks.enqueue(resize, "photo.png")
-            info = await tasks.wait(task_id, timeout=30)
-            print(info.state, info.result)
-        """
-        self._check_open("wait")
-        wanted = _states(states) if states is not None else {s for s in TaskState if s.is_final}
-        return await self._wait_for(task_id, lambda info: info.state in wanted, timeout)
-
-    async def _wait_for(
-        self, task_id: str, predicate: Callable[[TaskInfo], bool], timeout: float | None
-    ) -> TaskInfo:
-        with anyio.fail_after(timeout):
-            while True:
-                changed = self._changed = self._changed or anyio.Event()
-                info = await self.info(task_id)
-                if info is None:
-                    raise LookupError(f"there is no task with id {task_id!r} (never stored, or purged)")
-                if predicate(info):
-                    return info
-                with anyio.move_on_after(self._options.poll_interval):
-                    await changed.wait()
-
-    def _notify_changed(self) -> None:
-        changed, self._changed = self._changed, None
-        if changed is not None:
-            changed.set()
-
-    def _info(self, record: TaskRecord) -> TaskInfo:
-        result = None
-        if record.result is not None:
-            try:
-                result = self._encoding.decode(record.result)
-            except ValueError as exc:
-                self._logger.warning("cannot decode the result of task %s: %s", record.id, exc)
-        return TaskInfo(
-            id=record.id,
-            name=record.name,
-            queue=record.queue,
-            state=record.state,
-            attempts=record.attempts,
-            max_retries=record.max_retries,
-            enqueued_at=record.enqueued_at,
-            run_at=record.run_at,
-            last_error=record.last_error,
-            result=result,
-            timeout=record.timeout,
-            started_at=record.started_at,
-            finished_at=record.finished_at,
-        )
-
-    def _check_open(self, what: str) -> None:
-        if not self._open:
-            raise RuntimeError(
-                f"AsyncTasks.{what}() before the backend is open: add the AsyncTasks to a TaskManager (its "
-                "initialize opens the backend), or use `async with tasks:`"
-            )
 
     # -- the lifecycle Task ---------------------------------------------------------------------------------
 
@@ -554,6 +313,14 @@ class AsyncTasks:
         worker = Worker(
             self._backend, self._registry, self._encoding, self._options, self._logger, self._notify_changed
         )
+        unserved = sorted({definition.queue for definition in self._registry} - set(self.queues))
+        if unserved:
+            self._logger.info(
+                "this worker serves the queues %s; registered tasks also default to %s, which only workers "
+                "listing them will run",
+                ", ".join(self.queues),
+                ", ".join(unserved),
+            )
         self._worker = worker
         done = anyio.Event()
         crash: BaseException | None = None
@@ -565,7 +332,7 @@ class AsyncTasks:
                 try:
                     await worker.serve()
                 except BaseException as exc:
-                    crash = exc
+                    crash = find_request(exc)  # unwrapped from the engine's task groups
                 finally:
                     done.set()
 
@@ -578,10 +345,14 @@ class AsyncTasks:
                     worker.stop()
                     with anyio.CancelScope(shield=True):
                         await done.wait()
-                    if crash is not None:
-                        raise crash
+        except BaseException:
+            if crash is not None:
+                self._logger.error("the task worker crashed while stopping", exc_info=crash)
+            raise
         finally:
             self._worker = None
+        if crash is not None:
+            raise crash
 
     async def cleanup(self) -> None:
         """Close the backend."""
@@ -602,46 +373,3 @@ class AsyncTasks:
         """Close the backend."""
         with anyio.CancelScope(shield=True):
             await self.cleanup()
-
-
-def _calls(calls: Iterable[Call]) -> list[Call]:
-    if isinstance(calls, Call):
-        raise TypeError("enqueue_many() takes a list of Call objects; for one call use enqueue()")
-    items = list(calls)
-    for item in items:
-        if not isinstance(item, Call):
-            raise TypeError(f"enqueue_many() takes Call objects, got {item!r}; write Call(fn, *args)")
-    return items
-
-
-def _states(state: TaskState | str | Collection[TaskState | str]) -> set[TaskState]:
-    values = [state] if isinstance(state, TaskState | str) else list(state)
-    try:
-        return {TaskState(value) for value in values}
-    except ValueError:
-        known = ", ".join(s.value for s in TaskState)
-        raise ValueError(f"unknown task state in {state!r}; use one of: {known}") from None
-
-
-def _positive(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
-    return float(value)
-
-
-def _retention(
-    retention: Mapping[TaskState | str, float | timedelta | None] | None,
-) -> dict[TaskState, float | None]:
-    merged: dict[TaskState, float | None] = dict(DEFAULT_RETENTION)
-    for key, age in (retention or {}).items():
-        try:
-            state = TaskState(key)
-        except ValueError:
-            raise ValueError(f"retention: unknown state {key!r}; use succeeded, dead or cancelled") from None
-        if not state.is_final:
-            raise ValueError(
-                f"retention: {state.value} tasks are not finished and are never purged automatically; "
-                "give retention for succeeded, dead or cancelled"
-            )
-        merged[state] = None if age is None else as_seconds(age, f"retention[{state.value!r}]")
-    return merged

@@ -7,6 +7,7 @@ Times travel as Python ``repr`` text, so every float survives exactly (Lua never
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from ._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
 
@@ -55,6 +56,12 @@ def new_task_args(task: NewTask) -> list[str | bytes]:
 
 def settlement_args(settlement: Settlement) -> list[str | bytes]:
     """The script arguments for one settlement, its follow-up tasks included."""
+    state = TaskState(settlement.state)
+    if state is TaskState.ACTIVE:
+        raise ValueError(
+            f"cannot settle task {settlement.task_id!r} as 'active': a verdict is pending (retry), "
+            "succeeded, dead or cancelled"
+        )
     at = repr(float(settlement.at))
     run_at = at if settlement.run_at is None else repr(float(settlement.run_at))
     flags = (
@@ -65,7 +72,7 @@ def settlement_args(settlement: Settlement) -> list[str | bytes]:
     args: list[str | bytes] = [
         settlement.task_id,
         settlement.token,
-        STATE_NAMES[TaskState(settlement.state)],
+        STATE_NAMES[state],
         at,
         run_at,
         flags,
@@ -86,13 +93,11 @@ def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode()
 
 
-def record_from_fields(task_id: bytes | str, fields: Sequence[bytes | None]) -> TaskRecord:
-    """A :class:`TaskRecord` from the 15 values of ``RECORD_FIELDS`` (as HMGET returns them)."""
+def record_from_fields(task_id: bytes | str, fields: Sequence[Any]) -> TaskRecord:
+    """A :class:`TaskRecord` from the 15 values of ``RECORD_FIELDS`` (as HMGET returns them: bytes, or None
+    for a missing field) of a stored record."""
     (name, queue, payload, state, attempts, max_retries, timeout, enqueued_at, run_at, started_at,
      finished_at, lease_until, last_error, result, meta) = fields  # fmt: skip
-    assert name is not None and queue is not None and state is not None
-    assert attempts is not None and max_retries is not None
-    assert enqueued_at is not None and run_at is not None
     return TaskRecord(
         task_id if isinstance(task_id, str) else task_id.decode(),
         name.decode(),
@@ -113,19 +118,17 @@ def record_from_fields(task_id: bytes | str, fields: Sequence[bytes | None]) -> 
     )
 
 
-def claimed_tasks(reply: Sequence[bytes | None]) -> list[ClaimedTask]:
+def claimed_tasks(reply: Sequence[Any]) -> list[ClaimedTask]:
     """The leased tasks of a claim or reclaim script reply (token, id and fields per task)."""
-    tasks = []
-    for start in range(0, len(reply), _STRIDE):
-        token = reply[start]
-        task_id = reply[start + 1]
-        assert token is not None and task_id is not None
-        record = record_from_fields(task_id, reply[start + 2 : start + _STRIDE])
-        tasks.append(ClaimedTask(token.decode(), record))
-    return tasks
+    return [
+        ClaimedTask(
+            reply[start].decode(), record_from_fields(reply[start + 1], reply[start + 2 : start + _STRIDE])
+        )
+        for start in range(0, len(reply), _STRIDE)
+    ]
 
 
-def records(reply: Sequence[bytes | None]) -> list[TaskRecord]:
+def records(reply: Sequence[Any]) -> list[TaskRecord]:
     """The records of a listing script reply (same shape as a claim reply, tokens empty)."""
     found = []
     for start in range(0, len(reply), _STRIDE):

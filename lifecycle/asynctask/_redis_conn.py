@@ -1,4 +1,5 @@
-"""Connections for the Redis backend: URL checks, the two clients, and scripts run with reconnects.
+"""Connections for the Redis backend: URL checks, the clients (standalone or Redis Cluster), and scripts run
+with reconnects.
 
 Script calls are retried after a dropped connection or a server restart until ``reconnect_timeout`` has
 passed. That is safe because every script is idempotent under a retry with the same arguments: enqueue and
@@ -14,37 +15,52 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ClusterDownError, NoScriptError, ReadOnlyError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._errors import BackendError
-from ._redis_lua import SCRIPTS
+from ._redis_lua import WORKER_SCRIPTS, LuaScript
+from ._redis_lua_admin import ADMIN_SCRIPTS
 
 __all__ = [
     "RETRYABLE",
+    "SCRIPTS",
     "ScriptRunner",
     "check_url",
     "current_async_library",
     "make_client",
     "safe_url",
+    "take_cluster_option",
     "unusable",
 ]
 
 _log = logging.getLogger("lifecycle.asynctask.redis")
 
-RETRYABLE = (RedisConnectionError, RedisTimeoutError, TimeoutError)
+RETRYABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    TimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    ReadOnlyError,
+)
 """Errors after which a call is repeated: a lost connection (redis-py's BusyLoadingError, raised while a
-restarted server loads its data, is a ConnectionError) or no reply within ``socket_timeout``."""
+restarted server loads its data, is a ConnectionError), no reply within ``socket_timeout``, or a server that
+refused the command without running it during a failover (cluster down, try again, read-only replica)."""
 
 _FORBIDDEN_OPTIONS = ("decode_responses", "encoding", "protocol")
+
+SCRIPTS: dict[str, LuaScript] = {**WORKER_SCRIPTS, **ADMIN_SCRIPTS}
+"""Every script of the backend, by name."""
 
 
 def current_async_library() -> str:
@@ -71,6 +87,27 @@ def safe_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def take_cluster_option(url: str) -> tuple[str, bool | None]:
+    """Remove the ``cluster=...`` query option (ours, not redis-py's) from ``url``; return the rest of the
+    URL and the option's value (``None`` when absent)."""
+    parts = urlsplit(url)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    values = [value.lower() for name, value in pairs if name == "cluster"]
+    if not values:
+        return url, None
+    if len(values) > 1 or values[0] not in _TRUE + _FALSE:
+        raise ValueError(
+            f"RedisBackend: give the URL option cluster once, as cluster=true or cluster=false, in "
+            f"{safe_url(url)!r}"
+        )
+    rest = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in pairs if k != "cluster"])))
+    return rest, values[0] in _TRUE
+
+
 def check_url(url: str) -> None:
     """Raise ``ValueError`` naming the problem when redis-py cannot use ``url`` for this backend."""
     if not isinstance(url, str):
@@ -91,10 +128,15 @@ def check_url(url: str) -> None:
 
 
 def make_client(
-    url: str, *, connect_timeout: float, max_connections: int | None, options: Mapping[str, Any]
-) -> aioredis.Redis:
-    """A redis-py asyncio client with its own pool. Retries are ours (see :class:`ScriptRunner`), so
-    redis-py's own are switched off.
+    url: str,
+    *,
+    connect_timeout: float,
+    max_connections: int | None,
+    options: Mapping[str, Any],
+    cluster: bool = False,
+) -> Any:
+    """A redis-py asyncio client with its own pool (a ``RedisCluster`` with ``cluster=True``). Retries are
+    ours (see :class:`ScriptRunner`), so redis-py's own are switched off.
 
     redis-py's ``socket_timeout`` stays off: on Python < 3.12 it wraps every send in ``asyncio.wait_for``,
     which can swallow a cancellation that arrives as the send completes (the cancelled task then runs on).
@@ -110,7 +152,21 @@ def make_client(
     }
     if max_connections is not None:
         kwargs["max_connections"] = max_connections
-    pool = aioredis.ConnectionPool.from_url(url, **kwargs)
+    if cluster:
+        # RedisCluster follows MOVED/ASK redirections and re-reads the slot map itself (its own retries);
+        # ours still cover the rest. Connections are per node, made as needed.
+        del kwargs["retry"]
+        kwargs.setdefault("max_connections", 1000)
+        client = RedisCluster.from_url(url, **kwargs)
+        shared = getattr(client.nodes_manager, "connection_kwargs", None)
+        if isinstance(shared, dict) and isinstance(shared.get("connection_class"), type):
+            shared["connection_class"] = _with_fast_packing(shared["connection_class"])
+        return client
+    if max_connections is not None:
+        # Callers beyond max_connections wait for a free connection (bounded by each call's timeout).
+        pool: aioredis.ConnectionPool = aioredis.BlockingConnectionPool.from_url(url, timeout=None, **kwargs)
+    else:
+        pool = aioredis.ConnectionPool.from_url(url, **kwargs)
     pool.connection_class = _with_fast_packing(pool.connection_class)
     return aioredis.Redis(connection_pool=pool)
 
@@ -159,11 +215,11 @@ class ScriptRunner:
 
         async def call() -> Any:
             try:
-                return await self.client.evalsha(script.sha, 1, *keys_and_args)  # type: ignore[no-untyped-call]
+                return await self.client.evalsha(script.sha, 1, *keys_and_args)
             except NoScriptError:
                 # The server restarted or SCRIPT FLUSH ran, so the script did not run: load it, run it.
                 await self.client.script_load(script.source)
-                return await self.client.evalsha(script.sha, 1, *keys_and_args)  # type: ignore[no-untyped-call]
+                return await self.client.evalsha(script.sha, 1, *keys_and_args)
 
         return await self.retrying(call, name)
 
@@ -173,7 +229,7 @@ class ScriptRunner:
         delay = 0.02
         while True:
             try:
-                return await self.once(call)
+                result = await self.once(call)
             except RETRYABLE as exc:
                 now = time.monotonic()
                 if deadline == math.inf:
@@ -183,7 +239,11 @@ class ScriptRunner:
                     raise
                 await anyio.sleep(min(delay, deadline - now))
                 delay = min(delay * 2, 1.0)
-
+            else:
+                if deadline != math.inf:
+                    lost_for = time.monotonic() - (deadline - self._reconnect_timeout)
+                    _log.info("Redis connection back for %s after %.2f s", what, lost_for)
+                return result
 
     async def once(self, call: Callable[[], Awaitable[Any]]) -> Any:
         """Await ``call()``; raise :class:`TimeoutError` when the server has not answered within

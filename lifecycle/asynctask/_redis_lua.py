@@ -1,4 +1,7 @@
-"""The Lua scripts behind :class:`~lifecycle.asynctask.redis.RedisBackend`: every state change is one script.
+"""The Lua scripts of the Redis backend's hot path, and the key layout every script shares.
+
+Every state change of :class:`~lifecycle.asynctask.redis.RedisBackend` is one script (operator actions are in
+``_redis_lua_admin``).
 
 Each script receives the key prefix ``{name}:`` as ``ARGV[1]`` and one declared key (``{name}:seq``) so that
 Redis Cluster routes it; every key a script builds starts with the same ``{name}`` hash tag, so all of them
@@ -28,7 +31,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-__all__ = ["SCRIPTS", "LAYOUT_VERSION", "LuaScript"]
+__all__ = ["CALL_LOG_TTL", "LAYOUT_VERSION", "PRELUDE", "WORKER_SCRIPTS", "LuaScript", "script"]
 
 LAYOUT_VERSION = 1
 """Version of the key layout; stored in ``{P}:layout``. A newer one is refused at open."""
@@ -36,7 +39,7 @@ LAYOUT_VERSION = 1
 CALL_LOG_TTL = 300
 """Seconds a claim call's log survives, so a retry after a dropped connection can find its tasks."""
 
-_PRELUDE = """
+PRELUDE = """
 local P = ARGV[1]
 local FIELDS = {'n', 'q', 'p', 's', 'a', 'm', 'to', 'e', 'r', 'st', 'f', 'l', 'err', 'res', 'meta'}
 local STATES = {'pending', 'active', 'succeeded', 'dead', 'cancelled'}
@@ -194,8 +197,15 @@ for qi = 7, #ARGV do
       emit(out, token, id, rec)
     end
     bulk('ZADD', idx('active', q), active)
-    -- More is due than this call could take: wake another idle worker.
-    if n >= limit and redis.call('ZRANGEBYSCORE', rk, '-inf', now, 'LIMIT', 0, 1)[1] then wake(q) end
+  end
+end
+if n >= limit then
+  -- More may be due than this call could take: wake another idle worker for the first queue that has some.
+  for qi = 7, #ARGV do
+    if redis.call('ZRANGEBYSCORE', ready(ARGV[qi]), '-inf', now, 'LIMIT', 0, 1)[1] then
+      wake(ARGV[qi])
+      break
+    end
   end
 end
 if n > 0 then
@@ -304,167 +314,6 @@ announce(queues)
 return lost
 """
 
-# ARGV: P, at, call id, ids... Returns the ids cancelled.
-_CANCEL = """
-local at, callid = ARGV[2], ARGV[3]
-local done = {}
-for i = 4, #ARGV do
-  local id = ARGV[i]
-  local key = rkey(id)
-  local cur = redis.call('HMGET', key, 's', 'q', 'e', 'o', 'x')
-  if cur[1] == 'pending' then
-    local q, member = cur[2], cur[4] .. id
-    redis.call('HSET', key, 's', 'cancelled', 'f', at, 'x', callid)
-    redis.call('ZREM', ready(q), member)
-    redis.call('ZREM', idx('pending', q), member)
-    redis.call('ZADD', idx('cancelled', q), cur[3], member)
-    done[#done + 1] = id
-  elseif cur[1] == 'cancelled' and cur[5] == callid then
-    done[#done + 1] = id
-  end
-end
-return done
-"""
-
-_REQUEUE_ONE = """
-local function requeue_one(id, cur, now, callid, queues)
-  local q, member = cur[2], cur[4] .. id
-  redis.call('HSET', rkey(id), 's', 'pending', 'a', '0', 'r', now, 'f', '', 'x', callid, 'k', '')
-  redis.call('ZREM', idx(cur[1], q), member)
-  redis.call('ZADD', idx('pending', q), cur[3], member)
-  redis.call('ZADD', ready(q), now, member)
-  queues[q] = true
-end
-"""
-
-# ARGV: P, now, call id, ids... Returns how many moved back to PENDING.
-_REQUEUE_IDS = (
-    _REQUEUE_ONE
-    + """
-local now, callid = ARGV[2], ARGV[3]
-local moved, queues = 0, {}
-for i = 4, #ARGV do
-  local id = ARGV[i]
-  local cur = redis.call('HMGET', rkey(id), 's', 'q', 'e', 'o', 'x')
-  if cur[1] == 'dead' or cur[1] == 'cancelled' then
-    requeue_one(id, cur, now, callid, queues)
-    moved = moved + 1
-  elseif cur[1] == 'pending' and cur[5] == callid then
-    moved = moved + 1
-  end
-end
-announce(queues)
-return moved
-"""
-)
-
-# ARGV: P, now, call id, limit, has_queue ('0'/'1'), queue. Moves up to limit DEAD tasks; returns how many.
-_REQUEUE_DEAD = (
-    _REQUEUE_ONE
-    + """
-local now, callid, limit = ARGV[2], ARGV[3], tonumber(ARGV[4])
-local qs
-if ARGV[5] == '1' then qs = {ARGV[6]} else qs = redis.call('SMEMBERS', P .. 'queues') end
-local moved, queues = 0, {}
-for _, q in ipairs(qs) do
-  if moved >= limit then break end
-  for _, member in ipairs(redis.call('ZRANGE', idx('dead', q), 0, limit - moved - 1)) do
-    local id = string.sub(member, 17)
-    local cur = redis.call('HMGET', rkey(id), 's', 'q', 'e', 'o')
-    requeue_one(id, cur, now, callid, queues)
-    moved = moved + 1
-  end
-end
-announce(queues)
-return moved
-"""
-)
-
-# ARGV: P, queue, state, before or '', offset, chunk. Deletes matching records among the next chunk
-# candidates of one (queue, state) index. Returns {deleted, skipped, examined}.
-_PURGE = """
-local q, state, before = ARGV[2], ARGV[3], ARGV[4]
-local offset, chunk = tonumber(ARGV[5]), tonumber(ARGV[6])
-local ik = idx(state, q)
-local members
-if before == '' then
-  members = redis.call('ZRANGE', ik, offset, offset + chunk - 1)
-else
-  members = redis.call('ZRANGEBYSCORE', ik, '-inf', '(' .. before, 'LIMIT', offset, chunk)
-end
-local final = state == 'succeeded' or state == 'dead' or state == 'cancelled'
-local limit = tonumber(before)
-local deleted, skipped = 0, 0
-for _, member in ipairs(members) do
-  local id = string.sub(member, 17)
-  local key = rkey(id)
-  local wanted = true
-  if before ~= '' and final then
-    local finished = tonumber(redis.call('HGET', key, 'f') or '')
-    wanted = finished ~= nil and finished < limit
-  end
-  if wanted then
-    if state == 'pending' then
-      redis.call('ZREM', ready(q), member)
-    elseif state == 'active' then
-      redis.call('ZREM', P .. 'leases', id)
-    end
-    redis.call('ZREM', ik, member)
-    redis.call('DEL', key)
-    deleted = deleted + 1
-  else
-    skipped = skipped + 1
-  end
-end
-if deleted > 0 then
-  local empty = true
-  for _, s in ipairs(STATES) do
-    if redis.call('EXISTS', idx(s, q)) == 1 then empty = false; break end
-  end
-  if empty then
-    redis.call('SREM', P .. 'queues', q)
-    redis.call('DEL', P .. 'w:' .. q)
-  end
-end
-return {deleted, skipped, #members}
-"""
-
-# ARGV: P. Returns queue, then the count of each of STATES, per queue.
-_STATS = """
-local out = {}
-for _, q in ipairs(redis.call('SMEMBERS', P .. 'queues')) do
-  out[#out + 1] = q
-  for _, s in ipairs(STATES) do out[#out + 1] = redis.call('ZCARD', idx(s, q)) end
-end
-return out
-"""
-
-# ARGV: P, limit, offset, has_queue ('0'/'1'), queue, states... Returns '' (no token), id and the 15 record
-# FIELDS per record, newest enqueued_at first (then the later enqueue first).
-_LIST = """
-local limit, offset = tonumber(ARGV[2]), tonumber(ARGV[3])
-local qs
-if ARGV[4] == '1' then qs = {ARGV[5]} else qs = redis.call('SMEMBERS', P .. 'queues') end
-local want = offset + limit
-local found = {}
-for _, q in ipairs(qs) do
-  for si = 6, #ARGV do
-    local page = redis.call('ZREVRANGE', idx(ARGV[si], q), 0, want - 1, 'WITHSCORES')
-    for j = 1, #page, 2 do found[#found + 1] = {tonumber(page[j + 1]), page[j]} end
-  end
-end
-table.sort(found, function(a, b)
-  if a[1] ~= b[1] then return a[1] > b[1] end
-  return a[2] > b[2]
-end)
-local out = {}
-for k = offset + 1, math.min(#found, want) do
-  local id = string.sub(found[k][2], 17)
-  emit(out, '', id, read(rkey(id)))
-end
-return out
-"""
-
 # ARGV: P, alarm key, queues... Drops stale wake-up tokens (and the caller's alarm) and returns {run_at,
 # member} of the PENDING task of the queues that is due first (or nil). Atomic, so a wake-up pushed after it
 # is never lost and one pushed before is reflected in what it returns.
@@ -489,7 +338,7 @@ return redis.call('GET', P .. 'layout')
 
 @dataclass(frozen=True)
 class LuaScript:
-    """One script: its name (for messages), full source and SHA1 (for EVALSHA)."""
+    """One script: its name (for messages), full source (the prelude included) and SHA1 (for EVALSHA)."""
 
     name: str
     source: str
@@ -499,26 +348,21 @@ class LuaScript:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
-def _script(name: str, body: str) -> LuaScript:
-    return LuaScript(name, _PRELUDE + body.replace("%(ttl)d", str(CALL_LOG_TTL)))
+def script(name: str, body: str) -> LuaScript:
+    """The script ``name``: the shared prelude followed by ``body``."""
+    return LuaScript(name, PRELUDE + body.replace("%(ttl)d", str(CALL_LOG_TTL)))
 
 
-SCRIPTS: dict[str, LuaScript] = {
-    script.name: script
-    for script in (
-        _script("enqueue", _ENQUEUE),
-        _script("claim", _CLAIM),
-        _script("reclaim", _RECLAIM),
-        _script("extend", _EXTEND),
-        _script("settle", _SETTLE),
-        _script("cancel", _CANCEL),
-        _script("requeue_ids", _REQUEUE_IDS),
-        _script("requeue_dead", _REQUEUE_DEAD),
-        _script("purge", _PURGE),
-        _script("stats", _STATS),
-        _script("list", _LIST),
-        _script("prepare_wait", _PREPARE_WAIT),
-        _script("layout", _LAYOUT),
+WORKER_SCRIPTS: dict[str, LuaScript] = {
+    found.name: found
+    for found in (
+        script("enqueue", _ENQUEUE),
+        script("claim", _CLAIM),
+        script("reclaim", _RECLAIM),
+        script("extend", _EXTEND),
+        script("settle", _SETTLE),
+        script("prepare_wait", _PREPARE_WAIT),
+        script("layout", _LAYOUT),
     )
 }
-"""Every script by name."""
+"""The scripts of the worker's path (and of opening), by name."""

@@ -93,8 +93,9 @@ class Policy:
 
 
 def find_request(exc: BaseException) -> BaseException:
-    """``exc`` itself, or the :class:`Retry`/:class:`Abort` inside a group holding exactly one exception (a
-    task group around the task's code wraps what it raises)."""
+    """``exc`` itself, or the exception inside a group holding exactly one (a task group around the code
+    wraps what it raises): how a task's :class:`Retry`/:class:`Abort` is found, and an engine crash
+    unwrapped."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc

@@ -1,15 +1,14 @@
 """RedisBackend: durable tasks in a Redis server you already operate (extra ``redis``).
 
-Install with ``pip install "anyio-lifecycle[redis]"`` (redis-py; hiredis is used when installed). asyncio only.
+Install with ``pip install "anyio-lifecycle[redis]"`` (redis-py; hiredis is used when installed).
+asyncio only.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import math
-import re
 import secrets
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -17,39 +16,36 @@ from typing import Any, Literal
 
 import anyio
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
+from . import _redis_admin as admin
 from ._errors import BackendError, DuplicateTaskError
 from ._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
 from ._redis_codec import (
     RECORD_FIELDS,
-    STATE_NAMES,
     claimed_tasks,
     new_task_args,
     record_from_fields,
-    records,
     settlement_args,
     time_text,
 )
 from ._redis_conn import (
-    RETRYABLE,
     ScriptRunner,
     check_url,
     current_async_library,
     make_client,
     safe_url,
+    take_cluster_option,
     unusable,
 )
 from ._redis_lua import LAYOUT_VERSION
+from ._redis_wait import Waiter
 
 __all__ = ["RedisBackend"]
 
 _log = logging.getLogger("lifecycle.asynctask.redis")
 
-_PURGE_CHUNK = 500
-_REQUEUE_CHUNK = 500
 _MIN_REDIS = (6, 0)
-_ALL_STATES = tuple(TaskState)
 
 
 class RedisBackend:
@@ -84,6 +80,9 @@ class RedisBackend:
         clock: the time source :meth:`wait_for_work` compares ``run_at`` with (the engine's clock).
         client_options: further keyword arguments for redis-py's ``ConnectionPool.from_url`` (TLS files,
             ``health_check_interval``, ...).
+        cluster: connect to a Redis Cluster (redis-py's ``RedisCluster``; ``url`` names any node). Also
+            set by the URL option ``?cluster=true``. All keys of a prefix live in one slot, so every
+            script runs on one node.
 
     Raises :class:`BackendError` from :meth:`open` under trio (redis-py's client needs asyncio), when the
     server cannot be reached or refuses the credentials, is older than Redis 6.0, or holds a newer key
@@ -106,7 +105,9 @@ class RedisBackend:
         max_connections: int = 32,
         clock: Callable[[], float] = time.time,
         client_options: Mapping[str, Any] | None = None,
+        cluster: bool = False,
     ) -> None:
+        url, cluster_option = take_cluster_option(url)
         check_url(url)
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
@@ -133,13 +134,13 @@ class RedisBackend:
         self._max_connections = max_connections
         self._clock = clock
         self._client_options = dict(client_options or {})
+        self._cluster = bool(cluster) or bool(cluster_option)
         self._runner: ScriptRunner | None = None
-        self._waiter: aioredis.Redis | None = None
+        self._waiting: Waiter | None = None
         self._nonce = ""
         self._calls = itertools.count(1)
         self._last_claim = ""
         self._last_reclaim = ""
-        self._reported: tuple[tuple[str, ...], bytes, bytes] | None = None
 
     @property
     def prefix(self) -> str:
@@ -152,7 +153,8 @@ class RedisBackend:
         return self._prefix
 
     def __repr__(self) -> str:
-        return f"RedisBackend({safe_url(self._url)!r}, prefix={self._name!r})"
+        cluster = ", cluster=True" if self._cluster else ""
+        return f"RedisBackend({safe_url(self._url)!r}, prefix={self._name!r}{cluster})"
 
     # -- connection ---------------------------------------------------------------------------------------
 
@@ -167,18 +169,23 @@ class RedisBackend:
         library = current_async_library()
         if library != "asyncio":
             raise BackendError(
-                f"RedisBackend needs asyncio, but it runs under {library}: redis-py's client is asyncio-only; "
-                "run this service with anyio's asyncio backend (the default), or use SQLiteBackend, which "
-                "works under trio"
+                f"RedisBackend needs asyncio, but it runs under {library}: redis-py's client is "
+                "asyncio-only; run this service with anyio's asyncio backend (the default), or use "
+                "SQLiteBackend, which works under trio"
             )
         client = make_client(
             self._url,
             connect_timeout=self._connect_timeout,
             max_connections=self._max_connections,
             options=self._client_options,
+            cluster=self._cluster,
         )
         waiter = make_client(
-            self._url, connect_timeout=self._connect_timeout, max_connections=None, options=self._client_options
+            self._url,
+            connect_timeout=self._connect_timeout,
+            max_connections=None,
+            options=self._client_options,
+            cluster=self._cluster,
         )
         runner = ScriptRunner(
             client,
@@ -188,13 +195,14 @@ class RedisBackend:
         )
         try:
             with anyio.fail_after(self._connect_timeout + self._socket_timeout):
-                info = await client.info("server")
-                version = _version(str(info.get("redis_version", "0")))
-                if version < _MIN_REDIS:
+                info = await _server_info(client)
+                version = str(info.get("redis_version", "6.0"))
+                if _version(version) < _MIN_REDIS:
                     raise BackendError(
-                        f"Redis at {safe_url(self._url)} runs version {info.get('redis_version')}, but "
-                        "RedisBackend needs Redis 6.0 or newer; upgrade the server"
+                        f"Redis at {safe_url(self._url)} runs version {version}, but RedisBackend needs "
+                        "Redis 6.0 or newer; upgrade the server"
                     )
+                policy = str(info.get("maxmemory_policy", "noeviction"))
                 await runner.load_all()
                 stored = await runner.run("layout", [str(LAYOUT_VERSION)])
         except BackendError:
@@ -213,16 +221,27 @@ class RedisBackend:
                 f"{int(stored)}, newer than this version of lifecycle understands ({LAYOUT_VERSION}); "
                 "upgrade anyio-lifecycle, or use another prefix"
             )
+        if policy.startswith("allkeys-"):
+            _log.warning(
+                "Redis at %s evicts keys when it runs out of memory (maxmemory-policy %s): tasks can vanish; "
+                "set maxmemory-policy noeviction on a server that stores tasks",
+                safe_url(self._url),
+                policy,
+            )
         self._nonce = secrets.token_hex(6)
         self._runner = runner
-        self._waiter = waiter
+        self._waiting = Waiter(
+            runner, waiter, nonce=self._nonce, clock=self._clock, socket_timeout=self._socket_timeout
+        )
 
     async def close(self) -> None:
         """Close both connection pools. Idempotent."""
-        runner, waiter = self._runner, self._waiter
-        self._runner = self._waiter = None
-        if runner is not None and waiter is not None:
-            await _close_clients(runner.client, waiter)
+        runner, waiting = self._runner, self._waiting
+        self._runner = self._waiting = None
+        if waiting is not None:
+            await waiting.close()
+        if runner is not None:
+            await _close_clients(runner.client)
 
     def _run(self) -> ScriptRunner:
         if self._runner is None:
@@ -274,8 +293,8 @@ class RedisBackend:
         ]
         reply = await runner.run("claim", args)
         self._last_claim = call if reply else ""
-        if reply:
-            self._reported = None
+        if reply and self._waiting is not None:
+            self._waiting.claimed()
         return claimed_tasks(reply)
 
     async def extend_leases(self, leases: Sequence[tuple[str, str]], *, lease_until: float) -> set[str]:
@@ -318,55 +337,9 @@ class RedisBackend:
         Work that is already due is reported once; when the same task is still the first due one at the
         next call (the caller's clock disagrees), the call waits for a change instead of returning at once.
         """
-        runner = self._run()
-        waiter = self._waiter
-        assert waiter is not None
-        names = tuple(dict.fromkeys(queues))
-        if not names:
-            await anyio.sleep(max(0.0, timeout))
-            return
-        alarm = f"{self._prefix}u:{self._nonce}"
-        first = await runner.run("prepare_wait", [alarm, *names])
-        pause = float(timeout)
-        if first is not None:
-            due_in = float(first[0]) - self._clock()
-            if due_in <= 0:
-                head = (names, first[0], first[1])
-                if self._reported != head:
-                    self._reported = head
-                    return
-            else:
-                pause = min(pause, due_in)
-        if pause <= 0:
-            return
-        keys = [*(f"{self._prefix}w:{name}" for name in names), alarm]
-        try:
-            await self._block(waiter, keys, alarm, pause)
-        except RETRYABLE as exc:
-            # The connection dropped (a restart?): the next claim reconnects; do not spin meanwhile.
-            _log.debug("wait_for_work: Redis connection lost (%s)", exc)
-            await anyio.sleep(min(pause, 0.25))
-
-    async def _block(self, waiter: aioredis.Redis, keys: list[str], alarm: str, pause: float) -> None:
-        """BLPOP ``keys`` for ``pause`` seconds. Redis ends a blocking command up to 100 ms after its timeout
-        (it checks on its cron tick), so when ``pause`` is up we push to our own ``alarm`` key, which ends
-        the BLPOP at once; the server-side timeout is only a fallback."""
-        blpop = asyncio.get_running_loop().create_task(waiter.blpop(keys, timeout=pause + 1.0))  # type: ignore[arg-type]
-        try:
-            done, _ = await asyncio.wait((blpop,), timeout=pause)
-            if not done:
-                runner = self._run()
-                await runner.once(lambda: runner.client.lpush(alarm, b"1"))
-                done, _ = await asyncio.wait((blpop,), timeout=self._socket_timeout)
-            if done:
-                blpop.result()
-        finally:
-            if not blpop.done():
-                blpop.cancel()  # redis-py drops the connection; the pool opens a new one next time
-                with anyio.CancelScope(shield=True):
-                    await asyncio.wait((blpop,))
-            if not blpop.cancelled():
-                blpop.exception()  # retrieved: an error was raised above or does not matter any more
+        self._run()
+        assert self._waiting is not None
+        await self._waiting.wait(queues, timeout)
 
     # -- inspection and operator actions ------------------------------------------------------------------
 
@@ -391,38 +364,15 @@ class RedisBackend:
 
         Reads ``offset + limit`` index entries per queue and state, so deep pages cost more than shallow ones.
         """
-        runner = self._run()
-        chosen = _ALL_STATES if states is None else tuple(dict.fromkeys(TaskState(s) for s in states))
-        if not chosen or limit <= 0:
-            return []
-        args = [
-            str(int(limit)),
-            str(max(0, int(offset))),
-            "0" if queue is None else "1",
-            "" if queue is None else queue,
-            *(STATE_NAMES[state] for state in chosen),
-        ]
-        return records(await runner.run("list", args))
+        return await admin.list_records(self._run(), states, queue, limit, offset)
 
     async def stats(self) -> Mapping[str, Mapping[TaskState, int]]:
-        """The number of records per queue and state (states without records are left out)."""
-        reply = await self._run().run("stats", [])
-        counts: dict[str, dict[TaskState, int]] = {}
-        width = 1 + len(_ALL_STATES)
-        for start in range(0, len(reply), width):
-            numbers = {s: int(n) for s, n in zip(_ALL_STATES, reply[start + 1 : start + width]) if n}
-            if numbers:
-                counts[reply[start].decode()] = numbers
-        return counts
+        """The number of records per queue and state (states without records are left out); one call."""
+        return await admin.stats(self._run())
 
     async def cancel(self, task_ids: Sequence[str], *, now: float) -> list[str]:
         """Cancel the ``PENDING`` tasks among ``task_ids`` (one atomic call); see :meth:`Backend.cancel`."""
-        runner = self._run()
-        unique = list(dict.fromkeys(task_ids))
-        if not unique:
-            return []
-        done = await runner.run("cancel", [time_text(now), self._call_id(), *unique])
-        return [task_id.decode() for task_id in done]
+        return await admin.cancel(self._run(), task_ids, now, self._call_id)
 
     async def requeue(
         self, task_ids: Sequence[str] | None = None, *, queue: str | None = None, now: float
@@ -432,25 +382,7 @@ class RedisBackend:
         With ``task_ids`` it is one atomic call (and ``queue``, when given, is not consulted). Without, dead
         tasks move in batches of 500 until none is left.
         """
-        runner = self._run()
-        if task_ids is not None:
-            unique = list(dict.fromkeys(task_ids))
-            if not unique:
-                return 0
-            return int(await runner.run("requeue_ids", [time_text(now), self._call_id(), *unique]))
-        moved = 0
-        while True:
-            args = [
-                time_text(now),
-                self._call_id(),
-                str(_REQUEUE_CHUNK),
-                "0" if queue is None else "1",
-                "" if queue is None else queue,
-            ]
-            batch = int(await runner.run("requeue_dead", args))
-            moved += batch
-            if batch < _REQUEUE_CHUNK:
-                return moved
+        return await admin.requeue(self._run(), task_ids, queue, now, self._call_id)
 
     async def purge(
         self,
@@ -462,61 +394,34 @@ class RedisBackend:
     ) -> int:
         """Delete records in ``states``; see :meth:`Backend.purge`. Works in batches of 500 records, so a
         large purge never blocks the server for long (and is not atomic as a whole)."""
-        runner = self._run()
-        chosen = tuple(dict.fromkeys(TaskState(s) for s in states))
-        remaining = math.inf if limit is None else int(limit)
-        if not chosen or remaining <= 0:
-            return 0
-        if queue is not None:
-            queues = [queue]
-        else:
-            key = f"{self._prefix}queues"
-            members = await runner.retrying(lambda: runner.client.smembers(key), "purge")
-            queues = sorted(member.decode() for member in members)
-        before_text = "" if before is None else time_text(before)
-        deleted = 0
-        for name in queues:
-            for state in chosen:
-                offset = 0
-                while remaining > 0:
-                    chunk = int(min(_PURGE_CHUNK, remaining))
-                    args = [name, STATE_NAMES[state], before_text, str(offset), str(chunk)]
-                    gone, skipped, examined = await runner.run("purge", args)
-                    deleted += gone
-                    remaining -= gone
-                    offset += skipped
-                    if examined < chunk:
-                        break
-        return deleted
+        return await admin.purge(self._run(), states, queue, before, limit)
 
     async def clear(self) -> int:
         """Delete every key under this prefix: all tasks of all queues, in any state. Returns how many keys
         were deleted. For tests and for decommissioning an application; workers must be stopped first."""
-        runner = self._run()
-        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self._prefix) + "*"
-        client = runner.client
-        deleted = 0
-        batch: list[bytes] = []
-        async for key in client.scan_iter(match=pattern, count=1000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                deleted += int(await client.unlink(*batch))
-                batch = []
-        if batch:
-            deleted += int(await client.unlink(*batch))
-        return deleted
+        return await admin.clear(self._run())
+
+
+async def _server_info(client: aioredis.Redis) -> dict[str, Any]:
+    """The server's version and eviction policy, or nothing when the ACL user may not run INFO."""
+    try:
+        return {**(await client.info("server")), **(await client.info("memory"))}
+    except ResponseError as exc:  # NOPERM: a restricted user; the checks are a courtesy, not a need
+        _log.debug("cannot read INFO from Redis (%s); skipping the version and eviction checks", exc)
+        return {}
 
 
 def _version(text: str) -> tuple[int, int]:
-    parts = (text.split(".") + ["0", "0"])[:2]
+    parts = [*text.split("."), "0", "0"][:2]
     try:
         return int(parts[0]), int(parts[1])
     except ValueError:
         return (0, 0)
 
 
-async def _close_clients(*clients: aioredis.Redis) -> None:
+async def _close_clients(*clients: Any) -> None:
     for client in clients:
         with anyio.CancelScope(shield=True):
             await client.aclose()
-            await client.connection_pool.disconnect()
+            if hasattr(client, "connection_pool"):
+                await client.connection_pool.disconnect()

@@ -6,7 +6,6 @@ import dataclasses
 import datetime as dt
 import enum
 import math
-import uuid
 from decimal import Decimal
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
@@ -94,8 +93,10 @@ def same(a: Any, b: Any) -> bool:
     if isinstance(a, dt.datetime | dt.time):
         return a == b and a.tzinfo == b.tzinfo and a.fold == b.fold
     if dataclasses.is_dataclass(a) or isinstance(a, Box):
-        return same(vars(a) if not hasattr(a, "__slots__") else attrs.asdict(a, recurse=False), vars(b) if
-                    not hasattr(b, "__slots__") else attrs.asdict(b, recurse=False))
+        return same(
+            vars(a) if not hasattr(a, "__slots__") else attrs.asdict(a, recurse=False),
+            vars(b) if not hasattr(b, "__slots__") else attrs.asdict(b, recurse=False),
+        )
     return bool(a == b)
 
 
@@ -147,7 +148,9 @@ def test_json_round_trips_to_the_same_types(value: Any) -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(values, max_size=4).map(tuple))
-def test_argument_tuples_round_trip_through_a_second_encoding_with_the_same_registrations(args: tuple[Any, ...]) -> None:
+def test_argument_tuples_round_trip_through_a_second_encoding_with_the_same_registrations(
+    args: tuple[Any, ...],
+) -> None:
     worker_side = make_encoding()
     assert same(worker_side.decode(ENCODING.encode(args)), args)
 
@@ -168,7 +171,10 @@ def test_json_output_is_ascii_json_readable_in_a_database() -> None:
 def test_a_user_dict_with_the_tag_key_is_not_mistaken_for_a_tag() -> None:
     tricky = {"__lifecycle__": "tuple", "v": [1, 2]}
     assert ENCODING.decode(ENCODING.encode(tricky)) == tricky
-    assert ENCODING.decode(ENCODING.encode({1: "int key", (1, 2): "tuple key"})) == {1: "int key", (1, 2): "tuple key"}
+    assert ENCODING.decode(ENCODING.encode({1: "int key", (1, 2): "tuple key"})) == {
+        1: "int key",
+        (1, 2): "tuple key",
+    }
 
 
 def test_zoneinfo_datetimes_keep_their_zone_and_fold() -> None:
@@ -237,7 +243,7 @@ def test_register_rules() -> None:
         encoding.register(Pair, name=f"{Point.__module__}.{Point.__qualname__}")
     with pytest.raises(ValueError, match="encoded natively"):
         encoding.register(dict)
-    with pytest.raises(TypeError, match="pass encode=.*and decode="):
+    with pytest.raises(TypeError, match=r"pass encode=.*and decode="):
         encoding.register(Money)
     with pytest.raises(TypeError, match="both encode= and decode="):
         encoding.register(Money, encode=lambda m: m)  # type: ignore[call-overload]

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from lifecycle.asynctask import Backend, MemoryBackend
-from lifecycle.asynctask.testing._engine_suite import EngineConformance
+from lifecycle.asynctask.testing import EngineConformance
 
 
 class TestMemoryEngine(EngineConformance):

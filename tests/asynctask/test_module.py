@@ -1,4 +1,4 @@
-"""AsyncTasks: options, enqueue checks before anything is stored, the lifecycle Task stages under a manager."""
+"""AsyncTasks: options, enqueue checks before anything is stored, the Task stages under a manager."""
 
 from __future__ import annotations
 
@@ -61,7 +61,13 @@ async def test_enqueue_stores_the_call_with_the_registered_defaults(tasks: Async
 
 async def test_enqueue_options_override_the_defaults(tasks: AsyncTasks) -> None:
     task_id = await tasks.enqueue(
-        job, "k", [], queue="other", max_retries=0, timeout=timedelta(seconds=2), delay=timedelta(minutes=1),
+        job,
+        "k",
+        [],
+        queue="other",
+        max_retries=0,
+        timeout=timedelta(seconds=2),
+        delay=timedelta(minutes=1),
         task_id="mine",
     )
     assert task_id == "mine"
@@ -76,7 +82,12 @@ async def test_enqueue_options_override_the_defaults(tasks: AsyncTasks) -> None:
 async def test_enqueue_by_name_of_an_unknown_function_only_checks_encodability(tasks: AsyncTasks) -> None:
     task_id = await tasks.enqueue("elsewhere.job", 1, 2, 3)
     record = await stored(tasks, task_id)
-    assert (record.name, record.queue, record.max_retries, record.timeout) == ("elsewhere.job", "default", 5, None)
+    assert (record.name, record.queue, record.max_retries, record.timeout) == (
+        "elsewhere.job",
+        "default",
+        5,
+        None,
+    )
     with pytest.raises(TypeError, match="argument 2: cannot encode"):
         await tasks.enqueue("elsewhere.job", 1, object())
 
@@ -218,7 +229,12 @@ def test_the_backend_must_be_a_backend() -> None:
 def test_properties_describe_the_configuration() -> None:
     encoding = JSONEncoding()
     tasks = AsyncTasks(MemoryBackend(), encoding=encoding, queues={"a": 3, "b": 1}, concurrency=7)
-    assert (tasks.encoding, tasks.queues, tasks.concurrency, tasks.execution) == (encoding, ("a", "b"), 7, True)
+    assert (tasks.encoding, tasks.queues, tasks.concurrency, tasks.execution) == (
+        encoding,
+        ("a", "b"),
+        7,
+        True,
+    )
     assert isinstance(tasks, lifecycle.Task)
 
 
@@ -267,7 +283,10 @@ async def test_execute_without_execution_waits_until_cancelled(tasks: AsyncTasks
 
 
 async def test_two_async_tasks_over_two_backends_never_interfere() -> None:
-    first, second = AsyncTasks(MemoryBackend(), poll_interval=0.05), AsyncTasks(MemoryBackend(), poll_interval=0.05)
+    first, second = (
+        AsyncTasks(MemoryBackend(), poll_interval=0.05),
+        AsyncTasks(MemoryBackend(), poll_interval=0.05),
+    )
     ran: list[str] = []
 
     async def record(where: str) -> None:

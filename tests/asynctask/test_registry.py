@@ -51,7 +51,12 @@ def test_register_as_a_decorator_with_options(tasks: AsyncTasks) -> None:
 
     definition = tasks._registry.get("jobs.custom")
     assert definition is not None
-    assert (definition.fn, definition.queue, definition.max_retries, definition.timeout) == (custom, "mail", 2, 3.0)
+    assert (definition.fn, definition.queue, definition.max_retries, definition.timeout) == (
+        custom,
+        "mail",
+        2,
+        3.0,
+    )
 
 
 def test_a_first_parameter_annotated_task_context_is_recognised(tasks: AsyncTasks) -> None:
@@ -66,7 +71,8 @@ def test_string_annotations_are_resolved_even_when_another_one_cannot_be(tasks: 
     # This module uses `from __future__ import annotations`; OnlyForTypeCheckers exists only for mypy.
     tasks.register(other_hint_unresolvable)
     definition = tasks._registry.get(f"{__name__}.other_hint_unresolvable")
-    assert definition is not None and definition.takes_context
+    assert definition is not None
+    assert definition.takes_context
     assert definition.parameter_names == ("key",)
 
 
@@ -90,9 +96,15 @@ def test_callable_objects_and_bound_methods_are_accepted(tasks: AsyncTasks) -> N
     tasks.register(handler.method, name="handler.method")
     by_call = tasks._registry.get("handler")
     by_method = tasks._registry.get("handler.method")
-    assert by_call is not None and by_call.is_async and by_call.max_args == 1
-    assert by_method is not None and by_method.takes_context and by_method.max_args == 1
-    assert tasks._registry.for_function(handler.method) is by_method, "a fresh bound method finds its definition"
+    assert by_call is not None
+    assert by_call.is_async
+    assert by_call.max_args == 1
+    assert by_method is not None
+    assert by_method.takes_context
+    assert by_method.max_args == 1
+    assert tasks._registry.for_function(handler.method) is by_method, (
+        "a fresh bound method finds its definition"
+    )
 
 
 @pytest.mark.parametrize(
@@ -176,7 +188,9 @@ def test_a_used_name_is_a_value_error_but_the_same_registration_is_idempotent(ta
         ({"timeout": "1"}, TypeError, "timeout must be seconds"),
     ],
 )
-def test_bad_options_are_named(tasks: AsyncTasks, options: dict[str, object], error: type, message: str) -> None:
+def test_bad_options_are_named(
+    tasks: AsyncTasks, options: dict[str, object], error: type, message: str
+) -> None:
     with pytest.raises(error, match=message):
         tasks.register(plain, **options)  # type: ignore[call-overload]
 

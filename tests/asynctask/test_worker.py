@@ -40,7 +40,9 @@ class Instrumented(MemoryBackend):
         self.extended: list[list[str]] = []
         self.extend_event: anyio.Event | None = None
 
-    async def claim(self, queues: Sequence[str], limit: int, *, now: float, lease_until: float) -> list[ClaimedTask]:
+    async def claim(
+        self, queues: Sequence[str], limit: int, *, now: float, lease_until: float
+    ) -> list[ClaimedTask]:
         if self.fail_claims:
             self.fail_claims -= 1
             raise ConnectionError("claim failed on purpose")
@@ -208,7 +210,9 @@ async def test_same_process_enqueue_does_not_wait_for_the_poll(clock: ManualCloc
             await ran.wait()
 
 
-async def test_a_sync_function_over_its_timeout_is_abandoned_and_fails(clock: ManualClock, group: Any) -> None:
+async def test_a_sync_function_over_its_timeout_is_abandoned_and_fails(
+    clock: ManualClock, group: Any
+) -> None:
     tasks = make(MemoryBackend(), clock)
     unblock = threading.Event()
 
@@ -221,7 +225,8 @@ async def test_a_sync_function_over_its_timeout_is_abandoned_and_fails(clock: Ma
             group.start_soon(tasks.execute)
             info = await tasks.wait(await tasks.enqueue(blocking), timeout=WAIT)
             assert info.state is TaskState.DEAD
-            assert info.last_error is not None and "timed out after 0.1 s" in info.last_error
+            assert info.last_error is not None
+            assert "timed out after 0.1 s" in info.last_error
     finally:
         unblock.set()
 
@@ -249,7 +254,8 @@ async def test_on_error_may_be_sync_or_async_and_sees_the_verdict(clock: ManualC
         dead = await sync_tasks.wait(await sync_tasks.enqueue(fails), timeout=WAIT)
     assert seen == [("async", TaskState.PENDING, 1, "KeyError"), ("async", TaskState.DEAD, 2, "KeyError")]
     assert [(info.id, info.state) for info in sync_seen] == [(dead.id, TaskState.DEAD)]
-    assert sync_seen[0].last_error is not None and "KeyError: 'missing'" in sync_seen[0].last_error
+    assert sync_seen[0].last_error is not None
+    assert "KeyError: 'missing'" in sync_seen[0].last_error
 
 
 async def test_retry_raised_inside_a_task_group_is_still_a_retry(clock: ManualClock, group: Any) -> None:
@@ -265,7 +271,9 @@ async def test_retry_raised_inside_a_task_group_is_still_a_retry(clock: ManualCl
     async with tasks:
         group.start_soon(tasks.execute)
         task_id = await tasks.enqueue(grouped)
-        info = await tasks._wait_for(task_id, lambda i: i.attempts == 1 and i.state is TaskState.PENDING, WAIT)
+        info = await tasks._wait_for(
+            task_id, lambda i: i.attempts == 1 and i.state is TaskState.PENDING, WAIT
+        )
         assert info.run_at == T0 + 30
         clock.advance(30)
         assert (await tasks.wait(task_id, timeout=WAIT)).result == 2
@@ -284,13 +292,17 @@ async def test_backoff_with_jitter_uses_the_seeded_rng(clock: ManualClock, group
     async with tasks:
         group.start_soon(tasks.execute)
         task_id = await tasks.enqueue(fails)
-        info = await tasks._wait_for(task_id, lambda i: i.attempts == 1 and i.state is TaskState.PENDING, WAIT)
+        info = await tasks._wait_for(
+            task_id, lambda i: i.attempts == 1 and i.state is TaskState.PENDING, WAIT
+        )
     delay = info.run_at - T0
     assert 0.0 <= delay <= 8.0
     assert delay != 8.0, "full jitter draws from [0, ceiling]"
 
 
-async def test_the_task_logger_names_the_task(clock: ManualClock, group: Any, caplog: pytest.LogCaptureFixture) -> None:
+async def test_the_task_logger_names_the_task(
+    clock: ManualClock, group: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     tasks = make(MemoryBackend(), clock)
 
     @tasks.register(name="talks")
@@ -321,7 +333,7 @@ async def test_a_task_stopped_before_its_run_started_is_released_without_running
         async with anyio.create_task_group() as runners:
             worker._runners = runners
             worker._start(claimed)
-            worker._running[task_id].cancel("shutdown")  # the drain, in the same step as the claim
+            worker._running[claimed[0].token].cancel("shutdown")  # the drain, in the same step as the claim
         (release,) = worker._settler._buffer
     assert (release.task_id, release.state, release.refund_attempt) == (task_id, TaskState.PENDING, True)
 
@@ -350,11 +362,26 @@ async def test_a_failed_final_flush_leaves_tasks_active_for_recovery(
             backend.fail_settles = 10**6
             group.cancel_scope.cancel()
         info = await tasks.info(task_id)
-        assert info is not None and info.state is TaskState.ACTIVE
+        assert info is not None
+        assert info.state is TaskState.ACTIVE
         assert "could not save 1 task verdict(s) at shutdown" in caplog.text
         backend.fail_settles = 0
         clock.advance(31)
         assert await tasks.recover_expired() == 1
         info = await tasks.info(task_id)
-        assert info is not None and info.state is TaskState.PENDING
+        assert info is not None
+        assert info.state is TaskState.PENDING
 
+
+async def test_an_engine_crash_surfaces_from_execute_unwrapped(
+    clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken_claim_loop(self: Worker) -> None:
+        raise RuntimeError("a bug in the engine")
+
+    monkeypatch.setattr(Worker, "_claim_loop", broken_claim_loop)
+    tasks = make(MemoryBackend(), clock)
+    async with tasks:
+        with pytest.raises(RuntimeError, match="a bug in the engine"):
+            await tasks.execute()
+        assert tasks._worker is None, "a new execute() may start after a crash"

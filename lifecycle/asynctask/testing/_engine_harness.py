@@ -25,7 +25,7 @@ from .._records import TaskState
 __all__ = ["EngineHarness", "EngineSuiteBase", "RunningWorker", "SUITE_OPTIONS", "WAIT"]
 
 WAIT = 20.0
-"""The longest the suite waits for something that should happen promptly (generous: the machine may be busy)."""
+"""The longest the suite waits for something that should happen promptly (generous: a busy machine)."""
 
 SUITE_OPTIONS: dict[str, Any] = {
     "poll_interval": 0.05,
@@ -41,7 +41,7 @@ periodic recovery and retention loops out of the way (tests call them explicitly
 
 
 class RunningWorker:
-    """A worker started by :meth:`EngineHarness.start`; :meth:`stop` cancels its ``execute`` like a manager."""
+    """A worker started by :meth:`EngineHarness.start`; :meth:`stop` cancels ``execute`` like a manager."""
 
     def __init__(self, tasks: AsyncTasks, scope: anyio.CancelScope, finished: anyio.Event) -> None:
         self.tasks = tasks
@@ -132,7 +132,9 @@ class EngineHarness:
         """Wait until the task is finished and return it; with ``state``, assert it is that state."""
         info = await tasks.wait(task_id, timeout=WAIT)
         if state is not None:
-            assert info.state is state, f"task {task_id} ended {info.state.value}, expected {state.value}: {info}"
+            assert info.state is state, (
+                f"task {task_id} ended {info.state.value}, expected {state.value}: {info}"
+            )
         return info
 
     async def until(self, tasks: AsyncTasks, task_id: str, predicate: Callable[[TaskInfo], bool]) -> TaskInfo:

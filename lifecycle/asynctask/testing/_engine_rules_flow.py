@@ -90,9 +90,12 @@ class FlowRules(EngineSuiteBase):
         info = await engine.finished(tasks, await tasks.enqueue(where), TaskState.SUCCEEDED)
         assert info.result == "mine"
         other_info = await tasks.info(other)
-        assert other_info is not None and other_info.state is TaskState.PENDING
+        assert other_info is not None
+        assert other_info.state is TaskState.PENDING
 
-    async def test_a_task_id_makes_enqueue_idempotent_until_the_task_finished(self, engine: EngineHarness) -> None:
+    async def test_a_task_id_makes_enqueue_idempotent_until_the_task_finished(
+        self, engine: EngineHarness
+    ) -> None:
         tasks = await engine.tasks()
 
         @tasks.register(name="suite.once")
@@ -189,7 +192,11 @@ class FlowRules(EngineSuiteBase):
         await worker.stop()
         info = await tasks.info(task_id)
         assert info is not None
-        assert (info.state, info.result, info.attempts) == (TaskState.SUCCEEDED, "finished during the drain", 1)
+        assert (info.state, info.result, info.attempts) == (
+            TaskState.SUCCEEDED,
+            "finished during the drain",
+            1,
+        )
 
     async def test_graceful_shutdown_returns_unfinished_tasks_to_pending_without_an_attempt(
         self, engine: EngineHarness
@@ -218,7 +225,8 @@ class FlowRules(EngineSuiteBase):
         assert (info.state, info.attempts, info.last_error) == (TaskState.PENDING, 0, None)
         assert info.run_at <= engine.clock()
         delayed_info = await tasks.info(delayed)
-        assert delayed_info is not None and delayed_info.state is TaskState.PENDING
+        assert delayed_info is not None
+        assert delayed_info.state is TaskState.PENDING
         stats = await tasks.stats()
         assert stats["default"].active == 0, "nothing may stay active after a graceful shutdown"
 

@@ -1,4 +1,5 @@
-"""Engine conformance rules about operations and upkeep: inspect, cancel, requeue, purge, recovery, retention."""
+"""Engine conformance rules about operations and upkeep: inspect, cancel, requeue, purge, recovery and
+retention."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import anyio
 
 from .._model import Call, TaskContext
 from .._records import TaskState
-from ._engine_harness import WAIT, EngineHarness, EngineSuiteBase
+from ._engine_harness import EngineHarness, EngineSuiteBase
 
 __all__ = ["OperationRules"]
 
@@ -41,7 +42,9 @@ class OperationRules(EngineSuiteBase):
         assert [info.id for info in await tasks.list(state=TaskState.DEAD)] == [dead]
         assert [info.id for info in await tasks.list(state="succeeded")] == [done]
         assert [info.id for info in await tasks.list(queue="q2")] == [waiting, dead]
-        assert [info.id for info in await tasks.list(state=["pending", "dead"], queue="q2", limit=1)] == [waiting]
+        assert [info.id for info in await tasks.list(state=["pending", "dead"], queue="q2", limit=1)] == [
+            waiting
+        ]
         assert listed[2].result == 42
         stats = await tasks.stats()
         assert (stats["q1"].succeeded, stats["q1"].total) == (1, 1)
@@ -60,7 +63,8 @@ class OperationRules(EngineSuiteBase):
         assert await tasks.cancel(task_id) is True
         assert await tasks.cancel(task_id) is False, "only a pending task can be cancelled"
         info = await tasks.info(task_id)
-        assert info is not None and info.state is TaskState.CANCELLED
+        assert info is not None
+        assert info.state is TaskState.CANCELLED
         engine.clock.advance(20)
         await engine.start(tasks)
         marker = await tasks.enqueue(cancellable, "marker")
@@ -107,7 +111,8 @@ class OperationRules(EngineSuiteBase):
         for task_id in ids[:2]:
             await engine.finished(tasks, task_id, TaskState.SUCCEEDED)
         info = await tasks.info(ids[2])
-        assert info is not None and info.state is TaskState.DEAD
+        assert info is not None
+        assert info.state is TaskState.DEAD
         assert await tasks.requeue_dead() == 1
         await engine.finished(tasks, ids[2], TaskState.SUCCEEDED)
 
@@ -157,9 +162,11 @@ class OperationRules(EngineSuiteBase):
         info = await tasks.info(retried)
         assert info is not None
         assert (info.state, info.attempts) == (TaskState.PENDING, 1)
-        assert info.last_error is not None and "worker lost" in info.last_error
+        assert info.last_error is not None
+        assert "worker lost" in info.last_error
         dead = await tasks.info(exhausted)
-        assert dead is not None and dead.state is TaskState.DEAD, "a crash counts as an attempt"
+        assert dead is not None
+        assert dead.state is TaskState.DEAD, "a crash counts as an attempt"
         await engine.start(tasks)
         info = await engine.finished(tasks, retried, TaskState.SUCCEEDED)
         assert (info.result, runs) == (2, [2])
@@ -216,4 +223,3 @@ class OperationRules(EngineSuiteBase):
         assert await tasks.purge_expired() == 1, "dead tasks are kept 7 days by default"
         assert await tasks.info(dead) is None
         assert await tasks.info(cancelled) is not None, "retention None keeps a state forever"
-

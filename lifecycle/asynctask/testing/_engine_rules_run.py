@@ -9,7 +9,7 @@ import anyio
 from ..._backoff import Backoff
 from .._model import Abort, Retry, TaskContext, TaskInfo
 from .._records import NewTask, TaskState
-from ._engine_harness import WAIT, EngineHarness, EngineSuiteBase
+from ._engine_harness import EngineHarness, EngineSuiteBase
 
 __all__ = ["RunRules"]
 
@@ -104,7 +104,8 @@ class RunRules(EngineSuiteBase):
         assert ran.is_set()
         assert info.run_at == start + 10.0, "the first retry waits backoff.delay(1) = initial"
         assert info.attempts == 1
-        assert info.last_error is not None and "RuntimeError: first attempt fails" in info.last_error
+        assert info.last_error is not None
+        assert "RuntimeError: first attempt fails" in info.last_error
         engine.clock.advance(10.0)
         info = await engine.finished(tasks, task_id, TaskState.SUCCEEDED)
         assert (info.result, info.attempts) == ("second attempt", 2)
@@ -124,7 +125,8 @@ class RunRules(EngineSuiteBase):
         task_id = await tasks.enqueue(retry_later)
         info = await engine.retry_waiting(tasks, task_id)
         assert info.run_at == start + 42.0
-        assert info.last_error is not None and "rate limited" in info.last_error
+        assert info.last_error is not None
+        assert "rate limited" in info.last_error
         engine.clock.advance(42.0)
         info = await engine.finished(tasks, task_id, TaskState.SUCCEEDED)
         assert info.result == 2
@@ -139,7 +141,8 @@ class RunRules(EngineSuiteBase):
         await engine.start(tasks)
         info = await engine.finished(tasks, await tasks.enqueue(retry_forever), TaskState.DEAD)
         assert info.attempts == 2
-        assert info.last_error is not None and "no retries left" in info.last_error
+        assert info.last_error is not None
+        assert "no retries left" in info.last_error
 
     async def test_abort_makes_the_task_dead_at_once(self, engine: EngineHarness) -> None:
         tasks = await engine.tasks()
@@ -151,7 +154,8 @@ class RunRules(EngineSuiteBase):
         await engine.start(tasks)
         info = await engine.finished(tasks, await tasks.enqueue(abort, 7), TaskState.DEAD)
         assert info.attempts == 1
-        assert info.last_error is not None and "order 7 does not exist" in info.last_error
+        assert info.last_error is not None
+        assert "order 7 does not exist" in info.last_error
 
     async def test_a_task_over_its_timeout_is_cancelled_and_fails(self, engine: EngineHarness) -> None:
         tasks = await engine.tasks()
@@ -167,10 +171,13 @@ class RunRules(EngineSuiteBase):
         await engine.start(tasks)
         info = await engine.finished(tasks, await tasks.enqueue(hangs), TaskState.DEAD)
         assert cancelled.is_set(), "the task must be cancelled at its deadline"
-        assert info.last_error is not None and "timed out after 0.2 s" in info.last_error
+        assert info.last_error is not None
+        assert "timed out after 0.2 s" in info.last_error
         assert info.timeout == 0.2
 
-    async def test_the_timeout_given_at_enqueue_overrides_the_registered_one(self, engine: EngineHarness) -> None:
+    async def test_the_timeout_given_at_enqueue_overrides_the_registered_one(
+        self, engine: EngineHarness
+    ) -> None:
         tasks = await engine.tasks()
 
         @tasks.register(name="suite.slowish", max_retries=0, timeout=0.1)
@@ -192,7 +199,9 @@ class RunRules(EngineSuiteBase):
         info = await engine.finished(tasks, task_id, TaskState.DEAD)
         assert info.attempts == 2, "an unknown name is retried first (another worker version may know it)"
         assert info.last_error is not None
-        assert "no task function is registered under the name 'suite.nobody_registered_this'" in info.last_error
+        assert (
+            "no task function is registered under the name 'suite.nobody_registered_this'" in info.last_error
+        )
 
     async def test_a_payload_that_cannot_be_decoded_is_dead_at_once(self, engine: EngineHarness) -> None:
         tasks = await engine.tasks()
@@ -216,7 +225,8 @@ class RunRules(EngineSuiteBase):
         await engine.start(tasks)
         info = await engine.finished(tasks, "corrupt-payload", TaskState.DEAD)
         assert info.attempts == 1, "retrying cannot make a payload readable"
-        assert info.last_error is not None and "cannot decode the arguments" in info.last_error
+        assert info.last_error is not None
+        assert "cannot decode the arguments" in info.last_error
 
     async def test_on_error_failures_never_break_the_worker(self, engine: EngineHarness) -> None:
         async def broken_hook(info: TaskInfo, exc: BaseException) -> None:
@@ -236,4 +246,3 @@ class RunRules(EngineSuiteBase):
         await engine.finished(tasks, await tasks.enqueue(fails), TaskState.DEAD)
         info = await engine.finished(tasks, await tasks.enqueue(works), TaskState.SUCCEEDED)
         assert info.result == "still working"
-

@@ -1,15 +1,19 @@
-"""Fixtures for the RedisBackend tests: asyncio only, one fresh key prefix per test, deleted afterwards."""
+"""Fixtures for the RedisBackend tests: asyncio only, one fresh key prefix per test (deleted afterwards), and
+private redis-server processes for tests that restart, kill or reconfigure a server."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+import shutil
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import pytest
+from redis_servers import REDIS_CLI, REDIS_SERVER, LocalCluster, OpenRedis, RedisServer, delete_prefix
 
 from lifecycle.asynctask.redis import RedisBackend
-
-OpenRedis = Callable[..., Awaitable[RedisBackend]]
 
 
 @pytest.fixture
@@ -21,7 +25,7 @@ def anyio_backend() -> str:
 @pytest.fixture
 async def open_redis(redis_url: str, unique_name: str) -> AsyncIterator[OpenRedis]:
     """Open RedisBackend objects on the shared server under the test's own prefix (keyword options pass
-    through); all are closed after the test and every key of the prefix is deleted."""
+    through, ``url=`` included); all are closed after the test and every key of the prefix is deleted."""
     opened: list[RedisBackend] = []
 
     async def factory(**options: Any) -> RedisBackend:
@@ -32,11 +36,76 @@ async def open_redis(redis_url: str, unique_name: str) -> AsyncIterator[OpenRedi
         return backend
 
     yield factory
-    cleaner = RedisBackend(redis_url, prefix=unique_name)
+    for backend in opened:
+        await backend.close()
+    await delete_prefix(redis_url, unique_name)
+
+
+def _require_binary(path: str) -> None:
+    if shutil.which(path) is None:
+        message = f"{path} is not installed; install the Redis server package to run this test"
+        if os.environ.get("LIFECYCLE_REQUIRE_SERVICES") == "1":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+
+
+@pytest.fixture
+def redis_server_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Make private redis-servers (extra command-line options as arguments); all are killed afterwards.
+    Skips when the redis-server binary is missing (fails under LIFECYCLE_REQUIRE_SERVICES=1)."""
+    _require_binary(REDIS_SERVER)
+    servers: list[RedisServer] = []
+
+    def make(*extra: str) -> RedisServer:
+        directory = tmp_path / f"redis-{len(servers)}"
+        directory.mkdir()
+        server = RedisServer(directory, *extra)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.kill()
+
+
+@pytest.fixture
+async def own_redis(redis_server_factory: Callable[..., RedisServer]) -> RedisServer:
+    """One private, running redis-server (AOF with ``appendfsync always``)."""
+    return await anyio.to_thread.run_sync(redis_server_factory)
+
+
+@pytest.fixture(scope="module")
+def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A private three-node Redis Cluster shared by the tests of a module (each uses its own prefix)."""
+    _require_binary(REDIS_SERVER)
+    _require_binary(REDIS_CLI)
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.kill()
+
+
+@pytest.fixture
+async def open_on_cluster(local_cluster: LocalCluster, unique_name: str) -> AsyncIterator[OpenRedis]:
+    """Like ``open_redis``, on the private cluster."""
+    opened: list[RedisBackend] = []
+
+    async def factory(**options: Any) -> RedisBackend:
+        options.setdefault("prefix", unique_name)
+        backend = RedisBackend(local_cluster.url, **options)
+        await backend.open()
+        opened.append(backend)
+        return backend
+
+    yield factory
+    for backend in opened:
+        await backend.close()
+    cleaner = RedisBackend(local_cluster.url, prefix=unique_name)
     await cleaner.open()
     try:
         await cleaner.clear()
     finally:
         await cleaner.close()
-        for backend in opened:
-            await backend.close()

@@ -16,7 +16,9 @@ class TestRedisConformance(BackendConformance):
     """Every rule of the Backend protocol, against the shared server, under a fresh prefix per test."""
 
     @pytest.fixture
-    def backend_factory(self, open_redis: Callable[..., Awaitable[RedisBackend]]) -> Callable[[], Awaitable[RedisBackend]]:
+    def backend_factory(
+        self, open_redis: Callable[..., Awaitable[RedisBackend]]
+    ) -> Callable[[], Awaitable[RedisBackend]]:
         async def factory() -> RedisBackend:
             return await open_redis()
 

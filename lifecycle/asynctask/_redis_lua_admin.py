@@ -1,0 +1,185 @@
+"""The Lua scripts of the Redis backend's operator actions: cancel, requeue, purge, stats and listing.
+
+They share the prelude and key layout of :mod:`lifecycle.asynctask._redis_lua`.
+"""
+
+from __future__ import annotations
+
+from ._redis_lua import LuaScript, script
+
+__all__ = ["ADMIN_SCRIPTS"]
+
+# ARGV: P, at, call id, ids... Returns the ids cancelled.
+_CANCEL = """
+local at, callid = ARGV[2], ARGV[3]
+local done = {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  local key = rkey(id)
+  local cur = redis.call('HMGET', key, 's', 'q', 'e', 'o', 'x')
+  if cur[1] == 'pending' then
+    local q, member = cur[2], cur[4] .. id
+    redis.call('HSET', key, 's', 'cancelled', 'f', at, 'x', callid)
+    redis.call('ZREM', ready(q), member)
+    redis.call('ZREM', idx('pending', q), member)
+    redis.call('ZADD', idx('cancelled', q), cur[3], member)
+    done[#done + 1] = id
+  elseif cur[1] == 'cancelled' and cur[5] == callid then
+    done[#done + 1] = id
+  end
+end
+return done
+"""
+
+_REQUEUE_ONE = """
+local function requeue_one(id, cur, now, callid, queues)
+  local q, member = cur[2], cur[4] .. id
+  redis.call('HSET', rkey(id), 's', 'pending', 'a', '0', 'r', now, 'f', '', 'x', callid, 'k', '')
+  redis.call('ZREM', idx(cur[1], q), member)
+  redis.call('ZADD', idx('pending', q), cur[3], member)
+  redis.call('ZADD', ready(q), now, member)
+  queues[q] = true
+end
+"""
+
+# ARGV: P, now, call id, ids... Returns how many moved back to PENDING.
+_REQUEUE_IDS = (
+    _REQUEUE_ONE
+    + """
+local now, callid = ARGV[2], ARGV[3]
+local moved, queues = 0, {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  local cur = redis.call('HMGET', rkey(id), 's', 'q', 'e', 'o', 'x')
+  if cur[1] == 'dead' or cur[1] == 'cancelled' then
+    requeue_one(id, cur, now, callid, queues)
+    moved = moved + 1
+  elseif cur[1] == 'pending' and cur[5] == callid then
+    moved = moved + 1
+  end
+end
+announce(queues)
+return moved
+"""
+)
+
+# ARGV: P, now, call id, limit, has_queue ('0'/'1'), queue. Moves up to limit DEAD tasks; returns how many.
+_REQUEUE_DEAD = (
+    _REQUEUE_ONE
+    + """
+local now, callid, limit = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local qs
+if ARGV[5] == '1' then qs = {ARGV[6]} else qs = redis.call('SMEMBERS', P .. 'queues') end
+local moved, queues = 0, {}
+for _, q in ipairs(qs) do
+  if moved >= limit then break end
+  for _, member in ipairs(redis.call('ZRANGE', idx('dead', q), 0, limit - moved - 1)) do
+    local id = string.sub(member, 17)
+    local cur = redis.call('HMGET', rkey(id), 's', 'q', 'e', 'o')
+    requeue_one(id, cur, now, callid, queues)
+    moved = moved + 1
+  end
+end
+announce(queues)
+return moved
+"""
+)
+
+# ARGV: P, queue, state, before or '', offset, chunk. Deletes matching records among the next chunk
+# candidates of one (queue, state) index. Returns {deleted, skipped, examined}.
+_PURGE = """
+local q, state, before = ARGV[2], ARGV[3], ARGV[4]
+local offset, chunk = tonumber(ARGV[5]), tonumber(ARGV[6])
+local ik = idx(state, q)
+local members
+if before == '' then
+  members = redis.call('ZRANGE', ik, offset, offset + chunk - 1)
+else
+  members = redis.call('ZRANGEBYSCORE', ik, '-inf', '(' .. before, 'LIMIT', offset, chunk)
+end
+local final = state == 'succeeded' or state == 'dead' or state == 'cancelled'
+local limit = tonumber(before)
+local deleted, skipped = 0, 0
+for _, member in ipairs(members) do
+  local id = string.sub(member, 17)
+  local key = rkey(id)
+  local wanted = true
+  if before ~= '' and final then
+    local finished = tonumber(redis.call('HGET', key, 'f') or '')
+    wanted = finished ~= nil and finished < limit
+  end
+  if wanted then
+    if state == 'pending' then
+      redis.call('ZREM', ready(q), member)
+    elseif state == 'active' then
+      redis.call('ZREM', P .. 'leases', id)
+    end
+    redis.call('ZREM', ik, member)
+    redis.call('DEL', key)
+    deleted = deleted + 1
+  else
+    skipped = skipped + 1
+  end
+end
+if deleted > 0 then
+  local empty = true
+  for _, s in ipairs(STATES) do
+    if redis.call('EXISTS', idx(s, q)) == 1 then empty = false; break end
+  end
+  if empty then
+    redis.call('SREM', P .. 'queues', q)
+    redis.call('DEL', P .. 'w:' .. q)
+  end
+end
+return {deleted, skipped, #members}
+"""
+
+# ARGV: P. Returns queue, then the count of each of STATES, per queue.
+_STATS = """
+local out = {}
+for _, q in ipairs(redis.call('SMEMBERS', P .. 'queues')) do
+  out[#out + 1] = q
+  for _, s in ipairs(STATES) do out[#out + 1] = redis.call('ZCARD', idx(s, q)) end
+end
+return out
+"""
+
+# ARGV: P, limit, offset, has_queue ('0'/'1'), queue, states... Returns '' (no token), id and the 15 record
+# FIELDS per record, newest enqueued_at first (then the later enqueue first).
+_LIST = """
+local limit, offset = tonumber(ARGV[2]), tonumber(ARGV[3])
+local qs
+if ARGV[4] == '1' then qs = {ARGV[5]} else qs = redis.call('SMEMBERS', P .. 'queues') end
+local want = offset + limit
+local found = {}
+for _, q in ipairs(qs) do
+  for si = 6, #ARGV do
+    local page = redis.call('ZREVRANGE', idx(ARGV[si], q), 0, want - 1, 'WITHSCORES')
+    for j = 1, #page, 2 do found[#found + 1] = {tonumber(page[j + 1]), page[j]} end
+  end
+end
+table.sort(found, function(a, b)
+  if a[1] ~= b[1] then return a[1] > b[1] end
+  return a[2] > b[2]
+end)
+local out = {}
+for k = offset + 1, math.min(#found, want) do
+  local id = string.sub(found[k][2], 17)
+  emit(out, '', id, read(rkey(id)))
+end
+return out
+"""
+
+
+ADMIN_SCRIPTS: dict[str, LuaScript] = {
+    found.name: found
+    for found in (
+        script("cancel", _CANCEL),
+        script("requeue_ids", _REQUEUE_IDS),
+        script("requeue_dead", _REQUEUE_DEAD),
+        script("purge", _PURGE),
+        script("stats", _STATS),
+        script("list", _LIST),
+    )
+}
+"""The operator actions' scripts, by name."""

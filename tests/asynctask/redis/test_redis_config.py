@@ -1,0 +1,224 @@
+"""RedisBackend configuration and input checks: URLs, options, credentials, TLS, the asyncio-only rule, the
+layout version, and arguments refused before anything reaches the server."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from redis_servers import OpenRedis, RedisServer
+
+from lifecycle.asynctask import BackendError, NewTask, Settlement, TaskState
+from lifecycle.asynctask._urls import backend_from_url
+from lifecycle.asynctask.redis import RedisBackend
+from lifecycle.asynctask.testing import T0
+
+pytestmark = pytest.mark.redis
+
+
+def _task(task_id: str, queue: str = "default") -> NewTask:
+    return NewTask(task_id, "job", queue, b"", 3, None, T0, T0)
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_open_under_trio_raises_a_backend_error_that_says_to_use_asyncio() -> None:
+    backend = RedisBackend()
+    with pytest.raises(BackendError, match=r"needs asyncio, but it runs under trio") as raised:
+        await backend.open()
+    assert "SQLiteBackend" in str(raised.value), "the message should name a backend that works under trio"
+    await backend.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://127.0.0.1:6379/0", r"bad Redis URL.*redis://"),
+        ("127.0.0.1:6379", r"bad Redis URL"),
+        ("redis://127.0.0.1:6379/0?decode_responses=true", r"'decode_responses' is not supported"),
+        ("redis://127.0.0.1:6379/0?protocol=3", r"'protocol' is not supported"),
+    ],
+)
+def test_a_url_redis_py_cannot_use_is_refused_at_construction(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RedisBackend(url)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"prefix": ""}, r"prefix must be a non-empty string"),
+        ({"prefix": "a{b}"}, r"must not contain '\{' or '\}'"),
+        ({"socket_timeout": 0}, r"socket_timeout must be a positive number"),
+        ({"reconnect_timeout": float("inf")}, r"reconnect_timeout must be a positive number"),
+        ({"max_connections": 1}, r"max_connections must be a whole number >= 2"),
+    ],
+)
+def test_bad_options_are_refused_with_the_option_named(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RedisBackend(**options)  # type: ignore[arg-type]
+
+
+def test_repr_hides_the_password() -> None:
+    backend = RedisBackend("redis://app:s3cret@redis.internal:6380/2", prefix="shop")
+    assert repr(backend) == "RedisBackend('redis://app:***@redis.internal:6380/2', prefix='shop')"
+    assert backend.prefix == "shop"
+    assert backend.key_prefix == "{shop}:"
+
+
+def test_backend_from_url_builds_a_redis_backend_with_the_prefix_option() -> None:
+    backend = backend_from_url("redis://127.0.0.1:6379/0?prefix=X")
+    assert isinstance(backend, RedisBackend)
+    assert backend.prefix == "X"
+    assert repr(backend) == "RedisBackend('redis://127.0.0.1:6379/0', prefix='X')"
+    tls = backend_from_url("rediss://:pw@cache.internal:6380/1?prefix=app&ssl_cert_reqs=none")
+    assert isinstance(tls, RedisBackend)
+    assert tls.prefix == "app"
+
+
+async def test_open_fails_fast_and_clearly_when_nothing_listens() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # bound but not listening: connections are refused
+        backend = RedisBackend(f"redis://127.0.0.1:{port}/0", connect_timeout=2)
+        with pytest.raises(BackendError, match=rf"cannot use Redis at redis://127.0.0.1:{port}/0"):
+            await backend.open()
+    await backend.close()
+
+
+async def test_password_and_user_come_from_the_url(own_redis_with_password: RedisServer) -> None:
+    server = own_redis_with_password
+    good = RedisBackend(f"redis://:hunter2@127.0.0.1:{server.port}/0", prefix="auth")
+    await good.open()
+    try:
+        assert await good.enqueue_many([_task("a")]) == ["a"]
+        assert (await good.stats()) == {"default": {TaskState.PENDING: 1}}
+    finally:
+        await good.close()
+    acl = RedisBackend(f"redis://worker:w0rker@127.0.0.1:{server.port}/0", prefix="auth")
+    await acl.open()
+    try:  # everything a worker and an operator do, with the least rights
+        (claimed,) = await acl.claim(["default"], 5, now=T0, lease_until=T0 + 30)
+        assert await acl.extend_leases([("a", claimed.token)], lease_until=T0 + 60) == set()
+        assert await acl.settle([Settlement("a", claimed.token, TaskState.SUCCEEDED, at=T0 + 1)]) == set()
+        await acl.wait_for_work(["default"], timeout=0.05)
+        assert [r.id for r in await acl.list_records(states={TaskState.SUCCEEDED})] == ["a"]
+        assert await acl.reclaim_expired(now=T0 + 100, lease_until=T0 + 130, limit=5) == []
+        assert await acl.purge(states={TaskState.SUCCEEDED}) == 1
+        assert await acl.clear() == 3  # the counter, the layout version, the last claim's log
+    finally:
+        await acl.close()
+    bad = RedisBackend(f"redis://:wrong@127.0.0.1:{server.port}/0", prefix="auth")
+    with pytest.raises(BackendError) as raised:
+        await bad.open()
+    assert "wrong" not in str(raised.value), "the message must not show the password"
+    assert "***" in str(raised.value)
+    await bad.close()
+
+
+@pytest.fixture
+def own_redis_with_password(redis_server_factory: Callable[..., RedisServer]) -> RedisServer:
+    """A private server with a default-user password and an ACL user ``worker`` (password ``w0rker``) with
+    the least rights the documentation lists: the prefix's keys, and no INFO (the backend then skips its
+    courtesy checks)."""
+    return redis_server_factory(
+        "--requirepass", "hunter2",
+        "--user", "worker", "on", ">w0rker", "~{auth}:*", "+@read", "+@write", "+@scripting", "+@connection",
+    )  # fmt: skip
+
+
+async def test_a_newer_key_layout_is_refused(open_redis: OpenRedis, redis_url: str, unique_name: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.set(f"{{{unique_name}}}:layout", "99")
+        with pytest.raises(BackendError, match=r"layout version 99, newer than"):
+            await open_redis()
+    finally:
+        await client.aclose()
+
+
+async def test_open_records_the_layout_and_open_again_is_harmless(
+    open_redis: OpenRedis, redis_url: str, unique_name: str
+) -> None:
+    backend = await open_redis()
+    await backend.open()
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        assert await client.get(f"{{{unique_name}}}:layout") == b"1"
+    finally:
+        await client.aclose()
+
+
+async def test_calls_before_open_say_to_open_first() -> None:
+    backend = RedisBackend()
+    with pytest.raises(RuntimeError, match=r"not open: call `await backend.open\(\)` first"):
+        await backend.get("x")
+
+
+async def test_a_server_that_evicts_keys_is_reported(
+    redis_server_factory: Callable[..., RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = redis_server_factory("--maxmemory", "100mb", "--maxmemory-policy", "allkeys-lru")
+    backend = RedisBackend(server.url, prefix="evict")
+    await backend.open()
+    await backend.close()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "lifecycle.asynctask.redis"]
+    assert any("maxmemory-policy allkeys-lru" in message for message in warnings), warnings
+
+
+def _certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
+    names = ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt")
+    ca_key, ca, key, csr, cert = (directory / name for name in names)
+    extensions = directory / "san.ext"
+    extensions.write_text("subjectAltName=IP:127.0.0.1\n")
+    for command in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "1",
+         "-subj", "/CN=lifecycle test CA"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+         "-days", "1", "-extfile", extensions],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *map(str, command)], check=True, capture_output=True)
+    return ca, cert, key
+
+
+async def test_tls_through_a_rediss_url(
+    redis_server_factory: Callable[..., RedisServer], tmp_path: Path
+) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make test certificates")
+    ca, cert, key = _certificates(tmp_path)
+    server = redis_server_factory(
+        "--port", "0", "--tls-port", "{port}", "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+        "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no",
+    )  # fmt: skip
+    url = f"rediss://127.0.0.1:{server.port}/0?ssl_cert_reqs=required&ssl_ca_certs={ca}"
+    backend = backend_from_url(f"{url}&prefix=tls")
+    await backend.open()
+    try:
+        assert await backend.enqueue_many([_task("secure")]) == ["secure"]
+        record = await backend.get("secure")
+        assert record is not None
+        assert record.state is TaskState.PENDING
+    finally:
+        await backend.close()
+    untrusted = RedisBackend(f"rediss://127.0.0.1:{server.port}/0", prefix="tls", connect_timeout=5)
+    with pytest.raises(BackendError, match=r"(?i)certificate"):
+        await untrusted.open()  # the server's certificate is not signed by a CA the system trusts
+    await untrusted.close()
+
+
+async def test_a_settlement_to_active_is_refused_before_anything_is_sent(open_redis: OpenRedis) -> None:
+    backend = await open_redis()
+    await backend.enqueue_many([_task("a")])
+    (claimed,) = await backend.claim(["default"], 1, now=T0, lease_until=T0 + 30)
+    with pytest.raises(ValueError, match=r"cannot settle task 'a' as 'active'"):
+        await backend.settle([Settlement("a", claimed.token, TaskState.ACTIVE, at=T0 + 1)])
+    record = await backend.get("a")
+    assert record is not None
+    assert (record.state, record.lease_until) == (TaskState.ACTIVE, T0 + 30)

@@ -1,0 +1,221 @@
+"""Reconnects: every call retried after a lost reply or a dropped connection applies exactly once.
+
+A lost reply is the hard case: the script ran on the server, but the client saw the connection drop and
+runs it again. The tests make the first reply of one script go missing (the call reaches the server, then
+the client gets ``ConnectionError``) and check that the retry neither repeats nor loses anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis_servers import OpenRedis, RedisServer, until_blocked
+
+from lifecycle.asynctask import NewTask, Settlement, TaskState
+from lifecycle.asynctask._redis_conn import SCRIPTS
+from lifecycle.asynctask.redis import RedisBackend
+from lifecycle.asynctask.testing import T0
+
+pytestmark = pytest.mark.redis
+
+
+def _task(task_id: str, *, queue: str = "default") -> NewTask:
+    return NewTask(task_id, "job", queue, b"payload", 3, None, T0, T0)
+
+
+def lose_first_reply(
+    backend: RedisBackend, script: str, between: Callable[[], Awaitable[None]] | None = None
+) -> list[int]:
+    """Make the next call of ``script`` run on the server but fail on the client as if the connection had
+    dropped before the reply arrived (``between`` runs in that gap). Returns a list counting the calls."""
+    client = backend._run().client
+    real = client.evalsha
+    sha = SCRIPTS[script].sha
+    calls: list[int] = []
+
+    async def evalsha(called: str, *args: Any) -> Any:
+        reply = await real(called, *args)
+        if called == sha:
+            calls.append(1)
+            if len(calls) == 1:
+                if between is not None:
+                    await between()
+                raise redis.exceptions.ConnectionError("Connection closed by server. (simulated)")
+        return reply
+
+    client.evalsha = evalsha  # type: ignore[method-assign]
+    return calls
+
+
+async def test_an_enqueue_whose_reply_was_lost_is_stored_once_and_reported_stored(
+    open_redis: OpenRedis,
+) -> None:
+    backend = await open_redis()
+    calls = lose_first_reply(backend, "enqueue")
+    assert await backend.enqueue_many([_task("a"), _task("b")]) == ["a", "b"]
+    assert len(calls) == 2, "the enqueue must have been sent twice"
+    assert await backend.stats() == {"default": {TaskState.PENDING: 2}}
+
+
+async def test_a_retried_enqueue_does_not_replace_a_task_that_finished_in_between(
+    open_redis: OpenRedis,
+) -> None:
+    backend = await open_redis()
+    other = await open_redis()
+
+    async def run_it() -> None:
+        (claimed,) = await other.claim(["default"], 1, now=T0 + 1, lease_until=T0 + 31)
+        done = Settlement("a", claimed.token, TaskState.SUCCEEDED, at=T0 + 2, result=b"r")
+        assert await other.settle([done]) == set()
+
+    lose_first_reply(backend, "enqueue", between=run_it)
+    assert await backend.enqueue_many([_task("a")]) == ["a"]
+    record = await backend.get("a")
+    assert record is not None
+    # Replacing the finished record (allowed for a *new* enqueue of that id) would run the task again.
+    assert (record.state, record.result, record.attempts) == (TaskState.SUCCEEDED, b"r", 1)
+
+
+async def test_a_retried_skip_enqueue_reports_what_it_stored(open_redis: OpenRedis) -> None:
+    backend = await open_redis()
+    assert await backend.enqueue_many([_task("old")]) == ["old"]
+    lose_first_reply(backend, "enqueue")
+    batch = [_task("new"), _task("old"), _task("new")]
+    assert await backend.enqueue_many(batch, if_exists="skip") == ["new"]
+
+
+async def test_a_claim_whose_reply_was_lost_returns_the_same_leases_and_takes_no_more(
+    open_redis: OpenRedis,
+) -> None:
+    backend = await open_redis()
+    await backend.enqueue_many([_task(f"t{n}") for n in range(5)])
+    calls = lose_first_reply(backend, "claim")
+    claimed = await backend.claim(["default"], 3, now=T0 + 1, lease_until=T0 + 31)
+    assert len(calls) == 2
+    assert [c.record.id for c in claimed] == ["t0", "t1", "t2"]
+    assert await backend.stats() == {"default": {TaskState.ACTIVE: 3, TaskState.PENDING: 2}}
+    # The returned tokens are the live ones: the leases can be settled.
+    verdicts = [Settlement(c.record.id, c.token, TaskState.SUCCEEDED, at=T0 + 2) for c in claimed]
+    assert await backend.settle(verdicts) == set()
+    rest = await backend.claim(["default"], 10, now=T0 + 3, lease_until=T0 + 33)
+    assert [c.record.id for c in rest] == ["t3", "t4"]
+
+
+async def test_a_reclaim_whose_reply_was_lost_returns_the_same_leases(open_redis: OpenRedis) -> None:
+    backend = await open_redis()
+    await backend.enqueue_many([_task(f"t{n}") for n in range(3)])
+    assert len(await backend.claim(["default"], 3, now=T0 + 1, lease_until=T0 + 2)) == 3
+    lose_first_reply(backend, "reclaim")
+    taken = await backend.reclaim_expired(now=T0 + 10, lease_until=T0 + 40, limit=2)
+    assert len(taken) == 2
+    assert await backend.extend_leases([(c.record.id, c.token) for c in taken], lease_until=T0 + 50) == set()
+    again = await backend.reclaim_expired(now=T0 + 10, lease_until=T0 + 40, limit=10)
+    assert len(again) == 1, "only the one lease the first call did not take is left to reclaim"
+
+
+async def test_a_settlement_whose_reply_was_lost_counts_as_applied(open_redis: OpenRedis) -> None:
+    backend = await open_redis()
+    await backend.enqueue_many([_task("done"), _task("retry")])
+    claimed = {c.record.id: c for c in await backend.claim(["default"], 2, now=T0, lease_until=T0 + 30)}
+    follow_up = _task("next", queue="later")
+    verdicts = [
+        Settlement("done", claimed["done"].token, TaskState.SUCCEEDED, at=T0 + 1, then=(follow_up,)),
+        Settlement("retry", claimed["retry"].token, TaskState.PENDING, at=T0 + 1, run_at=T0 + 5, error="e"),
+    ]
+    calls = lose_first_reply(backend, "settle")
+    assert await backend.settle(verdicts) == set(), "a repeated settlement is not a lost lease"
+    assert len(calls) == 2
+    assert await backend.stats() == {
+        "default": {TaskState.SUCCEEDED: 1, TaskState.PENDING: 1},
+        "later": {TaskState.PENDING: 1},
+    }
+    retry = await backend.get("retry")
+    assert retry is not None
+    assert (retry.attempts, retry.run_at, retry.last_error) == (1, T0 + 5, "e")
+
+
+async def test_cancel_and_requeue_whose_replies_were_lost_report_what_they_did(
+    open_redis: OpenRedis,
+) -> None:
+    backend = await open_redis()
+    await backend.enqueue_many([_task("a"), _task("b")])
+    lose_first_reply(backend, "cancel")
+    assert sorted(await backend.cancel(["a", "b", "ghost"], now=T0 + 1)) == ["a", "b"]
+    lose_first_reply(backend, "requeue_ids")
+    assert await backend.requeue(["a", "b"], now=T0 + 2) == 2
+    assert await backend.stats() == {"default": {TaskState.PENDING: 2}}
+
+
+async def test_a_script_the_server_forgot_is_loaded_again(own_redis: RedisServer) -> None:
+    backend = RedisBackend(own_redis.url, prefix="noscript")
+    admin = aioredis.Redis.from_url(own_redis.url)
+    await backend.open()
+    try:
+        await backend.enqueue_many([_task("a")])
+        await admin.script_flush()  # what a restart without persistence of the script cache does
+        claimed = await backend.claim(["default"], 1, now=T0, lease_until=T0 + 30)
+        assert [c.record.id for c in claimed] == ["a"]
+    finally:
+        await admin.aclose()
+        await backend.close()
+
+
+async def test_killed_connections_are_replaced_without_losing_work(own_redis: RedisServer) -> None:
+    backend = RedisBackend(own_redis.url, prefix="kill")
+    admin = aioredis.Redis.from_url(own_redis.url)
+    await backend.open()
+    try:
+        await backend.enqueue_many([_task(f"t{n}") for n in range(4)])
+        returned = anyio.Event()
+
+        async def wait() -> None:
+            await backend.wait_for_work(["idle"], timeout=60)
+            returned.set()
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as group:
+                group.start_soon(wait)
+                await until_blocked(admin, 1)
+                # Kill every client connection but this one: the blocked waiter's and the pooled ones.
+                await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+                await returned.wait()  # a dropped wait returns early instead of hanging for 60 s
+            claimed = await backend.claim(["default"], 10, now=T0, lease_until=T0 + 30)
+        assert len(claimed) == 4
+        verdicts = [Settlement(c.record.id, c.token, TaskState.SUCCEEDED, at=T0 + 1) for c in claimed]
+        await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        assert await backend.settle(verdicts) == set()
+        assert await backend.stats() == {"default": {TaskState.SUCCEEDED: 4}}
+    finally:
+        await admin.aclose()
+        await backend.close()
+
+
+async def test_calls_give_up_after_reconnect_timeout_when_the_server_stays_down(
+    own_redis: RedisServer,
+) -> None:
+    backend = RedisBackend(own_redis.url, prefix="down", reconnect_timeout=0.5, connect_timeout=0.5)
+    await backend.open()
+    try:
+        await backend.enqueue_many([_task("a")])
+        await anyio.to_thread.run_sync(own_redis.kill)
+        with anyio.fail_after(20), pytest.raises(redis.exceptions.ConnectionError):
+            await backend.claim(["default"], 1, now=T0, lease_until=T0 + 30)
+    finally:
+        await backend.close()
+
+
+async def test_more_concurrent_calls_than_connections_wait_for_a_free_one(
+    open_redis: OpenRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = await open_redis(max_connections=2)
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as group:
+            for n in range(100):
+                group.start_soon(backend.enqueue_many, [_task(f"t{n}")])
+    assert await backend.stats() == {"default": {TaskState.PENDING: 100}}
+    assert not [r for r in caplog.records if "connection lost" in r.getMessage()], "no call may have failed"

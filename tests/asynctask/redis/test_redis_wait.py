@@ -1,0 +1,196 @@
+"""Idle workers block on the server (no polling), wake for new, released and delayed work, and wake each other
+when one claim cannot take everything that is due."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+from redis_servers import OpenRedis, RedisServer, until_blocked
+
+from lifecycle.asynctask import NewTask
+from lifecycle.asynctask.redis import RedisBackend
+
+pytestmark = pytest.mark.redis
+
+PROMPT = 10.0
+"""How long something that should happen at once may take on a busy machine before the test fails."""
+
+
+def _task(task_id: str, *, now: float, delay: float = 0.0, queue: str = "default") -> NewTask:
+    return NewTask(task_id, "job", queue, b"", 3, None, now, now + delay)
+
+
+async def test_an_idle_wait_sends_a_handful_of_commands_not_a_poll(own_redis: RedisServer) -> None:
+    backend = RedisBackend(own_redis.url, prefix="idle")
+    admin = aioredis.Redis.from_url(own_redis.url)
+    await backend.open()
+    try:
+        await backend.wait_for_work(["default"], timeout=0.01)  # connections made, scripts loaded
+        before = (await admin.info("stats"))["total_commands_processed"]
+        started = time.monotonic()
+        await backend.wait_for_work(["default"], timeout=1.0)
+        waited = time.monotonic() - started
+        after = (await admin.info("stats"))["total_commands_processed"]
+    finally:
+        await admin.aclose()
+        await backend.close()
+    assert waited >= 0.95, f"the wait returned after {waited:.3f} s although nothing happened"
+    # INFO, the script that reads the queue heads (3 commands inside it), BLPOP, the alarm's LPUSH: 7 in one
+    # idle second, where even a 100 ms poll would need dozens.
+    assert after - before <= 10, f"an idle one-second wait made the server run {after - before - 1} commands"
+
+
+async def test_a_delayed_task_enqueued_while_a_worker_waits_starts_on_time(open_redis: OpenRedis) -> None:
+    worker = await open_redis()
+    producer = await open_redis()
+    claimed_at: list[float] = []
+
+    async def work() -> None:
+        while True:
+            now = time.time()
+            claimed = await worker.claim(["default"], 1, now=now, lease_until=now + 30)
+            if claimed:
+                claimed_at.append(now)
+                return
+            await worker.wait_for_work(["default"], timeout=120)
+
+    with anyio.fail_after(PROMPT):
+        async with anyio.create_task_group() as group:
+            group.start_soon(work)
+            await anyio.wait_all_tasks_blocked()
+            now = time.time()
+            await producer.enqueue_many([_task("later", now=now, delay=0.3)])
+    run_at = now + 0.3
+    assert claimed_at[0] >= run_at
+    # Redis alone would end the blocking command up to 100 ms late; the backend's own alarm is prompt.
+    assert claimed_at[0] - run_at < 2.0
+
+
+async def test_a_worker_that_cannot_take_everything_wakes_another(
+    open_redis: OpenRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waiters = [await open_redis(), await open_redis()]
+    producer = await open_redis()
+    blocking = [anyio.Event(), anyio.Event()]
+    taken: list[list[str]] = [[], []]
+
+    for number, backend in enumerate(waiters):
+        real_block = backend._waiting.block  # type: ignore[union-attr]
+
+        async def block(*args: object, number: int = number, real_block: object = real_block) -> None:
+            blocking[number].set()  # past the check for due work: only a wake-up can end this wait early
+            await real_block(*args)  # type: ignore[operator]
+
+        monkeypatch.setattr(backend._waiting, "block", block)
+
+    async def waiter(number: int) -> None:
+        backend = waiters[number]
+        await backend.wait_for_work(["default"], timeout=120)
+        now = time.time()
+        taken[number] = [
+            c.record.id for c in await backend.claim(["default"], 3, now=now, lease_until=now + 30)
+        ]
+
+    with anyio.fail_after(PROMPT):
+        async with anyio.create_task_group() as group:
+            group.start_soon(waiter, 0)
+            group.start_soon(waiter, 1)
+            await blocking[0].wait()
+            await blocking[1].wait()
+            now = time.time()
+            await producer.enqueue_many([_task(f"t{n}", now=now) for n in range(6)])
+    assert sorted(taken[0] + taken[1]) == [f"t{n}" for n in range(6)]
+    assert len(taken[0]) == len(taken[1]) == 3
+
+
+async def test_due_work_the_caller_does_not_claim_is_reported_once(open_redis: OpenRedis) -> None:
+    """When the caller's clock disagrees with the backend's (or it cannot claim), a wait must not spin."""
+    backend = await open_redis(clock=lambda: time.time() + 3600)
+    now = time.time()
+    await backend.enqueue_many([_task("due-by-the-backends-clock", now=now, delay=60)])
+    with anyio.fail_after(PROMPT):
+        started = time.monotonic()
+        await backend.wait_for_work(["default"], timeout=60)
+        assert time.monotonic() - started < 5, "due work must be reported at once the first time"
+        started = time.monotonic()
+        await backend.wait_for_work(["default"], timeout=0.3)
+        assert time.monotonic() - started >= 0.25, "the same due task must not end every wait at once"
+        claimed = await backend.claim(["default"], 1, now=now + 120, lease_until=now + 150)
+        assert len(claimed) == 1
+        await backend.enqueue_many([_task("another", now=now, delay=60)])
+        started = time.monotonic()
+        await backend.wait_for_work(["default"], timeout=60)
+        assert time.monotonic() - started < 5, "new due work is reported again"
+
+
+async def test_waiting_on_no_queue_just_waits_for_the_timeout(open_redis: OpenRedis) -> None:
+    backend = await open_redis()
+    with anyio.fail_after(PROMPT):
+        started = time.monotonic()
+        await backend.wait_for_work([], timeout=0.2)
+    assert time.monotonic() - started >= 0.15
+
+
+async def test_a_cancelled_wait_ends_its_blpop_and_keeps_its_connection(own_redis: RedisServer) -> None:
+    """The engine cancels a wait whenever it wakes up for its own reasons (a local enqueue, a free slot):
+    that must end the server-side BLPOP at once and must not cost a reconnect."""
+    backend = RedisBackend(own_redis.url, prefix="cancel")
+    admin = aioredis.Redis.from_url(own_redis.url)
+    await backend.open()
+    try:
+        await backend.wait_for_work(["default"], timeout=0.01)  # connections made
+        connections = (await admin.info("stats"))["total_connections_received"]
+        with anyio.fail_after(PROMPT):
+            for _ in range(3):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(lambda: backend.wait_for_work(["default"], timeout=120))
+                    await until_blocked(admin, 1)
+                    group.cancel_scope.cancel()
+                assert (await admin.info("clients"))["blocked_clients"] == 0
+            now = time.time()
+            assert await backend.enqueue_many([_task("after", now=now)]) == ["after"]
+            await backend.wait_for_work(["default"], timeout=120)  # due at once: returns
+        assert (await admin.info("stats"))["total_connections_received"] == connections
+    finally:
+        await admin.aclose()
+        await backend.close()
+
+
+async def test_a_full_claim_wakes_a_worker_for_a_lower_priority_queue_it_did_not_reach(
+    own_redis: RedisServer,
+) -> None:
+    admin = aioredis.Redis.from_url(own_redis.url)
+    backends = [RedisBackend(own_redis.url, prefix="chain") for _ in range(4)]
+    busy, producer, thief, idle = backends
+    for backend in backends:
+        await backend.open()
+    try:
+        now = time.time()
+        await producer.enqueue_many([_task("high", now=now, queue="high")])
+        returned = {"thief": anyio.Event(), "idle": anyio.Event()}
+
+        async def wait(backend: RedisBackend, name: str) -> None:
+            await backend.wait_for_work(["low"], timeout=120)
+            returned[name].set()
+
+        with anyio.fail_after(PROMPT):
+            async with anyio.create_task_group() as group:
+                group.start_soon(wait, thief, "thief")
+                await until_blocked(admin, 1)
+                group.start_soon(wait, idle, "idle")
+                await until_blocked(admin, 2)
+                await producer.enqueue_many([_task("low", now=now, queue="low")])
+                await returned["thief"].wait()  # BLPOP serves the longest waiter: the thief took the wake-up
+                assert not returned["idle"].is_set()
+                # One task (the limit) from "high"; "low" is never looked at, but due: wake a worker for it.
+                claimed = await busy.claim(["high", "low"], 1, now=now, lease_until=now + 30)
+                assert [c.record.id for c in claimed] == ["high"]
+                await returned["idle"].wait()
+        assert [c.record.id for c in await idle.claim(["low"], 1, now=now, lease_until=now + 30)] == ["low"]
+    finally:
+        for backend in backends:
+            await backend.close()
+        await admin.aclose()
