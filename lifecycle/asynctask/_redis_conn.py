@@ -39,7 +39,7 @@ __all__ = [
     "current_async_library",
     "make_client",
     "safe_url",
-    "take_cluster_option",
+    "take_url_options",
     "unusable",
 ]
 
@@ -91,21 +91,36 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
-def take_cluster_option(url: str) -> tuple[str, bool | None]:
-    """Remove the ``cluster=...`` query option (ours, not redis-py's) from ``url``; return the rest of the
-    URL and the option's value (``None`` when absent)."""
+def take_url_options(url: str) -> tuple[str, bool | None, float | None]:
+    """Take the options the backend handles itself out of ``url``: ``cluster`` (not redis-py's) and
+    ``socket_timeout`` (applied per call by the backend, see :func:`make_client`). Returns the rest of the
+    URL and the two values (``None`` when absent)."""
+    if not isinstance(url, str):
+        raise TypeError(f"RedisBackend(url) takes a URL string, got {type(url).__name__}")
     parts = urlsplit(url)
     pairs = parse_qsl(parts.query, keep_blank_values=True)
-    values = [value.lower() for name, value in pairs if name == "cluster"]
-    if not values:
-        return url, None
-    if len(values) > 1 or values[0] not in _TRUE + _FALSE:
-        raise ValueError(
-            f"RedisBackend: give the URL option cluster once, as cluster=true or cluster=false, in "
-            f"{safe_url(url)!r}"
-        )
-    rest = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in pairs if k != "cluster"])))
-    return rest, values[0] in _TRUE
+    found = {name: [value for key, value in pairs if key == name] for name in ("cluster", "socket_timeout")}
+    cluster: bool | None = None
+    if found["cluster"]:
+        value = found["cluster"][0].lower()
+        if len(found["cluster"]) > 1 or value not in _TRUE + _FALSE:
+            raise ValueError(
+                f"RedisBackend: give the URL option cluster once, as cluster=true or cluster=false, in "
+                f"{safe_url(url)!r}"
+            )
+        cluster = value in _TRUE
+    timeout: float | None = None
+    if found["socket_timeout"]:
+        try:
+            timeout = float(found["socket_timeout"][-1])
+        except ValueError:
+            raise ValueError(
+                f"RedisBackend: the URL option socket_timeout must be a number of seconds, in {safe_url(url)!r}"
+            ) from None
+    if cluster is None and timeout is None:
+        return url, None, None
+    kept = [(key, value) for key, value in pairs if key not in found]
+    return urlunsplit(parts._replace(query=urlencode(kept))), cluster, timeout
 
 
 def check_url(url: str) -> None:

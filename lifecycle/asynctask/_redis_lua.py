@@ -263,6 +263,14 @@ return lost
 _SETTLE = """
 local callid = ARGV[2]
 local lost, queues = {}, {}
+-- Sorted-set changes are collected per key and made at the end, many members per command.
+local removals, additions = {}, {}
+local function later(map, key, a, b)
+  local list = map[key]
+  if not list then list = {}; map[key] = list end
+  list[#list + 1] = a
+  if b ~= nil then list[#list + 1] = b end
+end
 local i = 3
 while i <= #ARGV do
   local id, token, state, at, run_at, flags = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4],
@@ -275,8 +283,8 @@ while i <= #ARGV do
   local cur = redis.call('HMGET', key, 's', 'k', 'q', 'e', 'o')
   if cur[1] == 'active' and cur[2] == token then
     local q, member = cur[3], cur[5] .. id
-    redis.call('ZREM', P .. 'leases', id)
-    redis.call('ZREM', idx('active', q), member)
+    later(removals, P .. 'leases', id)
+    later(removals, idx('active', q), member)
     local set = {'s', state, 'l', ''}
     if string.sub(flags, 1, 1) == '1' then
       set[#set + 1] = 'err'
@@ -287,8 +295,8 @@ while i <= #ARGV do
       set[#set + 1] = run_at
       redis.call('HSET', key, unpack(set))
       if string.sub(flags, 3, 3) == '1' then redis.call('HINCRBY', key, 'a', -1) end
-      redis.call('ZADD', ready(q), run_at, member)
-      redis.call('ZADD', idx('pending', q), cur[4], member)
+      later(additions, ready(q), run_at, member)
+      later(additions, idx('pending', q), cur[4], member)
       queues[q] = true
     else
       set[#set + 1] = 'f'
@@ -298,7 +306,7 @@ while i <= #ARGV do
         set[#set + 1] = res
       end
       redis.call('HSET', key, unpack(set))
-      redis.call('ZADD', idx(state, q), cur[4], member)
+      later(additions, idx(state, q), cur[4], member)
     end
     for t = 0, nthen - 1 do
       local b = first + t * 10
@@ -310,6 +318,8 @@ while i <= #ARGV do
     lost[#lost + 1] = id
   end
 end
+for key, list in pairs(removals) do bulk('ZREM', key, list) end
+for key, list in pairs(additions) do bulk('ZADD', key, list) end
 announce(queues)
 return lost
 """

@@ -35,7 +35,7 @@ from ._redis_conn import (
     current_async_library,
     make_client,
     safe_url,
-    take_cluster_option,
+    take_url_options,
     unusable,
 )
 from ._redis_lua import LAYOUT_VERSION
@@ -71,7 +71,7 @@ class RedisBackend:
             in one Redis Cluster slot. Use one prefix per application; two applications on one server keep
             apart by prefix.
         socket_timeout: how long a command may wait for the server's reply before the connection counts as
-            lost (seconds).
+            lost (seconds); a ``socket_timeout`` option in the URL takes precedence.
         connect_timeout: how long connecting may take (seconds); :meth:`open` fails after it.
         reconnect_timeout: how long a call keeps retrying after the connection dropped (a server restart, a
             failover) before it raises redis-py's ``ConnectionError`` (seconds). Retries never lose or
@@ -107,8 +107,10 @@ class RedisBackend:
         client_options: Mapping[str, Any] | None = None,
         cluster: bool = False,
     ) -> None:
-        url, cluster_option = take_cluster_option(url)
+        url, cluster_option, url_socket_timeout = take_url_options(url)
         check_url(url)
+        if url_socket_timeout is not None:  # as in redis-py, an option in the URL wins
+            socket_timeout = url_socket_timeout
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
         if "{" in prefix or "}" in prefix:

@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 import pytest
+from postgres.procs_url import postgres_url
 from procs import Workers, read_runs
 
 from lifecycle.asynctask import AsyncTasks, Call, TaskRecord, TaskState
@@ -30,11 +31,17 @@ def _sqlite_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
     yield f"sqlite:///{tmp_path / 'tasks.db'}"
 
 
-BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Iterator[str]]] = {"sqlite": _sqlite_url}
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Iterator[str]]] = {
+    "sqlite": _sqlite_url,
+    "postgres": postgres_url,
+}
 """Backend name -> generator fixture body yielding a fresh, empty URL (and cleaning up after the test)."""
 
 # Which async library each worker of a multi-worker test runs on, per backend (server backends: asyncio).
-WORKER_LIBRARIES: dict[str, Sequence[str]] = {"sqlite": ("asyncio", "trio", "asyncio")}
+WORKER_LIBRARIES: dict[str, Sequence[str]] = {
+    "sqlite": ("asyncio", "trio", "asyncio"),
+    "postgres": ("asyncio",) * 3,  # PostgresBackend is asyncio-only
+}
 
 
 @pytest.fixture(params=sorted(BACKENDS))

@@ -15,16 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import lifecycle.asynctask
-
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-if not hasattr(lifecycle.asynctask, "SQLiteBackend"):  # pragma: no cover - until the export lands
-    pytest.skip(
-        "lifecycle.asynctask does not export SQLiteBackend yet: add "
-        "`from ._sqlite import SQLiteBackend as SQLiteBackend` to lifecycle/asynctask/__init__.py",
-        allow_module_level=True,
-    )
 
 pytestmark = pytest.mark.slow
 

@@ -222,3 +222,16 @@ async def test_a_settlement_to_active_is_refused_before_anything_is_sent(open_re
     record = await backend.get("a")
     assert record is not None
     assert (record.state, record.lease_until) == (TaskState.ACTIVE, T0 + 30)
+
+
+def test_socket_timeout_in_the_url_is_the_backends_own_reply_timeout() -> None:
+    backend = RedisBackend("redis://127.0.0.1:6379/0?socket_timeout=5&health_check_interval=10")
+    assert backend._socket_timeout == 5.0
+    assert (
+        repr(backend)
+        == "RedisBackend('redis://127.0.0.1:6379/0?health_check_interval=10', prefix='lifecycle')"
+    )
+    with pytest.raises(ValueError, match=r"socket_timeout must be a number of seconds"):
+        RedisBackend("redis://127.0.0.1:6379/0?socket_timeout=soon")
+    with pytest.raises(ValueError, match=r"socket_timeout must be a positive number"):
+        RedisBackend("redis://127.0.0.1:6379/0?socket_timeout=0")
