@@ -11,7 +11,50 @@ from typing import Any
 
 from ._records import TaskState
 
-__all__ = ["Abort", "Call", "QueueStats", "Retry", "TaskContext", "TaskInfo"]
+__all__ = ["Abort", "Call", "ChainInfo", "ChainStep", "QueueStats", "Retry", "TaskContext", "TaskInfo"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChainStep:
+    """One step of a chain as :class:`ChainInfo` shows it.
+
+    ``state`` is ``None`` while the step is not enqueued yet (an earlier step has not succeeded), or after
+    retention removed its record. ``task_id`` is the step's task id (``"<chain id>.<index>"``).
+    """
+
+    index: int
+    name: str
+    task_id: str
+    state: TaskState | None = None
+    last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChainInfo:
+    """A chain's progress, as ``tasks.info(chain_id).chain`` shows it.
+
+    ``state`` is the chain's state: ``pending``/``active`` while a step waits or runs, ``succeeded`` when the
+    last step succeeded, ``dead`` or ``cancelled`` when a step died or was cancelled: the chain stopped there,
+    ``current`` is that step's index and the later steps never run. ``current`` is otherwise the index of the
+    step the chain is at (the last one once it succeeded). ``result`` is the last step's result once the chain
+    succeeded.
+    """
+
+    id: str
+    state: TaskState
+    current: int
+    steps: tuple[ChainStep, ...]
+    result: Any = None
+
+    @property
+    def stopped_at(self) -> int | None:
+        """The index of the step that stopped the chain (dead or cancelled), or ``None``."""
+        return self.current if self.state in (TaskState.DEAD, TaskState.CANCELLED) else None
+
+    @property
+    def succeeded_steps(self) -> int:
+        """How many steps succeeded so far."""
+        return sum(1 for step in self.steps if step.state is TaskState.SUCCEEDED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +65,10 @@ class TaskInfo:
     worker started the task (including an attempt whose worker died). ``result`` is the decoded return value
     of a succeeded task (``None`` when it returned nothing, or returned something the encoding cannot encode).
     ``last_error`` is the text of the latest failure: exception type, message and traceback.
+
+    A step of a chain has ``chain_id`` and ``chain_step`` (its index); ``chain`` holds the whole chain's
+    progress when the task came from :meth:`AsyncTasks.info` (``None`` in :meth:`AsyncTasks.list` rows). A
+    task enqueued by a schedule has ``schedule`` (the schedule's name).
     """
 
     id: str
@@ -37,6 +84,10 @@ class TaskInfo:
     timeout: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    chain_id: str | None = None
+    chain_step: int | None = None
+    chain: ChainInfo | None = None
+    schedule: str | None = None
 
     @property
     def retries_left(self) -> int:
@@ -118,8 +169,8 @@ class TaskContext:
     1 on the first run and grows with each retry (a run whose worker died counts too). ``deadline`` is the
     time (seconds since the epoch, the ``AsyncTasks`` clock) at which the task's ``timeout`` cancels it, or
     ``None`` without a timeout. ``logger`` logs through ``lifecycle.asynctask.task`` with the task's name and
-    id in front of each message. ``previous_result`` is the result of the previous step of a chain, ``None``
-    otherwise.
+    id in front of each message. ``previous_result`` is the result of the previous step of a chain (decoded), ``None``
+    otherwise (and for the first step); ``chain_id`` is the chain's id for a chain step, ``None`` otherwise.
 
     Example::
 
@@ -131,6 +182,7 @@ class TaskContext:
     __slots__ = (
         "_logger",
         "attempt",
+        "chain_id",
         "deadline",
         "enqueued_at",
         "max_retries",
@@ -151,6 +203,7 @@ class TaskContext:
         enqueued_at: float,
         deadline: float | None = None,
         previous_result: Any = None,
+        chain_id: str | None = None,
     ) -> None:
         self.task_id = task_id
         self.name = name
@@ -160,6 +213,7 @@ class TaskContext:
         self.enqueued_at = enqueued_at
         self.deadline = deadline
         self.previous_result = previous_result
+        self.chain_id = chain_id
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
 
     @property

@@ -14,11 +14,13 @@ from typing import Any, TypeVar, overload
 import anyio
 
 from .._backoff import Backoff
+from .._metrics import Metrics
 from ._backend import Backend, TransactionalBackend
 from ._clock import Clock, as_seconds
 from ._encoding import Encoding, JSONEncoding
 from ._enqueue import build_task, check_calls
 from ._model import Call, TaskInfo, describe_target
+from ._observer import TaskObserver, observe_enqueued, resolve_observer, track_queue_depths
 from ._operations import TaskOperations
 from ._options import DEFAULT_RETENTION, check_positive, check_retention
 from ._queues import QueueOrder
@@ -63,6 +65,9 @@ class AsyncTasks(TaskOperations):
             :data:`DEFAULT_RETENTION`; purged by every executing worker every ``retention_interval`` seconds.
         clock: the time source for everything stored (default ``time.time``); tests pass a manual clock.
         rng: the random source for jitter and weighted queue order (tests pass a seeded one).
+        metrics: where to count enqueues, attempts, outcomes and run times: a ``lifecycle.Metrics`` (served
+            by ``HealthServer`` at ``/metrics``, queue depths included), or any :class:`TaskObserver`.
+            ``None`` (the default) costs nothing.
 
     Raises ``TypeError``/``ValueError`` naming a bad option.
 
@@ -95,6 +100,7 @@ class AsyncTasks(TaskOperations):
         retention_interval: float = 60.0,
         clock: Clock = time.time,
         rng: random.Random | None = None,
+        metrics: Metrics | TaskObserver | None = None,
     ) -> None:
         if not isinstance(backend, Backend):
             raise TypeError(
@@ -118,6 +124,7 @@ class AsyncTasks(TaskOperations):
         self._registry = Registry()
         self._clock = clock
         self._logger = logging.getLogger("lifecycle.asynctask")
+        self._observer = resolve_observer(metrics)
         self._options = EngineOptions(
             concurrency=concurrency,
             queues=QueueOrder(queues, self._rng),
@@ -132,10 +139,13 @@ class AsyncTasks(TaskOperations):
             clock=clock,
             policy=Policy(retry_backoff, self._rng),
             on_error=on_error,
+            observer=self._observer,
         )
         self._open = False
         self._worker: Worker | None = None
         self._changed: anyio.Event | None = None
+        if self._observer is not None:
+            track_queue_depths(self._observer, self.stats, lambda: self._open)
 
     def __repr__(self) -> str:
         return f"AsyncTasks({self._backend!r}, tasks={len(self._registry)}, execution={self._execution})"
@@ -284,11 +294,16 @@ class AsyncTasks(TaskOperations):
                     "connection= needs a backend that can join your transaction (a TransactionalBackend "
                     f"such as PostgresBackend); {type(backend).__name__} cannot: drop connection="
                 )
-            return await backend.enqueue_many_in(connection, tasks)
+            ids = await backend.enqueue_many_in(connection, tasks)
+            if self._observer is not None:  # stored in the caller's transaction: counted even if rolled back
+                observe_enqueued(self._observer, tasks)
+            return ids
         self._check_open("enqueue")
         if not tasks:
             return []
         ids = await self._backend.enqueue_many(tasks)
+        if self._observer is not None:
+            observe_enqueued(self._observer, tasks)
         worker = self._worker
         if worker is not None and any(task.run_at <= now for task in tasks):
             worker.wake()

@@ -6,11 +6,13 @@ from __future__ import annotations
 import builtins
 import logging
 from collections.abc import Callable, Collection
+from dataclasses import replace
 from datetime import timedelta
 
 import anyio
 
 from ._backend import Backend
+from ._chain import CHAIN_PREFIX, chain_fields, chain_progress
 from ._clock import Clock, as_seconds
 from ._encoding import Encoding
 from ._model import QueueStats, TaskInfo
@@ -36,10 +38,27 @@ class TaskOperations:
     _changed: anyio.Event | None
 
     async def info(self, task_id: str) -> TaskInfo | None:
-        """The task with this id, or ``None`` (never stored, or removed by retention or :meth:`purge`)."""
+        """The task with this id, or ``None`` (never stored, or removed by retention or :meth:`purge`).
+
+        A chain id (from :meth:`enqueue_chain`) gives the step the chain is at (the running or waiting step,
+        the step that stopped it, or the last step once done) with the whole chain's progress in
+        ``info.chain`` (a :class:`ChainInfo`); so does the id of any step. A chain is ``None`` once its
+        first step's record is removed.
+        """
         self._check_open("info")
         record = await self._backend.get(task_id)
-        return None if record is None else self._info(record)
+        chain_id = task_id if record is None and task_id.startswith(CHAIN_PREFIX) else None
+        if record is not None:
+            chain_id = chain_fields(record)[0]
+            if chain_id is None:
+                return self._info(record)
+        if chain_id is None:
+            return None
+        progress = await chain_progress(self._backend, chain_id, self._encoding.decode)
+        if progress is None:
+            return None if record is None else self._info(record)
+        chain, current = progress
+        return replace(self._info(current if record is None else record), chain=chain)
 
     async def list(
         self,
@@ -172,6 +191,7 @@ class TaskOperations:
                 result = self._encoding.decode(record.result)
             except ValueError as exc:
                 self._logger.warning("cannot decode the result of task %s: %s", record.id, exc)
+        chain_id, chain_step, schedule = chain_fields(record)
         return TaskInfo(
             id=record.id,
             name=record.name,
@@ -186,6 +206,9 @@ class TaskOperations:
             timeout=record.timeout,
             started_at=record.started_at,
             finished_at=record.finished_at,
+            chain_id=chain_id,
+            chain_step=chain_step,
+            schedule=schedule,
         )
 
     def _check_open(self, what: str) -> None:

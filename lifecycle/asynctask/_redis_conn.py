@@ -115,7 +115,8 @@ def take_url_options(url: str) -> tuple[str, bool | None, float | None]:
             timeout = float(found["socket_timeout"][-1])
         except ValueError:
             raise ValueError(
-                f"RedisBackend: the URL option socket_timeout must be a number of seconds, in {safe_url(url)!r}"
+                "RedisBackend: the URL option socket_timeout must be a number of seconds, in "
+                f"{safe_url(url)!r}"
             ) from None
     if cluster is None and timeout is None:
         return url, None, None

@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 
+from ._chain import chain_fields, previous_result
 from ._clock import Clock
 from ._encoding import Encoding
 from ._model import TaskContext
@@ -120,6 +121,8 @@ class TaskRunner:
                 max_retries=record.max_retries,
                 enqueued_at=record.enqueued_at,
                 deadline=None if timeout is None else self._clock() + timeout,
+                previous_result=self._previous_result(record),
+                chain_id=chain_fields(record)[0],
             )
             args = (ctx, *args)
         scope = anyio.CancelScope(deadline=math.inf if timeout is None else anyio.current_time() + timeout)
@@ -154,6 +157,16 @@ class TaskRunner:
             verdict = self._policy.failure(claimed, now=now, error=str(timed_out))
             return await self._failed(record, verdict, timed_out)
         return await self._failed(record, self._policy.for_exception(claimed, failure, now=now), failure)
+
+    def _previous_result(self, record: TaskRecord) -> Any:
+        encoded = previous_result(record)
+        if encoded is None:
+            return None
+        try:
+            return self._encoding.decode(encoded)
+        except ValueError as exc:
+            self._logger.warning("task %s: cannot decode the previous chain step's result: %s", record.id, exc)
+            return None
 
     def _encode_result(self, record: TaskRecord, result: Any) -> bytes | None:
         if result is None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from ._backend import Backend
 from ._model import TaskInfo
+from ._observer import observe_finished
 from ._records import ClaimedTask, Settlement, TaskRecord, TaskState
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ async def recover_expired(
             )
             if options.on_error is not None:
                 await call_error_hook(options.on_error, record, verdict, error, logger)
+            if options.observer is not None:  # the lost attempt ran from its claim until now, at least
+                observe_finished(options.observer, record, verdict, record.started_at or now)
             verdicts.append(verdict)
         if verdicts:
             if take_over is not None:

@@ -15,6 +15,7 @@ if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
 from .._backoff import Backoff
+from ._chain import follow_up
 from ._model import Abort, Retry
 from ._records import ClaimedTask, Settlement, TaskState
 
@@ -32,9 +33,22 @@ class Policy:
     rng: random.Random
 
     def success(self, claimed: ClaimedTask, *, now: float, result: bytes | None) -> Settlement:
-        """The task returned."""
+        """The task returned. A chain step's success enqueues the next step in the same atomic settlement;
+        damaged chain bookkeeping makes the step dead (saying so) rather than silently ending the chain."""
+        try:
+            then = follow_up(claimed.record, result, now)
+        except ValueError as exc:
+            return self.dead(
+                claimed, now=now, error=f"the task ran, but its chain cannot continue: {exc}; re-enqueue the "
+                "remaining steps"
+            )
         return Settlement(
-            task_id=claimed.record.id, token=claimed.token, state=TaskState.SUCCEEDED, at=now, result=result
+            task_id=claimed.record.id,
+            token=claimed.token,
+            state=TaskState.SUCCEEDED,
+            at=now,
+            result=result,
+            then=then,
         )
 
     def failure(

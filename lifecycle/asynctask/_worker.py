@@ -14,6 +14,7 @@ from .._backoff import Backoff
 from ._backend import Backend
 from ._clock import Clock
 from ._encoding import Encoding
+from ._observer import TaskObserver, observe_finished, observe_started
 from ._queues import QueueOrder
 from ._records import ClaimedTask, Settlement, TaskState
 from ._registry import Registry
@@ -44,6 +45,7 @@ class EngineOptions:
     clock: Clock
     policy: Policy
     on_error: ErrorHook | None
+    observer: TaskObserver | None = None
 
 
 class Worker:
@@ -234,7 +236,10 @@ class Worker:
         claimed = running.claimed
         task_id = claimed.record.id
         try:
-            settlement = await self._runner.run(running)
+            if self._options.observer is None:
+                settlement = await self._runner.run(running)
+            else:
+                settlement = await self._run_observed(running, self._options.observer)
         finally:
             del self._running[claimed.token]
             self._capacity_changed()
@@ -243,6 +248,17 @@ class Worker:
                 del self._held[task_id]
         else:
             self._settler.put(settlement)
+
+    async def _run_observed(self, running: Running, observer: TaskObserver) -> Settlement | None:
+        record = running.claimed.record
+        if running.reason is not None:  # released (or lost) before it started: not an attempt here
+            return await self._runner.run(running)
+        started_at = self._clock()
+        observe_started(observer, record)
+        settlement = await self._runner.run(running)
+        if settlement is not None:  # None: the lease was lost, the new owner reports the attempt
+            observe_finished(observer, record, settlement, started_at)
+        return settlement
 
     # -- background loops -----------------------------------------------------------------------------------
 

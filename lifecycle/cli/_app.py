@@ -16,7 +16,7 @@ from .._version import __version__
 __all__ = ["COMMAND_MODULES", "Handler", "build_parser", "main"]
 
 #: Modules that register a subcommand, in the order ``lifecycle --help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("lifecycle.cli._run",)
+COMMAND_MODULES: tuple[str, ...] = ("lifecycle.cli._run", "lifecycle.cli._worker", "lifecycle.cli._tasks")
 
 #: What a subcommand's ``handler`` default must be.
 Handler = Callable[[argparse.Namespace], int]

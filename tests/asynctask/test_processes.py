@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -31,16 +32,34 @@ def _sqlite_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
     yield f"sqlite:///{tmp_path / 'tasks.db'}"
 
 
+def _redis_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    base = str(request.getfixturevalue("redis_url"))  # skips (or fails when required) if Redis is down
+    url = f"{base}?prefix=procs-{uuid.uuid4().hex[:12]}"
+    yield url
+
+    async def clear() -> None:
+        backend = backend_from_url(url)
+        await backend.open()
+        try:
+            await backend.clear()  # type: ignore[attr-defined]  # RedisBackend only
+        finally:
+            await backend.close()
+
+    anyio.run(clear)
+
+
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Iterator[str]]] = {
     "sqlite": _sqlite_url,
     "postgres": postgres_url,
+    "redis": _redis_url,
 }
 """Backend name -> generator fixture body yielding a fresh, empty URL (and cleaning up after the test)."""
 
 # Which async library each worker of a multi-worker test runs on, per backend (server backends: asyncio).
 WORKER_LIBRARIES: dict[str, Sequence[str]] = {
     "sqlite": ("asyncio", "trio", "asyncio"),
-    "postgres": ("asyncio",) * 3,  # PostgresBackend is asyncio-only
+    "postgres": ("asyncio",) * 3,  # the server backends are asyncio-only
+    "redis": ("asyncio",) * 3,
 }
 
 

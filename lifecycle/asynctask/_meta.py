@@ -1,0 +1,27 @@
+"""The engine's bookkeeping in :attr:`NewTask.meta`: a small JSON object with one section per feature
+(``"chain"`` for chain steps, ``"schedule"`` for schedule fires). Backends store it as opaque text."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = ["read_meta", "write_meta"]
+
+
+def read_meta(meta: str | None) -> dict[str, Any]:
+    """The sections stored in ``meta`` (``{}`` for none); ``ValueError`` when it is not a JSON object."""
+    if not meta:
+        return {}
+    try:
+        value = json.loads(meta)
+    except ValueError as exc:
+        raise ValueError(f"the task's meta is not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"the task's meta is not a JSON object: {meta[:80]!r}")
+    return value
+
+
+def write_meta(**sections: Any) -> str:
+    """``sections`` as meta text (compact JSON)."""
+    return json.dumps(sections, separators=(",", ":"), sort_keys=True)

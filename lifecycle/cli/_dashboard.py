@@ -1,0 +1,161 @@
+"""``lifecycle tasks watch``: a live dashboard of counts per queue and state, throughput per second and the
+most recent failures, refreshed every ``--interval`` seconds until Ctrl-C (or SIGTERM)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+from rich.console import Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from ..asynctask import AsyncTasks, QueueStats, TaskInfo, TaskState
+from ._format import CliError, error_summary, format_age
+from ._tasks import Session
+from ._tasks_read import stats_table
+
+__all__ = ["Dashboard", "watch"]
+
+#: How many failures the dashboard lists.
+RECENT_FAILURES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class _Sample:
+    at: float
+    succeeded: int
+    dead: int
+
+
+class Dashboard:
+    """The state of the watch screen: the latest counts, a window of samples for throughput, and the most
+    recent failures (dead tasks, and pending tasks waiting for a retry after an error).
+
+    Throughput is the growth of the succeeded and dead counts over the last ``window`` seconds, so it
+    counts tasks finished by every worker on the backend; retention or a purge shrinking the counts reads
+    as 0, not as a negative rate.
+    """
+
+    def __init__(
+        self, tasks: AsyncTasks, *, window: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._tasks = tasks
+        self._window = window
+        self._clock = clock
+        self._samples: deque[_Sample] = deque()
+        self.stats: dict[str, QueueStats] = {}
+        self.failures: list[TaskInfo] = []
+        self.updated: float | None = None
+
+    async def refresh(self) -> None:
+        """Read the counts and recent failures from the backend once."""
+        self.stats = await self._tasks.stats()
+        dead = await self._tasks.list(state=TaskState.DEAD, limit=50)
+        pending = await self._tasks.list(state=TaskState.PENDING, limit=200)
+        retrying = [info for info in pending if info.last_error]
+        self.failures = sorted(dead + retrying, key=_failed_at, reverse=True)[:RECENT_FAILURES]
+        now = self._clock()
+        self._samples.append(
+            _Sample(
+                now,
+                sum(counts.succeeded for counts in self.stats.values()),
+                sum(counts.dead for counts in self.stats.values()),
+            )
+        )
+        while len(self._samples) > 2 and self._samples[1].at <= now - self._window:
+            self._samples.popleft()
+        self.updated = time.time()
+
+    def throughput(self) -> tuple[float, float] | None:
+        """Succeeded and dead tasks per second over the window, or ``None`` before two samples."""
+        if len(self._samples) < 2:
+            return None
+        first, last = self._samples[0], self._samples[-1]
+        elapsed = last.at - first.at
+        if elapsed <= 0:
+            return None
+        return (
+            max(0, last.succeeded - first.succeeded) / elapsed,
+            max(0, last.dead - first.dead) / elapsed,
+        )
+
+    def render(self) -> RenderableType:
+        """The whole screen."""
+        now = time.time()
+        header = Text.assemble(
+            ("lifecycle tasks watch", "bold"),
+            f"  {self._tasks.backend!r}",
+            ("  (Ctrl-C to stop)", "dim"),
+        )
+        rate = self.throughput()
+        if rate is None:
+            speed = Text("throughput: measuring...", style="dim")
+        else:
+            speed = Text.assemble(
+                "throughput: ",
+                (f"{rate[0]:.1f}/s succeeded", "green"),
+                ", ",
+                (f"{rate[1]:.1f}/s dead", "red"),
+                f"  (last {self._window:g} s)",
+            )
+        counts: RenderableType = (
+            stats_table(self.stats, title="tasks per queue and state")
+            if self.stats
+            else Text("no tasks are stored yet")
+        )
+        failures: RenderableType
+        if self.failures:
+            failures = Table(title="recent failures", title_justify="left")
+            failures.add_column("when", no_wrap=True)
+            failures.add_column("state")
+            failures.add_column("id", no_wrap=True)
+            failures.add_column("name")
+            failures.add_column("attempts", justify="right")
+            failures.add_column("error", style="red", overflow="ellipsis", no_wrap=True, max_width=70)
+            for info in self.failures:
+                failures.add_row(
+                    format_age(_failed_at(info), now),
+                    "dead" if info.state is TaskState.DEAD else "retrying",
+                    info.id,
+                    info.name,
+                    f"{info.attempts}/{info.max_retries + 1}",
+                    error_summary(info.last_error),
+                )
+        else:
+            failures = Text("no recent failures", style="green")
+        return Group(header, speed, Text(""), counts, Text(""), failures)
+
+
+def _failed_at(info: TaskInfo) -> float:
+    return info.finished_at or info.started_at or info.enqueued_at
+
+
+async def watch(args: argparse.Namespace, session: Session) -> int:
+    """Show the dashboard until SIGINT or SIGTERM; exit status 0."""
+    interval: float = args.interval
+    if not interval > 0:
+        raise CliError(f"--interval must be a positive number of seconds, got {interval}")
+    dashboard = Dashboard(session.tasks)
+    await dashboard.refresh()
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as group:
+
+            async def stop_on_signal() -> None:
+                async for _ in signals:
+                    group.cancel_scope.cancel()
+                    return
+
+            group.start_soon(stop_on_signal)
+            with Live(dashboard.render(), console=session.console, auto_refresh=False) as live:
+                while True:
+                    await anyio.sleep(interval)
+                    await dashboard.refresh()
+                    live.update(dashboard.render(), refresh=True)
+    return 0

@@ -1,0 +1,200 @@
+"""``lifecycle tasks --backend URL COMMAND``: look at and act on stored tasks from a shell.
+
+Commands: ``stats``, ``list``, ``show``, ``requeue``, ``cancel``, ``purge``, ``watch`` and ``schedules``. The
+backend comes from ``--backend URL`` (or the ``LIFECYCLE_TASKS_BACKEND`` environment variable), or from the
+``AsyncTasks`` named by ``--app MODULE:ATTR`` (which also brings its encoding, to decode results, and its
+schedules). Every command runs on asyncio (the Redis and PostgreSQL clients need it).
+
+Exit status: 0 done; 1 the backend failed (unreachable, storage error) or an unexpected error; 2 usage
+error (bad option, URL, duration or target); 3 a task id that does not exist; 4 a task in a state the
+operation does not apply to. Errors are one line on stderr; ``--debug`` prints the traceback too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import anyio
+from rich.console import Console
+from rich.text import Text
+
+from ..asynctask import AsyncTasks, TaskState
+from ..asynctask._urls import backend_from_url
+from ..tasks._checks import BaseExceptionGroup
+from ._format import EXIT_USAGE, CliError
+
+__all__ = ["BACKEND_ENV", "Session", "TasksCommand", "open_session", "register"]
+
+#: The environment variable read when ``--backend`` is not given.
+BACKEND_ENV = "LIFECYCLE_TASKS_BACKEND"
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """What a ``tasks`` subcommand works with: the opened (enqueue-only) ``tasks``, the ``--app`` AsyncTasks
+    when one was given, and the console for humans (stdout)."""
+
+    tasks: AsyncTasks
+    app: AsyncTasks | None
+    console: Console
+
+
+#: A subcommand's implementation: gets the parsed arguments and the session, returns the exit status.
+TasksCommand = Callable[[argparse.Namespace, Session], Awaitable[int]]
+
+_STATES = [state.value for state in TaskState]
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Add the ``tasks`` subcommand and its own subcommands."""
+    from . import _tasks_read, _tasks_write
+
+    parser = subparsers.add_parser(
+        "tasks",
+        help="inspect and manage stored async tasks (stats, list, show, requeue, cancel, purge, watch)",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--backend",
+        metavar="URL",
+        default=os.environ.get(BACKEND_ENV),
+        help=(
+            "where the tasks are stored: sqlite:///path.db, redis://host:port/db?prefix=NAME, "
+            f"postgresql://user@host/db?schema=NAME (default: ${BACKEND_ENV})"
+        ),
+    )
+    parser.add_argument(
+        "--app",
+        metavar="MODULE:ATTR",
+        help="an AsyncTasks (or a function returning one): its backend, encoding and schedules are used",
+    )
+    parser.add_argument("--json", action="store_true", dest="json_global", help="JSON output (read commands)")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
+    parser.set_defaults(handler=_tasks_help(parser), json=False)
+    commands = parser.add_subparsers(dest="tasks_command", metavar="COMMAND")
+    _tasks_read.register(commands, _with_tasks)
+    _tasks_write.register(commands, _with_tasks)
+
+
+def _tasks_help(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+
+    return handler
+
+
+def add_json_option(parser: argparse.ArgumentParser) -> None:
+    """``--json`` on a read command (``lifecycle tasks --json COMMAND`` works as well)."""
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of tables")
+
+
+def add_state_option(parser: argparse.ArgumentParser, *, help: str, required: bool = False) -> None:
+    """``--state STATE`` (repeatable) with the valid states as choices."""
+    parser.add_argument(
+        "--state", action="append", choices=_STATES, required=required, dest="states", help=help
+    )
+
+
+def _with_tasks(command: TasksCommand) -> Callable[[argparse.Namespace], int]:
+    """A subcommand handler: open the tasks, run ``command`` on asyncio, turn errors into one line."""
+
+    def handler(args: argparse.Namespace) -> int:
+        args.json = bool(getattr(args, "json", False) or args.json_global)
+        console = Console(stderr=True)
+        try:
+            return anyio.run(_run, command, args, backend="asyncio")
+        except KeyboardInterrupt:
+            return 130
+        except CliError as exc:
+            _print_error(console, str(exc), args.debug)
+            return exc.exit_code
+        except Exception as exc:
+            error = _unwrap(exc)
+            if isinstance(error, CliError):
+                _print_error(console, str(error), args.debug)
+                return error.exit_code
+            text = f"{type(error).__name__}: {error}"
+            if not args.debug:
+                text += " (run with --debug for the traceback)"
+            _print_error(console, text, args.debug, error)
+            return 1
+
+    return handler
+
+
+async def _run(command: TasksCommand, args: argparse.Namespace) -> int:
+    async with open_session(args.backend, args.app) as session:
+        return await command(args, session)
+
+
+@asynccontextmanager
+async def open_session(url: str | None, app: str | None) -> AsyncIterator[Session]:
+    """The opened :class:`AsyncTasks` (enqueue-only) over ``url``'s backend, or the app's own AsyncTasks
+    (with ``url`` given as well, the app's encoding over ``url``'s backend). Raises :class:`CliError`."""
+    loaded = _load_app(app) if app else None
+    if url is None and loaded is None:
+        raise CliError(
+            f"no task backend given: pass --backend URL (e.g. --backend sqlite:///tasks.db), set "
+            f"${BACKEND_ENV}, or pass --app MODULE:ATTR naming your AsyncTasks"
+        )
+    if url is not None:
+        _check_sqlite_file(url)
+        try:
+            backend = backend_from_url(url)
+        except (ValueError, ImportError) as exc:
+            raise CliError(str(exc)) from exc
+        tasks = AsyncTasks(backend, execution=False, encoding=None if loaded is None else loaded.encoding)
+    else:
+        assert loaded is not None
+        tasks = loaded
+    async with tasks:
+        yield Session(tasks, loaded, Console())
+
+
+def _load_app(spec: str) -> AsyncTasks:
+    from ._load import LoadError
+    from ._worker import load_async_tasks
+
+    try:
+        return load_async_tasks(spec)
+    except LoadError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _check_sqlite_file(url: str) -> None:
+    # Opening a SQLite URL creates the file: a typo would silently show an empty, new database.
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "sqlite" or parts.netloc:
+        return
+    path = unquote(parts.path[1:]) if parts.path.startswith("/") else unquote(parts.path)
+    if not path or path == ":memory:":
+        return
+    if not Path(path).expanduser().exists():
+        raise CliError(
+            f"there is no SQLite database at {path!r} (from {url!r}); check the path: "
+            "sqlite:///relative/path.db is relative to the current directory, sqlite:////abs/path.db absolute"
+        )
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _print_error(console: Console, message: str, debug: bool, error: BaseException | None = None) -> None:
+    console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+    if debug and error is not None and error.__traceback__ is not None:
+        from rich.traceback import Traceback
+
+        console.print(Traceback.from_exception(type(error), error, error.__traceback__))
