@@ -17,6 +17,7 @@ import psycopg.errors
 from psycopg import sql
 from psycopg.rows import TupleRow, tuple_row
 
+from . import _records
 from ._errors import DuplicateTaskError
 from ._postgres_schema import TASK_COLUMNS
 from ._postgres_sql import NOTIFY_QUEUE, Statements
@@ -55,25 +56,7 @@ def _cursor(connection: Connection) -> Cursor:
 
 def record_from_row(row: Sequence[Any]) -> TaskRecord:
     """Build a :class:`TaskRecord` from a row selected with ``TASK_COLUMNS``."""
-    result = row[14]
-    return TaskRecord(
-        id=row[0],
-        name=row[1],
-        queue=row[2],
-        payload=bytes(row[3]),
-        state=TaskState(row[4]),
-        attempts=row[5],
-        max_retries=row[6],
-        timeout=row[7],
-        enqueued_at=row[8],
-        run_at=row[9],
-        started_at=row[10],
-        finished_at=row[11],
-        lease_until=row[12],
-        last_error=row[13],
-        result=None if result is None else bytes(result),
-        meta=row[15],
-    )
+    return _records.record_from_row(row, bytes)
 
 
 def _float_or_none(value: float | None) -> float | None:

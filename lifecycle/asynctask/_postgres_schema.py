@@ -30,6 +30,7 @@ import psycopg
 from psycopg import sql
 
 from ._errors import BackendError
+from ._records import RECORD_COLUMNS
 
 __all__ = ["SCHEMA_TABLE", "SCHEMA_VERSION", "TASKS_TABLE", "TASK_COLUMNS", "ensure_schema"]
 
@@ -40,10 +41,7 @@ TASKS_TABLE = "lifecycle_tasks"
 SCHEMA_TABLE = "lifecycle_schema"
 
 #: The columns of ``lifecycle_tasks`` in the order ``record_from_row`` reads them.
-TASK_COLUMNS = (
-    "id, name, queue, payload, state, attempts, max_retries, timeout, enqueued_at, run_at, "
-    "started_at, finished_at, lease_until, last_error, result, meta"
-)
+TASK_COLUMNS = RECORD_COLUMNS
 
 _CREATE_V1 = (
     """

@@ -8,9 +8,19 @@ state changes and tests can drive time explicitly.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["ClaimedTask", "NewTask", "Settlement", "TaskRecord", "TaskState"]
+__all__ = [
+    "RECORD_COLUMNS",
+    "ClaimedTask",
+    "NewTask",
+    "Settlement",
+    "TaskRecord",
+    "TaskState",
+    "record_from_row",
+]
 
 
 class TaskState(str, enum.Enum):
@@ -117,3 +127,34 @@ class Settlement:
     result: bytes | None = None
     refund_attempt: bool = False
     then: tuple[NewTask, ...] = field(default=())
+
+
+RECORD_COLUMNS = (
+    "id, name, queue, payload, state, attempts, max_retries, timeout, enqueued_at, run_at, "
+    "started_at, finished_at, lease_until, last_error, result, meta"
+)
+"""The column order :func:`record_from_row` reads: the fields of :class:`TaskRecord`, in order."""
+
+
+def record_from_row(row: Sequence[Any], blob: Callable[[Any], bytes] = bytes) -> TaskRecord:
+    """Build a :class:`TaskRecord` from a SQL row in :data:`RECORD_COLUMNS` order; ``blob`` turns the
+    driver's binary values (payload, result) into ``bytes``."""
+    result = row[14]
+    return TaskRecord(
+        id=row[0],
+        name=row[1],
+        queue=row[2],
+        payload=blob(row[3]),
+        state=TaskState(row[4]),
+        attempts=row[5],
+        max_retries=row[6],
+        timeout=row[7],
+        enqueued_at=row[8],
+        run_at=row[9],
+        started_at=row[10],
+        finished_at=row[11],
+        lease_until=row[12],
+        last_error=row[13],
+        result=None if result is None else blob(result),
+        meta=row[15],
+    )

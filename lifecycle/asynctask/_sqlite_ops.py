@@ -11,6 +11,7 @@ import sqlite3
 from collections.abc import Collection, Iterator, Sequence
 from typing import Any, Literal
 
+from . import _records
 from ._errors import DuplicateTaskError
 from ._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
 from ._sqlite_schema import TASK_COLUMNS
@@ -100,25 +101,7 @@ def _blob(value: object) -> bytes:
 
 def record_from_row(row: Sequence[Any]) -> TaskRecord:
     """Build a :class:`TaskRecord` from a row selected with ``TASK_COLUMNS``."""
-    result = row[14]
-    return TaskRecord(
-        id=row[0],
-        name=row[1],
-        queue=row[2],
-        payload=_blob(row[3]),
-        state=TaskState(row[4]),
-        attempts=row[5],
-        max_retries=row[6],
-        timeout=row[7],
-        enqueued_at=row[8],
-        run_at=row[9],
-        started_at=row[10],
-        finished_at=row[11],
-        lease_until=row[12],
-        last_error=row[13],
-        result=None if result is None else _blob(result),
-        meta=row[15],
-    )
+    return _records.record_from_row(row, _blob)
 
 
 def _claimed(rows: list[Any]) -> list[ClaimedTask]:

@@ -24,6 +24,7 @@ import sqlite3
 from collections.abc import Callable
 
 from ._errors import BackendError
+from ._records import RECORD_COLUMNS
 
 __all__ = ["MIN_SQLITE_VERSION", "SCHEMA_VERSION", "TASK_COLUMNS", "check_sqlite_version", "ensure_schema"]
 
@@ -34,10 +35,7 @@ SCHEMA_VERSION = 1
 MIN_SQLITE_VERSION = (3, 35, 0)
 
 #: The columns of ``lifecycle_tasks`` in the order ``_sqlite._record`` reads them.
-TASK_COLUMNS = (
-    "id, name, queue, payload, state, attempts, max_retries, timeout, enqueued_at, run_at, "
-    "started_at, finished_at, lease_until, last_error, result, meta"
-)
+TASK_COLUMNS = RECORD_COLUMNS
 
 _CREATE_V1 = (
     """
