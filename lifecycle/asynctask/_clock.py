@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+import anyio
+
 __all__ = ["Clock", "ManualClock", "as_epoch", "as_seconds"]
 
 Clock = Callable[[], float]
@@ -28,6 +30,7 @@ class ManualClock:
 
     def __init__(self, start: float | None = None) -> None:
         self._now = time.time() if start is None else float(start)
+        self._waiters: list[anyio.Event] = []
 
     def __call__(self) -> float:
         """The current (manual) time."""
@@ -40,11 +43,26 @@ class ManualClock:
         """Move the clock forward by ``seconds`` (>= 0) and return the new time."""
         amount = as_seconds(seconds, "ManualClock.advance()")
         self._now += amount
+        self._wake()
         return self._now
 
     def set(self, now: float) -> None:
         """Jump to ``now`` (seconds since the epoch); going backwards is allowed, for clock-skew tests."""
         self._now = float(now)
+        self._wake()
+
+    async def wait_until(self, deadline: float) -> None:
+        """Return once the clock reads ``deadline`` or later (the scheduler waits for fire times this way,
+        so a test moves schedules along with :meth:`advance`)."""
+        while self._now < deadline:
+            event = anyio.Event()
+            self._waiters.append(event)
+            await event.wait()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for event in waiters:
+            event.set()
 
 
 def as_seconds(value: float | timedelta, where: str) -> float:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from rich import box
 from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
@@ -91,30 +92,39 @@ async def _stats(args: argparse.Namespace, session: Session) -> int:
     return 0
 
 
-def list_table(infos: list[TaskInfo], now: float, title: str | None = None) -> Table:
-    """Tasks as table rows: id, name, queue, state, attempts, times and the error summary."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("id", no_wrap=True)
-    table.add_column("name", overflow="fold")
-    table.add_column("queue")
-    table.add_column("state")
-    table.add_column("attempts", justify="right")
-    table.add_column("enqueued", no_wrap=True)
-    table.add_column("run at / finished", no_wrap=True)
-    table.add_column("error", overflow="ellipsis", no_wrap=True, max_width=60, style="red")
+def list_table(infos: list[TaskInfo], now: float, width: int) -> RenderableType:
+    """Tasks as table rows: id, name, queue, state, attempts of allowed, when (finished, or due for a pending
+    task) and the error summary. Narrower than 110 columns, the error summaries follow the table instead."""
+    wide = width >= 110
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    table.add_column("id", no_wrap=True, min_width=len(infos[0].id) if infos else None)
+    table.add_column("name", no_wrap=True, overflow="ellipsis", min_width=8)
+    table.add_column("queue", no_wrap=True, overflow="ellipsis", min_width=5)
+    table.add_column("state", no_wrap=True, min_width=9)
+    table.add_column("tries", justify="right", no_wrap=True)
+    table.add_column("when", no_wrap=True, min_width=7)
+    if wide:
+        table.add_column("error", overflow="ellipsis", no_wrap=True, style="red")
+    errors = Table.grid(padding=(0, 2))
+    errors.add_column(no_wrap=True)
+    errors.add_column(style="red", overflow="fold")
     for info in infos:
         state = info.state.value
         when = info.finished_at if info.state.is_final else info.run_at
-        table.add_row(
+        summary = error_summary(info.last_error)
+        row = [
             info.id,
             info.name,
             info.queue,
             Text(state, style=STATE_STYLES[state]),
             f"{info.attempts}/{info.max_retries + 1}",
-            format_age(info.enqueued_at, now),
             format_age(when, now),
-            error_summary(info.last_error),
-        )
+        ]
+        table.add_row(*row, *([summary] if wide else []))
+        if summary and not wide:
+            errors.add_row(info.id, summary)
+    if errors.row_count:
+        return Group(table, Text("errors:", style="bold"), errors)
     return table
 
 
@@ -129,7 +139,7 @@ async def _list(args: argparse.Namespace, session: Session) -> int:
     elif not infos:
         session.console.print("no tasks match")
     else:
-        session.console.print(list_table(infos, time.time()))
+        session.console.print(list_table(infos, time.time(), session.console.width))
         if len(infos) == args.limit:
             session.console.print(
                 f"[dim]showing {args.limit} tasks; use --limit/--offset for more[/]", highlight=False
