@@ -11,6 +11,8 @@ from ._errors import DuplicateTaskError as DuplicateTaskError
 from ._memory import MemoryBackend as MemoryBackend
 from ._model import Abort as Abort
 from ._model import Call as Call
+from ._model import ChainInfo as ChainInfo
+from ._model import ChainStep as ChainStep
 from ._model import QueueStats as QueueStats
 from ._model import Retry as Retry
 from ._model import TaskContext as TaskContext
@@ -21,6 +23,7 @@ from ._records import NewTask as NewTask
 from ._records import Settlement as Settlement
 from ._records import TaskRecord as TaskRecord
 from ._records import TaskState as TaskState
+from ._schedule import ScheduleInfo as ScheduleInfo
 from ._sqlite import SQLiteBackend as SQLiteBackend
 from ._upkeep import WorkerLostError as WorkerLostError
 
@@ -30,6 +33,8 @@ __all__ = (
     "Backend",
     "BackendError",
     "Call",
+    "ChainInfo",
+    "ChainStep",
     "ClaimedTask",
     "DuplicateTaskError",
     "Encoding",
@@ -41,6 +46,7 @@ __all__ = (
     "QueueStats",
     "Retry",
     "SQLiteBackend",
+    "ScheduleInfo",
     "Settlement",
     "TaskContext",
     "TaskInfo",

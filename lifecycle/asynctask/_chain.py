@@ -54,7 +54,7 @@ def build_chain(
         if call.task_id is not None:
             raise TypeError(
                 f"enqueue_chain(): step {index} ({call!r}) has task_id={call.task_id!r}; chain steps get "
-                "their ids from the chain (\"<chain id>.<index>\"): drop task_id"
+                'their ids from the chain ("<chain id>.<index>"): drop task_id'
             )
     tasks = [build_task(call, now, registry, encoding) for call in items]
     chain_id = f"{CHAIN_PREFIX}{uuid.uuid4().hex}"

@@ -169,8 +169,8 @@ class TaskContext:
     1 on the first run and grows with each retry (a run whose worker died counts too). ``deadline`` is the
     time (seconds since the epoch, the ``AsyncTasks`` clock) at which the task's ``timeout`` cancels it, or
     ``None`` without a timeout. ``logger`` logs through ``lifecycle.asynctask.task`` with the task's name and
-    id in front of each message. ``previous_result`` is the result of the previous step of a chain (decoded), ``None``
-    otherwise (and for the first step); ``chain_id`` is the chain's id for a chain step, ``None`` otherwise.
+    id in front of each message. ``previous_result`` is the (decoded) result of the previous step of a chain,
+    ``None`` otherwise (and for the first step); ``chain_id`` is the chain's id for a chain step.
 
     Example::
 

@@ -21,7 +21,6 @@ from ._encoding import Encoding, JSONEncoding
 from ._enqueue import build_task, check_calls
 from ._model import Call, TaskInfo, describe_target
 from ._observer import TaskObserver, observe_enqueued, resolve_observer, track_queue_depths
-from ._operations import TaskOperations
 from ._options import DEFAULT_RETENTION, check_positive, check_retention
 from ._queues import QueueOrder
 from ._records import TaskState
@@ -30,6 +29,8 @@ from ._registry import (
     Registry,
     check_timeout,
 )
+from ._schedule import Scheduler
+from ._scheduling import SchedulingOperations
 from ._verdict import Policy, find_request
 from ._worker import EngineOptions, Worker
 
@@ -38,7 +39,7 @@ __all__ = ["DEFAULT_RETENTION", "AsyncTasks"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class AsyncTasks(TaskOperations):
+class AsyncTasks(SchedulingOperations):
     """Durable asynchronous tasks: register functions, enqueue calls, and run them in workers.
 
     An ``AsyncTasks`` is a :class:`lifecycle.Task`: ``initialize`` opens the backend, ``execute`` runs the
@@ -141,6 +142,7 @@ class AsyncTasks(TaskOperations):
             on_error=on_error,
             observer=self._observer,
         )
+        self._scheduler = Scheduler(clock, self._logger)
         self._open = False
         self._worker: Worker | None = None
         self._changed: anyio.Event | None = None
@@ -319,7 +321,22 @@ class AsyncTasks(TaskOperations):
 
     async def execute(self) -> None:
         """Run the worker engine until cancelled, then drain (see the class docstring); with
-        ``execution=False``, wait until cancelled."""
+        ``execution=False``, wait until cancelled. Either way, the scheduler of the declared schedules
+        (:meth:`schedule`, :meth:`every`) runs alongside, so an enqueue-only process can drive them."""
+        if self._execution or len(self._scheduler):
+            self._check_open("execute")
+        crash: Exception | None = None
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._run_scheduler)
+            try:
+                await self._execute_engine()
+            except Exception as exc:  # raised below, unwrapped by this task group
+                crash = exc
+            group.cancel_scope.cancel()
+        if crash is not None:
+            raise crash
+
+    async def _execute_engine(self) -> None:
         if not self._execution:
             await anyio.sleep_forever()
         self._check_open("execute")

@@ -165,7 +165,7 @@ class TaskRunner:
         try:
             return self._encoding.decode(encoded)
         except ValueError as exc:
-            self._logger.warning("task %s: cannot decode the previous chain step's result: %s", record.id, exc)
+            self._logger.warning("task %s: cannot decode the previous step's result: %s", record.id, exc)
             return None
 
     def _encode_result(self, record: TaskRecord, result: Any) -> bytes | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any, Literal, Protocol
@@ -200,7 +200,7 @@ class Scheduler:
         self._logger = logger
         self._schedules: dict[str, Schedule] = {}
         self._group: anyio.abc.TaskGroup | None = None
-        self._driver: Callable[[Schedule], Awaitable[None]] | None = None
+        self._driver: Callable[[Schedule], Coroutine[Any, Any, None]] | None = None
         self._changed: anyio.Event | None = None
 
     def __len__(self) -> int:
@@ -236,19 +236,31 @@ class Scheduler:
         finally:
             self._group = self._driver = None
 
-    async def wait_handled(self, name: str, fire: float) -> None:
-        """Wait until this process handled the fire time ``fire`` (or a later one) of schedule ``name``."""
+    async def wait_for(self, name: str, condition: Callable[[Schedule], bool]) -> None:
+        """Wait until ``condition(schedule)`` holds for schedule ``name``, re-checked whenever this process's
+        scheduler moves it (waits for a fire time, or handles one): for tests and tools."""
         schedule = self._schedules[name]
-        while schedule.last_fire is None or schedule.last_fire < fire:
+        while not condition(schedule):
             changed = self._changed = self._changed or anyio.Event()
             await changed.wait()
 
-    async def _drive(self, schedule: Schedule, fire: FireFunction, exists: ExistsFunction, lookback: float) -> None:
+    async def wait_handled(self, name: str, fire: float) -> None:
+        """Wait until this process handled the fire time ``fire`` (or a later one) of schedule ``name``."""
+        await self.wait_for(name, lambda schedule: (schedule.last_fire or -math.inf) >= fire)
+
+    def _moved(self) -> None:
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
+
+    async def _drive(
+        self, schedule: Schedule, fire: FireFunction, exists: ExistsFunction, lookback: float
+    ) -> None:
         trigger = schedule.trigger
         now = self._clock()
         if schedule.missed == "run_once":
             latest = trigger.latest_at_or_before(now)
-            if now - latest <= lookback and not await exists(fire_task_id(schedule.name, latest)):
+            if now - latest <= lookback and not await self._ran(schedule, latest, exists):
                 self._logger.info(
                     "schedule %r missed its fire time %s while no scheduler ran: running it once now",
                     schedule.name,
@@ -258,12 +270,26 @@ class Scheduler:
         cursor = now
         while True:
             upcoming = schedule.next_fire = trigger.next_after(cursor)
+            self._moved()
             await self._wait_until(upcoming)
             # Fire times that passed while this loop could not run (a blocked or suspended process)
             # coalesce into one run: the latest due.
             due = max(upcoming, trigger.latest_at_or_before(self._clock()))
             await self._fire(schedule, due, fire)
             cursor = due
+
+    async def _ran(self, schedule: Schedule, fire: float, exists: ExistsFunction) -> bool:
+        try:
+            return await exists(fire_task_id(schedule.name, fire))
+        except Exception as exc:
+            self._logger.warning(
+                "schedule %r could not check whether its fire time %s ran (%s: %s); not catching it up",
+                schedule.name,
+                fire_stamp(fire),
+                type(exc).__name__,
+                exc,
+            )
+            return True
 
     async def _fire(self, schedule: Schedule, due: float, fire: FireFunction) -> None:
         failures = 0
@@ -286,9 +312,7 @@ class Scheduler:
                 due = max(due, schedule.trigger.latest_at_or_before(self._clock()))
                 continue
             schedule.last_fire = due
-            changed, self._changed = self._changed, None
-            if changed is not None:
-                changed.set()
+            self._moved()
             return
 
     async def _wait_until(self, deadline: float) -> None:

@@ -112,7 +112,7 @@ def list_table(infos: list[TaskInfo], now: float, width: int) -> RenderableType:
         state = info.state.value
         when = info.finished_at if info.state.is_final else info.run_at
         summary = error_summary(info.last_error)
-        row = [
+        row: list[RenderableType] = [
             info.id,
             info.name,
             info.queue,

@@ -85,7 +85,8 @@ async def seed_async(
 ) -> Seeded:
     """Store ``succeeded`` tasks that returned ``i * 2``, one dead task per message in ``dead`` and
     ``pending`` tasks due in an hour, on an opened ``backend``."""
-    now = time.time()
+    # A task finished long ago was enqueued (and is indexed) long ago as well.
+    now = time.time() if finished_at is None else finished_at - 1.0
     done_at = now if finished_at is None else finished_at
     seeded = Seeded()
 
@@ -114,7 +115,11 @@ async def seed_async(
             if record.id in messages:
                 settlements.append(
                     Settlement(
-                        record.id, item.token, TaskState.DEAD, at=done_at, error=failure_text(messages[record.id])
+                        record.id,
+                        item.token,
+                        TaskState.DEAD,
+                        at=done_at,
+                        error=failure_text(messages[record.id]),
                     )
                 )
                 seeded.dead.append(record.id)
@@ -122,12 +127,16 @@ async def seed_async(
                 arg = ENCODING.decode(record.payload)[0]
                 settlements.append(
                     Settlement(
-                        record.id, item.token, TaskState.SUCCEEDED, at=done_at, result=ENCODING.encode(arg * 2)
+                        record.id,
+                        item.token,
+                        TaskState.SUCCEEDED,
+                        at=done_at,
+                        result=ENCODING.encode(arg * 2),
                     )
                 )
                 seeded.succeeded.append(record.id)
         assert not await backend.settle(settlements)
-    later = [task(f"{prefix}-later-{i}", "app.ok", 100 + i, now + 3600) for i in range(pending)]
+    later = [task(f"{prefix}-later-{i}", "app.ok", 100 + i, time.time() + 3600) for i in range(pending)]
     if later:
         seeded.pending = await backend.enqueue_many(later)
     return seeded
