@@ -18,6 +18,7 @@ from ._model import Retry as Retry
 from ._model import TaskContext as TaskContext
 from ._model import TaskInfo as TaskInfo
 from ._module import AsyncTasks as AsyncTasks
+from ._observer import TaskObserver as TaskObserver
 from ._records import ClaimedTask as ClaimedTask
 from ._records import NewTask as NewTask
 from ._records import Settlement as Settlement
@@ -26,6 +27,7 @@ from ._records import TaskState as TaskState
 from ._schedule import ScheduleInfo as ScheduleInfo
 from ._sqlite import SQLiteBackend as SQLiteBackend
 from ._upkeep import WorkerLostError as WorkerLostError
+from ._urls import backend_from_url as backend_from_url
 
 __all__ = (
     "Abort",
@@ -50,8 +52,10 @@ __all__ = (
     "Settlement",
     "TaskContext",
     "TaskInfo",
+    "TaskObserver",
     "TaskRecord",
     "TaskState",
     "TransactionalBackend",
     "WorkerLostError",
+    "backend_from_url",
 )

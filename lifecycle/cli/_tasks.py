@@ -26,8 +26,7 @@ import anyio
 from rich.console import Console
 from rich.text import Text
 
-from ..asynctask import AsyncTasks, TaskState
-from ..asynctask._urls import backend_from_url
+from ..asynctask import AsyncTasks, TaskState, backend_from_url
 from ..tasks._checks import BaseExceptionGroup
 from ._format import EXIT_USAGE, CliError
 

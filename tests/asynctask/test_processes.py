@@ -22,8 +22,7 @@ import pytest
 from postgres.procs_url import postgres_url
 from procs import Workers, read_runs
 
-from lifecycle.asynctask import AsyncTasks, Call, TaskRecord, TaskState
-from lifecycle.asynctask._urls import backend_from_url
+from lifecycle.asynctask import AsyncTasks, Call, TaskRecord, TaskState, backend_from_url
 
 pytestmark = pytest.mark.slow
 
@@ -251,7 +250,7 @@ def test_a_corrupt_payload_row_goes_dead_and_nothing_else_is_lost(backend_url: s
 
 _OPEN_AND_COUNT = """
 import sys, anyio
-from lifecycle.asynctask._urls import backend_from_url
+from lifecycle.asynctask import backend_from_url
 
 async def main():
     backend = backend_from_url(sys.argv[1])

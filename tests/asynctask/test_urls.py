@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from lifecycle.asynctask import backend_from_url
 from lifecycle.asynctask._sqlite import SQLiteBackend
-from lifecycle.asynctask._urls import backend_from_url
 
 
 class FakeServerBackend:

@@ -15,8 +15,7 @@ from typing import Any
 
 import anyio
 
-from lifecycle.asynctask import Backend, JSONEncoding, NewTask, Settlement, TaskState
-from lifecycle.asynctask._urls import backend_from_url
+from lifecycle.asynctask import Backend, JSONEncoding, NewTask, Settlement, TaskState, backend_from_url
 
 ENCODING = JSONEncoding()
 

@@ -13,9 +13,8 @@ import pytest
 import trio
 from psycopg import sql
 
-from lifecycle.asynctask import BackendError, TaskState
+from lifecycle.asynctask import BackendError, TaskState, backend_from_url
 from lifecycle.asynctask import _postgres_schema as schema_module
-from lifecycle.asynctask._urls import backend_from_url
 from lifecycle.asynctask.postgres import PostgresBackend
 
 from ._support import OpenPostgres, make_task

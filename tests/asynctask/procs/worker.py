@@ -17,8 +17,7 @@ if __package__ in (None, ""):  # run by path: make `procs` importable
 import anyio
 
 import lifecycle
-from lifecycle.asynctask import AsyncTasks
-from lifecycle.asynctask._urls import backend_from_url
+from lifecycle.asynctask import AsyncTasks, backend_from_url
 from procs import jobs
 
 

@@ -13,8 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis_servers import OpenRedis, RedisServer
 
-from lifecycle.asynctask import BackendError, NewTask, Settlement, TaskState
-from lifecycle.asynctask._urls import backend_from_url
+from lifecycle.asynctask import BackendError, NewTask, Settlement, TaskState, backend_from_url
 from lifecycle.asynctask.redis import RedisBackend
 from lifecycle.asynctask.testing import T0
 
