@@ -5,50 +5,13 @@ from __future__ import annotations
 
 import json
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
-import anyio
 import pytest
 from cli_support import lifecycle, lifecycle_json, seed, state_of
 
 from lifecycle.asynctask import TaskState
 from lifecycle.cli._format import error_summary, parse_duration
-
-
-@pytest.fixture(params=["sqlite", "redis", "postgres"])
-def url(request: pytest.FixtureRequest, tmp_path: Path, unique_name: str) -> Iterator[str]:
-    """A backend URL of a fresh, empty store (the SQLite file is created; the rest is removed afterwards)."""
-    kind = request.param
-    if kind == "sqlite":
-        path = tmp_path / "tasks.db"
-        url = f"sqlite:///{path}"
-        seed(url)  # creates the database file (the CLI refuses to create one from a typo)
-        yield url
-        return
-    if kind == "redis":
-        base = request.getfixturevalue("redis_url")
-        yield f"{base}?prefix={unique_name}"
-
-        async def clear() -> None:
-            from lifecycle.asynctask.redis import RedisBackend
-
-            backend = RedisBackend(base, prefix=unique_name)
-            await backend.open()
-            try:
-                await backend.clear()
-            finally:
-                await backend.close()
-
-        anyio.run(clear, backend="asyncio")
-        return
-    dsn = request.getfixturevalue("postgres_dsn")
-    yield f"{dsn}?schema={unique_name}"
-    import psycopg
-    from psycopg import sql
-
-    with psycopg.connect(dsn, autocommit=True) as connection:
-        connection.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(unique_name)))
 
 
 def test_stats_and_list_show_the_stored_tasks(url: str) -> None:

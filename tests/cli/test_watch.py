@@ -13,9 +13,7 @@ import struct
 import subprocess
 import termios
 import time
-from pathlib import Path
 
-import pytest
 from cli_support import lifecycle_argv, seed
 
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\x1b[()][A-Z0-9]|\r")
@@ -49,19 +47,14 @@ class Screen:
         return self.text[start:]
 
 
-@pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'tasks.db'}"
-
-
-def test_watch_renders_counts_throughput_and_failures_live(sqlite_url: str) -> None:
-    seed(sqlite_url, succeeded=2, dead=["disk full"], prefix="a")
+def test_watch_renders_counts_throughput_and_failures_live(url: str) -> None:
+    seed(url, succeeded=2, dead=["disk full"], prefix="a")
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 140, 0, 0))
     env = {key: value for key, value in os.environ.items() if key not in ("COLUMNS", "LINES", "NO_COLOR")}
     env["TERM"] = "xterm-256color"
     process = subprocess.Popen(
-        [*lifecycle_argv(), "tasks", "--backend", sqlite_url, "watch", "--interval", "0.2"],
+        [*lifecycle_argv(), "tasks", "--backend", url, "watch", "--interval", "0.2"],
         stdin=slave,
         stdout=slave,
         stderr=slave,
@@ -75,7 +68,7 @@ def test_watch_renders_counts_throughput_and_failures_live(sqlite_url: str) -> N
         assert "a-dead-0" in first
         screen.wait_for("/s succeeded")  # two samples: throughput is measured
 
-        seed(sqlite_url, succeeded=3, dead=["printer on fire"], prefix="b")
+        seed(url, succeeded=3, dead=["printer on fire"], prefix="b")
         later = screen.wait_for("ValueError: printer on fire", "b-dead-0")
         assert "retrying" not in later
         # the counts row of the default queue now reads 5 succeeded and 2 dead out of 7
@@ -90,12 +83,12 @@ def test_watch_renders_counts_throughput_and_failures_live(sqlite_url: str) -> N
         os.close(master)
 
 
-def test_watch_of_an_empty_store(sqlite_url: str) -> None:
-    seed(sqlite_url)
+def test_watch_of_an_empty_store(url: str) -> None:
+    seed(url)
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
     process = subprocess.Popen(
-        [*lifecycle_argv(), "tasks", "--backend", sqlite_url, "watch", "--interval", "0.2"],
+        [*lifecycle_argv(), "tasks", "--backend", url, "watch", "--interval", "0.2"],
         stdin=slave,
         stdout=slave,
         stderr=slave,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._engine_rules_compose import ComposeRules
 from ._engine_rules_flow import FlowRules
 from ._engine_rules_ops import OperationRules
 from ._engine_rules_run import RunRules
@@ -9,11 +10,12 @@ from ._engine_rules_run import RunRules
 __all__ = ["EngineConformance"]
 
 
-class EngineConformance(RunRules, FlowRules, OperationRules):
+class EngineConformance(RunRules, FlowRules, OperationRules, ComposeRules):
     """End-to-end tests of :class:`~lifecycle.asynctask.AsyncTasks` over a backend, to subclass in a pytest
     test module: the engine's promises (results, retries and dead tasks, Retry/Abort, timeouts, delays,
     strict and weighted queues, idempotent ids, cancel/requeue/purge, recovery of a dead worker's tasks,
-    retention, the concurrency limit, graceful shutdown) must hold on every backend.
+    retention, the concurrency limit, graceful shutdown, chains passing results on and stopping at a dead
+    step, schedules firing once per fire time across schedulers sharing the storage) must hold on every backend.
 
     Provide the same ``backend_factory`` fixture as for
     :class:`~lifecycle.asynctask.testing.BackendConformance`: an async callable that opens and returns a new
