@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import logging
 import random
 import time
@@ -107,8 +108,7 @@ class AsyncTasks(SchedulingOperations):
             raise TypeError(
                 f"AsyncTasks needs a Backend (MemoryBackend(), SQLiteBackend(path), ...), got {backend!r}"
             )
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-            raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        _check_concurrency(concurrency)
         if encoding is not None and not isinstance(encoding, Encoding):
             raise TypeError(f"encoding must have encode() and decode() (an Encoding), got {encoding!r}")
         if on_error is not None and not callable(on_error):
@@ -144,6 +144,7 @@ class AsyncTasks(SchedulingOperations):
         )
         self._scheduler = Scheduler(clock, self._logger)
         self._open = False
+        self._started = False
         self._worker: Worker | None = None
         self._changed: anyio.Event | None = None
         if self._observer is not None:
@@ -183,6 +184,40 @@ class AsyncTasks(SchedulingOperations):
     def task_names(self) -> builtins.list[str]:
         """Every registered task name, sorted."""
         return self._registry.names()
+
+    def configure_worker(
+        self,
+        *,
+        concurrency: int | None = None,
+        queues: Mapping[str, int] | Sequence[str] | None = None,
+    ) -> None:
+        """Change how this process's worker runs, after construction but before :meth:`execute` starts.
+
+        For code that builds the ``AsyncTasks`` in one place and decides how to run it in another (the
+        ``lifecycle worker --concurrency N --queue NAME`` command line does this). ``concurrency`` and
+        ``queues`` mean what they mean in the constructor and are checked the same way; ``None`` keeps the
+        current value. Nothing changes when a value is bad.
+
+        Raises ``ValueError``/``TypeError`` naming a bad value, and ``RuntimeError`` once ``execute`` has
+        started: a running worker keeps its settings; build the ``AsyncTasks`` with them instead.
+
+        Example::
+
+            tasks.configure_worker(concurrency=50, queues={"critical": 6, "default": 3, "low": 1})
+        """
+        if self._started:
+            raise RuntimeError(
+                "configure_worker() must be called before execute() starts: the worker of this AsyncTasks "
+                "runs already (or ran); pass concurrency= and queues= to AsyncTasks(...) or configure it "
+                "before handing it to the TaskManager"
+            )
+        changes: dict[str, Any] = {}
+        if concurrency is not None:
+            changes["concurrency"] = _check_concurrency(concurrency)
+        if queues is not None:
+            changes["queues"] = QueueOrder(queues, self._rng)
+        if changes:
+            self._options = dataclasses.replace(self._options, **changes)
 
     @overload
     def register(
@@ -325,6 +360,7 @@ class AsyncTasks(SchedulingOperations):
         (:meth:`schedule`, :meth:`every`) runs alongside, so an enqueue-only process can drive them."""
         if self._execution or len(self._scheduler):
             self._check_open("execute")
+        self._started = True
         crash: Exception | None = None
         async with anyio.create_task_group() as group:
             group.start_soon(self._run_scheduler)
@@ -405,3 +441,10 @@ class AsyncTasks(SchedulingOperations):
         """Close the backend."""
         with anyio.CancelScope(shield=True):
             await self.cleanup()
+
+
+def _check_concurrency(concurrency: object) -> int:
+    """``concurrency`` checked: an int >= 1 (``ValueError`` otherwise)."""
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+    return concurrency

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Any
 
 from rich.console import Console
@@ -12,7 +11,6 @@ from rich.console import Console
 from .._manager import TaskManager
 from .._run import run
 from ..asynctask import AsyncTasks
-from ..asynctask._queues import QueueOrder
 from ._load import LoadError, load_object
 from ._report import print_load_error
 
@@ -108,17 +106,11 @@ def configure_worker(
     tasks: AsyncTasks, *, concurrency: int | None = None, queues: list[str] | dict[str, int] | None = None
 ) -> None:
     """Override the worker settings of ``tasks`` before it runs (the command line's ``--concurrency`` and
-    ``--queue``). Raises ``ValueError``/``TypeError`` naming a bad value."""
-    changes: dict[str, Any] = {}
-    if concurrency is not None:
-        if concurrency < 1:
-            raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
-        changes["concurrency"] = concurrency
-    if queues is not None:
-        changes["queues"] = QueueOrder(queues, tasks._rng)
-    if changes:
-        # AsyncTasks has no public setter for its engine options yet; they are a frozen dataclass.
-        tasks._options = dataclasses.replace(tasks._options, **changes)
+    ``--queue``), through :meth:`AsyncTasks.configure_worker`. Raises ``ValueError``/``TypeError`` naming a
+    bad value."""
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
+    tasks.configure_worker(concurrency=concurrency, queues=queues)
 
 
 def _worker_command(args: argparse.Namespace) -> int:

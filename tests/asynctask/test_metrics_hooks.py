@@ -47,8 +47,9 @@ def key(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
 
 
 def engine(clock: ManualClock, **options: Any) -> AsyncTasks:
-    """An AsyncTasks on MemoryBackend driven by ``clock``: immediate retries, one task at a time (so each
-    run time is exactly what its function advanced the clock by), periodic upkeep out of the way."""
+    """An AsyncTasks on MemoryBackend (or ``backend=``) driven by ``clock``: immediate retries, one task at a
+    time (so each run time is exactly what its function advanced the clock by), periodic upkeep out of the
+    way."""
     settings: dict[str, Any] = {
         "clock": clock,
         "concurrency": 1,
@@ -58,7 +59,8 @@ def engine(clock: ManualClock, **options: Any) -> AsyncTasks:
         "retention_interval": 3600.0,
         **options,
     }
-    return AsyncTasks(MemoryBackend(clock=clock), **settings)
+    backend = settings.pop("backend", None) or MemoryBackend(clock=clock)
+    return AsyncTasks(backend, **settings)
 
 
 @contextlib.asynccontextmanager
@@ -327,6 +329,58 @@ async def test_queue_depths_are_skipped_quietly_while_the_backend_is_closed(
     assert key("lifecycle_asynctask_queue_depth", queue="default", state="pending") not in before
     assert during[key("lifecycle_asynctask_queue_depth", queue="default", state="pending")] == 1
     assert during[key("lifecycle_asynctask_enqueued_total", queue="default", task="noop")] == 1
+
+
+async def test_chain_steps_are_counted_as_they_are_stored() -> None:
+    clock = ManualClock(1_000_000.0)
+    recorder = Recorder()
+    tasks = engine(clock, metrics=recorder, queues=["default", "math"])
+
+    @tasks.register(name="fetch")
+    async def fetch() -> int:
+        return 2
+
+    @tasks.register(name="double", queue="math")
+    async def double(ctx: TaskContext) -> int:
+        return 2 * ctx.previous_result
+
+    async with tasks, anyio.create_task_group() as group:
+        chain_id = await tasks.enqueue_chain([Call(fetch), Call(double)])
+        assert recorder.calls == [("enqueued", "default", "fetch", 1)], "the first step is stored at once"
+        group.start_soon(tasks.execute)
+        with anyio.fail_after(WAIT):
+            info = await tasks.wait(chain_id)
+        assert (info.state, info.result) == (TaskState.SUCCEEDED, 4)
+        group.cancel_scope.cancel()
+    enqueued = [call for call in recorder.calls if call[0] == "enqueued"]
+    assert enqueued == [("enqueued", "default", "fetch", 1), ("enqueued", "math", "double", 1)]
+
+
+async def test_a_schedule_fire_is_counted_once_by_the_scheduler_that_stored_it() -> None:
+    clock = ManualClock(1_000_000.0)  # a multiple of the interval
+    backend = MemoryBackend(clock=clock)
+    recorders = [Recorder(), Recorder()]
+    both = [engine(clock, metrics=recorder, backend=backend, execution=False) for recorder in recorders]
+    for tasks in both:
+        tasks.register(report, name="report")
+        tasks.every(report, 10, "eu", name="tick")
+    async with contextlib.AsyncExitStack() as stack:
+        for tasks in both:
+            await stack.enter_async_context(working(tasks))
+        with anyio.fail_after(WAIT):
+            for tasks in both:
+                await tasks._scheduler.wait_for("tick", lambda schedule: schedule.next_fire is not None)
+            for fire in (1_000_010.0, 1_000_020.0):
+                clock.set(fire)
+                for tasks in both:
+                    await tasks._scheduler.wait_handled("tick", fire)
+        assert len(await backend.list_records(limit=10)) == 2
+    counted = [call for recorder in recorders for call in recorder.calls]
+    assert counted == [("enqueued", "default", "report", 1)] * 2, "one count per stored fire time"
+
+
+async def report(region: str) -> str:
+    return region
 
 
 def test_metrics_must_be_metrics_or_an_observer() -> None:

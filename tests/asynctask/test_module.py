@@ -302,3 +302,83 @@ async def test_two_async_tasks_over_two_backends_never_interfere() -> None:
         assert await second.stats() == {}
         group.cancel_scope.cancel()
     assert ran == ["first"]
+
+
+async def test_configure_worker_sets_the_concurrency_and_queues_the_worker_uses() -> None:
+    tasks = AsyncTasks(MemoryBackend(), poll_interval=0.05)
+    tasks.configure_worker(concurrency=2, queues=["fast"])
+    assert (tasks.concurrency, tasks.queues) == (2, ("fast",))
+    release = anyio.Event()
+    two_running = anyio.Event()
+    running = 0
+
+    @tasks.register(name="app.blocking", queue="fast")
+    async def blocking() -> None:
+        nonlocal running
+        running += 1
+        if running == 2:
+            two_running.set()
+        await release.wait()
+
+    async with tasks, anyio.create_task_group() as group:
+        fast = await tasks.enqueue_many([Call(blocking) for _ in range(3)])
+        elsewhere = await tasks.enqueue(blocking, queue="default")
+        group.start_soon(tasks.execute)
+        with anyio.fail_after(10):
+            await two_running.wait()
+            stats = await tasks.stats()
+            assert (stats["fast"].active, stats["fast"].pending) == (2, 1), "concurrency=2 is the limit"
+            release.set()
+            for task_id in fast:
+                assert (await tasks.wait(task_id)).state is TaskState.SUCCEEDED
+        info = await tasks.info(elsewhere)
+        assert info is not None
+        assert info.state is TaskState.PENDING, "a queue the worker was not configured for is not served"
+        group.cancel_scope.cancel()
+
+
+async def test_configure_worker_keeps_unset_values_and_takes_weighted_queues() -> None:
+    tasks = AsyncTasks(MemoryBackend(), concurrency=3, queues=["a", "b"])
+    tasks.configure_worker()
+    assert (tasks.concurrency, tasks.queues) == (3, ("a", "b"))
+    tasks.configure_worker(queues={"x": 2, "y": 1})
+    assert (tasks.concurrency, tasks.queues) == (3, ("x", "y"))
+    tasks.configure_worker(concurrency=9)
+    assert (tasks.concurrency, tasks.queues) == (9, ("x", "y"))
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"concurrency": 0}, ValueError, "concurrency must be an int >= 1, got 0"),
+        ({"concurrency": True}, ValueError, "concurrency must be an int >= 1, got True"),
+        ({"concurrency": 2, "queues": "fast"}, TypeError, r"write queues=\['fast'\]"),
+        ({"concurrency": 2, "queues": []}, ValueError, "queues is empty"),
+        ({"concurrency": 2, "queues": {"a": -1}}, ValueError, "weight of queue 'a' must be a positive int"),
+    ],
+)
+def test_configure_worker_checks_like_the_constructor_and_changes_nothing_on_error(
+    options: dict[str, Any], error: type, message: str
+) -> None:
+    tasks = AsyncTasks(MemoryBackend(), concurrency=4, queues=["default"])
+    with pytest.raises(error, match=message):
+        tasks.configure_worker(**options)
+    assert (tasks.concurrency, tasks.queues) == (4, ("default",))
+
+
+async def test_configure_worker_is_refused_once_execute_started() -> None:
+    tasks = AsyncTasks(MemoryBackend(), poll_interval=0.05)
+
+    @tasks.register(name="app.quick")
+    async def quick() -> None: ...
+
+    async with tasks, anyio.create_task_group() as group:
+        group.start_soon(tasks.execute)
+        with anyio.fail_after(10):
+            await tasks.wait(await tasks.enqueue(quick))  # the worker runs
+        with pytest.raises(RuntimeError, match=r"before execute\(\) starts"):
+            tasks.configure_worker(concurrency=1)
+        group.cancel_scope.cancel()
+    with pytest.raises(RuntimeError, match="pass concurrency= and queues= to AsyncTasks"):
+        tasks.configure_worker(queues=["other"])  # nor after it stopped
+    assert (tasks.concurrency, tasks.queues) == (10, ("default",))

@@ -36,7 +36,7 @@ async def _handled(all_tasks: list[AsyncTasks], name: str, fire: float) -> None:
 
 
 class ComposeRules(EngineSuiteBase):
-    """Chains pass results on and stop at a dead step; schedules fire once per fire time and outlive failures."""
+    """Chains pass results on and stop at a dead step; schedules fire once per fire time, whatever fails."""
 
     async def test_a_chain_passes_each_result_to_the_next_step(self, engine: EngineHarness) -> None:
         tasks = await engine.tasks()
@@ -61,7 +61,8 @@ class ComposeRules(EngineSuiteBase):
             [Call(fetch, "https://example.org"), Call(parse), Call(store, "t")]
         )
         waiting = await tasks.info(chain_id)
-        assert waiting is not None and waiting.chain is not None
+        assert waiting is not None
+        assert waiting.chain is not None
         assert (waiting.id, waiting.state, waiting.chain.current) == (f"{chain_id}.0", TaskState.PENDING, 0)
         assert [step.state for step in waiting.chain.steps] == [TaskState.PENDING, None, None]
         await engine.start(tasks)
@@ -132,8 +133,8 @@ class ComposeRules(EngineSuiteBase):
 
         for index, tasks in enumerate(both):
             tasks.register(ticker(index), name="suite.schedule.tick")
-            info = tasks.every("suite.schedule.tick", INTERVAL, "eu", name="suite-tick")
-            assert info.kind == "every"
+            declared = tasks.every("suite.schedule.tick", INTERVAL, "eu", name="suite-tick")
+            assert declared.kind == "every"
         for tasks in both:
             await engine.start(tasks)
         await _scheduling(*both)

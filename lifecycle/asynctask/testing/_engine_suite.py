@@ -15,7 +15,8 @@ class EngineConformance(RunRules, FlowRules, OperationRules, ComposeRules):
     test module: the engine's promises (results, retries and dead tasks, Retry/Abort, timeouts, delays,
     strict and weighted queues, idempotent ids, cancel/requeue/purge, recovery of a dead worker's tasks,
     retention, the concurrency limit, graceful shutdown, chains passing results on and stopping at a dead
-    step, schedules firing once per fire time across schedulers sharing the storage) must hold on every backend.
+    step, schedules firing once per fire time across schedulers sharing the storage) must hold on every
+    backend.
 
     Provide the same ``backend_factory`` fixture as for
     :class:`~lifecycle.asynctask.testing.BackendConformance`: an async callable that opens and returns a new
