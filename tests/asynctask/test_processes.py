@@ -14,6 +14,8 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -276,3 +278,31 @@ def test_processes_opening_a_fresh_file_at_once_all_succeed(backend_url: str) ->
     results = [process.communicate(timeout=60) for process in processes]
     assert [process.returncode for process in processes] == [0] * 6, [err for _, err in results]
     assert [out.strip() for out, _ in results] == ["0"] * 6
+
+
+def test_a_schedule_run_by_several_processes_fires_once_per_fire_time(
+    backend_name: str, backend_url: str, tmp_path: Path
+) -> None:
+    interval, wanted = 0.1, 12
+    out = tmp_path / "out"
+    with Workers(backend_url, out) as workers:
+        for library in WORKER_LIBRARIES.get(backend_name, ("asyncio",) * 3):
+            # Every process declares and drives the same schedule: there is no leader.
+            worker = workers.start(backend=library, extra=("--every", str(interval)))
+            workers.wait_for("ready", worker=worker.name)
+        workers.wait_until(
+            lambda seen: sum(key.startswith("schedule:tick:") for key in workers.keys_ran()) >= wanted,
+            what=f"{wanted} fire times ran",
+        )
+        assert workers.stop_all() == {w.name: 0 for w in workers.workers}
+
+    runs = Counter(key for key, _, _ in read_runs(out))
+    assert len(runs) >= wanted
+    assert set(runs.values()) == {1}, f"a fire time ran more than once: {runs.most_common(3)}"
+    fires = sorted(  # the fire time is in the deterministic id: schedule:<name>:<UTC ISO time>Z
+        datetime.fromisoformat(record.id.removeprefix("schedule:tick:").replace("Z", "+00:00")).timestamp()
+        for record in records(backend_url).values()
+        if record.id.startswith("schedule:tick:")
+    )
+    steps = [round((later - earlier) / interval, 3) for earlier, later in pairwise(fires)]
+    assert set(steps) == {1.0}, "every fire time between the first and the last is stored exactly once"

@@ -72,8 +72,14 @@ async def slow(ctx: TaskContext, key: str, seconds: float) -> str:
     return _finish(ctx, key)
 
 
+async def tick(ctx: TaskContext) -> str:
+    """A scheduled run: record it under its task id, which names the schedule's fire time."""
+    return _finish(ctx, ctx.task_id)
+
+
 def register_jobs(tasks: AsyncTasks) -> None:
     """Register the harness functions under stable names (``procs.record``, ...)."""
     tasks.register(record, name="procs.record")
     tasks.register(hang_first, name="procs.hang_first")
     tasks.register(slow, name="procs.slow")
+    tasks.register(tick, name="procs.tick")

@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--poll-interval", type=float, default=0.05)
     parser.add_argument("--shutdown-grace", type=float, default=5.0)
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    parser.add_argument("--every", type=float, default=None, help="run procs.tick on this interval schedule")
     return parser.parse_args(argv)
 
 
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         recovery_interval=args.lease / 2,
     )
     jobs.register_jobs(tasks)
+    if args.every is not None:
+        tasks.every("procs.tick", args.every, name="tick")
 
     async def announce() -> None:
         jobs.emit("ready", name=args.name)
