@@ -339,12 +339,7 @@ class AsyncTasks(SchedulingOperations):
         if not tasks:
             return []
         ids = await self._backend.enqueue_many(tasks)
-        if self._observer is not None:
-            observe_enqueued(self._observer, tasks)
-        worker = self._worker
-        if worker is not None and any(task.run_at <= now for task in tasks):
-            worker.wake()
-        self._notify_changed()
+        self._stored(tasks, now)
         return ids
 
     # -- the lifecycle Task ---------------------------------------------------------------------------------
@@ -375,7 +370,6 @@ class AsyncTasks(SchedulingOperations):
     async def _execute_engine(self) -> None:
         if not self._execution:
             await anyio.sleep_forever()
-        self._check_open("execute")
         if self._worker is not None:
             raise RuntimeError("this AsyncTasks is executing already: run one execute() at a time")
         worker = Worker(

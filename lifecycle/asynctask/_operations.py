@@ -16,8 +16,9 @@ from ._chain import CHAIN_PREFIX, chain_fields, chain_progress
 from ._clock import Clock, as_seconds
 from ._encoding import Encoding
 from ._model import QueueStats, TaskInfo
+from ._observer import TaskObserver, observe_enqueued
 from ._options import check_states
-from ._records import TaskRecord, TaskState
+from ._records import NewTask, TaskRecord, TaskState
 from ._upkeep import purge_expired, recover_expired
 from ._worker import EngineOptions, Worker
 
@@ -36,6 +37,7 @@ class TaskOperations:
     _open: bool
     _worker: Worker | None
     _changed: anyio.Event | None
+    _observer: TaskObserver | None
 
     async def info(self, task_id: str) -> TaskInfo | None:
         """The task with this id, or ``None`` (never stored, or removed by retention or :meth:`purge`).
@@ -178,6 +180,16 @@ class TaskOperations:
                     return info
                 with anyio.move_on_after(self._options.poll_interval):
                     await changed.wait()
+
+    def _stored(self, tasks: builtins.list[NewTask], now: float) -> None:
+        """``tasks`` were stored (committed): count them, wake this process's worker if one is due, and wake
+        the waiters."""
+        if self._observer is not None:
+            observe_enqueued(self._observer, tasks)
+        worker = self._worker
+        if worker is not None and any(task.run_at <= now for task in tasks):
+            worker.wake()
+        self._notify_changed()
 
     def _notify_changed(self) -> None:
         changed, self._changed = self._changed, None

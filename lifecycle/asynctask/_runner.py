@@ -90,12 +90,11 @@ class TaskRunner:
             return await self._failed(
                 record, policy.dead(claimed, now=self._clock(), error=error), decode_error
             )
-        if not definition.min_args <= len(args) <= definition.max_args:
-            try:
-                definition.check_arity(len(args))
-            except TypeError as arity_error:
-                verdict = policy.failure(claimed, now=self._clock(), error=str(arity_error))
-                return await self._failed(record, verdict, arity_error)
+        try:
+            definition.check_arity(len(args))
+        except TypeError as arity_error:
+            verdict = policy.failure(claimed, now=self._clock(), error=str(arity_error))
+            return await self._failed(record, verdict, arity_error)
         return await self._call(running, definition, args)
 
     def _decode_arguments(self, record: TaskRecord) -> tuple[Any, ...]:

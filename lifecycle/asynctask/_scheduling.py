@@ -14,7 +14,6 @@ from ._chain import build_chain
 from ._enqueue import build_task
 from ._meta import write_meta
 from ._model import Call
-from ._observer import TaskObserver, observe_enqueued
 from ._operations import TaskOperations
 from ._registry import Registry
 from ._schedule import (
@@ -38,7 +37,6 @@ class SchedulingOperations(TaskOperations):
 
     _registry: Registry
     _scheduler: Scheduler
-    _observer: TaskObserver | None
 
     def schedule(
         self,
@@ -128,11 +126,7 @@ class SchedulingOperations(TaskOperations):
         chain_id, first = build_chain(calls, now, self._registry, self._encoding)
         self._check_open("enqueue_chain")
         await self._backend.enqueue_many([first])
-        if self._observer is not None:
-            observe_enqueued(self._observer, [first])
-        if self._worker is not None and first.run_at <= now:
-            self._worker.wake()
-        self._notify_changed()
+        self._stored([first], now)
         return chain_id
 
     # -- internals ------------------------------------------------------------------------------------------
@@ -174,12 +168,8 @@ class SchedulingOperations(TaskOperations):
         task = replace(task, meta=write_meta(schedule={"name": schedule.name, "fire": fire}))
         stored = await self._backend.enqueue_many([task], if_exists="skip")
         if stored:
-            if self._observer is not None:
-                observe_enqueued(self._observer, [task])
             self._logger.debug("schedule %r enqueued task %s", schedule.name, task.id)
-            if self._worker is not None:
-                self._worker.wake()
-            self._notify_changed()
+            self._stored([task], now)
 
     async def _exists(self, task_id: str) -> bool:
         return await self._backend.get(task_id) is not None
