@@ -142,12 +142,13 @@ class EventSink:
         detail: str | None = None,
     ) -> None:
         """Build the event and deliver it; a callback that raises is logged, never propagated."""
-        if not self._callbacks and not self._watchers and not logger.isEnabledFor(level):
+        logged = logger.isEnabledFor(level)
+        if not logged and not self._callbacks and not self._watchers:
             return
         event = LifecycleEvent(
             kind, self._manager, time.time(), task_name, task_type, stage, duration, error, state, detail
         )
-        if logger.isEnabledFor(level):
+        if logged:
             _log(event, level)
         for callback in (*self._callbacks, *self._watchers) if self._watchers else self._callbacks:
             try:

@@ -101,15 +101,15 @@ class MachineCore:
 
     # ------------------------------------------------------------------ readiness
 
-    def _executing(self, entry: Entry) -> None:
-        """``entry`` (re)entered its execute stage: it may make the manager ready."""
+    def _settle_readiness(self, entry: Entry) -> None:
+        """``entry`` (re)entered its execute stage, or its execute ended: it is no longer starting or
+        restarting, which may make the manager ready."""
         if entry.starting:
             entry.starting = False
             self._starting_left -= 1
             if self._starting_left == 0:
                 self._update_readiness()
-        if entry.restarting:
-            self._restarting_done(entry)
+        self._restarting_done(entry)
 
     def _restarting_begins(self, entry: Entry) -> None:
         if not entry.restarting:

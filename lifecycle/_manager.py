@@ -16,7 +16,7 @@ import anyio
 
 from ._background import background_group
 from ._entry import Entry
-from ._errors import TaskManagerError, summarize
+from ._errors import TaskError, TaskManagerError, summarize
 from ._events import EventSink, LifecycleEvent
 from ._handle import ExecuteHandle
 from ._readiness import Health
@@ -29,7 +29,7 @@ from ._task import ExecuteTask, ManagerState, Task, TaskType
 
 __all__ = ["TaskManager"]
 
-_NEW, _STOPPING, _STOPPED = ManagerState.NEW, ManagerState.STOPPING, ManagerState.STOPPED
+_NEW, _STOPPED = ManagerState.NEW, ManagerState.STOPPED
 
 
 def _check_timeout(what: str, value: float | None) -> float | None:
@@ -217,9 +217,8 @@ class TaskManager(StageMachine):
         the service keeps serving during it) or from a foreign thread, ``ValueError`` for a name in use,
         ``TypeError`` for something that is neither an ExecuteTask nor callable.
         """
-        if (
-            self._stop_requested or self._state is _STOPPING or self._state is _STOPPED
-        ) and not self._draining:
+        # STOPPING and STOPPED both come after the stop request, which is all there is to check.
+        if self._stop_requested and not self._draining:
             raise RuntimeError(
                 f"add_execute_task({name!r}): task manager {self._name!r} is shutting down "
                 f"({self._state.value}); no work can be added once shutdown has begun"
@@ -301,7 +300,7 @@ class TaskManager(StageMachine):
         if self._fatal is not None:  # a KeyboardInterrupt / SystemExit raised by a cleanup
             raise self._fatal
         if self._errors:
-            raise TaskManagerError(summarize(self._name, self._errors), self._errors)
+            raise self._error_group(self._errors)
 
     def shutdown(self) -> None:
         """Request a graceful stop: idempotent, callable from any task at any time (even before :meth:`run`).
@@ -387,7 +386,7 @@ class TaskManager(StageMachine):
             raise
         if self._init_failed:
             await self._cleanup_phase()
-            raise TaskManagerError(summarize(self._name, self._errors), self._errors)
+            raise self._error_group(self._errors)
         if self._stop_requested:
             await self._cleanup_phase()
 
@@ -408,14 +407,12 @@ class TaskManager(StageMachine):
             await self._execute_phase()
         except anyio.get_cancelled_exc_class():
             if len(self._errors) > mark:
-                errors = self._errors[mark:]
-                raise TaskManagerError(summarize(self._name, errors), errors) from None
+                raise self._error_group(self._errors[mark:]) from None
             raise
         if self._fatal is not None:
             raise self._fatal
         if len(self._errors) > mark:
-            errors = self._errors[mark:]
-            raise TaskManagerError(summarize(self._name, errors), errors)
+            raise self._error_group(self._errors[mark:])
 
     async def cleanup(self) -> None:
         """Clean up every initialized task in reverse order; raises :class:`~lifecycle.TaskManagerError`."""
@@ -424,11 +421,13 @@ class TaskManager(StageMachine):
         if self._fatal is not None:
             raise self._fatal
         if len(self._errors) > mark:
-            errors = self._errors[mark:]
-            raise TaskManagerError(summarize(self._name, errors), errors)
+            raise self._error_group(self._errors[mark:])
 
     def __repr__(self) -> str:
         return f"<TaskManager {self._name!r} {self._state.value}, {len(self._entries)} task(s)>"
+
+    def _error_group(self, errors: list[TaskError]) -> TaskManagerError:
+        return TaskManagerError(summarize(self._name, errors), errors)
 
     def _cancel_entry(self, entry: Entry) -> None:
         if entry.finished:

@@ -110,13 +110,9 @@ class StageMachine(StageSteps):
             if _OWN_SCOPE:
                 with anyio.CancelScope() as scope:
                     entry.scope = scope
-                    failure = await self._execute_attempt(entry)
-                    if entry.window is not None:
-                        failure, note = await self._supervise(entry, failure)
+                    failure, note = await self._execute_supervised(entry)
             else:
-                failure = await self._execute_attempt(entry)
-                if entry.window is not None:
-                    failure, note = await self._supervise(entry, failure)
+                failure, note = await self._execute_supervised(entry)
         except BaseException as exc:
             if isinstance(exc, anyio.get_cancelled_exc_class()):
                 self._end_execute(entry, "cancelled", EventKind.TASK_CANCELLED)
@@ -153,11 +149,7 @@ class StageMachine(StageSteps):
         if kind is not None:
             self._emit_end(entry, kind)
         if entry.starting or entry.restarting:
-            if entry.starting:
-                entry.starting = False
-                self._starting_left -= 1
-            self._restarting_done(entry)
-            self._update_readiness()
+            self._settle_readiness(entry)
         if entry.task_type is TaskType.STOP_GROUP:
             self._stop_group_left -= 1
             if self._stop_group_left == 0:

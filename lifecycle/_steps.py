@@ -26,6 +26,14 @@ Failure = tuple[Stage, BaseException]
 _WARNING = logging.WARNING
 
 
+def _timed_out(stage: Stage, timeout: float | None, cause: BaseException | None = None) -> TimeoutError:
+    """The failure of a stage that ran past its bound (``cause``: what the stage raised when cancelled)."""
+    error = TimeoutError(f"{stage.value} did not complete within {timeout} s")
+    if cause is not None:
+        error.__cause__ = cause
+    return error
+
+
 class StageSteps(MachineCore):
     """The steps of one task. Not public."""
 
@@ -43,11 +51,7 @@ class StageSteps(MachineCore):
                 entry.awaitable = awaitable
                 await awaitable
         except Exception as exc:
-            if deadline.cancel_called:
-                timeout_error = TimeoutError(f"initialize did not complete within {timeout} s")
-                timeout_error.__cause__ = exc
-                return timeout_error
-            return exc
+            return _timed_out(Stage.INITIALIZE, timeout, exc) if deadline.cancel_called else exc
         except BaseException as exc:
             if isinstance(exc, anyio.get_cancelled_exc_class()):
                 entry.state = "cancelled"
@@ -57,7 +61,7 @@ class StageSteps(MachineCore):
         finally:
             entry.awaitable = None
         if deadline.cancelled_caught:
-            return TimeoutError(f"initialize did not complete within {timeout} s")
+            return _timed_out(Stage.INITIALIZE, timeout)
         entry.initialized = True
         entry.state = "done"
         self._emit_end(entry, EventKind.TASK_INITIALIZED)
@@ -102,10 +106,7 @@ class StageSteps(MachineCore):
                     entry.awaitable = awaitable
                     await awaitable
             except Exception as exc:
-                failure = exc
-                if deadline.cancel_called:
-                    failure = TimeoutError(f"cleanup did not complete within {timeout} s")
-                    failure.__cause__ = exc
+                failure = _timed_out(Stage.CLEANUP, timeout, exc) if deadline.cancel_called else exc
             except BaseException as exc:
                 if isinstance(exc, anyio.get_cancelled_exc_class()):
                     raise
@@ -117,7 +118,7 @@ class StageSteps(MachineCore):
                 if forcible:
                     self._cleaning = None
         if failure is None and deadline.cancelled_caught:
-            failure = TimeoutError(f"cleanup did not complete within {timeout} s")
+            failure = _timed_out(Stage.CLEANUP, timeout)
         elif failure is None and scope.cancelled_caught:
             failure = RuntimeError(
                 "cleanup was cancelled before it finished by a forced shutdown (cancel_cleanups(), e.g. the "
@@ -140,7 +141,7 @@ class StageSteps(MachineCore):
         """Run ``entry``'s execute once; its failure (a STRICT early return included) or ``None``."""
         self._begin_stage(entry, Stage.EXECUTE, EventKind.TASK_EXECUTING)
         if entry.starting or entry.restarting:
-            self._executing(entry)
+            self._settle_readiness(entry)
         try:
             awaitable = entry.execute_fn()
             entry.awaitable = awaitable
@@ -153,6 +154,13 @@ class StageSteps(MachineCore):
                 "TaskType.ERROR if returning early is fine, or as TaskType.STOP_GROUP to stop the manager"
             )
         return None
+
+    async def _execute_supervised(self, entry: Entry) -> tuple[Failure | None, str]:
+        """Run ``entry``'s execute, then its restart policy if it has one (see :meth:`_supervise`)."""
+        failure = await self._execute_attempt(entry)
+        if entry.window is None:
+            return failure, ""
+        return await self._supervise(entry, failure)
 
     async def _supervise(self, entry: Entry, failure: Failure | None) -> tuple[Failure | None, str]:
         """Apply ``entry``'s restart policy to how its execute ended, as long as it allows.

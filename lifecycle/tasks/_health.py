@@ -204,14 +204,8 @@ class HealthServer:
             return 503, f"not ready: {_not_ready_reason(health)}\n".encode(), _TEXT
         if path == "/status":
             health = manager.health()
-            document = {
-                "manager": health.manager,
-                "state": health.state.value,
-                "ready": health.ready,
-                "live": health.live,
-                "draining": health.draining,
-                "tasks": [row.to_dict() for row in manager.status()],
-            }
+            document = health.to_dict()
+            document["tasks"] = [row.to_dict() for row in manager.status()]  # the full rows, errors included
             return 200, json.dumps(document, indent=2, default=str).encode() + b"\n", "application/json"
         if path == "/metrics":
             if self.metrics is None:
