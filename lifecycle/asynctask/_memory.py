@@ -155,6 +155,10 @@ class MemoryBackend:
             heap = self._ready[row.queue] = []
         heapq.heappush(heap, entry)
 
+    def _insert(self, task: NewTask) -> None:
+        row = self._rows[task.id] = _Row(task, next(self._seq))
+        self._push(row)
+
     def _head(self, queue: str) -> _Entry | None:
         """The current earliest entry of ``queue``, dropping stale entries on the way."""
         heap = self._ready.get(queue)
@@ -223,12 +227,7 @@ class MemoryBackend:
                 seen.add(task.id)
                 accepted.append(task)
         for task in accepted:
-            old = rows.get(task.id)
-            if old is not None:
-                self._active.pop(old.id, None)
-            row = _Row(task, next(self._seq))
-            rows[task.id] = row
-            self._push(row)
+            self._insert(task)  # replaces a finished record with this id (a live one was refused above)
         if accepted:
             self._notify()
         return [task.id for task in accepted]
@@ -301,12 +300,9 @@ class MemoryBackend:
             else:
                 raise ValueError(f"cannot settle task {settlement.task_id!r} as {state.value!r}")
             for follow_up in settlement.then:
-                if follow_up.id in self._rows:
-                    continue
-                new_row = _Row(follow_up, next(self._seq))
-                self._rows[follow_up.id] = new_row
-                self._push(new_row)
-                wake = True
+                if follow_up.id not in self._rows:
+                    self._insert(follow_up)
+                    wake = True
         if wake:
             self._notify()
         return lost

@@ -46,9 +46,9 @@ def new_task_args(task: NewTask) -> list[str | bytes]:
         task.queue,
         task.payload,
         str(int(task.max_retries)),
-        "" if task.timeout is None else repr(float(task.timeout)),
-        repr(float(task.enqueued_at)),
-        repr(float(task.run_at)),
+        "" if task.timeout is None else time_text(task.timeout),
+        time_text(task.enqueued_at),
+        time_text(task.run_at),
         "0" if task.meta is None else "1",
         "" if task.meta is None else task.meta,
     ]
@@ -62,8 +62,8 @@ def settlement_args(settlement: Settlement) -> list[str | bytes]:
             f"cannot settle task {settlement.task_id!r} as 'active': a verdict is pending (retry), "
             "succeeded, dead or cancelled"
         )
-    at = repr(float(settlement.at))
-    run_at = at if settlement.run_at is None else repr(float(settlement.run_at))
+    at = time_text(settlement.at)
+    run_at = at if settlement.run_at is None else time_text(settlement.run_at)
     flags = (
         ("0" if settlement.error is None else "1")
         + ("0" if settlement.result is None else "1")

@@ -36,7 +36,7 @@ __all__ = [
     "SCRIPTS",
     "ScriptRunner",
     "check_url",
-    "current_async_library",
+    "close_clients",
     "make_client",
     "safe_url",
     "take_url_options",
@@ -61,18 +61,6 @@ _FORBIDDEN_OPTIONS = ("decode_responses", "encoding", "protocol")
 
 SCRIPTS: dict[str, LuaScript] = {**WORKER_SCRIPTS, **ADMIN_SCRIPTS}
 """Every script of the backend, by name."""
-
-
-def current_async_library() -> str:
-    """``"asyncio"``, ``"trio"`` or ``"none"`` (called outside an event loop)."""
-    try:
-        import sniffio
-    except ImportError:  # trio depends on sniffio, so without it only asyncio can be running
-        return "asyncio"
-    try:
-        return sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        return "none"
 
 
 def safe_url(url: str) -> str:
@@ -185,6 +173,15 @@ def make_client(
         pool = aioredis.ConnectionPool.from_url(url, **kwargs)
     pool.connection_class = _with_fast_packing(pool.connection_class)
     return aioredis.Redis(connection_pool=pool)
+
+
+async def close_clients(*clients: Any) -> None:
+    """Close each client made by :func:`make_client` and disconnect its pool, shielded from cancellation."""
+    for client in clients:
+        with anyio.CancelScope(shield=True):
+            await client.aclose()
+            if hasattr(client, "connection_pool"):
+                await client.connection_pool.disconnect()
 
 
 def _with_fast_packing(base: type[AbstractConnection]) -> type[AbstractConnection]:

@@ -18,7 +18,7 @@ import anyio
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from ._redis_conn import RETRYABLE, ScriptRunner
+from ._redis_conn import RETRYABLE, ScriptRunner, close_clients
 
 __all__ = ["Waiter"]
 
@@ -122,6 +122,4 @@ class Waiter:
                     await self._runner.client.delete(self._alarm)
                 except (RedisError, OSError):
                     pass
-            await self._client.aclose()
-            if hasattr(self._client, "connection_pool"):
-                await self._client.connection_pool.disconnect()
+        await close_clients(self._client)

@@ -34,7 +34,7 @@ SCHEMA_VERSION = 1
 #: ``UPDATE ... RETURNING`` needs SQLite 3.35.
 MIN_SQLITE_VERSION = (3, 35, 0)
 
-#: The columns of ``lifecycle_tasks`` in the order ``_sqlite._record`` reads them.
+#: The columns of ``lifecycle_tasks`` in the order ``record_from_row`` reads them.
 TASK_COLUMNS = RECORD_COLUMNS
 
 _CREATE_V1 = (

@@ -22,6 +22,7 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
 from . import _postgres_ops as ops
+from ._asyncio_only import require_asyncio
 from ._errors import BackendError
 from ._postgres_listen import Listener
 from ._postgres_schema import ensure_schema
@@ -34,17 +35,6 @@ _log = logging.getLogger("lifecycle.asynctask.postgres")
 
 _MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1, in bytes
 _APPLICATION_NAME = "lifecycle-asynctask"
-
-
-def _current_async_library() -> str:
-    try:
-        import sniffio
-    except ImportError:  # no sniffio means no trio (trio depends on it): asyncio or nothing
-        return "asyncio"
-    try:
-        return sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        return "none"
 
 
 def _channel_for(schema: str) -> str:
@@ -180,13 +170,7 @@ class PostgresBackend:
         """
         if self._pool is not None:
             return
-        library = _current_async_library()
-        if library != "asyncio":
-            raise BackendError(
-                f"PostgresBackend needs asyncio, but it runs under {library}: psycopg's async support is "
-                "asyncio-only; run this service with anyio's asyncio backend (the default), or use "
-                "SQLiteBackend, which works under trio"
-            )
+        require_asyncio("PostgresBackend", "psycopg's async support is asyncio-only")
         listener = Listener(self._dsn, self.channel, connect_kwargs=self._connect_kwargs)
         pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
             self._dsn,

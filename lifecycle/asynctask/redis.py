@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from . import _redis_admin as admin
+from ._asyncio_only import require_asyncio
 from ._errors import BackendError, DuplicateTaskError
 from ._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
 from ._redis_codec import (
@@ -32,7 +33,7 @@ from ._redis_codec import (
 from ._redis_conn import (
     ScriptRunner,
     check_url,
-    current_async_library,
+    close_clients,
     make_client,
     safe_url,
     take_url_options,
@@ -168,13 +169,7 @@ class RedisBackend:
         """
         if self._runner is not None:
             return
-        library = current_async_library()
-        if library != "asyncio":
-            raise BackendError(
-                f"RedisBackend needs asyncio, but it runs under {library}: redis-py's client is "
-                "asyncio-only; run this service with anyio's asyncio backend (the default), or use "
-                "SQLiteBackend, which works under trio"
-            )
+        require_asyncio("RedisBackend", "redis-py's client is asyncio-only")
         client = make_client(
             self._url,
             connect_timeout=self._connect_timeout,
@@ -208,16 +203,16 @@ class RedisBackend:
                 await runner.load_all()
                 stored = await runner.run("layout", [str(LAYOUT_VERSION)])
         except BackendError:
-            await _close_clients(client, waiter)
+            await close_clients(client, waiter)
             raise
         except (RedisError, OSError, TimeoutError) as exc:
-            await _close_clients(client, waiter)
+            await close_clients(client, waiter)
             raise unusable(self._url, exc) from exc
         except BaseException:
-            await _close_clients(client, waiter)
+            await close_clients(client, waiter)
             raise
         if int(stored) > LAYOUT_VERSION:
-            await _close_clients(client, waiter)
+            await close_clients(client, waiter)
             raise BackendError(
                 f"the keys under prefix {self._name!r} at {safe_url(self._url)} use layout version "
                 f"{int(stored)}, newer than this version of lifecycle understands ({LAYOUT_VERSION}); "
@@ -243,7 +238,7 @@ class RedisBackend:
         if waiting is not None:
             await waiting.close()
         if runner is not None:
-            await _close_clients(runner.client)
+            await close_clients(runner.client)
 
     def _run(self) -> ScriptRunner:
         if self._runner is None:
@@ -419,11 +414,3 @@ def _version(text: str) -> tuple[int, int]:
         return int(parts[0]), int(parts[1])
     except ValueError:
         return (0, 0)
-
-
-async def _close_clients(*clients: Any) -> None:
-    for client in clients:
-        with anyio.CancelScope(shield=True):
-            await client.aclose()
-            if hasattr(client, "connection_pool"):
-                await client.connection_pool.disconnect()
