@@ -124,6 +124,22 @@ class SQLiteBackend:
         self._wakeup = anyio.Event()
         self._connection = await anyio.to_thread.run_sync(self._connect, limiter=self._limiter)
 
+    def _switch_to_wal(self, connection: sqlite3.Connection) -> str:
+        # Switching the journal mode needs an exclusive lock, and SQLite reports "database is locked" at once
+        # (without its busy handler) while another process is switching the same fresh file: retry until
+        # busy_timeout, as a write would wait.
+        deadline = time.monotonic() + self._busy_timeout
+        pause = 0.005
+        while True:
+            try:
+                (mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
+                return str(mode)
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)  # on the backend's worker thread, never on the event loop
+            pause = min(pause * 2, 0.1)
+
     def _connect(self) -> sqlite3.Connection:
         where = repr(self._path)
         if self._path != _MEMORY:
@@ -147,7 +163,7 @@ class SQLiteBackend:
             ) from exc
         try:
             connection.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-            (mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
+            mode = self._switch_to_wal(connection)
             if str(mode).lower() != "wal" and self._path != _MEMORY:
                 _log.warning(
                     "SQLite database %s could not switch to WAL (journal_mode is %s): several processes "
