@@ -158,6 +158,18 @@ async def run_capturing(manager: lifecycle.TaskManager, outcome: Outcome) -> Non
         outcome.done.set()
 
 
+async def run_until_running_then_shut_down(
+    manager: lifecycle.TaskManager, events: Events
+) -> BaseException | None:
+    """Run the manager until it runs, ask for a graceful shutdown, return what ``run()`` ended with."""
+    outcome = Outcome()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_capturing, manager, outcome)
+        await events.running()
+        manager.shutdown()
+    return await outcome.finished()
+
+
 def manager(**kwargs: object) -> tuple[lifecycle.TaskManager, Events]:
     """A manager with an :class:`Events` recorder attached."""
     events = Events()

@@ -5,7 +5,15 @@ from __future__ import annotations
 import anyio
 import anyio.lowlevel
 import pytest
-from lifecycle_testkit import Boom, FakeTask, Outcome, manager, raises, run_capturing
+from lifecycle_testkit import (
+    Boom,
+    FakeTask,
+    Outcome,
+    manager,
+    raises,
+    run_capturing,
+    run_until_running_then_shut_down,
+)
 
 from lifecycle import EventKind, Stage, TaskManager, TaskManagerError
 
@@ -17,12 +25,7 @@ async def test_cleanup_runs_in_reverse_add_order_for_every_initialized_task() ->
     m, events = manager()
     for name in "abc":
         m.add_task(name, FakeTask(name, log))
-    outcome = Outcome()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(run_capturing, m, outcome)
-        await events.running()
-        m.shutdown()
-    assert await outcome.finished() is None
+    assert await run_until_running_then_shut_down(m, events) is None
     assert [e for e in log if e.endswith("cleanup")] == ["c.cleanup", "b.cleanup", "a.cleanup"]
 
 
@@ -67,12 +70,7 @@ async def test_cleanup_timeout_is_a_cleanup_task_error_with_timeout_cause_and_th
     m, events = manager(cleanup_timeout=30)
     m.add_task("a", FakeTask("a", log))
     m.add_task("hangs", FakeTask("hangs", log, cleanup=anyio.sleep_forever), cleanup_timeout=0.01)
-    outcome = Outcome()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(run_capturing, m, outcome)
-        await events.running()
-        m.shutdown()
-    error = await outcome.finished()
+    error = await run_until_running_then_shut_down(m, events)
     assert isinstance(error, TaskManagerError)
     [task_error] = error.exceptions
     assert (task_error.task_name, task_error.stage) == ("hangs", Stage.CLEANUP)
@@ -83,12 +81,7 @@ async def test_cleanup_timeout_is_a_cleanup_task_error_with_timeout_cause_and_th
 async def test_manager_cleanup_timeout_is_the_default() -> None:
     m, events = manager(cleanup_timeout=0.01)
     m.add_task("hangs", FakeTask("hangs", [], cleanup=anyio.sleep_forever))
-    outcome = Outcome()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(run_capturing, m, outcome)
-        await events.running()
-        m.shutdown()
-    error = await outcome.finished()
+    error = await run_until_running_then_shut_down(m, events)
     assert isinstance(error, TaskManagerError)
     assert isinstance(error.exceptions[0].__cause__, TimeoutError)
 

@@ -7,7 +7,7 @@ import logging
 import anyio
 import anyio.lowlevel
 import pytest
-from lifecycle_testkit import Events, FakeTask, Outcome, run_capturing
+from lifecycle_testkit import Events, FakeTask, Outcome, run_capturing, run_until_running_then_shut_down
 
 from lifecycle import EventKind, LifecycleEvent, Stage, TaskManager, TaskManagerError
 
@@ -75,12 +75,7 @@ async def test_no_report_when_everything_stops_in_time() -> None:
     events = Events()
     m = TaskManager(shutdown_timeout=30, on_event=events)
     m.add_execute_task("polite", anyio.sleep_forever)
-    outcome = Outcome()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(run_capturing, m, outcome)
-        await events.running()
-        m.shutdown()
-    assert await outcome.finished() is None
+    assert await run_until_running_then_shut_down(m, events) is None
     assert not [e for e in events.events if e.kind is EventKind.SHUTDOWN_STUCK]
 
 

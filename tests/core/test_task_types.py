@@ -5,7 +5,17 @@ from __future__ import annotations
 import anyio
 import anyio.lowlevel
 import pytest
-from lifecycle_testkit import Boom, FakeTask, Outcome, manager, raises, returns, run_capturing, waits_for
+from lifecycle_testkit import (
+    Boom,
+    FakeTask,
+    Outcome,
+    manager,
+    raises,
+    returns,
+    run_capturing,
+    run_until_running_then_shut_down,
+    waits_for,
+)
 
 from lifecycle import (
     EventKind,
@@ -168,12 +178,7 @@ async def test_cancellation_is_not_an_error() -> None:
     m, events = manager()
     for name in "abc":
         m.add_task(name, FakeTask(name, log))
-    outcome = Outcome()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(run_capturing, m, outcome)
-        await events.running()
-        m.shutdown()
-    assert await outcome.finished() is None
+    assert await run_until_running_then_shut_down(m, events) is None
     assert sorted(e for e in log if e.endswith("cancelled")) == [f"{n}.execute.cancelled" for n in "abc"]
     assert not [e for e in events.events if e.kind is EventKind.TASK_FAILED]
 
@@ -215,10 +220,5 @@ async def test_strict_returning_after_shutdown_is_fine() -> None:
             return  # swallowing the cancellation: the task simply returns after shutdown began
 
     m.add_execute_task("strict", returns_on_cancel)
-    outcome = Outcome()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(run_capturing, m, outcome)
-        await events.running()
-        m.shutdown()
-    assert await outcome.finished() is None
+    assert await run_until_running_then_shut_down(m, events) is None
     assert events.kinds("strict")[-1] == "task_returned"
