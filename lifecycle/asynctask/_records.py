@@ -75,6 +75,11 @@ class TaskRecord:
 
     ``attempts`` counts claims: every time a worker took the task, including attempts whose worker died.
     ``lease_until`` is set while the task is ``ACTIVE``.
+
+    ``fault`` is set by a backend that could not read the stored record whole (a field of the wrong type, a
+    missing field, text that is not UTF-8): it says which field holds what, the unreadable fields hold
+    placeholders, and the record is still returned, never dropped. The engine makes a claimed record with a
+    fault ``DEAD`` with that reason instead of running it; inspection shows it.
     """
 
     id: str
@@ -93,6 +98,7 @@ class TaskRecord:
     last_error: str | None = None
     result: bytes | None = None
     meta: str | None = None
+    fault: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,6 +72,9 @@ class TaskRunner:
         policy = self._policy
         if running.reason is not None:  # stopped or lost before it started
             return policy.release(claimed, now=self._clock()) if running.reason == SHUTDOWN else None
+        if record.fault is not None:
+            verdict = policy.damaged(claimed, now=self._clock())
+            return await self._failed(record, verdict, ValueError(verdict.error))
         definition = self._registry.get(record.name)
         if definition is None:
             known = ", ".join(self._registry.names()) or "none"

@@ -57,6 +57,8 @@ class Policy:
         """A failed attempt: retried at ``now`` + backoff (or ``retry_after``) while attempts are left
         (``attempts <= max_retries``), ``dead`` otherwise. ``error`` becomes ``last_error`` either way."""
         record = claimed.record
+        if record.fault is not None:
+            return self.damaged(claimed, now=now)
         if record.attempts <= record.max_retries:
             delay = retry_after if retry_after is not None else self.backoff.delay(record.attempts, self.rng)
             return Settlement(
@@ -73,6 +75,17 @@ class Policy:
         """Failed for good, without a retry."""
         return Settlement(
             task_id=claimed.record.id, token=claimed.token, state=TaskState.DEAD, at=now, error=error
+        )
+
+    def damaged(self, claimed: ClaimedTask, *, now: float) -> Settlement:
+        """Dead at once: the backend could not read the stored record whole (``TaskRecord.fault``), so
+        running it again cannot help."""
+        record = claimed.record
+        return self.dead(
+            claimed,
+            now=now,
+            error=f"the stored record of task {record.id!r} is damaged ({record.fault}), so it cannot run; "
+            "enqueue a corrected task",
         )
 
     def release(self, claimed: ClaimedTask, *, now: float) -> Settlement:
