@@ -9,7 +9,12 @@ from types import ModuleType
 
 from .._manager import TaskManager
 
-__all__ = ["LoadError", "load_manager", "load_object"]
+__all__ = ["LoadError", "a_or_an", "load_manager", "load_object"]
+
+
+def a_or_an(word: str) -> str:
+    """``word`` with its indefinite article, for type names in messages: ``"an int"``, ``"a str"``."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
 
 
 class LoadError(Exception):
@@ -69,7 +74,7 @@ def load_manager(spec: str) -> TaskManager:
         return value
     if not callable(value):
         raise LoadError(
-            f"cannot run {spec!r}: it is a {type(value).__name__}, not a lifecycle.TaskManager or a "
+            f"cannot run {spec!r}: it is {a_or_an(type(value).__name__)}, not a lifecycle.TaskManager or a "
             "zero-argument function returning one"
         )
     try:
@@ -78,7 +83,7 @@ def load_manager(spec: str) -> TaskManager:
         raise LoadError(f"cannot run {spec!r}: calling it raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(result, TaskManager):
         raise LoadError(
-            f"cannot run {spec!r}: calling it returned a {type(result).__name__}, expected a "
+            f"cannot run {spec!r}: calling it returned {a_or_an(type(result).__name__)}, expected a "
             "lifecycle.TaskManager"
         )
     return result
