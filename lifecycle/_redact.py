@@ -36,16 +36,25 @@ MASK = "***"
 _USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/?#@\[\]]*:)(?P<secret>\S+)@")
 
 _SECRET_NAME = r"[\w.\-]*?(?:password|passwd|passphrase|pass|pwd|secret|token|api_?key|access_?key)"
-# A password-like key and its value: ``key=value`` (URL options, libpq DSNs, environment text), a quoted
-# ``'key': value`` (dict and JSON text) or ``password: value``. The value is quoted (with backslash escapes,
-# as libpq writes them) or runs up to whitespace or the next URL option (less a closing quote and
-# punctuation, as in a repr: ``X('...?password=***', ...)``).
 _KEY_VALUE = re.compile(
-    r"""(?P<head>(?<![\w.\-/])"""
-    rf"""(?:(?P<quote>['"]){_SECRET_NAME}(?P=quote)[ \t]*[=:]|{_SECRET_NAME}[ \t]*=|"""
-    r"""(?:password|passwd|passphrase|pwd)[ \t]*:)[ \t]*)"""
-    r"""(?P<secret>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^\s&]+?(?=['"]?[,;)\]}]*(?:[\s&]|$)))""",
-    re.IGNORECASE,
+    rf"""
+    (?P<head>
+        (?<![\w.\-/])                                  # a whole key (not the user name of a URL)
+        (?: ['"]{_SECRET_NAME}['"]? [ \t]*[=:]           # 'password': "token"= (dict and JSON text)
+          | {_SECRET_NAME}['"] [ \t]*[=:]                # password': (its opening quote masked away)
+          | {_SECRET_NAME} [ \t]*=                       # password= (URL options, libpq DSNs, env text)
+          | (?:password|passwd|passphrase|pwd) [ \t]*:   # password: value
+        )
+        [ \t]*
+    )
+    (?P<secret>
+        '(?:[^'\\]|\\.)*' | "(?:[^"\\]|\\.)*"           # quoted, with backslash escapes (libpq)
+      | [^\s&]+? (?=['"]?[,;)\]}}]*(?:[\s&]|$))          # up to a space or the next URL option, less a
+                                                        # closing quote and punctuation (a repr's "',")
+        (?:(?:[ \t]+[^\s='"]+)+ (?=[ \t]+[A-Za-z_][\w.\-]*[ \t]*=))?  # words before the next key=value:
+    )                                                   # an unquoted password with spaces (libpq DSN)
+    """,
+    re.IGNORECASE | re.VERBOSE,
 )
 # What separates the pieces of a secret that a library may quote on their own.
 _PIECES = re.compile(r"[\s/?#@&=:;,'\"]+")

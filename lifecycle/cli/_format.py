@@ -153,7 +153,9 @@ def error_note(info: TaskInfo) -> str:
 
 def retries_left(info: TaskInfo) -> int:
     """How many retries a task has left: ``max_retries`` less the retries already started (every attempt
-    after the first is a retry), so a task that has not run yet has all of them."""
+    after the first is a retry), so a task that has not run yet has all of them; 0 once it is finished."""
+    if info.state.is_final:
+        return 0
     return max(0, info.max_retries - max(0, info.attempts - 1))
 
 

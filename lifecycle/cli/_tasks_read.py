@@ -103,6 +103,7 @@ async def _stats(args: argparse.Namespace, session: Session) -> int:
 _DROPPABLE = ("queue", "when", "tries", "name")
 _GAP = 2  # between two columns
 _MIN_NAME, _MIN_QUEUE, _MIN_ERROR = 8, 5, 24
+_SHORT_QUEUE = 12
 
 
 def list_table(infos: list[TaskInfo], now: float, width: int) -> RenderableType:
@@ -139,26 +140,24 @@ def list_table(infos: list[TaskInfo], now: float, width: int) -> RenderableType:
             break
         shown.remove(column)
         dropped.append(column)
-    if rows and needed(shown) > width:  # not even the id and the state fit: one line per task, uncut
-        # (print it with crop=False; the terminal wraps the lines)
-        return Group(
-            *(
-                Text(
-                    f"{row['id']}  {row['state']}",
-                    no_wrap=True,
-                    overflow="ignore",
-                    style=STATE_STYLES[row["state"]],
-                )
-                for row in rows
-            )
-        )
+    if rows and needed(shown) > width:
+        # Not even the id and the state fit: one line per task, uncut (print it with crop=False: the
+        # terminal wraps the lines), and its error note on the next line.
+        lines: list[RenderableType] = []
+        for row in rows:
+            lines.append(Text(f"{row['id']}  {row['state']}  {row['name']}", no_wrap=True, overflow="ignore"))
+            if row["error"]:
+                lines.append(Text(f"  {row['error']}", style="red"))
+        lines.append(Text("(too narrow for a table; widen the terminal or use --json)", style="dim"))
+        return Group(*lines)
     sizes = {column: minimum.get(column, widths[column]) for column in shown}
     spare = width - needed(shown)
-    for column in ("name", "queue"):  # the room left goes to the name first, then the queue
+    # The room left goes to a short queue name first (most are), then to the task name, then to the queue.
+    for column, most in (("queue", _SHORT_QUEUE), ("name", None), ("queue", None)):
         if column in sizes:
-            grow = min(spare, widths[column] - sizes[column])
-            sizes[column] += grow
-            spare -= grow
+            grow = min(spare, (widths[column] if most is None else min(widths[column], most)) - sizes[column])
+            sizes[column] += max(0, grow)
+            spare -= max(0, grow)
     notes = any(row["error"] for row in rows)
     wide = notes and width >= 110 and spare >= _MIN_ERROR + _GAP
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
@@ -176,9 +175,11 @@ def list_table(infos: list[TaskInfo], now: float, width: int) -> RenderableType:
         table.add_column(
             "error", overflow="ellipsis", no_wrap=True, style="red", width=min(spare - _GAP, longest)
         )
+    stacked = width - widths["id"] - _GAP < _MIN_ERROR  # too narrow beside the id: the note below it
     errors = Table.grid(padding=(0, 2))
-    errors.add_column(no_wrap=True)
-    errors.add_column(style="red", overflow="fold")
+    errors.add_column(no_wrap=not stacked, overflow="fold")
+    if not stacked:
+        errors.add_column(style="red", overflow="fold")
     for row in rows:
         cells: list[RenderableType] = [
             Text(row["state"], style=STATE_STYLES[row["state"]]) if column == "state" else row[column]
@@ -186,7 +187,11 @@ def list_table(infos: list[TaskInfo], now: float, width: int) -> RenderableType:
         ]
         table.add_row(*cells, *([row["error"]] if wide else []))
         if row["error"] and not wide:
-            errors.add_row(row["id"], row["error"])
+            if stacked:
+                errors.add_row(row["id"])
+                errors.add_row(Text(f"  {row['error']}", style="red"))
+            else:
+                errors.add_row(row["id"], row["error"])
     parts: list[RenderableType] = [table]
     if dropped:
         parts.append(
