@@ -8,6 +8,7 @@ import sys
 from types import ModuleType
 
 from .._manager import TaskManager
+from .._redact import redact
 
 __all__ = ["LoadError", "a_or_an", "load_manager", "load_object"]
 
@@ -35,10 +36,12 @@ def _import(module_name: str, spec: str) -> ModuleType:
                 f"cannot load {spec!r}: there is no module named {missing!r}. Check the spelling, install "
                 f"the package, or run lifecycle from the directory that contains it"
             ) from None
-        raise LoadError(f"cannot load {spec!r}: importing {module_name!r} failed: {exc}") from exc
+        raise LoadError(
+            f"cannot load {spec!r}: importing {module_name!r} failed: {redact(str(exc))}"
+        ) from exc
     except Exception as exc:
         raise LoadError(
-            f"cannot load {spec!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}"
+            f"cannot load {spec!r}: importing {module_name!r} raised {type(exc).__name__}: {redact(str(exc))}"
         ) from exc
 
 
@@ -80,7 +83,9 @@ def load_manager(spec: str) -> TaskManager:
     try:
         result = value()
     except Exception as exc:
-        raise LoadError(f"cannot run {spec!r}: calling it raised {type(exc).__name__}: {exc}") from exc
+        raise LoadError(
+            f"cannot run {spec!r}: calling it raised {type(exc).__name__}: {redact(str(exc))}"
+        ) from exc
     if not isinstance(result, TaskManager):
         raise LoadError(
             f"cannot run {spec!r}: calling it returned {a_or_an(type(result).__name__)}, expected a "
