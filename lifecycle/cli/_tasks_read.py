@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from rich import box
+from rich.cells import cell_len
 from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
@@ -112,6 +113,8 @@ def list_table(infos: list[TaskInfo], now: float, width: int) -> RenderableType:
     the name and queue are shortened with an ellipsis, then the queue, when, tries and name columns are left
     out (a note says so), and below about 45 columns each task is one line the terminal wraps. The error
     notes are a column from 110 columns on, and follow the table when narrower."""
+    if not infos:
+        return Text("no tasks match")
     rows = [
         {
             "id": info.id,
@@ -124,7 +127,7 @@ def list_table(infos: list[TaskInfo], now: float, width: int) -> RenderableType:
         }
         for info in infos
     ]
-    widths = {name: max(len(name), *(len(row[name]) for row in rows)) for name in rows[0]} if rows else {}
+    widths = {name: max(cell_len(name), *(cell_len(row[name]) for row in rows)) for name in rows[0]}
     shown = ["id", "name", "queue", "state", "tries", "when"]
     minimum = {
         "name": min(widths.get("name", 0), _MIN_NAME),
@@ -136,11 +139,11 @@ def list_table(infos: list[TaskInfo], now: float, width: int) -> RenderableType:
 
     dropped: list[str] = []
     for column in _DROPPABLE:
-        if not rows or needed(shown) <= width:
+        if needed(shown) <= width:
             break
         shown.remove(column)
         dropped.append(column)
-    if rows and needed(shown) > width:
+    if needed(shown) > width:
         # Not even the id and the state fit: one line per task, uncut (print it with crop=False: the
         # terminal wraps the lines), and its error note on the next line.
         lines: list[RenderableType] = []
@@ -171,7 +174,7 @@ def list_table(infos: list[TaskInfo], now: float, width: int) -> RenderableType:
             justify="right" if right else "left",
         )
     if wide:
-        longest = max(len(row["error"]) for row in rows)
+        longest = max(cell_len(row["error"]) for row in rows)
         table.add_column(
             "error", overflow="ellipsis", no_wrap=True, style="red", width=min(spare - _GAP, longest)
         )
