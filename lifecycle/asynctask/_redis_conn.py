@@ -10,26 +10,36 @@ loaded again.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode
 
 import anyio
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import AbstractConnection, parse_url
+from redis.asyncio.connection import (
+    URL_QUERY_ARGUMENT_PARSERS,
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+    parse_url,
+)
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ClusterDownError, NoScriptError, ReadOnlyError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .._redact import redact
 from ._errors import BackendError
 from ._redis_lua import WORKER_SCRIPTS, LuaScript
 from ._redis_lua_admin import ADMIN_SCRIPTS
+from ._urls import join_url, split_url, unique_options
 
 __all__ = [
     "RETRYABLE",
@@ -64,15 +74,9 @@ SCRIPTS: dict[str, LuaScript] = {**WORKER_SCRIPTS, **ADMIN_SCRIPTS}
 
 
 def safe_url(url: str) -> str:
-    """The URL with its password replaced by ``***``, for messages and ``repr``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """The URL with its passwords replaced by ``***`` (user information and ``password=`` options), for
+    messages, logs and ``repr``: :func:`lifecycle._redact.redact`."""
+    return redact(url, url)
 
 
 _TRUE = ("1", "true", "yes", "on")
@@ -85,7 +89,8 @@ def take_url_options(url: str) -> tuple[str, bool | None, float | None]:
     URL and the two values (``None`` when absent)."""
     if not isinstance(url, str):
         raise TypeError(f"RedisBackend(url) takes a URL string, got {type(url).__name__}")
-    parts = urlsplit(url)
+    parts = split_url(url, caller="RedisBackend")
+    unique_options(url, caller="RedisBackend")
     pairs = parse_qsl(parts.query, keep_blank_values=True)
     found = {name: [value for key, value in pairs if key == name] for name in ("cluster", "socket_timeout")}
     cluster: bool | None = None
@@ -109,26 +114,74 @@ def take_url_options(url: str) -> tuple[str, bool | None, float | None]:
     if cluster is None and timeout is None:
         return url, None, None
     kept = [(key, value) for key, value in pairs if key not in found]
-    return urlunsplit(parts._replace(query=urlencode(kept))), cluster, timeout
+    return join_url(parts._replace(query=urlencode(kept))), cluster, timeout
 
 
-def check_url(url: str) -> None:
-    """Raise ``ValueError`` naming the problem when redis-py cannot use ``url`` for this backend."""
+_URL_FORMS = (
+    '"redis://[[user]:password@]host[:port][/db]", "rediss://..." for TLS, or "unix:///path.sock?db=0"'
+)
+
+
+def check_url(url: str, *, cluster: bool = False) -> None:
+    """Raise ``ValueError`` naming the problem when redis-py cannot use ``url`` for this backend: a part it
+    cannot parse, a database that is not a number (redis-py would silently use 0), an option given twice or
+    unknown to redis-py (``cluster=True`` takes other options: they are not checked)."""
     if not isinstance(url, str):
         raise TypeError(f"RedisBackend(url) takes a URL string, got {type(url).__name__}")
+    shown = safe_url(url)
+    parts = split_url(url, caller="RedisBackend")
     try:
         options = parse_url(url)
     except ValueError as exc:
         raise ValueError(
-            f"RedisBackend: bad Redis URL {safe_url(url)!r}: {exc}; use "
-            '"redis://[[user]:password@]host[:port][/db]", "rediss://..." for TLS, or "unix:///path.sock"'
+            f"RedisBackend: bad Redis URL {shown!r}: {redact(str(exc), url)}; use {_URL_FORMS}"
         ) from None
+    scheme = parts.scheme.lower()
+    database = unquote(parts.path).strip("/")
+    if scheme != "unix" and database and not (database.isdigit() and database.isascii()):
+        raise ValueError(
+            f"RedisBackend: the database in {shown!r} must be a number, got {database!r}; write it as "
+            "redis://host:6379/0 (databases are numbered 0 to 15 by default), or leave it out for 0"
+        )
+    given = unique_options(url, caller="RedisBackend")
     for name in _FORBIDDEN_OPTIONS:
         if name in options:
             raise ValueError(
                 f"RedisBackend: the URL option {name!r} is not supported (payloads and results are raw "
-                f"bytes over RESP2); remove it from {safe_url(url)!r}"
+                f"bytes over RESP2); remove it from {shown!r}"
             )
+    if cluster:
+        return
+    known = _known_options(scheme)
+    unknown = sorted(name for name in given if name not in known)
+    if unknown:
+        raise ValueError(
+            f"RedisBackend: unknown URL option {redact(unknown[0])!r} in {shown!r}; a {scheme}:// URL takes "
+            "the keyword arguments of redis-py's connection as options (db, password, socket_timeout, "
+            "socket_connect_timeout, health_check_interval, client_name, and ssl_ca_certs, ssl_cert_reqs, "
+            "... for rediss://), plus cluster=true and, in backend_from_url, prefix=NAME"
+        )
+
+
+_CONNECTION_CLASSES: dict[str, type[AbstractConnection]] = {
+    "redis": Connection,
+    "rediss": SSLConnection,
+    "unix": UnixDomainSocketConnection,
+}
+
+
+def _known_options(scheme: str) -> set[str]:
+    """The URL options redis-py turns into keyword arguments the scheme's connection class accepts."""
+    known = set(URL_QUERY_ARGUMENT_PARSERS) | {"cluster", "prefix"}
+    for cls in _CONNECTION_CLASSES.get(scheme, Connection).__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        for parameter in inspect.signature(init).parameters.values():
+            if parameter.kind is parameter.KEYWORD_ONLY or parameter.kind is parameter.POSITIONAL_OR_KEYWORD:
+                known.add(parameter.name)
+    known.discard("self")
+    return known
 
 
 def make_client(
@@ -268,6 +321,6 @@ class ScriptRunner:
 def unusable(url: str, exc: BaseException) -> BackendError:
     """The error :meth:`RedisBackend.open` raises when the server cannot be used."""
     return BackendError(
-        f"cannot use Redis at {safe_url(url)}: {exc}; check that the server runs and that the URL's host, "
-        "port, database, user, password and TLS settings are right"
+        f"cannot use Redis at {safe_url(url)}: {redact(str(exc), url)}; check that the server runs and that "
+        "the URL's host, port, database, user, password and TLS settings are right"
     )

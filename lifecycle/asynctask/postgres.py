@@ -21,6 +21,7 @@ import psycopg_pool
 from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
+from .._redact import redact
 from . import _postgres_ops as ops
 from ._asyncio_only import require_asyncio
 from ._errors import BackendError
@@ -45,10 +46,8 @@ def _channel_for(schema: str) -> str:
 
 
 def _safe_dsn(dsn: str) -> str:
-    """The DSN's connection parameters without the password, for messages."""
-    params = psycopg.conninfo.conninfo_to_dict(dsn)
-    shown = {key: ("***" if key == "password" else value) for key, value in params.items()}
-    return psycopg.conninfo.make_conninfo(**shown) or "(libpq defaults)"  # type: ignore[arg-type]
+    """The DSN as given with its passwords masked, for messages, logs and ``repr``."""
+    return redact(dsn, dsn) or "(libpq defaults)"
 
 
 class PostgresBackend:
@@ -104,8 +103,11 @@ class PostgresBackend:
             params = psycopg.conninfo.conninfo_to_dict(dsn)
         except psycopg.ProgrammingError as exc:
             raise ValueError(
-                f"PostgresBackend: cannot parse the connection string: {exc}; give a URL such as "
-                '"postgresql://user@host:5432/dbname" or "host=... dbname=... user=..."'
+                f"PostgresBackend: cannot parse the connection string {_safe_dsn(dsn)!r}: "
+                f"{redact(str(exc).strip(), dsn)}; give a URL such as "
+                '"postgresql://user@host:5432/dbname" (percent-encode special characters such as @ : / [ ] '
+                'in the user name and password) or "host=... dbname=... user=..." (put a value with spaces '
+                "in single quotes)"
             ) from None
         if not isinstance(schema, str) or not schema or "\x00" in schema:
             raise ValueError(f"schema must be a non-empty name without NUL characters, got {schema!r}")
@@ -201,14 +203,15 @@ class PostgresBackend:
                 ) from None
             if isinstance(exc, psycopg.OperationalError):
                 raise BackendError(
-                    f"cannot connect to PostgreSQL at {_safe_dsn(self._dsn)}: {str(exc).strip()}; check the "
-                    "host, port, database name, user and password of the DSN"
+                    f"cannot connect to PostgreSQL at {_safe_dsn(self._dsn)}: "
+                    f"{redact(str(exc).strip(), self._dsn)}; check the host, port, database name, user and "
+                    "password of the DSN"
                 ) from exc
             if isinstance(exc, psycopg.Error):
                 raise BackendError(
                     f"cannot create or migrate the task tables in schema {self._schema!r}: "
-                    f"{str(exc).strip()}; grant this user the right to create the schema and its tables, "
-                    "or open the backend once as a user who has it"
+                    f"{redact(str(exc).strip(), self._dsn)}; grant this user the right to create the schema "
+                    "and its tables, or open the backend once as a user who has it"
                 ) from exc
             raise
         self._pool, self._listener = pool, listener

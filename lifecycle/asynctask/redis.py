@@ -109,7 +109,7 @@ class RedisBackend:
         cluster: bool = False,
     ) -> None:
         url, cluster_option, url_socket_timeout = take_url_options(url)
-        check_url(url)
+        check_url(url, cluster=bool(cluster) or bool(cluster_option))
         if url_socket_timeout is not None:  # as in redis-py, an option in the URL wins
             socket_timeout = url_socket_timeout
         if not isinstance(prefix, str) or not prefix:

@@ -1,5 +1,6 @@
 """``lifecycle tasks watch``: a live dashboard of counts per queue and state, throughput per second and the
-most recent failures, refreshed every ``--interval`` seconds until Ctrl-C (or SIGTERM)."""
+most recent failures, refreshed every ``--interval`` seconds until Ctrl-C (or SIGTERM). With ``--json`` the
+same data is printed as one JSON object per refresh, one per line (JSON lines), for scripts."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 from rich.console import Group, RenderableType
@@ -16,12 +18,13 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from .._redact import redact
 from ..asynctask import AsyncTasks, QueueStats, TaskInfo, TaskState
-from ._format import CliError, error_summary, format_age
+from ._format import CliError, error_summary, format_age, print_json, retries_left, stats_to_json
 from ._tasks import Session
 from ._tasks_read import stats_table
 
-__all__ = ["Dashboard", "watch"]
+__all__ = ["Dashboard", "failure_label", "watch"]
 
 #: How many failures the dashboard lists.
 RECENT_FAILURES = 8
@@ -36,7 +39,8 @@ class _Sample:
 
 class Dashboard:
     """The state of the watch screen: the latest counts, a window of samples for throughput, and the most
-    recent failures (dead tasks, and pending tasks waiting for a retry after an error).
+    recent failures (dead tasks, pending tasks waiting for a retry after an error, and dead tasks requeued
+    by hand, which are pending with their attempts back at 0).
 
     Throughput is the growth of the succeeded and dead counts over the last ``window`` seconds, so it
     counts tasks finished by every worker on the backend; retention or a purge shrinking the counts reads
@@ -91,7 +95,7 @@ class Dashboard:
         now = time.time()
         header = Text.assemble(
             ("lifecycle tasks watch", "bold"),
-            f"  {self._tasks.backend!r}",
+            f"  {redact(repr(self._tasks.backend))}",
             ("  (Ctrl-C to stop)", "dim"),
         )
         rate = self.throughput()
@@ -122,7 +126,7 @@ class Dashboard:
             for info in self.failures:
                 failures.add_row(
                     format_age(_failed_at(info), now),
-                    "dead" if info.state is TaskState.DEAD else "retrying",
+                    failure_label(info),
                     info.id,
                     info.name,
                     f"{info.attempts}/{info.max_retries + 1}",
@@ -131,6 +135,40 @@ class Dashboard:
         else:
             failures = Text("no recent failures", style="green")
         return Group(header, speed, Text(""), counts, Text(""), failures)
+
+    def to_json(self) -> dict[str, Any]:
+        """The screen's data as one JSON object (a line of ``watch --json``)."""
+        rate = self.throughput()
+        return {
+            "at": self.updated,
+            **stats_to_json(self.stats),
+            "throughput": None
+            if rate is None
+            else {"succeeded_per_s": rate[0], "dead_per_s": rate[1], "window_s": self._window},
+            "recent_failures": [
+                {
+                    "id": info.id,
+                    "name": info.name,
+                    "queue": info.queue,
+                    "state": info.state.value,
+                    "label": failure_label(info),
+                    "attempts": info.attempts,
+                    "max_retries": info.max_retries,
+                    "retries_left": retries_left(info),
+                    "failed_at": _failed_at(info),
+                    "error_summary": error_summary(info.last_error) or None,
+                }
+                for info in self.failures
+            ],
+        }
+
+
+def failure_label(info: TaskInfo) -> str:
+    """What a failure row is: ``dead``, ``retrying`` (pending after a failed attempt, with retries left) or
+    ``requeued`` (a dead task moved back to pending by hand: its attempts start again at 0)."""
+    if info.state is TaskState.DEAD:
+        return "dead"
+    return "requeued" if info.attempts == 0 else "retrying"
 
 
 def _failed_at(info: TaskInfo) -> float:
@@ -153,6 +191,11 @@ async def watch(args: argparse.Namespace, session: Session) -> int:
                     return
 
             group.start_soon(stop_on_signal)
+            if args.json:
+                while True:
+                    print_json(dashboard.to_json(), indent=None)
+                    await anyio.sleep(interval)
+                    await dashboard.refresh()
             with Live(dashboard.render(), console=session.console, auto_refresh=False) as live:
                 while True:
                     await anyio.sleep(interval)

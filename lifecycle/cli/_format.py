@@ -9,17 +9,22 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from .._redact import redact, redact_tree
 from ..asynctask import QueueStats, TaskInfo, TaskState
 
 __all__ = [
     "STATE_STYLES",
     "CliError",
+    "attempts_text",
+    "error_note",
     "error_summary",
     "format_age",
     "format_time",
     "info_to_json",
     "parse_duration",
+    "plain_help",
     "print_json",
+    "retries_left",
     "stats_to_json",
 ]
 
@@ -111,10 +116,11 @@ def format_time(when: float | None, now: float | None = None) -> str:
 
 
 def error_summary(error: str | None) -> str:
-    """One line of a stored error: the exception line of a traceback (its last line), else the first line."""
+    """One line of a stored error: the exception line of a traceback (its last line), else the first line;
+    passwords of URLs and DSNs in it masked."""
     if not error:
         return ""
-    lines = [line for line in error.strip().splitlines() if line.strip()]
+    lines = [line for line in redact(error).strip().splitlines() if line.strip()]
     if not lines:
         return ""
     if lines[0].startswith("Traceback"):
@@ -122,6 +128,51 @@ def error_summary(error: str | None) -> str:
         exception_lines = [line for line in lines[1:] if not line.startswith((" ", "\t"))]
         return exception_lines[-1].strip() if exception_lines else lines[-1].strip()
     return lines[0].strip()
+
+
+def error_note(info: TaskInfo) -> str:
+    """The error summary of a task as a listing shows it: labelled by what it means for the task's state.
+
+    A dead task's error is why it died; a pending or running task with an error is being retried (or was
+    requeued by hand, when its attempts are back at 0); a cancelled one was cancelled after it. A
+    succeeded task's error is from an earlier attempt and is left out (``show`` still has it).
+    """
+    summary = error_summary(info.last_error)
+    if not summary or info.state is TaskState.SUCCEEDED:
+        return ""
+    if info.state is TaskState.DEAD:
+        return summary
+    if info.state is TaskState.CANCELLED:
+        return f"before it was cancelled: {summary}"
+    if info.attempts == 0:
+        return f"requeued after: {summary}"
+    if info.state is TaskState.ACTIVE:
+        return f"retrying after: {summary}"
+    return f"will retry after: {summary}"
+
+
+def retries_left(info: TaskInfo) -> int:
+    """How many retries a task has left: ``max_retries`` less the retries already started (every attempt
+    after the first is a retry), so a task that has not run yet has all of them; 0 once it is finished."""
+    if info.state.is_final:
+        return 0
+    return max(0, info.max_retries - max(0, info.attempts - 1))
+
+
+def attempts_text(info: TaskInfo) -> str:
+    """``"2 of 6 (4 retries left)"``: attempts made (the running one included) of the attempts allowed
+    (the first run and ``max_retries`` retries); the retries left only while the task can still run."""
+    text = f"{info.attempts} of {info.max_retries + 1}"
+    if info.state.is_final:
+        return text
+    left = retries_left(info)
+    return f"{text} ({left} {'retry' if left == 1 else 'retries'} left)"
+
+
+def plain_help(text: str) -> str:
+    """A docstring made fit for ``--help``: reStructuredText markup (````code````, ``:class:`X```) removed."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    return text.replace("``", "").replace("`", "")
 
 
 def iso(when: float | None) -> str | None:
@@ -140,7 +191,7 @@ def info_to_json(info: TaskInfo, **extra: Any) -> dict[str, Any]:
         "state": info.state.value,
         "attempts": info.attempts,
         "max_retries": info.max_retries,
-        "retries_left": info.retries_left,
+        "retries_left": retries_left(info),
         "timeout": info.timeout,
         "enqueued_at": info.enqueued_at,
         "run_at": info.run_at,
@@ -161,6 +212,8 @@ def stats_to_json(stats: Mapping[str, QueueStats]) -> dict[str, Any]:
     return {"queues": queues, "total": total}
 
 
-def print_json(value: Any) -> None:
-    """Print ``value`` as indented JSON on stdout (values JSON cannot hold are written as their ``repr``)."""
-    print(json.dumps(value, indent=2, default=repr, ensure_ascii=False))
+def print_json(value: Any, *, indent: int | None = 2) -> None:
+    """Print ``value`` as JSON on stdout (values JSON cannot hold are written as their ``repr``), with the
+    passwords of any URL or DSN in its strings masked; ``indent=None``: one line (JSON lines)."""
+    document = redact_tree(json.loads(json.dumps(value, default=repr)))
+    print(json.dumps(document, indent=indent, ensure_ascii=False), flush=True)

@@ -8,8 +8,14 @@ import sys
 from types import ModuleType
 
 from .._manager import TaskManager
+from .._redact import redact
 
-__all__ = ["LoadError", "load_manager", "load_object"]
+__all__ = ["LoadError", "a_or_an", "load_manager", "load_object"]
+
+
+def a_or_an(word: str) -> str:
+    """``word`` with its indefinite article, for type names in messages: ``"an int"``, ``"a str"``."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
 
 
 class LoadError(Exception):
@@ -30,10 +36,12 @@ def _import(module_name: str, spec: str) -> ModuleType:
                 f"cannot load {spec!r}: there is no module named {missing!r}. Check the spelling, install "
                 f"the package, or run lifecycle from the directory that contains it"
             ) from None
-        raise LoadError(f"cannot load {spec!r}: importing {module_name!r} failed: {exc}") from exc
+        raise LoadError(
+            f"cannot load {spec!r}: importing {module_name!r} failed: {redact(str(exc))}"
+        ) from exc
     except Exception as exc:
         raise LoadError(
-            f"cannot load {spec!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}"
+            f"cannot load {spec!r}: importing {module_name!r} raised {type(exc).__name__}: {redact(str(exc))}"
         ) from exc
 
 
@@ -69,16 +77,18 @@ def load_manager(spec: str) -> TaskManager:
         return value
     if not callable(value):
         raise LoadError(
-            f"cannot run {spec!r}: it is a {type(value).__name__}, not a lifecycle.TaskManager or a "
+            f"cannot run {spec!r}: it is {a_or_an(type(value).__name__)}, not a lifecycle.TaskManager or a "
             "zero-argument function returning one"
         )
     try:
         result = value()
     except Exception as exc:
-        raise LoadError(f"cannot run {spec!r}: calling it raised {type(exc).__name__}: {exc}") from exc
+        raise LoadError(
+            f"cannot run {spec!r}: calling it raised {type(exc).__name__}: {redact(str(exc))}"
+        ) from exc
     if not isinstance(result, TaskManager):
         raise LoadError(
-            f"cannot run {spec!r}: calling it returned a {type(result).__name__}, expected a "
+            f"cannot run {spec!r}: calling it returned {a_or_an(type(result).__name__)}, expected a "
             "lifecycle.TaskManager"
         )
     return result

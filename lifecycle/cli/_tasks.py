@@ -5,9 +5,12 @@ backend comes from ``--backend URL`` (or the ``LIFECYCLE_TASKS_BACKEND`` environ
 ``AsyncTasks`` named by ``--app MODULE:ATTR`` (which also brings its encoding, to decode results, and its
 schedules). Every command runs on asyncio (the Redis and PostgreSQL clients need it).
 
+The options ``--backend``, ``--app``, ``--json`` and ``--debug`` go before or after the command.
+
 Exit status: 0 done; 1 the backend failed (unreachable, storage error) or an unexpected error; 2 usage
 error (bad option, URL, duration or target); 3 a task id that does not exist; 4 a task in a state the
-operation does not apply to. Errors are one line on stderr; ``--debug`` prints the traceback too.
+operation does not apply to. Errors are one line on stderr; ``--debug`` prints the traceback too. Passwords
+in URLs and DSNs are shown as ``***`` everywhere.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +29,10 @@ import anyio
 from rich.console import Console
 from rich.text import Text
 
+from .._redact import redact
 from ..asynctask import AsyncTasks, TaskState, backend_from_url
 from ..tasks._checks import BaseExceptionGroup
-from ._format import EXIT_USAGE, CliError
+from ._format import EXIT_USAGE, CliError, plain_help
 
 __all__ = ["BACKEND_ENV", "Session", "TasksCommand", "open_session", "register"]
 
@@ -58,14 +62,31 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
     parser = subparsers.add_parser(
         "tasks",
-        help="inspect and manage stored async tasks (stats, list, show, requeue, cancel, purge, watch)",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        help=(
+            "inspect and manage stored async tasks (stats, list, show, requeue, cancel, purge, watch, "
+            "schedules)"
+        ),
+        description=plain_help(__doc__.split("\n\n", 1)[1]) if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_shared_options(parser, default=None)
+    parser.add_argument("--json", action="store_true", dest="json_global", help="JSON output (read commands)")
+    parser.set_defaults(handler=_tasks_help(parser), json=False)
+    commands = parser.add_subparsers(dest="tasks_command", metavar="COMMAND")
+    _tasks_read.register(commands, _with_tasks)
+    _tasks_write.register(commands, _with_tasks)
+    for command in commands.choices.values():
+        # The same options after the command (`lifecycle tasks stats --backend URL`); given there, they win.
+        _add_shared_options(command, default=argparse.SUPPRESS)
+
+
+def _add_shared_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
+    """``--backend``, ``--app`` and ``--debug``: on ``tasks`` with their defaults, and on each command with
+    ``argparse.SUPPRESS`` (so that not giving them there keeps what was given before the command)."""
     parser.add_argument(
         "--backend",
         metavar="URL",
-        default=os.environ.get(BACKEND_ENV),
+        default=os.environ.get(BACKEND_ENV) if default is None else default,
         help=(
             "where the tasks are stored: sqlite:///path.db, redis://host:port/db?prefix=NAME, "
             f"postgresql://user@host/db?schema=NAME (default: ${BACKEND_ENV})"
@@ -74,14 +95,15 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     parser.add_argument(
         "--app",
         metavar="MODULE:ATTR",
+        default=default,
         help="an AsyncTasks (or a function returning one): its backend, encoding and schedules are used",
     )
-    parser.add_argument("--json", action="store_true", dest="json_global", help="JSON output (read commands)")
-    parser.add_argument("--debug", action="store_true", help="print tracebacks of errors")
-    parser.set_defaults(handler=_tasks_help(parser), json=False)
-    commands = parser.add_subparsers(dest="tasks_command", metavar="COMMAND")
-    _tasks_read.register(commands, _with_tasks)
-    _tasks_write.register(commands, _with_tasks)
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=False if default is None else default,
+        help="print tracebacks of errors",
+    )
 
 
 def _tasks_help(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
@@ -110,22 +132,23 @@ def _with_tasks(command: TasksCommand) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         args.json = bool(getattr(args, "json", False) or args.json_global)
         console = Console(stderr=True)
+        sources = [args.backend] if args.backend else []
         try:
             return anyio.run(_run, command, args, backend="asyncio")
         except KeyboardInterrupt:
             return 130
         except CliError as exc:
-            _print_error(console, str(exc), args.debug)
+            _print_error(console, str(exc), args.debug, None, *sources)
             return exc.exit_code
         except Exception as exc:
             error = _unwrap(exc)
             if isinstance(error, CliError):
-                _print_error(console, str(error), args.debug)
+                _print_error(console, str(error), args.debug, None, *sources)
                 return error.exit_code
             text = f"{type(error).__name__}: {error}"
             if not args.debug:
                 text += " (run with --debug for the traceback)"
-            _print_error(console, text, args.debug, error)
+            _print_error(console, text, args.debug, error, *sources)
             return 1
 
     return handler
@@ -151,7 +174,7 @@ async def open_session(url: str | None, app: str | None) -> AsyncIterator[Sessio
         try:
             backend = backend_from_url(url)
         except (ValueError, ImportError) as exc:
-            raise CliError(str(exc)) from exc
+            raise CliError(redact(str(exc), url)) from exc
         tasks = AsyncTasks(backend, execution=False, encoding=None if loaded is None else loaded.encoding)
     else:
         assert loaded is not None
@@ -180,8 +203,9 @@ def _check_sqlite_file(url: str) -> None:
         return
     if not Path(path).expanduser().exists():
         raise CliError(
-            f"there is no SQLite database at {path!r} (from {url!r}); check the path: "
-            "sqlite:///relative/path.db is relative to the current directory, sqlite:////abs/path.db absolute"
+            f"there is no SQLite database at {redact(path, url)!r} (from {redact(url, url)!r}); check the "
+            "path: sqlite:///relative/path.db is relative to the current directory, sqlite:////abs/path.db "
+            "absolute"
         )
 
 
@@ -191,9 +215,23 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def _print_error(console: Console, message: str, debug: bool, error: BaseException | None = None) -> None:
-    console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+def _print_error(
+    console: Console, message: str, debug: bool, error: BaseException | None = None, *sources: str
+) -> None:
+    """``error: MESSAGE`` on one line (and with ``--debug`` the traceback), passwords masked."""
+    console.print(Text.assemble(("error: ", "bold red"), redact(message, *sources)), soft_wrap=True)
     if debug and error is not None and error.__traceback__ is not None:
         from rich.traceback import Traceback
 
-        console.print(Traceback.from_exception(type(error), error, error.__traceback__))
+        trace = Traceback.extract(type(error), error, error.__traceback__)
+        _redact_trace(trace, sources)  # the messages of the error and its causes can quote a URL
+        console.print(Traceback(trace))
+
+
+def _redact_trace(trace: Any, sources: Sequence[str]) -> None:
+    for stack in trace.stacks:
+        stack.exc_value = redact(stack.exc_value, *sources)
+        if getattr(stack, "notes", None):
+            stack.notes = [redact(note, *sources) for note in stack.notes]
+        for inner in getattr(stack, "exceptions", None) or ():
+            _redact_trace(inner, sources)

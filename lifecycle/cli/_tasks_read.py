@@ -8,17 +8,20 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from rich import box
+from rich.cells import cell_len
 from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from .._redact import redact
 from ..asynctask import QueueStats, TaskInfo, TaskState
 from ._format import (
     EXIT_NOT_FOUND,
     STATE_STYLES,
     CliError,
-    error_summary,
+    attempts_text,
+    error_note,
     format_age,
     format_time,
     info_to_json,
@@ -38,7 +41,7 @@ def register(commands: argparse._SubParsersAction[Any], wrap: Wrap) -> None:
     add_json_option(stats)
     stats.set_defaults(handler=wrap(_stats))
 
-    listing = commands.add_parser("list", help="tasks newest first, with a one-line error summary")
+    listing = commands.add_parser("list", help="tasks newest first, with a one-line error note")
     add_state_option(listing, help="only tasks in this state (repeat for several)")
     listing.add_argument("--queue", help="only tasks of this queue")
     listing.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
@@ -57,6 +60,11 @@ def register(commands: argparse._SubParsersAction[Any], wrap: Wrap) -> None:
         "watch", help="a live dashboard: counts, throughput per second, recent failures (Ctrl-C to stop)"
     )
     watch.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    watch.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per refresh, one per line (JSON lines), instead of the live screen",
+    )
     watch.set_defaults(handler=wrap(_dashboard.watch))
 
     schedules = commands.add_parser(
@@ -92,40 +100,111 @@ async def _stats(args: argparse.Namespace, session: Session) -> int:
     return 0
 
 
+#: Columns of ``list`` a narrow terminal leaves out first (id and state are always shown, never cut).
+_DROPPABLE = ("queue", "when", "tries", "name")
+_GAP = 2  # between two columns
+_MIN_NAME, _MIN_QUEUE, _MIN_ERROR = 8, 5, 24
+_SHORT_QUEUE = 12
+
+
 def list_table(infos: list[TaskInfo], now: float, width: int) -> RenderableType:
     """Tasks as table rows: id, name, queue, state, attempts of allowed, when (finished, or due for a pending
-    task) and the error summary. Narrower than 110 columns, the error summaries follow the table instead."""
-    wide = width >= 110
+    task) and the error note (see :func:`error_note`). Ids and states are never cut: on a narrow terminal
+    the name and queue are shortened with an ellipsis, then the queue, when, tries and name columns are left
+    out (a note says so), and below about 45 columns each task is one line the terminal wraps. The error
+    notes are a column from 110 columns on, and follow the table when narrower."""
+    if not infos:
+        return Text("no tasks match")
+    rows = [
+        {
+            "id": info.id,
+            "name": info.name,
+            "queue": info.queue,
+            "state": info.state.value,
+            "tries": f"{info.attempts}/{info.max_retries + 1}",
+            "when": format_age(info.finished_at if info.state.is_final else info.run_at, now),
+            "error": error_note(info),
+        }
+        for info in infos
+    ]
+    widths = {name: max(cell_len(name), *(cell_len(row[name]) for row in rows)) for name in rows[0]}
+    shown = ["id", "name", "queue", "state", "tries", "when"]
+    minimum = {
+        "name": min(widths.get("name", 0), _MIN_NAME),
+        "queue": min(widths.get("queue", 0), _MIN_QUEUE),
+    }
+
+    def needed(columns: list[str]) -> int:
+        return sum(minimum.get(column, widths[column]) for column in columns) + _GAP * (len(columns) - 1)
+
+    dropped: list[str] = []
+    for column in _DROPPABLE:
+        if needed(shown) <= width:
+            break
+        shown.remove(column)
+        dropped.append(column)
+    if needed(shown) > width:
+        # Not even the id and the state fit: one line per task, uncut (print it with crop=False: the
+        # terminal wraps the lines), and its error note on the next line.
+        lines: list[RenderableType] = []
+        for row in rows:
+            lines.append(Text(f"{row['id']}  {row['state']}  {row['name']}", no_wrap=True, overflow="ignore"))
+            if row["error"]:
+                lines.append(Text(f"  {row['error']}", style="red"))
+        lines.append(Text("(too narrow for a table; widen the terminal or use --json)", style="dim"))
+        return Group(*lines)
+    sizes = {column: minimum.get(column, widths[column]) for column in shown}
+    spare = width - needed(shown)
+    # The room left goes to a short queue name first (most are), then to the task name, then to the queue.
+    for column, most in (("queue", _SHORT_QUEUE), ("name", None), ("queue", None)):
+        if column in sizes:
+            grow = min(spare, (widths[column] if most is None else min(widths[column], most)) - sizes[column])
+            sizes[column] += max(0, grow)
+            spare -= max(0, grow)
+    notes = any(row["error"] for row in rows)
+    wide = notes and width >= 110 and spare >= _MIN_ERROR + _GAP
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
-    table.add_column("id", no_wrap=True, min_width=len(infos[0].id) if infos else None)
-    table.add_column("name", no_wrap=True, overflow="ellipsis", min_width=8)
-    table.add_column("queue", no_wrap=True, overflow="ellipsis", min_width=5)
-    table.add_column("state", no_wrap=True, min_width=9)
-    table.add_column("tries", justify="right", no_wrap=True)
-    table.add_column("when", no_wrap=True, min_width=7)
+    for column in shown:
+        right = column == "tries"
+        table.add_column(
+            column,
+            no_wrap=True,
+            overflow="ellipsis",
+            width=sizes[column],
+            justify="right" if right else "left",
+        )
     if wide:
-        table.add_column("error", overflow="ellipsis", no_wrap=True, style="red")
+        longest = max(cell_len(row["error"]) for row in rows)
+        table.add_column(
+            "error", overflow="ellipsis", no_wrap=True, style="red", width=min(spare - _GAP, longest)
+        )
+    stacked = width - widths["id"] - _GAP < _MIN_ERROR  # too narrow beside the id: the note below it
     errors = Table.grid(padding=(0, 2))
-    errors.add_column(no_wrap=True)
-    errors.add_column(style="red", overflow="fold")
-    for info in infos:
-        state = info.state.value
-        when = info.finished_at if info.state.is_final else info.run_at
-        summary = error_summary(info.last_error)
-        row: list[RenderableType] = [
-            info.id,
-            info.name,
-            info.queue,
-            Text(state, style=STATE_STYLES[state]),
-            f"{info.attempts}/{info.max_retries + 1}",
-            format_age(when, now),
+    errors.add_column(no_wrap=not stacked, overflow="fold")
+    if not stacked:
+        errors.add_column(style="red", overflow="fold")
+    for row in rows:
+        cells: list[RenderableType] = [
+            Text(row["state"], style=STATE_STYLES[row["state"]]) if column == "state" else row[column]
+            for column in shown
         ]
-        table.add_row(*row, *([summary] if wide else []))
-        if summary and not wide:
-            errors.add_row(info.id, summary)
+        table.add_row(*cells, *([row["error"]] if wide else []))
+        if row["error"] and not wide:
+            if stacked:
+                errors.add_row(row["id"])
+                errors.add_row(Text(f"  {row['error']}", style="red"))
+            else:
+                errors.add_row(row["id"], row["error"])
+    parts: list[RenderableType] = [table]
+    if dropped:
+        parts.append(
+            Text(
+                f"(too narrow: {', '.join(dropped)} left out; widen the terminal or use --json)", style="dim"
+            )
+        )
     if errors.row_count:
-        return Group(table, Text("errors:", style="bold"), errors)
-    return table
+        parts += [Text("errors:", style="bold"), errors]
+    return Group(*parts) if len(parts) > 1 else table
 
 
 async def _list(args: argparse.Namespace, session: Session) -> int:
@@ -139,7 +218,7 @@ async def _list(args: argparse.Namespace, session: Session) -> int:
     elif not infos:
         session.console.print("no tasks match")
     else:
-        session.console.print(list_table(infos, time.time(), session.console.width))
+        session.console.print(list_table(infos, time.time(), session.console.width), crop=False)
         if len(infos) == args.limit:
             session.console.print(
                 f"[dim]showing {args.limit} tasks; use --limit/--offset for more[/]", highlight=False
@@ -168,20 +247,24 @@ async def _show(args: argparse.Namespace, session: Session) -> int:
         ("name", info.name),
         ("queue", info.queue),
         ("state", Text(info.state.value, style=STATE_STYLES[info.state.value])),
-        ("attempts", f"{info.attempts} of {info.max_retries + 1} ({info.retries_left} retries left)"),
+        ("attempts", attempts_text(info)),
         ("timeout", "-" if info.timeout is None else f"{info.timeout:g} s"),
         ("enqueued at", format_time(info.enqueued_at, now)),
         ("run at", format_time(info.run_at, now)),
         ("started at", format_time(info.started_at, now)),
         ("finished at", format_time(info.finished_at, now)),
-        ("arguments", Text(repr(arguments))),
-        ("result", Text(repr(info.result))),
+        ("arguments", Text(redact(repr(arguments)))),
+        ("result", Text(redact(repr(info.result)))),
     ]
     for name, value in rows:
         fields.add_row(name, value)
     parts: list[RenderableType] = [fields]
     if info.last_error:
-        parts.append(Panel(Text(info.last_error), title="last error", title_align="left", border_style="red"))
+        title = (
+            "last error" if info.state is not TaskState.SUCCEEDED else "last error (of an earlier attempt)"
+        )
+        error = Text(redact(info.last_error))
+        parts.append(Panel(error, title=title, title_align="left", border_style="red"))
     session.console.print(Group(*parts))
     return 0
 

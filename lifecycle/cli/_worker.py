@@ -7,11 +7,13 @@ import argparse
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from .._manager import TaskManager
+from .._redact import redact
 from .._run import run
 from ..asynctask import AsyncTasks
-from ._load import LoadError, load_object
+from ._load import LoadError, a_or_an, load_object
 from ._report import print_load_error
 
 __all__ = ["configure_worker", "load_async_tasks", "register"]
@@ -65,16 +67,18 @@ def load_async_tasks(spec: str) -> AsyncTasks:
         return value
     if not callable(value) or isinstance(value, type):
         raise LoadError(
-            f"{spec!r} is a {type(value).__name__}, not a lifecycle.asynctask.AsyncTasks or a zero-argument "
-            "function returning one"
+            f"{spec!r} is {a_or_an(type(value).__name__)}, not a lifecycle.asynctask.AsyncTasks or a "
+            "zero-argument function returning one"
         )
     try:
         result = value()
     except Exception as exc:
-        raise LoadError(f"cannot load {spec!r}: calling it raised {type(exc).__name__}: {exc}") from exc
+        raise LoadError(
+            f"cannot load {spec!r}: calling it raised {type(exc).__name__}: {redact(str(exc))}"
+        ) from exc
     if not isinstance(result, AsyncTasks):
         raise LoadError(
-            f"cannot load {spec!r}: calling it returned a {type(result).__name__}, expected a "
+            f"cannot load {spec!r}: calling it returned {a_or_an(type(result).__name__)}, expected a "
             "lifecycle.asynctask.AsyncTasks"
         )
     return result
@@ -134,7 +138,9 @@ def _worker_command(args: argparse.Namespace) -> int:
             queues=None if args.queues is None else parse_queues(args.queues),
         )
     except (ValueError, TypeError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, markup=True, highlight=False)
+        console.print(
+            f"[bold red]error:[/] {escape(redact(str(exc)))}", soft_wrap=True, markup=True, highlight=False
+        )
         return 2
     if not tasks.task_names:
         console.print(
@@ -143,8 +149,8 @@ def _worker_command(args: argparse.Namespace) -> int:
             soft_wrap=True,
         )
     console.print(
-        f"worker: {tasks.backend!r}, queues {', '.join(tasks.queues)}, concurrency {tasks.concurrency}, "
-        f"{len(tasks.task_names)} registered task(s)",
+        f"worker: {redact(repr(tasks.backend))}, queues {', '.join(tasks.queues)}, "
+        f"concurrency {tasks.concurrency}, {len(tasks.task_names)} registered task(s)",
         soft_wrap=True,
         highlight=False,
         markup=False,

@@ -12,6 +12,7 @@ from anyio.abc import ByteStream, Listener, SocketAttribute, SocketStream
 from .._background import current_background
 from .._metrics import Metrics, metrics_available
 from .._readiness import Health
+from .._redact import redact_tree
 from .._task import ManagerState
 
 if TYPE_CHECKING:
@@ -42,7 +43,8 @@ class HealthServer:
     - ``GET /readyz``: 200 while ready, 503 while starting, restarting a task or draining. For a readiness
       probe; with ``TaskManager(drain_delay=...)`` it answers 503 during the whole drain.
     - ``GET /status``: JSON: the manager's state, ready / live / draining, and every row of
-      :meth:`TaskManager.status` (errors as ``"Type: message"``).
+      :meth:`TaskManager.status` (errors as ``"Type: message"``, with the passwords of any URL or DSN in
+      them masked as ``***``).
     - ``GET /metrics``: Prometheus text exposition of ``metrics`` (default: a :class:`~lifecycle.Metrics`
       of ``manager``) when ``prometheus-client`` is installed (extra ``metrics``), else 404 saying so.
 
@@ -206,7 +208,9 @@ class HealthServer:
             health = manager.health()
             document = health.to_dict()
             document["tasks"] = [row.to_dict() for row in manager.status()]  # the full rows, errors included
-            return 200, json.dumps(document, indent=2, default=str).encode() + b"\n", "application/json"
+            # An error's text can quote a connection string: its passwords never reach the page.
+            document = redact_tree(json.loads(json.dumps(document, default=str)))
+            return 200, json.dumps(document, indent=2).encode() + b"\n", "application/json"
         if path == "/metrics":
             if self.metrics is None:
                 text = "metrics need prometheus-client: pip install 'anyio-lifecycle[metrics]'\n"

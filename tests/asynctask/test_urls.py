@@ -190,15 +190,133 @@ def test_other_import_errors_are_not_disguised(monkeypatch: pytest.MonkeyPatch) 
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("mysql://db/tasks", "unsupported task backend URL 'mysql://db/tasks'; use one of: \"memory://\""),
-        ("", "unsupported task backend URL ''"),
-        ("tasks.db", 'for a SQLite file write "sqlite:///tasks.db"'),
+        ("mysql://db/tasks", "unsupported task backend URL: the scheme 'mysql' of 'mysql://db/tasks' is not"),
+        ("", "unsupported task backend URL: '' is not a URL"),
+        ("tasks.db", 'is a file name, not a URL: for a SQLite file write "sqlite:///tasks.db"'),
         ("amqp://guest@rabbit//", r"\"redis://\[user:password@\]host:port/db\?prefix=NAME\""),
+        ("host=db dbname=app", "looks like a libpq key=value DSN, which backend_from_url does not take"),
     ],
 )
 def test_unsupported_urls_list_the_accepted_forms(url: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as raised:
         backend_from_url(url)
+    assert 'use one of: "memory://"' in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+# -- item 8 of issue 10: every URL mistake is one clear line naming the part, passwords masked ---------------
+
+SECRET = "Hunter2-url-secret"
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        (f"redis+sentinel://user:{SECRET}@sentinel:26379/0", "the scheme 'redis+sentinel'"),
+        (f"mysql://root:{SECRET}@db/tasks", "the scheme 'mysql'"),
+        (f"host=db dbname=app password={SECRET}", "key=value DSN"),
+        (f"host=db password='{SECRET} with spaces' dbname=app", "key=value DSN"),
+    ],
+)
+def test_an_unsupported_scheme_names_it_and_masks_the_password(url: str, named: str) -> None:
+    with pytest.raises(ValueError, match="unsupported task backend URL") as raised:
+        backend_from_url(url)
+    message = str(raised.value)
+    assert named in message
+    assert SECRET not in message
+    assert "***" in message
+
+
+@pytest.mark.usefixtures("fake_server_modules")
+@pytest.mark.parametrize(
+    ("url", "option"),
+    [
+        (f"redis://:{SECRET}@h/0?prefix=a&prefix=b", "prefix"),
+        (f"redis://h/0?password={SECRET}&password=other", "password"),
+        ("redis://h/0?db=1&db=2", "db"),
+        (f"unix:///run/redis.sock?db=0&db=1&password={SECRET}", "db"),
+        (f"postgresql://app:{SECRET}@db/app?sslmode=require&sslmode=disable", "sslmode"),
+        (f"postgres://db/app?schema=a&schema=b&password={SECRET}", "schema"),
+        (f"sqlite:///t.db?poll_interval=1&poll_interval=2&password={SECRET}", "poll_interval"),
+    ],
+)
+def test_an_option_given_twice_is_named_once_with_the_password_masked(url: str, option: str) -> None:
+    with pytest.raises(ValueError, match=f"the option '{option}' is given twice") as raised:
+        backend_from_url(url)
+    assert SECRET not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://[bad", f"postgresql://app:{SECRET}@[bad/db", "redis://[::1/0", f"redis://:{SECRET}@h]/0"],
+)
+def test_an_unbalanced_bracket_names_the_problem_and_the_fix(url: str) -> None:
+    with pytest.raises(ValueError, match="cannot parse the URL") as raised:
+        backend_from_url(url)
+    message = str(raised.value)
+    assert "Invalid IPv6 URL" not in message
+    assert "an IPv6 host goes in closed brackets" in message
+    assert "percent-encoded (%5B, %5D)" in message
+    assert SECRET not in message
+
+
+def test_a_port_that_is_not_a_number_is_named() -> None:
+    with pytest.raises(ValueError, match="its port is not a number") as raised:
+        backend_from_url(f"postgresql://app:{SECRET}@db:fivefourthreetwo/app")
+    assert SECRET not in str(raised.value)
+
+
+def test_the_postgres_backend_names_an_unparsable_dsn_and_the_fix() -> None:
+    postgres = pytest.importorskip("lifecycle.asynctask.postgres")
+    with pytest.raises(ValueError, match="cannot parse the connection string") as raised:
+        postgres.PostgresBackend("postgresql://[bad")
+    assert "percent-encode special characters" in str(raised.value)
+    with pytest.raises(ValueError, match=r'invalid URI query parameter: "nosuch"') as raised:
+        postgres.PostgresBackend(f"postgresql://app:{SECRET}@db/app?nosuch=1")
+    assert SECRET not in str(raised.value)
+    with pytest.raises(ValueError, match="put a value with spaces in single quotes") as raised:
+        # an unquoted password with a space: libpq reports the word after the space
+        postgres.PostgresBackend(f"host=db password=Hunter2 {SECRET} dbname=app")
+    assert SECRET not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "database"),
+    [
+        ("redis://127.0.0.1:6379/notadb", "'notadb'"),
+        (f"redis://:{SECRET}@127.0.0.1/zero?prefix=app", "'zero'"),
+        ("rediss://cache:6380/0/1", "'0/1'"),
+        ("redis://h/-1", "'-1'"),
+    ],
+)
+def test_a_redis_database_that_is_not_a_number_is_refused(url: str, database: str) -> None:
+    pytest.importorskip("lifecycle.asynctask.redis")
+    with pytest.raises(ValueError, match=f"the database in .* must be a number, got {database}") as raised:
+        backend_from_url(url)
+    assert SECRET not in str(raised.value)
+
+
+def test_an_unknown_redis_option_is_named_before_anything_connects() -> None:
+    redis = pytest.importorskip("lifecycle.asynctask.redis")
+    with pytest.raises(ValueError, match="unknown URL option 'sockettimeout'") as raised:
+        backend_from_url(f"redis://:{SECRET}@h/0?sockettimeout=5&prefix=app")
+    assert "socket_timeout" in str(raised.value)  # the options it does take
+    assert SECRET not in str(raised.value)
+    # what redis-py takes still passes: TLS files, timeouts, the database as an option
+    redis.RedisBackend("rediss://h:6380?ssl_cert_reqs=none&ssl_ca_certs=/ca.pem&db=2&health_check_interval=5")
+    redis.RedisBackend("unix:///run/redis.sock?db=0&password=x&client_name=me")
+    redis.RedisBackend("redis://h/0?anything=1", cluster=True)  # RedisCluster takes other options
+
+
+@pytest.mark.usefixtures("fake_server_modules")
+def test_socket_urls_keep_their_form_when_the_option_is_taken_out() -> None:
+    redis = backend_from_url("unix:///run/redis/redis.sock?db=0&prefix=app")
+    assert isinstance(redis, FakeServerBackend)
+    assert (redis.url, redis.options) == ("unix:///run/redis/redis.sock?db=0", {"prefix": "app"})
+    postgres = backend_from_url("postgresql:///app?host=/run/postgresql&schema=jobs")
+    assert isinstance(postgres, FakeServerBackend)
+    assert postgres.url == "postgresql:///app?host=%2Frun%2Fpostgresql"
+    assert postgres.options == {"schema": "jobs"}
 
 
 def test_a_non_string_is_a_type_error() -> None:

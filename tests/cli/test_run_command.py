@@ -124,8 +124,8 @@ def test_run_returns_1_with_a_report_when_a_task_fails(project: Path) -> None:
             "'svc_app' has no attribute 'missing'; TaskManagers found there: failing, manager",
         ),
         ("svc_app:manager.nope", "'svc_app.manager' has no attribute 'nope'"),
-        ("svc_app:not_a_manager", "it is a int, not a lifecycle.TaskManager"),
-        ("svc_app:returns_wrong_thing", "calling it returned a int, expected a lifecycle.TaskManager"),
+        ("svc_app:not_a_manager", "it is an int, not a lifecycle.TaskManager"),
+        ("svc_app:returns_wrong_thing", "calling it returned an int, expected a lifecycle.TaskManager"),
         ("svc_app:raises_on_call", "calling it raised ValueError: cannot build"),
     ],
 )

@@ -97,7 +97,7 @@ def test_worker_runs_only_its_queues_and_stops_on_sigint(project: Path, async_li
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("jobs_app:not_tasks",), "is a int, not a lifecycle.asynctask.AsyncTasks"),
+        (("jobs_app:not_tasks",), "is an int, not a lifecycle.asynctask.AsyncTasks"),
         (("jobs_app:producer",), "was built with execution=False"),
         (("jobs_app:tasks", "--concurrency", "0"), "--concurrency must be at least 1"),
         (("jobs_app:tasks", "--queue", "a=2", "--queue", "b"), "give every --queue a weight"),
