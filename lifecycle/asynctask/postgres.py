@@ -5,7 +5,9 @@ Install with ``pip install "anyio-lifecycle[postgres]"`` (psycopg 3 and psycopg-
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -134,6 +136,7 @@ class PostgresBackend:
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
         self._listener: Listener | None = None
         self._reported: tuple[object, ...] | None = None  # what wait_for_work last returned for
+        self._abandoned: set[asyncio.Future[Any]] = set()  # connection waits a cancelled caller left
 
     @property
     def schema(self) -> str:
@@ -229,6 +232,9 @@ class PostgresBackend:
                 await listener.close()
             if pool is not None:
                 await pool.close()
+            # Connection waits abandoned by cancelled callers end once the pool is closed: let them.
+            while self._abandoned:
+                await asyncio.gather(*self._abandoned, return_exceptions=True)
 
     @contextlib.asynccontextmanager
     async def _connection(self, *, wait: float | None = None) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -238,18 +244,49 @@ class PostgresBackend:
             raise BackendError(
                 f"{self!r} is not open: call `await backend.open()` first (AsyncTasks does it in initialize)"
             )
-        # Taking and returning a connection are shielded from cancellation: psycopg_pool is not written
-        # for anyio's cancel scopes, which cancel every await until the scope is left, and interrupted in
-        # its connection check or while taking a connection back it can lose track of one, so the pool
-        # shrinks for good. Both steps are quick; when the server is unreachable the pool's own timeout
-        # bounds them.
-        with anyio.CancelScope(shield=True):
-            connection = await pool.getconn(timeout=wait)
+        connection = await self._take(pool, wait)
         try:
             yield connection
         finally:
             with anyio.CancelScope(shield=True):
                 await pool.putconn(connection)
+
+    async def _take(
+        self, pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]], wait: float | None
+    ) -> psycopg.AsyncConnection[Any]:
+        """A connection from ``pool``, waiting at most ``wait`` seconds; the wait is cancellable.
+
+        psycopg_pool is not written for anyio's cancel scopes, which cancel every await until the scope is
+        left: interrupted in its connection check it can lose track of a connection, so the pool shrinks
+        for good. So ``getconn`` runs to its end in a task of its own, and a caller cancelled meanwhile
+        (a shutdown that stops waiting for a server that is down) leaves at once: the connection, when it
+        comes, goes back to the pool.
+        """
+        taking = asyncio.ensure_future(pool.getconn(timeout=wait))
+        try:
+            return await asyncio.shield(taking)
+        except BaseException:
+            self._abandoned.add(taking)
+            taking.add_done_callback(functools.partial(self._give_back, pool))
+            raise
+
+    def _give_back(
+        self,
+        pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
+        taking: asyncio.Future[psycopg.AsyncConnection[Any]],
+    ) -> None:
+        """Return the connection of an abandoned :meth:`_take` to ``pool`` (or drop its error)."""
+        self._abandoned.discard(taking)
+        if taking.cancelled() or taking.exception() is not None:
+            return  # the pool timed out or closed: nothing was taken
+        returning = asyncio.ensure_future(pool.putconn(taking.result()))
+        self._abandoned.add(returning)
+        returning.add_done_callback(self._returned)
+
+    def _returned(self, returning: asyncio.Future[None]) -> None:
+        self._abandoned.discard(returning)
+        if not returning.cancelled() and returning.exception() is not None:
+            _log.debug("could not return a connection to the pool: %s", returning.exception())
 
     # -- the Backend protocol -----------------------------------------------------------------------------
 
@@ -317,7 +354,9 @@ class PostgresBackend:
         :meth:`Backend.claim`."""
         if limit <= 0 or not queues:
             return []
-        async with self._connection() as connection:
+        # The worker claims again soon anyway, so a claim does not wait long for a connection: while the
+        # server is down it fails after poll_interval, and a worker asked to stop is not held up by it.
+        async with self._connection(wait=min(self._connect_timeout, self._poll_interval)) as connection:
             return await ops.claim(
                 connection, self._statements, list(dict.fromkeys(queues)), limit, now, lease_until
             )

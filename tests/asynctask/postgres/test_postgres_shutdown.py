@@ -1,0 +1,88 @@
+"""A PostgreSQL worker asked to stop while its server is down stops within the documented bound:
+``shutdown_grace`` + 10 s (the engine's budget for saving verdicts) + ``poll_interval`` (a claim waiting for a
+connection gives up after it). A private server on a free port is stopped; the shared one is never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from lifecycle.asynctask import AsyncTasks
+from lifecycle.asynctask.postgres import PostgresBackend
+
+from ._server import PrivatePostgres, private_postgres
+
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres, pytest.mark.slow]
+
+GRACE = 1.0
+POLL = 1.0
+VERDICT_BUDGET = 10.0  # docs/asynctask.md, "Graceful shutdown"
+SLACK = 1.0  # scheduling on a busy machine
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[PrivatePostgres]:
+    with private_postgres() as started:
+        yield started
+
+
+class _ClaimFailed(logging.Handler):
+    """Sets ``event`` when the worker logs that a claim failed: it is retrying against a dead server."""
+
+    def __init__(self, event: anyio.Event) -> None:
+        super().__init__(logging.WARNING)
+        self.event = event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("could not claim tasks"):
+            self.event.set()
+
+
+async def test_a_worker_stops_within_grace_plus_ten_seconds_while_the_server_is_down(
+    server: PrivatePostgres, unique_name: str
+) -> None:
+    tasks = AsyncTasks(
+        PostgresBackend(server.dsn, schema=unique_name, poll_interval=POLL),
+        shutdown_grace=GRACE,
+        poll_interval=POLL,
+    )
+    started, stopped, claim_failed = anyio.Event(), anyio.Event(), anyio.Event()
+
+    @tasks.register(name="tests.blocks")
+    async def blocks() -> None:
+        started.set()
+        await anyio.sleep_forever()  # cancelled when the grace is over; its verdict cannot be saved
+
+    async def worker(scope: anyio.CancelScope) -> None:
+        with scope:
+            await tasks.execute()
+        stopped.set()
+
+    watcher = _ClaimFailed(claim_failed)
+    logging.getLogger("lifecycle.asynctask").addHandler(watcher)
+    await tasks.initialize()
+    try:
+        await tasks.enqueue(blocks)
+        async with anyio.create_task_group() as group:
+            scope = anyio.CancelScope()
+            group.start_soon(worker, scope)
+            with anyio.fail_after(30):
+                await started.wait()
+            await anyio.to_thread.run_sync(server.stop, "immediate")
+            with anyio.fail_after(60):
+                await claim_failed.wait()
+            # The worker is retrying its claims (one may be waiting for a connection): stop it, as a
+            # TaskManager does, and close the backend.
+            scope.cancel()
+            with anyio.fail_after(GRACE + VERDICT_BUDGET + POLL + SLACK):
+                await stopped.wait()
+                await tasks.cleanup()
+    finally:
+        logging.getLogger("lifecycle.asynctask").removeHandler(watcher)
+        await tasks.cleanup()
+        await anyio.to_thread.run_sync(server.start)
