@@ -12,8 +12,8 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from typing import Any, Literal, TypeVar
 
 import anyio
 import psycopg
@@ -25,7 +25,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from . import _postgres_ops as ops
 from ._asyncio_only import require_asyncio
-from ._errors import BackendError
+from ._backend import Create, check_create
+from ._errors import BackendError, StoreNotFoundError
 from ._postgres_listen import Listener
 from ._postgres_schema import ensure_schema
 from ._postgres_sql import Statements
@@ -34,6 +35,8 @@ from ._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
 __all__ = ["PostgresBackend"]
 
 _log = logging.getLogger("lifecycle.asynctask.postgres")
+
+_T = TypeVar("_T")
 
 _MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1, in bytes
 _APPLICATION_NAME = "lifecycle-asynctask"
@@ -137,6 +140,7 @@ class PostgresBackend:
         self._listener: Listener | None = None
         self._reported: tuple[object, ...] | None = None  # what wait_for_work last returned for
         self._abandoned: set[asyncio.Future[Any]] = set()  # connection waits a cancelled caller left
+        self._absent = False  # open, but no tables yet: opened with create="on_enqueue"
 
     @property
     def schema(self) -> str:
@@ -165,12 +169,19 @@ class PostgresBackend:
 
     # -- connection ---------------------------------------------------------------------------------------
 
-    async def open(self) -> None:
+    async def open(self, *, create: Create = True) -> None:
         """Connect, create or migrate the schema, start listening. Calling it again does nothing.
+
+        ``create=False`` creates nothing: it raises :class:`BackendError` when the schema holds no task
+        tables (what the ``lifecycle tasks`` commands use). ``create="on_enqueue"`` (what
+        ``AsyncTasks(..., execution=False)`` uses) leaves missing tables missing until the first enqueue
+        (or claim) creates them; until then reads find no tasks and ``cancel``/``requeue``/``purge`` change
+        nothing.
 
         Raises :class:`BackendError` under trio, when the server cannot be reached within
         ``connect_timeout``, or for a schema written by a newer version.
         """
+        create = check_create(create)
         if self._pool is not None:
             return
         require_asyncio("PostgresBackend", "psycopg's async support is asyncio-only")
@@ -190,7 +201,13 @@ class PostgresBackend:
         try:
             with anyio.fail_after(self._connect_timeout):
                 # A connection of its own first, so that a bad DSN or missing rights fail here, clearly.
-                await self._prepare_schema()
+                stored = await self._prepare_schema(create=create is True)
+                if not stored and create is False:
+                    raise StoreNotFoundError(
+                        f"there are no task tables in PostgreSQL schema {self._schema!r} at "
+                        f"{_safe_dsn(self._dsn)}; check the schema name (?schema=NAME in a URL) and the "
+                        "database, or start a worker, which creates them"
+                    )
                 await listener.start()
                 await pool.open(wait=True, timeout=self._connect_timeout)
         except BaseException as exc:
@@ -215,16 +232,38 @@ class PostgresBackend:
                 ) from exc
             raise
         self._pool, self._listener = pool, listener
+        self._absent = not stored
 
-    async def _prepare_schema(self) -> None:
+    async def _prepare_schema(self, *, create: bool) -> int:
+        """Check (and with ``create``, create or migrate) the tables; their layout version, 0 if none."""
         connection = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True, **self._connect_kwargs)
         try:
-            await ensure_schema(connection, self._schema)
+            return await ensure_schema(connection, self._schema, create=create)
         finally:
             await connection.close()
 
+    async def _create_tables(self) -> None:
+        """Create the tables of a backend opened with ``create="on_enqueue"`` (its first write)."""
+        try:
+            with anyio.fail_after(self._connect_timeout):
+                await self._prepare_schema(create=True)
+        except TimeoutError:
+            raise psycopg.OperationalError(
+                f"cannot connect to PostgreSQL at {_safe_dsn(self._dsn)} within {self._connect_timeout} s "
+                f"to create the task tables in schema {self._schema!r}"
+            ) from None
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:
+            raise BackendError(
+                f"cannot create the task tables in schema {self._schema!r}: {str(exc).strip()}; grant this "
+                "user the right to create the schema and its tables, or start a worker as a user who has it"
+            ) from exc
+        self._absent = False
+
     async def close(self) -> None:
         """Stop listening and close every connection. Idempotent."""
+        self._absent = False
         pool, self._pool = self._pool, None
         listener, self._listener = self._listener, None
         with anyio.CancelScope(shield=True):
@@ -237,13 +276,19 @@ class PostgresBackend:
                 await asyncio.gather(*self._abandoned, return_exceptions=True)
 
     @contextlib.asynccontextmanager
-    async def _connection(self, *, wait: float | None = None) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """A pooled connection; ``wait`` bounds the wait for one (default: ``connect_timeout``)."""
+    async def _connection(
+        self, *, wait: float | None = None, create: bool = True
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection; ``wait`` bounds the wait for one (default: ``connect_timeout``). Tables that
+        do not exist yet (opened with ``create="on_enqueue"``) are created first, unless ``create`` is
+        false (inspection and operator actions, see :meth:`_inspect`)."""
         pool = self._pool
         if pool is None:
             raise BackendError(
                 f"{self!r} is not open: call `await backend.open()` first (AsyncTasks does it in initialize)"
             )
+        if self._absent and create:
+            await self._create_tables()
         connection = await self._take(pool, wait)
         try:
             yield connection
@@ -342,10 +387,15 @@ class PostgresBackend:
         try:
             return await ops.enqueue(connection, self._statements, tasks, if_exists)
         except psycopg.errors.UndefinedTable as exc:
-            raise BackendError(
-                f"the task tables of schema {self._schema!r} do not exist in this database: open a "
-                "PostgresBackend with this schema once (AsyncTasks does it at start) to create them"
-            ) from exc
+            if not (self._absent and self._pool is not None):
+                raise BackendError(
+                    f"the task tables of schema {self._schema!r} do not exist in this database: open this "
+                    "PostgresBackend first (an AsyncTasks opens it in initialize; it creates the tables "
+                    "then, or at its first enqueue when execution=False)"
+                ) from exc
+        # Opened with create="on_enqueue" and no tables yet: only the savepoint was rolled back.
+        await self._create_tables()
+        return await ops.enqueue(connection, self._statements, tasks, if_exists)
 
     async def claim(
         self, queues: Sequence[str], limit: int, *, now: float, lease_until: float
@@ -442,10 +492,23 @@ class PostgresBackend:
             _log.debug("wait_for_work could not look for due tasks: %s", exc)
             return None
 
+    async def _inspect(self, operation: Callable[..., Awaitable[_T]], *args: Any, absent: _T) -> _T:
+        """``operation(connection, statements, *args)`` of an inspection or operator action: while the
+        tables do not exist yet (opened with ``create="on_enqueue"``) its answer is ``absent``, and nothing
+        is created."""
+        async with self._connection(create=False) as connection:
+            try:
+                result = await operation(connection, self._statements, *args)
+            except psycopg.errors.UndefinedTable:
+                if not self._absent:
+                    raise
+                return absent
+        self._absent = False  # the tables exist (another process created them)
+        return result
+
     async def get(self, task_id: str) -> TaskRecord | None:
         """The record with this id, or ``None``."""
-        async with self._connection() as connection:
-            return await ops.get(connection, self._statements, task_id)
+        return await self._inspect(ops.get, task_id, absent=None)
 
     async def list_records(
         self,
@@ -458,20 +521,17 @@ class PostgresBackend:
         """Records matching the filters, newest ``enqueued_at`` first."""
         if states is not None and not states:
             return []
-        async with self._connection() as connection:
-            return await ops.list_records(connection, self._statements, states, queue, limit, offset)
+        return await self._inspect(ops.list_records, states, queue, limit, offset, absent=[])
 
     async def stats(self) -> Mapping[str, Mapping[TaskState, int]]:
         """Counts per queue and state (states with no record are left out)."""
-        async with self._connection() as connection:
-            return await ops.stats(connection, self._statements)
+        return await self._inspect(ops.stats, absent={})
 
     async def cancel(self, task_ids: Sequence[str], *, now: float) -> list[str]:
         """Cancel pending tasks among ``task_ids``; return those cancelled."""
         if not task_ids:
             return []
-        async with self._connection() as connection:
-            return await ops.cancel(connection, self._statements, task_ids, now)
+        return await self._inspect(ops.cancel, task_ids, now, absent=[])
 
     async def requeue(
         self, task_ids: Sequence[str] | None = None, *, queue: str | None = None, now: float
@@ -479,8 +539,7 @@ class PostgresBackend:
         """Move dead/cancelled tasks back to pending with ``attempts = 0``; return how many moved."""
         if task_ids is not None and not task_ids:
             return 0
-        async with self._connection() as connection:
-            return await ops.requeue(connection, self._statements, task_ids, queue, now)
+        return await self._inspect(ops.requeue, task_ids, queue, now, absent=0)
 
     async def purge(
         self,
@@ -493,8 +552,7 @@ class PostgresBackend:
         """Delete matching records; return how many were deleted."""
         if not states:
             return 0
-        async with self._connection() as connection:
-            return await ops.purge(connection, self._statements, states, queue, before, limit)
+        return await self._inspect(ops.purge, states, queue, before, limit, absent=0)
 
 
 def _check_if_exists(if_exists: str) -> None:
