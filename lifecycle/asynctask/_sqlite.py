@@ -58,7 +58,8 @@ class SQLiteBackend:
     (:func:`anyio.to_thread.run_sync`), one at a time per backend object, so it works on asyncio and trio.
 
     Args:
-        path: the database file (created with its tables when missing; its directory must exist).
+        path: the database file (created with its tables when missing, see :meth:`open`; its directory
+            must exist).
             ``":memory:"`` gives a private in-memory database, useful only within one backend object.
         poll_interval: how often, at most, an idle worker looks for work written by *other* processes
             (seconds). Work enqueued through the same backend object wakes it at once.

@@ -70,18 +70,21 @@ class PostgresBackend:
         dsn: a libpq connection string or URL, such as ``"postgresql://app@db.internal:5432/app"`` or
             ``"host=db.internal dbname=app user=app"`` (passwords, TLS and the rest as libpq accepts them,
             including ``PGPASSWORD``/``~/.pgpass``).
-        schema: the PostgreSQL schema that holds the backend's tables (created when missing). Use one schema
-            per application; two applications on one database keep apart by schema.
+        schema: the PostgreSQL schema that holds the backend's tables (created when missing, see
+            :meth:`open`). Use one schema per application; two applications on one database keep apart by
+            schema.
         pool_size: the most pooled connections this object opens (one more is kept for ``LISTEN``). A worker
             uses up to four at once: claims, settlements, heartbeats and its wait.
         connect_timeout: how long :meth:`open`, and any call that needs a new connection, waits for the
-            server before giving up (seconds).
+            server before giving up (seconds). A claim waits at most ``poll_interval`` for a connection:
+            the worker claims again anyway, and a worker asked to stop is not held up.
         poll_interval: how long an idle worker waits at most before it looks at the table again, in case a
             notification was missed (seconds). Notifications normally wake it at once.
 
     The schema is created and migrated by :meth:`open` (versioned; a schema written by a newer version is
-    refused). After a server restart the pool replaces broken connections and the ``LISTEN`` connection
-    reconnects in the background; calls made while the server is down raise :class:`psycopg.OperationalError`.
+    refused; ``open(create=...)`` says whether it may create it). After a server restart the pool replaces
+    broken connections and the ``LISTEN`` connection reconnects in the background; calls made while the
+    server is down raise :class:`psycopg.OperationalError`.
 
     :meth:`enqueue_many_in` joins a transaction of your own connection (the transactional outbox).
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import psycopg
+import psycopg.conninfo
 import pytest
 from psycopg import sql
 
@@ -141,3 +142,27 @@ async def test_an_enqueue_only_asynctasks_inspects_without_creating(
         info = await tasks.info(task_id)
         assert info is not None
         assert info.state is TaskState.PENDING
+
+
+async def test_a_role_that_may_only_read_can_open_and_inspect(postgres_dsn: str, pg_schema: str) -> None:
+    writer = PostgresBackend(postgres_dsn, schema=pg_schema)
+    await writer.open()
+    await writer.enqueue_many([make_task("a", delay=3600)])
+    await writer.close()
+    role = sql.Identifier(pg_schema)  # a role of the test's own, dropped below
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as admin:
+        await admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(role))
+        try:
+            await admin.execute(sql.SQL("GRANT USAGE ON SCHEMA {0} TO {0}").format(role))
+            await admin.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {0} TO {0}").format(role))
+            params = psycopg.conninfo.conninfo_to_dict(postgres_dsn)
+            params.update(user=pg_schema, password=None)
+            reader = PostgresBackend(psycopg.conninfo.make_conninfo(**params), schema=pg_schema)
+            await reader.open(create=False)
+            try:
+                assert await reader.stats() == {"default": {TaskState.PENDING: 1}}
+            finally:
+                await reader.close()
+        finally:
+            await admin.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(role))
+            await admin.execute(sql.SQL("DROP ROLE {}").format(role))
