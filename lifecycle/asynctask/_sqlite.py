@@ -145,6 +145,7 @@ class SQLiteBackend:
             if missing is not None and create is False:
                 raise StoreNotFoundError(missing)
             if missing is not None:
+                self._check_directory()  # the first enqueue could not create the file: say so now
                 self._wakeup = anyio.Event()
                 self._deferred = True
                 return
@@ -196,15 +197,19 @@ class SQLiteBackend:
             time.sleep(pause)  # on the backend's worker thread, never on the event loop
             pause = min(pause * 2, 0.1)
 
-    def _connect(self) -> sqlite3.Connection:
-        where = repr(self._path)
+    def _check_directory(self) -> None:
+        """Raise :class:`BackendError` when the file's directory does not exist (the file cannot be made)."""
         if self._path != _MEMORY:
             parent = Path(self._path).expanduser().absolute().parent
             if not parent.is_dir():
                 raise BackendError(
-                    f"cannot open the SQLite task database {where}: its directory {str(parent)!r} does not "
-                    "exist; create the directory first or choose another path"
+                    f"cannot open the SQLite task database {self._path!r}: its directory {str(parent)!r} "
+                    "does not exist; create the directory first or choose another path"
                 )
+
+    def _connect(self) -> sqlite3.Connection:
+        where = repr(self._path)
+        self._check_directory()
         try:
             connection = sqlite3.connect(
                 os.path.expanduser(self._path),

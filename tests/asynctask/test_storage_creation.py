@@ -97,6 +97,12 @@ async def test_on_enqueue_sees_no_tasks_and_creates_the_store_at_the_first_enque
         await backend.close()
 
 
+async def test_on_enqueue_refuses_a_directory_that_does_not_exist_at_open(tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match=r"its directory .* does not exist"):
+        await SQLiteBackend(tmp_path / "no-such-dir" / "tasks.db").open(create="on_enqueue")
+    assert _files(tmp_path) == []
+
+
 async def test_on_enqueue_finds_a_store_another_process_created_meanwhile(tmp_path: Path) -> None:
     producer = SQLiteBackend(tmp_path / "tasks.db")
     await producer.open(create="on_enqueue")
