@@ -38,6 +38,7 @@ _log = logging.getLogger("lifecycle.asynctask.postgres")
 
 _T = TypeVar("_T")
 
+_CLAIM_WAIT = 1.0  # seconds a claim waits for a pooled connection
 _MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1, in bytes
 _APPLICATION_NAME = "lifecycle-asynctask"
 
@@ -76,8 +77,8 @@ class PostgresBackend:
         pool_size: the most pooled connections this object opens (one more is kept for ``LISTEN``). A worker
             uses up to four at once: claims, settlements, heartbeats and its wait.
         connect_timeout: how long :meth:`open`, and any call that needs a new connection, waits for the
-            server before giving up (seconds). A claim waits at most ``poll_interval`` for a connection:
-            the worker claims again anyway, and a worker asked to stop is not held up.
+            server before giving up (seconds). A claim waits at most 1 s for a pooled connection: the
+            worker claims again anyway, and a worker asked to stop is not held up.
         poll_interval: how long an idle worker waits at most before it looks at the table again, in case a
             notification was missed (seconds). Notifications normally wake it at once.
 
@@ -408,8 +409,8 @@ class PostgresBackend:
         if limit <= 0 or not queues:
             return []
         # The worker claims again soon anyway, so a claim does not wait long for a connection: while the
-        # server is down it fails after poll_interval, and a worker asked to stop is not held up by it.
-        async with self._connection(wait=min(self._connect_timeout, self._poll_interval)) as connection:
+        # server is down it fails after _CLAIM_WAIT, and a worker asked to stop is not held up by it.
+        async with self._connection(wait=min(self._connect_timeout, _CLAIM_WAIT)) as connection:
             return await ops.claim(
                 connection, self._statements, list(dict.fromkeys(queues)), limit, now, lease_until
             )
