@@ -275,9 +275,11 @@ class PostgresBackend:
                 await listener.close()
             if pool is not None:
                 await pool.close()
-            # Connection waits abandoned by cancelled callers end once the pool is closed: let them.
-            while self._abandoned:
-                await asyncio.gather(*self._abandoned, return_exceptions=True)
+            # Connection waits abandoned by cancelled callers end once the pool is closed: let them (a
+            # connection check stuck on a silent server is left behind after connect_timeout).
+            with anyio.move_on_after(self._connect_timeout):
+                while self._abandoned:
+                    await asyncio.gather(*self._abandoned, return_exceptions=True)
 
     @contextlib.asynccontextmanager
     async def _connection(

@@ -5,19 +5,24 @@ gives up after it). A private server on a free port is stopped; the shared one i
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 from collections.abc import Iterator
 
 import anyio
 import anyio.to_thread
+import psycopg
 import pytest
+from psycopg import sql
 
-from lifecycle.asynctask import AsyncTasks
+from lifecycle.asynctask import AsyncTasks, TaskState
 from lifecycle.asynctask.postgres import PostgresBackend
 
 from ._server import PrivatePostgres, private_postgres
+from ._support import OpenPostgres, make_task
 
-pytestmark = [pytest.mark.anyio, pytest.mark.postgres, pytest.mark.slow]
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
 GRACE = 1.0
 POLL = 1.0
@@ -44,6 +49,7 @@ class _ClaimFailed(logging.Handler):
             self.event.set()
 
 
+@pytest.mark.slow
 async def test_a_worker_stops_within_grace_plus_ten_seconds_while_the_server_is_down(
     server: PrivatePostgres, unique_name: str
 ) -> None:
@@ -87,3 +93,44 @@ async def test_a_worker_stops_within_grace_plus_ten_seconds_while_the_server_is_
         logging.getLogger("lifecycle.asynctask").removeHandler(watcher)
         await tasks.cleanup()
         await anyio.to_thread.run_sync(server.start)
+
+
+async def _blocked_on_a_lock(dsn: str, application_name: str) -> None:
+    """Return once a session of ``application_name`` waits for a row lock."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as admin:
+        while True:
+            cursor = await admin.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE application_name = %s AND wait_event_type = 'Lock'",
+                (application_name,),
+            )
+            row = await cursor.fetchone()
+            if row is not None and row[0] > 0:
+                return
+            await anyio.sleep(0.02)
+
+
+async def test_a_call_cancelled_while_waiting_for_a_connection_leaves_at_once_and_the_pool_whole(
+    open_pg: OpenPostgres, postgres_dsn: str, unique_name: str
+) -> None:
+    dsn = f"{postgres_dsn}{'&' if '?' in postgres_dsn else '?'}application_name={unique_name}"
+    backend = await open_pg(dsn=dsn, pool_size=1)
+    await backend.enqueue_many([make_task("locked", delay=3600)])
+    table = sql.Identifier(backend.schema, "lifecycle_tasks")
+    async with await psycopg.AsyncConnection.connect(postgres_dsn) as locker:
+        await locker.execute(sql.SQL("SELECT id FROM {} WHERE id = 'locked' FOR UPDATE").format(table))
+        async with anyio.create_task_group() as group:
+            # The pool's only connection waits for the row lock inside cancel().
+            group.start_soon(functools.partial(backend.cancel, ["locked"], now=time.time()))
+            with anyio.fail_after(10):
+                await _blocked_on_a_lock(postgres_dsn, unique_name)
+            with anyio.fail_after(5):  # leaves at once, although no connection came
+                with anyio.move_on_after(0.2) as waiting:
+                    await backend.get("locked")
+            assert waiting.cancelled_caught
+            await locker.rollback()  # cancel() finishes and hands its connection back
+        # The abandoned wait received that connection and returned it to the pool: the next call gets it.
+        with anyio.fail_after(5):
+            record = await backend.get("locked")
+        assert record is not None
+        assert record.state is TaskState.CANCELLED
