@@ -5,14 +5,17 @@ results into docs/benchmarks.md and draw docs/benchmarks.png.
 
 Run it with the project's interpreter (the one with ``lifecycle`` and its ``redis`` extra installed). It
 creates one virtualenv per peer under ``benchmarks/.venv-peers`` from ``requirements-peers.txt`` (pip
-needs the package index the first time), uses the Redis at ``--redis-url`` (its DB 15 by default, which
-it FLUSHes before every run: never point it at a database that holds anything), and SQLite files in a
-temporary directory. See docs/benchmarks.md for the method and what each number means.
+needs the package index the first time), starts a private ``redis-server`` on a free loopback port (stopped
+at the end; the harness empties its database between runs, so it never touches a server others use), and
+uses SQLite files in a temporary directory. ``--redis-url`` points it at a database of your own instead:
+one that is empty when the run starts (a database holding keys the harness did not write is refused). See
+docs/benchmarks.md for the method and what each number means.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -31,11 +34,13 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import report, venvs  # noqa: E402
 from benchmarks.peers._common import RESULT_PREFIX, Config, RedisAdmin  # noqa: E402
+from benchmarks.redis_server import PrivateRedis, find_redis_server  # noqa: E402
 
 OURS = report.OURS
 PEERS = ("arq", "saq", "streaq", "taskiq", "dramatiq", "huey", "celery", "rq")
 LIBRARIES = (OURS, *PEERS)
 SCENARIOS = ("drain", "enqueue", "latency", "mix", "sqlite_drain", "sqlite_enqueue", "core")
+REDIS_SCENARIOS = ("drain", "enqueue", "latency", "mix")
 SQLITE_LIBRARIES = (OURS, "huey")
 NO_MIX = ("rq",)  # one job at a time per worker process: the concurrency-100 mix does not apply
 
@@ -55,8 +60,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset")
     parser.add_argument(
         "--redis-url",
-        default="redis://127.0.0.1:6379/15",
-        help="a Redis database of its own: it is flushed before every run",
+        help="an empty Redis database that nothing else uses (emptied between runs); by default the harness "
+        "starts a private redis-server on a free loopback port and stops it at the end",
+    )
+    parser.add_argument(
+        "--redis-server",
+        metavar="PATH",
+        help="the redis-server binary of the private server (default: $LIFECYCLE_BENCH_REDIS_SERVER, else "
+        "redis-server on the PATH)",
     )
     parser.add_argument("--run-timeout", type=float, default=900.0, help="seconds before a run is killed")
     parser.add_argument("--skip-install", action="store_true", help="use the peer venvs as they are")
@@ -138,7 +149,7 @@ def plan(args: argparse.Namespace, sqlite_dir: str) -> list[tuple[str, str, list
                 scenario=scenario,
                 n=args.latency_n if scenario == "latency" else args.n,
                 concurrency=args.mix_concurrency if scenario == "mix" else args.concurrency,
-                redis_url=args.redis_url,
+                redis_url=args.redis_url or "",
                 sqlite_path=os.path.join(sqlite_dir, f"{library}.db"),
                 bulk_size=args.bulk_size,
                 timeout=max(30.0, args.run_timeout - 30),
@@ -214,6 +225,37 @@ def _machine() -> str:
     return f"{model}, {os.cpu_count()} cores{memory}, {platform.system()} {platform.release()}"
 
 
+def _redis_for(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> bool:
+    """Whether the chosen scenarios use Redis; when they do, set ``args.redis_url``: the private server
+    started here (stopped by ``cleanup``), or the ``--redis-url`` database after checking that the harness
+    may empty it (it is emptied again at the end). Exits with a message when neither is possible."""
+    if not (set(args.scenarios) & set(REDIS_SCENARIOS) and args.libraries):
+        return False
+    if args.redis_url is None:
+        try:
+            server = cleanup.enter_context(PrivateRedis(find_redis_server(args.redis_server)))
+        except (FileNotFoundError, RuntimeError) as error:
+            raise SystemExit(str(error)) from None
+        args.redis_url = server.url
+        print(f"[redis] private redis-server on port {server.port} (pid {server.pid})", file=sys.stderr)
+        return True
+    admin = RedisAdmin(args.redis_url)
+    try:
+        admin.claim_own_db()
+    finally:
+        admin.close()
+    cleanup.callback(_empty_own_db, args.redis_url)
+    return True
+
+
+def _empty_own_db(url: str) -> None:
+    admin = RedisAdmin(url)
+    try:
+        admin.flush_own_db(keep_mark=False)
+    finally:
+        admin.close()
+
+
 def _redis_version(url: str) -> str:
     try:
         admin = RedisAdmin(url)
@@ -267,9 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_install:
         for library in peers:
             venvs.ensure_venv(library)
-    sqlite_dir = tempfile.mkdtemp(prefix="lifecycle-bench-")
     runs: list[dict[str, Any]] = []
-    try:
+    with contextlib.ExitStack() as cleanup:
+        redis = _redis_for(args, cleanup)
+        sqlite_dir = tempfile.mkdtemp(prefix="lifecycle-bench-")
+        cleanup.callback(shutil.rmtree, sqlite_dir, ignore_errors=True)
         round_plan = plan(args, sqlite_dir)
         total = len(round_plan) * args.rounds
         for round_index in range(args.rounds):
@@ -287,8 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-    finally:
-        shutil.rmtree(sqlite_dir, ignore_errors=True)
+        redis_meta = _redis_version(args.redis_url) if redis else "not used"
     params = {
         key: getattr(args, key)
         for key in (
@@ -307,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M %Z"),
             "machine": _machine(),
             "python": f"Python {platform.python_version()}",
-            "redis": _redis_version(args.redis_url),
+            "redis": redis_meta,
             "command": " ".join(
                 shlex.quote(part) for part in ["python", "benchmarks/run.py", *(argv or sys.argv[1:])]
             ),

@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 RESULT_PREFIX = "BENCH-RESULT "
+#: The key that marks a Redis database as the benchmark's own (it held nothing when the benchmark took it).
+OWNED_MARK = "lifecycle-bench:owned"
 SCENARIOS = ("drain", "enqueue", "latency", "mix", "sqlite_drain", "sqlite_enqueue")
 WORKER_START_TIMEOUT = 60.0
 
@@ -157,7 +159,8 @@ def thread_sleep_body(index: int) -> None:
 
 
 class RedisAdmin:
-    """A minimal RESP2 client for the producer's bookkeeping (FLUSHDB, INFO), independent of every peer."""
+    """A minimal RESP2 client for the producer's bookkeeping (emptying its own database, INFO), independent
+    of every peer."""
 
     def __init__(self, url: str) -> None:
         parts = urllib.parse.urlsplit(url)
@@ -194,11 +197,28 @@ class RedisAdmin:
             return [self._read() for _ in range(int(rest))]
         raise RuntimeError(f"unexpected Redis reply {line!r}")
 
-    def flush_own_db(self) -> None:
-        """FLUSHDB the benchmark's own database; refuses DB 0, which other users of the server share."""
-        if self.db == 0:
-            raise SystemExit("refusing to FLUSHDB Redis DB 0: give --redis-url a dedicated DB, e.g. /15")
+    def claim_own_db(self) -> None:
+        """Make this database the benchmark's own: one that holds no key (it then gets :data:`OWNED_MARK`),
+        or one the benchmark made its own before (it holds the mark). Anything else exits with a message, so
+        the benchmark never deletes data it did not write."""
+        if self.command("EXISTS", OWNED_MARK) == 1:
+            return
+        keys = self.command("DBSIZE")
+        if keys:
+            raise SystemExit(
+                f"refusing to use Redis database {self.db}: it holds {keys} key(s) the benchmark did not "
+                "write, and the benchmark empties its database between runs; leave --redis-url out (the "
+                "harness then starts a redis-server of its own), or give it an empty database"
+            )
+        self.command("SET", OWNED_MARK, "1")
+
+    def flush_own_db(self, *, keep_mark: bool = True) -> None:
+        """Empty the benchmark's own database (see :meth:`claim_own_db`); ``keep_mark=False`` at the end,
+        which leaves it empty."""
+        self.claim_own_db()
         self.command("FLUSHDB")
+        if keep_mark:
+            self.command("SET", OWNED_MARK, "1")
 
     def counters(self) -> tuple[int, int]:
         """The server's ``total_commands_processed`` (commands run inside Lua scripts included) and

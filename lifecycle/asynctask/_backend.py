@@ -15,12 +15,31 @@ Write your own by implementing these methods, then run the public conformance su
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Collection, Mapping, Sequence
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, TypeAlias, runtime_checkable
 
 from ._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
 
-__all__ = ["Backend", "TransactionalBackend"]
+__all__ = [
+    "Backend",
+    "Create",
+    "TransactionalBackend",
+    "check_create",
+    "open_backend",
+    "opens_without_creating",
+]
+
+Create: TypeAlias = bool | Literal["on_enqueue"]
+"""When ``open(create=...)`` of a built-in backend creates its storage (file and tables, schema, key layout):
+
+- ``True`` (the default): at open, when missing; an older layout is migrated. What a worker does.
+- ``"on_enqueue"``: at the first enqueue (or claim: a worker's call); until then reads see no tasks and
+  ``cancel``/``requeue``/``purge`` change nothing. What ``AsyncTasks(..., execution=False)`` does, so a
+  producer started before any worker works, and inspection never creates anything.
+- ``False``: never; ``open`` raises :class:`BackendError` when there is no storage. What the ``lifecycle
+  tasks`` commands do, so a mistyped URL is an error rather than a new, empty store.
+"""
 
 
 @runtime_checkable
@@ -29,7 +48,12 @@ class Backend(Protocol):
 
     async def open(self) -> None:
         """Connect, create or migrate the schema. Raises :class:`BackendError` when the storage cannot be
-        used (unsupported async library, a schema newer than this code, a bad URL)."""
+        used (unsupported async library, a schema newer than this code, a bad URL).
+
+        A backend may also accept a keyword-only ``create`` argument (the built-in ones do; see
+        :data:`Create`): ``AsyncTasks(..., execution=False)`` then opens it with ``create="on_enqueue"``
+        and the ``lifecycle tasks`` commands with ``create=False``, so that looking at tasks never creates
+        storage. A backend whose ``open`` takes no argument is opened as always."""
         ...
 
     async def close(self) -> None:
@@ -140,3 +164,33 @@ class TransactionalBackend(Backend, Protocol):
     ) -> list[str]:
         """Like :meth:`Backend.enqueue_many`, inside the caller's transaction on ``connection``."""
         ...
+
+
+def check_create(create: object) -> Create:
+    """``create`` checked: ``True``, ``False`` or ``"on_enqueue"`` (``ValueError`` otherwise)."""
+    if isinstance(create, bool):
+        return create
+    if create == "on_enqueue":
+        return "on_enqueue"
+    raise ValueError(f'create must be True, False or "on_enqueue", got {create!r}')
+
+
+def opens_without_creating(backend: Backend) -> bool:
+    """Whether ``backend.open`` takes the ``create`` keyword (see :data:`Create`)."""
+    try:
+        parameters = inspect.signature(backend.open).parameters
+    except (TypeError, ValueError):
+        return False
+    parameter = parameters.get("create")
+    return parameter is not None and parameter.kind in (
+        inspect.Parameter.KEYWORD_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    )
+
+
+async def open_backend(backend: Backend, *, create: Create) -> None:
+    """Open ``backend`` with ``create`` when its ``open`` takes it, else as always (it may create)."""
+    if create is not True and opens_without_creating(backend):
+        await backend.open(create=create)  # type: ignore[call-arg]
+    else:
+        await backend.open()

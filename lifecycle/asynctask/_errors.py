@@ -25,3 +25,11 @@ class DuplicateTaskError(Exception):
 
 class BackendError(Exception):
     """A backend could not be used as configured (wrong URL, unsupported async library, newer schema)."""
+
+
+class StoreNotFoundError(BackendError):
+    """``open(create=False)`` found no task storage where the backend points (no file, schema or keys).
+
+    A :class:`BackendError` to callers; the ``lifecycle tasks`` commands report it as a usage error (the URL
+    names no store). Not exported: catch :class:`BackendError`.
+    """

@@ -16,7 +16,7 @@ import anyio
 
 from .._backoff import Backoff
 from .._metrics import Metrics
-from ._backend import Backend, TransactionalBackend
+from ._backend import Backend, TransactionalBackend, open_backend
 from ._clock import Clock, as_seconds
 from ._encoding import Encoding, JSONEncoding
 from ._enqueue import build_task, check_calls
@@ -50,7 +50,8 @@ class AsyncTasks(SchedulingOperations):
 
     Args:
         backend: where tasks are stored (``MemoryBackend()``, ``SQLiteBackend("tasks.db")``, Redis, Postgres).
-        execution: ``False`` for an enqueue-only process (a producer): ``execute`` then just waits.
+        execution: ``False`` for an enqueue-only process (a producer): ``execute`` then just waits, and a
+            built-in backend's storage, when missing, is created by the first enqueue instead of at open.
         concurrency: how many tasks run at once in this process.
         queues: the queues this worker takes tasks from: a list is strict priority (earlier first), a mapping
             ``name -> weight`` is weighted random order per claim (asynq style).
@@ -345,8 +346,9 @@ class AsyncTasks(SchedulingOperations):
     # -- the lifecycle Task ---------------------------------------------------------------------------------
 
     async def initialize(self) -> None:
-        """Open the backend."""
-        await self._backend.open()
+        """Open the backend. With ``execution=False`` a built-in backend creates missing storage (file,
+        tables, keys) at the first enqueue rather than here, so inspecting tasks never creates any."""
+        await open_backend(self._backend, create=True if self._execution else "on_enqueue")
         self._open = True
 
     async def execute(self) -> None:

@@ -80,13 +80,16 @@ Migration = Callable[["psycopg.AsyncCursor[tuple[object, ...]]", str], Awaitable
 _MIGRATIONS: dict[int, Migration] = {}
 
 
-async def ensure_schema(connection: psycopg.AsyncConnection[object], schema: str) -> int:
+async def ensure_schema(
+    connection: psycopg.AsyncConnection[object], schema: str, *, create: bool = True
+) -> int:
     """Create the schema and its tables when missing, migrate an older layout, refuse a newer one.
 
     Runs in one transaction on ``connection`` (which must be in autocommit mode, outside a transaction),
     serialised against other processes by an advisory lock derived from the schema name. Returns the
-    layout version now in place. Raises :class:`BackendError` for a newer or damaged layout, or a schema
-    holding a foreign ``lifecycle_tasks`` table.
+    layout version now in place, or 0 when the tables are missing and ``create`` is false (then nothing
+    was created). Raises :class:`BackendError` for a newer or damaged layout, or a schema holding a foreign
+    ``lifecycle_tasks`` table.
     """
     where = f"PostgreSQL schema {schema!r}"
     names = {
@@ -113,6 +116,8 @@ async def ensure_schema(connection: psycopg.AsyncConnection[object], schema: str
                     f"the {where} holds a table {TASKS_TABLE!r} that anyio-lifecycle did not create (it has "
                     f"no {SCHEMA_TABLE!r} table); choose another schema with PostgresBackend(..., schema=...)"
                 )
+            if not create:
+                return 0
             await cursor.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {schema}").format(**names))
             create_versions = sql.SQL("CREATE TABLE {versions} (version integer NOT NULL)")
             await cursor.execute(create_versions.format(**names))
@@ -136,6 +141,8 @@ async def ensure_schema(connection: psycopg.AsyncConnection[object], schema: str
                 f"version understands up to {SCHEMA_VERSION}); upgrade anyio-lifecycle in this process, "
                 "or use another schema"
             )
+        if version == SCHEMA_VERSION:
+            return version  # nothing to write: a user with read rights only can open it
         while version < SCHEMA_VERSION:
             await _MIGRATIONS[version](cursor, schema)
             version += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import sqlite3
@@ -14,7 +15,8 @@ import anyio
 import anyio.to_thread
 
 from . import _sqlite_ops as ops
-from ._errors import BackendError
+from ._backend import Create, check_create
+from ._errors import BackendError, StoreNotFoundError
 from ._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
 from ._sqlite_schema import check_sqlite_version, ensure_schema
 
@@ -26,6 +28,10 @@ _T = TypeVar("_T")
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _MEMORY = ":memory:"
+
+
+class _Absent(enum.Enum):
+    CREATE = "create"  # a call that creates the store when it does not exist yet
 
 
 def _in_transaction(
@@ -52,7 +58,8 @@ class SQLiteBackend:
     (:func:`anyio.to_thread.run_sync`), one at a time per backend object, so it works on asyncio and trio.
 
     Args:
-        path: the database file (created with its tables when missing; its directory must exist).
+        path: the database file (created with its tables when missing, see :meth:`open`; its directory
+            must exist).
             ``":memory:"`` gives a private in-memory database, useful only within one backend object.
         poll_interval: how often, at most, an idle worker looks for work written by *other* processes
             (seconds). Work enqueued through the same backend object wakes it at once.
@@ -68,7 +75,8 @@ class SQLiteBackend:
     ``UPDATE ... RETURNING`` per queue, so two processes never lease the same task.
 
     Raises :class:`BackendError` from :meth:`open` when the directory is missing, the file is not a
-    database, SQLite is older than 3.35, or the file was written by a newer schema version.
+    database, SQLite is older than 3.35, or the file was written by a newer schema version; with
+    ``open(create=False)`` also when there is no task database at ``path``.
 
     Example::
 
@@ -95,6 +103,8 @@ class SQLiteBackend:
         self._busy_timeout = float(busy_timeout)
         self._synchronous = mode
         self._connection: sqlite3.Connection | None = None
+        self._deferred = False  # open, but no store yet: opened with create="on_enqueue"
+        self._attaching: anyio.Lock | None = None
         self._limiter: anyio.CapacityLimiter | None = None
         self._wakeup: anyio.Event | None = None
         self._changes = 0  # write transactions of this object that changed rows
@@ -115,14 +125,61 @@ class SQLiteBackend:
 
     # -- connection ---------------------------------------------------------------------------------------
 
-    async def open(self) -> None:
-        """Open the file, switch it to WAL, create or migrate the schema. Calling it again does nothing."""
-        if self._connection is not None:
+    async def open(self, *, create: Create = True) -> None:
+        """Open the file, switch it to WAL, create or migrate the schema. Calling it again does nothing.
+
+        ``create=False`` creates nothing: it raises :class:`BackendError` when the file does not exist or
+        holds no task tables (what the ``lifecycle tasks`` commands use). ``create="on_enqueue"`` (what
+        ``AsyncTasks(..., execution=False)`` uses) leaves a missing store missing until the first enqueue
+        (or claim) creates it; until then reads find no tasks and ``cancel``/``requeue``/``purge`` change
+        nothing. ``":memory:"`` is always created.
+        """
+        create = check_create(create)
+        if self._connection is not None or self._deferred:
             return
         check_sqlite_version()
         self._limiter = anyio.CapacityLimiter(1)
+        self._attaching = anyio.Lock()
+        if create is not True and self._path != _MEMORY:
+            missing = await anyio.to_thread.run_sync(self._missing_store, limiter=self._limiter)
+            if missing is not None and create is False:
+                raise StoreNotFoundError(missing)
+            if missing is not None:
+                self._check_directory()  # the first enqueue could not create the file: say so now
+                self._wakeup = anyio.Event()
+                self._deferred = True
+                return
+        connection = await anyio.to_thread.run_sync(self._connect, limiter=self._limiter)
         self._wakeup = anyio.Event()
-        self._connection = await anyio.to_thread.run_sync(self._connect, limiter=self._limiter)
+        self._connection = connection
+
+    def _missing_store(self) -> str | None:
+        """Why there is no task database at the path (one line), or ``None`` when there is one (or a file
+        that is not a database, which :meth:`_connect` reports). Creates nothing."""
+        path = Path(self._path).expanduser().absolute()
+        if not path.is_file():
+            return (
+                f"there is no SQLite task database at {self._path!r} (no such file); check the path, or "
+                "start a worker, which creates it"
+            )
+        try:
+            connection = sqlite3.connect(f"{path.as_uri()}?mode=rw", uri=True, timeout=self._busy_timeout)
+        except sqlite3.Error:
+            return None
+        try:
+            found = connection.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'lifecycle_schema'"
+            ).fetchone()
+        except sqlite3.DatabaseError:
+            return None
+        finally:
+            connection.close()
+        if found is None:
+            return (
+                f"the SQLite database {self._path!r} holds no task tables (no worker has used it yet, or it "
+                "belongs to something else); check the path"
+            )
+        return None
 
     def _switch_to_wal(self, connection: sqlite3.Connection) -> str:
         # Switching the journal mode needs an exclusive lock, and SQLite reports "database is locked" at once
@@ -140,15 +197,19 @@ class SQLiteBackend:
             time.sleep(pause)  # on the backend's worker thread, never on the event loop
             pause = min(pause * 2, 0.1)
 
-    def _connect(self) -> sqlite3.Connection:
-        where = repr(self._path)
+    def _check_directory(self) -> None:
+        """Raise :class:`BackendError` when the file's directory does not exist (the file cannot be made)."""
         if self._path != _MEMORY:
             parent = Path(self._path).expanduser().absolute().parent
             if not parent.is_dir():
                 raise BackendError(
-                    f"cannot open the SQLite task database {where}: its directory {str(parent)!r} does not "
-                    "exist; create the directory first or choose another path"
+                    f"cannot open the SQLite task database {self._path!r}: its directory {str(parent)!r} "
+                    "does not exist; create the directory first or choose another path"
                 )
+
+    def _connect(self) -> sqlite3.Connection:
+        where = repr(self._path)
+        self._check_directory()
         try:
             connection = sqlite3.connect(
                 os.path.expanduser(self._path),
@@ -192,6 +253,7 @@ class SQLiteBackend:
     async def close(self) -> None:
         """Close the connection (the last connection to close checkpoints the WAL). Idempotent."""
         connection, self._connection = self._connection, None
+        self._deferred = False
         if connection is None:
             return
         self._wake()
@@ -210,14 +272,46 @@ class SQLiteBackend:
             self._wakeup.set()
             self._wakeup = anyio.Event()
 
-    async def _read(self, operation: Callable[..., _T], *args: Any) -> _T:
-        connection = self._require()
+    async def _store(self, absent: object) -> sqlite3.Connection | None:
+        """The connection. While the store does not exist yet (opened with ``create="on_enqueue"``): made
+        now for ``absent=_Absent.CREATE``, else ``None``, unless another process made it meanwhile."""
+        if self._connection is not None or not self._deferred:
+            return self._require()
+        assert self._attaching is not None
+        async with self._attaching:
+            if self._connection is None:
+                if absent is not _Absent.CREATE:
+                    missing = await anyio.to_thread.run_sync(self._missing_store, limiter=self._limiter)
+                    if missing is not None:
+                        return None
+                self._connection = await anyio.to_thread.run_sync(self._connect, limiter=self._limiter)
+                self._deferred = False
+        return self._connection
+
+    async def _read(
+        self, operation: Callable[..., _T], *args: Any, absent: _T | _Absent = _Absent.CREATE
+    ) -> _T:
+        """Run ``operation``; ``absent`` is the answer while there is no store (see :meth:`_store`)."""
+        connection = await self._store(absent)
+        if connection is None:
+            assert not isinstance(absent, _Absent)
+            return absent
         return await anyio.to_thread.run_sync(operation, connection, *args, limiter=self._limiter)
 
-    async def _write(self, operation: Callable[..., _T], *args: Any, wake: bool = True) -> _T:
+    async def _write(
+        self,
+        operation: Callable[..., _T],
+        *args: Any,
+        wake: bool = True,
+        absent: _T | _Absent = _Absent.CREATE,
+    ) -> _T:
         """Run ``operation`` in a write transaction; with ``wake``, a change wakes this object's waiters
-        (only writes that can make work claimable: enqueue, settle, requeue, recovery)."""
-        connection = self._require()
+        (only writes that can make work claimable: enqueue, settle, requeue, recovery). ``absent`` is the
+        answer while there is no store (see :meth:`_store`)."""
+        connection = await self._store(absent)
+        if connection is None:
+            assert not isinstance(absent, _Absent)
+            return absent
         result, changed = await anyio.to_thread.run_sync(
             _in_transaction, connection, operation, args, limiter=self._limiter
         )
@@ -296,7 +390,7 @@ class SQLiteBackend:
 
     async def get(self, task_id: str) -> TaskRecord | None:
         """The record with this id, or ``None``."""
-        return await self._read(ops.get, task_id)
+        return await self._read(ops.get, task_id, absent=None)
 
     async def list_records(
         self,
@@ -309,17 +403,17 @@ class SQLiteBackend:
         """Records matching the filters, newest ``enqueued_at`` first."""
         if states is not None and not states:
             return []
-        return await self._read(ops.list_records, states, queue, limit, offset)
+        return await self._read(ops.list_records, states, queue, limit, offset, absent=[])
 
     async def stats(self) -> Mapping[str, Mapping[TaskState, int]]:
         """Counts per queue and state (states with no record are left out)."""
-        return await self._read(ops.stats)
+        return await self._read(ops.stats, absent={})
 
     async def cancel(self, task_ids: Sequence[str], *, now: float) -> list[str]:
         """Cancel pending tasks among ``task_ids``; return those cancelled."""
         if not task_ids:
             return []
-        return await self._write(ops.cancel, list(task_ids), now, wake=False)
+        return await self._write(ops.cancel, list(task_ids), now, wake=False, absent=[])
 
     async def requeue(
         self, task_ids: Sequence[str] | None = None, *, queue: str | None = None, now: float
@@ -328,7 +422,7 @@ class SQLiteBackend:
         if task_ids is not None and not task_ids:
             return 0
         ids = None if task_ids is None else list(task_ids)
-        return await self._write(ops.requeue, ids, queue, now)
+        return await self._write(ops.requeue, ids, queue, now, absent=0)
 
     async def purge(
         self,
@@ -341,7 +435,7 @@ class SQLiteBackend:
         """Delete matching records; return how many were deleted."""
         if not states:
             return 0
-        return await self._write(ops.purge, states, queue, before, limit, wake=False)
+        return await self._write(ops.purge, states, queue, before, limit, wake=False, absent=0)
 
 
 def _close(connection: sqlite3.Connection) -> None:

@@ -208,7 +208,8 @@ class Worker:
             delay,
             exc_info=failures == 1,
         )
-        await anyio.sleep(delay)
+        with anyio.move_on_after(delay):
+            await self.stopping.wait()  # a stop ends the pause: nothing more is claimed
 
     async def _drain(self) -> None:
         if self._running:

@@ -5,13 +5,15 @@ Install with ``pip install "anyio-lifecycle[postgres]"`` (psycopg 3 and psycopg-
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from typing import Any, Literal, TypeVar
 
 import anyio
 import psycopg
@@ -24,7 +26,8 @@ from psycopg_pool import AsyncConnectionPool
 from .._redact import redact
 from . import _postgres_ops as ops
 from ._asyncio_only import require_asyncio
-from ._errors import BackendError
+from ._backend import Create, check_create
+from ._errors import BackendError, StoreNotFoundError
 from ._postgres_listen import Listener
 from ._postgres_schema import ensure_schema
 from ._postgres_sql import Statements
@@ -34,6 +37,9 @@ __all__ = ["PostgresBackend"]
 
 _log = logging.getLogger("lifecycle.asynctask.postgres")
 
+_T = TypeVar("_T")
+
+_CLAIM_WAIT = 1.0  # seconds a claim waits for a pooled connection
 _MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1, in bytes
 _APPLICATION_NAME = "lifecycle-asynctask"
 
@@ -64,18 +70,21 @@ class PostgresBackend:
         dsn: a libpq connection string or URL, such as ``"postgresql://app@db.internal:5432/app"`` or
             ``"host=db.internal dbname=app user=app"`` (passwords, TLS and the rest as libpq accepts them,
             including ``PGPASSWORD``/``~/.pgpass``).
-        schema: the PostgreSQL schema that holds the backend's tables (created when missing). Use one schema
-            per application; two applications on one database keep apart by schema.
+        schema: the PostgreSQL schema that holds the backend's tables (created when missing, see
+            :meth:`open`). Use one schema per application; two applications on one database keep apart by
+            schema.
         pool_size: the most pooled connections this object opens (one more is kept for ``LISTEN``). A worker
             uses up to four at once: claims, settlements, heartbeats and its wait.
         connect_timeout: how long :meth:`open`, and any call that needs a new connection, waits for the
-            server before giving up (seconds).
+            server before giving up (seconds). A claim waits at most 1 s for a pooled connection: the
+            worker claims again anyway, and a worker asked to stop is not held up.
         poll_interval: how long an idle worker waits at most before it looks at the table again, in case a
             notification was missed (seconds). Notifications normally wake it at once.
 
     The schema is created and migrated by :meth:`open` (versioned; a schema written by a newer version is
-    refused). After a server restart the pool replaces broken connections and the ``LISTEN`` connection
-    reconnects in the background; calls made while the server is down raise :class:`psycopg.OperationalError`.
+    refused; ``open(create=...)`` says whether it may create it). After a server restart the pool replaces
+    broken connections and the ``LISTEN`` connection reconnects in the background; calls made while the
+    server is down raise :class:`psycopg.OperationalError`.
 
     :meth:`enqueue_many_in` joins a transaction of your own connection (the transactional outbox).
 
@@ -136,6 +145,8 @@ class PostgresBackend:
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
         self._listener: Listener | None = None
         self._reported: tuple[object, ...] | None = None  # what wait_for_work last returned for
+        self._abandoned: set[asyncio.Future[Any]] = set()  # connection waits a cancelled caller left
+        self._absent = False  # open, but no tables yet: opened with create="on_enqueue"
 
     @property
     def schema(self) -> str:
@@ -164,12 +175,19 @@ class PostgresBackend:
 
     # -- connection ---------------------------------------------------------------------------------------
 
-    async def open(self) -> None:
+    async def open(self, *, create: Create = True) -> None:
         """Connect, create or migrate the schema, start listening. Calling it again does nothing.
+
+        ``create=False`` creates nothing: it raises :class:`BackendError` when the schema holds no task
+        tables (what the ``lifecycle tasks`` commands use). ``create="on_enqueue"`` (what
+        ``AsyncTasks(..., execution=False)`` uses) leaves missing tables missing until the first enqueue
+        (or claim) creates them; until then reads find no tasks and ``cancel``/``requeue``/``purge`` change
+        nothing.
 
         Raises :class:`BackendError` under trio, when the server cannot be reached within
         ``connect_timeout``, or for a schema written by a newer version.
         """
+        create = check_create(create)
         if self._pool is not None:
             return
         require_asyncio("PostgresBackend", "psycopg's async support is asyncio-only")
@@ -189,7 +207,13 @@ class PostgresBackend:
         try:
             with anyio.fail_after(self._connect_timeout):
                 # A connection of its own first, so that a bad DSN or missing rights fail here, clearly.
-                await self._prepare_schema()
+                stored = await self._prepare_schema(create=create is True)
+                if not stored and create is False:
+                    raise StoreNotFoundError(
+                        f"there are no task tables in PostgreSQL schema {self._schema!r} at "
+                        f"{_safe_dsn(self._dsn)}; check the schema name (?schema=NAME in a URL) and the "
+                        "database, or start a worker, which creates them"
+                    )
                 await listener.start()
                 await pool.open(wait=True, timeout=self._connect_timeout)
         except BaseException as exc:
@@ -215,16 +239,38 @@ class PostgresBackend:
                 ) from exc
             raise
         self._pool, self._listener = pool, listener
+        self._absent = not stored
 
-    async def _prepare_schema(self) -> None:
+    async def _prepare_schema(self, *, create: bool) -> int:
+        """Check (and with ``create``, create or migrate) the tables; their layout version, 0 if none."""
         connection = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True, **self._connect_kwargs)
         try:
-            await ensure_schema(connection, self._schema)
+            return await ensure_schema(connection, self._schema, create=create)
         finally:
             await connection.close()
 
+    async def _create_tables(self) -> None:
+        """Create the tables of a backend opened with ``create="on_enqueue"`` (its first write)."""
+        try:
+            with anyio.fail_after(self._connect_timeout):
+                await self._prepare_schema(create=True)
+        except TimeoutError:
+            raise psycopg.OperationalError(
+                f"cannot connect to PostgreSQL at {_safe_dsn(self._dsn)} within {self._connect_timeout} s "
+                f"to create the task tables in schema {self._schema!r}"
+            ) from None
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:
+            raise BackendError(
+                f"cannot create the task tables in schema {self._schema!r}: {str(exc).strip()}; grant this "
+                "user the right to create the schema and its tables, or start a worker as a user who has it"
+            ) from exc
+        self._absent = False
+
     async def close(self) -> None:
         """Stop listening and close every connection. Idempotent."""
+        self._absent = False
         pool, self._pool = self._pool, None
         listener, self._listener = self._listener, None
         with anyio.CancelScope(shield=True):
@@ -232,27 +278,69 @@ class PostgresBackend:
                 await listener.close()
             if pool is not None:
                 await pool.close()
+            # Connection waits abandoned by cancelled callers end once the pool is closed: let them (a
+            # connection check stuck on a silent server is left behind after connect_timeout).
+            with anyio.move_on_after(self._connect_timeout):
+                while self._abandoned:
+                    await asyncio.gather(*self._abandoned, return_exceptions=True)
 
     @contextlib.asynccontextmanager
-    async def _connection(self, *, wait: float | None = None) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """A pooled connection; ``wait`` bounds the wait for one (default: ``connect_timeout``)."""
+    async def _connection(
+        self, *, wait: float | None = None, create: bool = True
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection; ``wait`` bounds the wait for one (default: ``connect_timeout``). Tables that
+        do not exist yet (opened with ``create="on_enqueue"``) are created first, unless ``create`` is
+        false (inspection and operator actions, see :meth:`_inspect`)."""
         pool = self._pool
         if pool is None:
             raise BackendError(
                 f"{self!r} is not open: call `await backend.open()` first (AsyncTasks does it in initialize)"
             )
-        # Taking and returning a connection are shielded from cancellation: psycopg_pool is not written
-        # for anyio's cancel scopes, which cancel every await until the scope is left, and interrupted in
-        # its connection check or while taking a connection back it can lose track of one, so the pool
-        # shrinks for good. Both steps are quick; when the server is unreachable the pool's own timeout
-        # bounds them.
-        with anyio.CancelScope(shield=True):
-            connection = await pool.getconn(timeout=wait)
+        if self._absent and create:
+            await self._create_tables()
+        connection = await self._take(pool, wait)
         try:
             yield connection
         finally:
             with anyio.CancelScope(shield=True):
                 await pool.putconn(connection)
+
+    async def _take(
+        self, pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]], wait: float | None
+    ) -> psycopg.AsyncConnection[Any]:
+        """A connection from ``pool``, waiting at most ``wait`` seconds; the wait is cancellable.
+
+        psycopg_pool is not written for anyio's cancel scopes, which cancel every await until the scope is
+        left: interrupted in its connection check it can lose track of a connection, so the pool shrinks
+        for good. So ``getconn`` runs to its end in a task of its own, and a caller cancelled meanwhile
+        (a shutdown that stops waiting for a server that is down) leaves at once: the connection, when it
+        comes, goes back to the pool.
+        """
+        taking = asyncio.ensure_future(pool.getconn(timeout=wait))
+        try:
+            return await asyncio.shield(taking)
+        except BaseException:
+            self._abandoned.add(taking)
+            taking.add_done_callback(functools.partial(self._give_back, pool))
+            raise
+
+    def _give_back(
+        self,
+        pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
+        taking: asyncio.Future[psycopg.AsyncConnection[Any]],
+    ) -> None:
+        """Return the connection of an abandoned :meth:`_take` to ``pool`` (or drop its error)."""
+        self._abandoned.discard(taking)
+        if taking.cancelled() or taking.exception() is not None:
+            return  # the pool timed out or closed: nothing was taken
+        returning = asyncio.ensure_future(pool.putconn(taking.result()))
+        self._abandoned.add(returning)
+        returning.add_done_callback(self._returned)
+
+    def _returned(self, returning: asyncio.Future[None]) -> None:
+        self._abandoned.discard(returning)
+        if not returning.cancelled() and returning.exception() is not None:
+            _log.debug("could not return a connection to the pool: %s", returning.exception())
 
     # -- the Backend protocol -----------------------------------------------------------------------------
 
@@ -308,10 +396,15 @@ class PostgresBackend:
         try:
             return await ops.enqueue(connection, self._statements, tasks, if_exists)
         except psycopg.errors.UndefinedTable as exc:
-            raise BackendError(
-                f"the task tables of schema {self._schema!r} do not exist in this database: open a "
-                "PostgresBackend with this schema once (AsyncTasks does it at start) to create them"
-            ) from exc
+            if not (self._absent and self._pool is not None):
+                raise BackendError(
+                    f"the task tables of schema {self._schema!r} do not exist in this database: open this "
+                    "PostgresBackend first (an AsyncTasks opens it in initialize; it creates the tables "
+                    "then, or at its first enqueue when execution=False)"
+                ) from exc
+        # Opened with create="on_enqueue" and no tables yet: only the savepoint was rolled back.
+        await self._create_tables()
+        return await ops.enqueue(connection, self._statements, tasks, if_exists)
 
     async def claim(
         self, queues: Sequence[str], limit: int, *, now: float, lease_until: float
@@ -320,7 +413,9 @@ class PostgresBackend:
         :meth:`Backend.claim`."""
         if limit <= 0 or not queues:
             return []
-        async with self._connection() as connection:
+        # The worker claims again soon anyway, so a claim does not wait long for a connection: while the
+        # server is down it fails after _CLAIM_WAIT, and a worker asked to stop is not held up by it.
+        async with self._connection(wait=min(self._connect_timeout, _CLAIM_WAIT)) as connection:
             return await ops.claim(
                 connection, self._statements, list(dict.fromkeys(queues)), limit, now, lease_until
             )
@@ -406,10 +501,23 @@ class PostgresBackend:
             _log.debug("wait_for_work could not look for due tasks: %s", exc)
             return None
 
+    async def _inspect(self, operation: Callable[..., Awaitable[_T]], *args: Any, absent: _T) -> _T:
+        """``operation(connection, statements, *args)`` of an inspection or operator action: while the
+        tables do not exist yet (opened with ``create="on_enqueue"``) its answer is ``absent``, and nothing
+        is created."""
+        async with self._connection(create=False) as connection:
+            try:
+                result = await operation(connection, self._statements, *args)
+            except psycopg.errors.UndefinedTable:
+                if not self._absent:
+                    raise
+                return absent
+        self._absent = False  # the tables exist (another process created them)
+        return result
+
     async def get(self, task_id: str) -> TaskRecord | None:
         """The record with this id, or ``None``."""
-        async with self._connection() as connection:
-            return await ops.get(connection, self._statements, task_id)
+        return await self._inspect(ops.get, task_id, absent=None)
 
     async def list_records(
         self,
@@ -422,20 +530,17 @@ class PostgresBackend:
         """Records matching the filters, newest ``enqueued_at`` first."""
         if states is not None and not states:
             return []
-        async with self._connection() as connection:
-            return await ops.list_records(connection, self._statements, states, queue, limit, offset)
+        return await self._inspect(ops.list_records, states, queue, limit, offset, absent=[])
 
     async def stats(self) -> Mapping[str, Mapping[TaskState, int]]:
         """Counts per queue and state (states with no record are left out)."""
-        async with self._connection() as connection:
-            return await ops.stats(connection, self._statements)
+        return await self._inspect(ops.stats, absent={})
 
     async def cancel(self, task_ids: Sequence[str], *, now: float) -> list[str]:
         """Cancel pending tasks among ``task_ids``; return those cancelled."""
         if not task_ids:
             return []
-        async with self._connection() as connection:
-            return await ops.cancel(connection, self._statements, task_ids, now)
+        return await self._inspect(ops.cancel, task_ids, now, absent=[])
 
     async def requeue(
         self, task_ids: Sequence[str] | None = None, *, queue: str | None = None, now: float
@@ -443,8 +548,7 @@ class PostgresBackend:
         """Move dead/cancelled tasks back to pending with ``attempts = 0``; return how many moved."""
         if task_ids is not None and not task_ids:
             return 0
-        async with self._connection() as connection:
-            return await ops.requeue(connection, self._statements, task_ids, queue, now)
+        return await self._inspect(ops.requeue, task_ids, queue, now, absent=0)
 
     async def purge(
         self,
@@ -457,8 +561,7 @@ class PostgresBackend:
         """Delete matching records; return how many were deleted."""
         if not states:
             return 0
-        async with self._connection() as connection:
-            return await ops.purge(connection, self._statements, states, queue, before, limit)
+        return await self._inspect(ops.purge, states, queue, before, limit, absent=0)
 
 
 def _check_if_exists(if_exists: str) -> None:

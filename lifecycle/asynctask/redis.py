@@ -20,7 +20,8 @@ from redis.exceptions import RedisError, ResponseError
 
 from . import _redis_admin as admin
 from ._asyncio_only import require_asyncio
-from ._errors import BackendError, DuplicateTaskError
+from ._backend import Create, check_create
+from ._errors import BackendError, DuplicateTaskError, StoreNotFoundError
 from ._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
 from ._redis_codec import (
     RECORD_FIELDS,
@@ -144,6 +145,7 @@ class RedisBackend:
         self._calls = itertools.count(1)
         self._last_claim = ""
         self._last_reclaim = ""
+        self._unmarked = False  # open, but no layout key yet: opened with create="on_enqueue"
 
     @property
     def prefix(self) -> str:
@@ -161,12 +163,19 @@ class RedisBackend:
 
     # -- connection ---------------------------------------------------------------------------------------
 
-    async def open(self) -> None:
+    async def open(self, *, create: Create = True) -> None:
         """Connect, check the server and the key layout, load the scripts. Calling it again does nothing.
+
+        The keys of a prefix exist once a task is stored; ``open`` records the layout version under the
+        prefix (``{prefix}:layout``). ``create=False`` writes nothing: it raises :class:`BackendError` when
+        no backend has used this prefix on this database (what the ``lifecycle tasks`` commands use).
+        ``create="on_enqueue"`` (what ``AsyncTasks(..., execution=False)`` uses) records the layout at the
+        first enqueue instead, so looking at tasks writes no key.
 
         Raises :class:`BackendError` under trio, when the server cannot be reached within
         ``connect_timeout`` or refuses the login, runs a Redis older than 6.0, or holds a newer layout.
         """
+        create = check_create(create)
         if self._runner is not None:
             return
         require_asyncio("RedisBackend", "redis-py's client is asyncio-only")
@@ -201,7 +210,17 @@ class RedisBackend:
                     )
                 policy = str(info.get("maxmemory_policy", "noeviction"))
                 await runner.load_all()
-                stored = await runner.run("layout", [str(LAYOUT_VERSION)])
+                if create is True:
+                    stored = await runner.run("layout", [str(LAYOUT_VERSION)])
+                else:
+                    layout_key = f"{self._prefix}layout"
+                    stored = await runner.once(lambda: client.get(layout_key))
+                    if stored is None and create is False:
+                        raise StoreNotFoundError(
+                            f"there are no tasks under prefix {self._name!r} at {safe_url(self._url)} (no "
+                            f"{layout_key} key); check the prefix (?prefix=NAME in a URL) and the database "
+                            "number, or start a worker, which creates it"
+                        )
         except BackendError:
             await close_clients(client, waiter)
             raise
@@ -211,13 +230,10 @@ class RedisBackend:
         except BaseException:
             await close_clients(client, waiter)
             raise
-        if int(stored) > LAYOUT_VERSION:
+        self._unmarked = stored is None
+        if int(stored or 0) > LAYOUT_VERSION:
             await close_clients(client, waiter)
-            raise BackendError(
-                f"the keys under prefix {self._name!r} at {safe_url(self._url)} use layout version "
-                f"{int(stored)}, newer than this version of lifecycle understands ({LAYOUT_VERSION}); "
-                "upgrade anyio-lifecycle, or use another prefix"
-            )
+            raise self._newer_layout(int(stored))
         if policy.startswith("allkeys-"):
             _log.warning(
                 "Redis at %s evicts keys when it runs out of memory (maxmemory-policy %s): tasks can vanish; "
@@ -229,6 +245,21 @@ class RedisBackend:
         self._runner = runner
         self._waiting = Waiter(
             runner, waiter, nonce=self._nonce, clock=self._clock, socket_timeout=self._socket_timeout
+        )
+
+    async def _mark_layout(self, runner: ScriptRunner) -> None:
+        """Record the layout version before the first enqueue of a backend opened with
+        ``create="on_enqueue"``; refuse a newer layout another process recorded meanwhile."""
+        stored = int(await runner.run("layout", [str(LAYOUT_VERSION)]))
+        if stored > LAYOUT_VERSION:
+            raise self._newer_layout(stored)
+        self._unmarked = False
+
+    def _newer_layout(self, stored: int) -> BackendError:
+        return BackendError(
+            f"the keys under prefix {self._name!r} at {safe_url(self._url)} use layout version "
+            f"{stored}, newer than this version of lifecycle understands ({LAYOUT_VERSION}); "
+            "upgrade anyio-lifecycle, or use another prefix"
         )
 
     async def close(self) -> None:
@@ -263,6 +294,8 @@ class RedisBackend:
         runner = self._run()
         if not tasks:
             return []
+        if self._unmarked:
+            await self._mark_layout(runner)
         args: list[str | bytes] = [if_exists, self._call_id(), str(len(tasks))]
         for task in tasks:
             args += new_task_args(task)

@@ -30,7 +30,9 @@ from rich.console import Console
 from rich.text import Text
 
 from .._redact import redact
-from ..asynctask import AsyncTasks, TaskState, backend_from_url
+from ..asynctask import AsyncTasks, Backend, TaskState, backend_from_url
+from ..asynctask._backend import Create, opens_without_creating
+from ..asynctask._errors import StoreNotFoundError
 from ..tasks._checks import BaseExceptionGroup
 from ._format import EXIT_USAGE, CliError, plain_help
 
@@ -155,14 +157,20 @@ def _with_tasks(command: TasksCommand) -> Callable[[argparse.Namespace], int]:
 
 
 async def _run(command: TasksCommand, args: argparse.Namespace) -> int:
-    async with open_session(args.backend, args.app) as session:
+    # Schedules are declared in code: listing them neither needs stored tasks nor creates a store.
+    create: Create = "on_enqueue" if args.tasks_command == "schedules" else False
+    async with open_session(args.backend, args.app, create=create) as session:
         return await command(args, session)
 
 
 @asynccontextmanager
-async def open_session(url: str | None, app: str | None) -> AsyncIterator[Session]:
+async def open_session(url: str | None, app: str | None, *, create: Create = False) -> AsyncIterator[Session]:
     """The opened :class:`AsyncTasks` (enqueue-only) over ``url``'s backend, or the app's own AsyncTasks
-    (with ``url`` given as well, the app's encoding over ``url``'s backend). Raises :class:`CliError`."""
+    (with ``url`` given as well, the app's encoding over ``url``'s backend). Raises :class:`CliError`.
+
+    A built-in backend is opened with ``create``: by default (``False``) a store that does not exist is an
+    error, never created, whatever the app's AsyncTasks would do; ``"on_enqueue"`` creates nothing either
+    and finds no tasks."""
     loaded = _load_app(app) if app else None
     if url is None and loaded is None:
         raise CliError(
@@ -170,7 +178,8 @@ async def open_session(url: str | None, app: str | None) -> AsyncIterator[Sessio
             f"${BACKEND_ENV}, or pass --app MODULE:ATTR naming your AsyncTasks"
         )
     if url is not None:
-        _check_sqlite_file(url)
+        if create is False:
+            _check_sqlite_file(url)
         try:
             backend = backend_from_url(url)
         except (ValueError, ImportError) as exc:
@@ -179,8 +188,21 @@ async def open_session(url: str | None, app: str | None) -> AsyncIterator[Sessio
     else:
         assert loaded is not None
         tasks = loaded
+    await _open_backend(tasks.backend, create)
     async with tasks:
         yield Session(tasks, loaded, Console())
+
+
+async def _open_backend(backend: Backend, create: Create) -> None:
+    """Open ``backend`` with ``create`` before ``AsyncTasks`` does (its ``open`` then does nothing): a
+    missing store is a usage error, like a missing SQLite file. A backend whose ``open`` takes no
+    ``create`` is left to ``AsyncTasks``."""
+    if not opens_without_creating(backend):
+        return
+    try:
+        await backend.open(create=create)  # type: ignore[call-arg]
+    except StoreNotFoundError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _load_app(spec: str) -> AsyncTasks:

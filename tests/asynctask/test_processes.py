@@ -224,7 +224,7 @@ def test_sigterm_lets_in_flight_tasks_finish_within_the_grace_period(
 @pytest.mark.parametrize("backend_name", ["sqlite"])  # writes into the SQLite file itself
 def test_a_corrupt_payload_row_goes_dead_and_nothing_else_is_lost(backend_url: str, tmp_path: Path) -> None:
     db = backend_url.removeprefix("sqlite:///")
-    enqueue(backend_url, [])  # creates the schema
+    records(backend_url)  # opening the backend creates the schema (an enqueue-only AsyncTasks would not)
     now = time.time()
     with sqlite3.connect(db) as raw:  # written by hand, claimed first (earliest run_at)
         raw.execute(

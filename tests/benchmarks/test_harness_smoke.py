@@ -19,18 +19,31 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import report, venvs  # noqa: E402
+from benchmarks.peers._common import OWNED_MARK, RedisAdmin  # noqa: E402
+from benchmarks.redis_server import PrivateRedis, find_redis_server  # noqa: E402
 
-# The harness FLUSHes its Redis database before every run, so it gets one of its own (never DB 0).
-BENCH_REDIS_URL = os.environ.get("LIFECYCLE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
 OUR_SCENARIOS = {
     *("drain", "enqueue", "latency", "mix", "sqlite_drain", "sqlite_enqueue"),
     *("core_asyncio", "core_trio"),
 }
 
 
-@pytest.mark.redis
-def test_tiny_run_of_every_scenario_reports_numbers_for_our_library(redis_url: str, tmp_path: Path) -> None:
-    # redis_url: skips (or fails under LIFECYCLE_REQUIRE_SERVICES=1) when the shared server is down.
+@pytest.fixture
+def redis_server() -> str:
+    """The redis-server binary the harness starts privately (skips, or fails under
+    LIFECYCLE_REQUIRE_SERVICES=1, when it is not installed)."""
+    try:
+        return find_redis_server()
+    except FileNotFoundError as error:
+        if os.environ.get("LIFECYCLE_REQUIRE_SERVICES") == "1":
+            pytest.fail(str(error), pytrace=False)
+        pytest.skip(str(error))
+
+
+def test_tiny_run_of_every_scenario_reports_numbers_for_our_library(
+    redis_server: str, tmp_path: Path
+) -> None:
+    # No --redis-url: the harness runs its own redis-server, so it empties no database others use.
     output = tmp_path / "benchmarks.md"
     output.write_text(
         "# Benchmarks\n\nprose that must survive\n\n" + report.BEGIN + "\nold\n" + report.END + "\n"
@@ -39,7 +52,7 @@ def test_tiny_run_of_every_scenario_reports_numbers_for_our_library(redis_url: s
     command = [
         sys.executable, "benchmarks/run.py", "--rounds", "1", "--n", "200", "--latency-n", "20",
         "--core-n", "2000", "--shutdown-n", "300", "--libraries", "lifecycle", "--skip-install",
-        "--redis-url", BENCH_REDIS_URL, "--run-timeout", "60", "--output", str(output), "--chart", "none",
+        "--redis-server", redis_server, "--run-timeout", "60", "--output", str(output), "--chart", "none",
         "--json", str(raw),
     ]  # fmt: skip
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
@@ -72,6 +85,38 @@ def test_tiny_run_of_every_scenario_reports_numbers_for_our_library(redis_url: s
     assert "\nold\n" not in text
     assert "| **lifecycle** |" in text
     assert "### Failed runs" not in text
+
+
+def test_the_private_redis_server_is_stopped_and_removed(redis_server: str) -> None:
+    with PrivateRedis(redis_server) as server:
+        pid = server.pid
+        assert pid is not None
+        admin = RedisAdmin(server.url)
+        assert admin.command("PING") == "PONG"
+        admin.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_a_database_holding_keys_the_harness_did_not_write_is_never_emptied(redis_server: str) -> None:
+    with PrivateRedis(redis_server) as server:
+        admin = RedisAdmin(server.url)
+        try:
+            admin.command("SET", "someone-elses", "data")
+            with pytest.raises(SystemExit, match="holds 1 key"):
+                admin.flush_own_db()
+            assert admin.command("GET", "someone-elses") == "data"
+
+            admin.command("DEL", "someone-elses")
+            admin.flush_own_db()  # empty: the harness takes it, and may empty it from now on
+            admin.command("SET", "written-by-a-run", "1")
+            admin.flush_own_db()
+            assert admin.command("DBSIZE") == 1
+            assert admin.command("EXISTS", OWNED_MARK) == 1
+            admin.flush_own_db(keep_mark=False)
+            assert admin.command("DBSIZE") == 0
+        finally:
+            admin.close()
 
 
 def test_every_peer_has_a_pinned_section_and_an_adapter() -> None:

@@ -12,7 +12,8 @@ from cli_support import seed
 
 @pytest.fixture(params=["sqlite", "redis", "postgres"])
 def url(request: pytest.FixtureRequest, tmp_path: Path, unique_name: str) -> Iterator[str]:
-    """A backend URL of a fresh, empty store (the SQLite file is created; the rest is removed afterwards)."""
+    """A backend URL of a fresh, empty store, created here (the commands refuse a store that does not
+    exist); the Redis keys and the PostgreSQL schema are removed afterwards."""
     kind = request.param
     if kind == "sqlite":
         path = tmp_path / "tasks.db"
@@ -22,6 +23,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path, unique_name: str) -> Ite
         return
     if kind == "redis":
         base = request.getfixturevalue("redis_url")
+        seed(f"{base}?prefix={unique_name}")
         yield f"{base}?prefix={unique_name}"
 
         async def clear() -> None:
@@ -37,6 +39,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path, unique_name: str) -> Ite
         anyio.run(clear, backend="asyncio")
         return
     dsn = request.getfixturevalue("postgres_dsn")
+    seed(f"{dsn}?schema={unique_name}")
     yield f"{dsn}?schema={unique_name}"
     import psycopg
     from psycopg import sql

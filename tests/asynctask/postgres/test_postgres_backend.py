@@ -200,8 +200,8 @@ async def test_an_older_schema_is_migrated_step_by_step(
     assert steps == [1], "a migrated schema is not migrated again"
 
 
-async def test_odd_schema_names_are_quoted_safely(postgres_dsn: str) -> None:
-    name = 'Odd "Schema"; DROP TABLE x; --'
+async def test_odd_schema_names_are_quoted_safely(postgres_dsn: str, unique_name: str) -> None:
+    name = f'Odd "Schema"; DROP TABLE x; -- {unique_name}'  # unique: the test drops it afterwards
     backend = PostgresBackend(postgres_dsn, schema=name)
     try:
         await backend.open()

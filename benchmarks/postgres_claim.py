@@ -1,0 +1,112 @@
+"""How long a PostgreSQL claim takes over a large backlog the planner has no statistics for.
+
+    python benchmarks/postgres_claim.py --dsn postgresql://postgres@127.0.0.1/test --n 100000
+
+In a schema of its own (``lifecycle_bench_<random>``, dropped at the end; nothing else is touched), with
+autovacuum off for the table so that no ANALYZE runs: enqueue ``--n`` tasks delayed by an hour, then time
+claims that find nothing due (the worker's idle claim), as ``EXPLAIN ANALYZE`` execution time and as the
+wall time of ``PostgresBackend.claim``; and lease recovery over ``--n`` active tasks (of another queue). Both
+again after ``ANALYZE``. Prints medians in milliseconds. docs/backends.md quotes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import psycopg  # noqa: E402
+from psycopg import sql  # noqa: E402
+
+from lifecycle.asynctask import NewTask  # noqa: E402
+from lifecycle.asynctask._postgres_schema import TASKS_TABLE  # noqa: E402
+from lifecycle.asynctask.postgres import PostgresBackend  # noqa: E402
+
+_BATCH = 10_000
+
+
+def _tasks(prefix: str, n: int, run_at: float, queue: str) -> list[NewTask]:
+    now = time.time()
+    return [NewTask(f"{prefix}{i}", "bench.noop", queue, b"[]", 0, None, now, run_at) for i in range(n)]
+
+
+async def _explain_ms(dsn: str, statement: bytes, params: tuple[Any, ...], repeat: int) -> float:
+    times = []
+    async with await psycopg.AsyncConnection.connect(dsn) as connection:
+        for _ in range(repeat):
+            cursor = await connection.execute(b"EXPLAIN (ANALYZE, FORMAT JSON) " + statement, params)
+            row = await cursor.fetchone()
+            assert row is not None
+            times.append(float(row[0][0]["Execution Time"]))
+            await connection.rollback()  # EXPLAIN ANALYZE runs the UPDATE: keep the backlog as it is
+    return statistics.median(times)
+
+
+async def _wall_ms(call: Any, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        await call()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+async def _measure(dsn: str, backend: PostgresBackend, repeat: int, label: str) -> None:
+    st = backend._statements
+    now = time.time()
+    claim = await _explain_ms(dsn, st.claim, (["default"], now, 10, 10, now, now + 30), repeat)
+    claim_wall = await _wall_ms(
+        lambda: backend.claim(["default"], 10, now=time.time(), lease_until=time.time() + 30), repeat
+    )
+    reclaim = await _explain_ms(dsn, st.reclaim, (now, 10, now + 30), repeat)
+    print(
+        f"{label:<11} claim {claim:7.3f} ms (EXPLAIN ANALYZE), {claim_wall:7.3f} ms (PostgresBackend.claim); "
+        f"lease recovery {reclaim:7.3f} ms (EXPLAIN ANALYZE)",
+        flush=True,
+    )
+
+
+async def main(argv: list[str] | None = None) -> None:
+    """Fill, measure unanalysed, ANALYZE, measure again, drop the schema."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--n", type=int, default=100_000, help="delayed tasks, and as many active ones")
+    parser.add_argument("--repeat", type=int, default=30, help="measurements per median")
+    args = parser.parse_args(argv)
+    schema = f"lifecycle_bench_{uuid.uuid4().hex[:12]}"
+    table = sql.Identifier(schema, TASKS_TABLE)
+    backend = PostgresBackend(args.dsn, schema=schema)
+    await backend.open()
+    try:
+        async with await psycopg.AsyncConnection.connect(args.dsn, autocommit=True) as connection:
+            await connection.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = false)").format(table))
+        delayed = _tasks("d", args.n, time.time() + 3600, "default")
+        for start in range(0, args.n, _BATCH):
+            await backend.enqueue_many(delayed[start : start + _BATCH])
+        # The active backlog is in a queue of its own, so the claims measured (of "default") do not walk
+        # the pending-index entries these claims leave behind until the next vacuum.
+        for start in range(0, args.n, _BATCH):
+            await backend.enqueue_many(_tasks(f"a{start}-", min(_BATCH, args.n - start), 0.0, "busy"))
+            await backend.claim(["busy"], _BATCH, now=time.time(), lease_until=time.time() + 3600)
+        print(f"{args.n} delayed and {args.n} active tasks in schema {schema}", flush=True)
+        await _measure(args.dsn, backend, args.repeat, "unanalysed")
+        async with await psycopg.AsyncConnection.connect(args.dsn, autocommit=True) as connection:
+            await connection.execute(sql.SQL("ANALYZE {}").format(table))
+        await _measure(args.dsn, backend, args.repeat, "analysed")
+    finally:
+        await backend.close()
+        async with await psycopg.AsyncConnection.connect(args.dsn, autocommit=True) as connection:
+            await connection.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
