@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -96,7 +97,7 @@ def background() -> Iterator[list[Background]]:
 
 def states(db: Path) -> dict[str, int]:
     """How many tasks of the example database are in each state."""
-    with sqlite3.connect(db) as raw:
+    with closing(sqlite3.connect(db, isolation_level=None)) as raw:
         return dict(raw.execute("SELECT state, count(*) FROM lifecycle_tasks GROUP BY state").fetchall())
 
 
