@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from ._backend import Backend
+from ._extras import raise_missing_extra
 
 __all__ = ["backend_from_url"]
 
@@ -106,7 +107,7 @@ def _sqlite(url: str) -> Backend:
 
 def _redis(url: str) -> Backend:
     rest, prefix = _take_option(url, "prefix")
-    module = _import_extra("lifecycle.asynctask.redis", extra="redis", needs=("redis",))
+    module = _import_extra("lifecycle.asynctask.redis", extra="redis")
     if prefix is None:
         backend: Backend = module.RedisBackend(rest)
     else:
@@ -116,9 +117,7 @@ def _redis(url: str) -> Backend:
 
 def _postgres(url: str) -> Backend:
     rest, schema = _take_option(url, "schema")
-    module = _import_extra(
-        "lifecycle.asynctask.postgres", extra="postgres", needs=("psycopg", "psycopg_pool")
-    )
+    module = _import_extra("lifecycle.asynctask.postgres", extra="postgres")
     if schema is None:
         backend: Backend = module.PostgresBackend(rest)
     else:
@@ -151,14 +150,8 @@ def _take_option(url: str, name: str) -> tuple[str, str | None]:
     return urlunsplit(parts._replace(query=rest)), values[0]
 
 
-def _import_extra(module: str, *, extra: str, needs: tuple[str, ...]) -> ModuleType:
+def _import_extra(module: str, *, extra: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        missing = (exc.name or "").partition(".")[0]
-        if missing in needs:
-            raise ImportError(
-                f"the {extra} backend needs the optional dependency {missing!r}, which is not installed: "
-                f'pip install "anyio-lifecycle[{extra}]"'
-            ) from exc
-        raise
+        raise_missing_extra(exc, extra)
