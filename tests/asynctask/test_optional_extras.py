@@ -73,4 +73,3 @@ def test_backend_from_url_gives_the_same_hint(url: str, extra: str, hidden: str)
 def test_the_core_and_the_sqlite_backend_need_no_extra() -> None:
     action = "import lifecycle, lifecycle.asynctask, lifecycle.tasks, lifecycle.cli"
     assert probe(action, "redis,psycopg,psycopg_pool,croniter,prometheus_client") == "imported"
-
