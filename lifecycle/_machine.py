@@ -85,7 +85,7 @@ class MachineCore:
         if self._stop_requested:
             return
         self._stop_requested = True
-        self._stop_requested_at = time.monotonic()
+        self._stop_requested_at = self._timing.clock()
         self._ready = False  # readiness turns false before anything else happens
         self._events.emit(EventKind.SHUTDOWN_REQUESTED, _INFO, detail=f"shutting down: {reason}")
         if self._state is _INITIALIZING or self._state is _RUNNING:

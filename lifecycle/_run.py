@@ -44,8 +44,13 @@ def run(manager: TaskManager, *, backend: str = "asyncio") -> int:
     printing a readable report of each failed task: stage, exception, traceback). Exits the process at once
     (``os._exit``) with 128 + signal number on the third SIGINT/SIGTERM, or with 1 when ``shutdown_timeout``
     passed with tasks stuck, after printing where each stuck task waits. A task's ``KeyboardInterrupt`` or
-    ``SystemExit`` propagates after the cleanup. When the root logger has no handler, rich logging at INFO
-    is configured so the service's start and stop are visible.
+    ``SystemExit`` propagates after the cleanup.
+
+    When the root logger has no handler, logging at INFO to stderr is configured so the service's start and
+    stop are visible: rich on a terminal, one plain line per event anywhere else (a container's log). Each
+    failure is logged with its traceback when it happens; at the end a terminal gets a rich panel per failed
+    task (without the traceback shown above), anything else one more log line. When the application
+    configured logging itself, its handlers get every line and no panel is printed.
 
     Raises ``ValueError`` for an unknown backend, ``RuntimeError`` when trio is asked for but not installed.
 
@@ -61,16 +66,26 @@ def run(manager: TaskManager, *, backend: str = "asyncio") -> int:
     if backend == "trio" and importlib.util.find_spec("trio") is None:
         raise RuntimeError("backend 'trio' needs the trio package: pip install trio")
     console = _console()
-    _configure_logging(console)
+    configured = _configure_logging(console)
     policy = _SignalPolicy(manager, console)
     manager._add_listener(policy.on_event)
     error: TaskManagerError | None = anyio.run(_main, manager, policy, backend=backend)
     if error is None:
         return 0
+    _report_failure(console, error, panels=configured and console.is_terminal)
+    return 1
+
+
+def _report_failure(console: Console, error: TaskManagerError, *, panels: bool) -> None:
+    """Say why the run failed, showing each traceback once: the log showed it when the task failed."""
+    logged = logger.isEnabledFor(logging.ERROR) and logger.hasHandlers()
+    if logged and not panels:
+        # The application's own logging, or a log read by a machine: one more log line, not a rich panel.
+        logger.error("%s", error.message)
+        return
     from .cli._report import print_failure_report
 
-    print_failure_report(console, error)
-    return 1
+    print_failure_report(console, error, tracebacks=not logged)
 
 
 async def _main(manager: TaskManager, policy: _SignalPolicy) -> TaskManagerError | None:
@@ -168,11 +183,26 @@ def _console() -> Console:
     return Console(stderr=True)
 
 
-def _configure_logging(console: Console) -> None:
+def _configure_logging(console: Console) -> bool:
+    """Log at INFO to stderr unless the application configured logging itself; True when this configured it.
+
+    On a terminal the lines are rich (coloured, wrapped to the terminal's width). Anywhere else (a container,
+    a pipe, a file) each event is one plain line, never wrapped, with its traceback, if any, on the lines
+    after it: what log collectors expect.
+    """
     root = logging.getLogger()
     if root.handlers:
-        return
-    from rich.logging import RichHandler
+        return False
+    if console.is_terminal:
+        from rich.logging import RichHandler
 
-    handler = RichHandler(console=console, show_path=False, rich_tracebacks=True, markup=False)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]", handlers=[handler])
+        handler: logging.Handler = RichHandler(
+            console=console, show_path=False, rich_tracebacks=True, markup=False
+        )
+        logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]", handlers=[handler])
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[handler]
+        )
+    return True

@@ -71,8 +71,10 @@ class StageMachine(StageSteps):
                         self._draining = False
                         self._task_group = None
                         if self._shutdown_timeout is not None:
-                            since = time.monotonic() if drained else self._stop_requested_at
-                            watch_group.start_soon(self._watch_shutdown, self._shutdown_timeout, since)
+                            since = self._timing.clock() if drained else self._stop_requested_at
+                            watch_group.start_soon(
+                                self._watch_shutdown, self._shutdown_timeout, since, drained
+                            )
                         task_group.cancel_scope.cancel()
             finally:
                 executes_ended.set()
@@ -158,14 +160,17 @@ class StageMachine(StageSteps):
             del self._entries[entry.name]
         entry.finish()
 
-    async def _watch_shutdown(self, timeout: float, since: float) -> None:
+    async def _watch_shutdown(self, timeout: float, since: float, drained: bool) -> None:
         with anyio.CancelScope(shield=True):
             assert self._executes_ended is not None
-            remaining = since + timeout - time.monotonic()
+            remaining = since + timeout - self._timing.clock()
             with anyio.move_on_after(remaining):
                 await self._executes_ended.wait()
                 return
             self._stuck = True
+            # Not the stage's running time: an execute may have run for days before the shutdown.
+            after = self._timing.clock() - self._stop_requested_at
+            drain = f"drain_delay={self._drain_delay:g} s, then " if drained else ""
             stuck = [s for s in self._running_stages() if s.stage is Stage.EXECUTE]
             report = format_stuck_report(
                 self._name,
@@ -177,8 +182,8 @@ class StageMachine(StageSteps):
                 entry = self._entries[item.name]
                 where = innermost_user_line(item.stack) or "an unknown place"
                 cause = TimeoutError(
-                    f"execute still running {item.running_for:.1f} s after shutdown was requested "
-                    f"(shutdown_timeout={timeout} s), waiting at {where}"
+                    f"execute still running {after:.1f} s after shutdown was requested "
+                    f"({drain}shutdown_timeout={timeout} s), waiting at {where}"
                 )
                 self._fail(entry, Stage.EXECUTE, cause, keep_state=True)
             self._events.emit(EventKind.SHUTDOWN_STUCK, _ERROR, detail=report)

@@ -10,6 +10,7 @@ from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, u
 
 from .._redact import redact
 from ._backend import Backend
+from ._extras import raise_missing_extra
 
 __all__ = ["backend_from_url", "join_url", "split_url", "unique_options"]
 
@@ -127,7 +128,7 @@ def _sqlite(url: str) -> Backend:
 def _redis(url: str) -> Backend:
     unique_options(url)
     rest, prefix = _take_option(url, "prefix")
-    module = _import_extra("lifecycle.asynctask.redis", extra="redis", needs=("redis",))
+    module = _import_extra("lifecycle.asynctask.redis", extra="redis")
     if prefix is None:
         backend: Backend = module.RedisBackend(rest)
     else:
@@ -138,9 +139,7 @@ def _redis(url: str) -> Backend:
 def _postgres(url: str) -> Backend:
     unique_options(url)
     rest, schema = _take_option(url, "schema")
-    module = _import_extra(
-        "lifecycle.asynctask.postgres", extra="postgres", needs=("psycopg", "psycopg_pool")
-    )
+    module = _import_extra("lifecycle.asynctask.postgres", extra="postgres")
     if schema is None:
         backend: Backend = module.PostgresBackend(rest)
     else:
@@ -214,14 +213,8 @@ def join_url(parts: SplitResult) -> str:
     return f"{parts.scheme}://{parts.path}{query}{fragment}"
 
 
-def _import_extra(module: str, *, extra: str, needs: tuple[str, ...]) -> ModuleType:
+def _import_extra(module: str, *, extra: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        missing = (exc.name or "").partition(".")[0]
-        if missing in needs:
-            raise ImportError(
-                f"the {extra} backend needs the optional dependency {missing!r}, which is not installed: "
-                f'pip install "anyio-lifecycle[{extra}]"'
-            ) from exc
-        raise
+        raise_missing_extra(exc, extra)

@@ -16,12 +16,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapp
 from typing import Any, Literal, TypeVar
 
 import anyio
-import psycopg
-import psycopg.conninfo
-import psycopg.errors
-import psycopg_pool
-from psycopg.pq import TransactionStatus
-from psycopg_pool import AsyncConnectionPool
+
+from ._extras import raise_missing_extra
+
+try:
+    import psycopg
+    import psycopg.conninfo
+    import psycopg.errors
+    import psycopg_pool
+    from psycopg.pq import TransactionStatus
+    from psycopg_pool import AsyncConnectionPool
+except ModuleNotFoundError as exc:  # the extra is not installed: say which, and how to install it
+    raise_missing_extra(exc, "postgres")
 
 from .._redact import redact
 from . import _postgres_ops as ops

@@ -15,8 +15,14 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal
 
 import anyio
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+
+from ._extras import raise_missing_extra
+
+try:
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError, ResponseError
+except ModuleNotFoundError as exc:  # the extra is not installed: say which, and how to install it
+    raise_missing_extra(exc, "redis")
 
 from . import _redis_admin as admin
 from ._asyncio_only import require_asyncio

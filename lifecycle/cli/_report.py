@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 import anyio
 from rich.console import Console, Group
 from rich.panel import Panel
@@ -18,26 +20,48 @@ __all__ = ["print_failure_report", "print_load_error"]
 _QUIET_MODULES = [anyio, lifecycle_package]
 
 
-def _error_panel(error: TaskError) -> Panel:
+def _title(error: TaskError) -> str:
+    return f"task {error.task_name!r} failed in {error.stage.value} ({error.task_type.name})"
+
+
+def _error_panel(error: TaskError, tracebacks: bool) -> Panel:
     cause = error.__cause__
-    title = f"task {error.task_name!r} failed in {error.stage.value} ({error.task_type.name})"
+    title = _title(error)
     if cause is None:
         return Panel(Text(str(error)), title=title, title_align="left", border_style="red")
     headline = Text.assemble((type(cause).__name__, "bold red"), ": ", str(cause))
     body: list[Text | Traceback] = [headline]
     if cause.__traceback__ is not None:
-        body.append(
-            Traceback.from_exception(
-                type(cause), cause, cause.__traceback__, show_locals=False, suppress=_QUIET_MODULES
+        if tracebacks:
+            body.append(
+                Traceback.from_exception(
+                    type(cause), cause, cause.__traceback__, show_locals=False, suppress=_QUIET_MODULES
+                )
             )
-        )
+        else:
+            body.append(Text("(its traceback is in the log above)", style="dim"))
     return Panel(Group(*body), title=title, title_align="left", border_style="red")
 
 
-def print_failure_report(console: Console, error: TaskManagerError) -> None:
-    """Print each failed task (name, stage, type, exception and traceback), then a one-line summary."""
+def _plain_lines(error: TaskError, tracebacks: bool) -> str:
+    cause = error.__cause__
+    if cause is None:
+        return f"{_title(error)}: {error}"
+    if tracebacks and cause.__traceback__ is not None:
+        return f"{_title(error)}:\n" + "".join(traceback.format_exception(cause)).rstrip("\n")
+    return f"{_title(error)}: {type(cause).__name__}: {cause}"
+
+
+def print_failure_report(console: Console, error: TaskManagerError, *, tracebacks: bool = True) -> None:
+    """Print each failed task (name, stage, type, exception and, with ``tracebacks``, its traceback), then a
+    one-line summary. A rich panel per task on a terminal; plain, unwrapped lines anywhere else."""
+    if not console.is_terminal:
+        for task_error in error.errors:
+            console.print(_plain_lines(task_error, tracebacks), markup=False, highlight=False, soft_wrap=True)
+        console.print(error.message, markup=False, highlight=False, soft_wrap=True)
+        return
     for task_error in error.errors:
-        console.print(_error_panel(task_error))
+        console.print(_error_panel(task_error, tracebacks))
     console.print(Text(error.message, style="bold red"))
 
 

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
@@ -226,7 +227,8 @@ def test_a_corrupt_payload_row_goes_dead_and_nothing_else_is_lost(backend_url: s
     db = backend_url.removeprefix("sqlite:///")
     records(backend_url)  # opening the backend creates the schema (an enqueue-only AsyncTasks would not)
     now = time.time()
-    with sqlite3.connect(db) as raw:  # written by hand, claimed first (earliest run_at)
+    # written by hand, claimed first (earliest run_at)
+    with closing(sqlite3.connect(db, isolation_level=None)) as raw:
         raw.execute(
             "INSERT INTO lifecycle_tasks (id, name, queue, payload, state, max_retries, enqueued_at, run_at) "
             "VALUES ('corrupt', 'procs.record', 'default', ?, 'pending', 5, ?, ?)",

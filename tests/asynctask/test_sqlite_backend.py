@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import closing
 from pathlib import Path
 
 import anyio
@@ -98,7 +99,7 @@ async def test_open_switches_the_file_to_wal_and_records_the_schema_version(
     open_sqlite: Factory, db_path: Path
 ) -> None:
     await open_sqlite()
-    with sqlite3.connect(db_path) as raw:
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert raw.execute("SELECT version FROM lifecycle_schema").fetchall() == [(SCHEMA_VERSION,)]
         indexes = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
@@ -119,20 +120,20 @@ async def test_a_file_written_by_a_newer_schema_version_is_refused(db_path: Path
     await backend.open()
     await backend.enqueue_many([task("kept")])
     await backend.close()
-    with sqlite3.connect(db_path) as raw:
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as raw:
         raw.execute("UPDATE lifecycle_schema SET version = ?", (SCHEMA_VERSION + 1,))
 
     newer = SQLiteBackend(db_path)
     with pytest.raises(BackendError, match=r"newer anyio-lifecycle \(schema version 2.*upgrade"):
         await newer.open()
-    with sqlite3.connect(db_path) as raw:  # refused without touching anything
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as raw:  # refused without touching anything
         assert raw.execute("SELECT version FROM lifecycle_schema").fetchall() == [(SCHEMA_VERSION + 1,)]
         assert raw.execute("SELECT id FROM lifecycle_tasks").fetchall() == [("kept",)]
     await newer.close()  # closing a backend that never opened is harmless
 
 
 async def test_a_damaged_schema_table_is_refused(db_path: Path) -> None:
-    with sqlite3.connect(db_path) as raw:
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as raw:
         raw.execute("CREATE TABLE lifecycle_schema (version INTEGER NOT NULL)")
         raw.executemany("INSERT INTO lifecycle_schema VALUES (?)", [(1,), (1,)])
     with pytest.raises(BackendError, match="damaged"):
@@ -362,7 +363,7 @@ async def test_a_row_written_by_hand_with_text_payload_reads_back_as_bytes(
     open_sqlite: Factory, db_path: Path
 ) -> None:
     backend = await open_sqlite()
-    with sqlite3.connect(db_path) as raw:
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as raw:
         raw.execute(
             "INSERT INTO lifecycle_tasks (id, name, queue, payload, state, max_retries, enqueued_at, run_at) "
             "VALUES ('hand', 'tests.job', 'default', 'not json {', 'pending', 3, 1.0, 1.0)"

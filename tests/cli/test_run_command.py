@@ -108,9 +108,10 @@ def test_run_returns_1_with_a_report_when_a_task_fails(project: Path) -> None:
     result = lifecycle_command("run", "svc_app:failing", "--backend", "trio", cwd=project)
     assert result.returncode == 1
     assert result.stdout.splitlines() == ["db open", "db closed"]
-    assert "task 'job' failed in execute (STOP_GROUP)" in result.stderr
+    assert "cli-service: task 'job' failed in execute after " in result.stderr  # stderr is a pipe: log lines
     assert "RuntimeError: the job broke" in result.stderr
-    assert "in broken" in result.stderr  # the traceback names the failing function
+    assert ", in broken" in result.stderr  # the traceback names the failing function
+    assert "task manager 'cli-service': 1 task error: job in execute (RuntimeError)" in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import logging
 import anyio
 import anyio.lowlevel
 import pytest
+from fake_timing import FakeTiming, install
 from lifecycle_testkit import Events, FakeTask, Outcome, run_capturing, run_until_running_then_shut_down
 
 from lifecycle import EventKind, LifecycleEvent, Stage, TaskManager, TaskManagerError
@@ -67,8 +68,42 @@ async def test_stuck_execute_is_reported_with_its_await_stack_and_the_manager_ke
     assert (task_error.task_name, task_error.stage) == ("stubborn", Stage.EXECUTE)
     assert isinstance(task_error.__cause__, TimeoutError)
     assert "deep_wait" in str(task_error.__cause__)
+    assert "s after shutdown was requested (shutdown_timeout=0.05 s), waiting at" in str(task_error.__cause__)
     assert any(r.levelno == logging.ERROR and "shutdown stuck" in r.getMessage() for r in caplog.records)
     assert next(r for r in m.status() if r.name == "stubborn").state == "failed"
+
+
+async def test_the_timeout_error_counts_from_the_shutdown_request_not_from_the_execute_start() -> None:
+    release = anyio.Event()
+    events = Events()
+
+    def on_event(event: LifecycleEvent) -> None:
+        events(event)
+        if event.kind is EventKind.SHUTDOWN_STUCK:
+            release.set()
+
+    m = TaskManager(name="svc", shutdown_timeout=0.05, drain_delay=30, on_event=on_event)
+    timing = install(m, FakeTiming(now=1000.0, gated=True))
+    m.add_execute_task("stubborn", lambda: stubborn_execute(release))
+    outcome = Outcome()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_capturing, m, outcome)
+        await events.running()
+        timing.now += 3600  # the service runs for an hour, then is asked to stop
+        m.shutdown()
+        assert await timing.sleeping() == 30
+        timing.release()  # the drain delay passes (the fake clock moves 30 s); then 0.05 s more, real
+    error = await outcome.finished()
+
+    assert isinstance(error, TaskManagerError)
+    [task_error] = error.exceptions
+    assert isinstance(task_error.__cause__, TimeoutError)
+    message = str(task_error.__cause__)
+    assert message.startswith(
+        "execute still running 30.0 s after shutdown was requested "
+        "(drain_delay=30 s, then shutdown_timeout=0.05 s), waiting at "
+    ), message
+    assert _stuck_line() in message
 
 
 async def test_no_report_when_everything_stops_in_time() -> None:

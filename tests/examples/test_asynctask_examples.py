@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -96,7 +97,7 @@ def background() -> Iterator[list[Background]]:
 
 def states(db: Path) -> dict[str, int]:
     """How many tasks of the example database are in each state."""
-    with sqlite3.connect(db) as raw:
+    with closing(sqlite3.connect(db, isolation_level=None)) as raw:
         return dict(raw.execute("SELECT state, count(*) FROM lifecycle_tasks GROUP BY state").fetchall())
 
 
@@ -144,8 +145,8 @@ def test_producer_and_workers_share_one_sqlite_file(tmp_path: Path, background: 
         worker = Background("worker.py", "--db", str(db), "--concurrency", "2", log=log, lines=shared)
         background.append(worker)
         worker.wait_for("serving")
-    # The first worker may resize photos before the second says "serving": those lines were read already.
-    done = {line.split()[1] for worker in background for line in worker.seen if "resized " in line}
+    # The first worker may finish tasks before the second one serves: keep the lines read meanwhile.
+    done = {line.split()[1] for worker in background for line in worker.seen if line.startswith("resized ")}
     while len(done) < 6:
         done.add(background[0].wait_for("resized ").split()[1])
     assert done == {f"photo-{n}.png" for n in range(1, 7)}

@@ -173,11 +173,20 @@ def _certificates(directory: Path) -> tuple[Path, Path, Path]:
     """A throw-away CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
     names = ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt")
     ca_key, ca, key, csr, cert = (directory / name for name in names)
-    extensions = directory / "san.ext"
-    extensions.write_text("subjectAltName=IP:127.0.0.1\n")
+    # The key usage extensions a strict verifier (Python 3.13's default VERIFY_X509_STRICT) requires.
+    extensions = directory / "server.ext"
+    extensions.write_text(
+        "subjectAltName=IP:127.0.0.1\n"
+        "basicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\n"
+        "subjectKeyIdentifier=hash\n"
+        "authorityKeyIdentifier=keyid:always\n"
+    )
     for command in (
         ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "1",
-         "-subj", "/CN=lifecycle test CA"],
+         "-subj", "/CN=lifecycle test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
         ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
         ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
          "-days", "1", "-extfile", extensions],
