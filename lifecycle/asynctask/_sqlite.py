@@ -212,15 +212,22 @@ class SQLiteBackend:
 
     async def _read(self, operation: Callable[..., _T], *args: Any) -> _T:
         connection = self._require()
-        return await anyio.to_thread.run_sync(operation, connection, *args, limiter=self._limiter)
+        return await anyio.to_thread.run_sync(
+            ops.reading_any_text, connection, operation, (connection, *args), limiter=self._limiter
+        )
 
     async def _write(self, operation: Callable[..., _T], *args: Any, wake: bool = True) -> _T:
         """Run ``operation`` in a write transaction; with ``wake``, a change wakes this object's waiters
         (only writes that can make work claimable: enqueue, settle, requeue, recovery)."""
         connection = self._require()
-        result, changed = await anyio.to_thread.run_sync(
-            _in_transaction, connection, operation, args, limiter=self._limiter
+        done: tuple[_T, bool] = await anyio.to_thread.run_sync(
+            ops.reading_any_text,
+            connection,
+            _in_transaction,
+            (connection, operation, args),
+            limiter=self._limiter,
         )
+        result, changed = done
         if changed:
             self._changes += 1
             if wake:
