@@ -9,11 +9,13 @@ from pathlib import Path
 
 import anyio
 import pytest
+from corruption import corrupt_sqlite
 
-from lifecycle.asynctask import BackendError, DuplicateTaskError, NewTask, Settlement, TaskState
+from lifecycle.asynctask import Backend, BackendError, DuplicateTaskError, NewTask, Settlement, TaskState
 from lifecycle.asynctask._sqlite import SQLiteBackend
 from lifecycle.asynctask._sqlite_schema import SCHEMA_VERSION, check_sqlite_version
 from lifecycle.asynctask.testing import BackendConformance, EngineConformance
+from lifecycle.asynctask.testing._suite_damage import RawValue
 
 # Marked here, at collection time: the conftest marks async tests only after collection, which loses
 # @pytest.mark.parametrize combinations on async tests.
@@ -63,6 +65,10 @@ class TestSQLiteConformance(BackendConformance):
         self, sqlite_factory: Callable[[], Awaitable[SQLiteBackend]]
     ) -> Callable[[], Awaitable[SQLiteBackend]]:
         return sqlite_factory
+
+    async def corrupt_field(self, backend: Backend, task_id: str, field: str, raw_value: RawValue) -> bool:
+        assert isinstance(backend, SQLiteBackend)
+        return await corrupt_sqlite(backend.path, task_id, field, raw_value)
 
 
 class TestSQLiteEngine(EngineConformance):

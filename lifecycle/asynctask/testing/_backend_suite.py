@@ -5,6 +5,7 @@ from __future__ import annotations
 from ._suite_admin import AdminRules
 from ._suite_batches import BatchRules
 from ._suite_claim import ClaimRules
+from ._suite_damage import DamageRules
 from ._suite_data import DataRules
 from ._suite_enqueue import EnqueueRules
 from ._suite_inspect import InspectRules
@@ -27,6 +28,7 @@ class BackendConformance(
     DataRules,
     BatchRules,
     RaceRules,
+    DamageRules,
 ):
     """Conformance tests for a :class:`~lifecycle.asynctask.Backend`, to subclass in a pytest test module.
 
