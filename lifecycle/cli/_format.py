@@ -149,6 +149,7 @@ def info_to_json(info: TaskInfo, **extra: Any) -> dict[str, Any]:
         "last_error": info.last_error,
         "error_summary": error_summary(info.last_error) or None,
         "result": info.result,
+        "damaged": info.damaged,
         **extra,
     }
 

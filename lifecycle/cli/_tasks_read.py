@@ -111,7 +111,7 @@ def list_table(infos: list[TaskInfo], now: float, width: int) -> RenderableType:
     for info in infos:
         state = info.state.value
         when = info.finished_at if info.state.is_final else info.run_at
-        summary = error_summary(info.last_error)
+        summary = f"damaged: {info.damaged}" if info.damaged else error_summary(info.last_error)
         row: list[RenderableType] = [
             info.id,
             info.name,
@@ -180,6 +180,8 @@ async def _show(args: argparse.Namespace, session: Session) -> int:
     for name, value in rows:
         fields.add_row(name, value)
     parts: list[RenderableType] = [fields]
+    if info.damaged:
+        parts.append(Panel(Text(info.damaged), title="damaged", title_align="left", border_style="red"))
     if info.last_error:
         parts.append(Panel(Text(info.last_error), title="last error", title_align="left", border_style="red"))
     session.console.print(Group(*parts))
