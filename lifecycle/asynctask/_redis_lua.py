@@ -219,8 +219,10 @@ for qi = 7, #ARGV do
   if n >= limit then break end
   local q = ARGV[qi]
   local rk, pk = ready(q), idx('pending', q)
-  local members = redis.call('ZRANGEBYSCORE', rk, '-inf', now, 'LIMIT', 0, limit - n)
-  if #members > 0 then
+  -- Again while entries whose record is gone (dropped, not claimed) left the batch short.
+  while n < limit do
+    local members = redis.call('ZRANGEBYSCORE', rk, '-inf', now, 'LIMIT', 0, limit - n)
+    if #members == 0 then break end
     local active = {}
     for _, member in ipairs(members) do
       local id = string.sub(member, 17)

@@ -333,12 +333,17 @@ def get(connection: sqlite3.Connection, task_id: str) -> TaskRecord | None:
     return None if row is None else record_from_row(row)
 
 
-def _filters(states: Collection[TaskState] | None, queue: str | None) -> tuple[list[str], list[Any]]:
+def _filters(
+    states: Collection[TaskState] | None, queue: str | None, *, unknown_as_dead: bool = False
+) -> tuple[list[str], list[Any]]:
     clauses: list[str] = []
     params: list[Any] = []
     if states is not None:
         values = sorted({TaskState(state).value for state in states})
-        clauses.append(f"state IN ({_marks(len(values))})")
+        clause = f"state IN ({_marks(len(values))})"
+        if unknown_as_dead and TaskState.DEAD.value in values:  # as the record reader shows them
+            clause = f"({clause} OR state NOT IN ({', '.join(repr(v) for v in _KNOWN_STATES)}))"
+        clauses.append(clause)
         params.extend(values)
     if queue is not None:
         clauses.append("queue = ?")
@@ -357,8 +362,9 @@ def list_records(
     limit: int,
     offset: int,
 ) -> list[TaskRecord]:
-    """Records matching the filters, newest ``enqueued_at`` first."""
-    clauses, params = _filters(states, queue)
+    """Records matching the filters, newest ``enqueued_at`` first; a record in no known state is listed as
+    dead, as it is read (until recovery makes it dead for good)."""
+    clauses, params = _filters(states, queue, unknown_as_dead=True)
     query = (
         f"SELECT {TASK_COLUMNS} FROM lifecycle_tasks{_where(clauses)} "
         "ORDER BY enqueued_at DESC, seq DESC LIMIT ? OFFSET ?"
