@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -161,14 +160,20 @@ def record_from_row(row: Sequence[Any], blob: Callable[[Any], bytes] = bytes) ->
     bytes belong, an unknown state, ``NULL`` in a required field, text that is not UTF-8) becomes a
     placeholder and is named in the record's ``fault``. Text where bytes belong is taken as its UTF-8 bytes.
     """
-    return _RecordReader(blob, textual=False).read(row)
+    try:
+        return _row_as_written(row, blob)
+    except _UNUSUAL:  # something no version of the backends wrote: read it field by field
+        return _RecordReader(blob, textual=False).read(row)
 
 
 def record_from_text(values: Sequence[bytes | None]) -> TaskRecord:
     """Build a :class:`TaskRecord` from stored text in :data:`RECORD_COLUMNS` order, as a key-value store
     (Redis) keeps it: every value ``bytes`` (numbers as decimal text, ``b""`` for a missing optional number)
     or ``None`` for an absent field. Never raises for what the values hold: see :func:`record_from_row`."""
-    return _RecordReader(bytes, textual=True).read(values)
+    try:
+        return _text_as_written(values)
+    except _UNUSUAL:
+        return _RecordReader(bytes, textual=True).read(values)
 
 
 def stored_state(value: object) -> TaskState:
@@ -189,15 +194,133 @@ def stored_text(value: object) -> str:
     return str(value)
 
 
+# -- reading a stored record as the backends write it (the fast path) ---------------------------------------
+#
+# These raise one of _UNUSUAL for anything the backends never write; the record is then read again field by
+# field by _RecordReader, which names what is wrong. They accept nothing _RecordReader would fault.
+
+_UNUSUAL = (KeyError, TypeError, ValueError, AttributeError)  # UnicodeDecodeError is a ValueError
+_STATES_BY_BYTES: dict[bytes, TaskState] = {state.value.encode(): state for state in TaskState}
+
+
+def _clean_text(value: object) -> str:
+    if type(value) is str and (value.isascii() or _is_utf8(value)):
+        return value
+    raise TypeError
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes a driver kept as surrogate escapes
+        return False
+    return True
+
+
+def _finite(value: object) -> float:
+    if type(value) is float or type(value) is int:
+        number = float(value)
+        if number - number == 0.0:  # not NaN, not infinite
+            return number
+    raise ValueError
+
+
+def _count(value: object) -> int:
+    if type(value) is int and value >= 0:
+        return value
+    raise ValueError
+
+
+def _row_as_written(row: Sequence[Any], blob: Callable[[Any], bytes]) -> TaskRecord:
+    (task_id, name, queue, payload, state, attempts, max_retries, timeout, enqueued_at, run_at,
+     started_at, finished_at, lease_until, last_error, result, meta) = row  # fmt: skip
+    record_state = _STATES_BY_VALUE[state]
+    seconds = None if timeout is None else _finite(timeout)
+    if seconds is not None and seconds <= 0:
+        raise ValueError
+    lease = None if lease_until is None else _finite(lease_until)
+    if lease is None and record_state is TaskState.ACTIVE:
+        raise ValueError
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise TypeError
+    if not (result is None or isinstance(result, bytes | bytearray | memoryview)):
+        raise TypeError
+    return TaskRecord(
+        _clean_text(task_id),
+        _clean_text(name),
+        _clean_text(queue),
+        blob(payload),
+        record_state,
+        _count(attempts),
+        _count(max_retries),
+        seconds,
+        _finite(enqueued_at),
+        _finite(run_at),
+        None if started_at is None else _finite(started_at),
+        None if finished_at is None else _finite(finished_at),
+        lease,
+        None if last_error is None else _clean_text(last_error),
+        None if result is None else blob(result),
+        None if meta is None else _clean_text(meta),
+    )
+
+
+def _finite_text(value: Any) -> float:
+    number = float(value)  # None: TypeError
+    if number - number == 0.0:
+        return number
+    raise ValueError
+
+
+def _optional_finite_text(value: Any) -> float | None:
+    return _finite_text(value) if value else None  # b"" and None: no value
+
+
+def _count_text(value: Any) -> int:
+    if len(value) <= _COUNT_DIGITS and value.isdigit():  # None: TypeError
+        return int(value)
+    raise ValueError
+
+
+def _text_as_written(values: Sequence[Any]) -> TaskRecord:
+    (task_id, name, queue, payload, state, attempts, max_retries, timeout, enqueued_at, run_at,
+     started_at, finished_at, lease_until, last_error, result, meta) = values  # fmt: skip
+    record_state = _STATES_BY_BYTES[state]  # None: KeyError
+    seconds = _optional_finite_text(timeout)
+    if seconds is not None and seconds <= 0:
+        raise ValueError
+    lease = _optional_finite_text(lease_until)
+    if lease is None and record_state is TaskState.ACTIVE:
+        raise ValueError
+    if payload is None:
+        raise TypeError
+    return TaskRecord(
+        task_id.decode(),
+        name.decode(),
+        queue.decode(),
+        payload,
+        record_state,
+        _count_text(attempts),
+        _count_text(max_retries),
+        seconds,
+        _finite_text(enqueued_at),
+        _finite_text(run_at),
+        _optional_finite_text(started_at),
+        _optional_finite_text(finished_at),
+        lease,
+        None if last_error is None else last_error.decode(),
+        result,
+        None if meta is None else meta.decode(),
+    )
+
+
 # -- reading a stored record field by field ----------------------------------------------------------------
 
 _STATES_BY_VALUE: dict[str, TaskState] = {state.value: state for state in TaskState}
 _STATE_LIST = ", ".join(_STATES_BY_VALUE)
 
-#: Decimal text as Python's ``repr(float)`` and ``str(int)`` write it (no ``inf``/``nan``, no blanks).
-_NUMBER_TEXT = re.compile(rb"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
-#: A count as the backends write it: digits only, at most 15 (exact in a Lua number, as Redis scripts need).
-_COUNT_TEXT = re.compile(rb"[0-9]{1,15}")
+#: A count stored as text has at most this many digits, all ASCII (exact in a Lua number, as scripts need).
+_COUNT_DIGITS = 15
 
 _SHOWN = 48
 
@@ -316,17 +439,22 @@ class _RecordReader:
     def _count(self, field: str, value: object) -> int:
         if type(value) is int and value >= 0:
             return value
-        if self._textual and isinstance(value, bytes) and _COUNT_TEXT.fullmatch(value):
+        if self._textual and isinstance(value, bytes) and len(value) <= _COUNT_DIGITS and value.isdigit():
             return int(value)
         self._fault(field, value, "a whole number >= 0")
         return 0
 
     def _number(self, value: object) -> float | None:
         """``value`` as a finite float, or ``None`` when it is not one."""
-        textual = self._textual and isinstance(value, bytes) and _NUMBER_TEXT.fullmatch(value) is not None
-        if not (textual or type(value) is float or type(value) is int):
+        if type(value) is float or type(value) is int:
+            number = float(value)
+        elif self._textual and isinstance(value, bytes):
+            try:
+                number = float(value)
+            except ValueError:
+                return None
+        else:
             return None
-        number = float(value)  # type: ignore[arg-type]
         return number if math.isfinite(number) else None
 
     def _time(self, field: str, value: object) -> float:
