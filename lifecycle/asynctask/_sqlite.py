@@ -267,7 +267,8 @@ class SQLiteBackend:
         return await self._write(ops.settle, list(settlements))
 
     async def reclaim_expired(self, *, now: float, lease_until: float, limit: int) -> list[ClaimedTask]:
-        """Take over active tasks whose lease ended before ``now``, attempts unchanged."""
+        """Take over active tasks whose lease ended before ``now``, attempts unchanged, and the damaged
+        records no claim can select; see :meth:`Backend.reclaim_expired`."""
         if limit <= 0:
             return []
         return await self._write(ops.reclaim_expired, now, lease_until, limit)
