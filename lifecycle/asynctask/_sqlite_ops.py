@@ -93,24 +93,15 @@ _EXTEND = f"UPDATE lifecycle_tasks SET lease_until = ? {_HELD}"
 
 _KNOWN_STATES = sorted(state.value for state in TaskState)
 
-# Records no claim or reclaim can select because a field they are selected by cannot be read: an active task
-# whose lease_until is not a number, a pending task whose queue is not text or whose run_at is not a number
-# (found queue by queue: a loose scan of the pending index), a task in no known state (the ranges between
-# the known state names, on the index that leads with state). Numbers sort before text, text before blobs.
-_DAMAGED = (
-    "WITH RECURSIVE queues(name) AS ("
-    "SELECT (SELECT min(queue) FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending "
-    "WHERE state = 'pending') "
-    "UNION ALL SELECT (SELECT min(queue) FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending "
-    "WHERE state = 'pending' AND queue > queues.name) FROM queues WHERE queues.name IS NOT NULL) "
+# Records no claim or reclaim can select because a field they are selected by cannot be read. SQLite sorts
+# numbers before text and text before blobs, so ">= 9e999" (infinity) is one index range holding +inf, text
+# and blobs (a NaN is stored as NULL). Active tasks whose lease_until is not a finite number, and tasks in no
+# known state (the ranges between the known state names, on the index that leads with state):
+_UNSELECTABLE = (
     "SELECT seq FROM lifecycle_tasks INDEXED BY lifecycle_tasks_active "
     "WHERE state = 'active' AND lease_until IS NULL "
     "UNION ALL SELECT seq FROM lifecycle_tasks INDEXED BY lifecycle_tasks_active "
-    "WHERE state = 'active' AND lease_until >= '' "
-    "UNION ALL SELECT seq FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending "
-    "WHERE state = 'pending' AND queue >= x'' "
-    "UNION ALL SELECT t.seq FROM queues JOIN lifecycle_tasks AS t INDEXED BY lifecycle_tasks_pending "
-    "ON t.state = 'pending' AND t.queue = queues.name AND t.run_at >= '' "
+    "WHERE state = 'active' AND lease_until >= 9e999 "
     "UNION ALL SELECT seq FROM lifecycle_tasks WHERE "
     + " OR ".join(
         [f"state < '{_KNOWN_STATES[0]}'"]
@@ -118,6 +109,24 @@ _DAMAGED = (
         + [f"state > '{_KNOWN_STATES[-1]}'"]
     )
     + " LIMIT ?"
+)
+# The queues of pending tasks, one index probe each (a loose scan of the pending index)...
+_PENDING_QUEUES = (
+    "WITH RECURSIVE queues(name) AS ("
+    "SELECT (SELECT min(queue) FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending "
+    "WHERE state = 'pending') "
+    "UNION ALL SELECT (SELECT min(queue) FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending "
+    "WHERE state = 'pending' AND queue > queues.name) FROM queues WHERE queues.name IS NOT NULL) "
+    "SELECT name FROM queues WHERE name IS NOT NULL"
+)
+# ...then, in a queue a worker can name, the pending tasks whose run_at is not a finite number; in a queue
+# whose name is not UTF-8 text (no worker can name it), every pending task.
+_UNSCHEDULED = (
+    "SELECT seq FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending "
+    "WHERE state = 'pending' AND queue = ? AND run_at >= 9e999 LIMIT ?"
+)
+_IN_QUEUE = (
+    "SELECT seq FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending WHERE state = 'pending' AND queue = "
 )
 
 _T = TypeVar("_T")
@@ -291,7 +300,18 @@ def _take_over_damaged(connection: sqlite3.Connection, lease_until: float, limit
     """Lease the records whose state, queue, run_at or lease_until cannot be read (so that no claim or
     reclaim selects them), as if their lease had expired: each comes back with its ``fault``, read before the
     lease was written, and the engine settles it dead."""
-    seqs = [seq for (seq,) in connection.execute(_DAMAGED, (limit,))]
+    seqs = [seq for (seq,) in connection.execute(_UNSELECTABLE, (limit,))]
+    for (queue,) in connection.execute(_PENDING_QUEUES).fetchall():
+        if len(seqs) >= limit:
+            break
+        value: str | bytes
+        if isinstance(queue, str) and _records.stored_text(queue) == queue:
+            query, value = _UNSCHEDULED, queue
+        elif isinstance(queue, str):  # text that is not UTF-8, kept as surrogate escapes by read_text
+            query, value = _IN_QUEUE + "CAST(? AS TEXT) LIMIT ?", queue.encode("utf-8", "surrogateescape")
+        else:  # a blob
+            query, value = _IN_QUEUE + "? LIMIT ?", queue
+        seqs += [seq for (seq,) in connection.execute(query, (value, limit - len(seqs)))]
     if not seqs:
         return []
     query = f"SELECT seq, {TASK_COLUMNS} FROM lifecycle_tasks WHERE seq IN ({_marks(len(seqs))}) ORDER BY seq"

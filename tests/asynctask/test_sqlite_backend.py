@@ -422,17 +422,21 @@ async def test_a_state_no_version_wrote_counts_as_dead_until_recovery_ends_it(
     assert (record.state, record.fault) == (TaskState.DEAD, None)
 
 
-async def test_wait_for_work_ignores_a_queue_whose_only_run_at_is_not_a_number(
+async def test_wait_for_work_ignores_run_at_that_is_not_a_finite_number_and_recovery_takes_it_over(
     open_sqlite: Factory, db_path: Path
 ) -> None:
     backend = await open_sqlite()
-    await backend.enqueue_many([task("a", queue="odd")])
-    _write_by_hand(db_path, "UPDATE lifecycle_tasks SET run_at = 'soon'")
+    await backend.enqueue_many([task("a", queue="odd"), task("b", queue="odd")])
+    _write_by_hand(db_path, "UPDATE lifecycle_tasks SET run_at = 'soon' WHERE id = 'a'")
+    _write_by_hand(db_path, "UPDATE lifecycle_tasks SET run_at = '1e999' WHERE id = 'b'")  # SQLite: +inf
     with anyio.fail_after(5):
         await backend.wait_for_work(["odd"], timeout=0.05)  # nothing due: it waits out the timeout
     assert await backend.claim(["odd"], 10, now=1e12, lease_until=1e12 + 30) == []
-    (taken,) = await backend.reclaim_expired(now=1000.0, lease_until=1030.0, limit=10)
-    assert taken.record.fault == "field 'run_at' holds 'soon', not a time (a finite number of seconds)"
+    taken = await backend.reclaim_expired(now=1000.0, lease_until=1030.0, limit=10)
+    assert {c.record.id: c.record.fault for c in taken} == {
+        "a": "field 'run_at' holds 'soon', not a time (a finite number of seconds)",
+        "b": "field 'run_at' holds inf, not a time (a finite number of seconds)",
+    }
 
 
 async def test_a_lease_token_is_unique_per_claim(open_sqlite: Factory) -> None:
