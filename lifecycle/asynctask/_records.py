@@ -199,7 +199,7 @@ def stored_text(value: object) -> str:
 # These raise one of _UNUSUAL for anything the backends never write; the record is then read again field by
 # field by _RecordReader, which names what is wrong. They accept nothing _RecordReader would fault.
 
-_UNUSUAL = (KeyError, TypeError, ValueError, AttributeError)  # UnicodeDecodeError is a ValueError
+_UNUSUAL = (KeyError, TypeError, ValueError, AttributeError, OverflowError)  # UnicodeDecodeError: ValueError
 _STATES_BY_BYTES: dict[bytes, TaskState] = {state.value.encode(): state for state in TaskState}
 
 
@@ -339,7 +339,10 @@ def shown(value: object) -> str:
         return text if len(raw) <= _SHOWN else f"{text}... ({len(raw)} bytes)"
     if isinstance(value, str) and len(value) > _SHOWN:
         return f"{value[:_SHOWN]!r}... ({len(value)} characters)"
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to print
+        return f"an integer of {value.bit_length()} bits" if isinstance(value, int) else "a value"
     return text if len(text) <= 2 * _SHOWN else f"{text[: 2 * _SHOWN]}..."
 
 
@@ -446,8 +449,13 @@ class _RecordReader:
 
     def _number(self, value: object) -> float | None:
         """``value`` as a finite float, or ``None`` when it is not one."""
-        if type(value) is float or type(value) is int:
-            number = float(value)
+        if type(value) is float:
+            number = value
+        elif type(value) is int:
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond any float
+                return None
         elif self._textual and isinstance(value, bytes):
             try:
                 number = float(value)
