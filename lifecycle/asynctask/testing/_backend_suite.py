@@ -67,7 +67,7 @@ class BackendConformance(
     The damaged-record rules (a record the storage holds but the backend cannot read whole comes back with
     ``TaskRecord.fault``, never blocks its batch and ends dead) run only when the class also implements
     ``async def corrupt_field(self, backend, task_id, field, raw_value) -> bool``, which writes a raw value
-    into storage past the backend's checks (see :meth:`DamageRules.corrupt_field`); they skip otherwise.
+    into storage past the backend's checks (see :meth:`corrupt_field`); they skip otherwise.
 
     Where the protocol's docstrings leave room, the suite takes the stricter reading, so that the engine can
     rely on it: claimed tasks come back in claim order; a lease is lost by a new token or by leaving
