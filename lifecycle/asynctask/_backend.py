@@ -9,6 +9,11 @@ A backend is used by one ``AsyncTasks`` at a time, from one event loop; it is ``
 call and ``close``-d after the last. Several processes (each with its own backend object) may share the same
 storage: every method must be safe against concurrent callers in other processes.
 
+A stored record the backend cannot read whole (a field of the wrong type, missing, or text that is not
+UTF-8) is returned with :attr:`TaskRecord.fault` set and placeholders in the unreadable fields, by every
+method that returns records; it never fails the call for the other records, and no method leaves a
+half-done change because of it.
+
 Write your own by implementing these methods, then run the public conformance suite
 (:mod:`lifecycle.asynctask.testing`) against it unchanged.
 """
@@ -97,7 +102,11 @@ class Backend(Protocol):
     async def reclaim_expired(self, *, now: float, lease_until: float, limit: int) -> list[ClaimedTask]:
         """Take over up to ``limit`` ``ACTIVE`` tasks whose ``lease_until < now`` (their worker died) with a
         fresh token and the new ``lease_until``, without changing ``attempts``: the lost attempt was
-        counted when it was claimed. The engine then settles them (retry or dead)."""
+        counted when it was claimed. The engine then settles them (retry or dead).
+
+        A damaged record that no claim or reclaim would ever select (its state, queue, ``run_at`` or
+        ``lease_until`` cannot be read) is taken over here too, as if its lease had expired, with its
+        ``fault``: the engine settles it dead."""
         ...
 
     async def wait_for_work(self, queues: Sequence[str], *, timeout: float) -> None:

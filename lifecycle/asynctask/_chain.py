@@ -122,7 +122,10 @@ def chain_fields(record: TaskRecord) -> tuple[str | None, int | None, str | None
     schedule = meta.get("schedule")
     chain_id = chain_step = schedule_name = None
     if isinstance(chain, dict) and "id" in chain and "step" in chain:
-        chain_id, chain_step = str(chain["id"]), int(chain["step"])
+        try:
+            chain_id, chain_step = str(chain["id"]), int(chain["step"])
+        except (TypeError, ValueError, OverflowError):  # damaged bookkeeping: shown as no chain
+            chain_id = chain_step = None
     if isinstance(schedule, dict) and "name" in schedule:
         schedule_name = str(schedule["name"])
     return chain_id, chain_step, schedule_name

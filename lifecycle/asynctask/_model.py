@@ -69,6 +69,11 @@ class TaskInfo:
     A step of a chain has ``chain_id`` and ``chain_step`` (its index); ``chain`` holds the whole chain's
     progress when the task came from :meth:`AsyncTasks.info` (``None`` in :meth:`AsyncTasks.list` rows). A
     task enqueued by a schedule has ``schedule`` (the schedule's name).
+
+    ``damaged`` is set when the backend cannot read the stored record whole (a field of the wrong type, a
+    missing field, text that is not UTF-8, written by hand or by a storage fault): it names each such field
+    and its value, and those fields show placeholders (``""``, ``0``, ``None``; an unknown state shows as
+    ``dead``). A worker makes such a task dead instead of running it.
     """
 
     id: str
@@ -88,6 +93,7 @@ class TaskInfo:
     chain_step: int | None = None
     chain: ChainInfo | None = None
     schedule: str | None = None
+    damaged: str | None = None
 
     @property
     def retries_left(self) -> int:

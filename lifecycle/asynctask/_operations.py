@@ -221,6 +221,7 @@ class TaskOperations:
             chain_id=chain_id,
             chain_step=chain_step,
             schedule=schedule,
+            damaged=record.fault,
         )
 
     def _check_open(self, what: str) -> None:

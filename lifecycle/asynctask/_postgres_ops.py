@@ -8,6 +8,7 @@ transaction, so the same code serves :meth:`PostgresBackend.enqueue_many` and th
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any, Literal
@@ -187,12 +188,62 @@ async def claim(
 async def reclaim_expired(
     connection: Connection, st: Statements, now: float, lease_until: float, limit: int
 ) -> list[ClaimedTask]:
-    """Take over active tasks whose lease expired before ``now``, attempts unchanged."""
+    """Take over active tasks whose lease expired before ``now``, attempts unchanged; then, up to ``limit``
+    in all, the damaged records no claim can select (see :func:`_take_over_damaged`)."""
     cursor = _cursor(connection)
     await cursor.execute(st.reclaim, (now, limit, lease_until))
     rows = await cursor.fetchall()
     rows.sort(key=lambda row: row[0])
-    return [ClaimedTask(token=row[1], record=record_from_row(row[2:])) for row in rows]
+    taken = [ClaimedTask(token=row[1], record=record_from_row(row[2:])) for row in rows]
+    if len(taken) < limit:
+        taken += await _take_over_damaged(connection, st, lease_until, limit - len(taken))
+    return taken
+
+
+# Records no claim or reclaim selects because a field they are selected by holds no usable time: an active
+# task whose lease_until is NULL, NaN or infinite, a pending task whose run_at is NaN or infinite (found queue
+# by queue, with a loose scan of the pending index). NaN sorts above Infinity. The candidates are locked and
+# tested again (SKIP LOCKED: concurrent reclaimers never take the same); the statement returns each one's
+# values from before it was leased, so the reader names the damaged field.
+_RETURNED_COLUMNS = ", ".join(f"t.{column.strip()}" for column in TASK_COLUMNS.split(","))
+_DAMAGED_WHERE = (
+    "(t.state = 'active' AND (t.lease_until IS NULL OR t.lease_until >= 'Infinity')) "
+    "OR (t.state = 'pending' AND t.run_at >= 'Infinity')"
+)
+_DAMAGED = (
+    "WITH RECURSIVE queues(name) AS ("
+    "(SELECT queue FROM {tasks} WHERE state = 'pending' ORDER BY queue LIMIT 1) "
+    "UNION ALL SELECT (SELECT p.queue FROM {tasks} AS p WHERE p.state = 'pending' AND p.queue > queues.name "
+    "ORDER BY p.queue LIMIT 1) FROM queues WHERE queues.name IS NOT NULL), "
+    "found AS (SELECT a.id FROM {tasks} AS a WHERE a.state = 'active' AND a.lease_until IS NULL "
+    "UNION ALL SELECT a.id FROM {tasks} AS a WHERE a.state = 'active' AND a.lease_until >= 'Infinity' "
+    "UNION ALL SELECT p.id FROM queues CROSS JOIN LATERAL (SELECT p.id FROM {tasks} AS p "
+    "WHERE p.state = 'pending' AND p.queue = queues.name AND p.run_at >= 'Infinity') AS p LIMIT %s), "
+    "pick AS MATERIALIZED (SELECT t.seq, " + _RETURNED_COLUMNS + " FROM {tasks} AS t "
+    "WHERE t.id IN (SELECT id FROM found) AND (" + _DAMAGED_WHERE + ") FOR UPDATE SKIP LOCKED), "
+    "leased AS (UPDATE {tasks} AS t SET state = 'active', lease_until = %s, "
+    "token = gen_random_uuid()::text FROM pick WHERE t.id = pick.id RETURNING t.id, t.token) "
+    "SELECT leased.token, pick.* FROM pick JOIN leased ON leased.id = pick.id ORDER BY pick.seq"
+)
+
+
+async def _take_over_damaged(
+    connection: Connection, st: Statements, lease_until: float, limit: int
+) -> list[ClaimedTask]:
+    """Lease the records whose run_at or lease_until holds no usable time (so that no claim or reclaim
+    selects them), as if their lease had expired: each comes back with its ``fault``, read before the lease
+    was written, and the engine settles it dead."""
+    cursor = _cursor(connection)
+    await cursor.execute(sql.SQL(_DAMAGED).format(tasks=st.tasks), (limit, lease_until))
+    return [
+        ClaimedTask(
+            token=row[0],
+            record=dataclasses.replace(
+                record_from_row(row[2:]), state=TaskState.ACTIVE, lease_until=lease_until
+            ),
+        )
+        for row in await cursor.fetchall()
+    ]
 
 
 async def extend_leases(
@@ -309,7 +360,9 @@ async def stats(connection: Connection, st: Statements) -> dict[str, dict[TaskSt
     )
     counts: dict[str, dict[TaskState, int]] = {}
     for queue, state, count in await cursor.fetchall():
-        counts.setdefault(queue, {})[TaskState(state)] = int(count)
+        per_queue = counts.setdefault(_records.stored_text(queue), {})
+        known = _records.stored_state(state)  # a state the schema's check would refuse counts as dead
+        per_queue[known] = per_queue.get(known, 0) + int(count)
     return counts
 
 

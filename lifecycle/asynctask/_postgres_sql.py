@@ -30,6 +30,9 @@ _INSERT_HEAD = (
 #: Notify the channel (a parameter) that ``queue`` got work. NOTIFY payloads are limited to 8000 bytes, so
 #: an absurdly long queue name wakes every waiter instead ("*") rather than failing the statement.
 NOTIFY_QUEUE = "pg_notify(%s, CASE WHEN octet_length(queue) < 7900 THEN queue ELSE '*' END)"
+# A claim's new attempts: one more, unless the stored value is damaged (negative, or so large that one more
+# overflows the integer column and fails the whole batch); that one is left as it is for the reader to name.
+_COUNTED_UP = "CASE WHEN t.attempts >= 0 AND t.attempts < 2147483647 THEN t.attempts + 1 ELSE t.attempts END"
 _RETURNED = ", ".join(f"t.{column.strip()}" for column in TASK_COLUMNS.split(","))
 
 
@@ -115,7 +118,7 @@ class Statements:
                 "WHERE p.state = 'pending' AND p.queue = q.name AND p.run_at <= %s "
                 "ORDER BY p.run_at, p.seq LIMIT %s FOR UPDATE SKIP LOCKED) AS c "
                 "ORDER BY q.ord, c.run_at, c.seq LIMIT %s) "
-                "UPDATE {tasks} AS t SET state = 'active', attempts = t.attempts + 1, started_at = %s, "
+                "UPDATE {tasks} AS t SET state = 'active', attempts = " + _COUNTED_UP + ", started_at = %s, "
                 "lease_until = %s, token = gen_random_uuid()::text "
                 "WHERE t.id = ANY(ARRAY(SELECT id FROM pick)) AND " + _still("pending") + " "
                 f"RETURNING t.seq, t.token, {_RETURNED}"
@@ -146,7 +149,8 @@ class Statements:
                 "AS s(id, token, state, at, run_at, error, result, refund)), "
                 "done AS (UPDATE {tasks} AS t SET state = s.state, "
                 "run_at = CASE WHEN s.state = 'pending' THEN s.run_at ELSE t.run_at END, "
-                "attempts = CASE WHEN s.state = 'pending' THEN greatest(t.attempts - s.refund, 0) "
+                "attempts = CASE WHEN s.state = 'pending' AND t.attempts > 0 THEN t.attempts - s.refund "
+                "WHEN s.state = 'pending' THEN 0 "
                 "ELSE t.attempts END, "
                 "finished_at = CASE WHEN s.state = 'pending' THEN NULL ELSE s.at END, "
                 "result = CASE WHEN s.state = 'succeeded' THEN s.result "

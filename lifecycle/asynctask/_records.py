@@ -7,19 +7,26 @@ state changes and tests can drive time explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 __all__ = [
     "RECORD_COLUMNS",
+    "RECORD_FIELDS",
     "ClaimedTask",
     "NewTask",
     "Settlement",
     "TaskRecord",
     "TaskState",
     "record_from_row",
+    "record_from_text",
+    "shown",
+    "stored_state",
+    "stored_text",
 ]
 
 
@@ -141,26 +148,340 @@ RECORD_COLUMNS = (
 )
 """The column order :func:`record_from_row` reads: the fields of :class:`TaskRecord`, in order."""
 
+RECORD_FIELDS = tuple(name.strip() for name in RECORD_COLUMNS.split(","))
+"""The names of the fields of :class:`TaskRecord` that a backend stores, in :data:`RECORD_COLUMNS` order."""
+
 
 def record_from_row(row: Sequence[Any], blob: Callable[[Any], bytes] = bytes) -> TaskRecord:
     """Build a :class:`TaskRecord` from a SQL row in :data:`RECORD_COLUMNS` order; ``blob`` turns the
-    driver's binary values (payload, result) into ``bytes``."""
-    result = row[14]
+    driver's binary values (payload, result) into ``bytes``.
+
+    Never raises for what the row holds: a value of the wrong type (text in a number column, a number where
+    bytes belong, an unknown state, ``NULL`` in a required field, text that is not UTF-8) becomes a
+    placeholder and is named in the record's ``fault``. Text where bytes belong is taken as its UTF-8 bytes.
+    """
+    try:
+        return _row_as_written(row, blob)
+    except _UNUSUAL:  # something no version of the backends wrote: read it field by field
+        return _RecordReader(blob, textual=False).read(row)
+
+
+def record_from_text(values: Sequence[bytes | None]) -> TaskRecord:
+    """Build a :class:`TaskRecord` from stored text in :data:`RECORD_COLUMNS` order, as a key-value store
+    (Redis) keeps it: every value ``bytes`` (numbers as decimal text, ``b""`` for a missing optional number)
+    or ``None`` for an absent field. Never raises for what the values hold: see :func:`record_from_row`."""
+    try:
+        return _text_as_written(values)
+    except _UNUSUAL:
+        return _RecordReader(bytes, textual=True).read(values)
+
+
+def stored_state(value: object) -> TaskState:
+    """A stored state value (text or bytes) as a :class:`TaskState`, for counting: an unknown one is
+    ``DEAD``, as :func:`record_from_row` reads it (a record in no known state never runs)."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return _STATES_BY_VALUE.get(value, TaskState.DEAD) if isinstance(value, str) else TaskState.DEAD
+
+
+def stored_text(value: object) -> str:
+    """A stored text value (a queue name) as readable text, for counting: bytes that are not UTF-8 are
+    replaced by U+FFFD, as :func:`record_from_row` reads them."""
+    if isinstance(value, str):
+        value = value.encode("utf-8", "surrogateescape")
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+# -- reading a stored record as the backends write it (the fast path) ---------------------------------------
+#
+# These raise one of _UNUSUAL for anything the backends never write; the record is then read again field by
+# field by _RecordReader, which names what is wrong. They accept nothing _RecordReader would fault.
+
+_UNUSUAL = (KeyError, TypeError, ValueError, AttributeError, OverflowError)  # UnicodeDecodeError: ValueError
+_STATES_BY_BYTES: dict[bytes, TaskState] = {state.value.encode(): state for state in TaskState}
+
+
+def _clean_text(value: object) -> str:
+    if type(value) is str and (value.isascii() or _is_utf8(value)):
+        return value
+    raise TypeError
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes a driver kept as surrogate escapes
+        return False
+    return True
+
+
+def _finite(value: object) -> float:
+    if type(value) is float or type(value) is int:
+        number = float(value)
+        if number - number == 0.0:  # not NaN, not infinite
+            return number
+    raise ValueError
+
+
+def _count(value: object) -> int:
+    if type(value) is int and value >= 0:
+        return value
+    raise ValueError
+
+
+def _row_as_written(row: Sequence[Any], blob: Callable[[Any], bytes]) -> TaskRecord:
+    (task_id, name, queue, payload, state, attempts, max_retries, timeout, enqueued_at, run_at,
+     started_at, finished_at, lease_until, last_error, result, meta) = row  # fmt: skip
+    record_state = _STATES_BY_VALUE[state]
+    seconds = None if timeout is None else _finite(timeout)
+    if seconds is not None and seconds <= 0:
+        raise ValueError
+    lease = None if lease_until is None else _finite(lease_until)
+    if lease is None and record_state is TaskState.ACTIVE:
+        raise ValueError
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise TypeError
+    if not (result is None or isinstance(result, bytes | bytearray | memoryview)):
+        raise TypeError
     return TaskRecord(
-        id=row[0],
-        name=row[1],
-        queue=row[2],
-        payload=blob(row[3]),
-        state=TaskState(row[4]),
-        attempts=row[5],
-        max_retries=row[6],
-        timeout=row[7],
-        enqueued_at=row[8],
-        run_at=row[9],
-        started_at=row[10],
-        finished_at=row[11],
-        lease_until=row[12],
-        last_error=row[13],
-        result=None if result is None else blob(result),
-        meta=row[15],
+        _clean_text(task_id),
+        _clean_text(name),
+        _clean_text(queue),
+        blob(payload),
+        record_state,
+        _count(attempts),
+        _count(max_retries),
+        seconds,
+        _finite(enqueued_at),
+        _finite(run_at),
+        None if started_at is None else _finite(started_at),
+        None if finished_at is None else _finite(finished_at),
+        lease,
+        None if last_error is None else _clean_text(last_error),
+        None if result is None else blob(result),
+        None if meta is None else _clean_text(meta),
     )
+
+
+def _finite_text(value: Any) -> float:
+    number = float(value)  # None: TypeError
+    if number - number == 0.0:
+        return number
+    raise ValueError
+
+
+def _optional_finite_text(value: Any) -> float | None:
+    return _finite_text(value) if value else None  # b"" and None: no value
+
+
+def _count_text(value: Any) -> int:
+    if len(value) <= _COUNT_DIGITS and value.isdigit():  # None: TypeError
+        return int(value)
+    raise ValueError
+
+
+def _text_as_written(values: Sequence[Any]) -> TaskRecord:
+    (task_id, name, queue, payload, state, attempts, max_retries, timeout, enqueued_at, run_at,
+     started_at, finished_at, lease_until, last_error, result, meta) = values  # fmt: skip
+    record_state = _STATES_BY_BYTES[state]  # None: KeyError
+    seconds = _optional_finite_text(timeout)
+    if seconds is not None and seconds <= 0:
+        raise ValueError
+    lease = _optional_finite_text(lease_until)
+    if lease is None and record_state is TaskState.ACTIVE:
+        raise ValueError
+    if payload is None:
+        raise TypeError
+    return TaskRecord(
+        task_id.decode(),
+        name.decode(),
+        queue.decode(),
+        payload,
+        record_state,
+        _count_text(attempts),
+        _count_text(max_retries),
+        seconds,
+        _finite_text(enqueued_at),
+        _finite_text(run_at),
+        _optional_finite_text(started_at),
+        _optional_finite_text(finished_at),
+        lease,
+        None if last_error is None else last_error.decode(),
+        result,
+        None if meta is None else meta.decode(),
+    )
+
+
+# -- reading a stored record field by field ----------------------------------------------------------------
+
+_STATES_BY_VALUE: dict[str, TaskState] = {state.value: state for state in TaskState}
+_STATE_LIST = ", ".join(_STATES_BY_VALUE)
+
+#: A count stored as text has at most this many digits, all ASCII (exact in a Lua number, as scripts need).
+_COUNT_DIGITS = 15
+
+_SHOWN = 48
+
+
+def shown(value: object) -> str:
+    """``value`` for a fault text: its ``repr``, cut to a readable length; text that is not valid UTF-8 is
+    shown as its bytes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            value = value.encode("utf-8", "surrogateescape")
+    if isinstance(value, bytes | bytearray | memoryview):
+        raw = bytes(value)
+        text = repr(raw[:_SHOWN])
+        return text if len(raw) <= _SHOWN else f"{text}... ({len(raw)} bytes)"
+    if isinstance(value, str) and len(value) > _SHOWN:
+        return f"{value[:_SHOWN]!r}... ({len(value)} characters)"
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to print
+        return f"an integer of {value.bit_length()} bits" if isinstance(value, int) else "a value"
+    return text if len(text) <= 2 * _SHOWN else f"{text[: 2 * _SHOWN]}..."
+
+
+class _RecordReader:
+    """Reads the values of one stored record field by field, collecting a fault per unreadable field instead
+    of raising. ``textual``: the values are stored text (bytes), numbers included (Redis); otherwise they are
+    the typed values of a SQL driver."""
+
+    __slots__ = ("_blob", "_textual", "faults")
+
+    def __init__(self, blob: Callable[[Any], bytes], *, textual: bool) -> None:
+        self._blob = blob
+        self._textual = textual
+        self.faults: list[str] = []
+
+    def read(self, values: Sequence[Any]) -> TaskRecord:
+        if len(values) != len(RECORD_FIELDS):
+            raise ValueError(f"a stored record has {len(RECORD_FIELDS)} fields, got {len(values)}")
+        (task_id, name, queue, payload, state, attempts, max_retries, timeout, enqueued_at, run_at,
+         started_at, finished_at, lease_until, last_error, result, meta) = values  # fmt: skip
+        record = TaskRecord(
+            id=self._text("id", task_id),
+            name=self._text("name", name),
+            queue=self._text("queue", queue),
+            payload=self._bytes("payload", payload),
+            state=self._state(state),
+            attempts=self._count("attempts", attempts),
+            max_retries=self._count("max_retries", max_retries),
+            timeout=self._seconds("timeout", timeout),
+            enqueued_at=self._time("enqueued_at", enqueued_at),
+            run_at=self._time("run_at", run_at),
+            started_at=self._optional_time("started_at", started_at),
+            finished_at=self._optional_time("finished_at", finished_at),
+            lease_until=self._optional_time("lease_until", lease_until),
+            last_error=self._optional_text("last_error", last_error),
+            result=None if result is None else self._bytes("result", result),
+            meta=self._optional_text("meta", meta),
+        )
+        if record.state is TaskState.ACTIVE and record.lease_until is None and not self._named("lease_until"):
+            self.faults.append("field 'lease_until' is empty, but the task is active")
+        if not self.faults:
+            return record
+        return replace(record, fault="; ".join(self.faults))
+
+    def _fault(self, field: str, value: object, expected: str) -> None:
+        if value is None:
+            self.faults.append(f"field {field!r} is missing")
+            return
+        if self._textual and isinstance(value, bytes):  # stored text: show it as text when it is UTF-8
+            with contextlib.suppress(UnicodeDecodeError):
+                value = value.decode("utf-8")
+        self.faults.append(f"field {field!r} holds {shown(value)}, not {expected}")
+
+    def _named(self, field: str) -> bool:
+        prefix = f"field {field!r} "
+        return any(fault.startswith(prefix) for fault in self.faults)
+
+    def _text(self, field: str, value: object) -> str:
+        if type(value) is str:
+            if value.isascii():
+                return value
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # undecodable bytes the driver kept (SQLite's text factory)
+                raw = value.encode("utf-8", "surrogateescape")
+                self._fault(field, raw, "UTF-8 text")
+                return raw.decode("utf-8", "replace")
+            return value
+        if self._textual and isinstance(value, bytes):
+            try:
+                return value.decode("utf-8")
+            except UnicodeDecodeError:
+                self._fault(field, value, "UTF-8 text")
+                return value.decode("utf-8", "replace")
+        self._fault(field, value, "text")
+        return ""
+
+    def _optional_text(self, field: str, value: object) -> str | None:
+        return None if value is None else self._text(field, value)
+
+    def _bytes(self, field: str, value: object) -> bytes:
+        if isinstance(value, bytes | bytearray | memoryview):
+            return self._blob(value)
+        if isinstance(value, str):  # text where bytes belong (a row written by hand): its UTF-8 bytes
+            return value.encode("utf-8", "surrogateescape")
+        self._fault(field, value, "bytes")
+        return b""
+
+    def _state(self, value: object) -> TaskState:
+        text = value.decode("utf-8", "replace") if self._textual and isinstance(value, bytes) else value
+        state = _STATES_BY_VALUE.get(text) if type(text) is str else None
+        if state is None:
+            self._fault("state", value, f"one of {_STATE_LIST}")
+            return TaskState.DEAD  # a record in no known state never runs: it counts as dead
+        return state
+
+    def _count(self, field: str, value: object) -> int:
+        if type(value) is int and value >= 0:
+            return value
+        if self._textual and isinstance(value, bytes) and len(value) <= _COUNT_DIGITS and value.isdigit():
+            return int(value)
+        self._fault(field, value, "a whole number >= 0")
+        return 0
+
+    def _number(self, value: object) -> float | None:
+        """``value`` as a finite float, or ``None`` when it is not one."""
+        if type(value) is float:
+            number = value
+        elif type(value) is int:
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond any float
+                return None
+        elif self._textual and isinstance(value, bytes):
+            try:
+                number = float(value)
+            except ValueError:
+                return None
+        else:
+            return None
+        return number if math.isfinite(number) else None
+
+    def _time(self, field: str, value: object) -> float:
+        number = self._number(value)
+        if number is None:
+            self._fault(field, value, "a time (a finite number of seconds)")
+            return 0.0
+        return number
+
+    def _optional_time(self, field: str, value: object) -> float | None:
+        if value is None or (self._textual and value == b""):
+            return None
+        return self._time(field, value)
+
+    def _seconds(self, field: str, value: object) -> float | None:
+        if value is None or (self._textual and value == b""):
+            return None
+        number = self._number(value)
+        if number is None or number <= 0:
+            self._fault(field, value, "a positive, finite number of seconds")
+            return None
+        return number

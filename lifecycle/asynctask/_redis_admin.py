@@ -50,7 +50,7 @@ async def stats(runner: ScriptRunner) -> dict[str, dict[TaskState, int]]:
         row = reply[start + 1 : start + width]
         numbers = {state: int(n) for state, n in zip(_ALL_STATES, row, strict=True) if n}
         if numbers:
-            counts[reply[start].decode()] = numbers
+            counts[reply[start].decode("utf-8", "replace")] = numbers
     return counts
 
 
@@ -87,9 +87,9 @@ async def requeue(
             "0" if queue is None else "1",
             "" if queue is None else queue,
         ]
-        batch = int(await runner.run("requeue_dead", args))
-        moved += batch
-        if batch < _REQUEUE_CHUNK:
+        batch, examined = await runner.run("requeue_dead", args)
+        moved += int(batch)
+        if int(examined) < _REQUEUE_CHUNK:
             return moved
 
 

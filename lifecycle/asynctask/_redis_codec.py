@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
+from ._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState, record_from_text
 
 __all__ = [
     "RECORD_FIELDS",
@@ -85,37 +85,11 @@ def settlement_args(settlement: Settlement) -> list[str | bytes]:
     return args
 
 
-def _time(value: bytes | None) -> float | None:
-    return float(value) if value else None
-
-
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode()
-
-
 def record_from_fields(task_id: bytes | str, fields: Sequence[Any]) -> TaskRecord:
     """A :class:`TaskRecord` from the 15 values of ``RECORD_FIELDS`` (as HMGET returns them: bytes, or None
-    for a missing field) of a stored record."""
-    (name, queue, payload, state, attempts, max_retries, timeout, enqueued_at, run_at, started_at,
-     finished_at, lease_until, last_error, result, meta) = fields  # fmt: skip
-    return TaskRecord(
-        task_id if isinstance(task_id, str) else task_id.decode(),
-        name.decode(),
-        queue.decode(),
-        payload if payload is not None else b"",
-        _STATES[state],
-        int(attempts),
-        int(max_retries),
-        _time(timeout),
-        float(enqueued_at),
-        float(run_at),
-        _time(started_at),
-        _time(finished_at),
-        _time(lease_until),
-        _text(last_error),
-        result,
-        _text(meta),
-    )
+    for a missing field) of a stored record. Never raises for what the fields hold: an unreadable one is named
+    in the record's ``fault`` (see :func:`record_from_text`)."""
+    return record_from_text([task_id.encode() if isinstance(task_id, str) else task_id, *fields])
 
 
 def claimed_tasks(reply: Sequence[Any]) -> list[ClaimedTask]:
@@ -132,8 +106,7 @@ def records(reply: Sequence[Any]) -> list[TaskRecord]:
     """The records of a listing script reply (same shape as a claim reply, tokens empty)."""
     found = []
     for start in range(0, len(reply), _STRIDE):
-        task_id = reply[start + 1]
         fields = reply[start + 2 : start + _STRIDE]
-        if task_id is not None and fields[3] is not None:  # deleted between index and read: leave out
-            found.append(record_from_fields(task_id, fields))
+        if any(value is not None for value in fields):  # deleted between index and read: leave out
+            found.append(record_from_fields(reply[start + 1], fields))
     return found

@@ -69,14 +69,53 @@ local function bulk(command, key, items)
     redis.call(command, key, unpack(items, first, math.min(first + 3999, #items)))
   end
 end
+-- A count field (attempts) as a Lua number, or nil when it is not plain digits: a damaged value is left
+-- as it is for the engine to report, never computed with.
+local function count(v)
+  if v and #v <= 15 and string.match(v, '^%d+$') then return tonumber(v) end
+  return nil
+end
+-- Where record id sits in the indexes: {state, queue, member, score}. Its s, q and o fields say where; when
+-- the s or q field is damaged, every state and queue is looked through (the indexes are the truth). nil when
+-- no index holds the record under its o field. Reads only, so scripts call it before their first write.
+local function locate(id, s, q, o)
+  if type(o) ~= 'string' then return nil end
+  local member = o .. id
+  local function probe(state, queue)
+    local score = redis.call('ZSCORE', idx(state, queue), member)
+    if score then return {state, queue, member, score} end
+    return nil
+  end
+  if type(q) == 'string' then
+    if type(s) == 'string' then
+      local found = probe(s, q)
+      if found then return found end
+    end
+    for _, state in ipairs(STATES) do
+      if state ~= s then
+        local found = probe(state, q)
+        if found then return found end
+      end
+    end
+  end
+  for _, queue in ipairs(redis.call('SMEMBERS', P .. 'queues')) do
+    if queue ~= q then
+      for _, state in ipairs(STATES) do
+        local found = probe(state, queue)
+        if found then return found end
+      end
+    end
+  end
+  return nil
+end
 -- Store ARGV[b .. b+9] (id, name, queue, payload, max_retries, timeout, enqueued_at, run_at, has_meta, meta)
--- as a fresh PENDING record with enqueue sequence number seq. old = {state, queue, o} of a finished record
--- with the same id, which is replaced.
+-- as a fresh PENDING record with enqueue sequence number seq. old (a record with the same id that is
+-- replaced): its locate() result, or {} when no index holds it.
 local function store(b, seq, callid, old, queues)
   local id, q = ARGV[b], ARGV[b + 2]
   local key = rkey(id)
   if old then
-    redis.call('ZREM', idx(old[1], old[2]), old[3] .. id)
+    if old[3] then redis.call('ZREM', idx(old[1], old[2]), old[3]) end
     redis.call('DEL', key)
   end
   local o = string.format('%016x', seq)
@@ -127,17 +166,20 @@ for i = 0, n - 1 do
     local cur = redis.call('HMGET', rkey(id), 's', 'q', 'o', 'c')
     if cur[4] == callid then
       plan[i] = 1  -- stored by this very call, before a retry
-    elseif not cur[1] then
+    elseif not (cur[1] or cur[2] or cur[3]) then
       plan[i] = 2
       fresh = fresh + 1
     elseif mode == 'skip' then
       plan[i] = 0
-    elseif cur[1] == 'pending' or cur[1] == 'active' then
-      if not dupseen[id] then dups[#dups + 1] = id; dupseen[id] = true end
-      plan[i] = 0
     else
-      plan[i] = cur
-      fresh = fresh + 1
+      local where = locate(id, cur[1], cur[2], cur[3]) or {}
+      if where[1] == 'pending' or where[1] == 'active' then
+        if not dupseen[id] then dups[#dups + 1] = id; dupseen[id] = true end
+        plan[i] = 0
+      else
+        plan[i] = where
+        fresh = fresh + 1
+      end
     end
   end
 end
@@ -163,7 +205,9 @@ return {1, table.concat(flags)}
 """
 
 # ARGV: P, now, lease_until, limit, call id, previous call id or '', queues... in priority order.
-# Returns 17 values per claimed task: token, id, the 15 record FIELDS.
+# Returns 17 values per claimed task: token, id, the 15 record FIELDS. Every record's change stands alone: a
+# damaged field is never computed with (the record is leased and returned as stored, for the engine to
+# report), and an index entry whose record is gone is dropped.
 _CLAIM = """
 local now, lease, limit, callid = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 forget(ARGV[6])
@@ -174,29 +218,48 @@ local n = 0
 for qi = 7, #ARGV do
   if n >= limit then break end
   local q = ARGV[qi]
-  local rk = ready(q)
-  local members = redis.call('ZRANGEBYSCORE', rk, '-inf', now, 'LIMIT', 0, limit - n)
-  if #members > 0 then
-    bulk('ZREM', rk, members)
-    bulk('ZREM', idx('pending', q), members)
+  local rk, pk = ready(q), idx('pending', q)
+  -- Again while entries whose record is gone (dropped, not claimed) left the batch short.
+  while n < limit do
+    local members = redis.call('ZRANGEBYSCORE', rk, '-inf', now, 'LIMIT', 0, limit - n)
+    if #members == 0 then break end
     local active = {}
     for _, member in ipairs(members) do
       local id = string.sub(member, 17)
       local key = rkey(id)
-      n = n + 1
-      local token = callid .. ':' .. n
       local rec = read(key)
-      local attempts = tonumber(rec[5]) + 1
-      redis.call('HSET', key, 's', 'active', 'a', attempts, 'st', now, 'l', lease, 'k', token)
-      rec[4], rec[5], rec[10], rec[12] = 'active', tostring(attempts), now, lease
-      active[#active + 1] = rec[8]
-      active[#active + 1] = member
-      leases[#leases + 1] = lease
-      leases[#leases + 1] = id
-      ids[n] = id
-      emit(out, token, id, rec)
+      if rec[1] or rec[2] or rec[4] or redis.call('EXISTS', key) == 1 then
+        n = n + 1
+        local token = callid .. ':' .. n
+        -- The active index is scored by enqueued_at; the pending index holds the same score when the
+        -- record's own field is damaged.
+        local score = tonumber(rec[8])
+        if not score or score ~= score then score = tonumber(redis.call('ZSCORE', pk, member)) or 0 end
+        local attempts = count(rec[5])
+        local set = {'s', 'active', 'st', now, 'l', lease, 'k', token}
+        if attempts then
+          rec[5] = string.format('%d', attempts + 1)
+          set[#set + 1] = 'a'
+          set[#set + 1] = rec[5]
+        end
+        if rec[2] ~= q then  -- the queue field is damaged: the index says which queue holds the record
+          rec[2] = q
+          set[#set + 1] = 'q'
+          set[#set + 1] = q
+        end
+        redis.call('HSET', key, unpack(set))
+        rec[4], rec[10], rec[12] = 'active', now, lease
+        active[#active + 1] = score
+        active[#active + 1] = member
+        leases[#leases + 1] = lease
+        leases[#leases + 1] = id
+        ids[n] = id
+        emit(out, token, id, rec)
+      end
     end
-    bulk('ZADD', idx('active', q), active)
+    bulk('ZREM', rk, members)
+    bulk('ZREM', pk, members)
+    if #active > 0 then bulk('ZADD', idx('active', q), active) end
   end
 end
 if n >= limit then
@@ -216,23 +279,41 @@ end
 return out
 """
 
-# ARGV: P, now, lease_until, limit, call id, previous call id or ''. Returns like the claim script.
+# ARGV: P, now, lease_until, limit, call id, previous call id or ''. Returns like the claim script. A lease
+# whose record is gone, or sits in no active index, is dropped instead of taken over; a damaged state or
+# queue field is restored from the indexes.
 _RECLAIM = """
 local now, lease, limit, callid = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 forget(ARGV[6])
 local log = P .. 'c:' .. callid
 if redis.call('EXISTS', log) == 1 then return replay(log, callid) end
-local out = {}
-local ids = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', '(' .. now, 'LIMIT', 0, limit)
-for i, id in ipairs(ids) do
+local out, taken, stale = {}, {}, {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', '(' .. now, 'LIMIT', 0, limit)) do
   local key = rkey(id)
-  local token = callid .. ':' .. i
-  redis.call('HSET', key, 'l', lease, 'k', token)
-  redis.call('ZADD', P .. 'leases', lease, id)
-  emit(out, token, id, read(key))
+  local cur = redis.call('HMGET', key, 's', 'q', 'o')
+  local where = locate(id, 'active', cur[2], cur[3])
+  if where and where[1] == 'active' then
+    taken[#taken + 1] = id
+    local token = callid .. ':' .. #taken
+    local set = {'l', lease, 'k', token}
+    if cur[1] ~= 'active' then
+      set[#set + 1] = 's'
+      set[#set + 1] = 'active'
+    end
+    if cur[2] ~= where[2] then
+      set[#set + 1] = 'q'
+      set[#set + 1] = where[2]
+    end
+    redis.call('HSET', key, unpack(set))
+    redis.call('ZADD', P .. 'leases', lease, id)
+    emit(out, token, id, read(key))
+  else
+    stale[#stale + 1] = id
+  end
 end
-if #ids > 0 then
-  bulk('RPUSH', log, ids)
+if #stale > 0 then bulk('ZREM', P .. 'leases', stale) end
+if #taken > 0 then
+  bulk('RPUSH', log, taken)
   redis.call('EXPIRE', log, %(ttl)d)
 end
 return out
@@ -280,9 +361,13 @@ while i <= #ARGV do
   local err, res = ARGV[i + 6], ARGV[i + 7]
   i = first + nthen * 10
   local key = rkey(id)
-  local cur = redis.call('HMGET', key, 's', 'k', 'q', 'e', 'o')
-  if cur[1] == 'active' and cur[2] == token then
-    local q, member = cur[3], cur[5] .. id
+  local cur = redis.call('HMGET', key, 's', 'k', 'q', 'o', 'a')
+  -- The record's place in the indexes (and its index score) comes from the indexes themselves, so a damaged
+  -- queue or enqueued_at field cannot misplace it; a record no active index holds is left to recovery.
+  local where = nil
+  if cur[1] == 'active' and cur[2] == token then where = locate(id, 'active', cur[3], cur[4]) end
+  if where and where[1] == 'active' then
+    local q, member, score = where[2], where[3], where[4]
     later(removals, P .. 'leases', id)
     later(removals, idx('active', q), member)
     local set = {'s', state, 'l', ''}
@@ -290,13 +375,21 @@ while i <= #ARGV do
       set[#set + 1] = 'err'
       set[#set + 1] = err
     end
+    if cur[3] ~= q then
+      set[#set + 1] = 'q'
+      set[#set + 1] = q
+    end
     if state == 'pending' then
       set[#set + 1] = 'r'
       set[#set + 1] = run_at
+      local attempts = count(cur[5])
+      if string.sub(flags, 3, 3) == '1' and attempts and attempts > 0 then
+        set[#set + 1] = 'a'
+        set[#set + 1] = string.format('%d', attempts - 1)
+      end
       redis.call('HSET', key, unpack(set))
-      if string.sub(flags, 3, 3) == '1' then redis.call('HINCRBY', key, 'a', -1) end
       later(additions, ready(q), run_at, member)
-      later(additions, idx('pending', q), cur[4], member)
+      later(additions, idx('pending', q), score, member)
       queues[q] = true
     else
       set[#set + 1] = 'f'
@@ -306,7 +399,7 @@ while i <= #ARGV do
         set[#set + 1] = res
       end
       redis.call('HSET', key, unpack(set))
-      later(additions, idx(state, q), cur[4], member)
+      later(additions, idx(state, q), score, member)
     end
     for t = 0, nthen - 1 do
       local b = first + t * 10

@@ -9,34 +9,38 @@ from ._redis_lua import LuaScript, script
 
 __all__ = ["ADMIN_SCRIPTS"]
 
-# ARGV: P, at, call id, ids... Returns the ids cancelled.
+# ARGV: P, at, call id, ids... Returns the ids cancelled. The record's place in the indexes comes from
+# locate(), so a damaged state, queue or enqueued_at field cannot make the script fail half-way.
 _CANCEL = """
 local at, callid = ARGV[2], ARGV[3]
 local done = {}
 for i = 4, #ARGV do
   local id = ARGV[i]
   local key = rkey(id)
-  local cur = redis.call('HMGET', key, 's', 'q', 'e', 'o', 'x')
-  if cur[1] == 'pending' then
-    local q, member = cur[2], cur[4] .. id
-    redis.call('HSET', key, 's', 'cancelled', 'f', at, 'x', callid)
+  local cur = redis.call('HMGET', key, 's', 'q', 'o', 'x')
+  local where = nil
+  if cur[1] or cur[2] or cur[3] then where = locate(id, cur[1], cur[2], cur[3]) end
+  if where and where[1] == 'pending' then
+    local q, member = where[2], where[3]
+    redis.call('HSET', key, 's', 'cancelled', 'f', at, 'x', callid, 'q', q)
     redis.call('ZREM', ready(q), member)
     redis.call('ZREM', idx('pending', q), member)
-    redis.call('ZADD', idx('cancelled', q), cur[3], member)
+    redis.call('ZADD', idx('cancelled', q), where[4], member)
     done[#done + 1] = id
-  elseif cur[1] == 'cancelled' and cur[5] == callid then
+  elseif cur[1] == 'cancelled' and cur[4] == callid then
     done[#done + 1] = id
   end
 end
 return done
 """
 
+# where: the record's locate() result (a DEAD or CANCELLED place).
 _REQUEUE_ONE = """
-local function requeue_one(id, cur, now, callid, queues)
-  local q, member = cur[2], cur[4] .. id
-  redis.call('HSET', rkey(id), 's', 'pending', 'a', '0', 'r', now, 'f', '', 'x', callid, 'k', '')
-  redis.call('ZREM', idx(cur[1], q), member)
-  redis.call('ZADD', idx('pending', q), cur[3], member)
+local function requeue_one(id, where, now, callid, queues)
+  local state, q, member = where[1], where[2], where[3]
+  redis.call('HSET', rkey(id), 's', 'pending', 'a', '0', 'r', now, 'f', '', 'x', callid, 'k', '', 'q', q)
+  redis.call('ZREM', idx(state, q), member)
+  redis.call('ZADD', idx('pending', q), where[4], member)
   redis.call('ZADD', ready(q), now, member)
   queues[q] = true
 end
@@ -50,11 +54,13 @@ local now, callid = ARGV[2], ARGV[3]
 local moved, queues = 0, {}
 for i = 4, #ARGV do
   local id = ARGV[i]
-  local cur = redis.call('HMGET', rkey(id), 's', 'q', 'e', 'o', 'x')
-  if cur[1] == 'dead' or cur[1] == 'cancelled' then
-    requeue_one(id, cur, now, callid, queues)
+  local cur = redis.call('HMGET', rkey(id), 's', 'q', 'o', 'x')
+  local where = nil
+  if cur[1] or cur[2] or cur[3] then where = locate(id, cur[1], cur[2], cur[3]) end
+  if where and (where[1] == 'dead' or where[1] == 'cancelled') then
+    requeue_one(id, where, now, callid, queues)
     moved = moved + 1
-  elseif cur[1] == 'pending' and cur[5] == callid then
+  elseif where and where[1] == 'pending' and cur[4] == callid then
     moved = moved + 1
   end
 end
@@ -63,25 +69,33 @@ return moved
 """
 )
 
-# ARGV: P, now, call id, limit, has_queue ('0'/'1'), queue. Moves up to limit DEAD tasks; returns how many.
+# ARGV: P, now, call id, limit, has_queue ('0'/'1'), queue. Moves up to limit DEAD tasks; returns {moved,
+# examined}: index entries whose record is gone are dropped and count as examined.
 _REQUEUE_DEAD = (
     _REQUEUE_ONE
     + """
 local now, callid, limit = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local qs
 if ARGV[5] == '1' then qs = {ARGV[6]} else qs = redis.call('SMEMBERS', P .. 'queues') end
-local moved, queues = 0, {}
+local moved, examined, queues = 0, 0, {}
 for _, q in ipairs(qs) do
-  if moved >= limit then break end
-  for _, member in ipairs(redis.call('ZRANGE', idx('dead', q), 0, limit - moved - 1)) do
+  if examined >= limit then break end
+  local dk = idx('dead', q)
+  local page = redis.call('ZRANGE', dk, 0, limit - examined - 1, 'WITHSCORES')
+  for j = 1, #page, 2 do
+    local member = page[j]
     local id = string.sub(member, 17)
-    local cur = redis.call('HMGET', rkey(id), 's', 'q', 'e', 'o')
-    requeue_one(id, cur, now, callid, queues)
-    moved = moved + 1
+    examined = examined + 1
+    if redis.call('EXISTS', rkey(id)) == 1 then
+      requeue_one(id, {'dead', q, member, page[j + 1]}, now, callid, queues)
+      moved = moved + 1
+    else
+      redis.call('ZREM', dk, member)
+    end
   end
 end
 announce(queues)
-return moved
+return {moved, examined}
 """
 )
 

@@ -296,7 +296,9 @@ class SQLiteBackend:
         if connection is None:
             assert not isinstance(absent, _Absent)
             return absent
-        return await anyio.to_thread.run_sync(operation, connection, *args, limiter=self._limiter)
+        return await anyio.to_thread.run_sync(
+            ops.reading_any_text, connection, operation, (connection, *args), limiter=self._limiter
+        )
 
     async def _write(
         self,
@@ -312,9 +314,14 @@ class SQLiteBackend:
         if connection is None:
             assert not isinstance(absent, _Absent)
             return absent
-        result, changed = await anyio.to_thread.run_sync(
-            _in_transaction, connection, operation, args, limiter=self._limiter
+        done: tuple[_T, bool] = await anyio.to_thread.run_sync(
+            ops.reading_any_text,
+            connection,
+            _in_transaction,
+            (connection, operation, args),
+            limiter=self._limiter,
         )
+        result, changed = done
         if changed:
             self._changes += 1
             if wake:
@@ -354,7 +361,8 @@ class SQLiteBackend:
         return await self._write(ops.settle, list(settlements))
 
     async def reclaim_expired(self, *, now: float, lease_until: float, limit: int) -> list[ClaimedTask]:
-        """Take over active tasks whose lease ended before ``now``, attempts unchanged."""
+        """Take over active tasks whose lease ended before ``now``, attempts unchanged, and the damaged
+        records no claim can select; see :meth:`Backend.reclaim_expired`."""
         if limit <= 0:
             return []
         return await self._write(ops.reclaim_expired, now, lease_until, limit)

@@ -7,9 +7,12 @@ atomic and serialised against every other process writing the same file.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import secrets
 import sqlite3
-from collections.abc import Collection, Iterator, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Collection, Iterator, Sequence
+from typing import Any, Literal, TypeVar
 
 from . import _records
 from ._errors import DuplicateTaskError
@@ -25,6 +28,8 @@ __all__ = [
     "list_records",
     "next_run_at",
     "purge",
+    "read_text",
+    "reading_any_text",
     "reclaim_expired",
     "requeue",
     "settle",
@@ -48,8 +53,13 @@ _INSERT_OR_SKIP = _INSERT + " ON CONFLICT (id) DO NOTHING"
 # A fresh random lease token per claimed row, made by SQLite inside the same UPDATE.
 _NEW_TOKEN = "lower(hex(randomblob(12)))"
 
+# A damaged attempts value (not a whole number >= 0) is left as it is, for the record reader to report,
+# instead of being turned into a number by SQLite's arithmetic.
+_COUNTED = "typeof(attempts) = 'integer' AND attempts >= 0"
+
 _CLAIM = (
-    f"UPDATE lifecycle_tasks SET state = 'active', attempts = attempts + 1, started_at = ?, "
+    f"UPDATE lifecycle_tasks SET state = 'active', "
+    f"attempts = CASE WHEN {_COUNTED} THEN attempts + 1 ELSE attempts END, started_at = ?, "
     f"lease_until = ?, token = {_NEW_TOKEN} "
     "WHERE seq IN (SELECT seq FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending "
     "WHERE state = 'pending' AND queue = ? AND run_at <= ? "
@@ -75,10 +85,51 @@ _SETTLE_FINAL = (
     f"last_error = coalesce(?, last_error), lease_until = NULL, token = NULL {_HELD}"
 )
 _SETTLE_PENDING = (
-    "UPDATE lifecycle_tasks SET state = 'pending', run_at = ?, attempts = max(attempts - ?, 0), "
+    "UPDATE lifecycle_tasks SET state = 'pending', run_at = ?, "
+    f"attempts = CASE WHEN {_COUNTED} THEN max(attempts - ?, 0) ELSE attempts END, "
     f"finished_at = NULL, last_error = coalesce(?, last_error), lease_until = NULL, token = NULL {_HELD}"
 )
 _EXTEND = f"UPDATE lifecycle_tasks SET lease_until = ? {_HELD}"
+
+_KNOWN_STATES = sorted(state.value for state in TaskState)
+
+# Records no claim or reclaim can select because a field they are selected by cannot be read. SQLite sorts
+# numbers before text and text before blobs, so ">= 9e999" (infinity) is one index range holding +inf, text
+# and blobs (a NaN is stored as NULL). Active tasks whose lease_until is not a finite number, and tasks in no
+# known state (the ranges between the known state names, on the index that leads with state):
+_UNSELECTABLE = (
+    "SELECT seq FROM lifecycle_tasks INDEXED BY lifecycle_tasks_active "
+    "WHERE state = 'active' AND lease_until IS NULL "
+    "UNION ALL SELECT seq FROM lifecycle_tasks INDEXED BY lifecycle_tasks_active "
+    "WHERE state = 'active' AND lease_until >= 9e999 "
+    "UNION ALL SELECT seq FROM lifecycle_tasks WHERE "
+    + " OR ".join(
+        [f"state < '{_KNOWN_STATES[0]}'"]
+        + [f"(state > '{a}' AND state < '{b}')" for a, b in itertools.pairwise(_KNOWN_STATES)]
+        + [f"state > '{_KNOWN_STATES[-1]}'"]
+    )
+    + " LIMIT ?"
+)
+# The queues of pending tasks, one index probe each (a loose scan of the pending index)...
+_PENDING_QUEUES = (
+    "WITH RECURSIVE queues(name) AS ("
+    "SELECT (SELECT min(queue) FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending "
+    "WHERE state = 'pending') "
+    "UNION ALL SELECT (SELECT min(queue) FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending "
+    "WHERE state = 'pending' AND queue > queues.name) FROM queues WHERE queues.name IS NOT NULL) "
+    "SELECT name FROM queues WHERE name IS NOT NULL"
+)
+# ...then, in a queue a worker can name, the pending tasks whose run_at is not a finite number; in a queue
+# whose name is not UTF-8 text (no worker can name it), every pending task.
+_UNSCHEDULED = (
+    "SELECT seq FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending "
+    "WHERE state = 'pending' AND queue = ? AND run_at >= 9e999 LIMIT ?"
+)
+_IN_QUEUE = (
+    "SELECT seq FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending WHERE state = 'pending' AND queue = "
+)
+
+_T = TypeVar("_T")
 
 
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
@@ -90,18 +141,29 @@ def _marks(count: int) -> str:
     return ", ".join("?" * count)
 
 
-def _blob(value: object) -> bytes:
-    # A row written by hand may hold TEXT where a BLOB belongs; hand the engine bytes either way.
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode("utf-8", "surrogateescape")
-    return bytes(value)  # type: ignore[call-overload, no-any-return]
+def read_text(value: bytes) -> str:
+    """The text factory of a connection that met text that is not UTF-8 (a row written by hand): such text
+    keeps its bytes as surrogate escapes, so reading it never fails and the record reader names it."""
+    return str(value, "utf-8", "surrogateescape")
+
+
+def reading_any_text(connection: sqlite3.Connection, call: Callable[..., _T], args: Sequence[Any]) -> _T:
+    """``call(*args)``; when SQLite hands back text that is not UTF-8 (``sqlite3`` refuses to decode it), the
+    connection switches to :func:`read_text` for good and ``call`` runs again. ``call`` must leave nothing
+    behind when it raises (a transaction rolled back), as :func:`_in_transaction` does."""
+    try:
+        return call(*args)
+    except sqlite3.OperationalError as exc:
+        if connection.text_factory is read_text or "decode to UTF-8" not in str(exc):
+            raise
+    connection.text_factory = read_text
+    return call(*args)
 
 
 def record_from_row(row: Sequence[Any]) -> TaskRecord:
-    """Build a :class:`TaskRecord` from a row selected with ``TASK_COLUMNS``."""
-    return _records.record_from_row(row, _blob)
+    """Build a :class:`TaskRecord` from a row selected with ``TASK_COLUMNS``; never raises for what the row
+    holds (see :func:`lifecycle.asynctask._records.record_from_row`)."""
+    return _records.record_from_row(row)
 
 
 def _claimed(rows: list[Any]) -> list[ClaimedTask]:
@@ -224,10 +286,47 @@ def settle(connection: sqlite3.Connection, settlements: Sequence[Settlement]) ->
 def reclaim_expired(
     connection: sqlite3.Connection, now: float, lease_until: float, limit: int
 ) -> list[ClaimedTask]:
-    """Take over active tasks whose lease expired before ``now``, attempts unchanged."""
+    """Take over active tasks whose lease expired before ``now``, attempts unchanged; then, up to ``limit``
+    in all, the damaged records no claim can select (see :func:`_take_over_damaged`)."""
     rows = connection.execute(_RECLAIM, (lease_until, now, limit)).fetchall()
     rows.sort(key=lambda row: row[1])
-    return [ClaimedTask(token=row[0], record=record_from_row(row[2:])) for row in rows]
+    taken = [ClaimedTask(token=row[0], record=record_from_row(row[2:])) for row in rows]
+    if len(taken) < limit:
+        taken += _take_over_damaged(connection, lease_until, limit - len(taken))
+    return taken
+
+
+def _take_over_damaged(connection: sqlite3.Connection, lease_until: float, limit: int) -> list[ClaimedTask]:
+    """Lease the records whose state, queue, run_at or lease_until cannot be read (so that no claim or
+    reclaim selects them), as if their lease had expired: each comes back with its ``fault``, read before the
+    lease was written, and the engine settles it dead."""
+    seqs = [seq for (seq,) in connection.execute(_UNSELECTABLE, (limit,))]
+    for (queue,) in connection.execute(_PENDING_QUEUES).fetchall():
+        if len(seqs) >= limit:
+            break
+        value: str | bytes
+        if isinstance(queue, str) and _records.stored_text(queue) == queue:
+            query, value = _UNSCHEDULED, queue
+        elif isinstance(queue, str):  # text that is not UTF-8, kept as surrogate escapes by read_text
+            query, value = _IN_QUEUE + "CAST(? AS TEXT) LIMIT ?", queue.encode("utf-8", "surrogateescape")
+        else:  # a blob
+            query, value = _IN_QUEUE + "? LIMIT ?", queue
+        seqs += [seq for (seq,) in connection.execute(query, (value, limit - len(seqs)))]
+    if not seqs:
+        return []
+    query = f"SELECT seq, {TASK_COLUMNS} FROM lifecycle_tasks WHERE seq IN ({_marks(len(seqs))}) ORDER BY seq"
+    taken: list[ClaimedTask] = []
+    for row in connection.execute(query, seqs).fetchall():
+        token = secrets.token_hex(12)
+        connection.execute(
+            "UPDATE lifecycle_tasks SET state = 'active', lease_until = ?, token = ? WHERE seq = ?",
+            (lease_until, token, row[0]),
+        )
+        record = dataclasses.replace(
+            record_from_row(row[1:]), state=TaskState.ACTIVE, lease_until=lease_until
+        )
+        taken.append(ClaimedTask(token=token, record=record))
+    return taken
 
 
 def next_run_at(connection: sqlite3.Connection, queues: Sequence[str]) -> tuple[float | None, int]:
@@ -239,7 +338,8 @@ def next_run_at(connection: sqlite3.Connection, queues: Sequence[str]) -> tuple[
             "WHERE state = 'pending' AND queue = ?",
             (queue,),
         ).fetchone()
-        if value is not None and (earliest is None or value < earliest):
+        # min() of a queue whose every pending run_at is damaged (text) is that text: nothing is due
+        if (type(value) is float or type(value) is int) and (earliest is None or value < earliest):
             earliest = float(value)
     (data_version,) = connection.execute("PRAGMA data_version").fetchone()
     return earliest, int(data_version)
@@ -253,12 +353,17 @@ def get(connection: sqlite3.Connection, task_id: str) -> TaskRecord | None:
     return None if row is None else record_from_row(row)
 
 
-def _filters(states: Collection[TaskState] | None, queue: str | None) -> tuple[list[str], list[Any]]:
+def _filters(
+    states: Collection[TaskState] | None, queue: str | None, *, unknown_as_dead: bool = False
+) -> tuple[list[str], list[Any]]:
     clauses: list[str] = []
     params: list[Any] = []
     if states is not None:
         values = sorted({TaskState(state).value for state in states})
-        clauses.append(f"state IN ({_marks(len(values))})")
+        clause = f"state IN ({_marks(len(values))})"
+        if unknown_as_dead and TaskState.DEAD.value in values:  # as the record reader shows them
+            clause = f"({clause} OR state NOT IN ({', '.join(repr(v) for v in _KNOWN_STATES)}))"
+        clauses.append(clause)
         params.extend(values)
     if queue is not None:
         clauses.append("queue = ?")
@@ -277,8 +382,9 @@ def list_records(
     limit: int,
     offset: int,
 ) -> list[TaskRecord]:
-    """Records matching the filters, newest ``enqueued_at`` first."""
-    clauses, params = _filters(states, queue)
+    """Records matching the filters, newest ``enqueued_at`` first; a record in no known state is listed as
+    dead, as it is read (until recovery makes it dead for good)."""
+    clauses, params = _filters(states, queue, unknown_as_dead=True)
     query = (
         f"SELECT {TASK_COLUMNS} FROM lifecycle_tasks{_where(clauses)} "
         "ORDER BY enqueued_at DESC, seq DESC LIMIT ? OFFSET ?"
@@ -292,7 +398,9 @@ def stats(connection: sqlite3.Connection) -> dict[str, dict[TaskState, int]]:
     counts: dict[str, dict[TaskState, int]] = {}
     query = "SELECT queue, state, count(*) FROM lifecycle_tasks GROUP BY queue, state"
     for queue, state, count in connection.execute(query):
-        counts.setdefault(queue, {})[TaskState(state)] = count
+        per_queue = counts.setdefault(_records.stored_text(queue), {})
+        known = _records.stored_state(state)
+        per_queue[known] = per_queue.get(known, 0) + count
     return counts
 
 

@@ -88,6 +88,7 @@ async def call_error_hook(
         timeout=record.timeout,
         started_at=record.started_at,
         finished_at=verdict.at if verdict.state.is_final else None,
+        damaged=record.fault,
     )
     try:
         outcome = hook(info, exc)

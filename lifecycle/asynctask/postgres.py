@@ -442,7 +442,8 @@ class PostgresBackend:
             return await ops.settle(connection, self._statements, settlements)
 
     async def reclaim_expired(self, *, now: float, lease_until: float, limit: int) -> list[ClaimedTask]:
-        """Take over active tasks whose lease ended before ``now``, attempts unchanged."""
+        """Take over active tasks whose lease ended before ``now``, attempts unchanged, and the damaged
+        records no claim can select; see :meth:`Backend.reclaim_expired`."""
         if limit <= 0:
             return []
         async with self._connection() as connection:

@@ -384,7 +384,7 @@ class RedisBackend:
         runner = self._run()
         key = f"{self._prefix}t:{task_id}"
         fields = await runner.retrying(lambda: runner.client.hmget(key, RECORD_FIELDS), "get")
-        if fields[3] is None:
+        if all(value is None for value in fields):
             return None
         return record_from_fields(task_id, fields)
 

@@ -135,8 +135,11 @@ def error_note(info: TaskInfo) -> str:
 
     A dead task's error is why it died; a pending or running task with an error is being retried (or was
     requeued by hand, when its attempts are back at 0); a cancelled one was cancelled after it. A
-    succeeded task's error is from an earlier attempt and is left out (``show`` still has it).
+    succeeded task's error is from an earlier attempt and is left out (``show`` still has it). A record the
+    backend could not read whole says so first, whatever its state.
     """
+    if info.damaged:
+        return f"damaged: {info.damaged}"
     summary = error_summary(info.last_error)
     if not summary or info.state is TaskState.SUCCEEDED:
         return ""
@@ -200,6 +203,7 @@ def info_to_json(info: TaskInfo, **extra: Any) -> dict[str, Any]:
         "last_error": info.last_error,
         "error_summary": error_summary(info.last_error) or None,
         "result": info.result,
+        "damaged": info.damaged,
         **extra,
     }
 

@@ -259,6 +259,8 @@ async def _show(args: argparse.Namespace, session: Session) -> int:
     for name, value in rows:
         fields.add_row(name, value)
     parts: list[RenderableType] = [fields]
+    if info.damaged:
+        parts.append(Panel(Text(info.damaged), title="damaged", title_align="left", border_style="red"))
     if info.last_error:
         title = (
             "last error" if info.state is not TaskState.SUCCEEDED else "last error (of an earlier attempt)"

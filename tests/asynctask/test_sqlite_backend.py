@@ -10,11 +10,13 @@ from pathlib import Path
 
 import anyio
 import pytest
+from corruption import corrupt_sqlite
 
-from lifecycle.asynctask import BackendError, DuplicateTaskError, NewTask, Settlement, TaskState
+from lifecycle.asynctask import Backend, BackendError, DuplicateTaskError, NewTask, Settlement, TaskState
 from lifecycle.asynctask._sqlite import SQLiteBackend
 from lifecycle.asynctask._sqlite_schema import SCHEMA_VERSION, check_sqlite_version
 from lifecycle.asynctask.testing import BackendConformance, EngineConformance
+from lifecycle.asynctask.testing._suite_damage import RawValue
 
 # Marked here, at collection time: the conftest marks async tests only after collection, which loses
 # @pytest.mark.parametrize combinations on async tests.
@@ -64,6 +66,10 @@ class TestSQLiteConformance(BackendConformance):
         self, sqlite_factory: Callable[[], Awaitable[SQLiteBackend]]
     ) -> Callable[[], Awaitable[SQLiteBackend]]:
         return sqlite_factory
+
+    async def corrupt_field(self, backend: Backend, task_id: str, field: str, raw_value: RawValue) -> bool:
+        assert isinstance(backend, SQLiteBackend)
+        return await corrupt_sqlite(backend.path, task_id, field, raw_value)
 
 
 class TestSQLiteEngine(EngineConformance):
@@ -370,6 +376,68 @@ async def test_a_row_written_by_hand_with_text_payload_reads_back_as_bytes(
         )
     claimed = await backend.claim(["default"], 1, now=1000.0, lease_until=1030.0)
     assert [c.record.payload for c in claimed] == [b"not json {"]
+
+
+def _write_by_hand(db_path: Path, statement: str, *params: object) -> None:
+    raw = sqlite3.connect(db_path)
+    try:
+        with raw:
+            raw.execute(statement, params)
+    finally:
+        raw.close()
+
+
+async def test_text_that_is_not_utf8_is_named_in_the_fault_and_reads_never_fail(
+    open_sqlite: Factory, db_path: Path
+) -> None:
+    """sqlite3 refuses to decode such text (a whole query fails); the backend reads it anyway, per record."""
+    backend = await open_sqlite()
+    await backend.enqueue_many([task("a"), task("b"), task("c")])
+    _write_by_hand(db_path, "UPDATE lifecycle_tasks SET name = CAST(? AS TEXT) WHERE id = 'b'", b"job\xff")
+    record = await backend.get("b")
+    assert record is not None
+    assert record.fault == "field 'name' holds b'job\\xff', not UTF-8 text"
+    assert record.name == "job\ufffd"
+    assert {r.id: r.fault for r in await backend.list_records()}["b"] == record.fault
+    claimed = await backend.claim(["default"], 10, now=1000.0, lease_until=1030.0)
+    faults = [(c.record.id, c.record.fault is None) for c in claimed]
+    assert faults == [("a", True), ("b", False), ("c", True)]
+    assert await backend.stats() == {"default": {TaskState.ACTIVE: 3}}
+
+
+async def test_a_state_no_version_wrote_counts_as_dead_until_recovery_ends_it(
+    open_sqlite: Factory, db_path: Path
+) -> None:
+    backend = await open_sqlite()
+    await backend.enqueue_many([task("a"), task("b")])
+    _write_by_hand(db_path, "UPDATE lifecycle_tasks SET state = 'paused' WHERE id = 'b'")
+    assert await backend.stats() == {"default": {TaskState.PENDING: 1, TaskState.DEAD: 1}}
+    assert [r.id for r in await backend.list_records(states=[TaskState.DEAD])] == ["b"]
+    (taken,) = await backend.reclaim_expired(now=1000.0, lease_until=1030.0, limit=10)
+    assert taken.record.fault is not None
+    assert taken.record.fault.startswith("field 'state' holds 'paused', not one of pending, active")
+    verdict = Settlement("b", taken.token, TaskState.DEAD, at=1001.0, error=taken.record.fault)
+    assert await backend.settle([verdict]) == set()
+    record = await backend.get("b")
+    assert record is not None
+    assert (record.state, record.fault) == (TaskState.DEAD, None)
+
+
+async def test_wait_for_work_ignores_run_at_that_is_not_a_finite_number_and_recovery_takes_it_over(
+    open_sqlite: Factory, db_path: Path
+) -> None:
+    backend = await open_sqlite()
+    await backend.enqueue_many([task("a", queue="odd"), task("b", queue="odd")])
+    _write_by_hand(db_path, "UPDATE lifecycle_tasks SET run_at = 'soon' WHERE id = 'a'")
+    _write_by_hand(db_path, "UPDATE lifecycle_tasks SET run_at = '1e999' WHERE id = 'b'")  # SQLite: +inf
+    with anyio.fail_after(5):
+        await backend.wait_for_work(["odd"], timeout=0.05)  # nothing due: it waits out the timeout
+    assert await backend.claim(["odd"], 10, now=1e12, lease_until=1e12 + 30) == []
+    taken = await backend.reclaim_expired(now=1000.0, lease_until=1030.0, limit=10)
+    assert {c.record.id: c.record.fault for c in taken} == {
+        "a": "field 'run_at' holds 'soon', not a time (a finite number of seconds)",
+        "b": "field 'run_at' holds inf, not a time (a finite number of seconds)",
+    }
 
 
 async def test_a_lease_token_is_unique_per_claim(open_sqlite: Factory) -> None:

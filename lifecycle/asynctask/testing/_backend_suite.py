@@ -5,6 +5,7 @@ from __future__ import annotations
 from ._suite_admin import AdminRules
 from ._suite_batches import BatchRules
 from ._suite_claim import ClaimRules
+from ._suite_damage import DamageRules
 from ._suite_data import DataRules
 from ._suite_enqueue import EnqueueRules
 from ._suite_inspect import InspectRules
@@ -27,6 +28,7 @@ class BackendConformance(
     DataRules,
     BatchRules,
     RaceRules,
+    DamageRules,
 ):
     """Conformance tests for a :class:`~lifecycle.asynctask.Backend`, to subclass in a pytest test module.
 
@@ -61,6 +63,11 @@ class BackendConformance(
                     return backend
 
                 return open_backend
+
+    The damaged-record rules (a record the storage holds but the backend cannot read whole comes back with
+    ``TaskRecord.fault``, never blocks its batch and ends dead) run only when the class also implements
+    ``async def corrupt_field(self, backend, task_id, field, raw_value) -> bool``, which writes a raw value
+    into storage past the backend's checks (see :meth:`corrupt_field`); they skip otherwise.
 
     Where the protocol's docstrings leave room, the suite takes the stricter reading, so that the engine can
     rely on it: claimed tasks come back in claim order; a lease is lost by a new token or by leaving

@@ -6,9 +6,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import pytest
+from corruption import corrupt_postgres
 
+from lifecycle.asynctask import Backend
 from lifecycle.asynctask.postgres import PostgresBackend
 from lifecycle.asynctask.testing import BackendConformance, EngineConformance
+from lifecycle.asynctask.testing._suite_damage import RawValue
 
 from ._support import OpenPostgres
 
@@ -26,6 +29,14 @@ class TestPostgresConformance(BackendConformance):
             return await open_pg()
 
         return factory
+
+    @pytest.fixture(autouse=True)
+    def raw_dsn(self, postgres_dsn: str) -> None:
+        self._dsn = postgres_dsn
+
+    async def corrupt_field(self, backend: Backend, task_id: str, field: str, raw_value: RawValue) -> bool:
+        assert isinstance(backend, PostgresBackend)
+        return await corrupt_postgres(self._dsn, backend.schema, task_id, field, raw_value)
 
 
 class TestPostgresEngine(EngineConformance):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+import redis.asyncio as aioredis
+from corruption import corrupt_redis
 
+from lifecycle.asynctask import Backend
 from lifecycle.asynctask.redis import RedisBackend
 from lifecycle.asynctask.testing import BackendConformance
+from lifecycle.asynctask.testing._suite_damage import RawValue
 
 pytestmark = pytest.mark.redis
 
@@ -23,3 +27,14 @@ class TestRedisConformance(BackendConformance):
             return await open_redis()
 
         return factory
+
+    @pytest.fixture(autouse=True)
+    async def raw_client(self, redis_url: str) -> AsyncIterator[None]:
+        """A plain redis-py client for corrupt_field()."""
+        self._client = aioredis.Redis.from_url(redis_url)
+        yield
+        await self._client.aclose()
+
+    async def corrupt_field(self, backend: Backend, task_id: str, field: str, raw_value: RawValue) -> bool:
+        assert isinstance(backend, RedisBackend)
+        return await corrupt_redis(self._client, backend.key_prefix, task_id, field, raw_value)
