@@ -97,7 +97,7 @@ def follow_up(record: TaskRecord, result: bytes | None, now: float) -> tuple[New
             run_at=run_at,
             meta=_step_meta(chain_id, index + 1, names, rest[1:], previous=previous),
         )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except Exception as exc:  # whatever is wrong with it (a missing key, a wrong type, bad base64, ...)
         raise ValueError(f"the chain bookkeeping of task {record.id} is damaged ({exc!r})") from None
     return (step,)
 
@@ -108,7 +108,7 @@ def previous_result(record: TaskRecord) -> bytes | None:
         section = read_meta(record.meta).get("chain")
         previous = None if not isinstance(section, dict) else section.get("prev")
         return None if previous is None else base64.b64decode(previous)
-    except ValueError:
+    except Exception:  # damaged bookkeeping (a wrong type, bad base64): no previous result
         return None
 
 
@@ -122,7 +122,10 @@ def chain_fields(record: TaskRecord) -> tuple[str | None, int | None, str | None
     schedule = meta.get("schedule")
     chain_id = chain_step = schedule_name = None
     if isinstance(chain, dict) and "id" in chain and "step" in chain:
-        chain_id, chain_step = str(chain["id"]), int(chain["step"])
+        try:
+            chain_id, chain_step = str(chain["id"]), int(chain["step"])
+        except (TypeError, ValueError, OverflowError):  # damaged bookkeeping: not shown as a chain step
+            chain_id = chain_step = None
     if isinstance(schedule, dict) and "name" in schedule:
         schedule_name = str(schedule["name"])
     return chain_id, chain_step, schedule_name
@@ -138,7 +141,7 @@ async def chain_progress(
         return None
     try:
         names = [str(name) for name in read_meta(first.meta)["chain"]["names"]]
-    except (KeyError, TypeError, ValueError):
+    except Exception:  # damaged bookkeeping: not readable as a chain
         return None
     records: list[TaskRecord] = [first]
     for index in range(1, len(names)):
@@ -157,7 +160,7 @@ async def chain_progress(
         elif last.result is not None:
             try:
                 result = decode(last.result)
-            except ValueError:
+            except Exception:  # an undecodable result reads as None, as in TaskInfo
                 result = None
     steps = tuple(
         ChainStep(

@@ -201,8 +201,13 @@ class TaskOperations:
         if record.result is not None:
             try:
                 result = self._encoding.decode(record.result)
-            except ValueError as exc:
-                self._logger.warning("cannot decode the result of task %s: %s", record.id, exc)
+            except Exception as exc:  # any exception: a third-party Encoding may raise anything
+                self._logger.warning(
+                    "cannot decode the result of task %s, shown as None: %s: %s",
+                    record.id,
+                    type(exc).__name__,
+                    exc,
+                )
         chain_id, chain_step, schedule = chain_fields(record)
         return TaskInfo(
             id=record.id,
