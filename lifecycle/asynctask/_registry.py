@@ -12,7 +12,14 @@ from typing import Any
 
 from ._model import TaskContext
 
-__all__ = ["Registry", "TaskDefinition", "check_queue", "check_max_retries", "check_timeout"]
+__all__ = [
+    "Registry",
+    "TaskDefinition",
+    "check_max_retries",
+    "check_no_nul",
+    "check_queue",
+    "check_timeout",
+]
 
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_RETRIES = 5
@@ -126,6 +133,7 @@ def build_definition(
         name = _default_name(fn, described)
     elif not isinstance(name, str) or not name.strip():
         raise TypeError(f"register({described}): name must be a non-empty string, got {name!r}")
+    check_no_nul(name, "the task name", f"register({described})")
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError) as exc:
@@ -171,10 +179,25 @@ def build_definition(
 
 
 def check_queue(queue: object, where: str) -> str:
-    """``queue`` as a queue name; ``TypeError`` unless a non-empty string."""
+    """``queue`` as a queue name; ``TypeError`` unless a non-empty string, ``ValueError`` for a NUL in it."""
     if not isinstance(queue, str) or not queue:
         raise TypeError(f"{where}: queue must be a non-empty string, got {queue!r}")
-    return queue
+    return check_no_nul(queue, "the queue name", where)
+
+
+def check_no_nul(text: str, what: str, where: str) -> str:
+    """``text`` unchanged; ``ValueError`` when it holds a NUL character.
+
+    Task names, queue names and task ids never contain NUL: PostgreSQL cannot store it in text and other
+    backends would store it, so the engine refuses it before anything reaches a backend, the same way
+    whatever the backend.
+    """
+    if "\x00" in text:
+        raise ValueError(
+            f"{where}: {what} {text!r} contains a NUL character (\\x00), which task storage does not allow; "
+            "remove it"
+        )
+    return text
 
 
 def check_max_retries(max_retries: object, where: str) -> int:
