@@ -20,6 +20,8 @@ from decimal import Decimal
 from typing import Any, Protocol, TypeVar, overload, runtime_checkable
 from zoneinfo import ZoneInfo
 
+from ._names import public_module
+
 __all__ = ["Encoding", "JSONEncoding", "PickleEncoding"]
 
 T = TypeVar("T", bound=type)
@@ -188,7 +190,7 @@ class JSONEncoding:
             raise TypeError(f"register() takes a class, got {cls!r}")
         if (encode is None) != (decode is None):
             raise TypeError(f"register({cls.__qualname__}): pass both encode= and decode=, or neither")
-        codec_name = name if name is not None else f"{cls.__module__}.{cls.__qualname__}"
+        codec_name = name if name is not None else f"{public_module(cls.__module__)}.{cls.__qualname__}"
         if not isinstance(codec_name, str) or not codec_name:
             raise TypeError(f"register({cls.__qualname__}): name must be a non-empty string, got {name!r}")
         if cls in self._encoders:
@@ -245,7 +247,7 @@ class JSONEncoding:
             cls = type(value)
             return {
                 _TAG: "enum",
-                "cls": f"{cls.__module__}:{cls.__qualname__}",
+                "cls": f"{public_module(cls.__module__)}:{cls.__qualname__}",
                 "v": self._convert(value.value),
             }
         raise TypeError(_cannot_encode(value))
@@ -495,6 +497,8 @@ def _enum_member(path: object, value: Any, registered: dict[str, _Codec]) -> enu
         # Only classes of modules the worker already imported: a payload must never make us import code, so
         # attributes are read from __dict__ (no module __getattr__, no descriptors).
         cls = sys.modules.get(module_name)
+        if cls is None and module_name == public_module("__main__"):  # written by this very script
+            cls = sys.modules.get("__main__")
         for part in qualname.split("."):
             namespace = getattr(cls, "__dict__", None)
             cls = namespace.get(part) if isinstance(namespace, Mapping) else None

@@ -144,6 +144,7 @@ class AsyncTasks(SchedulingOperations):
         )
         self._scheduler = Scheduler(clock, self._logger)
         self._open = False
+        self._opened = 0  # initialize() / `async with` not closed yet: the last cleanup closes the backend
         self._started = False
         self._worker: Worker | None = None
         self._changed: anyio.Event | None = None
@@ -345,8 +346,11 @@ class AsyncTasks(SchedulingOperations):
     # -- the lifecycle Task ---------------------------------------------------------------------------------
 
     async def initialize(self) -> None:
-        """Open the backend."""
-        await self._backend.open()
+        """Open the backend (once: an ``AsyncTasks`` opened already, by its manager or an ``async with``,
+        stays open until the matching :meth:`cleanup`)."""
+        if self._opened == 0:
+            await self._backend.open()
+        self._opened += 1
         self._open = True
 
     async def execute(self) -> None:
@@ -417,12 +421,21 @@ class AsyncTasks(SchedulingOperations):
             raise crash
 
     async def cleanup(self) -> None:
-        """Close the backend."""
+        """Close the backend, unless another opening is still in use: each :meth:`initialize` (or
+        ``async with``) is matched by one ``cleanup``, and the last closes the backend."""
+        if self._opened > 1:
+            self._opened -= 1
+            return
+        self._opened = 0
         self._open = False
-        await self._backend.close()
+        await self._backend.close()  # also after a failed initialize: close is idempotent
 
     async def __aenter__(self) -> AsyncTasks:
-        """``async with tasks:`` opens the backend (for producers and scripts without a TaskManager)."""
+        """``async with tasks:`` opens the backend (for producers and scripts without a TaskManager).
+
+        It may be nested: inside a running ``TaskManager`` that has this ``AsyncTasks`` (or inside another
+        ``async with tasks:``) it uses the open backend and leaves it open at its exit for its owner.
+        """
         await self.initialize()
         return self
 

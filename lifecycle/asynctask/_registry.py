@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._model import TaskContext
+from ._names import public_module
 
 __all__ = [
     "Registry",
@@ -239,7 +240,9 @@ def _default_name(fn: Callable[..., Any], described: str) -> str:
             f"{described} has no stable importable name (a lambda, closure, partial or function defined "
             "inside another): pass name='...' to register() so producers and workers agree on it"
         )
-    return f"{module}.{qualname}"
+    # A script's functions are named after the script's module, not "__main__", so that a worker which
+    # imports the script (lifecycle worker service:tasks) knows them under the same name.
+    return f"{public_module(module)}.{qualname}"
 
 
 def _is_context(fn: Callable[..., Any], parameter: inspect.Parameter) -> bool:

@@ -416,3 +416,40 @@ async def test_a_wait_that_times_out_says_which_task_and_its_state(tasks: AsyncT
     assert str(caught.value) == (
         f"tasks.wait({task_id!r}, timeout=0.05) timed out: the task is still pending (attempt 0 of 4)"
     )
+
+
+async def test_async_with_inside_a_running_manager_leaves_the_managers_backend_open() -> None:
+    closed: list[str] = []
+
+    class Tracked(MemoryBackend):
+        async def close(self) -> None:
+            closed.append("closed")
+            await super().close()
+
+    tasks = AsyncTasks(Tracked(), poll_interval=0.05)
+
+    @tasks.register(name="app.double")
+    async def double(value: int) -> int:
+        return value * 2
+
+    outcome: list[object] = []
+
+    async def producer() -> None:
+        async with tasks:  # a script's habit, inside a service whose manager opened the backend
+            first = await tasks.enqueue(double, 1)
+        second = await tasks.enqueue(double, 2)  # the manager's backend is still open
+        outcome.extend(
+            [(await tasks.wait(first, timeout=10)).result, (await tasks.wait(second, timeout=10)).result]
+        )
+        outcome.append(list(closed))
+        manager.shutdown()
+
+    manager = lifecycle.TaskManager(name="nested-open")
+    manager.add_task("async-tasks", tasks)
+    manager.add_execute_task("producer", producer)
+    with anyio.fail_after(10):
+        await manager.run()
+    assert outcome == [2, 4, []], "the inner `async with` did not close the manager's backend"
+    assert closed == ["closed"], "the manager's cleanup closed it, once"
+    with pytest.raises(RuntimeError, match="before the backend is open"):
+        await tasks.stats()
