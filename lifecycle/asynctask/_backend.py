@@ -9,6 +9,9 @@ A backend is used by one ``AsyncTasks`` at a time, from one event loop; it is ``
 call and ``close``-d after the last. Several processes (each with its own backend object) may share the same
 storage: every method must be safe against concurrent callers in other processes.
 
+Strings the engine passes (task ids, names, queue names, errors, meta) never contain a NUL character: the
+engine refuses NUL in names, queues and ids before calling a backend, and writes it out in error texts.
+
 Write your own by implementing these methods, then run the public conformance suite
 (:mod:`lifecycle.asynctask.testing`) against it unchanged.
 """

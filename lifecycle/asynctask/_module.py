@@ -59,7 +59,9 @@ class AsyncTasks(SchedulingOperations):
         on_error: called as ``on_error(info, exc)`` (plain or async) after every failed attempt, with the
             task as it will be stored (``pending`` for a retry, ``dead``); its exceptions are logged.
         lease: seconds a claim holds a task without a heartbeat; heartbeats renew it every ``lease / 3``. A
-            dead worker's tasks are run again after about this long.
+            dead worker's tasks are taken over at most ``lease + recovery_interval`` after it died (then run
+            after their retry backoff). The worker also warns, naming the task, when its event loop is
+            blocked longer than ``lease / 3``.
         recovery_interval: seconds between looks for expired leases (default ``lease / 2``).
         poll_interval: the longest an idle worker waits before claiming again even without a wake-up.
         retry_backoff: delays between retries: exponential with full jitter (``Backoff(initial=1, cap=600)``).
@@ -258,7 +260,9 @@ class AsyncTasks(SchedulingOperations):
 
         The function is an ``async def`` (a plain ``def`` runs in a worker thread) with fixed positional
         parameters; its first parameter may be annotated ``TaskContext``. ``name`` defaults to
-        ``module.qualname`` and is required for lambdas, closures and functions defined inside functions.
+        ``module.qualname`` (for a script run as ``python service.py``, ``service.qualname``, as a process
+        importing the script names it) and is required for lambdas, closures and functions defined inside
+        functions. Names, like queue names, cannot contain a NUL character (``ValueError``).
         ``queue`` (default ``"default"``), ``max_retries`` (default 5) and ``timeout`` (seconds, default none)
         are the defaults of its enqueues.
 
