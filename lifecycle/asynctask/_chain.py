@@ -87,9 +87,9 @@ def follow_up(record: TaskRecord, result: bytes | None, now: float) -> tuple[New
             run_at = now + as_seconds(float(spec["delay"]), "chain step delay")
         previous = None if result is None else base64.b64encode(result).decode("ascii")
         step = NewTask(
-            id=step_id(chain_id, index + 1),
-            name=str(spec["name"]),
-            queue=str(spec["queue"]),
+            id=_text(step_id(chain_id, index + 1)),
+            name=_text(str(spec["name"])),
+            queue=_text(str(spec["queue"])),
             payload=base64.b64decode(spec["payload"]),
             max_retries=int(spec["max_retries"]),
             timeout=None if spec.get("timeout") is None else float(spec["timeout"]),
@@ -100,6 +100,15 @@ def follow_up(record: TaskRecord, result: bytes | None, now: float) -> tuple[New
     except Exception as exc:  # whatever is wrong with it (a missing key, a wrong type, bad base64, ...)
         raise ValueError(f"the chain bookkeeping of task {record.id} is damaged ({exc!r})") from None
     return (step,)
+
+
+def _text(value: str) -> str:
+    """``value``, refused (``ValueError``) when no backend could store it: damaged bookkeeping must make
+    its step dead, not block the saving of the verdicts around it."""
+    if "\x00" in value:
+        raise ValueError(f"{value!r} holds a NUL character")
+    value.encode("utf-8")  # UnicodeEncodeError (a ValueError) for a lone surrogate
+    return value
 
 
 def previous_result(record: TaskRecord) -> bytes | None:

@@ -130,9 +130,16 @@ def find_request(exc: BaseException) -> BaseException:
 
 
 def storable(text: str) -> str:
-    """``text`` with each NUL character written as ``\\x00``: a backend never receives a NUL in a string
-    (PostgreSQL refuses it in text), so an exception message holding one cannot block its verdict."""
-    return text.replace("\x00", "\\x00") if "\x00" in text else text
+    """``text`` as every backend can store it: each NUL written as ``\\x00`` (PostgreSQL refuses NUL in text)
+    and each lone surrogate as ``\\udc80`` (not encodable as UTF-8), so an exception message holding one
+    cannot block the saving of its verdict, nor of the verdicts saved in the same batch."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def is_cancellation(exc: BaseException) -> bool:

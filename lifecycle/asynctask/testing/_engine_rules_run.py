@@ -309,6 +309,27 @@ class RunRules(EngineSuiteBase):
         assert (info.result, info.attempts) == ("unharmed", 1), "no other task is charged an attempt"
         assert not running.finished, "the worker keeps running"
 
+    async def test_an_error_text_no_backend_could_store_is_stored_escaped(
+        self, engine: EngineHarness
+    ) -> None:
+        tasks = await engine.tasks()
+
+        @tasks.register(name="suite.odd_message", max_retries=0)
+        async def odd_message() -> None:
+            raise ValueError("a NUL \x00 and a lone surrogate \udc80")
+
+        @tasks.register(name="suite.beside")
+        async def beside() -> str:
+            return "saved"
+
+        await engine.start(tasks)
+        odd = await tasks.enqueue(odd_message)
+        other = await tasks.enqueue(beside)
+        info = await engine.finished(tasks, odd, TaskState.DEAD)
+        assert "ValueError: a NUL \\x00 and a lone surrogate \\udc80" in (info.last_error or "")
+        info = await engine.finished(tasks, other, TaskState.SUCCEEDED)
+        assert info.result == "saved", "a verdict saved beside it is not held up"
+
     async def test_on_error_failures_never_break_the_worker(self, engine: EngineHarness) -> None:
         async def broken_hook(info: TaskInfo, exc: BaseException) -> None:
             raise RuntimeError("the hook itself fails")
