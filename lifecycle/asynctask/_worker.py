@@ -32,7 +32,7 @@ __all__ = ["EngineOptions", "Worker"]
 _BACKEND_RETRY = Backoff(initial=0.05, cap=5.0)
 _FINAL_FLUSH_TIMEOUT = 10.0
 _BLOCK_WARNING_SHARE = 3  # warn when the loop is blocked longer than lease / 3: the heartbeat interval
-_STACK_LIMIT = 20  # frames shown of a blocked loop's stack when no task holds it
+_STACK_LIMIT = 20  # the innermost frames shown of a blocked loop's stack
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,6 +344,8 @@ class Worker:
 
     def _loop_blocked(self, block: LoopBlock) -> None:
         """Called from the loop watchdog's thread: name the task that blocks the event loop, and its stack."""
+        if block.frame is None:  # the loop's thread is gone: nothing blocks it any more
+            return
         executing = self._runner.executing
         below: list[tuple[FrameType, int]] = []  # innermost first, down to the task's call
         blocker: Running | None = None
@@ -366,7 +368,7 @@ class Worker:
             )
             return
         record = blocker.claimed.record
-        stack = "".join(traceback.StackSummary.extract(reversed(below)).format())
+        stack = "".join(traceback.StackSummary.extract(reversed(below[:_STACK_LIMIT])).format())
         self._logger.warning(
             "the event loop was blocked for %.1f s (more than lease / 3 = %g s) by task %s (%s): while it is "
             "blocked no lease is renewed, and past the lease (%g s) another worker runs the task again and "
