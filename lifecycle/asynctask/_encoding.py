@@ -110,6 +110,7 @@ class JSONEncoding:
         self._max_depth = max_depth
         self._by_type: dict[type, _Codec] = {}
         self._by_name: dict[str, _Codec] = {}
+        self._aliases: dict[str, _Codec] = {}  # older names, decoded but never written
         self._encoders: dict[type, Callable[[Any], Any]] = {
             str: _same,
             int: _same,
@@ -210,6 +211,9 @@ class JSONEncoding:
             codec = _codec_for_class(codec_name, cls)
         self._by_type[cls] = codec
         self._by_name[codec_name] = codec
+        if name is None and cls.__module__ == "__main__":
+            # Payloads a script wrote as "__main__.Cls" (before classes were named after its module).
+            self._aliases.setdefault(f"__main__.{cls.__qualname__}", codec)
         return cls
 
     # -- encode ---------------------------------------------------------------------------------------------
@@ -325,7 +329,7 @@ class JSONEncoding:
             return decoder(obj)
         if tag == "obj":
             name = obj["cls"]
-            codec = self._by_name.get(name) if isinstance(name, str) else None
+            codec = self._by_name.get(name) or self._aliases.get(name) if isinstance(name, str) else None
             if codec is None:
                 raise _DecodeError(
                     f"the payload holds an instance of {_short(name)}, which is not registered with this "

@@ -64,6 +64,7 @@ class Registry:
     def __init__(self) -> None:
         self._by_name: dict[str, TaskDefinition] = {}
         self._by_function: dict[Any, TaskDefinition] = {}
+        self._aliases: dict[str, TaskDefinition] = {}  # a script's "__main__.f": looked up, never listed
 
     def __len__(self) -> int:
         return len(self._by_name)
@@ -77,7 +78,8 @@ class Registry:
 
     def get(self, name: str) -> TaskDefinition | None:
         """The definition registered under ``name``."""
-        return self._by_name.get(name)
+        definition = self._by_name.get(name)
+        return definition if definition is not None else self._aliases.get(name)
 
     def for_function(self, fn: object) -> TaskDefinition | None:
         """The definition of the registered function ``fn`` (the very object that was registered)."""
@@ -106,6 +108,10 @@ class Registry:
                 "pass another name= (names are what the backend stores, so each must be unique)"
             )
         self._by_name[definition.name] = definition
+        if name is None and getattr(fn, "__module__", None) == "__main__":
+            # Tasks a script stored under "__main__.f" (before its functions were named after its module)
+            # still find their function in this script.
+            self._aliases.setdefault(f"__main__.{fn.__qualname__}", definition)
         try:
             self._by_function.setdefault(fn, definition)
         except TypeError:

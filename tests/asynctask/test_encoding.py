@@ -360,3 +360,22 @@ def test_utf16_payloads_are_measured_after_decoding() -> None:
     assert ENCODING.decode('["a", {"b": 1}]'.encode("utf-16")) == ["a", {"b": 1}]
     with pytest.raises(ValueError, match="nests 300 levels deep"):
         ENCODING.decode(("[" * 300 + "]" * 300).encode("utf-16"))
+
+
+def test_a_scripts_classes_are_named_after_its_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    main = types.ModuleType("__main__")
+    main.__file__ = "/srv/app/service.py"
+    monkeypatch.setitem(sys.modules, "__main__", main)
+
+    @dataclasses.dataclass
+    class Order:
+        number: int
+
+    Order.__module__ = "__main__"
+    Order.__qualname__ = "Order"
+    encoding = JSONEncoding()
+    encoding.register(Order)
+    assert encoding.encode(Order(7)) == b'{"__lifecycle__":"obj","cls":"service.Order","v":{"number":7}}'
+    older = b'{"__lifecycle__":"obj","cls":"__main__.Order","v":{"number":7}}'
+    assert encoding.decode(older) == Order(7), "payloads written under the old __main__ name still decode"
+    assert "__main__" not in repr(encoding)

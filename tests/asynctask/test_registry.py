@@ -243,3 +243,6 @@ def test_functions_of_a_script_are_named_after_its_module(
     in_script.__qualname__ = "in_script"
     tasks.register(in_script)
     assert tasks.task_names == [expected]
+    definition = tasks._registry.get("__main__.in_script")
+    assert definition is not None, "tasks stored under the old __main__ name still find their function"
+    assert definition.fn is in_script
