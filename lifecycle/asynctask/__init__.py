@@ -59,3 +59,8 @@ __all__ = (
     "WorkerLostError",
     "backend_from_url",
 )
+
+# Errors users read (in a dead task's traceback, in logs) name the public path, as anyio and trio do.
+for _error in (Abort, Retry, BackendError, DuplicateTaskError, WorkerLostError):
+    _error.__module__ = __name__
+del _error

@@ -14,6 +14,9 @@ UTF-8) is returned with :attr:`TaskRecord.fault` set and placeholders in the unr
 method that returns records; it never fails the call for the other records, and no method leaves a
 half-done change because of it.
 
+Strings the engine passes (task ids, names, queue names, errors, meta) never contain a NUL character: the
+engine refuses NUL in names, queues and ids before calling a backend, and writes it out in error texts.
+
 Write your own by implementing these methods, then run the public conformance suite
 (:mod:`lifecycle.asynctask.testing`) against it unchanged.
 """

@@ -87,9 +87,9 @@ def follow_up(record: TaskRecord, result: bytes | None, now: float) -> tuple[New
             run_at = now + as_seconds(float(spec["delay"]), "chain step delay")
         previous = None if result is None else base64.b64encode(result).decode("ascii")
         step = NewTask(
-            id=step_id(chain_id, index + 1),
-            name=str(spec["name"]),
-            queue=str(spec["queue"]),
+            id=_text(step_id(chain_id, index + 1)),
+            name=_text(str(spec["name"])),
+            queue=_text(str(spec["queue"])),
             payload=base64.b64decode(spec["payload"]),
             max_retries=int(spec["max_retries"]),
             timeout=None if spec.get("timeout") is None else float(spec["timeout"]),
@@ -97,9 +97,18 @@ def follow_up(record: TaskRecord, result: bytes | None, now: float) -> tuple[New
             run_at=run_at,
             meta=_step_meta(chain_id, index + 1, names, rest[1:], previous=previous),
         )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except Exception as exc:  # whatever is wrong with it (a missing key, a wrong type, bad base64, ...)
         raise ValueError(f"the chain bookkeeping of task {record.id} is damaged ({exc!r})") from None
     return (step,)
+
+
+def _text(value: str) -> str:
+    """``value``, refused (``ValueError``) when no backend could store it: damaged bookkeeping must make
+    its step dead, not block the saving of the verdicts around it."""
+    if "\x00" in value:
+        raise ValueError(f"{value!r} holds a NUL character")
+    value.encode("utf-8")  # UnicodeEncodeError (a ValueError) for a lone surrogate
+    return value
 
 
 def previous_result(record: TaskRecord) -> bytes | None:
@@ -108,7 +117,7 @@ def previous_result(record: TaskRecord) -> bytes | None:
         section = read_meta(record.meta).get("chain")
         previous = None if not isinstance(section, dict) else section.get("prev")
         return None if previous is None else base64.b64decode(previous)
-    except ValueError:
+    except Exception:  # damaged bookkeeping (a wrong type, bad base64): no previous result
         return None
 
 
@@ -141,7 +150,7 @@ async def chain_progress(
         return None
     try:
         names = [str(name) for name in read_meta(first.meta)["chain"]["names"]]
-    except (KeyError, TypeError, ValueError):
+    except Exception:  # damaged bookkeeping: not readable as a chain
         return None
     records: list[TaskRecord] = [first]
     for index in range(1, len(names)):
@@ -160,7 +169,7 @@ async def chain_progress(
         elif last.result is not None:
             try:
                 result = decode(last.result)
-            except ValueError:
+            except Exception:  # an undecodable result reads as None, as in TaskInfo
                 result = None
     steps = tuple(
         ChainStep(

@@ -8,15 +8,19 @@ import dataclasses
 import datetime as dt
 import enum
 import inspect
+import itertools
 import json
 import math
 import pickle
+import re
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any, Protocol, TypeVar, overload, runtime_checkable
 from zoneinfo import ZoneInfo
+
+from ._names import public_module
 
 __all__ = ["Encoding", "JSONEncoding", "PickleEncoding"]
 
@@ -25,6 +29,14 @@ T = TypeVar("T", bound=type)
 _TAG = "__lifecycle__"
 """The key that marks a JSON object as an encoded non-JSON value. A user dict that has this key (or any key
 that is not a string) is itself encoded as a tagged list of pairs, so nothing can be mistaken for a tag."""
+
+DEFAULT_MAX_DEPTH = 200
+"""How deeply :class:`JSONEncoding` lets arrays and objects nest by default: far more than any argument
+list needs, far less than Python's recursion limit, so neither ``encode`` nor ``decode`` can hit it."""
+
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
 @runtime_checkable
@@ -35,6 +47,10 @@ class Encoding(Protocol):
     stored, so a bad argument never reaches the backend). ``decode`` raises ``ValueError`` for bytes it cannot
     decode (the worker then makes the task ``dead`` with that error). ``decode(encode(x))`` must equal ``x``
     and have the same types.
+
+    The worker does not rely on these rules for its safety: any exception from ``decode`` of a task's
+    arguments makes that task ``dead`` naming it, and any exception from ``encode`` of a result stores the
+    task as succeeded without a result (logged); neither reaches the worker.
     """
 
     def encode(self, value: Any) -> bytes:
@@ -67,6 +83,14 @@ class JSONEncoding:
 
     Producers and workers must register the same classes under the same names.
 
+    Arrays and objects may nest at most ``max_depth`` levels deep in the JSON text (default 200; a tuple,
+    set, ``bytes`` value or registered object counts one level more than a list, for its tag object).
+    ``encode`` refuses a deeper value with a ``TypeError``, and ``decode`` refuses deeper bytes with a
+    ``ValueError`` before parsing them, so no payload can exhaust Python's recursion limit. Give producers and
+    workers the same ``max_depth``.
+
+    ``decode`` raises nothing but ``ValueError``, whatever the bytes: a malformed tagged value names its tag.
+
     Example::
 
         encoding = JSONEncoding()
@@ -80,9 +104,13 @@ class JSONEncoding:
         tasks = AsyncTasks(backend, encoding=encoding)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
+        if isinstance(max_depth, bool) or not isinstance(max_depth, int) or not 1 <= max_depth <= 10_000:
+            raise ValueError(f"JSONEncoding(max_depth=...) takes an int from 1 to 10000, got {max_depth!r}")
+        self._max_depth = max_depth
         self._by_type: dict[type, _Codec] = {}
         self._by_name: dict[str, _Codec] = {}
+        self._aliases: dict[str, _Codec] = {}  # older names, decoded but never written
         self._encoders: dict[type, Callable[[Any], Any]] = {
             str: _same,
             int: _same,
@@ -105,7 +133,12 @@ class JSONEncoding:
         }
 
     def __repr__(self) -> str:
-        return f"JSONEncoding(registered={sorted(self._by_name)!r})"
+        return f"JSONEncoding(registered={sorted(self._by_name)!r}, max_depth={self._max_depth})"
+
+    @property
+    def max_depth(self) -> int:
+        """How deeply arrays and objects may nest in a payload (see the class docstring)."""
+        return self._max_depth
 
     @overload
     def register(self, cls: T, /, *, name: str | None = None) -> T: ...
@@ -158,7 +191,7 @@ class JSONEncoding:
             raise TypeError(f"register() takes a class, got {cls!r}")
         if (encode is None) != (decode is None):
             raise TypeError(f"register({cls.__qualname__}): pass both encode= and decode=, or neither")
-        codec_name = name if name is not None else f"{cls.__module__}.{cls.__qualname__}"
+        codec_name = name if name is not None else f"{public_module(cls.__module__)}.{cls.__qualname__}"
         if not isinstance(codec_name, str) or not codec_name:
             raise TypeError(f"register({cls.__qualname__}): name must be a non-empty string, got {name!r}")
         if cls in self._encoders:
@@ -178,20 +211,34 @@ class JSONEncoding:
             codec = _codec_for_class(codec_name, cls)
         self._by_type[cls] = codec
         self._by_name[codec_name] = codec
+        if name is None and cls.__module__ == "__main__":
+            # Payloads a script wrote as "__main__.Cls" (before classes were named after its module).
+            self._aliases.setdefault(f"__main__.{cls.__qualname__}", codec)
         return cls
 
     # -- encode ---------------------------------------------------------------------------------------------
 
     def encode(self, value: Any) -> bytes:
-        """JSON bytes for ``value``; ``TypeError`` naming the first value that cannot be encoded."""
+        """JSON bytes for ``value``; ``TypeError`` naming the first value that cannot be encoded, or saying
+        that it nests deeper than ``max_depth``."""
         try:
             tree = self._convert(value)
+            text = json.dumps(tree, ensure_ascii=True, separators=(",", ":"), check_circular=False)
         except RecursionError:
-            raise TypeError("cannot encode a value that contains itself (or is nested too deeply)") from None
-        try:
-            return json.dumps(tree, ensure_ascii=True, separators=(",", ":"), check_circular=False).encode()
+            raise TypeError(
+                "cannot encode a value that contains itself, or nests deeper than JSONEncoding allows "
+                f"(max_depth={self._max_depth}): flatten it"
+            ) from None
         except ValueError as exc:  # e.g. an int beyond sys.get_int_max_str_digits()
             raise TypeError(f"cannot encode a value as JSON: {exc}") from None
+        depth = _depth(text, self._max_depth)
+        if depth > self._max_depth:
+            raise TypeError(
+                f"cannot encode a value nested {depth} levels deep: JSONEncoding allows "
+                f"max_depth={self._max_depth} (a tuple, set or registered object counts two levels); flatten "
+                "it, or give producers and workers a JSONEncoding(max_depth=...) that fits"
+            )
+        return text.encode()
 
     def _convert(self, value: Any) -> Any:
         converter = self._encoders.get(type(value))
@@ -204,7 +251,7 @@ class JSONEncoding:
             cls = type(value)
             return {
                 _TAG: "enum",
-                "cls": f"{cls.__module__}:{cls.__qualname__}",
+                "cls": f"{public_module(cls.__module__)}:{cls.__qualname__}",
                 "v": self._convert(value.value),
             }
         raise TypeError(_cannot_encode(value))
@@ -234,33 +281,72 @@ class JSONEncoding:
     # -- decode ---------------------------------------------------------------------------------------------
 
     def decode(self, data: bytes) -> Any:
-        """The value encoded in ``data``; ``ValueError`` saying what is wrong with it."""
+        """The value encoded in ``data``; ``ValueError`` saying what is wrong with it, and nothing else,
+        whatever the bytes (non-UTF-8 text, a malformed tagged value, nesting beyond ``max_depth``, ...)."""
         try:
-            return json.loads(data, object_hook=self._object_hook)
+            # Decoded here rather than by json.loads (which does the same), so that the depth is measured on
+            # the text itself whatever its encoding (UTF-8, -16 or -32).
+            given: object = data
+            if isinstance(given, str):
+                text = given
+            elif isinstance(given, bytes | bytearray | memoryview):
+                raw = bytes(given)
+                text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+            else:
+                raise _DecodeError(f"JSONEncoding.decode() takes bytes, got {type(given).__name__}")
+            depth = _depth(text, self._max_depth)
+            if depth > self._max_depth:
+                raise _DecodeError(
+                    f"not a valid JSONEncoding payload: it nests {depth} levels deep, more than "
+                    f"max_depth={self._max_depth} allows (a payload this encoding wrote never does: was it "
+                    "written with a larger JSONEncoding(max_depth=...), or corrupted?)"
+                )
+            return json.loads(text, object_hook=self._object_hook)
         except _DecodeError as exc:
             raise ValueError(str(exc)) from None
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
+        except Exception as exc:
             raise ValueError(f"not a valid JSONEncoding payload: {type(exc).__name__}: {exc}") from None
 
     def _object_hook(self, obj: dict[str, Any]) -> Any:
         tag = obj.get(_TAG)
         if tag is None:
             return obj
+        try:
+            return self._tagged(tag, obj)
+        except _DecodeError:
+            raise
+        except Exception as exc:
+            raise _DecodeError(
+                f"not a valid JSONEncoding payload: a malformed {_short(tag)} value {_short(obj.get('v'))} "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
+
+    def _tagged(self, tag: object, obj: dict[str, Any]) -> Any:
+        if not isinstance(tag, str):
+            raise _DecodeError(f"not a valid JSONEncoding payload: the tag {_short(tag)} is not a string")
         decoder = _DECODERS.get(tag)
         if decoder is not None:
             return decoder(obj)
         if tag == "obj":
             name = obj["cls"]
-            codec = self._by_name.get(name)
+            codec = self._by_name.get(name) or self._aliases.get(name) if isinstance(name, str) else None
             if codec is None:
                 raise _DecodeError(
-                    f"the payload holds an instance of {name!r}, which is not registered with this "
+                    f"the payload holds an instance of {_short(name)}, which is not registered with this "
                     "JSONEncoding: call encoding.register(cls) in the worker as in the producer"
                 )
-            return codec.from_data(obj["v"])
+            try:
+                return codec.from_data(obj["v"])
+            except _DecodeError:
+                raise
+            except Exception as exc:
+                raise _DecodeError(
+                    f"not a valid JSONEncoding payload: cannot rebuild {name!r} from {_short(obj['v'])} "
+                    f"({type(exc).__name__}: {exc})"
+                ) from None
         if tag == "enum":
             return _enum_member(obj["cls"], obj["v"], self._by_name)
-        raise _DecodeError(f"unknown JSONEncoding tag {tag!r} (written by a newer version?)")
+        raise _DecodeError(f"unknown JSONEncoding tag {_short(tag)} (written by a newer version?)")
 
 
 class PickleEncoding:
@@ -374,6 +460,16 @@ def _decode_time(obj: dict[str, Any]) -> dt.time:
     return value.replace(fold=obj.get("fold", 0))
 
 
+def _decode_decimal(obj: dict[str, Any]) -> Decimal:
+    text = obj["v"]
+    if not isinstance(text, str):
+        raise TypeError("a decimal is stored as a string")
+    try:
+        return Decimal(text)
+    except ArithmeticError:  # decimal.InvalidOperation
+        raise ValueError("not a decimal number") from None
+
+
 def _decode_dict(obj: dict[str, Any]) -> dict[Any, Any]:
     return {key: item for key, item in obj["v"]}
 
@@ -391,25 +487,51 @@ _DECODERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "time": _decode_time,
     "timedelta": lambda obj: dt.timedelta(days=obj["v"][0], seconds=obj["v"][1], microseconds=obj["v"][2]),
     "uuid": lambda obj: uuid.UUID(obj["v"]),
-    "decimal": lambda obj: Decimal(obj["v"]),
+    "decimal": _decode_decimal,
 }
 
 
-def _enum_member(path: str, value: Any, registered: dict[str, _Codec]) -> enum.Enum:
+def _enum_member(path: object, value: Any, registered: dict[str, _Codec]) -> enum.Enum:
+    if not isinstance(path, str):
+        raise _DecodeError(f"not a valid JSONEncoding payload: the enum class {_short(path)} is not a string")
     codec = registered.get(path)
     cls: Any = codec.cls if codec is not None else None
     if cls is None:
         module_name, _, qualname = path.partition(":")
-        # Only classes of modules the worker already imported: a payload must never make us import code.
+        # Only classes of modules the worker already imported: a payload must never make us import code, so
+        # attributes are read from __dict__ (no module __getattr__, no descriptors).
         cls = sys.modules.get(module_name)
+        if cls is None and module_name == public_module("__main__"):  # written by this very script
+            cls = sys.modules.get("__main__")
         for part in qualname.split("."):
-            cls = getattr(cls, part, None)
+            namespace = getattr(cls, "__dict__", None)
+            cls = namespace.get(part) if isinstance(namespace, Mapping) else None
     if not (isinstance(cls, type) and issubclass(cls, enum.Enum)):
         raise _DecodeError(
             f"the payload holds a member of enum {path!r}, which this worker has not imported: import its "
             "module in the worker (or encoding.register(cls) it)"
         )
-    return cls(value)
+    try:
+        return cls(value)
+    except ValueError:
+        raise _DecodeError(
+            f"not a valid JSONEncoding payload: {_short(value)} is not a value of enum {path!r}"
+        ) from None
+
+
+def _depth(text: str, limit: int) -> int:
+    """How deeply arrays and objects nest in the JSON ``text`` (brackets inside strings do not count): exact
+    when more than ``limit``; otherwise a bound that is at most ``limit``."""
+    brackets = text.count("[") + text.count("{")
+    if brackets <= limit:  # the common case, at C speed: it cannot nest deeper than it has brackets
+        return brackets
+    skeleton = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    return max(itertools.accumulate(map(_STEP.__getitem__, skeleton)), default=0)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def _codec_for_class(name: str, cls: type) -> _Codec:

@@ -16,6 +16,7 @@ from ._registry import (
     Registry,
     TaskDefinition,
     check_max_retries,
+    check_no_nul,
     check_queue,
     check_timeout,
 )
@@ -30,6 +31,7 @@ def build_task(call: Call, now: float, registry: Registry, encoding: Encoding) -
     if isinstance(target, str):
         if not target:
             raise TypeError("enqueue() needs a task function or a non-empty registered name, got ''")
+        check_no_nul(target, "the task name", "enqueue()")
         definition = registry.get(target)
         name = target
     else:
@@ -68,6 +70,8 @@ def build_task(call: Call, now: float, registry: Registry, encoding: Encoding) -
         task_id = uuid.uuid4().hex
     elif not isinstance(task_id, str) or not task_id:
         raise TypeError(f"{where}: task_id must be a non-empty string, got {task_id!r}")
+    else:
+        check_no_nul(task_id, "task_id", where)
     return NewTask(
         id=task_id,
         name=name,

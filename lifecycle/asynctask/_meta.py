@@ -15,8 +15,8 @@ def read_meta(meta: str | None) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(meta)
-    except ValueError as exc:
-        raise ValueError(f"the task's meta is not JSON ({exc})") from None
+    except Exception as exc:  # also RecursionError for absurd nesting, TypeError for a non-string
+        raise ValueError(f"the task's meta is not JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(value, dict):
         raise ValueError(f"the task's meta is not a JSON object: {meta[:80]!r}")
     return value

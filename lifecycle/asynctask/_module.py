@@ -60,7 +60,9 @@ class AsyncTasks(SchedulingOperations):
         on_error: called as ``on_error(info, exc)`` (plain or async) after every failed attempt, with the
             task as it will be stored (``pending`` for a retry, ``dead``); its exceptions are logged.
         lease: seconds a claim holds a task without a heartbeat; heartbeats renew it every ``lease / 3``. A
-            dead worker's tasks are run again after about this long.
+            dead worker's tasks are taken over at most ``lease + recovery_interval`` after it died (then run
+            after their retry backoff). The worker also warns, naming the task, when its event loop is
+            blocked longer than ``lease / 3``.
         recovery_interval: seconds between looks for expired leases (default ``lease / 2``).
         poll_interval: the longest an idle worker waits before claiming again even without a wake-up.
         retry_backoff: delays between retries: exponential with full jitter (``Backoff(initial=1, cap=600)``).
@@ -145,6 +147,7 @@ class AsyncTasks(SchedulingOperations):
         )
         self._scheduler = Scheduler(clock, self._logger)
         self._open = False
+        self._opened = 0  # initialize() / `async with` not closed yet: the last cleanup closes the backend
         self._started = False
         self._worker: Worker | None = None
         self._changed: anyio.Event | None = None
@@ -258,7 +261,9 @@ class AsyncTasks(SchedulingOperations):
 
         The function is an ``async def`` (a plain ``def`` runs in a worker thread) with fixed positional
         parameters; its first parameter may be annotated ``TaskContext``. ``name`` defaults to
-        ``module.qualname`` and is required for lambdas, closures and functions defined inside functions.
+        ``module.qualname`` (for a script run as ``python service.py``, ``service.qualname``, as a process
+        importing the script names it) and is required for lambdas, closures and functions defined inside
+        functions. Names, like queue names, cannot contain a NUL character (``ValueError``).
         ``queue`` (default ``"default"``), ``max_retries`` (default 5) and ``timeout`` (seconds, default none)
         are the defaults of its enqueues.
 
@@ -346,9 +351,13 @@ class AsyncTasks(SchedulingOperations):
     # -- the lifecycle Task ---------------------------------------------------------------------------------
 
     async def initialize(self) -> None:
-        """Open the backend. With ``execution=False`` a built-in backend creates missing storage (file,
-        tables, keys) at the first enqueue rather than here, so inspecting tasks never creates any."""
-        await open_backend(self._backend, create=True if self._execution else "on_enqueue")
+        """Open the backend (once: an ``AsyncTasks`` opened already, by its manager or an ``async with``,
+        stays open until the matching :meth:`cleanup`). With ``execution=False`` a built-in backend creates
+        missing storage (file, tables, keys) at the first enqueue rather than here, so inspecting tasks
+        never creates any."""
+        if self._opened == 0:
+            await open_backend(self._backend, create=True if self._execution else "on_enqueue")
+        self._opened += 1
         self._open = True
 
     async def execute(self) -> None:
@@ -419,12 +428,21 @@ class AsyncTasks(SchedulingOperations):
             raise crash
 
     async def cleanup(self) -> None:
-        """Close the backend."""
+        """Close the backend, unless another opening is still in use: each :meth:`initialize` (or
+        ``async with``) is matched by one ``cleanup``, and the last closes the backend."""
+        if self._opened > 1:
+            self._opened -= 1
+            return
+        self._opened = 0
         self._open = False
-        await self._backend.close()
+        await self._backend.close()  # also after a failed initialize: close is idempotent
 
     async def __aenter__(self) -> AsyncTasks:
-        """``async with tasks:`` opens the backend (for producers and scripts without a TaskManager)."""
+        """``async with tasks:`` opens the backend (for producers and scripts without a TaskManager).
+
+        It may be nested: inside a running ``TaskManager`` that has this ``AsyncTasks`` (or inside another
+        ``async with tasks:``) it uses the open backend and leaves it open at its exit for its owner.
+        """
         await self.initialize()
         return self
 

@@ -19,6 +19,7 @@ from ._model import QueueStats, TaskInfo
 from ._observer import TaskObserver, observe_enqueued
 from ._options import check_states
 from ._records import NewTask, TaskRecord, TaskState
+from ._registry import check_no_nul
 from ._upkeep import purge_expired, recover_expired
 from ._worker import EngineOptions, Worker
 
@@ -48,6 +49,7 @@ class TaskOperations:
         first step's record is removed.
         """
         self._check_open("info")
+        _check_id(task_id, "info")
         record = await self._backend.get(task_id)
         chain_id = task_id if record is None and task_id.startswith(CHAIN_PREFIX) else None
         if record is not None:
@@ -73,6 +75,7 @@ class TaskOperations:
         """Tasks, newest first, optionally of one or several states and of one queue."""
         self._check_open("list")
         states = None if state is None else check_states(state)
+        _check_queue(queue, "list")
         records = await self._backend.list_records(states=states, queue=queue, limit=limit, offset=offset)
         return [self._info(record) for record in records]
 
@@ -89,6 +92,7 @@ class TaskOperations:
         """Cancel a pending task (it will not run); ``False`` when it is not pending (running, finished,
         unknown). A running task cannot be cancelled."""
         self._check_open("cancel")
+        _check_id(task_id, "cancel")
         cancelled = bool(await self._backend.cancel([task_id], now=self._clock()))
         self._notify_changed()
         return cancelled
@@ -97,6 +101,7 @@ class TaskOperations:
         """Move a dead or cancelled task back to pending, attempts reset; ``False`` when it is in another
         state or unknown."""
         self._check_open("requeue")
+        _check_id(task_id, "requeue")
         moved = await self._backend.requeue([task_id], now=self._clock()) > 0
         if moved and self._worker is not None:
             self._worker.wake()
@@ -105,6 +110,7 @@ class TaskOperations:
     async def requeue_dead(self, queue: str | None = None) -> int:
         """Move every dead task (of ``queue`` when given) back to pending; returns how many moved."""
         self._check_open("requeue_dead")
+        _check_queue(queue, "requeue_dead")
         moved = await self._backend.requeue(None, queue=queue, now=self._clock())
         if moved and self._worker is not None:
             self._worker.wake()
@@ -121,6 +127,7 @@ class TaskOperations:
         (or, if pending, enqueued) more than ``older_than`` seconds ago when given. Returns how many."""
         self._check_open("purge")
         states = check_states(state)
+        _check_queue(queue, "purge")
         if TaskState.ACTIVE in states:
             raise ValueError("purge() cannot delete active tasks: a worker owns them; wait until they finish")
         before = None if older_than is None else self._clock() - as_seconds(older_than, "purge() older_than")
@@ -155,7 +162,8 @@ class TaskOperations:
 
         A worker in this process wakes the waiter as soon as it saves a verdict; changes made by other
         processes are seen by polling every ``poll_interval``. Raises ``TimeoutError`` after ``timeout``
-        seconds, ``LookupError`` when there is no task with this id (never stored, or purged).
+        seconds (its message names the task, the timeout and the task's state then), ``LookupError`` when
+        there is no task with this id (never stored, or purged).
 
         Example::
 
@@ -164,13 +172,15 @@ class TaskOperations:
             print(info.state, info.result)
         """
         self._check_open("wait")
+        _check_id(task_id, "wait")
         wanted = check_states(states) if states is not None else {s for s in TaskState if s.is_final}
         return await self._wait_for(task_id, lambda info: info.state in wanted, timeout)
 
     async def _wait_for(
         self, task_id: str, predicate: Callable[[TaskInfo], bool], timeout: float | None
     ) -> TaskInfo:
-        with anyio.fail_after(timeout):
+        last: TaskInfo | None = None
+        with anyio.move_on_after(timeout) as deadline:
             while True:
                 changed = self._changed = self._changed or anyio.Event()
                 info = await self.info(task_id)
@@ -178,8 +188,12 @@ class TaskOperations:
                     raise LookupError(f"there is no task with id {task_id!r} (never stored, or purged)")
                 if predicate(info):
                     return info
+                last = info
                 with anyio.move_on_after(self._options.poll_interval):
                     await changed.wait()
+        # Only the deadline ends the loop this way (timeout=None never does).
+        assert deadline.cancelled_caught
+        raise TimeoutError(f"tasks.wait({task_id!r}, timeout={timeout}) timed out: {_state_of(last)}")
 
     def _stored(self, tasks: builtins.list[NewTask], now: float) -> None:
         """``tasks`` were stored (committed): count them, wake this process's worker if one is due, and wake
@@ -201,8 +215,13 @@ class TaskOperations:
         if record.result is not None:
             try:
                 result = self._encoding.decode(record.result)
-            except ValueError as exc:
-                self._logger.warning("cannot decode the result of task %s: %s", record.id, exc)
+            except Exception as exc:  # any exception: a third-party Encoding may raise anything
+                self._logger.warning(
+                    "cannot decode the result of task %s, shown as None: %s: %s",
+                    record.id,
+                    type(exc).__name__,
+                    exc,
+                )
         chain_id, chain_step, schedule = chain_fields(record)
         return TaskInfo(
             id=record.id,
@@ -230,3 +249,23 @@ class TaskOperations:
                 f"AsyncTasks.{what}() before the backend is open: add the AsyncTasks to a TaskManager (its "
                 "initialize opens the backend), or use `async with tasks:`"
             )
+
+
+def _check_id(task_id: object, what: str) -> None:
+    if isinstance(task_id, str):
+        check_no_nul(task_id, "the task id", f"AsyncTasks.{what}()")
+
+
+def _check_queue(queue: object, what: str) -> None:
+    if isinstance(queue, str):
+        check_no_nul(queue, "the queue name", f"AsyncTasks.{what}()")
+
+
+def _state_of(info: TaskInfo | None) -> str:
+    """The state of a task a wait gave up on, for the ``TimeoutError``."""
+    if info is None:  # the deadline passed during the first look
+        return "the task's state was not read yet"
+    text = f"the task is still {info.state.value} (attempt {info.attempts} of {info.max_retries + 1}"
+    if info.state is TaskState.PENDING and info.attempts:
+        text += ", waiting for a retry"
+    return f"{text})"

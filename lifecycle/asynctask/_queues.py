@@ -74,3 +74,5 @@ class QueueOrder:
 def _check_name(name: object) -> None:
     if not isinstance(name, str) or not name:
         raise TypeError(f"queue names must be non-empty strings, got {name!r}")
+    if "\x00" in name:  # as check_queue: no backend stores a NUL
+        raise ValueError(f"the queue name {name!r} contains a NUL character (\\x00); remove it")

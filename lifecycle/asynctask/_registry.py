@@ -11,8 +11,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._model import TaskContext
+from ._names import public_module
 
-__all__ = ["Registry", "TaskDefinition", "check_queue", "check_max_retries", "check_timeout"]
+__all__ = [
+    "Registry",
+    "TaskDefinition",
+    "check_max_retries",
+    "check_no_nul",
+    "check_queue",
+    "check_timeout",
+]
 
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_RETRIES = 5
@@ -56,6 +64,7 @@ class Registry:
     def __init__(self) -> None:
         self._by_name: dict[str, TaskDefinition] = {}
         self._by_function: dict[Any, TaskDefinition] = {}
+        self._aliases: dict[str, TaskDefinition] = {}  # a script's "__main__.f": looked up, never listed
 
     def __len__(self) -> int:
         return len(self._by_name)
@@ -69,7 +78,8 @@ class Registry:
 
     def get(self, name: str) -> TaskDefinition | None:
         """The definition registered under ``name``."""
-        return self._by_name.get(name)
+        definition = self._by_name.get(name)
+        return definition if definition is not None else self._aliases.get(name)
 
     def for_function(self, fn: object) -> TaskDefinition | None:
         """The definition of the registered function ``fn`` (the very object that was registered)."""
@@ -98,6 +108,10 @@ class Registry:
                 "pass another name= (names are what the backend stores, so each must be unique)"
             )
         self._by_name[definition.name] = definition
+        if name is None and getattr(fn, "__module__", None) == "__main__":
+            # Tasks a script stored under "__main__.f" (before its functions were named after its module)
+            # still find their function in this script.
+            self._aliases.setdefault(f"__main__.{fn.__qualname__}", definition)
         try:
             self._by_function.setdefault(fn, definition)
         except TypeError:
@@ -126,6 +140,7 @@ def build_definition(
         name = _default_name(fn, described)
     elif not isinstance(name, str) or not name.strip():
         raise TypeError(f"register({described}): name must be a non-empty string, got {name!r}")
+    check_no_nul(name, "the task name", f"register({described})")
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError) as exc:
@@ -171,10 +186,25 @@ def build_definition(
 
 
 def check_queue(queue: object, where: str) -> str:
-    """``queue`` as a queue name; ``TypeError`` unless a non-empty string."""
+    """``queue`` as a queue name; ``TypeError`` unless a non-empty string, ``ValueError`` for a NUL in it."""
     if not isinstance(queue, str) or not queue:
         raise TypeError(f"{where}: queue must be a non-empty string, got {queue!r}")
-    return queue
+    return check_no_nul(queue, "the queue name", where)
+
+
+def check_no_nul(text: str, what: str, where: str) -> str:
+    """``text`` unchanged; ``ValueError`` when it holds a NUL character.
+
+    Task names, queue names and task ids never contain NUL: PostgreSQL cannot store it in text and other
+    backends would store it, so the engine refuses it before anything reaches a backend, the same way
+    whatever the backend.
+    """
+    if "\x00" in text:
+        raise ValueError(
+            f"{where}: {what} {text!r} contains a NUL character (\\x00), which task storage does not allow; "
+            "remove it"
+        )
+    return text
 
 
 def check_max_retries(max_retries: object, where: str) -> int:
@@ -216,7 +246,9 @@ def _default_name(fn: Callable[..., Any], described: str) -> str:
             f"{described} has no stable importable name (a lambda, closure, partial or function defined "
             "inside another): pass name='...' to register() so producers and workers agree on it"
         )
-    return f"{module}.{qualname}"
+    # A script's functions are named after the script's module, not "__main__", so that a worker which
+    # imports the script (lifecycle worker service:tasks) knows them under the same name.
+    return f"{public_module(module)}.{qualname}"
 
 
 def _is_context(fn: Callable[..., Any], parameter: inspect.Parameter) -> bool:

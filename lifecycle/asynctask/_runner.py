@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import sys
+from types import FrameType
 from typing import Any
 
 import anyio
@@ -17,7 +19,7 @@ from ._model import TaskContext
 from ._records import ClaimedTask, Settlement, TaskRecord, TaskState
 from ._registry import Registry, TaskDefinition
 from ._upkeep import ErrorHook, call_error_hook
-from ._verdict import Policy
+from ._verdict import Policy, is_cancellation
 
 __all__ = ["LOST", "SHUTDOWN", "Running", "TaskRunner"]
 
@@ -64,6 +66,9 @@ class TaskRunner:
         self._on_error = on_error
         self._logger = logger
         self.limiter: anyio.CapacityLimiter | None = None
+        self.executing: dict[FrameType, Running] = {}
+        """The frame of each task function call in progress: what the loop watchdog finds on a blocked
+        loop's stack to name the task that blocks it (read from its thread: plain dict lookups only)."""
 
     async def run(self, running: Running) -> Settlement | None:
         """Run one claimed task and return its verdict (``None``: the lease was lost, nothing to save)."""
@@ -85,9 +90,10 @@ class TaskRunner:
             return await self._failed(record, policy.failure(claimed, now=self._clock(), error=str(exc)), exc)
         try:
             args = self._decode_arguments(record)
-        except ValueError as decode_error:
+        except Exception as decode_error:  # any exception: a third-party Encoding may raise anything
+            cause = str(decode_error) if type(decode_error) is ValueError else _describe(decode_error)
             error = (
-                f"cannot decode the arguments of task {record.name!r}: {decode_error}; the payload will not "
+                f"cannot decode the arguments of task {record.name!r}: {cause}; the payload will not "
                 "become readable by retrying, so the task is dead (enqueue a corrected task)"
             )
             return await self._failed(
@@ -133,18 +139,30 @@ class TaskRunner:
             scope.cancel()
         finished = False
         result: Any = None
-        failure: Exception | None = None
+        failure: BaseException | None = None
+        frame = sys._getframe()
+        self.executing[frame] = running
         try:
             with scope:
                 if definition.is_async:
                     result = await definition.fn(*args)
                 else:
-                    result = await anyio.to_thread.run_sync(
-                        functools.partial(definition.fn, *args), abandon_on_cancel=True, limiter=self.limiter
+                    result, raised = await anyio.to_thread.run_sync(
+                        functools.partial(_capture, definition.fn, *args),
+                        abandon_on_cancel=True,
+                        limiter=self.limiter,
                     )
+                    if raised is not None:
+                        raise raised
                 finished = True
-        except Exception as exc:
+        except BaseException as exc:
+            # KeyboardInterrupt, SystemExit, GeneratorExit, any BaseException the task raises is its own
+            # failure; only a cancellation from outside (the worker's task group) goes on.
+            if is_cancellation(exc):
+                raise
             failure = exc
+        finally:
+            del self.executing[frame]
         now = self._clock()
         if finished:
             return self._policy.success(claimed, now=now, result=self._encode_result(record, result))
@@ -166,18 +184,33 @@ class TaskRunner:
             return None
         try:
             return self._encoding.decode(encoded)
-        except ValueError as exc:
-            self._logger.warning("task %s: cannot decode the previous step's result: %s", record.id, exc)
+        except Exception as exc:
+            self._logger.warning(
+                "task %s (%s): cannot decode the previous step's result, so previous_result is None: %s",
+                record.id,
+                record.name,
+                _describe(exc),
+            )
             return None
 
     def _encode_result(self, record: TaskRecord, result: Any) -> bytes | None:
+        """The encoded result, or ``None`` when the encoding cannot encode it: the task ran, so it succeeds
+        without a stored result (running it again would repeat its side effects for nothing)."""
         if result is None:
             return None
         try:
             return self._encoding.encode(result)
-        except TypeError as exc:
+        except TypeError as exc:  # the encoding's documented way to refuse a value
             self._logger.debug("task %s (%s): result not stored: %s", record.id, record.name, exc)
-            return None
+        except Exception as exc:
+            self._logger.warning(
+                "task %s (%s) succeeded, but its result is not stored: the encoding raised %s",
+                record.id,
+                record.name,
+                _describe(exc),
+                exc_info=exc,
+            )
+        return None
 
     async def _failed(self, record: TaskRecord, settlement: Settlement, exc: BaseException) -> Settlement:
         if settlement.state is TaskState.DEAD:
@@ -200,6 +233,22 @@ class TaskRunner:
         if self._on_error is not None:
             await call_error_hook(self._on_error, record, settlement, exc, self._logger)
         return settlement
+
+
+def _capture(fn: Any, *args: Any) -> tuple[Any, BaseException | None]:
+    """Call ``fn`` in a worker thread and return ``(result, None)`` or ``(None, what it raised)``.
+
+    What the function raises is raised again in the task's own frame: passed through the event loop instead,
+    a ``GeneratorExit`` would be thrown into the outermost coroutine of the worker, past the task's handler.
+    """
+    try:
+        return fn(*args), None
+    except BaseException as exc:
+        return None, exc
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _first_line(text: str | None) -> str:

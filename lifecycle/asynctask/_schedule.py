@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
@@ -23,6 +24,7 @@ import anyio.abc
 from .._backoff import Backoff
 from ._clock import Clock, as_seconds
 from ._model import Call
+from ._registry import check_no_nul
 
 __all__ = [
     "CronTrigger",
@@ -91,6 +93,13 @@ class CronTrigger:
         self.expression = expression
         self.zone = zone
         self._croniter = croniter
+        try:
+            self.next_after(time.time())
+        except Exception:  # croniter's CroniterBadDateError: it found no date in the years it searches
+            raise ValueError(
+                f"schedule(): the cron expression {expression!r} never fires: no date matches its "
+                "day-of-month, month and day-of-week fields (such as February 31 or April 31); fix them"
+            ) from None
 
     def next_after(self, moment: float) -> float:
         """The first fire time after ``moment``."""
@@ -372,10 +381,10 @@ def check_missed(missed: object) -> MissedFires:
 
 
 def check_name(name: object, where: str) -> str:
-    """A schedule name: a non-empty string."""
+    """A schedule name: a non-empty string without NUL (it is part of each fire time's task id)."""
     if not isinstance(name, str) or not name.strip():
         raise TypeError(f"{where}: name= must be a non-empty string naming the schedule, got {name!r}")
-    return name
+    return check_no_nul(name, "the schedule name", where)
 
 
 def _croniter() -> Any:

@@ -11,6 +11,7 @@ from ._backend import Backend
 from ._model import TaskInfo
 from ._observer import observe_finished
 from ._records import ClaimedTask, Settlement, TaskRecord, TaskState
+from ._verdict import is_cancellation
 
 if TYPE_CHECKING:
     from ._worker import EngineOptions
@@ -94,9 +95,14 @@ async def call_error_hook(
         outcome = hook(info, exc)
         if outcome is not None:
             await outcome
-    except Exception:
-        logger.exception(
-            "on_error raised while handling task %s (%s); the worker goes on", record.id, record.name
+    except BaseException as hook_error:  # KeyboardInterrupt or SystemExit too: only cancellation passes
+        if is_cancellation(hook_error):
+            raise
+        logger.error(
+            "on_error raised while handling task %s (%s); the worker goes on",
+            record.id,
+            record.name,
+            exc_info=hook_error,
         )
 
 

@@ -11,6 +11,8 @@ import sys
 import traceback
 from dataclasses import dataclass
 
+import anyio
+
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
@@ -19,7 +21,7 @@ from ._chain import follow_up
 from ._model import Abort, Retry
 from ._records import ClaimedTask, Settlement, TaskState
 
-__all__ = ["MAX_ERROR_CHARS", "Policy", "error_text", "find_request"]
+__all__ = ["MAX_ERROR_CHARS", "Policy", "error_text", "find_request", "is_cancellation", "storable"]
 
 MAX_ERROR_CHARS = 32_000
 """Longer error texts keep their start and end (the exception line is at the end of a traceback)."""
@@ -67,15 +69,14 @@ class Policy:
                 state=TaskState.PENDING,
                 at=now,
                 run_at=now + delay,
-                error=error,
+                error=storable(error),
             )
         return self.dead(claimed, now=now, error=error)
 
     def dead(self, claimed: ClaimedTask, *, now: float, error: str) -> Settlement:
         """Failed for good, without a retry."""
-        return Settlement(
-            task_id=claimed.record.id, token=claimed.token, state=TaskState.DEAD, at=now, error=error
-        )
+        record_id, token = claimed.record.id, claimed.token
+        return Settlement(task_id=record_id, token=token, state=TaskState.DEAD, at=now, error=storable(error))
 
     def damaged(self, claimed: ClaimedTask, *, now: float) -> Settlement:
         """Dead at once: the backend could not read the stored record whole (``TaskRecord.fault``), so
@@ -126,6 +127,28 @@ def find_request(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
+
+
+def storable(text: str) -> str:
+    """``text`` as every backend can store it: each NUL written as ``\\x00`` (PostgreSQL refuses NUL in text)
+    and each lone surrogate as ``\\udc80`` (not encodable as UTF-8), so an exception message holding one
+    cannot block the saving of its verdict, nor of the verdicts saved in the same batch."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """True when ``exc`` is (or a group around it holds) the running async library's cancellation: the one
+    ``BaseException`` a task's run passes on instead of counting it as the task's failure."""
+    cancelled = anyio.get_cancelled_exc_class()
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(lambda inner: isinstance(inner, cancelled)) is not None
+    return isinstance(exc, cancelled)
 
 
 def error_text(exc: BaseException) -> str:

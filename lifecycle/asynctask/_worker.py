@@ -4,13 +4,16 @@ batches, renew leases, recover the tasks of dead workers, purge old results, and
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import FrameType
 
 import anyio
 import anyio.abc
 
 from .._backoff import Backoff
+from .._loopwatch import LoopBlock, LoopWatch
 from ._backend import Backend
 from ._clock import Clock
 from ._encoding import Encoding
@@ -21,13 +24,15 @@ from ._registry import Registry
 from ._runner import LOST, SHUTDOWN, Running, TaskRunner
 from ._settler import Settler
 from ._upkeep import ErrorHook, purge_expired, recover_expired
-from ._verdict import Policy
+from ._verdict import Policy, error_text, is_cancellation
 
 __all__ = ["EngineOptions", "Worker"]
 
 
 _BACKEND_RETRY = Backoff(initial=0.05, cap=5.0)
 _FINAL_FLUSH_TIMEOUT = 10.0
+_BLOCK_WARNING_SHARE = 3  # warn when the loop is blocked longer than lease / 3: the heartbeat interval
+_STACK_LIMIT = 20  # the innermost frames shown of a blocked loop's stack
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +80,9 @@ class Worker:
         self._capacity_event: anyio.Event | None = None
         self._runners: anyio.abc.TaskGroup | None = None
         self._runner = TaskRunner(registry, encoding, options.policy, options.clock, options.on_error, logger)
+        self._loopwatch = LoopWatch(
+            options.lease / _BLOCK_WARNING_SHARE, self._loop_blocked, name="lifecycle-asynctask-loopwatch"
+        )
         self.started = anyio.Event()
         self.stopping = anyio.Event()
 
@@ -118,6 +126,7 @@ class Worker:
             services.start_soon(self._settler.run)
             services.start_soon(self._heartbeat_loop)
             services.start_soon(self._recovery_loop)
+            services.start_soon(self._loopwatch.run)
             if any(age is not None for age in self._options.retention.values()):
                 services.start_soon(self._retention_loop)
             async with anyio.create_task_group() as runners:
@@ -241,6 +250,12 @@ class Worker:
                 settlement = await self._runner.run(running)
             else:
                 settlement = await self._run_observed(running, self._options.observer)
+        except BaseException as exc:
+            # A fault of this task's handling stays with this task: it is settled, the rest of the batch and
+            # the worker go on. Only the worker's own cancellation passes.
+            if is_cancellation(exc):
+                raise
+            settlement = self._internal_error(running, exc)
         finally:
             del self._running[claimed.token]
             self._capacity_changed()
@@ -249,6 +264,22 @@ class Worker:
                 del self._held[task_id]
         else:
             self._settler.put(settlement)
+
+    def _internal_error(self, running: Running, exc: BaseException) -> Settlement | None:
+        record = running.claimed.record
+        self._logger.error(
+            "internal error while handling task %s (%s); the task is dead, the worker goes on",
+            record.id,
+            record.name,
+            exc_info=exc,
+        )
+        if running.reason == LOST:  # another worker holds the task now: its verdict is not ours to save
+            return None
+        return self._policy.dead(
+            running.claimed,
+            now=self._clock(),
+            error=f"internal error while handling the task (please report it): {error_text(exc)}",
+        )
 
     async def _run_observed(self, running: Running, observer: TaskObserver) -> Settlement | None:
         record = running.claimed.record
@@ -311,6 +342,47 @@ class Worker:
             running.cancel(LOST)
         if self._held.get(task_id) == token:
             del self._held[task_id]
+
+    def _loop_blocked(self, block: LoopBlock) -> None:
+        """Called from the loop watchdog's thread: name the task that blocks the event loop, and its stack."""
+        if block.frame is None:  # the loop's thread is gone: nothing blocks it any more
+            return
+        executing = self._runner.executing
+        below: list[tuple[FrameType, int]] = []  # innermost first, down to the task's call
+        blocker: Running | None = None
+        for frame, line in traceback.walk_stack(block.frame):
+            blocker = executing.get(frame)
+            if blocker is not None:
+                break
+            below.append((frame, line))
+        lease = self._options.lease
+        if blocker is None:
+            stack = "".join(traceback.StackSummary.extract(reversed(below[:_STACK_LIMIT])).format())
+            self._logger.warning(
+                "the event loop was blocked for %.1f s (more than lease / 3 = %g s), not by a task; while it "
+                "is blocked no lease is renewed, and past the lease (%g s) other workers run this worker's "
+                "tasks again. It was at:\n%s",
+                block.seconds,
+                block.threshold,
+                lease,
+                stack.rstrip("\n"),
+            )
+            return
+        record = blocker.claimed.record
+        stack = "".join(traceback.StackSummary.extract(reversed(below[:_STACK_LIMIT])).format())
+        self._logger.warning(
+            "the event loop was blocked for %.1f s (more than lease / 3 = %g s) by task %s (%s): while it is "
+            "blocked no lease is renewed, and past the lease (%g s) another worker runs the task again and "
+            "this run's result is discarded. Do not block in an async def task: await, or make it a plain "
+            "def (it runs in a worker thread). It was at:\n%s",
+            block.seconds,
+            block.threshold,
+            record.id,
+            record.name,
+            lease,
+            stack.rstrip("\n"),
+            extra={"task_id": record.id, "task_name": record.name},
+        )
 
     async def _recovery_loop(self) -> None:
         while True:

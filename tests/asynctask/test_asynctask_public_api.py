@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import pickle
+import traceback
+
+import anyio
 
 import lifecycle.asynctask
 
@@ -63,3 +67,41 @@ def test_server_backends_are_importable_from_their_modules() -> None:
 
     assert inspect.getdoc(RedisBackend)
     assert inspect.getdoc(PostgresBackend)
+
+
+def test_public_exceptions_name_their_public_module() -> None:
+    errors = [
+        getattr(lifecycle.asynctask, name)
+        for name in lifecycle.asynctask.__all__
+        if isinstance(getattr(lifecycle.asynctask, name), type)
+        and issubclass(getattr(lifecycle.asynctask, name), BaseException)
+    ]
+    assert {error.__name__ for error in errors} == {
+        "Abort",
+        "BackendError",
+        "DuplicateTaskError",
+        "Retry",
+        "WorkerLostError",
+    }
+    for error in errors:
+        assert error.__module__ == "lifecycle.asynctask", error
+        instance = error(reason="x") if error is lifecycle.asynctask.Retry else error("x")
+        text = "".join(traceback.format_exception_only(instance))
+        assert text.startswith(f"lifecycle.asynctask.{error.__name__}: "), text
+        assert pickle.loads(pickle.dumps(error)) is error, "pickled by its public path"
+
+
+async def test_a_dead_tasks_error_names_the_public_exception_path() -> None:
+    tasks = lifecycle.asynctask.AsyncTasks(lifecycle.asynctask.MemoryBackend(), poll_interval=0.05)
+
+    @tasks.register(name="aborts")
+    async def aborts() -> None:
+        raise lifecycle.asynctask.Abort("order 7 does not exist")
+
+    async with tasks, anyio.create_task_group() as group:
+        group.start_soon(tasks.execute)
+        info = await tasks.wait(await tasks.enqueue(aborts), timeout=10)
+        group.cancel_scope.cancel()
+    assert info.last_error is not None
+    assert "lifecycle.asynctask.Abort: order 7 does not exist" in info.last_error
+    assert "_model" not in info.last_error

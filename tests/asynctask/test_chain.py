@@ -3,6 +3,7 @@ progress says where; requeueing the dead step resumes it; bad chains store nothi
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from lifecycle.asynctask import (
     TaskContext,
     TaskState,
 )
-from lifecycle.asynctask._chain import build_chain, follow_up
+from lifecycle.asynctask._chain import build_chain, chain_fields, follow_up
 from lifecycle.asynctask._records import TaskRecord
 
 T0 = 1_700_000_000.0
@@ -197,3 +198,11 @@ def test_the_next_step_is_deterministic_and_its_delay_counts_from_the_success() 
     damaged = TaskRecord(**{**{f: getattr(record, f) for f in TaskRecord.__slots__}, "meta": '{"chain": {}}'})
     with pytest.raises(ValueError, match="damaged"):
         follow_up(damaged, None, T0)
+    for bad_name in ("chain.\u0000parse", "chain.\udc80parse"):  # what no backend could store
+        meta = first.meta.replace('"chain.parse"', json.dumps(bad_name, ensure_ascii=True))  # type: ignore[union-attr]
+        unstorable = TaskRecord(**{**{f: getattr(record, f) for f in TaskRecord.__slots__}, "meta": meta})
+        with pytest.raises(ValueError, match="damaged"):
+            follow_up(unstorable, None, T0)
+    for bad_meta in ("[" * 5000 + "]" * 5000, '{"chain": {"id": "c", "step": "x"}}'):
+        odd = TaskRecord(**{**{f: getattr(record, f) for f in TaskRecord.__slots__}, "meta": bad_meta})
+        assert chain_fields(odd) == (None, None, None), "inspection of damaged bookkeeping never raises"

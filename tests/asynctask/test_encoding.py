@@ -6,6 +6,8 @@ import dataclasses
 import datetime as dt
 import enum
 import math
+import sys
+import types
 from decimal import Decimal
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
@@ -277,3 +279,103 @@ def test_pickle_errors_are_type_and_value_errors() -> None:
         encoding.encode(lambda: None)
     with pytest.raises(ValueError, match="cannot unpickle"):
         encoding.decode(b"definitely not a pickle")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b'[{"__lifecycle__":"decimal","v":"abc"}]', "malformed 'decimal' value 'abc'"),
+        (b'[{"__lifecycle__":"decimal","v":[1]}]', "malformed 'decimal' value"),
+        (b"[" * 1000 + b"]" * 1000, "nests 1000 levels deep, more than max_depth=200"),
+        (b'{"a":' * 500 + b"1" + b"}" * 500, "nests 500 levels deep"),
+        (b'["\xc3\x28"]', "UnicodeDecodeError"),
+        (b'{"__lifecycle__":["x"],"v":1}', r"the tag \['x'\] is not a string"),
+        (b'{"__lifecycle__":"timedelta","v":[1e300,0,0]}', "malformed 'timedelta' value"),
+        (b'{"__lifecycle__":"timedelta","v":5}', "malformed 'timedelta' value"),
+        (b'{"__lifecycle__":"set","v":[[1]]}', "malformed 'set' value"),
+        (b'{"__lifecycle__":"tuple","v":7}', "malformed 'tuple' value"),
+        (b'{"__lifecycle__":"datetime","v":"2024-01-01","tz":"No/Such_Zone"}', "malformed 'datetime' value"),
+        (b'{"__lifecycle__":"datetime","v":"2024-01-01","fold":3}', "malformed 'datetime' value"),
+        (b'{"__lifecycle__":"date","v":null}', "malformed 'date' value"),
+        (b'{"__lifecycle__":"uuid","v":"xyz"}', "malformed 'uuid' value"),
+        (b'{"__lifecycle__":"float","v":{}}', "malformed 'float' value"),
+        (b'{"__lifecycle__":"dict","v":[[[1],2]]}', "malformed 'dict' value"),
+        (b'{"__lifecycle__":"obj","v":{}}', "malformed 'obj' value"),
+        (b'{"__lifecycle__":"obj","cls":["x"],"v":{}}', "not registered"),
+        (b'{"__lifecycle__":"obj","cls":"money","v":7}', "cannot rebuild 'money' from 7"),
+        (b'{"__lifecycle__":"enum","cls":7,"v":1}', "is not a string"),
+        (b'{"__lifecycle__":"enum","cls":"test_encoding:Color","v":"green"}', "not a value of enum"),
+        (b"1" * 5000, "not a valid JSONEncoding payload"),
+    ],
+)
+def test_decode_raises_only_value_error_naming_the_cause(data: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as caught:
+        ENCODING.decode(data)
+    assert type(caught.value) is ValueError, "nothing but ValueError, not even a subclass"
+
+
+def test_an_enum_path_is_read_without_running_module_getattr() -> None:
+    touched: list[str] = []
+    module = types.ModuleType("lazy_module_for_test")
+    module.__getattr__ = lambda name: touched.append(name)  # type: ignore[method-assign]
+    sys.modules[module.__name__] = module
+    try:
+        with pytest.raises(ValueError, match="has not imported"):
+            ENCODING.decode(b'{"__lifecycle__":"enum","cls":"lazy_module_for_test:Anything","v":1}')
+    finally:
+        del sys.modules[module.__name__]
+    assert touched == [], "a payload must never make the worker import or compute anything"
+
+
+def test_the_depth_limit_is_checked_the_same_way_on_both_sides() -> None:
+    encoding = JSONEncoding(max_depth=10)
+    nested: Any = "leaf"
+    for _ in range(10):
+        nested = [nested]
+    assert encoding.decode(encoding.encode(nested)) == nested, "exactly max_depth levels: fine"
+    with pytest.raises(TypeError, match=r"nested 11 levels deep: JSONEncoding allows max_depth=10"):
+        encoding.encode([nested])
+    with pytest.raises(TypeError, match="counts two levels"):
+        encoding.encode(tuple(nested))  # a tagged object around a list: one level more than the list
+    # Brackets inside strings are not nesting.
+    assert encoding.decode(encoding.encode(["[" * 50, "{" * 50])) == ["[" * 50, "{" * 50]
+    too_deep = b"[" * 11 + b"]" * 11
+    with pytest.raises(ValueError, match="nests 11 levels deep"):
+        encoding.decode(too_deep)
+    assert JSONEncoding().decode(too_deep) == [[[[[[[[[[[]]]]]]]]]]]
+    assert encoding.max_depth == 10
+    with pytest.raises(ValueError, match="max_depth"):
+        JSONEncoding(max_depth=0)
+
+
+def test_a_value_deeper_than_python_can_recurse_is_a_type_error_at_encode() -> None:
+    deep: Any = []
+    for _ in range(20_000):
+        deep = [deep]
+    with pytest.raises(TypeError, match="nests deeper than JSONEncoding allows"):
+        ENCODING.encode(deep)
+
+
+def test_utf16_payloads_are_measured_after_decoding() -> None:
+    assert ENCODING.decode('["a", {"b": 1}]'.encode("utf-16")) == ["a", {"b": 1}]
+    with pytest.raises(ValueError, match="nests 300 levels deep"):
+        ENCODING.decode(("[" * 300 + "]" * 300).encode("utf-16"))
+
+
+def test_a_scripts_classes_are_named_after_its_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    main = types.ModuleType("__main__")
+    main.__file__ = "/srv/app/service.py"
+    monkeypatch.setitem(sys.modules, "__main__", main)
+
+    @dataclasses.dataclass
+    class Order:
+        number: int
+
+    Order.__module__ = "__main__"
+    Order.__qualname__ = "Order"
+    encoding = JSONEncoding()
+    encoding.register(Order)
+    assert encoding.encode(Order(7)) == b'{"__lifecycle__":"obj","cls":"service.Order","v":{"number":7}}'
+    older = b'{"__lifecycle__":"obj","cls":"__main__.Order","v":{"number":7}}'
+    assert encoding.decode(older) == Order(7), "payloads written under the old __main__ name still decode"
+    assert "__main__" not in repr(encoding)

@@ -382,3 +382,74 @@ async def test_configure_worker_is_refused_once_execute_started() -> None:
     with pytest.raises(RuntimeError, match="pass concurrency= and queues= to AsyncTasks"):
         tasks.configure_worker(queues=["other"])  # nor after it stopped
     assert (tasks.concurrency, tasks.queues) == (10, ("default",))
+
+
+async def test_nul_characters_are_refused_before_anything_reaches_the_backend(tasks: AsyncTasks) -> None:
+    # PostgreSQL cannot store a NUL in text, SQLite and Redis could: the engine refuses it for all alike.
+    nul = "a\x00b"
+    with pytest.raises(ValueError, match=r"register\(job\(\)\): the task name 'a\\x00b' contains a NUL"):
+        tasks.register(job, name=nul)
+    with pytest.raises(ValueError, match=r"the queue name 'a\\x00b' contains a NUL character"):
+        tasks.register(no_args, name="q.nul", queue=nul)
+    with pytest.raises(ValueError, match=r"enqueue\(\): the task name 'a\\x00b' contains a NUL"):
+        await tasks.enqueue(nul)
+    with pytest.raises(ValueError, match=r"enqueue\('app.job'\): the queue name 'a\\x00b' contains a NUL"):
+        await tasks.enqueue(job, "k", [], queue=nul)
+    with pytest.raises(ValueError, match=r"enqueue\('app.job'\): task_id 'a\\x00b' contains a NUL"):
+        await tasks.enqueue(job, "k", [], task_id=nul)
+    with pytest.raises(ValueError, match="contains a NUL"):
+        await tasks.enqueue_many([Call(job, "k", []), Call(job, "k", [], task_id=nul)])
+    with pytest.raises(ValueError, match="contains a NUL"):
+        AsyncTasks(MemoryBackend(), queues=["default", nul])
+    for operation in (tasks.info, tasks.cancel, tasks.requeue, tasks.wait):
+        with pytest.raises(ValueError, match=r"the task id 'a\\x00b' contains a NUL"):
+            await operation(nul)  # type: ignore[operator]
+    with pytest.raises(ValueError, match="the queue name 'a\\\\x00b' contains a NUL"):
+        await tasks.list(queue=nul)
+    assert await tasks.stats() == {}, "nothing was stored"
+
+
+async def test_a_wait_that_times_out_says_which_task_and_its_state(tasks: AsyncTasks) -> None:
+    task_id = await tasks.enqueue(job, "k", [], delay=60)
+    with pytest.raises(TimeoutError) as caught:
+        await tasks.wait(task_id, timeout=0.05)
+    assert str(caught.value) == (
+        f"tasks.wait({task_id!r}, timeout=0.05) timed out: the task is still pending (attempt 0 of 4)"
+    )
+
+
+async def test_async_with_inside_a_running_manager_leaves_the_managers_backend_open() -> None:
+    closed: list[str] = []
+
+    class Tracked(MemoryBackend):
+        async def close(self) -> None:
+            closed.append("closed")
+            await super().close()
+
+    tasks = AsyncTasks(Tracked(), poll_interval=0.05)
+
+    @tasks.register(name="app.double")
+    async def double(value: int) -> int:
+        return value * 2
+
+    outcome: list[object] = []
+
+    async def producer() -> None:
+        async with tasks:  # a script's habit, inside a service whose manager opened the backend
+            first = await tasks.enqueue(double, 1)
+        second = await tasks.enqueue(double, 2)  # the manager's backend is still open
+        outcome.extend(
+            [(await tasks.wait(first, timeout=10)).result, (await tasks.wait(second, timeout=10)).result]
+        )
+        outcome.append(list(closed))
+        manager.shutdown()
+
+    manager = lifecycle.TaskManager(name="nested-open")
+    manager.add_task("async-tasks", tasks)
+    manager.add_execute_task("producer", producer)
+    with anyio.fail_after(10):
+        await manager.run()
+    assert outcome == [2, 4, []], "the inner `async with` did not close the manager's backend"
+    assert closed == ["closed"], "the manager's cleanup closed it, once"
+    with pytest.raises(RuntimeError, match="before the backend is open"):
+        await tasks.stats()

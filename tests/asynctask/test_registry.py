@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib.machinery
+import sys
+import types
 from typing import TYPE_CHECKING
 
 import pytest
@@ -214,3 +217,32 @@ def test_arity_errors_say_what_the_function_takes() -> None:
         optional.check_arity(0)
     with pytest.raises(TypeError, match=r"takes at most 2 arguments \(a, b\) but 3 were given"):
         optional.check_arity(3)
+
+
+@pytest.mark.parametrize(
+    ("file", "spec_name", "expected"),
+    [
+        ("/srv/app/service.py", None, "service.in_script"),  # python /srv/app/service.py
+        ("/srv/app/pkg/jobs.py", "pkg.jobs", "pkg.jobs.in_script"),  # python -m pkg.jobs
+        (None, None, "__main__.in_script"),  # an interactive session: nothing else to go by
+        ("/srv/app/my-script.py", None, "__main__.in_script"),  # not importable as a module anyway
+    ],
+)
+def test_functions_of_a_script_are_named_after_its_module(
+    tasks: AsyncTasks, monkeypatch: pytest.MonkeyPatch, file: str | None, spec_name: str | None, expected: str
+) -> None:
+    main = types.ModuleType("__main__")
+    if file is not None:
+        main.__file__ = file
+    main.__spec__ = None if spec_name is None else importlib.machinery.ModuleSpec(spec_name, None)
+    monkeypatch.setitem(sys.modules, "__main__", main)
+
+    async def in_script() -> None: ...
+
+    in_script.__module__ = "__main__"
+    in_script.__qualname__ = "in_script"
+    tasks.register(in_script)
+    assert tasks.task_names == [expected]
+    definition = tasks._registry.get("__main__.in_script")
+    assert definition is not None, "tasks stored under the old __main__ name still find their function"
+    assert definition.fn is in_script

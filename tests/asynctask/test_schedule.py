@@ -230,6 +230,14 @@ def test_schedules_are_checked_when_declared() -> None:
         tasks.every(report, 10, "eu", name="tick")
     with pytest.raises(ValueError, match="not a valid cron expression"):
         tasks.schedule(report, "every monday", "eu", name="bad")
+    with pytest.raises(
+        ValueError, match=r"cron expression '0 0 31 2 \*' never fires: .*February 31"
+    ) as never:
+        tasks.schedule(report, "0 0 31 2 *", "eu", name="never")
+    assert "croniter" not in type(never.value).__module__, "one clear error, not croniter's own"
+    assert tasks.schedule(report, "0 0 29 2 *", "eu", name="leap-day").kind == "cron", "rare is not never"
+    with pytest.raises(ValueError, match=r"the schedule name 'a\\x00b' contains a NUL character"):
+        tasks.every(report, 10, "eu", name="a\x00b")
     with pytest.raises(ValueError, match="unknown time zone 'Mars/Olympus'"):
         tasks.schedule(report, "* * * * *", "eu", name="tz", timezone="Mars/Olympus")
     with pytest.raises(TypeError, match="takes 1 argument"):
@@ -244,7 +252,7 @@ def test_schedules_are_checked_when_declared() -> None:
         tasks.every(report, 10, "eu", name="missed", missed="all")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="name= must be a non-empty string"):
         tasks.every(report, 10, "eu", name="")
-    assert [info.name for info in tasks.schedules()] == ["tick"]
+    assert [info.name for info in tasks.schedules()] == ["leap-day", "tick"]
     # A name no worker of this process registered is accepted, like enqueue by name.
     assert tasks.every("other.app.job", 60, 1, name="remote").task_name == "other.app.job"
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -385,3 +387,44 @@ async def test_an_engine_crash_surfaces_from_execute_unwrapped(
         with pytest.raises(RuntimeError, match="a bug in the engine"):
             await tasks.execute()
         assert tasks._worker is None, "a new execute() may start after a crash"
+
+
+async def test_a_dead_workers_task_is_taken_over_within_lease_plus_recovery_interval() -> None:
+    # Real time: the bound the docs state is a property of real leases and real recovery timers.
+    lease = 0.6
+    recovered_at: list[float] = []
+    tasks = AsyncTasks(
+        MemoryBackend(),
+        lease=lease,
+        poll_interval=0.05,
+        retry_backoff=Backoff(initial=3600.0, cap=3600.0, jitter=False),  # recovered, then left alone
+        on_error=lambda info, exc: recovered_at.append(time.time()),
+    )
+    tasks.register(lambda: None, name="victim")
+    recovery_interval = tasks._options.recovery_interval
+    assert recovery_interval == lease / 2, "the default"
+    async with tasks, anyio.create_task_group() as group:
+        group.start_soon(tasks.execute)
+        task_id = await tasks.enqueue("victim", delay=3600)
+        # The "killed" worker: it claimed (or renewed) the lease just before it died, the worst case.
+        died_at = time.time()
+        [claimed] = await tasks.backend.claim(["default"], 1, now=died_at + 3600, lease_until=died_at + lease)
+        assert claimed.record.id == task_id
+        info = await tasks.wait(task_id, states={"pending"}, timeout=WAIT)
+        group.cancel_scope.cancel()
+    assert info.last_error is not None
+    assert info.last_error.startswith("worker lost")
+    [taken_over] = recovered_at
+    assert lease < taken_over - died_at <= lease + recovery_interval + 0.5, (  # slack: a busy machine
+        f"taken over {taken_over - died_at:.2f} s after the death; docs: at most lease + recovery_interval"
+    )
+
+
+def test_the_docs_state_the_recovery_bound_the_engine_keeps() -> None:
+    root = Path(__file__).resolve().parents[2]
+    guide = (root / "docs" / "asynctask.md").read_text()
+    operations = (root / "docs" / "operations.md").read_text()
+    assert "at most `lease + recovery_interval` after it died" in guide
+    assert "`1.5 \N{MULTIPLICATION SIGN} lease`" in guide
+    assert "at most `lease + recovery_interval`" in operations
+    assert "about one `lease`" not in guide, "the old, wrong promise"

@@ -9,7 +9,7 @@ import anyio
 from ..._backoff import Backoff
 from .._model import Abort, Retry, TaskContext, TaskInfo
 from .._records import NewTask, TaskState
-from ._engine_harness import EngineHarness, EngineSuiteBase
+from ._engine_harness import WAIT, EngineHarness, EngineSuiteBase
 
 __all__ = ["RunRules"]
 
@@ -227,6 +227,108 @@ class RunRules(EngineSuiteBase):
         assert info.attempts == 1, "retrying cannot make a payload readable"
         assert info.last_error is not None
         assert "cannot decode the arguments" in info.last_error
+
+    async def test_poisoned_payloads_are_dead_and_their_batch_neighbours_run(
+        self, engine: EngineHarness
+    ) -> None:
+        tasks = await engine.tasks(concurrency=8)
+
+        @tasks.register(name="suite.echo")
+        async def echo(value: int) -> int:
+            return value
+
+        now = engine.clock()
+        poisons = {
+            "poison-decimal": b'[{"__lifecycle__":"decimal","v":"abc"}]',  # decimal.InvalidOperation
+            "poison-deep": b"[" * 1000 + b"]" * 1000,  # RecursionError without a depth limit
+            "poison-set": b'[{"__lifecycle__":"set","v":[[1]]}]',  # TypeError: unhashable
+        }
+        stored = [
+            NewTask(
+                id=task_id,
+                name="suite.echo",
+                queue="default",
+                payload=payload,
+                max_retries=5,
+                timeout=None,
+                enqueued_at=now,
+                run_at=now,
+            )
+            for task_id, payload in [
+                ("healthy-0", tasks.encoding.encode((0,))),
+                *poisons.items(),
+                ("healthy-1", tasks.encoding.encode((1,))),
+            ]
+        ]
+        await tasks.backend.enqueue_many(stored)
+        running = await engine.start(tasks)
+        for index in range(2):
+            info = await engine.finished(tasks, f"healthy-{index}", TaskState.SUCCEEDED)
+            assert (info.result, info.attempts) == (index, 1)
+        for task_id in poisons:
+            info = await engine.finished(tasks, task_id, TaskState.DEAD)
+            assert info.attempts == 1, "retrying cannot make a payload readable"
+            assert info.last_error is not None
+            assert "cannot decode the arguments of task 'suite.echo'" in info.last_error
+        assert not running.finished, "the worker survives poisoned payloads"
+        info = await engine.finished(tasks, await tasks.enqueue(echo, 7), TaskState.SUCCEEDED)
+        assert info.result == 7
+
+    async def test_a_task_raising_keyboard_interrupt_fails_alone_and_the_worker_goes_on(
+        self, engine: EngineHarness
+    ) -> None:
+        tasks = await engine.tasks()
+        started = anyio.Event()
+        release = anyio.Event()
+
+        @tasks.register(name="suite.interrupts", max_retries=1)
+        async def interrupts() -> None:
+            raise KeyboardInterrupt("raised by the task, not by a signal")
+
+        @tasks.register(name="suite.exits", max_retries=0)
+        def exits() -> None:  # in a worker thread
+            raise SystemExit(3)
+
+        @tasks.register(name="suite.neighbour")
+        async def neighbour() -> str:
+            started.set()
+            await release.wait()
+            return "unharmed"
+
+        running = await engine.start(tasks)
+        other = await tasks.enqueue(neighbour)
+        with anyio.fail_after(WAIT):
+            await started.wait()
+        info = await engine.finished(tasks, await tasks.enqueue(interrupts), TaskState.DEAD)
+        assert info.attempts == 2, "retried by its policy like any failure"
+        assert "KeyboardInterrupt: raised by the task" in (info.last_error or "")
+        info = await engine.finished(tasks, await tasks.enqueue(exits), TaskState.DEAD)
+        assert "SystemExit: 3" in (info.last_error or "")
+        release.set()
+        info = await engine.finished(tasks, other, TaskState.SUCCEEDED)
+        assert (info.result, info.attempts) == ("unharmed", 1), "no other task is charged an attempt"
+        assert not running.finished, "the worker keeps running"
+
+    async def test_an_error_text_no_backend_could_store_is_stored_escaped(
+        self, engine: EngineHarness
+    ) -> None:
+        tasks = await engine.tasks()
+
+        @tasks.register(name="suite.odd_message", max_retries=0)
+        async def odd_message() -> None:
+            raise ValueError("a NUL \x00 and a lone surrogate \udc80")
+
+        @tasks.register(name="suite.beside")
+        async def beside() -> str:
+            return "saved"
+
+        await engine.start(tasks)
+        odd = await tasks.enqueue(odd_message)
+        other = await tasks.enqueue(beside)
+        info = await engine.finished(tasks, odd, TaskState.DEAD)
+        assert "ValueError: a NUL \\x00 and a lone surrogate \\udc80" in (info.last_error or "")
+        info = await engine.finished(tasks, other, TaskState.SUCCEEDED)
+        assert info.result == "saved", "a verdict saved beside it is not held up"
 
     async def test_on_error_failures_never_break_the_worker(self, engine: EngineHarness) -> None:
         async def broken_hook(info: TaskInfo, exc: BaseException) -> None:

@@ -13,6 +13,7 @@ __all__ = ["EngineConformance"]
 class EngineConformance(RunRules, FlowRules, OperationRules, ComposeRules):
     """End-to-end tests of :class:`~lifecycle.asynctask.AsyncTasks` over a backend, to subclass in a pytest
     test module: the engine's promises (results, retries and dead tasks, Retry/Abort, timeouts, delays,
+    poisoned payloads and tasks raising ``KeyboardInterrupt`` failing alone while the worker goes on,
     strict and weighted queues, idempotent ids, cancel/requeue/purge, recovery of a dead worker's tasks,
     retention, the concurrency limit, graceful shutdown, chains passing results on and stopping at a dead
     step, schedules firing once per fire time across schedulers sharing the storage) must hold on every

@@ -72,6 +72,17 @@ async def slow(ctx: TaskContext, key: str, seconds: float) -> str:
     return _finish(ctx, key)
 
 
+async def interrupt(ctx: TaskContext, key: str) -> None:
+    """Raise ``KeyboardInterrupt`` from the task itself (no signal): the task's failure, not the worker's."""
+    emit("started", key=key, attempt=ctx.attempt)
+    raise KeyboardInterrupt(f"raised by task {key}")
+
+
+def exit_in_thread(key: str) -> None:
+    """A plain ``def`` (run in a worker thread) calling ``sys.exit``: the task's failure, not the worker's."""
+    sys.exit(f"sys.exit from task {key}")
+
+
 async def tick(ctx: TaskContext) -> str:
     """A scheduled run: record it under its task id, which names the schedule's fire time."""
     return _finish(ctx, ctx.task_id)
@@ -83,3 +94,5 @@ def register_jobs(tasks: AsyncTasks) -> None:
     tasks.register(hang_first, name="procs.hang_first")
     tasks.register(slow, name="procs.slow")
     tasks.register(tick, name="procs.tick")
+    tasks.register(interrupt, name="procs.interrupt")
+    tasks.register(exit_in_thread, name="procs.exit_in_thread")

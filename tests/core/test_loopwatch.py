@@ -1,0 +1,67 @@
+"""LoopWatch: a watchdog thread reports a blocked event loop once per block, with the loop thread's stack,
+and is stopped and joined with its task (asyncio and trio)."""
+
+from __future__ import annotations
+
+import threading
+import traceback
+
+import anyio
+import pytest
+
+from lifecycle._loopwatch import LoopBlock, LoopWatch
+
+WAIT = 10.0
+
+
+def watchdog_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "test-loopwatch"]
+
+
+async def test_a_blocked_loop_is_reported_once_with_the_stack_that_blocks_it() -> None:
+    reported = threading.Event()
+    blocks: list[tuple[LoopBlock, list[str]]] = []
+
+    def on_block(block: LoopBlock) -> None:
+        names = [frame.f_code.co_name for frame, _ in traceback.walk_stack(block.frame)]
+        blocks.append((block, names))
+        reported.set()
+
+    def blocking_call() -> bool:
+        return reported.wait(WAIT)  # holds the loop until the watchdog has seen it
+
+    watch = LoopWatch(0.1, on_block, name="test-loopwatch")
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch.run)
+        await anyio.wait_all_tasks_blocked()  # run() has started its thread and pinged
+        assert blocking_call(), "the watchdog must report the blocked loop"
+        await anyio.sleep(0.3)  # the loop runs again: no second report for the same block
+        group.cancel_scope.cancel()
+    [(block, names)] = blocks
+    assert block.seconds > block.threshold == 0.1
+    assert "blocking_call" in names
+    assert watchdog_threads() == [], "cancelling run() stops and joins the thread"
+
+
+async def test_a_failing_callback_is_logged_and_watching_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    calls = threading.Semaphore(0)
+
+    def on_block(block: LoopBlock) -> None:
+        calls.release()
+        raise RuntimeError("callback bug")
+
+    watch = LoopWatch(0.1, on_block, name="test-loopwatch")
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch.run)
+        await anyio.wait_all_tasks_blocked()
+        assert calls.acquire(timeout=WAIT)  # first block
+        await anyio.sleep(0.1)  # the loop runs and pings again: what follows is another block
+        assert calls.acquire(timeout=WAIT)  # a second, separate block is reported again
+        group.cancel_scope.cancel()
+    assert caplog.text.count("the loop watchdog's callback raised") == 2
+    assert watchdog_threads() == []
+
+
+def test_the_threshold_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="positive number of seconds"):
+        LoopWatch(0, lambda block: None)
