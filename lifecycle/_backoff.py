@@ -40,10 +40,10 @@ class Backoff:
     def ceiling(self, attempt: int) -> float:
         """The largest delay for the ``attempt``-th retry (1-based)."""
         exponent = max(attempt, 1) - 1
-        # Cap the exponent first so huge attempt counts cannot overflow the float power.
-        if exponent > 1024:
+        try:
+            return min(self.cap, self.initial * self.multiplier**exponent)
+        except OverflowError:  # a huge attempt count: far past the cap anyway
             return self.cap
-        return min(self.cap, self.initial * self.multiplier**exponent)
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """The delay before the ``attempt``-th retry; ``rng`` supplies the jitter (tests seed it)."""

@@ -8,11 +8,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ._redact import library_logger
 from ._task import ManagerState, Stage, TaskType
 
 __all__ = ["EventKind", "LifecycleEvent"]
 
-logger = logging.getLogger("lifecycle")
+logger = library_logger("lifecycle")
 
 
 class EventKind(str, enum.Enum):
@@ -200,4 +201,7 @@ def _log(event: LifecycleEvent, level: int) -> None:
         )
         return
     timing = "" if event.duration is None else f" in {event.duration:.3f} s"
+    if event.detail:
+        logger.log(level, "%s: task %r %s", event.manager, event.task_name, event.detail)
+        return
     logger.log(level, "%s: task %r %s%s", event.manager, event.task_name, _VERBS[event.kind], timing)

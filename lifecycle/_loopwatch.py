@@ -9,7 +9,6 @@ callback of the loop, so watching costs nothing measurable. Works on asyncio and
 
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 import time
@@ -19,9 +18,11 @@ from types import FrameType
 
 import anyio
 
+from ._redact import library_logger
+
 __all__ = ["LoopBlock", "LoopWatch"]
 
-logger = logging.getLogger("lifecycle")
+logger = library_logger("lifecycle")
 
 _JOIN_TIMEOUT = 5.0  # the thread wakes at once when told to stop; only a hanging callback could delay it
 

@@ -19,10 +19,10 @@ All of them carry a ``manager`` label. The durable-task metrics are in :class:`A
 from __future__ import annotations
 
 import importlib.util
-import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from ._redact import library_logger
 from ._status import TaskRunState
 from ._task import ManagerState
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncTasksMetrics", "Metrics", "metrics_available"]
 
-logger = logging.getLogger("lifecycle")
+logger = library_logger("lifecycle")
 
 _INSTALL = "pip install 'anyio-lifecycle[metrics]'"
 _TASK_STATES: tuple[TaskRunState, ...] = (

@@ -22,11 +22,12 @@ they appear in the text, as whole words, also when the password was mistyped (an
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 from urllib.parse import unquote
 
-__all__ = ["MASK", "redact", "redact_tree"]
+__all__ = ["MASK", "RedactingFilter", "library_logger", "redact", "redact_tree"]
 
 MASK = "***"
 """What a secret is replaced by."""
@@ -128,3 +129,40 @@ def _secrets_of(source: str) -> set[str]:
             secrets.add(variant)
             secrets.update(piece for piece in _PIECES.split(variant))
     return {secret for secret in secrets if len(secret) >= _MIN_SOURCE_SECRET and secret != MASK}
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that masks secrets (see :func:`redact`) in a record's message and in its rendered
+    traceback, whatever handler or formatter later writes it.
+
+    The traceback is rendered here into ``record.exc_text``, which :class:`logging.Formatter` uses as it is,
+    so an exception whose message holds a connection string is masked in the log too.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
+            rendered = _FORMATTER.formatException(record.exc_info)
+            record.exc_text = redact(rendered)
+            if record.exc_text != rendered:
+                # Handlers that render the exception themselves (rich's) must use exc_text instead.
+                record.lifecycle_secret_in_traceback = True
+        return True
+
+
+_FORMATTER = logging.Formatter()
+_FILTER = RedactingFilter()
+
+
+def library_logger(name: str) -> logging.Logger:
+    """The library's logger ``name`` (``lifecycle``, ``lifecycle.tasks``, ...), with the redacting filter on.
+
+    Every module of the package gets its logger here, so no record the library writes shows a secret.
+    """
+    logger = logging.getLogger(name)
+    if _FILTER not in logger.filters:
+        logger.addFilter(_FILTER)
+    return logger

@@ -25,13 +25,14 @@ import anyio
 from ._errors import TaskManagerError
 from ._events import EventKind, LifecycleEvent
 from ._manager import TaskManager
+from ._redact import library_logger
 
 if TYPE_CHECKING:
     from rich.console import Console
 
 __all__ = ["run"]
 
-logger = logging.getLogger("lifecycle")
+logger = library_logger("lifecycle")
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _BACKENDS = ("asyncio", "trio")
@@ -183,6 +184,22 @@ def _console() -> Console:
     return Console(stderr=True)
 
 
+def _rich_handler(console: Console) -> logging.Handler:
+    """Rich log lines with rich tracebacks, except for a record whose traceback shows a secret: that one is
+    written with the traceback the redacting filter rendered, masked."""
+    from rich.logging import RichHandler
+
+    class RedactingRichHandler(RichHandler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if getattr(record, "lifecycle_secret_in_traceback", False):
+                record = logging.makeLogRecord(record.__dict__)
+                record.msg, record.args = f"{record.getMessage()}\n{record.exc_text}", None
+                record.exc_info, record.exc_text = None, None
+            super().emit(record)
+
+    return RedactingRichHandler(console=console, show_path=False, rich_tracebacks=True, markup=False)
+
+
 def _configure_logging(console: Console) -> bool:
     """Log at INFO to stderr unless the application configured logging itself; True when this configured it.
 
@@ -194,11 +211,7 @@ def _configure_logging(console: Console) -> bool:
     if root.handlers:
         return False
     if console.is_terminal:
-        from rich.logging import RichHandler
-
-        handler: logging.Handler = RichHandler(
-            console=console, show_path=False, rich_tracebacks=True, markup=False
-        )
+        handler: logging.Handler = _rich_handler(console)
         logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]", handlers=[handler])
     else:
         handler = logging.StreamHandler(sys.stderr)

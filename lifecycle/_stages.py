@@ -25,7 +25,7 @@ from ._task import ManagerState, Stage, TaskType
 __all__ = ["StageMachine"]
 
 _INITIALIZING, _RUNNING, _STOPPED = ManagerState.INITIALIZING, ManagerState.RUNNING, ManagerState.STOPPED
-_INFO, _ERROR = logging.INFO, logging.ERROR
+_INFO, _WARNING, _ERROR = logging.INFO, logging.WARNING, logging.ERROR
 
 # anyio >= 4.14 gives every task spawned by start_soon() its own cancel scope, reachable through the
 # TaskHandle it returns; older versions return None, so each execute task then needs a scope of ours.
@@ -137,6 +137,18 @@ class StageMachine(StageSteps):
             self._end_execute(entry, "failed", None)
         elif entry.cancel_requested:
             self._end_execute(entry, "cancelled", EventKind.TASK_CANCELLED)
+        elif note:
+            # Restart("always") ran out of restarts after a return: the task ends, but never quietly.
+            self._events.emit(
+                EventKind.TASK_RETURNED,
+                _WARNING,
+                task_name=entry.name,
+                task_type=entry.task_type,
+                stage=Stage.EXECUTE,
+                duration=time.monotonic() - entry.stage_t0,
+                detail=f"returned and is not restarted again ({note})",
+            )
+            self._end_execute(entry, "done", None)
         else:
             self._end_execute(entry, "done", EventKind.TASK_RETURNED)
 

@@ -165,8 +165,9 @@ class StageSteps(MachineCore):
     async def _supervise(self, entry: Entry, failure: Failure | None) -> tuple[Failure | None, str]:
         """Apply ``entry``'s restart policy to how its execute ended, as long as it allows.
 
-        Returns the final outcome (``None``: ended without error) and, when the policy gave up, a note
-        saying how many restarts happened. Cancellation (shutdown, the handle) propagates.
+        Returns the final outcome (``None``: ended without error) and, when the policy gave up (also after a
+        return, with ``"always"``), a note saying how many restarts happened. Cancellation (shutdown, the
+        handle) propagates.
         """
         policy, window = entry.restart, entry.window
         assert policy is not None
@@ -179,8 +180,6 @@ class StageSteps(MachineCore):
             now = self._timing.clock()
             if not window.allows(now):
                 self._restarting_done(entry)
-                if failure is None:
-                    return None, ""
                 return failure, (
                     f"gave up after {entry.restarts} restart{'s' if entry.restarts != 1 else ''}: "
                     f"{window.in_window(now)} within {policy.within:g} s reached max_restarts="

@@ -15,18 +15,18 @@ and never raises: a datagram that cannot be sent is logged once as a warning.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 
 from ._events import EventKind, LifecycleEvent
 from ._readiness import Health
+from ._redact import library_logger
 from ._task import ManagerState
 
 __all__ = ["SystemdNotifier"]
 
-logger = logging.getLogger("lifecycle.systemd")
+logger = library_logger("lifecycle.systemd")
 
 
 def _address(value: str) -> str | None:

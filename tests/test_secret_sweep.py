@@ -362,3 +362,29 @@ def test_redact_tree_masks_every_string_of_a_document() -> None:
         "tasks": [{"error": "lost redis://:***@h/0", "n": 1}],
         "url=": ("password=***",),
     }
+
+
+def test_library_loggers_mask_secrets_in_messages_and_tracebacks_for_any_handler() -> None:
+    import io
+    import logging
+
+    from lifecycle._redact import library_logger
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger = library_logger("lifecycle.secret-sweep-test")
+    assert library_logger("lifecycle.secret-sweep-test").filters.count(logger.filters[0]) == 1
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        try:
+            raise OSError(f"refused by redis://user:{SECRET}@cache:6379/0")
+        except OSError:
+            logger.exception("could not use %s", f"postgresql://app:{SECRET}@db/app")
+    finally:
+        logger.removeHandler(handler)
+    output = stream.getvalue()
+    assert SECRET not in output, output
+    assert "could not use postgresql://app:***@db/app" in output
+    assert "OSError: refused by redis://user:***@cache:6379/0" in output

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from .._redact import library_logger
 from ._records import TaskState
 
 __all__ = ["Abort", "Call", "ChainInfo", "ChainStep", "QueueStats", "Retry", "TaskContext", "TaskInfo"]
@@ -97,8 +98,11 @@ class TaskInfo:
 
     @property
     def retries_left(self) -> int:
-        """How many more failed attempts would still be retried (0 once the task is out of retries)."""
-        return max(0, self.max_retries + 1 - self.attempts)
+        """How many retries the task has left: ``max_retries`` less the retries already started (every attempt
+        after the first is a retry), so a task that has not run yet has all of them; 0 once it is finished."""
+        if self.state.is_final:
+            return 0
+        return max(0, self.max_retries - max(0, self.attempts - 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +236,7 @@ class TaskContext:
         """A logger that puts ``[task name id]`` before each message and ``task_id``/``task_name`` extras."""
         if self._logger is None:
             self._logger = _TaskLogger(
-                logging.getLogger("lifecycle.asynctask.task"),
+                library_logger("lifecycle.asynctask.task"),
                 {"task_id": self.task_id, "task_name": self.name},
             )
         return self._logger

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -16,6 +15,7 @@ import anyio
 
 from .._backoff import Backoff
 from .._metrics import Metrics
+from .._redact import library_logger
 from ._backend import Backend, TransactionalBackend, open_backend
 from ._clock import Clock, as_seconds
 from ._encoding import Encoding, JSONEncoding
@@ -127,7 +127,7 @@ class AsyncTasks(SchedulingOperations):
         self._encoding: Encoding = encoding if encoding is not None else JSONEncoding()
         self._registry = Registry()
         self._clock = clock
-        self._logger = logging.getLogger("lifecycle.asynctask")
+        self._logger = library_logger("lifecycle.asynctask")
         self._observer = resolve_observer(metrics)
         self._options = EngineOptions(
             concurrency=concurrency,

@@ -12,12 +12,12 @@ the engine goes on.
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from .._metrics import Metrics
+from .._redact import library_logger
 from ._records import NewTask, Settlement, TaskRecord, TaskState
 
 __all__ = [
@@ -34,7 +34,7 @@ __all__ = [
 AttemptOutcome = Literal["succeeded", "retried", "dead"]
 """How one attempt ended: it returned, or it failed and will run again, or it failed for good."""
 
-_logger = logging.getLogger("lifecycle.asynctask")
+_logger = library_logger("lifecycle.asynctask")
 
 
 @runtime_checkable

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,10 +19,11 @@ import psycopg
 from psycopg import sql
 
 from .._backoff import Backoff
+from .._redact import library_logger
 
 __all__ = ["Listener"]
 
-_log = logging.getLogger("lifecycle.asynctask.postgres")
+_log = library_logger("lifecycle.asynctask.postgres")
 
 #: A payload that wakes the waiters of every queue.
 WAKE_ALL = "*"

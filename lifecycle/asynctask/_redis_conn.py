@@ -11,7 +11,6 @@ loaded again.
 from __future__ import annotations
 
 import inspect
-import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -35,7 +34,7 @@ from redis.exceptions import ClusterDownError, NoScriptError, ReadOnlyError, Try
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .._redact import redact
+from .._redact import library_logger, redact
 from ._errors import BackendError
 from ._redis_lua import WORKER_SCRIPTS, LuaScript
 from ._redis_lua_admin import ADMIN_SCRIPTS
@@ -53,7 +52,7 @@ __all__ = [
     "unusable",
 ]
 
-_log = logging.getLogger("lifecycle.asynctask.redis")
+_log = library_logger("lifecycle.asynctask.redis")
 
 RETRYABLE = (
     RedisConnectionError,

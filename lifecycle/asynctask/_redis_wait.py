@@ -10,7 +10,6 @@ up, which ends its BLPOP at once.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, cast
 
@@ -18,11 +17,12 @@ import anyio
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from .._redact import library_logger
 from ._redis_conn import RETRYABLE, ScriptRunner, close_clients
 
 __all__ = ["Waiter"]
 
-_log = logging.getLogger("lifecycle.asynctask.redis")
+_log = library_logger("lifecycle.asynctask.redis")
 
 LONGEST_WAIT = 3600.0
 """A longer ``wait_for_work`` timeout returns after this (returning early is allowed)."""

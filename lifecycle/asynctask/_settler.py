@@ -9,11 +9,13 @@ import anyio
 
 from .._backoff import Backoff
 from ._backend import Backend
-from ._records import Settlement
+from ._records import Settlement, TaskState
+from ._verdict import storable
 
 __all__ = ["Settler"]
 
 _RETRY = Backoff(initial=0.05, cap=5.0, jitter=False)
+_ISOLATE_AFTER = 3  # failed tries of a batch before its verdicts are saved one by one
 
 
 class Settler:
@@ -90,6 +92,11 @@ class Settler:
                 lost = await self._backend.settle(batch)
             except Exception as exc:
                 failures += 1
+                if failures >= _ISOLATE_AFTER:
+                    # A verdict the store refuses must not hold up the others: try them one by one, and
+                    # replace one it keeps refusing by a dead verdict that says why.
+                    lost = await self._apply_one_by_one(batch)
+                    break
                 delay = _RETRY.delay(failures)
                 self._logger.warning(
                     "could not save %d task result(s) (%s: %s); retrying in %.2f s",
@@ -115,3 +122,55 @@ class Settler:
                 "; the backend failed while saving, so it may have been saved before" if failures else "",
             )
         self._on_applied()
+
+    async def _apply_one_by_one(self, batch: list[Settlement]) -> set[str]:
+        """Save each verdict alone. One the store still refuses while it takes the others is replaced by a
+        ``DEAD`` verdict that says why (no result, no follow-up), so that task is visible, not stuck; when the
+        store takes none (it is down), the rest are retried together with backoff."""
+        lost: set[str] = set()
+        for index, settlement in enumerate(batch):
+            try:
+                lost |= await self._backend.settle([settlement])
+                continue
+            except Exception as exc:
+                refused = exc
+            fallback = Settlement(
+                task_id=settlement.task_id,
+                token=settlement.token,
+                state=TaskState.DEAD,
+                at=settlement.at,
+                error=storable(
+                    f"the task's verdict ({settlement.state.value}) could not be saved: "
+                    f"{type(refused).__name__}: {refused}; requeue the task to run it again"
+                ),
+            )
+            try:
+                lost |= await self._backend.settle([fallback])
+            except Exception:
+                return lost | await self._retry_all(batch[index:])
+            self._logger.error(
+                "could not save the verdict of task %s (%s: %s); it is dead with that reason instead",
+                settlement.task_id,
+                type(refused).__name__,
+                refused,
+                exc_info=refused,
+            )
+        return lost
+
+    async def _retry_all(self, batch: list[Settlement]) -> set[str]:
+        failures = 0
+        while True:
+            try:
+                return await self._backend.settle(batch)
+            except Exception as exc:
+                failures += 1
+                delay = _RETRY.delay(failures)
+                self._logger.warning(
+                    "could not save %d task result(s) (%s: %s); retrying in %.2f s",
+                    len(batch),
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                    exc_info=failures == 1,
+                )
+                await anyio.sleep(delay)

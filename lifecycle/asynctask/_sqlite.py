@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import logging
 import os
 import sqlite3
 import time
@@ -14,6 +13,7 @@ from typing import Any, Literal, TypeVar
 import anyio
 import anyio.to_thread
 
+from .._redact import library_logger
 from . import _sqlite_ops as ops
 from ._backend import Create, check_create
 from ._errors import BackendError, StoreNotFoundError
@@ -22,7 +22,7 @@ from ._sqlite_schema import check_sqlite_version, ensure_schema
 
 __all__ = ["SQLiteBackend"]
 
-_log = logging.getLogger("lifecycle.asynctask.sqlite")
+_log = library_logger("lifecycle.asynctask.sqlite")
 
 _T = TypeVar("_T")
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]

@@ -17,6 +17,7 @@ if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
 from .._backoff import Backoff
+from .._redact import redact
 from ._chain import follow_up
 from ._model import Abort, Retry
 from ._records import ClaimedTask, Settlement, TaskState
@@ -152,8 +153,9 @@ def is_cancellation(exc: BaseException) -> bool:
 
 
 def error_text(exc: BaseException) -> str:
-    """The exception type, message and traceback, as ``traceback`` prints them, cut to a bounded length."""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip("\n")
+    """The exception type, message and traceback, as ``traceback`` prints them, with secrets masked (a
+    connection string in a message is stored as ``postgresql://app:***@db``), cut to a bounded length."""
+    text = redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip("\n"))
     if len(text) > MAX_ERROR_CHARS:
         half = MAX_ERROR_CHARS // 2
         text = f"{text[:half]}\n... ({len(text) - MAX_ERROR_CHARS} characters cut) ...\n{text[-half:]}"

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
@@ -29,7 +28,7 @@ try:
 except ModuleNotFoundError as exc:  # the extra is not installed: say which, and how to install it
     raise_missing_extra(exc, "postgres")
 
-from .._redact import redact
+from .._redact import library_logger, redact
 from . import _postgres_ops as ops
 from ._asyncio_only import require_asyncio
 from ._backend import Create, check_create
@@ -41,7 +40,7 @@ from ._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
 
 __all__ = ["PostgresBackend"]
 
-_log = logging.getLogger("lifecycle.asynctask.postgres")
+_log = library_logger("lifecycle.asynctask.postgres")
 
 _T = TypeVar("_T")
 

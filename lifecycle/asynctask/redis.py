@@ -7,7 +7,6 @@ asyncio only.
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 import secrets
 import time
@@ -24,6 +23,7 @@ try:
 except ModuleNotFoundError as exc:  # the extra is not installed: say which, and how to install it
     raise_missing_extra(exc, "redis")
 
+from .._redact import library_logger
 from . import _redis_admin as admin
 from ._asyncio_only import require_asyncio
 from ._backend import Create, check_create
@@ -51,7 +51,7 @@ from ._redis_wait import Waiter
 
 __all__ = ["RedisBackend"]
 
-_log = logging.getLogger("lifecycle.asynctask.redis")
+_log = library_logger("lifecycle.asynctask.redis")
 
 _MIN_REDIS = (6, 0)
 

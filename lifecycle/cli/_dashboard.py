@@ -20,7 +20,7 @@ from rich.text import Text
 
 from .._redact import redact
 from ..asynctask import AsyncTasks, QueueStats, TaskInfo, TaskState
-from ._format import CliError, error_summary, format_age, print_json, retries_left, stats_to_json
+from ._format import CliError, error_summary, format_age, print_json, stats_to_json
 from ._tasks import Session
 from ._tasks_read import stats_table
 
@@ -154,7 +154,7 @@ class Dashboard:
                     "label": failure_label(info),
                     "attempts": info.attempts,
                     "max_retries": info.max_retries,
-                    "retries_left": retries_left(info),
+                    "retries_left": info.retries_left,
                     "failed_at": _failed_at(info),
                     "error_summary": error_summary(info.last_error) or None,
                 }

@@ -24,7 +24,6 @@ __all__ = [
     "parse_duration",
     "plain_help",
     "print_json",
-    "retries_left",
     "stats_to_json",
 ]
 
@@ -154,21 +153,13 @@ def error_note(info: TaskInfo) -> str:
     return f"will retry after: {summary}"
 
 
-def retries_left(info: TaskInfo) -> int:
-    """How many retries a task has left: ``max_retries`` less the retries already started (every attempt
-    after the first is a retry), so a task that has not run yet has all of them; 0 once it is finished."""
-    if info.state.is_final:
-        return 0
-    return max(0, info.max_retries - max(0, info.attempts - 1))
-
-
 def attempts_text(info: TaskInfo) -> str:
     """``"2 of 6 (4 retries left)"``: attempts made (the running one included) of the attempts allowed
     (the first run and ``max_retries`` retries); the retries left only while the task can still run."""
     text = f"{info.attempts} of {info.max_retries + 1}"
     if info.state.is_final:
         return text
-    left = retries_left(info)
+    left = info.retries_left
     return f"{text} ({left} {'retry' if left == 1 else 'retries'} left)"
 
 
@@ -194,7 +185,7 @@ def info_to_json(info: TaskInfo, **extra: Any) -> dict[str, Any]:
         "state": info.state.value,
         "attempts": info.attempts,
         "max_retries": info.max_retries,
-        "retries_left": retries_left(info),
+        "retries_left": info.retries_left,
         "timeout": info.timeout,
         "enqueued_at": info.enqueued_at,
         "run_at": info.run_at,

@@ -12,6 +12,7 @@ from rich.traceback import Traceback
 
 from .. import _manager as lifecycle_package
 from .._errors import TaskError, TaskManagerError
+from .._redact import redact
 from ._load import LoadError
 
 __all__ = ["print_failure_report", "print_load_error"]
@@ -28,16 +29,15 @@ def _error_panel(error: TaskError, tracebacks: bool) -> Panel:
     cause = error.__cause__
     title = _title(error)
     if cause is None:
-        return Panel(Text(str(error)), title=title, title_align="left", border_style="red")
-    headline = Text.assemble((type(cause).__name__, "bold red"), ": ", str(cause))
+        return Panel(Text(redact(str(error))), title=title, title_align="left", border_style="red")
+    headline = Text.assemble((type(cause).__name__, "bold red"), ": ", redact(str(cause)))
     body: list[Text | Traceback] = [headline]
     if cause.__traceback__ is not None:
         if tracebacks:
-            body.append(
-                Traceback.from_exception(
-                    type(cause), cause, cause.__traceback__, show_locals=False, suppress=_QUIET_MODULES
-                )
-            )
+            trace = Traceback.extract(type(cause), cause, cause.__traceback__, show_locals=False)
+            for stack in trace.stacks:
+                stack.exc_value = redact(stack.exc_value)
+            body.append(Traceback(trace, suppress=_QUIET_MODULES))
         else:
             body.append(Text("(its traceback is in the log above)", style="dim"))
     return Panel(Group(*body), title=title, title_align="left", border_style="red")
@@ -46,10 +46,10 @@ def _error_panel(error: TaskError, tracebacks: bool) -> Panel:
 def _plain_lines(error: TaskError, tracebacks: bool) -> str:
     cause = error.__cause__
     if cause is None:
-        return f"{_title(error)}: {error}"
+        return redact(f"{_title(error)}: {error}")
     if tracebacks and cause.__traceback__ is not None:
-        return f"{_title(error)}:\n" + "".join(traceback.format_exception(cause)).rstrip("\n")
-    return f"{_title(error)}: {type(cause).__name__}: {cause}"
+        return redact(f"{_title(error)}:\n" + "".join(traceback.format_exception(cause)).rstrip("\n"))
+    return redact(f"{_title(error)}: {type(cause).__name__}: {cause}")
 
 
 def print_failure_report(console: Console, error: TaskManagerError, *, tracebacks: bool = True) -> None:
@@ -58,11 +58,11 @@ def print_failure_report(console: Console, error: TaskManagerError, *, traceback
     if not console.is_terminal:
         for task_error in error.errors:
             console.print(_plain_lines(task_error, tracebacks), markup=False, highlight=False, soft_wrap=True)
-        console.print(error.message, markup=False, highlight=False, soft_wrap=True)
+        console.print(redact(error.message), markup=False, highlight=False, soft_wrap=True)
         return
     for task_error in error.errors:
         console.print(_error_panel(task_error, tracebacks))
-    console.print(Text(error.message, style="bold red"))
+    console.print(Text(redact(error.message), style="bold red"))
 
 
 def print_load_error(console: Console, error: LoadError) -> None:

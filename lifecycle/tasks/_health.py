@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from typing import TYPE_CHECKING
 
 import anyio
@@ -12,7 +11,7 @@ from anyio.abc import ByteStream, Listener, SocketAttribute, SocketStream
 from .._background import current_background
 from .._metrics import Metrics, metrics_available
 from .._readiness import Health
-from .._redact import redact_tree
+from .._redact import library_logger, redact_tree
 from .._task import ManagerState
 
 if TYPE_CHECKING:
@@ -20,7 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = ["HealthServer"]
 
-logger = logging.getLogger("lifecycle.tasks")
+logger = library_logger("lifecycle.tasks")
 
 _MAX_REQUEST = 8192
 _REASONS = {

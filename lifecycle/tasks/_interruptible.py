@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 from collections.abc import AsyncIterator, Iterable
 
 import anyio
 
+from .._redact import library_logger
 from .._task import Task
 from ._checks import BaseExceptionGroup, unwrap_single
 
 __all__ = ["Interruptible"]
 
-logger = logging.getLogger("lifecycle.tasks")
+logger = library_logger("lifecycle.tasks")
 
 _UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
 

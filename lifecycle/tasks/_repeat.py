@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import inspect
-import logging
 import math
 from collections.abc import Awaitable, Callable
 
 import anyio
 
+from .._redact import library_logger
 from ._checks import positive_seconds
 
 __all__ = ["Repeat"]
 
-logger = logging.getLogger("lifecycle.tasks")
+logger = library_logger("lifecycle.tasks")
 
 
 class _NotAwaitableError(Exception):

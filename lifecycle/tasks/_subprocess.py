@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import subprocess
@@ -15,12 +14,13 @@ import anyio
 from anyio.abc import Process
 
 from .._errors import UnexpectedStopError
+from .._redact import library_logger
 from ._checks import positive_seconds
 from ._lines import LineReader
 
 __all__ = ["ProcessExitedError", "Subprocess"]
 
-logger = logging.getLogger("lifecycle.tasks")
+logger = library_logger("lifecycle.tasks")
 
 Command = Union[str, Sequence[Union[str, "os.PathLike[str]"]]]
 

@@ -22,6 +22,7 @@ from lifecycle.asynctask import (
     ManualClock,
     MemoryBackend,
     NewTask,
+    Settlement,
     TaskContext,
     TaskInfo,
     TaskState,
@@ -407,3 +408,76 @@ async def test_the_loop_watchdog_thread_ends_with_the_worker(clock: ManualClock)
         assert len(watchdogs()) == 1
         group.cancel_scope.cancel()
     assert watchdogs() == [], "stopping the worker stops and joins its watchdog thread"
+
+
+class RefusingBackend(MemoryBackend):
+    """A store that refuses to save one task's success (as a store refuses a value it cannot hold), and so
+    every batch holding it; it saves everything else."""
+
+    def __init__(self, refused: str) -> None:
+        super().__init__()
+        self.refused = refused
+        self.refusals = 0
+
+    async def settle(self, settlements: Sequence[Settlement]) -> set[str]:
+        if any(s.task_id == self.refused and s.state is TaskState.SUCCEEDED for s in settlements):
+            self.refusals += 1
+            raise ValueError("the store cannot hold this result")
+        return await super().settle(settlements)
+
+
+async def test_a_verdict_the_store_refuses_does_not_hold_up_the_others_of_its_batch(
+    clock: ManualClock, group: Any
+) -> None:
+    backend = RefusingBackend(refused="refused")
+    tasks = make(backend, clock)
+    release = anyio.Event()
+
+    @tasks.register(name="gated")
+    async def gated(value: int) -> int:
+        await release.wait()  # every task finishes at once, so their verdicts share a batch
+        return value
+
+    async with tasks:
+        ids = [await tasks.enqueue(gated, n, task_id=f"t{n}") for n in range(4)]
+        ids.append(await tasks.enqueue(gated, 99, task_id="refused"))
+        worker = Running(tasks, group)
+        with anyio.fail_after(WAIT):
+            while (await tasks.stats())["default"].active < 5:
+                await anyio.sleep(0.01)
+        release.set()
+        for n, task_id in enumerate(ids[:4]):
+            assert (await tasks.wait(task_id, timeout=WAIT)).result == n
+        refused = await tasks.wait("refused", timeout=WAIT)
+        assert refused.state is TaskState.DEAD
+        assert refused.last_error is not None
+        assert "verdict (succeeded) could not be saved: ValueError: the store cannot hold this result" in (
+            refused.last_error
+        )
+        assert backend.refusals >= 2, "the whole batch was tried before the verdicts were saved one by one"
+        worker.assert_alive()
+
+
+async def test_a_password_in_a_tasks_error_is_masked_in_the_stored_error_and_the_log(
+    clock: ManualClock, group: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    tasks = make(MemoryBackend(), clock)
+    secret = "Hunter2-Hunter2"
+
+    @tasks.register(name="connects", max_retries=0)
+    async def connects() -> None:
+        raise ConnectionError(f"cannot reach postgresql://app:{secret}@db/app?sslpassword={secret}")
+
+    with caplog.at_level(logging.DEBUG, logger="lifecycle"):
+        async with tasks:
+            task_id = await tasks.enqueue(connects)
+            worker = Running(tasks, group)
+            info = await tasks.wait(task_id, timeout=WAIT)
+            worker.assert_alive()
+    assert info.state is TaskState.DEAD
+    assert info.last_error is not None
+    assert secret not in info.last_error
+    assert "postgresql://app:***@db/app?sslpassword=***" in info.last_error
+    logged = "\n".join(caplog.text.splitlines())
+    assert "connects" in logged
+    assert secret not in logged

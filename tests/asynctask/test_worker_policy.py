@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from lifecycle import Backoff
-from lifecycle.asynctask import Abort, ClaimedTask, Retry, TaskRecord, TaskState
+from lifecycle.asynctask import Abort, ClaimedTask, Retry, TaskInfo, TaskRecord, TaskState
 from lifecycle.asynctask._queues import QueueOrder
 from lifecycle.asynctask._verdict import MAX_ERROR_CHARS, Policy, error_text
 
@@ -63,6 +63,12 @@ def test_jittered_delays_stay_within_the_ceiling() -> None:
     delays = [jittered.failure(claimed(4, 10), now=NOW, error="x").run_at for _ in range(200)]
     assert all(NOW <= at <= NOW + 8.0 for at in delays if at is not None)
     assert len(set(delays)) > 150, "full jitter spreads retries"
+
+
+@pytest.mark.parametrize("multiplier", [1.5, 2.0, 3.0, 10.0])
+@pytest.mark.parametrize("attempt", [700, 1024, 1025, 10**6])
+def test_huge_attempt_counts_reach_the_cap_without_overflowing(multiplier: float, attempt: int) -> None:
+    assert Backoff(initial=1.0, cap=60.0, multiplier=multiplier).ceiling(attempt) == 60.0
 
 
 def test_retry_and_abort_requests() -> None:
@@ -128,3 +134,29 @@ def test_weighted_order_puts_queues_first_in_proportion_to_their_weight() -> Non
     assert firsts["default"] / 20_000 == pytest.approx(0.3, abs=0.02)
     assert firsts["low"] / 20_000 == pytest.approx(0.1, abs=0.02)
     assert sorted(order.next_order()) == ["critical", "default", "low"], "every queue is in every order"
+
+
+@pytest.mark.parametrize(
+    ("state", "attempts", "left"),
+    [
+        (TaskState.PENDING, 0, 5),  # not run yet: every retry is left
+        (TaskState.ACTIVE, 1, 5),  # the first attempt runs: a failure is still retried 5 times
+        (TaskState.PENDING, 1, 5),  # waiting for the first retry, which has not started
+        (TaskState.ACTIVE, 2, 4),
+        (TaskState.ACTIVE, 6, 0),  # the last retry runs
+        (TaskState.DEAD, 6, 0),
+        (TaskState.SUCCEEDED, 1, 0),
+    ],
+)
+def test_retries_left_counts_the_retries_not_started_yet(state: TaskState, attempts: int, left: int) -> None:
+    info = TaskInfo(
+        id="t",
+        name="n",
+        queue="default",
+        state=state,
+        attempts=attempts,
+        max_retries=5,
+        enqueued_at=0.0,
+        run_at=0.0,
+    )
+    assert info.retries_left == left

@@ -279,6 +279,12 @@ async def test_on_failure_leaves_a_returning_error_task_alone_but_always_restart
     assert rows["calm"].restarts == 0
     [restart_event, *_] = [e for e in events.events if e.kind is EventKind.TASK_RESTARTING]
     assert restart_event.error is None  # a return, not a failure
+    # Running out of restarts after a return is said, with how many: the task does not end quietly.
+    [eager_end] = [e for e in events.events if e.kind is EventKind.TASK_RETURNED and e.task_name == "eager"]
+    assert eager_end.detail is not None
+    assert "is not restarted again (gave up after 3 restarts" in eager_end.detail
+    [calm_end] = [e for e in events.events if e.kind is EventKind.TASK_RETURNED and e.task_name == "calm"]
+    assert calm_end.detail is None
 
 
 async def test_a_failing_initialize_during_a_restart_counts_as_one_more_failure() -> None:

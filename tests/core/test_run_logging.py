@@ -15,7 +15,7 @@ import termios
 from pathlib import Path
 
 import pytest
-from logging_child import LONG
+from logging_child import LONG, SECRET
 
 CHILD = Path(__file__).with_name("logging_child.py")
 SERVICE = "a-service-with-a-rather-long-name-for-the-logs"
@@ -137,3 +137,20 @@ def test_on_a_terminal_the_rich_report_names_the_failure_and_the_traceback_shows
     assert "(its traceback is in the log above)" in output
     assert "fail_with_a_long_message" in output
     assert re.search(rf"{TIMESTAMP} INFO", output) is None  # rich log lines, not the plain format
+
+
+@pytest.mark.parametrize(
+    ("scenario", "stream"),
+    [("secret", "pipe"), ("secret-own", "pipe"), ("secret-silenced", "pipe"), ("secret", "terminal")],
+)
+def test_a_password_in_a_failing_tasks_error_is_masked_in_every_log_line_and_report(
+    scenario: str, stream: str
+) -> None:
+    if stream == "pipe":
+        status, output = run_piped("asyncio", scenario)
+    else:
+        status, output = run_on_a_terminal("asyncio", scenario, columns=200)
+    assert status == 1, output
+    assert SECRET not in output, output
+    assert "redis://:***@cache:6379/0" in output, output
+    assert "postgresql://app:***@db.internal/app" in output, output
