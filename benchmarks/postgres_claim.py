@@ -28,7 +28,7 @@ import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
 from lifecycle.asynctask import NewTask  # noqa: E402
-from lifecycle.asynctask._postgres_schema import TASKS_TABLE  # noqa: E402
+from lifecycle.asynctask._backends.postgres._schema import TASKS_TABLE  # noqa: E402
 from lifecycle.asynctask.postgres import PostgresBackend  # noqa: E402
 
 _BATCH = 10_000

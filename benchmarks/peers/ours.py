@@ -19,7 +19,7 @@ from lifecycle.asynctask import AsyncTasks, Backend, Call
 try:
     from lifecycle.asynctask import SQLiteBackend
 except ImportError:  # not re-exported from lifecycle.asynctask yet (issue 3 says it will be)
-    from lifecycle.asynctask._sqlite import SQLiteBackend
+    from lifecycle.asynctask._backends.sqlite._backend import SQLiteBackend
 
 PREFIX = "bench"
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import anyio.to_thread
 
+from lifecycle.asynctask._backends.redis._codec import RECORD_FIELDS as REDIS_FIELDS
 from lifecycle.asynctask._records import RECORD_FIELDS
-from lifecycle.asynctask._redis_codec import RECORD_FIELDS as REDIS_FIELDS
 
 __all__ = ["FIELDS", "NotUtf8Text", "corrupt_postgres", "corrupt_redis", "corrupt_sqlite"]
 

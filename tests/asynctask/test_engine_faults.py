@@ -356,7 +356,9 @@ async def test_an_on_error_hook_raising_a_base_exception_is_logged_and_the_worke
         worker.assert_alive()
 
 
-async def test_the_task_that_blocks_the_event_loop_is_named_in_a_warning(clock: ManualClock, group: Any) -> None:
+async def test_the_task_that_blocks_the_event_loop_is_named_in_a_warning(
+    clock: ManualClock, group: Any
+) -> None:
     warned = threading.Event()
     reports: list[logging.LogRecord] = []
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from lifecycle.asynctask import backend_from_url
-from lifecycle.asynctask._sqlite import SQLiteBackend
+from lifecycle.asynctask._backends.sqlite._backend import SQLiteBackend
 
 
 class FakeServerBackend:
@@ -34,7 +34,7 @@ def fake_server_modules(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_memory_url_gives_a_memory_backend() -> None:
-    memory = pytest.importorskip("lifecycle.asynctask._memory")
+    memory = pytest.importorskip("lifecycle.asynctask._backends.memory._backend")
     assert isinstance(backend_from_url("memory://"), memory.MemoryBackend)
     assert backend_from_url("memory://") is not backend_from_url("memory://")  # nothing shared
 
@@ -169,8 +169,10 @@ def test_a_missing_extra_says_what_to_install(
 
 def test_the_real_redis_module_without_redis_py_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("lifecycle.asynctask.redis")
-    monkeypatch.delitem(sys.modules, "lifecycle.asynctask.redis")
-    for name in [name for name in sys.modules if name == "redis" or name.startswith("redis.")]:
+    packages = ("redis", "lifecycle.asynctask.redis", "lifecycle.asynctask._backends.redis")
+    for name in [name for name in sys.modules if name.startswith(tuple(f"{p}." for p in packages))]:
+        monkeypatch.delitem(sys.modules, name)
+    for name in [name for name in packages if name in sys.modules]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "redis", None)  # makes `import redis` fail as if not installed
     importlib.invalidate_caches()

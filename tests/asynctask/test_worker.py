@@ -25,7 +25,7 @@ from lifecycle.asynctask import (
     TaskInfo,
     TaskState,
 )
-from lifecycle.asynctask._worker import Worker
+from lifecycle.asynctask._engine._worker import Worker
 
 T0 = 1_700_000_000.0
 WAIT = 10.0
@@ -343,7 +343,7 @@ async def test_a_task_stopped_before_its_run_started_is_released_without_running
 async def test_a_failed_final_flush_leaves_tasks_active_for_recovery(
     clock: ManualClock, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import lifecycle.asynctask._worker as worker_module
+    import lifecycle.asynctask._engine._worker as worker_module
 
     monkeypatch.setattr(worker_module, "_FINAL_FLUSH_TIMEOUT", 0.2)
     backend = Instrumented()

@@ -10,8 +10,8 @@ import pytest
 
 from lifecycle import Backoff
 from lifecycle.asynctask import Abort, ClaimedTask, Retry, TaskInfo, TaskRecord, TaskState
-from lifecycle.asynctask._queues import QueueOrder
-from lifecycle.asynctask._verdict import MAX_ERROR_CHARS, Policy, error_text
+from lifecycle.asynctask._engine._queues import QueueOrder
+from lifecycle.asynctask._engine._verdict import MAX_ERROR_CHARS, Policy, error_text
 
 if sys.version_info < (3, 11):
     from exceptiongroup import ExceptionGroup

@@ -13,7 +13,7 @@ import lifecycle
 
 
 class FakeTiming:
-    """Stands in for ``lifecycle._restart.Timing``: ``clock``, ``sleep`` and ``rng``.
+    """Stands in for ``lifecycle._core._restart.Timing``: ``clock``, ``sleep`` and ``rng``.
 
     Args:
         now: the clock's start.

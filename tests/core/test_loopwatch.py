@@ -9,7 +9,7 @@ import traceback
 import anyio
 import pytest
 
-from lifecycle._loopwatch import LoopBlock, LoopWatch
+from lifecycle._core._loopwatch import LoopBlock, LoopWatch
 
 WAIT = 10.0
 

@@ -7,7 +7,7 @@ import anyio.lowlevel
 import pytest
 
 from lifecycle import Stage, TaskType
-from lifecycle._stuck import StuckTask, await_stack, format_stuck_report, innermost_user_line
+from lifecycle._core._stuck import StuckTask, await_stack, format_stuck_report, innermost_user_line
 
 pytestmark = pytest.mark.anyio
 

@@ -16,7 +16,7 @@ from fake_timing import FakeTiming, install
 from lifecycle_testkit import FakeTask, Outcome, manager, raises, run_capturing
 
 from lifecycle import EventKind, Restart, TaskManagerError
-from lifecycle._systemd import SystemdNotifier
+from lifecycle._core._systemd import SystemdNotifier
 
 
 class NotifySocket:

@@ -14,7 +14,7 @@ import trio
 from psycopg import sql
 
 from lifecycle.asynctask import BackendError, TaskState, backend_from_url
-from lifecycle.asynctask import _postgres_schema as schema_module
+from lifecycle.asynctask._backends.postgres import _schema as schema_module
 from lifecycle.asynctask.postgres import PostgresBackend
 
 from ._support import OpenPostgres, make_task

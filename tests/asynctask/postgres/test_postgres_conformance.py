@@ -11,7 +11,7 @@ from corruption import corrupt_postgres
 from lifecycle.asynctask import Backend
 from lifecycle.asynctask.postgres import PostgresBackend
 from lifecycle.asynctask.testing import BackendConformance, EngineConformance
-from lifecycle.asynctask.testing._suite_damage import RawValue
+from lifecycle.asynctask.testing.backend._rules_damage import RawValue
 
 from ._support import OpenPostgres
 

@@ -20,8 +20,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from lifecycle.asynctask import _postgres_ops as ops
-from lifecycle.asynctask._postgres_schema import TASKS_TABLE
+from lifecycle.asynctask._backends.postgres import _ops as ops
+from lifecycle.asynctask._backends.postgres._schema import TASKS_TABLE
 
 from ._support import OpenPostgres, make_task
 

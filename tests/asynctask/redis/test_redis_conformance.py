@@ -11,7 +11,7 @@ from corruption import corrupt_redis
 from lifecycle.asynctask import Backend
 from lifecycle.asynctask.redis import RedisBackend
 from lifecycle.asynctask.testing import BackendConformance
-from lifecycle.asynctask.testing._suite_damage import RawValue
+from lifecycle.asynctask.testing.backend._rules_damage import RawValue
 
 pytestmark = pytest.mark.redis
 

@@ -17,7 +17,7 @@ import redis.exceptions
 from redis_servers import OpenRedis, RedisServer, until_blocked
 
 from lifecycle.asynctask import NewTask, Settlement, TaskState
-from lifecycle.asynctask._redis_conn import SCRIPTS
+from lifecycle.asynctask._backends.redis._conn import SCRIPTS
 from lifecycle.asynctask.redis import RedisBackend
 from lifecycle.asynctask.testing import T0
 

@@ -1,0 +1,221 @@
+"""``lifecycle.run``: run a TaskManager as a process's main, with one signal policy on asyncio and trio.
+
+Signals (SIGINT / SIGTERM, received through ``anyio.open_signal_receiver`` for the whole run, shutdown
+included, so trio cannot swallow the second Ctrl-C during a shielded cleanup):
+
+1. first: graceful shutdown (``manager.shutdown()``);
+2. second: cancel the cleanups running now, or cut a ``drain_delay`` short (``manager.cancel_cleanups()``);
+3. third: print the stuck-shutdown report and exit at once with status 128 + the signal number.
+
+When ``shutdown_timeout`` passes with tasks stuck, the report is printed and the process exits with 1.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, NoReturn
+
+import anyio
+
+from ._core._errors import TaskManagerError
+from ._core._events import EventKind, LifecycleEvent
+from ._core._manager import TaskManager
+from ._redact import library_logger
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+__all__ = ["run"]
+
+logger = library_logger("lifecycle")
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_BACKENDS = ("asyncio", "trio")
+
+
+def run(manager: TaskManager, *, backend: str = "asyncio") -> int:
+    """Run ``manager`` to completion under ``anyio.run`` and return the process exit status.
+
+    Returns 0 when the manager stopped cleanly, 1 when it raised :class:`~lifecycle.TaskManagerError` (after
+    printing a readable report of each failed task: stage, exception, traceback). Exits the process at once
+    (``os._exit``) with 128 + signal number on the third SIGINT/SIGTERM, or with 1 when ``shutdown_timeout``
+    passed with tasks stuck, after printing where each stuck task waits. A task's ``KeyboardInterrupt`` or
+    ``SystemExit`` propagates after the cleanup.
+
+    When the root logger has no handler, logging at INFO to stderr is configured so the service's start and
+    stop are visible: rich on a terminal, one plain line per event anywhere else (a container's log). Each
+    failure is logged with its traceback when it happens; at the end a terminal gets a rich panel per failed
+    task (without the traceback shown above), anything else one more log line. When the application
+    configured logging itself, its handlers get every line and no panel is printed.
+
+    Raises ``ValueError`` for an unknown backend, ``RuntimeError`` when trio is asked for but not installed.
+
+    Example::
+
+        if __name__ == "__main__":
+            raise SystemExit(lifecycle.run(manager))
+    """
+    if not isinstance(manager, TaskManager):
+        raise TypeError(f"lifecycle.run() needs a lifecycle.TaskManager, got {type(manager).__name__}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: use 'asyncio' or 'trio'")
+    if backend == "trio" and importlib.util.find_spec("trio") is None:
+        raise RuntimeError("backend 'trio' needs the trio package: pip install trio")
+    console = _console()
+    configured = _configure_logging(console)
+    policy = _SignalPolicy(manager, console)
+    manager._add_listener(policy.on_event)
+    error: TaskManagerError | None = anyio.run(_main, manager, policy, backend=backend)
+    if error is None:
+        return 0
+    _report_failure(console, error, panels=configured and console.is_terminal)
+    return 1
+
+
+def _report_failure(console: Console, error: TaskManagerError, *, panels: bool) -> None:
+    """Say why the run failed, showing each traceback once: the log showed it when the task failed."""
+    logged = logger.isEnabledFor(logging.ERROR) and logger.hasHandlers()
+    if logged and not panels:
+        # The application's own logging, or a log read by a machine: one more log line, not a rich panel.
+        logger.error("%s", error.message)
+        return
+    from .cli._report import print_failure_report
+
+    print_failure_report(console, error, tracebacks=not logged)
+
+
+async def _main(manager: TaskManager, policy: _SignalPolicy) -> TaskManagerError | None:
+    outcome: TaskManagerError | None = None
+    fatal: BaseException | None = None
+    with anyio.open_signal_receiver(*_SIGNALS) as signals:
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(policy.receive, signals)
+            try:
+                await manager.run()
+            except TaskManagerError as exc:
+                outcome = exc
+            except BaseException as exc:
+                if isinstance(exc, anyio.get_cancelled_exc_class()):
+                    raise
+                fatal = exc  # re-raised outside the task group so it is not wrapped in a group
+            finally:
+                task_group.cancel_scope.cancel()
+    if fatal is not None:
+        raise fatal
+    return outcome
+
+
+class _SignalPolicy:
+    """Counts SIGINT/SIGTERM and applies the three-step policy; exits on a stuck shutdown."""
+
+    def __init__(self, manager: TaskManager, console: Console) -> None:
+        self._manager = manager
+        self._console = console
+        self._count = 0
+
+    async def receive(self, signals: AsyncIterator[signal.Signals]) -> None:
+        async for signum in signals:
+            self.handle(signal.Signals(signum))
+
+    def handle(self, signum: signal.Signals) -> None:
+        self._count += 1
+        name = signum.name
+        if self._count == 1:
+            logger.warning(
+                "%s: received %s: shutting down gracefully (send it again to cancel the running cleanup, "
+                "a third time to exit at once)",
+                self._manager.name,
+                name,
+            )
+            self._manager.shutdown()
+        elif self._count == 2:
+            cancelled = self._manager.cancel_cleanups()
+            if cancelled:
+                logger.warning(
+                    "%s: received %s again: cancelled %d running cleanup(s); a third time exits at once",
+                    self._manager.name,
+                    name,
+                    cancelled,
+                )
+            else:
+                logger.warning(
+                    "%s: received %s again: no cleanup is running yet (execute tasks are still stopping; a "
+                    "drain delay, if any, is cut short); a third time exits at once",
+                    self._manager.name,
+                    name,
+                )
+        else:
+            report = self._manager.stuck_report(f"received {name} a third time: exiting at once")
+            self._exit(report, 128 + int(signum), already_logged=False)
+
+    def on_event(self, event: LifecycleEvent) -> None:
+        if event.kind is EventKind.SHUTDOWN_STUCK:
+            logged = logger.isEnabledFor(logging.ERROR) and logger.hasHandlers()
+            self._exit(event.detail or "shutdown stuck", 1, already_logged=logged)
+
+    def _exit(self, report: str, status: int, *, already_logged: bool) -> NoReturn:
+        if not already_logged:
+            self._console.print(report, markup=False, highlight=False, soft_wrap=True)
+        _flush_everything()
+        os._exit(status)
+
+
+def _flush_everything() -> None:
+    for handler in logging.getLogger().handlers + logger.handlers:
+        try:
+            handler.flush()
+        except Exception:  # pragma: no cover - a broken handler must not prevent the exit
+            pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # pragma: no cover
+            pass
+
+
+def _console() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _rich_handler(console: Console) -> logging.Handler:
+    """Rich log lines with rich tracebacks, except for a record whose traceback shows a secret: that one is
+    written with the traceback the redacting filter rendered, masked."""
+    from rich.logging import RichHandler
+
+    class RedactingRichHandler(RichHandler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if getattr(record, "lifecycle_secret_in_traceback", False):
+                record = logging.makeLogRecord(record.__dict__)
+                record.msg, record.args = f"{record.getMessage()}\n{record.exc_text}", None
+                record.exc_info, record.exc_text = None, None
+            super().emit(record)
+
+    return RedactingRichHandler(console=console, show_path=False, rich_tracebacks=True, markup=False)
+
+
+def _configure_logging(console: Console) -> bool:
+    """Log at INFO to stderr unless the application configured logging itself; True when this configured it.
+
+    On a terminal the lines are rich (coloured, wrapped to the terminal's width). Anywhere else (a container,
+    a pipe, a file) each event is one plain line, never wrapped, with its traceback, if any, on the lines
+    after it: what log collectors expect.
+    """
+    root = logging.getLogger()
+    if root.handlers:
+        return False
+    if console.is_terminal:
+        handler: logging.Handler = _rich_handler(console)
+        logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]", handlers=[handler])
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[handler]
+        )
+    return True

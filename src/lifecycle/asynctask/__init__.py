@@ -1,0 +1,66 @@
+"""lifecycle.asynctask: durable asynchronous tasks as one managed lifecycle Task."""
+
+from ._async_tasks import AsyncTasks as AsyncTasks
+from ._backend import Backend as Backend
+from ._backend import TransactionalBackend as TransactionalBackend
+from ._backends.memory._backend import MemoryBackend as MemoryBackend
+from ._backends.sqlite._backend import SQLiteBackend as SQLiteBackend
+from ._clock import ManualClock as ManualClock
+from ._encoding import Encoding as Encoding
+from ._encoding import JSONEncoding as JSONEncoding
+from ._encoding import PickleEncoding as PickleEncoding
+from ._engine._upkeep import WorkerLostError as WorkerLostError
+from ._errors import BackendError as BackendError
+from ._errors import DuplicateTaskError as DuplicateTaskError
+from ._model import Abort as Abort
+from ._model import Call as Call
+from ._model import ChainInfo as ChainInfo
+from ._model import ChainStep as ChainStep
+from ._model import QueueStats as QueueStats
+from ._model import Retry as Retry
+from ._model import TaskContext as TaskContext
+from ._model import TaskInfo as TaskInfo
+from ._observer import TaskObserver as TaskObserver
+from ._records import ClaimedTask as ClaimedTask
+from ._records import NewTask as NewTask
+from ._records import Settlement as Settlement
+from ._records import TaskRecord as TaskRecord
+from ._records import TaskState as TaskState
+from ._schedule import ScheduleInfo as ScheduleInfo
+from ._urls import backend_from_url as backend_from_url
+
+__all__ = (
+    "Abort",
+    "AsyncTasks",
+    "Backend",
+    "BackendError",
+    "Call",
+    "ChainInfo",
+    "ChainStep",
+    "ClaimedTask",
+    "DuplicateTaskError",
+    "Encoding",
+    "JSONEncoding",
+    "ManualClock",
+    "MemoryBackend",
+    "NewTask",
+    "PickleEncoding",
+    "QueueStats",
+    "Retry",
+    "SQLiteBackend",
+    "ScheduleInfo",
+    "Settlement",
+    "TaskContext",
+    "TaskInfo",
+    "TaskObserver",
+    "TaskRecord",
+    "TaskState",
+    "TransactionalBackend",
+    "WorkerLostError",
+    "backend_from_url",
+)
+
+# Errors users read (in a dead task's traceback, in logs) name the public path, as anyio and trio do.
+for _error in (Abort, Retry, BackendError, DuplicateTaskError, WorkerLostError):
+    _error.__module__ = __name__
+del _error

@@ -1,0 +1,455 @@
+"""RedisBackend: durable tasks in a Redis server you already operate (extra ``redis``).
+
+Install with ``pip install "anyio-lifecycle[redis]"`` (redis-py; hiredis is used when installed).
+asyncio only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import secrets
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, Literal
+
+import anyio
+
+from ..._extras import raise_missing_extra
+
+try:
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError, ResponseError
+except ModuleNotFoundError as exc:  # the extra is not installed: say which, and how to install it
+    raise_missing_extra(exc, "redis")
+
+from ...._redact import library_logger
+from ..._backend import Create, check_create
+from ..._errors import BackendError, DuplicateTaskError, StoreNotFoundError
+from ..._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
+from .._asyncio_only import require_asyncio
+from . import _admin as admin
+from ._codec import (
+    RECORD_FIELDS,
+    claimed_tasks,
+    new_task_args,
+    record_from_fields,
+    settlement_args,
+    time_text,
+)
+from ._conn import (
+    ScriptRunner,
+    check_url,
+    close_clients,
+    make_client,
+    safe_url,
+    take_url_options,
+    unusable,
+)
+from ._lua import LAYOUT_VERSION
+from ._wait import Waiter
+
+__all__ = ["RedisBackend"]
+
+_log = library_logger("lifecycle.asynctask.redis")
+
+_MIN_REDIS = (6, 0)
+
+
+class RedisBackend:
+    """Stores tasks in Redis through redis-py's asyncio client.
+
+    Any number of worker processes on any number of hosts may share one server and ``prefix`` (each with its
+    own ``RedisBackend``). Every state change is one Lua script, so it is atomic; claims lease a whole batch
+    in one script call and settlements, heartbeats and enqueues are batched the same way, so a busy worker
+    needs far fewer than one round trip per task. Idle workers block on the server (``BLPOP`` on a per-queue
+    wake-up list, on a connection of their own) until a task is enqueued or released or the earliest delayed
+    task is due, so nothing polls.
+
+    Durability is Redis's: a task is in the server's memory once :meth:`enqueue_many` returns, and survives a
+    server crash only as far as the server's persistence allows (``appendonly yes`` with
+    ``appendfsync always`` loses nothing, ``everysec`` up to a second of writes, RDB snapshots everything
+    since the last snapshot; replication to a replica that is then promoted may lose the last writes too).
+
+    Args:
+        url: a redis-py URL: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` for TLS
+            (certificate options as URL query options, e.g. ``?ssl_cert_reqs=required&ssl_ca_certs=/ca.pem``),
+            or ``unix:///path/to/redis.sock?db=0``.
+        prefix: the name every key starts with, as the hash tag ``{prefix}``, so all keys of one prefix live
+            in one Redis Cluster slot. Use one prefix per application; two applications on one server keep
+            apart by prefix.
+        socket_timeout: how long a command may wait for the server's reply before the connection counts as
+            lost (seconds); a ``socket_timeout`` option in the URL takes precedence.
+        connect_timeout: how long connecting may take (seconds); :meth:`open` fails after it.
+        reconnect_timeout: how long a call keeps retrying after the connection dropped (a server restart, a
+            failover) before it raises redis-py's ``ConnectionError`` (seconds). Retries never lose or
+            duplicate work: every script is idempotent under a retry.
+        max_connections: the most pooled connections this object opens (one more is used for waiting).
+        clock: the time source :meth:`wait_for_work` compares ``run_at`` with (the engine's clock).
+        client_options: further keyword arguments for redis-py's ``ConnectionPool.from_url`` (TLS files,
+            ``health_check_interval``, ...).
+        cluster: connect to a Redis Cluster (redis-py's ``RedisCluster``; ``url`` names any node). Also
+            set by the URL option ``?cluster=true``. All keys of a prefix live in one slot, so every
+            script runs on one node.
+
+    Raises :class:`BackendError` from :meth:`open` under trio (redis-py's client needs asyncio), when the
+    server cannot be reached or refuses the credentials, is older than Redis 6.0, or holds a newer key
+    layout under this prefix.
+
+    Example::
+
+        backend = RedisBackend("redis://:secret@redis.internal:6379/0", prefix="shop")
+        tasks = AsyncTasks(backend)
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str = "lifecycle",
+        socket_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        reconnect_timeout: float = 30.0,
+        max_connections: int = 32,
+        clock: Callable[[], float] = time.time,
+        client_options: Mapping[str, Any] | None = None,
+        cluster: bool = False,
+    ) -> None:
+        url, cluster_option, url_socket_timeout = take_url_options(url)
+        check_url(url, cluster=bool(cluster) or bool(cluster_option))
+        if url_socket_timeout is not None:  # as in redis-py, an option in the URL wins
+            socket_timeout = url_socket_timeout
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(
+                f"prefix {prefix!r} must not contain '{{' or '}}': the backend wraps it in braces itself "
+                "(a Redis Cluster hash tag); choose a name without braces"
+            )
+        for name, value in (
+            ("socket_timeout", socket_timeout),
+            ("connect_timeout", connect_timeout),
+            ("reconnect_timeout", reconnect_timeout),
+        ):
+            if not (isinstance(value, int | float) and 0 < value < math.inf):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if not isinstance(max_connections, int) or max_connections < 2:
+            raise ValueError(f"max_connections must be a whole number >= 2, got {max_connections!r}")
+        self._url = url
+        self._name = prefix
+        self._prefix = "{" + prefix + "}:"
+        self._socket_timeout = float(socket_timeout)
+        self._connect_timeout = float(connect_timeout)
+        self._reconnect_timeout = float(reconnect_timeout)
+        self._max_connections = max_connections
+        self._clock = clock
+        self._client_options = dict(client_options or {})
+        self._cluster = bool(cluster) or bool(cluster_option)
+        self._runner: ScriptRunner | None = None
+        self._waiting: Waiter | None = None
+        self._nonce = ""
+        self._calls = itertools.count(1)
+        self._last_claim = ""
+        self._last_reclaim = ""
+        self._unmarked = False  # open, but no layout key yet: opened with create="on_enqueue"
+
+    @property
+    def prefix(self) -> str:
+        """The application's key prefix (keys are named ``{prefix}:...``)."""
+        return self._name
+
+    @property
+    def key_prefix(self) -> str:
+        """What every key of this backend starts with: ``{prefix}:`` (the braces are the hash tag)."""
+        return self._prefix
+
+    def __repr__(self) -> str:
+        cluster = ", cluster=True" if self._cluster else ""
+        return f"RedisBackend({safe_url(self._url)!r}, prefix={self._name!r}{cluster})"
+
+    # -- connection ---------------------------------------------------------------------------------------
+
+    async def open(self, *, create: Create = True) -> None:
+        """Connect, check the server and the key layout, load the scripts. Calling it again does nothing.
+
+        The keys of a prefix exist once a task is stored; ``open`` records the layout version under the
+        prefix (``{prefix}:layout``). ``create=False`` writes nothing: it raises :class:`BackendError` when
+        no backend has used this prefix on this database (what the ``lifecycle tasks`` commands use).
+        ``create="on_enqueue"`` (what ``AsyncTasks(..., execution=False)`` uses) records the layout at the
+        first enqueue instead, so looking at tasks writes no key.
+
+        Raises :class:`BackendError` under trio, when the server cannot be reached within
+        ``connect_timeout`` or refuses the login, runs a Redis older than 6.0, or holds a newer layout.
+        """
+        create = check_create(create)
+        if self._runner is not None:
+            return
+        require_asyncio("RedisBackend", "redis-py's client is asyncio-only")
+        client = make_client(
+            self._url,
+            connect_timeout=self._connect_timeout,
+            max_connections=self._max_connections,
+            options=self._client_options,
+            cluster=self._cluster,
+        )
+        waiter = make_client(
+            self._url,
+            connect_timeout=self._connect_timeout,
+            max_connections=None,
+            options=self._client_options,
+            cluster=self._cluster,
+        )
+        runner = ScriptRunner(
+            client,
+            prefix=self._prefix,
+            socket_timeout=self._socket_timeout,
+            reconnect_timeout=self._reconnect_timeout,
+        )
+        try:
+            with anyio.fail_after(self._connect_timeout + self._socket_timeout):
+                info = await _server_info(client)
+                version = str(info.get("redis_version", "6.0"))
+                if _version(version) < _MIN_REDIS:
+                    raise BackendError(
+                        f"Redis at {safe_url(self._url)} runs version {version}, but RedisBackend needs "
+                        "Redis 6.0 or newer; upgrade the server"
+                    )
+                policy = str(info.get("maxmemory_policy", "noeviction"))
+                await runner.load_all()
+                if create is True:
+                    stored = await runner.run("layout", [str(LAYOUT_VERSION)])
+                else:
+                    layout_key = f"{self._prefix}layout"
+                    stored = await runner.once(lambda: client.get(layout_key))
+                    if stored is None and create is False:
+                        raise StoreNotFoundError(
+                            f"there are no tasks under prefix {self._name!r} at {safe_url(self._url)} (no "
+                            f"{layout_key} key); check the prefix (?prefix=NAME in a URL) and the database "
+                            "number, or start a worker, which creates it"
+                        )
+        except BackendError:
+            await close_clients(client, waiter)
+            raise
+        except (RedisError, OSError, TimeoutError) as exc:
+            await close_clients(client, waiter)
+            raise unusable(self._url, exc) from exc
+        except BaseException:
+            await close_clients(client, waiter)
+            raise
+        self._unmarked = stored is None
+        if int(stored or 0) > LAYOUT_VERSION:
+            await close_clients(client, waiter)
+            raise self._newer_layout(int(stored))
+        if policy.startswith("allkeys-"):
+            _log.warning(
+                "Redis at %s evicts keys when it runs out of memory (maxmemory-policy %s): tasks can vanish; "
+                "set maxmemory-policy noeviction on a server that stores tasks",
+                safe_url(self._url),
+                policy,
+            )
+        self._nonce = secrets.token_hex(6)
+        self._runner = runner
+        self._waiting = Waiter(
+            runner, waiter, nonce=self._nonce, clock=self._clock, socket_timeout=self._socket_timeout
+        )
+
+    async def _mark_layout(self, runner: ScriptRunner) -> None:
+        """Record the layout version before the first enqueue of a backend opened with
+        ``create="on_enqueue"``; refuse a newer layout another process recorded meanwhile."""
+        stored = int(await runner.run("layout", [str(LAYOUT_VERSION)]))
+        if stored > LAYOUT_VERSION:
+            raise self._newer_layout(stored)
+        self._unmarked = False
+
+    def _newer_layout(self, stored: int) -> BackendError:
+        return BackendError(
+            f"the keys under prefix {self._name!r} at {safe_url(self._url)} use layout version "
+            f"{stored}, newer than this version of lifecycle understands ({LAYOUT_VERSION}); "
+            "upgrade anyio-lifecycle, or use another prefix"
+        )
+
+    async def close(self) -> None:
+        """Close both connection pools. Idempotent."""
+        runner, waiting = self._runner, self._waiting
+        self._runner = self._waiting = None
+        if waiting is not None:
+            await waiting.close()
+        if runner is not None:
+            await close_clients(runner.client)
+
+    def _run(self) -> ScriptRunner:
+        if self._runner is None:
+            raise RuntimeError("this RedisBackend is not open: call `await backend.open()` first")
+        return self._runner
+
+    def _call_id(self) -> str:
+        return f"{self._nonce}.{next(self._calls):x}"
+
+    # -- the worker's path --------------------------------------------------------------------------------
+
+    async def enqueue_many(
+        self, tasks: Sequence[NewTask], *, if_exists: Literal["error", "skip"] = "error"
+    ) -> list[str]:
+        """Store ``tasks`` in one atomic script call; see :meth:`Backend.enqueue_many`.
+
+        The whole batch is one command, so a very large batch holds the server for its duration (about a
+        second per 100 000 small tasks): split huge imports at the call site.
+        """
+        if if_exists not in ("error", "skip"):
+            raise ValueError(f'if_exists must be "error" or "skip", got {if_exists!r}')
+        runner = self._run()
+        if not tasks:
+            return []
+        if self._unmarked:
+            await self._mark_layout(runner)
+        args: list[str | bytes] = [if_exists, self._call_id(), str(len(tasks))]
+        for task in tasks:
+            args += new_task_args(task)
+        stored, detail = await runner.run("enqueue", args)
+        if stored == 0:
+            conflicts = [task_id.decode() for task_id in detail]
+            raise DuplicateTaskError(conflicts[0], conflicts)
+        return [task.id for task, flag in zip(tasks, detail, strict=True) if flag == 49]  # b"1"
+
+    async def claim(
+        self, queues: Sequence[str], limit: int, *, now: float, lease_until: float
+    ) -> list[ClaimedTask]:
+        """Lease up to ``limit`` due tasks in one script call; see :meth:`Backend.claim`."""
+        runner = self._run()
+        if not queues or limit <= 0:
+            return []
+        call = self._call_id()
+        args = [
+            time_text(now),
+            time_text(lease_until),
+            str(int(limit)),
+            call,
+            self._last_claim,
+            *dict.fromkeys(queues),
+        ]
+        reply = await runner.run("claim", args)
+        self._last_claim = call if reply else ""
+        if reply and self._waiting is not None:
+            self._waiting.claimed()
+        return claimed_tasks(reply)
+
+    async def extend_leases(self, leases: Sequence[tuple[str, str]], *, lease_until: float) -> set[str]:
+        """Renew every held lease in one script call; see :meth:`Backend.extend_leases`."""
+        runner = self._run()
+        if not leases:
+            return set()
+        args = [time_text(lease_until)]
+        for task_id, token in leases:
+            args += (task_id, token)
+        lost = await runner.run("extend", args)
+        return {task_id.decode() for task_id in lost}
+
+    async def settle(self, settlements: Sequence[Settlement]) -> set[str]:
+        """Apply every settlement (with its ``then`` tasks) in one script call; see :meth:`Backend.settle`."""
+        runner = self._run()
+        if not settlements:
+            return set()
+        args: list[str | bytes] = [self._call_id()]
+        for settlement in settlements:
+            args += settlement_args(settlement)
+        lost = await runner.run("settle", args)
+        return {task_id.decode() for task_id in lost}
+
+    async def reclaim_expired(self, *, now: float, lease_until: float, limit: int) -> list[ClaimedTask]:
+        """Take over up to ``limit`` expired leases; see :meth:`Backend.reclaim_expired`."""
+        runner = self._run()
+        if limit <= 0:
+            return []
+        call = self._call_id()
+        args = [time_text(now), time_text(lease_until), str(int(limit)), call]
+        reply = await runner.run("reclaim", [*args, self._last_reclaim])
+        self._last_reclaim = call if reply else ""
+        return claimed_tasks(reply)
+
+    async def wait_for_work(self, queues: Sequence[str], *, timeout: float) -> None:
+        """Block on the server until a task of ``queues`` is enqueued or released, the earliest delayed one
+        is due (by ``clock``), or ``timeout`` seconds passed; see :meth:`Backend.wait_for_work`.
+
+        Work that is already due is reported once; when the same task is still the first due one at the
+        next call (the caller's clock disagrees), the call waits for a change instead of returning at once.
+        """
+        self._run()
+        assert self._waiting is not None
+        await self._waiting.wait(queues, timeout)
+
+    # -- inspection and operator actions ------------------------------------------------------------------
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        """The record with this id, or ``None``; one ``HMGET``."""
+        runner = self._run()
+        key = f"{self._prefix}t:{task_id}"
+        fields = await runner.retrying(lambda: runner.client.hmget(key, RECORD_FIELDS), "get")
+        if all(value is None for value in fields):
+            return None
+        return record_from_fields(task_id, fields)
+
+    async def list_records(
+        self,
+        *,
+        states: Collection[TaskState] | None = None,
+        queue: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[TaskRecord]:
+        """Records matching the filters, newest ``enqueued_at`` first; see :meth:`Backend.list_records`.
+
+        Reads ``offset + limit`` index entries per queue and state, so deep pages cost more than shallow ones.
+        """
+        return await admin.list_records(self._run(), states, queue, limit, offset)
+
+    async def stats(self) -> Mapping[str, Mapping[TaskState, int]]:
+        """The number of records per queue and state (states without records are left out); one call."""
+        return await admin.stats(self._run())
+
+    async def cancel(self, task_ids: Sequence[str], *, now: float) -> list[str]:
+        """Cancel the ``PENDING`` tasks among ``task_ids`` (one atomic call); see :meth:`Backend.cancel`."""
+        return await admin.cancel(self._run(), task_ids, now, self._call_id)
+
+    async def requeue(
+        self, task_ids: Sequence[str] | None = None, *, queue: str | None = None, now: float
+    ) -> int:
+        """Move ``DEAD``/``CANCELLED`` tasks back to ``PENDING``; see :meth:`Backend.requeue`.
+
+        With ``task_ids`` it is one atomic call (and ``queue``, when given, is not consulted). Without, dead
+        tasks move in batches of 500 until none is left.
+        """
+        return await admin.requeue(self._run(), task_ids, queue, now, self._call_id)
+
+    async def purge(
+        self,
+        *,
+        states: Collection[TaskState],
+        queue: str | None = None,
+        before: float | None = None,
+        limit: int | None = None,
+    ) -> int:
+        """Delete records in ``states``; see :meth:`Backend.purge`. Works in batches of 500 records, so a
+        large purge never blocks the server for long (and is not atomic as a whole)."""
+        return await admin.purge(self._run(), states, queue, before, limit)
+
+    async def clear(self) -> int:
+        """Delete every key under this prefix: all tasks of all queues, in any state. Returns how many keys
+        were deleted. For tests and for decommissioning an application; workers must be stopped first."""
+        return await admin.clear(self._run())
+
+
+async def _server_info(client: aioredis.Redis) -> dict[str, Any]:
+    """The server's version and eviction policy, or nothing when the ACL user may not run INFO."""
+    try:
+        return {**(await client.info("server")), **(await client.info("memory"))}
+    except ResponseError as exc:  # NOPERM: a restricted user; the checks are a courtesy, not a need
+        _log.debug("cannot read INFO from Redis (%s); skipping the version and eviction checks", exc)
+        return {}
+
+
+def _version(text: str) -> tuple[int, int]:
+    parts = [*text.split("."), "0", "0"][:2]
+    try:
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        return (0, 0)

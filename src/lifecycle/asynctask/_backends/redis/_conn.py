@@ -1,0 +1,325 @@
+"""Connections for the Redis backend: URL checks, the clients (standalone or Redis Cluster), and scripts run
+with reconnects.
+
+Script calls are retried after a dropped connection or a server restart until ``reconnect_timeout`` has
+passed. That is safe because every script is idempotent under a retry with the same arguments: enqueue and
+admin calls carry a call id the records remember, claims log what they leased, and a settlement repeated with
+the same token and verdict counts as applied. A script the server forgot (``NOSCRIPT`` after a restart) is
+loaded again.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlencode
+
+import anyio
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import (
+    URL_QUERY_ARGUMENT_PARSERS,
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+    parse_url,
+)
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ClusterDownError, NoScriptError, ReadOnlyError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ...._redact import library_logger, redact
+from ..._errors import BackendError
+from ..._urls import join_url, split_url, unique_options
+from ._lua import WORKER_SCRIPTS, LuaScript
+from ._lua_admin import ADMIN_SCRIPTS
+
+__all__ = [
+    "RETRYABLE",
+    "SCRIPTS",
+    "ScriptRunner",
+    "check_url",
+    "close_clients",
+    "make_client",
+    "safe_url",
+    "take_url_options",
+    "unusable",
+]
+
+_log = library_logger("lifecycle.asynctask.redis")
+
+RETRYABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    TimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    ReadOnlyError,
+)
+"""Errors after which a call is repeated: a lost connection (redis-py's BusyLoadingError, raised while a
+restarted server loads its data, is a ConnectionError), no reply within ``socket_timeout``, or a server that
+refused the command without running it during a failover (cluster down, try again, read-only replica)."""
+
+_FORBIDDEN_OPTIONS = ("decode_responses", "encoding", "protocol")
+
+SCRIPTS: dict[str, LuaScript] = {**WORKER_SCRIPTS, **ADMIN_SCRIPTS}
+"""Every script of the backend, by name."""
+
+
+def safe_url(url: str) -> str:
+    """The URL with its passwords replaced by ``***`` (user information and ``password=`` options), for
+    messages, logs and ``repr``: :func:`lifecycle._redact.redact`."""
+    return redact(url, url)
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def take_url_options(url: str) -> tuple[str, bool | None, float | None]:
+    """Take the options the backend handles itself out of ``url``: ``cluster`` (not redis-py's) and
+    ``socket_timeout`` (applied per call by the backend, see :func:`make_client`). Returns the rest of the
+    URL and the two values (``None`` when absent)."""
+    if not isinstance(url, str):
+        raise TypeError(f"RedisBackend(url) takes a URL string, got {type(url).__name__}")
+    parts = split_url(url, caller="RedisBackend")
+    unique_options(url, caller="RedisBackend")
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    found = {name: [value for key, value in pairs if key == name] for name in ("cluster", "socket_timeout")}
+    cluster: bool | None = None
+    if found["cluster"]:
+        value = found["cluster"][0].lower()
+        if len(found["cluster"]) > 1 or value not in _TRUE + _FALSE:
+            raise ValueError(
+                f"RedisBackend: give the URL option cluster once, as cluster=true or cluster=false, in "
+                f"{safe_url(url)!r}"
+            )
+        cluster = value in _TRUE
+    timeout: float | None = None
+    if found["socket_timeout"]:
+        try:
+            timeout = float(found["socket_timeout"][-1])
+        except ValueError:
+            raise ValueError(
+                "RedisBackend: the URL option socket_timeout must be a number of seconds, in "
+                f"{safe_url(url)!r}"
+            ) from None
+    if cluster is None and timeout is None:
+        return url, None, None
+    kept = [(key, value) for key, value in pairs if key not in found]
+    return join_url(parts._replace(query=urlencode(kept))), cluster, timeout
+
+
+_URL_FORMS = (
+    '"redis://[[user]:password@]host[:port][/db]", "rediss://..." for TLS, or "unix:///path.sock?db=0"'
+)
+
+
+def check_url(url: str, *, cluster: bool = False) -> None:
+    """Raise ``ValueError`` naming the problem when redis-py cannot use ``url`` for this backend: a part it
+    cannot parse, a database that is not a number (redis-py would silently use 0), an option given twice or
+    unknown to redis-py (``cluster=True`` takes other options: they are not checked)."""
+    if not isinstance(url, str):
+        raise TypeError(f"RedisBackend(url) takes a URL string, got {type(url).__name__}")
+    shown = safe_url(url)
+    parts = split_url(url, caller="RedisBackend")
+    try:
+        options = parse_url(url)
+    except ValueError as exc:
+        raise ValueError(
+            f"RedisBackend: bad Redis URL {shown!r}: {redact(str(exc), url)}; use {_URL_FORMS}"
+        ) from None
+    scheme = parts.scheme.lower()
+    database = unquote(parts.path).strip("/")
+    if scheme != "unix" and database and not (database.isdigit() and database.isascii()):
+        raise ValueError(
+            f"RedisBackend: the database in {shown!r} must be a number, got {database!r}; write it as "
+            "redis://host:6379/0 (databases are numbered 0 to 15 by default), or leave it out for 0"
+        )
+    given = unique_options(url, caller="RedisBackend")
+    for name in _FORBIDDEN_OPTIONS:
+        if name in options:
+            raise ValueError(
+                f"RedisBackend: the URL option {name!r} is not supported (payloads and results are raw "
+                f"bytes over RESP2); remove it from {shown!r}"
+            )
+    if cluster:
+        return
+    known = _known_options(scheme)
+    unknown = sorted(name for name in given if name not in known)
+    if unknown:
+        raise ValueError(
+            f"RedisBackend: unknown URL option {redact(unknown[0])!r} in {shown!r}; a {scheme}:// URL takes "
+            "the keyword arguments of redis-py's connection as options (db, password, socket_timeout, "
+            "socket_connect_timeout, health_check_interval, client_name, and ssl_ca_certs, ssl_cert_reqs, "
+            "... for rediss://), plus cluster=true and, in backend_from_url, prefix=NAME"
+        )
+
+
+_CONNECTION_CLASSES: dict[str, type[AbstractConnection]] = {
+    "redis": Connection,
+    "rediss": SSLConnection,
+    "unix": UnixDomainSocketConnection,
+}
+
+
+def _known_options(scheme: str) -> set[str]:
+    """The URL options redis-py turns into keyword arguments the scheme's connection class accepts."""
+    known = set(URL_QUERY_ARGUMENT_PARSERS) | {"cluster", "prefix"}
+    for cls in _CONNECTION_CLASSES.get(scheme, Connection).__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        for parameter in inspect.signature(init).parameters.values():
+            if parameter.kind is parameter.KEYWORD_ONLY or parameter.kind is parameter.POSITIONAL_OR_KEYWORD:
+                known.add(parameter.name)
+    known.discard("self")
+    return known
+
+
+def make_client(
+    url: str,
+    *,
+    connect_timeout: float,
+    max_connections: int | None,
+    options: Mapping[str, Any],
+    cluster: bool = False,
+) -> Any:
+    """A redis-py asyncio client with its own pool (a ``RedisCluster`` with ``cluster=True``). Retries are
+    ours (see :class:`ScriptRunner`), so redis-py's own are switched off.
+
+    redis-py's ``socket_timeout`` stays off: on Python < 3.12 it wraps every send in ``asyncio.wait_for``,
+    which can swallow a cancellation that arrives as the send completes (the cancelled task then runs on).
+    Reply timeouts are applied around each call with an anyio cancel scope instead."""
+    kwargs: dict[str, Any] = {
+        "socket_timeout": None,
+        "socket_connect_timeout": connect_timeout,
+        "socket_keepalive": True,
+        "retry": Retry(NoBackoff(), 0),
+        "client_name": "lifecycle-asynctask",
+        **options,
+        "decode_responses": False,
+    }
+    if max_connections is not None:
+        kwargs["max_connections"] = max_connections
+    if cluster:
+        # RedisCluster follows MOVED/ASK redirections and re-reads the slot map itself (its own retries);
+        # ours still cover the rest. Connections are per node, made as needed.
+        del kwargs["retry"]
+        kwargs.setdefault("max_connections", 1000)
+        client = RedisCluster.from_url(url, **kwargs)
+        shared = getattr(client.nodes_manager, "connection_kwargs", None)
+        if isinstance(shared, dict) and isinstance(shared.get("connection_class"), type):
+            shared["connection_class"] = _with_fast_packing(shared["connection_class"])
+        return client
+    if max_connections is not None:
+        # Callers beyond max_connections wait for a free connection (bounded by each call's timeout).
+        pool: aioredis.ConnectionPool = aioredis.BlockingConnectionPool.from_url(url, timeout=None, **kwargs)
+    else:
+        pool = aioredis.ConnectionPool.from_url(url, **kwargs)
+    pool.connection_class = _with_fast_packing(pool.connection_class)
+    return aioredis.Redis(connection_pool=pool)
+
+
+async def close_clients(*clients: Any) -> None:
+    """Close each client made by :func:`make_client` and disconnect its pool, shielded from cancellation."""
+    for client in clients:
+        with anyio.CancelScope(shield=True):
+            await client.aclose()
+            if hasattr(client, "connection_pool"):
+                await client.connection_pool.disconnect()
+
+
+def _with_fast_packing(base: type[AbstractConnection]) -> type[AbstractConnection]:
+    """``base`` packing commands with hiredis (C) when it is installed: redis-py's asyncio connection packs in
+    Python, which costs more than the rest of a large batch's round trip."""
+    try:
+        from hiredis import pack_command
+    except ImportError:
+        return base
+
+    def pack(self: AbstractConnection, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str) and " " in args[0]:  # "SCRIPT LOAD" and the like: separate words
+            args = (*args[0].split(), *args[1:])
+        try:
+            return [pack_command(args)]
+        except TypeError:  # a value hiredis does not take: let redis-py encode it, or explain the error
+            return base.pack_command(self, *args)
+
+    return type(f"FastPacking{base.__name__}", (base,), {"pack_command": pack})
+
+
+class ScriptRunner:
+    """Runs the backend's Lua scripts on one client: EVALSHA, reload on NOSCRIPT, retry on a lost
+    connection until ``reconnect_timeout`` seconds have passed (then the redis-py error propagates)."""
+
+    def __init__(
+        self, client: aioredis.Redis, *, prefix: str, socket_timeout: float, reconnect_timeout: float
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self._anchor = f"{prefix}seq"
+        self._socket_timeout = socket_timeout
+        self._reconnect_timeout = reconnect_timeout
+
+    async def load_all(self) -> None:
+        """Load every script into the server's script cache (also proves the server runs Lua)."""
+        for script in SCRIPTS.values():
+            await self.client.script_load(script.source)
+
+    async def run(self, name: str, args: Sequence[str | bytes | int]) -> Any:
+        """Run script ``name`` with ``ARGV = [prefix, *args]`` and return its reply."""
+        script = SCRIPTS[name]
+        keys_and_args = (self._anchor, self.prefix, *args)
+
+        async def call() -> Any:
+            try:
+                return await self.client.evalsha(script.sha, 1, *keys_and_args)
+            except NoScriptError:
+                # The server restarted or SCRIPT FLUSH ran, so the script did not run: load it, run it.
+                await self.client.script_load(script.source)
+                return await self.client.evalsha(script.sha, 1, *keys_and_args)
+
+        return await self.retrying(call, name)
+
+    async def retrying(self, call: Callable[[], Awaitable[Any]], what: str) -> Any:
+        """Await ``call()``, repeated after a lost connection until ``reconnect_timeout`` has passed."""
+        deadline = math.inf
+        delay = 0.02
+        while True:
+            try:
+                result = await self.once(call)
+            except RETRYABLE as exc:
+                now = time.monotonic()
+                if deadline == math.inf:
+                    deadline = now + self._reconnect_timeout
+                    _log.warning("Redis connection lost during %s (%s); reconnecting", what, exc)
+                if now >= deadline:
+                    raise
+                await anyio.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, 1.0)
+            else:
+                if deadline != math.inf:
+                    lost_for = time.monotonic() - (deadline - self._reconnect_timeout)
+                    _log.info("Redis connection back for %s after %.2f s", what, lost_for)
+                return result
+
+    async def once(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """Await ``call()``; raise :class:`TimeoutError` when the server has not answered within
+        ``socket_timeout`` (the cancelled command's connection is dropped by redis-py)."""
+        with anyio.fail_after(self._socket_timeout):
+            return await call()
+
+
+def unusable(url: str, exc: BaseException) -> BackendError:
+    """The error :meth:`RedisBackend.open` raises when the server cannot be used."""
+    return BackendError(
+        f"cannot use Redis at {safe_url(url)}: {redact(str(exc), url)}; check that the server runs and that "
+        "the URL's host, port, database, user, password and TLS settings are right"
+    )

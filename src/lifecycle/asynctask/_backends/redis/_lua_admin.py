@@ -1,0 +1,199 @@
+"""The Lua scripts of the Redis backend's operator actions: cancel, requeue, purge, stats and listing.
+
+They share the prelude and key layout of :mod:`lifecycle.asynctask._backends.redis._lua`.
+"""
+
+from __future__ import annotations
+
+from ._lua import LuaScript, script
+
+__all__ = ["ADMIN_SCRIPTS"]
+
+# ARGV: P, at, call id, ids... Returns the ids cancelled. The record's place in the indexes comes from
+# locate(), so a damaged state, queue or enqueued_at field cannot make the script fail half-way.
+_CANCEL = """
+local at, callid = ARGV[2], ARGV[3]
+local done = {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  local key = rkey(id)
+  local cur = redis.call('HMGET', key, 's', 'q', 'o', 'x')
+  local where = nil
+  if cur[1] or cur[2] or cur[3] then where = locate(id, cur[1], cur[2], cur[3]) end
+  if where and where[1] == 'pending' then
+    local q, member = where[2], where[3]
+    redis.call('HSET', key, 's', 'cancelled', 'f', at, 'x', callid, 'q', q)
+    redis.call('ZREM', ready(q), member)
+    redis.call('ZREM', idx('pending', q), member)
+    redis.call('ZADD', idx('cancelled', q), where[4], member)
+    done[#done + 1] = id
+  elseif cur[1] == 'cancelled' and cur[4] == callid then
+    done[#done + 1] = id
+  end
+end
+return done
+"""
+
+# where: the record's locate() result (a DEAD or CANCELLED place).
+_REQUEUE_ONE = """
+local function requeue_one(id, where, now, callid, queues)
+  local state, q, member = where[1], where[2], where[3]
+  redis.call('HSET', rkey(id), 's', 'pending', 'a', '0', 'r', now, 'f', '', 'x', callid, 'k', '', 'q', q)
+  redis.call('ZREM', idx(state, q), member)
+  redis.call('ZADD', idx('pending', q), where[4], member)
+  redis.call('ZADD', ready(q), now, member)
+  queues[q] = true
+end
+"""
+
+# ARGV: P, now, call id, ids... Returns how many moved back to PENDING.
+_REQUEUE_IDS = (
+    _REQUEUE_ONE
+    + """
+local now, callid = ARGV[2], ARGV[3]
+local moved, queues = 0, {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  local cur = redis.call('HMGET', rkey(id), 's', 'q', 'o', 'x')
+  local where = nil
+  if cur[1] or cur[2] or cur[3] then where = locate(id, cur[1], cur[2], cur[3]) end
+  if where and (where[1] == 'dead' or where[1] == 'cancelled') then
+    requeue_one(id, where, now, callid, queues)
+    moved = moved + 1
+  elseif where and where[1] == 'pending' and cur[4] == callid then
+    moved = moved + 1
+  end
+end
+announce(queues)
+return moved
+"""
+)
+
+# ARGV: P, now, call id, limit, has_queue ('0'/'1'), queue. Moves up to limit DEAD tasks; returns {moved,
+# examined}: index entries whose record is gone are dropped and count as examined.
+_REQUEUE_DEAD = (
+    _REQUEUE_ONE
+    + """
+local now, callid, limit = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local qs
+if ARGV[5] == '1' then qs = {ARGV[6]} else qs = redis.call('SMEMBERS', P .. 'queues') end
+local moved, examined, queues = 0, 0, {}
+for _, q in ipairs(qs) do
+  if examined >= limit then break end
+  local dk = idx('dead', q)
+  local page = redis.call('ZRANGE', dk, 0, limit - examined - 1, 'WITHSCORES')
+  for j = 1, #page, 2 do
+    local member = page[j]
+    local id = string.sub(member, 17)
+    examined = examined + 1
+    if redis.call('EXISTS', rkey(id)) == 1 then
+      requeue_one(id, {'dead', q, member, page[j + 1]}, now, callid, queues)
+      moved = moved + 1
+    else
+      redis.call('ZREM', dk, member)
+    end
+  end
+end
+announce(queues)
+return {moved, examined}
+"""
+)
+
+# ARGV: P, queue, state, before or '', offset, chunk. Deletes matching records among the next chunk
+# candidates of one (queue, state) index. Returns {deleted, skipped, examined}.
+_PURGE = """
+local q, state, before = ARGV[2], ARGV[3], ARGV[4]
+local offset, chunk = tonumber(ARGV[5]), tonumber(ARGV[6])
+local ik = idx(state, q)
+local members
+if before == '' then
+  members = redis.call('ZRANGE', ik, offset, offset + chunk - 1)
+else
+  members = redis.call('ZRANGEBYSCORE', ik, '-inf', '(' .. before, 'LIMIT', offset, chunk)
+end
+local final = state == 'succeeded' or state == 'dead' or state == 'cancelled'
+local limit = tonumber(before)
+local deleted, skipped = 0, 0
+for _, member in ipairs(members) do
+  local id = string.sub(member, 17)
+  local key = rkey(id)
+  local wanted = true
+  if before ~= '' and final then
+    local finished = tonumber(redis.call('HGET', key, 'f') or '')
+    wanted = finished ~= nil and finished < limit
+  end
+  if wanted then
+    if state == 'pending' then
+      redis.call('ZREM', ready(q), member)
+    elseif state == 'active' then
+      redis.call('ZREM', P .. 'leases', id)
+    end
+    redis.call('ZREM', ik, member)
+    redis.call('DEL', key)
+    deleted = deleted + 1
+  else
+    skipped = skipped + 1
+  end
+end
+if deleted > 0 then
+  local empty = true
+  for _, s in ipairs(STATES) do
+    if redis.call('EXISTS', idx(s, q)) == 1 then empty = false; break end
+  end
+  if empty then
+    redis.call('SREM', P .. 'queues', q)
+    redis.call('DEL', P .. 'w:' .. q)
+  end
+end
+return {deleted, skipped, #members}
+"""
+
+# ARGV: P. Returns queue, then the count of each of STATES, per queue.
+_STATS = """
+local out = {}
+for _, q in ipairs(redis.call('SMEMBERS', P .. 'queues')) do
+  out[#out + 1] = q
+  for _, s in ipairs(STATES) do out[#out + 1] = redis.call('ZCARD', idx(s, q)) end
+end
+return out
+"""
+
+# ARGV: P, limit, offset, has_queue ('0'/'1'), queue, states... Returns '' (no token), id and the 15 record
+# FIELDS per record, newest enqueued_at first (then the later enqueue first).
+_LIST = """
+local limit, offset = tonumber(ARGV[2]), tonumber(ARGV[3])
+local qs
+if ARGV[4] == '1' then qs = {ARGV[5]} else qs = redis.call('SMEMBERS', P .. 'queues') end
+local want = offset + limit
+local found = {}
+for _, q in ipairs(qs) do
+  for si = 6, #ARGV do
+    local page = redis.call('ZREVRANGE', idx(ARGV[si], q), 0, want - 1, 'WITHSCORES')
+    for j = 1, #page, 2 do found[#found + 1] = {tonumber(page[j + 1]), page[j]} end
+  end
+end
+table.sort(found, function(a, b)
+  if a[1] ~= b[1] then return a[1] > b[1] end
+  return a[2] > b[2]
+end)
+local out = {}
+for k = offset + 1, math.min(#found, want) do
+  local id = string.sub(found[k][2], 17)
+  emit(out, '', id, read(rkey(id)))
+end
+return out
+"""
+
+
+ADMIN_SCRIPTS: dict[str, LuaScript] = {
+    found.name: found
+    for found in (
+        script("cancel", _CANCEL),
+        script("requeue_ids", _REQUEUE_IDS),
+        script("requeue_dead", _REQUEUE_DEAD),
+        script("purge", _PURGE),
+        script("stats", _STATS),
+        script("list", _LIST),
+    )
+}
+"""The operator actions' scripts, by name."""

@@ -1,0 +1,454 @@
+"""SQLiteBackend: the embedded default backend, one file shared safely by any number of worker processes."""
+
+from __future__ import annotations
+
+import enum
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from ...._redact import library_logger
+from ..._backend import Create, check_create
+from ..._errors import BackendError, StoreNotFoundError
+from ..._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
+from . import _ops as ops
+from ._schema import check_sqlite_version, ensure_schema
+
+__all__ = ["SQLiteBackend"]
+
+_log = library_logger("lifecycle.asynctask.sqlite")
+
+_T = TypeVar("_T")
+Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+_MEMORY = ":memory:"
+
+
+class _Absent(enum.Enum):
+    CREATE = "create"  # a call that creates the store when it does not exist yet
+
+
+def _in_transaction(
+    connection: sqlite3.Connection, operation: Callable[..., _T], args: tuple[Any, ...]
+) -> tuple[_T, bool]:
+    """Run ``operation`` in a ``BEGIN IMMEDIATE`` transaction; return its result and whether rows changed."""
+    before = connection.total_changes
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        result = operation(connection, *args)
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+    return result, connection.total_changes != before
+
+
+class SQLiteBackend:
+    """Stores tasks in one SQLite file through the standard library's :mod:`sqlite3`.
+
+    The embedded default: no server, and any number of worker processes on one machine may share the file
+    (each with its own ``SQLiteBackend``). Every call runs on a worker thread
+    (:func:`anyio.to_thread.run_sync`), one at a time per backend object, so it works on asyncio and trio.
+
+    Args:
+        path: the database file (created with its tables when missing, see :meth:`open`; its directory
+            must exist).
+            ``":memory:"`` gives a private in-memory database, useful only within one backend object.
+        poll_interval: how often, at most, an idle worker looks for work written by *other* processes
+            (seconds). Work enqueued through the same backend object wakes it at once.
+        busy_timeout: how long a write waits for another process's write lock before
+            :class:`sqlite3.OperationalError` ("database is locked") is raised (seconds).
+        synchronous: SQLite's ``PRAGMA synchronous``. With the default ``"NORMAL"`` in WAL mode a committed
+            task survives a crash of any process (including ``kill -9``); an operating system crash or power
+            loss may lose the last transactions committed before it. ``"FULL"`` makes every commit survive
+            those too, at the cost of an fsync per transaction. ``"OFF"`` is for throwaway data only.
+
+    Durability: ``enqueue_many`` returns after its transaction committed. The file uses WAL journaling
+    (readers never block the writer); writes take the lock with ``BEGIN IMMEDIATE`` and claims are one
+    ``UPDATE ... RETURNING`` per queue, so two processes never lease the same task.
+
+    Raises :class:`BackendError` from :meth:`open` when the directory is missing, the file is not a
+    database, SQLite is older than 3.35, or the file was written by a newer schema version; with
+    ``open(create=False)`` also when there is no task database at ``path``.
+
+    Example::
+
+        tasks = AsyncTasks(SQLiteBackend("var/tasks.db"))
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        poll_interval: float = 0.1,
+        busy_timeout: float = 30.0,
+        synchronous: Synchronous = "NORMAL",
+    ) -> None:
+        if not poll_interval > 0:
+            raise ValueError(f"poll_interval must be a positive number of seconds, got {poll_interval!r}")
+        if not busy_timeout >= 0:
+            raise ValueError(f"busy_timeout must be zero or more seconds, got {busy_timeout!r}")
+        mode = str(synchronous).upper()
+        if mode not in _SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {', '.join(_SYNCHRONOUS)}, got {synchronous!r}")
+        self._path = os.fspath(path)
+        self._poll_interval = float(poll_interval)
+        self._busy_timeout = float(busy_timeout)
+        self._synchronous = mode
+        self._connection: sqlite3.Connection | None = None
+        self._deferred = False  # open, but no store yet: opened with create="on_enqueue"
+        self._attaching: anyio.Lock | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._wakeup: anyio.Event | None = None
+        self._changes = 0  # write transactions of this object that changed rows
+        self._reported: tuple[object, ...] | None = None  # what wait_for_work last returned for
+
+    @property
+    def path(self) -> str:
+        """The database file, as given."""
+        return self._path
+
+    @property
+    def poll_interval(self) -> float:
+        """The longest an idle worker waits before looking for work from other processes (seconds)."""
+        return self._poll_interval
+
+    def __repr__(self) -> str:
+        return f"SQLiteBackend({self._path!r})"
+
+    # -- connection ---------------------------------------------------------------------------------------
+
+    async def open(self, *, create: Create = True) -> None:
+        """Open the file, switch it to WAL, create or migrate the schema. Calling it again does nothing.
+
+        ``create=False`` creates nothing: it raises :class:`BackendError` when the file does not exist or
+        holds no task tables (what the ``lifecycle tasks`` commands use). ``create="on_enqueue"`` (what
+        ``AsyncTasks(..., execution=False)`` uses) leaves a missing store missing until the first enqueue
+        (or claim) creates it; until then reads find no tasks and ``cancel``/``requeue``/``purge`` change
+        nothing. ``":memory:"`` is always created.
+        """
+        create = check_create(create)
+        if self._connection is not None or self._deferred:
+            return
+        check_sqlite_version()
+        self._limiter = anyio.CapacityLimiter(1)
+        self._attaching = anyio.Lock()
+        if create is not True and self._path != _MEMORY:
+            missing = await anyio.to_thread.run_sync(self._missing_store, limiter=self._limiter)
+            if missing is not None and create is False:
+                raise StoreNotFoundError(missing)
+            if missing is not None:
+                self._check_directory()  # the first enqueue could not create the file: say so now
+                self._wakeup = anyio.Event()
+                self._deferred = True
+                return
+        connection = await anyio.to_thread.run_sync(self._connect, limiter=self._limiter)
+        self._wakeup = anyio.Event()
+        self._connection = connection
+
+    def _missing_store(self) -> str | None:
+        """Why there is no task database at the path (one line), or ``None`` when there is one (or a file
+        that is not a database, which :meth:`_connect` reports). Creates nothing."""
+        path = Path(self._path).expanduser().absolute()
+        if not path.is_file():
+            return (
+                f"there is no SQLite task database at {self._path!r} (no such file); check the path, or "
+                "start a worker, which creates it"
+            )
+        try:
+            connection = sqlite3.connect(f"{path.as_uri()}?mode=rw", uri=True, timeout=self._busy_timeout)
+        except sqlite3.Error:
+            return None
+        try:
+            found = connection.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'lifecycle_schema'"
+            ).fetchone()
+        except sqlite3.DatabaseError:
+            return None
+        finally:
+            connection.close()
+        if found is None:
+            return (
+                f"the SQLite database {self._path!r} holds no task tables (no worker has used it yet, or it "
+                "belongs to something else); check the path"
+            )
+        return None
+
+    def _switch_to_wal(self, connection: sqlite3.Connection) -> str:
+        # Switching the journal mode needs an exclusive lock, and SQLite reports "database is locked" at once
+        # (without its busy handler) while another process is switching the same fresh file: retry until
+        # busy_timeout, as a write would wait.
+        deadline = time.monotonic() + self._busy_timeout
+        pause = 0.005
+        while True:
+            try:
+                (mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
+                return str(mode)
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)  # on the backend's worker thread, never on the event loop
+            pause = min(pause * 2, 0.1)
+
+    def _check_directory(self) -> None:
+        """Raise :class:`BackendError` when the file's directory does not exist (the file cannot be made)."""
+        if self._path != _MEMORY:
+            parent = Path(self._path).expanduser().absolute().parent
+            if not parent.is_dir():
+                raise BackendError(
+                    f"cannot open the SQLite task database {self._path!r}: its directory {str(parent)!r} "
+                    "does not exist; create the directory first or choose another path"
+                )
+
+    def _connect(self) -> sqlite3.Connection:
+        where = repr(self._path)
+        self._check_directory()
+        try:
+            connection = sqlite3.connect(
+                os.path.expanduser(self._path),
+                timeout=self._busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+                cached_statements=128,
+            )
+        except sqlite3.Error as exc:
+            raise BackendError(
+                f"cannot open the SQLite task database {where}: {exc}; check that the path is a writable file"
+            ) from exc
+        try:
+            connection.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            mode = self._switch_to_wal(connection)
+            if str(mode).lower() != "wal" and self._path != _MEMORY:
+                _log.warning(
+                    "SQLite database %s could not switch to WAL (journal_mode is %s): several processes "
+                    "will block each other more; is it on a network file system?",
+                    where,
+                    mode,
+                )
+            connection.execute(f"PRAGMA synchronous = {self._synchronous}")
+            ensure_schema(connection, where=where)
+        except BaseException as exc:
+            connection.close()
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise BackendError(
+                    f"cannot open the SQLite task database {where}: {exc} (another process held its write "
+                    f"lock for longer than busy_timeout={self._busy_timeout:g} s); try again, or raise "
+                    "busy_timeout"
+                ) from exc
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise BackendError(
+                    f"cannot use {where} as a SQLite task database: {exc}; check that the file is writable, "
+                    "or point SQLiteBackend at a new file or at one it created"
+                ) from exc
+            raise
+        return connection
+
+    async def close(self) -> None:
+        """Close the connection (the last connection to close checkpoints the WAL). Idempotent."""
+        connection, self._connection = self._connection, None
+        self._deferred = False
+        if connection is None:
+            return
+        self._wake()
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_close, connection, limiter=self._limiter)
+
+    def _require(self) -> sqlite3.Connection:
+        if self._connection is None:
+            raise BackendError(
+                f"{self!r} is not open: call `await backend.open()` first (AsyncTasks does it in initialize)"
+            )
+        return self._connection
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+            self._wakeup = anyio.Event()
+
+    async def _store(self, absent: object) -> sqlite3.Connection | None:
+        """The connection. While the store does not exist yet (opened with ``create="on_enqueue"``): made
+        now for ``absent=_Absent.CREATE``, else ``None``, unless another process made it meanwhile."""
+        if self._connection is not None or not self._deferred:
+            return self._require()
+        assert self._attaching is not None
+        async with self._attaching:
+            if self._connection is None:
+                if absent is not _Absent.CREATE:
+                    missing = await anyio.to_thread.run_sync(self._missing_store, limiter=self._limiter)
+                    if missing is not None:
+                        return None
+                self._connection = await anyio.to_thread.run_sync(self._connect, limiter=self._limiter)
+                self._deferred = False
+        return self._connection
+
+    async def _read(
+        self, operation: Callable[..., _T], *args: Any, absent: _T | _Absent = _Absent.CREATE
+    ) -> _T:
+        """Run ``operation``; ``absent`` is the answer while there is no store (see :meth:`_store`)."""
+        connection = await self._store(absent)
+        if connection is None:
+            assert not isinstance(absent, _Absent)
+            return absent
+        return await anyio.to_thread.run_sync(
+            ops.reading_any_text, connection, operation, (connection, *args), limiter=self._limiter
+        )
+
+    async def _write(
+        self,
+        operation: Callable[..., _T],
+        *args: Any,
+        wake: bool = True,
+        absent: _T | _Absent = _Absent.CREATE,
+    ) -> _T:
+        """Run ``operation`` in a write transaction; with ``wake``, a change wakes this object's waiters
+        (only writes that can make work claimable: enqueue, settle, requeue, recovery). ``absent`` is the
+        answer while there is no store (see :meth:`_store`)."""
+        connection = await self._store(absent)
+        if connection is None:
+            assert not isinstance(absent, _Absent)
+            return absent
+        done: tuple[_T, bool] = await anyio.to_thread.run_sync(
+            ops.reading_any_text,
+            connection,
+            _in_transaction,
+            (connection, operation, args),
+            limiter=self._limiter,
+        )
+        result, changed = done
+        if changed:
+            self._changes += 1
+            if wake:
+                self._wake()
+        return result
+
+    # -- the Backend protocol -----------------------------------------------------------------------------
+
+    async def enqueue_many(
+        self, tasks: Sequence[NewTask], *, if_exists: Literal["error", "skip"] = "error"
+    ) -> list[str]:
+        """Store ``tasks`` in one committed transaction; see :meth:`Backend.enqueue_many`."""
+        if if_exists not in ("error", "skip"):
+            raise ValueError(f"if_exists must be 'error' or 'skip', got {if_exists!r}")
+        if not tasks:
+            return []
+        return await self._write(ops.enqueue_many, list(tasks), if_exists)
+
+    async def claim(
+        self, queues: Sequence[str], limit: int, *, now: float, lease_until: float
+    ) -> list[ClaimedTask]:
+        """Lease up to ``limit`` due tasks, ``queues`` in priority order; see :meth:`Backend.claim`."""
+        if limit <= 0 or not queues:
+            return []
+        return await self._write(ops.claim, list(queues), limit, now, lease_until, wake=False)
+
+    async def extend_leases(self, leases: Sequence[tuple[str, str]], *, lease_until: float) -> set[str]:
+        """Renew held leases; return the ids whose lease was lost."""
+        if not leases:
+            return set()
+        return await self._write(ops.extend_leases, list(leases), lease_until, wake=False)
+
+    async def settle(self, settlements: Sequence[Settlement]) -> set[str]:
+        """Apply settlements whose lease is held, in one transaction; return the ids not applied."""
+        if not settlements:
+            return set()
+        return await self._write(ops.settle, list(settlements))
+
+    async def reclaim_expired(self, *, now: float, lease_until: float, limit: int) -> list[ClaimedTask]:
+        """Take over active tasks whose lease ended before ``now``, attempts unchanged, and the damaged
+        records no claim can select; see :meth:`Backend.reclaim_expired`."""
+        if limit <= 0:
+            return []
+        return await self._write(ops.reclaim_expired, now, lease_until, limit)
+
+    async def wait_for_work(self, queues: Sequence[str], *, timeout: float) -> None:
+        """Return when a task in ``queues`` is due, this object changed the data, or after ``timeout``.
+
+        Other processes' writes are seen by polling every ``poll_interval`` (one indexed query). A due task
+        is reported once: while nothing changes in the file, later calls wait instead of returning again at
+        once, so a caller that cannot claim it yet does not spin.
+        """
+        deadline = anyio.current_time() + max(0.0, timeout)
+        key = tuple(dict.fromkeys(queues))
+        while True:
+            wakeup = self._wakeup
+            if self._connection is None or wakeup is None:
+                return
+            next_run, data_version = await self._read(ops.next_run_at, key)
+            wall = time.time()
+            snapshot = (key, next_run, data_version, self._changes)
+            if next_run is not None and next_run <= wall and snapshot != self._reported:
+                self._reported = snapshot
+                return
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
+                return
+            pause = min(remaining, self._poll_interval)
+            if next_run is not None and next_run > wall:
+                pause = min(pause, next_run - wall)
+            with anyio.move_on_after(pause):
+                await wakeup.wait()
+                return
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        """The record with this id, or ``None``."""
+        return await self._read(ops.get, task_id, absent=None)
+
+    async def list_records(
+        self,
+        *,
+        states: Collection[TaskState] | None = None,
+        queue: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[TaskRecord]:
+        """Records matching the filters, newest ``enqueued_at`` first."""
+        if states is not None and not states:
+            return []
+        return await self._read(ops.list_records, states, queue, limit, offset, absent=[])
+
+    async def stats(self) -> Mapping[str, Mapping[TaskState, int]]:
+        """Counts per queue and state (states with no record are left out)."""
+        return await self._read(ops.stats, absent={})
+
+    async def cancel(self, task_ids: Sequence[str], *, now: float) -> list[str]:
+        """Cancel pending tasks among ``task_ids``; return those cancelled."""
+        if not task_ids:
+            return []
+        return await self._write(ops.cancel, list(task_ids), now, wake=False, absent=[])
+
+    async def requeue(
+        self, task_ids: Sequence[str] | None = None, *, queue: str | None = None, now: float
+    ) -> int:
+        """Move dead/cancelled tasks back to pending with ``attempts = 0``; return how many moved."""
+        if task_ids is not None and not task_ids:
+            return 0
+        ids = None if task_ids is None else list(task_ids)
+        return await self._write(ops.requeue, ids, queue, now, absent=0)
+
+    async def purge(
+        self,
+        *,
+        states: Collection[TaskState],
+        queue: str | None = None,
+        before: float | None = None,
+        limit: int | None = None,
+    ) -> int:
+        """Delete matching records; return how many were deleted."""
+        if not states:
+            return 0
+        return await self._write(ops.purge, states, queue, before, limit, wake=False, absent=0)
+
+
+def _close(connection: sqlite3.Connection) -> None:
+    try:
+        connection.execute("PRAGMA optimize")
+    except sqlite3.Error:
+        pass  # only a planner hint; never let it keep the file open
+    connection.close()

@@ -1,0 +1,128 @@
+"""The SQLite layout of :class:`~lifecycle.asynctask.SQLiteBackend`: tables, indexes, versioning, migrations.
+
+Everything here is synchronous and runs on the backend's connection thread.
+
+Layout (schema version 1)
+-------------------------
+``lifecycle_schema(version)``
+    One row: the schema version that wrote this file. A file written by a newer version is refused, an older
+    one is migrated step by step inside one ``BEGIN IMMEDIATE`` transaction (safe with several processes
+    opening the same file at once).
+``lifecycle_tasks``
+    One row per task. ``seq`` (the rowid) is the enqueue order. Times are ``REAL`` seconds since the epoch,
+    ``payload``/``result`` are ``BLOB``, ``state`` is the :class:`TaskState` value text, ``token`` the current
+    lease token while ``ACTIVE``.
+
+Indexes: a partial index over pending tasks ``(queue, run_at, seq)`` serves claims and ``wait_for_work``;
+a partial index over active tasks ``(lease_until)`` serves recovery; ``(state, coalesce(finished_at,
+enqueued_at))`` serves retention purges and ``(enqueued_at)`` the newest-first listing.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+from ..._errors import BackendError
+from ..._records import RECORD_COLUMNS
+
+__all__ = ["MIN_SQLITE_VERSION", "SCHEMA_VERSION", "TASK_COLUMNS", "check_sqlite_version", "ensure_schema"]
+
+#: The schema version this code writes. Bump it and add a step to ``_MIGRATIONS`` when the layout changes.
+SCHEMA_VERSION = 1
+
+#: ``UPDATE ... RETURNING`` needs SQLite 3.35.
+MIN_SQLITE_VERSION = (3, 35, 0)
+
+#: The columns of ``lifecycle_tasks`` in the order ``record_from_row`` reads them.
+TASK_COLUMNS = RECORD_COLUMNS
+
+_CREATE_V1 = (
+    """
+    CREATE TABLE IF NOT EXISTS lifecycle_tasks (
+        seq          INTEGER PRIMARY KEY,
+        id           TEXT    NOT NULL UNIQUE,
+        name         TEXT    NOT NULL,
+        queue        TEXT    NOT NULL,
+        payload      BLOB    NOT NULL,
+        state        TEXT    NOT NULL,
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        max_retries  INTEGER NOT NULL,
+        timeout      REAL,
+        enqueued_at  REAL    NOT NULL,
+        run_at       REAL    NOT NULL,
+        started_at   REAL,
+        finished_at  REAL,
+        lease_until  REAL,
+        token        TEXT,
+        last_error   TEXT,
+        result       BLOB,
+        meta         TEXT
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS lifecycle_tasks_pending "
+    "ON lifecycle_tasks (queue, run_at) WHERE state = 'pending'",
+    "CREATE INDEX IF NOT EXISTS lifecycle_tasks_active "
+    "ON lifecycle_tasks (lease_until) WHERE state = 'active'",
+    "CREATE INDEX IF NOT EXISTS lifecycle_tasks_finished "
+    "ON lifecycle_tasks (state, coalesce(finished_at, enqueued_at))",
+    "CREATE INDEX IF NOT EXISTS lifecycle_tasks_enqueued ON lifecycle_tasks (enqueued_at)",
+)
+
+# version N -> the function that migrates a file at version N to N + 1 (inside the open transaction).
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+
+
+def check_sqlite_version(version: tuple[int, int, int] = sqlite3.sqlite_version_info) -> None:
+    """Raise :class:`BackendError` when the linked SQLite library is too old for ``UPDATE ... RETURNING``."""
+    if version < MIN_SQLITE_VERSION:
+        have = ".".join(map(str, version))
+        need = ".".join(map(str, MIN_SQLITE_VERSION))
+        raise BackendError(
+            f"SQLiteBackend needs SQLite >= {need} (for UPDATE ... RETURNING), but Python's sqlite3 "
+            f"module is linked against SQLite {have}; use a Python build with a newer SQLite (for example "
+            "from python.org or a recent distribution package), or another backend"
+        )
+
+
+def ensure_schema(connection: sqlite3.Connection, *, where: str) -> int:
+    """Create the tables on an empty file, migrate an older one, refuse a newer one; return the version.
+
+    ``where`` names the file in error messages. Runs in its own ``BEGIN IMMEDIATE`` transaction.
+    """
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        connection.execute("CREATE TABLE IF NOT EXISTS lifecycle_schema (version INTEGER NOT NULL)")
+        rows = connection.execute("SELECT version FROM lifecycle_schema").fetchall()
+        if len(rows) > 1:
+            raise BackendError(
+                f"the SQLite task database {where} is damaged: lifecycle_schema holds {len(rows)} rows "
+                "instead of one; restore it from a backup or point SQLiteBackend at a new file"
+            )
+        if not rows:
+            for statement in _CREATE_V1:
+                connection.execute(statement)
+            connection.execute("INSERT INTO lifecycle_schema (version) VALUES (?)", (SCHEMA_VERSION,))
+            version = SCHEMA_VERSION
+        else:
+            version = int(rows[0][0])
+            if version < 1:
+                raise BackendError(
+                    f"the SQLite task database {where} is damaged: lifecycle_schema says version {version}; "
+                    "restore it from a backup or point SQLiteBackend at a new file"
+                )
+            if version > SCHEMA_VERSION:
+                raise BackendError(
+                    f"the SQLite task database {where} was written by a newer anyio-lifecycle "
+                    f"(schema version {version}; this version understands up to {SCHEMA_VERSION}); upgrade "
+                    "anyio-lifecycle in this process, or use another file"
+                )
+            while version < SCHEMA_VERSION:
+                _MIGRATIONS[version](connection)
+                version += 1
+            connection.execute("UPDATE lifecycle_schema SET version = ?", (version,))
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    return version

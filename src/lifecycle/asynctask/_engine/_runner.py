@@ -1,0 +1,258 @@
+"""Running one claimed task: decode its arguments, call the function under its deadline, and turn the outcome
+into a verdict (:class:`Settlement`)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import sys
+from types import FrameType
+from typing import Any
+
+import anyio
+
+from .._chain import chain_fields, previous_result
+from .._clock import Clock
+from .._encoding import Encoding
+from .._model import TaskContext
+from .._records import ClaimedTask, Settlement, TaskRecord, TaskState
+from .._registry import Registry, TaskDefinition
+from ._upkeep import ErrorHook, call_error_hook
+from ._verdict import Policy, is_cancellation
+
+__all__ = ["LOST", "SHUTDOWN", "Running", "TaskRunner"]
+
+LOST = "lease lost"
+"""Cancel reason: another worker took the task over; its verdict is not ours to save."""
+
+SHUTDOWN = "shutdown"
+"""Cancel reason: the shutdown grace is over; the task goes back to pending, attempt refunded."""
+
+
+class Running:
+    """A claimed task in this worker: its lease, its cancel scope once it runs, and why it was cancelled."""
+
+    __slots__ = ("claimed", "reason", "scope")
+
+    def __init__(self, claimed: ClaimedTask) -> None:
+        self.claimed = claimed
+        self.scope: anyio.CancelScope | None = None
+        self.reason: str | None = None
+
+    def cancel(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        if self.scope is not None:
+            self.scope.cancel()
+
+
+class TaskRunner:
+    """Executes claimed tasks for one worker (every policy decision is the :class:`Policy`'s)."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        encoding: Encoding,
+        policy: Policy,
+        clock: Clock,
+        on_error: ErrorHook | None,
+        logger: logging.Logger,
+    ) -> None:
+        self._registry = registry
+        self._encoding = encoding
+        self._policy = policy
+        self._clock = clock
+        self._on_error = on_error
+        self._logger = logger
+        self.limiter: anyio.CapacityLimiter | None = None
+        self.executing: dict[FrameType, Running] = {}
+        """The frame of each task function call in progress: what the loop watchdog finds on a blocked
+        loop's stack to name the task that blocks it (read from its thread: plain dict lookups only)."""
+
+    async def run(self, running: Running) -> Settlement | None:
+        """Run one claimed task and return its verdict (``None``: the lease was lost, nothing to save)."""
+        claimed = running.claimed
+        record = claimed.record
+        policy = self._policy
+        if running.reason is not None:  # stopped or lost before it started
+            return policy.release(claimed, now=self._clock()) if running.reason == SHUTDOWN else None
+        if record.fault is not None:
+            verdict = policy.damaged(claimed, now=self._clock())
+            return await self._failed(record, verdict, ValueError(verdict.error))
+        definition = self._registry.get(record.name)
+        if definition is None:
+            known = ", ".join(self._registry.names()) or "none"
+            exc: Exception = LookupError(
+                f"no task function is registered under the name {record.name!r} in this worker (it knows: "
+                f"{known}); register it, or fix the name the producer used"
+            )
+            return await self._failed(record, policy.failure(claimed, now=self._clock(), error=str(exc)), exc)
+        try:
+            args = self._decode_arguments(record)
+        except Exception as decode_error:  # any exception: a third-party Encoding may raise anything
+            cause = str(decode_error) if type(decode_error) is ValueError else _describe(decode_error)
+            error = (
+                f"cannot decode the arguments of task {record.name!r}: {cause}; the payload will not "
+                "become readable by retrying, so the task is dead (enqueue a corrected task)"
+            )
+            return await self._failed(
+                record, policy.dead(claimed, now=self._clock(), error=error), decode_error
+            )
+        try:
+            definition.check_arity(len(args))
+        except TypeError as arity_error:
+            verdict = policy.failure(claimed, now=self._clock(), error=str(arity_error))
+            return await self._failed(record, verdict, arity_error)
+        return await self._call(running, definition, args)
+
+    def _decode_arguments(self, record: TaskRecord) -> tuple[Any, ...]:
+        args = self._encoding.decode(record.payload)
+        if type(args) is tuple:
+            return args
+        if isinstance(args, list):
+            return tuple(args)
+        raise ValueError(f"the payload holds {type(args).__name__}, not an argument list")
+
+    async def _call(
+        self, running: Running, definition: TaskDefinition, args: tuple[Any, ...]
+    ) -> Settlement | None:
+        claimed = running.claimed
+        record = claimed.record
+        timeout = record.timeout
+        if definition.takes_context:
+            ctx = TaskContext(
+                task_id=record.id,
+                name=record.name,
+                queue=record.queue,
+                attempt=record.attempts,
+                max_retries=record.max_retries,
+                enqueued_at=record.enqueued_at,
+                deadline=None if timeout is None else self._clock() + timeout,
+                previous_result=self._previous_result(record),
+                chain_id=chain_fields(record)[0],
+            )
+            args = (ctx, *args)
+        scope = anyio.CancelScope(deadline=math.inf if timeout is None else anyio.current_time() + timeout)
+        running.scope = scope
+        if running.reason is not None:
+            scope.cancel()
+        finished = False
+        result: Any = None
+        failure: BaseException | None = None
+        frame = sys._getframe()
+        self.executing[frame] = running
+        try:
+            with scope:
+                if definition.is_async:
+                    result = await definition.fn(*args)
+                else:
+                    result, raised = await anyio.to_thread.run_sync(
+                        functools.partial(_capture, definition.fn, *args),
+                        abandon_on_cancel=True,
+                        limiter=self.limiter,
+                    )
+                    if raised is not None:
+                        raise raised
+                finished = True
+        except BaseException as exc:
+            # KeyboardInterrupt, SystemExit, GeneratorExit, any BaseException the task raises is its own
+            # failure; only a cancellation from outside (the worker's task group) goes on.
+            if is_cancellation(exc):
+                raise
+            failure = exc
+        finally:
+            del self.executing[frame]
+        now = self._clock()
+        if finished:
+            return self._policy.success(claimed, now=now, result=self._encode_result(record, result))
+        if running.reason == LOST:
+            return None
+        if running.reason == SHUTDOWN:
+            return self._policy.release(claimed, now=now)
+        if failure is None or (scope.cancel_called and running.reason is None):
+            timed_out = TimeoutError(f"timed out after {timeout:g} s (attempt {record.attempts})")
+            if failure is not None:
+                timed_out.__cause__ = failure
+            verdict = self._policy.failure(claimed, now=now, error=str(timed_out))
+            return await self._failed(record, verdict, timed_out)
+        return await self._failed(record, self._policy.for_exception(claimed, failure, now=now), failure)
+
+    def _previous_result(self, record: TaskRecord) -> Any:
+        encoded = previous_result(record)
+        if encoded is None:
+            return None
+        try:
+            return self._encoding.decode(encoded)
+        except Exception as exc:
+            self._logger.warning(
+                "task %s (%s): cannot decode the previous step's result, so previous_result is None: %s",
+                record.id,
+                record.name,
+                _describe(exc),
+            )
+            return None
+
+    def _encode_result(self, record: TaskRecord, result: Any) -> bytes | None:
+        """The encoded result, or ``None`` when the encoding cannot encode it: the task ran, so it succeeds
+        without a stored result (running it again would repeat its side effects for nothing)."""
+        if result is None:
+            return None
+        try:
+            return self._encoding.encode(result)
+        except TypeError as exc:  # the encoding's documented way to refuse a value
+            self._logger.debug("task %s (%s): result not stored: %s", record.id, record.name, exc)
+        except Exception as exc:
+            self._logger.warning(
+                "task %s (%s) succeeded, but its result is not stored: the encoding raised %s",
+                record.id,
+                record.name,
+                _describe(exc),
+                exc_info=exc,
+            )
+        return None
+
+    async def _failed(self, record: TaskRecord, settlement: Settlement, exc: BaseException) -> Settlement:
+        if settlement.state is TaskState.DEAD:
+            self._logger.warning(
+                "task %s (%s) is dead after attempt %d: %s",
+                record.id,
+                record.name,
+                record.attempts,
+                _first_line(settlement.error),
+            )
+        elif self._logger.isEnabledFor(logging.INFO):
+            self._logger.info(
+                "task %s (%s) failed attempt %d, retrying in %.2f s: %s",
+                record.id,
+                record.name,
+                record.attempts,
+                (settlement.run_at or settlement.at) - settlement.at,
+                _first_line(settlement.error),
+            )
+        if self._on_error is not None:
+            await call_error_hook(self._on_error, record, settlement, exc, self._logger)
+        return settlement
+
+
+def _capture(fn: Any, *args: Any) -> tuple[Any, BaseException | None]:
+    """Call ``fn`` in a worker thread and return ``(result, None)`` or ``(None, what it raised)``.
+
+    What the function raises is raised again in the task's own frame: passed through the event loop instead,
+    a ``GeneratorExit`` would be thrown into the outermost coroutine of the worker, past the task's handler.
+    """
+    try:
+        return fn(*args), None
+    except BaseException as exc:
+        return None, exc
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _first_line(text: str | None) -> str:
+    if not text:
+        return ""
+    lines = text.strip().splitlines()
+    return lines[-1] if lines and lines[0].startswith("Traceback") else lines[0]

@@ -1,0 +1,176 @@
+"""The settle buffer: verdicts of finished attempts, applied to the backend in batches by one flusher."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import anyio
+
+from ..._core._backoff import Backoff
+from .._backend import Backend
+from .._records import Settlement, TaskState
+from ._verdict import storable
+
+__all__ = ["Settler"]
+
+_RETRY = Backoff(initial=0.05, cap=5.0, jitter=False)
+_ISOLATE_AFTER = 3  # failed tries of a batch before its verdicts are saved one by one
+
+
+class Settler:
+    """Collects settlements and applies them with one ``backend.settle`` call per batch.
+
+    The flusher starts a batch as soon as it is free, so a lone result is saved after one round trip and a
+    burst of results shares round trips; nothing waits on a timer. ``held`` maps each task id whose lease this
+    worker holds to its token: the worker adds an entry when it claims, the settler removes it once the
+    verdict is applied (so the heartbeat keeps extending leases of results not yet saved). A failing backend
+    is retried with backoff; the batch is kept in order meanwhile.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        held: dict[str, str],
+        on_applied: Callable[[], None],
+        logger: logging.Logger,
+    ) -> None:
+        self._backend = backend
+        self._held = held
+        self._on_applied = on_applied
+        self._logger = logger
+        self._buffer: list[Settlement] = []
+        self._in_flight = 0
+        self._wake: anyio.Event | None = None
+        self._idle: anyio.Event | None = None
+        self.applied = 0
+
+    @property
+    def backlog(self) -> int:
+        """Settlements not applied yet (buffered or being written)."""
+        return len(self._buffer) + self._in_flight
+
+    def put(self, settlement: Settlement) -> None:
+        """Queue a verdict; the flusher applies it soon."""
+        self._buffer.append(settlement)
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set()
+
+    async def run(self) -> None:
+        """The flusher: apply batches until cancelled."""
+        while True:
+            if not self._buffer:
+                self._set_idle()
+                wake = self._wake = anyio.Event()
+                await wake.wait()
+                continue
+            batch, self._buffer = self._buffer, []
+            self._in_flight = len(batch)
+            try:
+                await self._apply(batch)
+            finally:
+                self._in_flight = 0
+
+    async def flush(self) -> None:
+        """Return once everything put so far is applied (needs :meth:`run` running)."""
+        while self._buffer or self._in_flight:
+            idle = self._idle = anyio.Event()
+            await idle.wait()
+
+    def _set_idle(self) -> None:
+        idle = self._idle
+        if idle is not None:
+            self._idle = None
+            idle.set()
+
+    async def _apply(self, batch: list[Settlement]) -> None:
+        failures = 0
+        while True:
+            try:
+                lost = await self._backend.settle(batch)
+            except Exception as exc:
+                failures += 1
+                if failures >= _ISOLATE_AFTER:
+                    # A verdict the store refuses must not hold up the others: try them one by one, and
+                    # replace one it keeps refusing by a dead verdict that says why.
+                    lost = await self._apply_one_by_one(batch)
+                    break
+                delay = _RETRY.delay(failures)
+                self._logger.warning(
+                    "could not save %d task result(s) (%s: %s); retrying in %.2f s",
+                    len(batch),
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                    exc_info=failures == 1,
+                )
+                await anyio.sleep(delay)
+                continue
+            break
+        held = self._held
+        for settlement in batch:
+            if held.get(settlement.task_id) == settlement.token:
+                del held[settlement.task_id]
+        self.applied += len(batch) - len(lost)
+        for task_id in sorted(lost):
+            self._logger.warning(
+                "the result of task %s was not saved: its lease was lost (another worker took it over after "
+                "the lease expired%s), so it may run again",
+                task_id,
+                "; the backend failed while saving, so it may have been saved before" if failures else "",
+            )
+        self._on_applied()
+
+    async def _apply_one_by_one(self, batch: list[Settlement]) -> set[str]:
+        """Save each verdict alone. One the store still refuses while it takes the others is replaced by a
+        ``DEAD`` verdict that says why (no result, no follow-up), so that task is visible, not stuck; when the
+        store takes none (it is down), the rest are retried together with backoff."""
+        lost: set[str] = set()
+        for index, settlement in enumerate(batch):
+            try:
+                lost |= await self._backend.settle([settlement])
+                continue
+            except Exception as exc:
+                refused = exc
+            fallback = Settlement(
+                task_id=settlement.task_id,
+                token=settlement.token,
+                state=TaskState.DEAD,
+                at=settlement.at,
+                error=storable(
+                    f"the task's verdict ({settlement.state.value}) could not be saved: "
+                    f"{type(refused).__name__}: {refused}; requeue the task to run it again"
+                ),
+            )
+            try:
+                lost |= await self._backend.settle([fallback])
+            except Exception:
+                return lost | await self._retry_all(batch[index:])
+            self._logger.error(
+                "could not save the verdict of task %s (%s: %s); it is dead with that reason instead",
+                settlement.task_id,
+                type(refused).__name__,
+                refused,
+                exc_info=refused,
+            )
+        return lost
+
+    async def _retry_all(self, batch: list[Settlement]) -> set[str]:
+        failures = 0
+        while True:
+            try:
+                return await self._backend.settle(batch)
+            except Exception as exc:
+                failures += 1
+                delay = _RETRY.delay(failures)
+                self._logger.warning(
+                    "could not save %d task result(s) (%s: %s); retrying in %.2f s",
+                    len(batch),
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                    exc_info=failures == 1,
+                )
+                await anyio.sleep(delay)

@@ -1,0 +1,413 @@
+"""The worker engine: claim batches, run each task under its own cancel scope and deadline, settle results in
+batches, renew leases, recover the tasks of dead workers, purge old results, and drain at shutdown."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import FrameType
+
+import anyio
+import anyio.abc
+
+from ..._core._backoff import Backoff
+from ..._core._loopwatch import LoopBlock, LoopWatch
+from .._backend import Backend
+from .._clock import Clock
+from .._encoding import Encoding
+from .._observer import TaskObserver, observe_finished, observe_started
+from .._records import ClaimedTask, Settlement, TaskState
+from .._registry import Registry
+from ._queues import QueueOrder
+from ._runner import LOST, SHUTDOWN, Running, TaskRunner
+from ._settler import Settler
+from ._upkeep import ErrorHook, purge_expired, recover_expired
+from ._verdict import Policy, error_text, is_cancellation
+
+__all__ = ["EngineOptions", "Worker"]
+
+
+_BACKEND_RETRY = Backoff(initial=0.05, cap=5.0)
+_FINAL_FLUSH_TIMEOUT = 10.0
+_BLOCK_WARNING_SHARE = 3  # warn when the loop is blocked longer than lease / 3: the heartbeat interval
+_STACK_LIMIT = 20  # the innermost frames shown of a blocked loop's stack
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    """The engine's settings, validated by :class:`~lifecycle.asynctask.AsyncTasks`."""
+
+    concurrency: int
+    queues: QueueOrder
+    lease: float
+    poll_interval: float
+    recovery_interval: float
+    retention: Mapping[TaskState, float | None]
+    retention_interval: float
+    shutdown_grace: float
+    clock: Clock
+    policy: Policy
+    on_error: ErrorHook | None
+    observer: TaskObserver | None = None
+
+
+class Worker:
+    """One running engine of an ``AsyncTasks``. :meth:`serve` runs until :meth:`stop`, then drains."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        registry: Registry,
+        encoding: Encoding,
+        options: EngineOptions,
+        logger: logging.Logger,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._backend = backend
+        self._options = options
+        self._logger = logger
+        self._clock = options.clock
+        self._policy = options.policy
+        self._running: dict[str, Running] = {}  # by lease token (one task id may run twice, briefly)
+        self._held: dict[str, str] = {}  # task id -> token of every lease held: running or unsaved
+        self._on_change = on_change
+        self._settler = Settler(backend, self._held, self._settled, logger)
+        self._stopping = False
+        self._wake_generation = 0
+        self._wake_event: anyio.Event | None = None
+        self._capacity_event: anyio.Event | None = None
+        self._runners: anyio.abc.TaskGroup | None = None
+        self._runner = TaskRunner(registry, encoding, options.policy, options.clock, options.on_error, logger)
+        self._loopwatch = LoopWatch(
+            options.lease / _BLOCK_WARNING_SHARE, self._loop_blocked, name="lifecycle-asynctask-loopwatch"
+        )
+        self.started = anyio.Event()
+        self.stopping = anyio.Event()
+
+    # -- control --------------------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        """How many tasks are executing now."""
+        return len(self._running)
+
+    def wake(self) -> None:
+        """Work was enqueued in this process: claim now instead of waiting for the backend."""
+        self._wake_generation += 1
+        event, self._wake_event = self._wake_event, None
+        if event is not None:
+            event.set()
+
+    def stop(self) -> None:
+        """Stop claiming; :meth:`serve` then drains the in-flight tasks and returns."""
+        self._stopping = True
+        self.stopping.set()
+        self.wake()
+        self._capacity_changed()
+
+    def _settled(self) -> None:
+        self._capacity_changed()
+        self._on_change()
+
+    def _capacity_changed(self) -> None:
+        event, self._capacity_event = self._capacity_event, None
+        if event is not None:
+            event.set()
+
+    # -- the main loop --------------------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Run until :meth:`stop`: then stop claiming, give in-flight tasks ``shutdown_grace`` seconds, cancel
+        the rest and return them to pending (attempt refunded), save every verdict, and return."""
+        self._runner.limiter = anyio.CapacityLimiter(self._options.concurrency)
+        async with anyio.create_task_group() as services:
+            services.start_soon(self._settler.run)
+            services.start_soon(self._heartbeat_loop)
+            services.start_soon(self._recovery_loop)
+            services.start_soon(self._loopwatch.run)
+            if any(age is not None for age in self._options.retention.values()):
+                services.start_soon(self._retention_loop)
+            async with anyio.create_task_group() as runners:
+                self._runners = runners
+                self.started.set()
+                await self._claim_loop()
+                await self._drain()
+            self._runners = None
+            with anyio.move_on_after(_FINAL_FLUSH_TIMEOUT) as flush_scope:
+                await self._settler.flush()
+            if flush_scope.cancelled_caught:
+                self._logger.warning(
+                    "could not save %d task verdict(s) at shutdown within %.0f s: those tasks stay active "
+                    "until their lease expires, then another worker recovers them",
+                    self._settler.backlog,
+                    _FINAL_FLUSH_TIMEOUT,
+                )
+            services.cancel_scope.cancel()
+
+    async def _claim_loop(self) -> None:
+        options = self._options
+        concurrency = options.concurrency
+        backend = self._backend
+        clock = self._clock
+        failures = 0
+        while not self._stopping:
+            free = min(concurrency - len(self._running), 2 * concurrency - len(self._held))
+            if free <= 0:
+                event = self._capacity_event = anyio.Event()
+                await event.wait()
+                continue
+            generation = self._wake_generation
+            now = clock()
+            try:
+                batch = await backend.claim(
+                    options.queues.next_order(), free, now=now, lease_until=now + options.lease
+                )
+            except Exception as exc:
+                failures += 1
+                await self._backend_trouble("claim tasks", exc, failures)
+                continue
+            failures = 0
+            self._start(batch)
+            if len(batch) < free:
+                await self._idle(generation)
+
+    def _start(self, batch: list[ClaimedTask]) -> None:
+        runners = self._runners
+        assert runners is not None
+        for claimed in batch:
+            self._hold(claimed)
+            # Counted as running from the claim on, so the next claim sees the slot as taken.
+            running = Running(claimed)
+            self._running[claimed.token] = running
+            runners.start_soon(self._run, running)
+
+    def _hold(self, claimed: ClaimedTask) -> None:
+        task_id = claimed.record.id
+        old_token = self._held.get(task_id)
+        if old_token is not None and old_token != claimed.token:
+            # The backend gave this task out again, so the lease this worker held is gone.
+            self._lose(task_id, old_token)
+        self._held[task_id] = claimed.token
+
+    async def _idle(self, generation: int) -> None:
+        if self._stopping or generation != self._wake_generation:
+            return
+        event = self._wake_event = anyio.Event()
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._wait_for_backend, event)
+            await event.wait()
+            group.cancel_scope.cancel()
+
+    async def _wait_for_backend(self, event: anyio.Event) -> None:
+        try:
+            await self._backend.wait_for_work(self._options.queues.names, timeout=self._options.poll_interval)
+        except Exception as exc:
+            await self._backend_trouble("wait for work", exc, 1)
+        event.set()
+
+    async def _backend_trouble(self, what: str, exc: Exception, failures: int) -> None:
+        delay = _BACKEND_RETRY.delay(failures, self._policy.rng)
+        self._logger.warning(
+            "could not %s (%s: %s); trying again in %.2f s",
+            what,
+            type(exc).__name__,
+            exc,
+            delay,
+            exc_info=failures == 1,
+        )
+        with anyio.move_on_after(delay):
+            await self.stopping.wait()  # a stop ends the pause: nothing more is claimed
+
+    async def _drain(self) -> None:
+        if self._running:
+            self._logger.info(
+                "stopping: waiting up to %g s for %d running task(s)",
+                self._options.shutdown_grace,
+                len(self._running),
+            )
+            with anyio.move_on_after(self._options.shutdown_grace):
+                while self._running:
+                    event = self._capacity_event = anyio.Event()
+                    await event.wait()
+        if self._running:
+            self._logger.warning(
+                "shutdown grace of %g s is over: cancelling %d running task(s) and returning them to pending",
+                self._options.shutdown_grace,
+                len(self._running),
+            )
+            for running in list(self._running.values()):
+                running.cancel(SHUTDOWN)
+
+    # -- one task -------------------------------------------------------------------------------------------
+
+    async def _run(self, running: Running) -> None:
+        claimed = running.claimed
+        task_id = claimed.record.id
+        try:
+            if self._options.observer is None:
+                settlement = await self._runner.run(running)
+            else:
+                settlement = await self._run_observed(running, self._options.observer)
+        except BaseException as exc:
+            # A fault of this task's handling stays with this task: it is settled, the rest of the batch and
+            # the worker go on. Only the worker's own cancellation passes.
+            if is_cancellation(exc):
+                raise
+            settlement = self._internal_error(running, exc)
+        finally:
+            del self._running[claimed.token]
+            self._capacity_changed()
+        if settlement is None:
+            if self._held.get(task_id) == claimed.token:
+                del self._held[task_id]
+        else:
+            self._settler.put(settlement)
+
+    def _internal_error(self, running: Running, exc: BaseException) -> Settlement | None:
+        record = running.claimed.record
+        self._logger.error(
+            "internal error while handling task %s (%s); the task is dead, the worker goes on",
+            record.id,
+            record.name,
+            exc_info=exc,
+        )
+        if running.reason == LOST:  # another worker holds the task now: its verdict is not ours to save
+            return None
+        return self._policy.dead(
+            running.claimed,
+            now=self._clock(),
+            error=f"internal error while handling the task (please report it): {error_text(exc)}",
+        )
+
+    async def _run_observed(self, running: Running, observer: TaskObserver) -> Settlement | None:
+        record = running.claimed.record
+        if running.reason is not None:  # released (or lost) before it started: not an attempt here
+            return await self._runner.run(running)
+        started_at = self._clock()
+        observe_started(observer, record)
+        settlement = await self._runner.run(running)
+        if settlement is not None:  # None: the lease was lost, the new owner reports the attempt
+            observe_finished(observer, record, settlement, started_at)
+        return settlement
+
+    # -- background loops -----------------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self._options.lease / 3
+        failures = 0
+        while True:
+            await anyio.sleep(interval)
+            leases = list(self._held.items())
+            if not leases:
+                continue
+            try:
+                lost = await self._backend.extend_leases(
+                    leases, lease_until=self._clock() + self._options.lease
+                )
+            except Exception as exc:
+                failures += 1
+                self._logger.warning(
+                    "could not renew %d lease(s) (%s: %s); trying again in %g s",
+                    len(leases),
+                    type(exc).__name__,
+                    exc,
+                    interval,
+                    exc_info=failures == 1,
+                )
+                continue
+            failures = 0
+            if lost:
+                self._leases_lost(lost, dict(leases))
+
+    def _leases_lost(self, lost: set[str], tokens: dict[str, str]) -> None:
+        for task_id in lost:
+            token = tokens.get(task_id)
+            if token is not None:
+                self._lose(task_id, token)
+        self._capacity_changed()
+
+    def _lose(self, task_id: str, token: str) -> None:
+        """The lease ``token`` of ``task_id`` is no longer this worker's: cancel its run here, if any."""
+        running = self._running.get(token)
+        if running is not None and running.reason is None:
+            self._logger.warning(
+                "lost the lease of running task %s (%s): another worker took it over, so this run is "
+                "cancelled here (was the event loop blocked longer than the lease of %g s?)",
+                task_id,
+                running.claimed.record.name,
+                self._options.lease,
+            )
+            running.cancel(LOST)
+        if self._held.get(task_id) == token:
+            del self._held[task_id]
+
+    def _loop_blocked(self, block: LoopBlock) -> None:
+        """Called from the loop watchdog's thread: name the task that blocks the event loop, and its stack."""
+        if block.frame is None:  # the loop's thread is gone: nothing blocks it any more
+            return
+        executing = self._runner.executing
+        below: list[tuple[FrameType, int]] = []  # innermost first, down to the task's call
+        blocker: Running | None = None
+        for frame, line in traceback.walk_stack(block.frame):
+            blocker = executing.get(frame)
+            if blocker is not None:
+                break
+            below.append((frame, line))
+        lease = self._options.lease
+        if blocker is None:
+            stack = "".join(traceback.StackSummary.extract(reversed(below[:_STACK_LIMIT])).format())
+            self._logger.warning(
+                "the event loop was blocked for %.1f s (more than lease / 3 = %g s), not by a task; while it "
+                "is blocked no lease is renewed, and past the lease (%g s) other workers run this worker's "
+                "tasks again. It was at:\n%s",
+                block.seconds,
+                block.threshold,
+                lease,
+                stack.rstrip("\n"),
+            )
+            return
+        record = blocker.claimed.record
+        stack = "".join(traceback.StackSummary.extract(reversed(below[:_STACK_LIMIT])).format())
+        self._logger.warning(
+            "the event loop was blocked for %.1f s (more than lease / 3 = %g s) by task %s (%s): while it is "
+            "blocked no lease is renewed, and past the lease (%g s) another worker runs the task again and "
+            "this run's result is discarded. Do not block in an async def task: await, or make it a plain "
+            "def (it runs in a worker thread). It was at:\n%s",
+            block.seconds,
+            block.threshold,
+            record.id,
+            record.name,
+            lease,
+            stack.rstrip("\n"),
+            extra={"task_id": record.id, "task_name": record.name},
+        )
+
+    async def _recovery_loop(self) -> None:
+        while True:
+            try:
+                await self.recover_expired()
+            except Exception as exc:
+                self._logger.warning(
+                    "could not recover expired leases (%s: %s)", type(exc).__name__, exc, exc_info=True
+                )
+            await anyio.sleep(self._options.recovery_interval)
+
+    async def recover_expired(self) -> int:
+        """Take over tasks whose worker died (lease expired) and settle each as a retry or dead."""
+        return await recover_expired(self._backend, self._options, self._take_over, self._logger)
+
+    def _take_over(self, claimed: ClaimedTask, verdict: Settlement) -> None:
+        self._hold(claimed)
+        self._settler.put(verdict)
+
+    async def _retention_loop(self) -> None:
+        while True:
+            try:
+                await purge_expired(self._backend, self._options)
+            except Exception as exc:
+                self._logger.warning(
+                    "could not purge old finished tasks (%s: %s)", type(exc).__name__, exc, exc_info=True
+                )
+            await anyio.sleep(self._options.retention_interval)

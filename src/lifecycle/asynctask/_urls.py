@@ -1,0 +1,220 @@
+"""backend_from_url(): pick and configure a backend from one URL string (for the CLI and configuration)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+from .._redact import redact
+from ._backend import Backend
+from ._extras import raise_missing_extra
+
+__all__ = ["backend_from_url", "join_url", "split_url", "unique_options"]
+
+_ACCEPTED = (
+    '"memory://", '
+    '"sqlite:///relative/path.db" or "sqlite:////absolute/path.db" '
+    "(options: ?poll_interval=0.1&busy_timeout=30&synchronous=NORMAL), "
+    '"redis://[user:password@]host:port/db?prefix=NAME" (also "rediss://", and '
+    '"unix:///path/redis.sock?db=0&prefix=NAME"), '
+    '"postgresql://user@host:port/dbname?schema=NAME" (also "postgres://")'
+)
+
+_SQLITE_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "poll_interval": float,
+    "busy_timeout": float,
+    "synchronous": str.upper,
+}
+
+
+def backend_from_url(url: str) -> Backend:
+    """Build the backend a URL names. The backend is not opened yet (``AsyncTasks`` opens it).
+
+    Accepted forms:
+
+    - ``memory://``: a :class:`~lifecycle.asynctask.MemoryBackend` (one process, not durable).
+    - ``sqlite:///tasks.db`` (relative to the working directory) or ``sqlite:////var/lib/app/tasks.db``
+      (absolute: four slashes, as in SQLAlchemy); ``sqlite://`` alone is a private in-memory database.
+      Query options ``poll_interval``, ``busy_timeout`` and ``synchronous`` go to
+      :class:`~lifecycle.asynctask.SQLiteBackend`.
+    - ``redis://...``, ``rediss://...`` or ``unix:///path/redis.sock`` (redis-py's form for a Unix socket):
+      ``lifecycle.asynctask.redis.RedisBackend``; a ``prefix=NAME`` query option becomes its ``prefix``
+      (the rest of the URL goes to redis-py unchanged).
+    - ``postgresql://...`` / ``postgres://...``: ``lifecycle.asynctask.postgres.PostgresBackend``; a
+      ``schema=NAME`` query option becomes its ``schema``.
+
+    Every error message shows the URL with its passwords masked (``***``).
+
+    Raises:
+        ValueError: the URL has another scheme, or a malformed part, an option given twice or an unknown
+            option; the message names it and lists the forms.
+        ImportError: the backend's optional dependency is missing; the message says which extra to install.
+
+    Example::
+
+        backend = backend_from_url("sqlite:///var/tasks.db?synchronous=FULL")
+    """
+    if not isinstance(url, str):
+        raise TypeError(f"backend_from_url() takes a URL string, got {type(url).__name__}")
+    scheme, colon, _ = url.partition(":")
+    scheme = scheme.lower()
+    if scheme == "memory":
+        return _memory(url)
+    if scheme == "sqlite":
+        return _sqlite(url)
+    if scheme in ("redis", "rediss", "unix"):
+        return _redis(url)
+    if scheme in ("postgresql", "postgres"):
+        return _postgres(url)
+    shown = redact(url, url)
+    if "://" not in url and url.endswith((".db", ".sqlite", ".sqlite3")):
+        problem = f'{shown!r} is a file name, not a URL: for a SQLite file write "sqlite:///{shown}"'
+    elif "://" not in url and "=" in url:
+        problem = (
+            f"{shown!r} looks like a libpq key=value DSN, which backend_from_url does not take: write it "
+            "as a URL, postgresql://user@host:port/dbname, or pass it to PostgresBackend(dsn)"
+        )
+    elif colon and scheme and "://" in url:
+        problem = f"the scheme {scheme!r} of {shown!r} is not supported"
+    else:
+        problem = f"{shown!r} is not a URL (no scheme://)"
+    raise ValueError(f"unsupported task backend URL: {problem}; use one of: {_ACCEPTED}")
+
+
+def _memory(url: str) -> Backend:
+    parts = split_url(url)
+    if parts.netloc or parts.path or parts.query:
+        raise ValueError(
+            'the memory backend URL takes no host, path or options: use "memory://", '
+            f"got {redact(url, url)!r}"
+        )
+    from ._backends.memory._backend import MemoryBackend
+
+    backend: Backend = MemoryBackend()
+    return backend
+
+
+def _sqlite(url: str) -> Backend:
+    parts = split_url(url)
+    shown = redact(url, url)
+    if parts.netloc:
+        raise ValueError(
+            f"a sqlite URL has no host part, got {redact(parts.netloc, url)!r} in {shown!r}: use "
+            '"sqlite:///relative/path.db" (three slashes) or "sqlite:////absolute/path.db" (four)'
+        )
+    path = unquote(parts.path[1:]) if parts.path.startswith("/") else unquote(parts.path)
+    options: dict[str, Any] = {}
+    for name, value in unique_options(url).items():
+        convert = _SQLITE_OPTIONS.get(name)
+        if convert is None:
+            raise ValueError(
+                f"unknown option {redact(name)!r} in sqlite URL {shown!r}; accepted: "
+                f"{', '.join(_SQLITE_OPTIONS)}"
+            )
+        try:
+            options[name] = convert(value)
+        except ValueError:
+            raise ValueError(
+                f"option {name}={redact(value, url)!r} in sqlite URL {shown!r} is not a number"
+            ) from None
+    from ._backends.sqlite._backend import SQLiteBackend
+
+    return SQLiteBackend(path or ":memory:", **options)
+
+
+def _redis(url: str) -> Backend:
+    unique_options(url)
+    rest, prefix = _take_option(url, "prefix")
+    module = _import_extra("lifecycle.asynctask.redis", extra="redis")
+    if prefix is None:
+        backend: Backend = module.RedisBackend(rest)
+    else:
+        backend = module.RedisBackend(rest, prefix=prefix)
+    return backend
+
+
+def _postgres(url: str) -> Backend:
+    unique_options(url)
+    rest, schema = _take_option(url, "schema")
+    module = _import_extra("lifecycle.asynctask.postgres", extra="postgres")
+    if schema is None:
+        backend: Backend = module.PostgresBackend(rest)
+    else:
+        backend = module.PostgresBackend(rest, schema=schema)
+    return backend
+
+
+def split_url(url: str, *, caller: str = "backend_from_url") -> SplitResult:
+    """``urlsplit(url)``, or a ``ValueError`` that names the problem and the fix (with passwords masked)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsed lazily: a port that is not a number fails here
+    except ValueError as exc:
+        shown = redact(url, url)
+        netloc = url.partition("://")[2].split("/", 1)[0]
+        if "[" in netloc or "]" in netloc:
+            problem = (
+                "a '[' or ']' in its host part is unbalanced; an IPv6 host goes in closed brackets "
+                "(redis://[::1]:6379/0, postgresql://user@[::1]:5432/db), and a '[' or ']' in a user "
+                "name or password must be percent-encoded (%5B, %5D)"
+            )
+        elif "port" in str(exc).lower():
+            problem = (
+                "its port is not a number; write host:port with a number, and percent-encode ':', "
+                "'@' and '/' in a user name or password (%3A, %40, %2F)"
+            )
+        else:
+            problem = (
+                f"{exc}; percent-encode special characters (such as @ : / [ ]) in user names and passwords"
+            )
+        raise ValueError(f"{caller}: cannot parse the URL {shown!r}: {problem}") from None
+    return parts
+
+
+def unique_options(url: str, *, caller: str = "backend_from_url") -> dict[str, str]:
+    """The query options of ``url`` by name. Raises ``ValueError`` for an option given twice (which value
+    a library would pick is not obvious: the first for redis-py, the last for libpq)."""
+    options: dict[str, str] = {}
+    for name, value in parse_qsl(split_url(url, caller=caller).query, keep_blank_values=True):
+        if name in options:
+            raise ValueError(
+                f"{caller}: the option {redact(name)!r} is given twice in the URL {redact(url, url)!r}; "
+                "give it once"
+            )
+        options[name] = value
+    return options
+
+
+def _take_option(url: str, name: str) -> tuple[str, str | None]:
+    """Remove the ``name`` query option from ``url``; return the rest of the URL and the option's value."""
+    parts = split_url(url)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    values = [value for key, value in pairs if key == name]
+    if values and not values[0]:
+        raise ValueError(
+            f"option {name!r} in URL {redact(url, url)!r} is empty; give a name, as in ?{name}=myapp"
+        )
+    if not values:
+        return url, None
+    rest = urlencode([(key, value) for key, value in pairs if key != name])
+    return join_url(parts._replace(query=rest)), values[0]
+
+
+def join_url(parts: SplitResult) -> str:
+    """``urlunsplit(parts)`` of a ``scheme://...`` URL, keeping the ``//`` of one without a host
+    (``unix:///path.sock``), which urlunsplit drops for schemes it does not know."""
+    if parts.netloc:
+        return urlunsplit(parts)
+    query = f"?{parts.query}" if parts.query else ""
+    fragment = f"#{parts.fragment}" if parts.fragment else ""
+    return f"{parts.scheme}://{parts.path}{query}{fragment}"
+
+
+def _import_extra(module: str, *, extra: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        raise_missing_extra(exc, extra)

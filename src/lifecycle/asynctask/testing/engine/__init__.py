@@ -1,0 +1,1 @@
+"""``EngineConformance``: ``AsyncTasks`` end to end over a backend, one rule set per module."""

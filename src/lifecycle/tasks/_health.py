@@ -1,0 +1,258 @@
+"""HealthServer: a tiny HTTP server for Kubernetes probes, status and metrics (anyio TCP, no framework)."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import anyio
+from anyio.abc import ByteStream, Listener, SocketAttribute, SocketStream
+
+from .._core._background import current_background
+from .._core._readiness import Health
+from .._core._task import ManagerState
+from .._metrics import Metrics, metrics_available
+from .._redact import library_logger, redact_tree
+
+if TYPE_CHECKING:
+    from .._core._manager import TaskManager
+
+__all__ = ["HealthServer"]
+
+logger = library_logger("lifecycle.tasks")
+
+_MAX_REQUEST = 8192
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+_TEXT = "text/plain; charset=utf-8"
+_PATHS = "/livez, /readyz, /status, /metrics"
+
+
+class HealthServer:
+    """A :class:`~lifecycle.Task` serving a manager's health over HTTP/1.1 on ``host:port``.
+
+    - ``GET /livez``: 200 while :meth:`TaskManager.health` says live, else 503 (a task failed for good, a
+      shutdown is stuck, the manager stopped). For a liveness probe.
+    - ``GET /readyz``: 200 while ready, 503 while starting, restarting a task or draining. For a readiness
+      probe; with ``TaskManager(drain_delay=...)`` it answers 503 during the whole drain.
+    - ``GET /status``: JSON: the manager's state, ready / live / draining, and every row of
+      :meth:`TaskManager.status` (errors as ``"Type: message"``, with the passwords of any URL or DSN in
+      them masked as ``***``).
+    - ``GET /metrics``: Prometheus text exposition of ``metrics`` (default: a :class:`~lifecycle.Metrics`
+      of ``manager``) when ``prometheus-client`` is installed (extra ``metrics``), else 404 saying so.
+
+    ``HEAD`` is answered too; other methods get 405. Every response closes the connection. A request must
+    arrive within ``request_timeout`` seconds and fit in 8 KiB.
+
+    It starts listening in ``initialize`` (so a port in use fails the startup). Run by
+    :meth:`TaskManager.run`, it answers from then on, while later tasks initialize (``/readyz``: 503) and
+    until its ``cleanup``, through the drain: add it **first**, so it is cleaned up last. (Outside ``run()``,
+    it answers once its ``execute`` runs.)
+
+    Args:
+        manager: the manager to report on (usually the one it is added to).
+        host: address to listen on; ``"0.0.0.0"`` to be reachable from outside a container.
+        port: TCP port; ``0`` picks a free one, readable from :attr:`port` after ``initialize``.
+        metrics: what ``/metrics`` serves; ``None``: a new :class:`~lifecycle.Metrics` of ``manager`` when
+            ``prometheus-client`` is installed.
+        request_timeout: seconds a client has to send its request.
+
+    Example::
+
+        manager = lifecycle.TaskManager(drain_delay=5)
+        manager.add_task("health", HealthServer(manager, host="0.0.0.0", port=8081))
+    """
+
+    def __init__(
+        self,
+        manager: TaskManager,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        metrics: Metrics | None = None,
+        request_timeout: float = 5.0,
+    ) -> None:
+        if not hasattr(manager, "health") or not hasattr(manager, "status"):
+            raise TypeError(f"HealthServer needs a lifecycle.TaskManager, got {type(manager).__name__}")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"HealthServer port must be an int from 0 to 65535, got {port!r}")
+        if not request_timeout > 0:
+            raise ValueError(f"HealthServer request_timeout must be positive, got {request_timeout!r}")
+        self._manager = manager
+        self.host = host
+        #: The TCP port: as given until ``initialize`` has bound it, then the bound one (useful with 0).
+        self.port = port
+        if metrics is None and metrics_available():
+            metrics = Metrics(manager)
+        self.metrics = metrics
+        self._request_timeout = request_timeout
+        self._listener: Listener[SocketStream] | None = None
+        self._serving: anyio.CancelScope | None = None
+        self._stopped: anyio.Event | None = None
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` of the server (the bound port once initialized)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"<HealthServer {self.url}>"
+
+    # ------------------------------------------------------------------ the Task protocol
+
+    async def initialize(self) -> None:
+        """Listen on ``host:port`` (``OSError`` when it cannot) and, under ``run()``, start answering."""
+        listeners = (await anyio.create_tcp_listener(local_host=self.host, local_port=self.port)).listeners
+        for extra in listeners[1:]:  # a name resolving to several addresses: serve the first one only
+            await extra.aclose()
+        listener = self._listener = listeners[0]
+        self.port = int(listener.extra(SocketAttribute.local_port))
+        logger.info("health server listening on %s (%s)", self.url, _PATHS)
+        background = current_background()
+        if background is not None:
+            # Created here, entered by the background task: a cleanup that comes before that task has
+            # started still stops it (a scope cancelled before it is entered cancels at once).
+            self._serving = anyio.CancelScope()
+            self._stopped = anyio.Event()
+            background.start_soon(self._serve_in_background, self._serving, self._stopped)
+
+    async def execute(self) -> None:
+        """Answer requests until cancelled (when already answering since ``initialize``, just wait)."""
+        if self._stopped is not None:
+            await anyio.sleep_forever()
+        await self._serve()
+
+    async def cleanup(self) -> None:
+        """Stop answering and close the listening socket."""
+        if self._serving is not None:
+            self._serving.cancel()
+            self._serving = None
+        if self._stopped is not None:
+            await self._stopped.wait()
+            self._stopped = None
+        if self._listener is not None:
+            await self._listener.aclose()
+            self._listener = None
+
+    # ------------------------------------------------------------------ serving
+
+    async def _serve_in_background(self, scope: anyio.CancelScope, stopped: anyio.Event) -> None:
+        try:
+            with scope:
+                await self._serve()
+        except Exception:
+            logger.exception("health server %s stopped answering", self.url)
+        finally:
+            stopped.set()
+
+    async def _serve(self) -> None:
+        listener = self._listener
+        if listener is None:
+            raise RuntimeError("HealthServer.execute() called before initialize()")
+        async with anyio.create_task_group() as connections:
+            await listener.serve(self._handle, task_group=connections)
+
+    async def _handle(self, stream: SocketStream) -> None:
+        try:
+            async with stream:
+                response = None
+                with anyio.move_on_after(self._request_timeout):
+                    request = await _read_request(stream)
+                    response = await self._respond(request)
+                if response is not None:
+                    await stream.send(response)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass  # the client went away
+        except Exception:
+            logger.exception("health server %s: a request failed", self.url)
+
+    async def _respond(self, request: bytes | None) -> bytes:
+        if request is None:
+            return _response(400, b"malformed or too large request\n", _TEXT)
+        method, _, rest = request.partition(b" ")
+        target = rest.split(b" ", 1)[0].decode("latin-1")
+        path = target.split("?", 1)[0]
+        head = method == b"HEAD"
+        if method not in (b"GET", b"HEAD"):
+            return _response(405, b"only GET and HEAD are supported\n", _TEXT, allow=True)
+        try:
+            status, body, content_type = await self._endpoint(path)
+        except Exception:
+            logger.exception("health server %s: %s failed", self.url, path)
+            status, body, content_type = 500, b"internal error (see the service's log)\n", _TEXT
+        return _response(status, body, content_type, head=head)
+
+    async def _endpoint(self, path: str) -> tuple[int, bytes, str]:
+        manager = self._manager
+        if path == "/livez":
+            health = manager.health()
+            if health.live:
+                return 200, b"ok\n", _TEXT
+            failed = [t.name for t in health.tasks if not t.live]
+            why = f"tasks failed: {', '.join(failed)}" if failed else f"manager is {health.state.value}"
+            return 503, f"not live: {why}\n".encode(), _TEXT
+        if path == "/readyz":
+            health = manager.health()
+            if health.ready:
+                return 200, b"ready\n", _TEXT
+            return 503, f"not ready: {_not_ready_reason(health)}\n".encode(), _TEXT
+        if path == "/status":
+            health = manager.health()
+            document = health.to_dict()
+            document["tasks"] = [row.to_dict() for row in manager.status()]  # the full rows, errors included
+            # An error's text can quote a connection string: its passwords never reach the page.
+            document = redact_tree(json.loads(json.dumps(document, default=str)))
+            return 200, json.dumps(document, indent=2).encode() + b"\n", "application/json"
+        if path == "/metrics":
+            if self.metrics is None:
+                text = "metrics need prometheus-client: pip install 'anyio-lifecycle[metrics]'\n"
+                return 404, text.encode(), _TEXT
+            body, content_type = await self.metrics.exposition()
+            return 200, body, content_type
+        return 404, f"unknown path {path!r}; try {_PATHS}\n".encode(), _TEXT
+
+
+def _not_ready_reason(health: Health) -> str:
+    if health.draining:
+        return "draining (shutting down)"
+    restarting = [t.name for t in health.tasks if t.restarting]
+    if restarting:
+        return f"restarting {', '.join(restarting)}"
+    if health.state in (ManagerState.NEW, ManagerState.INITIALIZING, ManagerState.RUNNING):
+        return f"starting ({health.state.value})"
+    return str(health.state.value)
+
+
+async def _read_request(stream: ByteStream) -> bytes | None:
+    """The request line and headers (up to the blank line), or ``None`` when malformed or too large."""
+    data = b""
+    while b"\r\n\r\n" not in data and b"\n\n" not in data:
+        if len(data) > _MAX_REQUEST:
+            return None
+        data += await stream.receive(4096)
+    line = data.split(b"\n", 1)[0].rstrip(b"\r")
+    if line.count(b" ") < 2:
+        return None
+    return line
+
+
+def _response(
+    status: int, body: bytes, content_type: str, *, head: bool = False, allow: bool = False
+) -> bytes:
+    headers = [
+        f"HTTP/1.1 {status} {_REASONS[status]}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Cache-Control: no-store",
+        "Connection: close",
+    ]
+    if allow:
+        headers.append("Allow: GET, HEAD")
+    return ("\r\n".join(headers) + "\r\n\r\n").encode() + (b"" if head else body)
