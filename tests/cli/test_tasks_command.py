@@ -11,7 +11,7 @@ import pytest
 from cli_support import lifecycle, lifecycle_json, seed, state_of
 
 from lifecycle.asynctask import TaskState
-from lifecycle.cli._format import error_summary, parse_duration
+from lifecycle.cli._tasks._format import error_summary, parse_duration
 
 
 def test_stats_and_list_show_the_stored_tasks(url: str) -> None:
