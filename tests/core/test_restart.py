@@ -451,6 +451,33 @@ async def test_an_execute_task_added_while_running_restarts_too() -> None:
         with anyio.fail_after(10):
             await steady.wait()
         assert {row.name: row.restarts for row in m.status()} == {"late": 2}
+        assert [(t.name, t.added_while_running) for t in m.health().tasks] == [("late", True)]
+        m.shutdown()
+    assert await outcome.finished() is None
+
+
+async def test_restart_totals_keep_the_restarts_of_forgotten_execute_tasks() -> None:
+    timing = FakeTiming()
+    m, events = manager(**timing.seams())
+    m.add_task("db", FakeTask("db", []))
+    outcome = Outcome()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_capturing, m, outcome)
+        await events.running()
+        assert m.restart_totals() == {}
+        steady = anyio.Event()
+        handle = m.add_execute_task(
+            "request", failing_at(timing, [0.0], then=steady), TaskType.ERROR, restart=Restart(backoff=STEADY)
+        )
+        with anyio.fail_after(10):
+            await steady.wait()  # failed once, restarted, running again
+        handle.cancel()
+        await handle.wait()
+        assert [row.name for row in m.status()] == ["db"]  # the request was forgotten...
+        totals = m.restart_totals()
+        assert totals == {"request": 1}  # ...but not its restart
+        totals["request"] = 99  # a copy
+        assert m.restart_totals() == {"request": 1}
         m.shutdown()
     assert await outcome.finished() is None
 
