@@ -24,6 +24,7 @@ import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from types import EllipsisType
 from typing import Literal
 
@@ -133,11 +134,11 @@ class TaskManager:
         self,
         *,
         name: str = "lifecycle",
-        initialize_timeout: float | None = None,
-        cleanup_timeout: float | None = None,
-        shutdown_timeout: float | None = None,
+        initialize_timeout: float | timedelta | None = None,
+        cleanup_timeout: float | timedelta | None = None,
+        shutdown_timeout: float | timedelta | None = None,
         on_event: Callable[[LifecycleEvent], None] | None = None,
-        drain_delay: float | None = None,
+        drain_delay: float | timedelta | None = None,
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
         rng: random.Random | None = None,
@@ -206,8 +207,8 @@ class TaskManager:
         task: Task,
         task_type: TaskType = TaskType.STRICT,
         *,
-        initialize_timeout: float | EllipsisType | None = ...,
-        cleanup_timeout: float | EllipsisType | None = ...,
+        initialize_timeout: float | timedelta | EllipsisType | None = ...,
+        cleanup_timeout: float | timedelta | EllipsisType | None = ...,
         restart: Restart | None = None,
     ) -> None:
         """Add a :class:`~lifecycle.Task` (initialize / execute / cleanup). Only before :meth:`run`.

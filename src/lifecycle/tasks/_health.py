@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import anyio
@@ -81,7 +82,7 @@ class HealthServer:
         port: int = 0,
         *,
         metrics: Metrics | None = None,
-        request_timeout: float = 5.0,
+        request_timeout: float | timedelta = 5.0,
     ) -> None:
         if not hasattr(manager, "health") or not hasattr(manager, "status"):
             raise TypeError(f"HealthServer needs a lifecycle.TaskManager, got {type(manager).__name__}")

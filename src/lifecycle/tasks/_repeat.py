@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 
 import anyio
 
@@ -58,7 +59,7 @@ class Repeat:
         self,
         fn: Callable[[], Awaitable[object]],
         *,
-        interval: float,
+        interval: float | timedelta,
         run_immediately: bool = True,
         name: str | None = None,
         clock: Callable[[], float] | None = None,

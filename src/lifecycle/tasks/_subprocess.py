@@ -8,6 +8,7 @@ import signal
 import subprocess
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any, Union
 
 import anyio
@@ -117,7 +118,7 @@ class Subprocess:
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
         ready: Callable[[str], bool] | None = None,
-        stop_timeout: float = 10.0,
+        stop_timeout: float | timedelta = 10.0,
         name: str | None = None,
     ) -> None:
         given: object = args

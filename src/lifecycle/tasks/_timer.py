@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import anyio
 
 from .._checks import check_seconds
@@ -26,7 +28,7 @@ class Timer:
         manager.add_execute_task("run-for-a-minute", Timer(60), lifecycle.TaskType.STOP_GROUP)
     """
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float | timedelta) -> None:
         self._seconds = check_seconds(seconds, "Timer seconds", allow_zero=True)
 
     @property
