@@ -1,11 +1,17 @@
-"""`lifecycle.__all__` is exactly the documented public API (docs/lifecycle.md, "Public API")."""
+"""`lifecycle.__all__` is exactly the documented public API (docs/lifecycle.md, "Public API"): each name has a
+docstring of its own, reports ``lifecycle`` as its module, and no user-facing text names a private module."""
 
 from __future__ import annotations
 
 import inspect
+import pickle
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from docstring_check import missing_docstrings
 
 import lifecycle
 
@@ -15,6 +21,7 @@ else:  # pragma: no cover
     from exceptiongroup import ExceptionGroup
 
 DOCUMENTED = (
+    "AsyncTasksMetrics",
     "Backoff",
     "EventKind",
     "ExecuteHandle",
@@ -43,11 +50,71 @@ def test_all_is_exactly_the_documented_api() -> None:
     assert lifecycle.__all__ == DOCUMENTED
 
 
-def test_every_name_in_all_is_importable_and_documented() -> None:
+def test_every_public_object_and_method_has_a_docstring_of_its_own() -> None:
+    names = tuple(name for name in lifecycle.__all__ if name != "__version__")
+    assert missing_docstrings(lifecycle, names) == []
+
+
+class _DocumentedBase:
+    """Documented."""
+
+    def method(self) -> None:
+        """Documented."""
+
+
+class _UndocumentedChild(_DocumentedBase):
+    def method(self) -> None:
+        pass
+
+
+def test_the_docstring_check_sees_a_missing_docstring_behind_an_inherited_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What the old check (inspect.getdoc) saw: the inherited text.
+    assert inspect.getdoc(_UndocumentedChild) == "Documented."
+    assert inspect.getdoc(_UndocumentedChild.method) == "Documented."
+    for cls in (_DocumentedBase, _UndocumentedChild):
+        monkeypatch.setattr(cls, "__module__", "lifecycle.fake")
+    namespace = SimpleNamespace(__name__="lifecycle.fake", Child=_UndocumentedChild)
+    missing = missing_docstrings(namespace, ("Child",))
+    assert missing == ["lifecycle.fake.Child", "lifecycle.fake.Child.method"]
+
+
+def test_every_public_object_reports_the_public_module() -> None:
     for name in lifecycle.__all__:
         value = getattr(lifecycle, name)
         if name != "__version__":
-            assert inspect.getdoc(value), f"lifecycle.{name} has no docstring"
+            assert value.__module__ == "lifecycle", name
+    assert repr(lifecycle.TaskManager) == "<class 'lifecycle.TaskManager'>"
+
+
+def test_task_errors_pickle_under_their_public_names() -> None:
+    cause = ValueError("disk full")
+    error = lifecycle.TaskError("db", lifecycle.Stage.EXECUTE, lifecycle.TaskType.STRICT, cause, 2, "note")
+    group = lifecycle.TaskManagerError("task manager 'svc': 1 task error", [error])
+    data = pickle.dumps(group)
+    assert b"_core" not in data
+    assert b"lifecycle\x94\x8c\x10TaskManagerError" in data
+    copy = pickle.loads(data)
+    assert type(copy) is lifecycle.TaskManagerError
+    [inner] = copy.exceptions
+    assert type(inner) is lifecycle.TaskError
+    assert (inner.task_name, inner.stage, inner.restarts) == ("db", error.stage, 2)
+    assert inner.task_type is lifecycle.TaskType.STRICT
+    assert str(inner) == str(error)
+    assert repr(inner.__cause__) == repr(cause)
+
+
+_ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.parametrize(
+    "path", [*sorted(_ROOT.glob("docs/*.md")), _ROOT / "README.md"], ids=lambda path: path.name
+)
+def test_no_user_facing_doc_names_a_private_module(path: Path) -> None:
+    if path.name == "architecture.md":
+        pytest.skip("the architecture document is about the private modules")
+    assert not re.findall(r"lifecycle(?:\.\w+)*\._[a-z]", path.read_text()), path
 
 
 def test_the_docs_list_the_same_api() -> None:
@@ -66,6 +133,9 @@ def test_the_issue_signatures_are_kept() -> None:
         "shutdown_timeout",
         "on_event",
         "drain_delay",
+        "clock",
+        "sleep",
+        "rng",
     ]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in init.parameters.values())
     add_task = inspect.signature(lifecycle.TaskManager.add_task)

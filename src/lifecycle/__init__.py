@@ -1,4 +1,9 @@
-"""lifecycle: one well-behaved ``main()`` for a Python service, on anyio (asyncio and trio)."""
+"""lifecycle: one well-behaved ``main()`` for a Python service, on anyio (asyncio and trio).
+
+The public face: every name is defined in a private module and re-exported here. Each public object reports
+``lifecycle`` as its ``__module__`` (as anyio, trio and httpx do), so reprs, pickles and documentation name
+the path users import from, never a private module.
+"""
 
 from ._core._backoff import Backoff as Backoff
 from ._core._errors import TaskError as TaskError
@@ -17,11 +22,13 @@ from ._core._task import ManagerState as ManagerState
 from ._core._task import Stage as Stage
 from ._core._task import Task as Task
 from ._core._task import TaskType as TaskType
+from ._metrics import AsyncTasksMetrics as AsyncTasksMetrics
 from ._metrics import Metrics as Metrics
 from ._run import run as run
 from ._version import __version__ as __version__
 
 __all__ = (
+    "AsyncTasksMetrics",
     "Backoff",
     "EventKind",
     "ExecuteHandle",
@@ -43,3 +50,8 @@ __all__ = (
     "__version__",
     "run",
 )
+
+for _public in __all__:
+    if getattr(globals()[_public], "__module__", "").startswith(f"{__name__}._"):
+        globals()[_public].__module__ = __name__
+del _public

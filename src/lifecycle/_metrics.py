@@ -1,5 +1,11 @@
 """Prometheus metrics for a TaskManager (and its AsyncTasks), with the optional ``prometheus-client``.
 
+This is the one module that knows both the core (it reads a :class:`~lifecycle.TaskManager` through its
+public ``health()`` and ``restart_totals()``) and ``lifecycle.asynctask`` (queue depths per
+:class:`~lifecycle.asynctask.TaskState`); the core imports neither it nor asynctask, and asynctask does not
+import it: ``AsyncTasks(metrics=...)`` takes anything with an ``async_tasks`` attribute (a :class:`Metrics`)
+or a ``TaskObserver`` such as :class:`AsyncTasksMetrics`.
+
 Nothing here imports ``prometheus_client`` until a :class:`Metrics` is built, so the core runs without it.
 Every :class:`Metrics` has a registry of its own unless given one: two managers in one process never share
 or clash over metrics.
@@ -20,8 +26,9 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
+from ._core._readiness import Health
 from ._core._status import TaskRunState
 from ._core._task import ManagerState
 from ._redact import library_logger
@@ -37,15 +44,7 @@ __all__ = ["AsyncTasksMetrics", "Metrics", "metrics_available"]
 logger = library_logger("lifecycle")
 
 _INSTALL = "pip install 'anyio-lifecycle[metrics]'"
-_TASK_STATES: tuple[TaskRunState, ...] = (
-    "pending",
-    "running",
-    "restarting",
-    "done",
-    "cancelled",
-    "failed",
-    "skipped",
-)
+_TASK_STATES: tuple[TaskRunState, ...] = get_args(TaskRunState)
 
 #: How one attempt of a durable task ended, for :meth:`AsyncTasksMetrics.finished`.
 AttemptOutcome = Literal["succeeded", "retried", "dead"]
@@ -68,10 +67,21 @@ class _Stats(Protocol):
     async def stats(self) -> Any: ...
 
 
+class _Manager(Protocol):
+    """What the collector reads from a :class:`~lifecycle.TaskManager`: public methods only."""
+
+    @property
+    def name(self) -> str: ...
+
+    def health(self) -> Health: ...
+
+    def restart_totals(self) -> dict[str, int]: ...
+
+
 class _ManagerCollector:
     """Reads a manager's health and restart counts at scrape time."""
 
-    def __init__(self, manager: TaskManager) -> None:
+    def __init__(self, manager: _Manager) -> None:
         self._manager = manager
 
     def describe(self) -> list[Metric]:
@@ -109,16 +119,16 @@ class _ManagerCollector:
             labels=["manager", "task"],
         )
         running_runtime = 0
-        totals = dict(manager._restart_totals)
-        for entry in list(manager._entries.values()):
-            if entry.runtime:
-                running_runtime += entry.state == "running"
+        totals = manager.restart_totals()
+        for task in health.tasks:
+            if task.added_while_running:
+                running_runtime += task.state == "running"
                 continue
             for state in _TASK_STATES:
-                task_states.add_metric([name, entry.name, state], 1.0 if entry.state == state else 0.0)
-            totals.setdefault(entry.name, 0)
-        for task, count in totals.items():
-            restarts.add_metric([name, task], float(count))
+                task_states.add_metric([name, task.name, state], 1.0 if task.state == state else 0.0)
+            totals.setdefault(task.name, 0)
+        for task_name, count in totals.items():
+            restarts.add_metric([name, task_name], float(count))
         yield task_states
         yield restarts
         running = GaugeMetricFamily(
@@ -133,14 +143,24 @@ class _ManagerCollector:
 class AsyncTasksMetrics:
     """Counters, run-time histograms and queue depths of durable tasks (``lifecycle.asynctask``).
 
-    The counters are fed through the observer methods :meth:`enqueued`, :meth:`started` and
-    :meth:`finished` (cheap: a label lookup and an increment each), called by the AsyncTasks engine. Queue
-    depths are read from ``AsyncTasks.stats()`` on every scrape (:meth:`refresh`).
+    Get it from :attr:`Metrics.async_tasks` (it lives in that registry); ``AsyncTasks(metrics=metrics)``
+    feeds it. The counters are fed through the observer methods :meth:`enqueued`, :meth:`started` and
+    :meth:`finished` (cheap: a label lookup and an increment each), called by the AsyncTasks engine: it is a
+    :class:`~lifecycle.asynctask.TaskObserver`. Queue depths are read from ``AsyncTasks.stats()`` on every
+    scrape (:meth:`refresh`) of each AsyncTasks given to :meth:`track`.
 
     Metrics (labels ``queue`` and ``task``, the registered task name):
     ``lifecycle_asynctask_enqueued_total``, ``_started_total``, ``_succeeded_total``, ``_failed_total``
     (every failed attempt), ``_retried_total`` and ``_dead_total`` (what became of it), the histogram
     ``lifecycle_asynctask_run_seconds``, and the gauge ``lifecycle_asynctask_queue_depth{queue,state}``.
+
+    Raises ``ImportError`` naming the extra to install when ``prometheus-client`` is missing.
+
+    Example::
+
+        metrics = lifecycle.Metrics(manager)
+        tasks = AsyncTasks(backend, metrics=metrics)  # counts into metrics.async_tasks
+        metrics.async_tasks.enqueued("default", "send_mail")  # what the engine calls
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -192,6 +212,8 @@ class AsyncTasksMetrics:
 
     async def refresh(self) -> None:
         """Read the queue depths of every tracked AsyncTasks (called before each scrape)."""
+        from .asynctask import TaskState  # here, not at the top: lifecycle.asynctask is imported on demand
+
         for source in self._sources:
             try:
                 stats = await source.stats()
@@ -199,8 +221,8 @@ class AsyncTasksMetrics:
                 logger.warning("could not read the queue depths of %r for /metrics", source, exc_info=True)
                 continue
             for queue, counts in stats.items():
-                for state in ("pending", "active", "succeeded", "dead", "cancelled"):
-                    self._depth.labels(queue, state).set(getattr(counts, state))
+                for state in TaskState:
+                    self._depth.labels(queue, state.value).set(counts[state])
 
 
 class Metrics:

@@ -8,6 +8,9 @@ included, so trio cannot swallow the second Ctrl-C during a shielded cleanup):
 3. third: print the stuck-shutdown report and exit at once with status 128 + the signal number.
 
 When ``shutdown_timeout`` passes with tasks stuck, the report is printed and the process exits with 1.
+
+What humans read (the logging set-up, the failure report, the stuck report) is written by ``_console.py``,
+imported when :func:`run` is called, so ``import lifecycle`` does not import rich.
 """
 
 from __future__ import annotations
@@ -66,10 +69,12 @@ def run(manager: TaskManager, *, backend: str = "asyncio") -> int:
         raise ValueError(f"unknown backend {backend!r}: use 'asyncio' or 'trio'")
     if backend == "trio" and importlib.util.find_spec("trio") is None:
         raise RuntimeError("backend 'trio' needs the trio package: pip install trio")
-    console = _console()
-    configured = _configure_logging(console)
+    from ._console import configure_logging, stderr_console
+
+    console = stderr_console()
+    configured = configure_logging(console)
     policy = _SignalPolicy(manager, console)
-    manager._add_listener(policy.on_event)
+    manager.add_listener(policy.on_event)
     error: TaskManagerError | None = anyio.run(_main, manager, policy, backend=backend)
     if error is None:
         return 0
@@ -84,7 +89,7 @@ def _report_failure(console: Console, error: TaskManagerError, *, panels: bool) 
         # The application's own logging, or a log read by a machine: one more log line, not a rich panel.
         logger.error("%s", error.message)
         return
-    from .cli._report import print_failure_report
+    from ._console import print_failure_report
 
     print_failure_report(console, error, tracebacks=not logged)
 
@@ -160,7 +165,9 @@ class _SignalPolicy:
 
     def _exit(self, report: str, status: int, *, already_logged: bool) -> NoReturn:
         if not already_logged:
-            self._console.print(report, markup=False, highlight=False, soft_wrap=True)
+            from ._console import print_plain
+
+            print_plain(self._console, report)
         _flush_everything()
         os._exit(status)
 
@@ -176,46 +183,3 @@ def _flush_everything() -> None:
             stream.flush()
         except Exception:  # pragma: no cover
             pass
-
-
-def _console() -> Console:
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-def _rich_handler(console: Console) -> logging.Handler:
-    """Rich log lines with rich tracebacks, except for a record whose traceback shows a secret: that one is
-    written with the traceback the redacting filter rendered, masked."""
-    from rich.logging import RichHandler
-
-    class RedactingRichHandler(RichHandler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if getattr(record, "lifecycle_secret_in_traceback", False):
-                record = logging.makeLogRecord(record.__dict__)
-                record.msg, record.args = f"{record.getMessage()}\n{record.exc_text}", None
-                record.exc_info, record.exc_text = None, None
-            super().emit(record)
-
-    return RedactingRichHandler(console=console, show_path=False, rich_tracebacks=True, markup=False)
-
-
-def _configure_logging(console: Console) -> bool:
-    """Log at INFO to stderr unless the application configured logging itself; True when this configured it.
-
-    On a terminal the lines are rich (coloured, wrapped to the terminal's width). Anywhere else (a container,
-    a pipe, a file) each event is one plain line, never wrapped, with its traceback, if any, on the lines
-    after it: what log collectors expect.
-    """
-    root = logging.getLogger()
-    if root.handlers:
-        return False
-    if console.is_terminal:
-        handler: logging.Handler = _rich_handler(console)
-        logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]", handlers=[handler])
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[handler]
-        )
-    return True

@@ -1,14 +1,17 @@
-"""Helpers of the CLI tests: run the real ``lifecycle`` command, and put tasks in known states on a backend
-through the Backend protocol (so every backend is seeded the same way, without running a worker)."""
+"""Helpers of the CLI tests: run the ``lifecycle`` command in this process (``lifecycle.cli.main(argv)``
+with its output captured) or, for the few smoke tests that need a real process (signals, a terminal), as
+a subprocess; and put tasks in known states on a backend through the Backend protocol (so every backend is
+seeded the same way, without running a worker)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
-import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +19,12 @@ from typing import Any
 import anyio
 
 from lifecycle.asynctask import Backend, JSONEncoding, NewTask, Settlement, TaskState, backend_from_url
+from lifecycle.cli import main
 
 ENCODING = JSONEncoding()
+
+#: The terminal every CLI run sees: wide (tables are not cut), no colours.
+TERMINAL = {"COLUMNS": "160", "LINES": "50", "NO_COLOR": "1", "TERM": "dumb"}
 
 
 def lifecycle_argv() -> list[str]:
@@ -29,21 +36,55 @@ def lifecycle_argv() -> list[str]:
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment of a CLI subprocess: a fixed, wide terminal width so tables do not truncate."""
     env = {key: value for key, value in os.environ.items() if key not in ("LIFECYCLE_TASKS_BACKEND",)}
-    env.update({"COLUMNS": "160", "LINES": "50", "NO_COLOR": "1", "TERM": "dumb"})
+    env.update(TERMINAL)
     env.update(extra)
     return env
 
 
-def lifecycle(*args: str, cwd: Path | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run ``lifecycle ARGS`` to completion and return its result (stdout, stderr as text)."""
-    return subprocess.run(
-        [*lifecycle_argv(), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=cli_env(),
-    )
+@dataclass(frozen=True)
+class Result:
+    """How a ``lifecycle`` run ended: its exit status and what it wrote."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@contextlib.contextmanager
+def in_directory(path: Path | None) -> Iterator[None]:
+    """Work in ``path`` (as a user running the command there) and afterwards restore the current directory,
+    ``sys.path`` and the environment, and forget the modules imported from ``path`` (a test's app), so
+    nothing of one run leaks into the next."""
+    cwd, saved_path, saved_environ = os.getcwd(), list(sys.path), dict(os.environ)
+    before = set(sys.modules)
+    if path is not None:
+        os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+        sys.path[:] = saved_path
+        os.environ.clear()
+        os.environ.update(saved_environ)
+        root = os.path.realpath(path or cwd)
+        for name in set(sys.modules) - before:
+            module_file = getattr(sys.modules[name], "__file__", None) or ""
+            if os.path.realpath(module_file).startswith(root + os.sep):
+                del sys.modules[name]
+
+
+def lifecycle(*args: str, cwd: Path | None = None) -> Result:
+    """Run ``lifecycle ARGS`` in this process (``lifecycle.cli.main``) in ``cwd``, on a wide terminal without
+    colours and without ``$LIFECYCLE_TASKS_BACKEND``; its stdout and stderr are captured."""
+    out, err = io.StringIO(), io.StringIO()
+    with in_directory(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        os.environ.pop("LIFECYCLE_TASKS_BACKEND", None)
+        os.environ.update(TERMINAL)
+        try:
+            status = main(list(args))
+        except SystemExit as exit:  # argparse refusing an option
+            status = exit.code if isinstance(exit.code, int) else 2
+    return Result(status, out.getvalue(), err.getvalue())
 
 
 def lifecycle_json(*args: str, cwd: Path | None = None) -> Any:

@@ -19,7 +19,7 @@ from cli_support import ENCODING, cli_env, lifecycle_argv
 from lifecycle.asynctask import AsyncTasks, NewTask, Settlement, TaskState, backend_from_url
 from lifecycle.cli import main
 from lifecycle.cli._app import build_parser
-from lifecycle.cli._dashboard import Dashboard
+from lifecycle.cli._tasks._watch import Dashboard
 
 NOW = time.time()
 NAME = "myapp.notifications.send_welcome_email"

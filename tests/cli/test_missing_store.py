@@ -4,7 +4,6 @@ with ``--app``; afterwards no file, key or schema exists. Passwords in the URL a
 
 from __future__ import annotations
 
-import subprocess
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import anyio
 import psycopg
 import pytest
-from cli_support import lifecycle
+from cli_support import Result, lifecycle
 
 COMMANDS = (
     ("stats",),
@@ -61,7 +60,7 @@ def missing(request: pytest.FixtureRequest, tmp_path: Path, unique_name: str) ->
     assert not _schema_exists(dsn, unique_name)
 
 
-def _assert_refused(result: subprocess.CompletedProcess[str], names: str) -> None:
+def _assert_refused(result: Result, names: str) -> None:
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1, result.stderr
@@ -75,7 +74,7 @@ def test_every_command_refuses_a_store_that_does_not_exist(
     missing: tuple[str, str], command: tuple[str, ...], tmp_path: Path
 ) -> None:
     url, names = missing
-    _assert_refused(lifecycle("tasks", "--backend", url, *command, cwd=tmp_path, timeout=30), names)
+    _assert_refused(lifecycle("tasks", "--backend", url, *command, cwd=tmp_path), names)
 
 
 def test_an_apps_worker_asynctasks_does_not_create_its_store_either(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""`lifecycle --version` and `lifecycle run MODULE:ATTR [--backend ...]`: real runs and clear load errors."""
+"""`lifecycle --version` and `lifecycle run MODULE:ATTR [--backend ...]`: real runs (a few smoke tests as a
+subprocess: the console script, logging set up by the command, the exit status) and clear load errors."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from cli_support import lifecycle as lifecycle_in_process
 
 import lifecycle
 from lifecycle.cli import main
@@ -99,9 +101,9 @@ def test_run_starts_the_manager_from_the_current_directory_and_exits_0(project: 
 
 
 def test_run_accepts_a_zero_argument_factory(project: Path) -> None:
-    result = lifecycle_command("run", "svc_app:build", cwd=project)
+    result = lifecycle_in_process("run", "svc_app:build", cwd=project)
     assert result.returncode == 0, result.stderr
-    assert "job done" in result.stdout
+    assert result.stdout.splitlines() == ["db open", "job done", "db closed"]
 
 
 def test_run_returns_1_with_a_report_when_a_task_fails(project: Path) -> None:

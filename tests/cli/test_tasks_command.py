@@ -1,17 +1,20 @@
-"""`lifecycle tasks --backend URL ...`: every command run as a real subprocess against SQLite, Redis and
-PostgreSQL (each test on its own file, key prefix or schema), checked against what the backend stores."""
+"""`lifecycle tasks --backend URL ...`: every command run (in-process, through ``lifecycle.cli.main``)
+against SQLite, Redis and PostgreSQL (each test on its own file, key prefix or schema), checked against
+what the backend stores."""
 
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 from pathlib import Path
 
+import anyio
 import pytest
-from cli_support import lifecycle, lifecycle_json, seed, state_of
+from cli_support import in_directory, lifecycle, lifecycle_json, seed, state_of
 
 from lifecycle.asynctask import TaskState
-from lifecycle.cli._format import error_summary, parse_duration
+from lifecycle.cli._tasks._format import error_summary, parse_duration
 
 
 def test_stats_and_list_show_the_stored_tasks(url: str) -> None:
@@ -168,6 +171,27 @@ def test_bad_option_values_are_usage_errors(sqlite_url: str) -> None:
     assert "give the task IDs to requeue, or --dead" in both.stderr
 
 
+INTERVAL = "--interval must be a finite number of seconds greater than zero"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("watch", "--interval", "0"), f"{INTERVAL}, got 0.0"),
+        (("watch", "--interval", "inf"), f"{INTERVAL}, got inf"),
+        (("watch", "--interval", "nan"), f"{INTERVAL}, got nan"),
+        (("purge", "--state", "dead", "--batch-size", "0"), "--batch-size must be at least 1, got 0"),
+        (("requeue", "--dead", "--batch-size", "-5"), "--batch-size must be at least 1, got -5"),
+        (("list", "--limit", "0"), "--limit must be at least 1, got 0"),
+        (("list", "--offset", "-1"), "--offset must be at least 0, got -1"),
+    ],
+)
+def test_numbers_follow_the_librarys_one_rule(sqlite_url: str, args: tuple[str, ...], message: str) -> None:
+    result = lifecycle("tasks", "--backend", sqlite_url, *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {message}"]
+
+
 def test_a_broken_backend_is_one_line_and_debug_shows_the_traceback(tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.db"
     corrupt.write_bytes(b"this is not a SQLite database" * 100)
@@ -207,14 +231,11 @@ def test_app_supplies_the_backend_and_the_encoding(tmp_path: Path) -> None:
             """
         )
     )
-    enqueue = "import anyio, shop_app; print(anyio.run(shop_app.enqueue))"
-    import subprocess
-    import sys
+    with in_directory(tmp_path):
+        sys.path.insert(0, str(tmp_path))
+        import shop_app  # type: ignore[import-not-found]
 
-    made = subprocess.run(
-        [sys.executable, "-c", enqueue], cwd=tmp_path, capture_output=True, text=True, check=True
-    )
-    task_id = made.stdout.strip()
+        task_id = anyio.run(shop_app.enqueue)
     shown = lifecycle("tasks", "--app", "shop_app:tasks", "show", task_id, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert "[Order(number=7)]" in shown.stdout

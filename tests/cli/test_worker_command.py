@@ -102,6 +102,9 @@ def test_worker_runs_only_its_queues_and_stops_on_sigint(project: Path, async_li
         (("jobs_app:tasks", "--concurrency", "0"), "--concurrency must be at least 1"),
         (("jobs_app:tasks", "--queue", "a=2", "--queue", "b"), "give every --queue a weight"),
         (("jobs_app:tasks", "--queue", "a=x"), "the weight must be a positive integer"),
+        (("jobs_app:tasks", "--queue", "a=0"), "the weight must be a positive integer, as in a=3"),
+        (("jobs_app:tasks", "--queue", "=3"), "--queue =3: the queue name must be a non-empty string"),
+        (("jobs_app:tasks", "--queue", ""), "--queue NAME must be a non-empty string"),
         (("missing_module:tasks",), "there is no module named 'missing_module'"),
     ],
 )

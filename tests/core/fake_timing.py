@@ -1,4 +1,5 @@
-"""A controllable clock and sleep for a TaskManager (``manager._timing``): restart backoff, drain, watchdog.
+"""A controllable clock and sleep for a TaskManager (its documented ``clock=``, ``sleep=`` and ``rng=``
+seam): restart backoff and windows, the drain, ``shutdown_timeout`` and the systemd watchdog.
 
 No test waits for real time: a sleep either returns at once (advancing the fake clock by its delay) or, when
 gated, waits until the test releases it, so the test sees what happens *during* the sleep.
@@ -6,26 +7,35 @@ gated, waits until the test releases it, so the test sees what happens *during* 
 
 from __future__ import annotations
 
+import random
+from typing import Any
+
 import anyio
 import anyio.lowlevel
 
-import lifecycle
-
 
 class FakeTiming:
-    """Stands in for ``lifecycle._core._restart.Timing``: ``clock``, ``sleep`` and ``rng``.
+    """A fake ``clock``, ``sleep`` and ``rng`` for ``TaskManager(**timing.seams())``.
 
     Args:
         now: the clock's start.
         gated: sleeps wait for :meth:`release` (else they return at once).
         advance: a sleep moves the clock forward by its delay.
+        rng: the jitter source (``None``: the ``random`` module).
     """
 
-    def __init__(self, now: float = 1000.0, *, gated: bool = False, advance: bool = True) -> None:
+    def __init__(
+        self,
+        now: float = 1000.0,
+        *,
+        gated: bool = False,
+        advance: bool = True,
+        rng: random.Random | None = None,
+    ) -> None:
         self.now = now
         self.gated = gated
         self.advance = advance
-        self.rng = None
+        self.rng = rng
         self.sleeps: list[float] = []
         self._asleep: list[tuple[float, anyio.Event]] = []
         self._changed = anyio.Event()
@@ -61,8 +71,6 @@ class FakeTiming:
         _, gate = self._asleep.pop(0)
         gate.set()
 
-
-def install(manager: lifecycle.TaskManager, timing: FakeTiming) -> FakeTiming:
-    """Make ``manager`` take its time from ``timing``."""
-    manager._timing = timing  # type: ignore[assignment]
-    return timing
+    def seams(self) -> dict[str, Any]:
+        """The keyword arguments that make a ``TaskManager`` take its time from this fake."""
+        return {"clock": self.clock, "sleep": self.sleep, "rng": self.rng}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from datetime import timedelta
+
 import anyio
 import pytest
 from lifecycle_testkit import FakeTask, Outcome, manager, run_capturing
@@ -59,10 +62,14 @@ def test_a_name_can_only_be_used_once_across_tasks_and_execute_tasks() -> None:
         m.add_task("worker", FakeTask("worker", []))
 
 
-@pytest.mark.parametrize("name", ["", 3, None])
-def test_a_name_must_be_a_non_empty_string(name: object) -> None:
-    with pytest.raises(TypeError, match="non-empty string"):
+@pytest.mark.parametrize(
+    ("name", "error"), [("", ValueError), ("a\x00b", ValueError), (3, TypeError), (None, TypeError)]
+)
+def test_a_name_must_be_a_non_empty_string(name: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="a task name must"):
         TaskManager().add_task(name, FakeTask("x", []))  # type: ignore[arg-type]
+    with pytest.raises(error, match="a task name must"):
+        TaskManager().add_execute_task(name, anyio.sleep_forever)  # type: ignore[arg-type]
 
 
 def test_task_type_must_be_a_task_type() -> None:
@@ -74,19 +81,52 @@ def test_task_type_must_be_a_task_type() -> None:
         TaskManager().add_execute_task("t", work, "strict")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("value", [0, -1.0, True, "5"])
-def test_timeouts_must_be_positive_numbers_or_none(value: object) -> None:
-    with pytest.raises(ValueError, match="initialize_timeout must be a positive number"):
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (0, ValueError),
+        (-1.0, ValueError),
+        (math.nan, ValueError),
+        (math.inf, ValueError),  # no limit is None, never infinity
+        (True, TypeError),
+        ("5", TypeError),
+    ],
+)
+def test_timeouts_must_be_finite_numbers_greater_than_zero_or_none(
+    value: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match=r"initialize_timeout must be a .*number of seconds greater than zero"):
         TaskManager(initialize_timeout=value)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="cleanup_timeout"):
+    with pytest.raises(error, match=r"add_task\('t'\): cleanup_timeout .*\(or None for no limit\)"):
         TaskManager().add_task("t", FakeTask("t", []), cleanup_timeout=value)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="shutdown_timeout"):
+    with pytest.raises(error, match="shutdown_timeout"):
         TaskManager(shutdown_timeout=value)  # type: ignore[arg-type]
 
 
-def test_manager_name_must_be_a_non_empty_string() -> None:
-    with pytest.raises(ValueError, match="name"):
-        TaskManager(name="")
+def test_timeouts_accept_numbers_timedeltas_and_none() -> None:
+    manager = TaskManager(initialize_timeout=timedelta(seconds=2), cleanup_timeout=1, shutdown_timeout=None)
+    manager.add_task("t", FakeTask("t", []), initialize_timeout=None, cleanup_timeout=0.5)
+    [row] = manager.status()
+    assert row.name == "t"
+
+
+@pytest.mark.parametrize(("name", "error"), [("", ValueError), (3, TypeError), (None, TypeError)])
+def test_manager_name_must_be_a_non_empty_string(name: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="TaskManager name must be a non-empty string"):
+        TaskManager(name=name)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"clock": 5}, "clock must be a callable"),
+        ({"sleep": "later"}, "sleep must be an async callable"),
+        ({"rng": 7}, r"rng must be a random\.Random"),
+    ],
+)
+def test_the_time_seam_is_checked(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        TaskManager(**kwargs)  # type: ignore[arg-type]
 
 
 def test_add_execute_task_rejects_what_is_not_execute_work() -> None:

@@ -3,9 +3,11 @@ then cleanup. The drain's sleep is gated by the test (``fake_timing``), so the o
 
 from __future__ import annotations
 
+import math
+
 import anyio
 import pytest
-from fake_timing import FakeTiming, install
+from fake_timing import FakeTiming
 from lifecycle_testkit import FakeTask, Outcome, manager, run_capturing
 
 import lifecycle
@@ -14,8 +16,8 @@ from lifecycle import EventKind, ManagerState, TaskType
 
 async def test_readiness_turns_false_then_the_drain_delay_then_cancel_then_cleanup() -> None:
     log: list[str] = []
-    m, events = manager(drain_delay=5)
-    timing = install(m, FakeTiming(gated=True))
+    timing = FakeTiming(gated=True)
+    m, events = manager(drain_delay=5, **timing.seams())
     m.add_task("db", FakeTask("db", log))
     m.add_execute_task("worker", anyio.sleep_forever)
     outcome = Outcome()
@@ -58,8 +60,8 @@ async def test_readiness_turns_false_then_the_drain_delay_then_cancel_then_clean
 
 
 async def test_without_drain_delay_the_executes_are_cancelled_at_once() -> None:
-    m, events = manager()
-    timing = install(m, FakeTiming(gated=True))
+    timing = FakeTiming(gated=True)
+    m, events = manager(**timing.seams())
     m.add_execute_task("worker", anyio.sleep_forever)
     outcome = Outcome()
     async with anyio.create_task_group() as tg:
@@ -80,8 +82,8 @@ async def test_a_shutdown_during_initialize_does_not_drain() -> None:
         started.set()
         await anyio.sleep_forever()
 
-    m, events = manager(drain_delay=30)
-    timing = install(m, FakeTiming(gated=True))
+    timing = FakeTiming(gated=True)
+    m, events = manager(drain_delay=30, **timing.seams())
     m.add_task("db", FakeTask("db", [], initialize=slow_initialize))
     outcome = Outcome()
     async with anyio.create_task_group() as tg:
@@ -96,8 +98,8 @@ async def test_a_shutdown_during_initialize_does_not_drain() -> None:
 
 
 async def test_a_forced_shutdown_cuts_the_drain_short() -> None:
-    m, events = manager(drain_delay=60)
-    timing = install(m, FakeTiming(gated=True))
+    timing = FakeTiming(gated=True)
+    m, events = manager(drain_delay=60, **timing.seams())
     m.add_execute_task("worker", anyio.sleep_forever)
     outcome = Outcome()
     async with anyio.create_task_group() as tg:
@@ -113,8 +115,8 @@ async def test_a_forced_shutdown_cuts_the_drain_short() -> None:
 
 
 async def test_cancelling_run_from_outside_does_not_wait_for_the_drain() -> None:
-    m, events = manager(drain_delay=60)
-    timing = install(m, FakeTiming(gated=True))
+    timing = FakeTiming(gated=True)
+    m, events = manager(drain_delay=60, **timing.seams())
     log: list[str] = []
     m.add_task("db", FakeTask("db", log))
     with anyio.CancelScope() as scope:
@@ -129,8 +131,8 @@ async def test_cancelling_run_from_outside_does_not_wait_for_the_drain() -> None
 
 async def test_a_stop_group_ending_drains_too() -> None:
     finish = anyio.Event()
-    m, events = manager(drain_delay=2)
-    timing = install(m, FakeTiming(gated=True))
+    timing = FakeTiming(gated=True)
+    m, events = manager(drain_delay=2, **timing.seams())
     m.add_execute_task("job", finish.wait, TaskType.STOP_GROUP)
     m.add_execute_task("server", anyio.sleep_forever)
     outcome = Outcome()
@@ -144,7 +146,12 @@ async def test_a_stop_group_ending_drains_too() -> None:
     assert await outcome.finished() is None
 
 
-@pytest.mark.parametrize("bad", [-1, "5", True])
-def test_drain_delay_must_be_a_non_negative_number(bad: object) -> None:
-    with pytest.raises(ValueError, match="drain_delay must be a number of seconds >= 0"):
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [(-1, ValueError), (math.inf, ValueError), (math.nan, ValueError), ("5", TypeError), (True, TypeError)],
+)
+def test_drain_delay_must_be_a_finite_number_of_seconds_zero_or_more(
+    bad: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match=r"drain_delay must be a .*number of seconds zero or more"):
         lifecycle.TaskManager(drain_delay=bad)  # type: ignore[arg-type]

@@ -137,3 +137,19 @@ async def test_shutdown_requests_carry_their_reason() -> None:
 def test_on_event_must_be_callable() -> None:
     with pytest.raises(TypeError, match="on_event"):
         TaskManager(on_event="print")  # type: ignore[arg-type]
+
+
+async def test_a_listener_added_later_gets_every_event_after_on_event() -> None:
+    order: list[str] = []
+    m = TaskManager(name="svc", on_event=lambda event: order.append(f"on_event:{event.kind.value}"))
+    m.add_listener(lambda event: order.append(f"listener:{event.kind.value}"))
+    m.add_execute_task("job", returns, TaskType.STOP_GROUP)
+    await m.run()
+    assert order[:2] == ["on_event:state_changed", "listener:state_changed"]
+    assert [item.partition(":")[2] for item in order[::2]] == [item.partition(":")[2] for item in order[1::2]]
+    assert "listener:task_returned" in order
+
+
+def test_a_listener_must_be_callable() -> None:
+    with pytest.raises(TypeError, match=r"add_listener\(listener\) must be a callable"):
+        TaskManager().add_listener("print")  # type: ignore[arg-type]

@@ -262,7 +262,7 @@ async def test_fallback_without_task_handles_uses_a_scope_per_execute_task(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # anyio < 4.14 has no TaskHandle: the manager then wraps each execute task in its own cancel scope.
-    import lifecycle._core._stages as manager_module
+    import lifecycle._core._manager as manager_module
 
     monkeypatch.setattr(manager_module, "_OWN_SCOPE", True)
     events = Events()

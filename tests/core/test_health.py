@@ -142,6 +142,7 @@ def test_health_serialises_to_json_ready_data() -> None:
                 "live": True,
                 "restarts": 2,
                 "restarting": True,
+                "added_while_running": False,
             }
         ],
     }

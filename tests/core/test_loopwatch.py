@@ -62,6 +62,11 @@ async def test_a_failing_callback_is_logged_and_watching_goes_on(caplog: pytest.
     assert watchdog_threads() == []
 
 
-def test_the_threshold_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="positive number of seconds"):
-        LoopWatch(0, lambda block: None)
+@pytest.mark.parametrize(
+    ("threshold", "error"), [(0, ValueError), (float("inf"), ValueError), (1e9, ValueError), ("1", TypeError)]
+)
+def test_the_threshold_must_be_a_finite_number_greater_than_zero(
+    threshold: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match="LoopWatch threshold must be"):
+        LoopWatch(threshold, lambda block: None)  # type: ignore[arg-type]

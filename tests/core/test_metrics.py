@@ -6,7 +6,7 @@ import sys
 
 import anyio
 import pytest
-from fake_timing import FakeTiming, install
+from fake_timing import FakeTiming
 from lifecycle_testkit import Boom, FakeTask, Outcome, manager, run_capturing
 
 import lifecycle
@@ -43,8 +43,7 @@ async def test_manager_metrics_after_a_known_workload() -> None:
         steady.set()
         await anyio.sleep_forever()
 
-    m, events = manager(name="svc")
-    install(m, FakeTiming())
+    m, events = manager(name="svc", **FakeTiming().seams())
     metrics = Metrics(m)
     m.add_task("db", FakeTask("db", []))
     m.add_execute_task("flaky", flaky, restart=Restart())

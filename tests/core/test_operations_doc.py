@@ -10,7 +10,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-from fake_timing import FakeTiming, install
+from fake_timing import FakeTiming
 
 import lifecycle
 
@@ -38,8 +38,8 @@ class Consumer:
 
 
 async def test_the_documented_restart_example_keeps_the_service_running_and_ready() -> None:
-    manager = lifecycle.TaskManager(name="docs")
-    timing = install(manager, FakeTiming())  # backoff sleeps return at once and move the fake clock
+    timing = FakeTiming()  # backoff sleeps return at once and move the fake clock
+    manager = lifecycle.TaskManager(name="docs", **timing.seams())
     streams = 0
     polls = 0
     streaming = anyio.Event()

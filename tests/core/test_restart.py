@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import pickle
 import random
+from datetime import timedelta
 
 import anyio
 import pytest
-from fake_timing import FakeTiming, install
+from fake_timing import FakeTiming
 from lifecycle_testkit import Boom, FakeTask, Outcome, manager, run_capturing
 
 import lifecycle
@@ -63,9 +64,12 @@ def test_defaults_match_the_issue() -> None:
     ("kwargs", "error", "message"),
     [
         ({"mode": "sometimes"}, ValueError, "'on-failure' or 'always'"),
-        ({"max_restarts": -1}, ValueError, "max_restarts must be an int >= 0"),
-        ({"max_restarts": 2.5}, ValueError, "max_restarts must be an int >= 0"),
-        ({"within": 0}, ValueError, "within must be a positive number"),
+        ({"max_restarts": -1}, ValueError, "max_restarts must be at least 0"),
+        ({"max_restarts": 2.5}, TypeError, r"max_restarts must be a whole number of at least 0 \(an int\)"),
+        ({"max_restarts": True}, TypeError, "max_restarts must be a whole number"),
+        ({"within": 0}, ValueError, "within must be a finite number of seconds greater than zero"),
+        ({"within": float("inf")}, ValueError, "within must be a finite number of seconds greater than zero"),
+        ({"within": "60"}, TypeError, "within must be a number of seconds greater than zero"),
         ({"backoff": 1.0}, TypeError, "backoff must be a lifecycle.Backoff"),
     ],
 )
@@ -74,6 +78,31 @@ def test_bad_policies_are_refused_with_a_clear_message(
 ) -> None:
     with pytest.raises(error, match=message):
         Restart(**kwargs)  # type: ignore[arg-type]
+
+
+def test_within_takes_a_timedelta_and_keeps_seconds() -> None:
+    assert Restart(within=timedelta(minutes=2)).within == 120.0
+    assert Restart(within=timedelta(minutes=2)) == Restart(within=120)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"initial": -1.0}, ValueError, "Backoff initial must be a finite number of seconds zero or more"),
+        ({"initial": float("nan")}, ValueError, "Backoff initial"),
+        ({"cap": float("inf")}, ValueError, "Backoff cap must be a finite number"),
+        ({"initial": "1"}, TypeError, "Backoff initial must be a number of seconds"),
+        ({"initial": 5.0, "cap": 1.0}, ValueError, r"Backoff cap \(1.0\) must be >= initial \(5.0\)"),
+        ({"multiplier": 0.5}, ValueError, "Backoff multiplier must be a finite number of at least 1"),
+        ({"multiplier": float("inf")}, ValueError, "Backoff multiplier must be a finite number"),
+        ({"multiplier": True}, TypeError, "Backoff multiplier must be a number"),
+    ],
+)
+def test_bad_backoffs_are_refused_with_a_clear_message(
+    kwargs: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        Backoff(**kwargs)  # type: ignore[arg-type]
 
 
 def test_add_refuses_something_that_is_not_a_restart() -> None:
@@ -103,8 +132,8 @@ def test_add_refuses_something_that_is_not_a_restart() -> None:
 async def test_intensity_is_a_sliding_window_tested_at_its_edges(
     failure_times: list[float], restarts: int, sleeps: list[float]
 ) -> None:
-    m, events = manager()
-    timing = install(m, FakeTiming(advance=False))
+    timing = FakeTiming(advance=False)
+    m, events = manager(**timing.seams())
     policy = Restart(max_restarts=2, within=10.0, backoff=STEADY)
     m.add_execute_task("flaky", failing_at(timing, failure_times), TaskType.ERROR, restart=policy)
     with pytest.raises(TaskManagerError) as caught:
@@ -124,8 +153,8 @@ async def test_intensity_is_a_sliding_window_tested_at_its_edges(
 
 
 async def test_max_restarts_zero_never_restarts_and_says_so() -> None:
-    m, _ = manager()
-    timing = install(m, FakeTiming())
+    timing = FakeTiming()
+    m, _ = manager(**timing.seams())
     m.add_execute_task("once", failing_at(timing, [0.0]), restart=Restart(max_restarts=0))
     with pytest.raises(TaskManagerError) as caught:
         await m.run()
@@ -135,9 +164,8 @@ async def test_max_restarts_zero_never_restarts_and_says_so() -> None:
 
 
 async def test_backoff_grows_with_the_restarts_in_the_window_and_uses_the_jitter_source() -> None:
-    m, _ = manager()
-    timing = install(m, FakeTiming(advance=False))
-    timing.rng = random.Random(7)  # type: ignore[assignment]
+    timing = FakeTiming(advance=False, rng=random.Random(7))
+    m, _ = manager(**timing.seams())
     backoff = Backoff(initial=1.0, cap=5.0)
     m.add_execute_task(
         "flaky", failing_at(timing, [0.0] * 5), restart=Restart(max_restarts=4, backoff=backoff)
@@ -164,8 +192,7 @@ async def test_a_restarted_task_runs_cleanup_then_initialize_then_execute_again(
         steady.set()
         await anyio.sleep_forever()
 
-    m, _ = manager()
-    install(m, FakeTiming())
+    m, _ = manager(**FakeTiming().seams())
     m.add_task("db", FakeTask("db", log, execute=execute), restart=Restart(backoff=STEADY))
     outcome = Outcome()
     async with anyio.create_task_group() as tg:
@@ -193,8 +220,8 @@ async def test_a_restarted_task_runs_cleanup_then_initialize_then_execute_again(
 
 
 async def test_every_restart_is_an_event_and_visible_in_status_and_health() -> None:
-    m, events = manager()
-    timing = install(m, FakeTiming(gated=True))
+    timing = FakeTiming(gated=True)
+    m, events = manager(**timing.seams())
     again = anyio.Event()
     policy = Restart(max_restarts=3, within=60, backoff=STEADY)
     m.add_execute_task("worker", failing_at(timing, [timing.now], then=again), restart=policy)
@@ -237,8 +264,7 @@ async def test_a_strict_early_return_is_a_failure_to_restart_and_past_the_intens
         nonlocal calls
         calls += 1
 
-    m, _ = manager()
-    install(m, FakeTiming())
+    m, _ = manager(**FakeTiming().seams())
     m.add_execute_task("strict", returns_early, restart=Restart(max_restarts=2, backoff=STEADY))
     with pytest.raises(TaskManagerError) as caught:
         await m.run()
@@ -259,8 +285,7 @@ async def test_on_failure_leaves_a_returning_error_task_alone_but_always_restart
 
         return Returns()
 
-    m, events = manager()
-    install(m, FakeTiming())
+    m, events = manager(**FakeTiming().seams())
     m.add_execute_task("calm", returner("on-failure"), TaskType.ERROR, restart=Restart(backoff=STEADY))
     m.add_execute_task(
         "eager", returner("always"), TaskType.ERROR, restart=Restart("always", max_restarts=3, backoff=STEADY)
@@ -308,8 +333,8 @@ async def test_a_failing_initialize_during_a_restart_counts_as_one_more_failure(
         steady.set()
         await anyio.sleep_forever()
 
-    m, events = manager()
-    timing = install(m, FakeTiming())
+    timing = FakeTiming()
+    m, events = manager(**timing.seams())
     m.add_task(
         "db", FakeTask("db", log, initialize=initialize, execute=execute), restart=Restart(backoff=STEADY)
     )
@@ -337,8 +362,7 @@ async def test_a_failing_initialize_during_a_restart_counts_as_one_more_failure(
 
 
 async def test_a_failing_first_initialize_is_not_restarted() -> None:
-    m, _ = manager()
-    install(m, FakeTiming())
+    m, _ = manager(**FakeTiming().seams())
     log: list[str] = []
     m.add_task("db", FakeTask("db", log, initialize=_raise_boom), restart=Restart())
     with pytest.raises(TaskManagerError) as caught:
@@ -356,8 +380,8 @@ async def _raise_boom() -> None:
 
 async def test_shutdown_during_the_backoff_ends_the_task_without_error_or_second_cleanup() -> None:
     log: list[str] = []
-    m, _ = manager()
-    timing = install(m, FakeTiming(gated=True))
+    timing = FakeTiming(gated=True)
+    m, _ = manager(**timing.seams())
     m.add_task("db", FakeTask("db", log, execute=_raise_boom), restart=Restart(backoff=STEADY))
     outcome = Outcome()
     async with anyio.create_task_group() as tg:
@@ -372,8 +396,8 @@ async def test_shutdown_during_the_backoff_ends_the_task_without_error_or_second
 
 
 async def test_cancelling_during_the_backoff_stops_restarting_and_is_not_an_error() -> None:
-    m, events = manager()
-    timing = install(m, FakeTiming(gated=True))
+    timing = FakeTiming(gated=True)
+    m, events = manager(**timing.seams())
     outcome = Outcome()
     async with anyio.create_task_group() as tg:
         tg.start_soon(run_capturing, m, outcome)
@@ -392,8 +416,8 @@ async def test_cancelling_during_the_backoff_stops_restarting_and_is_not_an_erro
 
 
 async def test_errors_after_shutdown_began_are_not_restarted() -> None:
-    m, events = manager()
-    timing = install(m, FakeTiming())
+    timing = FakeTiming()
+    m, events = manager(**timing.seams())
 
     async def fails_when_cancelled() -> None:
         try:
@@ -414,21 +438,46 @@ async def test_errors_after_shutdown_began_are_not_restarted() -> None:
 
 
 async def test_an_execute_task_added_while_running_restarts_too() -> None:
-    m, events = manager()
-    install(m, FakeTiming())
+    timing = FakeTiming()
+    m, events = manager(**timing.seams())
     steady = anyio.Event()
     outcome = Outcome()
     async with anyio.create_task_group() as tg:
         tg.start_soon(run_capturing, m, outcome)
         await events.running()
-        timing = m._timing
-        assert isinstance(timing, FakeTiming)
         m.add_execute_task(
             "late", failing_at(timing, [0.0, 0.0], then=steady), restart=Restart(backoff=STEADY)
         )
         with anyio.fail_after(10):
             await steady.wait()
         assert {row.name: row.restarts for row in m.status()} == {"late": 2}
+        assert [(t.name, t.added_while_running) for t in m.health().tasks] == [("late", True)]
+        m.shutdown()
+    assert await outcome.finished() is None
+
+
+async def test_restart_totals_keep_the_restarts_of_forgotten_execute_tasks() -> None:
+    timing = FakeTiming()
+    m, events = manager(**timing.seams())
+    m.add_task("db", FakeTask("db", []))
+    outcome = Outcome()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_capturing, m, outcome)
+        await events.running()
+        assert m.restart_totals() == {}
+        steady = anyio.Event()
+        handle = m.add_execute_task(
+            "request", failing_at(timing, [0.0], then=steady), TaskType.ERROR, restart=Restart(backoff=STEADY)
+        )
+        with anyio.fail_after(10):
+            await steady.wait()  # failed once, restarted, running again
+        handle.cancel()
+        await handle.wait()
+        assert [row.name for row in m.status()] == ["db"]  # the request was forgotten...
+        totals = m.restart_totals()
+        assert totals == {"request": 1}  # ...but not its restart
+        totals["request"] = 99  # a copy
+        assert m.restart_totals() == {"request": 1}
         m.shutdown()
     assert await outcome.finished() is None
 
@@ -487,8 +536,8 @@ async def test_a_failing_cleanup_during_a_restart_counts_as_one_more_failure() -
         steady.set()
         await anyio.sleep_forever()
 
-    m, events = manager()
-    timing = install(m, FakeTiming())
+    timing = FakeTiming()
+    m, events = manager(**timing.seams())
     task = FakeTask("db", log, execute=execute, cleanup=cleanup)
     m.add_task("db", task, restart=Restart(backoff=STEADY))
     outcome = Outcome()

@@ -7,7 +7,7 @@ import logging
 import anyio
 import anyio.lowlevel
 import pytest
-from fake_timing import FakeTiming, install
+from fake_timing import FakeTiming
 from lifecycle_testkit import Events, FakeTask, Outcome, run_capturing, run_until_running_then_shut_down
 
 from lifecycle import EventKind, LifecycleEvent, Stage, TaskManager, TaskManagerError
@@ -82,8 +82,8 @@ async def test_the_timeout_error_counts_from_the_shutdown_request_not_from_the_e
         if event.kind is EventKind.SHUTDOWN_STUCK:
             release.set()
 
-    m = TaskManager(name="svc", shutdown_timeout=0.05, drain_delay=30, on_event=on_event)
-    timing = install(m, FakeTiming(now=1000.0, gated=True))
+    timing = FakeTiming(now=1000.0, gated=True)
+    m = TaskManager(name="svc", shutdown_timeout=0.05, drain_delay=30, on_event=on_event, **timing.seams())
     m.add_execute_task("stubborn", lambda: stubborn_execute(release))
     outcome = Outcome()
     async with anyio.create_task_group() as tg:

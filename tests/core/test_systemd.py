@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import anyio
 import pytest
-from fake_timing import FakeTiming, install
+from fake_timing import FakeTiming
 from lifecycle_testkit import FakeTask, Outcome, manager, raises, run_capturing
 
 from lifecycle import EventKind, Restart, TaskManagerError
@@ -95,8 +95,7 @@ async def test_ready_status_and_stopping_are_sent_in_order(notify_socket: Notify
 
 
 async def test_restarts_and_failures_update_the_status_line(notify_socket: NotifySocket) -> None:
-    m, _ = manager(name="svc")
-    install(m, FakeTiming())
+    m, _ = manager(name="svc", **FakeTiming().seams())
     m.add_execute_task("flaky", raises("down"), restart=Restart(max_restarts=1))
     outcome = Outcome()
     async with anyio.create_task_group() as tg:
@@ -138,8 +137,8 @@ async def test_watchdog_pings_at_half_the_interval_while_live_and_stops_when_not
         cleaning.set()
         await release.wait()
 
-    m, events = manager(name="svc")
-    timing = install(m, FakeTiming(gated=True))
+    timing = FakeTiming(gated=True)
+    m, events = manager(name="svc", **timing.seams())
     m.add_task("db", FakeTask("db", [], cleanup=slow_cleanup))
     broken = anyio.Event()
 

@@ -109,9 +109,8 @@ async def run_in_background(
 
 async def test_probes_through_startup_running_drain_and_stop() -> None:
     events = Recorder()
-    manager = lifecycle.TaskManager(name="svc", on_event=events, drain_delay=5)
     drain = GatedSleep()
-    manager._timing.sleep = drain
+    manager = lifecycle.TaskManager(name="svc", on_event=events, drain_delay=5, sleep=drain)
     server = HealthServer(manager, port=0)
     gate = Gate()
     manager.add_task("health", server)
@@ -168,8 +167,7 @@ async def test_probes_through_startup_running_drain_and_stop() -> None:
 
 async def test_livez_turns_503_when_a_task_failed_for_good() -> None:
     events = Recorder()
-    manager = lifecycle.TaskManager(on_event=events)
-    manager._timing.sleep = _no_wait
+    manager = lifecycle.TaskManager(on_event=events, sleep=_no_wait)
     server = HealthServer(manager)
     manager.add_task("health", server)
     cleaning = anyio.Event()
@@ -271,14 +269,21 @@ def test_bad_arguments_are_refused() -> None:
         HealthServer(object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="port must be an int from 0 to 65535"):
         HealthServer(manager, port=70000)
+    with pytest.raises(ValueError, match="HealthServer port must be at least 0"):
+        HealthServer(manager, port=-1)
+    with pytest.raises(TypeError, match="HealthServer port must be a whole number"):
+        HealthServer(manager, port="8080")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="request_timeout must be a finite number of seconds greater than"):
+        HealthServer(manager, request_timeout=float("inf"))
+    with pytest.raises(TypeError, match="request_timeout must be a number of seconds"):
+        HealthServer(manager, request_timeout=None)  # type: ignore[arg-type]
     assert HealthServer(manager, host="::1", port=81).url == "http://[::1]:81"
 
 
 async def test_readyz_is_503_while_a_task_restarts() -> None:
     events = Recorder()
-    manager = lifecycle.TaskManager(on_event=events)
     backoff = GatedSleep()
-    manager._timing.sleep = backoff
+    manager = lifecycle.TaskManager(on_event=events, sleep=backoff)
     server = HealthServer(manager)
     manager.add_task("health", server)
     fail = anyio.Event()

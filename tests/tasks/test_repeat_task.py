@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from datetime import timedelta
 
 import anyio
 import pytest
@@ -199,12 +200,33 @@ async def test_keeps_a_manager_running_and_stops_at_shutdown(caplog: pytest.LogC
     assert any(r.name == "lifecycle.tasks" and r.exc_info for r in caplog.records)
 
 
-@pytest.mark.parametrize("interval", [0, -1.0, math.nan, math.inf, "1", True, None])
-def test_interval_must_be_a_positive_number(interval: object) -> None:
+@pytest.mark.parametrize(
+    ("interval", "error"),
+    [
+        (0, ValueError),
+        (-1.0, ValueError),
+        (math.nan, ValueError),
+        (math.inf, ValueError),
+        ("1", TypeError),
+        (True, TypeError),
+        (None, TypeError),
+    ],
+)
+def test_interval_must_be_a_finite_number_greater_than_zero(interval: object, error: type[Exception]) -> None:
     async def fn() -> None: ...
 
-    with pytest.raises(ValueError, match="Repeat interval"):
+    with pytest.raises(error, match=r"Repeat interval must be a .*number of seconds greater than zero"):
         Repeat(fn, interval=interval)  # type: ignore[arg-type]
+
+
+def test_interval_may_be_a_timedelta_and_name_must_be_a_non_empty_string() -> None:
+    async def fn() -> None: ...
+
+    assert Repeat(fn, interval=timedelta(minutes=1)).interval == 60.0
+    with pytest.raises(ValueError, match="Repeat name must be a non-empty string"):
+        Repeat(fn, interval=1, name="")
+    with pytest.raises(TypeError, match="Repeat name must be a non-empty string"):
+        Repeat(fn, interval=1, name=5)  # type: ignore[arg-type]
 
 
 def test_fn_must_be_callable() -> None:

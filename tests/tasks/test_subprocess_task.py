@@ -291,7 +291,10 @@ def test_process_exited_error_survives_pickling() -> None:
         ({"args": []}, ValueError, "args is empty"),
         ({"args": "   "}, ValueError, "args is empty"),
         ({"args": b"ls"}, TypeError, "list of program and arguments"),
-        ({"args": ["ls"], "stop_timeout": 0}, ValueError, "stop_timeout"),
+        ({"args": ["ls"], "stop_timeout": 0}, ValueError, "stop_timeout must be a finite number of seconds"),
+        ({"args": ["ls"], "stop_timeout": float("inf")}, ValueError, "stop_timeout must be a finite number"),
+        ({"args": ["ls"], "stop_timeout": "10"}, TypeError, "stop_timeout must be a number of seconds"),
+        ({"args": ["ls"], "name": ""}, ValueError, "Subprocess name must be a non-empty string"),
         ({"args": ["ls"], "ready": "ready"}, TypeError, "ready must be a callable"),
     ],
 )

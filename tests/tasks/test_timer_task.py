@@ -79,9 +79,19 @@ async def test_as_strict_it_is_a_deadline_that_fails_the_service() -> None:
     assert isinstance(error.__cause__, lifecycle.UnexpectedStopError)
 
 
-@pytest.mark.parametrize("seconds", [-0.1, math.nan, math.inf, "5", None, False])
-def test_seconds_must_be_zero_or_more(seconds: object) -> None:
-    with pytest.raises(ValueError, match="Timer seconds"):
+@pytest.mark.parametrize(
+    ("seconds", "error"),
+    [
+        (-0.1, ValueError),
+        (math.nan, ValueError),
+        (math.inf, ValueError),
+        ("5", TypeError),
+        (None, TypeError),
+        (False, TypeError),
+    ],
+)
+def test_seconds_must_be_a_finite_number_zero_or_more(seconds: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match=r"Timer seconds must be a .*number of seconds zero or more"):
         Timer(seconds)  # type: ignore[arg-type]
 
 

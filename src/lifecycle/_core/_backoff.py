@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
+
+from .._checks import check_seconds
 
 __all__ = ["Backoff"]
 
@@ -16,7 +19,11 @@ class Backoff:
     the delay is drawn uniformly from ``[0, ceiling]`` ("full jitter", which spreads retries of many tasks
     that failed together), otherwise it is the ceiling itself.
 
-    Raises ``ValueError`` for a negative ``initial``, a ``cap`` below ``initial`` or a ``multiplier`` below 1.
+    ``initial`` and ``cap`` are seconds (numbers or ``timedelta``, kept as ``float``).
+
+    Raises ``TypeError`` for an ``initial``, ``cap`` or ``multiplier`` that is not a number (``bool`` is not
+    one); ``ValueError`` for NaN or infinity, a negative ``initial``, a ``cap`` below ``initial`` or a
+    ``multiplier`` below 1.
 
     Example::
 
@@ -30,12 +37,19 @@ class Backoff:
     jitter: bool = True
 
     def __post_init__(self) -> None:
-        if self.initial < 0:
-            raise ValueError(f"Backoff initial must be >= 0, got {self.initial!r}")
-        if self.cap < self.initial:
+        initial = check_seconds(self.initial, "Backoff initial", allow_zero=True)
+        cap = check_seconds(self.cap, "Backoff cap", allow_zero=True)
+        if cap < initial:
             raise ValueError(f"Backoff cap ({self.cap!r}) must be >= initial ({self.initial!r})")
-        if self.multiplier < 1:
-            raise ValueError(f"Backoff multiplier must be >= 1, got {self.multiplier!r}")
+        multiplier = self.multiplier
+        if isinstance(multiplier, bool) or not isinstance(multiplier, int | float):
+            raise TypeError(
+                f"Backoff multiplier must be a number of at least 1 (an int or float), got {multiplier!r}"
+            )
+        if not math.isfinite(multiplier) or multiplier < 1:
+            raise ValueError(f"Backoff multiplier must be a finite number of at least 1, got {multiplier!r}")
+        object.__setattr__(self, "initial", initial)
+        object.__setattr__(self, "cap", cap)
 
     def ceiling(self, attempt: int) -> float:
         """The largest delay for the ``attempt``-th retry (1-based)."""

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .._compat import ExceptionGroup
 from ._task import Stage, TaskType
-
-if sys.version_info >= (3, 11):  # pragma: no cover - depends on the interpreter
-    from builtins import ExceptionGroup as _ExceptionGroup
-else:  # pragma: no cover - depends on the interpreter
-    from exceptiongroup import ExceptionGroup as _ExceptionGroup
 
 __all__ = ["TaskError", "TaskManagerError", "UnexpectedStopError"]
 
@@ -75,7 +70,7 @@ class UnexpectedStopError(Exception):
     """
 
 
-class TaskManagerError(_ExceptionGroup[TaskError]):
+class TaskManagerError(ExceptionGroup[TaskError]):
     """Raised by :meth:`TaskManager.run` when anything failed; ``exceptions`` holds every :class:`TaskError`.
 
     The errors are in the order they happened: initialize errors, then execute errors, then cleanup errors.

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import anyio
 
 from ._entry import Entry
-
-if TYPE_CHECKING:
-    from ._manager import TaskManager
 
 __all__ = ["ExecuteHandle"]
 
@@ -29,11 +26,12 @@ class ExecuteHandle:
         await handle.wait()
     """
 
-    __slots__ = ("_entry", "_manager")
+    __slots__ = ("_cancel", "_entry")
 
-    def __init__(self, manager: TaskManager, entry: Entry) -> None:
-        self._manager = manager
+    def __init__(self, entry: Entry, cancel: Callable[[Entry], None]) -> None:
+        # Built by the manager: ``cancel`` is its bound method that cancels one entry (and checks the thread).
         self._entry = entry
+        self._cancel = cancel
 
     @property
     def name(self) -> str:
@@ -47,7 +45,7 @@ class ExecuteHandle:
 
     def cancel(self) -> None:
         """Cancel the execute task (before it starts, it never starts); no-op once it has ended."""
-        self._manager._cancel_entry(self._entry)
+        self._cancel(self._entry)
 
     async def wait(self) -> None:
         """Wait until the execute task has ended; returns at once if it already has. Never raises its error:

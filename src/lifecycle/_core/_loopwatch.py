@@ -18,6 +18,7 @@ from types import FrameType
 
 import anyio
 
+from .._checks import check_seconds
 from .._redact import library_logger
 
 __all__ = ["LoopBlock", "LoopWatch"]
@@ -48,7 +49,8 @@ class LoopWatch:
     ``on_block`` runs in the watchdog thread while the loop may still be blocked: it must only read (walk the
     frames, look things up in plain dicts, log). Its exceptions are logged.
 
-    Raises ``ValueError`` for a threshold that is not a positive, finite number of seconds.
+    Raises ``TypeError`` for a threshold that is not a number of seconds, ``ValueError`` for one that is not
+    finite and greater than zero.
 
     Example::
 
@@ -61,9 +63,10 @@ class LoopWatch:
     def __init__(
         self, threshold: float, on_block: Callable[[LoopBlock], None], *, name: str = "lifecycle-loopwatch"
     ) -> None:
-        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold < 1e9:
-            raise ValueError(f"LoopWatch threshold must be a positive number of seconds, got {threshold!r}")
-        self.threshold = float(threshold)
+        seconds = check_seconds(threshold, "LoopWatch threshold")
+        if seconds >= 1e9:  # a thread cannot wait that long (OverflowError): far past any useful threshold
+            raise ValueError(f"LoopWatch threshold must be less than 1e9 seconds, got {threshold!r}")
+        self.threshold = seconds
         self._interval = self.threshold / 4
         self._on_block = on_block
         self._name = name

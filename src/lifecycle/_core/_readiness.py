@@ -25,6 +25,9 @@ class TaskHealth:
         restarts: how many times its restart policy restarted it.
         restarting: ``True`` from a failure its policy restarts until its execute runs again (the backoff,
             and for a Task its cleanup and initialize): the manager is not ready meanwhile.
+        added_while_running: ``True`` for an execute task added while the manager was running (often one
+            per request): it is forgotten once it ends without error, and :class:`~lifecycle.Metrics` counts
+            such tasks instead of labelling each.
     """
 
     name: str
@@ -34,6 +37,7 @@ class TaskHealth:
     live: bool
     restarts: int
     restarting: bool = False
+    added_while_running: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +88,7 @@ class Health:
                     "live": t.live,
                     "restarts": t.restarts,
                     "restarting": t.restarting,
+                    "added_while_running": t.added_while_running,
                 }
                 for t in self.tasks
             ],

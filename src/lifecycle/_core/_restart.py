@@ -1,25 +1,20 @@
 """Restart policies: when a failed (or returned) execute is run again, how often, and after what delay.
 
 :class:`Restart` is the public policy. :class:`RestartWindow` applies its intensity (at most ``max_restarts``
-restarts within a sliding window of ``within`` seconds, as in Erlang/OTP supervisors). :class:`Timing` is the
-manager's one source of time (a monotonic clock, a sleep and the jitter source), so tests about backoff,
-restart intensity, the drain delay and the systemd watchdog drive time themselves instead of waiting.
+restarts within a sliding window of ``within`` seconds, as in Erlang/OTP supervisors). The time they are
+measured in comes from the manager's ``clock`` (``TaskManager(clock=..., sleep=..., rng=...)``).
 """
 
 from __future__ import annotations
 
-import random
-import time
 from collections import deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-import anyio
-
+from .._checks import check_count, check_seconds
 from ._backoff import Backoff
 
-__all__ = ["Restart", "RestartMode", "RestartWindow", "Timing"]
+__all__ = ["Restart", "RestartMode", "RestartWindow"]
 
 #: ``"on-failure"``: restart when execute raises (or a STRICT execute returns before shutdown);
 #: ``"always"``: also restart an execute that returned.
@@ -45,8 +40,12 @@ class Restart:
     :class:`~lifecycle.TaskError` says how many restarts happened (``error.restarts``). Nothing is restarted
     once shutdown has begun, nor after the task was cancelled through its handle or ``manager.cancel()``.
 
-    Raises ``ValueError`` for an unknown ``mode``, a negative ``max_restarts`` or a ``within`` that is not a
-    positive number, ``TypeError`` when ``backoff`` is not a :class:`~lifecycle.Backoff`.
+    ``within`` is a number of seconds or a ``timedelta`` (kept as a ``float`` of seconds).
+
+    Raises ``ValueError`` for an unknown ``mode``, a negative ``max_restarts``, or a ``within`` that is not a
+    finite number of seconds greater than zero; ``TypeError`` for a ``max_restarts`` that is not an ``int``,
+    a ``within`` that is not a number (``bool`` is not one), or a ``backoff`` that is not a
+    :class:`~lifecycle.Backoff`.
 
     Example::
 
@@ -61,11 +60,8 @@ class Restart:
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
             raise ValueError(f"Restart mode must be 'on-failure' or 'always', got {self.mode!r}")
-        count = self.max_restarts
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ValueError(f"Restart max_restarts must be an int >= 0, got {self.max_restarts!r}")
-        if isinstance(self.within, bool) or not isinstance(self.within, int | float) or not self.within > 0:
-            raise ValueError(f"Restart within must be a positive number of seconds, got {self.within!r}")
+        check_count(self.max_restarts, "Restart max_restarts")
+        object.__setattr__(self, "within", check_seconds(self.within, "Restart within"))
         if not isinstance(self.backoff, Backoff):
             raise TypeError(f"Restart backoff must be a lifecycle.Backoff, got {self.backoff!r}")
 
@@ -101,21 +97,3 @@ class RestartWindow:
         """Record a restart at ``now``; returns its number within the window (1 for the first)."""
         self._times.append(now)
         return self.in_window(now)
-
-
-async def _sleep(seconds: float) -> None:
-    await anyio.sleep(seconds)
-
-
-@dataclass(slots=True)
-class Timing:
-    """Where a :class:`~lifecycle.TaskManager` gets time from: restart backoff, drain delay, watchdog.
-
-    ``clock`` is monotonic seconds, ``sleep`` an async sleep, ``rng`` the jitter source (``None``: the
-    ``random`` module). Tests replace ``manager._timing`` with a fake whose ``sleep`` advances ``clock`` and
-    returns when the test says so, so no test waits for real time.
-    """
-
-    clock: Callable[[], float] = time.monotonic
-    sleep: Callable[[float], Awaitable[None]] = _sleep
-    rng: random.Random | None = None

@@ -34,11 +34,17 @@ class Task(Protocol):
                 await self.pool.close()
     """
 
-    async def initialize(self) -> None: ...
+    async def initialize(self) -> None:
+        """Acquire what the task needs; a failure must release what was already taken before raising."""
+        ...
 
-    async def execute(self) -> None: ...
+    async def execute(self) -> None:
+        """Do the work until cancelled (shutdown), or return; what returning means is the task's type."""
+        ...
 
-    async def cleanup(self) -> None: ...
+    async def cleanup(self) -> None:
+        """Release what ``initialize`` took; runs shielded from the cancellation that stopped ``execute``."""
+        ...
 
 
 @runtime_checkable
@@ -48,7 +54,9 @@ class ExecuteTask(Protocol):
     A plain ``async def`` function taking no arguments is accepted wherever an ``ExecuteTask`` is.
     """
 
-    async def execute(self) -> None: ...
+    async def execute(self) -> None:
+        """Do the work until cancelled (shutdown, or the task's handle), or return."""
+        ...
 
 
 class TaskType(enum.Enum):

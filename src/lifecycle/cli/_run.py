@@ -8,8 +8,7 @@ from typing import Any
 from rich.console import Console
 
 from .._run import run
-from ._load import LoadError, load_manager
-from ._report import print_load_error
+from ._load import LoadError, load_manager, print_load_error
 
 __all__ = ["register"]
 

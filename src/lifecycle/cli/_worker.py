@@ -9,14 +9,14 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from .._checks import check_count, check_name
 from .._core._manager import TaskManager
 from .._redact import redact
 from .._run import run
 from ..asynctask import AsyncTasks
-from ._load import LoadError, a_or_an, load_object
-from ._report import print_load_error
+from ._load import LoadError, load_async_tasks, print_load_error
 
-__all__ = ["configure_worker", "load_async_tasks", "register"]
+__all__ = ["configure_worker", "parse_queues", "register"]
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -59,31 +59,6 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     parser.set_defaults(handler=_worker_command)
 
 
-def load_async_tasks(spec: str) -> AsyncTasks:
-    """The :class:`AsyncTasks` at ``spec`` (``MODULE:ATTR``): the attribute itself, or what calling it with no
-    arguments returns. Raises :class:`LoadError` saying what was found instead."""
-    value = load_object(spec)
-    if isinstance(value, AsyncTasks):
-        return value
-    if not callable(value) or isinstance(value, type):
-        raise LoadError(
-            f"{spec!r} is {a_or_an(type(value).__name__)}, not a lifecycle.asynctask.AsyncTasks or a "
-            "zero-argument function returning one"
-        )
-    try:
-        result = value()
-    except Exception as exc:
-        raise LoadError(
-            f"cannot load {spec!r}: calling it raised {type(exc).__name__}: {redact(str(exc))}"
-        ) from exc
-    if not isinstance(result, AsyncTasks):
-        raise LoadError(
-            f"cannot load {spec!r}: calling it returned {a_or_an(type(result).__name__)}, expected a "
-            "lifecycle.asynctask.AsyncTasks"
-        )
-    return result
-
-
 def parse_queues(values: list[str]) -> list[str] | dict[str, int]:
     """``--queue`` values as a strict list, or a weighted mapping when every value is ``NAME=WEIGHT``.
     Raises ``ValueError`` for a mix, an empty name or a weight that is not a positive integer."""
@@ -93,15 +68,16 @@ def parse_queues(values: list[str]) -> list[str] | dict[str, int]:
             "give every --queue a weight (--queue high=6 --queue low=1) or none (strict order), not a mix"
         )
     if not all(weighted):
-        return list(values)
+        return [check_name(value, "--queue NAME") for value in values]
     weights: dict[str, int] = {}
     for value in values:
         name, _, weight = value.partition("=")
+        check_name(name, f"--queue {value}: the queue name")
         try:
-            weights[name] = int(weight)
+            weights[name] = check_count(int(weight), f"--queue {value}: the weight", minimum=1)
         except ValueError:
             raise ValueError(
-                f"--queue {value}: the weight must be a positive integer, as in {name}=3"
+                f"--queue {value}: the weight must be a positive integer, as in {name or 'NAME'}=3"
             ) from None
     return weights
 
@@ -112,8 +88,8 @@ def configure_worker(
     """Override the worker settings of ``tasks`` before it runs (the command line's ``--concurrency`` and
     ``--queue``), through :meth:`AsyncTasks.configure_worker`. Raises ``ValueError``/``TypeError`` naming a
     bad value."""
-    if concurrency is not None and concurrency < 1:
-        raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
+    if concurrency is not None:
+        check_count(concurrency, "--concurrency", minimum=1)
     tasks.configure_worker(concurrency=concurrency, queues=queues)
 
 

@@ -6,7 +6,8 @@
 - :class:`Subprocess`: run an OS child process as a Task, with a readiness check and a graceful stop.
 - :class:`HealthServer`: serve a manager's liveness, readiness, status and metrics over HTTP.
 
-They log through the ``lifecycle.tasks`` logger.
+They log through the ``lifecycle.tasks`` logger. Each reports ``lifecycle.tasks`` as its ``__module__`` (its
+private module is an implementation detail), so reprs, pickles and documentation name the public path.
 """
 
 from ._health import HealthServer as HealthServer
@@ -24,3 +25,8 @@ __all__ = (
     "Subprocess",
     "Timer",
 )
+
+for _public in __all__:
+    if getattr(globals()[_public], "__module__", "").startswith(f"{__name__}._"):
+        globals()[_public].__module__ = __name__
+del _public

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import ByteStream, Listener, SocketAttribute, SocketStream
 
+from .._checks import check_count, check_seconds
 from .._core._background import current_background
 from .._core._readiness import Health
 from .._core._task import ManagerState
@@ -61,7 +63,11 @@ class HealthServer:
         port: TCP port; ``0`` picks a free one, readable from :attr:`port` after ``initialize``.
         metrics: what ``/metrics`` serves; ``None``: a new :class:`~lifecycle.Metrics` of ``manager`` when
             ``prometheus-client`` is installed.
-        request_timeout: seconds a client has to send its request.
+        request_timeout: seconds a client has to send its request (a number or ``timedelta``).
+
+    Raises ``TypeError`` for a ``manager`` without ``health()`` and ``status()``, a ``port`` that is not an
+    ``int`` or a ``request_timeout`` that is not a number (``bool`` is neither); ``ValueError`` for a port
+    outside 0 to 65535 or a ``request_timeout`` that is not a finite number greater than zero.
 
     Example::
 
@@ -76,14 +82,12 @@ class HealthServer:
         port: int = 0,
         *,
         metrics: Metrics | None = None,
-        request_timeout: float = 5.0,
+        request_timeout: float | timedelta = 5.0,
     ) -> None:
         if not hasattr(manager, "health") or not hasattr(manager, "status"):
             raise TypeError(f"HealthServer needs a lifecycle.TaskManager, got {type(manager).__name__}")
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        if check_count(port, "HealthServer port") > 65535:
             raise ValueError(f"HealthServer port must be an int from 0 to 65535, got {port!r}")
-        if not request_timeout > 0:
-            raise ValueError(f"HealthServer request_timeout must be positive, got {request_timeout!r}")
         self._manager = manager
         self.host = host
         #: The TCP port: as given until ``initialize`` has bound it, then the bound one (useful with 0).
@@ -91,7 +95,7 @@ class HealthServer:
         if metrics is None and metrics_available():
             metrics = Metrics(manager)
         self.metrics = metrics
-        self._request_timeout = request_timeout
+        self._request_timeout = check_seconds(request_timeout, "HealthServer request_timeout")
         self._listener: Listener[SocketStream] | None = None
         self._serving: anyio.CancelScope | None = None
         self._stopped: anyio.Event | None = None

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator, Iterable
 
 import anyio
 
+from .._compat import BaseExceptionGroup, unwrap_single
 from .._core._task import Task
 from .._redact import library_logger
-from ._checks import BaseExceptionGroup, unwrap_single
 
 __all__ = ["Interruptible"]
 

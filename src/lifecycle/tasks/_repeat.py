@@ -5,11 +5,12 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 
 import anyio
 
+from .._checks import check_name, check_seconds
 from .._redact import library_logger
-from ._checks import positive_seconds
 
 __all__ = ["Repeat"]
 
@@ -35,14 +36,16 @@ class Repeat:
 
     Args:
         fn: a zero-argument async function (or any callable returning an awaitable).
-        interval: seconds between the starts of two calls; a positive number.
+        interval: seconds between the starts of two calls: a number or ``timedelta`` greater than zero.
         run_immediately: call ``fn`` as soon as ``execute`` starts (default) rather than one interval later.
-        name: shown in log messages; defaults to ``fn``'s qualified name.
+        name: shown in log messages (a non-empty string); defaults to ``fn``'s qualified name.
         clock: the time source, ``anyio.current_time`` by default (a seam for tests).
         sleep: the sleep function, ``anyio.sleep`` by default (a seam for tests).
 
-    Raises ``ValueError`` for an ``interval`` that is not a positive number, ``TypeError`` when ``fn`` is not
-    callable; ``execute`` raises ``TypeError`` when ``fn`` returns something that cannot be awaited.
+    Raises ``TypeError`` when ``fn`` is not callable, ``interval`` is not a number (``bool`` is not one) or
+    ``name`` is not a string; ``ValueError`` for an ``interval`` that is not a finite number greater than
+    zero, or an empty ``name``. ``execute`` raises ``TypeError`` when ``fn`` returns something that cannot be
+    awaited.
 
     Example::
 
@@ -56,7 +59,7 @@ class Repeat:
         self,
         fn: Callable[[], Awaitable[object]],
         *,
-        interval: float,
+        interval: float | timedelta,
         run_immediately: bool = True,
         name: str | None = None,
         clock: Callable[[], float] | None = None,
@@ -65,8 +68,10 @@ class Repeat:
         if not callable(fn):
             raise TypeError(f"Repeat needs a zero-argument async function to call, got {fn!r}")
         self._fn = fn
-        self._interval = positive_seconds("Repeat interval", interval)
+        self._interval = check_seconds(interval, "Repeat interval")
         self._run_immediately = bool(run_immediately)
+        if name is not None:
+            check_name(name, "Repeat name")
         self._name = name or getattr(fn, "__qualname__", None) or repr(fn)
         self._clock = clock or anyio.current_time
         self._sleep = sleep or anyio.sleep

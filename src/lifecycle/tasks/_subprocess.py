@@ -8,14 +8,15 @@ import signal
 import subprocess
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
 from typing import Any, Union
 
 import anyio
 from anyio.abc import Process
 
+from .._checks import check_name, check_seconds
 from .._core._errors import UnexpectedStopError
 from .._redact import library_logger
-from ._checks import positive_seconds
 from ._lines import LineReader
 
 __all__ = ["ProcessExitedError", "Subprocess"]
@@ -93,11 +94,13 @@ class Subprocess:
         env: the child's whole environment (like ``subprocess``), or ``None`` to inherit this process's.
         cwd: the child's working directory.
         ready: called with each output line during ``initialize`` until it returns true.
-        stop_timeout: seconds between SIGTERM and SIGKILL in ``cleanup``.
-        name: shown in logs and errors; defaults to the program's file name.
+        stop_timeout: seconds between SIGTERM and SIGKILL in ``cleanup`` (a number or ``timedelta``).
+        name: shown in logs and errors (a non-empty string); defaults to the program's file name.
 
-    Raises ``ValueError`` for empty ``args`` or a ``stop_timeout`` that is not a positive number,
-    ``TypeError`` for a ``ready`` that is not callable.
+    Raises ``ValueError`` for empty ``args``, a ``stop_timeout`` that is not a finite number of seconds
+    greater than zero, or an empty ``name``; ``TypeError`` for ``args`` of the wrong type, a ``ready`` that
+    is not callable, a ``stop_timeout`` that is not a number (``bool`` is not one) or a ``name`` that is not
+    a string.
 
     Example::
 
@@ -115,7 +118,7 @@ class Subprocess:
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
         ready: Callable[[str], bool] | None = None,
-        stop_timeout: float = 10.0,
+        stop_timeout: float | timedelta = 10.0,
         name: str | None = None,
     ) -> None:
         given: object = args
@@ -131,8 +134,8 @@ class Subprocess:
         self._env = None if env is None else dict(env)
         self._cwd = cwd
         self._ready = ready
-        self._stop_timeout = positive_seconds("Subprocess stop_timeout", stop_timeout)
-        self._name = name or _default_name(args)
+        self._stop_timeout = check_seconds(stop_timeout, "Subprocess stop_timeout")
+        self._name = _default_name(args) if name is None else check_name(name, "Subprocess name")
         self._process: Process | None = None
         self._reader: LineReader | None = None
         self._output_closed = anyio.Event()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import anyio
 
-from ._checks import positive_seconds
+from .._checks import check_seconds
 
 __all__ = ["Timer"]
 
@@ -16,16 +18,18 @@ class Timer:
     STOP_GROUP task has returned); added as ``STRICT`` it is a deadline that fails the service when reached.
     Each call of ``execute`` waits the full ``seconds`` again. Cancellation ends it at once.
 
-    Raises ``ValueError`` when ``seconds`` is negative or not a finite number (``0`` returns at the next
-    scheduling point).
+    ``seconds`` is a number or a ``timedelta``; ``0`` returns at the next scheduling point.
+
+    Raises ``TypeError`` when ``seconds`` is not a number (``bool`` is not one), ``ValueError`` when it is
+    negative, NaN or infinite.
 
     Example::
 
         manager.add_execute_task("run-for-a-minute", Timer(60), lifecycle.TaskType.STOP_GROUP)
     """
 
-    def __init__(self, seconds: float) -> None:
-        self._seconds = positive_seconds("Timer seconds", seconds, allow_zero=True)
+    def __init__(self, seconds: float | timedelta) -> None:
+        self._seconds = check_seconds(seconds, "Timer seconds", allow_zero=True)
 
     @property
     def seconds(self) -> float:

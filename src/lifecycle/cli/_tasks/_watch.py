@@ -18,16 +18,32 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .._redact import redact
-from ..asynctask import AsyncTasks, QueueStats, TaskInfo, TaskState
-from ._format import CliError, error_summary, format_age, print_json, stats_to_json
-from ._tasks import Session
-from ._tasks_read import stats_table
+from ..._checks import check_seconds
+from ..._redact import redact
+from ...asynctask import AsyncTasks, QueueStats, TaskInfo, TaskState
+from ._format import error_summary, format_age, option, print_json, stats_table, stats_to_json
+from ._session import Session, with_tasks
 
-__all__ = ["Dashboard", "failure_label", "watch"]
+__all__ = ["Dashboard", "failure_label", "register", "watch"]
 
 #: How many failures the dashboard lists.
 RECENT_FAILURES = 8
+
+
+def register(commands: argparse._SubParsersAction[Any]) -> None:
+    """Add ``watch``."""
+    watch_parser = commands.add_parser(
+        "watch", help="a live dashboard: counts, throughput per second, recent failures (Ctrl-C to stop)"
+    )
+    watch_parser.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between refreshes (default 1)"
+    )
+    watch_parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per refresh, one per line (JSON lines), instead of the live screen",
+    )
+    watch_parser.set_defaults(handler=with_tasks(watch))
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,9 +193,7 @@ def _failed_at(info: TaskInfo) -> float:
 
 async def watch(args: argparse.Namespace, session: Session) -> int:
     """Show the dashboard until SIGINT or SIGTERM; exit status 0."""
-    interval: float = args.interval
-    if not interval > 0:
-        raise CliError(f"--interval must be a positive number of seconds, got {interval}")
+    interval = option(check_seconds, args.interval, "--interval")
     dashboard = Dashboard(session.tasks)
     await dashboard.refresh()
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -14,11 +14,20 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from ..asynctask import ScheduleInfo
+from ...asynctask import ScheduleInfo
 from ._format import CliError, format_time, iso, print_json
-from ._tasks import Session
+from ._session import Session, add_json_option, with_tasks
 
-__all__ = ["schedule_to_json", "schedules"]
+__all__ = ["register", "schedule_to_json", "schedules"]
+
+
+def register(commands: argparse._SubParsersAction[Any]) -> None:
+    """Add ``schedules``."""
+    parser = commands.add_parser(
+        "schedules", help="the schedules of the --app AsyncTasks with their next fire times"
+    )
+    add_json_option(parser)
+    parser.set_defaults(handler=with_tasks(schedules))
 
 
 def schedule_to_json(info: ScheduleInfo) -> dict[str, Any]:

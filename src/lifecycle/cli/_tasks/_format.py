@@ -1,16 +1,19 @@
-"""Formatting helpers of the ``lifecycle tasks`` commands: durations, times, error summaries, JSON rows."""
+"""Formatting helpers of the ``lifecycle tasks`` commands: durations, times, error summaries, JSON rows, and
+the table of counts per queue and state (``stats`` and ``watch`` both show it)."""
 
 from __future__ import annotations
 
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from .._redact import redact, redact_tree
-from ..asynctask import QueueStats, TaskInfo, TaskState
+from rich.table import Table
+
+from ..._redact import redact, redact_tree
+from ...asynctask import QueueStats, TaskInfo, TaskState
 
 __all__ = [
     "STATE_STYLES",
@@ -21,9 +24,11 @@ __all__ = [
     "format_age",
     "format_time",
     "info_to_json",
+    "option",
     "parse_duration",
     "plain_help",
     "print_json",
+    "stats_table",
     "stats_to_json",
 ]
 
@@ -50,6 +55,18 @@ class CliError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+_T = TypeVar("_T")
+
+
+def option(check: Callable[..., _T], value: object, what: str, **rules: Any) -> _T:
+    """``check(value, what, **rules)`` (one of the library's validators, so an option follows the same rule
+    as the argument it becomes) with a refusal turned into a :class:`CliError`: a usage error, status 2."""
+    try:
+        return check(value, what, **rules)
+    except (TypeError, ValueError) as exc:
+        raise CliError(str(exc)) from None
 
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
@@ -212,3 +229,18 @@ def print_json(value: Any, *, indent: int | None = 2) -> None:
     passwords of any URL or DSN in its strings masked; ``indent=None``: one line (JSON lines)."""
     document = redact_tree(json.loads(json.dumps(value, default=repr)))
     print(json.dumps(document, indent=indent, ensure_ascii=False), flush=True)
+
+
+def stats_table(stats: Mapping[str, QueueStats], title: str | None = None) -> Table:
+    """Counts per queue (rows) and state (columns), with a total row when there are several queues."""
+    table = Table(title=title, title_justify="left", show_footer=len(stats) > 1)
+    totals = {state.value: sum(counts[state] for counts in stats.values()) for state in TaskState}
+    table.add_column("queue", footer="total")
+    for state in TaskState:
+        table.add_column(
+            state.value, justify="right", style=STATE_STYLES[state.value], footer=str(totals[state.value])
+        )
+    table.add_column("total", justify="right", style="bold", footer=str(sum(totals.values())))
+    for queue, counts in stats.items():
+        table.add_row(queue, *(str(counts[state]) for state in TaskState), str(counts.total))
+    return table

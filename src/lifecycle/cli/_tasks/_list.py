@@ -1,103 +1,35 @@
-"""The read commands of ``lifecycle tasks``: ``stats``, ``list``, ``show`` and ``watch`` (tables or JSON)."""
+"""``lifecycle tasks list``: tasks newest first, as a table that fits the terminal, with a one-line error
+note where the error tells the task's story (``--json``: every field)."""
 
 from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable, Mapping
 from typing import Any
 
 from rich import box
 from rich.cells import cell_len
 from rich.console import Group, RenderableType
-from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .._redact import redact
-from ..asynctask import QueueStats, TaskInfo, TaskState
-from ._format import (
-    EXIT_NOT_FOUND,
-    STATE_STYLES,
-    CliError,
-    attempts_text,
-    error_note,
-    format_age,
-    format_time,
-    info_to_json,
-    print_json,
-    stats_to_json,
-)
-from ._tasks import Session, TasksCommand, add_json_option, add_state_option
+from ..._checks import check_count
+from ...asynctask import TaskInfo
+from ._format import STATE_STYLES, error_note, format_age, info_to_json, option, print_json
+from ._session import Session, add_json_option, add_state_option, with_tasks
 
-__all__ = ["list_table", "register", "stats_table"]
-
-Wrap = Callable[[TasksCommand], Callable[[argparse.Namespace], int]]
+__all__ = ["list_table", "register"]
 
 
-def register(commands: argparse._SubParsersAction[Any], wrap: Wrap) -> None:
-    """Add ``stats``, ``list``, ``show``, ``watch`` and ``schedules``."""
-    stats = commands.add_parser("stats", help="a table of task counts per queue and state")
-    add_json_option(stats)
-    stats.set_defaults(handler=wrap(_stats))
-
+def register(commands: argparse._SubParsersAction[Any]) -> None:
+    """Add ``list``."""
     listing = commands.add_parser("list", help="tasks newest first, with a one-line error note")
     add_state_option(listing, help="only tasks in this state (repeat for several)")
     listing.add_argument("--queue", help="only tasks of this queue")
     listing.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
     listing.add_argument("--offset", type=int, default=0, help="skip this many rows first")
     add_json_option(listing)
-    listing.set_defaults(handler=wrap(_list))
-
-    show = commands.add_parser("show", help="every field of one task, with its arguments and traceback")
-    show.add_argument("task_id", metavar="ID")
-    add_json_option(show)
-    show.set_defaults(handler=wrap(_show))
-
-    from . import _dashboard, _schedules
-
-    watch = commands.add_parser(
-        "watch", help="a live dashboard: counts, throughput per second, recent failures (Ctrl-C to stop)"
-    )
-    watch.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
-    watch.add_argument(
-        "--json",
-        action="store_true",
-        help="print one JSON object per refresh, one per line (JSON lines), instead of the live screen",
-    )
-    watch.set_defaults(handler=wrap(_dashboard.watch))
-
-    schedules = commands.add_parser(
-        "schedules", help="the schedules of the --app AsyncTasks with their next fire times"
-    )
-    add_json_option(schedules)
-    schedules.set_defaults(handler=wrap(_schedules.schedules))
-
-
-def stats_table(stats: Mapping[str, QueueStats], title: str | None = None) -> Table:
-    """Counts per queue (rows) and state (columns), with a total row when there are several queues."""
-    table = Table(title=title, title_justify="left", show_footer=len(stats) > 1)
-    totals = {state.value: sum(counts[state] for counts in stats.values()) for state in TaskState}
-    table.add_column("queue", footer="total")
-    for state in TaskState:
-        table.add_column(
-            state.value, justify="right", style=STATE_STYLES[state.value], footer=str(totals[state.value])
-        )
-    table.add_column("total", justify="right", style="bold", footer=str(sum(totals.values())))
-    for queue, counts in stats.items():
-        table.add_row(queue, *(str(counts[state]) for state in TaskState), str(counts.total))
-    return table
-
-
-async def _stats(args: argparse.Namespace, session: Session) -> int:
-    stats = await session.tasks.stats()
-    if args.json:
-        print_json(stats_to_json(stats))
-    elif not stats:
-        session.console.print("no tasks are stored")
-    else:
-        session.console.print(stats_table(stats))
-    return 0
+    listing.set_defaults(handler=with_tasks(_list))
 
 
 #: Columns of ``list`` a narrow terminal leaves out first (id and state are always shown, never cut).
@@ -208,10 +140,10 @@ def list_table(infos: list[TaskInfo], now: float, width: int) -> RenderableType:
 
 
 async def _list(args: argparse.Namespace, session: Session) -> int:
-    if args.limit < 1 or args.offset < 0:
-        raise CliError("--limit must be at least 1 and --offset at least 0")
+    limit = option(check_count, args.limit, "--limit", minimum=1)
+    offset = option(check_count, args.offset, "--offset", minimum=0)
     infos = await session.tasks.list(
-        state=args.states, queue=args.queue, limit=args.limit, offset=args.offset
+        state=args.states, queue=args.queue, limit=limit, offset=offset
     )
     if args.json:
         print_json([info_to_json(info) for info in infos])
@@ -219,65 +151,8 @@ async def _list(args: argparse.Namespace, session: Session) -> int:
         session.console.print("no tasks match")
     else:
         session.console.print(list_table(infos, time.time(), session.console.width), crop=False)
-        if len(infos) == args.limit:
+        if len(infos) == limit:
             session.console.print(
-                f"[dim]showing {args.limit} tasks; use --limit/--offset for more[/]", highlight=False
+                f"[dim]showing {limit} tasks; use --limit/--offset for more[/]", highlight=False
             )
     return 0
-
-
-async def _show(args: argparse.Namespace, session: Session) -> int:
-    tasks = session.tasks
-    info = await tasks.info(args.task_id)
-    if info is None:
-        raise CliError(
-            f"there is no task with id {args.task_id!r} (never stored, or removed by retention or purge)",
-            EXIT_NOT_FOUND,
-        )
-    arguments = await _arguments(session, args.task_id)
-    if args.json:
-        print_json(info_to_json(info, arguments=arguments))
-        return 0
-    now = time.time()
-    fields = Table.grid(padding=(0, 2))
-    fields.add_column(style="bold")
-    fields.add_column(overflow="fold")
-    rows: list[tuple[str, RenderableType]] = [
-        ("id", info.id),
-        ("name", info.name),
-        ("queue", info.queue),
-        ("state", Text(info.state.value, style=STATE_STYLES[info.state.value])),
-        ("attempts", attempts_text(info)),
-        ("timeout", "-" if info.timeout is None else f"{info.timeout:g} s"),
-        ("enqueued at", format_time(info.enqueued_at, now)),
-        ("run at", format_time(info.run_at, now)),
-        ("started at", format_time(info.started_at, now)),
-        ("finished at", format_time(info.finished_at, now)),
-        ("arguments", Text(redact(repr(arguments)))),
-        ("result", Text(redact(repr(info.result)))),
-    ]
-    for name, value in rows:
-        fields.add_row(name, value)
-    parts: list[RenderableType] = [fields]
-    if info.damaged:
-        parts.append(Panel(Text(info.damaged), title="damaged", title_align="left", border_style="red"))
-    if info.last_error:
-        title = (
-            "last error" if info.state is not TaskState.SUCCEEDED else "last error (of an earlier attempt)"
-        )
-        error = Text(redact(info.last_error))
-        parts.append(Panel(error, title=title, title_align="left", border_style="red"))
-    session.console.print(Group(*parts))
-    return 0
-
-
-async def _arguments(session: Session, task_id: str) -> Any:
-    """The decoded arguments of the task, or the raw payload text when the encoding cannot decode it."""
-    record = await session.tasks.backend.get(task_id)
-    if record is None:
-        return None
-    try:
-        decoded = session.tasks.encoding.decode(record.payload)
-    except ValueError:
-        return record.payload.decode("utf-8", errors="replace")
-    return list(decoded) if isinstance(decoded, tuple) else decoded

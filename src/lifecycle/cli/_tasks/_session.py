@@ -1,23 +1,12 @@
-"""``lifecycle tasks --backend URL COMMAND``: look at and act on stored tasks from a shell.
-
-Commands: ``stats``, ``list``, ``show``, ``requeue``, ``cancel``, ``purge``, ``watch`` and ``schedules``. The
-backend comes from ``--backend URL`` (or the ``LIFECYCLE_TASKS_BACKEND`` environment variable), or from the
-``AsyncTasks`` named by ``--app MODULE:ATTR`` (which also brings its encoding, to decode results, and its
-schedules). Every command runs on asyncio (the Redis and PostgreSQL clients need it).
-
-The options ``--backend``, ``--app``, ``--json`` and ``--debug`` go before or after the command.
-
-Exit status: 0 done; 1 the backend failed (unreachable, storage error) or an unexpected error; 2 usage
-error (bad option, URL, duration or target); 3 a task id that does not exist; 4 a task in a state the
-operation does not apply to. Errors are one line on stderr; ``--debug`` prints the traceback too. Passwords
-in URLs and DSNs are shown as ``***`` everywhere.
+"""What every ``lifecycle tasks`` command shares: the options ``--backend``, ``--app``, ``--json`` and
+``--debug``, the opened session (the ``AsyncTasks`` over the backend), and :func:`with_tasks`, which runs a
+command on asyncio and turns its errors into one line with the documented exit status.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,14 +18,24 @@ import anyio
 from rich.console import Console
 from rich.text import Text
 
-from .._redact import redact
-from ..asynctask import AsyncTasks, Backend, TaskState, backend_from_url
-from ..asynctask._backend import Create, opens_without_creating
-from ..asynctask._errors import StoreNotFoundError
-from ..tasks._checks import BaseExceptionGroup
-from ._format import EXIT_USAGE, CliError, plain_help
+from ..._compat import unwrap_single
+from ..._redact import redact
+from ...asynctask import AsyncTasks, Backend, TaskState, backend_from_url
+from ...asynctask._backend import Create, opens_without_creating
+from ...asynctask._errors import StoreNotFoundError
+from .._load import LoadError, load_async_tasks
+from ._format import CliError
 
-__all__ = ["BACKEND_ENV", "Session", "TasksCommand", "open_session", "register"]
+__all__ = [
+    "BACKEND_ENV",
+    "Session",
+    "TasksCommand",
+    "add_json_option",
+    "add_shared_options",
+    "add_state_option",
+    "open_session",
+    "with_tasks",
+]
 
 #: The environment variable read when ``--backend`` is not given.
 BACKEND_ENV = "LIFECYCLE_TASKS_BACKEND"
@@ -58,31 +57,7 @@ TasksCommand = Callable[[argparse.Namespace, Session], Awaitable[int]]
 _STATES = [state.value for state in TaskState]
 
 
-def register(subparsers: argparse._SubParsersAction[Any]) -> None:
-    """Add the ``tasks`` subcommand and its own subcommands."""
-    from . import _tasks_read, _tasks_write
-
-    parser = subparsers.add_parser(
-        "tasks",
-        help=(
-            "inspect and manage stored async tasks (stats, list, show, requeue, cancel, purge, watch, "
-            "schedules)"
-        ),
-        description=plain_help(__doc__.split("\n\n", 1)[1]) if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_shared_options(parser, default=None)
-    parser.add_argument("--json", action="store_true", dest="json_global", help="JSON output (read commands)")
-    parser.set_defaults(handler=_tasks_help(parser), json=False)
-    commands = parser.add_subparsers(dest="tasks_command", metavar="COMMAND")
-    _tasks_read.register(commands, _with_tasks)
-    _tasks_write.register(commands, _with_tasks)
-    for command in commands.choices.values():
-        # The same options after the command (`lifecycle tasks stats --backend URL`); given there, they win.
-        _add_shared_options(command, default=argparse.SUPPRESS)
-
-
-def _add_shared_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
+def add_shared_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
     """``--backend``, ``--app`` and ``--debug``: on ``tasks`` with their defaults, and on each command with
     ``argparse.SUPPRESS`` (so that not giving them there keeps what was given before the command)."""
     parser.add_argument(
@@ -108,14 +83,6 @@ def _add_shared_options(parser: argparse.ArgumentParser, *, default: Any) -> Non
     )
 
 
-def _tasks_help(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
-
-    return handler
-
-
 def add_json_option(parser: argparse.ArgumentParser) -> None:
     """``--json`` on a read command (``lifecycle tasks --json COMMAND`` works as well)."""
     parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of tables")
@@ -128,7 +95,7 @@ def add_state_option(parser: argparse.ArgumentParser, *, help: str, required: bo
     )
 
 
-def _with_tasks(command: TasksCommand) -> Callable[[argparse.Namespace], int]:
+def with_tasks(command: TasksCommand) -> Callable[[argparse.Namespace], int]:
     """A subcommand handler: open the tasks, run ``command`` on asyncio, turn errors into one line."""
 
     def handler(args: argparse.Namespace) -> int:
@@ -143,7 +110,7 @@ def _with_tasks(command: TasksCommand) -> Callable[[argparse.Namespace], int]:
             _print_error(console, str(exc), args.debug, None, *sources)
             return exc.exit_code
         except Exception as exc:
-            error = _unwrap(exc)
+            error = unwrap_single(exc)
             if isinstance(error, CliError):
                 _print_error(console, str(error), args.debug, None, *sources)
                 return error.exit_code
@@ -206,9 +173,6 @@ async def _open_backend(backend: Backend, create: Create) -> None:
 
 
 def _load_app(spec: str) -> AsyncTasks:
-    from ._load import LoadError
-    from ._worker import load_async_tasks
-
     try:
         return load_async_tasks(spec)
     except LoadError as exc:
@@ -229,12 +193,6 @@ def _check_sqlite_file(url: str) -> None:
             "path: sqlite:///relative/path.db is relative to the current directory, sqlite:////abs/path.db "
             "absolute"
         )
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _print_error(
