@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["BackendError", "DuplicateTaskError"]
+__all__ = ["BackendError", "DuplicateTaskError", "StoreNotFoundError", "WorkerLostError"]
 
 
 class DuplicateTaskError(Exception):
@@ -32,4 +32,12 @@ class StoreNotFoundError(BackendError):
 
     A :class:`BackendError` to callers; the ``lifecycle tasks`` commands report it as a usage error (the URL
     names no store). Not exported: catch :class:`BackendError`.
+    """
+
+
+class WorkerLostError(RuntimeError):
+    """Passed to ``on_error`` for an attempt whose worker died (its lease expired before it finished).
+
+    The attempt counts: the task is retried after its backoff, or is ``dead`` when no retry is left; its
+    ``last_error`` says ``worker lost``.
     """
