@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import random
-import sys
 from collections import Counter
 
 import pytest
 
 from lifecycle import Backoff
+from lifecycle._compat import ExceptionGroup
 from lifecycle.asynctask import Abort, ClaimedTask, Retry, TaskInfo, TaskRecord, TaskState
 from lifecycle.asynctask._engine._queues import QueueOrder
 from lifecycle.asynctask._engine._verdict import MAX_ERROR_CHARS, Policy, error_text
-
-if sys.version_info < (3, 11):
-    from exceptiongroup import ExceptionGroup
 
 NOW = 1_000.0
 

@@ -95,8 +95,8 @@ class AsyncTasks:
         clock: the time source for everything stored (default ``time.time``); tests pass a manual clock.
         rng: the random source for jitter and weighted queue order (tests pass a seeded one).
         metrics: where to count enqueues, attempts, outcomes and run times: a ``lifecycle.Metrics`` (served
-            by ``HealthServer`` at ``/metrics``, queue depths included), or any :class:`TaskObserver`.
-            ``None`` (the default) costs nothing.
+            by ``HealthServer`` at ``/metrics``, queue depths included), any :class:`TaskObserver`, or any
+            object whose ``async_tasks`` attribute is one. ``None`` (the default) costs nothing.
 
     Raises ``TypeError``/``ValueError`` naming a bad option.
 

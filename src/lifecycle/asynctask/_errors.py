@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["BackendError", "DuplicateTaskError", "StoreNotFoundError", "WorkerLostError"]
 
@@ -21,6 +22,10 @@ class DuplicateTaskError(Exception):
             f"a task with id {task_id!r} is already pending or active; "
             "pick another task_id, or wait until that task has finished"
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle by the constructor's arguments (``args`` holds the message, not them)."""
+        return type(self), (self.task_id, self.task_ids), self.__dict__
 
 
 class BackendError(Exception):

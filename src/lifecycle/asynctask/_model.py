@@ -283,6 +283,10 @@ class Retry(Exception):
             reason or (f"retry requested after {self.after} s" if self.after is not None else "")
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle by the constructor's arguments (``args`` holds the message, not them)."""
+        return type(self), (self.after, self.reason), self.__dict__
+
 
 class Abort(Exception):
     """Raise from a task to fail it for good: it goes ``dead`` at once with ``reason``, without retries.
