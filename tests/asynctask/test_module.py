@@ -440,6 +440,10 @@ async def test_operation_arguments_follow_the_one_validator_rule(
         await tasks.cancel("")
     with pytest.raises(TypeError, match=r"AsyncTasks.list\(\): the queue name must be a non-empty string"):
         await tasks.list(queue=5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"AsyncTasks.list\(\): limit must be at least 0, got -1"):
+        await tasks.list(limit=-1)
+    with pytest.raises(TypeError, match=r"AsyncTasks.list\(\): offset must be a whole number"):
+        await tasks.list(offset=1.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"purge\(\): older_than must be a finite number of seconds zero"):
         await tasks.purge("dead", older_than=-1)
     with pytest.raises(TypeError, match=r"purge\(\): older_than must be a number of seconds"):

@@ -498,10 +498,13 @@ class AsyncTasks:
         limit: int = 100,
         offset: int = 0,
     ) -> builtins.list[TaskInfo]:
-        """Tasks, newest first, optionally of one or several states and of one queue."""
+        """Tasks, newest first, optionally of one or several states and of one queue: at most ``limit``, after
+        skipping ``offset`` (both whole numbers >= 0)."""
         self._check_open("list")
         states = None if state is None else check_states(state)
         _check_queue(queue, "list")
+        check_count(limit, "AsyncTasks.list(): limit")
+        check_count(offset, "AsyncTasks.list(): offset")
         records = await self._backend.list_records(states=states, queue=queue, limit=limit, offset=offset)
         return [self._info(record) for record in records]
 
