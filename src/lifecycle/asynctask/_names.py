@@ -8,7 +8,7 @@ import inspect
 import sys
 import typing
 from pathlib import Path
-from types import FunctionType
+from types import FunctionType, GenericAlias
 from typing import Any
 
 __all__ = ["public_module", "publish"]
@@ -49,6 +49,8 @@ def publish(namespace: dict[str, Any]) -> None:
     module = namespace["__name__"]
     for name in namespace["__all__"]:
         value = namespace[name]
+        if isinstance(value, GenericAlias):  # an alias such as Callable[...] (a "type" on Python 3.10)
+            continue
         if isinstance(value, type):
             own = inspect.get_annotations(value)
             if own:
