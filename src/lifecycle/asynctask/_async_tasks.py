@@ -55,9 +55,9 @@ from ._schedule import (
     Scheduler,
     check_interval,
     check_missed,
+    check_schedule_name,
     resolve_timezone,
 )
-from ._schedule import check_name as check_schedule_name
 
 __all__ = ["AsyncTasks"]
 

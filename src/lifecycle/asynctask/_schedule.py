@@ -36,7 +36,7 @@ __all__ = [
     "Scheduler",
     "check_interval",
     "check_missed",
-    "check_name",
+    "check_schedule_name",
     "fire_stamp",
     "fire_task_id",
     "resolve_timezone",
@@ -381,7 +381,7 @@ def check_missed(missed: object) -> MissedFires:
     raise ValueError(f"missed must be 'skip' (the default) or 'run_once', got {missed!r}")
 
 
-def check_name(name: object, where: str) -> str:
+def check_schedule_name(name: object, where: str) -> str:
     """A schedule name: a non-empty, non-blank string without NUL (it is part of each fire time's task id);
     ``TypeError`` for a non-string, ``ValueError`` otherwise."""
     return check_label(name, f"{where}: the schedule name")
