@@ -344,8 +344,12 @@ def test_the_depth_limit_is_checked_the_same_way_on_both_sides() -> None:
         encoding.decode(too_deep)
     assert JSONEncoding().decode(too_deep) == [[[[[[[[[[[]]]]]]]]]]]
     assert encoding.max_depth == 10
-    with pytest.raises(ValueError, match="max_depth"):
+    with pytest.raises(ValueError, match=r"JSONEncoding\(max_depth=...\) must be at least 1, got 0"):
         JSONEncoding(max_depth=0)
+    with pytest.raises(ValueError, match=r"JSONEncoding\(max_depth=...\) must be at most 10000, got 10001"):
+        JSONEncoding(max_depth=10_001)
+    with pytest.raises(TypeError, match=r"JSONEncoding\(max_depth=...\) must be a whole number"):
+        JSONEncoding(max_depth=10.0)  # type: ignore[arg-type]
 
 
 def test_a_value_deeper_than_python_can_recurse_is_a_type_error_at_encode() -> None:

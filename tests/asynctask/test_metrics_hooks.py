@@ -17,8 +17,15 @@ import pytest
 
 import lifecycle
 from lifecycle import Backoff, Metrics
-from lifecycle.asynctask import AsyncTasks, Call, ManualClock, MemoryBackend, TaskContext, TaskState
-from lifecycle.asynctask._observer import TaskObserver
+from lifecycle.asynctask import (
+    AsyncTasks,
+    Call,
+    ManualClock,
+    MemoryBackend,
+    TaskContext,
+    TaskObserver,
+    TaskState,
+)
 from lifecycle.tasks import HealthServer
 
 prometheus_client = pytest.importorskip("prometheus_client")
@@ -381,6 +388,23 @@ async def test_a_schedule_fire_is_counted_once_by_the_scheduler_that_stored_it()
 
 async def report(region: str) -> str:
     return region
+
+
+async def test_any_object_holding_an_observer_in_async_tasks_is_accepted_as_metrics() -> None:
+    # What lifecycle.Metrics offers, duck-typed: the durable-task layer does not import the metrics layer.
+    class Holder:
+        def __init__(self) -> None:
+            self.async_tasks = Recorder()
+
+    holder = Holder()
+    tasks = AsyncTasks(MemoryBackend(), metrics=holder)
+
+    @tasks.register(name="held")
+    async def held() -> None: ...
+
+    async with tasks:
+        await tasks.enqueue(held)
+    assert holder.async_tasks.calls == [("enqueued", "default", "held", 1)]
 
 
 def test_metrics_must_be_metrics_or_an_observer() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
@@ -17,6 +18,7 @@ from lifecycle.asynctask import (
     ManualClock,
     MemoryBackend,
     NewTask,
+    QueueStats,
     TaskContext,
     TaskState,
 )
@@ -104,13 +106,19 @@ async def test_enqueue_by_registered_name_checks_the_arity(tasks: AsyncTasks) ->
         (("k", [], 3), {}, TypeError, "but 3 were given"),
         (("k", {1j}), {}, TypeError, r"argument 2 \(items\): cannot encode builtins.complex"),
         (("k", []), {"delay": 1, "at": T0}, TypeError, "pass delay= or at=, not both"),
-        (("k", []), {"delay": -1}, ValueError, "delay: expected a finite number of seconds >= 0"),
+        (("k", []), {"delay": -1}, ValueError, r"enqueue\('app.job'\): delay must be a finite number of sec"),
+        (("k", []), {"delay": "soon"}, TypeError, r"enqueue\('app.job'\): delay must be a number of seconds"),
         (("k", []), {"at": datetime(2030, 1, 1)}, ValueError, "has no timezone"),
-        (("k", []), {"at": "tomorrow"}, TypeError, "expected an aware datetime or seconds"),
-        (("k", []), {"queue": ""}, TypeError, "queue must be a non-empty string"),
-        (("k", []), {"max_retries": -2}, ValueError, "max_retries must be >= 0"),
-        (("k", []), {"timeout": -2}, ValueError, "timeout must be a positive"),
-        (("k", []), {"task_id": ""}, TypeError, "task_id must be a non-empty string"),
+        (("k", []), {"at": "tomorrow"}, TypeError, "at must be an aware datetime or seconds since the epoch"),
+        (("k", []), {"at": float("inf")}, ValueError, "at must be a finite number of seconds since"),
+        (("k", []), {"queue": ""}, ValueError, "the queue name must be a non-empty string, got ''"),
+        (("k", []), {"queue": 5}, TypeError, "the queue name must be a non-empty string, got 5"),
+        (("k", []), {"max_retries": -2}, ValueError, "max_retries must be at least 0, got -2"),
+        (("k", []), {"max_retries": True}, TypeError, r"max_retries must be a whole number .*got True"),
+        (("k", []), {"timeout": -2}, ValueError, "timeout must be a finite number of seconds greater"),
+        (("k", []), {"timeout": float("inf")}, ValueError, r"than zero, got inf \(or None for no limit"),
+        (("k", []), {"task_id": ""}, ValueError, "task_id must be a non-empty string, got ''"),
+        (("k", []), {"task_id": 5}, TypeError, "task_id must be a non-empty string, got 5"),
     ],
 )
 async def test_bad_enqueues_raise_before_anything_is_stored(
@@ -201,14 +209,22 @@ async def test_cancel_requeue_purge_and_wait_on_an_enqueue_only_instance(
 @pytest.mark.parametrize(
     ("options", "error", "message"),
     [
-        ({"concurrency": 0}, ValueError, "concurrency must be an int >= 1"),
+        ({"concurrency": 0}, ValueError, "concurrency must be at least 1, got 0"),
+        ({"concurrency": 2.0}, TypeError, r"concurrency must be a whole number of at least 1 \(an int\)"),
         ({"queues": "default"}, TypeError, r"write queues=\['default'\]"),
         ({"queues": []}, ValueError, "queues is empty"),
         ({"queues": ["a", "a"]}, ValueError, "lists 'a' more than once"),
-        ({"queues": {"a": 0}}, ValueError, "weight of queue 'a' must be a positive int"),
-        ({"lease": 0}, ValueError, "lease must be a positive"),
-        ({"poll_interval": float("inf")}, ValueError, "poll_interval must be a positive, finite"),
-        ({"shutdown_grace": -1}, ValueError, "shutdown_grace"),
+        ({"queues": ["a", 3]}, TypeError, "queues: a queue name must be a non-empty string, got 3"),
+        ({"queues": ["a", ""]}, ValueError, "queues: a queue name must be a non-empty string, got ''"),
+        ({"queues": {"a": 0}}, ValueError, "queues: the weight of queue 'a' must be at least 1, got 0"),
+        ({"queues": {"a": 1.5}}, TypeError, "queues: the weight of queue 'a' must be a whole number"),
+        ({"lease": 0}, ValueError, "lease must be a finite number of seconds greater than zero, got 0"),
+        ({"lease": "30"}, TypeError, "lease must be a number of seconds greater than zero"),
+        ({"poll_interval": float("inf")}, ValueError, "poll_interval must be a finite number of seconds"),
+        ({"recovery_interval": float("nan")}, ValueError, "recovery_interval must be a finite number"),
+        ({"retention_interval": -1}, ValueError, "retention_interval must be a finite number"),
+        ({"shutdown_grace": -1}, ValueError, "shutdown_grace must be a finite number of seconds zero"),
+        ({"retention": {"dead": float("inf")}}, ValueError, r"retention\['dead'\] .* \(or None for no limit"),
         ({"retention": {"pending": 5}}, ValueError, "pending tasks are not finished"),
         ({"retention": {"done": 5}}, ValueError, "unknown state 'done'"),
         ({"encoding": object()}, TypeError, "encoding must have encode"),
@@ -350,11 +366,11 @@ async def test_configure_worker_keeps_unset_values_and_takes_weighted_queues() -
 @pytest.mark.parametrize(
     ("options", "error", "message"),
     [
-        ({"concurrency": 0}, ValueError, "concurrency must be an int >= 1, got 0"),
-        ({"concurrency": True}, ValueError, "concurrency must be an int >= 1, got True"),
+        ({"concurrency": 0}, ValueError, "concurrency must be at least 1, got 0"),
+        ({"concurrency": True}, TypeError, r"concurrency must be a whole number .*got True"),
         ({"concurrency": 2, "queues": "fast"}, TypeError, r"write queues=\['fast'\]"),
         ({"concurrency": 2, "queues": []}, ValueError, "queues is empty"),
-        ({"concurrency": 2, "queues": {"a": -1}}, ValueError, "weight of queue 'a' must be a positive int"),
+        ({"concurrency": 2, "queues": {"a": -1}}, ValueError, "the weight of queue 'a' must be at least 1"),
     ],
 )
 def test_configure_worker_checks_like_the_constructor_and_changes_nothing_on_error(
@@ -387,26 +403,62 @@ async def test_configure_worker_is_refused_once_execute_started() -> None:
 async def test_nul_characters_are_refused_before_anything_reaches_the_backend(tasks: AsyncTasks) -> None:
     # PostgreSQL cannot store a NUL in text, SQLite and Redis could: the engine refuses it for all alike.
     nul = "a\x00b"
-    with pytest.raises(ValueError, match=r"register\(job\(\)\): the task name 'a\\x00b' contains a NUL"):
+    refused = re.escape(" must not contain NUL characters ('\\x00'), got 'a\\x00b'")
+    with pytest.raises(ValueError, match=r"register\(job\(\)\): the task name" + refused):
         tasks.register(job, name=nul)
-    with pytest.raises(ValueError, match=r"the queue name 'a\\x00b' contains a NUL character"):
+    with pytest.raises(ValueError, match=r"register\(no_args\(\)\): the queue name" + refused):
         tasks.register(no_args, name="q.nul", queue=nul)
-    with pytest.raises(ValueError, match=r"enqueue\(\): the task name 'a\\x00b' contains a NUL"):
+    with pytest.raises(ValueError, match=r"enqueue\(\): the task name" + refused):
         await tasks.enqueue(nul)
-    with pytest.raises(ValueError, match=r"enqueue\('app.job'\): the queue name 'a\\x00b' contains a NUL"):
+    with pytest.raises(ValueError, match=r"enqueue\('app.job'\): the queue name" + refused):
         await tasks.enqueue(job, "k", [], queue=nul)
-    with pytest.raises(ValueError, match=r"enqueue\('app.job'\): task_id 'a\\x00b' contains a NUL"):
+    with pytest.raises(ValueError, match=r"enqueue\('app.job'\): task_id" + refused):
         await tasks.enqueue(job, "k", [], task_id=nul)
-    with pytest.raises(ValueError, match="contains a NUL"):
+    with pytest.raises(ValueError, match=refused):
         await tasks.enqueue_many([Call(job, "k", []), Call(job, "k", [], task_id=nul)])
-    with pytest.raises(ValueError, match="contains a NUL"):
+    with pytest.raises(ValueError, match="queues: a queue name" + refused):
         AsyncTasks(MemoryBackend(), queues=["default", nul])
     for operation in (tasks.info, tasks.cancel, tasks.requeue, tasks.wait):
-        with pytest.raises(ValueError, match=r"the task id 'a\\x00b' contains a NUL"):
+        name = operation.__name__
+        with pytest.raises(ValueError, match=rf"AsyncTasks.{name}\(\): the task id" + refused):
             await operation(nul)  # type: ignore[operator]
-    with pytest.raises(ValueError, match="the queue name 'a\\\\x00b' contains a NUL"):
-        await tasks.list(queue=nul)
+    for listing in (tasks.list, tasks.requeue_dead):
+        with pytest.raises(ValueError, match=r"the queue name" + refused):
+            await listing(queue=nul)  # type: ignore[operator]
+    with pytest.raises(ValueError, match=r"AsyncTasks.purge\(\): the queue name" + refused):
+        await tasks.purge("dead", queue=nul)
     assert await tasks.stats() == {}, "nothing was stored"
+
+
+async def test_operation_arguments_follow_the_one_validator_rule(
+    tasks: AsyncTasks, clock: ManualClock
+) -> None:
+    # A wrong type is a TypeError, a wrong value (empty, negative, infinite) a ValueError, naming the call.
+    with pytest.raises(TypeError, match=r"AsyncTasks.info\(\): the task id must be a non-empty string, got"):
+        await tasks.info(5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"AsyncTasks.cancel\(\): the task id must be a non-empty string"):
+        await tasks.cancel("")
+    with pytest.raises(TypeError, match=r"AsyncTasks.list\(\): the queue name must be a non-empty string"):
+        await tasks.list(queue=5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"AsyncTasks.list\(\): limit must be at least 0, got -1"):
+        await tasks.list(limit=-1)
+    with pytest.raises(TypeError, match=r"AsyncTasks.list\(\): offset must be a whole number"):
+        await tasks.list(offset=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"purge\(\): older_than must be a finite number of seconds zero"):
+        await tasks.purge("dead", older_than=-1)
+    with pytest.raises(TypeError, match=r"purge\(\): older_than must be a number of seconds"):
+        await tasks.purge("dead", older_than="1d")  # type: ignore[arg-type]
+    task_id = await tasks.enqueue(job, "k", [])
+    with pytest.raises(ValueError, match=r"wait\(\): timeout must be a finite .* \(or None for no limit\)"):
+        await tasks.wait(task_id, timeout=float("inf"))
+    with pytest.raises(TypeError, match=r"wait\(\): timeout must be a number of seconds"):
+        await tasks.wait(task_id, timeout="1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"ManualClock.advance\(seconds\) must be a finite number"):
+        clock.advance(-1)
+    with pytest.raises(TypeError, match=r"ManualClock.advance\(seconds\) must be a number of seconds"):
+        clock.advance("1")  # type: ignore[arg-type]
+    assert clock.advance(timedelta(seconds=2)) == T0 + 2
+    assert await tasks.stats() == {"jobs": QueueStats(pending=1)}, "nothing else was stored"
 
 
 async def test_a_wait_that_times_out_says_which_task_and_its_state(tasks: AsyncTasks) -> None:

@@ -183,12 +183,16 @@ def test_a_used_name_is_a_value_error_but_the_same_registration_is_idempotent(ta
 @pytest.mark.parametrize(
     ("options", "error", "message"),
     [
-        ({"name": ""}, TypeError, "name must be a non-empty string"),
-        ({"queue": ""}, TypeError, "queue must be a non-empty string"),
-        ({"max_retries": -1}, ValueError, "max_retries must be >= 0"),
-        ({"max_retries": 1.5}, TypeError, "max_retries must be an int"),
-        ({"timeout": 0}, ValueError, "timeout must be a positive"),
-        ({"timeout": "1"}, TypeError, "timeout must be seconds"),
+        ({"name": ""}, ValueError, r"register\(plain\(\)\): the task name must be a non-empty string"),
+        ({"name": "  "}, ValueError, r"register\(plain\(\)\): the task name must not be blank"),
+        ({"name": 3}, TypeError, r"register\(plain\(\)\): the task name must be a non-empty string"),
+        ({"queue": ""}, ValueError, r"register\(plain\(\)\): the queue name must be a non-empty string"),
+        ({"queue": 3}, TypeError, r"register\(plain\(\)\): the queue name must be a non-empty string"),
+        ({"max_retries": -1}, ValueError, r"register\(plain\(\)\): max_retries must be at least 0, got -1"),
+        ({"max_retries": 1.5}, TypeError, r"max_retries must be a whole number of at least 0 \(an int\)"),
+        ({"timeout": 0}, ValueError, r"register\(plain\(\)\): timeout must be a finite number of seconds"),
+        ({"timeout": float("inf")}, ValueError, r"timeout must be a finite .* \(or None for no limit\)"),
+        ({"timeout": "1"}, TypeError, r"timeout must be a number of seconds greater than zero"),
     ],
 )
 def test_bad_options_are_named(

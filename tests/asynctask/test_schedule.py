@@ -236,7 +236,7 @@ def test_schedules_are_checked_when_declared() -> None:
         tasks.schedule(report, "0 0 31 2 *", "eu", name="never")
     assert "croniter" not in type(never.value).__module__, "one clear error, not croniter's own"
     assert tasks.schedule(report, "0 0 29 2 *", "eu", name="leap-day").kind == "cron", "rare is not never"
-    with pytest.raises(ValueError, match=r"the schedule name 'a\\x00b' contains a NUL character"):
+    with pytest.raises(ValueError, match=r"every\(\): the schedule name must not contain NUL characters"):
         tasks.every(report, 10, "eu", name="a\x00b")
     with pytest.raises(ValueError, match="unknown time zone 'Mars/Olympus'"):
         tasks.schedule(report, "* * * * *", "eu", name="tz", timezone="Mars/Olympus")
@@ -250,8 +250,16 @@ def test_schedules_are_checked_when_declared() -> None:
         tasks.every(report, 0.0001, "eu", name="fast")
     with pytest.raises(ValueError, match=r"'skip'.*'run_once'"):
         tasks.every(report, 10, "eu", name="missed", missed="all")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="name= must be a non-empty string"):
+    with pytest.raises(ValueError, match=r"every\(\): the schedule name must be a non-empty string, got ''"):
         tasks.every(report, 10, "eu", name="")
+    with pytest.raises(ValueError, match=r"schedule\(\): the schedule name must not be blank, got ' '"):
+        tasks.schedule(report, "* * * * *", "eu", name=" ")
+    with pytest.raises(TypeError, match=r"every\(\): the schedule name must be a non-empty string, got 5"):
+        tasks.every(report, 10, "eu", name=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"every\(\): the interval must be a number of seconds"):
+        tasks.every(report, "10", "eu", name="text")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"every\(\): the interval must be a finite number of seconds"):
+        tasks.every(report, float("inf"), "eu", name="forever")
     assert [info.name for info in tasks.schedules()] == ["leap-day", "tick"]
     # A name no worker of this process registered is accepted, like enqueue by name.
     assert tasks.every("other.app.job", 60, 1, name="remote").task_name == "other.app.job"

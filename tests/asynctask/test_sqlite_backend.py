@@ -170,14 +170,22 @@ def test_an_old_sqlite_library_is_refused_with_the_versions_named() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"poll_interval": 0}, "poll_interval must be a positive"),
-        ({"busy_timeout": -1}, "busy_timeout must be zero or more"),
+        ({"poll_interval": 0}, r"SQLiteBackend\(poll_interval=...\) must be a finite number of seconds"),
+        ({"poll_interval": float("inf")}, r"poll_interval=...\) must be a finite number of seconds greater"),
+        ({"busy_timeout": -1}, r"SQLiteBackend\(busy_timeout=...\) must be a finite number of seconds zero"),
         ({"synchronous": "SOMETIMES"}, "synchronous must be one of OFF, NORMAL, FULL, EXTRA"),
     ],
 )
 def test_bad_options_are_refused_at_construction(options: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SQLiteBackend("tasks.db", **options)  # type: ignore[arg-type]
+
+
+def test_options_of_the_wrong_type_are_a_type_error() -> None:
+    with pytest.raises(TypeError, match=r"SQLiteBackend\(poll_interval=...\) must be a number of seconds"):
+        SQLiteBackend("tasks.db", poll_interval="0.1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"SQLiteBackend\(busy_timeout=...\) must be a number of seconds"):
+        SQLiteBackend("tasks.db", busy_timeout=None)  # type: ignore[arg-type]
 
 
 async def test_calls_before_open_and_after_close_say_to_open_first(db_path: Path) -> None:

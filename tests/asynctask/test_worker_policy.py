@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import random
-import sys
 from collections import Counter
 
 import pytest
 
 from lifecycle import Backoff
+from lifecycle._compat import ExceptionGroup
 from lifecycle.asynctask import Abort, ClaimedTask, Retry, TaskInfo, TaskRecord, TaskState
 from lifecycle.asynctask._engine._queues import QueueOrder
 from lifecycle.asynctask._engine._verdict import MAX_ERROR_CHARS, Policy, error_text
-
-if sys.version_info < (3, 11):
-    from exceptiongroup import ExceptionGroup
 
 NOW = 1_000.0
 
@@ -90,8 +87,14 @@ def test_retry_and_abort_requests() -> None:
 
 
 def test_retry_validates_after() -> None:
-    with pytest.raises(ValueError, match="seconds >= 0"):
+    with pytest.raises(ValueError, match=r"Retry\(after=...\) must be a finite number of seconds zero"):
         Retry(after=-1)
+    with pytest.raises(ValueError, match=r"got inf \(or None for no limit\)"):
+        Retry(after=float("inf"))
+    with pytest.raises(TypeError, match=r"Retry\(after=...\) must be a number of seconds"):
+        Retry(after="soon")  # type: ignore[arg-type]
+    assert Retry(after=0).after == 0.0
+    assert Retry().after is None
     assert Retry(after=__import__("datetime").timedelta(minutes=2)).after == 120.0
 
 

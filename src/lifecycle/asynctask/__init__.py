@@ -9,9 +9,9 @@ from ._clock import ManualClock as ManualClock
 from ._encoding import Encoding as Encoding
 from ._encoding import JSONEncoding as JSONEncoding
 from ._encoding import PickleEncoding as PickleEncoding
-from ._engine._upkeep import WorkerLostError as WorkerLostError
 from ._errors import BackendError as BackendError
 from ._errors import DuplicateTaskError as DuplicateTaskError
+from ._errors import WorkerLostError as WorkerLostError
 from ._model import Abort as Abort
 from ._model import Call as Call
 from ._model import ChainInfo as ChainInfo
@@ -20,6 +20,7 @@ from ._model import QueueStats as QueueStats
 from ._model import Retry as Retry
 from ._model import TaskContext as TaskContext
 from ._model import TaskInfo as TaskInfo
+from ._names import publish as _publish
 from ._observer import TaskObserver as TaskObserver
 from ._records import ClaimedTask as ClaimedTask
 from ._records import NewTask as NewTask
@@ -60,7 +61,6 @@ __all__ = (
     "backend_from_url",
 )
 
-# Errors users read (in a dead task's traceback, in logs) name the public path, as anyio and trio do.
-for _error in (Abort, Retry, BackendError, DuplicateTaskError, WorkerLostError):
-    _error.__module__ = __name__
-del _error
+# Every public object names this module (reprs, tracebacks, pickles, docs), as in anyio and trio.
+_publish(globals())
+del _publish

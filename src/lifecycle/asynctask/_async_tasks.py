@@ -1,46 +1,70 @@
-"""``AsyncTasks``: durable asynchronous tasks as one managed lifecycle Task."""
+"""``AsyncTasks``: durable asynchronous tasks as one managed lifecycle Task.
+
+The whole public class lives here: configuration and registration, enqueue (single, batch, chains),
+schedules, inspection and operations, and the lifecycle ``Task`` methods that run the engine. What is not
+state of an ``AsyncTasks`` lives in the concept modules (``_enqueue``, ``_chain``, ``_schedule``,
+``_registry``, ``_engine``).
+"""
 
 from __future__ import annotations
 
 import builtins
 import dataclasses
+import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta, tzinfo
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
 import anyio
 
+from .._checks import check_count, check_name, check_optional_seconds, check_seconds
+from .._compat import unwrap_single
 from .._core._backoff import Backoff
-from .._metrics import Metrics
 from .._redact import library_logger
 from ._backend import Backend, TransactionalBackend, open_backend
-from ._clock import Clock, as_seconds
+from ._chain import CHAIN_PREFIX, build_chain, chain_fields, chain_progress
+from ._clock import Clock
 from ._encoding import Encoding, JSONEncoding
-from ._engine._options import DEFAULT_RETENTION, check_positive, check_retention
+from ._engine._options import EngineOptions, check_retention, check_states
 from ._engine._queues import QueueOrder
-from ._engine._verdict import Policy, find_request
-from ._engine._worker import EngineOptions, Worker
+from ._engine._upkeep import purge_expired, recover_expired
+from ._engine._verdict import Policy
+from ._engine._worker import Worker
 from ._enqueue import build_task, check_calls
-from ._model import Call, TaskInfo, describe_target
-from ._observer import TaskObserver, observe_enqueued, resolve_observer, track_queue_depths
-from ._records import TaskState
-from ._registry import (
-    DEFAULT_QUEUE,
-    Registry,
-    check_timeout,
+from ._meta import write_meta
+from ._model import Call, QueueStats, TaskInfo
+from ._observer import (
+    ObserverSource,
+    TaskObserver,
+    observe_enqueued,
+    resolve_observer,
+    track_queue_depths,
 )
-from ._schedule import Scheduler
-from ._scheduling import SchedulingOperations
+from ._records import NewTask, TaskRecord, TaskState
+from ._registry import DEFAULT_QUEUE, Registry, check_queue
+from ._schedule import (
+    CronTrigger,
+    IntervalTrigger,
+    MissedFires,
+    Schedule,
+    ScheduleInfo,
+    Scheduler,
+    check_interval,
+    check_missed,
+    check_schedule_name,
+    resolve_timezone,
+)
 
-__all__ = ["DEFAULT_RETENTION", "AsyncTasks"]
+__all__ = ["AsyncTasks"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class AsyncTasks(SchedulingOperations):
+class AsyncTasks:
     """Durable asynchronous tasks: register functions, enqueue calls, and run them in workers.
 
     An ``AsyncTasks`` is a :class:`lifecycle.Task`: ``initialize`` opens the backend, ``execute`` runs the
@@ -71,8 +95,8 @@ class AsyncTasks(SchedulingOperations):
         clock: the time source for everything stored (default ``time.time``); tests pass a manual clock.
         rng: the random source for jitter and weighted queue order (tests pass a seeded one).
         metrics: where to count enqueues, attempts, outcomes and run times: a ``lifecycle.Metrics`` (served
-            by ``HealthServer`` at ``/metrics``, queue depths included), or any :class:`TaskObserver`.
-            ``None`` (the default) costs nothing.
+            by ``HealthServer`` at ``/metrics``, queue depths included), any :class:`TaskObserver`, or any
+            object whose ``async_tasks`` attribute is one. ``None`` (the default) costs nothing.
 
     Raises ``TypeError``/``ValueError`` naming a bad option.
 
@@ -105,13 +129,13 @@ class AsyncTasks(SchedulingOperations):
         retention_interval: float = 60.0,
         clock: Clock = time.time,
         rng: random.Random | None = None,
-        metrics: Metrics | TaskObserver | None = None,
+        metrics: ObserverSource | TaskObserver | None = None,
     ) -> None:
         if not isinstance(backend, Backend):
             raise TypeError(
                 f"AsyncTasks needs a Backend (MemoryBackend(), SQLiteBackend(path), ...), got {backend!r}"
             )
-        _check_concurrency(concurrency)
+        check_count(concurrency, "concurrency", minimum=1)
         if encoding is not None and not isinstance(encoding, Encoding):
             raise TypeError(f"encoding must have encode() and decode() (an Encoding), got {encoding!r}")
         if on_error is not None and not callable(on_error):
@@ -121,7 +145,7 @@ class AsyncTasks(SchedulingOperations):
         if not callable(clock):
             raise TypeError(f"clock must be a callable returning seconds since the epoch, got {clock!r}")
         self._rng = rng if rng is not None else random.Random()
-        lease = check_positive(lease, "lease")
+        lease = check_seconds(lease, "lease")
         self._backend = backend
         self._execution = bool(execution)
         self._encoding: Encoding = encoding if encoding is not None else JSONEncoding()
@@ -133,13 +157,13 @@ class AsyncTasks(SchedulingOperations):
             concurrency=concurrency,
             queues=QueueOrder(queues, self._rng),
             lease=lease,
-            poll_interval=check_positive(poll_interval, "poll_interval"),
-            recovery_interval=check_positive(
+            poll_interval=check_seconds(poll_interval, "poll_interval"),
+            recovery_interval=check_seconds(
                 lease / 2 if recovery_interval is None else recovery_interval, "recovery_interval"
             ),
             retention=check_retention(retention),
-            retention_interval=check_positive(retention_interval, "retention_interval"),
-            shutdown_grace=as_seconds(shutdown_grace, "shutdown_grace"),
+            retention_interval=check_seconds(retention_interval, "retention_interval"),
+            shutdown_grace=check_seconds(shutdown_grace, "shutdown_grace", allow_zero=True),
             clock=clock,
             policy=Policy(retry_backoff, self._rng),
             on_error=on_error,
@@ -217,7 +241,7 @@ class AsyncTasks(SchedulingOperations):
             )
         changes: dict[str, Any] = {}
         if concurrency is not None:
-            changes["concurrency"] = _check_concurrency(concurrency)
+            changes["concurrency"] = check_count(concurrency, "concurrency", minimum=1)
         if queues is not None:
             changes["queues"] = QueueOrder(queues, self._rng)
         if changes:
@@ -274,8 +298,7 @@ class AsyncTasks(SchedulingOperations):
             return lambda real: self.register(
                 real, name=name, queue=queue, max_retries=max_retries, timeout=timeout
             )
-        seconds = check_timeout(timeout, f"register({describe_target(fn)})")
-        self._registry.add(fn, name=name, queue=queue, max_retries=max_retries, timeout=seconds)
+        self._registry.add(fn, name=name, queue=queue, max_retries=max_retries, timeout=timeout)
         return fn
 
     # -- enqueue --------------------------------------------------------------------------------------------
@@ -348,6 +371,243 @@ class AsyncTasks(SchedulingOperations):
         self._stored(tasks, now)
         return ids
 
+    async def enqueue_chain(self, calls: Sequence[Call]) -> str:
+        """Store a chain of calls run one after the other and return the chain's id.
+
+        Only the first step is stored now; each later step is enqueued when the previous one succeeds, in
+        the same atomic step as that success, and receives the previous result as
+        ``TaskContext.previous_result``. A step that dies (or is cancelled) stops the chain: later steps never
+        run; requeue the dead step and, once it succeeds, the chain goes on. A step's ``delay`` counts from
+        the previous step's success. ``tasks.info(chain_id)`` shows the step the chain is at, with the
+        chain's progress in ``.chain``. Calls are checked like :meth:`enqueue_many`; steps cannot have a
+        ``task_id`` (their ids are ``"<chain id>.<index>"``).
+
+        Example::
+
+            chain_id = await tasks.enqueue_chain([Call(fetch, url), Call(parse), Call(store)])
+            info = await tasks.info(chain_id)
+            print(info.chain.state, info.chain.current)
+        """
+        now = self._clock()
+        chain_id, first = build_chain(calls, now, self._registry, self._encoding)
+        self._check_open("enqueue_chain")
+        await self._backend.enqueue_many([first])
+        self._stored([first], now)
+        return chain_id
+
+    # -- periodic tasks -------------------------------------------------------------------------------------
+
+    def schedule(
+        self,
+        fn: Callable[..., Any] | str,
+        cron: str,
+        /,
+        *args: Any,
+        name: str,
+        timezone: str | tzinfo | None = None,
+        queue: str | None = None,
+        max_retries: int | None = None,
+        timeout: float | timedelta | None = None,
+        missed: MissedFires = "skip",
+    ) -> ScheduleInfo:
+        """Enqueue ``fn(*args)`` on the cron expression ``cron`` (read by ``croniter``: the ``cron`` extra).
+
+        ``name`` identifies the schedule across processes: every process that declares it and executes
+        runs its scheduler, and each fire time is enqueued once (task id ``"schedule:<name>:<UTC time>"``).
+        ``timezone`` (an IANA name or ``tzinfo``, default UTC) is where the cron fields are read.
+        ``queue``, ``max_retries`` and ``timeout`` apply to every run, as with :meth:`enqueue`. ``missed``:
+        fire times that passed while no scheduler ran are skipped (``"skip"``, the default) or caught up
+        with one run at start (``"run_once"``). A failed run does not affect later fire times.
+
+        The call is checked now, like an enqueue (``TypeError``); a bad expression or time zone is a
+        ``ValueError``; a used ``name`` a ``ValueError``; without croniter an ``ImportError`` naming the
+        extra. Returns the schedule's :class:`ScheduleInfo`.
+
+        Example::
+
+            tasks.schedule(send_report, "0 7 * * mon-fri", "sales", name="daily-report",
+                           timezone="Europe/Paris")
+        """
+        check_schedule_name(name, "schedule()")
+        trigger = CronTrigger(cron, resolve_timezone(timezone))
+        return self._add_schedule(name, trigger, fn, args, queue, max_retries, timeout, missed)
+
+    def every(
+        self,
+        fn: Callable[..., Any] | str,
+        interval: float | timedelta,
+        /,
+        *args: Any,
+        name: str,
+        queue: str | None = None,
+        max_retries: int | None = None,
+        timeout: float | timedelta | None = None,
+        missed: MissedFires = "skip",
+    ) -> ScheduleInfo:
+        """Enqueue ``fn(*args)`` every ``interval`` (seconds or ``timedelta``, at least 1 ms).
+
+        Fire times are the multiples of ``interval`` since the Unix epoch (UTC), so every process agrees on
+        them whenever it started: ``every(f, 3600, ...)`` fires on the hour. The other options are those of
+        :meth:`schedule`.
+
+        Example::
+
+            tasks.every(refresh_cache, timedelta(minutes=5), name="refresh-cache")
+        """
+        check_schedule_name(name, "every()")
+        trigger = IntervalTrigger(check_interval(interval))
+        return self._add_schedule(name, trigger, fn, args, queue, max_retries, timeout, missed)
+
+    def schedules(self) -> builtins.list[ScheduleInfo]:
+        """Every schedule declared on this ``AsyncTasks``, by name, with its next fire time (from the
+        running scheduler, or computed from now when it does not run)."""
+        now = self._clock()
+        return sorted((schedule.info(now) for schedule in self._scheduler), key=lambda info: info.name)
+
+    # -- inspection and operations -------------------------------------------------------------------------
+
+    async def info(self, task_id: str) -> TaskInfo | None:
+        """The task with this id, or ``None`` (never stored, or removed by retention or :meth:`purge`).
+
+        A chain id (from :meth:`enqueue_chain`) gives the step the chain is at (the running or waiting step,
+        the step that stopped it, or the last step once done) with the whole chain's progress in
+        ``info.chain`` (a :class:`ChainInfo`); so does the id of any step. A chain is ``None`` once its
+        first step's record is removed.
+        """
+        self._check_open("info")
+        _check_id(task_id, "info")
+        record = await self._backend.get(task_id)
+        chain_id = task_id if record is None and task_id.startswith(CHAIN_PREFIX) else None
+        if record is not None:
+            chain_id = chain_fields(record)[0]
+            if chain_id is None:
+                return self._info(record)
+        if chain_id is None:
+            return None
+        progress = await chain_progress(self._backend, chain_id, self._encoding.decode)
+        if progress is None:
+            return None if record is None else self._info(record)
+        chain, current = progress
+        return replace(self._info(current if record is None else record), chain=chain)
+
+    async def list(
+        self,
+        *,
+        state: TaskState | str | Collection[TaskState | str] | None = None,
+        queue: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> builtins.list[TaskInfo]:
+        """Tasks, newest first, optionally of one or several states and of one queue: at most ``limit``, after
+        skipping ``offset`` (both whole numbers >= 0)."""
+        self._check_open("list")
+        states = None if state is None else check_states(state)
+        _check_queue(queue, "list")
+        check_count(limit, "AsyncTasks.list(): limit")
+        check_count(offset, "AsyncTasks.list(): offset")
+        records = await self._backend.list_records(states=states, queue=queue, limit=limit, offset=offset)
+        return [self._info(record) for record in records]
+
+    async def stats(self) -> dict[str, QueueStats]:
+        """The number of tasks per queue and state, by queue name."""
+        self._check_open("stats")
+        counts = await self._backend.stats()
+        return {
+            queue: QueueStats(**{TaskState(state).value: count for state, count in per_state.items()})
+            for queue, per_state in sorted(counts.items())
+        }
+
+    async def cancel(self, task_id: str) -> bool:
+        """Cancel a pending task (it will not run); ``False`` when it is not pending (running, finished,
+        unknown). A running task cannot be cancelled."""
+        self._check_open("cancel")
+        _check_id(task_id, "cancel")
+        cancelled = bool(await self._backend.cancel([task_id], now=self._clock()))
+        self._notify_changed()
+        return cancelled
+
+    async def requeue(self, task_id: str) -> bool:
+        """Move a dead or cancelled task back to pending, attempts reset; ``False`` when it is in another
+        state or unknown."""
+        self._check_open("requeue")
+        _check_id(task_id, "requeue")
+        moved = await self._backend.requeue([task_id], now=self._clock()) > 0
+        if moved and self._worker is not None:
+            self._worker.wake()
+        return moved
+
+    async def requeue_dead(self, queue: str | None = None) -> int:
+        """Move every dead task (of ``queue`` when given) back to pending; returns how many moved."""
+        self._check_open("requeue_dead")
+        _check_queue(queue, "requeue_dead")
+        moved = await self._backend.requeue(None, queue=queue, now=self._clock())
+        if moved and self._worker is not None:
+            self._worker.wake()
+        return moved
+
+    async def purge(
+        self,
+        state: TaskState | str | Collection[TaskState | str],
+        *,
+        queue: str | None = None,
+        older_than: float | timedelta | None = None,
+    ) -> int:
+        """Delete tasks in ``state`` (one or several; not ``active``), of ``queue`` when given, finished
+        (or, if pending, enqueued) more than ``older_than`` seconds ago when given. Returns how many."""
+        self._check_open("purge")
+        states = check_states(state)
+        _check_queue(queue, "purge")
+        if TaskState.ACTIVE in states:
+            raise ValueError("purge() cannot delete active tasks: a worker owns them; wait until they finish")
+        age = check_optional_seconds(older_than, "purge(): older_than", allow_zero=True)
+        before = None if age is None else self._clock() - age
+        return await self._backend.purge(states=states, queue=queue, before=before)
+
+    async def purge_expired(self) -> int:
+        """Apply the retention now (executing workers do it every ``retention_interval``); returns how many
+        tasks were deleted."""
+        self._check_open("purge_expired")
+        return await purge_expired(self._backend, self._options)
+
+    async def recover_expired(self) -> int:
+        """Recover now the tasks whose worker died (lease expired): each is retried, or dead when out of
+        retries (executing workers do it every ``recovery_interval``). Returns how many were recovered."""
+        self._check_open("recover_expired")
+        worker = self._worker
+        if worker is not None:
+            return await worker.recover_expired()
+        recovered = await recover_expired(self._backend, self._options, None, self._logger)
+        self._notify_changed()
+        return recovered
+
+    async def wait(
+        self,
+        task_id: str,
+        *,
+        timeout: float | None = None,
+        states: Collection[TaskState | str] | None = None,
+    ) -> TaskInfo:
+        """Wait until the task is in one of ``states`` (default: finished: succeeded, dead or cancelled) and
+        return it.
+
+        A worker in this process wakes the waiter as soon as it saves a verdict; changes made by other
+        processes are seen by polling every ``poll_interval``. Raises ``TimeoutError`` after ``timeout``
+        seconds (``None``, the default: no limit; its message names the task, the timeout and the task's
+        state then), ``LookupError`` when there is no task with this id (never stored, or purged),
+        ``TypeError``/``ValueError`` for a timeout that is not a finite number of seconds >= 0.
+
+        Example::
+
+            task_id = await tasks.enqueue(resize, "photo.png")
+            info = await tasks.wait(task_id, timeout=30)
+            print(info.state, info.result)
+        """
+        self._check_open("wait")
+        _check_id(task_id, "wait")
+        seconds = check_optional_seconds(timeout, "AsyncTasks.wait(): timeout", allow_zero=True)
+        wanted = check_states(states) if states is not None else {s for s in TaskState if s.is_final}
+        return await self._wait_for(task_id, lambda info: info.state in wanted, seconds)
+
     # -- the lifecycle Task ---------------------------------------------------------------------------------
 
     async def initialize(self) -> None:
@@ -405,7 +665,7 @@ class AsyncTasks(SchedulingOperations):
                 try:
                     await worker.serve()
                 except BaseException as exc:
-                    crash = find_request(exc)  # unwrapped from the engine's task groups
+                    crash = unwrap_single(exc)  # unwrapped from the engine's task groups
                 finally:
                     done.set()
 
@@ -456,9 +716,140 @@ class AsyncTasks(SchedulingOperations):
         with anyio.CancelScope(shield=True):
             await self.cleanup()
 
+    # -- internals ------------------------------------------------------------------------------------------
 
-def _check_concurrency(concurrency: object) -> int:
-    """``concurrency`` checked: an int >= 1 (``ValueError`` otherwise)."""
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
-    return concurrency
+    def _add_schedule(
+        self,
+        name: str,
+        trigger: CronTrigger | IntervalTrigger,
+        fn: Callable[..., Any] | str,
+        args: tuple[Any, ...],
+        queue: str | None,
+        max_retries: int | None,
+        timeout: float | timedelta | None,
+        missed: object,
+    ) -> ScheduleInfo:
+        call = Call(fn, *args, queue=queue, max_retries=max_retries, timeout=timeout)
+        probe = build_task(call, self._clock(), self._registry, self._encoding)  # checks now, not at 3 am
+        schedule = Schedule(
+            name=name,
+            trigger=trigger,
+            call=call,
+            task_name=probe.name,
+            queue=probe.queue,
+            missed=check_missed(missed),
+        )
+        self._scheduler.add(schedule)
+        return schedule.info(self._clock())
+
+    async def _run_scheduler(self) -> None:
+        # A fire time's record is how the schedule remembers it ran: trust its absence only as far back as
+        # finished records are kept.
+        ages = [age for state, age in self._options.retention.items() if state.is_final and age is not None]
+        lookback = min(ages) if ages else math.inf
+        await self._scheduler.run(self._enqueue_fire, self._exists, lookback)
+
+    async def _enqueue_fire(self, schedule: Schedule, fire: float) -> None:
+        now = self._clock()
+        task = build_task(schedule.call_for(fire), now, self._registry, self._encoding)
+        task = replace(task, meta=write_meta(schedule={"name": schedule.name, "fire": fire}))
+        stored = await self._backend.enqueue_many([task], if_exists="skip")
+        if stored:
+            self._logger.debug("schedule %r enqueued task %s", schedule.name, task.id)
+            self._stored([task], now)
+
+    async def _exists(self, task_id: str) -> bool:
+        return await self._backend.get(task_id) is not None
+
+    async def _wait_for(
+        self, task_id: str, predicate: Callable[[TaskInfo], bool], timeout: float | None
+    ) -> TaskInfo:
+        last: TaskInfo | None = None
+        with anyio.move_on_after(timeout) as deadline:
+            while True:
+                changed = self._changed = self._changed or anyio.Event()
+                info = await self.info(task_id)
+                if info is None:
+                    raise LookupError(f"there is no task with id {task_id!r} (never stored, or purged)")
+                if predicate(info):
+                    return info
+                last = info
+                with anyio.move_on_after(self._options.poll_interval):
+                    await changed.wait()
+        # Only the deadline ends the loop this way (timeout=None never does).
+        assert deadline.cancelled_caught
+        raise TimeoutError(f"tasks.wait({task_id!r}, timeout={timeout:g}) timed out: {_state_of(last)}")
+
+    def _stored(self, tasks: builtins.list[NewTask], now: float) -> None:
+        """``tasks`` were stored (committed): count them, wake this process's worker if one is due, and wake
+        the waiters."""
+        if self._observer is not None:
+            observe_enqueued(self._observer, tasks)
+        worker = self._worker
+        if worker is not None and any(task.run_at <= now for task in tasks):
+            worker.wake()
+        self._notify_changed()
+
+    def _notify_changed(self) -> None:
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
+
+    def _info(self, record: TaskRecord) -> TaskInfo:
+        result = None
+        if record.result is not None:
+            try:
+                result = self._encoding.decode(record.result)
+            except Exception as exc:  # any exception: a third-party Encoding may raise anything
+                self._logger.warning(
+                    "cannot decode the result of task %s, shown as None: %s: %s",
+                    record.id,
+                    type(exc).__name__,
+                    exc,
+                )
+        chain_id, chain_step, schedule = chain_fields(record)
+        return TaskInfo(
+            id=record.id,
+            name=record.name,
+            queue=record.queue,
+            state=record.state,
+            attempts=record.attempts,
+            max_retries=record.max_retries,
+            enqueued_at=record.enqueued_at,
+            run_at=record.run_at,
+            last_error=record.last_error,
+            result=result,
+            timeout=record.timeout,
+            started_at=record.started_at,
+            finished_at=record.finished_at,
+            chain_id=chain_id,
+            chain_step=chain_step,
+            schedule=schedule,
+            damaged=record.fault,
+        )
+
+    def _check_open(self, what: str) -> None:
+        if not self._open:
+            raise RuntimeError(
+                f"AsyncTasks.{what}() before the backend is open: add the AsyncTasks to a TaskManager (its "
+                "initialize opens the backend), or use `async with tasks:`"
+            )
+
+
+def _check_id(task_id: object, what: str) -> None:
+    check_name(task_id, f"AsyncTasks.{what}(): the task id")
+
+
+def _check_queue(queue: object, what: str) -> None:
+    if queue is not None:
+        check_queue(queue, f"AsyncTasks.{what}()")
+
+
+def _state_of(info: TaskInfo | None) -> str:
+    """The state of a task a wait gave up on, for the ``TimeoutError``."""
+    if info is None:  # the deadline passed during the first look
+        return "the task's state was not read yet"
+    text = f"the task is still {info.state.value} (attempt {info.attempts} of {info.max_retries + 1}"
+    if info.state is TaskState.PENDING and info.attempts:
+        text += ", waiting for a retry"
+    return f"{text})"

@@ -16,8 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+from .._checks import check_seconds
 from ._backend import Backend
-from ._clock import as_epoch, as_seconds
+from ._clock import as_epoch
 from ._encoding import Encoding
 from ._enqueue import build_task, check_calls
 from ._meta import read_meta, write_meta
@@ -84,7 +85,7 @@ def follow_up(record: TaskRecord, result: bytes | None, now: float) -> tuple[New
         if spec.get("at") is not None:
             run_at = as_epoch(float(spec["at"]), "chain step at")
         elif spec.get("delay") is not None:
-            run_at = now + as_seconds(float(spec["delay"]), "chain step delay")
+            run_at = now + check_seconds(float(spec["delay"]), "chain step delay", allow_zero=True)
         previous = None if result is None else base64.b64encode(result).decode("ascii")
         step = NewTask(
             id=_text(step_id(chain_id, index + 1)),
@@ -186,7 +187,9 @@ async def chain_progress(
 
 def _spec(call: Call, task: NewTask) -> dict[str, Any]:
     # A later step's delay counts from the previous step's success; its `at` is absolute.
-    delay = None if call.delay is None else as_seconds(call.delay, f"chain step {task.name!r} delay")
+    delay = None
+    if call.delay is not None:
+        delay = check_seconds(call.delay, f"chain step {task.name!r} delay", allow_zero=True)
     at = None if call.at is None else as_epoch(call.at, f"chain step {task.name!r} at")
     return {
         "name": task.name,

@@ -9,7 +9,9 @@ from datetime import datetime, timedelta
 
 import anyio
 
-__all__ = ["Clock", "ManualClock", "as_epoch", "as_seconds"]
+from .._checks import check_seconds
+
+__all__ = ["Clock", "ManualClock", "as_epoch"]
 
 Clock = Callable[[], float]
 """A function returning the current time in seconds since the epoch, like :func:`time.time` (the default)."""
@@ -40,8 +42,12 @@ class ManualClock:
         return f"ManualClock({self._now!r})"
 
     def advance(self, seconds: float | timedelta) -> float:
-        """Move the clock forward by ``seconds`` (>= 0) and return the new time."""
-        amount = as_seconds(seconds, "ManualClock.advance()")
+        """Move the clock forward by ``seconds`` (>= 0) and return the new time.
+
+        Raises ``TypeError`` for a value that is not a number or ``timedelta``, ``ValueError`` for a negative
+        or non-finite one.
+        """
+        amount = check_seconds(seconds, "ManualClock.advance(seconds)", allow_zero=True)
         self._now += amount
         self._wake()
         return self._now
@@ -65,20 +71,11 @@ class ManualClock:
             event.set()
 
 
-def as_seconds(value: float | timedelta, where: str) -> float:
-    """``value`` (seconds or ``timedelta``) as a float >= 0; ``TypeError``/``ValueError`` naming ``where``."""
-    seconds = value.total_seconds() if isinstance(value, timedelta) else value
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-        raise TypeError(f"{where}: expected seconds (a number) or a timedelta, got {value!r}")
-    if not 0 <= seconds < math.inf:
-        raise ValueError(f"{where}: expected a finite number of seconds >= 0, got {value!r}")
-    return float(seconds)
-
-
 def as_epoch(value: datetime | float, where: str) -> float:
     """``value`` as seconds since the epoch: a number as it is, an aware ``datetime`` by its instant.
 
     A naive ``datetime`` is refused (``ValueError``): it is ambiguous across machines; attach a timezone.
+    Anything else is a ``TypeError``, NaN and infinity a ``ValueError`` (as in :mod:`lifecycle._checks`).
     """
     if isinstance(value, datetime):
         if value.tzinfo is None or value.utcoffset() is None:
@@ -87,6 +84,8 @@ def as_epoch(value: datetime | float, where: str) -> float:
                 "datetime.now(timezone.utc) + timedelta(minutes=5)"
             )
         return value.timestamp()
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise TypeError(f"{where}: expected an aware datetime or seconds since the epoch, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{where} must be an aware datetime or seconds since the epoch, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number of seconds since the epoch, got {value!r}")
     return float(value)

@@ -20,6 +20,7 @@ from decimal import Decimal
 from typing import Any, Protocol, TypeVar, overload, runtime_checkable
 from zoneinfo import ZoneInfo
 
+from .._checks import check_count
 from ._names import public_module
 
 __all__ = ["Encoding", "JSONEncoding", "PickleEncoding"]
@@ -33,6 +34,8 @@ that is not a string) is itself encoded as a tagged list of pairs, so nothing ca
 DEFAULT_MAX_DEPTH = 200
 """How deeply :class:`JSONEncoding` lets arrays and objects nest by default: far more than any argument
 list needs, far less than Python's recursion limit, so neither ``encode`` nor ``decode`` can hit it."""
+
+_MAX_MAX_DEPTH = 10_000
 
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
@@ -105,8 +108,10 @@ class JSONEncoding:
     """
 
     def __init__(self, *, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
-        if isinstance(max_depth, bool) or not isinstance(max_depth, int) or not 1 <= max_depth <= 10_000:
-            raise ValueError(f"JSONEncoding(max_depth=...) takes an int from 1 to 10000, got {max_depth!r}")
+        if check_count(max_depth, "JSONEncoding(max_depth=...)", minimum=1) > _MAX_MAX_DEPTH:
+            raise ValueError(
+                f"JSONEncoding(max_depth=...) must be at most {_MAX_MAX_DEPTH}, got {max_depth!r}"
+            )
         self._max_depth = max_depth
         self._by_type: dict[type, _Codec] = {}
         self._by_name: dict[str, _Codec] = {}

@@ -6,7 +6,8 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from ._clock import as_epoch, as_seconds
+from .._checks import check_name, check_seconds
+from ._clock import as_epoch
 from ._encoding import Encoding
 from ._model import Call, describe_target
 from ._records import NewTask
@@ -16,7 +17,6 @@ from ._registry import (
     Registry,
     TaskDefinition,
     check_max_retries,
-    check_no_nul,
     check_queue,
     check_timeout,
 )
@@ -29,9 +29,7 @@ def build_task(call: Call, now: float, registry: Registry, encoding: Encoding) -
     target = call.target
     definition: TaskDefinition | None
     if isinstance(target, str):
-        if not target:
-            raise TypeError("enqueue() needs a task function or a non-empty registered name, got ''")
-        check_no_nul(target, "the task name", "enqueue()")
+        check_name(target, "enqueue(): the task name")
         definition = registry.get(target)
         name = target
     else:
@@ -62,16 +60,10 @@ def build_task(call: Call, now: float, registry: Registry, encoding: Encoding) -
         raise TypeError(f"{where}: pass delay= or at=, not both")
     run_at = now
     if call.delay is not None:
-        run_at = now + as_seconds(call.delay, f"{where} delay")
+        run_at = now + check_seconds(call.delay, f"{where}: delay", allow_zero=True)
     elif call.at is not None:
-        run_at = as_epoch(call.at, f"{where} at")
-    task_id = call.task_id
-    if task_id is None:
-        task_id = uuid.uuid4().hex
-    elif not isinstance(task_id, str) or not task_id:
-        raise TypeError(f"{where}: task_id must be a non-empty string, got {task_id!r}")
-    else:
-        check_no_nul(task_id, "task_id", where)
+        run_at = as_epoch(call.at, f"{where}: at")
+    task_id = uuid.uuid4().hex if call.task_id is None else check_name(call.task_id, f"{where}: task_id")
     return NewTask(
         id=task_id,
         name=name,

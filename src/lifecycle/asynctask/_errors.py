@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["BackendError", "DuplicateTaskError"]
+__all__ = ["BackendError", "DuplicateTaskError", "StoreNotFoundError", "WorkerLostError"]
 
 
 class DuplicateTaskError(Exception):
@@ -22,6 +23,10 @@ class DuplicateTaskError(Exception):
             "pick another task_id, or wait until that task has finished"
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle by the constructor's arguments (``args`` holds the message, not them)."""
+        return type(self), (self.task_id, self.task_ids), self.__dict__
+
 
 class BackendError(Exception):
     """A backend could not be used as configured (wrong URL, unsupported async library, newer schema)."""
@@ -32,4 +37,12 @@ class StoreNotFoundError(BackendError):
 
     A :class:`BackendError` to callers; the ``lifecycle tasks`` commands report it as a usage error (the URL
     names no store). Not exported: catch :class:`BackendError`.
+    """
+
+
+class WorkerLostError(RuntimeError):
+    """Passed to ``on_error`` for an attempt whose worker died (its lease expired before it finished).
+
+    The attempt counts: the task is retried after its backoff, or is ``dead`` when no retry is left; its
+    ``last_error`` says ``worker lost``.
     """

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from .._checks import check_optional_seconds
 from .._redact import library_logger
 from ._records import TaskState
 
@@ -266,7 +267,8 @@ class Retry(Exception):
     when ``after`` is ``None``).
 
     A retry requested this way still counts as an attempt and is bounded by ``max_retries``: when none is
-    left the task goes ``dead`` with ``reason`` in its error.
+    left the task goes ``dead`` with ``reason`` in its error. ``after`` is seconds (or a ``timedelta``) >= 0:
+    anything else is a ``TypeError``, a negative or non-finite number a ``ValueError``.
 
     Example::
 
@@ -275,16 +277,15 @@ class Retry(Exception):
     """
 
     def __init__(self, after: float | timedelta | None = None, reason: str = "") -> None:
-        seconds = after.total_seconds() if isinstance(after, timedelta) else after
-        if seconds is not None and (
-            not isinstance(seconds, int | float) or seconds < 0 or seconds != seconds
-        ):
-            raise ValueError(f"Retry(after=...) takes seconds >= 0 or a timedelta, got {after!r}")
-        self.after: float | None = None if seconds is None else float(seconds)
+        self.after = check_optional_seconds(after, "Retry(after=...)", allow_zero=True)
         self.reason = reason
         super().__init__(
             reason or (f"retry requested after {self.after} s" if self.after is not None else "")
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle by the constructor's arguments (``args`` holds the message, not them)."""
+        return type(self), (self.after, self.reason), self.__dict__
 
 
 class Abort(Exception):

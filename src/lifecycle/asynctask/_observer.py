@@ -3,8 +3,11 @@ engine makes into it.
 
 An ``AsyncTasks`` built with ``metrics=`` reports every enqueue, every attempt's start, and how each attempt
 ended with its run time. Without an observer the engine pays one ``is not None`` test per task, nothing more.
-:class:`lifecycle._metrics.AsyncTasksMetrics` (``lifecycle.Metrics(manager).async_tasks``) is an observer;
-anything with the three methods below is one too (a StatsD or OpenTelemetry bridge, a test double).
+:class:`lifecycle.AsyncTasksMetrics` (``lifecycle.Metrics(manager).async_tasks``) is an observer; anything
+with the three methods below is one too (a StatsD or OpenTelemetry bridge, a test double).
+
+This module knows nothing of ``lifecycle.Metrics``: ``metrics=`` takes any object whose ``async_tasks`` is an
+observer (:class:`ObserverSource`), so the durable-task layer never imports the metrics layer above it.
 
 An observer that raises never breaks the work: the error is logged on the ``lifecycle.asynctask`` logger and
 the engine goes on.
@@ -16,12 +19,12 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from .._metrics import Metrics
 from .._redact import library_logger
 from ._records import NewTask, Settlement, TaskRecord, TaskState
 
 __all__ = [
     "AttemptOutcome",
+    "ObserverSource",
     "TaskObserver",
     "observe_enqueued",
     "observe_finished",
@@ -43,7 +46,7 @@ class TaskObserver(Protocol):
 
     Every method is called synchronously in the worker's event loop thread, so it must be quick and must not
     block (increment a counter, append to a buffer). ``queue`` and ``task`` are the queue and the registered
-    task name. :class:`lifecycle._metrics.AsyncTasksMetrics` implements it for Prometheus.
+    task name. :class:`lifecycle.AsyncTasksMetrics` implements it for Prometheus.
     """
 
     def enqueued(self, queue: str, task: str, count: int = 1) -> None:
@@ -60,12 +63,25 @@ class TaskObserver(Protocol):
         ...
 
 
+class ObserverSource(Protocol):
+    """What holds an observer for ``AsyncTasks(metrics=...)``: its ``async_tasks`` is a :class:`TaskObserver`.
+
+    A :class:`lifecycle.Metrics` is one (its ``async_tasks`` is the Prometheus ``AsyncTasksMetrics``).
+    """
+
+    @property
+    def async_tasks(self) -> TaskObserver:
+        """The observer to report to."""
+        ...
+
+
 def resolve_observer(metrics: object) -> TaskObserver | None:
-    """The observer an ``AsyncTasks(metrics=...)`` argument stands for: ``None``, a :class:`lifecycle.Metrics`
-    (its ``async_tasks``) or a :class:`TaskObserver`. Raises ``TypeError`` naming what to pass instead."""
+    """The observer an ``AsyncTasks(metrics=...)`` argument stands for: ``None``, an :class:`ObserverSource`
+    such as a :class:`lifecycle.Metrics` (its ``async_tasks``), or a :class:`TaskObserver`. Raises
+    ``TypeError`` naming what to pass instead."""
     if metrics is None:
         return None
-    observer: object = metrics.async_tasks if isinstance(metrics, Metrics) else metrics
+    observer: object = getattr(metrics, "async_tasks", metrics)
     if not isinstance(observer, TaskObserver):
         raise TypeError(
             "metrics must be a lifecycle.Metrics, its .async_tasks, or an object with enqueued(queue, task, "

@@ -8,16 +8,18 @@ import inspect
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
+from .._checks import check_count, check_name, check_optional_seconds
 from ._model import TaskContext
 from ._names import public_module
 
 __all__ = [
     "Registry",
     "TaskDefinition",
+    "check_label",
     "check_max_retries",
-    "check_no_nul",
     "check_queue",
     "check_timeout",
 ]
@@ -95,7 +97,7 @@ class Registry:
         name: str | None,
         queue: str | None,
         max_retries: int | None,
-        timeout: float | None,
+        timeout: float | timedelta | None,
     ) -> TaskDefinition:
         """Check ``fn`` against the rules and register it; see :meth:`AsyncTasks.register`."""
         definition = build_definition(fn, name=name, queue=queue, max_retries=max_retries, timeout=timeout)
@@ -125,7 +127,7 @@ def build_definition(
     name: str | None,
     queue: str | None,
     max_retries: int | None,
-    timeout: float | None,
+    timeout: float | timedelta | None,
 ) -> TaskDefinition:
     """Validate ``fn`` and the options; each problem is a ``TypeError`` (``ValueError`` for bad numbers)."""
     if isinstance(fn, type) or not callable(fn):
@@ -138,9 +140,8 @@ def build_definition(
     is_async = _is_async(fn)
     if name is None:
         name = _default_name(fn, described)
-    elif not isinstance(name, str) or not name.strip():
-        raise TypeError(f"register({described}): name must be a non-empty string, got {name!r}")
-    check_no_nul(name, "the task name", f"register({described})")
+    else:
+        name = check_label(name, f"register({described}): the task name")
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError) as exc:
@@ -186,46 +187,33 @@ def build_definition(
 
 
 def check_queue(queue: object, where: str) -> str:
-    """``queue`` as a queue name; ``TypeError`` unless a non-empty string, ``ValueError`` for a NUL in it."""
-    if not isinstance(queue, str) or not queue:
-        raise TypeError(f"{where}: queue must be a non-empty string, got {queue!r}")
-    return check_no_nul(queue, "the queue name", where)
-
-
-def check_no_nul(text: str, what: str, where: str) -> str:
-    """``text`` unchanged; ``ValueError`` when it holds a NUL character.
+    """``queue`` as a queue name: ``TypeError`` for a non-string, ``ValueError`` for an empty one or one
+    holding a NUL.
 
     Task names, queue names and task ids never contain NUL: PostgreSQL cannot store it in text and other
     backends would store it, so the engine refuses it before anything reaches a backend, the same way
     whatever the backend.
     """
-    if "\x00" in text:
-        raise ValueError(
-            f"{where}: {what} {text!r} contains a NUL character (\\x00), which task storage does not allow; "
-            "remove it"
-        )
+    return check_name(queue, f"{where}: the queue name")
+
+
+def check_label(name: object, what: str) -> str:
+    """A task or schedule name: as :func:`lifecycle._checks.check_name`, and not only whitespace (it must
+    read as a name in listings and logs): ``TypeError`` for a non-string, ``ValueError`` otherwise."""
+    text = check_name(name, what)
+    if not text.strip():
+        raise ValueError(f"{what} must not be blank, got {text!r}")
     return text
 
 
 def check_max_retries(max_retries: object, where: str) -> int:
-    """``max_retries`` as an int >= 0."""
-    if isinstance(max_retries, bool) or not isinstance(max_retries, int):
-        raise TypeError(f"{where}: max_retries must be an int >= 0, got {max_retries!r}")
-    if max_retries < 0:
-        raise ValueError(f"{where}: max_retries must be >= 0, got {max_retries!r}")
-    return max_retries
+    """``max_retries`` as an int >= 0: ``TypeError`` for a non-int, ``ValueError`` for a negative one."""
+    return check_count(max_retries, f"{where}: max_retries")
 
 
 def check_timeout(timeout: object, where: str) -> float | None:
-    """``timeout`` in seconds (``timedelta`` accepted) or ``None``; must be positive and finite."""
-    seconds = timeout.total_seconds() if hasattr(timeout, "total_seconds") else timeout
-    if seconds is None:
-        return None
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-        raise TypeError(f"{where}: timeout must be seconds (a number or timedelta) or None, got {timeout!r}")
-    if not 0 < seconds < float("inf"):
-        raise ValueError(f"{where}: timeout must be a positive, finite number of seconds, got {timeout!r}")
-    return float(seconds)
+    """``timeout`` in seconds (``timedelta`` accepted) or ``None``: positive and finite."""
+    return check_optional_seconds(timeout, f"{where}: timeout")
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:

@@ -21,10 +21,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import anyio
 import anyio.abc
 
+from .._checks import check_seconds
 from .._core._backoff import Backoff
-from ._clock import Clock, as_seconds
+from ._clock import Clock
 from ._model import Call
-from ._registry import check_no_nul
+from ._registry import check_label
 
 __all__ = [
     "CronTrigger",
@@ -35,7 +36,7 @@ __all__ = [
     "Scheduler",
     "check_interval",
     "check_missed",
-    "check_name",
+    "check_schedule_name",
     "fire_stamp",
     "fire_task_id",
     "resolve_timezone",
@@ -365,7 +366,7 @@ def resolve_timezone(zone: str | tzinfo | None) -> tzinfo:
 
 def check_interval(interval: float | timedelta) -> float:
     """``interval`` in seconds, at least a millisecond (fire times are identified to the millisecond)."""
-    seconds = as_seconds(interval, "every() interval")
+    seconds = check_seconds(interval, "every(): the interval")
     if seconds < 0.001:
         raise ValueError(f"every(): the interval must be at least 0.001 s, got {interval!r}")
     return seconds
@@ -380,11 +381,10 @@ def check_missed(missed: object) -> MissedFires:
     raise ValueError(f"missed must be 'skip' (the default) or 'run_once', got {missed!r}")
 
 
-def check_name(name: object, where: str) -> str:
-    """A schedule name: a non-empty string without NUL (it is part of each fire time's task id)."""
-    if not isinstance(name, str) or not name.strip():
-        raise TypeError(f"{where}: name= must be a non-empty string naming the schedule, got {name!r}")
-    return check_no_nul(name, "the schedule name", where)
+def check_schedule_name(name: object, where: str) -> str:
+    """A schedule name: a non-empty, non-blank string without NUL (it is part of each fire time's task id);
+    ``TypeError`` for a non-string, ``ValueError`` otherwise."""
+    return check_label(name, f"{where}: the schedule name")
 
 
 def _croniter() -> Any:

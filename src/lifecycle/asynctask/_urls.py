@@ -6,13 +6,14 @@ import importlib
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
-from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode
 
 from .._redact import redact
 from ._backend import Backend
+from ._backends._url_parts import join_url, split_url, unique_options
 from ._extras import raise_missing_extra
 
-__all__ = ["backend_from_url", "join_url", "split_url", "unique_options"]
+__all__ = ["backend_from_url"]
 
 _ACCEPTED = (
     '"memory://", '
@@ -147,47 +148,6 @@ def _postgres(url: str) -> Backend:
     return backend
 
 
-def split_url(url: str, *, caller: str = "backend_from_url") -> SplitResult:
-    """``urlsplit(url)``, or a ``ValueError`` that names the problem and the fix (with passwords masked)."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - parsed lazily: a port that is not a number fails here
-    except ValueError as exc:
-        shown = redact(url, url)
-        netloc = url.partition("://")[2].split("/", 1)[0]
-        if "[" in netloc or "]" in netloc:
-            problem = (
-                "a '[' or ']' in its host part is unbalanced; an IPv6 host goes in closed brackets "
-                "(redis://[::1]:6379/0, postgresql://user@[::1]:5432/db), and a '[' or ']' in a user "
-                "name or password must be percent-encoded (%5B, %5D)"
-            )
-        elif "port" in str(exc).lower():
-            problem = (
-                "its port is not a number; write host:port with a number, and percent-encode ':', "
-                "'@' and '/' in a user name or password (%3A, %40, %2F)"
-            )
-        else:
-            problem = (
-                f"{exc}; percent-encode special characters (such as @ : / [ ]) in user names and passwords"
-            )
-        raise ValueError(f"{caller}: cannot parse the URL {shown!r}: {problem}") from None
-    return parts
-
-
-def unique_options(url: str, *, caller: str = "backend_from_url") -> dict[str, str]:
-    """The query options of ``url`` by name. Raises ``ValueError`` for an option given twice (which value
-    a library would pick is not obvious: the first for redis-py, the last for libpq)."""
-    options: dict[str, str] = {}
-    for name, value in parse_qsl(split_url(url, caller=caller).query, keep_blank_values=True):
-        if name in options:
-            raise ValueError(
-                f"{caller}: the option {redact(name)!r} is given twice in the URL {redact(url, url)!r}; "
-                "give it once"
-            )
-        options[name] = value
-    return options
-
-
 def _take_option(url: str, name: str) -> tuple[str, str | None]:
     """Remove the ``name`` query option from ``url``; return the rest of the URL and the option's value."""
     parts = split_url(url)
@@ -201,16 +161,6 @@ def _take_option(url: str, name: str) -> tuple[str, str | None]:
         return url, None
     rest = urlencode([(key, value) for key, value in pairs if key != name])
     return join_url(parts._replace(query=rest)), values[0]
-
-
-def join_url(parts: SplitResult) -> str:
-    """``urlunsplit(parts)`` of a ``scheme://...`` URL, keeping the ``//`` of one without a host
-    (``unix:///path.sock``), which urlunsplit drops for schemes it does not know."""
-    if parts.netloc:
-        return urlunsplit(parts)
-    query = f"?{parts.query}" if parts.query else ""
-    fragment = f"#{parts.fragment}" if parts.fragment else ""
-    return f"{parts.scheme}://{parts.path}{query}{fragment}"
 
 
 def _import_extra(module: str, *, extra: str) -> ModuleType:

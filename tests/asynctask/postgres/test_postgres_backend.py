@@ -50,8 +50,14 @@ def test_constructor_rejects_bad_arguments_with_clear_messages() -> None:
         PostgresBackend("postgresql://127.0.0.1/test", pool_size=0)
     with pytest.raises(ValueError, match="poll_interval"):
         PostgresBackend("postgresql://127.0.0.1/test", poll_interval=0)
+    with pytest.raises(ValueError, match=r"connect_timeout=...\) must be a finite number of seconds"):
+        PostgresBackend("postgresql://127.0.0.1/test", connect_timeout=float("inf"))
     with pytest.raises(TypeError, match="connection string"):
         PostgresBackend(b"postgresql://127.0.0.1/test")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"PostgresBackend\(schema=...\) must be a non-empty string, got 5"):
+        PostgresBackend("postgresql://127.0.0.1/test", schema=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"PostgresBackend\(pool_size=...\) must be a whole number"):
+        PostgresBackend("postgresql://127.0.0.1/test", pool_size=2.0)  # type: ignore[arg-type]
 
 
 def test_repr_never_shows_the_password() -> None:

@@ -50,15 +50,28 @@ def test_a_url_redis_py_cannot_use_is_refused_at_construction(url: str, message:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"prefix": ""}, r"prefix must be a non-empty string"),
+        ({"prefix": ""}, r"RedisBackend\(prefix=...\) must be a non-empty string"),
         ({"prefix": "a{b}"}, r"must not contain '\{' or '\}'"),
-        ({"socket_timeout": 0}, r"socket_timeout must be a positive number"),
-        ({"reconnect_timeout": float("inf")}, r"reconnect_timeout must be a positive number"),
-        ({"max_connections": 1}, r"max_connections must be a whole number >= 2"),
+        ({"socket_timeout": 0}, r"RedisBackend\(socket_timeout=...\) must be a finite number of seconds"),
+        ({"reconnect_timeout": float("inf")}, r"reconnect_timeout=...\) must be a finite number of seconds"),
+        ({"max_connections": 1}, r"RedisBackend\(max_connections=...\) must be at least 2, got 1"),
     ],
 )
 def test_bad_options_are_refused_with_the_option_named(options: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
+        RedisBackend(**options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"prefix": 7}, r"RedisBackend\(prefix=...\) must be a non-empty string, got 7"),
+        ({"connect_timeout": "10"}, r"connect_timeout=...\) must be a number of seconds"),
+        ({"max_connections": 2.5}, r"max_connections=...\) must be a whole number"),
+    ],
+)
+def test_options_of_the_wrong_type_are_a_type_error(options: dict[str, object], message: str) -> None:
+    with pytest.raises(TypeError, match=message):
         RedisBackend(**options)  # type: ignore[arg-type]
 
 
@@ -241,5 +254,5 @@ def test_socket_timeout_in_the_url_is_the_backends_own_reply_timeout() -> None:
     )
     with pytest.raises(ValueError, match=r"socket_timeout must be a number of seconds"):
         RedisBackend("redis://127.0.0.1:6379/0?socket_timeout=soon")
-    with pytest.raises(ValueError, match=r"socket_timeout must be a positive number"):
+    with pytest.raises(ValueError, match=r"socket_timeout=...\) must be a finite number of seconds greater"):
         RedisBackend("redis://127.0.0.1:6379/0?socket_timeout=0")

@@ -1,15 +1,24 @@
-"""Validation of ``AsyncTasks`` options, and their defaults."""
+"""The engine's settings (:class:`EngineOptions`), their defaults, and the checks of the options
+``AsyncTasks`` takes that only the engine uses."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 
-from .._clock import as_seconds
+from ..._checks import check_optional_seconds
+from .._clock import Clock
+from .._model import TaskInfo
+from .._observer import TaskObserver
 from .._records import TaskState
+from ._queues import QueueOrder
+from ._verdict import Policy
 
-__all__ = ["DEFAULT_RETENTION", "check_positive", "check_retention", "check_states"]
+__all__ = ["DEFAULT_RETENTION", "EngineOptions", "ErrorHook", "check_retention", "check_states"]
+
+ErrorHook = Callable[[TaskInfo, BaseException], Awaitable[None] | None]
+"""``AsyncTasks(on_error=...)``: called as ``on_error(info, exc)`` after every failed attempt."""
 
 DEFAULT_RETENTION: Mapping[TaskState, float | None] = {
     TaskState.SUCCEEDED: 86_400.0,
@@ -20,6 +29,24 @@ DEFAULT_RETENTION: Mapping[TaskState, float | None] = {
 cancelled 7 days."""
 
 
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    """The engine's settings, validated by :class:`~lifecycle.asynctask.AsyncTasks`."""
+
+    concurrency: int
+    queues: QueueOrder
+    lease: float
+    poll_interval: float
+    recovery_interval: float
+    retention: Mapping[TaskState, float | None]
+    retention_interval: float
+    shutdown_grace: float
+    clock: Clock
+    policy: Policy
+    on_error: ErrorHook | None
+    observer: TaskObserver | None = None
+
+
 def check_states(state: TaskState | str | Collection[TaskState | str]) -> set[TaskState]:
     """One state or several (``TaskState`` or their values) as a set; ``ValueError`` for an unknown one."""
     values = [state] if isinstance(state, TaskState | str) else list(state)
@@ -28,13 +55,6 @@ def check_states(state: TaskState | str | Collection[TaskState | str]) -> set[Ta
     except ValueError:
         known = ", ".join(s.value for s in TaskState)
         raise ValueError(f"unknown task state in {state!r}; use one of: {known}") from None
-
-
-def check_positive(value: float, name: str) -> float:
-    """``value`` as a positive, finite float; ``ValueError`` naming the option otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
-    return float(value)
 
 
 def check_retention(
@@ -52,5 +72,5 @@ def check_retention(
                 f"retention: {state.value} tasks are not finished and are never purged automatically; "
                 "give retention for succeeded, dead or cancelled"
             )
-        merged[state] = None if age is None else as_seconds(age, f"retention[{state.value!r}]")
+        merged[state] = check_optional_seconds(age, f"retention[{state.value!r}]", allow_zero=True)
     return merged

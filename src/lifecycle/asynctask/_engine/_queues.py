@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 
+from ..._checks import check_count, check_name
+
 __all__ = ["QueueOrder"]
 
 
@@ -17,8 +19,9 @@ class QueueOrder:
       in asynq: each claim draws a fresh order at random, a queue coming first with probability proportional
       to its weight, so busy high-weight queues never starve the others.
 
-    Raises ``TypeError``/``ValueError`` naming the problem (a bare string, an empty collection, a weight that
-    is not a positive int, a repeated name).
+    Raises ``TypeError`` for a bare string, a name that is not a string or a weight that is not an int, and
+    ``ValueError`` for an empty collection, an empty name or one holding a NUL, a weight below 1, a repeated
+    name.
     """
 
     def __init__(self, queues: Mapping[str, int] | Sequence[str], rng: random.Random) -> None:
@@ -31,10 +34,8 @@ class QueueOrder:
         if isinstance(queues, Mapping):
             weights: dict[str, int] = {}
             for name, weight in queues.items():
-                _check_name(name)
-                if isinstance(weight, bool) or not isinstance(weight, int) or weight <= 0:
-                    raise ValueError(f"the weight of queue {name!r} must be a positive int, got {weight!r}")
-                weights[name] = weight
+                check_name(name, "queues: a queue name")
+                weights[name] = check_count(weight, f"queues: the weight of queue {name!r}", minimum=1)
             if not weights:
                 raise ValueError("queues is empty: give at least one queue name")
             self.names: tuple[str, ...] = tuple(weights)
@@ -42,7 +43,7 @@ class QueueOrder:
         elif isinstance(queues, Sequence):
             names = list(queues)
             for name in names:
-                _check_name(name)
+                check_name(name, "queues: a queue name")
             if not names:
                 raise ValueError("queues is empty: give at least one queue name")
             repeated = sorted({name for name in names if names.count(name) > 1})
@@ -70,9 +71,3 @@ class QueueOrder:
     def __repr__(self) -> str:
         return f"QueueOrder({self.weights if self.weights is not None else list(self.names)!r})"
 
-
-def _check_name(name: object) -> None:
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"queue names must be non-empty strings, got {name!r}")
-    if "\x00" in name:  # as check_queue: no backend stores a NUL
-        raise ValueError(f"the queue name {name!r} contains a NUL character (\\x00); remove it")

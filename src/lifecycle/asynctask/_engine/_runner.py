@@ -18,7 +18,8 @@ from .._encoding import Encoding
 from .._model import TaskContext
 from .._records import ClaimedTask, Settlement, TaskRecord, TaskState
 from .._registry import Registry, TaskDefinition
-from ._upkeep import ErrorHook, call_error_hook
+from ._options import ErrorHook
+from ._upkeep import call_error_hook
 from ._verdict import Policy, is_cancellation
 
 __all__ = ["LOST", "SHUTDOWN", "Running", "TaskRunner"]

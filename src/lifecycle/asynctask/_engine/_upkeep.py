@@ -4,28 +4,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from .._backend import Backend
+from .._errors import WorkerLostError
 from .._model import TaskInfo
 from .._observer import observe_finished
 from .._records import ClaimedTask, Settlement, TaskRecord, TaskState
+from ._options import EngineOptions, ErrorHook
 from ._verdict import is_cancellation
 
-if TYPE_CHECKING:
-    from ._worker import EngineOptions
-
-__all__ = ["ErrorHook", "WorkerLostError", "call_error_hook", "purge_expired", "recover_expired"]
-
-ErrorHook = Callable[[TaskInfo, BaseException], Awaitable[None] | None]
+__all__ = ["call_error_hook", "purge_expired", "recover_expired"]
 
 _RECOVER_BATCH = 100
 _PURGE_BATCH = 1000
-
-
-class WorkerLostError(RuntimeError):
-    """Passed to ``on_error`` for an attempt whose worker died (its lease expired before it finished)."""
 
 
 async def recover_expired(

@@ -7,22 +7,19 @@ backoff, so the rules are tested without running anything.
 from __future__ import annotations
 
 import random
-import sys
 import traceback
 from dataclasses import dataclass
 
 import anyio
 
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
-
+from ..._compat import BaseExceptionGroup, unwrap_single
 from ..._core._backoff import Backoff
 from ..._redact import redact
 from .._chain import follow_up
 from .._model import Abort, Retry
 from .._records import ClaimedTask, Settlement, TaskState
 
-__all__ = ["MAX_ERROR_CHARS", "Policy", "error_text", "find_request", "is_cancellation", "storable"]
+__all__ = ["MAX_ERROR_CHARS", "Policy", "error_text", "is_cancellation", "storable"]
 
 MAX_ERROR_CHARS = 32_000
 """Longer error texts keep their start and end (the exception line is at the end of a traceback)."""
@@ -104,7 +101,7 @@ class Policy:
     def for_exception(self, claimed: ClaimedTask, exc: BaseException, *, now: float) -> Settlement:
         """The verdict for an attempt that raised ``exc``: :class:`Retry` asks for a retry (still bounded by
         ``max_retries``), :class:`Abort` makes the task dead at once, anything else is a failure."""
-        request = find_request(exc)
+        request = unwrap_single(exc)  # a task group around the task's code wraps what it raises
         if isinstance(request, Abort):
             reason = request.reason or "no reason given"
             return self.dead(claimed, now=now, error=f"aborted by the task: {reason}\n{error_text(request)}")
@@ -119,15 +116,6 @@ class Policy:
                 return self.dead(claimed, now=now, error=error)
             return self.failure(claimed, now=now, error=f"retry requested: {what}", retry_after=request.after)
         return self.failure(claimed, now=now, error=error_text(exc))
-
-
-def find_request(exc: BaseException) -> BaseException:
-    """``exc`` itself, or the exception inside a group holding exactly one (a task group around the code
-    wraps what it raises): how a task's :class:`Retry`/:class:`Abort` is found, and an engine crash
-    unwrapped."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def storable(text: str) -> str:

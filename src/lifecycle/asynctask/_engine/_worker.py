@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from types import FrameType
 
 import anyio
@@ -15,42 +14,23 @@ import anyio.abc
 from ..._core._backoff import Backoff
 from ..._core._loopwatch import LoopBlock, LoopWatch
 from .._backend import Backend
-from .._clock import Clock
 from .._encoding import Encoding
 from .._observer import TaskObserver, observe_finished, observe_started
-from .._records import ClaimedTask, Settlement, TaskState
+from .._records import ClaimedTask, Settlement
 from .._registry import Registry
-from ._queues import QueueOrder
+from ._options import EngineOptions
 from ._runner import LOST, SHUTDOWN, Running, TaskRunner
 from ._settler import Settler
-from ._upkeep import ErrorHook, purge_expired, recover_expired
-from ._verdict import Policy, error_text, is_cancellation
+from ._upkeep import purge_expired, recover_expired
+from ._verdict import error_text, is_cancellation
 
-__all__ = ["EngineOptions", "Worker"]
+__all__ = ["Worker"]
 
 
 _BACKEND_RETRY = Backoff(initial=0.05, cap=5.0)
 _FINAL_FLUSH_TIMEOUT = 10.0
 _BLOCK_WARNING_SHARE = 3  # warn when the loop is blocked longer than lease / 3: the heartbeat interval
 _STACK_LIMIT = 20  # the innermost frames shown of a blocked loop's stack
-
-
-@dataclass(frozen=True, slots=True)
-class EngineOptions:
-    """The engine's settings, validated by :class:`~lifecycle.asynctask.AsyncTasks`."""
-
-    concurrency: int
-    queues: QueueOrder
-    lease: float
-    poll_interval: float
-    recovery_interval: float
-    retention: Mapping[TaskState, float | None]
-    retention_interval: float
-    shutdown_grace: float
-    clock: Clock
-    policy: Policy
-    on_error: ErrorHook | None
-    observer: TaskObserver | None = None
 
 
 class Worker:

@@ -28,6 +28,7 @@ try:
 except ModuleNotFoundError as exc:  # the extra is not installed: say which, and how to install it
     raise_missing_extra(exc, "postgres")
 
+from ...._checks import check_count, check_name, check_seconds
 from ...._redact import library_logger, redact
 from ..._backend import Create, check_create
 from ..._errors import BackendError, StoreNotFoundError
@@ -123,24 +124,17 @@ class PostgresBackend:
                 'in the user name and password) or "host=... dbname=... user=..." (put a value with spaces '
                 "in single quotes)"
             ) from None
-        if not isinstance(schema, str) or not schema or "\x00" in schema:
-            raise ValueError(f"schema must be a non-empty name without NUL characters, got {schema!r}")
+        check_name(schema, "PostgresBackend(schema=...)")
         if len(schema.encode()) > _MAX_IDENTIFIER:
             raise ValueError(
                 f"schema {schema!r} is longer than PostgreSQL's {_MAX_IDENTIFIER}-byte limit for names; "
                 "choose a shorter schema name"
             )
-        if not isinstance(pool_size, int) or pool_size < 1:
-            raise ValueError(f"pool_size must be a whole number >= 1, got {pool_size!r}")
-        if not connect_timeout > 0:
-            raise ValueError(f"connect_timeout must be a positive number of seconds, got {connect_timeout!r}")
-        if not poll_interval > 0:
-            raise ValueError(f"poll_interval must be a positive number of seconds, got {poll_interval!r}")
         self._dsn = dsn
         self._schema = schema
-        self._pool_size = pool_size
-        self._connect_timeout = float(connect_timeout)
-        self._poll_interval = float(poll_interval)
+        self._pool_size = check_count(pool_size, "PostgresBackend(pool_size=...)", minimum=1)
+        self._connect_timeout = check_seconds(connect_timeout, "PostgresBackend(connect_timeout=...)")
+        self._poll_interval = check_seconds(poll_interval, "PostgresBackend(poll_interval=...)")
         self._connect_kwargs: dict[str, Any] = {}
         if "application_name" not in params:
             self._connect_kwargs["application_name"] = _APPLICATION_NAME

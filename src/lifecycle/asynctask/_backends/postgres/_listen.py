@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,7 +19,6 @@ import anyio
 import psycopg
 from psycopg import sql
 
-from ...._core._backoff import Backoff
 from ...._redact import library_logger
 
 __all__ = ["Listener"]
@@ -27,6 +27,9 @@ _log = library_logger("lifecycle.asynctask.postgres")
 
 #: A payload that wakes the waiters of every queue.
 WAKE_ALL = "*"
+
+_RECONNECT_FIRST = 0.05  # seconds: the ceiling of the first reconnect delay, doubled per failure
+_RECONNECT_CAP = 2.0  # seconds: the longest reconnect delay (idle workers poll meanwhile)
 
 
 class Listener:
@@ -42,12 +45,10 @@ class Listener:
         channel: str,
         *,
         connect_kwargs: dict[str, Any],
-        retry: Backoff = Backoff(initial=0.05, cap=2.0, jitter=True),  # noqa: B008 - frozen, immutable
     ) -> None:
         self._conninfo = conninfo
         self._channel = channel
         self._connect_kwargs = connect_kwargs
-        self._retry = retry
         self._per_queue: dict[str, int] = {}
         self._all = 0
         self._changed = anyio.Event()
@@ -146,7 +147,14 @@ class Listener:
                     with contextlib.suppress(Exception):
                         await connection.close()
                 self._wake_all()
-                await asyncio.sleep(self._retry.delay(failures))
+                await asyncio.sleep(reconnect_delay(failures))
+
+
+def reconnect_delay(failures: int) -> float:
+    """The pause before reconnect attempt ``failures`` (1-based): exponential with full jitter, capped at
+    :data:`_RECONNECT_CAP`, so listeners of many workers do not reconnect in step after a server restart."""
+    ceiling = min(_RECONNECT_CAP, _RECONNECT_FIRST * 2.0 ** min(max(failures, 1) - 1, 32))
+    return random.uniform(0.0, ceiling)
 
 
 async def _next_notifications(connection: psycopg.AsyncConnection[Any]) -> list[str]:

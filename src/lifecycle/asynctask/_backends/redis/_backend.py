@@ -7,7 +7,6 @@ asyncio only.
 from __future__ import annotations
 
 import itertools
-import math
 import secrets
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -23,6 +22,7 @@ try:
 except ModuleNotFoundError as exc:  # the extra is not installed: say which, and how to install it
     raise_missing_extra(exc, "redis")
 
+from ...._checks import check_count, check_name, check_seconds
 from ...._redact import library_logger
 from ..._backend import Create, check_create
 from ..._errors import BackendError, DuplicateTaskError, StoreNotFoundError
@@ -119,29 +119,19 @@ class RedisBackend:
         check_url(url, cluster=bool(cluster) or bool(cluster_option))
         if url_socket_timeout is not None:  # as in redis-py, an option in the URL wins
             socket_timeout = url_socket_timeout
-        if not isinstance(prefix, str) or not prefix:
-            raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
+        check_name(prefix, "RedisBackend(prefix=...)")
         if "{" in prefix or "}" in prefix:
             raise ValueError(
                 f"prefix {prefix!r} must not contain '{{' or '}}': the backend wraps it in braces itself "
                 "(a Redis Cluster hash tag); choose a name without braces"
             )
-        for name, value in (
-            ("socket_timeout", socket_timeout),
-            ("connect_timeout", connect_timeout),
-            ("reconnect_timeout", reconnect_timeout),
-        ):
-            if not (isinstance(value, int | float) and 0 < value < math.inf):
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        if not isinstance(max_connections, int) or max_connections < 2:
-            raise ValueError(f"max_connections must be a whole number >= 2, got {max_connections!r}")
         self._url = url
         self._name = prefix
         self._prefix = "{" + prefix + "}:"
-        self._socket_timeout = float(socket_timeout)
-        self._connect_timeout = float(connect_timeout)
-        self._reconnect_timeout = float(reconnect_timeout)
-        self._max_connections = max_connections
+        self._socket_timeout = check_seconds(socket_timeout, "RedisBackend(socket_timeout=...)")
+        self._connect_timeout = check_seconds(connect_timeout, "RedisBackend(connect_timeout=...)")
+        self._reconnect_timeout = check_seconds(reconnect_timeout, "RedisBackend(reconnect_timeout=...)")
+        self._max_connections = check_count(max_connections, "RedisBackend(max_connections=...)", minimum=2)
         self._clock = clock
         self._client_options = dict(client_options or {})
         self._cluster = bool(cluster) or bool(cluster_option)

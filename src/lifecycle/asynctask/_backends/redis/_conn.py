@@ -36,7 +36,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...._redact import library_logger, redact
 from ..._errors import BackendError
-from ..._urls import join_url, split_url, unique_options
+from .._url_parts import join_url, split_url, unique_options
 from ._lua import WORKER_SCRIPTS, LuaScript
 from ._lua_admin import ADMIN_SCRIPTS
 

@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar
 import anyio
 import anyio.to_thread
 
+from ...._checks import check_seconds
 from ...._redact import library_logger
 from ..._backend import Create, check_create
 from ..._errors import BackendError, StoreNotFoundError
@@ -91,10 +92,8 @@ class SQLiteBackend:
         busy_timeout: float = 30.0,
         synchronous: Synchronous = "NORMAL",
     ) -> None:
-        if not poll_interval > 0:
-            raise ValueError(f"poll_interval must be a positive number of seconds, got {poll_interval!r}")
-        if not busy_timeout >= 0:
-            raise ValueError(f"busy_timeout must be zero or more seconds, got {busy_timeout!r}")
+        poll_interval = check_seconds(poll_interval, "SQLiteBackend(poll_interval=...)")
+        busy_timeout = check_seconds(busy_timeout, "SQLiteBackend(busy_timeout=...)", allow_zero=True)
         mode = str(synchronous).upper()
         if mode not in _SYNCHRONOUS:
             raise ValueError(f"synchronous must be one of {', '.join(_SYNCHRONOUS)}, got {synchronous!r}")

@@ -22,10 +22,13 @@ from ..._clock import ManualClock
 from ..._model import TaskInfo
 from ..._records import TaskState
 
-__all__ = ["EngineHarness", "EngineSuiteBase", "RunningWorker", "SUITE_OPTIONS", "WAIT"]
+__all__ = ["POLL", "EngineHarness", "EngineSuiteBase", "RunningWorker", "SUITE_OPTIONS", "WAIT"]
 
 WAIT = 20.0
 """The longest the suite waits for something that should happen promptly (generous: a busy machine)."""
+
+POLL = 0.01
+"""How often :meth:`EngineHarness.eventually` checks its condition."""
 
 SUITE_OPTIONS: dict[str, Any] = {
     "poll_interval": 0.05,
@@ -141,6 +144,16 @@ class EngineHarness:
         """Wait until ``predicate(info)`` holds for the task and return it (woken by every verdict saved in
         this process, and by polling)."""
         return await tasks._wait_for(task_id, predicate, WAIT)
+
+    async def eventually(self, condition: Callable[[], Awaitable[bool]], what: str) -> None:
+        """Return once ``await condition()`` holds, checked every :data:`POLL` seconds; fail the test
+        naming ``what`` after :data:`WAIT` seconds. For what no event reports, such as a heartbeat seen in the
+        store: each step checks the condition, never a guess about how long something takes."""
+        with anyio.move_on_after(WAIT) as deadline:
+            while not await condition():
+                await anyio.sleep(POLL)
+        if deadline.cancelled_caught:
+            pytest.fail(f"not seen within {WAIT:g} s: {what}")
 
     async def retry_waiting(self, tasks: AsyncTasks, task_id: str, attempts: int = 1) -> TaskInfo:
         """Wait until attempt ``attempts`` has failed and the task waits for its retry (pending again)."""

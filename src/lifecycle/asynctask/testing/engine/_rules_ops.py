@@ -3,13 +3,13 @@ retention."""
 
 from __future__ import annotations
 
-import time
+import functools
 
 import anyio
 
 from ..._model import Call, TaskContext
 from ..._records import TaskState
-from ._harness import EngineHarness, EngineSuiteBase
+from ._harness import WAIT, EngineHarness, EngineSuiteBase
 
 __all__ = ["OperationRules"]
 
@@ -187,17 +187,40 @@ class OperationRules(EngineSuiteBase):
         assert info.result == 2
 
     async def test_heartbeats_keep_a_long_task_from_being_run_twice(self, engine: EngineHarness) -> None:
-        tasks = await engine.tasks(lease=0.6, recovery_interval=0.05, clock=time.time)
+        # Heartbeats come every lease / 3 seconds of real time and extend the lease by the engine's clock,
+        # which the test moves: the task runs 2.5 leases long by that clock, each step short of the lease,
+        # and the recovery loop (every 0.05 s) would take the task over at the first lease not renewed.
+        lease = 0.6
+        tasks = await engine.tasks(lease=lease, recovery_interval=0.05)
         runs: list[int] = []
+        started, release = anyio.Event(), anyio.Event()
 
         @tasks.register(name="suite.long")
         async def long(ctx: TaskContext) -> int:
             runs.append(ctx.attempt)
-            await anyio.sleep(1.5)  # several leases long: only heartbeats keep it
+            started.set()
+            await release.wait()
             return ctx.attempt
 
+        async def lease_reaches_past(moment: float) -> bool:
+            record = await tasks.backend.get(task_id)
+            assert record is not None, f"task {task_id} vanished while it ran"
+            return record.lease_until is not None and record.lease_until > moment
+
         await engine.start(tasks)
-        info = await engine.finished(tasks, await tasks.enqueue(long), TaskState.SUCCEEDED)
+        task_id = await tasks.enqueue(long)
+        with anyio.fail_after(WAIT):
+            await started.wait()
+        for step in range(3):
+            engine.clock.advance(lease * 5 / 6)
+            moment = engine.clock() + lease / 2  # only a renewal after this advance reaches past it
+            await engine.eventually(
+                functools.partial(lease_reaches_past, moment),
+                f"a heartbeat renewing the running task's lease (step {step})",
+            )
+        assert await tasks.recover_expired() == 0, "no lease expired by the engine's clock"
+        release.set()
+        info = await engine.finished(tasks, task_id, TaskState.SUCCEEDED)
         assert (info.result, info.attempts, runs) == (1, 1, [1])
 
     async def test_retention_removes_finished_tasks_after_their_time(self, engine: EngineHarness) -> None:
