@@ -11,9 +11,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from docstring_check import missing_docstrings
 
 import lifecycle
+from tests.docstring_check import missing_docstrings
 
 if sys.version_info >= (3, 11):
     from builtins import ExceptionGroup

@@ -24,12 +24,12 @@ from typing import Any
 
 import anyio
 import pytest
-from corruption import FIELDS, NotUtf8Text, corrupt_postgres, corrupt_redis, corrupt_sqlite
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from lifecycle import Backoff
 from lifecycle.asynctask import AsyncTasks, Backend, MemoryBackend, SQLiteBackend, TaskRecord, TaskState
+from tests.asynctask.corruption import FIELDS, NotUtf8Text, corrupt_postgres, corrupt_redis, corrupt_sqlite
 
 FUZZ = settings(
     max_examples=25,
@@ -37,7 +37,6 @@ FUZZ = settings(
     database=None,
     deadline=None,
     phases=[Phase.explicit, Phase.generate],  # no shrinking: a failing example is reported as generated
-
     suppress_health_check=[
         HealthCheck.too_slow,
         HealthCheck.function_scoped_fixture,

@@ -22,10 +22,10 @@ from typing import Any
 
 import anyio
 import pytest
-from postgres.procs_url import postgres_url
-from procs import Workers, read_runs
 
 from lifecycle.asynctask import AsyncTasks, Call, TaskRecord, TaskState, backend_from_url
+from tests.asynctask.postgres.procs_url import postgres_url
+from tests.asynctask.procs import Workers, read_runs
 
 pytestmark = pytest.mark.slow
 

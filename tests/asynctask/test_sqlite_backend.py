@@ -10,13 +10,13 @@ from pathlib import Path
 
 import anyio
 import pytest
-from corruption import corrupt_sqlite
 
 from lifecycle.asynctask import Backend, BackendError, DuplicateTaskError, NewTask, Settlement, TaskState
 from lifecycle.asynctask._backends.sqlite._backend import SQLiteBackend
 from lifecycle.asynctask._backends.sqlite._schema import SCHEMA_VERSION, check_sqlite_version
 from lifecycle.asynctask.testing import BackendConformance, EngineConformance
 from lifecycle.asynctask.testing.backend._rules_damage import RawValue
+from tests.asynctask.corruption import corrupt_sqlite
 
 # Marked here, at collection time: the conftest marks async tests only after collection, which loses
 # @pytest.mark.parametrize combinations on async tests.

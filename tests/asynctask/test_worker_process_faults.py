@@ -10,9 +10,9 @@ from pathlib import Path
 
 import anyio
 import pytest
-from procs import Workers
 
 from lifecycle.asynctask import AsyncTasks, Call, TaskRecord, TaskState, backend_from_url
+from tests.asynctask.procs import Workers
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import anyio
 import pytest
-from cli_support import seed
+
+from tests.cli.cli_support import seed
 
 
 @pytest.fixture(params=["sqlite", "redis", "postgres"])

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import anyio
 import pytest
-from cli_support import ENCODING, cli_env, lifecycle_argv
 
 from lifecycle.asynctask import AsyncTasks, NewTask, Settlement, TaskState, backend_from_url
 from lifecycle.cli import main
 from lifecycle.cli._app import build_parser
 from lifecycle.cli._tasks._watch import Dashboard
+from tests.cli.cli_support import ENCODING, cli_env, lifecycle_argv
 
 NOW = time.time()
 NAME = "myapp.notifications.send_welcome_email"

@@ -11,7 +11,8 @@ from pathlib import Path
 import anyio
 import psycopg
 import pytest
-from cli_support import Result, lifecycle
+
+from tests.cli.cli_support import Result, lifecycle
 
 COMMANDS = (
     ("stats",),

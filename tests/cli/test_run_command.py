@@ -10,11 +10,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from cli_support import lifecycle as lifecycle_in_process
 
 import lifecycle
 from lifecycle.cli import main
 from lifecycle.cli._load import LoadError, load_manager, load_object
+from tests.cli.cli_support import lifecycle as lifecycle_in_process
 
 SERVICE = textwrap.dedent(
     """

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import anyio
 import pytest
-from cli_support import in_directory, lifecycle, lifecycle_json, seed, state_of
 
 from lifecycle.asynctask import TaskState
 from lifecycle.cli._tasks._format import error_summary, parse_duration
+from tests.cli.cli_support import in_directory, lifecycle, lifecycle_json, seed, state_of
 
 
 def test_stats_and_list_show_the_stored_tasks(url: str) -> None:

@@ -8,8 +8,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import anyio
 import psycopg
-from cli_support import lifecycle, lifecycle_json, seed
 from psycopg import sql
+
+from tests.cli.cli_support import lifecycle, lifecycle_json, seed
 
 
 def _damage(url: str, task_id: str) -> str:

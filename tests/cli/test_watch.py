@@ -14,7 +14,7 @@ import subprocess
 import termios
 import time
 
-from cli_support import lifecycle_argv, seed
+from tests.cli.cli_support import lifecycle_argv, seed
 
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\x1b[()][A-Z0-9]|\r")
 

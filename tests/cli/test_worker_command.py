@@ -10,7 +10,8 @@ from pathlib import Path
 
 import anyio
 import pytest
-from cli_support import cli_env, lifecycle, lifecycle_argv
+
+from tests.cli.cli_support import cli_env, lifecycle, lifecycle_argv
 
 APP = textwrap.dedent(
     """

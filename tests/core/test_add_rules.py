@@ -7,10 +7,10 @@ from datetime import timedelta
 
 import anyio
 import pytest
-from lifecycle_testkit import FakeTask, Outcome, manager, run_capturing
 
 import lifecycle
 from lifecycle import ManagerState, TaskManager, TaskType
+from tests.core.lifecycle_testkit import FakeTask, Outcome, manager, run_capturing
 
 # Explicit, so the anyio plugin combines its backend parameter with each test's own parameters.
 pytestmark = pytest.mark.anyio

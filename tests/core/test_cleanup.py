@@ -5,7 +5,9 @@ from __future__ import annotations
 import anyio
 import anyio.lowlevel
 import pytest
-from lifecycle_testkit import (
+
+from lifecycle import EventKind, Stage, TaskManager, TaskManagerError
+from tests.core.lifecycle_testkit import (
     Boom,
     FakeTask,
     Outcome,
@@ -14,8 +16,6 @@ from lifecycle_testkit import (
     run_capturing,
     run_until_running_then_shut_down,
 )
-
-from lifecycle import EventKind, Stage, TaskManager, TaskManagerError
 
 pytestmark = pytest.mark.anyio
 

@@ -7,11 +7,11 @@ import math
 
 import anyio
 import pytest
-from fake_timing import FakeTiming
-from lifecycle_testkit import FakeTask, Outcome, manager, run_capturing
 
 import lifecycle
 from lifecycle import EventKind, ManagerState, TaskType
+from tests.core.fake_timing import FakeTiming
+from tests.core.lifecycle_testkit import FakeTask, Outcome, manager, run_capturing
 
 
 async def test_readiness_turns_false_then_the_drain_delay_then_cancel_then_cleanup() -> None:

@@ -7,9 +7,9 @@ import logging
 
 import anyio
 import pytest
-from lifecycle_testkit import Events, FakeTask, Outcome, manager, raises, returns, run_capturing
 
 from lifecycle import EventKind, LifecycleEvent, ManagerState, Stage, TaskManager, TaskManagerError, TaskType
+from tests.core.lifecycle_testkit import Events, FakeTask, Outcome, manager, raises, returns, run_capturing
 
 pytestmark = pytest.mark.anyio
 

@@ -6,9 +6,9 @@ import threading
 
 import anyio
 import pytest
-from lifecycle_testkit import Events, FakeTask, Outcome, manager, returns, run_capturing
 
 from lifecycle import EventKind, ManagerState, TaskManager, TaskType
+from tests.core.lifecycle_testkit import Events, FakeTask, Outcome, manager, returns, run_capturing
 
 # Explicit, so the anyio plugin combines its backend parameter with each test's own parameters.
 pytestmark = pytest.mark.anyio

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from lifecycle_testkit import Events, FakeTask, Outcome, manager, raises, run_capturing
 
 import lifecycle
 from lifecycle import EventKind, Health, LifecycleEvent, ManagerState, Stage, TaskHealth
+from tests.core.lifecycle_testkit import Events, FakeTask, Outcome, manager, raises, run_capturing
 
 
 async def test_ready_only_when_every_task_is_initialized_and_every_execute_has_started() -> None:

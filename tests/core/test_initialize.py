@@ -5,9 +5,9 @@ from __future__ import annotations
 import anyio
 import anyio.lowlevel
 import pytest
-from lifecycle_testkit import Boom, FakeTask, Outcome, manager, raises, run_capturing
 
 from lifecycle import EventKind, ManagerState, Stage, TaskError, TaskManager, TaskManagerError, TaskType
+from tests.core.lifecycle_testkit import Boom, FakeTask, Outcome, manager, raises, run_capturing
 
 # Explicit, so the anyio plugin combines its backend parameter with each test's own parameters.
 pytestmark = pytest.mark.anyio

@@ -6,12 +6,12 @@ import sys
 
 import anyio
 import pytest
-from fake_timing import FakeTiming
-from lifecycle_testkit import Boom, FakeTask, Outcome, manager, run_capturing
 
 import lifecycle
 from lifecycle import EventKind, Metrics, Restart
 from lifecycle._metrics import metrics_available
+from tests.core.fake_timing import FakeTiming
+from tests.core.lifecycle_testkit import Boom, FakeTask, Outcome, manager, run_capturing
 
 prometheus_client = pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from lifecycle_testkit import Boom, Events, FakeTask, Outcome, manager, raises, run_capturing
 
 from lifecycle import EventKind, ManagerState, Stage, Task, TaskManager, TaskManagerError
+from tests.core.lifecycle_testkit import Boom, Events, FakeTask, Outcome, manager, raises, run_capturing
 
 pytestmark = pytest.mark.anyio
 

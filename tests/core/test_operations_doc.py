@@ -10,9 +10,9 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-from fake_timing import FakeTiming
 
 import lifecycle
+from tests.core.fake_timing import FakeTiming
 
 OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 STREAMS = 20

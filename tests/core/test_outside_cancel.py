@@ -5,9 +5,9 @@ from __future__ import annotations
 import anyio
 import anyio.lowlevel
 import pytest
-from lifecycle_testkit import Boom, FakeTask, manager, raises
 
 from lifecycle import EventKind, ManagerState, TaskManager, TaskType
+from tests.core.lifecycle_testkit import Boom, FakeTask, manager, raises
 
 pytestmark = pytest.mark.anyio
 

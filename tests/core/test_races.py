@@ -10,9 +10,9 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 import pytest
-from lifecycle_testkit import Outcome, run_capturing
 
 from lifecycle import ExecuteHandle, ManagerState, TaskManager, TaskType
+from tests.core.lifecycle_testkit import Outcome, run_capturing
 
 # Explicit, so the anyio plugin combines its backend parameter with each test's own parameters.
 pytestmark = pytest.mark.anyio

@@ -11,8 +11,6 @@ from datetime import timedelta
 
 import anyio
 import pytest
-from fake_timing import FakeTiming
-from lifecycle_testkit import Boom, FakeTask, Outcome, manager, run_capturing
 
 import lifecycle
 from lifecycle import (
@@ -25,6 +23,8 @@ from lifecycle import (
     TaskType,
     UnexpectedStopError,
 )
+from tests.core.fake_timing import FakeTiming
+from tests.core.lifecycle_testkit import Boom, FakeTask, Outcome, manager, run_capturing
 
 STEADY = Backoff(initial=0.5, cap=4.0, jitter=False)
 

@@ -15,7 +15,8 @@ import termios
 from pathlib import Path
 
 import pytest
-from logging_child import LONG, SECRET
+
+from tests.core.logging_child import LONG, SECRET
 
 CHILD = Path(__file__).with_name("logging_child.py")
 SERVICE = "a-service-with-a-rather-long-name-for-the-logs"

@@ -7,10 +7,16 @@ import logging
 import anyio
 import anyio.lowlevel
 import pytest
-from fake_timing import FakeTiming
-from lifecycle_testkit import Events, FakeTask, Outcome, run_capturing, run_until_running_then_shut_down
 
 from lifecycle import EventKind, LifecycleEvent, Stage, TaskManager, TaskManagerError
+from tests.core.fake_timing import FakeTiming
+from tests.core.lifecycle_testkit import (
+    Events,
+    FakeTask,
+    Outcome,
+    run_capturing,
+    run_until_running_then_shut_down,
+)
 
 pytestmark = pytest.mark.anyio
 

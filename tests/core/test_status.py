@@ -6,7 +6,6 @@ import time
 
 import anyio
 import pytest
-from lifecycle_testkit import FakeTask, Outcome, manager, raises, returns, run_capturing
 
 from lifecycle import (
     EventKind,
@@ -17,6 +16,7 @@ from lifecycle import (
     TaskType,
     UnexpectedStopError,
 )
+from tests.core.lifecycle_testkit import FakeTask, Outcome, manager, raises, returns, run_capturing
 
 pytestmark = pytest.mark.anyio
 

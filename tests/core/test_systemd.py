@@ -12,11 +12,11 @@ from collections.abc import Iterator
 
 import anyio
 import pytest
-from fake_timing import FakeTiming
-from lifecycle_testkit import FakeTask, Outcome, manager, raises, run_capturing
 
 from lifecycle import EventKind, Restart, TaskManagerError
 from lifecycle._core._systemd import SystemdNotifier
+from tests.core.fake_timing import FakeTiming
+from tests.core.lifecycle_testkit import FakeTask, Outcome, manager, raises, run_capturing
 
 
 class NotifySocket:

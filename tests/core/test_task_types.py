@@ -5,17 +5,6 @@ from __future__ import annotations
 import anyio
 import anyio.lowlevel
 import pytest
-from lifecycle_testkit import (
-    Boom,
-    FakeTask,
-    Outcome,
-    manager,
-    raises,
-    returns,
-    run_capturing,
-    run_until_running_then_shut_down,
-    waits_for,
-)
 
 from lifecycle import (
     EventKind,
@@ -25,6 +14,17 @@ from lifecycle import (
     TaskManagerError,
     TaskType,
     UnexpectedStopError,
+)
+from tests.core.lifecycle_testkit import (
+    Boom,
+    FakeTask,
+    Outcome,
+    manager,
+    raises,
+    returns,
+    run_capturing,
+    run_until_running_then_shut_down,
+    waits_for,
 )
 
 # Explicit, so the anyio plugin combines its backend parameter with each test's own parameters.

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pickle
 
-from docstring_check import missing_docstrings
-
 import lifecycle.tasks
+from tests.docstring_check import missing_docstrings
 
 DOCUMENTED = ("HealthServer", "Interruptible", "ProcessExitedError", "Repeat", "Subprocess", "Timer")
 

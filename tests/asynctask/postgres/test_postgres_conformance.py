@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import pytest
-from corruption import corrupt_postgres
 
 from lifecycle.asynctask import Backend
 from lifecycle.asynctask.postgres import PostgresBackend
 from lifecycle.asynctask.testing import BackendConformance, EngineConformance
 from lifecycle.asynctask.testing.backend._rules_damage import RawValue
+from tests.asynctask.corruption import corrupt_postgres
 
 from ._support import OpenPostgres
 

@@ -1,8 +1,9 @@
 """A harness worker process: AsyncTasks on a backend URL under a TaskManager, run by ``lifecycle.run``.
 
 Run by path (``python tests/asynctask/procs/worker.py --url sqlite:////tmp/x.db --out-dir /tmp/out``) or as
-``python -m procs.worker`` from ``tests/asynctask``. Prints JSON lines: ``ready`` once every task of the
-manager has started executing, the job events of ``jobs.py``, and ``exit`` with the exit code at the end.
+``python -m tests.asynctask.procs.worker`` from the repository root. Prints JSON lines: ``ready`` once every
+task of the manager has started executing, the job events of ``jobs.py``, and ``exit`` with the exit code at
+the end.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run by path: make `procs` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Run by path: make the `tests` package importable from the repository root (not from tests/asynctask, whose
+# redis/ test package would shadow redis-py).
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import anyio
 
 import lifecycle
 from lifecycle.asynctask import AsyncTasks, backend_from_url
-from procs import jobs
+from tests.asynctask.procs import jobs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,9 +11,16 @@ from typing import Any
 
 import anyio.to_thread
 import pytest
-from redis_servers import REDIS_CLI, REDIS_SERVER, LocalCluster, OpenRedis, RedisServer, delete_prefix
 
 from lifecycle.asynctask.redis import RedisBackend
+from tests.asynctask.redis.redis_servers import (
+    REDIS_CLI,
+    REDIS_SERVER,
+    LocalCluster,
+    OpenRedis,
+    RedisServer,
+    delete_prefix,
+)
 
 
 @pytest.fixture

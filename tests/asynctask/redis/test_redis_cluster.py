@@ -9,11 +9,11 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
-from redis_servers import LocalCluster, OpenRedis
 
 from lifecycle.asynctask import NewTask, Settlement, TaskState, backend_from_url
 from lifecycle.asynctask.redis import RedisBackend
 from lifecycle.asynctask.testing import T0, BackendConformance, EngineConformance
+from tests.asynctask.redis.redis_servers import LocalCluster, OpenRedis
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

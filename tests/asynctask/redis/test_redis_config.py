@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from redis_servers import OpenRedis, RedisServer
 
 from lifecycle.asynctask import BackendError, NewTask, Settlement, TaskState, backend_from_url
 from lifecycle.asynctask.redis import RedisBackend
 from lifecycle.asynctask.testing import T0
+from tests.asynctask.redis.redis_servers import OpenRedis, RedisServer
 
 pytestmark = pytest.mark.redis
 

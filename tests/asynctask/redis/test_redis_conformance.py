@@ -6,12 +6,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
-from corruption import corrupt_redis
 
 from lifecycle.asynctask import Backend
 from lifecycle.asynctask.redis import RedisBackend
 from lifecycle.asynctask.testing import BackendConformance
 from lifecycle.asynctask.testing.backend._rules_damage import RawValue
+from tests.asynctask.corruption import corrupt_redis
 
 pytestmark = pytest.mark.redis
 

@@ -8,10 +8,10 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from redis_servers import delete_prefix, keys_of
 
 from lifecycle.asynctask import AsyncTasks, BackendError, NewTask, TaskState
 from lifecycle.asynctask.redis import RedisBackend
+from tests.asynctask.redis.redis_servers import delete_prefix, keys_of
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 

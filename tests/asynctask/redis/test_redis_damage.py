@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator, Mapping
 
 import pytest
 import redis.asyncio as aioredis
-from redis_servers import OpenRedis
 
 from lifecycle.asynctask import DuplicateTaskError, NewTask, Settlement, TaskState
 from lifecycle.asynctask.redis import RedisBackend
 from lifecycle.asynctask.testing import T0
+from tests.asynctask.redis.redis_servers import OpenRedis
 
 pytestmark = pytest.mark.redis
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
-from redis_servers import OpenRedis, delete_prefix, keys_of
 
 from lifecycle.asynctask import NewTask, Settlement, TaskState
 from lifecycle.asynctask.redis import RedisBackend
 from lifecycle.asynctask.testing import T0
+from tests.asynctask.redis.redis_servers import OpenRedis, delete_prefix, keys_of
 
 pytestmark = pytest.mark.redis
 

@@ -12,10 +12,10 @@ from collections import Counter
 import anyio
 import anyio.to_thread
 import pytest
-from redis_servers import RedisServer
 
 from lifecycle.asynctask import AsyncTasks, Call, TaskState
 from lifecycle.asynctask.redis import RedisBackend
+from tests.asynctask.redis.redis_servers import RedisServer
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

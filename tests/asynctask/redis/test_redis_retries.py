@@ -14,12 +14,12 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
-from redis_servers import OpenRedis, RedisServer, until_blocked
 
 from lifecycle.asynctask import NewTask, Settlement, TaskState
 from lifecycle.asynctask._backends.redis._conn import SCRIPTS
 from lifecycle.asynctask.redis import RedisBackend
 from lifecycle.asynctask.testing import T0
+from tests.asynctask.redis.redis_servers import OpenRedis, RedisServer, until_blocked
 
 pytestmark = pytest.mark.redis
 

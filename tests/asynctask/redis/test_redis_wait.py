@@ -8,10 +8,10 @@ import time
 import anyio
 import pytest
 import redis.asyncio as aioredis
-from redis_servers import OpenRedis, RedisServer, until_blocked
 
 from lifecycle.asynctask import NewTask
 from lifecycle.asynctask.redis import RedisBackend
+from tests.asynctask.redis.redis_servers import OpenRedis, RedisServer, until_blocked
 
 pytestmark = pytest.mark.redis
 

@@ -70,4 +70,3 @@ class QueueOrder:
 
     def __repr__(self) -> str:
         return f"QueueOrder({self.weights if self.weights is not None else list(self.names)!r})"
-

@@ -39,8 +39,9 @@ class Policy:
             then = follow_up(claimed.record, result, now)
         except ValueError as exc:
             return self.dead(
-                claimed, now=now, error=f"the task ran, but its chain cannot continue: {exc}; re-enqueue the "
-                "remaining steps"
+                claimed,
+                now=now,
+                error=f"the task ran, but its chain cannot continue: {exc}; re-enqueue the remaining steps",
             )
         return Settlement(
             task_id=claimed.record.id,

@@ -142,9 +142,7 @@ def list_table(infos: list[TaskInfo], now: float, width: int) -> RenderableType:
 async def _list(args: argparse.Namespace, session: Session) -> int:
     limit = option(check_count, args.limit, "--limit", minimum=1)
     offset = option(check_count, args.offset, "--offset", minimum=0)
-    infos = await session.tasks.list(
-        state=args.states, queue=args.queue, limit=limit, offset=offset
-    )
+    infos = await session.tasks.list(state=args.states, queue=args.queue, limit=limit, offset=offset)
     if args.json:
         print_json([info_to_json(info) for info in infos])
     elif not infos:

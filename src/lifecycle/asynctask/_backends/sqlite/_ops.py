@@ -458,7 +458,6 @@ def purge(
     if limit is None:
         return connection.execute(f"DELETE FROM lifecycle_tasks{_where(clauses)}", params).rowcount
     query = (
-        f"DELETE FROM lifecycle_tasks WHERE seq IN "
-        f"(SELECT seq FROM lifecycle_tasks{_where(clauses)} LIMIT ?)"
+        f"DELETE FROM lifecycle_tasks WHERE seq IN (SELECT seq FROM lifecycle_tasks{_where(clauses)} LIMIT ?)"
     )
     return connection.execute(query, [*params, limit]).rowcount
