@@ -9,14 +9,27 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from lifecycle.asynctask import Backend, JSONEncoding, NewTask, Settlement, TaskState
+import anyio
+
+from lifecycle.asynctask import (
+    AsyncTasks,
+    Backend,
+    JSONEncoding,
+    NewTask,
+    Settlement,
+    TaskState,
+    backend_from_url,
+)
+
+T = TypeVar("T")
 
 ENCODING = JSONEncoding()
 ROOT = Path(__file__).resolve().parents[2]
@@ -253,8 +266,6 @@ def web_server(*args: str, env: dict[str, str] | None = None) -> Iterator[Server
 
 def _first_line(process: subprocess.Popen[str]) -> str:
     """The first line the process prints, read in a thread so that a silent process fails in 30 s."""
-    import threading
-
     lines: list[str] = []
     reader = threading.Thread(
         target=lambda: lines.append(process.stdout.readline() if process.stdout else "")
@@ -267,3 +278,48 @@ def _first_line(process: subprocess.Popen[str]) -> str:
         stderr = process.stderr.read() if process.stderr else ""
         raise AssertionError(f"the web command printed no URL within 30 s; stderr: {stderr}")
     return lines[0]
+
+
+def run_async(function: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``anyio.run(function, *args)`` on asyncio in a thread of its own (the browser tests' thread runs
+    Playwright's event loop), re-raising its exception."""
+    results: list[T] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            results.append(anyio.run(function, *args, backend="asyncio"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(120)
+    if errors:
+        raise errors[0]
+    assert results, "the coroutine did not finish within 120 s"
+    return results[0]
+
+
+def with_tasks(url: str, function: Callable[[AsyncTasks], Awaitable[T]]) -> T:
+    """``function(tasks)`` with an open, enqueue-only ``AsyncTasks`` over the store at ``url``."""
+
+    async def main() -> T:
+        async with AsyncTasks(backend_from_url(url), execution=False) as tasks:
+            return await function(tasks)
+
+    return run_async(main)
+
+
+def store_at(url: str, planned: Sequence[Planned]) -> Stored:
+    """:func:`store` on the store at ``url`` (created when missing)."""
+
+    async def main() -> Stored:
+        backend = backend_from_url(url)
+        await backend.open()
+        try:
+            return await store(backend, planned)
+        finally:
+            await backend.close()
+
+    return run_async(main)

@@ -3,7 +3,8 @@
 Commands: ``stats``, ``list``, ``show``, ``requeue``, ``cancel``, ``purge``, ``watch``, ``schedules`` and
 ``web`` (the web dashboard). The backend comes from ``--backend URL`` (or the ``LIFECYCLE_TASKS_BACKEND``
 environment variable), or from the ``AsyncTasks`` named by ``--app MODULE:ATTR`` (which also brings its
-encoding, to decode results, and its schedules). Every command runs on asyncio (the Redis and PostgreSQL clients need it).
+encoding, to decode results, and its schedules). Every command runs on asyncio (the Redis and PostgreSQL
+clients need it).
 
 The options ``--backend``, ``--app``, ``--json`` and ``--debug`` go before or after the command.
 

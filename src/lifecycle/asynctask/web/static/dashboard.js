@@ -52,9 +52,13 @@
         }
       }
       localize(document);
-      status(response.ok || response.status === 404
-        ? "live · updated " + format.format(new Date())
-        : "live · the store did not answer (HTTP " + response.status + ")");
+      if (document.hidden) {
+        status("paused while the tab is hidden");
+      } else if (response.ok || response.status === 404) {
+        status("live · updated " + format.format(new Date()));
+      } else {
+        status("live · the store did not answer (HTTP " + response.status + ")");
+      }
     } catch (error) {
       status("offline: the dashboard cannot be reached");
     } finally {
