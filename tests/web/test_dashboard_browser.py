@@ -15,13 +15,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from psycopg import sql
 
 from lifecycle.asynctask import AsyncTasks, QueueStats, TaskState
+from tests.asynctask.redis.redis_servers import delete_prefix
 from tests.web.web_support import (
     Planned,
     Server,
     demo_plan,
+    run_async,
     store_at,
     traceback_text,
     web_server,
@@ -320,3 +324,48 @@ def test_the_page_reads_without_javascript(browser: Any, served: Server) -> None
         expect(page.locator('pre[data-field="last-error"]')).to_contain_text("SMTP 554")
     finally:
         context.close()
+
+
+def small_plan() -> list[Planned]:
+    return [
+        Planned("ok-1", "app.ok", (1,), state=TaskState.SUCCEEDED, result=2),
+        Planned("ok-2", "app.ok", (2,), queue="other", state=TaskState.SUCCEEDED, result=4),
+        Planned("dead-1", "app.boom", (3,), state=TaskState.DEAD, error=traceback_text("server store broke")),
+        Planned("later-1", "app.ok", (4,), queue="other", run_in=600),
+    ]
+
+
+def check_server_store(page: Any, url: str) -> None:
+    """Fill the store at ``url``, serve it, and check the counts and a dead task's traceback in the page."""
+    store_at(url, small_plan())
+    with web_server("tasks", "--backend", url, "web", "--port", "0", "--token", TOKEN) as server:
+        page.goto(server.url)
+        stats = stats_of(url)
+        assert set(stats) == {"default", "other"}
+        for queue, counts in stats.items():
+            for state in STATES:
+                cell = page.locator(f'tr[data-queue="{queue}"] td[data-count="{state}"]')
+                expect(cell).to_have_text(str(counts[state]))
+        page.click("text=dead-1")
+        expect(page.locator('pre[data-field="last-error"]')).to_contain_text("ValueError: server store broke")
+        unlock(page)
+        act(page, page.locator('#task button[data-action="requeue"]'))
+        expect(page.locator("#task")).to_have_attribute("data-state", "pending")
+    assert state_of(url, "dead-1") is TaskState.PENDING
+
+
+def test_a_redis_store(page: Any, redis_url: str, unique_name: str) -> None:
+    try:
+        check_server_store(page, f"{redis_url}?prefix={unique_name}")
+    finally:
+        run_async(delete_prefix, redis_url, unique_name)
+
+
+def test_a_postgresql_store(page: Any, postgres_dsn: str, unique_name: str) -> None:
+    try:
+        check_server_store(page, f"{postgres_dsn}?schema={unique_name}")
+    finally:
+        with psycopg.connect(postgres_dsn, autocommit=True) as connection:
+            connection.execute(
+                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(unique_name))
+            )

@@ -222,6 +222,7 @@ class Server:
 
     process: subprocess.Popen[str]
     url: str
+    banner: str
 
     def stop(self) -> int:
         """SIGTERM, then wait for the exit (killed after 10 s); returns the exit status."""
@@ -251,7 +252,7 @@ def web_server(*args: str, env: dict[str, str] | None = None) -> Iterator[Server
         line = _first_line(process)
         match = re.search(r"http://\S+/", line)
         assert match, f"no URL in {line!r}; stderr: {process.stderr.read() if process.stderr else ''}"
-        server = Server(process, match.group(0))
+        server = Server(process, match.group(0), line)
         yield server
     finally:
         if server is not None:
