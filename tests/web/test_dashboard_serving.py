@@ -4,6 +4,9 @@ from ``lifecycle tasks web`` (its URL, its refusals, SIGTERM, requests for other
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import anyio
@@ -161,3 +164,19 @@ def test_the_web_command_says_what_is_wrong(store_url: str, tmp_path: Path) -> N
     assert "not allowed with argument" in both.stderr
     assert no_store.returncode == 2
     assert "there is no SQLite database" in no_store.stderr
+
+
+def test_the_dashboard_needs_no_extra_and_the_command_names_the_one_it_needs(store_url: str) -> None:
+    probe = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["hypercorn"] = None  # as if the web extra were not installed
+        import lifecycle.asynctask.web
+        from lifecycle.cli import main
+        sys.exit(main(["tasks", "--backend", {store_url!r}, "web", "--port", "0"]))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "the web command needs the ASGI server hypercorn" in result.stderr
+    assert 'pip install "anyio-lifecycle[web]"' in " ".join(result.stderr.split())

@@ -45,7 +45,7 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     )
     tokens = web.add_mutually_exclusive_group()
     tokens.add_argument(
-        "--token", help="the token that unlocks actions (visible to `ps`: prefer --token-file)"
+        "--token", help="the token that unlocks actions (other users can see it in ps: prefer --token-file)"
     )
     tokens.add_argument("--token-file", metavar="FILE", help="read the token from FILE (its first line)")
     web.add_argument("--read-only", action="store_true", help="no actions, even with a token")
