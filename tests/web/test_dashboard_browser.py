@@ -7,19 +7,26 @@ themselves (no sleeps)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from anyio.from_thread import start_blocking_portal
 from psycopg import sql
 
-from lifecycle.asynctask import AsyncTasks, QueueStats, TaskState
+import lifecycle
+from lifecycle.asynctask import AsyncTasks, QueueStats, TaskState, backend_from_url
+from lifecycle.asynctask.web import dashboard
+from lifecycle.tasks import HealthServer
 from tests.asynctask.redis.redis_servers import delete_prefix
 from tests.web.web_support import (
     Planned,
@@ -369,3 +376,52 @@ def test_a_postgresql_store(page: Any, postgres_dsn: str, unique_name: str) -> N
             connection.execute(
                 sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(unique_name))
             )
+
+
+@contextmanager
+def health_server_dashboard(url: str) -> Iterator[str]:
+    """A TaskManager in a thread of its own running a HealthServer that serves the dashboard of an
+    AsyncTasks (with two schedules) over the store at ``url``; yields the dashboard's URL."""
+    ready = threading.Event()
+    with start_blocking_portal(backend="asyncio") as portal:
+        tasks = AsyncTasks(backend_from_url(url), execution=False)
+        tasks.every("app.cache.refresh", 300, name="refresh-cache", queue="default")
+        tasks.schedule(
+            "app.reports.monthly", "0 6 1 * *", "last-month", name="monthly-report", timezone="Europe/Paris"
+        )
+        manager = lifecycle.TaskManager(name="orders")
+        health = HealthServer(
+            manager, port=0, dashboard=dashboard(tasks, token=TOKEN, title="orders service")
+        )
+        manager.add_task("health", health)
+        manager.add_task("tasks", tasks)
+        manager.add_listener(lambda event: ready.set() if event.kind is lifecycle.EventKind.READY else None)
+        running = portal.start_task_soon(manager.run)
+        try:
+            assert ready.wait(30), "the manager did not get ready in 30 s"
+            yield f"http://127.0.0.1:{health.port}/tasks/"
+        finally:
+            portal.call(manager.shutdown)
+            running.result(timeout=30)
+
+
+def test_the_health_servers_dashboard_with_schedules(page: Any, tmp_path: Path, screenshots: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    store_at(url, demo_plan())
+    with health_server_dashboard(url) as address:
+        page.goto(address)
+        expect(page.locator('tr[data-schedule="refresh-cache"]')).to_contain_text("every 300 s")
+        expect(page.locator('tr[data-schedule="monthly-report"]')).to_contain_text(
+            "cron 0 6 1 * * (Europe/Paris)"
+        )
+        expect(page.locator('tr[data-queue="emails"] td[data-count="succeeded"]')).to_have_text("70")
+        expect(page.locator("header .brand")).to_have_text("orders service")
+        unlock(page)
+        expect(page.locator("#token-form")).to_have_class(re.compile("unlocked"))
+        page.locator("#flash").evaluate("element => element.replaceChildren()")
+        page.screenshot(path=str(screenshots / "dashboard.png"), full_page=True)
+        page.click('tr[data-queue="default"] td[data-count="dead"] a')
+        expect(page.locator("tr[data-task]")).to_have_count(3)
+        page.click("text=img-dead-2")
+        expect(page.locator('pre[data-field="last-error"]')).to_contain_text("truncated PNG chunk")
+        page.screenshot(path=str(screenshots / "dashboard-task.png"), full_page=True)
