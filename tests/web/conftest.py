@@ -22,9 +22,10 @@ def _missing(message: str) -> None:
     pytest.skip(message)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """One headless chromium for the session."""
+    """One headless chromium per test module: Playwright's event loop is closed again before the async
+    tests of the next module run (on Python 3.10 it would still count as running in this thread)."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:

@@ -9,9 +9,7 @@ count is only a lower bound.
 
 from __future__ import annotations
 
-import math
 import pprint
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -317,22 +315,3 @@ def _cut(text: str) -> tuple[str, bool]:
     if len(text) <= VALUE_LIMIT:
         return text, False
     return text[:VALUE_LIMIT], True
-
-
-def monotonic_cache(ttl: float, clock: Callable[[], float] = time.monotonic) -> _Cache:
-    """A one-value cache that expires ``ttl`` seconds after it was filled (for the chart)."""
-    return _Cache(ttl, clock)
-
-
-class _Cache:
-    def __init__(self, ttl: float, clock: Callable[[], float]) -> None:
-        self._ttl = ttl
-        self._clock = clock
-        self._value: Throughput | None = None
-        self._at = -math.inf
-
-    def get(self) -> Throughput | None:
-        return self._value if self._clock() - self._at < self._ttl else None
-
-    def put(self, value: Throughput) -> None:
-        self._value, self._at = value, self._clock()
