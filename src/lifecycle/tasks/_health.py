@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import anyio
 from anyio.abc import ByteStream, Listener, SocketAttribute, SocketStream
@@ -18,6 +21,16 @@ from .._redact import library_logger, redact_tree
 
 if TYPE_CHECKING:
     from .._core._manager import TaskManager
+    from ..asynctask import AsyncTasks, Backend
+
+    _ASGIApp = Callable[
+        [
+            MutableMapping[str, Any],
+            Callable[[], Awaitable[MutableMapping[str, Any]]],
+            Callable[[MutableMapping[str, Any]], Awaitable[None]],
+        ],
+        Awaitable[None],
+    ]
 
 __all__ = ["HealthServer"]
 
@@ -34,6 +47,8 @@ _REASONS = {
 }
 _TEXT = "text/plain; charset=utf-8"
 _PATHS = "/livez, /readyz, /status, /metrics"
+_DASHBOARD = "/tasks"  # where the dashboard is served, when there is one
+_MAX_BODY = 16 * 1024
 
 
 class HealthServer:
@@ -49,8 +64,11 @@ class HealthServer:
     - ``GET /metrics``: Prometheus text exposition of ``metrics`` (default: a :class:`~lifecycle.Metrics`
       of ``manager``) when ``prometheus-client`` is installed (extra ``metrics``), else 404 saying so.
 
-    ``HEAD`` is answered too; other methods get 405. Every response closes the connection. A request must
-    arrive within ``request_timeout`` seconds and fit in 8 KiB.
+    - ``/tasks/``: the web dashboard of ``dashboard``, when given (:func:`lifecycle.asynctask.web.dashboard`).
+
+    ``HEAD`` is answered too; other methods get 405 (the dashboard's actions are ``POST``). Every response
+    closes the connection. A request must arrive within ``request_timeout`` seconds and its head fit in
+    8 KiB (a dashboard action's body in 16 KiB).
 
     It starts listening in ``initialize`` (so a port in use fails the startup). Run by
     :meth:`TaskManager.run`, it answers from then on, while later tasks initialize (``/readyz``: 503) and
@@ -64,6 +82,9 @@ class HealthServer:
         metrics: what ``/metrics`` serves; ``None``: a new :class:`~lifecycle.Metrics` of ``manager`` when
             ``prometheus-client`` is installed.
         request_timeout: seconds a client has to send its request (a number or ``timedelta``).
+        dashboard: serve the task dashboard at ``/tasks/`` on the same port: an ``AsyncTasks`` or a
+            ``Backend`` (read-only), or the app of :func:`lifecycle.asynctask.web.dashboard` to choose its
+            token. Its live updates poll, so the one-request-per-connection server is enough.
 
     Raises ``TypeError`` for a ``manager`` without ``health()`` and ``status()``, a ``port`` that is not an
     ``int`` or a ``request_timeout`` that is not a number (``bool`` is neither); ``ValueError`` for a port
@@ -83,6 +104,7 @@ class HealthServer:
         *,
         metrics: Metrics | None = None,
         request_timeout: float | timedelta = 5.0,
+        dashboard: AsyncTasks | Backend | _ASGIApp | None = None,
     ) -> None:
         if not hasattr(manager, "health") or not hasattr(manager, "status"):
             raise TypeError(f"HealthServer needs a lifecycle.TaskManager, got {type(manager).__name__}")
@@ -96,6 +118,7 @@ class HealthServer:
             metrics = Metrics(manager)
         self.metrics = metrics
         self._request_timeout = check_seconds(request_timeout, "HealthServer request_timeout")
+        self._dashboard = None if dashboard is None else _dashboard_app(dashboard)
         self._listener: Listener[SocketStream] | None = None
         self._serving: anyio.CancelScope | None = None
         self._stopped: anyio.Event | None = None
@@ -144,6 +167,9 @@ class HealthServer:
         if self._listener is not None:
             await self._listener.aclose()
             self._listener = None
+        close = getattr(self._dashboard, "aclose", None)
+        if close is not None:  # a dashboard over a bare Backend opened it
+            await close()
 
     # ------------------------------------------------------------------ serving
 
@@ -169,7 +195,7 @@ class HealthServer:
                 response = None
                 with anyio.move_on_after(self._request_timeout):
                     request = await _read_request(stream)
-                    response = await self._respond(request)
+                    response = await self._respond(request, stream)
                 if response is not None:
                     await stream.send(response)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
@@ -177,13 +203,17 @@ class HealthServer:
         except Exception:
             logger.exception("health server %s: a request failed", self.url)
 
-    async def _respond(self, request: bytes | None) -> bytes:
+    async def _respond(self, request: tuple[bytes, bytes] | None, stream: SocketStream) -> bytes:
         if request is None:
             return _response(400, b"malformed or too large request\n", _TEXT)
-        method, _, rest = request.partition(b" ")
+        head_bytes, body = request
+        line = head_bytes.split(b"\n", 1)[0].rstrip(b"\r")
+        method, _, rest = line.partition(b" ")
         target = rest.split(b" ", 1)[0].decode("latin-1")
         path = target.split("?", 1)[0]
         head = method == b"HEAD"
+        if self._dashboard is not None and (path == _DASHBOARD or path.startswith(_DASHBOARD + "/")):
+            return await _serve_asgi(self._dashboard, method, target, head_bytes, body, stream)
         if method not in (b"GET", b"HEAD"):
             return _response(405, b"only GET and HEAD are supported\n", _TEXT, allow=True)
         try:
@@ -234,8 +264,9 @@ def _not_ready_reason(health: Health) -> str:
     return str(health.state.value)
 
 
-async def _read_request(stream: ByteStream) -> bytes | None:
-    """The request line and headers (up to the blank line), or ``None`` when malformed or too large."""
+async def _read_request(stream: ByteStream) -> tuple[bytes, bytes] | None:
+    """The request line and headers (up to the blank line) and the bytes received after them, or ``None``
+    when malformed or too large."""
     data = b""
     while b"\r\n\r\n" not in data and b"\n\n" not in data:
         if len(data) > _MAX_REQUEST:
@@ -244,7 +275,82 @@ async def _read_request(stream: ByteStream) -> bytes | None:
     line = data.split(b"\n", 1)[0].rstrip(b"\r")
     if line.count(b" ") < 2:
         return None
-    return line
+    crlf, lf = data.find(b"\r\n\r\n"), data.find(b"\n\n")
+    end, size = (crlf, 4) if crlf != -1 and (lf == -1 or crlf < lf) else (lf, 2)
+    return data[:end], data[end + size :]
+
+
+def _dashboard_app(dashboard: object) -> _ASGIApp:
+    """The ASGI app to serve at ``/tasks/``: ``dashboard`` itself when it is one, else a read-only dashboard
+    of the ``AsyncTasks`` or ``Backend``."""
+    from ..asynctask import AsyncTasks, Backend
+    from ..asynctask.web import dashboard as make_dashboard
+
+    if isinstance(dashboard, AsyncTasks | Backend):
+        return make_dashboard(dashboard)
+    if not callable(dashboard):
+        raise TypeError(
+            "HealthServer dashboard= must be an AsyncTasks, a Backend or the ASGI app of "
+            f"lifecycle.asynctask.web.dashboard(), got {dashboard!r}"
+        )
+    return dashboard
+
+
+async def _serve_asgi(
+    app: _ASGIApp, method: bytes, target: str, head: bytes, body: bytes, stream: SocketStream
+) -> bytes:
+    """One request to the ASGI ``app`` (mounted at ``/tasks``), its whole response as bytes."""
+    headers = []
+    for raw in head.split(b"\n")[1:]:
+        name, colon, value = raw.rstrip(b"\r").partition(b":")
+        if colon:
+            headers.append((name.strip().lower(), value.strip()))
+    length = next((value for name, value in headers if name == b"content-length"), b"0")
+    if not length.isdigit() or int(length) > _MAX_BODY:
+        return _response(400, b"bad or too large Content-Length\n", _TEXT)
+    while len(body) < int(length):
+        body += await stream.receive(4096)
+    path, _, query = target.partition("?")
+    client = stream.extra(SocketAttribute.remote_address, None)
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method.decode("latin-1"),
+        "scheme": "http",
+        "path": unquote(path),
+        "raw_path": path.encode("latin-1"),
+        "query_string": query.encode("latin-1"),
+        "root_path": _DASHBOARD,
+        "headers": headers,
+        "client": client[:2] if isinstance(client, tuple) else None,
+        "server": None,
+    }
+    received = False
+    status = 500
+    response_headers: list[tuple[bytes, bytes]] = []
+    chunks: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        if received:
+            return {"type": "http.disconnect"}
+        received = True
+        return {"type": "http.request", "body": body[: int(length)], "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        nonlocal status, response_headers
+        if message["type"] == "http.response.start":
+            status, response_headers = message["status"], list(message.get("headers", []))
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    content = b"".join(chunks)
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode()]
+    lines += [name + b": " + value for name, value in response_headers if name.lower() != b"content-length"]
+    lines += [f"Content-Length: {len(content)}".encode(), b"Connection: close"]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + content
 
 
 def _response(
