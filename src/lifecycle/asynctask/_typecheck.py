@@ -385,12 +385,12 @@ def _mismatch(annotation: Any, value: Any, where: str) -> tuple[str, Any, Any] |
 def _outer_fits(annotation: Any, value: Any) -> bool:
     """Whether ``value`` is of the outer type of ``annotation`` (``list`` for ``list[int]``)."""
     annotation = _unwrap(annotation)
+    if typing_extensions.is_typeddict(annotation):
+        return isinstance(value, dict)
     origin = typing.get_origin(annotation)
     if origin is None or _is(origin, _LITERALS) or origin is Union or origin is types.UnionType:
         check = compile_check(annotation)
         return check is None or check(value)
-    if typing_extensions.is_typeddict(annotation):
-        return isinstance(value, dict)
     return not isinstance(origin, type) or isinstance(value, origin)
 
 
