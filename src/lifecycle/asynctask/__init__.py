@@ -3,6 +3,7 @@
 from ._async_tasks import AsyncTasks as AsyncTasks
 from ._backend import Backend as Backend
 from ._backend import TransactionalBackend as TransactionalBackend
+from ._blocking import BlockingProducer as BlockingProducer
 from ._backends.memory._backend import MemoryBackend as MemoryBackend
 from ._backends.sqlite._backend import SQLiteBackend as SQLiteBackend
 from ._clock import ManualClock as ManualClock
@@ -35,6 +36,7 @@ __all__ = (
     "AsyncTasks",
     "Backend",
     "BackendError",
+    "BlockingProducer",
     "Call",
     "ChainInfo",
     "ChainStep",
