@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle.asynctask import AsyncTasks, Call
-from lifecycle.asynctask import BlockingProducer
+from lifecycle.asynctask import AsyncTasks, BlockingProducer, Call
 from lifecycle.asynctask._model import CallOptions, EnqueueOptions
 
 ROOT = Path(__file__).resolve().parents[2]
