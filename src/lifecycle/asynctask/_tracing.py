@@ -36,22 +36,23 @@ SECTION = "trace"
 _SCOPE = "lifecycle.asynctask"
 
 
-def _trace_api() -> ModuleType | None:
-    """``opentelemetry.trace`` when the application has imported it and configured a tracer provider."""
+def _configured() -> tuple[ModuleType, Any] | None:
+    """``opentelemetry.trace`` and the tracer provider, when the application has imported it and
+    configured a provider."""
     trace = sys.modules.get("opentelemetry.trace")
     if trace is None:
         return None
     provider = trace.get_tracer_provider()
     if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
         return None  # the API's defaults: spans would be no-ops
-    return trace
+    return trace, provider
 
 
 def current_trace() -> dict[str, str] | None:
     """The trace context of the current span, to store with an enqueued task; ``None`` when tracing is off
     or no span is current."""
-    trace = _trace_api()
-    if trace is None or not trace.get_current_span().get_span_context().is_valid:
+    configured = _configured()
+    if configured is None or not configured[0].get_current_span().get_span_context().is_valid:
         return None
     from opentelemetry import propagate
 
@@ -78,10 +79,10 @@ class Tracing:
 
     def tracer(self) -> Any:
         """The tracer to start attempt spans with, or ``None`` when tracing is off."""
-        trace = _trace_api()
-        if trace is None:
+        configured = _configured()
+        if configured is None:
             return None
-        provider = trace.get_tracer_provider()
+        provider = configured[1]
         if provider is not self._provider:
             self._tracer = provider.get_tracer(_SCOPE, __version__)
             self._provider = provider

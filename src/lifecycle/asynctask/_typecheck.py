@@ -131,7 +131,7 @@ def compile_check(annotation: Any) -> Check | None:
     origin = typing.get_origin(annotation)
     if origin is None:
         return _class_check(annotation) if isinstance(annotation, type) else None
-    args = typing.get_args(annotation)
+    args: tuple[Any, ...] = typing.get_args(annotation)
     if origin is Union or origin is types.UnionType:
         return _union_check(args)
     if _is(origin, _LITERALS):
@@ -158,7 +158,7 @@ def describe_type(annotation: Any) -> str:
     if _is(annotation, _ANY):
         return "object" if annotation is object else "Any"
     origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
+    args: tuple[Any, ...] = typing.get_args(annotation)
     if origin is Union or origin is types.UnionType:
         return " | ".join(describe_type(arg) for arg in args)
     if _is(origin, _LITERALS):
@@ -339,7 +339,7 @@ def _mismatch(annotation: Any, value: Any, where: str) -> tuple[str, Any, Any] |
         return None
     annotation = _unwrap(annotation)
     origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
+    args: tuple[Any, ...] = typing.get_args(annotation)
     if origin is Union or origin is types.UnionType:
         # Explain against the member whose container type matches, if exactly one does.
         matching = [arg for arg in args if _outer_fits(arg, value)]
@@ -349,18 +349,18 @@ def _mismatch(annotation: Any, value: Any, where: str) -> tuple[str, Any, Any] |
     if not _outer_fits(annotation, value):
         return where, annotation, value
     if origin is tuple:
-        if len(args) == 2 and args[1] is ...:
-            args = (args[0],) * len(value)
-        for index, (arg, each) in enumerate(zip(args, value, strict=False)):
+        members = (args[0],) * len(value) if len(args) == 2 and args[1] is ... else args
+        for index, (arg, each) in enumerate(zip(members, value, strict=False)):
             inner = _mismatch(arg, each, f"{where}[{index}]")
             if inner is not None:
                 return inner
         return where, annotation, value
     if isinstance(origin, type) and issubclass(origin, _MAPPINGS) and args:
+        key_type, *item_type = args
         for key, item in value.items():
-            inner = _mismatch(args[0], key, f"a key of {where}")
-            if inner is None and len(args) > 1:
-                inner = _mismatch(args[1], item, f"{where}[{key!r}]")
+            inner = _mismatch(key_type, key, f"a key of {where}")
+            if inner is None and item_type:
+                inner = _mismatch(item_type[0], item, f"{where}[{key!r}]")
             if inner is not None:
                 return inner
     elif isinstance(origin, type) and issubclass(origin, collections.abc.Collection) and args:
