@@ -120,7 +120,9 @@ async def test_enqueue_stores_the_current_span_as_w3c_traceparent(exporter: InMe
         assert other.meta is None
 
 
-async def test_without_a_tracer_provider_nothing_is_stored_or_traced() -> None:
+async def test_without_a_tracer_provider_nothing_is_stored_or_traced(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)  # none configured, whatever ran before
+    monkeypatch.delenv("OTEL_PYTHON_TRACER_PROVIDER", raising=False)
     assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)  # the API's default
     tasks = make_tasks()
     async with tasks:
