@@ -17,7 +17,7 @@ import threading
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import Any, Protocol, TypeVar, overload
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from typing_extensions import Unpack
@@ -26,12 +26,34 @@ from ._model import Call, EnqueueOptions, TaskContext, TaskInfo, Ts
 from ._records import TaskState
 from ._tracing import current_trace
 
-if TYPE_CHECKING:
-    from ._async_tasks import AsyncTasks
-
 __all__ = ["BlockingProducer", "ProducerHost", "running_event_loop"]
 
 T = TypeVar("T")
+
+
+class Tasks(Protocol):
+    """What a producer uses of its ``AsyncTasks`` (a protocol, so that this module does not import the
+    class that imports it)."""
+
+    async def initialize(self) -> None: ...
+
+    async def cleanup(self) -> None: ...
+
+    async def _enqueue_many(
+        self, calls: Iterable[Call], connection: object | None, trace: dict[str, str] | None
+    ) -> list[str]: ...
+
+    async def _enqueue_chain(self, calls: Sequence[Call], trace: dict[str, str] | None) -> str: ...
+
+    async def info(self, task_id: str) -> TaskInfo | None: ...
+
+    async def wait(
+        self,
+        task_id: str,
+        *,
+        timeout: float | None = None,
+        states: Collection[TaskState | str] | None = None,
+    ) -> TaskInfo: ...
 
 
 def running_event_loop() -> str | None:
@@ -81,7 +103,7 @@ class BlockingProducer:
 
     __slots__ = ("_portal", "_tasks")
 
-    def __init__(self, tasks: AsyncTasks, portal: BlockingPortal) -> None:
+    def __init__(self, tasks: Tasks, portal: BlockingPortal) -> None:
         self._tasks = tasks
         self._portal: BlockingPortal | None = portal
 
@@ -192,7 +214,7 @@ class ProducerHost:
 
     __slots__ = ("_lock", "_portal_cm", "_producer", "_tasks", "_users", "thread")
 
-    def __init__(self, tasks: AsyncTasks) -> None:
+    def __init__(self, tasks: Tasks) -> None:
         self._tasks = tasks
         self._lock = threading.Lock()
         self._users = 0
