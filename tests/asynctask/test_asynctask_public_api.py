@@ -34,6 +34,7 @@ DOCUMENTED = (
     "AsyncTasks",
     "Backend",
     "BackendError",
+    "BlockingProducer",
     "Call",
     "ChainInfo",
     "ChainStep",

@@ -5,6 +5,7 @@ from ._backend import Backend as Backend
 from ._backend import TransactionalBackend as TransactionalBackend
 from ._backends.memory._backend import MemoryBackend as MemoryBackend
 from ._backends.sqlite._backend import SQLiteBackend as SQLiteBackend
+from ._blocking import BlockingProducer as BlockingProducer
 from ._clock import ManualClock as ManualClock
 from ._encoding import Encoding as Encoding
 from ._encoding import JSONEncoding as JSONEncoding
@@ -35,6 +36,7 @@ __all__ = (
     "AsyncTasks",
     "Backend",
     "BackendError",
+    "BlockingProducer",
     "Call",
     "ChainInfo",
     "ChainStep",

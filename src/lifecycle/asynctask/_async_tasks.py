@@ -9,23 +9,27 @@ state of an ``AsyncTasks`` lives in the concept modules (``_enqueue``, ``_chain`
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
 import math
 import random
+import threading
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta, tzinfo
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
 import anyio
+from typing_extensions import Unpack
 
 from .._checks import check_count, check_name, check_optional_seconds, check_seconds
 from .._compat import unwrap_single
 from .._core._backoff import Backoff
 from .._redact import library_logger
 from ._backend import Backend, TransactionalBackend, open_backend
+from ._blocking import BlockingProducer, ProducerHost
 from ._chain import CHAIN_PREFIX, build_chain, chain_fields, chain_progress
 from ._clock import Clock
 from ._encoding import Encoding, JSONEncoding
@@ -36,7 +40,7 @@ from ._engine._verdict import Policy
 from ._engine._worker import Worker
 from ._enqueue import build_task, check_calls
 from ._meta import write_meta
-from ._model import Call, QueueStats, TaskInfo
+from ._model import Call, EnqueueOptions, QueueStats, TaskContext, TaskInfo, Ts
 from ._observer import (
     ObserverSource,
     TaskObserver,
@@ -58,6 +62,7 @@ from ._schedule import (
     check_schedule_name,
     resolve_timezone,
 )
+from ._tracing import current_trace, with_trace
 
 __all__ = ["AsyncTasks"]
 
@@ -175,6 +180,7 @@ class AsyncTasks:
         self._started = False
         self._worker: Worker | None = None
         self._changed: anyio.Event | None = None
+        self._producers = ProducerHost(self)
         if self._observer is not None:
             track_queue_depths(self._observer, self.stats, lambda: self._open)
 
@@ -303,11 +309,30 @@ class AsyncTasks:
 
     # -- enqueue --------------------------------------------------------------------------------------------
 
+    # For type checkers: the arguments are checked against the function's parameters, with or without a
+    # leading TaskContext; a registered name takes anything (see docs/asynctask.md, "Typed calls").
+    @overload
+    async def enqueue(
+        self, fn: Callable[[Unpack[Ts]], object], /, *args: Unpack[Ts], **options: Unpack[EnqueueOptions]
+    ) -> str: ...
+
+    @overload
+    async def enqueue(
+        self,
+        fn: Callable[[TaskContext, Unpack[Ts]], object],
+        /,
+        *args: Unpack[Ts],
+        **options: Unpack[EnqueueOptions],
+    ) -> str: ...
+
+    @overload
+    async def enqueue(self, fn: str, /, *args: Any, **options: Unpack[EnqueueOptions]) -> str: ...
+
     async def enqueue(
         self,
         fn: Callable[..., Any] | str,
         /,
-        *args: Any,
+        *args: object,
         delay: float | timedelta | None = None,
         at: datetime | float | None = None,
         queue: str | None = None,
@@ -328,7 +353,10 @@ class AsyncTasks:
         connection for ``PostgresBackend``) stores the task in your transaction: it exists if and only if
         you commit.
 
-        Returns once the backend has stored the task durably.
+        Returns once the backend has stored the task durably. Type checkers check ``args`` against the
+        function's parameters, and so does ``enqueue`` at run time: each argument against its parameter's
+        annotation (``TypeError`` naming the parameter, the type it expects and the type it was given;
+        values are checked, never converted). See docs/asynctask.md, "Typed calls".
         """
         call = Call(
             fn,
@@ -351,8 +379,15 @@ class AsyncTasks:
         Each :class:`Call` is checked like :meth:`enqueue`; one bad call stores nothing. A ``task_id``
         conflict raises :class:`DuplicateTaskError` and stores nothing of the batch.
         """
+        return await self._enqueue_many(calls, connection, current_trace())
+
+    async def _enqueue_many(
+        self, calls: Iterable[Call], connection: object | None, trace: dict[str, str] | None
+    ) -> builtins.list[str]:
         now = self._clock()
         tasks = [build_task(call, now, self._registry, self._encoding) for call in check_calls(calls)]
+        if trace is not None:
+            tasks = with_trace(tasks, trace)
         if connection is not None:
             backend = self._backend
             if not isinstance(backend, TransactionalBackend):
@@ -388,12 +423,45 @@ class AsyncTasks:
             info = await tasks.info(chain_id)
             print(info.chain.state, info.chain.current)
         """
+        return await self._enqueue_chain(calls, current_trace())
+
+    async def _enqueue_chain(self, calls: Sequence[Call], trace: dict[str, str] | None) -> str:
         now = self._clock()
         chain_id, first = build_chain(calls, now, self._registry, self._encoding)
+        if trace is not None:
+            (first,) = with_trace([first], trace)
         self._check_open("enqueue_chain")
         await self._backend.enqueue_many([first])
         self._stored([first], now)
         return chain_id
+
+    @contextlib.contextmanager
+    def blocking(self) -> Iterator[BlockingProducer]:
+        """A producer for synchronous code (Django, Flask, scripts): ``with tasks.blocking() as producer:``.
+
+        ``producer.enqueue``, ``enqueue_many``, ``enqueue_chain``, ``info`` and ``wait`` take the arguments
+        of the async methods and block until the backend answered. No manager and no event loop are needed:
+        the first ``with`` block starts an event loop in a background thread and opens the backend there
+        (its own connections); the last block to end closes them. Blocks of several threads share one
+        producer, and a producer may be used by several threads at once (a WSGI server's).
+
+        Raises ``RuntimeError`` when called from inside a running event loop (use the async API there) or
+        when this ``AsyncTasks`` is open already in an event loop (a running ``TaskManager`` or ``async
+        with tasks:``: give the synchronous code an ``AsyncTasks`` of its own); and what the backend's
+        ``open`` raises.
+
+        Example::
+
+            tasks = AsyncTasks(PostgresBackend(dsn), execution=False)
+
+            with tasks.blocking() as producer:
+                producer.enqueue(send_welcome, user.id)
+        """
+        producer = self._producers.enter(lambda: self._opened > 0)
+        try:
+            yield producer
+        finally:
+            self._producers.exit()
 
     # -- periodic tasks -------------------------------------------------------------------------------------
 
@@ -615,6 +683,12 @@ class AsyncTasks:
         stays open until the matching :meth:`cleanup`). With ``execution=False`` a built-in backend creates
         missing storage (file, tables, keys) at the first enqueue rather than here, so inspecting tasks
         never creates any."""
+        producer_thread = self._producers.thread
+        if producer_thread is not None and producer_thread != threading.get_ident():
+            raise RuntimeError(
+                "this AsyncTasks is open in the event loop of a `with tasks.blocking()` producer, and its "
+                "backend belongs to that loop: give this event loop an AsyncTasks of its own"
+            )
         if self._opened == 0:
             await open_backend(self._backend, create=True if self._execution else "on_enqueue")
         self._opened += 1
@@ -695,6 +769,7 @@ class AsyncTasks:
             return
         self._opened = 0
         self._open = False
+        self._changed = None  # waiters of this event loop are gone; another loop may open it next
         await self._backend.close()  # also after a failed initialize: close is idempotent
 
     async def __aenter__(self) -> AsyncTasks:

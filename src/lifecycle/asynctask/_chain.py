@@ -38,6 +38,9 @@ __all__ = [
 
 CHAIN_PREFIX = "chain-"
 
+_CARRIED = ("trace",)
+"""Meta sections a step passes on to the next one."""
+
 
 def step_id(chain_id: str, index: int) -> str:
     """The task id of step ``index`` of the chain ``chain_id``."""
@@ -70,9 +73,12 @@ def build_chain(
 def follow_up(record: TaskRecord, result: bytes | None, now: float) -> tuple[NewTask, ...]:
     """The next step to enqueue with the success of ``record`` (none when it is not a chain step, or the last
     one). ``ValueError`` when the chain bookkeeping in ``meta`` is damaged."""
-    section = read_meta(record.meta).get("chain")
+    meta = read_meta(record.meta)
+    section = meta.get("chain")
     if section is None:
         return ()
+    # The enqueuer's trace context goes on with the chain (a traced worker replaces it with its own span's).
+    carried = {key: meta[key] for key in _CARRIED if key in meta}
     try:
         chain_id = str(section["id"])
         index = int(section["step"])
@@ -96,7 +102,7 @@ def follow_up(record: TaskRecord, result: bytes | None, now: float) -> tuple[New
             timeout=None if spec.get("timeout") is None else float(spec["timeout"]),
             enqueued_at=now,
             run_at=run_at,
-            meta=_step_meta(chain_id, index + 1, names, rest[1:], previous=previous),
+            meta=_step_meta(chain_id, index + 1, names, rest[1:], previous=previous, **carried),
         )
     except Exception as exc:  # whatever is wrong with it (a missing key, a wrong type, bad base64, ...)
         raise ValueError(f"the chain bookkeeping of task {record.id} is damaged ({exc!r})") from None
@@ -203,6 +209,13 @@ def _spec(call: Call, task: NewTask) -> dict[str, Any]:
 
 
 def _step_meta(
-    chain_id: str, index: int, names: list[str], rest: list[dict[str, Any]], *, previous: str | None
+    chain_id: str,
+    index: int,
+    names: list[str],
+    rest: list[dict[str, Any]],
+    *,
+    previous: str | None,
+    **carried: Any,
 ) -> str:
-    return write_meta(chain={"id": chain_id, "step": index, "names": names, "rest": rest, "prev": previous})
+    chain = {"id": chain_id, "step": index, "names": names, "rest": rest, "prev": previous}
+    return write_meta(chain=chain, **carried)

@@ -42,7 +42,7 @@ def build_task(call: Call, now: float, registry: Registry, encoding: Encoding) -
         name = definition.name
     where = f"enqueue({name!r})"
     if definition is not None:
-        definition.check_arity(len(call.args))
+        definition.check_arguments(call.args)
     queue = (
         check_queue(call.queue, where)
         if call.queue is not None

@@ -7,13 +7,54 @@ import logging
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, overload
+
+from typing_extensions import TypeVarTuple, Unpack
 
 from .._checks import check_optional_seconds
 from .._redact import library_logger
 from ._records import TaskState
 
-__all__ = ["Abort", "Call", "ChainInfo", "ChainStep", "QueueStats", "Retry", "TaskContext", "TaskInfo"]
+__all__ = [
+    "Abort",
+    "Call",
+    "CallOptions",
+    "ChainInfo",
+    "ChainStep",
+    "EnqueueOptions",
+    "QueueStats",
+    "Retry",
+    "TaskContext",
+    "TaskInfo",
+    "Ts",
+]
+
+Ts = TypeVarTuple("Ts")
+"""The positional parameters of a task function (after its ``TaskContext``, if it takes one), for type
+checkers: ``enqueue(fn, *args)`` and ``Call(fn, *args)`` are typed ``Callable[[*Ts], ...]`` / ``*args: *Ts``
+so that mypy and pyright check the arguments against the function (see docs/asynctask.md, "Typed calls")."""
+
+
+class CallOptions(TypedDict, total=False):
+    """The keyword options of :class:`Call` (and of :meth:`AsyncTasks.enqueue`), as type checkers see them.
+
+    The typed overloads of ``Call``, ``enqueue`` and the blocking producer's ``enqueue`` take
+    ``**options: Unpack[CallOptions]`` so the options are listed once for type checkers; the run-time
+    signatures keep their explicit keyword-only parameters. A test checks that both list the same names.
+    """
+
+    delay: float | timedelta | None
+    at: datetime | float | None
+    queue: str | None
+    max_retries: int | None
+    timeout: float | timedelta | None
+    task_id: str | None
+
+
+class EnqueueOptions(CallOptions, total=False):
+    """The keyword options of :meth:`AsyncTasks.enqueue`: those of :class:`Call`, and ``connection``."""
+
+    connection: object | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,11 +178,30 @@ class Call:
 
     __slots__ = ("args", "at", "delay", "max_retries", "queue", "target", "task_id", "timeout")
 
+    # For type checkers: the arguments are checked against the function's parameters, with or without a
+    # leading TaskContext; a registered name takes anything (see docs/asynctask.md, "Typed calls").
+    @overload
+    def __init__(
+        self, target: Callable[[Unpack[Ts]], object], /, *args: Unpack[Ts], **options: Unpack[CallOptions]
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        target: Callable[[TaskContext, Unpack[Ts]], object],
+        /,
+        *args: Unpack[Ts],
+        **options: Unpack[CallOptions],
+    ) -> None: ...
+
+    @overload
+    def __init__(self, target: str, /, *args: Any, **options: Unpack[CallOptions]) -> None: ...
+
     def __init__(
         self,
         target: Callable[..., Any] | str,
         /,
-        *args: Any,
+        *args: object,
         delay: float | timedelta | None = None,
         at: datetime | float | None = None,
         queue: str | None = None,
@@ -150,7 +210,7 @@ class Call:
         task_id: str | None = None,
     ) -> None:
         self.target = target
-        self.args = args
+        self.args: tuple[Any, ...] = args
         self.delay = delay
         self.at = at
         self.queue = queue

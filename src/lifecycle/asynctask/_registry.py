@@ -7,13 +7,14 @@ import functools
 import inspect
 import typing
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 from .._checks import check_count, check_name, check_optional_seconds
 from ._model import TaskContext
 from ._names import public_module
+from ._typecheck import ArgumentCheck
 
 __all__ = [
     "Registry",
@@ -42,6 +43,14 @@ class TaskDefinition:
     min_args: int
     max_args: int
     parameter_names: tuple[str, ...]
+    arguments: ArgumentCheck = field(compare=False, repr=False)
+    """The checks of the arguments against the annotations (compiled once, here, at register)."""
+
+    def check_arguments(self, args: tuple[Any, ...]) -> None:
+        """Raise ``TypeError`` unless ``args`` fit the function: their number, then each against its
+        parameter's annotation (see :mod:`lifecycle.asynctask._typecheck`)."""
+        self.check_arity(len(args))
+        self.arguments.check(self.name, args)
 
     def check_arity(self, count: int) -> None:
         """Raise ``TypeError`` unless ``count`` positional arguments fit the function (``ctx`` excluded)."""
@@ -183,6 +192,7 @@ def build_definition(
         min_args=min_args,
         max_args=len(arguments),
         parameter_names=tuple(p.name for p in arguments),
+        arguments=ArgumentCheck(fn, arguments),
     )
 
 

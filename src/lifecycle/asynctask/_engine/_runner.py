@@ -18,6 +18,7 @@ from .._encoding import Encoding
 from .._model import TaskContext
 from .._records import ClaimedTask, Settlement, TaskRecord, TaskState
 from .._registry import Registry, TaskDefinition
+from .._tracing import Tracing, attempt_span
 from ._options import ErrorHook
 from ._upkeep import call_error_hook
 from ._verdict import Policy, is_cancellation
@@ -34,12 +35,13 @@ SHUTDOWN = "shutdown"
 class Running:
     """A claimed task in this worker: its lease, its cancel scope once it runs, and why it was cancelled."""
 
-    __slots__ = ("claimed", "reason", "scope")
+    __slots__ = ("claimed", "error", "reason", "scope")
 
     def __init__(self, claimed: ClaimedTask) -> None:
         self.claimed = claimed
         self.scope: anyio.CancelScope | None = None
         self.reason: str | None = None
+        self.error: BaseException | None = None  # why the attempt failed, for its span
 
     def cancel(self, reason: str) -> None:
         if self.reason is None:
@@ -70,9 +72,20 @@ class TaskRunner:
         self.executing: dict[FrameType, Running] = {}
         """The frame of each task function call in progress: what the loop watchdog finds on a blocked
         loop's stack to name the task that blocks it (read from its thread: plain dict lookups only)."""
+        self._tracing = Tracing()
 
     async def run(self, running: Running) -> Settlement | None:
-        """Run one claimed task and return its verdict (``None``: the lease was lost, nothing to save)."""
+        """Run one claimed task and return its verdict (``None``: the lease was lost, nothing to save).
+
+        With OpenTelemetry configured, the attempt runs in its span (see :mod:`.._tracing`)."""
+        tracer = self._tracing.tracer()
+        if tracer is None:
+            return await self._run(running)
+        with attempt_span(tracer, running.claimed.record) as span:
+            verdict = await self._run(running)
+            return span.finish(verdict, running.error)
+
+    async def _run(self, running: Running) -> Settlement | None:
         claimed = running.claimed
         record = claimed.record
         policy = self._policy
@@ -80,7 +93,7 @@ class TaskRunner:
             return policy.release(claimed, now=self._clock()) if running.reason == SHUTDOWN else None
         if record.fault is not None:
             verdict = policy.damaged(claimed, now=self._clock())
-            return await self._failed(record, verdict, ValueError(verdict.error))
+            return await self._failed(running, verdict, ValueError(verdict.error))
         definition = self._registry.get(record.name)
         if definition is None:
             known = ", ".join(self._registry.names()) or "none"
@@ -88,7 +101,8 @@ class TaskRunner:
                 f"no task function is registered under the name {record.name!r} in this worker (it knows: "
                 f"{known}); register it, or fix the name the producer used"
             )
-            return await self._failed(record, policy.failure(claimed, now=self._clock(), error=str(exc)), exc)
+            verdict = policy.failure(claimed, now=self._clock(), error=str(exc))
+            return await self._failed(running, verdict, exc)
         try:
             args = self._decode_arguments(record)
         except Exception as decode_error:  # any exception: a third-party Encoding may raise anything
@@ -98,13 +112,13 @@ class TaskRunner:
                 "become readable by retrying, so the task is dead (enqueue a corrected task)"
             )
             return await self._failed(
-                record, policy.dead(claimed, now=self._clock(), error=error), decode_error
+                running, policy.dead(claimed, now=self._clock(), error=error), decode_error
             )
         try:
             definition.check_arity(len(args))
         except TypeError as arity_error:
             verdict = policy.failure(claimed, now=self._clock(), error=str(arity_error))
-            return await self._failed(record, verdict, arity_error)
+            return await self._failed(running, verdict, arity_error)
         return await self._call(running, definition, args)
 
     def _decode_arguments(self, record: TaskRecord) -> tuple[Any, ...]:
@@ -176,8 +190,8 @@ class TaskRunner:
             if failure is not None:
                 timed_out.__cause__ = failure
             verdict = self._policy.failure(claimed, now=now, error=str(timed_out))
-            return await self._failed(record, verdict, timed_out)
-        return await self._failed(record, self._policy.for_exception(claimed, failure, now=now), failure)
+            return await self._failed(running, verdict, timed_out)
+        return await self._failed(running, self._policy.for_exception(claimed, failure, now=now), failure)
 
     def _previous_result(self, record: TaskRecord) -> Any:
         encoded = previous_result(record)
@@ -213,7 +227,9 @@ class TaskRunner:
             )
         return None
 
-    async def _failed(self, record: TaskRecord, settlement: Settlement, exc: BaseException) -> Settlement:
+    async def _failed(self, running: Running, settlement: Settlement, exc: BaseException) -> Settlement:
+        running.error = exc
+        record = running.claimed.record
         if settlement.state is TaskState.DEAD:
             self._logger.warning(
                 "task %s (%s) is dead after attempt %d: %s",
