@@ -336,23 +336,20 @@ async def test_the_cleanup_of_a_wrapped_task_runs_only_after_its_initialize_comp
 
 async def test_an_execute_task_has_its_execute_repeated() -> None:
     time = FakeTime()
-    done = anyio.Event()
+    with anyio.fail_after(10), anyio.CancelScope() as scope:
 
-    class Beat:
-        beats = 0
+        class Beat:
+            beats = 0
 
-        async def execute(self) -> None:
-            self.beats += 1
-            if self.beats == 3:
-                done.set()
+            async def execute(self) -> None:
+                self.beats += 1
+                if self.beats == 3:
+                    scope.cancel()
 
-    beat = Beat()
-    repeat = Repeat(beat, interval=5, clock=time.clock, sleep=time.sleep)
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as group:
-            await repeat.initialize()  # nothing to initialize around an ExecuteTask
-            group.start_soon(repeat.execute)
-            await done.wait()
-            group.cancel_scope.cancel()
-        await repeat.cleanup()
+        beat = Beat()
+        repeat = Repeat(beat, interval=5, clock=time.clock, sleep=time.sleep)
+        await repeat.initialize()  # nothing to initialize around an ExecuteTask
+        await repeat.execute()
+    await repeat.cleanup()
     assert (beat.beats, repeat.calls) == (3, 3)
+    assert time.sleeps[:2] == [5.0, 5.0]

@@ -95,8 +95,8 @@ class Repeat:
             default_name = getattr(fn, "__qualname__", None) or repr(fn)
         else:
             raise TypeError(
-                "Repeat needs a zero-argument async function to call, or a Task / ExecuteTask (an object with "
-                f"async def execute()) whose execute is repeated, got {fn!r}"
+                "Repeat needs a zero-argument async function to call, or a Task / ExecuteTask (an object "
+                f"with async def execute()) whose execute is repeated, got {fn!r}"
             )
         self._fn = call
         self._interval = check_seconds(interval, "Repeat interval")
