@@ -34,6 +34,7 @@ _REASONS = {
 }
 _TEXT = "text/plain; charset=utf-8"
 _PATHS = "/livez, /readyz, /status, /metrics"
+_DEBUG_PATHS = _PATHS + ", /debug/stacks"
 
 
 class HealthServer:
@@ -48,6 +49,11 @@ class HealthServer:
       them masked as ``***``).
     - ``GET /metrics``: Prometheus text exposition of ``metrics`` (default: a :class:`~lifecycle.Metrics`
       of ``manager``) when ``prometheus-client`` is installed (extra ``metrics``), else 404 saying so.
+
+    - ``GET /debug/stacks`` (only with ``debug=True``): :meth:`TaskManager.stack_report` as text: each task
+      stage and every task of the event loop, with where it waits (passwords of URLs and DSNs masked). For
+      debugging a live service that hangs; keep it off, or on an address only operators reach, in
+      production: it shows the service's code paths.
 
     ``HEAD`` is answered too; other methods get 405. Every response closes the connection. A request must
     arrive within ``request_timeout`` seconds and fit in 8 KiB.
@@ -64,6 +70,7 @@ class HealthServer:
         metrics: what ``/metrics`` serves; ``None``: a new :class:`~lifecycle.Metrics` of ``manager`` when
             ``prometheus-client`` is installed.
         request_timeout: seconds a client has to send its request (a number or ``timedelta``).
+        debug: serve ``/debug/stacks`` too.
 
     Raises ``TypeError`` for a ``manager`` without ``health()`` and ``status()``, a ``port`` that is not an
     ``int`` or a ``request_timeout`` that is not a number (``bool`` is neither); ``ValueError`` for a port
@@ -83,6 +90,7 @@ class HealthServer:
         *,
         metrics: Metrics | None = None,
         request_timeout: float | timedelta = 5.0,
+        debug: bool = False,
     ) -> None:
         if not hasattr(manager, "health") or not hasattr(manager, "status"):
             raise TypeError(f"HealthServer needs a lifecycle.TaskManager, got {type(manager).__name__}")
@@ -96,6 +104,8 @@ class HealthServer:
             metrics = Metrics(manager)
         self.metrics = metrics
         self._request_timeout = check_seconds(request_timeout, "HealthServer request_timeout")
+        self.debug = bool(debug)
+        self._paths = _DEBUG_PATHS if self.debug else _PATHS
         self._listener: Listener[SocketStream] | None = None
         self._serving: anyio.CancelScope | None = None
         self._stopped: anyio.Event | None = None
@@ -118,7 +128,7 @@ class HealthServer:
             await extra.aclose()
         listener = self._listener = listeners[0]
         self.port = int(listener.extra(SocketAttribute.local_port))
-        logger.info("health server listening on %s (%s)", self.url, _PATHS)
+        logger.info("health server listening on %s (%s)", self.url, self._paths)
         background = current_background()
         if background is not None:
             # Created here, entered by the background task: a cleanup that comes before that task has
@@ -220,7 +230,12 @@ class HealthServer:
                 return 404, text.encode(), _TEXT
             body, content_type = await self.metrics.exposition()
             return 200, body, content_type
-        return 404, f"unknown path {path!r}; try {_PATHS}\n".encode(), _TEXT
+        if path == "/debug/stacks":
+            if not self.debug:
+                return 404, b"/debug/stacks is served with HealthServer(debug=True)\n", _TEXT
+            report = manager.stack_report(f"stack report for {self.url}/debug/stacks")
+            return 200, report.encode() + b"\n", _TEXT
+        return 404, f"unknown path {path!r}; try {self._paths}\n".encode(), _TEXT
 
 
 def _not_ready_reason(health: Health) -> str:
