@@ -69,8 +69,9 @@ class LoopBlock:
 class _Hub:
     """The one watchdog thread of one event loop, shared by the watches that run on it."""
 
-    def __init__(self, loop_thread: int) -> None:
+    def __init__(self, loop_thread: int, name: str | None = None) -> None:
         self.loop_thread = loop_thread
+        self.name = name  # of the thread; None: the name of the first watch that joins
         self.members: list[LoopWatch] = []  # changed by the loop thread, copied by the watchdog thread
         self.pinged = [time.monotonic()]  # one slot, written by the loop and read by the thread (atomic)
         self._thread: threading.Thread | None = None
@@ -81,9 +82,8 @@ class _Hub:
         self.members.append(watch)
         if self._thread is None:
             self._stop = threading.Event()
-            self._thread = threading.Thread(
-                target=self._watch, args=(self._stop,), name=watch.name, daemon=True
-            )
+            name = self.name or watch.name
+            self._thread = threading.Thread(target=self._watch, args=(self._stop,), name=name, daemon=True)
             self._thread.start()
 
     def leave(self, watch: LoopWatch) -> None:
@@ -134,12 +134,12 @@ _HUB: ContextVar[_Hub | None] = ContextVar("lifecycle_loopwatch_hub", default=No
 
 
 @contextmanager
-def sharing_watches() -> Iterator[None]:
+def sharing_watches(name: str = "lifecycle-loopwatch") -> Iterator[None]:
     """Make every :meth:`LoopWatch.run` started in this context, on this thread, share one watchdog thread
-    (one per event loop; the hub of an enclosing block is reused)."""
+    named ``name`` (one per event loop: the one of an enclosing block is reused)."""
     hub = _HUB.get()
     if hub is None or hub.loop_thread != threading.get_ident():
-        hub = _Hub(threading.get_ident())
+        hub = _Hub(threading.get_ident(), name)
     token = _HUB.set(hub)
     try:
         yield
