@@ -349,6 +349,7 @@ class ASGIServer:
         failures: list[Exception] = []
         async with anyio.create_task_group() as group:
             group.start_soon(self._serve, stop, ended, failures)
+            group.start_soon(self._end_of_grace, stop, ended)
             try:
                 await ended.wait()  # the server ended on its own: an error, or its own max_requests
             finally:
@@ -365,35 +366,37 @@ class ASGIServer:
     # ------------------------------------------------------------------ serving
 
     async def _serve(self, stop: anyio.Event, ended: anyio.Event, failures: list[Exception]) -> None:
-        # Shielded: the cancellation of execute() is the signal to stop, not a way to abandon the server.
+        # Shielded: the cancellation of execute() is the signal to stop, not a way to abandon the server. No
+        # cancel scope of ours is cancelled in this task: the servers run asyncio code of their own here.
         with anyio.CancelScope(shield=True):
-            async with anyio.create_task_group() as guard:
-                guard.start_soon(self._end_of_grace, stop)
-                try:
-                    await self._engine.serve(self._in_flight, stop)
-                except Exception as exc:
-                    failures.append(exc)
-                finally:
-                    guard.cancel_scope.cancel()
-                    ended.set()
-        if stop.is_set():
-            logger.info("ASGI server %s stopped", self.url)
+            try:
+                await self._engine.serve(self._in_flight, stop)
+            except Exception as exc:
+                failures.append(exc)
+            finally:
+                ended.set()
+            if stop.is_set():
+                logger.info("ASGI server %s stopped", self.url)
 
-    async def _end_of_grace(self, stop: anyio.Event) -> None:
-        await stop.wait()
-        running = len(self._in_flight.scopes)
-        logger.info(
-            "ASGI server %s: no new connections; %d request(s) in flight get up to %g s to finish",
-            self.url,
-            running,
-            self.grace,
-        )
-        await anyio.sleep(self.grace)
-        cancelled = self._in_flight.cancel_all()
-        if cancelled:
-            logger.warning(
-                "ASGI server %s: the grace of %g s is over: cancelled %d request(s) still in flight",
+    async def _end_of_grace(self, stop: anyio.Event, ended: anyio.Event) -> None:
+        with anyio.CancelScope(shield=True):
+            await stop.wait()
+            if ended.is_set():
+                return
+            logger.info(
+                "ASGI server %s: no new connections; %d request(s) in flight get up to %g s to finish",
                 self.url,
+                len(self._in_flight.scopes),
                 self.grace,
-                cancelled,
             )
+            with anyio.move_on_after(self.grace):
+                await ended.wait()
+                return
+            cancelled = self._in_flight.cancel_all()
+            if cancelled:
+                logger.warning(
+                    "ASGI server %s: the grace of %g s is over: cancelled %d request(s) still in flight",
+                    self.url,
+                    self.grace,
+                    cancelled,
+                )
