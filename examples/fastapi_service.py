@@ -81,7 +81,7 @@ class NewUser(BaseModel):
 
 
 def build(
-    dsn: str, schema: str, *, port: int, health_port: int, drain_delay: float, grace: float
+    dsn: str, schema: str, *, host: str, port: int, health_port: int, drain_delay: float, grace: float
 ) -> lifecycle.TaskManager:
     """The service: the parts are initialized in the order added and cleaned up in reverse."""
     database = Database(dsn, schema)
@@ -136,11 +136,15 @@ def build(
         logger.info("report: done")
         return {"users": row[0] if row else 0}
 
-    manager = lifecycle.TaskManager(name="shop", drain_delay=drain_delay, shutdown_timeout=grace + 20)
-    manager.add_task("health", HealthServer(manager, port=health_port))  # first: answers probes to the end
+    # Each stage has a bound, so the whole stop fits the orchestrator's grace period (docs/deployment.md).
+    manager = lifecycle.TaskManager(
+        name="shop", drain_delay=drain_delay, shutdown_timeout=grace + 20, cleanup_timeout=5
+    )
+    manager.add_task("health", HealthServer(manager, host, health_port))  # first: answers probes to the end
     manager.add_task("database", database)
     manager.add_task("tasks", tasks)  # the worker; drains its in-flight tasks at shutdown
-    manager.add_task("http", ASGIServer(app, port=port, grace=grace))  # last: serves once all is ready
+    # Last: it serves once everything it needs is ready, and stops first.
+    manager.add_task("http", ASGIServer(app, host=host, port=port, grace=grace))
     return manager
 
 
@@ -150,6 +154,7 @@ def main() -> int:
     )
     parser.add_argument("--dsn", default=DEFAULT_DSN)
     parser.add_argument("--schema", default="lifecycle_fastapi")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     parser.add_argument("--port", type=int, default=8000, help="the API's port (0: any free port)")
     parser.add_argument("--health-port", type=int, default=8081, help="the probes' port (0: any free port)")
     parser.add_argument("--drain-delay", type=float, default=3.0, help="seconds of serving while not ready")
@@ -158,6 +163,7 @@ def main() -> int:
     manager = build(
         args.dsn,
         args.schema,
+        host=args.host,
         port=args.port,
         health_port=args.health_port,
         drain_delay=args.drain_delay,
