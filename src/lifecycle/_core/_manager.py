@@ -25,6 +25,7 @@ import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from datetime import timedelta
 from types import EllipsisType, FrameType
 from typing import Literal
@@ -418,7 +419,7 @@ class TaskManager:
         # The background group outlives the phases: the systemd watchdog and work a task's initialize starts
         # for the whole run (HealthServer) live there. Errors are raised outside it, never wrapped in a group.
         async with anyio.create_task_group() as background:
-            with background_group(background), sharing_watches():
+            with background_group(background), sharing_watches() if self._loopwatch else nullcontext():
                 if self._loopwatch is not None:
                     background.start_soon(self._loopwatch.run, name=f"{self._name}: loop watch")
                 if notifier is not None:
