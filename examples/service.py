@@ -6,6 +6,9 @@
 Start-up is ordered (the database connects before the HTTP server listens), everything then runs together,
 every connection is served by an execute task added while the service runs, and the shutdown is clean and
 in reverse order: the server stops listening before the database disconnects.
+
+It needs nothing but the package and runs on asyncio or trio (``--backend trio``). For a service built on a
+web framework and a real database, see ``examples/fastapi_service.py``.
 """
 
 from __future__ import annotations

@@ -136,6 +136,7 @@ def test_the_issue_signatures_are_kept() -> None:
         "clock",
         "sleep",
         "rng",
+        "loop_block_warning",
     ]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in init.parameters.values())
     add_task = inspect.signature(lifecycle.TaskManager.add_task)
@@ -152,7 +153,7 @@ def test_the_issue_signatures_are_kept() -> None:
     add_execute = inspect.signature(lifecycle.TaskManager.add_execute_task)
     assert list(add_execute.parameters) == ["self", "name", "task", "task_type", "restart"]
     run = inspect.signature(lifecycle.run)
-    assert list(run.parameters) == ["manager", "backend"]
+    assert list(run.parameters) == ["manager", "backend", "dump_stacks_on"]
     assert run.parameters["backend"].default == "asyncio"
     assert [s.value for s in lifecycle.Stage] == ["initialize", "execute", "cleanup"]
     assert issubclass(lifecycle.TaskManagerError, ExceptionGroup)

@@ -1,7 +1,7 @@
 """Prometheus metrics for a TaskManager (and its AsyncTasks), with the optional ``prometheus-client``.
 
 This is the one module that knows both the core (it reads a :class:`~lifecycle.TaskManager` through its
-public ``health()`` and ``restart_totals()``) and ``lifecycle.asynctask`` (queue depths per
+public ``health()``, ``restart_totals()`` and ``loop_blocks``) and ``lifecycle.asynctask`` (queue depths per
 :class:`~lifecycle.asynctask.TaskState`); the core imports neither it nor asynctask, and asynctask does not
 import it: ``AsyncTasks(metrics=...)`` takes anything with an ``async_tasks`` attribute (a :class:`Metrics`)
 or a ``TaskObserver`` such as :class:`AsyncTasksMetrics`.
@@ -18,6 +18,8 @@ Manager metrics are read from the manager when scraped (a custom collector, noth
   only: execute tasks added while running, often one per request, would explode the label set)
 - ``lifecycle_task_restarts_total{task}`` (restarts by a :class:`~lifecycle.Restart` policy)
 - ``lifecycle_execute_tasks_running`` (execute tasks added while running that are running now)
+- ``lifecycle_loop_blocks_total`` (times the event loop was blocked longer than the manager's
+  ``loop_block_warning``; 0 when it is not set)
 
 All of them carry a ``manager`` label. The durable-task metrics are in :class:`AsyncTasksMetrics`.
 """
@@ -76,6 +78,9 @@ class _Manager(Protocol):
     def health(self) -> Health: ...
 
     def restart_totals(self) -> dict[str, int]: ...
+
+    @property
+    def loop_blocks(self) -> int: ...
 
 
 class _ManagerCollector:
@@ -138,6 +143,13 @@ class _ManagerCollector:
         )
         running.add_metric([name], float(running_runtime))
         yield running
+        blocks = CounterMetricFamily(
+            "lifecycle_loop_blocks",
+            "Times the event loop was blocked longer than loop_block_warning",
+            labels=["manager"],
+        )
+        blocks.add_metric([name], float(manager.loop_blocks))
+        yield blocks
 
 
 class AsyncTasksMetrics:

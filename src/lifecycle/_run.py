@@ -9,6 +9,9 @@ included, so trio cannot swallow the second Ctrl-C during a shielded cleanup):
 
 When ``shutdown_timeout`` passes with tasks stuck, the report is printed and the process exits with 1.
 
+Opt-in, ``dump_stacks_on="SIGUSR1"``: that signal logs :meth:`TaskManager.stack_report` (every task and where
+it waits) at WARNING, and the service goes on.
+
 What humans read (the logging set-up, the failure report, the stuck report) is written by ``_console.py``,
 imported when :func:`run` is called, so ``import lifecycle`` does not import rich.
 """
@@ -41,7 +44,9 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _BACKENDS = ("asyncio", "trio")
 
 
-def run(manager: TaskManager, *, backend: str = "asyncio") -> int:
+def run(
+    manager: TaskManager, *, backend: str = "asyncio", dump_stacks_on: str | signal.Signals | None = None
+) -> int:
     """Run ``manager`` to completion under ``anyio.run`` and return the process exit status.
 
     Returns 0 when the manager stopped cleanly, 1 when it raised :class:`~lifecycle.TaskManagerError` (after
@@ -56,7 +61,14 @@ def run(manager: TaskManager, *, backend: str = "asyncio") -> int:
     task (without the traceback shown above), anything else one more log line. When the application
     configured logging itself, its handlers get every line and no panel is printed.
 
-    Raises ``ValueError`` for an unknown backend, ``RuntimeError`` when trio is asked for but not installed.
+    ``dump_stacks_on``: a signal (``"SIGUSR1"`` or ``signal.SIGUSR1``; off by default) on which the running
+    service logs :meth:`TaskManager.stack_report` at WARNING on the ``lifecycle`` logger: each task stage and
+    every task of the event loop, with where it waits. The service goes on; send it as often as needed
+    (``kill -USR1 <pid>``, ``docker kill --signal=USR1``).
+
+    Raises ``ValueError`` for an unknown backend, or a ``dump_stacks_on`` that is not a signal of this
+    platform or is SIGINT / SIGTERM (the shutdown's), SIGKILL or SIGSTOP; ``RuntimeError`` when trio is asked
+    for but not installed.
 
     Example::
 
@@ -69,17 +81,38 @@ def run(manager: TaskManager, *, backend: str = "asyncio") -> int:
         raise ValueError(f"unknown backend {backend!r}: use 'asyncio' or 'trio'")
     if backend == "trio" and importlib.util.find_spec("trio") is None:
         raise RuntimeError("backend 'trio' needs the trio package: pip install trio")
+    dump_signal = _dump_signal(dump_stacks_on)
     from ._console import configure_logging, stderr_console
 
     console = stderr_console()
     configured = configure_logging(console)
-    policy = _SignalPolicy(manager, console)
+    policy = _SignalPolicy(manager, console, dump_signal)
     manager.add_listener(policy.on_event)
     error: TaskManagerError | None = anyio.run(_main, manager, policy, backend=backend)
     if error is None:
         return 0
     _report_failure(console, error, panels=configured and console.is_terminal)
     return 1
+
+
+def _dump_signal(value: str | signal.Signals | None) -> signal.Signals | None:
+    if value is None:
+        return None
+    if isinstance(value, signal.Signals):
+        signum = value
+    elif isinstance(value, str) and isinstance(getattr(signal, value.upper(), None), signal.Signals):
+        signum = getattr(signal, value.upper())
+    else:
+        raise ValueError(
+            f"run(dump_stacks_on={value!r}): not a signal of this platform; use a name such as 'SIGUSR1' or "
+            "a signal.Signals member, or None"
+        )
+    if signum in (*_SIGNALS, getattr(signal, "SIGKILL", None), getattr(signal, "SIGSTOP", None)):
+        raise ValueError(
+            f"run(dump_stacks_on={value!r}): {signum.name} cannot dump stacks (SIGINT and SIGTERM stop the "
+            "service, SIGKILL and SIGSTOP cannot be caught); use SIGUSR1 or SIGUSR2"
+        )
+    return signum
 
 
 def _report_failure(console: Console, error: TaskManagerError, *, panels: bool) -> None:
@@ -97,7 +130,8 @@ def _report_failure(console: Console, error: TaskManagerError, *, panels: bool) 
 async def _main(manager: TaskManager, policy: _SignalPolicy) -> TaskManagerError | None:
     outcome: TaskManagerError | None = None
     fatal: BaseException | None = None
-    with anyio.open_signal_receiver(*_SIGNALS) as signals:
+    extra = () if policy.dump_signal is None else (policy.dump_signal,)
+    with anyio.open_signal_receiver(*_SIGNALS, *extra) as signals:
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(policy.receive, signals)
             try:
@@ -116,20 +150,29 @@ async def _main(manager: TaskManager, policy: _SignalPolicy) -> TaskManagerError
 
 
 class _SignalPolicy:
-    """Counts SIGINT/SIGTERM and applies the three-step policy; exits on a stuck shutdown."""
+    """Counts SIGINT/SIGTERM and applies the three-step policy; exits on a stuck shutdown; logs the stack
+    report on ``dump_signal``."""
 
-    def __init__(self, manager: TaskManager, console: Console) -> None:
+    def __init__(
+        self, manager: TaskManager, console: Console, dump_signal: signal.Signals | None = None
+    ) -> None:
         self._manager = manager
         self._console = console
         self._count = 0
+        self.dump_signal = dump_signal
 
     async def receive(self, signals: AsyncIterator[signal.Signals]) -> None:
         async for signum in signals:
             self.handle(signal.Signals(signum))
 
     def handle(self, signum: signal.Signals) -> None:
-        self._count += 1
         name = signum.name
+        if signum == self.dump_signal:
+            logger.warning(
+                "%s", self._manager.stack_report(f"received {name}: stack report (the service goes on)")
+            )
+            return
+        self._count += 1
         if self._count == 1:
             logger.warning(
                 "%s: received %s: shutting down gracefully (send it again to cancel the running cleanup, "

@@ -2,7 +2,8 @@
 
 It runs a TaskManager under lifecycle.run and prints lines the parent test synchronises on (never sleeps).
 Scenarios: graceful, second (a cleanup hangs), third (an execute ignores cancellation), timeout
-(shutdown_timeout with a stuck execute), failure (a task raises; no signal needed).
+(shutdown_timeout with a stuck execute), failure (a task raises; no signal needed), stacks (SIGUSR1 logs the
+stack report).
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ async def stuck_execute() -> None:
         await anyio.sleep_forever()  # STUCK-HERE
 
 
+async def waiting_for_orders() -> None:
+    await anyio.sleep_forever()  # ORDERS-WAIT-HERE
+
+
 async def fail_soon() -> None:
     raise ValueError("kaboom")
 
@@ -62,7 +67,7 @@ def on_event(event: LifecycleEvent) -> None:
 
 
 def main(backend: str, scenario: str) -> int:
-    if scenario in ("second", "third", "timeout"):
+    if scenario in ("second", "third", "timeout", "stacks"):
         # An application that configured logging itself: lifecycle.run must leave it alone.
         logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(levelname)s %(message)s")
     manager = lifecycle.TaskManager(
@@ -73,6 +78,9 @@ def main(backend: str, scenario: str) -> int:
     manager.add_task("c", Part("c", stuck_execute=scenario in ("third", "timeout")))
     if scenario == "failure":
         manager.add_execute_task("bad", fail_soon, TaskType.ERROR)
+    if scenario == "stacks":
+        manager.add_execute_task("orders", waiting_for_orders, TaskType.ERROR)
+        return lifecycle.run(manager, backend=backend, dump_stacks_on="SIGUSR1")
     return lifecycle.run(manager, backend=backend)
 
 

@@ -1,10 +1,16 @@
-"""The restart-policy example of docs/operations.md, run as written: a change follower restarted whenever its
-stream ends and a poller on a schedule keep the service running and ready. The restart backoff runs on the
-manager's fake clock (``fake_timing``), so twenty restarts take no real time."""
+"""The examples of docs/operations.md, run as written.
+
+The restart-policy example: a change follower restarted whenever its stream ends and a poller on a schedule
+keep the service running and ready. The restart backoff runs on the manager's fake clock (``fake_timing``),
+so twenty restarts take no real time. The logging recipe: a service under lifecycle.run writes one JSON
+object per line, a traceback and a multi-line message included, passwords masked."""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +88,38 @@ async def test_the_documented_restart_example_keeps_the_service_running_and_read
     [row] = [row for row in manager.status() if row.name == "changes"]
     assert row.restarts == STREAMS - 1
     assert row.error is None
+
+
+def logging_recipe() -> str:
+    """The Python block of the "Logging in containers" section."""
+    section = OPERATIONS.read_text().split("## Logging in containers", 1)[1]
+    code = re.search(r"```python\n(.*?)\n```", section, flags=re.S)
+    assert code is not None, "docs/operations.md has no example under 'Logging in containers'"
+    return code.group(1)
+
+
+SERVICE_AFTER_THE_RECIPE = """
+import lifecycle
+
+async def fails() -> None:
+    logging.getLogger("lifecycle").warning("connecting to postgresql://app:hunter2@db/shop\\nsecond line")
+    raise ValueError("kaboom")
+
+manager = lifecycle.TaskManager(name="docs")
+manager.add_execute_task("bad", fails, lifecycle.TaskType.ERROR)
+raise SystemExit(lifecycle.run(manager))
+"""
+
+
+def test_the_documented_logging_recipe_writes_one_json_object_per_line() -> None:
+    script = logging_recipe() + "\n" + SERVICE_AFTER_THE_RECIPE
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    records = [json.loads(line) for line in done.stderr.splitlines()]  # every line is one JSON object
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    [warning] = [r for r in records if r["message"].startswith("connecting to")]
+    assert warning["message"] == "connecting to postgresql://app:***@db/shop\nsecond line"
+    [failure] = [r for r in records if r["message"].startswith("docs: task 'bad' failed in execute")]
+    assert failure["level"] == "ERROR"
+    assert "ValueError: kaboom" in failure["exception"]
+    assert records[-1]["message"].endswith("1 task error: bad in execute (ValueError)")

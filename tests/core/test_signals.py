@@ -20,10 +20,10 @@ BACKENDS = ["asyncio", "trio"]
 TIMEOUT = 30.0
 
 
-def _stuck_line() -> str:
+def _stuck_line(marker: str = "# STUCK-HERE", function: str = "stuck_execute") -> str:
     source = CHILD.read_text().splitlines()
-    number = next(i for i, line in enumerate(source, 1) if line.rstrip().endswith("# STUCK-HERE"))
-    return f"{CHILD}:{number} in stuck_execute"
+    number = next(i for i, line in enumerate(source, 1) if line.rstrip().endswith(marker))
+    return f"{CHILD}:{number} in {function}"
 
 
 class Child:
@@ -195,3 +195,19 @@ def test_a_task_failure_returns_1_after_logging_it_and_why_the_process_exits(bac
     assert "fail_soon" in report  # the traceback
     assert report.count("Traceback (most recent call last)") == 1
     assert report.splitlines()[-1].endswith("task manager 'child': 1 task error: bad in execute (ValueError)")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_dump_signal_logs_every_task_stack_and_the_service_goes_on(backend: str, children) -> None:
+    child = children(backend, "stacks")
+    child.expect("EVENT running")
+    for _ in range(2):  # as often as asked
+        child.send(signal.SIGUSR1)
+        child.expect("child: received SIGUSR1: stack report (the service goes on)")
+        child.expect("task 'orders' (ERROR) still in execute")
+        child.expect(_stuck_line("# ORDERS-WAIT-HERE", "waiting_for_orders"))
+        child.expect("every task of the event loop")
+    child.send(signal.SIGTERM)
+    child.expect("EVENT shutdown requested")
+    assert child.finish() == 0
+    assert child.lines[-1] == "EXIT 0"

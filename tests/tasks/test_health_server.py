@@ -325,3 +325,38 @@ async def test_in_a_nested_manager_it_answers_while_the_nested_manager_starts() 
         parent.shutdown()
 
     assert await run_in_background(parent, scenario) is None
+
+
+async def waiting_for_payments() -> None:
+    await anyio.sleep_forever()
+
+
+@pytest.mark.parametrize("debug", [True, False])
+async def test_debug_stacks_serves_the_stack_report_only_when_debug_is_on(debug: bool) -> None:
+    events = Recorder()
+    manager = lifecycle.TaskManager(name="svc", on_event=events)
+    server = HealthServer(manager, port=0, debug=debug)
+    manager.add_task("health", server)
+    manager.add_execute_task("payments", waiting_for_payments)
+    pages: list[tuple[int, str]] = []
+
+    async def scenario() -> None:
+        await events.wait(EventKind.READY)
+        status, _, body = await http(server.port, "/debug/stacks")
+        pages.append((status, body))
+        pages.append((await http(server.port, "/nope"))[::2])
+        manager.shutdown()
+
+    assert await run_in_background(manager, scenario) is None
+    [(status, body), (_, unknown)] = pages
+    if not debug:
+        assert (status, body) == (404, "/debug/stacks is served with HealthServer(debug=True)\n")
+        assert "/debug/stacks" not in unknown
+        return
+    assert status == 200
+    lines = body.splitlines()
+    assert lines[0] == f"svc: stack report for {server.url}/debug/stacks"
+    assert any(line.startswith("  task 'payments' (STRICT) still in execute") for line in lines)
+    assert any(line.endswith("in waiting_for_payments") for line in lines)
+    assert any(line.startswith("  every task of the event loop (") for line in lines)
+    assert unknown.endswith("/metrics, /debug/stacks\n")

@@ -242,3 +242,114 @@ def test_is_an_execute_task_with_a_readable_repr() -> None:
     assert repeat.interval == 2.5
     assert "heartbeat" in repr(repeat)
     assert "2.5s" in repr(repeat)
+
+
+class Syncer:
+    """A whole Task: connects in initialize, syncs in execute (one pass), disconnects in cleanup."""
+
+    def __init__(self, log: list[str], *, fail_on: tuple[int, ...] = ()) -> None:
+        self.log = log
+        self.fail_on = fail_on
+        self.passes = 0
+
+    async def initialize(self) -> None:
+        self.log.append("initialize")
+
+    async def execute(self) -> None:
+        self.passes += 1
+        self.log.append(f"execute {self.passes}")
+        if self.passes in self.fail_on:
+            raise ConnectionError(f"pass {self.passes} failed")
+
+    async def cleanup(self) -> None:
+        self.log.append("cleanup")
+
+
+async def run_passes(repeat: Repeat, syncer: Syncer, passes: int) -> lifecycle.TaskManager:
+    """Run ``repeat`` as a Task of a manager until ``syncer`` has made ``passes`` passes, then shut down."""
+    manager = lifecycle.TaskManager(name="repeat-task")
+    manager.add_task("sync", repeat)
+
+    async def stop_after_passes() -> None:
+        while syncer.passes < passes:
+            await anyio.lowlevel.checkpoint()
+        manager.shutdown()
+
+    manager.add_execute_task("stopper", stop_after_passes, lifecycle.TaskType.ERROR)
+    with anyio.fail_after(10):
+        await manager.run()
+    return manager
+
+
+async def test_a_whole_task_is_initialized_and_cleaned_up_once_and_only_its_execute_repeats() -> None:
+    time = FakeTime()
+    log: list[str] = []
+    syncer = Syncer(log)
+    repeat = Repeat(syncer, interval=60, clock=time.clock, sleep=time.sleep)
+    assert isinstance(repeat, lifecycle.Task)
+    await run_passes(repeat, syncer, 3)
+    assert log[:4] == ["initialize", "execute 1", "execute 2", "execute 3"]
+    assert log[-1] == "cleanup"
+    assert log.count("initialize") == log.count("cleanup") == 1
+    assert time.sleeps[:2] == [60.0, 60.0], "the wrapped execute keeps Repeat's schedule"
+    assert repr(repeat).startswith("<Repeat Syncer every 60s")
+
+
+async def test_a_failing_execute_of_a_wrapped_task_is_logged_and_repeated(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    time = FakeTime()
+    log: list[str] = []
+    syncer = Syncer(log, fail_on=(1, 2))
+    repeat = Repeat(syncer, interval=1, clock=time.clock, sleep=time.sleep, name="inventory-sync")
+    await run_passes(repeat, syncer, 3)  # no TaskManagerError: the failures stay with their pass
+    assert repeat.failures == 2
+    assert log.count("initialize") == log.count("cleanup") == 1
+    failures = [r for r in caplog.records if r.name == "lifecycle.tasks" and r.levelno == logging.ERROR]
+    assert ["inventory-sync" in r.getMessage() for r in failures] == [True, True]
+
+
+async def test_a_wrapped_task_added_as_an_execute_task_says_to_use_add_task() -> None:
+    manager = lifecycle.TaskManager(name="repeat-task")
+    manager.add_execute_task("sync", Repeat(Syncer([]), interval=1))
+    with anyio.fail_after(10), pytest.raises(lifecycle.TaskManagerError) as caught:
+        await manager.run()
+    [error] = caught.value.exceptions
+    assert isinstance(error.__cause__, RuntimeError)
+    assert "add it with manager.add_task()" in str(error.__cause__)
+
+
+async def test_the_cleanup_of_a_wrapped_task_runs_only_after_its_initialize_completed() -> None:
+    log: list[str] = []
+
+    class Unreachable(Syncer):
+        async def initialize(self) -> None:
+            log.append("initialize")
+            raise ConnectionError("database down")
+
+    repeat = Repeat(Unreachable(log), interval=1)
+    with pytest.raises(ConnectionError):
+        await repeat.initialize()
+    await repeat.cleanup()
+    assert log == ["initialize"]
+
+
+async def test_an_execute_task_has_its_execute_repeated() -> None:
+    time = FakeTime()
+    with anyio.fail_after(10), anyio.CancelScope() as scope:
+
+        class Beat:
+            beats = 0
+
+            async def execute(self) -> None:
+                self.beats += 1
+                if self.beats == 3:
+                    scope.cancel()
+
+        beat = Beat()
+        repeat = Repeat(beat, interval=5, clock=time.clock, sleep=time.sleep)
+        await repeat.initialize()  # nothing to initialize around an ExecuteTask
+        await repeat.execute()
+    await repeat.cleanup()
+    assert (beat.beats, repeat.calls) == (3, 3)
+    assert time.sleeps[:2] == [5.0, 5.0]

@@ -8,7 +8,15 @@ import pickle
 import lifecycle.tasks
 from tests.docstring_check import missing_docstrings
 
-DOCUMENTED = ("HealthServer", "Interruptible", "ProcessExitedError", "Repeat", "Subprocess", "Timer")
+DOCUMENTED = (
+    "ASGIServer",
+    "HealthServer",
+    "Interruptible",
+    "ProcessExitedError",
+    "Repeat",
+    "Subprocess",
+    "Timer",
+)
 
 
 def test_all_is_exactly_the_documented_api() -> None:

@@ -23,28 +23,42 @@ import logging
 import random
 import threading
 import time
+import traceback
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from datetime import timedelta
-from types import EllipsisType
+from types import EllipsisType, FrameType
 from typing import Literal
 
 import anyio
 from anyio.abc import TaskGroup
 
 from .._checks import check_name, check_optional_seconds
+from .._redact import library_logger, redact
 from ._background import background_group
 from ._entry import Entry
 from ._errors import TaskError, TaskManagerError, UnexpectedStopError, summarize
 from ._events import EventKind, EventSink, LifecycleEvent
 from ._handle import ExecuteHandle
+from ._loopwatch import LoopBlock, LoopWatch, format_block_stack, sharing_watches
 from ._readiness import Health, TaskHealth
 from ._restart import Restart
 from ._status import TaskStatus
-from ._stuck import StuckTask, await_stack, format_stuck_report, innermost_user_line
+from ._stuck import (
+    StuckTask,
+    await_stack,
+    format_stack_report,
+    format_stuck_report,
+    frame_of,
+    innermost_user_line,
+    loop_task_stacks,
+)
 from ._systemd import SystemdNotifier
 from ._task import ExecuteTask, ManagerState, Stage, Task, TaskType
 
 __all__ = ["TaskManager"]
+
+logger = library_logger("lifecycle")
 
 _NEW, _INITIALIZING, _RUNNING = ManagerState.NEW, ManagerState.INITIALIZING, ManagerState.RUNNING
 _STOPPING, _STOPPED = ManagerState.STOPPING, ManagerState.STOPPED
@@ -105,6 +119,14 @@ class TaskManager:
         sleep: how the manager waits out a restart backoff, the drain and the systemd watchdog interval
             (default ``anyio.sleep``).
         rng: the jitter source of restart backoffs (default: the ``random`` module).
+        loop_block_warning: watch the event loop from a thread and, whenever it has not run for this many
+            seconds (a task holding it with blocking code: a sync database call, ``time.sleep``, heavy CPU
+            work), log a WARNING on the ``lifecycle`` logger with the stack of the code that holds it, once
+            per block, and count it (:attr:`loop_blocks`, ``lifecycle_loop_blocks_total`` in
+            :class:`lifecycle.Metrics`). ``None`` (the default): not watched. It watches for the whole
+            :meth:`run` (a manager used as another manager's task: during its execute stage). An
+            :class:`~lifecycle.asynctask.AsyncTasks` worker in the manager shares the watch: one warning
+            per block, naming the durable task that blocks.
 
     ``clock``, ``sleep`` and ``rng`` are the manager's one time seam: tests pass a fake clock whose ``sleep``
     moves it forward (and a seeded ``random.Random``), so delays, windows and timeouts are tested without
@@ -113,7 +135,8 @@ class TaskManager:
     Raises ``TypeError`` for a name that is not a string, a timeout or ``drain_delay`` that is not a number of
     seconds (an ``int``, ``float`` or ``timedelta``; ``bool`` is not one) or ``None``, or an ``on_event``,
     ``clock`` or ``sleep`` that is not callable; ``ValueError`` for an empty name, a timeout that is not
-    greater than zero, a negative ``drain_delay``, or NaN or infinity anywhere (``None`` means no limit).
+    greater than zero, a negative ``drain_delay``, a ``loop_block_warning`` of 1e9 seconds or more, or NaN or
+    infinity anywhere (``None`` means no limit).
 
     When the environment has ``NOTIFY_SOCKET`` (a systemd ``Type=notify`` unit), :meth:`run` sends
     ``READY=1``, ``STATUS=...``, ``STOPPING=1`` and, with ``WatchdogSec=``, ``WATCHDOG=1`` while
@@ -142,6 +165,7 @@ class TaskManager:
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
         rng: random.Random | None = None,
+        loop_block_warning: float | timedelta | None = None,
     ) -> None:
         self._name = check_name(name, "TaskManager name")
         if on_event is not None:
@@ -156,6 +180,15 @@ class TaskManager:
         self._cleanup_timeout = check_optional_seconds(cleanup_timeout, "cleanup_timeout")
         self._shutdown_timeout = check_optional_seconds(shutdown_timeout, "shutdown_timeout")
         self._drain_delay = check_optional_seconds(drain_delay, "drain_delay", allow_zero=True) or None
+        block_warning = check_optional_seconds(loop_block_warning, "loop_block_warning")
+        if block_warning is not None and block_warning >= 1e9:
+            raise ValueError(f"loop_block_warning must be less than 1e9 seconds, got {loop_block_warning!r}")
+        self._loopwatch = (
+            None
+            if block_warning is None
+            else LoopWatch(block_warning, self._loop_blocked, describe=self._blocking_stage)
+        )
+        self._loop_blocks = 0
         self._events = EventSink(self._name, on_event)
         # The time seam: restart backoff and windows, the drain, shutdown_timeout and the watchdog.
         self._clock: Callable[[], float] = clock or time.monotonic
@@ -200,6 +233,12 @@ class TaskManager:
     def state(self) -> ManagerState:
         """Where the manager is: NEW, INITIALIZING, RUNNING, STOPPING or STOPPED."""
         return self._state
+
+    @property
+    def loop_blocks(self) -> int:
+        """How many times the event loop was found blocked longer than ``loop_block_warning`` (0 when not
+        watched). :class:`lifecycle.Metrics` reports it as ``lifecycle_loop_blocks_total``."""
+        return self._loop_blocks
 
     def add_task(
         self,
@@ -380,7 +419,9 @@ class TaskManager:
         # The background group outlives the phases: the systemd watchdog and work a task's initialize starts
         # for the whole run (HealthServer) live there. Errors are raised outside it, never wrapped in a group.
         async with anyio.create_task_group() as background:
-            with background_group(background):
+            with background_group(background), sharing_watches() if self._loopwatch else nullcontext():
+                if self._loopwatch is not None:
+                    background.start_soon(self._loopwatch.run, name=f"{self._name}: loop watch")
                 if notifier is not None:
                     self._events.add_listener(notifier.on_event, steps=False)
                     background.start_soon(notifier.watchdog, self.health, self._sleep)
@@ -483,6 +524,24 @@ class TaskManager:
         stuck = self._running_stages()
         return format_stuck_report(self._name, headline or f"{len(stuck)} task stage(s) still running", stuck)
 
+    def stack_report(self, headline: str | None = None) -> str:
+        """Where everything waits now, for humans debugging a live service: each task stage of this manager
+        (as in the stuck-shutdown report), then every task of the event loop (durable tasks, connection
+        handlers...) with its await stack, outermost first. Passwords of URLs and DSNs are masked.
+
+        What ``lifecycle.run(manager, dump_stacks_on="SIGUSR1")`` logs and ``HealthServer(debug=True)``
+        serves at ``/debug/stacks``. Call it from a task of the manager's event loop (``RuntimeError`` from
+        another thread).
+
+        Example::
+
+            print(manager.stack_report())
+        """
+        self._check_thread("stack_report")
+        stages = self._running_stages()
+        headline = headline or f"stack report: {len(stages)} task stage(s) running"
+        return redact(format_stack_report(self._name, headline, stages, loop_task_stacks()))
+
     # ================================================================== the Task protocol (nesting)
 
     async def initialize(self) -> None:
@@ -516,7 +575,7 @@ class TaskManager:
             return
         mark = len(self._errors)
         try:
-            await self._execute_phase()
+            await self._watched(self._execute_phase)
         except anyio.get_cancelled_exc_class():
             if len(self._errors) > mark:
                 raise self._error_group(self._errors[mark:]) from None
@@ -537,6 +596,60 @@ class TaskManager:
 
     def __repr__(self) -> str:
         return f"<TaskManager {self._name!r} {self._state.value}, {len(self._entries)} task(s)>"
+
+    # ================================================================== the loop watch
+
+    async def _watched(self, phase: Callable[[], Awaitable[None]]) -> None:
+        """Run ``phase`` with the loop watch beside it (for a manager used as a Task: run() does not run)."""
+        watch = self._loopwatch
+        if watch is None:
+            await phase()
+            return
+        outcome: BaseException | None = None
+        with sharing_watches():
+            async with anyio.create_task_group() as group:
+                group.start_soon(watch.run, name=f"{self._name}: loop watch")
+                try:
+                    await phase()
+                except BaseException as exc:
+                    if isinstance(exc, anyio.get_cancelled_exc_class()):
+                        raise
+                    outcome = exc  # raised outside the group, so it is not wrapped in one
+                finally:
+                    group.cancel_scope.cancel()
+        if outcome is not None:
+            raise outcome
+
+    def _loop_blocked(self, block: LoopBlock) -> None:
+        """Called from the watchdog thread: count the block and log it, unless a watch told first did."""
+        self._loop_blocks += 1
+        if block.reported or block.frame is None:
+            return
+        by = f" by {', '.join(block.blockers)}" if block.blockers else ""
+        logger.warning(
+            "%s: the event loop was blocked for %.2f s (more than loop_block_warning=%g s)%s: nothing else "
+            "ran meanwhile (requests, timers, probes, lease renewals). Await instead of blocking, or run "
+            "blocking code in a thread (anyio.to_thread.run_sync). The loop was at:\n%s",
+            self._name,
+            block.seconds,
+            block.threshold,
+            by,
+            format_block_stack(block.frame),
+        )
+
+    def _blocking_stage(self, frame: FrameType) -> str | None:
+        """Called from the watchdog thread: this manager's task stage whose code is on ``frame``'s stack."""
+        try:
+            stages = {
+                frame_of(e.awaitable): e for e in list(self._entries.values()) if e.awaitable is not None
+            }
+        except RuntimeError:  # the loop ran again and changed the tasks meanwhile: nothing to name
+            return None
+        for each, _ in traceback.walk_stack(frame):
+            entry = stages.get(each)
+            if entry is not None and entry.stage is not None:
+                return f"task {entry.name!r} ({entry.stage.value}) of task manager {self._name!r}"
+        return None
 
     # ================================================================== the run's state
 

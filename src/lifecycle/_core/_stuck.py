@@ -1,7 +1,9 @@
-"""The stuck-shutdown report: each task still running and where it waits, as ``file:line`` lines.
+"""The stuck-shutdown report and the stack report: each task running and where it waits, as ``file:line``.
 
 The await stack is read from the coroutine the manager awaits for a stage (``cr_await`` / ``gi_yieldfrom``
 / ``ag_await`` chain), which works the same on asyncio and trio and costs nothing until a report is made.
+The stack report (``TaskManager.stack_report()``: SIGUSR1 under ``lifecycle.run``, ``/debug/stacks`` of the
+HealthServer) adds every other task of the event loop, read the same way from ``anyio.get_running_tasks()``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType
 
+import anyio
+
 from ._task import Stage, TaskType
 
-__all__ = ["StuckTask", "await_stack", "format_stuck_report", "innermost_user_line"]
+__all__ = [
+    "StuckTask",
+    "await_stack",
+    "format_stack_report",
+    "format_stuck_report",
+    "frame_of",
+    "innermost_user_line",
+    "loop_task_stacks",
+]
 
 # Frames inside these packages say how the event loop waits, not where the application waits.
 _LIBRARY_PACKAGES = ("anyio", "asyncio", "trio", "sniffio", "outcome")
@@ -33,7 +45,8 @@ class StuckTask:
     stack: tuple[str, ...]
 
 
-def _frame_of(awaitable: object) -> FrameType | None:
+def frame_of(awaitable: object) -> FrameType | None:
+    """The frame of a coroutine, generator or async generator (``None`` for anything else)."""
     for attribute in ("cr_frame", "gi_frame", "ag_frame"):
         frame = getattr(awaitable, attribute, None)
         if isinstance(frame, FrameType):
@@ -60,7 +73,7 @@ def await_stack(awaitable: object) -> tuple[str, ...]:
     for _ in range(_MAX_DEPTH):
         if current is None:
             break
-        frame = _frame_of(current)
+        frame = frame_of(current)
         if frame is not None:
             code = frame.f_code
             lines.append(f"{code.co_filename}:{frame.f_lineno} in {code.co_name}")
@@ -107,4 +120,34 @@ def format_stuck_report(manager: str, headline: str, stuck: Sequence[StuckTask])
             lines.extend(f"    {line}" for line in task.stack)
         else:
             lines.append("    (no await stack: the stage has not started or has just ended)")
+    return "\n".join(lines)
+
+
+def loop_task_stacks() -> list[tuple[str, tuple[str, ...]]]:
+    """Every task of the running event loop but the calling one: its name and its await stack, in the order
+    the loop lists them. Call it from a task of the loop."""
+    current = anyio.get_current_task().id
+    return [
+        (info.name or f"task {info.id}", await_stack(info.coro))
+        for info in anyio.get_running_tasks()
+        if info.id != current
+    ]
+
+
+def format_stack_report(
+    manager: str,
+    headline: str,
+    stages: Sequence[StuckTask],
+    loop_tasks: Sequence[tuple[str, tuple[str, ...]]],
+) -> str:
+    """The stuck-report of ``stages``, then each task of the event loop and its await stack."""
+    lines = [
+        format_stuck_report(manager, headline, stages),
+        f"  every task of the event loop ({len(loop_tasks)}):",
+    ]
+    for name, stack in loop_tasks:
+        lines.append(f"  {name}:")
+        lines.extend(f"    {line}" for line in stack)
+        if not stack:
+            lines.append("    (no await stack)")
     return "\n".join(lines)

@@ -49,6 +49,7 @@ _TEXT = "text/plain; charset=utf-8"
 _PATHS = "/livez, /readyz, /status, /metrics"
 _DASHBOARD = "/tasks"  # where the dashboard is served, when there is one
 _MAX_BODY = 16 * 1024
+_DEBUG_PATHS = _PATHS + ", /debug/stacks"
 
 
 class HealthServer:
@@ -63,7 +64,10 @@ class HealthServer:
       them masked as ``***``).
     - ``GET /metrics``: Prometheus text exposition of ``metrics`` (default: a :class:`~lifecycle.Metrics`
       of ``manager``) when ``prometheus-client`` is installed (extra ``metrics``), else 404 saying so.
-
+    - ``GET /debug/stacks`` (only with ``debug=True``): :meth:`TaskManager.stack_report` as text: each task
+      stage and every task of the event loop, with where it waits (passwords of URLs and DSNs masked). For
+      debugging a live service that hangs; keep it off, or on an address only operators reach, in
+      production: it shows the service's code paths.
     - ``/tasks/``: the web dashboard of ``dashboard``, when given (:func:`lifecycle.asynctask.web.dashboard`).
 
     ``HEAD`` is answered too; other methods get 405 (the dashboard's actions are ``POST``). Every response
@@ -85,6 +89,7 @@ class HealthServer:
         dashboard: serve the task dashboard at ``/tasks/`` on the same port: an ``AsyncTasks`` or a
             ``Backend`` (read-only), or the app of :func:`lifecycle.asynctask.web.dashboard` to choose its
             token. Its live updates poll, so the one-request-per-connection server is enough.
+        debug: serve ``/debug/stacks`` too.
 
     Raises ``TypeError`` for a ``manager`` without ``health()`` and ``status()``, a ``port`` that is not an
     ``int`` or a ``request_timeout`` that is not a number (``bool`` is neither); ``ValueError`` for a port
@@ -105,6 +110,7 @@ class HealthServer:
         metrics: Metrics | None = None,
         request_timeout: float | timedelta = 5.0,
         dashboard: AsyncTasks | Backend | _ASGIApp | None = None,
+        debug: bool = False,
     ) -> None:
         if not hasattr(manager, "health") or not hasattr(manager, "status"):
             raise TypeError(f"HealthServer needs a lifecycle.TaskManager, got {type(manager).__name__}")
@@ -119,6 +125,8 @@ class HealthServer:
         self.metrics = metrics
         self._request_timeout = check_seconds(request_timeout, "HealthServer request_timeout")
         self._dashboard = None if dashboard is None else _dashboard_app(dashboard)
+        self.debug = bool(debug)
+        self._paths = _DEBUG_PATHS if self.debug else _PATHS
         self._listener: Listener[SocketStream] | None = None
         self._serving: anyio.CancelScope | None = None
         self._stopped: anyio.Event | None = None
@@ -141,7 +149,7 @@ class HealthServer:
             await extra.aclose()
         listener = self._listener = listeners[0]
         self.port = int(listener.extra(SocketAttribute.local_port))
-        logger.info("health server listening on %s (%s)", self.url, _PATHS)
+        logger.info("health server listening on %s (%s)", self.url, self._paths)
         background = current_background()
         if background is not None:
             # Created here, entered by the background task: a cleanup that comes before that task has
@@ -250,7 +258,12 @@ class HealthServer:
                 return 404, text.encode(), _TEXT
             body, content_type = await self.metrics.exposition()
             return 200, body, content_type
-        return 404, f"unknown path {path!r}; try {_PATHS}\n".encode(), _TEXT
+        if path == "/debug/stacks":
+            if not self.debug:
+                return 404, b"/debug/stacks is served with HealthServer(debug=True)\n", _TEXT
+            report = manager.stack_report(f"stack report for {self.url}/debug/stacks")
+            return 200, report.encode() + b"\n", _TEXT
+        return 404, f"unknown path {path!r}; try {self._paths}\n".encode(), _TEXT
 
 
 def _not_ready_reason(health: Health) -> str:

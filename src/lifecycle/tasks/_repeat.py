@@ -1,4 +1,4 @@
-"""Repeat: call an async function every ``interval`` seconds, start to start, for as long as it runs."""
+"""Repeat: call an async function (or a Task's execute) every ``interval`` seconds, start to start."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from datetime import timedelta
 import anyio
 
 from .._checks import check_name, check_seconds
+from .._core._task import ExecuteTask, Task
 from .._redact import library_logger
 
 __all__ = ["Repeat"]
@@ -21,8 +22,13 @@ class _NotAwaitableError(Exception):
     """``fn`` returned something that is not awaitable (a programming error, raised as ``TypeError``)."""
 
 
+def _has_async(obj: object, method: str) -> bool:
+    return inspect.iscoroutinefunction(getattr(obj, method, None))
+
+
 class Repeat:
-    """An :class:`~lifecycle.ExecuteTask` that calls ``fn`` every ``interval`` seconds until it is cancelled.
+    """Calls ``fn`` every ``interval`` seconds until it is cancelled: a zero-argument async function, or the
+    ``execute`` of a whole :class:`~lifecycle.Task` (goasync's ``Repeatable`` / ``RepeatTimer``).
 
     Calls keep to a fixed schedule measured start to start: ``t0, t0 + interval, t0 + 2*interval, ...``
     where ``t0`` is when ``execute`` starts (with ``run_immediately=False`` the first call is at
@@ -34,18 +40,30 @@ class Repeat:
     the number of failures in a row) and the repetition goes on at the next tick; cancellation (the manager
     shutting down) stops it at once, even in the middle of a call.
 
+    Given a :class:`~lifecycle.Task` (an object with async ``initialize``, ``execute`` and ``cleanup``),
+    Repeat is a Task too: its ``initialize`` runs the wrapped task's ``initialize`` once, its ``cleanup`` the
+    wrapped ``cleanup`` once (only after a completed ``initialize``), and only the wrapped ``execute`` is
+    repeated, with the same schedule and failure handling as a function. Add it with
+    :meth:`~lifecycle.TaskManager.add_task` (with a :class:`~lifecycle.Restart` policy, a restart runs the
+    wrapped cleanup and initialize again). An :class:`~lifecycle.ExecuteTask` (async ``execute`` only) has
+    its ``execute`` repeated. Around a function, ``initialize`` and ``cleanup`` do nothing, so
+    ``Repeat(fn)`` fits :meth:`~lifecycle.TaskManager.add_execute_task` and ``add_task`` alike.
+
     Args:
-        fn: a zero-argument async function (or any callable returning an awaitable).
+        fn: a zero-argument async function (or any callable returning an awaitable), a Task or an
+            ExecuteTask.
         interval: seconds between the starts of two calls: a number or ``timedelta`` greater than zero.
         run_immediately: call ``fn`` as soon as ``execute`` starts (default) rather than one interval later.
-        name: shown in log messages (a non-empty string); defaults to ``fn``'s qualified name.
+        name: shown in log messages (a non-empty string); defaults to ``fn``'s qualified name (a task's
+            class name).
         clock: the time source, ``anyio.current_time`` by default (a seam for tests).
         sleep: the sleep function, ``anyio.sleep`` by default (a seam for tests).
 
-    Raises ``TypeError`` when ``fn`` is not callable, ``interval`` is not a number (``bool`` is not one) or
-    ``name`` is not a string; ``ValueError`` for an ``interval`` that is not a finite number greater than
-    zero, or an empty ``name``. ``execute`` raises ``TypeError`` when ``fn`` returns something that cannot be
-    awaited.
+    Raises ``TypeError`` when ``fn`` is neither callable nor a task, ``interval`` is not a number (``bool``
+    is not one) or ``name`` is not a string; ``ValueError`` for an ``interval`` that is not a finite number
+    greater than zero, or an empty ``name``. ``execute`` raises ``TypeError`` when ``fn`` returns something
+    that cannot be awaited, and ``RuntimeError`` for a wrapped Task that was not initialized (added with
+    ``add_execute_task``, which runs no ``initialize``).
 
     Example::
 
@@ -53,11 +71,12 @@ class Repeat:
             logger.info("healthy: %d connections", server.connections)
 
         manager.add_execute_task("health", Repeat(report_health, interval=30))
+        manager.add_task("sync", Repeat(InventorySync(), interval=60))  # connect once, sync every minute
     """
 
     def __init__(
         self,
-        fn: Callable[[], Awaitable[object]],
+        fn: Callable[[], Awaitable[object]] | Task | ExecuteTask,
         *,
         interval: float | timedelta,
         run_immediately: bool = True,
@@ -65,16 +84,29 @@ class Repeat:
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[object]] | None = None,
     ) -> None:
-        if not callable(fn):
-            raise TypeError(f"Repeat needs a zero-argument async function to call, got {fn!r}")
-        self._fn = fn
+        self._task: Task | None = None
+        if _has_async(fn, "execute"):
+            if _has_async(fn, "initialize") and _has_async(fn, "cleanup"):
+                self._task = fn  # type: ignore[assignment]
+            call: Callable[[], Awaitable[object]] = fn.execute  # type: ignore[union-attr]
+            default_name = type(fn).__name__
+        elif callable(fn):
+            call = fn
+            default_name = getattr(fn, "__qualname__", None) or repr(fn)
+        else:
+            raise TypeError(
+                "Repeat needs a zero-argument async function to call, or a Task / ExecuteTask (an object "
+                f"with async def execute()) whose execute is repeated, got {fn!r}"
+            )
+        self._fn = call
         self._interval = check_seconds(interval, "Repeat interval")
         self._run_immediately = bool(run_immediately)
         if name is not None:
             check_name(name, "Repeat name")
-        self._name = name or getattr(fn, "__qualname__", None) or repr(fn)
+        self._name = name or default_name
         self._clock = clock or anyio.current_time
         self._sleep = sleep or anyio.sleep
+        self._initialized = False
         self._calls = 0
         self._failures = 0
         self._skipped = 0
@@ -100,8 +132,26 @@ class Repeat:
         """How many ticks were dropped because the call before them was still running."""
         return self._skipped
 
+    async def initialize(self) -> None:
+        """Initialize the wrapped Task once (nothing to do around a function or an ExecuteTask)."""
+        if self._task is not None and not self._initialized:
+            await self._task.initialize()
+            self._initialized = True
+
+    async def cleanup(self) -> None:
+        """Clean up the wrapped Task once, if its ``initialize`` completed (nothing to do otherwise)."""
+        if self._task is not None and self._initialized:
+            self._initialized = False
+            await self._task.cleanup()
+
     async def execute(self) -> None:
-        """Call ``fn`` on every tick until cancelled; never returns on its own."""
+        """Call ``fn`` (the wrapped ``execute``) on every tick until cancelled; never returns on its own."""
+        if self._task is not None and not self._initialized:
+            raise RuntimeError(
+                f"Repeat({self._name}) wraps a whole Task whose initialize has not run: add it with "
+                "manager.add_task(), which runs its initialize once and its cleanup at the end (not "
+                "add_execute_task(), which only runs execute)"
+            )
         interval = self._interval
         next_tick = self._clock() + (0.0 if self._run_immediately else interval)
         while True:
@@ -134,7 +184,7 @@ class Repeat:
         except _NotAwaitableError as error:
             raise TypeError(
                 f"Repeat({self._name}): fn returned {error}, not an awaitable; pass an async def function "
-                "(or a callable returning an awaitable)"
+                "(or a callable returning an awaitable, or a Task)"
             ) from None
         except Exception:
             self._failures += 1

@@ -61,7 +61,10 @@ class Worker:
         self._runners: anyio.abc.TaskGroup | None = None
         self._runner = TaskRunner(registry, encoding, options.policy, options.clock, options.on_error, logger)
         self._loopwatch = LoopWatch(
-            options.lease / _BLOCK_WARNING_SHARE, self._loop_blocked, name="lifecycle-asynctask-loopwatch"
+            options.lease / _BLOCK_WARNING_SHARE,
+            self._loop_blocked,
+            name="lifecycle-asynctask-loopwatch",
+            describe=self._blocking_task,
         )
         self.started = anyio.Event()
         self.stopping = anyio.Event()
@@ -325,7 +328,7 @@ class Worker:
 
     def _loop_blocked(self, block: LoopBlock) -> None:
         """Called from the loop watchdog's thread: name the task that blocks the event loop, and its stack."""
-        if block.frame is None:  # the loop's thread is gone: nothing blocks it any more
+        if block.frame is None or block.reported:  # thread gone, or the manager's watch reported this block
             return
         executing = self._runner.executing
         below: list[tuple[FrameType, int]] = []  # innermost first, down to the task's call
@@ -363,6 +366,14 @@ class Worker:
             stack.rstrip("\n"),
             extra={"task_id": record.id, "task_name": record.name},
         )
+
+    def _blocking_task(self, frame: FrameType) -> str | None:
+        """Called from the loop watchdog's thread: the durable task whose call is on ``frame``'s stack."""
+        for each, _ in traceback.walk_stack(frame):
+            running = self._runner.executing.get(each)
+            if running is not None:
+                return f"AsyncTasks task {running.claimed.record.id} ({running.claimed.record.name})"
+        return None
 
     async def _recovery_loop(self) -> None:
         while True:
