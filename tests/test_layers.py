@@ -3,10 +3,13 @@
 Imports under ``TYPE_CHECKING`` are left out: naming a type for the checker is how a cycle is broken, and
 they do not run. The layers themselves (which package may import which) are import-linter's contracts in
 pyproject.toml, checked by ``lint-imports`` in CI (.ci/run); this file checks what contracts cannot say:
-that no two modules lean on each other, whatever their layer."""
+that no two modules lean on each other, whatever their layer, and what ``import lifecycle`` loads at run
+time."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Mapping, Set
 
 import grimp
@@ -108,3 +111,10 @@ def test_no_import_cycle_anywhere_in_lifecycle() -> None:
     assert found == [], "import cycles (move the shared definition below both modules):\n" + "\n".join(
         " -> ".join(cycle) for cycle in found
     )
+
+
+def test_importing_lifecycle_loads_neither_rich_nor_the_cli_nor_asynctask() -> None:
+    heavy = ("rich", "lifecycle.cli", "lifecycle.asynctask")
+    probe = f"import sys, lifecycle; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
