@@ -123,13 +123,14 @@ async def test_poisoned_payloads_are_dead_naming_the_cause_and_the_rest_of_the_b
         for index, task in enumerate(healthy):
             info = await tasks.wait(task.id, timeout=WAIT)
             assert (info.state, info.result) == (TaskState.SUCCEEDED, index)
+        errors: dict[str, str] = {}
         for key in POISONS:
             info = await tasks.wait(key, timeout=WAIT)
             assert info.state is TaskState.DEAD, key
             assert info.attempts == 1, f"{key}: retrying cannot help, so it is dead at once"
             assert info.last_error is not None
             assert info.last_error.startswith("cannot decode the arguments of task 'ok'"), info.last_error
-        errors = {key: (await tasks.info(key)).last_error for key in POISONS}  # type: ignore[union-attr]
+            errors[key] = info.last_error
         assert "'decimal'" in errors["bad-decimal"]
         assert "nests 1000 levels deep" in errors["deep"]
         assert "UnicodeDecodeError" in errors["not-utf8"]

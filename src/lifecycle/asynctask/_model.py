@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypedDict, overload
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict, overload
 
 from typing_extensions import TypeVarTuple, Unpack
 
@@ -209,14 +209,14 @@ class Call:
         timeout: float | timedelta | None = None,
         task_id: str | None = None,
     ) -> None:
-        self.target = target
+        self.target: Callable[..., Any] | str = target
         self.args: tuple[Any, ...] = args
-        self.delay = delay
-        self.at = at
-        self.queue = queue
-        self.max_retries = max_retries
-        self.timeout = timeout
-        self.task_id = task_id
+        self.delay: float | timedelta | None = delay
+        self.at: datetime | float | None = at
+        self.queue: str | None = queue
+        self.max_retries: int | None = max_retries
+        self.timeout: float | timedelta | None = timeout
+        self.task_id: str | None = task_id
 
     def __repr__(self) -> str:
         target = (
@@ -230,7 +230,7 @@ class Call:
             return NotImplemented
         return all(getattr(self, slot) == getattr(other, slot) for slot in self.__slots__)
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__: ClassVar[None] = None  # type: ignore[assignment]
 
 
 class TaskContext:
@@ -276,15 +276,15 @@ class TaskContext:
         previous_result: Any = None,
         chain_id: str | None = None,
     ) -> None:
-        self.task_id = task_id
-        self.name = name
-        self.queue = queue
-        self.attempt = attempt
-        self.max_retries = max_retries
-        self.enqueued_at = enqueued_at
-        self.deadline = deadline
-        self.previous_result = previous_result
-        self.chain_id = chain_id
+        self.task_id: str = task_id
+        self.name: str = name
+        self.queue: str = queue
+        self.attempt: int = attempt
+        self.max_retries: int = max_retries
+        self.enqueued_at: float = enqueued_at
+        self.deadline: float | None = deadline
+        self.previous_result: Any = previous_result
+        self.chain_id: str | None = chain_id
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
 
     @property
@@ -337,7 +337,7 @@ class Retry(Exception):
     """
 
     def __init__(self, after: float | timedelta | None = None, reason: str = "") -> None:
-        self.after = check_optional_seconds(after, "Retry(after=...)", allow_zero=True)
+        self.after: float | None = check_optional_seconds(after, "Retry(after=...)", allow_zero=True)
         self.reason = reason
         super().__init__(
             reason or (f"retry requested after {self.after} s" if self.after is not None else "")

@@ -92,7 +92,9 @@ async def test_the_record_hash_holds_the_documented_fields(
         b"r": b"1000001.0",
         b"meta": b"m",
     }
-    member = fields[b"o"] + b"job-1"
+    origin = fields[b"o"]
+    assert isinstance(origin, bytes)
+    member = origin + b"job-1"
     assert ready == [(member, T0 + 1)]
     assert pending == [(member, T0)]
     assert queues == {b"mail"}

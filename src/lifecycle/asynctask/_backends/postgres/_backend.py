@@ -12,6 +12,7 @@ import hashlib
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from datetime import timedelta
 from typing import Any, Literal, TypeVar
 
 import anyio
@@ -109,8 +110,8 @@ class PostgresBackend:
         *,
         schema: str = "lifecycle",
         pool_size: int = 5,
-        connect_timeout: float = 10.0,
-        poll_interval: float = 1.0,
+        connect_timeout: float | timedelta = 10.0,
+        poll_interval: float | timedelta = 1.0,
     ) -> None:
         if not isinstance(dsn, str):
             raise TypeError(f"PostgresBackend(dsn) takes a connection string, got {type(dsn).__name__}")

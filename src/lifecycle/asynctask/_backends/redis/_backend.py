@@ -10,6 +10,7 @@ import itertools
 import secrets
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from datetime import timedelta
 from typing import Any, Literal
 
 import anyio
@@ -107,9 +108,9 @@ class RedisBackend:
         url: str = "redis://127.0.0.1:6379/0",
         *,
         prefix: str = "lifecycle",
-        socket_timeout: float = 30.0,
-        connect_timeout: float = 10.0,
-        reconnect_timeout: float = 30.0,
+        socket_timeout: float | timedelta = 30.0,
+        connect_timeout: float | timedelta = 10.0,
+        reconnect_timeout: float | timedelta = 30.0,
         max_connections: int = 32,
         clock: Callable[[], float] = time.time,
         client_options: Mapping[str, Any] | None = None,
