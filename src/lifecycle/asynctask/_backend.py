@@ -160,8 +160,8 @@ class Backend(Protocol):
     async def flow_state(
         self, name: str, concurrency_key: str | None, *, now: float, limits: FlowLimits
     ) -> FlowState:
-        """The counts that ``limits`` on task ``name`` are checked against at ``now`` (see :class:`FlowState`),
-        for inspection; changes nothing."""
+        """The counts that ``limits`` on task ``name`` are checked against at ``now`` (see
+        :class:`FlowState`), for inspection; changes nothing."""
         ...
 
     async def get(self, task_id: str) -> TaskRecord | None:
