@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
@@ -12,6 +14,18 @@ from lifecycle.asynctask.testing import T0
 from tests.asynctask.redis.redis_servers import OpenRedis, delete_prefix, keys_of
 
 pytestmark = pytest.mark.redis
+
+
+def _sortable(time: float) -> bytes:
+    """A time as the scripts write it in claim members: 16 hex digits of the big-endian double, with the
+    sign bit flipped for a positive number and every bit flipped for a negative one (so the text sorts as the
+    times do)."""
+    raw = bytearray(struct.pack(">d", time))
+    if raw[0] & 0x80:
+        raw = bytearray(255 - byte for byte in raw)
+    else:
+        raw[0] |= 0x80
+    return raw.hex().encode()
 
 
 def _task(task_id: str, *, queue: str = "default", run_at: float = T0) -> NewTask:
@@ -71,13 +85,33 @@ async def test_the_record_hash_holds_the_documented_fields(
     open_redis: OpenRedis, redis_url: str, unique_name: str
 ) -> None:
     backend = await open_redis()
-    await backend.enqueue_many([NewTask("job-1", "app.send", "mail", b"[1]", 2, 9.5, T0, T0 + 1, "m")])
+    task = NewTask(
+        "job-1",
+        "app.send",
+        "mail",
+        b"[1]",
+        2,
+        9.5,
+        T0,
+        T0 + 1,
+        "m",
+        priority=-7,
+        concurrency_key="k",
+        expires_at=T0 + 9,
+    )
+    await backend.enqueue_many(
+        [task, NewTask("job-2", "app.send", "mail", b"[]", 0, None, T0, T0, priority=3)]
+    )
     client = aioredis.Redis.from_url(redis_url)
+    prefix = f"{{{unique_name}}}:"
     try:
-        fields = await client.hgetall(f"{{{unique_name}}}:t:job-1")
-        ready = await client.zrange(f"{{{unique_name}}}:r:mail", 0, -1, withscores=True)
-        pending = await client.zrange(f"{{{unique_name}}}:i:pending:mail", 0, -1, withscores=True)
-        queues = await client.smembers(f"{{{unique_name}}}:queues")
+        fields = await client.hgetall(f"{prefix}t:job-1")
+        plain = await client.hgetall(f"{prefix}t:job-2")
+        delayed = await client.zrange(f"{prefix}dl:mail", 0, -1, withscores=True)
+        ready = await client.zrange(f"{prefix}rd:mail", 0, -1, withscores=True)
+        expiring = await client.zrange(f"{prefix}x:mail", 0, -1, withscores=True)
+        pending = await client.zrange(f"{prefix}i:pending:mail", 0, -1, withscores=True)
+        queues = await client.smembers(f"{prefix}queues")
     finally:
         await client.aclose()
     assert {k: v for k, v in fields.items() if k not in (b"o", b"c")} == {
@@ -91,10 +125,20 @@ async def test_the_record_hash_holds_the_documented_fields(
         b"e": b"1000000.0",
         b"r": b"1000001.0",
         b"meta": b"m",
+        b"pr": b"-7",
+        b"ck": b"k",
+        b"ex": b"1000009.0",
+        b"w": b"dl:mail",  # due after its enqueue: delayed until a claim finds it due
+        b"rs": _sortable(T0 + 1),
     }
-    member = fields[b"o"] + b"job-1"
-    assert ready == [(member, T0 + 1)]
-    assert pending == [(member, T0)]
+    assert plain[b"w"] == b"rd:mail"
+    assert not {b"ex", b"ck", b"meta"} & set(plain), "fields holding None are left out"
+    assert len(fields[b"o"]) == 16, "the enqueue sequence, 16 hex digits"
+    assert fields[b"o"] < plain[b"o"]
+    assert delayed == [(fields[b"rs"] + fields[b"o"] + b"job-1", T0 + 1)]
+    assert ready == [(plain[b"rs"] + plain[b"o"] + b"job-2", -3.0)], "scored minus the priority"
+    assert expiring == [(b"job-1", T0 + 9)], "the later of run_at and expires_at"
+    assert pending == [(fields[b"o"] + b"job-1", T0), (plain[b"o"] + b"job-2", T0)]
     assert queues == {b"mail"}
 
 
@@ -115,3 +159,17 @@ async def test_clear_deletes_every_key_of_its_prefix_and_nothing_else(
         assert await keys_of(redis_url, unique_name) == before, "clear() touched another prefix"
     finally:
         await delete_prefix(redis_url, glob)
+
+
+async def test_claim_members_sort_by_run_at_across_signs_and_magnitudes(open_redis: OpenRedis) -> None:
+    """The 16 hex digits of run_at in a claim member sort as the times do, negative and tiny ones included."""
+    backend = await open_redis()
+    times = [-1e300, -5.0, -0.5, -1e-300, 0.0, 1e-300, 0.25, 3.0, 1e15, 1e300]
+    shuffled = [times[k] for k in (4, 9, 0, 7, 2, 5, 8, 1, 6, 3)]
+    tasks = [
+        NewTask(f"t{time!r}", "job", "default", b"", 0, None, 1e301, time) for time in dict.fromkeys(shuffled)
+    ]
+    await backend.enqueue_many(tasks)
+    claimed = await backend.claim(["default"], 100, now=1e301, lease_until=1e302)
+    assert [c.record.run_at for c in claimed] == times
+    assert sorted(_sortable(time) for time in times) == [_sortable(time) for time in times]

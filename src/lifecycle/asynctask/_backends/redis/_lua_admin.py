@@ -17,13 +17,13 @@ local done = {}
 for i = 4, #ARGV do
   local id = ARGV[i]
   local key = rkey(id)
-  local cur = redis.call('HMGET', key, 's', 'q', 'o', 'x')
+  local cur = redis.call('HMGET', key, 's', 'q', 'o', 'x', 'w', 'rs', 'n', 'ck')
   local where = nil
   if cur[1] or cur[2] or cur[3] then where = locate(id, cur[1], cur[2], cur[3]) end
   if where and where[1] == 'pending' then
     local q, member = where[2], where[3]
-    redis.call('HSET', key, 's', 'cancelled', 'f', at, 'x', callid, 'q', q)
-    redis.call('ZREM', ready(q), member)
+    nudge(q, cur[7], cur[8], unplace(id, q, cur[5], cur[6], string.sub(member, 1, 16)))
+    redis.call('HSET', key, 's', 'cancelled', 'f', at, 'x', callid, 'q', q, 'w', '')
     redis.call('ZREM', idx('pending', q), member)
     redis.call('ZADD', idx('cancelled', q), where[4], member)
     done[#done + 1] = id
@@ -38,10 +38,13 @@ return done
 _REQUEUE_ONE = """
 local function requeue_one(id, where, now, callid, queues)
   local state, q, member = where[1], where[2], where[3]
-  redis.call('HSET', rkey(id), 's', 'pending', 'a', '0', 'r', now, 'f', '', 'x', callid, 'k', '', 'q', q)
+  local key = rkey(id)
+  local cur = redis.call('HMGET', key, 'pr', 'ex')
+  local w, rs = place(id, q, string.sub(member, 1, 16), now, cur[1], cur[2], now)
+  redis.call('HSET', key, 's', 'pending', 'a', '0', 'r', now, 'f', '', 'x', callid, 'k', '', 'q', q, 'w', w,
+    'rs', rs)
   redis.call('ZREM', idx(state, q), member)
   redis.call('ZADD', idx('pending', q), where[4], member)
-  redis.call('ZADD', ready(q), now, member)
   queues[q] = true
 end
 """
@@ -124,12 +127,14 @@ for _, member in ipairs(members) do
   end
   if wanted then
     if state == 'pending' then
-      redis.call('ZREM', ready(q), member)
+      local cur = redis.call('HMGET', key, 'w', 'rs', 'n', 'ck')
+      nudge(q, cur[3], cur[4], unplace(id, q, cur[1], cur[2], string.sub(member, 1, 16)))
     elseif state == 'active' then
       redis.call('ZREM', P .. 'leases', id)
+      release(id)
     end
     redis.call('ZREM', ik, member)
-    redis.call('DEL', key)
+    redis.call('DEL', key, P .. 'fu:' .. id)
     deleted = deleted + 1
   else
     skipped = skipped + 1
@@ -141,8 +146,16 @@ if deleted > 0 then
     if redis.call('EXISTS', idx(s, q)) == 1 then empty = false; break end
   end
   if empty then
+    -- Nothing of the queue is left: drop its parked tasks' bookkeeping (their sets are empty) too.
+    local hs = P .. 'hs:' .. q
+    local held = redis.call('HGETALL', hs)
+    for j = 1, #held, 2 do
+      local N = string.sub(held[j], 2)
+      redis.call('SREM', P .. 'hq:' .. N, q)
+      redis.call('DEL', P .. 'hk:' .. enc(q) .. N)
+    end
     redis.call('SREM', P .. 'queues', q)
-    redis.call('DEL', P .. 'w:' .. q)
+    redis.call('DEL', P .. 'w:' .. q, hs)
   end
 end
 return {deleted, skipped, #members}
@@ -158,7 +171,7 @@ end
 return out
 """
 
-# ARGV: P, limit, offset, has_queue ('0'/'1'), queue, states... Returns '' (no token), id and the 15 record
+# ARGV: P, limit, offset, has_queue ('0'/'1'), queue, states... Returns '' (no token), id and the 18 record
 # FIELDS per record, newest enqueued_at first (then the later enqueue first).
 _LIST = """
 local limit, offset = tonumber(ARGV[2]), tonumber(ARGV[3])
