@@ -112,8 +112,9 @@ class Backend(Protocol):
         limits hold back stays ``PENDING`` (untouched) and the claim goes on with the tasks behind it. The
         limits are checked and the tokens taken in the same atomic step as the claim, so they hold across
         every caller in every process (a claim that holds back a task for want of a token also adds one to
-        the bucket's stored ``refused`` count, once per claim and name: see :class:`FlowState`); ``ACTIVE`` tasks are counted from the stored states, so a lease that
-        ends (settled, or reclaimed after a worker died) gives its slot back.
+        the bucket's stored ``refused`` count, once per claim and name: see :class:`FlowState`); ``ACTIVE``
+        tasks are counted from the stored states, so a lease that ends (settled, or reclaimed after a worker
+        died) gives its slot back.
 
         A due task whose ``expires_at <= now`` is not claimed: the same step makes it ``CANCELLED`` with
         ``finished_at = now``, ``attempts`` unchanged and ``last_error = "expired before it started"``.
