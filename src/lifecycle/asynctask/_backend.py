@@ -34,8 +34,10 @@ __all__ = [
     "Create",
     "TransactionalBackend",
     "check_create",
+    "is_backend",
     "open_backend",
     "opens_without_creating",
+    "supports_flow_control",
 ]
 
 Create: TypeAlias = bool | Literal["on_enqueue"]
@@ -111,8 +113,10 @@ class Backend(Protocol):
         ``limits`` maps task names to the :class:`FlowLimits` their registration sets; a task its name's
         limits hold back stays ``PENDING`` (untouched) and the claim goes on with the tasks behind it. The
         limits are checked and the tokens taken in the same atomic step as the claim, so they hold across
-        every caller in every process; ``ACTIVE`` tasks are counted from the stored states, so a lease that
-        ends (settled, or reclaimed after a worker died) gives its slot back.
+        every caller in every process (a claim that holds back a task for want of a token also adds one to
+        the bucket's stored ``refused`` count, once per claim and name: see :class:`FlowState`); ``ACTIVE``
+        tasks are counted from the stored states, so a lease that ends (settled, or reclaimed after a worker
+        died) gives its slot back.
 
         A due task whose ``expires_at <= now`` is not claimed: the same step makes it ``CANCELLED`` with
         ``finished_at = now``, ``attempts`` unchanged and ``last_error = "expired before it started"``.
@@ -257,3 +261,41 @@ async def open_backend(backend: Backend, *, create: Create) -> None:
         await backend.open(create=create)  # type: ignore[call-arg]
     else:
         await backend.open()
+
+
+_CORE_METHODS = (
+    "open",
+    "close",
+    "enqueue_many",
+    "claim",
+    "extend_leases",
+    "settle",
+    "reclaim_expired",
+    "wait_for_work",
+    "get",
+    "list_records",
+    "stats",
+    "cancel",
+    "requeue",
+    "purge",
+)
+_FLOW_METHODS = ("pause", "resume", "paused", "flow_state")
+
+
+def is_backend(obj: object) -> bool:
+    """Whether ``obj`` has the methods every backend has, those of flow control aside: a backend written
+    before flow control existed still runs tasks (see :func:`supports_flow_control`)."""
+    return all(callable(getattr(obj, name, None)) for name in _CORE_METHODS)
+
+
+def supports_flow_control(backend: object) -> bool:
+    """Whether ``backend`` implements flow control: ``pause``, ``resume``, ``paused``, ``flow_state``, and a
+    ``claim`` taking ``limits``. Every built-in backend does; the engine works without it, but then refuses
+    registered limits and pauses with a clear error instead of ignoring them."""
+    if not all(callable(getattr(backend, name, None)) for name in _FLOW_METHODS):
+        return False
+    try:
+        parameters = inspect.signature(backend.claim).parameters  # type: ignore[attr-defined]
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return "limits" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())

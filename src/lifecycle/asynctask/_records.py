@@ -117,11 +117,14 @@ class FlowState:
 
     ``running``: ``ACTIVE`` tasks of the name; ``running_for_key``: of those, the ones with the asked
     ``concurrency_key`` (0 when no key was asked); ``tokens``: the tokens in the name's rate bucket at ``now``
-    after refilling with the given limits (``None`` when the limits have no rate)."""
+    after refilling with the given limits (``None`` when the limits have no rate); ``refused``: how many
+    claims (by every caller, stored with the bucket) held back at least one due task of the name for want of
+    a token: the "starts refused by the rate limit" metric (0 without a rate)."""
 
     running: int
     running_for_key: int
     tokens: float | None
+    refused: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -139,6 +139,7 @@ class MemoryBackend:
         self._running: dict[str, int] = {}  # ACTIVE tasks per name
         self._running_keys: dict[tuple[str, str], int] = {}  # ACTIVE tasks per (name, concurrency key)
         self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, as of this time)
+        self._refused: dict[str, int] = {}  # name -> claims that held a task back for want of a token
         self._windows: dict[str, float] = {}  # unique key -> end of its window
         self._windows_pruned = 0
         self._paused: set[str] = set()
@@ -259,8 +260,9 @@ class MemoryBackend:
             at = now
         return min(rate, tokens), at
 
-    def _admit(self, row: _Row, limits: FlowLimits, now: float) -> bool:
-        """Whether ``limits`` let ``row`` start now; if so, take its token."""
+    def _admit(self, row: _Row, limits: FlowLimits, now: float, refused: set[str]) -> bool:
+        """Whether ``limits`` let ``row`` start now; if so, take its token. A name whose task found no
+        token is added to ``refused``."""
         if limits.max_running is not None and self._running.get(row.name, 0) >= limits.max_running:
             return False
         if (
@@ -272,6 +274,7 @@ class MemoryBackend:
         if limits.rate is not None:
             tokens, at = self._bucket(row.name, limits, now)
             if tokens < 1.0:
+                refused.add(row.name)
                 return False
             self._buckets[row.name] = (tokens - 1.0, at)
         return True
@@ -374,6 +377,7 @@ class MemoryBackend:
         claimed: list[ClaimedTask] = []
         if limit <= 0:
             return claimed
+        refused: set[str] = set()
         for queue in dict.fromkeys(queues):
             if queue in self._paused:
                 continue
@@ -394,7 +398,7 @@ class MemoryBackend:
                     row.last_error = _EXPIRED
                     continue
                 flow = None if limits is None else limits.get(row.name)
-                if flow is not None and not self._admit(row, flow, now):
+                if flow is not None and not self._admit(row, flow, now, refused):
                     held.append(entry)
                     continue
                 row.entry = None
@@ -408,6 +412,8 @@ class MemoryBackend:
                     heapq.heappush(heap, entry)
             if len(claimed) >= limit:
                 break
+        for name in refused:
+            self._refused[name] = self._refused.get(name, 0) + 1
         return claimed
 
     async def extend_leases(self, leases: Sequence[tuple[str, str]], *, lease_until: float) -> set[str]:
@@ -543,6 +549,7 @@ class MemoryBackend:
             if concurrency_key is None
             else self._running_keys.get((name, concurrency_key), 0),
             tokens=None if limits.rate is None else self._bucket(name, limits, now)[0],
+            refused=0 if limits.rate is None else self._refused.get(name, 0),
         )
 
     async def get(self, task_id: str) -> TaskRecord | None:

@@ -186,6 +186,10 @@ class FlowRules(SuiteBase):
         )
         assert await _claim(second, limits, T0 + 1000) == []
         assert ids_of(await _claim(second, None, T0 + 1000)) == ["r5"], "limits=None: nothing is held back"
+        state = await first.flow_state(LIMITED, None, now=T0 + 1000, limits=limits[LIMITED])
+        assert state.refused == 6, (
+            "every claim (of either object) that held back a due task for want of a token counts once"
+        )
 
     async def test_flow_state_reports_the_bucket_refilled_at_now_and_changes_nothing(
         self, open_backend: OpenBackend
@@ -199,7 +203,7 @@ class FlowRules(SuiteBase):
         assert state == FlowState(running=0, running_for_key=0, tokens=2.0), "a bucket never used is full"
         await worker.enqueue_many([new_task(f"r{n}", name=LIMITED) for n in range(4)])
         assert len(await _claim(worker, limits, T0)) == 2
-        assert await reader.flow_state(LIMITED, None, now=T0, limits=rated) == FlowState(2, 0, 0.0)
+        assert await reader.flow_state(LIMITED, None, now=T0, limits=rated) == FlowState(2, 0, 0.0, refused=1)
         at_two = await reader.flow_state(LIMITED, None, now=T0 + 2, limits=rated)
         assert at_two.tokens == pytest.approx(0.5)
         capped = await reader.flow_state(LIMITED, None, now=T0 + 100, limits=rated)
