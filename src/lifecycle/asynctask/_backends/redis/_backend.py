@@ -429,16 +429,20 @@ class RedisBackend:
     async def flow_state(
         self, name: str, concurrency_key: str | None, *, now: float, limits: FlowLimits
     ) -> FlowState:
-        """The running counts of ``name`` (and of its ``concurrency_key``) and its rate bucket refilled to
-        ``now`` as the claim script would refill it; one read-only script call. See
-        :meth:`Backend.flow_state`."""
+        """The running counts of ``name`` (and of its ``concurrency_key``), its rate bucket refilled to
+        ``now`` as the claim script would refill it, and the claims that found its tasks waiting for a token
+        (``{prefix}:tr``); one read-only script call. See :meth:`Backend.flow_state`."""
         runner = self._run()
         args = [name, "0" if concurrency_key is None else "1", concurrency_key or ""]
-        running, for_key, stored = await runner.run("flow_state", args)
-        tokens: float | None = None
-        if limits.rate is not None:
-            tokens = _refilled(stored, limits, now)
-        return FlowState(running=int(running), running_for_key=int(for_key), tokens=tokens)
+        running, for_key, stored, refused = await runner.run("flow_state", args)
+        if limits.rate is None:
+            return FlowState(running=int(running), running_for_key=int(for_key), tokens=None)
+        return FlowState(
+            running=int(running),
+            running_for_key=int(for_key),
+            tokens=_refilled(stored, limits, now),
+            refused=int(refused or 0),
+        )
 
     # -- inspection and operator actions ------------------------------------------------------------------
 

@@ -79,7 +79,7 @@ for _, q in ipairs(redis.call('SMEMBERS', P .. 'paused')) do paused[q] = true en
 local budget, moves, sweeps = %(scan)d, %(moves)d + limit, %(sweeps)d
 local out, ids, leases = {'0'}, {}, {}
 local n = 0
-local RUN, BUCKETS = {}, {}
+local RUN, BUCKETS, REFUSED = {}, {}, {}
 
 -- The ACTIVE tasks in running set `setkey`, counted once per call and kept up to date as it claims.
 local function running(setkey)
@@ -125,7 +125,10 @@ local function admit(N, K, L)
   if L.mk and K and running('ak:' .. enc(N) .. K) >= L.mk then return 'k' end
   if L.rate then
     local b = bucket(N, L)
-    if b.tokens < 1 then return 'r' end
+    if b.tokens < 1 then
+      REFUSED[N] = true
+      return 'r'
+    end
     b.tokens = b.tokens - 1
     b.dirty = true
   end
@@ -205,6 +208,9 @@ local function recheck(q)
         end
       end
     elseif kind == 'r' then
+      if L.rate and redis.call('EXISTS', P .. heldkey(q, 'r', N)) == 1 then
+        REFUSED[N] = true  -- this claim finds due tasks of the name parked for want of a token
+      end
       if not L.rate or plus or not (tonumber(v) and tonumber(v) > NOW) then
         budget = budget - 1
         local cap, b = INF, nil
@@ -431,6 +437,7 @@ end
 for N, b in pairs(BUCKETS) do
   if b.dirty then redis.call('HSET', P .. 'tb', N, string.format('%.17g %.17g', b.tokens, b.at)) end
 end
+for N in pairs(REFUSED) do redis.call('HINCRBY', P .. 'tr', N, 1) end
 if n > 0 then
   bulk('ZADD', P .. 'leases', leases)
   bulk('RPUSH', log, ids)
@@ -501,12 +508,14 @@ if redis.call('SREM', P .. 'paused', ARGV[2]) == 1 then wake(ARGV[2]) end
 return 1
 """
 
-# ARGV: P, name, has key ('0'/'1'), key. Returns {running, running for the key, the stored bucket or nil}.
+# ARGV: P, name, has key ('0'/'1'), key. Returns {running, running for the key, the stored bucket or nil, the
+# refused count or nil}.
 _FLOW_STATE = """
 local N = ARGV[2]
 local for_key = 0
 if ARGV[3] == '1' then for_key = redis.call('SCARD', P .. 'ak:' .. enc(N) .. ARGV[4]) end
-return {redis.call('SCARD', P .. 'an:' .. N), for_key, redis.call('HGET', P .. 'tb', N)}
+return {redis.call('SCARD', P .. 'an:' .. N), for_key, redis.call('HGET', P .. 'tb', N),
+  redis.call('HGET', P .. 'tr', N)}
 """
 
 # ARGV: P, chunk. Moves a layout-1 store towards layout 2, at most `chunk` entries per call: the queues'
