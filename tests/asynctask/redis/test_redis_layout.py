@@ -128,10 +128,8 @@ async def test_the_record_hash_holds_the_documented_fields(
         b"pr": b"-7",
         b"ck": b"k",
         b"ex": b"1000009.0",
-        b"w": b"dl:mail",  # due after its enqueue: delayed until a claim finds it due
         b"rs": _sortable(T0 + 1),
     }
-    assert plain[b"w"] == b"rd:mail"
     assert not {b"ex", b"ck", b"meta"} & set(plain), "fields holding None are left out"
     assert len(fields[b"o"]) == 16, "the enqueue sequence, 16 hex digits"
     assert fields[b"o"] < plain[b"o"]

@@ -37,6 +37,7 @@ from ._codec import (
     new_task_args,
     record_from_fields,
     settlement_args,
+    sortable_time,
     time_text,
 )
 from ._conn import (
@@ -347,6 +348,7 @@ class RedisBackend:
         call = self._call_id()
         args = [
             time_text(now),
+            sortable_time(now),
             time_text(lease_until),
             str(int(limit)),
             call,

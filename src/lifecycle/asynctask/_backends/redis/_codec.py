@@ -6,6 +6,7 @@ Times travel as Python ``repr`` text, so every float survives exactly (Lua never
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "record_from_fields",
     "records",
     "settlement_args",
+    "sortable_time",
     "time_text",
 ]
 
@@ -37,7 +39,7 @@ RECORD_FIELDS = (
 )  # fmt: skip
 """The record hash fields in the order the scripts return them (the order of TaskRecord after ``id``)."""
 
-NEW_TASK_VALUES = 15
+NEW_TASK_VALUES = 16
 """How many script arguments describe one task to store (see :func:`new_task_args`)."""
 
 _PRIORITY_BOUND = 10**15
@@ -55,11 +57,27 @@ def time_text(value: float) -> str:
     return repr(float(value))
 
 
+def sortable_time(value: float) -> str:
+    """A time as the 16 hex digits the scripts put first in a claim member: the big-endian IEEE double with
+    the sign bit flipped for a positive number (and every bit for a negative one), so that the digits sort as
+    the times do."""
+    (bits,) = _BITS.unpack(_DOUBLE.pack(float(value)))
+    bits = bits ^ _MASK if bits >> 63 else bits | _SIGN
+    return f"{bits:016x}"
+
+
+_DOUBLE = struct.Struct(">d")
+_BITS = struct.Struct(">Q")
+_SIGN = 1 << 63
+_MASK = (1 << 64) - 1
+
+
 def new_task_args(task: NewTask) -> list[str | bytes]:
-    """The fifteen script arguments that describe one task to store (see ``store()`` in the Lua prelude):
-    id, name, queue, payload, max_retries, timeout, enqueued_at, run_at, flags (three ``0``/``1``: has meta,
-    has a concurrency key, opens a uniqueness window), meta, priority, concurrency key, expires_at (``""``
-    for none), unique key, unique_until.
+    """The sixteen script arguments that describe one task to store (see ``store()`` in the Lua prelude):
+    id, name, queue, payload, max_retries, timeout, enqueued_at, run_at, flags (five ``0``/``1``: has meta,
+    has a concurrency key, opens a uniqueness window, due at its enqueue, has an expiry), meta, priority,
+    concurrency key, expires_at (``""`` for none), unique key, unique_until, and run_at as
+    :func:`sortable_time`.
 
     Raises :class:`ValueError` for a priority outside the stored range."""
     priority = task.priority
@@ -69,10 +87,15 @@ def new_task_args(task: NewTask) -> list[str | bytes]:
             "(exclusive); pass a smaller integer"
         )
     unique = task.unique_key is not None and task.unique_until is not None
-    flags = (
-        ("0" if task.meta is None else "1")
-        + ("0" if task.concurrency_key is None else "1")
-        + ("1" if unique else "0")
+    flags = "".join(
+        "1" if flag else "0"
+        for flag in (
+            task.meta is not None,
+            task.concurrency_key is not None,
+            unique,
+            task.run_at <= task.enqueued_at,
+            task.expires_at is not None,
+        )
     )
     return [
         task.id,
@@ -90,6 +113,7 @@ def new_task_args(task: NewTask) -> list[str | bytes]:
         "" if task.expires_at is None else time_text(task.expires_at),
         task.unique_key if unique and task.unique_key is not None else "",
         time_text(task.unique_until) if unique and task.unique_until is not None else "",
+        sortable_time(task.run_at),
     ]
 
 
@@ -156,6 +180,9 @@ def settlement_args(settlement: Settlement) -> list[str | bytes]:
         STATE_NAMES[state],
         at,
         run_at,
+        sortable_time(settlement.at if settlement.run_at is None else settlement.run_at)
+        if state is TaskState.PENDING
+        else "",
         flags,
         "" if settlement.error is None else settlement.error,
         b"" if settlement.result is None else settlement.result,

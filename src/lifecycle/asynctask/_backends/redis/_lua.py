@@ -11,9 +11,10 @@ live in the declared key's slot. The key layout, version 2 (documented in ``docs
                            m max_retries, to timeout, e enqueued_at, r run_at, st started_at, f finished_at,
                            l lease_until, err last_error, res result, meta meta, pr priority, ck concurrency
                            key, ex expires_at; and the backend's own: o enqueue sequence (16 hex digits), k
-                           lease token, c id of the enqueue call, x id of the last cancel/requeue call, w
-                           which claim structure holds the PENDING task (a key suffix), rs run_at as 16 hex
-                           digits that sort as the times do, fu ``1`` while a debounce follow-up waits, sv
+                           lease token, c id of the enqueue call, x id of the last cancel/requeue call, rs
+                           run_at as 16 hex digits that sort as the times do, w the parked set a claim moved
+                           the PENDING task to (a key suffix; stale once it is back), rn the name and key the
+                           claim counted the ACTIVE task under, fu ``1`` while a debounce follow-up waits, sv
                            the verdict a settlement applied before a follow-up replaced it. Times are the
                            engine's floats as Python ``repr`` text; ``""`` means None for to/st/f/l;
                            err/res/meta/pr/ck/ex are absent when None (pr when 0).
@@ -28,12 +29,12 @@ live in the declared key's slot. The key layout, version 2 (documented in ``docs
                            listing, requeue and purge; the truth about where a record is.
 - ``{P}:leases``           sorted set of ACTIVE task ids by lease_until: what reclaim takes from.
 - ``{P}:an:<name>``, ``{P}:ak:<len>:<name><key>`` sets of the ACTIVE task ids of a name, and of a name and
-  concurrency key; ``{P}:ar`` hash id -> the name and key it was counted under (so every way out of ACTIVE
-  removes it from exactly the sets it was added to).
+  concurrency key. Every way out of ACTIVE removes the id from the sets its rn field names; an id whose
+  record was deleted behind the backend's back is dropped by the next claim that finds the set at a limit.
 - ``{P}:hs:<queue>``, ``{P}:hk:<len>:<queue><name>``, ``{P}:hq:<name>``: parked tasks' bookkeeping (see
   ``_lua_claim``); ``{P}:tb`` hash name -> rate bucket ``"tokens as_of"``; ``{P}:paused`` set of paused
   queues; ``{P}:uq:<unique key>`` uniqueness window ``"until call_id"`` (expires after the window);
-  ``{P}:fu:<id>`` list, the debounce follow-up of an ACTIVE task (the 15 values of a new task).
+  ``{P}:fu:<id>`` list, the debounce follow-up of an ACTIVE task (the 16 values of a new task).
 - ``{P}:w:<queue>``        list holding at most one wake-up token; idle workers block on it (BLPOP).
 - ``{P}:u:<nonce>``        one waiting backend object's alarm list: it pushes to it itself to end its own
                            BLPOP exactly on time (Redis ends blocking commands up to 100 ms late).
@@ -101,21 +102,10 @@ local function count(v)
   if v and #v <= 15 and string.match(v, '^%d+$') then return tonumber(v) end
   return nil
 end
--- A time as 16 hex digits that sort (as text) the way the times do: the IEEE double, big-endian, with the
--- sign bit flipped for positive numbers and every bit flipped for negative ones.
-local function sortable(x)
-  local b = {string.byte(struct.pack('>d', x), 1, 8)}
-  if b[1] >= 128 then
-    for i = 1, 8 do b[i] = 255 - b[i] end
-  else
-    b[1] = b[1] + 128
-  end
-  return string.format('%02x%02x%02x%02x%02x%02x%02x%02x', unpack(b))
-end
 -- The ready-set score of a stored priority: minus it, so that the highest priority sorts first; 0 for a
 -- missing or unreadable value (the record reads as priority 0 then, too).
 local function pscore(p)
-  if type(p) ~= 'string' then return '0' end
+  if p == '0' or type(p) ~= 'string' then return '0' end
   local digits = p
   local negative = string.sub(p, 1, 1) == '-'
   if negative then digits = string.sub(p, 2) end
@@ -158,30 +148,47 @@ local function locate(id, s, q, o)
   end
   return nil
 end
--- Put PENDING task id (enqueue sequence o) into queue q's claim structures: ready when due by `now` (the
--- caller's time: an enqueue's enqueued_at, a settlement's at), else delayed; and into the expiry set when it
--- has an expiry. Returns the record's new w and rs fields (the caller writes them).
-local function place(id, q, o, run_at, prio, ex, now)
-  local rs = sortable(tonumber(run_at))
-  local cm = rs .. o .. id
-  local w
-  if tonumber(run_at) <= tonumber(now) then
-    w = 'rd:' .. q
-    redis.call('ZADD', P .. w, pscore(prio), cm)
-  else
-    w = 'dl:' .. q
-    redis.call('ZADD', P .. w, run_at, cm)
+-- With DEFER set (scripts that store each task at most once), the sorted-set additions are collected per
+-- key and made by added() at the end, many members per command.
+local DEFER, ADDS = false, {}
+local function zadd(key, score, member)
+  if not DEFER then
+    redis.call('ZADD', key, score, member)
+    return
   end
-  if type(ex) == 'string' and ex ~= '' and tonumber(ex) then
+  local list = ADDS[key]
+  if not list then
+    list = {}
+    ADDS[key] = list
+  end
+  list[#list + 1] = score
+  list[#list + 1] = member
+end
+local function added()
+  for key, list in pairs(ADDS) do bulk('ZADD', key, list) end
+  ADDS = {}
+end
+-- Put PENDING task id (enqueue sequence o; rs: its run_at as sortable hex, from the caller) into queue q's
+-- claim structures: ready when due by `now` (the caller's time: an enqueue's enqueued_at, a settlement's at;
+-- or true/false when the caller compared already), else delayed; and into the expiry set when it has an
+-- expiry. The caller writes rs into the record.
+local function place(id, q, o, run_at, rs, prio, ex, now)
+  local cm = rs .. o .. id
+  if now == true or (now ~= false and tonumber(run_at) <= tonumber(now)) then
+    zadd(ready(q), pscore(prio), cm)
+  else
+    zadd(delayed(q), run_at, cm)
+  end
+  if ex and ex ~= '' and tonumber(ex) then
     local xs = run_at
     if tonumber(ex) > tonumber(run_at) then xs = ex end
-    redis.call('ZADD', expiring(q), xs, id)
+    zadd(expiring(q), xs, id)
   end
-  return w, rs
 end
--- Take PENDING task id of queue q out of its claim structure (w and rs: its record's fields; o: its enqueue
--- sequence) and out of the expiry set. Returns the key suffix it was taken from (nil: none held it). A
--- parked task unparked by a claim keeps w naming its parked set, so the ready and delayed sets are tried too.
+-- Take PENDING task id of queue q out of its claim structure (w and rs: its record's fields, w naming the
+-- parked set a claim moved it to, if any; o: its enqueue sequence) and out of the expiry set. Returns the
+-- key suffix it was taken from (nil: none held it). A task unparked again keeps a stale w, so the ready and
+-- delayed sets are tried too.
 local function unplace(id, q, w, rs, o)
   redis.call('ZREM', expiring(q), id)
   if type(rs) ~= 'string' or type(o) ~= 'string' then return nil end
@@ -212,64 +219,93 @@ local function nudge(q, N, K, from)
     signal(q, N, K)
   end
 end
--- Task id leaves ACTIVE (settled, purged, or its lease found stale): remove it from the running sets it was
--- counted in (as its {P}:ar entry says, whatever its fields hold now; at most once) and recheck the parked
--- tasks of its name in every queue that has some.
-local function release(id)
-  local d = redis.call('HGET', P .. 'ar', id)
-  if not d then return end
-  redis.call('HDEL', P .. 'ar', id)
-  local size, rest = string.match(d, '^(%d+):(.*)$')
-  if not size then return end
-  size = tonumber(size)
-  local N = string.sub(rest, 1, size)
-  local K = nil
-  if #rest > size then K = string.sub(rest, size + 2) end
-  redis.call('SREM', P .. 'an:' .. N, id)
-  if K then redis.call('SREM', P .. 'ak:' .. enc(N) .. K, id) end
-  for _, q in ipairs(redis.call('SMEMBERS', P .. 'hq:' .. N)) do signal(q, N, K) end
+-- Task id leaves ACTIVE (settled, purged, or its lease found stale): rn is its record's rn field, the name
+-- and key the claim counted it under (whatever its other fields hold now). Collected, then applied by
+-- released(): removed from those running sets (removing twice is harmless), and the parked tasks of its name
+-- rechecked in every queue that has some.
+local RELEASED, RELEASED_NAMES, RN = {}, {}, {}
+local function release(id, rn)
+  if type(rn) ~= 'string' then return end
+  local sets = RN[rn]
+  if not sets then
+    local size, rest = string.match(rn, '^(%d+):(.*)$')
+    if not size then return end
+    size = tonumber(size)
+    local N = string.sub(rest, 1, size)
+    local keys = RELEASED_NAMES[N]
+    if not keys then
+      keys = {}
+      RELEASED_NAMES[N] = keys
+    end
+    sets = {'an:' .. N}
+    if #rest > size then
+      local K = string.sub(rest, size + 2)
+      keys[K] = true
+      sets[2] = 'ak:' .. enc(N) .. K
+    end
+    RN[rn] = sets
+  end
+  for _, setkey in ipairs(sets) do
+    local ids = RELEASED[setkey]
+    if not ids then
+      ids = {}
+      RELEASED[setkey] = ids
+    end
+    ids[#ids + 1] = id
+  end
 end
--- The 15 values describing one new task (see the codec's new_task_args), from ARGV[b] on.
-local function args_task(b)
-  local t = {}
-  for j = 0, 14 do t[j + 1] = ARGV[b + j] end
-  return t
+local function released()
+  for setkey, ids in pairs(RELEASED) do bulk('SREM', P .. setkey, ids) end
+  for N, keys in pairs(RELEASED_NAMES) do
+    for _, q in ipairs(redis.call('SMEMBERS', P .. 'hq:' .. N)) do
+      local hs = P .. 'hs:' .. q
+      if redis.call('HEXISTS', hs, 'n' .. N) == 1 then redis.call('HSET', hs, 'n' .. N, '-') end
+      for K in pairs(keys) do redis.call('ZADD', P .. 'hk:' .. enc(q) .. N, 'XX', '-inf', K) end
+      wake(q)
+    end
+  end
+  RELEASED, RELEASED_NAMES, RN = {}, {}, {}
 end
--- Append new task t's optional record fields (meta, priority, key, expiry) to an HSET field list.
-local function optional(fields, t)
-  if string.sub(t[9], 1, 1) == '1' then
+-- A new task is 16 values (see the codec's new_task_args) at src[b .. b+15], src being ARGV or a follow-up
+-- list: id, name, queue, payload, max_retries, timeout, enqueued_at, run_at, flags (5 characters '0'/'1':
+-- has meta, has a key, opens a uniqueness window, due at its enqueue, has an expiry), meta, priority, key,
+-- expires_at, unique key, unique_until, run_at as sortable hex.
+-- Append its optional record fields (meta, priority, key, expiry) to an HSET field list.
+local function optional(fields, src, b)
+  local flags = src[b + 8]
+  if string.byte(flags, 1) == 49 then
     fields[#fields + 1] = 'meta'
-    fields[#fields + 1] = t[10]
+    fields[#fields + 1] = src[b + 9]
   end
-  if t[11] ~= '0' then
+  if src[b + 10] ~= '0' then
     fields[#fields + 1] = 'pr'
-    fields[#fields + 1] = t[11]
+    fields[#fields + 1] = src[b + 10]
   end
-  if string.sub(t[9], 2, 2) == '1' then
+  if string.byte(flags, 2) == 49 then
     fields[#fields + 1] = 'ck'
-    fields[#fields + 1] = t[12]
+    fields[#fields + 1] = src[b + 11]
   end
-  if t[13] ~= '' then
+  if string.byte(flags, 5) == 49 then
     fields[#fields + 1] = 'ex'
-    fields[#fields + 1] = t[13]
+    fields[#fields + 1] = src[b + 12]
   end
 end
--- Store new task t as a fresh PENDING record with enqueue sequence number seq. old (a record with the same
--- id that is replaced, in a final state): its locate() result, or {} when no index holds it.
-local function store(t, seq, callid, old, queues)
-  local id, q = t[1], t[3]
+-- Store the new task at src[b] as a fresh PENDING record with enqueue sequence number seq. old (a record
+-- with the same id that is replaced, in a final state): its locate() result, or {} when no index holds it.
+local function store(src, b, seq, callid, old, queues)
+  local id, q, enqueued_at = src[b], src[b + 2], src[b + 6]
   local key = rkey(id)
   if old then
     if old[3] then redis.call('ZREM', idx(old[1], old[2]), old[3]) end
     redis.call('DEL', key)
   end
   local o = string.format('%016x', seq)
-  local w, rs = place(id, q, o, t[8], t[11], t[13], t[7])
-  local fields = {'n', t[2], 'q', q, 'p', t[4], 's', 'pending', 'a', '0', 'm', t[5], 'to', t[6], 'e', t[7],
-    'r', t[8], 'o', o, 'c', callid, 'w', w, 'rs', rs}
-  optional(fields, t)
+  place(id, q, o, src[b + 7], src[b + 15], src[b + 10], src[b + 12], string.byte(src[b + 8], 4) == 49)
+  local fields = {'n', src[b + 1], 'q', q, 'p', src[b + 3], 's', 'pending', 'a', '0', 'm', src[b + 4],
+    'to', src[b + 5], 'e', enqueued_at, 'r', src[b + 7], 'o', o, 'c', callid, 'rs', src[b + 15]}
+  optional(fields, src, b)
   redis.call('HSET', key, unpack(fields))
-  redis.call('ZADD', idx('pending', q), t[7], o .. id)
+  zadd(idx('pending', q), enqueued_at, o .. id)
   queues[q] = true
 end
 -- A claim or reclaim call retried after a dropped connection: return what the first execution leased.
@@ -290,14 +326,12 @@ local function forget(previous)
 end
 """
 
-# ARGV: P, mode ('error' | 'skip' | 'debounce'), call id, task count, then 15 values per task (see store()).
+# ARGV: P, mode ('error' | 'skip' | 'debounce'), call id, task count, then 16 values per task (see store()).
 # Returns {1, flags} with one '1' (stored) or '0' (skipped) per task, or {0, {conflicting ids}}. Uniqueness
 # windows are compared with each task's enqueued_at (never the server's clock); a window's key expires a
 # minute after the window, only to free memory.
 _ENQUEUE = """
 local mode, callid, n = ARGV[2], ARGV[3], tonumber(ARGV[4])
-local tasks = {}
-for i = 1, n do tasks[i] = args_task(5 + (i - 1) * 15) end
 local dups, dupseen, opened = {}, {}, {}
 local function conflict(id)
   if not dupseen[id] then
@@ -305,43 +339,45 @@ local function conflict(id)
     dupseen[id] = true
   end
 end
--- Whether a window on t's unique key (opened earlier in this batch, or stored) ends after t's enqueued_at.
-local function refused(t)
-  if string.sub(t[9], 3, 3) ~= '1' then return false end
+-- Whether a window on the unique key of the task at ARGV[b] (opened earlier in this batch, or stored) ends
+-- after its enqueued_at.
+local function refused(b)
+  if string.byte(ARGV[b + 8], 3) ~= 49 then return false end
   local ends = nil
-  local mine = opened[t[14]]
+  local mine = opened[ARGV[b + 13]]
   if mine then
-    ends = tonumber(mine[15])
+    ends = tonumber(ARGV[mine + 14])
   else
-    local v = redis.call('GET', P .. 'uq:' .. t[14])
+    local v = redis.call('GET', P .. 'uq:' .. ARGV[b + 13])
     if v then
       local e, cid = string.match(v, '^(%S+) (.*)$')
       if cid ~= callid then ends = tonumber(e) end  -- else opened by this very call, before a retry
     end
   end
-  return ends ~= nil and ends > tonumber(t[7])
+  return ends ~= nil and ends > tonumber(ARGV[b + 6])
 end
-local function opens(t)
-  if string.sub(t[9], 3, 3) == '1' then opened[t[14]] = t end
+local function opens(b)
+  if string.byte(ARGV[b + 8], 3) == 49 then opened[ARGV[b + 13]] = b end
 end
 local queues = {}
 local flags = {}
 if mode == 'debounce' then
   for i = 1, n do
-    if refused(tasks[i]) then conflict(tasks[i][1]) end
-    opens(tasks[i])
+    local b = 5 + (i - 1) * 16
+    if refused(b) then conflict(ARGV[b]) end
+    opens(b)
   end
   if #dups > 0 then return {0, dups} end
   local touched = {}
   for i = 1, n do
-    local t = tasks[i]
-    local id = t[1]
+    local b = 5 + (i - 1) * 16
+    local id = ARGV[b]
     local key = rkey(id)
     local cur = redis.call('HMGET', key, 's', 'q', 'o', 'c')
     if cur[4] == callid and not touched[id] then
       -- applied by this very call, before a retry
     elseif not (cur[1] or cur[2] or cur[3]) then
-      store(t, redis.call('INCR', P .. 'seq'), callid, nil, queues)
+      store(ARGV, b, redis.call('INCR', P .. 'seq'), callid, nil, queues)
     else
       local where = locate(id, cur[1], cur[2], cur[3]) or {}
       if where[1] == 'pending' then
@@ -350,26 +386,26 @@ if mode == 'debounce' then
         local o = string.sub(member, 1, 16)
         local old = redis.call('HMGET', key, 'w', 'rs', 'n', 'ck')
         nudge(q0, old[3], old[4], unplace(id, q0, old[1], old[2], o))
-        local q = t[3]
+        local q = ARGV[b + 2]
         if q ~= q0 then
           redis.call('ZREM', idx('pending', q0), member)
           redis.call('ZADD', idx('pending', q), score, member)
         end
         redis.call('HDEL', key, 'meta', 'pr', 'ck', 'ex')
-        local w, rs = place(id, q, o, t[8], t[11], t[13], t[7])
-        local fields = {'n', t[2], 'q', q, 'p', t[4], 's', 'pending', 'm', t[5], 'to', t[6], 'r', t[8],
-          'c', callid, 'w', w, 'rs', rs}
-        optional(fields, t)
+        place(id, q, o, ARGV[b + 7], ARGV[b + 15], ARGV[b + 10], ARGV[b + 12], string.byte(ARGV[b + 8], 4) == 49)
+        local fields = {'n', ARGV[b + 1], 'q', q, 'p', ARGV[b + 3], 's', 'pending', 'm', ARGV[b + 4],
+          'to', ARGV[b + 5], 'r', ARGV[b + 7], 'c', callid, 'rs', ARGV[b + 15]}
+        optional(fields, ARGV, b)
         redis.call('HSET', key, unpack(fields))
         queues[q] = true
       elseif where[1] == 'active' then
         -- One follow-up run, which the running attempt's settlement turns into the next PENDING period.
         local fk = P .. 'fu:' .. id
         redis.call('DEL', fk)
-        redis.call('RPUSH', fk, unpack(t))
+        redis.call('RPUSH', fk, unpack(ARGV, b, b + 15))
         redis.call('HSET', key, 'fu', '1', 'c', callid)
       else
-        store(t, redis.call('INCR', P .. 'seq'), callid, where, queues)
+        store(ARGV, b, redis.call('INCR', P .. 'seq'), callid, where, queues)
       end
     end
     touched[id] = true
@@ -379,12 +415,12 @@ else
   local plan, seen = {}, {}
   local fresh = 0
   for i = 1, n do
-    local t = tasks[i]
-    local id = t[1]
+    local b = 5 + (i - 1) * 16
+    local id = ARGV[b]
     local cur = nil
     if not seen[id] then cur = redis.call('HMGET', rkey(id), 's', 'q', 'o', 'c') end
     if mode == 'error' then
-      local bad = seen[id] or refused(t)
+      local bad = seen[id] or refused(b)
       if not bad then
         if cur[4] == callid then
           plan[i] = 1  -- stored by this very call, before a retry
@@ -406,24 +442,25 @@ else
         plan[i] = 0
       end
       seen[id] = true
-      opens(t)
+      opens(b)
     elseif seen[id] then
       plan[i] = 0
     elseif cur[4] == callid then
       plan[i] = 1
       seen[id] = true
-    elseif cur[1] or cur[2] or cur[3] or refused(t) then
+    elseif cur[1] or cur[2] or cur[3] or refused(b) then
       plan[i] = 0
     else
       plan[i] = 2
       fresh = fresh + 1
       seen[id] = true
-      opens(t)
+      opens(b)
     end
   end
   if #dups > 0 then return {0, dups} end
   local seq = 0
   if fresh > 0 then seq = redis.call('INCRBY', P .. 'seq', fresh) - fresh end
+  DEFER = true
   for i = 1, n do
     local p = plan[i]
     if p == 0 then
@@ -433,15 +470,16 @@ else
     else
       seq = seq + 1
       if p == 2 then p = nil end
-      store(tasks[i], seq, callid, p, queues)
+      store(ARGV, 5 + (i - 1) * 16, seq, callid, p, queues)
       flags[i] = '1'
     end
   end
+  added()
 end
-for key, t in pairs(opened) do
-  local ms = math.ceil((tonumber(t[15]) - tonumber(t[7])) * 1000)
+for key, b in pairs(opened) do
+  local ms = math.ceil((tonumber(ARGV[b + 14]) - tonumber(ARGV[b + 6])) * 1000)
   if ms > 0 then
-    redis.call('SET', P .. 'uq:' .. key, t[15] .. ' ' .. callid, 'PX', string.format('%d', ms + 60000))
+    redis.call('SET', P .. 'uq:' .. key, ARGV[b + 14] .. ' ' .. callid, 'PX', string.format('%d', ms + 60000))
   end
 end
 announce(queues)
@@ -459,7 +497,7 @@ if redis.call('EXISTS', log) == 1 then return replay(log, callid) end
 local out, taken, stale = {}, {}, {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', '(' .. now, 'LIMIT', 0, limit)) do
   local key = rkey(id)
-  local cur = redis.call('HMGET', key, 's', 'q', 'o')
+  local cur = redis.call('HMGET', key, 's', 'q', 'o', 'rn')
   local where = locate(id, 'active', cur[2], cur[3])
   if where and where[1] == 'active' then
     taken[#taken + 1] = id
@@ -478,10 +516,11 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', '(' .. no
     emit(out, token, id, read(key))
   else
     stale[#stale + 1] = id
-    release(id)
+    release(id, cur[4])
   end
 end
 if #stale > 0 then bulk('ZREM', P .. 'leases', stale) end
+released()
 if #taken > 0 then
   bulk('RPUSH', log, taken)
   redis.call('EXPIRE', log, %(ttl)d)
@@ -507,13 +546,15 @@ end
 return lost
 """
 
-# ARGV: P, call id, then per settlement: id, token, state, at, run_at, flags (3 characters '0'/'1': has
-# error, has result, refund attempt), error, result, follow-up count, 15 values per follow-up task.
+# ARGV: P, call id, then per settlement: id, token, state, at, run_at, run_at as sortable hex, flags (3
+# characters '0'/'1': has error, has result, refund attempt), error, result, follow-up count, 16 values per
+# follow-up task.
 # Returns the ids whose lease was lost. A settlement repeated with the same token and verdict (a retry after
 # a dropped connection) counts as applied and changes nothing.
 _SETTLE = """
 local callid = ARGV[2]
 local lost, queues = {}, {}
+DEFER = true  -- each task is stored or placed at most once per call
 -- Sorted-set changes are collected per key and made at the end, many members per command.
 local removals, additions = {}, {}
 local function later(map, key, a, b)
@@ -524,14 +565,14 @@ local function later(map, key, a, b)
 end
 local i = 3
 while i <= #ARGV do
-  local id, token, state, at, run_at, flags = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4],
+  local id, token, state, at, run_at, run_rs = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4],
     ARGV[i + 5]
-  local nthen = tonumber(ARGV[i + 8])
-  local first = i + 9
-  local err, res = ARGV[i + 6], ARGV[i + 7]
-  i = first + nthen * 15
+  local flags, err, res = ARGV[i + 6], ARGV[i + 7], ARGV[i + 8]
+  local nthen = tonumber(ARGV[i + 9])
+  local first = i + 10
+  i = first + nthen * 16
   local key = rkey(id)
-  local cur = redis.call('HMGET', key, 's', 'k', 'q', 'o', 'a', 'pr', 'ex', 'fu', 'sv')
+  local cur = redis.call('HMGET', key, 's', 'k', 'q', 'o', 'a', 'fu', 'rn')
   -- The record's place in the indexes (and its index score) comes from the indexes themselves, so a damaged
   -- queue or enqueued_at field cannot misplace it; a record no active index holds is left to recovery.
   local where = nil
@@ -541,25 +582,25 @@ while i <= #ARGV do
     local o = string.sub(member, 1, 16)
     later(removals, P .. 'leases', id)
     later(removals, idx('active', q), member)
-    release(id)
+    release(id, cur[7])
     local follow = nil
-    if cur[8] == '1' then
+    if cur[6] == '1' then
       local fk = P .. 'fu:' .. id
       follow = redis.call('LRANGE', fk, 0, -1)
       redis.call('DEL', fk)
-      if #follow ~= 15 then follow = nil end  -- damaged: settle as if there were none
+      if #follow ~= 16 then follow = nil end  -- damaged: settle as if there were none
     end
     if follow then
       -- The debounced follow-up: the record's next PENDING period, with the follow-up's fields.
       local t = follow
-      local r = t[8]
-      if state == 'pending' and tonumber(run_at) > tonumber(r) then r = run_at end
+      local r, rs = t[8], t[16]
+      if state == 'pending' and tonumber(run_at) > tonumber(r) then r, rs = run_at, run_rs end
       local nq = t[3]
       redis.call('HDEL', key, 'meta', 'pr', 'ck', 'ex', 'res', 'fu')
-      local w, rs = place(id, nq, o, r, t[11], t[13], at)
+      place(id, nq, o, r, rs, t[11], t[13], at)
       local set = {'n', t[2], 'q', nq, 'p', t[4], 's', 'pending', 'a', '0', 'm', t[5], 'to', t[6], 'e', t[7],
-        'r', r, 'st', '', 'f', '', 'l', '', 'w', w, 'rs', rs, 'sv', state}
-      optional(set, t)
+        'r', r, 'st', '', 'f', '', 'l', '', 'rs', rs, 'sv', state}
+      optional(set, t, 1)
       if string.sub(flags, 1, 1) == '1' then
         set[#set + 1] = 'err'
         set[#set + 1] = err
@@ -569,7 +610,7 @@ while i <= #ARGV do
       queues[nq] = true
     else
       local set = {'s', state, 'l', ''}
-      if cur[8] then
+      if cur[6] then
         set[#set + 1] = 'fu'
         set[#set + 1] = ''
       end
@@ -582,13 +623,12 @@ while i <= #ARGV do
         set[#set + 1] = q
       end
       if state == 'pending' then
-        local w, rs = place(id, q, o, run_at, cur[6], cur[7], at)
+        local flow = redis.call('HMGET', key, 'pr', 'ex')
+        place(id, q, o, run_at, run_rs, flow[1], flow[2], at)
         set[#set + 1] = 'r'
         set[#set + 1] = run_at
-        set[#set + 1] = 'w'
-        set[#set + 1] = w
         set[#set + 1] = 'rs'
-        set[#set + 1] = rs
+        set[#set + 1] = run_rs
         local attempts = count(cur[5])
         if string.sub(flags, 3, 3) == '1' and attempts and attempts > 0 then
           set[#set + 1] = 'a'
@@ -609,17 +649,19 @@ while i <= #ARGV do
       end
     end
     for t = 0, nthen - 1 do
-      local b = first + t * 15
+      local b = first + t * 16
       if redis.call('EXISTS', rkey(ARGV[b])) == 0 then
-        store(args_task(b), redis.call('INCR', P .. 'seq'), callid, nil, queues)
+        store(ARGV, b, redis.call('INCR', P .. 'seq'), callid, nil, queues)
       end
     end
-  elseif not (cur[2] == token and (cur[1] == state or cur[9] == state)) then
+  elseif not (cur[2] == token and (cur[1] == state or redis.call('HGET', key, 'sv') == state)) then
     lost[#lost + 1] = id
   end
 end
 for key, list in pairs(removals) do bulk('ZREM', key, list) end
 for key, list in pairs(additions) do bulk('ZADD', key, list) end
+added()
+released()
 announce(queues)
 return lost
 """

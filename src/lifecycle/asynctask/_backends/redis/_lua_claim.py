@@ -48,15 +48,16 @@ EXPIRE_BOUND = 200
 """At most this many expired tasks a claim call cancels through the expiry sets (more are cancelled when the
 claim meets them in a ready set)."""
 
-# ARGV: P, now, lease_until, limit, call id, previous call id or '', limit count, then per limited name:
-# name, rate, per, max_running, max_running_per_key ('' when not set); then queues... in priority order.
+# ARGV: P, now, now as sortable hex, lease_until, limit, call id, previous call id or '', limit count, then
+# per limited name: name, rate, per, max_running, max_running_per_key ('' when not set); then queues... in
+# priority order.
 # Returns '1' when the call stopped at one of its bounds (more may be due) else '0', then 18 values per
 # claimed task: token, id, the 16 record FIELDS... (see FIELDS). Every record's change stands alone: a
 # damaged field is never computed with (the record is leased and returned as stored, for the engine to
 # report), and an index entry whose record is gone is dropped.
 _CLAIM = """
-local now, lease, limit, callid = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
-forget(ARGV[6])
+local now, SNOW, lease, limit, callid = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
+forget(ARGV[7])
 local log = P .. 'c:' .. callid
 if redis.call('EXISTS', log) == 1 then
   local again = replay(log, callid)
@@ -64,31 +65,59 @@ if redis.call('EXISTS', log) == 1 then
   return again
 end
 local NOW = tonumber(now)
-local SNOW = sortable(NOW)
+local DUE = SNOW .. 'g'
 local INF = math.huge
 local LIM = {}
-local nlim = tonumber(ARGV[7])
+local nlim = tonumber(ARGV[8])
 for j = 0, nlim - 1 do
-  local b = 8 + j * 5
+  local b = 9 + j * 5
   LIM[ARGV[b]] = {rate = tonumber(ARGV[b + 1]), per = tonumber(ARGV[b + 2]), mr = tonumber(ARGV[b + 3]),
     mk = tonumber(ARGV[b + 4])}
 end
-local qfirst = 8 + nlim * 5
+local qfirst = 9 + nlim * 5
 local paused = {}
 for _, q in ipairs(redis.call('SMEMBERS', P .. 'paused')) do paused[q] = true end
 local budget, moves, sweeps = %(scan)d, %(moves)d + limit, %(sweeps)d
 local out, ids, leases = {'0'}, {}, {}
 local n = 0
-local RUN, BUCKETS, REFUSED = {}, {}, {}
+local RUN, CHECKED, ADDED, BUCKETS, REFUSED, NAMES = {}, {}, {}, {}, {}, {}
 
--- The ACTIVE tasks in running set `setkey`, counted once per call and kept up to date as it claims.
-local function running(setkey)
+-- The ACTIVE tasks in running set `setkey`, counted once per call and kept up to date as it claims (its
+-- new members are added at the end). When the count reaches `limit`, the members are checked once per call:
+-- an id whose record was deleted behind the backend's back (or is in a state other than ACTIVE) is dropped,
+-- so no such leak ever holds a slot.
+local function running(setkey, limit)
   local c = RUN[setkey]
   if c == nil then
     c = redis.call('SCARD', P .. setkey)
     RUN[setkey] = c
   end
+  if limit and c >= limit and not CHECKED[setkey] then
+    CHECKED[setkey] = true
+    local stale = {}
+    for _, id in ipairs(redis.call('SMEMBERS', P .. setkey)) do
+      local s = redis.call('HGET', rkey(id), 's')
+      if not s or s == 'pending' or s == 'succeeded' or s == 'dead' or s == 'cancelled' then
+        stale[#stale + 1] = id
+      end
+    end
+    if #stale > 0 then
+      bulk('SREM', P .. setkey, stale)
+      c = c - #stale
+      RUN[setkey] = c
+    end
+  end
   return c
+end
+-- Count leased task id in running set `setkey` (written at the end of the call).
+local function count_in(setkey, id)
+  RUN[setkey] = running(setkey) + 1
+  local ids = ADDED[setkey]
+  if not ids then
+    ids = {}
+    ADDED[setkey] = ids
+  end
+  ids[#ids + 1] = id
 end
 -- Name N's rate bucket refilled to now: {tokens, at, dirty}; full when never used (or unreadable).
 local function bucket(N, L)
@@ -121,8 +150,8 @@ end
 -- nil when limits L let a task of name N (key K) start now, its token then taken; else what holds it:
 -- 'n' max_running, 'k' max_running_per_key, 'r' the rate.
 local function admit(N, K, L)
-  if L.mr and running('an:' .. N) >= L.mr then return 'n' end
-  if L.mk and K and running('ak:' .. enc(N) .. K) >= L.mk then return 'k' end
+  if L.mr and running('an:' .. N, L.mr) >= L.mr then return 'n' end
+  if L.mk and K and running('ak:' .. enc(N) .. K, L.mk) >= L.mk then return 'k' end
   if L.rate then
     local b = bucket(N, L)
     if b.tokens < 1 then
@@ -196,7 +225,7 @@ local function recheck(q)
           or (not plus and tonumber(v) and tonumber(v) <= NOW) then
         budget = budget - 1
         local cap = INF
-        if L.mr then cap = L.mr - running('an:' .. N) end
+        if L.mr then cap = L.mr - running('an:' .. N, L.mr) end
         local moved, empty = unpark(q, heldkey(q, 'n', N), cap)
         if empty then
           redis.call('HDEL', hs, f)
@@ -249,7 +278,7 @@ local function recheck(q)
         if budget <= 0 then break end
         budget = budget - 1
         local cap = INF
-        if L.mk then cap = L.mk - running('ak:' .. enc(N) .. K) end
+        if L.mk then cap = L.mk - running('ak:' .. enc(N) .. K, L.mk) end
         local moved, empty = unpark(q, heldkey(q, 'k', N, K), cap)
         if empty then
           redis.call('ZREM', hk, K)
@@ -271,7 +300,7 @@ local function recheck(q)
 end
 -- Cancel PENDING task `key` of queue q (index member pmember, index score iscore) as expired.
 local function expire(key, q, pmember, iscore, qfield)
-  local set = {'s', 'cancelled', 'f', now, 'err', EXPIRED, 'w', ''}
+  local set = {'s', 'cancelled', 'f', now, 'err', EXPIRED}
   if qfield ~= q then
     set[#set + 1] = 'q'
     set[#set + 1] = q
@@ -324,16 +353,17 @@ local function take(q)
   while n < limit and budget > 0 do
     local want = limit - n + 16
     if want > budget + limit - n then want = budget + limit - n end
-    local page = redis.call('ZRANGE', rk, off, off + want - 1, 'WITHSCORES')
+    local page = redis.call('ZRANGE', rk, off, off + want - 1)
     if #page == 0 then break end
-    off = off + #page / 2
-    for j = 1, #page, 2 do
+    off = off + #page
+    for _, member in ipairs(page) do
       if n >= limit or budget <= 0 then break end
       budget = budget - 1  -- given back when the task is leased: the bound is on the others
-      local member, score = page[j], page[j + 1]
-      local id = string.sub(member, 33)
-      if string.sub(member, 1, 16) <= SNOW then  -- else promoted by a claim with a later clock
-        local pmember = string.sub(member, 17, 32) .. id
+      -- Due when its 16 hex digits of run_at are at most now's (hex digits sort before 'g'); else it was
+      -- moved here by a claim with a later clock.
+      if member < DUE then
+        local pmember = string.sub(member, 17)
+        local id = string.sub(member, 33)
         local key = rkey(id)
         local rec = read(key)
         if not (rec[1] or rec[2] or rec[4]) and redis.call('EXISTS', key) == 0 then
@@ -359,14 +389,14 @@ local function take(q)
             xrem[#xrem + 1] = id
             nudge(q, N, K, 'rd:' .. q)
           elseif kind then
-            park(q, kind, N, K, L, score, member, id)
+            park(q, kind, N, K, L, redis.call('ZSCORE', rk, member), member, id)
             removed[#removed + 1] = member
           else
             n = n + 1
             budget = budget + 1
             local token = callid .. ':' .. n
             local attempts = count(rec[5])
-            local set = {'s', 'active', 'st', now, 'l', lease, 'k', token, 'w', ''}
+            local set = {'s', 'active', 'st', now, 'l', lease, 'k', token}
             if attempts then
               rec[5] = string.format('%d', attempts + 1)
               set[#set + 1] = 'a'
@@ -377,21 +407,25 @@ local function take(q)
               set[#set + 1] = 'q'
               set[#set + 1] = q
             end
+            if N then
+              -- Counted in the running sets of its name (and key) until it leaves ACTIVE; rn says which, so
+              -- release() undoes exactly this whatever the other fields hold by then.
+              local names = NAMES[N]
+              if not names then
+                names = {'an:' .. N, enc(N)}
+                NAMES[N] = names
+              end
+              count_in(names[1], id)
+              local rn = names[2]
+              if K then
+                count_in('ak:' .. rn .. K, id)
+                rn = rn .. ':' .. K
+              end
+              set[#set + 1] = 'rn'
+              set[#set + 1] = rn
+            end
             redis.call('HSET', key, unpack(set))
             rec[4], rec[10], rec[12] = 'active', now, lease
-            if N then
-              -- Counted in the running sets of its name (and key) until it leaves ACTIVE; {P}:ar remembers
-              -- where, so release() undoes exactly this.
-              local an = 'an:' .. N
-              RUN[an] = running(an) + redis.call('SADD', P .. an, id)
-              local d = enc(N)
-              if K then
-                local ak = 'ak:' .. enc(N) .. K
-                RUN[ak] = running(ak) + redis.call('SADD', P .. ak, id)
-                d = d .. ':' .. K
-              end
-              redis.call('HSET', P .. 'ar', id, d)
-            end
             if rec[18] then xrem[#xrem + 1] = id end
             active[#active + 1] = iscore
             active[#active + 1] = pmember
@@ -438,6 +472,7 @@ for N, b in pairs(BUCKETS) do
   if b.dirty then redis.call('HSET', P .. 'tb', N, string.format('%.17g %.17g', b.tokens, b.at)) end
 end
 for N in pairs(REFUSED) do redis.call('HINCRBY', P .. 'tr', N, 1) end
+for setkey, ids in pairs(ADDED) do bulk('SADD', P .. setkey, ids) end
 if n > 0 then
   bulk('ZADD', P .. 'leases', leases)
   bulk('RPUSH', log, ids)
@@ -524,6 +559,17 @@ return {redis.call('SCARD', P .. 'an:' .. N), for_key, redis.call('HGET', P .. '
 # Returns the layout version when done, 0 when more calls are needed. Idempotent: safe to run from several
 # processes at once and to repeat.
 _MIGRATE = """
+-- A time as 16 hex digits that sort (as text) the way the times do: the IEEE double, big-endian, with the
+-- sign bit flipped for positive numbers and every bit flipped for negative ones.
+local function sortable(x)
+  local b = {string.byte(struct.pack('>d', x), 1, 8)}
+  if b[1] >= 128 then
+    for i = 1, 8 do b[i] = 255 - b[i] end
+  else
+    b[1] = b[1] + 128
+  end
+  return string.format('%02x%02x%02x%02x%02x%02x%02x%02x', unpack(b))
+end
 local chunk = tonumber(ARGV[2])
 local layout = tonumber(redis.call('GET', P .. 'layout') or '0')
 if layout >= %(version)d then return layout end
@@ -540,7 +586,7 @@ for _, q in ipairs(queues) do
       adds[#adds + 1] = score
       adds[#adds + 1] = rs .. member
       gone[#gone + 1] = member
-      if redis.call('EXISTS', rkey(id)) == 1 then redis.call('HSET', rkey(id), 'w', 'dl:' .. q, 'rs', rs) end
+      if redis.call('EXISTS', rkey(id)) == 1 then redis.call('HSET', rkey(id), 'rs', rs) end
     end
     bulk('ZADD', delayed(q), adds)
     bulk('ZREM', old, gone)
@@ -551,9 +597,9 @@ for _, q in ipairs(queues) do
   for _, member in ipairs(redis.call('ZRANGE', idx('active', q), 0, -1)) do
     local id = string.sub(member, 17)
     local N = redis.call('HGET', rkey(id), 'n')
-    if N and redis.call('HEXISTS', P .. 'ar', id) == 0 then
+    if N then
       redis.call('SADD', P .. 'an:' .. N, id)
-      redis.call('HSET', P .. 'ar', id, enc(N))
+      redis.call('HSET', rkey(id), 'rn', enc(N))
     end
   end
 end
