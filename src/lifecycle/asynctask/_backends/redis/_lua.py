@@ -392,7 +392,8 @@ if mode == 'debounce' then
           redis.call('ZADD', idx('pending', q), score, member)
         end
         redis.call('HDEL', key, 'meta', 'pr', 'ck', 'ex')
-        place(id, q, o, ARGV[b + 7], ARGV[b + 15], ARGV[b + 10], ARGV[b + 12], string.byte(ARGV[b + 8], 4) == 49)
+        local due = string.byte(ARGV[b + 8], 4) == 49
+        place(id, q, o, ARGV[b + 7], ARGV[b + 15], ARGV[b + 10], ARGV[b + 12], due)
         local fields = {'n', ARGV[b + 1], 'q', q, 'p', ARGV[b + 3], 's', 'pending', 'm', ARGV[b + 4],
           'to', ARGV[b + 5], 'r', ARGV[b + 7], 'c', callid, 'rs', ARGV[b + 15]}
         optional(fields, ARGV, b)
