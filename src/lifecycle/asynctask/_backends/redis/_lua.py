@@ -30,7 +30,8 @@ live in the declared key's slot. The key layout, version 2 (documented in ``docs
 - ``{P}:leases``           sorted set of ACTIVE task ids by lease_until: what reclaim takes from.
 - ``{P}:an:<name>``, ``{P}:ak:<len>:<name><key>`` sets of the ACTIVE task ids of a name, and of a name and
   concurrency key. Every way out of ACTIVE removes the id from the sets its rn field names; an id whose
-  record was deleted behind the backend's back is dropped by the next claim that finds the set at a limit.
+  record was deleted behind the backend's back is found when its lease expires (recovery then sets
+  ``{P}:check`` for five minutes, during which claims check the sets they find at a limit).
 - ``{P}:hs:<queue>``, ``{P}:hk:<len>:<queue><name>``, ``{P}:hq:<name>``: parked tasks' bookkeeping (see
   ``_lua_claim``); ``{P}:tb`` hash name -> rate bucket ``"tokens as_of"``; ``{P}:paused`` set of paused
   queues; ``{P}:uq:<unique key>`` uniqueness window ``"until call_id"`` (expires after the window);
@@ -517,7 +518,13 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', '(' .. no
     emit(out, token, id, read(key))
   else
     stale[#stale + 1] = id
-    release(id, cur[4])
+    if cur[4] then
+      release(id, cur[4])
+    elseif not (cur[1] or cur[2] or cur[3]) then
+      -- The record was deleted behind the backend's back: its id is in running sets no script can name.
+      -- For a while, claims check the running sets they find at a limit (see the claim script).
+      redis.call('SET', P .. 'check', '1', 'EX', 300)
+    end
   end
 end
 if #stale > 0 then bulk('ZREM', P .. 'leases', stale) end

@@ -77,22 +77,23 @@ end
 local qfirst = 9 + nlim * 5
 local paused = {}
 for _, q in ipairs(redis.call('SMEMBERS', P .. 'paused')) do paused[q] = true end
+local CHECK = redis.call('EXISTS', P .. 'check') == 1
 local budget, moves, sweeps = %(scan)d, %(moves)d + limit, %(sweeps)d
 local out, ids, leases = {'0'}, {}, {}
 local n = 0
 local RUN, CHECKED, ADDED, BUCKETS, REFUSED, NAMES = {}, {}, {}, {}, {}, {}
 
 -- The ACTIVE tasks in running set `setkey`, counted once per call and kept up to date as it claims (its
--- new members are added at the end). When the count reaches `limit`, the members are checked once per call:
--- an id whose record was deleted behind the backend's back (or is in a state other than ACTIVE) is dropped,
--- so no such leak ever holds a slot.
+-- new members are added at the end). While {P}:check exists (a recovery found a leased task whose record
+-- was deleted behind the backend's back), a set at its limit is checked once per call: an id whose record
+-- is gone (or in a state other than ACTIVE) is dropped, so such a leak holds a slot no longer than a lease.
 local function running(setkey, limit)
   local c = RUN[setkey]
   if c == nil then
     c = redis.call('SCARD', P .. setkey)
     RUN[setkey] = c
   end
-  if limit and c >= limit and not CHECKED[setkey] then
+  if CHECK and limit and c >= limit and not CHECKED[setkey] then
     CHECKED[setkey] = true
     local stale = {}
     for _, id in ipairs(redis.call('SMEMBERS', P .. setkey)) do
@@ -221,7 +222,7 @@ local function recheck(q)
     local plus = string.sub(v, 1, 1) == '+'
     local gone = false
     if kind == 'n' then
-      if not L.mr or v == '-' or (plus and tonumber(string.sub(v, 2)) ~= L.mr)
+      if not L.mr or v == '-' or CHECK or (plus and tonumber(string.sub(v, 2)) ~= L.mr)
           or (not plus and tonumber(v) and tonumber(v) <= NOW) then
         budget = budget - 1
         local cap = INF
@@ -263,7 +264,8 @@ local function recheck(q)
       if not L.mk then
         keys = redis.call('ZRANGE', hk, 0, budget - 1)
       else
-        if tonumber(v) ~= L.mk then  -- the limit changed since these tasks were parked: recheck every key
+        if tonumber(v) ~= L.mk or CHECK then  -- the limit changed since these tasks were parked (or a leak
+          -- is being looked for): recheck every key
           local adds = {}
           for _, K in ipairs(redis.call('ZRANGE', hk, 0, -1)) do
             adds[#adds + 1] = '-inf'
