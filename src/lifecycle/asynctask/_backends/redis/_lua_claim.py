@@ -539,9 +539,12 @@ redis.call('SADD', P .. 'paused', ARGV[2])
 return 1
 """
 
-# ARGV: P, queue. Resumes the queue (idempotent) and wakes its idle workers.
+# ARGV: P, queue. Resumes the queue (idempotent) and wakes its idle workers (when it holds tasks at all).
 _RESUME = """
-if redis.call('SREM', P .. 'paused', ARGV[2]) == 1 then wake(ARGV[2]) end
+local q = ARGV[2]
+if redis.call('SREM', P .. 'paused', q) == 1 and redis.call('SISMEMBER', P .. 'queues', q) == 1 then
+  wake(q)
+end
 return 1
 """
 
