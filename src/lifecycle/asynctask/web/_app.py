@@ -16,6 +16,7 @@ import anyio
 
 from ..._redact import redact
 from ...asynctask import AsyncTasks, Backend, TaskState
+from .._backend import is_backend
 from ._access import Access, access_for
 from ._data import (
     FINAL_STATES,
@@ -365,7 +366,7 @@ def dashboard(
 
         app.mount("/tasks", dashboard(tasks, token=os.environ["DASHBOARD_TOKEN"]))
     """
-    if not isinstance(source, (AsyncTasks, Backend)):
+    if not isinstance(source, AsyncTasks) and not is_backend(source):  # flow control aside, as AsyncTasks
         raise TypeError(
             f"dashboard() needs an AsyncTasks or a Backend (e.g. SQLiteBackend('tasks.db')), got {source!r}"
         )
