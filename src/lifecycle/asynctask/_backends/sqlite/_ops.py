@@ -81,6 +81,25 @@ def _claim_statement(count: int) -> str:
     )
 
 
+_CLAIM_READY = (
+    f"UPDATE lifecycle_tasks SET state = 'active', "
+    f"attempts = CASE WHEN {_COUNTED} THEN attempts + 1 ELSE attempts END, started_at = ?, "
+    f"lease_until = ?, token = {_NEW_TOKEN} WHERE seq IN (SELECT seq {_DUE}{_IN_CLAIM_ORDER} LIMIT ?) "
+    f"RETURNING token, seq, {TASK_COLUMNS}"
+)
+_RUN_AT = 2 + 9  # the positions of run_at and priority in a claimed row (token, seq, TASK_COLUMNS)
+_PRIORITY = 2 + 16
+
+
+def _claim_order(row: Sequence[Any]) -> tuple[Any, ...]:
+    """The claim order of a returned row, as the pending index holds it: highest priority first (SQLite
+    sorts blobs above text above numbers, so a damaged priority comes first), then run_at, then seq."""
+    priority = row[_PRIORITY]
+    if type(priority) is int or type(priority) is float:
+        return (1, -priority, row[_RUN_AT], row[1])
+    return (0 if isinstance(priority, bytes) else 0.5, 0, row[_RUN_AT], row[1])
+
+
 _EXPIRED = "expired before it started"
 _EXPIRE = (
     "UPDATE lifecycle_tasks SET state = 'cancelled', finished_at = ?, last_error = ?, lease_until = NULL, "
@@ -535,15 +554,19 @@ def claim(
         if queue in paused:
             continue
         connection.execute(_EXPIRE, (now, _EXPIRED, queue, now, now))
-        if flow is None:
-            seqs = [seq for (seq,) in connection.execute(_READY, (queue, now, wanted))]
+        if flow is None:  # one statement, the same every time (no statement to prepare per batch size)
+            rows = connection.execute(_CLAIM_READY, (now, lease_until, queue, now, wanted)).fetchall()
+            rows.sort(key=_claim_order)  # RETURNING gives no order: put them back in claim order
         else:
             seqs = flow.pick(connection, queue, wanted)
-        if not seqs:
-            continue
-        rows = connection.execute(_claim_statement(len(seqs)), (now, lease_until, *seqs)).fetchall()
-        order = {seq: index for index, seq in enumerate(seqs)}
-        rows.sort(key=lambda row: order[row[1]])  # RETURNING gives no order: put them back in claim order
+            if not seqs:
+                continue
+            # The IN list padded to a power of two (repeating a seq): a few statements, each prepared once.
+            size = 1 << (len(seqs) - 1).bit_length()
+            padded = [*seqs, *[seqs[-1]] * (size - len(seqs))]
+            rows = connection.execute(_claim_statement(size), (now, lease_until, *padded)).fetchall()
+            order = {seq: index for index, seq in enumerate(seqs)}
+            rows.sort(key=lambda row: order[row[1]])
         claimed.extend(ClaimedTask(token=row[0], record=record_from_row(row[2:])) for row in rows)
     if flow is not None:
         flow.save(connection)
