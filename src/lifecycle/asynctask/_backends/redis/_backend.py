@@ -66,9 +66,11 @@ class RedisBackend:
     Any number of worker processes on any number of hosts may share one server and ``prefix`` (each with its
     own ``RedisBackend``). Every state change is one Lua script, so it is atomic; claims lease a whole batch
     in one script call and settlements, heartbeats and enqueues are batched the same way, so a busy worker
-    needs far fewer than one round trip per task. Idle workers block on the server (``BLPOP`` on a per-queue
-    wake-up list, on a connection of their own) until a task is enqueued or released or the earliest delayed
-    task is due, so nothing polls.
+    needs far fewer than one round trip per task. Flow control (priorities, paused queues, rate and
+    concurrency limits, expiry, uniqueness windows, debounce) is applied inside the same claim and enqueue
+    scripts, so it holds across every worker. Idle workers block on the server (``BLPOP`` on a per-queue
+    wake-up list, on a connection of their own) until a task is enqueued or released, the earliest delayed
+    task is due, or a task held back by a limit may start (a slot freed, a token refilled), so nothing polls.
 
     Durability is Redis's: a task is in the server's memory once :meth:`enqueue_many` returns, and survives a
     server crash only as far as the server's persistence allows (``appendonly yes`` with
@@ -339,8 +341,9 @@ class RedisBackend:
         priorities, ``limits``, expiry) applied in it; see :meth:`Backend.claim`.
 
         Tasks that ``limits`` hold back are parked (moved aside, still pending) so that later claims pass them
-        over at no cost until a slot is freed or the rate bucket refills. One call examines at most
-        1000 tasks (``SCAN_BOUND``); when it stopped there, the next :meth:`wait_for_work` returns at once.
+        over at no cost until a slot is freed or the rate bucket refills. Besides the tasks it leases, one
+        call examines at most 1000 entries (``SCAN_BOUND``); when it stopped there, the next
+        :meth:`wait_for_work` returns at once, so the next claim goes on.
         """
         runner = self._run()
         if not queues or limit <= 0:
