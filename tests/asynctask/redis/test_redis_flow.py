@@ -303,3 +303,16 @@ async def test_resuming_a_queue_wakes_its_idle_workers(
             await operator.resume("default")
             await woken.wait()
     assert await _claim(worker, None, time.time()) == ["held"]
+
+
+async def test_a_claim_counts_as_refused_only_when_it_leaves_tasks_waiting_for_a_token(
+    open_redis: OpenRedis,
+) -> None:
+    backend = await open_redis()
+    limits = {CAPPED: FlowLimits(rate=2, per=10.0)}
+    await backend.enqueue_many([_task(f"r{n}", CAPPED) for n in range(3)])
+    assert await _claim(backend, limits, T0) == ["r0", "r1"]
+    assert (await backend.flow_state(CAPPED, None, now=T0, limits=limits[CAPPED])).refused == 1
+    assert await _claim(backend, limits, T0 + 1) == []  # still parked, waiting for its token: refused again
+    assert await _claim(backend, limits, T0 + 100) == ["r2"], "the refilled bucket lets the parked task start"
+    assert (await backend.flow_state(CAPPED, None, now=T0 + 100, limits=limits[CAPPED])).refused == 2

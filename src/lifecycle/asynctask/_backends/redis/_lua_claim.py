@@ -238,10 +238,11 @@ local function recheck(q)
         end
       end
     elseif kind == 'r' then
-      if L.rate and redis.call('EXISTS', P .. heldkey(q, 'r', N)) == 1 then
+      local waiting = not plus and tonumber(v) and tonumber(v) > NOW
+      if L.rate and waiting and redis.call('EXISTS', P .. heldkey(q, 'r', N)) == 1 then
         REFUSED[N] = true  -- this claim finds due tasks of the name parked for want of a token
       end
-      if not L.rate or plus or not (tonumber(v) and tonumber(v) > NOW) then
+      if not L.rate or not waiting then
         budget = budget - 1
         local cap, b = INF, nil
         if L.rate then
@@ -255,6 +256,7 @@ local function recheck(q)
         elseif cap > moved then
           redis.call('HSET', hs, f, now)
         else
+          REFUSED[N] = true  -- tasks of the name stay parked: the bucket has no token for them
           redis.call('HSET', hs, f, refill_time(b, L, b.tokens - moved))
         end
       end
