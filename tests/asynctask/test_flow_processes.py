@@ -3,7 +3,9 @@ from the start and end times the tasks write (``spans.log``).
 
 - ``rate_limit="20/s"``: the starts of a backlog drained by 3 workers run at 20/s (within 10 %) over 5 s;
 - ``max_running_per_key=1``: no two tasks of one key ever overlap, while tasks of different keys do;
-- ``max_running=2``: never more than 2 run at once across the 3 processes.
+- ``max_running=2``: never more than 2 run at once across the 3 processes;
+- a worker killed (``kill -9``) while it holds the one slot of ``max_running=1`` gives it back once its
+  lease expired and recovery settled its task: the other tasks then run.
 
 Parametrised by backend URL as ``test_processes.py`` is; a backend without flow control yet is skipped.
 """
@@ -130,3 +132,23 @@ def test_max_running_is_never_exceeded_across_three_worker_processes(
     spans = [span for span in read_spans(out) if span[0] == "capped"]
     assert len(spans) == count
     assert most_at_once(spans) == 2, "max_running=2: two at once at most, and two did run together"
+
+
+def test_a_killed_worker_gives_its_slot_back_after_recovery(backend_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with Workers(backend_url, out) as workers:
+        victim = workers.start("victim", lease=1.0, extra=["--flow"])
+        workers.wait_for("ready", worker="victim")
+        enqueue(backend_url, [Call("procs.solo", key) for key in ("doomed", "next-1", "next-2")])
+        workers.wait_for("started", key="doomed", worker="victim")
+        victim.kill()  # kill -9 while it holds the only slot of procs.solo
+
+        rescuer = workers.start("rescuer", lease=1.0, extra=["--flow"])
+        workers.wait_for("ready", worker="rescuer")
+        expected = {"doomed", "next-1", "next-2"}
+        workers.wait_until(lambda seen: workers.keys_ran() >= expected, what="the slot came back: all ran")
+        assert workers.stop_all()["rescuer"] == 0
+    spans = [span for span in read_spans(out) if span[0] == "solo"]
+    assert sorted(span[1] for span in spans) == sorted(expected)
+    assert {span[4] for span in spans} == {rescuer.pid}
+    assert most_at_once(spans) == 1

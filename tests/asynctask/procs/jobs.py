@@ -130,11 +130,32 @@ async def capped(key: str, seconds: float) -> None:
     _span("capped", key, started, time.time())
 
 
+async def solo(ctx: TaskContext, key: str) -> None:
+    """One at a time in the store (``max_running=1``); a key starting with ``doomed`` hangs the first time
+    any worker starts it (as :func:`hang_first`), so a test can kill the worker that holds the one slot."""
+    started = time.time()
+    if not key.startswith("doomed"):
+        emit("started", key=key, attempt=ctx.attempt, first=False)
+        _span("solo", key, started, time.time())
+        return
+    try:
+        fd = os.open(_out_dir / f"first-{key}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        emit("started", key=key, attempt=ctx.attempt, first=False)
+        _span("solo", key, started, time.time())
+        return
+    os.close(fd)
+    emit("started", key=key, attempt=ctx.attempt, first=True)
+    await anyio.sleep_forever()
+
+
 def register_flow_jobs(tasks: AsyncTasks) -> None:
-    """Register the flow-limited functions (``procs.rated``, ``procs.keyed``, ``procs.capped``)."""
+    """Register the flow-limited functions (``procs.rated``, ``procs.keyed``, ``procs.capped``,
+    ``procs.solo``)."""
     tasks.register(rated, name="procs.rated", rate_limit="20/s")
     tasks.register(keyed, name="procs.keyed", max_running_per_key=1)
     tasks.register(capped, name="procs.capped", max_running=2)
+    tasks.register(solo, name="procs.solo", max_running=1)
 
 
 def read_spans(out_dir: Path) -> list[tuple[str, str, float, float, int]]:
