@@ -17,13 +17,17 @@ from ._model import Abort as Abort
 from ._model import Call as Call
 from ._model import ChainInfo as ChainInfo
 from ._model import ChainStep as ChainStep
+from ._model import FlowStats as FlowStats
 from ._model import QueueStats as QueueStats
 from ._model import Retry as Retry
 from ._model import TaskContext as TaskContext
+from ._model import TaskFlow as TaskFlow
 from ._model import TaskInfo as TaskInfo
 from ._names import publish as _publish
 from ._observer import TaskObserver as TaskObserver
 from ._records import ClaimedTask as ClaimedTask
+from ._records import FlowLimits as FlowLimits
+from ._records import FlowState as FlowState
 from ._records import NewTask as NewTask
 from ._records import Settlement as Settlement
 from ._records import TaskRecord as TaskRecord
@@ -43,6 +47,9 @@ __all__ = (
     "ClaimedTask",
     "DuplicateTaskError",
     "Encoding",
+    "FlowLimits",
+    "FlowState",
+    "FlowStats",
     "JSONEncoding",
     "ManualClock",
     "MemoryBackend",
@@ -54,6 +61,7 @@ __all__ = (
     "ScheduleInfo",
     "Settlement",
     "TaskContext",
+    "TaskFlow",
     "TaskInfo",
     "TaskObserver",
     "TaskRecord",

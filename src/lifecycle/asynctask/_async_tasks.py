@@ -28,7 +28,7 @@ from .._checks import check_count, check_name, check_optional_seconds, check_sec
 from .._compat import unwrap_single
 from .._core._backoff import Backoff
 from .._redact import library_logger
-from ._backend import Backend, TransactionalBackend, open_backend
+from ._backend import Backend, TransactionalBackend, is_backend, open_backend, supports_flow_control
 from ._blocking import BlockingProducer, ProducerHost
 from ._chain import CHAIN_PREFIX, build_chain, chain_fields, chain_progress
 from ._clock import Clock
@@ -38,9 +38,11 @@ from ._engine._queues import QueueOrder
 from ._engine._upkeep import purge_expired, recover_expired
 from ._engine._verdict import Policy
 from ._engine._worker import Worker
-from ._enqueue import build_task, check_calls
+from ._enqueue import build_task, check_calls, if_exists_for
+from ._errors import DuplicateTaskError
+from ._flow import flow_stats, waiting_on
 from ._meta import write_meta
-from ._model import Call, EnqueueOptions, QueueStats, TaskContext, TaskInfo, Ts
+from ._model import Call, EnqueueOptions, FlowStats, QueueStats, TaskContext, TaskInfo, Ts
 from ._observer import (
     ObserverSource,
     TaskObserver,
@@ -138,7 +140,7 @@ class AsyncTasks:
         rng: random.Random | None = None,
         metrics: ObserverSource | TaskObserver | None = None,
     ) -> None:
-        if not isinstance(backend, Backend):
+        if not is_backend(backend):
             raise TypeError(
                 f"AsyncTasks needs a Backend (MemoryBackend(), SQLiteBackend(path), ...), got {backend!r}"
             )
@@ -184,7 +186,7 @@ class AsyncTasks:
         self._changed: anyio.Event | None = None
         self._producers = ProducerHost(self)
         if self._observer is not None:
-            track_queue_depths(self._observer, self.stats, lambda: self._open)
+            track_queue_depths(self._observer, self.stats, lambda: self._open, self.flow)
 
     def __repr__(self) -> str:
         return f"AsyncTasks({self._backend!r}, tasks={len(self._registry)}, execution={self._execution})"
@@ -265,6 +267,10 @@ class AsyncTasks:
         queue: str | None = None,
         max_retries: int | None = None,
         timeout: float | timedelta | None = None,
+        rate_limit: str | None = None,
+        max_running: int | None = None,
+        max_running_per_key: int | None = None,
+        priority: int = 0,
     ) -> F: ...
 
     @overload
@@ -277,6 +283,10 @@ class AsyncTasks:
         queue: str | None = None,
         max_retries: int | None = None,
         timeout: float | timedelta | None = None,
+        rate_limit: str | None = None,
+        max_running: int | None = None,
+        max_running_per_key: int | None = None,
+        priority: int = 0,
     ) -> Callable[[F], F]: ...
 
     def register(
@@ -288,6 +298,10 @@ class AsyncTasks:
         queue: str | None = None,
         max_retries: int | None = None,
         timeout: float | timedelta | None = None,
+        rate_limit: str | None = None,
+        max_running: int | None = None,
+        max_running_per_key: int | None = None,
+        priority: int = 0,
     ) -> Any:
         """Register a task function and return it unchanged (``@tasks.register`` or ``@tasks.register(...)``).
 
@@ -297,16 +311,50 @@ class AsyncTasks:
         importing the script names it) and is required for lambdas, closures and functions defined inside
         functions. Names, like queue names, cannot contain a NUL character (``ValueError``).
         ``queue`` (default ``"default"``), ``max_retries`` (default 5) and ``timeout`` (seconds, default none)
-        are the defaults of its enqueues.
+        are the defaults of its enqueues, and so is ``priority`` (default 0; higher runs first in a queue).
+
+        Flow limits (docs/flow-control.md), enforced in the claim of every worker of the store, so they hold
+        across processes: ``rate_limit`` (``"100/s"``, ``"30/m"``, ``"1000/h"``, ``"100/10s"``) allows at
+        most that many starts of this task per period (a token bucket that starts full: bursts up to the
+        count); ``max_running`` caps its attempts running at once; ``max_running_per_key`` caps them per
+        ``concurrency_key`` (an enqueue option; tasks without a key are not capped by it). A task held back
+        stays pending and starts as soon as the limits allow; it is never failed for it. Every worker must
+        register the same limits (they travel with the code, not the store).
 
         Raises ``TypeError`` saying what to change when the function breaks a rule, ``ValueError`` when the
-        name is registered already for another function.
+        name is registered already for another function, or for a bad limit (naming the call, the value and
+        the accepted form).
+
+        Example::
+
+            @tasks.register(rate_limit="20/s", max_running_per_key=1)
+            async def sync_account(account_id: str) -> None: ...
+
+            await tasks.enqueue(sync_account, "acme", concurrency_key="acme")
         """
         if fn is None:
             return lambda real: self.register(
-                real, name=name, queue=queue, max_retries=max_retries, timeout=timeout
+                real,
+                name=name,
+                queue=queue,
+                max_retries=max_retries,
+                timeout=timeout,
+                rate_limit=rate_limit,
+                max_running=max_running,
+                max_running_per_key=max_running_per_key,
+                priority=priority,
             )
-        self._registry.add(fn, name=name, queue=queue, max_retries=max_retries, timeout=timeout)
+        self._registry.add(
+            fn,
+            name=name,
+            queue=queue,
+            max_retries=max_retries,
+            timeout=timeout,
+            rate_limit=rate_limit,
+            max_running=max_running,
+            max_running_per_key=max_running_per_key,
+            priority=priority,
+        )
         return fn
 
     # -- enqueue --------------------------------------------------------------------------------------------
@@ -341,6 +389,11 @@ class AsyncTasks:
         max_retries: int | None = None,
         timeout: float | timedelta | None = None,
         task_id: str | None = None,
+        concurrency_key: str | None = None,
+        priority: int | None = None,
+        unique_for: float | timedelta | None = None,
+        debounce: float | timedelta | None = None,
+        expires: float | timedelta | datetime | None = None,
         connection: object | None = None,
     ) -> str:
         """Store a call of ``fn`` (a registered function, or a registered name) and return its task id.
@@ -354,6 +407,17 @@ class AsyncTasks:
         a finished one is replaced. ``connection`` (a :class:`TransactionalBackend` only, e.g. a psycopg
         connection for ``PostgresBackend``) stores the task in your transaction: it exists if and only if
         you commit.
+
+        Flow control (docs/flow-control.md): ``priority`` (higher runs first within the queue; overrides the
+        registered default); ``concurrency_key`` (what the registered ``max_running_per_key`` counts by, e.g.
+        a user or account id); ``unique_for`` (seconds or ``timedelta``): an equal task (same ``task_id``
+        if given, else same name and arguments) enqueued again within that time raises
+        :class:`DuplicateTaskError`, even once the first has finished; ``debounce`` (seconds, needs
+        ``task_id``): the task runs once, that long after the *last* enqueue with its id (each enqueue while
+        it is pending replaces its arguments and pushes its start back; one enqueue while it runs schedules
+        one more run); ``expires`` (seconds from now, ``timedelta``, or an aware ``datetime``): a task not
+        started by then never starts, it ends ``cancelled`` with ``last_error`` "expired before it
+        started".
 
         Returns once the backend has stored the task durably. Type checkers check ``args`` against the
         function's parameters, and so does ``enqueue`` at run time: each argument against its parameter's
@@ -369,6 +433,11 @@ class AsyncTasks:
             max_retries=max_retries,
             timeout=timeout,
             task_id=task_id,
+            concurrency_key=concurrency_key,
+            priority=priority,
+            unique_for=unique_for,
+            debounce=debounce,
+            expires=expires,
         )
         ids = await self.enqueue_many([call], connection=connection)
         return ids[0]
@@ -379,7 +448,8 @@ class AsyncTasks:
         """Store several calls in one backend round trip (all or nothing) and return their ids in order.
 
         Each :class:`Call` is checked like :meth:`enqueue`; one bad call stores nothing. A ``task_id``
-        conflict raises :class:`DuplicateTaskError` and stores nothing of the batch.
+        conflict (or an open ``unique_for`` window) raises :class:`DuplicateTaskError` and stores nothing of
+        the batch. Calls with ``debounce`` go in batches of their own (``ValueError`` for a mix).
         """
         return await self._enqueue_many(calls, connection, current_trace())
 
@@ -387,7 +457,9 @@ class AsyncTasks:
         self, calls: Iterable[Call], connection: object | None, trace: dict[str, str] | None
     ) -> builtins.list[str]:
         now = self._clock()
-        tasks = [build_task(call, now, self._registry, self._encoding) for call in check_calls(calls)]
+        checked = check_calls(calls)
+        tasks = [build_task(call, now, self._registry, self._encoding) for call in checked]
+        if_exists = if_exists_for(checked)
         if trace is not None:
             tasks = with_trace(tasks, trace)
         if connection is not None:
@@ -397,14 +469,20 @@ class AsyncTasks:
                     "connection= needs a backend that can join your transaction (a TransactionalBackend "
                     f"such as PostgresBackend); {type(backend).__name__} cannot: drop connection="
                 )
-            ids = await backend.enqueue_many_in(connection, tasks)
+            try:
+                ids = await backend.enqueue_many_in(connection, tasks, **_mode(if_exists))
+            except DuplicateTaskError as exc:
+                raise _explained(exc, tasks) from None
             if self._observer is not None:  # stored in the caller's transaction: counted even if rolled back
                 observe_enqueued(self._observer, tasks)
             return ids
         self._check_open("enqueue")
         if not tasks:
             return []
-        ids = await self._backend.enqueue_many(tasks)
+        try:
+            ids = await self._backend.enqueue_many(tasks, **_mode(if_exists))
+        except DuplicateTaskError as exc:
+            raise _explained(exc, tasks) from None
         self._stored(tasks, now)
         return ids
 
@@ -551,14 +629,33 @@ class AsyncTasks:
         if record is not None:
             chain_id = chain_fields(record)[0]
             if chain_id is None:
-                return self._info(record)
+                return await self._info_now(record)
         if chain_id is None:
             return None
         progress = await chain_progress(self._backend, chain_id, self._encoding.decode)
         if progress is None:
-            return None if record is None else self._info(record)
+            return None if record is None else await self._info_now(record)
         chain, current = progress
-        return replace(self._info(current if record is None else record), chain=chain)
+        return replace(await self._info_now(current if record is None else record), chain=chain)
+
+    async def _info_now(self, record: TaskRecord) -> TaskInfo:
+        """:meth:`_info` with ``waiting_on`` filled for a due pending task."""
+        info = self._info(record)
+        now = self._clock()
+        if (
+            record.state is not TaskState.PENDING
+            or record.run_at > now
+            or not supports_flow_control(self._backend)
+        ):
+            return info
+        limits = self._registry.flow_limits().get(record.name)
+        state = None
+        if limits is not None:
+            state = await self._backend.flow_state(
+                record.name, record.concurrency_key, now=now, limits=limits
+            )
+        reason = waiting_on(record, now, await self._backend.paused(), limits, state)
+        return info if reason is None else replace(info, waiting_on=reason)
 
     async def list(
         self,
@@ -586,6 +683,59 @@ class AsyncTasks:
             queue: QueueStats(**{TaskState(state).value: count for state, count in per_state.items()})
             for queue, per_state in sorted(counts.items())
         }
+
+    async def pause(self, queue: str) -> None:
+        """Pause ``queue``: no worker of the store takes its tasks until :meth:`resume` (running tasks finish;
+        enqueue still works). The pause is stored, so it holds for workers started later and survives
+        restarts. Idempotent.
+
+        Raises ``TypeError``/``ValueError`` for a bad queue name, ``RuntimeError`` when the backend is not
+        open or does not support flow control.
+
+        Example::
+
+            await tasks.pause("emails")  # during the mail provider's outage
+            ...
+            await tasks.resume("emails")
+        """
+        self._check_open("pause")
+        check_queue(queue, "AsyncTasks.pause()")
+        self._check_flow("pause")
+        await self._backend.pause(queue)
+        self._notify_changed()
+
+    async def resume(self, queue: str) -> None:
+        """Resume a queue paused by :meth:`pause` (idempotent: resuming a running queue does nothing)."""
+        self._check_open("resume")
+        check_queue(queue, "AsyncTasks.resume()")
+        self._check_flow("resume")
+        await self._backend.resume(queue)
+        if self._worker is not None:
+            self._worker.wake()
+        self._notify_changed()
+
+    async def paused(self) -> set[str]:
+        """The paused queues of the store (empty for a backend without flow control)."""
+        self._check_open("paused")
+        if not supports_flow_control(self._backend):
+            return set()
+        return set(await self._backend.paused())
+
+    async def flow(self, *, sample: int = 1000) -> FlowStats:
+        """What holds tasks back: the paused queues, and per task name the limits registered in this process,
+        how many of its tasks run, its rate bucket, and how many due pending tasks wait on each reason (read
+        from the ``sample`` most recently enqueued pending tasks). For ``lifecycle tasks stats`` and metrics.
+
+        Example::
+
+            stats = await tasks.flow()
+            print(stats.paused, stats.tasks["app.sync_account"].waiting)
+        """
+        self._check_open("flow")
+        check_count(sample, "AsyncTasks.flow(): sample", minimum=1)
+        if not supports_flow_control(self._backend):
+            return FlowStats(paused=frozenset(), tasks={}, sampled=0, complete=True)
+        return await flow_stats(self._backend, self._registry.flow_limits(), self._clock(), sample)
 
     async def cancel(self, task_id: str) -> bool:
         """Cancel a pending task (it will not run); ``False`` when it is not pending (running, finished,
@@ -719,6 +869,13 @@ class AsyncTasks:
             await anyio.sleep_forever()
         if self._worker is not None:
             raise RuntimeError("this AsyncTasks is executing already: run one execute() at a time")
+        limited = sorted(self._registry.flow_limits())
+        if limited and not supports_flow_control(self._backend):
+            raise RuntimeError(
+                f"the tasks {', '.join(limited)} are registered with flow limits (rate_limit, max_running, "
+                f"max_running_per_key), which {type(self._backend).__name__} cannot enforce (it has no "
+                "flow control): update the backend to the current Backend protocol, or drop the limits"
+            )
         worker = Worker(
             self._backend, self._registry, self._encoding, self._options, self._logger, self._notify_changed
         )
@@ -903,7 +1060,17 @@ class AsyncTasks:
             chain_step=chain_step,
             schedule=schedule,
             damaged=record.fault,
+            priority=record.priority,
+            concurrency_key=record.concurrency_key,
+            expires_at=record.expires_at,
         )
+
+    def _check_flow(self, what: str) -> None:
+        if not supports_flow_control(self._backend):
+            raise RuntimeError(
+                f"AsyncTasks.{what}() needs a backend with flow control (pause, resume, paused, flow_state); "
+                f"{type(self._backend).__name__} has none: update it to the current Backend protocol"
+            )
 
     def _check_open(self, what: str) -> None:
         if not self._open:
@@ -911,6 +1078,27 @@ class AsyncTasks:
                 f"AsyncTasks.{what}() before the backend is open: add the AsyncTasks to a TaskManager (its "
                 "initialize opens the backend), or use `async with tasks:`"
             )
+
+
+def _mode(if_exists: str) -> dict[str, Any]:
+    """The ``if_exists`` keyword for a backend's enqueue: left out for the default, so a backend written
+    before debounce existed keeps working."""
+    return {} if if_exists == "error" else {"if_exists": if_exists}
+
+
+def _explained(exc: DuplicateTaskError, tasks: builtins.list[NewTask]) -> DuplicateTaskError:
+    """``exc`` with a message that names a uniqueness window when the refused task had one."""
+    windowed = [task for task in tasks if task.id in exc.task_ids and task.unique_key is not None]
+    if not windowed or exc.reason is not None:
+        return exc
+    task = windowed[0]
+    return DuplicateTaskError(
+        exc.task_id,
+        exc.task_ids,
+        f"task {task.id!r} ({task.name}) was refused: an equal task (the same task_id, or the same name and "
+        "arguments) was enqueued less than unique_for ago, or a task with this id is still pending or "
+        "active; enqueue it again once the window has passed, or without unique_for",
+    )
 
 
 def _check_id(task_id: object, what: str) -> None:

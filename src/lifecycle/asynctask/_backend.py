@@ -27,15 +27,17 @@ import inspect
 from collections.abc import Collection, Mapping, Sequence
 from typing import Literal, Protocol, TypeAlias, runtime_checkable
 
-from ._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
+from ._records import ClaimedTask, FlowLimits, FlowState, NewTask, Settlement, TaskRecord, TaskState
 
 __all__ = [
     "Backend",
     "Create",
     "TransactionalBackend",
     "check_create",
+    "is_backend",
     "open_backend",
     "opens_without_creating",
+    "supports_flow_control",
 ]
 
 Create: TypeAlias = bool | Literal["on_enqueue"]
@@ -69,26 +71,55 @@ class Backend(Protocol):
         ...
 
     async def enqueue_many(
-        self, tasks: Sequence[NewTask], *, if_exists: Literal["error", "skip"] = "error"
+        self, tasks: Sequence[NewTask], *, if_exists: Literal["error", "skip", "debounce"] = "error"
     ) -> list[str]:
         """Store ``tasks`` durably (committed before returning) and return the ids stored, in order.
 
         ``if_exists="error"``: if any task's id belongs to a ``PENDING`` or ``ACTIVE`` record, raise
         :class:`DuplicateTaskError` and store nothing of the batch; a record with that id in a final state is
         replaced. ``if_exists="skip"``: tasks whose id exists in any state are left out (used for schedules,
-        so one fire time is enqueued once), the rest are stored.
+        so one fire time is enqueued once), the rest are stored. ``if_exists="debounce"``: a ``PENDING``
+        record with the id takes the new task's fields (payload, ``run_at``, priority, key, expiry, retries,
+        timeout, meta; ``attempts`` and ``enqueued_at`` stay); an ``ACTIVE`` one keeps running and the new
+        task is kept as its one follow-up run (a later debounce replaces it), which the settlement of the
+        running attempt turns into the record's next ``PENDING`` period (``attempts = 0``, the follow-up's
+        fields; ``run_at`` the later of the follow-up's and a retry's); a final or missing record is
+        replaced or stored as with ``"error"``. The id is returned in every case.
+
+        Uniqueness windows (:attr:`NewTask.unique_key`): a task whose key holds a window that ends after the
+        task's ``enqueued_at`` raises :class:`DuplicateTaskError` (storing nothing of the batch) with
+        ``"error"`` and ``"debounce"``, and is left out with ``"skip"``; otherwise the task opens its window
+        until ``unique_until``, atomically with storing it. Windows outlive the task records.
         """
         ...
 
     async def claim(
-        self, queues: Sequence[str], limit: int, *, now: float, lease_until: float
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
     ) -> list[ClaimedTask]:
         """Lease up to ``limit`` ``PENDING`` tasks whose ``run_at <= now`` to the caller.
 
-        ``queues`` is in priority order: take from ``queues[0]`` first, then the next. Within a queue, the
-        earliest ``run_at`` first, then enqueue order. Each claimed task becomes ``ACTIVE`` with
-        ``attempts + 1``, ``started_at = now``, ``lease_until`` and a fresh unique lease token. Two callers
-        never receive the same task from one ``PENDING`` period.
+        ``queues`` is in priority order: take from ``queues[0]`` first, then the next; a paused queue (see
+        :meth:`pause`) is skipped. Within a queue, the highest ``priority`` first, then the earliest
+        ``run_at``, then enqueue order. Each claimed task becomes ``ACTIVE`` with ``attempts + 1``,
+        ``started_at = now``, ``lease_until`` and a fresh unique lease token. Two callers never receive the
+        same task from one ``PENDING`` period.
+
+        ``limits`` maps task names to the :class:`FlowLimits` their registration sets; a task its name's
+        limits hold back stays ``PENDING`` (untouched) and the claim goes on with the tasks behind it. The
+        limits are checked and the tokens taken in the same atomic step as the claim, so they hold across
+        every caller in every process (a claim that holds back a task for want of a token also adds one to
+        the bucket's stored ``refused`` count, once per claim and name: see :class:`FlowState`); ``ACTIVE``
+        tasks are counted from the stored states, so a lease that ends (settled, or reclaimed after a worker
+        died) gives its slot back.
+
+        A due task whose ``expires_at <= now`` is not claimed: the same step makes it ``CANCELLED`` with
+        ``finished_at = now``, ``attempts`` unchanged and ``last_error = "expired before it started"``.
         """
         ...
 
@@ -115,6 +146,26 @@ class Backend(Protocol):
     async def wait_for_work(self, queues: Sequence[str], *, timeout: float) -> None:
         """Return when a task in ``queues`` may have become claimable (enqueued, released, or its
         ``run_at`` reached), or after ``timeout`` seconds. Returning early without work is allowed."""
+        ...
+
+    async def pause(self, queue: str) -> None:
+        """Stop every caller of :meth:`claim` from taking tasks of ``queue`` until :meth:`resume`. The pause
+        is stored: it holds for processes started later and survives restarts. Idempotent."""
+        ...
+
+    async def resume(self, queue: str) -> None:
+        """Undo :meth:`pause` (idempotent)."""
+        ...
+
+    async def paused(self) -> set[str]:
+        """The paused queues."""
+        ...
+
+    async def flow_state(
+        self, name: str, concurrency_key: str | None, *, now: float, limits: FlowLimits
+    ) -> FlowState:
+        """The counts that ``limits`` on task ``name`` are checked against at ``now`` (see
+        :class:`FlowState`), for inspection; changes nothing."""
         ...
 
     async def get(self, task_id: str) -> TaskRecord | None:
@@ -172,7 +223,11 @@ class TransactionalBackend(Backend, Protocol):
     """
 
     async def enqueue_many_in(
-        self, connection: object, tasks: Sequence[NewTask], *, if_exists: Literal["error", "skip"] = "error"
+        self,
+        connection: object,
+        tasks: Sequence[NewTask],
+        *,
+        if_exists: Literal["error", "skip", "debounce"] = "error",
     ) -> list[str]:
         """Like :meth:`Backend.enqueue_many`, inside the caller's transaction on ``connection``."""
         ...
@@ -206,3 +261,41 @@ async def open_backend(backend: Backend, *, create: Create) -> None:
         await backend.open(create=create)  # type: ignore[call-arg]
     else:
         await backend.open()
+
+
+_CORE_METHODS = (
+    "open",
+    "close",
+    "enqueue_many",
+    "claim",
+    "extend_leases",
+    "settle",
+    "reclaim_expired",
+    "wait_for_work",
+    "get",
+    "list_records",
+    "stats",
+    "cancel",
+    "requeue",
+    "purge",
+)
+_FLOW_METHODS = ("pause", "resume", "paused", "flow_state")
+
+
+def is_backend(obj: object) -> bool:
+    """Whether ``obj`` has the methods every backend has, those of flow control aside: a backend written
+    before flow control existed still runs tasks (see :func:`supports_flow_control`)."""
+    return all(callable(getattr(obj, name, None)) for name in _CORE_METHODS)
+
+
+def supports_flow_control(backend: object) -> bool:
+    """Whether ``backend`` implements flow control: ``pause``, ``resume``, ``paused``, ``flow_state``, and a
+    ``claim`` taking ``limits``. Every built-in backend does; the engine works without it, but then refuses
+    registered limits and pauses with a clear error instead of ignoring them."""
+    if not all(callable(getattr(backend, name, None)) for name in _FLOW_METHODS):
+        return False
+    try:
+        parameters = inspect.signature(backend.claim).parameters  # type: ignore[attr-defined]
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return "limits" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())

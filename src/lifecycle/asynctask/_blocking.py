@@ -140,6 +140,11 @@ class BlockingProducer:
         max_retries: int | None = None,
         timeout: float | timedelta | None = None,
         task_id: str | None = None,
+        concurrency_key: str | None = None,
+        priority: int | None = None,
+        unique_for: float | timedelta | None = None,
+        debounce: float | timedelta | None = None,
+        expires: float | timedelta | datetime | None = None,
         connection: object | None = None,
     ) -> str:
         """Store a call of ``fn`` and return its task id: :meth:`AsyncTasks.enqueue`, blocking.
@@ -159,6 +164,11 @@ class BlockingProducer:
             max_retries=max_retries,
             timeout=timeout,
             task_id=task_id,
+            concurrency_key=concurrency_key,
+            priority=priority,
+            unique_for=unique_for,
+            debounce=debounce,
+            expires=expires,
         )
         return self._enqueue("enqueue", [call], connection)[0]
 

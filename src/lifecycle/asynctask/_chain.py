@@ -14,6 +14,7 @@ import base64
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 from .._checks import check_seconds
@@ -55,6 +56,12 @@ def build_chain(
     if not items:
         raise ValueError("enqueue_chain() needs at least one Call: enqueue_chain([Call(a), Call(b), ...])")
     for index, call in enumerate(items):
+        for option in ("unique_for", "debounce"):
+            if getattr(call, option) is not None:
+                raise TypeError(
+                    f"enqueue_chain(): step {index} ({call!r}) has {option}=; chain steps are each enqueued "
+                    f"once, by the chain: drop {option}"
+                )
         if call.task_id is not None:
             raise TypeError(
                 f"enqueue_chain(): step {index} ({call!r}) has task_id={call.task_id!r}; chain steps get "
@@ -93,6 +100,12 @@ def follow_up(record: TaskRecord, result: bytes | None, now: float) -> tuple[New
         elif spec.get("delay") is not None:
             run_at = now + check_seconds(float(spec["delay"]), "chain step delay", allow_zero=True)
         previous = None if result is None else base64.b64encode(result).decode("ascii")
+        expires_at = None
+        if spec.get("expires_at") is not None:
+            expires_at = float(spec["expires_at"])
+        elif spec.get("expires") is not None:
+            expires_at = now + float(spec["expires"])
+        key = spec.get("concurrency_key")
         step = NewTask(
             id=_text(step_id(chain_id, index + 1)),
             name=_text(str(spec["name"])),
@@ -103,6 +116,9 @@ def follow_up(record: TaskRecord, result: bytes | None, now: float) -> tuple[New
             enqueued_at=now,
             run_at=run_at,
             meta=_step_meta(chain_id, index + 1, names, rest[1:], previous=previous, **carried),
+            priority=int(spec.get("priority", 0)),
+            concurrency_key=None if key is None else _text(str(key)),
+            expires_at=expires_at,
         )
     except Exception as exc:  # whatever is wrong with it (a missing key, a wrong type, bad base64, ...)
         raise ValueError(f"the chain bookkeeping of task {record.id} is damaged ({exc!r})") from None
@@ -197,7 +213,7 @@ def _spec(call: Call, task: NewTask) -> dict[str, Any]:
     if call.delay is not None:
         delay = check_seconds(call.delay, f"chain step {task.name!r} delay", allow_zero=True)
     at = None if call.at is None else as_epoch(call.at, f"chain step {task.name!r} at")
-    return {
+    spec: dict[str, Any] = {
         "name": task.name,
         "queue": task.queue,
         "payload": base64.b64encode(task.payload).decode("ascii"),
@@ -206,6 +222,16 @@ def _spec(call: Call, task: NewTask) -> dict[str, Any]:
         "delay": delay,
         "at": at,
     }
+    if task.priority:
+        spec["priority"] = task.priority
+    if task.concurrency_key is not None:
+        spec["concurrency_key"] = task.concurrency_key
+    # An expiry in seconds counts from the step's enqueue (when the previous step succeeded), like a delay.
+    if isinstance(call.expires, datetime):
+        spec["expires_at"] = task.expires_at
+    elif call.expires is not None and task.expires_at is not None:
+        spec["expires"] = task.expires_at - task.enqueued_at
+    return spec
 
 
 def _step_meta(

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 from .._checks import check_name, check_seconds
 from ._clock import as_epoch
 from ._encoding import Encoding
+from ._flow import check_concurrency_key, check_priority, expiry_time, unique_key
 from ._model import Call, describe_target
 from ._records import NewTask
 from ._registry import (
@@ -21,7 +22,7 @@ from ._registry import (
     check_timeout,
 )
 
-__all__ = ["build_task", "check_calls", "encode_arguments"]
+__all__ = ["build_task", "check_calls", "encode_arguments", "if_exists_for"]
 
 
 def build_task(call: Call, now: float, registry: Registry, encoding: Encoding) -> NewTask:
@@ -63,17 +64,61 @@ def build_task(call: Call, now: float, registry: Registry, encoding: Encoding) -
         run_at = now + check_seconds(call.delay, f"{where}: delay", allow_zero=True)
     elif call.at is not None:
         run_at = as_epoch(call.at, f"{where}: at")
+    if call.debounce is not None:
+        if call.delay is not None or call.at is not None:
+            raise TypeError(f"{where}: pass debounce= or delay=/at=, not both (debounce sets the start time)")
+        if call.task_id is None:
+            raise ValueError(
+                f"{where}: debounce= needs task_id= (the id whose enqueues are merged into one run): "
+                f"enqueue({name!r}, ..., task_id='...', debounce={call.debounce!r})"
+            )
+        if call.unique_for is not None:
+            raise ValueError(
+                f"{where}: pass debounce= or unique_for=, not both (a uniqueness window would refuse the "
+                "enqueues that debounce merges)"
+            )
+        run_at = now + check_seconds(call.debounce, f"{where}: debounce", allow_zero=True)
     task_id = uuid.uuid4().hex if call.task_id is None else check_name(call.task_id, f"{where}: task_id")
+    if call.priority is not None:
+        priority = check_priority(call.priority, where)
+    else:
+        priority = definition.priority if definition is not None else 0
+    key = None if call.concurrency_key is None else check_concurrency_key(call.concurrency_key, where)
+    expires_at = None if call.expires is None else expiry_time(call.expires, now, run_at, where)
+    payload = encode_arguments(encoding, name, call.args, definition)
+    window_key = window_until = None
+    if call.unique_for is not None:
+        window_until = now + check_seconds(call.unique_for, f"{where}: unique_for")
+        window_key = unique_key(call.task_id, name, payload)
     return NewTask(
         id=task_id,
         name=name,
         queue=queue,
-        payload=encode_arguments(encoding, name, call.args, definition),
+        payload=payload,
         max_retries=max_retries,
         timeout=timeout,
         enqueued_at=now,
         run_at=run_at,
+        priority=priority,
+        concurrency_key=key,
+        expires_at=expires_at,
+        unique_key=window_key,
+        unique_until=window_until,
     )
+
+
+def if_exists_for(calls: list[Call]) -> Literal["error", "debounce"]:
+    """How a batch of checked ``calls`` is stored: ``"debounce"`` when its calls debounce (all of them must:
+    ``ValueError`` for a mix), else ``"error"``."""
+    debounced = [call for call in calls if call.debounce is not None]
+    if not debounced:
+        return "error"
+    if len(debounced) != len(calls):
+        raise ValueError(
+            "enqueue_many(): calls with debounce= cannot share a batch with calls without it (a debounced "
+            "call replaces a pending task with its id, the others must not): enqueue them separately"
+        )
+    return "debounce"
 
 
 def encode_arguments(

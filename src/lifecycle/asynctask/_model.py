@@ -22,9 +22,11 @@ __all__ = [
     "ChainInfo",
     "ChainStep",
     "EnqueueOptions",
+    "FlowStats",
     "QueueStats",
     "Retry",
     "TaskContext",
+    "TaskFlow",
     "TaskInfo",
     "Ts",
 ]
@@ -49,6 +51,11 @@ class CallOptions(TypedDict, total=False):
     max_retries: int | None
     timeout: float | timedelta | None
     task_id: str | None
+    concurrency_key: str | None
+    priority: int | None
+    unique_for: float | timedelta | None
+    debounce: float | timedelta | None
+    expires: float | timedelta | datetime | None
 
 
 class EnqueueOptions(CallOptions, total=False):
@@ -117,6 +124,14 @@ class TaskInfo:
     missing field, text that is not UTF-8, written by hand or by a storage fault): it names each such field
     and its value, and those fields show placeholders (``""``, ``0``, ``None``; an unknown state shows as
     ``dead``). A worker makes such a task dead instead of running it.
+
+    Flow control (docs/flow-control.md): ``priority`` (higher runs first within its queue),
+    ``concurrency_key`` (what ``max_running_per_key`` counts by), ``expires_at`` (a task not started by then
+    is cancelled). ``waiting_on`` says why a pending task that is due has not started: ``"paused"`` (its
+    queue), ``"rate_limit"``, ``"max_running"`` or ``"max_running_per_key"`` (its name's registered limits),
+    or ``None`` when nothing holds it back (a worker will take it) or it is not a due pending task. Only
+    :meth:`AsyncTasks.info` fills it (``None`` in :meth:`AsyncTasks.list` rows); the limits are those
+    registered in the asking process.
     """
 
     id: str
@@ -137,6 +152,10 @@ class TaskInfo:
     chain: ChainInfo | None = None
     schedule: str | None = None
     damaged: str | None = None
+    priority: int = 0
+    concurrency_key: str | None = None
+    expires_at: float | None = None
+    waiting_on: str | None = None
 
     @property
     def retries_left(self) -> int:
@@ -167,6 +186,43 @@ class QueueStats:
         return self.pending + self.active + self.succeeded + self.dead + self.cancelled
 
 
+@dataclass(frozen=True, slots=True)
+class TaskFlow:
+    """The flow control of one task name, as :meth:`AsyncTasks.flow` reports it.
+
+    ``rate_limit``, ``max_running`` and ``max_running_per_key`` are the limits registered for the name in
+    this process (``None``: not limited that way). ``running`` is how many of its tasks are active in the
+    whole store, ``tokens`` the tokens left in its rate bucket now, ``refused`` how many claims (by every
+    worker of the store) found its bucket empty; all three are ``None`` for a name without limits.
+    ``waiting`` counts the due pending tasks of the name by what holds them back (``"paused"``,
+    ``"rate_limit"``, ``"max_running"``, ``"max_running_per_key"``), among the pending tasks read.
+    """
+
+    name: str
+    rate_limit: str | None
+    max_running: int | None
+    max_running_per_key: int | None
+    running: int | None
+    tokens: float | None
+    refused: int | None
+    waiting: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class FlowStats:
+    """What holds tasks back across the store, as :meth:`AsyncTasks.flow` reports it.
+
+    ``paused`` is the set of paused queues. ``tasks`` maps each task name that has limits registered in this
+    process, or due tasks waiting, to its :class:`TaskFlow`. The waiting counts are read from the
+    ``sampled`` most recently enqueued pending tasks; ``complete`` is ``False`` when there were more.
+    """
+
+    paused: frozenset[str]
+    tasks: dict[str, TaskFlow]
+    sampled: int
+    complete: bool
+
+
 class Call:
     """One call to enqueue with :meth:`AsyncTasks.enqueue_many`: a function (or registered name), its
     positional arguments, and the same options :meth:`AsyncTasks.enqueue` takes.
@@ -176,7 +232,21 @@ class Call:
         await tasks.enqueue_many([Call(update_cache, "a", []), Call("app.jobs.send", 42, delay=60)])
     """
 
-    __slots__ = ("args", "at", "delay", "max_retries", "queue", "target", "task_id", "timeout")
+    __slots__ = (
+        "args",
+        "at",
+        "concurrency_key",
+        "debounce",
+        "delay",
+        "expires",
+        "max_retries",
+        "priority",
+        "queue",
+        "target",
+        "task_id",
+        "timeout",
+        "unique_for",
+    )
 
     # For type checkers: the arguments are checked against the function's parameters, with or without a
     # leading TaskContext; a registered name takes anything (see docs/asynctask.md, "Typed calls").
@@ -208,6 +278,11 @@ class Call:
         max_retries: int | None = None,
         timeout: float | timedelta | None = None,
         task_id: str | None = None,
+        concurrency_key: str | None = None,
+        priority: int | None = None,
+        unique_for: float | timedelta | None = None,
+        debounce: float | timedelta | None = None,
+        expires: float | timedelta | datetime | None = None,
     ) -> None:
         self.target: Callable[..., Any] | str = target
         self.args: tuple[Any, ...] = args
@@ -217,6 +292,11 @@ class Call:
         self.max_retries: int | None = max_retries
         self.timeout: float | timedelta | None = timeout
         self.task_id: str | None = task_id
+        self.concurrency_key: str | None = concurrency_key
+        self.priority: int | None = priority
+        self.unique_for: float | timedelta | None = unique_for
+        self.debounce: float | timedelta | None = debounce
+        self.expires: float | timedelta | datetime | None = expires
 
     def __repr__(self) -> str:
         target = (

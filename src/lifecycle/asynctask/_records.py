@@ -18,6 +18,8 @@ __all__ = [
     "RECORD_COLUMNS",
     "RECORD_FIELDS",
     "ClaimedTask",
+    "FlowLimits",
+    "FlowState",
     "NewTask",
     "Settlement",
     "TaskRecord",
@@ -74,6 +76,55 @@ class NewTask:
     enqueued_at: float
     run_at: float
     meta: str | None = None
+    priority: int = 0
+    """Higher is claimed first within a queue; equal priorities keep ``run_at``, then enqueue, order."""
+    concurrency_key: str | None = None
+    """The key that ``FlowLimits.max_running_per_key`` counts by; ``None``: not limited per key."""
+    expires_at: float | None = None
+    """A task not claimed before this time never starts: the claim that finds it due at or after
+    ``expires_at`` makes it ``CANCELLED`` (see :meth:`Backend.claim`)."""
+    unique_key: str | None = None
+    """With ``unique_until``: the uniqueness window's key (the engine passes the task id, or the name and a
+    hash of the payload). :meth:`Backend.enqueue_many` refuses a task whose key holds a window that ends after
+    the task's ``enqueued_at``, whatever state (or absence) the first task is in, and otherwise opens the
+    window until ``unique_until``. Not stored on the record."""
+    unique_until: float | None = None
+    """The end of the uniqueness window opened by this task (seconds since the epoch)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlowLimits:
+    """The limits the registration of one task name puts on its starts, passed to :meth:`Backend.claim` by
+    the workers (``limits={name: FlowLimits(...)}``). They hold across every worker of the store.
+
+    - ``rate``/``per``: at most ``rate`` starts per ``per`` seconds: a token bucket of capacity ``rate``
+      refilled at ``rate / per`` tokens a second, stored per task name, full when first used; each claimed
+      task of the name takes one token; a task finding the bucket below one token stays ``PENDING``.
+    - ``max_running``: at most this many ``ACTIVE`` tasks of the name in the whole store.
+    - ``max_running_per_key``: at most this many ``ACTIVE`` tasks of the name per ``concurrency_key``;
+      tasks without a key are not limited by it.
+    """
+
+    rate: int | None = None
+    per: float | None = None
+    max_running: int | None = None
+    max_running_per_key: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FlowState:
+    """What holds a task name back right now, as :meth:`Backend.flow_state` reports it.
+
+    ``running``: ``ACTIVE`` tasks of the name; ``running_for_key``: of those, the ones with the asked
+    ``concurrency_key`` (0 when no key was asked); ``tokens``: the tokens in the name's rate bucket at ``now``
+    after refilling with the given limits (``None`` when the limits have no rate); ``refused``: how many
+    claims (by every caller, stored with the bucket) held back at least one due task of the name for want of
+    a token: the "starts refused by the rate limit" metric (0 without a rate)."""
+
+    running: int
+    running_for_key: int
+    tokens: float | None
+    refused: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +156,9 @@ class TaskRecord:
     last_error: str | None = None
     result: bytes | None = None
     meta: str | None = None
+    priority: int = 0
+    concurrency_key: str | None = None
+    expires_at: float | None = None
     fault: str | None = None
 
 
@@ -144,7 +198,7 @@ class Settlement:
 
 RECORD_COLUMNS = (
     "id, name, queue, payload, state, attempts, max_retries, timeout, enqueued_at, run_at, "
-    "started_at, finished_at, lease_until, last_error, result, meta"
+    "started_at, finished_at, lease_until, last_error, result, meta, priority, concurrency_key, expires_at"
 )
 """The column order :func:`record_from_row` reads: the fields of :class:`TaskRecord`, in order."""
 
@@ -233,7 +287,8 @@ def _count(value: object) -> int:
 
 def _row_as_written(row: Sequence[Any], blob: Callable[[Any], bytes]) -> TaskRecord:
     (task_id, name, queue, payload, state, attempts, max_retries, timeout, enqueued_at, run_at,
-     started_at, finished_at, lease_until, last_error, result, meta) = row  # fmt: skip
+     started_at, finished_at, lease_until, last_error, result, meta, priority, concurrency_key,
+     expires_at) = row  # fmt: skip
     record_state = _STATES_BY_VALUE[state]
     seconds = None if timeout is None else _finite(timeout)
     if seconds is not None and seconds <= 0:
@@ -262,7 +317,27 @@ def _row_as_written(row: Sequence[Any], blob: Callable[[Any], bytes]) -> TaskRec
         None if last_error is None else _clean_text(last_error),
         None if result is None else blob(result),
         None if meta is None else _clean_text(meta),
+        _priority(priority),
+        None if concurrency_key is None else _clean_text(concurrency_key),
+        None if expires_at is None else _finite(expires_at),
     )
+
+
+def _priority(value: object) -> int:
+    if value is None:  # a record stored before priorities existed
+        return 0
+    if type(value) is int and abs(value) < _PRIORITY_BOUND:
+        return value
+    raise ValueError
+
+
+def _priority_text(value: Any) -> int:
+    if value is None or value == b"":
+        return 0
+    digits = value[1:] if value[:1] == b"-" else value
+    if len(digits) <= _COUNT_DIGITS and digits.isdigit():
+        return int(value)
+    raise ValueError
 
 
 def _finite_text(value: Any) -> float:
@@ -284,7 +359,8 @@ def _count_text(value: Any) -> int:
 
 def _text_as_written(values: Sequence[Any]) -> TaskRecord:
     (task_id, name, queue, payload, state, attempts, max_retries, timeout, enqueued_at, run_at,
-     started_at, finished_at, lease_until, last_error, result, meta) = values  # fmt: skip
+     started_at, finished_at, lease_until, last_error, result, meta, priority, concurrency_key,
+     expires_at) = values  # fmt: skip
     record_state = _STATES_BY_BYTES[state]  # None: KeyError
     seconds = _optional_finite_text(timeout)
     if seconds is not None and seconds <= 0:
@@ -311,6 +387,9 @@ def _text_as_written(values: Sequence[Any]) -> TaskRecord:
         None if last_error is None else last_error.decode(),
         result,
         None if meta is None else meta.decode(),
+        _priority_text(priority),
+        None if concurrency_key is None else concurrency_key.decode(),
+        _optional_finite_text(expires_at),
     )
 
 
@@ -321,6 +400,8 @@ _STATE_LIST = ", ".join(_STATES_BY_VALUE)
 
 #: A count stored as text has at most this many digits, all ASCII (exact in a Lua number, as scripts need).
 _COUNT_DIGITS = 15
+#: Priorities lie strictly between -10**15 and 10**15 (exact in a Lua number and in a double).
+_PRIORITY_BOUND = 10**_COUNT_DIGITS
 
 _SHOWN = 48
 
@@ -362,7 +443,8 @@ class _RecordReader:
         if len(values) != len(RECORD_FIELDS):
             raise ValueError(f"a stored record has {len(RECORD_FIELDS)} fields, got {len(values)}")
         (task_id, name, queue, payload, state, attempts, max_retries, timeout, enqueued_at, run_at,
-         started_at, finished_at, lease_until, last_error, result, meta) = values  # fmt: skip
+         started_at, finished_at, lease_until, last_error, result, meta, priority, concurrency_key,
+         expires_at) = values  # fmt: skip
         record = TaskRecord(
             id=self._text("id", task_id),
             name=self._text("name", name),
@@ -380,6 +462,9 @@ class _RecordReader:
             last_error=self._optional_text("last_error", last_error),
             result=None if result is None else self._bytes("result", result),
             meta=self._optional_text("meta", meta),
+            priority=self._priority(priority),
+            concurrency_key=self._optional_text("concurrency_key", concurrency_key),
+            expires_at=self._optional_time("expires_at", expires_at),
         )
         if record.state is TaskState.ACTIVE and record.lease_until is None and not self._named("lease_until"):
             self.faults.append("field 'lease_until' is empty, but the task is active")
@@ -445,6 +530,18 @@ class _RecordReader:
         if self._textual and isinstance(value, bytes) and len(value) <= _COUNT_DIGITS and value.isdigit():
             return int(value)
         self._fault(field, value, "a whole number >= 0")
+        return 0
+
+    def _priority(self, value: object) -> int:
+        if value is None or (self._textual and value == b""):
+            return 0
+        if type(value) is int and abs(value) < _PRIORITY_BOUND:
+            return value
+        if self._textual and isinstance(value, bytes):
+            digits = value[1:] if value[:1] == b"-" else value
+            if len(digits) <= _COUNT_DIGITS and digits.isdigit():
+                return int(value)
+        self._fault("priority", value, f"a whole number between -{_PRIORITY_BOUND} and {_PRIORITY_BOUND}")
         return 0
 
     def _number(self, value: object) -> float | None:

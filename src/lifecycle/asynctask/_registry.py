@@ -12,8 +12,10 @@ from datetime import timedelta
 from typing import Any
 
 from .._checks import check_count, check_name, check_optional_seconds
+from ._flow import build_limits, check_priority
 from ._model import TaskContext
 from ._names import public_module
+from ._records import FlowLimits
 from ._typecheck import ArgumentCheck
 
 __all__ = [
@@ -45,6 +47,10 @@ class TaskDefinition:
     parameter_names: tuple[str, ...]
     arguments: ArgumentCheck = field(compare=False, repr=False)
     """The checks of the arguments against the annotations (compiled once, here, at register)."""
+    priority: int = 0
+    """The priority of its enqueues unless an enqueue gives one."""
+    limits: FlowLimits | None = None
+    """Its flow limits (rate, max_running, max_running_per_key), checked in every worker's claim."""
 
     def check_arguments(self, args: tuple[Any, ...]) -> None:
         """Raise ``TypeError`` unless ``args`` fit the function: their number, then each against its
@@ -76,6 +82,7 @@ class Registry:
         self._by_name: dict[str, TaskDefinition] = {}
         self._by_function: dict[Any, TaskDefinition] = {}
         self._aliases: dict[str, TaskDefinition] = {}  # a script's "__main__.f": looked up, never listed
+        self._limits: dict[str, FlowLimits] | None = None  # flow_limits(), computed once per change
 
     def __len__(self) -> int:
         return len(self._by_name)
@@ -92,6 +99,16 @@ class Registry:
         definition = self._by_name.get(name)
         return definition if definition is not None else self._aliases.get(name)
 
+    def flow_limits(self) -> dict[str, FlowLimits]:
+        """The flow limits of every registered name that has any (aliases included); empty when none."""
+        if self._limits is None:
+            limits: dict[str, FlowLimits] = {}
+            for name, definition in [*self._aliases.items(), *self._by_name.items()]:
+                if definition.limits is not None:
+                    limits[name] = definition.limits
+            self._limits = limits
+        return self._limits
+
     def for_function(self, fn: object) -> TaskDefinition | None:
         """The definition of the registered function ``fn`` (the very object that was registered)."""
         try:
@@ -107,9 +124,23 @@ class Registry:
         queue: str | None,
         max_retries: int | None,
         timeout: float | timedelta | None,
+        rate_limit: str | None = None,
+        max_running: int | None = None,
+        max_running_per_key: int | None = None,
+        priority: int = 0,
     ) -> TaskDefinition:
         """Check ``fn`` against the rules and register it; see :meth:`AsyncTasks.register`."""
-        definition = build_definition(fn, name=name, queue=queue, max_retries=max_retries, timeout=timeout)
+        definition = build_definition(
+            fn,
+            name=name,
+            queue=queue,
+            max_retries=max_retries,
+            timeout=timeout,
+            rate_limit=rate_limit,
+            max_running=max_running,
+            max_running_per_key=max_running_per_key,
+            priority=priority,
+        )
         existing = self._by_name.get(definition.name)
         if existing is not None:
             if existing.fn is fn and existing == definition:
@@ -119,6 +150,7 @@ class Registry:
                 "pass another name= (names are what the backend stores, so each must be unique)"
             )
         self._by_name[definition.name] = definition
+        self._limits = None
         if name is None and getattr(fn, "__module__", None) == "__main__":
             # Tasks a script stored under "__main__.f" (before its functions were named after its module)
             # still find their function in this script.
@@ -137,6 +169,10 @@ def build_definition(
     queue: str | None,
     max_retries: int | None,
     timeout: float | timedelta | None,
+    rate_limit: object = None,
+    max_running: object = None,
+    max_running_per_key: object = None,
+    priority: object = 0,
 ) -> TaskDefinition:
     """Validate ``fn`` and the options; each problem is a ``TypeError`` (``ValueError`` for bad numbers)."""
     if isinstance(fn, type) or not callable(fn):
@@ -193,6 +229,8 @@ def build_definition(
         max_args=len(arguments),
         parameter_names=tuple(p.name for p in arguments),
         arguments=ArgumentCheck(fn, arguments),
+        priority=check_priority(priority, f"register({described})"),
+        limits=build_limits(rate_limit, max_running, max_running_per_key, f"register({described})"),
     )
 
 

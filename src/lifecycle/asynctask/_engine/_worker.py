@@ -46,6 +46,7 @@ class Worker:
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self._backend = backend
+        self._registry = registry
         self._options = options
         self._logger = logger
         self._clock = options.clock
@@ -92,6 +93,11 @@ class Worker:
 
     def _settled(self) -> None:
         self._capacity_changed()
+        if any(
+            limits.max_running is not None or limits.max_running_per_key is not None
+            for limits in self._registry.flow_limits().values()
+        ):
+            self.wake()  # a settled task gave back its slot: a task its limits held may start now
         self._on_change()
 
     def _capacity_changed(self) -> None:
@@ -143,10 +149,20 @@ class Worker:
                 continue
             generation = self._wake_generation
             now = clock()
+            limits = self._registry.flow_limits()
             try:
-                batch = await backend.claim(
-                    options.queues.next_order(), free, now=now, lease_until=now + options.lease
-                )
+                if limits:
+                    batch = await backend.claim(
+                        options.queues.next_order(),
+                        free,
+                        now=now,
+                        lease_until=now + options.lease,
+                        limits=limits,
+                    )
+                else:  # no keyword: a backend written before flow control existed keeps working
+                    batch = await backend.claim(
+                        options.queues.next_order(), free, now=now, lease_until=now + options.lease
+                    )
             except Exception as exc:
                 failures += 1
                 await self._backend_trouble("claim tasks", exc, failures)
@@ -183,9 +199,18 @@ class Worker:
             await event.wait()
             group.cancel_scope.cancel()
 
+    def _idle_timeout(self) -> float:
+        """How long an idle worker waits for news: ``poll_interval``, or less when a rate limit refills a
+        token sooner (a task it held back may start then, and no storage change announces it)."""
+        timeout = self._options.poll_interval
+        for limits in self._registry.flow_limits().values():
+            if limits.rate is not None and limits.per is not None:
+                timeout = min(timeout, limits.per / limits.rate)
+        return timeout
+
     async def _wait_for_backend(self, event: anyio.Event) -> None:
         try:
-            await self._backend.wait_for_work(self._options.queues.names, timeout=self._options.poll_interval)
+            await self._backend.wait_for_work(self._options.queues.names, timeout=self._idle_timeout())
         except Exception as exc:
             await self._backend_trouble("wait for work", exc, 1)
         event.set()

@@ -55,6 +55,11 @@ def new_task(
     enqueued_at: float = T0,
     run_at: float | None = None,
     meta: str | None = None,
+    priority: int = 0,
+    concurrency_key: str | None = None,
+    expires_at: float | None = None,
+    unique_key: str | None = None,
+    unique_until: float | None = None,
 ) -> NewTask:
     """A :class:`NewTask` with readable defaults: due at its ``enqueued_at``, payload derived from the id."""
     return NewTask(
@@ -67,6 +72,11 @@ def new_task(
         enqueued_at=enqueued_at,
         run_at=run_at if run_at is not None else enqueued_at,
         meta=meta,
+        priority=priority,
+        concurrency_key=concurrency_key,
+        expires_at=expires_at,
+        unique_key=unique_key,
+        unique_until=unique_until,
     )
 
 
@@ -86,6 +96,9 @@ def assert_fresh_record(record: TaskRecord | None, task: NewTask) -> None:
         enqueued_at=task.enqueued_at,
         run_at=task.run_at,
         meta=task.meta,
+        priority=task.priority,
+        concurrency_key=task.concurrency_key,
+        expires_at=task.expires_at,
     )
     assert record == expected
     assert type(record.payload) is bytes, f"payload must be bytes, got {type(record.payload).__name__}"

@@ -18,16 +18,19 @@ import anyio
 import anyio.lowlevel
 
 from ..._errors import DuplicateTaskError
-from ..._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
+from ..._records import ClaimedTask, FlowLimits, FlowState, NewTask, Settlement, TaskRecord, TaskState
 
 __all__ = ["MemoryBackend"]
 
 _PENDING = TaskState.PENDING
 _ACTIVE = TaskState.ACTIVE
+_EXPIRED = "expired before it started"
 
-# A ready-queue entry: (run_at, enqueue sequence, task id). An entry is current only while the row is
-# PENDING and still points at this very tuple, so stale entries are skipped instead of removed.
-_Entry = tuple[float, int, str]
+# A queue entry: (sort key, run_at, enqueue sequence, task id). In a queue's "later" heap the sort key is
+# run_at (tasks waiting for their time); in its "due" heap it is minus the priority (tasks a claim found
+# due). An entry is current only while the row is PENDING and still points at this very tuple, so stale
+# entries are skipped instead of removed.
+_Entry = tuple[float, float, int, str]
 
 
 class _Row:
@@ -35,9 +38,12 @@ class _Row:
 
     __slots__ = (
         "attempts",
+        "concurrency_key",
         "enqueued_at",
         "entry",
+        "expires_at",
         "finished_at",
+        "follow_up",
         "id",
         "last_error",
         "lease_until",
@@ -45,6 +51,7 @@ class _Row:
         "meta",
         "name",
         "payload",
+        "priority",
         "queue",
         "result",
         "run_at",
@@ -57,15 +64,9 @@ class _Row:
 
     def __init__(self, task: NewTask, seq: int) -> None:
         self.id = task.id
-        self.name = task.name
-        self.queue = task.queue
-        self.payload = task.payload
-        self.max_retries = task.max_retries
-        self.timeout = task.timeout
-        self.enqueued_at = task.enqueued_at
-        self.run_at = task.run_at
-        self.meta = task.meta
         self.seq = seq
+        self.take_fields(task)
+        self.enqueued_at = task.enqueued_at
         self.state = _PENDING
         self.attempts = 0
         self.started_at: float | None = None
@@ -75,6 +76,20 @@ class _Row:
         self.result: bytes | None = None
         self.token: str | None = None
         self.entry: _Entry | None = None
+        self.follow_up: NewTask | None = None
+
+    def take_fields(self, task: NewTask) -> None:
+        """The fields a debounce replaces (all but the id, the state, attempts and enqueued_at)."""
+        self.name = task.name
+        self.queue = task.queue
+        self.payload = task.payload
+        self.max_retries = task.max_retries
+        self.timeout = task.timeout
+        self.run_at = task.run_at
+        self.meta = task.meta
+        self.priority = task.priority
+        self.concurrency_key = task.concurrency_key
+        self.expires_at = task.expires_at
 
     def record(self) -> TaskRecord:
         return TaskRecord(
@@ -94,6 +109,9 @@ class _Row:
             last_error=self.last_error,
             result=self.result,
             meta=self.meta,
+            priority=self.priority,
+            concurrency_key=self.concurrency_key,
+            expires_at=self.expires_at,
         )
 
 
@@ -115,8 +133,16 @@ class MemoryBackend:
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._rows: dict[str, _Row] = {}
-        self._ready: dict[str, list[_Entry]] = {}
+        self._later: dict[str, list[_Entry]] = {}  # per queue: pending tasks by run_at
+        self._due: dict[str, list[_Entry]] = {}  # per queue: pending tasks a claim found due, by priority
         self._active: dict[str, _Row] = {}
+        self._running: dict[str, int] = {}  # ACTIVE tasks per name
+        self._running_keys: dict[tuple[str, str], int] = {}  # ACTIVE tasks per (name, concurrency key)
+        self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, as of this time)
+        self._refused: dict[str, int] = {}  # name -> claims that held a task back for want of a token
+        self._windows: dict[str, float] = {}  # unique key -> end of its window
+        self._windows_pruned = 0
+        self._paused: set[str] = set()
         self._seq = itertools.count()
         self._tokens = itertools.count(1)
         self._token_prefix = f"{id(self):x}-"
@@ -148,30 +174,51 @@ class MemoryBackend:
             event.set()
 
     def _push(self, row: _Row) -> None:
-        entry = (row.run_at, row.seq, row.id)
+        entry = (row.run_at, row.run_at, row.seq, row.id)
         row.entry = entry
-        heap = self._ready.get(row.queue)
+        heap = self._later.get(row.queue)
         if heap is None:
-            heap = self._ready[row.queue] = []
+            heap = self._later[row.queue] = []
         heapq.heappush(heap, entry)
 
     def _insert(self, task: NewTask) -> None:
+        old = self._rows.get(task.id)
+        if old is not None:
+            old.entry = None
         row = self._rows[task.id] = _Row(task, next(self._seq))
         self._push(row)
 
-    def _head(self, queue: str) -> _Entry | None:
-        """The current earliest entry of ``queue``, dropping stale entries on the way."""
-        heap = self._ready.get(queue)
-        if not heap:
-            return None
-        rows = self._rows
+    def _current(self, entry: _Entry) -> _Row | None:
+        row = self._rows.get(entry[3])
+        if row is not None and row.entry is entry and row.state is _PENDING:
+            return row
+        return None
+
+    def _top(self, heap: list[_Entry] | None) -> _Entry | None:
+        """The current first entry of ``heap``, dropping stale entries on the way."""
         while heap:
             entry = heap[0]
-            row = rows.get(entry[2])
-            if row is not None and row.entry is entry and row.state is _PENDING:
+            if self._current(entry) is not None:
                 return entry
             heapq.heappop(heap)
         return None
+
+    def _promote(self, queue: str, now: float) -> list[_Entry] | None:
+        """Move the tasks of ``queue`` due at ``now`` into its due heap (by priority); return that heap."""
+        later = self._later.get(queue)
+        due = self._due.get(queue)
+        while later:
+            entry = self._top(later)
+            if entry is None or entry[1] > now:
+                break
+            heapq.heappop(later)
+            row = self._rows[entry[3]]
+            promoted = (-row.priority, row.run_at, row.seq, row.id)
+            row.entry = promoted
+            if due is None:
+                due = self._due[queue] = []
+            heapq.heappush(due, promoted)
+        return due
 
     def _take_token(self) -> str:
         return f"{self._token_prefix}{next(self._tokens)}"
@@ -183,10 +230,17 @@ class MemoryBackend:
         self._active[row.id] = row
         return ClaimedTask(token=token, record=row.record())
 
+    def _count_running(self, row: _Row, change: int) -> None:
+        self._running[row.name] = self._running.get(row.name, 0) + change
+        if row.concurrency_key is not None:
+            key = (row.name, row.concurrency_key)
+            self._running_keys[key] = self._running_keys.get(key, 0) + change
+
     def _leave_active(self, row: _Row) -> None:
         row.token = None
         row.lease_until = None
-        self._active.pop(row.id, None)
+        if self._active.pop(row.id, None) is not None:
+            self._count_running(row, -1)
 
     def _holds(self, task_id: str, token: str) -> _Row | None:
         row = self._rows.get(task_id)
@@ -194,68 +248,172 @@ class MemoryBackend:
             return None
         return row
 
+    def _bucket(self, name: str, limits: FlowLimits, now: float) -> tuple[float, float]:
+        """The rate bucket of ``name`` refilled to ``now``: (tokens, as of)."""
+        rate = float(limits.rate or 0)
+        stored = self._buckets.get(name)
+        if stored is None:
+            return rate, now
+        tokens, at = stored
+        if now > at and limits.per:
+            tokens += (now - at) * rate / limits.per
+            at = now
+        return min(rate, tokens), at
+
+    def _admit(self, row: _Row, limits: FlowLimits, now: float, refused: set[str]) -> bool:
+        """Whether ``limits`` let ``row`` start now; if so, take its token. A name whose task found no
+        token is added to ``refused``."""
+        if limits.max_running is not None and self._running.get(row.name, 0) >= limits.max_running:
+            return False
+        if (
+            limits.max_running_per_key is not None
+            and row.concurrency_key is not None
+            and self._running_keys.get((row.name, row.concurrency_key), 0) >= limits.max_running_per_key
+        ):
+            return False
+        if limits.rate is not None:
+            tokens, at = self._bucket(row.name, limits, now)
+            if tokens < 1.0:
+                refused.add(row.name)
+                return False
+            self._buckets[row.name] = (tokens - 1.0, at)
+        return True
+
+    def _window_refuses(self, task: NewTask, opened: dict[str, float]) -> bool:
+        key = task.unique_key
+        if key is None:
+            return False
+        until = opened.get(key, self._windows.get(key))
+        return until is not None and until > task.enqueued_at
+
+    def _open_windows(self, opened: dict[str, float], now: float) -> None:
+        self._windows.update(opened)
+        if len(self._windows) > 2 * self._windows_pruned + 1024:  # drop the windows that ended, now and then
+            self._windows = {key: until for key, until in self._windows.items() if until > now}
+            self._windows_pruned = len(self._windows)
+
+    def _debounce(self, task: NewTask) -> None:
+        row = self._rows.get(task.id)
+        if row is None or row.state.is_final:
+            self._insert(task)
+        elif row.state is _PENDING:
+            row.take_fields(task)
+            self._push(row)
+        else:  # ACTIVE: one more run after the running attempt's settlement
+            row.follow_up = task
+
+    def _start_follow_up(self, row: _Row, task: NewTask, retry_at: float | None) -> None:
+        row.take_fields(task)
+        if retry_at is not None and retry_at > row.run_at:
+            row.run_at = retry_at
+        row.enqueued_at = task.enqueued_at
+        row.state = _PENDING
+        row.attempts = 0
+        row.started_at = None
+        row.finished_at = None
+        row.result = None
+        self._push(row)
+
     # -- the Backend protocol -------------------------------------------------------------------------------
 
     async def enqueue_many(
-        self, tasks: Sequence[NewTask], *, if_exists: Literal["error", "skip"] = "error"
+        self, tasks: Sequence[NewTask], *, if_exists: Literal["error", "skip", "debounce"] = "error"
     ) -> list[str]:
         """Store ``tasks`` and wake waiting workers; see :meth:`Backend.enqueue_many`."""
-        if if_exists not in ("error", "skip"):
-            raise ValueError(f"if_exists must be 'error' or 'skip', got {if_exists!r}")
+        if if_exists not in ("error", "skip", "debounce"):
+            raise ValueError(f"if_exists must be 'error', 'skip' or 'debounce', got {if_exists!r}")
         await anyio.lowlevel.checkpoint()
         if not tasks:
             return []
         rows = self._rows
         accepted: list[NewTask] = []
-        if if_exists == "error":
+        opened: dict[str, float] = {}
+        if if_exists == "skip":
             seen: set[str] = set()
-            conflicts: list[str] = []
             for task in tasks:
-                existing = rows.get(task.id)
-                live = existing is not None and existing.state.is_live
-                if (task.id in seen or live) and task.id not in conflicts:
-                    conflicts.append(task.id)
-                seen.add(task.id)
-            if conflicts:
-                raise DuplicateTaskError(conflicts[0], conflicts)
-            accepted = list(tasks)
-        else:
-            seen = set()
-            for task in tasks:
-                if task.id in seen or task.id in rows:
+                if task.id in seen or task.id in rows or self._window_refuses(task, opened):
                     continue
                 seen.add(task.id)
                 accepted.append(task)
+                if task.unique_key is not None and task.unique_until is not None:
+                    opened[task.unique_key] = task.unique_until
+        else:
+            seen = set()
+            conflicts: list[str] = []
+            for task in tasks:
+                existing = rows.get(task.id)
+                live = if_exists == "error" and (
+                    task.id in seen or (existing is not None and existing.state.is_live)
+                )
+                if (live or self._window_refuses(task, opened)) and task.id not in conflicts:
+                    conflicts.append(task.id)
+                seen.add(task.id)
+                if task.unique_key is not None and task.unique_until is not None:
+                    opened[task.unique_key] = task.unique_until
+            if conflicts:
+                raise DuplicateTaskError(conflicts[0], conflicts)
+            accepted = list(tasks)
+        self._open_windows(opened, max(task.enqueued_at for task in tasks))
         for task in accepted:
-            self._insert(task)  # replaces a finished record with this id (a live one was refused above)
+            if if_exists == "debounce":
+                self._debounce(task)
+            else:
+                self._insert(task)  # replaces a finished record with this id (a live one was refused above)
         if accepted:
             self._notify()
         return [task.id for task in accepted]
 
     async def claim(
-        self, queues: Sequence[str], limit: int, *, now: float, lease_until: float
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
     ) -> list[ClaimedTask]:
         """Lease up to ``limit`` due tasks, ``queues`` in priority order; see :meth:`Backend.claim`."""
         await anyio.lowlevel.checkpoint()
         claimed: list[ClaimedTask] = []
         if limit <= 0:
             return claimed
-        rows = self._rows
+        refused: set[str] = set()
         for queue in dict.fromkeys(queues):
-            heap = self._ready.get(queue)
+            if queue in self._paused:
+                continue
+            heap = self._promote(queue, now)
+            held: list[_Entry] = []
             while heap and len(claimed) < limit:
-                entry = self._head(queue)
-                if entry is None or entry[0] > now:
-                    break
-                heapq.heappop(heap)
-                row = rows[entry[2]]
+                entry = heapq.heappop(heap)
+                row = self._current(entry)
+                if row is None:
+                    continue
+                if row.run_at > now:  # promoted by a claim with a later clock
+                    held.append(entry)
+                    continue
+                if row.expires_at is not None and row.expires_at <= now:
+                    row.entry = None
+                    row.state = TaskState.CANCELLED
+                    row.finished_at = now
+                    row.last_error = _EXPIRED
+                    continue
+                flow = None if limits is None else limits.get(row.name)
+                if flow is not None and not self._admit(row, flow, now, refused):
+                    held.append(entry)
+                    continue
                 row.entry = None
                 row.state = _ACTIVE
                 row.attempts += 1
                 row.started_at = now
+                self._count_running(row, +1)
                 claimed.append(self._lease(row, lease_until))
+            if heap is not None:
+                for entry in held:
+                    heapq.heappush(heap, entry)
             if len(claimed) >= limit:
                 break
+        for name in refused:
+            self._refused[name] = self._refused.get(name, 0) + 1
         return claimed
 
     async def extend_leases(self, leases: Sequence[tuple[str, str]], *, lease_until: float) -> set[str]:
@@ -274,36 +432,39 @@ class MemoryBackend:
         """Apply each settlement whose lease is held (with its ``then`` tasks); return the ids not applied."""
         await anyio.lowlevel.checkpoint()
         lost: set[str] = set()
-        wake = False
+        applied = False
         for settlement in settlements:
             row = self._holds(settlement.task_id, settlement.token)
             if row is None:
                 lost.add(settlement.task_id)
                 continue
-            self._leave_active(row)
             state = TaskState(settlement.state)
+            if state not in (_PENDING, TaskState.SUCCEEDED, TaskState.DEAD, TaskState.CANCELLED):
+                raise ValueError(f"cannot settle task {settlement.task_id!r} as {state.value!r}")
+            self._leave_active(row)
+            applied = True
             if settlement.error is not None:
                 row.last_error = settlement.error
+            retry_at: float | None = None
             if state is _PENDING:
                 row.state = _PENDING
-                row.run_at = settlement.run_at if settlement.run_at is not None else settlement.at
+                row.run_at = retry_at = settlement.run_at if settlement.run_at is not None else settlement.at
                 row.finished_at = None
                 if settlement.refund_attempt and row.attempts > 0:
                     row.attempts -= 1
                 self._push(row)
-                wake = True
-            elif state in (TaskState.SUCCEEDED, TaskState.DEAD, TaskState.CANCELLED):
+            else:
                 row.state = state
                 row.finished_at = settlement.at
                 if state is TaskState.SUCCEEDED:
                     row.result = settlement.result
-            else:
-                raise ValueError(f"cannot settle task {settlement.task_id!r} as {state.value!r}")
-            for follow_up in settlement.then:
-                if follow_up.id not in self._rows:
-                    self._insert(follow_up)
-                    wake = True
-        if wake:
+            follow_up, row.follow_up = row.follow_up, None
+            if follow_up is not None:
+                self._start_follow_up(row, follow_up, retry_at)
+            for then in settlement.then:
+                if then.id not in self._rows:
+                    self._insert(then)
+        if applied:  # a freed slot of max_running may let a held task start, too
             self._notify()
         return lost
 
@@ -323,19 +484,22 @@ class MemoryBackend:
 
     async def wait_for_work(self, queues: Sequence[str], *, timeout: float) -> None:
         """Return when a task in ``queues`` was enqueued or released, when the earliest delayed one becomes
-        due (by ``clock``), or after ``timeout`` seconds.
+        due (by ``clock``), or after ``timeout`` seconds. Paused queues are left out.
 
         Work that is already due is reported once per change of the storage, so a caller that cannot claim
-        it (its clock disagrees with this backend's) waits instead of spinning.
+        it (its clock disagrees with this backend's, or flow limits hold it back) waits instead of spinning.
         """
         deadline = anyio.current_time() + max(0.0, timeout)
         key = tuple(dict.fromkeys(queues))
         while True:
             due: float | None = None
             for queue in key:
-                entry = self._head(queue)
-                if entry is not None and (due is None or entry[0] < due):
-                    due = entry[0]
+                if queue in self._paused:
+                    continue
+                for heap in (self._due.get(queue), self._later.get(queue)):
+                    entry = self._top(heap)
+                    if entry is not None and (due is None or entry[1] < due):
+                        due = entry[1]
             now = self._clock()
             if due is not None and due <= now:
                 snapshot = (key, self._version)
@@ -356,6 +520,37 @@ class MemoryBackend:
             with anyio.move_on_after(pause):
                 await changed.wait()
                 return
+
+    async def pause(self, queue: str) -> None:
+        """Stop claims from ``queue`` until :meth:`resume` (kept while this object lives)."""
+        await anyio.lowlevel.checkpoint()
+        self._paused.add(queue)
+
+    async def resume(self, queue: str) -> None:
+        """Let claims take tasks from ``queue`` again."""
+        await anyio.lowlevel.checkpoint()
+        if queue in self._paused:
+            self._paused.discard(queue)
+            self._notify()
+
+    async def paused(self) -> set[str]:
+        """The paused queues."""
+        await anyio.lowlevel.checkpoint()
+        return set(self._paused)
+
+    async def flow_state(
+        self, name: str, concurrency_key: str | None, *, now: float, limits: FlowLimits
+    ) -> FlowState:
+        """The running counts of ``name`` (and of its ``concurrency_key``) and its bucket at ``now``."""
+        await anyio.lowlevel.checkpoint()
+        return FlowState(
+            running=self._running.get(name, 0),
+            running_for_key=0
+            if concurrency_key is None
+            else self._running_keys.get((name, concurrency_key), 0),
+            tokens=None if limits.rate is None else self._bucket(name, limits, now)[0],
+            refused=0 if limits.rate is None else self._refused.get(name, 0),
+        )
 
     async def get(self, task_id: str) -> TaskRecord | None:
         """The record with this id, or ``None``."""
@@ -464,6 +659,7 @@ class MemoryBackend:
             victims = victims[:limit]
         for row in victims:
             del self._rows[row.id]
-            self._active.pop(row.id, None)
+            self._leave_active(row)
             row.entry = None
+            row.follow_up = None
         return len(victims)

@@ -41,6 +41,9 @@ _SELECTION_DAMAGE: dict[str, tuple[RawValue, ...]] = {
     "state": ("bogus", b"\xff\xfe", None),
     "queue": (b"\xff\xfe", b"default", None),
     "run_at": ("soon", b"\x00", _NAN, math.inf, None),
+    "priority": ("high", 2.5, b"\xff\xfe"),
+    "concurrency_key": (b"\xff\xfe",),
+    "expires_at": ("soon", b"\xff\xfe", _NAN),
 }
 
 _LEASE_DAMAGE: tuple[RawValue, ...] = (None, "later", _NAN)

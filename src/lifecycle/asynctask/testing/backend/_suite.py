@@ -8,6 +8,7 @@ from ._rules_claim import ClaimRules
 from ._rules_damage import DamageRules
 from ._rules_data import DataRules
 from ._rules_enqueue import EnqueueRules
+from ._rules_flow import FlowRules
 from ._rules_inspect import InspectRules
 from ._rules_leases import LeaseRules
 from ._rules_races import RaceRules
@@ -29,6 +30,7 @@ class BackendConformance(
     BatchRules,
     RaceRules,
     DamageRules,
+    FlowRules,
 ):
     """Conformance tests for a :class:`~lifecycle.asynctask.Backend`, to subclass in a pytest test module.
 
