@@ -32,7 +32,7 @@ from ...._checks import check_count, check_name, check_seconds
 from ...._redact import library_logger, redact
 from ..._backend import Create, check_create
 from ..._errors import BackendError, StoreNotFoundError
-from ..._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
+from ..._records import ClaimedTask, FlowLimits, FlowState, NewTask, Settlement, TaskRecord, TaskState
 from .._asyncio_only import require_asyncio
 from . import _ops as ops
 from ._listen import Listener
@@ -146,6 +146,9 @@ class PostgresBackend:
         self._reported: tuple[object, ...] | None = None  # what wait_for_work last returned for
         self._abandoned: set[asyncio.Future[Any]] = set()  # connection waits a cancelled caller left
         self._absent = False  # open, but no tables yet: opened with create="on_enqueue"
+        # The names the last claim limited by max_running or max_running_per_key: a settlement of one of their
+        # tasks notifies its queue, since the slot it frees may let a task held back elsewhere start.
+        self._slot_names: tuple[str, ...] = ()
 
     @property
     def schema(self) -> str:
@@ -344,10 +347,11 @@ class PostgresBackend:
     # -- the Backend protocol -----------------------------------------------------------------------------
 
     async def enqueue_many(
-        self, tasks: Sequence[NewTask], *, if_exists: Literal["error", "skip"] = "error"
+        self, tasks: Sequence[NewTask], *, if_exists: Literal["error", "skip", "debounce"] = "error"
     ) -> list[str]:
         """Store ``tasks`` in one committed transaction and notify waiting workers; see
-        :meth:`Backend.enqueue_many`."""
+        :meth:`Backend.enqueue_many` (uniqueness windows and debounce included: the records and windows
+        concerned are locked in that transaction)."""
         _check_if_exists(if_exists)
         if not tasks:
             return []
@@ -359,7 +363,7 @@ class PostgresBackend:
         connection: object,
         tasks: Sequence[NewTask],
         *,
-        if_exists: Literal["error", "skip"] = "error",
+        if_exists: Literal["error", "skip", "debounce"] = "error",
     ) -> list[str]:
         """Store ``tasks`` inside the caller's transaction on ``connection`` (the transactional outbox).
 
@@ -406,18 +410,39 @@ class PostgresBackend:
         return await ops.enqueue(connection, self._statements, tasks, if_exists)
 
     async def claim(
-        self, queues: Sequence[str], limit: int, *, now: float, lease_until: float
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
     ) -> list[ClaimedTask]:
-        """Lease up to ``limit`` due tasks, ``queues`` in priority order, in one statement; see
-        :meth:`Backend.claim`."""
+        """Lease up to ``limit`` due tasks, ``queues`` in priority order (paused queues skipped, the highest
+        task priority first), and cancel the due tasks that expired; see :meth:`Backend.claim`.
+
+        Without ``limits`` this is one statement that locks the rows it takes with ``FOR UPDATE SKIP
+        LOCKED``. With ``limits``, one transaction takes an advisory lock per limited name that has pending
+        tasks (claimers of one name take turns; names without limits are not held up) and then counts, refills
+        and leases in one statement, so the limits hold across every process. Raises :class:`ValueError` for a
+        rate limit without a positive period."""
         if limit <= 0 or not queues:
             return []
+        if limits:
+            self._slot_names = tuple(
+                sorted(
+                    name
+                    for name, flow in limits.items()
+                    if flow.max_running is not None or flow.max_running_per_key is not None
+                )
+            )
         # The worker claims again soon anyway, so a claim does not wait long for a connection: while the
         # server is down it fails after _CLAIM_WAIT, and a worker asked to stop is not held up by it.
         async with self._connection(wait=min(self._connect_timeout, _CLAIM_WAIT)) as connection:
-            return await ops.claim(
-                connection, self._statements, list(dict.fromkeys(queues)), limit, now, lease_until
+            claimed, _ = await ops.claim(
+                connection, self._statements, list(dict.fromkeys(queues)), limit, now, lease_until, limits
             )
+            return claimed
 
     async def extend_leases(self, leases: Sequence[tuple[str, str]], *, lease_until: float) -> set[str]:
         """Renew held leases in one statement; return the ids whose lease was lost."""
@@ -432,7 +457,7 @@ class PostgresBackend:
         if not settlements:
             return set()
         async with self._connection() as connection:
-            return await ops.settle(connection, self._statements, settlements)
+            return await ops.settle(connection, self._statements, settlements, self._slot_names)
 
     async def reclaim_expired(self, *, now: float, lease_until: float, limit: int) -> list[ClaimedTask]:
         """Take over active tasks whose lease ended before ``now``, attempts unchanged, and the damaged
@@ -501,6 +526,31 @@ class PostgresBackend:
             _log.debug("wait_for_work could not look for due tasks: %s", exc)
             return None
 
+    async def pause(self, queue: str) -> None:
+        """Stop every worker of this schema from claiming tasks of ``queue`` until :meth:`resume` (a row in
+        ``lifecycle_paused``: it survives restarts and holds for workers started later). Idempotent.
+        Creates the tables of a backend opened with ``create="on_enqueue"``, like an enqueue."""
+        async with self._connection() as connection:
+            await ops.pause(connection, self._statements, queue)
+
+    async def resume(self, queue: str) -> None:
+        """Let workers claim tasks of ``queue`` again, and wake the idle ones (idempotent)."""
+        await self._inspect(ops.resume, queue, absent=None)
+
+    async def paused(self) -> set[str]:
+        """The paused queues."""
+        return await self._inspect(ops.paused, absent=set())
+
+    async def flow_state(
+        self, name: str, concurrency_key: str | None, *, now: float, limits: FlowLimits
+    ) -> FlowState:
+        """The running tasks of ``name`` (and of ``concurrency_key``) and its rate bucket refilled to ``now``
+        (with the ``refused`` count); reads only. See :meth:`Backend.flow_state`."""
+        empty = FlowState(
+            running=0, running_for_key=0, tokens=None if limits.rate is None else float(limits.rate)
+        )
+        return await self._inspect(ops.flow_state, name, concurrency_key, now, limits, absent=empty)
+
     async def _inspect(self, operation: Callable[..., Awaitable[_T]], *args: Any, absent: _T) -> _T:
         """``operation(connection, statements, *args)`` of an inspection or operator action: while the
         tables do not exist yet (opened with ``create="on_enqueue"``) its answer is ``absent``, and nothing
@@ -565,5 +615,5 @@ class PostgresBackend:
 
 
 def _check_if_exists(if_exists: str) -> None:
-    if if_exists not in ("error", "skip"):
-        raise ValueError(f"if_exists must be 'error' or 'skip', got {if_exists!r}")
+    if if_exists not in ("error", "skip", "debounce"):
+        raise ValueError(f"if_exists must be 'error', 'skip' or 'debounce', got {if_exists!r}")

@@ -5,6 +5,12 @@ Every statement names its tables fully qualified (``"schema"."lifecycle_tasks"``
 connection in :meth:`PostgresBackend.enqueue_many_in`. Batches travel as arrays and are expanded with
 ``unnest``: one statement per batch, whatever its size. The text of each statement never changes, so psycopg
 prepares it on the server after a few executions.
+
+The claim (see :func:`Statements.for_schema`) comes in two forms. Without limits it is one statement that
+locks the due tasks it takes with ``FOR UPDATE SKIP LOCKED``: concurrent claimers never wait for each other.
+With limits, the names whose limits apply are first locked (transaction-scoped advisory locks, see
+``_ops.claim``), and then one statement counts the running tasks, refills the buckets, picks the tasks each
+name (and key) may start, leases them and takes their tokens.
 """
 
 from __future__ import annotations
@@ -13,23 +19,33 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-from ._schema import TASK_COLUMNS, TASKS_TABLE
+from ._schema import BUCKETS_TABLE, FOLLOW_UP_TYPE, PAUSED_TABLE, TASK_COLUMNS, TASKS_TABLE, WINDOWS_TABLE
 
-__all__ = ["NOTIFY_QUEUE", "Statements"]
+__all__ = ["EXPIRED_ERROR", "EXPIRED_PER_CLAIM", "NOTIFY_QUEUE", "Statements"]
+
+#: The ``last_error`` of a task the claim cancelled because it expired before it started.
+EXPIRED_ERROR = "expired before it started"
+#: The most expired tasks one claim cancels per queue (they take no room in the batch; the rest go next time).
+EXPIRED_PER_CLAIM = 1000
 
 _NEW_TASK_ARRAYS = (
     "%s::text[], %s::text[], %s::text[], %b::bytea[], %s::int[], %s::float8[], %s::float8[], "
-    "%s::float8[], %s::text[]"
+    "%s::float8[], %s::text[], %s::int8[], %s::text[], %s::float8[]"
 )
-_NEW_TASK_COLUMNS = "id, name, queue, payload, max_retries, timeout, enqueued_at, run_at, meta"
+_NEW_TASK_COLUMNS = (
+    "id, name, queue, payload, max_retries, timeout, enqueued_at, run_at, meta, priority, concurrency_key, "
+    "expires_at"
+)
 _INSERT_HEAD = (
     "INSERT INTO {tasks} AS t (id, name, queue, payload, state, attempts, max_retries, timeout, "
-    "enqueued_at, run_at, meta) SELECT n.id, n.name, n.queue, n.payload, 'pending', 0, n.max_retries, "
-    "n.timeout, n.enqueued_at, n.run_at, n.meta "
+    "enqueued_at, run_at, meta, priority, concurrency_key, expires_at) SELECT n.id, n.name, n.queue, "
+    "n.payload, 'pending', 0, n.max_retries, n.timeout, n.enqueued_at, n.run_at, n.meta, n.priority, "
+    "n.concurrency_key, n.expires_at "
 )
 #: Notify the channel (a parameter) that ``queue`` got work. NOTIFY payloads are limited to 8000 bytes, so
 #: an absurdly long queue name wakes every waiter instead ("*") rather than failing the statement.
 NOTIFY_QUEUE = "pg_notify(%s, CASE WHEN octet_length(queue) < 7900 THEN queue ELSE '*' END)"
+_NOTIFY_NAMED = "pg_notify(%(channel)s, CASE WHEN octet_length(queue) < 7900 THEN queue ELSE '*' END)"
 # A claim's new attempts: one more, unless the stored value is damaged (negative, or so large that one more
 # overflows the integer column and fails the whole batch); that one is left as it is for the reader to name.
 _COUNTED_UP = "CASE WHEN t.attempts >= 0 AND t.attempts < 2147483647 THEN t.attempts + 1 ELSE t.attempts END"
@@ -56,30 +72,301 @@ def _still(state: str) -> str:
     return f"CASE WHEN t.state = '{state}' THEN true ELSE false END"
 
 
+# -- the claim's parts ---------------------------------------------------------------------------------------
+
+# The (queue, priority) groups of pending tasks in the claimed queues, paused queues left out, found with one
+# index probe per distinct priority (a loose index scan of the pending index). The due tasks of one group are
+# then one range of that index: without the groups, the delayed tasks of a higher priority, which sort before
+# the due tasks of a lower one, would be read by every claim.
+_PRIORITY_GROUPS = (
+    "groups(ord, queue, priority) AS ("
+    "SELECT q.ord, q.name, (SELECT p.priority FROM {tasks} AS p WHERE p.state = 'pending' "
+    "AND p.queue = q.name ORDER BY p.priority DESC LIMIT 1) "
+    "FROM unnest(%(queues)s::text[]) WITH ORDINALITY AS q(name, ord) "
+    "WHERE NOT EXISTS (SELECT FROM {paused} AS z WHERE z.queue = q.name) "
+    "UNION ALL "
+    "SELECT g.ord, g.queue, (SELECT p.priority FROM {tasks} AS p WHERE p.state = 'pending' "
+    "AND p.queue = g.queue AND p.priority < g.priority ORDER BY p.priority DESC LIMIT 1) "
+    "FROM groups AS g WHERE g.priority IS NOT NULL)"
+)
+
+# The (queue, name, priority) groups, for the claim with limits: a loose index scan of the pending index by
+# name, one or two probes per group. A name that may start nothing now (its allowance is 0 because of
+# max_running, or it could not be locked) is stepped over without visiting its priorities.
+_NAME_GROUPS = (
+    "groups(ord, queue, name, priority) AS ("
+    "SELECT q.ord, q.name, f.name, f.priority "
+    "FROM unnest(%(queues)s::text[]) WITH ORDINALITY AS q(name, ord) "
+    "CROSS JOIN LATERAL (SELECT p.name, p.priority FROM {tasks} AS p WHERE p.state = 'pending' "
+    "AND p.queue = q.name ORDER BY p.name, p.priority DESC LIMIT 1) AS f "
+    "WHERE NOT EXISTS (SELECT FROM {paused} AS z WHERE z.queue = q.name) "
+    "UNION ALL "
+    "SELECT g.ord, g.queue, x.name, x.priority FROM groups AS g CROSS JOIN LATERAL ("
+    "(SELECT p.name, p.priority FROM {tasks} AS p WHERE p.state = 'pending' AND p.queue = g.queue "
+    "AND p.name = g.name AND p.priority < g.priority "
+    "AND NOT EXISTS (SELECT FROM allow AS s WHERE s.name = g.name AND s.scan = 0) "
+    "ORDER BY p.priority DESC LIMIT 1) "
+    "UNION ALL "
+    "(SELECT p.name, p.priority FROM {tasks} AS p WHERE p.state = 'pending' AND p.queue = g.queue "
+    "AND p.name > g.name ORDER BY p.name, p.priority DESC LIMIT 1) "
+    "LIMIT 1) AS x)"
+)
+
+# The due tasks whose expiry passed, in the claimed queues that are not paused, up to EXPIRED_PER_CLAIM per
+# queue (an index over the tasks that have an expiry): the claim cancels them, whatever their name's limits.
+_EXPIRED = (
+    "expired AS MATERIALIZED (SELECT e.id FROM unnest(%(queues)s::text[]) AS q(name) CROSS JOIN LATERAL "
+    "(SELECT p.id FROM {tasks} AS p WHERE p.state = 'pending' AND p.queue = q.name "
+    "AND p.expires_at <= %(now)s AND p.run_at <= %(now)s "
+    f"ORDER BY p.expires_at LIMIT {EXPIRED_PER_CLAIM} FOR UPDATE SKIP LOCKED) AS e "
+    "WHERE NOT EXISTS (SELECT FROM {paused} AS z WHERE z.queue = q.name))"
+)
+
+# A due task not expired (NULL: no expiry).
+_LIVE = "p.run_at <= %(now)s AND (p.expires_at IS NULL OR p.expires_at > %(now)s)"
+
+# Lease the picked tasks, or cancel the expired ones, in one UPDATE.
+_LEASE = (
+    "UPDATE {tasks} AS t SET "
+    "state = CASE WHEN t.expires_at <= %(now)s THEN 'cancelled' ELSE 'active' END, "
+    "attempts = CASE WHEN t.expires_at <= %(now)s THEN t.attempts ELSE " + _COUNTED_UP + " END, "
+    "started_at = CASE WHEN t.expires_at <= %(now)s THEN t.started_at ELSE %(now)s END, "
+    "finished_at = CASE WHEN t.expires_at <= %(now)s THEN %(now)s ELSE t.finished_at END, "
+    f"last_error = CASE WHEN t.expires_at <= %(now)s THEN '{EXPIRED_ERROR}' ELSE t.last_error END, "
+    "lease_until = CASE WHEN t.expires_at <= %(now)s THEN NULL ELSE %(lease_until)s END, "
+    "token = CASE WHEN t.expires_at <= %(now)s THEN NULL ELSE gen_random_uuid()::text END "
+    "WHERE t.id = ANY(ARRAY(SELECT id FROM chosen UNION ALL SELECT id FROM expired)) "
+    "AND " + _still("pending") + " "
+    f"RETURNING t.seq, t.token, {_RETURNED}"
+)
+
+# The claim without limits. Params: queues (priority order), now, limit, lease_until, held (names never to
+# take: the limited names when none of them has a pending task, see _ops.claim). One index range per
+# (queue, priority) group, each locked with SKIP LOCKED so concurrent claimers never wait for each other; the
+# pick is a MATERIALIZED CTE so that its LIMIT applies once (a join could rescan it).
+_CLAIM = (
+    "WITH RECURSIVE " + _PRIORITY_GROUPS + ", "
+    "chosen AS MATERIALIZED (SELECT c.id FROM groups AS g CROSS JOIN LATERAL "
+    "(SELECT p.id, p.run_at, p.seq FROM {tasks} AS p WHERE p.state = 'pending' AND p.queue = g.queue "
+    "AND p.priority = g.priority AND " + _LIVE + " AND p.name <> ALL(%(held)s::text[]) "
+    "ORDER BY p.run_at, p.seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED) AS c "
+    "WHERE g.priority IS NOT NULL "
+    "ORDER BY g.ord, g.priority DESC, c.run_at, c.seq LIMIT %(limit)s), " + _EXPIRED + " " + _LEASE
+)
+
+# The limits of the claimed names and their state, read after their locks were taken (see _ops.claim).
+# Params (arrays, one entry per limited name): names, locked, rate, per, max_running, per_key; and now, limit.
+# ``tokens``: the bucket refilled to now (full when it has no row yet); ``other_cap``: what max_running leaves
+# (NULL: no such limit); ``allowance``: how many tasks of the name may start now; ``scan``: how many due tasks
+# of each of its groups the claim reads (one more than the tokens allow when the bucket is what holds it
+# back, to see that a task was refused a token; any number when keys decide; none when it may start none).
+_LIMITS = (
+    "lim AS MATERIALIZED (SELECT l.name, l.locked, l.rate, l.per, l.per_key, b.at AS bucket_at, "
+    "CASE WHEN l.rate IS NULL THEN NULL WHEN b.name IS NULL THEN l.rate "
+    "WHEN %(now)s > b.at THEN least(l.rate, b.tokens + (%(now)s - b.at) * l.rate / l.per) "
+    "ELSE least(l.rate, b.tokens) END AS tokens, "
+    "CASE WHEN l.max_running IS NULL THEN NULL ELSE l.max_running - "
+    "(SELECT count(*) FROM {tasks} AS a WHERE a.state = 'active' AND a.name = l.name) END AS other_cap "
+    "FROM unnest(%(names)s::text[], %(locked)s::bool[], %(rate)s::float8[], %(per)s::float8[], "
+    "%(max_running)s::int8[], %(per_key)s::int8[]) AS l(name, locked, rate, per, max_running, per_key) "
+    "LEFT JOIN {buckets} AS b ON b.name = l.name), "
+    "allow AS MATERIALIZED (SELECT m.name, m.per_key, m.rate, m.tokens, m.other_cap, m.allowance, "
+    "CASE WHEN NOT m.locked OR coalesce(m.other_cap, 1) <= 0 THEN 0 "
+    "WHEN m.per_key IS NOT NULL THEN %(limit)s "
+    "WHEN m.allowance < least(%(limit)s, coalesce(m.other_cap, %(limit)s)) THEN m.allowance + 1 "
+    "ELSE m.allowance END AS scan "
+    "FROM (SELECT lim.*, CASE WHEN NOT lim.locked THEN 0 ELSE greatest(0, least(%(limit)s, "
+    "coalesce(lim.other_cap, %(limit)s), coalesce(floor(lim.tokens)::int8, %(limit)s))) END AS allowance "
+    "FROM lim) AS m)"
+)
+
+# The claim with limits. Candidates are read per (queue, name, priority) group, locked with SKIP LOCKED; a
+# name's tasks of a key that is already full are stepped over in the scan (each probe counts that key's
+# running tasks). Then, in claim order: a keyed task passes while its key has room, a limited name's task
+# while the name has room (max_running and tokens), and the batch takes the first ``limit`` that pass. A
+# task refused a token before the batch was full counts one refusal for its name. The UPDATE leases the
+# chosen tasks and cancels the expired ones; ``spent`` takes the tokens and counts the refusals.
+_CLAIM_LIMITED = (
+    "WITH RECURSIVE " + _LIMITS + ", " + _NAME_GROUPS + ", "
+    "cand AS MATERIALIZED (SELECT g.ord, c.id, c.name, c.key, c.priority, c.run_at, c.seq, "
+    "a.name IS NOT NULL AS limited, a.per_key, a.rate, a.tokens, a.other_cap "
+    "FROM groups AS g LEFT JOIN allow AS a ON a.name = g.name CROSS JOIN LATERAL "
+    "(SELECT p.id, p.name, p.concurrency_key AS key, p.priority, p.run_at, p.seq FROM {tasks} AS p "
+    "WHERE p.state = 'pending' AND p.queue = g.queue AND p.name = g.name AND p.priority = g.priority "
+    "AND " + _LIVE + " AND (a.per_key IS NULL OR p.concurrency_key IS NULL OR "
+    "(SELECT count(*) FROM {tasks} AS r WHERE r.state = 'active' AND r.name = p.name "
+    "AND r.concurrency_key = p.concurrency_key) < a.per_key) "
+    "ORDER BY p.run_at, p.seq LIMIT coalesce(a.scan, %(limit)s) FOR UPDATE SKIP LOCKED) AS c "
+    "WHERE g.name IS NOT NULL AND coalesce(a.scan, 1) > 0), "
+    "keyed AS (SELECT c.*, row_number() OVER (PARTITION BY c.name, c.key "
+    "ORDER BY c.ord, c.priority DESC, c.run_at, c.seq) AS key_rank FROM cand AS c), "
+    "key_ok AS (SELECT k.* FROM keyed AS k WHERE k.per_key IS NULL OR k.key IS NULL OR k.key_rank <= "
+    "k.per_key - (SELECT count(*) FROM {tasks} AS r WHERE r.state = 'active' AND r.name = k.name "
+    "AND r.concurrency_key = k.key)), "
+    "named AS (SELECT o.*, row_number() OVER (PARTITION BY o.name "
+    "ORDER BY o.ord, o.priority DESC, o.run_at, o.seq) AS name_rank FROM key_ok AS o), "
+    "judged AS (SELECT n.*, "
+    "(NOT n.limited OR ((n.other_cap IS NULL OR n.name_rank <= n.other_cap) "
+    "AND (n.rate IS NULL OR n.name_rank <= n.tokens))) AS passes, "
+    "(n.rate IS NOT NULL AND n.name_rank > n.tokens "
+    "AND (n.other_cap IS NULL OR n.name_rank <= n.other_cap)) AS no_token FROM named AS n), "
+    "walked AS (SELECT j.*, count(*) FILTER (WHERE j.passes) OVER (ORDER BY j.ord, j.priority DESC, "
+    "j.run_at, j.seq ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS passed FROM judged AS j), "
+    "chosen AS MATERIALIZED (SELECT w.id FROM walked AS w WHERE w.passes AND w.passed <= %(limit)s), "
+    "refused AS MATERIALIZED (SELECT DISTINCT w.name FROM walked AS w "
+    "WHERE w.no_token AND w.passed < %(limit)s), " + _EXPIRED + ", "
+    "leased AS (" + _LEASE + "), "
+    "taken AS (SELECT l.name, count(*) AS n FROM leased AS l WHERE l.state = 'active' GROUP BY l.name), "
+    "spent AS (INSERT INTO {buckets} AS b (name, tokens, at, refused) "
+    "SELECT a.name, a.tokens - coalesce(t.n, 0), "
+    "CASE WHEN a.bucket_at > %(now)s THEN a.bucket_at ELSE %(now)s END, "
+    "CASE WHEN a.name IN (SELECT name FROM refused) THEN 1 ELSE 0 END "
+    "FROM lim AS a LEFT JOIN taken AS t ON t.name = a.name "
+    "WHERE a.rate IS NOT NULL AND (t.n IS NOT NULL OR a.name IN (SELECT name FROM refused)) "
+    "ON CONFLICT (name) DO UPDATE SET tokens = excluded.tokens, at = excluded.at, "
+    "refused = b.refused + excluded.refused) "
+    "SELECT * FROM leased"
+)
+
+# The limited names of a claim to lock, in the order given (sorted by the caller, so that two claimers
+# never wait for each other's locks in a cycle): those with a pending task in the claimed queues. Params:
+# queues, names, the lock space. Returns (name, locked) per name.
+_LOCK_NAMES = (
+    "SELECT x.name, CASE WHEN EXISTS (SELECT FROM {tasks} AS p WHERE p.state = 'pending' "
+    "AND p.queue = ANY(%(queues)s::text[]) AND p.name = x.name) "
+    "THEN (SELECT true FROM pg_advisory_xact_lock(hashtext(%(space)s), hashtext(x.name))) "
+    "ELSE false END FROM unnest(%(names)s::text[]) AS x(name)"
+)
+
+# Records no claim or reclaim selects because a field they are selected by holds no usable time: an active
+# task whose lease_until is NULL, NaN or infinite, a pending task whose run_at is NaN or infinite (found group
+# by group, (queue, priority), with a loose scan of the pending index). NaN sorts above Infinity. The
+# candidates are locked and tested again (SKIP LOCKED: concurrent reclaimers never take the same); the
+# statement returns each one's values from before it was leased, so the reader names the damaged field.
+_DAMAGED_WHERE = (
+    "(t.state = 'active' AND (t.lease_until IS NULL OR t.lease_until >= 'Infinity')) "
+    "OR (t.state = 'pending' AND t.run_at >= 'Infinity')"
+)
+_DAMAGED = (
+    "WITH RECURSIVE groups(queue, priority) AS ("
+    "(SELECT queue, priority FROM {tasks} WHERE state = 'pending' ORDER BY queue, priority DESC LIMIT 1) "
+    "UNION ALL SELECT x.queue, x.priority FROM groups AS g CROSS JOIN LATERAL ("
+    "(SELECT p.queue, p.priority FROM {tasks} AS p WHERE p.state = 'pending' AND p.queue = g.queue "
+    "AND p.priority < g.priority ORDER BY p.priority DESC LIMIT 1) "
+    "UNION ALL (SELECT p.queue, p.priority FROM {tasks} AS p WHERE p.state = 'pending' AND p.queue > g.queue "
+    "ORDER BY p.queue, p.priority DESC LIMIT 1) LIMIT 1) AS x), "
+    "found AS (SELECT a.id FROM {tasks} AS a WHERE a.state = 'active' AND a.lease_until IS NULL "
+    "UNION ALL SELECT a.id FROM {tasks} AS a WHERE a.state = 'active' AND a.lease_until >= 'Infinity' "
+    "UNION ALL SELECT p.id FROM groups AS g CROSS JOIN LATERAL (SELECT p.id FROM {tasks} AS p "
+    "WHERE p.state = 'pending' AND p.queue = g.queue AND p.priority = g.priority "
+    "AND p.run_at >= 'Infinity') AS p LIMIT %s), "
+    "pick AS MATERIALIZED (SELECT t.seq, " + _RETURNED + " FROM {tasks} AS t "
+    "WHERE t.id IN (SELECT id FROM found) AND (" + _DAMAGED_WHERE + ") FOR UPDATE SKIP LOCKED), "
+    "leased AS (UPDATE {tasks} AS t SET state = 'active', lease_until = %s, "
+    "token = gen_random_uuid()::text FROM pick WHERE t.id = pick.id RETURNING t.id, t.token) "
+    "SELECT leased.token, pick.* FROM pick JOIN leased ON leased.id = pick.id ORDER BY pick.seq"
+)
+
+# The settlement. A record with a follow-up run (a debounce while it was active) becomes that run's pending
+# period whatever the verdict: the follow-up's fields, attempts 0, run_at the later of the follow-up's and the
+# retry's. The follow-up is read from the row the UPDATE locks, so a debounce committed meanwhile is seen.
+_HAS_FOLLOW_UP = "(t.follow_up).payload IS NOT NULL"
+
+
+def _from_follow_up(column: str) -> str:
+    return f"{column} = CASE WHEN {_HAS_FOLLOW_UP} THEN (t.follow_up).{column} ELSE t.{column} END"
+
+
+_SETTLE = (
+    "WITH s AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[], "
+    "%s::float8[], %s::text[], %b::bytea[], %s::int[]) "
+    "AS s(id, token, state, at, run_at, error, result, refund)), "
+    "done AS (UPDATE {tasks} AS t SET "
+    "state = CASE WHEN " + _HAS_FOLLOW_UP + " THEN 'pending' ELSE s.state END, "
+    "run_at = CASE WHEN " + _HAS_FOLLOW_UP + " AND s.state = 'pending' "
+    "THEN greatest((t.follow_up).run_at, s.run_at) "
+    "WHEN " + _HAS_FOLLOW_UP + " THEN (t.follow_up).run_at "
+    "WHEN s.state = 'pending' THEN s.run_at ELSE t.run_at END, "
+    "attempts = CASE WHEN " + _HAS_FOLLOW_UP + " THEN 0 "
+    "WHEN s.state = 'pending' AND t.attempts > 0 THEN t.attempts - s.refund "
+    "WHEN s.state = 'pending' THEN 0 "
+    "ELSE t.attempts END, "
+    "started_at = CASE WHEN " + _HAS_FOLLOW_UP + " THEN NULL ELSE t.started_at END, "
+    "finished_at = CASE WHEN s.state = 'pending' OR " + _HAS_FOLLOW_UP + " THEN NULL ELSE s.at END, "
+    "result = CASE WHEN " + _HAS_FOLLOW_UP + " THEN NULL WHEN s.state = 'succeeded' THEN s.result "
+    "WHEN s.state = 'pending' THEN t.result ELSE coalesce(s.result, t.result) END, "
+    + ", ".join(
+        _from_follow_up(column)
+        for column in (
+            "name",
+            "queue",
+            "payload",
+            "max_retries",
+            "timeout",
+            "enqueued_at",
+            "meta",
+            "priority",
+            "concurrency_key",
+            "expires_at",
+        )
+    )
+    + ", last_error = coalesce(s.error, t.last_error), lease_until = NULL, token = NULL, follow_up = NULL "
+    "FROM s WHERE " + _held("s") + " "
+    "RETURNING t.id, t.queue, t.state, t.name), "
+    "follow AS (" + _INSERT_HEAD + f"FROM unnest({_NEW_TASK_ARRAYS}, %s::text[]) "
+    f"WITH ORDINALITY AS n({_NEW_TASK_COLUMNS}, parent, ord) "
+    "WHERE n.parent IN (SELECT id FROM done) ORDER BY n.ord "
+    "ON CONFLICT (id) DO NOTHING RETURNING t.queue) "
+    "SELECT id, CASE WHEN state = 'pending' OR name = ANY(%s::text[]) THEN "
+    + NOTIFY_QUEUE
+    + " END FROM done "
+    "UNION ALL SELECT NULL, " + NOTIFY_QUEUE + " FROM follow"
+)
+
+
 def _render(template: str, schema: str) -> bytes:
-    query = sql.SQL(template).format(tasks=sql.Identifier(schema, TASKS_TABLE))
+    query = sql.SQL(template).format(
+        tasks=sql.Identifier(schema, TASKS_TABLE),
+        buckets=sql.Identifier(schema, BUCKETS_TABLE),
+        windows=sql.Identifier(schema, WINDOWS_TABLE),
+        paused=sql.Identifier(schema, PAUSED_TABLE),
+        follow_up_type=sql.Identifier(schema, FOLLOW_UP_TYPE),
+    )
     return query.as_bytes(None)
 
 
 @dataclass(frozen=True, slots=True)
 class Statements:
     """The fixed statements for one schema (bytes, ready for ``cursor.execute``); ``channel`` is the
-    NOTIFY channel name; ``tasks`` the qualified table for statements composed per call."""
+    NOTIFY channel name; ``tasks`` the qualified table for statements composed per call; ``lock_space`` the
+    text whose hash is the first key of the advisory locks of the claim with limits."""
 
     schema: str
     channel: str
+    lock_space: str
     tasks: sql.Identifier
     insert_new: bytes
     insert_checked: bytes
     lock_existing: bytes
     delete_ids: bytes
+    replace_pending: bytes
+    set_follow_up: bytes
+    lock_windows: bytes
+    write_windows: bytes
     claim: bytes
+    lock_names: bytes
+    claim_limited: bytes
     reclaim: bytes
+    damaged: bytes
     extend: bytes
     settle: bytes
     next_due: bytes
     get: bytes
     cancel: bytes
+    pause: bytes
+    resume: bytes
+    paused: bytes
+    flow_state: bytes
 
     @classmethod
     def for_schema(cls, schema: str, channel: str) -> Statements:
@@ -92,8 +379,9 @@ class Statements:
         return cls(
             schema=schema,
             channel=channel,
+            lock_space=f"lifecycle.flow:{schema}",
             tasks=sql.Identifier(schema, TASKS_TABLE),
-            # Params: the nine arrays, then the channel. Rows whose id exists are skipped; every stored row
+            # Params: the twelve arrays, then the channel. Rows whose id exists are skipped; every stored row
             # notifies its queue (PostgreSQL folds repeated notifications of one transaction into one).
             insert_new=render(
                 "WITH stored AS ("
@@ -108,21 +396,41 @@ class Statements:
             ),
             lock_existing=render("SELECT id, state FROM {tasks} WHERE id = ANY(%s::text[]) FOR UPDATE"),
             delete_ids=render("DELETE FROM {tasks} WHERE id = ANY(%s::text[])"),
-            # Params: queues (priority order), now, limit, limit, now, lease_until. One index range per
-            # queue, each locked with SKIP LOCKED so concurrent claimers never wait for each other. The
-            # pick is a MATERIALIZED CTE so that its LIMIT applies once (a join could rescan it).
-            claim=render(
-                "WITH pick AS MATERIALIZED (SELECT c.id "
-                "FROM unnest(%s::text[]) WITH ORDINALITY AS q(name, ord) "
-                "CROSS JOIN LATERAL (SELECT p.id, p.run_at, p.seq FROM {tasks} AS p "
-                "WHERE p.state = 'pending' AND p.queue = q.name AND p.run_at <= %s "
-                "ORDER BY p.run_at, p.seq LIMIT %s FOR UPDATE SKIP LOCKED) AS c "
-                "ORDER BY q.ord, c.run_at, c.seq LIMIT %s) "
-                "UPDATE {tasks} AS t SET state = 'active', attempts = " + _COUNTED_UP + ", started_at = %s, "
-                "lease_until = %s, token = gen_random_uuid()::text "
-                "WHERE t.id = ANY(ARRAY(SELECT id FROM pick)) AND " + _still("pending") + " "
-                f"RETURNING t.seq, t.token, {_RETURNED}"
+            # Params: the twelve arrays, then the channel. A debounce of pending records (locked by the
+            # caller): every field but the id, the state, attempts and enqueued_at.
+            replace_pending=render(
+                "WITH moved AS (UPDATE {tasks} AS t SET name = n.name, queue = n.queue, payload = n.payload, "
+                "max_retries = n.max_retries, timeout = n.timeout, run_at = n.run_at, meta = n.meta, "
+                "priority = n.priority, concurrency_key = n.concurrency_key, expires_at = n.expires_at "
+                + unnest_new
+                + "WHERE t.id = n.id AND t.state = 'pending' RETURNING t.id, t.queue) "
+                "SELECT id, " + NOTIFY_QUEUE + " FROM moved"
             ),
+            # Params: the twelve arrays. A debounce of active records (locked by the caller): their one
+            # follow-up run, which their settlement turns into their next pending period.
+            set_follow_up=render(
+                "UPDATE {tasks} AS t SET follow_up = ROW(n.name, n.queue, n.payload, n.max_retries, "
+                "n.timeout, n.enqueued_at, n.run_at, n.meta, n.priority, n.concurrency_key, "
+                "n.expires_at)::{follow_up_type} "
+                + unnest_new
+                + "WHERE t.id = n.id AND t.state = 'active' RETURNING t.id"
+            ),
+            lock_windows=render("SELECT key, until FROM {windows} WHERE key = ANY(%s::text[]) FOR UPDATE"),
+            # Params: keys and ends of the windows that exist (locked by the caller), of the new ones, then
+            # the time before which ended windows are dropped and every key written (kept). A new key
+            # inserted by a concurrent enqueue meanwhile fails the statement (unique violation): the caller
+            # retries.
+            write_windows=render(
+                "WITH moved AS (UPDATE {windows} AS w SET until = n.until "
+                "FROM unnest(%s::text[], %s::float8[]) AS n(key, until) WHERE w.key = n.key), "
+                "opened AS (INSERT INTO {windows} (key, until) "
+                "SELECT * FROM unnest(%s::text[], %s::float8[])) "
+                "DELETE FROM {windows} WHERE key IN (SELECT e.key FROM {windows} AS e WHERE e.until <= %s "
+                "ORDER BY e.until LIMIT 100 FOR UPDATE SKIP LOCKED) AND key <> ALL(%s::text[])"
+            ),
+            claim=render(_CLAIM),
+            lock_names=render(_LOCK_NAMES),
+            claim_limited=render(_CLAIM_LIMITED),
             # Params: now, limit, lease_until.
             reclaim=render(
                 "WITH pick AS MATERIALIZED (SELECT a.id FROM {tasks} AS a "
@@ -132,6 +440,8 @@ class Statements:
                 "WHERE t.id = ANY(ARRAY(SELECT id FROM pick)) AND " + _still("active") + " "
                 f"RETURNING t.seq, t.token, {_RETURNED}"
             ),
+            # Params: limit, lease_until.
+            damaged=render(_DAMAGED),
             # Params: lease_until, ids, tokens, ids (the last lets the planner probe the primary key).
             extend=render(
                 "UPDATE {tasks} AS t SET lease_until = %s "
@@ -139,42 +449,39 @@ class Statements:
                 "WHERE " + _held("l") + " "
                 "RETURNING t.id"
             ),
-            # Params: the eight settlement arrays, the ids again (for a primary key probe), the nine
-            # follow-up arrays plus their parents' ids, then the channel twice. One statement applies every
-            # verdict whose lease is held, stores the follow-ups of exactly those, and notifies the queues
-            # that got claimable work.
-            settle=render(
-                "WITH s AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[], "
-                "%s::float8[], %s::text[], %b::bytea[], %s::int[]) "
-                "AS s(id, token, state, at, run_at, error, result, refund)), "
-                "done AS (UPDATE {tasks} AS t SET state = s.state, "
-                "run_at = CASE WHEN s.state = 'pending' THEN s.run_at ELSE t.run_at END, "
-                "attempts = CASE WHEN s.state = 'pending' AND t.attempts > 0 THEN t.attempts - s.refund "
-                "WHEN s.state = 'pending' THEN 0 "
-                "ELSE t.attempts END, "
-                "finished_at = CASE WHEN s.state = 'pending' THEN NULL ELSE s.at END, "
-                "result = CASE WHEN s.state = 'succeeded' THEN s.result "
-                "WHEN s.state = 'pending' THEN t.result ELSE coalesce(s.result, t.result) END, "
-                "last_error = coalesce(s.error, t.last_error), lease_until = NULL, token = NULL "
-                "FROM s WHERE " + _held("s") + " "
-                "RETURNING t.id, t.queue, t.state), "
-                "follow AS (" + _INSERT_HEAD + f"FROM unnest({_NEW_TASK_ARRAYS}, %s::text[]) "
-                f"WITH ORDINALITY AS n({_NEW_TASK_COLUMNS}, parent, ord) "
-                "WHERE n.parent IN (SELECT id FROM done) ORDER BY n.ord "
-                "ON CONFLICT (id) DO NOTHING RETURNING t.queue) "
-                "SELECT id, CASE WHEN state = 'pending' THEN " + NOTIFY_QUEUE + " END FROM done "
-                "UNION ALL SELECT NULL, " + NOTIFY_QUEUE + " FROM follow"
-            ),
-            # Params: queues. The earliest pending (run_at, seq) of each queue, one index probe each.
+            # Params: the eight settlement arrays, the ids again (for a primary key probe), the twelve
+            # follow-up arrays plus their parents' ids, the names whose settled tasks free a slot some worker
+            # may wait for (max_running, max_running_per_key), then the channel three times. One statement
+            # applies every verdict whose lease is held, stores the chain follow-ups of exactly those, and
+            # notifies the queues that got claimable work.
+            settle=render(_SETTLE),
+            # Params: queues. The earliest pending (run_at, seq) of the queues that are not paused, one index
+            # probe per (queue, priority) group.
             next_due=render(
-                "SELECT m.run_at, m.seq FROM unnest(%s::text[]) AS q(name) CROSS JOIN LATERAL "
-                "(SELECT p.run_at, p.seq FROM {tasks} AS p WHERE p.state = 'pending' AND p.queue = q.name "
-                "ORDER BY p.run_at, p.seq LIMIT 1) AS m ORDER BY m.run_at, m.seq LIMIT 1"
+                "WITH RECURSIVE " + _PRIORITY_GROUPS + " "
+                "SELECT m.run_at, m.seq FROM groups AS g CROSS JOIN LATERAL "
+                "(SELECT p.run_at, p.seq FROM {tasks} AS p WHERE p.state = 'pending' AND p.queue = g.queue "
+                "AND p.priority = g.priority ORDER BY p.run_at, p.seq LIMIT 1) AS m "
+                "WHERE g.priority IS NOT NULL ORDER BY m.run_at, m.seq LIMIT 1"
             ),
             get=render(f"SELECT {TASK_COLUMNS} FROM {{tasks}} WHERE id = %s"),
             # Params: now, ids.
             cancel=render(
                 "UPDATE {tasks} SET state = 'cancelled', finished_at = %s, lease_until = NULL, token = NULL "
                 "WHERE state = 'pending' AND id = ANY(%s::text[]) RETURNING id"
+            ),
+            pause=render("INSERT INTO {paused} (queue) VALUES (%s) ON CONFLICT (queue) DO NOTHING"),
+            # Params: queue, channel. Wakes the workers of the queue.
+            resume=render(
+                "WITH gone AS (DELETE FROM {paused} WHERE queue = %s RETURNING queue) "
+                "SELECT " + NOTIFY_QUEUE + " FROM gone"
+            ),
+            paused=render("SELECT queue FROM {paused}"),
+            # Params: name, name, key, name, key, name.
+            flow_state=render(
+                "SELECT (SELECT count(*) FROM {tasks} WHERE state = 'active' AND name = %s), "
+                "CASE WHEN %s::text IS NULL THEN 0 ELSE (SELECT count(*) FROM {tasks} "
+                "WHERE state = 'active' AND name = %s AND concurrency_key = %s) END, "
+                "b.tokens, b.at, b.refused FROM (SELECT) AS one LEFT JOIN {buckets} AS b ON b.name = %s"
             ),
         )
