@@ -12,6 +12,7 @@ Speed itself is measured by benchmarks, not here.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +21,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from lifecycle.asynctask import FlowLimits, NewTask
 from lifecycle.asynctask._backends.postgres import _ops as ops
 from lifecycle.asynctask._backends.postgres._schema import TASKS_TABLE
 
@@ -32,21 +34,29 @@ _INDEX_SCANS = {"Index Scan", "Index Only Scan", "Bitmap Index Scan"}
 
 
 class _RecordingCursor(psycopg.AsyncCursor[Any]):
-    """Runs nothing: records each statement and its parameters as the backend's code sends them."""
+    """Runs nothing: records each statement and its parameters as the backend's code sends them; each
+    ``fetchall`` answers the next of ``answers`` (no rows once they are used up)."""
 
     executed: list[tuple[Any, Any]] = []
+    answers: list[list[Any]] = []
 
     async def execute(self, query: Any, params: Any = None, **_: Any) -> _RecordingCursor:
         type(self).executed.append((query, params))
         return self
 
     async def fetchall(self) -> list[Any]:
-        return []
+        return type(self).answers.pop(0) if type(self).answers else []
+
+    async def fetchone(self) -> Any:
+        return None
 
 
-async def _recorded(dsn: str, run: Any, statements: int = 1) -> list[tuple[Any, Any]]:
+async def _recorded(
+    dsn: str, run: Any, statements: int = 1, answers: list[list[Any]] | None = None
+) -> list[tuple[Any, Any]]:
     """The ``statements`` statements (and their parameters) ``run(connection)`` executes through ``ops``."""
     _RecordingCursor.executed = []
+    _RecordingCursor.answers = list(answers or [])
     async with await psycopg.AsyncConnection.connect(
         dsn, autocommit=True, cursor_factory=_RecordingCursor
     ) as connection:
@@ -69,6 +79,9 @@ async def _plans(dsn: str, query: Any, params: Any) -> dict[str, dict[str, Any]]
         await cursor.execute("SELECT name FROM pg_prepared_statements WHERE from_sql = false")
         (name,) = (await cursor.fetchone()) or ("",)
         await cursor.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        if isinstance(params, dict):  # named: psycopg numbers them in the order they first appear
+            names = dict.fromkeys(re.findall(rb"%\((\w+)\)[sb]", query))
+            params = [params[name.decode()] for name in names]
         literals = sql.SQL(", ").join(sql.Literal(value) for value in params)
         explain = sql.SQL("EXPLAIN (FORMAT JSON) EXECUTE {}({})").format(sql.Identifier(name), literals)
         await cursor.execute(explain)
@@ -136,6 +149,42 @@ async def test_lease_recovery_probes_indexes_over_an_unanalysed_active_backlog(
     recorded = await _recorded(
         postgres_dsn, lambda conn: ops.reclaim_expired(conn, statements, now, now + 30, 10), statements=2
     )
+    for query, params in recorded:
+        for plan in (await _plans(postgres_dsn, query, params)).values():
+            _assert_index_probes_only(plan, TASKS_TABLE)
+
+
+async def test_a_claim_with_limits_probes_indexes_over_an_unanalysed_backlog(
+    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str
+) -> None:
+    """The claim with limits, its lock statement, and the look for due work: a due backlog of a limited name
+    at the head of the queue, a delayed backlog behind, a few tasks of other names (keyed, expiring)."""
+    backend = await open_pg()
+    await _backlog_table(postgres_dsn, pg_schema)
+    now = time.time()
+    for start in range(0, _BACKLOG, 10_000):
+        batch = [
+            NewTask(f"d{n}", "tests.limited", "default", b"", 0, None, now - 60, now + 3600 * (n % 2))
+            for n in range(start, start + 10_000)
+        ]
+        await backend.enqueue_many(batch)
+    await backend.enqueue_many(
+        [make_task(f"o{n}") for n in range(5)]
+        + [
+            NewTask(f"k{n}", "tests.keyed", "default", b"", 0, None, now, now, concurrency_key=f"k{n}")
+            for n in range(5)
+        ]
+        + [NewTask("x", "tests.job", "default", b"", 0, None, now, now, expires_at=now - 1)]
+    )
+    limits = {"tests.limited": FlowLimits(max_running=1), "tests.keyed": FlowLimits(max_running_per_key=1)}
+    statements = backend._statements
+    recorded = await _recorded(
+        postgres_dsn,
+        lambda conn: ops.claim(conn, statements, ["default"], 10, now, now + 30, limits),
+        statements=2,
+        answers=[[("tests.keyed", True), ("tests.limited", True)]],
+    )
+    recorded += await _recorded(postgres_dsn, lambda conn: ops.next_due(conn, statements, ["default"]))
     for query, params in recorded:
         for plan in (await _plans(postgres_dsn, query, params)).values():
             _assert_index_probes_only(plan, TASKS_TABLE)

@@ -19,7 +19,17 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-from ._schema import BUCKETS_TABLE, FOLLOW_UP_TYPE, PAUSED_TABLE, TASK_COLUMNS, TASKS_TABLE, WINDOWS_TABLE
+from ._schema import (
+    BUCKETS_TABLE,
+    CLAIM_FUNCTION,
+    FOLLOW_UP_TYPE,
+    NAME_GROUPS_FUNCTION,
+    PAUSED_TABLE,
+    PRIORITY_GROUPS_FUNCTION,
+    TASK_COLUMNS,
+    TASKS_TABLE,
+    WINDOWS_TABLE,
+)
 
 __all__ = ["EXPIRED_ERROR", "EXPIRED_PER_CLAIM", "NOTIFY_QUEUE", "Statements"]
 
@@ -74,42 +84,18 @@ def _still(state: str) -> str:
 
 # -- the claim's parts ---------------------------------------------------------------------------------------
 
-# The (queue, priority) groups of pending tasks in the claimed queues, paused queues left out, found with one
-# index probe per distinct priority (a loose index scan of the pending index). The due tasks of one group are
-# then one range of that index: without the groups, the delayed tasks of a higher priority, which sort before
-# the due tasks of a lower one, would be read by every claim.
-_PRIORITY_GROUPS = (
-    "groups(ord, queue, priority) AS ("
-    "SELECT q.ord, q.name, (SELECT p.priority FROM {tasks} AS p WHERE p.state = 'pending' "
-    "AND p.queue = q.name ORDER BY p.priority DESC LIMIT 1) "
-    "FROM unnest(%(queues)s::text[]) WITH ORDINALITY AS q(name, ord) "
-    "WHERE NOT EXISTS (SELECT FROM {paused} AS z WHERE z.queue = q.name) "
-    "UNION ALL "
-    "SELECT g.ord, g.queue, (SELECT p.priority FROM {tasks} AS p WHERE p.state = 'pending' "
-    "AND p.queue = g.queue AND p.priority < g.priority ORDER BY p.priority DESC LIMIT 1) "
-    "FROM groups AS g WHERE g.priority IS NOT NULL)"
-)
+# The (queue, priority) groups of pending tasks in the claimed queues, paused queues left out, found by a
+# loose index scan of the pending index (one probe per group, see the function in _schema). The due tasks of
+# one group are then one range of that index: without the groups, the delayed tasks of a higher priority,
+# which sort before the due tasks of a lower one, would be read by every claim.
+_PRIORITY_GROUPS = "{priority_groups}(%(queues)s::text[]) AS g"
 
-# The (queue, name, priority) groups, for the claim with limits: a loose index scan of the pending index by
-# name, one or two probes per group. A name that may start nothing now (its allowance is 0 because of
-# max_running, or it could not be locked) is stepped over without visiting its priorities.
+# The (queue, name, priority) groups, for the claim with limits: the same loose scan of the pending index by
+# name. A name that may start nothing now (its allowance is 0 because of max_running, or it could not be
+# locked) is stepped over without visiting its priorities.
 _NAME_GROUPS = (
-    "groups(ord, queue, name, priority) AS ("
-    "SELECT q.ord, q.name, f.name, f.priority "
-    "FROM unnest(%(queues)s::text[]) WITH ORDINALITY AS q(name, ord) "
-    "CROSS JOIN LATERAL (SELECT p.name, p.priority FROM {tasks} AS p WHERE p.state = 'pending' "
-    "AND p.queue = q.name ORDER BY p.name, p.priority DESC LIMIT 1) AS f "
-    "WHERE NOT EXISTS (SELECT FROM {paused} AS z WHERE z.queue = q.name) "
-    "UNION ALL "
-    "SELECT g.ord, g.queue, x.name, x.priority FROM groups AS g CROSS JOIN LATERAL ("
-    "(SELECT p.name, p.priority FROM {tasks} AS p WHERE p.state = 'pending' AND p.queue = g.queue "
-    "AND p.name = g.name AND p.priority < g.priority "
-    "AND NOT EXISTS (SELECT FROM allow AS s WHERE s.name = g.name AND s.scan = 0) "
-    "ORDER BY p.priority DESC LIMIT 1) "
-    "UNION ALL "
-    "(SELECT p.name, p.priority FROM {tasks} AS p WHERE p.state = 'pending' AND p.queue = g.queue "
-    "AND p.name > g.name ORDER BY p.name, p.priority DESC LIMIT 1) "
-    "LIMIT 1) AS x)"
+    "groups AS MATERIALIZED (SELECT * FROM {name_groups}(%(queues)s::text[], "
+    "ARRAY(SELECT s.name FROM allow AS s WHERE s.scan = 0)))"
 )
 
 # The due tasks whose expiry passed, in the claimed queues that are not paused, up to EXPIRED_PER_CLAIM per
@@ -140,22 +126,19 @@ _LEASE = (
     f"RETURNING t.seq, t.token, {_RETURNED}"
 )
 
-# The claim without limits. Params: queues (priority order), now, limit, lease_until, held (names never to
-# take: the limited names when none of them has a pending task, see _ops.claim). One index range per
-# (queue, priority) group, each locked with SKIP LOCKED so concurrent claimers never wait for each other; the
-# pick is a MATERIALIZED CTE so that its LIMIT applies once (a join could rescan it).
+# The claim without limits: the function in _schema does it in one call. Params: queues (priority order), now,
+# limit, lease_until, held (names never to take: the limited names when none of them has a pending task, see
+# _ops.claim).
 _CLAIM = (
-    "WITH RECURSIVE " + _PRIORITY_GROUPS + ", "
-    "chosen AS MATERIALIZED (SELECT c.id FROM groups AS g CROSS JOIN LATERAL "
-    "(SELECT p.id, p.run_at, p.seq FROM {tasks} AS p WHERE p.state = 'pending' AND p.queue = g.queue "
-    "AND p.priority = g.priority AND " + _LIVE + " AND p.name <> ALL(%(held)s::text[]) "
-    "ORDER BY p.run_at, p.seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED) AS c "
-    "WHERE g.priority IS NOT NULL "
-    "ORDER BY g.ord, g.priority DESC, c.run_at, c.seq LIMIT %(limit)s), " + _EXPIRED + " " + _LEASE
+    f"SELECT t.seq, t.token, {_RETURNED} FROM {{claim_function}}(%(queues)s::text[], %(now)s::float8, "
+    "%(limit)s::int, %(lease_until)s::float8, %(held)s::text[]) AS t"
 )
 
 # The limits of the claimed names and their state, read after their locks were taken (see _ops.claim).
 # Params (arrays, one entry per limited name): names, locked, rate, per, max_running, per_key; and now, limit.
+# Running tasks are counted up to the limit only (LIMIT in the count): a count costs at most that many index
+# entries, even when more are running (the limit was lowered, or tasks were claimed without it). The ORDER BY
+# is the running index's order: without it, the LIMIT may make a sequential scan look cheaper to the planner.
 # ``tokens``: the bucket refilled to now (full when it has no row yet); ``other_cap``: what max_running leaves
 # (NULL: no such limit); ``allowance``: how many tasks of the name may start now; ``scan``: how many due tasks
 # of each of its groups the claim reads (one more than the tokens allow when the bucket is what holds it
@@ -165,8 +148,9 @@ _LIMITS = (
     "CASE WHEN l.rate IS NULL THEN NULL WHEN b.name IS NULL THEN l.rate "
     "WHEN %(now)s > b.at THEN least(l.rate, b.tokens + (%(now)s - b.at) * l.rate / l.per) "
     "ELSE least(l.rate, b.tokens) END AS tokens, "
-    "CASE WHEN l.max_running IS NULL THEN NULL ELSE l.max_running - "
-    "(SELECT count(*) FROM {tasks} AS a WHERE a.state = 'active' AND a.name = l.name) END AS other_cap "
+    "CASE WHEN l.max_running IS NULL THEN NULL ELSE l.max_running - (SELECT count(*) FROM "
+    "(SELECT FROM {tasks} AS a WHERE a.state = 'active' AND a.name = l.name "
+    "ORDER BY a.concurrency_key LIMIT greatest(l.max_running, 0)) AS a) END AS other_cap "
     "FROM unnest(%(names)s::text[], %(locked)s::bool[], %(rate)s::float8[], %(per)s::float8[], "
     "%(max_running)s::int8[], %(per_key)s::int8[]) AS l(name, locked, rate, per, max_running, per_key) "
     "LEFT JOIN {buckets} AS b ON b.name = l.name), "
@@ -187,22 +171,22 @@ _LIMITS = (
 # task refused a token before the batch was full counts one refusal for its name. The UPDATE leases the
 # chosen tasks and cancels the expired ones; ``spent`` takes the tokens and counts the refusals.
 _CLAIM_LIMITED = (
-    "WITH RECURSIVE " + _LIMITS + ", " + _NAME_GROUPS + ", "
+    "WITH " + _LIMITS + ", " + _NAME_GROUPS + ", "
     "cand AS MATERIALIZED (SELECT g.ord, c.id, c.name, c.key, c.priority, c.run_at, c.seq, "
     "a.name IS NOT NULL AS limited, a.per_key, a.rate, a.tokens, a.other_cap "
     "FROM groups AS g LEFT JOIN allow AS a ON a.name = g.name CROSS JOIN LATERAL "
     "(SELECT p.id, p.name, p.concurrency_key AS key, p.priority, p.run_at, p.seq FROM {tasks} AS p "
     "WHERE p.state = 'pending' AND p.queue = g.queue AND p.name = g.name AND p.priority = g.priority "
     "AND " + _LIVE + " AND (a.per_key IS NULL OR p.concurrency_key IS NULL OR "
-    "(SELECT count(*) FROM {tasks} AS r WHERE r.state = 'active' AND r.name = p.name "
-    "AND r.concurrency_key = p.concurrency_key) < a.per_key) "
+    "(SELECT count(*) FROM (SELECT FROM {tasks} AS r WHERE r.state = 'active' AND r.name = p.name "
+    "AND r.concurrency_key = p.concurrency_key LIMIT greatest(a.per_key, 0)) AS r) < a.per_key) "
     "ORDER BY p.run_at, p.seq LIMIT coalesce(a.scan, %(limit)s) FOR UPDATE SKIP LOCKED) AS c "
-    "WHERE g.name IS NOT NULL AND coalesce(a.scan, 1) > 0), "
+    "WHERE coalesce(a.scan, 1) > 0), "
     "keyed AS (SELECT c.*, row_number() OVER (PARTITION BY c.name, c.key "
     "ORDER BY c.ord, c.priority DESC, c.run_at, c.seq) AS key_rank FROM cand AS c), "
     "key_ok AS (SELECT k.* FROM keyed AS k WHERE k.per_key IS NULL OR k.key IS NULL OR k.key_rank <= "
-    "k.per_key - (SELECT count(*) FROM {tasks} AS r WHERE r.state = 'active' AND r.name = k.name "
-    "AND r.concurrency_key = k.key)), "
+    "k.per_key - (SELECT count(*) FROM (SELECT FROM {tasks} AS r WHERE r.state = 'active' "
+    "AND r.name = k.name AND r.concurrency_key = k.key LIMIT greatest(k.per_key, 0)) AS r)), "
     "named AS (SELECT o.*, row_number() OVER (PARTITION BY o.name "
     "ORDER BY o.ord, o.priority DESC, o.run_at, o.seq) AS name_rank FROM key_ok AS o), "
     "judged AS (SELECT n.*, "
@@ -331,6 +315,9 @@ def _render(template: str, schema: str) -> bytes:
         windows=sql.Identifier(schema, WINDOWS_TABLE),
         paused=sql.Identifier(schema, PAUSED_TABLE),
         follow_up_type=sql.Identifier(schema, FOLLOW_UP_TYPE),
+        priority_groups=sql.Identifier(schema, PRIORITY_GROUPS_FUNCTION),
+        name_groups=sql.Identifier(schema, NAME_GROUPS_FUNCTION),
+        claim_function=sql.Identifier(schema, CLAIM_FUNCTION),
     )
     return query.as_bytes(None)
 
@@ -458,11 +445,10 @@ class Statements:
             # Params: queues. The earliest pending (run_at, seq) of the queues that are not paused, one index
             # probe per (queue, priority) group.
             next_due=render(
-                "WITH RECURSIVE " + _PRIORITY_GROUPS + " "
-                "SELECT m.run_at, m.seq FROM groups AS g CROSS JOIN LATERAL "
+                "SELECT m.run_at, m.seq FROM " + _PRIORITY_GROUPS + " CROSS JOIN LATERAL "
                 "(SELECT p.run_at, p.seq FROM {tasks} AS p WHERE p.state = 'pending' AND p.queue = g.queue "
                 "AND p.priority = g.priority ORDER BY p.run_at, p.seq LIMIT 1) AS m "
-                "WHERE g.priority IS NOT NULL ORDER BY m.run_at, m.seq LIMIT 1"
+                "ORDER BY m.run_at, m.seq LIMIT 1"
             ),
             get=render(f"SELECT {TASK_COLUMNS} FROM {{tasks}} WHERE id = %s"),
             # Params: now, ids.
