@@ -440,10 +440,9 @@ class PostgresBackend:
         # The worker claims again soon anyway, so a claim does not wait long for a connection: while the
         # server is down it fails after _CLAIM_WAIT, and a worker asked to stop is not held up by it.
         async with self._connection(wait=min(self._connect_timeout, _CLAIM_WAIT)) as connection:
-            claimed, _ = await ops.claim(
+            return await ops.claim(
                 connection, self._statements, list(dict.fromkeys(queues)), limit, now, lease_until, limits
             )
-            return claimed
 
     async def extend_leases(self, leases: Sequence[tuple[str, str]], *, lease_until: float) -> set[str]:
         """Renew held leases in one statement; return the ids whose lease was lost."""

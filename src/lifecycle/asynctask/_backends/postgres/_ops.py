@@ -324,17 +324,15 @@ async def claim(
     now: float,
     lease_until: float,
     limits: Mapping[str, FlowLimits] | None = None,
-) -> tuple[list[ClaimedTask], list[str]]:
-    """Lease up to ``limit`` due pending tasks, ``queues`` in priority order, and cancel the expired ones;
-    return the leased tasks and the limited names whose locks the claim took (those with pending tasks).
+) -> list[ClaimedTask]:
+    """Lease up to ``limit`` due pending tasks, ``queues`` in priority order, and cancel the expired ones, in
+    one call of a server-side function (see ``_functions``).
 
-    Without limits (or when no limited name has a pending task in ``queues``) it is one statement, which
-    locks the rows it takes with ``FOR UPDATE SKIP LOCKED``: claimers never wait for each other. With
-    limits, one transaction first takes a transaction-scoped advisory lock per limited name that has pending
-    tasks, in sorted order, so that claimers of one name take turns and never deadlock. The claim statement
-    then starts after the lock is held, so its snapshot sees every task the previous holder leased (it
-    committed before releasing the lock): counting the running tasks and reading the bucket there is exact.
-    Names without limits keep SKIP LOCKED; nothing waits on a row.
+    Without limits it locks the rows it takes with ``FOR UPDATE SKIP LOCKED``: claimers never wait for each
+    other. With limits it first takes a transaction-scoped advisory lock per limited name that has pending
+    tasks, names in sorted order, so that claimers of one name take turns and never deadlock; the statements
+    after the locks see every task the previous holder leased, so counting the running tasks and reading the
+    bucket there is exact. Names without limits keep SKIP LOCKED; nothing waits on a row.
     """
     cursor = _cursor(connection)
     limited = _limited(limits)
@@ -346,31 +344,22 @@ async def claim(
     }
     if not limited:
         await cursor.execute(st.claim, {**params, "held": []})
-        return _claimed(await cursor.fetchall(), queues), []
-    names = sorted(limited)
-    async with connection.transaction():
-        await cursor.execute(st.lock_names, {"queues": list(queues), "names": names, "space": st.lock_space})
-        locked = [row[0] for row in await cursor.fetchall() if row[1]]
-        if not locked:
-            # No limited name has a pending task here: the statement without limits, which leaves them out
-            # (a task of theirs enqueued meanwhile waits for the next claim, which locks its name).
-            await cursor.execute(st.claim, {**params, "held": names})
-        else:
-            flows = [limited[name] for name in names]
-            await cursor.execute(
-                st.claim_limited,
-                {
-                    **params,
-                    "names": names,
-                    "locked": [name in locked for name in names],
-                    "rate": [None if f.rate is None else float(f.rate) for f in flows],
-                    "per": [None if f.per is None else float(f.per) for f in flows],
-                    "max_running": [f.max_running for f in flows],
-                    "per_key": [f.max_running_per_key for f in flows],
-                },
-            )
-        rows = await cursor.fetchall()
-    return _claimed(rows, queues), locked
+    else:
+        names = sorted(limited)
+        flows = [limited[name] for name in names]
+        await cursor.execute(
+            st.claim_limited,
+            {
+                **params,
+                "space": st.lock_space,
+                "names": names,
+                "rate": [None if f.rate is None else float(f.rate) for f in flows],
+                "per": [None if f.per is None else float(f.per) for f in flows],
+                "max_running": [f.max_running for f in flows],
+                "per_key": [f.max_running_per_key for f in flows],
+            },
+        )
+    return _claimed(await cursor.fetchall(), queues)
 
 
 async def reclaim_expired(

@@ -46,10 +46,18 @@ from psycopg import sql
 
 from ..._errors import BackendError
 from ..._records import RECORD_COLUMNS
+from ._functions import (
+    CLAIM_FUNCTION,
+    CLAIM_LIMITED_FUNCTION,
+    FUNCTIONS_V2,
+    NAME_GROUPS_FUNCTION,
+    PRIORITY_GROUPS_FUNCTION,
+)
 
 __all__ = [
     "BUCKETS_TABLE",
     "CLAIM_FUNCTION",
+    "CLAIM_LIMITED_FUNCTION",
     "FOLLOW_UP_TYPE",
     "NAME_GROUPS_FUNCTION",
     "PAUSED_TABLE",
@@ -71,9 +79,6 @@ BUCKETS_TABLE = "lifecycle_buckets"
 WINDOWS_TABLE = "lifecycle_windows"
 PAUSED_TABLE = "lifecycle_paused"
 FOLLOW_UP_TYPE = "lifecycle_follow_up"
-PRIORITY_GROUPS_FUNCTION = "lifecycle_priority_groups"
-NAME_GROUPS_FUNCTION = "lifecycle_name_groups"
-CLAIM_FUNCTION = "lifecycle_claim"
 
 #: The columns of ``lifecycle_tasks`` in the order ``record_from_row`` reads them.
 TASK_COLUMNS = RECORD_COLUMNS
@@ -150,176 +155,7 @@ _V2 = (
     "CREATE TABLE {windows} (key text NOT NULL PRIMARY KEY, until double precision NOT NULL)",
     "CREATE INDEX {windows_until} ON {windows} (until)",
     "CREATE TABLE {paused} (queue text NOT NULL PRIMARY KEY)",
-    # The loose index scans of the claim, as functions so that their probes are planned once per session
-    # (PL/pgSQL caches their plans) instead of with every claim: written as recursive CTEs inside the claim,
-    # they make the planner weigh every index of the table for every probe, which costs more than the claim.
-    """
-    CREATE FUNCTION {priority_groups}(queues text[])
-    RETURNS TABLE (ord bigint, queue text, priority bigint)
-    LANGUAGE plpgsql STABLE ROWS 2 AS $$
-    DECLARE
-        position bigint := 0;
-        current_queue text;
-        level bigint;
-    BEGIN
-        -- The (queue, priority) groups of pending tasks, queues in the order given, paused queues left out,
-        -- priorities from the highest: one probe of the pending index per group, and one more per queue.
-        FOREACH current_queue IN ARRAY queues LOOP
-            position := position + 1;
-            CONTINUE WHEN EXISTS (SELECT FROM {paused} AS z WHERE z.queue = current_queue);
-            SELECT p.priority INTO level FROM {tasks} AS p
-            WHERE p.state = 'pending' AND p.queue = current_queue ORDER BY p.priority DESC LIMIT 1;
-            WHILE FOUND LOOP
-                ord := position;
-                queue := current_queue;
-                priority := level;
-                RETURN NEXT;
-                SELECT p.priority INTO level FROM {tasks} AS p
-                WHERE p.state = 'pending' AND p.queue = current_queue AND p.priority < level
-                ORDER BY p.priority DESC LIMIT 1;
-            END LOOP;
-        END LOOP;
-    END
-    $$
-    """,
-    # The claim without limits, the hot path of every worker: one call, whose statements are planned once per
-    # session. Queue by queue (paused ones skipped), priority group by priority group from the highest (a
-    # loose index scan of the pending index), it locks due tasks in claim order with SKIP LOCKED until it
-    # holds `wanted`, never more. A due task found expired on the way is cancelled instead and takes no room:
-    # the scan goes on behind it (at most 1000 such per claim). `held`: names it must not take. Returns the
-    # rows it leased or cancelled, as they are now. A typical claim is two statements: the first group's scan
-    # (with the pause check and the priority probe) and the UPDATE.
-    """
-    CREATE FUNCTION {claim_function}(queues text[], now double precision, wanted integer,
-                                     lease double precision, held text[])
-    RETURNS SETOF {tasks} LANGUAGE plpgsql AS $$
-    DECLARE
-        picked text[] := '{{}}';
-        expired text[] := '{{}}';
-        live_ids text[];
-        gone_ids text[];
-        runs double precision[];
-        seqs bigint[];
-        current_queue text;
-        level bigint;
-        room integer;
-    BEGIN
-        FOREACH current_queue IN ARRAY queues LOOP
-            EXIT WHEN cardinality(picked) >= wanted;
-            room := wanted - cardinality(picked);
-            -- The highest priority of the queue (none when it is paused or has no pending task), and its
-            -- first due tasks, in one statement.
-            SELECT g.level, coalesce(array_agg(c.id) FILTER (WHERE c.live), '{{}}'),
-                   coalesce(array_agg(c.id) FILTER (WHERE NOT c.live), '{{}}'),
-                   array_agg(c.run_at), array_agg(c.seq)
-            INTO level, live_ids, gone_ids, runs, seqs
-            FROM (SELECT (SELECT p.priority FROM {tasks} AS p
-                          WHERE p.state = 'pending' AND p.queue = current_queue
-                          ORDER BY p.priority DESC LIMIT 1) AS level
-                  WHERE NOT EXISTS (SELECT FROM {paused} AS z WHERE z.queue = current_queue)) AS g
-            LEFT JOIN LATERAL (
-                SELECT p.id, p.run_at, p.seq, (p.expires_at IS NULL OR p.expires_at > now) AS live
-                FROM {tasks} AS p
-                WHERE p.state = 'pending' AND p.queue = current_queue AND p.priority = g.level
-                AND p.run_at <= now AND p.name <> ALL(held)
-                ORDER BY p.run_at, p.seq LIMIT room FOR UPDATE SKIP LOCKED) AS c ON true
-            GROUP BY g.level;
-            WHILE level IS NOT NULL LOOP
-                picked := picked || live_ids;
-                expired := expired || gone_ids;
-                IF cardinality(gone_ids) > 0 AND cardinality(live_ids) + cardinality(gone_ids) = room
-                   AND cardinality(expired) < 1000 THEN
-                    -- Expired tasks took room: scan on behind them in the same group.
-                    room := wanted - cardinality(picked);
-                    SELECT coalesce(array_agg(c.id) FILTER (WHERE c.live), '{{}}'),
-                           coalesce(array_agg(c.id) FILTER (WHERE NOT c.live), '{{}}'),
-                           array_agg(c.run_at), array_agg(c.seq)
-                    INTO live_ids, gone_ids, runs, seqs
-                    FROM (SELECT p.id, p.run_at, p.seq, (p.expires_at IS NULL OR p.expires_at > now) AS live
-                          FROM {tasks} AS p
-                          WHERE p.state = 'pending' AND p.queue = current_queue AND p.priority = level
-                          AND p.run_at <= now AND (p.run_at, p.seq) > (runs[cardinality(runs)],
-                                                                       seqs[cardinality(seqs)])
-                          AND p.name <> ALL(held)
-                          ORDER BY p.run_at, p.seq LIMIT room FOR UPDATE SKIP LOCKED) AS c;
-                    CONTINUE;
-                END IF;
-                EXIT WHEN cardinality(picked) >= wanted;
-                room := wanted - cardinality(picked);
-                -- The next lower priority of the queue, and its first due tasks.
-                SELECT g.level, coalesce(array_agg(c.id) FILTER (WHERE c.live), '{{}}'),
-                       coalesce(array_agg(c.id) FILTER (WHERE NOT c.live), '{{}}'),
-                       array_agg(c.run_at), array_agg(c.seq)
-                INTO level, live_ids, gone_ids, runs, seqs
-                FROM (SELECT (SELECT p.priority FROM {tasks} AS p
-                              WHERE p.state = 'pending' AND p.queue = current_queue AND p.priority < level
-                              ORDER BY p.priority DESC LIMIT 1) AS level) AS g
-                LEFT JOIN LATERAL (
-                    SELECT p.id, p.run_at, p.seq, (p.expires_at IS NULL OR p.expires_at > now) AS live
-                    FROM {tasks} AS p
-                    WHERE p.state = 'pending' AND p.queue = current_queue AND p.priority = g.level
-                    AND p.run_at <= now AND p.name <> ALL(held)
-                    ORDER BY p.run_at, p.seq LIMIT room FOR UPDATE SKIP LOCKED) AS c ON true
-                GROUP BY g.level;
-            END LOOP;
-        END LOOP;
-        IF cardinality(picked) + cardinality(expired) = 0 THEN
-            RETURN;
-        END IF;
-        -- The state recheck sits in a CASE so that the planner probes the primary key for each id rather
-        -- than intersecting it with the partial index over pending tasks (see _sql._still).
-        RETURN QUERY UPDATE {tasks} AS t SET
-            state = CASE WHEN t.expires_at <= now THEN 'cancelled' ELSE 'active' END,
-            attempts = CASE WHEN t.expires_at <= now OR t.attempts < 0 OR t.attempts >= 2147483647
-                            THEN t.attempts ELSE t.attempts + 1 END,
-            started_at = CASE WHEN t.expires_at <= now THEN t.started_at ELSE now END,
-            finished_at = CASE WHEN t.expires_at <= now THEN now ELSE t.finished_at END,
-            last_error = CASE WHEN t.expires_at <= now THEN 'expired before it started' ELSE t.last_error END,
-            lease_until = CASE WHEN t.expires_at <= now THEN NULL ELSE lease END,
-            token = CASE WHEN t.expires_at <= now THEN NULL ELSE gen_random_uuid()::text END
-        WHERE t.id = ANY(picked || expired) AND CASE WHEN t.state = 'pending' THEN true ELSE false END
-        RETURNING t.*;
-    END
-    $$
-    """,
-    """
-    CREATE FUNCTION {name_groups}(queues text[], skipped text[])
-    RETURNS TABLE (ord bigint, queue text, name text, priority bigint)
-    LANGUAGE plpgsql STABLE ROWS 4 AS $$
-    DECLARE
-        position bigint := 0;
-        current_queue text;
-        current_name text;
-        level bigint;
-    BEGIN
-        -- The (queue, name, priority) groups of pending tasks, for the claim with limits: queues in the order
-        -- given, paused ones left out; a name in `skipped` (it may start nothing now) is stepped over
-        -- without visiting its priorities.
-        FOREACH current_queue IN ARRAY queues LOOP
-            position := position + 1;
-            CONTINUE WHEN EXISTS (SELECT FROM {paused} AS z WHERE z.queue = current_queue);
-            SELECT p.name, p.priority INTO current_name, level FROM {tasks} AS p
-            WHERE p.state = 'pending' AND p.queue = current_queue ORDER BY p.name, p.priority DESC LIMIT 1;
-            WHILE FOUND LOOP
-                IF NOT current_name = ANY(skipped) THEN
-                    ord := position;
-                    queue := current_queue;
-                    name := current_name;
-                    priority := level;
-                    RETURN NEXT;
-                    SELECT p.priority INTO level FROM {tasks} AS p
-                    WHERE p.state = 'pending' AND p.queue = current_queue AND p.name = current_name
-                    AND p.priority < level ORDER BY p.priority DESC LIMIT 1;
-                    CONTINUE WHEN FOUND;
-                END IF;
-                SELECT p.name, p.priority INTO current_name, level FROM {tasks} AS p
-                WHERE p.state = 'pending' AND p.queue = current_queue AND p.name > current_name
-                ORDER BY p.name, p.priority DESC LIMIT 1;
-            END LOOP;
-        END LOOP;
-    END
-    $$
-    """,
+    *FUNCTIONS_V2,
 )
 
 Migration = Callable[["psycopg.AsyncCursor[tuple[object, ...]]", str], Awaitable[None]]
@@ -347,6 +183,7 @@ def _names(schema: str) -> dict[str, sql.Composable]:
         "priority_groups": sql.Identifier(schema, PRIORITY_GROUPS_FUNCTION),
         "name_groups": sql.Identifier(schema, NAME_GROUPS_FUNCTION),
         "claim_function": sql.Identifier(schema, CLAIM_FUNCTION),
+        "claim_limited_function": sql.Identifier(schema, CLAIM_LIMITED_FUNCTION),
     }
 
 

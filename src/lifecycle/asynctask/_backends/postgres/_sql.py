@@ -6,11 +6,7 @@ connection in :meth:`PostgresBackend.enqueue_many_in`. Batches travel as arrays 
 ``unnest``: one statement per batch, whatever its size. The text of each statement never changes, so psycopg
 prepares it on the server after a few executions.
 
-The claim (see :func:`Statements.for_schema`) comes in two forms. Without limits it is one statement that
-locks the due tasks it takes with ``FOR UPDATE SKIP LOCKED``: concurrent claimers never wait for each other.
-With limits, the names whose limits apply are first locked (transaction-scoped advisory locks, see
-``_ops.claim``), and then one statement counts the running tasks, refills the buckets, picks the tasks each
-name (and key) may start, leases them and takes their tokens.
+The two claims (without and with limits) are calls of server-side functions (see ``_functions``).
 """
 
 from __future__ import annotations
@@ -19,24 +15,10 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-from ._schema import (
-    BUCKETS_TABLE,
-    CLAIM_FUNCTION,
-    FOLLOW_UP_TYPE,
-    NAME_GROUPS_FUNCTION,
-    PAUSED_TABLE,
-    PRIORITY_GROUPS_FUNCTION,
-    TASK_COLUMNS,
-    TASKS_TABLE,
-    WINDOWS_TABLE,
-)
+from ._functions import CLAIM_FUNCTION, CLAIM_LIMITED_FUNCTION, NAME_GROUPS_FUNCTION, PRIORITY_GROUPS_FUNCTION
+from ._schema import BUCKETS_TABLE, FOLLOW_UP_TYPE, PAUSED_TABLE, TASK_COLUMNS, TASKS_TABLE, WINDOWS_TABLE
 
-__all__ = ["EXPIRED_ERROR", "EXPIRED_PER_CLAIM", "NOTIFY_QUEUE", "Statements"]
-
-#: The ``last_error`` of a task the claim cancelled because it expired before it started.
-EXPIRED_ERROR = "expired before it started"
-#: The most expired tasks one claim cancels per queue (they take no room in the batch; the rest go next time).
-EXPIRED_PER_CLAIM = 1000
+__all__ = ["NOTIFY_QUEUE", "Statements"]
 
 _NEW_TASK_ARRAYS = (
     "%s::text[], %s::text[], %s::text[], %b::bytea[], %s::int[], %s::float8[], %s::float8[], "
@@ -55,7 +37,6 @@ _INSERT_HEAD = (
 #: Notify the channel (a parameter) that ``queue`` got work. NOTIFY payloads are limited to 8000 bytes, so
 #: an absurdly long queue name wakes every waiter instead ("*") rather than failing the statement.
 NOTIFY_QUEUE = "pg_notify(%s, CASE WHEN octet_length(queue) < 7900 THEN queue ELSE '*' END)"
-_NOTIFY_NAMED = "pg_notify(%(channel)s, CASE WHEN octet_length(queue) < 7900 THEN queue ELSE '*' END)"
 # A claim's new attempts: one more, unless the stored value is damaged (negative, or so large that one more
 # overflows the integer column and fails the whole batch); that one is left as it is for the reader to name.
 _COUNTED_UP = "CASE WHEN t.attempts >= 0 AND t.attempts < 2147483647 THEN t.attempts + 1 ELSE t.attempts END"
@@ -82,144 +63,26 @@ def _still(state: str) -> str:
     return f"CASE WHEN t.state = '{state}' THEN true ELSE false END"
 
 
-# -- the claim's parts ---------------------------------------------------------------------------------------
+# -- the claims ---------------------------------------------------------------------------------------------
 
-# The (queue, priority) groups of pending tasks in the claimed queues, paused queues left out, found by a
-# loose index scan of the pending index (one probe per group, see the function in _schema). The due tasks of
-# one group are then one range of that index: without the groups, the delayed tasks of a higher priority,
-# which sort before the due tasks of a lower one, would be read by every claim.
+# The (queue, priority) groups of pending tasks in the given queues, paused queues left out, by a loose index
+# scan of the pending index (see the function in _functions): for the next due time of wait_for_work.
 _PRIORITY_GROUPS = "{priority_groups}(%(queues)s::text[]) AS g"
 
-# The (queue, name, priority) groups, for the claim with limits: the same loose scan of the pending index by
-# name. A name that may start nothing now (its allowance is 0 because of max_running, or it could not be
-# locked) is stepped over without visiting its priorities.
-_NAME_GROUPS = (
-    "groups AS MATERIALIZED (SELECT * FROM {name_groups}(%(queues)s::text[], "
-    "ARRAY(SELECT s.name FROM allow AS s WHERE s.scan = 0)))"
-)
-
-# The due tasks whose expiry passed, in the claimed queues that are not paused, up to EXPIRED_PER_CLAIM per
-# queue (an index over the tasks that have an expiry): the claim cancels them, whatever their name's limits.
-_EXPIRED = (
-    "expired AS MATERIALIZED (SELECT e.id FROM unnest(%(queues)s::text[]) AS q(name) CROSS JOIN LATERAL "
-    "(SELECT p.id FROM {tasks} AS p WHERE p.state = 'pending' AND p.queue = q.name "
-    "AND p.expires_at <= %(now)s AND p.run_at <= %(now)s "
-    f"ORDER BY p.expires_at LIMIT {EXPIRED_PER_CLAIM} FOR UPDATE SKIP LOCKED) AS e "
-    "WHERE NOT EXISTS (SELECT FROM {paused} AS z WHERE z.queue = q.name))"
-)
-
-# A due task not expired (NULL: no expiry).
-_LIVE = "p.run_at <= %(now)s AND (p.expires_at IS NULL OR p.expires_at > %(now)s)"
-
-# Lease the picked tasks, or cancel the expired ones, in one UPDATE.
-_LEASE = (
-    "UPDATE {tasks} AS t SET "
-    "state = CASE WHEN t.expires_at <= %(now)s THEN 'cancelled' ELSE 'active' END, "
-    "attempts = CASE WHEN t.expires_at <= %(now)s THEN t.attempts ELSE " + _COUNTED_UP + " END, "
-    "started_at = CASE WHEN t.expires_at <= %(now)s THEN t.started_at ELSE %(now)s END, "
-    "finished_at = CASE WHEN t.expires_at <= %(now)s THEN %(now)s ELSE t.finished_at END, "
-    f"last_error = CASE WHEN t.expires_at <= %(now)s THEN '{EXPIRED_ERROR}' ELSE t.last_error END, "
-    "lease_until = CASE WHEN t.expires_at <= %(now)s THEN NULL ELSE %(lease_until)s END, "
-    "token = CASE WHEN t.expires_at <= %(now)s THEN NULL ELSE gen_random_uuid()::text END "
-    "WHERE t.id = ANY(ARRAY(SELECT id FROM chosen UNION ALL SELECT id FROM expired)) "
-    "AND " + _still("pending") + " "
-    f"RETURNING t.seq, t.token, {_RETURNED}"
-)
-
-# The claim without limits: the function in _schema does it in one call. Params: queues (priority order), now,
-# limit, lease_until, held (names never to take: the limited names when none of them has a pending task, see
-# _ops.claim).
+# The claim without limits (see _functions). Params: queues (priority order), now, limit, lease_until, held
+# (names never to take).
 _CLAIM = (
     f"SELECT t.seq, t.token, {_RETURNED} FROM {{claim_function}}(%(queues)s::text[], %(now)s::float8, "
     "%(limit)s::int, %(lease_until)s::float8, %(held)s::text[]) AS t"
 )
 
-# The limits of the claimed names and their state, read after their locks were taken (see _ops.claim).
-# Params (arrays, one entry per limited name): names, locked, rate, per, max_running, per_key; and now, limit.
-# Running tasks are counted up to the limit only (LIMIT in the count): a count costs at most that many index
-# entries, even when more are running (the limit was lowered, or tasks were claimed without it). The ORDER BY
-# is the running index's order: without it, the LIMIT may make a sequential scan look cheaper to the planner.
-# ``tokens``: the bucket refilled to now (full when it has no row yet); ``other_cap``: what max_running leaves
-# (NULL: no such limit); ``allowance``: how many tasks of the name may start now; ``scan``: how many due tasks
-# of each of its groups the claim reads (one more than the tokens allow when the bucket is what holds it
-# back, to see that a task was refused a token; any number when keys decide; none when it may start none).
-_LIMITS = (
-    "lim AS MATERIALIZED (SELECT l.name, l.locked, l.rate, l.per, l.per_key, b.at AS bucket_at, "
-    "CASE WHEN l.rate IS NULL THEN NULL WHEN b.name IS NULL THEN l.rate "
-    "WHEN %(now)s > b.at THEN least(l.rate, b.tokens + (%(now)s - b.at) * l.rate / l.per) "
-    "ELSE least(l.rate, b.tokens) END AS tokens, "
-    "CASE WHEN l.max_running IS NULL THEN NULL ELSE l.max_running - (SELECT count(*) FROM "
-    "(SELECT FROM {tasks} AS a WHERE a.state = 'active' AND a.name = l.name "
-    "ORDER BY a.concurrency_key LIMIT greatest(l.max_running, 0)) AS a) END AS other_cap "
-    "FROM unnest(%(names)s::text[], %(locked)s::bool[], %(rate)s::float8[], %(per)s::float8[], "
-    "%(max_running)s::int8[], %(per_key)s::int8[]) AS l(name, locked, rate, per, max_running, per_key) "
-    "LEFT JOIN {buckets} AS b ON b.name = l.name), "
-    "allow AS MATERIALIZED (SELECT m.name, m.per_key, m.rate, m.tokens, m.other_cap, m.allowance, "
-    "CASE WHEN NOT m.locked OR coalesce(m.other_cap, 1) <= 0 THEN 0 "
-    "WHEN m.per_key IS NOT NULL THEN %(limit)s "
-    "WHEN m.allowance < least(%(limit)s, coalesce(m.other_cap, %(limit)s)) THEN m.allowance + 1 "
-    "ELSE m.allowance END AS scan "
-    "FROM (SELECT lim.*, CASE WHEN NOT lim.locked THEN 0 ELSE greatest(0, least(%(limit)s, "
-    "coalesce(lim.other_cap, %(limit)s), coalesce(floor(lim.tokens)::int8, %(limit)s))) END AS allowance "
-    "FROM lim) AS m)"
-)
-
-# The claim with limits. Candidates are read per (queue, name, priority) group, locked with SKIP LOCKED; a
-# name's tasks of a key that is already full are stepped over in the scan (each probe counts that key's
-# running tasks). Then, in claim order: a keyed task passes while its key has room, a limited name's task
-# while the name has room (max_running and tokens), and the batch takes the first ``limit`` that pass. A
-# task refused a token before the batch was full counts one refusal for its name. The UPDATE leases the
-# chosen tasks and cancels the expired ones; ``spent`` takes the tokens and counts the refusals.
+# The claim with limits (see _functions). Params: queues, now, limit, lease_until, space (the text whose hash
+# is the first key of the advisory locks), and one array entry per limited name, names sorted: names, rate,
+# per, max_running, per_key.
 _CLAIM_LIMITED = (
-    "WITH " + _LIMITS + ", " + _NAME_GROUPS + ", "
-    "cand AS MATERIALIZED (SELECT g.ord, c.id, c.name, c.key, c.priority, c.run_at, c.seq, "
-    "a.name IS NOT NULL AS limited, a.per_key, a.rate, a.tokens, a.other_cap "
-    "FROM groups AS g LEFT JOIN allow AS a ON a.name = g.name CROSS JOIN LATERAL "
-    "(SELECT p.id, p.name, p.concurrency_key AS key, p.priority, p.run_at, p.seq FROM {tasks} AS p "
-    "WHERE p.state = 'pending' AND p.queue = g.queue AND p.name = g.name AND p.priority = g.priority "
-    "AND " + _LIVE + " AND (a.per_key IS NULL OR p.concurrency_key IS NULL OR "
-    "(SELECT count(*) FROM (SELECT FROM {tasks} AS r WHERE r.state = 'active' AND r.name = p.name "
-    "AND r.concurrency_key = p.concurrency_key LIMIT greatest(a.per_key, 0)) AS r) < a.per_key) "
-    "ORDER BY p.run_at, p.seq LIMIT coalesce(a.scan, %(limit)s) FOR UPDATE SKIP LOCKED) AS c "
-    "WHERE coalesce(a.scan, 1) > 0), "
-    "keyed AS (SELECT c.*, row_number() OVER (PARTITION BY c.name, c.key "
-    "ORDER BY c.ord, c.priority DESC, c.run_at, c.seq) AS key_rank FROM cand AS c), "
-    "key_ok AS (SELECT k.* FROM keyed AS k WHERE k.per_key IS NULL OR k.key IS NULL OR k.key_rank <= "
-    "k.per_key - (SELECT count(*) FROM (SELECT FROM {tasks} AS r WHERE r.state = 'active' "
-    "AND r.name = k.name AND r.concurrency_key = k.key LIMIT greatest(k.per_key, 0)) AS r)), "
-    "named AS (SELECT o.*, row_number() OVER (PARTITION BY o.name "
-    "ORDER BY o.ord, o.priority DESC, o.run_at, o.seq) AS name_rank FROM key_ok AS o), "
-    "judged AS (SELECT n.*, "
-    "(NOT n.limited OR ((n.other_cap IS NULL OR n.name_rank <= n.other_cap) "
-    "AND (n.rate IS NULL OR n.name_rank <= n.tokens))) AS passes, "
-    "(n.rate IS NOT NULL AND n.name_rank > n.tokens "
-    "AND (n.other_cap IS NULL OR n.name_rank <= n.other_cap)) AS no_token FROM named AS n), "
-    "walked AS (SELECT j.*, count(*) FILTER (WHERE j.passes) OVER (ORDER BY j.ord, j.priority DESC, "
-    "j.run_at, j.seq ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS passed FROM judged AS j), "
-    "chosen AS MATERIALIZED (SELECT w.id FROM walked AS w WHERE w.passes AND w.passed <= %(limit)s), "
-    "refused AS MATERIALIZED (SELECT DISTINCT w.name FROM walked AS w "
-    "WHERE w.no_token AND w.passed < %(limit)s), " + _EXPIRED + ", "
-    "leased AS (" + _LEASE + "), "
-    "taken AS (SELECT l.name, count(*) AS n FROM leased AS l WHERE l.state = 'active' GROUP BY l.name), "
-    "spent AS (INSERT INTO {buckets} AS b (name, tokens, at, refused) "
-    "SELECT a.name, a.tokens - coalesce(t.n, 0), "
-    "CASE WHEN a.bucket_at > %(now)s THEN a.bucket_at ELSE %(now)s END, "
-    "CASE WHEN a.name IN (SELECT name FROM refused) THEN 1 ELSE 0 END "
-    "FROM lim AS a LEFT JOIN taken AS t ON t.name = a.name "
-    "WHERE a.rate IS NOT NULL AND (t.n IS NOT NULL OR a.name IN (SELECT name FROM refused)) "
-    "ON CONFLICT (name) DO UPDATE SET tokens = excluded.tokens, at = excluded.at, "
-    "refused = b.refused + excluded.refused) "
-    "SELECT * FROM leased"
-)
-
-# The limited names of a claim to lock, in the order given (sorted by the caller, so that two claimers
-# never wait for each other's locks in a cycle): those with a pending task in the claimed queues. Params:
-# queues, names, the lock space. Returns (name, locked) per name.
-_LOCK_NAMES = (
-    "SELECT x.name, CASE WHEN EXISTS (SELECT FROM {tasks} AS p WHERE p.state = 'pending' "
-    "AND p.queue = ANY(%(queues)s::text[]) AND p.name = x.name) "
-    "THEN (SELECT true FROM pg_advisory_xact_lock(hashtext(%(space)s), hashtext(x.name))) "
-    "ELSE false END FROM unnest(%(names)s::text[]) AS x(name)"
+    f"SELECT t.seq, t.token, {_RETURNED} FROM {{claim_limited_function}}(%(queues)s::text[], "
+    "%(now)s::float8, %(limit)s::int, %(lease_until)s::float8, %(space)s::text, %(names)s::text[], "
+    "%(rate)s::float8[], %(per)s::float8[], %(max_running)s::int8[], %(per_key)s::int8[]) AS t"
 )
 
 # Records no claim or reclaim selects because a field they are selected by holds no usable time: an active
@@ -318,6 +181,7 @@ def _render(template: str, schema: str) -> bytes:
         priority_groups=sql.Identifier(schema, PRIORITY_GROUPS_FUNCTION),
         name_groups=sql.Identifier(schema, NAME_GROUPS_FUNCTION),
         claim_function=sql.Identifier(schema, CLAIM_FUNCTION),
+        claim_limited_function=sql.Identifier(schema, CLAIM_LIMITED_FUNCTION),
     )
     return query.as_bytes(None)
 
@@ -341,7 +205,6 @@ class Statements:
     lock_windows: bytes
     write_windows: bytes
     claim: bytes
-    lock_names: bytes
     claim_limited: bytes
     reclaim: bytes
     damaged: bytes
@@ -416,7 +279,6 @@ class Statements:
                 "ORDER BY e.until LIMIT 100 FOR UPDATE SKIP LOCKED) AND key <> ALL(%s::text[])"
             ),
             claim=render(_CLAIM),
-            lock_names=render(_LOCK_NAMES),
             claim_limited=render(_CLAIM_LIMITED),
             # Params: now, limit, lease_until.
             reclaim=render(
