@@ -69,6 +69,30 @@ class _Stats(Protocol):
     async def stats(self) -> Any: ...
 
 
+#: Why a due task waits, as ``AsyncTasks.flow()`` counts it (the ``reason`` label).
+_WAITING_REASONS = ("paused", "rate_limit", "max_running", "max_running_per_key")
+
+
+class _RateLimited:
+    """A collector of ``lifecycle_asynctask_rate_limited_total{task}``: a total the store keeps (every
+    worker's claims add to it), read at each scrape, so it is exposed as a counter family directly."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, int] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily(
+            "lifecycle_asynctask_rate_limited",
+            "Claims (by every worker of the store) that held back a due task for want of a rate-limit token",
+            labels=["task"],
+        )
+        for task, total in sorted(self.totals.items()):
+            family.add_metric([task], float(total))
+        yield family
+
+
 class _Manager(Protocol):
     """What the collector reads from a :class:`~lifecycle.TaskManager`: public methods only."""
 
@@ -165,6 +189,11 @@ class AsyncTasksMetrics:
     ``lifecycle_asynctask_enqueued_total``, ``_started_total``, ``_succeeded_total``, ``_failed_total``
     (every failed attempt), ``_retried_total`` and ``_dead_total`` (what became of it), the histogram
     ``lifecycle_asynctask_run_seconds``, and the gauge ``lifecycle_asynctask_queue_depth{queue,state}``.
+    Flow control (read from ``AsyncTasks.flow()`` at each scrape): the gauge
+    ``lifecycle_asynctask_waiting{task,reason}`` (due tasks held back, by ``reason``: ``paused``,
+    ``rate_limit``, ``max_running``, ``max_running_per_key``; read from the 1000 newest pending tasks), the
+    counter ``lifecycle_asynctask_rate_limited_total{task}`` (claims of every worker that found the task's
+    rate limit exhausted: the starts it refused) and the gauge ``lifecycle_asynctask_queue_paused{queue}``.
 
     Raises ``ImportError`` naming the extra to install when ``prometheus-client`` is missing.
 
@@ -197,6 +226,22 @@ class AsyncTasksMetrics:
             ["queue", "state"],
             registry=registry,
         )
+        self._waiting = prometheus.Gauge(
+            "lifecycle_asynctask_waiting",
+            "Due durable tasks held back by flow control, by reason (AsyncTasks.flow())",
+            ["task", "reason"],
+            registry=registry,
+        )
+        self._paused = prometheus.Gauge(
+            "lifecycle_asynctask_queue_paused",
+            "1 for a paused queue (no worker starts its tasks), 0 otherwise",
+            ["queue"],
+            registry=registry,
+        )
+        self._rate_limited = _RateLimited()
+        registry.register(self._rate_limited)
+        self._waiting_names: set[str] = set()
+        self._paused_queues: set[str] = set()
         self._sources: list[_Stats] = []
 
     def enqueued(self, queue: str, task: str, count: int = 1) -> None:
@@ -235,6 +280,33 @@ class AsyncTasksMetrics:
             for queue, counts in stats.items():
                 for state in TaskState:
                     self._depth.labels(queue, state.value).set(counts[state])
+            flow = getattr(source, "flow", None)
+            if flow is None:
+                continue
+            try:
+                current = await flow()
+            except Exception:
+                logger.warning("could not read the flow control of %r for /metrics", source, exc_info=True)
+                continue
+            if current is None:  # the backend is closed
+                continue
+            self._show_flow(current, set(stats))
+
+    def _show_flow(self, flow: Any, queues: set[str]) -> None:
+        """Set the flow gauges from one ``AsyncTasks.flow()`` (names and queues seen before and gone now
+        read 0, so a gauge never keeps a stale count)."""
+        names = set(flow.tasks)
+        for name in names | self._waiting_names:
+            each = flow.tasks.get(name)
+            for reason in _WAITING_REASONS:
+                self._waiting.labels(name, reason).set(0 if each is None else each.waiting.get(reason, 0))
+            if each is not None and each.refused is not None:
+                self._rate_limited.totals[name] = each.refused
+        self._waiting_names |= names
+        paused = set(flow.paused)
+        for queue in queues | paused | self._paused_queues:
+            self._paused.labels(queue).set(1 if queue in paused else 0)
+        self._paused_queues |= paused
 
 
 class Metrics:

@@ -411,3 +411,34 @@ def test_metrics_must_be_metrics_or_an_observer() -> None:
     with pytest.raises(TypeError, match=r"metrics must be a lifecycle\.Metrics, its \.async_tasks, or"):
         AsyncTasks(MemoryBackend(), metrics=object())  # type: ignore[arg-type]
     assert AsyncTasks(MemoryBackend(), metrics=None)._observer is None
+
+
+async def test_flow_control_metrics_count_waiting_tasks_refused_starts_and_paused_queues() -> None:
+    clock = ManualClock(1_000_000.0)
+    metrics = Metrics(lifecycle.TaskManager(name="svc"))
+    tasks = engine(clock, metrics=metrics, concurrency=4)
+
+    @tasks.register(name="rated", rate_limit="1/h")
+    async def rated() -> None: ...
+
+    async with working(tasks):
+        ids = await tasks.enqueue_many([Call(rated) for _ in range(3)])
+        with anyio.fail_after(WAIT):
+            assert (await tasks.wait(ids[0])).state is TaskState.SUCCEEDED
+            while (await tasks.info(ids[1])).waiting_on != "rate_limit":  # type: ignore[union-attr]
+                await anyio.sleep(0.01)
+        await tasks.pause("elsewhere")
+        samples = await scrape(metrics)
+        assert samples[key("lifecycle_asynctask_waiting", task="rated", reason="rate_limit")] == 2
+        assert samples[key("lifecycle_asynctask_waiting", task="rated", reason="max_running")] == 0
+        assert samples[key("lifecycle_asynctask_rate_limited_total", task="rated")] >= 1
+        assert samples[key("lifecycle_asynctask_queue_paused", queue="elsewhere")] == 1
+        assert samples[key("lifecycle_asynctask_queue_paused", queue="default")] == 0
+        await tasks.resume("elsewhere")
+        for task_id in ids[1:]:  # a bucket of one token: one more start per hour
+            clock.advance(3600)
+            with anyio.fail_after(WAIT):
+                assert (await tasks.wait(task_id)).state is TaskState.SUCCEEDED
+        samples = await scrape(metrics)
+        assert samples[key("lifecycle_asynctask_waiting", task="rated", reason="rate_limit")] == 0
+        assert samples[key("lifecycle_asynctask_queue_paused", queue="elsewhere")] == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,7 +14,7 @@ import pytest
 
 from lifecycle.asynctask import Backend, BackendError, DuplicateTaskError, NewTask, Settlement, TaskState
 from lifecycle.asynctask._backends.sqlite._backend import SQLiteBackend
-from lifecycle.asynctask._backends.sqlite._schema import SCHEMA_VERSION, check_sqlite_version
+from lifecycle.asynctask._backends.sqlite._schema import _CREATE_V1, SCHEMA_VERSION, check_sqlite_version
 from lifecycle.asynctask.testing import BackendConformance, EngineConformance
 from lifecycle.asynctask.testing.backend._rules_damage import RawValue
 from tests.asynctask.corruption import corrupt_sqlite
@@ -121,6 +122,48 @@ async def test_synchronous_setting_is_applied_to_the_connection(
     assert backend._connection.execute("PRAGMA synchronous").fetchone() == (level,)
 
 
+async def test_a_file_of_schema_version_1_is_migrated_for_flow_control(db_path: Path) -> None:
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as raw:
+        raw.execute("CREATE TABLE lifecycle_schema (version INTEGER NOT NULL)")
+        raw.execute("INSERT INTO lifecycle_schema VALUES (1)")
+        for statement in _CREATE_V1:
+            raw.execute(statement)
+        raw.execute(
+            "INSERT INTO lifecycle_tasks (id, name, queue, payload, state, attempts, max_retries, "
+            "enqueued_at, run_at) VALUES ('old', 'tests.job', 'default', x'00', 'pending', 0, 3, 1000.0, "
+            "1000.0)"
+        )
+    backend = SQLiteBackend(db_path)
+    await backend.open()
+    try:
+        record = await backend.get("old")
+        assert record is not None
+        assert (record.priority, record.concurrency_key, record.expires_at, record.fault) == (
+            0,
+            None,
+            None,
+            None,
+        )
+        await backend.enqueue_many([dataclasses.replace(task("urgent"), priority=5)])
+        claimed = await backend.claim(["default"], 10, now=2000.0, lease_until=2030.0)
+        assert [c.record.id for c in claimed] == ["urgent", "old"], (
+            "the rebuilt pending index orders priorities"
+        )
+        await backend.pause("default")
+        assert await backend.paused() == {"default"}
+    finally:
+        await backend.close()
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as raw:
+        assert raw.execute("SELECT version FROM lifecycle_schema").fetchall() == [(SCHEMA_VERSION,)]
+        tables = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {
+        "lifecycle_rate_buckets",
+        "lifecycle_unique",
+        "lifecycle_paused",
+        "lifecycle_follow_ups",
+    } <= tables
+
+
 async def test_a_file_written_by_a_newer_schema_version_is_refused(db_path: Path) -> None:
     backend = SQLiteBackend(db_path)
     await backend.open()
@@ -130,7 +173,9 @@ async def test_a_file_written_by_a_newer_schema_version_is_refused(db_path: Path
         raw.execute("UPDATE lifecycle_schema SET version = ?", (SCHEMA_VERSION + 1,))
 
     newer = SQLiteBackend(db_path)
-    with pytest.raises(BackendError, match=r"newer anyio-lifecycle \(schema version 2.*upgrade"):
+    with pytest.raises(
+        BackendError, match=rf"newer anyio-lifecycle \(schema version {SCHEMA_VERSION + 1}.*upgrade"
+    ):
         await newer.open()
     with closing(sqlite3.connect(db_path, isolation_level=None)) as raw:  # refused without touching anything
         assert raw.execute("SELECT version FROM lifecycle_schema").fetchall() == [(SCHEMA_VERSION + 1,)]

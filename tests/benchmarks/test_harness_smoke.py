@@ -156,3 +156,13 @@ def test_update_markdown_replaces_only_the_results_section(tmp_path: Path) -> No
     fresh = tmp_path / "fresh.md"
     report.update_markdown(fresh, f"{report.BEGIN}\nnew\n{report.END}")
     assert fresh.read_text().startswith("## Results\n\n" + report.BEGIN)
+
+
+def test_the_flow_benchmark_runs_every_variant(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import flow
+
+    assert flow.main(["--n", "300", "--keys", "30", "--rounds", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["median_tasks_per_s"]) == {"plain", "limits_registered", "per_key"}
+    assert all(rate > 0 for rate in result["median_tasks_per_s"].values())
+    assert result["relative_to_plain"]["plain"] == 1.0

@@ -220,7 +220,13 @@ def test_every_command_takes_the_shared_options_after_it() -> None:
 
 
 def _required(command: str) -> list[str]:
-    return {"show": ["ID"], "cancel": ["ID"], "purge": ["--state", "dead"]}.get(command, [])
+    return {
+        "show": ["ID"],
+        "cancel": ["ID"],
+        "purge": ["--state", "dead"],
+        "pause": ["QUEUE"],
+        "resume": ["QUEUE"],
+    }.get(command, [])
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -240,7 +246,18 @@ def test_help_texts_are_plain_text_and_complete(run: Run) -> None:
         assert ":class:" not in text, f"{path} --help shows reStructuredText:\n{text}"
         pending += [(f"{path} {name}", sub) for name, sub in _subparsers(current).items()]
     top = parser.format_help()
-    for command in ("stats", "list", "show", "requeue", "cancel", "purge", "watch", "schedules"):
+    for command in (
+        "stats",
+        "list",
+        "show",
+        "requeue",
+        "cancel",
+        "purge",
+        "pause",
+        "resume",
+        "watch",
+        "schedules",
+    ):
         assert command in top
 
 

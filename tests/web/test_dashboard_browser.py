@@ -183,6 +183,30 @@ def test_requeue_from_the_page_changes_the_store_and_the_page_without_reload(
     assert state_of(store_url, "ui-dead-1") is TaskState.PENDING
 
 
+def paused_of(url: str) -> set[str]:
+    async def read(tasks: AsyncTasks) -> set[str]:
+        return await tasks.paused()
+
+    return with_tasks(url, read)
+
+
+def test_pause_and_resume_a_queue_from_the_page(page: Any, served: Server, store_url: str) -> None:
+    page.goto(served.url)
+    unlock(page)
+    row = page.locator('tr[data-queue="reports"]')
+    expect(row.locator("td.paused")).to_have_attribute("data-paused", "no")
+    act(page, row.locator('button[data-action="pause"]'))
+    expect(page.locator("#flash")).to_have_text(
+        "paused queue 'reports': no worker starts its tasks until it is resumed"
+    )
+    expect(row.locator("td.paused")).to_have_attribute("data-paused", "yes")
+    assert paused_of(store_url) == {"reports"}, "the pause is stored, for every worker"
+    act(page, row.locator('button[data-action="resume"]'))
+    expect(page.locator("#flash")).to_have_text("resumed queue 'reports': workers start its tasks again")
+    expect(row.locator("td.paused")).to_have_attribute("data-paused", "no")
+    assert paused_of(store_url) == set()
+
+
 def test_a_task_enqueued_by_another_process_appears_within_2_s(
     page: Any, served: Server, store_url: str
 ) -> None:

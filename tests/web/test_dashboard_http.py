@@ -191,6 +191,12 @@ async def test_every_action_with_the_token(tasks: AsyncTasks) -> None:
         purge = await action(http, action="purge_finished", queue="q")
         active = await action(http, action="purge_finished", queue="q", state="active")
         pause = await action(http, action="pause", queue="q")
+        paused_page = (await http.get("/")).text
+        pause_again = await action(http, action="pause", queue="q")
+        paused = await tasks.paused()
+        resume = await action(http, action="resume", queue="q")
+        resumed_page = (await http.get("/")).text
+        resume_again = await action(http, action="resume", queue="q")
         strange = await action(http, action="explode")
         bad = await http.post("/api/action", content=b"[1", headers={**ACT, "X-Lifecycle-Token": TOKEN})
     assert (requeued.status_code, requeued.json()) == (
@@ -206,8 +212,22 @@ async def test_every_action_with_the_token(tasks: AsyncTasks) -> None:
     assert purge_one.json()["message"] == "deleted 1 cancelled task(s) of queue 'q'"
     assert purge.json()["message"] == "deleted 2 succeeded/dead/cancelled task(s) of queue 'q'"
     assert active.status_code == 400
-    assert pause.status_code == 400
-    assert pause.json()["message"] == "this version of the store cannot pause queues"
+    assert (pause.status_code, pause.json()["message"]) == (
+        200,
+        "paused queue 'q': no worker starts its tasks until it is resumed",
+    )
+    assert pause_again.json()["message"] == "queue 'q' was paused already"
+    assert paused == {"q"}, "the dashboard's pause is stored"
+    assert 'data-paused="yes"' in paused_page
+    assert 'data-action="resume"' in paused_page
+    assert (resume.status_code, resume.json()["message"]) == (
+        200,
+        "resumed queue 'q': workers start its tasks again",
+    )
+    assert 'data-paused="no"' in resumed_page
+    assert 'data-action="pause"' in resumed_page
+    assert resume_again.json()["message"] == "queue 'q' was not paused"
+    assert await tasks.paused() == set()
     assert strange.status_code == 400
     assert bad.status_code == 400
     stats = await tasks.stats()

@@ -184,7 +184,7 @@ class AsyncTasks:
         self._changed: anyio.Event | None = None
         self._producers = ProducerHost(self)
         if self._observer is not None:
-            track_queue_depths(self._observer, self.stats, lambda: self._open)
+            track_queue_depths(self._observer, self.stats, lambda: self._open, self.flow)
 
     def __repr__(self) -> str:
         return f"AsyncTasks({self._backend!r}, tasks={len(self._registry)}, execution={self._execution})"

@@ -91,29 +91,44 @@ def resolve_observer(metrics: object) -> TaskObserver | None:
 
 
 def track_queue_depths(
-    observer: TaskObserver, stats: Callable[[], Awaitable[Any]], is_open: Callable[[], bool]
+    observer: TaskObserver,
+    stats: Callable[[], Awaitable[Any]],
+    is_open: Callable[[], bool],
+    flow: Callable[[], Awaitable[Any]] | None = None,
 ) -> None:
     """When ``observer`` reports queue depths (it has ``track()``, like ``AsyncTasksMetrics``), register
-    ``stats`` with it, read only while ``is_open()`` (a scrape before ``initialize`` or after ``cleanup``
-    then neither fails nor logs)."""
+    ``stats`` (and ``flow``: ``AsyncTasks.flow``) with it, read only while ``is_open()`` (a scrape before
+    ``initialize`` or after ``cleanup`` then neither fails nor logs)."""
     track = getattr(observer, "track", None)
     if callable(track):
-        track(_QueueDepths(stats, is_open))
+        track(_QueueDepths(stats, is_open, flow))
 
 
 class _QueueDepths:
-    """``AsyncTasks.stats()`` for a metrics scrape: an empty mapping while the backend is closed."""
+    """``AsyncTasks.stats()`` and ``AsyncTasks.flow()`` for a metrics scrape: an empty mapping and ``None``
+    while the backend is closed."""
 
-    __slots__ = ("_is_open", "_stats")
+    __slots__ = ("_flow", "_is_open", "_stats")
 
-    def __init__(self, stats: Callable[[], Awaitable[Any]], is_open: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], Awaitable[Any]],
+        is_open: Callable[[], bool],
+        flow: Callable[[], Awaitable[Any]] | None = None,
+    ) -> None:
         self._stats = stats
         self._is_open = is_open
+        self._flow = flow
 
     async def stats(self) -> Any:
         if not self._is_open():
             return {}
         return await self._stats()
+
+    async def flow(self) -> Any:
+        if not self._is_open() or self._flow is None:
+            return None
+        return await self._flow()
 
 
 def observe_enqueued(observer: TaskObserver, tasks: Iterable[NewTask]) -> None:

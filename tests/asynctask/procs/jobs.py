@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import anyio
 
 from lifecycle.asynctask import AsyncTasks, TaskContext
 
-__all__ = ["configure", "emit", "register_jobs"]
+__all__ = ["configure", "emit", "read_spans", "register_flow_jobs", "register_jobs"]
 
 _out_dir = Path(".")
 
@@ -96,3 +97,74 @@ def register_jobs(tasks: AsyncTasks) -> None:
     tasks.register(tick, name="procs.tick")
     tasks.register(interrupt, name="procs.interrupt")
     tasks.register(exit_in_thread, name="procs.exit_in_thread")
+
+
+def _span(kind: str, key: str, started: float, ended: float) -> None:
+    """Append ``kind key start end pid`` to ``spans.log`` (one ``O_APPEND`` write: never interleaved)."""
+    fd = os.open(_out_dir / "spans.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{kind} {key} {started!r} {ended!r} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+    emit("ran", key=key)
+
+
+async def rated(key: str) -> None:
+    """A task limited to 20 starts a second (``rate_limit="20/s"``): records when it started."""
+    now = time.time()
+    _span("rated", key, now, now)
+
+
+async def keyed(key: str, account: str, seconds: float) -> None:
+    """One at a time per ``account`` (``max_running_per_key=1``, enqueued with ``concurrency_key=account``):
+    records when it started and ended."""
+    started = time.time()
+    await anyio.sleep(seconds)
+    _span("keyed", f"{account}/{key}", started, time.time())
+
+
+async def capped(key: str, seconds: float) -> None:
+    """At most 2 running in the store (``max_running=2``): records when it started and ended."""
+    started = time.time()
+    await anyio.sleep(seconds)
+    _span("capped", key, started, time.time())
+
+
+async def solo(ctx: TaskContext, key: str) -> None:
+    """One at a time in the store (``max_running=1``); a key starting with ``doomed`` hangs the first time
+    any worker starts it (as :func:`hang_first`), so a test can kill the worker that holds the one slot."""
+    started = time.time()
+    if not key.startswith("doomed"):
+        emit("started", key=key, attempt=ctx.attempt, first=False)
+        _span("solo", key, started, time.time())
+        return
+    try:
+        fd = os.open(_out_dir / f"first-{key}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        emit("started", key=key, attempt=ctx.attempt, first=False)
+        _span("solo", key, started, time.time())
+        return
+    os.close(fd)
+    emit("started", key=key, attempt=ctx.attempt, first=True)
+    await anyio.sleep_forever()
+
+
+def register_flow_jobs(tasks: AsyncTasks) -> None:
+    """Register the flow-limited functions (``procs.rated``, ``procs.keyed``, ``procs.capped``,
+    ``procs.solo``)."""
+    tasks.register(rated, name="procs.rated", rate_limit="20/s")
+    tasks.register(keyed, name="procs.keyed", max_running_per_key=1)
+    tasks.register(capped, name="procs.capped", max_running=2)
+    tasks.register(solo, name="procs.solo", max_running=1)
+
+
+def read_spans(out_dir: Path) -> list[tuple[str, str, float, float, int]]:
+    """Every ``(kind, key, start, end, pid)`` the flow jobs recorded, in completion order."""
+    path = out_dir / "spans.log"
+    if not path.exists():
+        return []
+    spans = []
+    for line in path.read_text().splitlines():
+        kind, key, started, ended, pid = line.split(" ")
+        spans.append((kind, key, float(started), float(ended), int(pid)))
+    return spans

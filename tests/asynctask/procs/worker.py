@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shutdown-grace", type=float, default=5.0)
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     parser.add_argument("--every", type=float, default=None, help="run procs.tick on this interval schedule")
+    parser.add_argument("--flow", action="store_true", help="also register the flow-limited jobs")
     return parser.parse_args(argv)
 
 
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         recovery_interval=args.lease / 2,
     )
     jobs.register_jobs(tasks)
+    if args.flow:
+        jobs.register_flow_jobs(tasks)
     if args.every is not None:
         tasks.every("procs.tick", args.every, name="tick")
 

@@ -16,6 +16,7 @@ import anyio
 
 from ..._redact import redact
 from ...asynctask import AsyncTasks, Backend, TaskState
+from .._backend import is_backend, supports_flow_control
 from ._access import Access, access_for
 from ._data import (
     FINAL_STATES,
@@ -290,9 +291,19 @@ class Dashboard:
             names = "/".join(s.value for s in states)
             return 200, f"deleted {deleted} {names} task(s) of queue {queue!r}"
         if action in ("pause", "resume"):
-            # The queue rows offer these once paused_queues() can read pauses (flow control); then they
-            # call tasks.pause(queue) / tasks.resume(queue) here.
-            return 400, "this version of the store cannot pause queues"
+            queue = _text(request, "queue")
+            if not supports_flow_control(tasks.backend):
+                return 400, "this version of the store cannot pause queues"
+            was_paused = queue in await tasks.paused()
+            if action == "pause":
+                await tasks.pause(queue)
+                if was_paused:
+                    return 200, f"queue {queue!r} was paused already"
+                return 200, f"paused queue {queue!r}: no worker starts its tasks until it is resumed"
+            await tasks.resume(queue)
+            if not was_paused:
+                return 200, f"queue {queue!r} was not paused"
+            return 200, f"resumed queue {queue!r}: workers start its tasks again"
         return 400, f"unknown action {action!r}"
 
     # -- the store ----------------------------------------------------------------------------------------
@@ -365,7 +376,7 @@ def dashboard(
 
         app.mount("/tasks", dashboard(tasks, token=os.environ["DASHBOARD_TOKEN"]))
     """
-    if not isinstance(source, (AsyncTasks, Backend)):
+    if not isinstance(source, AsyncTasks) and not is_backend(source):  # flow control aside, as AsyncTasks
         raise TypeError(
             f"dashboard() needs an AsyncTasks or a Backend (e.g. SQLiteBackend('tasks.db')), got {source!r}"
         )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...asynctask import AsyncTasks, QueueStats, ScheduleInfo, TaskInfo, TaskRecord, TaskState
+from .._backend import supports_flow_control
 
 __all__ = [
     "BREAKDOWN_WINDOW",
@@ -150,12 +151,14 @@ class TaskDetail:
 
 
 async def paused_queues(tasks: AsyncTasks) -> frozenset[str] | None:
-    """The paused queues, or ``None`` while the store has no pause API.
+    """The paused queues, or ``None`` when the store cannot pause queues (a backend without flow control).
 
-    The one place the overview learns about pauses: once ``AsyncTasks.paused()`` exists, this returns
-    ``frozenset(await tasks.paused())`` and the rows show the flag and the pause/resume actions.
+    The one place the overview learns about pauses: the rows show the flag and the pause/resume actions
+    when this is not ``None``.
     """
-    return None
+    if not supports_flow_control(tasks.backend):
+        return None
+    return frozenset(await tasks.paused())
 
 
 async def read_overview(tasks: AsyncTasks, throughput: Throughput, now: float) -> Overview:

@@ -1,5 +1,6 @@
-"""``lifecycle tasks watch``: a live dashboard of counts per queue and state, throughput per second and the
-most recent failures, refreshed every ``--interval`` seconds until Ctrl-C (or SIGTERM). With ``--json`` the
+"""``lifecycle tasks watch``: a live dashboard of counts per queue and state, throughput per second, the
+paused queues and flow limits (see :mod:`._flowview`) and the most recent failures, refreshed every
+``--interval`` seconds until Ctrl-C (or SIGTERM). With ``--json`` the
 same data is printed as one JSON object per refresh, one per line (JSON lines), for scripts."""
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from rich.text import Text
 
 from ..._checks import check_seconds
 from ..._redact import redact
-from ...asynctask import AsyncTasks, QueueStats, TaskInfo, TaskState
+from ...asynctask import AsyncTasks, FlowStats, QueueStats, TaskInfo, TaskState
+from ._flowview import flow_to_json, read_flow, render_flow
 from ._format import error_summary, format_age, option, print_json, stats_table, stats_to_json
 from ._session import Session, with_tasks
 
@@ -64,19 +66,27 @@ class Dashboard:
     """
 
     def __init__(
-        self, tasks: AsyncTasks, *, window: float = 10.0, clock: Callable[[], float] = time.monotonic
+        self,
+        tasks: AsyncTasks,
+        *,
+        window: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        app: AsyncTasks | None = None,
     ) -> None:
         self._tasks = tasks
+        self._app = app
         self._window = window
         self._clock = clock
         self._samples: deque[_Sample] = deque()
         self.stats: dict[str, QueueStats] = {}
+        self.flow = FlowStats(paused=frozenset(), tasks={}, sampled=0, complete=True)
         self.failures: list[TaskInfo] = []
         self.updated: float | None = None
 
     async def refresh(self) -> None:
-        """Read the counts and recent failures from the backend once."""
+        """Read the counts, the flow (paused queues, limits, waiting tasks) and recent failures once."""
         self.stats = await self._tasks.stats()
+        self.flow = await read_flow(self._tasks, self._app)
         dead = await self._tasks.list(state=TaskState.DEAD, limit=50)
         pending = await self._tasks.list(state=TaskState.PENDING, limit=200)
         retrying = [info for info in pending if info.last_error]
@@ -150,7 +160,10 @@ class Dashboard:
                 )
         else:
             failures = Text("no recent failures", style="green")
-        return Group(header, speed, Text(""), counts, Text(""), failures)
+        flow = render_flow(self.flow, limits_known=self._app is not None)
+        if flow is None:
+            return Group(header, speed, Text(""), counts, Text(""), failures)
+        return Group(header, speed, Text(""), counts, Text(""), flow, Text(""), failures)
 
     def to_json(self) -> dict[str, Any]:
         """The screen's data as one JSON object (a line of ``watch --json``)."""
@@ -158,6 +171,7 @@ class Dashboard:
         return {
             "at": self.updated,
             **stats_to_json(self.stats),
+            **flow_to_json(self.flow, limits_known=self._app is not None),
             "throughput": None
             if rate is None
             else {"succeeded_per_s": rate[0], "dead_per_s": rate[1], "window_s": self._window},
@@ -194,7 +208,7 @@ def _failed_at(info: TaskInfo) -> float:
 async def watch(args: argparse.Namespace, session: Session) -> int:
     """Show the dashboard until SIGINT or SIGTERM; exit status 0."""
     interval = option(check_seconds, args.interval, "--interval")
-    dashboard = Dashboard(session.tasks)
+    dashboard = Dashboard(session.tasks, app=session.app)
     await dashboard.refresh()
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with anyio.create_task_group() as group:

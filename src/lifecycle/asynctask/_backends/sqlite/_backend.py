@@ -17,7 +17,7 @@ from ...._checks import check_seconds
 from ...._redact import library_logger
 from ..._backend import Create, check_create
 from ..._errors import BackendError, StoreNotFoundError
-from ..._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
+from ..._records import ClaimedTask, FlowLimits, FlowState, NewTask, Settlement, TaskRecord, TaskState
 from . import _ops as ops
 from ._schema import check_sqlite_version, ensure_schema
 
@@ -72,8 +72,10 @@ class SQLiteBackend:
             those too, at the cost of an fsync per transaction. ``"OFF"`` is for throwaway data only.
 
     Durability: ``enqueue_many`` returns after its transaction committed. The file uses WAL journaling
-    (readers never block the writer); writes take the lock with ``BEGIN IMMEDIATE`` and claims are one
-    ``UPDATE ... RETURNING`` per queue, so two processes never lease the same task.
+    (readers never block the writer); writes take the lock with ``BEGIN IMMEDIATE``, and a claim is one such
+    transaction (per queue: the due tasks read in claim order from the pending index, then one
+    ``UPDATE ... RETURNING``), so two processes never lease the same task, and flow limits, pauses and
+    expiry are checked in the same transaction.
 
     Raises :class:`BackendError` from :meth:`open` when the directory is missing, the file is not a
     database, SQLite is older than 3.35, or the file was written by a newer schema version; with
@@ -330,22 +332,29 @@ class SQLiteBackend:
     # -- the Backend protocol -----------------------------------------------------------------------------
 
     async def enqueue_many(
-        self, tasks: Sequence[NewTask], *, if_exists: Literal["error", "skip"] = "error"
+        self, tasks: Sequence[NewTask], *, if_exists: Literal["error", "skip", "debounce"] = "error"
     ) -> list[str]:
         """Store ``tasks`` in one committed transaction; see :meth:`Backend.enqueue_many`."""
-        if if_exists not in ("error", "skip"):
-            raise ValueError(f"if_exists must be 'error' or 'skip', got {if_exists!r}")
+        if if_exists not in ("error", "skip", "debounce"):
+            raise ValueError(f"if_exists must be 'error', 'skip' or 'debounce', got {if_exists!r}")
         if not tasks:
             return []
         return await self._write(ops.enqueue_many, list(tasks), if_exists)
 
     async def claim(
-        self, queues: Sequence[str], limit: int, *, now: float, lease_until: float
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
     ) -> list[ClaimedTask]:
-        """Lease up to ``limit`` due tasks, ``queues`` in priority order; see :meth:`Backend.claim`."""
+        """Lease up to ``limit`` due tasks, ``queues`` in priority order, in one transaction that also checks
+        the flow limits, skips paused queues and cancels expired tasks; see :meth:`Backend.claim`."""
         if limit <= 0 or not queues:
             return []
-        return await self._write(ops.claim, list(queues), limit, now, lease_until, wake=False)
+        return await self._write(ops.claim, list(queues), limit, now, lease_until, limits, wake=False)
 
     async def extend_leases(self, leases: Sequence[tuple[str, str]], *, lease_until: float) -> set[str]:
         """Renew held leases; return the ids whose lease was lost."""
@@ -394,6 +403,27 @@ class SQLiteBackend:
             with anyio.move_on_after(pause):
                 await wakeup.wait()
                 return
+
+    async def pause(self, queue: str) -> None:
+        """Store the pause of ``queue``: no claim of any process takes its tasks until :meth:`resume`."""
+        await self._write(ops.pause, queue, wake=False)
+
+    async def resume(self, queue: str) -> None:
+        """Forget the pause of ``queue`` (idempotent)."""
+        await self._write(ops.resume, queue)
+
+    async def paused(self) -> set[str]:
+        """The paused queues."""
+        return await self._read(ops.paused, absent=set())
+
+    async def flow_state(
+        self, name: str, concurrency_key: str | None, *, now: float, limits: FlowLimits
+    ) -> FlowState:
+        """The running counts and the rate bucket of ``name`` at ``now``; changes nothing."""
+        empty = FlowState(
+            running=0, running_for_key=0, tokens=None if limits.rate is None else float(limits.rate)
+        )
+        return await self._read(ops.flow_state, name, concurrency_key, now, limits, absent=empty)
 
     async def get(self, task_id: str) -> TaskRecord | None:
         """The record with this id, or ``None``."""

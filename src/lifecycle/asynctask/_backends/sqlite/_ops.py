@@ -11,12 +11,12 @@ import dataclasses
 import itertools
 import secrets
 import sqlite3
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 from ... import _records
 from ..._errors import DuplicateTaskError
-from ..._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
+from ..._records import ClaimedTask, FlowLimits, FlowState, NewTask, Settlement, TaskRecord, TaskState
 from ._schema import TASK_COLUMNS
 
 __all__ = [
@@ -24,14 +24,18 @@ __all__ = [
     "claim",
     "enqueue_many",
     "extend_leases",
+    "flow_state",
     "get",
     "list_records",
     "next_run_at",
+    "pause",
+    "paused",
     "purge",
     "read_text",
     "reading_any_text",
     "reclaim_expired",
     "requeue",
+    "resume",
     "settle",
     "stats",
 ]
@@ -44,7 +48,8 @@ _ACTIVE = TaskState.ACTIVE.value
 
 _INSERT = (
     "INSERT INTO lifecycle_tasks (id, name, queue, payload, state, attempts, max_retries, timeout, "
-    "enqueued_at, run_at, meta) VALUES (?, ?, ?, ?, 'pending', 0, ?, ?, ?, ?, ?)"
+    "enqueued_at, run_at, meta, priority, concurrency_key, expires_at) "
+    "VALUES (?, ?, ?, ?, 'pending', 0, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_OR_SKIP = _INSERT + " ON CONFLICT (id) DO NOTHING"
 
@@ -57,14 +62,65 @@ _NEW_TOKEN = "lower(hex(randomblob(12)))"
 # instead of being turned into a number by SQLite's arithmetic.
 _COUNTED = "typeof(attempts) = 'integer' AND attempts >= 0"
 
-_CLAIM = (
+# The due tasks of one queue in claim order (highest priority, earliest run_at, enqueue order): the pending
+# index holds exactly that order, so this reads it without sorting.
+_DUE = (
+    "FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending WHERE state = 'pending' AND queue = ? "
+    "AND run_at <= ?"
+)
+_IN_CLAIM_ORDER = " ORDER BY priority DESC, run_at, seq"
+_READY = f"SELECT seq {_DUE}{_IN_CLAIM_ORDER} LIMIT ?"
+
+
+def _claim_statement(count: int) -> str:
+    return (
+        f"UPDATE lifecycle_tasks SET state = 'active', "
+        f"attempts = CASE WHEN {_COUNTED} THEN attempts + 1 ELSE attempts END, started_at = ?, "
+        f"lease_until = ?, token = {_NEW_TOKEN} WHERE seq IN ({_marks(count)}) AND state = 'pending' "
+        f"RETURNING token, seq, {TASK_COLUMNS}"
+    )
+
+
+_CLAIM_READY = (
     f"UPDATE lifecycle_tasks SET state = 'active', "
     f"attempts = CASE WHEN {_COUNTED} THEN attempts + 1 ELSE attempts END, started_at = ?, "
-    f"lease_until = ?, token = {_NEW_TOKEN} "
-    "WHERE seq IN (SELECT seq FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending "
-    "WHERE state = 'pending' AND queue = ? AND run_at <= ? "
-    "ORDER BY run_at, seq LIMIT ?) "
+    f"lease_until = ?, token = {_NEW_TOKEN} WHERE seq IN (SELECT seq {_DUE}{_IN_CLAIM_ORDER} LIMIT ?) "
     f"RETURNING token, seq, {TASK_COLUMNS}"
+)
+_RUN_AT = 2 + 9  # the positions of run_at and priority in a claimed row (token, seq, TASK_COLUMNS)
+_PRIORITY = 2 + 16
+
+
+def _claim_order(row: Sequence[Any]) -> tuple[Any, ...]:
+    """The claim order of a returned row, as the pending index holds it: highest priority first (SQLite
+    sorts blobs above text above numbers, so a damaged priority comes first), then run_at, then seq."""
+    priority = row[_PRIORITY]
+    if type(priority) is int or type(priority) is float:
+        return (1, -priority, row[_RUN_AT], row[1])
+    return (0 if isinstance(priority, bytes) else 0.5, 0, row[_RUN_AT], row[1])
+
+
+_EXPIRED = "expired before it started"
+_EXPIRE = (
+    "UPDATE lifecycle_tasks SET state = 'cancelled', finished_at = ?, last_error = ?, lease_until = NULL, "
+    "token = NULL WHERE seq IN (SELECT seq FROM lifecycle_tasks INDEXED BY lifecycle_tasks_expiring "
+    "WHERE state = 'pending' AND expires_at IS NOT NULL AND queue = ? AND expires_at <= ?) AND run_at <= ?"
+)
+
+# The priorities in use among the pending tasks of one queue, one index probe each (a loose index scan).
+_PRIORITIES = (
+    "WITH RECURSIVE levels(value) AS ("
+    "SELECT (SELECT priority FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending "
+    "WHERE state = 'pending' AND queue = ?1 ORDER BY priority DESC LIMIT 1) "
+    "UNION ALL SELECT (SELECT priority FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending "
+    "WHERE state = 'pending' AND queue = ?1 AND priority < levels.value ORDER BY priority DESC LIMIT 1) "
+    "FROM levels WHERE levels.value IS NOT NULL) "
+)
+# The earliest run_at of a queue's pending tasks: the first of each priority's range.
+_EARLIEST = (
+    _PRIORITIES + "SELECT min((SELECT run_at FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending "
+    "WHERE state = 'pending' AND queue = ?1 AND priority = levels.value ORDER BY run_at LIMIT 1)) "
+    "FROM levels WHERE levels.value IS NOT NULL"
 )
 
 _RECLAIM = (
@@ -119,11 +175,13 @@ _PENDING_QUEUES = (
     "WHERE state = 'pending' AND queue > queues.name) FROM queues WHERE queues.name IS NOT NULL) "
     "SELECT name FROM queues WHERE name IS NOT NULL"
 )
-# ...then, in a queue a worker can name, the pending tasks whose run_at is not a finite number; in a queue
-# whose name is not UTF-8 text (no worker can name it), every pending task.
+# ...then, in a queue a worker can name, the pending tasks whose run_at is not a finite number (a range at
+# the end of each priority's); in a queue whose name is not UTF-8 text (no worker can name it), every pending
+# task.
 _UNSCHEDULED = (
-    "SELECT seq FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending "
-    "WHERE state = 'pending' AND queue = ? AND run_at >= 9e999 LIMIT ?"
+    _PRIORITIES + "SELECT seq FROM levels JOIN lifecycle_tasks INDEXED BY lifecycle_tasks_pending "
+    "ON state = 'pending' AND queue = ?1 AND priority = levels.value AND run_at >= 9e999 "
+    "WHERE levels.value IS NOT NULL LIMIT ?2"
 )
 _IN_QUEUE = (
     "SELECT seq FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending WHERE state = 'pending' AND queue = "
@@ -166,12 +224,6 @@ def record_from_row(row: Sequence[Any]) -> TaskRecord:
     return _records.record_from_row(row)
 
 
-def _claimed(rows: list[Any]) -> list[ClaimedTask]:
-    # RETURNING gives no order guarantee: put the rows back into (run_at, seq) order.
-    rows.sort(key=lambda row: (row[11], row[1]))
-    return [ClaimedTask(token=row[0], record=record_from_row(row[2:])) for row in rows]
-
-
 def _new_task_row(task: NewTask) -> tuple[Any, ...]:
     return (
         task.id,
@@ -183,15 +235,20 @@ def _new_task_row(task: NewTask) -> tuple[Any, ...]:
         task.enqueued_at,
         task.run_at,
         task.meta,
+        task.priority,
+        task.concurrency_key,
+        task.expires_at,
     )
 
 
 def enqueue_many(
-    connection: sqlite3.Connection, tasks: Sequence[NewTask], if_exists: Literal["error", "skip"]
+    connection: sqlite3.Connection, tasks: Sequence[NewTask], if_exists: Literal["error", "skip", "debounce"]
 ) -> list[str]:
-    """Insert ``tasks``; see :meth:`Backend.enqueue_many` for the duplicate rules."""
+    """Insert ``tasks``; see :meth:`Backend.enqueue_many` for the duplicate, window and debounce rules."""
     if not tasks:
         return []
+    if if_exists == "debounce" or any(task.unique_key is not None for task in tasks):
+        return _enqueue_with_rules(connection, tasks, if_exists)
     # Fast path: fresh ids (the common case) need one executemany and no look-up.
     connection.execute("SAVEPOINT lifecycle_enqueue")
     inserted = connection.executemany(_INSERT_OR_SKIP, map(_new_task_row, tasks)).rowcount
@@ -233,18 +290,326 @@ def enqueue_many(
     return [task.id for task in to_insert]
 
 
+def _states(connection: sqlite3.Connection, ids: Collection[str]) -> dict[str, str]:
+    existing: dict[str, str] = {}
+    for chunk in _chunks(list(ids)):
+        query = f"SELECT id, state FROM lifecycle_tasks WHERE id IN ({_marks(len(chunk))})"
+        existing.update(connection.execute(query, chunk).fetchall())
+    return existing
+
+
+def _enqueue_with_rules(
+    connection: sqlite3.Connection, tasks: Sequence[NewTask], if_exists: Literal["error", "skip", "debounce"]
+) -> list[str]:
+    """The enqueue of a batch with uniqueness windows or debounced tasks (row by row, in batch order)."""
+    existing = _states(connection, {task.id for task in tasks})
+    windows: dict[str, float] = {}
+    for chunk in _chunks(list({task.unique_key for task in tasks if task.unique_key is not None})):
+        query = f"SELECT key, until FROM lifecycle_unique WHERE key IN ({_marks(len(chunk))})"
+        windows.update(connection.execute(query, chunk).fetchall())
+    opened: dict[str, float] = {}
+
+    def refused(task: NewTask) -> bool:
+        if task.unique_key is None:
+            return False
+        until = opened.get(task.unique_key, windows.get(task.unique_key))
+        return until is not None and until > task.enqueued_at
+
+    seen: set[str] = set()
+    conflicts: list[str] = []
+    accepted: list[NewTask] = []
+    for task in tasks:
+        state = existing.get(task.id)
+        if if_exists == "skip":
+            if task.id in seen or state is not None or refused(task):
+                continue
+        else:
+            duplicate = if_exists == "error" and (task.id in seen or state in (_PENDING, _ACTIVE))
+            if (duplicate or refused(task)) and task.id not in conflicts:
+                conflicts.append(task.id)
+        seen.add(task.id)
+        if task.unique_key is not None and task.unique_until is not None:
+            opened[task.unique_key] = task.unique_until
+        accepted.append(task)
+    if conflicts:
+        raise DuplicateTaskError(conflicts[0], conflicts)
+    if opened:
+        connection.executemany(
+            "INSERT INTO lifecycle_unique (key, until) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET until = excluded.until",
+            opened.items(),
+        )
+        # Windows outlive their tasks: drop a few that ended with every write that opens some.
+        connection.execute(
+            "DELETE FROM lifecycle_unique WHERE key IN (SELECT key FROM lifecycle_unique "
+            "INDEXED BY lifecycle_unique_until WHERE until <= ? LIMIT 100)",
+            (min(task.enqueued_at for task in tasks),),
+        )
+    for task in accepted:
+        state = existing.get(task.id)
+        if if_exists == "debounce" and state == _PENDING:
+            fields = _follow_up_fields(task)
+            connection.execute(_DEBOUNCE_PENDING, (*fields[:5], *fields[6:], task.id))  # not enqueued_at
+        elif if_exists == "debounce" and state == _ACTIVE:
+            connection.execute(_KEEP_FOLLOW_UP, (task.id, *_follow_up_fields(task)))
+        else:
+            if state is not None:  # final (a live one was refused above): replaced
+                connection.execute("DELETE FROM lifecycle_tasks WHERE id = ?", (task.id,))
+            connection.execute(_INSERT, _new_task_row(task))
+            existing[task.id] = _PENDING
+    return [task.id for task in accepted]
+
+
+_FOLLOW_UP_COLUMNS = (
+    "name, queue, payload, max_retries, timeout, enqueued_at, run_at, meta, priority, concurrency_key, "
+    "expires_at"
+)
+
+
+def _follow_up_fields(task: NewTask) -> tuple[Any, ...]:
+    return (
+        task.name,
+        task.queue,
+        task.payload,
+        task.max_retries,
+        task.timeout,
+        task.enqueued_at,
+        task.run_at,
+        task.meta,
+        task.priority,
+        task.concurrency_key,
+        task.expires_at,
+    )
+
+
+# A debounce of a pending task: the new fields, attempts and enqueued_at kept.
+_DEBOUNCE_PENDING = (
+    "UPDATE lifecycle_tasks SET name = ?, queue = ?, payload = ?, max_retries = ?, timeout = ?, "
+    "run_at = ?, meta = ?, priority = ?, concurrency_key = ?, expires_at = ? "
+    "WHERE id = ? AND state = 'pending'"
+)
+_KEEP_FOLLOW_UP = (
+    f"INSERT OR REPLACE INTO lifecycle_follow_ups (id, {_FOLLOW_UP_COLUMNS}) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_TAKE_FOLLOW_UP = f"DELETE FROM lifecycle_follow_ups WHERE id = ? RETURNING {_FOLLOW_UP_COLUMNS}"
+# The settlement of an active task with a follow-up: the record's next pending period is the follow-up's.
+_START_FOLLOW_UP = (
+    "UPDATE lifecycle_tasks SET name = ?, queue = ?, payload = ?, max_retries = ?, timeout = ?, "
+    "enqueued_at = ?, run_at = ?, meta = ?, priority = ?, concurrency_key = ?, "
+    "expires_at = ?, state = 'pending', attempts = 0, started_at = NULL, finished_at = NULL, result = NULL, "
+    "lease_until = NULL, token = NULL WHERE id = ?"
+)
+
+
+class _Flow:
+    """The flow limits of one claim: running counts and rate buckets, read once, checked and updated in
+    memory while the claim picks its tasks, and the buckets written back at its end (all inside the claim's
+    write transaction, so no other process sees or changes them meanwhile)."""
+
+    def __init__(self, connection: sqlite3.Connection, limits: Mapping[str, FlowLimits], now: float) -> None:
+        self.limits = dict(limits)
+        self.now = now
+        self.running: dict[str, int] = dict.fromkeys(self.limits, 0)
+        self.running_keys: dict[tuple[str, str], int] = {}
+        names = list(self.limits)
+        for chunk in _chunks(names):
+            query = (
+                "SELECT name, concurrency_key, count(*) FROM lifecycle_tasks "
+                "INDEXED BY lifecycle_tasks_active WHERE state = 'active' "
+                f"AND name IN ({_marks(len(chunk))}) GROUP BY name, concurrency_key"
+            )
+            for name, key, count in connection.execute(query, chunk):
+                self.running[name] = self.running.get(name, 0) + count
+                if key is not None:
+                    self.running_keys[(name, key)] = count
+        self.buckets: dict[str, tuple[float, float, int]] = {}  # name -> (tokens, as of, refused)
+        rated = [name for name, each in self.limits.items() if each.rate is not None]
+        stored: dict[str, tuple[float, float, int]] = {}
+        for chunk in _chunks(rated):
+            query = (
+                "SELECT name, tokens, updated_at, refused FROM lifecycle_rate_buckets "
+                f"WHERE name IN ({_marks(len(chunk))})"
+            )
+            stored.update(
+                (name, (tokens, at, refused))
+                for name, tokens, at, refused in connection.execute(query, chunk)
+            )
+        for name in rated:
+            self.buckets[name] = refill(stored.get(name), self.limits[name], now)
+        self.changed: set[str] = set()
+        self.refused: set[str] = set()
+
+    def blocked(self, name: str) -> bool:
+        """Whether no task of ``name`` can start in this claim, whatever its key."""
+        limits = self.limits[name]
+        if limits.max_running is not None and self.running[name] >= limits.max_running:
+            return True
+        return name in self.buckets and self.buckets[name][0] < 1.0
+
+    def admit(self, name: str, key: str | None) -> bool:
+        """Whether a task of ``name`` with ``key`` may start; if so, count it and take its token."""
+        limits = self.limits.get(name)
+        if limits is None:
+            return True
+        if limits.max_running is not None and self.running[name] >= limits.max_running:
+            return False
+        if (
+            limits.max_running_per_key is not None
+            and key is not None
+            and self.running_keys.get((name, key), 0) >= limits.max_running_per_key
+        ):
+            return False
+        bucket = self.buckets.get(name)
+        if bucket is not None:
+            tokens, at, refused = bucket
+            if tokens < 1.0:
+                self.refused.add(name)
+                return False
+            self.buckets[name] = (tokens - 1.0, at, refused)
+            self.changed.add(name)
+        self.running[name] += 1
+        if key is not None:
+            self.running_keys[(name, key)] = self.running_keys.get((name, key), 0) + 1
+        return True
+
+    def pick(self, connection: sqlite3.Connection, queue: str, wanted: int) -> list[int]:
+        """The seqs of up to ``wanted`` due tasks of ``queue`` the limits let start, in claim order."""
+        blocked = [name for name in self.limits if self.blocked(name)]
+        query = f"SELECT seq, name, concurrency_key {_DUE}"
+        if blocked:  # their tasks are all held: let SQLite skip them
+            query += f" AND name NOT IN ({_marks(len(blocked))})"
+        cursor = connection.execute(query + _IN_CLAIM_ORDER, (queue, self.now, *blocked))
+        seqs: list[int] = []
+        try:
+            while len(seqs) < wanted:
+                rows = cursor.fetchmany(256)
+                if not rows:
+                    break
+                for seq, name, key in rows:
+                    if self.admit(name, key):
+                        seqs.append(seq)
+                        if len(seqs) >= wanted:
+                            break
+        finally:
+            cursor.close()
+        if len(seqs) < wanted:  # a name skipped for want of a token refused the starts of its due tasks
+            for name in blocked:
+                limits = self.limits[name]
+                if name in self.refused or (
+                    limits.max_running is not None and self.running[name] >= limits.max_running
+                ):
+                    continue
+                probe = f"SELECT 1 {_DUE} AND name = ? LIMIT 1"
+                if connection.execute(probe, (queue, self.now, name)).fetchone() is not None:
+                    self.refused.add(name)
+        return seqs
+
+    def save(self, connection: sqlite3.Connection) -> None:
+        """Write back the buckets this claim took tokens from or found empty."""
+        rows = []
+        for name in self.changed | self.refused:
+            tokens, at, refused = self.buckets[name]
+            rows.append((name, tokens, at, refused + (1 if name in self.refused else 0)))
+        if rows:
+            connection.executemany(
+                "INSERT INTO lifecycle_rate_buckets (name, tokens, updated_at, refused) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET tokens = excluded.tokens, "
+                "updated_at = excluded.updated_at, refused = excluded.refused",
+                rows,
+            )
+
+
+def refill(
+    stored: tuple[float, float, int] | None, limits: FlowLimits, now: float
+) -> tuple[float, float, int]:
+    """A rate bucket ``(tokens, as of, refused)`` refilled to ``now``; a bucket never used is full."""
+    rate = float(limits.rate or 0)
+    if stored is None:
+        return rate, now, 0
+    tokens, at, refused = stored
+    if now > at and limits.per:
+        tokens += (now - at) * rate / limits.per
+        at = now
+    return min(rate, tokens), at, refused
+
+
 def claim(
-    connection: sqlite3.Connection, queues: Sequence[str], limit: int, now: float, lease_until: float
+    connection: sqlite3.Connection,
+    queues: Sequence[str],
+    limit: int,
+    now: float,
+    lease_until: float,
+    limits: Mapping[str, FlowLimits] | None,
 ) -> list[ClaimedTask]:
-    """Lease up to ``limit`` due pending tasks, ``queues`` in priority order."""
+    """Lease up to ``limit`` due pending tasks, ``queues`` in priority order, skipping paused queues,
+    cancelling expired tasks and holding back the tasks ``limits`` do not let start."""
+    paused = {queue for (queue,) in connection.execute("SELECT queue FROM lifecycle_paused")}
+    flow = _Flow(connection, limits, now) if limits else None
     claimed: list[ClaimedTask] = []
     for queue in dict.fromkeys(queues):
         wanted = limit - len(claimed)
         if wanted <= 0:
             break
-        rows = connection.execute(_CLAIM, (now, lease_until, queue, now, wanted)).fetchall()
-        claimed.extend(_claimed(rows))
+        if queue in paused:
+            continue
+        connection.execute(_EXPIRE, (now, _EXPIRED, queue, now, now))
+        if flow is None:  # one statement, the same every time (no statement to prepare per batch size)
+            rows = connection.execute(_CLAIM_READY, (now, lease_until, queue, now, wanted)).fetchall()
+            rows.sort(key=_claim_order)  # RETURNING gives no order: put them back in claim order
+        else:
+            seqs = flow.pick(connection, queue, wanted)
+            if not seqs:
+                continue
+            # The IN list padded to a power of two (repeating a seq): a few statements, each prepared once.
+            size = 1 << (len(seqs) - 1).bit_length()
+            padded = [*seqs, *[seqs[-1]] * (size - len(seqs))]
+            rows = connection.execute(_claim_statement(size), (now, lease_until, *padded)).fetchall()
+            order = {seq: index for index, seq in enumerate(seqs)}
+            rows.sort(key=lambda row: order[row[1]])
+        claimed.extend(ClaimedTask(token=row[0], record=record_from_row(row[2:])) for row in rows)
+    if flow is not None:
+        flow.save(connection)
     return claimed
+
+
+def flow_state(
+    connection: sqlite3.Connection, name: str, key: str | None, now: float, limits: FlowLimits
+) -> FlowState:
+    """The running counts of ``name`` (and of ``key``) and its rate bucket refilled to ``now``."""
+    running_query = (
+        "SELECT count(*) FROM lifecycle_tasks INDEXED BY lifecycle_tasks_active WHERE state = 'active' "
+        "AND name = ?"
+    )
+    (running,) = connection.execute(running_query, (name,)).fetchone()
+    for_key = 0
+    if key is not None:
+        (for_key,) = connection.execute(running_query + " AND concurrency_key = ?", (name, key)).fetchone()
+    tokens: float | None = None
+    refused = 0
+    if limits.rate is not None:
+        row = connection.execute(
+            "SELECT tokens, updated_at, refused FROM lifecycle_rate_buckets WHERE name = ?", (name,)
+        ).fetchone()
+        tokens, _, refused = refill(None if row is None else tuple(row), limits, now)
+    return FlowState(running=int(running), running_for_key=int(for_key), tokens=tokens, refused=int(refused))
+
+
+def pause(connection: sqlite3.Connection, queue: str) -> None:
+    """Store ``queue`` as paused."""
+    connection.execute(
+        "INSERT INTO lifecycle_paused (queue) VALUES (?) ON CONFLICT (queue) DO NOTHING", (queue,)
+    )
+
+
+def resume(connection: sqlite3.Connection, queue: str) -> None:
+    """Forget the pause of ``queue``."""
+    connection.execute("DELETE FROM lifecycle_paused WHERE queue = ?", (queue,))
+
+
+def paused(connection: sqlite3.Connection) -> set[str]:
+    """The paused queues."""
+    return {queue for (queue,) in connection.execute("SELECT queue FROM lifecycle_paused")}
 
 
 def extend_leases(
@@ -259,8 +624,10 @@ def extend_leases(
 
 
 def settle(connection: sqlite3.Connection, settlements: Sequence[Settlement]) -> set[str]:
-    """Apply each settlement whose lease is still held (with its ``then`` tasks); return the lost ids."""
+    """Apply each settlement whose lease is still held (with its ``then`` tasks, and the debounce follow-up
+    kept for the task); return the lost ids."""
     lost: set[str] = set()
+    (follow_ups,) = connection.execute("SELECT EXISTS (SELECT 1 FROM lifecycle_follow_ups)").fetchone()
     for s in settlements:
         if s.state is TaskState.SUCCEEDED:
             cursor = connection.execute(_SETTLE_SUCCEEDED, (s.at, s.result, s.error, s.task_id, s.token))
@@ -278,7 +645,16 @@ def settle(connection: sqlite3.Connection, settlements: Sequence[Settlement]) ->
             )
         if cursor.rowcount == 0:
             lost.add(s.task_id)
-        elif s.then:
+            continue
+        if follow_ups:
+            follow_up = connection.execute(_TAKE_FOLLOW_UP, (s.task_id,)).fetchone()
+            if follow_up is not None:
+                fields = list(follow_up)
+                if s.state is TaskState.PENDING:  # a retry: the follow-up starts no earlier than it
+                    retry_at = s.at if s.run_at is None else s.run_at
+                    fields[6] = max(fields[6], retry_at)
+                connection.execute(_START_FOLLOW_UP, (*fields, s.task_id))
+        if s.then:
             connection.executemany(_INSERT_OR_SKIP, map(_new_task_row, s.then))
     return lost
 
@@ -330,14 +706,14 @@ def _take_over_damaged(connection: sqlite3.Connection, lease_until: float, limit
 
 
 def next_run_at(connection: sqlite3.Connection, queues: Sequence[str]) -> tuple[float | None, int]:
-    """The earliest ``run_at`` of a pending task in ``queues`` (``None`` if none) and the data version."""
+    """The earliest ``run_at`` of a pending task in ``queues`` that are not paused (``None`` if none) and the
+    data version."""
     earliest: float | None = None
+    paused_queues = paused(connection)
     for queue in dict.fromkeys(queues):
-        (value,) = connection.execute(
-            "SELECT min(run_at) FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending "
-            "WHERE state = 'pending' AND queue = ?",
-            (queue,),
-        ).fetchone()
+        if queue in paused_queues:
+            continue
+        (value,) = connection.execute(_EARLIEST, (queue,)).fetchone()
         # min() of a queue whose every pending run_at is damaged (text) is that text: nothing is due
         if (type(value) is float or type(value) is int) and (earliest is None or value < earliest):
             earliest = float(value)

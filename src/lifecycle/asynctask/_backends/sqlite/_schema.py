@@ -2,7 +2,7 @@
 
 Everything here is synchronous and runs on the backend's connection thread.
 
-Layout (schema version 1)
+Layout (schema version 2)
 -------------------------
 ``lifecycle_schema(version)``
     One row: the schema version that wrote this file. A file written by a newer version is refused, an older
@@ -11,11 +11,24 @@ Layout (schema version 1)
 ``lifecycle_tasks``
     One row per task. ``seq`` (the rowid) is the enqueue order. Times are ``REAL`` seconds since the epoch,
     ``payload``/``result`` are ``BLOB``, ``state`` is the :class:`TaskState` value text, ``token`` the current
-    lease token while ``ACTIVE``.
+    lease token while ``ACTIVE``. ``priority``, ``concurrency_key`` and ``expires_at`` are flow control's.
+``lifecycle_rate_buckets(name, tokens, updated_at, refused)``
+    The token bucket of each rate-limited task name: the tokens as of ``updated_at``.
+``lifecycle_unique(key, until)``
+    Uniqueness windows: an enqueue with ``unique_key`` is refused while its window lasts.
+``lifecycle_paused(queue)``
+    The paused queues.
+``lifecycle_follow_ups(id, ...)``
+    The one follow-up run a debounce keeps for an active task, applied by that task's settlement.
 
-Indexes: a partial index over pending tasks ``(queue, run_at, seq)`` serves claims and ``wait_for_work``;
-a partial index over active tasks ``(lease_until)`` serves recovery; ``(state, coalesce(finished_at,
+Indexes: a partial index over pending tasks ``(queue, priority DESC, run_at, seq)`` serves claims (in claim
+order, no sort) and ``wait_for_work`` (one probe per priority in use); a partial index over pending tasks
+that can expire ``(queue, expires_at)`` lets each claim cancel the expired ones; a partial index over active
+tasks ``(lease_until)`` serves recovery and the running counts; ``(state, coalesce(finished_at,
 enqueued_at))`` serves retention purges and ``(enqueued_at)`` the newest-first listing.
+
+Version 1 (before flow control) is migrated in place: the columns are added (old records get priority 0),
+the pending index is rebuilt in the new order, and the flow tables are created.
 """
 
 from __future__ import annotations
@@ -29,7 +42,7 @@ from ..._records import RECORD_COLUMNS
 __all__ = ["MIN_SQLITE_VERSION", "SCHEMA_VERSION", "TASK_COLUMNS", "check_sqlite_version", "ensure_schema"]
 
 #: The schema version this code writes. Bump it and add a step to ``_MIGRATIONS`` when the layout changes.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: ``UPDATE ... RETURNING`` needs SQLite 3.35.
 MIN_SQLITE_VERSION = (3, 35, 0)
@@ -69,8 +82,52 @@ _CREATE_V1 = (
     "CREATE INDEX IF NOT EXISTS lifecycle_tasks_enqueued ON lifecycle_tasks (enqueued_at)",
 )
 
+_FLOW_V2 = (
+    "ALTER TABLE lifecycle_tasks ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE lifecycle_tasks ADD COLUMN concurrency_key TEXT",
+    "ALTER TABLE lifecycle_tasks ADD COLUMN expires_at REAL",
+    "DROP INDEX IF EXISTS lifecycle_tasks_pending",
+    "CREATE INDEX lifecycle_tasks_pending ON lifecycle_tasks (queue, priority DESC, run_at) "
+    "WHERE state = 'pending'",
+    "CREATE INDEX lifecycle_tasks_expiring ON lifecycle_tasks (queue, expires_at) "
+    "WHERE state = 'pending' AND expires_at IS NOT NULL",
+    """
+    CREATE TABLE lifecycle_rate_buckets (
+        name        TEXT    PRIMARY KEY,
+        tokens      REAL    NOT NULL,
+        updated_at  REAL    NOT NULL,
+        refused     INTEGER NOT NULL DEFAULT 0
+    )
+    """,
+    "CREATE TABLE lifecycle_unique (key TEXT PRIMARY KEY, until REAL NOT NULL)",
+    "CREATE INDEX lifecycle_unique_until ON lifecycle_unique (until)",
+    "CREATE TABLE lifecycle_paused (queue TEXT PRIMARY KEY)",
+    """
+    CREATE TABLE lifecycle_follow_ups (
+        id               TEXT    PRIMARY KEY,
+        name             TEXT    NOT NULL,
+        queue            TEXT    NOT NULL,
+        payload          BLOB    NOT NULL,
+        max_retries      INTEGER NOT NULL,
+        timeout          REAL,
+        enqueued_at      REAL    NOT NULL,
+        run_at           REAL    NOT NULL,
+        meta             TEXT,
+        priority         INTEGER NOT NULL,
+        concurrency_key  TEXT,
+        expires_at       REAL
+    )
+    """,
+)
+
+
+def _migrate_1_to_2(connection: sqlite3.Connection) -> None:
+    for statement in _FLOW_V2:
+        connection.execute(statement)
+
+
 # version N -> the function that migrates a file at version N to N + 1 (inside the open transaction).
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2}
 
 
 def check_sqlite_version(version: tuple[int, int, int] = sqlite3.sqlite_version_info) -> None:
@@ -100,7 +157,7 @@ def ensure_schema(connection: sqlite3.Connection, *, where: str) -> int:
                 "instead of one; restore it from a backup or point SQLiteBackend at a new file"
             )
         if not rows:
-            for statement in _CREATE_V1:
+            for statement in (*_CREATE_V1, *_FLOW_V2):
                 connection.execute(statement)
             connection.execute("INSERT INTO lifecycle_schema (version) VALUES (?)", (SCHEMA_VERSION,))
             version = SCHEMA_VERSION
