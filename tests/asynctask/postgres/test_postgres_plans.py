@@ -232,3 +232,33 @@ async def test_the_look_for_due_work_probes_indexes_over_an_unanalysed_backlog(
     for query, params in recorded:
         for plan in (await _plans(postgres_dsn, query, params)).values():
             _assert_index_probes_only(plan, TASKS_TABLE)
+
+
+@pytest.mark.parametrize("limited", [False, True])
+async def test_a_claim_from_a_large_due_backlog_reads_only_what_it_takes(
+    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str, limited: bool
+) -> None:
+    """A draining worker's claim of one task: 20 000 due tasks, statistics up to date. The claims' statements
+    run with generic plans (see ``_functions``); a generic plan that fetched the whole due range to sort it
+    would touch hundreds of pages per claim. (Each row the claim leases costs about 15 buffer touches: the
+    index entries its new version gets.)"""
+    backend = await open_pg()
+    now = time.time()
+    for start in range(0, _BACKLOG, 10_000):
+        batch = [
+            NewTask(
+                f"d{n}", "tests.job", "default", b"", 0, None, now - 60, now - 60, concurrency_key=f"k{n}"
+            )
+            for n in range(start, start + 10_000)
+        ]
+        await backend.enqueue_many(batch)
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as connection:
+        await connection.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(pg_schema, TASKS_TABLE)))
+    limits = {"tests.job": FlowLimits(max_running=1000, max_running_per_key=1)} if limited else None
+    statements = backend._statements
+    [(query, params)] = await _recorded(
+        postgres_dsn, lambda conn: ops.claim(conn, statements, ["default"], 1, now, now + 30, limits)
+    )
+    touched, rows = await _buffers(postgres_dsn, query, params)
+    assert len(rows) == 1
+    assert touched < 100, f"a claim of one task touched {touched} buffers"
