@@ -10,7 +10,8 @@ whenever its statistics make the generic plan look dearer than one made for the 
 ordered index and stops at its LIMIT instead of fetching the whole range to sort it: 28 buffers instead of
 454 for a claim of one task from 20 000 due ones, see tests/asynctask/postgres/test_postgres_plans.py; the
 sorts the claim with limits needs for its window functions remain, priced high but unavoidable).
- Each text is a template for :mod:`psycopg.sql`: ``{tasks}``, ``{paused}``, ``{buckets}`` and the function
+
+Each text is a template for :mod:`psycopg.sql`: ``{tasks}``, ``{paused}``, ``{buckets}`` and the function
 names are filled in with the schema's qualified identifiers (literal braces are doubled).
 
 - ``lifecycle_claim(queues, now, wanted, lease, held)``: the claim without limits.
