@@ -70,7 +70,10 @@ class PostgresBackend:
     take the same task and never wait for each other; an enqueue wakes idle workers at once through
     ``LISTEN``/``NOTIFY``. Every state change is one transaction: a task is stored once
     :meth:`enqueue_many` returns, and survives any crash of the server with PostgreSQL's usual durability
-    (``synchronous_commit`` and replication settings of your server apply).
+    (``synchronous_commit`` and replication settings of your server apply). Flow control (priorities,
+    paused queues, rate and concurrency limits, expiry, uniqueness windows, debounce) is enforced in the
+    claim's and the enqueue's transaction, so it holds across every process; the claims are PL/pgSQL
+    functions the schema migration creates (see docs/backends.md).
 
     Args:
         dsn: a libpq connection string or URL, such as ``"postgresql://app@db.internal:5432/app"`` or
@@ -452,8 +455,9 @@ class PostgresBackend:
             return await ops.extend_leases(connection, self._statements, leases, lease_until)
 
     async def settle(self, settlements: Sequence[Settlement]) -> set[str]:
-        """Apply every settlement whose lease is held, with its ``then`` tasks, in one statement; return
-        the ids not applied."""
+        """Apply every settlement whose lease is held, with its ``then`` tasks (and a debounce's follow-up
+        run, which becomes the record's next pending period), in one statement; return the ids not
+        applied."""
         if not settlements:
             return set()
         async with self._connection() as connection:
@@ -469,7 +473,10 @@ class PostgresBackend:
 
     async def wait_for_work(self, queues: Sequence[str], *, timeout: float) -> None:
         """Return when a task in ``queues`` was enqueued or released (a notification), when the earliest
-        delayed task becomes due, or after ``timeout`` (seconds).
+        delayed task becomes due, or after ``timeout`` (seconds). Paused queues are left out; ``resume``
+        notifies, and so does the settlement of a task whose name the last claim limited by ``max_running``
+        or ``max_running_per_key`` (its slot may let a held task start). Tasks a rate limit holds back wake
+        nobody: the engine passes a ``timeout`` no longer than one token's refill time.
 
         A task already due is reported once: while nothing changes, later calls wait instead of returning
         at once, so a caller that cannot claim it yet does not spin. Without notifications (the ``LISTEN``
