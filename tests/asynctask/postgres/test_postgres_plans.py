@@ -157,8 +157,9 @@ async def test_an_idle_claim_reads_a_few_buffers_over_an_unanalysed_delayed_back
     assert await backend.claim(["default"], 10, now=now, lease_until=now + 30) == []
 
 
+@pytest.mark.parametrize("analysed", [False, True])
 async def test_a_claim_with_limits_steps_over_a_saturated_name_at_the_head_of_the_queue(
-    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str
+    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str, analysed: bool
 ) -> None:
     """40 000 due tasks of a name at its max_running sit before the tasks of other names: the claim takes
     those others without reading the held ones (a bounded number of buffers: walking them would touch over
@@ -178,6 +179,9 @@ async def test_a_claim_with_limits_steps_over_a_saturated_name_at_the_head_of_th
         for n in range(4)
     ]
     await backend.enqueue_many(behind)
+    if analysed:  # statistics that know most pending tasks are of the held name
+        async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as connection:
+            await connection.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(pg_schema, TASKS_TABLE)))
     limits = {"tests.limited": FlowLimits(max_running=1), "tests.keyed": FlowLimits(max_running_per_key=1)}
     first = await backend.claim(["default"], 1, now=now, lease_until=now + 600, limits=limits)
     assert [c.record.id for c in first] == ["h0"]
