@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -18,6 +18,7 @@ from lifecycle.asynctask import (
     AsyncTasks,
     Call,
     ClaimedTask,
+    FlowLimits,
     JSONEncoding,
     ManualClock,
     MemoryBackend,
@@ -238,9 +239,15 @@ class WrongTypes(MemoryBackend):
     """A backend bug: it hands out one record with a field of the wrong type, without a ``fault``."""
 
     async def claim(
-        self, queues: Sequence[str], limit: int, *, now: float, lease_until: float
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
     ) -> list[ClaimedTask]:
-        claimed = await super().claim(queues, limit, now=now, lease_until=lease_until)
+        claimed = await super().claim(queues, limit, now=now, lease_until=lease_until, limits=limits)
         return [
             ClaimedTask(c.token, dataclasses.replace(c.record, timeout="soon"))  # type: ignore[arg-type]
             if c.record.id == "broken"
