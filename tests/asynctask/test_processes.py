@@ -285,7 +285,9 @@ def test_processes_opening_a_fresh_file_at_once_all_succeed(backend_url: str) ->
 def test_a_schedule_run_by_several_processes_fires_once_per_fire_time(
     backend_name: str, backend_url: str, tmp_path: Path
 ) -> None:
-    interval, wanted = 0.1, 12
+    # Fire times that pass while every process is held up coalesce by design, so the interval leaves room
+    # for a loaded machine (two test runs on 2 cores): 0.1 s once lost a fire time on PostgreSQL.
+    interval, wanted = 0.3, 8
     out = tmp_path / "out"
     with Workers(backend_url, out) as workers:
         for library in WORKER_LIBRARIES.get(backend_name, ("asyncio",) * 3):
