@@ -22,7 +22,7 @@ import pytest
 
 from lifecycle.asynctask.nats import NatsBackend
 
-__all__ = ["NATS_SERVER", "NatsServer", "OpenNats", "delete_streams", "require_binary"]
+__all__ = ["NATS_SERVER", "NatsServer", "OpenNats", "delete_streams", "require_binary", "streams_of"]
 
 OpenNats = Callable[..., Awaitable[NatsBackend]]
 """The ``open_nats`` fixture: opens a NatsBackend under the test's prefix (keyword options pass through)."""
@@ -53,6 +53,23 @@ async def delete_streams(url: str, prefix: str) -> None:
                 await js.delete_stream(name)
             except nats.js.errors.NotFoundError:
                 pass
+    finally:
+        await client.close()
+
+
+async def streams_of(url: str, prefix: str) -> set[str]:
+    """The streams of ``prefix`` that exist on the server."""
+    client = await nats.connect(url)
+    try:
+        js = client.jetstream()
+        found: set[str] = set()
+        for name in (f"{prefix}_tasks_log", f"{prefix}_tasks_snap"):
+            try:
+                await js.stream_info(name)
+            except nats.js.errors.NotFoundError:
+                continue
+            found.add(name)
+        return found
     finally:
         await client.close()
 
@@ -144,5 +161,7 @@ class NatsServer:
     def _finish(self) -> None:
         if self._reader is not None:
             self._reader.join(timeout=5)
+        if self._process is not None and self._process.stdout is not None:
+            self._process.stdout.close()
         self._process = None
         self._reader = None

@@ -102,7 +102,9 @@ class NatsBackend:
         **client_options: Any,
     ) -> None:
         _check_url(url)
-        if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
+        if not isinstance(prefix, str):
+            raise TypeError(f"NatsBackend(prefix=...) must be a string, got {prefix!r}")
+        if not _PREFIX.fullmatch(prefix):
             raise ValueError(
                 "NatsBackend(prefix=...) must be letters, digits, '-' and '_' (it names JetStream streams "
                 f"and subjects), got {prefix!r}"
@@ -240,7 +242,15 @@ class NatsBackend:
         state = self._state
         if seq <= state.seq:
             return
-        outcome = state.feed(seq, expected, part, data)
+        try:
+            outcome = state.feed(seq, expected, part, data)
+        except Exception:  # a bug, never a message's content: start again from the snapshot, loudly
+            _log.exception(
+                "could not apply log message %d of prefix %r; reading the store again", seq, self.prefix
+            )
+            self._stale = True
+            self._wake()
+            return
         if outcome == "gap":
             self._stale = True
         elif outcome == "applied":
@@ -406,7 +416,13 @@ class NatsBackend:
         if self._state is state and state.seq < last:
             state.seq = last
             state.partial = None
-            state.apply(changes)
+            try:
+                state.apply(changes)
+            except Exception:  # a bug: the log holds the transaction; read the store again
+                _log.exception(
+                    "could not apply a transaction of prefix %r; reading the store again", self.prefix
+                )
+                self._stale = True
             self._notify()
             self._wake()
         return start + 1, last
