@@ -205,7 +205,8 @@ def claim(
                     continue
                 row = state.rows[task_id]
                 expires = row[EXPIRES_AT]
-                if expires is not None and expires <= now:
+                if expires is not None and expires <= now and record_of(row).fault is None:
+                    # (a damaged record is handed out instead, so that the worker ends it dead with its fault)
                     edit = tx.edit(task_id)
                     edit[STATE] = TaskState.CANCELLED.value
                     edit[FINISHED_AT] = now
