@@ -33,7 +33,7 @@ from .._url_parts import split_url
 from . import _ops as ops
 from ._codec import decode_snapshot, encode_parts, encode_snapshot
 from ._log import LAYOUT, Conflict, Log, Names, StreamMissing
-from ._state import State
+from ._state import Feed, State
 from ._tx import Tx
 
 __all__ = ["NatsBackend"]
@@ -133,6 +133,7 @@ class NatsBackend:
         self._reported: tuple[tuple[str, ...], int, int] | None = None
         self._nonce = ""
         self._calls = itertools.count(1)
+        self._inflight: tuple[str, list[Any]] | None = None  # the transaction this process is appending
 
     @property
     def prefix(self) -> str:
@@ -242,8 +243,22 @@ class NatsBackend:
         state = self._state
         if seq <= state.seq:
             return
+        inflight = self._inflight
+        outcome: Feed
         try:
-            outcome = state.feed(seq, expected, part, data)
+            if (
+                inflight is not None
+                and part == (inflight[0], 0, 1)
+                and seq == state.seq + 1
+                and expected == seq - 1
+            ):
+                # this process's own transaction, pushed before its acknowledgement: its ops are known
+                state.seq = seq
+                state.partial = None
+                state.apply(inflight[1])
+                outcome = "applied"
+            else:
+                outcome = state.feed(seq, expected, part, data)
         except Exception:  # a bug, never a message's content: start again from the snapshot, loudly
             _log.exception(
                 "could not apply log message %d of prefix %r; reading the store again", seq, self.prefix
@@ -394,9 +409,18 @@ class NatsBackend:
     async def _commit(self, log: Log, state: State, changes: list[Any]) -> tuple[int, int] | None:
         """Append a transaction planned on ``state``; return its first and last sequence, or ``None`` when
         the log had moved on (the replica has then read further)."""
-        start = state.seq
         txn = self._token()
         parts = encode_parts(changes, max(4096, log.max_payload - 1024))
+        self._inflight = (txn, changes) if len(parts) == 1 else None
+        try:
+            return await self._publish(log, state, txn, changes, parts)
+        finally:
+            self._inflight = None
+
+    async def _publish(
+        self, log: Log, state: State, txn: str, changes: list[Any], parts: list[bytes]
+    ) -> tuple[int, int] | None:
+        start = state.seq
         for index, body in enumerate(parts):
             try:
                 seq = await log.publish(body, expected=start + index, txn=txn, part=index, parts=len(parts))

@@ -423,9 +423,12 @@ def _expected_of(headers: dict[str, str] | None) -> int | None:
 
 
 def _part_of(headers: dict[str, str] | None) -> tuple[str, int, int]:
-    """``(transaction, piece, pieces)`` of a log message (``("", 0, 1)``: a transaction in one message)."""
-    if not headers or _PART not in headers:
+    """``(transaction, piece, pieces)`` of a log message (``(transaction, 0, 1)``: a transaction in one
+    message; its id is its message id's)."""
+    if not headers:
         return "", 0, 1
+    if _PART not in headers:
+        return headers.get("Nats-Msg-Id", "").removesuffix(".0"), 0, 1
     index, _, count = headers[_PART].partition("/")
     if not (index.isdigit() and count.isdigit()) or not int(index) < int(count):
         return "", 0, 0  # unreadable: skipped
