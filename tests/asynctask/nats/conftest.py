@@ -67,3 +67,15 @@ def nats_server_factory(tmp_path: Path) -> Iterator[Callable[[], NatsServer]]:
 async def own_nats(nats_server_factory: Callable[[], NatsServer]) -> NatsServer:
     """One private, running nats-server with JetStream on file storage."""
     return await anyio.to_thread.run_sync(nats_server_factory)
+
+
+@pytest.fixture
+def nats_server_without_jetstream(tmp_path: Path) -> Iterator[str]:
+    """The URL of a private nats-server started without JetStream (stopped afterwards)."""
+    require_binary()
+    server = NatsServer(tmp_path, jetstream=False)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.kill()

@@ -84,8 +84,9 @@ class NatsServer:
     """A private ``nats-server -js`` on a free loopback port, storing in a directory of its own, which a test
     may stop and start again. Readiness is read from the server's log, never guessed with sleeps."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, jetstream: bool = True) -> None:
         self.directory = directory
+        self.jetstream = jetstream
         self.port = _free_port()
         self.log: list[str] = []
         self._process: subprocess.Popen[str] | None = None
@@ -101,19 +102,11 @@ class NatsServer:
         return None if self._process is None else self._process.pid
 
     def start(self, timeout: float = 30.0) -> None:
-        """Start the server and return once it accepts clients with JetStream ready."""
+        """Start the server and return once it accepts clients (with JetStream ready, unless left out)."""
         ready = threading.Event()
+        storage = ["-js", "-sd", str(self.directory / "store")] if self.jetstream else []
         process = subprocess.Popen(
-            [
-                NATS_SERVER,
-                "-js",
-                "-sd",
-                str(self.directory / "store"),
-                "-a",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-            ],
+            [NATS_SERVER, *storage, "-a", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -130,3 +130,14 @@ async def test_a_stream_lifecycle_did_not_create_is_left_alone(nats_url: str, un
     finally:
         await client.close()
         await delete_streams(nats_url, unique_name)
+
+
+async def test_a_server_without_jetstream_is_a_backend_error_that_says_to_enable_it(
+    nats_server_without_jetstream: str,
+) -> None:
+    backend = NatsBackend(nats_server_without_jetstream)
+    with pytest.raises(
+        BackendError, match=r"has no JetStream: start it with JetStream enabled \(nats-server -js"
+    ):
+        await backend.open()
+    await backend.close()

@@ -35,6 +35,7 @@ LAYOUT = 1
 """The layout version written in the streams' descriptions (``lifecycle tasks, layout 1``)."""
 
 _DESCRIPTION = "lifecycle tasks, layout "
+_FIRST_ATTEMPTS = 1  # per server: a refused first connection fails open() at once (0 would mean forever)
 _EXPECTED = "Nats-Expected-Last-Sequence"
 _TXN = "Lifecycle-Txn"
 _PART = "Lifecycle-Part"
@@ -154,7 +155,7 @@ class Log:
             "name": "lifecycle",
             "connect_timeout": max(1, int(self._connect_timeout)),
             "reconnect_time_wait": 0.25,
-            "max_reconnect_attempts": -1,
+            "max_reconnect_attempts": _FIRST_ATTEMPTS,  # a refused first connection fails open() soon
             "error_cb": on_error,
             "disconnected_cb": on_disconnect,
             "reconnected_cb": on_reconnect,
@@ -163,16 +164,33 @@ class Log:
         try:
             with anyio.fail_after(self._connect_timeout):
                 await client.connect(**options)
+            if "max_reconnect_attempts" not in self._options:
+                client.options[
+                    "max_reconnect_attempts"
+                ] = -1  # connected once: reconnect for as long as it takes
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await _quietly(client.close())
             if isinstance(exc, TimeoutError | OSError | nats.errors.Error):
+                reason = (
+                    f"no answer within {self._connect_timeout:g} s"
+                    if isinstance(exc, TimeoutError)
+                    else redact(str(exc) or type(exc).__name__, self.url)
+                )
                 raise BackendError(
-                    f"cannot connect to NATS at {self.shown} within {self._connect_timeout:g} s "
-                    f"({redact(str(exc) or type(exc).__name__, self.url)}); check that the server runs and "
-                    "the URL (nats://host:4222), and that JetStream is enabled (nats-server -js)"
+                    f"cannot connect to NATS at {self.shown} ({reason}); check that the server runs and the "
+                    "URL (nats://host:4222), and that JetStream is enabled (nats-server -js)"
                 ) from None
             raise
+        info = getattr(client, "_server_info", None) or {}
+        if not info.get("jetstream"):
+            with anyio.CancelScope(shield=True):
+                await _quietly(client.close())
+            raise BackendError(
+                f"the NATS server at {self.shown} (version {info.get('version', '?')}) has no JetStream: "
+                "start it with JetStream enabled (nats-server -js, or a jetstream {} block in its "
+                "configuration)"
+            )
         self._nc = client
         self.max_payload = client.max_payload or self.max_payload
 
