@@ -344,7 +344,7 @@ async def _finished(tasks: AsyncTasks, task_id: str) -> TaskInfo:
 
 
 def test_the_fuzzing_covers_every_backend_and_both_async_libraries() -> None:
-    assert {kind for _, kind in BACKENDS} == {"memory", "sqlite", "redis", "postgres"}
+    assert {kind for _, kind in BACKENDS} == {"memory", "sqlite", "redis", "postgres", "nats"}
     assert {(lib, kind) for lib, kind in BACKENDS if kind in ("memory", "sqlite")} == {
         (lib, kind) for lib in ("asyncio", "trio") for kind in ("memory", "sqlite")
     }

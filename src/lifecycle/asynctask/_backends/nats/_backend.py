@@ -564,7 +564,9 @@ class NatsBackend:
                     await anyio.lowlevel.checkpoint()
                     return
             remaining = deadline - anyio.current_time()
-            if remaining <= 0 or self._log is None:
+            if (
+                remaining <= 0 or self._log is None or self._stale
+            ):  # stale: the next claim reads the store again
                 await anyio.lowlevel.checkpoint()
                 return
             pause = remaining if due is None or due <= now else min(remaining, due - now)
