@@ -7,7 +7,8 @@ Run it with the project's interpreter (the one with ``lifecycle`` and its ``redi
 creates one virtualenv per peer under ``benchmarks/.venv-peers`` from ``requirements-peers.txt`` (pip
 needs the package index the first time), starts a private ``redis-server`` on a free loopback port (stopped
 at the end; the harness empties its database between runs, so it never touches a server others use), and
-uses SQLite files in a temporary directory. ``--redis-url`` points it at a database of your own instead:
+uses SQLite files in a temporary directory; the NATS scenarios start a private ``nats-server -js`` the same
+way (``--nats-server PATH`` names the binary). ``--redis-url`` points it at a database of your own instead:
 one that is empty when the run starts (a database holding keys the harness did not write is refused). See
 docs/benchmarks.md for the method and what each number means.
 """
@@ -33,15 +34,32 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import report, venvs  # noqa: E402
+from benchmarks.nats_server import PrivateNats, find_nats_server  # noqa: E402
 from benchmarks.peers._common import RESULT_PREFIX, Config, RedisAdmin  # noqa: E402
 from benchmarks.redis_server import PrivateRedis, find_redis_server  # noqa: E402
 
 OURS = report.OURS
 PEERS = ("arq", "saq", "streaq", "taskiq", "dramatiq", "huey", "celery", "rq")
-LIBRARIES = (OURS, *PEERS)
-SCENARIOS = ("drain", "enqueue", "latency", "mix", "sqlite_drain", "sqlite_enqueue", "core")
+NATS_PEERS = ("taskiq_nats", "taskiq_nats_batched")
+VENV_OF = {"taskiq_nats_batched": "taskiq_nats"}  # adapters that run in another adapter's virtualenv
+DRAIN_ONLY = ("taskiq_nats_batched",)
+LIBRARIES = (OURS, *PEERS, *NATS_PEERS)
+SCENARIOS = (
+    "drain",
+    "enqueue",
+    "latency",
+    "mix",
+    "sqlite_drain",
+    "sqlite_enqueue",
+    "nats_drain",
+    "nats_enqueue",
+    "nats_latency",
+    "core",
+)
 REDIS_SCENARIOS = ("drain", "enqueue", "latency", "mix")
+NATS_SCENARIOS = ("nats_drain", "nats_enqueue", "nats_latency")
 SQLITE_LIBRARIES = (OURS, "huey")
+NATS_LIBRARIES = (OURS, *NATS_PEERS)
 NO_MIX = ("rq",)  # one job at a time per worker process: the concurrency-100 mix does not apply
 
 
@@ -68,6 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="PATH",
         help="the redis-server binary of the private server (default: $LIFECYCLE_BENCH_REDIS_SERVER, else "
         "redis-server on the PATH)",
+    )
+    parser.add_argument(
+        "--nats-server",
+        metavar="PATH",
+        help="the nats-server binary of the private NATS server of the nats_* scenarios (default: "
+        "$LIFECYCLE_BENCH_NATS_SERVER, else nats-server on the PATH)",
     )
     parser.add_argument("--run-timeout", type=float, default=900.0, help="seconds before a run is killed")
     parser.add_argument("--skip-install", action="store_true", help="use the peer venvs as they are")
@@ -142,6 +166,10 @@ def plan(args: argparse.Namespace, sqlite_dir: str) -> list[tuple[str, str, list
         for library in args.libraries:
             if scenario.startswith("sqlite") and library not in SQLITE_LIBRARIES:
                 continue
+            if (scenario in NATS_SCENARIOS) != (library in NATS_PEERS) and library != OURS:
+                continue
+            if library in DRAIN_ONLY and not scenario.endswith("drain"):
+                continue
             if scenario == "mix" and library in NO_MIX:
                 continue
             cfg = Config(
@@ -154,8 +182,12 @@ def plan(args: argparse.Namespace, sqlite_dir: str) -> list[tuple[str, str, list
                 bulk_size=args.bulk_size,
                 timeout=max(30.0, args.run_timeout - 30),
                 workload="sleep" if scenario == "mix" else "noop",
+                nats_url=getattr(args, "nats_url", ""),
+                nats_monitor=getattr(args, "nats_monitor", ""),
             )
-            python = sys.executable if library == OURS else str(venvs.python_for(library))
+            python = (
+                sys.executable if library == OURS else str(venvs.python_for(VENV_OF.get(library, library)))
+            )
             module = "benchmarks.peers.ours" if library == OURS else f"benchmarks.peers.{library}"
             runs.append((scenario, library, [python, "-m", module, *cfg.argv()]))
     return runs
@@ -191,7 +223,7 @@ def _versions(libraries: list[str]) -> dict[str, str]:
     import lifecycle
 
     stack = []
-    for dist in ("redis", "hiredis", "orjson", "anyio", "trio"):
+    for dist in ("redis", "hiredis", "nats-py", "orjson", "anyio", "trio"):
         try:
             stack.append(f"{dist} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:
@@ -199,11 +231,13 @@ def _versions(libraries: list[str]) -> dict[str, str]:
     versions = {OURS: f"{lifecycle.__version__} ({', '.join(stack)})"}
     pins = venvs.read_sections()
     for library in libraries:
-        if library in pins:
-            split = (pin.split("==") for pin in pins[library] if "==" in pin)
+        pinned = VENV_OF.get(library, library)
+        if pinned in pins:
+            split = (pin.split("==") for pin in pins[pinned] if "==" in pin)
             named = {name.split("[")[0]: version for name, version in split}
-            others = ", ".join(f"{name} {version}" for name, version in named.items() if name != library)
-            versions[library] = named.get(library, "?") + (f" ({others})" if others else "")
+            main = pinned.replace("_", "-")
+            others = ", ".join(f"{name} {version}" for name, version in named.items() if name != main)
+            versions[library] = named.get(main, "?") + (f" ({others})" if others else "")
     return versions
 
 
@@ -248,6 +282,23 @@ def _redis_for(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> bool:
     return True
 
 
+def _nats_for(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> str:
+    """When the chosen scenarios use NATS, start the private nats-server (stopped by ``cleanup``), set
+    ``args.nats_url`` and ``args.nats_monitor``, and return its version; else ``"not used"``."""
+    args.nats_url = args.nats_monitor = ""
+    if not (set(args.scenarios) & set(NATS_SCENARIOS) and args.libraries):
+        return "not used"
+    try:
+        binary = find_nats_server(args.nats_server)
+        server = cleanup.enter_context(PrivateNats(binary))
+    except (FileNotFoundError, RuntimeError) as error:
+        raise SystemExit(str(error)) from None
+    args.nats_url, args.nats_monitor = server.url, server.monitor
+    print(f"[nats] private nats-server on port {server.port} (pid {server.pid})", file=sys.stderr)
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False).stdout
+    return version.strip().removeprefix("nats-server: ") + " (JetStream, file storage)"
+
+
 def _empty_own_db(url: str) -> None:
     admin = RedisAdmin(url)
     try:
@@ -279,7 +330,16 @@ def _appendonly(url: str) -> str:
 
 
 def write_outputs(result: dict[str, Any], output: Path, chart: str) -> None:
-    """Rewrite the markdown results section and draw the chart (in the report venv, with matplotlib)."""
+    """Rewrite the markdown results sections of the scenarios that ran (the NATS section has its own
+    markers, so a NATS-only run keeps the Redis and SQLite results) and draw the chart (in the report venv,
+    with matplotlib)."""
+    scenarios = {run["scenario"] for run in result["runs"]}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if scenarios & set(NATS_SCENARIOS):
+        report.update_markdown(output, report.render_nats(result), report.NATS_BEGIN, report.NATS_END)
+        print(f"[report] wrote the NATS section of {output}", file=sys.stderr)
+    if not scenarios - set(NATS_SCENARIOS):
+        return
     if chart != "none":
         try:
             python = venvs.ensure_venv("report")
@@ -293,7 +353,6 @@ def write_outputs(result: dict[str, Any], output: Path, chart: str) -> None:
             result["meta"]["chart"] = os.path.relpath(chart, output.parent)
         except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
             print(f"[report] could not draw the chart: {error}", file=sys.stderr)
-    output.parent.mkdir(parents=True, exist_ok=True)
     report.update_markdown(output, report.render(result))
     print(f"[report] wrote {output}" + ("" if chart == "none" else f" and {chart}"), file=sys.stderr)
 
@@ -305,16 +364,17 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(args.report_only.read_text())
         write_outputs(result, args.output, args.chart)
         return 0
-    peers = [lib for lib in args.libraries if lib != OURS]
-    if not args.skip_install:
-        for library in peers:
-            venvs.ensure_venv(library)
     runs: list[dict[str, Any]] = []
     with contextlib.ExitStack() as cleanup:
         redis = _redis_for(args, cleanup)
+        nats_meta = _nats_for(args, cleanup)
         sqlite_dir = tempfile.mkdtemp(prefix="lifecycle-bench-")
         cleanup.callback(shutil.rmtree, sqlite_dir, ignore_errors=True)
         round_plan = plan(args, sqlite_dir)
+        if not args.skip_install:
+            for library in dict.fromkeys(library for _, library, _ in round_plan):
+                if library not in (OURS, "anyio"):
+                    venvs.ensure_venv(VENV_OF.get(library, library))
         total = len(round_plan) * args.rounds
         for round_index in range(args.rounds):
             for scenario, library, command in round_plan:
@@ -351,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": _machine(),
             "python": f"Python {platform.python_version()}",
             "redis": redis_meta,
+            "nats": nats_meta,
             "command": " ".join(
                 shlex.quote(part) for part in ["python", "benchmarks/run.py", *(argv or sys.argv[1:])]
             ),

@@ -12,6 +12,7 @@ import pytest
 REQUIRE_SERVICES = os.environ.get("LIFECYCLE_REQUIRE_SERVICES") == "1"
 REDIS_URL = os.environ.get("LIFECYCLE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_DSN = os.environ.get("LIFECYCLE_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+NATS_URL = os.environ.get("LIFECYCLE_TEST_NATS_URL", "nats://127.0.0.1:4222")
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -50,6 +51,13 @@ def postgres_dsn() -> str:
     """The shared PostgreSQL server's DSN (skips or fails when it is down)."""
     require_service("PostgreSQL", "127.0.0.1", 5432)
     return POSTGRES_DSN
+
+
+@pytest.fixture
+def nats_url() -> str:
+    """The shared NATS server's URL (skips or fails when it is down); it runs with JetStream."""
+    require_service("NATS", "127.0.0.1", 4222)
+    return NATS_URL
 
 
 @pytest.fixture

@@ -60,6 +60,13 @@ def url_forms(redis_port: int, postgres_port: int) -> list[str]:
         f"host=127.0.0.1 port={postgres_port} dbname=app user=app password={SECRET}",
         f"host=127.0.0.1 port={postgres_port} dbname=app password='{SPACED}'",
         f"host=127.0.0.1 port={postgres_port} dbname=app sslpassword={SECRET} password = {SECRET}",
+        # NATS
+        f"nats://worker:{SECRET}@{r}",
+        f"nats://worker:{SECRET}@{r}?prefix=sweep",
+        f"nats://worker:{quote(SPECIAL, safe='')}@{r}",
+        f"nats://a:{SECRET}@{r}, nats://b:{SECRET}@{p}?prefix=sweep&replicas=3",
+        f"nats://{r}?prefix=sweep&password={SECRET}",
+        f"nats://worker:{SECRET}@{r}/path",
         # SQLite and memory (no passwords of their own, but a URL can still carry one by mistake)
         f"sqlite:///sweep.db?password={SECRET}",
         f"sqlite://app:{SECRET}@host/sweep.db",
@@ -123,12 +130,13 @@ def records_text(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
 # -- the backends: repr, construction errors, open() errors, logs --------------------------------------------
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the Redis and PostgreSQL clients need asyncio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the Redis, PostgreSQL and NATS clients need asyncio
 async def test_no_backend_output_shows_a_password(
     closed_ports: tuple[int, int], caplog: pytest.LogCaptureFixture
 ) -> None:
     pytest.importorskip("lifecycle.asynctask.redis")
     postgres = pytest.importorskip("lifecycle.asynctask.postgres")
+    nats = pytest.importorskip("lifecycle.asynctask.nats")
     from lifecycle.asynctask.redis import RedisBackend
 
     caplog.set_level(logging.DEBUG)
@@ -159,6 +167,8 @@ async def test_no_backend_output_shows_a_password(
             await exercise("RedisBackend", RedisBackend, index, url)
         if url.startswith("postgres") or "=" in url.partition("://")[0]:
             await exercise("PostgresBackend", postgres.PostgresBackend, index, url)
+        if url.startswith("nats"):
+            await exercise("NatsBackend", nats.NatsBackend, index, url)
     outputs += records_text(caplog)
 
     assert opened >= 15, "too few forms reached open(): the sweep would prove little"

@@ -40,8 +40,20 @@ from typing import Any
 RESULT_PREFIX = "BENCH-RESULT "
 #: The key that marks a Redis database as the benchmark's own (it held nothing when the benchmark took it).
 OWNED_MARK = "lifecycle-bench:owned"
-SCENARIOS = ("drain", "enqueue", "latency", "mix", "sqlite_drain", "sqlite_enqueue")
+SCENARIOS = (
+    "drain",
+    "enqueue",
+    "latency",
+    "mix",
+    "sqlite_drain",
+    "sqlite_enqueue",
+    "nats_drain",
+    "nats_enqueue",
+    "nats_latency",
+)
 WORKER_START_TIMEOUT = 60.0
+DELAY = 0.1  # seconds: the delay of the delayed-start samples (NATS latency scenario, adapters that delay)
+DELAYED_SAMPLES = 100
 
 
 @dataclass
@@ -59,11 +71,16 @@ class Config:
     role: str = "producer"
     workload: str = "noop"  # "noop" or "sleep" (await a 10 ms sleep)
     probe: str = "count"  # "count" or "latency"
+    nats_url: str = ""
+    nats_monitor: str = ""  # the private server's monitoring URL (its /varz counts messages)
 
     @property
     def storage(self) -> str:
-        """``"sqlite"`` for the SQLite scenarios, else ``"redis"``."""
-        return "sqlite" if self.scenario.startswith("sqlite") else "redis"
+        """``"sqlite"`` or ``"nats"`` for the SQLite and NATS scenarios, else ``"redis"``."""
+        for storage in ("sqlite", "nats"):
+            if self.scenario.startswith(storage):
+                return storage
+        return "redis"
 
     def argv(self) -> list[str]:
         """This configuration as command-line arguments for :func:`parse_config`."""
@@ -87,6 +104,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
     parser.add_argument("--role", default="producer", choices=("producer", "worker"))
     parser.add_argument("--workload", default="noop", choices=("noop", "sleep"))
     parser.add_argument("--probe", default="count", choices=("count", "latency"))
+    parser.add_argument("--nats-url", default="")
+    parser.add_argument("--nats-monitor", default="")
     return Config(**vars(parser.parse_args(argv)))
 
 
@@ -233,6 +252,74 @@ class RedisAdmin:
         self._sock.close()
 
 
+# ---------------------------------------------------------------------------------------- nats admin
+
+
+class NatsAdmin:
+    """A minimal NATS client for the producer's bookkeeping on the private server (deleting every stream
+    between runs, reading the message counters), independent of every peer's nats-py."""
+
+    def __init__(self, url: str, monitor: str = "") -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.monitor = monitor
+        self._sock = socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 4222), timeout=30)
+        self._file = self._sock.makefile("rb")
+        if not self._file.readline().startswith(b"INFO "):
+            raise RuntimeError(f"{url} is not a NATS server")
+        self._sock.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":false}\r\nPING\r\n')
+        self._sid = 0
+        while (line := self._line()) != b"PONG":
+            if line.startswith(b"-ERR"):
+                raise RuntimeError(f"NATS refused the connection: {line.decode()}")
+
+    def _line(self) -> bytes:
+        line = self._file.readline()
+        if not line:
+            raise RuntimeError("the NATS server closed the connection")
+        return line.rstrip(b"\r\n")
+
+    def request(self, subject: str, payload: bytes = b"") -> Any:
+        """Send a request and return its decoded JSON reply."""
+        self._sid += 1
+        inbox = f"_INBOX.bench.{self._sid}"
+        self._sock.sendall(
+            b"SUB %s %d\r\nPUB %s %s %d\r\n%s\r\n"
+            % (inbox.encode(), self._sid, subject.encode(), inbox.encode(), len(payload), payload)
+        )
+        while True:
+            line = self._line()
+            if line == b"PING":
+                self._sock.sendall(b"PONG\r\n")
+            elif line.startswith(b"-ERR"):
+                raise RuntimeError(f"NATS error: {line.decode()}")
+            elif line.startswith(b"MSG "):
+                size = int(line.split()[-1])
+                data = self._file.read(size + 2)[:-2]
+                self._sock.sendall(b"UNSUB %d\r\n" % self._sid)
+                return json.loads(data)
+
+    def delete_all_streams(self) -> None:
+        """Delete every stream of the (private) server: the benchmark's and the peers'."""
+        names = self.request("$JS.API.STREAM.NAMES", b"{}").get("streams") or []
+        for name in names:
+            self.request(f"$JS.API.STREAM.DELETE.{name}")
+
+    def counters(self) -> tuple[int, int]:
+        """The server's ``in_msgs`` (messages clients sent: publishes, requests, acknowledgements) and
+        ``out_msgs`` (messages it delivered), from the monitoring port; server-wide."""
+        if not self.monitor:
+            return 0, 0
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.monitor}/varz", timeout=10) as reply:
+            varz = json.loads(reply.read())
+        return int(varz["in_msgs"]), int(varz["out_msgs"])
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._sock.close()
+
+
 # ------------------------------------------------------------------------------------------- adapter
 
 
@@ -247,6 +334,7 @@ class Adapter:
     """
 
     is_async = True
+    delayed = False  # whether enqueue_delayed() is implemented
     bulk_api: str | None = None  # the name of the bulk call, for the report
     storages: frozenset[str] = frozenset({"redis"})
     settings = ""  # non-default settings the adapter uses, for the report
@@ -263,6 +351,10 @@ class Adapter:
 
     def enqueue_bulk(self, indices: range) -> Any:
         """Enqueue all ``indices`` with the library's bulk API."""
+        raise NotImplementedError
+
+    def enqueue_delayed(self, index: int, delay: float) -> Any:
+        """Enqueue one task to start ``delay`` seconds from now (when ``delayed`` is true)."""
         raise NotImplementedError
 
     def close(self) -> Any:
@@ -334,21 +426,32 @@ class WorkerProcess:
         os.close(self._fd)
 
 
-def _prepare_storage(cfg: Config) -> RedisAdmin | None:
+def _prepare_storage(cfg: Config) -> RedisAdmin | NatsAdmin | None:
     if cfg.storage == "sqlite":
         for suffix in ("", "-wal", "-shm", "-journal"):
             Path(cfg.sqlite_path + suffix).unlink(missing_ok=True)
         return None
+    if cfg.storage == "nats":
+        nats = NatsAdmin(cfg.nats_url, cfg.nats_monitor)
+        nats.delete_all_streams()
+        return nats
     admin = RedisAdmin(cfg.redis_url)
     admin.flush_own_db()
     return admin
 
 
-def _counters(admin: RedisAdmin | None) -> tuple[int, int]:
+def _counters(admin: RedisAdmin | NatsAdmin | None) -> tuple[int, int]:
     return admin.counters() if admin is not None else (0, 0)
 
 
-def _redis_metrics(prefix: str, before: tuple[int, int], after: tuple[int, int], n: int) -> dict[str, float]:
+def _redis_metrics(
+    admin: RedisAdmin | NatsAdmin, prefix: str, before: tuple[int, int], after: tuple[int, int], n: int
+) -> dict[str, float]:
+    if isinstance(admin, NatsAdmin):  # the monitoring port's counters: the admin sends nothing meanwhile
+        return {
+            f"{prefix}nats_msgs_in_per_task": (after[0] - before[0]) / n,
+            f"{prefix}nats_msgs_out_per_task": (after[1] - before[1]) / n,
+        }
     # The admin's own INFO between the two readings is one command and one read: not the library's.
     return {
         f"{prefix}redis_cmds_per_task": (after[0] - before[0] - 1) / n,
@@ -386,7 +489,7 @@ async def _drain(factory: Callable[[Config], Adapter], cfg: Config, module: str)
         "peak_running": report["peak_running"],
     }
     if admin is not None:
-        metrics.update(_redis_metrics("", before, after, cfg.n))
+        metrics.update(_redis_metrics(admin, "", before, after, cfg.n))
         admin.close()
     return metrics
 
@@ -406,7 +509,7 @@ async def _enqueue(factory: Callable[[Config], Adapter], cfg: Config) -> dict[st
         metrics[f"{label}_per_s"] = cfg.n / elapsed
         metrics[f"{label}_cpu_ms_per_task"] = cpu * 1000 / cfg.n
         if admin is not None:
-            metrics.update(_redis_metrics(f"{label}_", before, after, cfg.n))
+            metrics.update(_redis_metrics(admin, f"{label}_", before, after, cfg.n))
             admin.close()
     return metrics
 
@@ -417,6 +520,7 @@ async def _latency(factory: Callable[[Config], Adapter], cfg: Config, module: st
     await _call(adapter, adapter.open)
     worker = WorkerProcess(cfg, module, "latency", cfg.n)
     samples: list[float] = []
+    late: list[float] = []
     try:
         # Warm-up: the first task waits for the worker to start; a few more warm connections and caches.
         for index in range(-20, cfg.n):
@@ -427,23 +531,37 @@ async def _latency(factory: Callable[[Config], Adapter], cfg: Config, module: st
                 raise RuntimeError(f"task {got} started while waiting for task {index}")
             if index >= 0:
                 samples.append((float(started) - sent) * 1000)
+        if cfg.storage == "nats" and adapter.delayed:
+            # Delayed tasks: how late after its run_at each one starts on the idle worker.
+            for index in range(cfg.n, cfg.n + min(cfg.n, DELAYED_SAMPLES)):
+                sent = time.monotonic()
+                await _call(adapter, adapter.enqueue_delayed, index, DELAY)
+                got, started = worker.read_line(10.0).split()
+                if int(got) != index:
+                    raise RuntimeError(f"task {got} started while waiting for task {index}")
+                late.append((float(started) - sent - DELAY) * 1000)
     finally:
         worker.stop()
         await _call(adapter, adapter.close)
         if admin is not None:
             admin.close()
     samples.sort()
-    return {
+    metrics = {
         "p50_ms": statistics.median(samples),
         "p99_ms": samples[min(len(samples) - 1, int(len(samples) * 0.99))],
         "max_ms": samples[-1],
     }
+    if late:
+        late.sort()
+        metrics["delayed_late_p50_ms"] = statistics.median(late)
+        metrics["delayed_late_max_ms"] = late[-1]
+    return metrics
 
 
 async def _produce(factory: Callable[[Config], Adapter], cfg: Config, module: str) -> dict[str, Any]:
-    if cfg.scenario in ("drain", "mix", "sqlite_drain"):
+    if cfg.scenario in ("drain", "mix", "sqlite_drain", "nats_drain"):
         return await _drain(factory, cfg, module)
-    if cfg.scenario in ("enqueue", "sqlite_enqueue"):
+    if cfg.scenario in ("enqueue", "sqlite_enqueue", "nats_enqueue"):
         return await _enqueue(factory, cfg)
     return await _latency(factory, cfg, module)
 

@@ -1,5 +1,6 @@
-"""Our library (``lifecycle.asynctask``): ``AsyncTasks`` on ``RedisBackend`` for the Redis scenarios and
-on ``SQLiteBackend`` (WAL, ``synchronous=NORMAL``) for the SQLite ones; bulk API ``AsyncTasks.enqueue_many``.
+"""Our library (``lifecycle.asynctask``): ``AsyncTasks`` on ``RedisBackend`` for the Redis scenarios, on
+``SQLiteBackend`` (WAL, ``synchronous=NORMAL``) for the SQLite ones and on ``NatsBackend`` (JetStream, file
+storage) for the NATS ones; bulk API ``AsyncTasks.enqueue_many``.
 
 Runs in the project's own environment (the interpreter that runs ``benchmarks/run.py``). The producer is
 an enqueue-only ``AsyncTasks(execution=False)``; the worker is an ``AsyncTasks`` with
@@ -38,6 +39,10 @@ def build_tasks(cfg: Config, *, execution: bool) -> AsyncTasks:
     backend: Backend
     if cfg.storage == "sqlite":
         backend = SQLiteBackend(cfg.sqlite_path, synchronous="NORMAL")
+    elif cfg.storage == "nats":
+        from lifecycle.asynctask.nats import NatsBackend
+
+        backend = NatsBackend(cfg.nats_url, prefix=PREFIX)
     else:
         from lifecycle.asynctask.redis import RedisBackend
 
@@ -50,7 +55,8 @@ def build_tasks(cfg: Config, *, execution: bool) -> AsyncTasks:
 
 class OursAdapter(Adapter):
     bulk_api = "AsyncTasks.enqueue_many"
-    storages = frozenset({"redis", "sqlite"})
+    delayed = True
+    storages = frozenset({"redis", "sqlite", "nats"})
     settings = "concurrency=concurrency; SQLite: WAL + synchronous=NORMAL"
 
     def __init__(self, cfg: Config) -> None:
@@ -63,6 +69,9 @@ class OursAdapter(Adapter):
 
     async def enqueue(self, index: int) -> None:
         await self.tasks.enqueue(self.function, index)
+
+    async def enqueue_delayed(self, index: int, delay: float) -> None:
+        await self.tasks.enqueue(self.function, index, delay=delay)
 
     async def enqueue_bulk(self, indices: range) -> None:
         await self.tasks.enqueue_many([Call(self.function, index) for index in indices])

@@ -16,7 +16,7 @@ import anyio.to_thread
 from lifecycle.asynctask._backends.redis._codec import RECORD_FIELDS as REDIS_FIELDS
 from lifecycle.asynctask._records import RECORD_FIELDS
 
-__all__ = ["FIELDS", "NotUtf8Text", "corrupt_postgres", "corrupt_redis", "corrupt_sqlite"]
+__all__ = ["FIELDS", "NotUtf8Text", "corrupt_nats", "corrupt_postgres", "corrupt_redis", "corrupt_sqlite"]
 
 FIELDS = tuple(field for field in RECORD_FIELDS if field != "id")
 """Every field a damaged record may have damaged (the id is the record's key, not a value in it)."""
@@ -114,3 +114,46 @@ async def corrupt_postgres(dsn: str, schema: str, task_id: str, field: str, raw:
     except (psycopg.DataError, psycopg.IntegrityError, UnicodeEncodeError):
         return False
     return True
+
+
+async def corrupt_nats(url: str, prefix: str, task_id: str, field: str, raw: object) -> bool:
+    """Append a transaction to the prefix's log that sets ``field`` of the task's row to ``raw`` as it is
+    (JSON: text, a number, ``None``; bytes tagged as bytes; :class:`NotUtf8Text` as text holding the
+    undecodable bytes), written as the backend writes: right after the log's last message. Every process
+    following the log applies it."""
+    import json
+
+    import nats
+    import nats.js.errors
+
+    from lifecycle.asynctask._backends.nats._codec import FIELD_INDEX, encode_value
+    from lifecycle.asynctask._backends.nats._log import Names
+
+    _check(field)
+    value: object = raw
+    if isinstance(raw, NotUtf8Text):
+        value = bytes(raw).decode("utf-8", "surrogateescape")
+    names = Names(prefix)
+    body = json.dumps(
+        {
+            "v": 1,
+            "t": "corrupt",
+            "n": 0,
+            "of": 1,
+            "ops": [["u", task_id, {str(FIELD_INDEX[field]): encode_value(value)}]],
+        }
+    ).encode()
+    client = await nats.connect(url)
+    try:
+        js = client.jetstream()
+        while True:
+            last = (await js.stream_info(names.log_stream)).state.last_seq
+            try:
+                await js.publish(names.log_subject, body, headers={"Nats-Expected-Last-Sequence": str(last)})
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code == 10071:  # another writer was first: write after it
+                    continue
+                raise
+            return True
+    finally:
+        await client.close()

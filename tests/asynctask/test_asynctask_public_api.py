@@ -13,6 +13,7 @@ import anyio
 import pytest
 
 import lifecycle.asynctask
+import lifecycle.asynctask.nats
 import lifecycle.asynctask.postgres
 import lifecycle.asynctask.redis
 import lifecycle.asynctask.testing
@@ -21,6 +22,7 @@ PUBLIC_MODULES: tuple[ModuleType, ...] = (
     lifecycle.asynctask,
     lifecycle.asynctask.redis,
     lifecycle.asynctask.postgres,
+    lifecycle.asynctask.nats,
     lifecycle.asynctask.testing,
 )
 
@@ -164,11 +166,13 @@ def test_the_issue_api_methods_exist_on_async_tasks() -> None:
 
 
 def test_server_backends_are_importable_from_their_modules() -> None:
+    from lifecycle.asynctask.nats import NatsBackend
     from lifecycle.asynctask.postgres import PostgresBackend
     from lifecycle.asynctask.redis import RedisBackend
 
     assert RedisBackend.__module__ == "lifecycle.asynctask.redis"
     assert PostgresBackend.__module__ == "lifecycle.asynctask.postgres"
+    assert NatsBackend.__module__ == "lifecycle.asynctask.nats"
     assert repr(RedisBackend) == "<class 'lifecycle.asynctask.redis.RedisBackend'>"
 
 

@@ -193,8 +193,9 @@ BACKENDS = [
     ("trio", "memory"),
     ("asyncio", "sqlite"),
     ("trio", "sqlite"),
-    ("asyncio", "redis"),  # redis-py and psycopg are asyncio-only
+    ("asyncio", "redis"),  # redis-py, psycopg and nats-py are asyncio-only
     ("asyncio", "postgres"),
+    ("asyncio", "nats"),
 ]
 
 
@@ -216,6 +217,14 @@ async def store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> As
             await cleaner.clear()
         finally:
             await cleaner.close()
+    elif kind == "nats":
+        from lifecycle.asynctask.nats import NatsBackend
+
+        url, prefix = request.getfixturevalue("nats_url"), request.getfixturevalue("unique_name")
+        yield NatsBackend(url, prefix=prefix)
+        from tests.asynctask.nats.nats_servers import delete_streams
+
+        await delete_streams(url, prefix)
     else:
         import psycopg
         from psycopg import sql
@@ -335,7 +344,7 @@ async def _finished(tasks: AsyncTasks, task_id: str) -> TaskInfo:
 
 
 def test_the_fuzzing_covers_every_backend_and_both_async_libraries() -> None:
-    assert {kind for _, kind in BACKENDS} == {"memory", "sqlite", "redis", "postgres"}
+    assert {kind for _, kind in BACKENDS} == {"memory", "sqlite", "redis", "postgres", "nats"}
     assert {(lib, kind) for lib, kind in BACKENDS if kind in ("memory", "sqlite")} == {
         (lib, kind) for lib in ("asyncio", "trio") for kind in ("memory", "sqlite")
     }

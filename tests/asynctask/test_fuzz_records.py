@@ -29,7 +29,14 @@ from hypothesis import strategies as st
 
 from lifecycle import Backoff
 from lifecycle.asynctask import AsyncTasks, Backend, MemoryBackend, SQLiteBackend, TaskRecord, TaskState
-from tests.asynctask.corruption import FIELDS, NotUtf8Text, corrupt_postgres, corrupt_redis, corrupt_sqlite
+from tests.asynctask.corruption import (
+    FIELDS,
+    NotUtf8Text,
+    corrupt_nats,
+    corrupt_postgres,
+    corrupt_redis,
+    corrupt_sqlite,
+)
 
 FUZZ = settings(
     max_examples=25,
@@ -309,6 +316,29 @@ def test_redis_survives_damaged_records(redis_url: str, unique_name: str, damage
 
     async def empty(backend: Backend) -> None:
         assert isinstance(backend, RedisBackend)
+        await backend.clear()
+
+    _run(Storage(open_backend, corrupt, empty), damages, "asyncio")
+
+
+@pytest.mark.nats
+@FUZZ
+@known
+@given(damages=DAMAGED_TASKS)
+def test_nats_survives_damaged_records(nats_url: str, unique_name: str, damages: Any) -> None:
+    from lifecycle.asynctask.nats import NatsBackend
+
+    async def open_backend() -> Backend:
+        backend = NatsBackend(nats_url, prefix=unique_name)
+        await backend.open()
+        return backend
+
+    async def corrupt(backend: Backend, task_id: str, name: str, raw: object) -> bool:
+        assert isinstance(backend, NatsBackend)
+        return await corrupt_nats(nats_url, backend.prefix, task_id, name, raw)
+
+    async def empty(backend: Backend) -> None:
+        assert isinstance(backend, NatsBackend)
         await backend.clear()
 
     _run(Storage(open_backend, corrupt, empty), damages, "asyncio")

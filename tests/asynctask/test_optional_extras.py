@@ -50,6 +50,7 @@ def hint(extra: str, package: str) -> str:
         ("redis", "redis", "redis"),
         ("postgres", "psycopg", "psycopg"),
         ("postgres", "psycopg_pool", "psycopg_pool"),
+        ("nats", "nats", "nats"),
     ],
 )
 def test_importing_a_backend_module_without_its_extra_says_what_to_install(
@@ -63,6 +64,7 @@ def test_importing_a_backend_module_without_its_extra_says_what_to_install(
     [
         ("redis://127.0.0.1:6379/0", "redis", "redis"),
         ("postgresql://postgres@127.0.0.1:5432/test", "postgres", "psycopg"),
+        ("nats://127.0.0.1:4222", "nats", "nats"),
     ],
 )
 def test_backend_from_url_gives_the_same_hint(url: str, extra: str, hidden: str) -> None:
@@ -72,4 +74,4 @@ def test_backend_from_url_gives_the_same_hint(url: str, extra: str, hidden: str)
 
 def test_the_core_and_the_sqlite_backend_need_no_extra() -> None:
     action = "import lifecycle, lifecycle.asynctask, lifecycle.tasks, lifecycle.cli"
-    assert probe(action, "redis,psycopg,psycopg_pool,croniter,prometheus_client") == "imported"
+    assert probe(action, "redis,psycopg,psycopg_pool,nats,croniter,prometheus_client") == "imported"

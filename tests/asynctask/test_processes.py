@@ -50,10 +50,20 @@ def _redis_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     anyio.run(clear)
 
 
+def _nats_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    base = str(request.getfixturevalue("nats_url"))  # skips (or fails when required) if NATS is down
+    prefix = f"procs-{uuid.uuid4().hex[:12]}"
+    yield f"{base}?prefix={prefix}"
+    from tests.asynctask.nats.nats_servers import delete_streams
+
+    anyio.run(delete_streams, base, prefix)
+
+
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Iterator[str]]] = {
     "sqlite": _sqlite_url,
     "postgres": postgres_url,
     "redis": _redis_url,
+    "nats": _nats_url,
 }
 """Backend name -> generator fixture body yielding a fresh, empty URL (and cleaning up after the test)."""
 
@@ -62,6 +72,7 @@ WORKER_LIBRARIES: dict[str, Sequence[str]] = {
     "sqlite": ("asyncio", "trio", "asyncio"),
     "postgres": ("asyncio",) * 3,  # the server backends are asyncio-only
     "redis": ("asyncio",) * 3,
+    "nats": ("asyncio",) * 3,
 }
 
 

@@ -24,13 +24,16 @@ class FakeServerBackend:
 
 @pytest.fixture
 def fake_server_modules(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Replace lifecycle.asynctask.redis / .postgres with modules holding FakeServerBackend."""
+    """Replace lifecycle.asynctask.redis / .postgres / .nats with modules holding FakeServerBackend."""
     redis_module = types.ModuleType("lifecycle.asynctask.redis")
     redis_module.RedisBackend = FakeServerBackend  # type: ignore[attr-defined]
     postgres_module = types.ModuleType("lifecycle.asynctask.postgres")
     postgres_module.PostgresBackend = FakeServerBackend  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "lifecycle.asynctask.redis", redis_module)
     monkeypatch.setitem(sys.modules, "lifecycle.asynctask.postgres", postgres_module)
+    nats_module = types.ModuleType("lifecycle.asynctask.nats")
+    nats_module.NatsBackend = FakeServerBackend  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "lifecycle.asynctask.nats", nats_module)
 
 
 def test_memory_url_gives_a_memory_backend() -> None:
@@ -140,11 +143,35 @@ def test_postgres_urls_pass_the_dsn_on_and_take_out_the_schema(
 
 @pytest.mark.usefixtures("fake_server_modules")
 @pytest.mark.parametrize(
+    ("url", "expected_url", "options"),
+    [
+        ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222", {}),
+        ("nats://127.0.0.1:4222?prefix=app", "nats://127.0.0.1:4222", {"prefix": "app"}),
+        (
+            "nats://u:secret@a:4222, nats://b:4222?replicas=3&prefix=jobs",
+            "nats://u:secret@a:4222,nats://b:4222",
+            {"prefix": "jobs", "replicas": 3},
+        ),
+    ],
+)
+def test_nats_urls_take_out_the_prefix_and_the_replicas(
+    url: str, expected_url: str, options: dict[str, object]
+) -> None:
+    backend = backend_from_url(url)
+    assert isinstance(backend, FakeServerBackend)
+    assert (backend.url, backend.options) == (expected_url, options)
+
+
+@pytest.mark.usefixtures("fake_server_modules")
+@pytest.mark.parametrize(
     ("url", "message"),
     [
         ("redis://h?prefix=a&prefix=b", "option 'prefix' is given twice"),
         ("redis://h?prefix=", r"option 'prefix' .* is empty"),
         ("postgresql://h/db?schema=", r"option 'schema' .* is empty"),
+        ("nats://h?prefix=", r"option 'prefix' .* is empty"),
+        ("nats://h?replicas=three", r"option replicas='three' .* is not a whole number"),
+        ("nats://h?max_reconnect_attempts=3", r"unknown option 'max_reconnect_attempts' .* accepted: prefix"),
     ],
 )
 def test_bad_server_options_say_what_is_wrong(url: str, message: str) -> None:
@@ -154,7 +181,11 @@ def test_bad_server_options_say_what_is_wrong(url: str, message: str) -> None:
 
 @pytest.mark.parametrize(
     ("url", "missing", "extra"),
-    [("redis://h", "redis", "redis"), ("postgresql://h/db", "psycopg", "postgres")],
+    [
+        ("redis://h", "redis", "redis"),
+        ("postgresql://h/db", "psycopg", "postgres"),
+        ("nats://h", "nats", "nats"),
+    ],
 )
 def test_a_missing_extra_says_what_to_install(
     url: str, missing: str, extra: str, monkeypatch: pytest.MonkeyPatch

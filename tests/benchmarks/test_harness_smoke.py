@@ -19,11 +19,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import report, venvs  # noqa: E402
-from benchmarks.peers._common import OWNED_MARK, RedisAdmin  # noqa: E402
+from benchmarks.nats_server import PrivateNats, find_nats_server  # noqa: E402
+from benchmarks.peers._common import OWNED_MARK, NatsAdmin, RedisAdmin  # noqa: E402
 from benchmarks.redis_server import PrivateRedis, find_redis_server  # noqa: E402
 
 OUR_SCENARIOS = {
     *("drain", "enqueue", "latency", "mix", "sqlite_drain", "sqlite_enqueue"),
+    *("nats_drain", "nats_enqueue", "nats_latency"),
     *("core_asyncio", "core_trio"),
 }
 
@@ -40,19 +42,34 @@ def redis_server() -> str:
         pytest.skip(str(error))
 
 
+@pytest.fixture
+def nats_server() -> str:
+    """The nats-server binary the harness starts privately (skips, or fails under
+    LIFECYCLE_REQUIRE_SERVICES=1, when it is not installed)."""
+    try:
+        return find_nats_server()
+    except FileNotFoundError as error:
+        if os.environ.get("LIFECYCLE_REQUIRE_SERVICES") == "1":
+            pytest.fail(str(error), pytrace=False)
+        pytest.skip(str(error))
+
+
 def test_tiny_run_of_every_scenario_reports_numbers_for_our_library(
-    redis_server: str, tmp_path: Path
+    redis_server: str, nats_server: str, tmp_path: Path
 ) -> None:
     # No --redis-url: the harness runs its own redis-server, so it empties no database others use.
     output = tmp_path / "benchmarks.md"
     output.write_text(
-        "# Benchmarks\n\nprose that must survive\n\n" + report.BEGIN + "\nold\n" + report.END + "\n"
+        "# Benchmarks\n\nprose that must survive\n\n"
+        + f"{report.BEGIN}\nold\n{report.END}\n\nNATS prose\n\n"
+        + f"{report.NATS_BEGIN}\nold NATS\n{report.NATS_END}\n"
     )
     raw = tmp_path / "raw.json"
     command = [
         sys.executable, "benchmarks/run.py", "--rounds", "1", "--n", "200", "--latency-n", "20",
         "--core-n", "2000", "--shutdown-n", "300", "--libraries", "lifecycle", "--skip-install",
-        "--redis-server", redis_server, "--run-timeout", "60", "--output", str(output), "--chart", "none",
+        "--redis-server", redis_server, "--nats-server", nats_server, "--run-timeout", "60",
+        "--output", str(output), "--chart", "none",
         "--json", str(raw),
     ]  # fmt: skip
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
@@ -71,10 +88,14 @@ def test_tiny_run_of_every_scenario_reports_numbers_for_our_library(
     # 200 tasks that sleep 10 ms at concurrency 100 need two waves of sleeps: a faster run means the worker
     # ran more tasks at once than its concurrency, and every mix number would be wrong.
     assert ours["mix"]["seconds"] >= 0.019, f"mix took {ours['mix']['seconds']:.4f} s: concurrency exceeded"
-    for scenario in ("enqueue", "sqlite_enqueue"):
+    for scenario in ("enqueue", "sqlite_enqueue", "nats_enqueue"):
         assert ours[scenario]["single_per_s"] > 0
         assert ours[scenario]["bulk_per_s"] > 0
-    assert 0 < ours["latency"]["p50_ms"] <= ours["latency"]["p99_ms"]
+    assert ours["nats_drain"]["tasks_per_s"] > 0
+    assert ours["nats_drain"]["nats_msgs_in_per_task"] > 0
+    for scenario in ("latency", "nats_latency"):
+        assert 0 < ours[scenario]["p50_ms"] <= ours[scenario]["p99_ms"]
+    assert ours["nats_latency"]["delayed_late_p50_ms"] >= 0, "a delayed task never starts before its time"
     for backend in ("asyncio", "trio"):
         assert ours[f"core_{backend}"]["hot_add_s"] > 0
         assert ours[f"core_{backend}"]["shutdown_s"] > 0
@@ -82,9 +103,13 @@ def test_tiny_run_of_every_scenario_reports_numbers_for_our_library(
 
     text = output.read_text()
     assert "prose that must survive" in text
+    assert "NATS prose" in text
     assert "\nold\n" not in text
+    assert "\nold NATS\n" not in text
     assert "| **lifecycle** |" in text
+    assert "#### NATS drain" in text
     assert "### Failed runs" not in text
+    assert "Failed runs:" not in text
 
 
 def test_the_private_redis_server_is_stopped_and_removed(redis_server: str) -> None:
@@ -94,6 +119,26 @@ def test_the_private_redis_server_is_stopped_and_removed(redis_server: str) -> N
         admin = RedisAdmin(server.url)
         assert admin.command("PING") == "PONG"
         admin.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_the_private_nats_server_is_stopped_and_its_streams_deleted_between_runs(nats_server: str) -> None:
+    with PrivateNats(nats_server) as server:
+        pid = server.pid
+        assert pid is not None
+        admin = NatsAdmin(server.url, server.monitor)
+        try:
+            created = admin.request(
+                "$JS.API.STREAM.CREATE.bench_probe", b'{"name":"bench_probe","subjects":["p"]}'
+            )
+            assert created["config"]["name"] == "bench_probe"
+            before = admin.counters()
+            admin.delete_all_streams()
+            assert admin.request("$JS.API.STREAM.NAMES", b"{}")["streams"] in (None, [])
+            assert admin.counters()[0] > before[0], "the monitoring port counts the messages clients send"
+        finally:
+            admin.close()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
 
@@ -121,7 +166,8 @@ def test_a_database_holding_keys_the_harness_did_not_write_is_never_emptied(redi
 
 def test_every_peer_has_a_pinned_section_and_an_adapter() -> None:
     sections = venvs.read_sections()
-    peers = ("arq", "saq", "streaq", "taskiq", "dramatiq", "huey", "celery", "rq")
+    peers = ("arq", "saq", "streaq", "taskiq", "dramatiq", "huey", "celery", "rq", "taskiq_nats")
+    assert (ROOT / "benchmarks" / "peers" / "taskiq_nats_batched.py").is_file()
     for peer in peers:
         assert peer in sections, peer
         assert all("==" in requirement for requirement in sections[peer]), sections[peer]

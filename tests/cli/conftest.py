@@ -11,10 +11,10 @@ import pytest
 from tests.cli.cli_support import seed
 
 
-@pytest.fixture(params=["sqlite", "redis", "postgres"])
+@pytest.fixture(params=["sqlite", "redis", "postgres", "nats"])
 def url(request: pytest.FixtureRequest, tmp_path: Path, unique_name: str) -> Iterator[str]:
     """A backend URL of a fresh, empty store, created here (the commands refuse a store that does not
-    exist); the Redis keys and the PostgreSQL schema are removed afterwards."""
+    exist); the Redis keys, the PostgreSQL schema and the NATS streams are removed afterwards."""
     kind = request.param
     if kind == "sqlite":
         path = tmp_path / "tasks.db"
@@ -38,6 +38,14 @@ def url(request: pytest.FixtureRequest, tmp_path: Path, unique_name: str) -> Ite
                 await backend.close()
 
         anyio.run(clear, backend="asyncio")
+        return
+    if kind == "nats":
+        base = request.getfixturevalue("nats_url")
+        seed(f"{base}?prefix={unique_name}")
+        yield f"{base}?prefix={unique_name}"
+        from tests.asynctask.nats.nats_servers import delete_streams
+
+        anyio.run(delete_streams, base, unique_name, backend="asyncio")
         return
     dsn = request.getfixturevalue("postgres_dsn")
     seed(f"{dsn}?schema={unique_name}")

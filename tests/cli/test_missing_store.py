@@ -36,13 +36,19 @@ def _redis_keys(url: str, prefix: str) -> set[bytes]:
         client.close()
 
 
+def _nats_streams(url: str, prefix: str) -> set[str]:
+    from tests.asynctask.nats.nats_servers import streams_of
+
+    return anyio.run(streams_of, url, prefix, backend="asyncio")
+
+
 def _schema_exists(dsn: str, schema: str) -> bool:
     with psycopg.connect(dsn, autocommit=True) as connection:
         row = connection.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone()
     return row is not None
 
 
-@pytest.fixture(params=["sqlite", "redis", "postgres"])
+@pytest.fixture(params=["sqlite", "redis", "postgres", "nats"])
 def missing(request: pytest.FixtureRequest, tmp_path: Path, unique_name: str) -> Iterator[tuple[str, str]]:
     """``(url, what the error names)`` of a store that does not exist; afterwards it must still not exist."""
     kind = request.param
@@ -55,6 +61,12 @@ def missing(request: pytest.FixtureRequest, tmp_path: Path, unique_name: str) ->
         with_password = base.replace("redis://", f"redis://:{SECRET}@", 1) if "@" not in base else base
         yield f"{with_password}?prefix={unique_name}", f"prefix {unique_name!r}"
         assert _redis_keys(base, unique_name) == set()
+        return
+    if kind == "nats":
+        base = request.getfixturevalue("nats_url")
+        with_password = base.replace("nats://", f"nats://app:{SECRET}@", 1) if "@" not in base else base
+        yield f"{with_password}?prefix={unique_name}", f"prefix {unique_name!r}"
+        assert _nats_streams(base, unique_name) == set()
         return
     dsn = request.getfixturevalue("postgres_dsn")
     yield f"{dsn}?schema={unique_name}&password={SECRET}", f"schema {unique_name!r}"

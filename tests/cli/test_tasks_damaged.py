@@ -32,6 +32,12 @@ def _damage(url: str, task_id: str) -> str:
 
         anyio.run(write, backend="asyncio")
         return "max_retries"
+    if parts.scheme == "nats":
+        from tests.asynctask.corruption import corrupt_nats
+
+        base = url.split("?")[0]
+        anyio.run(corrupt_nats, base, option["prefix"][0], task_id, "max_retries", "many", backend="asyncio")
+        return "max_retries"
     dsn = url.split("?")[0]
     table = sql.Identifier(option["schema"][0], "lifecycle_tasks")
     with psycopg.connect(dsn, autocommit=True) as pg:

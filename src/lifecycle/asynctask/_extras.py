@@ -14,6 +14,7 @@ __all__ = ["EXTRA_PACKAGES", "raise_missing_extra"]
 EXTRA_PACKAGES: dict[str, tuple[str, ...]] = {
     "redis": ("redis",),
     "postgres": ("psycopg", "psycopg_pool"),
+    "nats": ("nats",),
 }
 
 

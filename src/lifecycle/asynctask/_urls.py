@@ -21,7 +21,8 @@ _ACCEPTED = (
     "(options: ?poll_interval=0.1&busy_timeout=30&synchronous=NORMAL), "
     '"redis://[user:password@]host:port/db?prefix=NAME" (also "rediss://", and '
     '"unix:///path/redis.sock?db=0&prefix=NAME"), '
-    '"postgresql://user@host:port/dbname?schema=NAME" (also "postgres://")'
+    '"postgresql://user@host:port/dbname?schema=NAME" (also "postgres://"), '
+    '"nats://[user:password@]host:4222?prefix=NAME&replicas=N"'
 )
 
 _SQLITE_OPTIONS: dict[str, Callable[[str], Any]] = {
@@ -46,6 +47,9 @@ def backend_from_url(url: str) -> Backend:
       (the rest of the URL goes to redis-py unchanged).
     - ``postgresql://...`` / ``postgres://...``: ``lifecycle.asynctask.postgres.PostgresBackend``; a
       ``schema=NAME`` query option becomes its ``schema``.
+    - ``nats://host:4222`` (a comma-separated list of ``nats://`` URLs for a cluster):
+      ``lifecycle.asynctask.nats.NatsBackend``; the query options ``prefix=NAME`` and ``replicas=N`` become
+      its ``prefix`` and ``replicas``.
 
     Every error message shows the URL with its passwords masked (``***``).
 
@@ -70,6 +74,8 @@ def backend_from_url(url: str) -> Backend:
         return _redis(url)
     if scheme in ("postgresql", "postgres"):
         return _postgres(url)
+    if scheme == "nats":
+        return _nats(url)
     shown = redact(url, url)
     if "://" not in url and url.endswith((".db", ".sqlite", ".sqlite3")):
         problem = f'{shown!r} is a file name, not a URL: for a SQLite file write "sqlite:///{shown}"'
@@ -145,6 +151,35 @@ def _postgres(url: str) -> Backend:
         backend: Backend = module.PostgresBackend(rest)
     else:
         backend = module.PostgresBackend(rest, schema=schema)
+    return backend
+
+
+def _nats(url: str) -> Backend:
+    servers = [server.strip() for server in url.split(",")]
+    query = unique_options(servers[-1])  # the options follow the last server
+    for name, value in query.items():
+        if name not in ("prefix", "replicas"):
+            raise ValueError(
+                f"unknown option {redact(name)!r} in NATS URL {redact(url, url)!r}; accepted: prefix, "
+                "replicas (pass nats-py's options as keyword arguments of NatsBackend)"
+            )
+        if not value:
+            raise ValueError(
+                f"option {name!r} in URL {redact(url, url)!r} is empty; give a value, as in ?prefix=myapp"
+            )
+    options: dict[str, Any] = {}
+    if "prefix" in query:
+        options["prefix"] = query["prefix"]
+    if "replicas" in query:
+        if not query["replicas"].isdigit():
+            raise ValueError(
+                f"option replicas={redact(query['replicas'], url)!r} in NATS URL {redact(url, url)!r} is "
+                "not a whole number"
+            )
+        options["replicas"] = int(query["replicas"])
+    servers[-1] = join_url(split_url(servers[-1])._replace(query=""))
+    module = _import_extra("lifecycle.asynctask.nats", extra="nats")
+    backend: Backend = module.NatsBackend(",".join(servers), **options)
     return backend
 
 

@@ -66,7 +66,7 @@ def add_shared_options(parser: argparse.ArgumentParser, *, default: Any) -> None
         default=os.environ.get(BACKEND_ENV) if default is None else default,
         help=(
             "where the tasks are stored: sqlite:///path.db, redis://host:port/db?prefix=NAME, "
-            f"postgresql://user@host/db?schema=NAME (default: ${BACKEND_ENV})"
+            f"postgresql://user@host/db?schema=NAME, nats://host:4222?prefix=NAME (default: ${BACKEND_ENV})"
         ),
     )
     parser.add_argument(

@@ -1,0 +1,178 @@
+"""The NATS backend's log: transactions larger than one message, messages no replica may apply, snapshots
+and the deletion of the log before them, replicas that fall behind a deleted log, and many writers at once."""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import nats
+import nats.js.errors
+import pytest
+
+from lifecycle.asynctask import ClaimedTask, Settlement, TaskState
+from lifecycle.asynctask.nats import NatsBackend
+from lifecycle.asynctask.testing import T0
+from lifecycle.asynctask.testing._support import new_task
+from tests.asynctask.nats.nats_servers import OpenNats
+
+pytestmark = pytest.mark.nats
+
+
+async def _log_state(url: str, prefix: str) -> tuple[int, int]:
+    """(first, last) sequence of the prefix's log stream."""
+    client = await nats.connect(url)
+    try:
+        state = (await client.jetstream().stream_info(f"{prefix}_tasks_log")).state
+        return state.first_seq, state.last_seq
+    finally:
+        await client.close()
+
+
+async def _publish_raw(url: str, prefix: str, body: bytes, headers: dict[str, str]) -> int:
+    client = await nats.connect(url)
+    try:
+        ack = await client.jetstream().publish(f"{prefix}.tasks.log", body, headers=headers)
+        return ack.seq
+    finally:
+        await client.close()
+
+
+def _enqueue_document(task_id: str) -> bytes:
+    row = [task_id, "suite.job", "default", {"b": ""}, "pending", 0, 3, None, T0, T0]
+    row += [None] * 9 + [None, None, 1]
+    return json.dumps({"v": 1, "ops": [["n", task_id, row]]}).encode()
+
+
+async def test_a_transaction_larger_than_one_message_is_read_whole_by_every_process(
+    open_nats: OpenNats, nats_url: str
+) -> None:
+    writer = await open_nats()
+    reader = await open_nats()
+    big = [new_task(f"big-{n}", payload=bytes([n]) * 700_000) for n in range(3)]
+    _, before = await _log_state(nats_url, writer.prefix)
+    assert await writer.enqueue_many(big) == ["big-0", "big-1", "big-2"]
+    _, after = await _log_state(nats_url, writer.prefix)
+    assert after - before >= 3, "2.8 MB of base64 cannot fit in one message of 1 MB"
+    for task in big:
+        record = await reader.get(task.id)
+        assert record is not None
+        assert record.payload == task.payload
+    claimed = await reader.claim(["default"], 10, now=T0 + 1, lease_until=T0 + 30)
+    assert [c.record.payload for c in claimed] == [task.payload for task in big]
+
+
+async def test_an_interrupted_transaction_of_several_messages_is_never_applied(
+    open_nats: OpenNats, nats_url: str
+) -> None:
+    writer = await open_nats()
+    await writer.enqueue_many([new_task("before")])
+    _, last = await _log_state(nats_url, writer.prefix)
+    document = _enqueue_document("half-written")
+    headers = {
+        "Nats-Expected-Last-Sequence": str(last),
+        "Lifecycle-Txn": "interrupted",
+        "Lifecycle-Part": "0/2",
+    }
+    await _publish_raw(nats_url, writer.prefix, document[: len(document) // 2], headers)
+    assert await writer.enqueue_many([new_task("after")]) == ["after"], "a writer goes on after the dead one"
+    later = await open_nats()
+    for backend in (writer, later):
+        assert await backend.get("half-written") is None
+        assert {r.id for r in await backend.list_records()} == {"before", "after"}
+
+
+async def test_a_message_not_written_right_after_the_last_one_is_skipped_by_every_replica(
+    open_nats: OpenNats, nats_url: str
+) -> None:
+    writer = await open_nats()
+    await writer.enqueue_many([new_task("before")])
+    _, last = await _log_state(nats_url, writer.prefix)
+    await _publish_raw(nats_url, writer.prefix, _enqueue_document("unchecked"), {})
+    with pytest.raises(nats.js.errors.BadRequestError, match="wrong last sequence"):
+        await _publish_raw(  # the server refuses it: the log is not at last - 1
+            nats_url,
+            writer.prefix,
+            _enqueue_document("stale"),
+            {"Nats-Expected-Last-Sequence": str(last - 1)},
+        )
+    await _publish_raw(nats_url, writer.prefix, b"not json", {"Nats-Expected-Last-Sequence": str(last + 1)})
+    assert await writer.enqueue_many([new_task("after")]) == ["after"]
+    later = await open_nats()
+    for backend in (writer, later):
+        assert {r.id for r in await backend.list_records()} == {"before", "after"}
+
+
+async def test_snapshots_let_the_log_be_deleted_and_a_new_process_reads_the_same_store(
+    open_nats: OpenNats, nats_url: str
+) -> None:
+    writer = await open_nats()
+    writer.compact_every = 10
+    for n in range(60):
+        await writer.enqueue_many([new_task(f"t{n:02d}", enqueued_at=T0 + n, priority=n % 3)])
+        if n % 4 == 0:
+            (claimed,) = await writer.claim(["default"], 1, now=T0 + 100, lease_until=T0 + 130)
+            await writer.settle([_done(claimed)])
+    await writer.pause("held")
+    first, last = await _log_state(nats_url, writer.prefix)
+    assert first > 20, f"the log before the previous snapshot was deleted (first message {first} of {last})"
+    reader = await open_nats()
+    assert await reader.list_records(limit=1000) == await writer.list_records(limit=1000)
+    assert await reader.stats() == await writer.stats()
+    assert await reader.paused() == {"held"}
+    claimed = await reader.claim(["default"], 100, now=T0 + 100, lease_until=T0 + 130)
+    assert len(claimed) == 45, "every pending task, read from the snapshot and the log after it"
+    order = [(-c.record.priority, c.record.enqueued_at) for c in claimed]
+    assert order == sorted(order), "claim order (priority, then enqueue order) survives a snapshot"
+
+
+async def test_a_replica_behind_a_deleted_log_reads_the_snapshot_again(
+    open_nats: OpenNats, nats_url: str
+) -> None:
+    writer = await open_nats()
+    writer.compact_every = 5
+    behind = await open_nats()
+    await behind._opened().stop_following()  # as if its pushed messages were late: it reads nothing now
+    for n in range(40):
+        await writer.enqueue_many([new_task(f"t{n:02d}")])
+    first, _ = await _log_state(nats_url, writer.prefix)
+    assert first > behind._state.seq + 1, "the messages the late replica needs are gone"
+    assert len(await behind.list_records(limit=100)) == 40
+    claimed = await behind.claim(["default"], 100, now=T0 + 1, lease_until=T0 + 30)
+    assert len(claimed) == 40
+    assert await writer.stats() == {"default": {TaskState.ACTIVE: 40}}
+
+
+async def test_many_writers_at_once_claim_each_task_once_and_lose_no_settlement(open_nats: OpenNats) -> None:
+    backends = [await open_nats() for _ in range(4)]
+    task_ids = [f"w{n:03d}" for n in range(300)]
+    claimed: list[ClaimedTask] = []
+
+    async def produce(backend: NatsBackend, start: int) -> None:
+        for index in range(start, len(task_ids), 4):
+            await backend.enqueue_many([new_task(task_ids[index])])
+
+    async def work(backend: NatsBackend) -> None:
+        idle = 0
+        while idle < 50:
+            batch = await backend.claim(["default"], 7, now=T0 + 1, lease_until=T0 + 30)
+            if not batch:
+                idle += 1
+                await anyio.sleep(0.01)
+                continue
+            idle = 0
+            claimed.extend(batch)
+            assert await backend.settle([_done(c) for c in batch]) == set()
+
+    with anyio.fail_after(120):
+        async with anyio.create_task_group() as group:
+            for index, backend in enumerate(backends):
+                group.start_soon(produce, backend, index)
+                group.start_soon(work, backend)
+    assert sorted(c.record.id for c in claimed) == task_ids, "every task claimed exactly once"
+    for backend in backends:
+        assert await backend.stats() == {"default": {TaskState.SUCCEEDED: 300}}
+
+
+def _done(claimed: ClaimedTask) -> Settlement:
+    return Settlement(task_id=claimed.record.id, token=claimed.token, state=TaskState.SUCCEEDED, at=T0 + 2)
