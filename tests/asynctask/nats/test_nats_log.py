@@ -120,9 +120,9 @@ async def test_snapshots_let_the_log_be_deleted_and_a_new_process_reads_the_same
     assert await reader.list_records(limit=1000) == await writer.list_records(limit=1000)
     assert await reader.stats() == await writer.stats()
     assert await reader.paused() == {"held"}
-    claimed = await reader.claim(["default"], 100, now=T0 + 100, lease_until=T0 + 130)
-    assert len(claimed) == 45, "every pending task, read from the snapshot and the log after it"
-    order = [(-c.record.priority, c.record.enqueued_at) for c in claimed]
+    taken = await reader.claim(["default"], 100, now=T0 + 100, lease_until=T0 + 130)
+    assert len(taken) == 45, "every pending task, read from the snapshot and the log after it"
+    order = [(-c.record.priority, c.record.enqueued_at) for c in taken]
     assert order == sorted(order), "claim order (priority, then enqueue order) survives a snapshot"
 
 
