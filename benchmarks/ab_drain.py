@@ -104,10 +104,18 @@ def export(ref: str, into: Path) -> Path:
     target = into / ref.replace("/", "_").replace("~", "-").replace("^", "-")
     target.mkdir(parents=True)
     archive = into / f"{target.name}.tar"
-    subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(archive), ref, "src"], check=True)
+    # Releases before the src/ layout kept the package at the top of the repository.
+    listed = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-tree", "--name-only", ref, "src"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    tree = "src" if listed.stdout.strip() else "lifecycle"
+    subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(archive), ref, tree], check=True)
     with tarfile.open(archive) as tar:
         tar.extractall(target, filter="data")
-    return target / "src"
+    return target / "src" if tree == "src" else target
 
 
 def storage(backend: str, args: argparse.Namespace, scratch: Path) -> tuple[str, object]:
