@@ -44,6 +44,8 @@ DOCUMENTED = (
     "FlowLimits",
     "FlowState",
     "FlowStats",
+    "Group",
+    "GroupInfo",
     "GroupRecord",
     "JSONEncoding",
     "ManualClock",
