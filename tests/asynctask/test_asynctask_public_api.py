@@ -41,12 +41,14 @@ DOCUMENTED = (
     "ClaimedTask",
     "DuplicateTaskError",
     "Encoding",
+    "EnqueueHook",
     "FlowLimits",
     "FlowState",
     "FlowStats",
     "JSONEncoding",
     "ManualClock",
     "MemoryBackend",
+    "Middleware",
     "NewTask",
     "PickleEncoding",
     "QueueStats",
@@ -63,6 +65,8 @@ DOCUMENTED = (
     "TransactionalBackend",
     "WorkerLostError",
     "backend_from_url",
+    "meta_of",
+    "with_meta",
 )
 
 

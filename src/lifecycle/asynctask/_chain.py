@@ -6,6 +6,9 @@ carries in its ``meta`` the chain id, its index, the names of all steps, the not
 :class:`Settlement` holds step ``i + 1`` in ``then``: the backend stores it in the same atomic step, so a
 chain never stalls between two steps and a step run twice (at-least-once delivery) never enqueues its
 successor twice (the successor's id is fixed). A dead or cancelled step enqueues nothing: the chain stops.
+
+The user's metadata (the ``"user"`` meta section) goes on from step to step: a step's is the previous
+step's, updated with the ``meta`` of its own :class:`Call`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from ._backend import Backend
 from ._clock import as_epoch
 from ._encoding import Encoding
 from ._enqueue import build_task, check_calls
-from ._meta import read_meta, write_meta
+from ._meta import USER, read_meta, read_user_meta, write_meta
 from ._model import Call, ChainInfo, ChainStep
 from ._records import NewTask, TaskRecord, TaskState
 from ._registry import Registry
@@ -71,8 +74,12 @@ def build_chain(
     chain_id = f"{CHAIN_PREFIX}{uuid.uuid4().hex}"
     names = [task.name for task in tasks]
     rest = [_spec(call, task) for call, task in zip(items[1:], tasks[1:], strict=True)]
+    own = read_user_meta(tasks[0].meta)
+    carried = {USER: own} if own else {}
     first = replace(
-        tasks[0], id=step_id(chain_id, 0), meta=_step_meta(chain_id, 0, names, rest, previous=None)
+        tasks[0],
+        id=step_id(chain_id, 0),
+        meta=_step_meta(chain_id, 0, names, rest, previous=None, **carried),
     )
     return chain_id, first
 
@@ -106,6 +113,9 @@ def follow_up(record: TaskRecord, result: bytes | None, now: float) -> tuple[New
         elif spec.get("expires") is not None:
             expires_at = now + float(spec["expires"])
         key = spec.get("concurrency_key")
+        user = {**read_user_meta(record.meta), **_user_items(spec.get("meta"))}
+        if user:
+            carried[USER] = user
         step = NewTask(
             id=_text(step_id(chain_id, index + 1)),
             name=_text(str(spec["name"])),
@@ -132,6 +142,17 @@ def _text(value: str) -> str:
         raise ValueError(f"{value!r} holds a NUL character")
     value.encode("utf-8")  # UnicodeEncodeError (a ValueError) for a lone surrogate
     return value
+
+
+def _user_items(value: object) -> dict[str, str]:
+    """A step spec's ``meta`` (``ValueError`` when it is not a mapping of text, as no enqueue stores)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(key, str) and isinstance(item, str) for key, item in value.items()
+    ):
+        raise ValueError(f"the step's meta is not a mapping of str to str: {value!r}")
+    return {_text(key): _text(item) for key, item in value.items()}
 
 
 def previous_result(record: TaskRecord) -> bytes | None:
@@ -226,6 +247,9 @@ def _spec(call: Call, task: NewTask) -> dict[str, Any]:
         spec["priority"] = task.priority
     if task.concurrency_key is not None:
         spec["concurrency_key"] = task.concurrency_key
+    own = read_user_meta(task.meta)
+    if own:
+        spec["meta"] = own
     # An expiry in seconds counts from the step's enqueue (when the previous step succeeded), like a delay.
     if isinstance(call.expires, datetime):
         spec["expires_at"] = task.expires_at

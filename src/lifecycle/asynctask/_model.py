@@ -4,9 +4,10 @@ Abort."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypedDict, overload
 
 from typing_extensions import TypeVarTuple, Unpack
@@ -56,6 +57,7 @@ class CallOptions(TypedDict, total=False):
     unique_for: float | timedelta | None
     debounce: float | timedelta | None
     expires: float | timedelta | datetime | None
+    meta: Mapping[str, str] | None
 
 
 class EnqueueOptions(CallOptions, total=False):
@@ -132,6 +134,10 @@ class TaskInfo:
     or ``None`` when nothing holds it back (a worker will take it) or it is not a due pending task. Only
     :meth:`AsyncTasks.info` fills it (``None`` in :meth:`AsyncTasks.list` rows); the limits are those
     registered in the asking process.
+
+    ``meta`` is the user's metadata of the task (``enqueue(..., meta=...)``, ``Call(..., meta=...)`` or an
+    ``on_enqueue`` hook's :func:`~lifecycle.asynctask.with_meta`), ``{}`` when it has none; the engine's own
+    bookkeeping is not in it.
     """
 
     id: str
@@ -156,6 +162,7 @@ class TaskInfo:
     concurrency_key: str | None = None
     expires_at: float | None = None
     waiting_on: str | None = None
+    meta: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def retries_left(self) -> int:
@@ -225,7 +232,8 @@ class FlowStats:
 
 class Call:
     """One call to enqueue with :meth:`AsyncTasks.enqueue_many`: a function (or registered name), its
-    positional arguments, and the same options :meth:`AsyncTasks.enqueue` takes.
+    positional arguments, and the same options :meth:`AsyncTasks.enqueue` takes (``meta`` included: the
+    task's own string metadata, read by the task as ``ctx.meta``).
 
     Example::
 
@@ -240,6 +248,7 @@ class Call:
         "delay",
         "expires",
         "max_retries",
+        "meta",
         "priority",
         "queue",
         "target",
@@ -283,6 +292,7 @@ class Call:
         unique_for: float | timedelta | None = None,
         debounce: float | timedelta | None = None,
         expires: float | timedelta | datetime | None = None,
+        meta: Mapping[str, str] | None = None,
     ) -> None:
         self.target = target
         self.args: tuple[Any, ...] = args
@@ -297,6 +307,7 @@ class Call:
         self.unique_for = unique_for
         self.debounce = debounce
         self.expires = expires
+        self.meta = meta
 
     def __repr__(self) -> str:
         target = (
@@ -321,7 +332,8 @@ class TaskContext:
     time (seconds since the epoch, the ``AsyncTasks`` clock) at which the task's ``timeout`` cancels it, or
     ``None`` without a timeout. ``logger`` logs through ``lifecycle.asynctask.task`` with the task's name and
     id in front of each message. ``previous_result`` is the (decoded) result of the previous step of a chain,
-    ``None`` otherwise (and for the first step); ``chain_id`` is the chain's id for a chain step.
+    ``None`` otherwise (and for the first step); ``chain_id`` is the chain's id for a chain step. ``meta`` is
+    the task's own string metadata (``enqueue(..., meta=...)``), read-only.
 
     Example::
 
@@ -332,6 +344,7 @@ class TaskContext:
 
     __slots__ = (
         "_logger",
+        "_meta",
         "attempt",
         "chain_id",
         "deadline",
@@ -355,6 +368,7 @@ class TaskContext:
         deadline: float | None = None,
         previous_result: Any = None,
         chain_id: str | None = None,
+        meta: Mapping[str, str] | None = None,
     ) -> None:
         self.task_id = task_id
         self.name = name
@@ -365,7 +379,15 @@ class TaskContext:
         self.deadline = deadline
         self.previous_result = previous_result
         self.chain_id = chain_id
+        self._meta: Mapping[str, str] = MappingProxyType(dict(meta or {}))
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
+
+    @property
+    def meta(self) -> Mapping[str, str]:
+        """The task's own string metadata, read-only: what its enqueue gave as ``meta=`` (or what an
+        ``on_enqueue`` hook set with :func:`~lifecycle.asynctask.with_meta`; a chain step's also holds the
+        previous step's). Empty when there is none; never the engine's own bookkeeping."""
+        return self._meta
 
     @property
     def is_last_attempt(self) -> bool:

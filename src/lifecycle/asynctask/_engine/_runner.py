@@ -15,13 +15,15 @@ import anyio
 from .._chain import chain_fields, previous_result
 from .._clock import Clock
 from .._encoding import Encoding
+from .._meta import read_user_meta
+from .._middleware import Hooks, run_middleware
 from .._model import TaskContext
 from .._records import ClaimedTask, Settlement, TaskRecord, TaskState
 from .._registry import Registry, TaskDefinition
 from .._tracing import Tracing, attempt_span
 from ._options import ErrorHook
 from ._upkeep import call_error_hook
-from ._verdict import Policy, is_cancellation
+from ._verdict import Policy, error_text, is_cancellation
 
 __all__ = ["LOST", "SHUTDOWN", "Running", "TaskRunner"]
 
@@ -61,8 +63,10 @@ class TaskRunner:
         clock: Clock,
         on_error: ErrorHook | None,
         logger: logging.Logger,
+        hooks: Hooks | None = None,
     ) -> None:
         self._registry = registry
+        self._hooks = hooks if hooks is not None else Hooks()
         self._encoding = encoding
         self._policy = policy
         self._clock = clock
@@ -135,7 +139,9 @@ class TaskRunner:
         claimed = running.claimed
         record = claimed.record
         timeout = record.timeout
-        if definition.takes_context:
+        middleware = self._hooks.middleware  # the middleware of this attempt, even if more are added
+        ctx: TaskContext | None = None
+        if definition.takes_context or middleware:
             ctx = TaskContext(
                 task_id=record.id,
                 name=record.name,
@@ -146,7 +152,9 @@ class TaskRunner:
                 deadline=None if timeout is None else self._clock() + timeout,
                 previous_result=self._previous_result(record),
                 chain_id=chain_fields(record)[0],
+                meta=read_user_meta(record.meta),
             )
+        if definition.takes_context:
             args = (ctx, *args)
         scope = anyio.CancelScope(deadline=math.inf if timeout is None else anyio.current_time() + timeout)
         running.scope = scope
@@ -159,16 +167,11 @@ class TaskRunner:
         self.executing[frame] = running
         try:
             with scope:
-                if definition.is_async:
-                    result = await definition.fn(*args)
+                if ctx is not None and middleware:
+                    invoke = functools.partial(self._invoke, definition, args)
+                    result = await run_middleware(middleware, ctx, invoke)
                 else:
-                    result, raised = await anyio.to_thread.run_sync(
-                        functools.partial(_capture, definition.fn, *args),
-                        abandon_on_cancel=True,
-                        limiter=self.limiter,
-                    )
-                    if raised is not None:
-                        raise raised
+                    result = await self._invoke(definition, args)
                 finished = True
         except BaseException as exc:
             # KeyboardInterrupt, SystemExit, GeneratorExit, any BaseException the task raises is its own
@@ -180,7 +183,8 @@ class TaskRunner:
             del self.executing[frame]
         now = self._clock()
         if finished:
-            return self._policy.success(claimed, now=now, result=self._encode_result(record, result))
+            verdict = self._policy.success(claimed, now=now, result=self._encode_result(record, result))
+            return await self._prepare_follow_ups(running, verdict)
         if running.reason == LOST:
             return None
         if running.reason == SHUTDOWN:
@@ -192,6 +196,33 @@ class TaskRunner:
             verdict = self._policy.failure(claimed, now=now, error=str(timed_out))
             return await self._failed(running, verdict, timed_out)
         return await self._failed(running, self._policy.for_exception(claimed, failure, now=now), failure)
+
+    async def _invoke(self, definition: TaskDefinition, args: tuple[Any, ...]) -> Any:
+        """Call the task function: awaited, or a plain ``def`` in a worker thread."""
+        if definition.is_async:
+            return await definition.fn(*args)
+        result, raised = await anyio.to_thread.run_sync(
+            functools.partial(_capture, definition.fn, *args),
+            abandon_on_cancel=True,
+            limiter=self.limiter,
+        )
+        if raised is not None:
+            raise raised
+        return result
+
+    async def _prepare_follow_ups(self, running: Running, verdict: Settlement) -> Settlement:
+        """``verdict`` with what its success enqueues (a chain's next step, a group) through this process's
+        ``on_enqueue`` hooks; a hook that raises makes the task dead, saying so (nothing is enqueued)."""
+        try:
+            return self._hooks.prepare_settlement(verdict)
+        except Exception as exc:  # the user's hook: whatever it raises
+            error = (
+                "the task ran, but an on_enqueue hook refused what its success enqueues next (the next step "
+                f"of its chain): {error_text(exc)}\nfix the hook, then requeue the task (it runs again)"
+            )
+            return await self._failed(
+                running, self._policy.dead(running.claimed, now=verdict.at, error=error), exc
+            )
 
     def _previous_result(self, record: TaskRecord) -> Any:
         encoded = previous_result(record)

@@ -60,7 +60,9 @@ class Worker:
         self._wake_event: anyio.Event | None = None
         self._capacity_event: anyio.Event | None = None
         self._runners: anyio.abc.TaskGroup | None = None
-        self._runner = TaskRunner(registry, encoding, options.policy, options.clock, options.on_error, logger)
+        self._runner = TaskRunner(
+            registry, encoding, options.policy, options.clock, options.on_error, logger, options.hooks
+        )
         self._loopwatch = LoopWatch(
             options.lease / _BLOCK_WARNING_SHARE,
             self._loop_blocked,
