@@ -212,6 +212,7 @@ def info_to_json(info: TaskInfo, **extra: Any) -> dict[str, Any]:
         "error_summary": error_summary(info.last_error) or None,
         "result": info.result,
         "damaged": info.damaged,
+        "meta": dict(info.meta),
         **extra,
     }
 

@@ -66,6 +66,9 @@ async def _show(args: argparse.Namespace, session: Session) -> int:
         ("arguments", Text(redact(repr(arguments)))),
         ("result", Text(redact(repr(info.result)))),
     ]
+    if info.meta:
+        meta = ", ".join(f"{key}={value}" for key, value in sorted(info.meta.items()))
+        rows.append(("meta", Text(redact(meta))))
     for name, value in rows:
         fields.add_row(name, value)
     parts: list[RenderableType] = [fields]

@@ -5,21 +5,23 @@ from __future__ import annotations
 from ._rules_compose import ComposeRules
 from ._rules_control import ControlRules
 from ._rules_flow import FlowRules
+from ._rules_middleware import MiddlewareRules
 from ._rules_ops import OperationRules
 from ._rules_run import RunRules
 
 __all__ = ["EngineConformance"]
 
 
-class EngineConformance(RunRules, FlowRules, OperationRules, ComposeRules, ControlRules):
+class EngineConformance(RunRules, FlowRules, OperationRules, ComposeRules, ControlRules, MiddlewareRules):
     """End-to-end tests of :class:`~lifecycle.asynctask.AsyncTasks` over a backend, to subclass in a pytest
     test module: the engine's promises (results, retries and dead tasks, Retry/Abort, timeouts, delays,
     poisoned payloads and tasks raising ``KeyboardInterrupt`` failing alone while the worker goes on,
     strict and weighted queues, idempotent ids, cancel/requeue/purge, recovery of a dead worker's tasks,
     retention, the concurrency limit, graceful shutdown, chains passing results on and stopping at a dead
     step, schedules firing once per fire time across schedulers sharing the storage; flow control: priorities,
-    debounce, expiry, paused queues, rate and concurrency limits, uniqueness windows) must hold on every
-    backend.
+    debounce, expiry, paused queues, rate and concurrency limits, uniqueness windows; middleware around each
+    attempt, ``on_enqueue`` hooks on every path that stores a task, user metadata round trip) must hold on
+    every backend.
 
     Provide the same ``backend_factory`` fixture as for
     :class:`~lifecycle.asynctask.testing.BackendConformance`: an async callable that opens and returns a new
