@@ -307,7 +307,7 @@ class Call:
         self.unique_for = unique_for
         self.debounce = debounce
         self.expires = expires
-        self.meta = meta
+        self.meta: Mapping[str, str] | None = meta
 
     def __repr__(self) -> str:
         target = (
