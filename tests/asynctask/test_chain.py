@@ -158,7 +158,7 @@ async def test_bad_chains_are_refused_and_store_nothing() -> None:
         with pytest.raises(TypeError, match="drop task_id"):
             await tasks.enqueue_chain([Call(steps.fetch, "u"), Call(steps.parse, task_id="mine")])
         with pytest.raises(TypeError, match="takes 1 argument"):
-            await tasks.enqueue_chain([Call(steps.fetch, "u"), Call(steps.parse), Call(steps.store)])
+            await tasks.enqueue_chain([Call(steps.fetch, "u"), Call(steps.parse), Call(steps.store)])  # type: ignore[arg-type, call-arg]
         with pytest.raises(TypeError, match="Call objects"):
             await tasks.enqueue_chain([steps.fetch])  # type: ignore[list-item]
         assert await tasks.list() == []

@@ -349,7 +349,8 @@ async def test_chain_steps_are_counted_as_they_are_stored() -> None:
 
     @tasks.register(name="double", queue="math")
     async def double(ctx: TaskContext) -> int:
-        return 2 * ctx.previous_result
+        doubled: int = 2 * ctx.previous_result
+        return doubled
 
     async with tasks, anyio.create_task_group() as group:
         chain_id = await tasks.enqueue_chain([Call(fetch), Call(double)])

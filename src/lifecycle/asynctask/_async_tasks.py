@@ -129,14 +129,16 @@ class AsyncTasks:
         concurrency: int = 10,
         queues: Mapping[str, int] | Sequence[str] = (DEFAULT_QUEUE,),
         encoding: Encoding | None = None,
-        shutdown_grace: float = 10.0,
+        shutdown_grace: float | timedelta = 10.0,
         on_error: Callable[[TaskInfo, BaseException], Awaitable[None] | None] | None = None,
-        lease: float = 30.0,
-        recovery_interval: float | None = None,
-        poll_interval: float = 1.0,
+        lease: float | timedelta = 30.0,
+        recovery_interval: float | timedelta | None = None,
+        poll_interval: float | timedelta = 1.0,
         retry_backoff: Backoff = Backoff(initial=1.0, cap=600.0),  # noqa: B008 - frozen, shared safely
-        retention: Mapping[TaskState | str, float | timedelta | None] | None = None,
-        retention_interval: float = 60.0,
+        retention: (
+            Mapping[TaskState, float | timedelta | None] | Mapping[str, float | timedelta | None] | None
+        ) = None,
+        retention_interval: float | timedelta = 60.0,
         clock: Clock = time.time,
         rng: random.Random | None = None,
         metrics: ObserverSource | TaskObserver | None = None,
@@ -879,7 +881,7 @@ class AsyncTasks:
         self,
         task_id: str,
         *,
-        timeout: float | None = None,
+        timeout: float | timedelta | None = None,
         states: Collection[TaskState | str] | None = None,
     ) -> TaskInfo:
         """Wait until the task is in one of ``states`` (default: finished: succeeded, dead or cancelled) and

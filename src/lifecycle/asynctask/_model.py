@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypedDict, overload
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict, overload
 
 from typing_extensions import TypeVarTuple, Unpack
 
@@ -294,19 +294,19 @@ class Call:
         expires: float | timedelta | datetime | None = None,
         meta: Mapping[str, str] | None = None,
     ) -> None:
-        self.target = target
+        self.target: Callable[..., Any] | str = target
         self.args: tuple[Any, ...] = args
-        self.delay = delay
-        self.at = at
-        self.queue = queue
-        self.max_retries = max_retries
-        self.timeout = timeout
-        self.task_id = task_id
-        self.concurrency_key = concurrency_key
-        self.priority = priority
-        self.unique_for = unique_for
-        self.debounce = debounce
-        self.expires = expires
+        self.delay: float | timedelta | None = delay
+        self.at: datetime | float | None = at
+        self.queue: str | None = queue
+        self.max_retries: int | None = max_retries
+        self.timeout: float | timedelta | None = timeout
+        self.task_id: str | None = task_id
+        self.concurrency_key: str | None = concurrency_key
+        self.priority: int | None = priority
+        self.unique_for: float | timedelta | None = unique_for
+        self.debounce: float | timedelta | None = debounce
+        self.expires: float | timedelta | datetime | None = expires
         self.meta: Mapping[str, str] | None = meta
 
     def __repr__(self) -> str:
@@ -321,7 +321,7 @@ class Call:
             return NotImplemented
         return all(getattr(self, slot) == getattr(other, slot) for slot in self.__slots__)
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__: ClassVar[None] = None  # type: ignore[assignment]
 
 
 class TaskContext:
@@ -370,15 +370,15 @@ class TaskContext:
         chain_id: str | None = None,
         meta: Mapping[str, str] | None = None,
     ) -> None:
-        self.task_id = task_id
-        self.name = name
-        self.queue = queue
-        self.attempt = attempt
-        self.max_retries = max_retries
-        self.enqueued_at = enqueued_at
-        self.deadline = deadline
-        self.previous_result = previous_result
-        self.chain_id = chain_id
+        self.task_id: str = task_id
+        self.name: str = name
+        self.queue: str = queue
+        self.attempt: int = attempt
+        self.max_retries: int = max_retries
+        self.enqueued_at: float = enqueued_at
+        self.deadline: float | None = deadline
+        self.previous_result: Any = previous_result
+        self.chain_id: str | None = chain_id
         self._meta: Mapping[str, str] = MappingProxyType(dict(meta or {}))
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
 
@@ -439,7 +439,7 @@ class Retry(Exception):
     """
 
     def __init__(self, after: float | timedelta | None = None, reason: str = "") -> None:
-        self.after = check_optional_seconds(after, "Retry(after=...)", allow_zero=True)
+        self.after: float | None = check_optional_seconds(after, "Retry(after=...)", allow_zero=True)
         self.reason = reason
         super().__init__(
             reason or (f"retry requested after {self.after} s" if self.after is not None else "")

@@ -13,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from lifecycle.asynctask import BackendError, NewTask, Settlement, TaskState, backend_from_url
+from lifecycle.asynctask._backends.redis._lua import LAYOUT_VERSION
 from lifecycle.asynctask.redis import RedisBackend
 from lifecycle.asynctask.testing import T0
 from tests.asynctask.redis.redis_servers import OpenRedis, RedisServer
@@ -160,7 +161,7 @@ async def test_open_records_the_layout_and_open_again_is_harmless(
     await backend.open()
     client = aioredis.Redis.from_url(redis_url)
     try:
-        assert await client.get(f"{{{unique_name}}}:layout") == b"1"
+        assert await client.get(f"{{{unique_name}}}:layout") == str(LAYOUT_VERSION).encode()
     finally:
         await client.aclose()
 

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Mapping
 import pytest
 import redis.asyncio as aioredis
 
-from lifecycle.asynctask import DuplicateTaskError, NewTask, Settlement, TaskState
+from lifecycle.asynctask import DuplicateTaskError, FlowLimits, NewTask, Settlement, TaskState
 from lifecycle.asynctask.redis import RedisBackend
 from lifecycle.asynctask.testing import T0
 from tests.asynctask.redis.redis_servers import OpenRedis
@@ -160,3 +160,40 @@ async def test_operator_actions_find_a_record_whose_state_field_is_damaged(
     await backend.enqueue_many([_task("pending-one")], if_exists="skip")
     with pytest.raises(DuplicateTaskError, match="pending-one"):
         await backend.enqueue_many([_task("pending-one")])
+
+
+async def test_damaged_flow_fields_are_never_computed_with(
+    open_redis: OpenRedis, raw: aioredis.Redis
+) -> None:
+    """A priority read when a delayed task becomes due, a concurrency key counted for a limit, an expiry
+    compared by the claim: damaged, each reads as its default, and the task is claimed with a fault."""
+    backend = await open_redis()
+    keyed = FlowLimits(max_running_per_key=1)
+    await backend.enqueue_many(
+        [
+            NewTask("prio", "job", "default", b"[]", 3, None, T0, T0 + 5, priority=9),
+            NewTask("key", "keyed", "default", b"[]", 3, None, T0, T0, concurrency_key="k"),
+            NewTask("key-2", "keyed", "default", b"[]", 3, None, T0 + 1, T0 + 1, concurrency_key="k"),
+            NewTask("expiry", "job", "default", b"[]", 3, None, T0, T0, expires_at=T0 + 5),
+        ]
+    )
+    await raw.hset(_key(backend, "prio"), "pr", "high")
+    await raw.hset(_key(backend, "key"), "ck", b"\xff\xfe")
+    await raw.hset(_key(backend, "key-2"), "ck", b"\xff\xfe")
+    await raw.hset(_key(backend, "expiry"), "ex", "soon")
+    claimed = await backend.claim(["default"], 10, now=T0 + 10, lease_until=T0 + 40, limits={"keyed": keyed})
+    faults = {c.record.id: c.record.fault for c in claimed}
+    assert faults == {
+        "key": "field 'concurrency_key' holds b'\\xff\\xfe', not UTF-8 text",
+        "expiry": "field 'expires_at' holds 'soon', not a time (a finite number of seconds)",
+        "prio": f"field 'priority' holds 'high', not a whole number between -{10**15} and {10**15}",
+    }, "key-2 shares the (damaged) key of the running task: held back, the others claimed"
+    assert [c.record.id for c in claimed] == ["key", "expiry", "prio"], "a damaged priority sorts as 0"
+    done = next(c for c in claimed if c.record.id == "key")
+    assert (
+        await backend.settle([Settlement("key", done.token, TaskState.DEAD, at=T0 + 11, error="e")]) == set()
+    )
+    (second,) = await backend.claim(
+        ["default"], 10, now=T0 + 12, lease_until=T0 + 40, limits={"keyed": keyed}
+    )
+    assert second.record.id == "key-2", "the damaged key's slot came back with the settlement"

@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from lifecycle.asynctask import NewTask, Settlement, TaskState
+from lifecycle.asynctask import DuplicateTaskError, FlowLimits, NewTask, Settlement, TaskState
 from lifecycle.asynctask._backends.redis._conn import SCRIPTS
 from lifecycle.asynctask.redis import RedisBackend
 from lifecycle.asynctask.testing import T0
@@ -48,7 +48,7 @@ def lose_first_reply(
                 raise redis.exceptions.ConnectionError("Connection closed by server. (simulated)")
         return reply
 
-    client.evalsha = evalsha  # type: ignore[method-assign]
+    client.evalsha = evalsha  # type: ignore[method-assign, assignment]
     return calls
 
 
@@ -182,12 +182,12 @@ async def test_killed_connections_are_replaced_without_losing_work(own_redis: Re
                 group.start_soon(wait)
                 await until_blocked(admin, 1)
                 # Kill every client connection but this one: the blocked waiter's and the pooled ones.
-                await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+                await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")  # type: ignore[no-untyped-call]
                 await returned.wait()  # a dropped wait returns early instead of hanging for 60 s
             claimed = await backend.claim(["default"], 10, now=T0, lease_until=T0 + 30)
         assert len(claimed) == 4
         verdicts = [Settlement(c.record.id, c.token, TaskState.SUCCEEDED, at=T0 + 1) for c in claimed]
-        await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")  # type: ignore[no-untyped-call]
         assert await backend.settle(verdicts) == set()
         assert await backend.stats() == {"default": {TaskState.SUCCEEDED: 4}}
     finally:
@@ -219,3 +219,66 @@ async def test_more_concurrent_calls_than_connections_wait_for_a_free_one(
                 group.start_soon(backend.enqueue_many, [_task(f"t{n}")])
     assert await backend.stats() == {"default": {TaskState.PENDING: 100}}
     assert not [r for r in caplog.records if "connection lost" in r.getMessage()], "no call may have failed"
+
+
+async def test_an_enqueue_that_opened_a_window_and_lost_its_reply_is_not_refused_by_its_own_window(
+    open_redis: OpenRedis,
+) -> None:
+    backend = await open_redis()
+    lose_first_reply(backend, "enqueue")
+    windowed = NewTask("w", "job", "default", b"", 3, None, T0, T0, unique_key="report", unique_until=T0 + 60)
+    assert await backend.enqueue_many([windowed]) == ["w"]
+    assert await backend.stats() == {"default": {TaskState.PENDING: 1}}
+    again = NewTask(
+        "w2", "job", "default", b"", 3, None, T0 + 1, T0 + 1, unique_key="report", unique_until=T0 + 9
+    )
+    with pytest.raises(DuplicateTaskError):
+        await backend.enqueue_many([again])
+
+
+async def test_a_debounce_whose_reply_was_lost_applies_once_in_batch_order(open_redis: OpenRedis) -> None:
+    backend = await open_redis()
+    calls = lose_first_reply(backend, "enqueue")
+    batch = [
+        NewTask("d", "job", "default", b"one", 3, None, T0, T0 + 5),
+        NewTask("d", "job", "default", b"two", 3, None, T0 + 1, T0 + 6),
+    ]
+    assert await backend.enqueue_many(batch, if_exists="debounce") == ["d", "d"]
+    assert len(calls) == 2
+    record = await backend.get("d")
+    assert record is not None
+    assert (record.payload, record.run_at, record.enqueued_at, record.attempts) == (b"two", T0 + 6, T0, 0)
+    assert await backend.stats() == {"default": {TaskState.PENDING: 1}}
+    assert await backend.claim(["default"], 5, now=T0 + 5.5, lease_until=T0 + 30) == []
+    assert len(await backend.claim(["default"], 5, now=T0 + 6, lease_until=T0 + 30)) == 1
+
+
+async def test_a_settlement_that_started_a_follow_up_and_lost_its_reply_counts_as_applied(
+    open_redis: OpenRedis,
+) -> None:
+    backend = await open_redis()
+    await backend.enqueue_many([_task("d")])
+    (running,) = await backend.claim(["default"], 1, now=T0, lease_until=T0 + 30)
+    follow_up = NewTask("d", "job", "default", b"again", 3, None, T0 + 1, T0 + 1)
+    assert await backend.enqueue_many([follow_up], if_exists="debounce") == ["d"]
+    calls = lose_first_reply(backend, "settle")
+    done = Settlement("d", running.token, TaskState.SUCCEEDED, at=T0 + 2, result=b"r")
+    assert await backend.settle([done]) == set(), "the retry finds its verdict applied, not a lost lease"
+    assert len(calls) == 2
+    record = await backend.get("d")
+    assert record is not None
+    assert (record.state, record.payload, record.attempts) == (TaskState.PENDING, b"again", 0)
+
+
+async def test_a_rate_limited_claim_whose_reply_was_lost_takes_its_tokens_once(open_redis: OpenRedis) -> None:
+    backend = await open_redis()
+    limits = {"job": FlowLimits(rate=3, per=60.0)}
+    await backend.enqueue_many([_task(f"t{n}") for n in range(5)])
+    calls = lose_first_reply(backend, "claim")
+    claimed = await backend.claim(["default"], 2, now=T0, lease_until=T0 + 30, limits=limits)
+    assert len(calls) == 2
+    assert [c.record.id for c in claimed] == ["t0", "t1"]
+    state = await backend.flow_state("job", None, now=T0, limits=limits["job"])
+    assert (state.running, state.tokens) == (2, 1.0)
+    rest = await backend.claim(["default"], 5, now=T0, lease_until=T0 + 30, limits=limits)
+    assert [c.record.id for c in rest] == ["t2"]

@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable, Collection, Sequence
 
 from ..._records import TaskRecord, TaskState
-from ._codec import STATE_NAMES, records, time_text
+from ._codec import STATE_NAMES, records, sortable_time, time_text
 from ._conn import ScriptRunner
 
 __all__ = ["cancel", "clear", "list_records", "purge", "requeue", "stats"]
@@ -77,11 +77,13 @@ async def requeue(
         unique = list(dict.fromkeys(task_ids))
         if not unique:
             return 0
-        return int(await runner.run("requeue_ids", [time_text(now), call_id(), *unique]))
+        args = [time_text(now), sortable_time(now), call_id(), *unique]
+        return int(await runner.run("requeue_ids", args))
     moved = 0
     while True:
         args = [
             time_text(now),
+            sortable_time(now),
             call_id(),
             str(_REQUEUE_CHUNK),
             "0" if queue is None else "1",

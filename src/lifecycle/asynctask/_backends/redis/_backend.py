@@ -7,9 +7,11 @@ asyncio only.
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from datetime import timedelta
 from typing import Any, Literal
 
 import anyio
@@ -26,15 +28,17 @@ from ...._checks import check_count, check_name, check_seconds
 from ...._redact import library_logger
 from ..._backend import Create, check_create
 from ..._errors import BackendError, DuplicateTaskError, StoreNotFoundError
-from ..._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
+from ..._records import ClaimedTask, FlowLimits, FlowState, NewTask, Settlement, TaskRecord, TaskState
 from .._asyncio_only import require_asyncio
 from . import _admin as admin
 from ._codec import (
     RECORD_FIELDS,
     claimed_tasks,
+    limits_args,
     new_task_args,
     record_from_fields,
     settlement_args,
+    sortable_time,
     time_text,
 )
 from ._conn import (
@@ -54,6 +58,7 @@ __all__ = ["RedisBackend"]
 _log = library_logger("lifecycle.asynctask.redis")
 
 _MIN_REDIS = (6, 0)
+_MIGRATE_CHUNK = 5000
 
 
 class RedisBackend:
@@ -62,9 +67,11 @@ class RedisBackend:
     Any number of worker processes on any number of hosts may share one server and ``prefix`` (each with its
     own ``RedisBackend``). Every state change is one Lua script, so it is atomic; claims lease a whole batch
     in one script call and settlements, heartbeats and enqueues are batched the same way, so a busy worker
-    needs far fewer than one round trip per task. Idle workers block on the server (``BLPOP`` on a per-queue
-    wake-up list, on a connection of their own) until a task is enqueued or released or the earliest delayed
-    task is due, so nothing polls.
+    needs far fewer than one round trip per task. Flow control (priorities, paused queues, rate and
+    concurrency limits, expiry, uniqueness windows, debounce) is applied inside the same claim and enqueue
+    scripts, so it holds across every worker. Idle workers block on the server (``BLPOP`` on a per-queue
+    wake-up list, on a connection of their own) until a task is enqueued or released, the earliest delayed
+    task is due, or a task held back by a limit may start (a slot freed, a token refilled), so nothing polls.
 
     Durability is Redis's: a task is in the server's memory once :meth:`enqueue_many` returns, and survives a
     server crash only as far as the server's persistence allows (``appendonly yes`` with
@@ -107,9 +114,9 @@ class RedisBackend:
         url: str = "redis://127.0.0.1:6379/0",
         *,
         prefix: str = "lifecycle",
-        socket_timeout: float = 30.0,
-        connect_timeout: float = 10.0,
-        reconnect_timeout: float = 30.0,
+        socket_timeout: float | timedelta = 30.0,
+        connect_timeout: float | timedelta = 10.0,
+        reconnect_timeout: float | timedelta = 30.0,
         max_connections: int = 32,
         clock: Callable[[], float] = time.time,
         client_options: Mapping[str, Any] | None = None,
@@ -230,6 +237,12 @@ class RedisBackend:
         if int(stored or 0) > LAYOUT_VERSION:
             await close_clients(client, waiter)
             raise self._newer_layout(int(stored))
+        if stored is not None and int(stored) < LAYOUT_VERSION:
+            try:
+                await self._migrate(runner, int(stored))
+            except BaseException:
+                await close_clients(client, waiter)
+                raise
         if policy.startswith("allkeys-"):
             _log.warning(
                 "Redis at %s evicts keys when it runs out of memory (maxmemory-policy %s): tasks can vanish; "
@@ -242,6 +255,19 @@ class RedisBackend:
         self._waiting = Waiter(
             runner, waiter, nonce=self._nonce, clock=self._clock, socket_timeout=self._socket_timeout
         )
+
+    async def _migrate(self, runner: ScriptRunner, stored: int) -> None:
+        """Bring the keys under the prefix from layout ``stored`` to this version's, in steps of a few
+        thousand entries (each one atomic, so other processes opening the store meanwhile are safe)."""
+        _log.info(
+            "moving the tasks under prefix %r at %s from key layout %d to %d",
+            self._name,
+            safe_url(self._url),
+            stored,
+            LAYOUT_VERSION,
+        )
+        while int(await runner.run("migrate", [str(_MIGRATE_CHUNK)])) == 0:
+            pass
 
     async def _mark_layout(self, runner: ScriptRunner) -> None:
         """Record the layout version before the first enqueue of a backend opened with
@@ -278,23 +304,25 @@ class RedisBackend:
     # -- the worker's path --------------------------------------------------------------------------------
 
     async def enqueue_many(
-        self, tasks: Sequence[NewTask], *, if_exists: Literal["error", "skip"] = "error"
+        self, tasks: Sequence[NewTask], *, if_exists: Literal["error", "skip", "debounce"] = "error"
     ) -> list[str]:
         """Store ``tasks`` in one atomic script call; see :meth:`Backend.enqueue_many`.
 
-        The whole batch is one command, so a very large batch holds the server for its duration (about a
-        second per 100 000 small tasks): split huge imports at the call site.
+        Uniqueness windows are keys ``{prefix}:uq:<key>`` holding the window's end, compared with each task's
+        ``enqueued_at``; each key expires a minute after its window ends (by the server's clock), only to
+        free memory. The whole batch is one command, so a very large batch holds the server for its duration
+        (about a second per 100 000 small tasks): split huge imports at the call site.
         """
-        if if_exists not in ("error", "skip"):
-            raise ValueError(f'if_exists must be "error" or "skip", got {if_exists!r}')
+        if if_exists not in ("error", "skip", "debounce"):
+            raise ValueError(f'if_exists must be "error", "skip" or "debounce", got {if_exists!r}')
         runner = self._run()
         if not tasks:
             return []
-        if self._unmarked:
-            await self._mark_layout(runner)
         args: list[str | bytes] = [if_exists, self._call_id(), str(len(tasks))]
         for task in tasks:
             args += new_task_args(task)
+        if self._unmarked:
+            await self._mark_layout(runner)
         stored, detail = await runner.run("enqueue", args)
         if stored == 0:
             conflicts = [task_id.decode() for task_id in detail]
@@ -302,26 +330,42 @@ class RedisBackend:
         return [task.id for task, flag in zip(tasks, detail, strict=True) if flag == 49]  # b"1"
 
     async def claim(
-        self, queues: Sequence[str], limit: int, *, now: float, lease_until: float
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
     ) -> list[ClaimedTask]:
-        """Lease up to ``limit`` due tasks in one script call; see :meth:`Backend.claim`."""
+        """Lease up to ``limit`` due tasks in one script call, every flow-control rule (paused queues,
+        priorities, ``limits``, expiry) applied in it; see :meth:`Backend.claim`.
+
+        Tasks that ``limits`` hold back are parked (moved aside, still pending) so that later claims pass them
+        over at no cost until a slot is freed or the rate bucket refills. Besides the tasks it leases, one
+        call examines at most 1000 entries (``SCAN_BOUND``); when it stopped there, the next
+        :meth:`wait_for_work` returns at once, so the next claim goes on.
+        """
         runner = self._run()
         if not queues or limit <= 0:
             return []
         call = self._call_id()
         args = [
             time_text(now),
+            sortable_time(now),
             time_text(lease_until),
             str(int(limit)),
             call,
             self._last_claim,
+            *limits_args(limits),
             *dict.fromkeys(queues),
         ]
         reply = await runner.run("claim", args)
-        self._last_claim = call if reply else ""
-        if reply and self._waiting is not None:
+        more, tasks = reply[0], reply[1:]
+        self._last_claim = call if tasks else ""
+        if (tasks or more == b"1") and self._waiting is not None:
             self._waiting.claimed()
-        return claimed_tasks(reply)
+        return claimed_tasks(tasks)
 
     async def extend_leases(self, leases: Sequence[tuple[str, str]], *, lease_until: float) -> set[str]:
         """Renew every held lease in one script call; see :meth:`Backend.extend_leases`."""
@@ -366,6 +410,45 @@ class RedisBackend:
         self._run()
         assert self._waiting is not None
         await self._waiting.wait(queues, timeout)
+
+    # -- flow control -------------------------------------------------------------------------------------
+
+    async def pause(self, queue: str) -> None:
+        """Stop every caller of :meth:`claim` from taking tasks of ``queue`` until :meth:`resume`; stored in
+        the set ``{prefix}:paused``. Idempotent."""
+        runner = self._run()
+        if self._unmarked:
+            await self._mark_layout(runner)
+        await runner.run("pause", [queue])
+
+    async def resume(self, queue: str) -> None:
+        """Undo :meth:`pause` and wake the queue's idle workers. Idempotent."""
+        await self._run().run("resume", [queue])
+
+    async def paused(self) -> set[str]:
+        """The paused queues (one ``SMEMBERS``)."""
+        runner = self._run()
+        key = f"{self._prefix}paused"
+        members = await runner.retrying(lambda: runner.client.smembers(key), "paused")
+        return {member.decode("utf-8", "replace") for member in members}
+
+    async def flow_state(
+        self, name: str, concurrency_key: str | None, *, now: float, limits: FlowLimits
+    ) -> FlowState:
+        """The running counts of ``name`` (and of its ``concurrency_key``), its rate bucket refilled to
+        ``now`` as the claim script would refill it, and the claims that found its tasks waiting for a token
+        (``{prefix}:tr``); one read-only script call. See :meth:`Backend.flow_state`."""
+        runner = self._run()
+        args = [name, "0" if concurrency_key is None else "1", concurrency_key or ""]
+        running, for_key, stored, refused = await runner.run("flow_state", args)
+        if limits.rate is None:
+            return FlowState(running=int(running), running_for_key=int(for_key), tokens=None)
+        return FlowState(
+            running=int(running),
+            running_for_key=int(for_key),
+            tokens=_refilled(stored, limits, now),
+            refused=int(refused or 0),
+        )
 
     # -- inspection and operator actions ------------------------------------------------------------------
 
@@ -435,6 +518,23 @@ async def _server_info(client: aioredis.Redis) -> dict[str, Any]:
     except ResponseError as exc:  # NOPERM: a restricted user; the checks are a courtesy, not a need
         _log.debug("cannot read INFO from Redis (%s); skipping the version and eviction checks", exc)
         return {}
+
+
+def _refilled(stored: bytes | None, limits: FlowLimits, now: float) -> float:
+    """The tokens of a stored bucket (``b"tokens as_of"``, or ``None`` for one never used) refilled to ``now``
+    with ``limits``, by the claim script's arithmetic (the same float operations, in the same order)."""
+    rate = float(limits.rate or 0)
+    tokens, at = rate, now
+    if stored is not None:
+        try:
+            tokens, at = (float(part) for part in stored.split(b" "))
+        except ValueError:  # unreadable: the claim treats it as never used
+            tokens, at = rate, now
+        if not (math.isfinite(tokens) and math.isfinite(at)):
+            tokens, at = rate, now
+        elif now > at and limits.per:
+            tokens = tokens + (now - at) * rate / limits.per
+    return min(rate, tokens)
 
 
 def _version(text: str) -> tuple[int, int]:

@@ -6,24 +6,43 @@ Times travel as Python ``repr`` text, so every float survives exactly (Lua never
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import struct
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState, record_from_text
+from ..._records import (
+    ClaimedTask,
+    FlowLimits,
+    NewTask,
+    Settlement,
+    TaskRecord,
+    TaskState,
+    record_from_text,
+)
 
 __all__ = [
+    "NEW_TASK_VALUES",
     "RECORD_FIELDS",
     "STATE_NAMES",
     "claimed_tasks",
+    "limits_args",
     "new_task_args",
     "record_from_fields",
     "records",
     "settlement_args",
+    "sortable_time",
     "time_text",
 ]
 
-RECORD_FIELDS = ("n", "q", "p", "s", "a", "m", "to", "e", "r", "st", "f", "l", "err", "res", "meta")
+RECORD_FIELDS = (
+    "n", "q", "p", "s", "a", "m", "to", "e", "r", "st", "f", "l", "err", "res", "meta", "pr", "ck", "ex"
+)  # fmt: skip
 """The record hash fields in the order the scripts return them (the order of TaskRecord after ``id``)."""
+
+NEW_TASK_VALUES = 16
+"""How many script arguments describe one task to store (see :func:`new_task_args`)."""
+
+_PRIORITY_BOUND = 10**15
 
 _STRIDE = 2 + len(RECORD_FIELDS)  # token, id, fields
 
@@ -38,8 +57,46 @@ def time_text(value: float) -> str:
     return repr(float(value))
 
 
+def sortable_time(value: float) -> str:
+    """A time as the 16 hex digits the scripts put first in a claim member: the big-endian IEEE double with
+    the sign bit flipped for a positive number (and every bit for a negative one), so that the digits sort as
+    the times do."""
+    (bits,) = _BITS.unpack(_DOUBLE.pack(float(value)))
+    bits = bits ^ _MASK if bits >> 63 else bits | _SIGN
+    return f"{bits:016x}"
+
+
+_DOUBLE = struct.Struct(">d")
+_BITS = struct.Struct(">Q")
+_SIGN = 1 << 63
+_MASK = (1 << 64) - 1
+
+
 def new_task_args(task: NewTask) -> list[str | bytes]:
-    """The ten script arguments that describe one task to store (see ``store()`` in the Lua prelude)."""
+    """The sixteen script arguments that describe one task to store (see ``store()`` in the Lua prelude):
+    id, name, queue, payload, max_retries, timeout, enqueued_at, run_at, flags (five ``0``/``1``: has meta,
+    has a concurrency key, opens a uniqueness window, due at its enqueue, has an expiry), meta, priority,
+    concurrency key, expires_at (``""`` for none), unique key, unique_until, and run_at as
+    :func:`sortable_time`.
+
+    Raises :class:`ValueError` for a priority outside the stored range."""
+    priority = task.priority
+    if type(priority) is not int or not -_PRIORITY_BOUND < priority < _PRIORITY_BOUND:
+        raise ValueError(
+            f"task {task.id!r}: priority {priority!r} is not a whole number between -10**15 and 10**15 "
+            "(exclusive); pass a smaller integer"
+        )
+    unique = task.unique_key is not None and task.unique_until is not None
+    flags = "".join(
+        "1" if flag else "0"
+        for flag in (
+            task.meta is not None,
+            task.concurrency_key is not None,
+            unique,
+            task.run_at <= task.enqueued_at,
+            task.expires_at is not None,
+        )
+    )
     return [
         task.id,
         task.name,
@@ -49,9 +106,57 @@ def new_task_args(task: NewTask) -> list[str | bytes]:
         "" if task.timeout is None else time_text(task.timeout),
         time_text(task.enqueued_at),
         time_text(task.run_at),
-        "0" if task.meta is None else "1",
+        flags,
         "" if task.meta is None else task.meta,
+        str(priority),
+        "" if task.concurrency_key is None else task.concurrency_key,
+        "" if task.expires_at is None else time_text(task.expires_at),
+        task.unique_key if unique and task.unique_key is not None else "",
+        time_text(task.unique_until) if unique and task.unique_until is not None else "",
+        sortable_time(task.run_at),
     ]
+
+
+def limits_args(limits: Mapping[str, FlowLimits] | None) -> list[str]:
+    """The claim script's limit arguments: the count of limited names, then per name the name, rate, per,
+    max_running and max_running_per_key (``""`` for a limit not set). Names without any limit are left out.
+
+    Raises :class:`ValueError` for a limit no bucket or count can hold (a rate without ``per``, a negative
+    count)."""
+    if not limits:
+        return ["0"]
+    values: list[str] = []
+    count = 0
+    for name, flow in limits.items():
+        if flow.rate is None and flow.max_running is None and flow.max_running_per_key is None:
+            continue
+        rate = _limit(name, "rate", flow.rate, minimum=1)
+        if rate and (flow.per is None or not 0 < float(flow.per) < float("inf")):
+            raise ValueError(
+                f"limits[{name!r}]: rate={flow.rate!r} needs per, a positive, finite number of seconds, "
+                f"got per={flow.per!r}"
+            )
+        per = "" if flow.rate is None or flow.per is None else time_text(flow.per)
+        values += [
+            name,
+            rate,
+            per,
+            _limit(name, "max_running", flow.max_running, minimum=0),
+            _limit(name, "max_running_per_key", flow.max_running_per_key, minimum=0),
+        ]
+        count += 1
+    return [str(count), *values]
+
+
+def _limit(name: str, what: str, value: int | None, *, minimum: int) -> str:
+    if value is None:
+        return ""
+    if type(value) is not int or not minimum <= value < _PRIORITY_BOUND:
+        raise ValueError(
+            f"limits[{name!r}]: {what}={value!r} must be a whole number of at least {minimum} (and below "
+            "10**15)"
+        )
+    return str(value)
 
 
 def settlement_args(settlement: Settlement) -> list[str | bytes]:
@@ -75,6 +180,9 @@ def settlement_args(settlement: Settlement) -> list[str | bytes]:
         STATE_NAMES[state],
         at,
         run_at,
+        sortable_time(settlement.at if settlement.run_at is None else settlement.run_at)
+        if state is TaskState.PENDING
+        else "",
         flags,
         "" if settlement.error is None else settlement.error,
         b"" if settlement.result is None else settlement.result,
@@ -86,7 +194,7 @@ def settlement_args(settlement: Settlement) -> list[str | bytes]:
 
 
 def record_from_fields(task_id: bytes | str, fields: Sequence[Any]) -> TaskRecord:
-    """A :class:`TaskRecord` from the 15 values of ``RECORD_FIELDS`` (as HMGET returns them: bytes, or None
+    """A :class:`TaskRecord` from the 18 values of ``RECORD_FIELDS`` (as HMGET returns them: bytes, or None
     for a missing field) of a stored record. Never raises for what the fields hold: an unreadable one is named
     in the record's ``fault`` (see :func:`record_from_text`)."""
     return record_from_text([task_id.encode() if isinstance(task_id, str) else task_id, *fields])

@@ -39,6 +39,7 @@ from ..._errors import BackendError
 from .._url_parts import join_url, split_url, unique_options
 from ._lua import WORKER_SCRIPTS, LuaScript
 from ._lua_admin import ADMIN_SCRIPTS
+from ._lua_claim import CLAIM_SCRIPTS
 
 __all__ = [
     "RETRYABLE",
@@ -68,7 +69,7 @@ refused the command without running it during a failover (cluster down, try agai
 
 _FORBIDDEN_OPTIONS = ("decode_responses", "encoding", "protocol")
 
-SCRIPTS: dict[str, LuaScript] = {**WORKER_SCRIPTS, **ADMIN_SCRIPTS}
+SCRIPTS: dict[str, LuaScript] = {**WORKER_SCRIPTS, **CLAIM_SCRIPTS, **ADMIN_SCRIPTS}
 """Every script of the backend, by name."""
 
 

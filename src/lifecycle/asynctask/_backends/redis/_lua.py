@@ -1,23 +1,41 @@
 """The Lua scripts of the Redis backend's hot path, and the key layout every script shares.
 
-Every state change of :class:`~lifecycle.asynctask.redis.RedisBackend` is one script (operator actions are in
-``_redis_lua_admin``).
+Every state change of :class:`~lifecycle.asynctask.redis.RedisBackend` is one script (the claim, with every
+flow-control rule, is in ``_lua_claim``; operator actions in ``_lua_admin``).
 
 Each script receives the key prefix ``{name}:`` as ``ARGV[1]`` and one declared key (``{name}:seq``) so that
 Redis Cluster routes it; every key a script builds starts with the same ``{name}`` hash tag, so all of them
-live in the declared key's slot. The key layout (documented in ``docs/backends.md``):
+live in the declared key's slot. The key layout, version 2 (documented in ``docs/backends.md``):
 
 - ``{P}:t:<id>``           hash, the record. Fields: n name, q queue, p payload, s state, a attempts,
                            m max_retries, to timeout, e enqueued_at, r run_at, st started_at, f finished_at,
-                           l lease_until, err last_error, res result, meta meta, o enqueue sequence (16 hex
-                           digits), k lease token, c id of the enqueue call, x id of the last cancel/requeue
-                           call. Times are the engine's floats as Python ``repr`` text; ``""`` means None for
-                           to/st/f/l; err/res/meta are absent when None.
-- ``{P}:r:<queue>``        sorted set of the queue's PENDING tasks, score run_at, member ``o .. id`` (so
-                           equal run_at falls back to enqueue order): what claims take from.
+                           l lease_until, err last_error, res result, meta meta, pr priority, ck concurrency
+                           key, ex expires_at; and the backend's own: o enqueue sequence (16 hex digits), k
+                           lease token, c id of the enqueue call, x id of the last cancel/requeue call, rs
+                           run_at as 16 hex digits that sort as the times do, w the parked set a claim moved
+                           the PENDING task to (a key suffix; stale once it is back), rn the name and key the
+                           claim counted the ACTIVE task under, fu ``1`` while a debounce follow-up waits, sv
+                           the verdict a settlement applied before a follow-up replaced it. Times are the
+                           engine's floats as Python ``repr`` text; ``""`` means None for to/st/f/l;
+                           err/res/meta/pr/ck/ex are absent when None (pr when 0).
+- Claim structures of a queue's PENDING tasks, all with the member ``rs .. o .. id`` (a "claim member"):
+  ``{P}:dl:<queue>`` (delayed: score run_at; a claim moves the due ones to ready), ``{P}:rd:<queue>``
+  (ready: score minus the priority, so the highest priority comes first and equal priorities sort by the
+  member: run_at, then enqueue order), ``{P}:h:<queue held by>`` (parked: tasks a claim found held back by a
+  flow limit, scored like ready; see ``_lua_claim``).
+- ``{P}:x:<queue>``        sorted set of the queue's PENDING tasks that have an expiry, score the later of
+                           run_at and expires_at, member id: what claims cancel as expired.
 - ``{P}:i:<state>:<queue>`` sorted set per queue and state, score enqueued_at, member ``o .. id``: stats,
-                           listing, requeue and purge.
+                           listing, requeue and purge; the truth about where a record is.
 - ``{P}:leases``           sorted set of ACTIVE task ids by lease_until: what reclaim takes from.
+- ``{P}:an:<name>``, ``{P}:ak:<len>:<name><key>`` sets of the ACTIVE task ids of a name, and of a name and
+  concurrency key. Every way out of ACTIVE removes the id from the sets its rn field names; an id whose
+  record was deleted behind the backend's back is found when its lease expires (recovery then sets
+  ``{P}:check`` for five minutes, during which claims check the sets they find at a limit).
+- ``{P}:hs:<queue>``, ``{P}:hk:<len>:<queue><name>``, ``{P}:hq:<name>``: parked tasks' bookkeeping (see
+  ``_lua_claim``); ``{P}:tb`` hash name -> rate bucket ``"tokens as_of"``; ``{P}:paused`` set of paused
+  queues; ``{P}:uq:<unique key>`` uniqueness window ``"until call_id"`` (expires after the window);
+  ``{P}:fu:<id>`` list, the debounce follow-up of an ACTIVE task (the 16 values of a new task).
 - ``{P}:w:<queue>``        list holding at most one wake-up token; idle workers block on it (BLPOP).
 - ``{P}:u:<nonce>``        one waiting backend object's alarm list: it pushes to it itself to end its own
                            BLPOP exactly on time (Redis ends blocking commands up to 100 ms late).
@@ -33,21 +51,31 @@ from dataclasses import dataclass, field
 
 __all__ = ["CALL_LOG_TTL", "LAYOUT_VERSION", "PRELUDE", "WORKER_SCRIPTS", "LuaScript", "script"]
 
-LAYOUT_VERSION = 1
-"""Version of the key layout; stored in ``{P}:layout``. A newer one is refused at open."""
+LAYOUT_VERSION = 2
+"""Version of the key layout; stored in ``{P}:layout``. A newer one is refused at open, an older one is
+migrated (``_lua_claim``'s ``migrate`` script): version 1 had one ``{P}:r:<queue>`` set scored by run_at, no
+priorities, keys, expiry or running-task sets."""
 
 CALL_LOG_TTL = 300
 """Seconds a claim call's log survives, so a retry after a dropped connection can find its tasks."""
 
 PRELUDE = """
 local P = ARGV[1]
-local FIELDS = {'n', 'q', 'p', 's', 'a', 'm', 'to', 'e', 'r', 'st', 'f', 'l', 'err', 'res', 'meta'}
+local FIELDS = {'n', 'q', 'p', 's', 'a', 'm', 'to', 'e', 'r', 'st', 'f', 'l', 'err', 'res', 'meta', 'pr',
+  'ck', 'ex'}
 local STATES = {'pending', 'active', 'succeeded', 'dead', 'cancelled'}
+local EXPIRED = 'expired before it started'
 local function rkey(id) return P .. 't:' .. id end
 local function idx(state, q) return P .. 'i:' .. state .. ':' .. q end
-local function ready(q) return P .. 'r:' .. q end
+local function ready(q) return P .. 'rd:' .. q end
+local function delayed(q) return P .. 'dl:' .. q end
+local function expiring(q) return P .. 'x:' .. q end
+local function enc(s) return #s .. ':' .. s end
 local function read(key) return redis.call('HMGET', key, unpack(FIELDS)) end
+local WOKEN = {}
 local function wake(q)
+  if WOKEN[q] then return end
+  WOKEN[q] = true
   local key = P .. 'w:' .. q
   redis.call('LPUSH', key, '1')
   redis.call('LTRIM', key, 0, 0)
@@ -61,7 +89,7 @@ end
 local function emit(out, token, id, rec)
   out[#out + 1] = token
   out[#out + 1] = id
-  for i = 1, 15 do out[#out + 1] = rec[i] end
+  for i = 1, #FIELDS do out[#out + 1] = rec[i] end
 end
 -- Sorted-set writes of many members at once, in slices that stay below Lua's unpack limit.
 local function bulk(command, key, items)
@@ -74,6 +102,19 @@ end
 local function count(v)
   if v and #v <= 15 and string.match(v, '^%d+$') then return tonumber(v) end
   return nil
+end
+-- The ready-set score of a stored priority: minus it, so that the highest priority sorts first; 0 for a
+-- missing or unreadable value (the record reads as priority 0 then, too).
+local function pscore(p)
+  if p == '0' or type(p) ~= 'string' then return '0' end
+  local digits = p
+  local negative = string.sub(p, 1, 1) == '-'
+  if negative then digits = string.sub(p, 2) end
+  if #digits == 0 or #digits > 15 or not string.match(digits, '^%d+$') or tonumber(digits) == 0 then
+    return '0'
+  end
+  if negative then return digits end
+  return '-' .. digits
 end
 -- Where record id sits in the indexes: {state, queue, member, score}. Its s, q and o fields say where; when
 -- the s or q field is damaged, every state and queue is looked through (the indexes are the truth). nil when
@@ -108,28 +149,164 @@ local function locate(id, s, q, o)
   end
   return nil
 end
--- Store ARGV[b .. b+9] (id, name, queue, payload, max_retries, timeout, enqueued_at, run_at, has_meta, meta)
--- as a fresh PENDING record with enqueue sequence number seq. old (a record with the same id that is
--- replaced): its locate() result, or {} when no index holds it.
-local function store(b, seq, callid, old, queues)
-  local id, q = ARGV[b], ARGV[b + 2]
+-- With DEFER set (scripts that store each task at most once), the sorted-set additions are collected per
+-- key and made by added() at the end, many members per command.
+local DEFER, ADDS = false, {}
+local function zadd(key, score, member)
+  if not DEFER then
+    redis.call('ZADD', key, score, member)
+    return
+  end
+  local list = ADDS[key]
+  if not list then
+    list = {}
+    ADDS[key] = list
+  end
+  list[#list + 1] = score
+  list[#list + 1] = member
+end
+local function added()
+  for key, list in pairs(ADDS) do bulk('ZADD', key, list) end
+  ADDS = {}
+end
+-- Put PENDING task id (enqueue sequence o; rs: its run_at as sortable hex, from the caller) into queue q's
+-- claim structures: ready when due by `now` (the caller's time: an enqueue's enqueued_at, a settlement's at;
+-- or true/false when the caller compared already), else delayed; and into the expiry set when it has an
+-- expiry. The caller writes rs into the record.
+local function place(id, q, o, run_at, rs, prio, ex, now)
+  local cm = rs .. o .. id
+  if now == true or (now ~= false and tonumber(run_at) <= tonumber(now)) then
+    zadd(ready(q), pscore(prio), cm)
+  else
+    zadd(delayed(q), run_at, cm)
+  end
+  if ex and ex ~= '' and tonumber(ex) then
+    local xs = run_at
+    if tonumber(ex) > tonumber(run_at) then xs = ex end
+    zadd(expiring(q), xs, id)
+  end
+end
+-- Take PENDING task id of queue q out of its claim structure (w and rs: its record's fields, w naming the
+-- parked set a claim moved it to, if any; o: its enqueue sequence) and out of the expiry set. Returns the
+-- key suffix it was taken from (nil: none held it). A task unparked again keeps a stale w, so the ready and
+-- delayed sets are tried too.
+local function unplace(id, q, w, rs, o)
+  redis.call('ZREM', expiring(q), id)
+  if type(rs) ~= 'string' or type(o) ~= 'string' then return nil end
+  local cm = rs .. o .. id
+  if type(w) == 'string' and w ~= '' and redis.call('ZREM', P .. w, cm) == 1 then return w end
+  if redis.call('ZREM', ready(q), cm) == 1 then return 'rd:' .. q end
+  if redis.call('ZREM', delayed(q), cm) == 1 then return 'dl:' .. q end
+  return nil
+end
+-- Parked tasks (see the claim script) wait for a recheck. signal() marks queue q's parked tasks of name N
+-- (and of its key K) for one at the next claim, and wakes the queue's idle workers.
+local function signal(q, N, K)
+  local hs = P .. 'hs:' .. q
+  if redis.call('HEXISTS', hs, 'n' .. N) == 1 then redis.call('HSET', hs, 'n' .. N, '-') end
+  if K then redis.call('ZADD', P .. 'hk:' .. enc(q) .. N, 'XX', '-inf', K) end
+  wake(q)
+end
+-- A PENDING task of name N (key K) left queue q's ready set (or emptied a parked set) without being claimed
+-- (cancelled, expired, purged, replaced): if it had been unparked to take a free slot, the slot is free
+-- again, so q's parked tasks of N are rechecked.
+local function nudge(q, N, K, from)
+  if type(N) ~= 'string' or not from then return end
+  if from ~= 'rd:' .. q and not (string.sub(from, 1, 2) == 'h:' and redis.call('EXISTS', P .. from) == 0) then
+    return
+  end
+  if redis.call('SISMEMBER', P .. 'hq:' .. N, q) == 1 then
+    if type(K) ~= 'string' then K = nil end
+    signal(q, N, K)
+  end
+end
+-- Task id leaves ACTIVE (settled, purged, or its lease found stale): rn is its record's rn field, the name
+-- and key the claim counted it under (whatever its other fields hold now). Collected, then applied by
+-- released(): removed from those running sets (removing twice is harmless), and the parked tasks of its name
+-- rechecked in every queue that has some.
+local RELEASED, RELEASED_NAMES, RN = {}, {}, {}
+local function release(id, rn)
+  if type(rn) ~= 'string' then return end
+  local sets = RN[rn]
+  if not sets then
+    local size, rest = string.match(rn, '^(%d+):(.*)$')
+    if not size then return end
+    size = tonumber(size)
+    local N = string.sub(rest, 1, size)
+    local keys = RELEASED_NAMES[N]
+    if not keys then
+      keys = {}
+      RELEASED_NAMES[N] = keys
+    end
+    sets = {'an:' .. N}
+    if #rest > size then
+      local K = string.sub(rest, size + 2)
+      keys[K] = true
+      sets[2] = 'ak:' .. enc(N) .. K
+    end
+    RN[rn] = sets
+  end
+  for _, setkey in ipairs(sets) do
+    local ids = RELEASED[setkey]
+    if not ids then
+      ids = {}
+      RELEASED[setkey] = ids
+    end
+    ids[#ids + 1] = id
+  end
+end
+local function released()
+  for setkey, ids in pairs(RELEASED) do bulk('SREM', P .. setkey, ids) end
+  for N, keys in pairs(RELEASED_NAMES) do
+    for _, q in ipairs(redis.call('SMEMBERS', P .. 'hq:' .. N)) do
+      local hs = P .. 'hs:' .. q
+      if redis.call('HEXISTS', hs, 'n' .. N) == 1 then redis.call('HSET', hs, 'n' .. N, '-') end
+      for K in pairs(keys) do redis.call('ZADD', P .. 'hk:' .. enc(q) .. N, 'XX', '-inf', K) end
+      wake(q)
+    end
+  end
+  RELEASED, RELEASED_NAMES, RN = {}, {}, {}
+end
+-- A new task is 16 values (see the codec's new_task_args) at src[b .. b+15], src being ARGV or a follow-up
+-- list: id, name, queue, payload, max_retries, timeout, enqueued_at, run_at, flags (5 characters '0'/'1':
+-- has meta, has a key, opens a uniqueness window, due at its enqueue, has an expiry), meta, priority, key,
+-- expires_at, unique key, unique_until, run_at as sortable hex.
+-- Append its optional record fields (meta, priority, key, expiry) to an HSET field list.
+local function optional(fields, src, b)
+  local flags = src[b + 8]
+  if string.byte(flags, 1) == 49 then
+    fields[#fields + 1] = 'meta'
+    fields[#fields + 1] = src[b + 9]
+  end
+  if src[b + 10] ~= '0' then
+    fields[#fields + 1] = 'pr'
+    fields[#fields + 1] = src[b + 10]
+  end
+  if string.byte(flags, 2) == 49 then
+    fields[#fields + 1] = 'ck'
+    fields[#fields + 1] = src[b + 11]
+  end
+  if string.byte(flags, 5) == 49 then
+    fields[#fields + 1] = 'ex'
+    fields[#fields + 1] = src[b + 12]
+  end
+end
+-- Store the new task at src[b] as a fresh PENDING record with enqueue sequence number seq. old (a record
+-- with the same id that is replaced, in a final state): its locate() result, or {} when no index holds it.
+local function store(src, b, seq, callid, old, queues)
+  local id, q, enqueued_at = src[b], src[b + 2], src[b + 6]
   local key = rkey(id)
   if old then
     if old[3] then redis.call('ZREM', idx(old[1], old[2]), old[3]) end
     redis.call('DEL', key)
   end
   local o = string.format('%016x', seq)
-  local member = o .. id
-  if ARGV[b + 8] == '1' then
-    redis.call('HSET', key, 'n', ARGV[b + 1], 'q', q, 'p', ARGV[b + 3], 's', 'pending', 'a', '0',
-      'm', ARGV[b + 4], 'to', ARGV[b + 5], 'e', ARGV[b + 6], 'r', ARGV[b + 7], 'o', o, 'c', callid,
-      'meta', ARGV[b + 9])
-  else
-    redis.call('HSET', key, 'n', ARGV[b + 1], 'q', q, 'p', ARGV[b + 3], 's', 'pending', 'a', '0',
-      'm', ARGV[b + 4], 'to', ARGV[b + 5], 'e', ARGV[b + 6], 'r', ARGV[b + 7], 'o', o, 'c', callid)
-  end
-  redis.call('ZADD', ready(q), ARGV[b + 7], member)
-  redis.call('ZADD', idx('pending', q), ARGV[b + 6], member)
+  place(id, q, o, src[b + 7], src[b + 15], src[b + 10], src[b + 12], string.byte(src[b + 8], 4) == 49)
+  local fields = {'n', src[b + 1], 'q', q, 'p', src[b + 3], 's', 'pending', 'a', '0', 'm', src[b + 4],
+    'to', src[b + 5], 'e', enqueued_at, 'r', src[b + 7], 'o', o, 'c', callid, 'rs', src[b + 15]}
+  optional(fields, src, b)
+  redis.call('HSET', key, unpack(fields))
+  zadd(idx('pending', q), enqueued_at, o .. id)
   queues[q] = true
 end
 -- A claim or reclaim call retried after a dropped connection: return what the first execution leased.
@@ -150,138 +327,170 @@ local function forget(previous)
 end
 """
 
-# ARGV: P, mode ('error' | 'skip'), call id, task count, then 10 values per task (see store()).
-# Returns {1, flags} with one '1' (stored) or '0' (skipped) per task, or {0, {conflicting ids}}.
+# ARGV: P, mode ('error' | 'skip' | 'debounce'), call id, task count, then 16 values per task (see store()).
+# Returns {1, flags} with one '1' (stored) or '0' (skipped) per task, or {0, {conflicting ids}}. Uniqueness
+# windows are compared with each task's enqueued_at (never the server's clock); a window's key expires a
+# minute after the window, only to free memory.
 _ENQUEUE = """
 local mode, callid, n = ARGV[2], ARGV[3], tonumber(ARGV[4])
-local plan, seen, dups, dupseen = {}, {}, {}, {}
-local fresh = 0
-for i = 0, n - 1 do
-  local id = ARGV[5 + i * 10]
-  if seen[id] then
-    if mode == 'error' and not dupseen[id] then dups[#dups + 1] = id; dupseen[id] = true end
-    plan[i] = 0
-  else
-    seen[id] = true
-    local cur = redis.call('HMGET', rkey(id), 's', 'q', 'o', 'c')
-    if cur[4] == callid then
-      plan[i] = 1  -- stored by this very call, before a retry
-    elseif not (cur[1] or cur[2] or cur[3]) then
-      plan[i] = 2
-      fresh = fresh + 1
-    elseif mode == 'skip' then
-      plan[i] = 0
-    else
-      local where = locate(id, cur[1], cur[2], cur[3]) or {}
-      if where[1] == 'pending' or where[1] == 'active' then
-        if not dupseen[id] then dups[#dups + 1] = id; dupseen[id] = true end
-        plan[i] = 0
-      else
-        plan[i] = where
-        fresh = fresh + 1
-      end
-    end
+local dups, dupseen, opened = {}, {}, {}
+local function conflict(id)
+  if not dupseen[id] then
+    dups[#dups + 1] = id
+    dupseen[id] = true
   end
 end
-if #dups > 0 then return {0, dups} end
-local seq = 0
-if fresh > 0 then seq = redis.call('INCRBY', P .. 'seq', fresh) - fresh end
-local flags, queues = {}, {}
-for i = 0, n - 1 do
-  local p = plan[i]
-  if p == 0 then
-    flags[i + 1] = '0'
-  elseif p == 1 then
-    flags[i + 1] = '1'
+-- Whether a window on the unique key of the task at ARGV[b] (opened earlier in this batch, or stored) ends
+-- after its enqueued_at.
+local function refused(b)
+  if string.byte(ARGV[b + 8], 3) ~= 49 then return false end
+  local ends = nil
+  local mine = opened[ARGV[b + 13]]
+  if mine then
+    ends = tonumber(ARGV[mine + 14])
   else
-    seq = seq + 1
-    if p == 2 then p = nil end
-    store(5 + i * 10, seq, callid, p, queues)
-    flags[i + 1] = '1'
+    local v = redis.call('GET', P .. 'uq:' .. ARGV[b + 13])
+    if v then
+      local e, cid = string.match(v, '^(%S+) (.*)$')
+      if cid ~= callid then ends = tonumber(e) end  -- else opened by this very call, before a retry
+    end
+  end
+  return ends ~= nil and ends > tonumber(ARGV[b + 6])
+end
+local function opens(b)
+  if string.byte(ARGV[b + 8], 3) == 49 then opened[ARGV[b + 13]] = b end
+end
+local queues = {}
+local flags = {}
+if mode == 'debounce' then
+  for i = 1, n do
+    local b = 5 + (i - 1) * 16
+    if refused(b) then conflict(ARGV[b]) end
+    opens(b)
+  end
+  if #dups > 0 then return {0, dups} end
+  local touched = {}
+  for i = 1, n do
+    local b = 5 + (i - 1) * 16
+    local id = ARGV[b]
+    local key = rkey(id)
+    local cur = redis.call('HMGET', key, 's', 'q', 'o', 'c')
+    if cur[4] == callid and not touched[id] then
+      -- applied by this very call, before a retry
+    elseif not (cur[1] or cur[2] or cur[3]) then
+      store(ARGV, b, redis.call('INCR', P .. 'seq'), callid, nil, queues)
+    else
+      local where = locate(id, cur[1], cur[2], cur[3]) or {}
+      if where[1] == 'pending' then
+        -- Take the new fields; attempts, enqueued_at and the enqueue sequence stay.
+        local q0, member, score = where[2], where[3], where[4]
+        local o = string.sub(member, 1, 16)
+        local old = redis.call('HMGET', key, 'w', 'rs', 'n', 'ck')
+        nudge(q0, old[3], old[4], unplace(id, q0, old[1], old[2], o))
+        local q = ARGV[b + 2]
+        if q ~= q0 then
+          redis.call('ZREM', idx('pending', q0), member)
+          redis.call('ZADD', idx('pending', q), score, member)
+        end
+        redis.call('HDEL', key, 'meta', 'pr', 'ck', 'ex')
+        local due = string.byte(ARGV[b + 8], 4) == 49
+        place(id, q, o, ARGV[b + 7], ARGV[b + 15], ARGV[b + 10], ARGV[b + 12], due)
+        local fields = {'n', ARGV[b + 1], 'q', q, 'p', ARGV[b + 3], 's', 'pending', 'm', ARGV[b + 4],
+          'to', ARGV[b + 5], 'r', ARGV[b + 7], 'c', callid, 'rs', ARGV[b + 15]}
+        optional(fields, ARGV, b)
+        redis.call('HSET', key, unpack(fields))
+        queues[q] = true
+      elseif where[1] == 'active' then
+        -- One follow-up run, which the running attempt's settlement turns into the next PENDING period.
+        local fk = P .. 'fu:' .. id
+        redis.call('DEL', fk)
+        redis.call('RPUSH', fk, unpack(ARGV, b, b + 15))
+        redis.call('HSET', key, 'fu', '1', 'c', callid)
+      else
+        store(ARGV, b, redis.call('INCR', P .. 'seq'), callid, where, queues)
+      end
+    end
+    touched[id] = true
+    flags[i] = '1'
+  end
+else
+  local plan, seen = {}, {}
+  local fresh = 0
+  for i = 1, n do
+    local b = 5 + (i - 1) * 16
+    local id = ARGV[b]
+    local cur = nil
+    if not seen[id] then cur = redis.call('HMGET', rkey(id), 's', 'q', 'o', 'c') end
+    if mode == 'error' then
+      local bad = seen[id] or refused(b)
+      if not bad then
+        if cur[4] == callid then
+          plan[i] = 1  -- stored by this very call, before a retry
+        elseif not (cur[1] or cur[2] or cur[3]) then
+          plan[i] = 2
+          fresh = fresh + 1
+        else
+          local where = locate(id, cur[1], cur[2], cur[3]) or {}
+          if where[1] == 'pending' or where[1] == 'active' then
+            bad = true
+          else
+            plan[i] = where
+            fresh = fresh + 1
+          end
+        end
+      end
+      if bad then
+        conflict(id)
+        plan[i] = 0
+      end
+      seen[id] = true
+      opens(b)
+    elseif seen[id] then
+      plan[i] = 0
+    elseif cur[4] == callid then
+      plan[i] = 1
+      seen[id] = true
+    elseif cur[1] or cur[2] or cur[3] or refused(b) then
+      plan[i] = 0
+    else
+      plan[i] = 2
+      fresh = fresh + 1
+      seen[id] = true
+      opens(b)
+    end
+  end
+  if #dups > 0 then return {0, dups} end
+  local seq = 0
+  if fresh > 0 then seq = redis.call('INCRBY', P .. 'seq', fresh) - fresh end
+  DEFER = true
+  for i = 1, n do
+    local p = plan[i]
+    if p == 0 then
+      flags[i] = '0'
+    elseif p == 1 then
+      flags[i] = '1'
+    else
+      seq = seq + 1
+      if p == 2 then p = nil end
+      store(ARGV, 5 + (i - 1) * 16, seq, callid, p, queues)
+      flags[i] = '1'
+    end
+  end
+  added()
+end
+for key, b in pairs(opened) do
+  local ms = math.ceil((tonumber(ARGV[b + 14]) - tonumber(ARGV[b + 6])) * 1000)
+  if ms > 0 then
+    redis.call('SET', P .. 'uq:' .. key, ARGV[b + 14] .. ' ' .. callid, 'PX', string.format('%d', ms + 60000))
   end
 end
 announce(queues)
 return {1, table.concat(flags)}
 """
 
-# ARGV: P, now, lease_until, limit, call id, previous call id or '', queues... in priority order.
-# Returns 17 values per claimed task: token, id, the 15 record FIELDS. Every record's change stands alone: a
-# damaged field is never computed with (the record is leased and returned as stored, for the engine to
-# report), and an index entry whose record is gone is dropped.
-_CLAIM = """
-local now, lease, limit, callid = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
-forget(ARGV[6])
-local log = P .. 'c:' .. callid
-if redis.call('EXISTS', log) == 1 then return replay(log, callid) end
-local out, ids, leases = {}, {}, {}
-local n = 0
-for qi = 7, #ARGV do
-  if n >= limit then break end
-  local q = ARGV[qi]
-  local rk, pk = ready(q), idx('pending', q)
-  -- Again while entries whose record is gone (dropped, not claimed) left the batch short.
-  while n < limit do
-    local members = redis.call('ZRANGEBYSCORE', rk, '-inf', now, 'LIMIT', 0, limit - n)
-    if #members == 0 then break end
-    local active = {}
-    for _, member in ipairs(members) do
-      local id = string.sub(member, 17)
-      local key = rkey(id)
-      local rec = read(key)
-      if rec[1] or rec[2] or rec[4] or redis.call('EXISTS', key) == 1 then
-        n = n + 1
-        local token = callid .. ':' .. n
-        -- The active index is scored by enqueued_at; the pending index holds the same score when the
-        -- record's own field is damaged.
-        local score = tonumber(rec[8])
-        if not score or score ~= score then score = tonumber(redis.call('ZSCORE', pk, member)) or 0 end
-        local attempts = count(rec[5])
-        local set = {'s', 'active', 'st', now, 'l', lease, 'k', token}
-        if attempts then
-          rec[5] = string.format('%d', attempts + 1)
-          set[#set + 1] = 'a'
-          set[#set + 1] = rec[5]
-        end
-        if rec[2] ~= q then  -- the queue field is damaged: the index says which queue holds the record
-          rec[2] = q
-          set[#set + 1] = 'q'
-          set[#set + 1] = q
-        end
-        redis.call('HSET', key, unpack(set))
-        rec[4], rec[10], rec[12] = 'active', now, lease
-        active[#active + 1] = score
-        active[#active + 1] = member
-        leases[#leases + 1] = lease
-        leases[#leases + 1] = id
-        ids[n] = id
-        emit(out, token, id, rec)
-      end
-    end
-    bulk('ZREM', rk, members)
-    bulk('ZREM', pk, members)
-    if #active > 0 then bulk('ZADD', idx('active', q), active) end
-  end
-end
-if n >= limit then
-  -- More may be due than this call could take: wake another idle worker for the first queue that has some.
-  for qi = 7, #ARGV do
-    if redis.call('ZRANGEBYSCORE', ready(ARGV[qi]), '-inf', now, 'LIMIT', 0, 1)[1] then
-      wake(ARGV[qi])
-      break
-    end
-  end
-end
-if n > 0 then
-  bulk('ZADD', P .. 'leases', leases)
-  bulk('RPUSH', log, ids)
-  redis.call('EXPIRE', log, %(ttl)d)
-end
-return out
-"""
-
-# ARGV: P, now, lease_until, limit, call id, previous call id or ''. Returns like the claim script. A lease
-# whose record is gone, or sits in no active index, is dropped instead of taken over; a damaged state or
-# queue field is restored from the indexes.
+# ARGV: P, now, lease_until, limit, call id, previous call id or ''. Returns like the claim script (without
+# its first value). A lease whose record is gone, or sits in no active index, is dropped instead of taken
+# over (and its running-set entries with it); a damaged state or queue field is restored from the indexes.
 _RECLAIM = """
 local now, lease, limit, callid = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 forget(ARGV[6])
@@ -290,7 +499,7 @@ if redis.call('EXISTS', log) == 1 then return replay(log, callid) end
 local out, taken, stale = {}, {}, {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', '(' .. now, 'LIMIT', 0, limit)) do
   local key = rkey(id)
-  local cur = redis.call('HMGET', key, 's', 'q', 'o')
+  local cur = redis.call('HMGET', key, 's', 'q', 'o', 'rn')
   local where = locate(id, 'active', cur[2], cur[3])
   if where and where[1] == 'active' then
     taken[#taken + 1] = id
@@ -309,9 +518,17 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', '(' .. no
     emit(out, token, id, read(key))
   else
     stale[#stale + 1] = id
+    if cur[4] then
+      release(id, cur[4])
+    elseif not (cur[1] or cur[2] or cur[3]) then
+      -- The record was deleted behind the backend's back: its id is in running sets no script can name.
+      -- For a while, claims check the running sets they find at a limit (see the claim script).
+      redis.call('SET', P .. 'check', '1', 'EX', 300)
+    end
   end
 end
 if #stale > 0 then bulk('ZREM', P .. 'leases', stale) end
+released()
 if #taken > 0 then
   bulk('RPUSH', log, taken)
   redis.call('EXPIRE', log, %(ttl)d)
@@ -337,13 +554,15 @@ end
 return lost
 """
 
-# ARGV: P, call id, then per settlement: id, token, state, at, run_at, flags (3 characters '0'/'1': has
-# error, has result, refund attempt), error, result, follow-up count, 10 values per follow-up task.
+# ARGV: P, call id, then per settlement: id, token, state, at, run_at, run_at as sortable hex, flags (3
+# characters '0'/'1': has error, has result, refund attempt), error, result, follow-up count, 16 values per
+# follow-up task.
 # Returns the ids whose lease was lost. A settlement repeated with the same token and verdict (a retry after
 # a dropped connection) counts as applied and changes nothing.
 _SETTLE = """
 local callid = ARGV[2]
 local lost, queues = {}, {}
+DEFER = true  -- each task is stored or placed at most once per call
 -- Sorted-set changes are collected per key and made at the end, many members per command.
 local removals, additions = {}, {}
 local function later(map, key, a, b)
@@ -354,82 +573,105 @@ local function later(map, key, a, b)
 end
 local i = 3
 while i <= #ARGV do
-  local id, token, state, at, run_at, flags = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4],
+  local id, token, state, at, run_at, run_rs = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4],
     ARGV[i + 5]
-  local nthen = tonumber(ARGV[i + 8])
-  local first = i + 9
-  local err, res = ARGV[i + 6], ARGV[i + 7]
-  i = first + nthen * 10
+  local flags, err, res = ARGV[i + 6], ARGV[i + 7], ARGV[i + 8]
+  local nthen = tonumber(ARGV[i + 9])
+  local first = i + 10
+  i = first + nthen * 16
   local key = rkey(id)
-  local cur = redis.call('HMGET', key, 's', 'k', 'q', 'o', 'a')
+  local cur = redis.call('HMGET', key, 's', 'k', 'q', 'o', 'a', 'fu', 'rn')
   -- The record's place in the indexes (and its index score) comes from the indexes themselves, so a damaged
   -- queue or enqueued_at field cannot misplace it; a record no active index holds is left to recovery.
   local where = nil
   if cur[1] == 'active' and cur[2] == token then where = locate(id, 'active', cur[3], cur[4]) end
   if where and where[1] == 'active' then
     local q, member, score = where[2], where[3], where[4]
+    local o = string.sub(member, 1, 16)
     later(removals, P .. 'leases', id)
     later(removals, idx('active', q), member)
-    local set = {'s', state, 'l', ''}
-    if string.sub(flags, 1, 1) == '1' then
-      set[#set + 1] = 'err'
-      set[#set + 1] = err
+    release(id, cur[7])
+    local follow = nil
+    if cur[6] == '1' then
+      local fk = P .. 'fu:' .. id
+      follow = redis.call('LRANGE', fk, 0, -1)
+      redis.call('DEL', fk)
+      if #follow ~= 16 then follow = nil end  -- damaged: settle as if there were none
     end
-    if cur[3] ~= q then
-      set[#set + 1] = 'q'
-      set[#set + 1] = q
-    end
-    if state == 'pending' then
-      set[#set + 1] = 'r'
-      set[#set + 1] = run_at
-      local attempts = count(cur[5])
-      if string.sub(flags, 3, 3) == '1' and attempts and attempts > 0 then
-        set[#set + 1] = 'a'
-        set[#set + 1] = string.format('%d', attempts - 1)
+    if follow then
+      -- The debounced follow-up: the record's next PENDING period, with the follow-up's fields.
+      local t = follow
+      local r, rs = t[8], t[16]
+      if state == 'pending' and tonumber(run_at) > tonumber(r) then r, rs = run_at, run_rs end
+      local nq = t[3]
+      redis.call('HDEL', key, 'meta', 'pr', 'ck', 'ex', 'res', 'fu')
+      place(id, nq, o, r, rs, t[11], t[13], at)
+      local set = {'n', t[2], 'q', nq, 'p', t[4], 's', 'pending', 'a', '0', 'm', t[5], 'to', t[6], 'e', t[7],
+        'r', r, 'st', '', 'f', '', 'l', '', 'rs', rs, 'sv', state}
+      optional(set, t, 1)
+      if string.sub(flags, 1, 1) == '1' then
+        set[#set + 1] = 'err'
+        set[#set + 1] = err
       end
       redis.call('HSET', key, unpack(set))
-      later(additions, ready(q), run_at, member)
-      later(additions, idx('pending', q), score, member)
-      queues[q] = true
+      later(additions, idx('pending', nq), t[7], member)
+      queues[nq] = true
     else
-      set[#set + 1] = 'f'
-      set[#set + 1] = at
-      if string.sub(flags, 2, 2) == '1' then
-        set[#set + 1] = 'res'
-        set[#set + 1] = res
+      local set = {'s', state, 'l', ''}
+      if cur[6] then
+        set[#set + 1] = 'fu'
+        set[#set + 1] = ''
       end
-      redis.call('HSET', key, unpack(set))
-      later(additions, idx(state, q), score, member)
+      if string.sub(flags, 1, 1) == '1' then
+        set[#set + 1] = 'err'
+        set[#set + 1] = err
+      end
+      if cur[3] ~= q then
+        set[#set + 1] = 'q'
+        set[#set + 1] = q
+      end
+      if state == 'pending' then
+        local flow = redis.call('HMGET', key, 'pr', 'ex')
+        place(id, q, o, run_at, run_rs, flow[1], flow[2], at)
+        set[#set + 1] = 'r'
+        set[#set + 1] = run_at
+        set[#set + 1] = 'rs'
+        set[#set + 1] = run_rs
+        local attempts = count(cur[5])
+        if string.sub(flags, 3, 3) == '1' and attempts and attempts > 0 then
+          set[#set + 1] = 'a'
+          set[#set + 1] = string.format('%d', attempts - 1)
+        end
+        redis.call('HSET', key, unpack(set))
+        later(additions, idx('pending', q), score, member)
+        queues[q] = true
+      else
+        set[#set + 1] = 'f'
+        set[#set + 1] = at
+        if string.sub(flags, 2, 2) == '1' then
+          set[#set + 1] = 'res'
+          set[#set + 1] = res
+        end
+        redis.call('HSET', key, unpack(set))
+        later(additions, idx(state, q), score, member)
+      end
     end
     for t = 0, nthen - 1 do
-      local b = first + t * 10
+      local b = first + t * 16
       if redis.call('EXISTS', rkey(ARGV[b])) == 0 then
-        store(b, redis.call('INCR', P .. 'seq'), callid, nil, queues)
+        store(ARGV, b, redis.call('INCR', P .. 'seq'), callid, nil, queues)
       end
     end
-  elseif not (cur[2] == token and cur[1] == state) then
+  elseif not (cur[2] == token and (cur[1] == state or redis.call('HGET', key, 'sv') == state)) then
     lost[#lost + 1] = id
   end
 end
 for key, list in pairs(removals) do bulk('ZREM', key, list) end
 for key, list in pairs(additions) do bulk('ZADD', key, list) end
+added()
+released()
 announce(queues)
 return lost
-"""
-
-# ARGV: P, alarm key, queues... Drops stale wake-up tokens (and the caller's alarm) and returns {run_at,
-# member} of the PENDING task of the queues that is due first (or nil). Atomic, so a wake-up pushed after it
-# is never lost and one pushed before is reflected in what it returns.
-_PREPARE_WAIT = """
-redis.call('DEL', ARGV[2])
-local best = nil
-for i = 3, #ARGV do
-  local q = ARGV[i]
-  redis.call('DEL', P .. 'w:' .. q)
-  local first = redis.call('ZRANGE', ready(q), 0, 0, 'WITHSCORES')
-  if first[2] and (best == nil or tonumber(first[2]) < tonumber(best[1])) then best = {first[2], first[1]} end
-end
-return best
 """
 
 # ARGV: P, layout version. Records the layout version on first use; returns the stored version.
@@ -451,21 +693,22 @@ class LuaScript:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
-def script(name: str, body: str) -> LuaScript:
-    """The script ``name``: the shared prelude followed by ``body``."""
-    return LuaScript(name, PRELUDE + body.replace("%(ttl)d", str(CALL_LOG_TTL)))
+def script(name: str, body: str, **numbers: int) -> LuaScript:
+    """The script ``name``: the shared prelude followed by ``body``, with ``%(name)d`` placeholders filled
+    from ``numbers`` (``ttl``, the claim call log's lifetime, is always given)."""
+    for placeholder, value in {"ttl": CALL_LOG_TTL, **numbers}.items():
+        body = body.replace(f"%({placeholder})d", str(value))
+    return LuaScript(name, PRELUDE + body)
 
 
 WORKER_SCRIPTS: dict[str, LuaScript] = {
     found.name: found
     for found in (
         script("enqueue", _ENQUEUE),
-        script("claim", _CLAIM),
         script("reclaim", _RECLAIM),
         script("extend", _EXTEND),
         script("settle", _SETTLE),
-        script("prepare_wait", _PREPARE_WAIT),
         script("layout", _LAYOUT),
     )
 }
-"""The scripts of the worker's path (and of opening), by name."""
+"""The scripts of the worker's path (and of opening), by name; the claim's are in ``_lua_claim``."""

@@ -17,13 +17,13 @@ local done = {}
 for i = 4, #ARGV do
   local id = ARGV[i]
   local key = rkey(id)
-  local cur = redis.call('HMGET', key, 's', 'q', 'o', 'x')
+  local cur = redis.call('HMGET', key, 's', 'q', 'o', 'x', 'w', 'rs', 'n', 'ck')
   local where = nil
   if cur[1] or cur[2] or cur[3] then where = locate(id, cur[1], cur[2], cur[3]) end
   if where and where[1] == 'pending' then
     local q, member = where[2], where[3]
+    nudge(q, cur[7], cur[8], unplace(id, q, cur[5], cur[6], string.sub(member, 1, 16)))
     redis.call('HSET', key, 's', 'cancelled', 'f', at, 'x', callid, 'q', q)
-    redis.call('ZREM', ready(q), member)
     redis.call('ZREM', idx('pending', q), member)
     redis.call('ZADD', idx('cancelled', q), where[4], member)
     done[#done + 1] = id
@@ -36,29 +36,32 @@ return done
 
 # where: the record's locate() result (a DEAD or CANCELLED place).
 _REQUEUE_ONE = """
-local function requeue_one(id, where, now, callid, queues)
+local function requeue_one(id, where, now, now_rs, callid, queues)
   local state, q, member = where[1], where[2], where[3]
-  redis.call('HSET', rkey(id), 's', 'pending', 'a', '0', 'r', now, 'f', '', 'x', callid, 'k', '', 'q', q)
+  local key = rkey(id)
+  local cur = redis.call('HMGET', key, 'pr', 'ex')
+  place(id, q, string.sub(member, 1, 16), now, now_rs, cur[1], cur[2], now)
+  redis.call('HSET', key, 's', 'pending', 'a', '0', 'r', now, 'f', '', 'x', callid, 'k', '', 'q', q, 'rs',
+    now_rs)
   redis.call('ZREM', idx(state, q), member)
   redis.call('ZADD', idx('pending', q), where[4], member)
-  redis.call('ZADD', ready(q), now, member)
   queues[q] = true
 end
 """
 
-# ARGV: P, now, call id, ids... Returns how many moved back to PENDING.
+# ARGV: P, now, now as sortable hex, call id, ids... Returns how many moved back to PENDING.
 _REQUEUE_IDS = (
     _REQUEUE_ONE
     + """
-local now, callid = ARGV[2], ARGV[3]
+local now, now_rs, callid = ARGV[2], ARGV[3], ARGV[4]
 local moved, queues = 0, {}
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   local id = ARGV[i]
   local cur = redis.call('HMGET', rkey(id), 's', 'q', 'o', 'x')
   local where = nil
   if cur[1] or cur[2] or cur[3] then where = locate(id, cur[1], cur[2], cur[3]) end
   if where and (where[1] == 'dead' or where[1] == 'cancelled') then
-    requeue_one(id, where, now, callid, queues)
+    requeue_one(id, where, now, now_rs, callid, queues)
     moved = moved + 1
   elseif where and where[1] == 'pending' and cur[4] == callid then
     moved = moved + 1
@@ -69,14 +72,14 @@ return moved
 """
 )
 
-# ARGV: P, now, call id, limit, has_queue ('0'/'1'), queue. Moves up to limit DEAD tasks; returns {moved,
-# examined}: index entries whose record is gone are dropped and count as examined.
+# ARGV: P, now, now as sortable hex, call id, limit, has_queue ('0'/'1'), queue. Moves up to limit DEAD
+# tasks; returns {moved, examined}: index entries whose record is gone are dropped and count as examined.
 _REQUEUE_DEAD = (
     _REQUEUE_ONE
     + """
-local now, callid, limit = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local now, now_rs, callid, limit = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local qs
-if ARGV[5] == '1' then qs = {ARGV[6]} else qs = redis.call('SMEMBERS', P .. 'queues') end
+if ARGV[6] == '1' then qs = {ARGV[7]} else qs = redis.call('SMEMBERS', P .. 'queues') end
 local moved, examined, queues = 0, 0, {}
 for _, q in ipairs(qs) do
   if examined >= limit then break end
@@ -87,7 +90,7 @@ for _, q in ipairs(qs) do
     local id = string.sub(member, 17)
     examined = examined + 1
     if redis.call('EXISTS', rkey(id)) == 1 then
-      requeue_one(id, {'dead', q, member, page[j + 1]}, now, callid, queues)
+      requeue_one(id, {'dead', q, member, page[j + 1]}, now, now_rs, callid, queues)
       moved = moved + 1
     else
       redis.call('ZREM', dk, member)
@@ -124,25 +127,36 @@ for _, member in ipairs(members) do
   end
   if wanted then
     if state == 'pending' then
-      redis.call('ZREM', ready(q), member)
+      local cur = redis.call('HMGET', key, 'w', 'rs', 'n', 'ck')
+      nudge(q, cur[3], cur[4], unplace(id, q, cur[1], cur[2], string.sub(member, 1, 16)))
     elseif state == 'active' then
       redis.call('ZREM', P .. 'leases', id)
+      release(id, redis.call('HGET', key, 'rn'))
     end
     redis.call('ZREM', ik, member)
-    redis.call('DEL', key)
+    redis.call('DEL', key, P .. 'fu:' .. id)
     deleted = deleted + 1
   else
     skipped = skipped + 1
   end
 end
+released()
 if deleted > 0 then
   local empty = true
   for _, s in ipairs(STATES) do
     if redis.call('EXISTS', idx(s, q)) == 1 then empty = false; break end
   end
   if empty then
+    -- Nothing of the queue is left: drop its parked tasks' bookkeeping (their sets are empty) too.
+    local hs = P .. 'hs:' .. q
+    local held = redis.call('HGETALL', hs)
+    for j = 1, #held, 2 do
+      local N = string.sub(held[j], 2)
+      redis.call('SREM', P .. 'hq:' .. N, q)
+      redis.call('DEL', P .. 'hk:' .. enc(q) .. N)
+    end
     redis.call('SREM', P .. 'queues', q)
-    redis.call('DEL', P .. 'w:' .. q)
+    redis.call('DEL', P .. 'w:' .. q, hs)
   end
 end
 return {deleted, skipped, #members}
@@ -158,7 +172,7 @@ end
 return out
 """
 
-# ARGV: P, limit, offset, has_queue ('0'/'1'), queue, states... Returns '' (no token), id and the 15 record
+# ARGV: P, limit, offset, has_queue ('0'/'1'), queue, states... Returns '' (no token), id and the 18 record
 # FIELDS per record, newest enqueued_at first (then the later enqueue first).
 _LIST = """
 local limit, offset = tonumber(ARGV[2]), tonumber(ARGV[3])

@@ -7,6 +7,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -90,8 +91,8 @@ class SQLiteBackend:
         self,
         path: str | os.PathLike[str],
         *,
-        poll_interval: float = 0.1,
-        busy_timeout: float = 30.0,
+        poll_interval: float | timedelta = 0.1,
+        busy_timeout: float | timedelta = 30.0,
         synchronous: Synchronous = "NORMAL",
     ) -> None:
         poll_interval = check_seconds(poll_interval, "SQLiteBackend(poll_interval=...)")

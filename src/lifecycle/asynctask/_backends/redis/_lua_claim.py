@@ -1,0 +1,631 @@
+"""The Redis backend's claim script, where every flow-control rule is enforced in one atomic step, and the
+scripts that share its bookkeeping: waiting for work, pause and resume, flow_state, and the layout migration.
+
+They share the prelude and key layout of :mod:`lifecycle.asynctask._backends.redis._lua`.
+
+**Parking.** A task its name's limits hold back stays PENDING, but the claim moves it out of the queue's
+ready set into a *parked* set, so that later claims do not look at it again until it may start: a queue whose
+head is 10 000 tasks of a saturated name costs each claim nothing once they are parked (parking is bounded
+per claim like everything else, see ``SCAN_BOUND``), and the tasks of other names behind them are claimed.
+A parked set holds the tasks of one queue held back by one limit, scored like the ready set:
+
+- ``{P}:h:<len>:<queue>n<name>``  held by ``max_running`` of the name;
+- ``{P}:h:<len>:<queue>k<len>:<name><key>``  held by ``max_running_per_key`` of the name and key;
+- ``{P}:h:<len>:<queue>r<name>``  held by the name's rate (no token in the bucket).
+
+``{P}:hs:<queue>`` (a hash) says when each of the queue's parked sets is to be rechecked: field
+``n<name>``: ``-`` (a slot was freed: now), ``+<max_running>`` (at the next freed slot, or when the limit
+changes), or a time; field ``r<name>``: the time the bucket next holds a whole token (``+``: never);
+field ``k<name>``: the ``max_running_per_key`` the tasks were parked under, with the per-key recheck times
+in ``{P}:hk:<len>:<queue><name>`` (a sorted set of keys scored ``-inf`` now, ``+inf`` at the next freed slot
+of the key, or a time). ``{P}:hq:<name>`` is the set of queues holding parked tasks of the name: whatever
+frees a slot (a settlement, a purge, a stale lease dropped) marks those queues' parked sets of the name (and
+key) for a recheck and wakes the queues' idle workers; whatever takes a released-but-unclaimed task away
+(cancel, expiry, purge, a debounce) marks them too, so a free slot is never left unused while tasks wait.
+
+Each claim, per queue, before taking tasks: rechecks the parked sets that are due (or whose name the caller
+does not limit, or limits differently), moving back to the ready set as many as the limit now lets start
+(all of them when the caller has no such limit); then takes from the ready set in order, applying the
+limits to each task with the running counts and the bucket as they stand after the tasks taken so far.
+"""
+
+from __future__ import annotations
+
+from ._lua import LAYOUT_VERSION, LuaScript, script
+
+__all__ = ["CLAIM_SCRIPTS", "EXPIRE_BOUND", "MOVE_BOUND", "SCAN_BOUND"]
+
+SCAN_BOUND = 1000
+"""Besides the tasks it leases, a claim call examines or moves at most this many ready or parked entries
+(parked, expired, unparked, not due) over all its queues, so it never holds the server for more than a few
+milliseconds, however many tasks wait held back. A claim that stopped at the bound says so, and the backend's
+next wait returns at once, so the next claim goes on where it stopped."""
+
+MOVE_BOUND = 1000
+"""A claim call moves at most this many due delayed tasks (plus its ``limit``) to the ready sets."""
+
+EXPIRE_BOUND = 200
+"""At most this many expired tasks a claim call cancels through the expiry sets (more are cancelled when the
+claim meets them in a ready set)."""
+
+# ARGV: P, now, now as sortable hex, lease_until, limit, call id, previous call id or '', limit count, then
+# per limited name: name, rate, per, max_running, max_running_per_key ('' when not set); then queues... in
+# priority order.
+# Returns '1' when the call stopped at one of its bounds (more may be due) else '0', then 18 values per
+# claimed task: token, id, the 16 record FIELDS... (see FIELDS). Every record's change stands alone: a
+# damaged field is never computed with (the record is leased and returned as stored, for the engine to
+# report), and an index entry whose record is gone is dropped.
+_CLAIM = """
+local now, SNOW, lease, limit, callid = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
+forget(ARGV[7])
+local log = P .. 'c:' .. callid
+if redis.call('EXISTS', log) == 1 then
+  local again = replay(log, callid)
+  table.insert(again, 1, '0')
+  return again
+end
+local NOW = tonumber(now)
+local DUE = SNOW .. 'g'
+local INF = math.huge
+local LIM = {}
+local nlim = tonumber(ARGV[8])
+for j = 0, nlim - 1 do
+  local b = 9 + j * 5
+  LIM[ARGV[b]] = {rate = tonumber(ARGV[b + 1]), per = tonumber(ARGV[b + 2]), mr = tonumber(ARGV[b + 3]),
+    mk = tonumber(ARGV[b + 4])}
+end
+local qfirst = 9 + nlim * 5
+local paused = {}
+for _, q in ipairs(redis.call('SMEMBERS', P .. 'paused')) do paused[q] = true end
+local CHECK = redis.call('EXISTS', P .. 'check') == 1
+local budget, moves, sweeps = %(scan)d, %(moves)d + limit, %(sweeps)d
+local out, ids, leases = {'0'}, {}, {}
+local n = 0
+local RUN, CHECKED, ADDED, BUCKETS, REFUSED, NAMES = {}, {}, {}, {}, {}, {}
+
+-- The ACTIVE tasks in running set `setkey`, counted once per call and kept up to date as it claims (its
+-- new members are added at the end). While {P}:check exists (a recovery found a leased task whose record
+-- was deleted behind the backend's back), a set at its limit is checked once per call: an id whose record
+-- is gone (or in a state other than ACTIVE) is dropped, so such a leak holds a slot no longer than a lease.
+local function running(setkey, limit)
+  local c = RUN[setkey]
+  if c == nil then
+    c = redis.call('SCARD', P .. setkey)
+    RUN[setkey] = c
+  end
+  if CHECK and limit and c >= limit and not CHECKED[setkey] then
+    CHECKED[setkey] = true
+    local stale = {}
+    for _, id in ipairs(redis.call('SMEMBERS', P .. setkey)) do
+      local s = redis.call('HGET', rkey(id), 's')
+      if not s or s == 'pending' or s == 'succeeded' or s == 'dead' or s == 'cancelled' then
+        stale[#stale + 1] = id
+      end
+    end
+    if #stale > 0 then
+      bulk('SREM', P .. setkey, stale)
+      c = c - #stale
+      RUN[setkey] = c
+    end
+  end
+  return c
+end
+-- Count leased task id in running set `setkey` (written at the end of the call).
+local function count_in(setkey, id)
+  RUN[setkey] = running(setkey) + 1
+  local ids = ADDED[setkey]
+  if not ids then
+    ids = {}
+    ADDED[setkey] = ids
+  end
+  ids[#ids + 1] = id
+end
+-- Name N's rate bucket refilled to now: {tokens, at, dirty}; full when never used (or unreadable).
+local function bucket(N, L)
+  local b = BUCKETS[N]
+  if b then return b end
+  local tokens, at = nil, nil
+  local raw = redis.call('HGET', P .. 'tb', N)
+  if raw then
+    local t, a = string.match(raw, '^(%S+) (%S+)$')
+    tokens, at = tonumber(t), tonumber(a)
+  end
+  if not tokens or not at or tokens - tokens ~= 0 or at - at ~= 0 then  -- never used, or unreadable
+    tokens, at = L.rate, NOW
+  elseif NOW > at and L.per then
+    tokens = tokens + (NOW - at) * L.rate / L.per
+    at = NOW
+  end
+  if tokens > L.rate then tokens = L.rate end
+  b = {tokens = tokens, at = at, dirty = false}
+  BUCKETS[N] = b
+  return b
+end
+-- When bucket b, once it holds `tokens`, next holds a whole token (text; '+' when it never refills).
+local function refill_time(b, L, tokens)
+  if not L.per then return '+' end
+  local t = b.at + (1 - tokens) * L.per / L.rate
+  if t < NOW then t = NOW end
+  return string.format('%.17g', t)
+end
+-- nil when limits L let a task of name N (key K) start now, its token then taken; else what holds it:
+-- 'n' max_running, 'k' max_running_per_key, 'r' the rate.
+local function admit(N, K, L)
+  if L.mr and running('an:' .. N, L.mr) >= L.mr then return 'n' end
+  if L.mk and K and running('ak:' .. enc(N) .. K, L.mk) >= L.mk then return 'k' end
+  if L.rate then
+    local b = bucket(N, L)
+    if b.tokens < 1 then
+      REFUSED[N] = true
+      return 'r'
+    end
+    b.tokens = b.tokens - 1
+    b.dirty = true
+  end
+  return nil
+end
+local function heldkey(q, kind, N, K)
+  if kind == 'k' then return 'h:' .. enc(q) .. 'k' .. enc(N) .. K end
+  return 'h:' .. enc(q) .. kind .. N
+end
+local function park(q, kind, N, K, L, score, member, id)
+  local hk = heldkey(q, kind, N, K)
+  redis.call('ZADD', P .. hk, score, member)
+  redis.call('HSET', rkey(id), 'w', hk)
+  local hs = P .. 'hs:' .. q
+  if kind == 'n' then
+    redis.call('HSETNX', hs, 'n' .. N, '+' .. string.format('%d', L.mr))
+  elseif kind == 'r' then
+    local b = bucket(N, L)
+    redis.call('HSET', hs, 'r' .. N, refill_time(b, L, b.tokens))
+  else
+    redis.call('HSET', hs, 'k' .. N, string.format('%d', L.mk))
+    redis.call('ZADD', P .. 'hk:' .. enc(q) .. N, 'NX', '+inf', K)
+  end
+  redis.call('SADD', P .. 'hq:' .. N, q)
+end
+-- Move up to cap parked tasks of set hk (the first in claim order) back to queue q's ready set, within the
+-- budget. Returns how many moved and whether the set is now empty.
+local function unpark(q, hk, cap)
+  local want = cap
+  if want > budget then want = budget end
+  local moved = 0
+  if want >= 1 then
+    local popped = redis.call('ZPOPMIN', P .. hk, string.format('%d', want))
+    local adds = {}
+    for j = 1, #popped, 2 do
+      adds[#adds + 1] = popped[j + 1]
+      adds[#adds + 1] = popped[j]
+    end
+    moved = #popped / 2
+    budget = budget - moved
+    if moved > 0 then bulk('ZADD', ready(q), adds) end
+  end
+  return moved, redis.call('EXISTS', P .. hk) == 0
+end
+local function forget_held(q, N)
+  local hs = P .. 'hs:' .. q
+  if redis.call('HEXISTS', hs, 'n' .. N) == 0 and redis.call('HEXISTS', hs, 'r' .. N) == 0
+      and redis.call('HEXISTS', hs, 'k' .. N) == 0 then
+    redis.call('SREM', P .. 'hq:' .. N, q)
+  end
+end
+-- Recheck queue q's parked sets that are due, or whose limit the caller does not set (or sets differently).
+local function recheck(q)
+  local hs = P .. 'hs:' .. q
+  local held = redis.call('HGETALL', hs)
+  for j = 1, #held, 2 do
+    if budget <= 0 then return end
+    local f, v = held[j], held[j + 1]
+    local kind, N = string.sub(f, 1, 1), string.sub(f, 2)
+    local L = LIM[N] or {}
+    local plus = string.sub(v, 1, 1) == '+'
+    local gone = false
+    if kind == 'n' then
+      if not L.mr or v == '-' or CHECK or (plus and tonumber(string.sub(v, 2)) ~= L.mr)
+          or (not plus and tonumber(v) and tonumber(v) <= NOW) then
+        budget = budget - 1
+        local cap = INF
+        if L.mr then cap = L.mr - running('an:' .. N, L.mr) end
+        local moved, empty = unpark(q, heldkey(q, 'n', N), cap)
+        if empty then
+          redis.call('HDEL', hs, f)
+          gone = true
+        elseif cap > moved then
+          redis.call('HSET', hs, f, now)
+        else
+          redis.call('HSET', hs, f, '+' .. string.format('%d', L.mr))
+        end
+      end
+    elseif kind == 'r' then
+      local waiting = not plus and tonumber(v) and tonumber(v) > NOW
+      if L.rate and waiting and redis.call('EXISTS', P .. heldkey(q, 'r', N)) == 1 then
+        REFUSED[N] = true  -- this claim finds due tasks of the name parked for want of a token
+      end
+      if not L.rate or not waiting then
+        budget = budget - 1
+        local cap, b = INF, nil
+        if L.rate then
+          b = bucket(N, L)
+          cap = math.floor(b.tokens)
+        end
+        local moved, empty = unpark(q, heldkey(q, 'r', N), cap)
+        if empty then
+          redis.call('HDEL', hs, f)
+          gone = true
+        elseif cap > moved then
+          redis.call('HSET', hs, f, now)
+        else
+          REFUSED[N] = true  -- tasks of the name stay parked: the bucket has no token for them
+          redis.call('HSET', hs, f, refill_time(b, L, b.tokens - moved))
+        end
+      end
+    elseif kind == 'k' then
+      local hk = P .. 'hk:' .. enc(q) .. N
+      local keys
+      if not L.mk then
+        keys = redis.call('ZRANGE', hk, 0, budget - 1)
+      else
+        if tonumber(v) ~= L.mk or CHECK then  -- the limit changed since these tasks were parked (or a leak
+          -- is being looked for): recheck every key
+          local adds = {}
+          for _, K in ipairs(redis.call('ZRANGE', hk, 0, -1)) do
+            adds[#adds + 1] = '-inf'
+            adds[#adds + 1] = K
+          end
+          if #adds > 0 then bulk('ZADD', hk, adds) end
+          redis.call('HSET', hs, f, string.format('%d', L.mk))
+        end
+        keys = redis.call('ZRANGEBYSCORE', hk, '-inf', now, 'LIMIT', 0, budget)
+      end
+      for _, K in ipairs(keys) do
+        if budget <= 0 then break end
+        budget = budget - 1
+        local cap = INF
+        if L.mk then cap = L.mk - running('ak:' .. enc(N) .. K, L.mk) end
+        local moved, empty = unpark(q, heldkey(q, 'k', N, K), cap)
+        if empty then
+          redis.call('ZREM', hk, K)
+        elseif cap > moved then
+          redis.call('ZADD', hk, now, K)
+        else
+          redis.call('ZADD', hk, '+inf', K)
+        end
+      end
+      if redis.call('EXISTS', hk) == 0 then
+        redis.call('HDEL', hs, f)
+        gone = true
+      end
+    else
+      redis.call('HDEL', hs, f)  -- not a field this layout writes
+    end
+    if gone then forget_held(q, N) end
+  end
+end
+-- Cancel PENDING task `key` of queue q (index member pmember, index score iscore) as expired.
+local function expire(key, q, pmember, iscore, qfield)
+  local set = {'s', 'cancelled', 'f', now, 'err', EXPIRED}
+  if qfield ~= q then
+    set[#set + 1] = 'q'
+    set[#set + 1] = q
+  end
+  redis.call('HSET', key, unpack(set))
+  redis.call('ZREM', idx('pending', q), pmember)
+  redis.call('ZADD', idx('cancelled', q), iscore, pmember)
+end
+-- Cancel queue q's due tasks whose expiry passed, wherever they wait (ready, delayed, parked).
+local function sweep(q)
+  if sweeps <= 0 then return end
+  local xk = expiring(q)
+  local found = redis.call('ZRANGEBYSCORE', xk, '-inf', now, 'LIMIT', 0, sweeps)
+  sweeps = sweeps - #found
+  for _, id in ipairs(found) do
+    local key = rkey(id)
+    local cur = redis.call('HMGET', key, 'q', 'o', 'w', 'rs', 'ex', 'n', 'ck')
+    local o = cur[2]
+    local iscore = nil
+    if type(o) == 'string' then iscore = redis.call('ZSCORE', idx('pending', q), o .. id) end
+    local ex = tonumber(cur[5])
+    if iscore and ex and ex <= NOW and type(cur[4]) == 'string' and cur[4] <= SNOW then
+      nudge(q, cur[6], cur[7], unplace(id, q, cur[3], cur[4], o))
+      expire(key, q, o .. id, iscore, cur[1])
+    else
+      redis.call('ZREM', xk, id)  -- not pending here, or not due and expired: the entry is stale
+    end
+  end
+end
+-- Move queue q's due delayed tasks to its ready set (by their priority), in run_at order.
+local function promote(q)
+  if moves <= 0 then return end
+  local dk = delayed(q)
+  local due = redis.call('ZRANGEBYSCORE', dk, '-inf', now, 'LIMIT', 0, moves)
+  if #due == 0 then return end
+  moves = moves - #due
+  local adds = {}
+  for _, member in ipairs(due) do
+    adds[#adds + 1] = pscore(redis.call('HGET', rkey(string.sub(member, 33)), 'pr'))
+    adds[#adds + 1] = member
+  end
+  bulk('ZREM', dk, due)
+  bulk('ZADD', ready(q), adds)
+end
+-- Take queue q's ready tasks in order: cancel the expired, park the held back, lease the rest.
+local function take(q)
+  local rk, pk = ready(q), idx('pending', q)
+  local removed, unpending, active, xrem = {}, {}, {}, {}
+  local off = 0
+  while n < limit and budget > 0 do
+    local want = limit - n + 16
+    if want > budget + limit - n then want = budget + limit - n end
+    local page = redis.call('ZRANGE', rk, off, off + want - 1)
+    if #page == 0 then break end
+    off = off + #page
+    for _, member in ipairs(page) do
+      if n >= limit or budget <= 0 then break end
+      budget = budget - 1  -- given back when the task is leased: the bound is on the others
+      -- Due when its 16 hex digits of run_at are at most now's (hex digits sort before 'g'); else it was
+      -- moved here by a claim with a later clock.
+      if member < DUE then
+        local pmember = string.sub(member, 17)
+        local id = string.sub(member, 33)
+        local key = rkey(id)
+        local rec = read(key)
+        if not (rec[1] or rec[2] or rec[4]) and redis.call('EXISTS', key) == 0 then
+          removed[#removed + 1] = member  -- the record is gone: drop its entries
+          unpending[#unpending + 1] = pmember
+        else
+          -- The active index is scored by enqueued_at; the pending index holds the same score when the
+          -- record's own field is damaged.
+          local iscore = tonumber(rec[8])
+          if not iscore or iscore ~= iscore then iscore = tonumber(redis.call('ZSCORE', pk, pmember)) or 0 end
+          local N, K = rec[1], rec[17]
+          local ex = tonumber(rec[18])
+          local L = N and LIM[N]
+          local kind = nil
+          if ex and ex <= NOW then
+            kind = 'expired'
+          elseif L then
+            kind = admit(N, K, L)
+          end
+          if kind == 'expired' then
+            expire(key, q, pmember, iscore, rec[2])
+            removed[#removed + 1] = member
+            xrem[#xrem + 1] = id
+            nudge(q, N, K, 'rd:' .. q)
+          elseif kind then
+            park(q, kind, N, K, L, redis.call('ZSCORE', rk, member), member, id)
+            removed[#removed + 1] = member
+          else
+            n = n + 1
+            budget = budget + 1
+            local token = callid .. ':' .. n
+            local attempts = count(rec[5])
+            local set = {'s', 'active', 'st', now, 'l', lease, 'k', token}
+            if attempts then
+              rec[5] = string.format('%d', attempts + 1)
+              set[#set + 1] = 'a'
+              set[#set + 1] = rec[5]
+            end
+            if rec[2] ~= q then  -- the queue field is damaged: the index says which queue holds the record
+              rec[2] = q
+              set[#set + 1] = 'q'
+              set[#set + 1] = q
+            end
+            if N then
+              -- Counted in the running sets of its name (and key) until it leaves ACTIVE; rn says which, so
+              -- release() undoes exactly this whatever the other fields hold by then.
+              local names = NAMES[N]
+              if not names then
+                names = {'an:' .. N, enc(N)}
+                NAMES[N] = names
+              end
+              count_in(names[1], id)
+              local rn = names[2]
+              if K then
+                count_in('ak:' .. rn .. K, id)
+                rn = rn .. ':' .. K
+              end
+              set[#set + 1] = 'rn'
+              set[#set + 1] = rn
+            end
+            redis.call('HSET', key, unpack(set))
+            rec[4], rec[10], rec[12] = 'active', now, lease
+            if rec[18] then xrem[#xrem + 1] = id end
+            active[#active + 1] = iscore
+            active[#active + 1] = pmember
+            leases[#leases + 1] = lease
+            leases[#leases + 1] = id
+            ids[n] = id
+            removed[#removed + 1] = member
+            unpending[#unpending + 1] = pmember
+            emit(out, token, id, rec)
+          end
+        end
+      end
+    end
+  end
+  bulk('ZREM', rk, removed)
+  bulk('ZREM', pk, unpending)
+  bulk('ZREM', expiring(q), xrem)
+  if #active > 0 then bulk('ZADD', idx('active', q), active) end
+end
+
+for qi = qfirst, #ARGV do
+  if n >= limit or budget <= 0 then break end
+  local q = ARGV[qi]
+  if not paused[q] then
+    sweep(q)
+    promote(q)
+    recheck(q)
+    take(q)
+  end
+end
+if budget <= 0 or moves <= 0 or sweeps <= 0 then out[1] = '1' end
+if n >= limit then
+  -- More may be due than this call could take: wake another idle worker for the first queue that has some.
+  for qi = qfirst, #ARGV do
+    local q = ARGV[qi]
+    if not paused[q] and (redis.call('ZRANGE', ready(q), 0, 0)[1]
+        or redis.call('ZRANGEBYSCORE', delayed(q), '-inf', now, 'LIMIT', 0, 1)[1]) then
+      wake(q)
+      break
+    end
+  end
+end
+for N, b in pairs(BUCKETS) do
+  if b.dirty then redis.call('HSET', P .. 'tb', N, string.format('%.17g %.17g', b.tokens, b.at)) end
+end
+for N in pairs(REFUSED) do redis.call('HINCRBY', P .. 'tr', N, 1) end
+for setkey, ids in pairs(ADDED) do bulk('SADD', P .. setkey, ids) end
+if n > 0 then
+  bulk('ZADD', P .. 'leases', leases)
+  bulk('RPUSH', log, ids)
+  redis.call('EXPIRE', log, %(ttl)d)
+end
+return out
+"""
+
+# ARGV: P, alarm key, queues... Drops stale wake-up tokens (and the caller's alarm) and returns {time, what}
+# of the first thing of the queues a claim may act on (or nil): the first ready task (its run_at), the first
+# delayed task, the first parked set due for a recheck (a freed slot: -inf; a rate bucket: when it refills).
+# Paused queues are left out. Atomic, so a wake-up pushed after it is never lost and one pushed before is
+# reflected in what it returns.
+_PREPARE_WAIT = """
+redis.call('DEL', ARGV[2])
+local paused = {}
+for _, q in ipairs(redis.call('SMEMBERS', P .. 'paused')) do paused[q] = true end
+local best = nil
+local function consider(t, what)
+  local x = tonumber(t)
+  if x and x < math.huge and (best == nil or x < best[3]) then best = {t, what, x} end
+end
+local function unsortable(hex)
+  local b = {}
+  for i = 1, 8 do b[i] = tonumber(string.sub(hex, 2 * i - 1, 2 * i), 16) end
+  if b[1] >= 128 then
+    b[1] = b[1] - 128
+  else
+    for i = 1, 8 do b[i] = 255 - b[i] end
+  end
+  return string.format('%.17g', struct.unpack('>d', string.char(unpack(b))))
+end
+for i = 3, #ARGV do
+  local q = ARGV[i]
+  redis.call('DEL', P .. 'w:' .. q)
+  if not paused[q] then
+    local head = redis.call('ZRANGE', ready(q), 0, 0)[1]
+    if head then consider(unsortable(string.sub(head, 1, 16)), head) end
+    local first = redis.call('ZRANGE', delayed(q), 0, 0, 'WITHSCORES')
+    if first[1] then consider(first[2], first[1]) end
+    local held = redis.call('HGETALL', P .. 'hs:' .. q)
+    for j = 1, #held, 2 do
+      local f, v = held[j], held[j + 1]
+      if string.sub(f, 1, 1) == 'k' then
+        local key = redis.call('ZRANGE', P .. 'hk:' .. enc(q) .. string.sub(f, 2), 0, 0, 'WITHSCORES')
+        if key[1] then consider(key[2], enc(q) .. f .. key[1]) end
+      elseif v == '-' then
+        consider('-inf', enc(q) .. f)
+      elseif string.sub(v, 1, 1) ~= '+' then
+        consider(v, enc(q) .. f)
+      end
+    end
+  end
+end
+if best then return {best[1], best[2]} end
+return nil
+"""
+
+# ARGV: P, queue. Pauses the queue (idempotent).
+_PAUSE = """
+redis.call('SADD', P .. 'paused', ARGV[2])
+return 1
+"""
+
+# ARGV: P, queue. Resumes the queue (idempotent) and wakes its idle workers (when it holds tasks at all).
+_RESUME = """
+local q = ARGV[2]
+if redis.call('SREM', P .. 'paused', q) == 1 and redis.call('SISMEMBER', P .. 'queues', q) == 1 then
+  wake(q)
+end
+return 1
+"""
+
+# ARGV: P, name, has key ('0'/'1'), key. Returns {running, running for the key, the stored bucket or nil, the
+# refused count or nil}.
+_FLOW_STATE = """
+local N = ARGV[2]
+local for_key = 0
+if ARGV[3] == '1' then for_key = redis.call('SCARD', P .. 'ak:' .. enc(N) .. ARGV[4]) end
+return {redis.call('SCARD', P .. 'an:' .. N), for_key, redis.call('HGET', P .. 'tb', N),
+  redis.call('HGET', P .. 'tr', N)}
+"""
+
+# ARGV: P, chunk. Moves a layout-1 store towards layout 2, at most `chunk` entries per call: the queues'
+# pending sets {P}:r:<queue> (score run_at, member o .. id) become delayed sets (a claim moves the due tasks
+# to the ready sets); then the ACTIVE tasks are counted in the running sets and the layout version is set.
+# Returns the layout version when done, 0 when more calls are needed. Idempotent: safe to run from several
+# processes at once and to repeat.
+_MIGRATE = """
+-- A time as 16 hex digits that sort (as text) the way the times do: the IEEE double, big-endian, with the
+-- sign bit flipped for positive numbers and every bit flipped for negative ones.
+local function sortable(x)
+  local b = {string.byte(struct.pack('>d', x), 1, 8)}
+  if b[1] >= 128 then
+    for i = 1, 8 do b[i] = 255 - b[i] end
+  else
+    b[1] = b[1] + 128
+  end
+  return string.format('%02x%02x%02x%02x%02x%02x%02x%02x', unpack(b))
+end
+local chunk = tonumber(ARGV[2])
+local layout = tonumber(redis.call('GET', P .. 'layout') or '0')
+if layout >= %(version)d then return layout end
+local queues = redis.call('SMEMBERS', P .. 'queues')
+for _, q in ipairs(queues) do
+  local old = P .. 'r:' .. q
+  local page = redis.call('ZRANGE', old, 0, chunk - 1, 'WITHSCORES')
+  if #page > 0 then
+    local adds, gone = {}, {}
+    for j = 1, #page, 2 do
+      local member, score = page[j], page[j + 1]
+      local id = string.sub(member, 17)
+      local rs = sortable(tonumber(score))
+      adds[#adds + 1] = score
+      adds[#adds + 1] = rs .. member
+      gone[#gone + 1] = member
+      if redis.call('EXISTS', rkey(id)) == 1 then redis.call('HSET', rkey(id), 'rs', rs) end
+    end
+    bulk('ZADD', delayed(q), adds)
+    bulk('ZREM', old, gone)
+    return 0
+  end
+end
+for _, q in ipairs(queues) do
+  for _, member in ipairs(redis.call('ZRANGE', idx('active', q), 0, -1)) do
+    local id = string.sub(member, 17)
+    local N = redis.call('HGET', rkey(id), 'n')
+    if N then
+      redis.call('SADD', P .. 'an:' .. N, id)
+      redis.call('HSET', rkey(id), 'rn', enc(N))
+    end
+  end
+end
+redis.call('SET', P .. 'layout', '%(version)d')
+return %(version)d
+"""
+
+
+def _claim_scripts() -> dict[str, LuaScript]:
+    found = (
+        script("claim", _CLAIM, scan=SCAN_BOUND, moves=MOVE_BOUND, sweeps=EXPIRE_BOUND),
+        script("prepare_wait", _PREPARE_WAIT),
+        script("pause", _PAUSE),
+        script("resume", _RESUME),
+        script("flow_state", _FLOW_STATE),
+        script("migrate", _MIGRATE, version=LAYOUT_VERSION),
+    )
+    return {each.name: each for each in found}
+
+
+CLAIM_SCRIPTS: dict[str, LuaScript] = _claim_scripts()
+"""The claim script and the scripts sharing its bookkeeping, by name."""
