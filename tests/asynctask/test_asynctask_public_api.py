@@ -41,6 +41,7 @@ DOCUMENTED = (
     "ClaimedTask",
     "DuplicateTaskError",
     "Encoding",
+    "EnqueueHook",
     "FlowLimits",
     "FlowState",
     "FlowStats",
@@ -50,6 +51,7 @@ DOCUMENTED = (
     "JSONEncoding",
     "ManualClock",
     "MemoryBackend",
+    "Middleware",
     "NewGroup",
     "NewTask",
     "Notice",
@@ -70,6 +72,8 @@ DOCUMENTED = (
     "TransactionalBackend",
     "WorkerLostError",
     "backend_from_url",
+    "meta_of",
+    "with_meta",
 )
 
 

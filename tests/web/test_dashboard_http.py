@@ -165,6 +165,15 @@ async def test_a_running_member_shows_its_progress_and_group_and_can_be_cancelle
     assert (record.state, record.cancel_requested) == (TaskState.ACTIVE, True)
 
 
+async def test_the_task_page_shows_the_tasks_own_metadata_escaped(tasks: AsyncTasks) -> None:
+    task_id = await tasks.enqueue("app.send", 1, meta={"tenant": "<acme>", "region": "eu"})
+    async with client(dashboard(tasks)) as http:
+        html = (await http.get("/task", params={"id": task_id})).text
+    assert (
+        '<tr data-field="meta"><th scope="row">meta</th><td>region=eu, tenant=&lt;acme&gt;</td></tr>' in html
+    )
+
+
 async def test_unknown_pages_tasks_and_filters_say_so(tasks: AsyncTasks) -> None:
     async with client(dashboard(tasks)) as http:
         missing = await http.get("/task", params={"id": "nope<"})

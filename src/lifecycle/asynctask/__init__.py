@@ -14,6 +14,10 @@ from ._encoding import PickleEncoding as PickleEncoding
 from ._errors import BackendError as BackendError
 from ._errors import DuplicateTaskError as DuplicateTaskError
 from ._errors import WorkerLostError as WorkerLostError
+from ._middleware import EnqueueHook as EnqueueHook
+from ._middleware import Middleware as Middleware
+from ._middleware import meta_of as meta_of
+from ._middleware import with_meta as with_meta
 from ._model import Abort as Abort
 from ._model import Call as Call
 from ._model import ChainInfo as ChainInfo
@@ -54,6 +58,7 @@ __all__ = (
     "ClaimedTask",
     "DuplicateTaskError",
     "Encoding",
+    "EnqueueHook",
     "FlowLimits",
     "FlowState",
     "FlowStats",
@@ -63,6 +68,7 @@ __all__ = (
     "JSONEncoding",
     "ManualClock",
     "MemoryBackend",
+    "Middleware",
     "NewGroup",
     "NewTask",
     "Notice",
@@ -83,6 +89,8 @@ __all__ = (
     "TransactionalBackend",
     "WorkerLostError",
     "backend_from_url",
+    "meta_of",
+    "with_meta",
 )
 
 # Every public object names this module (reprs, tracebacks, pickles, docs), as in anyio and trio.

@@ -51,7 +51,8 @@ from ._enqueue import build_task, check_calls, if_exists_for
 from ._errors import DuplicateTaskError
 from ._flow import flow_stats, waiting_on
 from ._group import build_group, group_info
-from ._meta import write_meta
+from ._meta import add_sections, read_user_meta
+from ._middleware import EnqueueHook, Hooks, Middleware
 from ._model import Call, EnqueueOptions, FlowStats, Group, GroupInfo, QueueStats, TaskContext, TaskInfo, Ts
 from ._observer import (
     ObserverSource,
@@ -80,6 +81,8 @@ __all__ = ["AsyncTasks"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
+M = TypeVar("M", bound=Middleware)
+H = TypeVar("H", bound=EnqueueHook)
 
 
 class AsyncTasks:
@@ -173,6 +176,7 @@ class AsyncTasks:
         self._clock = clock
         self._logger = library_logger("lifecycle.asynctask")
         self._observer = resolve_observer(metrics)
+        self._hooks = Hooks()
         self._options = EngineOptions(
             concurrency=concurrency,
             queues=QueueOrder(queues, self._rng),
@@ -188,6 +192,7 @@ class AsyncTasks:
             policy=Policy(retry_backoff, self._rng),
             on_error=on_error,
             observer=self._observer,
+            hooks=self._hooks,
         )
         self._scheduler = Scheduler(clock, self._logger)
         self._open = False
@@ -373,6 +378,70 @@ class AsyncTasks:
         )
         return fn
 
+    def middleware(self, fn: M, /) -> M:
+        """Register ``fn`` as middleware around every attempt this process's worker runs, and return it
+        unchanged (``@tasks.middleware``).
+
+        ``fn`` is an ``async def mw(ctx: TaskContext, call_next) -> Any`` (see :class:`Middleware`):
+        ``await call_next()`` runs the task (a plain ``def`` task in its worker thread) and returns its
+        result; what ``mw`` returns is the attempt's result, and what it raises (``Retry`` and ``Abort``
+        included) fails the attempt exactly as if the task had raised it. A middleware that never calls
+        ``call_next`` does not run the task: its return value is the result. Middleware nest in registration
+        order, the first registered outermost; every one gets the same :class:`TaskContext` (also for tasks
+        that do not take one), and the task's ``timeout`` covers them too. Only this process's attempts are
+        wrapped: register the same middleware in every worker.
+
+        Middleware may be registered at any time, also while the worker runs: attempts that start afterwards
+        run inside it, an attempt already running keeps the middleware it started with.
+
+        Raises ``TypeError`` when ``fn`` is not an ``async def`` taking two positional arguments.
+
+        Example::
+
+            @tasks.middleware
+            async def tenant_scope(ctx: TaskContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
+                token = current_tenant.set(ctx.meta.get("tenant"))
+                try:
+                    return await call_next()
+                finally:
+                    current_tenant.reset(token)
+        """
+        self._hooks.add_middleware(fn)
+        return fn
+
+    def on_enqueue(self, hook: H, /) -> H:
+        """Register ``hook``, a plain ``def hook(task: NewTask) -> NewTask | None``, called once for each task
+        just before it is stored, and return it unchanged (so ``@tasks.on_enqueue`` works too).
+
+        Every store goes through it: :meth:`enqueue`, :meth:`enqueue_many`, a chain's first step at
+        :meth:`enqueue_chain` and each later step when the previous one succeeds, groups (their members,
+        then their ``then``), and schedule fires. Returning a changed copy stores that instead
+        (``dataclasses.replace(task, queue="bulk")``; set metadata with :func:`with_meta`, which keeps the
+        engine's own bookkeeping in ``NewTask.meta``); ``None`` keeps the task. Hooks run in registration
+        order, each on what the previous one returned. A hook that raises makes the enqueue raise that
+        exception and nothing of its batch is stored; returning something else than a ``NewTask`` or
+        ``None`` is a ``TypeError``; changing the engine's bookkeeping, the ``group_id``, the id of a chain
+        step, schedule fire or group member, or an id to one another task of the same batch has, is a
+        ``ValueError``.
+
+        Where hooks run: in the process that stores the task. A chain's later steps (and a group that is a
+        chain step) are stored by the worker that saves the previous step's success, so that worker's
+        hooks apply; there a hook that raises makes the step that succeeded ``dead`` with the hook's error
+        (requeue it once the hook is fixed), and a step run twice (a worker died before saving its success)
+        calls the hooks twice for the one next step stored. Schedule fires are stored by the scheduler,
+        which retries with backoff while a hook raises. Register the same hooks in producers and workers.
+
+        Raises ``TypeError`` when ``hook`` is not a plain function taking one positional argument.
+
+        Example::
+
+            @tasks.on_enqueue
+            def tag_tenant(task: NewTask) -> NewTask:
+                return with_meta(task, tenant=current_tenant.get())
+        """
+        self._hooks.add_enqueue_hook(hook)
+        return hook
+
     # -- enqueue --------------------------------------------------------------------------------------------
 
     # For type checkers: the arguments are checked against the function's parameters, with or without a
@@ -410,6 +479,7 @@ class AsyncTasks:
         unique_for: float | timedelta | None = None,
         debounce: float | timedelta | None = None,
         expires: float | timedelta | datetime | None = None,
+        meta: Mapping[str, str] | None = None,
         connection: object | None = None,
     ) -> str:
         """Store a call of ``fn`` (a registered function, or a registered name) and return its task id.
@@ -435,6 +505,10 @@ class AsyncTasks:
         started by then never starts, it ends ``cancelled`` with ``last_error`` "expired before it
         started".
 
+        ``meta`` is the task's own string metadata (``{"tenant": "acme"}``: ``str`` keys and values, no NUL
+        characters; ``TypeError``/``ValueError`` otherwise): the task reads it as ``ctx.meta``,
+        :class:`TaskInfo` shows it as ``info.meta``, and ``on_enqueue`` hooks can add to it.
+
         Returns once the backend has stored the task durably. Type checkers check ``args`` against the
         function's parameters, and so does ``enqueue`` at run time: each argument against its parameter's
         annotation (``TypeError`` naming the parameter, the type it expects and the type it was given;
@@ -454,6 +528,7 @@ class AsyncTasks:
             unique_for=unique_for,
             debounce=debounce,
             expires=expires,
+            meta=meta,
         )
         ids = await self.enqueue_many([call], connection=connection)
         return ids[0]
@@ -478,6 +553,7 @@ class AsyncTasks:
         if_exists = if_exists_for(checked)
         if trace is not None:
             tasks = with_trace(tasks, trace)
+        tasks = self._hooks.prepare(tasks)
         if connection is not None:
             backend = self._backend
             if not isinstance(backend, TransactionalBackend):
@@ -536,6 +612,7 @@ class AsyncTasks:
             return chain_id
         if trace is not None:
             (first,) = with_trace([first], trace)
+        (first,) = self._hooks.prepare([first])
         self._check_open("enqueue_chain")
         await self._backend.enqueue_many([first])
         self._stored([first], now)
@@ -574,6 +651,9 @@ class AsyncTasks:
             members = tuple(with_trace(list(group.members), trace))
             then = None if group.then is None else with_trace([group.then], trace)[0]
             group = replace(group, members=members, then=then)
+        group = self._hooks.prepare_group(
+            group
+        )  # members, then ``then``, as one batch; what it raises goes up
         await self._backend.enqueue_group(group)
         self._stored(list(group.members), now)
 
@@ -1166,7 +1246,8 @@ class AsyncTasks:
     async def _enqueue_fire(self, schedule: Schedule, fire: float) -> None:
         now = self._clock()
         task = build_task(schedule.call_for(fire), now, self._registry, self._encoding)
-        task = replace(task, meta=write_meta(schedule={"name": schedule.name, "fire": fire}))
+        task = replace(task, meta=add_sections(task.meta, schedule={"name": schedule.name, "fire": fire}))
+        (task,) = self._hooks.prepare([task])
         stored = await self._backend.enqueue_many([task], if_exists="skip")
         if stored:
             self._logger.debug("schedule %r enqueued task %s", schedule.name, task.id)
@@ -1294,6 +1375,7 @@ class AsyncTasks:
             else (record.progress_done, record.progress_total),
             progress_message=record.progress_message,
             group_id=record.group_id,
+            meta=read_user_meta(record.meta),
         )
 
     def _check_flow(self, what: str) -> None:

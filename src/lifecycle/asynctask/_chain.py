@@ -12,6 +12,12 @@ A step may be a :class:`Group`: its success-time settlement then carries the gro
 after it as the group's ``then`` (meta ``after_group``, so it receives the members' results). Members carry
 ``"member"`` in their chain section and never move the chain themselves. The chain section lists the indices
 of its group steps in ``"groups"``.
+
+The user's metadata (the ``"user"`` meta section) goes on from step to step: a step's is the previous
+step's, updated with the ``meta`` of its own :class:`Call`. A group step's members each get the metadata the
+chain carries into the group, updated with their own ``Call``'s; the step after the group gets that same
+carried metadata updated with its own (what members add stays with them: they are parallel branches, and no
+one member's metadata is the group's).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from ._clock import as_epoch
 from ._encoding import Encoding
 from ._enqueue import build_task
 from ._group import check_group_calls, group_state, member_id
-from ._meta import add_sections, read_meta, write_meta
+from ._meta import USER, add_sections, read_meta, read_user_meta, with_user_meta, write_meta
 from ._model import Call, ChainInfo, ChainStep, Group
 from ._records import GroupRecord, NewGroup, NewTask, TaskRecord, TaskState
 from ._registry import Registry
@@ -104,9 +110,9 @@ def build_chain(
     first = built[0]
     if isinstance(first, list):
         return chain_id, _group_step(
-            chain_id, 0, first, names, groups, rest, previous=None, now=now, carried={}
+            chain_id, 0, first, names, groups, rest, previous=None, now=now, carried={}, user={}
         )
-    meta = _step_meta(chain_id, 0, names, rest, previous=None, groups=groups)
+    meta = _step_meta(chain_id, 0, names, rest, previous=None, groups=groups, **_user_section(first.meta))
     return chain_id, replace(first, id=step_id(chain_id, 0), meta=meta)
 
 
@@ -133,8 +139,12 @@ def _group_step(
     previous: str | None,
     now: float,
     carried: dict[str, Any],
+    user: dict[str, str],
 ) -> NewGroup:
-    """Step ``index`` as a group of ``members``, with the step after it (``rest[0]``) as its ``then``."""
+    """Step ``index`` as a group of ``members``, with the step after it (``rest[0]``) as its ``then``.
+
+    ``user`` is the user metadata the chain carries into the group: each member gets it updated with its
+    own (``members[n].meta``), and the ``then`` updated with its spec's."""
     group_id = step_id(chain_id, index)
     stored = tuple(
         replace(
@@ -142,14 +152,25 @@ def _group_step(
             id=member_id(group_id, n),
             group_id=group_id,
             meta=_step_meta(
-                chain_id, index, names, [], previous=previous, groups=groups, member=n, **carried
+                chain_id,
+                index,
+                names,
+                [],
+                previous=previous,
+                groups=groups,
+                member=n,
+                **carried,
+                **_user_section(None, {**user, **read_user_meta(task.meta)}),
             ),
         )
         for n, task in enumerate(members)
     )
     then = None
     if rest:
-        meta = _step_meta(chain_id, index + 1, names, rest[1:], previous=None, groups=groups, **carried)
+        then_user = _user_section(None, {**user, **_user_items(rest[0].get("meta"))})
+        meta = _step_meta(
+            chain_id, index + 1, names, rest[1:], previous=None, groups=groups, **carried, **then_user
+        )
         then = _task_from_spec(
             rest[0], step_id(chain_id, index + 1), add_sections(meta, after_group=group_id), now
         )
@@ -157,7 +178,7 @@ def _group_step(
     return NewGroup(id=group_id, members=stored, then=then, created_at=now, meta=group_meta)
 
 
-def _task_from_spec(spec: dict[str, Any], task_id: str, meta: str, now: float) -> NewTask:
+def _task_from_spec(spec: dict[str, Any], task_id: str, meta: str | None, now: float) -> NewTask:
     """A later step (or a member of a group step) stored from its spec, at ``now``."""
     run_at = now
     if spec.get("at") is not None:
@@ -210,10 +231,12 @@ def follow_up(
             return (), ()
         spec = rest[0]
         previous = None if result is None else base64.b64encode(result).decode("ascii")
+        user = read_user_meta(record.meta)
         if "group" in spec:
-            members = [
-                _task_from_spec(member, "", "", now) for member in spec["group"]
-            ]  # ids and meta are set by _group_step
+            members = [  # ids and meta are set by _group_step (from each member's own user metadata here)
+                _task_from_spec(member, "", with_user_meta(None, _user_items(member.get("meta"))), now)
+                for member in spec["group"]
+            ]
             group = _group_step(
                 chain_id,
                 index + 1,
@@ -224,10 +247,18 @@ def follow_up(
                 previous=previous,
                 now=now,
                 carried=carried,
+                user=user,
             )
             return (), (group,)
         step_meta = _step_meta(
-            chain_id, index + 1, names, rest[1:], previous=previous, groups=groups, **carried
+            chain_id,
+            index + 1,
+            names,
+            rest[1:],
+            previous=previous,
+            groups=groups,
+            **carried,
+            **_user_section(None, {**user, **_user_items(spec.get("meta"))}),
         )
         step = _task_from_spec(spec, step_id(chain_id, index + 1), step_meta, now)
     except Exception as exc:  # whatever is wrong with it (a missing key, a wrong type, bad base64, ...)
@@ -242,6 +273,24 @@ def _text(value: str) -> str:
         raise ValueError(f"{value!r} holds a NUL character")
     value.encode("utf-8")  # UnicodeEncodeError (a ValueError) for a lone surrogate
     return value
+
+
+def _user_items(value: object) -> dict[str, str]:
+    """A step spec's ``meta`` (``ValueError`` when it is not a mapping of text, as no enqueue stores)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(key, str) and isinstance(item, str) for key, item in value.items()
+    ):
+        raise ValueError(f"the step's meta is not a mapping of str to str: {value!r}")
+    return {_text(key): _text(item) for key, item in value.items()}
+
+
+def _user_section(meta: str | None, items: dict[str, str] | None = None) -> dict[str, Any]:
+    """``{"user": ...}`` to pass to :func:`_step_meta`: ``items``, or else the user metadata in ``meta``
+    (``{}`` when there is none)."""
+    user = read_user_meta(meta) if items is None else items
+    return {USER: user} if user else {}
 
 
 def previous_result(record: TaskRecord) -> bytes | None:
@@ -367,6 +416,9 @@ def _spec(call: Call, task: NewTask) -> dict[str, Any]:
         spec["priority"] = task.priority
     if task.concurrency_key is not None:
         spec["concurrency_key"] = task.concurrency_key
+    own = read_user_meta(task.meta)
+    if own:
+        spec["meta"] = own
     # An expiry in seconds counts from the step's enqueue (when the previous step succeeded), like a delay.
     if isinstance(call.expires, datetime):
         spec["expires_at"] = task.expires_at

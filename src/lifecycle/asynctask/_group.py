@@ -17,7 +17,7 @@ from dataclasses import replace
 
 from ._encoding import Encoding
 from ._enqueue import build_task
-from ._meta import read_meta, write_meta
+from ._meta import add_sections, read_meta
 from ._model import Call, GroupInfo
 from ._records import GroupRecord, NewGroup, NewTask, TaskRecord, TaskState
 from ._registry import Registry
@@ -91,7 +91,7 @@ def build_group(
     then_task = None
     if then is not None:
         task = build_task(then, now, registry, encoding)
-        then_task = replace(task, id=then_id(group_id), meta=write_meta(after_group=group_id))
+        then_task = replace(task, id=then_id(group_id), meta=add_sections(task.meta, after_group=group_id))
     return NewGroup(id=group_id, members=members, then=then_task, created_at=now)
 
 

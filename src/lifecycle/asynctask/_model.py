@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, MutableMapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypedDict, overload
 
 import anyio.lowlevel
@@ -60,6 +61,7 @@ class CallOptions(TypedDict, total=False):
     unique_for: float | timedelta | None
     debounce: float | timedelta | None
     expires: float | timedelta | datetime | None
+    meta: Mapping[str, str] | None
 
 
 class EnqueueOptions(CallOptions, total=False):
@@ -171,6 +173,10 @@ class TaskInfo:
     ``progress`` is the last ``(done, total)`` the task reported with :meth:`TaskContext.progress` (``None``
     before any report), and ``progress_message`` its message; both are kept after the task ends. ``group_id``
     is the id of the group the task is a member of (:meth:`AsyncTasks.enqueue_group`), or ``None``.
+
+    ``meta`` is the user's metadata of the task (``enqueue(..., meta=...)``, ``Call(..., meta=...)`` or an
+    ``on_enqueue`` hook's :func:`~lifecycle.asynctask.with_meta`), ``{}`` when it has none; the engine's own
+    bookkeeping is not in it.
     """
 
     id: str
@@ -198,6 +204,7 @@ class TaskInfo:
     progress: tuple[float | None, float | None] | None = None
     progress_message: str | None = None
     group_id: str | None = None
+    meta: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def retries_left(self) -> int:
@@ -267,7 +274,8 @@ class FlowStats:
 
 class Call:
     """One call to enqueue with :meth:`AsyncTasks.enqueue_many`: a function (or registered name), its
-    positional arguments, and the same options :meth:`AsyncTasks.enqueue` takes.
+    positional arguments, and the same options :meth:`AsyncTasks.enqueue` takes (``meta`` included: the
+    task's own string metadata, read by the task as ``ctx.meta``).
 
     Example::
 
@@ -282,6 +290,7 @@ class Call:
         "delay",
         "expires",
         "max_retries",
+        "meta",
         "priority",
         "queue",
         "target",
@@ -325,6 +334,7 @@ class Call:
         unique_for: float | timedelta | None = None,
         debounce: float | timedelta | None = None,
         expires: float | timedelta | datetime | None = None,
+        meta: Mapping[str, str] | None = None,
     ) -> None:
         self.target: Callable[..., Any] | str = target
         self.args: tuple[Any, ...] = args
@@ -339,6 +349,7 @@ class Call:
         self.unique_for: float | timedelta | None = unique_for
         self.debounce: float | timedelta | None = debounce
         self.expires: float | timedelta | datetime | None = expires
+        self.meta: Mapping[str, str] | None = meta
 
     def __repr__(self) -> str:
         target = (
@@ -411,7 +422,8 @@ class TaskContext:
     time (seconds since the epoch, the ``AsyncTasks`` clock) at which the task's ``timeout`` cancels it, or
     ``None`` without a timeout. ``logger`` logs through ``lifecycle.asynctask.task`` with the task's name and
     id in front of each message. ``previous_result`` is the (decoded) result of the previous step of a chain,
-    ``None`` otherwise (and for the first step); ``chain_id`` is the chain's id for a chain step.
+    ``None`` otherwise (and for the first step); ``chain_id`` is the chain's id for a chain step. ``meta`` is
+    the task's own string metadata (``enqueue(..., meta=...)``), read-only.
     :attr:`cancel_requested` and :meth:`progress` connect the run with ``tasks.cancel()`` and
     ``tasks.info()``.
 
@@ -425,6 +437,7 @@ class TaskContext:
     __slots__ = (
         "_control",
         "_logger",
+        "_meta",
         "attempt",
         "chain_id",
         "deadline",
@@ -449,6 +462,7 @@ class TaskContext:
         previous_result: Any = None,
         chain_id: str | None = None,
         control: _AttemptControl | None = None,
+        meta: Mapping[str, str] | None = None,
     ) -> None:
         self.task_id: str = task_id
         self.name: str = name
@@ -459,6 +473,7 @@ class TaskContext:
         self.deadline: float | None = deadline
         self.previous_result: Any = previous_result
         self.chain_id: str | None = chain_id
+        self._meta: Mapping[str, str] = MappingProxyType(dict(meta or {}))
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
         self._control = control
 
@@ -513,6 +528,13 @@ class TaskContext:
         if control is not None:
             control.report(checked_done, checked_total, message)
         await anyio.lowlevel.checkpoint()
+
+    @property
+    def meta(self) -> Mapping[str, str]:
+        """The task's own string metadata, read-only: what its enqueue gave as ``meta=`` (or what an
+        ``on_enqueue`` hook set with :func:`~lifecycle.asynctask.with_meta`; a chain step's also holds the
+        previous step's). Empty when there is none; never the engine's own bookkeeping."""
+        return self._meta
 
     @property
     def is_last_attempt(self) -> bool:

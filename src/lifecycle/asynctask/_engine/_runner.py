@@ -17,6 +17,8 @@ from .._chain import chain_fields, previous_result
 from .._clock import Clock
 from .._encoding import Encoding
 from .._group import after_group
+from .._meta import read_user_meta
+from .._middleware import Hooks, run_middleware
 from .._model import TaskContext
 from .._records import ClaimedTask, GroupRecord, Settlement, TaskRecord, TaskState
 from .._registry import Registry, TaskDefinition
@@ -24,7 +26,7 @@ from .._tracing import Tracing, attempt_span
 from ._control import AttemptControl
 from ._options import ErrorHook
 from ._upkeep import call_error_hook
-from ._verdict import Policy, is_cancellation
+from ._verdict import Policy, error_text, is_cancellation
 
 __all__ = ["CANCEL", "LOST", "SHUTDOWN", "Running", "TaskRunner"]
 
@@ -82,9 +84,11 @@ class TaskRunner:
         on_error: ErrorHook | None,
         logger: logging.Logger,
         groups: Callable[[str], Awaitable[GroupRecord | None]] | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         self._groups = groups
         self._registry = registry
+        self._hooks = hooks if hooks is not None else Hooks()
         self._encoding = encoding
         self._policy = policy
         self._clock = clock
@@ -162,7 +166,9 @@ class TaskRunner:
         claimed = running.claimed
         record = claimed.record
         timeout = record.timeout
-        if definition.takes_context:
+        middleware = self._hooks.middleware  # the middleware of this attempt, even if more are added
+        ctx: TaskContext | None = None
+        if definition.takes_context or middleware:
             try:
                 previous = await self._previous_result(record)
             except Exception as exc:  # the store failed while reading the group's results: try again later
@@ -183,7 +189,9 @@ class TaskRunner:
                 previous_result=previous,
                 chain_id=chain_fields(record)[0],
                 control=running.control,
+                meta=read_user_meta(record.meta),
             )
+        if definition.takes_context:
             args = (ctx, *args)
         running.is_async = definition.is_async
         scope = anyio.CancelScope(deadline=math.inf if timeout is None else anyio.current_time() + timeout)
@@ -197,16 +205,11 @@ class TaskRunner:
         self.executing[frame] = running
         try:
             with scope:
-                if definition.is_async:
-                    result = await definition.fn(*args)
+                if ctx is not None and middleware:
+                    invoke = functools.partial(self._invoke, definition, args)
+                    result = await run_middleware(middleware, ctx, invoke)
                 else:
-                    result, raised = await anyio.to_thread.run_sync(
-                        functools.partial(_capture, definition.fn, *args),
-                        abandon_on_cancel=True,
-                        limiter=self.limiter,
-                    )
-                    if raised is not None:
-                        raise raised
+                    result = await self._invoke(definition, args)
                 finished = True
         except BaseException as exc:
             # KeyboardInterrupt, SystemExit, GeneratorExit, any BaseException the task raises is its own
@@ -220,7 +223,8 @@ class TaskRunner:
         if running.reason == CANCEL:  # whatever the task did after the request, the attempt is cancelled
             return self._policy.cancelled(claimed, now=now, ran=True)
         if finished:
-            return self._policy.success(claimed, now=now, result=self._encode_result(record, result))
+            verdict = self._policy.success(claimed, now=now, result=self._encode_result(record, result))
+            return await self._prepare_follow_ups(running, verdict)
         if running.reason == LOST:
             return None
         if running.reason == SHUTDOWN:
@@ -241,6 +245,33 @@ class TaskRunner:
         if running.reason == SHUTDOWN:
             return self._policy.release(running.claimed, now=now)
         return None
+
+    async def _invoke(self, definition: TaskDefinition, args: tuple[Any, ...]) -> Any:
+        """Call the task function: awaited, or a plain ``def`` in a worker thread."""
+        if definition.is_async:
+            return await definition.fn(*args)
+        result, raised = await anyio.to_thread.run_sync(
+            functools.partial(_capture, definition.fn, *args),
+            abandon_on_cancel=True,
+            limiter=self.limiter,
+        )
+        if raised is not None:
+            raise raised
+        return result
+
+    async def _prepare_follow_ups(self, running: Running, verdict: Settlement) -> Settlement:
+        """``verdict`` with what its success enqueues (a chain's next step, a group) through this process's
+        ``on_enqueue`` hooks; a hook that raises makes the task dead, saying so (nothing is enqueued)."""
+        try:
+            return self._hooks.prepare_settlement(verdict)
+        except Exception as exc:  # the user's hook: whatever it raises
+            error = (
+                "the task ran, but an on_enqueue hook refused what its success enqueues next (the next step "
+                f"of its chain): {error_text(exc)}\nfix the hook, then requeue the task (it runs again)"
+            )
+            return await self._failed(
+                running, self._policy.dead(running.claimed, now=verdict.at, error=error), exc
+            )
 
     async def _previous_result(self, record: TaskRecord) -> Any:
         group_id = after_group(record)

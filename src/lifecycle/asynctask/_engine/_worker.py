@@ -80,6 +80,7 @@ class Worker:
             options.on_error,
             logger,
             groups=backend.get_group if self._controlled else None,
+            hooks=options.hooks,
         )
         self._loopwatch = LoopWatch(
             options.lease / _BLOCK_WARNING_SHARE,

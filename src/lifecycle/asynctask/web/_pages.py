@@ -624,6 +624,10 @@ def task_page(layout: Layout, detail: TaskDetail, now: float) -> tuple[int, Mark
         fields.append(("group", _group_field(detail.group, info)))
     if info.schedule:
         fields.append(("schedule", info.schedule))
+    if info.meta:
+        fields.append(
+            ("meta", redact(", ".join(f"{key}={value}" for key, value in sorted(info.meta.items()))))
+        )
     if info.chain_id:
         fields.append(
             (

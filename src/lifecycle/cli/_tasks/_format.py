@@ -216,6 +216,7 @@ def info_to_json(info: TaskInfo, **extra: Any) -> dict[str, Any]:
         "damaged": info.damaged,
         "progress": progress_to_json(info),
         "group_id": info.group_id,
+        "meta": dict(info.meta),
         **extra,
     }
 

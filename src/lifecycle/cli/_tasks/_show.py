@@ -94,6 +94,9 @@ async def _show(args: argparse.Namespace, session: Session) -> int:
                 f", then {group.then_id})" if group.then_id else ")",
             )
             rows.append(("group", text))
+    if info.meta:
+        meta = ", ".join(f"{key}={value}" for key, value in sorted(info.meta.items()))
+        rows.append(("meta", Text(redact(meta))))
     for name, value in rows:
         fields.add_row(name, value)
     parts: list[RenderableType] = [fields]

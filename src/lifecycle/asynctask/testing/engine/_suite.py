@@ -6,6 +6,7 @@ from ._rules_compose import ComposeRules
 from ._rules_control import ControlRules
 from ._rules_flow import FlowRules
 from ._rules_groups import FanInRules
+from ._rules_middleware import MiddlewareRules
 from ._rules_ops import OperationRules
 from ._rules_run import RunRules
 from ._rules_running import RunningWorkRules
@@ -14,7 +15,14 @@ __all__ = ["EngineConformance"]
 
 
 class EngineConformance(
-    RunRules, FlowRules, OperationRules, ComposeRules, ControlRules, RunningWorkRules, FanInRules
+    RunRules,
+    FlowRules,
+    OperationRules,
+    ComposeRules,
+    ControlRules,
+    RunningWorkRules,
+    FanInRules,
+    MiddlewareRules,
 ):
     """End-to-end tests of :class:`~lifecycle.asynctask.AsyncTasks` over a backend, to subclass in a pytest
     test module: the engine's promises (results, retries and dead tasks, Retry/Abort, timeouts, delays,
@@ -24,8 +32,9 @@ class EngineConformance(
     step, schedules firing once per fire time across schedulers sharing the storage; flow control: priorities,
     debounce, expiry, paused queues, rate and concurrency limits, uniqueness windows; control of running
     work: cancelling running tasks, in this process or another, async or plain ``def``, progress reports,
-    groups fanning in once with their results in call order, groups as chain steps) must hold on every
-    backend.
+    groups fanning in once with their results in call order, groups as chain steps; middleware around each
+    attempt, ``on_enqueue`` hooks on every path that stores a task, user metadata round trip) must hold on
+    every backend.
 
     Provide the same ``backend_factory`` fixture as for
     :class:`~lifecycle.asynctask.testing.BackendConformance`: an async callable that opens and returns a new
