@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._rules_combined import CombinedRules
 from ._rules_compose import ComposeRules
 from ._rules_control import ControlRules
 from ._rules_flow import FlowRules
@@ -23,6 +24,7 @@ class EngineConformance(
     RunningWorkRules,
     FanInRules,
     MiddlewareRules,
+    CombinedRules,
 ):
     """End-to-end tests of :class:`~lifecycle.asynctask.AsyncTasks` over a backend, to subclass in a pytest
     test module: the engine's promises (results, retries and dead tasks, Retry/Abort, timeouts, delays,
@@ -33,8 +35,9 @@ class EngineConformance(
     debounce, expiry, paused queues, rate and concurrency limits, uniqueness windows; control of running
     work: cancelling running tasks, in this process or another, async or plain ``def``, progress reports,
     groups fanning in once with their results in call order, groups as chain steps; middleware around each
-    attempt, ``on_enqueue`` hooks on every path that stores a task, user metadata round trip) must hold on
-    every backend.
+    attempt, ``on_enqueue`` hooks on every path that stores a task, user metadata round trip; and these
+    together: a cancel through middleware, hooks and metadata on groups, progress from middleware) must
+    hold on every backend.
 
     Provide the same ``backend_factory`` fixture as for
     :class:`~lifecycle.asynctask.testing.BackendConformance`: an async callable that opens and returns a new
