@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from lifecycle.asynctask import TaskState
+from lifecycle.asynctask import AsyncTasks, TaskState, backend_from_url
 from lifecycle.cli._tasks._format import error_summary, parse_duration
 from tests.cli.cli_support import in_directory, lifecycle, lifecycle_json, seed, state_of
 
@@ -71,6 +71,21 @@ def test_show_prints_every_field_with_arguments_result_and_traceback(url: str) -
     ]
 
 
+def test_show_and_list_print_the_tasks_own_metadata(url: str) -> None:
+    async def enqueue() -> str:
+        async with AsyncTasks(backend_from_url(url), execution=False) as tasks:
+            return await tasks.enqueue("app.jobs.send", 1, meta={"tenant": "acme", "region": "eu"})
+
+    task_id = anyio.run(enqueue, backend="asyncio")
+    shown = lifecycle_json("tasks", "--backend", url, "show", task_id)
+    assert shown["meta"] == {"tenant": "acme", "region": "eu"}
+    listed = lifecycle_json("tasks", "--backend", url, "list")
+    assert [row["meta"] for row in listed if row["id"] == task_id] == [{"tenant": "acme", "region": "eu"}]
+    human = lifecycle("tasks", "--backend", url, "show", task_id)
+    assert human.returncode == 0, human.stderr
+    assert "region=eu, tenant=acme" in human.stdout
+
+
 def test_requeue_cancel_and_purge_change_the_store(url: str) -> None:
     seeded = seed(url, succeeded=3, dead=["one", "two", "three"], pending=2)
 
@@ -90,12 +105,13 @@ def test_requeue_cancel_and_purge_change_the_store(url: str) -> None:
     assert cancelled.returncode == 3  # one id was not found
     assert json.loads(cancelled.stdout) == {
         "cancelled": [seeded.pending[0]],
+        "cancel_requested": [],
         "failed": {"unknown-id": "there is no task with this id"},
     }
     assert state_of(url, seeded.pending[0]) is TaskState.CANCELLED
     not_pending = lifecycle("tasks", "--backend", url, "cancel", seeded.succeeded[0])
     assert not_pending.returncode == 4
-    assert "only pending tasks can be cancelled" in not_pending.stderr
+    assert "only pending or running tasks can be cancelled" in not_pending.stderr
 
     too_recent = lifecycle_json(
         "tasks", "--backend", url, "purge", "--state", "succeeded", "--older-than", "1h"

@@ -6,12 +6,14 @@ calls below are clean, the wrong ones are flagged at the call site.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from typing_extensions import assert_type
 
-from lifecycle.asynctask import AsyncTasks, Call, MemoryBackend, TaskContext, TaskInfo
+from lifecycle.asynctask import AsyncTasks, Call, MemoryBackend, NewTask, TaskContext, TaskInfo, with_meta
 
 tasks = AsyncTasks(MemoryBackend())
 
@@ -103,3 +105,33 @@ async def wrong_calls() -> None:
         producer.enqueue(send_welcome, "42")  # error
         producer.enqueue(notify, 42, 43)  # error
         producer.enqueue(send_welcome, 42, at="noon")  # error
+        producer.enqueue(send_welcome, 42, meta={"tenant": 1})  # error
+
+
+@tasks.middleware
+async def timed(ctx: TaskContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
+    return await call_next()
+
+
+@tasks.on_enqueue
+def tag(task: NewTask) -> NewTask | None:
+    return with_meta(task, tenant="acme")
+
+
+async def metadata_calls() -> None:
+    await tasks.enqueue(send_welcome, 42, meta={"tenant": "acme"})
+    await tasks.enqueue_many([Call(notify, 1, meta={"tenant": "acme"})])
+    await tasks.enqueue(send_welcome, 42, meta={"tenant": 1})  # error
+    Call(send_welcome, 42, meta=["tenant"])  # error
+
+
+def sync_middleware(ctx: TaskContext, call_next: Callable[[], Awaitable[Any]]) -> int:
+    return 1
+
+
+def bad_hook(task: NewTask) -> str:
+    return "no"
+
+
+tasks.middleware(sync_middleware)  # error
+tasks.on_enqueue(bad_hook)  # error

@@ -2,6 +2,7 @@
 
 from ._async_tasks import AsyncTasks as AsyncTasks
 from ._backend import Backend as Backend
+from ._backend import NotifyingBackend as NotifyingBackend
 from ._backend import TransactionalBackend as TransactionalBackend
 from ._backends.memory._backend import MemoryBackend as MemoryBackend
 from ._backends.sqlite._backend import SQLiteBackend as SQLiteBackend
@@ -13,11 +14,17 @@ from ._encoding import PickleEncoding as PickleEncoding
 from ._errors import BackendError as BackendError
 from ._errors import DuplicateTaskError as DuplicateTaskError
 from ._errors import WorkerLostError as WorkerLostError
+from ._middleware import EnqueueHook as EnqueueHook
+from ._middleware import Middleware as Middleware
+from ._middleware import meta_of as meta_of
+from ._middleware import with_meta as with_meta
 from ._model import Abort as Abort
 from ._model import Call as Call
 from ._model import ChainInfo as ChainInfo
 from ._model import ChainStep as ChainStep
 from ._model import FlowStats as FlowStats
+from ._model import Group as Group
+from ._model import GroupInfo as GroupInfo
 from ._model import QueueStats as QueueStats
 from ._model import Retry as Retry
 from ._model import TaskContext as TaskContext
@@ -28,7 +35,11 @@ from ._observer import TaskObserver as TaskObserver
 from ._records import ClaimedTask as ClaimedTask
 from ._records import FlowLimits as FlowLimits
 from ._records import FlowState as FlowState
+from ._records import GroupRecord as GroupRecord
+from ._records import NewGroup as NewGroup
 from ._records import NewTask as NewTask
+from ._records import Notice as Notice
+from ._records import ProgressUpdate as ProgressUpdate
 from ._records import Settlement as Settlement
 from ._records import TaskRecord as TaskRecord
 from ._records import TaskState as TaskState
@@ -47,14 +58,23 @@ __all__ = (
     "ClaimedTask",
     "DuplicateTaskError",
     "Encoding",
+    "EnqueueHook",
     "FlowLimits",
     "FlowState",
     "FlowStats",
+    "Group",
+    "GroupInfo",
+    "GroupRecord",
     "JSONEncoding",
     "ManualClock",
     "MemoryBackend",
+    "Middleware",
+    "NewGroup",
     "NewTask",
+    "Notice",
+    "NotifyingBackend",
     "PickleEncoding",
+    "ProgressUpdate",
     "QueueStats",
     "Retry",
     "SQLiteBackend",
@@ -69,6 +89,8 @@ __all__ = (
     "TransactionalBackend",
     "WorkerLostError",
     "backend_from_url",
+    "meta_of",
+    "with_meta",
 )
 
 # Every public object names this module (reprs, tracebacks, pickles, docs), as in anyio and trio.

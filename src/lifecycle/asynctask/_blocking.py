@@ -14,7 +14,7 @@ import contextlib
 import functools
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar, overload
@@ -145,6 +145,7 @@ class BlockingProducer:
         unique_for: float | timedelta | None = None,
         debounce: float | timedelta | None = None,
         expires: float | timedelta | datetime | None = None,
+        meta: Mapping[str, str] | None = None,
         connection: object | None = None,
     ) -> str:
         """Store a call of ``fn`` and return its task id: :meth:`AsyncTasks.enqueue`, blocking.
@@ -169,6 +170,7 @@ class BlockingProducer:
             unique_for=unique_for,
             debounce=debounce,
             expires=expires,
+            meta=meta,
         )
         return self._enqueue("enqueue", [call], connection)[0]
 

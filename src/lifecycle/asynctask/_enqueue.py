@@ -10,6 +10,7 @@ from .._checks import check_name, check_seconds
 from ._clock import as_epoch
 from ._encoding import Encoding
 from ._flow import check_concurrency_key, check_priority, expiry_time, unique_key
+from ._meta import check_user_meta, with_user_meta
 from ._model import Call, describe_target
 from ._records import NewTask
 from ._registry import (
@@ -85,6 +86,7 @@ def build_task(call: Call, now: float, registry: Registry, encoding: Encoding) -
         priority = definition.priority if definition is not None else 0
     key = None if call.concurrency_key is None else check_concurrency_key(call.concurrency_key, where)
     expires_at = None if call.expires is None else expiry_time(call.expires, now, run_at, where)
+    meta = None if call.meta is None else with_user_meta(None, check_user_meta(call.meta, where))
     payload = encode_arguments(encoding, name, call.args, definition)
     window_key = window_until = None
     if call.unique_for is not None:
@@ -99,6 +101,7 @@ def build_task(call: Call, now: float, registry: Registry, encoding: Encoding) -
         timeout=timeout,
         enqueued_at=now,
         run_at=run_at,
+        meta=meta,
         priority=priority,
         concurrency_key=key,
         expires_at=expires_at,

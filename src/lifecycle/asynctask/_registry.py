@@ -25,6 +25,7 @@ __all__ = [
     "check_max_retries",
     "check_queue",
     "check_timeout",
+    "is_async_callable",
 ]
 
 DEFAULT_QUEUE = "default"
@@ -182,7 +183,7 @@ def build_definition(
         raise TypeError(
             f"{described} is a generator function: a task must be an async def (or def) returning its result"
         )
-    is_async = _is_async(fn)
+    is_async = is_async_callable(fn)
     if name is None:
         name = _default_name(fn, described)
     else:
@@ -264,7 +265,9 @@ def check_timeout(timeout: object, where: str) -> float | None:
     return check_optional_seconds(timeout, f"{where}: timeout")
 
 
-def _is_async(fn: Callable[..., Any]) -> bool:
+def is_async_callable(fn: object) -> bool:
+    """True for an ``async def`` (also behind ``functools.partial``) or an object with an async
+    ``__call__``."""
     target: Any = fn
     while isinstance(target, functools.partial):
         target = target.func

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from ..._checks import check_optional_seconds
 from .._clock import Clock
+from .._middleware import Hooks
 from .._model import TaskInfo
 from .._observer import TaskObserver
 from .._records import TaskState
@@ -45,6 +46,8 @@ class EngineOptions:
     policy: Policy
     on_error: ErrorHook | None
     observer: TaskObserver | None = None
+    hooks: Hooks = field(default_factory=Hooks)
+    """The ``AsyncTasks``'s middleware and ``on_enqueue`` hooks (shared: added ones apply at once)."""
 
 
 def check_states(state: TaskState | str | Collection[TaskState | str]) -> set[TaskState]:
