@@ -6,11 +6,12 @@
 Each round enqueues ``--n`` tasks in batches of 5 000 into a fresh prefix, then claims and settles them
 (``SUCCEEDED``) in batches of ``--batch``, as a busy worker does. For the claim and the settle script
 separately, it reports the server's time inside the scripts (``INFO commandstats``: ``cmdstat_evalsha``
-microseconds, the commands a script runs included) and the commands the server ran (``total_commands_processed``,
-the scripts' own commands included), both per task; the median of the rounds. The variant ``groups`` drains
-the same number of tasks enqueued as groups of ``--group`` members (with a ``then``), so its settle figures
-include the fan-in bookkeeping. Only the backend's public methods, so ``--variants plain`` also runs on an
-older release (put its ``src`` first on ``PYTHONPATH`` to compare).
+microseconds, the commands a script runs included) and the commands the server ran
+(``total_commands_processed``, the scripts' own commands included), both per task; the median of the
+rounds. The variant ``groups`` drains the same number of tasks enqueued as groups of ``--group`` members
+(with a ``then``), so its settle figures include the fan-in bookkeeping. Only the backend's public
+methods, so ``--variants plain`` also runs on an older release (put its ``src`` first on ``PYTHONPATH``
+to compare).
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ async def _counters(client: aioredis.Redis) -> tuple[int, int, int]:
 async def _fill(backend: RedisBackend, variant: str, n: int, group: int, round_no: int) -> None:
     if variant == "plain":
         for first in range(0, n, 5000):
-            await backend.enqueue_many([_task(f"t{round_no}.{i}") for i in range(first, min(n, first + 5000))])
+            await backend.enqueue_many(
+                [_task(f"t{round_no}.{i}") for i in range(first, min(n, first + 5000))]
+            )
         return
     from lifecycle.asynctask._records import NewGroup
 
@@ -89,7 +92,9 @@ async def _fill(backend: RedisBackend, variant: str, n: int, group: int, round_n
         await backend.enqueue_group(NewGroup(gid, members, then, T0))
 
 
-async def one_round(url: str, variant: str, n: int, batch: int, group: int, round_no: int) -> dict[str, float]:
+async def one_round(
+    url: str, variant: str, n: int, batch: int, group: int, round_no: int
+) -> dict[str, float]:
     client = aioredis.Redis.from_url(url)
     backend = RedisBackend(url, prefix=f"bench{round_no}{variant}")
     await backend.open()
