@@ -290,7 +290,7 @@ async def test_purge_removes_final_groups_by_their_finished_at(
     assert await backend.get_group("open") is not None, "a group that is not final is never purged"
     group_keys = {key for key in await keys_of(redis_url, unique_name) if b"}:g" in key}
     prefix = f"{{{unique_name}}}:"
-    assert group_keys == {f"{prefix}g:open".encode(), f"{prefix}gi:open".encode()}
+    assert group_keys == {f"{prefix}g:open".encode(), f"{prefix}gm:open".encode()}
 
 
 async def test_a_member_of_a_limited_name_fans_in_across_flow_rules(open_redis: OpenRedis) -> None:
@@ -327,7 +327,27 @@ async def test_group_keys_are_in_the_prefix_slot(
     try:
         prefix = f"{{{unique_name}}}:"
         assert await client.hget(f"{prefix}g:g {{x}}", "ok") == b"1"
-        assert await client.hgetall(f"{prefix}gr:g {{x}}") == {b"0": b"n"}
+        assert await client.hgetall(f"{prefix}gr:g {{x}}") == {b"g {x}-0": b"n"}
         assert await client.llen(f"{prefix}gt:g {{x}}") == 16, "then's 16 values wait in the group"
     finally:
         await client.aclose()
+
+
+async def test_members_taken_over_by_recovery_or_a_replayed_claim_still_fan_in(open_redis: OpenRedis) -> None:
+    """A member's lease may come from a claim, a claim retried after its reply was lost, or recovery: every
+    kind of lease settles into the group."""
+    backend = await open_redis()
+    await backend.enqueue_group(_group("g", 3))
+    calls = lose_first_reply(backend, "claim")
+    first = await backend.claim(["default"], 2, now=T0 + 1, lease_until=T0 + 2)
+    assert len(calls) == 2
+    assert [c.record.id for c in first] == ["g-0", "g-1"]
+    await backend.settle([_done("g-0", first[0].token, T0 + 2, b"0")])
+    (third,) = await backend.claim(["default"], 5, now=T0 + 3, lease_until=T0 + 40)
+    (taken,) = await backend.reclaim_expired(now=T0 + 10, lease_until=T0 + 40, limit=10)
+    assert taken.record.id == "g-1"
+    assert await backend.settle([_done("g-1", first[1].token, T0 + 11)]) == {"g-1"}, "the old lease is gone"
+    await backend.settle([_done("g-1", taken.token, T0 + 11, b"1"), _done("g-2", third.token, T0 + 11, b"2")])
+    group = await backend.get_group("g")
+    assert group is not None
+    assert (group.outcome, group.results, group.then_id) == (TaskState.SUCCEEDED, (b"0", b"1", b"2"), "then")

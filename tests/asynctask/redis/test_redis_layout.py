@@ -134,7 +134,7 @@ async def test_every_key_of_a_prefix_is_in_one_cluster_slot(
     kinds = {key[len(prefix) :].split(b":")[0] for key in keys}
     assert kinds >= {
         b"g",
-        b"gi",
+        b"gm",
         b"gr",
         b"gt",
         b"gf",

@@ -183,6 +183,7 @@ def settlement_args(settlement: Settlement) -> list[str | bytes]:
         ("0" if settlement.error is None else "1")
         + ("0" if settlement.result is None else "1")
         + ("1" if settlement.refund_attempt else "0")
+        + ("1" if settlement.then_groups else "0")
     )
     args: list[str | bytes] = [
         settlement.task_id,
@@ -200,7 +201,8 @@ def settlement_args(settlement: Settlement) -> list[str | bytes]:
     ]
     for task in settlement.then:
         args += new_task_args(task)
-    args.append(str(len(settlement.then_groups)))
+    if settlement.then_groups:
+        args.append(str(len(settlement.then_groups)))
     for group in settlement.then_groups:
         args += [str(len(group.members)), *group_args(group)]
         for member in group.members:

@@ -17,7 +17,7 @@ live in the declared key's slot. The key layout, version 3 (documented in ``docs
                            claim counted the ACTIVE task under, fu ``1`` while a debounce follow-up waits, sv
                            the verdict a settlement applied before a follow-up replaced it; cr ``1`` once
                            the cancellation of the ACTIVE task was asked; pd, pt, pm the progress (done,
-                           total, message); g, gi the group the task is a member of and its index there.
+                           total, message); g the group the task is a member of.
                            Times are the engine's floats as Python ``repr`` text; ``""`` means None for
                            to/st/f/l; err/res/meta/pr/ck/ex/cr/pd/pt/pm/g are absent when None (pr when 0).
 - Claim structures of a queue's PENDING tasks, all with the member ``rs .. o .. id`` (a "claim member"):
@@ -45,8 +45,8 @@ live in the declared key's slot. The key layout, version 3 (documented in ``docs
 - ``{P}:c:<call id>``      list of task ids one claim/reclaim call leased (expires), so a call retried after
                            a dropped connection returns the same tasks instead of leasing more.
 - Groups: ``{P}:g:<gid>`` hash (n members, ok succeeded, o outcome once final, c created_at, f finished_at, ti
-  then's id once stored, meta, x the enqueue call), ``{P}:gi:<gid>`` list of member ids in call order,
-  ``{P}:gr:<gid>`` hash member index -> how it ended (``s`` + result, ``n`` succeeded without one, ``d``,
+  then's id once stored, meta, x the enqueue call), ``{P}:gm:<gid>`` list of member ids in call order,
+  ``{P}:gr:<gid>`` hash member id -> how it ended (``s`` + result, ``n`` succeeded without one, ``d``,
   ``c``), ``{P}:gt:<gid>`` list, then's 16 values until the group is final, ``{P}:gf:<outcome>`` sorted set
   of final groups by finished_at. Kept up to date by the script that ends a member (settle, cancel, a claim's
   expiry), so a group's then is stored in the same atomic step as its last member's success.
@@ -304,7 +304,7 @@ local function optional(fields, src, b)
 end
 -- Store the new task at src[b] as a fresh PENDING record with enqueue sequence number seq. old (a record
 -- with the same id that is replaced, in a final state): its locate() result, or {} when no index holds it.
--- extra: more record fields to write (a group member's g and gi), or nil.
+-- extra: more record fields to write (a group member's g), or nil.
 local function store(src, b, seq, callid, old, queues, extra)
   local id, q, enqueued_at = src[b], src[b + 2], src[b + 6]
   local key = rkey(id)
@@ -332,21 +332,24 @@ local NOTES = {}
 local function notify(kind, id)
   local list = NOTES[kind]
   if not list then
-    list = {kind}
+    list = {}
     NOTES[kind] = list
   end
   list[#list + 1] = id
 end
+local function publish(kind, ids)
+  redis.pcall('PUBLISH', P .. 'notices', kind .. '\0' .. table.concat(ids, '\0'))
+end
 local function notified()
-  for _, list in pairs(NOTES) do redis.pcall('PUBLISH', P .. 'notices', table.concat(list, '\0')) end
+  for kind, ids in pairs(NOTES) do publish(kind, ids) end
   NOTES = {}
 end
 -- Groups. {P}:g:<gid> hash: n members, ok members succeeded, o outcome (absent until final), c created_at,
--- f finished_at, ti then's id once stored, meta, x the enqueue call; {P}:gi:<gid> list of the member ids in
--- call order; {P}:gr:<gid> hash, per member index, what the member ended as: 's' .. result, 'n' succeeded
+-- f finished_at, ti then's id once stored, meta, x the enqueue call; {P}:gm:<gid> list of the member ids in
+-- call order; {P}:gr:<gid> hash, per member id, what the member ended as: 's' .. result, 'n' succeeded
 -- without a result, 'd' dead, 'c' cancelled; {P}:gt:<gid> list, the 16 values of then until the group is
 -- final; {P}:gf:<outcome> sorted set of final groups by finished_at (what purge takes). A member's record
--- names its group in g and its index in gi.
+-- names its group in g.
 local function gkey(part, gid) return P .. part .. ':' .. gid end
 -- The group becomes final with `outcome` at `at` (its then is dropped: stored already, or never).
 local function group_final(gid, outcome, at, fields)
@@ -371,31 +374,30 @@ local function group_succeeded(gid, at, callid, queues)
   end
   group_final(gid, 'succeeded', at, fields)
 end
--- Member gi (its index, as text) of group gid ended `state` (succeeded, dead or cancelled) at `at`; res: its
+-- Member id of group gid ended `state` (succeeded, dead or cancelled) at `at`; res: its
 -- encoded result (nil: none). Called once per ended attempt, from the step that ends it: the results slot is
 -- written, the succeeded count goes up once per member (whatever its slot held before), and the group that
 -- is not final yet takes its outcome: SUCCEEDED with the last success (then stored in the same step), DEAD
 -- or CANCELLED with the first member that ends so.
-local function member_ended(gid, gi, state, at, res, callid, queues)
-  if type(gi) ~= 'string' then return end
+local function member_ended(gid, id, state, at, res, callid, queues)
   local gk = gkey('g', gid)
   local group = redis.call('HMGET', gk, 'n', 'o')
   if not group[1] then return end  -- purged (or damaged): nothing to keep up to date
   local rk = gkey('gr', gid)
-  local prev = redis.call('HGET', rk, gi)
+  local prev = redis.call('HGET', rk, id)
   local was_ok = prev and (string.sub(prev, 1, 1) == 's' or prev == 'n')
   if state == 'succeeded' then
     if was_ok then return end
-    if res then redis.call('HSET', rk, gi, 's' .. res) else redis.call('HSET', rk, gi, 'n') end
+    if res then redis.call('HSET', rk, id, 's' .. res) else redis.call('HSET', rk, id, 'n') end
     local ok = redis.call('HINCRBY', gk, 'ok', 1)
     if not group[2] and ok >= tonumber(group[1]) then group_succeeded(gid, at, callid, queues) end
   else
-    if not was_ok then redis.call('HSET', rk, gi, string.sub(state, 1, 1)) end
+    if not was_ok then redis.call('HSET', rk, id, string.sub(state, 1, 1)) end
     if not group[2] then group_final(gid, state, at, {}) end
   end
 end
 -- Store the header of a group at src[b] (id, created_at, has meta, meta, has then, then's 16 values when it
--- has one) with member ids `ids` (stored by the caller, each with g and gi); by enqueue call callid. A group
+-- has one) with member ids `ids` (stored by the caller, each with g); by enqueue call callid. A group
 -- without members succeeds at once.
 local function group_stored(src, b, ids, callid, queues)
   local gid = src[b]
@@ -405,7 +407,7 @@ local function group_stored(src, b, ids, callid, queues)
     fields[#fields + 1] = src[b + 3]
   end
   redis.call('HSET', gkey('g', gid), unpack(fields))
-  bulk('RPUSH', gkey('gi', gid), ids)
+  bulk('RPUSH', gkey('gm', gid), ids)
   if src[b + 4] == '1' then redis.call('RPUSH', gkey('gt', gid), unpack(src, b + 5, b + 20)) end
   if #ids == 0 then group_succeeded(gid, src[b + 1], callid, queues) end
 end
@@ -415,9 +417,10 @@ local function replay(log, callid)
   for i, id in ipairs(redis.call('LRANGE', log, 0, -1)) do
     local key = rkey(id)
     local token = callid .. ':' .. i
-    if redis.call('HGET', key, 'k') == token then
+    local k = redis.call('HGET', key, 'k')
+    if k == token or k == token .. 'g' then
       local rec = read(key)
-      if rec[4] == 'active' then emit(out, token, id, rec) end
+      if rec[4] == 'active' then emit(out, k, id, rec) end
     end
   end
   return out
@@ -584,7 +587,7 @@ else
       seq = seq + 1
       if p == 2 then p = nil end
       local extra = nil
-      if gid then extra = {'g', gid, 'gi', string.format('%d', i - 1)} end
+      if gid then extra = {'g', gid} end
       store(ARGV, 5 + (i - 1) * 16, seq, callid, p, queues, extra)
       flags[i] = '1'
     end
@@ -617,11 +620,12 @@ if redis.call('EXISTS', log) == 1 then return replay(log, callid) end
 local out, taken, stale = {}, {}, {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', '(' .. now, 'LIMIT', 0, limit)) do
   local key = rkey(id)
-  local cur = redis.call('HMGET', key, 's', 'q', 'o', 'rn')
+  local cur = redis.call('HMGET', key, 's', 'q', 'o', 'rn', 'g')
   local where = locate(id, 'active', cur[2], cur[3])
   if where and where[1] == 'active' then
     taken[#taken + 1] = id
     local token = callid .. ':' .. #taken
+    if cur[5] then token = token .. 'g' end  -- a group member's token says so (see the settle script)
     local set = {'l', lease, 'k', token}
     if cur[1] ~= 'active' then
       set[#set + 1] = 's'
@@ -672,10 +676,12 @@ end
 return lost
 """
 
-# ARGV: P, call id, then per settlement: id, token, state, at, run_at, run_at as sortable hex, flags (3
-# characters '0'/'1': has error, has result, refund attempt), error, result, follow-up count, 16 values per
-# follow-up task, group count, and per group: its member count, its header (see group_stored()), 16 values
-# per member.
+# ARGV: P, call id, then per settlement: id, token, state, at, run_at, run_at as sortable hex, flags (4
+# characters '0'/'1': has error, has result, refund attempt, has groups), error, result, follow-up count, 16
+# values per follow-up task; with groups, then the group count, and per group: its member count, its header
+# (see group_stored()), 16 values per member.
+# A group member's lease token ends in 'g' (the claim and reclaim scripts make it so), so the record's group
+# field is read only for members: a plain settlement pays nothing for groups.
 # Returns the ids whose lease was lost. A settlement repeated with the same token and verdict (a retry after
 # a dropped connection) counts as applied and changes nothing: so a group member's success is counted in its
 # group once, by the one execution that applied it (and member_ended() counts a member once in any case).
@@ -706,12 +712,15 @@ while i <= #ARGV do
   local nthen = tonumber(ARGV[i + 9])
   local first = i + 10
   i = first + nthen * 16
-  local ngroups = tonumber(ARGV[i])
-  local gfirst = i + 1
-  i = gfirst
-  for _ = 1, ngroups do i = members_at(i) + tonumber(ARGV[i]) * 16 end
+  local ngroups, gfirst = 0, i
+  if string.byte(flags, 4) == 49 then
+    ngroups = tonumber(ARGV[i])
+    gfirst = i + 1
+    i = gfirst
+    for _ = 1, ngroups do i = members_at(i) + tonumber(ARGV[i]) * 16 end
+  end
   local key = rkey(id)
-  local cur = redis.call('HMGET', key, 's', 'k', 'q', 'o', 'a', 'fu', 'rn', 'g', 'gi')
+  local cur = redis.call('HMGET', key, 's', 'k', 'q', 'o', 'a', 'fu', 'rn')
   -- The record's place in the indexes (and its index score) comes from the indexes themselves, so a damaged
   -- queue or enqueued_at field cannot misplace it; a record no active index holds is left to recovery.
   local where = nil
@@ -787,10 +796,12 @@ while i <= #ARGV do
         end
         redis.call('HSET', key, unpack(set))
         later(additions, idx(state, q), score, member)
-        if cur[8] then member_ended(cur[8], cur[9], state, at, result, callid, queues) end
+        if string.byte(token, -1) == 103 then  -- 'g': a group member
+          local gid = redis.call('HGET', key, 'g')
+          if gid then member_ended(gid, id, state, at, result, callid, queues) end
+        end
       end
     end
-    notify('s', id)
     for t = 0, nthen - 1 do
       local b = first + t * 16
       if redis.call('EXISTS', rkey(ARGV[b])) == 0 then
@@ -807,8 +818,7 @@ while i <= #ARGV do
           local b = mb + (j - 1) * 16
           ids[j] = ARGV[b]
           if redis.call('EXISTS', rkey(ARGV[b])) == 0 then
-            store(ARGV, b, redis.call('INCR', P .. 'seq'), callid, nil, queues,
-              {'g', gid, 'gi', string.format('%d', j - 1)})
+            store(ARGV, b, redis.call('INCR', P .. 'seq'), callid, nil, queues, {'g', gid})
           end
         end
         group_stored(ARGV, g0 + 1, ids, callid, queues)
@@ -824,7 +834,8 @@ for key, list in pairs(additions) do bulk('ZADD', key, list) end
 added()
 released()
 announce(queues)
-notified()
+local settled = removals[P .. 'leases']  -- the ids of the settlements applied, in order
+if settled then publish('s', settled) end
 return lost
 """
 

@@ -21,7 +21,7 @@ local done, queues = {}, {}
 for i = 4, #ARGV do
   local id = ARGV[i]
   local key = rkey(id)
-  local cur = redis.call('HMGET', key, 's', 'q', 'o', 'x', 'w', 'rs', 'n', 'ck', 'g', 'gi', 'fu')
+  local cur = redis.call('HMGET', key, 's', 'q', 'o', 'x', 'w', 'rs', 'n', 'ck', 'g', 'fu')
   local where = nil
   if cur[1] or cur[2] or cur[3] then where = locate(id, cur[1], cur[2], cur[3]) end
   if where and where[1] == 'pending' then
@@ -30,12 +30,12 @@ for i = 4, #ARGV do
     redis.call('HSET', key, 's', 'cancelled', 'f', at, 'x', callid, 'q', q)
     redis.call('ZREM', idx('pending', q), member)
     redis.call('ZADD', idx('cancelled', q), where[4], member)
-    if cur[9] then member_ended(cur[9], cur[10], 'cancelled', at, nil, callid, queues) end
+    if cur[9] then member_ended(cur[9], id, 'cancelled', at, nil, callid, queues) end
     notify('s', id)
     done[#done + 1] = id
   elseif where and where[1] == 'active' then
     local set = {'cr', '1', 'x', callid}
-    if cur[11] then
+    if cur[10] then
       redis.call('DEL', P .. 'fu:' .. id)
       set[#set + 1] = 'fu'
       set[#set + 1] = ''
@@ -95,11 +95,11 @@ _GROUP = """
 local gid = ARGV[2]
 local header = redis.call('HMGET', gkey('g', gid), 'n', 'o', 'c', 'f', 'ti', 'meta')
 if not header[1] then return nil end
-local ids = redis.call('LRANGE', gkey('gi', gid), 0, -1)
+local ids = redis.call('LRANGE', gkey('gm', gid), 0, -1)
 local slots, states = {}, {}
 local rk = gkey('gr', gid)
 for j, id in ipairs(ids) do
-  slots[j] = redis.call('HGET', rk, string.format('%d', j - 1))
+  slots[j] = redis.call('HGET', rk, id)
   local cur = redis.call('HMGET', rkey(id), 's', 'g')
   if cur[2] == gid then states[j] = cur[1] else states[j] = false end
 end
@@ -117,7 +117,7 @@ else
   found = redis.call('ZRANGEBYSCORE', fk, '-inf', '(' .. ARGV[3], 'LIMIT', 0, tonumber(ARGV[4]))
 end
 for _, gid in ipairs(found) do
-  redis.call('DEL', gkey('g', gid), gkey('gi', gid), gkey('gr', gid), gkey('gt', gid))
+  redis.call('DEL', gkey('g', gid), gkey('gm', gid), gkey('gr', gid), gkey('gt', gid))
 end
 if #found > 0 then bulk('ZREM', fk, found) end
 return #found

@@ -314,7 +314,7 @@ local function expire(id, q, pmember, iscore, qfield, gid)
   redis.call('HSET', key, unpack(set))
   redis.call('ZREM', idx('pending', q), pmember)
   redis.call('ZADD', idx('cancelled', q), iscore, pmember)
-  if gid then member_ended(gid, redis.call('HGET', key, 'gi'), 'cancelled', now, nil, callid, {}) end
+  if gid then member_ended(gid, id, 'cancelled', now, nil, callid, {}) end
   notify('s', id)
 end
 -- Cancel queue q's due tasks whose expiry passed, wherever they wait (ready, delayed, parked).
@@ -353,6 +353,20 @@ local function promote(q)
   bulk('ZREM', dk, due)
   bulk('ZADD', ready(q), adds)
 end
+-- What a claim reads of each record it takes: FIELDS without st, f and l (started_at and lease_until are the
+-- claim's own; a PENDING record has no finished_at), so no lookup is spent on them (an absent field costs a
+-- scan of the whole hash). taken() emits the record in FIELDS order.
+local TAKEN = {'n', 'q', 'p', 's', 'a', 'm', 'to', 'e', 'r', 'err', 'res', 'meta', 'pr', 'ck', 'ex', 'cr', 'pd',
+  'pt', 'pm', 'g'}
+local function taken(out, token, id, rec)
+  out[#out + 1] = token
+  out[#out + 1] = id
+  for i = 1, 9 do out[#out + 1] = rec[i] end
+  out[#out + 1] = now
+  out[#out + 1] = false
+  out[#out + 1] = lease
+  for i = 10, 20 do out[#out + 1] = rec[i] end
+end
 -- Take queue q's ready tasks in order: cancel the expired, park the held back, lease the rest.
 local function take(q)
   local rk, pk = ready(q), idx('pending', q)
@@ -373,7 +387,7 @@ local function take(q)
         local pmember = string.sub(member, 17)
         local id = string.sub(member, 33)
         local key = rkey(id)
-        local rec = read(key)
+        local rec = redis.call('HMGET', key, unpack(TAKEN))
         if not (rec[1] or rec[2] or rec[4]) and redis.call('EXISTS', key) == 0 then
           removed[#removed + 1] = member  -- the record is gone: drop its entries
           unpending[#unpending + 1] = pmember
@@ -382,8 +396,8 @@ local function take(q)
           -- record's own field is damaged.
           local iscore = tonumber(rec[8])
           if not iscore or iscore ~= iscore then iscore = tonumber(redis.call('ZSCORE', pk, pmember)) or 0 end
-          local N, K = rec[1], rec[17]
-          local ex = tonumber(rec[18])
+          local N, K = rec[1], rec[14]
+          local ex = tonumber(rec[15])
           local L = N and LIM[N]
           local kind = nil
           if ex and ex <= NOW then
@@ -392,7 +406,7 @@ local function take(q)
             kind = admit(N, K, L)
           end
           if kind == 'expired' then
-            expire(id, q, pmember, iscore, rec[2], rec[23])
+            expire(id, q, pmember, iscore, rec[2], rec[20])
             removed[#removed + 1] = member
             xrem[#xrem + 1] = id
             nudge(q, N, K, 'rd:' .. q)
@@ -403,6 +417,7 @@ local function take(q)
             n = n + 1
             budget = budget + 1
             local token = callid .. ':' .. n
+            if rec[20] then token = token .. 'g' end  -- a group member's token says so (see the settle script)
             local attempts = count(rec[5])
             local set = {'s', 'active', 'st', now, 'l', lease, 'k', token}
             if attempts then
@@ -433,8 +448,8 @@ local function take(q)
               set[#set + 1] = rn
             end
             redis.call('HSET', key, unpack(set))
-            rec[4], rec[10], rec[12] = 'active', now, lease
-            if rec[18] then xrem[#xrem + 1] = id end
+            rec[4] = 'active'
+            if rec[15] then xrem[#xrem + 1] = id end
             active[#active + 1] = iscore
             active[#active + 1] = pmember
             leases[#leases + 1] = lease
@@ -442,7 +457,7 @@ local function take(q)
             ids[n] = id
             removed[#removed + 1] = member
             unpending[#unpending + 1] = pmember
-            emit(out, token, id, rec)
+            taken(out, token, id, rec)
           end
         end
       end
