@@ -213,15 +213,8 @@ def settlement_args(settlement: Settlement) -> list[str | bytes]:
 def group_args(group: NewGroup) -> list[str | bytes]:
     """A group's header as the scripts take it (see ``group_stored()`` in the Lua prelude): id, created_at,
     has meta (``0``/``1``), meta, has then (``0``/``1``), then the :func:`new_task_args` of ``then`` when
-    there is one. The members follow separately (their ``group_id`` is the group's; the scripts write it).
-
-    Raises :class:`ValueError` for a member whose ``group_id`` is not the group's id."""
-    for member in group.members:
-        if member.group_id is not None and member.group_id != group.id:
-            raise ValueError(
-                f"group {group.id!r}: member {member.id!r} names group {member.group_id!r}; a member's "
-                "group_id must be its group's id (or None)"
-            )
+    there is one. The members follow separately: the scripts write the group's id into each member's record
+    (whatever the member's own ``group_id`` says)."""
     args: list[str | bytes] = [
         group.id,
         time_text(group.created_at),

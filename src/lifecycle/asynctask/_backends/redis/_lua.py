@@ -14,8 +14,8 @@ live in the declared key's slot. The key layout, version 3 (documented in ``docs
                            lease token, c id of the enqueue call, x id of the last cancel/requeue call, rs
                            run_at as 16 hex digits that sort as the times do, w the parked set a claim moved
                            the PENDING task to (a key suffix; stale once it is back), rn the name and key the
-                           claim counted the ACTIVE task under, fu ``1`` while a debounce follow-up waits, sv
-                           the verdict a settlement applied before a follow-up replaced it; cr ``1`` once
+                           claim counted the ACTIVE task under, fu ``1`` while a debounce follow-up waits; k
+                           becomes ``token/call id`` when the lease is settled; cr ``1`` once
                            the cancellation of the ACTIVE task was asked; pd, pt, pm the progress (done,
                            total, message); g the group the task is a member of.
                            Times are the engine's floats as Python ``repr`` text; ``""`` means None for
@@ -682,9 +682,11 @@ return lost
 # (see group_stored()), 16 values per member.
 # A group member's lease token ends in 'g' (the claim and reclaim scripts make it so), so the record's group
 # field is read only for members: a plain settlement pays nothing for groups.
-# Returns the ids whose lease was lost. A settlement repeated with the same token and verdict (a retry after
-# a dropped connection) counts as applied and changes nothing: so a group member's success is counted in its
-# group once, by the one execution that applied it (and member_ended() counts a member once in any case).
+# Returns the ids whose lease was lost. A settlement applied ends its lease (the token field becomes
+# token/call id), so the same call repeated (a retry after a dropped connection) counts it as applied and
+# changes nothing, while any other call with that token finds the lease gone, as does a second settlement of
+# the id in one call: so a group member's success is counted in its group once, by the one execution that
+# applied it (and member_ended() counts a member once in any case).
 # Publishes the settled ids (one 's' notice).
 _SETTLE = """
 local callid = ARGV[2]
@@ -704,6 +706,7 @@ local function members_at(g0)
   if ARGV[g0 + 5] == '1' then return g0 + 22 end
   return g0 + 6
 end
+local seen = {}
 local i = 3
 while i <= #ARGV do
   local id, token, state, at, run_at, run_rs = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4],
@@ -724,7 +727,12 @@ while i <= #ARGV do
   -- The record's place in the indexes (and its index score) comes from the indexes themselves, so a damaged
   -- queue or enqueued_at field cannot misplace it; a record no active index holds is left to recovery.
   local where = nil
-  if cur[1] == 'active' and cur[2] == token then where = locate(id, 'active', cur[3], cur[4]) end
+  if cur[1] == 'active' and cur[2] == token and not seen[id] then
+    where = locate(id, 'active', cur[3], cur[4])
+  end
+  -- The lease ends with the settlement: its token becomes token/call id, which only a retry of this very call
+  -- (after a lost reply) matches.
+  local ended = token .. '/' .. callid
   if where and where[1] == 'active' then
     local q, member, score = where[2], where[3], where[4]
     local o = string.sub(member, 1, 16)
@@ -747,7 +755,7 @@ while i <= #ARGV do
       redis.call('HDEL', key, 'meta', 'pr', 'ck', 'ex', 'res', 'fu', 'cr')
       place(id, nq, o, r, rs, t[11], t[13], at)
       local set = {'n', t[2], 'q', nq, 'p', t[4], 's', 'pending', 'a', '0', 'm', t[5], 'to', t[6], 'e', t[7],
-        'r', r, 'st', '', 'f', '', 'l', '', 'rs', rs, 'sv', state}
+        'r', r, 'st', '', 'f', '', 'l', '', 'rs', rs, 'k', ended}
       optional(set, t, 1)
       if string.sub(flags, 1, 1) == '1' then
         set[#set + 1] = 'err'
@@ -757,7 +765,7 @@ while i <= #ARGV do
       later(additions, idx('pending', nq), t[7], member)
       queues[nq] = true
     else
-      local set = {'s', state, 'l', ''}
+      local set = {'s', state, 'l', '', 'k', ended}
       if cur[6] then
         set[#set + 1] = 'fu'
         set[#set + 1] = ''
@@ -825,9 +833,10 @@ while i <= #ARGV do
       end
       g0 = mb + m * 16
     end
-  elseif not (cur[2] == token and (cur[1] == state or redis.call('HGET', key, 'sv') == state)) then
+  elseif seen[id] or cur[2] ~= ended then
     lost[#lost + 1] = id
   end
+  seen[id] = true
 end
 for key, list in pairs(removals) do bulk('ZREM', key, list) end
 for key, list in pairs(additions) do bulk('ZADD', key, list) end

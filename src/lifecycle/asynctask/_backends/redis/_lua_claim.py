@@ -353,11 +353,11 @@ local function promote(q)
   bulk('ZREM', dk, due)
   bulk('ZADD', ready(q), adds)
 end
--- What a claim reads of each record it takes: FIELDS without st, f and l (started_at and lease_until are the
--- claim's own; a PENDING record has no finished_at), so no lookup is spent on them (an absent field costs a
--- scan of the whole hash). taken() emits the record in FIELDS order.
-local TAKEN = {'n', 'q', 'p', 's', 'a', 'm', 'to', 'e', 'r', 'err', 'res', 'meta', 'pr', 'ck', 'ex', 'cr', 'pd',
-  'pt', 'pm', 'g'}
+-- What a claim reads of each record it takes: FIELDS without st, f and l (started_at and lease_until are
+-- the claim's own; a PENDING record has no finished_at), so no lookup is spent on them (an absent field
+-- costs a scan of the whole hash). taken() emits the record in FIELDS order.
+local TAKEN = {'n', 'q', 'p', 's', 'a', 'm', 'to', 'e', 'r', 'err', 'res', 'meta', 'pr', 'ck', 'ex', 'cr',
+  'pd', 'pt', 'pm', 'g'}
 local function taken(out, token, id, rec)
   out[#out + 1] = token
   out[#out + 1] = id
@@ -417,7 +417,7 @@ local function take(q)
             n = n + 1
             budget = budget + 1
             local token = callid .. ':' .. n
-            if rec[20] then token = token .. 'g' end  -- a group member's token says so (see the settle script)
+            if rec[20] then token = token .. 'g' end  -- a group member's token says so (see settle)
             local attempts = count(rec[5])
             local set = {'s', 'active', 'st', now, 'l', lease, 'k', token}
             if attempts then
