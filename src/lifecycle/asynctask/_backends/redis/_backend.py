@@ -154,6 +154,8 @@ class RedisBackend:
         self._connect_timeout = check_seconds(connect_timeout, "RedisBackend(connect_timeout=...)")
         self._reconnect_timeout = check_seconds(reconnect_timeout, "RedisBackend(reconnect_timeout=...)")
         self._max_connections = check_count(max_connections, "RedisBackend(max_connections=...)", minimum=2)
+        # A settle call's marker outlives every retry of the call (see the settle script).
+        self._marker_seconds = str(math.ceil(self._reconnect_timeout + 2 * self._socket_timeout) + 10)
         self._clock = clock
         self._client_options = dict(client_options or {})
         self._cluster = bool(cluster) or bool(cluster_option)
@@ -407,11 +409,18 @@ class RedisBackend:
         runner = self._run()
         if not settlements:
             return set()
-        args: list[str | bytes] = [self._call_id()]
+        args: list[str | bytes] = [self._call_id(), self._marker_seconds]
+        leases: set[tuple[str, str]] = set()
+        repeated: set[str] = set()
         for settlement in settlements:
+            lease = (settlement.task_id, settlement.token)
+            if lease in leases:  # the first settlement of a lease ends it: a second one finds it gone
+                repeated.add(settlement.task_id)
+                continue
+            leases.add(lease)
             args += settlement_args(settlement)
         lost = await runner.run("settle", args)
-        return {task_id.decode() for task_id in lost}
+        return {task_id.decode() for task_id in lost} | repeated
 
     async def cancel_requests(self, task_ids: Sequence[str]) -> set[str]:
         """Of ``task_ids``, those ``ACTIVE`` whose cancellation was asked; one read-only script call. See

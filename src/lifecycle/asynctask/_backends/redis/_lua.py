@@ -14,8 +14,8 @@ live in the declared key's slot. The key layout, version 3 (documented in ``docs
                            lease token, c id of the enqueue call, x id of the last cancel/requeue call, rs
                            run_at as 16 hex digits that sort as the times do, w the parked set a claim moved
                            the PENDING task to (a key suffix; stale once it is back), rn the name and key the
-                           claim counted the ACTIVE task under, fu ``1`` while a debounce follow-up waits; k
-                           becomes ``token/call id`` when the lease is settled; cr ``1`` once
+                           claim counted the ACTIVE task under, fu ``1`` while a debounce follow-up waits, sv
+                           the verdict a settlement applied before a follow-up replaced it; cr ``1`` once
                            the cancellation of the ACTIVE task was asked; pd, pt, pm the progress (done,
                            total, message); g the group the task is a member of.
                            Times are the engine's floats as Python ``repr`` text; ``""`` means None for
@@ -44,6 +44,8 @@ live in the declared key's slot. The key layout, version 3 (documented in ``docs
 - ``{P}:queues``           set of queue names seen; ``{P}:seq`` enqueue counter; ``{P}:layout`` version.
 - ``{P}:c:<call id>``      list of task ids one claim/reclaim call leased (expires), so a call retried after
                            a dropped connection returns the same tasks instead of leasing more.
+- ``{P}:sc:<call id>``     string, set by a settle call that applied settlements (expires once the caller no
+                           longer retries), so that only a retry of that call counts them as applied.
 - Groups: ``{P}:g:<gid>`` hash (n members, ok succeeded, o outcome once final, c created_at, f finished_at, ti
   then's id once stored, meta, x the enqueue call), ``{P}:gm:<gid>`` list of member ids in call order,
   ``{P}:gr:<gid>`` hash member id -> how it ended (``s`` + result, ``n`` succeeded without one, ``d``,
@@ -676,21 +678,28 @@ end
 return lost
 """
 
-# ARGV: P, call id, then per settlement: id, token, state, at, run_at, run_at as sortable hex, flags (4
-# characters '0'/'1': has error, has result, refund attempt, has groups), error, result, follow-up count, 16
-# values per follow-up task; with groups, then the group count, and per group: its member count, its header
-# (see group_stored()), 16 values per member.
+# ARGV: P, call id, seconds the call's marker lasts, then per settlement: id, token, state, at, run_at, run_at
+# as sortable hex, flags (4 characters '0'/'1': has error, has result, refund attempt, has groups), error,
+# result, follow-up count, 16 values per follow-up task; with groups, then the group count, and per group:
+# its member count, its header (see group_stored()), 16 values per member.
 # A group member's lease token ends in 'g' (the claim and reclaim scripts make it so), so the record's group
 # field is read only for members: a plain settlement pays nothing for groups.
-# Returns the ids whose lease was lost. A settlement applied ends its lease (the token field becomes
-# token/call id), so the same call repeated (a retry after a dropped connection) counts it as applied and
-# changes nothing, while any other call with that token finds the lease gone, as does a second settlement of
-# the id in one call: so a group member's success is counted in its group once, by the one execution that
-# applied it (and member_ended() counts a member once in any case).
+# Returns the ids whose lease was lost. A call that applied settlements leaves a marker {P}:sc:<call id> that
+# expires after the given seconds (longer than the caller retries), so the same call repeated (a retry after
+# a dropped connection) counts a settlement it finds applied with its token and verdict as applied and
+# changes nothing, while any other call with that token finds the lease gone (a second settlement of one
+# lease in one call is left out by the caller): so a group member's success is counted in its group once, by
+# the one execution that applied it (and member_ended() counts a member once in any case).
 # Publishes the settled ids (one 's' notice).
 _SETTLE = """
-local callid = ARGV[2]
+local callid, marker = ARGV[2], P .. 'sc:' .. ARGV[2]
 local lost, queues = {}, {}
+local RAN = nil
+-- Whether an earlier execution of this very call applied settlements (its reply was lost).
+local function ran()
+  if RAN == nil then RAN = redis.call('EXISTS', marker) == 1 end
+  return RAN
+end
 DEFER = true  -- each task is stored or placed at most once per call
 -- Sorted-set changes are collected per key and made at the end, many members per command.
 local removals, additions = {}, {}
@@ -706,8 +715,7 @@ local function members_at(g0)
   if ARGV[g0 + 5] == '1' then return g0 + 22 end
   return g0 + 6
 end
-local seen = {}
-local i = 3
+local i = 4
 while i <= #ARGV do
   local id, token, state, at, run_at, run_rs = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4],
     ARGV[i + 5]
@@ -727,12 +735,7 @@ while i <= #ARGV do
   -- The record's place in the indexes (and its index score) comes from the indexes themselves, so a damaged
   -- queue or enqueued_at field cannot misplace it; a record no active index holds is left to recovery.
   local where = nil
-  if cur[1] == 'active' and cur[2] == token and not seen[id] then
-    where = locate(id, 'active', cur[3], cur[4])
-  end
-  -- The lease ends with the settlement: its token becomes token/call id, which only a retry of this very call
-  -- (after a lost reply) matches.
-  local ended = token .. '/' .. callid
+  if cur[1] == 'active' and cur[2] == token then where = locate(id, 'active', cur[3], cur[4]) end
   if where and where[1] == 'active' then
     local q, member, score = where[2], where[3], where[4]
     local o = string.sub(member, 1, 16)
@@ -755,7 +758,7 @@ while i <= #ARGV do
       redis.call('HDEL', key, 'meta', 'pr', 'ck', 'ex', 'res', 'fu', 'cr')
       place(id, nq, o, r, rs, t[11], t[13], at)
       local set = {'n', t[2], 'q', nq, 'p', t[4], 's', 'pending', 'a', '0', 'm', t[5], 'to', t[6], 'e', t[7],
-        'r', r, 'st', '', 'f', '', 'l', '', 'rs', rs, 'k', ended}
+        'r', r, 'st', '', 'f', '', 'l', '', 'rs', rs, 'sv', state}
       optional(set, t, 1)
       if string.sub(flags, 1, 1) == '1' then
         set[#set + 1] = 'err'
@@ -765,7 +768,7 @@ while i <= #ARGV do
       later(additions, idx('pending', nq), t[7], member)
       queues[nq] = true
     else
-      local set = {'s', state, 'l', '', 'k', ended}
+      local set = {'s', state, 'l', ''}
       if cur[6] then
         set[#set + 1] = 'fu'
         set[#set + 1] = ''
@@ -833,10 +836,9 @@ while i <= #ARGV do
       end
       g0 = mb + m * 16
     end
-  elseif seen[id] or cur[2] ~= ended then
+  elseif not (cur[2] == token and (cur[1] == state or redis.call('HGET', key, 'sv') == state) and ran()) then
     lost[#lost + 1] = id
   end
-  seen[id] = true
 end
 for key, list in pairs(removals) do bulk('ZREM', key, list) end
 for key, list in pairs(additions) do bulk('ZADD', key, list) end
@@ -844,7 +846,10 @@ added()
 released()
 announce(queues)
 local settled = removals[P .. 'leases']  -- the ids of the settlements applied, in order
-if settled then publish('s', settled) end
+if settled then
+  redis.call('SET', marker, '1', 'EX', ARGV[3])
+  publish('s', settled)
+end
 return lost
 """
 
