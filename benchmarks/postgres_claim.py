@@ -5,8 +5,10 @@
 In a schema of its own (``lifecycle_bench_<random>``, dropped at the end; nothing else is touched), with
 autovacuum off for the table so that no ANALYZE runs: enqueue ``--n`` tasks delayed by an hour, then time
 claims that find nothing due (the worker's idle claim), as ``EXPLAIN ANALYZE`` execution time and as the
-wall time of ``PostgresBackend.claim``; and lease recovery over ``--n`` active tasks (of another queue). Both
-again after ``ANALYZE``. Prints medians in milliseconds. docs/backends.md quotes the numbers.
+wall time of ``PostgresBackend.claim``, without limits and with limits on the backlog's task name (the
+transaction that locks the name, then counts and claims); and lease recovery over ``--n`` active tasks (of
+another queue). All again after ``ANALYZE``. Prints medians in milliseconds. docs/backends.md quotes the
+numbers.
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ def _tasks(prefix: str, n: int, run_at: float, queue: str) -> list[NewTask]:
     return [NewTask(f"{prefix}{i}", "bench.noop", queue, b"[]", 0, None, now, run_at) for i in range(n)]
 
 
-async def _explain_ms(dsn: str, statement: bytes, params: tuple[Any, ...], repeat: int) -> float:
+async def _explain_ms(dsn: str, statement: bytes, params: Any, repeat: int) -> float:
     times = []
     async with await psycopg.AsyncConnection.connect(dsn) as connection:
+        await connection.execute("SET jit = off")  # as on the backend's own connections
         for _ in range(repeat):
             cursor = await connection.execute(b"EXPLAIN (ANALYZE, FORMAT JSON) " + statement, params)
             row = await cursor.fetchone()
@@ -63,7 +66,11 @@ async def _wall_ms(call: Any, repeat: int) -> float:
 async def _measure(dsn: str, backend: PostgresBackend, repeat: int, label: str) -> None:
     st = backend._statements
     now = time.time()
-    claim = await _explain_ms(dsn, st.claim, (["default"], now, 10, 10, now, now + 30), repeat)
+    if hasattr(st, "claim_limited"):  # this version
+        params: Any = {"queues": ["default"], "now": now, "limit": 10, "lease_until": now + 30, "held": []}
+    else:  # the version before flow control, for an A/B run
+        params = (["default"], now, 10, 10, now, now + 30)
+    claim = await _explain_ms(dsn, st.claim, params, repeat)
     claim_wall = await _wall_ms(
         lambda: backend.claim(["default"], 10, now=time.time(), lease_until=time.time() + 30), repeat
     )
@@ -73,6 +80,32 @@ async def _measure(dsn: str, backend: PostgresBackend, repeat: int, label: str) 
         f"lease recovery {reclaim:7.3f} ms (EXPLAIN ANALYZE)",
         flush=True,
     )
+    if hasattr(st, "claim_limited"):
+        from lifecycle.asynctask import FlowLimits
+
+        limits = {"bench.noop": FlowLimits(max_running=100, rate=1000, per=1.0)}
+        limited = {
+            **params,
+            "space": st.lock_space,
+            "names": ["bench.noop"],
+            "rate": [1000.0],
+            "per": [1.0],
+            "max_running": [100],
+            "per_key": [None],
+        }
+        del limited["held"]
+        claim_limited = await _explain_ms(dsn, st.claim_limited, limited, repeat)
+        limited_wall = await _wall_ms(
+            lambda: backend.claim(
+                ["default"], 10, now=time.time(), lease_until=time.time() + 30, limits=limits
+            ),
+            repeat,
+        )
+        print(
+            f"{'':<11} claim with limits {claim_limited:7.3f} ms (EXPLAIN ANALYZE), "
+            f"{limited_wall:7.3f} ms (PostgresBackend.claim)",
+            flush=True,
+        )
 
 
 async def main(argv: list[str] | None = None) -> None:

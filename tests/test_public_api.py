@@ -106,15 +106,84 @@ def test_task_errors_pickle_under_their_public_names() -> None:
 
 
 _ROOT = Path(__file__).parent.parent
+_SOURCE = Path(lifecycle.__file__).parent
+#: The one document about the private modules; every other one is read by users.
+_ARCHITECTURE = _ROOT / "docs" / "architecture.md"
+#: A private module by dotted name or by path (``lifecycle._metrics``, ``lifecycle/asynctask/_engine/``), or
+#: a private module's file name on its own (``_observer.py``).
+_PRIVATE = re.compile(r"lifecycle(?:[./]\w+)*[./]_[a-z]|(?<![\w./])_[a-z]\w*\.py\b")
+
+
+def test_the_private_path_pattern_finds_what_it_must() -> None:
+    for text in (
+        "lifecycle._metrics.AsyncTasksMetrics",
+        'File "/srv/venv/lib/python3.12/site-packages/lifecycle/asynctask/_engine/_runner.py", line 9',
+        "see `lifecycle/_core/`",
+        "lifecycle.asynctask._records",
+        "`_observer.py`",
+    ):
+        assert _PRIVATE.search(text), text
+    for text in (
+        "lifecycle.asynctask.TaskInfo",
+        "lifecycle.lifecycle_tasks",
+        "lifecycle.__all__",
+        "my_app.py",
+    ):
+        assert not _PRIVATE.search(text), text
 
 
 @pytest.mark.parametrize(
-    "path", [*sorted(_ROOT.glob("docs/*.md")), _ROOT / "README.md"], ids=lambda path: path.name
+    "path",
+    [*sorted(p for p in _ROOT.glob("docs/*.md") if p != _ARCHITECTURE), _ROOT / "README.md"],
+    ids=lambda path: path.name,
 )
 def test_no_user_facing_doc_names_a_private_module(path: Path) -> None:
-    if path.name == "architecture.md":
-        pytest.skip("the architecture document is about the private modules")
-    assert not re.findall(r"lifecycle(?:\.\w+)*\._[a-z]", path.read_text()), path
+    found = [match.group() for match in _PRIVATE.finditer(path.read_text())]
+    assert found == [], f"{path.name} names private modules (name public ones instead): {found}"
+
+
+def _architecture_tables() -> list[tuple[str, list[str]]]:
+    """``(directory, entries)`` of each module table in docs/architecture.md: the directory named by the
+    heading above the table (``lifecycle/_core/``), the backticked modules and packages of the table's first
+    column, relative to it."""
+    tables: list[tuple[str, list[str]]] = []
+    directory: str | None = None
+    for line in _ARCHITECTURE.read_text().splitlines():
+        if line.startswith("#"):
+            named = re.findall(r"`(lifecycle/[\w/]*)`", line)
+            directory = named[-1] if named else None
+            continue
+        if directory is None or not line.startswith("| `"):
+            continue
+        first = line.split("|")[1]
+        entries = re.findall(r"`([\w./]+(?:\.py|/))`", first)
+        if not tables or tables[-1][0] != directory:
+            tables.append((directory, []))
+        tables[-1][1].extend(entries)
+    return tables
+
+
+def test_the_architecture_document_names_every_module_and_only_real_ones() -> None:
+    tables = _architecture_tables()
+    assert [directory for directory, _ in tables][:3] == [
+        "lifecycle/",
+        "lifecycle/_core/",
+        "lifecycle/tasks/",
+    ]
+    named: set[Path] = set()
+    for directory, entries in tables:
+        base = _SOURCE.parent / directory
+        assert base.is_dir(), f"docs/architecture.md has a table for {directory}, which does not exist"
+        named.add(base)
+        for entry in entries:
+            path = base / entry
+            exists = path.is_dir() if entry.endswith("/") else path.is_file()
+            assert exists, f"docs/architecture.md names {directory}{entry}, which does not exist"
+            named.add(path)
+    packages = {init.parent for init in _SOURCE.rglob("__init__.py")}
+    modules = {path for path in _SOURCE.rglob("*.py") if path.name != "__init__.py"}
+    missing = sorted(str(path.relative_to(_SOURCE.parent)) for path in (packages | modules) - named)
+    assert missing == [], f"docs/architecture.md does not mention: {missing}"
 
 
 def test_the_docs_list_the_same_api() -> None:

@@ -89,6 +89,8 @@ _PG_TYPES: dict[str, tuple[type, ...]] = {
     "result": (bytes,),
     "attempts": (int,),
     "max_retries": (int,),
+    "priority": (int,),
+    "concurrency_key": (str,),
 }
 
 

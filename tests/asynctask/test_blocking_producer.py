@@ -130,9 +130,9 @@ def test_arguments_are_checked_before_anything_is_stored(url: str) -> None:
     tasks = make_tasks(url, execution=False)
     with tasks.blocking() as producer:
         with pytest.raises(TypeError, match=r"argument 2 \(b\) must be int, got str \('3'\)"):
-            producer.enqueue(add, 2, "3")  # type: ignore[arg-type]
+            producer.enqueue(add, 2, "3")  # type: ignore[arg-type, call-arg]
         with pytest.raises(TypeError, match=r"argument 1 \(a\) must be int, got float"):
-            producer.enqueue_many([Call(add, 1, 2), Call(add, 1.5, 2)])  # type: ignore[list-item]
+            producer.enqueue_many([Call(add, 1, 2), Call(add, 1.5, 2)])  # type: ignore[arg-type, call-arg]
         with pytest.raises(TypeError, match="takes 2 arguments"):
             producer.enqueue("add", 1)
         assert producer.enqueue(add, 1, 2)  # the refusals left the producer usable

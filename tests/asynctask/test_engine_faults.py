@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -18,6 +18,7 @@ from lifecycle.asynctask import (
     AsyncTasks,
     Call,
     ClaimedTask,
+    FlowLimits,
     JSONEncoding,
     ManualClock,
     MemoryBackend,
@@ -123,13 +124,14 @@ async def test_poisoned_payloads_are_dead_naming_the_cause_and_the_rest_of_the_b
         for index, task in enumerate(healthy):
             info = await tasks.wait(task.id, timeout=WAIT)
             assert (info.state, info.result) == (TaskState.SUCCEEDED, index)
+        errors: dict[str, str] = {}
         for key in POISONS:
             info = await tasks.wait(key, timeout=WAIT)
             assert info.state is TaskState.DEAD, key
             assert info.attempts == 1, f"{key}: retrying cannot help, so it is dead at once"
             assert info.last_error is not None
             assert info.last_error.startswith("cannot decode the arguments of task 'ok'"), info.last_error
-        errors = {key: (await tasks.info(key)).last_error for key in POISONS}  # type: ignore[union-attr]
+            errors[key] = info.last_error
         assert "'decimal'" in errors["bad-decimal"]
         assert "nests 1000 levels deep" in errors["deep"]
         assert "UnicodeDecodeError" in errors["not-utf8"]
@@ -237,9 +239,15 @@ class WrongTypes(MemoryBackend):
     """A backend bug: it hands out one record with a field of the wrong type, without a ``fault``."""
 
     async def claim(
-        self, queues: Sequence[str], limit: int, *, now: float, lease_until: float
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
     ) -> list[ClaimedTask]:
-        claimed = await super().claim(queues, limit, now=now, lease_until=lease_until)
+        claimed = await super().claim(queues, limit, now=now, lease_until=lease_until, limits=limits)
         return [
             ClaimedTask(c.token, dataclasses.replace(c.record, timeout="soon"))  # type: ignore[arg-type]
             if c.record.id == "broken"

@@ -421,10 +421,10 @@ async def test_nul_characters_are_refused_before_anything_reaches_the_backend(ta
     for operation in (tasks.info, tasks.cancel, tasks.requeue, tasks.wait):
         name = operation.__name__
         with pytest.raises(ValueError, match=rf"AsyncTasks.{name}\(\): the task id" + refused):
-            await operation(nul)  # type: ignore[operator]
+            await operation(nul)
     for listing in (tasks.list, tasks.requeue_dead):
         with pytest.raises(ValueError, match=r"the queue name" + refused):
-            await listing(queue=nul)  # type: ignore[operator]
+            await listing(queue=nul)
     with pytest.raises(ValueError, match=r"AsyncTasks.purge\(\): the queue name" + refused):
         await tasks.purge("dead", queue=nul)
     assert await tasks.stats() == {}, "nothing was stored"

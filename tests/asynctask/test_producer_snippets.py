@@ -85,7 +85,7 @@ URLS = textwrap.dedent(
 
 
 def snippet(first_line: str) -> str:
-    blocks = re.findall(r"```python\n(.*?)\n```", DOCS, flags=re.S)
+    blocks: list[str] = re.findall(r"```python\n(.*?)\n```", DOCS, flags=re.S)
     found = [block for block in blocks if block.startswith(first_line)]
     assert len(found) == 1, f"docs/asynctask.md must hold one python block starting with {first_line!r}"
     return found[0] + "\n"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from lifecycle import Backoff
 from lifecycle.asynctask import (
     AsyncTasks,
     ClaimedTask,
+    FlowLimits,
     ManualClock,
     MemoryBackend,
     Retry,
@@ -43,12 +44,18 @@ class Instrumented(MemoryBackend):
         self.extend_event: anyio.Event | None = None
 
     async def claim(
-        self, queues: Sequence[str], limit: int, *, now: float, lease_until: float
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
     ) -> list[ClaimedTask]:
         if self.fail_claims:
             self.fail_claims -= 1
             raise ConnectionError("claim failed on purpose")
-        return await super().claim(queues, limit, now=now, lease_until=lease_until)
+        return await super().claim(queues, limit, now=now, lease_until=lease_until, limits=limits)
 
     async def settle(self, settlements: Sequence[Settlement]) -> set[str]:
         if self.fail_settles:

@@ -34,10 +34,8 @@ def _damage(url: str, task_id: str) -> str:
         return "max_retries"
     dsn = url.split("?")[0]
     table = sql.Identifier(option["schema"][0], "lifecycle_tasks")
-    with psycopg.connect(dsn, autocommit=True) as connection:
-        connection.execute(
-            sql.SQL("UPDATE {} SET enqueued_at = 'NaN' WHERE id = %s").format(table), (task_id,)
-        )
+    with psycopg.connect(dsn, autocommit=True) as pg:
+        pg.execute(sql.SQL("UPDATE {} SET enqueued_at = 'NaN' WHERE id = %s").format(table), (task_id,))
     return "enqueued_at"
 
 

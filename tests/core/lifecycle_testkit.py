@@ -26,6 +26,15 @@ def raises(message: str) -> Behaviour:
     return behaviour
 
 
+def task_errors(group: BaseException | None) -> list[lifecycle.TaskError]:
+    """The ``exceptions`` of a :class:`~lifecycle.TaskManagerError`, each checked to be a
+    :class:`~lifecycle.TaskError` (the manager never nests groups): typed, so tests read their attributes."""
+    assert isinstance(group, lifecycle.TaskManagerError), repr(group)
+    errors = [error for error in group.exceptions if isinstance(error, lifecycle.TaskError)]
+    assert len(errors) == len(group.exceptions), f"a nested group in {group!r}"
+    return errors
+
+
 async def returns() -> None:
     """A behaviour that returns at once."""
 

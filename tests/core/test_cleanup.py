@@ -15,6 +15,7 @@ from tests.core.lifecycle_testkit import (
     raises,
     run_capturing,
     run_until_running_then_shut_down,
+    task_errors,
 )
 
 pytestmark = pytest.mark.anyio
@@ -38,7 +39,7 @@ async def test_every_cleanup_runs_even_when_earlier_ones_fail() -> None:
     with pytest.raises(TaskManagerError) as caught:
         await m.run()
     assert [e for e in log if e.endswith("cleanup")] == ["c.cleanup", "b.cleanup", "a.cleanup"]
-    assert [(e.task_name, e.stage) for e in caught.value.exceptions] == [
+    assert [(e.task_name, e.stage) for e in task_errors(caught.value)] == [
         ("c", Stage.EXECUTE),
         ("b", Stage.CLEANUP),
         ("a", Stage.CLEANUP),
@@ -72,7 +73,7 @@ async def test_cleanup_timeout_is_a_cleanup_task_error_with_timeout_cause_and_th
     m.add_task("hangs", FakeTask("hangs", log, cleanup=anyio.sleep_forever), cleanup_timeout=0.01)
     error = await run_until_running_then_shut_down(m, events)
     assert isinstance(error, TaskManagerError)
-    [task_error] = error.exceptions
+    [task_error] = task_errors(error)
     assert (task_error.task_name, task_error.stage) == ("hangs", Stage.CLEANUP)
     assert isinstance(task_error.__cause__, TimeoutError)
     assert log[-3:] == ["hangs.cleanup", "hangs.cleanup.cancelled", "a.cleanup"]
@@ -83,7 +84,7 @@ async def test_manager_cleanup_timeout_is_the_default() -> None:
     m.add_task("hangs", FakeTask("hangs", [], cleanup=anyio.sleep_forever))
     error = await run_until_running_then_shut_down(m, events)
     assert isinstance(error, TaskManagerError)
-    assert isinstance(error.exceptions[0].__cause__, TimeoutError)
+    assert isinstance(task_errors(error)[0].__cause__, TimeoutError)
 
 
 async def test_cancel_cleanups_cancels_the_running_cleanup_inside_its_shield_and_goes_on() -> None:
@@ -102,7 +103,7 @@ async def test_cancel_cleanups_cancels_the_running_cleanup_inside_its_shield_and
         assert m.cancel_cleanups() == 1
     error = await outcome.finished()
     assert isinstance(error, TaskManagerError)
-    [task_error] = error.exceptions
+    [task_error] = task_errors(error)
     assert (task_error.task_name, task_error.stage) == ("stuck", Stage.CLEANUP)
     assert "forced shutdown" in str(task_error.__cause__)
     assert [e for e in log if "cleanup" in e] == [
@@ -143,4 +144,4 @@ async def test_execute_tasks_have_no_cleanup_and_tasks_that_never_initialized_ar
     with pytest.raises(TaskManagerError) as caught:
         await m.run()
     assert log == ["a.initialize"]
-    assert isinstance(caught.value.exceptions[0].__cause__, Boom)
+    assert isinstance(task_errors(caught.value)[0].__cause__, Boom)

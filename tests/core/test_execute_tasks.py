@@ -8,7 +8,15 @@ import anyio
 import pytest
 
 from lifecycle import EventKind, ManagerState, TaskManager, TaskType
-from tests.core.lifecycle_testkit import Events, FakeTask, Outcome, manager, returns, run_capturing
+from tests.core.lifecycle_testkit import (
+    Events,
+    FakeTask,
+    Outcome,
+    manager,
+    returns,
+    run_capturing,
+    task_errors,
+)
 
 # Explicit, so the anyio plugin combines its backend parameter with each test's own parameters.
 pytestmark = pytest.mark.anyio
@@ -280,5 +288,5 @@ async def test_fallback_without_task_handles_uses_a_scope_per_execute_task(
         await returned.wait()
     error = await outcome.finished()
     assert error is not None
-    assert [e.task_name for e in error.exceptions] == ["strict"]  # type: ignore[attr-defined]
+    assert [e.task_name for e in task_errors(error)] == ["strict"]
     assert events.kinds("victim")[-1] == "task_cancelled"

@@ -7,7 +7,16 @@ import anyio.lowlevel
 import pytest
 
 from lifecycle import EventKind, ManagerState, Stage, TaskError, TaskManager, TaskManagerError, TaskType
-from tests.core.lifecycle_testkit import Boom, FakeTask, Outcome, manager, raises, run_capturing
+from tests.core.lifecycle_testkit import (
+    Behaviour,
+    Boom,
+    FakeTask,
+    Outcome,
+    manager,
+    raises,
+    run_capturing,
+    task_errors,
+)
 
 # Explicit, so the anyio plugin combines its backend parameter with each test's own parameters.
 pytestmark = pytest.mark.anyio
@@ -20,7 +29,7 @@ class Overlap:
         self.active = 0
         self.max_active = 0
 
-    def stage(self) -> object:
+    def stage(self) -> Behaviour:
         async def behaviour() -> None:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
@@ -36,7 +45,7 @@ async def test_initialize_runs_serially_in_add_order_with_no_overlap() -> None:
     overlap = Overlap()
     m = TaskManager()
     for name in "abcd":
-        task = FakeTask(name, log, initialize=overlap.stage(), execute=anyio.lowlevel.checkpoint)  # type: ignore[arg-type]
+        task = FakeTask(name, log, initialize=overlap.stage(), execute=anyio.lowlevel.checkpoint)
         m.add_task(name, task, TaskType.STOP_GROUP)
     await m.run()
     assert [e for e in log if e.endswith("initialize")] == [f"{n}.initialize" for n in "abcd"]
@@ -60,7 +69,7 @@ async def test_initialize_failure_cleans_up_in_reverse_one_after_another_and_rai
 
     assert log == ["a.initialize", "b.initialize", "c.initialize", "b.cleanup", "a.cleanup"]
     assert overlap.max_active == 1
-    [error] = caught.value.exceptions
+    [error] = task_errors(caught.value)
     assert (error.task_name, error.stage, error.task_type) == ("c", Stage.INITIALIZE, TaskType.STRICT)
     assert isinstance(error.__cause__, Boom)
     assert "svc" in str(caught.value)
@@ -89,12 +98,12 @@ async def test_initialize_error_comes_first_then_cleanup_errors_in_cleanup_order
     m.add_task("c", FakeTask("c", log, initialize=raises("c init")))
     with pytest.raises(TaskManagerError) as caught:
         await m.run()
-    assert [(e.task_name, e.stage) for e in caught.value.exceptions] == [
+    assert [(e.task_name, e.stage) for e in task_errors(caught.value)] == [
         ("c", Stage.INITIALIZE),
         ("b", Stage.CLEANUP),
         ("a", Stage.CLEANUP),
     ]
-    assert [str(e.__cause__) for e in caught.value.exceptions] == ["c init", "b cleanup", "a cleanup"]
+    assert [str(e.__cause__) for e in task_errors(caught.value)] == ["c init", "b cleanup", "a cleanup"]
 
 
 async def test_initialize_timeout_is_a_timeout_error_and_per_task_overrides_the_default() -> None:
@@ -104,7 +113,7 @@ async def test_initialize_timeout_is_a_timeout_error_and_per_task_overrides_the_
     m.add_task("slow", FakeTask("slow", log, initialize=anyio.sleep_forever), initialize_timeout=0.01)
     with pytest.raises(TaskManagerError) as caught:
         await m.run()
-    [error] = caught.value.exceptions
+    [error] = task_errors(caught.value)
     assert error.task_name == "slow"
     assert error.stage is Stage.INITIALIZE
     assert isinstance(error.__cause__, TimeoutError)
@@ -117,7 +126,7 @@ async def test_default_initialize_timeout_applies_when_not_overridden() -> None:
     m.add_task("slow", FakeTask("slow", [], initialize=anyio.sleep_forever))
     with pytest.raises(TaskManagerError) as caught:
         await m.run()
-    assert isinstance(caught.value.exceptions[0].__cause__, TimeoutError)
+    assert isinstance(task_errors(caught.value)[0].__cause__, TimeoutError)
 
 
 async def test_none_removes_the_default_initialize_bound() -> None:
@@ -156,7 +165,7 @@ async def test_shutdown_during_initialize_stops_initializing_cleans_up_and_retur
             await in_b.wait()
         assert m.state is ManagerState.INITIALIZING
         m.shutdown()
-        assert m.state is ManagerState.STOPPING
+        assert m.state is ManagerState.STOPPING  # type: ignore[comparison-overlap]  # shutdown() changed it
     assert await outcome.finished() is None
     # b's initialize was cancelled (it did not complete, so no cleanup), c never initialized.
     assert log == ["a.initialize", "b.initialize", "b.initialize.cancelled", "a.cleanup"]

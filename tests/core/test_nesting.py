@@ -6,7 +6,16 @@ import anyio
 import pytest
 
 from lifecycle import EventKind, ManagerState, Stage, Task, TaskManager, TaskManagerError
-from tests.core.lifecycle_testkit import Boom, Events, FakeTask, Outcome, manager, raises, run_capturing
+from tests.core.lifecycle_testkit import (
+    Boom,
+    Events,
+    FakeTask,
+    Outcome,
+    manager,
+    raises,
+    run_capturing,
+    task_errors,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -56,11 +65,11 @@ async def test_a_failure_inside_the_sub_manager_fails_its_execute_in_the_outer_o
     outer.add_task("inner", inner)
     with pytest.raises(TaskManagerError) as caught:
         await outer.run()
-    [error] = caught.value.exceptions
+    [error] = task_errors(caught.value)
     assert (error.task_name, error.stage) == ("inner", Stage.EXECUTE)
     nested = error.__cause__
     assert isinstance(nested, TaskManagerError)
-    assert isinstance(nested.exceptions[0].__cause__, Boom)
+    assert isinstance(task_errors(nested)[0].__cause__, Boom)
 
 
 async def test_a_sub_manager_initialize_failure_cleans_up_its_own_tasks() -> None:
@@ -74,8 +83,8 @@ async def test_a_sub_manager_initialize_failure_cleans_up_its_own_tasks() -> Non
     with pytest.raises(TaskManagerError) as caught:
         await outer.run()
     assert log == ["o1.initialize", "i1.initialize", "i2.initialize", "i1.cleanup", "o1.cleanup"]
-    assert caught.value.exceptions[0].stage is Stage.INITIALIZE
-    assert isinstance(caught.value.exceptions[0].__cause__, TaskManagerError)
+    assert task_errors(caught.value)[0].stage is Stage.INITIALIZE
+    assert isinstance(task_errors(caught.value)[0].__cause__, TaskManagerError)
 
 
 async def test_errors_of_a_sub_manager_while_it_is_cancelled_still_reach_the_outer_one() -> None:
@@ -96,7 +105,7 @@ async def test_errors_of_a_sub_manager_while_it_is_cancelled_still_reach_the_out
         outer.shutdown()
     error = await outcome.finished()
     assert isinstance(error, TaskManagerError)
-    assert isinstance(error.exceptions[0].__cause__, TaskManagerError)
+    assert isinstance(task_errors(error)[0].__cause__, TaskManagerError)
 
 
 async def test_a_sub_manager_stopping_on_its_own_is_a_return_of_its_execute() -> None:
@@ -110,7 +119,7 @@ async def test_a_sub_manager_stopping_on_its_own_is_a_return_of_its_execute() ->
         inner.shutdown()
     error = await outcome.finished()
     assert isinstance(error, TaskManagerError), "a STRICT sub-manager that stops is an unexpected stop"
-    assert error.exceptions[0].task_name == "inner"
+    assert task_errors(error)[0].task_name == "inner"
 
 
 async def test_cancel_cleanups_reaches_into_a_nested_manager() -> None:
@@ -131,12 +140,12 @@ async def test_cancel_cleanups_reaches_into_a_nested_manager() -> None:
     error = await outcome.finished()
     assert isinstance(error, TaskManagerError)
     assert [e for e in log if "cleanup" in e] == ["after.cleanup", "stuck.cleanup", "stuck.cleanup.cancelled"]
-    [task_error] = error.exceptions
+    [task_error] = task_errors(error)
     assert (task_error.task_name, task_error.stage) == ("inner", Stage.CLEANUP)
     nested = task_error.__cause__
     assert isinstance(nested, TaskManagerError)
-    assert nested.exceptions[0].task_name == "stuck"
-    assert "forced shutdown" in str(nested.exceptions[0].__cause__)
+    assert task_errors(nested)[0].task_name == "stuck"
+    assert "forced shutdown" in str(task_errors(nested)[0].__cause__)
 
 
 async def test_execute_on_a_manager_not_initialized_as_a_task_is_refused() -> None:

@@ -24,7 +24,7 @@ from lifecycle import (
     UnexpectedStopError,
 )
 from tests.core.fake_timing import FakeTiming
-from tests.core.lifecycle_testkit import Boom, FakeTask, Outcome, manager, run_capturing
+from tests.core.lifecycle_testkit import Boom, FakeTask, Outcome, manager, run_capturing, task_errors
 
 STEADY = Backoff(initial=0.5, cap=4.0, jitter=False)
 
@@ -139,7 +139,7 @@ async def test_intensity_is_a_sliding_window_tested_at_its_edges(
     with pytest.raises(TaskManagerError) as caught:
         with anyio.fail_after(10):
             await m.run()
-    [error] = caught.value.exceptions
+    [error] = task_errors(caught.value)
     assert error.task_name == "flaky"
     assert error.restarts == restarts
     assert isinstance(error.__cause__, Boom)
@@ -158,7 +158,7 @@ async def test_max_restarts_zero_never_restarts_and_says_so() -> None:
     m.add_execute_task("once", failing_at(timing, [0.0]), restart=Restart(max_restarts=0))
     with pytest.raises(TaskManagerError) as caught:
         await m.run()
-    [error] = caught.value.exceptions
+    [error] = task_errors(caught.value)
     assert error.restarts == 0
     assert "gave up after 0 restarts" in str(error)
 
@@ -268,7 +268,7 @@ async def test_a_strict_early_return_is_a_failure_to_restart_and_past_the_intens
     m.add_execute_task("strict", returns_early, restart=Restart(max_restarts=2, backoff=STEADY))
     with pytest.raises(TaskManagerError) as caught:
         await m.run()
-    [error] = caught.value.exceptions
+    [error] = task_errors(caught.value)
     assert calls == 3
     assert isinstance(error.__cause__, UnexpectedStopError)
     assert error.restarts == 2
@@ -346,7 +346,10 @@ async def test_a_failing_initialize_during_a_restart_counts_as_one_more_failure(
         m.shutdown()
     assert await outcome.finished() is None
     restarts = [e for e in events.events if e.kind is EventKind.TASK_RESTARTING]
-    assert [e.error.stage for e in restarts if e.error is not None] == [Stage.EXECUTE, Stage.INITIALIZE]
+    assert [e.error.stage for e in restarts if isinstance(e.error, TaskError)] == [
+        Stage.EXECUTE,
+        Stage.INITIALIZE,
+    ]
     assert timing.sleeps == [0.5, 1.0]
     # the failed initialize released what it took: no cleanup for it, one cleanup per completed initialize
     assert log == [
@@ -367,7 +370,7 @@ async def test_a_failing_first_initialize_is_not_restarted() -> None:
     m.add_task("db", FakeTask("db", log, initialize=_raise_boom), restart=Restart())
     with pytest.raises(TaskManagerError) as caught:
         await m.run()
-    assert [e.stage for e in caught.value.exceptions] == [Stage.INITIALIZE]
+    assert [e.stage for e in task_errors(caught.value)] == [Stage.INITIALIZE]
     assert log == ["db.initialize"]
 
 
@@ -433,7 +436,7 @@ async def test_errors_after_shutdown_began_are_not_restarted() -> None:
         m.shutdown()
     error = await outcome.finished()
     assert isinstance(error, TaskManagerError)
-    assert error.exceptions[0].restarts == 0
+    assert task_errors(error)[0].restarts == 0
     assert timing.sleeps == []
 
 
@@ -548,7 +551,7 @@ async def test_a_failing_cleanup_during_a_restart_counts_as_one_more_failure() -
         m.shutdown()
     assert await outcome.finished() is None
     restarts = [e.error for e in events.events if e.kind is EventKind.TASK_RESTARTING]
-    assert [(e.stage, str(e.__cause__)) for e in restarts if e is not None] == [
+    assert [(e.stage, str(e.__cause__)) for e in restarts if isinstance(e, TaskError)] == [
         (Stage.EXECUTE, "crashed"),
         (Stage.CLEANUP, "cannot close"),
     ]

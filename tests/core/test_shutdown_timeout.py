@@ -16,6 +16,7 @@ from tests.core.lifecycle_testkit import (
     Outcome,
     run_capturing,
     run_until_running_then_shut_down,
+    task_errors,
 )
 
 pytestmark = pytest.mark.anyio
@@ -70,7 +71,7 @@ async def test_stuck_execute_is_reported_with_its_await_stack_and_the_manager_ke
     # The manager kept waiting: the cleanup ran only after the stuck task was released.
     assert log[-2:] == ["stuck reported", "db.cleanup"]
     assert isinstance(error, TaskManagerError)
-    [task_error] = error.exceptions
+    [task_error] = task_errors(error)
     assert (task_error.task_name, task_error.stage) == ("stubborn", Stage.EXECUTE)
     assert isinstance(task_error.__cause__, TimeoutError)
     assert "deep_wait" in str(task_error.__cause__)
@@ -102,7 +103,7 @@ async def test_the_timeout_error_counts_from_the_shutdown_request_not_from_the_e
     error = await outcome.finished()
 
     assert isinstance(error, TaskManagerError)
-    [task_error] = error.exceptions
+    [task_error] = task_errors(error)
     assert isinstance(task_error.__cause__, TimeoutError)
     message = str(task_error.__cause__)
     assert message.startswith(

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -103,8 +104,11 @@ class Child:
         return [next(i for i, line in enumerate(self.lines) if text in line) for text in texts]
 
 
+StartChild = Callable[[str, str], "Child"]
+
+
 @pytest.fixture
-def children() -> object:
+def children() -> Iterator[StartChild]:
     started: list[Child] = []
 
     def start(backend: str, scenario: str) -> Child:
@@ -120,7 +124,7 @@ def children() -> object:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_first_signal_shuts_down_gracefully_with_cleanup_in_reverse(
-    backend: str, signum: int, children
+    backend: str, signum: int, children: StartChild
 ) -> None:
     child = children(backend, "graceful")
     child.expect("EVENT running")
@@ -135,7 +139,9 @@ def test_first_signal_shuts_down_gracefully_with_cleanup_in_reverse(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_second_signal_cancels_the_running_cleanup_and_the_rest_still_run(backend: str, children) -> None:
+def test_second_signal_cancels_the_running_cleanup_and_the_rest_still_run(
+    backend: str, children: StartChild
+) -> None:
     child = children(backend, "second")
     child.expect("EVENT running")
     child.send(signal.SIGINT)
@@ -152,7 +158,9 @@ def test_second_signal_cancels_the_running_cleanup_and_the_rest_still_run(backen
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_third_signal_prints_the_stuck_report_and_exits_at_once(backend: str, signum: int, children) -> None:
+def test_third_signal_prints_the_stuck_report_and_exits_at_once(
+    backend: str, signum: int, children: StartChild
+) -> None:
     child = children(backend, "third")
     child.expect("EVENT running")
     child.send(signum)
@@ -170,7 +178,9 @@ def test_third_signal_prints_the_stuck_report_and_exits_at_once(backend: str, si
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_shutdown_timeout_with_stuck_tasks_exits_with_status_1_and_the_report(backend: str, children) -> None:
+def test_shutdown_timeout_with_stuck_tasks_exits_with_status_1_and_the_report(
+    backend: str, children: StartChild
+) -> None:
     child = children(backend, "timeout")
     child.expect("EVENT running")
     child.send(signal.SIGTERM)
@@ -183,7 +193,9 @@ def test_shutdown_timeout_with_stuck_tasks_exits_with_status_1_and_the_report(ba
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_task_failure_returns_1_after_logging_it_and_why_the_process_exits(backend: str, children) -> None:
+def test_a_task_failure_returns_1_after_logging_it_and_why_the_process_exits(
+    backend: str, children: StartChild
+) -> None:
     child = children(backend, "failure")
     assert child.finish() == 1
     assert child.lines[-1] == "EXIT 1"
@@ -198,7 +210,9 @@ def test_a_task_failure_returns_1_after_logging_it_and_why_the_process_exits(bac
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_the_dump_signal_logs_every_task_stack_and_the_service_goes_on(backend: str, children) -> None:
+def test_the_dump_signal_logs_every_task_stack_and_the_service_goes_on(
+    backend: str, children: StartChild
+) -> None:
     child = children(backend, "stacks")
     child.expect("EVENT running")
     for _ in range(2):  # as often as asked

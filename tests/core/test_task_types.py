@@ -24,6 +24,7 @@ from tests.core.lifecycle_testkit import (
     returns,
     run_capturing,
     run_until_running_then_shut_down,
+    task_errors,
     waits_for,
 )
 
@@ -31,9 +32,9 @@ from tests.core.lifecycle_testkit import (
 pytestmark = pytest.mark.anyio
 
 
-def errors_of(error: BaseException | None) -> list[tuple[str, Stage, TaskType, type[BaseException]]]:
+def errors_of(error: BaseException | None) -> list[tuple[str, Stage, TaskType, type[BaseException | None]]]:
     assert isinstance(error, TaskManagerError)
-    return [(e.task_name, e.stage, e.task_type, type(e.__cause__)) for e in error.exceptions]  # type: ignore[misc]
+    return [(e.task_name, e.stage, e.task_type, type(e.__cause__)) for e in task_errors(error)]
 
 
 @pytest.mark.parametrize("kind", ["task", "execute"])
@@ -50,7 +51,7 @@ async def test_strict_returning_before_shutdown_is_an_unexpected_stop_that_stops
     with pytest.raises(TaskManagerError) as caught:
         await m.run()
     assert errors_of(caught.value) == [("strict", Stage.EXECUTE, TaskType.STRICT, UnexpectedStopError)]
-    assert "returned before shutdown" in str(caught.value.exceptions[0].__cause__)
+    assert "returned before shutdown" in str(task_errors(caught.value)[0].__cause__)
     assert "other.execute.cancelled" in log
     assert log[-1] == "other.cleanup"
 
@@ -170,7 +171,7 @@ async def test_several_failures_are_reported_in_the_order_they_happened() -> Non
     m.add_execute_task("first", first)
     with pytest.raises(TaskManagerError) as caught:
         await m.run()
-    assert [str(e.__cause__) for e in caught.value.exceptions] == ["first", "second"]
+    assert [str(e.__cause__) for e in task_errors(caught.value)] == ["first", "second"]
 
 
 async def test_cancellation_is_not_an_error() -> None:

@@ -24,6 +24,7 @@ import pytest
 import lifecycle
 from lifecycle import EventKind, LifecycleEvent, TaskManagerError
 from lifecycle.tasks import ASGIServer
+from tests.core.lifecycle_testkit import task_errors
 
 SERVERS = ["hypercorn", "uvicorn"]
 WAIT = 20.0
@@ -217,7 +218,7 @@ async def test_a_taken_port_fails_initialize_so_later_tasks_never_start(server_n
         manager.add_task("later", Later())
         with anyio.fail_after(WAIT), pytest.raises(TaskManagerError) as caught:
             await manager.run()
-    [error] = caught.value.exceptions
+    [error] = task_errors(caught.value)
     assert error.task_name == "http"
     assert error.stage is lifecycle.Stage.INITIALIZE
     assert isinstance(error.__cause__, OSError)
@@ -326,7 +327,7 @@ async def test_a_failing_lifespan_startup_fails_the_task_not_the_process(server_
     manager.add_task("http", ASGIServer(App(lifespan_fails=True), port=0, server=server_name))  # type: ignore[arg-type]
     with anyio.fail_after(WAIT), pytest.raises(TaskManagerError) as caught:
         await manager.run()
-    [error] = caught.value.exceptions
+    [error] = task_errors(caught.value)
     assert (error.task_name, error.stage) == ("http", lifecycle.Stage.EXECUTE)
     assert isinstance(error.__cause__, Exception), "never a SystemExit that would end the process"
 

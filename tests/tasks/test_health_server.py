@@ -13,6 +13,7 @@ import pytest
 import lifecycle
 from lifecycle import EventKind, LifecycleEvent, ManagerState, Restart
 from lifecycle.tasks import HealthServer
+from tests.core.lifecycle_testkit import task_errors
 
 
 async def http(
@@ -258,7 +259,7 @@ async def test_a_port_in_use_fails_the_startup() -> None:
         manager.add_task("health", HealthServer(manager, port=taken.getsockname()[1]))
         with pytest.raises(lifecycle.TaskManagerError) as caught:
             await manager.run()
-    [error] = caught.value.exceptions
+    [error] = task_errors(caught.value)
     assert error.stage is lifecycle.Stage.INITIALIZE
     assert isinstance(error.__cause__, OSError)
 

@@ -11,6 +11,7 @@ import pytest
 
 import lifecycle
 from lifecycle.tasks import Repeat
+from tests.core.lifecycle_testkit import task_errors
 
 
 class FakeTime:
@@ -314,7 +315,7 @@ async def test_a_wrapped_task_added_as_an_execute_task_says_to_use_add_task() ->
     manager.add_execute_task("sync", Repeat(Syncer([]), interval=1))
     with anyio.fail_after(10), pytest.raises(lifecycle.TaskManagerError) as caught:
         await manager.run()
-    [error] = caught.value.exceptions
+    [error] = task_errors(caught.value)
     assert isinstance(error.__cause__, RuntimeError)
     assert "add it with manager.add_task()" in str(error.__cause__)
 

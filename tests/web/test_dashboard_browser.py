@@ -282,7 +282,12 @@ def test_a_read_only_dashboard_offers_no_action_and_refuses_them(
 
 def test_markup_in_a_task_is_shown_as_text_and_never_runs(page: Any, served: Server) -> None:
     dialogs: list[str] = []
-    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+
+    def dismiss(dialog: Any) -> None:
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", dismiss)
     for path in ("task?id=ui-evil", "tasks?queue=evil", ""):
         page.goto(f"{served.url}{path}")
         expect(page.locator("body")).to_contain_text("<script>window.__pwned = 1</script>")

@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 
 from .._checks import check_seconds
 
 __all__ = ["Backoff"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Backoff:
     """Exponential backoff with optional full jitter.
 
@@ -31,25 +32,33 @@ class Backoff:
         4.0
     """
 
-    initial: float = 0.1
-    cap: float = 30.0
-    multiplier: float = 2.0
-    jitter: bool = True
+    initial: float
+    cap: float
+    multiplier: float
+    jitter: bool
 
-    def __post_init__(self) -> None:
-        initial = check_seconds(self.initial, "Backoff initial", allow_zero=True)
-        cap = check_seconds(self.cap, "Backoff cap", allow_zero=True)
-        if cap < initial:
-            raise ValueError(f"Backoff cap ({self.cap!r}) must be >= initial ({self.initial!r})")
-        multiplier = self.multiplier
+    # An __init__ of its own (not the dataclass's): it takes a timedelta where the field keeps a float.
+    def __init__(
+        self,
+        initial: float | timedelta = 0.1,
+        cap: float | timedelta = 30.0,
+        multiplier: float = 2.0,
+        jitter: bool = True,
+    ) -> None:
+        seconds = check_seconds(initial, "Backoff initial", allow_zero=True)
+        ceiling = check_seconds(cap, "Backoff cap", allow_zero=True)
+        if ceiling < seconds:
+            raise ValueError(f"Backoff cap ({cap!r}) must be >= initial ({initial!r})")
         if isinstance(multiplier, bool) or not isinstance(multiplier, int | float):
             raise TypeError(
                 f"Backoff multiplier must be a number of at least 1 (an int or float), got {multiplier!r}"
             )
         if not math.isfinite(multiplier) or multiplier < 1:
             raise ValueError(f"Backoff multiplier must be a finite number of at least 1, got {multiplier!r}")
-        object.__setattr__(self, "initial", initial)
-        object.__setattr__(self, "cap", cap)
+        object.__setattr__(self, "initial", seconds)
+        object.__setattr__(self, "cap", ceiling)
+        object.__setattr__(self, "multiplier", multiplier)
+        object.__setattr__(self, "jitter", jitter)
 
     def ceiling(self, attempt: int) -> float:
         """The largest delay for the ``attempt``-th retry (1-based)."""

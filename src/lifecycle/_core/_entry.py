@@ -62,37 +62,39 @@ class Entry:
         cleanup_timeout: float | None = None,
         restart: Restart | None = None,
     ) -> None:
-        self.name = name
+        self.name: str = name
         self.kind: TaskKind = kind
-        self.task = task
-        self.task_type = task_type
-        self.execute_fn = execute_fn
-        self.runtime = runtime
+        self.task: Any = task
+        self.task_type: TaskType = task_type
+        self.execute_fn: Callable[[], Awaitable[None]] = execute_fn
+        self.runtime: bool = runtime
         # Work hot-added while running (one per connection, say) reports its steps at DEBUG, not INFO.
-        self.level = logging.DEBUG if runtime else logging.INFO
-        self.initialize_timeout = initialize_timeout
-        self.cleanup_timeout = cleanup_timeout
+        self.level: int = logging.DEBUG if runtime else logging.INFO
+        self.initialize_timeout: float | None = initialize_timeout
+        self.cleanup_timeout: float | None = cleanup_timeout
         self.stage: Stage | None = None
         self.state: TaskRunState = "pending"
-        self.stage_t0 = 0.0
+        self.stage_t0: float = 0.0
         self.started_at: float | None = None
         self.ended_at: float | None = None
         self.error: BaseException | None = None
-        self.initialized = False
-        self.finished = False
-        self.cancel_requested = False
+        self.initialized: bool = False
+        self.finished: bool = False
+        self.cancel_requested: bool = False
         self.scope: anyio.CancelScope | None = None
         # anyio >= 4.14: the TaskHandle start_soon returns (it has its own cancel scope, so cancelling one
         # execute task needs no extra scope of ours); None on older anyio.
         self.task_handle: Any = None
         self.awaitable: object | None = None
         self.done_event: anyio.Event | None = None
-        self.restart = restart
-        self.window = None if restart is None else RestartWindow(restart)
-        self.restarts = 0
+        self.restart: Restart | None = restart
+        self.window: RestartWindow | None = None if restart is None else RestartWindow(restart)
+        self.restarts: int = 0
         self.last_error: BaseException | None = None
-        self.restarting = False  # between a failure and the next execute (backoff, cleanup, initialize)
-        self.starting = False  # queued at the start of the execute phase and not executing yet (readiness)
+        # Between a failure and the next execute (backoff, cleanup, initialize):
+        self.restarting: bool = False
+        # Queued at the start of the execute phase and not executing yet (readiness):
+        self.starting: bool = False
 
     def snapshot(self) -> TaskStatus:
         """This entry as an immutable :class:`TaskStatus` row."""

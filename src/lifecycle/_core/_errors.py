@@ -30,6 +30,13 @@ class TaskError(Exception):
                 print(error.task_name, error.stage.value, repr(error.__cause__))
     """
 
+    task_name: str
+    stage: Stage
+    task_type: TaskType
+    restarts: int
+    restart_note: str
+    __cause__: BaseException | None  # the task's own exception (the base class's declaration, restated)
+
     def __init__(
         self,
         task_name: str,

@@ -8,7 +8,8 @@ measured in comes from the manager's ``clock`` (``TaskManager(clock=..., sleep=.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Literal
 
 from .._checks import check_count, check_seconds
@@ -21,9 +22,10 @@ __all__ = ["Restart", "RestartMode", "RestartWindow"]
 RestartMode = Literal["on-failure", "always"]
 
 _MODES = ("on-failure", "always")
+_DEFAULT_BACKOFF = Backoff(initial=0.1, cap=30.0)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Restart:
     """A restart policy for one task: ``add_task(..., restart=)`` or ``add_execute_task(..., restart=)``.
 
@@ -52,18 +54,29 @@ class Restart:
         manager.add_task("consumer", Consumer(), restart=lifecycle.Restart(max_restarts=3, within=30))
     """
 
-    mode: RestartMode = "on-failure"
-    max_restarts: int = 5
-    within: float = 60.0
-    backoff: Backoff = field(default=Backoff(initial=0.1, cap=30.0))
+    mode: RestartMode
+    max_restarts: int
+    within: float
+    backoff: Backoff
 
-    def __post_init__(self) -> None:
-        if self.mode not in _MODES:
-            raise ValueError(f"Restart mode must be 'on-failure' or 'always', got {self.mode!r}")
-        check_count(self.max_restarts, "Restart max_restarts")
-        object.__setattr__(self, "within", check_seconds(self.within, "Restart within"))
-        if not isinstance(self.backoff, Backoff):
-            raise TypeError(f"Restart backoff must be a lifecycle.Backoff, got {self.backoff!r}")
+    # An __init__ of its own (not the dataclass's): it takes a timedelta where the field keeps a float.
+    def __init__(
+        self,
+        mode: RestartMode = "on-failure",
+        max_restarts: int = 5,
+        within: float | timedelta = 60.0,
+        backoff: Backoff = _DEFAULT_BACKOFF,
+    ) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"Restart mode must be 'on-failure' or 'always', got {mode!r}")
+        check_count(max_restarts, "Restart max_restarts")
+        seconds = check_seconds(within, "Restart within")
+        if not isinstance(backoff, Backoff):
+            raise TypeError(f"Restart backoff must be a lifecycle.Backoff, got {backoff!r}")
+        object.__setattr__(self, "mode", mode)
+        object.__setattr__(self, "max_restarts", max_restarts)
+        object.__setattr__(self, "within", seconds)
+        object.__setattr__(self, "backoff", backoff)
 
     def describe(self) -> str:
         """A short human-readable form, used in error messages."""

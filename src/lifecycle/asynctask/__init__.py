@@ -19,6 +19,8 @@ from ._model import Call as Call
 from ._model import ChainInfo as ChainInfo
 from ._model import ChainStep as ChainStep
 from ._model import FlowStats as FlowStats
+from ._model import Group as Group
+from ._model import GroupInfo as GroupInfo
 from ._model import QueueStats as QueueStats
 from ._model import Retry as Retry
 from ._model import TaskContext as TaskContext
@@ -55,6 +57,8 @@ __all__ = (
     "FlowLimits",
     "FlowState",
     "FlowStats",
+    "Group",
+    "GroupInfo",
     "GroupRecord",
     "JSONEncoding",
     "ManualClock",

@@ -51,7 +51,7 @@ class Tasks(Protocol):
         self,
         task_id: str,
         *,
-        timeout: float | None = None,
+        timeout: float | timedelta | None = None,
         states: Collection[TaskState | str] | None = None,
     ) -> TaskInfo: ...
 
@@ -196,7 +196,7 @@ class BlockingProducer:
         self,
         task_id: str,
         *,
-        timeout: float | None = None,
+        timeout: float | timedelta | None = None,
         states: Collection[TaskState | str] | None = None,
     ) -> TaskInfo:
         """Block until the task is finished (or in one of ``states``) and return it: :meth:`AsyncTasks.wait`

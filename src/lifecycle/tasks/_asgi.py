@@ -283,13 +283,13 @@ class ASGIServer:
             raise ValueError(f"ASGIServer(server={server!r}): unknown server; use 'hypercorn' or 'uvicorn'")
         if not callable(app):
             raise TypeError(f"ASGIServer needs an ASGI application (a callable), got {app!r}")
-        self.host = check_name(host, "ASGIServer host")
+        self.host: str = check_name(host, "ASGIServer host")
         if check_count(port, "ASGIServer port") > 65535:
             raise ValueError(f"ASGIServer port must be an int from 0 to 65535, got {port!r}")
         #: The TCP port: as given until ``initialize`` has bound it, then the bound one (useful with 0).
-        self.port = port
+        self.port: int = port
         self._requested_port = port
-        self.grace = check_seconds(grace, "ASGIServer grace", allow_zero=True)
+        self.grace: float = check_seconds(grace, "ASGIServer grace", allow_zero=True)
         for key in server_options:
             owner = _OWNED[server].get(key)
             if owner is not None:

@@ -119,13 +119,13 @@ class HealthServer:
         self._manager = manager
         self.host = host
         #: The TCP port: as given until ``initialize`` has bound it, then the bound one (useful with 0).
-        self.port = port
+        self.port: int = port
         if metrics is None and metrics_available():
             metrics = Metrics(manager)
         self.metrics = metrics
         self._request_timeout = check_seconds(request_timeout, "HealthServer request_timeout")
         self._dashboard = None if dashboard is None else _dashboard_app(dashboard)
-        self.debug = bool(debug)
+        self.debug: bool = bool(debug)
         self._paths = _DEBUG_PATHS if self.debug else _PATHS
         self._listener: Listener[SocketStream] | None = None
         self._serving: anyio.CancelScope | None = None

@@ -41,8 +41,8 @@ class ProcessExitedError(UnexpectedStopError):
 
     def __init__(self, message: str, returncode: int, output: Sequence[str] = ()) -> None:
         super().__init__(message)
-        self.returncode = returncode
-        self.output = tuple(output)
+        self.returncode: int = returncode
+        self.output: tuple[str, ...] = tuple(output)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.args[0], self.returncode, self.output))

@@ -184,7 +184,7 @@ async def test_an_older_schema_is_migrated_step_by_step(
     async def add_column(cursor: psycopg.AsyncCursor[tuple[object, ...]], schema: str) -> None:
         steps.append(1)
         table = sql.Identifier(schema, "lifecycle_tasks")
-        await cursor.execute(sql.SQL("ALTER TABLE {} ADD COLUMN priority integer").format(table))
+        await cursor.execute(sql.SQL("ALTER TABLE {} ADD COLUMN added_by_the_test integer").format(table))
 
     current = schema_module.SCHEMA_VERSION
     monkeypatch.setattr(schema_module, "SCHEMA_VERSION", current + 1)
@@ -198,9 +198,9 @@ async def test_an_older_schema_is_migrated_step_by_step(
     columns = await _execute(
         postgres_dsn,
         "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND column_name = %s",
-        (pg_schema, "priority"),
+        (pg_schema, "added_by_the_test"),
     )
-    assert columns == [("priority",)]
+    assert columns == [("added_by_the_test",)]
     assert (await migrated.get("kept")) is not None, "a migration keeps the stored tasks"
     await open_pg()
     assert steps == [1], "a migrated schema is not migrated again"

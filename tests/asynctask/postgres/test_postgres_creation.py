@@ -157,7 +157,7 @@ async def test_a_role_that_may_only_read_can_open_and_inspect(postgres_dsn: str,
             await admin.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {0} TO {0}").format(role))
             params = psycopg.conninfo.conninfo_to_dict(postgres_dsn)
             params.update(user=pg_schema, password=None)
-            reader = PostgresBackend(psycopg.conninfo.make_conninfo(**params), schema=pg_schema)
+            reader = PostgresBackend(psycopg.conninfo.make_conninfo("", **params), schema=pg_schema)
             await reader.open(create=False)
             try:
                 assert await reader.stats() == {"default": {TaskState.PENDING: 1}}

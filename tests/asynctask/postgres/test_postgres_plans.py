@@ -1,5 +1,8 @@
 """The worker's hot statements keep an index plan whatever the planner statistics say.
 
+The claims are server-side functions (see ``_functions``), whose inner plans EXPLAIN cannot show: their tests
+count the buffers a claim touches instead, which tells a few index probes from a walk over the backlog.
+
 A queue table changes faster than autovacuum analyses it: a backlog of tens of thousands of tasks written
 since the last ANALYZE (or into a table analysed while empty) leaves the planner guessing. These tests fill a
 fresh schema with such a backlog, with autovacuum off for the table so no ANALYZE can run, record the
@@ -12,6 +15,7 @@ Speed itself is measured by benchmarks, not here.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +24,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from lifecycle.asynctask import FlowLimits, NewTask, TaskState
 from lifecycle.asynctask._backends.postgres import _ops as ops
 from lifecycle.asynctask._backends.postgres._schema import TASKS_TABLE
 
@@ -32,21 +37,29 @@ _INDEX_SCANS = {"Index Scan", "Index Only Scan", "Bitmap Index Scan"}
 
 
 class _RecordingCursor(psycopg.AsyncCursor[Any]):
-    """Runs nothing: records each statement and its parameters as the backend's code sends them."""
+    """Runs nothing: records each statement and its parameters as the backend's code sends them; each
+    ``fetchall`` answers the next of ``answers`` (no rows once they are used up)."""
 
     executed: list[tuple[Any, Any]] = []
+    answers: list[list[Any]] = []
 
     async def execute(self, query: Any, params: Any = None, **_: Any) -> _RecordingCursor:
         type(self).executed.append((query, params))
         return self
 
     async def fetchall(self) -> list[Any]:
-        return []
+        return type(self).answers.pop(0) if type(self).answers else []
+
+    async def fetchone(self) -> Any:
+        return None
 
 
-async def _recorded(dsn: str, run: Any, statements: int = 1) -> list[tuple[Any, Any]]:
+async def _recorded(
+    dsn: str, run: Any, statements: int = 1, answers: list[list[Any]] | None = None
+) -> list[tuple[Any, Any]]:
     """The ``statements`` statements (and their parameters) ``run(connection)`` executes through ``ops``."""
     _RecordingCursor.executed = []
+    _RecordingCursor.answers = list(answers or [])
     async with await psycopg.AsyncConnection.connect(
         dsn, autocommit=True, cursor_factory=_RecordingCursor
     ) as connection:
@@ -69,6 +82,9 @@ async def _plans(dsn: str, query: Any, params: Any) -> dict[str, dict[str, Any]]
         await cursor.execute("SELECT name FROM pg_prepared_statements WHERE from_sql = false")
         (name,) = (await cursor.fetchone()) or ("",)
         await cursor.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        if isinstance(params, dict):  # named: psycopg numbers them in the order they first appear
+            names = dict.fromkeys(re.findall(rb"%\((\w+)\)[sb]", query))
+            params = [params[name.decode()] for name in names]
         literals = sql.SQL(", ").join(sql.Literal(value) for value in params)
         explain = sql.SQL("EXPLAIN (FORMAT JSON) EXECUTE {}({})").format(sql.Identifier(name), literals)
         await cursor.execute(explain)
@@ -103,9 +119,28 @@ async def _backlog_table(dsn: str, schema: str) -> None:
         await connection.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = false)").format(table))
 
 
-async def test_a_claim_probes_indexes_over_an_unanalysed_delayed_backlog(
+async def _buffers(dsn: str, query: Any, params: Any) -> tuple[int, list[Any]]:
+    """The shared buffers ``query`` touches (hit or read, the work of the functions it calls included) and
+    its rows, run in a transaction that is rolled back (after one run to warm the session's plans)."""
+    async with await psycopg.AsyncConnection.connect(dsn) as connection:
+        cursor = connection.cursor()
+        await cursor.execute(query, params)
+        await connection.rollback()
+        await cursor.execute(query, params)
+        rows = await cursor.fetchall()
+        await connection.rollback()
+        await cursor.execute(b"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + query, params)
+        plan = (await cursor.fetchone())[0][0]["Plan"]  # type: ignore[index]
+        await connection.rollback()
+    return int(plan["Shared Hit Blocks"]) + int(plan["Shared Read Blocks"]), rows
+
+
+async def test_an_idle_claim_reads_a_few_buffers_over_an_unanalysed_delayed_backlog(
     open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str
 ) -> None:
+    """The claim is a server-side function: EXPLAIN cannot show the plans inside, but the buffers it touches
+    tell whether it probed the index or walked the backlog (the 20 000 delayed tasks fill hundreds of
+    pages)."""
     backend = await open_pg()
     await _backlog_table(postgres_dsn, pg_schema)
     for start in range(0, _BACKLOG, 10_000):
@@ -116,9 +151,52 @@ async def test_a_claim_probes_indexes_over_an_unanalysed_delayed_backlog(
     [(query, params)] = await _recorded(
         postgres_dsn, lambda conn: ops.claim(conn, statements, ["default"], 10, now, now + 30)
     )
-    for plan in (await _plans(postgres_dsn, query, params)).values():
-        _assert_index_probes_only(plan, TASKS_TABLE)
+    touched, rows = await _buffers(postgres_dsn, query, params)
+    assert rows == []
+    assert touched < 50, f"an idle claim touched {touched} buffers"
     assert await backend.claim(["default"], 10, now=now, lease_until=now + 30) == []
+
+
+@pytest.mark.parametrize("analysed", [False, True])
+async def test_a_claim_with_limits_steps_over_a_saturated_name_at_the_head_of_the_queue(
+    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str, analysed: bool
+) -> None:
+    """40 000 due tasks of a name at its max_running sit before the tasks of other names: the claim takes
+    those others without reading the held ones (a bounded number of buffers: walking them would touch over
+    a thousand), and leaves the held ones untouched."""
+    backend = await open_pg()
+    await _backlog_table(postgres_dsn, pg_schema)
+    now = time.time()
+    for start in range(0, 40_000, 10_000):
+        head = [
+            NewTask(f"h{n}", "tests.limited", "default", b"", 0, None, now - 60, now - 60)
+            for n in range(start, start + 10_000)
+        ]
+        await backend.enqueue_many(head)
+    behind = [NewTask(f"o{n}", f"tests.other{n % 3}", "default", b"", 0, None, now, now) for n in range(6)]
+    behind += [
+        NewTask(f"k{n}", "tests.keyed", "default", b"", 0, None, now, now, concurrency_key=f"k{n % 2}")
+        for n in range(4)
+    ]
+    await backend.enqueue_many(behind)
+    if analysed:  # statistics that know most pending tasks are of the held name
+        async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as connection:
+            await connection.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(pg_schema, TASKS_TABLE)))
+    limits = {"tests.limited": FlowLimits(max_running=1), "tests.keyed": FlowLimits(max_running_per_key=1)}
+    first = await backend.claim(["default"], 1, now=now, lease_until=now + 600, limits=limits)
+    assert [c.record.id for c in first] == ["h0"]
+    statements = backend._statements
+    [(query, params)] = await _recorded(
+        postgres_dsn, lambda conn: ops.claim(conn, statements, ["default"], 20, now, now + 30, limits)
+    )
+    touched, rows = await _buffers(postgres_dsn, query, params)
+    assert sorted(row[2] for row in rows) == ["k0", "k1", "o0", "o1", "o2", "o3", "o4", "o5"]
+    assert touched < 300, f"the claim touched {touched} buffers: it read the held tasks"
+    claimed = await backend.claim(["default"], 20, now=now, lease_until=now + 30, limits=limits)
+    assert sorted(c.record.id for c in claimed) == ["k0", "k1", "o0", "o1", "o2", "o3", "o4", "o5"]
+    held = await backend.get("h1")
+    assert held is not None
+    assert (held.state, held.attempts) == (TaskState.PENDING, 0)
 
 
 async def test_lease_recovery_probes_indexes_over_an_unanalysed_active_backlog(
@@ -139,3 +217,52 @@ async def test_lease_recovery_probes_indexes_over_an_unanalysed_active_backlog(
     for query, params in recorded:
         for plan in (await _plans(postgres_dsn, query, params)).values():
             _assert_index_probes_only(plan, TASKS_TABLE)
+
+
+async def test_the_look_for_due_work_probes_indexes_over_an_unanalysed_backlog(
+    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str
+) -> None:
+    backend = await open_pg()
+    await _backlog_table(postgres_dsn, pg_schema)
+    now = time.time()
+    for start in range(0, _BACKLOG, 10_000):
+        batch = [
+            NewTask(f"d{n}", "tests.job", "default", b"", 0, None, now, now + 3600, priority=n % 3)
+            for n in range(start, start + 10_000)
+        ]
+        await backend.enqueue_many(batch)
+    statements = backend._statements
+    recorded = await _recorded(postgres_dsn, lambda conn: ops.next_due(conn, statements, ["default"]))
+    for query, params in recorded:
+        for plan in (await _plans(postgres_dsn, query, params)).values():
+            _assert_index_probes_only(plan, TASKS_TABLE)
+
+
+@pytest.mark.parametrize("limited", [False, True])
+async def test_a_claim_from_a_large_due_backlog_reads_only_what_it_takes(
+    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str, limited: bool
+) -> None:
+    """A draining worker's claim of one task: 20 000 due tasks, statistics up to date. The claims' statements
+    run with generic plans (see ``_functions``); a generic plan that fetched the whole due range to sort it
+    would touch hundreds of pages per claim. (Each row the claim leases costs about 15 buffer touches: the
+    index entries its new version gets.)"""
+    backend = await open_pg()
+    now = time.time()
+    for start in range(0, _BACKLOG, 10_000):
+        batch = [
+            NewTask(
+                f"d{n}", "tests.job", "default", b"", 0, None, now - 60, now - 60, concurrency_key=f"k{n}"
+            )
+            for n in range(start, start + 10_000)
+        ]
+        await backend.enqueue_many(batch)
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as connection:
+        await connection.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(pg_schema, TASKS_TABLE)))
+    limits = {"tests.job": FlowLimits(max_running=1000, max_running_per_key=1)} if limited else None
+    statements = backend._statements
+    [(query, params)] = await _recorded(
+        postgres_dsn, lambda conn: ops.claim(conn, statements, ["default"], 1, now, now + 30, limits)
+    )
+    touched, rows = await _buffers(postgres_dsn, query, params)
+    assert len(rows) == 1
+    assert touched < 100, f"a claim of one task touched {touched} buffers"

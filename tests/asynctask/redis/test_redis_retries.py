@@ -48,7 +48,7 @@ def lose_first_reply(
                 raise redis.exceptions.ConnectionError("Connection closed by server. (simulated)")
         return reply
 
-    client.evalsha = evalsha  # type: ignore[method-assign]
+    client.evalsha = evalsha  # type: ignore[method-assign, assignment]
     return calls
 
 
@@ -182,12 +182,12 @@ async def test_killed_connections_are_replaced_without_losing_work(own_redis: Re
                 group.start_soon(wait)
                 await until_blocked(admin, 1)
                 # Kill every client connection but this one: the blocked waiter's and the pooled ones.
-                await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+                await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")  # type: ignore[no-untyped-call]
                 await returned.wait()  # a dropped wait returns early instead of hanging for 60 s
             claimed = await backend.claim(["default"], 10, now=T0, lease_until=T0 + 30)
         assert len(claimed) == 4
         verdicts = [Settlement(c.record.id, c.token, TaskState.SUCCEEDED, at=T0 + 1) for c in claimed]
-        await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")  # type: ignore[no-untyped-call]
         assert await backend.settle(verdicts) == set()
         assert await backend.stats() == {"default": {TaskState.SUCCEEDED: 4}}
     finally:

@@ -58,7 +58,7 @@ def check_states(state: TaskState | str | Collection[TaskState | str]) -> set[Ta
 
 
 def check_retention(
-    retention: Mapping[TaskState | str, float | timedelta | None] | None,
+    retention: Mapping[TaskState, float | timedelta | None] | Mapping[str, float | timedelta | None] | None,
 ) -> dict[TaskState, float | None]:
     """``retention`` merged over :data:`DEFAULT_RETENTION`; only final states, seconds >= 0 or ``None``."""
     merged: dict[TaskState, float | None] = dict(DEFAULT_RETENTION)

@@ -12,6 +12,7 @@ import hashlib
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from datetime import timedelta
 from typing import Any, Literal, TypeVar
 
 import anyio
@@ -32,7 +33,7 @@ from ...._checks import check_count, check_name, check_seconds
 from ...._redact import library_logger, redact
 from ..._backend import Create, check_create
 from ..._errors import BackendError, StoreNotFoundError
-from ..._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
+from ..._records import ClaimedTask, FlowLimits, FlowState, NewTask, Settlement, TaskRecord, TaskState
 from .._asyncio_only import require_asyncio
 from . import _ops as ops
 from ._listen import Listener
@@ -70,7 +71,10 @@ class PostgresBackend:
     take the same task and never wait for each other; an enqueue wakes idle workers at once through
     ``LISTEN``/``NOTIFY``. Every state change is one transaction: a task is stored once
     :meth:`enqueue_many` returns, and survives any crash of the server with PostgreSQL's usual durability
-    (``synchronous_commit`` and replication settings of your server apply).
+    (``synchronous_commit`` and replication settings of your server apply). Flow control (priorities,
+    paused queues, rate and concurrency limits, expiry, uniqueness windows, debounce) is enforced in the
+    claim's and the enqueue's transaction, so it holds across every process; the claims are PL/pgSQL
+    functions the schema migration creates (see docs/backends.md).
 
     Args:
         dsn: a libpq connection string or URL, such as ``"postgresql://app@db.internal:5432/app"`` or
@@ -109,8 +113,8 @@ class PostgresBackend:
         *,
         schema: str = "lifecycle",
         pool_size: int = 5,
-        connect_timeout: float = 10.0,
-        poll_interval: float = 1.0,
+        connect_timeout: float | timedelta = 10.0,
+        poll_interval: float | timedelta = 1.0,
     ) -> None:
         if not isinstance(dsn, str):
             raise TypeError(f"PostgresBackend(dsn) takes a connection string, got {type(dsn).__name__}")
@@ -146,6 +150,9 @@ class PostgresBackend:
         self._reported: tuple[object, ...] | None = None  # what wait_for_work last returned for
         self._abandoned: set[asyncio.Future[Any]] = set()  # connection waits a cancelled caller left
         self._absent = False  # open, but no tables yet: opened with create="on_enqueue"
+        # The names the last claim limited by max_running or max_running_per_key: a settlement of one of their
+        # tasks notifies its queue, since the slot it frees may let a task held back elsewhere start.
+        self._slot_names: tuple[str, ...] = ()
 
     @property
     def schema(self) -> str:
@@ -202,6 +209,7 @@ class PostgresBackend:
             check=AsyncConnectionPool.check_connection,
             timeout=self._connect_timeout,
             name=f"lifecycle-{self._schema}",
+            configure=_configure,
         )
         try:
             with anyio.fail_after(self._connect_timeout):
@@ -344,10 +352,11 @@ class PostgresBackend:
     # -- the Backend protocol -----------------------------------------------------------------------------
 
     async def enqueue_many(
-        self, tasks: Sequence[NewTask], *, if_exists: Literal["error", "skip"] = "error"
+        self, tasks: Sequence[NewTask], *, if_exists: Literal["error", "skip", "debounce"] = "error"
     ) -> list[str]:
         """Store ``tasks`` in one committed transaction and notify waiting workers; see
-        :meth:`Backend.enqueue_many`."""
+        :meth:`Backend.enqueue_many` (uniqueness windows and debounce included: the records and windows
+        concerned are locked in that transaction)."""
         _check_if_exists(if_exists)
         if not tasks:
             return []
@@ -359,7 +368,7 @@ class PostgresBackend:
         connection: object,
         tasks: Sequence[NewTask],
         *,
-        if_exists: Literal["error", "skip"] = "error",
+        if_exists: Literal["error", "skip", "debounce"] = "error",
     ) -> list[str]:
         """Store ``tasks`` inside the caller's transaction on ``connection`` (the transactional outbox).
 
@@ -406,17 +415,37 @@ class PostgresBackend:
         return await ops.enqueue(connection, self._statements, tasks, if_exists)
 
     async def claim(
-        self, queues: Sequence[str], limit: int, *, now: float, lease_until: float
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
     ) -> list[ClaimedTask]:
-        """Lease up to ``limit`` due tasks, ``queues`` in priority order, in one statement; see
-        :meth:`Backend.claim`."""
+        """Lease up to ``limit`` due tasks, ``queues`` in priority order (paused queues skipped, the highest
+        task priority first), and cancel the due tasks that expired; see :meth:`Backend.claim`.
+
+        Without ``limits`` this is one statement that locks the rows it takes with ``FOR UPDATE SKIP
+        LOCKED``. With ``limits``, one transaction takes an advisory lock per limited name that has pending
+        tasks (claimers of one name take turns; names without limits are not held up) and then counts, refills
+        and leases in one statement, so the limits hold across every process. Raises :class:`ValueError` for a
+        rate limit without a positive period."""
         if limit <= 0 or not queues:
             return []
+        if limits:
+            self._slot_names = tuple(
+                sorted(
+                    name
+                    for name, flow in limits.items()
+                    if flow.max_running is not None or flow.max_running_per_key is not None
+                )
+            )
         # The worker claims again soon anyway, so a claim does not wait long for a connection: while the
         # server is down it fails after _CLAIM_WAIT, and a worker asked to stop is not held up by it.
         async with self._connection(wait=min(self._connect_timeout, _CLAIM_WAIT)) as connection:
             return await ops.claim(
-                connection, self._statements, list(dict.fromkeys(queues)), limit, now, lease_until
+                connection, self._statements, list(dict.fromkeys(queues)), limit, now, lease_until, limits
             )
 
     async def extend_leases(self, leases: Sequence[tuple[str, str]], *, lease_until: float) -> set[str]:
@@ -427,12 +456,13 @@ class PostgresBackend:
             return await ops.extend_leases(connection, self._statements, leases, lease_until)
 
     async def settle(self, settlements: Sequence[Settlement]) -> set[str]:
-        """Apply every settlement whose lease is held, with its ``then`` tasks, in one statement; return
-        the ids not applied."""
+        """Apply every settlement whose lease is held, with its ``then`` tasks (and a debounce's follow-up
+        run, which becomes the record's next pending period), in one statement; return the ids not
+        applied."""
         if not settlements:
             return set()
         async with self._connection() as connection:
-            return await ops.settle(connection, self._statements, settlements)
+            return await ops.settle(connection, self._statements, settlements, self._slot_names)
 
     async def reclaim_expired(self, *, now: float, lease_until: float, limit: int) -> list[ClaimedTask]:
         """Take over active tasks whose lease ended before ``now``, attempts unchanged, and the damaged
@@ -444,7 +474,10 @@ class PostgresBackend:
 
     async def wait_for_work(self, queues: Sequence[str], *, timeout: float) -> None:
         """Return when a task in ``queues`` was enqueued or released (a notification), when the earliest
-        delayed task becomes due, or after ``timeout`` (seconds).
+        delayed task becomes due, or after ``timeout`` (seconds). Paused queues are left out; ``resume``
+        notifies, and so does the settlement of a task whose name the last claim limited by ``max_running``
+        or ``max_running_per_key`` (its slot may let a held task start). Tasks a rate limit holds back wake
+        nobody: the engine passes a ``timeout`` no longer than one token's refill time.
 
         A task already due is reported once: while nothing changes, later calls wait instead of returning
         at once, so a caller that cannot claim it yet does not spin. Without notifications (the ``LISTEN``
@@ -500,6 +533,31 @@ class PostgresBackend:
             # outage, and the next look at the table finds what was missed.
             _log.debug("wait_for_work could not look for due tasks: %s", exc)
             return None
+
+    async def pause(self, queue: str) -> None:
+        """Stop every worker of this schema from claiming tasks of ``queue`` until :meth:`resume` (a row in
+        ``lifecycle_paused``: it survives restarts and holds for workers started later). Idempotent.
+        Creates the tables of a backend opened with ``create="on_enqueue"``, like an enqueue."""
+        async with self._connection() as connection:
+            await ops.pause(connection, self._statements, queue)
+
+    async def resume(self, queue: str) -> None:
+        """Let workers claim tasks of ``queue`` again, and wake the idle ones (idempotent)."""
+        await self._inspect(ops.resume, queue, absent=None)
+
+    async def paused(self) -> set[str]:
+        """The paused queues."""
+        return await self._inspect(ops.paused, absent=set())
+
+    async def flow_state(
+        self, name: str, concurrency_key: str | None, *, now: float, limits: FlowLimits
+    ) -> FlowState:
+        """The running tasks of ``name`` (and of ``concurrency_key``) and its rate bucket refilled to ``now``
+        (with the ``refused`` count); reads only. See :meth:`Backend.flow_state`."""
+        empty = FlowState(
+            running=0, running_for_key=0, tokens=None if limits.rate is None else float(limits.rate)
+        )
+        return await self._inspect(ops.flow_state, name, concurrency_key, now, limits, absent=empty)
 
     async def _inspect(self, operation: Callable[..., Awaitable[_T]], *args: Any, absent: _T) -> _T:
         """``operation(connection, statements, *args)`` of an inspection or operator action: while the
@@ -564,6 +622,14 @@ class PostgresBackend:
         return await self._inspect(ops.purge, states, queue, before, limit, absent=0)
 
 
+async def _configure(connection: psycopg.AsyncConnection[Any]) -> None:
+    """Set up a new pooled connection: no JIT compilation. The backend's statements are short index probes,
+    but the claim with limits is a large statement whose estimated cost (window functions, counts) can pass
+    ``jit_above_cost``: compiling it then takes 100 ms or more, for a statement that runs in well under a
+    millisecond."""
+    await connection.execute("SET jit = off")
+
+
 def _check_if_exists(if_exists: str) -> None:
-    if if_exists not in ("error", "skip"):
-        raise ValueError(f"if_exists must be 'error' or 'skip', got {if_exists!r}")
+    if if_exists not in ("error", "skip", "debounce"):
+        raise ValueError(f"if_exists must be 'error', 'skip' or 'debounce', got {if_exists!r}")

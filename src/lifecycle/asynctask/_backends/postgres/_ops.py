@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import psycopg
@@ -20,25 +20,32 @@ from psycopg.rows import TupleRow, tuple_row
 
 from ... import _records
 from ..._errors import DuplicateTaskError
-from ..._records import ClaimedTask, NewTask, Settlement, TaskRecord, TaskState
+from ..._records import ClaimedTask, FlowLimits, FlowState, NewTask, Settlement, TaskRecord, TaskState
 from ._schema import TASK_COLUMNS
 from ._sql import NOTIFY_QUEUE, Statements
 
 __all__ = [
+    "IfExists",
     "cancel",
     "claim",
     "enqueue",
     "extend_leases",
+    "flow_state",
     "get",
     "list_records",
     "next_due",
+    "pause",
+    "paused",
     "purge",
     "reclaim_expired",
     "record_from_row",
     "requeue",
+    "resume",
     "settle",
     "stats",
 ]
+
+IfExists = Literal["error", "skip", "debounce"]
 
 Connection = psycopg.AsyncConnection[Any]
 Cursor = psycopg.AsyncCursor[TupleRow]
@@ -66,7 +73,7 @@ def _float_or_none(value: float | None) -> float | None:
 
 
 def _check_text(task: NewTask) -> None:
-    for field in ("id", "name", "queue", "meta"):
+    for field in ("id", "name", "queue", "meta", "concurrency_key"):
         value = getattr(task, field)
         if value is not None and "\x00" in value:
             raise ValueError(
@@ -81,7 +88,7 @@ def _error_text(error: str | None) -> str | None:
 
 
 def _new_task_arrays(tasks: Iterable[NewTask]) -> list[list[Any]]:
-    columns: list[list[Any]] = [[] for _ in range(9)]
+    columns: list[list[Any]] = [[] for _ in range(12)]
     for task in tasks:
         _check_text(task)
         values = (
@@ -94,6 +101,9 @@ def _new_task_arrays(tasks: Iterable[NewTask]) -> list[list[Any]]:
             float(task.enqueued_at),
             float(task.run_at),
             task.meta,
+            int(task.priority),
+            task.concurrency_key,
+            _float_or_none(task.expires_at),
         )
         for column, value in zip(columns, values, strict=True):
             column.append(value)
@@ -104,26 +114,30 @@ def _new_task_arrays(tasks: Iterable[NewTask]) -> list[list[Any]]:
 
 
 async def enqueue(
-    connection: Connection, st: Statements, tasks: Sequence[NewTask], if_exists: Literal["error", "skip"]
+    connection: Connection, st: Statements, tasks: Sequence[NewTask], if_exists: IfExists
 ) -> list[str]:
-    """Store ``tasks`` atomically on ``connection``; see :meth:`Backend.enqueue_many` for the id rules."""
+    """Store ``tasks`` atomically on ``connection``; see :meth:`Backend.enqueue_many` for the id, window and
+    debounce rules."""
     cursor = _cursor(connection)
-    # Fast path: fresh ids (the common case) are one INSERT ... ON CONFLICT DO NOTHING.
-    try:
-        async with connection.transaction():
-            await cursor.execute(st.insert_new, (*_new_task_arrays(tasks), st.channel))
-            stored = {row[0] for row in await cursor.fetchall()}
-            if if_exists == "skip" or len(stored) == len(tasks):
-                return _in_order(tasks, stored)
-            raise _SomeIdExists  # undo the batch, then sort the ids out below
-    except _SomeIdExists:
-        pass
+    plain = if_exists != "debounce" and all(task.unique_key is None for task in tasks)
+    if plain:
+        # Fast path: fresh ids and no windows (the common case) are one INSERT ... ON CONFLICT DO NOTHING.
+        try:
+            async with connection.transaction():
+                await cursor.execute(st.insert_new, (*_new_task_arrays(tasks), st.channel))
+                stored = {row[0] for row in await cursor.fetchall()}
+                if if_exists == "skip" or len(stored) == len(tasks):
+                    return _in_order(tasks, stored)
+                raise _SomeIdExists  # undo the batch, then sort the ids out below
+        except _SomeIdExists:
+            pass
     for attempt in range(1, _RACE_RETRIES + 1):
         try:
             async with connection.transaction():
-                return await _enqueue_checked(cursor, st, tasks)
+                return await _enqueue_checked(cursor, st, tasks, if_exists)
         except psycopg.errors.UniqueViolation as exc:
-            # A concurrent transaction stored one of the ids after we looked: it is pending now.
+            # A concurrent transaction stored one of the ids (or opened one of the windows) after we looked:
+            # look again.
             if attempt == _RACE_RETRIES:
                 match = _DUPLICATE_KEY.match(exc.diag.message_detail or "")
                 raise DuplicateTaskError(match["id"] if match else tasks[0].id) from None
@@ -144,45 +158,208 @@ def _in_order(tasks: Sequence[NewTask], stored: Collection[str]) -> list[str]:
     return ids
 
 
-async def _enqueue_checked(cursor: Cursor, st: Statements, tasks: Sequence[NewTask]) -> list[str]:
-    """``if_exists="error"`` when some id exists: refuse live duplicates, replace finished records."""
-    await cursor.execute(st.lock_existing, (list({task.id for task in tasks}),))
+def _window_of(task: NewTask) -> tuple[str, float] | None:
+    """The uniqueness window ``task`` opens: ``(key, until)``, or ``None``."""
+    if task.unique_key is None or task.unique_until is None:
+        return None
+    return task.unique_key, float(task.unique_until)
+
+
+class _Windows:
+    """The uniqueness windows of a batch's keys as stored (read and locked), plus those the batch opens."""
+
+    def __init__(self, stored: dict[str, float]) -> None:
+        self.stored = stored
+        self.opened: dict[str, float] = {}
+
+    def refuse(self, task: NewTask) -> bool:
+        """Whether a window on ``task``'s key ends after its ``enqueued_at``."""
+        if task.unique_key is None:
+            return False
+        until = self.opened.get(task.unique_key, self.stored.get(task.unique_key))
+        return until is not None and until > task.enqueued_at
+
+    def open(self, task: NewTask) -> None:
+        window = _window_of(task)
+        if window is not None:
+            self.opened[window[0]] = window[1]
+
+
+async def _enqueue_checked(
+    cursor: Cursor, st: Statements, tasks: Sequence[NewTask], if_exists: IfExists
+) -> list[str]:
+    """Some id exists, or the batch has uniqueness windows or is a debounce: lock the records with the batch's
+    ids and the windows of its keys, decide every task in batch order, then write (one statement per kind of
+    change). Raises :class:`DuplicateTaskError` before writing anything when a task is refused."""
+    await cursor.execute(st.lock_existing, (list(dict.fromkeys(task.id for task in tasks)),))
     existing: dict[str, str] = {row[0]: row[1] for row in await cursor.fetchall()}
-    seen: set[str] = set()
-    to_insert: list[NewTask] = []
-    to_replace: list[str] = []
-    conflicts: list[str] = []
+    keys = list(dict.fromkeys(task.unique_key for task in tasks if task.unique_key is not None))
+    stored_windows: dict[str, float] = {}
+    if keys:
+        await cursor.execute(st.lock_windows, (keys,))
+        stored_windows = {row[0]: float(row[1]) for row in await cursor.fetchall()}
+    windows = _Windows(stored_windows)
+    accepted: list[NewTask] = []
+    if if_exists == "skip":
+        seen: set[str] = set()
+        for task in tasks:
+            if task.id in seen or task.id in existing or windows.refuse(task):
+                continue
+            seen.add(task.id)
+            accepted.append(task)
+            windows.open(task)
+    else:
+        seen = set()
+        conflicts: list[str] = []
+        for task in tasks:
+            live = if_exists == "error" and (task.id in seen or existing.get(task.id) in _LIVE)
+            if (live or windows.refuse(task)) and task.id not in conflicts:
+                conflicts.append(task.id)
+            seen.add(task.id)
+            windows.open(task)
+        if conflicts:
+            raise DuplicateTaskError(conflicts[0], conflicts)
+        accepted = list(tasks)
+    if windows.opened:
+        await _write_windows(cursor, st, windows, min(task.enqueued_at for task in tasks))
+    if if_exists == "debounce":
+        await _debounce(cursor, st, accepted, existing)
+    else:
+        replaced = [task.id for task in accepted if task.id in existing]
+        if replaced:  # finished records with these ids ("error"), never a live one
+            await cursor.execute(st.delete_ids, (replaced,))
+        if accepted:
+            await cursor.execute(st.insert_checked, (*_new_task_arrays(accepted), st.channel))
+    return [task.id for task in accepted]
+
+
+async def _write_windows(cursor: Cursor, st: Statements, windows: _Windows, ended_before: float) -> None:
+    """Store the windows the batch opens (the stored ones are locked; a new key another enqueue stores
+    meanwhile fails with a unique violation, and the caller looks again), and drop a bounded number of
+    windows that ended before ``ended_before``."""
+    moved = {key: until for key, until in windows.opened.items() if key in windows.stored}
+    new = {key: until for key, until in windows.opened.items() if key not in windows.stored}
+    await cursor.execute(
+        st.write_windows,
+        (
+            list(moved),
+            list(moved.values()),
+            list(new),
+            list(new.values()),
+            ended_before,
+            list(windows.opened),
+        ),
+    )
+
+
+async def _debounce(
+    cursor: Cursor, st: Statements, tasks: Sequence[NewTask], existing: dict[str, str]
+) -> None:
+    """Apply a debounce batch to records locked by the caller, task by task in batch order: a pending record
+    takes the new fields (keeping ``attempts`` and ``enqueued_at``), an active one keeps the task as its
+    follow-up run, a finished or missing one is replaced or stored."""
+    inserts: dict[str, NewTask] = {}  # stored by this batch, in batch order
+    replaces: dict[str, NewTask] = {}  # pending records that take the new fields
+    follow_ups: dict[str, NewTask] = {}  # active records' next run
     for task in tasks:
-        state = existing.get(task.id)
-        if task.id in seen or state in _LIVE:  # an id twice in one batch: the first copy is pending
-            conflicts.append(task.id)
+        if task.id in inserts:  # stored earlier in this batch: still pending, and its enqueued_at stays
+            inserts[task.id] = dataclasses.replace(task, enqueued_at=inserts[task.id].enqueued_at)
             continue
-        seen.add(task.id)
-        if state is not None:
-            to_replace.append(task.id)
-        to_insert.append(task)
-    if conflicts:
-        raise DuplicateTaskError(conflicts[0], list(dict.fromkeys(conflicts)))
-    if to_replace:
-        await cursor.execute(st.delete_ids, (to_replace,))
-    await cursor.execute(st.insert_checked, (*_new_task_arrays(to_insert), st.channel))
-    return [task.id for task in to_insert]
+        state = existing.get(task.id)
+        if state == TaskState.PENDING.value:
+            replaces[task.id] = task
+        elif state == TaskState.ACTIVE.value:
+            follow_ups[task.id] = task
+        else:
+            inserts[task.id] = task
+    replaced = [task_id for task_id in inserts if task_id in existing]
+    if replaced:
+        await cursor.execute(st.delete_ids, (replaced,))
+    if inserts:
+        await cursor.execute(st.insert_checked, (*_new_task_arrays(inserts.values()), st.channel))
+    if replaces:
+        await cursor.execute(st.replace_pending, (*_new_task_arrays(replaces.values()), st.channel))
+    if follow_ups:
+        await cursor.execute(st.set_follow_up, tuple(_new_task_arrays(follow_ups.values())))
 
 
 # -- leases -------------------------------------------------------------------------------------------------
 
 
+def _limited(limits: Mapping[str, FlowLimits] | None) -> dict[str, FlowLimits]:
+    """The names whose limits limit something, checked."""
+    if not limits:
+        return {}
+    checked: dict[str, FlowLimits] = {}
+    for name, flow in limits.items():
+        if flow.rate is not None and (flow.per is None or not flow.per > 0 or not flow.rate >= 0):
+            raise ValueError(
+                f"claim(limits=...): the rate limit of {name!r} is {flow.rate!r} per {flow.per!r} s; give a "
+                "rate >= 0 and a period `per` > 0 seconds"
+            )
+        if flow.rate is not None or flow.max_running is not None or flow.max_running_per_key is not None:
+            checked[name] = flow
+    return checked
+
+
+def _claimed(rows: list[TupleRow], queues: Sequence[str]) -> list[ClaimedTask]:
+    """The leased tasks among the updated ``rows`` (the others are expired tasks the claim cancelled), in
+    claim order."""
+    # RETURNING has no order: put the rows back into (queue order, priority, run_at, enqueue order).
+    order = {queue: index for index, queue in enumerate(queues)}
+    leased = [row for row in rows if row[6] == TaskState.ACTIVE.value]
+    leased.sort(key=lambda row: (order.get(row[4], len(order)), -_sort_number(row[18]), row[11], row[0]))
+    return [ClaimedTask(token=row[1], record=record_from_row(row[2:])) for row in leased]
+
+
+def _sort_number(value: object) -> float:
+    return float(value) if isinstance(value, (int, float)) else 0.0
+
+
 async def claim(
-    connection: Connection, st: Statements, queues: Sequence[str], limit: int, now: float, lease_until: float
+    connection: Connection,
+    st: Statements,
+    queues: Sequence[str],
+    limit: int,
+    now: float,
+    lease_until: float,
+    limits: Mapping[str, FlowLimits] | None = None,
 ) -> list[ClaimedTask]:
-    """Lease up to ``limit`` due pending tasks, ``queues`` in priority order, in one statement."""
+    """Lease up to ``limit`` due pending tasks, ``queues`` in priority order, and cancel the expired ones, in
+    one call of a server-side function (see ``_functions``).
+
+    Without limits it locks the rows it takes with ``FOR UPDATE SKIP LOCKED``: claimers never wait for each
+    other. With limits it first takes a transaction-scoped advisory lock per limited name that has pending
+    tasks, names in sorted order, so that claimers of one name take turns and never deadlock; the statements
+    after the locks see every task the previous holder leased, so counting the running tasks and reading the
+    bucket there is exact. Names without limits keep SKIP LOCKED; nothing waits on a row.
+    """
     cursor = _cursor(connection)
-    await cursor.execute(st.claim, (list(queues), now, limit, limit, now, lease_until))
-    rows = await cursor.fetchall()
-    # RETURNING has no order: put the rows back into (queue priority, run_at, enqueue order).
-    priority = {queue: index for index, queue in enumerate(queues)}
-    rows.sort(key=lambda row: (priority[row[4]], row[11], row[0]))
-    return [ClaimedTask(token=row[1], record=record_from_row(row[2:])) for row in rows]
+    limited = _limited(limits)
+    params: dict[str, Any] = {
+        "queues": list(queues),
+        "now": now,
+        "limit": limit,
+        "lease_until": lease_until,
+    }
+    if not limited:
+        await cursor.execute(st.claim, {**params, "held": []})
+    else:
+        names = sorted(limited)
+        flows = [limited[name] for name in names]
+        await cursor.execute(
+            st.claim_limited,
+            {
+                **params,
+                "space": st.lock_space,
+                "names": names,
+                "rate": [None if f.rate is None else float(f.rate) for f in flows],
+                "per": [None if f.per is None else float(f.per) for f in flows],
+                "max_running": [f.max_running for f in flows],
+                "per_key": [f.max_running_per_key for f in flows],
+            },
+        )
+    return _claimed(await cursor.fetchall(), queues)
 
 
 async def reclaim_expired(
@@ -200,33 +377,6 @@ async def reclaim_expired(
     return taken
 
 
-# Records no claim or reclaim selects because a field they are selected by holds no usable time: an active
-# task whose lease_until is NULL, NaN or infinite, a pending task whose run_at is NaN or infinite (found queue
-# by queue, with a loose scan of the pending index). NaN sorts above Infinity. The candidates are locked and
-# tested again (SKIP LOCKED: concurrent reclaimers never take the same); the statement returns each one's
-# values from before it was leased, so the reader names the damaged field.
-_RETURNED_COLUMNS = ", ".join(f"t.{column.strip()}" for column in TASK_COLUMNS.split(","))
-_DAMAGED_WHERE = (
-    "(t.state = 'active' AND (t.lease_until IS NULL OR t.lease_until >= 'Infinity')) "
-    "OR (t.state = 'pending' AND t.run_at >= 'Infinity')"
-)
-_DAMAGED = (
-    "WITH RECURSIVE queues(name) AS ("
-    "(SELECT queue FROM {tasks} WHERE state = 'pending' ORDER BY queue LIMIT 1) "
-    "UNION ALL SELECT (SELECT p.queue FROM {tasks} AS p WHERE p.state = 'pending' AND p.queue > queues.name "
-    "ORDER BY p.queue LIMIT 1) FROM queues WHERE queues.name IS NOT NULL), "
-    "found AS (SELECT a.id FROM {tasks} AS a WHERE a.state = 'active' AND a.lease_until IS NULL "
-    "UNION ALL SELECT a.id FROM {tasks} AS a WHERE a.state = 'active' AND a.lease_until >= 'Infinity' "
-    "UNION ALL SELECT p.id FROM queues CROSS JOIN LATERAL (SELECT p.id FROM {tasks} AS p "
-    "WHERE p.state = 'pending' AND p.queue = queues.name AND p.run_at >= 'Infinity') AS p LIMIT %s), "
-    "pick AS MATERIALIZED (SELECT t.seq, " + _RETURNED_COLUMNS + " FROM {tasks} AS t "
-    "WHERE t.id IN (SELECT id FROM found) AND (" + _DAMAGED_WHERE + ") FOR UPDATE SKIP LOCKED), "
-    "leased AS (UPDATE {tasks} AS t SET state = 'active', lease_until = %s, "
-    "token = gen_random_uuid()::text FROM pick WHERE t.id = pick.id RETURNING t.id, t.token) "
-    "SELECT leased.token, pick.* FROM pick JOIN leased ON leased.id = pick.id ORDER BY pick.seq"
-)
-
-
 async def _take_over_damaged(
     connection: Connection, st: Statements, lease_until: float, limit: int
 ) -> list[ClaimedTask]:
@@ -234,7 +384,7 @@ async def _take_over_damaged(
     selects them), as if their lease had expired: each comes back with its ``fault``, read before the lease
     was written, and the engine settles it dead."""
     cursor = _cursor(connection)
-    await cursor.execute(sql.SQL(_DAMAGED).format(tasks=st.tasks), (limit, lease_until))
+    await cursor.execute(st.damaged, (limit, lease_until))
     return [
         ClaimedTask(
             token=row[0],
@@ -258,8 +408,12 @@ async def extend_leases(
     return {task_id for task_id in ids if task_id not in held}
 
 
-async def settle(connection: Connection, st: Statements, settlements: Sequence[Settlement]) -> set[str]:
-    """Apply every settlement whose lease is held, with its ``then`` tasks, in one statement."""
+async def settle(
+    connection: Connection, st: Statements, settlements: Sequence[Settlement], slot_names: Sequence[str] = ()
+) -> set[str]:
+    """Apply every settlement whose lease is held, with its ``then`` tasks (and a debounce's follow-up run),
+    in one statement. A settled task named in ``slot_names`` (names limited by ``max_running`` or
+    ``max_running_per_key``) notifies its queue, since its slot may let a held task start."""
     columns: list[list[Any]] = [[] for _ in range(8)]
     follow_ups: list[NewTask] = []
     parents: list[str] = []
@@ -287,18 +441,78 @@ async def settle(connection: Connection, st: Statements, settlements: Sequence[S
         follow_ups.extend(s.then)
         parents.extend(s.task_id for _ in s.then)
     cursor = _cursor(connection)
-    params = (*columns, columns[0], *_new_task_arrays(follow_ups), parents, st.channel, st.channel)
+    params = (
+        *columns,
+        columns[0],
+        *_new_task_arrays(follow_ups),
+        parents,
+        list(slot_names),
+        st.channel,
+        st.channel,
+    )
     await cursor.execute(st.settle, params)
     applied = {row[0] for row in await cursor.fetchall() if row[0] is not None}
     return {s.task_id for s in settlements if s.task_id not in applied}
 
 
 async def next_due(connection: Connection, st: Statements, queues: Sequence[str]) -> tuple[float, int] | None:
-    """The earliest pending ``(run_at, seq)`` over ``queues``, or ``None`` when nothing is pending."""
+    """The earliest pending ``(run_at, seq)`` over ``queues`` that are not paused, or ``None``."""
     cursor = _cursor(connection)
-    await cursor.execute(st.next_due, (list(queues),))
+    await cursor.execute(st.next_due, {"queues": list(queues)})
     row = await cursor.fetchone()
     return None if row is None else (float(row[0]), int(row[1]))
+
+
+# -- flow control -------------------------------------------------------------------------------------------
+
+
+async def pause(connection: Connection, st: Statements, queue: str) -> None:
+    """Store the pause of ``queue`` (idempotent)."""
+    await _cursor(connection).execute(st.pause, (queue,))
+
+
+async def resume(connection: Connection, st: Statements, queue: str) -> None:
+    """Drop the pause of ``queue`` (idempotent) and wake the workers of the queue."""
+    await _cursor(connection).execute(st.resume, (queue, st.channel))
+
+
+async def paused(connection: Connection, st: Statements) -> set[str]:
+    """The paused queues."""
+    cursor = _cursor(connection)
+    await cursor.execute(st.paused)
+    return {_records.stored_text(row[0]) for row in await cursor.fetchall()}
+
+
+async def flow_state(
+    connection: Connection,
+    st: Statements,
+    name: str,
+    concurrency_key: str | None,
+    now: float,
+    limits: FlowLimits,
+) -> FlowState:
+    """The running counts of ``name`` (and of its key) and its bucket refilled to ``now``, read only."""
+    cursor = _cursor(connection)
+    await cursor.execute(st.flow_state, (name, concurrency_key, name, concurrency_key, name))
+    row = await cursor.fetchone()
+    assert row is not None
+    running, for_key, stored_tokens, stored_at, refused = row
+    tokens: float | None = None
+    if limits.rate is not None:
+        rate = float(limits.rate)
+        if stored_tokens is None:
+            tokens = rate  # never used: full
+        else:
+            tokens, at = float(stored_tokens), float(stored_at)
+            if now > at and limits.per:
+                tokens += (now - at) * rate / limits.per
+            tokens = min(rate, tokens)
+    return FlowState(
+        running=int(running),
+        running_for_key=int(for_key),
+        tokens=tokens,
+        refused=0 if limits.rate is None or refused is None else int(refused),
+    )
 
 
 # -- reading ------------------------------------------------------------------------------------------------

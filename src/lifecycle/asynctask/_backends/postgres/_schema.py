@@ -1,7 +1,7 @@
 """The PostgreSQL layout of :class:`~lifecycle.asynctask.postgres.PostgresBackend`: tables, indexes,
 versioning and migrations.
 
-Layout (schema version 1), inside the backend's own schema (``lifecycle`` unless configured):
+Layout (schema version 2), inside the backend's own schema (``lifecycle`` unless configured):
 
 ``lifecycle_schema(version)``
     One row: the layout version that wrote this schema. A newer version is refused; an older one is migrated
@@ -11,14 +11,29 @@ Layout (schema version 1), inside the backend's own schema (``lifecycle`` unless
     One row per task. ``id`` is the primary key; ``seq`` (an identity column) is the enqueue order. Times
     are ``double precision`` seconds since the epoch (exactly the engine's floats), ``payload``/``result``
     are ``bytea``, ``state`` the :class:`~lifecycle.asynctask.TaskState` value, ``token`` the lease token
-    while ``ACTIVE``.
+    while ``ACTIVE``. Version 2 adds ``priority``, ``concurrency_key`` and ``expires_at``, and
+    ``follow_up``: the one run a debounce scheduled while the task was ``ACTIVE`` (a composite value of type
+    ``lifecycle_follow_up``, NULL when there is none). It lives in the task's own row so that the row lock
+    of the settlement and of the debounce serialises the two (see ``_ops``).
+``lifecycle_buckets(name, tokens, at, refused)`` (version 2)
+    The rate-limit token bucket of each task name that has taken a token: the tokens left as of ``at``, and
+    how many claims were refused a token. A name without a row has a full bucket.
+``lifecycle_windows(key, until)`` (version 2)
+    The uniqueness windows: a task whose ``unique_key`` holds a window ending after its ``enqueued_at`` is
+    refused. Windows that ended are deleted by later enqueues, a bounded number at a time.
+``lifecycle_paused(queue)`` (version 2)
+    The paused queues.
 
-The table is a queue: every task is inserted, updated a few times and deleted by retention, so autovacuum
-is told to visit it after 2 % of its rows changed (PostgreSQL's default is 20 %).
+The task table is a queue: every task is inserted, updated a few times and deleted by retention, so
+autovacuum is told to visit it after 2 % of its rows changed (PostgreSQL's default is 20 %).
 
-Indexes: a partial index over pending tasks ``(queue, run_at, seq)`` serves claims and ``wait_for_work``;
-a partial index over active tasks ``(lease_until, seq)`` serves recovery; a partial index over finished
-tasks ``(coalesce(finished_at, enqueued_at))`` serves retention purges; ``(enqueued_at, seq)`` serves the
+Indexes over pending tasks: ``(queue, priority DESC, run_at, seq)`` serves the claim without limits and
+``wait_for_work`` (one probe per distinct priority, then a range); ``(queue, name, priority DESC, run_at,
+seq)`` serves the claim with limits, which takes each task name separately so that a name held back is
+skipped without reading its tasks; ``(queue, expires_at)`` over the tasks that have an expiry finds the
+expired ones. Over active tasks: ``(lease_until, seq)`` serves recovery, ``(name, concurrency_key)`` counts
+the running tasks of a name (and key) for ``max_running`` and ``max_running_per_key``. A partial index over
+finished tasks ``(coalesce(finished_at, enqueued_at))`` serves retention purges; ``(enqueued_at, seq)`` the
 newest-first listing.
 """
 
@@ -31,14 +46,39 @@ from psycopg import sql
 
 from ..._errors import BackendError
 from ..._records import RECORD_COLUMNS
+from ._functions import (
+    CLAIM_FUNCTION,
+    CLAIM_LIMITED_FUNCTION,
+    FUNCTIONS_V2,
+    NAME_GROUPS_FUNCTION,
+    PRIORITY_GROUPS_FUNCTION,
+)
 
-__all__ = ["SCHEMA_TABLE", "SCHEMA_VERSION", "TASKS_TABLE", "TASK_COLUMNS", "ensure_schema"]
+__all__ = [
+    "BUCKETS_TABLE",
+    "CLAIM_FUNCTION",
+    "CLAIM_LIMITED_FUNCTION",
+    "FOLLOW_UP_TYPE",
+    "NAME_GROUPS_FUNCTION",
+    "PAUSED_TABLE",
+    "PRIORITY_GROUPS_FUNCTION",
+    "SCHEMA_TABLE",
+    "SCHEMA_VERSION",
+    "TASKS_TABLE",
+    "TASK_COLUMNS",
+    "WINDOWS_TABLE",
+    "ensure_schema",
+]
 
 #: The layout version this code writes. Bump it and add a step to ``_MIGRATIONS`` when the layout changes.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 TASKS_TABLE = "lifecycle_tasks"
 SCHEMA_TABLE = "lifecycle_schema"
+BUCKETS_TABLE = "lifecycle_buckets"
+WINDOWS_TABLE = "lifecycle_windows"
+PAUSED_TABLE = "lifecycle_paused"
+FOLLOW_UP_TYPE = "lifecycle_follow_up"
 
 #: The columns of ``lifecycle_tasks`` in the order ``record_from_row`` reads them.
 TASK_COLUMNS = RECORD_COLUMNS
@@ -74,10 +114,96 @@ _CREATE_V1 = (
     "CREATE INDEX {enqueued} ON {tasks} (enqueued_at, seq)",
 )
 
+# Version 2 (flow control, issue 13). Adding columns with a constant default rewrites nothing (PostgreSQL
+# 11+); the new indexes are built inside the migration's transaction, which blocks writers of the table
+# meanwhile.
+_V2 = (
+    """
+    CREATE TYPE {follow_up_type} AS (
+        name            text,
+        queue           text,
+        payload         bytea,
+        max_retries     integer,
+        timeout         double precision,
+        enqueued_at     double precision,
+        run_at          double precision,
+        meta            text,
+        priority        bigint,
+        concurrency_key text,
+        expires_at      double precision
+    )
+    """,
+    "ALTER TABLE {tasks} ADD COLUMN priority bigint NOT NULL DEFAULT 0, "
+    "ADD COLUMN concurrency_key text, ADD COLUMN expires_at double precision, "
+    "ADD COLUMN follow_up {follow_up_type}",
+    # The claim order within a queue: the highest priority first, then run_at, then enqueue order.
+    "DROP INDEX {pending_qualified}",
+    "CREATE INDEX {pending} ON {tasks} (queue, priority DESC, run_at, seq) WHERE state = 'pending'",
+    "CREATE INDEX {pending_by_name} ON {tasks} (queue, name, priority DESC, run_at, seq) "
+    "WHERE state = 'pending'",
+    "CREATE INDEX {expiring} ON {tasks} (queue, expires_at) "
+    "WHERE state = 'pending' AND expires_at IS NOT NULL",
+    "CREATE INDEX {running} ON {tasks} (name, concurrency_key) WHERE state = 'active'",
+    """
+    CREATE TABLE {buckets} (
+        name    text             NOT NULL PRIMARY KEY,
+        tokens  double precision NOT NULL,
+        at      double precision NOT NULL,
+        refused bigint           NOT NULL DEFAULT 0
+    )
+    """,
+    "CREATE TABLE {windows} (key text NOT NULL PRIMARY KEY, until double precision NOT NULL)",
+    "CREATE INDEX {windows_until} ON {windows} (until)",
+    "CREATE TABLE {paused} (queue text NOT NULL PRIMARY KEY)",
+    *FUNCTIONS_V2,
+)
+
 Migration = Callable[["psycopg.AsyncCursor[tuple[object, ...]]", str], Awaitable[None]]
 
-# version N -> the coroutine that migrates a schema at version N to N + 1 (inside the open transaction).
-_MIGRATIONS: dict[int, Migration] = {}
+
+def _names(schema: str) -> dict[str, sql.Composable]:
+    """The identifiers the layout statements are formatted with."""
+    return {
+        "schema": sql.Identifier(schema),
+        "tasks": sql.Identifier(schema, TASKS_TABLE),
+        "versions": sql.Identifier(schema, SCHEMA_TABLE),
+        "buckets": sql.Identifier(schema, BUCKETS_TABLE),
+        "windows": sql.Identifier(schema, WINDOWS_TABLE),
+        "paused": sql.Identifier(schema, PAUSED_TABLE),
+        "follow_up_type": sql.Identifier(schema, FOLLOW_UP_TYPE),
+        "pending": sql.Identifier(f"{TASKS_TABLE}_pending"),
+        "pending_qualified": sql.Identifier(schema, f"{TASKS_TABLE}_pending"),
+        "pending_by_name": sql.Identifier(f"{TASKS_TABLE}_pending_by_name"),
+        "expiring": sql.Identifier(f"{TASKS_TABLE}_expiring"),
+        "running": sql.Identifier(f"{TASKS_TABLE}_running"),
+        "active": sql.Identifier(f"{TASKS_TABLE}_active"),
+        "finished": sql.Identifier(f"{TASKS_TABLE}_finished"),
+        "enqueued": sql.Identifier(f"{TASKS_TABLE}_enqueued"),
+        "windows_until": sql.Identifier(f"{WINDOWS_TABLE}_until"),
+        "priority_groups": sql.Identifier(schema, PRIORITY_GROUPS_FUNCTION),
+        "name_groups": sql.Identifier(schema, NAME_GROUPS_FUNCTION),
+        "claim_function": sql.Identifier(schema, CLAIM_FUNCTION),
+        "claim_limited_function": sql.Identifier(schema, CLAIM_LIMITED_FUNCTION),
+    }
+
+
+async def _run(
+    cursor: psycopg.AsyncCursor[tuple[object, ...]], schema: str, statements: tuple[str, ...]
+) -> None:
+    names = _names(schema)
+    for statement in statements:
+        await cursor.execute(sql.SQL(statement).format(**names))
+
+
+async def _migrate_1_to_2(cursor: psycopg.AsyncCursor[tuple[object, ...]], schema: str) -> None:
+    """Flow control: priority, concurrency key, expiry and debounce follow-up columns, their indexes, and the
+    rate buckets, uniqueness windows and paused queues."""
+    await _run(cursor, schema, _V2)
+
+
+# version N -> the coroutine that migrates a schema at version N to N + 1 (inside the open transaction). A new
+# schema is created at version 1 and migrated up, so a new and a migrated schema are the same.
+_MIGRATIONS: dict[int, Migration] = {1: _migrate_1_to_2}
 
 
 async def ensure_schema(
@@ -92,15 +218,7 @@ async def ensure_schema(
     ``lifecycle_tasks`` table.
     """
     where = f"PostgreSQL schema {schema!r}"
-    names = {
-        "schema": sql.Identifier(schema),
-        "tasks": sql.Identifier(schema, TASKS_TABLE),
-        "versions": sql.Identifier(schema, SCHEMA_TABLE),
-        "pending": sql.Identifier(f"{TASKS_TABLE}_pending"),
-        "active": sql.Identifier(f"{TASKS_TABLE}_active"),
-        "finished": sql.Identifier(f"{TASKS_TABLE}_finished"),
-        "enqueued": sql.Identifier(f"{TASKS_TABLE}_enqueued"),
-    }
+    names = _names(schema)
     async with connection.transaction():
         cursor = connection.cursor(row_factory=psycopg.rows.tuple_row)
         await cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"lifecycle.schema:{schema}",))
@@ -121,8 +239,9 @@ async def ensure_schema(
             await cursor.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {schema}").format(**names))
             create_versions = sql.SQL("CREATE TABLE {versions} (version integer NOT NULL)")
             await cursor.execute(create_versions.format(**names))
-            for statement in _CREATE_V1:
-                await cursor.execute(sql.SQL(statement).format(**names))
+            await _run(cursor, schema, _CREATE_V1)
+            for step in range(1, SCHEMA_VERSION):
+                await _MIGRATIONS[step](cursor, schema)
             await cursor.execute(
                 sql.SQL("INSERT INTO {versions} (version) VALUES (%s)").format(**names), (SCHEMA_VERSION,)
             )

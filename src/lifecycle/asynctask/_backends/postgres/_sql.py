@@ -5,6 +5,8 @@ Every statement names its tables fully qualified (``"schema"."lifecycle_tasks"``
 connection in :meth:`PostgresBackend.enqueue_many_in`. Batches travel as arrays and are expanded with
 ``unnest``: one statement per batch, whatever its size. The text of each statement never changes, so psycopg
 prepares it on the server after a few executions.
+
+The two claims (without and with limits) are calls of server-side functions (see ``_functions``).
 """
 
 from __future__ import annotations
@@ -13,19 +15,24 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-from ._schema import TASK_COLUMNS, TASKS_TABLE
+from ._functions import CLAIM_FUNCTION, CLAIM_LIMITED_FUNCTION, NAME_GROUPS_FUNCTION, PRIORITY_GROUPS_FUNCTION
+from ._schema import BUCKETS_TABLE, FOLLOW_UP_TYPE, PAUSED_TABLE, TASK_COLUMNS, TASKS_TABLE, WINDOWS_TABLE
 
 __all__ = ["NOTIFY_QUEUE", "Statements"]
 
 _NEW_TASK_ARRAYS = (
     "%s::text[], %s::text[], %s::text[], %b::bytea[], %s::int[], %s::float8[], %s::float8[], "
-    "%s::float8[], %s::text[]"
+    "%s::float8[], %s::text[], %s::int8[], %s::text[], %s::float8[]"
 )
-_NEW_TASK_COLUMNS = "id, name, queue, payload, max_retries, timeout, enqueued_at, run_at, meta"
+_NEW_TASK_COLUMNS = (
+    "id, name, queue, payload, max_retries, timeout, enqueued_at, run_at, meta, priority, concurrency_key, "
+    "expires_at"
+)
 _INSERT_HEAD = (
     "INSERT INTO {tasks} AS t (id, name, queue, payload, state, attempts, max_retries, timeout, "
-    "enqueued_at, run_at, meta) SELECT n.id, n.name, n.queue, n.payload, 'pending', 0, n.max_retries, "
-    "n.timeout, n.enqueued_at, n.run_at, n.meta "
+    "enqueued_at, run_at, meta, priority, concurrency_key, expires_at) SELECT n.id, n.name, n.queue, "
+    "n.payload, 'pending', 0, n.max_retries, n.timeout, n.enqueued_at, n.run_at, n.meta, n.priority, "
+    "n.concurrency_key, n.expires_at "
 )
 #: Notify the channel (a parameter) that ``queue`` got work. NOTIFY payloads are limited to 8000 bytes, so
 #: an absurdly long queue name wakes every waiter instead ("*") rather than failing the statement.
@@ -56,30 +63,160 @@ def _still(state: str) -> str:
     return f"CASE WHEN t.state = '{state}' THEN true ELSE false END"
 
 
+# -- the claims ---------------------------------------------------------------------------------------------
+
+# The (queue, priority) groups of pending tasks in the given queues, paused queues left out, by a loose index
+# scan of the pending index (see the function in _functions): for the next due time of wait_for_work.
+_PRIORITY_GROUPS = "{priority_groups}(%(queues)s::text[]) AS g"
+
+# The claim without limits (see _functions). Params: queues (priority order), now, limit, lease_until, held
+# (names never to take).
+_CLAIM = (
+    f"SELECT t.seq, t.token, {_RETURNED} FROM {{claim_function}}(%(queues)s::text[], %(now)s::float8, "
+    "%(limit)s::int, %(lease_until)s::float8, %(held)s::text[]) AS t"
+)
+
+# The claim with limits (see _functions). Params: queues, now, limit, lease_until, space (the text whose hash
+# is the first key of the advisory locks), and one array entry per limited name, names sorted: names, rate,
+# per, max_running, per_key.
+_CLAIM_LIMITED = (
+    f"SELECT t.seq, t.token, {_RETURNED} FROM {{claim_limited_function}}(%(queues)s::text[], "
+    "%(now)s::float8, %(limit)s::int, %(lease_until)s::float8, %(space)s::text, %(names)s::text[], "
+    "%(rate)s::float8[], %(per)s::float8[], %(max_running)s::int8[], %(per_key)s::int8[]) AS t"
+)
+
+# Records no claim or reclaim selects because a field they are selected by holds no usable time: an active
+# task whose lease_until is NULL, NaN or infinite, a pending task whose run_at is NaN or infinite (found group
+# by group, (queue, priority), with a loose scan of the pending index). NaN sorts above Infinity. The
+# candidates are locked and tested again (SKIP LOCKED: concurrent reclaimers never take the same); the
+# statement returns each one's values from before it was leased, so the reader names the damaged field.
+_DAMAGED_WHERE = (
+    "(t.state = 'active' AND (t.lease_until IS NULL OR t.lease_until >= 'Infinity')) "
+    "OR (t.state = 'pending' AND t.run_at >= 'Infinity')"
+)
+_DAMAGED = (
+    "WITH RECURSIVE groups(queue, priority) AS ("
+    "(SELECT queue, priority FROM {tasks} WHERE state = 'pending' ORDER BY queue, priority DESC LIMIT 1) "
+    "UNION ALL SELECT x.queue, x.priority FROM groups AS g CROSS JOIN LATERAL ("
+    "(SELECT p.queue, p.priority FROM {tasks} AS p WHERE p.state = 'pending' AND p.queue = g.queue "
+    "AND p.priority < g.priority ORDER BY p.priority DESC LIMIT 1) "
+    "UNION ALL (SELECT p.queue, p.priority FROM {tasks} AS p WHERE p.state = 'pending' AND p.queue > g.queue "
+    "ORDER BY p.queue, p.priority DESC LIMIT 1) LIMIT 1) AS x), "
+    "found AS (SELECT a.id FROM {tasks} AS a WHERE a.state = 'active' AND a.lease_until IS NULL "
+    "UNION ALL SELECT a.id FROM {tasks} AS a WHERE a.state = 'active' AND a.lease_until >= 'Infinity' "
+    "UNION ALL SELECT p.id FROM groups AS g CROSS JOIN LATERAL (SELECT p.id FROM {tasks} AS p "
+    "WHERE p.state = 'pending' AND p.queue = g.queue AND p.priority = g.priority "
+    "AND p.run_at >= 'Infinity') AS p LIMIT %s), "
+    "pick AS MATERIALIZED (SELECT t.seq, " + _RETURNED + " FROM {tasks} AS t "
+    "WHERE t.id IN (SELECT id FROM found) AND (" + _DAMAGED_WHERE + ") FOR UPDATE SKIP LOCKED), "
+    "leased AS (UPDATE {tasks} AS t SET state = 'active', lease_until = %s, "
+    "token = gen_random_uuid()::text FROM pick WHERE t.id = pick.id RETURNING t.id, t.token) "
+    "SELECT leased.token, pick.* FROM pick JOIN leased ON leased.id = pick.id ORDER BY pick.seq"
+)
+
+# The settlement. A record with a follow-up run (a debounce while it was active) becomes that run's pending
+# period whatever the verdict: the follow-up's fields, attempts 0, run_at the later of the follow-up's and the
+# retry's. The follow-up is read from the row the UPDATE locks, so a debounce committed meanwhile is seen.
+_HAS_FOLLOW_UP = "(t.follow_up).payload IS NOT NULL"
+
+
+def _from_follow_up(column: str) -> str:
+    return f"{column} = CASE WHEN {_HAS_FOLLOW_UP} THEN (t.follow_up).{column} ELSE t.{column} END"
+
+
+_SETTLE = (
+    "WITH s AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[], "
+    "%s::float8[], %s::text[], %b::bytea[], %s::int[]) "
+    "AS s(id, token, state, at, run_at, error, result, refund)), "
+    "done AS (UPDATE {tasks} AS t SET "
+    "state = CASE WHEN " + _HAS_FOLLOW_UP + " THEN 'pending' ELSE s.state END, "
+    "run_at = CASE WHEN " + _HAS_FOLLOW_UP + " AND s.state = 'pending' "
+    "THEN greatest((t.follow_up).run_at, s.run_at) "
+    "WHEN " + _HAS_FOLLOW_UP + " THEN (t.follow_up).run_at "
+    "WHEN s.state = 'pending' THEN s.run_at ELSE t.run_at END, "
+    "attempts = CASE WHEN " + _HAS_FOLLOW_UP + " THEN 0 "
+    "WHEN s.state = 'pending' AND t.attempts > 0 THEN t.attempts - s.refund "
+    "WHEN s.state = 'pending' THEN 0 "
+    "ELSE t.attempts END, "
+    "started_at = CASE WHEN " + _HAS_FOLLOW_UP + " THEN NULL ELSE t.started_at END, "
+    "finished_at = CASE WHEN s.state = 'pending' OR " + _HAS_FOLLOW_UP + " THEN NULL ELSE s.at END, "
+    "result = CASE WHEN " + _HAS_FOLLOW_UP + " THEN NULL WHEN s.state = 'succeeded' THEN s.result "
+    "WHEN s.state = 'pending' THEN t.result ELSE coalesce(s.result, t.result) END, "
+    + ", ".join(
+        _from_follow_up(column)
+        for column in (
+            "name",
+            "queue",
+            "payload",
+            "max_retries",
+            "timeout",
+            "enqueued_at",
+            "meta",
+            "priority",
+            "concurrency_key",
+            "expires_at",
+        )
+    )
+    + ", last_error = coalesce(s.error, t.last_error), lease_until = NULL, token = NULL, follow_up = NULL "
+    "FROM s WHERE " + _held("s") + " "
+    "RETURNING t.id, t.queue, t.state, t.name), "
+    "follow AS (" + _INSERT_HEAD + f"FROM unnest({_NEW_TASK_ARRAYS}, %s::text[]) "
+    f"WITH ORDINALITY AS n({_NEW_TASK_COLUMNS}, parent, ord) "
+    "WHERE n.parent IN (SELECT id FROM done) ORDER BY n.ord "
+    "ON CONFLICT (id) DO NOTHING RETURNING t.queue) "
+    "SELECT id, CASE WHEN state = 'pending' OR name = ANY(%s::text[]) THEN "
+    + NOTIFY_QUEUE
+    + " END FROM done "
+    "UNION ALL SELECT NULL, " + NOTIFY_QUEUE + " FROM follow"
+)
+
+
 def _render(template: str, schema: str) -> bytes:
-    query = sql.SQL(template).format(tasks=sql.Identifier(schema, TASKS_TABLE))
+    query = sql.SQL(template).format(
+        tasks=sql.Identifier(schema, TASKS_TABLE),
+        buckets=sql.Identifier(schema, BUCKETS_TABLE),
+        windows=sql.Identifier(schema, WINDOWS_TABLE),
+        paused=sql.Identifier(schema, PAUSED_TABLE),
+        follow_up_type=sql.Identifier(schema, FOLLOW_UP_TYPE),
+        priority_groups=sql.Identifier(schema, PRIORITY_GROUPS_FUNCTION),
+        name_groups=sql.Identifier(schema, NAME_GROUPS_FUNCTION),
+        claim_function=sql.Identifier(schema, CLAIM_FUNCTION),
+        claim_limited_function=sql.Identifier(schema, CLAIM_LIMITED_FUNCTION),
+    )
     return query.as_bytes(None)
 
 
 @dataclass(frozen=True, slots=True)
 class Statements:
     """The fixed statements for one schema (bytes, ready for ``cursor.execute``); ``channel`` is the
-    NOTIFY channel name; ``tasks`` the qualified table for statements composed per call."""
+    NOTIFY channel name; ``tasks`` the qualified table for statements composed per call; ``lock_space`` the
+    text whose hash is the first key of the advisory locks of the claim with limits."""
 
     schema: str
     channel: str
+    lock_space: str
     tasks: sql.Identifier
     insert_new: bytes
     insert_checked: bytes
     lock_existing: bytes
     delete_ids: bytes
+    replace_pending: bytes
+    set_follow_up: bytes
+    lock_windows: bytes
+    write_windows: bytes
     claim: bytes
+    claim_limited: bytes
     reclaim: bytes
+    damaged: bytes
     extend: bytes
     settle: bytes
     next_due: bytes
     get: bytes
     cancel: bytes
+    pause: bytes
+    resume: bytes
+    paused: bytes
+    flow_state: bytes
 
     @classmethod
     def for_schema(cls, schema: str, channel: str) -> Statements:
@@ -92,8 +229,9 @@ class Statements:
         return cls(
             schema=schema,
             channel=channel,
+            lock_space=f"lifecycle.flow:{schema}",
             tasks=sql.Identifier(schema, TASKS_TABLE),
-            # Params: the nine arrays, then the channel. Rows whose id exists are skipped; every stored row
+            # Params: the twelve arrays, then the channel. Rows whose id exists are skipped; every stored row
             # notifies its queue (PostgreSQL folds repeated notifications of one transaction into one).
             insert_new=render(
                 "WITH stored AS ("
@@ -108,21 +246,40 @@ class Statements:
             ),
             lock_existing=render("SELECT id, state FROM {tasks} WHERE id = ANY(%s::text[]) FOR UPDATE"),
             delete_ids=render("DELETE FROM {tasks} WHERE id = ANY(%s::text[])"),
-            # Params: queues (priority order), now, limit, limit, now, lease_until. One index range per
-            # queue, each locked with SKIP LOCKED so concurrent claimers never wait for each other. The
-            # pick is a MATERIALIZED CTE so that its LIMIT applies once (a join could rescan it).
-            claim=render(
-                "WITH pick AS MATERIALIZED (SELECT c.id "
-                "FROM unnest(%s::text[]) WITH ORDINALITY AS q(name, ord) "
-                "CROSS JOIN LATERAL (SELECT p.id, p.run_at, p.seq FROM {tasks} AS p "
-                "WHERE p.state = 'pending' AND p.queue = q.name AND p.run_at <= %s "
-                "ORDER BY p.run_at, p.seq LIMIT %s FOR UPDATE SKIP LOCKED) AS c "
-                "ORDER BY q.ord, c.run_at, c.seq LIMIT %s) "
-                "UPDATE {tasks} AS t SET state = 'active', attempts = " + _COUNTED_UP + ", started_at = %s, "
-                "lease_until = %s, token = gen_random_uuid()::text "
-                "WHERE t.id = ANY(ARRAY(SELECT id FROM pick)) AND " + _still("pending") + " "
-                f"RETURNING t.seq, t.token, {_RETURNED}"
+            # Params: the twelve arrays, then the channel. A debounce of pending records (locked by the
+            # caller): every field but the id, the state, attempts and enqueued_at.
+            replace_pending=render(
+                "WITH moved AS (UPDATE {tasks} AS t SET name = n.name, queue = n.queue, payload = n.payload, "
+                "max_retries = n.max_retries, timeout = n.timeout, run_at = n.run_at, meta = n.meta, "
+                "priority = n.priority, concurrency_key = n.concurrency_key, expires_at = n.expires_at "
+                + unnest_new
+                + "WHERE t.id = n.id AND t.state = 'pending' RETURNING t.id, t.queue) "
+                "SELECT id, " + NOTIFY_QUEUE + " FROM moved"
             ),
+            # Params: the twelve arrays. A debounce of active records (locked by the caller): their one
+            # follow-up run, which their settlement turns into their next pending period.
+            set_follow_up=render(
+                "UPDATE {tasks} AS t SET follow_up = ROW(n.name, n.queue, n.payload, n.max_retries, "
+                "n.timeout, n.enqueued_at, n.run_at, n.meta, n.priority, n.concurrency_key, "
+                "n.expires_at)::{follow_up_type} "
+                + unnest_new
+                + "WHERE t.id = n.id AND t.state = 'active' RETURNING t.id"
+            ),
+            lock_windows=render("SELECT key, until FROM {windows} WHERE key = ANY(%s::text[]) FOR UPDATE"),
+            # Params: keys and ends of the windows that exist (locked by the caller), of the new ones, then
+            # the time before which ended windows are dropped and every key written (kept). A new key
+            # inserted by a concurrent enqueue meanwhile fails the statement (unique violation): the caller
+            # retries.
+            write_windows=render(
+                "WITH moved AS (UPDATE {windows} AS w SET until = n.until "
+                "FROM unnest(%s::text[], %s::float8[]) AS n(key, until) WHERE w.key = n.key), "
+                "opened AS (INSERT INTO {windows} (key, until) "
+                "SELECT * FROM unnest(%s::text[], %s::float8[])) "
+                "DELETE FROM {windows} WHERE key IN (SELECT e.key FROM {windows} AS e WHERE e.until <= %s "
+                "ORDER BY e.until LIMIT 100 FOR UPDATE SKIP LOCKED) AND key <> ALL(%s::text[])"
+            ),
+            claim=render(_CLAIM),
+            claim_limited=render(_CLAIM_LIMITED),
             # Params: now, limit, lease_until.
             reclaim=render(
                 "WITH pick AS MATERIALIZED (SELECT a.id FROM {tasks} AS a "
@@ -132,6 +289,8 @@ class Statements:
                 "WHERE t.id = ANY(ARRAY(SELECT id FROM pick)) AND " + _still("active") + " "
                 f"RETURNING t.seq, t.token, {_RETURNED}"
             ),
+            # Params: limit, lease_until.
+            damaged=render(_DAMAGED),
             # Params: lease_until, ids, tokens, ids (the last lets the planner probe the primary key).
             extend=render(
                 "UPDATE {tasks} AS t SET lease_until = %s "
@@ -139,42 +298,38 @@ class Statements:
                 "WHERE " + _held("l") + " "
                 "RETURNING t.id"
             ),
-            # Params: the eight settlement arrays, the ids again (for a primary key probe), the nine
-            # follow-up arrays plus their parents' ids, then the channel twice. One statement applies every
-            # verdict whose lease is held, stores the follow-ups of exactly those, and notifies the queues
-            # that got claimable work.
-            settle=render(
-                "WITH s AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[], "
-                "%s::float8[], %s::text[], %b::bytea[], %s::int[]) "
-                "AS s(id, token, state, at, run_at, error, result, refund)), "
-                "done AS (UPDATE {tasks} AS t SET state = s.state, "
-                "run_at = CASE WHEN s.state = 'pending' THEN s.run_at ELSE t.run_at END, "
-                "attempts = CASE WHEN s.state = 'pending' AND t.attempts > 0 THEN t.attempts - s.refund "
-                "WHEN s.state = 'pending' THEN 0 "
-                "ELSE t.attempts END, "
-                "finished_at = CASE WHEN s.state = 'pending' THEN NULL ELSE s.at END, "
-                "result = CASE WHEN s.state = 'succeeded' THEN s.result "
-                "WHEN s.state = 'pending' THEN t.result ELSE coalesce(s.result, t.result) END, "
-                "last_error = coalesce(s.error, t.last_error), lease_until = NULL, token = NULL "
-                "FROM s WHERE " + _held("s") + " "
-                "RETURNING t.id, t.queue, t.state), "
-                "follow AS (" + _INSERT_HEAD + f"FROM unnest({_NEW_TASK_ARRAYS}, %s::text[]) "
-                f"WITH ORDINALITY AS n({_NEW_TASK_COLUMNS}, parent, ord) "
-                "WHERE n.parent IN (SELECT id FROM done) ORDER BY n.ord "
-                "ON CONFLICT (id) DO NOTHING RETURNING t.queue) "
-                "SELECT id, CASE WHEN state = 'pending' THEN " + NOTIFY_QUEUE + " END FROM done "
-                "UNION ALL SELECT NULL, " + NOTIFY_QUEUE + " FROM follow"
-            ),
-            # Params: queues. The earliest pending (run_at, seq) of each queue, one index probe each.
+            # Params: the eight settlement arrays, the ids again (for a primary key probe), the twelve
+            # follow-up arrays plus their parents' ids, the names whose settled tasks free a slot some worker
+            # may wait for (max_running, max_running_per_key), then the channel three times. One statement
+            # applies every verdict whose lease is held, stores the chain follow-ups of exactly those, and
+            # notifies the queues that got claimable work.
+            settle=render(_SETTLE),
+            # Params: queues. The earliest pending (run_at, seq) of the queues that are not paused, one index
+            # probe per (queue, priority) group.
             next_due=render(
-                "SELECT m.run_at, m.seq FROM unnest(%s::text[]) AS q(name) CROSS JOIN LATERAL "
-                "(SELECT p.run_at, p.seq FROM {tasks} AS p WHERE p.state = 'pending' AND p.queue = q.name "
-                "ORDER BY p.run_at, p.seq LIMIT 1) AS m ORDER BY m.run_at, m.seq LIMIT 1"
+                "SELECT m.run_at, m.seq FROM " + _PRIORITY_GROUPS + " CROSS JOIN LATERAL "
+                "(SELECT p.run_at, p.seq FROM {tasks} AS p WHERE p.state = 'pending' AND p.queue = g.queue "
+                "AND p.priority = g.priority ORDER BY p.run_at, p.seq LIMIT 1) AS m "
+                "ORDER BY m.run_at, m.seq LIMIT 1"
             ),
             get=render(f"SELECT {TASK_COLUMNS} FROM {{tasks}} WHERE id = %s"),
             # Params: now, ids.
             cancel=render(
                 "UPDATE {tasks} SET state = 'cancelled', finished_at = %s, lease_until = NULL, token = NULL "
                 "WHERE state = 'pending' AND id = ANY(%s::text[]) RETURNING id"
+            ),
+            pause=render("INSERT INTO {paused} (queue) VALUES (%s) ON CONFLICT (queue) DO NOTHING"),
+            # Params: queue, channel. Wakes the workers of the queue.
+            resume=render(
+                "WITH gone AS (DELETE FROM {paused} WHERE queue = %s RETURNING queue) "
+                "SELECT " + NOTIFY_QUEUE + " FROM gone"
+            ),
+            paused=render("SELECT queue FROM {paused}"),
+            # Params: name, name, key, name, key, name.
+            flow_state=render(
+                "SELECT (SELECT count(*) FROM {tasks} WHERE state = 'active' AND name = %s), "
+                "CASE WHEN %s::text IS NULL THEN 0 ELSE (SELECT count(*) FROM {tasks} "
+                "WHERE state = 'active' AND name = %s AND concurrency_key = %s) END, "
+                "b.tokens, b.at, b.refused FROM (SELECT) AS one LEFT JOIN {buckets} AS b ON b.name = %s"
             ),
         )

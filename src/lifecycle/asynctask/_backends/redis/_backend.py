@@ -11,6 +11,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from datetime import timedelta
 from typing import Any, Literal
 
 import anyio
@@ -129,9 +130,9 @@ class RedisBackend:
         url: str = "redis://127.0.0.1:6379/0",
         *,
         prefix: str = "lifecycle",
-        socket_timeout: float = 30.0,
-        connect_timeout: float = 10.0,
-        reconnect_timeout: float = 30.0,
+        socket_timeout: float | timedelta = 30.0,
+        connect_timeout: float | timedelta = 10.0,
+        reconnect_timeout: float | timedelta = 30.0,
         max_connections: int = 32,
         clock: Callable[[], float] = time.time,
         client_options: Mapping[str, Any] | None = None,

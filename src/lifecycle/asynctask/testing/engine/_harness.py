@@ -93,7 +93,7 @@ class EngineHarness:
         self._factory = backend_factory
         self._stack = stack
         self._group = group
-        self.clock = ManualClock(time.time())
+        self.clock: ManualClock = ManualClock(time.time())
         self._workers: list[RunningWorker] = []
 
     async def tasks(self, **options: Any) -> AsyncTasks:
