@@ -7,6 +7,7 @@ settlement is replayed after its reply was lost (even once the ``then`` ran and 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -21,12 +22,12 @@ from tests.asynctask.redis.test_redis_retries import lose_first_reply
 pytestmark = pytest.mark.redis
 
 
-def _task(task_id: str, *, group: str | None = None, name: str = "job", **changes: object) -> NewTask:
+def _task(task_id: str, *, group: str | None = None, name: str = "job", **changes: Any) -> NewTask:
     task = NewTask(task_id, name, "default", b"payload", 3, None, T0, T0, group_id=group)
     return replace(task, **changes) if changes else task
 
 
-def _group(group_id: str, size: int, *, then: str | None = "then", **changes: object) -> NewGroup:
+def _group(group_id: str, size: int, *, then: str | None = "then", **changes: Any) -> NewGroup:
     members = tuple(_task(f"{group_id}-{n}", group=group_id, **changes) for n in range(size))
     return NewGroup(group_id, members, None if then is None else _task(then), T0, meta=None)
 

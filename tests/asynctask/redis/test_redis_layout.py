@@ -171,8 +171,8 @@ async def test_purging_everything_leaves_only_the_counter_and_the_layout_version
     assert await backend.purge(states=set(TaskState)) == 10 + 14 + left
     assert await backend.stats() == {}
     prefix = f"{{{unique_name}}}:"
-    left = await keys_of(redis_url, unique_name)
-    markers = {key for key in left if key.startswith(f"{prefix}sc:".encode())}
+    remaining = await keys_of(redis_url, unique_name)
+    markers = {key for key in remaining if key.startswith(f"{prefix}sc:".encode())}
     assert markers, "each settle call that applied something leaves a marker for its own retries"
     client = aioredis.Redis.from_url(redis_url)
     try:
@@ -180,7 +180,7 @@ async def test_purging_everything_leaves_only_the_counter_and_the_layout_version
         assert all(0 < ttl <= 120 for ttl in ttls), "markers expire on their own"
     finally:
         await client.aclose()
-    assert left - markers == {
+    assert remaining - markers == {
         f"{prefix}seq".encode(),
         f"{prefix}layout".encode(),
         f"{prefix}uq:{{u}}".encode(),  # windows outlive the records (and expire a minute after they end)
