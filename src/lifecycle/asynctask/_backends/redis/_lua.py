@@ -386,16 +386,26 @@ local function member_ended(gid, id, state, at, res, callid, queues)
   local group = redis.call('HMGET', gk, 'n', 'o')
   if not group[1] then return end  -- purged (or damaged): nothing to keep up to date
   local rk = gkey('gr', gid)
-  local prev = redis.call('HGET', rk, id)
-  local was_ok = prev and (string.sub(prev, 1, 1) == 's' or prev == 'n')
+  local slot = string.sub(state, 1, 1)
   if state == 'succeeded' then
-    if was_ok then return end
-    if res then redis.call('HSET', rk, id, 's' .. res) else redis.call('HSET', rk, id, 'n') end
+    slot = 'n'
+    if res then slot = 's' .. res end
+  end
+  -- The member's first end writes its slot in one command; a later one (requeued) looks at what it held: a
+  -- success stays (and is counted once).
+  if redis.call('HSETNX', rk, id, slot) == 0 then
+    local prev = redis.call('HGET', rk, id)
+    if string.sub(prev, 1, 1) == 's' or prev == 'n' then
+      if state == 'succeeded' then return end
+    else
+      redis.call('HSET', rk, id, slot)
+    end
+  end
+  if state == 'succeeded' then
     local ok = redis.call('HINCRBY', gk, 'ok', 1)
     if not group[2] and ok >= tonumber(group[1]) then group_succeeded(gid, at, callid, queues) end
-  else
-    if not was_ok then redis.call('HSET', rk, id, string.sub(state, 1, 1)) end
-    if not group[2] then group_final(gid, state, at, {}) end
+  elseif not group[2] then
+    group_final(gid, state, at, {})
   end
 end
 -- Store the header of a group at src[b] (id, created_at, has meta, meta, has then, then's 16 values when it
