@@ -19,6 +19,7 @@ first on ``PYTHONPATH`` to compare).
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import json
 import os
@@ -195,6 +196,7 @@ def _load_baseline(src: str) -> Any:
     """The ``lifecycle`` package under ``src`` imported as ``lifecycle_baseline`` (a copy in a temporary
     directory; its imports are relative), next to this checkout's."""
     target = Path(tempfile.mkdtemp(prefix="lifecycle-baseline-"))
+    atexit.register(shutil.rmtree, target, ignore_errors=True)
     shutil.copytree(Path(src) / "lifecycle", target / "lifecycle_baseline")
     sys.path.insert(0, str(target))
     return importlib.import_module(
