@@ -157,6 +157,21 @@ async def test_notices_of_cancellations_and_settlements_reach_another_backend(op
     )
 
 
+async def test_a_backend_is_not_told_of_its_own_settlements_but_of_everything_else(
+    open_redis: OpenRedis,
+) -> None:
+    """Its engine saw its own verdicts; a cancel it made, or what another object settled, it hears of."""
+    backend = await open_redis()
+    other = await open_redis()
+    await backend.wait_for_notices(timeout=0)
+    tokens = await _running(backend, "mine", "asked")
+    await backend.settle([Settlement("mine", tokens["mine"], TaskState.SUCCEEDED, at=T0 + 2)])
+    await backend.cancel(["asked"], now=T0 + 3)
+    taken = await other.reclaim_expired(now=T0 + 100, lease_until=T0 + 130, limit=10)
+    await other.settle([Settlement(c.record.id, c.token, TaskState.CANCELLED, at=T0 + 101) for c in taken])
+    assert await _collect(backend, 2) == [Notice("cancel", "asked"), Notice("settled", "asked")]
+
+
 async def test_a_claim_that_expires_tasks_publishes_them_settled(open_redis: OpenRedis) -> None:
     backend = await open_redis()
     await backend.wait_for_notices(timeout=0)

@@ -277,6 +277,7 @@ class RedisBackend:
         self._listener = Listener(
             waiter,
             f"{self._prefix}notices",
+            nonce=self._nonce,
             socket_timeout=self._socket_timeout,
             connect_timeout=self._connect_timeout,
         )
@@ -480,7 +481,9 @@ class RedisBackend:
 
         The first call subscribes (on a connection of its own, reconnecting after it drops) and returns once
         the subscription is live, so notices published after it returns are seen by the next call. Notices
-        published while the connection is down are missed: best effort, as the protocol allows.
+        published while the connection is down are missed: best effort, as the protocol allows. The
+        ``"settled"`` notices of this object's own :meth:`settle` calls are left out (its engine knows those
+        verdicts); those of everything else it does (a cancel, a claim that expires tasks) are not.
         """
         self._run()
         assert self._listener is not None

@@ -286,10 +286,16 @@ def _time_or(value: bytes | None, default: float | None) -> Any:
 _NOTICE_KINDS: dict[bytes, Any] = {b"s": "settled", b"c": "cancel"}
 
 
-def notices(message: bytes) -> list[Notice]:
-    """The notices of one pub/sub message the scripts publish: a kind letter (``s`` settled, ``c`` cancel)
-    and the task ids, NUL-separated (ids never contain NUL). An unknown kind gives nothing."""
+def notices(message: bytes, *, own: bytes = b"") -> list[Notice]:
+    """The notices of one pub/sub message the scripts publish: a kind letter (``s`` settled, ``c`` cancel),
+    for the settle script's messages followed by ``:`` and the publishing backend object's nonce, then the
+    task ids, all NUL-separated (ids never contain NUL). A settle message of the backend object whose nonce is
+    ``own`` gives nothing (its engine knows its own verdicts), nor does an unknown kind."""
     kind, *ids = message.split(b"\0")
+    if len(kind) > 1:
+        if kind[2:] == own:
+            return []
+        kind = kind[:1]
     name = _NOTICE_KINDS.get(kind)
     if name is None:
         return []

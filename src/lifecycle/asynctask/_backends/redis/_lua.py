@@ -328,7 +328,8 @@ local function store(src, b, seq, callid, old, queues, extra)
 end
 -- Notices for the processes using the store (RedisBackend.wait_for_notices): notify() collects task ids per
 -- kind ('s' a task settled, 'c' a running task's cancellation was asked), notified() publishes one message
--- per kind on {P}:notices: the kind letter and the ids, NUL-separated. Best effort, as pub/sub is: a user
+-- per kind on {P}:notices: the kind letter and the ids, NUL-separated (the settle script's kind is 's:' and
+-- the settling backend object's nonce, which that object skips). Best effort, as pub/sub is: a user
 -- whose ACL does not allow PUBLISH on the channel gets no notices, and no error.
 local NOTES = {}
 local function notify(kind, id)
@@ -858,7 +859,7 @@ announce(queues)
 local settled = removals[P .. 'leases']  -- the ids of the settlements applied, in order
 if settled then
   redis.call('SET', marker, '1', 'EX', ARGV[3])
-  publish('s', settled)
+  publish('s:' .. string.match(callid, '^[^.]*'), settled)  -- the settling backend object's nonce
 end
 return lost
 """

@@ -6,7 +6,9 @@ holds the subscription on a connection of its own (from the waiting client's poo
 connections of the worker's calls are never taken), buffers what arrives, and reconnects with backoff after
 the connection drops, as the wake-up connection does. Waiting is then only waiting for the buffer, so a
 caller cancelled while it waits never disturbs the connection. Notices are best effort: those published
-while the connection is down are missed (the engine's polling catches up).
+while the connection is down are missed (the engine's polling catches up). The settlements a backend object
+applied itself are not reported back to it: its engine saw those verdicts (so a worker that nobody waits
+on does not parse its own stream).
 """
 
 from __future__ import annotations
@@ -42,9 +44,12 @@ class Listener:
     """The subscription of one backend object: its reader task, the buffer and the event that says it is
     not empty."""
 
-    def __init__(self, client: Any, channel: str, *, socket_timeout: float, connect_timeout: float) -> None:
+    def __init__(
+        self, client: Any, channel: str, *, nonce: str, socket_timeout: float, connect_timeout: float
+    ) -> None:
         self._client = client
         self._channel = channel
+        self._own = nonce.encode()
         self._socket_timeout = socket_timeout
         self._connect_timeout = connect_timeout
         self._buffer: collections.deque[Notice] = collections.deque(maxlen=BUFFERED)
@@ -121,7 +126,7 @@ class Listener:
             quiet_since = time.monotonic()
             pinged = False
             if message.get("type") == "message" and isinstance(message.get("data"), bytes):
-                found = notices(message["data"])
+                found = notices(message["data"], own=self._own)
                 if found:
                     self._buffer.extend(found)
                     self._arrived.set()
