@@ -101,6 +101,8 @@ class Listener:
             except (RedisError, OSError, TimeoutError) as exc:
                 if delay == 0.02:
                     _log.warning("Redis notices subscription lost (%s); reconnecting", exc)
+            except Exception:  # a fault of its own must not end the subscription for good
+                _log.exception("Redis notices subscription failed; subscribing again")
             finally:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
                     try:
