@@ -248,3 +248,29 @@ def test_the_ab_drain_compares_two_versions_and_leaves_no_store(tmp_path: Path) 
     assert all(row["median"] > 0 for row in drain.values())
     assert drain["HEAD"]["relative"] == 1.0
     assert list(tmp_path.iterdir()) == []  # its exported trees and stores are gone
+
+
+@pytest.mark.redis
+def test_the_redis_script_cost_benchmark_runs_plain_groups_and_a_baseline(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from benchmarks import redis_lua
+
+    figures = redis_lua.main(
+        ["--n", "300", "--batch", "50", "--group", "20", "--rounds", "1", "--variants", "plain,groups"]
+    )
+    assert set(figures) == {"plain", "groups"}
+    timed = ("claim_usec_per_task", "settle_usec_per_task", "claim_commands_per_task", "tasks_per_second")
+    assert all(figures["plain"][key] > 0 for key in timed)  # CPU times count in 10 ms ticks: may be 0 here
+    assert figures["groups"]["settle_commands_per_task"] > figures["plain"]["settle_commands_per_task"]
+    compared = redis_lua.main(["--n", "200", "--rounds", "1", "--baseline", str(ROOT / "src")])
+    assert 0.2 < compared["claim_ratio"] < 5, "the same code on both sides"
+
+
+@pytest.mark.redis
+def test_the_redis_notice_latency_benchmark_reports_both_kinds(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import redis_notices
+
+    redis_notices.main(["--n", "20"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["cancel", "settled"]

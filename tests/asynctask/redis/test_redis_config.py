@@ -9,11 +9,13 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import pytest
 import redis.asyncio as aioredis
 
 from lifecycle.asynctask import BackendError, NewTask, Settlement, TaskState, backend_from_url
 from lifecycle.asynctask._backends.redis._lua import LAYOUT_VERSION
+from lifecycle.asynctask._records import Notice
 from lifecycle.asynctask.redis import RedisBackend
 from lifecycle.asynctask.testing import T0
 from tests.asynctask.redis.redis_servers import OpenRedis, RedisServer
@@ -122,9 +124,32 @@ async def test_password_and_user_come_from_the_url(own_redis_with_password: Redi
         assert [r.id for r in await acl.list_records(states={TaskState.SUCCEEDED})] == ["a"]
         assert await acl.reclaim_expired(now=T0 + 100, lease_until=T0 + 130, limit=5) == []
         assert await acl.purge(states={TaskState.SUCCEEDED}) == 1
-        assert await acl.clear() == 3  # the counter, the layout version, the last claim's log
+        # Without rights on the notices channel, cancelling a running task and settling it still work
+        # (publishing is best effort), and waiting for notices just waits.
+        assert await acl.enqueue_many([_task("b")]) == ["b"]
+        (running,) = await acl.claim(["default"], 5, now=T0 + 2, lease_until=T0 + 30)
+        assert await acl.cancel(["b"], now=T0 + 3) == ["b"]
+        assert await acl.cancel_requests(["b"]) == {"b"}
+        assert await acl.wait_for_notices(timeout=0.05) == []
+        cancelled = Settlement("b", running.token, TaskState.CANCELLED, at=T0 + 4)
+        assert await acl.settle([cancelled]) == set()
+        assert await acl.purge(states={TaskState.CANCELLED}) == 1
+        # the counter, the layout version, the last claim's log and the two settle calls' markers
+        assert await acl.clear() == 5
     finally:
         await acl.close()
+    listener = RedisBackend(f"redis://listener:l1stener@127.0.0.1:{server.port}/0", prefix="auth")
+    await listener.open()
+    try:  # with the documented rights for notices, they arrive
+        assert await listener.wait_for_notices(timeout=0) == []
+        assert await listener.enqueue_many([_task("c")]) == ["c"]
+        await listener.claim(["default"], 5, now=T0 + 5, lease_until=T0 + 30)
+        assert await listener.cancel(["c"], now=T0 + 6) == ["c"]
+        with anyio.fail_after(10):
+            assert await listener.wait_for_notices(timeout=10) == [Notice("cancel", "c")]
+        await listener.clear()
+    finally:
+        await listener.close()
     bad = RedisBackend(f"redis://:wrong@127.0.0.1:{server.port}/0", prefix="auth")
     with pytest.raises(BackendError) as raised:
         await bad.open()
@@ -135,12 +160,14 @@ async def test_password_and_user_come_from_the_url(own_redis_with_password: Redi
 
 @pytest.fixture
 def own_redis_with_password(redis_server_factory: Callable[..., RedisServer]) -> RedisServer:
-    """A private server with a default-user password and an ACL user ``worker`` (password ``w0rker``) with
+    """A private server with a default-user password, an ACL user ``worker`` (password ``w0rker``) with
     the least rights the documentation lists: the prefix's keys, and no INFO (the backend then skips its
-    courtesy checks)."""
+    courtesy checks); and a user ``listener`` (``l1stener``) with the rights it lists for notices too."""
     return redis_server_factory(
         "--requirepass", "hunter2",
         "--user", "worker", "on", ">w0rker", "~{auth}:*", "+@read", "+@write", "+@scripting", "+@connection",
+        "--user", "listener", "on", ">l1stener", "~{auth}:*", "&{auth}:*", "+@read", "+@write", "+@scripting",
+        "+@connection", "+publish", "+subscribe",
     )  # fmt: skip
 
 

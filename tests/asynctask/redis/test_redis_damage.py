@@ -141,7 +141,10 @@ async def test_damaged_state_and_queue_fields_are_restored_by_a_claim(
         ("a", None, "default"),
         ("b", None, "default"),
     ]
-    assert await backend.cancel(["a"], now=T0 + 11) == [], "an active task cannot be cancelled"
+    assert await backend.cancel(["a"], now=T0 + 11) == ["a"], "an active task is asked to stop"
+    asked = await backend.get("a")
+    assert asked is not None
+    assert (asked.state, asked.cancel_requested) == (TaskState.ACTIVE, True), "it stays active meanwhile"
 
 
 async def test_operator_actions_find_a_record_whose_state_field_is_damaged(

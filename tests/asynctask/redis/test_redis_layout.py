@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from lifecycle.asynctask import FlowLimits, NewTask, Settlement, TaskState
+from lifecycle.asynctask._records import NewGroup, ProgressUpdate
 from lifecycle.asynctask.redis import RedisBackend
 from lifecycle.asynctask.testing import T0
 from tests.asynctask.redis.redis_servers import OpenRedis, delete_prefix, keys_of
@@ -97,16 +98,47 @@ async def _flow_workload(backend: RedisBackend) -> None:
     await backend.wait_for_work(_QUEUES, timeout=0)
 
 
+async def _group_workload(backend: RedisBackend, *, finish: bool) -> int:
+    """Groups in every state, a running member asked to stop, progress; with ``finish`` every group ends.
+    Returns how many records it leaves."""
+    members = tuple(
+        NewTask(f"m{n}", "job", "groups", b"p", 3, None, T0, T0, group_id="g {1}") for n in range(2)
+    )
+    then = NewTask("then {1}", "job", "groups", b"p", 3, None, T0, T0)
+    await backend.enqueue_group(NewGroup("g {1}", members, then, T0, meta="m"))
+    single = NewTask("s0", "job", "groups", b"p", 3, None, T0, T0, group_id="g {2}")
+    await backend.enqueue_group(NewGroup("g {2}", (single,), None, T0))
+    tokens = {
+        c.record.id: c.token for c in await backend.claim(["groups"], 10, now=T0 + 1, lease_until=T0 + 30)
+    }
+    await backend.settle([Settlement("m0", tokens["m0"], TaskState.SUCCEEDED, at=T0 + 2, result=b"r")])
+    await backend.settle([Settlement("s0", tokens["s0"], TaskState.DEAD, at=T0 + 2, error="boom")])
+    assert await backend.save_progress([ProgressUpdate("m1", tokens["m1"], 1.0, 2.0, "half")]) == set()
+    assert await backend.cancel(["m1"], now=T0 + 3) == ["m1"]
+    if finish:
+        await backend.settle([Settlement("m1", tokens["m1"], TaskState.CANCELLED, at=T0 + 4, error="stop")])
+    return 3
+
+
 async def test_every_key_of_a_prefix_is_in_one_cluster_slot(
     open_redis: OpenRedis, redis_url: str, unique_name: str
 ) -> None:
     backend = await open_redis()
     await _workload(backend)
     await _flow_workload(backend)
+    await _group_workload(backend, finish=False)
+    done = NewTask("d0", "job", "groups", b"p", 3, None, T0, T0, group_id="g {3}")
+    await backend.enqueue_group(NewGroup("g {3}", (done,), None, T0))
+    assert await backend.cancel(["d0"], now=T0 + 5) == ["d0"]
     keys = await keys_of(redis_url, unique_name)
     prefix = f"{{{unique_name}}}:".encode()
     kinds = {key[len(prefix) :].split(b":")[0] for key in keys}
     assert kinds >= {
+        b"g",
+        b"gm",
+        b"gr",
+        b"gt",
+        b"gf",
         b"an",
         b"ak",
         b"h",
@@ -132,13 +164,23 @@ async def test_purging_everything_leaves_only_the_counter_and_the_layout_version
     backend = await open_redis()
     await _workload(backend)
     await _flow_workload(backend)
+    left = await _group_workload(backend, finish=True)
     await backend.resume("paused {queue}")
     assert await backend.claim(["default"], 1, now=T0 - 1, lease_until=T0) == []  # forgets the last claim log
     assert await backend.reclaim_expired(now=T0 - 1, lease_until=T0, limit=1) == []
-    assert await backend.purge(states=set(TaskState)) == 10 + 14
+    assert await backend.purge(states=set(TaskState)) == 10 + 14 + left
     assert await backend.stats() == {}
     prefix = f"{{{unique_name}}}:"
-    assert await keys_of(redis_url, unique_name) == {
+    remaining = await keys_of(redis_url, unique_name)
+    markers = {key for key in remaining if key.startswith(f"{prefix}sc:".encode())}
+    assert markers, "each settle call that applied something leaves a marker for its own retries"
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        ttls = [await client.ttl(key) for key in markers]
+        assert all(0 < ttl <= 120 for ttl in ttls), "markers expire on their own"
+    finally:
+        await client.aclose()
+    assert remaining - markers == {
         f"{prefix}seq".encode(),
         f"{prefix}layout".encode(),
         f"{prefix}uq:{{u}}".encode(),  # windows outlive the records (and expire a minute after they end)
@@ -295,7 +337,7 @@ async def test_a_store_written_by_layout_1_is_migrated_when_opened(
     try:
         await _write_layout_1(client, prefix)
         backend = await open_redis()
-        assert await client.get(f"{prefix}layout") == b"2"
+        assert await client.get(f"{prefix}layout") == b"3"
         assert not await client.exists(f"{prefix}r:default"), "the version-1 pending set is gone"
         assert await client.zcard(f"{prefix}dl:default") == 4
         assert await client.smembers(f"{prefix}an:job.capped") == {b"running"}
@@ -322,3 +364,43 @@ async def test_a_store_written_by_layout_1_is_migrated_when_opened(
     assert [c.record.id for c in claimed] == ["capped", "late"]
     again = await open_redis()  # opening a migrated store again changes nothing
     assert await again.stats() == {"default": {TaskState.SUCCEEDED: 1, TaskState.ACTIVE: 5}}
+
+
+async def test_a_store_written_by_layout_2_is_marked_layout_3_and_keeps_its_running_slots(
+    open_redis: OpenRedis, redis_url: str, unique_name: str
+) -> None:
+    """Layout 3 (groups, cancellation of running tasks, progress) only adds keys and record fields whose
+    absence means what a layout-2 record meant: opening a layout-2 store changes nothing but the version, and
+    above all leaves the running slots of its active tasks (their rn fields, keys included) as they are."""
+    prefix = f"{{{unique_name}}}:"
+    limits = {"keyed": FlowLimits(max_running_per_key=1)}
+    first = await open_redis()
+    await first.enqueue_many(
+        [NewTask(f"k{n}", "keyed", "default", b"p", 3, None, T0, T0, concurrency_key="a") for n in range(2)]
+    )
+    (running,) = await first.claim(["default"], 10, now=T0 + 1, lease_until=T0 + 31, limits=limits)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        rn = await client.hget(f"{prefix}t:{running.record.id}", "rn")
+        await client.set(f"{prefix}layout", 2)
+        second = await open_redis()
+        assert await client.get(f"{prefix}layout") == b"3"
+        assert await client.hget(f"{prefix}t:{running.record.id}", "rn") == rn == b"5:keyed:a"
+        assert await client.smembers(f"{prefix}ak:5:keyeda") == {running.record.id.encode()}
+    finally:
+        await client.aclose()
+    record = await second.get(running.record.id)
+    assert record is not None
+    assert (record.fault, record.cancel_requested, record.group_id, record.progress_done) == (
+        None,
+        False,
+        None,
+        None,
+    )
+    assert await second.claim(["default"], 10, now=T0 + 2, lease_until=T0 + 32, limits=limits) == []
+    assert (
+        await second.settle([Settlement(running.record.id, running.token, TaskState.SUCCEEDED, at=T0 + 3)])
+        == set()
+    )
+    claimed = await second.claim(["default"], 10, now=T0 + 4, lease_until=T0 + 34, limits=limits)
+    assert len(claimed) == 1, "the slot came back when the layout-2 lease was settled"

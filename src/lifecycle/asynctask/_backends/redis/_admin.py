@@ -114,6 +114,8 @@ async def purge(
         members = await runner.retrying(lambda: runner.client.smembers(key), "purge")
         queues = sorted(member.decode() for member in members)
     before_text = "" if before is None else time_text(before)
+    if queue is None:
+        await _purge_groups(runner, chosen, before_text)
     deleted = 0
     for name in queues:
         for state in chosen:
@@ -128,6 +130,20 @@ async def purge(
                 if examined < chunk:
                     break
     return deleted
+
+
+_GROUP_OUTCOMES = (TaskState.SUCCEEDED, TaskState.DEAD, TaskState.CANCELLED)
+
+
+async def _purge_groups(runner: ScriptRunner, states: Collection[TaskState], before: str) -> None:
+    """Delete the groups that ended in one of ``states`` (before ``before`` unless it is empty), in
+    batches."""
+    for state in states:
+        if state in _GROUP_OUTCOMES:
+            while int(await runner.run("purge_groups", [STATE_NAMES[state], before, str(_PURGE_CHUNK)])) >= (
+                _PURGE_CHUNK
+            ):
+                pass
 
 
 async def clear(runner: ScriptRunner) -> int:

@@ -28,14 +28,29 @@ from ...._checks import check_count, check_name, check_seconds
 from ...._redact import library_logger
 from ..._backend import Create, check_create
 from ..._errors import BackendError, DuplicateTaskError, StoreNotFoundError
-from ..._records import ClaimedTask, FlowLimits, FlowState, NewTask, Settlement, TaskRecord, TaskState
+from ..._records import (
+    ClaimedTask,
+    FlowLimits,
+    FlowState,
+    GroupRecord,
+    NewGroup,
+    NewTask,
+    Notice,
+    ProgressUpdate,
+    Settlement,
+    TaskRecord,
+    TaskState,
+)
 from .._asyncio_only import require_asyncio
 from . import _admin as admin
 from ._codec import (
     RECORD_FIELDS,
     claimed_tasks,
+    group_args,
+    group_record,
     limits_args,
     new_task_args,
+    progress_args,
     record_from_fields,
     settlement_args,
     sortable_time,
@@ -51,6 +66,7 @@ from ._conn import (
     unusable,
 )
 from ._lua import LAYOUT_VERSION
+from ._notices import Listener
 from ._wait import Waiter
 
 __all__ = ["RedisBackend"]
@@ -139,11 +155,14 @@ class RedisBackend:
         self._connect_timeout = check_seconds(connect_timeout, "RedisBackend(connect_timeout=...)")
         self._reconnect_timeout = check_seconds(reconnect_timeout, "RedisBackend(reconnect_timeout=...)")
         self._max_connections = check_count(max_connections, "RedisBackend(max_connections=...)", minimum=2)
+        # A settle call's marker outlives every retry of the call (see the settle script).
+        self._marker_seconds = str(math.ceil(self._reconnect_timeout + 2 * self._socket_timeout) + 10)
         self._clock = clock
         self._client_options = dict(client_options or {})
         self._cluster = bool(cluster) or bool(cluster_option)
         self._runner: ScriptRunner | None = None
         self._waiting: Waiter | None = None
+        self._listener: Listener | None = None
         self._nonce = ""
         self._calls = itertools.count(1)
         self._last_claim = ""
@@ -255,6 +274,13 @@ class RedisBackend:
         self._waiting = Waiter(
             runner, waiter, nonce=self._nonce, clock=self._clock, socket_timeout=self._socket_timeout
         )
+        self._listener = Listener(
+            waiter,
+            f"{self._prefix}notices",
+            nonce=self._nonce,
+            socket_timeout=self._socket_timeout,
+            connect_timeout=self._connect_timeout,
+        )
 
     async def _migrate(self, runner: ScriptRunner, stored: int) -> None:
         """Bring the keys under the prefix from layout ``stored`` to this version's, in steps of a few
@@ -286,8 +312,10 @@ class RedisBackend:
 
     async def close(self) -> None:
         """Close both connection pools. Idempotent."""
-        runner, waiting = self._runner, self._waiting
-        self._runner = self._waiting = None
+        runner, waiting, listener = self._runner, self._waiting, self._listener
+        self._runner = self._waiting = self._listener = None
+        if listener is not None:
+            await listener.close()
         if waiting is not None:
             await waiting.close()
         if runner is not None:
@@ -383,11 +411,83 @@ class RedisBackend:
         runner = self._run()
         if not settlements:
             return set()
-        args: list[str | bytes] = [self._call_id()]
+        args: list[str | bytes] = [self._call_id(), self._marker_seconds]
+        leases: set[tuple[str, str]] = set()
+        repeated: set[str] = set()
         for settlement in settlements:
+            lease = (settlement.task_id, settlement.token)
+            if lease in leases:  # the first settlement of a lease ends it: a second one finds it gone
+                repeated.add(settlement.task_id)
+                continue
+            leases.add(lease)
             args += settlement_args(settlement)
         lost = await runner.run("settle", args)
+        return {task_id.decode() for task_id in lost} | repeated
+
+    async def cancel_requests(self, task_ids: Sequence[str]) -> set[str]:
+        """Of ``task_ids``, those ``ACTIVE`` whose cancellation was asked; one read-only script call. See
+        :meth:`Backend.cancel_requests`."""
+        runner = self._run()
+        unique = list(dict.fromkeys(task_ids))
+        if not unique:
+            return set()
+        asked = await runner.run("cancel_requests", unique)
+        return {task_id.decode() for task_id in asked}
+
+    async def save_progress(self, updates: Sequence[ProgressUpdate]) -> set[str]:
+        """Store every update whose lease is held, in one script call; see :meth:`Backend.save_progress`."""
+        runner = self._run()
+        if not updates:
+            return set()
+        args: list[str] = []
+        for update in updates:
+            args += progress_args(update)
+        lost = await runner.run("progress", args)
         return {task_id.decode() for task_id in lost}
+
+    async def enqueue_group(self, group: NewGroup) -> str:
+        """Store the group and its members in one atomic script call; see :meth:`Backend.enqueue_group`.
+
+        The group is kept in ``{prefix}:g:<id>`` (with its member ids, results and ``then``); each member's
+        record names it. Settling a member updates the group in the settlement's own script, so ``then`` is
+        stored in the same atomic step as the last member's success, once.
+
+        Raises :class:`DuplicateTaskError` naming the group id when a group with it exists, or the member
+        ids that are ``PENDING``/``ACTIVE`` (or repeated, or refused by a uniqueness window).
+        """
+        runner = self._run()
+        args: list[str | bytes] = ["group", self._call_id(), str(len(group.members))]
+        for member in group.members:
+            args += new_task_args(member)
+        args += group_args(group)
+        if self._unmarked:
+            await self._mark_layout(runner)
+        stored, detail = await runner.run("enqueue", args)
+        if stored == 0:
+            conflicts = [task_id.decode() for task_id in detail]
+            raise DuplicateTaskError(conflicts[0], conflicts)
+        return group.id
+
+    async def get_group(self, group_id: str) -> GroupRecord | None:
+        """The group with this id, or ``None``; one read-only script call. Its counts read each member's
+        record (a member whose record is gone counts as what it ended as). See :meth:`Backend.get_group`."""
+        reply = await self._run().run("group", [group_id])
+        return None if reply is None else group_record(group_id, reply)
+
+    async def wait_for_notices(self, *, timeout: float) -> list[Notice]:
+        """The notices published on ``{prefix}:notices`` since the last call (settlements; cancellations of
+        running tasks), waiting up to ``timeout`` seconds for the first; see
+        :meth:`NotifyingBackend.wait_for_notices`.
+
+        The first call subscribes (on a connection of its own, reconnecting after it drops) and returns once
+        the subscription is live, so notices published after it returns are seen by the next call. Notices
+        published while the connection is down are missed: best effort, as the protocol allows. The
+        ``"settled"`` notices of this object's own :meth:`settle` calls are left out (its engine knows those
+        verdicts); those of everything else it does (a cancel, a claim that expires tasks) are not.
+        """
+        self._run()
+        assert self._listener is not None
+        return await self._listener.wait(max(0.0, float(timeout)))
 
     async def reclaim_expired(self, *, now: float, lease_until: float, limit: int) -> list[ClaimedTask]:
         """Take over up to ``limit`` expired leases; see :meth:`Backend.reclaim_expired`."""
@@ -480,7 +580,10 @@ class RedisBackend:
         return await admin.stats(self._run())
 
     async def cancel(self, task_ids: Sequence[str], *, now: float) -> list[str]:
-        """Cancel the ``PENDING`` tasks among ``task_ids`` (one atomic call); see :meth:`Backend.cancel`."""
+        """Cancel the ``PENDING`` tasks among ``task_ids`` and ask the ``ACTIVE`` ones to stop, in one atomic
+        call; see :meth:`Backend.cancel`. A running task keeps its running slots (``max_running``) until its
+        worker settles it; the worker hears of it at once through a ``"cancel"`` notice (pub/sub), or at its
+        next :meth:`cancel_requests` check."""
         return await admin.cancel(self._run(), task_ids, now, self._call_id)
 
     async def requeue(
@@ -502,7 +605,9 @@ class RedisBackend:
         limit: int | None = None,
     ) -> int:
         """Delete records in ``states``; see :meth:`Backend.purge`. Works in batches of 500 records, so a
-        large purge never blocks the server for long (and is not atomic as a whole)."""
+        large purge never blocks the server for long (and is not atomic as a whole). With ``queue=None``,
+        the groups that ended in one of ``states`` (before ``before``) are deleted too; they do not count in
+        the number returned."""
         return await admin.purge(self._run(), states, queue, before, limit)
 
     async def clear(self) -> int:

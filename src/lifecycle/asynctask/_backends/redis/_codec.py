@@ -13,11 +13,16 @@ from typing import Any
 from ..._records import (
     ClaimedTask,
     FlowLimits,
+    GroupRecord,
+    NewGroup,
     NewTask,
+    Notice,
+    ProgressUpdate,
     Settlement,
     TaskRecord,
     TaskState,
     record_from_text,
+    stored_state,
 )
 
 __all__ = [
@@ -25,8 +30,12 @@ __all__ = [
     "RECORD_FIELDS",
     "STATE_NAMES",
     "claimed_tasks",
+    "group_args",
+    "group_record",
     "limits_args",
     "new_task_args",
+    "notices",
+    "progress_args",
     "record_from_fields",
     "records",
     "settlement_args",
@@ -35,7 +44,8 @@ __all__ = [
 ]
 
 RECORD_FIELDS = (
-    "n", "q", "p", "s", "a", "m", "to", "e", "r", "st", "f", "l", "err", "res", "meta", "pr", "ck", "ex"
+    "n", "q", "p", "s", "a", "m", "to", "e", "r", "st", "f", "l", "err", "res", "meta", "pr", "ck", "ex",
+    "cr", "pd", "pt", "pm", "g",
 )  # fmt: skip
 """The record hash fields in the order the scripts return them (the order of TaskRecord after ``id``)."""
 
@@ -173,6 +183,7 @@ def settlement_args(settlement: Settlement) -> list[str | bytes]:
         ("0" if settlement.error is None else "1")
         + ("0" if settlement.result is None else "1")
         + ("1" if settlement.refund_attempt else "0")
+        + ("1" if settlement.then_groups else "0")
     )
     args: list[str | bytes] = [
         settlement.task_id,
@@ -190,11 +201,109 @@ def settlement_args(settlement: Settlement) -> list[str | bytes]:
     ]
     for task in settlement.then:
         args += new_task_args(task)
+    if settlement.then_groups:
+        args.append(str(len(settlement.then_groups)))
+    for group in settlement.then_groups:
+        args += [str(len(group.members)), *group_args(group)]
+        for member in group.members:
+            args += new_task_args(member)
     return args
 
 
+def group_args(group: NewGroup) -> list[str | bytes]:
+    """A group's header as the scripts take it (see ``group_stored()`` in the Lua prelude): id, created_at,
+    has meta (``0``/``1``), meta, has then (``0``/``1``), then the :func:`new_task_args` of ``then`` when
+    there is one. The members follow separately: the scripts write the group's id into each member's record
+    (whatever the member's own ``group_id`` says)."""
+    args: list[str | bytes] = [
+        group.id,
+        time_text(group.created_at),
+        "0" if group.meta is None else "1",
+        "" if group.meta is None else group.meta,
+        "0" if group.then is None else "1",
+    ]
+    if group.then is not None:
+        args += new_task_args(group.then)
+    return args
+
+
+def progress_args(update: ProgressUpdate) -> list[str]:
+    """The six script arguments of one progress update: id, token, flags (three ``0``/``1``: has done, has
+    total, has message), done, total, message."""
+    flags = "".join("0" if value is None else "1" for value in (update.done, update.total, update.message))
+    return [
+        update.task_id,
+        update.token,
+        flags,
+        "" if update.done is None else time_text(update.done),
+        "" if update.total is None else time_text(update.total),
+        "" if update.message is None else update.message,
+    ]
+
+
+_SLOT_STATES = {ord("s"): TaskState.SUCCEEDED, ord("n"): TaskState.SUCCEEDED, ord("d"): TaskState.DEAD}
+
+
+def group_record(group_id: str, reply: Sequence[Any]) -> GroupRecord:
+    """A :class:`GroupRecord` from the ``get_group`` script's reply: the group hash's ``n o c f ti meta``
+    values, the member ids, each member's results slot (``s`` + the result, ``n`` succeeded without a
+    result, ``d`` dead, ``c`` cancelled, or nothing yet) and each member's stored state (``None`` when its
+    record is gone or no longer belongs to the group)."""
+    header, ids, slots, states = reply
+    _size, outcome, created, finished, then_id, meta = header
+    counts: dict[TaskState, int] = {}
+    results: list[bytes | None] = []
+    for slot, state in zip(slots, states, strict=True):
+        results.append(slot[1:] if slot and slot[:1] == b"s" else None)
+        if state is not None:
+            counted: TaskState | None = stored_state(state)
+        elif slot:
+            counted = _SLOT_STATES.get(slot[0], TaskState.CANCELLED)
+        else:
+            counted = None  # its record is gone and it never ended: nothing to count
+        if counted is not None:
+            counts[counted] = counts.get(counted, 0) + 1
+    return GroupRecord(
+        id=group_id,
+        task_ids=tuple(task_id.decode() for task_id in ids),
+        outcome=None if not outcome else stored_state(outcome),
+        results=tuple(results),
+        counts=counts,
+        created_at=_time_or(created, 0.0),
+        finished_at=_time_or(finished, None),
+        then_id=then_id.decode() if then_id else None,
+        meta=meta.decode() if meta is not None else None,
+    )
+
+
+def _time_or(value: bytes | None, default: float | None) -> Any:
+    try:
+        return float(value) if value else default
+    except ValueError:
+        return default
+
+
+_NOTICE_KINDS: dict[bytes, Any] = {b"s": "settled", b"c": "cancel"}
+
+
+def notices(message: bytes, *, own: bytes = b"") -> list[Notice]:
+    """The notices of one pub/sub message the scripts publish: a kind letter (``s`` settled, ``c`` cancel),
+    for the settle script's messages followed by ``:`` and the publishing backend object's nonce, then the
+    task ids, all NUL-separated (ids never contain NUL). A settle message of the backend object whose nonce is
+    ``own`` gives nothing (its engine knows its own verdicts), nor does an unknown kind."""
+    kind, *ids = message.split(b"\0")
+    if len(kind) > 1:
+        if kind[2:] == own:
+            return []
+        kind = kind[:1]
+    name = _NOTICE_KINDS.get(kind)
+    if name is None:
+        return []
+    return [Notice(name, task_id.decode("utf-8", "replace")) for task_id in ids]
+
+
 def record_from_fields(task_id: bytes | str, fields: Sequence[Any]) -> TaskRecord:
-    """A :class:`TaskRecord` from the 18 values of ``RECORD_FIELDS`` (as HMGET returns them: bytes, or None
+    """A :class:`TaskRecord` from the 23 values of ``RECORD_FIELDS`` (as HMGET returns them: bytes, or None
     for a missing field) of a stored record. Never raises for what the fields hold: an unreadable one is named
     in the record's ``fault`` (see :func:`record_from_text`)."""
     return record_from_text([task_id.encode() if isinstance(task_id, str) else task_id, *fields])

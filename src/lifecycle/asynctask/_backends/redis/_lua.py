@@ -5,7 +5,7 @@ flow-control rule, is in ``_lua_claim``; operator actions in ``_lua_admin``).
 
 Each script receives the key prefix ``{name}:`` as ``ARGV[1]`` and one declared key (``{name}:seq``) so that
 Redis Cluster routes it; every key a script builds starts with the same ``{name}`` hash tag, so all of them
-live in the declared key's slot. The key layout, version 2 (documented in ``docs/backends.md``):
+live in the declared key's slot. The key layout, version 3 (documented in ``docs/backends.md``):
 
 - ``{P}:t:<id>``           hash, the record. Fields: n name, q queue, p payload, s state, a attempts,
                            m max_retries, to timeout, e enqueued_at, r run_at, st started_at, f finished_at,
@@ -15,9 +15,11 @@ live in the declared key's slot. The key layout, version 2 (documented in ``docs
                            run_at as 16 hex digits that sort as the times do, w the parked set a claim moved
                            the PENDING task to (a key suffix; stale once it is back), rn the name and key the
                            claim counted the ACTIVE task under, fu ``1`` while a debounce follow-up waits, sv
-                           the verdict a settlement applied before a follow-up replaced it. Times are the
-                           engine's floats as Python ``repr`` text; ``""`` means None for to/st/f/l;
-                           err/res/meta/pr/ck/ex are absent when None (pr when 0).
+                           the verdict a settlement applied before a follow-up replaced it; cr ``1`` once
+                           the cancellation of the ACTIVE task was asked; pd, pt, pm the progress (done,
+                           total, message); g the group the task is a member of.
+                           Times are the engine's floats as Python ``repr`` text; ``""`` means None for
+                           to/st/f/l; err/res/meta/pr/ck/ex/cr/pd/pt/pm/g are absent when None (pr when 0).
 - Claim structures of a queue's PENDING tasks, all with the member ``rs .. o .. id`` (a "claim member"):
   ``{P}:dl:<queue>`` (delayed: score run_at; a claim moves the due ones to ready), ``{P}:rd:<queue>``
   (ready: score minus the priority, so the highest priority comes first and equal priorities sort by the
@@ -42,6 +44,16 @@ live in the declared key's slot. The key layout, version 2 (documented in ``docs
 - ``{P}:queues``           set of queue names seen; ``{P}:seq`` enqueue counter; ``{P}:layout`` version.
 - ``{P}:c:<call id>``      list of task ids one claim/reclaim call leased (expires), so a call retried after
                            a dropped connection returns the same tasks instead of leasing more.
+- ``{P}:sc:<call id>``     string, set by a settle call that applied settlements (expires once the caller no
+                           longer retries), so that only a retry of that call counts them as applied.
+- Groups: ``{P}:g:<gid>`` hash (n members, ok succeeded, o outcome once final, c created_at, f finished_at, ti
+  then's id once stored, meta, x the enqueue call), ``{P}:gm:<gid>`` list of member ids in call order,
+  ``{P}:gr:<gid>`` hash member id -> how it ended (``s`` + result, ``n`` succeeded without one, ``d``,
+  ``c``), ``{P}:gt:<gid>`` list, then's 16 values until the group is final, ``{P}:gf:<outcome>`` sorted set
+  of final groups by finished_at. Kept up to date by the script that ends a member (settle, cancel, a claim's
+  expiry), so a group's then is stored in the same atomic step as its last member's success.
+- ``{P}:notices``          pub/sub channel: ``s`` (settled) and ``c`` (cancellation asked) notices, each the
+                           kind letter and task ids, NUL-separated.
 """
 
 from __future__ import annotations
@@ -51,10 +63,11 @@ from dataclasses import dataclass, field
 
 __all__ = ["CALL_LOG_TTL", "LAYOUT_VERSION", "PRELUDE", "WORKER_SCRIPTS", "LuaScript", "script"]
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 """Version of the key layout; stored in ``{P}:layout``. A newer one is refused at open, an older one is
 migrated (``_lua_claim``'s ``migrate`` script): version 1 had one ``{P}:r:<queue>`` set scored by run_at, no
-priorities, keys, expiry or running-task sets."""
+priorities, keys, expiry or running-task sets; version 2 no groups, cancellation requests or progress (its
+records read as they are)."""
 
 CALL_LOG_TTL = 300
 """Seconds a claim call's log survives, so a retry after a dropped connection can find its tasks."""
@@ -62,7 +75,7 @@ CALL_LOG_TTL = 300
 PRELUDE = """
 local P = ARGV[1]
 local FIELDS = {'n', 'q', 'p', 's', 'a', 'm', 'to', 'e', 'r', 'st', 'f', 'l', 'err', 'res', 'meta', 'pr',
-  'ck', 'ex'}
+  'ck', 'ex', 'cr', 'pd', 'pt', 'pm', 'g'}
 local STATES = {'pending', 'active', 'succeeded', 'dead', 'cancelled'}
 local EXPIRED = 'expired before it started'
 local function rkey(id) return P .. 't:' .. id end
@@ -293,7 +306,8 @@ local function optional(fields, src, b)
 end
 -- Store the new task at src[b] as a fresh PENDING record with enqueue sequence number seq. old (a record
 -- with the same id that is replaced, in a final state): its locate() result, or {} when no index holds it.
-local function store(src, b, seq, callid, old, queues)
+-- extra: more record fields to write (a group member's g), or nil.
+local function store(src, b, seq, callid, old, queues, extra)
   local id, q, enqueued_at = src[b], src[b + 2], src[b + 6]
   local key = rkey(id)
   if old then
@@ -305,9 +319,110 @@ local function store(src, b, seq, callid, old, queues)
   local fields = {'n', src[b + 1], 'q', q, 'p', src[b + 3], 's', 'pending', 'a', '0', 'm', src[b + 4],
     'to', src[b + 5], 'e', enqueued_at, 'r', src[b + 7], 'o', o, 'c', callid, 'rs', src[b + 15]}
   optional(fields, src, b)
+  if extra then
+    for j = 1, #extra do fields[#fields + 1] = extra[j] end
+  end
   redis.call('HSET', key, unpack(fields))
   zadd(idx('pending', q), enqueued_at, o .. id)
   queues[q] = true
+end
+-- Notices for the processes using the store (RedisBackend.wait_for_notices): notify() collects task ids per
+-- kind ('s' a task settled, 'c' a running task's cancellation was asked), notified() publishes one message
+-- per kind on {P}:notices: the kind letter and the ids, NUL-separated (the settle script's kind is 's:' and
+-- the settling backend object's nonce, which that object skips). Best effort, as pub/sub is: a user
+-- whose ACL does not allow PUBLISH on the channel gets no notices, and no error.
+local NOTES = {}
+local function notify(kind, id)
+  local list = NOTES[kind]
+  if not list then
+    list = {}
+    NOTES[kind] = list
+  end
+  list[#list + 1] = id
+end
+local function publish(kind, ids)
+  redis.pcall('PUBLISH', P .. 'notices', kind .. '\0' .. table.concat(ids, '\0'))
+end
+local function notified()
+  for kind, ids in pairs(NOTES) do publish(kind, ids) end
+  NOTES = {}
+end
+-- Groups. {P}:g:<gid> hash: n members, ok members succeeded, o outcome (absent until final), c created_at,
+-- f finished_at, ti then's id once stored, meta, x the enqueue call; {P}:gm:<gid> list of the member ids in
+-- call order; {P}:gr:<gid> hash, per member id, what the member ended as: 's' .. result, 'n' succeeded
+-- without a result, 'd' dead, 'c' cancelled; {P}:gt:<gid> list, the 16 values of then until the group is
+-- final; {P}:gf:<outcome> sorted set of final groups by finished_at (what purge takes). A member's record
+-- names its group in g.
+local function gkey(part, gid) return P .. part .. ':' .. gid end
+-- The group becomes final with `outcome` at `at` (its then is dropped: stored already, or never).
+local function group_final(gid, outcome, at, fields)
+  fields[#fields + 1] = 'o'
+  fields[#fields + 1] = outcome
+  fields[#fields + 1] = 'f'
+  fields[#fields + 1] = at
+  redis.call('HSET', gkey('g', gid), unpack(fields))
+  redis.call('DEL', gkey('gt', gid))
+  redis.call('ZADD', gkey('gf', outcome), at, gid)
+end
+-- The last member succeeded: store the group's then (unless a task with its id exists) and make the group
+-- SUCCEEDED, in the caller's atomic step.
+local function group_succeeded(gid, at, callid, queues)
+  local fields = {}
+  local t = redis.call('LRANGE', gkey('gt', gid), 0, -1)
+  if #t == 16 then
+    if redis.call('EXISTS', rkey(t[1])) == 0 then
+      store(t, 1, redis.call('INCR', P .. 'seq'), callid, nil, queues)
+    end
+    fields = {'ti', t[1]}
+  end
+  group_final(gid, 'succeeded', at, fields)
+end
+-- Member id of group gid ended `state` (succeeded, dead or cancelled) at `at`; res: its
+-- encoded result (nil: none). Called once per ended attempt, from the step that ends it: the results slot is
+-- written, the succeeded count goes up once per member (whatever its slot held before), and the group that
+-- is not final yet takes its outcome: SUCCEEDED with the last success (then stored in the same step), DEAD
+-- or CANCELLED with the first member that ends so.
+local function member_ended(gid, id, state, at, res, callid, queues)
+  local gk = gkey('g', gid)
+  local group = redis.call('HMGET', gk, 'n', 'o')
+  if not group[1] then return end  -- purged (or damaged): nothing to keep up to date
+  local rk = gkey('gr', gid)
+  local slot = string.sub(state, 1, 1)
+  if state == 'succeeded' then
+    slot = 'n'
+    if res then slot = 's' .. res end
+  end
+  -- The member's first end writes its slot in one command; a later one (requeued) looks at what it held: a
+  -- success stays (and is counted once).
+  if redis.call('HSETNX', rk, id, slot) == 0 then
+    local prev = redis.call('HGET', rk, id)
+    if string.sub(prev, 1, 1) == 's' or prev == 'n' then
+      if state == 'succeeded' then return end
+    else
+      redis.call('HSET', rk, id, slot)
+    end
+  end
+  if state == 'succeeded' then
+    local ok = redis.call('HINCRBY', gk, 'ok', 1)
+    if not group[2] and ok >= tonumber(group[1]) then group_succeeded(gid, at, callid, queues) end
+  elseif not group[2] then
+    group_final(gid, state, at, {})
+  end
+end
+-- Store the header of a group at src[b] (id, created_at, has meta, meta, has then, then's 16 values when it
+-- has one) with member ids `ids` (stored by the caller, each with g); by enqueue call callid. A group
+-- without members succeeds at once.
+local function group_stored(src, b, ids, callid, queues)
+  local gid = src[b]
+  local fields = {'n', #ids, 'ok', '0', 'c', src[b + 1], 'x', callid}
+  if src[b + 2] == '1' then
+    fields[#fields + 1] = 'meta'
+    fields[#fields + 1] = src[b + 3]
+  end
+  redis.call('HSET', gkey('g', gid), unpack(fields))
+  bulk('RPUSH', gkey('gm', gid), ids)
+  if src[b + 4] == '1' then redis.call('RPUSH', gkey('gt', gid), unpack(src, b + 5, b + 20)) end
+  if #ids == 0 then group_succeeded(gid, src[b + 1], callid, queues) end
 end
 -- A claim or reclaim call retried after a dropped connection: return what the first execution leased.
 local function replay(log, callid)
@@ -315,9 +430,10 @@ local function replay(log, callid)
   for i, id in ipairs(redis.call('LRANGE', log, 0, -1)) do
     local key = rkey(id)
     local token = callid .. ':' .. i
-    if redis.call('HGET', key, 'k') == token then
+    local k = redis.call('HGET', key, 'k')
+    if k == token or k == token .. 'g' then
       local rec = read(key)
-      if rec[4] == 'active' then emit(out, token, id, rec) end
+      if rec[4] == 'active' then emit(out, k, id, rec) end
     end
   end
   return out
@@ -327,13 +443,24 @@ local function forget(previous)
 end
 """
 
-# ARGV: P, mode ('error' | 'skip' | 'debounce'), call id, task count, then 16 values per task (see store()).
-# Returns {1, flags} with one '1' (stored) or '0' (skipped) per task, or {0, {conflicting ids}}. Uniqueness
-# windows are compared with each task's enqueued_at (never the server's clock); a window's key expires a
-# minute after the window, only to free memory.
+# ARGV: P, mode ('error' | 'skip' | 'debounce' | 'group'), call id, task count, then 16 values per task (see
+# store()); with 'group' (the tasks are a group's members, stored as with 'error'), then the group's header
+# (see group_stored()).
+# Returns {1, flags} with one '1' (stored) or '0' (skipped) per task, or {0, {conflicting ids}} (with
+# 'group', the group's id when a group with it exists). Uniqueness windows are compared with each task's
+# enqueued_at (never the server's clock); a window's key expires a minute after the window, only to free
+# memory.
 _ENQUEUE = """
 local mode, callid, n = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local dups, dupseen, opened = {}, {}, {}
+local gid, hb = nil, nil
+if mode == 'group' then
+  hb = 5 + n * 16
+  gid = ARGV[hb]
+  local x = redis.call('HGET', gkey('g', gid), 'x')
+  if x == callid then return {1, string.rep('1', n)} end  -- stored by this very call, before a retry
+  if x then return {0, {gid}} end
+end
 local function conflict(id)
   if not dupseen[id] then
     dups[#dups + 1] = id
@@ -421,7 +548,7 @@ else
     local id = ARGV[b]
     local cur = nil
     if not seen[id] then cur = redis.call('HMGET', rkey(id), 's', 'q', 'o', 'c') end
-    if mode == 'error' then
+    if mode == 'error' or gid then
       local bad = seen[id] or refused(b)
       if not bad then
         if cur[4] == callid then
@@ -472,9 +599,16 @@ else
     else
       seq = seq + 1
       if p == 2 then p = nil end
-      store(ARGV, 5 + (i - 1) * 16, seq, callid, p, queues)
+      local extra = nil
+      if gid then extra = {'g', gid} end
+      store(ARGV, 5 + (i - 1) * 16, seq, callid, p, queues, extra)
       flags[i] = '1'
     end
+  end
+  if gid then
+    local ids = {}
+    for i = 1, n do ids[i] = ARGV[5 + (i - 1) * 16] end
+    group_stored(ARGV, hb, ids, callid, queues)
   end
   added()
 end
@@ -499,11 +633,12 @@ if redis.call('EXISTS', log) == 1 then return replay(log, callid) end
 local out, taken, stale = {}, {}, {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', '(' .. now, 'LIMIT', 0, limit)) do
   local key = rkey(id)
-  local cur = redis.call('HMGET', key, 's', 'q', 'o', 'rn')
+  local cur = redis.call('HMGET', key, 's', 'q', 'o', 'rn', 'g')
   local where = locate(id, 'active', cur[2], cur[3])
   if where and where[1] == 'active' then
     taken[#taken + 1] = id
     local token = callid .. ':' .. #taken
+    if cur[5] then token = token .. 'g' end  -- a group member's token says so (see the settle script)
     local set = {'l', lease, 'k', token}
     if cur[1] ~= 'active' then
       set[#set + 1] = 's'
@@ -554,14 +689,28 @@ end
 return lost
 """
 
-# ARGV: P, call id, then per settlement: id, token, state, at, run_at, run_at as sortable hex, flags (3
-# characters '0'/'1': has error, has result, refund attempt), error, result, follow-up count, 16 values per
-# follow-up task.
-# Returns the ids whose lease was lost. A settlement repeated with the same token and verdict (a retry after
-# a dropped connection) counts as applied and changes nothing.
+# ARGV: P, call id, seconds the call's marker lasts, then per settlement: id, token, state, at, run_at, run_at
+# as sortable hex, flags (4 characters '0'/'1': has error, has result, refund attempt, has groups), error,
+# result, follow-up count, 16 values per follow-up task; with groups, then the group count, and per group:
+# its member count, its header (see group_stored()), 16 values per member.
+# A group member's lease token ends in 'g' (the claim and reclaim scripts make it so), so the record's group
+# field is read only for members: a plain settlement pays nothing for groups.
+# Returns the ids whose lease was lost. A call that applied settlements leaves a marker {P}:sc:<call id> that
+# expires after the given seconds (longer than the caller retries), so the same call repeated (a retry after
+# a dropped connection) counts a settlement it finds applied with its token and verdict as applied and
+# changes nothing, while any other call with that token finds the lease gone (a second settlement of one
+# lease in one call is left out by the caller): so a group member's success is counted in its group once, by
+# the one execution that applied it (and member_ended() counts a member once in any case).
+# Publishes the settled ids (one 's' notice).
 _SETTLE = """
-local callid = ARGV[2]
+local callid, marker = ARGV[2], P .. 'sc:' .. ARGV[2]
 local lost, queues = {}, {}
+local RAN = nil
+-- Whether an earlier execution of this very call applied settlements (its reply was lost).
+local function ran()
+  if RAN == nil then RAN = redis.call('EXISTS', marker) == 1 end
+  return RAN
+end
 DEFER = true  -- each task is stored or placed at most once per call
 -- Sorted-set changes are collected per key and made at the end, many members per command.
 local removals, additions = {}, {}
@@ -571,7 +720,13 @@ local function later(map, key, a, b)
   list[#list + 1] = a
   if b ~= nil then list[#list + 1] = b end
 end
-local i = 3
+-- A group to store is a block: its member count, its header (at the block's start + 1, see group_stored()),
+-- then its members. Where the block's members start.
+local function members_at(g0)
+  if ARGV[g0 + 5] == '1' then return g0 + 22 end
+  return g0 + 6
+end
+local i = 4
 while i <= #ARGV do
   local id, token, state, at, run_at, run_rs = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4],
     ARGV[i + 5]
@@ -579,6 +734,13 @@ while i <= #ARGV do
   local nthen = tonumber(ARGV[i + 9])
   local first = i + 10
   i = first + nthen * 16
+  local ngroups, gfirst = 0, i
+  if string.byte(flags, 4) == 49 then
+    ngroups = tonumber(ARGV[i])
+    gfirst = i + 1
+    i = gfirst
+    for _ = 1, ngroups do i = members_at(i) + tonumber(ARGV[i]) * 16 end
+  end
   local key = rkey(id)
   local cur = redis.call('HMGET', key, 's', 'k', 'q', 'o', 'a', 'fu', 'rn')
   -- The record's place in the indexes (and its index score) comes from the indexes themselves, so a damaged
@@ -604,7 +766,7 @@ while i <= #ARGV do
       local r, rs = t[8], t[16]
       if state == 'pending' and tonumber(run_at) > tonumber(r) then r, rs = run_at, run_rs end
       local nq = t[3]
-      redis.call('HDEL', key, 'meta', 'pr', 'ck', 'ex', 'res', 'fu')
+      redis.call('HDEL', key, 'meta', 'pr', 'ck', 'ex', 'res', 'fu', 'cr')
       place(id, nq, o, r, rs, t[11], t[13], at)
       local set = {'n', t[2], 'q', nq, 'p', t[4], 's', 'pending', 'a', '0', 'm', t[5], 'to', t[6], 'e', t[7],
         'r', r, 'st', '', 'f', '', 'l', '', 'rs', rs, 'sv', state}
@@ -648,12 +810,18 @@ while i <= #ARGV do
       else
         set[#set + 1] = 'f'
         set[#set + 1] = at
+        local result = nil
         if string.sub(flags, 2, 2) == '1' then
           set[#set + 1] = 'res'
           set[#set + 1] = res
+          result = res
         end
         redis.call('HSET', key, unpack(set))
         later(additions, idx(state, q), score, member)
+        if string.byte(token, -1) == 103 then  -- 'g': a group member
+          local gid = redis.call('HGET', key, 'g')
+          if gid then member_ended(gid, id, state, at, result, callid, queues) end
+        end
       end
     end
     for t = 0, nthen - 1 do
@@ -662,7 +830,24 @@ while i <= #ARGV do
         store(ARGV, b, redis.call('INCR', P .. 'seq'), callid, nil, queues)
       end
     end
-  elseif not (cur[2] == token and (cur[1] == state or redis.call('HGET', key, 'sv') == state)) then
+    local g0 = gfirst
+    for _ = 1, ngroups do
+      local m, mb = tonumber(ARGV[g0]), members_at(g0)
+      local gid = ARGV[g0 + 1]
+      if redis.call('EXISTS', gkey('g', gid)) == 0 then
+        local ids = {}
+        for j = 1, m do
+          local b = mb + (j - 1) * 16
+          ids[j] = ARGV[b]
+          if redis.call('EXISTS', rkey(ARGV[b])) == 0 then
+            store(ARGV, b, redis.call('INCR', P .. 'seq'), callid, nil, queues, {'g', gid})
+          end
+        end
+        group_stored(ARGV, g0 + 1, ids, callid, queues)
+      end
+      g0 = mb + m * 16
+    end
+  elseif not (cur[2] == token and (cur[1] == state or redis.call('HGET', key, 'sv') == state) and ran()) then
     lost[#lost + 1] = id
   end
 end
@@ -671,6 +856,11 @@ for key, list in pairs(additions) do bulk('ZADD', key, list) end
 added()
 released()
 announce(queues)
+local settled = removals[P .. 'leases']  -- the ids of the settlements applied, in order
+if settled then
+  redis.call('SET', marker, '1', 'EX', ARGV[3])
+  publish('s:' .. string.match(callid, '^[^.]*'), settled)  -- the settling backend object's nonce
+end
 return lost
 """
 

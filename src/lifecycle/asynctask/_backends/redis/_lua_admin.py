@@ -1,4 +1,5 @@
-"""The Lua scripts of the Redis backend's operator actions: cancel, requeue, purge, stats and listing.
+"""The Lua scripts of the Redis backend's operator actions (cancel, requeue, purge, stats, listing), of a
+running task's reports (is its cancellation asked, its progress) and of reading groups.
 
 They share the prelude and key layout of :mod:`lifecycle.asynctask._backends.redis._lua`.
 """
@@ -9,15 +10,18 @@ from ._lua import LuaScript, script
 
 __all__ = ["ADMIN_SCRIPTS"]
 
-# ARGV: P, at, call id, ids... Returns the ids cancelled. The record's place in the indexes comes from
-# locate(), so a damaged state, queue or enqueued_at field cannot make the script fail half-way.
+# ARGV: P, at, call id, ids... Returns the ids cancelled (PENDING ones) or asked to stop (ACTIVE ones: flag
+# cr set, their debounce follow-up dropped, a 'c' notice published; they keep their running slots until
+# their worker settles them). A cancelled group member makes its group CANCELLED. The record's place in the
+# indexes comes from locate(), so a damaged state, queue or enqueued_at field cannot make the script fail
+# half-way.
 _CANCEL = """
 local at, callid = ARGV[2], ARGV[3]
-local done = {}
+local done, queues = {}, {}
 for i = 4, #ARGV do
   local id = ARGV[i]
   local key = rkey(id)
-  local cur = redis.call('HMGET', key, 's', 'q', 'o', 'x', 'w', 'rs', 'n', 'ck')
+  local cur = redis.call('HMGET', key, 's', 'q', 'o', 'x', 'w', 'rs', 'n', 'ck', 'g', 'fu')
   local where = nil
   if cur[1] or cur[2] or cur[3] then where = locate(id, cur[1], cur[2], cur[3]) end
   if where and where[1] == 'pending' then
@@ -26,12 +30,97 @@ for i = 4, #ARGV do
     redis.call('HSET', key, 's', 'cancelled', 'f', at, 'x', callid, 'q', q)
     redis.call('ZREM', idx('pending', q), member)
     redis.call('ZADD', idx('cancelled', q), where[4], member)
+    if cur[9] then member_ended(cur[9], id, 'cancelled', at, nil, callid, queues) end
+    notify('s', id)
+    done[#done + 1] = id
+  elseif where and where[1] == 'active' then
+    local set = {'cr', '1', 'x', callid}
+    if cur[10] then
+      redis.call('DEL', P .. 'fu:' .. id)
+      set[#set + 1] = 'fu'
+      set[#set + 1] = ''
+    end
+    redis.call('HSET', key, unpack(set))
+    notify('c', id)
     done[#done + 1] = id
   elseif cur[1] == 'cancelled' and cur[4] == callid then
     done[#done + 1] = id
   end
 end
+notified()
 return done
+"""
+
+# ARGV: P, ids... Returns those ACTIVE with their cancellation asked (cr set).
+_CANCEL_REQUESTS = """
+local out = {}
+for i = 2, #ARGV do
+  local cur = redis.call('HMGET', rkey(ARGV[i]), 's', 'cr')
+  if cur[1] == 'active' and cur[2] == '1' then out[#out + 1] = ARGV[i] end
+end
+return out
+"""
+
+# ARGV: P, then per update: id, token, flags (3 characters '0'/'1': has done, has total, has message), done,
+# total, message. Stores each update whose lease is held; returns the ids whose lease was lost.
+_PROGRESS = """
+local lost = {}
+local NAMES = {'pd', 'pt', 'pm'}
+for i = 2, #ARGV, 6 do
+  local id, token, flags = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local key = rkey(id)
+  local cur = redis.call('HMGET', key, 's', 'k')
+  if cur[1] == 'active' and cur[2] == token then
+    local set, gone = {}, {}
+    for j = 1, 3 do
+      if string.byte(flags, j) == 49 then
+        set[#set + 1] = NAMES[j]
+        set[#set + 1] = ARGV[i + 2 + j]
+      else
+        gone[#gone + 1] = NAMES[j]
+      end
+    end
+    if #set > 0 then redis.call('HSET', key, unpack(set)) end
+    if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
+  else
+    lost[#lost + 1] = id
+  end
+end
+return lost
+"""
+
+# ARGV: P, group id. Returns nil for no such group, else {{n, o, c, f, ti, meta}, member ids, their results
+# slots, their records' states (false where the record is gone or names another group)}.
+_GROUP = """
+local gid = ARGV[2]
+local header = redis.call('HMGET', gkey('g', gid), 'n', 'o', 'c', 'f', 'ti', 'meta')
+if not header[1] then return nil end
+local ids = redis.call('LRANGE', gkey('gm', gid), 0, -1)
+local slots, states = {}, {}
+local rk = gkey('gr', gid)
+for j, id in ipairs(ids) do
+  slots[j] = redis.call('HGET', rk, id)
+  local cur = redis.call('HMGET', rkey(id), 's', 'g')
+  if cur[2] == gid then states[j] = cur[1] else states[j] = false end
+end
+return {header, ids, slots, states}
+"""
+
+# ARGV: P, outcome, before or '', chunk. Deletes up to chunk groups that ended with outcome (before `before`,
+# when given). Returns how many.
+_PURGE_GROUPS = """
+local fk = gkey('gf', ARGV[2])
+local found
+if ARGV[3] == '' then
+  found = redis.call('ZRANGE', fk, 0, tonumber(ARGV[4]) - 1)
+else
+  found = redis.call('ZRANGEBYSCORE', fk, '-inf', '(' .. ARGV[3], 'LIMIT', 0, tonumber(ARGV[4]))
+end
+for _, gid in ipairs(found) do
+  redis.call('DEL', gkey('g', gid), gkey('gm', gid), gkey('gr', gid), gkey('gt', gid))
+end
+if #found > 0 then bulk('ZREM', fk, found) end
+return #found
 """
 
 # where: the record's locate() result (a DEAD or CANCELLED place).
@@ -39,10 +128,11 @@ _REQUEUE_ONE = """
 local function requeue_one(id, where, now, now_rs, callid, queues)
   local state, q, member = where[1], where[2], where[3]
   local key = rkey(id)
-  local cur = redis.call('HMGET', key, 'pr', 'ex')
+  local cur = redis.call('HMGET', key, 'pr', 'ex', 'cr')
   place(id, q, string.sub(member, 1, 16), now, now_rs, cur[1], cur[2], now)
   redis.call('HSET', key, 's', 'pending', 'a', '0', 'r', now, 'f', '', 'x', callid, 'k', '', 'q', q, 'rs',
     now_rs)
+  if cur[3] then redis.call('HDEL', key, 'cr') end
   redis.call('ZREM', idx(state, q), member)
   redis.call('ZADD', idx('pending', q), where[4], member)
   queues[q] = true
@@ -172,7 +262,7 @@ end
 return out
 """
 
-# ARGV: P, limit, offset, has_queue ('0'/'1'), queue, states... Returns '' (no token), id and the 18 record
+# ARGV: P, limit, offset, has_queue ('0'/'1'), queue, states... Returns '' (no token), id and the 23 record
 # FIELDS per record, newest enqueued_at first (then the later enqueue first).
 _LIST = """
 local limit, offset = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -203,6 +293,10 @@ ADMIN_SCRIPTS: dict[str, LuaScript] = {
     found.name: found
     for found in (
         script("cancel", _CANCEL),
+        script("cancel_requests", _CANCEL_REQUESTS),
+        script("progress", _PROGRESS),
+        script("group", _GROUP),
+        script("purge_groups", _PURGE_GROUPS),
         script("requeue_ids", _REQUEUE_IDS),
         script("requeue_dead", _REQUEUE_DEAD),
         script("purge", _PURGE),

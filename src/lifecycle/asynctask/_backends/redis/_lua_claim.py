@@ -51,8 +51,8 @@ claim meets them in a ready set)."""
 # ARGV: P, now, now as sortable hex, lease_until, limit, call id, previous call id or '', limit count, then
 # per limited name: name, rate, per, max_running, max_running_per_key ('' when not set); then queues... in
 # priority order.
-# Returns '1' when the call stopped at one of its bounds (more may be due) else '0', then 18 values per
-# claimed task: token, id, the 16 record FIELDS... (see FIELDS). Every record's change stands alone: a
+# Returns '1' when the call stopped at one of its bounds (more may be due) else '0', then 25 values per
+# claimed task: token, id, the 23 record FIELDS... (see FIELDS). Every record's change stands alone: a
 # damaged field is never computed with (the record is leased and returned as stored, for the engine to
 # report), and an index entry whose record is gone is dropped.
 _CLAIM = """
@@ -302,8 +302,10 @@ local function recheck(q)
     if gone then forget_held(q, N) end
   end
 end
--- Cancel PENDING task `key` of queue q (index member pmember, index score iscore) as expired.
-local function expire(key, q, pmember, iscore, qfield)
+-- Cancel PENDING task id of queue q (index member pmember, index score iscore) as expired; gid: its group
+-- (its record's g field), which it makes CANCELLED.
+local function expire(id, q, pmember, iscore, qfield, gid)
+  local key = rkey(id)
   local set = {'s', 'cancelled', 'f', now, 'err', EXPIRED}
   if qfield ~= q then
     set[#set + 1] = 'q'
@@ -312,6 +314,8 @@ local function expire(key, q, pmember, iscore, qfield)
   redis.call('HSET', key, unpack(set))
   redis.call('ZREM', idx('pending', q), pmember)
   redis.call('ZADD', idx('cancelled', q), iscore, pmember)
+  if gid then member_ended(gid, id, 'cancelled', now, nil, callid, {}) end
+  notify('s', id)
 end
 -- Cancel queue q's due tasks whose expiry passed, wherever they wait (ready, delayed, parked).
 local function sweep(q)
@@ -321,14 +325,14 @@ local function sweep(q)
   sweeps = sweeps - #found
   for _, id in ipairs(found) do
     local key = rkey(id)
-    local cur = redis.call('HMGET', key, 'q', 'o', 'w', 'rs', 'ex', 'n', 'ck')
+    local cur = redis.call('HMGET', key, 'q', 'o', 'w', 'rs', 'ex', 'n', 'ck', 'g')
     local o = cur[2]
     local iscore = nil
     if type(o) == 'string' then iscore = redis.call('ZSCORE', idx('pending', q), o .. id) end
     local ex = tonumber(cur[5])
     if iscore and ex and ex <= NOW and type(cur[4]) == 'string' and cur[4] <= SNOW then
       nudge(q, cur[6], cur[7], unplace(id, q, cur[3], cur[4], o))
-      expire(key, q, o .. id, iscore, cur[1])
+      expire(id, q, o .. id, iscore, cur[1], cur[8])
     else
       redis.call('ZREM', xk, id)  -- not pending here, or not due and expired: the entry is stale
     end
@@ -348,6 +352,20 @@ local function promote(q)
   end
   bulk('ZREM', dk, due)
   bulk('ZADD', ready(q), adds)
+end
+-- What a claim reads of each record it takes: FIELDS without st, f and l (started_at and lease_until are
+-- the claim's own; a PENDING record has no finished_at), so no lookup is spent on them (an absent field
+-- costs a scan of the whole hash). taken() emits the record in FIELDS order.
+local TAKEN = {'n', 'q', 'p', 's', 'a', 'm', 'to', 'e', 'r', 'err', 'res', 'meta', 'pr', 'ck', 'ex', 'cr',
+  'pd', 'pt', 'pm', 'g'}
+local function taken(out, token, id, rec)
+  out[#out + 1] = token
+  out[#out + 1] = id
+  for i = 1, 9 do out[#out + 1] = rec[i] end
+  out[#out + 1] = now
+  out[#out + 1] = false
+  out[#out + 1] = lease
+  for i = 10, 20 do out[#out + 1] = rec[i] end
 end
 -- Take queue q's ready tasks in order: cancel the expired, park the held back, lease the rest.
 local function take(q)
@@ -369,7 +387,7 @@ local function take(q)
         local pmember = string.sub(member, 17)
         local id = string.sub(member, 33)
         local key = rkey(id)
-        local rec = read(key)
+        local rec = redis.call('HMGET', key, unpack(TAKEN))
         if not (rec[1] or rec[2] or rec[4]) and redis.call('EXISTS', key) == 0 then
           removed[#removed + 1] = member  -- the record is gone: drop its entries
           unpending[#unpending + 1] = pmember
@@ -378,8 +396,8 @@ local function take(q)
           -- record's own field is damaged.
           local iscore = tonumber(rec[8])
           if not iscore or iscore ~= iscore then iscore = tonumber(redis.call('ZSCORE', pk, pmember)) or 0 end
-          local N, K = rec[1], rec[17]
-          local ex = tonumber(rec[18])
+          local N, K = rec[1], rec[14]
+          local ex = tonumber(rec[15])
           local L = N and LIM[N]
           local kind = nil
           if ex and ex <= NOW then
@@ -388,7 +406,7 @@ local function take(q)
             kind = admit(N, K, L)
           end
           if kind == 'expired' then
-            expire(key, q, pmember, iscore, rec[2])
+            expire(id, q, pmember, iscore, rec[2], rec[20])
             removed[#removed + 1] = member
             xrem[#xrem + 1] = id
             nudge(q, N, K, 'rd:' .. q)
@@ -399,6 +417,7 @@ local function take(q)
             n = n + 1
             budget = budget + 1
             local token = callid .. ':' .. n
+            if rec[20] then token = token .. 'g' end  -- a group member's token says so (see settle)
             local attempts = count(rec[5])
             local set = {'s', 'active', 'st', now, 'l', lease, 'k', token}
             if attempts then
@@ -429,8 +448,8 @@ local function take(q)
               set[#set + 1] = rn
             end
             redis.call('HSET', key, unpack(set))
-            rec[4], rec[10], rec[12] = 'active', now, lease
-            if rec[18] then xrem[#xrem + 1] = id end
+            rec[4] = 'active'
+            if rec[15] then xrem[#xrem + 1] = id end
             active[#active + 1] = iscore
             active[#active + 1] = pmember
             leases[#leases + 1] = lease
@@ -438,7 +457,7 @@ local function take(q)
             ids[n] = id
             removed[#removed + 1] = member
             unpending[#unpending + 1] = pmember
-            emit(out, token, id, rec)
+            taken(out, token, id, rec)
           end
         end
       end
@@ -482,6 +501,7 @@ if n > 0 then
   bulk('RPUSH', log, ids)
   redis.call('EXPIRE', log, %(ttl)d)
 end
+notified()
 return out
 """
 
@@ -560,11 +580,13 @@ return {redis.call('SCARD', P .. 'an:' .. N), for_key, redis.call('HGET', P .. '
   redis.call('HGET', P .. 'tr', N)}
 """
 
-# ARGV: P, chunk. Moves a layout-1 store towards layout 2, at most `chunk` entries per call: the queues'
-# pending sets {P}:r:<queue> (score run_at, member o .. id) become delayed sets (a claim moves the due tasks
-# to the ready sets); then the ACTIVE tasks are counted in the running sets and the layout version is set.
-# Returns the layout version when done, 0 when more calls are needed. Idempotent: safe to run from several
-# processes at once and to repeat.
+# ARGV: P, chunk. Moves an older store to the current layout. Layout 1 to 2, at most `chunk` entries per
+# call: the queues' pending sets {P}:r:<queue> (score run_at, member o .. id) become delayed sets (a claim
+# moves the due tasks to the ready sets); then the ACTIVE tasks are counted in the running sets. Layout 2 to
+# 3 (groups, cancellation of running tasks, progress) adds keys and record fields whose absence means what an
+# older record means (no group, nothing asked, no progress): only the version changes. Returns the layout
+# version when done, 0 when more calls are needed. Idempotent: safe to run from several processes at once and
+# to repeat.
 _MIGRATE = """
 -- A time as 16 hex digits that sort (as text) the way the times do: the IEEE double, big-endian, with the
 -- sign bit flipped for positive numbers and every bit flipped for negative ones.
@@ -580,6 +602,10 @@ end
 local chunk = tonumber(ARGV[2])
 local layout = tonumber(redis.call('GET', P .. 'layout') or '0')
 if layout >= %(version)d then return layout end
+if layout >= 2 then
+  redis.call('SET', P .. 'layout', '%(version)d')
+  return %(version)d
+end
 local queues = redis.call('SMEMBERS', P .. 'queues')
 for _, q in ipairs(queues) do
   local old = P .. 'r:' .. q
