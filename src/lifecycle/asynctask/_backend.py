@@ -50,6 +50,7 @@ __all__ = [
     "is_backend",
     "open_backend",
     "opens_without_creating",
+    "supports_control",
     "supports_flow_control",
 ]
 
@@ -347,6 +348,7 @@ _CORE_METHODS = (
     "purge",
 )
 _FLOW_METHODS = ("pause", "resume", "paused", "flow_state")
+_CONTROL_METHODS = ("cancel_requests", "save_progress", "enqueue_group", "get_group")
 
 
 def is_backend(obj: object) -> bool:
@@ -366,3 +368,11 @@ def supports_flow_control(backend: object) -> bool:
     except (TypeError, ValueError, AttributeError):
         return False
     return "limits" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def supports_control(backend: object) -> bool:
+    """Whether ``backend`` implements control of running work: ``cancel_requests``, ``save_progress``,
+    ``enqueue_group`` and ``get_group`` (and a ``cancel`` that asks active tasks to stop). Every built-in
+    backend does; without it the engine still runs tasks, drops progress reports, and refuses groups and
+    the cancellation of a running task with a clear error."""
+    return all(callable(getattr(backend, name, None)) for name in _CONTROL_METHODS)
