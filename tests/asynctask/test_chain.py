@@ -17,6 +17,7 @@ from lifecycle.asynctask import (
     Call,
     ManualClock,
     MemoryBackend,
+    NewTask,
     SQLiteBackend,
     TaskContext,
     TaskState,
@@ -171,6 +172,7 @@ def test_the_next_step_is_deterministic_and_its_delay_counts_from_the_success() 
     steps.register(tasks)
     calls = [Call(steps.fetch, "u"), Call(steps.parse, delay=30, queue="slow")]
     chain_id, first = build_chain(calls, T0, tasks._registry, tasks.encoding)
+    assert isinstance(first, NewTask)
     record = TaskRecord(
         id=first.id,
         name=first.name,

@@ -78,7 +78,7 @@ async def test_a_backend_without_control_runs_tasks_and_refuses_cancelling_runni
     assert not supports_control(old)
     assert not isinstance(old, NotifyingBackend)
     assert supports_control(MemoryBackend())
-    tasks = AsyncTasks(old, concurrency=2, poll_interval=0.05)  # type: ignore[arg-type]
+    tasks = AsyncTasks(old, concurrency=2, poll_interval=0.05)
     started = anyio.Event()
     release = anyio.Event()
 

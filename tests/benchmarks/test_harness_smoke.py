@@ -181,3 +181,24 @@ def test_the_postgres_flow_benchmark_runs_both_scenarios(
     medians = {line.split()[1]: float(line.split()[2]) for line in lines if line.startswith("median ")}
     assert set(medians) == {"plain", "per_key"}
     assert all(rate > 0 for rate in medians.values())
+
+
+def test_the_ab_drain_compares_two_versions_and_leaves_no_store(tmp_path: Path) -> None:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    completed = subprocess.run(
+        [
+            *(sys.executable, str(ROOT / "benchmarks" / "ab_drain.py"), "--refs", "HEAD,WORKTREE"),
+            *("--backends", "sqlite", "--n", "40", "--rounds", "2", "--concurrency", "4", "--json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=env,
+    )
+    assert completed.returncode == 0, completed.stderr
+    drain = json.loads(completed.stdout)["drain"]["sqlite"]
+    assert set(drain) == {"HEAD", "WORKTREE"}
+    assert all(row["median"] > 0 for row in drain.values())
+    assert drain["HEAD"]["relative"] == 1.0
+    assert list(tmp_path.iterdir()) == []  # its exported trees and stores are gone

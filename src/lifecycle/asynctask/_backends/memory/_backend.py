@@ -592,8 +592,9 @@ class MemoryBackend:
                 if then.id not in self._rows:
                     self._insert(then)
             for group in settlement.then_groups:
-                if group.id not in self._groups:
-                    self._store_group(group, {})
+                opened: dict[str, float] = {}
+                if group.id not in self._groups and not self._group_conflicts(group, opened):
+                    self._store_group(group, opened)
             self._announce("settled", row.id)
         if applied:  # a freed slot of max_running may let a held task start, too
             self._notify()
