@@ -8,6 +8,7 @@ transaction, so the same code serves :meth:`PostgresBackend.enqueue_many` and th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -483,13 +484,14 @@ async def settle(
         async with connection.transaction():
             await cursor.execute(st.settle, params)
             applied = {row[0] for row in await cursor.fetchall() if row[0] is not None}
-            stored: set[str] = set()
             for s in first:
                 if s.task_id not in applied:
                     continue
                 for group in s.then_groups:
-                    if group.id not in stored and await _insert_group(cursor, st, group, replace=True):
-                        stored.add(group.id)
+                    # Stored as enqueue_group stores it, in a savepoint: a group whose id exists, or with a
+                    # member id that is live (or in an open uniqueness window), is skipped whole.
+                    with contextlib.suppress(DuplicateTaskError):
+                        await enqueue_group(connection, st, group)
     return {s.task_id for s in first if s.task_id not in applied} | repeated
 
 
@@ -679,10 +681,8 @@ def _check_group(group: NewGroup) -> None:
         _check_text(group.then)
 
 
-async def _insert_group(cursor: Cursor, st: Statements, group: NewGroup, *, replace: bool) -> bool:
-    """Store the group's row and member rows unless its id exists (then ``False``); with ``replace``, also
-    its member tasks, replacing finished records with their ids (a live one is left: the caller made sure
-    there is none)."""
+async def _insert_group(cursor: Cursor, st: Statements, group: NewGroup) -> bool:
+    """Store the group's row and member rows unless its id exists (then ``False``)."""
     _check_group(group)
     then = group.then
     # A repeated member id is stored once here (enqueue_group's member check refuses it: nothing stays).
@@ -716,12 +716,7 @@ async def _insert_group(cursor: Cursor, st: Statements, group: NewGroup, *, repl
             member_ids,
         ),
     )
-    if await cursor.fetchone() is None:
-        return False
-    if replace and group.members:
-        await cursor.execute(st.delete_finished, (member_ids,))
-        await cursor.execute(st.insert_new, (*_new_task_arrays(group.members), st.channel))
-    return True
+    return await cursor.fetchone() is not None
 
 
 async def enqueue_group(connection: Connection, st: Statements, group: NewGroup) -> str:
@@ -730,7 +725,7 @@ async def enqueue_group(connection: Connection, st: Statements, group: NewGroup)
     ``if_exists="error"`` (a live member id raises, and nothing is stored)."""
     cursor = _cursor(connection)
     async with connection.transaction():
-        if not await _insert_group(cursor, st, group, replace=False):
+        if not await _insert_group(cursor, st, group):
             raise DuplicateTaskError(
                 group.id, reason=f"a group with id {group.id!r} exists already; pick another group id"
             )

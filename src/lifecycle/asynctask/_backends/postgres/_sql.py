@@ -313,7 +313,6 @@ class Statements:
     cancel_requests: bytes
     save_progress: bytes
     insert_group: bytes
-    delete_finished: bytes
     get_group: bytes
 
     @classmethod
@@ -458,10 +457,6 @@ class Statements:
                 "SELECT g.id, x.id, x.ord FROM g "
                 "CROSS JOIN unnest(%s::text[]) WITH ORDINALITY AS x(id, ord)) "
                 "SELECT id FROM g"
-            ),
-            # Params: ids. Drops the finished records with these ids (a group's members replace them).
-            delete_finished=render(
-                "DELETE FROM {tasks} WHERE id = ANY(%s::text[]) AND state NOT IN ('pending', 'active')"
             ),
             # Params: group id. One row per member in call order (none for a group without members): the
             # group's fields, then the member's id, result, and state (its record's, or the ending the group
