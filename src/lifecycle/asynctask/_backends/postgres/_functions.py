@@ -67,17 +67,26 @@ NOTICE_ID_BYTES = 3900
 more such id: with the kind letter and the brackets a payload stays under PostgreSQL's 8000-byte limit. An id
 longer than this as JSON is never in a notice: whoever waits for it finds it by polling."""
 
+_ONE_PAYLOAD = 2 * NOTICE_ID_BYTES
+"""Ids that take up to this many bytes in all (as JSON, with separators) go in one payload."""
+
 
 def notice_query(kind: str, source: str) -> str:
     """A query that sends the notices of kind ``kind`` (SQL text: ``'c'`` cancel, ``'s'`` settled) for the
-    ids of ``source`` (a query with columns ``id`` and ``ord``, the order to send them in): one ``NOTIFY``
-    on ``{notice_channel}`` per chunk of ids, its payload the kind letter then a JSON array of ids, under
-    8000 bytes (see :data:`NOTICE_ID_BYTES`). Returns one row per ``NOTIFY`` sent, none for no ids."""
+    ids of ``source`` (a query with columns ``id`` and ``ord``, the order to send them in): its payload is the
+    kind letter then a JSON array of ids, under 8000 bytes. Ids that fit go in one ``NOTIFY`` (the common
+    case: a settlement batch is one); more are split into chunks (see :data:`NOTICE_ID_BYTES`), which the
+    query computes only when needed (a one-time filter). Returns one row per ``NOTIFY`` sent, none for no
+    ids."""
+    size = "sum(octet_length(to_json({0}.id)::text) + 2)"
     return (
-        f"SELECT pg_notify({{notice_channel}}, {kind} || json_agg(n.id ORDER BY n.ord)::text) "
-        "FROM (SELECT x.id, x.ord, "
-        "sum(octet_length(to_json(x.id)::text) + 2) OVER (ORDER BY x.ord) AS reach "
+        f"SELECT pg_notify({{notice_channel}}, {kind} || json_agg(x.id ORDER BY x.ord)::text) "
+        f"FROM ({source}) AS x HAVING count(*) > 0 AND {size.format('x')} <= {_ONE_PAYLOAD} "
+        f"UNION ALL SELECT pg_notify({{notice_channel}}, {kind} || json_agg(n.id ORDER BY n.ord)::text) "
+        "FROM (SELECT x.id, x.ord, sum(octet_length(to_json(x.id)::text) + 2) OVER ("
+        "ORDER BY x.ord ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS reach "
         f"FROM ({source}) AS x WHERE octet_length(to_json(x.id)::text) <= {NOTICE_ID_BYTES}) AS n "
+        f"WHERE (SELECT {size.format('y')} FROM ({source}) AS y) > {_ONE_PAYLOAD} "
         f"GROUP BY (n.reach - 1) / {NOTICE_ID_BYTES}"
     )
 
