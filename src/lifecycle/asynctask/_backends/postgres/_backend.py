@@ -79,6 +79,11 @@ class PostgresBackend:
     claim's and the enqueue's transaction, so it holds across every process; the claims are PL/pgSQL
     functions the schema migration creates (see docs/backends.md).
 
+    It is a :class:`~lifecycle.asynctask.NotifyingBackend`: ``cancel()`` of a running task and every
+    settlement send a notice by ``NOTIFY`` when they commit, so a cancelled task stops, and ``wait()`` in
+    another process wakes, within milliseconds. A group's ``then`` is stored exactly once, by the transaction
+    of its last member's success, under the group's row lock (see :meth:`settle`).
+
     Args:
         dsn: a libpq connection string or URL, such as ``"postgresql://app@db.internal:5432/app"`` or
             ``"host=db.internal dbname=app user=app"`` (passwords, TLS and the rest as libpq accepts them,
@@ -471,8 +476,14 @@ class PostgresBackend:
 
     async def settle(self, settlements: Sequence[Settlement]) -> set[str]:
         """Apply every settlement whose lease is held, with its ``then`` tasks (and a debounce's follow-up
-        run, which becomes the record's next pending period), in one statement; return the ids not
-        applied."""
+        run, which becomes the record's next pending period), in one statement; return the ids not applied
+        (a repeat of a task's settlement in the batch is not applied).
+
+        The same statement does the group bookkeeping of the members it settled: the groups are locked in id
+        order, each member is counted once, and the success that brings a group's count of members not yet
+        succeeded to zero stores its ``then`` (a dead or cancelled member decides a group's outcome
+        instead); and it sends one ``"settled"`` notice ``NOTIFY`` for the batch. ``then_groups`` are stored
+        in the same transaction."""
         if not settlements:
             return set()
         async with self._connection() as connection:

@@ -1,7 +1,7 @@
 """The PostgreSQL layout of :class:`~lifecycle.asynctask.postgres.PostgresBackend`: tables, indexes,
 versioning and migrations.
 
-Layout (schema version 2), inside the backend's own schema (``lifecycle`` unless configured):
+Layout (schema version 3), inside the backend's own schema (``lifecycle`` unless configured):
 
 ``lifecycle_schema(version)``
     One row: the layout version that wrote this schema. A newer version is refused; an older one is migrated
@@ -14,7 +14,9 @@ Layout (schema version 2), inside the backend's own schema (``lifecycle`` unless
     while ``ACTIVE``. Version 2 adds ``priority``, ``concurrency_key`` and ``expires_at``, and
     ``follow_up``: the one run a debounce scheduled while the task was ``ACTIVE`` (a composite value of type
     ``lifecycle_follow_up``, NULL when there is none). It lives in the task's own row so that the row lock
-    of the settlement and of the debounce serialises the two (see ``_ops``).
+    of the settlement and of the debounce serialises the two (see ``_ops``). Version 3 adds
+    ``cancel_requested`` (a cancel asked while the task was active), ``progress_done``, ``progress_total``,
+    ``progress_message`` and ``group_id``.
 ``lifecycle_buckets(name, tokens, at, refused)`` (version 2)
     The rate-limit token bucket of each task name that has taken a token: the tokens left as of ``at``, and
     how many claims were refused a token. A name without a row has a full bucket.
@@ -23,6 +25,14 @@ Layout (schema version 2), inside the backend's own schema (``lifecycle`` unless
     refused. Windows that ended are deleted by later enqueues, a bounded number at a time.
 ``lifecycle_paused(queue)`` (version 2)
     The paused queues.
+``lifecycle_groups`` (version 3)
+    One row per group: ``remaining``, the members not succeeded yet (counted down under the row's lock by
+    ``lifecycle_group_ended``, see ``_functions``), the ``outcome`` once final and ``finished_at``, the
+    ``then`` task (``then_task_id`` and a ``lifecycle_follow_up`` value) until the group succeeds, and
+    ``then_id`` once it is stored.
+``lifecycle_group_members`` (version 3)
+    One row per member, ``position`` its call order: the final ``state`` it last ended in (NULL until then)
+    and its ``result``, kept when retention removes the member's record.
 
 The task table is a queue: every task is inserted, updated a few times and deleted by retention, so
 autovacuum is told to visit it after 2 % of its rows changed (PostgreSQL's default is 20 %).
@@ -34,7 +44,9 @@ skipped without reading its tasks; ``(queue, expires_at)`` over the tasks that h
 expired ones. Over active tasks: ``(lease_until, seq)`` serves recovery, ``(name, concurrency_key)`` counts
 the running tasks of a name (and key) for ``max_running`` and ``max_running_per_key``. A partial index over
 finished tasks ``(coalesce(finished_at, enqueued_at))`` serves retention purges; ``(enqueued_at, seq)`` the
-newest-first listing.
+newest-first listing. ``lifecycle_groups (finished_at)`` over final groups serves their purge.
+
+The server-side functions are listed in ``_functions`` (those of version 2 in ``_functions_v2``).
 """
 
 from __future__ import annotations
