@@ -58,6 +58,12 @@ class ProgressBook:
         if wake is not None:
             wake.set()
 
+    def holds(self, claimed: ClaimedTask) -> bool:
+        """Whether anything of ``claimed`` is unwritten or being written (else :meth:`finish` has nothing
+        to do: the common case, checked without an await)."""
+        token = claimed.token
+        return token in self._latest or token in self._writing or token in self._written
+
     async def finish(self, claimed: ClaimedTask) -> None:
         """Write ``claimed``'s last report if it is not written yet, and forget the attempt (before its
         verdict is saved)."""

@@ -306,15 +306,16 @@ class Worker:
         finally:
             del self._running[claimed.token]
             self._capacity_changed()
+        progress = self._progress
         if settlement is None:
-            if self._progress is not None:
-                self._progress.forget(claimed)
+            if progress is not None:
+                progress.forget(claimed)
             if self._held.get(task_id) == claimed.token:
                 del self._held[task_id]
         else:
-            if self._progress is not None:
+            if progress is not None and progress.holds(claimed):
                 with anyio.CancelScope(shield=True):  # the last progress before the verdict, always
-                    await self._progress.finish(claimed)
+                    await progress.finish(claimed)
             self._put(claimed, settlement)
 
     def _put(self, claimed: ClaimedTask, settlement: Settlement) -> None:

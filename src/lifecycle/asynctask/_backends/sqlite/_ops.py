@@ -169,18 +169,20 @@ _RECLAIM = (
 _HELD = "WHERE id = ? AND token = ? AND state = 'active'"
 _SETTLE_SUCCEEDED = (
     "UPDATE lifecycle_tasks SET state = 'succeeded', finished_at = ?, result = ?, "
-    f"last_error = coalesce(?, last_error), lease_until = NULL, token = NULL {_HELD} RETURNING group_id"
+    f"last_error = coalesce(?, last_error), lease_until = NULL, token = NULL {_HELD}"
 )
 _SETTLE_FINAL = (
     "UPDATE lifecycle_tasks SET state = ?, finished_at = ?, result = coalesce(?, result), "
-    f"last_error = coalesce(?, last_error), lease_until = NULL, token = NULL {_HELD} RETURNING group_id"
+    f"last_error = coalesce(?, last_error), lease_until = NULL, token = NULL {_HELD}"
 )
 _SETTLE_PENDING = (
     "UPDATE lifecycle_tasks SET state = 'pending', run_at = ?, "
     f"attempts = CASE WHEN {_COUNTED} THEN max(attempts - ?, 0) ELSE attempts END, "
-    f"finished_at = NULL, last_error = coalesce(?, last_error), lease_until = NULL, token = NULL {_HELD} "
-    "RETURNING group_id"
+    f"finished_at = NULL, last_error = coalesce(?, last_error), lease_until = NULL, token = NULL {_HELD}"
 )
+# While groups are stored, a final settlement also returns the task's group, for the fan-in.
+_SETTLE_SUCCEEDED_MEMBER = _SETTLE_SUCCEEDED + " RETURNING group_id"
+_SETTLE_FINAL_MEMBER = _SETTLE_FINAL + " RETURNING group_id"
 _EXTEND = f"UPDATE lifecycle_tasks SET lease_until = ? {_HELD}"
 
 _KNOWN_STATES = sorted(state.value for state in TaskState)
@@ -665,27 +667,38 @@ def settle(connection: sqlite3.Connection, settlements: Sequence[Settlement]) ->
     kept for the task); return the lost ids."""
     lost: set[str] = set()
     (follow_ups,) = connection.execute("SELECT EXISTS (SELECT 1 FROM lifecycle_follow_ups)").fetchone()
+    (groups,) = connection.execute("SELECT EXISTS (SELECT 1 FROM lifecycle_groups)").fetchone()
     for s in settlements:
-        if s.state is TaskState.SUCCEEDED:
-            cursor = connection.execute(_SETTLE_SUCCEEDED, (s.at, s.result, s.error, s.task_id, s.token))
-        elif s.state is TaskState.PENDING:
+        group_id: object = None
+        if s.state is TaskState.PENDING:
             run_at = s.at if s.run_at is None else s.run_at
             refund = 1 if s.refund_attempt else 0
-            cursor = connection.execute(_SETTLE_PENDING, (run_at, refund, s.error, s.task_id, s.token))
-        elif s.state in (TaskState.DEAD, TaskState.CANCELLED):
-            params = (s.state.value, s.at, s.result, s.error, s.task_id, s.token)
-            cursor = connection.execute(_SETTLE_FINAL, params)
+            params: tuple[Any, ...] = (run_at, refund, s.error, s.task_id, s.token)
+            applied = connection.execute(_SETTLE_PENDING, params).rowcount > 0
+        elif s.state in (TaskState.SUCCEEDED, TaskState.DEAD, TaskState.CANCELLED):
+            if s.state is TaskState.SUCCEEDED:
+                params = (s.at, s.result, s.error, s.task_id, s.token)
+                statement = _SETTLE_SUCCEEDED_MEMBER if groups else _SETTLE_SUCCEEDED
+            else:
+                params = (s.state.value, s.at, s.result, s.error, s.task_id, s.token)
+                statement = _SETTLE_FINAL_MEMBER if groups else _SETTLE_FINAL
+            cursor = connection.execute(statement, params)
+            if groups:
+                row = cursor.fetchone()
+                applied = row is not None
+                group_id = None if row is None else row[0]
+            else:
+                applied = cursor.rowcount > 0
         else:
             raise ValueError(
                 f"cannot settle task {s.task_id!r} as {s.state.value!r}: a settlement's state must be "
                 "pending, succeeded, dead or cancelled"
             )
-        applied = cursor.fetchone()
-        if applied is None:
+        if not applied:
             lost.add(s.task_id)
             continue
-        if s.state is not TaskState.PENDING:
-            _member_ended(connection, applied[0], s.task_id, s.state, s.at, s.result)
+        if group_id is not None:
+            _member_ended(connection, group_id, s.task_id, s.state, s.at, s.result)
         if follow_ups:
             follow_up = connection.execute(_TAKE_FOLLOW_UP, (s.task_id,)).fetchone()
             if follow_up is not None:
@@ -697,7 +710,7 @@ def settle(connection: sqlite3.Connection, settlements: Sequence[Settlement]) ->
         if s.then:
             connection.executemany(_INSERT_OR_SKIP, map(_new_task_row, s.then))
         for group in s.then_groups:
-            _store_group(connection, group, skip_existing=True)
+            groups = _store_group(connection, group, skip_existing=True) or groups
     return lost
 
 
