@@ -18,6 +18,7 @@ from psycopg import sql
 
 from lifecycle.asynctask import (
     ClaimedTask,
+    DuplicateTaskError,
     FlowLimits,
     NewGroup,
     NewTask,
@@ -457,3 +458,33 @@ async def test_notices_flow_again_after_the_listen_connection_was_lost(
             if Notice("cancel", "job") in await waiter.wait_for_notices(timeout=0.5):
                 break
     assert waiter.listening
+
+
+# -- a group in the caller's transaction ---------------------------------------------------------------------
+
+
+async def test_enqueue_group_in_stores_a_group_only_if_the_callers_transaction_commits(
+    open_pg: OpenPostgres, postgres_dsn: str
+) -> None:
+    backend = await open_pg()
+    async with await psycopg.AsyncConnection.connect(postgres_dsn) as connection:
+        async with connection.transaction():
+            assert await backend.enqueue_group_in(connection, _group("rolled", 2)) == "rolled"
+            assert await backend.get_group("rolled") is None, "not visible before the commit"
+            raise psycopg.Rollback()
+        assert await backend.get_group("rolled") is None
+        assert await backend.get("rolled-m0") is None
+
+        await backend.enqueue_many([_task("kept-m1", payload=b"live")])
+        with pytest.raises(DuplicateTaskError):
+            await backend.enqueue_group_in(connection, _group("kept", 2))
+        # The caller's transaction (opened by the call) is still usable: only the savepoint was undone.
+        assert await backend.enqueue_group_in(connection, _group("later", 2)) == "later"
+        await connection.commit()
+    group = await backend.get_group("later")
+    assert group is not None
+    assert group.task_ids == ("later-m0", "later-m1")
+    assert await backend.get_group("kept") is None
+    assert await backend.get("kept-m0") is None
+    with pytest.raises(TypeError, match=r"psycopg\.AsyncConnection"):
+        await backend.enqueue_group_in(object(), _group("x", 1))

@@ -409,19 +409,49 @@ class PostgresBackend:
                     await backend.enqueue_many_in(conn, [task])
         """
         _check_if_exists(if_exists)
-        if not isinstance(connection, psycopg.AsyncConnection):
-            raise TypeError(
-                "PostgresBackend.enqueue_many_in() needs a psycopg.AsyncConnection to the task database, "
-                f"got {type(connection).__name__}"
-            )
+        joined = await self._join(connection, "enqueue_many_in", start=bool(tasks))
         if not tasks:
             return []
-        if not connection.autocommit and connection.info.transaction_status == TransactionStatus.IDLE:
+        return await self._in_callers_transaction(
+            lambda: ops.enqueue(joined, self._statements, tasks, if_exists)
+        )
+
+    async def enqueue_group_in(self, connection: object, group: NewGroup) -> str:
+        """Store ``group`` and its members inside the caller's transaction on ``connection``, as
+        :meth:`enqueue_many_in` stores tasks (the transactional outbox for a group): the group exists, and
+        its members wake workers, only if that transaction commits. Raises :class:`DuplicateTaskError` like
+        :meth:`enqueue_group` (only the savepoint is rolled back), ``TypeError`` for a connection that is not
+        a ``psycopg.AsyncConnection``, and :class:`BackendError` when the tables do not exist yet.
+
+        Example::
+
+            async with conn.transaction():
+                await conn.execute("INSERT INTO albums ...")
+                await backend.enqueue_group_in(conn, group)
+        """
+        joined = await self._join(connection, "enqueue_group_in", start=True)
+        return await self._in_callers_transaction(lambda: ops.enqueue_group(joined, self._statements, group))
+
+    async def _join(self, connection: object, what: str, *, start: bool) -> psycopg.AsyncConnection[Any]:
+        """The caller's connection, checked; with ``start``, its transaction started if none is open (see
+        :meth:`enqueue_many_in`)."""
+        if not isinstance(connection, psycopg.AsyncConnection):
+            raise TypeError(
+                f"PostgresBackend.{what}() needs a psycopg.AsyncConnection to the task database, "
+                f"got {type(connection).__name__}"
+            )
+        idle = connection.info.transaction_status == TransactionStatus.IDLE
+        if start and idle and not connection.autocommit:
             # No statement ran yet: start the caller's transaction the way psycopg would on a first
             # execute. (A transaction block opened on an idle connection would commit on its own.)
             await connection.execute("SELECT 1")
+        return connection
+
+    async def _in_callers_transaction(self, write: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``write`` (a savepoint of the caller's transaction); while the tables are missing on a backend
+        opened with ``create="on_enqueue"``, create them on a connection of our own and write again."""
         try:
-            return await ops.enqueue(connection, self._statements, tasks, if_exists)
+            return await write()
         except psycopg.errors.UndefinedTable as exc:
             if not (self._absent and self._pool is not None):
                 raise BackendError(
@@ -431,7 +461,7 @@ class PostgresBackend:
                 ) from exc
         # Opened with create="on_enqueue" and no tables yet: only the savepoint was rolled back.
         await self._create_tables()
-        return await ops.enqueue(connection, self._statements, tasks, if_exists)
+        return await write()
 
     async def claim(
         self,
