@@ -460,12 +460,14 @@ class Statements:
             ),
             # Params: group id. One row per member in call order (none for a group without members): the
             # group's fields, then the member's id, result, and state (its record's, or the ending the group
-            # recorded once the record is gone or belongs to another task).
+            # recorded once the record is gone or belongs to another task). The record's state is read by a
+            # correlated subquery, a primary key probe per member whatever the statistics (as a join, the
+            # planner may scan the whole task table for a large group).
             get_group=render(
                 "SELECT g.id, g.outcome, g.created_at, g.finished_at, g.then_id, g.meta, m.task_id, "
-                "m.result, coalesce(t.state, m.state) FROM {groups} AS g "
+                "m.result, coalesce((SELECT t.state FROM {tasks} AS t "
+                "WHERE t.id = m.task_id AND t.group_id = m.group_id), m.state) FROM {groups} AS g "
                 "LEFT JOIN {members} AS m ON m.group_id = g.id "
-                "LEFT JOIN {tasks} AS t ON t.id = m.task_id AND t.group_id = g.id "
                 "WHERE g.id = %s ORDER BY m.position"
             ),
         )
