@@ -1,4 +1,5 @@
-"""How long a PostgreSQL claim takes over a large backlog the planner has no statistics for.
+"""How long a PostgreSQL claim takes over a large backlog the planner has no statistics for, and what a
+claim and a settlement of a batch cost.
 
     python benchmarks/postgres_claim.py --dsn postgresql://postgres@127.0.0.1/test --n 100000
 
@@ -7,8 +8,13 @@ autovacuum off for the table so that no ANALYZE runs: enqueue ``--n`` tasks dela
 claims that find nothing due (the worker's idle claim), as ``EXPLAIN ANALYZE`` execution time and as the
 wall time of ``PostgresBackend.claim``, without limits and with limits on the backlog's task name (the
 transaction that locks the name, then counts and claims); and lease recovery over ``--n`` active tasks (of
-another queue). All again after ``ANALYZE``. Prints medians in milliseconds. docs/backends.md quotes the
-numbers.
+another queue). All again after ``ANALYZE``. Then the round trips of a worker's hot path over due tasks of a
+queue of their own: ``claim`` of 10 and ``settle`` of those 10 (succeeded, with a result), one caller, and
+the rate of 4 callers claiming and settling batches of 10 at once (each on its own pooled connection:
+settlements commit concurrently). Prints medians in milliseconds. docs/backends.md quotes the numbers.
+
+For an A/B run against an older version, run the script with ``PYTHONPATH`` pointing at that version's
+``src``: what it lacks is left out.
 """
 
 from __future__ import annotations
@@ -108,6 +114,48 @@ async def _measure(dsn: str, backend: PostgresBackend, repeat: int, label: str) 
         )
 
 
+async def _hot_path(backend: PostgresBackend, repeat: int) -> None:
+    """claim(10) and settle(10) round trips over due tasks of the queue "hot", one caller; then 4 callers."""
+    from lifecycle.asynctask import Settlement, TaskState
+
+    batch = 10
+    now = time.time()
+    await backend.enqueue_many(_tasks("h", repeat * batch, now, "hot"))
+    claims, settles = [], []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        claimed = await backend.claim(["hot"], batch, now=time.time(), lease_until=time.time() + 60)
+        middle = time.perf_counter()
+        verdicts = [
+            Settlement(c.record.id, c.token, TaskState.SUCCEEDED, at=time.time(), result=b"null")
+            for c in claimed
+        ]
+        assert await backend.settle(verdicts) == set()
+        claims.append((middle - start) * 1000)
+        settles.append((time.perf_counter() - middle) * 1000)
+    callers, rounds = 4, 100
+    await backend.enqueue_many(_tasks("c", callers * rounds * batch, now, "busy-hot"))
+
+    async def caller() -> None:
+        for _ in range(rounds):
+            claimed = await backend.claim(["busy-hot"], batch, now=time.time(), lease_until=time.time() + 60)
+            verdicts = [
+                Settlement(c.record.id, c.token, TaskState.SUCCEEDED, at=time.time(), result=b"null")
+                for c in claimed
+            ]
+            assert await backend.settle(verdicts) == set()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    rate = callers * rounds * batch / (time.perf_counter() - start)
+    print(
+        f"hot path    claim of {batch} {statistics.median(claims):7.3f} ms, settle of {batch} "
+        f"{statistics.median(settles):7.3f} ms (round trips, medians); {callers} callers claiming and "
+        f"settling at once: {rate:7.0f} tasks/s",
+        flush=True,
+    )
+
+
 async def main(argv: list[str] | None = None) -> None:
     """Fill, measure unanalysed, ANALYZE, measure again, drop the schema."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -135,6 +183,7 @@ async def main(argv: list[str] | None = None) -> None:
         async with await psycopg.AsyncConnection.connect(args.dsn, autocommit=True) as connection:
             await connection.execute(sql.SQL("ANALYZE {}").format(table))
         await _measure(args.dsn, backend, args.repeat, "analysed")
+        await _hot_path(backend, max(args.repeat, 100))
     finally:
         await backend.close()
         async with await psycopg.AsyncConnection.connect(args.dsn, autocommit=True) as connection:

@@ -91,6 +91,9 @@ _PG_TYPES: dict[str, tuple[type, ...]] = {
     "max_retries": (int,),
     "priority": (int,),
     "concurrency_key": (str,),
+    "cancel_requested": (bool,),
+    "progress_message": (str,),
+    "group_id": (str,),
 }
 
 

@@ -24,9 +24,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from lifecycle.asynctask import FlowLimits, NewTask, TaskState
+from lifecycle.asynctask import FlowLimits, NewGroup, NewTask, Settlement, TaskState
 from lifecycle.asynctask._backends.postgres import _ops as ops
-from lifecycle.asynctask._backends.postgres._schema import TASKS_TABLE
+from lifecycle.asynctask._backends.postgres._schema import GROUPS_TABLE, MEMBERS_TABLE, TASKS_TABLE
 
 from ._support import OpenPostgres, make_task
 
@@ -266,3 +266,38 @@ async def test_a_claim_from_a_large_due_backlog_reads_only_what_it_takes(
     touched, rows = await _buffers(postgres_dsn, query, params)
     assert len(rows) == 1
     assert touched < 100, f"a claim of one task touched {touched} buffers"
+
+
+@pytest.mark.parametrize("analysed", [False, True])
+async def test_settling_a_member_of_a_large_group_and_reading_the_group_probe_indexes(
+    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str, analysed: bool
+) -> None:
+    """A group of 20 000 members: the settlement of one member (its group's bookkeeping in the group function,
+    whose inner plans EXPLAIN cannot show) touches a few dozen buffers, not the member table's hundreds of
+    pages; reading the group reads each member's record by its primary key (its member rows are the whole
+    member table here: reading that table whole is right)."""
+    backend = await open_pg()
+    await _backlog_table(postgres_dsn, pg_schema)
+    now = time.time()
+    members = tuple(
+        NewTask(f"m{n}", "tests.job", "default", b"", 0, None, now - 60, now - 60, group_id="big")
+        for n in range(_BACKLOG)
+    )
+    await backend.enqueue_group(NewGroup("big", members, make_task("then"), now))
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as connection:
+        for table in (GROUPS_TABLE, MEMBERS_TABLE):
+            name = sql.Identifier(pg_schema, table)
+            await connection.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = false)").format(name))
+        if analysed:
+            for table in (TASKS_TABLE, GROUPS_TABLE, MEMBERS_TABLE):
+                await connection.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(pg_schema, table)))
+    (claimed,) = await backend.claim(["default"], 1, now=now, lease_until=now + 30)
+    statements = backend._statements
+    verdict = Settlement(claimed.record.id, claimed.token, TaskState.SUCCEEDED, at=now, result=b"r")
+    [(query, params)] = await _recorded(postgres_dsn, lambda conn: ops.settle(conn, statements, [verdict]))
+    touched, rows = await _buffers(postgres_dsn, query, params)
+    assert claimed.record.id in [row[0] for row in rows], "the settlement was applied"
+    assert touched < 100, f"settling one member of a group of {_BACKLOG} touched {touched} buffers"
+    [(query, params)] = await _recorded(postgres_dsn, lambda conn: ops.get_group(conn, statements, "big"))
+    for plan in (await _plans(postgres_dsn, query, params)).values():
+        _assert_index_probes_only(plan, TASKS_TABLE)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
@@ -33,11 +32,23 @@ from ...._checks import check_count, check_name, check_seconds
 from ...._redact import library_logger, redact
 from ..._backend import Create, check_create
 from ..._errors import BackendError, StoreNotFoundError
-from ..._records import ClaimedTask, FlowLimits, FlowState, NewTask, Settlement, TaskRecord, TaskState
+from ..._records import (
+    ClaimedTask,
+    FlowLimits,
+    FlowState,
+    GroupRecord,
+    NewGroup,
+    NewTask,
+    Notice,
+    ProgressUpdate,
+    Settlement,
+    TaskRecord,
+    TaskState,
+)
 from .._asyncio_only import require_asyncio
 from . import _ops as ops
 from ._listen import Listener
-from ._schema import ensure_schema
+from ._schema import MAX_IDENTIFIER, ensure_schema
 from ._sql import Statements
 
 __all__ = ["PostgresBackend"]
@@ -47,15 +58,7 @@ _log = library_logger("lifecycle.asynctask.postgres")
 _T = TypeVar("_T")
 
 _CLAIM_WAIT = 1.0  # seconds a claim waits for a pooled connection
-_MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1, in bytes
 _APPLICATION_NAME = "lifecycle-asynctask"
-
-
-def _channel_for(schema: str) -> str:
-    channel = f"lifecycle.{schema}"
-    if len(channel.encode()) <= _MAX_IDENTIFIER:
-        return channel
-    return "lifecycle." + hashlib.sha256(schema.encode()).hexdigest()[:40]
 
 
 def _safe_dsn(dsn: str) -> str:
@@ -75,6 +78,11 @@ class PostgresBackend:
     paused queues, rate and concurrency limits, expiry, uniqueness windows, debounce) is enforced in the
     claim's and the enqueue's transaction, so it holds across every process; the claims are PL/pgSQL
     functions the schema migration creates (see docs/backends.md).
+
+    It is a :class:`~lifecycle.asynctask.NotifyingBackend`: ``cancel()`` of a running task and every
+    settlement send a notice by ``NOTIFY`` when they commit, so a cancelled task stops, and ``wait()`` in
+    another process wakes, within milliseconds. A group's ``then`` is stored exactly once, by the transaction
+    of its last member's success, under the group's row lock (see :meth:`settle`).
 
     Args:
         dsn: a libpq connection string or URL, such as ``"postgresql://app@db.internal:5432/app"`` or
@@ -129,9 +137,9 @@ class PostgresBackend:
                 "in single quotes)"
             ) from None
         check_name(schema, "PostgresBackend(schema=...)")
-        if len(schema.encode()) > _MAX_IDENTIFIER:
+        if len(schema.encode()) > MAX_IDENTIFIER:
             raise ValueError(
-                f"schema {schema!r} is longer than PostgreSQL's {_MAX_IDENTIFIER}-byte limit for names; "
+                f"schema {schema!r} is longer than PostgreSQL's {MAX_IDENTIFIER}-byte limit for names; "
                 "choose a shorter schema name"
             )
         self._dsn = dsn
@@ -144,7 +152,7 @@ class PostgresBackend:
             self._connect_kwargs["application_name"] = _APPLICATION_NAME
         if "connect_timeout" not in params:  # libpq's own limit for each connection attempt
             self._connect_kwargs["connect_timeout"] = max(2, math.ceil(self._connect_timeout))
-        self._statements = Statements.for_schema(schema, _channel_for(schema))
+        self._statements = Statements.for_schema(schema)
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
         self._listener: Listener | None = None
         self._reported: tuple[object, ...] | None = None  # what wait_for_work last returned for
@@ -163,6 +171,12 @@ class PostgresBackend:
     def channel(self) -> str:
         """The ``NOTIFY`` channel writers signal new work on (payload: the queue name)."""
         return self._statements.channel
+
+    @property
+    def notice_channel(self) -> str:
+        """The ``NOTIFY`` channel of the notices (cancel requests and settlements, see
+        :meth:`wait_for_notices`; payload: ``c`` or ``s`` then a JSON array of task ids)."""
+        return self._statements.notice_channel
 
     @property
     def listening(self) -> bool:
@@ -197,7 +211,12 @@ class PostgresBackend:
         if self._pool is not None:
             return
         require_asyncio("PostgresBackend", "psycopg's async support is asyncio-only")
-        listener = Listener(self._dsn, self.channel, connect_kwargs=self._connect_kwargs)
+        listener = Listener(
+            self._dsn,
+            self.channel,
+            connect_kwargs=self._connect_kwargs,
+            notice_channel=self._statements.notice_channel,
+        )
         pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
             self._dsn,
             kwargs={"autocommit": True, **self._connect_kwargs},
@@ -390,19 +409,49 @@ class PostgresBackend:
                     await backend.enqueue_many_in(conn, [task])
         """
         _check_if_exists(if_exists)
-        if not isinstance(connection, psycopg.AsyncConnection):
-            raise TypeError(
-                "PostgresBackend.enqueue_many_in() needs a psycopg.AsyncConnection to the task database, "
-                f"got {type(connection).__name__}"
-            )
+        joined = await self._join(connection, "enqueue_many_in", start=bool(tasks))
         if not tasks:
             return []
-        if not connection.autocommit and connection.info.transaction_status == TransactionStatus.IDLE:
+        return await self._in_callers_transaction(
+            lambda: ops.enqueue(joined, self._statements, tasks, if_exists)
+        )
+
+    async def enqueue_group_in(self, connection: object, group: NewGroup) -> str:
+        """Store ``group`` and its members inside the caller's transaction on ``connection``, as
+        :meth:`enqueue_many_in` stores tasks (the transactional outbox for a group): the group exists, and
+        its members wake workers, only if that transaction commits. Raises :class:`DuplicateTaskError` like
+        :meth:`enqueue_group` (only the savepoint is rolled back), ``TypeError`` for a connection that is not
+        a ``psycopg.AsyncConnection``, and :class:`BackendError` when the tables do not exist yet.
+
+        Example::
+
+            async with conn.transaction():
+                await conn.execute("INSERT INTO albums ...")
+                await backend.enqueue_group_in(conn, group)
+        """
+        joined = await self._join(connection, "enqueue_group_in", start=True)
+        return await self._in_callers_transaction(lambda: ops.enqueue_group(joined, self._statements, group))
+
+    async def _join(self, connection: object, what: str, *, start: bool) -> psycopg.AsyncConnection[Any]:
+        """The caller's connection, checked; with ``start``, its transaction started if none is open (see
+        :meth:`enqueue_many_in`)."""
+        if not isinstance(connection, psycopg.AsyncConnection):
+            raise TypeError(
+                f"PostgresBackend.{what}() needs a psycopg.AsyncConnection to the task database, "
+                f"got {type(connection).__name__}"
+            )
+        idle = connection.info.transaction_status == TransactionStatus.IDLE
+        if start and idle and not connection.autocommit:
             # No statement ran yet: start the caller's transaction the way psycopg would on a first
             # execute. (A transaction block opened on an idle connection would commit on its own.)
             await connection.execute("SELECT 1")
+        return connection
+
+    async def _in_callers_transaction(self, write: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``write`` (a savepoint of the caller's transaction); while the tables are missing on a backend
+        opened with ``create="on_enqueue"``, create them on a connection of our own and write again."""
         try:
-            return await ops.enqueue(connection, self._statements, tasks, if_exists)
+            return await write()
         except psycopg.errors.UndefinedTable as exc:
             if not (self._absent and self._pool is not None):
                 raise BackendError(
@@ -412,7 +461,7 @@ class PostgresBackend:
                 ) from exc
         # Opened with create="on_enqueue" and no tables yet: only the savepoint was rolled back.
         await self._create_tables()
-        return await ops.enqueue(connection, self._statements, tasks, if_exists)
+        return await write()
 
     async def claim(
         self,
@@ -457,8 +506,14 @@ class PostgresBackend:
 
     async def settle(self, settlements: Sequence[Settlement]) -> set[str]:
         """Apply every settlement whose lease is held, with its ``then`` tasks (and a debounce's follow-up
-        run, which becomes the record's next pending period), in one statement; return the ids not
-        applied."""
+        run, which becomes the record's next pending period), in one statement; return the ids not applied
+        (a repeat of a task's settlement in the batch is not applied).
+
+        The same statement does the group bookkeeping of the members it settled: the groups are locked in id
+        order, each member is counted once, and the success that brings a group's count of members not yet
+        succeeded to zero stores its ``then`` (a dead or cancelled member decides a group's outcome
+        instead); and it sends one ``"settled"`` notice ``NOTIFY`` for the batch. ``then_groups`` are stored
+        in the same transaction."""
         if not settlements:
             return set()
         async with self._connection() as connection:
@@ -595,10 +650,59 @@ class PostgresBackend:
         return await self._inspect(ops.stats, absent={})
 
     async def cancel(self, task_ids: Sequence[str], *, now: float) -> list[str]:
-        """Cancel pending tasks among ``task_ids``; return those cancelled."""
+        """Cancel the pending tasks among ``task_ids`` and ask the active ones to stop (``cancel_requested``;
+        their worker stops them within milliseconds through a ``"cancel"`` notice, or at its next look at
+        the store), in one statement; return the ids of both kinds, in the order given. The group of a pending
+        member ends cancelled in the same statement; see :meth:`Backend.cancel`."""
         if not task_ids:
             return []
         return await self._inspect(ops.cancel, task_ids, now, absent=[])
+
+    async def cancel_requests(self, task_ids: Sequence[str]) -> set[str]:
+        """The active tasks among ``task_ids`` whose cancellation was asked (one statement, a primary key
+        probe per id)."""
+        if not task_ids:
+            return set()
+        return await self._inspect(ops.cancel_requests, task_ids, absent=set())
+
+    async def save_progress(self, updates: Sequence[ProgressUpdate]) -> set[str]:
+        """Store each update whose lease is held, in one statement (the last update of a task wins); return
+        the ids whose lease was lost."""
+        if not updates:
+            return set()
+        async with self._connection() as connection:
+            return await ops.save_progress(connection, self._statements, updates)
+
+    async def enqueue_group(self, group: NewGroup) -> str:
+        """Store ``group`` and its members in one transaction and wake the workers; see
+        :meth:`Backend.enqueue_group`. The group's row keeps its ``then`` and a row per member (its last
+        ending and its result, kept when retention removes the member's record). Raises
+        :class:`DuplicateTaskError` for a group id that exists, or a member id that is live (nothing is
+        stored then)."""
+        async with self._connection() as connection:
+            return await ops.enqueue_group(connection, self._statements, group)
+
+    async def get_group(self, group_id: str) -> GroupRecord | None:
+        """The group with this id (its members' results in call order, and counts per state), or
+        ``None``."""
+        return await self._inspect(ops.get_group, group_id, absent=None)
+
+    async def wait_for_notices(self, *, timeout: float) -> list[Notice]:
+        """The notices (cancel requests, settlements) that arrived since the last call, waiting up to
+        ``timeout`` seconds for a first one; see :meth:`NotifyingBackend.wait_for_notices`.
+
+        They travel by ``NOTIFY`` on :attr:`notice_channel`, sent by the transaction that made the change
+        (one per settlement batch, with the ids in the payload, split to stay under PostgreSQL's 8000-byte
+        limit), so they arrive when it commits. The ``LISTEN`` connection listens to that channel from the
+        first call on (a process that never calls this is sent none); notices sent while it reconnects are
+        lost (best effort: the engine polls too).
+        """
+        listener = self._listener
+        if listener is None:
+            await anyio.sleep(max(0.0, timeout))  # closed: nothing will come
+            return []
+        await listener.listen_notices(self._connect_timeout)
+        return await listener.next_notices(timeout)
 
     async def requeue(
         self, task_ids: Sequence[str] | None = None, *, queue: str | None = None, now: float

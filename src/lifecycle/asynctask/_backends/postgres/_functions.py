@@ -1,9 +1,11 @@
-"""The server-side functions of :class:`~lifecycle.asynctask.postgres.PostgresBackend`, created by the schema
-migration (``_schema``) in the backend's schema.
+"""The server-side functions of :class:`~lifecycle.asynctask.postgres.PostgresBackend` as schema version 3
+defines them, created by the schema migration (``_schema``) in the backend's schema. (The functions version 2
+created are kept as they were in ``_functions_v2``: a new schema replays every migration step, and version 3
+replaces the two claims.)
 
 The claims are PL/pgSQL functions, as the Redis backend's are Lua scripts: one call does the whole atomic
 step, and PostgreSQL plans the statements inside once per session (a claim written as one large SQL statement
-cost more to plan, on every call, than to run). Each function sets, for its own statements only:
+cost more to plan, on every call, than to run). Each claim function sets, for its own statements only:
 
 - ``plan_cache_mode = force_generic_plan``: left to itself, PostgreSQL re-plans a statement on every call
   whenever its statistics make the generic plan look dearer than one made for the call's values (0.4 ms
@@ -16,8 +18,9 @@ cost more to plan, on every call, than to run). Each function sets, for its own 
   an ordered index range by design; the settings only price the other plans out (the sorts the claim with
   limits needs for its window functions remain, dear but unavoidable).
 
-Each text is a template for :mod:`psycopg.sql`: ``{tasks}``, ``{paused}``, ``{buckets}`` and the function
-names are filled in with the schema's qualified identifiers (literal braces are doubled).
+Each text is a template for :mod:`psycopg.sql`: ``{tasks}``, ``{paused}``, ``{buckets}``, ``{groups}``,
+``{members}``, the function names and the two ``NOTIFY`` channels (``{channel}`` and ``{notice_channel}``, as
+literals) are filled in with the schema's (literal braces are doubled).
 
 - ``lifecycle_claim(queues, now, wanted, lease, held)``: the claim without limits.
 - ``lifecycle_claim_limited(queues, now, wanted, lease, space, names, rates, pers, max_runnings, per_keys)``:
@@ -26,8 +29,14 @@ names are filled in with the schema's qualified identifiers (literal braces are 
   function every statement takes a fresh snapshot, so the statements after the locks see every task the
   previous holder of a lock leased (it committed before the lock was released): the counts are exact, across
   every process.
-- ``lifecycle_priority_groups(queues)``: the (queue, priority) groups of pending tasks (``wait_for_work``).
-- ``lifecycle_name_groups(queues, skipped)``: the (queue, name, priority) groups (the claim with limits).
+- ``lifecycle_priority_groups(queues)``: the (queue, priority) groups of pending tasks (``wait_for_work``;
+  as version 2 created it).
+- ``lifecycle_name_groups(queues, skipped)``: the (queue, name, priority) groups (the claim with limits; as
+  version 2 created it).
+- ``lifecycle_group_ended(group_ids, task_ids, states, results, ats)``: the group bookkeeping of members that
+  ended, run by the transaction that ended them (a settlement, a cancel, a claim that found them expired);
+  the comment above ``_GROUP_ENDED`` says why a group's ``then`` is stored exactly once.
+- ``lifecycle_notify_ids(kind, ids)``: the notices of ``ids`` (see :func:`notice_query`).
 
 A change to a function is a layout change: bump the schema version and replace it in a migration step.
 """
@@ -37,59 +46,62 @@ from __future__ import annotations
 __all__ = [
     "CLAIM_FUNCTION",
     "CLAIM_LIMITED_FUNCTION",
-    "FUNCTIONS_V2",
+    "FUNCTIONS_V3",
+    "GROUP_ENDED_FUNCTION",
     "NAME_GROUPS_FUNCTION",
+    "NOTICE_ID_BYTES",
+    "NOTIFY_IDS_FUNCTION",
     "PRIORITY_GROUPS_FUNCTION",
+    "notice_query",
 ]
 
 CLAIM_FUNCTION = "lifecycle_claim"
 CLAIM_LIMITED_FUNCTION = "lifecycle_claim_limited"
 PRIORITY_GROUPS_FUNCTION = "lifecycle_priority_groups"
 NAME_GROUPS_FUNCTION = "lifecycle_name_groups"
+GROUP_ENDED_FUNCTION = "lifecycle_group_ended"
+NOTIFY_IDS_FUNCTION = "lifecycle_notify_ids"
 
-# A loose index scan of the pending index: the (queue, priority) groups of pending tasks, for the next due
-# time of wait_for_work (the due tasks of one group are one range of that index).
-_PRIORITY_GROUPS = """
-CREATE FUNCTION {priority_groups}(queues text[])
-RETURNS TABLE (ord bigint, queue text, priority bigint)
-LANGUAGE plpgsql STABLE ROWS 2
-SET plan_cache_mode = force_generic_plan SET enable_sort = off SET enable_seqscan = off
-SET enable_bitmapscan = off AS $$
-DECLARE
-    position bigint := 0;
-    current_queue text;
-    level bigint;
-BEGIN
-    -- The (queue, priority) groups of pending tasks, queues in the order given, paused queues left out,
-    -- priorities from the highest: one probe of the pending index per group, and one more per queue.
-    FOREACH current_queue IN ARRAY queues LOOP
-        position := position + 1;
-        CONTINUE WHEN EXISTS (SELECT FROM {paused} AS z WHERE z.queue = current_queue);
-        SELECT p.priority INTO level FROM {tasks} AS p
-        WHERE p.state = 'pending' AND p.queue = current_queue ORDER BY p.priority DESC LIMIT 1;
-        WHILE FOUND LOOP
-            ord := position;
-            queue := current_queue;
-            priority := level;
-            RETURN NEXT;
-            SELECT p.priority INTO level FROM {tasks} AS p
-            WHERE p.state = 'pending' AND p.queue = current_queue AND p.priority < level
-            ORDER BY p.priority DESC LIMIT 1;
-        END LOOP;
-    END LOOP;
-END
-$$
-"""
+NOTICE_ID_BYTES = 3900
+"""The ids of one notice payload take up to this many bytes (as JSON, with separators), plus at most one
+more such id: with the kind letter and the brackets a payload stays under PostgreSQL's 8000-byte limit. An id
+longer than this as JSON is never in a notice: whoever waits for it finds it by polling."""
+
+_ONE_PAYLOAD = 2 * NOTICE_ID_BYTES
+"""Ids that take up to this many bytes in all (as JSON, with separators) go in one payload."""
+
+
+def notice_query(kind: str, source: str) -> str:
+    """A query that sends the notices of kind ``kind`` (SQL text: ``'c'`` cancel, ``'s'`` settled) for the
+    ids of ``source`` (a query with columns ``id`` and ``ord``, the order to send them in): its payload is the
+    kind letter then a JSON array of ids, under 8000 bytes. Ids that fit go in one ``NOTIFY`` (the common
+    case: a settlement batch is one); more are split into chunks (see :data:`NOTICE_ID_BYTES`), which the
+    query computes only when needed (a one-time filter). Returns one row per ``NOTIFY`` sent, none for no
+    ids."""
+    size = "sum(octet_length(to_json({0}.id)::text) + 2)"
+    return (
+        f"SELECT pg_notify({{notice_channel}}, {kind} || json_agg(x.id ORDER BY x.ord)::text) "
+        f"FROM ({source}) AS x HAVING count(*) > 0 AND {size.format('x')} <= {_ONE_PAYLOAD} "
+        f"UNION ALL SELECT pg_notify({{notice_channel}}, {kind} || json_agg(n.id ORDER BY n.ord)::text) "
+        "FROM (SELECT x.id, x.ord, sum(octet_length(to_json(x.id)::text) + 2) OVER ("
+        "ORDER BY x.ord ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS reach "
+        f"FROM ({source}) AS x WHERE octet_length(to_json(x.id)::text) <= {NOTICE_ID_BYTES}) AS n "
+        f"WHERE (SELECT {size.format('y')} FROM ({source}) AS y) > {_ONE_PAYLOAD} "
+        f"GROUP BY (n.reach - 1) / {NOTICE_ID_BYTES}"
+    )
+
 
 # The claim without limits, the hot path of every worker: one call, whose statements are planned once per
 # session. Queue by queue (paused ones skipped), priority group by priority group from the highest (a
 # loose index scan of the pending index), it locks due tasks in claim order with SKIP LOCKED until it
 # holds `wanted`, never more. A due task found expired on the way is cancelled instead and takes no room:
-# the scan goes on behind it (at most 1000 such per claim). `held`: names it must not take. Returns the
-# rows it leased or cancelled, as they are now. A typical claim is two statements: the first group's scan
-# (with the pause check and the priority probe) and the UPDATE.
+# the scan goes on behind it (at most 1000 such per claim); the group of an expired member ends cancelled
+# in the same transaction and a "settled" notice goes out for each (nothing of that runs when nothing
+# expired). `held`: names it must not take. Returns the rows it leased or cancelled, as they are now. A
+# typical claim is two statements: the first group's scan (with the pause check and the priority probe)
+# and the UPDATE.
 _CLAIM_FUNCTION = """
-CREATE FUNCTION {claim_function}(queues text[], now double precision, wanted integer,
+CREATE OR REPLACE FUNCTION {claim_function}(queues text[], now double precision, wanted integer,
                                  lease double precision, held text[])
 RETURNS SETOF {tasks} LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan SET enable_sort = off SET enable_seqscan = off
@@ -180,52 +192,23 @@ BEGIN
         token = CASE WHEN t.expires_at <= now THEN NULL ELSE gen_random_uuid()::text END
     WHERE t.id = ANY(picked || expired) AND CASE WHEN t.state = 'pending' THEN true ELSE false END
     RETURNING t.*;
+    IF cardinality(expired) > 0 THEN
+        -- The expired tasks were cancelled: a group one of them belongs to ends cancelled in this same
+        -- transaction, and a notice wakes whoever waits for them.
+        PERFORM {group_ended}(e.groups, e.ids, array_fill('cancelled'::text, ARRAY[cardinality(e.ids)]),
+                              array_fill(NULL::bytea, ARRAY[cardinality(e.ids)]),
+                              array_fill(now, ARRAY[cardinality(e.ids)]))
+        FROM (SELECT array_agg(t.group_id) AS groups, array_agg(t.id) AS ids FROM {tasks} AS t
+              WHERE t.id = ANY(expired) AND t.group_id IS NOT NULL) AS e
+        WHERE e.ids IS NOT NULL;
+        PERFORM {notify_ids}('s', expired);
+    END IF;
 END
 $$
 """
 
-_NAME_GROUPS = """
-CREATE FUNCTION {name_groups}(queues text[], skipped text[])
-RETURNS TABLE (ord bigint, queue text, name text, priority bigint)
-LANGUAGE plpgsql STABLE ROWS 4
-SET plan_cache_mode = force_generic_plan SET enable_sort = off SET enable_seqscan = off
-SET enable_bitmapscan = off AS $$
-DECLARE
-    position bigint := 0;
-    current_queue text;
-    current_name text;
-    level bigint;
-BEGIN
-    -- The (queue, name, priority) groups of pending tasks, for the claim with limits: queues in the order
-    -- given, paused ones left out; a name in `skipped` (it may start nothing now) is stepped over
-    -- without visiting its priorities.
-    FOREACH current_queue IN ARRAY queues LOOP
-        position := position + 1;
-        CONTINUE WHEN EXISTS (SELECT FROM {paused} AS z WHERE z.queue = current_queue);
-        SELECT p.name, p.priority INTO current_name, level FROM {tasks} AS p
-        WHERE p.state = 'pending' AND p.queue = current_queue ORDER BY p.name, p.priority DESC LIMIT 1;
-        WHILE FOUND LOOP
-            IF NOT current_name = ANY(skipped) THEN
-                ord := position;
-                queue := current_queue;
-                name := current_name;
-                priority := level;
-                RETURN NEXT;
-                SELECT p.priority INTO level FROM {tasks} AS p
-                WHERE p.state = 'pending' AND p.queue = current_queue AND p.name = current_name
-                AND p.priority < level ORDER BY p.priority DESC LIMIT 1;
-                CONTINUE WHEN FOUND;
-            END IF;
-            SELECT p.name, p.priority INTO current_name, level FROM {tasks} AS p
-            WHERE p.state = 'pending' AND p.queue = current_queue AND p.name > current_name
-            ORDER BY p.name, p.priority DESC LIMIT 1;
-        END LOOP;
-    END LOOP;
-END
-$$
-"""
-
-# The claim with limits. After the locks (see the module docstring):
+# The claim with limits. After the locks (see the module docstring), the due tasks that expired are locked
+# (at most 1000 per queue); then, in one statement:
 # - `lim`: per limited name, the bucket refilled to now (full when it has no row yet) and what max_running
 #   leaves (`other_cap`, NULL without that limit). Running tasks are counted up to the limit only: a count
 #   reads at most that many index entries, whatever runs (the limit was lowered, or tasks ran without it);
@@ -238,10 +221,11 @@ $$
 # - then, in claim order: a keyed task passes while its key has room, a limited name's task while the name
 #   has room (max_running, then tokens), and the batch takes the first `wanted` that pass; a task refused a
 #   token before the batch was full counts one refusal for its name (`refused`).
-# - `leased` leases the chosen tasks and cancels the expired ones (found by the index over tasks with an
-#   expiry, at most 1000 per queue); `spent` takes the tokens and counts the refusals.
+# - `leased` leases the chosen tasks and cancels the expired ones; `spent` takes the tokens and counts the
+#   refusals.
+# Then, as in the claim without limits, the groups of expired members end cancelled and notices go out.
 _CLAIM_LIMITED_FUNCTION = """
-CREATE FUNCTION {claim_limited_function}(queues text[], now double precision, wanted integer,
+CREATE OR REPLACE FUNCTION {claim_limited_function}(queues text[], now double precision, wanted integer,
                                          lease double precision, space text, names text[],
                                          rates double precision[], pers double precision[],
                                          max_runnings bigint[], per_keys bigint[])
@@ -250,6 +234,7 @@ SET plan_cache_mode = force_generic_plan SET enable_sort = off SET enable_seqsca
 SET enable_bitmapscan = off AS $$
 DECLARE
     locks boolean[] := '{{}}';
+    expired text[];
     i integer;
 BEGIN
     FOR i IN 1 .. coalesce(cardinality(names), 0) LOOP
@@ -267,6 +252,14 @@ BEGIN
         RETURN QUERY SELECT * FROM {claim_function}(queues, now, wanted, lease, names);
         RETURN;
     END IF;
+    -- The due tasks that expired (at most 1000 per queue): the UPDATE below cancels them.
+    expired := ARRAY(
+        SELECT e.id FROM unnest(queues) AS q(name)
+        CROSS JOIN LATERAL (
+            SELECT p.id FROM {tasks} AS p
+            WHERE p.state = 'pending' AND p.queue = q.name AND p.expires_at <= now AND p.run_at <= now
+            ORDER BY p.expires_at LIMIT 1000 FOR UPDATE SKIP LOCKED) AS e
+        WHERE NOT EXISTS (SELECT FROM {paused} AS z WHERE z.queue = q.name));
     RETURN QUERY
     WITH lim AS MATERIALIZED (
         SELECT l.name, l.locked, l.rate, l.per, l.per_key, b.at AS bucket_at,
@@ -336,13 +329,6 @@ BEGIN
         FROM judged AS j),
     chosen AS MATERIALIZED (SELECT w.id FROM walked AS w WHERE w.passes AND w.passed <= wanted),
     refused AS MATERIALIZED (SELECT DISTINCT w.name FROM walked AS w WHERE w.no_token AND w.passed < wanted),
-    expired AS MATERIALIZED (
-        SELECT e.id FROM unnest(queues) AS q(name)
-        CROSS JOIN LATERAL (
-            SELECT p.id FROM {tasks} AS p
-            WHERE p.state = 'pending' AND p.queue = q.name AND p.expires_at <= now AND p.run_at <= now
-            ORDER BY p.expires_at LIMIT 1000 FOR UPDATE SKIP LOCKED) AS e
-        WHERE NOT EXISTS (SELECT FROM {paused} AS z WHERE z.queue = q.name)),
     leased AS (
         UPDATE {tasks} AS t SET
             state = CASE WHEN t.expires_at <= now THEN 'cancelled' ELSE 'active' END,
@@ -353,7 +339,7 @@ BEGIN
             last_error = CASE WHEN t.expires_at <= now THEN 'expired before it started' ELSE t.last_error END,
             lease_until = CASE WHEN t.expires_at <= now THEN NULL ELSE lease END,
             token = CASE WHEN t.expires_at <= now THEN NULL ELSE gen_random_uuid()::text END
-        WHERE t.id = ANY(ARRAY(SELECT h.id FROM chosen AS h UNION ALL SELECT x.id FROM expired AS x))
+        WHERE t.id = ANY(ARRAY(SELECT h.id FROM chosen AS h) || expired)
         AND CASE WHEN t.state = 'pending' THEN true ELSE false END
         RETURNING t.*),
     taken AS (SELECT l.name, count(*) AS n FROM leased AS l WHERE l.state = 'active' GROUP BY l.name),
@@ -367,9 +353,104 @@ BEGIN
         ON CONFLICT (name) DO UPDATE SET tokens = excluded.tokens, at = excluded.at,
                                          refused = b.refused + excluded.refused)
     SELECT l.* FROM leased AS l;
+    IF cardinality(expired) > 0 THEN
+        -- The expired tasks were cancelled: a group one of them belongs to ends cancelled in this same
+        -- transaction, and a notice wakes whoever waits for them.
+        PERFORM {group_ended}(e.groups, e.ids, array_fill('cancelled'::text, ARRAY[cardinality(e.ids)]),
+                              array_fill(NULL::bytea, ARRAY[cardinality(e.ids)]),
+                              array_fill(now, ARRAY[cardinality(e.ids)]))
+        FROM (SELECT array_agg(t.group_id) AS groups, array_agg(t.id) AS ids FROM {tasks} AS t
+              WHERE t.id = ANY(expired) AND t.group_id IS NOT NULL) AS e
+        WHERE e.ids IS NOT NULL;
+        PERFORM {notify_ids}('s', expired);
+    END IF;
 END
 $$
 """
 
-#: The functions of layout version 2, in creation order (a function must exist before one that calls it).
-FUNCTIONS_V2 = (_PRIORITY_GROUPS, _NAME_GROUPS, _CLAIM_FUNCTION, _CLAIM_LIMITED_FUNCTION)
+# The notices of `ids` (see notice_query), for the functions that cannot inline the query.
+_NOTIFY_IDS = (
+    """
+CREATE FUNCTION {notify_ids}(kind text, ids text[]) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM subquery.* FROM ("""
+    + notice_query("kind", "SELECT u.id, u.ord FROM unnest(ids) WITH ORDINALITY AS u(id, ord)")
+    .replace("{", "{{")
+    .replace("}", "}}")
+    .replace("{{notice_channel}}", "{notice_channel}")
+    + """) AS subquery;
+END
+$$
+"""
+)
+
+# The group bookkeeping of members that ended (one entry per member: its group, its id, the final state it
+# was settled in, its result, when), called in the transaction that ended them. Fan-in is exactly once
+# because:
+# - the groups are locked first, in id order (FOR UPDATE): every transaction that ends members of a group
+#   waits for the one before it, and two transactions ending members of the same groups never deadlock; the
+#   statement after the lock takes a fresh snapshot, so it sees what the previous holder committed;
+# - `remaining` counts the members not succeeded yet, and a member's row is counted down once: only while
+#   its state is not 'succeeded' yet (a member that succeeded cannot be settled again: its lease is gone);
+# - the update that takes `remaining` to 0 with no outcome yet is the one that makes the group succeed and
+#   stores `then`, in the same statement; no other update can (remaining stays 0, the outcome is set).
+# A settlement replayed after a lost reply finds its lease gone and never reaches this function. A member
+# that ends dead or cancelled gives a group without an outcome that outcome (the first in the batch).
+# Returns how many `then` tasks were stored (each wakes its queue).
+_GROUP_ENDED = """
+CREATE FUNCTION {group_ended}(group_ids text[], task_ids text[], states text[], results bytea[],
+                              ats double precision[])
+RETURNS integer LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET enable_bitmapscan = off AS $$
+DECLARE
+    stored integer;
+BEGIN
+    PERFORM FROM {groups} AS g WHERE g.id = ANY(group_ids) ORDER BY g.id FOR UPDATE;
+    WITH e AS (
+        SELECT * FROM unnest(group_ids, task_ids, states, results, ats) WITH ORDINALITY
+                      AS e(group_id, task_id, state, result, at, ord)),
+    m AS (
+        UPDATE {members} AS m SET state = e.state,
+                                  result = CASE WHEN e.state = 'succeeded' THEN e.result ELSE m.result END
+        FROM e WHERE m.group_id = e.group_id AND m.task_id = e.task_id
+        AND m.state IS DISTINCT FROM 'succeeded'
+        RETURNING m.group_id, e.state, e.at, e.ord),
+    c AS (
+        SELECT m.group_id, count(*) FILTER (WHERE m.state = 'succeeded') AS won,
+               (array_agg(m.at ORDER BY m.ord DESC) FILTER (WHERE m.state = 'succeeded'))[1] AS won_at,
+               (array_agg(m.state ORDER BY m.ord) FILTER (WHERE m.state <> 'succeeded'))[1] AS failed,
+               (array_agg(m.at ORDER BY m.ord) FILTER (WHERE m.state <> 'succeeded'))[1] AS failed_at
+        FROM m GROUP BY m.group_id),
+    g AS (
+        UPDATE {groups} AS g SET
+            remaining = g.remaining - c.won,
+            outcome = CASE WHEN g.outcome IS NOT NULL THEN g.outcome WHEN c.failed IS NOT NULL THEN c.failed
+                           WHEN g.remaining - c.won <= 0 THEN 'succeeded' END,
+            finished_at = CASE WHEN g.outcome IS NOT NULL THEN g.finished_at
+                               WHEN c.failed IS NOT NULL THEN c.failed_at
+                               WHEN g.remaining - c.won <= 0 THEN c.won_at END,
+            then_id = CASE WHEN g.outcome IS NULL AND c.failed IS NULL AND g.remaining - c.won <= 0
+                           THEN g.then_task_id ELSE g.then_id END
+        FROM c WHERE g.id = c.group_id
+        RETURNING g.id, g.then_task_id, g.then_task,
+                  (g.outcome = 'succeeded' AND g.remaining <= 0 AND c.won > 0
+                   AND c.failed IS NULL) AS completed),
+    t AS (
+        INSERT INTO {tasks} AS t (id, name, queue, payload, state, attempts, max_retries, timeout,
+                                 enqueued_at, run_at, meta, priority, concurrency_key, expires_at)
+        SELECT g.then_task_id, (g.then_task).name, (g.then_task).queue, (g.then_task).payload, 'pending', 0,
+               (g.then_task).max_retries, (g.then_task).timeout, (g.then_task).enqueued_at,
+               (g.then_task).run_at, (g.then_task).meta, (g.then_task).priority,
+               (g.then_task).concurrency_key, (g.then_task).expires_at
+        FROM g WHERE g.completed AND g.then_task_id IS NOT NULL
+        ON CONFLICT (id) DO NOTHING RETURNING t.queue)
+    SELECT count(pg_notify({channel}, CASE WHEN octet_length(t.queue) < 7900 THEN t.queue ELSE '*' END))
+    INTO stored FROM t;
+    RETURN stored;
+END
+$$
+"""
+
+#: The functions version 3 creates or replaces, in creation order (a function must exist before one that
+#: calls it).
+FUNCTIONS_V3 = (_NOTIFY_IDS, _GROUP_ENDED, _CLAIM_FUNCTION, _CLAIM_LIMITED_FUNCTION)

@@ -1,17 +1,26 @@
-"""The LISTEN side of PostgresBackend's wake-ups: one dedicated connection per backend object.
+"""The LISTEN side of PostgresBackend's wake-ups and notices: one dedicated connection per backend object.
 
 Writers call ``pg_notify(channel, queue)`` inside the transaction that made work claimable, so the
 notification is delivered exactly when (and only if) that transaction commits. The :class:`Listener` keeps a
 counter per queue; ``wait_for_work`` remembers the counters of its queues and sleeps until they change. When
 the connection drops (a server restart), the listener reconnects with backoff and bumps every counter, since
 notifications sent meanwhile are lost: waiters then look at the table again.
+
+Notices (``wait_for_notices``: cancel requests and settlements, for workers and waiters) travel on a channel
+of their own, which the connection listens to only from the first :meth:`Listener.listen_notices` on, so a
+process that never asks for them (one that only enqueues) is not sent them. Each payload is a kind letter
+(``c`` cancel, ``s`` settled) then a JSON array of task ids (see ``_functions.notice_query``). They are kept
+in a bounded buffer until read; notices sent while the connection is down are lost (they are best effort:
+the engine polls too).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,6 +29,7 @@ import psycopg
 from psycopg import sql
 
 from ...._redact import library_logger
+from ..._records import Notice
 
 __all__ = ["Listener"]
 
@@ -30,10 +40,14 @@ WAKE_ALL = "*"
 
 _RECONNECT_FIRST = 0.05  # seconds: the ceiling of the first reconnect delay, doubled per failure
 _RECONNECT_CAP = 2.0  # seconds: the longest reconnect delay (idle workers poll meanwhile)
+_NOTICES_KEPT = 16_384  # notices kept until read (the oldest are dropped beyond: they are best effort)
+_NOTICE_BATCH = 4096  # the most notices one next_notices() call returns
+_KINDS = {"c": "cancel", "s": "settled"}
 
 
 class Listener:
-    """Holds a LISTEN connection on ``channel`` and counts notifications per queue (payload = queue name).
+    """Holds a LISTEN connection on ``channel`` and counts notifications per queue (payload = queue name);
+    from the first :meth:`listen_notices` on, it also listens on ``notice_channel`` and keeps the notices.
 
     Create it, ``await start()`` (raises the connection error when the first connect fails), then read
     :meth:`generation` and wait on :meth:`changed`. ``close()`` stops the reader and closes the connection.
@@ -45,9 +59,11 @@ class Listener:
         channel: str,
         *,
         connect_kwargs: dict[str, Any],
+        notice_channel: str | None = None,
     ) -> None:
         self._conninfo = conninfo
         self._channel = channel
+        self._notice_channel = notice_channel
         self._connect_kwargs = connect_kwargs
         self._per_queue: dict[str, int] = {}
         self._all = 0
@@ -55,6 +71,11 @@ class Listener:
         self._connection: psycopg.AsyncConnection[Any] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
+        self._waiting: asyncio.Future[None] | None = None  # the reader's wait for the socket
+        self._notices_wanted = False  # listen_notices() was called: LISTEN on the notice channel
+        self._notices_on = False  # the current connection LISTENs on the notice channel
+        self._notices: deque[Notice] = deque(maxlen=_NOTICES_KEPT)
+        self._noticed = anyio.Event()  # set when notices arrive, the notice LISTEN starts, or on close
 
     @property
     def connected(self) -> bool:
@@ -70,6 +91,31 @@ class Listener:
         """An event set at the next notification of any queue (or reconnect); read it before checking."""
         return self._changed
 
+    async def listen_notices(self, timeout: float) -> bool:
+        """Listen on the notice channel from now on (the first call asks the reader to ``LISTEN``), waiting up
+        to ``timeout`` seconds until it does; whether it does. While the connection is down this is false
+        (the reader listens again once it is back)."""
+        if self._notice_channel is None:
+            return False
+        if not self._notices_wanted:
+            self._notices_wanted = True
+            self._kick()
+        with anyio.move_on_after(max(0.0, timeout)):
+            while not self._notices_on and not self._closed:
+                await self._noticed.wait()
+        return self._notices_on
+
+    async def next_notices(self, timeout: float) -> list[Notice]:
+        """The notices received since the last call (oldest first, at most a few thousand), waiting up to
+        ``timeout`` seconds for a first one; ``[]`` after the timeout."""
+        with anyio.move_on_after(max(0.0, timeout)):
+            while not self._notices and not self._closed:
+                await self._noticed.wait()
+        batch: list[Notice] = []
+        while self._notices and len(batch) < _NOTICE_BATCH:
+            batch.append(self._notices.popleft())
+        return batch
+
     async def start(self) -> None:
         """Connect and LISTEN, then keep reading in a background task. Raises :class:`psycopg.Error`."""
         self._connection = await self._connect()
@@ -78,6 +124,7 @@ class Listener:
     async def close(self) -> None:
         """Stop reading and close the connection. Idempotent."""
         self._closed = True
+        self._set_noticed()
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.cancel()
@@ -93,12 +140,53 @@ class Listener:
         connection = await psycopg.AsyncConnection.connect(
             self._conninfo, autocommit=True, **self._connect_kwargs
         )
+        # What psycopg reads while a statement runs on this connection (the LISTENs) comes through here.
+        connection.add_notify_handler(lambda notify: self._dispatch(notify.channel, notify.payload))
         try:
             await connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+            if self._notices_wanted:
+                await self._listen_to_notices(connection)
         except BaseException:
             await connection.close()
             raise
         return connection
+
+    async def _listen_to_notices(self, connection: psycopg.AsyncConnection[Any]) -> None:
+        assert self._notice_channel is not None
+        await connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._notice_channel)))
+        self._notices_on = True
+        self._set_noticed()
+
+    def _kick(self) -> None:
+        """Interrupt the reader's wait for the socket (it has something to do: a LISTEN)."""
+        waiting = self._waiting
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
+
+    def _dispatch(self, channel: str, payload: str) -> None:
+        if channel == self._channel:
+            self._notified(payload)
+        elif channel == self._notice_channel:
+            self._received(payload)
+
+    def _received(self, payload: str) -> None:
+        """Keep the notices of one payload: a kind letter, then a JSON array of task ids."""
+        kind = _KINDS.get(payload[:1])
+        try:
+            ids = json.loads(payload[1:])
+        except ValueError:
+            ids = None
+        if kind is None or not isinstance(ids, list):
+            _log.debug("ignored a notice payload that is not ours: %r", payload[:200])
+            return
+        for task_id in ids:
+            if isinstance(task_id, str):
+                self._notices.append(Notice(kind, task_id))  # type: ignore[arg-type]
+        self._set_noticed()
+
+    def _set_noticed(self) -> None:
+        noticed, self._noticed = self._noticed, anyio.Event()
+        noticed.set()
 
     def _notified(self, queue: str) -> None:
         if queue == WAKE_ALL:
@@ -128,8 +216,10 @@ class Listener:
                     failures = 0
                     self._wake_all()  # notifications sent while we were away are lost: look again
                 while True:
-                    for queue in await _next_notifications(connection):
-                        self._notified(queue)
+                    if self._notices_wanted and not self._notices_on:
+                        await self._listen_to_notices(connection)
+                    for channel, payload in await self._next_notifications(connection):
+                        self._dispatch(channel, payload)
             except Exception as exc:
                 failures += 1
                 if failures == 1:
@@ -142,6 +232,7 @@ class Listener:
                         exc,
                         exc_info=not isinstance(exc, psycopg.Error),
                     )
+                self._notices_on = False
                 if connection is not None:
                     self._connection = None
                     with contextlib.suppress(Exception):
@@ -149,39 +240,45 @@ class Listener:
                 self._wake_all()
                 await asyncio.sleep(reconnect_delay(failures))
 
+    async def _next_notifications(self, connection: psycopg.AsyncConnection[Any]) -> list[tuple[str, str]]:
+        """Wait for the next notifications on a connection used for nothing else; return their ``(channel,
+        payload)``, or nothing when :meth:`_kick` interrupted the wait.
+
+        Lower level than ``connection.notifies()`` on purpose: psycopg's waits wake every 100 ms to poll,
+        which would wake every idle worker ten times a second (and keeps ``anyio.wait_all_tasks_blocked`` from
+        ever seeing it blocked). Here the task sleeps until the socket is readable. Raises
+        :class:`psycopg.OperationalError` when the connection is lost.
+        """
+        pgconn = connection.pgconn
+        encoding = connection.info.encoding
+        loop = asyncio.get_running_loop()
+        while True:
+            pgconn.consume_input()
+            notifications: list[tuple[str, str]] = []
+            while (notify := pgconn.notifies()) is not None:
+                notifications.append(
+                    (notify.relname.decode(encoding, "replace"), notify.extra.decode(encoding, "replace"))
+                )
+            if notifications:
+                return notifications
+            if self._notices_wanted and not self._notices_on:
+                return []  # a LISTEN to run first
+            readable: asyncio.Future[None] = loop.create_future()
+            fileno = pgconn.socket
+            loop.add_reader(fileno, _set_once, readable)
+            self._waiting = readable
+            try:
+                await readable
+            finally:
+                self._waiting = None
+                loop.remove_reader(fileno)
+
 
 def reconnect_delay(failures: int) -> float:
     """The pause before reconnect attempt ``failures`` (1-based): exponential with full jitter, capped at
     :data:`_RECONNECT_CAP`, so listeners of many workers do not reconnect in step after a server restart."""
     ceiling = min(_RECONNECT_CAP, _RECONNECT_FIRST * 2.0 ** min(max(failures, 1) - 1, 32))
     return random.uniform(0.0, ceiling)
-
-
-async def _next_notifications(connection: psycopg.AsyncConnection[Any]) -> list[str]:
-    """Wait for the next notifications on a connection used for nothing else; return their payloads.
-
-    Lower level than ``connection.notifies()`` on purpose: psycopg's waits wake every 100 ms to poll, which
-    would wake every idle worker ten times a second (and keeps ``anyio.wait_all_tasks_blocked`` from ever
-    seeing it blocked). Here the task sleeps until the socket is readable. Raises
-    :class:`psycopg.OperationalError` when the connection is lost.
-    """
-    pgconn = connection.pgconn
-    encoding = connection.info.encoding
-    loop = asyncio.get_running_loop()
-    while True:
-        pgconn.consume_input()
-        payloads: list[str] = []
-        while (notify := pgconn.notifies()) is not None:
-            payloads.append(notify.extra.decode(encoding, "replace"))
-        if payloads:
-            return payloads
-        readable: asyncio.Future[None] = loop.create_future()
-        fileno = pgconn.socket
-        loop.add_reader(fileno, _set_once, readable)
-        try:
-            await readable
-        finally:
-            loop.remove_reader(fileno)
 
 
 def _set_once(future: asyncio.Future[None]) -> None:

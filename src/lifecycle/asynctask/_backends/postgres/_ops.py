@@ -8,6 +8,7 @@ transaction, so the same code serves :meth:`PostgresBackend.enqueue_many` and th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -20,18 +21,32 @@ from psycopg.rows import TupleRow, tuple_row
 
 from ... import _records
 from ..._errors import DuplicateTaskError
-from ..._records import ClaimedTask, FlowLimits, FlowState, NewTask, Settlement, TaskRecord, TaskState
+from ..._records import (
+    ClaimedTask,
+    FlowLimits,
+    FlowState,
+    GroupRecord,
+    NewGroup,
+    NewTask,
+    ProgressUpdate,
+    Settlement,
+    TaskRecord,
+    TaskState,
+)
 from ._schema import TASK_COLUMNS
 from ._sql import NOTIFY_QUEUE, Statements
 
 __all__ = [
     "IfExists",
     "cancel",
+    "cancel_requests",
     "claim",
     "enqueue",
+    "enqueue_group",
     "extend_leases",
     "flow_state",
     "get",
+    "get_group",
     "list_records",
     "next_due",
     "pause",
@@ -41,6 +56,7 @@ __all__ = [
     "record_from_row",
     "requeue",
     "resume",
+    "save_progress",
     "settle",
     "stats",
 ]
@@ -73,7 +89,7 @@ def _float_or_none(value: float | None) -> float | None:
 
 
 def _check_text(task: NewTask) -> None:
-    for field in ("id", "name", "queue", "meta", "concurrency_key"):
+    for field in ("id", "name", "queue", "meta", "concurrency_key", "group_id"):
         value = getattr(task, field)
         if value is not None and "\x00" in value:
             raise ValueError(
@@ -88,7 +104,7 @@ def _error_text(error: str | None) -> str | None:
 
 
 def _new_task_arrays(tasks: Iterable[NewTask]) -> list[list[Any]]:
-    columns: list[list[Any]] = [[] for _ in range(12)]
+    columns: list[list[Any]] = [[] for _ in range(13)]
     for task in tasks:
         _check_text(task)
         values = (
@@ -104,6 +120,7 @@ def _new_task_arrays(tasks: Iterable[NewTask]) -> list[list[Any]]:
             int(task.priority),
             task.concurrency_key,
             _float_or_none(task.expires_at),
+            task.group_id,
         )
         for column, value in zip(columns, values, strict=True):
             column.append(value)
@@ -411,12 +428,17 @@ async def extend_leases(
 async def settle(
     connection: Connection, st: Statements, settlements: Sequence[Settlement], slot_names: Sequence[str] = ()
 ) -> set[str]:
-    """Apply every settlement whose lease is held, with its ``then`` tasks (and a debounce's follow-up run),
-    in one statement. A settled task named in ``slot_names`` (names limited by ``max_running`` or
-    ``max_running_per_key``) notifies its queue, since its slot may let a held task start."""
+    """Apply every settlement whose lease is held, with its ``then`` tasks (and a debounce's follow-up run)
+    and the group bookkeeping of the members among them, in one statement; the ``then_groups`` of the applied
+    ones are stored in the same transaction. A settled task named in ``slot_names`` (names limited by
+    ``max_running`` or ``max_running_per_key``) notifies its queue, since its slot may let a held task
+    start. Every applied settlement sends a "settled" notice."""
     columns: list[list[Any]] = [[] for _ in range(8)]
     follow_ups: list[NewTask] = []
     parents: list[str] = []
+    first: list[Settlement] = []  # the first settlement of each task: a repeat finds the lease gone
+    repeated: set[str] = set()
+    seen: set[str] = set()
     for s in settlements:
         state = TaskState(s.state)
         if state not in _SETTLE_STATES:
@@ -424,6 +446,11 @@ async def settle(
                 f"cannot settle task {s.task_id!r} as {state.value!r}: a settlement's state must be "
                 "pending, succeeded, dead or cancelled"
             )
+        if s.task_id in seen:
+            repeated.add(s.task_id)
+            continue
+        seen.add(s.task_id)
+        first.append(s)
         run_at = (s.at if s.run_at is None else s.run_at) if state is TaskState.PENDING else None
         result = None if s.result is None else bytes(s.result)
         values = (
@@ -450,9 +477,22 @@ async def settle(
         st.channel,
         st.channel,
     )
-    await cursor.execute(st.settle, params)
-    applied = {row[0] for row in await cursor.fetchall() if row[0] is not None}
-    return {s.task_id for s in settlements if s.task_id not in applied}
+    if not any(s.then_groups for s in first):
+        await cursor.execute(st.settle, params)
+        applied = {row[0] for row in await cursor.fetchall() if row[0] is not None}
+    else:  # a chain step that is a group: stored in the settlement's transaction
+        async with connection.transaction():
+            await cursor.execute(st.settle, params)
+            applied = {row[0] for row in await cursor.fetchall() if row[0] is not None}
+            for s in first:
+                if s.task_id not in applied:
+                    continue
+                for group in s.then_groups:
+                    # Stored as enqueue_group stores it, in a savepoint: a group whose id exists, or with a
+                    # member id that is live (or in an open uniqueness window), is skipped whole.
+                    with contextlib.suppress(DuplicateTaskError):
+                        await enqueue_group(connection, st, group)
+    return {s.task_id for s in first if s.task_id not in applied} | repeated
 
 
 async def next_due(connection: Connection, st: Statements, queues: Sequence[str]) -> tuple[float, int] | None:
@@ -584,12 +624,141 @@ async def stats(connection: Connection, st: Statements) -> dict[str, dict[TaskSt
 
 
 async def cancel(connection: Connection, st: Statements, task_ids: Sequence[str], now: float) -> list[str]:
-    """Cancel the pending tasks among ``task_ids``; return those cancelled, in the order given."""
+    """Cancel the pending tasks among ``task_ids`` (their groups too) and ask the active ones to stop, in one
+    statement that also sends the notices; return the ids of both kinds, in the order given."""
     cursor = _cursor(connection)
     unique = list(dict.fromkeys(task_ids))
-    await cursor.execute(st.cancel, (now, unique))
-    cancelled = {row[0] for row in await cursor.fetchall()}
-    return [task_id for task_id in unique if task_id in cancelled]
+    await cursor.execute(st.cancel, {"now": now, "ids": unique})
+    changed = {row[0] for row in await cursor.fetchall() if row[0] is not None}
+    return [task_id for task_id in unique if task_id in changed]
+
+
+async def cancel_requests(connection: Connection, st: Statements, task_ids: Sequence[str]) -> set[str]:
+    """The active tasks among ``task_ids`` whose cancellation was asked."""
+    cursor = _cursor(connection)
+    await cursor.execute(st.cancel_requests, (list(dict.fromkeys(task_ids)),))
+    return {row[0] for row in await cursor.fetchall()}
+
+
+def _progress_text(message: str | None) -> str | None:
+    # Like an error message, progress is diagnostic text: stored rather than failing the batch over a NUL.
+    return None if message is None else message.replace("\x00", "\\x00")
+
+
+async def save_progress(
+    connection: Connection, st: Statements, updates: Sequence[ProgressUpdate]
+) -> set[str]:
+    """Store each update whose lease is held (the last of a task wins), in one statement; return the ids
+    whose lease was lost."""
+    ids = [update.task_id for update in updates]
+    cursor = _cursor(connection)
+    await cursor.execute(
+        st.save_progress,
+        (
+            ids,
+            [update.token for update in updates],
+            [_float_or_none(update.done) for update in updates],
+            [_float_or_none(update.total) for update in updates],
+            [_progress_text(update.message) for update in updates],
+            ids,
+        ),
+    )
+    held = {row[0] for row in await cursor.fetchall()}
+    return {task_id for task_id in ids if task_id not in held}
+
+
+# -- groups -------------------------------------------------------------------------------------------------
+
+
+def _check_group(group: NewGroup) -> None:
+    for field, value in (("id", group.id), ("meta", group.meta)):
+        if value is not None and "\x00" in value:
+            raise ValueError(
+                f"group {group.id!r}: its {field} contains a NUL character, which PostgreSQL text cannot "
+                "store; remove it"
+            )
+    if group.then is not None:
+        _check_text(group.then)
+
+
+async def _insert_group(cursor: Cursor, st: Statements, group: NewGroup) -> bool:
+    """Store the group's row and member rows unless its id exists (then ``False``)."""
+    _check_group(group)
+    then = group.then
+    # A repeated member id is stored once here (enqueue_group's member check refuses it: nothing stays).
+    member_ids = list(dict.fromkeys(member.id for member in group.members))
+    then_fields: tuple[Any, ...] = (None,) * 11
+    if then is not None:
+        then_fields = (
+            then.name,
+            then.queue,
+            bytes(then.payload),
+            int(then.max_retries),
+            _float_or_none(then.timeout),
+            float(then.enqueued_at),
+            float(then.run_at),
+            then.meta,
+            int(then.priority),
+            then.concurrency_key,
+            _float_or_none(then.expires_at),
+        )
+    then_id = None if then is None else then.id
+    await cursor.execute(
+        st.insert_group,
+        (
+            group.id,
+            float(group.created_at),
+            group.meta,
+            member_ids,
+            then_id,
+            then_id,
+            *then_fields,
+            member_ids,
+        ),
+    )
+    return await cursor.fetchone() is not None
+
+
+async def enqueue_group(connection: Connection, st: Statements, group: NewGroup) -> str:
+    """Store ``group`` with its members in one transaction: the group's rows first (a group id that exists
+    raises :class:`DuplicateTaskError`), then the members as :func:`enqueue` stores them with
+    ``if_exists="error"`` (a live member id raises, and nothing is stored)."""
+    cursor = _cursor(connection)
+    async with connection.transaction():
+        if not await _insert_group(cursor, st, group):
+            raise DuplicateTaskError(
+                group.id, reason=f"a group with id {group.id!r} exists already; pick another group id"
+            )
+        if group.members:
+            await enqueue(connection, st, group.members, "error")
+    return group.id
+
+
+async def get_group(connection: Connection, st: Statements, group_id: str) -> GroupRecord | None:
+    """The group with ``group_id`` and its members' results and states, or ``None``."""
+    cursor = _cursor(connection)
+    await cursor.execute(st.get_group, (group_id,))
+    rows = await cursor.fetchall()
+    if not rows:
+        return None
+    first = rows[0]
+    members = [row for row in rows if row[6] is not None]
+    counts: dict[TaskState, int] = {}
+    for row in members:
+        if row[8] is not None:
+            state = _records.stored_state(row[8])
+            counts[state] = counts.get(state, 0) + 1
+    return GroupRecord(
+        id=first[0],
+        task_ids=tuple(row[6] for row in members),
+        outcome=None if first[1] is None else _records.stored_state(first[1]),
+        results=tuple(None if row[7] is None else bytes(row[7]) for row in members),
+        counts=counts,
+        created_at=float(first[2]),
+        finished_at=None if first[3] is None else float(first[3]),
+        then_id=first[4],
+        meta=first[5],
+    )
 
 
 async def requeue(
@@ -607,7 +776,7 @@ async def requeue(
         params.append(queue)
     query = sql.SQL(
         "WITH moved AS (UPDATE {tasks} SET state = 'pending', attempts = 0, run_at = %s, finished_at = NULL, "
-        "lease_until = NULL, token = NULL{where} RETURNING queue) "
+        "lease_until = NULL, token = NULL, cancel_requested = false{where} RETURNING queue) "
         "SELECT count(*), " + NOTIFY_QUEUE + " FROM moved GROUP BY queue"
     ).format(tasks=st.tasks, where=_where(clauses))
     cursor = _cursor(connection)
@@ -623,9 +792,22 @@ async def purge(
     before: float | None,
     limit: int | None,
 ) -> int:
-    """Delete matching records; return how many were deleted."""
+    """Delete matching records; return how many were deleted. Without ``queue``, the groups whose outcome is
+    among ``states`` and that finished before ``before`` go too (up to ``limit`` of them), with their member
+    rows."""
     if not states or (limit is not None and limit <= 0):
         return 0
+    cursor = _cursor(connection)
+    if queue is None:
+        await cursor.execute(
+            sql.SQL(
+                "WITH gone AS (DELETE FROM {groups} WHERE id IN (SELECT g.id FROM {groups} AS g "
+                "WHERE g.outcome = ANY(%s::text[]) AND (%s::float8 IS NULL OR g.finished_at < %s::float8) "
+                "ORDER BY g.finished_at LIMIT %s) RETURNING id) "
+                "DELETE FROM {members} WHERE group_id IN (SELECT id FROM gone)"
+            ).format(groups=st.groups, members=st.members),
+            (sorted({TaskState(state).value for state in states}), before, before, limit),
+        )
     clauses, params = _filters(states, queue)
     if before is not None:
         clauses.append(sql.SQL("coalesce(finished_at, enqueued_at) < %s"))
@@ -640,6 +822,5 @@ async def purge(
             "(SELECT id FROM {tasks}{where} ORDER BY coalesce(finished_at, enqueued_at), seq LIMIT %s)"
         ).format(tasks=st.tasks, where=_where(clauses))
         params.append(limit)
-    cursor = _cursor(connection)
     await cursor.execute(query, params)
     return max(cursor.rowcount, 0)

@@ -1,7 +1,7 @@
 """The PostgreSQL layout of :class:`~lifecycle.asynctask.postgres.PostgresBackend`: tables, indexes,
 versioning and migrations.
 
-Layout (schema version 2), inside the backend's own schema (``lifecycle`` unless configured):
+Layout (schema version 3), inside the backend's own schema (``lifecycle`` unless configured):
 
 ``lifecycle_schema(version)``
     One row: the layout version that wrote this schema. A newer version is refused; an older one is migrated
@@ -14,7 +14,9 @@ Layout (schema version 2), inside the backend's own schema (``lifecycle`` unless
     while ``ACTIVE``. Version 2 adds ``priority``, ``concurrency_key`` and ``expires_at``, and
     ``follow_up``: the one run a debounce scheduled while the task was ``ACTIVE`` (a composite value of type
     ``lifecycle_follow_up``, NULL when there is none). It lives in the task's own row so that the row lock
-    of the settlement and of the debounce serialises the two (see ``_ops``).
+    of the settlement and of the debounce serialises the two (see ``_ops``). Version 3 adds
+    ``cancel_requested`` (a cancel asked while the task was active), ``progress_done``, ``progress_total``,
+    ``progress_message`` and ``group_id``.
 ``lifecycle_buckets(name, tokens, at, refused)`` (version 2)
     The rate-limit token bucket of each task name that has taken a token: the tokens left as of ``at``, and
     how many claims were refused a token. A name without a row has a full bucket.
@@ -23,6 +25,14 @@ Layout (schema version 2), inside the backend's own schema (``lifecycle`` unless
     refused. Windows that ended are deleted by later enqueues, a bounded number at a time.
 ``lifecycle_paused(queue)`` (version 2)
     The paused queues.
+``lifecycle_groups`` (version 3)
+    One row per group: ``remaining``, the members not succeeded yet (counted down under the row's lock by
+    ``lifecycle_group_ended``, see ``_functions``), the ``outcome`` once final and ``finished_at``, the
+    ``then`` task (``then_task_id`` and a ``lifecycle_follow_up`` value) until the group succeeds, and
+    ``then_id`` once it is stored.
+``lifecycle_group_members`` (version 3)
+    One row per member, ``position`` its call order: the final ``state`` it last ended in (NULL until then)
+    and its ``result``, kept when retention removes the member's record.
 
 The task table is a queue: every task is inserted, updated a few times and deleted by retention, so
 autovacuum is told to visit it after 2 % of its rows changed (PostgreSQL's default is 20 %).
@@ -34,11 +44,14 @@ skipped without reading its tasks; ``(queue, expires_at)`` over the tasks that h
 expired ones. Over active tasks: ``(lease_until, seq)`` serves recovery, ``(name, concurrency_key)`` counts
 the running tasks of a name (and key) for ``max_running`` and ``max_running_per_key``. A partial index over
 finished tasks ``(coalesce(finished_at, enqueued_at))`` serves retention purges; ``(enqueued_at, seq)`` the
-newest-first listing.
+newest-first listing. ``lifecycle_groups (finished_at)`` over final groups serves their purge.
+
+The server-side functions are listed in ``_functions`` (those of version 2 in ``_functions_v2``).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable
 
 import psycopg
@@ -49,17 +62,25 @@ from ..._records import RECORD_COLUMNS
 from ._functions import (
     CLAIM_FUNCTION,
     CLAIM_LIMITED_FUNCTION,
-    FUNCTIONS_V2,
+    FUNCTIONS_V3,
+    GROUP_ENDED_FUNCTION,
     NAME_GROUPS_FUNCTION,
+    NOTIFY_IDS_FUNCTION,
     PRIORITY_GROUPS_FUNCTION,
 )
+from ._functions_v2 import FUNCTIONS_V2
 
 __all__ = [
     "BUCKETS_TABLE",
     "CLAIM_FUNCTION",
     "CLAIM_LIMITED_FUNCTION",
     "FOLLOW_UP_TYPE",
+    "GROUPS_TABLE",
+    "GROUP_ENDED_FUNCTION",
+    "MAX_IDENTIFIER",
+    "MEMBERS_TABLE",
     "NAME_GROUPS_FUNCTION",
+    "NOTIFY_IDS_FUNCTION",
     "PAUSED_TABLE",
     "PRIORITY_GROUPS_FUNCTION",
     "SCHEMA_TABLE",
@@ -67,11 +88,13 @@ __all__ = [
     "TASKS_TABLE",
     "TASK_COLUMNS",
     "WINDOWS_TABLE",
+    "channel_for",
     "ensure_schema",
+    "notice_channel_for",
 ]
 
 #: The layout version this code writes. Bump it and add a step to ``_MIGRATIONS`` when the layout changes.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 TASKS_TABLE = "lifecycle_tasks"
 SCHEMA_TABLE = "lifecycle_schema"
@@ -79,6 +102,29 @@ BUCKETS_TABLE = "lifecycle_buckets"
 WINDOWS_TABLE = "lifecycle_windows"
 PAUSED_TABLE = "lifecycle_paused"
 FOLLOW_UP_TYPE = "lifecycle_follow_up"
+GROUPS_TABLE = "lifecycle_groups"
+MEMBERS_TABLE = "lifecycle_group_members"
+
+MAX_IDENTIFIER = 63
+"""PostgreSQL's NAMEDATALEN - 1: the longest name (of a schema, a channel), in bytes."""
+
+
+def channel_for(schema: str) -> str:
+    """The ``NOTIFY`` channel that wakes idle workers of ``schema`` (payload: a queue name)."""
+    channel = f"lifecycle.{schema}"
+    if len(channel.encode()) <= MAX_IDENTIFIER:
+        return channel
+    return "lifecycle." + hashlib.sha256(schema.encode()).hexdigest()[:40]
+
+
+def notice_channel_for(schema: str) -> str:
+    """The ``NOTIFY`` channel of the notices of ``schema`` (cancel requests, settlements; see ``_listen``).
+    Its prefix differs from :func:`channel_for`'s, so no schema's notice channel is another's work channel."""
+    channel = f"lifecycle-notices.{schema}"
+    if len(channel.encode()) <= MAX_IDENTIFIER:
+        return channel
+    return "lifecycle-notices." + hashlib.sha256(schema.encode()).hexdigest()[:40]
+
 
 #: The columns of ``lifecycle_tasks`` in the order ``record_from_row`` reads them.
 TASK_COLUMNS = RECORD_COLUMNS
@@ -158,6 +204,41 @@ _V2 = (
     *FUNCTIONS_V2,
 )
 
+# Version 3 (control of running work, issue 14): the cancel request, progress and group of each task, the
+# groups and their members (each member's last ending and result, kept when retention removes its record), and
+# the claims replaced by versions that end the group of a member they find expired. Adding nullable columns,
+# or one with a constant default, rewrites nothing.
+_V3 = (
+    "ALTER TABLE {tasks} ADD COLUMN cancel_requested boolean NOT NULL DEFAULT false, "
+    "ADD COLUMN progress_done double precision, ADD COLUMN progress_total double precision, "
+    "ADD COLUMN progress_message text, ADD COLUMN group_id text",
+    """
+    CREATE TABLE {groups} (
+        id           text             NOT NULL PRIMARY KEY,
+        created_at   double precision NOT NULL,
+        meta         text,
+        remaining    integer          NOT NULL,
+        outcome      text             CHECK (outcome IN ('succeeded', 'dead', 'cancelled')),
+        finished_at  double precision,
+        then_task_id text,
+        then_task    {follow_up_type},
+        then_id      text
+    ) WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02)
+    """,
+    "CREATE INDEX {groups_finished} ON {groups} (finished_at) WHERE outcome IS NOT NULL",
+    """
+    CREATE TABLE {members} (
+        group_id text    NOT NULL,
+        task_id  text    NOT NULL,
+        position integer NOT NULL,
+        state    text,
+        result   bytea,
+        PRIMARY KEY (group_id, task_id)
+    ) WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02)
+    """,
+    *FUNCTIONS_V3,
+)
+
 Migration = Callable[["psycopg.AsyncCursor[tuple[object, ...]]", str], Awaitable[None]]
 
 
@@ -170,6 +251,13 @@ def _names(schema: str) -> dict[str, sql.Composable]:
         "buckets": sql.Identifier(schema, BUCKETS_TABLE),
         "windows": sql.Identifier(schema, WINDOWS_TABLE),
         "paused": sql.Identifier(schema, PAUSED_TABLE),
+        "groups": sql.Identifier(schema, GROUPS_TABLE),
+        "members": sql.Identifier(schema, MEMBERS_TABLE),
+        "groups_finished": sql.Identifier(f"{GROUPS_TABLE}_finished"),
+        "group_ended": sql.Identifier(schema, GROUP_ENDED_FUNCTION),
+        "notify_ids": sql.Identifier(schema, NOTIFY_IDS_FUNCTION),
+        "channel": sql.Literal(channel_for(schema)),
+        "notice_channel": sql.Literal(notice_channel_for(schema)),
         "follow_up_type": sql.Identifier(schema, FOLLOW_UP_TYPE),
         "pending": sql.Identifier(f"{TASKS_TABLE}_pending"),
         "pending_qualified": sql.Identifier(schema, f"{TASKS_TABLE}_pending"),
@@ -201,9 +289,15 @@ async def _migrate_1_to_2(cursor: psycopg.AsyncCursor[tuple[object, ...]], schem
     await _run(cursor, schema, _V2)
 
 
+async def _migrate_2_to_3(cursor: psycopg.AsyncCursor[tuple[object, ...]], schema: str) -> None:
+    """Control of running work: cancel request, progress and group columns, the group tables, the group and
+    notice functions, and the claims that use them."""
+    await _run(cursor, schema, _V3)
+
+
 # version N -> the coroutine that migrates a schema at version N to N + 1 (inside the open transaction). A new
 # schema is created at version 1 and migrated up, so a new and a migrated schema are the same.
-_MIGRATIONS: dict[int, Migration] = {1: _migrate_1_to_2}
+_MIGRATIONS: dict[int, Migration] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 
 async def ensure_schema(

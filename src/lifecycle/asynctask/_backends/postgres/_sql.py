@@ -15,24 +15,43 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-from ._functions import CLAIM_FUNCTION, CLAIM_LIMITED_FUNCTION, NAME_GROUPS_FUNCTION, PRIORITY_GROUPS_FUNCTION
-from ._schema import BUCKETS_TABLE, FOLLOW_UP_TYPE, PAUSED_TABLE, TASK_COLUMNS, TASKS_TABLE, WINDOWS_TABLE
+from ._functions import (
+    CLAIM_FUNCTION,
+    CLAIM_LIMITED_FUNCTION,
+    GROUP_ENDED_FUNCTION,
+    NAME_GROUPS_FUNCTION,
+    NOTIFY_IDS_FUNCTION,
+    PRIORITY_GROUPS_FUNCTION,
+    notice_query,
+)
+from ._schema import (
+    BUCKETS_TABLE,
+    FOLLOW_UP_TYPE,
+    GROUPS_TABLE,
+    MEMBERS_TABLE,
+    PAUSED_TABLE,
+    TASK_COLUMNS,
+    TASKS_TABLE,
+    WINDOWS_TABLE,
+    channel_for,
+    notice_channel_for,
+)
 
 __all__ = ["NOTIFY_QUEUE", "Statements"]
 
 _NEW_TASK_ARRAYS = (
     "%s::text[], %s::text[], %s::text[], %b::bytea[], %s::int[], %s::float8[], %s::float8[], "
-    "%s::float8[], %s::text[], %s::int8[], %s::text[], %s::float8[]"
+    "%s::float8[], %s::text[], %s::int8[], %s::text[], %s::float8[], %s::text[]"
 )
 _NEW_TASK_COLUMNS = (
     "id, name, queue, payload, max_retries, timeout, enqueued_at, run_at, meta, priority, concurrency_key, "
-    "expires_at"
+    "expires_at, group_id"
 )
 _INSERT_HEAD = (
     "INSERT INTO {tasks} AS t (id, name, queue, payload, state, attempts, max_retries, timeout, "
-    "enqueued_at, run_at, meta, priority, concurrency_key, expires_at) SELECT n.id, n.name, n.queue, "
-    "n.payload, 'pending', 0, n.max_retries, n.timeout, n.enqueued_at, n.run_at, n.meta, n.priority, "
-    "n.concurrency_key, n.expires_at "
+    "enqueued_at, run_at, meta, priority, concurrency_key, expires_at, group_id) SELECT n.id, n.name, "
+    "n.queue, n.payload, 'pending', 0, n.max_retries, n.timeout, n.enqueued_at, n.run_at, n.meta, "
+    "n.priority, n.concurrency_key, n.expires_at, n.group_id "
 )
 #: Notify the channel (a parameter) that ``queue`` got work. NOTIFY payloads are limited to 8000 bytes, so
 #: an absurdly long queue name wakes every waiter instead ("*") rather than failing the statement.
@@ -124,6 +143,18 @@ def _from_follow_up(column: str) -> str:
     return f"{column} = CASE WHEN {_HAS_FOLLOW_UP} THEN (t.follow_up).{column} ELSE t.{column} END"
 
 
+# The group bookkeeping of the rows of `source` (a query over rows with `group_id`, `id`, a final `state`, a
+# `result` and `at`), by one call of the group function (see _functions), or none when no row is a member.
+# One row (its count of `then` tasks stored) when it was called.
+def _group_ended(source: str) -> str:
+    return (
+        "SELECT {group_ended}(e.groups, e.ids, e.states, e.results, e.ats) AS stored FROM ("
+        "SELECT array_agg(m.group_id) AS groups, array_agg(m.id) AS ids, array_agg(m.state) AS states, "
+        f"array_agg(m.result) AS results, array_agg(m.at) AS ats FROM ({source}) AS m) AS e "
+        "WHERE e.ids IS NOT NULL"
+    )
+
+
 _SETTLE = (
     "WITH s AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[], "
     "%s::float8[], %s::text[], %b::bytea[], %s::int[]) "
@@ -142,6 +173,9 @@ _SETTLE = (
     "finished_at = CASE WHEN s.state = 'pending' OR " + _HAS_FOLLOW_UP + " THEN NULL ELSE s.at END, "
     "result = CASE WHEN " + _HAS_FOLLOW_UP + " THEN NULL WHEN s.state = 'succeeded' THEN s.result "
     "WHEN s.state = 'pending' THEN t.result ELSE coalesce(s.result, t.result) END, "
+    "cancel_requested = CASE WHEN "
+    + _HAS_FOLLOW_UP
+    + " THEN false ELSE t.cancel_requested END, "
     + ", ".join(
         _from_follow_up(column)
         for column in (
@@ -159,15 +193,64 @@ _SETTLE = (
     )
     + ", last_error = coalesce(s.error, t.last_error), lease_until = NULL, token = NULL, follow_up = NULL "
     "FROM s WHERE " + _held("s") + " "
-    "RETURNING t.id, t.queue, t.state, t.name), "
+    "RETURNING t.id, t.queue, t.state, t.name, t.group_id, s.state AS verdict, s.result AS verdict_result, "
+    "s.at AS verdict_at), "
     "follow AS (" + _INSERT_HEAD + f"FROM unnest({_NEW_TASK_ARRAYS}, %s::text[]) "
     f"WITH ORDINALITY AS n({_NEW_TASK_COLUMNS}, parent, ord) "
     "WHERE n.parent IN (SELECT id FROM done) ORDER BY n.ord "
-    "ON CONFLICT (id) DO NOTHING RETURNING t.queue) "
+    "ON CONFLICT (id) DO NOTHING RETURNING t.queue), "
+    "grouped AS MATERIALIZED ("
+    + _group_ended(
+        "SELECT d.group_id, d.id, d.verdict AS state, d.verdict_result AS result, d.verdict_at AS at "
+        "FROM done AS d WHERE d.group_id IS NOT NULL AND d.verdict <> 'pending'"
+    )
+    + "), "
+    "noticed AS MATERIALIZED (" + notice_query("'s'", "SELECT d.id, d.id AS ord FROM done AS d") + ") "
     "SELECT id, CASE WHEN state = 'pending' OR name = ANY(%s::text[]) THEN "
     + NOTIFY_QUEUE
     + " END FROM done "
-    "UNION ALL SELECT NULL, " + NOTIFY_QUEUE + " FROM follow"
+    "UNION ALL SELECT NULL, " + NOTIFY_QUEUE + " FROM follow "
+    "UNION ALL SELECT NULL, NULL FROM grouped "
+    "UNION ALL SELECT NULL, NULL FROM noticed"
+)
+
+# The cancel: pending tasks become cancelled (a member's group ends cancelled in the same statement), active
+# ones get their cancel request (their debounce follow-up dropped); each kind gets its notices. The state
+# tests sit in CASEs for the reason given in _held. Params: now, ids. Rows: (id, new state) per task changed,
+# then rows with a NULL id.
+_CANCEL = (
+    "WITH hit AS (UPDATE {tasks} AS t SET "
+    "state = CASE WHEN t.state = 'pending' THEN 'cancelled' ELSE t.state END, "
+    "finished_at = CASE WHEN t.state = 'pending' THEN %(now)s::float8 ELSE t.finished_at END, "
+    "lease_until = CASE WHEN t.state = 'pending' THEN NULL ELSE t.lease_until END, "
+    "token = CASE WHEN t.state = 'pending' THEN NULL ELSE t.token END, "
+    "cancel_requested = CASE WHEN t.state = 'active' THEN true ELSE t.cancel_requested END, "
+    "follow_up = CASE WHEN t.state = 'active' THEN NULL ELSE t.follow_up END "
+    "WHERE t.id = ANY(%(ids)s::text[]) "
+    "AND CASE WHEN t.state IN ('pending', 'active') THEN true ELSE false END "
+    "RETURNING t.id, t.state, t.group_id), "
+    "grouped AS MATERIALIZED ("
+    + _group_ended(
+        "SELECT h.group_id, h.id, h.state, NULL::bytea AS result, %(now)s::float8 AS at FROM hit AS h "
+        "WHERE h.group_id IS NOT NULL AND h.state = 'cancelled'"
+    )
+    + "), "
+    "ended AS MATERIALIZED ("
+    + notice_query(
+        "'s'",
+        "SELECT h.id, array_position(%(ids)s::text[], h.id) AS ord FROM hit AS h WHERE h.state = 'cancelled'",
+    )
+    + "), "
+    "asked AS MATERIALIZED ("
+    + notice_query(
+        "'c'",
+        "SELECT h.id, array_position(%(ids)s::text[], h.id) AS ord FROM hit AS h WHERE h.state = 'active'",
+    )
+    + ") "
+    "SELECT id, state FROM hit "
+    "UNION ALL SELECT NULL, NULL FROM grouped "
+    "UNION ALL SELECT NULL, NULL FROM ended "
+    "UNION ALL SELECT NULL, NULL FROM asked"
 )
 
 
@@ -182,6 +265,12 @@ def _render(template: str, schema: str) -> bytes:
         name_groups=sql.Identifier(schema, NAME_GROUPS_FUNCTION),
         claim_function=sql.Identifier(schema, CLAIM_FUNCTION),
         claim_limited_function=sql.Identifier(schema, CLAIM_LIMITED_FUNCTION),
+        groups=sql.Identifier(schema, GROUPS_TABLE),
+        members=sql.Identifier(schema, MEMBERS_TABLE),
+        group_ended=sql.Identifier(schema, GROUP_ENDED_FUNCTION),
+        notify_ids=sql.Identifier(schema, NOTIFY_IDS_FUNCTION),
+        channel=sql.Literal(channel_for(schema)),
+        notice_channel=sql.Literal(notice_channel_for(schema)),
     )
     return query.as_bytes(None)
 
@@ -189,13 +278,17 @@ def _render(template: str, schema: str) -> bytes:
 @dataclass(frozen=True, slots=True)
 class Statements:
     """The fixed statements for one schema (bytes, ready for ``cursor.execute``); ``channel`` is the
-    NOTIFY channel name; ``tasks`` the qualified table for statements composed per call; ``lock_space`` the
-    text whose hash is the first key of the advisory locks of the claim with limits."""
+    NOTIFY channel name of new work, ``notice_channel`` that of the notices; ``tasks`` and ``groups`` the
+    qualified tables for statements composed per call; ``lock_space`` the text whose hash is the first key of
+    the advisory locks of the claim with limits."""
 
     schema: str
     channel: str
+    notice_channel: str
     lock_space: str
     tasks: sql.Identifier
+    groups: sql.Identifier
+    members: sql.Identifier
     insert_new: bytes
     insert_checked: bytes
     lock_existing: bytes
@@ -217,10 +310,14 @@ class Statements:
     resume: bytes
     paused: bytes
     flow_state: bytes
+    cancel_requests: bytes
+    save_progress: bytes
+    insert_group: bytes
+    get_group: bytes
 
     @classmethod
-    def for_schema(cls, schema: str, channel: str) -> Statements:
-        """Render every statement for ``schema``, notifying on ``channel``."""
+    def for_schema(cls, schema: str) -> Statements:
+        """Render every statement for ``schema`` (notifying on its channels, see ``_schema``)."""
 
         def render(template: str) -> bytes:
             return _render(template, schema)
@@ -228,9 +325,12 @@ class Statements:
         unnest_new = f"FROM unnest({_NEW_TASK_ARRAYS}) WITH ORDINALITY AS n({_NEW_TASK_COLUMNS}, ord) "
         return cls(
             schema=schema,
-            channel=channel,
+            channel=channel_for(schema),
+            notice_channel=notice_channel_for(schema),
             lock_space=f"lifecycle.flow:{schema}",
             tasks=sql.Identifier(schema, TASKS_TABLE),
+            groups=sql.Identifier(schema, GROUPS_TABLE),
+            members=sql.Identifier(schema, MEMBERS_TABLE),
             # Params: the twelve arrays, then the channel. Rows whose id exists are skipped; every stored row
             # notifies its queue (PostgreSQL folds repeated notifications of one transaction into one).
             insert_new=render(
@@ -298,11 +398,12 @@ class Statements:
                 "WHERE " + _held("l") + " "
                 "RETURNING t.id"
             ),
-            # Params: the eight settlement arrays, the ids again (for a primary key probe), the twelve
+            # Params: the eight settlement arrays, the ids again (for a primary key probe), the thirteen
             # follow-up arrays plus their parents' ids, the names whose settled tasks free a slot some worker
-            # may wait for (max_running, max_running_per_key), then the channel three times. One statement
-            # applies every verdict whose lease is held, stores the chain follow-ups of exactly those, and
-            # notifies the queues that got claimable work.
+            # may wait for (max_running, max_running_per_key), then the channel twice. One statement applies
+            # every verdict whose lease is held, stores the chain follow-ups of exactly those, does the group
+            # bookkeeping of the members among them (see _functions), notifies the queues that got claimable
+            # work, and sends the "settled" notices.
             settle=render(_SETTLE),
             # Params: queues. The earliest pending (run_at, seq) of the queues that are not paused, one index
             # probe per (queue, priority) group.
@@ -313,11 +414,7 @@ class Statements:
                 "ORDER BY m.run_at, m.seq LIMIT 1"
             ),
             get=render(f"SELECT {TASK_COLUMNS} FROM {{tasks}} WHERE id = %s"),
-            # Params: now, ids.
-            cancel=render(
-                "UPDATE {tasks} SET state = 'cancelled', finished_at = %s, lease_until = NULL, token = NULL "
-                "WHERE state = 'pending' AND id = ANY(%s::text[]) RETURNING id"
-            ),
+            cancel=render(_CANCEL),
             pause=render("INSERT INTO {paused} (queue) VALUES (%s) ON CONFLICT (queue) DO NOTHING"),
             # Params: queue, channel. Wakes the workers of the queue.
             resume=render(
@@ -331,5 +428,46 @@ class Statements:
                 "CASE WHEN %s::text IS NULL THEN 0 ELSE (SELECT count(*) FROM {tasks} "
                 "WHERE state = 'active' AND name = %s AND concurrency_key = %s) END, "
                 "b.tokens, b.at, b.refused FROM (SELECT) AS one LEFT JOIN {buckets} AS b ON b.name = %s"
+            ),
+            # Params: ids. The active tasks among them with a cancel request (a primary key probe each).
+            cancel_requests=render(
+                "SELECT t.id FROM {tasks} AS t WHERE t.id = ANY(%s::text[]) "
+                "AND CASE WHEN t.state = 'active' THEN t.cancel_requested ELSE false END"
+            ),
+            # Params: ids, tokens, done, total, message (one entry per update, the last of an id wins), then
+            # the ids again (for a primary key probe). Returns the ids updated.
+            save_progress=render(
+                "UPDATE {tasks} AS t SET progress_done = u.done, progress_total = u.total, "
+                "progress_message = u.message FROM (SELECT DISTINCT ON (x.id) x.* FROM unnest(%s::text[], "
+                "%s::text[], %s::float8[], %s::float8[], %s::text[]) WITH ORDINALITY "
+                "AS x(id, token, done, total, message, ord) ORDER BY x.id, x.ord DESC) AS u "
+                "WHERE " + _held("u") + " RETURNING t.id"
+            ),
+            # Params: the group's id, created_at, meta, its member ids (in call order), then its then task's
+            # id and the eleven fields of its follow-up type (all NULL without a then). Stores the group and
+            # its member rows unless the id exists; returns the id when stored.
+            insert_group=render(
+                "WITH g AS (INSERT INTO {groups} (id, created_at, meta, remaining, then_task_id, then_task) "
+                "SELECT %s, %s, %s, cardinality(%s::text[]), %s::text, "
+                "CASE WHEN %s::text IS NULL THEN NULL ELSE ROW(%s::text, %s::text, %b::bytea, %s::int, "
+                "%s::float8, %s::float8, %s::float8, %s::text, %s::int8, %s::text, %s::float8)"
+                "::{follow_up_type} END "
+                "ON CONFLICT (id) DO NOTHING RETURNING id), "
+                "m AS (INSERT INTO {members} (group_id, task_id, position) "
+                "SELECT g.id, x.id, x.ord FROM g "
+                "CROSS JOIN unnest(%s::text[]) WITH ORDINALITY AS x(id, ord)) "
+                "SELECT id FROM g"
+            ),
+            # Params: group id. One row per member in call order (none for a group without members): the
+            # group's fields, then the member's id, result, and state (its record's, or the ending the group
+            # recorded once the record is gone or belongs to another task). The record's state is read by a
+            # correlated subquery, a primary key probe per member whatever the statistics (as a join, the
+            # planner may scan the whole task table for a large group).
+            get_group=render(
+                "SELECT g.id, g.outcome, g.created_at, g.finished_at, g.then_id, g.meta, m.task_id, "
+                "m.result, coalesce((SELECT t.state FROM {tasks} AS t "
+                "WHERE t.id = m.task_id AND t.group_id = m.group_id), m.state) FROM {groups} AS g "
+                "LEFT JOIN {members} AS m ON m.group_id = g.id "
+                "WHERE g.id = %s ORDER BY m.position"
             ),
         )
