@@ -49,7 +49,7 @@ _INSTALL = "pip install 'anyio-lifecycle[metrics]'"
 _TASK_STATES: tuple[TaskRunState, ...] = get_args(TaskRunState)
 
 #: How one attempt of a durable task ended, for :meth:`AsyncTasksMetrics.finished`.
-AttemptOutcome = Literal["succeeded", "retried", "dead"]
+AttemptOutcome = Literal["succeeded", "retried", "dead", "cancelled"]
 
 
 def metrics_available() -> bool:
@@ -187,8 +187,11 @@ class AsyncTasksMetrics:
 
     Metrics (labels ``queue`` and ``task``, the registered task name):
     ``lifecycle_asynctask_enqueued_total``, ``_started_total``, ``_succeeded_total``, ``_failed_total``
-    (every failed attempt), ``_retried_total`` and ``_dead_total`` (what became of it), the histogram
-    ``lifecycle_asynctask_run_seconds``, and the gauge ``lifecycle_asynctask_queue_depth{queue,state}``.
+    (every failed attempt), ``_retried_total`` and ``_dead_total`` (what became of it), ``_cancelled_total``
+    (running attempts stopped by ``tasks.cancel()``), the histogram ``lifecycle_asynctask_run_seconds``, and
+    the gauge ``lifecycle_asynctask_queue_depth{queue,state}``. Groups: the counter
+    ``lifecycle_asynctask_groups_finished_total{outcome}`` (groups that ended ``succeeded``, ``dead`` or
+    ``cancelled``, counted by the worker whose verdict ended them, fed through :meth:`group_finished`).
     Flow control (read from ``AsyncTasks.flow()`` at each scrape): the gauge
     ``lifecycle_asynctask_waiting{task,reason}`` (due tasks held back, by ``reason``: ``paused``,
     ``rate_limit``, ``max_running``, ``max_running_per_key``; read from the 1000 newest pending tasks), the
@@ -217,6 +220,13 @@ class AsyncTasksMetrics:
         self._failed = counter("failed", "Attempts that failed (then retried or dead)")
         self._retried = counter("retried", "Failed attempts scheduled to run again")
         self._dead = counter("dead", "Tasks that failed for good (dead-lettered)")
+        self._cancelled = counter("cancelled", "Running attempts stopped by tasks.cancel()")
+        self._groups_finished = prometheus.Counter(
+            "lifecycle_asynctask_groups_finished",
+            "Groups of tasks that ended (succeeded, dead or cancelled)",
+            ["outcome"],
+            registry=registry,
+        )
         self._runtime = prometheus.Histogram(
             "lifecycle_asynctask_run_seconds", "Run time of one attempt", labels, registry=registry
         )
@@ -253,15 +263,27 @@ class AsyncTasksMetrics:
         self._started.labels(queue, task).inc()
 
     def finished(self, queue: str, task: str, outcome: AttemptOutcome, seconds: float) -> None:
-        """An attempt ended after ``seconds``: ``"succeeded"``, or failed and ``"retried"`` or ``"dead"``."""
-        if outcome not in ("succeeded", "retried", "dead"):
-            raise ValueError(f"outcome must be 'succeeded', 'retried' or 'dead', got {outcome!r}")
+        """An attempt ended after ``seconds``: ``"succeeded"``, or failed and ``"retried"`` or ``"dead"``, or
+        was stopped by ``tasks.cancel()`` (``"cancelled"``)."""
+        if outcome not in ("succeeded", "retried", "dead", "cancelled"):
+            raise ValueError(
+                f"outcome must be 'succeeded', 'retried', 'dead' or 'cancelled', got {outcome!r}"
+            )
         self._runtime.labels(queue, task).observe(seconds)
         if outcome == "succeeded":
             self._succeeded.labels(queue, task).inc()
             return
+        if outcome == "cancelled":
+            self._cancelled.labels(queue, task).inc()
+            return
         self._failed.labels(queue, task).inc()
         (self._retried if outcome == "retried" else self._dead).labels(queue, task).inc()
+
+    def group_finished(self, outcome: str) -> None:
+        """A group of tasks ended: ``outcome`` is ``"succeeded"``, ``"dead"`` or ``"cancelled"``."""
+        if outcome not in ("succeeded", "dead", "cancelled"):
+            raise ValueError(f"outcome must be 'succeeded', 'dead' or 'cancelled', got {outcome!r}")
+        self._groups_finished.labels(outcome).inc()
 
     def track(self, tasks: _Stats) -> None:
         """Report ``tasks.stats()`` (an :class:`~lifecycle.asynctask.AsyncTasks`) as queue depths."""

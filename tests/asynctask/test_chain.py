@@ -17,6 +17,7 @@ from lifecycle.asynctask import (
     Call,
     ManualClock,
     MemoryBackend,
+    NewTask,
     SQLiteBackend,
     TaskContext,
     TaskState,
@@ -171,6 +172,7 @@ def test_the_next_step_is_deterministic_and_its_delay_counts_from_the_success() 
     steps.register(tasks)
     calls = [Call(steps.fetch, "u"), Call(steps.parse, delay=30, queue="slow")]
     chain_id, first = build_chain(calls, T0, tasks._registry, tasks.encoding)
+    assert isinstance(first, NewTask)
     record = TaskRecord(
         id=first.id,
         name=first.name,
@@ -185,16 +187,17 @@ def test_the_next_step_is_deterministic_and_its_delay_counts_from_the_success() 
         meta=first.meta,
     )
     result = tasks.encoding.encode({"size": 1})
-    (second,) = follow_up(record, result, T0 + 100)
+    (second,), groups = follow_up(record, result, T0 + 100)
+    assert groups == ()
     assert (second.id, second.name, second.queue, second.run_at) == (
         f"{chain_id}.1",
         "chain.parse",
         "slow",
         T0 + 130,
     )
-    assert follow_up(record, result, T0 + 200)[0].id == second.id  # a rerun enqueues the same (skipped) id
+    assert follow_up(record, result, T0 + 200)[0][0].id == second.id  # a rerun enqueues the same (skipped) id
     last = TaskRecord(**{**{f: getattr(record, f) for f in TaskRecord.__slots__}, "meta": second.meta})
-    assert follow_up(last, None, T0) == ()
+    assert follow_up(last, None, T0) == ((), ())
     damaged = TaskRecord(**{**{f: getattr(record, f) for f in TaskRecord.__slots__}, "meta": '{"chain": {}}'})
     with pytest.raises(ValueError, match="damaged"):
         follow_up(damaged, None, T0)

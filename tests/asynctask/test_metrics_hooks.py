@@ -443,3 +443,54 @@ async def test_flow_control_metrics_count_waiting_tasks_refused_starts_and_pause
         samples = await scrape(metrics)
         assert samples[key("lifecycle_asynctask_waiting", task="rated", reason="rate_limit")] == 0
         assert samples[key("lifecycle_asynctask_queue_paused", queue="elsewhere")] == 0
+
+
+async def test_running_tasks_cancelled_and_groups_finished_are_counted() -> None:
+    clock = ManualClock(1_000_000.0)
+    metrics = Metrics(lifecycle.TaskManager())
+    tasks = engine(clock, metrics=metrics, concurrency=4)
+    started = anyio.Event()
+
+    @tasks.register(name="endless")
+    async def endless() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    @tasks.register(name="part")
+    async def part(n: int) -> int:
+        if n < 0:
+            raise lifecycle.asynctask.Abort("negative")
+        return n
+
+    async with working(tasks):
+        task_id = await tasks.enqueue(endless)
+        with anyio.fail_after(WAIT):
+            await started.wait()
+        assert await tasks.cancel(task_id)
+        with anyio.fail_after(WAIT):
+            assert (await tasks.wait(task_id)).state is TaskState.CANCELLED
+        won = await tasks.enqueue_group([Call(part, 1), Call(part, 2)], then=Call(part, 3))
+        lost = await tasks.enqueue_group([Call(part, -1), Call(part, 2)])
+        pending = await tasks.enqueue_group([Call(part, 5, delay=600)])
+        with anyio.fail_after(WAIT):
+            for group_id in (won, lost):
+                await tasks.wait_group(group_id)
+        info = await tasks.group_info(pending)
+        assert info is not None
+        assert await tasks.cancel(info.task_ids[0])
+        with anyio.fail_after(WAIT):
+            while not await groups_counted(metrics, ("succeeded", "dead")):
+                await anyio.sleep(0.01)  # the group counter is fed after the verdicts were saved
+    samples = await scrape(metrics)
+    assert samples[key("lifecycle_asynctask_cancelled_total", queue="default", task="endless")] == 1
+    assert key("lifecycle_asynctask_failed_total", queue="default", task="endless") not in samples
+    finished = {
+        outcome: samples.get(key("lifecycle_asynctask_groups_finished_total", outcome=outcome))
+        for outcome in ("succeeded", "dead", "cancelled")
+    }
+    assert finished == {"succeeded": 1, "dead": 1, "cancelled": 1}, "each group is counted once, when it ends"
+
+
+async def groups_counted(metrics: Metrics, outcomes: tuple[str, ...]) -> bool:
+    samples = await scrape(metrics)
+    return all(samples.get(key("lifecycle_asynctask_groups_finished_total", outcome=o)) for o in outcomes)

@@ -12,9 +12,23 @@ from pathlib import Path
 import anyio
 import pytest
 
-from lifecycle.asynctask import Backend, BackendError, DuplicateTaskError, NewTask, Settlement, TaskState
+from lifecycle.asynctask import (
+    Backend,
+    BackendError,
+    DuplicateTaskError,
+    NewGroup,
+    NewTask,
+    ProgressUpdate,
+    Settlement,
+    TaskState,
+)
 from lifecycle.asynctask._backends.sqlite._backend import SQLiteBackend
-from lifecycle.asynctask._backends.sqlite._schema import _CREATE_V1, SCHEMA_VERSION, check_sqlite_version
+from lifecycle.asynctask._backends.sqlite._schema import (
+    _CREATE_V1,
+    _FLOW_V2,
+    SCHEMA_VERSION,
+    check_sqlite_version,
+)
 from lifecycle.asynctask.testing import BackendConformance, EngineConformance
 from lifecycle.asynctask.testing.backend._rules_damage import RawValue
 from tests.asynctask.corruption import corrupt_sqlite
@@ -162,6 +176,46 @@ async def test_a_file_of_schema_version_1_is_migrated_for_flow_control(db_path: 
         "lifecycle_paused",
         "lifecycle_follow_ups",
     } <= tables
+
+
+async def test_a_file_of_schema_version_2_is_migrated_for_control_of_running_work(db_path: Path) -> None:
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as raw:
+        raw.execute("CREATE TABLE lifecycle_schema (version INTEGER NOT NULL)")
+        raw.execute("INSERT INTO lifecycle_schema VALUES (2)")
+        for statement in (*_CREATE_V1, *_FLOW_V2):
+            raw.execute(statement)
+        raw.execute(
+            "INSERT INTO lifecycle_tasks (id, name, queue, payload, state, attempts, max_retries, "
+            "enqueued_at, run_at, started_at, lease_until, token) VALUES ('running', 'tests.job', 'default', "
+            "x'00', 'active', 1, 3, 1000.0, 1000.0, 1000.0, 1030.0, 'tok')"
+        )
+    backend = SQLiteBackend(db_path)
+    await backend.open()
+    try:
+        record = await backend.get("running")
+        assert record is not None
+        assert (record.cancel_requested, record.progress_done, record.group_id, record.fault) == (
+            False,
+            None,
+            None,
+            None,
+        )
+        assert await backend.cancel(["running"], now=1001.0) == ["running"]
+        assert await backend.cancel_requests(["running"]) == {"running"}
+        assert await backend.save_progress([ProgressUpdate("running", "tok", 1.0, 2.0, "half")]) == set()
+        group = NewGroup(
+            id="g", members=(dataclasses.replace(task("m"), group_id="g"),), then=None, created_at=1000.0
+        )
+        assert await backend.enqueue_group(group) == "g"
+        stored = await backend.get_group("g")
+        assert stored is not None
+        assert stored.task_ids == ("m",)
+    finally:
+        await backend.close()
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as raw:
+        assert raw.execute("SELECT version FROM lifecycle_schema").fetchall() == [(SCHEMA_VERSION,)]
+        tables = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"lifecycle_groups", "lifecycle_group_members"} <= tables
 
 
 async def test_a_file_written_by_a_newer_schema_version_is_refused(db_path: Path) -> None:

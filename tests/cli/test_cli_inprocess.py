@@ -222,6 +222,7 @@ def test_every_command_takes_the_shared_options_after_it() -> None:
 def _required(command: str) -> list[str]:
     return {
         "show": ["ID"],
+        "group": ["ID"],
         "cancel": ["ID"],
         "purge": ["--state", "dead"],
         "pause": ["QUEUE"],

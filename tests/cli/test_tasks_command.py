@@ -90,12 +90,13 @@ def test_requeue_cancel_and_purge_change_the_store(url: str) -> None:
     assert cancelled.returncode == 3  # one id was not found
     assert json.loads(cancelled.stdout) == {
         "cancelled": [seeded.pending[0]],
+        "cancel_requested": [],
         "failed": {"unknown-id": "there is no task with this id"},
     }
     assert state_of(url, seeded.pending[0]) is TaskState.CANCELLED
     not_pending = lifecycle("tasks", "--backend", url, "cancel", seeded.succeeded[0])
     assert not_pending.returncode == 4
-    assert "only pending tasks can be cancelled" in not_pending.stderr
+    assert "only pending or running tasks can be cancelled" in not_pending.stderr
 
     too_recent = lifecycle_json(
         "tasks", "--backend", url, "purge", "--state", "succeeded", "--older-than", "1h"

@@ -114,7 +114,7 @@ async def test_async_task_counters_histograms_and_queue_depths_after_a_known_wor
     observer.finished("default", "send_mail", "succeeded", 0.3)
     observer.finished("default", "send_mail", "retried", 1.5)
     observer.finished("default", "send_mail", "dead", 0.01)
-    with pytest.raises(ValueError, match="'succeeded', 'retried' or 'dead'"):
+    with pytest.raises(ValueError, match="'succeeded', 'retried', 'dead' or 'cancelled'"):
         observer.finished("default", "send_mail", "lost", 1.0)  # type: ignore[arg-type]
 
     tasks = AsyncTasks(MemoryBackend(), execution=False)

@@ -5,6 +5,7 @@ only, no cross-site action, loopback-only actions without a token, escaping, no 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from lifecycle.asynctask import AsyncTasks, Call, NewTask, SQLiteBackend, TaskState
+from lifecycle.asynctask import AsyncTasks, Call, NewTask, ProgressUpdate, SQLiteBackend, TaskState
 from lifecycle.asynctask.web import dashboard
 from tests.web.web_support import Planned, demo_plan, store, traceback_text
 
@@ -132,6 +133,36 @@ async def test_a_chain_step_shows_the_chain(tasks: AsyncTasks) -> None:
     assert "<td>app.fetch</td>" in html
     assert "<td>app.parse</td>" in html
     assert "not yet" in html
+
+
+async def test_a_running_member_shows_its_progress_and_group_and_can_be_cancelled(tasks: AsyncTasks) -> None:
+    group_id = await tasks.enqueue_group([Call("app.part", 1), Call("app.part", 2)], then=Call("app.join"))
+    info = await tasks.group_info(group_id)
+    assert info is not None
+    backend = tasks.backend
+    now = time.time()
+    claimed = await backend.claim(["default"], 1, now=now, lease_until=now + 600)
+    assert [c.record.id for c in claimed] == [info.task_ids[0]]
+    update = ProgressUpdate(info.task_ids[0], claimed[0].token, 3.0, 4.0, "almost <there>")
+    assert await backend.save_progress([update]) == set()
+    async with client(dashboard(tasks, token=TOKEN)) as http:
+        html = (await http.get("/task", params={"id": info.task_ids[0]})).text
+        other = (await http.get("/task", params={"id": info.task_ids[1]})).text
+        stop = await action(http, action="cancel", task=info.task_ids[0])
+    assert '<progress data-field="progress" max="1" value="0.7500">75%</progress> 3 / 4 (75%)' in html
+    assert '<span data-field="progress-message">almost &lt;there&gt;</span>' in html
+    assert f'<code data-field="group">{group_id}</code>' in html
+    assert "member 1 of 2 · 0 succeeded" in html
+    assert 'data-action="cancel"' in html, "a running task has a Cancel button"
+    assert "member 2 of 2" in other
+    assert 'data-field="progress"' not in other
+    assert (stop.status_code, stop.json()["message"]) == (
+        200,
+        f"asked the running task {info.task_ids[0]} to stop: it ends cancelled",
+    )
+    record = await backend.get(info.task_ids[0])
+    assert record is not None
+    assert (record.state, record.cancel_requested) == (TaskState.ACTIVE, True)
 
 
 async def test_unknown_pages_tasks_and_filters_say_so(tasks: AsyncTasks) -> None:

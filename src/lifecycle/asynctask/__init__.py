@@ -2,6 +2,7 @@
 
 from ._async_tasks import AsyncTasks as AsyncTasks
 from ._backend import Backend as Backend
+from ._backend import NotifyingBackend as NotifyingBackend
 from ._backend import TransactionalBackend as TransactionalBackend
 from ._backends.memory._backend import MemoryBackend as MemoryBackend
 from ._backends.sqlite._backend import SQLiteBackend as SQLiteBackend
@@ -18,6 +19,8 @@ from ._model import Call as Call
 from ._model import ChainInfo as ChainInfo
 from ._model import ChainStep as ChainStep
 from ._model import FlowStats as FlowStats
+from ._model import Group as Group
+from ._model import GroupInfo as GroupInfo
 from ._model import QueueStats as QueueStats
 from ._model import Retry as Retry
 from ._model import TaskContext as TaskContext
@@ -28,7 +31,11 @@ from ._observer import TaskObserver as TaskObserver
 from ._records import ClaimedTask as ClaimedTask
 from ._records import FlowLimits as FlowLimits
 from ._records import FlowState as FlowState
+from ._records import GroupRecord as GroupRecord
+from ._records import NewGroup as NewGroup
 from ._records import NewTask as NewTask
+from ._records import Notice as Notice
+from ._records import ProgressUpdate as ProgressUpdate
 from ._records import Settlement as Settlement
 from ._records import TaskRecord as TaskRecord
 from ._records import TaskState as TaskState
@@ -50,11 +57,18 @@ __all__ = (
     "FlowLimits",
     "FlowState",
     "FlowStats",
+    "Group",
+    "GroupInfo",
+    "GroupRecord",
     "JSONEncoding",
     "ManualClock",
     "MemoryBackend",
+    "NewGroup",
     "NewTask",
+    "Notice",
+    "NotifyingBackend",
     "PickleEncoding",
+    "ProgressUpdate",
     "QueueStats",
     "Retry",
     "SQLiteBackend",

@@ -28,11 +28,20 @@ from .._checks import check_count, check_name, check_optional_seconds, check_sec
 from .._compat import unwrap_single
 from .._core._backoff import Backoff
 from .._redact import library_logger
-from ._backend import Backend, TransactionalBackend, is_backend, open_backend, supports_flow_control
+from ._backend import (
+    Backend,
+    NotifyingBackend,
+    TransactionalBackend,
+    is_backend,
+    open_backend,
+    supports_control,
+    supports_flow_control,
+)
 from ._blocking import BlockingProducer, ProducerHost
 from ._chain import CHAIN_PREFIX, build_chain, chain_fields, chain_progress
 from ._clock import Clock
 from ._encoding import Encoding, JSONEncoding
+from ._engine._notices import NoticePump
 from ._engine._options import EngineOptions, check_retention, check_states
 from ._engine._queues import QueueOrder
 from ._engine._upkeep import purge_expired, recover_expired
@@ -41,8 +50,9 @@ from ._engine._worker import Worker
 from ._enqueue import build_task, check_calls, if_exists_for
 from ._errors import DuplicateTaskError
 from ._flow import flow_stats, waiting_on
+from ._group import build_group, group_info
 from ._meta import write_meta
-from ._model import Call, EnqueueOptions, FlowStats, QueueStats, TaskContext, TaskInfo, Ts
+from ._model import Call, EnqueueOptions, FlowStats, Group, GroupInfo, QueueStats, TaskContext, TaskInfo, Ts
 from ._observer import (
     ObserverSource,
     TaskObserver,
@@ -50,7 +60,7 @@ from ._observer import (
     resolve_observer,
     track_queue_depths,
 )
-from ._records import NewTask, TaskRecord, TaskState
+from ._records import GroupRecord, NewGroup, NewTask, TaskRecord, TaskState
 from ._registry import DEFAULT_QUEUE, Registry, check_queue
 from ._schedule import (
     CronTrigger,
@@ -69,6 +79,7 @@ from ._tracing import current_trace, with_trace
 __all__ = ["AsyncTasks"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 class AsyncTasks:
@@ -184,6 +195,11 @@ class AsyncTasks:
         self._started = False
         self._worker: Worker | None = None
         self._changed: anyio.Event | None = None
+        self._pump = (
+            NoticePump(backend, self._notify_changed, self._logger)
+            if isinstance(backend, NotifyingBackend)
+            else None
+        )
         self._producers = ProducerHost(self)
         if self._observer is not None:
             track_queue_depths(self._observer, self.stats, lambda: self._open, self.flow)
@@ -486,7 +502,7 @@ class AsyncTasks:
         self._stored(tasks, now)
         return ids
 
-    async def enqueue_chain(self, calls: Sequence[Call]) -> str:
+    async def enqueue_chain(self, calls: Sequence[Call | Group]) -> str:
         """Store a chain of calls run one after the other and return the chain's id.
 
         Only the first step is stored now; each later step is enqueued when the previous one succeeds, in
@@ -497,6 +513,11 @@ class AsyncTasks:
         chain's progress in ``.chain``. Calls are checked like :meth:`enqueue_many`; steps cannot have a
         ``task_id`` (their ids are ``"<chain id>.<index>"``).
 
+        A step may be a :class:`Group` of calls run in parallel (each receives the previous result); the
+        step after it receives the list of the members' results, in call order, once all succeeded (its
+        ``delay`` then counts from the group's start). Two groups in a row are refused (``ValueError``): put
+        a call between them.
+
         Example::
 
             chain_id = await tasks.enqueue_chain([Call(fetch, url), Call(parse), Call(store)])
@@ -505,15 +526,115 @@ class AsyncTasks:
         """
         return await self._enqueue_chain(calls, current_trace())
 
-    async def _enqueue_chain(self, calls: Sequence[Call], trace: dict[str, str] | None) -> str:
+    async def _enqueue_chain(self, calls: Sequence[Call | Group], trace: dict[str, str] | None) -> str:
         now = self._clock()
         chain_id, first = build_chain(calls, now, self._registry, self._encoding)
+        if isinstance(first, NewGroup):
+            self._check_open("enqueue_chain")
+            self._check_control("enqueue_chain", "a chain that starts with a Group")
+            await self._store_group(first, trace, now)
+            return chain_id
         if trace is not None:
             (first,) = with_trace([first], trace)
         self._check_open("enqueue_chain")
         await self._backend.enqueue_many([first])
         self._stored([first], now)
         return chain_id
+
+    async def enqueue_group(self, calls: Sequence[Call], *, then: Call | None = None) -> str:
+        """Store calls that run in parallel, and optionally a ``then`` call run once all of them succeeded;
+        return the group's id.
+
+        The members and the group are stored at once (all or nothing). When the last member succeeds,
+        ``then`` is enqueued exactly once, in the same atomic step as that success, and receives the
+        members' results in call order as ``TaskContext.previous_result`` (a list): a worker that crashes
+        at any moment cannot make it run twice, nor leave it unrun once every member succeeded. A member
+        that ends ``dead`` or ``cancelled`` makes the group ``dead`` / ``cancelled`` and ``then`` never runs
+        (requeueing that member does not change it). ``then``'s ``delay``/``at``/``expires`` count from
+        now. Calls are checked like :meth:`enqueue_many`; they cannot have ``task_id``, ``unique_for`` or
+        ``debounce`` (members are ``"<group id>.<index>"``, ``then`` is ``"<group id>.then"``).
+
+        Raises ``TypeError``/``ValueError`` for a bad call or no calls, ``RuntimeError`` when the backend
+        has no groups (a backend written before them).
+
+        Example::
+
+            group_id = await tasks.enqueue_group([Call(resize, p) for p in photos], then=Call(publish))
+            info = await tasks.wait_group(group_id, timeout=600)
+        """
+        now = self._clock()
+        group = build_group(calls, then, now, self._registry, self._encoding)
+        self._check_open("enqueue_group")
+        self._check_control("enqueue_group", "groups")
+        await self._store_group(group, current_trace(), now)
+        return group.id
+
+    async def _store_group(self, group: NewGroup, trace: dict[str, str] | None, now: float) -> None:
+        if trace is not None:
+            members = tuple(with_trace(list(group.members), trace))
+            then = None if group.then is None else with_trace([group.then], trace)[0]
+            group = replace(group, members=members, then=then)
+        await self._backend.enqueue_group(group)
+        self._stored(list(group.members), now)
+
+    async def group_info(self, group_id: str) -> GroupInfo | None:
+        """The group with this id (from :meth:`enqueue_group`, or a chain's group step), or ``None`` (never
+        stored, or removed by retention: a group is kept as long as its outcome's retention).
+
+        Example::
+
+            info = await tasks.group_info(group_id)
+            print(info.state, info.counts)
+        """
+        self._check_open("group_info")
+        _check_id(group_id, "group_info")
+        record = await self._get_group(group_id)
+        return None if record is None else group_info(record)
+
+    async def wait_group(self, group_id: str, *, timeout: float | None = None) -> GroupInfo:
+        """Wait until the group is final (``succeeded``, ``dead`` or ``cancelled``) and return it; a dead or
+        cancelled group is returned, not raised.
+
+        Woken like :meth:`wait` (at once by a worker of this process, within milliseconds by a backend that
+        pushes notices, else every ``poll_interval``). Raises ``TimeoutError`` after ``timeout`` seconds
+        (``None``: no limit), ``LookupError`` when there is no such group, ``TypeError``/``ValueError`` for a
+        bad timeout.
+
+        Example::
+
+            info = await tasks.wait_group(group_id, timeout=600)
+            if info.state is TaskState.SUCCEEDED:
+                print("then task:", info.then_id)
+        """
+        self._check_open("wait_group")
+        _check_id(group_id, "wait_group")
+        seconds = check_optional_seconds(timeout, "AsyncTasks.wait_group(): timeout", allow_zero=True)
+
+        async def read() -> GroupInfo:
+            record = await self._get_group(group_id)
+            if record is None:
+                raise LookupError(f"there is no group with id {group_id!r} (never stored, or purged)")
+            return group_info(record)
+
+        def late(info: GroupInfo | None) -> str:
+            if info is None:
+                return "the group's state was not read yet"
+            running = info.counts[TaskState.ACTIVE]
+            done = info.counts[TaskState.SUCCEEDED]
+            total = len(info.task_ids)
+            return f"the group is still {info.state.value} ({done} of {total} succeeded, {running} running)"
+
+        return await self._wait_until(
+            read,
+            lambda info: info.is_final,
+            seconds,
+            lambda last: f"tasks.wait_group({group_id!r}, timeout={seconds:g}) timed out: {late(last)}",
+        )
+
+    async def _get_group(self, group_id: str) -> GroupRecord | None:
+        if not supports_control(self._backend):
+            return None
+        return await self._backend.get_group(group_id)
 
     @contextlib.contextmanager
     def blocking(self) -> Iterator[BlockingProducer]:
@@ -636,7 +757,10 @@ class AsyncTasks:
         if progress is None:
             return None if record is None else await self._info_now(record)
         chain, current = progress
-        return replace(await self._info_now(current if record is None else record), chain=chain)
+        shown = current if record is None else record
+        if shown is None:  # a group step whose first member's record is gone
+            return None
+        return replace(await self._info_now(shown), chain=chain)
 
     async def _info_now(self, record: TaskRecord) -> TaskInfo:
         """:meth:`_info` with ``waiting_on`` filled for a due pending task."""
@@ -738,13 +862,62 @@ class AsyncTasks:
         return await flow_stats(self._backend, self._registry.flow_limits(), self._clock(), sample)
 
     async def cancel(self, task_id: str) -> bool:
-        """Cancel a pending task (it will not run); ``False`` when it is not pending (running, finished,
-        unknown). A running task cannot be cancelled."""
+        """Cancel a task: a pending one becomes ``cancelled`` at once and never runs; a running one is
+        stopped wherever it runs, then ends ``cancelled``, never retried. Returns ``False`` for a finished
+        or unknown task.
+
+        A running ``async def`` task is cancelled at its next ``await`` (anyio cancellation: ``finally``
+        blocks run); a plain ``def`` task runs in a thread that cannot be interrupted: it sees
+        ``ctx.cancel_requested`` become true and should return. The request reaches the worker holding the
+        task within a second on every backend (within milliseconds on one that pushes notices: Redis,
+        PostgreSQL, in-process), and is stored: if that worker dies first, the task ends ``cancelled`` when
+        it is recovered. A task that finishes before its worker sees the request keeps its verdict. A
+        cancelled member of a group makes the group ``cancelled``. ``tasks.info(task_id)`` tells which
+        happened: ``cancelled`` already, or ``active`` until the worker stops it.
+
+        Raises ``RuntimeError`` for a running task on a backend that cannot cancel one (written before
+        this existed), ``TypeError``/``ValueError`` for a bad id.
+
+        Example::
+
+            if await tasks.cancel(task_id):
+                info = await tasks.wait(task_id, timeout=5)  # cancelled
+        """
         self._check_open("cancel")
         _check_id(task_id, "cancel")
-        cancelled = bool(await self._backend.cancel([task_id], now=self._clock()))
+        now = self._clock()
+        cancelled = bool(await self._backend.cancel([task_id], now=now))
+        if not cancelled and not supports_control(self._backend):
+            record = await self._backend.get(task_id)
+            if record is not None and record.state is TaskState.ACTIVE:
+                raise RuntimeError(
+                    f"AsyncTasks.cancel({task_id!r}): the task is running, and "
+                    f"{type(self._backend).__name__} cannot cancel a running task (it has no "
+                    "cancel_requests/save_progress/enqueue_group/get_group): update it to the current "
+                    "Backend protocol, or wait for the task to finish"
+                )
+        worker = self._worker
+        if cancelled and worker is not None:
+            worker.cancel_running(task_id)  # running here: stop it now, no round trip
+        if cancelled:
+            await self._count_group_end(task_id, now)
         self._notify_changed()
         return cancelled
+
+    async def _count_group_end(self, task_id: str, now: float) -> None:
+        """Report a group this cancellation ended to the observer (when it counts groups)."""
+        report = getattr(self._observer, "group_finished", None)
+        if not callable(report):
+            return
+        record = await self._backend.get(task_id)
+        if record is None or record.group_id is None or record.state is not TaskState.CANCELLED:
+            return
+        group = await self._get_group(record.group_id)
+        if group is not None and group.outcome is TaskState.CANCELLED and group.finished_at == now:
+            try:
+                report(TaskState.CANCELLED.value)
+            except Exception:
+                self._logger.warning("the task observer failed in group_finished(); ignored", exc_info=True)
 
     async def requeue(self, task_id: str) -> bool:
         """Move a dead or cancelled task back to pending, attempts reset; ``False`` when it is in another
@@ -810,8 +983,9 @@ class AsyncTasks:
         """Wait until the task is in one of ``states`` (default: finished: succeeded, dead or cancelled) and
         return it.
 
-        A worker in this process wakes the waiter as soon as it saves a verdict; changes made by other
-        processes are seen by polling every ``poll_interval``. Raises ``TimeoutError`` after ``timeout``
+        A worker in this process wakes the waiter as soon as it saves a verdict; a verdict saved by another
+        process wakes it within milliseconds on a backend that pushes notices (Redis, PostgreSQL, in-process)
+        and within ``poll_interval`` otherwise (SQLite). Raises ``TimeoutError`` after ``timeout``
         seconds (``None``, the default: no limit; its message names the task, the timeout and the task's
         state then), ``LookupError`` when there is no task with this id (never stored, or purged),
         ``TypeError``/``ValueError`` for a timeout that is not a finite number of seconds >= 0.
@@ -877,7 +1051,13 @@ class AsyncTasks:
                 "flow control): update the backend to the current Backend protocol, or drop the limits"
             )
         worker = Worker(
-            self._backend, self._registry, self._encoding, self._options, self._logger, self._notify_changed
+            self._backend,
+            self._registry,
+            self._encoding,
+            self._options,
+            self._logger,
+            self._notify_changed,
+            pump=self._pump,
         )
         unserved = sorted({definition.queue for definition in self._registry} - set(self.queues))
         if unserved:
@@ -998,21 +1178,65 @@ class AsyncTasks:
     async def _wait_for(
         self, task_id: str, predicate: Callable[[TaskInfo], bool], timeout: float | None
     ) -> TaskInfo:
-        last: TaskInfo | None = None
+        async def read() -> TaskInfo:
+            info = await self.info(task_id)
+            if info is None:
+                raise LookupError(f"there is no task with id {task_id!r} (never stored, or purged)")
+            return info
+
+        return await self._wait_until(
+            read,
+            predicate,
+            timeout,
+            lambda last: f"tasks.wait({task_id!r}, timeout={timeout:g}) timed out: {_state_of(last)}",
+        )
+
+    async def _wait_until(
+        self,
+        read: Callable[[], Awaitable[T]],
+        predicate: Callable[[T], bool],
+        timeout: float | None,
+        timed_out: Callable[[T | None], str],
+    ) -> T:
+        """Read until ``predicate`` holds, woken by this process's verdicts, by the backend's notices (the
+        waiter reads them itself while no worker of this process does), and by polling."""
+        last: T | None = None
+        pump = self._pump
+        primed = False
         with anyio.move_on_after(timeout) as deadline:
             while True:
                 changed = self._changed = self._changed or anyio.Event()
-                info = await self.info(task_id)
-                if info is None:
-                    raise LookupError(f"there is no task with id {task_id!r} (never stored, or purged)")
-                if predicate(info):
-                    return info
-                last = info
+                if pump is not None and not primed and not pump.lock.locked():
+                    # Listen before reading, so a verdict saved in between is not missed.
+                    primed = await self._pump_notices(pump, 0)
+                value = await read()
+                if predicate(value):
+                    return value
+                last = value
+                if (
+                    pump is not None
+                    and not pump.lock.locked()
+                    and await self._pump_notices(pump, self._options.poll_interval)
+                ):
+                    continue
                 with anyio.move_on_after(self._options.poll_interval):
                     await changed.wait()
         # Only the deadline ends the loop this way (timeout=None never does).
         assert deadline.cancelled_caught
-        raise TimeoutError(f"tasks.wait({task_id!r}, timeout={timeout:g}) timed out: {_state_of(last)}")
+        raise TimeoutError(timed_out(last))
+
+    async def _pump_notices(self, pump: NoticePump, timeout: float) -> bool:
+        """Read the backend's notices for this ``AsyncTasks`` (no worker of it does now); ``False`` when the
+        backend failed (the waiter polls instead)."""
+        async with pump.lock:
+            try:
+                await pump.pump(timeout)
+            except Exception as exc:
+                self._logger.debug(
+                    "could not read the store's notices (%s: %s); polling", type(exc).__name__, exc
+                )
+                return False
+        return True
 
     def _stored(self, tasks: builtins.list[NewTask], now: float) -> None:
         """``tasks`` were stored (committed): count them, wake this process's worker if one is due, and wake
@@ -1063,12 +1287,27 @@ class AsyncTasks:
             priority=record.priority,
             concurrency_key=record.concurrency_key,
             expires_at=record.expires_at,
+            progress=None
+            if record.progress_done is None
+            and record.progress_total is None
+            and record.progress_message is None
+            else (record.progress_done, record.progress_total),
+            progress_message=record.progress_message,
+            group_id=record.group_id,
         )
 
     def _check_flow(self, what: str) -> None:
         if not supports_flow_control(self._backend):
             raise RuntimeError(
                 f"AsyncTasks.{what}() needs a backend with flow control (pause, resume, paused, flow_state); "
+                f"{type(self._backend).__name__} has none: update it to the current Backend protocol"
+            )
+
+    def _check_control(self, what: str, feature: str) -> None:
+        if not supports_control(self._backend):
+            raise RuntimeError(
+                f"AsyncTasks.{what}(): {feature} need a backend with control of running work "
+                "(cancel_requests, save_progress, enqueue_group, get_group); "
                 f"{type(self._backend).__name__} has none: update it to the current Backend protocol"
             )
 

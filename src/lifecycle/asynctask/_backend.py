@@ -27,16 +27,30 @@ import inspect
 from collections.abc import Collection, Mapping, Sequence
 from typing import Literal, Protocol, TypeAlias, runtime_checkable
 
-from ._records import ClaimedTask, FlowLimits, FlowState, NewTask, Settlement, TaskRecord, TaskState
+from ._records import (
+    ClaimedTask,
+    FlowLimits,
+    FlowState,
+    GroupRecord,
+    NewGroup,
+    NewTask,
+    Notice,
+    ProgressUpdate,
+    Settlement,
+    TaskRecord,
+    TaskState,
+)
 
 __all__ = [
     "Backend",
     "Create",
+    "NotifyingBackend",
     "TransactionalBackend",
     "check_create",
     "is_backend",
     "open_backend",
     "opens_without_creating",
+    "supports_control",
     "supports_flow_control",
 ]
 
@@ -130,7 +144,18 @@ class Backend(Protocol):
 
     async def settle(self, settlements: Sequence[Settlement]) -> set[str]:
         """Apply each settlement whose ``(task_id, token)`` lease is still held; return the ids that were not
-        applied because the lease was lost. Each applied settlement, with its ``then`` tasks, is atomic."""
+        applied because the lease was lost. Each applied settlement, with its ``then`` tasks and
+        ``then_groups``, is atomic.
+
+        ``state=CANCELLED`` ends the task like ``DEAD`` (``finished_at = at``, ``error``), for an attempt the
+        engine stopped because its cancellation was asked.
+
+        Groups: settling a member of a group (``record.group_id``) updates the group in the same atomic
+        step: ``SUCCEEDED`` stores ``result`` in the member's results slot and, when it was the last member
+        not yet succeeded and the group is not final, makes the group ``SUCCEEDED`` and stores its ``then``
+        task (skipped if its id exists); ``DEAD`` or ``CANCELLED`` makes a group that is not final take that
+        outcome (its ``then`` is never stored). A ``PENDING`` settlement (a retry) changes nothing in the
+        group. So ``then`` is stored once, never zero times after every member succeeded, whatever crashes."""
         ...
 
     async def reclaim_expired(self, *, now: float, lease_until: float, limit: int) -> list[ClaimedTask]:
@@ -188,15 +213,45 @@ class Backend(Protocol):
         ...
 
     async def cancel(self, task_ids: Sequence[str], *, now: float) -> list[str]:
-        """Make ``PENDING`` tasks ``CANCELLED`` (``finished_at = now``); return the ids that were cancelled.
-        Tasks in any other state, or unknown ids, are left as they are."""
+        """Make ``PENDING`` tasks ``CANCELLED`` (``finished_at = now``; a group member's group becomes
+        ``CANCELLED`` in the same step, see :meth:`settle`), and set ``cancel_requested`` on ``ACTIVE`` ones
+        (they stay ``ACTIVE``: their worker stops them and settles them ``CANCELLED``; a backend that can push
+        sends a ``"cancel"`` :class:`Notice`); return the ids of both kinds, in the order given. A ``PENDING``
+        task's debounce follow-up goes with it; an ``ACTIVE`` task's follow-up is dropped. Final or unknown
+        ids are left as they are."""
+        ...
+
+    async def cancel_requests(self, task_ids: Sequence[str]) -> set[str]:
+        """Of ``task_ids``, those ``ACTIVE`` with ``cancel_requested`` set: the engine asks this for the tasks
+        it runs at least once a second (so a cancellation reaches a worker within 1 s on any backend)."""
+        ...
+
+    async def save_progress(self, updates: Sequence[ProgressUpdate]) -> set[str]:
+        """Store each update's ``done``, ``total`` and ``message`` on its task if its ``(task_id, token)``
+        lease is still held; return the ids whose lease was lost. The engine coalesces updates (at most one
+        per task per second, the last one before the verdict)."""
+        ...
+
+    async def enqueue_group(self, group: NewGroup) -> str:
+        """Store ``group`` and its members atomically (members as :meth:`enqueue_many` with
+        ``if_exists="error"`` stores them: a live member id raises :class:`DuplicateTaskError` and stores
+        nothing); ``then`` is kept with the group, not stored as a task until the group succeeds. Returns
+        the group id. A group id that exists raises :class:`DuplicateTaskError`. When the group succeeds,
+        ``then`` is stored unless a task with its id exists (skipped, as a chain's ``then``)."""
+        ...
+
+    async def get_group(self, group_id: str) -> GroupRecord | None:
+        """The group with this id, or ``None``. Groups are removed by :meth:`purge` with the ``before``
+        rule applied to their ``finished_at`` when ``states`` includes their final outcome and ``queue`` is
+        ``None``."""
         ...
 
     async def requeue(
         self, task_ids: Sequence[str] | None = None, *, queue: str | None = None, now: float
     ) -> int:
-        """Move ``DEAD`` or ``CANCELLED`` tasks back to ``PENDING`` with ``attempts = 0`` and
-        ``run_at = now``; ``last_error`` is kept. With ``task_ids`` only those; with ``task_ids=None`` every
+        """Move ``DEAD`` or ``CANCELLED`` tasks back to ``PENDING`` with ``attempts = 0``,
+        ``run_at = now`` and ``cancel_requested`` cleared; ``last_error`` is kept (a group it belongs to
+        keeps its outcome). With ``task_ids`` only those; with ``task_ids=None`` every
         ``DEAD`` task (of ``queue`` when given). Returns how many moved."""
         ...
 
@@ -211,6 +266,19 @@ class Backend(Protocol):
         """Delete records in ``states`` (of ``queue`` when given) whose ``finished_at`` (or ``enqueued_at``
         when not finished) is earlier than ``before`` when given; at most ``limit`` when given. Returns how
         many were deleted. The engine never passes ``ACTIVE``."""
+        ...
+
+
+@runtime_checkable
+class NotifyingBackend(Backend, Protocol):
+    """A backend that can push what happens in the store to every process using it (Redis pub/sub,
+    PostgreSQL ``LISTEN/NOTIFY``, in-process events): cancellations of running tasks reach their worker,
+    and verdicts reach ``wait()``, within milliseconds instead of a poll interval."""
+
+    async def wait_for_notices(self, *, timeout: float) -> list[Notice]:
+        """Return the notices that arrived since the last call (in order; at most a few thousand), waiting up
+        to ``timeout`` seconds for the first; ``[]`` after the timeout. Notices are best effort (a missed one
+        is caught by the engine's polling); one caller at a time."""
         ...
 
 
@@ -280,6 +348,7 @@ _CORE_METHODS = (
     "purge",
 )
 _FLOW_METHODS = ("pause", "resume", "paused", "flow_state")
+_CONTROL_METHODS = ("cancel_requests", "save_progress", "enqueue_group", "get_group")
 
 
 def is_backend(obj: object) -> bool:
@@ -299,3 +368,11 @@ def supports_flow_control(backend: object) -> bool:
     except (TypeError, ValueError, AttributeError):
         return False
     return "limits" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def supports_control(backend: object) -> bool:
+    """Whether ``backend`` implements control of running work: ``cancel_requests``, ``save_progress``,
+    ``enqueue_group`` and ``get_group`` (and a ``cancel`` that asks active tasks to stop). Every built-in
+    backend does; without it the engine still runs tasks, drops progress reports, and refuses groups and
+    the cancellation of a running task with a clear error."""
+    return all(callable(getattr(backend, name, None)) for name in _CONTROL_METHODS)

@@ -6,6 +6,12 @@ carries in its ``meta`` the chain id, its index, the names of all steps, the not
 :class:`Settlement` holds step ``i + 1`` in ``then``: the backend stores it in the same atomic step, so a
 chain never stalls between two steps and a step run twice (at-least-once delivery) never enqueues its
 successor twice (the successor's id is fixed). A dead or cancelled step enqueues nothing: the chain stops.
+
+A step may be a :class:`Group`: its success-time settlement then carries the group in ``then_groups`` (id
+``"<chain id>.<i>"``, members ``"<chain id>.<i>.<n>"``, each with the previous step's result), with the step
+after it as the group's ``then`` (meta ``after_group``, so it receives the members' results). Members carry
+``"member"`` in their chain section and never move the chain themselves. The chain section lists the indices
+of its group steps in ``"groups"``.
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ from .._checks import check_seconds
 from ._backend import Backend
 from ._clock import as_epoch
 from ._encoding import Encoding
-from ._enqueue import build_task, check_calls
-from ._meta import read_meta, write_meta
-from ._model import Call, ChainInfo, ChainStep
-from ._records import NewTask, TaskRecord, TaskState
+from ._enqueue import build_task
+from ._group import check_group_calls, group_state, member_id
+from ._meta import add_sections, read_meta, write_meta
+from ._model import Call, ChainInfo, ChainStep, Group
+from ._records import GroupRecord, NewGroup, NewTask, TaskRecord, TaskState
 from ._registry import Registry
 
 __all__ = [
@@ -49,13 +56,30 @@ def step_id(chain_id: str, index: int) -> str:
 
 
 def build_chain(
-    calls: Sequence[Call], now: float, registry: Registry, encoding: Encoding
-) -> tuple[str, NewTask]:
-    """The chain id and its first step, every call checked like an enqueue (``TypeError``/``ValueError``)."""
-    items = check_calls(calls)
+    calls: Sequence[Call | Group], now: float, registry: Registry, encoding: Encoding
+) -> tuple[str, NewTask | NewGroup]:
+    """The chain id and its first step (a task, or a group), every call checked like an enqueue
+    (``TypeError``/``ValueError``)."""
+    if isinstance(calls, Call | Group):
+        raise TypeError("enqueue_chain() takes a list of steps (Call or Group objects), not one step")
+    items = list(calls)
     if not items:
         raise ValueError("enqueue_chain() needs at least one Call: enqueue_chain([Call(a), Call(b), ...])")
-    for index, call in enumerate(items):
+    for index, item in enumerate(items):
+        if isinstance(item, Group):
+            check_group_calls(item.calls, f"enqueue_chain(): step {index} (a Group)")
+            if index > 0 and isinstance(items[index - 1], Group):
+                raise ValueError(
+                    f"enqueue_chain(): steps {index - 1} and {index} are both groups; put a Call between two "
+                    "groups (it receives the first group's results and can return what the second needs)"
+                )
+            continue
+        if not isinstance(item, Call):
+            raise TypeError(
+                f"enqueue_chain() takes Call objects (or Group objects), got {item!r} at step {index}; write "
+                "Call(fn, *args)"
+            )
+        call = item
         for option in ("unique_for", "debounce"):
             if getattr(call, option) is not None:
                 raise TypeError(
@@ -67,62 +91,148 @@ def build_chain(
                 f"enqueue_chain(): step {index} ({call!r}) has task_id={call.task_id!r}; chain steps get "
                 'their ids from the chain ("<chain id>.<index>"): drop task_id'
             )
-    tasks = [build_task(call, now, registry, encoding) for call in items]
+    built: list[NewTask | list[NewTask]] = [
+        [build_task(call, now, registry, encoding) for call in item.calls]
+        if isinstance(item, Group)
+        else build_task(item, now, registry, encoding)
+        for item in items
+    ]
     chain_id = f"{CHAIN_PREFIX}{uuid.uuid4().hex}"
-    names = [task.name for task in tasks]
-    rest = [_spec(call, task) for call, task in zip(items[1:], tasks[1:], strict=True)]
-    first = replace(
-        tasks[0], id=step_id(chain_id, 0), meta=_step_meta(chain_id, 0, names, rest, previous=None)
+    names = [_group_name(step) if isinstance(step, list) else step.name for step in built]
+    groups = [index for index, item in enumerate(items) if isinstance(item, Group)]
+    rest = [_step_spec(item, step) for item, step in zip(items[1:], built[1:], strict=True)]
+    first = built[0]
+    if isinstance(first, list):
+        return chain_id, _group_step(
+            chain_id, 0, first, names, groups, rest, previous=None, now=now, carried={}
+        )
+    meta = _step_meta(chain_id, 0, names, rest, previous=None, groups=groups)
+    return chain_id, replace(first, id=step_id(chain_id, 0), meta=meta)
+
+
+def _group_name(members: list[NewTask]) -> str:
+    return f"group of {len(members)} ({', '.join(dict.fromkeys(task.name for task in members))})"
+
+
+def _step_spec(item: Call | Group, step: NewTask | list[NewTask]) -> dict[str, Any]:
+    if isinstance(item, Group):
+        assert isinstance(step, list)
+        return {"group": [_spec(call, task) for call, task in zip(item.calls, step, strict=True)]}
+    assert isinstance(step, NewTask)
+    return _spec(item, step)
+
+
+def _group_step(
+    chain_id: str,
+    index: int,
+    members: list[NewTask],
+    names: list[str],
+    groups: list[int],
+    rest: list[dict[str, Any]],
+    *,
+    previous: str | None,
+    now: float,
+    carried: dict[str, Any],
+) -> NewGroup:
+    """Step ``index`` as a group of ``members``, with the step after it (``rest[0]``) as its ``then``."""
+    group_id = step_id(chain_id, index)
+    stored = tuple(
+        replace(
+            task,
+            id=member_id(group_id, n),
+            group_id=group_id,
+            meta=_step_meta(
+                chain_id, index, names, [], previous=previous, groups=groups, member=n, **carried
+            ),
+        )
+        for n, task in enumerate(members)
     )
-    return chain_id, first
+    then = None
+    if rest:
+        meta = _step_meta(chain_id, index + 1, names, rest[1:], previous=None, groups=groups, **carried)
+        then = _task_from_spec(
+            rest[0], step_id(chain_id, index + 1), add_sections(meta, after_group=group_id), now
+        )
+    group_meta = write_meta(chain={"id": chain_id, "step": index, "names": names, "groups": groups})
+    return NewGroup(id=group_id, members=stored, then=then, created_at=now, meta=group_meta)
 
 
-def follow_up(record: TaskRecord, result: bytes | None, now: float) -> tuple[NewTask, ...]:
-    """The next step to enqueue with the success of ``record`` (none when it is not a chain step, or the last
-    one). ``ValueError`` when the chain bookkeeping in ``meta`` is damaged."""
+def _task_from_spec(spec: dict[str, Any], task_id: str, meta: str, now: float) -> NewTask:
+    """A later step (or a member of a group step) stored from its spec, at ``now``."""
+    run_at = now
+    if spec.get("at") is not None:
+        run_at = as_epoch(float(spec["at"]), "chain step at")
+    elif spec.get("delay") is not None:
+        run_at = now + check_seconds(float(spec["delay"]), "chain step delay", allow_zero=True)
+    expires_at = None
+    if spec.get("expires_at") is not None:
+        expires_at = float(spec["expires_at"])
+    elif spec.get("expires") is not None:
+        expires_at = now + float(spec["expires"])
+    key = spec.get("concurrency_key")
+    return NewTask(
+        id=_text(task_id),
+        name=_text(str(spec["name"])),
+        queue=_text(str(spec["queue"])),
+        payload=base64.b64decode(spec["payload"]),
+        max_retries=int(spec["max_retries"]),
+        timeout=None if spec.get("timeout") is None else float(spec["timeout"]),
+        enqueued_at=now,
+        run_at=run_at,
+        meta=meta,
+        priority=int(spec.get("priority", 0)),
+        concurrency_key=None if key is None else _text(str(key)),
+        expires_at=expires_at,
+    )
+
+
+def follow_up(
+    record: TaskRecord, result: bytes | None, now: float
+) -> tuple[tuple[NewTask, ...], tuple[NewGroup, ...]]:
+    """The next step to store with the success of ``record``: a task, or a group (none when it is not a chain
+    step, the last one, or a member of a group step). ``ValueError`` when the chain bookkeeping in ``meta``
+    is damaged."""
     meta = read_meta(record.meta)
     section = meta.get("chain")
     if section is None:
-        return ()
+        return (), ()
     # The enqueuer's trace context goes on with the chain (a traced worker replaces it with its own span's).
     carried = {key: meta[key] for key in _CARRIED if key in meta}
     try:
+        if section.get("member") is not None:  # the group's fan-in moves the chain, not its members
+            return (), ()
         chain_id = str(section["id"])
         index = int(section["step"])
         names = [str(name) for name in section["names"]]
+        groups = [int(step) for step in section.get("groups", [])]
         rest = list(section["rest"])
         if not rest:
-            return ()
+            return (), ()
         spec = rest[0]
-        run_at = now
-        if spec.get("at") is not None:
-            run_at = as_epoch(float(spec["at"]), "chain step at")
-        elif spec.get("delay") is not None:
-            run_at = now + check_seconds(float(spec["delay"]), "chain step delay", allow_zero=True)
         previous = None if result is None else base64.b64encode(result).decode("ascii")
-        expires_at = None
-        if spec.get("expires_at") is not None:
-            expires_at = float(spec["expires_at"])
-        elif spec.get("expires") is not None:
-            expires_at = now + float(spec["expires"])
-        key = spec.get("concurrency_key")
-        step = NewTask(
-            id=_text(step_id(chain_id, index + 1)),
-            name=_text(str(spec["name"])),
-            queue=_text(str(spec["queue"])),
-            payload=base64.b64decode(spec["payload"]),
-            max_retries=int(spec["max_retries"]),
-            timeout=None if spec.get("timeout") is None else float(spec["timeout"]),
-            enqueued_at=now,
-            run_at=run_at,
-            meta=_step_meta(chain_id, index + 1, names, rest[1:], previous=previous, **carried),
-            priority=int(spec.get("priority", 0)),
-            concurrency_key=None if key is None else _text(str(key)),
-            expires_at=expires_at,
+        if "group" in spec:
+            members = [
+                _task_from_spec(member, "", "", now) for member in spec["group"]
+            ]  # ids and meta are set by _group_step
+            group = _group_step(
+                chain_id,
+                index + 1,
+                members,
+                names,
+                groups,
+                rest[1:],
+                previous=previous,
+                now=now,
+                carried=carried,
+            )
+            return (), (group,)
+        step_meta = _step_meta(
+            chain_id, index + 1, names, rest[1:], previous=previous, groups=groups, **carried
         )
+        step = _task_from_spec(spec, step_id(chain_id, index + 1), step_meta, now)
     except Exception as exc:  # whatever is wrong with it (a missing key, a wrong type, bad base64, ...)
         raise ValueError(f"the chain bookkeeping of task {record.id} is damaged ({exc!r})") from None
-    return (step,)
+    return (step,), ()
 
 
 def _text(value: str) -> str:
@@ -165,46 +275,77 @@ def chain_fields(record: TaskRecord) -> tuple[str | None, int | None, str | None
 
 async def chain_progress(
     backend: Backend, chain_id: str, decode: Callable[[bytes], Any]
-) -> tuple[ChainInfo, TaskRecord] | None:
-    """The chain's progress and the record of the step it is at, or ``None`` when its first step's record is
-    not there (never stored, or removed by retention)."""
-    first = await backend.get(step_id(chain_id, 0))
+) -> tuple[ChainInfo, TaskRecord | None] | None:
+    """The chain's progress and the record of the step it is at (for a group step, its first member's;
+    ``None`` when that is gone), or ``None`` when its first step is not there (never stored, or removed by
+    retention)."""
+    get_group: Callable[[str], Any] | None = getattr(backend, "get_group", None)
+    first_id = step_id(chain_id, 0)
+    first: TaskRecord | GroupRecord | None = await backend.get(first_id)
+    if first is None and get_group is not None:
+        first = await get_group(first_id)
     if first is None:
         return None
     try:
-        names = [str(name) for name in read_meta(first.meta)["chain"]["names"]]
+        section = read_meta(first.meta)["chain"]
+        names = [str(name) for name in section["names"]]
+        groups = {int(step) for step in section.get("groups", [])}
     except Exception:  # damaged bookkeeping: not readable as a chain
         return None
-    records: list[TaskRecord] = [first]
+    stored: list[TaskRecord | GroupRecord] = [first]
     for index in range(1, len(names)):
         # Steps are enqueued in order, so the first missing one ends the walk.
-        record = await backend.get(step_id(chain_id, index))
-        if record is None:
+        found: TaskRecord | GroupRecord | None
+        if index in groups:
+            found = None if get_group is None else await get_group(step_id(chain_id, index))
+        else:
+            found = await backend.get(step_id(chain_id, index))
+        if found is None:
             break
-        records.append(record)
-    last = records[-1]
-    current = len(records) - 1
-    state = last.state
+        stored.append(found)
+    last = stored[-1]
+    current = len(stored) - 1
+    state = _step_state(last)
     result: Any = None
     if state is TaskState.SUCCEEDED:
         if current < len(names) - 1:  # only seen if the next step's record was removed meanwhile
             state, current = TaskState.PENDING, current + 1
-        elif last.result is not None:
-            try:
-                result = decode(last.result)
-            except Exception:  # an undecodable result reads as None, as in TaskInfo
-                result = None
+        else:
+            result = _step_result(last, decode)
     steps = tuple(
         ChainStep(
             index=index,
             name=name,
             task_id=step_id(chain_id, index),
-            state=records[index].state if index < len(records) else None,
-            last_error=records[index].last_error if index < len(records) else None,
+            state=_step_state(stored[index]) if index < len(stored) else None,
+            last_error=_step_error(stored[index]) if index < len(stored) else None,
         )
         for index, name in enumerate(names)
     )
-    return ChainInfo(id=chain_id, state=state, current=current, steps=steps, result=result), last
+    chain = ChainInfo(id=chain_id, state=state, current=current, steps=steps, result=result)
+    if isinstance(last, TaskRecord):
+        return chain, last
+    return chain, await backend.get(last.task_ids[0]) if last.task_ids else None
+
+
+def _step_error(step: TaskRecord | GroupRecord) -> str | None:
+    return step.last_error if isinstance(step, TaskRecord) else None
+
+
+def _step_state(step: TaskRecord | GroupRecord) -> TaskState:
+    return step.state if isinstance(step, TaskRecord) else group_state(step)
+
+
+def _step_result(step: TaskRecord | GroupRecord, decode: Callable[[bytes], Any]) -> Any:
+    """A finished step's result (a group's: the list of its members' results); undecodable reads as None."""
+    encoded = [step.result] if isinstance(step, TaskRecord) else list(step.results)
+    decoded: list[Any] = []
+    for value in encoded:
+        try:
+            decoded.append(None if value is None else decode(value))
+        except Exception:  # an undecodable result reads as None, as in TaskInfo
+            decoded.append(None)
+    return decoded[0] if isinstance(step, TaskRecord) else decoded
 
 
 def _spec(call: Call, task: NewTask) -> dict[str, Any]:
@@ -241,7 +382,13 @@ def _step_meta(
     rest: list[dict[str, Any]],
     *,
     previous: str | None,
+    groups: list[int] | None = None,
+    member: int | None = None,
     **carried: Any,
 ) -> str:
-    chain = {"id": chain_id, "step": index, "names": names, "rest": rest, "prev": previous}
+    chain: dict[str, Any] = {"id": chain_id, "step": index, "names": names, "rest": rest, "prev": previous}
+    if groups:
+        chain["groups"] = groups
+    if member is not None:
+        chain["member"] = member
     return write_meta(chain=chain, **carried)

@@ -1,14 +1,16 @@
-"""The user-facing nouns of :mod:`lifecycle.asynctask`: TaskInfo, QueueStats, Call, TaskContext, Retry and
-Abort."""
+"""The user-facing nouns of :mod:`lifecycle.asynctask`: TaskInfo, QueueStats, Call, Group, GroupInfo,
+TaskContext, Retry and Abort."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, MutableMapping
+import math
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, TypedDict, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypedDict, overload
 
+import anyio.lowlevel
 from typing_extensions import TypeVarTuple, Unpack
 
 from .._checks import check_optional_seconds
@@ -23,6 +25,8 @@ __all__ = [
     "ChainStep",
     "EnqueueOptions",
     "FlowStats",
+    "Group",
+    "GroupInfo",
     "QueueStats",
     "Retry",
     "TaskContext",
@@ -108,6 +112,37 @@ class ChainInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class GroupInfo:
+    """A group of tasks run in parallel, as :meth:`AsyncTasks.group_info` and :meth:`AsyncTasks.wait_group`
+    return it.
+
+    ``state`` is ``pending`` until a member starts, ``active`` while members run (or wait for a retry),
+    ``succeeded`` once every member succeeded (its ``then`` task is enqueued in that same step), and ``dead``
+    or ``cancelled`` as soon as a member ended so (the group's ``then`` never runs; the other members run
+    on unless cancelled). ``counts`` holds how many members are in each state now (every state is a key).
+    ``task_ids`` are the members' ids in call order; ``then_id`` is the ``then`` task's id once it is
+    enqueued.
+
+    Example::
+
+        group_id = await tasks.enqueue_group([Call(resize, p) for p in photos], then=Call(publish))
+        info = await tasks.wait_group(group_id, timeout=600)
+        print(info.state, info.counts[TaskState.SUCCEEDED], info.then_id)
+    """
+
+    id: str
+    state: TaskState
+    counts: dict[TaskState, int]
+    task_ids: tuple[str, ...]
+    then_id: str | None = None
+
+    @property
+    def is_final(self) -> bool:
+        """True once the group is ``succeeded``, ``dead`` or ``cancelled``."""
+        return self.state.is_final
+
+
+@dataclass(frozen=True, slots=True)
 class TaskInfo:
     """What is known about one stored task, as :meth:`AsyncTasks.info` and :meth:`AsyncTasks.list` return it.
 
@@ -132,6 +167,10 @@ class TaskInfo:
     or ``None`` when nothing holds it back (a worker will take it) or it is not a due pending task. Only
     :meth:`AsyncTasks.info` fills it (``None`` in :meth:`AsyncTasks.list` rows); the limits are those
     registered in the asking process.
+
+    ``progress`` is the last ``(done, total)`` the task reported with :meth:`TaskContext.progress` (``None``
+    before any report), and ``progress_message`` its message; both are kept after the task ends. ``group_id``
+    is the id of the group the task is a member of (:meth:`AsyncTasks.enqueue_group`), or ``None``.
     """
 
     id: str
@@ -156,6 +195,9 @@ class TaskInfo:
     concurrency_key: str | None = None
     expires_at: float | None = None
     waiting_on: str | None = None
+    progress: tuple[float | None, float | None] | None = None
+    progress_message: str | None = None
+    group_id: str | None = None
 
     @property
     def retries_left(self) -> int:
@@ -313,6 +355,54 @@ class Call:
     __hash__: ClassVar[None] = None  # type: ignore[assignment]
 
 
+class Group:
+    """Calls that run in parallel, as one step of a chain: ``enqueue_chain([Call(a), Group([Call(b, 1),
+    Call(b, 2)]), Call(c)])``.
+
+    Each member receives the previous step's result as ``TaskContext.previous_result``; the step after the
+    group receives the list of the members' results, in call order, once every member succeeded (a member
+    that ends dead or cancelled stops the chain there). The calls are checked like those of
+    :meth:`AsyncTasks.enqueue_group` (``TypeError`` for anything that is not a :class:`Call`, ``ValueError``
+    for no calls, at enqueue).
+
+    Example::
+
+        chain_id = await tasks.enqueue_chain(
+            [Call(fetch_index), Group([Call(fetch_page, n) for n in range(10)]), Call(merge_pages)]
+        )
+    """
+
+    __slots__ = ("calls",)
+
+    def __init__(self, calls: Iterable[Call]) -> None:
+        if isinstance(calls, Call):
+            raise TypeError("Group() takes a list of Call objects: Group([Call(f, 1), Call(f, 2)])")
+        self.calls: tuple[Call, ...] = tuple(calls)
+
+    def __repr__(self) -> str:
+        return f"Group([{', '.join(repr(call) for call in self.calls)}])"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Group):
+            return NotImplemented
+        return self.calls == other.calls
+
+    __hash__: ClassVar[None] = None  # type: ignore[assignment]
+
+
+class _AttemptControl(Protocol):
+    """What a running attempt's context reads and reports through (the engine's side of it)."""
+
+    @property
+    def cancel_requested(self) -> bool: ...
+
+    def report(self, done: float | None, total: float | None, message: str | None) -> None: ...
+
+
+_MAX_PROGRESS_MESSAGE = 2000
+"""Longer progress messages are cut to this many characters."""
+
+
 class TaskContext:
     """What a running task knows about itself; declare it as the first parameter to receive it.
 
@@ -322,6 +412,8 @@ class TaskContext:
     ``None`` without a timeout. ``logger`` logs through ``lifecycle.asynctask.task`` with the task's name and
     id in front of each message. ``previous_result`` is the (decoded) result of the previous step of a chain,
     ``None`` otherwise (and for the first step); ``chain_id`` is the chain's id for a chain step.
+    :attr:`cancel_requested` and :meth:`progress` connect the run with ``tasks.cancel()`` and
+    ``tasks.info()``.
 
     Example::
 
@@ -331,6 +423,7 @@ class TaskContext:
     """
 
     __slots__ = (
+        "_control",
         "_logger",
         "attempt",
         "chain_id",
@@ -355,6 +448,7 @@ class TaskContext:
         deadline: float | None = None,
         previous_result: Any = None,
         chain_id: str | None = None,
+        control: _AttemptControl | None = None,
     ) -> None:
         self.task_id: str = task_id
         self.name: str = name
@@ -366,6 +460,59 @@ class TaskContext:
         self.previous_result: Any = previous_result
         self.chain_id: str | None = chain_id
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
+        self._control = control
+
+    @property
+    def cancel_requested(self) -> bool:
+        """True once ``tasks.cancel()`` asked this running task to stop (read-only).
+
+        An ``async def`` task does not need it: it is cancelled at its next ``await``. A plain ``def`` task
+        (running in a worker thread, which cannot be interrupted) should check it now and then and return
+        early; whatever it returns then, the task ends ``cancelled`` and is not retried.
+
+        Example::
+
+            @tasks.register
+            def export(ctx: TaskContext, rows: list[int]) -> None:
+                for row in rows:
+                    if ctx.cancel_requested:
+                        return
+                    write(row)
+        """
+        control = self._control
+        return control is not None and control.cancel_requested
+
+    async def progress(
+        self, done: float | None = None, total: float | None = None, message: str | None = None
+    ) -> None:
+        """Report how far the task is: ``done`` out of ``total`` (any unit, e.g. rows or percent) and/or a
+        ``message``. Shown by ``tasks.info(task_id).progress`` / ``.progress_message``, ``lifecycle tasks
+        show`` and ``watch``, and the dashboard; kept after the task ends.
+
+        Cheap to call often: the worker stores at most one report per task per second (the latest one),
+        and always the last one before the attempt's verdict. ``done`` and ``total`` are finite numbers or
+        ``None``; ``message`` is text (cut at 2 000 characters) or ``None``. Raises ``TypeError`` /
+        ``ValueError`` naming a bad value. Outside a worker (a context built by hand) it checks its
+        arguments and stores nothing. From a plain ``def`` task (a worker thread), call it as
+        ``anyio.from_thread.run(ctx.progress, done, total)``.
+
+        Example::
+
+            for n, row in enumerate(rows, 1):
+                await handle(row)
+                await ctx.progress(n, len(rows), f"row {row.id}")
+        """
+        checked_done = _progress_number(done, "done")
+        checked_total = _progress_number(total, "total")
+        if message is not None:
+            if not isinstance(message, str):
+                raise TypeError(f"TaskContext.progress(): message must be a str or None, got {message!r}")
+            if len(message) > _MAX_PROGRESS_MESSAGE:
+                message = message[:_MAX_PROGRESS_MESSAGE]
+        control = self._control
+        if control is not None:
+            control.report(checked_done, checked_total, message)
+        await anyio.lowlevel.checkpoint()
 
     @property
     def is_last_attempt(self) -> bool:
@@ -393,6 +540,20 @@ if TYPE_CHECKING:
     _LoggerAdapter = logging.LoggerAdapter[logging.Logger]
 else:  # LoggerAdapter is subscriptable at run time only from Python 3.11
     _LoggerAdapter = logging.LoggerAdapter
+
+
+def _progress_number(value: object, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"TaskContext.progress(): {what} must be a number or None, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"TaskContext.progress(): {what} must be a finite number, got {value!r}")
+    return number
 
 
 class _TaskLogger(_LoggerAdapter):

@@ -34,8 +34,9 @@ __all__ = [
     "track_queue_depths",
 ]
 
-AttemptOutcome = Literal["succeeded", "retried", "dead"]
-"""How one attempt ended: it returned, or it failed and will run again, or it failed for good."""
+AttemptOutcome = Literal["succeeded", "retried", "dead", "cancelled"]
+"""How one attempt ended: it returned, or it failed and will run again, or it failed for good, or
+``tasks.cancel()`` stopped it."""
 
 _logger = library_logger("lifecycle.asynctask")
 
@@ -47,6 +48,11 @@ class TaskObserver(Protocol):
     Every method is called synchronously in the worker's event loop thread, so it must be quick and must not
     block (increment a counter, append to a buffer). ``queue`` and ``task`` are the queue and the registered
     task name. :class:`lifecycle.AsyncTasksMetrics` implements it for Prometheus.
+
+    An observer may also have ``group_finished(outcome: str) -> None`` (optional, found by name): it is
+    called once per group of tasks that ended (``"succeeded"``, ``"dead"`` or ``"cancelled"``), by the
+    worker whose verdict ended it (or the process whose ``cancel()`` did). Without it, no group is read for
+    the metrics.
     """
 
     def enqueued(self, queue: str, task: str, count: int = 1) -> None:
@@ -156,6 +162,8 @@ def outcome_of(settlement: Settlement) -> AttemptOutcome | None:
         return "succeeded"
     if settlement.state is TaskState.DEAD:
         return "dead"
+    if settlement.state is TaskState.CANCELLED:
+        return "cancelled"
     if settlement.state is TaskState.PENDING and not settlement.refund_attempt:
         return "retried"
     return None
@@ -175,3 +183,5 @@ def observe_finished(
         _logger.warning("the task observer %r failed in finished(); ignored", observer, exc_info=True)
     if settlement.then:
         observe_enqueued(observer, settlement.then)
+    for group in settlement.then_groups:
+        observe_enqueued(observer, group.members)

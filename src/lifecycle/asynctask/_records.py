@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
     "RECORD_COLUMNS",
@@ -20,7 +20,11 @@ __all__ = [
     "ClaimedTask",
     "FlowLimits",
     "FlowState",
+    "GroupRecord",
+    "NewGroup",
     "NewTask",
+    "Notice",
+    "ProgressUpdate",
     "Settlement",
     "TaskRecord",
     "TaskState",
@@ -90,6 +94,9 @@ class NewTask:
     window until ``unique_until``. Not stored on the record."""
     unique_until: float | None = None
     """The end of the uniqueness window opened by this task (seconds since the epoch)."""
+    group_id: str | None = None
+    """The group this task is a member of (set only on the members handed to :meth:`Backend.enqueue_group`
+    or in :attr:`Settlement.then_groups`); stored on the record."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +166,15 @@ class TaskRecord:
     priority: int = 0
     concurrency_key: str | None = None
     expires_at: float | None = None
+    cancel_requested: bool = False
+    """``cancel`` was asked while the task was ``ACTIVE``: the worker that holds it stops it and settles it
+    ``CANCELLED``; a reclaimed record with this set is settled ``CANCELLED`` too, never retried."""
+    progress_done: float | None = None
+    progress_total: float | None = None
+    progress_message: str | None = None
+    """The last progress saved by :meth:`Backend.save_progress` (kept after the task ends)."""
+    group_id: str | None = None
+    """The group the task is a member of, if any."""
     fault: str | None = None
 
 
@@ -194,11 +210,76 @@ class Settlement:
     result: bytes | None = None
     refund_attempt: bool = False
     then: tuple[NewTask, ...] = field(default=())
+    then_groups: tuple[NewGroup, ...] = field(default=())
+    """Groups stored in the same atomic step as this settlement (a chain step that is a group), each as
+    :meth:`Backend.enqueue_group` stores one; a group whose id already exists is skipped."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewGroup:
+    """A group of tasks that run in parallel, as the engine hands it to :meth:`Backend.enqueue_group`.
+
+    ``members`` are in call order, each with ``group_id == id``. ``then`` (optional) is stored as a
+    ``PENDING`` task exactly once, in the same atomic step as the settlement that makes the last member
+    ``SUCCEEDED``; it is never stored if a member ends ``DEAD`` or ``CANCELLED``.
+    """
+
+    id: str
+    members: tuple[NewTask, ...]
+    then: NewTask | None
+    created_at: float
+    meta: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRecord:
+    """A stored group as :meth:`Backend.get_group` returns it.
+
+    ``outcome`` is ``None`` while the group is not final, then ``SUCCEEDED`` (every member succeeded, and
+    ``then`` was stored in that same step), ``DEAD`` or ``CANCELLED`` (the first member that ended so decided
+    it; later changes to members do not change it). ``results`` holds each member's encoded result in call
+    order as its success stored it (``None`` until then, or for a member that returned nothing); it is kept
+    with the group, so it outlives the members' records. ``counts`` are the members per state as stored now
+    (a member whose record is gone, removed by retention, is counted in the state the group recorded for it
+    when it ended: its results slot tells ``SUCCEEDED``). ``then_id`` is ``then``'s id once stored.
+    """
+
+    id: str
+    task_ids: tuple[str, ...]
+    outcome: TaskState | None
+    results: tuple[bytes | None, ...]
+    counts: Mapping[TaskState, int]
+    created_at: float
+    finished_at: float | None = None
+    then_id: str | None = None
+    meta: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressUpdate:
+    """A running task's progress, for :meth:`Backend.save_progress`; ``None`` values are stored as given."""
+
+    task_id: str
+    token: str
+    done: float | None
+    total: float | None
+    message: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """What a backend that can push tells the workers and waiters of a store (see
+    :meth:`NotifyingBackend.wait_for_notices`): ``kind="cancel"``, a running task's cancellation was asked;
+    ``kind="settled"``, a task reached a final state (or was settled back to ``PENDING``)."""
+
+    kind: Literal["cancel", "settled"]
+    task_id: str
 
 
 RECORD_COLUMNS = (
     "id, name, queue, payload, state, attempts, max_retries, timeout, enqueued_at, run_at, "
-    "started_at, finished_at, lease_until, last_error, result, meta, priority, concurrency_key, expires_at"
+    "started_at, finished_at, lease_until, last_error, result, meta, priority, concurrency_key, expires_at, "
+    "cancel_requested, progress_done, progress_total, progress_message, group_id"
 )
 """The column order :func:`record_from_row` reads: the fields of :class:`TaskRecord`, in order."""
 
@@ -288,7 +369,8 @@ def _count(value: object) -> int:
 def _row_as_written(row: Sequence[Any], blob: Callable[[Any], bytes]) -> TaskRecord:
     (task_id, name, queue, payload, state, attempts, max_retries, timeout, enqueued_at, run_at,
      started_at, finished_at, lease_until, last_error, result, meta, priority, concurrency_key,
-     expires_at) = row  # fmt: skip
+     expires_at, cancel_requested, progress_done, progress_total, progress_message,
+     group_id) = row  # fmt: skip
     record_state = _STATES_BY_VALUE[state]
     seconds = None if timeout is None else _finite(timeout)
     if seconds is not None and seconds <= 0:
@@ -320,7 +402,28 @@ def _row_as_written(row: Sequence[Any], blob: Callable[[Any], bytes]) -> TaskRec
         _priority(priority),
         None if concurrency_key is None else _clean_text(concurrency_key),
         None if expires_at is None else _finite(expires_at),
+        _flag(cancel_requested),
+        None if progress_done is None else _finite(progress_done),
+        None if progress_total is None else _finite(progress_total),
+        None if progress_message is None else _clean_text(progress_message),
+        None if group_id is None else _clean_text(group_id),
     )
+
+
+def _flag(value: object) -> bool:
+    if value is None or value == 0 or value is False:  # None: a record stored before the flag existed
+        return False
+    if value == 1 or value is True:
+        return True
+    raise ValueError
+
+
+def _flag_text(value: Any) -> bool:
+    if value is None or value in (b"", b"0"):
+        return False
+    if value == b"1":
+        return True
+    raise ValueError
 
 
 def _priority(value: object) -> int:
@@ -360,7 +463,8 @@ def _count_text(value: Any) -> int:
 def _text_as_written(values: Sequence[Any]) -> TaskRecord:
     (task_id, name, queue, payload, state, attempts, max_retries, timeout, enqueued_at, run_at,
      started_at, finished_at, lease_until, last_error, result, meta, priority, concurrency_key,
-     expires_at) = values  # fmt: skip
+     expires_at, cancel_requested, progress_done, progress_total, progress_message,
+     group_id) = values  # fmt: skip
     record_state = _STATES_BY_BYTES[state]  # None: KeyError
     seconds = _optional_finite_text(timeout)
     if seconds is not None and seconds <= 0:
@@ -390,6 +494,11 @@ def _text_as_written(values: Sequence[Any]) -> TaskRecord:
         _priority_text(priority),
         None if concurrency_key is None else concurrency_key.decode(),
         _optional_finite_text(expires_at),
+        _flag_text(cancel_requested),
+        _optional_finite_text(progress_done),
+        _optional_finite_text(progress_total),
+        None if progress_message is None else progress_message.decode(),
+        None if group_id is None else group_id.decode(),
     )
 
 
@@ -444,7 +553,8 @@ class _RecordReader:
             raise ValueError(f"a stored record has {len(RECORD_FIELDS)} fields, got {len(values)}")
         (task_id, name, queue, payload, state, attempts, max_retries, timeout, enqueued_at, run_at,
          started_at, finished_at, lease_until, last_error, result, meta, priority, concurrency_key,
-         expires_at) = values  # fmt: skip
+         expires_at, cancel_requested, progress_done, progress_total, progress_message,
+     group_id) = values  # fmt: skip
         record = TaskRecord(
             id=self._text("id", task_id),
             name=self._text("name", name),
@@ -465,6 +575,11 @@ class _RecordReader:
             priority=self._priority(priority),
             concurrency_key=self._optional_text("concurrency_key", concurrency_key),
             expires_at=self._optional_time("expires_at", expires_at),
+            cancel_requested=self._flag(cancel_requested),
+            progress_done=self._optional_time("progress_done", progress_done),
+            progress_total=self._optional_time("progress_total", progress_total),
+            progress_message=self._optional_text("progress_message", progress_message),
+            group_id=self._optional_text("group_id", group_id),
         )
         if record.state is TaskState.ACTIVE and record.lease_until is None and not self._named("lease_until"):
             self.faults.append("field 'lease_until' is empty, but the task is active")
@@ -531,6 +646,12 @@ class _RecordReader:
             return int(value)
         self._fault(field, value, "a whole number >= 0")
         return 0
+
+    def _flag(self, value: object) -> bool:
+        if value is None or value in (0, 1) or (self._textual and value in (b"", b"0", b"1")):
+            return value in (1, b"1")
+        self._fault("cancel_requested", value, "0 or 1")
+        return False
 
     def _priority(self, value: object) -> int:
         if value is None or (self._textual and value == b""):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import anyio
 
 from lifecycle.asynctask import AsyncTasks, TaskContext
 
-__all__ = ["configure", "emit", "read_spans", "register_flow_jobs", "register_jobs"]
+__all__ = ["configure", "emit", "read_spans", "register_control_jobs", "register_flow_jobs", "register_jobs"]
 
 _out_dir = Path(".")
 
@@ -168,3 +169,48 @@ def read_spans(out_dir: Path) -> list[tuple[str, str, float, float, int]]:
         kind, key, started, ended, pid = line.split(" ")
         spans.append((kind, key, float(started), float(ended), int(pid)))
     return spans
+
+
+async def endless(ctx: TaskContext, key: str) -> None:
+    """Run until cancelled: print ``started``, then ``stopped`` (with the time) once the scope is
+    cancelled."""
+    emit("started", key=key, attempt=ctx.attempt)
+    try:
+        await anyio.sleep_forever()
+    finally:
+        emit("stopped", key=key, attempt=ctx.attempt, at=time.time())
+
+
+def endless_def(ctx: TaskContext, key: str) -> str:
+    """A plain ``def`` (a worker thread) that runs until it sees ``ctx.cancel_requested``, then returns."""
+    emit("started", key=key, attempt=ctx.attempt)
+    pause = threading.Event()
+    while not ctx.cancel_requested:
+        pause.wait(0.005)
+    emit("stopped", key=key, attempt=ctx.attempt, at=time.time())
+    return "stopped early"
+
+
+async def part(ctx: TaskContext, key: str, n: int, seconds: float) -> int:
+    """A group member: take ``seconds``, record the run, return ``n``."""
+    await anyio.sleep(seconds)
+    _finish(ctx, key)
+    return n
+
+
+async def join(ctx: TaskContext, key: str) -> int:
+    """A group's then: write the members' results (``previous_result``) to ``join-<key>.json``, record the
+    run, return how many results it received."""
+    results = ctx.previous_result
+    (_out_dir / f"join-{key}-{os.getpid()}-{ctx.attempt}.json").write_text(json.dumps(results))
+    _finish(ctx, key)
+    return len(results)
+
+
+def register_control_jobs(tasks: AsyncTasks) -> None:
+    """Register the functions of the control-of-running-work tests (``procs.endless``, ``procs.endless_def``,
+    ``procs.part``, ``procs.join``)."""
+    tasks.register(endless, name="procs.endless", max_retries=3)
+    tasks.register(endless_def, name="procs.endless_def", max_retries=3)
+    tasks.register(part, name="procs.part", max_retries=5)
+    tasks.register(join, name="procs.join", max_retries=5)

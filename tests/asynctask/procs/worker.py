@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     parser.add_argument("--every", type=float, default=None, help="run procs.tick on this interval schedule")
     parser.add_argument("--flow", action="store_true", help="also register the flow-limited jobs")
+    parser.add_argument("--control", action="store_true", help="also register the cancel and group jobs")
     return parser.parse_args(argv)
 
 
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs.register_jobs(tasks)
     if args.flow:
         jobs.register_flow_jobs(tasks)
+    if args.control:
+        jobs.register_control_jobs(tasks)
     if args.every is not None:
         tasks.every("procs.tick", args.every, name="tick")
 

@@ -7,6 +7,7 @@ import functools
 import logging
 import math
 import sys
+from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Any
 
@@ -15,15 +16,17 @@ import anyio
 from .._chain import chain_fields, previous_result
 from .._clock import Clock
 from .._encoding import Encoding
+from .._group import after_group
 from .._model import TaskContext
-from .._records import ClaimedTask, Settlement, TaskRecord, TaskState
+from .._records import ClaimedTask, GroupRecord, Settlement, TaskRecord, TaskState
 from .._registry import Registry, TaskDefinition
 from .._tracing import Tracing, attempt_span
+from ._control import AttemptControl
 from ._options import ErrorHook
 from ._upkeep import call_error_hook
 from ._verdict import Policy, is_cancellation
 
-__all__ = ["LOST", "SHUTDOWN", "Running", "TaskRunner"]
+__all__ = ["CANCEL", "LOST", "SHUTDOWN", "Running", "TaskRunner"]
 
 LOST = "lease lost"
 """Cancel reason: another worker took the task over; its verdict is not ours to save."""
@@ -31,23 +34,40 @@ LOST = "lease lost"
 SHUTDOWN = "shutdown"
 """Cancel reason: the shutdown grace is over; the task goes back to pending, attempt refunded."""
 
+CANCEL = "cancel requested"
+"""Cancel reason: ``tasks.cancel()`` asked the running task to stop; it ends ``cancelled``, no retry."""
+
 
 class Running:
     """A claimed task in this worker: its lease, its cancel scope once it runs, and why it was cancelled."""
 
-    __slots__ = ("claimed", "error", "reason", "scope")
+    __slots__ = ("claimed", "control", "error", "is_async", "reason", "scope")
 
-    def __init__(self, claimed: ClaimedTask) -> None:
+    def __init__(self, claimed: ClaimedTask, control: AttemptControl | None = None) -> None:
         self.claimed = claimed
+        self.control = control if control is not None else AttemptControl(claimed, None)
         self.scope: anyio.CancelScope | None = None
         self.reason: str | None = None
         self.error: BaseException | None = None  # why the attempt failed, for its span
+        self.is_async = True  # until the runner knows the function
 
     def cancel(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
         if self.scope is not None:
             self.scope.cancel()
+
+    def request_cancel(self) -> bool:
+        """``tasks.cancel()`` asked this attempt to stop: an ``async def`` task's scope is cancelled, a plain
+        ``def`` task sees ``ctx.cancel_requested`` (its thread cannot be interrupted). Either way the attempt
+        ends ``cancelled``. Returns ``False`` when the attempt was stopping for another reason already."""
+        self.control.cancel_requested = True
+        if self.reason is not None:
+            return False
+        self.reason = CANCEL
+        if self.scope is not None and self.is_async:
+            self.scope.cancel()
+        return True
 
 
 class TaskRunner:
@@ -61,7 +81,9 @@ class TaskRunner:
         clock: Clock,
         on_error: ErrorHook | None,
         logger: logging.Logger,
+        groups: Callable[[str], Awaitable[GroupRecord | None]] | None = None,
     ) -> None:
+        self._groups = groups
         self._registry = registry
         self._encoding = encoding
         self._policy = policy
@@ -90,7 +112,12 @@ class TaskRunner:
         record = claimed.record
         policy = self._policy
         if running.reason is not None:  # stopped or lost before it started
+            if running.reason == CANCEL:
+                return policy.cancelled(claimed, now=self._clock(), ran=False)
             return policy.release(claimed, now=self._clock()) if running.reason == SHUTDOWN else None
+        if record.cancel_requested:  # asked while an earlier attempt ran: this one never starts
+            running.control.cancel_requested = True
+            return policy.cancelled(claimed, now=self._clock(), ran=False)
         if record.fault is not None:
             verdict = policy.damaged(claimed, now=self._clock())
             return await self._failed(running, verdict, ValueError(verdict.error))
@@ -136,6 +163,15 @@ class TaskRunner:
         record = claimed.record
         timeout = record.timeout
         if definition.takes_context:
+            try:
+                previous = await self._previous_result(record)
+            except Exception as exc:  # the store failed while reading the group's results: try again later
+                error = f"could not read the results of the group before this task: {_describe(exc)}"
+                return await self._failed(
+                    running, self._policy.failure(claimed, now=self._clock(), error=error), exc
+                )
+            if running.reason is not None:  # stopped while the results were read
+                return self._stopped(running)
             ctx = TaskContext(
                 task_id=record.id,
                 name=record.name,
@@ -144,10 +180,12 @@ class TaskRunner:
                 max_retries=record.max_retries,
                 enqueued_at=record.enqueued_at,
                 deadline=None if timeout is None else self._clock() + timeout,
-                previous_result=self._previous_result(record),
+                previous_result=previous,
                 chain_id=chain_fields(record)[0],
+                control=running.control,
             )
             args = (ctx, *args)
+        running.is_async = definition.is_async
         scope = anyio.CancelScope(deadline=math.inf if timeout is None else anyio.current_time() + timeout)
         running.scope = scope
         if running.reason is not None:
@@ -179,6 +217,8 @@ class TaskRunner:
         finally:
             del self.executing[frame]
         now = self._clock()
+        if running.reason == CANCEL:  # whatever the task did after the request, the attempt is cancelled
+            return self._policy.cancelled(claimed, now=now, ran=True)
         if finished:
             return self._policy.success(claimed, now=now, result=self._encode_result(record, result))
         if running.reason == LOST:
@@ -193,7 +233,19 @@ class TaskRunner:
             return await self._failed(running, verdict, timed_out)
         return await self._failed(running, self._policy.for_exception(claimed, failure, now=now), failure)
 
-    def _previous_result(self, record: TaskRecord) -> Any:
+    def _stopped(self, running: Running) -> Settlement | None:
+        """The verdict of an attempt stopped before its function was called."""
+        now = self._clock()
+        if running.reason == CANCEL:
+            return self._policy.cancelled(running.claimed, now=now, ran=False)
+        if running.reason == SHUTDOWN:
+            return self._policy.release(running.claimed, now=now)
+        return None
+
+    async def _previous_result(self, record: TaskRecord) -> Any:
+        group_id = after_group(record)
+        if group_id is not None and self._groups is not None:
+            return await self._group_results(record, group_id)
         encoded = previous_result(record)
         if encoded is None:
             return None
@@ -207,6 +259,39 @@ class TaskRunner:
                 _describe(exc),
             )
             return None
+
+    async def _group_results(self, record: TaskRecord, group_id: str) -> list[Any] | None:
+        """The results of the group ``record`` runs after, decoded, in call order (an undecodable one is
+        ``None``); ``None`` when the group's record is gone (removed by retention)."""
+        assert self._groups is not None
+        group = await self._groups(group_id)
+        if group is None:
+            self._logger.warning(
+                "task %s (%s): the group %s it runs after is gone (removed by retention?), so "
+                "previous_result is None",
+                record.id,
+                record.name,
+                group_id,
+            )
+            return None
+        results: list[Any] = []
+        for index, encoded in enumerate(group.results):
+            if encoded is None:
+                results.append(None)
+                continue
+            try:
+                results.append(self._encoding.decode(encoded))
+            except Exception as exc:
+                self._logger.warning(
+                    "task %s (%s): cannot decode the result of member %d of group %s, so it is None: %s",
+                    record.id,
+                    record.name,
+                    index,
+                    group_id,
+                    _describe(exc),
+                )
+                results.append(None)
+        return results
 
     def _encode_result(self, record: TaskRecord, result: Any) -> bytes | None:
         """The encoded result, or ``None`` when the encoding cannot encode it: the task ran, so it succeeds

@@ -34,10 +34,13 @@ class Settler:
         held: dict[str, str],
         on_applied: Callable[[], None],
         logger: logging.Logger,
+        *,
+        on_saved: Callable[[list[Settlement]], None] | None = None,
     ) -> None:
         self._backend = backend
         self._held = held
         self._on_applied = on_applied
+        self._on_saved = on_saved
         self._logger = logger
         self._buffer: list[Settlement] = []
         self._in_flight = 0
@@ -114,6 +117,8 @@ class Settler:
             if held.get(settlement.task_id) == settlement.token:
                 del held[settlement.task_id]
         self.applied += len(batch) - len(lost)
+        if self._on_saved is not None:
+            self._on_saved([settlement for settlement in batch if settlement.task_id not in lost])
         for task_id in sorted(lost):
             self._logger.warning(
                 "the result of task %s was not saved: its lease was lost (another worker took it over after "

@@ -41,14 +41,19 @@ async def recover_expired(
                 f"worker lost: the lease of attempt {record.attempts} expired before the task finished (its "
                 "worker process died, or was blocked longer than the lease)"
             )
-            verdict = options.policy.failure(claimed, now=now, error=str(error))
+            if record.cancel_requested:  # its cancellation was asked: it ends cancelled, never retried
+                verdict = options.policy.cancelled(claimed, now=now, ran=False)
+            else:
+                verdict = options.policy.failure(claimed, now=now, error=str(error))
             logger.warning(
                 "recovered task %s (%s) from a lost worker: %s",
                 record.id,
                 record.name,
-                "retrying" if verdict.state is TaskState.PENDING else "dead, no retries left",
+                {TaskState.PENDING: "retrying", TaskState.CANCELLED: "cancelled, as was asked"}.get(
+                    verdict.state, "dead, no retries left"
+                ),
             )
-            if options.on_error is not None:
+            if options.on_error is not None and verdict.state is not TaskState.CANCELLED:
                 await call_error_hook(options.on_error, record, verdict, error, logger)
             if options.observer is not None:  # the lost attempt ran from its claim until now, at least
                 observe_finished(options.observer, record, verdict, record.started_at or now)

@@ -36,7 +36,7 @@ class Policy:
         """The task returned. A chain step's success enqueues the next step in the same atomic settlement;
         damaged chain bookkeeping makes the step dead (saying so) rather than silently ending the chain."""
         try:
-            then = follow_up(claimed.record, result, now)
+            then, then_groups = follow_up(claimed.record, result, now)
         except ValueError as exc:
             return self.dead(
                 claimed,
@@ -50,6 +50,7 @@ class Policy:
             at=now,
             result=result,
             then=then,
+            then_groups=then_groups,
         )
 
     def failure(
@@ -86,6 +87,23 @@ class Policy:
             now=now,
             error=f"the stored record of task {record.id!r} is damaged ({record.fault}), so it cannot run; "
             "enqueue a corrected task",
+        )
+
+    def cancelled(self, claimed: ClaimedTask, *, now: float, ran: bool) -> Settlement:
+        """Cancelled for good, without a retry: ``tasks.cancel()`` asked the task to stop while it ran
+        (``ran``), or before this attempt started (an earlier attempt was asked, or its worker was lost)."""
+        record = claimed.record
+        if ran:
+            error = (
+                f"cancelled while running (attempt {record.attempts}): tasks.cancel() asked the task to stop"
+            )
+        else:
+            error = (
+                f"cancelled: tasks.cancel() asked the task to stop while attempt {record.attempts} was held, "
+                "so it does not run again"
+            )
+        return Settlement(
+            task_id=record.id, token=claimed.token, state=TaskState.CANCELLED, at=now, error=error
         )
 
     def release(self, claimed: ClaimedTask, *, now: float) -> Settlement:

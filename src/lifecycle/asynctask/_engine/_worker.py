@@ -13,11 +13,13 @@ import anyio.abc
 
 from ..._core._backoff import Backoff
 from ..._core._loopwatch import LoopBlock, LoopWatch
-from .._backend import Backend
+from .._backend import Backend, supports_control
 from .._encoding import Encoding
 from .._observer import TaskObserver, observe_finished, observe_started
-from .._records import ClaimedTask, Settlement
+from .._records import ClaimedTask, Settlement, TaskState
 from .._registry import Registry
+from ._control import AttemptControl, ProgressBook
+from ._notices import NoticePump
 from ._options import EngineOptions
 from ._runner import LOST, SHUTDOWN, Running, TaskRunner
 from ._settler import Settler
@@ -31,6 +33,7 @@ _BACKEND_RETRY = Backoff(initial=0.05, cap=5.0)
 _FINAL_FLUSH_TIMEOUT = 10.0
 _BLOCK_WARNING_SHARE = 3  # warn when the loop is blocked longer than lease / 3: the heartbeat interval
 _STACK_LIMIT = 20  # the innermost frames shown of a blocked loop's stack
+_CANCEL_POLL = 0.5  # the longest between two looks at the cancel requests of the running tasks
 
 
 class Worker:
@@ -44,8 +47,16 @@ class Worker:
         options: EngineOptions,
         logger: logging.Logger,
         on_change: Callable[[], None] = lambda: None,
+        *,
+        pump: NoticePump | None = None,
     ) -> None:
         self._backend = backend
+        self._controlled = supports_control(backend)
+        self._pump = pump
+        self._progress = ProgressBook(backend, options.clock, logger) if self._controlled else None
+        self._group_ends: list[tuple[str, float, TaskState]] = []  # (group, at, state) saved, to report
+        self._group_ends_event: anyio.Event | None = None
+        self._report_groups = self._controlled and callable(getattr(options.observer, "group_finished", None))
         self._registry = registry
         self._options = options
         self._logger = logger
@@ -54,13 +65,22 @@ class Worker:
         self._running: dict[str, Running] = {}  # by lease token (one task id may run twice, briefly)
         self._held: dict[str, str] = {}  # task id -> token of every lease held: running or unsaved
         self._on_change = on_change
-        self._settler = Settler(backend, self._held, self._settled, logger)
+        self._members: dict[tuple[str, str], str] = {}  # (task id, token) -> group of a final verdict put
+        self._settler = Settler(backend, self._held, self._settled, logger, on_saved=self._saved)
         self._stopping = False
         self._wake_generation = 0
         self._wake_event: anyio.Event | None = None
         self._capacity_event: anyio.Event | None = None
         self._runners: anyio.abc.TaskGroup | None = None
-        self._runner = TaskRunner(registry, encoding, options.policy, options.clock, options.on_error, logger)
+        self._runner = TaskRunner(
+            registry,
+            encoding,
+            options.policy,
+            options.clock,
+            options.on_error,
+            logger,
+            groups=backend.get_group if self._controlled else None,
+        )
         self._loopwatch = LoopWatch(
             options.lease / _BLOCK_WARNING_SHARE,
             self._loop_blocked,
@@ -83,6 +103,17 @@ class Worker:
         event, self._wake_event = self._wake_event, None
         if event is not None:
             event.set()
+
+    def cancel_running(self, task_id: str) -> bool:
+        """``tasks.cancel()`` asked ``task_id`` to stop: stop its attempt here if this worker runs it."""
+        token = self._held.get(task_id)
+        running = None if token is None else self._running.get(token)
+        if running is None or not running.request_cancel():
+            return False
+        self._logger.info(
+            "task %s (%s): cancellation requested, stopping it", task_id, running.claimed.record.name
+        )
+        return True
 
     def stop(self) -> None:
         """Stop claiming; :meth:`serve` then drains the in-flight tasks and returns."""
@@ -118,6 +149,14 @@ class Worker:
             services.start_soon(self._loopwatch.run)
             if any(age is not None for age in self._options.retention.values()):
                 services.start_soon(self._retention_loop)
+            if self._progress is not None:
+                services.start_soon(self._progress.run)
+            if self._controlled:
+                services.start_soon(self._cancel_watch_loop)
+                if self._pump is not None:
+                    services.start_soon(self._pump.serve, self._confirm_cancels, self._options.poll_interval)
+                if self._report_groups:
+                    services.start_soon(self._group_report_loop)
             async with anyio.create_task_group() as runners:
                 self._runners = runners
                 self.started.set()
@@ -178,7 +217,7 @@ class Worker:
         for claimed in batch:
             self._hold(claimed)
             # Counted as running from the claim on, so the next claim sees the slot as taken.
-            running = Running(claimed)
+            running = Running(claimed, AttemptControl(claimed, self._progress))
             self._running[claimed.token] = running
             runners.start_soon(self._run, running)
 
@@ -267,11 +306,36 @@ class Worker:
         finally:
             del self._running[claimed.token]
             self._capacity_changed()
+        progress = self._progress
         if settlement is None:
+            if progress is not None:
+                progress.forget(claimed)
             if self._held.get(task_id) == claimed.token:
                 del self._held[task_id]
         else:
-            self._settler.put(settlement)
+            if progress is not None and progress.holds(claimed):
+                with anyio.CancelScope(shield=True):  # the last progress before the verdict, always
+                    await progress.finish(claimed)
+            self._put(claimed, settlement)
+
+    def _put(self, claimed: ClaimedTask, settlement: Settlement) -> None:
+        """Queue a verdict for saving (remembering a group member's final verdict for the metrics)."""
+        group_id = claimed.record.group_id
+        if group_id is not None and settlement.state.is_final and self._report_groups:
+            self._members[settlement.task_id, settlement.token] = group_id
+        self._settler.put(settlement)
+
+    def _saved(self, applied: list[Settlement]) -> None:
+        """The settler saved ``applied``: note the groups they may have ended, for the metrics."""
+        if not self._members:
+            return
+        for settlement in applied:
+            group_id = self._members.pop((settlement.task_id, settlement.token), None)
+            if group_id is not None:
+                self._group_ends.append((group_id, settlement.at, settlement.state))
+        event = self._group_ends_event
+        if self._group_ends and event is not None:
+            event.set()
 
     def _internal_error(self, running: Running, exc: BaseException) -> Settlement | None:
         record = running.claimed.record
@@ -416,7 +480,74 @@ class Worker:
 
     def _take_over(self, claimed: ClaimedTask, verdict: Settlement) -> None:
         self._hold(claimed)
-        self._settler.put(verdict)
+        self._put(claimed, verdict)
+
+    async def _cancel_watch_loop(self) -> None:
+        """Ask the store, at least twice a second, whether a running task's cancellation was asked (the
+        path every backend has; a backend that pushes notices is faster, see :class:`NoticePump`)."""
+        interval = min(self._options.poll_interval, _CANCEL_POLL)
+        failures = 0
+        while True:
+            await anyio.sleep(interval)
+            running = [r.claimed.record.id for r in self._running.values() if r.reason is None]
+            if not running:
+                continue
+            try:
+                asked = await self._backend.cancel_requests(running)
+            except Exception as exc:
+                failures += 1
+                self._logger.warning(
+                    "could not read the cancel requests of %d running task(s) (%s: %s)",
+                    len(running),
+                    type(exc).__name__,
+                    exc,
+                    exc_info=failures == 1,
+                )
+                continue
+            failures = 0
+            for task_id in asked:
+                self.cancel_running(task_id)
+
+    async def _confirm_cancels(self, task_ids: list[str]) -> None:
+        """Cancel notices arrived: stop those of the tasks running here whose request the store confirms
+        (a notice may be late, or about another period of the task)."""
+        running = {r.claimed.record.id for r in self._running.values() if r.reason is None}
+        here = [task_id for task_id in dict.fromkeys(task_ids) if task_id in running]
+        if not here:
+            return
+        for task_id in await self._backend.cancel_requests(here):
+            self.cancel_running(task_id)
+
+    async def _group_report_loop(self) -> None:
+        """Report to the observer each group a verdict of this worker ended (its finish time is that
+        verdict's), read back from the store after the verdicts were saved."""
+        observer = self._options.observer
+        report = getattr(observer, "group_finished", None)
+        assert callable(report)
+        while True:
+            event = self._group_ends_event = anyio.Event()
+            if not self._group_ends:
+                await event.wait()
+            ends, self._group_ends = self._group_ends, []
+            for group_id in dict.fromkeys(group_id for group_id, _, _ in ends):
+                try:
+                    group = await self._backend.get_group(group_id)
+                except Exception as exc:
+                    self._logger.debug("could not read group %s for the metrics: %s", group_id, exc)
+                    continue
+                if group is None or group.outcome is None:
+                    continue
+                if any(
+                    at == group.finished_at and state is group.outcome
+                    for gid, at, state in ends
+                    if gid == group_id
+                ):
+                    try:
+                        report(TaskState(group.outcome).value)
+                    except Exception:
+                        self._logger.warning(
+                            "the task observer failed in group_finished(); ignored", exc_info=True
+                        )
 
     async def _retention_loop(self) -> None:
         while True:

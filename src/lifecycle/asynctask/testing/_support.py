@@ -60,6 +60,7 @@ def new_task(
     expires_at: float | None = None,
     unique_key: str | None = None,
     unique_until: float | None = None,
+    group_id: str | None = None,
 ) -> NewTask:
     """A :class:`NewTask` with readable defaults: due at its ``enqueued_at``, payload derived from the id."""
     return NewTask(
@@ -77,6 +78,7 @@ def new_task(
         expires_at=expires_at,
         unique_key=unique_key,
         unique_until=unique_until,
+        group_id=group_id,
     )
 
 
@@ -99,6 +101,7 @@ def assert_fresh_record(record: TaskRecord | None, task: NewTask) -> None:
         priority=task.priority,
         concurrency_key=task.concurrency_key,
         expires_at=task.expires_at,
+        group_id=task.group_id,
     )
     assert record == expected
     assert type(record.payload) is bytes, f"payload must be bytes, got {type(record.payload).__name__}"

@@ -274,9 +274,18 @@ class Dashboard:
                     409,
                     f"task {task_id} is {info.state.value}: only dead or cancelled tasks can be requeued",
                 )
-            if await tasks.cancel(task_id):
+            try:
+                cancelled = await tasks.cancel(task_id)
+            except RuntimeError as exc:  # a running task on a store that cannot cancel one
+                return 409, str(exc)
+            if cancelled:
+                if info.state is TaskState.ACTIVE:
+                    return 200, f"asked the running task {task_id} to stop: it ends cancelled"
                 return 200, f"cancelled task {task_id}"
-            return 409, f"task {task_id} is {info.state.value}: only pending tasks can be cancelled"
+            return (
+                409,
+                f"task {task_id} is {info.state.value}: only pending or running tasks can be cancelled",
+            )
         if action == "requeue_dead":
             queue = _text(request, "queue")
             moved = await tasks.requeue_dead(queue)

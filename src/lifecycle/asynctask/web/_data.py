@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ...asynctask import AsyncTasks, QueueStats, ScheduleInfo, TaskInfo, TaskRecord, TaskState
+from ...asynctask import AsyncTasks, GroupInfo, QueueStats, ScheduleInfo, TaskInfo, TaskRecord, TaskState
 from .._backend import supports_flow_control
 
 __all__ = [
@@ -148,6 +148,8 @@ class TaskDetail:
     record: TaskRecord | None
     arguments: Decoded | None
     result: Decoded | None
+    group: GroupInfo | None = None
+    """The group the task is a member of, when it is one (and the group is still stored)."""
 
 
 async def paused_queues(tasks: AsyncTasks) -> frozenset[str] | None:
@@ -281,7 +283,8 @@ async def read_task(tasks: AsyncTasks, task_id: str) -> TaskDetail | None:
         arguments = decode_value(record.payload, tasks.encoding.decode, arguments=True)
         if record.result is not None:
             result = decode_value(record.result, tasks.encoding.decode, arguments=False)
-    return TaskDetail(info, record, arguments, result)
+    group = None if info.group_id is None else await tasks.group_info(info.group_id)
+    return TaskDetail(info, record, arguments, result, group)
 
 
 def decode_value(data: bytes, decode: Callable[[bytes], Any], *, arguments: bool) -> Decoded:

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from urllib.parse import urlencode
 
 from ..._redact import redact
-from ...asynctask import ChainInfo, QueueStats, ScheduleInfo, TaskInfo, TaskRecord, TaskState
+from ...asynctask import ChainInfo, GroupInfo, QueueStats, ScheduleInfo, TaskInfo, TaskRecord, TaskState
 from ._access import Mode
 from ._data import (
     CHART_BUCKETS,
@@ -580,6 +580,15 @@ def _task_actions(layout: Layout, info: TaskInfo) -> Markup:
         return _button("requeue", "Requeue", f"Requeue task {info.id} ({info.name})?", task=info.id)
     if info.state is TaskState.PENDING:
         return _button("cancel", "Cancel", f"Cancel task {info.id} ({info.name})?", task=info.id, danger=True)
+    if info.state is TaskState.ACTIVE:
+        return _button(
+            "cancel",
+            "Cancel",
+            f"Stop the running task {info.id} ({info.name})? Its worker stops it and it ends cancelled, "
+            "not retried.",
+            task=info.id,
+            danger=True,
+        )
     return Markup("")
 
 
@@ -609,6 +618,10 @@ def task_page(layout: Layout, detail: TaskDetail, now: float) -> tuple[int, Mark
         ("started", _time(info.started_at, None)),
         ("finished", _time(info.finished_at, None)),
     ]
+    if info.progress is not None or info.progress_message is not None:
+        fields.append(("progress", _progress(info)))
+    if info.group_id is not None:
+        fields.append(("group", _group_field(detail.group, info)))
     if info.schedule:
         fields.append(("schedule", info.schedule))
     if info.chain_id:
@@ -661,6 +674,57 @@ def task_page(layout: Layout, detail: TaskDetail, now: float) -> tuple[int, Mark
         parts=html_join(parts),
     )
     return layout.page(f"Task {info.name}", body, nav="tasks")
+
+
+def _progress(info: TaskInfo) -> Markup:
+    """``done / total`` with a bar when both are known, and the message."""
+    done, total = info.progress if info.progress is not None else (None, None)
+    parts: list[Markup] = []
+    if done is not None and total is not None and total > 0:
+        share = min(max(done / total, 0.0), 1.0)
+        parts.append(
+            render(
+                '<progress data-field="progress" max="1" value="{share}">{percent}</progress> '
+                "{done:g} / {total:g} ({percent})",
+                share=f"{share:.4f}",
+                percent=f"{share:.0%}",
+                done=done,
+                total=total,
+            )
+        )
+    elif done is not None or total is not None:
+        parts.append(
+            render(
+                '<span data-field="progress">{done} / {total}</span>',
+                done="?" if done is None else f"{done:g}",
+                total="?" if total is None else f"{total:g}",
+            )
+        )
+    if info.progress_message:
+        parts.append(
+            render('<span data-field="progress-message">{message}</span>', message=info.progress_message)
+        )
+    return html_join(parts, " · ")
+
+
+def _group_field(group: GroupInfo | None, info: TaskInfo) -> Markup:
+    """The group a member belongs to: its id, its state, how many members succeeded, and this task's place."""
+    if group is None:
+        return render(
+            '<code data-field="group">{id}</code> <span class="note">(no longer stored)</span>',
+            id=info.group_id,
+        )
+    place = group.task_ids.index(info.id) + 1 if info.id in group.task_ids else None
+    then = render(" · then {id}", id=group.then_id) if group.then_id else Markup("")
+    return render(
+        '<code data-field="group">{id}</code> {state} · member {place} of {count} · {done} succeeded{then}',
+        id=group.id,
+        state=_state(group.state),
+        place="?" if place is None else place,
+        count=len(group.task_ids),
+        done=group.counts[TaskState.SUCCEEDED],
+        then=then,
+    )
 
 
 def _value_section(title: str, key: str, value: Decoded | None) -> Markup:

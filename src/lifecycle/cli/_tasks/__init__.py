@@ -1,8 +1,8 @@
 """``lifecycle tasks --backend URL COMMAND``: look at and act on stored tasks from a shell.
 
-Commands: ``stats``, ``list``, ``show``, ``requeue``, ``cancel``, ``purge``, ``pause``, ``resume``,
-``watch``, ``schedules`` and ``web`` (the web dashboard). The backend comes from ``--backend URL`` (or the
-``LIFECYCLE_TASKS_BACKEND`` environment variable), or from the ``AsyncTasks`` named by ``--app
+Commands: ``stats``, ``list``, ``show``, ``group``, ``requeue``, ``cancel``, ``purge``, ``pause``,
+``resume``, ``watch``, ``schedules`` and ``web`` (the web dashboard). The backend comes from ``--backend
+URL`` (or the ``LIFECYCLE_TASKS_BACKEND`` environment variable), or from the ``AsyncTasks`` named by ``--app
 MODULE:ATTR`` (which also brings its encoding, to decode results, its schedules and its flow limits).
 Every command runs on asyncio (the Redis and PostgreSQL clients need it).
 
@@ -21,7 +21,20 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import _cancel, _list, _pause, _purge, _requeue, _resume, _schedules, _show, _stats, _watch, _web
+from . import (
+    _cancel,
+    _group,
+    _list,
+    _pause,
+    _purge,
+    _requeue,
+    _resume,
+    _schedules,
+    _show,
+    _stats,
+    _watch,
+    _web,
+)
 from ._format import EXIT_USAGE, plain_help
 from ._session import add_shared_options
 
@@ -29,7 +42,20 @@ __all__ = ["register"]
 
 # The command modules (one per command, each with ``register(commands)``), in the order --help lists them:
 # the read commands, then those that change tasks.
-_COMMANDS = (_stats, _list, _show, _watch, _schedules, _web, _requeue, _cancel, _purge, _pause, _resume)
+_COMMANDS = (
+    _stats,
+    _list,
+    _show,
+    _group,
+    _watch,
+    _schedules,
+    _web,
+    _requeue,
+    _cancel,
+    _purge,
+    _pause,
+    _resume,
+)
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -37,8 +63,8 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     parser = subparsers.add_parser(
         "tasks",
         help=(
-            "inspect and manage stored async tasks (stats, list, show, requeue, cancel, purge, pause, "
-            "resume, watch, schedules, web)"
+            "inspect and manage stored async tasks (stats, list, show, group, requeue, cancel, purge, "
+            "pause, resume, watch, schedules, web)"
         ),
         description=plain_help(__doc__.split("\n\n", 1)[1]) if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,

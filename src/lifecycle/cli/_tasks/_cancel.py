@@ -1,4 +1,5 @@
-"""``lifecycle tasks cancel ID...``: cancel pending tasks, so they never run."""
+"""``lifecycle tasks cancel ID...``: cancel tasks: a pending one never runs, a running one is stopped by its
+worker and ends cancelled (the output says which: ``cancelled`` or ``cancellation requested``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ __all__ = ["register"]
 
 def register(commands: argparse._SubParsersAction[Any]) -> None:
     """Add ``cancel``."""
-    cancel = commands.add_parser("cancel", help="cancel pending tasks: they will not run")
+    cancel = commands.add_parser(
+        "cancel", help="cancel tasks: pending ones never run, running ones are stopped (then cancelled)"
+    )
     cancel.add_argument("task_ids", metavar="ID", nargs="+")
     add_json_option(cancel)
     cancel.set_defaults(handler=with_tasks(_cancel))

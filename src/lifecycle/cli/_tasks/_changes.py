@@ -47,10 +47,18 @@ async def one_by_one(
     """Apply ``operation`` to each id; a refused id is explained by the task's state."""
     status = 0
     done: list[str] = []
+    requested: list[str] = []  # running tasks asked to stop (cancel)
     failed: dict[str, str] = {}
     for task_id in args.task_ids:
-        if await operation(task_id):
-            done.append(task_id)
+        try:
+            changed = await operation(task_id)
+        except RuntimeError as exc:  # a running task on a store that cannot cancel one
+            failed[task_id] = str(exc)
+            status = max(status, EXIT_REFUSED)
+            continue
+        if changed:
+            after = await session.tasks.info(task_id) if verb == "cancel" else None
+            (requested if after is not None and after.state is TaskState.ACTIVE else done).append(task_id)
             continue
         info = await session.tasks.info(task_id)
         if info is None:
@@ -61,10 +69,18 @@ async def one_by_one(
             status = max(status, EXIT_REFUSED)
     past = "requeued" if verb == "requeue" else "cancelled"
     if args.json:
-        print_json({past: done, "failed": failed})
+        changes: dict[str, Any] = {past: done}
+        if verb == "cancel":
+            changes["cancel_requested"] = requested
+        print_json({**changes, "failed": failed})
         return status
     for task_id in done:
         session.console.print(f"{past} {task_id}", highlight=False)
+    for task_id in requested:
+        session.console.print(
+            f"cancellation requested {task_id} (running: its worker stops it, then it is cancelled)",
+            highlight=False,
+        )
     errors = Console(stderr=True)
     for task_id, why in failed.items():
         errors.print(f"[bold red]error:[/] cannot {verb} {task_id}: {why}", soft_wrap=True, highlight=False)
@@ -74,9 +90,9 @@ async def one_by_one(
 def _refusal(verb: str, state: TaskState) -> str:
     if verb == "requeue":
         return f"it is {state.value}; only dead or cancelled tasks can be requeued"
-    if state is TaskState.ACTIVE:
-        return "it is running (active); a running task cannot be cancelled"
-    return f"it is {state.value} already; only pending tasks can be cancelled"
+    if state is TaskState.ACTIVE:  # it finished between the cancel and this look
+        return "it was running and has just finished"
+    return f"it is {state.value} already; only pending or running tasks can be cancelled"
 
 
 def report(args: argparse.Namespace, session: Session, data: dict[str, Any], text: str) -> None:

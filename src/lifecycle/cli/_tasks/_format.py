@@ -28,6 +28,8 @@ __all__ = [
     "parse_duration",
     "plain_help",
     "print_json",
+    "progress_text",
+    "progress_to_json",
     "stats_table",
     "stats_to_json",
 ]
@@ -212,8 +214,32 @@ def info_to_json(info: TaskInfo, **extra: Any) -> dict[str, Any]:
         "error_summary": error_summary(info.last_error) or None,
         "result": info.result,
         "damaged": info.damaged,
+        "progress": progress_to_json(info),
+        "group_id": info.group_id,
         **extra,
     }
+
+
+def progress_to_json(info: TaskInfo) -> dict[str, Any] | None:
+    """A task's last progress report as ``{"done", "total", "message"}``, or ``None`` before any."""
+    if info.progress is None and info.progress_message is None:
+        return None
+    done, total = info.progress if info.progress is not None else (None, None)
+    return {"done": done, "total": total, "message": info.progress_message}
+
+
+def progress_text(info: TaskInfo) -> str:
+    """A task's last progress report as text: ``"3 / 10 (30%) copying rows"``; ``""`` before any."""
+    parts: list[str] = []
+    if info.progress is not None:
+        done, total = info.progress
+        if done is not None and total is not None:
+            parts.append(f"{done:g} / {total:g}" + (f" ({done / total:.0%})" if total > 0 else ""))
+        elif done is not None or total is not None:
+            parts.append(f"{'?' if done is None else f'{done:g}'} / {'?' if total is None else f'{total:g}'}")
+    if info.progress_message:
+        parts.append(info.progress_message)
+    return " ".join(parts)
 
 
 def stats_to_json(stats: Mapping[str, QueueStats]) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""``lifecycle tasks show ID``: every field of one task, with its decoded arguments, its result and its
-last error's whole traceback (``--json``: the same as one object)."""
+"""``lifecycle tasks show ID``: every field of one task, with its decoded arguments, its result, its progress,
+the group it belongs to and its last error's whole traceback (``--json``: the same as one object)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from ._format import (
     format_time,
     info_to_json,
     print_json,
+    progress_text,
 )
 from ._session import Session, add_json_option, with_tasks
 
@@ -45,8 +46,19 @@ async def _show(args: argparse.Namespace, session: Session) -> int:
             EXIT_NOT_FOUND,
         )
     arguments = await _arguments(session, args.task_id)
+    group = None if info.group_id is None else await tasks.group_info(info.group_id)
     if args.json:
-        print_json(info_to_json(info, arguments=arguments))
+        membership = None
+        if group is not None:
+            membership = {
+                "id": group.id,
+                "state": group.state.value,
+                "member": group.task_ids.index(info.id) if info.id in group.task_ids else None,
+                "members": len(group.task_ids),
+                "counts": {state.value: count for state, count in group.counts.items()},
+                "then_id": group.then_id,
+            }
+        print_json(info_to_json(info, arguments=arguments, group=membership))
         return 0
     now = time.time()
     fields = Table.grid(padding=(0, 2))
@@ -66,6 +78,22 @@ async def _show(args: argparse.Namespace, session: Session) -> int:
         ("arguments", Text(redact(repr(arguments)))),
         ("result", Text(redact(repr(info.result)))),
     ]
+    progress = progress_text(info)
+    if progress:
+        rows.append(("progress", Text(progress)))
+    if info.group_id is not None:
+        if group is None:
+            rows.append(("group", Text(f"{info.group_id} (no longer stored)")))
+        else:
+            place = group.task_ids.index(info.id) + 1 if info.id in group.task_ids else "?"
+            done = group.counts[TaskState.SUCCEEDED]
+            text = Text.assemble(
+                f"{group.id} ",
+                (group.state.value, STATE_STYLES[group.state.value]),
+                f" (member {place} of {len(group.task_ids)}, {done} succeeded",
+                f", then {group.then_id})" if group.then_id else ")",
+            )
+            rows.append(("group", text))
     for name, value in rows:
         fields.add_row(name, value)
     parts: list[RenderableType] = [fields]

@@ -1,6 +1,6 @@
 """``lifecycle tasks watch``: a live dashboard of counts per queue and state, throughput per second, the
-paused queues and flow limits (see :mod:`._flowview`) and the most recent failures, refreshed every
-``--interval`` seconds until Ctrl-C (or SIGTERM). With ``--json`` the
+paused queues and flow limits (see :mod:`._flowview`), the running tasks that report progress and the most
+recent failures, refreshed every ``--interval`` seconds until Ctrl-C (or SIGTERM). With ``--json`` the
 same data is printed as one JSON object per refresh, one per line (JSON lines), for scripts."""
 
 from __future__ import annotations
@@ -23,13 +23,24 @@ from ..._checks import check_seconds
 from ..._redact import redact
 from ...asynctask import AsyncTasks, FlowStats, QueueStats, TaskInfo, TaskState
 from ._flowview import flow_to_json, read_flow, render_flow
-from ._format import error_summary, format_age, option, print_json, stats_table, stats_to_json
+from ._format import (
+    error_summary,
+    format_age,
+    option,
+    print_json,
+    progress_text,
+    progress_to_json,
+    stats_table,
+    stats_to_json,
+)
 from ._session import Session, with_tasks
 
 __all__ = ["Dashboard", "failure_label", "register", "watch"]
 
 #: How many failures the dashboard lists.
 RECENT_FAILURES = 8
+#: How many running tasks with progress the dashboard lists (the most recently started).
+RUNNING_SHOWN = 8
 
 
 def register(commands: argparse._SubParsersAction[Any]) -> None:
@@ -81,6 +92,7 @@ class Dashboard:
         self.stats: dict[str, QueueStats] = {}
         self.flow = FlowStats(paused=frozenset(), tasks={}, sampled=0, complete=True)
         self.failures: list[TaskInfo] = []
+        self.progress: list[TaskInfo] = []
         self.updated: float | None = None
 
     async def refresh(self) -> None:
@@ -91,6 +103,11 @@ class Dashboard:
         pending = await self._tasks.list(state=TaskState.PENDING, limit=200)
         retrying = [info for info in pending if info.last_error]
         self.failures = sorted(dead + retrying, key=_failed_at, reverse=True)[:RECENT_FAILURES]
+        running = await self._tasks.list(state=TaskState.ACTIVE, limit=200)
+        reporting = [info for info in running if info.progress is not None or info.progress_message]
+        self.progress = sorted(reporting, key=lambda info: info.started_at or 0.0, reverse=True)[
+            :RUNNING_SHOWN
+        ]
         now = self._clock()
         self._samples.append(
             _Sample(
@@ -160,10 +177,20 @@ class Dashboard:
                 )
         else:
             failures = Text("no recent failures", style="green")
+        parts: list[RenderableType] = [header, speed, Text(""), counts]
         flow = render_flow(self.flow, limits_known=self._app is not None)
-        if flow is None:
-            return Group(header, speed, Text(""), counts, Text(""), failures)
-        return Group(header, speed, Text(""), counts, Text(""), flow, Text(""), failures)
+        if flow is not None:
+            parts += [Text(""), flow]
+        if self.progress:
+            running = Table(title="running, with progress", title_justify="left")
+            running.add_column("started", no_wrap=True)
+            running.add_column("id", no_wrap=True)
+            running.add_column("name")
+            running.add_column("progress", overflow="ellipsis", no_wrap=True, max_width=70)
+            for info in self.progress:
+                running.add_row(format_age(info.started_at, now), info.id, info.name, progress_text(info))
+            parts += [Text(""), running]
+        return Group(*parts, Text(""), failures)
 
     def to_json(self) -> dict[str, Any]:
         """The screen's data as one JSON object (a line of ``watch --json``)."""
@@ -175,6 +202,16 @@ class Dashboard:
             "throughput": None
             if rate is None
             else {"succeeded_per_s": rate[0], "dead_per_s": rate[1], "window_s": self._window},
+            "running_progress": [
+                {
+                    "id": info.id,
+                    "name": info.name,
+                    "queue": info.queue,
+                    "started_at": info.started_at,
+                    "progress": progress_to_json(info),
+                }
+                for info in self.progress
+            ],
             "recent_failures": [
                 {
                     "id": info.id,

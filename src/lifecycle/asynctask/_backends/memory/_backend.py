@@ -3,7 +3,8 @@
 Everything lives in dictionaries of the process that created it: it is fast and needs no setup, so it suits
 tests and examples, but it is not durable (a crash or a restart loses every task) and cannot be shared between
 processes. It follows the protocol's semantics exactly, so code tested on it behaves the same on SQLite,
-Redis or PostgreSQL.
+Redis or PostgreSQL. It is a :class:`NotifyingBackend`: cancellations of running tasks and verdicts reach
+every ``AsyncTasks`` sharing the object at once.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Literal
 
@@ -18,13 +20,28 @@ import anyio
 import anyio.lowlevel
 
 from ..._errors import DuplicateTaskError
-from ..._records import ClaimedTask, FlowLimits, FlowState, NewTask, Settlement, TaskRecord, TaskState
+from ..._records import (
+    ClaimedTask,
+    FlowLimits,
+    FlowState,
+    GroupRecord,
+    NewGroup,
+    NewTask,
+    Notice,
+    ProgressUpdate,
+    Settlement,
+    TaskRecord,
+    TaskState,
+)
 
 __all__ = ["MemoryBackend"]
 
 _PENDING = TaskState.PENDING
 _ACTIVE = TaskState.ACTIVE
 _EXPIRED = "expired before it started"
+_NOTICE_LOG = 4096  # notices kept for listeners that fell behind (notices are best effort)
+_NOTICE_BATCH = 2048  # the most notices one wait_for_notices() call returns
+_LISTENERS = 256  # listener cursors kept (the least recently used is dropped beyond)
 
 # A queue entry: (sort key, run_at, enqueue sequence, task id). In a queue's "later" heap the sort key is
 # run_at (tasks waiting for their time); in its "due" heap it is minus the priority (tasks a claim found
@@ -38,12 +55,14 @@ class _Row:
 
     __slots__ = (
         "attempts",
+        "cancel_requested",
         "concurrency_key",
         "enqueued_at",
         "entry",
         "expires_at",
         "finished_at",
         "follow_up",
+        "group_id",
         "id",
         "last_error",
         "lease_until",
@@ -52,6 +71,9 @@ class _Row:
         "name",
         "payload",
         "priority",
+        "progress_done",
+        "progress_message",
+        "progress_total",
         "queue",
         "result",
         "run_at",
@@ -77,6 +99,11 @@ class _Row:
         self.token: str | None = None
         self.entry: _Entry | None = None
         self.follow_up: NewTask | None = None
+        self.cancel_requested = False
+        self.progress_done: float | None = None
+        self.progress_total: float | None = None
+        self.progress_message: str | None = None
+        self.group_id = task.group_id
 
     def take_fields(self, task: NewTask) -> None:
         """The fields a debounce replaces (all but the id, the state, attempts and enqueued_at)."""
@@ -112,7 +139,43 @@ class _Row:
             priority=self.priority,
             concurrency_key=self.concurrency_key,
             expires_at=self.expires_at,
+            cancel_requested=self.cancel_requested,
+            progress_done=self.progress_done,
+            progress_total=self.progress_total,
+            progress_message=self.progress_message,
+            group_id=self.group_id,
         )
+
+
+class _Group:
+    """The mutable stored form of one group."""
+
+    __slots__ = (
+        "created_at",
+        "ended",
+        "finished_at",
+        "id",
+        "index",
+        "meta",
+        "outcome",
+        "results",
+        "task_ids",
+        "then",
+        "then_id",
+    )
+
+    def __init__(self, group: NewGroup) -> None:
+        self.id = group.id
+        self.task_ids = tuple(member.id for member in group.members)
+        self.index = {task_id: n for n, task_id in enumerate(self.task_ids)}
+        self.then = group.then
+        self.created_at = group.created_at
+        self.meta = group.meta
+        self.outcome: TaskState | None = None
+        self.finished_at: float | None = None
+        self.then_id: str | None = None
+        self.results: list[bytes | None] = [None] * len(self.task_ids)
+        self.ended: list[TaskState | None] = [None] * len(self.task_ids)  # each member's last final state
 
 
 class MemoryBackend:
@@ -149,6 +212,11 @@ class MemoryBackend:
         self._changed: anyio.Event | None = None
         self._version = 0
         self._reported: tuple[tuple[str, ...], int] | None = None
+        self._groups: dict[str, _Group] = {}
+        self._notices: list[Notice] = []
+        self._notices_base = 0  # the sequence number of self._notices[0]
+        self._listeners: OrderedDict[object, int] = OrderedDict()  # listening task -> next sequence number
+        self._noticed: anyio.Event | None = None
 
     def __repr__(self) -> str:
         return f"MemoryBackend(<{len(self._rows)} tasks>)"
@@ -312,7 +380,63 @@ class MemoryBackend:
         row.started_at = None
         row.finished_at = None
         row.result = None
+        row.cancel_requested = False
         self._push(row)
+
+    def _announce(self, kind: Literal["cancel", "settled"], task_id: str) -> None:
+        """Push a notice to the listeners (kept only while someone listens)."""
+        if not self._listeners:
+            return
+        self._notices.append(Notice(kind, task_id))
+        if len(self._notices) > 2 * _NOTICE_LOG:
+            dropped = len(self._notices) - _NOTICE_LOG
+            del self._notices[:dropped]
+            self._notices_base += dropped
+        event, self._noticed = self._noticed, None
+        if event is not None:
+            event.set()
+
+    def _member_ended(self, row: _Row, state: TaskState, at: float, result: bytes | None = None) -> None:
+        """Group bookkeeping for a member that reached the final ``state`` (in the same step)."""
+        group = None if row.group_id is None else self._groups.get(row.group_id)
+        index = None if group is None else group.index.get(row.id)
+        if group is None or index is None:
+            return
+        group.ended[index] = state
+        if state is TaskState.SUCCEEDED:
+            group.results[index] = result
+            if group.outcome is None and all(ended is TaskState.SUCCEEDED for ended in group.ended):
+                group.outcome = TaskState.SUCCEEDED
+                group.finished_at = at
+                then = group.then
+                if then is not None:
+                    if then.id not in self._rows:
+                        self._insert(then)
+                    group.then_id = then.id
+        elif group.outcome is None:
+            group.outcome = state
+            group.finished_at = at
+
+    def _group_conflicts(self, group: NewGroup, opened: dict[str, float]) -> list[str]:
+        """The member ids that refuse ``group`` (live, repeated, or in an open uniqueness window)."""
+        seen: set[str] = set()
+        conflicts: list[str] = []
+        for task in group.members:
+            existing = self._rows.get(task.id)
+            live = task.id in seen or (existing is not None and existing.state.is_live)
+            if (live or self._window_refuses(task, opened)) and task.id not in conflicts:
+                conflicts.append(task.id)
+            seen.add(task.id)
+            if task.unique_key is not None and task.unique_until is not None:
+                opened[task.unique_key] = task.unique_until
+        return conflicts
+
+    def _store_group(self, group: NewGroup, opened: dict[str, float]) -> None:
+        if group.members:
+            self._open_windows(opened, max(task.enqueued_at for task in group.members))
+        self._groups[group.id] = _Group(group)
+        for task in group.members:
+            self._insert(task)
 
     # -- the Backend protocol -------------------------------------------------------------------------------
 
@@ -396,6 +520,8 @@ class MemoryBackend:
                     row.state = TaskState.CANCELLED
                     row.finished_at = now
                     row.last_error = _EXPIRED
+                    self._member_ended(row, TaskState.CANCELLED, now)
+                    self._announce("settled", row.id)
                     continue
                 flow = None if limits is None else limits.get(row.name)
                 if flow is not None and not self._admit(row, flow, now, refused):
@@ -458,12 +584,18 @@ class MemoryBackend:
                 row.finished_at = settlement.at
                 if state is TaskState.SUCCEEDED:
                     row.result = settlement.result
+                self._member_ended(row, state, settlement.at, settlement.result)
             follow_up, row.follow_up = row.follow_up, None
             if follow_up is not None:
                 self._start_follow_up(row, follow_up, retry_at)
             for then in settlement.then:
                 if then.id not in self._rows:
                     self._insert(then)
+            for group in settlement.then_groups:
+                opened: dict[str, float] = {}
+                if group.id not in self._groups and not self._group_conflicts(group, opened):
+                    self._store_group(group, opened)
+            self._announce("settled", row.id)
         if applied:  # a freed slot of max_running may let a held task start, too
             self._notify()
         return lost
@@ -587,17 +719,112 @@ class MemoryBackend:
         return counts
 
     async def cancel(self, task_ids: Sequence[str], *, now: float) -> list[str]:
-        """Cancel the pending tasks among ``task_ids``; return those cancelled."""
+        """Cancel the pending tasks among ``task_ids`` and ask the active ones to stop; return both."""
         await anyio.lowlevel.checkpoint()
         cancelled: list[str] = []
         for task_id in dict.fromkeys(task_ids):
             row = self._rows.get(task_id)
-            if row is not None and row.state is _PENDING:
+            if row is None:
+                continue
+            if row.state is _PENDING:
                 row.state = TaskState.CANCELLED
                 row.finished_at = now
                 row.entry = None
+                self._member_ended(row, TaskState.CANCELLED, now)
+                self._announce("settled", task_id)
+                cancelled.append(task_id)
+            elif row.state is _ACTIVE:
+                row.cancel_requested = True
+                row.follow_up = None
+                self._announce("cancel", task_id)
                 cancelled.append(task_id)
         return cancelled
+
+    async def cancel_requests(self, task_ids: Sequence[str]) -> set[str]:
+        """The active tasks among ``task_ids`` whose cancellation was asked."""
+        await anyio.lowlevel.checkpoint()
+        asked: set[str] = set()
+        for task_id in task_ids:
+            row = self._active.get(task_id)
+            if row is not None and row.cancel_requested:
+                asked.add(task_id)
+        return asked
+
+    async def save_progress(self, updates: Sequence[ProgressUpdate]) -> set[str]:
+        """Store each update whose lease is held; return the ids whose lease was lost."""
+        await anyio.lowlevel.checkpoint()
+        lost: set[str] = set()
+        for update in updates:
+            row = self._holds(update.task_id, update.token)
+            if row is None:
+                lost.add(update.task_id)
+                continue
+            row.progress_done = update.done
+            row.progress_total = update.total
+            row.progress_message = update.message
+        return lost
+
+    async def enqueue_group(self, group: NewGroup) -> str:
+        """Store ``group`` and its members at once, or nothing (``DuplicateTaskError``)."""
+        await anyio.lowlevel.checkpoint()
+        if group.id in self._groups:
+            raise DuplicateTaskError(
+                group.id,
+                reason=f"a group with id {group.id!r} exists already; pick another group id",
+            )
+        opened: dict[str, float] = {}
+        conflicts = self._group_conflicts(group, opened)
+        if conflicts:
+            raise DuplicateTaskError(conflicts[0], conflicts)
+        self._store_group(group, opened)
+        if group.members:
+            self._notify()
+        return group.id
+
+    async def get_group(self, group_id: str) -> GroupRecord | None:
+        """The group with this id, or ``None``."""
+        await anyio.lowlevel.checkpoint()
+        group = self._groups.get(group_id)
+        if group is None:
+            return None
+        counts: dict[TaskState, int] = {}
+        for index, task_id in enumerate(group.task_ids):
+            row = self._rows.get(task_id)
+            state = row.state if row is not None and row.group_id == group.id else group.ended[index]
+            if state is not None:
+                counts[state] = counts.get(state, 0) + 1
+        return GroupRecord(
+            id=group.id,
+            task_ids=group.task_ids,
+            outcome=group.outcome,
+            results=tuple(group.results),
+            counts=counts,
+            created_at=group.created_at,
+            finished_at=group.finished_at,
+            then_id=group.then_id,
+            meta=group.meta,
+        )
+
+    async def wait_for_notices(self, *, timeout: float) -> list[Notice]:
+        """The notices pushed since this listener's last call (each listening task has its own place in
+        them), waiting up to ``timeout`` seconds for the first."""
+        listener = anyio.get_current_task().id
+        end = self._notices_base + len(self._notices)
+        cursor = self._listeners.pop(listener, end)
+        self._listeners[listener] = cursor
+        while len(self._listeners) > _LISTENERS:
+            self._listeners.popitem(last=False)
+        with anyio.move_on_after(max(0.0, timeout)):
+            while self._notices_base + len(self._notices) <= cursor:
+                if self._noticed is None:
+                    self._noticed = anyio.Event()
+                await self._noticed.wait()
+        await anyio.lowlevel.checkpoint()
+        start = max(0, cursor - self._notices_base)
+        batch = self._notices[start : start + _NOTICE_BATCH]
+        if listener in self._listeners:
+            self._listeners[listener] = self._notices_base + start + len(batch)
+        return batch
 
     async def requeue(
         self, task_ids: Sequence[str] | None = None, *, queue: str | None = None, now: float
@@ -625,6 +852,7 @@ class MemoryBackend:
             row.attempts = 0
             row.run_at = now
             row.finished_at = None
+            row.cancel_requested = False
             self._push(row)
         if candidates:
             self._notify()
@@ -643,6 +871,14 @@ class MemoryBackend:
         wanted = {TaskState(state) for state in states}
         if not wanted or (limit is not None and limit <= 0):
             return 0
+        if queue is None:  # groups are removed by their outcome and finish time (not counted)
+            for group in list(self._groups.values()):
+                if (
+                    group.outcome in wanted
+                    and group.finished_at is not None
+                    and (before is None or group.finished_at < before)
+                ):
+                    del self._groups[group.id]
 
         def age(row: _Row) -> float:
             return row.finished_at if row.finished_at is not None else row.enqueued_at

@@ -18,7 +18,18 @@ from ...._checks import check_seconds
 from ...._redact import library_logger
 from ..._backend import Create, check_create
 from ..._errors import BackendError, StoreNotFoundError
-from ..._records import ClaimedTask, FlowLimits, FlowState, NewTask, Settlement, TaskRecord, TaskState
+from ..._records import (
+    ClaimedTask,
+    FlowLimits,
+    FlowState,
+    GroupRecord,
+    NewGroup,
+    NewTask,
+    ProgressUpdate,
+    Settlement,
+    TaskRecord,
+    TaskState,
+)
 from . import _ops as ops
 from ._schema import check_sqlite_version, ensure_schema
 
@@ -448,10 +459,33 @@ class SQLiteBackend:
         return await self._read(ops.stats, absent={})
 
     async def cancel(self, task_ids: Sequence[str], *, now: float) -> list[str]:
-        """Cancel pending tasks among ``task_ids``; return those cancelled."""
+        """Cancel pending tasks among ``task_ids`` and ask active ones to stop, in one transaction; return
+        both kinds, in the order given (see :meth:`Backend.cancel`)."""
         if not task_ids:
             return []
         return await self._write(ops.cancel, list(task_ids), now, wake=False, absent=[])
+
+    async def cancel_requests(self, task_ids: Sequence[str]) -> set[str]:
+        """The active tasks among ``task_ids`` whose cancellation was asked (workers ask this about their
+        running tasks: SQLite pushes nothing, so a request is seen at the next look)."""
+        if not task_ids:
+            return set()
+        return await self._read(ops.cancel_requests, list(task_ids), absent=set())
+
+    async def save_progress(self, updates: Sequence[ProgressUpdate]) -> set[str]:
+        """Store each update whose lease is held, in one transaction; return the ids whose lease was lost."""
+        if not updates:
+            return set()
+        return await self._write(ops.save_progress, list(updates), wake=False)
+
+    async def enqueue_group(self, group: NewGroup) -> str:
+        """Store ``group`` and its members in one transaction, or nothing (see
+        :meth:`Backend.enqueue_group`)."""
+        return await self._write(ops.enqueue_group, group)
+
+    async def get_group(self, group_id: str) -> GroupRecord | None:
+        """The group with this id, or ``None``."""
+        return await self._read(ops.get_group, group_id, absent=None)
 
     async def requeue(
         self, task_ids: Sequence[str] | None = None, *, queue: str | None = None, now: float

@@ -16,16 +16,30 @@ from typing import Any, Literal, TypeVar
 
 from ... import _records
 from ..._errors import DuplicateTaskError
-from ..._records import ClaimedTask, FlowLimits, FlowState, NewTask, Settlement, TaskRecord, TaskState
+from ..._records import (
+    ClaimedTask,
+    FlowLimits,
+    FlowState,
+    GroupRecord,
+    NewGroup,
+    NewTask,
+    ProgressUpdate,
+    Settlement,
+    TaskRecord,
+    TaskState,
+)
 from ._schema import TASK_COLUMNS
 
 __all__ = [
     "cancel",
+    "cancel_requests",
     "claim",
+    "enqueue_group",
     "enqueue_many",
     "extend_leases",
     "flow_state",
     "get",
+    "get_group",
     "list_records",
     "next_run_at",
     "pause",
@@ -36,6 +50,7 @@ __all__ = [
     "reclaim_expired",
     "requeue",
     "resume",
+    "save_progress",
     "settle",
     "stats",
 ]
@@ -48,8 +63,8 @@ _ACTIVE = TaskState.ACTIVE.value
 
 _INSERT = (
     "INSERT INTO lifecycle_tasks (id, name, queue, payload, state, attempts, max_retries, timeout, "
-    "enqueued_at, run_at, meta, priority, concurrency_key, expires_at) "
-    "VALUES (?, ?, ?, ?, 'pending', 0, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "enqueued_at, run_at, meta, priority, concurrency_key, expires_at, group_id) "
+    "VALUES (?, ?, ?, ?, 'pending', 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_OR_SKIP = _INSERT + " ON CONFLICT (id) DO NOTHING"
 
@@ -104,8 +119,28 @@ _EXPIRED = "expired before it started"
 _EXPIRE = (
     "UPDATE lifecycle_tasks SET state = 'cancelled', finished_at = ?, last_error = ?, lease_until = NULL, "
     "token = NULL WHERE seq IN (SELECT seq FROM lifecycle_tasks INDEXED BY lifecycle_tasks_expiring "
-    "WHERE state = 'pending' AND expires_at IS NOT NULL AND queue = ? AND expires_at <= ?) AND run_at <= ?"
+    "WHERE state = 'pending' AND expires_at IS NOT NULL AND queue = ? AND expires_at <= ?) AND run_at <= ? "
+    f"RETURNING seq, {TASK_COLUMNS}"
 )
+# The position of group_id in an expired row (seq, TASK_COLUMNS).
+_GROUP_ID = 1 + _records.RECORD_FIELDS.index("group_id")
+
+
+def _expire(connection: sqlite3.Connection, queue: str, now: float) -> None:
+    """Cancel the due tasks of ``queue`` whose expiry passed (ending their groups); one whose record cannot be
+    read whole ends dead instead, naming the damage, as every damaged record does."""
+    for row in connection.execute(_EXPIRE, (now, _EXPIRED, queue, now, now)).fetchall():
+        record = record_from_row(row[1:])
+        if record.fault is not None:
+            error = (
+                f"the stored record is damaged ({record.fault}), so it cannot run; enqueue a corrected task"
+            )
+            connection.execute(
+                "UPDATE lifecycle_tasks SET state = 'dead', last_error = ? WHERE seq = ?", (error, row[0])
+            )
+            continue
+        _member_ended(connection, row[_GROUP_ID], record.id, TaskState.CANCELLED, now, None)
+
 
 # The priorities in use among the pending tasks of one queue, one index probe each (a loose index scan).
 _PRIORITIES = (
@@ -145,6 +180,9 @@ _SETTLE_PENDING = (
     f"attempts = CASE WHEN {_COUNTED} THEN max(attempts - ?, 0) ELSE attempts END, "
     f"finished_at = NULL, last_error = coalesce(?, last_error), lease_until = NULL, token = NULL {_HELD}"
 )
+# While groups are stored, a final settlement also returns the task's group, for the fan-in.
+_SETTLE_SUCCEEDED_MEMBER = _SETTLE_SUCCEEDED + " RETURNING group_id"
+_SETTLE_FINAL_MEMBER = _SETTLE_FINAL + " RETURNING group_id"
 _EXTEND = f"UPDATE lifecycle_tasks SET lease_until = ? {_HELD}"
 
 _KNOWN_STATES = sorted(state.value for state in TaskState)
@@ -238,6 +276,7 @@ def _new_task_row(task: NewTask) -> tuple[Any, ...]:
         task.priority,
         task.concurrency_key,
         task.expires_at,
+        task.group_id,
     )
 
 
@@ -398,7 +437,7 @@ _START_FOLLOW_UP = (
     "UPDATE lifecycle_tasks SET name = ?, queue = ?, payload = ?, max_retries = ?, timeout = ?, "
     "enqueued_at = ?, run_at = ?, meta = ?, priority = ?, concurrency_key = ?, "
     "expires_at = ?, state = 'pending', attempts = 0, started_at = NULL, finished_at = NULL, result = NULL, "
-    "lease_until = NULL, token = NULL WHERE id = ?"
+    "lease_until = NULL, token = NULL, cancel_requested = 0 WHERE id = ?"
 )
 
 
@@ -553,7 +592,7 @@ def claim(
             break
         if queue in paused:
             continue
-        connection.execute(_EXPIRE, (now, _EXPIRED, queue, now, now))
+        _expire(connection, queue, now)
         if flow is None:  # one statement, the same every time (no statement to prepare per batch size)
             rows = connection.execute(_CLAIM_READY, (now, lease_until, queue, now, wanted)).fetchall()
             rows.sort(key=_claim_order)  # RETURNING gives no order: put them back in claim order
@@ -628,24 +667,38 @@ def settle(connection: sqlite3.Connection, settlements: Sequence[Settlement]) ->
     kept for the task); return the lost ids."""
     lost: set[str] = set()
     (follow_ups,) = connection.execute("SELECT EXISTS (SELECT 1 FROM lifecycle_follow_ups)").fetchone()
+    (groups,) = connection.execute("SELECT EXISTS (SELECT 1 FROM lifecycle_groups)").fetchone()
     for s in settlements:
-        if s.state is TaskState.SUCCEEDED:
-            cursor = connection.execute(_SETTLE_SUCCEEDED, (s.at, s.result, s.error, s.task_id, s.token))
-        elif s.state is TaskState.PENDING:
+        group_id: object = None
+        if s.state is TaskState.PENDING:
             run_at = s.at if s.run_at is None else s.run_at
             refund = 1 if s.refund_attempt else 0
-            cursor = connection.execute(_SETTLE_PENDING, (run_at, refund, s.error, s.task_id, s.token))
-        elif s.state in (TaskState.DEAD, TaskState.CANCELLED):
-            params = (s.state.value, s.at, s.result, s.error, s.task_id, s.token)
-            cursor = connection.execute(_SETTLE_FINAL, params)
+            params: tuple[Any, ...] = (run_at, refund, s.error, s.task_id, s.token)
+            applied = connection.execute(_SETTLE_PENDING, params).rowcount > 0
+        elif s.state in (TaskState.SUCCEEDED, TaskState.DEAD, TaskState.CANCELLED):
+            if s.state is TaskState.SUCCEEDED:
+                params = (s.at, s.result, s.error, s.task_id, s.token)
+                statement = _SETTLE_SUCCEEDED_MEMBER if groups else _SETTLE_SUCCEEDED
+            else:
+                params = (s.state.value, s.at, s.result, s.error, s.task_id, s.token)
+                statement = _SETTLE_FINAL_MEMBER if groups else _SETTLE_FINAL
+            cursor = connection.execute(statement, params)
+            if groups:
+                row = cursor.fetchone()
+                applied = row is not None
+                group_id = None if row is None else row[0]
+            else:
+                applied = cursor.rowcount > 0
         else:
             raise ValueError(
                 f"cannot settle task {s.task_id!r} as {s.state.value!r}: a settlement's state must be "
                 "pending, succeeded, dead or cancelled"
             )
-        if cursor.rowcount == 0:
+        if not applied:
             lost.add(s.task_id)
             continue
+        if group_id is not None:
+            _member_ended(connection, group_id, s.task_id, s.state, s.at, s.result)
         if follow_ups:
             follow_up = connection.execute(_TAKE_FOLLOW_UP, (s.task_id,)).fetchone()
             if follow_up is not None:
@@ -656,6 +709,191 @@ def settle(connection: sqlite3.Connection, settlements: Sequence[Settlement]) ->
                 connection.execute(_START_FOLLOW_UP, (*fields, s.task_id))
         if s.then:
             connection.executemany(_INSERT_OR_SKIP, map(_new_task_row, s.then))
+        for group in s.then_groups:
+            groups = _store_group(connection, group, skip_existing=True) or groups
+    return lost
+
+
+# -- groups -------------------------------------------------------------------------------------------------
+
+_THEN_COLUMNS = (
+    "then_name, then_queue, then_payload, then_max_retries, then_timeout, then_enqueued_at, then_run_at, "
+    "then_meta, then_priority, then_concurrency_key, then_expires_at"
+)
+_INSERT_GROUP = (
+    f"INSERT INTO lifecycle_groups (id, created_at, unfinished, meta, then_id, {_THEN_COLUMNS}) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# The fan-in: the group's then stored as a pending task, unless a task with its id exists.
+_STORE_THEN = (
+    "INSERT INTO lifecycle_tasks (id, name, queue, payload, state, attempts, max_retries, timeout, "
+    "enqueued_at, run_at, meta, priority, concurrency_key, expires_at) "
+    "SELECT then_id, then_name, then_queue, then_payload, 'pending', 0, then_max_retries, then_timeout, "
+    "then_enqueued_at, then_run_at, then_meta, then_priority, then_concurrency_key, then_expires_at "
+    "FROM lifecycle_groups WHERE id = ? AND then_id IS NOT NULL ON CONFLICT (id) DO NOTHING"
+)
+
+
+def _store_group(connection: sqlite3.Connection, group: NewGroup, *, skip_existing: bool) -> bool:
+    """Store ``group`` and its members (as ``enqueue_many`` with ``"error"``); an existing group id raises
+    :class:`DuplicateTaskError`, or with ``skip_existing`` (a settlement's ``then_groups``) skips the group,
+    as does a member refused then. Returns whether it was stored."""
+    exists = connection.execute("SELECT 1 FROM lifecycle_groups WHERE id = ?", (group.id,)).fetchone()
+    if exists is not None:
+        if skip_existing:
+            return False
+        raise DuplicateTaskError(
+            group.id, reason=f"a group with id {group.id!r} exists already; pick another group id"
+        )
+    connection.execute("SAVEPOINT lifecycle_group")
+    try:
+        enqueue_many(connection, list(group.members), "error")
+    except DuplicateTaskError:
+        connection.execute("ROLLBACK TO lifecycle_group")
+        connection.execute("RELEASE lifecycle_group")
+        if skip_existing:
+            return False
+        raise
+    connection.execute("RELEASE lifecycle_group")
+    then = group.then
+    then_fields = (None,) * 11 if then is None else _follow_up_fields(then)
+    connection.execute(
+        _INSERT_GROUP,
+        (
+            group.id,
+            group.created_at,
+            len(group.members),
+            group.meta,
+            None if then is None else then.id,
+            *then_fields,
+        ),
+    )
+    connection.executemany(
+        "INSERT INTO lifecycle_group_members (group_id, idx, task_id) VALUES (?, ?, ?)",
+        ((group.id, index, member.id) for index, member in enumerate(group.members)),
+    )
+    return True
+
+
+def _member_ended(
+    connection: sqlite3.Connection,
+    group_id: object,
+    task_id: str,
+    state: TaskState,
+    at: float,
+    result: bytes | None,
+) -> None:
+    """The group bookkeeping of a member that reached the final ``state`` (in the caller's transaction):
+    its slot, the group's outcome, and the fan-in that stores ``then`` with the last success."""
+    if not isinstance(group_id, str):  # not a member (or a damaged group_id: no group to update)
+        return
+    member = connection.execute(
+        "SELECT idx, ended FROM lifecycle_group_members WHERE group_id = ? AND task_id = ?",
+        (group_id, task_id),
+    ).fetchone()
+    if member is None:
+        return
+    index, ended = member
+    if state is TaskState.SUCCEEDED:
+        connection.execute(
+            "UPDATE lifecycle_group_members SET ended = 'succeeded', result = ? "
+            "WHERE group_id = ? AND idx = ?",
+            (result, group_id, index),
+        )
+        if ended == TaskState.SUCCEEDED.value:
+            return
+        row = connection.execute(
+            "UPDATE lifecycle_groups SET unfinished = unfinished - 1 WHERE id = ? "
+            "RETURNING unfinished, outcome",
+            (group_id,),
+        ).fetchone()
+        if row is not None and row[0] == 0 and row[1] is None:
+            connection.execute(
+                "UPDATE lifecycle_groups SET outcome = 'succeeded', finished_at = ?, "
+                "then_stored = (then_id IS NOT NULL) WHERE id = ?",
+                (at, group_id),
+            )
+            connection.execute(_STORE_THEN, (group_id,))
+        return
+    connection.execute(
+        "UPDATE lifecycle_group_members SET ended = ? WHERE group_id = ? AND idx = ?",
+        (state.value, group_id, index),
+    )
+    connection.execute(
+        "UPDATE lifecycle_groups SET outcome = ?, finished_at = ? WHERE id = ? AND outcome IS NULL",
+        (state.value, at, group_id),
+    )
+
+
+def enqueue_group(connection: sqlite3.Connection, group: NewGroup) -> str:
+    """Store ``group`` and its members, or nothing (:class:`DuplicateTaskError`)."""
+    _store_group(connection, group, skip_existing=False)
+    return group.id
+
+
+def get_group(connection: sqlite3.Connection, group_id: str) -> GroupRecord | None:
+    """The group with ``group_id`` or ``None``; members are counted by their records' states (a member whose
+    record is gone, by the state it last ended in)."""
+    row = connection.execute(
+        "SELECT outcome, created_at, finished_at, then_id, then_stored, meta FROM lifecycle_groups "
+        "WHERE id = ?",
+        (group_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    outcome, created_at, finished_at, then_id, then_stored, meta = row
+    members = connection.execute(
+        "SELECT m.task_id, m.ended, m.result, t.state FROM lifecycle_group_members AS m "
+        "LEFT JOIN lifecycle_tasks AS t ON t.id = m.task_id AND t.group_id = m.group_id "
+        "WHERE m.group_id = ? ORDER BY m.idx",
+        (group_id,),
+    ).fetchall()
+    counts: dict[TaskState, int] = {}
+    for _, ended, _, state in members:
+        current = state if state is not None else ended
+        if current is not None:
+            known = _records.stored_state(current)
+            counts[known] = counts.get(known, 0) + 1
+    return GroupRecord(
+        id=group_id,
+        task_ids=tuple(str(task_id) for task_id, _, _, _ in members),
+        outcome=None if outcome is None else TaskState(outcome),
+        results=tuple(None if result is None else bytes(result) for _, _, result, _ in members),
+        counts=counts,
+        created_at=float(created_at),
+        finished_at=None if finished_at is None else float(finished_at),
+        then_id=then_id if then_stored else None,
+        meta=meta,
+    )
+
+
+# -- control of running tasks -------------------------------------------------------------------------------
+
+
+def cancel_requests(connection: sqlite3.Connection, task_ids: Sequence[str]) -> set[str]:
+    """The active tasks among ``task_ids`` whose cancellation was asked."""
+    asked: set[str] = set()
+    for chunk in _chunks(list(dict.fromkeys(task_ids))):
+        query = (
+            "SELECT id FROM lifecycle_tasks WHERE state = 'active' AND cancel_requested = 1 "
+            f"AND id IN ({_marks(len(chunk))})"
+        )
+        asked.update(task_id for (task_id,) in connection.execute(query, chunk))
+    return asked
+
+
+_SAVE_PROGRESS = (
+    f"UPDATE lifecycle_tasks SET progress_done = ?, progress_total = ?, progress_message = ? {_HELD}"
+)
+
+
+def save_progress(connection: sqlite3.Connection, updates: Sequence[ProgressUpdate]) -> set[str]:
+    """Store each update whose lease is held; return the ids whose lease was lost."""
+    lost: set[str] = set()
+    for update in updates:
+        params = (update.done, update.total, update.message, update.task_id, update.token)
+        if connection.execute(_SAVE_PROGRESS, params).rowcount == 0:
+            lost.add(update.task_id)
     return lost
 
 
@@ -781,21 +1019,32 @@ def stats(connection: sqlite3.Connection) -> dict[str, dict[TaskState, int]]:
 
 
 def cancel(connection: sqlite3.Connection, task_ids: Sequence[str], now: float) -> list[str]:
-    """Cancel the pending tasks among ``task_ids``; return those cancelled, in the order given."""
+    """Cancel the pending tasks among ``task_ids`` (and end their groups) and ask the active ones to stop
+    (dropping their debounce follow-ups); return both kinds, in the order given."""
     cancelled: set[str] = set()
     unique = list(dict.fromkeys(task_ids))
     for chunk in _chunks(unique):
         query = (
             "UPDATE lifecycle_tasks SET state = 'cancelled', finished_at = ?, lease_until = NULL, "
-            f"token = NULL WHERE state = 'pending' AND id IN ({_marks(len(chunk))}) RETURNING id"
+            f"token = NULL WHERE state = 'pending' AND id IN ({_marks(len(chunk))}) RETURNING id, group_id"
         )
-        cancelled.update(row[0] for row in connection.execute(query, [now, *chunk]))
+        for task_id, group_id in connection.execute(query, [now, *chunk]).fetchall():
+            cancelled.add(task_id)
+            _member_ended(connection, group_id, task_id, TaskState.CANCELLED, now, None)
+        query = (
+            "UPDATE lifecycle_tasks SET cancel_requested = 1 "
+            f"WHERE state = 'active' AND id IN ({_marks(len(chunk))}) RETURNING id"
+        )
+        asked = [task_id for (task_id,) in connection.execute(query, chunk).fetchall()]
+        if asked:
+            connection.execute(f"DELETE FROM lifecycle_follow_ups WHERE id IN ({_marks(len(asked))})", asked)
+            cancelled.update(asked)
     return [task_id for task_id in unique if task_id in cancelled]
 
 
 _REQUEUE_SET = (
     "UPDATE lifecycle_tasks SET state = 'pending', attempts = 0, run_at = ?, finished_at = NULL, "
-    "lease_until = NULL, token = NULL"
+    "lease_until = NULL, token = NULL, cancel_requested = 0"
 )
 
 
@@ -827,6 +1076,16 @@ def purge(
     """Delete matching records; return how many were deleted."""
     if not states or (limit is not None and limit <= 0):
         return 0
+    if queue is None:  # groups go by their outcome and finish time (not counted)
+        outcomes = sorted({TaskState(state).value for state in states})
+        where = f"outcome IN ({_marks(len(outcomes))})"
+        group_params: list[Any] = list(outcomes)
+        if before is not None:
+            where += " AND finished_at < ?"
+            group_params.append(before)
+        done = "SELECT id FROM lifecycle_groups WHERE " + where
+        connection.execute(f"DELETE FROM lifecycle_group_members WHERE group_id IN ({done})", group_params)
+        connection.execute(f"DELETE FROM lifecycle_groups WHERE id IN ({done})", group_params)
     clauses, params = _filters(states, queue)
     if before is not None:
         clauses.append("coalesce(finished_at, enqueued_at) < ?")

@@ -2,7 +2,7 @@
 
 Everything here is synchronous and runs on the backend's connection thread.
 
-Layout (schema version 2)
+Layout (schema version 3)
 -------------------------
 ``lifecycle_schema(version)``
     One row: the schema version that wrote this file. A file written by a newer version is refused, an older
@@ -11,7 +11,9 @@ Layout (schema version 2)
 ``lifecycle_tasks``
     One row per task. ``seq`` (the rowid) is the enqueue order. Times are ``REAL`` seconds since the epoch,
     ``payload``/``result`` are ``BLOB``, ``state`` is the :class:`TaskState` value text, ``token`` the current
-    lease token while ``ACTIVE``. ``priority``, ``concurrency_key`` and ``expires_at`` are flow control's.
+    lease token while ``ACTIVE``. ``priority``, ``concurrency_key`` and ``expires_at`` are flow control's;
+    ``cancel_requested`` (0/1), ``progress_done``/``progress_total``/``progress_message`` and ``group_id``
+    are control of running work's.
 ``lifecycle_rate_buckets(name, tokens, updated_at, refused)``
     The token bucket of each rate-limited task name: the tokens as of ``updated_at``.
 ``lifecycle_unique(key, until)``
@@ -20,6 +22,12 @@ Layout (schema version 2)
     The paused queues.
 ``lifecycle_follow_ups(id, ...)``
     The one follow-up run a debounce keeps for an active task, applied by that task's settlement.
+``lifecycle_groups(id, outcome, created_at, finished_at, unfinished, then_id, then_stored, meta, then_...)``
+    One row per group: its outcome once final, how many members have not succeeded (the fan-in stores
+    ``then``, kept in the ``then_...`` columns, when a success brings it to 0), whether ``then`` was stored.
+``lifecycle_group_members(group_id, idx, task_id, ended, result)``
+    Each member in call order: the final state it last ended in (what a purged member counts as) and its
+    result once it succeeded (kept with the group, so it outlives the member's record).
 
 Indexes: a partial index over pending tasks ``(queue, priority DESC, run_at, seq)`` serves claims (in claim
 order, no sort) and ``wait_for_work`` (one probe per priority in use); a partial index over pending tasks
@@ -28,7 +36,9 @@ tasks ``(lease_until)`` serves recovery and the running counts; ``(state, coales
 enqueued_at))`` serves retention purges and ``(enqueued_at)`` the newest-first listing.
 
 Version 1 (before flow control) is migrated in place: the columns are added (old records get priority 0),
-the pending index is rebuilt in the new order, and the flow tables are created.
+the pending index is rebuilt in the new order, and the flow tables are created. Version 2 (before control of
+running work) gets its five columns (old records: no cancel request, no progress, no group) and the group
+tables.
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ from ..._records import RECORD_COLUMNS
 __all__ = ["MIN_SQLITE_VERSION", "SCHEMA_VERSION", "TASK_COLUMNS", "check_sqlite_version", "ensure_schema"]
 
 #: The schema version this code writes. Bump it and add a step to ``_MIGRATIONS`` when the layout changes.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: ``UPDATE ... RETURNING`` needs SQLite 3.35.
 MIN_SQLITE_VERSION = (3, 35, 0)
@@ -121,13 +131,63 @@ _FLOW_V2 = (
 )
 
 
+_CONTROL_V3 = (
+    "ALTER TABLE lifecycle_tasks ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE lifecycle_tasks ADD COLUMN progress_done REAL",
+    "ALTER TABLE lifecycle_tasks ADD COLUMN progress_total REAL",
+    "ALTER TABLE lifecycle_tasks ADD COLUMN progress_message TEXT",
+    "ALTER TABLE lifecycle_tasks ADD COLUMN group_id TEXT",
+    """
+    CREATE TABLE lifecycle_groups (
+        id                    TEXT    PRIMARY KEY,
+        outcome               TEXT,
+        created_at            REAL    NOT NULL,
+        finished_at           REAL,
+        unfinished            INTEGER NOT NULL,
+        meta                  TEXT,
+        then_id               TEXT,
+        then_stored           INTEGER NOT NULL DEFAULT 0,
+        then_name             TEXT,
+        then_queue            TEXT,
+        then_payload          BLOB,
+        then_max_retries      INTEGER,
+        then_timeout          REAL,
+        then_enqueued_at      REAL,
+        then_run_at           REAL,
+        then_meta             TEXT,
+        then_priority         INTEGER,
+        then_concurrency_key  TEXT,
+        then_expires_at       REAL
+    )
+    """,
+    "CREATE INDEX lifecycle_groups_finished ON lifecycle_groups (outcome, finished_at) "
+    "WHERE outcome IS NOT NULL",
+    """
+    CREATE TABLE lifecycle_group_members (
+        group_id  TEXT    NOT NULL,
+        idx       INTEGER NOT NULL,
+        task_id   TEXT    NOT NULL,
+        ended     TEXT,
+        result    BLOB,
+        PRIMARY KEY (group_id, idx)
+    )
+    """,
+    "CREATE UNIQUE INDEX lifecycle_group_members_task ON lifecycle_group_members (group_id, task_id)",
+)
+
+
 def _migrate_1_to_2(connection: sqlite3.Connection) -> None:
     for statement in _FLOW_V2:
         connection.execute(statement)
 
 
+def _migrate_2_to_3(connection: sqlite3.Connection) -> None:
+    for statement in _CONTROL_V3:
+        connection.execute(statement)
+
+
 # version N -> the function that migrates a file at version N to N + 1 (inside the open transaction).
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 
 def check_sqlite_version(version: tuple[int, int, int] = sqlite3.sqlite_version_info) -> None:
@@ -157,7 +217,7 @@ def ensure_schema(connection: sqlite3.Connection, *, where: str) -> int:
                 "instead of one; restore it from a backup or point SQLiteBackend at a new file"
             )
         if not rows:
-            for statement in (*_CREATE_V1, *_FLOW_V2):
+            for statement in (*_CREATE_V1, *_FLOW_V2, *_CONTROL_V3):
                 connection.execute(statement)
             connection.execute("INSERT INTO lifecycle_schema (version) VALUES (?)", (SCHEMA_VERSION,))
             version = SCHEMA_VERSION

@@ -17,7 +17,8 @@ async def _get(backend: Backend, task_id: str) -> TaskRecord:
 
 
 class AdminRules(SuiteBase):
-    """Cancel only pending tasks; requeue dead or cancelled ones with attempts reset; purge what was asked."""
+    """Cancel pending tasks (active ones are asked to stop); requeue dead or cancelled ones with attempts
+    reset; purge what was asked."""
 
     async def test_cancel_makes_only_pending_tasks_cancelled(self, backend: Backend) -> None:
         await seed(
@@ -29,9 +30,13 @@ class AdminRules(SuiteBase):
                 (new_task("delayed", run_at=T0 + 1000), TaskState.PENDING),
             ],
         )
-        untouched = {task_id: await backend.get(task_id) for task_id in ("a", "s")}
+        untouched = {task_id: await backend.get(task_id) for task_id in ("s",)}
         cancelled = await backend.cancel(["due", "delayed", "a", "s", "ghost"], now=T0 + 70)
-        assert sorted(cancelled) == ["delayed", "due"]
+        assert cancelled == ["due", "delayed", "a"], (
+            "the pending tasks cancelled and the active one asked to stop (see RunningRules), in order"
+        )
+        active = await _get(backend, "a")
+        assert (active.state, active.finished_at) == (TaskState.ACTIVE, None), "an active task stays active"
         for task_id in ("due", "delayed"):
             record = await _get(backend, task_id)
             assert (record.state, record.finished_at, record.attempts) == (TaskState.CANCELLED, T0 + 70, 0)

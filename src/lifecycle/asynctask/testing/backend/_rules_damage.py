@@ -34,6 +34,11 @@ _CLAIM_DAMAGE: dict[str, tuple[RawValue, ...]] = {
     "enqueued_at": ("yesterday", _NAN, None),
     "last_error": (b"\xff\xfe",),
     "meta": (b"\xff\xfe",),
+    "cancel_requested": ("yes", 2, b"\xff\xfe"),
+    "progress_done": ("half", _NAN, math.inf),
+    "progress_total": ("all", _NAN, math.inf),
+    "progress_message": (b"\xff\xfe",),
+    "group_id": (b"\xff\xfe",),
 }
 
 #: Fields that decide whether a pending task is claimed at all, and unreadable values for them.

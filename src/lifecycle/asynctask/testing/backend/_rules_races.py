@@ -15,7 +15,9 @@ __all__ = ["RaceRules"]
 class RaceRules(SuiteBase):
     """Check-then-act across processes must be atomic: cancel vs claim, settle vs reclaim."""
 
-    async def test_cancel_racing_claims_never_cancels_a_claimed_task(self, open_backend: OpenBackend) -> None:
+    async def test_cancel_racing_claims_never_cancels_a_claimed_task_only_asks_it_to_stop(
+        self, open_backend: OpenBackend
+    ) -> None:
         canceller, *claimers = [await open_backend() for _ in range(3)]
         task_ids = [f"r{n:03d}" for n in range(200)]
         await canceller.enqueue_many([new_task(task_id) for task_id in task_ids])
@@ -37,14 +39,18 @@ class RaceRules(SuiteBase):
                 group.start_soon(cancel_all)
                 for backend in claimers:
                     group.start_soon(claim_all, backend)
-        both = sorted(set(cancelled) & set(claimed))
-        assert not both, f"tasks both cancelled and claimed: {both}"
-        assert sorted(cancelled + claimed) == task_ids, "every task is either cancelled or claimed, once"
-        for task_id in cancelled[:5] + claimed[:5]:
+        assert len(claimed) == len(set(claimed)), "a task was claimed twice"
+        assert len(cancelled) == len(set(cancelled)), "a task was cancelled twice"
+        assert sorted(set(cancelled) | set(claimed)) == task_ids, "every task is cancelled or claimed"
+        for task_id in task_ids:
             record = await canceller.get(task_id)
             assert record is not None
-            expected = TaskState.CANCELLED if task_id in cancelled else TaskState.ACTIVE
-            assert record.state is expected, f"{task_id!r} is {record.state}, expected {expected}"
+            if task_id in claimed:
+                # A cancel that came after the claim is a request the worker acts on: the task stays active.
+                assert record.state is TaskState.ACTIVE, f"claimed {task_id!r} is {record.state}"
+                assert record.cancel_requested is (task_id in cancelled), f"{task_id!r}: {record}"
+            else:
+                assert record.state is TaskState.CANCELLED, f"unclaimed {task_id!r} is {record.state}"
 
     async def test_settle_racing_reclaim_applies_exactly_one_of_them(self, open_backend: OpenBackend) -> None:
         worker, reclaimer = await open_backend(), await open_backend()

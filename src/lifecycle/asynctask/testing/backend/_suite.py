@@ -9,9 +9,11 @@ from ._rules_damage import DamageRules
 from ._rules_data import DataRules
 from ._rules_enqueue import EnqueueRules
 from ._rules_flow import FlowRules
+from ._rules_groups import GroupRules
 from ._rules_inspect import InspectRules
 from ._rules_leases import LeaseRules
 from ._rules_races import RaceRules
+from ._rules_running import RunningRules
 from ._rules_settle import SettleRules
 from ._rules_wait import WaitRules
 
@@ -31,6 +33,8 @@ class BackendConformance(
     RaceRules,
     DamageRules,
     FlowRules,
+    RunningRules,
+    GroupRules,
 ):
     """Conformance tests for a :class:`~lifecycle.asynctask.Backend`, to subclass in a pytest test module.
 
@@ -77,5 +81,10 @@ class BackendConformance(
     have ``finished_at = None``; an id repeated inside one batch is a duplicate; ``wait_for_work`` returns
     promptly when work is already due when it is called; an empty ``states`` collection matches nothing;
     ``meta=""`` and ``meta=None`` stay distinct; times keep microsecond precision; every batch method takes
-    thousands of items. ``docs/backend-protocol.md`` lists every rule.
+    thousands of items; ``cancel_requested`` is cleared only by ``requeue`` (a task settled back to pending
+    keeps it, so its next claim is settled cancelled); ``purge`` counts task records, not the groups it
+    removes. ``docs/backend-protocol.md`` lists every rule.
+
+    The notice rules (``wait_for_notices``) run only for a :class:`~lifecycle.asynctask.NotifyingBackend`,
+    and skip otherwise.
     """
