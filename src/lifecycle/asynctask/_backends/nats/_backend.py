@@ -73,8 +73,11 @@ class NatsBackend:
     the messages after it), so claims, leases, flow limits, pauses and uniqueness windows are checked against
     the whole store, atomically, by every process alike. Batch claims, settlements, heartbeats and enqueues
     are one message each. Idle workers wake by push (the log's messages reach every process as they are
-    written) and sleep until the earliest delayed task is due, so nothing polls. ``docs/backends.md`` says
-    why nothing is lost or run twice beyond the lease, and what to size.
+    written) and sleep until the earliest delayed task is due, so nothing polls. It is a
+    :class:`NotifyingBackend`: the cancellation of a running task and every verdict reach the workers and
+    waiters of every process as the log pushes them. A group's fan-in is planned inside the transaction
+    that settles its last member, so its ``then`` is stored exactly once. ``docs/backends.md`` says why
+    nothing is lost or run twice beyond the lease, and what to size.
 
     Durability is JetStream's: a call returns once the server stored the transaction (file storage;
     ``replicas`` copies in a cluster). Every process holds the store in memory: size for the tasks you keep
