@@ -129,7 +129,7 @@ async def corrupt_nats(url: str, prefix: str, task_id: str, field: str, raw: obj
     import nats
     import nats.js.errors
 
-    from lifecycle.asynctask._backends.nats._codec import FIELD_INDEX, encode_value
+    from lifecycle.asynctask._backends.nats._codec import FIELD_INDEX, FORMAT, encode_value
     from lifecycle.asynctask._backends.nats._log import Names
 
     _check(field)
@@ -139,7 +139,7 @@ async def corrupt_nats(url: str, prefix: str, task_id: str, field: str, raw: obj
     names = Names(prefix)
     body = json.dumps(
         {
-            "v": 1,
+            "v": FORMAT,
             "t": "corrupt",
             "n": 0,
             "of": 1,

@@ -10,7 +10,8 @@ import nats
 import nats.js.errors
 import pytest
 
-from lifecycle.asynctask import ClaimedTask, Settlement, TaskState
+from lifecycle.asynctask import ClaimedTask, GroupRecord, NewGroup, ProgressUpdate, Settlement, TaskState
+from lifecycle.asynctask._backends.nats._codec import FORMAT, decode_message, decode_snapshot
 from lifecycle.asynctask.nats import NatsBackend
 from lifecycle.asynctask.testing import T0
 from lifecycle.asynctask.testing._support import new_task
@@ -126,6 +127,69 @@ async def test_snapshots_let_the_log_be_deleted_and_a_new_process_reads_the_same
     assert order == sorted(order), "claim order (priority, then enqueue order) survives a snapshot"
 
 
+async def test_groups_cancel_requests_and_progress_survive_a_snapshot(
+    open_nats: OpenNats, nats_url: str
+) -> None:
+    writer = await open_nats()
+    writer.compact_every = 5
+    members = tuple(new_task(f"g-m{n}", enqueued_at=T0, group_id="g") for n in range(3))
+    then = new_task("g-then", enqueued_at=T0, payload=b"\x00then\xff")
+    await writer.enqueue_group(NewGroup(id="g", members=members, then=then, created_at=T0, meta="m"))
+    claimed = {c.record.id: c for c in await writer.claim(["default"], 3, now=T0 + 1, lease_until=T0 + 60)}
+    assert await writer.settle([_done(claimed["g-m1"], result=b"\xffone")]) == set()
+    assert await writer.cancel(["g-m2"], now=T0 + 2) == ["g-m2"]
+    progress = ProgressUpdate("g-m0", claimed["g-m0"].token, done=1.5, total=3.0, message="half ✓")
+    assert await writer.save_progress([progress]) == set()
+    for n in range(20):  # enough transactions for two snapshots: the log before the group is deleted
+        await writer.enqueue_many([new_task(f"filler-{n}", run_at=T0 + 1000)])
+    first, last = await _log_state(nats_url, writer.prefix)
+    assert first > 5, f"the group's transactions were deleted with the log (first message {first} of {last})"
+    reader = await open_nats()
+    group = await reader.get_group("g")
+    assert isinstance(group, GroupRecord)
+    assert group == await writer.get_group("g")
+    assert (group.task_ids, group.results, group.meta) == (
+        ("g-m0", "g-m1", "g-m2"),
+        (None, b"\xffone", None),
+        "m",
+    )
+    assert await reader.cancel_requests(["g-m0", "g-m1", "g-m2"]) == {"g-m2"}
+    record = await reader.get("g-m0")
+    assert record is not None
+    assert (record.progress_done, record.progress_total, record.progress_message) == (1.5, 3.0, "half ✓")
+    assert record.group_id == "g"
+    verdicts = [_done(claimed["g-m0"]), _done(claimed["g-m2"], result=b"two")]
+    assert await reader.settle(verdicts) == set(), (
+        "the then kept in the snapshot is stored by the last success"
+    )
+    stored_then = await writer.get("g-then")
+    assert stored_then is not None
+    assert (stored_then.payload, stored_then.state) == (then.payload, TaskState.PENDING)
+    assert (await writer.get_group("g")) == (await reader.get_group("g"))
+
+
+def test_format_1_messages_and_snapshots_are_read_with_the_new_fields_defaults() -> None:
+    row = [
+        "old", "suite.job", "default", {"b": "AA=="}, "active", 1, 3, None, T0, T0, T0 + 1, None, T0 + 30,
+        None, None, None, 0, None, None, "token-1", None, 7,
+    ]  # fmt: skip
+    (stored,) = decode_message(json.dumps({"v": 1, "ops": [["n", "old", row]]}).encode()) or []
+    assert stored[2][19:24] == (False, None, None, None, None), "cancel_requested, progress and group_id"
+    assert stored[2][24:] == ("token-1", None, 7), "the token, follow-up and order keep their meaning"
+    (update,) = (
+        decode_message(json.dumps({"v": 1, "ops": [["u", "old", {"12": T0 + 60, "19": "t2"}]]}).encode())
+        or []
+    )
+    assert update[2] == {12: T0 + 60, 24: "t2"}, "a format 1 update of the token sets the token"
+    assert decode_message(json.dumps({"v": FORMAT + 1, "ops": []}).encode()) is None, (
+        "a newer format is skipped"
+    )
+    snapshot = {"v": 1, "seq": 9, "rows": [row], "windows": {}, "buckets": {}, "paused": []}
+    seq, rows, _, _, _, groups = decode_snapshot(json.dumps(snapshot).encode())
+    (read,) = list(rows)
+    assert (seq, read[19:24], read[24], groups) == (9, (False, None, None, None, None), "token-1", [])
+
+
 async def test_a_replica_behind_a_deleted_log_reads_the_snapshot_again(
     open_nats: OpenNats, nats_url: str
 ) -> None:
@@ -174,5 +238,7 @@ async def test_many_writers_at_once_claim_each_task_once_and_lose_no_settlement(
         assert await backend.stats() == {"default": {TaskState.SUCCEEDED: 300}}
 
 
-def _done(claimed: ClaimedTask) -> Settlement:
-    return Settlement(task_id=claimed.record.id, token=claimed.token, state=TaskState.SUCCEEDED, at=T0 + 2)
+def _done(claimed: ClaimedTask, result: bytes | None = None) -> Settlement:
+    return Settlement(
+        task_id=claimed.record.id, token=claimed.token, state=TaskState.SUCCEEDED, at=T0 + 2, result=result
+    )

@@ -27,7 +27,19 @@ from ...._checks import check_count
 from ...._redact import library_logger, redact
 from ..._backend import Create, check_create
 from ..._errors import BackendError, DuplicateTaskError, StoreNotFoundError
-from ..._records import ClaimedTask, FlowLimits, FlowState, NewTask, Settlement, TaskRecord, TaskState
+from ..._records import (
+    ClaimedTask,
+    FlowLimits,
+    FlowState,
+    GroupRecord,
+    NewGroup,
+    NewTask,
+    Notice,
+    ProgressUpdate,
+    Settlement,
+    TaskRecord,
+    TaskState,
+)
 from .._asyncio_only import require_asyncio
 from .._url_parts import split_url
 from . import _ops as ops
@@ -48,6 +60,7 @@ _PUSH_GRACE = 0.05  # how long a caller waits for pushed log messages before rea
 _PARTIAL_GRACE = 1.0  # how long a writer lets another's transaction of several messages finish
 _CHUNK = 5_000  # records per transaction of requeue(None) and purge
 _GENESIS = "genesis"
+_NOTICE_BATCH = 2048  # the most notices one wait_for_notices() call returns
 
 
 class NatsBackend:
@@ -60,8 +73,11 @@ class NatsBackend:
     the messages after it), so claims, leases, flow limits, pauses and uniqueness windows are checked against
     the whole store, atomically, by every process alike. Batch claims, settlements, heartbeats and enqueues
     are one message each. Idle workers wake by push (the log's messages reach every process as they are
-    written) and sleep until the earliest delayed task is due, so nothing polls. ``docs/backends.md`` says
-    why nothing is lost or run twice beyond the lease, and what to size.
+    written) and sleep until the earliest delayed task is due, so nothing polls. It is a
+    :class:`NotifyingBackend`: the cancellation of a running task and every verdict reach the workers and
+    waiters of every process as the log pushes them. A group's fan-in is planned inside the transaction
+    that settles its last member, so its ``then`` is stored exactly once. ``docs/backends.md`` says why
+    nothing is lost or run twice beyond the lease, and what to size.
 
     Durability is JetStream's: a call returns once the server stored the transaction (file storage;
     ``replicas`` copies in a cluster). Every process holds the store in memory: size for the tasks you keep
@@ -134,6 +150,8 @@ class NatsBackend:
         self._nonce = ""
         self._calls = itertools.count(1)
         self._inflight: tuple[str, list[Any]] | None = None  # the transaction this process is appending
+        self._notices: list[Notice] | None = None  # filled from the log once wait_for_notices was called
+        self._noticed: anyio.Event | None = None
 
     @property
     def prefix(self) -> str:
@@ -233,6 +251,10 @@ class NatsBackend:
         changed, self._changed = self._changed, None
         if changed is not None:
             changed.set()
+        if self._notices:
+            noticed, self._noticed = self._noticed, None
+            if noticed is not None:
+                noticed.set()
 
     def _feed(
         self, generation: int, seq: int, expected: int | None, part: tuple[str, int, int], data: bytes
@@ -298,6 +320,7 @@ class NatsBackend:
                 raise BackendError(f"cannot read a snapshot of prefix {self.prefix!r} at {log.shown}")
             self._generation += 1
             generation = self._generation
+            state.notices = self._notices
             self._state = state
             self._stale = False
             self._notify()
@@ -474,8 +497,10 @@ class NatsBackend:
             previous = await log.pointer()
             if previous is not None and previous.seq >= state.seq:
                 return
-            seq, rows, windows, buckets, paused = state.snapshot_parts()
-            data = await anyio.to_thread.run_sync(encode_snapshot, seq, rows, windows, buckets, paused)
+            seq, rows, windows, buckets, paused, groups = state.snapshot_parts()
+            data = await anyio.to_thread.run_sync(
+                encode_snapshot, seq, rows, windows, buckets, paused, groups
+            )
             if not await log.write_snapshot(seq, data, previous):
                 return
             if previous is not None:
@@ -623,11 +648,63 @@ class NatsBackend:
         return {} if state is None else state.stats()
 
     async def cancel(self, task_ids: Sequence[str], *, now: float) -> list[str]:
-        """Cancel the ``PENDING`` tasks among ``task_ids`` (one transaction); see :meth:`Backend.cancel`."""
+        """Cancel the ``PENDING`` tasks among ``task_ids`` and ask the ``ACTIVE`` ones to stop, in one
+        transaction (a pending member's group ends with it); see :meth:`Backend.cancel`. Every process
+        following the log learns of a request as soon as it is stored (a ``"cancel"`` notice)."""
         self._opened()
         if not task_ids:
             return []
         return await self._transact(lambda tx: ops.cancel(tx, task_ids, now), creates=False)
+
+    async def cancel_requests(self, task_ids: Sequence[str]) -> set[str]:
+        """The ``ACTIVE`` tasks among ``task_ids`` whose cancellation was asked (read from the replica once
+        it is current); see :meth:`Backend.cancel_requests`."""
+        if not task_ids:
+            self._opened()
+            return set()
+        state = await self._current()
+        return set() if state is None else ops.cancel_requests(state, task_ids)
+
+    async def save_progress(self, updates: Sequence[ProgressUpdate]) -> set[str]:
+        """Store each update whose lease is held, in one transaction; return the ids whose lease was lost;
+        see :meth:`Backend.save_progress`."""
+        self._opened()
+        if not updates:
+            return set()
+        return await self._transact(lambda tx: ops.save_progress(tx, updates), creates=False)
+
+    async def enqueue_group(self, group: NewGroup) -> str:
+        """Store ``group`` and its members in one transaction, or nothing (:class:`DuplicateTaskError`); see
+        :meth:`Backend.enqueue_group`. Its ``then`` is stored by the transaction that settles the last
+        member's success."""
+        self._opened()
+        return await self._transact(lambda tx: ops.enqueue_group(tx, group), creates=True)
+
+    async def get_group(self, group_id: str) -> GroupRecord | None:
+        """The group with this id, or ``None`` (read from the replica once it is current)."""
+        state = await self._current()
+        return None if state is None else ops.get_group(state, group_id)
+
+    async def wait_for_notices(self, *, timeout: float) -> list[Notice]:
+        """The notices since the last call, read from the log as this process applies it (a settlement, a
+        cancellation: whichever process stored it), waiting up to ``timeout`` seconds for the first; see
+        :meth:`NotifyingBackend.wait_for_notices`. The first call starts collecting them. One caller at a
+        time."""
+        self._opened()
+        if self._notices is None:
+            self._notices = []
+            self._state.notices = self._notices
+        notices = self._notices
+        if not notices:
+            if self._noticed is None:
+                self._noticed = anyio.Event()
+            noticed = self._noticed
+            with anyio.move_on_after(max(0.0, timeout)):
+                await noticed.wait()
+        await anyio.lowlevel.checkpoint()
+        batch = notices[:_NOTICE_BATCH]
+        del notices[: len(batch)]
+        return batch
 
     async def requeue(
         self, task_ids: Sequence[str] | None = None, *, queue: str | None = None, now: float

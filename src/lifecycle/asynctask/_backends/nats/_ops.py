@@ -17,7 +17,10 @@ from ..._records import (
     ClaimedTask,
     FlowLimits,
     FlowState,
+    GroupRecord,
+    NewGroup,
     NewTask,
+    ProgressUpdate,
     Settlement,
     TaskRecord,
     TaskState,
@@ -26,11 +29,22 @@ from ..._records import (
 )
 from ._codec import (
     ATTEMPTS,
+    CANCEL_REQUESTED,
     CONCURRENCY_KEY,
     ENQUEUED_AT,
     EXPIRES_AT,
     FINISHED_AT,
     FOLLOW_UP,
+    G_CREATED_AT,
+    G_ENDED,
+    G_FINISHED_AT,
+    G_META,
+    G_OUTCOME,
+    G_RESULTS,
+    G_TASK_IDS,
+    G_THEN,
+    G_THEN_ID,
+    GROUP_ID,
     LAST_ERROR,
     LEASE_UNTIL,
     MAX_RETRIES,
@@ -39,6 +53,9 @@ from ._codec import (
     ORDER,
     PAYLOAD,
     PRIORITY,
+    PROGRESS_DONE,
+    PROGRESS_MESSAGE,
+    PROGRESS_TOTAL,
     QUEUE,
     RESULT,
     RUN_AT,
@@ -49,8 +66,10 @@ from ._codec import (
     Row,
     follow_up_of,
     follow_up_task,
+    new_group,
     new_row,
     record_of,
+    task_of,
 )
 from ._state import State, number
 from ._tx import Tx
@@ -58,15 +77,19 @@ from ._tx import Tx
 __all__ = [
     "EXPIRED",
     "cancel",
+    "cancel_requests",
     "claim",
     "enqueue",
+    "enqueue_group",
     "extend",
     "flow_state",
     "get",
+    "get_group",
     "list_records",
     "purge",
     "reclaim",
     "requeue",
+    "save_progress",
     "set_paused",
     "settle",
 ]
@@ -76,6 +99,7 @@ EXPIRED = "expired before it started"
 
 _PENDING = TaskState.PENDING.value
 _ACTIVE = TaskState.ACTIVE.value
+_SUCCEEDED = TaskState.SUCCEEDED.value
 _SETTLED_STATES = (TaskState.PENDING, TaskState.SUCCEEDED, TaskState.DEAD, TaskState.CANCELLED)
 _WINDOWS_KEPT = 1024  # uniqueness windows kept before the ended ones are dropped
 
@@ -169,6 +193,105 @@ def _debounce(tx: Tx, task: NewTask) -> None:
         tx.edit(task.id)[FOLLOW_UP] = follow_up_of(task)
 
 
+# -- groups --------------------------------------------------------------------------------------------------
+
+
+def enqueue_group(tx: Tx, group: NewGroup) -> str:
+    """Store ``group`` and its members; see ``Backend.enqueue_group``. Raises :class:`DuplicateTaskError`
+    (planning nothing)."""
+    if tx.group(group.id) is not None:
+        raise DuplicateTaskError(
+            group.id, reason=f"a group with id {group.id!r} exists already; pick another group id"
+        )
+    opened: dict[str, float] = {}
+    conflicts = _group_conflicts(tx, group, opened)
+    if conflicts:
+        raise DuplicateTaskError(conflicts[0], conflicts)
+    _store_group(tx, group, opened)
+    return group.id
+
+
+def _group_conflicts(tx: Tx, group: NewGroup, opened: dict[str, float]) -> list[str]:
+    """The member ids that refuse ``group`` (live, repeated, or in an open uniqueness window)."""
+    seen: set[str] = set()
+    conflicts: list[str] = []
+    for task in group.members:
+        existing = tx.get(task.id)
+        live = task.id in seen or (existing is not None and stored_state(existing[STATE]).is_live)
+        if (live or _window_refuses(tx, task, opened)) and task.id not in conflicts:
+            conflicts.append(task.id)
+        seen.add(task.id)
+        if task.unique_key is not None and task.unique_until is not None:
+            opened[task.unique_key] = task.unique_until
+    return conflicts
+
+
+def _store_group(tx: Tx, group: NewGroup, opened: dict[str, float]) -> None:
+    if opened:
+        tx.windows.update(opened)
+        _forget_ended_windows(tx, max(task.enqueued_at for task in group.members))
+    tx.insert_group(new_group(group))
+    for task in group.members:
+        tx.insert(new_row(task, tx.order()))
+
+
+def _member_ended(
+    tx: Tx, row: Sequence[Any], state: TaskState, at: float, result: bytes | None = None
+) -> None:
+    """Group bookkeeping for a member that reached the final ``state``, in the same transaction: its slot,
+    and the group's outcome (with ``then`` stored by the last success)."""
+    group_id = row[GROUP_ID]
+    if type(group_id) is not str or tx.group(group_id) is None:
+        return
+    index = tx.member_index(group_id, row[0])
+    if index is None:
+        return
+    group = tx.edit_group(group_id)
+    group[G_ENDED][index] = state.value
+    if state is TaskState.SUCCEEDED:
+        group[G_RESULTS][index] = result
+        if group[G_OUTCOME] is None and all(ended == _SUCCEEDED for ended in group[G_ENDED]):
+            group[G_OUTCOME] = _SUCCEEDED
+            group[G_FINISHED_AT] = at
+            then = task_of(group[G_THEN])
+            if then is not None:
+                if tx.get(then.id) is None:
+                    tx.insert(new_row(then, tx.order()))
+                group[G_THEN_ID] = then.id
+    elif group[G_OUTCOME] is None:
+        group[G_OUTCOME] = state.value
+        group[G_FINISHED_AT] = at
+
+
+def get_group(state: State, group_id: str) -> GroupRecord | None:
+    """The group ``group_id`` as ``Backend.get_group`` returns it, or ``None``."""
+    group = state.groups.get(group_id)
+    if group is None:
+        return None
+    counts: dict[TaskState, int] = {}
+    for index, task_id in enumerate(group[G_TASK_IDS]):
+        row = state.rows.get(task_id)
+        if row is not None and row[GROUP_ID] == group_id:
+            member_state: TaskState | None = stored_state(row[STATE])
+        else:
+            ended = group[G_ENDED][index]
+            member_state = None if ended is None else stored_state(ended)
+        if member_state is not None:
+            counts[member_state] = counts.get(member_state, 0) + 1
+    outcome = group[G_OUTCOME]
+    return GroupRecord(
+        id=group_id,
+        task_ids=tuple(group[G_TASK_IDS]),
+        outcome=None if outcome is None else stored_state(outcome),
+        results=tuple(None if result is None else bytes(result) for result in group[G_RESULTS]),
+        counts=counts,
+        created_at=group[G_CREATED_AT],
+        finished_at=group[G_FINISHED_AT],
+        then_id=group[G_THEN_ID],
+        meta=group[G_META],
+    )
+
+
 # -- claims and leases ---------------------------------------------------------------------------------------
 
 
@@ -211,6 +334,7 @@ def claim(
                     edit[STATE] = TaskState.CANCELLED.value
                     edit[FINISHED_AT] = now
                     edit[LAST_ERROR] = EXPIRED
+                    _member_ended(tx, edit, TaskState.CANCELLED, now)
                     continue
                 name = row[NAME]
                 flow = limits.get(name) if limits and type(name) is str else None
@@ -296,8 +420,10 @@ def settle(tx: Tx, settlements: Sequence[Settlement]) -> set[str]:
         else:
             edit[STATE] = state.value
             edit[FINISHED_AT] = settlement.at
+            result = None if settlement.result is None else bytes(settlement.result)
             if state is TaskState.SUCCEEDED:
-                edit[RESULT] = None if settlement.result is None else bytes(settlement.result)
+                edit[RESULT] = result
+            _member_ended(tx, edit, state, settlement.at, result)
         follow_up = follow_up_task(task_id, edit[FOLLOW_UP])
         edit[FOLLOW_UP] = None
         if follow_up is not None:
@@ -305,6 +431,10 @@ def settle(tx: Tx, settlements: Sequence[Settlement]) -> set[str]:
         for then in settlement.then:
             if tx.get(then.id) is None:
                 tx.insert(new_row(then, tx.order()))
+        for group in settlement.then_groups:
+            opened: dict[str, float] = {}
+            if tx.group(group.id) is None and not _group_conflicts(tx, group, opened):
+                _store_group(tx, group, opened)
     return lost
 
 
@@ -318,6 +448,7 @@ def _start_follow_up(row: list[Any], task: NewTask, retry_at: float | None) -> N
     row[STARTED_AT] = None
     row[FINISHED_AT] = None
     row[RESULT] = None
+    row[CANCEL_REQUESTED] = False
 
 
 def reclaim(
@@ -346,16 +477,40 @@ def reclaim(
 
 
 def cancel(tx: Tx, task_ids: Sequence[str], now: float) -> list[str]:
-    """Cancel the pending tasks among ``task_ids``; return those cancelled."""
+    """Cancel the pending tasks among ``task_ids`` (ending a member's group) and ask the active ones to stop
+    (dropping their debounce follow-up); return both, in the order given."""
     cancelled: list[str] = []
     for task_id in dict.fromkeys(task_ids):
         row = tx.get(task_id)
-        if row is not None and row[STATE] == _PENDING:
+        if row is None:
+            continue
+        if row[STATE] == _PENDING:
             edit = tx.edit(task_id)
             edit[STATE] = TaskState.CANCELLED.value
             edit[FINISHED_AT] = now
+            _member_ended(tx, edit, TaskState.CANCELLED, now)
+            cancelled.append(task_id)
+        elif row[STATE] == _ACTIVE:
+            edit = tx.edit(task_id)
+            edit[CANCEL_REQUESTED] = True
+            edit[FOLLOW_UP] = None
             cancelled.append(task_id)
     return cancelled
+
+
+def save_progress(tx: Tx, updates: Sequence[ProgressUpdate]) -> set[str]:
+    """Store each update whose lease is held; return the ids whose lease was lost."""
+    lost: set[str] = set()
+    for update in updates:
+        row = tx.get(update.task_id)
+        if row is None or row[STATE] != _ACTIVE or row[TOKEN] != update.token:
+            lost.add(update.task_id)
+            continue
+        edit = tx.edit(update.task_id)
+        edit[PROGRESS_DONE] = update.done
+        edit[PROGRESS_TOTAL] = update.total
+        edit[PROGRESS_MESSAGE] = update.message
+    return lost
 
 
 def requeue(tx: Tx, task_ids: Sequence[str] | None, queue: str | None, now: float, most: int) -> int:
@@ -386,6 +541,7 @@ def requeue(tx: Tx, task_ids: Sequence[str] | None, queue: str | None, now: floa
         edit[ATTEMPTS] = 0
         edit[RUN_AT] = now
         edit[FINISHED_AT] = None
+        edit[CANCEL_REQUESTED] = False
     return len(candidates)
 
 
@@ -405,6 +561,17 @@ def purge(
         victims = heapq.nsmallest(most, victims)
     for _, _, task_id in victims:
         tx.delete(task_id)
+    if queue is None:  # groups are removed by their outcome and finish time (not counted)
+        outcomes = {value.value for value in states}
+        for group_id, group in state.groups.items():
+            finished = number(group[G_FINISHED_AT])
+            if (
+                group[G_OUTCOME] in outcomes
+                and finished is not None
+                and (before is None or finished < before)
+                and tx.group(group_id) is not None
+            ):
+                tx.delete_group(group_id)
     return len(victims)
 
 
@@ -419,6 +586,16 @@ def set_paused(tx: Tx, queue: str, paused: bool) -> None:
 def get(state: State, task_id: str) -> TaskRecord | None:
     row = state.rows.get(task_id)
     return None if row is None else record_of(row)
+
+
+def cancel_requests(state: State, task_ids: Sequence[str]) -> set[str]:
+    """The active tasks among ``task_ids`` whose cancellation was asked."""
+    asked: set[str] = set()
+    for task_id in task_ids:
+        row = state.rows.get(task_id)
+        if row is not None and row[STATE] == _ACTIVE and row[CANCEL_REQUESTED] is True:
+            asked.add(task_id)
+    return asked
 
 
 def list_records(

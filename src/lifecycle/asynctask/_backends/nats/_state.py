@@ -15,12 +15,20 @@ import math
 from collections.abc import Iterable
 from typing import Any, Literal
 
-from ..._records import TaskState, stored_state, stored_text
+from ..._records import Notice, TaskState, stored_state, stored_text
 from ._codec import (
+    CANCEL_REQUESTED,
     CONCURRENCY_KEY,
     ENQUEUED_AT,
     EXPIRES_AT,
     FINISHED_AT,
+    G_ENDED,
+    G_FINISHED_AT,
+    G_ID,
+    G_OUTCOME,
+    G_RESULTS,
+    G_TASK_IDS,
+    G_THEN_ID,
     ID,
     LEASE_UNTIL,
     NAME,
@@ -29,8 +37,10 @@ from ._codec import (
     QUEUE,
     RUN_AT,
     STATE,
+    Group,
     Op,
     Row,
+    copy_group,
     decode_message,
 )
 
@@ -46,6 +56,11 @@ Feed = Literal["applied", "buffered", "skipped", "old", "gap"]
 it does not read, ignored one it had read already, or found messages missing before it (``gap``)."""
 
 _STATES: dict[str, TaskState] = {state.value: state for state in TaskState}
+_FINAL = frozenset(state.value for state in TaskState if state.is_final)
+_PENDING = TaskState.PENDING.value
+_ACTIVE = TaskState.ACTIVE.value
+_SUCCEEDED = TaskState.SUCCEEDED.value
+_NOTICES_KEPT = 4096  # notices kept for a listener that fell behind (notices are best effort)
 _PRIORITY_BOUND = 10**15
 
 
@@ -131,6 +146,9 @@ class State:
         self.running_keys: dict[tuple[str, str], int] = {}
         self.counts: dict[tuple[str, TaskState], int] = {}
         self.partial: _Partial | None = None
+        self.groups: dict[str, Group] = {}
+        self.members: dict[str, dict[str, int]] = {}  # group id -> {member id: its place in the group}
+        self.notices: list[Notice] | None = None  # set while a listener wants them (see State.apply)
         self.version = 0  # bumped by every applied transaction
         self.windows_kept = 0  # uniqueness windows left after ended ones were last dropped (a local hint)
 
@@ -179,16 +197,22 @@ class State:
         return "applied"
 
     def apply(self, ops: Iterable[Op]) -> None:
-        """Apply the ops of one committed transaction."""
+        """Apply the ops of one committed transaction. While :attr:`notices` is a list, what a listener is
+        told is appended to it: ``"settled"`` for a task that became final or went from active back to
+        pending, ``"cancel"`` for an active task whose cancellation was asked."""
+        notices = self.notices
         for op in ops:
             kind = op[0]
             if kind == "u":
                 old = self.rows.get(op[1])
                 if old is not None:
                     row = list(old)
-                    for index, value in op[2].items():
+                    changes = op[2]
+                    for index, value in changes.items():
                         row[index] = value
                     self._put(op[1], tuple(row))
+                    if notices is not None and (STATE in changes or CANCEL_REQUESTED in changes):
+                        self._notice(notices, op[1], old, row)
             elif kind == "n":
                 self._put(op[1], tuple(op[2]))
             elif kind == "d":
@@ -205,7 +229,42 @@ class State:
                     self.paused.add(op[1])
                 else:
                     self.paused.discard(op[1])
+            elif kind == "g":
+                self._put_group(op[2])
+            elif kind == "gd":
+                self.groups.pop(op[1], None)
+                self.members.pop(op[1], None)
+            elif kind == "gm":
+                group = self.groups.get(op[1])
+                if group is not None and op[2] < len(group[G_ENDED]):
+                    group[G_ENDED][op[2]] = op[3]
+                    if op[3] == _SUCCEEDED:
+                        group[G_RESULTS][op[2]] = op[4]
+            elif kind == "go":
+                group = self.groups.get(op[1])
+                if group is not None:
+                    group[G_OUTCOME], group[G_FINISHED_AT], group[G_THEN_ID] = op[2], op[3], op[4]
         self.version += 1
+
+    @staticmethod
+    def _notice(notices: list[Notice], task_id: str, old: Row, row: list[Any]) -> None:
+        state, before = row[STATE], old[STATE]
+        if state != before:
+            if (state in _FINAL and before not in _FINAL) or (state == _PENDING and before == _ACTIVE):
+                notices.append(Notice("settled", task_id))
+        elif state == _ACTIVE and row[CANCEL_REQUESTED] is True and old[CANCEL_REQUESTED] is not True:
+            notices.append(Notice("cancel", task_id))
+        else:
+            return
+        if len(notices) > 2 * _NOTICES_KEPT:
+            del notices[:-_NOTICES_KEPT]
+
+    def _put_group(self, group: Group) -> None:
+        stored = list(group)
+        stored[G_RESULTS] = list(group[G_RESULTS])
+        stored[G_ENDED] = list(group[G_ENDED])
+        self.groups[stored[G_ID]] = stored
+        self.members[stored[G_ID]] = {task_id: n for n, task_id in enumerate(stored[G_TASK_IDS])}
 
     def load(
         self,
@@ -214,6 +273,7 @@ class State:
         windows: dict[str, float],
         buckets: dict[str, tuple[float | None, float | None, int]],
         paused: set[str],
+        groups: Iterable[Group] = (),
     ) -> None:
         """Fill an empty state from a snapshot taken at ``seq``."""
         self.seq = seq
@@ -222,6 +282,8 @@ class State:
         self.windows = windows
         self.buckets = buckets
         self.paused = paused
+        for group in groups:
+            self._put_group(group)
         self.version += 1
 
     # -- indexes ---------------------------------------------------------------------------------------------
@@ -346,10 +408,25 @@ class State:
 
     def snapshot_parts(
         self,
-    ) -> tuple[int, list[Row], dict[str, float], dict[str, tuple[float | None, float | None, int]], set[str]]:
-        """What a snapshot holds, copied (rows are immutable), so it can be encoded while this state moves
-        on."""
-        return self.seq, list(self.rows.values()), dict(self.windows), dict(self.buckets), set(self.paused)
+    ) -> tuple[
+        int,
+        list[Row],
+        dict[str, float],
+        dict[str, tuple[float | None, float | None, int]],
+        set[str],
+        list[Group],
+    ]:
+        """What a snapshot holds, copied (rows are immutable; groups are copied), so it can be encoded while
+        this state moves on."""
+        groups = [copy_group(group) for group in self.groups.values()]
+        return (
+            self.seq,
+            list(self.rows.values()),
+            dict(self.windows),
+            dict(self.buckets),
+            set(self.paused),
+            groups,
+        )
 
     def age(self, row: Row) -> float:
         """``finished_at``, else ``enqueued_at`` (0 when neither can be read): what ``purge(before=)``

@@ -6,7 +6,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ._codec import ID, Op
+from ._codec import (
+    G_ENDED,
+    G_FINISHED_AT,
+    G_ID,
+    G_OUTCOME,
+    G_RESULTS,
+    G_THEN_ID,
+    ID,
+    Group,
+    Op,
+    copy_group,
+)
 from ._state import State, refill
 
 __all__ = ["ORDER_SHIFT", "Tx"]
@@ -25,7 +36,9 @@ class Tx:
     __slots__ = (
         "_next_order",
         "buckets",
+        "groups",
         "new",
+        "new_groups",
         "paused",
         "rows",
         "running",
@@ -44,6 +57,8 @@ class Tx:
         self.paused: dict[str, bool] = {}
         self.running: dict[str, int] = {}  # changes of State.running made by this transaction
         self.running_keys: dict[tuple[str, str], int] = {}
+        self.groups: dict[str, Group | None] = {}  # None: deleted
+        self.new_groups: set[str] = set()
 
     # -- rows ------------------------------------------------------------------------------------------------
 
@@ -75,6 +90,38 @@ class Tx:
         order = self._next_order
         self._next_order += 1
         return order
+
+    # -- groups ----------------------------------------------------------------------------------------------
+
+    def group(self, group_id: str) -> Group | None:
+        """The group ``group_id`` as this transaction leaves it, or ``None``."""
+        if group_id in self.groups:
+            return self.groups[group_id]
+        return self.state.groups.get(group_id)
+
+    def member_index(self, group_id: str, task_id: str) -> int | None:
+        """The place of ``task_id`` among the members of the stored group ``group_id``, or ``None``."""
+        if group_id in self.new_groups:
+            group = self.groups[group_id]
+            return None if group is None else _index_of(group, task_id)
+        members = self.state.members.get(group_id)
+        return None if members is None else members.get(task_id)
+
+    def edit_group(self, group_id: str) -> Group:
+        """The group ``group_id`` (which must exist) to change in place."""
+        group = self.groups.get(group_id)
+        if group is None:
+            group = self.groups[group_id] = copy_group(self.state.groups[group_id])
+        return group
+
+    def insert_group(self, group: Group) -> None:
+        """Store ``group`` whole."""
+        self.groups[group[G_ID]] = group
+        self.new_groups.add(group[G_ID])
+
+    def delete_group(self, group_id: str) -> None:
+        self.groups[group_id] = None
+        self.new_groups.discard(group_id)
 
     # -- the rest of the state -------------------------------------------------------------------------------
 
@@ -139,6 +186,16 @@ class Tx:
                 changes = {index: value for index, value in enumerate(row) if _changed(value, old[index])}
                 if changes:
                     ops.append(["u", task_id, changes])
+        groups = self.state.groups
+        for group_id, group in self.groups.items():
+            old_group = groups.get(group_id)
+            if group is None:
+                if old_group is not None:
+                    ops.append(["gd", group_id])
+            elif old_group is None or group_id in self.new_groups:
+                ops.append(["g", group_id, group])
+            else:
+                ops += _group_changes(group, old_group)
         for key, until in self.windows.items():
             ops.append(["w", key, until])
         for name, (tokens, at, refused) in self.buckets.items():
@@ -153,3 +210,23 @@ def _changed(value: Any, old: Any) -> bool:
     if value is old:
         return False
     return type(value) is not type(old) or value != old
+
+
+def _index_of(group: Group, task_id: str) -> int | None:
+    try:
+        return list(group[1]).index(task_id)
+    except ValueError:
+        return None
+
+
+def _group_changes(group: Group, old: Group) -> list[Op]:
+    group_id = group[G_ID]
+    ops: list[Op] = []
+    for index, (ended, result) in enumerate(zip(group[G_ENDED], group[G_RESULTS], strict=True)):
+        if _changed(ended, old[G_ENDED][index]) or _changed(result, old[G_RESULTS][index]):
+            ops.append(["gm", group_id, index, ended, result])
+    final = (group[G_OUTCOME], group[G_FINISHED_AT], group[G_THEN_ID])
+    fields = (G_OUTCOME, G_FINISHED_AT, G_THEN_ID)
+    if any(_changed(value, old[field]) for value, field in zip(final, fields, strict=True)):
+        ops.append(["go", group_id, *final])
+    return ops
