@@ -8,7 +8,7 @@ them, listening again after the connection was lost. Times are explicit (``T0``)
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -186,7 +186,7 @@ _WAITING_FOR = (
 
 
 async def _while_groups_are_locked(
-    dsn: str, schema: str, group_ids: list[str], waiters: int, run: Callable[[], Awaitable[None]]
+    dsn: str, schema: str, group_ids: list[str], waiters: int, run: Callable[[], Coroutine[Any, Any, None]]
 ) -> None:
     """Hold the rows of ``group_ids`` locked (as a transaction of another process would) while ``run()``
     starts, until ``waiters`` sessions wait for that lock; then let them go and wait for ``run()`` to end.
@@ -471,8 +471,8 @@ async def test_enqueue_group_in_stores_a_group_only_if_the_callers_transaction_c
         async with connection.transaction():
             assert await backend.enqueue_group_in(connection, _group("rolled", 2)) == "rolled"
             assert await backend.get_group("rolled") is None, "not visible before the commit"
-            raise psycopg.Rollback()
-        assert await backend.get_group("rolled") is None
+            raise psycopg.Rollback()  # ends the transaction block; the code after it runs
+        assert await backend.get_group("rolled") is None  # type: ignore[unreachable]
         assert await backend.get("rolled-m0") is None
 
         await backend.enqueue_many([_task("kept-m1", payload=b"live")])
