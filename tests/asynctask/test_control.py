@@ -143,3 +143,40 @@ async def test_a_waiter_is_woken_by_another_async_tasks_verdict_long_before_its_
             release.set()  # the worker's verdict is the only thing that can wake the waiter within WAIT
         assert results == [TaskState.SUCCEEDED]
         group.cancel_scope.cancel()
+
+
+async def test_two_waits_at_once_are_both_woken_when_the_first_one_returns_at_once() -> None:
+    """The first waiter listens for notices and returns (its task had finished); the second, which found the
+    listening taken, must take it over rather than wait out its poll interval unheard."""
+    backend = MemoryBackend()
+    worker = AsyncTasks(backend, poll_interval=0.05)
+    waiter = AsyncTasks(backend, execution=False, poll_interval=3600.0)  # it would never poll in time
+    release = anyio.Event()
+
+    @worker.register(name="control.quick")
+    async def quick() -> str:
+        return "quick"
+
+    @worker.register(name="control.gated")
+    async def gated() -> str:
+        await release.wait()
+        return "done"
+
+    async with worker, waiter, anyio.create_task_group() as group:
+        group.start_soon(worker.execute)
+        done_already = await waiter.enqueue("control.quick")
+        await worker.wait(done_already, timeout=WAIT)
+        later = await waiter.enqueue("control.gated")
+        results: dict[str, TaskState] = {}
+
+        async def wait(task_id: str) -> None:
+            results[task_id] = (await waiter.wait(task_id, timeout=WAIT)).state
+
+        async with anyio.create_task_group() as waiting:
+            waiting.start_soon(wait, done_already)
+            waiting.start_soon(wait, later)
+            await anyio.wait_all_tasks_blocked()
+            assert results == {done_already: TaskState.SUCCEEDED}
+            release.set()  # only a notice read by the second waiter can wake it within WAIT
+        assert results == {done_already: TaskState.SUCCEEDED, later: TaskState.SUCCEEDED}
+        group.cancel_scope.cancel()

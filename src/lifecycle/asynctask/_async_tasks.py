@@ -1284,24 +1284,30 @@ class AsyncTasks:
         last: T | None = None
         pump = self._pump
         primed = False
-        with anyio.move_on_after(timeout) as deadline:
-            while True:
-                changed = self._changed = self._changed or anyio.Event()
-                if pump is not None and not primed and not pump.lock.locked():
-                    # Listen before reading, so a verdict saved in between is not missed.
-                    primed = await self._pump_notices(pump, 0)
-                value = await read()
-                if predicate(value):
-                    return value
-                last = value
-                if (
-                    pump is not None
-                    and not pump.lock.locked()
-                    and await self._pump_notices(pump, self._options.poll_interval)
-                ):
-                    continue
-                with anyio.move_on_after(self._options.poll_interval):
-                    await changed.wait()
+        try:
+            with anyio.move_on_after(timeout) as deadline:
+                while True:
+                    changed = self._changed = self._changed or anyio.Event()
+                    if pump is not None and not primed and not pump.lock.locked():
+                        # Listen before reading, so a verdict saved in between is not missed.
+                        primed = await self._pump_notices(pump, 0)
+                    value = await read()
+                    if predicate(value):
+                        return value
+                    last = value
+                    if (
+                        pump is not None
+                        and not pump.lock.locked()
+                        and await self._pump_notices(pump, self._options.poll_interval)
+                    ):
+                        continue
+                    with anyio.move_on_after(self._options.poll_interval):
+                        await changed.wait()
+        finally:
+            if pump is not None:
+                # This waiter may have been the one reading the notices: wake the others, so one of them
+                # takes over the reading instead of waiting out a poll interval unheard.
+                self._notify_changed()
         # Only the deadline ends the loop this way (timeout=None never does).
         assert deadline.cancelled_caught
         raise TimeoutError(timed_out(last))
