@@ -283,7 +283,7 @@ def get_group(state: State, group_id: str) -> GroupRecord | None:
         id=group_id,
         task_ids=tuple(group[G_TASK_IDS]),
         outcome=None if outcome is None else stored_state(outcome),
-        results=tuple(None if result is None else bytes(result) for result in group[G_RESULTS]),
+        results=tuple(result if isinstance(result, bytes) else None for result in group[G_RESULTS]),
         counts=counts,
         created_at=group[G_CREATED_AT],
         finished_at=group[G_FINISHED_AT],
