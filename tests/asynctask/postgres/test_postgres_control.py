@@ -21,7 +21,6 @@ from lifecycle.asynctask import (
     DuplicateTaskError,
     FlowLimits,
     NewGroup,
-    NewTask,
     Notice,
     Settlement,
     TaskState,
@@ -31,24 +30,13 @@ from lifecycle.asynctask.postgres import PostgresBackend
 from lifecycle.asynctask.testing import T0
 
 from ._support import OpenPostgres
+from ._support import layout as _layout
+from ._support import rows as _rows
+from ._support import task as _task
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
 LEASE = 30.0
-
-
-def _task(task_id: str, name: str = "tests.job", **fields: Any) -> NewTask:
-    fields.setdefault("enqueued_at", T0)
-    fields.setdefault("run_at", fields["enqueued_at"])
-    return NewTask(
-        id=task_id,
-        name=name,
-        queue=fields.pop("queue", "default"),
-        payload=fields.pop("payload", task_id.encode()),
-        max_retries=3,
-        timeout=None,
-        **fields,
-    )
 
 
 def _group(group_id: str, count: int, *, then: bool = True, queue: str = "default") -> NewGroup:
@@ -62,12 +50,6 @@ def _group(group_id: str, count: int, *, then: bool = True, queue: str = "defaul
 
 def _verdict(claimed: ClaimedTask, state: TaskState, at: float, result: bytes | None = None) -> Settlement:
     return Settlement(claimed.record.id, claimed.token, state, at=at, result=result, error=None)
-
-
-async def _rows(dsn: str, query: sql.Composable | str, params: tuple[object, ...] = ()) -> list[Any]:
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as connection:
-        cursor = await connection.execute(query, params)  # type: ignore[arg-type]
-        return await cursor.fetchall() if cursor.description else []
 
 
 async def _claim_all(backend: PostgresBackend, count: int, queue: str = "default") -> dict[str, ClaimedTask]:
@@ -153,26 +135,6 @@ async def test_a_store_written_by_schema_version_2_is_migrated_with_its_tasks(
     finally:
         await fresh.close()
         await _rows(postgres_dsn, sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(fresh.schema)))
-
-
-async def _layout(dsn: str, schema: str) -> dict[str, list[Any]]:
-    """What a schema holds: columns, indexes, composite types and functions, with the schema's name (and the
-    channel names derived from it) taken out."""
-    queries = {
-        "columns": "SELECT table_name, column_name, data_type, is_nullable, column_default "
-        "FROM information_schema.columns WHERE table_schema = %s ORDER BY table_name, ordinal_position",
-        "indexes": "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = %s ORDER BY indexname",
-        "functions": "SELECT p.proname, p.prosrc, pg_get_function_arguments(p.oid), p.proconfig::text "
-        "FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %s "
-        "ORDER BY p.proname",
-        "types": "SELECT t.typname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
-        "WHERE n.nspname = %s AND t.typtype = 'c' ORDER BY t.typname",
-    }
-    layout = {key: await _rows(dsn, query, (schema,)) for key, query in queries.items()}
-    return {
-        key: [tuple(str(v).replace(schema, "<schema>") for v in row) for row in rows]
-        for key, rows in layout.items()
-    }
 
 
 # -- fan-in across backend objects ---------------------------------------------------------------------------

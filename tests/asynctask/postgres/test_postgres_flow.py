@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any
 
 import anyio
 import psycopg
@@ -27,67 +26,20 @@ from lifecycle.asynctask.postgres import PostgresBackend
 from lifecycle.asynctask.testing import T0
 
 from ._support import OpenPostgres, make_task
+from ._support import layout as _layout
+from ._support import rows as _rows
+from ._support import task as _task
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
 LEASE = 30.0
 
 
-def _task(task_id: str, name: str = "tests.job", **fields: Any) -> NewTask:
-    fields.setdefault("enqueued_at", T0)
-    fields.setdefault("run_at", fields["enqueued_at"])
-    return NewTask(
-        id=task_id,
-        name=name,
-        queue=fields.pop("queue", "default"),
-        payload=fields.pop("payload", task_id.encode()),
-        max_retries=3,
-        timeout=None,
-        **fields,
-    )
-
-
 def _done(claimed: ClaimedTask, at: float) -> Settlement:
     return Settlement(task_id=claimed.record.id, token=claimed.token, state=TaskState.SUCCEEDED, at=at)
 
 
-async def _rows(dsn: str, query: sql.Composable | str, params: tuple[object, ...] = ()) -> list[Any]:
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as connection:
-        cursor = await connection.execute(query, params)  # type: ignore[arg-type]
-        return await cursor.fetchall() if cursor.description else []
-
-
 # -- the migration from schema version 1 ---------------------------------------------------------------------
-
-
-async def _layout(dsn: str, schema: str) -> dict[str, list[Any]]:
-    """What a schema holds: columns, indexes, types and functions, with the schema's name taken out."""
-    columns = await _rows(
-        dsn,
-        "SELECT table_name, column_name, data_type, is_nullable, column_default "
-        "FROM information_schema.columns WHERE table_schema = %s ORDER BY table_name, ordinal_position",
-        (schema,),
-    )
-    indexes = await _rows(
-        dsn, "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = %s ORDER BY indexname", (schema,)
-    )
-    functions = await _rows(
-        dsn,
-        "SELECT p.proname, p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
-        "WHERE n.nspname = %s ORDER BY p.proname",
-        (schema,),
-    )
-    types = await _rows(
-        dsn,
-        "SELECT t.typname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
-        "WHERE n.nspname = %s AND t.typtype = 'c' ORDER BY t.typname",
-        (schema,),
-    )
-    layout = {"columns": columns, "indexes": indexes, "functions": functions, "types": types}
-    return {
-        key: [tuple(str(v).replace(schema, "<schema>") for v in row) for row in rows]
-        for key, rows in layout.items()
-    }
 
 
 async def test_a_store_written_by_schema_version_1_is_migrated_with_its_tasks(
