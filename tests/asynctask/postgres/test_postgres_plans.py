@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,10 +28,28 @@ from psycopg import sql
 from lifecycle.asynctask import FlowLimits, NewGroup, NewTask, Settlement, TaskState
 from lifecycle.asynctask._backends.postgres import _ops as ops
 from lifecycle.asynctask._backends.postgres._schema import GROUPS_TABLE, MEMBERS_TABLE, TASKS_TABLE
+from tests.conftest import POSTGRES_DSN, require_service
 
 from ._support import OpenPostgres, make_task
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+
+
+@pytest.fixture(scope="module")
+def postgres_dsn() -> Iterator[str]:
+    """A database of this module's own, dropped after it. Buffer counts depend on what an index scan can
+    skip, and an open transaction anywhere in the same database (another test run sharing the server) keeps
+    every row version visible to it, so the counts are measured where no other session works."""
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    name = f"lifecycle_plans_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield POSTGRES_DSN.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
 
 _BACKLOG = 20_000  # enough for the planner to prefer the whole partial index with the table unanalysed
 _INDEX_SCANS = {"Index Scan", "Index Only Scan", "Bitmap Index Scan"}
