@@ -146,15 +146,15 @@ def _expire(connection: sqlite3.Connection, queue: str, now: float) -> None:
 _PRIORITIES = (
     "WITH RECURSIVE levels(value) AS ("
     "SELECT (SELECT priority FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending "
-    "WHERE state = 'pending' AND queue = ?1 ORDER BY priority DESC LIMIT 1) "
+    "WHERE state = 'pending' AND queue = :queue ORDER BY priority DESC LIMIT 1) "
     "UNION ALL SELECT (SELECT priority FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending "
-    "WHERE state = 'pending' AND queue = ?1 AND priority < levels.value ORDER BY priority DESC LIMIT 1) "
+    "WHERE state = 'pending' AND queue = :queue AND priority < levels.value ORDER BY priority DESC LIMIT 1) "
     "FROM levels WHERE levels.value IS NOT NULL) "
 )
 # The earliest run_at of a queue's pending tasks: the first of each priority's range.
 _EARLIEST = (
     _PRIORITIES + "SELECT min((SELECT run_at FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending "
-    "WHERE state = 'pending' AND queue = ?1 AND priority = levels.value ORDER BY run_at LIMIT 1)) "
+    "WHERE state = 'pending' AND queue = :queue AND priority = levels.value ORDER BY run_at LIMIT 1)) "
     "FROM levels WHERE levels.value IS NOT NULL"
 )
 
@@ -218,8 +218,8 @@ _PENDING_QUEUES = (
 # task.
 _UNSCHEDULED = (
     _PRIORITIES + "SELECT seq FROM levels JOIN lifecycle_tasks INDEXED BY lifecycle_tasks_pending "
-    "ON state = 'pending' AND queue = ?1 AND priority = levels.value AND run_at >= 9e999 "
-    "WHERE levels.value IS NOT NULL LIMIT ?2"
+    "ON state = 'pending' AND queue = :queue AND priority = levels.value AND run_at >= 9e999 "
+    "WHERE levels.value IS NOT NULL LIMIT :limit"
 )
 _IN_QUEUE = (
     "SELECT seq FROM lifecycle_tasks INDEXED BY lifecycle_tasks_pending WHERE state = 'pending' AND queue = "
@@ -922,10 +922,10 @@ def _take_over_damaged(connection: sqlite3.Connection, lease_until: float, limit
         if isinstance(queue, str) and _records.stored_text(queue) == queue:
             query, value = _UNSCHEDULED, queue
         elif isinstance(queue, str):  # text that is not UTF-8, kept as surrogate escapes by read_text
-            query, value = _IN_QUEUE + "CAST(? AS TEXT) LIMIT ?", queue.encode("utf-8", "surrogateescape")
+            query, value = _IN_QUEUE + "CAST(:queue AS TEXT) LIMIT :limit", queue.encode("utf-8", "surrogateescape")
         else:  # a blob
-            query, value = _IN_QUEUE + "? LIMIT ?", queue
-        seqs += [seq for (seq,) in connection.execute(query, (value, limit - len(seqs)))]
+            query, value = _IN_QUEUE + ":queue LIMIT :limit", queue
+        seqs += [seq for (seq,) in connection.execute(query, {"queue": value, "limit": limit - len(seqs)})]
     if not seqs:
         return []
     query = f"SELECT seq, {TASK_COLUMNS} FROM lifecycle_tasks WHERE seq IN ({_marks(len(seqs))}) ORDER BY seq"
@@ -951,7 +951,7 @@ def next_run_at(connection: sqlite3.Connection, queues: Sequence[str]) -> tuple[
     for queue in dict.fromkeys(queues):
         if queue in paused_queues:
             continue
-        (value,) = connection.execute(_EARLIEST, (queue,)).fetchone()
+        (value,) = connection.execute(_EARLIEST, {"queue": queue}).fetchone()
         # min() of a queue whose every pending run_at is damaged (text) is that text: nothing is due
         if (type(value) is float or type(value) is int) and (earliest is None or value < earliest):
             earliest = float(value)
