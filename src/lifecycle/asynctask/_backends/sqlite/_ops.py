@@ -922,7 +922,8 @@ def _take_over_damaged(connection: sqlite3.Connection, lease_until: float, limit
         if isinstance(queue, str) and _records.stored_text(queue) == queue:
             query, value = _UNSCHEDULED, queue
         elif isinstance(queue, str):  # text that is not UTF-8, kept as surrogate escapes by read_text
-            query, value = _IN_QUEUE + "CAST(:queue AS TEXT) LIMIT :limit", queue.encode("utf-8", "surrogateescape")
+            query = _IN_QUEUE + "CAST(:queue AS TEXT) LIMIT :limit"
+            value = queue.encode("utf-8", "surrogateescape")
         else:  # a blob
             query, value = _IN_QUEUE + ":queue LIMIT :limit", queue
         seqs += [seq for (seq,) in connection.execute(query, {"queue": value, "limit": limit - len(seqs)})]
