@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
+import nats.js.errors
 import pytest
+from nats.js.manager import JetStreamManager
 
 from lifecycle.asynctask import AsyncTasks, BackendError, NewTask, TaskState
 from lifecycle.asynctask.nats import NatsBackend
@@ -115,3 +118,45 @@ async def test_a_worker_started_after_a_producer_sees_its_tasks(nats_url: str, p
     finally:
         await producer.close()
         await worker.close()
+
+
+async def test_a_store_creation_race_on_the_server_is_tried_again(
+    nats_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nats-server 2.9 answers "error creating store for stream" (10049) when another client deletes the
+    account's last stream while this one creates a stream; the creation is tried again and succeeds."""
+    real_add_stream = JetStreamManager.add_stream
+    refused: list[str] = []
+
+    async def add_stream_refused_once(self: JetStreamManager, config: Any = None, **params: Any) -> Any:
+        if not refused:
+            refused.append(config.name)
+            raise nats.js.errors.ServerError(
+                code=500, err_code=10049, description="error creating store for stream"
+            )
+        return await real_add_stream(self, config, **params)
+
+    monkeypatch.setattr(JetStreamManager, "add_stream", add_stream_refused_once)
+    backend = NatsBackend(nats_url, prefix=prefix)
+    await backend.open()
+    try:
+        assert refused == [f"{prefix}_tasks_log"]
+        await backend.enqueue_many([_task("a")])
+        assert await backend.stats() == {"default": {TaskState.PENDING: 1}}
+    finally:
+        await backend.close()
+
+
+async def test_a_store_the_server_cannot_create_is_one_clear_error(
+    nats_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def add_stream_refused(self: JetStreamManager, config: Any = None, **params: Any) -> Any:
+        raise nats.js.errors.ServerError(
+            code=500, err_code=10049, description="error creating store for stream"
+        )
+
+    monkeypatch.setattr(JetStreamManager, "add_stream", add_stream_refused)
+    backend = NatsBackend(nats_url, prefix=prefix)
+    with pytest.raises(BackendError, match=r"cannot create the stream .*error creating store.*-sd directory"):
+        await backend.open()
+    await backend.close()

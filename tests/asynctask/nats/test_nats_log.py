@@ -242,3 +242,37 @@ def _done(claimed: ClaimedTask, result: bytes | None = None) -> Settlement:
     return Settlement(
         task_id=claimed.record.id, token=claimed.token, state=TaskState.SUCCEEDED, at=T0 + 2, result=result
     )
+
+
+async def test_a_call_that_changes_nothing_plans_again_when_a_message_arrives_while_it_checks_the_log(
+    open_nats: OpenNats,
+) -> None:
+    """The replica changes in place: another writer's claim pushed while a reclaim asks the server for the
+    log's head must make the reclaim plan again, not return what it planned without that claim."""
+    dead_worker = await open_nats()
+    survivor = await open_nats()
+    await dead_worker.enqueue_many([new_task("lost"), new_task("other")])
+    await survivor.stats()  # the survivor has read the enqueue
+    held: list[tuple[object, ...]] = []
+    feed = survivor._feed
+
+    def hold(*message: object) -> None:
+        held.append(message)
+
+    survivor._feed = hold  # type: ignore[method-assign, assignment]
+    (lost,) = await dead_worker.claim(["default"], 1, now=T0, lease_until=T0 + 30)
+    assert lost.record.id == "lost"
+    log = survivor._log
+    assert log is not None
+    real_head = log.head
+
+    async def head_delivering_the_held_claim() -> int:
+        survivor._feed = feed  # type: ignore[method-assign]
+        for message in held:
+            feed(*message)  # type: ignore[arg-type]
+        return await real_head()
+
+    log.head = head_delivering_the_held_claim  # type: ignore[method-assign]
+    with anyio.fail_after(10):
+        reclaimed = await survivor.reclaim_expired(now=T0 + 40, lease_until=T0 + 70, limit=10)
+    assert [claimed.record.id for claimed in reclaimed] == ["lost"]

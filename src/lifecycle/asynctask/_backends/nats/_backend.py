@@ -401,7 +401,8 @@ class NatsBackend:
                 if state.seq == 0:
                     await self._genesis(log)
                     continue
-                tx = Tx(state, state.seq + 1)
+                planned = state.seq  # the replica changes in place while this call awaits below
+                tx = Tx(state, planned + 1)
                 refusal: DuplicateTaskError | None = None
                 try:
                     result = plan(tx)
@@ -410,10 +411,10 @@ class NatsBackend:
                 changes = tx.ops() if refusal is None else []
                 if not changes:
                     head = await log.head()
-                    if head < state.seq:  # the streams were deleted and made again
+                    if head < planned:  # the streams were deleted and made again
                         self._stale = True
                         continue
-                    if head > state.seq or self._state is not state:
+                    if head > planned or self._state is not state:
                         await self._reach(head)
                         continue
                     if refusal is not None:

@@ -40,6 +40,9 @@ _EXPECTED = "Nats-Expected-Last-Sequence"
 _TXN = "Lifecycle-Txn"
 _PART = "Lifecycle-Part"
 _WRONG_LAST_SEQUENCE = 10071
+_STORE_NOT_CREATED = 10049  # "error creating store for stream"
+_STORE_RACE_ATTEMPTS = 5
+
 _TRANSIENT = (
     nats.errors.TimeoutError,
     nats.errors.NoRespondersError,
@@ -245,7 +248,6 @@ class Log:
 
     async def create(self) -> None:
         """Create the two streams (a stream that exists is left as it is) and the log's first message."""
-        js = self.client.jetstream()
         names = self.names
         for name, subjects in (
             (names.log_stream, [names.log_subject]),
@@ -261,12 +263,30 @@ class Log:
                 max_msgs_per_subject=-1,
             )
             try:
-                await self.retrying("creating a stream", lambda config=config: js.add_stream(config))  # type: ignore[misc]
+                await self._add_stream(config)
             except nats.js.errors.BadRequestError as exc:
                 if exc.err_code != 10058:  # stream name already in use (with another configuration)
                     raise BackendError(
                         f"cannot create the stream {name!r} at {self.shown}: {exc.description}"
                     ) from exc
+
+    async def _add_stream(self, config: StreamConfig) -> None:
+        """Create one stream. nats-server 2.9 can answer "error creating store for stream" (10049) while
+        another client deletes the account's last stream (the server removes the account's directory and
+        the creation's mkdir loses the race); that answer is tried again a few times, any other is not."""
+        js = self.client.jetstream()
+        for attempt in range(_STORE_RACE_ATTEMPTS):
+            try:
+                await self.retrying("creating a stream", lambda: js.add_stream(config))
+                return
+            except nats.js.errors.ServerError as exc:
+                if exc.err_code != _STORE_NOT_CREATED or attempt == _STORE_RACE_ATTEMPTS - 1:
+                    raise BackendError(
+                        f"cannot create the stream {config.name!r} at {self.shown}: {exc.description}; check "
+                        "the server's JetStream storage (its -sd directory: space and permissions)"
+                    ) from exc
+                _log.debug("creating stream %r again after %r", config.name, exc)
+            await anyio.sleep(0.05 * (attempt + 1))
 
     async def delete(self) -> None:
         """Delete both streams of the prefix (those that exist)."""
