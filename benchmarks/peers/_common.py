@@ -177,6 +177,13 @@ def thread_sleep_body(index: int) -> None:
 # --------------------------------------------------------------------------------------- redis admin
 
 
+_UNLINK_A_SCAN_PAGE = """
+local page = redis.call('SCAN', ARGV[1], 'COUNT', 1000)
+if #page[2] > 0 then redis.call('UNLINK', unpack(page[2])) end
+return page[1]
+"""
+
+
 class RedisAdmin:
     """A minimal RESP2 client for the producer's bookkeeping (emptying its own database, INFO), independent
     of every peer."""
@@ -235,7 +242,11 @@ class RedisAdmin:
         """Empty the benchmark's own database (see :meth:`claim_own_db`); ``keep_mark=False`` at the end,
         which leaves it empty."""
         self.claim_own_db()
-        self.command("FLUSHDB")
+        cursor = "0"
+        while True:  # SCAN + UNLINK of this database's keys (never FLUSHDB), binary key names included
+            cursor = self.command("EVAL", _UNLINK_A_SCAN_PAGE, "0", cursor)
+            if cursor == "0":
+                break
         if keep_mark:
             self.command("SET", OWNED_MARK, "1")
 

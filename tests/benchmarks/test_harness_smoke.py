@@ -155,6 +155,13 @@ def test_a_database_holding_keys_the_harness_did_not_write_is_never_emptied(redi
             admin.command("DEL", "someone-elses")
             admin.flush_own_db()  # empty: the harness takes it, and may empty it from now on
             admin.command("SET", "written-by-a-run", "1")
+            admin.command(  # several SCAN pages of keys, one of them not UTF-8
+                "EVAL",
+                "for i = 1, 2500 do redis.call('SET', 'run:' .. i, i) end "
+                "redis.call('SET', string.char(255, 254), 1)",
+                "0",
+            )
+            assert admin.command("DBSIZE") == 2503
             admin.flush_own_db()
             assert admin.command("DBSIZE") == 1
             assert admin.command("EXISTS", OWNED_MARK) == 1
