@@ -25,6 +25,7 @@ from lifecycle.asynctask import AsyncTasks
 from lifecycle.asynctask.redis import RedisBackend
 
 URL = "redis://127.0.0.1:6379/0"
+"""The server; ``--url`` takes another (a private server keeps other clients out of the command counts)."""
 
 
 async def command_counts(client: aioredis.Redis) -> dict[str, int]:
@@ -36,7 +37,7 @@ def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before.get(k, 0) for k in after if after[k] - before.get(k, 0) > 0}
 
 
-async def one_round(n: int, client: aioredis.Redis) -> dict[str, Any]:
+async def one_round(n: int, client: aioredis.Redis, url: str) -> dict[str, Any]:
     prefix = f"bench-single-{secrets.token_hex(4)}"
     done = asyncio.Event()
     seen = 0
@@ -47,22 +48,22 @@ async def one_round(n: int, client: aioredis.Redis) -> dict[str, Any]:
         if seen == n:
             done.set()
 
-    producer = AsyncTasks(RedisBackend(URL, prefix=prefix), execution=False)
+    producer = AsyncTasks(RedisBackend(url, prefix=prefix), execution=False)
     producer.register(noop, name="noop")
     await producer.initialize()
     try:
         await producer.enqueue(noop, -1)  # the first enqueue records the layout: not part of the measure
         before = await command_counts(client)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for index in range(n):
             await producer.enqueue(noop, index)
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
         after = await command_counts(client)
     finally:
         await producer.cleanup()
     enqueue_cmds = delta(before, after)
     enqueue_cmds["info"] = enqueue_cmds.get("info", 0) - 1
-    worker = AsyncTasks(RedisBackend(URL, prefix=prefix), concurrency=32)
+    worker = AsyncTasks(RedisBackend(url, prefix=prefix), concurrency=32)
     worker.register(noop, name="noop")
     n += 1
     before = await command_counts(client)
@@ -79,12 +80,13 @@ async def one_round(n: int, client: aioredis.Redis) -> dict[str, Any]:
     after = await command_counts(client)
     drain_cmds = delta(before, after)
     drain_cmds["info"] = drain_cmds.get("info", 0) - 1
-    cleaner = RedisBackend(URL, prefix=prefix)
+    cleaner = RedisBackend(url, prefix=prefix)
     await cleaner.open()
     await cleaner.clear()
     await cleaner.close()
     return {
         "enqueue_per_s": (n - 1) / elapsed,
+        "enqueue_cpu_us": cpu / (n - 1) * 1e6,
         "enqueue_cmds": sum(enqueue_cmds.values()) / (n - 1),
         "enqueue_detail": enqueue_cmds,
         "drain_per_s": n / drain,
@@ -108,17 +110,19 @@ async def main() -> None:
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--floor", action="store_true", help="interleave redis-py LPUSH rounds")
+    parser.add_argument("--url", default=URL, help="the Redis server (default: %(default)s)")
     parser.add_argument("--detail", action="store_true", help="print the commands of each round")
     args = parser.parse_args()
     if not 1 <= args.n <= 20_000:
         parser.error("--n must be between 1 and 20000")
-    client = aioredis.Redis.from_url(URL)
+    client = aioredis.Redis.from_url(args.url)
     results, floors = [], []
     for _ in range(args.rounds):
-        result = await one_round(args.n, client)
+        result = await one_round(args.n, client, args.url)
         results.append(result)
         line = (
-            f"enqueue {result['enqueue_per_s']:8.0f}/s {result['enqueue_cmds']:5.2f} cmds/task   "
+            f"enqueue {result['enqueue_per_s']:8.0f}/s {result['enqueue_cpu_us']:5.0f} us CPU "
+            f"{result['enqueue_cmds']:5.2f} cmds/task   "
             f"drain {result['drain_per_s']:8.0f}/s {result['drain_cmds']:5.2f} cmds/task"
         )
         if args.floor:
@@ -139,6 +143,7 @@ async def main() -> None:
 
     print(
         f"median: enqueue {med('enqueue_per_s'):.0f}/s ({spread('enqueue_per_s')}), "
+        f"{med('enqueue_cpu_us'):.0f} us client CPU, "
         f"{med('enqueue_cmds'):.2f} cmds/task; drain {med('drain_per_s'):.0f}/s ({spread('drain_per_s')}), "
         f"{med('drain_cmds'):.2f} cmds/task"
         + (f"; LPUSH floor {statistics.median(floors):.0f}/s" if floors else "")

@@ -78,6 +78,51 @@ async def test_a_lost_reply_is_retried_by_the_general_script_and_stores_the_task
     assert await backend.claim(["default"], 10, now=T0 + 1, lease_until=T0 + 60) == []
 
 
+async def test_a_batch_looks_for_records_of_the_ids_the_caller_chose_only(own_redis: RedisServer) -> None:
+    backend = RedisBackend(own_redis.url, prefix="batch")
+    admin = aioredis.Redis.from_url(own_redis.url)
+    await backend.open()
+    try:
+        await backend.enqueue_many([_task("first")])
+        batch = [_task(f"made-{i}") for i in range(10)] + [_task("chosen", generated=False)]
+        before = await _commands(admin)
+        assert await backend.enqueue_many(batch) == [task.id for task in batch]
+        after = await _commands(admin)
+        with pytest.raises(DuplicateTaskError):
+            await backend.enqueue_many([_task("made-3", generated=False)])
+    finally:
+        await admin.aclose()
+        await backend.close()
+    assert after["hmget"] - before.get("hmget", 0) == 1  # the chosen id's look-up; none for the ten generated ones
+    assert after["hset"] - before.get("hset", 0) == 11
+
+
+async def test_a_batch_whose_reply_was_lost_is_stored_once(
+    open_redis: OpenRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = await open_redis()
+    runner = backend._run()
+    real = runner.client.evalsha
+    attempts = 0
+
+    async def reply_lost_once(sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        nonlocal attempts
+        reply = await real(sha, numkeys, *keys_and_args)
+        attempts += 1
+        if attempts == 1:
+            raise RedisConnectionError("the connection dropped after the script ran")
+        return reply
+
+    monkeypatch.setattr(runner.client, "evalsha", reply_lost_once)
+    batch = [_task(f"made-{i}") for i in range(5)]
+    assert await backend.enqueue_many(batch) == [task.id for task in batch]
+    assert attempts == 2
+    monkeypatch.undo()
+    assert (await backend.stats())["default"] == {TaskState.PENDING: 5}
+    claimed = await backend.claim(["default"], 10, now=T0 + 1, lease_until=T0 + 60)
+    assert sorted(task.record.id for task in claimed) == [task.id for task in batch]
+
+
 async def test_an_id_the_caller_chose_is_still_checked(open_redis: OpenRedis) -> None:
     backend = await open_redis()
     assert await backend.enqueue_many([_task("mine", generated=False)]) == ["mine"]

@@ -44,6 +44,7 @@ from ..._records import (
 from .._asyncio_only import require_asyncio
 from . import _admin as admin
 from ._codec import (
+    NEW_TASK_VALUES,
     RECORD_FIELDS,
     claimed_tasks,
     group_args,
@@ -351,9 +352,18 @@ class RedisBackend:
         args: list[str | bytes] = [if_exists, self._call_id(), str(len(tasks))]
         for task in tasks:
             args += new_task_args(task)
+        # Tasks whose id the engine generated are stored without looking for a record with it, on the first
+        # attempt only: a repeat (the first one's reply was lost) must find what that one stored.
+        first = args
+        generated = [i for i, task in enumerate(tasks) if task.generated_id]
+        if generated:
+            first = args.copy()
+            for i in generated:
+                flags = 3 + i * NEW_TASK_VALUES + 8
+                first[flags] = f"{first[flags]!s}1"
         if self._unmarked:
             await self._mark_layout(runner)
-        stored, detail = await runner.run("enqueue", args)
+        stored, detail = await runner.run("enqueue", first, retry_as=("enqueue", args) if generated else None)
         if stored == 0:
             conflicts = [task_id.decode() for task_id in detail]
             raise DuplicateTaskError(conflicts[0], conflicts)

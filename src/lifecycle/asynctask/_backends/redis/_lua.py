@@ -459,6 +459,9 @@ return 1
 # ARGV: P, mode ('error' | 'skip' | 'debounce' | 'group'), call id, task count, then 16 values per task (see
 # store()); with 'group' (the tasks are a group's members, stored as with 'error'), then the group's header
 # (see group_stored()).
+# A sixth flag character '1' (not stored; only in the enqueue call's own arguments, never in a follow-up or
+# then) says the engine generated the task's id: no record is looked for. The caller sends it on a call's
+# first attempt only, so a repeat after a lost reply finds what the first attempt stored.
 # Returns {1, flags} with one '1' (stored) or '0' (skipped) per task, or {0, {conflicting ids}} (with
 # 'group', the group's id when a group with it exists). Uniqueness windows are compared with each task's
 # enqueued_at (never the server's clock); a window's key expires a minute after the window, only to free
@@ -560,7 +563,13 @@ else
     local b = 5 + (i - 1) * 16
     local id = ARGV[b]
     local cur = nil
-    if not seen[id] then cur = redis.call('HMGET', rkey(id), 's', 'q', 'o', 'c') end
+    if seen[id] then
+      -- repeated in the batch
+    elseif string.byte(ARGV[b + 8], 6) == 49 then
+      cur = {}  -- the engine generated the id: no record holds it (the caller's first attempt only)
+    else
+      cur = redis.call('HMGET', rkey(id), 's', 'q', 'o', 'c')
+    end
     if mode == 'error' or gid then
       local bad = seen[id] or refused(b)
       if not bad then
