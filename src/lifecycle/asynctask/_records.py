@@ -99,8 +99,9 @@ class NewTask:
     or in :attr:`Settlement.then_groups`); stored on the record."""
     generated_id: bool = field(default=False, compare=False, repr=False)
     """``True`` when the engine made ``id`` up (a random UUID, no ``task_id=`` given): no stored record can
-    hold it, so a backend may store the task without looking for one (the Redis backend's single enqueue
-    does). Not stored; an ``on_enqueue`` hook that changes the id clears it."""
+    hold it, so a backend may store the task without looking for one (the Redis backend does). Set by the
+    engine only: not stored, and cleared when an ``on_enqueue`` hook changes the id (or sets the flag
+    itself)."""
 
 
 @dataclass(frozen=True, slots=True)

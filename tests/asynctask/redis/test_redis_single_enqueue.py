@@ -1,5 +1,5 @@
-"""The single enqueue's lean path: a task whose id the engine generated is stored by a script that looks for no
-record with its id, in fewer server commands; a retry after a lost reply, an id a caller or a hook chose, a
+"""The single enqueue's lean path: a task whose id the engine generated is stored by a script that looks for
+no record with its id, in fewer server commands; a retry after a lost reply, an id a caller or a hook chose, a
 uniqueness window and the wake-up of an idle worker all still behave as on the general path."""
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ async def test_a_generated_id_is_stored_in_six_commands_inside_one_script(own_re
     # The record, its ready and pending-index entries, the sequence, the queue's name, the wake-up check:
     # no HMGET of an existing record, no LPUSH/LTRIM while a token waits.
     assert ran == {"evalsha": 1, "incr": 1, "hset": 1, "zadd": 2, "sadd": 1, "exists": 1}
-    assert record is not None and record.state is TaskState.PENDING
+    assert record is not None
+    assert record.state is TaskState.PENDING
 
 
 async def test_a_lost_reply_is_retried_by_the_general_script_and_stores_the_task_once(
@@ -70,7 +71,8 @@ async def test_a_lost_reply_is_retried_by_the_general_script_and_stores_the_task
 
     monkeypatch.setattr(runner.client, "evalsha", reply_lost_once)
     assert await backend.enqueue_many([_task("once")]) == ["once"]
-    assert len(calls) == 2 and calls[0] != calls[1]  # the lean script, then the general one
+    assert len(calls) == 2
+    assert calls[0] != calls[1]  # the lean script, then the general one
     monkeypatch.undo()
     assert (await backend.stats())["default"] == {TaskState.PENDING: 1}
     claimed = await backend.claim(["default"], 10, now=T0 + 1, lease_until=T0 + 60)
@@ -93,7 +95,8 @@ async def test_a_batch_looks_for_records_of_the_ids_the_caller_chose_only(own_re
     finally:
         await admin.aclose()
         await backend.close()
-    assert after["hmget"] - before.get("hmget", 0) == 1  # the chosen id's look-up; none for the ten generated ones
+    # The chosen id's look-up; none for the ten generated ones.
+    assert after["hmget"] - before.get("hmget", 0) == 1
     assert after["hset"] - before.get("hset", 0) == 11
 
 
@@ -198,6 +201,10 @@ async def test_only_ids_the_engine_made_up_are_marked_generated(open_redis: Open
         return replace(task, id=f"renamed-{len(before)}") if task.meta is None and len(before) == 3 else None
 
     @tasks.on_enqueue
+    def claim_generated(task: NewTask) -> NewTask:
+        return replace(task, generated_id=True)  # not a hook's to set: the engine clears it
+
+    @tasks.on_enqueue
     def look_after(task: NewTask) -> None:
         after.append((task.id, task.generated_id))
 
@@ -205,6 +212,7 @@ async def test_only_ids_the_engine_made_up_are_marked_generated(open_redis: Open
         made_up = await tasks.enqueue(job)
         await tasks.enqueue(job, task_id="chosen")
         renamed = await tasks.enqueue(job)
-    assert before[:2] == [(made_up, True), ("chosen", False)] and before[2][1] is True
+    assert before[:2] == [(made_up, True), ("chosen", False)]
+    assert before[2][1] is True
     assert after == [(made_up, True), ("chosen", False), ("renamed-3", False)]
     assert renamed == "renamed-3"

@@ -677,7 +677,8 @@ def _refilled(stored: bytes | None, limits: FlowLimits, now: float) -> float:
 def _fresh(task: NewTask) -> bool:
     """Whether ``task`` may be stored by the lean single-task script: an id the engine generated, and nothing
     that needs a look at other keys first (a uniqueness window, a group)."""
-    return task.generated_id and task.group_id is None and (task.unique_key is None or task.unique_until is None)
+    window = task.unique_key is not None and task.unique_until is not None
+    return task.generated_id and task.group_id is None and not window
 
 
 def _version(text: str) -> tuple[int, int]:

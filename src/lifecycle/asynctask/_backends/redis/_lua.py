@@ -38,8 +38,8 @@ live in the declared key's slot. The key layout, version 3 (documented in ``docs
   ``_lua_claim``); ``{P}:tb`` hash name -> rate bucket ``"tokens as_of"``; ``{P}:paused`` set of paused
   queues; ``{P}:uq:<unique key>`` uniqueness window ``"until call_id"`` (expires after the window);
   ``{P}:fu:<id>`` list, the debounce follow-up of an ACTIVE task (the 16 values of a new task).
-- ``{P}:w:<queue>``        list holding at most one wake-up token (pushed only when absent); idle workers block
-                           on it (BLPOP).
+- ``{P}:w:<queue>``        list holding at most one wake-up token (pushed only when absent); idle workers
+                           block on it (BLPOP).
 - ``{P}:u:<nonce>``        one waiting backend object's alarm list: it pushes to it itself to end its own
                            BLPOP exactly on time (Redis ends blocking commands up to 100 ms late).
 - ``{P}:queues``           set of queue names seen; ``{P}:seq`` enqueue counter; ``{P}:layout`` version.
