@@ -137,7 +137,7 @@ async def test_an_id_the_caller_chose_is_still_checked(open_redis: OpenRedis) ->
 
 async def test_a_uniqueness_window_is_checked_for_a_generated_id(open_redis: OpenRedis) -> None:
     backend = await open_redis()
-    window = {"unique_key": "job:abc", "unique_until": T0 + 60}
+    window: dict[str, Any] = {"unique_key": "job:abc", "unique_until": T0 + 60}
     assert await backend.enqueue_many([_task("a", **window)]) == ["a"]
     with pytest.raises(DuplicateTaskError):
         await backend.enqueue_many([_task("b", **window)])
