@@ -107,6 +107,7 @@ def build_task(call: Call, now: float, registry: Registry, encoding: Encoding) -
         expires_at=expires_at,
         unique_key=window_key,
         unique_until=window_until,
+        generated_id=call.task_id is None,
     )
 
 

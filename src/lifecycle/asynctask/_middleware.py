@@ -211,6 +211,8 @@ class Hooks:
                 if changed is None or changed is task:
                     continue
                 _check_change(hook, task, changed)
+                if changed.generated_id and (changed.id != task.id or not task.generated_id):
+                    changed = replace(changed, generated_id=False)  # a hook's id may be stored already
                 task = changed
             prepared.append(task)
         _check_ids(tasks, prepared)

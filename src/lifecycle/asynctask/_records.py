@@ -97,6 +97,11 @@ class NewTask:
     group_id: str | None = None
     """The group this task is a member of (set only on the members handed to :meth:`Backend.enqueue_group`
     or in :attr:`Settlement.then_groups`); stored on the record."""
+    generated_id: bool = field(default=False, compare=False, repr=False)
+    """``True`` when the engine made ``id`` up (a random UUID, no ``task_id=`` given): no stored record can
+    hold it, so a backend may store the task without looking for one (the Redis backend does). Set by the
+    engine only: not stored, and cleared when an ``on_enqueue`` hook changes the id (or sets the flag
+    itself)."""
 
 
 @dataclass(frozen=True, slots=True)

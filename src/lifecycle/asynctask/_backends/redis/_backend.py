@@ -44,6 +44,7 @@ from ..._records import (
 from .._asyncio_only import require_asyncio
 from . import _admin as admin
 from ._codec import (
+    NEW_TASK_VALUES,
     RECORD_FIELDS,
     claimed_tasks,
     group_args,
@@ -346,16 +347,47 @@ class RedisBackend:
         runner = self._run()
         if not tasks:
             return []
+        if len(tasks) == 1 and _fresh(tasks[0]):
+            return await self._enqueue_new(runner, tasks[0], if_exists)
         args: list[str | bytes] = [if_exists, self._call_id(), str(len(tasks))]
         for task in tasks:
             args += new_task_args(task)
+        # Tasks whose id the engine generated are stored without looking for a record with it, on the first
+        # attempt only: a repeat (the first one's reply was lost) must find what that one stored.
+        first = args
+        generated = [i for i, task in enumerate(tasks) if task.generated_id]
+        if generated:
+            first = args.copy()
+            for i in generated:
+                flags = 3 + i * NEW_TASK_VALUES + 8
+                first[flags] = f"{first[flags]!s}1"
         if self._unmarked:
             await self._mark_layout(runner)
-        stored, detail = await runner.run("enqueue", args)
+        stored, detail = await runner.run("enqueue", first, retry_as=("enqueue", args) if generated else None)
         if stored == 0:
             conflicts = [task_id.decode() for task_id in detail]
             raise DuplicateTaskError(conflicts[0], conflicts)
         return [task.id for task, flag in zip(tasks, detail, strict=True) if flag == 49]  # b"1"
+
+    async def _enqueue_new(
+        self, runner: ScriptRunner, task: NewTask, if_exists: Literal["error", "skip", "debounce"]
+    ) -> list[str]:
+        """Store one task whose id the engine generated, in the lean script that looks for no record with
+        its id (none can exist). A repeat after a lost connection runs the general enqueue script, which
+        finds the record the first attempt may have stored by the call id."""
+        call = self._call_id()
+        values = new_task_args(task)
+        if self._unmarked:
+            await self._mark_layout(runner)
+        retry: list[str | bytes] = [if_exists, call, "1", *values]
+        reply = await runner.run("enqueue_new", [call, *values], retry_as=("enqueue", retry))
+        if isinstance(reply, list):  # the general script's reply, from a retry
+            stored, detail = reply
+            if stored == 0:
+                conflicts = [task_id.decode() for task_id in detail]
+                raise DuplicateTaskError(conflicts[0], conflicts)
+            return [task.id] if detail == b"1" else []
+        return [task.id]
 
     async def claim(
         self,
@@ -640,6 +672,13 @@ def _refilled(stored: bytes | None, limits: FlowLimits, now: float) -> float:
         elif now > at and limits.per:
             tokens = tokens + (now - at) * rate / limits.per
     return min(rate, tokens)
+
+
+def _fresh(task: NewTask) -> bool:
+    """Whether ``task`` may be stored by the lean single-task script: an id the engine generated, and nothing
+    that needs a look at other keys first (a uniqueness window, a group)."""
+    window = task.unique_key is not None and task.unique_until is not None
+    return task.generated_id and task.group_id is None and not window
 
 
 def _version(text: str) -> tuple[int, int]:

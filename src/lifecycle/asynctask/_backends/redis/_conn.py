@@ -274,12 +274,26 @@ class ScriptRunner:
         for script in SCRIPTS.values():
             await self.client.script_load(script.source)
 
-    async def run(self, name: str, args: Sequence[str | bytes | int]) -> Any:
-        """Run script ``name`` with ``ARGV = [prefix, *args]`` and return its reply."""
+    async def run(
+        self,
+        name: str,
+        args: Sequence[str | bytes | int],
+        *,
+        retry_as: tuple[str, Sequence[str | bytes | int]] | None = None,
+    ) -> Any:
+        """Run script ``name`` with ``ARGV = [prefix, *args]`` and return its reply. With ``retry_as``, a
+        repeat of the call after a lost connection (when the first attempt may have run) runs that script
+        with those arguments instead."""
         script = SCRIPTS[name]
         keys_and_args = (self._anchor, self.prefix, *args)
+        attempts = 0
 
         async def call() -> Any:
+            nonlocal script, keys_and_args, attempts
+            attempts += 1
+            if attempts == 2 and retry_as is not None:
+                script = SCRIPTS[retry_as[0]]
+                keys_and_args = (self._anchor, self.prefix, *retry_as[1])
             try:
                 return await self.client.evalsha(script.sha, 1, *keys_and_args)
             except NoScriptError:

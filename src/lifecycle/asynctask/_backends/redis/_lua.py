@@ -38,7 +38,8 @@ live in the declared key's slot. The key layout, version 3 (documented in ``docs
   ``_lua_claim``); ``{P}:tb`` hash name -> rate bucket ``"tokens as_of"``; ``{P}:paused`` set of paused
   queues; ``{P}:uq:<unique key>`` uniqueness window ``"until call_id"`` (expires after the window);
   ``{P}:fu:<id>`` list, the debounce follow-up of an ACTIVE task (the 16 values of a new task).
-- ``{P}:w:<queue>``        list holding at most one wake-up token; idle workers block on it (BLPOP).
+- ``{P}:w:<queue>``        list holding at most one wake-up token (pushed only when absent); idle workers
+                           block on it (BLPOP).
 - ``{P}:u:<nonce>``        one waiting backend object's alarm list: it pushes to it itself to end its own
                            BLPOP exactly on time (Redis ends blocking commands up to 100 ms late).
 - ``{P}:queues``           set of queue names seen; ``{P}:seq`` enqueue counter; ``{P}:layout`` version.
@@ -86,12 +87,13 @@ local function expiring(q) return P .. 'x:' .. q end
 local function enc(s) return #s .. ':' .. s end
 local function read(key) return redis.call('HMGET', key, unpack(FIELDS)) end
 local WOKEN = {}
+-- The wake-up list holds at most one token: one command while a token waits (no worker idle), two when an
+-- idle worker took the last one.
 local function wake(q)
   if WOKEN[q] then return end
   WOKEN[q] = true
   local key = P .. 'w:' .. q
-  redis.call('LPUSH', key, '1')
-  redis.call('LTRIM', key, 0, 0)
+  if redis.call('EXISTS', key) == 0 then redis.call('LPUSH', key, '1') end
 end
 local function announce(queues)
   for q in pairs(queues) do
@@ -443,9 +445,23 @@ local function forget(previous)
 end
 """
 
+# ARGV: P, call id, then the 16 values of one task (see store()) whose id the engine generated, so no record
+# can hold it, and that opens no uniqueness window and is no group member: the single enqueue's path, with
+# no existence check. Returns 1. A retry of the call (its reply was lost) runs the general script below
+# instead, which finds the record this call stored by its call id.
+_ENQUEUE_NEW = """
+local queues = {}
+store(ARGV, 3, redis.call('INCR', P .. 'seq'), ARGV[2], nil, queues)
+announce(queues)
+return 1
+"""
+
 # ARGV: P, mode ('error' | 'skip' | 'debounce' | 'group'), call id, task count, then 16 values per task (see
 # store()); with 'group' (the tasks are a group's members, stored as with 'error'), then the group's header
 # (see group_stored()).
+# A sixth flag character '1' (not stored; only in the enqueue call's own arguments, never in a follow-up or
+# then) says the engine generated the task's id: no record is looked for. The caller sends it on a call's
+# first attempt only, so a repeat after a lost reply finds what the first attempt stored.
 # Returns {1, flags} with one '1' (stored) or '0' (skipped) per task, or {0, {conflicting ids}} (with
 # 'group', the group's id when a group with it exists). Uniqueness windows are compared with each task's
 # enqueued_at (never the server's clock); a window's key expires a minute after the window, only to free
@@ -547,7 +563,13 @@ else
     local b = 5 + (i - 1) * 16
     local id = ARGV[b]
     local cur = nil
-    if not seen[id] then cur = redis.call('HMGET', rkey(id), 's', 'q', 'o', 'c') end
+    if seen[id] then
+      -- repeated in the batch
+    elseif string.byte(ARGV[b + 8], 6) == 49 then
+      cur = {}  -- the engine generated the id: no record holds it (the caller's first attempt only)
+    else
+      cur = redis.call('HMGET', rkey(id), 's', 'q', 'o', 'c')
+    end
     if mode == 'error' or gid then
       local bad = seen[id] or refused(b)
       if not bad then
@@ -895,6 +917,7 @@ WORKER_SCRIPTS: dict[str, LuaScript] = {
     found.name: found
     for found in (
         script("enqueue", _ENQUEUE),
+        script("enqueue_new", _ENQUEUE_NEW),
         script("reclaim", _RECLAIM),
         script("extend", _EXTEND),
         script("settle", _SETTLE),
