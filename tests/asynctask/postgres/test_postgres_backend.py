@@ -12,6 +12,7 @@ import psycopg.conninfo
 import pytest
 import trio
 from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
 
 from lifecycle.asynctask import BackendError, TaskState, backend_from_url
 from lifecycle.asynctask._backends.postgres import _schema as schema_module
@@ -407,6 +408,40 @@ async def test_pooled_connections_dropped_by_the_server_are_replaced(
     with anyio.fail_after(20):
         assert (await backend.get("before")) is not None
         assert await backend.enqueue_many([make_task("after")]) == ["after"]
+
+
+async def test_a_healthy_pooled_connection_is_handed_out_without_a_liveness_round_trip(
+    open_pg: OpenPostgres, postgres_dsn: str, unique_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checked: list[object] = []
+    full_check = AsyncConnectionPool.check_connection
+
+    async def counting_check(connection: psycopg.AsyncConnection[object]) -> None:
+        checked.append(connection)
+        await full_check(connection)
+
+    monkeypatch.setattr(AsyncConnectionPool, "check_connection", counting_check)
+    app = f"lc_check_{unique_name}"
+    backend = await open_pg(dsn=_with_app_name(postgres_dsn, app), pool_size=1)
+    for n in range(5):
+        await backend.enqueue_many([make_task(f"t{n}")])
+        assert await backend.get(f"t{n}") is not None
+    assert checked == [], "a connection the server said nothing to is handed out as it is"
+
+    (pid,) = (
+        row[0]
+        for row in await _execute(
+            postgres_dsn,
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND query NOT LIKE 'LISTEN%%'",
+            (app,),
+        )
+    )
+    assert await _execute(postgres_dsn, "SELECT pg_terminate_backend(%s, 10000)", (pid,)) == [(True,)]
+    with anyio.fail_after(20):
+        # The server's goodbye made the idle socket readable: the check runs, fails, and the pool replaces
+        # the connection, so the caller never sees the broken one.
+        assert await backend.get("t0") is not None
+    assert len(checked) == 1
 
 
 # -- text PostgreSQL cannot store -------------------------------------------------------------------------
