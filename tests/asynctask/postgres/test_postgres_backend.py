@@ -3,8 +3,11 @@ LOCKED claims, LISTEN/NOTIFY wake-ups and reconnecting after the server dropped 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 import time
+from collections.abc import AsyncIterator
 
 import anyio
 import psycopg
@@ -14,7 +17,7 @@ import trio
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from lifecycle.asynctask import BackendError, TaskState, backend_from_url
+from lifecycle.asynctask import BackendError, DuplicateTaskError, TaskState, backend_from_url
 from lifecycle.asynctask._backends.postgres import _schema as schema_module
 from lifecycle.asynctask.postgres import PostgresBackend
 
@@ -442,6 +445,62 @@ async def test_a_healthy_pooled_connection_is_handed_out_without_a_liveness_roun
         # the connection, so the caller never sees the broken one.
         assert await backend.get("t0") is not None
     assert len(checked) == 1
+
+
+@contextlib.asynccontextmanager
+async def _round_trips(backend: PostgresBackend) -> AsyncIterator[list[str]]:
+    """The messages the one pooled connection of ``backend`` (``pool_size=1``) sends meanwhile that end a
+    round trip (``Sync`` of a statement, ``Query`` of a simple query), read from libpq's protocol trace."""
+    sent: list[str] = []
+    with tempfile.TemporaryFile() as trace:
+        async with backend._connection() as connection:
+            connection.pgconn.trace(trace.fileno())
+            connection.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            yield sent
+        finally:
+            async with backend._connection() as connection:
+                connection.pgconn.untrace()
+            trace.seek(0)
+            for line in trace.read().decode(errors="replace").splitlines():
+                fields = line.split("\t")
+                if fields[0] == "F" and fields[2] in ("Sync", "Query"):
+                    sent.append(fields[2])
+
+
+async def test_a_single_enqueue_is_one_round_trip_wake_up_included(open_pg: OpenPostgres) -> None:
+    waiter = await open_pg(poll_interval=3600)
+    backend = await open_pg(pool_size=1)
+    await backend.enqueue_many([make_task("warm-up")])
+    returned = anyio.Event()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            await _start_waiter(group, waiter, "wake", returned)
+            async with _round_trips(backend) as sent:
+                assert await backend.enqueue_many([make_task("one", queue="wake")]) == ["one"]
+            await returned.wait()  # its NOTIFY was sent, by the same statement's commit
+    assert sent == ["Sync"]
+    async with _round_trips(backend) as sent:
+        stored = await backend.enqueue_many([make_task("one"), make_task("two")], if_exists="skip")
+    assert stored == ["two"]
+    assert sent == ["Sync"], "a batch of skip has nothing to undo: one statement too"
+    record = await backend.get("two")
+    assert record is not None
+    assert record.state is TaskState.PENDING
+
+
+async def test_a_single_enqueue_of_a_live_id_stores_nothing_and_raises(open_pg: OpenPostgres) -> None:
+    backend = await open_pg(pool_size=1)
+    await backend.enqueue_many([make_task("taken", delay=60)])
+    with pytest.raises(DuplicateTaskError, match="taken"):
+        await backend.enqueue_many([make_task("taken")])
+    record = await backend.get("taken")
+    assert record is not None
+    assert record.run_at > time.time() + 30, "the stored task is left as it was"
+    # A batch of "error" keeps its transaction: nothing of it is stored when one id is taken.
+    with pytest.raises(DuplicateTaskError, match="taken"):
+        await backend.enqueue_many([make_task("fresh"), make_task("taken")])
+    assert await backend.get("fresh") is None
 
 
 # -- text PostgreSQL cannot store -------------------------------------------------------------------------
