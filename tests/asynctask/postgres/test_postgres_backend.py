@@ -21,7 +21,7 @@ from lifecycle.asynctask import BackendError, DuplicateTaskError, TaskState, bac
 from lifecycle.asynctask._backends.postgres import _schema as schema_module
 from lifecycle.asynctask.postgres import PostgresBackend
 
-from ._support import OpenPostgres, make_task
+from ._support import OpenPostgres, make_task, start_listening
 
 # Marked at collection time (the root conftest marks anyio tests only after collection, too late for the
 # anyio_backend override in conftest.py to take effect).
@@ -374,7 +374,8 @@ async def test_the_listen_connection_reconnects_after_the_server_dropped_it(
     app = f"lc_listen_{unique_name}"
     waiter = await open_pg(poll_interval=3600, dsn=_with_app_name(postgres_dsn, app))
     producer = await open_pg()
-    assert waiter.listening
+    with anyio.fail_after(20):
+        await start_listening(waiter)
     terminated = await _execute(
         postgres_dsn,
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "

@@ -181,8 +181,10 @@ class PostgresBackend:
 
     @property
     def listening(self) -> bool:
-        """Whether the ``LISTEN`` connection is up. While it is down (a server restart), it reconnects in
-        the background and idle workers look at the table every ``poll_interval``."""
+        """Whether the ``LISTEN`` connection is up. It is opened by the first :meth:`wait_for_work` or
+        :meth:`wait_for_notices` (false until then: an enqueue-only process does not listen). While it is
+        down (a server restart), it reconnects in the background and idle workers look at the table every
+        ``poll_interval``."""
         listener = self._listener
         return listener is not None and listener.connected
 
@@ -197,7 +199,9 @@ class PostgresBackend:
     # -- connection ---------------------------------------------------------------------------------------
 
     async def open(self, *, create: Create = True) -> None:
-        """Connect, create or migrate the schema, start listening. Calling it again does nothing.
+        """Connect, create or migrate the schema. Calling it again does nothing. The ``LISTEN`` connection is
+        opened later, by the first call that waits for wake-ups or notices (:meth:`wait_for_work`,
+        :meth:`wait_for_notices`): a process that only enqueues opens none.
 
         ``create=False`` creates nothing: it raises :class:`BackendError` when the schema holds no task
         tables (what the ``lifecycle tasks`` commands use). ``create="on_enqueue"`` (what
@@ -242,7 +246,6 @@ class PostgresBackend:
                         f"{_safe_dsn(self._dsn)}; check the schema name (?schema=NAME in a URL) and the "
                         "database, or start a worker, which creates them"
                     )
-                await listener.start()
                 await pool.open(wait=True, timeout=self._connect_timeout)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
@@ -546,6 +549,9 @@ class PostgresBackend:
         if listener is None or self._pool is None:
             return
         deadline = anyio.current_time() + max(0.0, timeout)
+        # The first wait starts listening, before it reads the counters and the table, so a notification
+        # committed after that look is not missed; a LISTEN that connects later wakes this wait.
+        await listener.start(min(max(0.0, timeout), self._connect_timeout))
         key = tuple(dict.fromkeys(queues))
         while True:
             changed = listener.changed()
@@ -703,6 +709,7 @@ class PostgresBackend:
         if listener is None:
             await anyio.sleep(max(0.0, timeout))  # closed: nothing will come
             return []
+        await listener.start(self._connect_timeout)
         await listener.listen_notices(self._connect_timeout)
         return await listener.next_notices(timeout)
 
