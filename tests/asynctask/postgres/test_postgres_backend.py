@@ -534,6 +534,30 @@ async def test_a_nul_character_in_an_error_message_does_not_fail_the_settlement(
     assert (record.state, record.last_error) == (TaskState.DEAD, "ValueError: b'\\x00'")
 
 
+async def test_text_that_array_literals_quote_survives_enqueue_claim_and_settle(
+    open_pg: OpenPostgres,
+) -> None:
+    # The pooled connections send their column arrays in binary; the caller's connection of the outbox in
+    # text: both must store every character as given.
+    from lifecycle.asynctask import Settlement
+
+    odd = ["NULL", "null", '{a,"b"}', "back\\slash", " spaced ", "comma,", "", "é ☃"]
+    backend = await open_pg()
+    await backend.enqueue_many([make_task(task_id) for task_id in odd])
+    now = time.time()
+    claimed = await backend.claim(["default"], len(odd), now=now, lease_until=now + 30)
+    assert sorted(c.record.id for c in claimed) == sorted(odd)
+    verdicts = [
+        Settlement(task_id=c.record.id, token=c.token, state=TaskState.DEAD, at=now, error=f"{c.record.id}}}")
+        for c in claimed
+    ]
+    assert await backend.settle(verdicts) == set()
+    for task_id in odd:
+        record = await backend.get(task_id)
+        assert record is not None
+        assert (record.id, record.state, record.last_error) == (task_id, TaskState.DEAD, f"{task_id}}}")
+
+
 async def test_a_user_without_the_right_to_create_the_schema_gets_a_clear_error(
     postgres_dsn: str, pg_schema: str, unique_name: str
 ) -> None:
