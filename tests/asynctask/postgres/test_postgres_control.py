@@ -406,6 +406,10 @@ async def test_a_process_that_never_asks_for_notices_is_not_sent_them(
     )
 
 
+def _listening(backend: PostgresBackend) -> bool:
+    return backend.listening  # read anew at each call (an attribute read after an assert is narrowed)
+
+
 async def test_an_enqueue_only_asynctasks_listens_only_once_it_waits_for_a_result(
     postgres_dsn: str, pg_schema: str
 ) -> None:
@@ -437,7 +441,7 @@ async def test_an_enqueue_only_asynctasks_listens_only_once_it_waits_for_a_resul
                 async with anyio.create_task_group() as waits:
                     waits.start_soon(wait_for, first)
                     waits.start_soon(wait_for, second)
-                    while not backend.listening:  # the waits open it (no event to wait on from outside)
+                    while not _listening(backend):  # the waits open it (no event to wait on from outside)
                         await anyio.sleep(0.02)
                     release.set()
                 group.cancel_scope.cancel()
