@@ -6,6 +6,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 import psycopg
 from psycopg import sql
 
@@ -15,6 +16,15 @@ from lifecycle.asynctask.testing import T0
 
 OpenPostgres = Callable[..., Awaitable[PostgresBackend]]
 """The ``open_pg`` fixture: opens a PostgresBackend over the test's schema (keyword options pass through)."""
+
+
+async def start_listening(backend: PostgresBackend) -> None:
+    """Have ``backend`` open its ``LISTEN`` connection (its first wait does) and return once it is up. The
+    listener connects in a background task with no event to wait on from outside, so this looks at its state
+    at each turn: bound it with the caller's ``anyio.fail_after``."""
+    await backend.wait_for_work([], timeout=0)
+    while not backend.listening:
+        await anyio.sleep(0.02)
 
 
 def make_task(

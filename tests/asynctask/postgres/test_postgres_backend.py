@@ -3,8 +3,11 @@ LOCKED claims, LISTEN/NOTIFY wake-ups and reconnecting after the server dropped 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 import time
+from collections.abc import AsyncIterator
 
 import anyio
 import psycopg
@@ -12,12 +15,13 @@ import psycopg.conninfo
 import pytest
 import trio
 from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
 
-from lifecycle.asynctask import BackendError, TaskState, backend_from_url
+from lifecycle.asynctask import BackendError, DuplicateTaskError, TaskState, backend_from_url
 from lifecycle.asynctask._backends.postgres import _schema as schema_module
 from lifecycle.asynctask.postgres import PostgresBackend
 
-from ._support import OpenPostgres, make_task
+from ._support import OpenPostgres, make_task, start_listening
 
 # Marked at collection time (the root conftest marks anyio tests only after collection, too late for the
 # anyio_backend override in conftest.py to take effect).
@@ -370,7 +374,8 @@ async def test_the_listen_connection_reconnects_after_the_server_dropped_it(
     app = f"lc_listen_{unique_name}"
     waiter = await open_pg(poll_interval=3600, dsn=_with_app_name(postgres_dsn, app))
     producer = await open_pg()
-    assert waiter.listening
+    with anyio.fail_after(20):
+        await start_listening(waiter)
     terminated = await _execute(
         postgres_dsn,
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -390,23 +395,120 @@ async def test_the_listen_connection_reconnects_after_the_server_dropped_it(
             await returned.wait()
 
 
+async def _terminate(dsn: str, select_pids: str, app: str) -> list[int]:
+    """End the sessions ``select_pids`` selects (given ``app``) and return once they are gone: the server
+    ends a session when its process handles the signal, a moment after ``pg_terminate_backend`` returns.
+    (Its wait argument needs PostgreSQL 14, and 13 is supported.) Bound it with the caller's fail_after."""
+    pids = [int(str(row[0])) for row in await _execute(dsn, select_pids, (app,))]
+    assert pids
+    for pid in pids:
+        assert await _execute(dsn, "SELECT pg_terminate_backend(%s)", (pid,)) == [(True,)]
+    while await _execute(dsn, "SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)):
+        await anyio.sleep(0.01)
+    return pids
+
+
 async def test_pooled_connections_dropped_by_the_server_are_replaced(
     open_pg: OpenPostgres, postgres_dsn: str, unique_name: str
 ) -> None:
     app = f"lc_pool_{unique_name}"
     backend = await open_pg(dsn=_with_app_name(postgres_dsn, app))
     await backend.enqueue_many([make_task("before")])
-    terminated = await _execute(
-        postgres_dsn,
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        "WHERE application_name = %s AND query NOT LIKE 'LISTEN%%'",
-        (app,),
-    )
-    assert terminated
-    assert all(ok for (ok,) in terminated)
     with anyio.fail_after(20):
+        await _terminate(
+            postgres_dsn,
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND query NOT LIKE 'LISTEN%%'",
+            app,
+        )
         assert (await backend.get("before")) is not None
         assert await backend.enqueue_many([make_task("after")]) == ["after"]
+
+
+async def test_a_healthy_pooled_connection_is_handed_out_without_a_liveness_round_trip(
+    open_pg: OpenPostgres, postgres_dsn: str, unique_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checked: list[object] = []
+    full_check = AsyncConnectionPool.check_connection
+
+    async def counting_check(connection: psycopg.AsyncConnection[object]) -> None:
+        checked.append(connection)
+        await full_check(connection)
+
+    monkeypatch.setattr(AsyncConnectionPool, "check_connection", counting_check)
+    app = f"lc_check_{unique_name}"
+    backend = await open_pg(dsn=_with_app_name(postgres_dsn, app), pool_size=1)
+    for n in range(5):
+        await backend.enqueue_many([make_task(f"t{n}")])
+        assert await backend.get(f"t{n}") is not None
+    assert checked == [], "a connection the server said nothing to is handed out as it is"
+
+    with anyio.fail_after(20):
+        pids = await _terminate(
+            postgres_dsn,
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND query NOT LIKE 'LISTEN%%'",
+            app,
+        )
+        assert len(pids) == 1
+        # The server's goodbye made the idle socket readable: the check runs, fails, and the pool replaces
+        # the connection, so the caller never sees the broken one.
+        assert await backend.get("t0") is not None
+    assert len(checked) == 1
+
+
+@contextlib.asynccontextmanager
+async def _round_trips(backend: PostgresBackend) -> AsyncIterator[list[str]]:
+    """The messages the one pooled connection of ``backend`` (``pool_size=1``) sends meanwhile that end a
+    round trip (``Sync`` of a statement, ``Query`` of a simple query), read from libpq's protocol trace."""
+    sent: list[str] = []
+    with tempfile.TemporaryFile() as trace:
+        async with backend._connection() as connection:
+            connection.pgconn.trace(trace.fileno())
+            connection.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            yield sent
+        finally:
+            async with backend._connection() as connection:
+                connection.pgconn.untrace()
+            trace.seek(0)
+            for line in trace.read().decode(errors="replace").splitlines():
+                fields = line.split("\t")
+                if fields[0] == "F" and fields[2] in ("Sync", "Query"):
+                    sent.append(fields[2])
+
+
+async def test_a_single_enqueue_is_one_round_trip_wake_up_included(open_pg: OpenPostgres) -> None:
+    waiter = await open_pg(poll_interval=3600)
+    backend = await open_pg(pool_size=1)
+    await backend.enqueue_many([make_task("warm-up")])
+    returned = anyio.Event()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            await _start_waiter(group, waiter, "wake", returned)
+            async with _round_trips(backend) as sent:
+                assert await backend.enqueue_many([make_task("one", queue="wake")]) == ["one"]
+            await returned.wait()  # its NOTIFY was sent, by the same statement's commit
+    assert sent == ["Sync"]
+    async with _round_trips(backend) as sent:
+        stored = await backend.enqueue_many([make_task("one"), make_task("two")], if_exists="skip")
+    assert stored == ["two"]
+    assert sent == ["Sync"], "a batch of skip has nothing to undo: one statement too"
+    record = await backend.get("two")
+    assert record is not None
+    assert record.state is TaskState.PENDING
+
+
+async def test_a_single_enqueue_of_a_live_id_stores_nothing_and_raises(open_pg: OpenPostgres) -> None:
+    backend = await open_pg(pool_size=1)
+    await backend.enqueue_many([make_task("taken", delay=60)])
+    with pytest.raises(DuplicateTaskError, match="taken"):
+        await backend.enqueue_many([make_task("taken")])
+    record = await backend.get("taken")
+    assert record is not None
+    assert record.run_at > time.time() + 30, "the stored task is left as it was"
+    # A batch of "error" keeps its transaction: nothing of it is stored when one id is taken.
+    with pytest.raises(DuplicateTaskError, match="taken"):
+        await backend.enqueue_many([make_task("fresh"), make_task("taken")])
+    assert await backend.get("fresh") is None
 
 
 # -- text PostgreSQL cannot store -------------------------------------------------------------------------
@@ -437,6 +539,30 @@ async def test_a_nul_character_in_an_error_message_does_not_fail_the_settlement(
     record = await backend.get("job")
     assert record is not None
     assert (record.state, record.last_error) == (TaskState.DEAD, "ValueError: b'\\x00'")
+
+
+async def test_text_that_array_literals_quote_survives_enqueue_claim_and_settle(
+    open_pg: OpenPostgres,
+) -> None:
+    # The pooled connections send their column arrays in binary; the caller's connection of the outbox in
+    # text: both must store every character as given.
+    from lifecycle.asynctask import Settlement
+
+    odd = ["NULL", "null", '{a,"b"}', "back\\slash", " spaced ", "comma,", "", "é ☃"]
+    backend = await open_pg()
+    await backend.enqueue_many([make_task(task_id) for task_id in odd])
+    now = time.time()
+    claimed = await backend.claim(["default"], len(odd), now=now, lease_until=now + 30)
+    assert sorted(c.record.id for c in claimed) == sorted(odd)
+    verdicts = [
+        Settlement(task_id=c.record.id, token=c.token, state=TaskState.DEAD, at=now, error=f"{c.record.id}}}")
+        for c in claimed
+    ]
+    assert await backend.settle(verdicts) == set()
+    for task_id in odd:
+        record = await backend.get(task_id)
+        assert record is not None
+        assert (record.id, record.state, record.last_error) == (task_id, TaskState.DEAD, f"{task_id}}}")
 
 
 async def test_a_user_without_the_right_to_create_the_schema_gets_a_clear_error(

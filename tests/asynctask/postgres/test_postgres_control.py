@@ -17,6 +17,7 @@ import pytest
 from psycopg import sql
 
 from lifecycle.asynctask import (
+    AsyncTasks,
     ClaimedTask,
     DuplicateTaskError,
     FlowLimits,
@@ -29,7 +30,7 @@ from lifecycle.asynctask._backends.postgres import _schema as schema_module
 from lifecycle.asynctask.postgres import PostgresBackend
 from lifecycle.asynctask.testing import T0
 
-from ._support import OpenPostgres
+from ._support import OpenPostgres, start_listening
 from ._support import layout as _layout
 from ._support import rows as _rows
 from ._support import task as _task
@@ -391,6 +392,9 @@ async def test_a_process_that_never_asks_for_notices_is_not_sent_them(
 ) -> None:
     producer = await open_pg()
     await producer.enqueue_many([_task("job")])
+    assert not producer.listening, "a backend that only enqueues opens no LISTEN connection"
+    with anyio.fail_after(20):
+        await start_listening(producer)  # a wait for work listens for wake-ups only
     listener = producer._listener
     assert listener is not None
     pid = listener._connection.info.backend_pid  # type: ignore[union-attr]
@@ -400,6 +404,48 @@ async def test_a_process_that_never_asks_for_notices_is_not_sent_them(
     assert (await _rows(postgres_dsn, listening, (pid, "LISTEN%lifecycle-notices%")))[0][0] == 1, (
         "the first wait_for_notices() listens to the notice channel, and returns once it does"
     )
+
+
+def _listening(backend: PostgresBackend) -> bool:
+    return backend.listening  # read anew at each call (an attribute read after an assert is narrowed)
+
+
+async def test_an_enqueue_only_asynctasks_listens_only_once_it_waits_for_a_result(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    backend = PostgresBackend(postgres_dsn, schema=pg_schema)
+    producer = AsyncTasks(backend, execution=False)
+    worker = AsyncTasks(PostgresBackend(postgres_dsn, schema=pg_schema), concurrency=2)
+    release = anyio.Event()
+
+    async def double(value: int) -> int:
+        await release.wait()
+        return 2 * value
+
+    producer.register(double, name="tests.double")
+    worker.register(double, name="tests.double")
+    async with producer, worker:
+        first = await producer.enqueue("tests.double", 1)
+        second = await producer.enqueue("tests.double", 2)
+        assert not backend.listening, "enqueues alone open no LISTEN connection, and read no notification"
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as group:
+                group.start_soon(worker.execute)
+                waited: list[int] = []
+
+                async def wait_for(task_id: str) -> None:
+                    info = await producer.wait(task_id)
+                    assert info.state is TaskState.SUCCEEDED
+                    waited.append(info.result)
+
+                async with anyio.create_task_group() as waits:
+                    waits.start_soon(wait_for, first)
+                    waits.start_soon(wait_for, second)
+                    while not _listening(backend):  # the waits open it (no event to wait on from outside)
+                        await anyio.sleep(0.02)
+                    release.set()
+                group.cancel_scope.cancel()
+        assert sorted(waited) == [2, 4]
 
 
 async def test_notices_flow_again_after_the_listen_connection_was_lost(

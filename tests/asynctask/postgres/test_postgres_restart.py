@@ -16,7 +16,7 @@ from lifecycle.asynctask import AsyncTasks, Call, ClaimedTask, Settlement, TaskS
 from lifecycle.asynctask.postgres import PostgresBackend
 
 from ._server import PrivatePostgres, private_postgres
-from ._support import make_task
+from ._support import make_task, start_listening
 
 # Marked at collection time (the root conftest marks anyio tests only after collection, too late for the
 # anyio_backend override in conftest.py to take effect).
@@ -55,6 +55,8 @@ async def test_leased_and_pending_tasks_survive_a_server_crash_and_restart(
 ) -> None:
     ids = [f"task-{n:03d}" for n in range(100)]
     now = time.time()
+    with anyio.fail_after(20):
+        await start_listening(backend)
     await backend.enqueue_many([make_task(task_id, at=now) for task_id in ids])
     leased = await backend.claim(["default"], 40, now=now, lease_until=now + 600)
     assert len(leased) == 40

@@ -4,7 +4,9 @@ Writers call ``pg_notify(channel, queue)`` inside the transaction that made work
 notification is delivered exactly when (and only if) that transaction commits. The :class:`Listener` keeps a
 counter per queue; ``wait_for_work`` remembers the counters of its queues and sleeps until they change. When
 the connection drops (a server restart), the listener reconnects with backoff and bumps every counter, since
-notifications sent meanwhile are lost: waiters then look at the table again.
+notifications sent meanwhile are lost: waiters then look at the table again. The connection is opened only
+when wake-ups are first needed (the first ``wait_for_work`` or ``wait_for_notices``), so a process that only
+enqueues holds no LISTEN connection and reads no notification, its own included.
 
 Notices (``wait_for_notices``: cancel requests and settlements, for workers and waiters) travel on a channel
 of their own, which the connection listens to only from the first :meth:`Listener.listen_notices` on, so a
@@ -49,7 +51,7 @@ class Listener:
     """Holds a LISTEN connection on ``channel`` and counts notifications per queue (payload = queue name);
     from the first :meth:`listen_notices` on, it also listens on ``notice_channel`` and keeps the notices.
 
-    Create it, ``await start()`` (raises the connection error when the first connect fails), then read
+    Create it (it connects nothing yet), ``await start(timeout)`` when wake-ups are first needed, then read
     :meth:`generation` and wait on :meth:`changed`. ``close()`` stops the reader and closes the connection.
     """
 
@@ -76,6 +78,7 @@ class Listener:
         self._notices_on = False  # the current connection LISTENs on the notice channel
         self._notices: deque[Notice] = deque(maxlen=_NOTICES_KEPT)
         self._noticed = anyio.Event()  # set when notices arrive, the notice LISTEN starts, or on close
+        self._attempted = anyio.Event()  # set once the reader's first attempt to connect ended (or on close)
 
     @property
     def connected(self) -> bool:
@@ -116,15 +119,22 @@ class Listener:
             batch.append(self._notices.popleft())
         return batch
 
-    async def start(self) -> None:
-        """Connect and LISTEN, then keep reading in a background task. Raises :class:`psycopg.Error`."""
-        self._connection = await self._connect()
-        self._reader = asyncio.get_running_loop().create_task(self._read(), name=f"LISTEN {self._channel}")
+    async def start(self, timeout: float) -> None:
+        """Connect and LISTEN from now on (the first call starts the background reader, which connects and
+        reconnects), waiting up to ``timeout`` seconds for its first attempt to connect. A failure is not
+        raised: the reader keeps trying, and its first success wakes every waiter (see :meth:`changed`)."""
+        if self._reader is None and not self._closed:
+            self._reader = asyncio.get_running_loop().create_task(
+                self._read(), name=f"LISTEN {self._channel}"
+            )
+        with anyio.move_on_after(max(0.0, timeout)):
+            await self._attempted.wait()
 
     async def close(self) -> None:
         """Stop reading and close the connection. Idempotent."""
         self._closed = True
         self._set_noticed()
+        self._attempted.set()
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.cancel()
@@ -210,11 +220,15 @@ class Listener:
             try:
                 if connection is None:
                     connection = self._connection = await self._connect()
-                    _log.info(
-                        "LISTEN connection for %r is back after %d failed attempts", self._channel, failures
-                    )
+                    if self._attempted.is_set():
+                        _log.info(
+                            "LISTEN connection for %r is back after %d failed attempts",
+                            self._channel,
+                            failures,
+                        )
                     failures = 0
                     self._wake_all()  # notifications sent while we were away are lost: look again
+                    self._attempted.set()
                 while True:
                     if self._notices_wanted and not self._notices_on:
                         await self._listen_to_notices(connection)
@@ -238,6 +252,7 @@ class Listener:
                     with contextlib.suppress(Exception):
                         await connection.close()
                 self._wake_all()
+                self._attempted.set()
                 await asyncio.sleep(reconnect_delay(failures))
 
     async def _next_notifications(self, connection: psycopg.AsyncConnection[Any]) -> list[tuple[str, str]]:

@@ -1,9 +1,10 @@
 """What each :class:`~lifecycle.asynctask.postgres.PostgresBackend` method does on a connection.
 
 Every function takes a psycopg ``AsyncConnection`` and the backend's :class:`Statements`. Single-statement
-operations run in autocommit mode (one statement is one transaction). :func:`enqueue` opens its own
-transaction block, which is a real transaction on a pooled connection and a savepoint inside a caller's
-transaction, so the same code serves :meth:`PostgresBackend.enqueue_many` and the transactional outbox.
+operations run in autocommit mode (one statement is one transaction). :func:`enqueue` runs a plain enqueue
+of fresh ids as one statement when no transaction is open, and otherwise opens its own transaction block,
+which is a real transaction on a pooled connection and a savepoint inside a caller's transaction, so the
+same code serves :meth:`PostgresBackend.enqueue_many` and the transactional outbox.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Literal
 import psycopg
 import psycopg.errors
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow, tuple_row
 
 from ... import _records
@@ -137,6 +139,14 @@ async def enqueue(
     debounce rules."""
     cursor = _cursor(connection)
     plain = if_exists != "debounce" and all(task.unique_key is None for task in tasks)
+    if plain and (if_exists == "skip" or len(tasks) == 1) and _outside_transactions(connection):
+        # One statement in autocommit is one transaction, and one round trip, wake-up included: a batch of
+        # skip has nothing to undo, and a single task of "error" that was not stored wrote nothing.
+        await cursor.execute(st.insert_new, (*_new_task_arrays(tasks), st.channel))
+        stored = {row[0] for row in await cursor.fetchall()}
+        if if_exists == "skip" or stored:
+            return _in_order(tasks, stored)
+        plain = False  # the id exists: sort it out below
     if plain:
         # Fast path: fresh ids and no windows (the common case) are one INSERT ... ON CONFLICT DO NOTHING.
         try:
@@ -159,6 +169,12 @@ async def enqueue(
                 match = _DUPLICATE_KEY.match(exc.diag.message_detail or "")
                 raise DuplicateTaskError(match["id"] if match else tasks[0].id) from None
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _outside_transactions(connection: Connection) -> bool:
+    """Whether a statement on ``connection`` commits on its own: autocommit, and no transaction block open
+    (a pooled connection; not a caller's transaction, which :func:`enqueue` joins with a savepoint)."""
+    return connection.autocommit and connection.info.transaction_status == TransactionStatus.IDLE
 
 
 class _SomeIdExists(Exception):
