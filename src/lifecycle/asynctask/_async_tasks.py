@@ -513,7 +513,15 @@ class AsyncTasks:
         characters; ``TypeError``/``ValueError`` otherwise): the task reads it as ``ctx.meta``,
         :class:`TaskInfo` shows it as ``info.meta``, and ``on_enqueue`` hooks can add to it.
 
-        Returns once the backend has stored the task durably. Type checkers check ``args`` against the
+        Returns once the backend has stored the task durably. Concurrent calls share round trips (group
+        commit): while one store of this ``AsyncTasks`` is in flight, the calls that arrive wait and are
+        stored together in the next one (at most 1000 tasks); a call that finds none in flight goes at once.
+        Each call gets its own id or its own error (``DuplicateTaskError`` only for the call it concerns; an
+        error of the store for every call of that round trip). Calls with ``connection=``, and calls with
+        ``debounce`` and without, never share one. A call cancelled while it waits stores nothing; once
+        its task is sent, the task may be stored even if the call is cancelled (look it up by its id). A
+        round trip carrying other calls' tasks is finished before the cancellation of the call sending it
+        takes effect. Type checkers check ``args`` against the
         function's parameters, and so does ``enqueue`` at run time: each argument against its parameter's
         annotation (``TypeError`` naming the parameter, the type it expects and the type it was given;
         values are checked, never converted). See docs/asynctask.md, "Typed calls".
