@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import anyio
+
 from lifecycle.asynctask import AsyncTasks, DuplicateTaskError, JSONEncoding, MemoryBackend, NewTask
 
 
@@ -101,7 +102,8 @@ async def test_concurrent_enqueues_go_together_each_with_its_own_id() -> None:
     for value, task_id in ids.items():
         assert await stored_value(backend, task_id) == (value,)
         record = await backend.get(task_id)
-        assert record is not None and record.queue == f"q{value % 3}"
+        assert record is not None
+        assert record.queue == f"q{value % 3}"
 
 
 async def test_a_batch_never_exceeds_the_limit() -> None:
@@ -142,7 +144,8 @@ async def test_a_duplicate_id_fails_only_its_own_call() -> None:
             await anyio.wait_all_tasks_blocked()
             backend.release()
     refused = outcomes["b"]
-    assert isinstance(refused, DuplicateTaskError) and refused.task_id == "taken"
+    assert isinstance(refused, DuplicateTaskError)
+    assert refused.task_id == "taken"
     assert await stored_value(backend, "taken") == (0,)  # the first task, untouched
     for name, value in (("a", 1), ("c", 3), ("d", 4)):
         task_id = outcomes[name]
@@ -197,7 +200,8 @@ async def test_a_backend_error_fails_only_the_calls_of_its_batch() -> None:
             backend.release()
         after = await tasks.enqueue(echo, 3)
     assert isinstance(outcomes[0], str)
-    assert isinstance(outcomes[1], ConnectionError) and isinstance(outcomes[2], ConnectionError)
+    assert isinstance(outcomes[1], ConnectionError)
+    assert isinstance(outcomes[2], ConnectionError)
     assert len(backend.calls[1][0]) == 2
     assert await stored_value(backend, outcomes[0]) == (0,)
     assert await stored_value(backend, after) == (3,)
@@ -365,3 +369,19 @@ async def test_many_producers_all_stored() -> None:
     for value in (0, 777, 1999):
         assert await stored_value(backend, ids[value]) == (value,)
     assert len(backend._rows) == 2000
+
+
+async def test_callers_that_enqueue_again_at_once_go_together_again() -> None:
+    backend = GatedBackend()
+    async with make(backend) as tasks, anyio.create_task_group() as group:
+
+        async def producer() -> None:
+            for value in range(5):
+                await tasks.enqueue(echo, value)
+
+        for _ in range(10):
+            group.start_soon(producer)
+    sizes = [len(ids) for ids, _ in backend.calls]
+    assert sum(sizes) == 50
+    # Not 1, 9, 1, 9, ...: the callers of a batch resume before the next one leaves, and go in it together.
+    assert len(sizes) <= 7, sizes
