@@ -43,7 +43,9 @@ class _Waiter:
 
     def __init__(self, task: NewTask) -> None:
         self.task = task
-        self.woken = anyio.Event()  # set when this caller leads the next batch, or when its outcome is in
+        # Set when this caller leads the next batch, or when its outcome is in; made only for a caller that
+        # waits (one that sends at once never needs it).
+        self.woken: anyio.Event | None = None
         self.state = _WAITING
         self.lead = False
         self.result: str | None = None
@@ -51,7 +53,8 @@ class _Waiter:
 
     def finish(self, result: str | None = None, error: BaseException | None = None) -> None:
         self.result, self.error, self.state = result, error, _DONE
-        self.woken.set()
+        if self.woken is not None:
+            self.woken.set()
 
     def outcome(self) -> str:
         if self.error is not None:
@@ -87,8 +90,9 @@ class EnqueueCoalescer:
         if not self._busy:
             self._busy = True
         else:
+            woken = waiter.woken = anyio.Event()
             try:
-                await waiter.woken.wait()
+                await woken.wait()
             except BaseException:
                 if waiter.state is _WAITING:  # never sent: take it out, and pass on the lead if it had it
                     del self._waiting[waiter]
@@ -135,6 +139,7 @@ class EnqueueCoalescer:
         """The next batch is sent by the first waiting caller; with none, the coalescer is idle."""
         for waiter in self._waiting:
             waiter.lead = True
+            assert waiter.woken is not None  # every caller in the queue waits on its event
             waiter.woken.set()
             return
         self._busy = False
