@@ -43,9 +43,7 @@ class _Waiter:
 
     def __init__(self, task: NewTask) -> None:
         self.task = task
-        # Set when this caller leads the next batch, or when its outcome is in; made only for a caller that
-        # waits (one that sends at once never needs it).
-        self.woken: anyio.Event | None = None
+        self.woken = anyio.Event()  # set when this caller leads the next batch, or when its outcome is in
         self.state = _WAITING
         self.lead = False
         self.result: str | None = None
@@ -53,8 +51,7 @@ class _Waiter:
 
     def finish(self, result: str | None = None, error: BaseException | None = None) -> None:
         self.result, self.error, self.state = result, error, _DONE
-        if self.woken is not None:
-            self.woken.set()
+        self.woken.set()
 
     def outcome(self) -> str:
         if self.error is not None:
@@ -85,25 +82,32 @@ class EnqueueCoalescer:
 
     async def enqueue(self, task: NewTask) -> str:
         """Store ``task`` (in a batch with the concurrent ones) and return its id once it is stored."""
+        if not self._busy:  # nothing in flight, so nobody waiting: this task goes alone, at once
+            self._busy = True
+            self._unresumed = 0
+            self._landed = False
+            try:
+                ids = await self._send([task])
+            finally:
+                self._landed = True
+                self._hand_over()
+            _check_count(ids, 1)
+            return ids[0]
         waiter = _Waiter(task)
         self._waiting[waiter] = None
-        if not self._busy:
-            self._busy = True
-        else:
-            woken = waiter.woken = anyio.Event()
-            try:
-                await woken.wait()
-            except BaseException:
-                if waiter.state is _WAITING:  # never sent: take it out, and pass on the lead if it had it
-                    del self._waiting[waiter]
-                    if waiter.lead:
-                        self._hand_over()
-                else:  # sent: its task may be stored
-                    self._resumed()
-                raise
-            if not waiter.lead:
+        try:
+            await waiter.woken.wait()
+        except BaseException:
+            if waiter.state is _WAITING:  # never sent: take it out, and pass on the lead if it had it
+                del self._waiting[waiter]
+                if waiter.lead:
+                    self._hand_over()
+            else:  # sent: its task may be stored
                 self._resumed()
-                return waiter.outcome()
+            raise
+        if not waiter.lead:
+            self._resumed()
+            return waiter.outcome()
         await self._fly()  # the first of the waiting, so always in the batch it sends
         return waiter.outcome()
 
@@ -139,7 +143,6 @@ class EnqueueCoalescer:
         """The next batch is sent by the first waiting caller; with none, the coalescer is idle."""
         for waiter in self._waiting:
             waiter.lead = True
-            assert waiter.woken is not None  # every caller in the queue waits on its event
             waiter.woken.set()
             return
         self._busy = False
@@ -147,8 +150,11 @@ class EnqueueCoalescer:
     async def _fly(self) -> None:
         batch = self._take()
         try:
-            with anyio.CancelScope(shield=len(batch) > 1):
+            if len(batch) == 1:  # the sender's own task alone: cancelled as a plain enqueue is
                 await self._store(batch)
+            else:
+                with anyio.CancelScope(shield=True):
+                    await self._store(batch)
         except BaseException as exc:  # the sender's own cancellation (a lone batch), or an interrupt
             for waiter in batch:
                 if waiter.state is not _DONE:
@@ -181,16 +187,22 @@ class EnqueueCoalescer:
             for waiter in batch:
                 waiter.finish(error=exc)
             return
-        if len(ids) != len(batch):
-            error = RuntimeError(
-                f"the backend's enqueue_many() returned {len(ids)} ids for {len(batch)} tasks; it must "
-                "return the id of every task stored, in order"
-            )
+        try:
+            _check_count(ids, len(batch))
+        except RuntimeError as error:
             for waiter in batch:
                 waiter.finish(error=error)
             return
         for waiter, task_id in zip(batch, ids, strict=True):
             waiter.finish(result=task_id)
+
+
+def _check_count(ids: Sequence[str], count: int) -> None:
+    if len(ids) != count:
+        raise RuntimeError(
+            f"the backend's enqueue_many() returned {len(ids)} ids for {count} tasks; it must return the id "
+            "of every task stored, in order"
+        )
 
 
 def _interrupted(exc: BaseException, task_id: str) -> BaseException:
