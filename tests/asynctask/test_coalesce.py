@@ -4,11 +4,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import anyio
 
-from lifecycle.asynctask import AsyncTasks, DuplicateTaskError, JSONEncoding, MemoryBackend, NewTask
+from lifecycle.asynctask import (
+    AsyncTasks,
+    Backend,
+    DuplicateTaskError,
+    JSONEncoding,
+    MemoryBackend,
+    NewTask,
+    SQLiteBackend,
+)
 
 
 def echo(value: int) -> int:
@@ -49,13 +58,13 @@ class GatedBackend(MemoryBackend):
             self.gates[index].set()
 
 
-def make(backend: MemoryBackend) -> AsyncTasks:
+def make(backend: Backend) -> AsyncTasks:
     tasks = AsyncTasks(backend, execution=False)
     tasks.register(echo)
     return tasks
 
 
-async def stored_value(backend: MemoryBackend, task_id: str) -> object:
+async def stored_value(backend: Backend, task_id: str) -> object:
     record = await backend.get(task_id)
     assert record is not None, f"task {task_id} was not stored"
     return JSONEncoding().decode(record.payload)
@@ -385,3 +394,38 @@ async def test_callers_that_enqueue_again_at_once_go_together_again() -> None:
     assert sum(sizes) == 50
     # Not 1, 9, 1, 9, ...: the callers of a batch resume before the next one leaves, and go in it together.
     assert len(sizes) <= 7, sizes
+
+
+async def check_concurrent_enqueues_on(backend: Backend) -> None:
+    """On a real store: 60 concurrent enqueues (one with an id already pending, two sharing a new id) all
+    stored with their own ids and arguments, each refusal on its own call only. Used by the SQLite, Redis
+    and PostgreSQL tests."""
+    tasks = make(backend)
+    outcomes: dict[int, object] = {}
+    async with tasks:
+        await tasks.enqueue(echo, -1, task_id="taken")
+        async with anyio.create_task_group() as group:
+
+            async def one(value: int, task_id: str | None) -> None:
+                try:
+                    outcomes[value] = await tasks.enqueue(echo, value, task_id=task_id)
+                except DuplicateTaskError as exc:
+                    outcomes[value] = exc
+
+            for value in range(60):
+                task_id = "taken" if value == 30 else "fresh" if value in (40, 41) else None
+                group.start_soon(one, value, task_id)
+        refused = outcomes.pop(30)
+        assert isinstance(refused, DuplicateTaskError)
+        assert refused.task_id == "taken"
+        assert await stored_value(backend, "taken") == (-1,)
+        fresh = [outcomes.pop(40), outcomes.pop(41)]
+        assert sorted(type(outcome).__name__ for outcome in fresh) == ["DuplicateTaskError", "str"]
+        for value, task_id in outcomes.items():
+            assert isinstance(task_id, str)
+            assert await stored_value(backend, task_id) == (value,)
+        assert len(set(outcomes.values())) == 57
+
+
+async def test_concurrent_enqueues_on_sqlite(tmp_path: Path) -> None:
+    await check_concurrent_enqueues_on(SQLiteBackend(tmp_path / "tasks.db"))
