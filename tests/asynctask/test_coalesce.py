@@ -421,9 +421,9 @@ async def check_concurrent_enqueues_on(backend: Backend) -> None:
         assert await stored_value(backend, "taken") == (-1,)
         fresh = [outcomes.pop(40), outcomes.pop(41)]
         assert sorted(type(outcome).__name__ for outcome in fresh) == ["DuplicateTaskError", "str"]
-        for value, task_id in outcomes.items():
-            assert isinstance(task_id, str)
-            assert await stored_value(backend, task_id) == (value,)
+        for value, outcome in outcomes.items():
+            assert isinstance(outcome, str)
+            assert await stored_value(backend, outcome) == (value,)
         assert len(set(outcomes.values())) == 57
 
 
