@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import dataclasses
+import functools
 import math
 import random
 import threading
@@ -40,6 +41,7 @@ from ._backend import (
 from ._blocking import BlockingProducer, ProducerHost
 from ._chain import CHAIN_PREFIX, build_chain, chain_fields, chain_progress
 from ._clock import Clock
+from ._coalesce import EnqueueCoalescer
 from ._encoding import Encoding, JSONEncoding
 from ._engine._notices import NoticePump
 from ._engine._options import EngineOptions, check_retention, check_states
@@ -200,6 +202,8 @@ class AsyncTasks:
         self._started = False
         self._worker: Worker | None = None
         self._changed: anyio.Event | None = None
+        # Group commit of concurrent single enqueues, one coalescer per if_exists mode (made when first used).
+        self._coalescers: dict[str, EnqueueCoalescer] = {}
         self._pump = (
             NoticePump(backend, self._notify_changed, self._logger)
             if isinstance(backend, NotifyingBackend)
@@ -509,7 +513,15 @@ class AsyncTasks:
         characters; ``TypeError``/``ValueError`` otherwise): the task reads it as ``ctx.meta``,
         :class:`TaskInfo` shows it as ``info.meta``, and ``on_enqueue`` hooks can add to it.
 
-        Returns once the backend has stored the task durably. Type checkers check ``args`` against the
+        Returns once the backend has stored the task durably. Concurrent calls share round trips (group
+        commit): while one store of this ``AsyncTasks`` is in flight, the calls that arrive wait and are
+        stored together in the next one (at most 1000 tasks); a call that finds none in flight goes at once.
+        Each call gets its own id or its own error (``DuplicateTaskError`` only for the call it concerns; an
+        error of the store for every call of that round trip). Calls with ``connection=``, and calls with
+        ``debounce`` and without, never share one. A call cancelled while it waits stores nothing; once
+        its task is sent, the task may be stored even if the call is cancelled (look it up by its id). A
+        round trip carrying other calls' tasks is finished before the cancellation of the call sending it
+        takes effect. Type checkers check ``args`` against the
         function's parameters, and so does ``enqueue`` at run time: each argument against its parameter's
         annotation (``TypeError`` naming the parameter, the type it expects and the type it was given;
         values are checked, never converted). See docs/asynctask.md, "Typed calls".
@@ -530,8 +542,36 @@ class AsyncTasks:
             expires=expires,
             meta=meta,
         )
-        ids = await self.enqueue_many([call], connection=connection)
-        return ids[0]
+        if connection is not None:  # the caller's transaction: never shared with other calls
+            ids = await self.enqueue_many([call], connection=connection)
+            return ids[0]
+        return await self._enqueue_one(call, current_trace())
+
+    async def _enqueue_one(self, call: Call, trace: dict[str, str] | None) -> str:
+        """One call stored through the coalescer of its ``if_exists`` mode: with the concurrent single
+        enqueues, in one backend round trip."""
+        now = self._clock()
+        task = build_task(call, now, self._registry, self._encoding)
+        if_exists = if_exists_for([call])
+        if trace is not None:
+            (task,) = with_trace([task], trace)
+        (task,) = self._hooks.prepare([task])
+        self._check_open("enqueue")
+        coalescer = self._coalescers.get(if_exists)
+        if coalescer is None:
+            coalescer = self._coalescers[if_exists] = EnqueueCoalescer(
+                functools.partial(self._store_batch, if_exists)
+            )
+        try:
+            return await coalescer.enqueue(task)
+        except DuplicateTaskError as exc:
+            raise _explained(exc, [task]) from None
+
+    async def _store_batch(self, if_exists: str, tasks: builtins.list[NewTask]) -> builtins.list[str]:
+        """A coalesced batch of single enqueues, stored in one backend call."""
+        ids = await self._backend.enqueue_many(tasks, **_mode(if_exists))
+        self._stored(tasks, self._clock())
+        return ids
 
     async def enqueue_many(
         self, calls: Iterable[Call], *, connection: object | None = None
@@ -1189,6 +1229,7 @@ class AsyncTasks:
         self._opened = 0
         self._open = False
         self._changed = None  # waiters of this event loop are gone; another loop may open it next
+        self._coalescers = {}  # so are the callers of its enqueues
         await self._backend.close()  # also after a failed initialize: close is idempotent
 
     async def __aenter__(self) -> AsyncTasks:

@@ -43,6 +43,8 @@ class Tasks(Protocol):
         self, calls: Iterable[Call], connection: object | None, trace: dict[str, str] | None
     ) -> list[str]: ...
 
+    async def _enqueue_one(self, call: Call, trace: dict[str, str] | None) -> str: ...
+
     async def _enqueue_chain(self, calls: Sequence[Call], trace: dict[str, str] | None) -> str: ...
 
     async def info(self, task_id: str) -> TaskInfo | None: ...
@@ -172,7 +174,11 @@ class BlockingProducer:
             expires=expires,
             meta=meta,
         )
-        return self._enqueue("enqueue", [call], connection)[0]
+        if connection is not None:
+            return self._enqueue("enqueue", [call], connection)[0]
+        # Threads enqueueing at once share round trips, as concurrent AsyncTasks.enqueue calls do.
+        run = functools.partial(self._tasks._enqueue_one, call, current_trace())
+        return self._call("enqueue", "await tasks.enqueue(...)", run)
 
     def enqueue_many(self, calls: Iterable[Call], *, connection: object | None = None) -> list[str]:
         """Store several calls in one round trip (all or nothing): :meth:`AsyncTasks.enqueue_many`,

@@ -1,0 +1,215 @@
+"""Group commit for single enqueues: concurrent ``enqueue`` calls share one backend round trip.
+
+While one ``enqueue_many`` call of an :class:`EnqueueCoalescer` is in flight, the single enqueues that
+arrive wait, and go together in the next call; a call that finds nothing in flight goes at once (no timer,
+so a lone enqueue is as fast as before). The caller that finds the coalescer idle, or that the previous
+flight hands over to, sends the batch itself: there is no background task, so nothing outlives the callers
+and two coalescers never share anything.
+
+Each caller gets its own outcome: its id, or its own error. A batch the backend refuses as a whole for a
+duplicate id (``DuplicateTaskError``) is sent again so that only the refused calls fail: the calls it names
+one by one, the others together (and, should those be refused again, one by one). Two tasks with the same id
+or the same uniqueness key never share a batch (the second waits for the next one, and is then refused as
+it would have been alone). Any other error of a batch is the error of each call in it.
+
+Cancellation: a caller cancelled while its task waits is taken out, and its task is never sent. Once sent,
+the task may be stored whatever happens to its caller. The round trip of a batch that carries other
+callers' tasks is shielded from the cancellation of the caller sending it (its cancellation arrives when the
+round trip ends), so one caller's cancellation never leaves another's task in doubt; a batch of the sender's
+task alone is cancelled as a plain enqueue is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+
+import anyio
+
+from ._errors import DuplicateTaskError
+from ._records import NewTask
+
+__all__ = ["BATCH_LIMIT", "EnqueueCoalescer"]
+
+BATCH_LIMIT = 1000
+"""The most tasks one coalesced ``enqueue_many`` call carries."""
+
+_WAITING, _SENT, _DONE = "waiting", "sent", "done"
+
+
+class _Waiter:
+    """One caller's task and, once its batch is back, its outcome."""
+
+    __slots__ = ("error", "lead", "result", "state", "task", "woken")
+
+    def __init__(self, task: NewTask) -> None:
+        self.task = task
+        self.woken = anyio.Event()  # set when this caller leads the next batch, or when its outcome is in
+        self.state = _WAITING
+        self.lead = False
+        self.result: str | None = None
+        self.error: BaseException | None = None
+
+    def finish(self, result: str | None = None, error: BaseException | None = None) -> None:
+        self.result, self.error, self.state = result, error, _DONE
+        self.woken.set()
+
+    def outcome(self) -> str:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+class EnqueueCoalescer:
+    """Coalesces concurrent single enqueues into batched ``send`` calls (see the module's docstring).
+
+    ``send`` stores a batch durably and returns the ids in order, as ``Backend.enqueue_many`` does (one
+    ``if_exists`` mode per coalescer); ``limit`` bounds a batch.
+    """
+
+    def __init__(
+        self, send: Callable[[list[NewTask]], Awaitable[Sequence[str]]], *, limit: int = BATCH_LIMIT
+    ) -> None:
+        self._send = send
+        self._limit = limit
+        self._waiting: dict[_Waiter, None] = {}  # insertion-ordered, removal in O(1)
+        self._busy = False  # a batch is in flight, or a waiter has been told to send the next one
+        # The callers of the batch in flight (its sender aside) that have not resumed yet, and whether it has
+        # landed: the next batch starts once all of them have resumed, so that callers who enqueue again
+        # as soon as they have their id go in it together, instead of the first of them alone.
+        self._unresumed = 0
+        self._landed = False
+
+    async def enqueue(self, task: NewTask) -> str:
+        """Store ``task`` (in a batch with the concurrent ones) and return its id once it is stored."""
+        if not self._busy:  # nothing in flight, so nobody waiting: this task goes alone, at once
+            self._busy = True
+            self._unresumed = 0
+            self._landed = False
+            try:
+                ids = await self._send([task])
+            finally:
+                self._landed = True
+                self._hand_over()
+            _check_count(ids, 1)
+            return ids[0]
+        waiter = _Waiter(task)
+        self._waiting[waiter] = None
+        try:
+            await waiter.woken.wait()
+        except BaseException:
+            if waiter.state is _WAITING:  # never sent: take it out, and pass on the lead if it had it
+                del self._waiting[waiter]
+                if waiter.lead:
+                    self._hand_over()
+            else:  # sent: its task may be stored
+                self._resumed()
+            raise
+        if not waiter.lead:
+            self._resumed()
+            return waiter.outcome()
+        await self._fly()  # the first of the waiting, so always in the batch it sends
+        return waiter.outcome()
+
+    def _take(self) -> list[_Waiter]:
+        """The next batch, in arrival order: at most ``limit`` tasks, no id or uniqueness key twice."""
+        batch: list[_Waiter] = []
+        ids: set[str] = set()
+        keys: set[str] = set()
+        for waiter in self._waiting:
+            task = waiter.task
+            if task.id in ids or (task.unique_key is not None and task.unique_key in keys):
+                continue
+            batch.append(waiter)
+            ids.add(task.id)
+            if task.unique_key is not None:
+                keys.add(task.unique_key)
+            if len(batch) >= self._limit:
+                break
+        for waiter in batch:
+            del self._waiting[waiter]
+            waiter.state = _SENT
+        self._unresumed = len(batch) - 1
+        self._landed = False
+        return batch
+
+    def _resumed(self) -> None:
+        """A caller of the batch in flight resumed (or left): the last one after landing starts the next."""
+        self._unresumed -= 1
+        if self._landed and self._unresumed == 0:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """The next batch is sent by the first waiting caller; with none, the coalescer is idle."""
+        for waiter in self._waiting:
+            waiter.lead = True
+            waiter.woken.set()
+            return
+        self._busy = False
+
+    async def _fly(self) -> None:
+        batch = self._take()
+        try:
+            if len(batch) == 1:  # the sender's own task alone: cancelled as a plain enqueue is
+                await self._store(batch)
+            else:
+                with anyio.CancelScope(shield=True):
+                    await self._store(batch)
+        except BaseException as exc:  # the sender's own cancellation (a lone batch), or an interrupt
+            for waiter in batch:
+                if waiter.state is not _DONE:
+                    waiter.finish(error=_interrupted(exc, waiter.task.id))
+            raise
+        finally:
+            self._landed = True
+            if self._unresumed == 0:
+                self._hand_over()
+
+    async def _store(self, batch: list[_Waiter], *, split: bool = True) -> None:
+        try:
+            ids = await self._send([waiter.task for waiter in batch])
+        except DuplicateTaskError as exc:
+            if len(batch) == 1:
+                batch[0].finish(error=exc)
+                return
+            named = set(exc.task_ids)
+            rest = [waiter for waiter in batch if waiter.task.id not in named]
+            if split and 0 < len(rest) < len(batch):
+                for waiter in batch:
+                    if waiter.task.id in named:
+                        await self._store([waiter])
+                await self._store(rest, split=False)
+            else:
+                for waiter in batch:
+                    await self._store([waiter])
+            return
+        except Exception as exc:
+            for waiter in batch:
+                waiter.finish(error=exc)
+            return
+        try:
+            _check_count(ids, len(batch))
+        except RuntimeError as error:
+            for waiter in batch:
+                waiter.finish(error=error)
+            return
+        for waiter, task_id in zip(batch, ids, strict=True):
+            waiter.finish(result=task_id)
+
+
+def _check_count(ids: Sequence[str], count: int) -> None:
+    if len(ids) != count:
+        raise RuntimeError(
+            f"the backend's enqueue_many() returned {len(ids)} ids for {count} tasks; it must return the id "
+            "of every task stored, in order"
+        )
+
+
+def _interrupted(exc: BaseException, task_id: str) -> BaseException:
+    """The error of the other calls in a batch whose sending ``exc`` interrupted."""
+    error = RuntimeError(
+        f"enqueue(): the batch that carried task {task_id!r} was interrupted ({type(exc).__name__}); the "
+        "task may have been stored: look it up with tasks.info(task_id) before enqueueing it again"
+    )
+    error.__cause__ = exc
+    return error
