@@ -62,7 +62,9 @@ class OursAdapter(Adapter):
     bulk_api = "AsyncTasks.enqueue_many"
     delayed = True
     storages = frozenset({"redis", "sqlite", "nats", "postgres"})
-    settings = "concurrency=concurrency; SQLite: WAL + synchronous=NORMAL; PostgreSQL: PostgresBackend defaults"
+    settings = (
+        "concurrency=concurrency; SQLite: WAL + synchronous=NORMAL; PostgreSQL: PostgresBackend defaults"
+    )
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)

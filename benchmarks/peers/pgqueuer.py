@@ -24,7 +24,7 @@ def _configure(cfg: Config) -> None:
 
 
 async def _connect(cfg: Config) -> Any:
-    import asyncpg
+    import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 
     return await asyncpg.connect(cfg.postgres_url, server_settings={"search_path": cfg.pg_schema})
 
