@@ -8,9 +8,12 @@ creates one virtualenv per peer under ``benchmarks/.venv-peers`` from ``requirem
 needs the package index the first time), starts a private ``redis-server`` on a free loopback port (stopped
 at the end; the harness empties its database between runs, so it never touches a server others use), and
 uses SQLite files in a temporary directory; the NATS scenarios start a private ``nats-server -js`` the same
-way (``--nats-server PATH`` names the binary). ``--redis-url`` points it at a database of your own instead:
-one that is empty when the run starts (a database holding keys the harness did not write is refused). See
-docs/benchmarks.md for the method and what each number means.
+way (``--nats-server PATH`` names the binary). The PostgreSQL scenarios (``pg_*``) use the shared server at
+127.0.0.1:5432 (database ``test``) or ``--postgres-url``: every run gets a schema of its own
+(``lifecycle_bench_<random>``, created empty for each run and dropped after it; every library is pointed at
+it), so nothing else in that database is read, changed or dropped. ``--redis-url`` points it at a Redis
+database of your own instead: one that is empty when the run starts (a database holding keys the harness did
+not write is refused). See docs/benchmarks.md for the method and what each number means.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +39,16 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import report, venvs  # noqa: E402
 from benchmarks.nats_server import PrivateNats, find_nats_server  # noqa: E402
-from benchmarks.peers._common import RESULT_PREFIX, Config, RedisAdmin  # noqa: E402
+from benchmarks.peers._common import RESULT_PREFIX, Config, PostgresAdmin, RedisAdmin  # noqa: E402
 from benchmarks.redis_server import PrivateRedis, find_redis_server  # noqa: E402
 
 OURS = report.OURS
 PEERS = ("arq", "saq", "streaq", "taskiq", "dramatiq", "huey", "celery", "rq")
 NATS_PEERS = ("taskiq_nats", "taskiq_nats_batched")
+PG_PEERS = ("pgqueuer", "procrastinate")
 VENV_OF = {"taskiq_nats_batched": "taskiq_nats"}  # adapters that run in another adapter's virtualenv
 DRAIN_ONLY = ("taskiq_nats_batched",)
-LIBRARIES = (OURS, *PEERS, *NATS_PEERS)
+LIBRARIES = (OURS, *PEERS, *NATS_PEERS, *PG_PEERS)
 SCENARIOS = (
     "drain",
     "enqueue",
@@ -54,10 +59,15 @@ SCENARIOS = (
     "nats_drain",
     "nats_enqueue",
     "nats_latency",
+    "pg_drain",
+    "pg_enqueue",
+    "pg_latency",
     "core",
 )
 REDIS_SCENARIOS = ("drain", "enqueue", "latency", "mix")
 NATS_SCENARIOS = ("nats_drain", "nats_enqueue", "nats_latency")
+PG_SCENARIOS = ("pg_drain", "pg_enqueue", "pg_latency")
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 SQLITE_LIBRARIES = (OURS, "huey")
 NATS_LIBRARIES = (OURS, *NATS_PEERS)
 NO_MIX = ("rq",)  # one job at a time per worker process: the concurrency-100 mix does not apply
@@ -92,6 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="PATH",
         help="the nats-server binary of the private NATS server of the nats_* scenarios (default: "
         "$LIFECYCLE_BENCH_NATS_SERVER, else nats-server on the PATH)",
+    )
+    parser.add_argument(
+        "--postgres-url",
+        default=DEFAULT_POSTGRES_URL,
+        help="the PostgreSQL database of the pg_* scenarios (default: the shared server's database test); "
+        "each run creates a schema of its own there and drops it afterwards, touching nothing else",
     )
     parser.add_argument("--run-timeout", type=float, default=900.0, help="seconds before a run is killed")
     parser.add_argument("--skip-install", action="store_true", help="use the peer venvs as they are")
@@ -168,6 +184,8 @@ def plan(args: argparse.Namespace, sqlite_dir: str) -> list[tuple[str, str, list
                 continue
             if (scenario in NATS_SCENARIOS) != (library in NATS_PEERS) and library != OURS:
                 continue
+            if (scenario in PG_SCENARIOS) != (library in PG_PEERS) and library != OURS:
+                continue
             if library in DRAIN_ONLY and not scenario.endswith("drain"):
                 continue
             if scenario == "mix" and library in NO_MIX:
@@ -175,7 +193,7 @@ def plan(args: argparse.Namespace, sqlite_dir: str) -> list[tuple[str, str, list
             cfg = Config(
                 library=library,
                 scenario=scenario,
-                n=args.latency_n if scenario == "latency" else args.n,
+                n=args.latency_n if scenario in ("latency", "pg_latency") else args.n,
                 concurrency=args.mix_concurrency if scenario == "mix" else args.concurrency,
                 redis_url=args.redis_url or "",
                 sqlite_path=os.path.join(sqlite_dir, f"{library}.db"),
@@ -184,6 +202,8 @@ def plan(args: argparse.Namespace, sqlite_dir: str) -> list[tuple[str, str, list
                 workload="sleep" if scenario == "mix" else "noop",
                 nats_url=getattr(args, "nats_url", ""),
                 nats_monitor=getattr(args, "nats_monitor", ""),
+                postgres_url=args.postgres_url if scenario in PG_SCENARIOS else "",
+                pg_schema=getattr(args, "pg_schema", "") if scenario in PG_SCENARIOS else "",
             )
             python = (
                 sys.executable if library == OURS else str(venvs.python_for(VENV_OF.get(library, library)))
@@ -223,7 +243,7 @@ def _versions(libraries: list[str]) -> dict[str, str]:
     import lifecycle
 
     stack = []
-    for dist in ("redis", "hiredis", "nats-py", "orjson", "anyio", "trio"):
+    for dist in ("redis", "hiredis", "nats-py", "psycopg", "orjson", "anyio", "trio"):
         try:
             stack.append(f"{dist} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:
@@ -299,6 +319,46 @@ def _nats_for(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> str:
     return version.strip().removeprefix("nats-server: ") + " (JetStream, file storage)"
 
 
+def _postgres_for(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> str:
+    """When the chosen scenarios use PostgreSQL, name this harness run's own schema (``args.pg_schema``: each
+    run creates it empty and drops it; ``cleanup`` drops it too, should a run die first) and return the
+    server's version; else ``"not used"``. Exits with a message when the server cannot be reached."""
+    args.pg_schema = ""
+    if not (set(args.scenarios) & set(PG_SCENARIOS) and args.libraries):
+        return "not used"
+    try:
+        admin = PostgresAdmin(args.postgres_url)
+    except (OSError, RuntimeError) as error:
+        raise SystemExit(f"--postgres-url {args.postgres_url}: cannot connect ({error})") from None
+    try:
+        version = admin.version()
+    finally:
+        admin.close()
+    args.pg_schema = f"lifecycle_bench_{uuid.uuid4().hex[:12]}"
+    cleanup.callback(_drop_own_schema, args.postgres_url, args.pg_schema)
+    print(f"[postgres] runs use schema {args.pg_schema} of {_safe_url(args.postgres_url)}", file=sys.stderr)
+    return f"{version} (database {_safe_url(args.postgres_url)}, a schema of its own per run)"
+
+
+def _safe_url(url: str) -> str:
+    """``url`` without its password, for the report."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _drop_own_schema(url: str, schema: str) -> None:
+    admin = PostgresAdmin(url)
+    try:
+        admin.drop_own_schema(schema)
+    finally:
+        admin.close()
+
+
 def _empty_own_db(url: str) -> None:
     admin = RedisAdmin(url)
     try:
@@ -330,15 +390,18 @@ def _appendonly(url: str) -> str:
 
 
 def write_outputs(result: dict[str, Any], output: Path, chart: str) -> None:
-    """Rewrite the markdown results sections of the scenarios that ran (the NATS section has its own
-    markers, so a NATS-only run keeps the Redis and SQLite results) and draw the chart (in the report venv,
-    with matplotlib)."""
+    """Rewrite the markdown results sections of the scenarios that ran (the NATS and PostgreSQL sections
+    have their own markers, so a NATS-only or PostgreSQL-only run keeps the Redis and SQLite results) and
+    draw the chart (in the report venv, with matplotlib)."""
     scenarios = {run["scenario"] for run in result["runs"]}
     output.parent.mkdir(parents=True, exist_ok=True)
     if scenarios & set(NATS_SCENARIOS):
         report.update_markdown(output, report.render_nats(result), report.NATS_BEGIN, report.NATS_END)
         print(f"[report] wrote the NATS section of {output}", file=sys.stderr)
-    if not scenarios - set(NATS_SCENARIOS):
+    if scenarios & set(PG_SCENARIOS):
+        report.update_markdown(output, report.render_postgres(result), report.PG_BEGIN, report.PG_END)
+        print(f"[report] wrote the PostgreSQL section of {output}", file=sys.stderr)
+    if not scenarios - set(NATS_SCENARIOS) - set(PG_SCENARIOS):
         return
     if chart != "none":
         try:
@@ -368,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as cleanup:
         redis = _redis_for(args, cleanup)
         nats_meta = _nats_for(args, cleanup)
+        postgres_meta = _postgres_for(args, cleanup)
         sqlite_dir = tempfile.mkdtemp(prefix="lifecycle-bench-")
         cleanup.callback(shutil.rmtree, sqlite_dir, ignore_errors=True)
         round_plan = plan(args, sqlite_dir)
@@ -412,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": f"Python {platform.python_version()}",
             "redis": redis_meta,
             "nats": nats_meta,
+            "postgres": postgres_meta,
             "command": " ".join(
                 shlex.quote(part) for part in ["python", "benchmarks/run.py", *(argv or sys.argv[1:])]
             ),

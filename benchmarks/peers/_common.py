@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import itertools
 import json
@@ -50,7 +51,12 @@ SCENARIOS = (
     "nats_drain",
     "nats_enqueue",
     "nats_latency",
+    "pg_drain",
+    "pg_enqueue",
+    "pg_latency",
 )
+#: The comment that marks a PostgreSQL schema as the benchmark's own (it created the schema).
+OWNED_SCHEMA_COMMENT = "lifecycle-bench: created by benchmarks/run.py, dropped after each run"
 WORKER_START_TIMEOUT = 60.0
 DELAY = 0.1  # seconds: the delay of the delayed-start samples (NATS latency scenario, adapters that delay)
 DELAYED_SAMPLES = 100
@@ -73,10 +79,14 @@ class Config:
     probe: str = "count"  # "count" or "latency"
     nats_url: str = ""
     nats_monitor: str = ""  # the private server's monitoring URL (its /varz counts messages)
+    postgres_url: str = ""
+    pg_schema: str = ""  # the run's own schema (created and dropped by the producer), for every library
 
     @property
     def storage(self) -> str:
-        """``"sqlite"`` or ``"nats"`` for the SQLite and NATS scenarios, else ``"redis"``."""
+        """``"sqlite"``, ``"nats"`` or ``"postgres"`` for those scenarios, else ``"redis"``."""
+        if self.scenario.startswith("pg_"):
+            return "postgres"
         for storage in ("sqlite", "nats"):
             if self.scenario.startswith(storage):
                 return storage
@@ -106,6 +116,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
     parser.add_argument("--probe", default="count", choices=("count", "latency"))
     parser.add_argument("--nats-url", default="")
     parser.add_argument("--nats-monitor", default="")
+    parser.add_argument("--postgres-url", default="")
+    parser.add_argument("--pg-schema", default="")
     return Config(**vars(parser.parse_args(argv)))
 
 
@@ -331,6 +343,126 @@ class NatsAdmin:
         self._sock.close()
 
 
+# ------------------------------------------------------------------------------------ postgres admin
+
+
+class PostgresAdmin:
+    """A minimal PostgreSQL client (protocol 3, simple queries; trust, cleartext or MD5 authentication) for
+    the producer's bookkeeping: creating and dropping the run's own schema, reading the server version.
+    Independent of every peer's driver (asyncpg, psycopg)."""
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.user = urllib.parse.unquote(parts.username or os.environ.get("USER", "postgres"))
+        self._password = urllib.parse.unquote(parts.password or "")
+        database = urllib.parse.unquote(parts.path.lstrip("/")) or self.user
+        self._ready = False
+        self._sock = socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5432), timeout=30)
+        params = f"user\0{self.user}\0database\0{database}\0application_name\0lifecycle-bench-admin\0\0"
+        body = (196608).to_bytes(4, "big") + params.encode()
+        self._sock.sendall((len(body) + 4).to_bytes(4, "big") + body)
+        self._until_ready()
+
+    def _message(self) -> tuple[bytes, bytes]:
+        head = self._exactly(5)
+        return head[:1], self._exactly(int.from_bytes(head[1:], "big") - 4)
+
+    def _exactly(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = self._sock.recv(size - len(data))
+            if not chunk:
+                raise RuntimeError("the PostgreSQL server closed the connection")
+            data += chunk
+        return data
+
+    def _send(self, kind: bytes, body: bytes) -> None:
+        self._sock.sendall(kind + (len(body) + 4).to_bytes(4, "big") + body)
+
+    def _until_ready(self) -> list[list[str | None]]:
+        rows: list[list[str | None]] = []
+        error = ""
+        while True:
+            kind, body = self._message()
+            if kind == b"R":
+                self._authenticate(int.from_bytes(body[:4], "big"), body[4:])
+            elif kind == b"D":
+                row: list[str | None] = []
+                at = 2
+                for _ in range(int.from_bytes(body[:2], "big")):
+                    size = int.from_bytes(body[at : at + 4], "big", signed=True)
+                    at += 4
+                    row.append(None if size < 0 else body[at : at + size].decode())
+                    at += max(size, 0)
+                rows.append(row)
+            elif kind == b"E":
+                fields = {item[:1]: item[1:].decode() for item in body.split(b"\0") if item}
+                error = f"{fields.get(b'S', 'ERROR')} {fields.get(b'C', '')}: {fields.get(b'M', '')}"
+                if not self._ready:  # refused at startup: no ReadyForQuery follows
+                    raise RuntimeError(f"PostgreSQL refused the connection: {error}")
+            elif kind == b"Z":
+                self._ready = True
+                if error:
+                    raise RuntimeError(f"PostgreSQL error: {error}")
+                return rows
+
+    def _authenticate(self, code: int, data: bytes) -> None:
+        if code == 0:
+            return
+        if code == 3:
+            self._send(b"p", self._password.encode() + b"\0")
+        elif code == 5:
+            import hashlib
+
+            inner = hashlib.md5((self._password + self.user).encode()).hexdigest()
+            self._send(b"p", b"md5" + hashlib.md5(inner.encode() + data[:4]).hexdigest().encode() + b"\0")
+        else:
+            raise RuntimeError(
+                f"PostgresAdmin: the server asks for authentication method {code} (SCRAM is 10), which this "
+                "bookkeeping client does not speak; give --postgres-url a role with trust or md5 "
+                "authentication"
+            )
+
+    def query(self, sql: str) -> list[list[str | None]]:
+        """Run ``sql`` (one or more statements) and return the rows, as text; an error raises
+        ``RuntimeError``."""
+        self._send(b"Q", sql.encode() + b"\0")
+        return self._until_ready()
+
+    def reset_schema(self, schema: str) -> None:
+        """Make ``schema`` an empty schema of the benchmark's own: created here when it does not exist, or
+        dropped and created again when it carries :data:`OWNED_SCHEMA_COMMENT` (the benchmark created it).
+        A schema of that name that the benchmark did not create exits with a message: never dropped."""
+        self.drop_own_schema(schema)
+        self.query(f'CREATE SCHEMA "{schema}"; COMMENT ON SCHEMA "{schema}" IS \'{OWNED_SCHEMA_COMMENT}\'')
+
+    def drop_own_schema(self, schema: str) -> None:
+        """Drop ``schema`` (and all it holds) when it exists and the benchmark created it."""
+        if not schema.replace("_", "").isalnum() or not schema.isascii():
+            raise ValueError(f"PostgresAdmin: schema name {schema!r} must be letters, digits and _ only")
+        rows = self.query(
+            f"SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = '{schema}'"
+        )
+        if not rows:
+            return
+        if rows[0][0] != OWNED_SCHEMA_COMMENT:
+            raise SystemExit(
+                f"refusing to drop PostgreSQL schema {schema!r}: the benchmark did not create it (its "
+                f"comment is {rows[0][0]!r}); choose another --pg-schema or leave it out for a generated one"
+            )
+        self.query(f'DROP SCHEMA "{schema}" CASCADE')
+
+    def version(self) -> str:
+        """The server's version string."""
+        return str(self.query("SHOW server_version")[0][0])
+
+    def close(self) -> None:
+        """Close the connection (with a Terminate message)."""
+        with contextlib.suppress(OSError):
+            self._send(b"X", b"")
+        self._sock.close()
+
+
 # ------------------------------------------------------------------------------------------- adapter
 
 
@@ -437,7 +569,14 @@ class WorkerProcess:
         os.close(self._fd)
 
 
-def _prepare_storage(cfg: Config) -> RedisAdmin | NatsAdmin | None:
+Admin = RedisAdmin | NatsAdmin | PostgresAdmin | None
+
+
+def _prepare_storage(cfg: Config) -> Admin:
+    if cfg.storage == "postgres":
+        postgres = PostgresAdmin(cfg.postgres_url)
+        postgres.reset_schema(cfg.pg_schema)
+        return postgres
     if cfg.storage == "sqlite":
         for suffix in ("", "-wal", "-shm", "-journal"):
             Path(cfg.sqlite_path + suffix).unlink(missing_ok=True)
@@ -451,13 +590,27 @@ def _prepare_storage(cfg: Config) -> RedisAdmin | NatsAdmin | None:
     return admin
 
 
-def _counters(admin: RedisAdmin | NatsAdmin | None) -> tuple[int, int]:
-    return admin.counters() if admin is not None else (0, 0)
+def _counters(admin: Admin) -> tuple[int, int]:
+    return admin.counters() if isinstance(admin, (RedisAdmin, NatsAdmin)) else (0, 0)
+
+
+def _release(admin: Admin, cfg: Config) -> None:
+    """Close the producer's admin connection; on PostgreSQL first drop the run's own schema."""
+    if isinstance(admin, PostgresAdmin):
+        admin.drop_own_schema(cfg.pg_schema)
+    if admin is not None:
+        admin.close()
 
 
 def _redis_metrics(
-    admin: RedisAdmin | NatsAdmin, prefix: str, before: tuple[int, int], after: tuple[int, int], n: int
+    admin: RedisAdmin | NatsAdmin | PostgresAdmin,
+    prefix: str,
+    before: tuple[int, int],
+    after: tuple[int, int],
+    n: int,
 ) -> dict[str, float]:
+    if isinstance(admin, PostgresAdmin):  # no per-run counters: the server's statistics are database-wide
+        return {}
     if isinstance(admin, NatsAdmin):  # the monitoring port's counters: the admin sends nothing meanwhile
         return {
             f"{prefix}nats_msgs_in_per_task": (after[0] - before[0]) / n,
@@ -501,7 +654,7 @@ async def _drain(factory: Callable[[Config], Adapter], cfg: Config, module: str)
     }
     if admin is not None:
         metrics.update(_redis_metrics(admin, "", before, after, cfg.n))
-        admin.close()
+    _release(admin, cfg)
     return metrics
 
 
@@ -521,7 +674,7 @@ async def _enqueue(factory: Callable[[Config], Adapter], cfg: Config) -> dict[st
         metrics[f"{label}_cpu_ms_per_task"] = cpu * 1000 / cfg.n
         if admin is not None:
             metrics.update(_redis_metrics(admin, f"{label}_", before, after, cfg.n))
-            admin.close()
+        _release(admin, cfg)
     return metrics
 
 
@@ -554,8 +707,7 @@ async def _latency(factory: Callable[[Config], Adapter], cfg: Config, module: st
     finally:
         worker.stop()
         await _call(adapter, adapter.close)
-        if admin is not None:
-            admin.close()
+        _release(admin, cfg)
     samples.sort()
     metrics = {
         "p50_ms": statistics.median(samples),
@@ -570,9 +722,9 @@ async def _latency(factory: Callable[[Config], Adapter], cfg: Config, module: st
 
 
 async def _produce(factory: Callable[[Config], Adapter], cfg: Config, module: str) -> dict[str, Any]:
-    if cfg.scenario in ("drain", "mix", "sqlite_drain", "nats_drain"):
+    if cfg.scenario in ("drain", "mix", "sqlite_drain", "nats_drain", "pg_drain"):
         return await _drain(factory, cfg, module)
-    if cfg.scenario in ("enqueue", "sqlite_enqueue", "nats_enqueue"):
+    if cfg.scenario in ("enqueue", "sqlite_enqueue", "nats_enqueue", "pg_enqueue"):
         return await _enqueue(factory, cfg)
     return await _latency(factory, cfg, module)
 

@@ -1,6 +1,7 @@
 """Our library (``lifecycle.asynctask``): ``AsyncTasks`` on ``RedisBackend`` for the Redis scenarios, on
-``SQLiteBackend`` (WAL, ``synchronous=NORMAL``) for the SQLite ones and on ``NatsBackend`` (JetStream, file
-storage) for the NATS ones; bulk API ``AsyncTasks.enqueue_many``.
+``SQLiteBackend`` (WAL, ``synchronous=NORMAL``) for the SQLite ones, on ``NatsBackend`` (JetStream, file
+storage) for the NATS ones and on ``PostgresBackend`` (its defaults, in the run's own schema) for the
+PostgreSQL ones; bulk API ``AsyncTasks.enqueue_many``.
 
 Runs in the project's own environment (the interpreter that runs ``benchmarks/run.py``). The producer is
 an enqueue-only ``AsyncTasks(execution=False)``; the worker is an ``AsyncTasks`` with
@@ -39,6 +40,10 @@ def build_tasks(cfg: Config, *, execution: bool) -> AsyncTasks:
     backend: Backend
     if cfg.storage == "sqlite":
         backend = SQLiteBackend(cfg.sqlite_path, synchronous="NORMAL")
+    elif cfg.storage == "postgres":
+        from lifecycle.asynctask.postgres import PostgresBackend
+
+        backend = PostgresBackend(cfg.postgres_url, schema=cfg.pg_schema)
     elif cfg.storage == "nats":
         from lifecycle.asynctask.nats import NatsBackend
 
@@ -56,8 +61,10 @@ def build_tasks(cfg: Config, *, execution: bool) -> AsyncTasks:
 class OursAdapter(Adapter):
     bulk_api = "AsyncTasks.enqueue_many"
     delayed = True
-    storages = frozenset({"redis", "sqlite", "nats"})
-    settings = "concurrency=concurrency; SQLite: WAL + synchronous=NORMAL"
+    storages = frozenset({"redis", "sqlite", "nats", "postgres"})
+    settings = (
+        "concurrency=concurrency; SQLite: WAL + synchronous=NORMAL; PostgreSQL: PostgresBackend defaults"
+    )
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)

@@ -1,13 +1,16 @@
 """The benchmark harness keeps working: a tiny run with our library only, plus its pure parts.
 
 The full comparison with the peers (benchmarks/run.py without --libraries) is not part of the test suite;
-it needs the peers' virtualenvs and a quiet machine. See docs/benchmarks.md.
+it needs the peers' virtualenvs and a quiet machine. See docs/benchmarks.md. The PostgreSQL peers' adapters
+get a tiny run each when their virtualenv is already there (``python benchmarks/venvs.py pgqueuer
+procrastinate`` builds them); the suite never installs one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,14 +23,31 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import report, venvs  # noqa: E402
 from benchmarks.nats_server import PrivateNats, find_nats_server  # noqa: E402
-from benchmarks.peers._common import OWNED_MARK, NatsAdmin, RedisAdmin  # noqa: E402
+from benchmarks.peers._common import OWNED_MARK, NatsAdmin, PostgresAdmin, RedisAdmin  # noqa: E402
 from benchmarks.redis_server import PrivateRedis, find_redis_server  # noqa: E402
 
 OUR_SCENARIOS = {
     *("drain", "enqueue", "latency", "mix", "sqlite_drain", "sqlite_enqueue"),
     *("nats_drain", "nats_enqueue", "nats_latency"),
+    *("pg_drain", "pg_enqueue", "pg_latency"),
     *("core_asyncio", "core_trio"),
 }
+PG_SCENARIOS = {"pg_drain", "pg_enqueue", "pg_latency"}
+
+
+def _run_schema(stderr: str) -> str:
+    """The schema the harness named for its PostgreSQL runs, from its log."""
+    found = re.search(r"\[postgres\] runs use schema (\w+)", stderr)
+    assert found, f"the harness did not say which schema it used:\n{stderr[-2000:]}"
+    return found.group(1)
+
+
+def _schema_exists(dsn: str, schema: str) -> bool:
+    admin = PostgresAdmin(dsn)
+    try:
+        return bool(admin.query(f"SELECT 1 FROM pg_namespace WHERE nspname = '{schema}'"))
+    finally:
+        admin.close()
 
 
 @pytest.fixture
@@ -55,32 +75,35 @@ def nats_server() -> str:
 
 
 def test_tiny_run_of_every_scenario_reports_numbers_for_our_library(
-    redis_server: str, nats_server: str, tmp_path: Path
+    redis_server: str, nats_server: str, postgres_dsn: str, tmp_path: Path
 ) -> None:
     # No --redis-url: the harness runs its own redis-server, so it empties no database others use.
     output = tmp_path / "benchmarks.md"
     output.write_text(
         "# Benchmarks\n\nprose that must survive\n\n"
         + f"{report.BEGIN}\nold\n{report.END}\n\nNATS prose\n\n"
-        + f"{report.NATS_BEGIN}\nold NATS\n{report.NATS_END}\n"
+        + f"{report.NATS_BEGIN}\nold NATS\n{report.NATS_END}\n\nPostgreSQL prose\n\n"
+        + f"{report.PG_BEGIN}\nold PostgreSQL\n{report.PG_END}\n"
     )
     raw = tmp_path / "raw.json"
     command = [
         sys.executable, "benchmarks/run.py", "--rounds", "1", "--n", "200", "--latency-n", "20",
         "--core-n", "2000", "--shutdown-n", "300", "--libraries", "lifecycle", "--skip-install",
         "--redis-server", redis_server, "--nats-server", nats_server, "--run-timeout", "60",
+        "--postgres-url", postgres_dsn,
         "--output", str(output), "--chart", "none",
         "--json", str(raw),
     ]  # fmt: skip
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, f"harness failed:\n{proc.stderr[-4000:]}"
+    assert not _schema_exists(postgres_dsn, _run_schema(proc.stderr)), "the run's schema is left behind"
 
     runs = json.loads(raw.read_text())["runs"]
     assert {run["scenario"] for run in runs} == OUR_SCENARIOS
     assert all(run["ok"] for run in runs), [run.get("error") for run in runs]
     ours = {run["scenario"]: run["metrics"] for run in runs if run["library"] == "lifecycle"}
     assert ours.keys() == OUR_SCENARIOS
-    for scenario, concurrency in (("drain", 32), ("mix", 100), ("sqlite_drain", 32)):
+    for scenario, concurrency in (("drain", 32), ("mix", 100), ("sqlite_drain", 32), ("pg_drain", 32)):
         assert ours[scenario]["tasks_per_s"] > 0
         assert ours[scenario]["cpu_ms_per_task"] > 0
         assert 1 <= ours[scenario]["peak_running"] <= concurrency, (scenario, ours[scenario])
@@ -88,12 +111,12 @@ def test_tiny_run_of_every_scenario_reports_numbers_for_our_library(
     # 200 tasks that sleep 10 ms at concurrency 100 need two waves of sleeps: a faster run means the worker
     # ran more tasks at once than its concurrency, and every mix number would be wrong.
     assert ours["mix"]["seconds"] >= 0.019, f"mix took {ours['mix']['seconds']:.4f} s: concurrency exceeded"
-    for scenario in ("enqueue", "sqlite_enqueue", "nats_enqueue"):
+    for scenario in ("enqueue", "sqlite_enqueue", "nats_enqueue", "pg_enqueue"):
         assert ours[scenario]["single_per_s"] > 0
         assert ours[scenario]["bulk_per_s"] > 0
     assert ours["nats_drain"]["tasks_per_s"] > 0
     assert ours["nats_drain"]["nats_msgs_in_per_task"] > 0
-    for scenario in ("latency", "nats_latency"):
+    for scenario in ("latency", "nats_latency", "pg_latency"):
         assert 0 < ours[scenario]["p50_ms"] <= ours[scenario]["p99_ms"]
     assert ours["nats_latency"]["delayed_late_p50_ms"] >= 0, "a delayed task never starts before its time"
     for backend in ("asyncio", "trio"):
@@ -104,12 +127,72 @@ def test_tiny_run_of_every_scenario_reports_numbers_for_our_library(
     text = output.read_text()
     assert "prose that must survive" in text
     assert "NATS prose" in text
+    assert "PostgreSQL prose" in text
     assert "\nold\n" not in text
     assert "\nold NATS\n" not in text
+    assert "\nold PostgreSQL\n" not in text
+    assert "#### PostgreSQL drain" in text
     assert "| **lifecycle** |" in text
     assert "#### NATS drain" in text
     assert "### Failed runs" not in text
     assert "Failed runs:" not in text
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("peer", ["pgqueuer", "procrastinate"])
+def test_tiny_run_of_a_postgres_peer_when_its_venv_is_there(
+    peer: str, postgres_dsn: str, tmp_path: Path
+) -> None:
+    if not venvs.python_for(peer).exists():  # the suite never installs a peer: see the module docstring
+        pytest.skip(f"no virtualenv for {peer}; `python benchmarks/venvs.py {peer}` builds it")
+    output, raw = tmp_path / "benchmarks.md", tmp_path / "raw.json"
+    command = [
+        sys.executable, "benchmarks/run.py", "--rounds", "1", "--n", "100", "--latency-n", "10",
+        "--libraries", peer, "--scenarios", ",".join(sorted(PG_SCENARIOS)), "--skip-install",
+        "--postgres-url", postgres_dsn, "--run-timeout", "90", "--output", str(output), "--chart", "none",
+        "--json", str(raw),
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, f"harness failed:\n{proc.stderr[-4000:]}"
+    assert not _schema_exists(postgres_dsn, _run_schema(proc.stderr)), "the run's schema is left behind"
+    runs = json.loads(raw.read_text())["runs"]
+    assert {(run["scenario"], run["library"]) for run in runs} == {(s, peer) for s in PG_SCENARIOS}
+    assert all(run["ok"] for run in runs), [run.get("error") for run in runs]
+    metrics = {run["scenario"]: run["metrics"] for run in runs}
+    assert metrics["pg_drain"]["tasks_per_s"] > 0
+    assert 1 <= metrics["pg_drain"]["peak_running"] <= 32
+    assert metrics["pg_enqueue"]["single_per_s"] > 0
+    assert metrics["pg_enqueue"]["bulk_per_s"] > 0
+    assert 0 < metrics["pg_latency"]["p50_ms"] <= metrics["pg_latency"]["p99_ms"]
+    assert f"| {peer} |" in output.read_text()
+
+
+@pytest.mark.postgres
+def test_a_postgres_schema_the_harness_did_not_create_is_never_dropped(
+    postgres_dsn: str, unique_name: str
+) -> None:
+    admin = PostgresAdmin(postgres_dsn)
+    try:
+        admin.query(f'CREATE SCHEMA "{unique_name}"; CREATE TABLE "{unique_name}".kept (x int)')
+        with pytest.raises(SystemExit, match="did not create it"):
+            admin.reset_schema(unique_name)
+        with pytest.raises(SystemExit, match="did not create it"):
+            admin.drop_own_schema(unique_name)
+        assert admin.query(f'SELECT count(*) FROM "{unique_name}".kept') == [["0"]]
+        admin.query(f'DROP SCHEMA "{unique_name}" CASCADE')
+
+        admin.reset_schema(unique_name)  # absent: created, marked as the harness's own
+        admin.query(f'CREATE TABLE "{unique_name}".made_by_a_run (x int)')
+        admin.reset_schema(unique_name)  # its own: dropped and created empty again
+        assert admin.query(f"SELECT count(*) FROM pg_tables WHERE schemaname = '{unique_name}'") == [["0"]]
+        admin.drop_own_schema(unique_name)
+        assert not admin.query(f"SELECT 1 FROM pg_namespace WHERE nspname = '{unique_name}'")
+        with pytest.raises(RuntimeError, match="42P01"):  # a server error is raised, the connection goes on
+            admin.query("SELECT * FROM no_such_table_here")
+        assert admin.query("SELECT 1, NULL") == [["1", None]]
+    finally:
+        admin.query(f'DROP SCHEMA IF EXISTS "{unique_name}" CASCADE')
+        admin.close()
 
 
 def test_the_private_redis_server_is_stopped_and_removed(redis_server: str) -> None:
@@ -174,8 +257,9 @@ def test_a_database_holding_keys_the_harness_did_not_write_is_never_emptied(redi
 def test_every_peer_has_a_pinned_section_and_an_adapter() -> None:
     sections = venvs.read_sections()
     peers = ("arq", "saq", "streaq", "taskiq", "dramatiq", "huey", "celery", "rq", "taskiq_nats")
+    peers_pg = ("pgqueuer", "procrastinate")
     assert (ROOT / "benchmarks" / "peers" / "taskiq_nats_batched.py").is_file()
-    for peer in peers:
+    for peer in (*peers, *peers_pg):
         assert peer in sections, peer
         assert all("==" in requirement for requirement in sections[peer]), sections[peer]
         assert (ROOT / "benchmarks" / "peers" / f"{peer}.py").is_file()
