@@ -146,8 +146,9 @@ async def _buffers(dsn: str, schema: str, query: Any, params: Any) -> tuple[int,
     Counted by the server's per-relation statistics, not by EXPLAIN: EXPLAIN also counts the system catalogs
     a session reads when it plans again, and another test run's DDL on the same server (thousands of
     catalog changes a second) overflows the invalidation queue, which makes every session drop its cached
-    plans and read the catalogs again: thousands of buffers that say nothing about the claim."""
-    async with await psycopg.AsyncConnection.connect(dsn) as connection:
+    plans and read the catalogs again: thousands of buffers that say nothing about the claim. JIT is off, as
+    on the backend's own connections (the functions' plans cost enough to be compiled: over a second each)."""
+    async with await psycopg.AsyncConnection.connect(dsn, options="-c jit=off") as connection:
         cursor = connection.cursor()
         await cursor.execute(query, params)
         await connection.rollback()
