@@ -394,8 +394,9 @@ class SQLiteBackend:
         if connection is None:
             assert not isinstance(absent, _Absent)
             return absent
-        done = self._write_on_loop(operation, args) if on_loop else None
-        if done is not None:
+        loop_done: tuple[_T, bool] | None = self._write_on_loop(operation, args) if on_loop else None
+        if loop_done is not None:
+            done = loop_done
             # Keep the call a scheduling point, as the worker thread's call was: a producer enqueueing in a
             # loop must not starve the other tasks. Shielded: the task is stored, so say so.
             await anyio.lowlevel.cancel_shielded_checkpoint()
