@@ -613,7 +613,8 @@ async def test_an_enqueue_under_another_writers_lock_waits_off_the_event_loop_an
             return release_connection
         process = await anyio.open_process([sys.executable, "-c", _HOLD_THE_WRITE_LOCK, str(db_path)])
         processes.append(process)
-        assert process.stdout is not None and process.stdin is not None
+        assert process.stdout is not None
+        assert process.stdin is not None
         assert (await process.stdout.receive()).startswith(b"locked")
 
         async def release_process() -> None:
@@ -640,7 +641,8 @@ async def test_an_enqueue_under_another_writers_lock_waits_off_the_event_loop_an
         assert held_the_loop < 1.0, f"the event loop was held for {held_the_loop:.3f} s"
         assert ids == ["under-lock"]
         record = await backend.get("under-lock")
-        assert record is not None and record.state is TaskState.PENDING
+        assert record is not None
+        assert record.state is TaskState.PENDING
         claimed = await backend.claim(["default"], 10, now=2000.0, lease_until=2030.0)
         assert [c.record.id for c in claimed] == ["under-lock"]  # stored once, lost nowhere
     finally:
@@ -697,3 +699,30 @@ async def test_enqueues_on_the_loops_thread_still_let_the_wal_be_checkpointed(
     with closing(sqlite3.connect(db_path)) as reader:
         (_, frames, _) = reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     assert 0 < frames < 2000, frames
+
+
+def expiring(task_id: str) -> NewTask:
+    """A task due at 1000 that expired at 1500."""
+    return dataclasses.replace(task(task_id), expires_at=1500.0)
+
+
+async def test_writes_interrupted_on_the_loops_thread_are_redone_whole_on_the_worker_thread(
+    open_sqlite: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A budget already spent: every statement that runs long enough to be checked is interrupted, and what
+    # the write did before is rolled back, so the worker thread's run is the only one that counts.
+    monkeypatch.setattr("lifecycle.asynctask._backends.sqlite._backend._LOOP_BUDGET", -1.0)
+    backend = await open_sqlite()
+    ids = [f"b{index}" for index in range(100)]
+    assert await backend.enqueue_many([task(task_id) for task_id in ids]) == ids
+    assert await backend.enqueue_many([task(ids[0])], if_exists="skip") == []
+    await backend.enqueue_many([expiring(f"x{index}") for index in range(100)])
+    claimed = await backend.claim(["default"], 100, now=2000.0, lease_until=2030.0)
+    assert sorted(c.record.id for c in claimed) == sorted(ids)
+    assert (
+        await backend.settle(
+            [Settlement(c.record.id, c.token, TaskState.SUCCEEDED, at=2000.0) for c in claimed]
+        )
+        == set()
+    )
+    assert await backend.stats() == {"default": {TaskState.SUCCEEDED: 100, TaskState.CANCELLED: 100}}

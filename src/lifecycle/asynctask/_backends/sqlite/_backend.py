@@ -43,14 +43,18 @@ Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _MEMORY = ":memory:"
 
-# The loop connection (see SQLiteBackend._write): the largest batch it writes (a few hundred microseconds of
-# the event loop), and how often a write it could take goes to the thread connection instead, whose commit
-# checkpoints the WAL once it is past SQLite's 1000-page threshold (the loop connection never checkpoints:
-# a checkpoint syncs the file).
+# The loop connection (see SQLiteBackend._write_on_loop): the largest batch it is given (a few hundred
+# microseconds of the event loop); the longest its statements may run before SQLite interrupts them and the
+# write goes to the worker thread (checked every _LOOP_STEPS virtual machine steps); and how often a write it
+# could take goes to the thread connection instead, whose commit checkpoints the WAL once it is past SQLite's
+# 1000-page threshold (the loop connection never checkpoints: a checkpoint syncs the file).
 _LOOP_ROWS = 100
+_LOOP_BUDGET = 0.002
+_LOOP_STEPS = 1000
 _CHECKPOINT_EVERY = 64
 _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
+_SQLITE_INTERRUPT = 9
 
 
 class _Absent(enum.Enum):
@@ -73,12 +77,25 @@ def _in_transaction(
     return result, connection.total_changes != before
 
 
-def _busy(exc: sqlite3.OperationalError) -> bool:
-    """Whether SQLite refused for a lock another connection holds (``SQLITE_BUSY``/``SQLITE_LOCKED``)."""
+def _refused(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused a loop connection's write for a lock another connection holds
+    (``SQLITE_BUSY``/``SQLITE_LOCKED``) or interrupted it at the end of its time budget."""
     code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
     if code is not None:
-        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
-    return "locked" in str(exc)
+        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_INTERRUPT)
+    return "locked" in str(exc) or str(exc) == "interrupted"
+
+
+class _Budget:
+    """The progress handler of a loop connection: interrupts its statement once ``deadline`` has passed."""
+
+    __slots__ = ("deadline",)
+
+    def __init__(self) -> None:
+        self.deadline = 0.0
+
+    def __call__(self) -> bool:
+        return time.perf_counter() > self.deadline
 
 
 class SQLiteBackend:
@@ -138,6 +155,7 @@ class SQLiteBackend:
         self._synchronous = mode
         self._connection: sqlite3.Connection | None = None
         self._loop_connection: sqlite3.Connection | None = None  # used on the event loop's thread only
+        self._loop_budget = _Budget()
         self._loop_writes = 0
         self._deferred = False  # open, but no store yet: opened with create="on_enqueue"
         self._attaching: anyio.Lock | None = None
@@ -274,6 +292,7 @@ class SQLiteBackend:
             loop_connection.execute(f"PRAGMA synchronous = {self._synchronous}")
             loop_connection.execute("PRAGMA wal_autocheckpoint = 0")  # a checkpoint syncs: thread only
             loop_connection.execute("SELECT 1 FROM lifecycle_schema LIMIT 1").fetchall()  # reads the schema
+            loop_connection.set_progress_handler(self._loop_budget, _LOOP_STEPS)
         except BaseException:
             loop_connection.close()
             raise
@@ -418,24 +437,28 @@ class SQLiteBackend:
     def _write_on_loop(self, operation: Callable[..., _T], args: tuple[Any, ...]) -> tuple[_T, bool] | None:
         """Run ``operation`` in a write transaction of the loop connection, on the event loop's thread; or
         ``None`` when it must run on the worker thread: there is no loop connection, it is the turn of the
-        worker thread's connection (which checkpoints the WAL), or another connection (of any process, this
-        object's own worker thread included) holds the write lock. The loop connection never waits for a
-        lock (``busy_timeout`` 0), so this returns after the statements' own work; a refused attempt rolled
-        back everything it wrote, so the worker thread runs ``operation`` again from the start."""
+        worker thread's connection (which checkpoints the WAL), another connection (of any process, this
+        object's own worker thread included) holds the write lock, or the statements ran past
+        ``_LOOP_BUDGET``. The loop connection never waits for a lock (``busy_timeout`` 0) and SQLite
+        interrupts it at the end of its budget, so this holds the loop for about that long at most (a
+        commit's writes come after the budget); a refused attempt rolled back everything it wrote, so the
+        worker thread runs ``operation`` again from the start."""
         connection = self._loop_connection
         if connection is None:
             return None
         self._loop_writes += 1
         if self._loop_writes % _CHECKPOINT_EVERY == 0:
             return None
+        self._loop_budget.deadline = time.perf_counter() + _LOOP_BUDGET
         try:
             return ops.reading_any_text(connection, _in_transaction, (connection, operation, args))
         except sqlite3.OperationalError as exc:
-            if not _busy(exc):
+            if not _refused(exc):
                 raise
-            if connection.in_transaction:  # a refused COMMIT leaves its transaction open
-                connection.execute("ROLLBACK")
-            return None
+        self._loop_budget.deadline = float("inf")  # the rollback below must not be interrupted
+        if connection.in_transaction:  # a refused COMMIT leaves its transaction open
+            connection.execute("ROLLBACK")
+        return None
 
     # -- the Backend protocol -----------------------------------------------------------------------------
 
