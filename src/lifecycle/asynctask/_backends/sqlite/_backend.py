@@ -46,12 +46,16 @@ _MEMORY = ":memory:"
 # The loop connection (see SQLiteBackend._write_on_loop): the largest batch it is given (a few hundred
 # microseconds of the event loop); the longest its statements may run before SQLite interrupts them and the
 # write goes to the worker thread (checked every _LOOP_STEPS virtual machine steps); and how often a write it
-# could take goes to the thread connection instead, whose commit checkpoints the WAL once it is past SQLite's
-# 1000-page threshold (the loop connection never checkpoints: a checkpoint syncs the file).
+# could take goes to the thread connection instead, whose commit checkpoints the WAL once it is past
+# _CHECKPOINT_PAGES (the loop connection never checkpoints: a checkpoint syncs the file).
 _LOOP_ROWS = 100
 _LOOP_BUDGET = 0.002
 _LOOP_STEPS = 1000
 _CHECKPOINT_EVERY = 64
+# The WAL size (pages) past which a commit of the thread connection checkpoints it. SQLite's default of 1000
+# checkpoints (two file syncs) every ~180 one-task enqueues, as each writes ~5.6 pages (the row and four
+# indexes): 4000 (a WAL of up to ~16 MiB) cut the cost of an awaited enqueue by about a quarter.
+_CHECKPOINT_PAGES = 4000
 _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
 _SQLITE_INTERRUPT = 9
@@ -324,6 +328,7 @@ class SQLiteBackend:
                     mode,
                 )
             connection.execute(f"PRAGMA synchronous = {self._synchronous}")
+            connection.execute(f"PRAGMA wal_autocheckpoint = {_CHECKPOINT_PAGES}")
             ensure_schema(connection, where=where)
         except BaseException as exc:
             connection.close()
