@@ -294,8 +294,8 @@ class SQLiteBackend:
         )
         try:
             loop_connection.execute(f"PRAGMA synchronous = {self._synchronous}")
+            # Neither reads the file: a lock held elsewhere cannot fail the open (the first write meets it).
             loop_connection.execute("PRAGMA wal_autocheckpoint = 0")  # a checkpoint syncs: thread only
-            loop_connection.execute("SELECT 1 FROM lifecycle_schema LIMIT 1").fetchall()  # reads the schema
             loop_connection.set_progress_handler(self._loop_budget, _LOOP_STEPS)
         except BaseException:
             loop_connection.close()
