@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import closing
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 
 from lifecycle.asynctask import (
@@ -566,3 +568,161 @@ async def test_a_file_locked_by_another_writer_past_busy_timeout_is_a_clear_erro
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+# -- enqueues on the event loop's thread ------------------------------------------------------------------
+
+# Another process: takes the write lock, says so, holds it until a line arrives on stdin, then commits.
+_HOLD_THE_WRITE_LOCK = """
+import sqlite3, sys
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.readline()
+connection.execute("COMMIT")
+"""
+
+
+@pytest.mark.parametrize("holder", ["connection", "process"])
+async def test_an_enqueue_under_another_writers_lock_waits_off_the_event_loop_and_is_stored(
+    db_path: Path, holder: str
+) -> None:
+    # busy_timeout of 5 s: an enqueue that waited for the lock on the event loop's thread would hold it that
+    # long, past the bound below, before anything else could run.
+    backend = SQLiteBackend(db_path, busy_timeout=5)
+    await backend.open()
+    started, stored = anyio.Event(), anyio.Event()
+    ids: list[str] = []
+
+    async def enqueue() -> None:
+        started.set()
+        ids.extend(await backend.enqueue_many([task("under-lock")]))
+        stored.set()
+
+    processes: list[anyio.abc.Process] = []
+
+    async def hold() -> Callable[[], Awaitable[None]]:
+        if holder == "connection":
+            connection = sqlite3.connect(db_path, isolation_level=None)
+            connection.execute("BEGIN IMMEDIATE")
+
+            async def release_connection() -> None:
+                connection.execute("COMMIT")
+                connection.close()
+
+            return release_connection
+        process = await anyio.open_process([sys.executable, "-c", _HOLD_THE_WRITE_LOCK, str(db_path)])
+        processes.append(process)
+        assert process.stdout is not None
+        assert process.stdin is not None
+        assert (await process.stdout.receive()).startswith(b"locked")
+
+        async def release_process() -> None:
+            assert process.stdin is not None
+            await process.stdin.send(b"go\n")
+            assert await process.wait() == 0
+
+        return release_process
+
+    try:
+        with anyio.fail_after(20):
+            release = await hold()
+            async with anyio.create_task_group() as group:
+                before = time.monotonic()
+                group.start_soon(enqueue)
+                # Returns once the enqueue task gave the loop back: its attempt on the loop's thread met the
+                # lock and it went on to wait on the worker thread.
+                await started.wait()
+                await anyio.wait_all_tasks_blocked()
+                held_the_loop = time.monotonic() - before
+                assert not stored.is_set()  # the lock is still held: nothing could be written yet
+                await release()
+                await stored.wait()
+        assert held_the_loop < 1.0, f"the event loop was held for {held_the_loop:.3f} s"
+        assert ids == ["under-lock"]
+        record = await backend.get("under-lock")
+        assert record is not None
+        assert record.state is TaskState.PENDING
+        claimed = await backend.claim(["default"], 10, now=2000.0, lease_until=2030.0)
+        assert [c.record.id for c in claimed] == ["under-lock"]  # stored once, lost nowhere
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.kill()
+            await process.aclose()
+        await backend.close()
+
+
+async def test_enqueues_with_a_worker_claiming_from_the_same_object_lose_and_duplicate_nothing(
+    open_sqlite: Factory,
+) -> None:
+    # The worker thread's claims and settlements hold the write lock while enqueues try the loop's thread:
+    # some of those meet the lock and go to the worker thread; every task must be stored once and run once.
+    backend = await open_sqlite()
+    count = 300
+    taken: list[str] = []
+    enqueued = anyio.Event()
+
+    async def produce() -> None:
+        for index in range(count):
+            await backend.enqueue_many([task(f"t{index}")])
+        enqueued.set()
+
+    async def consume() -> None:
+        while len(taken) < count:
+            claimed = await backend.claim(["default"], 7, now=2000.0, lease_until=2030.0)
+            taken.extend(c.record.id for c in claimed)
+            await backend.settle(
+                [Settlement(c.record.id, c.token, TaskState.SUCCEEDED, at=2000.0) for c in claimed]
+            )
+            if not claimed:
+                await backend.wait_for_work(["default"], timeout=1)
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as group:
+            group.start_soon(consume)
+            group.start_soon(produce)
+    assert enqueued.is_set()
+    assert sorted(taken) == sorted(f"t{i}" for i in range(count))  # each exactly once
+    assert await backend.stats() == {"default": {TaskState.SUCCEEDED: count}}
+
+
+async def test_enqueues_on_the_loops_thread_still_let_the_wal_be_checkpointed(
+    open_sqlite: Factory, db_path: Path
+) -> None:
+    # The loop's connection never checkpoints (a checkpoint syncs the file); the worker thread's commits do,
+    # past 4 000 WAL pages. 1 500 one-task enqueues write about 8 400 pages: checkpointed, the WAL restarts
+    # and never holds them all.
+    backend = await open_sqlite()
+    for index in range(1500):
+        await backend.enqueue_many([task(f"w{index}")])
+    with closing(sqlite3.connect(db_path)) as reader:
+        (_, frames, _) = reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert 0 < frames < 6000, frames
+
+
+def expiring(task_id: str) -> NewTask:
+    """A task due at 1000 that expired at 1500."""
+    return dataclasses.replace(task(task_id), expires_at=1500.0)
+
+
+async def test_writes_interrupted_on_the_loops_thread_are_redone_whole_on_the_worker_thread(
+    open_sqlite: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A budget already spent: every statement that runs long enough to be checked is interrupted, and what
+    # the write did before is rolled back, so the worker thread's run is the only one that counts.
+    monkeypatch.setattr("lifecycle.asynctask._backends.sqlite._backend._LOOP_BUDGET", -1.0)
+    backend = await open_sqlite()
+    ids = [f"b{index}" for index in range(100)]
+    assert await backend.enqueue_many([task(task_id) for task_id in ids]) == ids
+    assert await backend.enqueue_many([task(ids[0])], if_exists="skip") == []
+    await backend.enqueue_many([expiring(f"x{index}") for index in range(100)])
+    claimed = await backend.claim(["default"], 100, now=2000.0, lease_until=2030.0)
+    assert sorted(c.record.id for c in claimed) == sorted(ids)
+    assert (
+        await backend.settle(
+            [Settlement(c.record.id, c.token, TaskState.SUCCEEDED, at=2000.0) for c in claimed]
+        )
+        == set()
+    )
+    assert await backend.stats() == {"default": {TaskState.SUCCEEDED: 100, TaskState.CANCELLED: 100}}

@@ -288,7 +288,12 @@ def enqueue_many(
         return []
     if if_exists == "debounce" or any(task.unique_key is not None for task in tasks):
         return _enqueue_with_rules(connection, tasks, if_exists)
-    # Fast path: fresh ids (the common case) need one executemany and no look-up.
+    # Fast path: fresh ids (the common case) need one executemany and no look-up. One task needs no
+    # savepoint: when its insert is skipped, nothing was written.
+    if len(tasks) == 1:
+        if connection.execute(_INSERT_OR_SKIP, _new_task_row(tasks[0])).rowcount == 1:
+            return [tasks[0].id]
+        return _enqueue_existing(connection, tasks, if_exists)
     connection.execute("SAVEPOINT lifecycle_enqueue")
     inserted = connection.executemany(_INSERT_OR_SKIP, map(_new_task_row, tasks)).rowcount
     if inserted == len(tasks):
@@ -296,7 +301,13 @@ def enqueue_many(
         return [task.id for task in tasks]
     connection.execute("ROLLBACK TO lifecycle_enqueue")
     connection.execute("RELEASE lifecycle_enqueue")
+    return _enqueue_existing(connection, tasks, if_exists)
 
+
+def _enqueue_existing(
+    connection: sqlite3.Connection, tasks: Sequence[NewTask], if_exists: Literal["error", "skip", "debounce"]
+) -> list[str]:
+    """Insert ``tasks`` of which some ids are taken (by stored tasks or within the batch)."""
     existing: dict[str, str] = {}
     for chunk in _chunks(list({task.id for task in tasks})):
         query = f"SELECT id, state FROM lifecycle_tasks WHERE id IN ({_marks(len(chunk))})"
