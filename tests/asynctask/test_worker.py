@@ -339,10 +339,11 @@ async def test_a_task_stopped_before_its_run_started_is_released_without_running
         task_id = await tasks.enqueue(never_started)
         claimed = await backend.claim(["default"], 1, now=clock(), lease_until=clock() + 30)
         worker = Worker(backend, tasks._registry, tasks.encoding, tasks._options, logging.getLogger("test"))
+        worker._start(claimed)  # queued for the runners
+        worker._running[claimed[0].token].cancel("shutdown")  # the drain, in the same step as the claim
+        worker._closing = True
         async with anyio.create_task_group() as runners:
-            worker._runners = runners
-            worker._start(claimed)
-            worker._running[claimed[0].token].cancel("shutdown")  # the drain, in the same step as the claim
+            runners.start_soon(worker._runner_loop)  # takes the queued task, releases it, ends
         (release,) = worker._settler._buffer
     assert (release.task_id, release.state, release.refund_attempt) == (task_id, TaskState.PENDING, True)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import logging
 import traceback
+from collections import deque
 from collections.abc import Callable
 from types import FrameType
 
 import anyio
-import anyio.abc
 
 from ..._core._backoff import Backoff
 from ..._core._loopwatch import LoopBlock, LoopWatch
@@ -71,7 +71,12 @@ class Worker:
         self._wake_generation = 0
         self._wake_event: anyio.Event | None = None
         self._capacity_event: anyio.Event | None = None
-        self._runners: anyio.abc.TaskGroup | None = None
+        # The claimed tasks no runner has taken yet (each counted in ``_running`` from its claim on), and the
+        # event the idle runners wait on: ``concurrency`` runners take them one after another, so a task
+        # costs no task spawn, and never more than ``concurrency`` run at once.
+        self._queue: deque[Running] = deque()
+        self._work_event: anyio.Event | None = None
+        self._closing = False
         self._runner = TaskRunner(
             registry,
             encoding,
@@ -159,11 +164,13 @@ class Worker:
                 if self._report_groups:
                     services.start_soon(self._group_report_loop)
             async with anyio.create_task_group() as runners:
-                self._runners = runners
+                for _ in range(self._options.concurrency):
+                    runners.start_soon(self._runner_loop)
                 self.started.set()
                 await self._claim_loop()
                 await self._drain()
-            self._runners = None
+                self._closing = True  # the runners run what is queued (each stopped already), then end
+                self._work_arrived()
             with anyio.move_on_after(_FINAL_FLUSH_TIMEOUT) as flush_scope:
                 await self._settler.flush()
             if flush_scope.cancelled_caught:
@@ -213,14 +220,34 @@ class Worker:
                 await self._idle(generation)
 
     def _start(self, batch: list[ClaimedTask]) -> None:
-        runners = self._runners
-        assert runners is not None
+        if not batch:
+            return
+        queue = self._queue
         for claimed in batch:
             self._hold(claimed)
             # Counted as running from the claim on, so the next claim sees the slot as taken.
             running = Running(claimed, AttemptControl(claimed, self._progress))
             self._running[claimed.token] = running
-            runners.start_soon(self._run, running)
+            queue.append(running)
+        self._work_arrived()
+
+    def _work_arrived(self) -> None:
+        event, self._work_event = self._work_event, None
+        if event is not None:
+            event.set()
+
+    async def _runner_loop(self) -> None:
+        """One of the ``concurrency`` runners: run the queued tasks one after another, until closing."""
+        queue = self._queue
+        while True:
+            while queue:
+                await self._run(queue.popleft())
+            if self._closing:
+                return
+            event = self._work_event
+            if event is None:
+                event = self._work_event = anyio.Event()
+            await event.wait()
 
     def _hold(self, claimed: ClaimedTask) -> None:
         task_id = claimed.record.id
