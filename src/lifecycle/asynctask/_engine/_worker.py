@@ -24,7 +24,7 @@ from ._options import EngineOptions
 from ._runner import LOST, SHUTDOWN, Running, TaskRunner
 from ._settler import Settler
 from ._upkeep import purge_expired, recover_expired
-from ._verdict import error_text, is_cancellation
+from ._verdict import error_text, is_cancelled_from_outside
 
 __all__ = ["Worker"]
 
@@ -77,6 +77,7 @@ class Worker:
         self._queue: deque[Running] = deque()
         self._work_event: anyio.Event | None = None
         self._closing = False
+        self._finishing = 0  # runners writing the last progress of a task that ran: not free yet
         self._runner = TaskRunner(
             registry,
             encoding,
@@ -189,7 +190,8 @@ class Worker:
         clock = self._clock
         failures = 0
         while not self._stopping:
-            free = min(concurrency - len(self._running), 2 * concurrency - len(self._held))
+            # A claimed task never waits in the queue for a runner: every slot counted free has one.
+            free = min(concurrency - len(self._running) - self._finishing, 2 * concurrency - len(self._held))
             if free <= 0:
                 event = self._capacity_event = anyio.Event()
                 await event.wait()
@@ -327,8 +329,9 @@ class Worker:
                 settlement = await self._run_observed(running, self._options.observer)
         except BaseException as exc:
             # A fault of this task's handling stays with this task: it is settled, the rest of the batch and
-            # the worker go on. Only the worker's own cancellation passes.
-            if is_cancellation(exc):
+            # the worker go on (a runner raising would end the worker). Only the worker's own cancellation
+            # passes.
+            if is_cancelled_from_outside(exc):
                 raise
             settlement = self._internal_error(running, exc)
         finally:
@@ -342,8 +345,13 @@ class Worker:
                 del self._held[task_id]
         else:
             if progress is not None and progress.holds(claimed):
-                with anyio.CancelScope(shield=True):  # the last progress before the verdict, always
-                    await progress.finish(claimed)
+                self._finishing += 1
+                try:
+                    with anyio.CancelScope(shield=True):  # the last progress before the verdict, always
+                        await progress.finish(claimed)
+                finally:
+                    self._finishing -= 1
+                    self._capacity_changed()
             self._put(claimed, settlement)
 
     def _put(self, claimed: ClaimedTask, settlement: Settlement) -> None:
