@@ -389,7 +389,8 @@ async def test_a_runner_writing_a_finished_tasks_last_progress_is_not_counted_fr
         try:
             await anyio.wait_all_tasks_blocked()  # the worker had every chance to claim it (it must not)
             info = await tasks.info(second_id)
-            assert info is not None and info.state is TaskState.PENDING
+            assert info is not None
+            assert info.state is TaskState.PENDING
         finally:
             backend.release.set()  # else a failure would hang in the shutdown, which waits for the write
         with anyio.fail_after(WAIT):

@@ -20,7 +20,14 @@ from .._chain import follow_up
 from .._model import Abort, Retry
 from .._records import ClaimedTask, Settlement, TaskState
 
-__all__ = ["MAX_ERROR_CHARS", "Policy", "error_text", "is_cancellation", "is_cancelled_from_outside", "storable"]
+__all__ = [
+    "MAX_ERROR_CHARS",
+    "Policy",
+    "error_text",
+    "is_cancellation",
+    "is_cancelled_from_outside",
+    "storable",
+]
 
 MAX_ERROR_CHARS = 32_000
 """Longer error texts keep their start and end (the exception line is at the end of a traceback)."""
