@@ -10,6 +10,7 @@ from collections.abc import Callable
 from types import FrameType
 
 import anyio
+import anyio.abc
 
 from ..._core._backoff import Backoff
 from ..._core._loopwatch import LoopBlock, LoopWatch
@@ -153,7 +154,7 @@ class Worker:
             services.start_soon(self._settler.run)
             services.start_soon(self._heartbeat_loop)
             services.start_soon(self._recovery_loop)
-            services.start_soon(self._loopwatch.run)
+            await services.start(self._watch_loop)  # watching before a runner can run (and block) a task
             if any(age is not None for age in self._options.retention.values()):
                 services.start_soon(self._retention_loop)
             if self._progress is not None:
@@ -401,6 +402,12 @@ class Worker:
         return settlement
 
     # -- background loops -----------------------------------------------------------------------------------
+
+    async def _watch_loop(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        await self._loopwatch.run()  # joins the watchdog before its first await: before the caller resumes
 
     async def _heartbeat_loop(self) -> None:
         interval = self._options.lease / 3
