@@ -20,6 +20,7 @@ from lifecycle.asynctask import (
     FlowLimits,
     ManualClock,
     MemoryBackend,
+    ProgressUpdate,
     Retry,
     Settlement,
     TaskContext,
@@ -339,12 +340,96 @@ async def test_a_task_stopped_before_its_run_started_is_released_without_running
         task_id = await tasks.enqueue(never_started)
         claimed = await backend.claim(["default"], 1, now=clock(), lease_until=clock() + 30)
         worker = Worker(backend, tasks._registry, tasks.encoding, tasks._options, logging.getLogger("test"))
+        worker._start(claimed)  # queued for the runners
+        worker._running[claimed[0].token].cancel("shutdown")  # the drain, in the same step as the claim
+        worker._closing = True
         async with anyio.create_task_group() as runners:
-            worker._runners = runners
-            worker._start(claimed)
-            worker._running[claimed[0].token].cancel("shutdown")  # the drain, in the same step as the claim
+            runners.start_soon(worker._runner_loop)  # takes the queued task, releases it, ends
         (release,) = worker._settler._buffer
     assert (release.task_id, release.state, release.refund_attempt) == (task_id, TaskState.PENDING, True)
+
+
+class SlowProgress(MemoryBackend):
+    """A MemoryBackend whose progress writes wait until ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = anyio.Event()
+        self.release = anyio.Event()
+
+    async def save_progress(self, updates: Sequence[ProgressUpdate]) -> set[str]:
+        self.writing.set()
+        await self.release.wait()
+        return await super().save_progress(updates)
+
+
+async def test_a_runner_writing_a_finished_tasks_last_progress_is_not_counted_free(
+    clock: ManualClock, group: Any
+) -> None:
+    # The slot of a task whose last progress is being written is free only after the write: no task is
+    # claimed meanwhile to wait for a runner (it stays pending, for any worker to take).
+    backend = SlowProgress()
+    tasks = make(backend, clock, concurrency=1)
+    second_ran = anyio.Event()
+
+    @tasks.register(name="reports")
+    async def reports(ctx: TaskContext) -> None:
+        await ctx.progress(1, 2)
+
+    @tasks.register(name="second")
+    async def second() -> None:
+        second_ran.set()
+
+    async with tasks:
+        group.start_soon(tasks.execute)
+        first_id = await tasks.enqueue(reports)
+        with anyio.fail_after(WAIT):
+            await backend.writing.wait()
+        second_id = await tasks.enqueue(second)
+        try:
+            await anyio.wait_all_tasks_blocked()  # the worker had every chance to claim it (it must not)
+            info = await tasks.info(second_id)
+            assert info is not None
+            assert info.state is TaskState.PENDING
+        finally:
+            backend.release.set()  # else a failure would hang in the shutdown, which waits for the write
+        with anyio.fail_after(WAIT):
+            await second_ran.wait()
+        first = await tasks.wait(first_id, timeout=WAIT)
+        assert first.state is TaskState.SUCCEEDED
+        assert first.progress == (1, 2)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # only asyncio lets a task raise its cancellation
+async def test_a_task_raising_the_cancellation_exception_itself_fails_alone(
+    anyio_backend: str, clock: ManualClock, group: Any
+) -> None:
+    import asyncio
+
+    tasks = make(MemoryBackend(), clock, concurrency=1)
+
+    @tasks.register(name="stray", max_retries=0)
+    async def stray() -> None:
+        raise asyncio.CancelledError("raised by the task: no one cancelled it")
+
+    @tasks.register(name="after")
+    async def after() -> str:
+        return "ran"
+
+    with anyio.fail_after(3 * WAIT):  # a worker ended by the stray cancellation would hang its shutdown
+        await _run_stray_then_after(tasks, group)
+
+
+async def _run_stray_then_after(tasks: AsyncTasks, group: Any) -> None:
+    async with tasks:
+        group.start_soon(tasks.execute)
+        stray_id = await tasks.enqueue("stray")
+        after_id = await tasks.enqueue("after")
+        info = await tasks.wait(stray_id, timeout=WAIT)
+        assert info.state is TaskState.DEAD
+        assert "CancelledError: raised by the task" in (info.last_error or "")
+        info = await tasks.wait(after_id, timeout=WAIT)
+        assert (info.state, info.result) == (TaskState.SUCCEEDED, "ran"), "the worker goes on"
 
 
 async def test_a_failed_final_flush_leaves_tasks_active_for_recovery(

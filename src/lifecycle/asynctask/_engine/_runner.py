@@ -26,7 +26,7 @@ from .._tracing import Tracing, attempt_span
 from ._control import AttemptControl
 from ._options import ErrorHook
 from ._upkeep import call_error_hook
-from ._verdict import Policy, error_text, is_cancellation
+from ._verdict import Policy, error_text, is_cancelled_from_outside
 
 __all__ = ["CANCEL", "LOST", "SHUTDOWN", "Running", "TaskRunner"]
 
@@ -214,7 +214,7 @@ class TaskRunner:
         except BaseException as exc:
             # KeyboardInterrupt, SystemExit, GeneratorExit, any BaseException the task raises is its own
             # failure; only a cancellation from outside (the worker's task group) goes on.
-            if is_cancellation(exc):
+            if is_cancelled_from_outside(exc):
                 raise
             failure = exc
         finally:

@@ -6,6 +6,7 @@ backoff, so the rules are tested without running anything.
 
 from __future__ import annotations
 
+import math
 import random
 import traceback
 from dataclasses import dataclass
@@ -19,7 +20,14 @@ from .._chain import follow_up
 from .._model import Abort, Retry
 from .._records import ClaimedTask, Settlement, TaskState
 
-__all__ = ["MAX_ERROR_CHARS", "Policy", "error_text", "is_cancellation", "storable"]
+__all__ = [
+    "MAX_ERROR_CHARS",
+    "Policy",
+    "error_text",
+    "is_cancellation",
+    "is_cancelled_from_outside",
+    "storable",
+]
 
 MAX_ERROR_CHARS = 32_000
 """Longer error texts keep their start and end (the exception line is at the end of a traceback)."""
@@ -157,6 +165,14 @@ def is_cancellation(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return exc.subgroup(lambda inner: isinstance(inner, cancelled)) is not None
     return isinstance(exc, cancelled)
+
+
+def is_cancelled_from_outside(exc: BaseException) -> bool:
+    """True when ``exc`` is a cancellation and the current task is being cancelled (its scopes, outside a
+    task's own scope that has exited by now): the worker's own stop, which passes on. Otherwise a cancellation
+    exception is the task's doing (an ``asyncio.CancelledError`` it raised, or got from awaiting a future
+    someone else cancelled) and counts as its failure, like any other ``BaseException``."""
+    return is_cancellation(exc) and anyio.current_effective_deadline() == -math.inf
 
 
 def error_text(exc: BaseException) -> str:

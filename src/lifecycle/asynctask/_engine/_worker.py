@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+from collections import deque
 from collections.abc import Callable
 from types import FrameType
 
@@ -24,7 +25,7 @@ from ._options import EngineOptions
 from ._runner import LOST, SHUTDOWN, Running, TaskRunner
 from ._settler import Settler
 from ._upkeep import purge_expired, recover_expired
-from ._verdict import error_text, is_cancellation
+from ._verdict import error_text, is_cancelled_from_outside
 
 __all__ = ["Worker"]
 
@@ -71,7 +72,13 @@ class Worker:
         self._wake_generation = 0
         self._wake_event: anyio.Event | None = None
         self._capacity_event: anyio.Event | None = None
-        self._runners: anyio.abc.TaskGroup | None = None
+        # The claimed tasks no runner has taken yet (each counted in ``_running`` from its claim on), and the
+        # event the idle runners wait on: ``concurrency`` runners take them one after another, so a task
+        # costs no task spawn, and never more than ``concurrency`` run at once.
+        self._queue: deque[Running] = deque()
+        self._work_event: anyio.Event | None = None
+        self._closing = False
+        self._finishing = 0  # runners writing the last progress of a task that ran: not free yet
         self._runner = TaskRunner(
             registry,
             encoding,
@@ -147,7 +154,7 @@ class Worker:
             services.start_soon(self._settler.run)
             services.start_soon(self._heartbeat_loop)
             services.start_soon(self._recovery_loop)
-            services.start_soon(self._loopwatch.run)
+            await services.start(self._watch_loop)  # watching before a runner can run (and block) a task
             if any(age is not None for age in self._options.retention.values()):
                 services.start_soon(self._retention_loop)
             if self._progress is not None:
@@ -159,11 +166,13 @@ class Worker:
                 if self._report_groups:
                     services.start_soon(self._group_report_loop)
             async with anyio.create_task_group() as runners:
-                self._runners = runners
+                for _ in range(self._options.concurrency):
+                    runners.start_soon(self._runner_loop)
                 self.started.set()
                 await self._claim_loop()
                 await self._drain()
-            self._runners = None
+                self._closing = True  # the runners run what is queued (each stopped already), then end
+                self._work_arrived()
             with anyio.move_on_after(_FINAL_FLUSH_TIMEOUT) as flush_scope:
                 await self._settler.flush()
             if flush_scope.cancelled_caught:
@@ -182,7 +191,8 @@ class Worker:
         clock = self._clock
         failures = 0
         while not self._stopping:
-            free = min(concurrency - len(self._running), 2 * concurrency - len(self._held))
+            # A claimed task never waits in the queue for a runner: every slot counted free has one.
+            free = min(concurrency - len(self._running) - self._finishing, 2 * concurrency - len(self._held))
             if free <= 0:
                 event = self._capacity_event = anyio.Event()
                 await event.wait()
@@ -213,14 +223,34 @@ class Worker:
                 await self._idle(generation)
 
     def _start(self, batch: list[ClaimedTask]) -> None:
-        runners = self._runners
-        assert runners is not None
+        if not batch:
+            return
+        queue = self._queue
         for claimed in batch:
             self._hold(claimed)
             # Counted as running from the claim on, so the next claim sees the slot as taken.
             running = Running(claimed, AttemptControl(claimed, self._progress))
             self._running[claimed.token] = running
-            runners.start_soon(self._run, running)
+            queue.append(running)
+        self._work_arrived()
+
+    def _work_arrived(self) -> None:
+        event, self._work_event = self._work_event, None
+        if event is not None:
+            event.set()
+
+    async def _runner_loop(self) -> None:
+        """One of the ``concurrency`` runners: run the queued tasks one after another, until closing."""
+        queue = self._queue
+        while True:
+            while queue:
+                await self._run(queue.popleft())
+            if self._closing:
+                return
+            event = self._work_event
+            if event is None:
+                event = self._work_event = anyio.Event()
+            await event.wait()
 
     def _hold(self, claimed: ClaimedTask) -> None:
         task_id = claimed.record.id
@@ -300,8 +330,9 @@ class Worker:
                 settlement = await self._run_observed(running, self._options.observer)
         except BaseException as exc:
             # A fault of this task's handling stays with this task: it is settled, the rest of the batch and
-            # the worker go on. Only the worker's own cancellation passes.
-            if is_cancellation(exc):
+            # the worker go on (a runner raising would end the worker). Only the worker's own cancellation
+            # passes.
+            if is_cancelled_from_outside(exc):
                 raise
             settlement = self._internal_error(running, exc)
         finally:
@@ -315,8 +346,13 @@ class Worker:
                 del self._held[task_id]
         else:
             if progress is not None and progress.holds(claimed):
-                with anyio.CancelScope(shield=True):  # the last progress before the verdict, always
-                    await progress.finish(claimed)
+                self._finishing += 1
+                try:
+                    with anyio.CancelScope(shield=True):  # the last progress before the verdict, always
+                        await progress.finish(claimed)
+                finally:
+                    self._finishing -= 1
+                    self._capacity_changed()
             self._put(claimed, settlement)
 
     def _put(self, claimed: ClaimedTask, settlement: Settlement) -> None:
@@ -366,6 +402,12 @@ class Worker:
         return settlement
 
     # -- background loops -----------------------------------------------------------------------------------
+
+    async def _watch_loop(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        await self._loopwatch.run()  # joins the watchdog before its first await: before the caller resumes
 
     async def _heartbeat_loop(self) -> None:
         interval = self._options.lease / 3
