@@ -341,6 +341,31 @@ def test_the_ab_drain_compares_two_versions_and_leaves_no_store(tmp_path: Path) 
     assert list(tmp_path.iterdir()) == []  # its exported trees and stores are gone
 
 
+def test_the_ab_enqueue_reports_rate_and_cpu_per_enqueue_and_saves_profiles(tmp_path: Path) -> None:
+    profiles = tmp_path / "profiles"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    completed = subprocess.run(
+        [
+            *(sys.executable, str(ROOT / "benchmarks" / "ab_enqueue.py"), "--refs", "HEAD,WORKTREE"),
+            *("--backends", "memory", "--n", "50", "--rounds", "1", "--profile", str(profiles)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "TMPDIR": str(scratch)},
+    )
+    assert completed.returncode == 0, completed.stderr
+    lines = [line.split() for line in completed.stdout.splitlines() if line.startswith("memory ")]
+    assert [line[1] for line in lines] == ["HEAD", "WORKTREE"]
+    assert all(float(line[2].removesuffix("/s")) > 0 for line in lines)
+    assert all("CPU/enqueue" in line for line in lines)
+    saved = sorted(path.name for path in profiles.iterdir())
+    assert saved == ["HEAD-memory-1.pstats", "WORKTREE-memory-1.pstats"]
+    assert list(scratch.iterdir()) == []  # its exported trees are gone
+
+
 @pytest.mark.redis
 def test_the_redis_script_cost_benchmark_runs_plain_groups_and_a_baseline(
     capsys: pytest.CaptureFixture[str],

@@ -552,10 +552,11 @@ class AsyncTasks:
         enqueues, in one backend round trip."""
         now = self._clock()
         task = build_task(call, now, self._registry, self._encoding)
-        if_exists = if_exists_for([call])
+        if_exists = "error" if call.debounce is None else "debounce"  # if_exists_for([call])
         if trace is not None:
             (task,) = with_trace([task], trace)
-        (task,) = self._hooks.prepare([task])
+        if self._hooks.on_enqueue:
+            (task,) = self._hooks.prepare([task])
         self._check_open("enqueue")
         coalescer = self._coalescers.get(if_exists)
         if coalescer is None:

@@ -40,6 +40,9 @@ _MAX_MAX_DEPTH = 10_000
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+# Configured once: json.dumps with these options builds a new JSONEncoder on every call. An encoder keeps only
+# its options (each encode() makes its own C encoder), so one is shared by every call and thread.
+_JSON = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), check_circular=False)
 
 
 @runtime_checkable
@@ -228,7 +231,7 @@ class JSONEncoding:
         that it nests deeper than ``max_depth``."""
         try:
             tree = self._convert(value)
-            text = json.dumps(tree, ensure_ascii=True, separators=(",", ":"), check_circular=False)
+            text = _JSON.encode(tree)
         except RecursionError:
             raise TypeError(
                 "cannot encode a value that contains itself, or nests deeper than JSONEncoding allows "

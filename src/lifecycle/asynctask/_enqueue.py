@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -23,7 +23,18 @@ from ._registry import (
     check_timeout,
 )
 
-__all__ = ["build_task", "check_calls", "encode_arguments", "if_exists_for"]
+__all__ = ["build_task", "check_calls", "encode_arguments", "if_exists_for", "new_task_id"]
+
+# The version (4) and variant (RFC 4122) bits of a random UUID, as uuid.uuid4() sets them.
+_UUID4_CLEAR = ~(0xF000 << 64 | 0xC000 << 48)
+_UUID4_SET = 0x4000 << 64 | 0x8000 << 48
+
+
+def new_task_id() -> str:
+    """A new random task id: ``uuid.uuid4().hex``, made without building a ``UUID`` object (half its CPU,
+    which counts on every enqueue)."""
+    bits = int.from_bytes(os.urandom(16), "big") & _UUID4_CLEAR | _UUID4_SET
+    return f"{bits:032x}"
 
 
 def build_task(call: Call, now: float, registry: Registry, encoding: Encoding) -> NewTask:
@@ -79,7 +90,7 @@ def build_task(call: Call, now: float, registry: Registry, encoding: Encoding) -
                 "enqueues that debounce merges)"
             )
         run_at = now + check_seconds(call.debounce, f"{where}: debounce", allow_zero=True)
-    task_id = uuid.uuid4().hex if call.task_id is None else check_name(call.task_id, f"{where}: task_id")
+    task_id = new_task_id() if call.task_id is None else check_name(call.task_id, f"{where}: task_id")
     if call.priority is not None:
         priority = check_priority(call.priority, where)
     else:

@@ -51,8 +51,9 @@ def _configured() -> tuple[ModuleType, Any] | None:
 def current_trace() -> dict[str, str] | None:
     """The trace context of the current span, to store with an enqueued task; ``None`` when tracing is off
     or no span is current."""
-    configured = _configured()
-    if configured is None or not configured[0].get_current_span().get_span_context().is_valid:
+    trace = sys.modules.get("opentelemetry.trace")
+    # The current span first: a context variable read, where the provider check reads the environment.
+    if trace is None or not trace.get_current_span().get_span_context().is_valid or _configured() is None:
         return None
     from opentelemetry import propagate
 
