@@ -552,7 +552,7 @@ class AsyncTasks:
         enqueues, in one backend round trip."""
         now = self._clock()
         task = build_task(call, now, self._registry, self._encoding)
-        if_exists = "error" if call.debounce is None else "debounce"  # if_exists_for([call])
+        if_exists = if_exists_for([call])
         if trace is not None:
             (task,) = with_trace([task], trace)
         if self._hooks.on_enqueue:
