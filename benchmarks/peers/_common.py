@@ -252,7 +252,9 @@ class RedisAdmin:
 
     def flush_own_db(self, *, keep_mark: bool = True) -> None:
         """Empty the benchmark's own database (see :meth:`claim_own_db`); ``keep_mark=False`` at the end,
-        which leaves it empty."""
+        which leaves it empty. Every key in it goes, the peers' included (they name their keys themselves,
+        so no prefix bounds them): a key someone else wrote into the marked database would go too, which is
+        why only a database that was empty when claimed, or the harness's private server, is ever used."""
         self.claim_own_db()
         cursor = "0"
         while True:  # SCAN + UNLINK of this database's keys (never FLUSHDB), binary key names included
