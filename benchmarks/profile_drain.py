@@ -35,6 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--profile", type=Path, help="save the cProfile stats of the timed part here")
     parser.add_argument("--top", type=int, default=15, help="profile entries printed (default 15)")
+    parser.add_argument(
+        "--layers",
+        action="store_true",
+        help="with --profile: also print the share of own time per layer (engine, backend, driver, ...)",
+    )
     return parser.parse_args(argv)
 
 
@@ -80,6 +85,49 @@ async def drain(args: argparse.Namespace, backends: tuple[Backend, Backend]) -> 
     return args.n / elapsed, cpu / args.n
 
 
+LAYERS = (  # (layer, path fragments of the functions' files), first match wins
+    ("lifecycle backend", ("lifecycle/asynctask/_backends/",)),
+    ("lifecycle engine", ("lifecycle/asynctask/",)),
+    ("lifecycle core", ("lifecycle/",)),
+    (
+        "driver (redis-py, psycopg, sqlite3, nats-py)",
+        ("/redis/", "/psycopg", "/psycopg_pool/", "sqlite3", "/nats/"),
+    ),
+    ("anyio", ("/anyio/",)),
+    (
+        "event loop (asyncio, trio, selectors)",
+        ("/asyncio/", "/trio/", "selectors.py", "/sniffio/", "/outcome/"),
+    ),
+)
+
+
+def layer_of(filename: str, function: str) -> str:
+    """The layer a profiled function belongs to, from its file (C built-ins from their name)."""
+    if filename == "~":
+        if "poll" in function or "select" in function:
+            return "waiting for I/O (epoll)"
+        return "C built-ins (json, hiredis, time, ...)"
+    path = filename.replace("\\", "/")
+    for layer, fragments in LAYERS:
+        if any(fragment in path for fragment in fragments):
+            return layer
+    return "other Python"
+
+
+def layer_shares(stats: pstats.Stats, tasks: int) -> list[tuple[str, float, float]]:
+    """(layer, own microseconds per task, share of all own time), largest first."""
+    totals: dict[str, float] = {}
+    entries: dict[tuple[str, int, str], tuple[int, int, float, float, object]] = stats.stats  # type: ignore[attr-defined]
+    for (filename, _line, function), (_cc, _nc, own, _cum, _callers) in entries.items():
+        layer = layer_of(filename, function)
+        totals[layer] = totals.get(layer, 0.0) + own
+    whole = sum(totals.values()) or 1.0
+    return sorted(
+        ((layer, seconds * 1e6 / tasks, seconds / whole) for layer, seconds in totals.items()),
+        key=lambda row: -row[1],
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     prefix = f"profile_drain_{uuid.uuid4().hex[:12]}"
@@ -103,7 +151,15 @@ def main(argv: list[str] | None = None) -> None:
                 client.close()
     print(f"{args.backend} on {args.loop}: {rate:.0f} tasks/s, {cpu * 1e6:.1f} us CPU per task")
     if args.profile:
-        pstats.Stats(str(args.profile)).sort_stats("tottime").print_stats(args.top)
+        stats = pstats.Stats(str(args.profile))
+        stats.sort_stats("tottime").print_stats(args.top)
+        if args.layers:
+            calls = sum(entry[1] for entry in stats.stats.values())  # type: ignore[attr-defined]
+            print(f"Python and C calls per task under the profiler: {calls / args.n:.0f}")
+            print("| layer | own time µs/task (profiled) | share |")
+            print("|---|---|---|")
+            for layer, micros, share in layer_shares(stats, args.n):
+                print(f"| {layer} | {micros:.1f} | {share:.0%} |")
 
 
 if __name__ == "__main__":
