@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lifecycle.asynctask import Encoding, JSONEncoding, PickleEncoding
+from lifecycle.asynctask._encoding import _JSON
 
 
 class Color(enum.Enum):
@@ -148,6 +149,20 @@ def test_json_round_trips_to_the_same_types(value: Any) -> None:
     data = ENCODING.encode(value)
     assert isinstance(data, bytes)
     assert same(ENCODING.decode(data), value), data
+
+
+@settings(max_examples=200, deadline=None)
+@given(values)
+def test_json_text_is_what_the_shared_json_encoder_writes(value: Any) -> None:
+    # encode() calls a C encoder built once instead of JSONEncoder.encode(), which builds one per call.
+    tree = ENCODING._convert(value)
+    assert ENCODING.encode(value) == _JSON.encode(tree).encode()
+
+
+def test_json_text_of_top_level_scalars_is_what_the_shared_json_encoder_writes() -> None:
+    encoding = JSONEncoding()
+    for value in ("plain", 'é\u2028"\\', "", 0, -(10**30), 1.5, math.inf, -math.inf, math.nan, True, None):
+        assert encoding.encode(value) == _JSON.encode(encoding._convert(value)).encode()
 
 
 @settings(max_examples=100, deadline=None)

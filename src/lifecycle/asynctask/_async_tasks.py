@@ -49,7 +49,7 @@ from ._engine._queues import QueueOrder
 from ._engine._upkeep import purge_expired, recover_expired
 from ._engine._verdict import Policy
 from ._engine._worker import Worker
-from ._enqueue import build_task, check_calls, if_exists_for
+from ._enqueue import build_plain_task, build_task, check_calls, if_exists_for
 from ._errors import DuplicateTaskError
 from ._flow import flow_stats, waiting_on
 from ._group import build_group, group_info
@@ -526,6 +526,23 @@ class AsyncTasks:
         annotation (``TypeError`` naming the parameter, the type it expects and the type it was given;
         values are checked, never converted). See docs/asynctask.md, "Typed calls".
         """
+        if (
+            delay is None
+            and at is None
+            and queue is None
+            and max_retries is None
+            and timeout is None
+            and task_id is None
+            and concurrency_key is None
+            and priority is None
+            and unique_for is None
+            and debounce is None
+            and expires is None
+            and meta is None
+            and connection is None
+        ):  # the common call: the registered defaults, no option to check
+            task = build_plain_task(fn, args, self._clock(), self._registry, self._encoding)
+            return await self._enqueue_task(task, "error", current_trace())
         call = Call(
             fn,
             *args,
@@ -550,9 +567,11 @@ class AsyncTasks:
     async def _enqueue_one(self, call: Call, trace: dict[str, str] | None) -> str:
         """One call stored through the coalescer of its ``if_exists`` mode: with the concurrent single
         enqueues, in one backend round trip."""
-        now = self._clock()
-        task = build_task(call, now, self._registry, self._encoding)
-        if_exists = if_exists_for([call])
+        task = build_task(call, self._clock(), self._registry, self._encoding)
+        return await self._enqueue_task(task, if_exists_for([call]), trace)
+
+    async def _enqueue_task(self, task: NewTask, if_exists: str, trace: dict[str, str] | None) -> str:
+        """``task`` (built, checked) stored through the coalescer of its ``if_exists`` mode."""
         if trace is not None:
             (task,) = with_trace([task], trace)
         if self._hooks.on_enqueue:

@@ -37,13 +37,19 @@ _WAITING, _SENT, _DONE = "waiting", "sent", "done"
 
 
 class _Waiter:
-    """One caller's task and, once its batch is back, its outcome."""
+    """One caller's task and, once its batch is back, its outcome.
+
+    ``woken`` is the event the caller waits on: an event of its own when it arrived first in line (it is
+    likely to send the next batch), else the one event shared by the callers that arrived behind it while a
+    batch was in flight (one event per batch instead of one per caller). A caller woken by a shared event
+    for another's sake (another became the sender, or a batch it was not taken into came back) waits again.
+    """
 
     __slots__ = ("error", "lead", "result", "state", "task", "woken")
 
-    def __init__(self, task: NewTask) -> None:
+    def __init__(self, task: NewTask, woken: anyio.Event) -> None:
         self.task = task
-        self.woken = anyio.Event()  # set when this caller leads the next batch, or when its outcome is in
+        self.woken = woken  # set when this caller leads the next batch, or when its outcome is in
         self.state = _WAITING
         self.lead = False
         self.result: str | None = None
@@ -73,6 +79,7 @@ class EnqueueCoalescer:
         self._send = send
         self._limit = limit
         self._waiting: dict[_Waiter, None] = {}  # insertion-ordered, removal in O(1)
+        self._shared: anyio.Event | None = None  # the event of the callers behind the first in line
         self._busy = False  # a batch is in flight, or a waiter has been told to send the next one
         # The callers of the batch in flight (its sender aside) that have not resumed yet, and whether it has
         # landed: the next batch starts once all of them have resumed, so that callers who enqueue again
@@ -93,10 +100,15 @@ class EnqueueCoalescer:
                 self._hand_over()
             _check_count(ids, 1)
             return ids[0]
-        waiter = _Waiter(task)
-        self._waiting[waiter] = None
+        waiting = self._waiting
+        waiter = _Waiter(task, self._shared_event() if waiting else anyio.Event())
+        waiting[waiter] = None
         try:
-            await waiter.woken.wait()
+            while True:
+                await waiter.woken.wait()
+                if waiter.state is _DONE or waiter.lead:
+                    break
+                waiter.woken = self._shared_event()  # woken for another caller's sake: wait again
         except BaseException:
             if waiter.state is _WAITING:  # never sent: take it out, and pass on the lead if it had it
                 del self._waiting[waiter]
@@ -131,7 +143,15 @@ class EnqueueCoalescer:
             waiter.state = _SENT
         self._unresumed = len(batch) - 1
         self._landed = False
+        self._shared = None  # the callers who arrive while this batch flies share an event of their own
         return batch
+
+    def _shared_event(self) -> anyio.Event:
+        """The event shared by the callers waiting behind the first in line (a new one once it is set)."""
+        shared = self._shared
+        if shared is None or shared.is_set():
+            shared = self._shared = anyio.Event()
+        return shared
 
     def _resumed(self) -> None:
         """A caller of the batch in flight resumed (or left): the last one after landing starts the next."""

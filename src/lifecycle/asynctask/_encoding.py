@@ -43,6 +43,25 @@ _STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 # Configured once: json.dumps with these options builds a new JSONEncoder on every call. An encoder keeps only
 # its options (each encode() makes its own C encoder), so one is shared by every call and thread.
 _JSON = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), check_circular=False)
+# The C encoder that _JSON.encode() builds on every call (iterencode's one-shot path), built once from the
+# same arguments, so the same text: a stateless object without circular-reference markers. ``None`` where
+# the C accelerator is missing; _JSON is used then.
+_C_MAKE_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)
+_ENCODE_ONCE: Any = (
+    None
+    if _C_MAKE_ENCODER is None
+    else _C_MAKE_ENCODER(
+        None,
+        _JSON.default,
+        json.encoder.encode_basestring_ascii,
+        None,
+        _JSON.key_separator,
+        _JSON.item_separator,
+        _JSON.sort_keys,
+        _JSON.skipkeys,
+        _JSON.allow_nan,
+    )
+)
 
 
 @runtime_checkable
@@ -231,7 +250,7 @@ class JSONEncoding:
         that it nests deeper than ``max_depth``."""
         try:
             tree = self._convert(value)
-            text = _JSON.encode(tree)
+            text = "".join(_ENCODE_ONCE(tree, 0)) if _ENCODE_ONCE is not None else _JSON.encode(tree)
         except RecursionError:
             raise TypeError(
                 "cannot encode a value that contains itself, or nests deeper than JSONEncoding allows "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from .._checks import check_name, check_seconds
@@ -23,7 +23,14 @@ from ._registry import (
     check_timeout,
 )
 
-__all__ = ["build_task", "check_calls", "encode_arguments", "if_exists_for", "new_task_id"]
+__all__ = [
+    "build_plain_task",
+    "build_task",
+    "check_calls",
+    "encode_arguments",
+    "if_exists_for",
+    "new_task_id",
+]
 
 # The version (4) and variant (RFC 4122) bits of a random UUID, as uuid.uuid4() sets them.
 _UUID4_CLEAR = ~(0xF000 << 64 | 0xC000 << 48)
@@ -37,22 +44,56 @@ def new_task_id() -> str:
     return f"{bits:032x}"
 
 
-def build_task(call: Call, now: float, registry: Registry, encoding: Encoding) -> NewTask:
-    """The :class:`NewTask` for ``call``, every check done: ``TypeError``/``ValueError`` say what is wrong."""
-    target = call.target
-    definition: TaskDefinition | None
+def _resolve(target: Callable[..., Any] | str, registry: Registry) -> tuple[str, TaskDefinition | None]:
+    """The task name of ``target`` (a registered function, or a name) and its definition (``None`` for a
+    name registered only in other processes)."""
     if isinstance(target, str):
         check_name(target, "enqueue(): the task name")
-        definition = registry.get(target)
-        name = target
+        return target, registry.get(target)
+    definition = registry.for_function(target)
+    if definition is None:
+        raise TypeError(
+            f"{describe_target(target)} is not registered with this AsyncTasks: decorate it with "
+            "@tasks.register (or enqueue it by its registered name)"
+        )
+    return definition.name, definition
+
+
+def build_plain_task(
+    target: Callable[..., Any] | str,
+    args: tuple[Any, ...],
+    now: float,
+    registry: Registry,
+    encoding: Encoding,
+) -> NewTask:
+    """What :func:`build_task` makes of ``Call(target, *args)`` without options (the registered defaults, a
+    generated id, due now), without building the ``Call`` or looking at each of its options: the common
+    single enqueue, whose CPU counts once per call."""
+    name, definition = _resolve(target, registry)
+    if definition is None:
+        queue, max_retries, timeout, priority = DEFAULT_QUEUE, DEFAULT_MAX_RETRIES, None, 0
     else:
-        definition = registry.for_function(target)
-        if definition is None:
-            raise TypeError(
-                f"{describe_target(target)} is not registered with this AsyncTasks: decorate it with "
-                "@tasks.register (or enqueue it by its registered name)"
-            )
-        name = definition.name
+        definition.check_arguments(args)
+        queue, max_retries = definition.queue, definition.max_retries
+        timeout, priority = definition.timeout, definition.priority
+    payload = encode_arguments(encoding, name, args, definition)
+    return NewTask(
+        new_task_id(),
+        name,
+        queue,
+        payload,
+        max_retries,
+        timeout,
+        now,
+        now,
+        priority=priority,
+        generated_id=True,
+    )
+
+
+def build_task(call: Call, now: float, registry: Registry, encoding: Encoding) -> NewTask:
+    """The :class:`NewTask` for ``call``, every check done: ``TypeError``/``ValueError`` say what is wrong."""
+    name, definition = _resolve(call.target, registry)
     where = f"enqueue({name!r})"
     if definition is not None:
         definition.check_arguments(call.args)

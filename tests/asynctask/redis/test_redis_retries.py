@@ -33,8 +33,8 @@ def lose_first_reply(
 ) -> list[int]:
     """Make the next call of ``script`` run on the server but fail on the client as if the connection had
     dropped before the reply arrived (``between`` runs in that gap). Returns a list counting the calls."""
-    client = backend._run().client
-    real = client.evalsha
+    runner = backend._run()
+    real = runner.evalsha
     sha = SCRIPTS[script].sha
     calls: list[int] = []
 
@@ -48,7 +48,7 @@ def lose_first_reply(
                 raise redis.exceptions.ConnectionError("Connection closed by server. (simulated)")
         return reply
 
-    client.evalsha = evalsha  # type: ignore[method-assign, assignment]
+    runner.evalsha = evalsha  # type: ignore[method-assign, assignment]
     return calls
 
 
