@@ -1,6 +1,7 @@
 """Where a worker's time goes in a plain drain: one drain of no-op tasks, timed and optionally profiled.
 
     python benchmarks/profile_drain.py --backend memory --n 20000 [--loop trio] [--profile out.pstats]
+    python benchmarks/profile_drain.py --backend postgres --n 5000 --profile pg.pstats
 
 It enqueues ``--n`` no-op tasks with ``enqueue_many`` (not timed), then starts one
 ``AsyncTasks(concurrency=--concurrency)`` worker and times it until every task has run, printing tasks per
@@ -8,7 +9,8 @@ second and the process's CPU time per task (``time.process_time``: steadier than
 machine). With ``--profile`` the timed part runs under cProfile, the stats are saved there and the top
 entries by own time are printed. To compare versions, run it from each checkout (``PYTHONPATH=<tree>/src``)
 in alternation, or use ``ab_drain.py``. ``memory`` shares one ``MemoryBackend`` between the producer and the
-worker; ``redis`` uses a unique key prefix and deletes its keys at the end; ``sqlite`` a temporary file.
+worker; ``redis`` uses a unique key prefix and deletes its keys at the end; ``sqlite`` a temporary file;
+``postgres`` a schema of its own on ``--postgres-url`` (asyncio only), dropped at the end.
 """
 
 from __future__ import annotations
@@ -28,17 +30,24 @@ from lifecycle.asynctask import AsyncTasks, Backend, Call, MemoryBackend, backen
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=("memory", "redis", "sqlite"), default="memory")
+    parser.add_argument("--backend", choices=("memory", "redis", "sqlite", "postgres"), default="memory")
     parser.add_argument("--n", type=int, default=20_000, help="tasks (default 20000)")
     parser.add_argument("--concurrency", type=int, default=32, help="worker concurrency (default 32)")
     parser.add_argument("--loop", choices=("asyncio", "trio"), default="asyncio")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--profile", type=Path, help="save the cProfile stats of the timed part here")
     parser.add_argument("--top", type=int, default=15, help="profile entries printed (default 15)")
     parser.add_argument(
         "--layers",
         action="store_true",
         help="with --profile: also print the share of own time per layer (engine, backend, driver, ...)",
+    )
+    parser.add_argument(
+        "--cpu-timer",
+        action="store_true",
+        help="profile with the process's CPU time instead of wall time (on a busy machine, a call that "
+        "wakes the server, such as a socket send, is charged the time the process waited for a core)",
     )
     return parser.parse_args(argv)
 
@@ -63,7 +72,8 @@ async def drain(args: argparse.Namespace, backends: tuple[Backend, Backend]) -> 
         for start in range(0, args.n, 1000):
             await producer.enqueue_many([Call("noop", i) for i in range(start, min(args.n, start + 1000))])
         await worker.initialize()
-        profiler = cProfile.Profile() if args.profile else None
+        timer = time.process_time if args.cpu_timer else time.perf_counter
+        profiler = cProfile.Profile(timer) if args.profile else None
         try:
             cpu, began = time.process_time(), time.perf_counter()
             if profiler is not None:
@@ -136,11 +146,24 @@ def main(argv: list[str] | None = None) -> None:
             shared = MemoryBackend()
             backends: tuple[Backend, Backend] = (shared, shared)
         else:
-            url = f"{args.redis_url}?prefix={prefix}" if args.backend == "redis" else f"sqlite:///{tmp}/d.db"
+            if args.backend == "redis":
+                url = f"{args.redis_url}?prefix={prefix}"
+            elif args.backend == "postgres":
+                url = f"{args.postgres_url}{'&' if '?' in args.postgres_url else '?'}schema={prefix}"
+            else:
+                url = f"sqlite:///{tmp}/d.db"
             backends = (backend_from_url(url), backend_from_url(url))
         try:
             rate, cpu = anyio.run(drain, args, backends, backend=args.loop)
         finally:
+            if args.backend == "postgres":
+                import psycopg
+                from psycopg import sql
+
+                with psycopg.connect(args.postgres_url, autocommit=True) as connection:
+                    connection.execute(
+                        sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(prefix))
+                    )
             if args.backend == "redis":
                 import redis
 

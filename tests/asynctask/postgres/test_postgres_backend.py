@@ -8,6 +8,7 @@ import logging
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import psycopg
@@ -17,8 +18,10 @@ import trio
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from lifecycle.asynctask import BackendError, DuplicateTaskError, TaskState, backend_from_url
+from lifecycle.asynctask import BackendError, DuplicateTaskError, NewTask, TaskState, backend_from_url
 from lifecycle.asynctask._backends.postgres import _schema as schema_module
+from lifecycle.asynctask._backends.postgres._arrays import BytesArray, FloatArray, IntArray, TextArray
+from lifecycle.asynctask._backends.postgres._arrays import register as register_arrays
 from lifecycle.asynctask.postgres import PostgresBackend
 
 from ._support import OpenPostgres, make_task, start_listening
@@ -208,6 +211,57 @@ async def test_an_older_schema_is_migrated_step_by_step(
     assert (await migrated.get("kept")) is not None, "a migration keeps the stored tasks"
     await open_pg()
     assert steps == [1], "a migrated schema is not migrated again"
+
+
+async def _function_settings(dsn: str, schema: str) -> dict[str, list[str]]:
+    rows = await _execute(
+        dsn,
+        "SELECT p.proname, p.proconfig FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = %s",
+        (schema,),
+    )
+    return {str(name): list(config or []) for name, config in rows}  # type: ignore[call-overload]
+
+
+async def test_a_store_of_schema_version_3_is_migrated_to_claims_without_jit(
+    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Version 3 as the previous release created it, with a task in it.
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", 3)
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as connection:
+        assert await schema_module.ensure_schema(connection, pg_schema) == 3
+    before = await _function_settings(postgres_dsn, pg_schema)
+    assert "jit=off" not in before["lifecycle_claim"]
+    assert "jit=off" not in before["lifecycle_claim_limited"]
+    old = PostgresBackend(postgres_dsn, schema=pg_schema)
+    await old.open()
+    try:
+        await old.enqueue_many([make_task("kept")])
+    finally:
+        await old.close()
+    monkeypatch.undo()
+
+    backend = await open_pg()  # migrates
+    versions = await _execute(
+        postgres_dsn, sql.SQL("SELECT version FROM {}").format(sql.Identifier(pg_schema, "lifecycle_schema"))
+    )
+    assert versions == [(4,)]
+    after = await _function_settings(postgres_dsn, pg_schema)
+    for name in ("lifecycle_claim", "lifecycle_claim_limited"):
+        assert "jit=off" in after[name], name
+        # The settings version 3 gave them are kept.
+        assert set(before[name]) <= set(after[name]), name
+    claimed = await backend.claim(["default"], 5, now=time.time() + 1, lease_until=time.time() + 60)
+    assert [c.record.id for c in claimed] == ["kept"]
+
+
+async def test_a_new_store_has_claims_without_jit(
+    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str
+) -> None:
+    await open_pg()
+    settings = await _function_settings(postgres_dsn, pg_schema)
+    assert "jit=off" in settings["lifecycle_claim"]
+    assert "jit=off" in settings["lifecycle_claim_limited"]
 
 
 async def test_odd_schema_names_are_quoted_safely(postgres_dsn: str, unique_name: str) -> None:
@@ -456,9 +510,12 @@ async def test_a_healthy_pooled_connection_is_handed_out_without_a_liveness_roun
 
 
 @contextlib.asynccontextmanager
-async def _round_trips(backend: PostgresBackend) -> AsyncIterator[list[str]]:
+async def _round_trips(
+    backend: PostgresBackend, kinds: tuple[str, ...] = ("Sync", "Query")
+) -> AsyncIterator[list[str]]:
     """The messages the one pooled connection of ``backend`` (``pool_size=1``) sends meanwhile that end a
-    round trip (``Sync`` of a statement, ``Query`` of a simple query), read from libpq's protocol trace."""
+    round trip (``Sync`` of a statement, ``Query`` of a simple query), or those of ``kinds``, read from
+    libpq's protocol trace."""
     sent: list[str] = []
     with tempfile.TemporaryFile() as trace:
         async with backend._connection() as connection:
@@ -472,7 +529,7 @@ async def _round_trips(backend: PostgresBackend) -> AsyncIterator[list[str]]:
             trace.seek(0)
             for line in trace.read().decode(errors="replace").splitlines():
                 fields = line.split("\t")
-                if fields[0] == "F" and fields[2] in ("Sync", "Query"):
+                if fields[0] == "F" and fields[2] in kinds:
                     sent.append(fields[2])
 
 
@@ -509,6 +566,135 @@ async def test_a_single_enqueue_of_a_live_id_stores_nothing_and_raises(open_pg: 
     with pytest.raises(DuplicateTaskError, match="taken"):
         await backend.enqueue_many([make_task("fresh"), make_task("taken")])
     assert await backend.get("fresh") is None
+
+
+async def test_a_single_enqueue_is_a_prepared_statement(open_pg: OpenPostgres) -> None:
+    # psycopg prepares a statement after five executions of the same text on a connection: the single
+    # enqueue's text never changes, so from then on the server neither parses nor plans it again.
+    backend = await open_pg(pool_size=1)
+    for n in range(8):
+        await backend.enqueue_many([make_task(f"p{n}")])
+    async with backend._connection() as connection:
+        cursor = await connection.execute("SELECT statement FROM pg_prepared_statements")
+        prepared = [str(row[0]) for row in await cursor.fetchall()]
+    assert any("INSERT INTO" in text and "VALUES" in text for text in prepared), prepared
+
+
+async def test_the_settlements_arrays_reach_the_server_as_given(postgres_dsn: str) -> None:
+    # The array classes of _arrays, dumped in one pass on a pooled connection and as plain lists elsewhere.
+    values: list[tuple[Any, str]] = [
+        (TextArray(["a", None, "", "é ☃", '{a,"b"}', "NULL"]), "text[]"),
+        (TextArray(), "text[]"),
+        (BytesArray([b"\x00\xff", None, b""]), "bytea[]"),
+        (IntArray([0, -1, 2147483647, None]), "int4[]"),
+        (FloatArray([1.5, None, 1796598127.3867579, float("inf"), 3.0]), "float8[]"),
+    ]
+    for registered in (True, False):
+        async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as connection:
+            if registered:
+                register_arrays(connection.adapters)
+            for value, kind in values:
+                cursor = await connection.execute(
+                    sql.SQL("SELECT %s::{}, cardinality(%s::{})").format(sql.SQL(kind), sql.SQL(kind)),
+                    (value, value),
+                )
+                row = await cursor.fetchone()
+                assert row == ((list(value) or []), len(value)), (registered, kind)
+
+
+# -- large batches by binary COPY -------------------------------------------------------------------------
+
+
+def _full_task(task_id: str, now: float, **fields: object) -> NewTask:
+    """A task with every optional field set, due at ``now``."""
+    values: dict[str, Any] = {
+        "id": task_id,
+        "name": "tests.job",
+        "queue": "bulk",
+        "payload": b"\x00bytes " + task_id.encode(),
+        "max_retries": 7,
+        "timeout": 2.5,
+        "enqueued_at": now,
+        "run_at": now,
+        "meta": '{"tenant":"acme"}',
+        "priority": 3,
+        "concurrency_key": "user-1",
+        "expires_at": now + 3600,
+    }
+    values.update(fields)
+    return NewTask(**values)
+
+
+async def test_a_large_batch_is_copied_in_batch_order_with_every_field_and_wakes_a_worker(
+    open_pg: OpenPostgres,
+) -> None:
+    waiter = await open_pg(poll_interval=3600)  # only NOTIFY can wake it in time
+    producer = await open_pg(pool_size=1)
+    now = time.time()
+    # Enqueue times decreasing: the claim order (same priority and run_at) is the batch's order, by seq.
+    batch = [_full_task(f"c{n:03d}", now, enqueued_at=now - n) for n in range(64)]
+    returned = anyio.Event()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            await _start_waiter(group, waiter, "bulk", returned)
+            async with _round_trips(producer, ("CopyData", "CopyDone")) as sent:
+                assert await producer.enqueue_many(batch) == [task.id for task in batch]
+            await returned.wait()
+    assert "CopyDone" in sent, "a batch this large goes by COPY"
+    record = await producer.get("c005")
+    assert record is not None
+    assert (record.state, record.attempts, record.queue, record.payload) == (
+        TaskState.PENDING,
+        0,
+        "bulk",
+        b"\x00bytes c005",
+    )
+    assert (record.max_retries, record.timeout, record.enqueued_at, record.run_at) == (7, 2.5, now - 5, now)
+    assert (record.meta, record.priority, record.concurrency_key, record.expires_at) == (
+        '{"tenant":"acme"}',
+        3,
+        "user-1",
+        now + 3600,
+    )
+    assert (record.group_id, record.fault) == (None, None)
+    claimed = await waiter.claim(["bulk"], 100, now=now + 1, lease_until=now + 60)
+    assert [c.record.id for c in claimed] == [task.id for task in batch]
+
+
+async def test_a_large_batch_with_a_taken_or_repeated_id_is_sorted_out_as_a_small_one_is(
+    open_pg: OpenPostgres,
+) -> None:
+    from lifecycle.asynctask import Settlement
+
+    backend = await open_pg(pool_size=1)
+    now = time.time()
+    await backend.enqueue_many([make_task("live", delay=60), make_task("done", at=now)])
+    (done,) = await backend.claim(["default"], 5, now=now + 1, lease_until=now + 60)
+    await backend.settle([Settlement("done", done.token, TaskState.SUCCEEDED, at=now + 2)])
+    batch = [make_task(f"b{n:02d}", at=now) for n in range(40)]
+
+    with pytest.raises(DuplicateTaskError, match="live"):
+        await backend.enqueue_many([*batch, make_task("live")])
+    assert await backend.get("b00") is None, "nothing of a refused batch is stored"
+    with pytest.raises(DuplicateTaskError, match="b03"):
+        await backend.enqueue_many([*batch, make_task("b03")])
+    assert await backend.get("b00") is None
+    with pytest.raises(ValueError, match="contains a NUL character"):
+        await backend.enqueue_many([*batch, make_task("nul\x00")])
+    assert await backend.get("b00") is None
+
+    # A finished record's id is taken over, as by a batch of one.
+    stored = await backend.enqueue_many([*batch, make_task("done", at=now + 3)])
+    assert stored == [*(task.id for task in batch), "done"]
+    record = await backend.get("done")
+    assert record is not None
+    assert (record.state, record.enqueued_at) == (TaskState.PENDING, now + 3)
+    # skip: the new ids are stored, the taken ones left as they are.
+    more = [make_task(f"m{n:02d}", at=now) for n in range(40)]
+    assert await backend.enqueue_many([*more, make_task("live")], if_exists="skip") == [t.id for t in more]
+    live = await backend.get("live")
+    assert live is not None
+    assert live.run_at > now + 30
 
 
 # -- text PostgreSQL cannot store -------------------------------------------------------------------------

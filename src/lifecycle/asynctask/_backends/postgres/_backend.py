@@ -24,6 +24,7 @@ try:
     import psycopg.conninfo
     import psycopg.errors
     import psycopg_pool
+    from psycopg.adapt import PyFormat
     from psycopg.pq import TransactionStatus
     from psycopg.types.array import ListBinaryDumper
     from psycopg_pool import AsyncConnectionPool
@@ -49,6 +50,7 @@ from ..._records import (
 )
 from .._asyncio_only import require_asyncio
 from . import _ops as ops
+from ._arrays import register as register_arrays
 from ._listen import Listener
 from ._schema import MAX_IDENTIFIER, ensure_schema
 from ._sql import Statements
@@ -386,7 +388,7 @@ class PostgresBackend:
         if not tasks:
             return []
         async with self._connection() as connection:
-            return await ops.enqueue(connection, self._statements, tasks, if_exists)
+            return await ops.enqueue(connection, self._statements, tasks, if_exists, pooled=True)
 
     async def enqueue_many_in(
         self,
@@ -747,8 +749,13 @@ async def _configure(connection: psycopg.AsyncConnection[Any]) -> None:
     psycopg's text format quotes each element after a regular expression search, which cost a worker about
     a tenth of its CPU in a drain. Every statement casts its arrays (``%s::text[]``), so the wire format
     does not change what they mean. (A caller's connection of the transactional outbox keeps its own
-    adapters: the statements work with either.)"""
+    adapters: the statements work with either.)
+
+    The binary COPY of new tasks picks its dumpers by column type: for ``bytea`` that is psycopg's DB-API
+    ``Binary`` dumper, written in Python, unless bytes' own (C) dumper is registered for the type again."""
     connection.adapters.register_dumper(list, ListBinaryDumper)
+    register_arrays(connection.adapters)  # the hot statements' arrays, dumped in one pass (see _arrays)
+    connection.adapters.register_dumper(bytes, connection.adapters.get_dumper(bytes, PyFormat.BINARY))
     await connection.execute("SET jit = off")
 
 

@@ -38,6 +38,10 @@ literals) are filled in with the schema's (literal braces are doubled).
   the comment above ``_GROUP_ENDED`` says why a group's ``then`` is stored exactly once.
 - ``lifecycle_notify_ids(kind, ids)``: the notices of ``ids`` (see :func:`notice_query`).
 
+Schema version 4 adds ``jit = off`` to the two claims (``ALTER FUNCTION``, see ``_schema``): their generic
+plans carry the disabled paths' costs, far above ``jit_above_cost``, so a session with JIT on compiled them
+on every call.
+
 A change to a function is a layout change: bump the schema version and replace it in a migration step.
 """
 

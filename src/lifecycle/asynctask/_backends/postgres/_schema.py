@@ -1,7 +1,7 @@
 """The PostgreSQL layout of :class:`~lifecycle.asynctask.postgres.PostgresBackend`: tables, indexes,
 versioning and migrations.
 
-Layout (schema version 3), inside the backend's own schema (``lifecycle`` unless configured):
+Layout (schema version 4), inside the backend's own schema (``lifecycle`` unless configured):
 
 ``lifecycle_schema(version)``
     One row: the layout version that wrote this schema. A newer version is refused; an older one is migrated
@@ -46,7 +46,8 @@ the running tasks of a name (and key) for ``max_running`` and ``max_running_per_
 finished tasks ``(coalesce(finished_at, enqueued_at))`` serves retention purges; ``(enqueued_at, seq)`` the
 newest-first listing. ``lifecycle_groups (finished_at)`` over final groups serves their purge.
 
-The server-side functions are listed in ``_functions`` (those of version 2 in ``_functions_v2``).
+The server-side functions are listed in ``_functions`` (those of version 2 in ``_functions_v2``). Version 4
+sets ``jit = off`` on the two claims.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ __all__ = [
 ]
 
 #: The layout version this code writes. Bump it and add a step to ``_MIGRATIONS`` when the layout changes.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 TASKS_TABLE = "lifecycle_tasks"
 SCHEMA_TABLE = "lifecycle_schema"
@@ -239,6 +240,18 @@ _V3 = (
     *FUNCTIONS_V3,
 )
 
+# Version 4: the two claims run without JIT compilation, whatever the session's setting. Their generic plans
+# carry the disabled paths' costs (see _functions), far above jit_above_cost, so a session with jit = on (the
+# server's default; the backend's own connections turn it off, a caller's or a psql session may not)
+# compiled the limited claim's statements on every call: 1.6 s for a claim that runs in a millisecond.
+# ALTER FUNCTION keeps each function as version 3 defined it, with the setting added.
+_V4 = (
+    "ALTER FUNCTION {claim_function}(text[], double precision, integer, double precision, text[]) "
+    "SET jit = off",
+    "ALTER FUNCTION {claim_limited_function}(text[], double precision, integer, double precision, text, "
+    "text[], double precision[], double precision[], bigint[], bigint[]) SET jit = off",
+)
+
 Migration = Callable[["psycopg.AsyncCursor[tuple[object, ...]]", str], Awaitable[None]]
 
 
@@ -295,9 +308,14 @@ async def _migrate_2_to_3(cursor: psycopg.AsyncCursor[tuple[object, ...]], schem
     await _run(cursor, schema, _V3)
 
 
+async def _migrate_3_to_4(cursor: psycopg.AsyncCursor[tuple[object, ...]], schema: str) -> None:
+    """No JIT compilation in the claim functions."""
+    await _run(cursor, schema, _V4)
+
+
 # version N -> the coroutine that migrates a schema at version N to N + 1 (inside the open transaction). A new
 # schema is created at version 1 and migrated up, so a new and a migrated schema are the same.
-_MIGRATIONS: dict[int, Migration] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
+_MIGRATIONS: dict[int, Migration] = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
 
 
 async def ensure_schema(

@@ -1,0 +1,134 @@
+"""One-dimensional PostgreSQL arrays in binary, built in one pass, for the settlement's columns.
+
+psycopg adapts a Python ``list`` by looking at its elements first (their types, to choose the array type)
+and then dumping them one by one through a generic dumper: for the eight column arrays of a settlement of
+32 tasks that was about 110 µs of the worker's CPU per batch (a third of the settlement's client time). A
+list of one of these classes says its array type itself, and the dumpers registered on the backend's pooled
+connections (see :func:`register`) write PostgreSQL's binary array format directly. On a connection without
+them (the caller's, in the transactional outbox), they are plain lists to psycopg, adapted as any list is.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from psycopg.adapt import AdaptersMap, Buffer, Dumper
+from psycopg.pq import Format
+
+__all__ = ["BytesArray", "FloatArray", "IntArray", "TextArray", "register"]
+
+_HEADER = struct.Struct("!iiIii")  # dimensions, has nulls, element type, length, lower bound
+_EMPTY = struct.Struct("!iiI")  # an empty array: no dimensions
+_LENGTH = struct.Struct("!i")
+_FLOAT = struct.Struct("!id")  # the element's length (8), then the value
+_INT4 = struct.Struct("!ii")  # the element's length (4), then the value
+_NULL = _LENGTH.pack(-1)
+
+_TEXT_OID, _TEXT_ARRAY_OID = 25, 1009
+_BYTEA_OID, _BYTEA_ARRAY_OID = 17, 1001
+_INT4_OID, _INT4_ARRAY_OID = 23, 1007
+_FLOAT8_OID, _FLOAT8_ARRAY_OID = 701, 1022
+
+
+class TextArray(list[str | None]):
+    """A list sent as ``text[]``."""
+
+    __slots__ = ()
+
+
+class BytesArray(list[bytes | None]):
+    """A list sent as ``bytea[]``."""
+
+    __slots__ = ()
+
+
+class IntArray(list[int | None]):
+    """A list sent as ``int4[]``."""
+
+    __slots__ = ()
+
+
+class FloatArray(list[float | None]):
+    """A list sent as ``float8[]`` (ints are sent as floats)."""
+
+    __slots__ = ()
+
+
+def _array(element_oid: int, count: int, has_null: bool, parts: list[bytes]) -> bytes:
+    if not count:
+        return _EMPTY.pack(0, 0, element_oid)
+    parts[0] = _HEADER.pack(1, 1 if has_null else 0, element_oid, count, 1)
+    return b"".join(parts)
+
+
+class _TextArrayDumper(Dumper):
+    format = Format.BINARY
+    oid = _TEXT_ARRAY_OID
+
+    def __init__(self, cls: type, context: Any = None) -> None:
+        super().__init__(cls, context)
+        # The connection's encoding, as psycopg's own text dumpers use it.
+        self._encoding = "utf-8" if self.connection is None else self.connection.info.encoding
+
+    def dump(self, obj: Any) -> Buffer:
+        parts = [b""]
+        has_null = False
+        encoding = self._encoding
+        for value in obj:
+            if value is None:
+                has_null = True
+                parts.append(_NULL)
+            else:
+                data = value.encode(encoding)
+                parts.append(_LENGTH.pack(len(data)))
+                parts.append(data)
+        return _array(_TEXT_OID, len(obj), has_null, parts)
+
+
+class _BytesArrayDumper(Dumper):
+    format = Format.BINARY
+    oid = _BYTEA_ARRAY_OID
+
+    def dump(self, obj: Any) -> Buffer:
+        parts = [b""]
+        has_null = False
+        for value in obj:
+            if value is None:
+                has_null = True
+                parts.append(_NULL)
+            else:
+                data = bytes(value)
+                parts.append(_LENGTH.pack(len(data)))
+                parts.append(data)
+        return _array(_BYTEA_OID, len(obj), has_null, parts)
+
+
+class _IntArrayDumper(Dumper):
+    format = Format.BINARY
+    oid = _INT4_ARRAY_OID
+
+    def dump(self, obj: Any) -> Buffer:
+        pack = _INT4.pack
+        parts = [b""]
+        parts.extend(_NULL if value is None else pack(4, value) for value in obj)
+        return _array(_INT4_OID, len(obj), None in obj, parts)
+
+
+class _FloatArrayDumper(Dumper):
+    format = Format.BINARY
+    oid = _FLOAT8_ARRAY_OID
+
+    def dump(self, obj: Any) -> Buffer:
+        pack = _FLOAT.pack
+        parts = [b""]
+        parts.extend(_NULL if value is None else pack(8, value) for value in obj)
+        return _array(_FLOAT8_OID, len(obj), None in obj, parts)
+
+
+def register(adapters: AdaptersMap) -> None:
+    """Have ``adapters`` (a pooled connection's) dump the array classes of this module directly."""
+    adapters.register_dumper(TextArray, _TextArrayDumper)
+    adapters.register_dumper(BytesArray, _BytesArrayDumper)
+    adapters.register_dumper(IntArray, _IntArrayDumper)
+    adapters.register_dumper(FloatArray, _FloatArrayDumper)
