@@ -220,6 +220,58 @@ async def test_same_process_enqueue_does_not_wait_for_the_poll(clock: ManualCloc
             await ran.wait()
 
 
+class TaskNoting(DeafBackend):
+    """A DeafBackend noting which task calls ``claim`` and ``wait_for_work``; sets ``waiting`` in a wait."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.callers: list[tuple[str, int]] = []
+        self.waiting = anyio.Event()
+
+    async def claim(
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
+    ) -> list[ClaimedTask]:
+        self.callers.append(("claim", anyio.get_current_task().id))
+        return await super().claim(queues, limit, now=now, lease_until=lease_until, limits=limits)
+
+    async def wait_for_work(self, queues: Sequence[str], *, timeout: float) -> None:
+        self.callers.append(("wait", anyio.get_current_task().id))
+        self.waiting.set()
+        await super().wait_for_work(queues, timeout=timeout)
+
+
+async def test_an_idle_worker_waits_in_its_claim_loop_and_a_local_wake_up_ends_the_wait(
+    clock: ManualClock, group: Any
+) -> None:
+    """No task is spawned per idle period (the claim after a wake-up follows in the same task, at once), and a
+    same-process enqueue still ends a wait that only its timeout would end."""
+    backend = TaskNoting()
+    tasks = make(backend, clock, poll_interval=3600)
+    ran = anyio.Event()
+
+    @tasks.register(name="quick")
+    async def quick() -> None:
+        ran.set()
+
+    async with tasks:
+        group.start_soon(tasks.execute)
+        with anyio.fail_after(WAIT):
+            await backend.waiting.wait()
+            backend.waiting = anyio.Event()
+            await tasks.enqueue(quick)
+            await ran.wait()
+            await backend.waiting.wait()  # idle again after the task
+    kinds = [kind for kind, _ in backend.callers]
+    assert kinds[:4] == ["claim", "wait", "claim", "wait"], kinds
+    assert len({caller for _, caller in backend.callers}) == 1, "the claims and the waits ran in one task"
+
+
 async def test_a_sync_function_over_its_timeout_is_abandoned_and_fails(
     clock: ManualClock, group: Any
 ) -> None:

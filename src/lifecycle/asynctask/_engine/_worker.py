@@ -70,7 +70,7 @@ class Worker:
         self._settler = Settler(backend, self._held, self._settled, logger, on_saved=self._saved)
         self._stopping = False
         self._wake_generation = 0
-        self._wake_event: anyio.Event | None = None
+        self._wake_scope: anyio.CancelScope | None = None  # the idle wait's, which wake() cancels
         self._capacity_event: anyio.Event | None = None
         # The claimed tasks no runner has taken yet (each counted in ``_running`` from its claim on), and the
         # event the idle runners wait on: ``concurrency`` runners take them one after another, so a task
@@ -108,9 +108,9 @@ class Worker:
     def wake(self) -> None:
         """Work was enqueued in this process: claim now instead of waiting for the backend."""
         self._wake_generation += 1
-        event, self._wake_event = self._wake_event, None
-        if event is not None:
-            event.set()
+        scope, self._wake_scope = self._wake_scope, None
+        if scope is not None:
+            scope.cancel()
 
     def cancel_running(self, task_id: str) -> bool:
         """``tasks.cancel()`` asked ``task_id`` to stop: stop its attempt here if this worker runs it."""
@@ -263,11 +263,13 @@ class Worker:
     async def _idle(self, generation: int) -> None:
         if self._stopping or generation != self._wake_generation:
             return
-        event = self._wake_event = anyio.Event()
-        async with anyio.create_task_group() as group:
-            group.start_soon(self._wait_for_backend, event)
-            await event.wait()
-            group.cancel_scope.cancel()
+        # The wait runs in the claim loop's own task, under a scope wake() cancels: an idle period spawns no
+        # task, so the claim after a wake-up follows the backend's reply at once.
+        with anyio.CancelScope() as scope:
+            self._wake_scope = scope
+            await self._wait_for_backend()
+        if self._wake_scope is scope:
+            self._wake_scope = None
 
     def _idle_timeout(self) -> float:
         """How long an idle worker waits for news: ``poll_interval``, or less when a rate limit refills a
@@ -278,12 +280,11 @@ class Worker:
                 timeout = min(timeout, limits.per / limits.rate)
         return timeout
 
-    async def _wait_for_backend(self, event: anyio.Event) -> None:
+    async def _wait_for_backend(self) -> None:
         try:
             await self._backend.wait_for_work(self._options.queues.names, timeout=self._idle_timeout())
         except Exception as exc:
             await self._backend_trouble("wait for work", exc, 1)
-        event.set()
 
     async def _backend_trouble(self, what: str, exc: Exception, failures: int) -> None:
         delay = _BACKEND_RETRY.delay(failures, self._policy.rng)
