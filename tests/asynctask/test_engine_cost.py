@@ -3,12 +3,16 @@ engine's own modules for each no-op task (every backend pays them, whatever its 
 
 from __future__ import annotations
 
+import contextlib
 import cProfile
 import pstats
 
 import anyio
 
 from lifecycle.asynctask import AsyncTasks, Call, MemoryBackend
+
+with contextlib.suppress(ImportError):  # imported (as redis-py may), tracing is looked up per batch, not task
+    import opentelemetry.trace  # noqa: F401
 
 TASKS = 640
 CONCURRENCY = 32
@@ -66,3 +70,5 @@ async def test_a_plain_drain_makes_few_engine_calls_per_task() -> None:
         f"{where} {calls / TASKS:.2f}" for where, calls in sorted(counts.items(), key=lambda i: -i[1])
     )
     assert per_task <= ENGINE_CALLS_PER_TASK, f"{per_task:.2f} engine calls per task: {top}"
+    tracing = sum(calls for where, calls in counts.items() if where.startswith("_tracing.py"))
+    assert tracing <= TASKS / 8, f"the tracing check ran {tracing} times for {TASKS} tasks: {top}"

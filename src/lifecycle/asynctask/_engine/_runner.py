@@ -126,20 +126,27 @@ class TaskRunner:
         """The frame of each task function call in progress: what the loop watchdog finds on a blocked
         loop's stack to name the task that blocks it (read from its thread: plain dict lookups only)."""
         self._tracing = Tracing()
+        self._tracer: Any = None  # the tracer of the attempts of the latest claimed batch; None: tracing off
         # The running event loop's cancel scope class and clock, looked up at the first attempt (a worker
         # serves one event loop): anyio.CancelScope() and anyio.current_time() find the running library
         # anew on every call, and this is paid once per task.
         self._new_scope: Callable[..., Scope] | None = None
         self._loop_time: Callable[[], float] = anyio.current_time
 
+    def look_up_tracer(self) -> None:
+        """Find out whether OpenTelemetry is configured, for the attempts of a batch just claimed: once per
+        batch, as the provider check reads the environment (a provider configured meanwhile applies from the
+        next batch on)."""
+        # No tracer can be configured before the application imports the module.
+        self._tracer = self._tracing.tracer() if _TRACE_MODULE in sys.modules else None
+
     def run(self, running: Running) -> Coroutine[Any, Any, Settlement | None]:
         """Run one claimed task and return its verdict (``None``: the lease was lost, nothing to save).
 
         With OpenTelemetry configured, the attempt runs in its span (see :mod:`.._tracing`)."""
-        if _TRACE_MODULE in sys.modules:  # no tracer can be configured before the application imports it
-            tracer = self._tracing.tracer()
-            if tracer is not None:
-                return self._run_traced(tracer, running)
+        tracer = self._tracer
+        if tracer is not None:
+            return self._run_traced(tracer, running)
         return self._attempt(running)
 
     async def _run_traced(self, tracer: Any, running: Running) -> Settlement | None:

@@ -230,6 +230,7 @@ class Worker:
     def _start(self, batch: list[ClaimedTask]) -> None:
         if not batch:
             return
+        self._runner.look_up_tracer()
         queue = self._queue
         running_by_token = self._running
         book = self._progress
