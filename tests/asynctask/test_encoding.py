@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import json
 import math
 import sys
 import types
@@ -385,6 +386,51 @@ def test_utf16_payloads_are_measured_after_decoding() -> None:
     assert ENCODING.decode('["a", {"b": 1}]'.encode("utf-16")) == ["a", {"b": 1}]
     with pytest.raises(ValueError, match="nests 300 levels deep"):
         ENCODING.decode(("[" * 300 + "]" * 300).encode("utf-16"))
+
+
+_JSONISH = ' \t\n\r[]{}",:-.0123456789aeflnrstuv_\\\ufeff\ud800\xe9'
+_TUPLE_HEAD = '{"__lifecycle__":"tuple","v":['
+
+
+@settings(max_examples=800, derandomize=True, database=None, deadline=None)
+@given(
+    st.one_of(
+        st.text(alphabet=_JSONISH, max_size=14),
+        st.builds(  # argument tuples as encode() writes them, and texts that only look like them
+            lambda items, tail: _TUPLE_HEAD + items + tail,
+            st.sampled_from(["", "1", "1,2", '"a",[3]', '{"__lifecycle__":"set","v":[1]}', "1,"])
+            | st.text(alphabet=_JSONISH, max_size=6),
+            st.sampled_from(["]}", "] }", "]}\n", '],"v":[2]}', '],"x":[2]}', "]", "}", "]}]}"]),
+        ),
+    ),
+    st.sampled_from(["utf-8", "utf-16-le", "utf-16", "utf-32-be"]),
+)
+def test_decode_reads_json_text_exactly_as_json_loads_does(text: str, codec: str) -> None:
+    # decode() parses with one scanner made once, and an argument tuple's list alone; what it accepts, and
+    # the error it names, stay those of json.loads with its object hook on the text in the encoding json
+    # detects (leading and trailing whitespace, extra data, a BOM, UTF-16 and -32 text, lone surrogates,
+    # repeated keys).
+    encoding = JSONEncoding()
+    data = text.encode(codec, "surrogatepass")
+    expected: Any = None
+    refused: ValueError | None = None
+    try:
+        expected = json.loads(
+            data.decode(json.detect_encoding(data), "surrogatepass"),
+            object_hook=encoding._object_hook,
+        )
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a malformed tagged value
+        refused = exc
+    if refused is None:
+        decoded = encoding.decode(data)
+        assert (type(decoded), decoded) == (type(expected), expected)
+        return
+    with pytest.raises(ValueError) as raised:
+        encoding.decode(data)
+    assert str(raised.value) in (
+        f"not a valid JSONEncoding payload: {type(refused).__name__}: {refused}",  # json's own error
+        str(refused),  # the object hook's (a _DecodeError)
+    )
 
 
 def test_a_scripts_classes_are_named_after_its_module(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -40,6 +40,8 @@ _MAX_MAX_DEPTH = 10_000
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+_TUPLE_HEAD = f'{{"{_TAG}":"tuple","v":['
+_TUPLE_ITEMS = len(_TUPLE_HEAD) - 1  # where the list starts
 # Configured once: json.dumps with these options builds a new JSONEncoder on every call. An encoder keeps only
 # its options (each encode() makes its own C encoder), so one is shared by every call and thread.
 _JSON = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), check_circular=False)
@@ -138,6 +140,8 @@ class JSONEncoding:
         self._by_type: dict[type, _Codec] = {}
         self._by_name: dict[str, _Codec] = {}
         self._aliases: dict[str, _Codec] = {}  # older names, decoded but never written
+        decoder = json.JSONDecoder(object_hook=self._object_hook)  # one scanner for every decode
+        self._scan: Callable[[str, int], tuple[Any, int]] = decoder.scan_once  # type: ignore[attr-defined]
         self._encoders: dict[type, Callable[[Any], Any]] = {
             str: _same,
             int: _same,
@@ -314,25 +318,52 @@ class JSONEncoding:
             # Decoded here rather than by json.loads (which does the same), so that the depth is measured on
             # the text itself whatever its encoding (UTF-8, -16 or -32).
             given: object = data
-            if isinstance(given, str):
+            if type(given) is bytes and given[:1] in (b"{", b"[") and given[1:2] != b"\x00":
+                # What encode() writes (once per task run: its arguments): json.detect_encoding says UTF-8
+                # for these first bytes.
+                text = given.decode("utf-8", "surrogatepass")
+            elif isinstance(given, str):
                 text = given
             elif isinstance(given, bytes | bytearray | memoryview):
                 raw = bytes(given)
                 text = raw.decode(json.detect_encoding(raw), "surrogatepass")
             else:
                 raise _DecodeError(f"JSONEncoding.decode() takes bytes, got {type(given).__name__}")
-            depth = _depth(text, self._max_depth)
-            if depth > self._max_depth:
-                raise _DecodeError(
-                    f"not a valid JSONEncoding payload: it nests {depth} levels deep, more than "
-                    f"max_depth={self._max_depth} allows (a payload this encoding wrote never does: was it "
-                    "written with a larger JSONEncoding(max_depth=...), or corrupted?)"
-                )
-            return json.loads(text, object_hook=self._object_hook)
+            limit = self._max_depth
+            if text.count("[") + text.count("{") > limit:  # else it cannot nest deeper than the limit
+                depth = _depth(text, limit)
+                if depth > limit:
+                    raise _DecodeError(
+                        f"not a valid JSONEncoding payload: it nests {depth} levels deep, more than "
+                        f"max_depth={limit} allows (a payload this encoding wrote never does: was it "
+                        "written with a larger JSONEncoding(max_depth=...), or corrupted?)"
+                    )
+            if text.startswith(_TUPLE_HEAD) and text.endswith("]}"):
+                # An argument tuple as encode() writes it: its list read alone, then made a tuple, as the
+                # tag's object hook would (read whole again, as json reads it, when anything follows it).
+                try:
+                    items, end = self._scan(text, _TUPLE_ITEMS)
+                except StopIteration as missing:  # a value missing inside: what json.loads raises then
+                    raise json.JSONDecodeError("Expecting value", text, missing.value) from None
+                if end == len(text) - 1:
+                    return tuple(items)
+            return self._parse(text)
         except _DecodeError as exc:
             raise ValueError(str(exc)) from None
         except Exception as exc:
             raise ValueError(f"not a valid JSONEncoding payload: {type(exc).__name__}: {exc}") from None
+
+    def _parse(self, text: str) -> Any:
+        """``json.loads(text, object_hook=...)`` with one scanner made once, not one per call."""
+        try:
+            value, end = self._scan(text, 0)
+        except StopIteration:  # a value missing, or not at the very start (whitespace first): json's way
+            return json.loads(text, object_hook=self._object_hook)
+        if end != len(text):
+            rest = text[end:].lstrip(" \t\n\r")  # what json allows after a value
+            if rest:
+                raise json.JSONDecodeError("Extra data", text, len(text) - len(rest))
+        return value
 
     def _object_hook(self, obj: dict[str, Any]) -> Any:
         tag = obj.get(_TAG)

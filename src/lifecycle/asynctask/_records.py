@@ -423,14 +423,6 @@ def _flag(value: object) -> bool:
     raise ValueError
 
 
-def _flag_text(value: Any) -> bool:
-    if value is None or value in (b"", b"0"):
-        return False
-    if value == b"1":
-        return True
-    raise ValueError
-
-
 def _priority(value: object) -> int:
     if value is None:  # a record stored before priorities existed
         return 0
@@ -448,60 +440,75 @@ def _priority_text(value: Any) -> int:
     raise ValueError
 
 
-def _finite_text(value: Any) -> float:
-    number = float(value)  # None: TypeError
-    if number - number == 0.0:
-        return number
-    raise ValueError
-
-
-def _optional_finite_text(value: Any) -> float | None:
-    return _finite_text(value) if value else None  # b"" and None: no value
-
-
-def _count_text(value: Any) -> int:
-    if len(value) <= _COUNT_DIGITS and value.isdigit():  # None: TypeError
-        return int(value)
-    raise ValueError
-
-
 def _text_as_written(values: Sequence[Any]) -> TaskRecord:
     (task_id, name, queue, payload, state, attempts, max_retries, timeout, enqueued_at, run_at,
      started_at, finished_at, lease_until, last_error, result, meta, priority, concurrency_key,
      expires_at, cancel_requested, progress_done, progress_total, progress_message,
      group_id) = values  # fmt: skip
+    # Read once per claimed task, so the checks are inline rather than a call per field: each number by
+    # float() alone (b"" and None: no value), then one test of their sum, finite only when every one is (a
+    # sum of finite values that overflows sends the record to the field-by-field reader, which reads the
+    # same record).
     record_state = _STATES_BY_BYTES[state]  # None: KeyError
-    seconds = _optional_finite_text(timeout)
+    seconds = float(timeout) if timeout else None
     if seconds is not None and seconds <= 0:
         raise ValueError
-    lease = _optional_finite_text(lease_until)
+    lease = float(lease_until) if lease_until else None
     if lease is None and record_state is TaskState.ACTIVE:
         raise ValueError
     if payload is None:
         raise TypeError
+    enqueued = float(enqueued_at)  # None: TypeError
+    due = float(run_at)
+    started = float(started_at) if started_at else None
+    finished = float(finished_at) if finished_at else None
+    expires = float(expires_at) if expires_at else None
+    done = float(progress_done) if progress_done else None
+    total = float(progress_total) if progress_total else None
+    check = enqueued + due + (seconds or 0.0) + (lease or 0.0) + (started or 0.0) + (finished or 0.0)
+    check += (expires or 0.0) + (done or 0.0) + (total or 0.0)
+    if check - check != 0.0:  # an infinity or NaN
+        raise ValueError
+    if not (
+        len(attempts) <= _COUNT_DIGITS  # None: TypeError
+        and attempts.isdigit()
+        and len(max_retries) <= _COUNT_DIGITS
+        and max_retries.isdigit()
+    ):
+        raise ValueError
+    if priority and len(priority) <= _COUNT_DIGITS and priority.isdigit():
+        rank = int(priority)
+    else:  # none, or negative
+        rank = _priority_text(priority)
+    if cancel_requested == b"1":
+        cancel = True
+    elif cancel_requested is None or cancel_requested in (b"", b"0"):
+        cancel = False
+    else:
+        raise ValueError
     return TaskRecord(
         task_id.decode(),
         name.decode(),
         queue.decode(),
         payload,
         record_state,
-        _count_text(attempts),
-        _count_text(max_retries),
+        int(attempts),
+        int(max_retries),
         seconds,
-        _finite_text(enqueued_at),
-        _finite_text(run_at),
-        _optional_finite_text(started_at),
-        _optional_finite_text(finished_at),
+        enqueued,
+        due,
+        started,
+        finished,
         lease,
         None if last_error is None else last_error.decode(),
         result,
         None if meta is None else meta.decode(),
-        _priority_text(priority),
+        rank,
         None if concurrency_key is None else concurrency_key.decode(),
-        _optional_finite_text(expires_at),
-        _flag_text(cancel_requested),
-        _optional_finite_text(progress_done),
-        _optional_finite_text(progress_total),
+        expires,
+        cancel,
+        done,
+        total,
         None if progress_message is None else progress_message.decode(),
         None if group_id is None else group_id.decode(),
     )

@@ -1,5 +1,5 @@
-"""A running attempt's side of control: the cancel request its context reads, and the progress it reports,
-stored coalesced (at most one write per task per second, the last one always before the verdict)."""
+"""The progress running attempts report, stored coalesced (at most one write per task per second, the last one
+always before the verdict). The cancel request an attempt's context reads is the runner's ``Running``."""
 
 from __future__ import annotations
 
@@ -12,26 +12,10 @@ from .._backend import Backend
 from .._clock import Clock
 from .._records import ClaimedTask, ProgressUpdate
 
-__all__ = ["PROGRESS_INTERVAL", "AttemptControl", "ProgressBook"]
+__all__ = ["PROGRESS_INTERVAL", "ProgressBook"]
 
 PROGRESS_INTERVAL = 1.0
 """Seconds (by the engine's clock) between two progress writes of one task."""
-
-
-class AttemptControl:
-    """What :class:`TaskContext` reads and reports through for one running attempt."""
-
-    __slots__ = ("_book", "_claimed", "cancel_requested")
-
-    def __init__(self, claimed: ClaimedTask, book: ProgressBook | None) -> None:
-        self._claimed = claimed
-        self._book = book
-        self.cancel_requested = False
-
-    def report(self, done: float | None, total: float | None, message: str | None) -> None:
-        """Keep the attempt's latest progress; the book stores it soon."""
-        if self._book is not None:
-            self._book.report(self._claimed, done, total, message)
 
 
 class ProgressBook:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import sys
-from collections.abc import Awaitable, Callable
-from types import FrameType
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from types import FrameType, TracebackType
+from typing import Any, Protocol
 
 import anyio
 
@@ -23,12 +22,12 @@ from .._model import TaskContext
 from .._records import ClaimedTask, GroupRecord, Settlement, TaskRecord, TaskState
 from .._registry import Registry, TaskDefinition
 from .._tracing import Tracing, attempt_span
-from ._control import AttemptControl
+from ._control import ProgressBook
 from ._options import ErrorHook
 from ._upkeep import call_error_hook
 from ._verdict import Policy, error_text, is_cancelled_from_outside
 
-__all__ = ["CANCEL", "LOST", "SHUTDOWN", "Running", "TaskRunner"]
+__all__ = ["CANCEL", "LOST", "SHUTDOWN", "Running", "Scope", "TaskRunner"]
 
 LOST = "lease lost"
 """Cancel reason: another worker took the task over; its verdict is not ours to save."""
@@ -39,19 +38,40 @@ SHUTDOWN = "shutdown"
 CANCEL = "cancel requested"
 """Cancel reason: ``tasks.cancel()`` asked the running task to stop; it ends ``cancelled``, no retry."""
 
+_TRACE_MODULE = "opentelemetry.trace"
+"""Imported by the application before any tracer provider can be configured (see :mod:`.._tracing`)."""
+
+
+class Scope(Protocol):
+    """A cancel scope of the running event loop: anyio's, or trio's own on trio (the same semantics)."""
+
+    @property
+    def cancel_called(self) -> bool: ...
+
+    def cancel(self) -> Any: ...
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None, /
+    ) -> bool | None: ...
+
 
 class Running:
-    """A claimed task in this worker: its lease, its cancel scope once it runs, and why it was cancelled."""
+    """A claimed task in this worker: its lease, its cancel scope once it runs, why it was cancelled, and the
+    control its :class:`TaskContext` reads (``cancel_requested``) and reports progress through."""
 
-    __slots__ = ("claimed", "control", "error", "is_async", "reason", "scope")
+    __slots__ = ("book", "cancel_requested", "claimed", "error", "is_async", "reason", "reported", "scope")
 
-    def __init__(self, claimed: ClaimedTask, control: AttemptControl | None = None) -> None:
+    def __init__(self, claimed: ClaimedTask, book: ProgressBook | None = None) -> None:
         self.claimed = claimed
-        self.control = control if control is not None else AttemptControl(claimed, None)
-        self.scope: anyio.CancelScope | None = None
+        self.book = book
+        self.scope: Scope | None = None
         self.reason: str | None = None
         self.error: BaseException | None = None  # why the attempt failed, for its span
         self.is_async = True  # until the runner knows the function
+        self.cancel_requested = False
+        self.reported = False  # whether the book may hold progress of this attempt (to write or forget)
 
     def cancel(self, reason: str) -> None:
         if self.reason is None:
@@ -63,13 +83,20 @@ class Running:
         """``tasks.cancel()`` asked this attempt to stop: an ``async def`` task's scope is cancelled, a plain
         ``def`` task sees ``ctx.cancel_requested`` (its thread cannot be interrupted). Either way the attempt
         ends ``cancelled``. Returns ``False`` when the attempt was stopping for another reason already."""
-        self.control.cancel_requested = True
+        self.cancel_requested = True
         if self.reason is not None:
             return False
         self.reason = CANCEL
         if self.scope is not None and self.is_async:
             self.scope.cancel()
         return True
+
+    def report(self, done: float | None, total: float | None, message: str | None) -> None:
+        """Keep the attempt's latest progress (what ``ctx.progress()`` reports); the book stores it soon."""
+        book = self.book
+        if book is not None:
+            self.reported = True
+            book.report(self.claimed, done, total, message)
 
 
 class TaskRunner:
@@ -99,72 +126,58 @@ class TaskRunner:
         """The frame of each task function call in progress: what the loop watchdog finds on a blocked
         loop's stack to name the task that blocks it (read from its thread: plain dict lookups only)."""
         self._tracing = Tracing()
+        self._tracer: Any = None  # the tracer of the attempts of the latest claimed batch; None: tracing off
+        # The running event loop's cancel scope class and clock, looked up at the first attempt (a worker
+        # serves one event loop): anyio.CancelScope() and anyio.current_time() find the running library
+        # anew on every call, and this is paid once per task.
+        self._new_scope: Callable[..., Scope] | None = None
+        self._loop_time: Callable[[], float] = anyio.current_time
 
-    async def run(self, running: Running) -> Settlement | None:
+    def look_up_tracer(self) -> None:
+        """Find out whether OpenTelemetry is configured, for the attempts of a batch just claimed: once per
+        batch, as the provider check reads the environment (a provider configured meanwhile applies from the
+        next batch on)."""
+        # No tracer can be configured before the application imports the module.
+        self._tracer = self._tracing.tracer() if _TRACE_MODULE in sys.modules else None
+
+    def run(self, running: Running) -> Coroutine[Any, Any, Settlement | None]:
         """Run one claimed task and return its verdict (``None``: the lease was lost, nothing to save).
 
         With OpenTelemetry configured, the attempt runs in its span (see :mod:`.._tracing`)."""
-        tracer = self._tracing.tracer()
-        if tracer is None:
-            return await self._run(running)
+        tracer = self._tracer
+        if tracer is not None:
+            return self._run_traced(tracer, running)
+        return self._attempt(running)
+
+    async def _run_traced(self, tracer: Any, running: Running) -> Settlement | None:
         with attempt_span(tracer, running.claimed.record) as span:
-            verdict = await self._run(running)
+            verdict = await self._attempt(running)
             return span.finish(verdict, running.error)
 
-    async def _run(self, running: Running) -> Settlement | None:
+    async def _attempt(self, running: Running) -> Settlement | None:
+        # The common case runs straight through this one frame: it is paid once per task.
         claimed = running.claimed
         record = claimed.record
-        policy = self._policy
-        if running.reason is not None:  # stopped or lost before it started
-            if running.reason == CANCEL:
-                return policy.cancelled(claimed, now=self._clock(), ran=False)
-            return policy.release(claimed, now=self._clock()) if running.reason == SHUTDOWN else None
-        if record.cancel_requested:  # asked while an earlier attempt ran: this one never starts
-            running.control.cancel_requested = True
-            return policy.cancelled(claimed, now=self._clock(), ran=False)
-        if record.fault is not None:
-            verdict = policy.damaged(claimed, now=self._clock())
-            return await self._failed(running, verdict, ValueError(verdict.error))
+        reason = running.reason  # read again after each await: the worker may stop the attempt meanwhile
+        if reason is not None or record.cancel_requested or record.fault is not None:
+            return await self._not_started(running)
         definition = self._registry.get(record.name)
         if definition is None:
-            known = ", ".join(self._registry.names()) or "none"
-            exc: Exception = LookupError(
-                f"no task function is registered under the name {record.name!r} in this worker (it knows: "
-                f"{known}); register it, or fix the name the producer used"
-            )
-            verdict = policy.failure(claimed, now=self._clock(), error=str(exc))
-            return await self._failed(running, verdict, exc)
+            return await self._unknown(running)
         try:
-            args = self._decode_arguments(record)
+            args = self._encoding.decode(record.payload)
+            if type(args) is list:
+                args = tuple(args)
+            elif type(args) is not tuple:
+                args = _arguments(args)
         except Exception as decode_error:  # any exception: a third-party Encoding may raise anything
-            cause = str(decode_error) if type(decode_error) is ValueError else _describe(decode_error)
-            error = (
-                f"cannot decode the arguments of task {record.name!r}: {cause}; the payload will not "
-                "become readable by retrying, so the task is dead (enqueue a corrected task)"
-            )
-            return await self._failed(
-                running, policy.dead(claimed, now=self._clock(), error=error), decode_error
-            )
-        try:
-            definition.check_arity(len(args))
-        except TypeError as arity_error:
-            verdict = policy.failure(claimed, now=self._clock(), error=str(arity_error))
-            return await self._failed(running, verdict, arity_error)
-        return await self._call(running, definition, args)
-
-    def _decode_arguments(self, record: TaskRecord) -> tuple[Any, ...]:
-        args = self._encoding.decode(record.payload)
-        if type(args) is tuple:
-            return args
-        if isinstance(args, list):
-            return tuple(args)
-        raise ValueError(f"the payload holds {type(args).__name__}, not an argument list")
-
-    async def _call(
-        self, running: Running, definition: TaskDefinition, args: tuple[Any, ...]
-    ) -> Settlement | None:
-        claimed = running.claimed
-        record = claimed.record
+            return await self._undecodable(running, decode_error)
+        if not definition.min_args <= len(args) <= definition.max_args:
+            try:
+                definition.check_arity(len(args))
+            except TypeError as arity_error:
+                verdict = self._policy.failure(claimed, now=self._clock(), error=str(arity_error))
+                return await self._failed(running, verdict, arity_error)
         timeout = record.timeout
         middleware = self._hooks.middleware  # the middleware of this attempt, even if more are added
         ctx: TaskContext | None = None
@@ -188,26 +201,33 @@ class TaskRunner:
                 deadline=None if timeout is None else self._clock() + timeout,
                 previous_result=previous,
                 chain_id=chain_fields(record)[0],
-                control=running.control,
+                control=running,
                 meta=read_user_meta(record.meta),
             )
-        if definition.takes_context:
-            args = (ctx, *args)
-        running.is_async = definition.is_async
-        scope = anyio.CancelScope(deadline=math.inf if timeout is None else anyio.current_time() + timeout)
+            if definition.takes_context:
+                args = (ctx, *args)
+        running.is_async = is_async = definition.is_async
+        new_scope = self._new_scope
+        if new_scope is None:
+            new_scope, self._loop_time = _loop_primitives()
+            self._new_scope = new_scope
+        scope = new_scope() if timeout is None else new_scope(deadline=self._loop_time() + timeout)
         running.scope = scope
         if running.reason is not None:
             scope.cancel()
         finished = False
         result: Any = None
         failure: BaseException | None = None
+        executing = self.executing
         frame = sys._getframe()
-        self.executing[frame] = running
+        executing[frame] = running
         try:
             with scope:
                 if ctx is not None and middleware:
                     invoke = functools.partial(self._invoke, definition, args)
                     result = await run_middleware(middleware, ctx, invoke)
+                elif is_async:
+                    result = await definition.fn(*args)
                 else:
                     result = await self._invoke(definition, args)
                 finished = True
@@ -218,24 +238,63 @@ class TaskRunner:
                 raise
             failure = exc
         finally:
-            del self.executing[frame]
+            del executing[frame]
         now = self._clock()
-        if running.reason == CANCEL:  # whatever the task did after the request, the attempt is cancelled
+        reason = running.reason
+        if reason == CANCEL:  # whatever the task did after the request, the attempt is cancelled
             return self._policy.cancelled(claimed, now=now, ran=True)
         if finished:
-            verdict = self._policy.success(claimed, now=now, result=self._encode_result(record, result))
-            return await self._prepare_follow_ups(running, verdict)
-        if running.reason == LOST:
+            encoded = None if result is None else self._encode_result(record, result)
+            verdict = self._policy.success(claimed, now=now, result=encoded)
+            if self._hooks.on_enqueue and (verdict.then or verdict.then_groups):
+                return await self._prepare_follow_ups(running, verdict)
+            return verdict
+        if reason == LOST:
             return None
-        if running.reason == SHUTDOWN:
+        if reason == SHUTDOWN:
             return self._policy.release(claimed, now=now)
-        if failure is None or (scope.cancel_called and running.reason is None):
+        if failure is None or (scope.cancel_called and reason is None):
             timed_out = TimeoutError(f"timed out after {timeout:g} s (attempt {record.attempts})")
             if failure is not None:
                 timed_out.__cause__ = failure
             verdict = self._policy.failure(claimed, now=now, error=str(timed_out))
             return await self._failed(running, verdict, timed_out)
         return await self._failed(running, self._policy.for_exception(claimed, failure, now=now), failure)
+
+    async def _not_started(self, running: Running) -> Settlement | None:
+        """The verdict of an attempt that does not run: stopped or lost before it started, asked to cancel
+        while an earlier attempt ran, or a damaged record."""
+        claimed = running.claimed
+        record = claimed.record
+        policy = self._policy
+        if running.reason is not None:
+            return self._stopped(running)
+        if record.cancel_requested:  # asked while an earlier attempt ran: this one never starts
+            running.cancel_requested = True
+            return policy.cancelled(claimed, now=self._clock(), ran=False)
+        verdict = policy.damaged(claimed, now=self._clock())
+        return await self._failed(running, verdict, ValueError(verdict.error))
+
+    async def _unknown(self, running: Running) -> Settlement:
+        """The verdict of a task whose name no function of this worker is registered under."""
+        name = running.claimed.record.name
+        known = ", ".join(self._registry.names()) or "none"
+        exc = LookupError(
+            f"no task function is registered under the name {name!r} in this worker (it knows: "
+            f"{known}); register it, or fix the name the producer used"
+        )
+        verdict = self._policy.failure(running.claimed, now=self._clock(), error=str(exc))
+        return await self._failed(running, verdict, exc)
+
+    async def _undecodable(self, running: Running, decode_error: Exception) -> Settlement:
+        """The verdict of a task whose arguments the encoding cannot decode: dead."""
+        cause = str(decode_error) if type(decode_error) is ValueError else _describe(decode_error)
+        error = (
+            f"cannot decode the arguments of task {running.claimed.record.name!r}: {cause}; the payload will "
+            "not become readable by retrying, so the task is dead (enqueue a corrected task)"
+        )
+        verdict = self._policy.dead(running.claimed, now=self._clock(), error=error)
+        return await self._failed(running, verdict, decode_error)
 
     def _stopped(self, running: Running) -> Settlement | None:
         """The verdict of an attempt stopped before its function was called."""
@@ -366,6 +425,33 @@ class TaskRunner:
         if self._on_error is not None:
             await call_error_hook(self._on_error, record, settlement, exc, self._logger)
         return settlement
+
+
+def _arguments(value: Any) -> tuple[Any, ...]:
+    """A decoded payload that is not a tuple as the argument tuple: a list's items, else ``ValueError``."""
+    if isinstance(value, list):
+        return tuple(value)
+    raise ValueError(f"the payload holds {type(value).__name__}, not an argument list")
+
+
+def _loop_primitives() -> tuple[Callable[..., Scope], Callable[[], float]]:
+    """The cancel scope class and the clock of the running event loop. On trio, trio's own scope: anyio's
+    wraps it, adding a call to each use. Whatever anyio runs on otherwise, its scope class and clock."""
+    trio: Any = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:  # trio is imported, but this is not a trio run
+            pass
+        else:
+            return trio.CancelScope, trio.current_time
+    scope_type: Callable[..., Scope] = type(anyio.CancelScope())
+    try:
+        import asyncio
+
+        return scope_type, asyncio.get_running_loop().time  # anyio's asyncio deadlines are this loop's time
+    except RuntimeError:  # pragma: no cover - anyio runs on asyncio or trio
+        return anyio.CancelScope, anyio.current_time
 
 
 def _capture(fn: Any, *args: Any) -> tuple[Any, BaseException | None]:

@@ -35,7 +35,7 @@ class Settler:
         on_applied: Callable[[], None],
         logger: logging.Logger,
         *,
-        on_saved: Callable[[list[Settlement]], None] | None = None,
+        on_saved: Callable[[list[Settlement], set[str]], None] | None = None,
     ) -> None:
         self._backend = backend
         self._held = held
@@ -118,7 +118,7 @@ class Settler:
                 del held[settlement.task_id]
         self.applied += len(batch) - len(lost)
         if self._on_saved is not None:
-            self._on_saved([settlement for settlement in batch if settlement.task_id not in lost])
+            self._on_saved(batch, lost)
         for task_id in sorted(lost):
             self._logger.warning(
                 "the result of task %s was not saved: its lease was lost (another worker took it over after "

@@ -43,6 +43,11 @@ class Policy:
     def success(self, claimed: ClaimedTask, *, now: float, result: bytes | None) -> Settlement:
         """The task returned. A chain step's success enqueues the next step in the same atomic settlement;
         damaged chain bookkeeping makes the step dead (saying so) rather than silently ending the chain."""
+        record = claimed.record
+        if record.meta is None:  # no chain step (the common case, once per task): nothing follows it
+            return Settlement(
+                task_id=record.id, token=claimed.token, state=TaskState.SUCCEEDED, at=now, result=result
+            )
         try:
             then, then_groups = follow_up(claimed.record, result, now)
         except ValueError as exc:

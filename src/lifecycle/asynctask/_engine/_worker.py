@@ -19,7 +19,7 @@ from .._encoding import Encoding
 from .._observer import TaskObserver, observe_finished, observe_started
 from .._records import ClaimedTask, Settlement, TaskState
 from .._registry import Registry
-from ._control import AttemptControl, ProgressBook
+from ._control import ProgressBook
 from ._notices import NoticePump
 from ._options import EngineOptions
 from ._runner import LOST, SHUTDOWN, Running, TaskRunner
@@ -73,10 +73,14 @@ class Worker:
         self._wake_scope: anyio.CancelScope | None = None  # the idle wait's, which wake() cancels
         self._capacity_event: anyio.Event | None = None
         # The claimed tasks no runner has taken yet (each counted in ``_running`` from its claim on), and the
-        # event the idle runners wait on: ``concurrency`` runners take them one after another, so a task
-        # costs no task spawn, and never more than ``concurrency`` run at once.
+        # events of the idle runners: ``concurrency`` runners take them one after another, so a task costs no
+        # task spawn, and never more than ``concurrency`` run at once. Idle runners are woken one at a time:
+        # a runner that takes a task while more are queued wakes the next before it runs its own, so tasks
+        # that wait start side by side, while a batch of tasks that never wait is run by one or two runners
+        # (waking all of them for each batch cost a resumption per task).
         self._queue: deque[Running] = deque()
-        self._work_event: anyio.Event | None = None
+        self._idle_runners: deque[anyio.Event] = deque()
+        self._runner_woken = False  # an idle runner was woken and has not looked at the queue yet
         self._closing = False
         self._finishing = 0  # runners writing the last progress of a task that ran: not free yet
         self._runner = TaskRunner(
@@ -172,7 +176,8 @@ class Worker:
                 await self._claim_loop()
                 await self._drain()
                 self._closing = True  # the runners run what is queued (each stopped already), then end
-                self._work_arrived()
+                while self._idle_runners:
+                    self._idle_runners.popleft().set()
             with anyio.move_on_after(_FINAL_FLUSH_TIMEOUT) as flush_scope:
                 await self._settler.flush()
             if flush_scope.cancelled_caught:
@@ -225,32 +230,40 @@ class Worker:
     def _start(self, batch: list[ClaimedTask]) -> None:
         if not batch:
             return
+        self._runner.look_up_tracer()
         queue = self._queue
+        running_by_token = self._running
+        book = self._progress
         for claimed in batch:
             self._hold(claimed)
             # Counted as running from the claim on, so the next claim sees the slot as taken.
-            running = Running(claimed, AttemptControl(claimed, self._progress))
-            self._running[claimed.token] = running
+            running = running_by_token[claimed.token] = Running(claimed, book)
             queue.append(running)
         self._work_arrived()
 
     def _work_arrived(self) -> None:
-        event, self._work_event = self._work_event, None
-        if event is not None:
-            event.set()
+        """Wake an idle runner for the queued tasks, unless one is woken already."""
+        if not self._runner_woken and self._idle_runners:
+            self._runner_woken = True
+            self._idle_runners.popleft().set()
 
     async def _runner_loop(self) -> None:
         """One of the ``concurrency`` runners: run the queued tasks one after another, until closing."""
         queue = self._queue
+        idle = self._idle_runners
+        run = self._run
         while True:
             while queue:
-                await self._run(queue.popleft())
+                running = queue.popleft()
+                if queue and idle and not self._runner_woken:
+                    self._work_arrived()  # another runner takes the next one if this one's task waits
+                await run(running)
             if self._closing:
                 return
-            event = self._work_event
-            if event is None:
-                event = self._work_event = anyio.Event()
+            event = anyio.Event()
+            idle.append(event)
             await event.wait()
+            self._runner_woken = False
 
     def _hold(self, claimed: ClaimedTask) -> None:
         task_id = claimed.record.id
@@ -323,12 +336,12 @@ class Worker:
 
     async def _run(self, running: Running) -> None:
         claimed = running.claimed
-        task_id = claimed.record.id
+        observer = self._options.observer
         try:
-            if self._options.observer is None:
+            if observer is None:
                 settlement = await self._runner.run(running)
             else:
-                settlement = await self._run_observed(running, self._options.observer)
+                settlement = await self._run_observed(running, observer)
         except BaseException as exc:
             # A fault of this task's handling stays with this task: it is settled, the rest of the batch and
             # the worker go on (a runner raising would end the worker). Only the worker's own cancellation
@@ -338,23 +351,36 @@ class Worker:
             settlement = self._internal_error(running, exc)
         finally:
             del self._running[claimed.token]
-            self._capacity_changed()
-        progress = self._progress
+            event = self._capacity_event
+            if event is not None:
+                self._capacity_event = None
+                event.set()
         if settlement is None:
-            if progress is not None:
-                progress.forget(claimed)
+            if running.reported and self._progress is not None:
+                self._progress.forget(claimed)
+            task_id = claimed.record.id
             if self._held.get(task_id) == claimed.token:
                 del self._held[task_id]
+            return
+        if running.reported:
+            await self._finish_progress(claimed)
+        if claimed.record.group_id is None:
+            self._settler.put(settlement)
         else:
-            if progress is not None and progress.holds(claimed):
-                self._finishing += 1
-                try:
-                    with anyio.CancelScope(shield=True):  # the last progress before the verdict, always
-                        await progress.finish(claimed)
-                finally:
-                    self._finishing -= 1
-                    self._capacity_changed()
             self._put(claimed, settlement)
+
+    async def _finish_progress(self, claimed: ClaimedTask) -> None:
+        """Write the last progress ``claimed`` reported, if unwritten, before its verdict is queued."""
+        progress = self._progress
+        if progress is None or not progress.holds(claimed):
+            return
+        self._finishing += 1
+        try:
+            with anyio.CancelScope(shield=True):  # the last progress before the verdict, always
+                await progress.finish(claimed)
+        finally:
+            self._finishing -= 1
+            self._capacity_changed()
 
     def _put(self, claimed: ClaimedTask, settlement: Settlement) -> None:
         """Queue a verdict for saving (remembering a group member's final verdict for the metrics)."""
@@ -363,11 +389,14 @@ class Worker:
             self._members[settlement.task_id, settlement.token] = group_id
         self._settler.put(settlement)
 
-    def _saved(self, applied: list[Settlement]) -> None:
-        """The settler saved ``applied``: note the groups they may have ended, for the metrics."""
+    def _saved(self, batch: list[Settlement], lost: set[str]) -> None:
+        """The settler saved ``batch`` but for the tasks in ``lost``: note the groups they may have ended, for
+        the metrics."""
         if not self._members:
             return
-        for settlement in applied:
+        for settlement in batch:
+            if settlement.task_id in lost:
+                continue
             group_id = self._members.pop((settlement.task_id, settlement.token), None)
             if group_id is not None:
                 self._group_ends.append((group_id, settlement.at, settlement.state))

@@ -1,0 +1,74 @@
+"""What the engine costs per task in a plain drain, counted rather than timed: the Python calls made in the
+engine's own modules for each no-op task (every backend pays them, whatever its own cost)."""
+
+from __future__ import annotations
+
+import contextlib
+import cProfile
+import pstats
+
+import anyio
+
+from lifecycle.asynctask import AsyncTasks, Call, MemoryBackend
+
+with contextlib.suppress(ImportError):  # imported (as redis-py may), tracing is looked up per batch, not task
+    import opentelemetry.trace  # noqa: F401
+
+TASKS = 640
+CONCURRENCY = 32
+ENGINE_CALLS_PER_TASK = 15.0
+"""Per no-op task: the worker's run of it, the runner's call and the attempt, the definition lookup, decoding
+the arguments, the verdict, noting its lease, the ``Running`` record, queueing the verdict (nine); the claims,
+batched saves, wake-ups and timed loops shared by a batch add one or more. Before issue 17's second round it
+was 30 (a wake-up of every idle runner per batch, a control object, follow-up and hook checks, a new JSON
+decoder)."""
+
+# The modules of the engine's per-task path (the backend's own calls are not counted: they are its cost).
+_ENGINE = (
+    "/asynctask/_engine/",
+    "/asynctask/_encoding.py",
+    "/asynctask/_records.py",
+    "/asynctask/_registry.py",
+    "/asynctask/_model.py",
+    "/asynctask/_chain.py",
+    "/asynctask/_meta.py",
+    "/asynctask/_middleware.py",
+    "/asynctask/_tracing.py",
+    "/asynctask/_observer.py",
+)
+
+
+async def test_a_plain_drain_makes_few_engine_calls_per_task() -> None:
+    tasks = AsyncTasks(MemoryBackend(), concurrency=CONCURRENCY)
+    finished = anyio.Event()
+    done = 0
+
+    async def noop(index: int) -> None:
+        nonlocal done
+        done += 1
+        if done == TASKS:
+            finished.set()
+
+    tasks.register(noop, name="noop")
+    profiler = cProfile.Profile()
+    async with tasks:
+        await tasks.enqueue_many([Call("noop", index) for index in range(TASKS)])
+        async with anyio.create_task_group() as group:
+            profiler.enable()
+            group.start_soon(tasks.execute)
+            with anyio.fail_after(30):
+                await finished.wait()
+            profiler.disable()
+            group.cancel_scope.cancel()
+    counts = {
+        f"{path.rsplit('/asynctask/', 1)[-1]}:{name}": calls
+        for (path, _, name), (_, calls, _, _, _) in pstats.Stats(profiler).stats.items()  # type: ignore[attr-defined]
+        if any(part in path for part in _ENGINE)
+    }
+    per_task = sum(counts.values()) / TASKS
+    top = ", ".join(
+        f"{where} {calls / TASKS:.2f}" for where, calls in sorted(counts.items(), key=lambda i: -i[1])
+    )
+    assert per_task <= ENGINE_CALLS_PER_TASK, f"{per_task:.2f} engine calls per task: {top}"
+    tracing = sum(calls for where, calls in counts.items() if where.startswith("_tracing.py"))
+    assert tracing <= TASKS / 8, f"the tracing check ran {tracing} times for {TASKS} tasks: {top}"
