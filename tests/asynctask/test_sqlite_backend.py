@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sqlite3
 import sys
 import time
@@ -24,7 +25,7 @@ from lifecycle.asynctask import (
     Settlement,
     TaskState,
 )
-from lifecycle.asynctask._backends.sqlite._backend import SQLiteBackend
+from lifecycle.asynctask._backends.sqlite._backend import SQLiteBackend, _Budget
 from lifecycle.asynctask._backends.sqlite._schema import (
     _CREATE_V1,
     _FLOW_V2,
@@ -685,6 +686,76 @@ async def test_enqueues_with_a_worker_claiming_from_the_same_object_lose_and_dup
     assert enqueued.is_set()
     assert sorted(taken) == sorted(f"t{i}" for i in range(count))  # each exactly once
     assert await backend.stats() == {"default": {TaskState.SUCCEEDED: count}}
+
+
+def _trace(connection: sqlite3.Connection | None) -> list[str]:
+    """The statements ``connection`` runs from now on, as run."""
+    assert connection is not None
+    statements: list[str] = []
+    connection.set_trace_callback(statements.append)
+    return statements
+
+
+async def test_a_single_enqueue_is_one_insert_on_the_loops_connection(open_sqlite: Factory) -> None:
+    # No BEGIN and COMMIT around it: SQLite commits a lone statement by itself.
+    backend = await open_sqlite()
+    on_loop = _trace(backend._loop_connection)
+    assert await backend.enqueue_many([task("one")]) == ["one"]
+    assert [sql.split(None, 2)[:2] for sql in on_loop] == [["INSERT", "INTO"]]
+    # A taken id writes nothing with that statement, and the rules decide in a transaction.
+    with pytest.raises(DuplicateTaskError, match="'one'"):
+        await backend.enqueue_many([task("one")])
+    assert await backend.enqueue_many([task("one")], if_exists="skip") == []
+    assert await backend.stats() == {"default": {TaskState.PENDING: 1}}
+
+
+async def test_an_enqueue_cancelled_before_it_runs_stores_nothing(open_sqlite: Factory) -> None:
+    backend = await open_sqlite()
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await backend.enqueue_many([task("never")])
+    assert scope.cancelled_caught
+    assert await backend.get("never") is None
+
+
+class _LateBudget(_Budget):
+    """A loop budget that runs out exactly when SQLite asks after a write committed (the end of an
+    autocommit statement, or of a ``COMMIT``), and never before."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        object.__setattr__(self, "connection", connection)
+        super().__init__()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "deadline":  # a write starts (or its commit): count its changes from here
+            object.__setattr__(self, "base", self.__dict__["connection"].total_changes)
+        object.__setattr__(self, name, value)
+
+    def __call__(self) -> bool:
+        connection: sqlite3.Connection = self.__dict__["connection"]
+        live = self.deadline != math.inf and not connection.in_transaction
+        return live and connection.total_changes != self.__dict__["base"]
+
+
+async def test_a_budget_running_out_as_a_write_commits_never_stores_it_twice(open_sqlite: Factory) -> None:
+    # SQLite asks the progress handler once more after a statement's last step, when an autocommit statement
+    # or a COMMIT has committed: an interrupt reported then must not make the write look refused, or the
+    # worker thread would write it again (a fresh id refused as a duplicate, a settlement found lost).
+    backend = await open_sqlite()
+    connection = backend._loop_connection
+    assert connection is not None
+    late = _LateBudget(connection)
+    backend._loop_budget = late
+    connection.set_progress_handler(late, 1)
+    for index in range(20):
+        assert await backend.enqueue_many([task(f"t{index}")]) == [f"t{index}"]
+    ids = [f"b{index}" for index in range(20)]
+    assert await backend.enqueue_many([task(task_id) for task_id in ids]) == ids
+    claimed = await backend.claim(["default"], 40, now=2000.0, lease_until=2030.0)
+    assert len(claimed) == 40
+    verdicts = [Settlement(c.record.id, c.token, TaskState.SUCCEEDED, at=2000.0) for c in claimed]
+    assert await backend.settle(verdicts) == set()
+    assert await backend.stats() == {"default": {TaskState.SUCCEEDED: 40}}
 
 
 async def test_enqueues_on_the_loops_thread_still_let_the_wal_be_checkpointed(

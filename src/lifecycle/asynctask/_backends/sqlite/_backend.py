@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import os
 import sqlite3
 import time
@@ -66,9 +67,15 @@ class _Absent(enum.Enum):
 
 
 def _in_transaction(
-    connection: sqlite3.Connection, operation: Callable[..., _T], args: tuple[Any, ...]
+    connection: sqlite3.Connection,
+    operation: Callable[..., _T],
+    args: tuple[Any, ...],
+    budget: _Budget | None = None,
 ) -> tuple[_T, bool]:
-    """Run ``operation`` in a ``BEGIN IMMEDIATE`` transaction; return its result and whether rows changed."""
+    """Run ``operation`` in a ``BEGIN IMMEDIATE`` transaction; return its result and whether rows changed.
+    ``budget`` (the loop connection's) ends before the ``COMMIT``: SQLite may ask the progress handler once
+    more after a statement committed, and an interrupt reported then would make a stored write look
+    refused, so that it would be written again."""
     before = connection.total_changes
     connection.execute("BEGIN IMMEDIATE")
     try:
@@ -77,7 +84,25 @@ def _in_transaction(
         if connection.in_transaction:
             connection.execute("ROLLBACK")
         raise
+    if budget is not None:
+        budget.deadline = math.inf
     connection.execute("COMMIT")
+    return result, connection.total_changes != before
+
+
+def _autocommit(
+    connection: sqlite3.Connection,
+    operation: Callable[..., _T],
+    args: tuple[Any, ...],
+    budget: _Budget | None = None,
+) -> tuple[_T, bool]:
+    """Run ``operation``, a single statement that SQLite commits on its own (no ``BEGIN``/``COMMIT``: two
+    statements fewer); return its result and whether rows changed. It runs without ``budget``: the statement
+    commits itself, and an interrupt after its commit (see :func:`_in_transaction`) would store it twice."""
+    if budget is not None:
+        budget.deadline = math.inf
+    before = connection.total_changes
+    result = operation(connection, *args)
     return result, connection.total_changes != before
 
 
@@ -165,6 +190,7 @@ class SQLiteBackend:
         self._attaching: anyio.Lock | None = None
         self._limiter: anyio.CapacityLimiter | None = None
         self._wakeup: anyio.Event | None = None
+        self._waiters = 0  # wait_for_work calls under way: a write with none replaces no event
         self._changes = 0  # write transactions of this object that changed rows
         self._reported: tuple[object, ...] | None = None  # what wait_for_work last returned for
 
@@ -367,7 +393,7 @@ class SQLiteBackend:
         return self._connection
 
     def _wake(self) -> None:
-        if self._wakeup is not None:
+        if self._waiters and self._wakeup is not None:
             self._wakeup.set()
             self._wakeup = anyio.Event()
 
@@ -409,26 +435,32 @@ class SQLiteBackend:
         wake: bool = True,
         absent: _T | _Absent = _Absent.CREATE,
         on_loop: bool = False,
+        single: bool = False,
     ) -> _T:
         """Run ``operation`` in a write transaction; with ``wake``, a change wakes this object's waiters
         (only writes that can make work claimable: enqueue, settle, requeue, recovery). ``absent`` is the
         answer while there is no store (see :meth:`_store`). ``on_loop``: a short write that may run on the
-        event loop's thread (see :meth:`_write_on_loop`)."""
+        event loop's thread (see :meth:`_write_on_loop`). ``single``: ``operation`` is one statement, run
+        without ``BEGIN``/``COMMIT`` (SQLite makes it its own transaction)."""
         connection = await self._store(absent)
         if connection is None:
             assert not isinstance(absent, _Absent)
             return absent
-        loop_done: tuple[_T, bool] | None = self._write_on_loop(operation, args) if on_loop else None
+        run = _autocommit if single else _in_transaction
+        loop_done: tuple[_T, bool] | None = None
+        if on_loop and self._loop_connection is not None:
+            # The call's scheduling point, as the worker thread's call has one, so a producer enqueueing in
+            # a loop does not starve the other tasks: before the write, so a cancellation there stores
+            # nothing, and nothing after it can interrupt the call once the task is stored.
+            await anyio.lowlevel.checkpoint()
+            loop_done = self._write_on_loop(run, operation, args)
         if loop_done is not None:
             done = loop_done
-            # Keep the call a scheduling point, as the worker thread's call was: a producer enqueueing in a
-            # loop must not starve the other tasks. Shielded: the task is stored, so say so.
-            await anyio.lowlevel.cancel_shielded_checkpoint()
         else:
             done = await anyio.to_thread.run_sync(
                 ops.reading_any_text,
                 connection,
-                _in_transaction,
+                run,
                 (connection, operation, args),
                 limiter=self._limiter,
             )
@@ -439,15 +471,20 @@ class SQLiteBackend:
                 self._wake()
         return result
 
-    def _write_on_loop(self, operation: Callable[..., _T], args: tuple[Any, ...]) -> tuple[_T, bool] | None:
-        """Run ``operation`` in a write transaction of the loop connection, on the event loop's thread; or
-        ``None`` when it must run on the worker thread: there is no loop connection, it is the turn of the
-        worker thread's connection (which checkpoints the WAL), another connection (of any process, this
-        object's own worker thread included) holds the write lock, or the statements ran past
-        ``_LOOP_BUDGET``. The loop connection never waits for a lock (``busy_timeout`` 0) and SQLite
+    def _write_on_loop(
+        self,
+        run: Callable[[sqlite3.Connection, Callable[..., _T], tuple[Any, ...], _Budget], tuple[_T, bool]],
+        operation: Callable[..., _T],
+        args: tuple[Any, ...],
+    ) -> tuple[_T, bool] | None:
+        """Run ``operation`` with ``run`` (in a write transaction, or alone) on the loop connection, on the
+        event loop's thread; or ``None`` when it must run on the worker thread: there is no loop connection,
+        it is the turn of the worker thread's connection (which checkpoints the WAL), another connection (of
+        any process, this object's own worker thread included) holds the write lock, or the statements ran
+        past ``_LOOP_BUDGET``. The loop connection never waits for a lock (``busy_timeout`` 0) and SQLite
         interrupts it at the end of its budget, so this holds the loop for about that long at most (a
-        commit's writes come after the budget); a refused attempt rolled back everything it wrote, so the
-        worker thread runs ``operation`` again from the start."""
+        commit's writes, never interrupted, come after the budget); a refused attempt rolled back everything
+        it wrote, so the worker thread runs ``operation`` again from the start."""
         connection = self._loop_connection
         if connection is None:
             return None
@@ -456,11 +493,11 @@ class SQLiteBackend:
             return None
         self._loop_budget.deadline = time.perf_counter() + _LOOP_BUDGET
         try:
-            return ops.reading_any_text(connection, _in_transaction, (connection, operation, args))
+            return ops.reading_any_text(connection, run, (connection, operation, args, self._loop_budget))
         except sqlite3.OperationalError as exc:
             if not _refused(exc):
                 raise
-        self._loop_budget.deadline = float("inf")  # the rollback below must not be interrupted
+        self._loop_budget.deadline = math.inf  # the rollback below must not be interrupted
         if connection.in_transaction:  # a refused COMMIT leaves its transaction open
             connection.execute("ROLLBACK")
         return None
@@ -475,6 +512,11 @@ class SQLiteBackend:
             raise ValueError(f"if_exists must be 'error', 'skip' or 'debounce', got {if_exists!r}")
         if not tasks:
             return []
+        if len(tasks) == 1 and if_exists != "debounce" and tasks[0].unique_key is None:
+            # The common single enqueue: one INSERT. A taken id writes nothing; the rules below decide.
+            stored = await self._write(ops.insert_fresh, tasks[0], on_loop=True, single=True)
+            if stored is not None:
+                return stored
         return await self._write(ops.enqueue_many, list(tasks), if_exists, on_loop=len(tasks) <= _LOOP_ROWS)
 
     async def claim(
@@ -520,6 +562,13 @@ class SQLiteBackend:
         """
         deadline = anyio.current_time() + max(0.0, timeout)
         key = tuple(dict.fromkeys(queues))
+        self._waiters += 1  # from before the event is taken: every later write replaces it
+        try:
+            await self._wait_for_work(key, deadline)
+        finally:
+            self._waiters -= 1
+
+    async def _wait_for_work(self, key: tuple[str, ...], deadline: float) -> None:
         while True:
             wakeup = self._wakeup
             if self._connection is None or wakeup is None:

@@ -2,7 +2,8 @@
 
 Every function here is synchronous, takes the backend's connection and runs on its connection thread.
 Write operations are called inside a ``BEGIN IMMEDIATE`` transaction opened by the backend, so each call is
-atomic and serialised against every other process writing the same file.
+atomic and serialised against every other process writing the same file; :func:`insert_fresh` is one
+statement, which SQLite makes a transaction of its own.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = [
     "flow_state",
     "get",
     "get_group",
+    "insert_fresh",
     "list_records",
     "next_run_at",
     "pause",
@@ -278,6 +280,15 @@ def _new_task_row(task: NewTask) -> tuple[Any, ...]:
         task.expires_at,
         task.group_id,
     )
+
+
+def insert_fresh(connection: sqlite3.Connection, task: NewTask) -> list[str] | None:
+    """Insert ``task`` (no uniqueness window) with one statement, which needs no transaction of its own;
+    ``[task.id]``, or ``None`` without writing anything when the id is taken (then :func:`enqueue_many`
+    decides, in a transaction)."""
+    if connection.execute(_INSERT_OR_SKIP, _new_task_row(task)).rowcount == 1:
+        return [task.id]
+    return None
 
 
 def enqueue_many(
