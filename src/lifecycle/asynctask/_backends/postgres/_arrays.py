@@ -62,6 +62,21 @@ def _array(element_oid: int, count: int, has_null: bool, parts: list[bytes]) -> 
     return b"".join(parts)
 
 
+def _varlen_array(element_oid: int, values: list[bytes | None]) -> bytes:
+    """The binary array of ``values`` (each element's bytes already made, ``None`` for NULL)."""
+    parts = [b""]
+    has_null = False
+    pack = _LENGTH.pack
+    for data in values:
+        if data is None:
+            has_null = True
+            parts.append(_NULL)
+        else:
+            parts.append(pack(len(data)))
+            parts.append(data)
+    return _array(element_oid, len(values), has_null, parts)
+
+
 class _TextArrayDumper(Dumper):
     format = Format.BINARY
     oid = _TEXT_ARRAY_OID
@@ -72,18 +87,8 @@ class _TextArrayDumper(Dumper):
         self._encoding = "utf-8" if self.connection is None else self.connection.info.encoding
 
     def dump(self, obj: Any) -> Buffer:
-        parts = [b""]
-        has_null = False
         encoding = self._encoding
-        for value in obj:
-            if value is None:
-                has_null = True
-                parts.append(_NULL)
-            else:
-                data = value.encode(encoding)
-                parts.append(_LENGTH.pack(len(data)))
-                parts.append(data)
-        return _array(_TEXT_OID, len(obj), has_null, parts)
+        return _varlen_array(_TEXT_OID, [None if value is None else value.encode(encoding) for value in obj])
 
 
 class _BytesArrayDumper(Dumper):
@@ -91,17 +96,7 @@ class _BytesArrayDumper(Dumper):
     oid = _BYTEA_ARRAY_OID
 
     def dump(self, obj: Any) -> Buffer:
-        parts = [b""]
-        has_null = False
-        for value in obj:
-            if value is None:
-                has_null = True
-                parts.append(_NULL)
-            else:
-                data = bytes(value)
-                parts.append(_LENGTH.pack(len(data)))
-                parts.append(data)
-        return _array(_BYTEA_OID, len(obj), has_null, parts)
+        return _varlen_array(_BYTEA_OID, [None if value is None else bytes(value) for value in obj])
 
 
 class _IntArrayDumper(Dumper):

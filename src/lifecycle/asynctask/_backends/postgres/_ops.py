@@ -153,23 +153,8 @@ def _new_task_arrays(tasks: Iterable[NewTask]) -> list[list[Any]]:
 def _copy_row(task: NewTask) -> tuple[Any, ...]:
     """The values of ``task`` in ``COPY_COLUMNS`` order (its fields with the state after the payload),
     checked and converted."""
-    _check_text(task)
-    return (
-        task.id,
-        task.name,
-        task.queue,
-        bytes(task.payload),
-        "pending",
-        int(task.max_retries),
-        _float_or_none(task.timeout),
-        float(task.enqueued_at),
-        float(task.run_at),
-        task.meta,
-        int(task.priority),
-        task.concurrency_key,
-        _float_or_none(task.expires_at),
-        task.group_id,
-    )
+    row = _new_task_row(task)
+    return (*row[:4], "pending", *row[4:])
 
 
 # -- enqueue ------------------------------------------------------------------------------------------------
