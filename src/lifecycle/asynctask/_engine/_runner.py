@@ -244,8 +244,7 @@ class TaskRunner:
         if reason == CANCEL:  # whatever the task did after the request, the attempt is cancelled
             return self._policy.cancelled(claimed, now=now, ran=True)
         if finished:
-            encoded = None if result is None else self._encode_result(record, result)
-            verdict = self._policy.success(claimed, now=now, result=encoded)
+            verdict = self._policy.success(claimed, now=now, result=self._encode_result(record, result))
             if self._hooks.on_enqueue and (verdict.then or verdict.then_groups):
                 return await self._prepare_follow_ups(running, verdict)
             return verdict

@@ -77,6 +77,14 @@ def _varlen_array(element_oid: int, values: list[bytes | None]) -> bytes:
     return _array(element_oid, len(values), has_null, parts)
 
 
+def _fixed_array(element_oid: int, item: struct.Struct, size: int, values: list[Any]) -> bytes:
+    """The binary array of ``values``, each packed by ``item`` with its length ``size`` first (NULL: -1)."""
+    pack = item.pack
+    parts = [b""]
+    parts.extend(_NULL if value is None else pack(size, value) for value in values)
+    return _array(element_oid, len(values), None in values, parts)
+
+
 class _TextArrayDumper(Dumper):
     format = Format.BINARY
     oid = _TEXT_ARRAY_OID
@@ -104,10 +112,7 @@ class _IntArrayDumper(Dumper):
     oid = _INT4_ARRAY_OID
 
     def dump(self, obj: Any) -> Buffer:
-        pack = _INT4.pack
-        parts = [b""]
-        parts.extend(_NULL if value is None else pack(4, value) for value in obj)
-        return _array(_INT4_OID, len(obj), None in obj, parts)
+        return _fixed_array(_INT4_OID, _INT4, 4, obj)
 
 
 class _FloatArrayDumper(Dumper):
@@ -115,10 +120,7 @@ class _FloatArrayDumper(Dumper):
     oid = _FLOAT8_ARRAY_OID
 
     def dump(self, obj: Any) -> Buffer:
-        pack = _FLOAT.pack
-        parts = [b""]
-        parts.extend(_NULL if value is None else pack(8, value) for value in obj)
-        return _array(_FLOAT8_OID, len(obj), None in obj, parts)
+        return _fixed_array(_FLOAT8_OID, _FLOAT, 8, obj)
 
 
 def register(adapters: AdaptersMap) -> None:
