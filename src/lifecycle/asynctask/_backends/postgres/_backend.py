@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import functools
 import math
-import select
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import timedelta
@@ -51,6 +50,7 @@ from ..._records import (
 from .._asyncio_only import require_asyncio
 from . import _ops as ops
 from ._arrays import register as register_arrays
+from ._leases import ConnectionLeases, readable
 from ._listen import Listener
 from ._schema import MAX_IDENTIFIER, ensure_schema
 from ._sql import Statements
@@ -62,6 +62,7 @@ _log = library_logger("lifecycle.asynctask.postgres")
 _T = TypeVar("_T")
 
 _CLAIM_WAIT = 1.0  # seconds a claim waits for a pooled connection
+_LEASES = 4  # connections kept leased (ConnectionLeases): a worker's claims, settlements, heartbeats, wait
 _APPLICATION_NAME = "lifecycle-asynctask"
 
 
@@ -158,6 +159,7 @@ class PostgresBackend:
             self._connect_kwargs["connect_timeout"] = max(2, math.ceil(self._connect_timeout))
         self._statements = Statements.for_schema(schema)
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+        self._leases: ConnectionLeases | None = None
         self._listener: Listener | None = None
         self._reported: tuple[object, ...] | None = None  # what wait_for_work last returned for
         self._abandoned: set[asyncio.Future[Any]] = set()  # connection waits a cancelled caller left
@@ -273,6 +275,10 @@ class PostgresBackend:
                 ) from exc
             raise
         self._pool, self._listener = pool, listener
+        # Fewer leases than pooled connections: a call that finds every lease in use waits for the pool.
+        self._leases = ConnectionLeases(
+            pool, keep=min(_LEASES, self._pool_size - 1), take=functools.partial(self._take, pool)
+        )
         self._absent = not stored
 
     async def _prepare_schema(self, *, create: bool) -> int:
@@ -306,10 +312,13 @@ class PostgresBackend:
         """Stop listening and close every connection. Idempotent."""
         self._absent = False
         pool, self._pool = self._pool, None
+        leases, self._leases = self._leases, None
         listener, self._listener = self._listener, None
         with anyio.CancelScope(shield=True):
             if listener is not None:
                 await listener.close()
+            if leases is not None:
+                await leases.close()
             if pool is not None:
                 await pool.close()
             # Connection waits abandoned by cancelled callers end once the pool is closed: let them (a
@@ -318,26 +327,29 @@ class PostgresBackend:
                 while self._abandoned:
                     await asyncio.gather(*self._abandoned, return_exceptions=True)
 
-    @contextlib.asynccontextmanager
-    async def _connection(
+    def _connection(
         self, *, wait: float | None = None, create: bool = True
-    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """A pooled connection; ``wait`` bounds the wait for one (default: ``connect_timeout``). Tables that
-        do not exist yet (opened with ``create="on_enqueue"``) are created first, unless ``create`` is
-        false (inspection and operator actions, see :meth:`_inspect`)."""
-        pool = self._pool
-        if pool is None:
+    ) -> contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+        """``async with`` a leased or pooled connection (see :class:`ConnectionLeases`); ``wait`` bounds the
+        wait for a pooled one (default: ``connect_timeout``). Tables that do not exist yet (opened with
+        ``create="on_enqueue"``) are created first, unless ``create`` is false (inspection and operator
+        actions, see :meth:`_inspect`)."""
+        leases = self._leases
+        if leases is None:
             raise BackendError(
                 f"{self!r} is not open: call `await backend.open()` first (AsyncTasks does it in initialize)"
             )
         if self._absent and create:
-            await self._create_tables()
-        connection = await self._take(pool, wait)
-        try:
+            return self._connection_after_creating(leases, wait)
+        return leases.connection(wait)
+
+    @contextlib.asynccontextmanager
+    async def _connection_after_creating(
+        self, leases: ConnectionLeases, wait: float | None
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        await self._create_tables()
+        async with leases.connection(wait) as connection:
             yield connection
-        finally:
-            with anyio.CancelScope(shield=True):
-                await pool.putconn(connection)
 
     async def _take(
         self, pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]], wait: float | None
@@ -770,18 +782,8 @@ async def _check_if_signalled(connection: psycopg.AsyncConnection[Any]) -> None:
     without the round trip per call the full check costs (half of a worker's round trips). A connection cut
     without a word (a network partition) passes both checks alike and fails at its first statement.
     """
-    if connection.closed or _readable(connection.pgconn.socket):
+    if connection.closed or readable(connection.pgconn.socket):
         await AsyncConnectionPool.check_connection(connection)
-
-
-def _readable(fileno: int) -> bool:
-    """Whether the socket ``fileno`` has data or an end of stream to read, without waiting."""
-    if hasattr(select, "poll"):  # any descriptor number (select() is limited to FD_SETSIZE)
-        poller = select.poll()
-        poller.register(fileno, select.POLLIN)
-        return bool(poller.poll(0))
-    readable, _, _ = select.select([fileno], [], [], 0)  # Windows: sockets only, no FD_SETSIZE limit
-    return bool(readable)
 
 
 def _check_if_exists(if_exists: str) -> None:
