@@ -6,11 +6,10 @@ Install with ``pip install "anyio-lifecycle[postgres]"`` (psycopg 3 and psycopg-
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Literal, TypeVar
 
@@ -50,7 +49,7 @@ from ..._records import (
 from .._asyncio_only import require_asyncio
 from . import _ops as ops
 from ._arrays import register as register_arrays
-from ._leases import ConnectionLeases, readable
+from ._leases import Checkout, ConnectionLeases, readable
 from ._listen import Listener
 from ._schema import MAX_IDENTIFIER, ensure_schema
 from ._sql import Statements
@@ -327,9 +326,7 @@ class PostgresBackend:
                 while self._abandoned:
                     await asyncio.gather(*self._abandoned, return_exceptions=True)
 
-    def _connection(
-        self, *, wait: float | None = None, create: bool = True
-    ) -> contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+    def _connection(self, *, wait: float | None = None, create: bool = True) -> Checkout:
         """``async with`` a leased or pooled connection (see :class:`ConnectionLeases`); ``wait`` bounds the
         wait for a pooled one (default: ``connect_timeout``). Tables that do not exist yet (opened with
         ``create="on_enqueue"``) are created first, unless ``create`` is false (inspection and operator
@@ -340,16 +337,8 @@ class PostgresBackend:
                 f"{self!r} is not open: call `await backend.open()` first (AsyncTasks does it in initialize)"
             )
         if self._absent and create:
-            return self._connection_after_creating(leases, wait)
+            return leases.connection(wait, first=self._create_tables)
         return leases.connection(wait)
-
-    @contextlib.asynccontextmanager
-    async def _connection_after_creating(
-        self, leases: ConnectionLeases, wait: float | None
-    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        await self._create_tables()
-        async with leases.connection(wait) as connection:
-            yield connection
 
     async def _take(
         self, pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]], wait: float | None
@@ -399,8 +388,11 @@ class PostgresBackend:
         _check_if_exists(if_exists)
         if not tasks:
             return []
-        async with self._connection() as connection:
-            return await ops.enqueue(connection, self._statements, tasks, if_exists, pooled=True)
+        checkout = self._connection()
+        async with checkout as connection:
+            return await ops.enqueue(
+                connection, self._statements, tasks, if_exists, pooled=True, cursor=checkout.cursor
+            )
 
     async def enqueue_many_in(
         self,
@@ -512,17 +504,28 @@ class PostgresBackend:
             )
         # The worker claims again soon anyway, so a claim does not wait long for a connection: while the
         # server is down it fails after _CLAIM_WAIT, and a worker asked to stop is not held up by it.
-        async with self._connection(wait=min(self._connect_timeout, _CLAIM_WAIT)) as connection:
+        checkout = self._connection(wait=min(self._connect_timeout, _CLAIM_WAIT))
+        async with checkout as connection:
             return await ops.claim(
-                connection, self._statements, list(dict.fromkeys(queues)), limit, now, lease_until, limits
+                connection,
+                self._statements,
+                list(dict.fromkeys(queues)),
+                limit,
+                now,
+                lease_until,
+                limits,
+                cursor=checkout.cursor,
             )
 
     async def extend_leases(self, leases: Sequence[tuple[str, str]], *, lease_until: float) -> set[str]:
         """Renew held leases in one statement; return the ids whose lease was lost."""
         if not leases:
             return set()
-        async with self._connection() as connection:
-            return await ops.extend_leases(connection, self._statements, leases, lease_until)
+        checkout = self._connection()
+        async with checkout as connection:
+            return await ops.extend_leases(
+                connection, self._statements, leases, lease_until, cursor=checkout.cursor
+            )
 
     async def settle(self, settlements: Sequence[Settlement]) -> set[str]:
         """Apply every settlement whose lease is held, with its ``then`` tasks (and a debounce's follow-up
@@ -536,8 +539,11 @@ class PostgresBackend:
         in the same transaction."""
         if not settlements:
             return set()
-        async with self._connection() as connection:
-            return await ops.settle(connection, self._statements, settlements, self._slot_names)
+        checkout = self._connection()
+        async with checkout as connection:
+            return await ops.settle(
+                connection, self._statements, settlements, self._slot_names, cursor=checkout.cursor
+            )
 
     async def reclaim_expired(self, *, now: float, lease_until: float, limit: int) -> list[ClaimedTask]:
         """Take over active tasks whose lease ended before ``now``, attempts unchanged, and the damaged
@@ -599,12 +605,13 @@ class PostgresBackend:
         """The earliest pending ``(run_at, seq)`` of ``queues``; ``None`` when there is none or it could not
         be read (the server is unreachable, or no connection came free ``within`` seconds)."""
         try:
-            async with self._connection(wait=within) as connection:
+            checkout = self._connection(wait=within)
+            async with checkout as connection:
                 # Shielded too: psycopg answers an interrupted query by cancelling it on the server and
                 # closing the connection, and callers cancel wait_for_work routinely, whenever something
                 # else woke them first. The query is one index probe per queue.
                 with anyio.CancelScope(shield=True), anyio.move_on_after(self._connect_timeout):
-                    return await ops.next_due(connection, self._statements, queues)
+                    return await ops.next_due(connection, self._statements, queues, cursor=checkout.cursor)
                 return None  # the server went silent
         except psycopg.OperationalError as exc:
             # The server is unreachable (restarting?): wait as if idle; the caller's next claim reports the
