@@ -13,14 +13,14 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow, tuple_row
 from psycopg_pool import AsyncConnectionPool
 
-__all__ = ["Checkout", "ConnectionLeases", "readable"]
+__all__ = ["RENEW_AFTER", "Checkout", "ConnectionLeases", "readable"]
 
 Connection = psycopg.AsyncConnection[Any]
 Cursor = psycopg.AsyncCursor[TupleRow]
 
 # A leased connection goes back to the pool at its first release after this many seconds, so that the pool's
 # own policies (max_lifetime, drain) reach it, a minute late at most.
-_RENEW_AFTER = 60.0
+RENEW_AFTER = 60.0
 _IDLE = TransactionStatus.IDLE
 
 
@@ -31,16 +31,18 @@ class ConnectionLeases:
     condition, its check callback, and the task ``take`` runs ``getconn`` in (so that a cancelled caller
     cannot make the pool lose a connection). A leased connection is taken from a plain list instead, checked
     as the pool's check would (:func:`readable`: nothing to do unless the server sent something or closed
-    it), and kept at its release only when it is clean: open, and idle outside any transaction; each lease
-    keeps one cursor too, reused by the calls that take it (a new cursor and its fresh adaptation context
-    cost about 10 µs of a single enqueue). Anything
+    it), and kept at its release only when it is clean: open, and idle outside any transaction. Anything
     else (a connection the server closed, a statement interrupted by cancellation, a caller's error inside
     a transaction) goes back to the pool, which resets or replaces it, as after a server restart before.
+    Each lease keeps one cursor too, reused by the calls that take it (a new cursor, with its fresh
+    adaptation context, costs a single enqueue about 10 µs).
 
     The leases are the first connections the backend's calls take; calls made while every lease is in use
-    take a connection from the pool as before (``take(wait)``) and return it there. ``keep`` stays below
-    the pool's size, so those calls always have a pooled connection to wait for: a lease never sits idle
-    while a caller waits in the pool for a connection only a lease could give back.
+    take a connection from the pool as before (``take(wait)``) and return it there. ``keep`` stays below the
+    pool's size, so those calls always have a pooled connection to wait for: a lease never sits idle while a
+    caller waits in the pool for a connection only a lease could give back. A lease goes back to the pool at
+    its first release after ``renew_after`` seconds (default :data:`RENEW_AFTER`; so the pool's
+    ``max_lifetime`` still applies).
     """
 
     def __init__(
@@ -49,10 +51,12 @@ class ConnectionLeases:
         *,
         keep: int,
         take: Callable[[float | None], Awaitable[Connection]],
+        renew_after: float | None = None,
     ) -> None:
         self._pool = pool
         self._keep = keep
         self._take = take
+        self._renew_after = RENEW_AFTER if renew_after is None else renew_after
         self._idle: list[Connection] = []
         self._leased_at: dict[Connection, float] = {}  # every leased connection, idle or in use
         self._cursors: dict[Connection, Cursor] = {}  # the leases' cursors
@@ -99,7 +103,7 @@ class ConnectionLeases:
         if (
             not self._closed
             and connection.pgconn.transaction_status == _IDLE  # also false for a closed connection
-            and time.monotonic() - leased_at < _RENEW_AFTER
+            and time.monotonic() - leased_at < self._renew_after
         ):
             self._idle.append(connection)
             return True
