@@ -96,7 +96,9 @@ class PostgresBackend:
             :meth:`open`). Use one schema per application; two applications on one database keep apart by
             schema.
         pool_size: the most pooled connections this object opens (one more is kept for ``LISTEN``). A worker
-            uses up to four at once: claims, settlements, heartbeats and its wait.
+            uses up to four at once: claims, settlements, heartbeats and its wait. Up to four of them (never
+            all: at most ``pool_size - 1``) stay leased between calls, so that a call does not go through the
+            pool's checkout.
         connect_timeout: how long :meth:`open`, and any call that needs a new connection, waits for the
             server before giving up (seconds). A claim waits at most 1 s for a pooled connection: the
             worker claims again anyway, and a worker asked to stop is not held up.
