@@ -128,3 +128,36 @@ async def test_a_lease_goes_back_to_the_pool_once_renew_after_has_passed(
     for n in range(3):
         await backend.enqueue_many([make_task(f"t{n}")])
     assert calls == {"getconn": 3, "putconn": 3}
+
+
+async def test_a_lease_interrupted_mid_statement_is_not_kept_and_the_pool_stays_whole(
+    open_pg: OpenPostgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = await open_pg(pool_size=2, connect_timeout=5)
+    await backend.enqueue_many([make_task("warm-up")])
+    calls = _count_pool_calls(monkeypatch)
+    interrupted: list[psycopg.AsyncConnection[Any]] = []
+    with anyio.move_on_after(0.2):
+        async with backend._connection() as connection:
+            interrupted.append(connection)
+            await connection.execute("SELECT pg_sleep(30)")
+    assert calls["putconn"] == 1, "a lease whose statement was interrupted goes back to the pool"
+    async with backend._connection() as connection:
+        assert connection is not interrupted[0]
+    # Both pooled connections still serve calls at once (the interrupted one was replaced, not lost).
+    taken, holding = anyio.Event(), anyio.Event()
+    with anyio.fail_after(4):
+        async with anyio.create_task_group() as group:
+
+            async def hold() -> None:
+                async with backend._connection() as held:
+                    await held.execute("SELECT 1")
+                    taken.set()
+                    await holding.wait()
+
+            group.start_soon(hold)
+            await taken.wait()
+            async with backend._connection() as other:
+                await other.execute("SELECT 1")
+            holding.set()
+    assert await backend.enqueue_many([make_task("after")]) == ["after"]
