@@ -6,12 +6,10 @@ Install with ``pip install "anyio-lifecycle[postgres]"`` (psycopg 3 and psycopg-
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import math
-import select
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Literal, TypeVar
 
@@ -51,6 +49,7 @@ from ..._records import (
 from .._asyncio_only import require_asyncio
 from . import _ops as ops
 from ._arrays import register as register_arrays
+from ._leases import Checkout, ConnectionLeases, readable
 from ._listen import Listener
 from ._schema import MAX_IDENTIFIER, ensure_schema
 from ._sql import Statements
@@ -62,6 +61,7 @@ _log = library_logger("lifecycle.asynctask.postgres")
 _T = TypeVar("_T")
 
 _CLAIM_WAIT = 1.0  # seconds a claim waits for a pooled connection
+_LEASES = 4  # connections kept leased (ConnectionLeases): a worker's claims, settlements, heartbeats, wait
 _APPLICATION_NAME = "lifecycle-asynctask"
 
 
@@ -96,7 +96,9 @@ class PostgresBackend:
             :meth:`open`). Use one schema per application; two applications on one database keep apart by
             schema.
         pool_size: the most pooled connections this object opens (one more is kept for ``LISTEN``). A worker
-            uses up to four at once: claims, settlements, heartbeats and its wait.
+            uses up to four at once: claims, settlements, heartbeats and its wait. Up to four of them (never
+            all: at most ``pool_size - 1``) stay leased between calls, so that a call does not go through the
+            pool's checkout.
         connect_timeout: how long :meth:`open`, and any call that needs a new connection, waits for the
             server before giving up (seconds). A claim waits at most 1 s for a pooled connection: the
             worker claims again anyway, and a worker asked to stop is not held up.
@@ -158,6 +160,7 @@ class PostgresBackend:
             self._connect_kwargs["connect_timeout"] = max(2, math.ceil(self._connect_timeout))
         self._statements = Statements.for_schema(schema)
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+        self._leases: ConnectionLeases | None = None
         self._listener: Listener | None = None
         self._reported: tuple[object, ...] | None = None  # what wait_for_work last returned for
         self._abandoned: set[asyncio.Future[Any]] = set()  # connection waits a cancelled caller left
@@ -273,6 +276,10 @@ class PostgresBackend:
                 ) from exc
             raise
         self._pool, self._listener = pool, listener
+        # Fewer leases than pooled connections: a call that finds every lease in use waits for the pool.
+        self._leases = ConnectionLeases(
+            pool, keep=min(_LEASES, self._pool_size - 1), take=functools.partial(self._take, pool)
+        )
         self._absent = not stored
 
     async def _prepare_schema(self, *, create: bool) -> int:
@@ -306,10 +313,13 @@ class PostgresBackend:
         """Stop listening and close every connection. Idempotent."""
         self._absent = False
         pool, self._pool = self._pool, None
+        leases, self._leases = self._leases, None
         listener, self._listener = self._listener, None
         with anyio.CancelScope(shield=True):
             if listener is not None:
                 await listener.close()
+            if leases is not None:
+                await leases.close()
             if pool is not None:
                 await pool.close()
             # Connection waits abandoned by cancelled callers end once the pool is closed: let them (a
@@ -318,26 +328,19 @@ class PostgresBackend:
                 while self._abandoned:
                     await asyncio.gather(*self._abandoned, return_exceptions=True)
 
-    @contextlib.asynccontextmanager
-    async def _connection(
-        self, *, wait: float | None = None, create: bool = True
-    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """A pooled connection; ``wait`` bounds the wait for one (default: ``connect_timeout``). Tables that
-        do not exist yet (opened with ``create="on_enqueue"``) are created first, unless ``create`` is
-        false (inspection and operator actions, see :meth:`_inspect`)."""
-        pool = self._pool
-        if pool is None:
+    def _connection(self, *, wait: float | None = None, create: bool = True) -> Checkout:
+        """``async with`` a leased or pooled connection (see :class:`ConnectionLeases`); ``wait`` bounds the
+        wait for a pooled one (default: ``connect_timeout``). Tables that do not exist yet (opened with
+        ``create="on_enqueue"``) are created first, unless ``create`` is false (inspection and operator
+        actions, see :meth:`_inspect`)."""
+        leases = self._leases
+        if leases is None:
             raise BackendError(
                 f"{self!r} is not open: call `await backend.open()` first (AsyncTasks does it in initialize)"
             )
         if self._absent and create:
-            await self._create_tables()
-        connection = await self._take(pool, wait)
-        try:
-            yield connection
-        finally:
-            with anyio.CancelScope(shield=True):
-                await pool.putconn(connection)
+            return leases.connection(wait, first=self._create_tables)
+        return leases.connection(wait)
 
     async def _take(
         self, pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]], wait: float | None
@@ -387,8 +390,11 @@ class PostgresBackend:
         _check_if_exists(if_exists)
         if not tasks:
             return []
-        async with self._connection() as connection:
-            return await ops.enqueue(connection, self._statements, tasks, if_exists, pooled=True)
+        checkout = self._connection()
+        async with checkout as connection:
+            return await ops.enqueue(
+                connection, self._statements, tasks, if_exists, pooled=True, cursor=checkout.cursor
+            )
 
     async def enqueue_many_in(
         self,
@@ -500,17 +506,28 @@ class PostgresBackend:
             )
         # The worker claims again soon anyway, so a claim does not wait long for a connection: while the
         # server is down it fails after _CLAIM_WAIT, and a worker asked to stop is not held up by it.
-        async with self._connection(wait=min(self._connect_timeout, _CLAIM_WAIT)) as connection:
+        checkout = self._connection(wait=min(self._connect_timeout, _CLAIM_WAIT))
+        async with checkout as connection:
             return await ops.claim(
-                connection, self._statements, list(dict.fromkeys(queues)), limit, now, lease_until, limits
+                connection,
+                self._statements,
+                list(dict.fromkeys(queues)),
+                limit,
+                now,
+                lease_until,
+                limits,
+                cursor=checkout.cursor,
             )
 
     async def extend_leases(self, leases: Sequence[tuple[str, str]], *, lease_until: float) -> set[str]:
         """Renew held leases in one statement; return the ids whose lease was lost."""
         if not leases:
             return set()
-        async with self._connection() as connection:
-            return await ops.extend_leases(connection, self._statements, leases, lease_until)
+        checkout = self._connection()
+        async with checkout as connection:
+            return await ops.extend_leases(
+                connection, self._statements, leases, lease_until, cursor=checkout.cursor
+            )
 
     async def settle(self, settlements: Sequence[Settlement]) -> set[str]:
         """Apply every settlement whose lease is held, with its ``then`` tasks (and a debounce's follow-up
@@ -524,8 +541,11 @@ class PostgresBackend:
         in the same transaction."""
         if not settlements:
             return set()
-        async with self._connection() as connection:
-            return await ops.settle(connection, self._statements, settlements, self._slot_names)
+        checkout = self._connection()
+        async with checkout as connection:
+            return await ops.settle(
+                connection, self._statements, settlements, self._slot_names, cursor=checkout.cursor
+            )
 
     async def reclaim_expired(self, *, now: float, lease_until: float, limit: int) -> list[ClaimedTask]:
         """Take over active tasks whose lease ended before ``now``, attempts unchanged, and the damaged
@@ -587,12 +607,13 @@ class PostgresBackend:
         """The earliest pending ``(run_at, seq)`` of ``queues``; ``None`` when there is none or it could not
         be read (the server is unreachable, or no connection came free ``within`` seconds)."""
         try:
-            async with self._connection(wait=within) as connection:
+            checkout = self._connection(wait=within)
+            async with checkout as connection:
                 # Shielded too: psycopg answers an interrupted query by cancelling it on the server and
                 # closing the connection, and callers cancel wait_for_work routinely, whenever something
                 # else woke them first. The query is one index probe per queue.
                 with anyio.CancelScope(shield=True), anyio.move_on_after(self._connect_timeout):
-                    return await ops.next_due(connection, self._statements, queues)
+                    return await ops.next_due(connection, self._statements, queues, cursor=checkout.cursor)
                 return None  # the server went silent
         except psycopg.OperationalError as exc:
             # The server is unreachable (restarting?): wait as if idle; the caller's next claim reports the
@@ -770,18 +791,8 @@ async def _check_if_signalled(connection: psycopg.AsyncConnection[Any]) -> None:
     without the round trip per call the full check costs (half of a worker's round trips). A connection cut
     without a word (a network partition) passes both checks alike and fails at its first statement.
     """
-    if connection.closed or _readable(connection.pgconn.socket):
+    if connection.closed or readable(connection.pgconn.socket):
         await AsyncConnectionPool.check_connection(connection)
-
-
-def _readable(fileno: int) -> bool:
-    """Whether the socket ``fileno`` has data or an end of stream to read, without waiting."""
-    if hasattr(select, "poll"):  # any descriptor number (select() is limited to FD_SETSIZE)
-        poller = select.poll()
-        poller.register(fileno, select.POLLIN)
-        return bool(poller.poll(0))
-    readable, _, _ = select.select([fileno], [], [], 0)  # Windows: sockets only, no FD_SETSIZE limit
-    return bool(readable)
 
 
 def _check_if_exists(if_exists: str) -> None:

@@ -167,11 +167,13 @@ async def enqueue(
     if_exists: IfExists,
     *,
     pooled: bool = False,
+    cursor: Cursor | None = None,
 ) -> list[str]:
     """Store ``tasks`` atomically on ``connection``; see :meth:`Backend.enqueue_many` for the id, window and
     debounce rules. ``pooled``: ``connection`` is one of the backend's own (its adapters are ours), so a large
-    batch may go by binary COPY (see :func:`_copy_new`)."""
-    cursor = _cursor(connection)
+    batch may go by binary COPY (see :func:`_copy_new`). ``cursor``: one of ``connection``'s to reuse (one
+    of tuple rows), the functions below take it too."""
+    cursor = _cursor(connection) if cursor is None else cursor
     plain = if_exists != "debounce" and all(task.unique_key is None for task in tasks)
     alone = plain and _outside_transactions(connection)
     if alone and pooled and if_exists == "error" and len(tasks) >= _COPY_FROM:
@@ -426,6 +428,8 @@ async def claim(
     now: float,
     lease_until: float,
     limits: Mapping[str, FlowLimits] | None = None,
+    *,
+    cursor: Cursor | None = None,
 ) -> list[ClaimedTask]:
     """Lease up to ``limit`` due pending tasks, ``queues`` in priority order, and cancel the expired ones, in
     one call of a server-side function (see ``_functions``).
@@ -436,7 +440,7 @@ async def claim(
     after the locks see every task the previous holder leased, so counting the running tasks and reading the
     bucket there is exact. Names without limits keep SKIP LOCKED; nothing waits on a row.
     """
-    cursor = _cursor(connection)
+    cursor = _cursor(connection) if cursor is None else cursor
     limited = _limited(limits)
     params: dict[str, Any] = {
         "queues": list(queues),
@@ -499,10 +503,15 @@ async def _take_over_damaged(
 
 
 async def extend_leases(
-    connection: Connection, st: Statements, leases: Sequence[tuple[str, str]], lease_until: float
+    connection: Connection,
+    st: Statements,
+    leases: Sequence[tuple[str, str]],
+    lease_until: float,
+    *,
+    cursor: Cursor | None = None,
 ) -> set[str]:
     """Renew the leases still held, in one statement; return the ids whose lease was lost."""
-    cursor = _cursor(connection)
+    cursor = _cursor(connection) if cursor is None else cursor
     ids = [task_id for task_id, _ in leases]
     sent = TextArray(ids)
     await cursor.execute(st.extend, (lease_until, sent, TextArray(token for _, token in leases), sent))
@@ -511,7 +520,12 @@ async def extend_leases(
 
 
 async def settle(
-    connection: Connection, st: Statements, settlements: Sequence[Settlement], slot_names: Sequence[str] = ()
+    connection: Connection,
+    st: Statements,
+    settlements: Sequence[Settlement],
+    slot_names: Sequence[str] = (),
+    *,
+    cursor: Cursor | None = None,
 ) -> set[str]:
     """Apply every settlement whose lease is held, with its ``then`` tasks (and a debounce's follow-up run)
     and the group bookkeeping of the members among them, in one statement; the ``then_groups`` of the applied
@@ -565,7 +579,7 @@ async def settle(
         BytesArray(columns[6]),
         IntArray(columns[7]),
     )
-    cursor = _cursor(connection)
+    cursor = _cursor(connection) if cursor is None else cursor
     statement = st.settle
     params: tuple[Any, ...]
     if follow_ups:
@@ -598,9 +612,11 @@ async def settle(
     return {s.task_id for s in first if s.task_id not in applied} | repeated
 
 
-async def next_due(connection: Connection, st: Statements, queues: Sequence[str]) -> tuple[float, int] | None:
+async def next_due(
+    connection: Connection, st: Statements, queues: Sequence[str], *, cursor: Cursor | None = None
+) -> tuple[float, int] | None:
     """The earliest pending ``(run_at, seq)`` over ``queues`` that are not paused, or ``None``."""
-    cursor = _cursor(connection)
+    cursor = _cursor(connection) if cursor is None else cursor
     await cursor.execute(st.next_due, {"queues": list(queues)})
     row = await cursor.fetchone()
     return None if row is None else (float(row[0]), int(row[1]))
