@@ -3,10 +3,13 @@ pool, and a call cancelled before its reply is read never leaves that reply for 
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import anyio
 import pytest
 
-from lifecycle.asynctask._backends.redis._conn import SCRIPTS
+from lifecycle.asynctask._backends.redis._conn import SCRIPTS, ScriptRunner
 from lifecycle.asynctask._backends.redis._lua import LuaScript
 from lifecycle.asynctask.redis import RedisBackend
 from tests.asynctask.redis.redis_servers import OpenRedis, RedisServer
@@ -107,3 +110,42 @@ async def test_a_script_call_on_a_kept_connection_times_out_through_run(own_redi
     finally:
         SCRIPTS.pop("slow_for_test", None)
         await backend.close()
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.aborted = 0
+
+    def abort(self) -> None:
+        self.aborted += 1
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.transport = _Transport()
+
+
+class _Connection:
+    _writer: _Writer | None = None
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_alarm_aborts_a_late_call_once_its_connection_has_a_socket() -> None:
+    runner = ScriptRunner(object(), prefix="p:", socket_timeout=30.0, reconnect_timeout=1.0)  # type: ignore[arg-type]
+    opening: Any = _Connection()
+    open_: Any = _Connection()
+    open_._writer = _Writer()
+    now = asyncio.get_running_loop().time()
+    runner._deadlines.update({opening: now - 1, open_: now - 1})
+    runner._expire()
+    assert open_._writer.transport.aborted == 1
+    assert runner._late == {opening, open_}
+    assert list(runner._deadlines) == [opening]  # looked at again shortly, while it opens its socket
+    assert runner._alarm is not None
+    runner._alarm.cancel()
+    opening._writer = _Writer()
+    runner._deadlines[opening] = now - 1
+    runner._expire()
+    assert opening._writer.transport.aborted == 1
+    assert runner._deadlines == {}
+    assert runner._alarm is None

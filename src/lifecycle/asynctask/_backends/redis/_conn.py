@@ -76,6 +76,9 @@ SCRIPTS: dict[str, LuaScript] = {**WORKER_SCRIPTS, **CLAIM_SCRIPTS, **ADMIN_SCRI
 _KEEP = 4
 """The most connections a :class:`ScriptRunner` keeps leased from its client's pool between calls."""
 
+_RECHECK = 0.05
+"""Seconds after which the runner's alarm looks again at a late call whose connection had no socket yet."""
+
 
 def safe_url(url: str) -> str:
     """The URL with its passwords replaced by ``***`` (user information and ``password=`` options), for
@@ -369,11 +372,14 @@ class ScriptRunner:
             if deadline > now:
                 earliest = min(earliest, deadline)
                 continue
-            del self._deadlines[connection]
             self._late.add(connection)
             writer = getattr(connection, "_writer", None)
-            if writer is not None:
-                writer.transport.abort()
+            if writer is None:  # still opening its socket: abort it as soon as it has one
+                self._deadlines[connection] = now + _RECHECK
+                earliest = min(earliest, now + _RECHECK)
+                continue
+            del self._deadlines[connection]
+            writer.transport.abort()
         if earliest < math.inf:
             self._alarm = loop.call_at(earliest, self._expire)
 
