@@ -204,7 +204,8 @@ def make_client(
 
     redis-py's ``socket_timeout`` stays off: on Python < 3.12 it wraps every send in ``asyncio.wait_for``,
     which can swallow a cancellation that arrives as the send completes (the cancelled task then runs on).
-    Reply timeouts are applied around each call with an anyio cancel scope instead."""
+    Reply timeouts are the :class:`ScriptRunner`'s instead: its alarm, or an anyio cancel scope around the
+    call."""
     kwargs: dict[str, Any] = {
         "socket_timeout": None,
         "socket_connect_timeout": connect_timeout,
