@@ -428,8 +428,9 @@ class ScriptRunner:
             return await self.evalsha(script.sha, 1, *keys_and_args)
         except NoScriptError:
             # The server restarted or SCRIPT FLUSH ran, so the script did not run: load it, run it.
+            # Under a cancel scope of its own each: the call may have taken the alarm's path (see run()).
             await self.once(lambda: self.client.script_load(script.source))
-            return await self.evalsha(script.sha, 1, *keys_and_args)
+            return await self.once(lambda: self.evalsha(script.sha, 1, *keys_and_args))
 
     async def retrying(
         self, call: Callable[[], Awaitable[Any]], what: str, *, failed: BaseException | None = None
