@@ -3,10 +3,16 @@ pool, and a call cancelled before its reply is read never leaves that reply for 
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import anyio
 import pytest
 
-from tests.asynctask.redis.redis_servers import OpenRedis
+from lifecycle.asynctask._backends.redis._conn import SCRIPTS, ScriptRunner
+from lifecycle.asynctask._backends.redis._lua import LuaScript
+from lifecycle.asynctask.redis import RedisBackend
+from tests.asynctask.redis.redis_servers import OpenRedis, RedisServer
 
 pytestmark = pytest.mark.redis
 
@@ -50,3 +56,96 @@ async def test_the_runner_keeps_at_most_half_the_pool_and_concurrent_calls_all_a
     assert len(runner._idle) == 2
     # The client's own commands still find a free connection in the pool.
     assert await runner.client.ping()
+
+
+# Holds the server for its last argument's seconds (by its own clock): a late reply, on a private server.
+SLOW = """
+local t = redis.call('TIME')
+local stop = tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[#ARGV])
+repeat
+  t = redis.call('TIME')
+until tonumber(t[1]) + tonumber(t[2]) / 1e6 >= stop
+return 'late'
+"""
+
+
+async def test_a_kept_connection_call_without_a_reply_in_socket_timeout_raises_and_the_next_one_answers(
+    own_redis: RedisServer,
+) -> None:
+    backend = RedisBackend(own_redis.url, prefix="alarm", socket_timeout=0.2, reconnect_timeout=0.01)
+    await backend.open()
+    try:
+        runner = backend._run()
+        sha = await runner.client.script_load(ECHO)
+        slow = await runner.client.script_load(SLOW)
+        assert await runner.evalsha(sha, 0, "warm") == b"warm"
+        assert runner._idle  # the next call takes a kept connection, under the runner's alarm
+        with anyio.fail_after(10):  # the test's own guard, far beyond the 0.2 s reply timeout
+            with pytest.raises(TimeoutError):
+                await runner.evalsha(slow, 0, "1.5")
+            assert runner._deadlines == {}
+            assert not runner._late
+            assert await runner.client.ping()  # answered once the slow script has ended
+            # The aborted connection is kept and reconnects; its late reply is never read as this one's.
+            for word in ("one", "two"):
+                assert await runner.evalsha(sha, 0, word) == word.encode()
+    finally:
+        await backend.close()
+
+
+async def test_a_script_call_on_a_kept_connection_times_out_through_run(own_redis: RedisServer) -> None:
+    backend = RedisBackend(own_redis.url, prefix="alarm", socket_timeout=0.2, reconnect_timeout=0.01)
+    await backend.open()
+    try:
+        runner = backend._run()
+        SCRIPTS["slow_for_test"] = LuaScript("slow_for_test", SLOW)
+        await runner.client.script_load(SLOW)
+        assert await runner.run("stats", []) is not None
+        assert runner._idle
+        with anyio.fail_after(10):
+            with pytest.raises(TimeoutError):
+                await runner.run("slow_for_test", ["1.5"])
+            assert await runner.client.ping()  # answered once the slow script has ended
+            assert await runner.run("stats", []) is not None
+    finally:
+        SCRIPTS.pop("slow_for_test", None)
+        await backend.close()
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.aborted = 0
+
+    def abort(self) -> None:
+        self.aborted += 1
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.transport = _Transport()
+
+
+class _Connection:
+    _writer: _Writer | None = None
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_alarm_aborts_a_late_call_once_its_connection_has_a_socket() -> None:
+    runner = ScriptRunner(object(), prefix="p:", socket_timeout=30.0, reconnect_timeout=1.0)  # type: ignore[arg-type]
+    opening: Any = _Connection()
+    open_: Any = _Connection()
+    open_._writer = _Writer()
+    now = asyncio.get_running_loop().time()
+    runner._deadlines.update({opening: now - 1, open_: now - 1})
+    runner._expire()
+    assert open_._writer.transport.aborted == 1
+    assert runner._late == {opening, open_}
+    assert list(runner._deadlines) == [opening]  # looked at again shortly, while it opens its socket
+    assert runner._alarm is not None
+    runner._alarm.cancel()
+    opening._writer = _Writer()
+    runner._deadlines[opening] = now - 1
+    runner._expire()
+    assert opening._writer.transport.aborted == 1
+    assert runner._deadlines == {}
+    assert runner._alarm is None

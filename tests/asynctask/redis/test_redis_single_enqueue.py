@@ -14,6 +14,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from lifecycle.asynctask import AsyncTasks, DuplicateTaskError, NewTask, TaskState
+from lifecycle.asynctask._backends.redis._conn import SCRIPTS
+from lifecycle.asynctask._backends.redis._lua import PRELUDE
 from lifecycle.asynctask.redis import RedisBackend
 from tests.asynctask.redis.redis_servers import OpenRedis, RedisServer
 
@@ -216,3 +218,12 @@ async def test_only_ids_the_engine_made_up_are_marked_generated(open_redis: Open
     assert before[2][1] is True
     assert after == [(made_up, True), ("chosen", False), ("renamed-3", False)]
     assert renamed == "renamed-3"
+
+
+def test_the_single_enqueue_script_defines_only_the_prelude_parts_it_uses() -> None:
+    lean = SCRIPTS["enqueue_new"].source
+    assert "local function store(" in lean
+    assert "local function announce(" in lean
+    for unused in ("local function locate(", "local function release(", "local function member_ended("):
+        assert unused not in lean
+    assert all(script.source.startswith(PRELUDE) for name, script in SCRIPTS.items() if name != "enqueue_new")

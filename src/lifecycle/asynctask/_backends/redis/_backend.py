@@ -349,21 +349,22 @@ class RedisBackend:
             return []
         if len(tasks) == 1 and _fresh(tasks[0]):
             return await self._enqueue_new(runner, tasks[0], if_exists)
-        args: list[str | bytes] = [if_exists, self._call_id(), str(len(tasks))]
+        call = self._call_id()
+        args: list[str | bytes] = [if_exists, call, str(len(tasks))]
+        # Tasks whose id the engine generated are stored without looking for a record with it (the sixth
+        # flag), on the first attempt only: a repeat (the first one's reply was lost) must find what that one
+        # stored, so it sends the flags without it.
+        generated = False
         for task in tasks:
-            args += new_task_args(task)
-        # Tasks whose id the engine generated are stored without looking for a record with it, on the first
-        # attempt only: a repeat (the first one's reply was lost) must find what that one stored.
-        first = args
-        generated = [i for i, task in enumerate(tasks) if task.generated_id]
-        if generated:
-            first = args.copy()
-            for i in generated:
-                flags = 3 + i * NEW_TASK_VALUES + 8
-                first[flags] = f"{first[flags]!s}1"
+            if task.generated_id:
+                generated = True
+                args += new_task_args(task, generated=True)
+            else:
+                args += new_task_args(task)
         if self._unmarked:
             await self._mark_layout(runner)
-        stored, detail = await runner.run("enqueue", first, retry_as=("enqueue", args) if generated else None)
+        retry = ("enqueue", lambda: _checked(args, len(tasks))) if generated else None
+        stored, detail = await runner.run("enqueue", args, retry_as=retry)
         if stored == 0:
             conflicts = [task_id.decode() for task_id in detail]
             raise DuplicateTaskError(conflicts[0], conflicts)
@@ -379,8 +380,9 @@ class RedisBackend:
         values = new_task_args(task)
         if self._unmarked:
             await self._mark_layout(runner)
-        retry: list[str | bytes] = [if_exists, call, "1", *values]
-        reply = await runner.run("enqueue_new", [call, *values], retry_as=("enqueue", retry))
+        reply = await runner.run(
+            "enqueue_new", [call, *values], retry_as=("enqueue", lambda: [if_exists, call, "1", *values])
+        )
         if isinstance(reply, list):  # the general script's reply, from a retry
             stored, detail = reply
             if stored == 0:
@@ -672,6 +674,18 @@ def _refilled(stored: bytes | None, limits: FlowLimits, now: float) -> float:
         elif now > at and limits.per:
             tokens = tokens + (now - at) * rate / limits.per
     return min(rate, tokens)
+
+
+def _checked(args: Sequence[str | bytes], count: int) -> list[str | bytes]:
+    """The enqueue script's arguments ``args`` (mode, call id, count, then each task's values) with every
+    task's sixth flag (the engine generated its id) taken off, for a repeat of the call: it looks for a record
+    with each id, so it finds the ones the first attempt stored."""
+    checked = list(args)
+    for index in range(3 + 8, 3 + count * NEW_TASK_VALUES, NEW_TASK_VALUES):
+        flags = checked[index]
+        assert isinstance(flags, str)
+        checked[index] = flags[:5]
+    return checked
 
 
 def _fresh(task: NewTask) -> bool:

@@ -82,12 +82,13 @@ _SIGN = 1 << 63
 _MASK = (1 << 64) - 1
 
 
-def new_task_args(task: NewTask) -> list[str | bytes]:
+def new_task_args(task: NewTask, *, generated: bool = False) -> list[str | bytes]:
     """The sixteen script arguments that describe one task to store (see ``store()`` in the Lua prelude):
     id, name, queue, payload, max_retries, timeout, enqueued_at, run_at, flags (five ``0``/``1``: has meta,
     has a concurrency key, opens a uniqueness window, due at its enqueue, has an expiry), meta, priority,
     concurrency key, expires_at (``""`` for none), unique key, unique_until, and run_at as
-    :func:`sortable_time`.
+    :func:`sortable_time`. ``generated=True`` appends the enqueue script's sixth flag ``1`` (the engine
+    generated the id: no record is looked for), which only a call's first attempt may send.
 
     Raises :class:`ValueError` for a priority outside the stored range."""
     priority = task.priority
@@ -96,34 +97,38 @@ def new_task_args(task: NewTask) -> list[str | bytes]:
             f"task {task.id!r}: priority {priority!r} is not a whole number between -10**15 and 10**15 "
             "(exclusive); pass a smaller integer"
         )
-    unique = task.unique_key is not None and task.unique_until is not None
-    flags = "".join(
-        "1" if flag else "0"
-        for flag in (
-            task.meta is not None,
-            task.concurrency_key is not None,
-            unique,
-            task.run_at <= task.enqueued_at,
-            task.expires_at is not None,
-        )
+    meta, key, expires_at = task.meta, task.concurrency_key, task.expires_at
+    unique_key, unique_until = task.unique_key, task.unique_until
+    unique = unique_key is not None and unique_until is not None
+    enqueued_at, run_at, timeout = float(task.enqueued_at), float(task.run_at), task.timeout
+    enqueued_text = repr(enqueued_at)
+    # Written out (not a join over a generator): this runs once per task of every enqueue.
+    flags = (
+        ("0" if meta is None else "1")
+        + ("0" if key is None else "1")
+        + ("1" if unique else "0")
+        + ("1" if run_at <= enqueued_at else "0")
+        + ("0" if expires_at is None else "1")
+        + ("1" if generated else "")
     )
+    (bits,) = _BITS.unpack(_DOUBLE.pack(run_at))
     return [
         task.id,
         task.name,
         task.queue,
         task.payload,
         str(int(task.max_retries)),
-        "" if task.timeout is None else time_text(task.timeout),
-        time_text(task.enqueued_at),
-        time_text(task.run_at),
+        "" if timeout is None else repr(float(timeout)),
+        enqueued_text,
+        enqueued_text if task.run_at is task.enqueued_at else repr(run_at),
         flags,
-        "" if task.meta is None else task.meta,
-        str(priority),
-        "" if task.concurrency_key is None else task.concurrency_key,
-        "" if task.expires_at is None else time_text(task.expires_at),
-        task.unique_key if unique and task.unique_key is not None else "",
-        time_text(task.unique_until) if unique and task.unique_until is not None else "",
-        sortable_time(task.run_at),
+        "" if meta is None else meta,
+        "0" if priority == 0 else str(priority),
+        "" if key is None else key,
+        "" if expires_at is None else repr(float(expires_at)),
+        unique_key if unique and unique_key is not None else "",
+        repr(float(unique_until)) if unique and unique_until is not None else "",
+        f"{bits ^ _MASK if bits >> 63 else bits | _SIGN:016x}",
     ]
 
 

@@ -10,6 +10,7 @@ loaded again.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import math
 import time
@@ -74,6 +75,9 @@ SCRIPTS: dict[str, LuaScript] = {**WORKER_SCRIPTS, **CLAIM_SCRIPTS, **ADMIN_SCRI
 
 _KEEP = 4
 """The most connections a :class:`ScriptRunner` keeps leased from its client's pool between calls."""
+
+_RECHECK = 0.05
+"""Seconds after which the runner's alarm looks again at a late call whose connection had no socket yet."""
 
 
 def safe_url(url: str) -> str:
@@ -200,7 +204,8 @@ def make_client(
 
     redis-py's ``socket_timeout`` stays off: on Python < 3.12 it wraps every send in ``asyncio.wait_for``,
     which can swallow a cancellation that arrives as the send completes (the cancelled task then runs on).
-    Reply timeouts are applied around each call with an anyio cancel scope instead."""
+    Reply timeouts are the :class:`ScriptRunner`'s instead: its alarm, or an anyio cancel scope around the
+    call."""
     kwargs: dict[str, Any] = {
         "socket_timeout": None,
         "socket_connect_timeout": connect_timeout,
@@ -270,6 +275,12 @@ class ScriptRunner:
     checks it before each use (connected, nothing unread, not closed by the server), and redis-py's
     connection drops itself on any error or cancellation while a command is sent or its reply read, so a
     kept connection never holds half a reply. A Redis Cluster client goes through ``evalsha`` as before.
+
+    The reply timeout (``socket_timeout``) of a call on a kept connection is the runner's alarm: one timer
+    for all its calls, which aborts the connection of a call still unanswered at its deadline (the call then
+    raises :class:`TimeoutError`), instead of a cancel scope with a timer of its own per call. The first
+    attempt of :meth:`run` takes that path when a kept connection is free; the other calls (no free kept
+    connection, a cluster, the repeats after a lost connection) run under a cancel scope (:meth:`once`).
     """
 
     def __init__(
@@ -291,6 +302,12 @@ class ScriptRunner:
         # Half the pool at most: the client's other callers (and calls beyond the kept ones) share the rest.
         self._keep = max(1, min(_KEEP, limit // 2)) if isinstance(limit, int) else 1
         self._idle: list[AbstractConnection] = []
+        # The calls on kept connections awaiting their reply, each with the loop time of its deadline; the
+        # alarm fires at the earliest of them (see _expire). Empty when socket_timeout is infinite.
+        self._deadlines: dict[AbstractConnection, float] = {}
+        self._late: set[AbstractConnection] = set()
+        self._alarm: asyncio.TimerHandle | None = None
+        self._alarmed = self._pool is not None and math.isfinite(socket_timeout)
 
     async def load_all(self) -> None:
         """Load every script into the server's script cache (also proves the server runs Lua)."""
@@ -299,58 +316,111 @@ class ScriptRunner:
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: str | bytes | int) -> Any:
         """``EVALSHA sha numkeys *keys_and_args`` once, on a kept connection (see the class docstring) or,
-        for a cluster, through the client."""
+        for a cluster, through the client. On a kept connection, a reply not read within ``socket_timeout``
+        raises :class:`TimeoutError` (the connection is aborted and reconnects at its next use)."""
         pool = self._pool
         if pool is None:
             return await self.client.evalsha(sha, numkeys, *keys_and_args)
         idle = self._idle
+        deadlines = self._deadlines
         if idle:
             connection = idle.pop()
+            if self._alarmed:
+                self._arm(connection)
             try:
                 await pool.ensure_connection(connection)
             except BaseException:
+                deadlines.pop(connection, None)
+                self._late.discard(connection)
                 await pool.release(connection)
                 raise
         else:
             connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            if self._alarmed:
+                self._arm(connection)
         try:
             await connection.send_command("EVALSHA", sha, numkeys, *keys_and_args)
             return await connection.read_response()
+        except RETRYABLE:
+            if connection in self._late:  # aborted by the alarm: the server did not answer in time
+                raise TimeoutError(f"no reply from Redis within {self._socket_timeout} s") from None
+            raise
         finally:
+            deadlines.pop(connection, None)
+            self._late.discard(connection)
             # Clean (the whole reply was read) or disconnected by redis-py (reconnected at its next use).
             if len(idle) < self._keep:
                 idle.append(connection)
             else:
                 await pool.release(connection)
 
+    def _arm(self, connection: AbstractConnection) -> None:
+        """Give the call about to run on ``connection`` its reply deadline, and set the alarm if none is."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._socket_timeout
+        self._deadlines[connection] = deadline
+        if self._alarm is None:
+            self._alarm = loop.call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        """The alarm: abort the connection of every call past its deadline (its read or send then fails, and
+        :meth:`evalsha` raises ``TimeoutError``), and set the alarm again for the earliest deadline left."""
+        self._alarm = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        earliest = math.inf
+        for connection, deadline in list(self._deadlines.items()):
+            if deadline > now:
+                earliest = min(earliest, deadline)
+                continue
+            self._late.add(connection)
+            writer = getattr(connection, "_writer", None)
+            if writer is None:  # still opening its socket: abort it as soon as it has one
+                self._deadlines[connection] = now + _RECHECK
+                earliest = min(earliest, now + _RECHECK)
+                continue
+            del self._deadlines[connection]
+            writer.transport.abort()
+        if earliest < math.inf:
+            self._alarm = loop.call_at(earliest, self._expire)
+
     async def run(
         self,
         name: str,
         args: Sequence[str | bytes | int],
         *,
-        retry_as: tuple[str, Sequence[str | bytes | int]] | None = None,
+        retry_as: tuple[str, Sequence[str | bytes | int] | Callable[[], Sequence[str | bytes | int]]]
+        | None = None,
     ) -> Any:
         """Run script ``name`` with ``ARGV = [prefix, *args]`` and return its reply. With ``retry_as``, a
         repeat of the call after a lost connection (when the first attempt may have run) runs that script
-        with those arguments instead."""
+        with those arguments (or with what the callable returns, called only then) instead."""
         script = SCRIPTS[name]
         keys_and_args = (self._anchor, self.prefix, *args)
         # The first attempt inline (the call that almost always succeeds), the repeats in retrying().
-        scope = anyio.CancelScope(deadline=anyio.current_time() + self._socket_timeout)
         failed: BaseException
-        try:
-            with scope:
+        if self._alarmed and self._idle:
+            # A kept connection is free: evalsha takes it, under the alarm's reply timeout.
+            try:
                 return await self._script(script, keys_and_args)
-        except RETRYABLE as exc:
-            failed = exc
+            except RETRYABLE as exc:
+                failed = exc
         else:
-            # Reached only when the scope caught a cancellation: its own deadline's.
-            if not (scope.cancelled_caught and anyio.current_time() >= scope.deadline):
-                return None
-            failed = TimeoutError()
+            scope = anyio.CancelScope(deadline=anyio.current_time() + self._socket_timeout)
+            try:
+                with scope:
+                    return await self._script(script, keys_and_args)
+            except RETRYABLE as exc:
+                failed = exc
+            else:
+                # Reached only when the scope caught a cancellation: its own deadline's.
+                if not (scope.cancelled_caught and anyio.current_time() >= scope.deadline):
+                    return None
+                failed = TimeoutError()
         if retry_as is not None:
             script = SCRIPTS[retry_as[0]]
-            keys_and_args = (self._anchor, self.prefix, *retry_as[1])
+            repeat = retry_as[1]
+            keys_and_args = (self._anchor, self.prefix, *(repeat() if callable(repeat) else repeat))
         return await self.retrying(lambda: self._script(script, keys_and_args), name, failed=failed)
 
     async def _script(self, script: LuaScript, keys_and_args: tuple[str | bytes | int, ...]) -> Any:
@@ -358,8 +428,9 @@ class ScriptRunner:
             return await self.evalsha(script.sha, 1, *keys_and_args)
         except NoScriptError:
             # The server restarted or SCRIPT FLUSH ran, so the script did not run: load it, run it.
-            await self.client.script_load(script.source)
-            return await self.evalsha(script.sha, 1, *keys_and_args)
+            # Under a cancel scope of its own each: the call may have taken the alarm's path (see run()).
+            await self.once(lambda: self.client.script_load(script.source))
+            return await self.once(lambda: self.evalsha(script.sha, 1, *keys_and_args))
 
     async def retrying(
         self, call: Callable[[], Awaitable[Any]], what: str, *, failed: BaseException | None = None
