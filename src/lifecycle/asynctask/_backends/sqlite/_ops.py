@@ -54,6 +54,7 @@ __all__ = [
     "resume",
     "save_progress",
     "settle",
+    "settle_and_claim",
     "stats",
 ]
 
@@ -632,6 +633,21 @@ def claim(
     if flow is not None:
         flow.save(connection)
     return claimed
+
+
+def settle_and_claim(
+    connection: sqlite3.Connection,
+    settlements: Sequence[Settlement],
+    queues: Sequence[str],
+    limit: int,
+    now: float,
+    lease_until: float,
+    limits: Mapping[str, FlowLimits] | None,
+) -> tuple[set[str], list[ClaimedTask]]:
+    """:func:`settle`, then :func:`claim` (which sees what the settlements freed), in the caller's
+    transaction."""
+    lost = settle(connection, settlements)
+    return lost, claim(connection, queues, limit, now, lease_until, limits)
 
 
 def flow_state(
