@@ -262,9 +262,15 @@ class Worker:
         self._runner.look_up_tracer()
         queue = self._queue
         running_by_token = self._running
+        held = self._held
         book = self._progress
         for claimed in batch:
-            self._hold(claimed)
+            # What _hold() does, inline (once per task).
+            task_id = claimed.record.id
+            old_token = held.get(task_id)
+            if old_token is not None and old_token != claimed.token:
+                self._lose(task_id, old_token)  # the backend gave this task out again: that lease is gone
+            held[task_id] = claimed.token
             # Counted as running from the claim on, so the next claim sees the slot as taken.
             running = running_by_token[claimed.token] = Running(claimed, book)
             queue.append(running)
@@ -368,7 +374,7 @@ class Worker:
         observer = self._options.observer
         try:
             if observer is None:
-                settlement = await self._runner.run(running)
+                settlement = await self._runner.attempt(running)
             else:
                 settlement = await self._run_observed(running, observer)
         except BaseException as exc:
