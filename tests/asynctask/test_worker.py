@@ -583,6 +583,19 @@ class Combining(MemoryBackend):
         super().__init__()
         self.saved_by: dict[str, list[str]] = {"settle": [], "settle_and_claim": []}
         self.fail_combined = 0
+        self.calls: list[str] = []  # "claim", "settle_and_claim", "failed settle_and_claim"
+
+    async def claim(
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
+    ) -> list[ClaimedTask]:
+        self.calls.append("claim")
+        return await super().claim(queues, limit, now=now, lease_until=lease_until, limits=limits)
 
     async def settle(self, settlements: Sequence[Settlement]) -> set[str]:
         self.saved_by["settle"] += [s.task_id for s in settlements]
@@ -600,10 +613,15 @@ class Combining(MemoryBackend):
     ) -> tuple[set[str], list[ClaimedTask]]:
         if self.fail_combined:
             self.fail_combined -= 1
+            self.calls.append("failed settle_and_claim")
             raise ConnectionError("settle_and_claim failed on purpose")
+        self.calls.append("settle_and_claim")
         self.saved_by["settle_and_claim"] += [s.task_id for s in settlements]
         lost = await MemoryBackend.settle(self, settlements)
-        return lost, await self.claim(queues, limit, now=now, lease_until=lease_until, limits=limits)
+        claimed = await MemoryBackend.claim(
+            self, queues, limit, now=now, lease_until=lease_until, limits=limits
+        )
+        return lost, claimed
 
 
 @pytest.mark.parametrize("failures", [0, 3])
@@ -636,4 +654,9 @@ async def test_the_claim_takes_the_verdicts_waiting_to_be_saved_along(
     assert sorted(saved) == sorted(ids)
     assert backend.saved_by["settle_and_claim"], "the claim never took verdicts along"
     assert backend.fail_combined == 0  # each failed call's verdicts were saved by the settler
+    failed = [index for index, call in enumerate(backend.calls) if call == "failed settle_and_claim"]
+    assert len(failed) == failures
+    assert all(backend.calls[index + 1] == "claim" for index in failed), (
+        "a failed call is followed by a claim"
+    )
     assert "was not saved" not in caplog.text

@@ -233,7 +233,6 @@ class Worker:
                         if len(batch) < free:
                             await self._idle(generation)
                         continue
-                    continue
             try:
                 if limits:
                     batch = await backend.claim(
