@@ -16,12 +16,12 @@ with contextlib.suppress(ImportError):  # imported (as redis-py may), tracing is
 
 TASKS = 640
 CONCURRENCY = 32
-ENGINE_CALLS_PER_TASK = 15.0
-"""Per no-op task: the worker's run of it, the runner's call and the attempt, the definition lookup, decoding
-the arguments, the verdict, noting its lease, the ``Running`` record, queueing the verdict (nine); the claims,
-batched saves, wake-ups and timed loops shared by a batch add one or more. Before issue 17's second round it
-was 30 (a wake-up of every idle runner per batch, a control object, follow-up and hook checks, a new JSON
-decoder)."""
+ENGINE_CALLS_PER_TASK = 11.0
+"""Per no-op task: the worker's run of it, the attempt, the definition lookup, decoding the arguments, the
+verdict and its result's encoding, queueing the verdict (seven); the claims, batched saves, wake-ups and
+timed loops shared by a batch add about one. Before issue 17's second round it was 30 (a wake-up of every
+idle runner per batch, a control object, follow-up and hook checks, a new JSON decoder), then 10 (the
+runner's dispatch to the attempt and noting the lease each a call of their own)."""
 
 # The modules of the engine's per-task path (the backend's own calls are not counted: they are its cost).
 _ENGINE = (

@@ -7,7 +7,7 @@ import math
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import closing
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from lifecycle.asynctask import (
     Backend,
     BackendError,
     DuplicateTaskError,
+    MemoryBackend,
     NewGroup,
     NewTask,
     ProgressUpdate,
@@ -797,3 +798,63 @@ async def test_writes_interrupted_on_the_loops_thread_are_redone_whole_on_the_wo
         == set()
     )
     assert await backend.stats() == {"default": {TaskState.SUCCEEDED: 100, TaskState.CANCELLED: 100}}
+
+
+async def test_settle_and_claim_settles_first_then_claims_in_one_transaction(open_sqlite: Factory) -> None:
+    backend = await open_sqlite()
+    await backend.enqueue_many([task("a"), task("b"), task("c")])
+    first = await backend.claim(["default"], 2, now=1000.0, lease_until=1030.0)
+    assert [c.record.id for c in first] == ["a", "b"]
+    verdicts = [
+        # a retry due now: the claim after it sees it pending again, behind c (enqueued before the retry)
+        Settlement(first[0].record.id, first[0].token, TaskState.PENDING, at=1001.0, run_at=1001.0),
+        Settlement(first[1].record.id, first[1].token, TaskState.SUCCEEDED, at=1001.0),
+        Settlement("c", "not-a-lease-of-c", TaskState.SUCCEEDED, at=1001.0),
+    ]
+    lost, claimed = await backend.settle_and_claim(verdicts, ["default"], 10, now=1001.0, lease_until=1031.0)
+    assert lost == {"c"}
+    assert [c.record.id for c in claimed] == ["c", "a"]
+    assert [c.record.attempts for c in claimed] == [1, 2]
+    assert (await backend.stats())["default"] == {TaskState.ACTIVE: 2, TaskState.SUCCEEDED: 1}
+
+
+async def test_settle_and_claim_that_fails_leaves_nothing_done(open_sqlite: Factory) -> None:
+    backend = await open_sqlite()
+    await backend.enqueue_many([task("a"), task("b")])
+    (held,) = await backend.claim(["default"], 1, now=1000.0, lease_until=1030.0)
+    saved = Settlement(held.record.id, held.token, TaskState.SUCCEEDED, at=1001.0)
+    refused = Settlement(held.record.id, held.token, TaskState.ACTIVE, at=1001.0)  # no verdict
+    with pytest.raises(ValueError, match="settlement's state must be"):
+        await backend.settle_and_claim([saved, refused], ["default"], 10, now=1001.0, lease_until=1031.0)
+    record = await backend.get("a")
+    assert record is not None
+    assert (record.state, record.lease_until) == (TaskState.ACTIVE, 1030.0)
+    assert (await backend.stats())["default"] == {TaskState.ACTIVE: 1, TaskState.PENDING: 1}
+
+
+def test_the_engine_settles_and_claims_in_one_call_only_through_the_backends_own_methods(
+    tmp_path: Path,
+) -> None:
+    from lifecycle.asynctask._backend import combined_settle_and_claim
+
+    class Renamed(SQLiteBackend):
+        pass
+
+    class OwnSettle(SQLiteBackend):
+        async def settle(self, settlements: Sequence[Settlement]) -> set[str]:
+            return await super().settle(settlements)
+
+    class Proxy:
+        def __init__(self, inner: SQLiteBackend) -> None:
+            self._inner = inner
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._inner, name)
+
+    path = tmp_path / "unused.db"
+    plain, renamed, own, patched = (cls(path) for cls in (SQLiteBackend, Renamed, OwnSettle, SQLiteBackend))
+    patched.claim = plain.claim  # type: ignore[method-assign]
+    assert combined_settle_and_claim(plain) == plain.settle_and_claim
+    assert combined_settle_and_claim(renamed) == renamed.settle_and_claim
+    for bypassed in (own, patched, Proxy(plain), MemoryBackend()):
+        assert combined_settle_and_claim(bypassed) is None, bypassed

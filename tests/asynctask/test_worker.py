@@ -16,6 +16,7 @@ import pytest
 from lifecycle import Backoff
 from lifecycle.asynctask import (
     AsyncTasks,
+    Call,
     ClaimedTask,
     FlowLimits,
     ManualClock,
@@ -572,3 +573,90 @@ def test_the_docs_state_the_recovery_bound_the_engine_keeps() -> None:
     assert "`1.5 \N{MULTIPLICATION SIGN} lease`" in guide
     assert "at most `lease + recovery_interval`" in operations
     assert "about one `lease`" not in guide, "the old, wrong promise"
+
+
+class Combining(MemoryBackend):
+    """A MemoryBackend with ``settle_and_claim`` (as SQLite has), recording which call saved each verdict; it
+    can fail its combined calls on purpose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saved_by: dict[str, list[str]] = {"settle": [], "settle_and_claim": []}
+        self.fail_combined = 0
+        self.calls: list[str] = []  # "claim", "settle_and_claim", "failed settle_and_claim"
+
+    async def claim(
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
+    ) -> list[ClaimedTask]:
+        self.calls.append("claim")
+        return await super().claim(queues, limit, now=now, lease_until=lease_until, limits=limits)
+
+    async def settle(self, settlements: Sequence[Settlement]) -> set[str]:
+        self.saved_by["settle"] += [s.task_id for s in settlements]
+        return await super().settle(settlements)
+
+    async def settle_and_claim(
+        self,
+        settlements: Sequence[Settlement],
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
+    ) -> tuple[set[str], list[ClaimedTask]]:
+        if self.fail_combined:
+            self.fail_combined -= 1
+            self.calls.append("failed settle_and_claim")
+            raise ConnectionError("settle_and_claim failed on purpose")
+        self.calls.append("settle_and_claim")
+        self.saved_by["settle_and_claim"] += [s.task_id for s in settlements]
+        lost = await MemoryBackend.settle(self, settlements)
+        claimed = await MemoryBackend.claim(
+            self, queues, limit, now=now, lease_until=lease_until, limits=limits
+        )
+        return lost, claimed
+
+
+@pytest.mark.parametrize("failures", [0, 3])
+async def test_the_claim_takes_the_verdicts_waiting_to_be_saved_along(
+    clock: ManualClock, group: Any, caplog: pytest.LogCaptureFixture, failures: int
+) -> None:
+    backend = Combining()
+    backend.fail_combined = failures  # the verdicts go back to the settler, which saves them
+    tasks = make(backend, clock, concurrency=4)
+    # 64 batches: on trio, which orders wake-ups at random, the claim goes before the settler in some
+    count = 256
+    done = anyio.Event()
+    ran: list[int] = []
+
+    @tasks.register(name="quick")
+    async def quick(index: int) -> None:
+        ran.append(index)
+        if len(ran) == count:
+            done.set()
+
+    async with tasks:
+        ids = await tasks.enqueue_many([Call(quick, index) for index in range(count)])
+        group.start_soon(tasks.execute)
+        with anyio.fail_after(WAIT):
+            await done.wait()
+            while (await backend.stats()).get("default", {}).get(TaskState.SUCCEEDED) != count:
+                await anyio.sleep(0.01)
+    assert sorted(ran) == list(range(count))  # each ran once: no verdict was lost or saved twice
+    saved = backend.saved_by["settle"] + backend.saved_by["settle_and_claim"]
+    assert sorted(saved) == sorted(ids)
+    assert backend.saved_by["settle_and_claim"], "the claim never took verdicts along"
+    assert backend.fail_combined == 0  # each failed call's verdicts were saved by the settler
+    failed = [index for index, call in enumerate(backend.calls) if call == "failed settle_and_claim"]
+    assert len(failed) == failures
+    assert all(backend.calls[index + 1] == "claim" for index in failed), (
+        "a failed call is followed by a claim"
+    )
+    assert "was not saved" not in caplog.text

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Collection, Mapping, Sequence
-from typing import Literal, Protocol, TypeAlias, runtime_checkable
+from typing import Literal, Protocol, TypeAlias, cast, runtime_checkable
 
 from ._records import (
     ClaimedTask,
@@ -45,8 +45,10 @@ __all__ = [
     "Backend",
     "Create",
     "NotifyingBackend",
+    "SettleAndClaim",
     "TransactionalBackend",
     "check_create",
+    "combined_settle_and_claim",
     "is_backend",
     "open_backend",
     "opens_without_creating",
@@ -376,3 +378,37 @@ def supports_control(backend: object) -> bool:
     backend does; without it the engine still runs tasks, drops progress reports, and refuses groups and
     the cancellation of a running task with a clear error."""
     return all(callable(getattr(backend, name, None)) for name in _CONTROL_METHODS)
+
+
+class SettleAndClaim(Protocol):
+    """A backend's optional ``settle_and_claim``: what :meth:`Backend.settle` does with ``settlements``,
+    then what :meth:`Backend.claim` does with the rest of the arguments, in one call (one transaction, one
+    round trip); returns the ids ``settle`` would return and the claimed tasks. When it raises, neither
+    happened (or, after a lost connection, as much as a retried ``settle`` and ``claim`` would tolerate)."""
+
+    async def __call__(
+        self,
+        settlements: Sequence[Settlement],
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
+    ) -> tuple[set[str], list[ClaimedTask]]: ...
+
+
+def combined_settle_and_claim(backend: object) -> SettleAndClaim | None:
+    """``backend.settle_and_claim``, when it has one whose ``settle`` and ``claim`` are its own: a subclass
+    (or an instance) that replaces either would be bypassed by it, so the engine then calls them apart."""
+    method = getattr(backend, "settle_and_claim", None)
+    if not callable(method):
+        return None
+    owner = next((cls for cls in type(backend).__mro__ if "settle_and_claim" in vars(cls)), None)
+    if owner is None:  # found through __getattr__ (a proxy): its own claim and settle may differ
+        return None
+    instance = getattr(backend, "__dict__", {})
+    for name in ("claim", "settle"):
+        if name in instance or getattr(type(backend), name, None) is not getattr(owner, name, None):
+            return None
+    return cast(SettleAndClaim, method)

@@ -330,7 +330,8 @@ class JSONEncoding:
             else:
                 raise _DecodeError(f"JSONEncoding.decode() takes bytes, got {type(given).__name__}")
             limit = self._max_depth
-            if text.count("[") + text.count("{") > limit:  # else it cannot nest deeper than the limit
+            # Else it cannot nest deeper than the limit (a short text, the usual payload, not even that many).
+            if len(text) > limit and text.count("[") + text.count("{") > limit:
                 depth = _depth(text, limit)
                 if depth > limit:
                     raise _DecodeError(

@@ -282,3 +282,80 @@ async def test_a_rate_limited_claim_whose_reply_was_lost_takes_its_tokens_once(o
     assert (state.running, state.tokens) == (2, 1.0)
     rest = await backend.claim(["default"], 5, now=T0, lease_until=T0 + 30, limits=limits)
     assert [c.record.id for c in rest] == ["t2"]
+
+
+async def test_settle_and_claim_settles_then_claims_in_one_round_trip(open_redis: OpenRedis) -> None:
+    backend = await open_redis()
+    await backend.enqueue_many([_task("a"), _task("b"), _task("c")])
+    first = await backend.claim(["default"], 2, now=T0, lease_until=T0 + 30)
+    runner = backend._run()
+    trips: list[str] = []
+    pair, single = runner._evalsha_pair, runner.evalsha
+
+    async def counted_pair(*args: Any) -> Any:
+        trips.append("pair")
+        return await pair(*args)
+
+    async def counted_single(*args: Any) -> Any:
+        trips.append("single")
+        return await single(*args)
+
+    runner._evalsha_pair = counted_pair  # type: ignore[method-assign, assignment]
+    runner.evalsha = counted_single  # type: ignore[method-assign, assignment]
+    verdicts = [
+        Settlement("a", first[0].token, TaskState.PENDING, at=T0 + 1, run_at=T0 + 1),  # due again at once
+        Settlement("b", first[1].token, TaskState.SUCCEEDED, at=T0 + 1),
+        Settlement("c", "not-a-lease-of-c", TaskState.SUCCEEDED, at=T0 + 1),
+    ]
+    lost, claimed = await backend.settle_and_claim(verdicts, ["default"], 10, now=T0 + 1, lease_until=T0 + 31)
+    assert trips == ["pair"]
+    assert lost == {"c"}
+    assert [(c.record.id, c.record.attempts) for c in claimed] == [("c", 1), ("a", 2)]
+    assert await backend.stats() == {"default": {TaskState.ACTIVE: 2, TaskState.SUCCEEDED: 1}}
+
+
+async def test_a_settle_and_claim_whose_replies_were_lost_applies_once_and_returns_the_same_leases(
+    open_redis: OpenRedis,
+) -> None:
+    backend = await open_redis()
+    await backend.enqueue_many([_task(f"t{n}") for n in range(5)])
+    first = await backend.claim(["default"], 1, now=T0, lease_until=T0 + 30)
+    runner = backend._run()
+    pair = runner._evalsha_pair
+    calls: list[int] = []
+
+    async def lose_replies(*args: Any) -> Any:
+        await pair(*args)  # both scripts ran on the server
+        calls.append(1)
+        raise redis.exceptions.ConnectionError("Connection closed by server. (simulated)")
+
+    runner._evalsha_pair = lose_replies  # type: ignore[method-assign, assignment]
+    done = Settlement("t0", first[0].token, TaskState.SUCCEEDED, at=T0 + 1)
+    lost, claimed = await backend.settle_and_claim([done], ["default"], 2, now=T0 + 1, lease_until=T0 + 31)
+    assert calls == [1]
+    assert lost == set(), "a repeated settlement is not a lost lease"
+    assert [c.record.id for c in claimed] == ["t1", "t2"]
+    assert await backend.stats() == {
+        "default": {TaskState.SUCCEEDED: 1, TaskState.ACTIVE: 2, TaskState.PENDING: 2}
+    }
+    verdicts = [Settlement(c.record.id, c.token, TaskState.SUCCEEDED, at=T0 + 2) for c in claimed]
+    assert await backend.settle(verdicts) == set(), "the returned leases are the live ones"
+
+
+async def test_a_settle_and_claim_finds_scripts_the_server_forgot(own_redis: RedisServer) -> None:
+    backend = RedisBackend(own_redis.url, prefix="noscript-pair")
+    admin = aioredis.Redis.from_url(own_redis.url)
+    await backend.open()
+    try:
+        await backend.enqueue_many([_task("a"), _task("b")])
+        (held,) = await backend.claim(["default"], 1, now=T0, lease_until=T0 + 30)
+        await admin.script_flush()
+        done = Settlement("a", held.token, TaskState.SUCCEEDED, at=T0 + 1)
+        lost, claimed = await backend.settle_and_claim(
+            [done], ["default"], 5, now=T0 + 1, lease_until=T0 + 31
+        )
+        assert (lost, [c.record.id for c in claimed]) == (set(), ["b"])
+        assert await backend.stats() == {"default": {TaskState.SUCCEEDED: 1, TaskState.ACTIVE: 1}}
+    finally:
+        await admin.aclose()
+        await backend.close()

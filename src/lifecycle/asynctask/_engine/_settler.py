@@ -70,11 +70,39 @@ class Settler:
                 await wake.wait()
                 continue
             batch, self._buffer = self._buffer, []
-            self._in_flight = len(batch)
+            self._in_flight += len(batch)
             try:
                 await self._apply(batch)
             finally:
-                self._in_flight = 0
+                self._in_flight -= len(batch)
+
+    def take(self) -> list[Settlement]:
+        """The buffered verdicts, for a caller that saves them in its own backend call (the worker's claim,
+        with a backend that settles and claims in one step); ``[]`` while the flusher is saving a batch (so
+        a batch it retries keeps its order). The caller reports back with :meth:`saved` or
+        :meth:`give_back`."""
+        batch = self._buffer
+        if not batch or self._in_flight:
+            return []
+        self._buffer = []
+        self._in_flight = len(batch)
+        return batch
+
+    def saved(self, batch: list[Settlement], lost: set[str]) -> None:
+        """``batch`` from :meth:`take` was saved but for the tasks in ``lost``: as if the flusher had."""
+        self._in_flight -= len(batch)
+        self._done(batch, lost, failures=0)
+        if not self._buffer and not self._in_flight:
+            self._set_idle()
+
+    def give_back(self, batch: list[Settlement]) -> None:
+        """``batch`` from :meth:`take` was not saved (its call failed): the flusher saves it, first."""
+        self._in_flight -= len(batch)
+        self._buffer[:0] = batch
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set()
 
     async def flush(self) -> None:
         """Return once everything put so far is applied (needs :meth:`run` running)."""
@@ -112,6 +140,9 @@ class Settler:
                 await anyio.sleep(delay)
                 continue
             break
+        self._done(batch, lost, failures)
+
+    def _done(self, batch: list[Settlement], lost: set[str], failures: int) -> None:
         held = self._held
         for settlement in batch:
             if held.get(settlement.task_id) == settlement.token:

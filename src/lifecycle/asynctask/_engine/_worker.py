@@ -14,7 +14,7 @@ import anyio.abc
 
 from ..._core._backoff import Backoff
 from ..._core._loopwatch import LoopBlock, LoopWatch
-from .._backend import Backend, supports_control
+from .._backend import Backend, combined_settle_and_claim, supports_control
 from .._encoding import Encoding
 from .._observer import TaskObserver, observe_finished, observe_started
 from .._records import ClaimedTask, Settlement, TaskState
@@ -194,6 +194,8 @@ class Worker:
         concurrency = options.concurrency
         backend = self._backend
         clock = self._clock
+        # With a backend that can, the verdicts waiting to be saved go with the claim: one call, not two.
+        settle_and_claim = combined_settle_and_claim(backend)
         failures = 0
         while not self._stopping:
             # A claimed task never waits in the queue for a runner: every slot counted free has one.
@@ -205,6 +207,32 @@ class Worker:
             generation = self._wake_generation
             now = clock()
             limits = self._registry.flow_limits()
+            if settle_and_claim is not None:
+                verdicts = self._settler.take()
+                if verdicts:
+                    try:
+                        lost, batch = await settle_and_claim(
+                            verdicts,
+                            options.queues.next_order(),
+                            free,
+                            now=now,
+                            lease_until=now + options.lease,
+                            limits=limits,
+                        )
+                    except Exception:
+                        # Nothing of the call counts: the settler saves the verdicts (retrying as it does),
+                        # and the claim below runs alone (a failing store shows there).
+                        self._settler.give_back(verdicts)
+                    except BaseException:
+                        self._settler.give_back(verdicts)
+                        raise
+                    else:
+                        failures = 0
+                        self._settler.saved(verdicts, lost)
+                        self._start(batch)
+                        if len(batch) < free:
+                            await self._idle(generation)
+                        continue
             try:
                 if limits:
                     batch = await backend.claim(
@@ -233,9 +261,15 @@ class Worker:
         self._runner.look_up_tracer()
         queue = self._queue
         running_by_token = self._running
+        held = self._held
         book = self._progress
         for claimed in batch:
-            self._hold(claimed)
+            # What _hold() does, inline (once per task).
+            task_id = claimed.record.id
+            old_token = held.get(task_id)
+            if old_token is not None and old_token != claimed.token:
+                self._lose(task_id, old_token)  # the backend gave this task out again: that lease is gone
+            held[task_id] = claimed.token
             # Counted as running from the claim on, so the next claim sees the slot as taken.
             running = running_by_token[claimed.token] = Running(claimed, book)
             queue.append(running)
@@ -339,7 +373,7 @@ class Worker:
         observer = self._options.observer
         try:
             if observer is None:
-                settlement = await self._runner.run(running)
+                settlement = await self._runner.attempt(running)
             else:
                 settlement = await self._run_observed(running, observer)
         except BaseException as exc:

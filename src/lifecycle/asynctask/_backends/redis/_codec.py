@@ -21,6 +21,7 @@ from ..._records import (
     Settlement,
     TaskRecord,
     TaskState,
+    new_claimed_task,
     record_from_text,
     stored_state,
 )
@@ -176,13 +177,16 @@ def _limit(name: str, what: str, value: int | None, *, minimum: int) -> str:
 
 def settlement_args(settlement: Settlement) -> list[str | bytes]:
     """The script arguments for one settlement, its follow-up tasks included."""
-    state = TaskState(settlement.state)
+    state = settlement.state
+    if type(state) is not TaskState:  # a plain string naming one
+        state = TaskState(state)
     if state is TaskState.ACTIVE:
         raise ValueError(
             f"cannot settle task {settlement.task_id!r} as 'active': a verdict is pending (retry), "
             "succeeded, dead or cancelled"
         )
-    at = time_text(settlement.at)
+    when = settlement.at
+    at = repr(when) if type(when) is float else time_text(when)  # time_text inline: once per task
     run_at = at if settlement.run_at is None else time_text(settlement.run_at)
     flags = (
         ("0" if settlement.error is None else "1")
@@ -316,10 +320,9 @@ def record_from_fields(task_id: bytes | str, fields: Sequence[Any]) -> TaskRecor
 
 def claimed_tasks(reply: Sequence[Any]) -> list[ClaimedTask]:
     """The leased tasks of a claim or reclaim script reply (token, id and fields per task)."""
+    # A task's id and fields are the values record_from_text reads, in its order: one slice, not two lists.
     return [
-        ClaimedTask(
-            reply[start].decode(), record_from_fields(reply[start + 1], reply[start + 2 : start + _STRIDE])
-        )
+        new_claimed_task(reply[start].decode(), record_from_text(reply[start + 1 : start + _STRIDE]))
         for start in range(0, len(reply), _STRIDE)
     ]
 

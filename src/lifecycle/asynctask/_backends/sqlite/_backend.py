@@ -534,6 +534,27 @@ class SQLiteBackend:
             return []
         return await self._write(ops.claim, list(queues), limit, now, lease_until, limits, wake=False)
 
+    async def settle_and_claim(
+        self,
+        settlements: Sequence[Settlement],
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
+    ) -> tuple[set[str], list[ClaimedTask]]:
+        """:meth:`settle` ``settlements``, then :meth:`claim`, in one transaction on one trip to the worker
+        thread (a worker's claim takes along the verdicts waiting to be saved); returns the lost ids and the
+        claimed tasks. When it raises, neither happened."""
+        if limit <= 0 or not queues:
+            return await self.settle(settlements), []
+        if not settlements:
+            return set(), await self.claim(queues, limit, now=now, lease_until=lease_until, limits=limits)
+        return await self._write(
+            ops.settle_and_claim, list(settlements), list(queues), limit, now, lease_until, limits
+        )
+
     async def extend_leases(self, leases: Sequence[tuple[str, str]], *, lease_until: float) -> set[str]:
         """Renew held leases; return the ids whose lease was lost."""
         if not leases:

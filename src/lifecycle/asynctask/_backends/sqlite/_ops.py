@@ -54,6 +54,7 @@ __all__ = [
     "resume",
     "save_progress",
     "settle",
+    "settle_and_claim",
     "stats",
 ]
 
@@ -628,10 +629,26 @@ def claim(
             rows = connection.execute(_claim_statement(size), (now, lease_until, *padded)).fetchall()
             order = {seq: index for index, seq in enumerate(seqs)}
             rows.sort(key=lambda row: order[row[1]])
-        claimed.extend(ClaimedTask(token=row[0], record=record_from_row(row[2:])) for row in rows)
+        read, new = _records.record_from_row, _records.new_claimed_task  # once per claimed task: no wrappers
+        claimed.extend([new(row[0], read(row[2:])) for row in rows])
     if flow is not None:
         flow.save(connection)
     return claimed
+
+
+def settle_and_claim(
+    connection: sqlite3.Connection,
+    settlements: Sequence[Settlement],
+    queues: Sequence[str],
+    limit: int,
+    now: float,
+    lease_until: float,
+    limits: Mapping[str, FlowLimits] | None,
+) -> tuple[set[str], list[ClaimedTask]]:
+    """:func:`settle`, then :func:`claim` (which sees what the settlements freed), in the caller's
+    transaction."""
+    lost = settle(connection, settlements)
+    return lost, claim(connection, queues, limit, now, lease_until, limits)
 
 
 def flow_state(
