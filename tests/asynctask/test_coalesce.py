@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -185,6 +186,40 @@ async def test_two_concurrent_calls_with_one_new_id_never_share_a_batch() -> Non
     assert sorted(type(outcomes[value]).__name__ for value in (1, 2)) == ["DuplicateTaskError", "str"]
     winner = 1 if outcomes[1] == "same" else 2
     assert await stored_value(backend, "same") == (winner,)
+
+
+async def test_two_plain_calls_given_one_id_by_a_hook_never_share_a_batch() -> None:
+    # Generated ids are not compared within a batch (they are random); an id an on_enqueue hook sets is.
+    backend = GatedBackend()
+    backend.hold = True
+    outcomes: dict[int, object] = {}
+    async with make(backend) as tasks, anyio.create_task_group() as group:
+
+        @tasks.on_enqueue
+        def same_id(task: NewTask) -> NewTask:
+            return (
+                dataclasses.replace(task, id="same") if JSONEncoding().decode(task.payload) != (0,) else task
+            )
+
+        async def one(value: int) -> None:
+            try:
+                outcomes[value] = await tasks.enqueue(echo, value)
+            except DuplicateTaskError as exc:
+                outcomes[value] = exc
+
+        group.start_soon(one, 0)
+        await anyio.wait_all_tasks_blocked()
+        group.start_soon(one, 1)
+        group.start_soon(one, 2)
+        group.start_soon(one, 3)
+        await anyio.wait_all_tasks_blocked()
+        backend.release()
+    assert all(ids.count("same") <= 1 for ids, _ in backend.calls)
+    assert sorted(type(outcomes[value]).__name__ for value in (1, 2, 3)) == [
+        "DuplicateTaskError",
+        "DuplicateTaskError",
+        "str",
+    ]
 
 
 async def test_a_backend_error_fails_only_the_calls_of_its_batch() -> None:

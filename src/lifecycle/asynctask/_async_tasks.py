@@ -49,7 +49,7 @@ from ._engine._queues import QueueOrder
 from ._engine._upkeep import purge_expired, recover_expired
 from ._engine._verdict import Policy
 from ._engine._worker import Worker
-from ._enqueue import build_plain_task, build_task, check_calls, if_exists_for
+from ._enqueue import build_plain_task, build_task, check_calls, if_exists_for, new_task_ids
 from ._errors import DuplicateTaskError
 from ._flow import flow_stats, waiting_on
 from ._group import build_group, group_info
@@ -542,7 +542,14 @@ class AsyncTasks:
             and connection is None
         ):  # the common call: the registered defaults, no option to check
             task = build_plain_task(fn, args, self._clock(), self._registry, self._encoding)
-            return await self._enqueue_task(task, "error", current_trace())
+            trace = current_trace()
+            coalescer = self._coalescers.get("error")
+            if coalescer is not None and trace is None and self._open and not self._hooks.on_enqueue:
+                try:  # what _enqueue_task does when there is nothing to add to the task
+                    return await coalescer.enqueue(task)
+                except DuplicateTaskError as exc:
+                    raise _explained(exc, [task]) from None
+            return await self._enqueue_task(task, "error", trace)
         call = Call(
             fn,
             *args,
@@ -580,18 +587,19 @@ class AsyncTasks:
         coalescer = self._coalescers.get(if_exists)
         if coalescer is None:
             coalescer = self._coalescers[if_exists] = EnqueueCoalescer(
-                functools.partial(self._store_batch, if_exists)
+                functools.partial(self._send_batch, if_exists), stored=self._stored
             )
         try:
             return await coalescer.enqueue(task)
         except DuplicateTaskError as exc:
             raise _explained(exc, [task]) from None
 
-    async def _store_batch(self, if_exists: str, tasks: builtins.list[NewTask]) -> builtins.list[str]:
-        """A coalesced batch of single enqueues, stored in one backend call."""
-        ids = await self._backend.enqueue_many(tasks, **_mode(if_exists))
-        self._stored(tasks, self._clock())
-        return ids
+    def _send_batch(self, if_exists: str, tasks: builtins.list[NewTask]) -> Awaitable[builtins.list[str]]:
+        """The backend's store of a coalesced batch of single enqueues, in one call (the coalescer awaits
+        it, then calls ``_stored``)."""
+        if if_exists == "error":
+            return self._backend.enqueue_many(tasks)
+        return self._backend.enqueue_many(tasks, **_mode(if_exists))
 
     async def enqueue_many(
         self, calls: Iterable[Call], *, connection: object | None = None
@@ -609,7 +617,8 @@ class AsyncTasks:
     ) -> builtins.list[str]:
         now = self._clock()
         checked = check_calls(calls)
-        tasks = [build_task(call, now, self._registry, self._encoding) for call in checked]
+        new_id = new_task_ids(len(checked))  # one read of the random source for the batch
+        tasks = [build_task(call, now, self._registry, self._encoding, new_id) for call in checked]
         if_exists = if_exists_for(checked)
         if trace is not None:
             tasks = with_trace(tasks, trace)
@@ -1386,15 +1395,20 @@ class AsyncTasks:
                 return False
         return True
 
-    def _stored(self, tasks: builtins.list[NewTask], now: float) -> None:
-        """``tasks`` were stored (committed): count them, wake this process's worker if one is due, and wake
-        the waiters."""
+    def _stored(self, tasks: builtins.list[NewTask], now: float | None = None) -> None:
+        """``tasks`` were stored (committed): count them, wake this process's worker if one is due at
+        ``now`` (default: the clock's time now), and wake the waiters."""
         if self._observer is not None:
             observe_enqueued(self._observer, tasks)
         worker = self._worker
-        if worker is not None and any(task.run_at <= now for task in tasks):
-            worker.wake()
-        self._notify_changed()
+        if worker is not None:
+            if now is None:
+                now = self._clock()
+            if any(task.run_at <= now for task in tasks):
+                worker.wake()
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
 
     def _notify_changed(self) -> None:
         changed, self._changed = self._changed, None

@@ -70,13 +70,19 @@ class EnqueueCoalescer:
     """Coalesces concurrent single enqueues into batched ``send`` calls (see the module's docstring).
 
     ``send`` stores a batch durably and returns the ids in order, as ``Backend.enqueue_many`` does (one
-    ``if_exists`` mode per coalescer); ``limit`` bounds a batch.
+    ``if_exists`` mode per coalescer); ``stored`` (optional) is called with each batch ``send`` stored, as
+    soon as it returns (an error it raises is the batch's error); ``limit`` bounds a batch.
     """
 
     def __init__(
-        self, send: Callable[[list[NewTask]], Awaitable[Sequence[str]]], *, limit: int = BATCH_LIMIT
+        self,
+        send: Callable[[list[NewTask]], Awaitable[Sequence[str]]],
+        *,
+        stored: Callable[[list[NewTask]], None] | None = None,
+        limit: int = BATCH_LIMIT,
     ) -> None:
         self._send = send
+        self._stored = stored
         self._limit = limit
         self._waiting: dict[_Waiter, None] = {}  # insertion-ordered, removal in O(1)
         self._shared: anyio.Event | None = None  # the event of the callers behind the first in line
@@ -93,12 +99,19 @@ class EnqueueCoalescer:
             self._busy = True
             self._unresumed = 0
             self._landed = False
+            tasks = [task]
             try:
-                ids = await self._send([task])
+                ids = await self._send(tasks)
+                if self._stored is not None:
+                    self._stored(tasks)
             finally:
                 self._landed = True
-                self._hand_over()
-            _check_count(ids, 1)
+                if self._waiting:
+                    self._hand_over()
+                else:
+                    self._busy = False
+            if len(ids) != 1:
+                _check_count(ids, 1)
             return ids[0]
         waiting = self._waiting
         waiter = _Waiter(task, self._shared_event() if waiting else anyio.Event())
@@ -128,15 +141,19 @@ class EnqueueCoalescer:
         batch: list[_Waiter] = []
         ids: set[str] = set()
         keys: set[str] = set()
+        limit = self._limit
         for waiter in self._waiting:
             task = waiter.task
-            if task.id in ids or (task.unique_key is not None and task.unique_key in keys):
+            known = not task.generated_id  # a generated id is random: no other task of the batch has it
+            key = task.unique_key
+            if (known and task.id in ids) or (key is not None and key in keys):
                 continue
             batch.append(waiter)
-            ids.add(task.id)
-            if task.unique_key is not None:
-                keys.add(task.unique_key)
-            if len(batch) >= self._limit:
+            if known:
+                ids.add(task.id)
+            if key is not None:
+                keys.add(key)
+            if len(batch) >= limit:
                 break
         for waiter in batch:
             del self._waiting[waiter]
@@ -186,8 +203,11 @@ class EnqueueCoalescer:
                 self._hand_over()
 
     async def _store(self, batch: list[_Waiter], *, split: bool = True) -> None:
+        tasks = [waiter.task for waiter in batch]
         try:
-            ids = await self._send([waiter.task for waiter in batch])
+            ids = await self._send(tasks)
+            if self._stored is not None:
+                self._stored(tasks)
         except DuplicateTaskError as exc:
             if len(batch) == 1:
                 batch[0].finish(error=exc)
@@ -213,8 +233,12 @@ class EnqueueCoalescer:
             for waiter in batch:
                 waiter.finish(error=error)
             return
+        woken = None
         for waiter, task_id in zip(batch, ids, strict=True):
-            waiter.finish(result=task_id)
+            waiter.result, waiter.state = task_id, _DONE
+            if waiter.woken is not woken:  # most share one event: set each once
+                woken = waiter.woken
+                woken.set()
 
 
 def _check_count(ids: Sequence[str], count: int) -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "TaskRecord",
     "TaskState",
     "new_claimed_task",
+    "new_task",
     "record_from_row",
     "record_from_text",
     "shown",
@@ -106,6 +107,92 @@ class NewTask:
     hold it, so a backend may store the task without looking for one (the Redis backend does). Set by the
     engine only: not stored, and cleared when an ``on_enqueue`` hook changes the id (or sets the flag
     itself)."""
+
+
+class _NewTaskSlots:
+    """The slots of :class:`NewTask`, filled by a plain ``__init__``, then made a ``NewTask``: see
+    :func:`new_task`."""
+
+    __slots__ = NewTask.__slots__  # the same slots, so the instance can take NewTask as its class
+
+    def __init__(
+        self,
+        id: str,
+        name: str,
+        queue: str,
+        payload: bytes,
+        max_retries: int,
+        timeout: float | None,
+        enqueued_at: float,
+        run_at: float,
+        meta: str | None,
+        priority: int,
+        concurrency_key: str | None,
+        expires_at: float | None,
+        unique_key: str | None,
+        unique_until: float | None,
+        group_id: str | None,
+        generated_id: bool,
+    ) -> None:
+        self.id = id
+        self.name = name
+        self.queue = queue
+        self.payload = payload
+        self.max_retries = max_retries
+        self.timeout = timeout
+        self.enqueued_at = enqueued_at
+        self.run_at = run_at
+        self.meta = meta
+        self.priority = priority
+        self.concurrency_key = concurrency_key
+        self.expires_at = expires_at
+        self.unique_key = unique_key
+        self.unique_until = unique_until
+        self.group_id = group_id
+        self.generated_id = generated_id
+        self.__class__ = NewTask  # type: ignore[assignment]
+
+
+def new_task(
+    id: str,
+    name: str,
+    queue: str,
+    payload: bytes,
+    max_retries: int,
+    timeout: float | None,
+    enqueued_at: float,
+    run_at: float,
+    meta: str | None = None,
+    priority: int = 0,
+    concurrency_key: str | None = None,
+    expires_at: float | None = None,
+    unique_key: str | None = None,
+    unique_until: float | None = None,
+    group_id: str | None = None,
+    generated_id: bool = False,
+) -> NewTask:
+    """``NewTask(...)`` with the same arguments, built at a quarter of its CPU (it is built once per enqueued
+    task): the frozen dataclass's ``__init__`` sets each of its 16 fields through ``object.__setattr__``
+    (about 0.1 µs each), where this stores them as a plain class's ``__init__`` does, then gives the object
+    NewTask as its class (the layouts are the same: the same slots on ``object``)."""
+    return _NewTaskSlots(  # type: ignore[return-value]
+        id,
+        name,
+        queue,
+        payload,
+        max_retries,
+        timeout,
+        enqueued_at,
+        run_at,
+        meta,
+        priority,
+        concurrency_key,
+        expires_at,
+        unique_key,
+        unique_until,
+        group_id,
+        generated_id,
+    )
 
 
 @dataclass(frozen=True, slots=True)

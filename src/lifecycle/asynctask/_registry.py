@@ -56,7 +56,8 @@ class TaskDefinition:
     def check_arguments(self, args: tuple[Any, ...]) -> None:
         """Raise ``TypeError`` unless ``args`` fit the function: their number, then each against its
         parameter's annotation (see :mod:`lifecycle.asynctask._typecheck`)."""
-        self.check_arity(len(args))
+        if not self.min_args <= len(args) <= self.max_args:
+            self.check_arity(len(args))
         self.arguments.check(self.name, args)
 
     def check_arity(self, count: int) -> None:
