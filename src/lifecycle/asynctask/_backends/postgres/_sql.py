@@ -38,7 +38,25 @@ from ._schema import (
     notice_channel_for,
 )
 
-__all__ = ["COPY_COLUMNS", "COPY_TYPES", "NOTIFY_QUEUE", "Statements"]
+__all__ = ["COPY_COLUMNS", "COPY_TYPES", "HOT_STATEMENTS", "NOTIFY_QUEUE", "Statements"]
+
+#: The statements a worker or a producer runs on every call (names of :class:`Statements` fields). psycopg
+#: keeps its parse of a statement's placeholders only for a text of at most 4096 bytes
+#: (``psycopg._queries.MAX_CACHED_STATEMENT_LENGTH``) and parses a longer one again on every call: these stay
+#: under that for any schema name (tests check it). The settlement with chain follow-ups (``settle``) is over
+#: it, as are the operator actions.
+HOT_STATEMENTS = (
+    "insert_one",
+    "insert_new",
+    "claim",
+    "claim_limited",
+    "extend",
+    "settle_plain",
+    "next_due",
+    "save_progress",
+    "cancel_requests",
+    "reclaim",
+)
 
 _NEW_TASK_ARRAYS = (
     "%s::text[], %s::text[], %s::text[], %b::bytea[], %s::int[], %s::float8[], %s::float8[], "
@@ -247,7 +265,11 @@ def _settle(follow_ups: bool) -> str:
             "FROM done AS d WHERE d.group_id IS NOT NULL AND d.verdict <> 'pending'"
         )
         + "), "
-        "noticed AS MATERIALIZED (" + notice_query("'s'", "SELECT d.id, d.id AS ord FROM done AS d") + ") "
+        # The "settled" notices, by the server-side function (see notice_query): written out here, the
+        # query took a fifth of the statement's text, and made it too long for psycopg's cache of parsed
+        # statements (see HOT_STATEMENTS). Ids in id order.
+        "noticed AS MATERIALIZED (SELECT {notify_ids}('s', array_agg(d.id ORDER BY d.id)) FROM done AS d "
+        "HAVING count(*) > 0) "
         "SELECT id, CASE WHEN state = 'pending' OR name = ANY(%s::text[]) THEN "
         + NOTIFY_QUEUE
         + " END FROM done "
