@@ -615,12 +615,15 @@ def settle_batch(
             ids,
             *_new_task_arrays(follow_ups),
             parents,
+            st.notice_channel,
+            st.notice_channel,
             TextArray(slot_names),
             st.channel,
             st.channel,
         )
     else:
-        statement, params = st.settle_plain, (*arrays, ids, TextArray(slot_names), st.channel)
+        statement = st.settle_plain
+        params = (*arrays, ids, st.notice_channel, st.notice_channel, TextArray(slot_names), st.channel)
     return SettleBatch(statement, params, first, repeated, any(s.then_groups for s in first))
 
 
