@@ -307,6 +307,9 @@ def _positional_builder(cls: type[_Frozen]) -> Callable[..., _Frozen]:
 _new_record = _positional_builder(TaskRecord)
 new_claimed_task: Callable[[str, TaskRecord], ClaimedTask] = _positional_builder(ClaimedTask)
 """``ClaimedTask(token, record)``, as the backends build one per claimed task: faster than ``__init__``."""
+new_notice: Callable[[str, str], Notice] = _positional_builder(Notice)
+"""``Notice(kind, task_id)``, as a backend builds one per id of a notice it receives: faster than
+``__init__``."""
 
 
 RECORD_COLUMNS = (
