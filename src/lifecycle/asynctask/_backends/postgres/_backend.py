@@ -63,8 +63,6 @@ _T = TypeVar("_T")
 _CLAIM_WAIT = 1.0  # seconds a claim waits for a pooled connection
 _LEASES = 4  # connections kept leased (ConnectionLeases): a worker's claims, settlements, heartbeats, wait
 _APPLICATION_NAME = "lifecycle-asynctask"
-# Whether psycopg's libpq has pipeline mode (libpq 14 or later), which settle_and_claim sends in.
-_PIPELINES = psycopg.AsyncPipeline.is_supported()
 
 
 def _safe_dsn(dsn: str) -> str:
@@ -498,7 +496,14 @@ class PostgresBackend:
         rate limit without a positive period."""
         if limit <= 0 or not queues:
             return []
-        self._note_slot_names(limits)
+        if limits:
+            self._slot_names = tuple(
+                sorted(
+                    name
+                    for name, flow in limits.items()
+                    if flow.max_running is not None or flow.max_running_per_key is not None
+                )
+            )
         # The worker claims again soon anyway, so a claim does not wait long for a connection: while the
         # server is down it fails after _CLAIM_WAIT, and a worker asked to stop is not held up by it.
         checkout = self._connection(wait=min(self._connect_timeout, _CLAIM_WAIT))
@@ -512,69 +517,6 @@ class PostgresBackend:
                 lease_until,
                 limits,
                 cursor=checkout.cursor,
-            )
-
-    def _note_slot_names(self, limits: Mapping[str, FlowLimits] | None) -> None:
-        """Keep the names ``limits`` limits by ``max_running`` or ``max_running_per_key`` (see
-        ``__init__``)."""
-        if limits:
-            self._slot_names = tuple(
-                sorted(
-                    name
-                    for name, flow in limits.items()
-                    if flow.max_running is not None or flow.max_running_per_key is not None
-                )
-            )
-
-    async def settle_and_claim(
-        self,
-        settlements: Sequence[Settlement],
-        queues: Sequence[str],
-        limit: int,
-        *,
-        now: float,
-        lease_until: float,
-        limits: Mapping[str, FlowLimits] | None = None,
-    ) -> tuple[set[str], list[ClaimedTask]]:
-        """:meth:`settle` ``settlements``, then :meth:`claim`, in one transaction and one round trip (a
-        worker's claim takes along the verdicts waiting to be saved); returns the ids not applied and the
-        claimed tasks. When it raises, neither happened (after a lost connection, as with :meth:`settle` and
-        :meth:`claim`, the server may have committed both: the verdicts then come back as lost when saved
-        again, and the tasks leased come back to a worker when their lease ends).
-
-        The two statements go in one pipeline (psycopg's pipeline mode) before one ``Sync``, which PostgreSQL
-        runs as one implicit transaction: the claim sees what the settlement freed. Where pipeline mode is not
-        available (psycopg built on a libpq older than 14), and for a batch that stores a group
-        (``then_groups``, which takes statements of its own), it settles, then claims: a claim that then
-        fails returns no tasks instead of raising (the settlement counts), and the worker's next claim
-        reports the failure."""
-        if limit <= 0 or not queues:
-            return await self.settle(settlements), []
-        if not settlements:
-            return set(), await self.claim(queues, limit, now=now, lease_until=lease_until, limits=limits)
-        batch = ops.settle_batch(self._statements, settlements, self._slot_names)
-        if batch.stores_groups or not _PIPELINES:
-            lost = await self.settle(settlements)
-            try:
-                claimed = await self.claim(queues, limit, now=now, lease_until=lease_until, limits=limits)
-            except Exception as exc:
-                _log.debug("the claim after a settlement failed: %s", exc)
-                claimed = []
-            return lost, claimed
-        self._note_slot_names(limits)
-        checkout = self._connection(wait=min(self._connect_timeout, _CLAIM_WAIT))
-        async with checkout as connection:
-            return await ops.settle_and_claim(
-                connection,
-                self._statements,
-                batch,
-                list(dict.fromkeys(queues)),
-                limit,
-                now,
-                lease_until,
-                limits,
-                settle_cursor=checkout.second_cursor,
-                claim_cursor=checkout.cursor,
             )
 
     async def extend_leases(self, leases: Sequence[tuple[str, str]], *, lease_until: float) -> set[str]:

@@ -60,7 +60,6 @@ class ConnectionLeases:
         self._idle: list[Connection] = []
         self._leased_at: dict[Connection, float] = {}  # every leased connection, idle or in use
         self._cursors: dict[Connection, Cursor] = {}  # the leases' cursors
-        self._second_cursors: dict[Connection, Cursor] = {}  # the leases' second cursors (pipelines)
         self._closed = False
 
     def connection(
@@ -77,16 +76,6 @@ class ConnectionLeases:
             cursor = connection.cursor(row_factory=tuple_row)
             if connection in self._leased_at:
                 self._cursors[connection] = cursor
-        return cursor
-
-    def second_cursor(self, connection: Connection) -> Cursor:
-        """Another cursor of ``connection``, for a second statement sent in one pipeline with the first (a
-        cursor keeps the results of its last statement only): a lease's own (reused), or a new one."""
-        cursor = self._second_cursors.get(connection)
-        if cursor is None:
-            cursor = connection.cursor(row_factory=tuple_row)
-            if connection in self._leased_at:
-                self._second_cursors[connection] = cursor
         return cursor
 
     async def take(self, wait: float | None) -> Connection:
@@ -124,7 +113,6 @@ class ConnectionLeases:
     def _end(self, connection: Connection) -> None:
         del self._leased_at[connection]
         self._cursors.pop(connection, None)
-        self._second_cursors.pop(connection, None)
 
     async def give_back(self, connection: Connection) -> None:
         """Return ``connection`` to the pool (shielded: it must not be lost to a cancellation)."""
@@ -163,11 +151,6 @@ class Checkout:
     def cursor(self) -> Cursor:
         """A cursor of the connection taken (see :meth:`ConnectionLeases.cursor`)."""
         return self._leases.cursor(self._connection)
-
-    @property
-    def second_cursor(self) -> Cursor:
-        """Another cursor of the connection taken (see :meth:`ConnectionLeases.second_cursor`)."""
-        return self._leases.second_cursor(self._connection)
 
     async def __aexit__(self, *exc_info: object) -> None:
         connection = self._connection

@@ -16,7 +16,6 @@ import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-import anyio
 import psycopg
 import psycopg.errors
 from psycopg import sql
@@ -62,10 +61,7 @@ __all__ = [
     "requeue",
     "resume",
     "save_progress",
-    "SettleBatch",
     "settle",
-    "settle_and_claim",
-    "settle_batch",
     "stats",
 ]
 
@@ -426,43 +422,6 @@ def _sort_number(value: object) -> float:
     return float(value) if isinstance(value, (int, float)) else 0.0
 
 
-async def _abandon(connection: Connection) -> None:
-    """Close ``connection`` (shielded: it must not stay open half used); the pool replaces it."""
-    with anyio.CancelScope(shield=True):
-        await connection.close()
-
-
-def _claim_statement(
-    st: Statements,
-    queues: Sequence[str],
-    limit: int,
-    now: float,
-    lease_until: float,
-    limits: Mapping[str, FlowLimits] | None,
-) -> tuple[bytes, dict[str, Any]]:
-    """The claim's statement and parameters (see :func:`claim`); raises ``ValueError`` for bad limits."""
-    limited = _limited(limits)
-    params: dict[str, Any] = {
-        "queues": list(queues),
-        "now": now,
-        "limit": limit,
-        "lease_until": lease_until,
-    }
-    if not limited:
-        return st.claim, {**params, "queues": TextArray(queues), "held": TextArray()}
-    names = sorted(limited)
-    flows = [limited[name] for name in names]
-    return st.claim_limited, {
-        **params,
-        "space": st.lock_space,
-        "names": names,
-        "rate": [None if f.rate is None else float(f.rate) for f in flows],
-        "per": [None if f.per is None else float(f.per) for f in flows],
-        "max_running": [f.max_running for f in flows],
-        "per_key": [f.max_running_per_key for f in flows],
-    }
-
-
 async def claim(
     connection: Connection,
     st: Statements,
@@ -484,8 +443,30 @@ async def claim(
     bucket there is exact. Names without limits keep SKIP LOCKED; nothing waits on a row.
     """
     cursor = _cursor(connection) if cursor is None else cursor
-    statement, params = _claim_statement(st, queues, limit, now, lease_until, limits)
-    await cursor.execute(statement, params)
+    limited = _limited(limits)
+    params: dict[str, Any] = {
+        "queues": list(queues),
+        "now": now,
+        "limit": limit,
+        "lease_until": lease_until,
+    }
+    if not limited:
+        await cursor.execute(st.claim, {**params, "queues": TextArray(queues), "held": TextArray()})
+    else:
+        names = sorted(limited)
+        flows = [limited[name] for name in names]
+        await cursor.execute(
+            st.claim_limited,
+            {
+                **params,
+                "space": st.lock_space,
+                "names": names,
+                "rate": [None if f.rate is None else float(f.rate) for f in flows],
+                "per": [None if f.per is None else float(f.per) for f in flows],
+                "max_running": [f.max_running for f in flows],
+                "per_key": [f.max_running_per_key for f in flows],
+            },
+        )
     return _claimed(await cursor.fetchall(), queues)
 
 
@@ -540,28 +521,19 @@ async def extend_leases(
     return {task_id for task_id in ids if task_id not in held}
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class SettleBatch:
-    """A settlement batch ready to send: its statement and parameters, the first settlement of each task
-    (a repeat finds the lease gone) and the ids of the repeats, and whether an applied settlement may store
-    a group (``then_groups``: then it takes a transaction of its own, see :func:`settle`)."""
-
-    statement: bytes
-    params: tuple[Any, ...]
-    first: list[Settlement]
-    repeated: set[str]
-    stores_groups: bool
-
-    def not_applied(self, rows: Iterable[Sequence[Any]]) -> set[str]:
-        """The ids not applied, from the statement's ``rows`` (the applied ids, and rows with none)."""
-        applied = {row[0] for row in rows if row[0] is not None}
-        return {s.task_id for s in self.first if s.task_id not in applied} | self.repeated
-
-
-def settle_batch(
-    st: Statements, settlements: Sequence[Settlement], slot_names: Sequence[str] = ()
-) -> SettleBatch:
-    """Check ``settlements`` and build the settlement statement's parameters (see :func:`settle`)."""
+async def settle(
+    connection: Connection,
+    st: Statements,
+    settlements: Sequence[Settlement],
+    slot_names: Sequence[str] = (),
+    *,
+    cursor: Cursor | None = None,
+) -> set[str]:
+    """Apply every settlement whose lease is held, with its ``then`` tasks (and a debounce's follow-up run)
+    and the group bookkeeping of the members among them, in one statement; the ``then_groups`` of the applied
+    ones are stored in the same transaction. A settled task named in ``slot_names`` (names limited by
+    ``max_running`` or ``max_running_per_key``) notifies its queue, since its slot may let a held task
+    start. Every applied settlement sends a "settled" notice."""
     rows: list[tuple[Any, ...]] = []
     follow_ups: list[NewTask] = []
     parents: list[str] = []
@@ -609,6 +581,7 @@ def settle_batch(
         BytesArray(columns[6]),
         IntArray(columns[7]),
     )
+    cursor = _cursor(connection) if cursor is None else cursor
     statement = st.settle
     params: tuple[Any, ...]
     if follow_ups:
@@ -626,81 +599,22 @@ def settle_batch(
     else:
         statement = st.settle_plain
         params = (*arrays, ids, st.notice_channel, st.notice_channel, TextArray(slot_names), st.channel)
-    return SettleBatch(statement, params, first, repeated, any(s.then_groups for s in first))
-
-
-async def settle(
-    connection: Connection,
-    st: Statements,
-    settlements: Sequence[Settlement],
-    slot_names: Sequence[str] = (),
-    *,
-    cursor: Cursor | None = None,
-) -> set[str]:
-    """Apply every settlement whose lease is held, with its ``then`` tasks (and a debounce's follow-up run)
-    and the group bookkeeping of the members among them, in one statement; the ``then_groups`` of the applied
-    ones are stored in the same transaction. A settled task named in ``slot_names`` (names limited by
-    ``max_running`` or ``max_running_per_key``) notifies its queue, since its slot may let a held task
-    start. Every applied settlement sends a "settled" notice."""
-    batch = settle_batch(st, settlements, slot_names)
-    cursor = _cursor(connection) if cursor is None else cursor
-    if not batch.stores_groups:
-        await cursor.execute(batch.statement, batch.params)
-        return batch.not_applied(await cursor.fetchall())
-    # A chain step that is a group: stored in the settlement's transaction.
-    async with connection.transaction():
-        await cursor.execute(batch.statement, batch.params)
-        rows = await cursor.fetchall()
-        applied = {row[0] for row in rows if row[0] is not None}
-        for s in batch.first:
-            if s.task_id not in applied:
-                continue
-            for group in s.then_groups:
-                # Stored as enqueue_group stores it, in a savepoint: a group whose id exists, or with a
-                # member id that is live (or in an open uniqueness window), is skipped whole.
-                with contextlib.suppress(DuplicateTaskError):
-                    await enqueue_group(connection, st, group)
-    return batch.not_applied(rows)
-
-
-async def settle_and_claim(
-    connection: Connection,
-    st: Statements,
-    batch: SettleBatch,
-    queues: Sequence[str],
-    limit: int,
-    now: float,
-    lease_until: float,
-    limits: Mapping[str, FlowLimits] | None,
-    *,
-    settle_cursor: Cursor,
-    claim_cursor: Cursor,
-) -> tuple[set[str], list[ClaimedTask]]:
-    """Apply ``batch`` (one that stores no group), then claim as :func:`claim` does, in one transaction and
-    one round trip; return the ids not applied and the claimed tasks.
-
-    The two statements go in one pipeline with one ``Sync`` after them: the server runs what comes before a
-    ``Sync`` outside a transaction block as one implicit transaction, so the claim sees what the settlement
-    freed (a retry due now), and an error in either rolls both back (the claim's statement is skipped after
-    a failed settlement). ``connection`` must be in autocommit mode outside any transaction (a pooled
-    connection); the two cursors differ (a cursor keeps its last statement's results only)."""
-    statement, params = _claim_statement(st, queues, limit, now, lease_until, limits)
-    try:
-        async with connection.pipeline():
-            try:
-                await settle_cursor.execute(batch.statement, batch.params)
-                await claim_cursor.execute(statement, params)
-            except BaseException:
-                # Interrupted before the Sync (a cancellation, an error of the client, or the server's error
-                # read early): leaving the block would send the Sync, and the server would commit what it
-                # got. Closing the connection instead ends the implicit transaction uncommitted.
-                await _abandon(connection)
-                raise
-    except BaseException:
-        if not connection.closed and connection.pgconn.pipeline_status:
-            await _abandon(connection)  # left in pipeline mode: of no use to the next caller
-        raise
-    return batch.not_applied(await settle_cursor.fetchall()), _claimed(await claim_cursor.fetchall(), queues)
+    if not any(s.then_groups for s in first):
+        await cursor.execute(statement, params)
+        applied = {row[0] for row in await cursor.fetchall() if row[0] is not None}
+    else:  # a chain step that is a group: stored in the settlement's transaction
+        async with connection.transaction():
+            await cursor.execute(statement, params)
+            applied = {row[0] for row in await cursor.fetchall() if row[0] is not None}
+            for s in first:
+                if s.task_id not in applied:
+                    continue
+                for group in s.then_groups:
+                    # Stored as enqueue_group stores it, in a savepoint: a group whose id exists, or with a
+                    # member id that is live (or in an open uniqueness window), is skipped whole.
+                    with contextlib.suppress(DuplicateTaskError):
+                        await enqueue_group(connection, st, group)
+    return {s.task_id for s in first if s.task_id not in applied} | repeated
 
 
 async def next_due(
