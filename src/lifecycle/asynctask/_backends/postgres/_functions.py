@@ -75,18 +75,19 @@ _ONE_PAYLOAD = 2 * NOTICE_ID_BYTES
 """Ids that take up to this many bytes in all (as JSON, with separators) go in one payload."""
 
 
-def notice_query(kind: str, source: str) -> str:
+def notice_query(kind: str, source: str, channel: str = "{notice_channel}") -> str:
     """A query that sends the notices of kind ``kind`` (SQL text: ``'c'`` cancel, ``'s'`` settled) for the
     ids of ``source`` (a query with columns ``id`` and ``ord``, the order to send them in): its payload is the
     kind letter then a JSON array of ids, under 8000 bytes. Ids that fit go in one ``NOTIFY`` (the common
     case: a settlement batch is one); more are split into chunks (see :data:`NOTICE_ID_BYTES`), which the
     query computes only when needed (a one-time filter). Returns one row per ``NOTIFY`` sent, none for no
-    ids."""
+    ids. ``channel`` is the SQL text of the channel, twice in the query: by default the notice channel as a
+    literal (``{notice_channel}``, filled in with the schema's), or a parameter such as ``%s``."""
     size = "sum(octet_length(to_json({0}.id)::text) + 2)"
     return (
-        f"SELECT pg_notify({{notice_channel}}, {kind} || json_agg(x.id ORDER BY x.ord)::text) "
+        f"SELECT pg_notify({channel}, {kind} || json_agg(x.id ORDER BY x.ord)::text) "
         f"FROM ({source}) AS x HAVING count(*) > 0 AND {size.format('x')} <= {_ONE_PAYLOAD} "
-        f"UNION ALL SELECT pg_notify({{notice_channel}}, {kind} || json_agg(n.id ORDER BY n.ord)::text) "
+        f"UNION ALL SELECT pg_notify({channel}, {kind} || json_agg(n.id ORDER BY n.ord)::text) "
         "FROM (SELECT x.id, x.ord, sum(octet_length(to_json(x.id)::text) + 2) OVER ("
         "ORDER BY x.ord ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS reach "
         f"FROM ({source}) AS x WHERE octet_length(to_json(x.id)::text) <= {NOTICE_ID_BYTES}) AS n "

@@ -31,7 +31,7 @@ import psycopg
 from psycopg import sql
 
 from ...._redact import library_logger
-from ..._records import Notice
+from ..._records import Notice, new_notice
 
 __all__ = ["Listener"]
 
@@ -189,9 +189,10 @@ class Listener:
         if kind is None or not isinstance(ids, list):
             _log.debug("ignored a notice payload that is not ours: %r", payload[:200])
             return
+        notices = self._notices
         for task_id in ids:
-            if isinstance(task_id, str):
-                self._notices.append(Notice(kind, task_id))  # type: ignore[arg-type]
+            if type(task_id) is str:  # json.loads makes plain str
+                notices.append(new_notice(kind, task_id))
         self._set_noticed()
 
     def _set_noticed(self) -> None:

@@ -411,9 +411,11 @@ def _claimed(rows: list[TupleRow], queues: Sequence[str]) -> list[ClaimedTask]:
     claim order."""
     # RETURNING has no order: put the rows back into (queue order, priority, run_at, enqueue order).
     order = {queue: index for index, queue in enumerate(queues)}
-    leased = [row for row in rows if row[6] == TaskState.ACTIVE.value]
+    active = TaskState.ACTIVE.value
+    leased = [row for row in rows if row[6] == active]
     leased.sort(key=lambda row: (order.get(row[4], len(order)), -_sort_number(row[18]), row[11], row[0]))
-    return [ClaimedTask(token=row[1], record=record_from_row(row[2:])) for row in leased]
+    claimed, read = _records.new_claimed_task, _records.record_from_row
+    return [claimed(row[1], read(row[2:], bytes)) for row in leased]
 
 
 def _sort_number(value: object) -> float:
@@ -588,12 +590,15 @@ async def settle(
             ids,
             *_new_task_arrays(follow_ups),
             parents,
+            st.notice_channel,
+            st.notice_channel,
             TextArray(slot_names),
             st.channel,
             st.channel,
         )
     else:
-        statement, params = st.settle_plain, (*arrays, ids, TextArray(slot_names), st.channel)
+        statement = st.settle_plain
+        params = (*arrays, ids, st.notice_channel, st.notice_channel, TextArray(slot_names), st.channel)
     if not any(s.then_groups for s in first):
         await cursor.execute(statement, params)
         applied = {row[0] for row in await cursor.fetchall() if row[0] is not None}
