@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from lifecycle.asynctask._records import (
     RECORD_FIELDS,
     ClaimedTask,
+    Notice,
     TaskRecord,
     TaskState,
     _new_record,
@@ -20,6 +21,7 @@ from lifecycle.asynctask._records import (
     _row_as_written,
     _text_as_written,
     new_claimed_task,
+    new_notice,
     record_from_row,
     record_from_text,
 )
@@ -146,3 +148,11 @@ def test_the_positional_builders_make_what_the_classes_make() -> None:
         record.id = "other"  # type: ignore[misc]
     claimed = new_claimed_task("token", record)
     assert (type(claimed), claimed) == (ClaimedTask, ClaimedTask("token", record))
+    notice = new_notice("settled", "t-1")
+    assert (type(notice), notice, hash(notice)) == (
+        Notice,
+        Notice("settled", "t-1"),
+        hash(Notice("settled", "t-1")),
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        notice.task_id = "other"  # type: ignore[misc]

@@ -323,7 +323,7 @@ _new_record = _fast_constructor(TaskRecord, "_new_record")
 new_claimed_task: Callable[[str, TaskRecord], ClaimedTask]
 new_claimed_task = _fast_constructor(ClaimedTask, "new_claimed_task")
 """``ClaimedTask(token, record)``, as the backends build one per claimed task: faster than ``__init__``."""
-new_notice: Callable[[str, str], Notice] = _positional_builder(Notice)
+new_notice: Callable[[str, str], Notice] = _fast_constructor(Notice, "new_notice")
 """``Notice(kind, task_id)``, as a backend builds one per id of a notice it receives: faster than
 ``__init__``."""
 
