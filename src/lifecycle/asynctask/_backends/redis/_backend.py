@@ -477,30 +477,6 @@ class RedisBackend:
             args += settlement_args(settlement)
         return args, repeated
 
-    async def settle_and_claim(
-        self,
-        settlements: Sequence[Settlement],
-        queues: Sequence[str],
-        limit: int,
-        *,
-        now: float,
-        lease_until: float,
-        limits: Mapping[str, FlowLimits] | None = None,
-    ) -> tuple[set[str], list[ClaimedTask]]:
-        """:meth:`settle`, then :meth:`claim`, their two script calls sent together (one round trip instead
-        of two: a worker's claim takes along the verdicts waiting to be saved); returns the lost ids and the
-        claimed tasks. A failed attempt is repeated as the two calls are, each with its own arguments again
-        (the settlement counts as applied once, the claim returns what it leased)."""
-        runner = self._run()
-        if not settlements:
-            return set(), await self.claim(queues, limit, now=now, lease_until=lease_until, limits=limits)
-        if not queues or limit <= 0:
-            return await self.settle(settlements), []
-        settle_args, repeated = self._settle_args(settlements)
-        call, claim_args = self._claim_args(queues, limit, now, lease_until, limits)
-        lost, reply = await runner.run_pair("settle", settle_args, "claim", claim_args)
-        return {task_id.decode() for task_id in lost} | repeated, self._claimed(call, reply)
-
     async def cancel_requests(self, task_ids: Sequence[str]) -> set[str]:
         """Of ``task_ids``, those ``ACTIVE`` whose cancellation was asked; one read-only script call. See
         :meth:`Backend.cancel_requests`."""

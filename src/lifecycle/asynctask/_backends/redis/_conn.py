@@ -31,7 +31,7 @@ from redis.asyncio.connection import (
 )
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ClusterDownError, NoScriptError, ReadOnlyError, ResponseError, TryAgainError
+from redis.exceptions import ClusterDownError, NoScriptError, ReadOnlyError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -384,62 +384,6 @@ class ScriptRunner:
         if earliest < math.inf:
             self._alarm = loop.call_at(earliest, self._expire)
 
-    async def run_pair(
-        self,
-        first: str,
-        first_args: Sequence[str | bytes | int],
-        then: str,
-        then_args: Sequence[str | bytes | int],
-    ) -> tuple[Any, Any]:
-        """Scripts ``first`` and ``then``, each as :meth:`run` runs it, sent together on one kept connection
-        (one round trip, the server runs them in order); their replies. When anything goes wrong (a lost
-        connection, a timeout, a script the server forgot or refused), both run again one after the other
-        through :meth:`run`: every script is idempotent under a repeat with the same arguments."""
-        pool = self._pool
-        if pool is not None:
-            one = (SCRIPTS[first].sha, self._anchor, self.prefix, *first_args)
-            two = (SCRIPTS[then].sha, self._anchor, self.prefix, *then_args)
-            replies: tuple[Any, Any] | None = None
-            scope = anyio.CancelScope(deadline=anyio.current_time() + self._socket_timeout)
-            with scope:
-                try:
-                    replies = await self._evalsha_pair(pool, one, two)
-                except RETRYABLE:
-                    pass
-            if replies is not None and not any(isinstance(reply, ResponseError) for reply in replies):
-                return replies
-        return await self.run(first, first_args), await self.run(then, then_args)
-
-    async def _evalsha_pair(
-        self,
-        pool: aioredis.ConnectionPool,
-        one: tuple[str | bytes | int, ...],
-        two: tuple[str | bytes | int, ...],
-    ) -> tuple[Any, Any]:
-        """``EVALSHA`` of ``one`` and ``two`` (sha, then keys and arguments) in one write; both replies read
-        (an error reply as its exception), so the connection is clean for its next use."""
-        idle = self._idle
-        if idle:
-            connection = idle.pop()
-            try:
-                await pool.ensure_connection(connection)
-            except BaseException:
-                await pool.release(connection)
-                raise
-        else:
-            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            packed = connection.pack_commands(
-                [("EVALSHA", one[0], 1, *one[1:]), ("EVALSHA", two[0], 1, *two[1:])]
-            )
-            await connection.send_packed_command(packed)
-            return await _reply_or_error(connection), await _reply_or_error(connection)
-        finally:
-            if len(idle) < self._keep:
-                idle.append(connection)
-            else:
-                await pool.release(connection)
-
     async def run(
         self,
         name: str,
@@ -529,15 +473,6 @@ class ScriptRunner:
         if scope.cancelled_caught and anyio.current_time() >= scope.deadline:
             raise TimeoutError
         return None
-
-
-async def _reply_or_error(connection: AbstractConnection) -> Any:
-    """The next reply on ``connection``; an error reply (a script's error, ``NOSCRIPT``) as its exception,
-    returned rather than raised, so that the replies behind it are read too."""
-    try:
-        return await connection.read_response()
-    except ResponseError as exc:
-        return exc
 
 
 def unusable(url: str, exc: BaseException) -> BackendError:
