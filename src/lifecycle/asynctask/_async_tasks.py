@@ -1406,9 +1406,7 @@ class AsyncTasks:
                 now = self._clock()
             if any(task.run_at <= now for task in tasks):
                 worker.wake()
-        changed, self._changed = self._changed, None
-        if changed is not None:
-            changed.set()
+        self._notify_changed()
 
     def _notify_changed(self) -> None:
         changed, self._changed = self._changed, None

@@ -33,20 +33,19 @@ __all__ = [
     "new_task_ids",
 ]
 
-# The version (4) and variant (RFC 4122) bits of a random UUID, as uuid.uuid4() sets them.
-_UUID4_CLEAR = ~(0xF000 << 64 | 0xC000 << 48)
-_UUID4_SET = 0x4000 << 64 | 0x8000 << 48
-
-
-# The same bits set byte by byte: byte 6 holds the version, byte 8 the variant.
+# The version (4) and variant (RFC 4122) bits of a random UUID, as uuid.uuid4() sets them, byte by byte:
+# byte 6 holds the version, byte 8 the variant (each table maps a random byte to that byte with them set).
 _UUID4_VERSION_BYTE = bytes(value & 0x0F | 0x40 for value in range(256))
 _UUID4_VARIANT_BYTE = bytes(value & 0x3F | 0x80 for value in range(256))
 
 
 def new_task_id() -> str:
     """A new random task id: ``uuid.uuid4().hex``, made without building a ``UUID`` object (half its CPU,
-    which counts on every enqueue; ``bytes.hex`` is quicker than formatting the integer)."""
-    return (int.from_bytes(os.urandom(16), "big") & _UUID4_CLEAR | _UUID4_SET).to_bytes(16, "big").hex()
+    which counts on every enqueue)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = _UUID4_VERSION_BYTE[raw[6]]
+    raw[8] = _UUID4_VARIANT_BYTE[raw[8]]
+    return raw.hex()
 
 
 def new_task_ids(count: int) -> Callable[[], str]:

@@ -411,19 +411,8 @@ class RedisBackend:
         runner = self._run()
         if not queues or limit <= 0:
             return []
-        call, args = self._claim_args(queues, limit, now, lease_until, limits)
-        return self._claimed(call, await runner.run("claim", args))
-
-    def _claim_args(
-        self,
-        queues: Sequence[str],
-        limit: int,
-        now: float,
-        lease_until: float,
-        limits: Mapping[str, FlowLimits] | None,
-    ) -> tuple[str, list[str | bytes]]:
         call = self._call_id()
-        args: list[str | bytes] = [
+        args = [
             time_text(now),
             sortable_time(now),
             time_text(lease_until),
@@ -433,9 +422,7 @@ class RedisBackend:
             *limits_args(limits),
             *dict.fromkeys(queues),
         ]
-        return call, args
-
-    def _claimed(self, call: str, reply: Any) -> list[ClaimedTask]:
+        reply = await runner.run("claim", args)
         more, tasks = reply[0], reply[1:]
         self._last_claim = call if tasks else ""
         if (tasks or more == b"1") and self._waiting is not None:
@@ -458,24 +445,18 @@ class RedisBackend:
         runner = self._run()
         if not settlements:
             return set()
-        args, repeated = self._settle_args(settlements)
-        lost = await runner.run("settle", args)
-        return {task_id.decode() for task_id in lost} | repeated
-
-    def _settle_args(self, settlements: Sequence[Settlement]) -> tuple[list[str | bytes], set[str]]:
-        """The settle script's arguments, and the ids of the settlements left out: a second one of a lease
-        (the first ends it, so the second finds it gone: lost)."""
         args: list[str | bytes] = [self._call_id(), self._marker_seconds]
         leases: set[tuple[str, str]] = set()
         repeated: set[str] = set()
         for settlement in settlements:
             lease = (settlement.task_id, settlement.token)
-            if lease in leases:
+            if lease in leases:  # the first settlement of a lease ends it: a second one finds it gone
                 repeated.add(settlement.task_id)
                 continue
             leases.add(lease)
             args += settlement_args(settlement)
-        return args, repeated
+        lost = await runner.run("settle", args)
+        return {task_id.decode() for task_id in lost} | repeated
 
     async def cancel_requests(self, task_ids: Sequence[str]) -> set[str]:
         """Of ``task_ids``, those ``ACTIVE`` whose cancellation was asked; one read-only script call. See
