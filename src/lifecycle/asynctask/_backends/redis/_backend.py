@@ -429,6 +429,54 @@ class RedisBackend:
             self._waiting.claimed()
         return claimed_tasks(tasks)
 
+    async def wait_and_claim(
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
+        timeout: float,
+        woken: anyio.Event,
+    ) -> list[ClaimedTask] | None:
+        """:meth:`wait_for_work` on ``queues``, ended early when ``woken`` is set, then :meth:`claim` as it
+        runs the moment the wait ends, in the wait's own round trip: the claim script is written behind the
+        ``BLPOP``, on the same connection, and the server runs it when the ``BLPOP`` returns (so a task
+        enqueued during the wait is leased without a second round trip). See :class:`WaitAndClaim`.
+
+        The claim's ``now`` is ``now`` (read before this call) advanced by the time the server's clock
+        measured from the wait's beginning to the claim, so no clock skew between this host and the server
+        enters, and ``now`` is never ahead of the real time; ``lease_until`` is advanced alike. An ACL user
+        who may not run ``TIME`` waits as :meth:`wait_for_work` does, and no claim follows."""
+        self._run()
+        assert self._waiting is not None
+        if not queues or limit <= 0:
+            await self._waiting.wait(queues, timeout)
+            return None
+        call = self._call_id()
+
+        def claim_args(began: str) -> list[str]:
+            return [
+                time_text(now),
+                began,
+                time_text(lease_until),
+                str(int(limit)),
+                call,
+                self._last_claim,
+                *limits_args(limits),
+                *dict.fromkeys(queues),
+            ]
+
+        reply = await self._waiting.wait_then_claim(queues, timeout, woken, claim_args)
+        if reply is None:
+            return None
+        more, tasks = reply[0], reply[1:]
+        self._last_claim = call if tasks else ""
+        if tasks or more == b"1":
+            self._waiting.claimed()
+        return claimed_tasks(tasks)
+
     async def extend_leases(self, leases: Sequence[tuple[str, str]], *, lease_until: float) -> set[str]:
         """Renew every held lease in one script call; see :meth:`Backend.extend_leases`."""
         runner = self._run()

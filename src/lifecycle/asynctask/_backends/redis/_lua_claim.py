@@ -50,7 +50,11 @@ claim meets them in a ready set)."""
 
 # ARGV: P, now, now as sortable hex, lease_until, limit, call id, previous call id or '', limit count, then
 # per limited name: name, rate, per, max_running, max_running_per_key ('' when not set); then queues... in
-# priority order.
+# priority order. A claim sent behind a wait (in the same write, so it runs when the wait ends) gives instead
+# of the sortable hex '@<seconds> <microseconds>': the server's TIME when the wait began, which prepare_wait
+# returned; now and lease_until are then the caller's, read before that, and are advanced here by the time
+# the server measured since (so no clock skew between client and server enters, and now is never later than
+# the caller's clock).
 # Returns '1' when the call stopped at one of its bounds (more may be due) else '0', then 25 values per
 # claimed task: token, id, the 23 record FIELDS... (see FIELDS). Every record's change stands alone: a
 # damaged field is never computed with (the record is leased and returned as stored, for the engine to
@@ -63,6 +67,22 @@ if redis.call('EXISTS', log) == 1 then
   local again = replay(log, callid)
   table.insert(again, 1, '0')
   return again
+end
+if string.sub(SNOW, 1, 1) == '@' then
+  local s0, u0 = string.match(SNOW, '^@(%d+) (%d+)$')
+  local t = redis.pcall('TIME')  -- refused to an ACL user without it: no time passed, then
+  local passed = 0
+  if not t.err then passed = (tonumber(t[1]) - tonumber(s0)) + (tonumber(t[2]) - tonumber(u0)) / 1000000 end
+  if passed < 0 then passed = 0 end
+  now = string.format('%.17g', tonumber(now) + passed)
+  lease = string.format('%.17g', tonumber(lease) + passed)
+  local b = {string.byte(struct.pack('>d', tonumber(now)), 1, 8)}  -- as sortable_time() does
+  if b[1] >= 128 then
+    for i = 1, 8 do b[i] = 255 - b[i] end
+  else
+    b[1] = b[1] + 128
+  end
+  SNOW = string.format('%02x%02x%02x%02x%02x%02x%02x%02x', unpack(b))
 end
 local NOW = tonumber(now)
 local DUE = SNOW .. 'g'
@@ -505,12 +525,20 @@ notified()
 return out
 """
 
-# ARGV: P, alarm key, queues... Drops stale wake-up tokens (and the caller's alarm) and returns {time, what}
-# of the first thing of the queues a claim may act on (or nil): the first ready task (its run_at), the first
-# delayed task, the first parked set due for a recheck (a freed slot: -inf; a rate bucket: when it refills).
-# Paused queues are left out. Atomic, so a wake-up pushed after it is never lost and one pushed before is
-# reflected in what it returns.
+# ARGV: P, alarm key, '1' to read the server's time (else '0'), queues... Drops stale wake-up tokens (and the
+# caller's alarm) and returns the server's TIME (seconds, microseconds: what a claim sent behind the wait
+# measures from; '', '' when not asked, or for an ACL user who may not run TIME, which the documented least
+# rights leave out), then time and what of the
+# first thing of the queues a claim may act on (none when there is nothing): the first ready task (its
+# run_at), the first delayed task, the first parked set due for a recheck (a freed slot: -inf; a rate bucket:
+# when it refills). Paused queues are left out. Atomic, so a wake-up pushed after it is never lost and one
+# pushed before is reflected in what it returns.
 _PREPARE_WAIT = """
+local began = {'', ''}
+if ARGV[3] == '1' then
+  began = redis.pcall('TIME')
+  if began.err then began = {'', ''} end
+end
 redis.call('DEL', ARGV[2])
 local paused = {}
 for _, q in ipairs(redis.call('SMEMBERS', P .. 'paused')) do paused[q] = true end
@@ -529,7 +557,7 @@ local function unsortable(hex)
   end
   return string.format('%.17g', struct.unpack('>d', string.char(unpack(b))))
 end
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local q = ARGV[i]
   redis.call('DEL', P .. 'w:' .. q)
   if not paused[q] then
@@ -551,8 +579,8 @@ for i = 3, #ARGV do
     end
   end
 end
-if best then return {best[1], best[2]} end
-return nil
+if best then return {began[1], began[2], best[1], best[2]} end
+return began
 """
 
 # ARGV: P, queue. Pauses the queue (idempotent).

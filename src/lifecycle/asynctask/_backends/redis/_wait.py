@@ -5,17 +5,23 @@ work is due already, a BLPOP on the queues' wake-up lists blocks until an enqueu
 pushes a token, or until the first delayed task is due. Redis ends a blocking command only on its next cron
 tick (up to 100 ms late), so for an exact wake-up the waiter pushes to its own alarm list when the time is
 up, which ends its BLPOP at once.
+
+A worker that claims as soon as the wait ends sends its claim script behind the BLPOP, in the same write
+(:meth:`Waiter.wait_then_claim`): the server runs it the moment the BLPOP returns, so the task that woke the
+worker comes back in the wait's own round trip instead of one more. The claim measures the time since the
+wait began on the server's clock (see the claim script), so its ``now`` is the caller's clock then, never
+ahead of it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, cast
 
 import anyio
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from ...._redact import library_logger
 from ._conn import RETRYABLE, ScriptRunner, close_clients
@@ -60,25 +66,119 @@ class Waiter:
         if not names:
             await anyio.sleep(max(0.0, pause))
             return
-        first = await self._runner.run("prepare_wait", [self._alarm, *names])
-        if first is not None:
-            due_in = float(first[0]) - self._clock()
-            if due_in <= 0:
-                head = (names, first[0], first[1])
-                if self._reported != head:
-                    self._reported = head
-                    return
-            else:
-                pause = min(pause, due_in)
+        pause, _ = await self._prepare(names, pause, timed=False)
+        await self._block_prepared(names, pause)
+
+    async def _block_prepared(self, names: tuple[str, ...], pause: float) -> None:
+        """The rest of :meth:`wait` once prepare_wait has run."""
         if not pause > 0:  # also NaN
             return
-        keys = [*(f"{self._prefix}w:{name}" for name in names), self._alarm]
         try:
-            await self.block(keys, pause)
+            await self.block(self._keys(names), pause)
         except RETRYABLE as exc:
             # The connection dropped (a restart?): the next claim reconnects; do not spin meanwhile.
             _log.debug("wait_for_work: Redis connection lost (%s)", exc)
             await anyio.sleep(min(pause, 0.25))
+
+    async def wait_then_claim(
+        self,
+        queues: Sequence[str],
+        timeout: float,
+        woken: anyio.Event,
+        claim_args: Callable[[str], list[str]],
+    ) -> Any:
+        """:meth:`wait`, ended early when ``woken`` is set, with the claim script sent behind the BLPOP on the
+        same connection, in the same write. ``claim_args(began)`` gives the claim's arguments, ``began`` what
+        the claim script takes in place of the sortable ``now`` (the server's time when the wait began; the
+        caller's ``now`` must be read before this call). Returns the claim script's reply, also when
+        ``woken`` ended the wait (the claim has run by then), or ``None`` when no claim was sent: work is due
+        already, ``woken`` was set before the wait began, a Redis Cluster client. After a lost connection the
+        claim is sent again with the same arguments, through the runner (its call log makes a repeat of a
+        claim that ran return what it leased)."""
+        names = tuple(dict.fromkeys(queues))
+        pause = min(float(timeout), LONGEST_WAIT)
+        if not names or not isinstance(self._client, aioredis.Redis):
+            # Nothing to send a claim behind (a cluster client has no connection of its own to write both
+            # on): wait as wait() does, until woken.
+            await _until_set(woken, self.wait(names, pause))
+            return None
+        pause, began = await self._prepare(names, pause, timed=True)
+        if not pause > 0 or woken.is_set():
+            return None
+        if not began:  # the server's time is not ours to read: no claim can follow the wait
+            await _until_set(woken, self._block_prepared(names, pause))
+            return None
+        args = claim_args(began)
+        runner = self._runner
+        claim = runner.command("claim", args)
+        try:
+            return await self._block_then_claim(self._keys(names), pause, woken, claim)
+        except (*RETRYABLE, NoScriptError) as exc:
+            # Whether the claim ran is unknown (or it did not: its script was not loaded): send it again.
+            _log.debug("wait_for_work: the claim behind the wait failed (%s); repeating it", exc)
+            return await runner.run("claim", args)
+
+    async def _prepare(self, names: tuple[str, ...], pause: float, *, timed: bool) -> tuple[float, str]:
+        """Run prepare_wait: how long to wait (``0`` when work is due now and was not reported yet), and, when
+        ``timed``, the server's time when it ran, as a claim sent behind the wait takes it (else ``""``)."""
+        reply = await self._runner.run("prepare_wait", [self._alarm, "1" if timed else "0", *names])
+        began = f"@{int(reply[0])} {int(reply[1])}" if reply[0] else ""
+        if len(reply) > 2:
+            due_in = float(reply[2]) - self._clock()
+            if due_in <= 0:
+                head = (names, reply[2], reply[3])
+                if self._reported != head:
+                    self._reported = head
+                    return 0.0, began
+            else:
+                pause = min(pause, due_in)
+        return pause, began
+
+    def _keys(self, names: tuple[str, ...]) -> list[str]:
+        """The lists a BLPOP for ``names`` waits on: their wake-up lists and this waiter's alarm."""
+        return [*(f"{self._prefix}w:{name}" for name in names), self._alarm]
+
+    async def _block_then_claim(
+        self, keys: list[str], pause: float, woken: anyio.Event, claim: tuple[str | bytes | int, ...]
+    ) -> Any:
+        """BLPOP ``keys`` with ``claim`` behind it, as :meth:`block` does; ring the alarm at the end of
+        ``pause`` or when ``woken`` is set. Returns the claim's reply."""
+        loop = asyncio.get_running_loop()
+        both = loop.create_task(self._send_both(keys, pause, claim))
+        nudged = loop.create_task(woken.wait())
+        try:
+            done, _ = await asyncio.wait((both, nudged), timeout=pause, return_when=asyncio.FIRST_COMPLETED)
+            if both not in done:
+                runner = self._runner
+                await runner.once(lambda: runner.client.lpush(self._alarm, b"1"))
+                await asyncio.wait((both,), timeout=self._socket_timeout)
+        finally:
+            nudged.cancel()
+            if not both.done():
+                await self._end(both)
+        if both.cancelled():  # no answer in time: the connection is gone, the caller repeats the claim
+            raise TimeoutError("no reply from Redis to a claim sent behind a wait")
+        return both.result()
+
+    async def _send_both(self, keys: list[str], pause: float, claim: tuple[str | bytes | int, ...]) -> Any:
+        """Write the BLPOP and ``claim`` at once on one connection of the blocking pool; read both replies,
+        return the claim's. redis-py drops the connection on an error or a cancellation mid-way, so it is
+        never left holding half a reply."""
+        pool = self._client.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await connection.send_packed_command(
+                connection.pack_commands([("BLPOP", *keys, pause + 1.0), claim]), check_health=False
+            )
+            try:
+                await connection.read_response()
+            except RedisError as exc:  # a BLPOP refused (not connection trouble): the claim still ran
+                if isinstance(exc, RETRYABLE):
+                    raise
+                _log.debug("wait_for_work: BLPOP failed (%s)", exc)
+            return await connection.read_response()
+        finally:
+            await pool.release(connection)
 
     async def block(self, keys: list[str], pause: float) -> None:
         """BLPOP ``keys`` for ``pause`` seconds; at the end of ``pause`` ring the alarm (one of ``keys``)."""
@@ -123,3 +223,16 @@ class Waiter:
                 except (RedisError, OSError):
                     pass
         await close_clients(self._client)
+
+
+async def _until_set(event: anyio.Event, waiting: Awaitable[None]) -> None:
+    """Await ``waiting``; cancel it when ``event`` is set first."""
+
+    async def cancel_when_set(scope: anyio.CancelScope) -> None:
+        await event.wait()
+        scope.cancel()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(cancel_when_set, group.cancel_scope)
+        await waiting
+        group.cancel_scope.cancel()
