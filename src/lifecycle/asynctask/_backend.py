@@ -444,7 +444,7 @@ def combined_wait_and_claim(backend: object) -> WaitAndClaim | None:
 def _combined(backend: object, method_name: str, parts: tuple[str, ...]) -> object | None:
     """``backend``'s method ``method_name``, when ``parts``, the methods it does the work of, are those of the
     class that defines it: a subclass (or an instance) that replaces one would be bypassed by it."""
-    method = getattr(backend, method_name, None)
+    method: object = getattr(backend, method_name, None)
     if not callable(method):
         return None
     owner = next((cls for cls in type(backend).__mro__ if method_name in vars(cls)), None)

@@ -331,4 +331,5 @@ async def _calls(admin: aioredis.Redis, command: str) -> int:
 async def _token(backend: RedisBackend, task_id: str) -> str:
     runner = backend._run()
     token = await runner.client.hget(f"{backend.key_prefix}t:{task_id}", "k")
-    return bytes(token).decode()
+    assert isinstance(token, bytes)
+    return token.decode()
