@@ -11,6 +11,7 @@ from types import FrameType
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from ..._core._backoff import Backoff
 from ..._core._loopwatch import LoopBlock, LoopWatch
@@ -224,6 +225,10 @@ class Worker:
                 if waited is not None:
                     self._start(waited)
                     idle = len(waited) < free
+                    if waited:
+                        # The runner starts the task before this loop sends its next wait: the task that
+                        # woke an idle worker starts one script call sooner.
+                        await anyio.lowlevel.checkpoint()
                 continue
             now = clock()
             limits = self._registry.flow_limits()

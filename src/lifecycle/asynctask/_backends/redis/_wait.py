@@ -141,24 +141,20 @@ class Waiter:
     async def _block_then_claim(
         self, keys: list[str], pause: float, woken: anyio.Event, claim: tuple[str | bytes | int, ...]
     ) -> Any:
-        """BLPOP ``keys`` with ``claim`` behind it, as :meth:`block` does; ring the alarm at the end of
-        ``pause`` or when ``woken`` is set. Returns the claim's reply."""
-        loop = asyncio.get_running_loop()
-        both = loop.create_task(self._send_both(keys, pause, claim))
-        nudged = loop.create_task(woken.wait())
+        """BLPOP ``keys`` with ``claim`` behind it, as :meth:`block` does (the alarm rung at the end of
+        ``pause``, or when ``woken`` is set, by a task of its own); returns the claim's reply. The replies are
+        read in this task, so the task that ended the wait is returned without a hop between tasks."""
+        ringer = _Ringer(self._runner, self._alarm, self._socket_timeout)
+        task = asyncio.get_running_loop().create_task(ringer.ring(woken, pause))
         try:
-            done, _ = await asyncio.wait((both, nudged), timeout=pause, return_when=asyncio.FIRST_COMPLETED)
-            if both not in done:
-                runner = self._runner
-                await runner.once(lambda: runner.client.lpush(self._alarm, b"1"))
-                await asyncio.wait((both,), timeout=self._socket_timeout)
+            with ringer.reading:
+                return await self._send_both(keys, pause, claim)
         finally:
-            nudged.cancel()
-            if not both.done():
-                await self._end(both)
-        if both.cancelled():  # no answer in time: the connection is gone, the caller repeats the claim
-            raise TimeoutError("no reply from Redis to a claim sent behind a wait")
-        return both.result()
+            ringer.replied.set()
+            if not ringer.ringing:
+                task.cancel()  # else it ends once its LPUSH is answered: cancelling that drops the connection
+        # Reached only when the ringer gave up on the reply: the connection is dropped, the caller repeats.
+        raise TimeoutError("no reply from Redis to a claim sent behind a wait")
 
     async def _send_both(self, keys: list[str], pause: float, claim: tuple[str | bytes | int, ...]) -> Any:
         """Write the BLPOP and ``claim`` at once on one connection of the blocking pool; read both replies,
@@ -223,6 +219,38 @@ class Waiter:
                 except (RedisError, OSError):
                     pass
         await close_clients(self._client)
+
+
+class _Ringer:
+    """Ends a BLPOP with a claim behind it: rings the alarm at the end of the wait or when woken, which ends
+    the BLPOP (and so runs the claim); cancels ``reading`` when no reply came ``socket_timeout`` later.
+    Ringing keeps the connection, where cancelling the read would make redis-py drop it (a reconnect per
+    wake-up)."""
+
+    def __init__(self, runner: ScriptRunner, alarm: str, socket_timeout: float) -> None:
+        self._runner = runner
+        self._alarm = alarm
+        self._socket_timeout = socket_timeout
+        self.reading = anyio.CancelScope()
+        self.replied = anyio.Event()
+        self.ringing = False
+
+    async def ring(self, woken: anyio.Event, pause: float) -> None:
+        """Wait ``pause`` seconds or for ``woken``; then ring, and give the reply ``socket_timeout``."""
+        with anyio.move_on_after(pause):
+            await woken.wait()
+        if self.replied.is_set():
+            return
+        self.ringing = True
+        runner = self._runner
+        try:
+            await runner.once(lambda: runner.client.lpush(self._alarm, b"1"))
+        except (RedisError, OSError) as exc:
+            _log.debug("wait_for_work: could not ring the alarm (%s)", exc)
+        with anyio.move_on_after(self._socket_timeout):
+            await self.replied.wait()
+        if not self.replied.is_set():
+            self.reading.cancel()
 
 
 async def _until_set(event: anyio.Event, waiting: Awaitable[None]) -> None:
