@@ -301,14 +301,14 @@ async def test_a_claim_behind_a_wait_whose_reply_is_lost_is_repeated_and_returns
     producer = await open_redis()
     now = time.time()
     assert await producer.enqueue_many([_task("kept", now=now, delay=0.1)]) == ["kept"]
-    original = Waiter._send_both
+    original = Waiter._send_all
     replies: list[object] = []
 
     async def lose_the_reply(self: Waiter, *args: object) -> object:
         replies.append(await original(self, *args))  # type: ignore[arg-type]
         raise RedisConnectionError("connection lost after the claim ran")
 
-    monkeypatch.setattr(Waiter, "_send_both", lose_the_reply)
+    monkeypatch.setattr(Waiter, "_send_all", lose_the_reply)
     with anyio.fail_after(PROMPT):
         claimed = await backend.wait_and_claim(
             ["default"], 5, now=now, lease_until=now + 30, timeout=120, woken=anyio.Event()

@@ -441,34 +441,30 @@ class RedisBackend:
         woken: anyio.Event,
     ) -> list[ClaimedTask] | None:
         """:meth:`wait_for_work` on ``queues``, ended early when ``woken`` is set, then :meth:`claim` as it
-        runs the moment the wait ends, in the wait's own round trip: the claim script is written behind the
-        ``BLPOP``, on the same connection, and the server runs it when the ``BLPOP`` returns (so a task
-        enqueued during the wait is leased without a second round trip). See :class:`WaitAndClaim`.
+        runs the moment the wait ends, in the wait's own round trip: prepare_wait, the ``BLPOP`` and the claim
+        script are written at once on the waiting connection, and the server runs the claim when the
+        ``BLPOP`` returns (so a task enqueued during the wait is leased without a second round trip). Work due
+        by ``now`` already ends the wait at once (prepare_wait rings the alarm). See :class:`WaitAndClaim`.
 
-        The claim's ``now`` is ``now`` (read before this call) advanced by the time the server's clock
-        measured from the wait's beginning to the claim, so no clock skew between this host and the server
-        enters, and ``now`` is never ahead of the real time; ``lease_until`` is advanced alike. An ACL user
-        who may not run ``TIME`` waits as :meth:`wait_for_work` does, and no claim follows."""
+        The claim's ``now`` is ``now`` (read before this call) advanced by the real time that passed since:
+        on this host up to the write, then on the server's clock from the wait's beginning to the claim, so
+        no clock skew between this host and the server enters, and ``now`` stays behind the real time;
+        ``lease_until`` is advanced alike. For an ACL user who may not run ``TIME`` (the documented least
+        rights), only this host's part is added: a task that falls due during the wait is claimed by the
+        next call."""
         self._run()
         assert self._waiting is not None
         if not queues or limit <= 0:
             await self._waiting.wait(queues, timeout)
             return None
+        began = self._waiting.began
         call = self._call_id()
+        rest = [str(int(limit)), call, self._last_claim, *limits_args(limits), *dict.fromkeys(queues)]
 
-        def claim_args(began: str) -> list[str]:
-            return [
-                time_text(now),
-                began,
-                time_text(lease_until),
-                str(int(limit)),
-                call,
-                self._last_claim,
-                *limits_args(limits),
-                *dict.fromkeys(queues),
-            ]
+        def claim_args(later: float) -> list[str]:
+            return [time_text(now + later), began, time_text(lease_until + later), *rest]
 
-        reply = await self._waiting.wait_then_claim(queues, timeout, woken, claim_args)
+        reply = await self._waiting.wait_then_claim(queues, timeout, woken, now, claim_args)
         if reply is None:
             return None
         more, tasks = reply[0], reply[1:]

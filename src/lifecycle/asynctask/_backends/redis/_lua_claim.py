@@ -51,14 +51,10 @@ claim meets them in a ready set)."""
 # ARGV: P, now, now as sortable hex, lease_until, limit, call id, previous call id or '', limit count, then
 # per limited name: name, rate, per, max_running, max_running_per_key ('' when not set); then queues... in
 # priority order. A claim sent behind a wait (in the same write, so it runs when the wait ends) gives instead
-# of the sortable hex '@<seconds> <microseconds>': the server's TIME when the wait began, which prepare_wait
-# returned; now and lease_until are then the caller's, read before that, and are advanced here by the time
-# the server measured since (so no clock skew between client and server enters, and now is never later than
-# the caller's clock).
-# Returns '1' when the call stopped at one of its bounds (more may be due) else '0', then 25 values per
-# claimed task: token, id, the 23 record FIELDS... (see FIELDS). Every record's change stands alone: a
-# damaged field is never computed with (the record is leased and returned as stored, for the engine to
-# report), and an index entry whose record is gone is dropped.
+# of the sortable hex '@' and the key where prepare_wait stored the server's TIME when the wait began; now and
+# lease_until are then the caller's, read before that, and are advanced here by the time the server measured
+# since (so no clock skew between client and server enters, and now is never later than the caller's clock;
+# without the key or TIME, nothing is added).
 _CLAIM = """
 local now, SNOW, lease, limit, callid = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
 forget(ARGV[7])
@@ -69,10 +65,14 @@ if redis.call('EXISTS', log) == 1 then
   return again
 end
 if string.sub(SNOW, 1, 1) == '@' then
-  local s0, u0 = string.match(SNOW, '^@(%d+) (%d+)$')
-  local t = redis.pcall('TIME')  -- refused to an ACL user without it: no time passed, then
   local passed = 0
-  if not t.err then passed = (tonumber(t[1]) - tonumber(s0)) + (tonumber(t[2]) - tonumber(u0)) / 1000000 end
+  local began = redis.call('GET', string.sub(SNOW, 2))
+  if began then redis.call('DEL', string.sub(SNOW, 2)) end  -- once: a later claim never measures from it
+  local s0, u0 = string.match(began or '', '^(%d+) (%d+)$')
+  local t = redis.pcall('TIME')  -- refused to an ACL user without it (prepare_wait then stored nothing)
+  if s0 and not t.err then
+    passed = (tonumber(t[1]) - tonumber(s0)) + (tonumber(t[2]) - tonumber(u0)) / 1000000
+  end
   if passed < 0 then passed = 0 end
   now = string.format('%.17g', tonumber(now) + passed)
   lease = string.format('%.17g', tonumber(lease) + passed)
@@ -525,19 +525,24 @@ notified()
 return out
 """
 
-# ARGV: P, alarm key, '1' to read the server's time (else '0'), queues... Drops stale wake-up tokens (and the
-# caller's alarm) and returns the server's TIME (seconds, microseconds: what a claim sent behind the wait
-# measures from; '', '' when not asked, or for an ACL user who may not run TIME, which the documented least
-# rights leave out), then time and what of the
-# first thing of the queues a claim may act on (none when there is nothing): the first ready task (its
+# ARGV: P, alarm key, the caller's now ('' for a plain wait), then the time and what of a due thing the
+# caller could not claim ('' ''), then queues... Drops stale wake-up tokens (and the caller's alarm) and
+# returns {time, what} of the first thing of the queues a claim may act on (or nil): the first ready task (its
 # run_at), the first delayed task, the first parked set due for a recheck (a freed slot: -inf; a rate bucket:
 # when it refills). Paused queues are left out. Atomic, so a wake-up pushed after it is never lost and one
 # pushed before is reflected in what it returns.
+# With the caller's now (a wait written together with its BLPOP and a claim behind that): it stores the
+# server's TIME in '<alarm key>:t' for that claim (see the claim script), and when the first thing is due by
+# now (and is not the one to skip) it rings the alarm, so the BLPOP behind returns at once and the claim runs.
 _PREPARE_WAIT = """
-local began = {'', ''}
-if ARGV[3] == '1' then
-  began = redis.pcall('TIME')
-  if began.err then began = {'', ''} end
+local timed = ARGV[3] ~= ''
+if timed then
+  local t = redis.pcall('TIME')
+  if t.err then
+    redis.call('DEL', ARGV[2] .. ':t')
+  else
+    redis.call('SET', ARGV[2] .. ':t', t[1] .. ' ' .. t[2], 'EX', %(kept)d)
+  end
 end
 redis.call('DEL', ARGV[2])
 local paused = {}
@@ -557,7 +562,7 @@ local function unsortable(hex)
   end
   return string.format('%.17g', struct.unpack('>d', string.char(unpack(b))))
 end
-for i = 4, #ARGV do
+for i = 6, #ARGV do
   local q = ARGV[i]
   redis.call('DEL', P .. 'w:' .. q)
   if not paused[q] then
@@ -579,8 +584,11 @@ for i = 4, #ARGV do
     end
   end
 end
-if best then return {began[1], began[2], best[1], best[2]} end
-return began
+if best and timed and best[3] <= tonumber(ARGV[3]) and (best[1] ~= ARGV[4] or best[2] ~= ARGV[5]) then
+  redis.call('LPUSH', ARGV[2], '1')
+end
+if best then return {best[1], best[2]} end
+return nil
 """
 
 # ARGV: P, queue. Pauses the queue (idempotent).
@@ -672,7 +680,7 @@ return %(version)d
 def _claim_scripts() -> dict[str, LuaScript]:
     found = (
         script("claim", _CLAIM, scan=SCAN_BOUND, moves=MOVE_BOUND, sweeps=EXPIRE_BOUND),
-        script("prepare_wait", _PREPARE_WAIT),
+        script("prepare_wait", _PREPARE_WAIT, kept=3700),
         script("pause", _PAUSE),
         script("resume", _RESUME),
         script("flow_state", _FLOW_STATE),

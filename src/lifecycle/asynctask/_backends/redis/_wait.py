@@ -16,7 +16,9 @@ ahead of it.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from contextlib import nullcontext
 from typing import Any, cast
 
 import anyio
@@ -24,6 +26,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
 from ...._redact import library_logger
+from ._codec import time_text
 from ._conn import RETRYABLE, ScriptRunner, close_clients
 
 __all__ = ["Waiter"]
@@ -53,11 +56,17 @@ class Waiter:
         self._alarm = f"{runner.prefix}u:{nonce}"
         self._clock = clock
         self._socket_timeout = socket_timeout
-        self._reported: tuple[tuple[str, ...], bytes, bytes] | None = None
+        self._reported: tuple[bytes, bytes] | None = None
 
     def claimed(self) -> None:
         """The backend leased tasks: due work seen from now on is news again."""
         self._reported = None
+
+    @property
+    def began(self) -> str:
+        """What a claim sent behind this waiter's wait takes in place of its sortable ``now``: ``@`` and the
+        key where the wait's prepare_wait stores the server's time when the wait began."""
+        return f"@{self._alarm}:t"
 
     async def wait(self, queues: Sequence[str], timeout: float) -> None:
         """See :meth:`RedisBackend.wait_for_work`."""
@@ -66,11 +75,16 @@ class Waiter:
         if not names:
             await anyio.sleep(max(0.0, pause))
             return
-        pause, _ = await self._prepare(names, pause, timed=False)
-        await self._block_prepared(names, pause)
-
-    async def _block_prepared(self, names: tuple[str, ...], pause: float) -> None:
-        """The rest of :meth:`wait` once prepare_wait has run."""
+        first = await self._runner.run("prepare_wait", [self._alarm, "", "", "", *names])
+        if first is not None:
+            due_in = float(first[0]) - self._clock()
+            if due_in <= 0:
+                head = (first[0], first[1])
+                if self._reported != head:
+                    self._reported = head
+                    return
+            else:
+                pause = min(pause, due_in)
         if not pause > 0:  # also NaN
             return
         try:
@@ -85,96 +99,114 @@ class Waiter:
         queues: Sequence[str],
         timeout: float,
         woken: anyio.Event,
-        claim_args: Callable[[str], list[str]],
+        now: float,
+        claim_args: Callable[[float], list[str]],
     ) -> Any:
-        """:meth:`wait`, ended early when ``woken`` is set, with the claim script sent behind the BLPOP on the
-        same connection, in the same write. ``claim_args(began)`` gives the claim's arguments, ``began`` what
-        the claim script takes in place of the sortable ``now`` (the server's time when the wait began; the
-        caller's ``now`` must be read before this call). Returns the claim script's reply, also when
-        ``woken`` ended the wait (the claim has run by then), or ``None`` when no claim was sent: work is due
-        already, ``woken`` was set before the wait began, a Redis Cluster client. After a lost connection the
-        claim is sent again with the same arguments, through the runner (its call log makes a repeat of a
-        claim that ran return what it leased)."""
+        """:meth:`wait`, ended early when ``woken`` is set, written in one go with its BLPOP and the claim
+        script behind it, on one connection: the server runs prepare_wait, blocks, and runs the claim as soon
+        as the BLPOP returns; when work is due by ``now`` already, prepare_wait rings the alarm and the BLPOP
+        returns at once. One round trip. ``claim_args(later)`` gives the claim's arguments (its sortable
+        ``now`` is :attr:`began`) with the caller's ``now`` and ``lease_until`` moved ``later`` seconds: the
+        time this call took before its write (real time, as the server then measures the rest), so the
+        claim's now is as close behind the real time as it can be.
+
+        Returns the claim script's reply, also when ``woken`` ended the wait (the claim has run by then), or
+        ``None`` when no claim was sent: ``woken`` was set before, no queues, a Redis Cluster client. After a
+        lost connection the claim is sent again with the same arguments, through the runner (its call log
+        makes a repeat of a claim that ran return what it leased)."""
+        started = time.monotonic()
         names = tuple(dict.fromkeys(queues))
         pause = min(float(timeout), LONGEST_WAIT)
         if not names or not isinstance(self._client, aioredis.Redis):
-            # Nothing to send a claim behind (a cluster client has no connection of its own to write both
+            # Nothing to send a claim behind (a cluster client has no connection of its own to write it all
             # on): wait as wait() does, until woken.
             await _until_set(woken, self.wait(names, pause))
             return None
-        pause, began = await self._prepare(names, pause, timed=True)
-        if not pause > 0 or woken.is_set():
+        if woken.is_set():
             return None
-        if not began:  # the server's time is not ours to read: no claim can follow the wait
-            await _until_set(woken, self._block_prepared(names, pause))
-            return None
-        args = claim_args(began)
         runner = self._runner
-        claim = runner.command("claim", args)
+        skip = self._reported or ("", "")
+        keys = self._keys(names)
+        sent: list[list[str]] = []
+
+        def commands() -> tuple[float, tuple[tuple[str | bytes | int | float, ...], ...]]:
+            later = time.monotonic() - started
+            args = claim_args(later)
+            sent.append(args)
+            return now + later, (
+                runner.command("prepare_wait", [self._alarm, time_text(now + later), *skip, *names]),
+                ("BLPOP", *keys, pause + 1.0),
+                runner.command("claim", args),
+            )
+
         try:
-            return await self._block_then_claim(self._keys(names), pause, woken, claim)
+            return await self._send_all(commands, pause, woken)
         except (*RETRYABLE, NoScriptError) as exc:
+            if not sent:
+                raise  # nothing was written: no claim ran
             # Whether the claim ran is unknown (or it did not: its script was not loaded): send it again.
             _log.debug("wait_for_work: the claim behind the wait failed (%s); repeating it", exc)
-            return await runner.run("claim", args)
-
-    async def _prepare(self, names: tuple[str, ...], pause: float, *, timed: bool) -> tuple[float, str]:
-        """Run prepare_wait: how long to wait (``0`` when work is due now and was not reported yet), and, when
-        ``timed``, the server's time when it ran, as a claim sent behind the wait takes it (else ``""``)."""
-        reply = await self._runner.run("prepare_wait", [self._alarm, "1" if timed else "0", *names])
-        began = f"@{int(reply[0])} {int(reply[1])}" if reply[0] else ""
-        if len(reply) > 2:
-            due_in = float(reply[2]) - self._clock()
-            if due_in <= 0:
-                head = (names, reply[2], reply[3])
-                if self._reported != head:
-                    self._reported = head
-                    return 0.0, began
-            else:
-                pause = min(pause, due_in)
-        return pause, began
+            if isinstance(exc, NoScriptError):
+                await runner.load("prepare_wait")
+            return await runner.run("claim", sent[0])
 
     def _keys(self, names: tuple[str, ...]) -> list[str]:
         """The lists a BLPOP for ``names`` waits on: their wake-up lists and this waiter's alarm."""
         return [*(f"{self._prefix}w:{name}" for name in names), self._alarm]
 
-    async def _block_then_claim(
-        self, keys: list[str], pause: float, woken: anyio.Event, claim: tuple[str | bytes | int, ...]
+    async def _send_all(
+        self,
+        commands: Callable[[], tuple[float, tuple[tuple[str | bytes | int | float, ...], ...]]],
+        pause: float,
+        woken: anyio.Event,
     ) -> Any:
-        """BLPOP ``keys`` with ``claim`` behind it, as :meth:`block` does (the alarm rung at the end of
-        ``pause``, or when ``woken`` is set, by a task of its own); returns the claim's reply. The replies are
-        read in this task, so the task that ended the wait is returned without a hop between tasks."""
-        ringer = _Ringer(self._runner, self._alarm, self._socket_timeout)
-        task = asyncio.get_running_loop().create_task(ringer.ring(woken, pause))
-        try:
-            with ringer.reading:
-                return await self._send_both(keys, pause, claim)
-        finally:
-            ringer.replied.set()
-            if not ringer.ringing:
-                task.cancel()  # else it ends once its LPUSH is answered: cancelling that drops the connection
-        # Reached only when the ringer gave up on the reply: the connection is dropped, the caller repeats.
-        raise TimeoutError("no reply from Redis to a claim sent behind a wait")
-
-    async def _send_both(self, keys: list[str], pause: float, claim: tuple[str | bytes | int, ...]) -> Any:
-        """Write the BLPOP and ``claim`` at once on one connection of the blocking pool; read both replies,
-        return the claim's. redis-py drops the connection on an error or a cancellation mid-way, so it is
-        never left holding half a reply."""
+        """Write prepare_wait, the BLPOP and the claim at once on one connection of the blocking pool, then
+        read the three replies in this task (so the task that ended the wait is returned without a hop between
+        tasks), while a ringer task rings the alarm at the end of the wait or when ``woken`` is set. Returns
+        the claim's reply. redis-py drops the connection on an error or a cancellation mid-way, so it is never
+        left holding half a reply."""
         pool = self._client.connection_pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        ringer: _Ringer | None = None
+        task: asyncio.Task[None] | None = None
         try:
-            await connection.send_packed_command(
-                connection.pack_commands([("BLPOP", *keys, pause + 1.0), claim]), check_health=False
-            )
+            now, written = commands()
+            await connection.send_packed_command(connection.pack_commands(written), check_health=False)
+            rang = unloaded = False
             try:
-                await connection.read_response()
-            except RedisError as exc:  # a BLPOP refused (not connection trouble): the claim still ran
-                if isinstance(exc, RETRYABLE):
-                    raise
-                _log.debug("wait_for_work: BLPOP failed (%s)", exc)
-            return await connection.read_response()
+                first = await connection.read_response()
+            except NoScriptError:
+                # prepare_wait did not run (a restarted server): end the BLPOP now, read on, load it after.
+                first, pause, unloaded = None, 0.0, True
+            if first is not None:
+                due_in = float(first[0]) - now
+                if due_in > 0:
+                    pause = min(pause, due_in)
+                elif self._reported != (first[0], first[1]):
+                    rang = True  # prepare_wait rang the alarm: the BLPOP returns at once
+                    self._reported = (first[0], first[1])
+            if not rang:
+                ringer = _Ringer(self._runner, self._alarm, self._socket_timeout)
+                task = asyncio.get_running_loop().create_task(ringer.ring(woken, pause))
+            with ringer.reading if ringer is not None else nullcontext():
+                try:
+                    await connection.read_response()
+                except RedisError as exc:  # a BLPOP refused (not connection trouble): the claim still ran
+                    if isinstance(exc, RETRYABLE):
+                        raise
+                    _log.debug("wait_for_work: BLPOP failed (%s)", exc)
+                reply = await connection.read_response()
+                if unloaded:
+                    raise NoScriptError("prepare_wait was not loaded")
+                return reply
         finally:
             await pool.release(connection)
+            if ringer is not None:
+                ringer.replied.set()
+                if task is not None and not ringer.ringing:
+                    task.cancel()  # else it ends once its LPUSH is answered (cancelling drops a connection)
+        # Reached only when the ringer gave up on the reply: the connection is dropped, the caller repeats.
+        raise TimeoutError("no reply from Redis to a claim sent behind a wait")
 
     async def block(self, keys: list[str], pause: float) -> None:
         """BLPOP ``keys`` for ``pause`` seconds; at the end of ``pause`` ring the alarm (one of ``keys``)."""
