@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from contextlib import nullcontext
 from typing import Any, cast
 
 import anyio
@@ -185,10 +184,13 @@ class Waiter:
                 elif self._reported != (first[0], first[1]):
                     rang = True  # prepare_wait rang the alarm: the BLPOP returns at once
                     self._reported = (first[0], first[1])
-            if not rang:
+            if rang:  # the BLPOP returns at once: only its reply's timeout to watch, no ringer task
+                reading = anyio.CancelScope(deadline=anyio.current_time() + self._socket_timeout)
+            else:
                 ringer = _Ringer(self._runner, self._alarm, self._socket_timeout)
                 task = asyncio.get_running_loop().create_task(ringer.ring(woken, pause))
-            with ringer.reading if ringer is not None else nullcontext():
+                reading = ringer.reading
+            with reading:
                 try:
                     await connection.read_response()
                 except RedisError as exc:  # a BLPOP refused (not connection trouble): the claim still ran
@@ -205,7 +207,7 @@ class Waiter:
                 ringer.replied.set()
                 if task is not None and not ringer.ringing:
                     task.cancel()  # else it ends once its LPUSH is answered (cancelling drops a connection)
-        # Reached only when the ringer gave up on the reply: the connection is dropped, the caller repeats.
+        # Reached only when the reply did not come in time: the connection is dropped, the caller repeats.
         raise TimeoutError("no reply from Redis to a claim sent behind a wait")
 
     async def block(self, keys: list[str], pause: float) -> None:
