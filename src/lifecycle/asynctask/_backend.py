@@ -415,8 +415,9 @@ class WaitAndClaim(Protocol):
     the claimed tasks, or ``None`` when it made no claim (work was due already, ``woken`` was set before the
     wait began): the caller then claims itself.
 
-    The claim's ``now`` may be later than the ``now`` given (by the time the wait took), never later than the
-    backend's clock when the claim runs; ``lease_until`` moves with it. Once the claim is sent, the call
+    The claim's ``now`` may be later than the ``now`` given, by at most the real time that passed since (the
+    wait's), so with a real clock it is never ahead of the clock when the claim runs; ``lease_until`` moves
+    with it. Once the claim is sent, the call
     returns what it claimed, also when ``woken`` ends the wait (setting ``woken`` is how the caller ends it
     early, not cancellation, which may lose a claim in flight as it may with :meth:`Backend.claim`). When it
     raises, nothing was claimed (or, after a lost connection, as much as a retried ``claim`` would

@@ -89,6 +89,8 @@ class RedisBackend:
     scripts, so it holds across every worker. Idle workers block on the server (``BLPOP`` on a per-queue
     wake-up list, on a connection of their own) until a task is enqueued or released, the earliest delayed
     task is due, or a task held back by a limit may start (a slot freed, a token refilled), so nothing polls.
+    An idle worker writes its claim behind that ``BLPOP`` (:meth:`wait_and_claim`), so the task that wakes it
+    comes back in the same round trip.
 
     Durability is Redis's: a task is in the server's memory once :meth:`enqueue_many` returns, and survives a
     server crash only as far as the server's persistence allows (``appendonly yes`` with
