@@ -554,6 +554,26 @@ async def test_a_single_enqueue_is_one_round_trip_wake_up_included(open_pg: Open
     assert record.state is TaskState.PENDING
 
 
+async def test_a_batch_of_new_tasks_is_one_round_trip_wake_up_included(open_pg: OpenPostgres) -> None:
+    # A batch of error below the COPY size (the coalesced single enqueues): one statement in autocommit,
+    # all or nothing, without BEGIN and COMMIT.
+    waiter = await open_pg(poll_interval=3600)
+    backend = await open_pg(pool_size=1)
+    await backend.enqueue_many([make_task("warm-up")])
+    batch = [make_task(f"n{n:02d}", queue="wake") for n in range(40)]
+    returned = anyio.Event()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            await _start_waiter(group, waiter, "wake", returned)
+            async with _round_trips(backend) as sent:
+                assert await backend.enqueue_many(batch) == [task.id for task in batch]
+            await returned.wait()
+    assert sent == ["Sync"]
+    record = await backend.get("n39")
+    assert record is not None
+    assert record.state is TaskState.PENDING
+
+
 async def test_a_single_enqueue_of_a_live_id_stores_nothing_and_raises(open_pg: OpenPostgres) -> None:
     backend = await open_pg(pool_size=1)
     await backend.enqueue_many([make_task("taken", delay=60)])
@@ -632,7 +652,7 @@ async def test_a_large_batch_is_copied_in_batch_order_with_every_field_and_wakes
     producer = await open_pg(pool_size=1)
     now = time.time()
     # Enqueue times decreasing: the claim order (same priority and run_at) is the batch's order, by seq.
-    batch = [_full_task(f"c{n:03d}", now, enqueued_at=now - n) for n in range(64)]
+    batch = [_full_task(f"c{n:03d}", now, enqueued_at=now - n) for n in range(160)]
     returned = anyio.Event()
     with anyio.fail_after(10):
         async with anyio.create_task_group() as group:
@@ -657,12 +677,13 @@ async def test_a_large_batch_is_copied_in_batch_order_with_every_field_and_wakes
         now + 3600,
     )
     assert (record.group_id, record.fault) == (None, None)
-    claimed = await waiter.claim(["bulk"], 100, now=now + 1, lease_until=now + 60)
+    claimed = await waiter.claim(["bulk"], 200, now=now + 1, lease_until=now + 60)
     assert [c.record.id for c in claimed] == [task.id for task in batch]
 
 
-async def test_a_large_batch_with_a_taken_or_repeated_id_is_sorted_out_as_a_small_one_is(
-    open_pg: OpenPostgres,
+@pytest.mark.parametrize("size", [40, 140], ids=["one-statement", "copy"])
+async def test_a_batch_with_a_taken_or_repeated_id_is_sorted_out_as_a_small_one_is(
+    open_pg: OpenPostgres, size: int
 ) -> None:
     from lifecycle.asynctask import Settlement
 
@@ -671,17 +692,17 @@ async def test_a_large_batch_with_a_taken_or_repeated_id_is_sorted_out_as_a_smal
     await backend.enqueue_many([make_task("live", delay=60), make_task("done", at=now)])
     (done,) = await backend.claim(["default"], 5, now=now + 1, lease_until=now + 60)
     await backend.settle([Settlement("done", done.token, TaskState.SUCCEEDED, at=now + 2)])
-    batch = [make_task(f"b{n:02d}", at=now) for n in range(40)]
+    batch = [make_task(f"b{n:03d}", at=now) for n in range(size)]
 
     with pytest.raises(DuplicateTaskError, match="live"):
         await backend.enqueue_many([*batch, make_task("live")])
-    assert await backend.get("b00") is None, "nothing of a refused batch is stored"
-    with pytest.raises(DuplicateTaskError, match="b03"):
-        await backend.enqueue_many([*batch, make_task("b03")])
-    assert await backend.get("b00") is None
+    assert await backend.get("b000") is None, "nothing of a refused batch is stored"
+    with pytest.raises(DuplicateTaskError, match="b003"):
+        await backend.enqueue_many([*batch, make_task("b003")])
+    assert await backend.get("b000") is None
     with pytest.raises(ValueError, match="contains a NUL character"):
         await backend.enqueue_many([*batch, make_task("nul\x00")])
-    assert await backend.get("b00") is None
+    assert await backend.get("b000") is None
 
     # A finished record's id is taken over, as by a batch of one.
     stored = await backend.enqueue_many([*batch, make_task("done", at=now + 3)])
@@ -690,7 +711,7 @@ async def test_a_large_batch_with_a_taken_or_repeated_id_is_sorted_out_as_a_smal
     assert record is not None
     assert (record.state, record.enqueued_at) == (TaskState.PENDING, now + 3)
     # skip: the new ids are stored, the taken ones left as they are.
-    more = [make_task(f"m{n:02d}", at=now) for n in range(40)]
+    more = [make_task(f"m{n:03d}", at=now) for n in range(size)]
     assert await backend.enqueue_many([*more, make_task("live")], if_exists="skip") == [t.id for t in more]
     live = await backend.get("live")
     assert live is not None
