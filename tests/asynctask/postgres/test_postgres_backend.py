@@ -4,6 +4,7 @@ LOCKED claims, LISTEN/NOTIFY wake-ups and reconnecting after the server dropped 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import tempfile
 import time
@@ -20,7 +21,13 @@ from psycopg_pool import AsyncConnectionPool
 
 from lifecycle.asynctask import BackendError, DuplicateTaskError, NewTask, TaskState, backend_from_url
 from lifecycle.asynctask._backends.postgres import _schema as schema_module
-from lifecycle.asynctask._backends.postgres._arrays import BytesArray, FloatArray, IntArray, TextArray
+from lifecycle.asynctask._backends.postgres._arrays import (
+    BytesArray,
+    FloatArray,
+    Int8Array,
+    IntArray,
+    TextArray,
+)
 from lifecycle.asynctask._backends.postgres._arrays import register as register_arrays
 from lifecycle.asynctask.postgres import PostgresBackend
 
@@ -607,6 +614,7 @@ async def test_the_settlements_arrays_reach_the_server_as_given(postgres_dsn: st
         (TextArray(), "text[]"),
         (BytesArray([b"\x00\xff", None, b""]), "bytea[]"),
         (IntArray([0, -1, 2147483647, None]), "int4[]"),
+        (Int8Array([0, -1, 9223372036854775807, -(10**15), None]), "int8[]"),
         (FloatArray([1.5, None, 1796598127.3867579, float("inf"), 3.0]), "float8[]"),
     ]
     for registered in (True, False):
@@ -620,6 +628,25 @@ async def test_the_settlements_arrays_reach_the_server_as_given(postgres_dsn: st
                 )
                 row = await cursor.fetchone()
                 assert row == ((list(value) or []), len(value)), (registered, kind)
+
+
+async def test_a_batch_with_a_number_out_of_its_columns_range_is_refused_whole(open_pg: OpenPostgres) -> None:
+    # The new tasks' integer columns go as binary int4/int8 arrays only when every value fits; otherwise as
+    # before (a plain list), so the server refuses the value with its usual error and stores nothing.
+    backend = await open_pg(pool_size=1)
+    for n in range(2):  # the pooled connection's arrays, and again after the refusal
+        batch = [make_task(f"r{n}{i}") for i in range(3)]
+        batch[1] = dataclasses.replace(batch[1], max_retries=2**31)
+        with pytest.raises(psycopg.errors.NumericValueOutOfRange):
+            await backend.enqueue_many(batch)
+        assert await backend.get(f"r{n}0") is None
+    fits = [
+        dataclasses.replace(make_task(f"f{i}"), max_retries=2**31 - 1, priority=10**15 - 1) for i in range(3)
+    ]
+    assert await backend.enqueue_many(fits) == ["f0", "f1", "f2"]
+    record = await backend.get("f1")
+    assert record is not None
+    assert (record.max_retries, record.priority) == (2**31 - 1, 10**15 - 1)
 
 
 # -- large batches by binary COPY -------------------------------------------------------------------------

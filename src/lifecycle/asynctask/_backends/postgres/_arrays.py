@@ -1,4 +1,5 @@
-"""One-dimensional PostgreSQL arrays in binary, built in one pass, for the settlement's columns.
+"""One-dimensional PostgreSQL arrays in binary, built in one pass, for the settlement's and the new tasks'
+columns.
 
 psycopg adapts a Python ``list`` by looking at its elements first (their types, to choose the array type)
 and then dumping them one by one through a generic dumper: for the eight column arrays of a settlement of
@@ -16,18 +17,20 @@ from typing import Any
 from psycopg.adapt import AdaptersMap, Buffer, Dumper
 from psycopg.pq import Format
 
-__all__ = ["BytesArray", "FloatArray", "IntArray", "TextArray", "register"]
+__all__ = ["BytesArray", "FloatArray", "Int8Array", "IntArray", "TextArray", "register"]
 
 _HEADER = struct.Struct("!iiIii")  # dimensions, has nulls, element type, length, lower bound
 _EMPTY = struct.Struct("!iiI")  # an empty array: no dimensions
 _LENGTH = struct.Struct("!i")
 _FLOAT = struct.Struct("!id")  # the element's length (8), then the value
 _INT4 = struct.Struct("!ii")  # the element's length (4), then the value
+_INT8 = struct.Struct("!iq")  # the element's length (8), then the value
 _NULL = _LENGTH.pack(-1)
 
 _TEXT_OID, _TEXT_ARRAY_OID = 25, 1009
 _BYTEA_OID, _BYTEA_ARRAY_OID = 17, 1001
 _INT4_OID, _INT4_ARRAY_OID = 23, 1007
+_INT8_OID, _INT8_ARRAY_OID = 20, 1016
 _FLOAT8_OID, _FLOAT8_ARRAY_OID = 701, 1022
 
 
@@ -45,6 +48,12 @@ class BytesArray(list[bytes | None]):
 
 class IntArray(list[int | None]):
     """A list sent as ``int4[]``."""
+
+    __slots__ = ()
+
+
+class Int8Array(list[int | None]):
+    """A list sent as ``int8[]``."""
 
     __slots__ = ()
 
@@ -115,6 +124,14 @@ class _IntArrayDumper(Dumper):
         return _fixed_array(_INT4_OID, _INT4, 4, obj)
 
 
+class _Int8ArrayDumper(Dumper):
+    format = Format.BINARY
+    oid = _INT8_ARRAY_OID
+
+    def dump(self, obj: Any) -> Buffer:
+        return _fixed_array(_INT8_OID, _INT8, 8, obj)
+
+
 class _FloatArrayDumper(Dumper):
     format = Format.BINARY
     oid = _FLOAT8_ARRAY_OID
@@ -128,4 +145,5 @@ def register(adapters: AdaptersMap) -> None:
     adapters.register_dumper(TextArray, _TextArrayDumper)
     adapters.register_dumper(BytesArray, _BytesArrayDumper)
     adapters.register_dumper(IntArray, _IntArrayDumper)
+    adapters.register_dumper(Int8Array, _Int8ArrayDumper)
     adapters.register_dumper(FloatArray, _FloatArrayDumper)
