@@ -242,7 +242,7 @@ def test_a_batch_resolves_each_target_once() -> None:
         looked_up.append(target)
         return for_function(target)
 
-    registry.for_function = counting  # type: ignore[method-assign]
+    registry.for_function = counting  # type: ignore[method-assign,assignment]
     calls = [Call(echo, n) for n in range(5)] + [Call(echo, 9, queue="other")]
     built = build_tasks(calls, 100.0, registry, tasks._encoding, new_task_ids(len(calls)))
     assert [task.queue for task in built] == ["default"] * 5 + ["other"]
