@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -615,6 +616,13 @@ async def test_the_settlements_arrays_reach_the_server_as_given(postgres_dsn: st
         (BytesArray([b"\x00\xff", None, b""]), "bytea[]"),
         (IntArray([0, -1, 2147483647, None]), "int4[]"),
         (Int8Array([0, -1, 9223372036854775807, -(10**15), None]), "int8[]"),
+        # One value throughout: packed once.
+        (TextArray(["é", "é", "é"]), "text[]"),
+        (TextArray([None, None]), "text[]"),
+        (IntArray([7, 7, 7]), "int4[]"),
+        (Int8Array([None, None, None]), "int8[]"),
+        (FloatArray([2.5, 2.5]), "float8[]"),
+        (FloatArray([None]), "float8[]"),
         (FloatArray([1.5, None, 1796598127.3867579, float("inf"), 3.0]), "float8[]"),
     ]
     for registered in (True, False):
@@ -647,6 +655,17 @@ async def test_a_batch_with_a_number_out_of_its_columns_range_is_refused_whole(o
     record = await backend.get("f1")
     assert record is not None
     assert (record.max_retries, record.priority) == (2**31 - 1, 10**15 - 1)
+
+
+async def test_zeros_of_both_signs_reach_the_server_as_given(postgres_dsn: str) -> None:
+    # 0.0 == -0.0, so an array of them is not "one value throughout": each keeps its sign.
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as connection:
+        register_arrays(connection.adapters)
+        for values in ([-0.0, 0.0], [0.0, -0.0], [-0.0, -0.0]):
+            cursor = await connection.execute("SELECT %s::float8[]", (FloatArray(values),))
+            row = await cursor.fetchone()
+            assert row is not None
+            assert [math.copysign(1, value) for value in row[0]] == [math.copysign(1, v) for v in values]
 
 
 # -- large batches by binary COPY -------------------------------------------------------------------------

@@ -71,6 +71,17 @@ def _array(element_oid: int, count: int, has_null: bool, parts: list[bytes]) -> 
     return b"".join(parts)
 
 
+def _repeated(element_oid: int, count: int, element: bytes) -> bytes:
+    """The binary array of ``count`` times one element (its length and bytes already packed, or ``_NULL``)."""
+    return _HEADER.pack(1, 1 if element == _NULL else 0, element_oid, count, 1) + element * count
+
+
+def _uniform(values: list[Any]) -> bool:
+    """Whether ``values`` (not empty) holds one value throughout, as a batch's name, queue or unset
+    options mostly do: compared at C speed, then packed once."""
+    return values.count(values[0]) == len(values)
+
+
 def _varlen_array(element_oid: int, values: list[bytes | None]) -> bytes:
     """The binary array of ``values`` (each element's bytes already made, ``None`` for NULL)."""
     parts = [b""]
@@ -89,6 +100,11 @@ def _varlen_array(element_oid: int, values: list[bytes | None]) -> bytes:
 def _fixed_array(element_oid: int, item: struct.Struct, size: int, values: list[Any]) -> bytes:
     """The binary array of ``values``, each packed by ``item`` with its length ``size`` first (NULL: -1)."""
     pack = item.pack
+    if values and _uniform(values):
+        first = values[0]
+        # Not a zero: 0.0 == -0.0, and the two differ in binary.
+        if first is None or first != 0 or type(first) is int:
+            return _repeated(element_oid, len(values), _NULL if first is None else pack(size, first))
     parts = [b""]
     parts.extend(_NULL if value is None else pack(size, value) for value in values)
     return _array(element_oid, len(values), None in values, parts)
@@ -105,6 +121,10 @@ class _TextArrayDumper(Dumper):
 
     def dump(self, obj: Any) -> Buffer:
         encoding = self._encoding
+        if obj and _uniform(obj):
+            first = obj[0]
+            data = _NULL if first is None else _LENGTH.pack(len(encoded := first.encode(encoding))) + encoded
+            return _repeated(_TEXT_OID, len(obj), data)
         return _varlen_array(_TEXT_OID, [None if value is None else value.encode(encoding) for value in obj])
 
 
