@@ -698,7 +698,7 @@ async def test_a_large_batch_is_copied_in_batch_order_with_every_field_and_wakes
     producer = await open_pg(pool_size=1)
     now = time.time()
     # Enqueue times decreasing: the claim order (same priority and run_at) is the batch's order, by seq.
-    batch = [_full_task(f"c{n:03d}", now, enqueued_at=now - n) for n in range(160)]
+    batch = [_full_task(f"c{n:03d}", now, enqueued_at=now - n) for n in range(300)]
     returned = anyio.Event()
     with anyio.fail_after(10):
         async with anyio.create_task_group() as group:
@@ -723,11 +723,11 @@ async def test_a_large_batch_is_copied_in_batch_order_with_every_field_and_wakes
         now + 3600,
     )
     assert (record.group_id, record.fault) == (None, None)
-    claimed = await waiter.claim(["bulk"], 200, now=now + 1, lease_until=now + 60)
+    claimed = await waiter.claim(["bulk"], 400, now=now + 1, lease_until=now + 60)
     assert [c.record.id for c in claimed] == [task.id for task in batch]
 
 
-@pytest.mark.parametrize("size", [40, 140], ids=["one-statement", "copy"])
+@pytest.mark.parametrize("size", [40, 280], ids=["one-statement", "copy"])
 async def test_a_batch_with_a_taken_or_repeated_id_is_sorted_out_as_a_small_one_is(
     open_pg: OpenPostgres, size: int
 ) -> None:
