@@ -366,14 +366,18 @@ end
 -- costs a scan of the whole hash). taken() emits the record in FIELDS order.
 local TAKEN = {'n', 'q', 'p', 's', 'a', 'm', 'to', 'e', 'r', 'err', 'res', 'meta', 'pr', 'ck', 'ex', 'cr',
   'pd', 'pt', 'pm', 'g'}
+-- The reply's length is kept in NOUT: 25 values per task, each `#out + 1` a search of the growing table.
+local NOUT = #out
 local function taken(out, token, id, rec)
-  out[#out + 1] = token
-  out[#out + 1] = id
-  for i = 1, 9 do out[#out + 1] = rec[i] end
-  out[#out + 1] = now
-  out[#out + 1] = false
-  out[#out + 1] = lease
-  for i = 10, 20 do out[#out + 1] = rec[i] end
+  local m = NOUT
+  out[m + 1] = token
+  out[m + 2] = id
+  for i = 1, 9 do out[m + 2 + i] = rec[i] end
+  out[m + 12] = now
+  out[m + 13] = false
+  out[m + 14] = lease
+  for i = 10, 20 do out[m + 5 + i] = rec[i] end
+  NOUT = m + 25
 end
 -- The queues whose ready set take() left a member in (one it fetched but did not examine, or not due): the
 -- wake-up at the end need not look.
