@@ -131,3 +131,15 @@ async def test_a_claim_with_limits_still_counts_the_running_tasks(backend: Redis
     assert len(first) == 2
     second = await backend.claim(["default"], 10, now=T0 + 1, lease_until=T0 + 31, limits=limits)
     assert len(second) == 1, "three of the key run at most"
+
+
+@pytest.mark.parametrize("result", [None, b"[1]"], ids=["no-result", "result"])
+@pytest.mark.parametrize("at", [T0 + 2.5, 1_700_000_003], ids=["float", "int"])
+def test_a_success_is_written_as_the_general_path_writes_it(result: bytes | None, at: float) -> None:
+    """The common verdict's shortcut writes the values the general path writes (taken for a state given as
+    its plain string)."""
+    from lifecycle.asynctask._backends.redis._codec import settlement_args
+
+    fast = Settlement("t1", "tok:1", TaskState.SUCCEEDED, at=at, result=result)
+    general = Settlement("t1", "tok:1", "succeeded", at=at, result=result)  # type: ignore[arg-type]
+    assert settlement_args(fast) == settlement_args(general)
