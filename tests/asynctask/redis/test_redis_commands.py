@@ -65,7 +65,8 @@ async def test_a_settle_looks_up_its_tasks_index_entries_with_one_command_per_qu
     ran = await _ran(admin, before)
     assert ran.get("zmscore") == 2, ran
     assert "zscore" not in ran, ran
-    assert ran["hmget"] == 10 and ran["hset"] == 10, ran
+    assert ran["hmget"] == 10, ran
+    assert ran["hset"] == 10, ran
     assert await backend.stats() == {"q1": {TaskState.SUCCEEDED: 6}, "q2": {TaskState.SUCCEEDED: 4}}
 
 
@@ -103,7 +104,8 @@ async def test_settlements_apply_alike_with_and_without_zmscore(
     assert await admin.hget(f"{prefix}t:a0", "q") == b"q1", "the queue field is restored from the index"
     assert await admin.hget(f"{prefix}t:a1", "q") == b"q1"
     a3 = await backend.get("a3")
-    assert a3 is not None and (a3.state, a3.run_at) == (TaskState.PENDING, T0 + 5)
+    assert a3 is not None
+    assert (a3.state, a3.run_at) == (TaskState.PENDING, T0 + 5)
 
 
 async def test_a_claim_without_limits_reads_no_running_counts_and_logs_in_one_command(
@@ -116,15 +118,20 @@ async def test_a_claim_without_limits_reads_no_running_counts_and_logs_in_one_co
     ran = await _ran(admin, before)
     # No SCARD of the name's running set and no EXISTS of {P}:check (no limit asks), no ZRANGE for the
     # wake-up (the claim saw tasks left), the call's log in one SET with its expiry.
-    assert "scard" not in ran and "expire" not in ran and "rpush" not in ran, ran
-    assert ran["zrange"] == 1 and ran["set"] == 1, ran
+    assert "scard" not in ran, ran
+    assert "expire" not in ran, ran
+    assert "rpush" not in ran, ran
+    assert ran["zrange"] == 1, ran
+    assert ran["set"] == 1, ran
     assert ran["exists"] == 1, "only the wake-up list's"
     assert await admin.llen(f"{backend.key_prefix}w:default") == 1, "another worker is woken for the rest"
 
 
 async def test_a_claim_with_limits_still_counts_the_running_tasks(backend: RedisBackend) -> None:
     """The running sets a limit asks about are counted (once per call, when first needed), by name and key."""
-    tasks = [NewTask(f"t{n}", "job", "default", b"[]", 3, None, T0, T0, concurrency_key="k") for n in range(6)]
+    tasks = [
+        NewTask(f"t{n}", "job", "default", b"[]", 3, None, T0, T0, concurrency_key="k") for n in range(6)
+    ]
     await backend.enqueue_many(tasks)
     limits = {"job": FlowLimits(max_running=4, max_running_per_key=3)}
     first = await backend.claim(["default"], 2, now=T0 + 1, lease_until=T0 + 31, limits=limits)

@@ -843,7 +843,9 @@ while i <= #ARGV do
   -- queue or enqueued_at field cannot misplace it; a record no active index holds is left to recovery.
   local where = SCORE[i]
   if where and not where[4] then where = nil end
-  if not where and cur[1] == 'active' and cur[2] == token then where = locate(id, 'active', cur[3], cur[4]) end
+  if not where and cur[1] == 'active' and cur[2] == token then
+    where = locate(id, 'active', cur[3], cur[4])
+  end
   i = entry_end(i)
   if where and where[1] == 'active' then
     local q, member, score = where[2], where[3], where[4]

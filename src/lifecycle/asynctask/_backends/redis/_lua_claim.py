@@ -90,9 +90,10 @@ local n = 0
 local RUN, CHECKED, ADDED, BUCKETS, REFUSED, NAMES = {}, {}, {}, {}, {}, {}
 
 -- The ACTIVE tasks in running set `setkey`, counted once per call, when first needed (the ids this call
--- leased so far included: they are added at the end), then kept up to date as it claims. While {P}:check exists (a recovery found a leased task whose record
--- was deleted behind the backend's back), a set at its limit is checked once per call: an id whose record
--- is gone (or in a state other than ACTIVE) is dropped, so such a leak holds a slot no longer than a lease.
+-- leased so far included: they are added at the end), then kept up to date as it claims. While {P}:check
+-- exists (a recovery found a leased task whose record was deleted behind the backend's back), a set at its
+-- limit is checked once per call: an id whose record is gone (or in a state other than ACTIVE) is dropped,
+-- so such a leak holds a slot no longer than a lease.
 local function running(setkey, limit)
   local c = RUN[setkey]
   if c == nil then
