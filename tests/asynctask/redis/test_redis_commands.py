@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from lifecycle.asynctask import FlowLimits, NewTask, Settlement, TaskState
+from lifecycle.asynctask import FlowLimits, NewGroup, NewTask, Settlement, TaskState
 from lifecycle.asynctask.redis import RedisBackend
 from lifecycle.asynctask.testing import T0
 from tests.asynctask.redis.redis_servers import RedisServer
@@ -106,6 +106,22 @@ async def test_settlements_apply_alike_with_and_without_zmscore(
     a3 = await backend.get("a3")
     assert a3 is not None
     assert (a3.state, a3.run_at) == (TaskState.PENDING, T0 + 5)
+
+
+async def test_a_group_members_settlement_reads_its_group_field_with_the_record(
+    backend: RedisBackend, admin: aioredis.Redis
+) -> None:
+    members = tuple(NewTask(f"m{n}", "job", "q1", b"[]", 3, None, T0, T0, group_id="g") for n in range(3))
+    await backend.enqueue_group(NewGroup("g", members, None, T0))
+    tokens = await _claim_all(backend)
+    before = await _counts(admin)
+    verdicts = [Settlement(i, token, TaskState.SUCCEEDED, at=T0 + 2) for i, token in tokens.items()]
+    assert await backend.settle(verdicts) == set()
+    ran = await _ran(admin, before)
+    assert "hget" not in ran, ran
+    group = await backend.get_group("g")
+    assert group is not None
+    assert group.outcome is TaskState.SUCCEEDED
 
 
 async def test_a_claim_without_limits_reads_no_running_counts_and_logs_in_one_command(

@@ -797,9 +797,10 @@ local function entry_end(i)
   end
   return j
 end
--- First pass, reads only: every record's fields, and (with ZMSCORE, Redis 6.2+) the active-index scores of
--- the records whose lease the call holds, one command per queue instead of one ZSCORE per task. A second
--- settlement of the same id in the call reads again in its turn (the first one's writes come before it).
+-- First pass, reads only: every record's fields (a group member's group too), and (with ZMSCORE, Redis 6.2+)
+-- the active-index scores of the records whose lease the call holds, one command per queue instead of one
+-- ZSCORE per task. A second settlement of the same id in the call reads again in its turn (the first one's
+-- writes come before it).
 local CUR, SCORE, SEEN = {}, {}, {}
 local probes = {}
 local i = 5
@@ -807,7 +808,12 @@ while i <= #ARGV do
   local id = ARGV[i]
   if not SEEN[id] then
     SEEN[id] = true
-    local cur = redis.call('HMGET', rkey(id), 's', 'k', 'q', 'o', 'a', 'fu', 'rn')
+    local cur
+    if string.byte(ARGV[i + 1], -1) == 103 then  -- a group member's token: its group field too
+      cur = redis.call('HMGET', rkey(id), 's', 'k', 'q', 'o', 'a', 'fu', 'rn', 'g')
+    else
+      cur = redis.call('HMGET', rkey(id), 's', 'k', 'q', 'o', 'a', 'fu', 'rn')
+    end
     CUR[i] = cur
     if ARGV[4] == '1' and cur[1] == 'active' and cur[2] == ARGV[i + 1] and type(cur[3]) == 'string'
         and type(cur[4]) == 'string' then
@@ -919,7 +925,8 @@ while i <= #ARGV do
         redis.call('HSET', key, unpack(set))
         later(additions, idx(state, q), score, member)
         if string.byte(token, -1) == 103 then  -- 'g': a group member
-          local gid = redis.call('HGET', key, 'g')
+          local gid = cur[8]  -- read with the record (false: none), or not yet when the id came again
+          if gid == nil then gid = redis.call('HGET', key, 'g') end
           if gid then member_ended(gid, id, state, at, result, callid, queues) end
         end
       end
