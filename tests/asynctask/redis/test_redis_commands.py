@@ -4,7 +4,7 @@ ZMSCORE (Redis 6.0 and 6.1, whose settle looks up each task's index entry with Z
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis.asyncio as aioredis
@@ -106,6 +106,25 @@ async def test_settlements_apply_alike_with_and_without_zmscore(
     a3 = await backend.get("a3")
     assert a3 is not None
     assert (a3.state, a3.run_at) == (TaskState.PENDING, T0 + 5)
+
+
+async def test_a_settle_on_a_server_that_refuses_zmscore_finds_each_entry_by_itself(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    """A server that says 6.2 or newer but refuses ZMSCORE (a failover to an older one, a renamed command):
+    the settle script looks each entry up as on Redis 6.0, instead of failing the call."""
+    server = redis_server_factory("--rename-command", "ZMSCORE", "")
+    refusing = RedisBackend(server.url, prefix="refusing")
+    await refusing.open()
+    try:
+        assert refusing._zmscore == "1"
+        await refusing.enqueue_many([_task(f"a{n}", queue="q1") for n in range(3)])
+        tokens = await _claim_all(refusing)
+        verdicts = [Settlement(i, token, TaskState.SUCCEEDED, at=T0 + 2) for i, token in tokens.items()]
+        assert await refusing.settle(verdicts) == set()
+        assert await refusing.stats() == {"q1": {TaskState.SUCCEEDED: 3}}
+    finally:
+        await refusing.close()
 
 
 async def test_a_group_members_settlement_reads_its_group_field_with_the_record(

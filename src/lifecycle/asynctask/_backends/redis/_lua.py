@@ -827,7 +827,9 @@ for q, at in pairs(probes) do
   for j = 1, #at do members[j] = CUR[at[j]][4] .. ARGV[at[j]] end
   for j0 = 1, #members, 4000 do
     local j1 = math.min(j0 + 3999, #members)
-    local scores = redis.call('ZMSCORE', idx('active', q), unpack(members, j0, j1))
+    local scores = redis.pcall('ZMSCORE', idx('active', q), unpack(members, j0, j1))
+    -- An error (a server without ZMSCORE after a failover, say): locate() finds each one in its turn.
+    if scores.err then scores = {} end
     for j = j0, j1 do SCORE[at[j]] = {'active', q, members[j], scores[j - j0 + 1]} end
   end
 end
