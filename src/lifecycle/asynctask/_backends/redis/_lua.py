@@ -458,7 +458,8 @@ local function replay(text, callid)
   local at = 1
   while at <= #text do
     local colon = string.find(text, ':', at, true)
-    local size = tonumber(string.sub(text, at, colon - 1))
+    local size = colon and tonumber(string.sub(text, at, colon - 1))
+    if not size then break end  -- not what logged() writes: the ids read so far
     ids[#ids + 1] = string.sub(text, colon + 1, colon + size)
     at = colon + size + 1
   end
