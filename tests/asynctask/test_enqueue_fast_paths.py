@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from lifecycle.asynctask import AsyncTasks, Call, JSONEncoding, MemoryBackend, NewTask
 from lifecycle.asynctask._encoding import _plain_tuple_text
-from lifecycle.asynctask._enqueue import build_plain_task, build_task
+from lifecycle.asynctask._enqueue import build_plain_task, build_task, build_tasks, new_task_ids
 from lifecycle.asynctask._records import new_task
 
 FUZZ = settings(max_examples=300, derandomize=True, database=None, deadline=None)
@@ -184,3 +184,66 @@ def test_a_call_without_options_fails_as_the_checked_path_does(target: Any, args
     with pytest.raises(type(fast.value)) as general:
         build_task(Call(target, *args, queue="default"), 100.0, tasks._registry, tasks._encoding)
     assert str(fast.value) == str(general.value)
+
+
+batch_calls = st.lists(
+    st.tuples(
+        st.sampled_from(["echo", "slow", "app.elsewhere.job", "", echo, len]),
+        arguments,
+        st.integers(1, 3),
+        st.sampled_from([None, "q2"]),
+    ),
+    max_size=8,
+)
+
+
+@FUZZ
+@given(batch_calls)
+def test_a_batch_builds_what_each_call_builds_alone_or_fails_as_the_first_bad_call(
+    items: list[tuple[Any, tuple[Any, ...], int, str | None]],
+) -> None:
+    # build_tasks resolves each target of the calls without options once for the batch.
+    tasks = _tasks()
+    calls = [
+        Call(target, *args[:count]) if queue is None else Call(target, *args[:count], queue=queue)
+        for target, args, count, queue in items
+    ]
+    alone: list[NewTask] = []
+    error: Exception | None = None
+    try:
+        for call in calls:
+            alone.append(build_task(call, 100.0, tasks._registry, tasks._encoding))
+    except (TypeError, ValueError) as exc:
+        error = exc
+    try:
+        batch: list[NewTask] | Exception = build_tasks(
+            calls, 100.0, tasks._registry, tasks._encoding, new_task_ids(len(calls))
+        )
+    except (TypeError, ValueError) as exc:
+        batch = exc
+    if error is not None:
+        assert isinstance(batch, type(error))
+        assert str(batch) == str(error)
+    else:
+        assert isinstance(batch, list)
+        assert batch == [
+            dataclasses.replace(task, id=built.id) for task, built in zip(alone, batch, strict=True)
+        ]
+        assert all(task.generated_id for task in batch)
+
+
+def test_a_batch_resolves_each_target_once() -> None:
+    tasks = _tasks()
+    looked_up: list[object] = []
+    registry = tasks._registry
+    for_function = registry.for_function
+
+    def counting(target: Any) -> Any:
+        looked_up.append(target)
+        return for_function(target)
+
+    registry.for_function = counting  # type: ignore[method-assign,assignment]
+    calls = [Call(echo, n) for n in range(5)] + [Call(echo, 9, queue="other")]
+    built = build_tasks(calls, 100.0, registry, tasks._encoding, new_task_ids(len(calls)))
+    assert [task.queue for task in built] == ["default"] * 5 + ["other"]
+    assert looked_up == [echo, echo]  # once for the five plain calls, once for the call with an option

@@ -26,12 +26,16 @@ from lifecycle.asynctask import (
     Settlement,
     TaskState,
 )
+from lifecycle.asynctask._backends.sqlite import _ops as ops
 from lifecycle.asynctask._backends.sqlite._backend import SQLiteBackend, _Budget
 from lifecycle.asynctask._backends.sqlite._schema import (
+    _CONTROL_V3,
     _CREATE_V1,
     _FLOW_V2,
     SCHEMA_VERSION,
+    SETTLED,
     check_sqlite_version,
+    ensure_schema,
 )
 from lifecycle.asynctask.testing import BackendConformance, EngineConformance
 from lifecycle.asynctask.testing.backend._rules_damage import RawValue
@@ -220,6 +224,99 @@ async def test_a_file_of_schema_version_2_is_migrated_for_control_of_running_wor
         assert raw.execute("SELECT version FROM lifecycle_schema").fetchall() == [(SCHEMA_VERSION,)]
         tables = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"lifecycle_groups", "lifecycle_group_members"} <= tables
+
+
+async def test_a_file_of_schema_version_3_gets_the_partial_finished_index(db_path: Path) -> None:
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as raw:
+        raw.execute("CREATE TABLE lifecycle_schema (version INTEGER NOT NULL)")
+        raw.execute("INSERT INTO lifecycle_schema VALUES (3)")
+        for statement in (*_CREATE_V1, *_FLOW_V2, *_CONTROL_V3):
+            raw.execute(statement)
+        raw.executemany(
+            "INSERT INTO lifecycle_tasks (id, name, queue, payload, state, attempts, max_retries, "
+            "enqueued_at, run_at, finished_at) VALUES (?, 'tests.job', 'default', x'00', ?, 0, 3, 1000.0, "
+            "1000.0, ?)",
+            [("waiting", "pending", None), ("done", "succeeded", 1001.0)],
+        )
+    backend = SQLiteBackend(db_path)
+    await backend.open()
+    try:
+        assert await backend.purge(states=[TaskState.SUCCEEDED], before=2000.0) == 1
+        assert [r.id for r in await backend.list_records(states=[TaskState.PENDING])] == ["waiting"]
+    finally:
+        await backend.close()
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as raw:
+        assert raw.execute("SELECT version FROM lifecycle_schema").fetchall() == [(SCHEMA_VERSION,)]
+        (definition,) = raw.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'lifecycle_tasks_finished'"
+        ).fetchone()
+    assert definition.endswith(f"WHERE {SETTLED}")
+
+
+async def test_pending_and_active_tasks_stay_out_of_the_finished_index(open_sqlite: Factory) -> None:
+    # An enqueue writes one index page fewer, and a claim leaves that index alone.
+    backend = await open_sqlite()
+    await backend.enqueue_many([task("waiting"), task("running"), task("left")])
+    claimed = await backend.claim(["default"], 2, now=1000.0, lease_until=1030.0)
+    assert [c.record.id for c in claimed] == ["waiting", "running"]  # enqueue order
+    done = claimed[0]
+    await backend.settle([Settlement(done.record.id, done.token, TaskState.SUCCEEDED, at=1001.0)])
+    assert backend._connection is not None
+    backend._connection.execute("ANALYZE lifecycle_tasks_finished")  # its first number: the index's entries
+    ((stat,),) = backend._connection.execute(
+        "SELECT stat FROM sqlite_stat1 WHERE idx = 'lifecycle_tasks_finished'"
+    ).fetchall()
+    assert stat.split()[0] == "1"  # "waiting" (succeeded): not "running" (active) nor "left" (pending)
+
+
+class _Recording:
+    """A connection that records the statements (with their parameters) run through it."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+        self.statements: list[tuple[str, object]] = []
+
+    def execute(self, sql: str, parameters: object = ()) -> sqlite3.Cursor:
+        self.statements.append((sql, parameters))
+        return self.connection.execute(sql, parameters)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("label", "call"),
+    [
+        ("purge finished", lambda c: ops.purge(c, {TaskState.SUCCEEDED, TaskState.DEAD}, None, 2000.0, None)),
+        ("purge finished by queue", lambda c: ops.purge(c, {TaskState.CANCELLED}, "q", 2000.0, 10)),
+        ("purge pending", lambda c: ops.purge(c, {TaskState.PENDING}, None, None, None)),
+        (
+            "purge pending and finished",
+            lambda c: ops.purge(c, {TaskState.PENDING, TaskState.DEAD}, "q", None, 5),
+        ),
+        ("list pending", lambda c: ops.list_records(c, {TaskState.PENDING}, None, 10, 0)),
+        (
+            "list active and succeeded",
+            lambda c: ops.list_records(c, {TaskState.ACTIVE, TaskState.SUCCEEDED}, "q", 10, 0),
+        ),
+        ("requeue dead", lambda c: ops.requeue(c, None, "q", 2000.0)),
+        ("damaged records", lambda c: ops.reclaim_expired(c, 2000.0, 2030.0, 10)),
+    ],
+)
+def test_reads_by_state_search_an_index_not_the_table(
+    tmp_path: Path, label: str, call: Callable[[_Recording], object]
+) -> None:
+    """The finished index leaves pending and active tasks out, so it serves a query only when the query names
+    its condition: each query by state reads one of the state indexes, never the whole table."""
+    with closing(sqlite3.connect(tmp_path / "plans.db", isolation_level=None)) as connection:
+        ensure_schema(connection, where="plans")
+        recording = _Recording(connection)
+        connection.execute("BEGIN")
+        call(recording)
+        connection.execute("ROLLBACK")
+        assert recording.statements, label
+        for sql, parameters in recording.statements:
+            if not sql.lstrip().upper().startswith(("SELECT", "DELETE", "UPDATE", "WITH")):
+                continue
+            plan = [row[3] for row in connection.execute(f"EXPLAIN QUERY PLAN {sql}", parameters)]  # type: ignore[arg-type]
+            assert "SCAN lifecycle_tasks" not in plan, (label, sql, plan)
 
 
 async def test_a_file_written_by_a_newer_schema_version_is_refused(db_path: Path) -> None:
@@ -710,6 +807,19 @@ async def test_a_single_enqueue_is_one_insert_on_the_loops_connection(open_sqlit
     assert await backend.stats() == {"default": {TaskState.PENDING: 1}}
 
 
+async def test_the_worker_thread_takes_one_enqueue_in_256_from_the_loops_connection(
+    open_sqlite: Factory,
+) -> None:
+    # Its turns let its commits checkpoint the WAL; each costs more than its hop (both connections read again
+    # the pages the other wrote), so they come seldom.
+    backend = await open_sqlite()
+    on_loop, on_thread = _trace(backend._loop_connection), _trace(backend._connection)
+    for index in range(512):
+        await backend.enqueue_many([task(f"t{index}")])
+    assert sum(sql.startswith("INSERT") for sql in on_loop) == 510
+    assert sum(sql.startswith("INSERT") for sql in on_thread) == 2
+
+
 async def test_an_enqueue_cancelled_before_it_runs_stores_nothing(open_sqlite: Factory) -> None:
     backend = await open_sqlite()
     with anyio.CancelScope() as scope:
@@ -763,7 +873,7 @@ async def test_enqueues_on_the_loops_thread_still_let_the_wal_be_checkpointed(
     open_sqlite: Factory, db_path: Path
 ) -> None:
     # The loop's connection never checkpoints (a checkpoint syncs the file); the worker thread's commits do,
-    # past 4 000 WAL pages. 1 500 one-task enqueues write about 8 400 pages: checkpointed, the WAL restarts
+    # past 4 000 WAL pages. 1 500 one-task enqueues write about 6 900 pages: checkpointed, the WAL restarts
     # and never holds them all.
     backend = await open_sqlite()
     for index in range(1500):

@@ -49,7 +49,7 @@ from ._engine._queues import QueueOrder
 from ._engine._upkeep import purge_expired, recover_expired
 from ._engine._verdict import Policy
 from ._engine._worker import Worker
-from ._enqueue import build_plain_task, build_task, check_calls, if_exists_for, new_task_ids
+from ._enqueue import build_plain_task, build_task, build_tasks, check_calls, if_exists_for, new_task_ids
 from ._errors import DuplicateTaskError
 from ._flow import flow_stats, waiting_on
 from ._group import build_group, group_info
@@ -618,7 +618,7 @@ class AsyncTasks:
         now = self._clock()
         checked = check_calls(calls)
         new_id = new_task_ids(len(checked))  # one read of the random source for the batch
-        tasks = [build_task(call, now, self._registry, self._encoding, new_id) for call in checked]
+        tasks = build_tasks(checked, now, self._registry, self._encoding, new_id)
         if_exists = if_exists_for(checked)
         if trace is not None:
             tasks = with_trace(tasks, trace)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 from .._checks import check_name, check_seconds
@@ -26,6 +26,7 @@ from ._registry import (
 __all__ = [
     "build_plain_task",
     "build_task",
+    "build_tasks",
     "check_calls",
     "encode_arguments",
     "if_exists_for",
@@ -86,6 +87,18 @@ def build_plain_task(
     generated id, due now), without building the ``Call`` or looking at each of its options: the common
     single enqueue, whose CPU counts once per call."""
     name, definition = _resolve(target, registry)
+    return _plain_task(name, definition, args, now, encoding, new_id)
+
+
+def _plain_task(
+    name: str,
+    definition: TaskDefinition | None,
+    args: tuple[Any, ...],
+    now: float,
+    encoding: Encoding,
+    new_id: Callable[[], str],
+) -> NewTask:
+    """:func:`build_plain_task` once its target is resolved."""
     if definition is None:
         queue, max_retries, timeout, priority = DEFAULT_QUEUE, DEFAULT_MAX_RETRIES, None, 0
     else:
@@ -96,6 +109,38 @@ def build_plain_task(
     return new_task(
         new_id(), name, queue, payload, max_retries, timeout, now, now, None, priority, generated_id=True
     )
+
+
+def build_tasks(
+    calls: Sequence[Call], now: float, registry: Registry, encoding: Encoding, new_id: Callable[[], str]
+) -> list[NewTask]:
+    """:func:`build_task` of each of ``calls``, in order, each target of the calls without options resolved
+    once for the batch (a bulk enqueue's calls mostly share one)."""
+    resolved: dict[int, tuple[str, TaskDefinition | None]] = {}  # by id(): the calls keep their targets
+    tasks: list[NewTask] = []
+    for call in calls:
+        if (
+            call.delay is None
+            and call.at is None
+            and call.queue is None
+            and call.max_retries is None
+            and call.timeout is None
+            and call.task_id is None
+            and call.concurrency_key is None
+            and call.priority is None
+            and call.unique_for is None
+            and call.debounce is None
+            and call.expires is None
+            and call.meta is None
+        ):
+            target = call.target
+            known = resolved.get(id(target))
+            if known is None:
+                known = resolved[id(target)] = _resolve(target, registry)
+            tasks.append(_plain_task(known[0], known[1], call.args, now, encoding, new_id))
+        else:
+            tasks.append(build_task(call, now, registry, encoding, new_id))
+    return tasks
 
 
 def build_task(

@@ -4,7 +4,9 @@ LOCKED claims, LISTEN/NOTIFY wake-ups and reconnecting after the server dropped 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import math
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +22,13 @@ from psycopg_pool import AsyncConnectionPool
 
 from lifecycle.asynctask import BackendError, DuplicateTaskError, NewTask, TaskState, backend_from_url
 from lifecycle.asynctask._backends.postgres import _schema as schema_module
-from lifecycle.asynctask._backends.postgres._arrays import BytesArray, FloatArray, IntArray, TextArray
+from lifecycle.asynctask._backends.postgres._arrays import (
+    BytesArray,
+    FloatArray,
+    Int8Array,
+    IntArray,
+    TextArray,
+)
 from lifecycle.asynctask._backends.postgres._arrays import register as register_arrays
 from lifecycle.asynctask.postgres import PostgresBackend
 
@@ -554,6 +562,26 @@ async def test_a_single_enqueue_is_one_round_trip_wake_up_included(open_pg: Open
     assert record.state is TaskState.PENDING
 
 
+async def test_a_batch_of_new_tasks_is_one_round_trip_wake_up_included(open_pg: OpenPostgres) -> None:
+    # A batch of error below the COPY size (the coalesced single enqueues): one statement in autocommit,
+    # all or nothing, without BEGIN and COMMIT.
+    waiter = await open_pg(poll_interval=3600)
+    backend = await open_pg(pool_size=1)
+    await backend.enqueue_many([make_task("warm-up")])
+    batch = [make_task(f"n{n:02d}", queue="wake") for n in range(40)]
+    returned = anyio.Event()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            await _start_waiter(group, waiter, "wake", returned)
+            async with _round_trips(backend) as sent:
+                assert await backend.enqueue_many(batch) == [task.id for task in batch]
+            await returned.wait()
+    assert sent == ["Sync"]
+    record = await backend.get("n39")
+    assert record is not None
+    assert record.state is TaskState.PENDING
+
+
 async def test_a_single_enqueue_of_a_live_id_stores_nothing_and_raises(open_pg: OpenPostgres) -> None:
     backend = await open_pg(pool_size=1)
     await backend.enqueue_many([make_task("taken", delay=60)])
@@ -587,6 +615,14 @@ async def test_the_settlements_arrays_reach_the_server_as_given(postgres_dsn: st
         (TextArray(), "text[]"),
         (BytesArray([b"\x00\xff", None, b""]), "bytea[]"),
         (IntArray([0, -1, 2147483647, None]), "int4[]"),
+        (Int8Array([0, -1, 9223372036854775807, -(10**15), None]), "int8[]"),
+        # One value throughout: packed once.
+        (TextArray(["é", "é", "é"]), "text[]"),
+        (TextArray([None, None]), "text[]"),
+        (IntArray([7, 7, 7]), "int4[]"),
+        (Int8Array([None, None, None]), "int8[]"),
+        (FloatArray([2.5, 2.5]), "float8[]"),
+        (FloatArray([None]), "float8[]"),
         (FloatArray([1.5, None, 1796598127.3867579, float("inf"), 3.0]), "float8[]"),
     ]
     for registered in (True, False):
@@ -600,6 +636,36 @@ async def test_the_settlements_arrays_reach_the_server_as_given(postgres_dsn: st
                 )
                 row = await cursor.fetchone()
                 assert row == ((list(value) or []), len(value)), (registered, kind)
+
+
+async def test_a_batch_with_a_number_out_of_its_columns_range_is_refused_whole(open_pg: OpenPostgres) -> None:
+    # The new tasks' integer columns go as binary int4/int8 arrays only when every value fits; otherwise as
+    # before (a plain list), so the server refuses the value with its usual error and stores nothing.
+    backend = await open_pg(pool_size=1)
+    for n in range(2):  # the pooled connection's arrays, and again after the refusal
+        batch = [make_task(f"r{n}{i}") for i in range(3)]
+        batch[1] = dataclasses.replace(batch[1], max_retries=2**31)
+        with pytest.raises(psycopg.errors.NumericValueOutOfRange):
+            await backend.enqueue_many(batch)
+        assert await backend.get(f"r{n}0") is None
+    fits = [
+        dataclasses.replace(make_task(f"f{i}"), max_retries=2**31 - 1, priority=10**15 - 1) for i in range(3)
+    ]
+    assert await backend.enqueue_many(fits) == ["f0", "f1", "f2"]
+    record = await backend.get("f1")
+    assert record is not None
+    assert (record.max_retries, record.priority) == (2**31 - 1, 10**15 - 1)
+
+
+async def test_zeros_of_both_signs_reach_the_server_as_given(postgres_dsn: str) -> None:
+    # 0.0 == -0.0, so an array of them is not "one value throughout": each keeps its sign.
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as connection:
+        register_arrays(connection.adapters)
+        for values in ([-0.0, 0.0], [0.0, -0.0], [-0.0, -0.0]):
+            cursor = await connection.execute("SELECT %s::float8[]", (FloatArray(values),))
+            row = await cursor.fetchone()
+            assert row is not None
+            assert [math.copysign(1, value) for value in row[0]] == [math.copysign(1, v) for v in values]
 
 
 # -- large batches by binary COPY -------------------------------------------------------------------------
@@ -632,7 +698,7 @@ async def test_a_large_batch_is_copied_in_batch_order_with_every_field_and_wakes
     producer = await open_pg(pool_size=1)
     now = time.time()
     # Enqueue times decreasing: the claim order (same priority and run_at) is the batch's order, by seq.
-    batch = [_full_task(f"c{n:03d}", now, enqueued_at=now - n) for n in range(64)]
+    batch = [_full_task(f"c{n:03d}", now, enqueued_at=now - n) for n in range(300)]
     returned = anyio.Event()
     with anyio.fail_after(10):
         async with anyio.create_task_group() as group:
@@ -657,12 +723,13 @@ async def test_a_large_batch_is_copied_in_batch_order_with_every_field_and_wakes
         now + 3600,
     )
     assert (record.group_id, record.fault) == (None, None)
-    claimed = await waiter.claim(["bulk"], 100, now=now + 1, lease_until=now + 60)
+    claimed = await waiter.claim(["bulk"], 400, now=now + 1, lease_until=now + 60)
     assert [c.record.id for c in claimed] == [task.id for task in batch]
 
 
-async def test_a_large_batch_with_a_taken_or_repeated_id_is_sorted_out_as_a_small_one_is(
-    open_pg: OpenPostgres,
+@pytest.mark.parametrize("size", [40, 280], ids=["one-statement", "copy"])
+async def test_a_batch_with_a_taken_or_repeated_id_is_sorted_out_as_a_small_one_is(
+    open_pg: OpenPostgres, size: int
 ) -> None:
     from lifecycle.asynctask import Settlement
 
@@ -671,17 +738,17 @@ async def test_a_large_batch_with_a_taken_or_repeated_id_is_sorted_out_as_a_smal
     await backend.enqueue_many([make_task("live", delay=60), make_task("done", at=now)])
     (done,) = await backend.claim(["default"], 5, now=now + 1, lease_until=now + 60)
     await backend.settle([Settlement("done", done.token, TaskState.SUCCEEDED, at=now + 2)])
-    batch = [make_task(f"b{n:02d}", at=now) for n in range(40)]
+    batch = [make_task(f"b{n:03d}", at=now) for n in range(size)]
 
     with pytest.raises(DuplicateTaskError, match="live"):
         await backend.enqueue_many([*batch, make_task("live")])
-    assert await backend.get("b00") is None, "nothing of a refused batch is stored"
-    with pytest.raises(DuplicateTaskError, match="b03"):
-        await backend.enqueue_many([*batch, make_task("b03")])
-    assert await backend.get("b00") is None
+    assert await backend.get("b000") is None, "nothing of a refused batch is stored"
+    with pytest.raises(DuplicateTaskError, match="b003"):
+        await backend.enqueue_many([*batch, make_task("b003")])
+    assert await backend.get("b000") is None
     with pytest.raises(ValueError, match="contains a NUL character"):
         await backend.enqueue_many([*batch, make_task("nul\x00")])
-    assert await backend.get("b00") is None
+    assert await backend.get("b000") is None
 
     # A finished record's id is taken over, as by a batch of one.
     stored = await backend.enqueue_many([*batch, make_task("done", at=now + 3)])
@@ -690,7 +757,7 @@ async def test_a_large_batch_with_a_taken_or_repeated_id_is_sorted_out_as_a_smal
     assert record is not None
     assert (record.state, record.enqueued_at) == (TaskState.PENDING, now + 3)
     # skip: the new ids are stored, the taken ones left as they are.
-    more = [make_task(f"m{n:02d}", at=now) for n in range(40)]
+    more = [make_task(f"m{n:03d}", at=now) for n in range(size)]
     assert await backend.enqueue_many([*more, make_task("live")], if_exists="skip") == [t.id for t in more]
     live = await backend.get("live")
     assert live is not None

@@ -31,7 +31,9 @@ class Worker:
         self.name = name
         self.stderr_path = out_dir / f"{name}.stderr"
         self.other_lines: list[str] = []
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(_REPO_ROOT)}
+        # This checkout's src first: a worktree's own code, not the one its environment has installed.
+        path = f"{_REPO_ROOT / 'src'}{os.pathsep}{_REPO_ROOT}"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
         with self.stderr_path.open("wb") as stderr:
             self.process = subprocess.Popen(
                 list(command), stdout=subprocess.PIPE, stderr=stderr, env=env, text=True, bufsize=1

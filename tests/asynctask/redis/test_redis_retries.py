@@ -106,6 +106,20 @@ async def test_a_claim_whose_reply_was_lost_returns_the_same_leases_and_takes_no
     assert [c.record.id for c in rest] == ["t3", "t4"]
 
 
+async def test_a_lost_claim_reply_is_replayed_for_ids_of_any_text(open_redis: OpenRedis) -> None:
+    """The call's log holds each id with its length first: ids with colons, digits, spaces and non-ASCII
+    text come back whole and in order."""
+    backend = await open_redis()
+    ids = ["3:ab", "a:1", "12", "x y", "\u00e9t\u00e9:", ":"]
+    await backend.enqueue_many([_task(task_id) for task_id in ids])
+    calls = lose_first_reply(backend, "claim")
+    claimed = await backend.claim(["default"], 10, now=T0 + 1, lease_until=T0 + 31)
+    assert len(calls) == 2
+    assert [c.record.id for c in claimed] == ids
+    verdicts = [Settlement(c.record.id, c.token, TaskState.SUCCEEDED, at=T0 + 2) for c in claimed]
+    assert await backend.settle(verdicts) == set()
+
+
 async def test_a_reclaim_whose_reply_was_lost_returns_the_same_leases(open_redis: OpenRedis) -> None:
     backend = await open_redis()
     await backend.enqueue_many([_task(f"t{n}") for n in range(3)])

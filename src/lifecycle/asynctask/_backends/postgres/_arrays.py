@@ -1,4 +1,5 @@
-"""One-dimensional PostgreSQL arrays in binary, built in one pass, for the settlement's columns.
+"""One-dimensional PostgreSQL arrays in binary, built in one pass, for the settlement's and the new tasks'
+columns.
 
 psycopg adapts a Python ``list`` by looking at its elements first (their types, to choose the array type)
 and then dumping them one by one through a generic dumper: for the eight column arrays of a settlement of
@@ -16,18 +17,20 @@ from typing import Any
 from psycopg.adapt import AdaptersMap, Buffer, Dumper
 from psycopg.pq import Format
 
-__all__ = ["BytesArray", "FloatArray", "IntArray", "TextArray", "register"]
+__all__ = ["BytesArray", "FloatArray", "Int8Array", "IntArray", "TextArray", "register"]
 
 _HEADER = struct.Struct("!iiIii")  # dimensions, has nulls, element type, length, lower bound
 _EMPTY = struct.Struct("!iiI")  # an empty array: no dimensions
 _LENGTH = struct.Struct("!i")
 _FLOAT = struct.Struct("!id")  # the element's length (8), then the value
 _INT4 = struct.Struct("!ii")  # the element's length (4), then the value
+_INT8 = struct.Struct("!iq")  # the element's length (8), then the value
 _NULL = _LENGTH.pack(-1)
 
 _TEXT_OID, _TEXT_ARRAY_OID = 25, 1009
 _BYTEA_OID, _BYTEA_ARRAY_OID = 17, 1001
 _INT4_OID, _INT4_ARRAY_OID = 23, 1007
+_INT8_OID, _INT8_ARRAY_OID = 20, 1016
 _FLOAT8_OID, _FLOAT8_ARRAY_OID = 701, 1022
 
 
@@ -49,6 +52,12 @@ class IntArray(list[int | None]):
     __slots__ = ()
 
 
+class Int8Array(list[int | None]):
+    """A list sent as ``int8[]``."""
+
+    __slots__ = ()
+
+
 class FloatArray(list[float | None]):
     """A list sent as ``float8[]`` (ints are sent as floats)."""
 
@@ -60,6 +69,17 @@ def _array(element_oid: int, count: int, has_null: bool, parts: list[bytes]) -> 
         return _EMPTY.pack(0, 0, element_oid)
     parts[0] = _HEADER.pack(1, 1 if has_null else 0, element_oid, count, 1)
     return b"".join(parts)
+
+
+def _repeated(element_oid: int, count: int, element: bytes) -> bytes:
+    """The binary array of ``count`` times one element (its length and bytes already packed, or ``_NULL``)."""
+    return _HEADER.pack(1, 1 if element == _NULL else 0, element_oid, count, 1) + element * count
+
+
+def _uniform(values: list[Any]) -> bool:
+    """Whether ``values`` (not empty) holds one value throughout, as a batch's name, queue or unset
+    options mostly do: compared at C speed, then packed once."""
+    return values.count(values[0]) == len(values)
 
 
 def _varlen_array(element_oid: int, values: list[bytes | None]) -> bytes:
@@ -80,6 +100,11 @@ def _varlen_array(element_oid: int, values: list[bytes | None]) -> bytes:
 def _fixed_array(element_oid: int, item: struct.Struct, size: int, values: list[Any]) -> bytes:
     """The binary array of ``values``, each packed by ``item`` with its length ``size`` first (NULL: -1)."""
     pack = item.pack
+    if values and _uniform(values):
+        first = values[0]
+        # Not a zero: 0.0 == -0.0, and the two differ in binary.
+        if first is None or first != 0 or type(first) is int:
+            return _repeated(element_oid, len(values), _NULL if first is None else pack(size, first))
     parts = [b""]
     parts.extend(_NULL if value is None else pack(size, value) for value in values)
     return _array(element_oid, len(values), None in values, parts)
@@ -96,6 +121,10 @@ class _TextArrayDumper(Dumper):
 
     def dump(self, obj: Any) -> Buffer:
         encoding = self._encoding
+        if obj and _uniform(obj):
+            first = obj[0]
+            data = _NULL if first is None else _LENGTH.pack(len(encoded := first.encode(encoding))) + encoded
+            return _repeated(_TEXT_OID, len(obj), data)
         return _varlen_array(_TEXT_OID, [None if value is None else value.encode(encoding) for value in obj])
 
 
@@ -115,6 +144,14 @@ class _IntArrayDumper(Dumper):
         return _fixed_array(_INT4_OID, _INT4, 4, obj)
 
 
+class _Int8ArrayDumper(Dumper):
+    format = Format.BINARY
+    oid = _INT8_ARRAY_OID
+
+    def dump(self, obj: Any) -> Buffer:
+        return _fixed_array(_INT8_OID, _INT8, 8, obj)
+
+
 class _FloatArrayDumper(Dumper):
     format = Format.BINARY
     oid = _FLOAT8_ARRAY_OID
@@ -128,4 +165,5 @@ def register(adapters: AdaptersMap) -> None:
     adapters.register_dumper(TextArray, _TextArrayDumper)
     adapters.register_dumper(BytesArray, _BytesArrayDumper)
     adapters.register_dumper(IntArray, _IntArrayDumper)
+    adapters.register_dumper(Int8Array, _Int8ArrayDumper)
     adapters.register_dumper(FloatArray, _FloatArrayDumper)

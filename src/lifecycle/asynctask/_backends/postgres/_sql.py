@@ -71,17 +71,14 @@ _INSERT_COLUMNS = (
     "concurrency_key, expires_at, group_id"
 )
 #: The columns of the binary COPY of new tasks, in the order of their values (``attempts`` takes its default
-#: 0); ``COPY_TYPES`` their types.
-COPY_COLUMNS = (
-    "id, name, queue, payload, state, max_retries, timeout, enqueued_at, run_at, meta, priority, "
-    "concurrency_key, expires_at, group_id"
-)
+#: 0): ``_NEW_TASK_COLUMNS``, then the state (a row is a new task's row and one more value); ``COPY_TYPES``
+#: their types.
+COPY_COLUMNS = _NEW_TASK_COLUMNS + ", state"
 COPY_TYPES = (
     "text",
     "text",
     "text",
     "bytea",
-    "text",
     "int4",
     "float8",
     "float8",
@@ -90,6 +87,7 @@ COPY_TYPES = (
     "int8",
     "text",
     "float8",
+    "text",
     "text",
 )
 _INSERT_HEAD = (

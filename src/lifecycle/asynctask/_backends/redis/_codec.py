@@ -178,6 +178,21 @@ def _limit(name: str, what: str, value: int | None, *, minimum: int) -> str:
 def settlement_args(settlement: Settlement) -> list[str | bytes]:
     """The script arguments for one settlement, its follow-up tasks included."""
     state = settlement.state
+    when = settlement.at
+    at = repr(when) if type(when) is float else time_text(when)  # time_text inline: once per task
+    if (
+        state is TaskState.SUCCEEDED
+        and settlement.error is None
+        and settlement.run_at is None
+        and not settlement.then
+        and not settlement.then_groups
+        and not settlement.refund_attempt
+    ):
+        # The usual verdict, once per task: the general path's values written out (0.65 against 1.3 us).
+        result = settlement.result
+        if result is None:
+            return [settlement.task_id, settlement.token, "succeeded", at, at, "", "0000", "", b"", "0"]
+        return [settlement.task_id, settlement.token, "succeeded", at, at, "", "0100", "", result, "0"]
     if type(state) is not TaskState:  # a plain string naming one
         state = TaskState(state)
     if state is TaskState.ACTIVE:
@@ -185,8 +200,6 @@ def settlement_args(settlement: Settlement) -> list[str | bytes]:
             f"cannot settle task {settlement.task_id!r} as 'active': a verdict is pending (retry), "
             "succeeded, dead or cancelled"
         )
-    when = settlement.at
-    at = repr(when) if type(when) is float else time_text(when)  # time_text inline: once per task
     run_at = at if settlement.run_at is None else time_text(settlement.run_at)
     flags = (
         ("0" if settlement.error is None else "1")

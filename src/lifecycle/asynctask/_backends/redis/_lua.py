@@ -43,8 +43,9 @@ live in the declared key's slot. The key layout, version 3 (documented in ``docs
 - ``{P}:u:<nonce>``        one waiting backend object's alarm list: it pushes to it itself to end its own
                            BLPOP exactly on time (Redis ends blocking commands up to 100 ms late).
 - ``{P}:queues``           set of queue names seen; ``{P}:seq`` enqueue counter; ``{P}:layout`` version.
-- ``{P}:c:<call id>``      list of task ids one claim/reclaim call leased (expires), so a call retried after
-                           a dropped connection returns the same tasks instead of leasing more.
+- ``{P}:c:<call id>``      string, the task ids one claim/reclaim call leased, each as ``<length>:<id>``
+                           (expires), so a call retried after a dropped connection returns the same tasks
+                           instead of leasing more.
 - ``{P}:sc:<call id>``     string, set by a settle call that applied settlements (expires once the caller no
                            longer retries), so that only a retry of that call counts them as applied.
 - Groups: ``{P}:g:<gid>`` hash (n members, ok succeeded, o outcome once final, c created_at, f finished_at, ti
@@ -443,10 +444,26 @@ local function group_stored(src, b, ids, callid, queues)
   if src[b + 4] == '1' then redis.call('RPUSH', gkey('gt', gid), unpack(src, b + 5, b + 20)) end
   if #ids == 0 then group_succeeded(gid, src[b + 1], callid, queues) end
 end
--- A claim or reclaim call retried after a dropped connection: return what the first execution leased.
-local function replay(log, callid)
-  local out = {}
-  for i, id in ipairs(redis.call('LRANGE', log, 0, -1)) do
+-- A claim or reclaim call's log: the ids it leased, each as enc(id), in one string that expires after ttl
+-- seconds (one SET, where a list took an RPUSH and an EXPIRE).
+local function logged(log, ids, ttl)
+  local parts = {}
+  for j = 1, #ids do parts[j] = enc(ids[j]) end
+  redis.call('SET', log, table.concat(parts), 'EX', ttl)
+end
+-- A claim or reclaim call retried after a dropped connection: return what the first execution leased
+-- (text: its log's value).
+local function replay(text, callid)
+  local out, ids = {}, {}
+  local at = 1
+  while at <= #text do
+    local colon = string.find(text, ':', at, true)
+    local size = colon and tonumber(string.sub(text, at, colon - 1))
+    if not size then break end  -- not what logged() writes: the ids read so far
+    ids[#ids + 1] = string.sub(text, colon + 1, colon + size)
+    at = colon + size + 1
+  end
+  for i, id in ipairs(ids) do
     local key = rkey(id)
     local token = callid .. ':' .. i
     local k = redis.call('HGET', key, 'k')
@@ -673,7 +690,8 @@ _RECLAIM = """
 local now, lease, limit, callid = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 forget(ARGV[6])
 local log = P .. 'c:' .. callid
-if redis.call('EXISTS', log) == 1 then return replay(log, callid) end
+local before = redis.call('GET', log)
+if before then return replay(before, callid) end
 local out, taken, stale = {}, {}, {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', '(' .. now, 'LIMIT', 0, limit)) do
   local key = rkey(id)
@@ -709,8 +727,7 @@ end
 if #stale > 0 then bulk('ZREM', P .. 'leases', stale) end
 released()
 if #taken > 0 then
-  bulk('RPUSH', log, taken)
-  redis.call('EXPIRE', log, %(ttl)d)
+  logged(log, taken, %(ttl)d)
 end
 return out
 """
@@ -733,10 +750,11 @@ end
 return lost
 """
 
-# ARGV: P, call id, seconds the call's marker lasts, then per settlement: id, token, state, at, run_at, run_at
-# as sortable hex, flags (4 characters '0'/'1': has error, has result, refund attempt, has groups), error,
-# result, follow-up count, 16 values per follow-up task; with groups, then the group count, and per group:
-# its member count, its header (see group_stored()), 16 values per member.
+# ARGV: P, call id, seconds the call's marker lasts, '1' when the server has ZMSCORE (else '0'), then per
+# settlement: id, token, state, at, run_at, run_at as sortable hex, flags (4 characters '0'/'1': has error,
+# has result, refund attempt, has groups), error, result, follow-up count, 16 values per follow-up task;
+# with groups, then the group count, and per group: its member count, its header (see group_stored()), 16
+# values per member.
 # A group member's lease token ends in 'g' (the claim and reclaim scripts make it so), so the record's group
 # field is read only for members: a plain settlement pays nothing for groups.
 # Returns the ids whose lease was lost. A call that applied settlements leaves a marker {P}:sc:<call id> that
@@ -770,27 +788,74 @@ local function members_at(g0)
   if ARGV[g0 + 5] == '1' then return g0 + 22 end
   return g0 + 6
 end
-local i = 4
+-- Where the settlement at ARGV[i] ends (the next one starts): after its follow-ups and its groups.
+local function entry_end(i)
+  local j = i + 10 + tonumber(ARGV[i + 9]) * 16
+  if string.byte(ARGV[i + 6], 4) == 49 then
+    local ngroups = tonumber(ARGV[j])
+    j = j + 1
+    for _ = 1, ngroups do j = members_at(j) + tonumber(ARGV[j]) * 16 end
+  end
+  return j
+end
+-- First pass, reads only: every record's fields (a group member's group too), and (with ZMSCORE, Redis 6.2+)
+-- the active-index scores of the records whose lease the call holds, one command per queue instead of one
+-- ZSCORE per task. A second settlement of the same id in the call reads again in its turn (the first one's
+-- writes come before it).
+local CUR, SCORE, SEEN = {}, {}, {}
+local probes = {}
+local i = 5
+while i <= #ARGV do
+  local id = ARGV[i]
+  if not SEEN[id] then
+    SEEN[id] = true
+    local cur
+    if string.byte(ARGV[i + 1], -1) == 103 then  -- a group member's token: its group field too
+      cur = redis.call('HMGET', rkey(id), 's', 'k', 'q', 'o', 'a', 'fu', 'rn', 'g')
+    else
+      cur = redis.call('HMGET', rkey(id), 's', 'k', 'q', 'o', 'a', 'fu', 'rn')
+    end
+    CUR[i] = cur
+    if ARGV[4] == '1' and cur[1] == 'active' and cur[2] == ARGV[i + 1] and type(cur[3]) == 'string'
+        and type(cur[4]) == 'string' then
+      later(probes, cur[3], i)
+    end
+  end
+  i = entry_end(i)
+end
+for q, at in pairs(probes) do
+  local members = {}
+  for j = 1, #at do members[j] = CUR[at[j]][4] .. ARGV[at[j]] end
+  for j0 = 1, #members, 4000 do
+    local j1 = math.min(j0 + 3999, #members)
+    local scores = redis.pcall('ZMSCORE', idx('active', q), unpack(members, j0, j1))
+    -- An error (a server without ZMSCORE after a failover, say): locate() finds each one in its turn.
+    if scores.err then scores = {} end
+    for j = j0, j1 do SCORE[at[j]] = {'active', q, members[j], scores[j - j0 + 1]} end
+  end
+end
+i = 5
 while i <= #ARGV do
   local id, token, state, at, run_at, run_rs = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4],
     ARGV[i + 5]
   local flags, err, res = ARGV[i + 6], ARGV[i + 7], ARGV[i + 8]
   local nthen = tonumber(ARGV[i + 9])
   local first = i + 10
-  i = first + nthen * 16
-  local ngroups, gfirst = 0, i
+  local ngroups, gfirst = 0, first + nthen * 16
   if string.byte(flags, 4) == 49 then
-    ngroups = tonumber(ARGV[i])
-    gfirst = i + 1
-    i = gfirst
-    for _ = 1, ngroups do i = members_at(i) + tonumber(ARGV[i]) * 16 end
+    ngroups = tonumber(ARGV[gfirst])
+    gfirst = gfirst + 1
   end
   local key = rkey(id)
-  local cur = redis.call('HMGET', key, 's', 'k', 'q', 'o', 'a', 'fu', 'rn')
+  local cur = CUR[i] or redis.call('HMGET', key, 's', 'k', 'q', 'o', 'a', 'fu', 'rn')
   -- The record's place in the indexes (and its index score) comes from the indexes themselves, so a damaged
   -- queue or enqueued_at field cannot misplace it; a record no active index holds is left to recovery.
-  local where = nil
-  if cur[1] == 'active' and cur[2] == token then where = locate(id, 'active', cur[3], cur[4]) end
+  local where = SCORE[i]
+  if where and not where[4] then where = nil end
+  if not where and cur[1] == 'active' and cur[2] == token then
+    where = locate(id, 'active', cur[3], cur[4])
+  end
+  i = entry_end(i)
   if where and where[1] == 'active' then
     local q, member, score = where[2], where[3], where[4]
     local o = string.sub(member, 1, 16)
@@ -863,7 +928,8 @@ while i <= #ARGV do
         redis.call('HSET', key, unpack(set))
         later(additions, idx(state, q), score, member)
         if string.byte(token, -1) == 103 then  -- 'g': a group member
-          local gid = redis.call('HGET', key, 'g')
+          local gid = cur[8]  -- read with the record (false: none), or not yet when the id came again
+          if gid == nil then gid = redis.call('HGET', key, 'g') end
           if gid then member_ended(gid, id, state, at, result, callid, queues) end
         end
       end

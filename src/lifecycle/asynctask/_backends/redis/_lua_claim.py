@@ -59,8 +59,9 @@ _CLAIM = """
 local now, SNOW, lease, limit, callid = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
 forget(ARGV[7])
 local log = P .. 'c:' .. callid
-if redis.call('EXISTS', log) == 1 then
-  local again = replay(log, callid)
+local before = redis.call('GET', log)
+if before then
+  local again = replay(before, callid)
   table.insert(again, 1, '0')
   return again
 end
@@ -97,23 +98,29 @@ end
 local qfirst = 9 + nlim * 5
 local paused = {}
 for _, q in ipairs(redis.call('SMEMBERS', P .. 'paused')) do paused[q] = true end
-local CHECK = redis.call('EXISTS', P .. 'check') == 1
+-- Whether {P}:check exists, read when first needed: only a caller with limits ever looks (see running()).
+local CHECK = nil
+local function check()
+  if CHECK == nil then CHECK = redis.call('EXISTS', P .. 'check') == 1 end
+  return CHECK
+end
 local budget, moves, sweeps = %(scan)d, %(moves)d + limit, %(sweeps)d
 local out, ids, leases = {'0'}, {}, {}
 local n = 0
 local RUN, CHECKED, ADDED, BUCKETS, REFUSED, NAMES = {}, {}, {}, {}, {}, {}
 
--- The ACTIVE tasks in running set `setkey`, counted once per call and kept up to date as it claims (its
--- new members are added at the end). While {P}:check exists (a recovery found a leased task whose record
--- was deleted behind the backend's back), a set at its limit is checked once per call: an id whose record
--- is gone (or in a state other than ACTIVE) is dropped, so such a leak holds a slot no longer than a lease.
+-- The ACTIVE tasks in running set `setkey`, counted once per call, when first needed (the ids this call
+-- leased so far included: they are added at the end), then kept up to date as it claims. While {P}:check
+-- exists (a recovery found a leased task whose record was deleted behind the backend's back), a set at its
+-- limit is checked once per call: an id whose record is gone (or in a state other than ACTIVE) is dropped,
+-- so such a leak holds a slot no longer than a lease.
 local function running(setkey, limit)
   local c = RUN[setkey]
   if c == nil then
-    c = redis.call('SCARD', P .. setkey)
+    c = redis.call('SCARD', P .. setkey) + #(ADDED[setkey] or {})
     RUN[setkey] = c
   end
-  if CHECK and limit and c >= limit and not CHECKED[setkey] then
+  if limit and c >= limit and not CHECKED[setkey] and check() then
     CHECKED[setkey] = true
     local stale = {}
     for _, id in ipairs(redis.call('SMEMBERS', P .. setkey)) do
@@ -130,9 +137,11 @@ local function running(setkey, limit)
   end
   return c
 end
--- Count leased task id in running set `setkey` (written at the end of the call).
+-- Count leased task id in running set `setkey` (written at the end of the call). A set no limit of the
+-- caller asks about is never counted (running() counts ADDED when it is).
 local function count_in(setkey, id)
-  RUN[setkey] = running(setkey) + 1
+  local c = RUN[setkey]
+  if c ~= nil then RUN[setkey] = c + 1 end
   local ids = ADDED[setkey]
   if not ids then
     ids = {}
@@ -242,7 +251,7 @@ local function recheck(q)
     local plus = string.sub(v, 1, 1) == '+'
     local gone = false
     if kind == 'n' then
-      if not L.mr or v == '-' or CHECK or (plus and tonumber(string.sub(v, 2)) ~= L.mr)
+      if not L.mr or v == '-' or check() or (plus and tonumber(string.sub(v, 2)) ~= L.mr)
           or (not plus and tonumber(v) and tonumber(v) <= NOW) then
         budget = budget - 1
         local cap = INF
@@ -286,7 +295,7 @@ local function recheck(q)
       if not L.mk then
         keys = redis.call('ZRANGE', hk, 0, budget - 1)
       else
-        if tonumber(v) ~= L.mk or CHECK then  -- the limit changed since these tasks were parked (or a leak
+        if tonumber(v) ~= L.mk or check() then  -- the limit changed since these tasks were parked (or a leak
           -- is being looked for): recheck every key
           local adds = {}
           for _, K in ipairs(redis.call('ZRANGE', hk, 0, -1)) do
@@ -378,15 +387,22 @@ end
 -- costs a scan of the whole hash). taken() emits the record in FIELDS order.
 local TAKEN = {'n', 'q', 'p', 's', 'a', 'm', 'to', 'e', 'r', 'err', 'res', 'meta', 'pr', 'ck', 'ex', 'cr',
   'pd', 'pt', 'pm', 'g'}
+-- The reply's length is kept in NOUT: 25 values per task, each `#out + 1` a search of the growing table.
+local NOUT = #out
 local function taken(out, token, id, rec)
-  out[#out + 1] = token
-  out[#out + 1] = id
-  for i = 1, 9 do out[#out + 1] = rec[i] end
-  out[#out + 1] = now
-  out[#out + 1] = false
-  out[#out + 1] = lease
-  for i = 10, 20 do out[#out + 1] = rec[i] end
+  local m = NOUT
+  out[m + 1] = token
+  out[m + 2] = id
+  for i = 1, 9 do out[m + 2 + i] = rec[i] end
+  out[m + 12] = now
+  out[m + 13] = false
+  out[m + 14] = lease
+  for i = 10, 20 do out[m + 5 + i] = rec[i] end
+  NOUT = m + 25
 end
+-- The queues whose ready set take() left a member in (one it fetched but did not examine, or not due): the
+-- wake-up at the end need not look.
+local LEFT = {}
 -- Take queue q's ready tasks in order: cancel the expired, park the held back, lease the rest.
 local function take(q)
   local rk, pk = ready(q), idx('pending', q)
@@ -399,11 +415,16 @@ local function take(q)
     if #page == 0 then break end
     off = off + #page
     for _, member in ipairs(page) do
-      if n >= limit or budget <= 0 then break end
+      if n >= limit or budget <= 0 then
+        LEFT[q] = true
+        break
+      end
       budget = budget - 1  -- given back when the task is leased: the bound is on the others
       -- Due when its 16 hex digits of run_at are at most now's (hex digits sort before 'g'); else it was
       -- moved here by a claim with a later clock.
-      if member < DUE then
+      if member >= DUE then
+        LEFT[q] = true
+      else
         local pmember = string.sub(member, 17)
         local id = string.sub(member, 33)
         local key = rkey(id)
@@ -504,7 +525,7 @@ if n >= limit then
   -- More may be due than this call could take: wake another idle worker for the first queue that has some.
   for qi = qfirst, #ARGV do
     local q = ARGV[qi]
-    if not paused[q] and (redis.call('ZRANGE', ready(q), 0, 0)[1]
+    if not paused[q] and (LEFT[q] or redis.call('ZRANGE', ready(q), 0, 0)[1]
         or redis.call('ZRANGEBYSCORE', delayed(q), '-inf', now, 'LIMIT', 0, 1)[1]) then
       wake(q)
       break
@@ -518,8 +539,7 @@ for N in pairs(REFUSED) do redis.call('HINCRBY', P .. 'tr', N, 1) end
 for setkey, ids in pairs(ADDED) do bulk('SADD', P .. setkey, ids) end
 if n > 0 then
   bulk('ZADD', P .. 'leases', leases)
-  bulk('RPUSH', log, ids)
-  redis.call('EXPIRE', log, %(ttl)d)
+  logged(log, ids, %(ttl)d)
 end
 notified()
 return out

@@ -29,7 +29,7 @@ from ..._records import (
     TaskRecord,
     TaskState,
 )
-from ._schema import TASK_COLUMNS
+from ._schema import SETTLED, TASK_COLUMNS
 
 __all__ = [
     "cancel",
@@ -193,7 +193,8 @@ _KNOWN_STATES = sorted(state.value for state in TaskState)
 # Records no claim or reclaim can select because a field they are selected by cannot be read. SQLite sorts
 # numbers before text and text before blobs, so ">= 9e999" (infinity) is one index range holding +inf, text
 # and blobs (a NaN is stored as NULL). Active tasks whose lease_until is not a finite number, and tasks in no
-# known state (the ranges between the known state names, on the index that leads with state):
+# known state (the ranges between the known state names, on the finished index, which holds them: each range
+# names SETTLED, so that the planner searches that partial index for it instead of scanning it whole):
 _UNSELECTABLE = (
     "SELECT seq FROM lifecycle_tasks INDEXED BY lifecycle_tasks_active "
     "WHERE state = 'active' AND lease_until IS NULL "
@@ -201,9 +202,9 @@ _UNSELECTABLE = (
     "WHERE state = 'active' AND lease_until >= 9e999 "
     "UNION ALL SELECT seq FROM lifecycle_tasks WHERE "
     + " OR ".join(
-        [f"state < '{_KNOWN_STATES[0]}'"]
-        + [f"(state > '{a}' AND state < '{b}')" for a, b in itertools.pairwise(_KNOWN_STATES)]
-        + [f"state > '{_KNOWN_STATES[-1]}'"]
+        [f"(state < '{_KNOWN_STATES[0]}' AND {SETTLED})"]
+        + [f"(state > '{a}' AND state < '{b}' AND {SETTLED})" for a, b in itertools.pairwise(_KNOWN_STATES)]
+        + [f"(state > '{_KNOWN_STATES[-1]}' AND {SETTLED})"]
     )
     + " LIMIT ?"
 )
@@ -1029,6 +1030,30 @@ def _where(clauses: list[str]) -> str:
     return f" WHERE {' AND '.join(clauses)}" if clauses else ""
 
 
+def _by_state(
+    columns: str, states: Collection[TaskState], clauses: Sequence[str], params: Sequence[Any]
+) -> tuple[str, list[Any]]:
+    """``SELECT columns`` of the records in ``states`` that match ``clauses``, one ``UNION ALL`` arm per index
+    that holds a state: pending and active tasks have their partial indexes, finished ones theirs (named by
+    SETTLED), so each arm reads one index (named: the planner would rather walk the newest-first index and
+    read every record to find a few) instead of the whole table being scanned for them."""
+    values = {TaskState(state).value for state in states}
+    arms: list[str] = []
+    arm_params: list[Any] = []
+    for state in (_PENDING, _ACTIVE):
+        if state in values:
+            values.discard(state)
+            where = _where([f"state = '{state}'", *clauses])
+            arms.append(f"SELECT {columns} FROM lifecycle_tasks INDEXED BY lifecycle_tasks_{state}{where}")
+            arm_params.extend(params)
+    if values:
+        finished = sorted(values)
+        where = _where([f"state IN ({_marks(len(finished))})", SETTLED, *clauses])
+        arms.append(f"SELECT {columns} FROM lifecycle_tasks INDEXED BY lifecycle_tasks_finished{where}")
+        arm_params.extend([*finished, *params])
+    return " UNION ALL ".join(arms), arm_params
+
+
 def list_records(
     connection: sqlite3.Connection,
     states: Collection[TaskState] | None,
@@ -1038,11 +1063,19 @@ def list_records(
 ) -> list[TaskRecord]:
     """Records matching the filters, newest ``enqueued_at`` first; a record in no known state is listed as
     dead, as it is read (until recovery makes it dead for good)."""
-    clauses, params = _filters(states, queue, unknown_as_dead=True)
-    query = (
-        f"SELECT {TASK_COLUMNS} FROM lifecycle_tasks{_where(clauses)} "
-        "ORDER BY enqueued_at DESC, seq DESC LIMIT ? OFFSET ?"
-    )
+    if states is not None and TaskState.DEAD not in states:
+        # Each state from its own index, then sorted (the records in no known state are listed only as dead)
+        clauses, params = _filters(None, queue)
+        selected, params = _by_state(f"{TASK_COLUMNS}, seq", states, clauses, params)
+        query = (
+            f"SELECT {TASK_COLUMNS} FROM ({selected}) ORDER BY enqueued_at DESC, seq DESC LIMIT ? OFFSET ?"
+        )
+    else:
+        clauses, params = _filters(states, queue, unknown_as_dead=True)
+        query = (
+            f"SELECT {TASK_COLUMNS} FROM lifecycle_tasks{_where(clauses)} "
+            "ORDER BY enqueued_at DESC, seq DESC LIMIT ? OFFSET ?"
+        )
     rows = connection.execute(query, [*params, max(limit, 0), max(offset, 0)]).fetchall()
     return [record_from_row(row) for row in rows]
 
@@ -1094,7 +1127,7 @@ def requeue(
     """Move dead (or, by id, cancelled) tasks back to pending with no attempts; return how many moved."""
     queue_clause, queue_params = (" AND queue = ?", [queue]) if queue is not None else ("", [])
     if task_ids is None:
-        query = f"{_REQUEUE_SET} WHERE state = 'dead'{queue_clause}"
+        query = f"{_REQUEUE_SET} WHERE state = 'dead' AND {SETTLED}{queue_clause}"
         return connection.execute(query, [now, *queue_params]).rowcount
     moved = 0
     for chunk in _chunks(list(dict.fromkeys(task_ids))):
@@ -1126,10 +1159,20 @@ def purge(
         done = "SELECT id FROM lifecycle_groups WHERE " + where
         connection.execute(f"DELETE FROM lifecycle_group_members WHERE group_id IN ({done})", group_params)
         connection.execute(f"DELETE FROM lifecycle_groups WHERE id IN ({done})", group_params)
-    clauses, params = _filters(states, queue)
+    clauses, params = _filters(None, queue)
     if before is not None:
         clauses.append("coalesce(finished_at, enqueued_at) < ?")
         params.append(before)
+    if {TaskState(state) for state in states} & {TaskState.PENDING, TaskState.ACTIVE}:
+        selected, params = _by_state("seq", states, clauses, params)
+        if limit is not None:
+            selected += " LIMIT ?"
+            params.append(limit)
+        return connection.execute(f"DELETE FROM lifecycle_tasks WHERE seq IN ({selected})", params).rowcount
+    # Finished states only: one statement on the finished index (SETTLED lets the planner use it).
+    state_clauses, state_params = _filters(states, None)
+    clauses = [*state_clauses, SETTLED, *clauses]
+    params = [*state_params, *params]
     if limit is None:
         return connection.execute(f"DELETE FROM lifecycle_tasks{_where(clauses)}", params).rowcount
     query = (

@@ -2,7 +2,7 @@
 
 Everything here is synchronous and runs on the backend's connection thread.
 
-Layout (schema version 3)
+Layout (schema version 4)
 -------------------------
 ``lifecycle_schema(version)``
     One row: the schema version that wrote this file. A file written by a newer version is refused, an older
@@ -32,13 +32,17 @@ Layout (schema version 3)
 Indexes: a partial index over pending tasks ``(queue, priority DESC, run_at, seq)`` serves claims (in claim
 order, no sort) and ``wait_for_work`` (one probe per priority in use); a partial index over pending tasks
 that can expire ``(queue, expires_at)`` lets each claim cancel the expired ones; a partial index over active
-tasks ``(lease_until)`` serves recovery and the running counts; ``(state, coalesce(finished_at,
-enqueued_at))`` serves retention purges and ``(enqueued_at)`` the newest-first listing.
+tasks ``(lease_until)`` serves recovery and the running counts; a partial index over the tasks in neither
+state ``(state, coalesce(finished_at, enqueued_at))`` (:data:`SETTLED`: finished, or in no known state) serves
+retention purges, requeues and the look for records in no known state, and ``(enqueued_at)`` the newest-first
+listing. Pending and active tasks have their own partial indexes, so the finished one leaves them out: an
+enqueue writes one index page fewer (a one-task enqueue writes ~4.6 pages instead of ~5.7, its WAL frames
+being most of its cost) and a claim does not move the task in it.
 
 Version 1 (before flow control) is migrated in place: the columns are added (old records get priority 0),
 the pending index is rebuilt in the new order, and the flow tables are created. Version 2 (before control of
 running work) gets its five columns (old records: no cancel request, no progress, no group) and the group
-tables.
+tables. Version 3 gets the finished index rebuilt as the partial one.
 """
 
 from __future__ import annotations
@@ -49,10 +53,22 @@ from collections.abc import Callable
 from ..._errors import BackendError
 from ..._records import RECORD_COLUMNS
 
-__all__ = ["MIN_SQLITE_VERSION", "SCHEMA_VERSION", "TASK_COLUMNS", "check_sqlite_version", "ensure_schema"]
+__all__ = [
+    "MIN_SQLITE_VERSION",
+    "SCHEMA_VERSION",
+    "SETTLED",
+    "TASK_COLUMNS",
+    "check_sqlite_version",
+    "ensure_schema",
+]
 
 #: The schema version this code writes. Bump it and add a step to ``_MIGRATIONS`` when the layout changes.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+
+#: The condition of the partial index ``lifecycle_tasks_finished``: a query uses that index only when its
+#: ``WHERE`` holds this very text (SQLite's planner proves a partial index usable by matching terms), so the
+#: queries that want it add it to their own conditions.
+SETTLED = "state NOT IN ('pending', 'active')"
 
 #: ``UPDATE ... RETURNING`` needs SQLite 3.35.
 MIN_SQLITE_VERSION = (3, 35, 0)
@@ -175,6 +191,12 @@ _CONTROL_V3 = (
     "CREATE UNIQUE INDEX lifecycle_group_members_task ON lifecycle_group_members (group_id, task_id)",
 )
 
+_SETTLED_V4 = (
+    "DROP INDEX IF EXISTS lifecycle_tasks_finished",
+    "CREATE INDEX lifecycle_tasks_finished ON lifecycle_tasks (state, coalesce(finished_at, enqueued_at)) "
+    f"WHERE {SETTLED}",
+)
+
 
 def _migrate_1_to_2(connection: sqlite3.Connection) -> None:
     for statement in _FLOW_V2:
@@ -186,8 +208,17 @@ def _migrate_2_to_3(connection: sqlite3.Connection) -> None:
         connection.execute(statement)
 
 
+def _migrate_3_to_4(connection: sqlite3.Connection) -> None:
+    for statement in _SETTLED_V4:
+        connection.execute(statement)
+
+
 # version N -> the function that migrates a file at version N to N + 1 (inside the open transaction).
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _migrate_1_to_2,
+    2: _migrate_2_to_3,
+    3: _migrate_3_to_4,
+}
 
 
 def check_sqlite_version(version: tuple[int, int, int] = sqlite3.sqlite_version_info) -> None:
@@ -217,7 +248,7 @@ def ensure_schema(connection: sqlite3.Connection, *, where: str) -> int:
                 "instead of one; restore it from a backup or point SQLiteBackend at a new file"
             )
         if not rows:
-            for statement in (*_CREATE_V1, *_FLOW_V2, *_CONTROL_V3):
+            for statement in (*_CREATE_V1, *_FLOW_V2, *_CONTROL_V3, *_SETTLED_V4):
                 connection.execute(statement)
             connection.execute("INSERT INTO lifecycle_schema (version) VALUES (?)", (SCHEMA_VERSION,))
             version = SCHEMA_VERSION
