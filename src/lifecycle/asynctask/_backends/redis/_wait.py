@@ -244,12 +244,12 @@ class Waiter:
                 await asyncio.wait((blpop,))
 
     async def close(self) -> None:
-        """Remove the alarm (best effort: one rung just after its BLPOP had returned is left over) and close
-        the blocking connection."""
+        """Remove the alarm and the last wait's start time (best effort: an alarm rung just after its BLPOP
+        had returned is left over) and close the blocking connection."""
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(1.0):
                 try:
-                    await self._runner.client.delete(self._alarm)
+                    await self._runner.client.delete(self._alarm, f"{self._alarm}:t")
                 except (RedisError, OSError):
                     pass
         await close_clients(self._client)
