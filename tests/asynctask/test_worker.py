@@ -21,6 +21,7 @@ from lifecycle.asynctask import (
     FlowLimits,
     ManualClock,
     MemoryBackend,
+    NewTask,
     ProgressUpdate,
     Retry,
     Settlement,
@@ -660,3 +661,130 @@ async def test_the_claim_takes_the_verdicts_waiting_to_be_saved_along(
         "a failed call is followed by a claim"
     )
     assert "was not saved" not in caplog.text
+
+
+class WaitClaiming(DeafBackend):
+    """A DeafBackend with ``wait_and_claim`` (as Redis has): its wait ends only when woken or timed out, then
+    it claims; notes the calls and which of them leased each task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self.leased_by: dict[str, str] = {}
+        self.waiting = anyio.Event()
+
+    async def claim(
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
+    ) -> list[ClaimedTask]:
+        self.calls.append("claim")
+        claimed = await super().claim(queues, limit, now=now, lease_until=lease_until, limits=limits)
+        self.leased_by.update((c.record.id, "claim") for c in claimed)
+        return claimed
+
+    async def wait_and_claim(
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
+        timeout: float,
+        woken: anyio.Event,
+    ) -> list[ClaimedTask] | None:
+        self.calls.append("wait_and_claim")
+        self.waiting.set()
+        with anyio.move_on_after(timeout):
+            await woken.wait()
+        claimed = await MemoryBackend.claim(
+            self, queues, limit, now=now, lease_until=lease_until, limits=limits
+        )
+        self.leased_by.update((c.record.id, "wait_and_claim") for c in claimed)
+        return claimed
+
+
+async def test_an_idle_worker_claims_behind_its_wait_and_a_local_wake_up_ends_it(
+    clock: ManualClock, group: Any
+) -> None:
+    """With a backend that has ``wait_and_claim``, the idle wait carries the next claim: the task a local
+    enqueue wakes the worker for is leased by that call (no claim of its own follows), and idle again the
+    worker waits that way once more."""
+    backend = WaitClaiming()
+    tasks = make(backend, clock, poll_interval=3600)
+    ran = anyio.Event()
+
+    @tasks.register(name="quick")
+    async def quick() -> None:
+        ran.set()
+
+    async with tasks:
+        group.start_soon(tasks.execute)
+        with anyio.fail_after(WAIT):
+            await backend.waiting.wait()
+            backend.waiting = anyio.Event()
+            task_id = await tasks.enqueue(quick)
+            await ran.wait()
+            await backend.waiting.wait()  # idle again after the task
+    assert backend.leased_by == {task_id: "wait_and_claim"}
+    assert backend.calls[:3] == ["claim", "wait_and_claim", "wait_and_claim"], backend.calls
+
+
+async def test_tasks_claimed_behind_a_wait_that_stop_ended_are_run_before_the_worker_stops(
+    clock: ManualClock,
+) -> None:
+    """stop() ends the wait through ``woken``: the claim behind it has run by then, and the tasks it leased
+    are the worker's to finish, not left ACTIVE until their lease expires."""
+    backend = WaitClaiming()
+    tasks = make(backend, clock, poll_interval=3600)
+    ran: list[str] = []
+
+    @tasks.register(name="quick")
+    async def quick() -> None:
+        ran.append("quick")
+
+    payload = b'{"__lifecycle__":"tuple","v":[]}'
+    async with tasks, anyio.create_task_group() as group:
+        group.start_soon(tasks.execute)
+        with anyio.fail_after(WAIT):
+            await backend.waiting.wait()
+            # Stored behind the engine's back: nothing wakes the worker for it but the stop below.
+            (task_id,) = await MemoryBackend.enqueue_many(
+                backend, [NewTask("t1", "quick", "default", payload, 3, None, T0, T0)]
+            )
+            group.cancel_scope.cancel()  # execute() stops the worker and drains
+    assert backend.leased_by == {task_id: "wait_and_claim"}
+    assert ran == ["quick"]
+    record = await backend.get(task_id)
+    assert record is not None
+    assert record.state is TaskState.SUCCEEDED
+
+
+def test_the_engine_waits_and_claims_in_one_call_only_through_the_backends_own_methods() -> None:
+    from lifecycle.asynctask._backend import combined_wait_and_claim
+
+    class OwnClaim(WaitClaiming):
+        async def claim(
+            self,
+            queues: Sequence[str],
+            limit: int,
+            *,
+            now: float,
+            lease_until: float,
+            limits: Mapping[str, FlowLimits] | None = None,
+        ) -> list[ClaimedTask]:
+            return await super().claim(queues, limit, now=now, lease_until=lease_until, limits=limits)
+
+    class OwnWait(WaitClaiming):
+        async def wait_for_work(self, queues: Sequence[str], *, timeout: float) -> None:
+            await super().wait_for_work(queues, timeout=timeout)
+
+    plain = WaitClaiming()
+    assert combined_wait_and_claim(plain) == plain.wait_and_claim
+    for bypassed in (OwnClaim(), OwnWait(), MemoryBackend()):
+        assert combined_wait_and_claim(bypassed) is None, bypassed

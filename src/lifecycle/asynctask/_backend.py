@@ -27,6 +27,8 @@ import inspect
 from collections.abc import Collection, Mapping, Sequence
 from typing import Literal, Protocol, TypeAlias, cast, runtime_checkable
 
+import anyio
+
 from ._records import (
     ClaimedTask,
     FlowLimits,
@@ -47,8 +49,10 @@ __all__ = [
     "NotifyingBackend",
     "SettleAndClaim",
     "TransactionalBackend",
+    "WaitAndClaim",
     "check_create",
     "combined_settle_and_claim",
+    "combined_wait_and_claim",
     "is_backend",
     "open_backend",
     "opens_without_creating",
@@ -401,14 +405,54 @@ class SettleAndClaim(Protocol):
 def combined_settle_and_claim(backend: object) -> SettleAndClaim | None:
     """``backend.settle_and_claim``, when it has one whose ``settle`` and ``claim`` are its own: a subclass
     (or an instance) that replaces either would be bypassed by it, so the engine then calls them apart."""
-    method = getattr(backend, "settle_and_claim", None)
+    return cast("SettleAndClaim | None", _combined(backend, "settle_and_claim", ("claim", "settle")))
+
+
+class WaitAndClaim(Protocol):
+    """A backend's optional ``wait_and_claim``: what :meth:`Backend.wait_for_work` does with ``queues`` and
+    ``timeout``, ending early when ``woken`` is set, then what :meth:`Backend.claim` does with the rest of
+    the arguments at the moment the wait ended, in one round trip (the claim sent behind the wait); returns
+    the claimed tasks, or ``None`` when it made no claim (work was due already, ``woken`` was set before the
+    wait began): the caller then claims itself.
+
+    The claim's ``now`` may be later than the ``now`` given, by at most the real time that passed since (the
+    wait's), so with a real clock it is never ahead of the clock when the claim runs; ``lease_until`` moves
+    with it. Once the claim is sent, the call
+    returns what it claimed, also when ``woken`` ends the wait (setting ``woken`` is how the caller ends it
+    early, not cancellation, which may lose a claim in flight as it may with :meth:`Backend.claim`). When it
+    raises, nothing was claimed (or, after a lost connection, as much as a retried ``claim`` would
+    tolerate)."""
+
+    async def __call__(
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
+        timeout: float,
+        woken: anyio.Event,
+    ) -> list[ClaimedTask] | None: ...
+
+
+def combined_wait_and_claim(backend: object) -> WaitAndClaim | None:
+    """``backend.wait_and_claim``, when it has one whose ``wait_for_work`` and ``claim`` are its own (as for
+    :func:`combined_settle_and_claim`)."""
+    return cast("WaitAndClaim | None", _combined(backend, "wait_and_claim", ("claim", "wait_for_work")))
+
+
+def _combined(backend: object, method_name: str, parts: tuple[str, ...]) -> object | None:
+    """``backend``'s method ``method_name``, when ``parts``, the methods it does the work of, are those of the
+    class that defines it: a subclass (or an instance) that replaces one would be bypassed by it."""
+    method: object = getattr(backend, method_name, None)
     if not callable(method):
         return None
-    owner = next((cls for cls in type(backend).__mro__ if "settle_and_claim" in vars(cls)), None)
-    if owner is None:  # found through __getattr__ (a proxy): its own claim and settle may differ
+    owner = next((cls for cls in type(backend).__mro__ if method_name in vars(cls)), None)
+    if owner is None:  # found through __getattr__ (a proxy): its own parts may differ
         return None
     instance = getattr(backend, "__dict__", {})
-    for name in ("claim", "settle"):
+    for name in parts:
         if name in instance or getattr(type(backend), name, None) is not getattr(owner, name, None):
             return None
-    return cast(SettleAndClaim, method)
+    return method

@@ -158,6 +158,34 @@ async def test_password_and_user_come_from_the_url(own_redis_with_password: Redi
     await bad.close()
 
 
+async def test_an_acl_user_without_time_still_waits_and_claims(own_redis_with_password: RedisServer) -> None:
+    """The documented least rights leave out TIME, which a claim behind a wait measures the wait with: the
+    claim then uses the caller's now unadvanced, and work due by it is still leased in the wait's call."""
+    server = own_redis_with_password
+    acl = RedisBackend(f"redis://worker:w0rker@127.0.0.1:{server.port}/0", prefix="auth")
+    await acl.open()
+    try:
+        assert await acl.enqueue_many([_task("due")]) == ["due"]
+        with anyio.fail_after(10):
+            claimed = await acl.wait_and_claim(
+                ["default"], 5, now=T0 + 1, lease_until=T0 + 31, timeout=60, woken=anyio.Event()
+            )
+        assert claimed is not None
+        assert [c.record.id for c in claimed] == ["due"]
+        assert claimed[0].record.started_at is not None
+        assert T0 + 1 <= claimed[0].record.started_at < T0 + 2
+        with anyio.fail_after(10):  # nothing due: the wait times out, the claim behind it finds nothing
+            assert (
+                await acl.wait_and_claim(
+                    ["default"], 5, now=T0 + 2, lease_until=T0 + 32, timeout=0.05, woken=anyio.Event()
+                )
+                == []
+            )
+        await acl.clear()
+    finally:
+        await acl.close()
+
+
 @pytest.fixture
 def own_redis_with_password(redis_server_factory: Callable[..., RedisServer]) -> RedisServer:
     """A private server with a default-user password, an ACL user ``worker`` (password ``w0rker``) with

@@ -8,8 +8,10 @@ import time
 import anyio
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from lifecycle.asynctask import NewTask
+from lifecycle.asynctask import NewTask, TaskState
+from lifecycle.asynctask._backends.redis._wait import Waiter
 from lifecycle.asynctask.redis import RedisBackend
 from tests.asynctask.redis.redis_servers import OpenRedis, RedisServer, until_blocked
 
@@ -194,3 +196,142 @@ async def test_a_full_claim_wakes_a_worker_for_a_lower_priority_queue_it_did_not
         for backend in backends:
             await backend.close()
         await admin.aclose()
+
+
+async def test_a_task_enqueued_during_wait_and_claim_comes_back_in_its_one_round_trip(
+    own_redis: RedisServer,
+) -> None:
+    """The claim rides behind the BLPOP: the task that ends the wait is leased by the same call, and no claim
+    script runs after the wait ends (the server counts one EVALSHA for the claim, none more)."""
+    backend = RedisBackend(own_redis.url, prefix="ride")
+    producer = RedisBackend(own_redis.url, prefix="ride")
+    admin = aioredis.Redis.from_url(own_redis.url)
+    await backend.open()
+    await producer.open()
+    try:
+        await backend.wait_for_work(["default"], timeout=0.01)  # connections made, scripts loaded
+        got: list[list[str]] = []
+
+        async def wait() -> None:
+            now = time.time()
+            claimed = await backend.wait_and_claim(
+                ["default"], 5, now=now, lease_until=now + 30, timeout=120, woken=anyio.Event()
+            )
+            assert claimed is not None
+            got.append([c.record.id for c in claimed])
+
+        with anyio.fail_after(PROMPT):
+            async with anyio.create_task_group() as group:
+                group.start_soon(wait)
+                await until_blocked(admin, 1)
+                evalsha = await _calls(admin, "evalsha")
+                # Due since a second ago: whether a task due at its enqueue is due by the claim's now (which
+                # stays behind the real time) depends on the two clients' timing, not on this rule.
+                assert await producer.enqueue_many([_task("woke", now=time.time() - 1)]) == ["woke"]
+        assert got == [["woke"]]
+        # The enqueue's script and the claim that was written with the BLPOP: nothing else.
+        assert await _calls(admin, "evalsha") - evalsha == 2
+        record = await backend.get("woke")
+        assert record is not None
+        assert record.state is TaskState.ACTIVE
+    finally:
+        await admin.aclose()
+        await producer.close()
+        await backend.close()
+
+
+async def test_wait_and_claim_advances_now_by_the_time_the_server_waited(open_redis: OpenRedis) -> None:
+    """A delayed task that falls due during the wait is leased when the wait ends: the claim's now is the
+    caller's, advanced by the server-measured wait, and the lease moves with it (never ahead of real time)."""
+    backend = await open_redis()
+    now = time.time()
+    assert await backend.enqueue_many([_task("soon", now=now, delay=0.2)]) == ["soon"]
+    with anyio.fail_after(PROMPT):
+        before = time.time()
+        claimed = await backend.wait_and_claim(
+            ["default"], 5, now=before, lease_until=before + 30, timeout=120, woken=anyio.Event()
+        )
+        after = time.time()
+    assert claimed is not None
+    assert [c.record.id for c in claimed] == ["soon"]
+    started = claimed[0].record.started_at
+    assert started is not None
+    assert now + 0.2 <= started <= after
+    assert claimed[0].record.lease_until == pytest.approx(started + 30, abs=1e-6)
+
+
+async def test_woken_ends_wait_and_claim_at_once_and_keeps_its_connection(own_redis: RedisServer) -> None:
+    """Setting ``woken`` ends the BLPOP (the claim behind it then runs: its reply is returned, nothing lost),
+    without a reconnect."""
+    backend = RedisBackend(own_redis.url, prefix="woken")
+    admin = aioredis.Redis.from_url(own_redis.url)
+    await backend.open()
+    try:
+        await backend.wait_for_work(["default"], timeout=0.01)  # connections made
+        connections = (await admin.info("stats"))["total_connections_received"]
+        with anyio.fail_after(PROMPT):
+            for _ in range(3):
+                woken = anyio.Event()
+                now = time.time()
+                results: list[object] = []
+
+                async def wait(woken: anyio.Event = woken, now: float = now) -> None:
+                    results.append(
+                        await backend.wait_and_claim(
+                            ["default"], 5, now=now, lease_until=now + 30, timeout=120, woken=woken
+                        )
+                    )
+
+                async with anyio.create_task_group() as group:
+                    group.start_soon(wait)
+                    await until_blocked(admin, 1)
+                    woken.set()
+                assert results == [[]]
+                assert (await admin.info("clients"))["blocked_clients"] == 0
+        assert (await admin.info("stats"))["total_connections_received"] == connections
+    finally:
+        await admin.aclose()
+        await backend.close()
+
+
+async def test_a_claim_behind_a_wait_whose_reply_is_lost_is_repeated_and_returns_its_tasks(
+    open_redis: OpenRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection drops after the claim ran: the repeat (the same call id) returns the tasks it leased,
+    from the claim's call log, instead of leasing nothing or leasing them twice."""
+    backend = await open_redis()
+    producer = await open_redis()
+    now = time.time()
+    assert await producer.enqueue_many([_task("kept", now=now, delay=0.1)]) == ["kept"]
+    original = Waiter._send_all
+    replies: list[object] = []
+
+    async def lose_the_reply(self: Waiter, *args: object) -> object:
+        replies.append(await original(self, *args))  # type: ignore[arg-type]
+        raise RedisConnectionError("connection lost after the claim ran")
+
+    monkeypatch.setattr(Waiter, "_send_all", lose_the_reply)
+    with anyio.fail_after(PROMPT):
+        claimed = await backend.wait_and_claim(
+            ["default"], 5, now=now, lease_until=now + 30, timeout=120, woken=anyio.Event()
+        )
+    assert len(replies) == 1
+    assert claimed is not None
+    assert [c.record.id for c in claimed] == ["kept"]
+    record = await backend.get("kept")
+    assert record is not None
+    assert record.state is TaskState.ACTIVE
+    assert record.attempts == 1
+    assert claimed[0].token == await _token(backend, "kept")
+
+
+async def _calls(admin: aioredis.Redis, command: str) -> int:
+    stats = await admin.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def _token(backend: RedisBackend, task_id: str) -> str:
+    runner = backend._run()
+    token = await runner.client.hget(f"{backend.key_prefix}t:{task_id}", "k")
+    assert isinstance(token, bytes)
+    return token.decode()

@@ -11,10 +11,17 @@ from types import FrameType
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from ..._core._backoff import Backoff
 from ..._core._loopwatch import LoopBlock, LoopWatch
-from .._backend import Backend, combined_settle_and_claim, supports_control
+from .._backend import (
+    Backend,
+    WaitAndClaim,
+    combined_settle_and_claim,
+    combined_wait_and_claim,
+    supports_control,
+)
 from .._encoding import Encoding
 from .._observer import TaskObserver, observe_finished, observe_started
 from .._records import ClaimedTask, Settlement, TaskState
@@ -71,6 +78,7 @@ class Worker:
         self._stopping = False
         self._wake_generation = 0
         self._wake_scope: anyio.CancelScope | None = None  # the idle wait's, which wake() cancels
+        self._wake_event: anyio.Event | None = None  # a wait_and_claim's, which wake() sets
         self._capacity_event: anyio.Event | None = None
         # The claimed tasks no runner has taken yet (each counted in ``_running`` from its claim on), and the
         # events of the idle runners: ``concurrency`` runners take them one after another, so a task costs no
@@ -115,6 +123,9 @@ class Worker:
         scope, self._wake_scope = self._wake_scope, None
         if scope is not None:
             scope.cancel()
+        event, self._wake_event = self._wake_event, None
+        if event is not None:
+            event.set()
 
     def cancel_running(self, task_id: str) -> bool:
         """``tasks.cancel()`` asked ``task_id`` to stop: stop its attempt here if this worker runs it."""
@@ -196,6 +207,9 @@ class Worker:
         clock = self._clock
         # With a backend that can, the verdicts waiting to be saved go with the claim: one call, not two.
         settle_and_claim = combined_settle_and_claim(backend)
+        # With a backend that can, an idle wait carries the claim that follows it: one round trip, not two.
+        wait_and_claim = combined_wait_and_claim(backend)
+        idle = False  # the last claim took fewer than it could: wait (and claim) next
         failures = 0
         while not self._stopping:
             # A claimed task never waits in the queue for a runner: every slot counted free has one.
@@ -205,6 +219,17 @@ class Worker:
                 await event.wait()
                 continue
             generation = self._wake_generation
+            if idle and wait_and_claim is not None:
+                idle = False
+                waited = await self._wait_and_claim(wait_and_claim, generation, free)
+                if waited is not None:
+                    self._start(waited)
+                    idle = len(waited) < free
+                    if waited:
+                        # The runner starts the task before this loop sends its next wait: the task that
+                        # woke an idle worker starts one script call sooner.
+                        await anyio.lowlevel.checkpoint()
+                continue
             now = clock()
             limits = self._registry.flow_limits()
             if settle_and_claim is not None:
@@ -231,7 +256,10 @@ class Worker:
                         self._settler.saved(verdicts, lost)
                         self._start(batch)
                         if len(batch) < free:
-                            await self._idle(generation)
+                            if wait_and_claim is None:
+                                await self._idle(generation)
+                            else:
+                                idle = True
                         continue
             try:
                 if limits:
@@ -253,7 +281,10 @@ class Worker:
             failures = 0
             self._start(batch)
             if len(batch) < free:
-                await self._idle(generation)
+                if wait_and_claim is None:
+                    await self._idle(generation)
+                else:
+                    idle = True
 
     def _start(self, batch: list[ClaimedTask]) -> None:
         if not batch:
@@ -317,6 +348,34 @@ class Worker:
             await self._wait_for_backend()
         if self._wake_scope is scope:
             self._wake_scope = None
+
+    async def _wait_and_claim(
+        self, wait_and_claim: WaitAndClaim, generation: int, free: int
+    ) -> list[ClaimedTask] | None:
+        """The idle wait with the next claim behind it; ``None`` when no claim was made (woken since the last
+        claim, work due already, the backend failed): the claim loop then claims as usual. ``wake()`` ends
+        the wait by setting its event, not by cancelling it, so a claim already sent is never lost."""
+        if self._stopping or generation != self._wake_generation:
+            return None
+        event = self._wake_event = anyio.Event()
+        options = self._options
+        now = self._clock()
+        try:
+            return await wait_and_claim(
+                options.queues.next_order(),
+                free,
+                now=now,
+                lease_until=now + options.lease,
+                limits=self._registry.flow_limits(),
+                timeout=self._idle_timeout(),
+                woken=event,
+            )
+        except Exception as exc:
+            await self._backend_trouble("wait for work", exc, 1)
+            return None
+        finally:
+            if self._wake_event is event:
+                self._wake_event = None
 
     def _idle_timeout(self) -> float:
         """How long an idle worker waits for news: ``poll_interval``, or less when a rate limit refills a

@@ -90,6 +90,8 @@ class RedisBackend:
     scripts, so it holds across every worker. Idle workers block on the server (``BLPOP`` on a per-queue
     wake-up list, on a connection of their own) until a task is enqueued or released, the earliest delayed
     task is due, or a task held back by a limit may start (a slot freed, a token refilled), so nothing polls.
+    An idle worker writes its claim behind that ``BLPOP`` (:meth:`wait_and_claim`), so the task that wakes it
+    comes back in the same round trip.
 
     Durability is Redis's: a task is in the server's memory once :meth:`enqueue_many` returns, and survives a
     server crash only as far as the server's persistence allows (``appendonly yes`` with
@@ -432,6 +434,50 @@ class RedisBackend:
         more, tasks = reply[0], reply[1:]
         self._last_claim = call if tasks else ""
         if (tasks or more == b"1") and self._waiting is not None:
+            self._waiting.claimed()
+        return claimed_tasks(tasks)
+
+    async def wait_and_claim(
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
+        timeout: float,
+        woken: anyio.Event,
+    ) -> list[ClaimedTask] | None:
+        """:meth:`wait_for_work` on ``queues``, ended early when ``woken`` is set, then :meth:`claim` as it
+        runs the moment the wait ends, in the wait's own round trip: prepare_wait, the ``BLPOP`` and the claim
+        script are written at once on the waiting connection, and the server runs the claim when the
+        ``BLPOP`` returns (so a task enqueued during the wait is leased without a second round trip). Work due
+        by ``now`` already ends the wait at once (prepare_wait rings the alarm). See :class:`WaitAndClaim`.
+
+        The claim's ``now`` is ``now`` (read before this call) advanced by the real time that passed since:
+        on this host up to the write, then on the server's clock from the wait's beginning to the claim, so
+        no clock skew between this host and the server enters, and ``now`` stays behind the real time;
+        ``lease_until`` is advanced alike. For an ACL user who may not run ``TIME`` (the documented least
+        rights), only this host's part is added: a task that falls due during the wait is claimed by the
+        next call."""
+        self._run()
+        assert self._waiting is not None
+        if not queues or limit <= 0:
+            await self._waiting.wait(queues, timeout)
+            return None
+        began = self._waiting.began
+        call = self._call_id()
+        rest = [str(int(limit)), call, self._last_claim, *limits_args(limits), *dict.fromkeys(queues)]
+
+        def claim_args(later: float) -> list[str]:
+            return [time_text(now + later), began, time_text(lease_until + later), *rest]
+
+        reply = await self._waiting.wait_then_claim(queues, timeout, woken, now, claim_args)
+        if reply is None:
+            return None
+        more, tasks = reply[0], reply[1:]
+        self._last_claim = call if tasks else ""
+        if tasks or more == b"1":
             self._waiting.claimed()
         return claimed_tasks(tasks)
 

@@ -423,6 +423,16 @@ class ScriptRunner:
             keys_and_args = (self._anchor, self.prefix, *(repeat() if callable(repeat) else repeat))
         return await self.retrying(lambda: self._script(script, keys_and_args), name, failed=failed)
 
+    async def load(self, name: str) -> None:
+        """Load script ``name`` into the server's script cache (after the server said it lacks it)."""
+        source = SCRIPTS[name].source
+        await self.once(lambda: self.client.script_load(source))
+
+    def command(self, name: str, args: Sequence[str | bytes | int]) -> tuple[str | bytes | int, ...]:
+        """The ``EVALSHA`` command that :meth:`run` sends for script ``name`` with ``args``, for a caller that
+        writes it on a connection of its own (behind another command)."""
+        return ("EVALSHA", SCRIPTS[name].sha, 1, self._anchor, self.prefix, *args)
+
     async def _script(self, script: LuaScript, keys_and_args: tuple[str | bytes | int, ...]) -> Any:
         try:
             return await self.evalsha(script.sha, 1, *keys_and_args)

@@ -50,11 +50,11 @@ claim meets them in a ready set)."""
 
 # ARGV: P, now, now as sortable hex, lease_until, limit, call id, previous call id or '', limit count, then
 # per limited name: name, rate, per, max_running, max_running_per_key ('' when not set); then queues... in
-# priority order.
-# Returns '1' when the call stopped at one of its bounds (more may be due) else '0', then 25 values per
-# claimed task: token, id, the 23 record FIELDS... (see FIELDS). Every record's change stands alone: a
-# damaged field is never computed with (the record is leased and returned as stored, for the engine to
-# report), and an index entry whose record is gone is dropped.
+# priority order. A claim sent behind a wait (in the same write, so it runs when the wait ends) gives instead
+# of the sortable hex '@' and the key where prepare_wait stored the server's TIME when the wait began; now and
+# lease_until are then the caller's, read before that, and are advanced here by the time the server measured
+# since (so no clock skew between client and server enters, and now is never later than the caller's clock;
+# without the key or TIME, nothing is added).
 _CLAIM = """
 local now, SNOW, lease, limit, callid = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
 forget(ARGV[7])
@@ -64,6 +64,26 @@ if before then
   local again = replay(before, callid)
   table.insert(again, 1, '0')
   return again
+end
+if string.sub(SNOW, 1, 1) == '@' then
+  local passed = 0
+  local began = redis.call('GET', string.sub(SNOW, 2))
+  if began then redis.call('DEL', string.sub(SNOW, 2)) end  -- once: a later claim never measures from it
+  local s0, u0 = string.match(began or '', '^(%d+) (%d+)$')
+  local t = redis.pcall('TIME')  -- refused to an ACL user without it (prepare_wait then stored nothing)
+  if s0 and not t.err then
+    passed = (tonumber(t[1]) - tonumber(s0)) + (tonumber(t[2]) - tonumber(u0)) / 1000000
+  end
+  if passed < 0 then passed = 0 end
+  now = string.format('%.17g', tonumber(now) + passed)
+  lease = string.format('%.17g', tonumber(lease) + passed)
+  local b = {string.byte(struct.pack('>d', tonumber(now)), 1, 8)}  -- as sortable_time() does
+  if b[1] >= 128 then
+    for i = 1, 8 do b[i] = 255 - b[i] end
+  else
+    b[1] = b[1] + 128
+  end
+  SNOW = string.format('%02x%02x%02x%02x%02x%02x%02x%02x', unpack(b))
 end
 local NOW = tonumber(now)
 local DUE = SNOW .. 'g'
@@ -525,12 +545,25 @@ notified()
 return out
 """
 
-# ARGV: P, alarm key, queues... Drops stale wake-up tokens (and the caller's alarm) and returns {time, what}
-# of the first thing of the queues a claim may act on (or nil): the first ready task (its run_at), the first
-# delayed task, the first parked set due for a recheck (a freed slot: -inf; a rate bucket: when it refills).
-# Paused queues are left out. Atomic, so a wake-up pushed after it is never lost and one pushed before is
-# reflected in what it returns.
+# ARGV: P, alarm key, the caller's now ('' for a plain wait), then the time and what of a due thing the
+# caller could not claim ('' ''), then queues... Drops stale wake-up tokens (and the caller's alarm) and
+# returns {time, what} of the first thing of the queues a claim may act on (or nil): the first ready task (its
+# run_at), the first delayed task, the first parked set due for a recheck (a freed slot: -inf; a rate bucket:
+# when it refills). Paused queues are left out. Atomic, so a wake-up pushed after it is never lost and one
+# pushed before is reflected in what it returns.
+# With the caller's now (a wait written together with its BLPOP and a claim behind that): it stores the
+# server's TIME in '<alarm key>:t' for that claim (see the claim script), and when the first thing is due by
+# now (and is not the one to skip) it rings the alarm, so the BLPOP behind returns at once and the claim runs.
 _PREPARE_WAIT = """
+local timed = ARGV[3] ~= ''
+if timed then
+  local t = redis.pcall('TIME')
+  if t.err then
+    redis.call('DEL', ARGV[2] .. ':t')
+  else
+    redis.call('SET', ARGV[2] .. ':t', t[1] .. ' ' .. t[2], 'EX', %(kept)d)
+  end
+end
 redis.call('DEL', ARGV[2])
 local paused = {}
 for _, q in ipairs(redis.call('SMEMBERS', P .. 'paused')) do paused[q] = true end
@@ -549,7 +582,7 @@ local function unsortable(hex)
   end
   return string.format('%.17g', struct.unpack('>d', string.char(unpack(b))))
 end
-for i = 3, #ARGV do
+for i = 6, #ARGV do
   local q = ARGV[i]
   redis.call('DEL', P .. 'w:' .. q)
   if not paused[q] then
@@ -570,6 +603,9 @@ for i = 3, #ARGV do
       end
     end
   end
+end
+if best and timed and best[3] <= tonumber(ARGV[3]) and (best[1] ~= ARGV[4] or best[2] ~= ARGV[5]) then
+  redis.call('LPUSH', ARGV[2], '1')
 end
 if best then return {best[1], best[2]} end
 return nil
@@ -664,7 +700,7 @@ return %(version)d
 def _claim_scripts() -> dict[str, LuaScript]:
     found = (
         script("claim", _CLAIM, scan=SCAN_BOUND, moves=MOVE_BOUND, sweeps=EXPIRE_BOUND),
-        script("prepare_wait", _PREPARE_WAIT),
+        script("prepare_wait", _PREPARE_WAIT, kept=3700),
         script("pause", _PAUSE),
         script("resume", _RESUME),
         script("flow_state", _FLOW_STATE),

@@ -5,19 +5,27 @@ work is due already, a BLPOP on the queues' wake-up lists blocks until an enqueu
 pushes a token, or until the first delayed task is due. Redis ends a blocking command only on its next cron
 tick (up to 100 ms late), so for an exact wake-up the waiter pushes to its own alarm list when the time is
 up, which ends its BLPOP at once.
+
+A worker that claims as soon as the wait ends sends its claim script behind the BLPOP, in the same write
+(:meth:`Waiter.wait_then_claim`): the server runs it the moment the BLPOP returns, so the task that woke the
+worker comes back in the wait's own round trip instead of one more. The claim measures the time since the
+wait began on the server's clock (see the claim script), so its ``now`` is the caller's clock then, never
+ahead of it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Sequence
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, cast
 
 import anyio
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from ...._redact import library_logger
+from ._codec import time_text
 from ._conn import RETRYABLE, ScriptRunner, close_clients
 
 __all__ = ["Waiter"]
@@ -47,11 +55,17 @@ class Waiter:
         self._alarm = f"{runner.prefix}u:{nonce}"
         self._clock = clock
         self._socket_timeout = socket_timeout
-        self._reported: tuple[tuple[str, ...], bytes, bytes] | None = None
+        self._reported: tuple[bytes, bytes] | None = None
 
     def claimed(self) -> None:
         """The backend leased tasks: due work seen from now on is news again."""
         self._reported = None
+
+    @property
+    def began(self) -> str:
+        """What a claim sent behind this waiter's wait takes in place of its sortable ``now``: ``@`` and the
+        key where the wait's prepare_wait stores the server's time when the wait began."""
+        return f"@{self._alarm}:t"
 
     async def wait(self, queues: Sequence[str], timeout: float) -> None:
         """See :meth:`RedisBackend.wait_for_work`."""
@@ -60,11 +74,11 @@ class Waiter:
         if not names:
             await anyio.sleep(max(0.0, pause))
             return
-        first = await self._runner.run("prepare_wait", [self._alarm, *names])
+        first = await self._runner.run("prepare_wait", [self._alarm, "", "", "", *names])
         if first is not None:
             due_in = float(first[0]) - self._clock()
             if due_in <= 0:
-                head = (names, first[0], first[1])
+                head = (first[0], first[1])
                 if self._reported != head:
                     self._reported = head
                     return
@@ -72,13 +86,129 @@ class Waiter:
                 pause = min(pause, due_in)
         if not pause > 0:  # also NaN
             return
-        keys = [*(f"{self._prefix}w:{name}" for name in names), self._alarm]
         try:
-            await self.block(keys, pause)
+            await self.block(self._keys(names), pause)
         except RETRYABLE as exc:
             # The connection dropped (a restart?): the next claim reconnects; do not spin meanwhile.
             _log.debug("wait_for_work: Redis connection lost (%s)", exc)
             await anyio.sleep(min(pause, 0.25))
+
+    async def wait_then_claim(
+        self,
+        queues: Sequence[str],
+        timeout: float,
+        woken: anyio.Event,
+        now: float,
+        claim_args: Callable[[float], list[str]],
+    ) -> Any:
+        """:meth:`wait`, ended early when ``woken`` is set, written in one go with its BLPOP and the claim
+        script behind it, on one connection: the server runs prepare_wait, blocks, and runs the claim as soon
+        as the BLPOP returns; when work is due by ``now`` already, prepare_wait rings the alarm and the BLPOP
+        returns at once. One round trip. ``claim_args(later)`` gives the claim's arguments (its sortable
+        ``now`` is :attr:`began`) with the caller's ``now`` and ``lease_until`` moved ``later`` seconds: the
+        time this call took before its write (real time, as the server then measures the rest), so the
+        claim's now is as close behind the real time as it can be.
+
+        Returns the claim script's reply, also when ``woken`` ended the wait (the claim has run by then), or
+        ``None`` when no claim was sent: ``woken`` was set before, no queues, a Redis Cluster client. After a
+        lost connection the claim is sent again with the same arguments, through the runner (its call log
+        makes a repeat of a claim that ran return what it leased)."""
+        started = time.monotonic()
+        names = tuple(dict.fromkeys(queues))
+        pause = min(float(timeout), LONGEST_WAIT)
+        if not names or not isinstance(self._client, aioredis.Redis):
+            # Nothing to send a claim behind (a cluster client has no connection of its own to write it all
+            # on): wait as wait() does, until woken.
+            await _until_set(woken, self.wait(names, pause))
+            return None
+        if woken.is_set():
+            return None
+        runner = self._runner
+        skip = self._reported or ("", "")
+        keys = self._keys(names)
+        sent: list[list[str]] = []
+
+        def commands() -> tuple[float, tuple[tuple[str | bytes | int | float, ...], ...]]:
+            later = time.monotonic() - started
+            args = claim_args(later)
+            sent.append(args)
+            return now + later, (
+                runner.command("prepare_wait", [self._alarm, time_text(now + later), *skip, *names]),
+                ("BLPOP", *keys, pause + 1.0),
+                runner.command("claim", args),
+            )
+
+        try:
+            return await self._send_all(commands, pause, woken)
+        except (*RETRYABLE, NoScriptError) as exc:
+            if not sent:
+                raise  # nothing was written: no claim ran
+            # Whether the claim ran is unknown (or it did not: its script was not loaded): send it again.
+            _log.debug("wait_for_work: the claim behind the wait failed (%s); repeating it", exc)
+            if isinstance(exc, NoScriptError):
+                await runner.load("prepare_wait")
+            return await runner.run("claim", sent[0])
+
+    def _keys(self, names: tuple[str, ...]) -> list[str]:
+        """The lists a BLPOP for ``names`` waits on: their wake-up lists and this waiter's alarm."""
+        return [*(f"{self._prefix}w:{name}" for name in names), self._alarm]
+
+    async def _send_all(
+        self,
+        commands: Callable[[], tuple[float, tuple[tuple[str | bytes | int | float, ...], ...]]],
+        pause: float,
+        woken: anyio.Event,
+    ) -> Any:
+        """Write prepare_wait, the BLPOP and the claim at once on one connection of the blocking pool, then
+        read the three replies in this task (so the task that ended the wait is returned without a hop between
+        tasks), while a ringer task rings the alarm at the end of the wait or when ``woken`` is set. Returns
+        the claim's reply. redis-py drops the connection on an error or a cancellation mid-way, so it is never
+        left holding half a reply."""
+        pool = self._client.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        ringer: _Ringer | None = None
+        task: asyncio.Task[None] | None = None
+        try:
+            now, written = commands()
+            await connection.send_packed_command(connection.pack_commands(written), check_health=False)
+            rang = unloaded = False
+            try:
+                first = await connection.read_response()
+            except NoScriptError:
+                # prepare_wait did not run (a restarted server): end the BLPOP now, read on, load it after.
+                first, pause, unloaded = None, 0.0, True
+            if first is not None:
+                due_in = float(first[0]) - now
+                if due_in > 0:
+                    pause = min(pause, due_in)
+                elif self._reported != (first[0], first[1]):
+                    rang = True  # prepare_wait rang the alarm: the BLPOP returns at once
+                    self._reported = (first[0], first[1])
+            if rang:  # the BLPOP returns at once: only its reply's timeout to watch, no ringer task
+                reading = anyio.CancelScope(deadline=anyio.current_time() + self._socket_timeout)
+            else:
+                ringer = _Ringer(self._runner, self._alarm, self._socket_timeout)
+                task = asyncio.get_running_loop().create_task(ringer.ring(woken, pause))
+                reading = ringer.reading
+            with reading:
+                try:
+                    await connection.read_response()
+                except RedisError as exc:  # a BLPOP refused (not connection trouble): the claim still ran
+                    if isinstance(exc, RETRYABLE):
+                        raise
+                    _log.debug("wait_for_work: BLPOP failed (%s)", exc)
+                reply = await connection.read_response()
+                if unloaded:
+                    raise NoScriptError("prepare_wait was not loaded")
+                return reply
+        finally:
+            await pool.release(connection)
+            if ringer is not None:
+                ringer.replied.set()
+                if task is not None and not ringer.ringing:
+                    task.cancel()  # else it ends once its LPUSH is answered (cancelling drops a connection)
+        # Reached only when the reply did not come in time: the connection is dropped, the caller repeats.
+        raise TimeoutError("no reply from Redis to a claim sent behind a wait")
 
     async def block(self, keys: list[str], pause: float) -> None:
         """BLPOP ``keys`` for ``pause`` seconds; at the end of ``pause`` ring the alarm (one of ``keys``)."""
@@ -114,12 +244,57 @@ class Waiter:
                 await asyncio.wait((blpop,))
 
     async def close(self) -> None:
-        """Remove the alarm (best effort: one rung just after its BLPOP had returned is left over) and close
-        the blocking connection."""
+        """Remove the alarm and the last wait's start time (best effort: an alarm rung just after its BLPOP
+        had returned is left over) and close the blocking connection."""
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(1.0):
                 try:
-                    await self._runner.client.delete(self._alarm)
+                    await self._runner.client.delete(self._alarm, f"{self._alarm}:t")
                 except (RedisError, OSError):
                     pass
         await close_clients(self._client)
+
+
+class _Ringer:
+    """Ends a BLPOP with a claim behind it: rings the alarm at the end of the wait or when woken, which ends
+    the BLPOP (and so runs the claim); cancels ``reading`` when no reply came ``socket_timeout`` later.
+    Ringing keeps the connection, where cancelling the read would make redis-py drop it (a reconnect per
+    wake-up)."""
+
+    def __init__(self, runner: ScriptRunner, alarm: str, socket_timeout: float) -> None:
+        self._runner = runner
+        self._alarm = alarm
+        self._socket_timeout = socket_timeout
+        self.reading = anyio.CancelScope()
+        self.replied = anyio.Event()
+        self.ringing = False
+
+    async def ring(self, woken: anyio.Event, pause: float) -> None:
+        """Wait ``pause`` seconds or for ``woken``; then ring, and give the reply ``socket_timeout``."""
+        with anyio.move_on_after(pause):
+            await woken.wait()
+        if self.replied.is_set():
+            return
+        self.ringing = True
+        runner = self._runner
+        try:
+            await runner.once(lambda: runner.client.lpush(self._alarm, b"1"))
+        except (RedisError, OSError) as exc:
+            _log.debug("wait_for_work: could not ring the alarm (%s)", exc)
+        with anyio.move_on_after(self._socket_timeout):
+            await self.replied.wait()
+        if not self.replied.is_set():
+            self.reading.cancel()
+
+
+async def _until_set(event: anyio.Event, waiting: Awaitable[None]) -> None:
+    """Await ``waiting``; cancel it when ``event`` is set first."""
+
+    async def cancel_when_set(scope: anyio.CancelScope) -> None:
+        await event.wait()
+        scope.cancel()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(cancel_when_set, group.cancel_scope)
+        await waiting
+        group.cancel_scope.cancel()
