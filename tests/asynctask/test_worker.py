@@ -29,6 +29,7 @@ from lifecycle.asynctask import (
     TaskInfo,
     TaskState,
 )
+from lifecycle.asynctask._clock import Clock
 from lifecycle.asynctask._engine._worker import Worker
 
 T0 = 1_700_000_000.0
@@ -94,7 +95,7 @@ async def group() -> AsyncIterator[Any]:
         group.cancel_scope.cancel()
 
 
-def make(backend: MemoryBackend, clock: ManualClock, **options: Any) -> AsyncTasks:
+def make(backend: MemoryBackend, clock: Clock, **options: Any) -> AsyncTasks:
     defaults: dict[str, Any] = {
         "clock": clock,
         "poll_interval": 0.05,
@@ -700,23 +701,24 @@ class WaitClaiming(DeafBackend):
     ) -> list[ClaimedTask] | None:
         self.calls.append("wait_and_claim")
         self.waiting.set()
+        began = time.monotonic()
         with anyio.move_on_after(timeout):
             await woken.wait()
+        # As the protocol allows (and Redis does): the claim's time moves on by the real time waited.
+        waited = time.monotonic() - began
         claimed = await MemoryBackend.claim(
-            self, queues, limit, now=now, lease_until=lease_until, limits=limits
+            self, queues, limit, now=now + waited, lease_until=lease_until + waited, limits=limits
         )
         self.leased_by.update((c.record.id, "wait_and_claim") for c in claimed)
         return claimed
 
 
-async def test_an_idle_worker_claims_behind_its_wait_and_a_local_wake_up_ends_it(
-    clock: ManualClock, group: Any
-) -> None:
+async def test_an_idle_worker_claims_behind_its_wait_and_a_local_wake_up_ends_it(group: Any) -> None:
     """With a backend that has ``wait_and_claim``, the idle wait carries the next claim: the task a local
     enqueue wakes the worker for is leased by that call (no claim of its own follows), and idle again the
-    worker waits that way once more."""
+    worker waits that way once more. (On the real clock: see the next test.)"""
     backend = WaitClaiming()
-    tasks = make(backend, clock, poll_interval=3600)
+    tasks = make(backend, time.time, poll_interval=3600)
     ran = anyio.Event()
 
     @tasks.register(name="quick")
@@ -735,13 +737,32 @@ async def test_an_idle_worker_claims_behind_its_wait_and_a_local_wake_up_ends_it
     assert backend.calls[:3] == ["claim", "wait_and_claim", "wait_and_claim"], backend.calls
 
 
-async def test_tasks_claimed_behind_a_wait_that_stop_ended_are_run_before_the_worker_stops(
-    clock: ManualClock,
-) -> None:
+async def test_an_injected_clock_turns_the_claim_behind_the_wait_off(clock: ManualClock, group: Any) -> None:
+    """The claim behind a wait moves its ``now`` on by the real time the wait took, which a manual clock does
+    not: with an injected clock the worker waits and claims in two calls, so no task is claimed before the
+    test's clock says it is due."""
+    backend = WaitClaiming()
+    tasks = make(backend, clock, poll_interval=3600)
+    ran = anyio.Event()
+
+    @tasks.register(name="quick")
+    async def quick() -> None:
+        ran.set()
+
+    async with tasks:
+        group.start_soon(tasks.execute)
+        with anyio.fail_after(WAIT):
+            task_id = await tasks.enqueue(quick)
+            await ran.wait()
+    assert backend.leased_by == {task_id: "claim"}
+    assert "wait_and_claim" not in backend.calls
+
+
+async def test_tasks_claimed_behind_a_wait_that_stop_ended_are_run_before_the_worker_stops() -> None:
     """stop() ends the wait through ``woken``: the claim behind it has run by then, and the tasks it leased
     are the worker's to finish, not left ACTIVE until their lease expires."""
     backend = WaitClaiming()
-    tasks = make(backend, clock, poll_interval=3600)
+    tasks = make(backend, time.time, poll_interval=3600)
     ran: list[str] = []
 
     @tasks.register(name="quick")

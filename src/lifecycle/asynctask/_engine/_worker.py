@@ -4,6 +4,7 @@ batches, renew leases, recover the tasks of dead workers, purge old results, and
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -208,7 +209,9 @@ class Worker:
         # With a backend that can, the verdicts waiting to be saved go with the claim: one call, not two.
         settle_and_claim = combined_settle_and_claim(backend)
         # With a backend that can, an idle wait carries the claim that follows it: one round trip, not two.
-        wait_and_claim = combined_wait_and_claim(backend)
+        # Only on the real clock: that claim's `now` moves on by the real time the wait took, which an
+        # injected clock (a test's ManualClock) does not.
+        wait_and_claim = combined_wait_and_claim(backend) if clock is time.time else None
         idle = False  # the last claim took fewer than it could: wait (and claim) next
         failures = 0
         while not self._stopping:
