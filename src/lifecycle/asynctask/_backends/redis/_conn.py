@@ -328,7 +328,18 @@ class ScriptRunner:
             if self._alarmed:
                 self._arm(connection)
             try:
-                await pool.ensure_connection(connection)
+                # What pool.ensure_connection checks (connected, nothing unread, not closed by the server),
+                # asked directly: its connect() of a connection already open goes through redis-py's retry
+                # helper, which costs more than the check. Anything else (a dropped connection, unread data,
+                # an error) is left to ensure_connection, which reconnects.
+                clean = False
+                if connection.is_connected:
+                    try:
+                        clean = not await connection.can_read()
+                    except (RedisConnectionError, RedisTimeoutError, OSError):
+                        pass
+                if not clean:
+                    await pool.ensure_connection(connection)
             except BaseException:
                 deadlines.pop(connection, None)
                 self._late.discard(connection)
@@ -339,7 +350,10 @@ class ScriptRunner:
             if self._alarmed:
                 self._arm(connection)
         try:
-            await connection.send_command("EVALSHA", sha, numkeys, *keys_and_args)
+            # send_command() without its extra coroutine and its health check (a no-op without
+            # health_check_interval, which the pool's connections run when set).
+            packed = connection.pack_command("EVALSHA", sha, numkeys, *keys_and_args)
+            await connection.send_packed_command(packed, check_health=bool(connection.health_check_interval))
             return await connection.read_response()
         except RETRYABLE:
             if connection in self._late:  # aborted by the alarm: the server did not answer in time
