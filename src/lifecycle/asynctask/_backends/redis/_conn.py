@@ -414,9 +414,13 @@ class ScriptRunner:
         # The first attempt inline (the call that almost always succeeds), the repeats in retrying().
         failed: BaseException
         if self._alarmed and self._idle:
-            # A kept connection is free: evalsha takes it, under the alarm's reply timeout.
+            # A kept connection is free: evalsha takes it, under the alarm's reply timeout. What _script()
+            # does, without its coroutine.
             try:
-                return await self._script(script, keys_and_args)
+                try:
+                    return await self.evalsha(script.sha, 1, *keys_and_args)
+                except NoScriptError:
+                    return await self._reload(script, keys_and_args)
             except RETRYABLE as exc:
                 failed = exc
         else:
@@ -441,10 +445,13 @@ class ScriptRunner:
         try:
             return await self.evalsha(script.sha, 1, *keys_and_args)
         except NoScriptError:
-            # The server restarted or SCRIPT FLUSH ran, so the script did not run: load it, run it.
-            # Under a cancel scope of its own each: the call may have taken the alarm's path (see run()).
-            await self.once(lambda: self.client.script_load(script.source))
-            return await self.once(lambda: self.evalsha(script.sha, 1, *keys_and_args))
+            return await self._reload(script, keys_and_args)
+
+    async def _reload(self, script: LuaScript, keys_and_args: tuple[str | bytes | int, ...]) -> Any:
+        """The server restarted or SCRIPT FLUSH ran, so the script did not run: load it, run it. Under a
+        cancel scope of its own each: the call may have taken the alarm's path (see :meth:`run`)."""
+        await self.once(lambda: self.client.script_load(script.source))
+        return await self.once(lambda: self.evalsha(script.sha, 1, *keys_and_args))
 
     async def retrying(
         self, call: Callable[[], Awaitable[Any]], what: str, *, failed: BaseException | None = None
