@@ -85,7 +85,7 @@ async def test_a_clean_kept_connection_skips_the_pools_reconnect_check_and_a_dir
             await anyio.sleep(0.001)
     assert await runner.evalsha(sha, 0, "three") == b"three"
     assert checked == [kept]
-    await runner.client.client_kill_filter(_id=await _client_id(kept))  # closed by the server
+    await runner.client.client_kill_filter(_id=str(await _client_id(kept)))  # closed by the server
     await _until_closed(kept)
     checked.clear()  # the client's own command above took a pool connection through the check
     assert await runner.evalsha(sha, 0, "four") == b"four"

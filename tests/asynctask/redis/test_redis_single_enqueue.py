@@ -231,8 +231,9 @@ async def _keys(client: aioredis.Redis, prefix: str) -> dict[str, Any]:
     """Every key of ``prefix`` (named without it) with its contents; the enqueue call ids left out."""
     found: dict[str, Any] = {}
     async for raw in client.scan_iter(match=f"{prefix}*", count=1000):
-        name = raw.decode().removeprefix(prefix)
-        kind = (await client.type(raw)).decode()
+        name = bytes(raw).decode().removeprefix(prefix)
+        kind: Any = await client.type(raw)
+        kind = kind.decode()
         value: Any
         if kind == "hash":
             value = {k: v for k, v in (await client.hgetall(raw)).items() if k != b"c"}
