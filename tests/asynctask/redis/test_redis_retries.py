@@ -8,6 +8,7 @@ the client gets ``ConnectionError``) and check that the retry neither repeats no
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -174,6 +175,13 @@ async def test_a_script_the_server_forgot_is_loaded_again(own_redis: RedisServer
         await admin.script_flush()  # what a restart without persistence of the script cache does
         claimed = await backend.claim(["default"], 1, now=T0, lease_until=T0 + 30)
         assert [c.record.id for c in claimed] == ["a"]
+        runner = backend._run()
+        assert runner._alarmed  # the next call takes a kept connection, under the alarm
+        assert runner._idle
+        await admin.script_flush()
+        fresh = replace(_task("b"), generated_id=True)  # the single enqueue's lean script
+        assert await backend.enqueue_many([fresh]) == ["b"]
+        assert (await backend.stats())["default"][TaskState.PENDING] == 1
     finally:
         await admin.aclose()
         await backend.close()

@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from lifecycle.asynctask._backends.redis._conn import SCRIPTS, ScriptRunner
 from lifecycle.asynctask._backends.redis._lua import LuaScript
@@ -56,6 +57,55 @@ async def test_the_runner_keeps_at_most_half_the_pool_and_concurrent_calls_all_a
     assert len(runner._idle) == 2
     # The client's own commands still find a free connection in the pool.
     assert await runner.client.ping()
+
+
+async def test_a_clean_kept_connection_skips_the_pools_reconnect_check_and_a_dirty_one_takes_it(
+    open_redis: OpenRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = await open_redis(max_connections=2)
+    runner = backend._run()
+    sha = await runner.client.script_load(ECHO)
+    assert await runner.evalsha(sha, 0, "warm") == b"warm"
+    pool = runner.client.connection_pool
+    real = pool.ensure_connection
+    checked: list[Any] = []
+
+    async def counted(connection: Any) -> None:
+        checked.append(connection)
+        await real(connection)
+
+    monkeypatch.setattr(pool, "ensure_connection", counted)
+    for word in ("one", "two"):
+        assert await runner.evalsha(sha, 0, word) == word.encode()
+    assert checked == []  # connected, nothing unread: no connect() through redis-py's retry helper
+    (kept,) = runner._idle
+    await kept.send_command("PING")  # its reply left unread: the next call must not read it as its own
+    with anyio.fail_after(10):
+        while not await kept.can_read():  # until the reply is in (the check sees only what has arrived)
+            await anyio.sleep(0.001)
+    assert await runner.evalsha(sha, 0, "three") == b"three"
+    assert checked == [kept]
+    await runner.client.client_kill_filter(_id=str(await _client_id(kept)))  # closed by the server
+    await _until_closed(kept)
+    checked.clear()  # the client's own command above took a pool connection through the check
+    assert await runner.evalsha(sha, 0, "four") == b"four"
+    assert checked == [kept]
+
+
+async def _until_closed(connection: Any) -> None:
+    """Wait until ``connection`` has seen that the server closed it (its check then raises)."""
+    with anyio.fail_after(10):
+        while True:
+            try:
+                await connection.can_read()
+            except RedisConnectionError:
+                return
+            await anyio.sleep(0.001)
+
+
+async def _client_id(connection: Any) -> int:
+    await connection.send_command("CLIENT", "ID")
+    return int(await connection.read_response())
 
 
 # Holds the server for its last argument's seconds (by its own clock): a late reply, on a private server.

@@ -328,7 +328,18 @@ class ScriptRunner:
             if self._alarmed:
                 self._arm(connection)
             try:
-                await pool.ensure_connection(connection)
+                # What pool.ensure_connection checks (connected, nothing unread, not closed by the server),
+                # asked directly: its connect() of a connection already open goes through redis-py's retry
+                # helper, which costs more than the check. Anything else (a dropped connection, unread data,
+                # an error) is left to ensure_connection, which reconnects.
+                clean = False
+                if connection.is_connected:
+                    try:
+                        clean = not await connection.can_read()
+                    except (RedisConnectionError, RedisTimeoutError, OSError):
+                        pass
+                if not clean:
+                    await pool.ensure_connection(connection)
             except BaseException:
                 deadlines.pop(connection, None)
                 self._late.discard(connection)
@@ -339,7 +350,10 @@ class ScriptRunner:
             if self._alarmed:
                 self._arm(connection)
         try:
-            await connection.send_command("EVALSHA", sha, numkeys, *keys_and_args)
+            # send_command() without its extra coroutine and its health check (a no-op without
+            # health_check_interval, which the pool's connections run when set).
+            packed = connection.pack_command("EVALSHA", sha, numkeys, *keys_and_args)
+            await connection.send_packed_command(packed, check_health=bool(connection.health_check_interval))
             return await connection.read_response()
         except RETRYABLE:
             if connection in self._late:  # aborted by the alarm: the server did not answer in time
@@ -400,9 +414,13 @@ class ScriptRunner:
         # The first attempt inline (the call that almost always succeeds), the repeats in retrying().
         failed: BaseException
         if self._alarmed and self._idle:
-            # A kept connection is free: evalsha takes it, under the alarm's reply timeout.
+            # A kept connection is free: evalsha takes it, under the alarm's reply timeout. What _script()
+            # does, without its coroutine.
             try:
-                return await self._script(script, keys_and_args)
+                try:
+                    return await self.evalsha(script.sha, 1, *keys_and_args)
+                except NoScriptError:
+                    return await self._reload(script, keys_and_args)
             except RETRYABLE as exc:
                 failed = exc
         else:
@@ -437,10 +455,13 @@ class ScriptRunner:
         try:
             return await self.evalsha(script.sha, 1, *keys_and_args)
         except NoScriptError:
-            # The server restarted or SCRIPT FLUSH ran, so the script did not run: load it, run it.
-            # Under a cancel scope of its own each: the call may have taken the alarm's path (see run()).
-            await self.once(lambda: self.client.script_load(script.source))
-            return await self.once(lambda: self.evalsha(script.sha, 1, *keys_and_args))
+            return await self._reload(script, keys_and_args)
+
+    async def _reload(self, script: LuaScript, keys_and_args: tuple[str | bytes | int, ...]) -> Any:
+        """The server restarted or SCRIPT FLUSH ran, so the script did not run: load it, run it. Under a
+        cancel scope of its own each: the call may have taken the alarm's path (see :meth:`run`)."""
+        await self.once(lambda: self.client.script_load(script.source))
+        return await self.once(lambda: self.evalsha(script.sha, 1, *keys_and_args))
 
     async def retrying(
         self, call: Callable[[], Awaitable[Any]], what: str, *, failed: BaseException | None = None
