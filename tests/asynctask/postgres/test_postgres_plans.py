@@ -350,11 +350,11 @@ async def test_settling_a_member_of_a_large_group_and_reading_the_group_probe_in
 async def test_a_claim_steps_over_the_entries_earlier_claims_left_behind_once(
     open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str
 ) -> None:
-    """Every claim leaves the pending-index entries of the tasks it took at the head of the queue's group until
-    a vacuum removes them (autovacuum is off here, as it is between its visits during a drain). The claim
-    steps over them once, in its probe for the first pending task, and starts its scan of the due tasks at
-    that task: a claim that walked the prefix three times (the probe, the probe again, the scan) touched
-    about three times the pending index's pages."""
+    """Every claim leaves the pending-index entries of the tasks it took at the head of the queue's group
+    until a vacuum removes them (autovacuum is off here, as it is between its visits during a drain). The
+    claim steps over them once, in its probe for the first pending task, and starts its scan of the due tasks
+    at that task: a claim that walked the prefix three times (the probe, the probe again, the scan) touched
+    about three times the pending index's pages (298 buffers for 123 pages under schema version 4)."""
     backend = await open_pg()
     await _backlog_table(postgres_dsn, pg_schema)
     now = time.time()
