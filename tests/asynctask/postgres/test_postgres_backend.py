@@ -249,11 +249,11 @@ async def test_a_store_of_schema_version_3_is_migrated_to_claims_without_jit(
         await old.close()
     monkeypatch.undo()
 
-    backend = await open_pg()  # migrates
+    backend = await open_pg()  # migrates (through version 4 and on)
     versions = await _execute(
         postgres_dsn, sql.SQL("SELECT version FROM {}").format(sql.Identifier(pg_schema, "lifecycle_schema"))
     )
-    assert versions == [(4,)]
+    assert versions == [(schema_module.SCHEMA_VERSION,)]
     after = await _function_settings(postgres_dsn, pg_schema)
     for name in ("lifecycle_claim", "lifecycle_claim_limited"):
         assert "jit=off" in after[name], name
@@ -261,6 +261,47 @@ async def test_a_store_of_schema_version_3_is_migrated_to_claims_without_jit(
         assert set(before[name]) <= set(after[name]), name
     claimed = await backend.claim(["default"], 5, now=time.time() + 1, lease_until=time.time() + 60)
     assert [c.record.id for c in claimed] == ["kept"]
+
+
+async def _claim_source(dsn: str, schema: str) -> str:
+    [(source,)] = await _execute(
+        dsn,
+        "SELECT p.prosrc FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = %s AND p.proname = 'lifecycle_claim'",
+        (schema,),
+    )
+    return str(source)
+
+
+async def test_a_store_of_schema_version_4_is_migrated_to_the_claim_that_enters_groups_at_their_head(
+    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Version 4 as the previous release created it, with due tasks of two priorities in it.
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", 4)
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as connection:
+        assert await schema_module.ensure_schema(connection, pg_schema) == 4
+    assert "first_run" not in await _claim_source(postgres_dsn, pg_schema)
+    old = PostgresBackend(postgres_dsn, schema=pg_schema)
+    await old.open()
+    try:
+        await old.enqueue_many([make_task("low-1"), make_task("low-2")])
+        await old.enqueue_many([dataclasses.replace(make_task("high"), priority=5)])
+    finally:
+        await old.close()
+    monkeypatch.undo()
+
+    backend = await open_pg()  # migrates
+    versions = await _execute(
+        postgres_dsn, sql.SQL("SELECT version FROM {}").format(sql.Identifier(pg_schema, "lifecycle_schema"))
+    )
+    assert versions == [(5,)]
+    assert "first_run" in await _claim_source(postgres_dsn, pg_schema)
+    settings = await _function_settings(postgres_dsn, pg_schema)
+    assert "jit=off" in settings["lifecycle_claim"], "the replaced claim keeps version 4's setting"
+    assert "plan_cache_mode=force_generic_plan" in settings["lifecycle_claim"]
+    now = time.time() + 1
+    claimed = await backend.claim(["default"], 2, now=now, lease_until=now + 60)
+    assert [c.record.id for c in claimed] == ["high", "low-1"]
 
 
 async def test_a_new_store_has_claims_without_jit(

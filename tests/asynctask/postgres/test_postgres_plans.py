@@ -345,3 +345,36 @@ async def test_settling_a_member_of_a_large_group_and_reading_the_group_probe_in
     [(query, params)] = await _recorded(postgres_dsn, lambda conn: ops.get_group(conn, statements, "big"))
     for plan in (await _plans(postgres_dsn, query, params)).values():
         _assert_index_probes_only(plan, TASKS_TABLE)
+
+
+async def test_a_claim_steps_over_the_entries_earlier_claims_left_behind_once(
+    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str
+) -> None:
+    """Every claim leaves the pending-index entries of the tasks it took at the head of the queue's group
+    until a vacuum removes them (autovacuum is off here, as it is between its visits during a drain). The
+    claim steps over them once, in its probe for the first pending task, and starts its scan of the due tasks
+    at that task: a claim that walked the prefix three times (the probe, the probe again, the scan) touched
+    about three times the pending index's pages (298 buffers for 123 pages under schema version 4)."""
+    backend = await open_pg()
+    await _backlog_table(postgres_dsn, pg_schema)
+    now = time.time()
+    for start in range(0, _BACKLOG, 10_000):
+        batch = [make_task(f"d{n}", at=now - 60) for n in range(start, start + 10_000)]
+        await backend.enqueue_many(batch)
+    for _ in range(15):  # three quarters of the backlog claimed: their entries stay at the head
+        assert len(await backend.claim(["default"], 1000, now=now, lease_until=now + 600)) == 1000
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as connection:
+        cursor = await connection.execute(
+            "SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int",
+            (f'"{pg_schema}"."{TASKS_TABLE}_pending"',),
+        )
+        row = await cursor.fetchone()
+    assert row is not None
+    pages = int(row[0])
+    statements = backend._statements
+    [(query, params)] = await _recorded(
+        postgres_dsn, lambda conn: ops.claim(conn, statements, ["default"], 1, now, now + 30)
+    )
+    touched, rows = await _buffers(postgres_dsn, pg_schema, query, params)
+    assert len(rows) == 1
+    assert touched < 1.5 * pages, f"a claim of one task touched {touched} buffers ({pages} index pages)"

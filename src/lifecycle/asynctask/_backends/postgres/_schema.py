@@ -1,7 +1,7 @@
 """The PostgreSQL layout of :class:`~lifecycle.asynctask.postgres.PostgresBackend`: tables, indexes,
 versioning and migrations.
 
-Layout (schema version 4), inside the backend's own schema (``lifecycle`` unless configured):
+Layout (schema version 5), inside the backend's own schema (``lifecycle`` unless configured):
 
 ``lifecycle_schema(version)``
     One row: the layout version that wrote this schema. A newer version is refused; an older one is migrated
@@ -47,7 +47,9 @@ finished tasks ``(coalesce(finished_at, enqueued_at))`` serves retention purges;
 newest-first listing. ``lifecycle_groups (finished_at)`` over final groups serves their purge.
 
 The server-side functions are listed in ``_functions`` (those of version 2 in ``_functions_v2``). Version 4
-sets ``jit = off`` on the two claims.
+sets ``jit = off`` on the two claims. Version 5 replaces the claim without limits with one that enters each
+priority group at its first pending task instead of walking, three times per group, over the index entries
+that earlier claims left behind until the next vacuum (see ``_functions``).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ from ._functions import (
     CLAIM_FUNCTION,
     CLAIM_LIMITED_FUNCTION,
     FUNCTIONS_V3,
+    FUNCTIONS_V5,
     GROUP_ENDED_FUNCTION,
     NAME_GROUPS_FUNCTION,
     NOTIFY_IDS_FUNCTION,
@@ -95,7 +98,7 @@ __all__ = [
 ]
 
 #: The layout version this code writes. Bump it and add a step to ``_MIGRATIONS`` when the layout changes.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 TASKS_TABLE = "lifecycle_tasks"
 SCHEMA_TABLE = "lifecycle_schema"
@@ -252,6 +255,10 @@ _V4 = (
     "text[], double precision[], double precision[], bigint[], bigint[]) SET jit = off",
 )
 
+# Version 5: the claim without limits enters each priority group at its first pending task (see _functions);
+# CREATE OR REPLACE keeps the function's identity (and grants), and the new definition sets jit = off itself.
+_V5 = FUNCTIONS_V5
+
 Migration = Callable[["psycopg.AsyncCursor[tuple[object, ...]]", str], Awaitable[None]]
 
 
@@ -313,9 +320,19 @@ async def _migrate_3_to_4(cursor: psycopg.AsyncCursor[tuple[object, ...]], schem
     await _run(cursor, schema, _V4)
 
 
+async def _migrate_4_to_5(cursor: psycopg.AsyncCursor[tuple[object, ...]], schema: str) -> None:
+    """The claim without limits that enters each priority group at its first pending task."""
+    await _run(cursor, schema, _V5)
+
+
 # version N -> the coroutine that migrates a schema at version N to N + 1 (inside the open transaction). A new
 # schema is created at version 1 and migrated up, so a new and a migrated schema are the same.
-_MIGRATIONS: dict[int, Migration] = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
+_MIGRATIONS: dict[int, Migration] = {
+    1: _migrate_1_to_2,
+    2: _migrate_2_to_3,
+    3: _migrate_3_to_4,
+    4: _migrate_4_to_5,
+}
 
 
 async def ensure_schema(
