@@ -3,6 +3,7 @@ when one claim cannot take everything that is due."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import anyio
@@ -11,9 +12,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from lifecycle.asynctask import NewTask, TaskState
+from lifecycle.asynctask._backends.redis._conn import RETRYABLE
 from lifecycle.asynctask._backends.redis._wait import Waiter
 from lifecycle.asynctask.redis import RedisBackend
-from tests.asynctask.redis.redis_servers import OpenRedis, RedisServer, until_blocked
+from tests.asynctask.redis.redis_servers import OpenRedis, RedisServer, delete_prefix, until_blocked
 
 pytestmark = pytest.mark.redis
 
@@ -335,3 +337,71 @@ async def _token(backend: RedisBackend, task_id: str) -> str:
     token = await runner.client.hget(f"{backend.key_prefix}t:{task_id}", "k")
     assert isinstance(token, bytes)
     return token.decode()
+
+
+class _Proxy:
+    """A loopback TCP proxy to a Redis server that can be frozen: bytes then stop flowing both ways and no
+    connection closes (a network partition, a half-open connection)."""
+
+    def __init__(self, target: int) -> None:
+        self._target = target
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        """Listen on a free loopback port; return the URL of the server through it."""
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}/0"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self._target)
+        self._writers += (writer, upstream_writer)
+        await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                await self.flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        """Close every connection through the proxy and stop listening."""
+        self.flowing.set()
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+async def test_wait_and_claim_on_a_connection_gone_half_open_raises_within_its_timeouts(
+    redis_url: str, unique_name: str
+) -> None:
+    """No reply to prepare_wait (bytes stop flowing, nothing closes): its read gives up after
+    ``socket_timeout`` and the repeat of the claim after ``reconnect_timeout``, instead of waiting for ever
+    (which held the worker's stop too)."""
+    proxy = _Proxy(int(redis_url.split(":")[2].split("/")[0]))
+    backend = RedisBackend(await proxy.start(), prefix=unique_name, socket_timeout=0.3, reconnect_timeout=0.3)
+    await backend.open()
+    try:
+        await backend.wait_for_work(["default"], timeout=0.01)  # the blocking connection made
+        proxy.flowing.clear()
+        now = time.time()
+        with anyio.fail_after(PROMPT), pytest.raises(RETRYABLE):
+            await backend.wait_and_claim(
+                ["default"], 1, now=now, lease_until=now + 30, timeout=120, woken=anyio.Event()
+            )
+    finally:
+        proxy.flowing.set()
+        with anyio.fail_after(PROMPT):
+            await backend.close()
+        await proxy.close()
+        await delete_prefix(redis_url, unique_name)

@@ -173,7 +173,10 @@ class Waiter:
             await connection.send_packed_command(connection.pack_commands(written), check_health=False)
             rang = unloaded = False
             try:
-                first = await connection.read_response()
+                # No ringer yet and no socket timeout on this client: without a deadline, a connection gone
+                # half-open would hold this read (and the worker's stop) for hours. A TimeoutError is retried.
+                with anyio.fail_after(self._socket_timeout):
+                    first = await connection.read_response()
             except NoScriptError:
                 # prepare_wait did not run (a restarted server): end the BLPOP now, read on, load it after.
                 first, pause, unloaded = None, 0.0, True
