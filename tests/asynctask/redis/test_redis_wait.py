@@ -10,6 +10,7 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from lifecycle.asynctask import NewTask, TaskState
 from lifecycle.asynctask._backends.redis._conn import RETRYABLE
@@ -405,3 +406,37 @@ async def test_wait_and_claim_on_a_connection_gone_half_open_raises_within_its_t
             await backend.close()
         await proxy.close()
         await delete_prefix(redis_url, unique_name)
+
+
+async def test_an_error_reply_to_prepare_wait_leaves_no_blpop_or_claim_behind(own_redis: RedisServer) -> None:
+    """prepare_wait refused (here WRONGTYPE; out of memory alike): the call raises once the claim behind it
+    has answered too, so no BLPOP is left blocked with a claim queued on a pooled connection (which leased
+    the next task for nobody and desynchronised the next call's replies)."""
+    backend = RedisBackend(own_redis.url, prefix="refused")
+    admin = aioredis.Redis.from_url(own_redis.url)
+    await backend.open()
+    try:
+        await admin.set(f"{backend.key_prefix}paused", "not a set")  # prepare_wait and the claim: WRONGTYPE
+        now = time.time()
+        with anyio.fail_after(PROMPT), pytest.raises(ResponseError, match="WRONGTYPE"):
+            await backend.wait_and_claim(
+                ["default"], 1, now=now, lease_until=now + 30, timeout=120, woken=anyio.Event()
+            )
+        assert (await admin.info("clients"))["blocked_clients"] == 0
+        await admin.delete(f"{backend.key_prefix}paused")
+        now = time.time()
+        assert await backend.enqueue_many([_task("next", now=now - 1)]) == ["next"]
+        record = await backend.get("next")
+        assert record is not None
+        assert record.state is TaskState.PENDING  # no claim left behind leased it
+        now = time.time()
+        with anyio.fail_after(PROMPT):
+            claimed = await backend.wait_and_claim(
+                ["default"], 1, now=now, lease_until=now + 30, timeout=120, woken=anyio.Event()
+            )
+        assert claimed is not None
+        assert [c.record.id for c in claimed] == ["next"]
+        assert claimed[0].token == await _token(backend, "next")
+    finally:
+        await admin.aclose()
+        await backend.close()

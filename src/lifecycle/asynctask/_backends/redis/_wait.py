@@ -22,7 +22,7 @@ from typing import Any, cast
 
 import anyio
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from ...._redact import library_logger
 from ._codec import time_text
@@ -162,16 +162,21 @@ class Waiter:
         """Write prepare_wait, the BLPOP and the claim at once on one connection of the blocking pool, then
         read the three replies in this task (so the task that ended the wait is returned without a hop between
         tasks), while a ringer task rings the alarm at the end of the wait or when ``woken`` is set. Returns
-        the claim's reply. redis-py drops the connection on an error or a cancellation mid-way, so it is never
-        left holding half a reply."""
+        the claim's reply. An error reply to prepare_wait ends the BLPOP at once and the claim's reply is read
+        still: what it leased is returned, or, when it leased nothing, the error is raised. On any other
+        exception before all three replies are read the connection is closed, so the server drops a claim
+        still queued behind the BLPOP and no later use of the connection reads a stale reply."""
         pool = self._client.connection_pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         ringer: _Ringer | None = None
         task: asyncio.Task[None] | None = None
+        owed = 0  # replies written for and not read yet
         try:
             now, written = commands()
+            owed = len(written)
             await connection.send_packed_command(connection.pack_commands(written), check_health=False)
             rang = unloaded = False
+            refused: ResponseError | None = None
             try:
                 # No ringer yet and no socket timeout on this client: without a deadline, a connection gone
                 # half-open would hold this read (and the worker's stop) for hours. A TimeoutError is retried.
@@ -180,6 +185,12 @@ class Waiter:
             except NoScriptError:
                 # prepare_wait did not run (a restarted server): end the BLPOP now, read on, load it after.
                 first, pause, unloaded = None, 0.0, True
+            except ResponseError as exc:
+                # prepare_wait refused (out of memory, a wrong type, a script error): the BLPOP and the claim
+                # still run, so end the BLPOP now and read on, leaving nothing unread on the connection and
+                # returning whatever the claim leased.
+                first, pause, refused = None, 0.0, exc
+            owed -= 1
             if first is not None:
                 due_in = float(first[0]) - now
                 if due_in > 0:
@@ -196,15 +207,29 @@ class Waiter:
             with reading:
                 try:
                     await connection.read_response()
-                except RedisError as exc:  # a BLPOP refused (not connection trouble): the claim still ran
-                    if isinstance(exc, RETRYABLE):
-                        raise
+                except ResponseError as exc:  # a BLPOP refused (not connection trouble): the claim still ran
                     _log.debug("wait_for_work: BLPOP failed (%s)", exc)
-                reply = await connection.read_response()
+                owed -= 1
+                try:
+                    reply = await connection.read_response()
+                except ResponseError:
+                    owed = 0  # an error reply is read whole: the claim did not lease
+                    raise
+                owed = 0
                 if unloaded:
                     raise NoScriptError("prepare_wait was not loaded")
+                if refused is not None:
+                    _log.debug("wait_for_work: prepare_wait failed (%s)", refused)
+                    if len(reply) <= 1:  # the claim leased nothing: the error stands (no spinning caller)
+                        raise refused
                 return reply
         finally:
+            if owed:
+                # Replies left unread (a timeout, a cancellation, an error): the BLPOP may still block with
+                # the claim queued behind it. Closing the connection makes the server drop a claim that has
+                # not run, and no later use of the connection reads these replies as its own.
+                with anyio.CancelScope(shield=True):
+                    await connection.disconnect()
             await pool.release(connection)
             if ringer is not None:
                 ringer.replied.set()
