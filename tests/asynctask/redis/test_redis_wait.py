@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -437,6 +438,56 @@ async def test_an_error_reply_to_prepare_wait_leaves_no_blpop_or_claim_behind(ow
         assert claimed is not None
         assert [c.record.id for c in claimed] == ["next"]
         assert claimed[0].token == await _token(backend, "next")
+    finally:
+        await admin.aclose()
+        await backend.close()
+
+
+async def test_a_wait_skipping_the_reported_task_keeps_its_ringer_when_the_report_ends_meanwhile(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prepare_wait was sent the due task to skip (reported before), so it did not ring the alarm; when the
+    report ends meanwhile (a claim elsewhere), the reply is still judged against what was sent: the ringer
+    runs and ``woken`` ends the wait at once, without waiting ``socket_timeout`` and reconnecting."""
+    backend = RedisBackend(own_redis.url, prefix="skip", socket_timeout=60)
+    admin = aioredis.Redis.from_url(own_redis.url)
+    await backend.open()
+    original = Waiter.wait_then_claim
+
+    async def report_ends_meanwhile(
+        self: Waiter, queues: Any, timeout: float, woken: anyio.Event, now: float, claim_args: Any
+    ) -> Any:
+        def args(later: float) -> list[str]:
+            self.claimed()  # written after skip was read, before the reply to prepare_wait is
+            return cast("list[str]", claim_args(later))
+
+        return await original(self, queues, timeout, woken, now, args)
+
+    try:
+        await backend.wait_for_work(["default"], timeout=0.01)  # connections made (the alarm rung once)
+        now = time.time()
+        assert await backend.enqueue_many([_task("due", now=now - 1)]) == ["due"]
+        with anyio.fail_after(PROMPT):
+            await backend.wait_for_work(["default"], timeout=120)  # due: reported, returns at once
+        connections = (await admin.info("stats"))["total_connections_received"]
+        monkeypatch.setattr(Waiter, "wait_then_claim", report_ends_meanwhile)
+        woken = anyio.Event()
+        results: list[object] = []
+
+        async def wait() -> None:
+            now = time.time()
+            claimed = await backend.wait_and_claim(
+                ["default"], 1, now=now, lease_until=now + 30, timeout=120, woken=woken
+            )
+            results.append([c.record.id for c in claimed or ()])
+
+        with anyio.fail_after(PROMPT):
+            async with anyio.create_task_group() as group:
+                group.start_soon(wait)
+                await until_blocked(admin, 1)  # prepare_wait skipped the due task: no ring
+                woken.set()
+        assert results == [["due"]]
+        assert (await admin.info("stats"))["total_connections_received"] == connections
     finally:
         await admin.aclose()
         await backend.close()

@@ -139,7 +139,7 @@ class Waiter:
             )
 
         try:
-            return await self._send_all(commands, pause, woken)
+            return await self._send_all(commands, skip, pause, woken)
         except (*RETRYABLE, NoScriptError) as exc:
             if not sent:
                 raise  # nothing was written: no claim ran
@@ -156,6 +156,7 @@ class Waiter:
     async def _send_all(
         self,
         commands: Callable[[], tuple[float, tuple[tuple[str | bytes | int | float, ...], ...]]],
+        skip: tuple[bytes, bytes] | tuple[str, str],
         pause: float,
         woken: anyio.Event,
     ) -> Any:
@@ -195,7 +196,7 @@ class Waiter:
                 due_in = float(first[0]) - now
                 if due_in > 0:
                     pause = min(pause, due_in)
-                elif self._reported != (first[0], first[1]):
+                elif (first[0], first[1]) != skip:  # what prepare_wait was sent, not what is reported now
                     rang = True  # prepare_wait rang the alarm: the BLPOP returns at once
                     self._reported = (first[0], first[1])
             if rang:  # the BLPOP returns at once: only its reply's timeout to watch, no ringer task
