@@ -491,3 +491,29 @@ async def test_a_wait_skipping_the_reported_task_keeps_its_ringer_when_the_repor
     finally:
         await admin.aclose()
         await backend.close()
+
+
+async def test_the_waiter_holds_its_ringer_task_while_it_runs(open_redis: OpenRedis) -> None:
+    """The event loop keeps only weak references to tasks: the waiter holds each ringer until it ends."""
+    backend = await open_redis()
+    waiting = backend._waiting
+    woken = anyio.Event()
+    seen: list[int] = []
+
+    async def wait() -> None:
+        now = time.time()
+        await backend.wait_and_claim(["default"], 1, now=now, lease_until=now + 30, timeout=120, woken=woken)
+
+    assert waiting is None or not waiting._ringers
+    with anyio.fail_after(PROMPT):
+        async with anyio.create_task_group() as group:
+            group.start_soon(wait)
+            while backend._waiting is None or not backend._waiting._ringers:
+                await anyio.sleep(0)  # until the wait has started its ringer (no server state to ask)
+            assert backend._waiting is not None
+            seen.append(len(backend._waiting._ringers))
+            woken.set()
+        assert backend._waiting is not None
+        while backend._waiting._ringers:  # discarded once done
+            await anyio.sleep(0)
+    assert seen == [1]

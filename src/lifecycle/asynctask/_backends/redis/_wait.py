@@ -56,6 +56,9 @@ class Waiter:
         self._clock = clock
         self._socket_timeout = socket_timeout
         self._reported: tuple[bytes, bytes] | None = None
+        # Ringer tasks still running: the event loop keeps only a weak reference to a task, and a ringer may
+        # outlive its call (it ends once its LPUSH is answered).
+        self._ringers: set[asyncio.Task[None]] = set()
 
     def claimed(self) -> None:
         """The backend leased tasks: due work seen from now on is news again."""
@@ -204,6 +207,8 @@ class Waiter:
             else:
                 ringer = _Ringer(self._runner, self._alarm, self._socket_timeout)
                 task = asyncio.get_running_loop().create_task(ringer.ring(woken, pause))
+                self._ringers.add(task)
+                task.add_done_callback(self._ringers.discard)
                 reading = ringer.reading
             with reading:
                 try:
