@@ -517,3 +517,28 @@ async def test_the_waiter_holds_its_ringer_task_while_it_runs(open_redis: OpenRe
         while backend._waiting._ringers:  # discarded once done
             await anyio.sleep(0)
     assert seen == [1]
+
+
+@pytest.mark.parametrize(("queues", "limit"), [([], 1), (["default"], 0)])
+async def test_woken_ends_a_wait_and_claim_that_has_nothing_to_claim(
+    open_redis: OpenRedis, queues: list[str], limit: int
+) -> None:
+    """No queues or no room to claim: a plain wait, still ended at once by ``woken`` (the worker's stop)."""
+    backend = await open_redis()
+    woken = anyio.Event()
+    results: list[object] = []
+
+    async def wait() -> None:
+        now = time.time()
+        results.append(
+            await backend.wait_and_claim(
+                queues, limit, now=now, lease_until=now + 30, timeout=120, woken=woken
+            )
+        )
+
+    with anyio.fail_after(PROMPT):
+        async with anyio.create_task_group() as group:
+            group.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()  # the wait has begun
+            woken.set()
+    assert results == [None]

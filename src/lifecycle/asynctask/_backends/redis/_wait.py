@@ -28,7 +28,7 @@ from ...._redact import library_logger
 from ._codec import time_text
 from ._conn import RETRYABLE, ScriptRunner, close_clients
 
-__all__ = ["Waiter"]
+__all__ = ["Waiter", "until_set"]
 
 _log = library_logger("lifecycle.asynctask.redis")
 
@@ -122,7 +122,7 @@ class Waiter:
         if not names or not isinstance(self._client, aioredis.Redis):
             # Nothing to send a claim behind (a cluster client has no connection of its own to write it all
             # on): wait as wait() does, until woken.
-            await _until_set(woken, self.wait(names, pause))
+            await until_set(woken, self.wait(names, pause))
             return None
         if woken.is_set():
             return None
@@ -321,7 +321,7 @@ class _Ringer:
             self.reading.cancel()
 
 
-async def _until_set(event: anyio.Event, waiting: Awaitable[None]) -> None:
+async def until_set(event: anyio.Event, waiting: Awaitable[None]) -> None:
     """Await ``waiting``; cancel it when ``event`` is set first."""
 
     async def cancel_when_set(scope: anyio.CancelScope) -> None:
