@@ -14,6 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from lifecycle.asynctask import NewTask, TaskState
+from lifecycle.asynctask._backends.redis._codec import claimed_tasks, limits_args, time_text
 from lifecycle.asynctask._backends.redis._conn import RETRYABLE
 from lifecycle.asynctask._backends.redis._wait import Waiter
 from lifecycle.asynctask.redis import RedisBackend
@@ -455,13 +456,13 @@ async def test_a_wait_skipping_the_reported_task_keeps_its_ringer_when_the_repor
     original = Waiter.wait_then_claim
 
     async def report_ends_meanwhile(
-        self: Waiter, queues: Any, timeout: float, woken: anyio.Event, now: float, claim_args: Any
+        self: Waiter, queues: Any, timeout: float, woken: anyio.Event, now: float, claim_args: Any, call: str
     ) -> Any:
         def args(later: float) -> list[str]:
             self.claimed()  # written after skip was read, before the reply to prepare_wait is
             return cast("list[str]", claim_args(later))
 
-        return await original(self, queues, timeout, woken, now, args)
+        return await original(self, queues, timeout, woken, now, args, call)
 
     try:
         await backend.wait_for_work(["default"], timeout=0.01)  # connections made (the alarm rung once)
@@ -542,3 +543,27 @@ async def test_woken_ends_a_wait_and_claim_that_has_nothing_to_claim(
             await anyio.wait_all_tasks_blocked()  # the wait has begun
             woken.set()
     assert results == [None]
+
+
+@pytest.mark.parametrize("stale", ["{seconds} 0", "{seconds} 0 another-call"])
+async def test_a_claim_behind_a_wait_measures_only_from_the_start_stored_for_its_own_call(
+    open_redis: OpenRedis, stale: str
+) -> None:
+    """A wait's start left over (an older layout of it, or another call's, e.g. kept across a restart while
+    its claim never ran) does not advance a later claim's now and lease_until: they stay the caller's."""
+    backend = await open_redis()
+    runner = backend._run()
+    waiting = backend._waiting
+    assert waiting is not None
+    now = time.time()
+    assert await backend.enqueue_many([_task("due", now=now - 1)]) == ["due"]
+    began = waiting.began
+    await runner.client.set(began[1:], stale.format(seconds=int(now) - 3600))  # an hour before
+    call = backend._call_id()
+    args = [time_text(now), began, time_text(now + 30), "1", call, "", *limits_args(None), "default"]
+    reply = await runner.run("claim", args)
+    claimed = claimed_tasks(reply[1:])
+    assert [c.record.id for c in claimed] == ["due"]
+    assert claimed[0].record.started_at == pytest.approx(now, abs=1e-6)
+    assert claimed[0].record.lease_until == pytest.approx(now + 30, abs=1e-6)
+    assert not await runner.client.exists(began[1:])  # used once (here: dropped)

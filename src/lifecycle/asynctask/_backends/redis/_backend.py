@@ -470,7 +470,7 @@ class RedisBackend:
         def claim_args(later: float) -> list[str]:
             return [time_text(now + later), began, time_text(lease_until + later), *rest]
 
-        reply = await self._waiting.wait_then_claim(queues, timeout, woken, now, claim_args)
+        reply = await self._waiting.wait_then_claim(queues, timeout, woken, now, claim_args, call)
         if reply is None:
             return None
         more, tasks = reply[0], reply[1:]

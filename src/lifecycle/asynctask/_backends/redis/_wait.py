@@ -77,7 +77,7 @@ class Waiter:
         if not names:
             await anyio.sleep(max(0.0, pause))
             return
-        first = await self._runner.run("prepare_wait", [self._alarm, "", "", "", *names])
+        first = await self._runner.run("prepare_wait", [self._alarm, "", "", "", "", *names])
         if first is not None:
             due_in = float(first[0]) - self._clock()
             if due_in <= 0:
@@ -103,6 +103,7 @@ class Waiter:
         woken: anyio.Event,
         now: float,
         claim_args: Callable[[float], list[str]],
+        call: str,
     ) -> Any:
         """:meth:`wait`, ended early when ``woken`` is set, written in one go with its BLPOP and the claim
         script behind it, on one connection: the server runs prepare_wait, blocks, and runs the claim as soon
@@ -110,7 +111,8 @@ class Waiter:
         returns at once. One round trip. ``claim_args(later)`` gives the claim's arguments (its sortable
         ``now`` is :attr:`began`) with the caller's ``now`` and ``lease_until`` moved ``later`` seconds: the
         time this call took before its write (real time, as the server then measures the rest), so the
-        claim's now is as close behind the real time as it can be.
+        claim's now is as close behind the real time as it can be. ``call`` is the claim's call id:
+        prepare_wait stores it with the wait's start, and only the claim of that call measures from it.
 
         Returns the claim script's reply, also when ``woken`` ended the wait (the claim has run by then), or
         ``None`` when no claim was sent: ``woken`` was set before, no queues, a Redis Cluster client. After a
@@ -136,7 +138,7 @@ class Waiter:
             args = claim_args(later)
             sent.append(args)
             return now + later, (
-                runner.command("prepare_wait", [self._alarm, time_text(now + later), *skip, *names]),
+                runner.command("prepare_wait", [self._alarm, time_text(now + later), *skip, call, *names]),
                 ("BLPOP", *keys, pause + 1.0),
                 runner.command("claim", args),
             )
