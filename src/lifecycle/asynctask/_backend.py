@@ -420,8 +420,9 @@ class WaitAndClaim(Protocol):
     with it. Once the claim is sent, the call
     returns what it claimed, also when ``woken`` ends the wait (setting ``woken`` is how the caller ends it
     early, not cancellation, which may lose a claim in flight as it may with :meth:`Backend.claim`). When it
-    raises, nothing was claimed (or, after a lost connection, as much as a retried ``claim`` would
-    tolerate)."""
+    raises, nothing was claimed, or, after a lost connection or no reply in time, what a :meth:`Backend.claim`
+    whose reply was lost leaves: tasks leased for nobody until their lease ends (an error reply to the wait
+    is no such case: the claim behind it is still answered, and what it leased is returned)."""
 
     async def __call__(
         self,

@@ -8,9 +8,11 @@ from typing import Any
 
 import anyio
 import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from lifecycle.asynctask._backends.redis._conn import SCRIPTS, ScriptRunner
+from lifecycle.asynctask._backends.redis._conn import SCRIPTS, ScriptRunner, unread_check
 from lifecycle.asynctask._backends.redis._lua import LuaScript
 from lifecycle.asynctask.redis import RedisBackend
 from tests.asynctask.redis.redis_servers import OpenRedis, RedisServer
@@ -199,3 +201,64 @@ async def test_the_alarm_aborts_a_late_call_once_its_connection_has_a_socket() -
     assert opening._writer.transport.aborted == 1
     assert runner._deadlines == {}
     assert runner._alarm is None
+
+
+class _Absent:
+    """A class attribute that reads as missing, on the class and on its instances (``__get__`` raises)."""
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        raise AttributeError("can_read")
+
+
+class _Redis7Connection(Connection):
+    """A connection as redis-py 5 to 7 have it: ``can_read_destructive`` only, no ``can_read``."""
+
+    can_read = _Absent()
+
+    async def can_read_destructive(self) -> bool:
+        # redis-py 8 deprecates its own (the tests make the warning an error); this is the same check.
+        return await Connection.can_read(self)
+
+
+class _Redis7Pool(aioredis.ConnectionPool):
+    """A pool as redis-py 5 to 7 have it: ``ensure_connection`` checks with ``can_read_destructive``."""
+
+    async def ensure_connection(self, connection: Any) -> None:
+        await connection.connect()
+        try:
+            if await connection.can_read_destructive():
+                raise RedisConnectionError("Connection has data") from None
+        except (RedisConnectionError, OSError):
+            await connection.disconnect()
+            await connection.connect()
+            if await connection.can_read_destructive():
+                raise RedisConnectionError("Connection not ready") from None
+
+
+def test_the_kept_connection_check_falls_back_to_can_read_destructive() -> None:
+    assert not hasattr(_Redis7Connection, "can_read")
+    assert unread_check(_Redis7Connection) is _Redis7Connection.can_read_destructive
+    assert unread_check(Connection) is Connection.can_read  # redis-py 8: what its ensure_connection calls
+
+
+async def test_kept_connections_are_reused_on_a_connection_class_without_can_read(redis_url: str) -> None:
+    """redis-py 5 to 7: reusing a kept connection checks it with ``can_read_destructive``; a dirty one still
+    goes through the pool's reconnect check."""
+    pool = _Redis7Pool.from_url(redis_url, connection_class=_Redis7Connection, max_connections=2)
+    client = aioredis.Redis(connection_pool=pool)
+    runner = ScriptRunner(client, prefix="unused:", socket_timeout=10.0, reconnect_timeout=0.0)
+    try:
+        sha = await client.script_load(ECHO)
+        with anyio.fail_after(10):
+            for word in ("one", "two", "three"):
+                assert await runner.evalsha(sha, 0, word) == word.encode()
+            (kept,) = runner._idle
+            await kept.send_command(
+                "PING"
+            )  # its reply left unread: the next call must not read it as its own
+            while not await kept.can_read_destructive():
+                await anyio.sleep(0.001)
+            assert await runner.evalsha(sha, 0, "four") == b"four"
+    finally:
+        await client.aclose()
+        await pool.disconnect()

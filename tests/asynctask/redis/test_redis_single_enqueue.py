@@ -5,6 +5,7 @@ uniqueness window and the wake-up of an idle worker all still behave as on the g
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -250,7 +251,7 @@ async def _keys(client: aioredis.Redis, prefix: str) -> dict[str, Any]:
 
 
 async def test_the_single_enqueue_script_stores_what_the_general_one_stores(
-    open_redis: OpenRedis, unique_name: str
+    open_redis: OpenRedis, unique_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The lean script repeats the prelude's store() and announce() written out: every kind of field they
     # write must come out the same on both paths.
@@ -267,6 +268,15 @@ async def test_the_single_enqueue_script_stores_what_the_general_one_stores(
     lean = await open_redis(prefix=f"{unique_name}-lean")
     general = await open_redis(prefix=f"{unique_name}-general")
     client = lean._run().client
+    calls: dict[RedisBackend, list[str]] = {lean: [], general: []}
+    for backend, made in calls.items():
+        call_id = backend._call_id
+
+        def recorded(call_id: Callable[[], str] = call_id, made: list[str] = made) -> str:
+            made.append(call_id())
+            return made[-1]
+
+        monkeypatch.setattr(backend, "_call_id", recorded)
     try:
         for number, fields in enumerate(variants):
             assert await lean.enqueue_many([_task(f"t{number}", **fields)]) == [f"t{number}"]
@@ -275,6 +285,12 @@ async def test_the_single_enqueue_script_stores_what_the_general_one_stores(
             ]
         stored = await _keys(client, lean.key_prefix)
         expected = await _keys(client, general.key_prefix)
+        # The call id each record keeps (left out above, as it differs between the two backends) is the one
+        # of the call that stored it, on both paths.
+        for backend, made in calls.items():
+            assert len(made) == len(variants)
+            kept = [await client.hget(f"{backend.key_prefix}t:t{n}", "c") for n in range(len(variants))]
+            assert kept == [call.encode() for call in made]
     finally:
         for backend in (lean, general):
             keys = [key async for key in client.scan_iter(match=f"{backend.key_prefix}*")]

@@ -3,17 +3,22 @@ when one claim cannot take everything that is due."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any, cast
 
 import anyio
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from lifecycle.asynctask import NewTask, TaskState
+from lifecycle.asynctask._backends.redis._codec import claimed_tasks, limits_args, time_text
+from lifecycle.asynctask._backends.redis._conn import RETRYABLE
 from lifecycle.asynctask._backends.redis._wait import Waiter
 from lifecycle.asynctask.redis import RedisBackend
-from tests.asynctask.redis.redis_servers import OpenRedis, RedisServer, until_blocked
+from tests.asynctask.redis.redis_servers import OpenRedis, RedisServer, delete_prefix, until_blocked
 
 pytestmark = pytest.mark.redis
 
@@ -335,3 +340,230 @@ async def _token(backend: RedisBackend, task_id: str) -> str:
     token = await runner.client.hget(f"{backend.key_prefix}t:{task_id}", "k")
     assert isinstance(token, bytes)
     return token.decode()
+
+
+class _Proxy:
+    """A loopback TCP proxy to a Redis server that can be frozen: bytes then stop flowing both ways and no
+    connection closes (a network partition, a half-open connection)."""
+
+    def __init__(self, target: int) -> None:
+        self._target = target
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        """Listen on a free loopback port; return the URL of the server through it."""
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}/0"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self._target)
+        self._writers += (writer, upstream_writer)
+        await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                await self.flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        """Close every connection through the proxy and stop listening."""
+        self.flowing.set()
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+async def test_wait_and_claim_on_a_connection_gone_half_open_raises_within_its_timeouts(
+    redis_url: str, unique_name: str
+) -> None:
+    """No reply to prepare_wait (bytes stop flowing, nothing closes): its read gives up after
+    ``socket_timeout`` and the repeat of the claim after ``reconnect_timeout``, instead of waiting for ever
+    (which held the worker's stop too)."""
+    proxy = _Proxy(int(redis_url.split(":")[2].split("/")[0]))
+    backend = RedisBackend(await proxy.start(), prefix=unique_name, socket_timeout=0.3, reconnect_timeout=0.3)
+    await backend.open()
+    try:
+        await backend.wait_for_work(["default"], timeout=0.01)  # the blocking connection made
+        proxy.flowing.clear()
+        now = time.time()
+        with anyio.fail_after(PROMPT), pytest.raises(RETRYABLE):
+            await backend.wait_and_claim(
+                ["default"], 1, now=now, lease_until=now + 30, timeout=120, woken=anyio.Event()
+            )
+    finally:
+        proxy.flowing.set()
+        with anyio.fail_after(PROMPT):
+            await backend.close()
+        await proxy.close()
+        await delete_prefix(redis_url, unique_name)
+
+
+async def test_an_error_reply_to_prepare_wait_leaves_no_blpop_or_claim_behind(own_redis: RedisServer) -> None:
+    """prepare_wait refused (here WRONGTYPE; out of memory alike): the call raises once the claim behind it
+    has answered too, so no BLPOP is left blocked with a claim queued on a pooled connection (which leased
+    the next task for nobody and desynchronised the next call's replies)."""
+    backend = RedisBackend(own_redis.url, prefix="refused")
+    admin = aioredis.Redis.from_url(own_redis.url)
+    await backend.open()
+    try:
+        await admin.set(f"{backend.key_prefix}paused", "not a set")  # prepare_wait and the claim: WRONGTYPE
+        now = time.time()
+        with anyio.fail_after(PROMPT), pytest.raises(ResponseError, match="WRONGTYPE"):
+            await backend.wait_and_claim(
+                ["default"], 1, now=now, lease_until=now + 30, timeout=120, woken=anyio.Event()
+            )
+        assert (await admin.info("clients"))["blocked_clients"] == 0
+        await admin.delete(f"{backend.key_prefix}paused")
+        now = time.time()
+        assert await backend.enqueue_many([_task("next", now=now - 1)]) == ["next"]
+        record = await backend.get("next")
+        assert record is not None
+        assert record.state is TaskState.PENDING  # no claim left behind leased it
+        now = time.time()
+        with anyio.fail_after(PROMPT):
+            claimed = await backend.wait_and_claim(
+                ["default"], 1, now=now, lease_until=now + 30, timeout=120, woken=anyio.Event()
+            )
+        assert claimed is not None
+        assert [c.record.id for c in claimed] == ["next"]
+        assert claimed[0].token == await _token(backend, "next")
+    finally:
+        await admin.aclose()
+        await backend.close()
+
+
+async def test_a_wait_skipping_the_reported_task_keeps_its_ringer_when_the_report_ends_meanwhile(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prepare_wait was sent the due task to skip (reported before), so it did not ring the alarm; when the
+    report ends meanwhile (a claim elsewhere), the reply is still judged against what was sent: the ringer
+    runs and ``woken`` ends the wait at once, without waiting ``socket_timeout`` and reconnecting."""
+    backend = RedisBackend(own_redis.url, prefix="skip", socket_timeout=60)
+    admin = aioredis.Redis.from_url(own_redis.url)
+    await backend.open()
+    original = Waiter.wait_then_claim
+
+    async def report_ends_meanwhile(
+        self: Waiter, queues: Any, timeout: float, woken: anyio.Event, now: float, claim_args: Any, call: str
+    ) -> Any:
+        def args(later: float) -> list[str]:
+            self.claimed()  # written after skip was read, before the reply to prepare_wait is
+            return cast("list[str]", claim_args(later))
+
+        return await original(self, queues, timeout, woken, now, args, call)
+
+    try:
+        await backend.wait_for_work(["default"], timeout=0.01)  # connections made (the alarm rung once)
+        now = time.time()
+        assert await backend.enqueue_many([_task("due", now=now - 1)]) == ["due"]
+        with anyio.fail_after(PROMPT):
+            await backend.wait_for_work(["default"], timeout=120)  # due: reported, returns at once
+        connections = (await admin.info("stats"))["total_connections_received"]
+        monkeypatch.setattr(Waiter, "wait_then_claim", report_ends_meanwhile)
+        woken = anyio.Event()
+        results: list[object] = []
+
+        async def wait() -> None:
+            now = time.time()
+            claimed = await backend.wait_and_claim(
+                ["default"], 1, now=now, lease_until=now + 30, timeout=120, woken=woken
+            )
+            results.append([c.record.id for c in claimed or ()])
+
+        with anyio.fail_after(PROMPT):
+            async with anyio.create_task_group() as group:
+                group.start_soon(wait)
+                await until_blocked(admin, 1)  # prepare_wait skipped the due task: no ring
+                woken.set()
+        assert results == [["due"]]
+        assert (await admin.info("stats"))["total_connections_received"] == connections
+    finally:
+        await admin.aclose()
+        await backend.close()
+
+
+async def test_the_waiter_holds_its_ringer_task_while_it_runs(open_redis: OpenRedis) -> None:
+    """The event loop keeps only weak references to tasks: the waiter holds each ringer until it ends."""
+    backend = await open_redis()
+    waiting = backend._waiting
+    woken = anyio.Event()
+    seen: list[int] = []
+
+    async def wait() -> None:
+        now = time.time()
+        await backend.wait_and_claim(["default"], 1, now=now, lease_until=now + 30, timeout=120, woken=woken)
+
+    assert waiting is None or not waiting._ringers
+    with anyio.fail_after(PROMPT):
+        async with anyio.create_task_group() as group:
+            group.start_soon(wait)
+            while backend._waiting is None or not backend._waiting._ringers:
+                await anyio.sleep(0)  # until the wait has started its ringer (no server state to ask)
+            assert backend._waiting is not None
+            seen.append(len(backend._waiting._ringers))
+            woken.set()
+        assert backend._waiting is not None
+        while backend._waiting._ringers:  # discarded once done
+            await anyio.sleep(0)
+    assert seen == [1]
+
+
+@pytest.mark.parametrize(("queues", "limit"), [([], 1), (["default"], 0)])
+async def test_woken_ends_a_wait_and_claim_that_has_nothing_to_claim(
+    open_redis: OpenRedis, queues: list[str], limit: int
+) -> None:
+    """No queues or no room to claim: a plain wait, still ended at once by ``woken`` (the worker's stop)."""
+    backend = await open_redis()
+    woken = anyio.Event()
+    results: list[object] = []
+
+    async def wait() -> None:
+        now = time.time()
+        results.append(
+            await backend.wait_and_claim(
+                queues, limit, now=now, lease_until=now + 30, timeout=120, woken=woken
+            )
+        )
+
+    with anyio.fail_after(PROMPT):
+        async with anyio.create_task_group() as group:
+            group.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()  # the wait has begun
+            woken.set()
+    assert results == [None]
+
+
+@pytest.mark.parametrize("stale", ["{seconds} 0", "{seconds} 0 another-call"])
+async def test_a_claim_behind_a_wait_measures_only_from_the_start_stored_for_its_own_call(
+    open_redis: OpenRedis, stale: str
+) -> None:
+    """A wait's start left over (an older layout of it, or another call's, e.g. kept across a restart while
+    its claim never ran) does not advance a later claim's now and lease_until: they stay the caller's."""
+    backend = await open_redis()
+    runner = backend._run()
+    waiting = backend._waiting
+    assert waiting is not None
+    now = time.time()
+    assert await backend.enqueue_many([_task("due", now=now - 1)]) == ["due"]
+    began = waiting.began
+    await runner.client.set(began[1:], stale.format(seconds=int(now) - 3600))  # an hour before
+    call = backend._call_id()
+    args = [time_text(now), began, time_text(now + 30), "1", call, "", *limits_args(None), "default"]
+    reply = await runner.run("claim", args)
+    claimed = claimed_tasks(reply[1:])
+    assert [c.record.id for c in claimed] == ["due"]
+    assert claimed[0].record.started_at == pytest.approx(now, abs=1e-6)
+    assert claimed[0].record.lease_until == pytest.approx(now + 30, abs=1e-6)
+    assert not await runner.client.exists(began[1:])  # used once (here: dropped)

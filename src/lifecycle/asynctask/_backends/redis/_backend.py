@@ -68,7 +68,7 @@ from ._conn import (
 )
 from ._lua import LAYOUT_VERSION
 from ._notices import Listener
-from ._wait import Waiter
+from ._wait import Waiter, until_set
 
 __all__ = ["RedisBackend"]
 
@@ -460,7 +460,8 @@ class RedisBackend:
         self._run()
         assert self._waiting is not None
         if not queues or limit <= 0:
-            await self._waiting.wait(queues, timeout)
+            # Nothing to claim: wait as wait_for_work does, ended by woken as the claiming wait is.
+            await until_set(woken, self._waiting.wait(queues, timeout))
             return None
         began = self._waiting.began
         call = self._call_id()
@@ -469,7 +470,7 @@ class RedisBackend:
         def claim_args(later: float) -> list[str]:
             return [time_text(now + later), began, time_text(lease_until + later), *rest]
 
-        reply = await self._waiting.wait_then_claim(queues, timeout, woken, now, claim_args)
+        reply = await self._waiting.wait_then_claim(queues, timeout, woken, now, claim_args, call)
         if reply is None:
             return None
         more, tasks = reply[0], reply[1:]

@@ -15,7 +15,7 @@ import inspect
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlencode
 
 import anyio
@@ -51,6 +51,7 @@ __all__ = [
     "make_client",
     "safe_url",
     "take_url_options",
+    "unread_check",
     "unusable",
 ]
 
@@ -264,6 +265,19 @@ def _with_fast_packing(base: type[AbstractConnection]) -> type[AbstractConnectio
     return type(f"FastPacking{base.__name__}", (base,), {"pack_command": pack})
 
 
+def unread_check(
+    connection_class: type[AbstractConnection],
+) -> Callable[[AbstractConnection], Awaitable[bool]]:
+    """The check ``ConnectionPool.ensure_connection`` makes of a connection it hands out (data unread, or the
+    socket closed by the server), for ``connection_class``: ``can_read`` where it exists (redis-py 8, whose
+    ``ensure_connection`` calls it), else ``can_read_destructive`` (redis-py 5 to 7 have only that one, and
+    their ``ensure_connection`` calls it)."""
+    check = getattr(connection_class, "can_read", None)
+    if check is None:
+        check = connection_class.can_read_destructive
+    return cast("Callable[[AbstractConnection], Awaitable[bool]]", check)
+
+
 class ScriptRunner:
     """Runs the backend's Lua scripts on one client: EVALSHA, reload on NOSCRIPT, retry on a lost
     connection until ``reconnect_timeout`` seconds have passed (then the redis-py error propagates).
@@ -298,6 +312,8 @@ class ScriptRunner:
             and not client.single_connection_client
         )
         self._pool: aioredis.ConnectionPool | None = pool if direct else None
+        # Decided once for the pool's connection class, not looked up per call.
+        self._has_unread = unread_check(self._pool.connection_class) if self._pool is not None else None
         limit = getattr(pool, "max_connections", _KEEP)
         # Half the pool at most: the client's other callers (and calls beyond the kept ones) share the rest.
         self._keep = max(1, min(_KEEP, limit // 2)) if isinstance(limit, int) else 1
@@ -333,9 +349,9 @@ class ScriptRunner:
                 # helper, which costs more than the check. Anything else (a dropped connection, unread data,
                 # an error) is left to ensure_connection, which reconnects.
                 clean = False
-                if connection.is_connected:
+                if connection.is_connected and self._has_unread is not None:
                     try:
-                        clean = not await connection.can_read()
+                        clean = not await self._has_unread(connection)
                     except (RedisConnectionError, RedisTimeoutError, OSError):
                         pass
                 if not clean:

@@ -69,9 +69,11 @@ if string.sub(SNOW, 1, 1) == '@' then
   local passed = 0
   local began = redis.call('GET', string.sub(SNOW, 2))
   if began then redis.call('DEL', string.sub(SNOW, 2)) end  -- once: a later claim never measures from it
-  local s0, u0 = string.match(began or '', '^(%d+) (%d+)$')
+  -- Only the start stored for this very call: a stale one (left by a wait whose claim never ran, then kept
+  -- across a restart) would measure from an old start and put now and lease_until ahead of the real time.
+  local s0, u0, of = string.match(began or '', '^(%d+) (%d+) (.+)$')
   local t = redis.pcall('TIME')  -- refused to an ACL user without it (prepare_wait then stored nothing)
-  if s0 and not t.err then
+  if s0 and of == callid and not t.err then
     passed = (tonumber(t[1]) - tonumber(s0)) + (tonumber(t[2]) - tonumber(u0)) / 1000000
   end
   if passed < 0 then passed = 0 end
@@ -546,14 +548,16 @@ return out
 """
 
 # ARGV: P, alarm key, the caller's now ('' for a plain wait), then the time and what of a due thing the
-# caller could not claim ('' ''), then queues... Drops stale wake-up tokens (and the caller's alarm) and
-# returns {time, what} of the first thing of the queues a claim may act on (or nil): the first ready task (its
-# run_at), the first delayed task, the first parked set due for a recheck (a freed slot: -inf; a rate bucket:
-# when it refills). Paused queues are left out. Atomic, so a wake-up pushed after it is never lost and one
-# pushed before is reflected in what it returns.
+# caller could not claim ('' ''), the call id of the claim sent behind ('' for a plain wait), then queues...
+# Drops stale wake-up tokens (and the caller's alarm) and returns {time, what} of the first thing of the
+# queues a claim may act on (or nil): the first ready task (its run_at), the first delayed task, the first
+# parked set due for a recheck (a freed slot: -inf; a rate bucket: when it refills). Paused queues are left
+# out. Atomic, so a wake-up pushed after it is never lost and one pushed before is reflected in what it
+# returns.
 # With the caller's now (a wait written together with its BLPOP and a claim behind that): it stores the
-# server's TIME in '<alarm key>:t' for that claim (see the claim script), and when the first thing is due by
-# now (and is not the one to skip) it rings the alarm, so the BLPOP behind returns at once and the claim runs.
+# server's TIME and the claim's call id in '<alarm key>:t' for that claim (see the claim script), and when
+# the first thing is due by now (and is not the one to skip) it rings the alarm, so the BLPOP behind returns
+# at once and the claim runs.
 _PREPARE_WAIT = """
 local timed = ARGV[3] ~= ''
 if timed then
@@ -561,7 +565,7 @@ if timed then
   if t.err then
     redis.call('DEL', ARGV[2] .. ':t')
   else
-    redis.call('SET', ARGV[2] .. ':t', t[1] .. ' ' .. t[2], 'EX', %(kept)d)
+    redis.call('SET', ARGV[2] .. ':t', t[1] .. ' ' .. t[2] .. ' ' .. ARGV[6], 'EX', %(kept)d)
   end
 end
 redis.call('DEL', ARGV[2])
@@ -582,7 +586,7 @@ local function unsortable(hex)
   end
   return string.format('%.17g', struct.unpack('>d', string.char(unpack(b))))
 end
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   local q = ARGV[i]
   redis.call('DEL', P .. 'w:' .. q)
   if not paused[q] then

@@ -22,13 +22,13 @@ from typing import Any, cast
 
 import anyio
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from ...._redact import library_logger
 from ._codec import time_text
 from ._conn import RETRYABLE, ScriptRunner, close_clients
 
-__all__ = ["Waiter"]
+__all__ = ["Waiter", "until_set"]
 
 _log = library_logger("lifecycle.asynctask.redis")
 
@@ -56,6 +56,9 @@ class Waiter:
         self._clock = clock
         self._socket_timeout = socket_timeout
         self._reported: tuple[bytes, bytes] | None = None
+        # Ringer tasks still running: the event loop keeps only a weak reference to a task, and a ringer may
+        # outlive its call (it ends once its LPUSH is answered).
+        self._ringers: set[asyncio.Task[None]] = set()
 
     def claimed(self) -> None:
         """The backend leased tasks: due work seen from now on is news again."""
@@ -74,7 +77,7 @@ class Waiter:
         if not names:
             await anyio.sleep(max(0.0, pause))
             return
-        first = await self._runner.run("prepare_wait", [self._alarm, "", "", "", *names])
+        first = await self._runner.run("prepare_wait", [self._alarm, "", "", "", "", *names])
         if first is not None:
             due_in = float(first[0]) - self._clock()
             if due_in <= 0:
@@ -100,6 +103,7 @@ class Waiter:
         woken: anyio.Event,
         now: float,
         claim_args: Callable[[float], list[str]],
+        call: str,
     ) -> Any:
         """:meth:`wait`, ended early when ``woken`` is set, written in one go with its BLPOP and the claim
         script behind it, on one connection: the server runs prepare_wait, blocks, and runs the claim as soon
@@ -107,7 +111,8 @@ class Waiter:
         returns at once. One round trip. ``claim_args(later)`` gives the claim's arguments (its sortable
         ``now`` is :attr:`began`) with the caller's ``now`` and ``lease_until`` moved ``later`` seconds: the
         time this call took before its write (real time, as the server then measures the rest), so the
-        claim's now is as close behind the real time as it can be.
+        claim's now is as close behind the real time as it can be. ``call`` is the claim's call id:
+        prepare_wait stores it with the wait's start, and only the claim of that call measures from it.
 
         Returns the claim script's reply, also when ``woken`` ended the wait (the claim has run by then), or
         ``None`` when no claim was sent: ``woken`` was set before, no queues, a Redis Cluster client. After a
@@ -119,7 +124,7 @@ class Waiter:
         if not names or not isinstance(self._client, aioredis.Redis):
             # Nothing to send a claim behind (a cluster client has no connection of its own to write it all
             # on): wait as wait() does, until woken.
-            await _until_set(woken, self.wait(names, pause))
+            await until_set(woken, self.wait(names, pause))
             return None
         if woken.is_set():
             return None
@@ -133,13 +138,13 @@ class Waiter:
             args = claim_args(later)
             sent.append(args)
             return now + later, (
-                runner.command("prepare_wait", [self._alarm, time_text(now + later), *skip, *names]),
+                runner.command("prepare_wait", [self._alarm, time_text(now + later), *skip, call, *names]),
                 ("BLPOP", *keys, pause + 1.0),
                 runner.command("claim", args),
             )
 
         try:
-            return await self._send_all(commands, pause, woken)
+            return await self._send_all(commands, skip, pause, woken)
         except (*RETRYABLE, NoScriptError) as exc:
             if not sent:
                 raise  # nothing was written: no claim ran
@@ -156,32 +161,51 @@ class Waiter:
     async def _send_all(
         self,
         commands: Callable[[], tuple[float, tuple[tuple[str | bytes | int | float, ...], ...]]],
+        skip: tuple[bytes, bytes] | tuple[str, str],
         pause: float,
         woken: anyio.Event,
     ) -> Any:
         """Write prepare_wait, the BLPOP and the claim at once on one connection of the blocking pool, then
         read the three replies in this task (so the task that ended the wait is returned without a hop between
         tasks), while a ringer task rings the alarm at the end of the wait or when ``woken`` is set. Returns
-        the claim's reply. redis-py drops the connection on an error or a cancellation mid-way, so it is never
-        left holding half a reply."""
+        the claim's reply. An error reply to prepare_wait ends the BLPOP at once and the claim's reply is read
+        still: what it leased is returned, or, when it leased nothing, the error is raised. On any other
+        exception before all three replies are read the connection is closed, so the server drops a claim
+        still queued behind the BLPOP and no later use of the connection reads a stale reply."""
         pool = self._client.connection_pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         ringer: _Ringer | None = None
         task: asyncio.Task[None] | None = None
+        owed = 0  # replies written for and not read yet
         try:
             now, written = commands()
+            owed = len(written)
             await connection.send_packed_command(connection.pack_commands(written), check_health=False)
             rang = unloaded = False
+            refused: ResponseError | None = None
+            # No ringer yet and no socket timeout on this client: without a deadline, a connection gone
+            # half-open would hold this read (and the worker's stop) for hours. The TimeoutError raised below
+            # is retried. (A bare cancel scope: what anyio.fail_after does, without its generator's CPU.)
+            first_read = anyio.CancelScope(deadline=anyio.current_time() + self._socket_timeout)
             try:
-                first = await connection.read_response()
+                with first_read:
+                    first = await connection.read_response()
             except NoScriptError:
                 # prepare_wait did not run (a restarted server): end the BLPOP now, read on, load it after.
                 first, pause, unloaded = None, 0.0, True
+            except ResponseError as exc:
+                # prepare_wait refused (out of memory, a wrong type, a script error): the BLPOP and the claim
+                # still run, so end the BLPOP now and read on, leaving nothing unread on the connection and
+                # returning whatever the claim leased.
+                first, pause, refused = None, 0.0, exc
+            if first_read.cancelled_caught:  # only its own deadline cancels it
+                raise TimeoutError(f"no reply from Redis within {self._socket_timeout} s")
+            owed -= 1
             if first is not None:
                 due_in = float(first[0]) - now
                 if due_in > 0:
                     pause = min(pause, due_in)
-                elif self._reported != (first[0], first[1]):
+                elif (first[0], first[1]) != skip:  # what prepare_wait was sent, not what is reported now
                     rang = True  # prepare_wait rang the alarm: the BLPOP returns at once
                     self._reported = (first[0], first[1])
             if rang:  # the BLPOP returns at once: only its reply's timeout to watch, no ringer task
@@ -189,19 +213,35 @@ class Waiter:
             else:
                 ringer = _Ringer(self._runner, self._alarm, self._socket_timeout)
                 task = asyncio.get_running_loop().create_task(ringer.ring(woken, pause))
+                self._ringers.add(task)
+                task.add_done_callback(self._ringers.discard)
                 reading = ringer.reading
             with reading:
                 try:
                     await connection.read_response()
-                except RedisError as exc:  # a BLPOP refused (not connection trouble): the claim still ran
-                    if isinstance(exc, RETRYABLE):
-                        raise
+                except ResponseError as exc:  # a BLPOP refused (not connection trouble): the claim still ran
                     _log.debug("wait_for_work: BLPOP failed (%s)", exc)
-                reply = await connection.read_response()
+                owed -= 1
+                try:
+                    reply = await connection.read_response()
+                except ResponseError:
+                    owed = 0  # an error reply is read whole: the claim did not lease
+                    raise
+                owed = 0
                 if unloaded:
                     raise NoScriptError("prepare_wait was not loaded")
+                if refused is not None:
+                    _log.debug("wait_for_work: prepare_wait failed (%s)", refused)
+                    if len(reply) <= 1:  # the claim leased nothing: the error stands (no spinning caller)
+                        raise refused
                 return reply
         finally:
+            if owed:
+                # Replies left unread (a timeout, a cancellation, an error): the BLPOP may still block with
+                # the claim queued behind it. Closing the connection makes the server drop a claim that has
+                # not run, and no later use of the connection reads these replies as its own.
+                with anyio.CancelScope(shield=True):
+                    await connection.disconnect()
             await pool.release(connection)
             if ringer is not None:
                 ringer.replied.set()
@@ -287,7 +327,7 @@ class _Ringer:
             self.reading.cancel()
 
 
-async def _until_set(event: anyio.Event, waiting: Awaitable[None]) -> None:
+async def until_set(event: anyio.Event, waiting: Awaitable[None]) -> None:
     """Await ``waiting``; cancel it when ``event`` is set first."""
 
     async def cancel_when_set(scope: anyio.CancelScope) -> None:
