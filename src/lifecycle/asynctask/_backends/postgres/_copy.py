@@ -1,0 +1,151 @@
+"""The binary COPY data of a batch of new tasks, built column by column.
+
+psycopg's ``Copy.write_row`` dumps each value of each row through its dumper (fourteen per task): with the
+row tuples built for it, about 2 µs of the producer's CPU per task of a bulk enqueue. Here each column is
+made at C speed over the whole batch (``map`` of ``str.encode``, ``float``, the struct packers), a column
+that holds one value throughout (the name, the queue, the unset options, the state: the usual bulk
+enqueue) is packed once, and the rows are interleaved by one ``b"".join``; ``Copy.write`` sends the data as
+it is (in binary format it must be the whole stream: signature, rows, trailer).
+
+:func:`copy_data` returns ``None`` for anything it does not write the way ``write_row`` does (a value of an
+unexpected type, or out of its column's range): the caller then takes ``write_row``'s path, whose checks
+and errors are unchanged. Tests check that both write the same bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from itertools import chain, repeat
+from operator import attrgetter
+from typing import Any
+
+from ..._records import NewTask
+
+__all__ = ["COPY_SIGNATURE", "COPY_TRAILER", "copy_data"]
+
+#: The stream's header (signature, flags, header extension length) and its end marker (a field count of -1).
+COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
+COPY_TRAILER = struct.pack("!h", -1)
+
+_LENGTH = struct.Struct("!i")
+_NULL = _LENGTH.pack(-1)
+_FLOAT8 = struct.Struct("!id")  # the field's length (8), then the value
+_INT4 = struct.Struct("!ii")
+_INT8 = struct.Struct("!iq")
+
+# The columns of _sql.COPY_COLUMNS, in order, by how each is written: text, bytea, int4, int8, float8.
+_FIELDS = attrgetter(
+    "id",
+    "name",
+    "queue",
+    "payload",
+    "max_retries",
+    "timeout",
+    "enqueued_at",
+    "run_at",
+    "meta",
+    "priority",
+    "concurrency_key",
+    "expires_at",
+    "group_id",
+)
+_KINDS = (
+    *("text", "text", "text", "bytea", "int4"),  # id, name, queue, payload, max_retries
+    *("float8", "float8", "float8", "text", "int8"),  # timeout, enqueued_at, run_at, meta, priority
+    *("text", "float8", "text"),  # concurrency_key, expires_at, group_id
+)
+_FIELD_COUNT = struct.pack("!h", len(_KINDS) + 1)  # the fields, then the state
+_STATE = b"pending"
+_STATE_FIELD = _LENGTH.pack(len(_STATE)) + _STATE
+_INT4_RANGE = range(-(2**31), 2**31)
+_INT8_RANGE = range(-(2**63), 2**63)
+
+
+class _Declined(Exception):
+    """A value :func:`copy_data` leaves to psycopg's dumpers."""
+
+
+def copy_data(tasks: Sequence[NewTask], encoding: str) -> bytes | None:
+    """The whole binary COPY stream of ``tasks`` (in ``COPY_COLUMNS`` order, state ``pending``) with text in
+    ``encoding`` (the connection's), as ``Copy.write_row`` writes it for the rows of ``_ops._copy_row``;
+    ``None`` when a value is not one this writes (see the module's docstring), text with a NUL character
+    included (``_ops`` refuses it with its own error)."""
+    if not tasks:
+        return None
+    count = len(tasks)
+    # A row's segments: a bytes is the same in every row, a list holds one bytes per row.
+    segments: list[bytes | list[bytes]] = [_FIELD_COUNT]
+    try:
+        for kind, values in zip(_KINDS, zip(*map(_FIELDS, tasks), strict=True), strict=True):
+            segments.extend(_column(kind, values, count, encoding))
+    except (_Declined, TypeError, ValueError, OverflowError, struct.error, UnicodeError):
+        return None
+    segments.append(_STATE_FIELD)
+    merged: list[Iterable[bytes]] = []
+    constant = b""
+    for segment in segments:
+        if isinstance(segment, bytes):
+            constant += segment
+            continue
+        if constant:
+            merged.append(repeat(constant, count))
+            constant = b""
+        merged.append(segment)
+    if constant:
+        merged.append(repeat(constant, count))
+    rows = chain.from_iterable(zip(*merged, strict=True))
+    return b"".join(chain((COPY_SIGNATURE,), rows, (COPY_TRAILER,)))
+
+
+def _uniform(values: Sequence[Any], count: int) -> bool:
+    # Compared at C speed (the same object, as a batch's shared name or time is, compares at once).
+    return values.count(values[0]) == count
+
+
+def _column(kind: str, values: tuple[Any, ...], count: int, encoding: str) -> list[bytes | list[bytes]]:
+    """The segments of one column: its length prefixes and data, each a bytes when the same in every row."""
+    if kind == "text" or kind == "bytea":
+        if kind == "text":
+            if _uniform(values, count) and (values[0] is None or type(values[0]) is str):
+                first = values[0]
+                return [_NULL if first is None else _text_field(first, encoding)]
+            if None in values:
+                return [[_NULL if value is None else _text_field(value, encoding) for value in values]]
+            if not all(type(value) is str for value in values) or "\x00" in "".join(values):
+                raise _Declined
+            data = list(map(str.encode, values, repeat(encoding)))
+        else:
+            if not all(type(value) is bytes for value in values):
+                raise _Declined  # bytearray, memoryview: left to bytes() and psycopg's dumper
+            data = list(values)
+        lengths = list(map(len, data))
+        if _uniform(lengths, count):  # generated ids: one length throughout
+            return [_LENGTH.pack(lengths[0]), data]
+        return [[_LENGTH.pack(length) + item for length, item in zip(lengths, data, strict=True)]]
+    if kind == "float8":
+        if None in values:
+            return [[_NULL if value is None else _FLOAT8.pack(8, float(value)) for value in values]]
+        floats = list(map(float, values))
+        first = floats[0]
+        # Not a zero: 0.0 == -0.0, and the two differ in binary.
+        if first != 0 and _uniform(floats, count):
+            return [_FLOAT8.pack(8, first)]
+        return [list(map(_FLOAT8.pack, repeat(8, count), floats))]
+    item, allowed = (_INT4, _INT4_RANGE) if kind == "int4" else (_INT8, _INT8_RANGE)
+    if None in values:
+        raise _Declined  # a NULL in a NOT NULL column: psycopg sends it, the server refuses it
+    ints = list(map(int, values))
+    if min(ints) not in allowed or max(ints) not in allowed:
+        raise _Declined  # psycopg's dumper raises its own error
+    if _uniform(ints, count):
+        return [item.pack(8 if item is _INT8 else 4, ints[0])]
+    size = 8 if item is _INT8 else 4
+    return [list(map(item.pack, repeat(size, count), ints))]
+
+
+def _text_field(value: Any, encoding: str) -> bytes:
+    if type(value) is not str or "\x00" in value:
+        raise _Declined
+    data = value.encode(encoding)
+    return _LENGTH.pack(len(data)) + data
