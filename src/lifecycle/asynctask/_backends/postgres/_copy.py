@@ -105,43 +105,50 @@ def _uniform(values: Sequence[Any], count: int) -> bool:
 
 def _column(kind: str, values: tuple[Any, ...], count: int, encoding: str) -> list[bytes | list[bytes]]:
     """The segments of one column: its length prefixes and data, each a bytes when the same in every row."""
-    if kind == "text" or kind == "bytea":
-        if kind == "text":
-            if _uniform(values, count) and (values[0] is None or type(values[0]) is str):
-                first = values[0]
-                return [_NULL if first is None else _text_field(first, encoding)]
-            if None in values:
-                return [[_NULL if value is None else _text_field(value, encoding) for value in values]]
-            if not all(type(value) is str for value in values) or "\x00" in "".join(values):
-                raise _Declined
-            data = list(map(str.encode, values, repeat(encoding)))
-        else:
-            if not all(type(value) is bytes for value in values):
-                raise _Declined  # bytearray, memoryview: left to bytes() and psycopg's dumper
-            data = list(values)
-        lengths = list(map(len, data))
-        if _uniform(lengths, count):  # generated ids: one length throughout
-            return [_LENGTH.pack(lengths[0]), data]
-        return [[_LENGTH.pack(length) + item for length, item in zip(lengths, data, strict=True)]]
+    if kind == "text":
+        if _uniform(values, count):
+            first = values[0]
+            return [_NULL if first is None else _text_field(first, encoding)]
+        if None in values:
+            return [[_NULL if value is None else _text_field(value, encoding) for value in values]]
+        if set(map(type, values)) != {str} or "\x00" in "".join(values):
+            raise _Declined
+        return _varlen(list(map(str.encode, values, repeat(encoding))), count)
+    if kind == "bytea":
+        if set(map(type, values)) != {bytes}:
+            raise _Declined  # bytearray, memoryview: left to bytes() and psycopg's dumper
+        return _varlen(list(values), count)
     if kind == "float8":
+        if _uniform(values, count):
+            first = values[0]
+            if first is None:
+                return [_NULL]
+            # Not a zero: 0.0 == -0.0 (and 0 == -0.0), and the two differ in binary.
+            if first != 0:
+                return [_FLOAT8.pack(8, float(first))]
         if None in values:
             return [[_NULL if value is None else _FLOAT8.pack(8, float(value)) for value in values]]
-        floats = list(map(float, values))
-        first = floats[0]
-        # Not a zero: 0.0 == -0.0, and the two differ in binary.
-        if first != 0 and _uniform(floats, count):
-            return [_FLOAT8.pack(8, first)]
-        return [list(map(_FLOAT8.pack, repeat(8, count), floats))]
-    item, allowed = (_INT4, _INT4_RANGE) if kind == "int4" else (_INT8, _INT8_RANGE)
+        return [list(map(_FLOAT8.pack, repeat(8, count), map(float, values)))]
+    item, size, allowed = (_INT4, 4, _INT4_RANGE) if kind == "int4" else (_INT8, 8, _INT8_RANGE)
     if None in values:
         raise _Declined  # a NULL in a NOT NULL column: psycopg sends it, the server refuses it
-    ints = list(map(int, values))
+    if _uniform(values, count):
+        ints = [int(values[0])]
+    else:
+        ints = list(map(int, values))
     if min(ints) not in allowed or max(ints) not in allowed:
         raise _Declined  # psycopg's dumper raises its own error
-    if _uniform(ints, count):
-        return [item.pack(8 if item is _INT8 else 4, ints[0])]
-    size = 8 if item is _INT8 else 4
+    if len(ints) == 1:
+        return [item.pack(size, ints[0])]
     return [list(map(item.pack, repeat(size, count), ints))]
+
+
+def _varlen(data: list[bytes], count: int) -> list[bytes | list[bytes]]:
+    """The segments of a column of ``data`` (no NULL): the length prefixes, then the data."""
+    lengths = list(map(len, data))
+    if _uniform(lengths, count):  # generated ids: one length throughout
+        return [_LENGTH.pack(lengths[0]), data]
+    return [list(map(_LENGTH.pack, lengths)), data]
 
 
 def _text_field(value: Any, encoding: str) -> bytes:
