@@ -15,9 +15,8 @@ and errors are unchanged. Tests check that both write the same bytes.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
-from itertools import chain, repeat
-from operator import attrgetter
+from collections.abc import Sequence
+from itertools import repeat
 from typing import Any
 
 from ..._records import NewTask
@@ -35,21 +34,6 @@ _INT4 = struct.Struct("!ii")
 _INT8 = struct.Struct("!iq")
 
 # The columns of _sql.COPY_COLUMNS, in order, by how each is written: text, bytea, int4, int8, float8.
-_FIELDS = attrgetter(
-    "id",
-    "name",
-    "queue",
-    "payload",
-    "max_retries",
-    "timeout",
-    "enqueued_at",
-    "run_at",
-    "meta",
-    "priority",
-    "concurrency_key",
-    "expires_at",
-    "group_id",
-)
 _KINDS = (
     *("text", "text", "text", "bytea", "int4"),  # id, name, queue, payload, max_retries
     *("float8", "float8", "float8", "text", "int8"),  # timeout, enqueued_at, run_at, meta, priority
@@ -77,25 +61,46 @@ def copy_data(tasks: Sequence[NewTask], encoding: str) -> bytes | None:
     # A row's segments: a bytes is the same in every row, a list holds one bytes per row.
     segments: list[bytes | list[bytes]] = [_FIELD_COUNT]
     try:
-        for kind, values in zip(_KINDS, zip(*map(_FIELDS, tasks), strict=True), strict=True):
+        # The columns by attribute reads in bytecode (specialised for the slots: a fifth of attrgetter's
+        # cost per value), transposed at C speed.
+        rows = [
+            (
+                task.id,
+                task.name,
+                task.queue,
+                task.payload,
+                task.max_retries,
+                task.timeout,
+                task.enqueued_at,
+                task.run_at,
+                task.meta,
+                task.priority,
+                task.concurrency_key,
+                task.expires_at,
+                task.group_id,
+            )
+            for task in tasks
+        ]
+        for kind, values in zip(_KINDS, zip(*rows, strict=True), strict=True):
             segments.extend(_column(kind, values, count, encoding))
     except (_Declined, TypeError, ValueError, OverflowError, struct.error, UnicodeError):
         return None
     segments.append(_STATE_FIELD)
-    merged: list[Iterable[bytes]] = []
-    constant = b""
+    merged: list[bytes | list[bytes]] = []
     for segment in segments:
-        if isinstance(segment, bytes):
-            constant += segment
-            continue
-        if constant:
-            merged.append(repeat(constant, count))
-            constant = b""
-        merged.append(segment)
-    if constant:
-        merged.append(repeat(constant, count))
-    rows = chain.from_iterable(zip(*merged, strict=True))
-    return b"".join(chain((COPY_SIGNATURE,), rows, (COPY_TRAILER,)))
+        if isinstance(segment, bytes) and merged and isinstance(merged[-1], bytes):
+            merged[-1] += segment
+        else:
+            merged.append(segment)
+    # The rows interleaved by slice assignment, at C speed and without a tuple per row; the signature rides
+    # on the first row's first part, the trailer after the last.
+    width = len(merged)
+    parts: list[bytes] = [b""] * (width * count + 1)
+    for index, segment in enumerate(merged):
+        parts[index : width * count : width] = [segment] * count if isinstance(segment, bytes) else segment
+    parts[0] = COPY_SIGNATURE + parts[0]
+    parts[-1] = COPY_TRAILER
+    return b"".join(parts)
 
 
 def _uniform(values: Sequence[Any], count: int) -> bool:
@@ -132,10 +137,7 @@ def _column(kind: str, values: tuple[Any, ...], count: int, encoding: str) -> li
     item, size, allowed = (_INT4, 4, _INT4_RANGE) if kind == "int4" else (_INT8, 8, _INT8_RANGE)
     if None in values:
         raise _Declined  # a NULL in a NOT NULL column: psycopg sends it, the server refuses it
-    if _uniform(values, count):
-        ints = [int(values[0])]
-    else:
-        ints = list(map(int, values))
+    ints = [int(values[0])] if _uniform(values, count) else list(map(int, values))
     if min(ints) not in allowed or max(ints) not in allowed:
         raise _Declined  # psycopg's dumper raises its own error
     if len(ints) == 1:
