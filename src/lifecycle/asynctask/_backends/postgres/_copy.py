@@ -1,11 +1,12 @@
 """The binary COPY data of a batch of new tasks, built column by column.
 
 psycopg's ``Copy.write_row`` dumps each value of each row through its dumper (fourteen per task): with the
-row tuples built for it, about 2 µs of the producer's CPU per task of a bulk enqueue. Here each column is
-made at C speed over the whole batch (``map`` of ``str.encode``, ``float``, the struct packers), a column
-that holds one value throughout (the name, the queue, the unset options, the state: the usual bulk
-enqueue) is packed once, and the rows are interleaved by one ``b"".join``; ``Copy.write`` sends the data as
-it is (in binary format it must be the whole stream: signature, rows, trailer).
+row tuples built and checked for it, about 1.2 µs of the producer's CPU per task of a bulk enqueue. Here the
+columns are read in one comprehension and made at C speed over the whole batch (``map`` of ``str.encode``,
+``float``, the struct packers), a column that holds one value throughout (the name, the queue, the unset
+options, the state: the usual bulk enqueue) is packed once, and the rows are interleaved by slice
+assignment and one ``b"".join``: about 0.6 µs. ``Copy.write`` sends the data as it is (in binary format it
+must be the whole stream: signature, rows, trailer).
 
 :func:`copy_data` returns ``None`` for anything it does not write the way ``write_row`` does (a value of an
 unexpected type, or out of its column's range): the caller then takes ``write_row``'s path, whose checks
