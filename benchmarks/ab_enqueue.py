@@ -10,8 +10,9 @@ connections are warm) and prints enqueues per second and the process's CPU time 
 (``time.process_time``: the steadier figure on a shared machine). ``memory`` measures the engine's own work
 (``MemoryBackend`` stores in a dict). Versions alternate their order between rounds; the medians and spreads
 are printed as by ``ab_drain.py``. ``--bulk B`` times ``enqueue_many`` calls of ``B`` tasks each instead
-(``--n`` tasks in all; the figures stay per task), as the harness's ``pg_enqueue`` scenario does. ``--profile DIR`` runs each timed loop under cProfile and saves
-``DIR/<ref>-<backend>-<round>.pstats`` (the numbers printed then include the profiler's overhead).
+(``--n`` tasks in all; the figures stay per task), as the harness's ``pg_enqueue`` scenario does.
+``--profile DIR`` runs each timed loop under cProfile and saves ``DIR/<ref>-<backend>-<round>.pstats`` (the
+numbers printed then include the profiler's overhead).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backends", default="postgres", help="comma-separated subset")
     parser.add_argument("--n", type=int, default=2_000, help="enqueues per run (default 2000)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
-    parser.add_argument("--bulk", type=int, default=0, help="enqueue_many batches of this size (default: single)")
+    parser.add_argument("--bulk", type=int, default=0, help="enqueue_many batches of this size (0: single)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--profile", type=Path, default=None, help="save a cProfile of each run in DIR")

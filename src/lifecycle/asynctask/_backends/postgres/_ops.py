@@ -286,8 +286,9 @@ async def _copy_new(connection: Connection, st: Statements, tasks: Sequence[NewT
 
     A batch of new tasks is stored faster this way than by the array INSERT, on both sides: the stream is
     built column by column at C speed (see :mod:`._copy`; psycopg's ``write_row`` for what that declines),
-    and the server inserts the rows in bulk, with no unnest, sort, conflict check or notification per row. COPY has no ON CONFLICT: an id that exists fails it, and the caller then sorts the
-    ids out as it does after the INSERT's conflicts (a fresh generated id is the common case)."""
+    and the server inserts the rows in bulk, with no unnest, sort, conflict check or notification per row.
+    COPY has no ON CONFLICT: an id that exists fails it, and the caller then sorts the ids out as it does
+    after the INSERT's conflicts (a fresh generated id is the common case)."""
     # The whole stream built column by column (see _copy), else the rows for psycopg's dumpers: checked
     # before anything is sent, either way.
     data = copy_data(tasks, connection.info.encoding)
