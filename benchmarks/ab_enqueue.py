@@ -2,14 +2,17 @@
 
     python benchmarks/ab_enqueue.py --refs HEAD~1,WORKTREE --backends postgres --n 2000 --rounds 3
     python benchmarks/ab_enqueue.py --refs main,WORKTREE --backends memory,redis --n 3000 --rounds 7
+    python benchmarks/ab_enqueue.py --refs main,WORKTREE --backends postgres --bulk 1000 --n 20000 --rounds 5
 
 Each run is a fresh process with a private store: an enqueue-only ``AsyncTasks(execution=False)`` awaits
 ``--n`` single ``enqueue`` calls one after another (after 50 untimed ones, so the tables exist and the
 connections are warm) and prints enqueues per second and the process's CPU time per enqueue
 (``time.process_time``: the steadier figure on a shared machine). ``memory`` measures the engine's own work
 (``MemoryBackend`` stores in a dict). Versions alternate their order between rounds; the medians and spreads
-are printed as by ``ab_drain.py``. ``--profile DIR`` runs each timed loop under cProfile and saves
-``DIR/<ref>-<backend>-<round>.pstats`` (the numbers printed then include the profiler's overhead).
+are printed as by ``ab_drain.py``. ``--bulk B`` times ``enqueue_many`` calls of ``B`` tasks each instead
+(``--n`` tasks in all; the figures stay per task), as the harness's ``pg_enqueue`` scenario does.
+``--profile DIR`` runs each timed loop under cProfile and saves ``DIR/<ref>-<backend>-<round>.pstats`` (the
+numbers printed then include the profiler's overhead).
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ CHOICES = ("memory", *BACKENDS)
 
 CHILD = r"""
 import cProfile, sys, time, anyio
-from lifecycle.asynctask import AsyncTasks, backend_from_url
+from lifecycle.asynctask import AsyncTasks, Call, backend_from_url
 
-url, n, profile = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+url, n, profile, bulk = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 
 async def noop(index: int) -> None:
     pass
@@ -47,8 +50,12 @@ async def main() -> None:
         if profiler is not None:
             profiler.enable()
         began, cpu = time.perf_counter(), time.process_time()
-        for i in range(n):
-            await tasks.enqueue("noop", i)
+        if bulk:
+            for start in range(0, n, bulk):
+                await tasks.enqueue_many([Call(noop, i) for i in range(start, min(n, start + bulk))])
+        else:
+            for i in range(n):
+                await tasks.enqueue("noop", i)
         elapsed, cpu = time.perf_counter() - began, time.process_time() - cpu
         if profiler is not None:
             profiler.disable()
@@ -65,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backends", default="postgres", help="comma-separated subset")
     parser.add_argument("--n", type=int, default=2_000, help="enqueues per run (default 2000)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    parser.add_argument("--bulk", type=int, default=0, help="enqueue_many batches of this size (0: single)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--profile", type=Path, default=None, help="save a cProfile of each run in DIR")
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                         profile = str(args.profile / f"{tag}-{backend}-{round_index + 1}.pstats")
                     try:
                         completed = subprocess.run(
-                            [sys.executable, "-c", CHILD, url, str(args.n), profile],
+                            [sys.executable, "-c", CHILD, url, str(args.n), profile, str(args.bulk)],
                             env={**os.environ, "PYTHONPATH": str(sources[ref])},
                             capture_output=True,
                             text=True,
