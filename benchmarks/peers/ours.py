@@ -71,6 +71,11 @@ class OursAdapter(Adapter):
         self.function: Any = noop if cfg.workload == "noop" else sleepy
 
     async def open(self) -> None:
+        # The store is created here, before the timing starts, as the peers' adapters install their schema in
+        # open(): an enqueue-only AsyncTasks would otherwise create it inside its first, timed enqueue.
+        setup = build_tasks(self.cfg, execution=True)
+        await setup.backend.open()
+        await setup.backend.close()
         self.tasks = build_tasks(self.cfg, execution=False)
         await self.tasks.initialize()
 

@@ -363,6 +363,10 @@ async def test_a_claim_steps_over_the_entries_earlier_claims_left_behind_once(
         await backend.enqueue_many(batch)
     for _ in range(15):  # three quarters of the backlog claimed: their entries stay at the head
         assert len(await backend.claim(["default"], 1000, now=now, lease_until=now + 600)) == 1000
+    # Its connections end here: a session sends its buffer counts to the server-wide statistics when idle, at
+    # most once a second, so those of these claims could otherwise land inside the measurement below (a
+    # closing session sends its own at exit).
+    await backend.close()
     async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as connection:
         cursor = await connection.execute(
             "SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int",
