@@ -154,3 +154,19 @@ async def test_a_bulk_batch_goes_by_the_column_builder_and_stores_what_the_gener
         assert other is not None
         assert one.payload == fast[n].payload
         assert replace(one, id="") == replace(other, id="")
+
+
+async def test_a_wake_up_that_fails_after_the_copy_leaves_the_batch_stored_and_reported_stored(
+    open_pg: OpenPostgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The COPY commits on its own (autocommit), and the wake-up follows: when that fails, the tasks are
+    stored, so the call returns their ids (a caller retrying a failed call would store them twice) and says
+    so in the log."""
+    backend = await open_pg(pool_size=1)
+    statements = backend._statements
+    backend._statements = replace(statements, notify_queues=b"SELECT no_such_function(%s, %s)")
+    tasks = [_task(n, 1_700_000_000.5) for n in range(300)]
+    assert await backend.enqueue_many(tasks) == [task.id for task in tasks]
+    backend._statements = statements
+    assert all([await backend.get(task.id) is not None for task in (tasks[0], tasks[-1])])
+    assert "the wake-up after it failed (UndefinedFunction)" in caplog.text

@@ -23,6 +23,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow, tuple_row
 
+from ...._redact import library_logger
 from ... import _records
 from ..._errors import DuplicateTaskError
 from ..._records import (
@@ -82,6 +83,7 @@ _SETTLE_VALUES: dict[object, str] = {
 }
 # How often an enqueue that lost a race for a new id (a concurrent insert of the same id) is retried.
 _RACE_RETRIES = 3
+_log = library_logger("lifecycle.asynctask.postgres")
 # Batches of new tasks at least this large go by binary COPY (see _copy_new): its three round trips (COPY,
 # its data, the wake-up) against the array INSERT's one cost less than the adaptation it saves from about
 # this size on (client CPU per call, interleaved medians, arrays against COPY: 200 tasks 1.42 against
@@ -307,8 +309,17 @@ async def _copy_new(connection: Connection, st: Statements, tasks: Sequence[NewT
     except psycopg.errors.UniqueViolation:
         return False
     # The wake-up once the tasks are committed. Should it be lost (the connection fails between the two),
-    # idle workers find the tasks at their next poll_interval.
-    await cursor.execute(st.notify_queues, (st.channel, queues))
+    # idle workers find the tasks at their next poll_interval: the call reports them stored, as they are (a
+    # caller retrying a failed call would store the batch twice, under new generated ids).
+    try:
+        await cursor.execute(st.notify_queues, (st.channel, queues))
+    except psycopg.Error as exc:
+        _log.warning(
+            "enqueue_many: %d tasks stored by COPY, but the wake-up after it failed (%s); idle workers find "
+            "them at their next poll",
+            len(tasks),
+            type(exc).__name__,
+        )
     return True
 
 
