@@ -702,7 +702,7 @@ async def test_zeros_of_both_signs_reach_the_server_as_given(postgres_dsn: str) 
     # 0.0 == -0.0, so an array of them is not "one value throughout": each keeps its sign.
     async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as connection:
         register_arrays(connection.adapters)
-        for values in ([-0.0, 0.0], [0.0, -0.0], [-0.0, -0.0]):
+        for values in ([-0.0, 0.0], [0.0, -0.0], [-0.0, -0.0], [0, -0.0]):
             cursor = await connection.execute("SELECT %s::float8[]", (FloatArray(values),))
             row = await cursor.fetchone()
             assert row is not None

@@ -102,8 +102,8 @@ def _fixed_array(element_oid: int, item: struct.Struct, size: int, values: list[
     pack = item.pack
     if values and _uniform(values):
         first = values[0]
-        # Not a zero: 0.0 == -0.0, and the two differ in binary.
-        if first is None or first != 0 or type(first) is int:
+        # Not a zero, unless all are ints: 0.0 == -0.0 == 0, and the floats differ in binary.
+        if first is None or first != 0 or all(type(value) is int for value in values):
             return _repeated(element_oid, len(values), _NULL if first is None else pack(size, first))
     parts = [b""]
     parts.extend(_NULL if value is None else pack(size, value) for value in values)
