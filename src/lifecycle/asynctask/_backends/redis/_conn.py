@@ -347,13 +347,17 @@ class ScriptRunner:
                 # What pool.ensure_connection checks (connected, nothing unread, not closed by the server),
                 # asked directly: its connect() of a connection already open goes through redis-py's retry
                 # helper, which costs more than the check. Anything else (a dropped connection, unread data,
-                # an error) is left to ensure_connection, which reconnects.
+                # an error) is left to ensure_connection, which reconnects. A connection found with data
+                # unread or closed is dropped first: redis-py 8.1's ensure_connection hands one with unread
+                # data back as it is when the pool has maintenance notifications on.
                 clean = False
                 if connection.is_connected and self._has_unread is not None:
                     try:
                         clean = not await self._has_unread(connection)
                     except (RedisConnectionError, RedisTimeoutError, OSError):
                         pass
+                    if not clean:
+                        await connection.disconnect()
                 if not clean:
                     await pool.ensure_connection(connection)
             except BaseException:
