@@ -111,6 +111,24 @@ def _plain_task(
     )
 
 
+def _without_options(call: Call) -> bool:
+    """Whether ``call`` sets none of its options (its task is built from the registered defaults)."""
+    return (
+        call.delay is None
+        and call.at is None
+        and call.queue is None
+        and call.max_retries is None
+        and call.timeout is None
+        and call.task_id is None
+        and call.concurrency_key is None
+        and call.priority is None
+        and call.unique_for is None
+        and call.debounce is None
+        and call.expires is None
+        and call.meta is None
+    )
+
+
 def build_tasks(
     calls: Sequence[Call], now: float, registry: Registry, encoding: Encoding, new_id: Callable[[], str]
 ) -> list[NewTask]:
@@ -119,20 +137,7 @@ def build_tasks(
     resolved: dict[int, tuple[str, TaskDefinition | None]] = {}  # by id(): the calls keep their targets
     tasks: list[NewTask] = []
     for call in calls:
-        if (
-            call.delay is None
-            and call.at is None
-            and call.queue is None
-            and call.max_retries is None
-            and call.timeout is None
-            and call.task_id is None
-            and call.concurrency_key is None
-            and call.priority is None
-            and call.unique_for is None
-            and call.debounce is None
-            and call.expires is None
-            and call.meta is None
-        ):
+        if _without_options(call):
             target = call.target
             known = resolved.get(id(target))
             if known is None:
@@ -148,20 +153,7 @@ def build_task(
 ) -> NewTask:
     """The :class:`NewTask` for ``call``, every check done: ``TypeError``/``ValueError`` say what is wrong.
     ``new_id`` makes the id of a call without ``task_id``."""
-    if (
-        call.delay is None
-        and call.at is None
-        and call.queue is None
-        and call.max_retries is None
-        and call.timeout is None
-        and call.task_id is None
-        and call.concurrency_key is None
-        and call.priority is None
-        and call.unique_for is None
-        and call.debounce is None
-        and call.expires is None
-        and call.meta is None
-    ):  # no option: the same task, without the option checks (and the text naming the call for them)
+    if _without_options(call):  # the same task, without the option checks (and the text naming the call)
         return build_plain_task(call.target, call.args, now, registry, encoding, new_id)
     name, definition = _resolve(call.target, registry)
     where = f"enqueue({name!r})"
