@@ -104,12 +104,17 @@ async def call_error_hook(
 
 
 async def purge_expired(backend: Backend, options: EngineOptions) -> int:
-    """Delete finished tasks older than the retention of their state; returns how many were deleted."""
+    """Delete finished tasks older than the retention of their state; returns how many were deleted.
+
+    The pass reads the clock once, at its start: a pass slowed by the backend (a busy pool, a long delete)
+    never judges a later state by a later time than its first, so what one pass deletes is what was expired
+    when it began, whichever order the states come in."""
     total = 0
+    now = options.clock()
     for state, age in options.retention.items():
         if age is None:
             continue
-        before = options.clock() - age
+        before = now - age
         while True:
             deleted = await backend.purge(states={state}, before=before, limit=_PURGE_BATCH)
             total += deleted
