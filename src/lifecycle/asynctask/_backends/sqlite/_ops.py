@@ -1038,8 +1038,8 @@ def _by_state(
 ) -> tuple[str, list[Any]]:
     """``SELECT columns`` of the records in ``states`` that match ``clauses``, one ``UNION ALL`` arm per index
     that holds a state: pending and active tasks have their partial indexes, finished ones theirs (named by
-    SETTLED), so each arm reads one index (named: the planner would rather walk the newest-first index and
-    read every record to find a few) instead of the whole table being scanned for them."""
+    SETTLED), so each arm reads one index (named: the planner might rather walk another index and read
+    every record to find a few) instead of the whole table being scanned for them."""
     values = {TaskState(state).value for state in states}
     arms: list[str] = []
     arm_params: list[Any] = []
