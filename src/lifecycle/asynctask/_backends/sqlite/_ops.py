@@ -1078,15 +1078,16 @@ def list_records(
     else:
         # The rows stored in clock order, newest first by seq (the table itself, read backwards), merged
         # with the others, read from their index: the first limit + offset of each hold the page (_schema).
+        # The merge sorts only the keys; the page's rows are read at the end.
         clauses, params = _filters(states, queue, unknown_as_dead=True)
         by_seq = _where([LISTED_BY_SEQ, *clauses])
         unordered = _where([NOT_LISTED_BY_SEQ, *clauses])
         query = (
-            f"SELECT {TASK_COLUMNS} FROM (SELECT * FROM (SELECT {TASK_COLUMNS}, seq FROM lifecycle_tasks"
-            f"{by_seq} ORDER BY seq DESC LIMIT ?) UNION ALL SELECT * FROM (SELECT {TASK_COLUMNS}, seq "
-            f"FROM lifecycle_tasks INDEXED BY lifecycle_tasks_unordered{unordered} "
-            "ORDER BY enqueued_at DESC, seq DESC LIMIT ?)) "
-            "ORDER BY enqueued_at DESC, seq DESC LIMIT ? OFFSET ?"
+            f"SELECT {TASK_COLUMNS} FROM lifecycle_tasks WHERE seq IN (SELECT seq FROM ("
+            f"SELECT * FROM (SELECT enqueued_at, seq FROM lifecycle_tasks{by_seq} ORDER BY seq DESC LIMIT ?) "
+            "UNION ALL SELECT * FROM (SELECT enqueued_at, seq FROM lifecycle_tasks INDEXED BY "
+            f"lifecycle_tasks_unordered{unordered} ORDER BY enqueued_at DESC, seq DESC LIMIT ?)) "
+            "ORDER BY enqueued_at DESC, seq DESC LIMIT ? OFFSET ?) ORDER BY enqueued_at DESC, seq DESC"
         )
         params = [*params, limit + offset, *params, limit + offset, limit, offset]
     rows = connection.execute(query, params).fetchall()
