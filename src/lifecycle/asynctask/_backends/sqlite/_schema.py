@@ -96,8 +96,8 @@ NOT_LISTED_BY_SEQ = "enqueued_at IS NOT newest_enqueued"
 #: The ``newest_enqueued`` of an insert, given its ``enqueued_at`` as ``{0}``: the larger of that and the
 #: ``newest_enqueued`` of the row with the highest ``seq`` (the new row's ``seq`` is higher still). The look
 #: skips rows without one (from before version 5, or written by hand; none of them is listed by ``seq``):
-#: it reads the last row of the table, and more only after those. A statement that writes reads first in its
-#: write transaction, so two processes' inserts never read the same last row.
+#: it reads the last row of the table, and more only after those. An ``INSERT`` takes the write lock before
+#: it reads anything, so two inserts (of any processes) never read the same last row.
 NEWEST_SO_FAR = (
     "max({0}, coalesce((SELECT newest_enqueued FROM lifecycle_tasks WHERE newest_enqueued IS NOT NULL "
     "ORDER BY seq DESC LIMIT 1), {0}))"
