@@ -288,6 +288,9 @@ async def test_a_file_of_schema_version_4_lists_newest_first_without_the_enqueue
         assert raw.execute("SELECT version FROM lifecycle_schema").fetchall() == [(SCHEMA_VERSION,)]
         indexes = dict(raw.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'").fetchall())
         by_seq = raw.execute(f"SELECT id FROM lifecycle_tasks WHERE {LISTED_BY_SEQ} ORDER BY seq").fetchall()
+        marks = dict(raw.execute("SELECT id, newest_enqueued FROM lifecycle_tasks WHERE id LIKE 'old-%'"))
+    # Only the last old row was written by the migration: the new rows' look for a bound stops there.
+    assert marks == {"old-b": None, "old-a": None, "old-c": -math.inf}
     assert "lifecycle_tasks_enqueued" not in indexes
     assert indexes["lifecycle_tasks_unordered"].endswith(f"WHERE {NOT_LISTED_BY_SEQ}")
     # The rows from version 4 are in the index. The new ones are not: each is at least as new as those
@@ -357,12 +360,23 @@ _CHANGES = st.one_of(
 
 
 @settings(max_examples=150, deadline=None)
-@given(changes=st.lists(_CHANGES, max_size=25))
-def test_the_listing_is_in_enqueued_at_order_after_any_changes(changes: list[tuple[Any, ...]]) -> None:
-    """Whatever order rows come in (late ones, groups' thens, rows by hand, new times, deletions), the
-    listing read by seq and from the unordered index is the one a sort of the whole table gives."""
+@given(old=st.lists(_TIMES, max_size=4), changes=st.lists(_CHANGES, max_size=25))
+def test_the_listing_is_in_enqueued_at_order_after_any_changes(
+    old: list[float], changes: list[tuple[Any, ...]]
+) -> None:
+    """Whatever order rows come in (rows from version 4, late ones, groups' thens, rows by hand, new times,
+    deletions), the listing read by seq and from the unordered index is the one a sort of the table gives."""
     with closing(sqlite3.connect(":memory:", isolation_level=None)) as connection:
-        ensure_schema(connection, where="listing")
+        connection.execute("CREATE TABLE lifecycle_schema (version INTEGER NOT NULL)")
+        connection.execute("INSERT INTO lifecycle_schema VALUES (4)")
+        for statement in (*_CREATE_V1, *_FLOW_V2, *_CONTROL_V3, *_SETTLED_V4):
+            connection.execute(statement)
+        connection.executemany(
+            "INSERT INTO lifecycle_tasks (id, name, queue, payload, state, max_retries, enqueued_at, run_at) "
+            "VALUES (?, 'tests.job', 'q0', x'00', 'pending', 3, ?, ?)",
+            [(f"old{n}", at, at) for n, at in enumerate(old)],
+        )
+        assert ensure_schema(connection, where="listing") == SCHEMA_VERSION  # migrates the rows of version 4
         made = itertools.count()
 
         def ids() -> list[str]:

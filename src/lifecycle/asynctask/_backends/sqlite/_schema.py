@@ -56,8 +56,10 @@ Version 1 (before flow control) is migrated in place: the columns are added (old
 the pending index is rebuilt in the new order, and the flow tables are created. Version 2 (before control of
 running work) gets its five columns (old records: no cancel request, no progress, no group) and the group
 tables. Version 3 gets the finished index rebuilt as the partial one. Version 4 gets ``newest_enqueued``
-(``NULL`` in its rows, so they all go to ``lifecycle_tasks_unordered``, which replaces the index over every
-row's ``enqueued_at``).
+(``NULL`` in its rows, ``-inf`` in its last one: they all go to ``lifecycle_tasks_unordered``, which replaces
+the index over every row's ``enqueued_at``; no row is rewritten but the last). Should every row stored since
+be deleted while older ones remain, the next insert's look for the last ``newest_enqueued`` reads those older
+rows once.
 """
 
 from __future__ import annotations
@@ -234,6 +236,10 @@ _LISTED_V5 = (
     "ALTER TABLE lifecycle_tasks ADD COLUMN newest_enqueued REAL",
     "DROP INDEX IF EXISTS lifecycle_tasks_enqueued",
     f"CREATE INDEX lifecycle_tasks_unordered ON lifecycle_tasks (enqueued_at) WHERE {NOT_LISTED_BY_SEQ}",
+    # The last row of a migrated file gets -inf (a bound no row needs: none is listed by seq yet, and its own
+    # enqueued_at is larger, so it stays in the index), so that the first inserts' look (NEWEST_SO_FAR)
+    # stops at it instead of reading every older row, which have none.
+    "UPDATE lifecycle_tasks SET newest_enqueued = -1e999 WHERE seq = (SELECT max(seq) FROM lifecycle_tasks)",
 )
 
 
