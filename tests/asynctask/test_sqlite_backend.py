@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import sqlite3
 import sys
@@ -10,10 +11,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lifecycle.asynctask import (
     Backend,
@@ -32,6 +36,9 @@ from lifecycle.asynctask._backends.sqlite._schema import (
     _CONTROL_V3,
     _CREATE_V1,
     _FLOW_V2,
+    _SETTLED_V4,
+    LISTED_BY_SEQ,
+    NOT_LISTED_BY_SEQ,
     SCHEMA_VERSION,
     SETTLED,
     check_sqlite_version,
@@ -251,6 +258,176 @@ async def test_a_file_of_schema_version_3_gets_the_partial_finished_index(db_pat
             "SELECT sql FROM sqlite_master WHERE name = 'lifecycle_tasks_finished'"
         ).fetchone()
     assert definition.endswith(f"WHERE {SETTLED}")
+
+
+async def test_a_file_of_schema_version_4_lists_newest_first_without_the_enqueued_at_index(
+    db_path: Path,
+) -> None:
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as raw:
+        raw.execute("CREATE TABLE lifecycle_schema (version INTEGER NOT NULL)")
+        raw.execute("INSERT INTO lifecycle_schema VALUES (4)")
+        for statement in (*_CREATE_V1, *_FLOW_V2, *_CONTROL_V3, *_SETTLED_V4):
+            raw.execute(statement)
+        raw.executemany(  # stored out of clock order, as another process's clock could have them
+            "INSERT INTO lifecycle_tasks (id, name, queue, payload, state, attempts, max_retries, "
+            "enqueued_at, run_at) VALUES (?, 'tests.job', 'default', x'00', 'pending', 0, 3, ?, ?)",
+            [("old-b", 1002.0, 1002.0), ("old-a", 1001.0, 1001.0), ("old-c", 1003.0, 1003.0)],
+        )
+    backend = SQLiteBackend(db_path)
+    await backend.open()
+    try:
+        await backend.enqueue_many([task("new-late", now=1000.5)])
+        await backend.enqueue_many([task("new-d", now=1004.0)])
+        await backend.enqueue_many([task("new-e", now=1005.0)])
+        listed = [r.id for r in await backend.list_records()]
+        assert listed == ["new-e", "new-d", "old-c", "old-b", "old-a", "new-late"]
+        assert [r.id for r in await backend.list_records(limit=2, offset=2)] == ["old-c", "old-b"]
+    finally:
+        await backend.close()
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as raw:
+        assert raw.execute("SELECT version FROM lifecycle_schema").fetchall() == [(SCHEMA_VERSION,)]
+        indexes = dict(raw.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'").fetchall())
+        by_seq = raw.execute(f"SELECT id FROM lifecycle_tasks WHERE {LISTED_BY_SEQ} ORDER BY seq").fetchall()
+        marks = dict(raw.execute("SELECT id, newest_enqueued FROM lifecycle_tasks WHERE id LIKE 'old-%'"))
+    # Only the last old row was written by the migration: the new rows' look for a bound stops there.
+    assert marks == {"old-b": None, "old-a": None, "old-c": -math.inf}
+    assert "lifecycle_tasks_enqueued" not in indexes
+    assert indexes["lifecycle_tasks_unordered"].endswith(f"WHERE {NOT_LISTED_BY_SEQ}")
+    # The rows from version 4 are in the index. The new ones are not: each is at least as new as those
+    # before it that are read by seq (the old rows are not, so "new-late" is in order among those).
+    assert by_seq == [("new-late",), ("new-d",), ("new-e",)]
+
+
+async def test_tasks_stored_in_clock_order_stay_out_of_the_listing_index(open_sqlite: Factory) -> None:
+    # An enqueue in clock order writes no entry in an index for the newest-first listing (one WAL page
+    # fewer): the listing reads such rows from the table by seq. Only the others are indexed.
+    backend = await open_sqlite()
+    assert backend._connection is not None
+
+    def unordered() -> list[str]:
+        assert backend._connection is not None
+        rows = backend._connection.execute(
+            "SELECT id FROM lifecycle_tasks INDEXED BY lifecycle_tasks_unordered "
+            f"WHERE {NOT_LISTED_BY_SEQ} ORDER BY enqueued_at"
+        )
+        return [row[0] for row in rows]
+
+    await backend.enqueue_many([task("a", now=1000.0)])
+    await backend.enqueue_many([task("b", now=1001.0), task("c", now=1001.0)])
+    await backend.enqueue_many([task("d", now=1002.0)])
+    assert unordered() == []
+    await backend.enqueue_many([task("late", now=1000.5)])  # e.g. a producer whose clock is behind
+    await backend.enqueue_many([task("e", now=1001.5)])  # after "late", but before "d"
+    assert unordered() == ["late", "e"]
+    assert [r.id for r in await backend.list_records()] == ["d", "e", "c", "b", "late", "a"]
+    assert [r.id for r in await backend.list_records(limit=3, offset=1)] == ["e", "c", "b"]
+
+
+async def test_a_groups_then_stored_after_later_tasks_is_listed_by_its_enqueued_at(
+    open_sqlite: Factory,
+) -> None:
+    backend = await open_sqlite()
+    member = dataclasses.replace(task("member", now=1000.0), group_id="g")
+    then = task("then", now=1000.0)
+    await backend.enqueue_group(NewGroup(id="g", members=(member,), then=then, created_at=1000.0))
+    await backend.enqueue_many([task("later", now=1001.0)])
+    (claimed,) = await backend.claim(["default"], 1, now=1002.0, lease_until=1030.0)
+    assert claimed.record.id == "member"
+    settlement = Settlement("member", claimed.token, TaskState.SUCCEEDED, at=1002.0, result=b"1")
+    await backend.settle([settlement])
+    assert [r.id for r in await backend.list_records()] == ["later", "then", "member"]
+    await backend.enqueue_many([task("next", now=1003.0)])
+    assert [r.id for r in await backend.list_records()] == ["next", "later", "then", "member"]
+
+
+# One change to the table: ("insert", times), ("then", time), ("hand", time) (a row written by hand, without
+# newest_enqueued), ("retime", pick, time) (a follow-up's new enqueued_at), ("delete", pick), ("kill", pick).
+_GROUP_WITH_THEN = (
+    "INSERT INTO lifecycle_groups (id, created_at, unfinished, then_id, then_name, then_queue, then_payload, "
+    "then_max_retries, then_enqueued_at, then_run_at, then_priority) "
+    "VALUES (?, ?, 0, ?, 'tests.job', 'q1', x'00', 3, ?, ?, 0)"
+)
+_TIMES = st.sampled_from([1000.0, 1001.0, 1001.5, 1002.0, 1003.0])
+_PICK = st.integers(min_value=0, max_value=10_000)
+_CHANGES = st.one_of(
+    st.tuples(st.just("insert"), st.lists(_TIMES, min_size=1, max_size=3)),
+    st.tuples(st.just("then"), _TIMES),
+    st.tuples(st.just("hand"), _TIMES),
+    st.tuples(st.just("retime"), _PICK, _TIMES),
+    st.tuples(st.just("delete"), _PICK),
+    st.tuples(st.just("kill"), _PICK),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(old=st.lists(_TIMES, max_size=4), changes=st.lists(_CHANGES, max_size=25))
+def test_the_listing_is_in_enqueued_at_order_after_any_changes(
+    old: list[float], changes: list[tuple[Any, ...]]
+) -> None:
+    """Whatever order rows come in (rows from version 4, late ones, groups' thens, rows by hand, new times,
+    deletions), the listing read by seq and from the unordered index is the one a sort of the table gives."""
+    with closing(sqlite3.connect(":memory:", isolation_level=None)) as connection:
+        connection.execute("CREATE TABLE lifecycle_schema (version INTEGER NOT NULL)")
+        connection.execute("INSERT INTO lifecycle_schema VALUES (4)")
+        for statement in (*_CREATE_V1, *_FLOW_V2, *_CONTROL_V3, *_SETTLED_V4):
+            connection.execute(statement)
+        connection.executemany(
+            "INSERT INTO lifecycle_tasks (id, name, queue, payload, state, max_retries, enqueued_at, run_at) "
+            "VALUES (?, 'tests.job', 'q0', x'00', 'pending', 3, ?, ?)",
+            [(f"old{n}", at, at) for n, at in enumerate(old)],
+        )
+        assert ensure_schema(connection, where="listing") == SCHEMA_VERSION  # migrates the rows of version 4
+        made = itertools.count()
+
+        def ids() -> list[str]:
+            return [row[0] for row in connection.execute("SELECT id FROM lifecycle_tasks ORDER BY seq")]
+
+        for change in changes:
+            kind, present = change[0], ids()
+            if kind == "insert":
+                batch = [task(f"t{next(made)}", queue=f"q{n % 2}", now=at) for n, at in enumerate(change[1])]
+                ops.enqueue_many(connection, batch, "error")
+            elif kind == "then":
+                group_id = f"g{next(made)}"
+                at = change[1]  # a group with no members left: its then is stored now
+                connection.execute(_GROUP_WITH_THEN, (group_id, at, f"{group_id}-then", at, at))
+                connection.execute(ops._STORE_THEN, (group_id,))
+            elif kind == "hand":
+                connection.execute(
+                    "INSERT INTO lifecycle_tasks (id, name, queue, payload, state, max_retries, enqueued_at, "
+                    "run_at) VALUES (?, 'tests.job', 'q0', x'00', 'pending', 3, ?, ?)",
+                    (f"h{next(made)}", change[1], change[1]),
+                )
+            elif present and kind == "retime":
+                chosen = present[change[1] % len(present)]
+                connection.execute(
+                    "UPDATE lifecycle_tasks SET enqueued_at = ? WHERE id = ?", (change[2], chosen)
+                )
+            elif present and kind == "delete":
+                connection.execute(
+                    "DELETE FROM lifecycle_tasks WHERE id = ?", (present[change[1] % len(present)],)
+                )
+            elif present and kind == "kill":
+                chosen = present[change[1] % len(present)]
+                connection.execute("UPDATE lifecycle_tasks SET state = 'dead' WHERE id = ?", (chosen,))
+        total = len(ids())
+        for states in (None, {TaskState.DEAD}, {TaskState.DEAD, TaskState.PENDING}):
+            for queue in (None, "q0"):
+                clauses, params = ops._filters(states, queue, unknown_as_dead=True)
+                where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+                for limit, offset in ((100, 0), (2, 0), (3, 2), (5, max(total - 3, 0))):
+                    expected = connection.execute(
+                        f"SELECT id FROM lifecycle_tasks NOT INDEXED{where} "
+                        "ORDER BY enqueued_at DESC, seq DESC LIMIT ? OFFSET ?",
+                        [*params, limit, offset],
+                    ).fetchall()
+                    listed = ops.list_records(connection, states, queue, limit, offset)
+                    assert [r.id for r in listed] == [row[0] for row in expected], (
+                        states,
+                        queue,
+                        limit,
+                        offset,
+                    )
 
 
 async def test_pending_and_active_tasks_stay_out_of_the_finished_index(open_sqlite: Factory) -> None:

@@ -29,7 +29,7 @@ from ..._records import (
     TaskRecord,
     TaskState,
 )
-from ._schema import SETTLED, TASK_COLUMNS
+from ._schema import LISTED_BY_SEQ, NEWEST_SO_FAR, NOT_LISTED_BY_SEQ, SETTLED, TASK_COLUMNS
 
 __all__ = [
     "cancel",
@@ -64,10 +64,12 @@ _CHUNK = 500
 _PENDING = TaskState.PENDING.value
 _ACTIVE = TaskState.ACTIVE.value
 
+# ?7 is enqueued_at, read twice (see NEWEST_SO_FAR).
 _INSERT = (
     "INSERT INTO lifecycle_tasks (id, name, queue, payload, state, attempts, max_retries, timeout, "
-    "enqueued_at, run_at, meta, priority, concurrency_key, expires_at, group_id) "
-    "VALUES (?, ?, ?, ?, 'pending', 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "enqueued_at, run_at, meta, priority, concurrency_key, expires_at, group_id, newest_enqueued) "
+    "VALUES (?1, ?2, ?3, ?4, 'pending', 0, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, "
+    f"{NEWEST_SO_FAR.format('?7')})"
 )
 _INSERT_OR_SKIP = _INSERT + " ON CONFLICT (id) DO NOTHING"
 
@@ -767,9 +769,10 @@ _INSERT_GROUP = (
 # The fan-in: the group's then stored as a pending task, unless a task with its id exists.
 _STORE_THEN = (
     "INSERT INTO lifecycle_tasks (id, name, queue, payload, state, attempts, max_retries, timeout, "
-    "enqueued_at, run_at, meta, priority, concurrency_key, expires_at) "
+    "enqueued_at, run_at, meta, priority, concurrency_key, expires_at, newest_enqueued) "
     "SELECT then_id, then_name, then_queue, then_payload, 'pending', 0, then_max_retries, then_timeout, "
-    "then_enqueued_at, then_run_at, then_meta, then_priority, then_concurrency_key, then_expires_at "
+    "then_enqueued_at, then_run_at, then_meta, then_priority, then_concurrency_key, then_expires_at, "
+    f"{NEWEST_SO_FAR.format('then_enqueued_at')} "
     "FROM lifecycle_groups WHERE id = ? AND then_id IS NOT NULL ON CONFLICT (id) DO NOTHING"
 )
 
@@ -1035,8 +1038,8 @@ def _by_state(
 ) -> tuple[str, list[Any]]:
     """``SELECT columns`` of the records in ``states`` that match ``clauses``, one ``UNION ALL`` arm per index
     that holds a state: pending and active tasks have their partial indexes, finished ones theirs (named by
-    SETTLED), so each arm reads one index (named: the planner would rather walk the newest-first index and
-    read every record to find a few) instead of the whole table being scanned for them."""
+    SETTLED), so each arm reads one index (named: the planner might rather walk another index and read
+    every record to find a few) instead of the whole table being scanned for them."""
     values = {TaskState(state).value for state in states}
     arms: list[str] = []
     arm_params: list[Any] = []
@@ -1063,6 +1066,7 @@ def list_records(
 ) -> list[TaskRecord]:
     """Records matching the filters, newest ``enqueued_at`` first; a record in no known state is listed as
     dead, as it is read (until recovery makes it dead for good)."""
+    limit, offset = max(limit, 0), max(offset, 0)
     if states is not None and TaskState.DEAD not in states:
         # Each state from its own index, then sorted (the records in no known state are listed only as dead)
         clauses, params = _filters(None, queue)
@@ -1070,13 +1074,23 @@ def list_records(
         query = (
             f"SELECT {TASK_COLUMNS} FROM ({selected}) ORDER BY enqueued_at DESC, seq DESC LIMIT ? OFFSET ?"
         )
+        params = [*params, limit, offset]
     else:
+        # The rows stored in clock order, newest first by seq (the table itself, read backwards), merged
+        # with the others, read from their index: the first limit + offset of each hold the page (_schema).
+        # The merge sorts only the keys; the page's rows are read at the end.
         clauses, params = _filters(states, queue, unknown_as_dead=True)
+        by_seq = _where([LISTED_BY_SEQ, *clauses])
+        unordered = _where([NOT_LISTED_BY_SEQ, *clauses])
         query = (
-            f"SELECT {TASK_COLUMNS} FROM lifecycle_tasks{_where(clauses)} "
-            "ORDER BY enqueued_at DESC, seq DESC LIMIT ? OFFSET ?"
+            f"SELECT {TASK_COLUMNS} FROM lifecycle_tasks WHERE seq IN (SELECT seq FROM ("
+            f"SELECT * FROM (SELECT enqueued_at, seq FROM lifecycle_tasks{by_seq} ORDER BY seq DESC LIMIT ?) "
+            "UNION ALL SELECT * FROM (SELECT enqueued_at, seq FROM lifecycle_tasks INDEXED BY "
+            f"lifecycle_tasks_unordered{unordered} ORDER BY enqueued_at DESC, seq DESC LIMIT ?)) "
+            "ORDER BY enqueued_at DESC, seq DESC LIMIT ? OFFSET ?) ORDER BY enqueued_at DESC, seq DESC"
         )
-    rows = connection.execute(query, [*params, max(limit, 0), max(offset, 0)]).fetchall()
+        params = [*params, limit + offset, *params, limit + offset, limit, offset]
+    rows = connection.execute(query, params).fetchall()
     return [record_from_row(row) for row in rows]
 
 
