@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
 import psycopg
 from psycopg import pq
-from psycopg.pq.abc import PGconn, PGresult
+
+if TYPE_CHECKING:  # the protocols psycopg.pq's implementations follow, for the annotations only
+    from psycopg.pq.abc import PGconn, PGresult
 
 __all__ = ["DirectStatement", "numbered"]
 
