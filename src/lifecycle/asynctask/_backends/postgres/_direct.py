@@ -26,7 +26,7 @@ _SQLSTATE = pq.DiagnosticField.SQLSTATE
 # The errors that say the prepared statement itself is gone or stale: it was deallocated (DEALLOCATE ALL,
 # DISCARD ALL), or the table changed under it so that its plan would return another row type.
 _STALE = (b"26000", b"0A000")
-_PLACEHOLDER = re.compile(rb"%(.)")
+_PLACEHOLDER = re.compile(rb"%(.)", re.DOTALL)
 
 
 def numbered(query: bytes) -> tuple[bytes, int]:
