@@ -5,9 +5,9 @@ Every statement names its tables fully qualified (``"schema"."lifecycle_tasks"``
 connection in :meth:`PostgresBackend.enqueue_many_in`. Batches travel as arrays and are expanded with
 ``unnest``: one statement per batch, whatever its size (a large batch of new tasks goes by binary COPY
 instead, and a single task as scalars: see ``_ops.enqueue``). The text of each statement never changes, so
-psycopg prepares it on the server after a few executions; the two INSERTs of new tasks (``insert_one``,
-``insert_checked``) are prepared by the backend itself on its connections' first use of them, and run
-through libpq (see ``_direct``).
+psycopg prepares it on the server after a few executions; the single enqueue's INSERT (``insert_one``) is
+prepared by the backend itself on its connections' first use of it, and run through libpq (see
+``_direct``).
 
 The two claims (without and with limits) are calls of server-side functions (see ``_functions``).
 """
