@@ -16,7 +16,7 @@ import operator
 import re
 import struct
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import psycopg
 import psycopg.errors
@@ -44,9 +44,6 @@ from ._copy import copy_data
 from ._direct import DirectStatement
 from ._schema import TASK_COLUMNS
 from ._sql import COPY_TYPES, NOTIFY_QUEUE, Statements
-
-if TYPE_CHECKING:
-    from psycopg.pq.abc import PGresult
 
 __all__ = [
     "IfExists",
