@@ -49,10 +49,11 @@ from ..._records import (
 from .._asyncio_only import require_asyncio
 from . import _ops as ops
 from ._arrays import register as register_arrays
+from ._direct import DirectStatement
 from ._leases import Checkout, ConnectionLeases, readable
 from ._listen import Listener
 from ._schema import MAX_IDENTIFIER, ensure_schema
-from ._sql import Statements
+from ._sql import INSERT_ONE_TYPES, Statements
 
 __all__ = ["PostgresBackend"]
 
@@ -159,6 +160,14 @@ class PostgresBackend:
         if "connect_timeout" not in params:  # libpq's own limit for each connection attempt
             self._connect_kwargs["connect_timeout"] = max(2, math.ceil(self._connect_timeout))
         self._statements = Statements.for_schema(schema)
+        # The single enqueue's statement, run through libpq on the backend's own connections (see _direct);
+        # none for a schema whose name has a "%" psycopg would read as a placeholder (its path fails then).
+        try:
+            self._insert_one: DirectStatement | None = DirectStatement(
+                "lifecycle_insert_one", self._statements.insert_one, INSERT_ONE_TYPES
+            )
+        except ValueError:
+            self._insert_one = None
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
         self._leases: ConnectionLeases | None = None
         self._listener: Listener | None = None
@@ -393,7 +402,13 @@ class PostgresBackend:
         checkout = self._connection()
         async with checkout as connection:
             return await ops.enqueue(
-                connection, self._statements, tasks, if_exists, pooled=True, cursor=checkout.cursor
+                connection,
+                self._statements,
+                tasks,
+                if_exists,
+                pooled=True,
+                cursor=checkout.cursor,
+                insert_one=self._insert_one,
             )
 
     async def enqueue_many_in(

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import operator
 import re
+import struct
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -40,6 +41,7 @@ from ..._records import (
 )
 from ._arrays import BytesArray, FloatArray, Int8Array, IntArray, TextArray
 from ._copy import copy_data
+from ._direct import DirectStatement
 from ._schema import TASK_COLUMNS
 from ._sql import COPY_TYPES, NOTIFY_QUEUE, Statements
 
@@ -148,6 +150,38 @@ def _new_task_row(task: NewTask) -> tuple[Any, ...]:
     )
 
 
+_FLOAT8 = struct.Struct("!d").pack
+_INT4 = struct.Struct("!i").pack
+_INT8 = struct.Struct("!q").pack
+
+
+def _insert_one_params(row: tuple[Any, ...], channel: str) -> list[bytes | None] | None:
+    """``insert_one``'s parameters for a task's ``row`` (see :func:`_new_task_row`) and ``channel``, in
+    binary (``_sql.INSERT_ONE_TYPES``; text in UTF-8), or ``None`` for a value only psycopg's path may send:
+    an integer outside its column's range, or text UTF-8 cannot encode (a lone surrogate). psycopg then
+    raises for it what it always did."""
+    ident, name, queue, payload, retries, timeout, enqueued, run_at, meta, priority, key, expires, group = row
+    try:
+        return [
+            ident.encode(),
+            name.encode(),
+            queue.encode(),
+            payload,
+            _INT4(retries),
+            None if timeout is None else _FLOAT8(timeout),
+            _FLOAT8(enqueued),
+            _FLOAT8(run_at),
+            None if meta is None else meta.encode(),
+            _INT8(priority),
+            None if key is None else key.encode(),
+            None if expires is None else _FLOAT8(expires),
+            None if group is None else group.encode(),
+            channel.encode(),
+        ]
+    except (struct.error, UnicodeEncodeError):
+        return None
+
+
 def _new_task_arrays(tasks: Iterable[NewTask]) -> list[list[Any]]:
     """The thirteen column arrays of ``tasks``, as the classes of ``_arrays`` (dumped in one pass on the
     backend's pooled connections: psycopg's generic list adaptation was most of the client's CPU for a
@@ -221,11 +255,13 @@ async def enqueue(
     *,
     pooled: bool = False,
     cursor: Cursor | None = None,
+    insert_one: DirectStatement | None = None,
 ) -> list[str]:
     """Store ``tasks`` atomically on ``connection``; see :meth:`Backend.enqueue_many` for the id, window and
     debounce rules. ``pooled``: ``connection`` is one of the backend's own (its adapters are ours), so a large
     batch may go by binary COPY (see :func:`_copy_new`). ``cursor``: one of ``connection``'s to reuse (one
-    of tuple rows), the functions below take it too."""
+    of tuple rows), the functions below take it too. ``insert_one``: the backend's ``st.insert_one`` run
+    through libpq (see :class:`DirectStatement`), for a single task on one of its own connections."""
     cursor = _cursor(connection) if cursor is None else cursor
     # No task with a uniqueness key (counted at C speed: this runs over every task of a bulk enqueue).
     plain = if_exists != "debounce" and list(map(_UNIQUE_KEY, tasks)).count(None) == len(tasks)
@@ -248,8 +284,18 @@ async def enqueue(
         # One statement in autocommit is one transaction, and one round trip, wake-up included; a task of
         # "error" that was not stored wrote nothing.
         task = tasks[0]
-        await cursor.execute(st.insert_one, (*_new_task_row(task), st.channel))
-        if await cursor.fetchone() is not None:
+        row = _new_task_row(task)
+        result = None
+        if insert_one is not None and pooled and insert_one.usable(connection):
+            params = _insert_one_params(row, st.channel)
+            if params is not None:
+                result = await insert_one.run(connection, params)
+        if result is not None:  # a row: stored
+            added = result.ntuples > 0
+        else:  # not run directly, or the server's error: psycopg's path runs it (and raises that error)
+            await cursor.execute(st.insert_one, (*row, st.channel))
+            added = await cursor.fetchone() is not None
+        if added:
             return [task.id]
         if if_exists == "skip":
             return []

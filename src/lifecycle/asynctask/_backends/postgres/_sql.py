@@ -5,7 +5,9 @@ Every statement names its tables fully qualified (``"schema"."lifecycle_tasks"``
 connection in :meth:`PostgresBackend.enqueue_many_in`. Batches travel as arrays and are expanded with
 ``unnest``: one statement per batch, whatever its size (a large batch of new tasks goes by binary COPY
 instead, and a single task as scalars: see ``_ops.enqueue``). The text of each statement never changes, so
-psycopg prepares it on the server after a few executions.
+psycopg prepares it on the server after a few executions; the single enqueue's INSERT (``insert_one``) is
+prepared by the backend itself on its connections' first use of it, and run through libpq (see
+``_direct``).
 
 The two claims (without and with limits) are calls of server-side functions (see ``_functions``).
 """
@@ -38,7 +40,7 @@ from ._schema import (
     notice_channel_for,
 )
 
-__all__ = ["COPY_COLUMNS", "COPY_TYPES", "HOT_STATEMENTS", "NOTIFY_QUEUE", "Statements"]
+__all__ = ["COPY_COLUMNS", "COPY_TYPES", "HOT_STATEMENTS", "INSERT_ONE_TYPES", "NOTIFY_QUEUE", "Statements"]
 
 #: The statements a worker or a producer runs on every call (names of :class:`Statements` fields). psycopg
 #: keeps its parse of a statement's placeholders only for a text of at most 4096 bytes
@@ -62,6 +64,9 @@ _NEW_TASK_ARRAYS = (
     "%s::text[], %s::text[], %s::text[], %b::bytea[], %s::int[], %s::float8[], %s::float8[], "
     "%s::float8[], %s::text[], %s::int8[], %s::text[], %s::float8[], %s::text[]"
 )
+#: The type of each parameter of ``insert_one`` (PostgreSQL type OIDs: text 25, bytea 17, int4 23, float8 701,
+#: int8 20), as its casts say: the single enqueue sends them in binary through libpq (see ``_direct``).
+INSERT_ONE_TYPES = (25, 25, 25, 17, 23, 701, 701, 701, 25, 20, 25, 701, 25, 25)
 _NEW_TASK_COLUMNS = (
     "id, name, queue, payload, max_retries, timeout, enqueued_at, run_at, meta, priority, concurrency_key, "
     "expires_at, group_id"

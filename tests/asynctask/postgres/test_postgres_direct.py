@@ -1,0 +1,217 @@
+"""The single enqueue's INSERT runs through libpq (``DirectStatement``, on psycopg's ``connection.pgconn``):
+it stores what psycopg's path stores, it leaves every error to psycopg's path (which raises it as before), it
+prepares its statement again when the server lost it, and an interrupted or broken call does not break the
+backend's connections."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+import psycopg
+import psycopg.errors
+import pytest
+from psycopg import sql
+
+from lifecycle.asynctask import NewTask
+from lifecycle.asynctask._backends.postgres._direct import numbered
+
+from ._support import OpenPostgres, make_task
+
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+
+
+def _insert_one_by_psycopg(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The texts of the statements psycopg's cursors execute from now on."""
+    executed: list[bytes] = []
+    execute = psycopg.AsyncCursor.execute
+
+    async def recording(cursor: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        executed.append(query if isinstance(query, bytes) else str(query).encode())
+        return await execute(cursor, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.AsyncCursor, "execute", recording)
+    return executed
+
+
+def _full_task(task_id: str, now: float) -> NewTask:
+    return NewTask(
+        id=task_id,
+        name="tests.jöb ✓",
+        queue="quëue",
+        payload=b"\x00\xffpayload",
+        max_retries=2**31 - 1,
+        timeout=2.5,
+        enqueued_at=now,
+        run_at=now + 1.25,
+        meta='{"chain": "ü"}',
+        priority=-(10**15) + 1,
+        concurrency_key="key ✓",
+        expires_at=now + 60.5,
+        group_id="group-1",
+    )
+
+
+async def test_a_single_enqueue_goes_through_libpq_and_stores_what_psycopg_s_path_stores(
+    open_pg: OpenPostgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = await open_pg()
+    await backend.enqueue_many([make_task("warm-up")])
+    executed = _insert_one_by_psycopg(monkeypatch)
+    now = time.time()
+    assert await backend.enqueue_many([_full_task("direct", now)]) == ["direct"]
+    for n in range(3):
+        assert await backend.enqueue_many([make_task(f"t{n}")]) == [f"t{n}"]
+    assert backend._statements.insert_one not in executed, "the single enqueue runs through libpq"
+    # The same task through psycopg's path (the backend without its direct statement) is stored alike.
+    backend._insert_one = None
+    assert await backend.enqueue_many([_full_task("psycopg", now)]) == ["psycopg"]
+    assert backend._statements.insert_one in executed
+    direct, by_psycopg = await backend.get("direct"), await backend.get("psycopg")
+    assert direct is not None
+    assert by_psycopg is not None
+    fields = {name: getattr(direct, name) for name in direct.__dataclass_fields__ if name != "id"}
+    assert fields == {name: getattr(by_psycopg, name) for name in fields}
+    assert direct.fault is None
+    assert direct.payload == b"\x00\xffpayload"
+    assert direct.priority == -(10**15) + 1
+    assert direct.max_retries == 2**31 - 1
+
+
+async def test_an_existing_id_is_refused_or_skipped_as_before(open_pg: OpenPostgres) -> None:
+    backend = await open_pg()
+    assert await backend.enqueue_many([make_task("same")]) == ["same"]
+    assert await backend.enqueue_many([make_task("same")], if_exists="skip") == []
+    with pytest.raises(Exception, match="already"):
+        await backend.enqueue_many([make_task("same")])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("priority", 2**63, psycopg.errors.NumericValueOutOfRange),
+        ("max_retries", 2**31, psycopg.errors.NumericValueOutOfRange),
+    ],
+)
+async def test_a_value_libpq_is_not_given_goes_through_psycopg_with_its_error(
+    open_pg: OpenPostgres, field: str, value: object, error: type[Exception]
+) -> None:
+    backend = await open_pg()
+    await backend.enqueue_many([make_task("warm-up")])
+    base = make_task("out-of-range")
+    bad = NewTask(**{**{name: getattr(base, name) for name in base.__dataclass_fields__}, field: value})
+    with pytest.raises(error):
+        await backend.enqueue_many([bad])
+    assert await backend.enqueue_many([make_task("after")]) == ["after"]
+
+
+async def test_text_utf8_cannot_encode_fails_as_through_psycopg(open_pg: OpenPostgres) -> None:
+    backend = await open_pg()
+    await backend.enqueue_many([make_task("warm-up")])
+    base = make_task("surrogate")
+    bad = NewTask(**{**{name: getattr(base, name) for name in base.__dataclass_fields__}, "name": "a\ud800"})
+    with pytest.raises(Exception) as direct:
+        await backend.enqueue_many([bad])
+    backend._insert_one = None
+    with pytest.raises(Exception) as by_psycopg:
+        await backend.enqueue_many([bad])
+    assert type(direct.value) is type(by_psycopg.value)
+
+
+async def test_a_server_error_is_raised_by_psycopg_and_the_next_enqueue_goes_direct_again(
+    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = await open_pg()
+    await backend.enqueue_many([make_task("warm-up")])
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as connection:
+        await connection.execute(
+            sql.SQL("ALTER TABLE {} ADD CONSTRAINT no_bad CHECK (id <> 'bad')").format(
+                sql.Identifier(pg_schema, "lifecycle_tasks")
+            )
+        )
+    executed = _insert_one_by_psycopg(monkeypatch)
+    with pytest.raises(psycopg.errors.CheckViolation) as raised:
+        await backend.enqueue_many([make_task("bad")])
+    assert raised.value.diag.constraint_name == "no_bad", "psycopg's error, with its diagnostics"
+    assert executed.count(backend._statements.insert_one) == 1, "the failed statement, run again by psycopg"
+    assert await backend.enqueue_many([make_task("good")]) == ["good"]
+    assert executed.count(backend._statements.insert_one) == 1, "then the direct path again"
+    assert await backend.get("bad") is None
+
+
+async def test_a_statement_the_server_lost_is_prepared_again(
+    open_pg: OpenPostgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = await open_pg(pool_size=2)  # one lease: every call below takes the same connection
+    await backend.enqueue_many([make_task("warm-up")])
+    async with backend._connection() as connection:
+        await connection.execute("DEALLOCATE ALL")
+    executed = _insert_one_by_psycopg(monkeypatch)
+    assert await backend.enqueue_many([make_task("after-deallocate")]) == ["after-deallocate"]
+    assert executed.count(backend._statements.insert_one) == 1, "the call that found it gone, by psycopg"
+    for n in range(3):
+        assert await backend.enqueue_many([make_task(f"t{n}")]) == [f"t{n}"]
+    assert executed.count(backend._statements.insert_one) == 1, "prepared again, under a new name"
+    assert {r.id for r in await backend.list_records()} == {"warm-up", "after-deallocate", "t0", "t1", "t2"}
+
+
+async def _slow_inserts(dsn: str, schema: str) -> None:
+    """Make the insert of a task with the id ``slow`` take a second (a trigger sleeping)."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as connection:
+        await connection.execute(
+            sql.SQL(
+                "CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "IF NEW.id = 'slow' THEN PERFORM pg_sleep(1); END IF; RETURN NEW; END $$; "
+                "CREATE TRIGGER slow BEFORE INSERT ON {tasks} FOR EACH ROW EXECUTE FUNCTION {function}()"
+            ).format(
+                function=sql.Identifier(schema, "slow_insert"),
+                tasks=sql.Identifier(schema, "lifecycle_tasks"),
+            )
+        )
+
+
+async def test_an_enqueue_cancelled_mid_statement_leaves_the_backend_s_connections_working(
+    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str
+) -> None:
+    backend = await open_pg(pool_size=2)
+    await backend.enqueue_many([make_task("warm-up")])
+    await _slow_inserts(postgres_dsn, pg_schema)
+    with anyio.move_on_after(0.2) as scope:
+        await backend.enqueue_many([make_task("slow")])
+    assert scope.cancelled_caught
+    with anyio.fail_after(10):
+        for n in range(5):
+            assert await backend.enqueue_many([make_task(f"t{n}")]) == [f"t{n}"]
+    assert backend._pool is not None
+    assert backend._pool.get_stats()["pool_size"] <= 2
+
+
+async def test_a_connection_killed_mid_statement_raises_operational_error_and_the_next_call_works(
+    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str
+) -> None:
+    backend = await open_pg(pool_size=2)
+    await backend.enqueue_many([make_task("warm-up")])
+    await _slow_inserts(postgres_dsn, pg_schema)
+
+    async def kill_soon() -> None:
+        await anyio.sleep(0.2)
+        async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as connection:
+            await connection.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE wait_event = 'PgSleep' "
+                "AND strpos(query, %s) > 0 AND pid <> pg_backend_pid()",
+                (pg_schema,),
+            )
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(kill_soon)
+        with pytest.raises(psycopg.OperationalError):
+            await backend.enqueue_many([make_task("slow")])
+    with anyio.fail_after(10):
+        assert await backend.enqueue_many([make_task("after")]) == ["after"]
+
+
+def test_numbered_placeholders() -> None:
+    assert numbered(b"SELECT %s, %b, '100%%'") == (b"SELECT $1, $2, '100%'", 2)
+    with pytest.raises(ValueError, match="placeholder"):
+        numbered(b"SELECT %x")
