@@ -245,6 +245,59 @@ async def test_a_task_enqueued_during_wait_and_claim_comes_back_in_its_one_round
         await backend.close()
 
 
+async def test_wait_and_claim_keeps_its_connection_and_replaces_one_left_dirty_or_closed(
+    open_redis: OpenRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Consecutive waits with a claim behind them use one connection kept out of the pool (no lease and
+    release per wait); a kept connection found with a reply unread is cleaned and one closed by the server
+    is reconnected, so no wait reads a reply that is not its own."""
+    backend = await open_redis()
+    producer = await open_redis()
+    waiter = backend._waiting
+    assert waiter is not None
+    pool = cast("aioredis.Redis", waiter._client).connection_pool
+    real = pool.get_connection
+    leased: list[object] = []
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        connection = await real(*args, **kwargs)
+        leased.append(connection)
+        return connection
+
+    monkeypatch.setattr(pool, "get_connection", counted)
+
+    async def claim(task_id: str) -> None:
+        now = time.time()
+        assert await producer.enqueue_many([_task(task_id, now=now - 1)]) == [task_id]
+        with anyio.fail_after(PROMPT):
+            claimed = await backend.wait_and_claim(
+                ["default"], 5, now=now, lease_until=now + 30, timeout=120, woken=anyio.Event()
+            )
+        assert claimed is not None
+        assert [c.record.id for c in claimed] == [task_id]
+
+    for task_id in ("one", "two", "three"):
+        await claim(task_id)
+    assert len(leased) == 1  # the first wait leased it; the others found it kept
+    kept = waiter._kept
+    assert kept is leased[0]
+    await kept.send_command("PING")  # a reply left unread: the next wait must not take it for its own
+    with anyio.fail_after(PROMPT):
+        while not await kept.can_read():
+            await anyio.sleep(0.001)
+    await claim("four")
+    assert waiter._kept is kept
+    await kept.send_command("CLIENT", "ID")
+    client_id = int(await kept.read_response())
+    admin = aioredis.Redis.from_url(backend._url)
+    try:
+        await admin.client_kill_filter(_id=str(client_id))  # closed by the server
+    finally:
+        await admin.aclose()
+    await claim("five")
+    assert len(leased) == 1  # reconnected in place, not replaced from the pool
+
+
 async def test_wait_and_claim_advances_now_by_the_time_the_server_waited(open_redis: OpenRedis) -> None:
     """A delayed task that falls due during the wait is leased when the wait ends: the claim's now is the
     caller's, advanced by the server-measured wait, and the lease moves with it (never ahead of real time)."""
