@@ -4,6 +4,7 @@ when one claim cannot take everything that is due."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any, cast
 
@@ -15,7 +16,9 @@ from redis.exceptions import ResponseError
 
 from lifecycle.asynctask import NewTask, TaskState
 from lifecycle.asynctask._backends.redis._codec import claimed_tasks, limits_args, time_text
-from lifecycle.asynctask._backends.redis._conn import RETRYABLE
+from lifecycle.asynctask._backends.redis._conn import RETRYABLE, SCRIPTS
+from lifecycle.asynctask._backends.redis._lua import PRELUDE
+from lifecycle.asynctask._backends.redis._lua_claim import PREPARE_WAIT_PRELUDE
 from lifecycle.asynctask._backends.redis._wait import Waiter
 from lifecycle.asynctask.redis import RedisBackend
 from tests.asynctask.redis.redis_servers import OpenRedis, RedisServer, delete_prefix, until_blocked
@@ -620,3 +623,29 @@ async def test_a_claim_behind_a_wait_measures_only_from_the_start_stored_for_its
     assert claimed[0].record.started_at == pytest.approx(now, abs=1e-6)
     assert claimed[0].record.lease_until == pytest.approx(now + 30, abs=1e-6)
     assert not await runner.client.exists(began[1:])  # used once (here: dropped)
+
+
+def _lua_names(source: str) -> set[str]:
+    """The identifiers of Lua ``source``, its comments and string literals left out."""
+    source = re.sub(r"--[^\n]*", "", source)
+    source = re.sub(r"'(?:[^'\\\n]|\\.)*'|\"(?:[^\"\\\n]|\\.)*\"", "''", source)
+    return set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", source))
+
+
+def test_prepare_wait_carries_the_lines_of_the_prelude_it_uses_and_not_the_rest() -> None:
+    """prepare_wait runs before every wait: it is sent with the few prelude lines it uses (copied verbatim,
+    so its keys are the other scripts' keys), not the whole prelude, whose definitions cost the server about
+    as much time per call as the script itself."""
+    source = SCRIPTS["prepare_wait"].source
+    assert PRELUDE not in source
+    assert source.startswith(PREPARE_WAIT_PRELUDE)
+    prelude_lines = PRELUDE.splitlines()
+    for line in PREPARE_WAIT_PRELUDE.strip().splitlines():
+        assert line in prelude_lines
+    defined = set(re.findall(r"^local function (\w+)", PRELUDE, re.MULTILINE))
+    for names in re.findall(r"^local ([\w, ]+?) =", PRELUDE, re.MULTILINE):
+        defined.update(name.strip() for name in names.split(","))
+    carried = set(re.findall(r"^local function (\w+)", PREPARE_WAIT_PRELUDE, re.MULTILINE)) | {"P"}
+    body = source.removeprefix(PREPARE_WAIT_PRELUDE)
+    assert (_lua_names(body) & defined) <= carried
+    assert _lua_names(body) & defined  # the check above looked at the names it should
