@@ -258,12 +258,12 @@ async def test_wait_and_claim_keeps_its_connection_and_replaces_one_left_dirty_o
     producer = await open_redis()
     waiter = backend._waiting
     assert waiter is not None
-    pool = cast("aioredis.Redis", waiter._client).connection_pool
+    pool = waiter._client.connection_pool
     real = pool.get_connection
     leased: list[object] = []
 
     async def counted(*args: Any, **kwargs: Any) -> Any:
-        connection = await real(*args, **kwargs)
+        connection = await real(*args, **kwargs)  # type: ignore[no-untyped-call]
         leased.append(connection)
         return connection
 
@@ -283,6 +283,7 @@ async def test_wait_and_claim_keeps_its_connection_and_replaces_one_left_dirty_o
         await claim(task_id)
     assert len(leased) == 1  # the first wait leased it; the others found it kept
     kept = waiter._kept
+    assert kept is not None
     assert kept is leased[0]
     await kept.send_command("PING")  # a reply left unread: the next wait must not take it for its own
     with anyio.fail_after(PROMPT):
