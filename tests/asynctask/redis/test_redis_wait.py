@@ -19,7 +19,7 @@ from lifecycle.asynctask._backends.redis._codec import claimed_tasks, limits_arg
 from lifecycle.asynctask._backends.redis._conn import RETRYABLE, SCRIPTS
 from lifecycle.asynctask._backends.redis._lua import PRELUDE
 from lifecycle.asynctask._backends.redis._lua_claim import PREPARE_WAIT_PRELUDE
-from lifecycle.asynctask._backends.redis._wait import Waiter
+from lifecycle.asynctask._backends.redis._wait import Waiter, _Ringer
 from lifecycle.asynctask.redis import RedisBackend
 from tests.asynctask.redis.redis_servers import OpenRedis, RedisServer, delete_prefix, until_blocked
 
@@ -650,3 +650,38 @@ def test_prepare_wait_carries_the_lines_of_the_prelude_it_uses_and_not_the_rest(
     body = source.removeprefix(PREPARE_WAIT_PRELUDE)
     assert (_lua_names(body) & defined) <= carried
     assert _lua_names(body) & defined  # the check above looked at the names it should
+
+
+async def test_a_wait_whose_blpop_reply_comes_with_prepare_waits_starts_no_ringer(
+    open_redis: OpenRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prepare_wait found nothing due, but the BLPOP returned at once (here: a list it waits on holds an item;
+    in a worker, an enqueue that got in between): its reply and the claim's come with prepare_wait's, so no
+    ringer task is made, started and cancelled for a wait that never blocks. A BLPOP that blocks still gets
+    its ringer (the tests above: its timeout and ``woken`` ring the alarm)."""
+    backend = await open_redis()
+    waiter = backend._waiting
+    assert waiter is not None
+    extra = f"{backend.key_prefix}extra"
+    keys = Waiter._keys
+    monkeypatch.setattr(Waiter, "_keys", lambda self, names: [extra, *keys(self, names)])
+    started: list[float] = []
+    ring = _Ringer.ring
+
+    def counted(self: _Ringer, woken: anyio.Event, pause: float) -> Any:
+        started.append(pause)
+        return ring(self, woken, pause)
+
+    monkeypatch.setattr(_Ringer, "ring", counted)
+    runner = backend._run()
+    for _ in range(3):
+        await runner.client.rpush(extra, b"x")
+        now = time.time()
+        with anyio.fail_after(PROMPT):
+            claimed = await backend.wait_and_claim(
+                ["default"], 5, now=now, lease_until=now + 30, timeout=120, woken=anyio.Event()
+            )
+        assert claimed == []
+        assert await runner.client.llen(extra) == 0  # the BLPOP took the item: it returned at once
+    assert started == []
+    assert not waiter._ringers

@@ -178,7 +178,8 @@ class Waiter:
     ) -> Any:
         """Write prepare_wait, the BLPOP and the claim at once on one connection of the blocking pool, then
         read the three replies in this task (so the task that ended the wait is returned without a hop between
-        tasks), while a ringer task rings the alarm at the end of the wait or when ``woken`` is set. Returns
+        tasks), while a ringer task (started once the read waits) rings the alarm at the end of the wait or
+        when ``woken`` is set. Returns
         the claim's reply. An error reply to prepare_wait ends the BLPOP at once and the claim's reply is read
         still: what it leased is returned, or, when it leased nothing, the error is raised. On any other
         exception before all three replies are read the connection is closed, so the server drops a claim
@@ -186,7 +187,7 @@ class Waiter:
         pool = self._client.connection_pool
         connection = await self._lease(pool)
         ringer: _Ringer | None = None
-        task: asyncio.Task[None] | None = None
+        start: asyncio.Handle | None = None
         owed = 0  # replies written for and not read yet
         try:
             now, written = commands()
@@ -223,9 +224,11 @@ class Waiter:
                 reading = anyio.CancelScope(deadline=anyio.current_time() + self._socket_timeout)
             else:
                 ringer = _Ringer(self._runner, self._alarm, self._socket_timeout)
-                task = asyncio.get_running_loop().create_task(ringer.ring(woken, pause))
-                self._ringers.add(task)
-                task.add_done_callback(self._ringers.discard)
+                # Started on the event loop's next turn, so only when the read below waits: when the BLPOP's
+                # reply came in with prepare_wait's (the wait ended at once: an enqueue got in just before
+                # it), the reads take the replies without yielding and no ringer task is made, started and
+                # cancelled (about as much CPU as decoding the claimed task).
+                start = asyncio.get_running_loop().call_soon(self._start_ringer, ringer, woken, pause)
                 reading = ringer.reading
             with reading:
                 try:
@@ -260,10 +263,19 @@ class Waiter:
                 await pool.release(connection)
             if ringer is not None:
                 ringer.replied.set()
-                if task is not None and not ringer.ringing:
-                    task.cancel()  # else it ends once its LPUSH is answered (cancelling drops a connection)
+                if start is not None:
+                    start.cancel()  # no effect once it has run
+                if ringer.task is not None and not ringer.ringing:
+                    # (A ringing one ends once its LPUSH is answered: cancelling it would drop a connection.)
+                    ringer.task.cancel()
         # Reached only when the reply did not come in time: the connection is dropped, the caller repeats.
         raise TimeoutError("no reply from Redis to a claim sent behind a wait")
+
+    def _start_ringer(self, ringer: _Ringer, woken: anyio.Event, pause: float) -> None:
+        """Start ``ringer``'s task (held here until it ends: the loop keeps only a weak reference)."""
+        task = ringer.task = asyncio.get_running_loop().create_task(ringer.ring(woken, pause))
+        self._ringers.add(task)
+        task.add_done_callback(self._ringers.discard)
 
     async def _lease(self, pool: aioredis.ConnectionPool) -> AbstractConnection:
         """The kept connection when it is still connected with nothing unread (what the pool's
@@ -351,6 +363,7 @@ class _Ringer:
         self.reading = anyio.CancelScope()
         self.replied = anyio.Event()
         self.ringing = False
+        self.task: asyncio.Task[None] | None = None  # once started
 
     async def ring(self, woken: anyio.Event, pause: float) -> None:
         """Wait ``pause`` seconds or for ``woken``; then ring, and give the reply ``socket_timeout``."""
