@@ -297,7 +297,8 @@ class Waiter:
             if not clean:
                 await pool.ensure_connection(connection)
         except BaseException:
-            await pool.release(connection)
+            with anyio.CancelScope(shield=True):  # back to the pool also when cancelled
+                await pool.release(connection)
             raise
         return connection
 
