@@ -505,6 +505,8 @@ local function take(q)
         end
       end
     end
+    -- A short page was the set's end (this call only removes members, at its end): no ZRANGE to find it.
+    if #page < want then break end
   end
   bulk('ZREM', rk, removed)
   bulk('ZREM', pk, unpending)
