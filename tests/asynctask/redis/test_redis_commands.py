@@ -162,6 +162,24 @@ async def test_a_claim_without_limits_reads_no_running_counts_and_logs_in_one_co
     assert await admin.llen(f"{backend.key_prefix}w:default") == 1, "another worker is woken for the rest"
 
 
+async def test_a_claim_that_empties_the_ready_set_reads_it_once(
+    backend: RedisBackend, admin: aioredis.Redis
+) -> None:
+    """An idle worker's claim finds the one task just enqueued: the short page its ZRANGE read was the ready
+    set's end, so no second ZRANGE looks past it."""
+    await backend.enqueue_many([_task("only")])
+    before = await _counts(admin)
+    claimed = await backend.claim(["default"], 5, now=T0 + 1, lease_until=T0 + 31)
+    assert [c.record.id for c in claimed] == ["only"]
+    ran = await _ran(admin, before)
+    assert ran["zrange"] == 1, ran
+    await backend.enqueue_many([_task(f"t{n}") for n in range(40)])
+    claimed = await backend.claim(["default"], 30, now=T0 + 1, lease_until=T0 + 31)
+    assert [c.record.id for c in claimed] == [f"t{n}" for n in range(30)]
+    claimed = await backend.claim(["default"], 30, now=T0 + 1, lease_until=T0 + 31)
+    assert [c.record.id for c in claimed] == [f"t{n}" for n in range(30, 40)]
+
+
 async def test_a_claim_with_limits_still_counts_the_running_tasks(backend: RedisBackend) -> None:
     """The running sets a limit asks about are counted (once per call, when first needed), by name and key."""
     tasks = [

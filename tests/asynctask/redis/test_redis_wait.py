@@ -4,6 +4,7 @@ when one claim cannot take everything that is due."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any, cast
 
@@ -15,8 +16,10 @@ from redis.exceptions import ResponseError
 
 from lifecycle.asynctask import NewTask, TaskState
 from lifecycle.asynctask._backends.redis._codec import claimed_tasks, limits_args, time_text
-from lifecycle.asynctask._backends.redis._conn import RETRYABLE
-from lifecycle.asynctask._backends.redis._wait import Waiter
+from lifecycle.asynctask._backends.redis._conn import RETRYABLE, SCRIPTS, unread_check
+from lifecycle.asynctask._backends.redis._lua import PRELUDE
+from lifecycle.asynctask._backends.redis._lua_claim import PREPARE_WAIT_PRELUDE
+from lifecycle.asynctask._backends.redis._wait import Waiter, _Ringer
 from lifecycle.asynctask.redis import RedisBackend
 from tests.asynctask.redis.redis_servers import OpenRedis, RedisServer, delete_prefix, until_blocked
 
@@ -243,6 +246,61 @@ async def test_a_task_enqueued_during_wait_and_claim_comes_back_in_its_one_round
         await admin.aclose()
         await producer.close()
         await backend.close()
+
+
+async def test_wait_and_claim_keeps_its_connection_and_replaces_one_left_dirty_or_closed(
+    open_redis: OpenRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Consecutive waits with a claim behind them use one connection kept out of the pool (no lease and
+    release per wait); a kept connection found with a reply unread is cleaned and one closed by the server
+    is reconnected, so no wait reads a reply that is not its own."""
+    backend = await open_redis()
+    producer = await open_redis()
+    waiter = backend._waiting
+    assert waiter is not None
+    pool = waiter._client.connection_pool
+    real = pool.get_connection
+    leased: list[object] = []
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        connection = await real(*args, **kwargs)  # type: ignore[no-untyped-call]
+        leased.append(connection)
+        return connection
+
+    monkeypatch.setattr(pool, "get_connection", counted)
+
+    async def claim(task_id: str) -> None:
+        now = time.time()
+        assert await producer.enqueue_many([_task(task_id, now=now - 1)]) == [task_id]
+        with anyio.fail_after(PROMPT):
+            claimed = await backend.wait_and_claim(
+                ["default"], 5, now=now, lease_until=now + 30, timeout=120, woken=anyio.Event()
+            )
+        assert claimed is not None
+        assert [c.record.id for c in claimed] == [task_id]
+
+    for task_id in ("one", "two", "three"):
+        await claim(task_id)
+    assert len(leased) == 1  # the first wait leased it; the others found it kept
+    kept = waiter._kept
+    assert kept is not None
+    assert kept is leased[0]
+    await kept.send_command("PING")  # a reply left unread: the next wait must not take it for its own
+    has_unread = unread_check(type(kept))  # can_read() on redis-py 8, can_read_destructive() before
+    with anyio.fail_after(PROMPT):
+        while not await has_unread(kept):
+            await anyio.sleep(0.001)
+    await claim("four")
+    assert waiter._kept is kept
+    await kept.send_command("CLIENT", "ID")
+    client_id = int(await kept.read_response())
+    admin = aioredis.Redis.from_url(backend._url)
+    try:
+        await admin.client_kill_filter(_id=str(client_id))  # closed by the server
+    finally:
+        await admin.aclose()
+    await claim("five")
+    assert len(leased) == 1  # reconnected in place, not replaced from the pool
 
 
 async def test_wait_and_claim_advances_now_by_the_time_the_server_waited(open_redis: OpenRedis) -> None:
@@ -567,3 +625,64 @@ async def test_a_claim_behind_a_wait_measures_only_from_the_start_stored_for_its
     assert claimed[0].record.started_at == pytest.approx(now, abs=1e-6)
     assert claimed[0].record.lease_until == pytest.approx(now + 30, abs=1e-6)
     assert not await runner.client.exists(began[1:])  # used once (here: dropped)
+
+
+def _lua_names(source: str) -> set[str]:
+    """The identifiers of Lua ``source``, its comments and string literals left out."""
+    source = re.sub(r"--[^\n]*", "", source)
+    source = re.sub(r"'(?:[^'\\\n]|\\.)*'|\"(?:[^\"\\\n]|\\.)*\"", "''", source)
+    return set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", source))
+
+
+def test_prepare_wait_carries_the_lines_of_the_prelude_it_uses_and_not_the_rest() -> None:
+    """prepare_wait runs before every wait: it is sent with the few prelude lines it uses (copied verbatim,
+    so its keys are the other scripts' keys), not the whole prelude, whose definitions cost the server about
+    as much time per call as the script itself."""
+    source = SCRIPTS["prepare_wait"].source
+    assert PRELUDE not in source
+    assert source.startswith(PREPARE_WAIT_PRELUDE)
+    prelude_lines = PRELUDE.splitlines()
+    for line in PREPARE_WAIT_PRELUDE.strip().splitlines():
+        assert line in prelude_lines
+    defined = set(re.findall(r"^local function (\w+)", PRELUDE, re.MULTILINE))
+    for names in re.findall(r"^local ([\w, ]+?) =", PRELUDE, re.MULTILINE):
+        defined.update(name.strip() for name in names.split(","))
+    carried = set(re.findall(r"^local function (\w+)", PREPARE_WAIT_PRELUDE, re.MULTILINE)) | {"P"}
+    body = source.removeprefix(PREPARE_WAIT_PRELUDE)
+    assert (_lua_names(body) & defined) <= carried
+    assert _lua_names(body) & defined  # the check above looked at the names it should
+
+
+async def test_a_wait_whose_blpop_reply_comes_with_prepare_waits_starts_no_ringer(
+    open_redis: OpenRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prepare_wait found nothing due, but the BLPOP returned at once (here: a list it waits on holds an item;
+    in a worker, an enqueue that got in between): its reply and the claim's come with prepare_wait's, so no
+    ringer task is made, started and cancelled for a wait that never blocks. A BLPOP that blocks still gets
+    its ringer (the tests above: its timeout and ``woken`` ring the alarm)."""
+    backend = await open_redis()
+    waiter = backend._waiting
+    assert waiter is not None
+    extra = f"{backend.key_prefix}extra"
+    keys = Waiter._keys
+    monkeypatch.setattr(Waiter, "_keys", lambda self, names: [extra, *keys(self, names)])
+    started: list[float] = []
+    ring = _Ringer.ring
+
+    def counted(self: _Ringer, woken: anyio.Event, pause: float) -> Any:
+        started.append(pause)
+        return ring(self, woken, pause)
+
+    monkeypatch.setattr(_Ringer, "ring", counted)
+    runner = backend._run()
+    for _ in range(3):
+        await runner.client.rpush(extra, b"x")
+        now = time.time()
+        with anyio.fail_after(PROMPT):
+            claimed = await backend.wait_and_claim(
+                ["default"], 5, now=now, lease_until=now + 30, timeout=120, woken=anyio.Event()
+            )
+        assert claimed == []
+        assert await runner.client.llen(extra) == 0  # the BLPOP took the item: it returned at once
+    assert started == []
+    assert not waiter._ringers

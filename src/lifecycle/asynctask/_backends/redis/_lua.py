@@ -1039,12 +1039,13 @@ class LuaScript:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
-def script(name: str, body: str, **numbers: int) -> LuaScript:
-    """The script ``name``: the shared prelude followed by ``body``, with ``%(name)d`` placeholders filled
-    from ``numbers`` (``ttl``, the claim call log's lifetime, is always given)."""
+def script(name: str, body: str, *, prelude: str = PRELUDE, **numbers: int) -> LuaScript:
+    """The script ``name``: the shared prelude (or the part of it given as ``prelude``) followed by ``body``,
+    with ``%(name)d`` placeholders filled from ``numbers`` (``ttl``, the claim call log's lifetime, is always
+    given)."""
     for placeholder, value in {"ttl": CALL_LOG_TTL, **numbers}.items():
         body = body.replace(f"%({placeholder})d", str(value))
-    return LuaScript(name, PRELUDE + body)
+    return LuaScript(name, prelude + body)
 
 
 WORKER_SCRIPTS: dict[str, LuaScript] = {

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from ._lua import LAYOUT_VERSION, LuaScript, script
 
-__all__ = ["CLAIM_SCRIPTS", "EXPIRE_BOUND", "MOVE_BOUND", "SCAN_BOUND"]
+__all__ = ["CLAIM_SCRIPTS", "EXPIRE_BOUND", "MOVE_BOUND", "PREPARE_WAIT_PRELUDE", "SCAN_BOUND"]
 
 SCAN_BOUND = 1000
 """Besides the tasks it leases, a claim call examines or moves at most this many ready or parked entries
@@ -505,6 +505,8 @@ local function take(q)
         end
       end
     end
+    -- A short page was the set's end (this call only removes members, at its end): no ZRANGE to find it.
+    if #page < want then break end
   end
   bulk('ZREM', rk, removed)
   bulk('ZREM', pk, unpending)
@@ -545,6 +547,16 @@ if n > 0 then
 end
 notified()
 return out
+"""
+
+# The lines of the prelude prepare_wait uses (verbatim; test_redis_wait checks them): it runs before every
+# wait of an idle worker, and defining the whole prelude's functions and tables on each call cost the server
+# about as much time as the rest of the script (the single enqueue's script leaves the prelude out too).
+PREPARE_WAIT_PRELUDE = """
+local P = ARGV[1]
+local function ready(q) return P .. 'rd:' .. q end
+local function delayed(q) return P .. 'dl:' .. q end
+local function enc(s) return #s .. ':' .. s end
 """
 
 # ARGV: P, alarm key, the caller's now ('' for a plain wait), then the time and what of a due thing the
@@ -704,7 +716,7 @@ return %(version)d
 def _claim_scripts() -> dict[str, LuaScript]:
     found = (
         script("claim", _CLAIM, scan=SCAN_BOUND, moves=MOVE_BOUND, sweeps=EXPIRE_BOUND),
-        script("prepare_wait", _PREPARE_WAIT, kept=3700),
+        script("prepare_wait", _PREPARE_WAIT, prelude=PREPARE_WAIT_PRELUDE, kept=3700),
         script("pause", _PAUSE),
         script("resume", _RESUME),
         script("flow_state", _FLOW_STATE),

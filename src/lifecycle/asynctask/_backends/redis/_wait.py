@@ -22,11 +22,14 @@ from typing import Any, cast
 
 import anyio
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...._redact import library_logger
 from ._codec import time_text
-from ._conn import RETRYABLE, ScriptRunner, close_clients
+from ._conn import RETRYABLE, ScriptRunner, close_clients, unread_check
 
 __all__ = ["Waiter", "until_set"]
 
@@ -38,7 +41,12 @@ LONGEST_WAIT = 3600.0
 
 class Waiter:
     """Waits for work for one backend object: its blocking connection, its alarm key, and the due task it
-    reported last (so a caller that cannot claim it does not spin)."""
+    reported last (so a caller that cannot claim it does not spin).
+
+    The connection a wait with a claim behind it used is kept leased from the blocking client's pool (which
+    has no size limit) for the next one, and checked as the pool checks a connection it hands out: an idle
+    worker waits once per task, and redis-py's pool takes a lock and runs its metrics hooks on every lease
+    and release, about as much client CPU as writing the wait itself."""
 
     def __init__(
         self,
@@ -59,6 +67,9 @@ class Waiter:
         # Ringer tasks still running: the event loop keeps only a weak reference to a task, and a ringer may
         # outlive its call (it ends once its LPUSH is answered).
         self._ringers: set[asyncio.Task[None]] = set()
+        self._kept: AbstractConnection | None = None  # leased from the pool, clean, not in use
+        pool = getattr(client, "connection_pool", None)
+        self._has_unread = unread_check(pool.connection_class) if pool is not None else None
 
     def claimed(self) -> None:
         """The backend leased tasks: due work seen from now on is news again."""
@@ -167,15 +178,16 @@ class Waiter:
     ) -> Any:
         """Write prepare_wait, the BLPOP and the claim at once on one connection of the blocking pool, then
         read the three replies in this task (so the task that ended the wait is returned without a hop between
-        tasks), while a ringer task rings the alarm at the end of the wait or when ``woken`` is set. Returns
+        tasks), while a ringer task (started once the read waits) rings the alarm at the end of the wait or
+        when ``woken`` is set. Returns
         the claim's reply. An error reply to prepare_wait ends the BLPOP at once and the claim's reply is read
         still: what it leased is returned, or, when it leased nothing, the error is raised. On any other
         exception before all three replies are read the connection is closed, so the server drops a claim
         still queued behind the BLPOP and no later use of the connection reads a stale reply."""
         pool = self._client.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        connection = await self._lease(pool)
         ringer: _Ringer | None = None
-        task: asyncio.Task[None] | None = None
+        start: asyncio.Handle | None = None
         owed = 0  # replies written for and not read yet
         try:
             now, written = commands()
@@ -212,9 +224,11 @@ class Waiter:
                 reading = anyio.CancelScope(deadline=anyio.current_time() + self._socket_timeout)
             else:
                 ringer = _Ringer(self._runner, self._alarm, self._socket_timeout)
-                task = asyncio.get_running_loop().create_task(ringer.ring(woken, pause))
-                self._ringers.add(task)
-                task.add_done_callback(self._ringers.discard)
+                # Started on the event loop's next turn, so only when the read below waits: when the BLPOP's
+                # reply came in with prepare_wait's (the wait ended at once: an enqueue got in just before
+                # it), the reads take the replies without yielding and no ringer task is made, started and
+                # cancelled (about as much CPU as decoding the claimed task).
+                start = asyncio.get_running_loop().call_soon(self._start_ringer, ringer, woken, pause)
                 reading = ringer.reading
             with reading:
                 try:
@@ -242,13 +256,51 @@ class Waiter:
                 # not run, and no later use of the connection reads these replies as its own.
                 with anyio.CancelScope(shield=True):
                     await connection.disconnect()
-            await pool.release(connection)
+                await pool.release(connection)
+            elif self._kept is None:
+                self._kept = connection  # every reply read: clean, for the next wait
+            else:
+                await pool.release(connection)
             if ringer is not None:
                 ringer.replied.set()
-                if task is not None and not ringer.ringing:
-                    task.cancel()  # else it ends once its LPUSH is answered (cancelling drops a connection)
+                if start is not None:
+                    start.cancel()  # no effect once it has run
+                if ringer.task is not None and not ringer.ringing:
+                    # (A ringing one ends once its LPUSH is answered: cancelling it would drop a connection.)
+                    ringer.task.cancel()
         # Reached only when the reply did not come in time: the connection is dropped, the caller repeats.
         raise TimeoutError("no reply from Redis to a claim sent behind a wait")
+
+    def _start_ringer(self, ringer: _Ringer, woken: anyio.Event, pause: float) -> None:
+        """Start ``ringer``'s task (held here until it ends: the loop keeps only a weak reference)."""
+        task = ringer.task = asyncio.get_running_loop().create_task(ringer.ring(woken, pause))
+        self._ringers.add(task)
+        task.add_done_callback(self._ringers.discard)
+
+    async def _lease(self, pool: aioredis.ConnectionPool) -> AbstractConnection:
+        """The kept connection when it is still connected with nothing unread (what the pool's
+        ``ensure_connection`` checks, asked directly: its ``connect()`` of an open connection goes through
+        redis-py's retry helper), else reconnected by the pool; or a connection from the pool when none is
+        kept (the first wait, or another one in progress)."""
+        connection, self._kept = self._kept, None
+        if connection is None:
+            return cast("AbstractConnection", await pool.get_connection())  # type: ignore[no-untyped-call]
+        try:
+            clean = False
+            if connection.is_connected and self._has_unread is not None:
+                try:
+                    clean = not await self._has_unread(connection)
+                except (RedisConnectionError, RedisTimeoutError, OSError):
+                    pass  # closed by the server: reconnected below
+                if not clean:
+                    await connection.disconnect()
+            if not clean:
+                await pool.ensure_connection(connection)
+        except BaseException:
+            with anyio.CancelScope(shield=True):  # back to the pool also when cancelled
+                await pool.release(connection)
+            raise
+        return connection
 
     async def block(self, keys: list[str], pause: float) -> None:
         """BLPOP ``keys`` for ``pause`` seconds; at the end of ``pause`` ring the alarm (one of ``keys``)."""
@@ -292,6 +344,10 @@ class Waiter:
                     await self._runner.client.delete(self._alarm, f"{self._alarm}:t")
                 except (RedisError, OSError):
                     pass
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            with anyio.CancelScope(shield=True):
+                await self._client.connection_pool.release(kept)
         await close_clients(self._client)
 
 
@@ -308,6 +364,7 @@ class _Ringer:
         self.reading = anyio.CancelScope()
         self.replied = anyio.Event()
         self.ringing = False
+        self.task: asyncio.Task[None] | None = None  # once started
 
     async def ring(self, woken: anyio.Event, pause: float) -> None:
         """Wait ``pause`` seconds or for ``woken``; then ring, and give the reply ``socket_timeout``."""
