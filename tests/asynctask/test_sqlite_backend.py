@@ -323,6 +323,18 @@ async def test_tasks_stored_in_clock_order_stay_out_of_the_listing_index(open_sq
     assert [r.id for r in await backend.list_records(limit=3, offset=1)] == ["e", "c", "b"]
 
 
+async def test_a_page_past_64_bit_integers_is_the_end_of_the_listing(open_sqlite: Factory) -> None:
+    # SQLite binds 64-bit integers: the page's window (limit + offset) of a huge limit or offset (a
+    # dashboard's ?offset=...) is clamped rather than raising OverflowError.
+    backend = await open_sqlite()
+    await backend.enqueue_many([task("a", now=1000.0), task("b", now=1001.0)])
+    huge = sys.maxsize
+    assert [r.id for r in await backend.list_records(limit=huge, offset=1)] == ["a"]
+    assert await backend.list_records(limit=100, offset=huge - 50) == []
+    assert await backend.list_records(limit=2**70, offset=2**70) == []
+    assert [r.id for r in await backend.list_records(states={TaskState.PENDING}, limit=2**70)] == ["b", "a"]
+
+
 async def test_a_groups_then_stored_after_later_tasks_is_listed_by_its_enqueued_at(
     open_sqlite: Factory,
 ) -> None:

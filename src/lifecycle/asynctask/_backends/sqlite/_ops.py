@@ -1057,6 +1057,9 @@ def _by_state(
     return " UNION ALL ".join(arms), arm_params
 
 
+_MAX_INT = 2**63 - 1
+
+
 def list_records(
     connection: sqlite3.Connection,
     states: Collection[TaskState] | None,
@@ -1066,7 +1069,8 @@ def list_records(
 ) -> list[TaskRecord]:
     """Records matching the filters, newest ``enqueued_at`` first; a record in no known state is listed as
     dead, as it is read (until recovery makes it dead for good)."""
-    limit, offset = max(limit, 0), max(offset, 0)
+    # SQLite binds 64-bit integers: a larger page (a dashboard's ?offset=...) is the table's end.
+    limit, offset = min(max(limit, 0), _MAX_INT), min(max(offset, 0), _MAX_INT)
     if states is not None and TaskState.DEAD not in states:
         # Each state from its own index, then sorted (the records in no known state are listed only as dead)
         clauses, params = _filters(None, queue)
@@ -1089,7 +1093,8 @@ def list_records(
             f"lifecycle_tasks_unordered{unordered} ORDER BY enqueued_at DESC, seq DESC LIMIT ?)) "
             "ORDER BY enqueued_at DESC, seq DESC LIMIT ? OFFSET ?) ORDER BY enqueued_at DESC, seq DESC"
         )
-        params = [*params, limit + offset, *params, limit + offset, limit, offset]
+        window = min(limit + offset, _MAX_INT)
+        params = [*params, window, *params, window, limit, offset]
     rows = connection.execute(query, params).fetchall()
     return [record_from_row(row) for row in rows]
 
