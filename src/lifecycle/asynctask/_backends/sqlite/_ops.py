@@ -64,12 +64,13 @@ _CHUNK = 500
 _PENDING = TaskState.PENDING.value
 _ACTIVE = TaskState.ACTIVE.value
 
-# ?7 is enqueued_at, read twice (see NEWEST_SO_FAR).
+# The last parameter is enqueued_at again (see NEWEST_SO_FAR and _new_task_row): numbered parameters (?7)
+# given a sequence are deprecated by some Python versions' sqlite3 (a DeprecationWarning on 3.12.1).
 _INSERT = (
     "INSERT INTO lifecycle_tasks (id, name, queue, payload, state, attempts, max_retries, timeout, "
     "enqueued_at, run_at, meta, priority, concurrency_key, expires_at, group_id, newest_enqueued) "
-    "VALUES (?1, ?2, ?3, ?4, 'pending', 0, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, "
-    f"{NEWEST_SO_FAR.format('?7')})"
+    "VALUES (?, ?, ?, ?, 'pending', 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+    f"{NEWEST_SO_FAR.format('?')})"
 )
 _INSERT_OR_SKIP = _INSERT + " ON CONFLICT (id) DO NOTHING"
 
@@ -283,6 +284,7 @@ def _new_task_row(task: NewTask) -> tuple[Any, ...]:
         task.concurrency_key,
         task.expires_at,
         task.group_id,
+        task.enqueued_at,
     )
 
 

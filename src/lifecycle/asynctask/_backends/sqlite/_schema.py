@@ -102,7 +102,7 @@ NOT_LISTED_BY_SEQ = "enqueued_at IS NOT newest_enqueued"
 #: it reads anything, so two inserts (of any processes) never read the same last row.
 NEWEST_SO_FAR = (
     "max({0}, coalesce((SELECT newest_enqueued FROM lifecycle_tasks WHERE newest_enqueued IS NOT NULL "
-    "ORDER BY seq DESC LIMIT 1), {0}))"
+    "ORDER BY seq DESC LIMIT 1), -1e999))"
 )
 
 #: ``UPDATE ... RETURNING`` needs SQLite 3.35.
