@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import cProfile
 import dataclasses
+import pstats
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import anyio
+import anyio.lowlevel
 
 from lifecycle.asynctask import (
     AsyncTasks,
@@ -464,3 +467,51 @@ async def check_concurrent_enqueues_on(backend: Backend) -> None:
 
 async def test_concurrent_enqueues_on_sqlite(tmp_path: Path) -> None:
     await check_concurrent_enqueues_on(SQLiteBackend(tmp_path / "tasks.db"))
+
+
+class RoundTripBackend(MemoryBackend):
+    """A memory backend whose ``enqueue_many`` yields to the event loop once first, as a round trip does, so
+    that the callers arriving meanwhile wait for the next batch; ``sizes`` are the sizes of its batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    async def enqueue_many(
+        self, tasks: Sequence[NewTask], *, if_exists: Literal["error", "skip", "debounce"] = "error"
+    ) -> list[str]:
+        self.sizes.append(len(tasks))
+        await anyio.lowlevel.checkpoint()
+        return await super().enqueue_many(tasks, if_exists=if_exists)
+
+
+async def test_waiting_callers_are_woken_without_events() -> None:
+    """A caller waiting for its batch waits on a bare future of its own (asyncio) or is parked and
+    rescheduled (trio), not on an ``anyio.Event`` (two coroutine layers and an ``asyncio.Event`` or
+    ``trio.Event`` of bookkeeping per caller): no event is made, waited on or set for the callers."""
+    backend = RoundTripBackend()
+    tasks = make(backend)
+    profiler = cProfile.Profile()
+    async with tasks:
+
+        async def producer(first: int) -> None:
+            for value in range(first, first + 5):
+                await tasks.enqueue(echo, value)
+
+        profiler.enable()
+        async with anyio.create_task_group() as group:
+            for first in range(0, 200, 5):
+                group.start_soon(producer, first)
+        profiler.disable()
+    assert sum(backend.sizes) == 200
+    assert max(backend.sizes) > 1  # the callers did wait for batches
+    events = {
+        name: calls
+        for (path, _, name), (_, calls, _, _, _) in pstats.Stats(profiler).stats.items()  # type: ignore[attr-defined]
+        if (name in ("wait", "set") and path.endswith(("asyncio/locks.py", "trio/_sync.py")))
+        or (name == "__new__" and path.endswith("anyio/_core/_synchronization.py"))
+    }
+    producers = 40  # anyio's task group makes and sets an event of its own for each task it starts
+    assert events.get("wait", 0) == 0, events
+    assert events.get("__new__", 0) <= producers, events
+    assert events.get("set", 0) <= producers, events

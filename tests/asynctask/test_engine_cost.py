@@ -72,3 +72,46 @@ async def test_a_plain_drain_makes_few_engine_calls_per_task() -> None:
     assert per_task <= ENGINE_CALLS_PER_TASK, f"{per_task:.2f} engine calls per task: {top}"
     tracing = sum(calls for where, calls in counts.items() if where.startswith("_tracing.py"))
     assert tracing <= TASKS / 8, f"the tracing check ran {tracing} times for {TASKS} tasks: {top}"
+
+
+ENQUEUE_CALLS = 16.0
+"""Per awaited single enqueue by name on a ``MemoryBackend`` (whose one checkpoint resumes the two
+coroutines of the call once more): ``enqueue`` and the coalescer (two each), building the task (the
+registry look-up, the argument check and its predicate, the payload's text, the id, ``NewTask``), the
+tracing check and the note that it was stored. It was 21 before the name check, the coalescer's
+hand-off to the backend and the payload's error path stopped being calls of their own."""
+
+_ENQUEUE_PATH = (
+    *_ENGINE,
+    "/asynctask/_async_tasks.py",
+    "/asynctask/_coalesce.py",
+    "/asynctask/_enqueue.py",
+    "/asynctask/_typecheck.py",
+    "/lifecycle/_checks.py",
+)
+
+
+async def test_a_single_enqueue_makes_few_engine_calls() -> None:
+    tasks = AsyncTasks(MemoryBackend(), execution=False)
+
+    async def noop(index: int) -> None:
+        pass
+
+    tasks.register(noop, name="noop")
+    profiler = cProfile.Profile()
+    async with tasks:
+        await tasks.enqueue("noop", -1)  # the coalescer exists
+        profiler.enable()
+        for index in range(TASKS):
+            await tasks.enqueue("noop", index)
+        profiler.disable()
+    counts = {
+        f"{path.rsplit('/lifecycle/', 1)[-1]}:{name}": calls
+        for (path, _, name), (_, calls, _, _, _) in pstats.Stats(profiler).stats.items()  # type: ignore[attr-defined]
+        if any(part in path for part in _ENQUEUE_PATH) or path == "<string>"  # <string>: new_task
+    }
+    per_call = sum(counts.values()) / TASKS
+    top = ", ".join(
+        f"{where} {calls / TASKS:.2f}" for where, calls in sorted(counts.items(), key=lambda i: -i[1])
+    )
+    assert per_call <= ENQUEUE_CALLS, f"{per_call:.2f} engine calls per enqueue: {top}"

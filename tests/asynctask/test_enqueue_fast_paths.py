@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lifecycle.asynctask import AsyncTasks, Call, JSONEncoding, MemoryBackend, NewTask
+from lifecycle._checks import check_name
+from lifecycle.asynctask import AsyncTasks, Call, JSONEncoding, MemoryBackend, NewTask, _enqueue
 from lifecycle.asynctask._encoding import _plain_tuple_text
 from lifecycle.asynctask._enqueue import build_plain_task, build_task, build_tasks, new_task_ids
 from lifecycle.asynctask._records import new_task
@@ -247,3 +248,38 @@ def test_a_batch_resolves_each_target_once() -> None:
     built = build_tasks(calls, 100.0, registry, tasks._encoding, new_task_ids(len(calls)))
     assert [task.queue for task in built] == ["default"] * 5 + ["other"]
     assert looked_up == [echo, echo]  # once for the five plain calls, once for the call with an option
+
+
+def test_a_name_registered_under_itself_is_not_checked_again_and_any_other_name_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The single enqueue's shortcut takes a name found under itself in the registry as checked (register
+    checked it); a name found only as a script's ``__main__.`` alias, or not at all, is checked as before."""
+    tasks = _tasks()
+
+    def scripted(value: int) -> int:
+        return value
+
+    scripted.__module__ = "__main__"  # as defined at the top of a script: also found as "__main__.scripted"
+    scripted.__qualname__ = "scripted"
+    tasks.register(scripted)
+    alias = f"__main__.{scripted.__qualname__}"
+    assert tasks._registry.get(alias) is not None
+    checked: list[object] = []
+
+    def counting(value: object, what: str) -> str:
+        checked.append(value)
+        return check_name(value, what)
+
+    monkeypatch.setattr(_enqueue, "check_name", counting)
+    registry, encoding = tasks._registry, tasks._encoding
+    assert build_plain_task("echo", (1,), 100.0, registry, encoding).name == "echo"
+    assert build_plain_task(echo, (1,), 100.0, registry, encoding).name == "echo"
+    assert checked == []
+    assert build_plain_task(alias, (1,), 100.0, registry, encoding).name == alias
+    assert build_plain_task("elsewhere", (1,), 100.0, registry, encoding).name == "elsewhere"
+    assert checked == [alias, "elsewhere"]
+    with pytest.raises(ValueError, match="must not contain NUL"):
+        build_plain_task("else\x00where", (1,), 100.0, registry, encoding)
+    with pytest.raises(ValueError, match="non-empty"):
+        build_plain_task("", (1,), 100.0, registry, encoding)

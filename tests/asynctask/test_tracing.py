@@ -27,6 +27,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from lifecycle import Backoff
 from lifecycle.asynctask import AsyncTasks, Call, MemoryBackend, TaskContext, TaskState, backend_from_url
+from lifecycle.asynctask._tracing import current_trace
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -118,6 +119,29 @@ async def test_enqueue_stores_the_current_span_as_w3c_traceparent(exporter: InMe
         other = await tasks.backend.get(untraced)
         assert other is not None
         assert other.meta is None
+
+
+def test_with_an_empty_context_the_current_span_is_not_looked_up(
+    exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Most enqueues run with OpenTelemetry imported (redis-py 8 imports it) and nothing in its context:
+    ``current_trace`` sees the empty context and stops there, without ``get_current_span``; with a span
+    current it still reads the span and stores its context."""
+    looked_up: list[object] = []
+    get_current_span = trace.get_current_span
+
+    def counting(context: Any = None) -> Any:
+        looked_up.append(context)
+        return get_current_span(context)
+
+    monkeypatch.setattr(trace, "get_current_span", counting)
+    assert current_trace() is None
+    assert looked_up == []
+    with tracer().start_as_current_span("request"):
+        carrier = current_trace()
+    assert carrier is not None
+    assert "traceparent" in carrier
+    assert looked_up  # ours (and the propagator's)
 
 
 async def test_without_a_tracer_provider_nothing_is_stored_or_traced(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -586,20 +586,17 @@ class AsyncTasks:
         self._check_open("enqueue")
         coalescer = self._coalescers.get(if_exists)
         if coalescer is None:
-            coalescer = self._coalescers[if_exists] = EnqueueCoalescer(
-                functools.partial(self._send_batch, if_exists), stored=self._stored
+            backend = self._backend
+            send = (  # the backend's own method (no frame of ours between the coalescer and the backend)
+                backend.enqueue_many
+                if if_exists == "error"
+                else functools.partial(backend.enqueue_many, **_mode(if_exists))
             )
+            coalescer = self._coalescers[if_exists] = EnqueueCoalescer(send, stored=self._stored)
         try:
             return await coalescer.enqueue(task)
         except DuplicateTaskError as exc:
             raise _explained(exc, [task]) from None
-
-    def _send_batch(self, if_exists: str, tasks: builtins.list[NewTask]) -> Awaitable[builtins.list[str]]:
-        """The backend's store of a coalesced batch of single enqueues, in one call (the coalescer awaits
-        it, then calls ``_stored``)."""
-        if if_exists == "error":
-            return self._backend.enqueue_many(tasks)
-        return self._backend.enqueue_many(tasks, **_mode(if_exists))
 
     async def enqueue_many(
         self, calls: Iterable[Call], *, connection: object | None = None
@@ -1406,7 +1403,9 @@ class AsyncTasks:
                 now = self._clock()
             if any(task.run_at <= now for task in tasks):
                 worker.wake()
-        self._notify_changed()
+        changed, self._changed = self._changed, None  # what _notify_changed does, without its call
+        if changed is not None:
+            changed.set()
 
     def _notify_changed(self) -> None:
         changed, self._changed = self._changed, None

@@ -21,7 +21,9 @@ task alone is cancelled as a plain enqueue is.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import anyio
 
@@ -39,25 +41,52 @@ _WAITING, _SENT, _DONE = "waiting", "sent", "done"
 class _Waiter:
     """One caller's task and, once its batch is back, its outcome.
 
-    ``woken`` is the event the caller waits on: an event of its own when it arrived first in line (it is
-    likely to send the next batch), else the one event shared by the callers that arrived behind it while a
-    batch was in flight (one event per batch instead of one per caller). A caller woken by a shared event
-    for another's sake (another became the sender, or a batch it was not taken into came back) waits again.
+    The caller waits to be woken once: when it is to send the next batch (``lead``), or when its outcome is
+    in. Under asyncio it waits on a bare future of its own (what an ``asyncio.Event`` makes for each of its
+    waiters, without the event's bookkeeping and the two coroutine layers of ``anyio.Event.wait``); under
+    trio its task is parked and rescheduled (what a ``trio.Event`` does for each of its waiters).
     """
 
-    __slots__ = ("error", "lead", "result", "state", "task", "woken")
+    __slots__ = ("error", "future", "lead", "parked", "result", "state", "task")
 
-    def __init__(self, task: NewTask, woken: anyio.Event) -> None:
+    def __init__(self, task: NewTask, loop: asyncio.AbstractEventLoop | None) -> None:
         self.task = task
-        self.woken = woken  # set when this caller leads the next batch, or when its outcome is in
         self.state = _WAITING
         self.lead = False
         self.result: str | None = None
         self.error: BaseException | None = None
+        self.future: asyncio.Future[None] | None = None if loop is None else loop.create_future()
+        self.parked: Any = None  # trio: the caller's task while it waits
+
+    def wake(self) -> None:
+        """Wake the caller (a second call, or one after its cancellation, does nothing)."""
+        future = self.future
+        if future is not None:
+            if not future.done():  # done: cancelled with its caller, or woken already
+                future.set_result(None)
+            return
+        parked, self.parked = self.parked, None
+        if parked is not None:
+            import trio
+
+            trio.lowlevel.reschedule(parked)
+
+    async def park(self) -> None:
+        """Wait under trio until :meth:`wake` (unless woken already); a cancellation ends the wait."""
+        if self.state is _DONE or self.lead:
+            return
+        import trio
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self.parked = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        self.parked = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     def finish(self, result: str | None = None, error: BaseException | None = None) -> None:
         self.result, self.error, self.state = result, error, _DONE
-        self.woken.set()
+        self.wake()
 
     def outcome(self) -> str:
         if self.error is not None:
@@ -85,7 +114,7 @@ class EnqueueCoalescer:
         self._stored = stored
         self._limit = limit
         self._waiting: dict[_Waiter, None] = {}  # insertion-ordered, removal in O(1)
-        self._shared: anyio.Event | None = None  # the event of the callers behind the first in line
+        self._asyncio: bool | None = None  # whether the callers run under asyncio (known at the first wait)
         self._busy = False  # a batch is in flight, or a waiter has been told to send the next one
         # The callers of the batch in flight (its sender aside) that have not resumed yet, and whether it has
         # landed: the next batch starts once all of them have resumed, so that callers who enqueue again
@@ -113,15 +142,16 @@ class EnqueueCoalescer:
             if len(ids) != 1:
                 _check_count(ids, 1)
             return ids[0]
-        waiting = self._waiting
-        waiter = _Waiter(task, self._shared_event() if waiting else anyio.Event())
-        waiting[waiter] = None
+        on_asyncio = self._asyncio
+        if on_asyncio is None:
+            on_asyncio = self._asyncio = _on_asyncio()
+        waiter = _Waiter(task, asyncio.get_running_loop() if on_asyncio else None)
+        self._waiting[waiter] = None
         try:
-            while True:
-                await waiter.woken.wait()
-                if waiter.state is _DONE or waiter.lead:
-                    break
-                waiter.woken = self._shared_event()  # woken for another caller's sake: wait again
+            if waiter.future is not None:
+                await waiter.future
+            else:
+                await waiter.park()
         except BaseException:
             if waiter.state is _WAITING:  # never sent: take it out, and pass on the lead if it had it
                 del self._waiting[waiter]
@@ -131,8 +161,11 @@ class EnqueueCoalescer:
                 self._resumed()
             raise
         if not waiter.lead:
-            self._resumed()
-            return waiter.outcome()
+            self._unresumed -= 1  # what _resumed() does, written out: once per caller
+            if self._landed and self._unresumed == 0:
+                self._hand_over()
+            result = waiter.result
+            return result if result is not None else waiter.outcome()
         await self._fly()  # the first of the waiting, so always in the batch it sends
         return waiter.outcome()
 
@@ -160,15 +193,7 @@ class EnqueueCoalescer:
             waiter.state = _SENT
         self._unresumed = len(batch) - 1
         self._landed = False
-        self._shared = None  # the callers who arrive while this batch flies share an event of their own
         return batch
-
-    def _shared_event(self) -> anyio.Event:
-        """The event shared by the callers waiting behind the first in line (a new one once it is set)."""
-        shared = self._shared
-        if shared is None or shared.is_set():
-            shared = self._shared = anyio.Event()
-        return shared
 
     def _resumed(self) -> None:
         """A caller of the batch in flight resumed (or left): the last one after landing starts the next."""
@@ -180,7 +205,7 @@ class EnqueueCoalescer:
         """The next batch is sent by the first waiting caller; with none, the coalescer is idle."""
         for waiter in self._waiting:
             waiter.lead = True
-            waiter.woken.set()
+            waiter.wake()
             return
         self._busy = False
 
@@ -233,12 +258,22 @@ class EnqueueCoalescer:
             for waiter in batch:
                 waiter.finish(error=error)
             return
-        woken = None
         for waiter, task_id in zip(batch, ids, strict=True):
             waiter.result, waiter.state = task_id, _DONE
-            if waiter.woken is not woken:  # most share one event: set each once
-                woken = waiter.woken
-                woken.set()
+            future = waiter.future
+            if future is None:
+                waiter.wake()
+            elif not future.done():  # what wake() does, written out: once per caller
+                future.set_result(None)
+
+
+def _on_asyncio() -> bool:
+    """Whether the running event loop is asyncio's (else trio's, through anyio)."""
+    try:
+        import sniffio
+    except ImportError:  # trio depends on sniffio, so without it only asyncio can be running
+        return True
+    return bool(sniffio.current_async_library() == "asyncio")
 
 
 def _check_count(ids: Sequence[str], count: int) -> None:

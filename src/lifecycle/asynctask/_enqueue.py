@@ -64,8 +64,10 @@ def _resolve(target: Callable[..., Any] | str, registry: Registry) -> tuple[str,
     """The task name of ``target`` (a registered function, or a name) and its definition (``None`` for a
     name registered only in other processes)."""
     if isinstance(target, str):
-        check_name(target, "enqueue(): the task name")
-        return target, registry.get(target)
+        definition = registry.get(target)
+        if definition is None or definition.name != target:  # a registered name was checked at register
+            check_name(target, "enqueue(): the task name")
+        return target, definition
     definition = registry.for_function(target)
     if definition is None:
         raise TypeError(
@@ -86,8 +88,16 @@ def build_plain_task(
     """What :func:`build_task` makes of ``Call(target, *args)`` without options (the registered defaults, a
     generated id, due now), without building the ``Call`` or looking at each of its options: the common
     single enqueue, whose CPU counts once per call."""
-    name, definition = _resolve(target, registry)
-    return _plain_task(name, definition, args, now, encoding, new_id)
+    if type(target) is str:  # what _resolve() does for a name, written out
+        definition = registry.get(target)
+        if definition is None or definition.name != target:  # a registered name was checked at register
+            check_name(target, "enqueue(): the task name")
+        return _plain_task(target, definition, args, now, encoding, new_id)
+    definition = registry.for_function(target)
+    if definition is None:  # not a registered function: _resolve() says what it is instead
+        name, definition = _resolve(target, registry)
+        return _plain_task(name, definition, args, now, encoding, new_id)
+    return _plain_task(definition.name, definition, args, now, encoding, new_id)
 
 
 def _plain_task(
@@ -105,7 +115,10 @@ def _plain_task(
         definition.check_arguments(args)
         queue, max_retries = definition.queue, definition.max_retries
         timeout, priority = definition.timeout, definition.priority
-    payload = encode_arguments(encoding, name, args, definition)
+    try:
+        payload = encoding.encode(args)
+    except TypeError:  # encoded again, to name the argument at fault
+        payload = encode_arguments(encoding, name, args, definition)
     return new_task(
         new_id(), name, queue, payload, max_retries, timeout, now, now, None, priority, generated_id=True
     )
