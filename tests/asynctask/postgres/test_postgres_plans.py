@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import psycopg
 import pytest
 from psycopg import sql
@@ -364,10 +365,22 @@ async def test_a_claim_steps_over_the_entries_earlier_claims_left_behind_once(
     for _ in range(15):  # three quarters of the backlog claimed: their entries stay at the head
         assert len(await backend.claim(["default"], 1000, now=now, lease_until=now + 600)) == 1000
     # Its connections end here: a session sends its buffer counts to the server-wide statistics when idle, at
-    # most once a second, so those of these claims could otherwise land inside the measurement below (a
-    # closing session sends its own at exit).
+    # most once a second, and at exit, so those of these claims could otherwise land inside the measurement
+    # below. close() returns once the client's sockets are closed, and a server process on a loaded machine
+    # may exit later (a claim then "touched" 374 buffers in CI): wait until none is left. A process leaves
+    # pg_stat_activity only after its exit's flush, and this database is the test's own.
     await backend.close()
     async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as connection:
+        with anyio.fail_after(30):
+            while True:
+                cursor = await connection.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid()"
+                )
+                others = await cursor.fetchone()
+                if others is not None and others[0] == 0:
+                    break
+                await anyio.sleep(0.01)
         cursor = await connection.execute(
             "SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int",
             (f'"{pg_schema}"."{TASKS_TABLE}_pending"',),
