@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import cProfile
 import dataclasses
 import pstats
@@ -12,6 +13,7 @@ from typing import Literal
 
 import anyio
 import anyio.lowlevel
+import pytest
 
 from lifecycle.asynctask import (
     AsyncTasks,
@@ -311,6 +313,39 @@ async def test_a_cancelled_sender_finishes_the_round_trip_of_the_others() -> Non
         assert "c" not in ids  # the round trip of "c" was not cut short by the cancellation of "b"
         backend.release()
     assert ids["c"] == "c"
+    assert await stored_value(backend, "b") == (1,)  # sent before the cancellation: stored
+    assert await stored_value(backend, "c") == (2,)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_sender_cancelled_by_asyncio_itself_finishes_the_round_trip_of_the_others() -> None:
+    # An anyio shield does not stop asyncio's own task.cancel() (asyncio.wait_for, asyncio.timeout): the
+    # round trip of "b" and "c" must still end as it would, and "b" be cancelled only then.
+    backend = GatedBackend()
+    backend.hold = True
+    ids: dict[str, str] = {}
+    async with make(backend) as tasks, anyio.create_task_group() as group:
+
+        async def one(name: str, value: int) -> None:
+            ids[name] = await tasks.enqueue(echo, value, task_id=name)
+
+        group.start_soon(one, "a", 0)
+        await anyio.wait_all_tasks_blocked()
+        sender = asyncio.ensure_future(one("b", 1))
+        await anyio.wait_all_tasks_blocked()
+        group.start_soon(one, "c", 2)
+        await anyio.wait_all_tasks_blocked()
+        backend.release(0)  # "b" arrived first: it sends the batch of "b" and "c"
+        await anyio.wait_all_tasks_blocked()
+        assert backend.calls[1][0] == ["b", "c"]
+        sender.cancel()
+        await anyio.wait_all_tasks_blocked()
+        assert not sender.done(), "the sender waits for its round trip"
+        assert "c" not in ids
+        backend.release()
+        with pytest.raises(asyncio.CancelledError):
+            await sender
+    assert ids == {"a": "a", "c": "c"}
     assert await stored_value(backend, "b") == (1,)  # sent before the cancellation: stored
     assert await stored_value(backend, "c") == (2,)
 

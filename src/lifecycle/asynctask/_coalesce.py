@@ -15,14 +15,15 @@ it would have been alone). Any other error of a batch is the error of each call 
 Cancellation: a caller cancelled while its task waits is taken out, and its task is never sent. Once sent,
 the task may be stored whatever happens to its caller. The round trip of a batch that carries other
 callers' tasks is shielded from the cancellation of the caller sending it (its cancellation arrives when the
-round trip ends), so one caller's cancellation never leaves another's task in doubt; a batch of the sender's
-task alone is cancelled as a plain enqueue is.
+round trip ends), whether it comes from an anyio cancel scope or from asyncio's own ``task.cancel()``
+(``asyncio.wait_for``, ``asyncio.timeout``), so one caller's cancellation never leaves another's task in
+doubt; a batch of the sender's task alone is cancelled as a plain enqueue is.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import anyio
@@ -216,7 +217,10 @@ class EnqueueCoalescer:
                 await self._store(batch)
             else:
                 with anyio.CancelScope(shield=True):
-                    await self._store(batch)
+                    if self._asyncio if self._asyncio is not None else _on_asyncio():
+                        await _outlasting_asyncio_cancel(self._store(batch))
+                    else:
+                        await self._store(batch)
         except BaseException as exc:  # the sender's own cancellation (a lone batch), or an interrupt
             for waiter in batch:
                 if waiter.state is not _DONE:
@@ -265,6 +269,27 @@ class EnqueueCoalescer:
                 waiter.wake()
             elif not future.done():  # what wake() does, written out: once per caller
                 future.set_result(None)
+
+
+async def _outlasting_asyncio_cancel(store: Coroutine[Any, Any, None]) -> None:
+    """Run ``store`` to its end, then raise the asyncio cancellation that came meanwhile, if any.
+
+    An anyio shield stops anyio's cancel scopes only: asyncio's own ``task.cancel()`` (``asyncio.wait_for``,
+    ``asyncio.timeout``) still reaches the task inside it, and would cut short a round trip that carries
+    other callers' tasks (they would be told it was interrupted, their tasks maybe stored). So the round trip
+    runs as a task of its own, which ``asyncio.shield`` keeps from the sender's cancellation."""
+    inner = asyncio.ensure_future(store)
+    cancelled: asyncio.CancelledError | None = None
+    while not inner.done():
+        try:
+            await asyncio.shield(inner)
+        except asyncio.CancelledError as exc:
+            if inner.done() and inner.cancelled():
+                raise
+            cancelled = exc
+    inner.result()  # its own error, if any (store() finishes its callers on any Exception)
+    if cancelled is not None:
+        raise cancelled
 
 
 def _on_asyncio() -> bool:
