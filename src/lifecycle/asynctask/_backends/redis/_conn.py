@@ -43,6 +43,7 @@ from ._lua_admin import ADMIN_SCRIPTS
 from ._lua_claim import CLAIM_SCRIPTS
 
 __all__ = [
+    "ready_for_reuse",
     "RETRYABLE",
     "SCRIPTS",
     "ScriptRunner",
@@ -278,6 +279,31 @@ def unread_check(
     return cast("Callable[[AbstractConnection], Awaitable[bool]]", check)
 
 
+async def ready_for_reuse(
+    pool: aioredis.ConnectionPool,
+    connection: AbstractConnection,
+    has_unread: Callable[[AbstractConnection], Awaitable[bool]] | None,
+) -> None:
+    """Make a connection kept leased from ``pool`` ready for its next command: what
+    ``pool.ensure_connection`` checks (connected, nothing unread, not closed by the server), asked directly
+    with ``has_unread`` (see :func:`unread_check`), since its ``connect()`` of a connection already open goes
+    through redis-py's retry helper, which costs more than the check. Anything else (a dropped connection,
+    unread data, an error) is left to ``ensure_connection``, which reconnects. A connection found with data
+    unread or closed is dropped first: redis-py 8.1's ``ensure_connection`` hands one with unread data back
+    as it is when the pool has maintenance notifications on. The caller gives the connection back to the
+    pool if this raises."""
+    clean = False
+    if connection.is_connected and has_unread is not None:
+        try:
+            clean = not await has_unread(connection)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            pass  # closed by the server: reconnected below
+        if not clean:
+            await connection.disconnect()
+    if not clean:
+        await pool.ensure_connection(connection)
+
+
 class ScriptRunner:
     """Runs the backend's Lua scripts on one client: EVALSHA, reload on NOSCRIPT, retry on a lost
     connection until ``reconnect_timeout`` seconds have passed (then the redis-py error propagates).
@@ -344,22 +370,7 @@ class ScriptRunner:
             if self._alarmed:
                 self._arm(connection)
             try:
-                # What pool.ensure_connection checks (connected, nothing unread, not closed by the server),
-                # asked directly: its connect() of a connection already open goes through redis-py's retry
-                # helper, which costs more than the check. Anything else (a dropped connection, unread data,
-                # an error) is left to ensure_connection, which reconnects. A connection found with data
-                # unread or closed is dropped first: redis-py 8.1's ensure_connection hands one with unread
-                # data back as it is when the pool has maintenance notifications on.
-                clean = False
-                if connection.is_connected and self._has_unread is not None:
-                    try:
-                        clean = not await self._has_unread(connection)
-                    except (RedisConnectionError, RedisTimeoutError, OSError):
-                        pass
-                    if not clean:
-                        await connection.disconnect()
-                if not clean:
-                    await pool.ensure_connection(connection)
+                await ready_for_reuse(pool, connection, self._has_unread)
             except BaseException:
                 deadlines.pop(connection, None)
                 self._late.discard(connection)

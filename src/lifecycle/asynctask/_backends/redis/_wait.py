@@ -23,13 +23,11 @@ from typing import Any, cast
 import anyio
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...._redact import library_logger
 from ._codec import time_text
-from ._conn import RETRYABLE, ScriptRunner, close_clients, unread_check
+from ._conn import RETRYABLE, ScriptRunner, close_clients, ready_for_reuse, unread_check
 
 __all__ = ["Waiter", "until_set"]
 
@@ -278,24 +276,13 @@ class Waiter:
         task.add_done_callback(self._ringers.discard)
 
     async def _lease(self, pool: aioredis.ConnectionPool) -> AbstractConnection:
-        """The kept connection when it is still connected with nothing unread (what the pool's
-        ``ensure_connection`` checks, asked directly: its ``connect()`` of an open connection goes through
-        redis-py's retry helper), else reconnected by the pool; or a connection from the pool when none is
-        kept (the first wait, or another one in progress)."""
+        """The kept connection, made ready for reuse (see :func:`ready_for_reuse`), or a connection from the
+        pool when none is kept (the first wait, or another one in progress)."""
         connection, self._kept = self._kept, None
         if connection is None:
             return cast("AbstractConnection", await pool.get_connection())  # type: ignore[no-untyped-call]
         try:
-            clean = False
-            if connection.is_connected and self._has_unread is not None:
-                try:
-                    clean = not await self._has_unread(connection)
-                except (RedisConnectionError, RedisTimeoutError, OSError):
-                    pass  # closed by the server: reconnected below
-                if not clean:
-                    await connection.disconnect()
-            if not clean:
-                await pool.ensure_connection(connection)
+            await ready_for_reuse(pool, connection, self._has_unread)
         except BaseException:
             with anyio.CancelScope(shield=True):  # back to the pool also when cancelled
                 await pool.release(connection)
