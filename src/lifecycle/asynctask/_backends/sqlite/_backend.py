@@ -212,6 +212,7 @@ class SQLiteBackend:
         self._synchronous = mode
         self._connection: sqlite3.Connection | None = None
         self._loop_connection: sqlite3.Connection | None = None  # used on the event loop's thread only
+        self._loop_cursor: sqlite3.Cursor | None = None  # the loop connection's, kept for single inserts
         self._loop_budget = _Budget()
         self._loop_writes = 0
         self._checkpoint: Callable[[], Awaitable[None]] = anyio.lowlevel.checkpoint
@@ -265,7 +266,7 @@ class SQLiteBackend:
                 return
         connection, loop_connection = await anyio.to_thread.run_sync(self._connect, limiter=self._limiter)
         self._wakeup = anyio.Event()
-        self._connection, self._loop_connection = connection, loop_connection
+        self._attach(connection, loop_connection)
 
     def _missing_store(self) -> str | None:
         """Why there is no task database at the path (one line), or ``None`` when there is one (or a file
@@ -406,6 +407,7 @@ class SQLiteBackend:
         """Close the connection (the last connection to close checkpoints the WAL). Idempotent."""
         connection, self._connection = self._connection, None
         loop_connection, self._loop_connection = self._loop_connection, None
+        self._loop_cursor = None
         self._deferred = False
         if connection is None:
             return
@@ -414,6 +416,11 @@ class SQLiteBackend:
             if loop_connection is not None:
                 await anyio.to_thread.run_sync(loop_connection.close, limiter=self._limiter)
             await anyio.to_thread.run_sync(_close, connection, limiter=self._limiter)
+
+    def _attach(self, connection: sqlite3.Connection, loop_connection: sqlite3.Connection | None) -> None:
+        self._connection, self._loop_connection = connection, loop_connection
+        # A cursor kept for the single inserts: Connection.execute makes a new one per call.
+        self._loop_cursor = None if loop_connection is None else loop_connection.cursor()
 
     def _require(self) -> sqlite3.Connection:
         if self._connection is None:
@@ -442,7 +449,7 @@ class SQLiteBackend:
                 connection, loop_connection = await anyio.to_thread.run_sync(
                     self._connect, limiter=self._limiter
                 )
-                self._connection, self._loop_connection = connection, loop_connection
+                self._attach(connection, loop_connection)
                 self._deferred = False
         return self._connection
 
@@ -561,15 +568,15 @@ class SQLiteBackend:
         (no budget, see :func:`_autocommit`); :attr:`_Elsewhere.THREAD` when the write must run on the worker
         thread instead (see :meth:`_write_on_loop`). An insert returns no text, so no text can fail to
         decode (what :func:`ops.reading_any_text` is for)."""
-        connection = self._loop_connection
-        if connection is None:
+        connection, cursor = self._loop_connection, self._loop_cursor
+        if connection is None or cursor is None:
             return _Elsewhere.THREAD
         self._loop_writes += 1
         if self._loop_writes % _CHECKPOINT_EVERY == 0:
             return _Elsewhere.THREAD
         self._loop_budget.deadline = math.inf
         try:
-            stored = ops.insert_fresh(connection, task)
+            stored = ops.insert_fresh(cursor, task)
         except sqlite3.OperationalError as exc:
             if not _refused(exc):
                 raise

@@ -332,10 +332,11 @@ def _one_task_insert(task: NewTask) -> tuple[str, tuple[Any, ...]]:
     return _INSERT_ONE[nulls], (*row, enqueued_at, *(value for value in optional if value is not None))
 
 
-def insert_fresh(connection: sqlite3.Connection, task: NewTask) -> list[str] | None:
+def insert_fresh(connection: sqlite3.Connection | sqlite3.Cursor, task: NewTask) -> list[str] | None:
     """Insert ``task`` (no uniqueness window) with one statement, which needs no transaction of its own;
     ``[task.id]``, or ``None`` without writing anything when the id is taken (then :func:`enqueue_many`
-    decides, in a transaction)."""
+    decides, in a transaction). ``connection`` may be a cursor of the connection (kept, so that no cursor is
+    made per call)."""
     if connection.execute(*_one_task_insert(task)).rowcount == 1:
         return [task.id]
     return None
