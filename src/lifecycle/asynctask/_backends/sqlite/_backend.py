@@ -585,7 +585,8 @@ class SQLiteBackend:
             return _Elsewhere.THREAD
         if stored is not None:
             self._changes += 1
-            self._wake()
+            if self._waiters:
+                self._wake()
         return stored
 
     async def claim(

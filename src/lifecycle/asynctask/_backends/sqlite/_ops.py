@@ -324,12 +324,22 @@ def _one_task_insert(task: NewTask) -> tuple[str, tuple[Any, ...]]:
         task.expires_at,
         task.group_id,
     )
-    row = (task.id, task.name, task.queue, payload, task.max_retries, enqueued_at, task.run_at, task.priority)
+    row = (
+        task.id,
+        task.name,
+        task.queue,
+        payload,
+        task.max_retries,
+        enqueued_at,
+        task.run_at,
+        task.priority,
+        enqueued_at,
+    )
     if timeout is None and meta is None and key is None and expires_at is None and group_id is None:
-        return _INSERT_BARE, (*row, enqueued_at)
+        return _INSERT_BARE, row
     optional = (timeout, meta, key, expires_at, group_id)
     nulls = tuple(value is None for value in optional)
-    return _INSERT_ONE[nulls], (*row, enqueued_at, *(value for value in optional if value is not None))
+    return _INSERT_ONE[nulls], (*row, *(value for value in optional if value is not None))
 
 
 def insert_fresh(connection: sqlite3.Connection | sqlite3.Cursor, task: NewTask) -> list[str] | None:
