@@ -76,9 +76,10 @@ _INSERT_OR_SKIP = _INSERT + " ON CONFLICT (id) DO NOTHING"
 
 # The insert of one task (see _one_task_insert): sqlite3 binds a parameter at once only when it is exactly an
 # int, float, str or bytearray; any other (None, bytes) first goes through its adapter look-up, which raises
-# and clears an AttributeError (about 3 000 instructions each, a fifth of what the statement costs). So the
-# payload is bound as a bytearray, and each optional field that is None is written as NULL into the
-# statement (one statement per combination, 32 at most) instead of being bound.
+# and clears an AttributeError (about 3 000 instructions each: 20 700 of the 154 000 of a single
+# AsyncTasks.enqueue, callgrind). So the payload is bound as a bytearray, and each optional field that is
+# None is written as NULL into the statement (one statement per combination, 32 at most, within the
+# connections' statement caches of 128) instead of being bound.
 _OPTIONAL = ("timeout", "meta", "concurrency_key", "expires_at", "group_id")
 
 
