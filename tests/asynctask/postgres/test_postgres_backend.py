@@ -20,7 +20,14 @@ import trio
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from lifecycle.asynctask import BackendError, DuplicateTaskError, NewTask, Settlement, TaskState, backend_from_url
+from lifecycle.asynctask import (
+    BackendError,
+    DuplicateTaskError,
+    NewTask,
+    Settlement,
+    TaskState,
+    backend_from_url,
+)
 from lifecycle.asynctask._backends.postgres import _schema as schema_module
 from lifecycle.asynctask._backends.postgres._arrays import (
     BytesArray,

@@ -261,13 +261,14 @@ _V4 = (
 # CREATE OR REPLACE keeps the function's identity (and grants), and the new definition sets jit = off itself.
 _V5 = FUNCTIONS_V5
 
-# Version 6: the CHECK on the state written as one array constant. PostgreSQL reads a table's CHECK expressions
-# back from their stored text, and plans them, on every statement that writes the table (ExecConstraints): the
-# IN list version 1 wrote (an array of five separate constants) cost 45 600 of the 283 000 instructions the
-# server spends on a single enqueue, the same test against one text[] constant 29 000 (callgrind, PostgreSQL
-# 15). The constraint is added NOT VALID: the rows were under the same test until this statement, and a
-# validation would read the whole table while holding the migration's lock (a row in another state, written
-# where the check was dropped by hand, stays readable as dead: see _records.stored_state).
+# Version 6: the CHECK on the state written as one array constant. PostgreSQL reads a table's CHECK
+# expressions back from their stored text, and plans them, on every statement that writes the table
+# (ExecConstraints): the IN list version 1 wrote (an array of five separate constants) cost 45 600 of the
+# 283 000 instructions the server spends on a single enqueue, the same test against one text[] constant
+# 29 000 (callgrind, PostgreSQL 15). The constraint is added NOT VALID: the rows were under the same test
+# until this statement, and a validation would read the whole table while holding the migration's lock (a
+# row in another state, written where the check was dropped by hand, stays readable as dead: see
+# _records.stored_state).
 _V6 = (
     "ALTER TABLE {tasks} DROP CONSTRAINT IF EXISTS {state_check}",
     "ALTER TABLE {tasks} ADD CONSTRAINT {state_check} "
