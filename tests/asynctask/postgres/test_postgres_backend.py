@@ -20,7 +20,14 @@ import trio
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from lifecycle.asynctask import BackendError, DuplicateTaskError, NewTask, TaskState, backend_from_url
+from lifecycle.asynctask import (
+    BackendError,
+    DuplicateTaskError,
+    NewTask,
+    Settlement,
+    TaskState,
+    backend_from_url,
+)
 from lifecycle.asynctask._backends.postgres import _schema as schema_module
 from lifecycle.asynctask._backends.postgres._arrays import (
     BytesArray,
@@ -294,7 +301,7 @@ async def test_a_store_of_schema_version_4_is_migrated_to_the_claim_that_enters_
     versions = await _execute(
         postgres_dsn, sql.SQL("SELECT version FROM {}").format(sql.Identifier(pg_schema, "lifecycle_schema"))
     )
-    assert versions == [(5,)]
+    assert versions == [(schema_module.SCHEMA_VERSION,)]
     assert "first_run" in await _claim_source(postgres_dsn, pg_schema)
     settings = await _function_settings(postgres_dsn, pg_schema)
     assert "jit=off" in settings["lifecycle_claim"], "the replaced claim keeps version 4's setting"
@@ -302,6 +309,71 @@ async def test_a_store_of_schema_version_4_is_migrated_to_the_claim_that_enters_
     now = time.time() + 1
     claimed = await backend.claim(["default"], 2, now=now, lease_until=now + 60)
     assert [c.record.id for c in claimed] == ["high", "low-1"]
+
+
+async def _state_checks(dsn: str, schema: str) -> list[Any]:
+    return await _execute(
+        dsn,
+        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+        "WHERE conrelid = %s::regclass AND contype = 'c'",
+        (f'"{schema}".lifecycle_tasks',),
+    )
+
+
+_ONE_ARRAY_CHECK = [
+    (
+        "lifecycle_tasks_state_check",
+        "CHECK ((state = ANY ('{pending,active,succeeded,dead,cancelled}'::text[]))) NOT VALID",
+    )
+]
+
+
+async def test_a_store_of_schema_version_5_is_migrated_to_the_state_check_against_one_array(
+    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Version 5 as the previous release created it, with a pending and a claimed task in it.
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", 5)
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as connection:
+        assert await schema_module.ensure_schema(connection, pg_schema) == 5
+    [(name, before)] = await _state_checks(postgres_dsn, pg_schema)
+    assert name == "lifecycle_tasks_state_check"
+    assert "ARRAY['pending'::text" in before, before
+    old = PostgresBackend(postgres_dsn, schema=pg_schema)
+    await old.open()
+    try:
+        await old.enqueue_many([make_task("first"), make_task("second")])
+        now = time.time() + 1
+        (held,) = await old.claim(["default"], 1, now=now, lease_until=now + 60)
+    finally:
+        await old.close()
+    monkeypatch.undo()
+
+    backend = await open_pg()  # migrates
+    versions = await _execute(
+        postgres_dsn, sql.SQL("SELECT version FROM {}").format(sql.Identifier(pg_schema, "lifecycle_schema"))
+    )
+    assert versions == [(6,)]
+    assert await _state_checks(postgres_dsn, pg_schema) == _ONE_ARRAY_CHECK
+    settled = Settlement(task_id=held.record.id, token=held.token, state=TaskState.SUCCEEDED, at=now)
+    assert await backend.settle([settled]) == set()
+    now = time.time() + 1
+    claimed = await backend.claim(["default"], 5, now=now, lease_until=now + 60)
+    assert [c.record.id for c in claimed] == ["second"]
+    assert await backend.stats() == {"default": {TaskState.SUCCEEDED: 1, TaskState.ACTIVE: 1}}
+    with pytest.raises(psycopg.errors.CheckViolation):
+        await _execute(
+            postgres_dsn,
+            sql.SQL("UPDATE {} SET state = 'paused' WHERE id = 'second'").format(
+                sql.Identifier(pg_schema, "lifecycle_tasks")
+            ),
+        )
+
+
+async def test_a_new_store_has_the_state_check_against_one_array(
+    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str
+) -> None:
+    await open_pg()
+    assert await _state_checks(postgres_dsn, pg_schema) == _ONE_ARRAY_CHECK
 
 
 async def test_a_new_store_has_claims_without_jit(

@@ -6,6 +6,7 @@ backend's connections."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
@@ -15,7 +16,7 @@ import psycopg.errors
 import pytest
 from psycopg import sql
 
-from lifecycle.asynctask import NewTask
+from lifecycle.asynctask import DuplicateTaskError, NewTask, TaskState
 from lifecycle.asynctask._backends.postgres._direct import numbered
 
 from ._support import OpenPostgres, make_task
@@ -86,6 +87,26 @@ async def test_an_existing_id_is_refused_or_skipped_as_before(open_pg: OpenPostg
     assert await backend.enqueue_many([make_task("same")], if_exists="skip") == []
     with pytest.raises(Exception, match="already"):
         await backend.enqueue_many([make_task("same")])
+
+
+async def test_an_existing_id_fails_the_single_insert_which_is_sorted_out_and_the_next_goes_direct(
+    open_pg: OpenPostgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No ON CONFLICT: the server neither probes the primary key first nor confirms a speculative insertion.
+    backend = await open_pg()
+    assert b"ON CONFLICT" not in backend._statements.insert_one
+    first = make_task("same")
+    assert await backend.enqueue_many([first]) == ["same"]
+    executed = _insert_one_by_psycopg(monkeypatch)
+    with pytest.raises(DuplicateTaskError):
+        await backend.enqueue_many([dataclasses.replace(first, payload=b"other")])
+    assert executed.count(backend._statements.insert_one) == 1, "the failed statement, run again by psycopg"
+    stored = await backend.get("same")
+    assert stored is not None
+    assert stored.payload == first.payload, "the stored task is untouched"
+    assert await backend.enqueue_many([make_task("next")]) == ["next"]
+    assert executed.count(backend._statements.insert_one) == 1, "then the direct path again"
+    assert await backend.stats() == {"default": {TaskState.PENDING: 2}}
 
 
 @pytest.mark.parametrize(

@@ -280,9 +280,9 @@ async def enqueue(
             plain = False
         else:
             return [task.id for task in tasks]
-    elif alone and len(tasks) == 1:
-        # One statement in autocommit is one transaction, and one round trip, wake-up included; a task of
-        # "error" that was not stored wrote nothing.
+    elif alone and len(tasks) == 1 and if_exists == "error":
+        # One statement in autocommit is one transaction, and one round trip, wake-up included; a task that
+        # was not stored (its id exists: the statement's unique violation) wrote nothing.
         task = tasks[0]
         row = _new_task_row(task)
         result = None
@@ -291,15 +291,13 @@ async def enqueue(
             if params is not None:
                 result = await insert_one.run(connection, params)
         if result is not None:  # a row: stored
-            added = result.ntuples > 0
-        else:  # not run directly, or the server's error: psycopg's path runs it (and raises that error)
-            await cursor.execute(st.insert_one, (*row, st.channel))
-            added = await cursor.fetchone() is not None
-        if added:
             return [task.id]
-        if if_exists == "skip":
-            return []
-        plain = False  # the id exists: sort it out below
+        try:  # not run directly, or the server's error: psycopg's path runs it (and raises that error)
+            await cursor.execute(st.insert_one, (*row, st.channel))
+        except psycopg.errors.UniqueViolation:
+            plain = False  # the id exists: sort it out below
+        else:
+            return [task.id]
     elif alone and if_exists == "skip":
         # As one statement too: a batch of skip has nothing to undo.
         await cursor.execute(st.insert_new, (*_new_task_arrays(tasks), st.channel))
