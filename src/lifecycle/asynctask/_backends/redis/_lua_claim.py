@@ -107,7 +107,7 @@ local function check()
   return CHECK
 end
 local budget, moves, sweeps = %(scan)d, %(moves)d + limit, %(sweeps)d
-local out, ids, leases = {'0'}, {}, {}
+local out, ids = {'0'}, {}
 local n = 0
 local RUN, CHECKED, ADDED, BUCKETS, REFUSED, NAMES = {}, {}, {}, {}, {}, {}
 
@@ -405,6 +405,15 @@ end
 -- The queues whose ready set take() left a member in (one it fetched but did not examine, or not due): the
 -- wake-up at the end need not look.
 local LEFT = {}
+-- Pairs list (score, member, ...) in reverse order of its pairs.
+local function reversed(list)
+  local back = {}
+  for j = #list - 1, 1, -2 do
+    back[#back + 1] = list[j]
+    back[#back + 1] = list[j + 1]
+  end
+  return back
+end
 -- Take queue q's ready tasks in order: cancel the expired, park the held back, lease the rest.
 local function take(q)
   local rk, pk = ready(q), idx('pending', q)
@@ -437,8 +446,12 @@ local function take(q)
         else
           -- The active index is scored by enqueued_at; the pending index holds the same score when the
           -- record's own field is damaged.
-          local iscore = tonumber(rec[8])
-          if not iscore or iscore ~= iscore then iscore = tonumber(redis.call('ZSCORE', pk, pmember)) or 0 end
+          -- The usual repr of a time is passed on as it is (no number made of it and written out again).
+          local iscore = rec[8]
+          if not (iscore and #iscore <= 24 and string.find(iscore, '^%d+%.%d+$')) then
+            iscore = tonumber(iscore)
+            if not iscore or iscore ~= iscore then iscore = tonumber(redis.call('ZSCORE', pk, pmember)) or 0 end
+          end
           local N, K = rec[1], rec[14]
           local ex = tonumber(rec[15])
           local L = N and LIM[N]
@@ -495,8 +508,6 @@ local function take(q)
             if rec[15] then xrem[#xrem + 1] = id end
             active[#active + 1] = iscore
             active[#active + 1] = pmember
-            leases[#leases + 1] = lease
-            leases[#leases + 1] = id
             ids[n] = id
             removed[#removed + 1] = member
             unpending[#unpending + 1] = pmember
@@ -511,7 +522,9 @@ local function take(q)
   bulk('ZREM', rk, removed)
   bulk('ZREM', pk, unpending)
   bulk('ZREM', expiring(q), xrem)
-  if #active > 0 then bulk('ZADD', idx('active', q), active) end
+  -- Added in reverse: a small sorted set is a list that each ZADD walks from its head, parsing every score,
+  -- to the first greater entry, so ascending entries would each walk past the ones added before them.
+  if #active > 0 then bulk('ZADD', idx('active', q), reversed(active)) end
 end
 
 for qi = qfirst, #ARGV do
@@ -542,6 +555,15 @@ end
 for N in pairs(REFUSED) do redis.call('HINCRBY', P .. 'tr', N, 1) end
 for setkey, ids in pairs(ADDED) do bulk('SADD', P .. setkey, ids) end
 if n > 0 then
+  -- One score for all: added in descending id order, so each stops at the one added before it (see take()).
+  local sorted = {}
+  for j = 1, n do sorted[j] = ids[j] end
+  table.sort(sorted)
+  local leases = {}
+  for j = n, 1, -1 do
+    leases[#leases + 1] = lease
+    leases[#leases + 1] = sorted[j]
+  end
   bulk('ZADD', P .. 'leases', leases)
   logged(log, ids, %(ttl)d)
 end
