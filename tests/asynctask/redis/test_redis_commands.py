@@ -193,6 +193,35 @@ async def test_a_claim_with_limits_still_counts_the_running_tasks(backend: Redis
     assert len(second) == 1, "three of the key run at most"
 
 
+async def test_the_leases_are_scored_in_whole_seconds_and_reclaimed_when_the_exact_lease_ends(
+    backend: RedisBackend, admin: aioredis.Redis
+) -> None:
+    """{P}:leases holds lease_until rounded up to a whole second (an integer score, which a small sorted set
+    compares without parsing it); reclaim reads the record's exact lease_until for the leases of the current
+    second, so a lease is taken over exactly when it ends, as before."""
+    leases = f"{backend.key_prefix}leases"
+    await backend.enqueue_many([_task("a"), _task("b")])
+    claimed = await backend.claim(["default"], 1, now=T0 + 1, lease_until=T0 + 30.25)
+    assert await admin.zscore(leases, "a") == T0 + 31
+    assert await backend.reclaim_expired(now=T0 + 30.2, lease_until=T0 + 60, limit=10) == []
+    assert await backend.reclaim_expired(now=T0 + 30.25, lease_until=T0 + 60, limit=10) == []
+    (taken,) = await backend.reclaim_expired(now=T0 + 30.3, lease_until=T0 + 60.5, limit=10)
+    assert taken.record.id == "a"
+    assert taken.token != claimed[0].token
+    assert await admin.zscore(leases, "a") == T0 + 61
+    assert await backend.extend_leases([("a", taken.token)], lease_until=T0 + 70.01) == set()
+    assert await admin.zscore(leases, "a") == T0 + 71
+    record = await backend.get("a")
+    assert record is not None
+    assert record.lease_until == T0 + 70.01, "the record keeps the exact lease_until"
+    assert await backend.reclaim_expired(now=T0 + 70.005, lease_until=T0 + 100, limit=10) == []
+    # A score as older versions wrote it (the exact lease_until) reads the same.
+    await admin.zadd(leases, {"a": T0 + 70.01})
+    assert await backend.reclaim_expired(now=T0 + 70.005, lease_until=T0 + 100, limit=10) == []
+    (again,) = await backend.reclaim_expired(now=T0 + 70.02, lease_until=T0 + 100, limit=10)
+    assert again.record.id == "a"
+
+
 @pytest.mark.parametrize("result", [None, b"[1]"], ids=["no-result", "result"])
 @pytest.mark.parametrize("at", [T0 + 2.5, 1_700_000_003], ids=["float", "int"])
 def test_a_success_is_written_as_the_general_path_writes_it(result: bytes | None, at: float) -> None:

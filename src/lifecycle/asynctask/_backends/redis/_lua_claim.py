@@ -559,9 +559,9 @@ if n > 0 then
   local sorted = {}
   for j = 1, n do sorted[j] = ids[j] end
   table.sort(sorted)
-  local leases = {}
+  local leases, score = {}, lease_score(lease)
   for j = n, 1, -1 do
-    leases[#leases + 1] = lease
+    leases[#leases + 1] = score
     leases[#leases + 1] = sorted[j]
   end
   bulk('ZADD', P .. 'leases', leases)
