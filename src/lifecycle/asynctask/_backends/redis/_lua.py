@@ -5,7 +5,7 @@ flow-control rule, is in ``_lua_claim``; operator actions in ``_lua_admin``).
 
 Each script receives the key prefix ``{name}:`` as ``ARGV[1]`` and one declared key (``{name}:seq``) so that
 Redis Cluster routes it; every key a script builds starts with the same ``{name}`` hash tag, so all of them
-live in the declared key's slot. The key layout, version 3 (documented in ``docs/backends.md``):
+live in the declared key's slot. The key layout, version 4 (documented in ``docs/backends.md``):
 
 - ``{P}:t:<id>``           hash, the record. Fields: n name, q queue, p payload, s state, a attempts,
                            m max_retries, to timeout, e enqueued_at, r run_at, st started_at, f finished_at,
@@ -28,9 +28,10 @@ live in the declared key's slot. The key layout, version 3 (documented in ``docs
 - ``{P}:x:<queue>``        sorted set of the queue's PENDING tasks that have an expiry, score the later of
                            run_at and expires_at, member id: what claims cancel as expired.
 - ``{P}:i:<state>:<queue>`` sorted set per queue and state, score enqueued_at, member ``o .. id``: stats,
-                           listing, requeue and purge; the truth about where a record is.
-- ``{P}:leases``           sorted set of ACTIVE task ids by lease_until rounded up to a whole second (an
-                           exact score, as older versions wrote, reads the same): what reclaim takes from.
+                           listing, requeue and purge; the truth about where a record is. An active index
+                           also holds the prelude's ``KEPT`` member (score +inf), which keeps it a skiplist.
+- ``{P}:leases``           sorted set of ACTIVE task ids by lease_until: what reclaim takes from; and ``KEPT``
+                           (score +inf) once a claim leased something, until a purge finds it alone.
 - ``{P}:an:<name>``, ``{P}:ak:<len>:<name><key>`` sets of the ACTIVE task ids of a name, and of a name and
   concurrency key. Every way out of ACTIVE removes the id from the sets its rn field names; an id whose
   record was deleted behind the backend's back is found when its lease expires (recovery then sets
@@ -66,11 +67,12 @@ from dataclasses import dataclass, field
 
 __all__ = ["CALL_LOG_TTL", "LAYOUT_VERSION", "PRELUDE", "WORKER_SCRIPTS", "LuaScript", "script"]
 
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 """Version of the key layout; stored in ``{P}:layout``. A newer one is refused at open, an older one is
 migrated (``_lua_claim``'s ``migrate`` script): version 1 had one ``{P}:r:<queue>`` set scored by run_at, no
 priorities, keys, expiry or running-task sets; version 2 no groups, cancellation requests or progress (its
-records read as they are)."""
+records read as they are); version 3 no ``KEPT`` member in ``{P}:leases`` and the active indexes (the next
+claim adds it; a version-3 reader would count it as a running task)."""
 
 CALL_LOG_TTL = 300
 """Seconds a claim call's log survives, so a retry after a dropped connection can find its tasks."""
@@ -89,14 +91,12 @@ local function delayed(q) return P .. 'dl:' .. q end
 local function expiring(q) return P .. 'x:' .. q end
 local function enc(s) return #s .. ':' .. s end
 local function read(key) return redis.call('HMGET', key, unpack(FIELDS)) end
--- The {P}:leases score of lease_until (text): rounded up to a whole second. A small sorted set is a list
--- whose every ZADD parses the scores it walks past, which an integer spares (the reclaim script reads the
--- record's exact lease_until for an entry whose score does not settle it).
-local function lease_score(l)
-  local x = tonumber(l)
-  if x and x > -1e15 and x < 1e15 then return string.format('%d', math.ceil(x)) end
-  return l
-end
+-- The member the claim puts first in every ZADD to {P}:leases and to an active index, scored +inf: no task id
+-- (it holds a NUL), longer than zset-max-listpack-value (64 bytes by default), so the set is made a skiplist
+-- and stays one. These sets hold the running tasks, few enough to be a listpack otherwise, which every ZADD
+-- walks from its head parsing each score as text, and every ZREM or ZMSCORE searches: a third of the
+-- server's work per task in a drain. Left out by whatever reads these sets (stats, listing, purge).
+local KEPT = '\\0 keeps this set a skiplist: a member longer than zset-max-listpack-value'
 local WOKEN = {}
 -- The wake-up list holds at most one token: one command while a token waits (no worker idle), two when an
 -- idle worker took the last one.
@@ -748,44 +748,34 @@ local log = P .. 'c:' .. callid
 local before = redis.call('GET', log)
 if before then return replay(before, callid) end
 local out, taken, stale = {}, {}, {}
-local NOW, score = tonumber(now), lease_score(lease)
--- A score below now is an expired lease; one from now to now rounded up (see lease_score()) is expired when
--- the record's lease_until is below now. Those not expired yet are left in place (taking places of the limit:
--- the leases of the current second only, as every lower score sorts before them).
-local found = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', lease_score(now), 'WITHSCORES', 'LIMIT', 0,
-  limit)
-for j = 1, #found, 2 do
-  local id = found[j]
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', '(' .. now, 'LIMIT', 0, limit)) do
   local key = rkey(id)
-  local cur = redis.call('HMGET', key, 's', 'q', 'o', 'rn', 'g', 'l')
-  local l = tonumber(cur[6])
-  if tonumber(found[j + 1]) < NOW or (l and l < NOW) then  -- expired (else left as it is)
-    local where = locate(id, 'active', cur[2], cur[3])
-    if where and where[1] == 'active' then
-      taken[#taken + 1] = id
-      local token = callid .. ':' .. #taken
-      if cur[5] then token = token .. 'g' end  -- a group member's token says so (see the settle script)
-      local set = {'l', lease, 'k', token}
-      if cur[1] ~= 'active' then
-        set[#set + 1] = 's'
-        set[#set + 1] = 'active'
-      end
-      if cur[2] ~= where[2] then
-        set[#set + 1] = 'q'
-        set[#set + 1] = where[2]
-      end
-      redis.call('HSET', key, unpack(set))
-      redis.call('ZADD', P .. 'leases', score, id)
-      emit(out, token, id, read(key))
-    else
-      stale[#stale + 1] = id
-      if cur[4] then
-        release(id, cur[4])
-      elseif not (cur[1] or cur[2] or cur[3]) then
-        -- The record was deleted behind the backend's back: its id is in running sets no script can name.
-        -- For a while, claims check the running sets they find at a limit (see the claim script).
-        redis.call('SET', P .. 'check', '1', 'EX', 300)
-      end
+  local cur = redis.call('HMGET', key, 's', 'q', 'o', 'rn', 'g')
+  local where = locate(id, 'active', cur[2], cur[3])
+  if where and where[1] == 'active' then
+    taken[#taken + 1] = id
+    local token = callid .. ':' .. #taken
+    if cur[5] then token = token .. 'g' end  -- a group member's token says so (see the settle script)
+    local set = {'l', lease, 'k', token}
+    if cur[1] ~= 'active' then
+      set[#set + 1] = 's'
+      set[#set + 1] = 'active'
+    end
+    if cur[2] ~= where[2] then
+      set[#set + 1] = 'q'
+      set[#set + 1] = where[2]
+    end
+    redis.call('HSET', key, unpack(set))
+    redis.call('ZADD', P .. 'leases', lease, id)
+    emit(out, token, id, read(key))
+  else
+    stale[#stale + 1] = id
+    if cur[4] then
+      release(id, cur[4])
+    elseif not (cur[1] or cur[2] or cur[3]) then
+      -- The record was deleted behind the backend's back: its id is in running sets no script can name.
+      -- For a while, claims check the running sets they find at a limit (see the claim script).
+      redis.call('SET', P .. 'check', '1', 'EX', 300)
     end
   end
 end
@@ -800,7 +790,6 @@ return out
 # ARGV: P, lease_until, then (id, token) pairs. Returns the ids whose lease was lost.
 _EXTEND = """
 local lease = ARGV[2]
-local score = lease_score(lease)
 local lost = {}
 for i = 3, #ARGV, 2 do
   local id, token = ARGV[i], ARGV[i + 1]
@@ -808,7 +797,7 @@ for i = 3, #ARGV, 2 do
   local cur = redis.call('HMGET', key, 's', 'k')
   if cur[1] == 'active' and cur[2] == token then
     redis.call('HSET', key, 'l', lease)
-    redis.call('ZADD', P .. 'leases', score, id)
+    redis.call('ZADD', P .. 'leases', lease, id)
   else
     lost[#lost + 1] = id
   end

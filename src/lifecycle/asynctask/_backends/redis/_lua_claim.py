@@ -405,9 +405,8 @@ end
 -- The queues whose ready set take() left a member in (one it fetched but did not examine, or not due): the
 -- wake-up at the end need not look.
 local LEFT = {}
--- Pairs list (score, member, ...) in reverse order of its pairs.
-local function reversed(list)
-  local back = {}
+-- Pairs list (score, member, ...) in reverse order of its pairs, after those of list `back`.
+local function reversed(list, back)
   for j = #list - 1, 1, -2 do
     back[#back + 1] = list[j]
     back[#back + 1] = list[j + 1]
@@ -522,9 +521,10 @@ local function take(q)
   bulk('ZREM', rk, removed)
   bulk('ZREM', pk, unpending)
   bulk('ZREM', expiring(q), xrem)
-  -- Added in reverse: a small sorted set is a list that each ZADD walks from its head, parsing every score,
-  -- to the first greater entry, so ascending entries would each walk past the ones added before them.
-  if #active > 0 then bulk('ZADD', idx('active', q), reversed(active)) end
+  -- KEPT first (see there). The rest in reverse, should the set be a listpack all the same (a server with a
+  -- larger zset-max-listpack-value): each ZADD walks it from its head, parsing every score, to the first
+  -- greater entry, so ascending entries would each walk past the ones added before them.
+  if #active > 0 then bulk('ZADD', idx('active', q), reversed(active, {'+inf', KEPT})) end
 end
 
 for qi = qfirst, #ARGV do
@@ -555,14 +555,10 @@ end
 for N in pairs(REFUSED) do redis.call('HINCRBY', P .. 'tr', N, 1) end
 for setkey, ids in pairs(ADDED) do bulk('SADD', P .. setkey, ids) end
 if n > 0 then
-  -- One score for all: added in descending id order, so each stops at the one added before it (see take()).
-  local sorted = {}
-  for j = 1, n do sorted[j] = ids[j] end
-  table.sort(sorted)
-  local leases, score = {}, lease_score(lease)
-  for j = n, 1, -1 do
-    leases[#leases + 1] = score
-    leases[#leases + 1] = sorted[j]
+  local leases = {'+inf', KEPT}  -- first: see there
+  for j = 1, n do
+    leases[#leases + 1] = lease
+    leases[#leases + 1] = ids[j]
   end
   bulk('ZADD', P .. 'leases', leases)
   logged(log, ids, %(ttl)d)
@@ -678,7 +674,8 @@ return {redis.call('SCARD', P .. 'an:' .. N), for_key, redis.call('HGET', P .. '
 # call: the queues' pending sets {P}:r:<queue> (score run_at, member o .. id) become delayed sets (a claim
 # moves the due tasks to the ready sets); then the ACTIVE tasks are counted in the running sets. Layout 2 to
 # 3 (groups, cancellation of running tasks, progress) adds keys and record fields whose absence means what an
-# older record means (no group, nothing asked, no progress): only the version changes. Returns the layout
+# older record means (no group, nothing asked, no progress), and layout 3 to 4 the KEPT member of the leases
+# and active index sets (see the prelude), which the next claim adds: only the version changes. Returns the layout
 # version when done, 0 when more calls are needed. Idempotent: safe to run from several processes at once and
 # to repeat.
 _MIGRATE = """
