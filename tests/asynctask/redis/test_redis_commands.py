@@ -207,7 +207,9 @@ async def test_the_running_tasks_sets_are_kept_skiplists_by_a_member_no_reader_c
         assert await admin.object("encoding", key) == b"skiplist"
         *entries, (kept, score) = await admin.zrange(key, 0, -1, withscores=True)
         assert len(entries) == 2
-        assert b"\0" in kept and len(kept) > 64 and score == float("inf")
+        assert b"\0" in kept
+        assert len(kept) > 64
+        assert score == float("inf")
     assert await backend.stats() == {"default": {TaskState.PENDING: 1, TaskState.ACTIVE: 2}}
     listed = await backend.list_records(states={TaskState.ACTIVE}, limit=2)
     assert sorted(record.id for record in listed) == ["a", "b"]
@@ -220,7 +222,8 @@ async def test_the_running_tasks_sets_are_kept_skiplists_by_a_member_no_reader_c
     assert await admin.zrange(leases, 0, -1) == [kept]
     (again,) = await backend.claim(["default"], 10, now=T0 + 3, lease_until=T0 + 33)
     (taken,) = await backend.reclaim_expired(now=T0 + 40, lease_until=T0 + 70, limit=10)
-    assert taken.record.id == "c" and taken.token != again.token
+    assert taken.record.id == "c"
+    assert taken.token != again.token
     assert await backend.purge(states={TaskState.ACTIVE}) == 1
     assert await backend.stats() == {"default": {TaskState.SUCCEEDED: 2}}
     assert not await admin.exists(leases), "a purge removes the leases set KEPT alone kept"

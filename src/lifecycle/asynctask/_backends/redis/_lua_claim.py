@@ -449,7 +449,9 @@ local function take(q)
           local iscore = rec[8]
           if not (iscore and #iscore <= 24 and string.find(iscore, '^%d+%.%d+$')) then
             iscore = tonumber(iscore)
-            if not iscore or iscore ~= iscore then iscore = tonumber(redis.call('ZSCORE', pk, pmember)) or 0 end
+            if not iscore or iscore ~= iscore then
+              iscore = tonumber(redis.call('ZSCORE', pk, pmember)) or 0
+            end
           end
           local N, K = rec[1], rec[14]
           local ex = tonumber(rec[15])
@@ -675,9 +677,9 @@ return {redis.call('SCARD', P .. 'an:' .. N), for_key, redis.call('HGET', P .. '
 # moves the due tasks to the ready sets); then the ACTIVE tasks are counted in the running sets. Layout 2 to
 # 3 (groups, cancellation of running tasks, progress) adds keys and record fields whose absence means what an
 # older record means (no group, nothing asked, no progress), and layout 3 to 4 the KEPT member of the leases
-# and active index sets (see the prelude), which the next claim adds: only the version changes. Returns the layout
-# version when done, 0 when more calls are needed. Idempotent: safe to run from several processes at once and
-# to repeat.
+# and active index sets (see the prelude), which the next claim adds: only the version changes. Returns the
+# layout version when done, 0 when more calls are needed. Idempotent: safe to run from several processes at
+# once and to repeat.
 _MIGRATE = """
 -- A time as 16 hex digits that sort (as text) the way the times do: the IEEE double, big-endian, with the
 -- sign bit flipped for positive numbers and every bit flipped for negative ones.
