@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
+from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -419,7 +420,8 @@ async def test_a_store_written_by_layout_3_is_marked_layout_4_and_counts_exactly
     client = aioredis.Redis.from_url(redis_url)
     try:
         for key in (f"{prefix}leases", f"{prefix}i:active:default"):  # as layout 3 wrote them
-            (kept,) = await client.zrangebyscore(key, "+inf", "+inf")
+            found = cast("list[bytes]", await client.zrangebyscore(key, "+inf", "+inf"))
+            (kept,) = found
             assert await client.zrem(key, kept) == 1
         await client.set(f"{prefix}layout", 3)
         second = await open_redis()
