@@ -831,6 +831,21 @@ end
 DEFER = true  -- each task is stored or placed at most once per call
 -- Sorted-set changes are collected per key and made at the end, many members per command.
 local removals, additions = {}, {}
+-- The keys of those, built once per call.
+local LEASES, IKEYS = P .. 'leases', {}
+local function ikey(state, q)
+  local byq = IKEYS[state]
+  if not byq then
+    byq = {}
+    IKEYS[state] = byq
+  end
+  local key = byq[q]
+  if not key then
+    key = idx(state, q)
+    byq[q] = key
+  end
+  return key
+end
 local function later(map, key, a, b)
   local list = map[key]
   if not list then list = {}; map[key] = list end
@@ -857,7 +872,7 @@ end
 -- the active-index scores of the records whose lease the call holds, one command per queue instead of one
 -- ZSCORE per task. A second settlement of the same id in the call reads again in its turn (the first one's
 -- writes come before it).
-local CUR, SCORE, SEEN = {}, {}, {}
+local CUR, SCORE, SEEN, NEXT = {}, {}, {}, {}
 local probes = {}
 local i = 5
 while i <= #ARGV do
@@ -876,7 +891,8 @@ while i <= #ARGV do
       later(probes, cur[3], i)
     end
   end
-  i = entry_end(i)
+  NEXT[i] = entry_end(i)
+  i = NEXT[i]
 end
 for q, at in pairs(probes) do
   local members = {}
@@ -910,12 +926,12 @@ while i <= #ARGV do
   if not where and cur[1] == 'active' and cur[2] == token then
     where = locate(id, 'active', cur[3], cur[4])
   end
-  i = entry_end(i)
+  i = NEXT[i] or entry_end(i)
   if where and where[1] == 'active' then
     local q, member, score = where[2], where[3], where[4]
     local o = string.sub(member, 1, 16)
-    later(removals, P .. 'leases', id)
-    later(removals, idx('active', q), member)
+    later(removals, LEASES, id)
+    later(removals, ikey('active', q), member)
     release(id, cur[7])
     local follow = nil
     if cur[6] == '1' then
@@ -935,7 +951,7 @@ while i <= #ARGV do
       local set = {'n', t[2], 'q', nq, 'p', t[4], 's', 'pending', 'a', '0', 'm', t[5], 'to', t[6], 'e', t[7],
         'r', r, 'st', '', 'f', '', 'l', '', 'rs', rs, 'sv', state}
       optional(set, t, 1)
-      if string.sub(flags, 1, 1) == '1' then
+      if string.byte(flags, 1) == 49 then
         set[#set + 1] = 'err'
         set[#set + 1] = err
       end
@@ -948,7 +964,7 @@ while i <= #ARGV do
         set[#set + 1] = 'fu'
         set[#set + 1] = ''
       end
-      if string.sub(flags, 1, 1) == '1' then
+      if string.byte(flags, 1) == 49 then
         set[#set + 1] = 'err'
         set[#set + 1] = err
       end
@@ -964,7 +980,7 @@ while i <= #ARGV do
         set[#set + 1] = 'rs'
         set[#set + 1] = run_rs
         local attempts = count(cur[5])
-        if string.sub(flags, 3, 3) == '1' and attempts and attempts > 0 then
+        if string.byte(flags, 3) == 49 and attempts and attempts > 0 then
           set[#set + 1] = 'a'
           set[#set + 1] = string.format('%d', attempts - 1)
         end
@@ -975,13 +991,13 @@ while i <= #ARGV do
         set[#set + 1] = 'f'
         set[#set + 1] = at
         local result = nil
-        if string.sub(flags, 2, 2) == '1' then
+        if string.byte(flags, 2) == 49 then
           set[#set + 1] = 'res'
           set[#set + 1] = res
           result = res
         end
         redis.call('HSET', key, unpack(set))
-        later(additions, idx(state, q), score, member)
+        later(additions, ikey(state, q), score, member)
         if string.byte(token, -1) == 103 then  -- 'g': a group member
           local gid = cur[8]  -- read with the record (false: none), or not yet when the id came again
           if gid == nil then gid = redis.call('HGET', key, 'g') end
@@ -1021,7 +1037,7 @@ for key, list in pairs(additions) do bulk('ZADD', key, list) end
 added()
 released()
 announce(queues)
-local settled = removals[P .. 'leases']  -- the ids of the settlements applied, in order
+local settled = removals[LEASES]  -- the ids of the settlements applied, in order
 if settled then
   redis.call('SET', marker, '1', 'EX', ARGV[3])
   publish('s:' .. string.match(callid, '^[^.]*'), settled)  -- the settling backend object's nonce
