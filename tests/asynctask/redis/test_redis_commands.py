@@ -5,6 +5,7 @@ ZMSCORE (Redis 6.0 and 6.1, whose settle looks up each task's index entry with Z
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -191,6 +192,46 @@ async def test_a_claim_with_limits_still_counts_the_running_tasks(backend: Redis
     assert len(first) == 2
     second = await backend.claim(["default"], 10, now=T0 + 1, lease_until=T0 + 31, limits=limits)
     assert len(second) == 1, "three of the key run at most"
+
+
+async def test_the_running_tasks_sets_are_kept_skiplists_by_a_member_no_reader_counts(
+    backend: RedisBackend, admin: aioredis.Redis
+) -> None:
+    """The claim keeps in {P}:leases and in the active index a member longer than zset-max-listpack-value,
+    scored +inf: these sets hold the running tasks, few enough to be a listpack, which every ZADD walks
+    parsing the scores it passes, and every ZREM searches. The member holds a NUL (no task id does); no
+    reclaim takes it, stats and listings leave it out, a purge skips it and removes the sets it kept."""
+    leases, active = f"{backend.key_prefix}leases", f"{backend.key_prefix}i:active:default"
+    await backend.enqueue_many([_task("a"), _task("b"), _task("c")])
+    claimed = await backend.claim(["default"], 2, now=T0 + 1, lease_until=T0 + 31)
+    for key in (leases, active):
+        assert await admin.object("encoding", key) == b"skiplist"
+        entries = cast("list[tuple[bytes, float]]", await admin.zrange(key, 0, -1, withscores=True))
+        assert len(entries) == 3
+        kept, score = entries[-1]
+        assert b"\0" in kept
+        assert len(kept) > 64
+        assert score == float("inf")
+    assert await backend.stats() == {"default": {TaskState.PENDING: 1, TaskState.ACTIVE: 2}}
+    listed = await backend.list_records(states={TaskState.ACTIVE}, limit=2)
+    assert sorted(record.id for record in listed) == ["a", "b"]
+    await backend.settle([Settlement(c.record.id, c.token, TaskState.SUCCEEDED, at=T0 + 2) for c in claimed])
+    assert await admin.zrange(leases, 0, -1) == [kept]
+    assert await admin.zrange(active, 0, -1) == [kept]
+    assert await backend.stats() == {"default": {TaskState.PENDING: 1, TaskState.SUCCEEDED: 2}}
+    assert await backend.list_records(states={TaskState.ACTIVE}) == []
+    assert await backend.reclaim_expired(now=T0 + 10**9, lease_until=T0 + 10**9 + 30, limit=10) == []
+    assert await admin.zrange(leases, 0, -1) == [kept]
+    (again,) = await backend.claim(["default"], 10, now=T0 + 3, lease_until=T0 + 33)
+    (taken,) = await backend.reclaim_expired(now=T0 + 40, lease_until=T0 + 70, limit=10)
+    assert taken.record.id == "c"
+    assert taken.token != again.token
+    assert await backend.purge(states={TaskState.ACTIVE}) == 1
+    assert await backend.stats() == {"default": {TaskState.SUCCEEDED: 2}}
+    assert not await admin.exists(leases), "a purge removes the leases set KEPT alone kept"
+    assert await backend.purge(states={TaskState.SUCCEEDED}) == 2
+    assert await backend.stats() == {}
+    assert not await admin.exists(active), "and the active index of a queue it emptied"
 
 
 @pytest.mark.parametrize("result", [None, b"[1]"], ids=["no-result", "result"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
+from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -337,7 +338,7 @@ async def test_a_store_written_by_layout_1_is_migrated_when_opened(
     try:
         await _write_layout_1(client, prefix)
         backend = await open_redis()
-        assert await client.get(f"{prefix}layout") == b"3"
+        assert await client.get(f"{prefix}layout") == b"4"
         assert not await client.exists(f"{prefix}r:default"), "the version-1 pending set is gone"
         assert await client.zcard(f"{prefix}dl:default") == 4
         assert await client.smembers(f"{prefix}an:job.capped") == {b"running"}
@@ -366,7 +367,7 @@ async def test_a_store_written_by_layout_1_is_migrated_when_opened(
     assert await again.stats() == {"default": {TaskState.SUCCEEDED: 1, TaskState.ACTIVE: 5}}
 
 
-async def test_a_store_written_by_layout_2_is_marked_layout_3_and_keeps_its_running_slots(
+async def test_a_store_written_by_layout_2_is_marked_the_current_layout_and_keeps_its_running_slots(
     open_redis: OpenRedis, redis_url: str, unique_name: str
 ) -> None:
     """Layout 3 (groups, cancellation of running tasks, progress) only adds keys and record fields whose
@@ -384,7 +385,7 @@ async def test_a_store_written_by_layout_2_is_marked_layout_3_and_keeps_its_runn
         rn = await client.hget(f"{prefix}t:{running.record.id}", "rn")
         await client.set(f"{prefix}layout", 2)
         second = await open_redis()
-        assert await client.get(f"{prefix}layout") == b"3"
+        assert await client.get(f"{prefix}layout") == b"4"
         assert await client.hget(f"{prefix}t:{running.record.id}", "rn") == rn == b"5:keyed:a"
         assert await client.smembers(f"{prefix}ak:5:keyeda") == {running.record.id.encode()}
     finally:
@@ -404,3 +405,40 @@ async def test_a_store_written_by_layout_2_is_marked_layout_3_and_keeps_its_runn
     )
     claimed = await second.claim(["default"], 10, now=T0 + 4, lease_until=T0 + 34, limits=limits)
     assert len(claimed) == 1, "the slot came back when the layout-2 lease was settled"
+
+
+async def test_a_store_written_by_layout_3_is_marked_layout_4_and_counts_exactly(
+    open_redis: OpenRedis, redis_url: str, unique_name: str
+) -> None:
+    """Layout 4 adds a member that keeps {P}:leases and the active indexes skiplists (see the prelude's KEPT),
+    which the next claim puts in: a layout-3 store, without it, is marked layout 4 as it is, its running tasks
+    counted, listed, settled and reclaimed as before, and the next claim's member counted nowhere."""
+    prefix = f"{{{unique_name}}}:"
+    first = await open_redis()
+    await first.enqueue_many([_task(f"t{n}") for n in range(3)])
+    running = await first.claim(["default"], 2, now=T0 + 1, lease_until=T0 + 31)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        for key in (f"{prefix}leases", f"{prefix}i:active:default"):  # as layout 3 wrote them
+            found = cast("list[bytes]", await client.zrangebyscore(key, "+inf", "+inf"))
+            (kept,) = found
+            assert await client.zrem(key, kept) == 1
+        await client.set(f"{prefix}layout", 3)
+        second = await open_redis()
+        assert await client.get(f"{prefix}layout") == b"4"
+        assert await client.zcard(f"{prefix}i:active:default") == 2
+        assert await second.stats() == {"default": {TaskState.PENDING: 1, TaskState.ACTIVE: 2}}
+        listed = await second.list_records(states={TaskState.ACTIVE})
+        assert sorted(record.id for record in listed) == ["t0", "t1"]
+        done = Settlement(running[0].record.id, running[0].token, TaskState.SUCCEEDED, at=T0 + 2)
+        assert await second.settle([done]) == set()
+        (taken,) = await second.reclaim_expired(now=T0 + 40, lease_until=T0 + 70, limit=10)
+        assert taken.record.id == running[1].record.id
+        assert len(await second.claim(["default"], 10, now=T0 + 41, lease_until=T0 + 71)) == 1
+        assert await client.zrangebyscore(f"{prefix}i:active:default", "+inf", "+inf") == [kept]
+        assert await second.stats() == {
+            "default": {TaskState.SUCCEEDED: 1, TaskState.ACTIVE: 2},
+        }
+        assert len(await second.list_records(states={TaskState.ACTIVE})) == 2
+    finally:
+        await client.aclose()

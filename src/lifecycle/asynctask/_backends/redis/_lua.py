@@ -5,7 +5,7 @@ flow-control rule, is in ``_lua_claim``; operator actions in ``_lua_admin``).
 
 Each script receives the key prefix ``{name}:`` as ``ARGV[1]`` and one declared key (``{name}:seq``) so that
 Redis Cluster routes it; every key a script builds starts with the same ``{name}`` hash tag, so all of them
-live in the declared key's slot. The key layout, version 3 (documented in ``docs/backends.md``):
+live in the declared key's slot. The key layout, version 4 (documented in ``docs/backends.md``):
 
 - ``{P}:t:<id>``           hash, the record. Fields: n name, q queue, p payload, s state, a attempts,
                            m max_retries, to timeout, e enqueued_at, r run_at, st started_at, f finished_at,
@@ -28,8 +28,10 @@ live in the declared key's slot. The key layout, version 3 (documented in ``docs
 - ``{P}:x:<queue>``        sorted set of the queue's PENDING tasks that have an expiry, score the later of
                            run_at and expires_at, member id: what claims cancel as expired.
 - ``{P}:i:<state>:<queue>`` sorted set per queue and state, score enqueued_at, member ``o .. id``: stats,
-                           listing, requeue and purge; the truth about where a record is.
-- ``{P}:leases``           sorted set of ACTIVE task ids by lease_until: what reclaim takes from.
+                           listing, requeue and purge; the truth about where a record is. An active index
+                           also holds the prelude's ``KEPT`` member (score +inf), which keeps it a skiplist.
+- ``{P}:leases``           sorted set of ACTIVE task ids by lease_until: what reclaim takes from; and ``KEPT``
+                           (score +inf) once a claim leased something, until a purge finds it alone.
 - ``{P}:an:<name>``, ``{P}:ak:<len>:<name><key>`` sets of the ACTIVE task ids of a name, and of a name and
   concurrency key. Every way out of ACTIVE removes the id from the sets its rn field names; an id whose
   record was deleted behind the backend's back is found when its lease expires (recovery then sets
@@ -65,11 +67,12 @@ from dataclasses import dataclass, field
 
 __all__ = ["CALL_LOG_TTL", "LAYOUT_VERSION", "PRELUDE", "WORKER_SCRIPTS", "LuaScript", "script"]
 
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 """Version of the key layout; stored in ``{P}:layout``. A newer one is refused at open, an older one is
 migrated (``_lua_claim``'s ``migrate`` script): version 1 had one ``{P}:r:<queue>`` set scored by run_at, no
 priorities, keys, expiry or running-task sets; version 2 no groups, cancellation requests or progress (its
-records read as they are)."""
+records read as they are); version 3 no ``KEPT`` member in ``{P}:leases`` and the active indexes (the next
+claim adds it; a version-3 reader would count it as a running task)."""
 
 CALL_LOG_TTL = 300
 """Seconds a claim call's log survives, so a retry after a dropped connection can find its tasks."""
@@ -88,6 +91,12 @@ local function delayed(q) return P .. 'dl:' .. q end
 local function expiring(q) return P .. 'x:' .. q end
 local function enc(s) return #s .. ':' .. s end
 local function read(key) return redis.call('HMGET', key, unpack(FIELDS)) end
+-- The member the claim puts first in every ZADD to {P}:leases and to an active index, scored +inf: no task id
+-- (it holds a NUL), longer than zset-max-listpack-value (64 bytes by default), so the set is made a skiplist
+-- and stays one. These sets hold the running tasks, few enough to be a listpack otherwise, which every ZADD
+-- walks from its head parsing each score as text, and every ZREM or ZMSCORE searches: a third of the
+-- server's work per task in a drain. Left out by whatever reads these sets (stats, listing, purge).
+local KEPT = '\\0 keeps this set a skiplist: a member longer than zset-max-listpack-value'
 local WOKEN = {}
 -- The wake-up list holds at most one token: one command while a token waits (no worker idle), two when an
 -- idle worker took the last one.
@@ -822,6 +831,21 @@ end
 DEFER = true  -- each task is stored or placed at most once per call
 -- Sorted-set changes are collected per key and made at the end, many members per command.
 local removals, additions = {}, {}
+-- The keys of those, built once per call.
+local LEASES, IKEYS = P .. 'leases', {}
+local function ikey(state, q)
+  local byq = IKEYS[state]
+  if not byq then
+    byq = {}
+    IKEYS[state] = byq
+  end
+  local key = byq[q]
+  if not key then
+    key = idx(state, q)
+    byq[q] = key
+  end
+  return key
+end
 local function later(map, key, a, b)
   local list = map[key]
   if not list then list = {}; map[key] = list end
@@ -848,7 +872,7 @@ end
 -- the active-index scores of the records whose lease the call holds, one command per queue instead of one
 -- ZSCORE per task. A second settlement of the same id in the call reads again in its turn (the first one's
 -- writes come before it).
-local CUR, SCORE, SEEN = {}, {}, {}
+local CUR, SCORE, SEEN, NEXT = {}, {}, {}, {}
 local probes = {}
 local i = 5
 while i <= #ARGV do
@@ -867,7 +891,8 @@ while i <= #ARGV do
       later(probes, cur[3], i)
     end
   end
-  i = entry_end(i)
+  NEXT[i] = entry_end(i)
+  i = NEXT[i]
 end
 for q, at in pairs(probes) do
   local members = {}
@@ -901,12 +926,12 @@ while i <= #ARGV do
   if not where and cur[1] == 'active' and cur[2] == token then
     where = locate(id, 'active', cur[3], cur[4])
   end
-  i = entry_end(i)
+  i = NEXT[i] or entry_end(i)
   if where and where[1] == 'active' then
     local q, member, score = where[2], where[3], where[4]
     local o = string.sub(member, 1, 16)
-    later(removals, P .. 'leases', id)
-    later(removals, idx('active', q), member)
+    later(removals, LEASES, id)
+    later(removals, ikey('active', q), member)
     release(id, cur[7])
     local follow = nil
     if cur[6] == '1' then
@@ -926,7 +951,7 @@ while i <= #ARGV do
       local set = {'n', t[2], 'q', nq, 'p', t[4], 's', 'pending', 'a', '0', 'm', t[5], 'to', t[6], 'e', t[7],
         'r', r, 'st', '', 'f', '', 'l', '', 'rs', rs, 'sv', state}
       optional(set, t, 1)
-      if string.sub(flags, 1, 1) == '1' then
+      if string.byte(flags, 1) == 49 then
         set[#set + 1] = 'err'
         set[#set + 1] = err
       end
@@ -939,7 +964,7 @@ while i <= #ARGV do
         set[#set + 1] = 'fu'
         set[#set + 1] = ''
       end
-      if string.sub(flags, 1, 1) == '1' then
+      if string.byte(flags, 1) == 49 then
         set[#set + 1] = 'err'
         set[#set + 1] = err
       end
@@ -955,7 +980,7 @@ while i <= #ARGV do
         set[#set + 1] = 'rs'
         set[#set + 1] = run_rs
         local attempts = count(cur[5])
-        if string.sub(flags, 3, 3) == '1' and attempts and attempts > 0 then
+        if string.byte(flags, 3) == 49 and attempts and attempts > 0 then
           set[#set + 1] = 'a'
           set[#set + 1] = string.format('%d', attempts - 1)
         end
@@ -966,13 +991,13 @@ while i <= #ARGV do
         set[#set + 1] = 'f'
         set[#set + 1] = at
         local result = nil
-        if string.sub(flags, 2, 2) == '1' then
+        if string.byte(flags, 2) == 49 then
           set[#set + 1] = 'res'
           set[#set + 1] = res
           result = res
         end
         redis.call('HSET', key, unpack(set))
-        later(additions, idx(state, q), score, member)
+        later(additions, ikey(state, q), score, member)
         if string.byte(token, -1) == 103 then  -- 'g': a group member
           local gid = cur[8]  -- read with the record (false: none), or not yet when the id came again
           if gid == nil then gid = redis.call('HGET', key, 'g') end
@@ -1012,7 +1037,7 @@ for key, list in pairs(additions) do bulk('ZADD', key, list) end
 added()
 released()
 announce(queues)
-local settled = removals[P .. 'leases']  -- the ids of the settlements applied, in order
+local settled = removals[LEASES]  -- the ids of the settlements applied, in order
 if settled then
   redis.call('SET', marker, '1', 'EX', ARGV[3])
   publish('s:' .. string.match(callid, '^[^.]*'), settled)  -- the settling backend object's nonce

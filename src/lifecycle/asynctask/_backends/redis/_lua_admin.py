@@ -210,8 +210,8 @@ local deleted, skipped = 0, 0
 for _, member in ipairs(members) do
   local id = string.sub(member, 17)
   local key = rkey(id)
-  local wanted = true
-  if before ~= '' and final then
+  local wanted = member ~= KEPT  -- an active index's (see the prelude)
+  if wanted and before ~= '' and final then
     local finished = tonumber(redis.call('HGET', key, 'f') or '')
     wanted = finished ~= nil and finished < limit
   end
@@ -234,7 +234,7 @@ released()
 if deleted > 0 then
   local empty = true
   for _, s in ipairs(STATES) do
-    if redis.call('EXISTS', idx(s, q)) == 1 then empty = false; break end
+    if redis.call('ZCOUNT', idx(s, q), '-inf', '(+inf') > 0 then empty = false; break end
   end
   if empty then
     -- Nothing of the queue is left: drop its parked tasks' bookkeeping (their sets are empty) too.
@@ -246,7 +246,11 @@ if deleted > 0 then
       redis.call('DEL', P .. 'hk:' .. enc(q) .. N)
     end
     redis.call('SREM', P .. 'queues', q)
-    redis.call('DEL', P .. 'w:' .. q, hs)
+    redis.call('DEL', P .. 'w:' .. q, hs, idx('active', q))
+  end
+  -- No lease left but KEPT (see the prelude): the set goes, as it would have emptied without it.
+  if redis.call('ZCARD', P .. 'leases') == 1 and redis.call('ZSCORE', P .. 'leases', KEPT) then
+    redis.call('DEL', P .. 'leases')
   end
 end
 return {deleted, skipped, #members}
@@ -257,7 +261,13 @@ _STATS = """
 local out = {}
 for _, q in ipairs(redis.call('SMEMBERS', P .. 'queues')) do
   out[#out + 1] = q
-  for _, s in ipairs(STATES) do out[#out + 1] = redis.call('ZCARD', idx(s, q)) end
+  for _, s in ipairs(STATES) do
+    if s == 'active' then
+      out[#out + 1] = redis.call('ZCOUNT', idx(s, q), '-inf', '(+inf')  -- without KEPT (see the prelude)
+    else
+      out[#out + 1] = redis.call('ZCARD', idx(s, q))
+    end
+  end
 end
 return out
 """
@@ -272,8 +282,12 @@ local want = offset + limit
 local found = {}
 for _, q in ipairs(qs) do
   for si = 6, #ARGV do
-    local page = redis.call('ZREVRANGE', idx(ARGV[si], q), 0, want - 1, 'WITHSCORES')
-    for j = 1, #page, 2 do found[#found + 1] = {tonumber(page[j + 1]), page[j]} end
+    local more = 0
+    if ARGV[si] == 'active' then more = 1 end  -- KEPT comes first (see the prelude): left out
+    local page = redis.call('ZREVRANGE', idx(ARGV[si], q), 0, want - 1 + more, 'WITHSCORES')
+    for j = 1, #page, 2 do
+      if page[j] ~= KEPT then found[#found + 1] = {tonumber(page[j + 1]), page[j]} end
+    end
   end
 end
 table.sort(found, function(a, b)

@@ -107,7 +107,7 @@ local function check()
   return CHECK
 end
 local budget, moves, sweeps = %(scan)d, %(moves)d + limit, %(sweeps)d
-local out, ids, leases = {'0'}, {}, {}
+local out, ids = {'0'}, {}
 local n = 0
 local RUN, CHECKED, ADDED, BUCKETS, REFUSED, NAMES = {}, {}, {}, {}, {}, {}
 
@@ -405,6 +405,14 @@ end
 -- The queues whose ready set take() left a member in (one it fetched but did not examine, or not due): the
 -- wake-up at the end need not look.
 local LEFT = {}
+-- Pairs list (score, member, ...) in reverse order of its pairs, after those of list `back`.
+local function reversed(list, back)
+  for j = #list - 1, 1, -2 do
+    back[#back + 1] = list[j]
+    back[#back + 1] = list[j + 1]
+  end
+  return back
+end
 -- Take queue q's ready tasks in order: cancel the expired, park the held back, lease the rest.
 local function take(q)
   local rk, pk = ready(q), idx('pending', q)
@@ -437,8 +445,14 @@ local function take(q)
         else
           -- The active index is scored by enqueued_at; the pending index holds the same score when the
           -- record's own field is damaged.
-          local iscore = tonumber(rec[8])
-          if not iscore or iscore ~= iscore then iscore = tonumber(redis.call('ZSCORE', pk, pmember)) or 0 end
+          -- The usual repr of a time is passed on as it is (no number made of it and written out again).
+          local iscore = rec[8]
+          if not (iscore and #iscore <= 24 and string.find(iscore, '^%d+%.%d+$')) then
+            iscore = tonumber(iscore)
+            if not iscore or iscore ~= iscore then
+              iscore = tonumber(redis.call('ZSCORE', pk, pmember)) or 0
+            end
+          end
           local N, K = rec[1], rec[14]
           local ex = tonumber(rec[15])
           local L = N and LIM[N]
@@ -495,8 +509,6 @@ local function take(q)
             if rec[15] then xrem[#xrem + 1] = id end
             active[#active + 1] = iscore
             active[#active + 1] = pmember
-            leases[#leases + 1] = lease
-            leases[#leases + 1] = id
             ids[n] = id
             removed[#removed + 1] = member
             unpending[#unpending + 1] = pmember
@@ -511,7 +523,10 @@ local function take(q)
   bulk('ZREM', rk, removed)
   bulk('ZREM', pk, unpending)
   bulk('ZREM', expiring(q), xrem)
-  if #active > 0 then bulk('ZADD', idx('active', q), active) end
+  -- KEPT first (see there). The rest in reverse, should the set be a listpack all the same (a server with a
+  -- larger zset-max-listpack-value): each ZADD walks it from its head, parsing every score, to the first
+  -- greater entry, so ascending entries would each walk past the ones added before them.
+  if #active > 0 then bulk('ZADD', idx('active', q), reversed(active, {'+inf', KEPT})) end
 end
 
 for qi = qfirst, #ARGV do
@@ -542,6 +557,11 @@ end
 for N in pairs(REFUSED) do redis.call('HINCRBY', P .. 'tr', N, 1) end
 for setkey, ids in pairs(ADDED) do bulk('SADD', P .. setkey, ids) end
 if n > 0 then
+  local leases = {'+inf', KEPT}  -- first: see there
+  for j = 1, n do
+    leases[#leases + 1] = lease
+    leases[#leases + 1] = ids[j]
+  end
   bulk('ZADD', P .. 'leases', leases)
   logged(log, ids, %(ttl)d)
 end
@@ -656,9 +676,10 @@ return {redis.call('SCARD', P .. 'an:' .. N), for_key, redis.call('HGET', P .. '
 # call: the queues' pending sets {P}:r:<queue> (score run_at, member o .. id) become delayed sets (a claim
 # moves the due tasks to the ready sets); then the ACTIVE tasks are counted in the running sets. Layout 2 to
 # 3 (groups, cancellation of running tasks, progress) adds keys and record fields whose absence means what an
-# older record means (no group, nothing asked, no progress): only the version changes. Returns the layout
-# version when done, 0 when more calls are needed. Idempotent: safe to run from several processes at once and
-# to repeat.
+# older record means (no group, nothing asked, no progress), and layout 3 to 4 the KEPT member of the leases
+# and active index sets (see the prelude), which the next claim adds: only the version changes. Returns the
+# layout version when done, 0 when more calls are needed. Idempotent: safe to run from several processes at
+# once and to repeat.
 _MIGRATE = """
 -- A time as 16 hex digits that sort (as text) the way the times do: the IEEE double, big-endian, with the
 -- sign bit flipped for positive numbers and every bit flipped for negative ones.
