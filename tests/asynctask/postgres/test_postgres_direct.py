@@ -19,7 +19,8 @@ from psycopg import sql
 from lifecycle.asynctask import DuplicateTaskError, NewTask, TaskState
 from lifecycle.asynctask._backends.postgres._direct import numbered
 
-from ._support import OpenPostgres, make_task
+from ._support import OpenPostgres
+from ._support import make_task as make_chosen_task
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -35,6 +36,16 @@ def _insert_one_by_psycopg(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
 
     monkeypatch.setattr(psycopg.AsyncCursor, "execute", recording)
     return executed
+
+
+def _generated(task: NewTask) -> NewTask:
+    """``task`` as the engine makes it when the caller gives no id."""
+    return dataclasses.replace(task, generated_id=True)
+
+
+def make_task(task_id: str) -> NewTask:
+    """A task whose id the engine generated (``insert_one``; ``make_chosen_task`` for a caller's id)."""
+    return _generated(make_chosen_task(task_id))
 
 
 def _full_task(task_id: str, now: float) -> NewTask:
@@ -63,18 +74,27 @@ async def test_a_single_enqueue_goes_through_libpq_and_stores_what_psycopg_s_pat
     executed = _insert_one_by_psycopg(monkeypatch)
     now = time.time()
     assert await backend.enqueue_many([_full_task("direct", now)]) == ["direct"]
+    assert await backend.enqueue_many([_generated(_full_task("direct-g", now))]) == ["direct-g"]
     for n in range(3):
-        assert await backend.enqueue_many([make_task(f"t{n}")]) == [f"t{n}"]
+        assert await backend.enqueue_many([make_chosen_task(f"t{n}")]) == [f"t{n}"]
+        assert await backend.enqueue_many([make_task(f"g{n}")]) == [f"g{n}"]
     assert backend._statements.insert_one not in executed, "the single enqueue runs through libpq"
-    # The same task through psycopg's path (the backend without its direct statement) is stored alike.
-    backend._insert_one = None
+    assert backend._statements.insert_one_new not in executed, "with a chosen id too"
+    # The same tasks through psycopg's path (the backend without its direct statements) are stored alike.
+    backend._insert_one = backend._insert_one_new = None
     assert await backend.enqueue_many([_full_task("psycopg", now)]) == ["psycopg"]
-    assert backend._statements.insert_one in executed
+    assert await backend.enqueue_many([_generated(_full_task("psycopg-g", now))]) == ["psycopg-g"]
+    assert executed.count(backend._statements.insert_one_new) == 1, "a chosen id: ON CONFLICT"
+    assert executed.count(backend._statements.insert_one) == 1, "a generated id: a plain INSERT"
     direct, by_psycopg = await backend.get("direct"), await backend.get("psycopg")
     assert direct is not None
     assert by_psycopg is not None
     fields = {name: getattr(direct, name) for name in direct.__dataclass_fields__ if name != "id"}
     assert fields == {name: getattr(by_psycopg, name) for name in fields}
+    for key in ("direct-g", "psycopg-g"):
+        stored = await backend.get(key)
+        assert stored is not None
+        assert {name: getattr(stored, name) for name in fields} == fields
     assert direct.fault is None
     assert direct.payload == b"\x00\xffpayload"
     assert direct.priority == -(10**15) + 1
@@ -83,16 +103,17 @@ async def test_a_single_enqueue_goes_through_libpq_and_stores_what_psycopg_s_pat
 
 async def test_an_existing_id_is_refused_or_skipped_as_before(open_pg: OpenPostgres) -> None:
     backend = await open_pg()
-    assert await backend.enqueue_many([make_task("same")]) == ["same"]
-    assert await backend.enqueue_many([make_task("same")], if_exists="skip") == []
+    assert await backend.enqueue_many([make_chosen_task("same")]) == ["same"]
+    assert await backend.enqueue_many([make_chosen_task("same")], if_exists="skip") == []
     with pytest.raises(Exception, match="already"):
-        await backend.enqueue_many([make_task("same")])
+        await backend.enqueue_many([make_chosen_task("same")])
 
 
-async def test_an_existing_id_fails_the_single_insert_which_is_sorted_out_and_the_next_goes_direct(
+async def test_a_generated_id_that_exists_fails_the_plain_insert_and_is_sorted_out(
     open_pg: OpenPostgres, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # No ON CONFLICT: the server neither probes the primary key first nor confirms a speculative insertion.
+    # No ON CONFLICT for an id the engine generated: the server neither probes the primary key first nor
+    # confirms a speculative insertion. Should such an id exist after all, the checked path sorts it out.
     backend = await open_pg()
     assert b"ON CONFLICT" not in backend._statements.insert_one
     first = make_task("same")
@@ -107,6 +128,27 @@ async def test_an_existing_id_fails_the_single_insert_which_is_sorted_out_and_th
     assert await backend.enqueue_many([make_task("next")]) == ["next"]
     assert executed.count(backend._statements.insert_one) == 1, "then the direct path again"
     assert await backend.stats() == {"default": {TaskState.PENDING: 2}}
+
+
+async def test_a_chosen_id_that_exists_stores_nothing_without_a_server_error(
+    open_pg: OpenPostgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A caller's id exists when the caller enqueues the same work again: the direct INSERT's ON CONFLICT
+    # stores nothing, with no error for the server to log and no failed statement to run again.
+    backend = await open_pg()
+    assert b"ON CONFLICT (id) DO NOTHING" in backend._statements.insert_one_new
+    first = make_chosen_task("same")
+    assert await backend.enqueue_many([first]) == ["same"]
+    executed = _insert_one_by_psycopg(monkeypatch)
+    assert await backend.enqueue_many([dataclasses.replace(first, payload=b"other")], if_exists="skip") == []
+    with pytest.raises(DuplicateTaskError):
+        await backend.enqueue_many([dataclasses.replace(first, payload=b"other")])
+    assert backend._statements.insert_one_new not in executed, "no failed statement run again by psycopg"
+    assert backend._statements.insert_one not in executed
+    stored = await backend.get("same")
+    assert stored is not None
+    assert stored.payload == first.payload, "the stored task is untouched"
+    assert await backend.stats() == {"default": {TaskState.PENDING: 1}}
 
 
 @pytest.mark.parametrize(

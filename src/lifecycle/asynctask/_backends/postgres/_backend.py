@@ -166,8 +166,11 @@ class PostgresBackend:
             self._insert_one: DirectStatement | None = DirectStatement(
                 "lifecycle_insert_one", self._statements.insert_one, INSERT_ONE_TYPES
             )
+            self._insert_one_new: DirectStatement | None = DirectStatement(
+                "lifecycle_insert_one_new", self._statements.insert_one_new, INSERT_ONE_TYPES
+            )
         except ValueError:
-            self._insert_one = None
+            self._insert_one = self._insert_one_new = None
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
         self._leases: ConnectionLeases | None = None
         self._listener: Listener | None = None
@@ -409,6 +412,7 @@ class PostgresBackend:
                 pooled=True,
                 cursor=checkout.cursor,
                 insert_one=self._insert_one,
+                insert_one_new=self._insert_one_new,
             )
 
     async def enqueue_many_in(

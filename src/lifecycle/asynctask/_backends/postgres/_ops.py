@@ -256,12 +256,14 @@ async def enqueue(
     pooled: bool = False,
     cursor: Cursor | None = None,
     insert_one: DirectStatement | None = None,
+    insert_one_new: DirectStatement | None = None,
 ) -> list[str]:
     """Store ``tasks`` atomically on ``connection``; see :meth:`Backend.enqueue_many` for the id, window and
     debounce rules. ``pooled``: ``connection`` is one of the backend's own (its adapters are ours), so a large
     batch may go by binary COPY (see :func:`_copy_new`). ``cursor``: one of ``connection``'s to reuse (one
-    of tuple rows), the functions below take it too. ``insert_one``: the backend's ``st.insert_one`` run
-    through libpq (see :class:`DirectStatement`), for a single task on one of its own connections."""
+    of tuple rows), the functions below take it too. ``insert_one``, ``insert_one_new``: the backend's
+    ``st.insert_one`` and ``st.insert_one_new`` run through libpq (see :class:`DirectStatement`), for a single
+    task on one of its own connections."""
     cursor = _cursor(connection) if cursor is None else cursor
     # No task with a uniqueness key (counted at C speed: this runs over every task of a bulk enqueue).
     plain = if_exists != "debounce" and list(map(_UNIQUE_KEY, tasks)).count(None) == len(tasks)
@@ -280,24 +282,34 @@ async def enqueue(
             plain = False
         else:
             return [task.id for task in tasks]
-    elif alone and len(tasks) == 1 and if_exists == "error":
-        # One statement in autocommit is one transaction, and one round trip, wake-up included; a task that
-        # was not stored (its id exists: the statement's unique violation) wrote nothing.
+    elif alone and len(tasks) == 1:
+        # One statement in autocommit is one transaction, and one round trip, wake-up included. An id the
+        # engine generated cannot exist: its INSERT has no ON CONFLICT. One the caller chose may: its INSERT
+        # stores nothing then and returns no row.
         task = tasks[0]
+        generated = task.generated_id and if_exists == "error"
+        statement = st.insert_one if generated else st.insert_one_new
+        direct = insert_one if generated else insert_one_new
         row = _new_task_row(task)
         result = None
-        if insert_one is not None and pooled and insert_one.usable(connection):
+        if direct is not None and pooled and direct.usable(connection):
             params = _insert_one_params(row, st.channel)
             if params is not None:
-                result = await insert_one.run(connection, params)
-        if result is not None:  # a row: stored
+                result = await direct.run(connection, params)
+        if result is not None:  # run directly: a row when stored
+            added = result.ntuples > 0
+        else:  # not run directly, or the server's error: psycopg's path runs it (and raises that error)
+            try:
+                await cursor.execute(statement, (*row, st.channel))
+            except psycopg.errors.UniqueViolation:  # a generated id that exists after all: sorted out below
+                added = False
+            else:
+                added = await cursor.fetchone() is not None
+        if added:
             return [task.id]
-        try:  # not run directly, or the server's error: psycopg's path runs it (and raises that error)
-            await cursor.execute(st.insert_one, (*row, st.channel))
-        except psycopg.errors.UniqueViolation:
-            plain = False  # the id exists: sort it out below
-        else:
-            return [task.id]
+        if if_exists == "skip":
+            return []
+        plain = False  # the id exists: sort it out below
     elif alone and if_exists == "skip":
         # As one statement too: a batch of skip has nothing to undo.
         await cursor.execute(st.insert_new, (*_new_task_arrays(tasks), st.channel))

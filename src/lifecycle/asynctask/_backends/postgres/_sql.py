@@ -5,9 +5,9 @@ Every statement names its tables fully qualified (``"schema"."lifecycle_tasks"``
 connection in :meth:`PostgresBackend.enqueue_many_in`. Batches travel as arrays and are expanded with
 ``unnest``: one statement per batch, whatever its size (a large batch of new tasks goes by binary COPY
 instead, and a single task as scalars: see ``_ops.enqueue``). The text of each statement never changes, so
-psycopg prepares it on the server after a few executions; the single enqueue's INSERT (``insert_one``) is
-prepared by the backend itself on its connections' first use of it, and run through libpq (see
-``_direct``).
+psycopg prepares it on the server after a few executions; the single enqueue's INSERT (``insert_one``, or
+``insert_one_new`` for an id the caller chose) is prepared by the backend itself on its connections' first use
+of it, and run through libpq (see ``_direct``).
 
 The two claims (without and with limits) are calls of server-side functions (see ``_functions``).
 """
@@ -49,6 +49,7 @@ __all__ = ["COPY_COLUMNS", "COPY_TYPES", "HOT_STATEMENTS", "INSERT_ONE_TYPES", "
 #: it, as are the operator actions.
 HOT_STATEMENTS = (
     "insert_one",
+    "insert_one_new",
     "insert_new",
     "claim",
     "claim_limited",
@@ -64,8 +65,9 @@ _NEW_TASK_ARRAYS = (
     "%s::text[], %s::text[], %s::text[], %b::bytea[], %s::int[], %s::float8[], %s::float8[], "
     "%s::float8[], %s::text[], %s::int8[], %s::text[], %s::float8[], %s::text[]"
 )
-#: The type of each parameter of ``insert_one`` (PostgreSQL type OIDs: text 25, bytea 17, int4 23, float8 701,
-#: int8 20), as its casts say: the single enqueue sends them in binary through libpq (see ``_direct``).
+#: The type of each parameter of ``insert_one`` and ``insert_one_new`` (PostgreSQL type OIDs: text 25,
+#: bytea 17, int4 23, float8 701, int8 20), as their casts say: the single enqueue sends them in binary
+#: through libpq (see ``_direct``).
 INSERT_ONE_TYPES = (25, 25, 25, 17, 23, 701, 701, 701, 25, 20, 25, 701, 25, 25)
 _NEW_TASK_COLUMNS = (
     "id, name, queue, payload, max_retries, timeout, enqueued_at, run_at, meta, priority, concurrency_key, "
@@ -74,6 +76,10 @@ _NEW_TASK_COLUMNS = (
 _INSERT_COLUMNS = (
     "id, name, queue, payload, state, attempts, max_retries, timeout, enqueued_at, run_at, meta, priority, "
     "concurrency_key, expires_at, group_id"
+)
+_ONE_TASK_VALUES = (
+    "VALUES (%s::text, %s::text, %s::text, %b::bytea, 'pending', 0, %s::int, %s::float8, %s::float8, "
+    "%s::float8, %s::text, %s::int8, %s::text, %s::float8, %s::text)"
 )
 #: The columns of the binary COPY of new tasks, in the order of their values (``attempts`` takes its default
 #: 0): ``_NEW_TASK_COLUMNS``, then the state (a row is a new task's row and one more value); ``COPY_TYPES``
@@ -359,6 +365,7 @@ class Statements:
     members: sql.Identifier
     insert_new: bytes
     insert_one: bytes
+    insert_one_new: bytes
     copy_new: bytes
     notify_queues: bytes
     insert_checked: bytes
@@ -413,17 +420,32 @@ class Statements:
                 "SELECT id, " + NOTIFY_QUEUE + " FROM stored"
             ),
             # Params: the thirteen fields of one task (scalars), then the channel. insert_checked for one
-            # task: scalars are adapted by psycopg's C dumpers, where each array parameter costs a
-            # Python-level list adaptation (13 of them were a third of the client's CPU per single enqueue).
-            # An id that exists fails it (unique violation: see _ops.enqueue). Without ON CONFLICT, the
-            # server neither probes the primary key before the insert nor confirms a speculative insertion
-            # after it: 17 000 of its 300 000 instructions per call, and 48 of its 670 bytes of WAL. The
-            # wake-up is in the RETURNING list (one row: one notification) rather than in a query over a CTE
-            # of the insert: 7 000 instructions fewer.
+            # task whose id the engine generated (a random UUID: no record has it): scalars are adapted by
+            # psycopg's C dumpers, where each array parameter costs a Python-level list adaptation (13 of them
+            # were a third of the client's CPU per single enqueue). Without ON CONFLICT, the server neither
+            # probes the primary key before the insert nor confirms a speculative insertion after it: 17 000
+            # of its 300 000 instructions per call, and 48 of its 670 bytes of WAL. The wake-up is in the
+            # RETURNING list (one row: one notification) rather than in a query over a CTE of the insert:
+            # 7 000 instructions fewer.
             insert_one=render(
-                "INSERT INTO {tasks} AS t (" + _INSERT_COLUMNS + ") VALUES (%s::text, "
-                "%s::text, %s::text, %b::bytea, 'pending', 0, %s::int, %s::float8, %s::float8, %s::float8, "
-                "%s::text, %s::int8, %s::text, %s::float8, %s::text) RETURNING t.id, " + NOTIFY_QUEUE
+                "INSERT INTO {tasks} AS t ("
+                + _INSERT_COLUMNS
+                + ") "
+                + _ONE_TASK_VALUES
+                + " RETURNING t.id, "
+                + NOTIFY_QUEUE
+            ),
+            # The same for a task whose id the caller chose: an id that exists is expected (that is what the
+            # id is for), so it stores nothing and returns no row, rather than failing with an error the
+            # server would log and a second round trip would sort out.
+            insert_one_new=render(
+                "WITH stored AS (INSERT INTO {tasks} AS t ("
+                + _INSERT_COLUMNS
+                + ") "
+                + _ONE_TASK_VALUES
+                + " ON CONFLICT (id) DO NOTHING RETURNING t.id, t.queue) SELECT id, "
+                + NOTIFY_QUEUE
+                + " FROM stored"
             ),
             # A batch of new tasks by binary COPY, rows in batch order (so seq follows it): COPY_COLUMNS.
             # No ON CONFLICT: an id that exists fails it (see _ops.enqueue).
