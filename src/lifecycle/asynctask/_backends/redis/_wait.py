@@ -212,12 +212,11 @@ class Waiter:
                 raise TimeoutError(f"no reply from Redis within {self._socket_timeout} s")
             owed -= 1
             if first is not None:
-                due_in = float(first[0]) - now
-                if due_in > 0:
-                    pause = min(pause, due_in)
-                elif (first[0], first[1]) != skip:  # what prepare_wait was sent, not what is reported now
-                    rang = True  # prepare_wait rang the alarm: the BLPOP returns at once
+                if len(first) > 2:  # prepare_wait rang the alarm: the BLPOP returns at once
+                    rang = True
                     self._reported = (first[0], first[1])
+                elif (due_in := float(first[0]) - now) > 0:
+                    pause = min(pause, due_in)
             if rang:  # the BLPOP returns at once: only its reply's timeout to watch, no ringer task
                 reading = anyio.CancelScope(deadline=anyio.current_time() + self._socket_timeout)
             else:
