@@ -456,7 +456,11 @@ class RedisBackend:
         no clock skew between this host and the server enters, and ``now`` stays behind the real time;
         ``lease_until`` is advanced alike. For an ACL user who may not run ``TIME`` (the documented least
         rights), only this host's part is added: a task that falls due during the wait is claimed by the
-        next call."""
+        next call. ``now`` is then moved up to the ``run_at`` of the ready tasks the claim may take, by at
+        most ``WAKE_GRACE`` (1 s; ``lease_until`` is not moved by that): a task is ready only once a clock
+        read a time past its ``run_at`` (its enqueuer's, as a rule), before the claim ran, so with the clocks
+        in step that ``now`` is not ahead of the real time either, and a task enqueued during the wait is
+        not left to the next call because its enqueuer read its clock a little after this caller did."""
         self._run()
         assert self._waiting is not None
         if not queues or limit <= 0:

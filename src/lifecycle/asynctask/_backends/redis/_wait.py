@@ -10,7 +10,8 @@ A worker that claims as soon as the wait ends sends its claim script behind the 
 (:meth:`Waiter.wait_then_claim`): the server runs it the moment the BLPOP returns, so the task that woke the
 worker comes back in the wait's own round trip instead of one more. The claim measures the time since the
 wait began on the server's clock (see the claim script), so its ``now`` is the caller's clock then, never
-ahead of it.
+ahead of it, or the ``run_at`` of a ready task it takes, if later (by at most ``WAKE_GRACE``): the time a
+clock read before that task was made ready.
 """
 
 from __future__ import annotations
