@@ -499,7 +499,16 @@ class RedisBackend:
         runner = self._run()
         if not settlements:
             return set()
-        args: list[str | bytes] = [self._call_id(), self._marker_seconds, self._zmscore]
+        # 'q': this object's notices subscription is up, so the script sends the settled notice only when
+        # someone else subscribes (this object skips its own). A cluster node counts only its own
+        # subscribers, so a cluster backend always sends it.
+        listener = self._listener
+        live = listener is not None and listener.live and not self._cluster
+        args: list[str | bytes] = [
+            self._call_id(),
+            self._marker_seconds,
+            self._zmscore + "q" if live else self._zmscore,
+        ]
         leases: set[tuple[str, str]] = set()
         repeated: set[str] = set()
         for settlement in settlements:
