@@ -289,6 +289,7 @@ class RedisBackend:
             nonce=self._nonce,
             socket_timeout=self._socket_timeout,
             connect_timeout=self._connect_timeout,
+            countable=not self._cluster,
         )
 
     async def _migrate(self, runner: ScriptRunner, stored: int) -> None:

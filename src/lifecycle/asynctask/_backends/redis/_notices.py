@@ -45,7 +45,14 @@ class Listener:
     not empty."""
 
     def __init__(
-        self, client: Any, channel: str, *, nonce: str, socket_timeout: float, connect_timeout: float
+        self,
+        client: Any,
+        channel: str,
+        *,
+        nonce: str,
+        socket_timeout: float,
+        connect_timeout: float,
+        countable: bool = True,
     ) -> None:
         self._client = client
         self._channel = channel
@@ -56,7 +63,9 @@ class Listener:
         self._arrived = asyncio.Event()
         self._subscribed = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
-        self._may_count: bool | None = None
+        # Whether PUBSUB NUMSUB may be run and counts every subscriber (not on a cluster, whose nodes count
+        # their own): None until asked.
+        self._may_count: bool | None = None if countable else False
         self.live = False
         """Whether the subscription is up (subscribed, and no failure seen since): the settle script then
         leaves out a settled notice when this subscription, which skips this object's own, is the channel's
@@ -135,7 +144,7 @@ class Listener:
                 await self._client.execute_command("PUBSUB", "NUMSUB", self._channel)
             except ResponseError:  # NOPERM
                 self._may_count = False
-            except (RedisError, OSError, TimeoutError):
+            except Exception:  # the connection, or anything else: not now (never the subscription's end)
                 return False
             else:
                 self._may_count = True
