@@ -143,10 +143,40 @@ async def test_password_and_user_come_from_the_url(own_redis_with_password: Redi
     try:  # with the documented rights for notices, they arrive
         assert await listener.wait_for_notices(timeout=0) == []
         assert await listener.enqueue_many([_task("c")]) == ["c"]
-        await listener.claim(["default"], 5, now=T0 + 5, lease_until=T0 + 30)
+        (leased,) = await listener.claim(["default"], 5, now=T0 + 5, lease_until=T0 + 30)
         assert await listener.cancel(["c"], now=T0 + 6) == ["c"]
         with anyio.fail_after(10):
             assert await listener.wait_for_notices(timeout=10) == [Notice("cancel", "c")]
+        # Those rights do not include PUBSUB, with which a settle leaves out the notice nobody else would
+        # read: the backend found that out once, and its settles send their notice (a pattern subscriber,
+        # not counted among the channel's, sees it) without being refused PUBSUB each time.
+        admin = aioredis.Redis.from_url(f"redis://:hunter2@127.0.0.1:{server.port}/0")
+        watcher = admin.pubsub(ignore_subscribe_messages=True)
+        try:
+            await watcher.psubscribe("{auth}:notices")
+            settled = Settlement("c", leased.token, TaskState.CANCELLED, at=T0 + 7)
+            assert await listener.settle([settled]) == set()
+            with anyio.fail_after(10):
+                while (message := await watcher.get_message(timeout=10)) is None:
+                    pass
+            assert message["data"].split(b"\0")[1:] == [b"c"]
+            assert await listener.enqueue_many([_task("d")]) == ["d"]
+            (again,) = await listener.claim(["default"], 5, now=T0 + 8, lease_until=T0 + 30)
+            assert (
+                await listener.settle([Settlement("d", again.token, TaskState.SUCCEEDED, at=T0 + 9)]) == set()
+            )
+            with anyio.fail_after(10):
+                while (message := await watcher.get_message(timeout=10)) is None:
+                    pass
+            assert message["data"].split(b"\0")[1:] == [b"d"]
+            refusals = 0
+            for entry in await admin.acl_log():
+                if "pubsub" in str(entry.get("object", "")):
+                    refusals += int(str(entry.get("count", 1)))
+            assert refusals == 1  # the one check, not each settle
+        finally:
+            await watcher.aclose()
+            await admin.aclose()
         await listener.clear()
     finally:
         await listener.close()

@@ -172,6 +172,33 @@ async def test_a_backend_is_not_told_of_its_own_settlements_but_of_everything_el
     assert await _collect(backend, 2) == [Notice("cancel", "asked"), Notice("settled", "asked")]
 
 
+async def test_a_settlement_sends_no_notice_when_the_settling_backend_is_the_only_subscriber(
+    open_redis: OpenRedis, redis_url: str, unique_name: str
+) -> None:
+    """The settling object skips its own settled notice, so while its subscription is the channel's only one
+    the script does not send it (a pattern subscriber, which the server does not count among the channel's,
+    sees what is sent); once another object subscribes, it does."""
+    backend = await open_redis()
+    other = await open_redis()
+    await backend.wait_for_notices(timeout=0)  # subscribes: the channel's only subscriber
+    tokens = await _running(backend, "alone", "heard")
+    admin = aioredis.Redis.from_url(redis_url)
+    watcher = admin.pubsub(ignore_subscribe_messages=True)
+    try:
+        await watcher.psubscribe(f"{{{unique_name}}}:notices")
+        await backend.settle([Settlement("alone", tokens["alone"], TaskState.SUCCEEDED, at=T0 + 2)])
+        await other.wait_for_notices(timeout=0)  # a second subscriber
+        await backend.settle([Settlement("heard", tokens["heard"], TaskState.SUCCEEDED, at=T0 + 3)])
+        with anyio.fail_after(10):
+            while (message := await watcher.get_message(timeout=10)) is None:
+                pass
+        assert message["data"].split(b"\0")[1:] == [b"heard"], "the first notice sent is the second one"
+        assert await _collect(other, 1) == [Notice("settled", "heard")]
+    finally:
+        await watcher.aclose()
+        await admin.aclose()
+
+
 async def test_a_claim_that_expires_tasks_publishes_them_settled(open_redis: OpenRedis) -> None:
     backend = await open_redis()
     await backend.wait_for_notices(timeout=0)

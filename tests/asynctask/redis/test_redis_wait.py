@@ -18,7 +18,7 @@ from lifecycle.asynctask import NewTask, TaskState
 from lifecycle.asynctask._backends.redis._codec import claimed_tasks, limits_args, time_text
 from lifecycle.asynctask._backends.redis._conn import RETRYABLE, SCRIPTS, unread_check
 from lifecycle.asynctask._backends.redis._lua import PRELUDE
-from lifecycle.asynctask._backends.redis._lua_claim import PREPARE_WAIT_PRELUDE
+from lifecycle.asynctask._backends.redis._lua_claim import PREPARE_WAIT_PRELUDE, WAKE_GRACE
 from lifecycle.asynctask._backends.redis._wait import Waiter, _Ringer
 from lifecycle.asynctask.redis import RedisBackend
 from tests.asynctask.redis.redis_servers import OpenRedis, RedisServer, delete_prefix, until_blocked
@@ -321,6 +321,106 @@ async def test_wait_and_claim_advances_now_by_the_time_the_server_waited(open_re
     assert started is not None
     assert now + 0.2 <= started <= after
     assert claimed[0].record.lease_until == pytest.approx(started + 30, abs=1e-6)
+
+
+async def test_a_claim_behind_a_wait_takes_a_task_its_enqueuer_found_due_by_a_later_clock(
+    own_redis: RedisServer,
+) -> None:
+    """The enqueue that ends the wait read its clock later than the waiting caller read its own (here half a
+    second later, as if that caller's clock lagged; in real runs a few microseconds): the task is due at its
+    enqueue, so in a ready set, and the claim behind the wait takes it at once, with ``started_at`` its
+    ``run_at``, instead of finding it not due by its own now. The lease is not moved by that."""
+    backend = RedisBackend(own_redis.url, prefix="ahead")
+    producer = RedisBackend(own_redis.url, prefix="ahead")
+    admin = aioredis.Redis.from_url(own_redis.url)
+    await backend.open()
+    await producer.open()
+    await backend.wait_for_work(["default"], timeout=0.01)  # connections made, scripts loaded
+    before = time.time()
+    got: list[Any] = []
+
+    async def wait() -> None:
+        got.append(
+            await backend.wait_and_claim(
+                ["default"], 5, now=before, lease_until=before + 30, timeout=120, woken=anyio.Event()
+            )
+        )
+
+    try:
+        with anyio.fail_after(PROMPT):
+            async with anyio.create_task_group() as group:
+                group.start_soon(wait)
+                await until_blocked(admin, 1)
+                assert await producer.enqueue_many([_task("ahead", now=before + 0.5)]) == ["ahead"]
+        after = time.time()
+    finally:
+        await admin.aclose()
+        await producer.close()
+        await backend.close()
+    [claimed] = got
+    assert claimed is not None
+    assert [c.record.id for c in claimed] == ["ahead"]
+    assert claimed[0].record.started_at == claimed[0].record.run_at == before + 0.5
+    lease_until = claimed[0].record.lease_until
+    assert lease_until is not None
+    assert lease_until <= after + 30
+
+
+async def test_a_wait_with_a_claim_behind_it_ends_at_once_for_a_ready_task_a_little_ahead(
+    open_redis: OpenRedis,
+) -> None:
+    """A task due at its enqueue whose run_at is ahead of the waiting caller's now (by less than
+    ``WAKE_GRACE``) makes prepare_wait ring: the claim behind takes it at once, ``started_at`` its
+    ``run_at`` (it was not left until the caller's clock caught up)."""
+    backend = await open_redis()
+    now = time.time()
+    assert await backend.enqueue_many([_task("ahead", now=now + 0.5)]) == ["ahead"]
+    with anyio.fail_after(PROMPT):
+        claimed = await backend.wait_and_claim(
+            ["default"], 5, now=now, lease_until=now + 30, timeout=120, woken=anyio.Event()
+        )
+    assert claimed is not None
+    assert [c.record.id for c in claimed] == ["ahead"]
+    assert claimed[0].record.started_at == now + 0.5
+    waiting = backend._waiting
+    assert waiting is not None
+    assert not waiting._ringers  # none was started: the reply came in at once
+
+
+async def test_a_claim_behind_a_wait_leaves_a_ready_task_further_ahead_than_the_grace(
+    own_redis: RedisServer,
+) -> None:
+    """A ready task whose run_at is more than ``WAKE_GRACE`` ahead of the caller's now (a clock skewed that
+    much) neither ends the wait nor is taken by the claim behind it."""
+    backend = RedisBackend(own_redis.url, prefix="grace")
+    admin = aioredis.Redis.from_url(own_redis.url)
+    await backend.open()
+    try:
+        now = time.time()
+        assert WAKE_GRACE < 30
+        assert await backend.enqueue_many([_task("far", now=now + 30)]) == ["far"]
+        woken = anyio.Event()
+        got: list[Any] = []
+
+        async def wait() -> None:
+            got.append(
+                await backend.wait_and_claim(
+                    ["default"], 5, now=now, lease_until=now + 30, timeout=120, woken=woken
+                )
+            )
+
+        with anyio.fail_after(PROMPT):
+            async with anyio.create_task_group() as group:
+                group.start_soon(wait)
+                await until_blocked(admin, 1)
+                woken.set()
+        assert got == [[]]
+        record = await backend.get("far")
+        assert record is not None
+        assert record.state is TaskState.PENDING
+    finally:
+        await admin.aclose()
+        await backend.close()
 
 
 async def test_woken_ends_wait_and_claim_at_once_and_keeps_its_connection(own_redis: RedisServer) -> None:

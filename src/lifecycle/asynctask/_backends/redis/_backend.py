@@ -289,6 +289,7 @@ class RedisBackend:
             nonce=self._nonce,
             socket_timeout=self._socket_timeout,
             connect_timeout=self._connect_timeout,
+            countable=not self._cluster,
         )
 
     async def _migrate(self, runner: ScriptRunner, stored: int) -> None:
@@ -456,7 +457,11 @@ class RedisBackend:
         no clock skew between this host and the server enters, and ``now`` stays behind the real time;
         ``lease_until`` is advanced alike. For an ACL user who may not run ``TIME`` (the documented least
         rights), only this host's part is added: a task that falls due during the wait is claimed by the
-        next call."""
+        next call. ``now`` is then moved up to the ``run_at`` of the ready tasks the claim may take, by at
+        most ``WAKE_GRACE`` (1 s; ``lease_until`` is not moved by that): a task is ready only once a clock
+        read a time past its ``run_at`` (its enqueuer's, as a rule), before the claim ran, so with the clocks
+        in step that ``now`` is not ahead of the real time either, and a task enqueued during the wait is
+        not left to the next call because its enqueuer read its clock a little after this caller did."""
         self._run()
         assert self._waiting is not None
         if not queues or limit <= 0:
@@ -495,7 +500,16 @@ class RedisBackend:
         runner = self._run()
         if not settlements:
             return set()
-        args: list[str | bytes] = [self._call_id(), self._marker_seconds, self._zmscore]
+        # 'q': this object's notices subscription is up, so the script sends the settled notice only when
+        # someone else subscribes (this object skips its own). A cluster node counts only its own
+        # subscribers, so a cluster backend always sends it.
+        listener = self._listener
+        live = listener is not None and listener.live and not self._cluster
+        args: list[str | bytes] = [
+            self._call_id(),
+            self._marker_seconds,
+            self._zmscore + "q" if live else self._zmscore,
+        ]
         leases: set[tuple[str, str]] = set()
         repeated: set[str] = set()
         for settlement in settlements:

@@ -805,8 +805,9 @@ end
 return lost
 """
 
-# ARGV: P, call id, seconds the call's marker lasts, '1' when the server has ZMSCORE (else '0'), then per
-# settlement: id, token, state, at, run_at, run_at as sortable hex, flags (4 characters '0'/'1': has error,
+# ARGV: P, call id, seconds the call's marker lasts, '1' when the server has ZMSCORE (else '0') followed by
+# 'q' when the calling backend object's notices subscription is up (see the end), then per settlement: id,
+# token, state, at, run_at, run_at as sortable hex, flags (4 characters '0'/'1': has error,
 # has result, refund attempt, has groups), error, result, follow-up count, 16 values per follow-up task;
 # with groups, then the group count, and per group: its member count, its header (see group_stored()), 16
 # values per member.
@@ -818,7 +819,8 @@ return lost
 # changes nothing, while any other call with that token finds the lease gone (a second settlement of one
 # lease in one call is left out by the caller): so a group member's success is counted in its group once, by
 # the one execution that applied it (and member_ended() counts a member once in any case).
-# Publishes the settled ids (one 's' notice).
+# Publishes the settled ids (one 's' notice), unless the caller's own subscription (which skips it) is the
+# channel's only one.
 _SETTLE = """
 local callid, marker = ARGV[2], P .. 'sc:' .. ARGV[2]
 local lost, queues = {}, {}
@@ -874,6 +876,7 @@ end
 -- writes come before it).
 local CUR, SCORE, SEEN, NEXT = {}, {}, {}, {}
 local probes = {}
+local ZMS = string.byte(ARGV[4], 1) == 49
 local i = 5
 while i <= #ARGV do
   local id = ARGV[i]
@@ -886,7 +889,7 @@ while i <= #ARGV do
       cur = redis.call('HMGET', rkey(id), 's', 'k', 'q', 'o', 'a', 'fu', 'rn')
     end
     CUR[i] = cur
-    if ARGV[4] == '1' and cur[1] == 'active' and cur[2] == ARGV[i + 1] and type(cur[3]) == 'string'
+    if ZMS and cur[1] == 'active' and cur[2] == ARGV[i + 1] and type(cur[3]) == 'string'
         and type(cur[4]) == 'string' then
       later(probes, cur[3], i)
     end
@@ -1040,7 +1043,14 @@ announce(queues)
 local settled = removals[LEASES]  -- the ids of the settlements applied, in order
 if settled then
   redis.call('SET', marker, '1', 'EX', ARGV[3])
-  publish('s:' .. string.match(callid, '^[^.]*'), settled)  -- the settling backend object's nonce
+  -- The settling backend object skips its own notice: when its subscription is the channel's only one (the
+  -- caller says it has one: 'q' after the ZMSCORE flag), nobody would read it, so it is not sent.
+  local alone = false
+  if string.byte(ARGV[4], 2) == 113 then
+    local subscribed = redis.pcall('PUBSUB', 'NUMSUB', P .. 'notices')
+    alone = type(subscribed) == 'table' and tonumber(subscribed[2]) == 1
+  end
+  if not alone then publish('s:' .. string.match(callid, '^[^.]*'), settled) end  -- the object's nonce
 end
 return lost
 """

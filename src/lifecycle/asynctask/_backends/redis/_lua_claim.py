@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from ._lua import LAYOUT_VERSION, LuaScript, script
 
-__all__ = ["CLAIM_SCRIPTS", "EXPIRE_BOUND", "MOVE_BOUND", "PREPARE_WAIT_PRELUDE", "SCAN_BOUND"]
+__all__ = ["CLAIM_SCRIPTS", "EXPIRE_BOUND", "MOVE_BOUND", "PREPARE_WAIT_PRELUDE", "SCAN_BOUND", "WAKE_GRACE"]
 
 SCAN_BOUND = 1000
 """Besides the tasks it leases, a claim call examines or moves at most this many ready or parked entries
@@ -47,6 +47,12 @@ MOVE_BOUND = 1000
 EXPIRE_BOUND = 200
 """At most this many expired tasks a claim call cancels through the expiry sets (more are cancelled when the
 claim meets them in a ready set)."""
+
+WAKE_GRACE = 1
+"""Seconds a claim sent behind a wait may move its ``now`` ahead to the ``run_at`` of a ready task it may take
+(see the claim script), and how far ahead of the caller's ``now`` a ready task makes ``prepare_wait`` ring.
+With one clock (or clocks in step) a ready task's ``run_at`` is never ahead of the real time; this bounds
+what a skewed clock can do (an expiry or a rate bucket judged that much early)."""
 
 # ARGV: P, now, now as sortable hex, lease_until, limit, call id, previous call id or '', limit count, then
 # per limited name: name, rate, per, max_running, max_running_per_key ('' when not set); then queues... in
@@ -65,7 +71,8 @@ if before then
   table.insert(again, 1, '0')
   return again
 end
-if string.sub(SNOW, 1, 1) == '@' then
+local WAITED = string.sub(SNOW, 1, 1) == '@'
+if WAITED then
   local passed = 0
   local began = redis.call('GET', string.sub(SNOW, 2))
   if began then redis.call('DEL', string.sub(SNOW, 2)) end  -- once: a later claim never measures from it
@@ -100,6 +107,43 @@ end
 local qfirst = 9 + nlim * 5
 local paused = {}
 for _, q in ipairs(redis.call('SMEMBERS', P .. 'paused')) do paused[q] = true end
+if WAITED and limit >= 1 then
+  -- Behind a wait, now moves up to the run_at of the ready tasks this claim may take (the first `limit` of
+  -- each queue), by at most %(grace)d s (a bound on what a clock skewed between hosts can do): a task is in
+  -- a ready set only once a clock (its enqueuer's, a settlement's, another claim's) read a time at or past
+  -- its run_at, and that was before this claim runs. The enqueue that ended the wait read its clock about as
+  -- long before the server ran it as this caller read its own before the wait began, so without this the
+  -- claim found that task not due yet in about half the cases and left it to another round trip.
+  -- The time the 16 hex digits of a claim member stand for (prepare_wait's unsortable(), as a number).
+  local function unsortable(hex)
+    local b = {}
+    for i = 1, 8 do b[i] = tonumber(string.sub(hex, 2 * i - 1, 2 * i), 16) end
+    if b[1] >= 128 then
+      b[1] = b[1] - 128
+    else
+      for i = 1, 8 do b[i] = 255 - b[i] end
+    end
+    return struct.unpack('>d', string.char(unpack(b)))
+  end
+  local top, cap = SNOW, NOW + %(grace)d
+  for qi = qfirst, #ARGV do
+    local q = ARGV[qi]
+    if not paused[q] then
+      for _, member in ipairs(redis.call('ZRANGE', ready(q), 0, limit - 1)) do
+        local hex = string.sub(member, 1, 16)
+        if hex > top then
+          local t = unsortable(hex)
+          if t <= cap then
+            top = hex
+            now, NOW = string.format('%.17g', t), t
+          end
+        end
+      end
+    end
+  end
+  SNOW = top
+  DUE = SNOW .. 'g'
+end
 -- Whether {P}:check exists, read when first needed: only a caller with limits ever looks (see running()).
 local CHECK = nil
 local function check()
@@ -588,8 +632,9 @@ local function enc(s) return #s .. ':' .. s end
 # returns.
 # With the caller's now (a wait written together with its BLPOP and a claim behind that): it stores the
 # server's TIME and the claim's call id in '<alarm key>:t' for that claim (see the claim script), and when
-# the first thing is due by now (and is not the one to skip) it rings the alarm, so the BLPOP behind returns
-# at once and the claim runs.
+# the first thing is due by now, or a ready task's run_at is at most WAKE_GRACE ahead of it (the claim behind
+# takes that one too), and it is not the one to skip, it rings the alarm, so the BLPOP behind returns at once
+# and the claim runs; it then returns {time, what, '1'}.
 _PREPARE_WAIT = """
 local timed = ARGV[3] ~= ''
 if timed then
@@ -604,6 +649,7 @@ redis.call('DEL', ARGV[2])
 local paused = {}
 for _, q in ipairs(redis.call('SMEMBERS', P .. 'paused')) do paused[q] = true end
 local best = nil
+local soon = false
 local function consider(t, what)
   local x = tonumber(t)
   if x and x < math.huge and (best == nil or x < best[3]) then best = {t, what, x} end
@@ -623,7 +669,13 @@ for i = 7, #ARGV do
   redis.call('DEL', P .. 'w:' .. q)
   if not paused[q] then
     local head = redis.call('ZRANGE', ready(q), 0, 0)[1]
-    if head then consider(unsortable(string.sub(head, 1, 16)), head) end
+    if head then
+      local t = unsortable(string.sub(head, 1, 16))
+      consider(t, head)
+      if timed and tonumber(t) <= tonumber(ARGV[3]) + %(grace)d and (t ~= ARGV[4] or head ~= ARGV[5]) then
+        soon = true  -- the claim behind takes it whatever the caller's now (see the claim script)
+      end
+    end
     local first = redis.call('ZRANGE', delayed(q), 0, 0, 'WITHSCORES')
     if first[1] then consider(first[2], first[1]) end
     local held = redis.call('HGETALL', P .. 'hs:' .. q)
@@ -641,7 +693,11 @@ for i = 7, #ARGV do
   end
 end
 if best and timed and best[3] <= tonumber(ARGV[3]) and (best[1] ~= ARGV[4] or best[2] ~= ARGV[5]) then
+  soon = true
+end
+if soon then
   redis.call('LPUSH', ARGV[2], '1')
+  return {best[1], best[2], '1'}
 end
 if best then return {best[1], best[2]} end
 return nil
@@ -736,8 +792,8 @@ return %(version)d
 
 def _claim_scripts() -> dict[str, LuaScript]:
     found = (
-        script("claim", _CLAIM, scan=SCAN_BOUND, moves=MOVE_BOUND, sweeps=EXPIRE_BOUND),
-        script("prepare_wait", _PREPARE_WAIT, prelude=PREPARE_WAIT_PRELUDE, kept=3700),
+        script("claim", _CLAIM, scan=SCAN_BOUND, moves=MOVE_BOUND, sweeps=EXPIRE_BOUND, grace=WAKE_GRACE),
+        script("prepare_wait", _PREPARE_WAIT, prelude=PREPARE_WAIT_PRELUDE, kept=3700, grace=WAKE_GRACE),
         script("pause", _PAUSE),
         script("resume", _RESUME),
         script("flow_state", _FLOW_STATE),

@@ -45,7 +45,14 @@ class Listener:
     not empty."""
 
     def __init__(
-        self, client: Any, channel: str, *, nonce: str, socket_timeout: float, connect_timeout: float
+        self,
+        client: Any,
+        channel: str,
+        *,
+        nonce: str,
+        socket_timeout: float,
+        connect_timeout: float,
+        countable: bool = True,
     ) -> None:
         self._client = client
         self._channel = channel
@@ -56,6 +63,13 @@ class Listener:
         self._arrived = asyncio.Event()
         self._subscribed = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
+        # Whether PUBSUB NUMSUB may be run and counts every subscriber (not on a cluster, whose nodes count
+        # their own): None until asked.
+        self._may_count: bool | None = None if countable else False
+        self.live = False
+        """Whether the subscription is up (subscribed, and no failure seen since): the settle script then
+        leaves out a settled notice when this subscription, which skips this object's own, is the channel's
+        only one."""
 
     async def wait(self, timeout: float) -> list[Notice]:
         """See :meth:`RedisBackend.wait_for_notices`. The first call starts the subscription and waits for
@@ -79,10 +93,17 @@ class Listener:
         twice as long each time up to 1 s)."""
         delay = 0.02
         while True:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._client.pubsub()  # subscribe confirmations read below, then skipped
             try:
                 with anyio.fail_after(self._connect_timeout + self._socket_timeout):
                     await pubsub.subscribe(self._channel)
+                    # The server's confirmation (subscribe() only sends the command): from then on this
+                    # subscription is counted among the channel's.
+                    confirmed = await pubsub.get_message(
+                        ignore_subscribe_messages=False, timeout=self._connect_timeout + self._socket_timeout
+                    )
+                confirmed_type = confirmed.get("type") if isinstance(confirmed, dict) else None
+                self.live = confirmed_type in ("subscribe", b"subscribe") and await self._countable()
                 self._subscribed.set()
                 if delay > 0.02:
                     _log.info("Redis notices subscription back")
@@ -104,6 +125,7 @@ class Listener:
             except Exception:  # a fault of its own must not end the subscription for good
                 _log.exception("Redis notices subscription failed; subscribing again")
             finally:
+                self.live = False
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
                     try:
                         await pubsub.aclose()
@@ -111,6 +133,22 @@ class Listener:
                         pass
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+    async def _countable(self) -> bool:
+        """Whether this user may run ``PUBSUB NUMSUB`` (the settle script counts the channel's subscribers,
+        see :attr:`live`); asked once, so a user without it (the documented least rights for notices do not
+        include it) is not refused it, and logged in the server's ACL log, on every settle. Any other
+        failure: not now (asked again at the next subscription)."""
+        if self._may_count is None:
+            try:
+                await self._client.execute_command("PUBSUB", "NUMSUB", self._channel)
+            except ResponseError:  # NOPERM
+                self._may_count = False
+            except Exception:  # the connection, or anything else: not now (never the subscription's end)
+                return False
+            else:
+                self._may_count = True
+        return self._may_count
 
     async def _receive(self, pubsub: Any) -> None:
         """Buffer the subscription's messages until the connection fails (raises)."""
@@ -136,6 +174,7 @@ class Listener:
     async def close(self) -> None:
         """Stop the reader (which closes its connection). Idempotent."""
         reader, self._reader = self._reader, None
+        self.live = False
         if reader is not None:
             reader.cancel()
             with anyio.CancelScope(shield=True):

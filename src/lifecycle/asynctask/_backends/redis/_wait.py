@@ -10,12 +10,14 @@ A worker that claims as soon as the wait ends sends its claim script behind the 
 (:meth:`Waiter.wait_then_claim`): the server runs it the moment the BLPOP returns, so the task that woke the
 worker comes back in the wait's own round trip instead of one more. The claim measures the time since the
 wait began on the server's clock (see the claim script), so its ``now`` is the caller's clock then, never
-ahead of it.
+ahead of it, or the ``run_at`` of a ready task it takes, if later (by at most ``WAKE_GRACE``): the time a
+clock read before that task was made ready.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, cast
@@ -66,6 +68,7 @@ class Waiter:
         # outlive its call (it ends once its LPUSH is answered).
         self._ringers: set[asyncio.Task[None]] = set()
         self._kept: AbstractConnection | None = None  # leased from the pool, clean, not in use
+        self._primitives: tuple[Callable[..., anyio.CancelScope], Callable[[], float]] | None = None
         pool = getattr(client, "connection_pool", None)
         self._has_unread = unread_check(pool.connection_class) if pool is not None else None
 
@@ -193,42 +196,42 @@ class Waiter:
             await connection.send_packed_command(connection.pack_commands(written), check_health=False)
             rang = unloaded = False
             refused: ResponseError | None = None
-            # No ringer yet and no socket timeout on this client: without a deadline, a connection gone
-            # half-open would hold this read (and the worker's stop) for hours. The TimeoutError raised below
-            # is retried. (A bare cancel scope: what anyio.fail_after does, without its generator's CPU.)
-            first_read = anyio.CancelScope(deadline=anyio.current_time() + self._socket_timeout)
-            try:
-                with first_read:
-                    first = await connection.read_response()
-            except NoScriptError:
-                # prepare_wait did not run (a restarted server): end the BLPOP now, read on, load it after.
-                first, pause, unloaded = None, 0.0, True
-            except ResponseError as exc:
-                # prepare_wait refused (out of memory, a wrong type, a script error): the BLPOP and the claim
-                # still run, so end the BLPOP now and read on, leaving nothing unread on the connection and
-                # returning whatever the claim leased.
-                first, pause, refused = None, 0.0, exc
-            if first_read.cancelled_caught:  # only its own deadline cancels it
-                raise TimeoutError(f"no reply from Redis within {self._socket_timeout} s")
-            owed -= 1
-            if first is not None:
-                due_in = float(first[0]) - now
-                if due_in > 0:
-                    pause = min(pause, due_in)
-                elif (first[0], first[1]) != skip:  # what prepare_wait was sent, not what is reported now
-                    rang = True  # prepare_wait rang the alarm: the BLPOP returns at once
-                    self._reported = (first[0], first[1])
-            if rang:  # the BLPOP returns at once: only its reply's timeout to watch, no ringer task
-                reading = anyio.CancelScope(deadline=anyio.current_time() + self._socket_timeout)
-            else:
-                ringer = _Ringer(self._runner, self._alarm, self._socket_timeout)
-                # Started on the event loop's next turn, so only when the read below waits: when the BLPOP's
-                # reply came in with prepare_wait's (the wait ended at once: an enqueue got in just before
-                # it), the reads take the replies without yielding and no ringer task is made, started and
-                # cancelled (about as much CPU as decoding the claimed task).
-                start = asyncio.get_running_loop().call_soon(self._start_ringer, ringer, woken, pause)
-                reading = ringer.reading
+            # One cancel scope for the three reads. First with a deadline: no ringer yet and no socket timeout
+            # on this client, so without one a connection gone half-open would hold this read (and the
+            # worker's stop) for hours (the TimeoutError raised below is retried); it stands when the BLPOP
+            # returns at once, so all three replies are due within socket_timeout of the write. Otherwise the
+            # ringer cancels it when no reply came after it rang. (The running loop's own scope class and
+            # clock, looked up once: anyio.CancelScope() and anyio.current_time() find the running library
+            # anew on every call.)
+            new_scope, loop_time = self._primitives or self._look_up_primitives()
+            reading = new_scope(deadline=loop_time() + self._socket_timeout)
             with reading:
+                try:
+                    first = await connection.read_response()
+                except NoScriptError:
+                    # prepare_wait did not run (a restarted server): end the BLPOP now, read on, load it
+                    # after.
+                    first, pause, unloaded = None, 0.0, True
+                except ResponseError as exc:
+                    # prepare_wait refused (out of memory, a wrong type, a script error): the BLPOP and the
+                    # claim still run, so end the BLPOP now and read on, leaving nothing unread on the
+                    # connection and returning whatever the claim leased.
+                    first, pause, refused = None, 0.0, exc
+                owed -= 1
+                if first is not None:
+                    if len(first) > 2:  # prepare_wait rang the alarm: the BLPOP returns at once
+                        rang = True
+                        self._reported = (first[0], first[1])
+                    elif (due_in := float(first[0]) - now) > 0:
+                        pause = min(pause, due_in)
+                if not rang:
+                    reading.deadline = math.inf
+                    ringer = _Ringer(self._runner, self._alarm, self._socket_timeout, reading)
+                    # Started on the event loop's next turn, so only when the read below waits: when the
+                    # BLPOP's reply came in with prepare_wait's (the wait ended at once: an enqueue got in
+                    # just before it), the reads take the replies without yielding and no ringer task is
+                    # made, started and cancelled (about as much CPU as decoding the claimed task).
+                    start = asyncio.get_running_loop().call_soon(self._start_ringer, ringer, woken, pause)
                 try:
                     await connection.read_response()
                 except ResponseError as exc:  # a BLPOP refused (not connection trouble): the claim still ran
@@ -266,8 +269,16 @@ class Waiter:
                 if ringer.task is not None and not ringer.ringing:
                     # (A ringing one ends once its LPUSH is answered: cancelling it would drop a connection.)
                     ringer.task.cancel()
-        # Reached only when the reply did not come in time: the connection is dropped, the caller repeats.
-        raise TimeoutError("no reply from Redis to a claim sent behind a wait")
+        # Reached only when a reply did not come in time: the connection is dropped, the caller repeats.
+        raise TimeoutError(
+            f"no reply from Redis within {self._socket_timeout} s to a wait with a claim behind it"
+        )
+
+    def _look_up_primitives(self) -> tuple[Callable[..., anyio.CancelScope], Callable[[], float]]:
+        """The running loop's cancel scope class and clock (anyio's asyncio deadlines are the loop's time),
+        kept for the next waits: this waiter serves one event loop."""
+        primitives = self._primitives = (type(anyio.CancelScope()), asyncio.get_running_loop().time)
+        return primitives
 
     def _start_ringer(self, ringer: _Ringer, woken: anyio.Event, pause: float) -> None:
         """Start ``ringer``'s task (held here until it ends: the loop keeps only a weak reference)."""
@@ -344,12 +355,14 @@ class _Ringer:
     Ringing keeps the connection, where cancelling the read would make redis-py drop it (a reconnect per
     wake-up)."""
 
-    def __init__(self, runner: ScriptRunner, alarm: str, socket_timeout: float) -> None:
+    def __init__(
+        self, runner: ScriptRunner, alarm: str, socket_timeout: float, reading: anyio.CancelScope
+    ) -> None:
         self._runner = runner
         self._alarm = alarm
         self._socket_timeout = socket_timeout
-        self.reading = anyio.CancelScope()
-        self.replied = anyio.Event()
+        self.reading = reading
+        self.replied = asyncio.Event()  # the waiter runs on asyncio: no anyio look-up of the running library
         self.ringing = False
         self.task: asyncio.Task[None] | None = None  # once started
 
