@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import pytest
+import sniffio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +31,7 @@ from lifecycle.asynctask import (
     Settlement,
     TaskState,
 )
+from lifecycle.asynctask._backends.sqlite import _backend as sqlite_backend_module
 from lifecycle.asynctask._backends.sqlite import _ops as ops
 from lifecycle.asynctask._backends.sqlite._backend import SQLiteBackend, _Budget
 from lifecycle.asynctask._backends.sqlite._schema import (
@@ -1068,12 +1070,11 @@ async def test_a_single_enqueue_stores_every_optional_field_as_a_batch_does(
     assert kinds == [("blob",)]
 
 
-async def test_single_enqueues_on_the_loops_thread_let_other_tasks_run_between_them(
-    open_sqlite: Factory,
-) -> None:
-    # Each enqueue is a scheduling point (on asyncio a bare yield, on trio anyio's checkpoint), so a producer
-    # enqueueing in a loop does not starve the other tasks of the event loop.
-    backend = await open_sqlite()
+async def _turns_of_another_task(
+    backend: SQLiteBackend, label: str, enqueues: int, step: Callable[[], None]
+) -> int:
+    """How often another task ran while ``enqueues`` single enqueues (ids ``label-<n>``) ran one after
+    another, ``step()`` between them."""
     turns = 0
     stop = anyio.Event()
 
@@ -1087,10 +1088,34 @@ async def test_single_enqueues_on_the_loops_thread_let_other_tasks_run_between_t
         group.start_soon(other)
         await anyio.lowlevel.checkpoint()  # let it start
         before = turns
-        for index in range(50):
-            await backend.enqueue_many([task(f"t{index}")])
+        for index in range(enqueues):
+            await backend.enqueue_many([task(f"{label}-{index}")])
+            step()
         stop.set()
-    assert turns - before >= 49
+    return turns - before
+
+
+async def test_single_enqueues_on_the_loops_thread_let_other_tasks_run_between_them(
+    open_sqlite: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A producer enqueueing in a loop does not starve the other tasks of the event loop: on trio every
+    # enqueue is a checkpoint; on asyncio an enqueue yields (a bare yield) once _YIELD_EVERY passed since the
+    # last one that did, so a tight loop holds the event loop for about that long at most.
+    backend = await open_sqlite()
+    now = [1000.0]
+    monkeypatch.setattr(sqlite_backend_module, "_yield_clock", lambda: now[0])
+
+    def tick() -> None:
+        now[0] += sqlite_backend_module._YIELD_EVERY
+
+    def still() -> None:
+        pass
+
+    assert await _turns_of_another_task(backend, "ticking", 50, tick) >= 49
+    if sniffio.current_async_library() == "trio":
+        assert await _turns_of_another_task(backend, "still", 50, still) >= 49
+    else:
+        assert await _turns_of_another_task(backend, "still", 50, still) <= 1, "no yield within _YIELD_EVERY"
 
 
 class _LateBudget(_Budget):
