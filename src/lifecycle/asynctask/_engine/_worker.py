@@ -219,7 +219,7 @@ class Worker:
         failures = 0
         while not self._stopping:
             # Every slot counted free has a runner, but for the ``_ahead`` slots a drain of short tasks earns:
-            # a task claimed ahead waits in the queue for a runner (at most _AHEAD_WAIT, see _wait_for_capacity).
+            # a task claimed ahead waits in the queue for a runner (see _claimed and _wait_for_capacity).
             free = min(
                 concurrency + self._ahead - len(self._running) - self._finishing,
                 2 * concurrency + self._ahead - len(self._held),
