@@ -18,6 +18,7 @@ from lifecycle.asynctask import (
     ClaimedTask,
     FlowLimits,
     MemoryBackend,
+    Settlement,
     TaskContext,
     TaskState,
 )
@@ -38,11 +39,22 @@ class Counting(MemoryBackend):
         self._claimed = anyio.Event()
         self.extended_ids: set[str] = set()
         self._extended = anyio.Event()
+        self.lose: set[str] = set()  # ids whose lease renewal reports the lease lost
+        self.lost_reported = anyio.Event()
+        self.settled_ids: list[str] = []
 
     async def extend_leases(self, leases: Sequence[tuple[str, str]], *, lease_until: float) -> set[str]:
         self.extended_ids.update(task_id for task_id, _ in leases)
         self._extended.set()
-        return await super().extend_leases(leases, lease_until=lease_until)
+        lost = await super().extend_leases(leases, lease_until=lease_until)
+        reported = {task_id for task_id, _ in leases if task_id in self.lose}
+        if reported:
+            self.lost_reported.set()
+        return lost | reported
+
+    async def settle(self, settlements: Sequence[Settlement]) -> set[str]:
+        self.settled_ids += [settlement.task_id for settlement in settlements]
+        return await super().settle(settlements)
 
     async def extended(self, task_id: str) -> None:
         """Return once the lease of ``task_id`` was renewed."""
@@ -241,3 +253,37 @@ async def test_at_shutdown_a_task_claimed_ahead_that_did_not_start_is_given_back
     assert last is not None
     assert last.state is TaskState.PENDING
     assert last.attempts == 0  # never started: the attempt is refunded
+
+
+async def test_a_task_claimed_ahead_whose_lease_is_lost_is_neither_run_nor_given_back(
+    group: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(_worker, "_AHEAD_WAIT", 3600.0)
+    backend = Counting()
+    tasks = make(backend, concurrency=1, shutdown_grace=WAIT, lease=0.5)
+    long_started, long_may_end = short_then_long(tasks)
+    stop = anyio.CancelScope()
+    stopped = anyio.Event()
+
+    async def execute() -> None:
+        with stop:
+            await tasks.execute()
+        stopped.set()
+
+    async with tasks:
+        long_id, last_id = await enqueue(tasks, 64)
+        group.start_soon(execute)
+        with anyio.fail_after(WAIT):
+            await long_started.wait()
+            await backend.claimed(last_id)  # claimed ahead, waiting for the runner
+            backend.lose.add(last_id)  # the store says another worker holds it now
+            await backend.lost_reported.wait()
+            long_may_end.set()  # the runner is free for it now: it must not run it
+            assert (await tasks.wait(long_id, timeout=WAIT)).state is TaskState.SUCCEEDED
+            stop.cancel()
+            await stopped.wait()
+        last = await tasks.info(last_id)
+    assert last_id not in backend.settled_ids  # not ours: neither a verdict nor given back
+    assert last is not None
+    assert last.state is TaskState.ACTIVE  # the other worker's (in this test: nobody's until the lease ends)
+    assert f"lost the lease of running task {last_id}" in caplog.text
