@@ -159,6 +159,45 @@ async def test_no_claim_goes_ahead_for_tasks_under_flow_limits(group: Any) -> No
     assert max(backend.unfinished_at_claim) < concurrency  # a task held here counts for every worker
 
 
+class CountingCombined(Counting):
+    """A Counting backend with ``settle_and_claim`` (as SQLite has): the verdicts go with the claim."""
+
+    async def settle_and_claim(
+        self,
+        settlements: Sequence[Settlement],
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
+    ) -> tuple[set[str], list[ClaimedTask]]:
+        lost = await self.settle(settlements)
+        return lost, await self.claim(queues, limit, now=now, lease_until=lease_until, limits=limits)
+
+
+async def test_no_claim_goes_ahead_with_a_backend_that_saves_the_verdicts_with_the_claim(group: Any) -> None:
+    backend = CountingCombined()
+    concurrency = 4
+    tasks = make(backend, concurrency=concurrency)
+    count = 200
+    done = anyio.Event()
+
+    @tasks.register(name="quick")
+    async def quick(index: int) -> None:
+        backend.finished += 1
+        if backend.finished == count:
+            done.set()
+
+    async with tasks:
+        await tasks.enqueue_many([Call(quick, index) for index in range(count)])
+        group.start_soon(tasks.execute)
+        with anyio.fail_after(WAIT):
+            await done.wait()
+    # A claim ahead would find no verdicts to take along: one call per batch would become two.
+    assert max(backend.unfinished_at_claim) < concurrency
+
+
 def short_then_long(tasks: AsyncTasks) -> tuple[anyio.Event, anyio.Event]:
     """Register a short task, a long one (runs until its event is set) and a last one (returns its attempt).
     Returns (long started, let long end)."""

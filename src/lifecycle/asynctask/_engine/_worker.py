@@ -215,6 +215,9 @@ class Worker:
         # Only on the real clock: that claim's `now` moves on by the real time the wait took, which an
         # injected clock (a test's ManualClock) does not.
         wait_and_claim = combined_wait_and_claim(backend) if clock is time.time else None
+        # A claim sent ahead finds no verdicts waiting (the runners have not run the batch before it yet), so
+        # it would part the verdicts from the claim that a combined call saves with it: no claims ahead then.
+        go_ahead = settle_and_claim is None
         idle = False  # the last claim took fewer than it could: wait (and claim) next
         failures = 0
         while not self._stopping:
@@ -264,7 +267,7 @@ class Worker:
                     else:
                         failures = 0
                         self._settler.saved(verdicts, lost)
-                        self._claimed(batch, limit, ahead=not limits)
+                        self._claimed(batch, limit, ahead=go_ahead and not limits)
                         if len(batch) < limit:
                             if wait_and_claim is None:
                                 await self._idle(generation)
@@ -290,7 +293,7 @@ class Worker:
                 await self._backend_trouble("claim tasks", exc, failures)
                 continue
             failures = 0
-            self._claimed(batch, limit, ahead=not limits)
+            self._claimed(batch, limit, ahead=go_ahead and not limits)
             if len(batch) < limit:
                 if wait_and_claim is None:
                     await self._idle(generation)
