@@ -61,11 +61,24 @@ class Running:
     """A claimed task in this worker: its lease, its cancel scope once it runs, why it was cancelled, and the
     control its :class:`TaskContext` reads (``cancel_requested``) and reports progress through."""
 
-    __slots__ = ("book", "cancel_requested", "claimed", "error", "is_async", "reason", "reported", "scope")
+    __slots__ = (
+        "book",
+        "cancel_requested",
+        "claimed",
+        "error",
+        "is_async",
+        "queued_at",
+        "reason",
+        "reported",
+        "scope",
+    )
 
-    def __init__(self, claimed: ClaimedTask, book: ProgressBook | None = None) -> None:
+    def __init__(
+        self, claimed: ClaimedTask, book: ProgressBook | None = None, queued_at: float = 0.0
+    ) -> None:
         self.claimed = claimed
         self.book = book
+        self.queued_at = queued_at  # the event loop's time when it was queued for a runner
         self.scope: Scope | None = None
         self.reason: str | None = None
         self.error: BaseException | None = None  # why the attempt failed, for its span
@@ -191,7 +204,7 @@ class TaskRunner:
                     running, self._policy.failure(claimed, now=self._clock(), error=error), exc
                 )
             if running.reason is not None:  # stopped while the results were read
-                return self._stopped(running)
+                return self.stopped(running)
             ctx = TaskContext(
                 task_id=record.id,
                 name=record.name,
@@ -268,7 +281,7 @@ class TaskRunner:
         record = claimed.record
         policy = self._policy
         if running.reason is not None:
-            return self._stopped(running)
+            return self.stopped(running)
         if record.cancel_requested:  # asked while an earlier attempt ran: this one never starts
             running.cancel_requested = True
             return policy.cancelled(claimed, now=self._clock(), ran=False)
@@ -296,8 +309,8 @@ class TaskRunner:
         verdict = self._policy.dead(running.claimed, now=self._clock(), error=error)
         return await self._failed(running, verdict, decode_error)
 
-    def _stopped(self, running: Running) -> Settlement | None:
-        """The verdict of an attempt stopped before its function was called."""
+    def stopped(self, running: Running) -> Settlement | None:
+        """The verdict of an attempt stopped before its function was called (``None``: the lease was lost)."""
         now = self._clock()
         if running.reason == CANCEL:
             return self._policy.cancelled(running.claimed, now=now, ran=False)

@@ -43,6 +43,7 @@ _FINAL_FLUSH_TIMEOUT = 10.0
 _BLOCK_WARNING_SHARE = 3  # warn when the loop is blocked longer than lease / 3: the heartbeat interval
 _STACK_LIMIT = 20  # the innermost frames shown of a blocked loop's stack
 _CANCEL_POLL = 0.5  # the longest between two looks at the cancel requests of the running tasks
+_AHEAD_WAIT = 0.25  # the longest a task claimed ahead waits for a runner before it is given back
 
 
 class Worker:
@@ -91,6 +92,8 @@ class Worker:
         self._idle_runners: deque[anyio.Event] = deque()
         self._runner_woken = False  # an idle runner was woken and has not looked at the queue yet
         self._closing = False
+        self._ahead = 0  # slots beyond `concurrency` the next claim may fill (see _claimed)
+        self._backlog = False  # the last claim took all it asked for
         self._finishing = 0  # runners writing the last progress of a task that ran: not free yet
         self._runner = TaskRunner(
             registry,
@@ -212,22 +215,29 @@ class Worker:
         # Only on the real clock: that claim's `now` moves on by the real time the wait took, which an
         # injected clock (a test's ManualClock) does not.
         wait_and_claim = combined_wait_and_claim(backend) if clock is time.time else None
+        # A claim sent ahead finds no verdicts waiting (the runners have not run the batch before it yet), so
+        # it would part the verdicts from the claim that a combined call saves with it: no claims ahead then.
+        go_ahead = settle_and_claim is None
         idle = False  # the last claim took fewer than it could: wait (and claim) next
         failures = 0
         while not self._stopping:
-            # A claimed task never waits in the queue for a runner: every slot counted free has one.
-            free = min(concurrency - len(self._running) - self._finishing, 2 * concurrency - len(self._held))
+            # Every slot counted free has a runner, but for the ``_ahead`` slots a drain of short tasks earns:
+            # a task claimed ahead waits in the queue for a runner (see _claimed and _wait_for_capacity).
+            free = min(
+                concurrency + self._ahead - len(self._running) - self._finishing,
+                2 * concurrency + self._ahead - len(self._held),
+            )
             if free <= 0:
-                event = self._capacity_event = anyio.Event()
-                await event.wait()
+                await self._wait_for_capacity()
                 continue
+            limit = min(free, concurrency)  # one claim takes a batch of at most `concurrency`, as always
             generation = self._wake_generation
             if idle and wait_and_claim is not None:
                 idle = False
-                waited = await self._wait_and_claim(wait_and_claim, generation, free)
+                waited = await self._wait_and_claim(wait_and_claim, generation, limit)
                 if waited is not None:
-                    self._start(waited)
-                    idle = len(waited) < free
+                    self._claimed(waited, limit, ahead=False)
+                    idle = len(waited) < limit
                     if waited:
                         # The runner starts the task before this loop sends its next wait: the task that
                         # woke an idle worker starts one script call sooner.
@@ -242,7 +252,7 @@ class Worker:
                         lost, batch = await settle_and_claim(
                             verdicts,
                             options.queues.next_order(),
-                            free,
+                            limit,
                             now=now,
                             lease_until=now + options.lease,
                             limits=limits,
@@ -257,8 +267,8 @@ class Worker:
                     else:
                         failures = 0
                         self._settler.saved(verdicts, lost)
-                        self._start(batch)
-                        if len(batch) < free:
+                        self._claimed(batch, limit, ahead=go_ahead and not limits)
+                        if len(batch) < limit:
                             if wait_and_claim is None:
                                 await self._idle(generation)
                             else:
@@ -268,26 +278,84 @@ class Worker:
                 if limits:
                     batch = await backend.claim(
                         options.queues.next_order(),
-                        free,
+                        limit,
                         now=now,
                         lease_until=now + options.lease,
                         limits=limits,
                     )
                 else:  # no keyword: a backend written before flow control existed keeps working
                     batch = await backend.claim(
-                        options.queues.next_order(), free, now=now, lease_until=now + options.lease
+                        options.queues.next_order(), limit, now=now, lease_until=now + options.lease
                     )
             except Exception as exc:
                 failures += 1
+                self._ahead = 0
                 await self._backend_trouble("claim tasks", exc, failures)
                 continue
             failures = 0
-            self._start(batch)
-            if len(batch) < free:
+            self._claimed(batch, limit, ahead=go_ahead and not limits)
+            if len(batch) < limit:
                 if wait_and_claim is None:
                     await self._idle(generation)
                 else:
                     idle = True
+
+    def _claimed(self, batch: list[ClaimedTask], limit: int, *, ahead: bool) -> None:
+        """Queue ``batch`` for the runners, and decide whether the next claim may go out before they are free.
+
+        A drain of short tasks would leave the worker idle for a round trip after each batch (its runners
+        done, the next claim on its way) and the store idle while the runners work. So once two full claims
+        in a row found the runners mostly done with what was claimed before, the next claim goes out ahead:
+        the store serves it while the runners run this batch. A flow-controlled claim never goes ahead (a task
+        held here counts against the limits of every worker), nor one after an idle wait."""
+        concurrency = self._options.concurrency
+        full = len(batch) == limit
+        busy = len(self._running) - len(self._queue) + self._finishing  # runners on earlier tasks
+        if ahead and full and self._backlog and 2 * busy <= concurrency:
+            self._ahead = concurrency
+        else:
+            self._ahead = 0
+        self._backlog = full
+        self._start(batch)
+
+    async def _wait_for_capacity(self) -> None:
+        """Wait until a slot is free; give back the tasks claimed ahead if no runner took one for
+        ``_AHEAD_WAIT`` seconds (the runners are on long tasks: other workers may run those now)."""
+        event = self._capacity_event = anyio.Event()
+        queue = self._queue
+        if not queue or len(self._running) + self._finishing <= self._options.concurrency:
+            await event.wait()
+            return
+        with anyio.CancelScope(deadline=queue[0].queued_at + _AHEAD_WAIT):
+            await event.wait()
+            return
+        self._give_back_ahead()
+
+    def _give_back_ahead(self) -> None:
+        """Return the queued tasks no runner is free for to pending, attempt refunded (they never started),
+        and claim nothing ahead until two full claims show the runners keep up again."""
+        self._ahead = 0
+        self._backlog = False
+        queue = self._queue
+        excess = len(self._running) + self._finishing - self._options.concurrency
+        if excess <= 0 or not queue:
+            return
+        given: list[Running] = []
+        while excess > 0 and queue:
+            given.append(queue.pop())  # the last claimed: the tasks that wait longest keep their turn
+            excess -= 1
+        self._logger.debug("giving back %d task(s) claimed ahead: no runner was free for them", len(given))
+        for running in reversed(given):
+            claimed = running.claimed
+            del self._running[claimed.token]
+            running.cancel(SHUTDOWN)  # its reason, unless it is stopped already (cancelled, lost)
+            settlement = self._runner.stopped(running)
+            if settlement is None:  # lost: not ours to give back
+                if self._held.get(claimed.record.id) == claimed.token:
+                    del self._held[claimed.record.id]
+            else:
+                self._put(claimed, settlement)
+        self._capacity_changed()
 
     def _start(self, batch: list[ClaimedTask]) -> None:
         if not batch:
@@ -297,6 +365,7 @@ class Worker:
         running_by_token = self._running
         held = self._held
         book = self._progress
+        at = anyio.current_time()
         for claimed in batch:
             # What _hold() does, inline (once per task).
             task_id = claimed.record.id
@@ -305,7 +374,7 @@ class Worker:
                 self._lose(task_id, old_token)  # the backend gave this task out again: that lease is gone
             held[task_id] = claimed.token
             # Counted as running from the claim on, so the next claim sees the slot as taken.
-            running = running_by_token[claimed.token] = Running(claimed, book)
+            running = running_by_token[claimed.token] = Running(claimed, book, at)
             queue.append(running)
         self._work_arrived()
 
@@ -409,6 +478,7 @@ class Worker:
             await self.stopping.wait()  # a stop ends the pause: nothing more is claimed
 
     async def _drain(self) -> None:
+        self._give_back_ahead()  # the tasks claimed ahead that no runner took yet are not started now
         if self._running:
             self._logger.info(
                 "stopping: waiting up to %g s for %d running task(s)",
