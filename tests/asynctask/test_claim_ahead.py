@@ -272,6 +272,8 @@ async def test_at_shutdown_a_task_claimed_ahead_that_did_not_start_is_given_back
 
     async with tasks:
         long_id, last_id = await enqueue(tasks, 64)
+        enqueued = await tasks.info(last_id)
+        assert enqueued is not None
         group.start_soon(execute)
         with anyio.fail_after(WAIT):
             await long_started.wait()
@@ -292,6 +294,7 @@ async def test_at_shutdown_a_task_claimed_ahead_that_did_not_start_is_given_back
     assert last is not None
     assert last.state is TaskState.PENDING
     assert last.attempts == 0  # never started: the attempt is refunded
+    assert last.run_at == enqueued.run_at  # due when it was due: its place before later tasks is kept
 
 
 async def test_a_task_claimed_ahead_whose_lease_is_lost_is_neither_run_nor_given_back(
@@ -311,6 +314,8 @@ async def test_a_task_claimed_ahead_whose_lease_is_lost_is_neither_run_nor_given
 
     async with tasks:
         long_id, last_id = await enqueue(tasks, 64)
+        enqueued = await tasks.info(last_id)
+        assert enqueued is not None
         group.start_soon(execute)
         with anyio.fail_after(WAIT):
             await long_started.wait()

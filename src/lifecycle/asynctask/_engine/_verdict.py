@@ -120,13 +120,16 @@ class Policy:
         )
 
     def release(self, claimed: ClaimedTask, *, now: float) -> Settlement:
-        """Back to pending at once without counting the attempt (graceful shutdown)."""
+        """Back to pending at once without counting the attempt (graceful shutdown, a task claimed ahead that
+        no runner took), due when it was due: it keeps its place among the tasks of its priority, before those
+        enqueued after it."""
+        record = claimed.record
         return Settlement(
-            task_id=claimed.record.id,
+            task_id=record.id,
             token=claimed.token,
             state=TaskState.PENDING,
             at=now,
-            run_at=now,
+            run_at=record.run_at if record.run_at < now else now,
             refund_attempt=True,
         )
 
