@@ -255,6 +255,36 @@ async def test_a_task_claimed_ahead_that_no_runner_takes_is_given_back_and_anoth
     assert "giving back 1 task(s) claimed ahead" in caplog.text
 
 
+async def test_a_short_claim_ahead_is_given_back_in_time_not_after_the_idle_wait(
+    group: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The claim ahead that took the last task came back short (one task for two slots): the worker would
+    # wait idle for poll_interval (an hour here) with that task held; it gives it back after _AHEAD_WAIT.
+    monkeypatch.setattr(_worker, "_AHEAD_WAIT", 0.05)
+    backend = Counting()
+    tasks = make(backend, concurrency=2, poll_interval=3600.0)
+    long_started, long_may_end = short_then_long(tasks)
+    async with tasks:
+        await tasks.enqueue_many([Call("short", index) for index in range(64)])
+        long_ids = [await tasks.enqueue("long"), await tasks.enqueue("long")]
+        last_id = await tasks.enqueue("last")
+        group.start_soon(tasks.execute)
+        with anyio.fail_after(WAIT / 2):
+            await backend.claimed(last_id)  # claimed ahead: both runners are on the long tasks
+            while last_id not in backend.settled_ids:  # given back: a settlement to pending
+                await anyio.sleep(0.01)
+        last = await tasks.info(last_id)
+        assert last is not None
+        assert last.state is TaskState.PENDING
+        assert last.attempts == 0
+        for long_id in long_ids:
+            assert (await tasks.info(long_id)).state is TaskState.ACTIVE  # type: ignore[union-attr]
+        long_may_end.set()
+        with anyio.fail_after(WAIT):
+            assert (await tasks.wait(last_id, timeout=WAIT)).state is TaskState.SUCCEEDED
+    assert long_started.is_set()
+
+
 async def test_at_shutdown_a_task_claimed_ahead_that_did_not_start_is_given_back_not_run(
     group: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -6,11 +6,14 @@ drops.
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
 import redis.asyncio as aioredis
 
 from lifecycle.asynctask import FlowLimits, NewTask, Settlement, TaskState
+from lifecycle.asynctask._backends.redis._notices import Listener
 from lifecycle.asynctask._records import Notice, ProgressUpdate
 from lifecycle.asynctask.redis import RedisBackend
 from lifecycle.asynctask.testing import T0
@@ -239,3 +242,37 @@ async def test_the_notices_subscription_comes_back_after_its_connection_drops(
     await _running(backend, "a")
     await backend.cancel(["a"], now=T0 + 2)
     assert await _collect(backend, 1) == [Notice("cancel", "a")]
+
+
+class _SilentCount:
+    """A client whose ``PUBSUB NUMSUB`` never gets an answer (a half-open connection); all else as given."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client  # redis-py's execute_command is untyped
+
+    def pubsub(self) -> Any:
+        return self._client.pubsub()
+
+    async def execute_command(self, *args: Any) -> Any:
+        if args[:2] == ("PUBSUB", "NUMSUB"):
+            await anyio.sleep_forever()
+        return await self._client.execute_command(*args)
+
+
+async def test_notices_are_read_when_the_subscriber_count_gets_no_answer(
+    redis_url: str, unique_name: str
+) -> None:
+    """Asking whether the channel's subscribers may be counted gives up after the timeouts (not now, asked
+    again at the next subscription): the notices are read all the same."""
+    channel = f"{{{unique_name}}}:notices"
+    client = aioredis.Redis.from_url(redis_url)
+    listener = Listener(_SilentCount(client), channel, nonce="n", socket_timeout=0.2, connect_timeout=0.2)
+    try:
+        assert await listener.wait(timeout=0) == []  # subscribes; the count's question times out
+        assert not listener.live
+        await client.publish(channel, b"s\0task1")
+        with anyio.fail_after(10):
+            assert await listener.wait(timeout=10) == [Notice("settled", "task1")]
+    finally:
+        await listener.close()
+        await client.aclose()

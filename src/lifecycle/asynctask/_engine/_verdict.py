@@ -129,7 +129,7 @@ class Policy:
             token=claimed.token,
             state=TaskState.PENDING,
             at=now,
-            run_at=record.run_at if record.run_at < now else now,
+            run_at=record.run_at if math.isfinite(record.run_at) else now,
             refund_attempt=True,
         )
 

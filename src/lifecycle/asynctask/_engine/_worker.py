@@ -4,6 +4,7 @@ batches, renew leases, recover the tasks of dead workers, purge old results, and
 from __future__ import annotations
 
 import logging
+import math
 import time
 import traceback
 from collections import deque
@@ -118,7 +119,7 @@ class Worker:
 
     @property
     def running(self) -> int:
-        """How many tasks are executing now."""
+        """How many tasks this worker holds: running, or claimed ahead and waiting for a runner."""
         return len(self._running)
 
     def wake(self) -> None:
@@ -290,15 +291,18 @@ class Worker:
             except Exception as exc:
                 failures += 1
                 self._ahead = 0
+                self._backlog = False
                 await self._backend_trouble("claim tasks", exc, failures)
                 continue
             failures = 0
             self._claimed(batch, limit, ahead=go_ahead and not limits)
             if len(batch) < limit:
-                if wait_and_claim is None:
-                    await self._idle(generation)
-                else:
+                if wait_and_claim is not None:
                     idle = True
+                elif self._ahead_deadline() == math.inf:
+                    await self._idle(generation)
+                # else tasks claimed ahead wait for a runner: _wait_for_capacity bounds their wait, not the
+                # idle wait of up to poll_interval
 
     def _claimed(self, batch: list[ClaimedTask], limit: int, *, ahead: bool) -> None:
         """Queue ``batch`` for the runners, and decide whether the next claim may go out before they are free.
@@ -318,15 +322,22 @@ class Worker:
         self._backlog = full
         self._start(batch)
 
+    def _ahead_deadline(self) -> float:
+        """When the tasks claimed ahead that wait for a runner are given back (``inf``: none wait)."""
+        queue = self._queue
+        if not queue or len(self._running) + self._finishing <= self._options.concurrency:
+            return math.inf
+        return queue[0].queued_at + _AHEAD_WAIT
+
     async def _wait_for_capacity(self) -> None:
         """Wait until a slot is free; give back the tasks claimed ahead if no runner took one for
         ``_AHEAD_WAIT`` seconds (the runners are on long tasks: other workers may run those now)."""
         event = self._capacity_event = anyio.Event()
-        queue = self._queue
-        if not queue or len(self._running) + self._finishing <= self._options.concurrency:
+        deadline = self._ahead_deadline()
+        if deadline == math.inf:
             await event.wait()
             return
-        with anyio.CancelScope(deadline=queue[0].queued_at + _AHEAD_WAIT):
+        with anyio.CancelScope(deadline=deadline):
             await event.wait()
             return
         self._give_back_ahead()
@@ -474,8 +485,10 @@ class Worker:
             delay,
             exc_info=failures == 1,
         )
-        with anyio.move_on_after(delay):
-            await self.stopping.wait()  # a stop ends the pause: nothing more is claimed
+        # A stop ends the pause (nothing more is claimed), and so does the time tasks claimed ahead may wait
+        # for a runner: the claim loop then gives them back (see _wait_for_capacity).
+        with anyio.CancelScope(deadline=min(anyio.current_time() + delay, self._ahead_deadline())):
+            await self.stopping.wait()
 
     async def _drain(self) -> None:
         self._give_back_ahead()  # the tasks claimed ahead that no runner took yet are not started now

@@ -140,14 +140,19 @@ class Listener:
         include it) is not refused it, and logged in the server's ACL log, on every settle. Any other
         failure: not now (asked again at the next subscription)."""
         if self._may_count is None:
-            try:
-                await self._client.execute_command("PUBSUB", "NUMSUB", self._channel)
-            except ResponseError:  # NOPERM
-                self._may_count = False
-            except Exception:  # the connection, or anything else: not now (never the subscription's end)
+            # The notices client has no socket timeout of its own (its subscription waits for messages): an
+            # answer that never comes (a half-open connection) must not hold the reading of notices.
+            with anyio.move_on_after(self._connect_timeout + self._socket_timeout):
+                try:
+                    await self._client.execute_command("PUBSUB", "NUMSUB", self._channel)
+                except ResponseError:  # NOPERM
+                    self._may_count = False
+                except Exception:  # the connection, or anything else: not now (never the subscription's end)
+                    return False
+                else:
+                    self._may_count = True
+            if self._may_count is None:  # no answer in time: not now
                 return False
-            else:
-                self._may_count = True
         return self._may_count
 
     async def _receive(self, pubsub: Any) -> None:

@@ -498,8 +498,9 @@ class SQLiteBackend:
         if on_loop and self._loop_connection is not None:
             # The call's scheduling point, as the worker thread's call has one, so a producer enqueueing in
             # a loop does not starve the other tasks (on asyncio at least every _YIELD_EVERY): before the
-            # write, so a cancellation there stores nothing, and nothing after it can interrupt the call once
-            # the task is stored.
+            # write, so a cancellation delivered there stores nothing (one that arrives between two yields on
+            # asyncio is delivered at the next), and nothing after it can interrupt the call once the task is
+            # stored.
             if self._yield_due():
                 await self._checkpoint()
             loop_done = self._write_on_loop(run, operation, args)
