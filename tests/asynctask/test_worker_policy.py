@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 from collections import Counter
 
@@ -98,14 +100,22 @@ def test_retry_validates_after() -> None:
     assert Retry(after=__import__("datetime").timedelta(minutes=2)).after == 120.0
 
 
-def test_release_refunds_the_attempt() -> None:
+def test_release_refunds_the_attempt_and_keeps_the_run_at() -> None:
+    # Due when it was due (run_at 0.0), not now: the task keeps its place before those enqueued after it.
     release = policy().release(claimed(1), now=NOW)
-    assert (release.state, release.run_at, release.refund_attempt, release.error) == (
+    assert (release.state, release.run_at, release.refund_attempt, release.error, release.at) == (
         TaskState.PENDING,
-        NOW,
+        0.0,
         True,
         None,
+        NOW,
     )
+
+
+def test_release_of_a_record_without_a_finite_run_at_makes_it_due_now() -> None:
+    task = claimed(1)
+    damaged = ClaimedTask(task.token, dataclasses.replace(task.record, run_at=math.nan))
+    assert policy().release(damaged, now=NOW).run_at == NOW
 
 
 def test_error_text_keeps_type_message_traceback_and_is_bounded() -> None:
