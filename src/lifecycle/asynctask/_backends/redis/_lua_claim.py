@@ -114,17 +114,6 @@ if WAITED and limit >= 1 then
   -- its run_at, and that was before this claim runs. The enqueue that ended the wait read its clock about as
   -- long before the server ran it as this caller read its own before the wait began, so without this the
   -- claim found that task not due yet in about half the cases and left it to another round trip.
-  -- The time the 16 hex digits of a claim member stand for (prepare_wait's unsortable(), as a number).
-  local function unsortable(hex)
-    local b = {}
-    for i = 1, 8 do b[i] = tonumber(string.sub(hex, 2 * i - 1, 2 * i), 16) end
-    if b[1] >= 128 then
-      b[1] = b[1] - 128
-    else
-      for i = 1, 8 do b[i] = 255 - b[i] end
-    end
-    return struct.unpack('>d', string.char(unpack(b)))
-  end
   local top, cap = SNOW, NOW + %(grace)d
   for qi = qfirst, #ARGV do
     local q = ARGV[qi]
@@ -635,6 +624,21 @@ local function enc(s) return #s .. ':' .. s end
 # the first thing is due by now, or a ready task's run_at is at most WAKE_GRACE ahead of it (the claim behind
 # takes that one too), and it is not the one to skip, it rings the alarm, so the BLPOP behind returns at once
 # and the claim runs; it then returns {time, what, '1'}.
+# Shared by the claim and prepare_wait: the time the 16 hex digits of a claim member stand for (the inverse of
+# sortable_time()), as a number.
+_UNSORTABLE = """
+local function unsortable(hex)
+  local b = {}
+  for i = 1, 8 do b[i] = tonumber(string.sub(hex, 2 * i - 1, 2 * i), 16) end
+  if b[1] >= 128 then
+    b[1] = b[1] - 128
+  else
+    for i = 1, 8 do b[i] = 255 - b[i] end
+  end
+  return struct.unpack('>d', string.char(unpack(b)))
+end
+"""
+
 _PREPARE_WAIT = """
 local timed = ARGV[3] ~= ''
 if timed then
@@ -654,23 +658,13 @@ local function consider(t, what)
   local x = tonumber(t)
   if x and x < math.huge and (best == nil or x < best[3]) then best = {t, what, x} end
 end
-local function unsortable(hex)
-  local b = {}
-  for i = 1, 8 do b[i] = tonumber(string.sub(hex, 2 * i - 1, 2 * i), 16) end
-  if b[1] >= 128 then
-    b[1] = b[1] - 128
-  else
-    for i = 1, 8 do b[i] = 255 - b[i] end
-  end
-  return string.format('%.17g', struct.unpack('>d', string.char(unpack(b))))
-end
 for i = 7, #ARGV do
   local q = ARGV[i]
   redis.call('DEL', P .. 'w:' .. q)
   if not paused[q] then
     local head = redis.call('ZRANGE', ready(q), 0, 0)[1]
     if head then
-      local t = unsortable(string.sub(head, 1, 16))
+      local t = string.format('%.17g', unsortable(string.sub(head, 1, 16)))
       consider(t, head)
       if timed and tonumber(t) <= tonumber(ARGV[3]) + %(grace)d and (t ~= ARGV[4] or head ~= ARGV[5]) then
         soon = true  -- the claim behind takes it whatever the caller's now (see the claim script)
@@ -792,8 +786,21 @@ return %(version)d
 
 def _claim_scripts() -> dict[str, LuaScript]:
     found = (
-        script("claim", _CLAIM, scan=SCAN_BOUND, moves=MOVE_BOUND, sweeps=EXPIRE_BOUND, grace=WAKE_GRACE),
-        script("prepare_wait", _PREPARE_WAIT, prelude=PREPARE_WAIT_PRELUDE, kept=3700, grace=WAKE_GRACE),
+        script(
+            "claim",
+            _UNSORTABLE + _CLAIM,
+            scan=SCAN_BOUND,
+            moves=MOVE_BOUND,
+            sweeps=EXPIRE_BOUND,
+            grace=WAKE_GRACE,
+        ),
+        script(
+            "prepare_wait",
+            _UNSORTABLE + _PREPARE_WAIT,
+            prelude=PREPARE_WAIT_PRELUDE,
+            kept=3700,
+            grace=WAKE_GRACE,
+        ),
         script("pause", _PAUSE),
         script("resume", _RESUME),
         script("flow_state", _FLOW_STATE),
