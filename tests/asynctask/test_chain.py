@@ -3,6 +3,7 @@ progress says where; requeueing the dead step resumes it; bad chains store nothi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from lifecycle.asynctask import (
     Abort,
     AsyncTasks,
     Call,
+    Group,
     ManualClock,
     MemoryBackend,
     NewTask,
@@ -23,7 +25,7 @@ from lifecycle.asynctask import (
     TaskState,
 )
 from lifecycle.asynctask._chain import build_chain, chain_fields, follow_up
-from lifecycle.asynctask._records import TaskRecord
+from lifecycle.asynctask._records import GroupRecord, TaskRecord
 
 T0 = 1_700_000_000.0
 
@@ -129,6 +131,108 @@ async def test_a_dead_step_stops_the_chain_and_requeueing_it_resumes(
     assert info.chain is not None
     assert info.chain.result == "pages:6"
     assert steps.seen[-1] == ("store", ([1, 2, 3], chain_id))
+
+
+class StaleFirstReads(MemoryBackend):
+    """A store whose first read of each id answers with what that id held while it still ran: the read a
+    busy machine makes when a step finishes (and the steps after it run) between two reads of one progress
+    walk."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stale: dict[str, TaskRecord | GroupRecord] = {}
+        self.reads: list[str] = []
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        self.reads.append(task_id)
+        stale = self.stale.pop(task_id, None)
+        return stale if isinstance(stale, TaskRecord) else await super().get(task_id)
+
+    async def get_group(self, group_id: str) -> GroupRecord | None:
+        self.reads.append(group_id)
+        stale = self.stale.pop(group_id, None)
+        return stale if isinstance(stale, GroupRecord) else await super().get_group(group_id)
+
+
+@pytest.mark.parametrize("unfinished", ["first step", "group step"])
+async def test_a_step_read_while_it_ran_is_read_again_once_a_later_step_is_found(unfinished: str) -> None:
+    """The progress walk reads step after step; a step that read as unfinished before a later step was found
+    finished meanwhile (the later step exists only after it succeeded), so it is read again."""
+    backend = StaleFirstReads()
+    tasks = AsyncTasks(backend, clock=ManualClock(T0))
+
+    @tasks.register(name="chain.one")
+    async def one(ctx: TaskContext, n: int) -> int:
+        previous = ctx.previous_result
+        return n + (sum(previous) if isinstance(previous, list) else previous or 0)
+
+    async with tasks, anyio.create_task_group() as running:
+        running.start_soon(tasks.execute)
+        chain_id = await tasks.enqueue_chain(
+            [Call(one, 1), Group([Call(one, 10), Call(one, 100)]), Call(one, 0)]
+        )
+        done = await tasks.wait(chain_id, timeout=10)
+        running.cancel_scope.cancel()
+    assert done.chain is not None
+    assert (done.chain.state, done.chain.result) == (TaskState.SUCCEEDED, 112)
+    async with AsyncTasks(backend, clock=ManualClock(T0), execution=False) as reader:
+        if unfinished == "first step":
+            first = await backend.get(f"{chain_id}.0")
+            assert first is not None
+            backend.stale[first.id] = dataclasses.replace(first, state=TaskState.ACTIVE, result=None)
+        else:
+            group = await backend.get_group(f"{chain_id}.1")
+            assert group is not None
+            backend.stale[group.id] = dataclasses.replace(group, outcome=None, then_id=None)
+        backend.reads.clear()
+        info = await reader.info(chain_id)
+    assert info is not None
+    assert info.chain is not None
+    assert [step.state for step in info.chain.steps] == [TaskState.SUCCEEDED] * 3
+    assert info.chain.state is TaskState.SUCCEEDED
+    stale_id = f"{chain_id}.0" if unfinished == "first step" else f"{chain_id}.1"
+    assert backend.reads.count(stale_id) == 2, "read once in the walk, once more after the last step's read"
+    assert backend.stale == {}
+
+
+async def test_waiting_for_a_chain_waits_for_the_whole_group_step_not_its_first_member() -> None:
+    """At a group step ``info(chain_id)`` shows the first member's record; once that member succeeded while
+    another still runs, ``wait(chain_id)`` still waits: for the chain, not for the record shown."""
+    tasks = AsyncTasks(MemoryBackend(), clock=ManualClock(T0), concurrency=2)
+    release = anyio.Event()
+
+    @tasks.register(name="chain.quick")
+    async def quick(n: int) -> int:
+        return n
+
+    @tasks.register(name="chain.held")
+    async def held(n: int) -> int:
+        await release.wait()
+        return n
+
+    @tasks.register(name="chain.total")
+    async def total(ctx: TaskContext) -> int:
+        results: list[int] = ctx.previous_result
+        return sum(results)
+
+    async with tasks, anyio.create_task_group() as running:
+        running.start_soon(tasks.execute)
+        chain_id = await tasks.enqueue_chain([Group([Call(quick, 1), Call(held, 2)]), Call(total)])
+        group = await tasks.group_info(f"{chain_id}.0")
+        assert group is not None
+        first = await tasks.wait(group.task_ids[0], timeout=10)
+        assert first.state is TaskState.SUCCEEDED
+        shown = await tasks.info(chain_id)
+        assert shown is not None
+        assert shown.chain is not None
+        assert (shown.id, shown.state, shown.chain.state) == (first.id, TaskState.SUCCEEDED, TaskState.ACTIVE)
+        with pytest.raises(TimeoutError, match=r"the chain is still active at step 0 \(group of 2"):
+            await tasks.wait(chain_id, timeout=0.1)
+        release.set()
+        done = await tasks.wait(chain_id, timeout=10)
+        running.cancel_scope.cancel()
+    assert done.chain is not None
+    assert (done.state, done.chain.state, done.chain.result) == (TaskState.SUCCEEDED, TaskState.SUCCEEDED, 3)
 
 
 async def test_cancelling_a_waiting_step_stops_the_chain() -> None:

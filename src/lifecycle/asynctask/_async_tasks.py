@@ -1129,6 +1129,9 @@ class AsyncTasks:
         """Wait until the task is in one of ``states`` (default: finished: succeeded, dead or cancelled) and
         return it.
 
+        For a chain id (from :meth:`enqueue_chain`) the states are the chain's (``info.chain.state``): the
+        default waits until the chain succeeded or stopped, whatever step it is at.
+
         A worker in this process wakes the waiter as soon as it saves a verdict; a verdict saved by another
         process wakes it within milliseconds on a backend that pushes notices (Redis, PostgreSQL, in-process)
         and within ``poll_interval`` otherwise (SQLite). Raises ``TimeoutError`` after ``timeout``
@@ -1146,7 +1149,16 @@ class AsyncTasks:
         _check_id(task_id, "wait")
         seconds = check_optional_seconds(timeout, "AsyncTasks.wait(): timeout", allow_zero=True)
         wanted = check_states(states) if states is not None else {s for s in TaskState if s.is_final}
-        return await self._wait_for(task_id, lambda info: info.state in wanted, seconds)
+
+        def reached(info: TaskInfo) -> bool:
+            # A chain id waits for the chain, not for the record shown: at a group step that is the first
+            # member's, which may have succeeded while the group (and so the chain) goes on.
+            chain = info.chain
+            if chain is not None and chain.id == task_id:
+                return chain.state in wanted
+            return info.state in wanted
+
+        return await self._wait_for(task_id, reached, seconds)
 
     # -- the lifecycle Task ---------------------------------------------------------------------------------
 
@@ -1336,7 +1348,9 @@ class AsyncTasks:
             read,
             predicate,
             timeout,
-            lambda last: f"tasks.wait({task_id!r}, timeout={timeout:g}) timed out: {_state_of(last)}",
+            lambda last: (
+                f"tasks.wait({task_id!r}, timeout={timeout:g}) timed out: {_state_of(last, task_id)}"
+            ),
         )
 
     async def _wait_until(
@@ -1509,10 +1523,14 @@ def _check_queue(queue: object, what: str) -> None:
         check_queue(queue, f"AsyncTasks.{what}()")
 
 
-def _state_of(info: TaskInfo | None) -> str:
-    """The state of a task a wait gave up on, for the ``TimeoutError``."""
+def _state_of(info: TaskInfo | None, task_id: str) -> str:
+    """The state of a task (or of the chain ``task_id`` names) a wait gave up on, for the ``TimeoutError``."""
     if info is None:  # the deadline passed during the first look
         return "the task's state was not read yet"
+    chain = info.chain
+    if chain is not None and chain.id == task_id:
+        step = chain.steps[chain.current]
+        return f"the chain is still {chain.state.value} at step {step.index} ({step.name})"
     text = f"the task is still {info.state.value} (attempt {info.attempts} of {info.max_retries + 1}"
     if info.state is TaskState.PENDING and info.attempts:
         text += ", waiting for a retry"

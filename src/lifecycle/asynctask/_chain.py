@@ -341,17 +341,29 @@ async def chain_progress(
         groups = {int(step) for step in section.get("groups", [])}
     except Exception:  # damaged bookkeeping: not readable as a chain
         return None
+
+    async def read_step(index: int) -> TaskRecord | GroupRecord | None:
+        if index in groups:
+            return None if get_group is None else await get_group(step_id(chain_id, index))
+        return await backend.get(step_id(chain_id, index))
+
     stored: list[TaskRecord | GroupRecord] = [first]
     for index in range(1, len(names)):
         # Steps are enqueued in order, so the first missing one ends the walk.
-        found: TaskRecord | GroupRecord | None
-        if index in groups:
-            found = None if get_group is None else await get_group(step_id(chain_id, index))
-        else:
-            found = await backend.get(step_id(chain_id, index))
+        found = await read_step(index)
         if found is None:
             break
         stored.append(found)
+    # The reads are one after another, not one snapshot: a step read while it ran may have succeeded (and
+    # its successor run) before the next read. A later step exists only once the one before it succeeded,
+    # so a step before the last that read as unfinished is read again, after the later read: what it shows
+    # then is at least as new as the last step's record (found on a busy machine, where a whole group and
+    # the step after it finished between two reads).
+    for index in range(len(stored) - 1):
+        if not _step_state(stored[index]).is_final:
+            again = await read_step(index)
+            if again is not None:
+                stored[index] = again
     last = stored[-1]
     current = len(stored) - 1
     state = _step_state(last)
