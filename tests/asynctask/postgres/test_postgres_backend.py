@@ -327,17 +327,52 @@ _ONE_ARRAY_CHECK = [
     )
 ]
 
+_DOMAIN_CHECK = [
+    (
+        "lifecycle_state_check",
+        "CHECK ((VALUE = ANY ('{pending,active,succeeded,dead,cancelled}'::text[]))) NOT VALID",
+    )
+]
 
-async def test_a_store_of_schema_version_5_is_migrated_to_the_state_check_against_one_array(
-    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Version 5 as the previous release created it, with a pending and a claimed task in it.
-    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", 5)
+
+async def _domain_checks(dsn: str, schema: str) -> list[Any]:
+    """The CHECKs of the schema's state domain, and the type of the task table's state column."""
+    return await _execute(
+        dsn,
+        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+        "WHERE contypid = (SELECT atttypid FROM pg_attribute WHERE attrelid = %s::regclass "
+        "AND attname = 'state') AND contype = 'c'",
+        (f'"{schema}".lifecycle_tasks',),
+    )
+
+
+async def _state_type(dsn: str, schema: str) -> object:
+    [(name,)] = await _execute(
+        dsn,
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = %s::regclass "
+        "AND attname = 'state'",
+        (f'"{schema}".lifecycle_tasks',),
+    )
+    return name
+
+
+async def _index_definitions(dsn: str, schema: str) -> list[Any]:
+    return await _execute(
+        dsn,
+        "SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index "
+        "WHERE indrelid = %s::regclass ORDER BY 1",
+        (f'"{schema}".lifecycle_tasks',),
+    )
+
+
+async def _open_at_version(
+    postgres_dsn: str, pg_schema: str, version: int, monkeypatch: pytest.MonkeyPatch
+) -> Any:
+    """A store at ``version`` as that release created it, with a pending and a claimed task in it; returns
+    the claimed task."""
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", version)
     async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as connection:
-        assert await schema_module.ensure_schema(connection, pg_schema) == 5
-    [(name, before)] = await _state_checks(postgres_dsn, pg_schema)
-    assert name == "lifecycle_tasks_state_check"
-    assert "ARRAY['pending'::text" in before, before
+        assert await schema_module.ensure_schema(connection, pg_schema) == version
     old = PostgresBackend(postgres_dsn, schema=pg_schema)
     await old.open()
     try:
@@ -347,16 +382,21 @@ async def test_a_store_of_schema_version_5_is_migrated_to_the_state_check_agains
     finally:
         await old.close()
     monkeypatch.undo()
+    return held
 
-    backend = await open_pg()  # migrates
+
+async def _assert_the_migrated_store_works(
+    backend: PostgresBackend, postgres_dsn: str, pg_schema: str, held: Any
+) -> None:
     versions = await _execute(
         postgres_dsn, sql.SQL("SELECT version FROM {}").format(sql.Identifier(pg_schema, "lifecycle_schema"))
     )
-    assert versions == [(6,)]
-    assert await _state_checks(postgres_dsn, pg_schema) == _ONE_ARRAY_CHECK
+    assert versions == [(schema_module.SCHEMA_VERSION,)]
+    assert await _state_checks(postgres_dsn, pg_schema) == []
+    assert await _domain_checks(postgres_dsn, pg_schema) == _DOMAIN_CHECK
+    now = time.time() + 1
     settled = Settlement(task_id=held.record.id, token=held.token, state=TaskState.SUCCEEDED, at=now)
     assert await backend.settle([settled]) == set()
-    now = time.time() + 1
     claimed = await backend.claim(["default"], 5, now=now, lease_until=now + 60)
     assert [c.record.id for c in claimed] == ["second"]
     assert await backend.stats() == {"default": {TaskState.SUCCEEDED: 1, TaskState.ACTIVE: 1}}
@@ -369,11 +409,58 @@ async def test_a_store_of_schema_version_5_is_migrated_to_the_state_check_agains
         )
 
 
-async def test_a_new_store_has_the_state_check_against_one_array(
+async def test_a_store_of_schema_version_5_is_migrated_to_the_state_check_on_the_domain(
+    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = await _open_at_version(postgres_dsn, pg_schema, 5, monkeypatch)
+    [(name, before)] = await _state_checks(postgres_dsn, pg_schema)
+    assert name == "lifecycle_tasks_state_check"
+    assert "ARRAY['pending'::text" in before, before
+    backend = await open_pg()  # migrates through version 6
+    await _assert_the_migrated_store_works(backend, postgres_dsn, pg_schema, held)
+
+
+async def test_a_store_of_schema_version_6_is_migrated_to_the_state_check_on_the_domain_in_place(
+    open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 7 makes the state column the domain ``lifecycle_state`` and moves the table's CHECK onto it:
+    the table is not rewritten (its file stays), every index keeps its definition (the six partial ones are
+    rebuilt: their predicates read the column)."""
+    held = await _open_at_version(postgres_dsn, pg_schema, 6, monkeypatch)
+    assert await _state_checks(postgres_dsn, pg_schema) == _ONE_ARRAY_CHECK
+    assert await _state_type(postgres_dsn, pg_schema) == "text"
+    table_file = "SELECT pg_relation_filenode(%s::regclass)"
+    table = (f'"{pg_schema}".lifecycle_tasks',)
+    before_file = await _execute(postgres_dsn, table_file, table)
+    before_indexes = await _index_definitions(postgres_dsn, pg_schema)
+
+    backend = await open_pg()  # migrates
+    assert await _state_type(postgres_dsn, pg_schema) == f"{pg_schema}.lifecycle_state"
+    assert await _execute(postgres_dsn, table_file, table) == before_file
+    # The predicates read the domain as its base type: (state)::text where the text column was state.
+    after_indexes = await _index_definitions(postgres_dsn, pg_schema)
+    assert [(name, text.replace("(state)::text", "state")) for name, text in after_indexes] == before_indexes
+    assert sum("(state)::text" in text for _, text in after_indexes) == 6
+    await _assert_the_migrated_store_works(backend, postgres_dsn, pg_schema, held)
+    record = await backend.get("second")
+    assert record is not None
+    assert record.state is TaskState.ACTIVE
+    # The server describes a domain column by its base type: readers decode the state as text, as before.
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as connection:
+        query = sql.SQL("SELECT state FROM {} WHERE id = 'second'")
+        cursor = await connection.execute(query.format(sql.Identifier(pg_schema, "lifecycle_tasks")))
+        assert cursor.description is not None
+        assert cursor.description[0].type_code == 25  # text
+        assert await cursor.fetchall() == [("active",)]
+
+
+async def test_a_new_store_has_the_state_check_on_the_domain(
     open_pg: OpenPostgres, postgres_dsn: str, pg_schema: str
 ) -> None:
     await open_pg()
-    assert await _state_checks(postgres_dsn, pg_schema) == _ONE_ARRAY_CHECK
+    assert await _state_checks(postgres_dsn, pg_schema) == []
+    assert await _domain_checks(postgres_dsn, pg_schema) == _DOMAIN_CHECK
+    assert await _state_type(postgres_dsn, pg_schema) == f"{pg_schema}.lifecycle_state"
 
 
 async def test_a_new_store_has_claims_without_jit(

@@ -82,6 +82,14 @@ async def test_a_state_the_check_no_longer_guards_is_counted_as_dead(
         ).fetchall():
             drop = sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(table, sql.Identifier(name))
             connection.execute(drop)
+        # Since schema version 7 the check sits on the state column's domain.
+        for domain, name in connection.execute(
+            "SELECT contypid::regtype::text, conname FROM pg_constraint WHERE contype = 'c' AND contypid = "
+            "(SELECT atttypid FROM pg_attribute WHERE attrelid = %s::regclass AND attname = 'state')",
+            (f'"{pg_schema}".lifecycle_tasks',),
+        ).fetchall():
+            drop = sql.SQL("ALTER DOMAIN {} DROP CONSTRAINT {}").format(sql.SQL(domain), sql.Identifier(name))
+            connection.execute(drop)
     _update(postgres_dsn, pg_schema, "state = 'paused'", "t1")
     assert await backend.stats() == {"default": {TaskState.PENDING: 1, TaskState.DEAD: 1}}
     record = await backend.get("t1")
