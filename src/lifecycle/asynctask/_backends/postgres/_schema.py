@@ -278,17 +278,18 @@ _V6 = (
     "CHECK (state = ANY ('{{pending,active,succeeded,dead,cancelled}}'::text[])) NOT VALID",
 )
 
-# Version 7: the test of the state on the column's type. A table's CHECK is read back from its stored text
-# and planned on every statement that writes the table, however few rows it writes and whether or not it sets
-# the state: with version 6's single array constant still 32 000 of the 247 000 instructions the server
-# spends on a single enqueue (callgrind, PostgreSQL 15), 26 000 of them in stringToNode. A domain's CHECK is
-# read and planned once per session (the type cache) and only set up per statement that assigns the state:
-# 224 000 instructions per single enqueue (the index predicates, which now read the column as text, cost
-# 2 800 more of them), 311 000 instead of 323 000 per task claimed and settled in a drain. A value outside the five states is refused as before, with a check violation (SQLSTATE 23514). The
-# column becomes the domain before the domain gets its CHECK: with the CHECK in place, the type change would
-# rewrite the table to test every row; without it, nothing is rewritten (the same bytes), and the partial
-# indexes, whose predicates read the column, are rebuilt. The CHECK is added NOT VALID for the reason given
-# at _V6; the rows were under the same test until this transaction.
+# Version 7: the test of the state on the column's type. A table's CHECK is read back from its stored text and
+# planned on every statement that writes the table, however few rows it writes and whether or not it sets the
+# state: with version 6's single array constant still 32 000 of the 247 000 instructions the server spends on
+# a single enqueue (callgrind, PostgreSQL 15), 26 000 of them in stringToNode. A domain's CHECK is read and
+# planned once per session (the type cache) and only set up per statement that assigns the state: 224 000
+# instructions per single enqueue (the index predicates, which now read the column as text, cost 2 800 more of
+# them), 311 000 instead of 323 000 per task claimed and settled in a drain. A value outside the five states
+# is refused as before, with a check violation (SQLSTATE 23514). The column becomes the domain before the
+# domain gets its CHECK: with the CHECK in place, the type change would rewrite the table to test every row;
+# without it, nothing is rewritten (the same bytes), and the partial indexes, whose predicates read the
+# column, are rebuilt. The CHECK is added NOT VALID for the reason given at _V6; the rows were under the same
+# test until this transaction.
 _V7 = (
     "CREATE DOMAIN {state_domain} AS text",
     "ALTER TABLE {tasks} DROP CONSTRAINT IF EXISTS {state_check}",
