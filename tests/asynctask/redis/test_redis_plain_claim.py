@@ -6,6 +6,7 @@ the general part, with nothing written before."""
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -86,7 +87,9 @@ async def _both(
             await backend.enqueue_group(group)
         limits = None if backend is plain else UNRELATED
         for queues, limit in claims:
-            got.append(_shown(await backend.claim(queues, limit, now=T0 + 1, lease_until=T0 + 31, limits=limits)))
+            got.append(
+                _shown(await backend.claim(queues, limit, now=T0 + 1, lease_until=T0 + 31, limits=limits))
+            )
     stored = await _keys(client, plain.key_prefix)
     expected = await _keys(client, general.key_prefix)
     return replies[plain], replies[general], stored, expected
@@ -167,7 +170,9 @@ async def test_what_the_plain_path_leaves_to_the_general_part_ends_the_same(
     assert await _keys(client, plain.key_prefix) == await _keys(client, general.key_prefix)
 
 
-async def test_a_repeated_plain_claim_returns_what_it_leased_and_leases_no_more(open_redis: OpenRedis) -> None:
+async def test_a_repeated_plain_claim_returns_what_it_leased_and_leases_no_more(
+    open_redis: OpenRedis,
+) -> None:
     backend = await open_redis()
     await backend.enqueue_many([_task(f"t{n}") for n in range(4)])
     runner = backend._run()
@@ -181,3 +186,44 @@ async def test_a_repeated_plain_claim_returns_what_it_leased_and_leases_no_more(
         "t2",
         "t3",
     ]
+
+
+_TIMES = [
+    0.0,
+    -0.0,
+    1.0,
+    -1.0,
+    5e-324,
+    -5e-324,
+    1e-300,
+    T0,
+    T0 + 0.1234567,
+    1_765_123_456.1234567,
+    -1_765_123_456.1234567,
+    2.0**53 + 2,
+    1e308,
+    -1e308,
+    math.inf,
+    -math.inf,
+]
+
+
+async def test_the_scripts_sortable_times_are_sortable_time_and_back(open_redis: OpenRedis) -> None:
+    """The claim's sortable form of its measured now (behind a wait) and unsortable() (its grace step and
+    prepare_wait's) work on the double's two 32-bit halves: the same digits as sortable_time(), and back."""
+    client = (await open_redis())._run().client
+    source = SCRIPTS["claim"].source
+    start = source.index("  local hi, lo = struct.unpack('>I4I4'")
+    end = source.index("  SNOW = string.format('%08x%08x', hi, lo)\n") + len(
+        "  SNOW = string.format('%08x%08x', hi, lo)\n"
+    )
+    sortable = "local out = {}\nfor i = 1, #ARGV do\nlocal now, SNOW = ARGV[i], nil\n" + source[start:end]
+    sortable += "out[i] = SNOW\nend\nreturn out\n"
+    unsortable = source[: source.index("local P = ARGV[1]")]
+    unsortable += "local out = {}\nfor i = 1, #ARGV do out[i] = string.format('%.17g', unsortable(ARGV[i])) end\nreturn out\n"
+    texts = [repr(t) for t in _TIMES]
+    digits = [bytes(d).decode() for d in await client.eval(sortable, 0, *texts)]  # type: ignore[misc]
+    assert digits == [sortable_time(t) for t in _TIMES]
+    back = [float(bytes(t)) for t in await client.eval(unsortable, 0, *digits)]  # type: ignore[misc]
+    assert [math.copysign(1, t) for t in back] == [math.copysign(1, t) for t in _TIMES]
+    assert back == _TIMES

@@ -99,13 +99,14 @@ if WAITED then
   if passed < 0 then passed = 0 end
   now = string.format('%.17g', tonumber(now) + passed)
   lease = string.format('%.17g', tonumber(lease) + passed)
-  local b = {string.byte(struct.pack('>d', tonumber(now)), 1, 8)}  -- as sortable_time() does
-  if b[1] >= 128 then
-    for i = 1, 8 do b[i] = 255 - b[i] end
+  -- As sortable_time() does, on the double's two 32-bit halves (a third of the instructions of a byte each).
+  local hi, lo = struct.unpack('>I4I4', struct.pack('>d', tonumber(now)))
+  if hi >= 2147483648 then
+    hi, lo = 4294967295 - hi, 4294967295 - lo
   else
-    b[1] = b[1] + 128
+    hi = hi + 2147483648
   end
-  SNOW = string.format('%02x%02x%02x%02x%02x%02x%02x%02x', unpack(b))
+  SNOW = string.format('%08x%08x', hi, lo)
 end
 local NOW = tonumber(now)
 local DUE = SNOW .. 'g'
@@ -797,17 +798,16 @@ local function enc(s) return #s .. ':' .. s end
 # takes that one too), and it is not the one to skip, it rings the alarm, so the BLPOP behind returns at once
 # and the claim runs; it then returns {time, what, '1'}.
 # Shared by the claim and prepare_wait: the time the 16 hex digits of a claim member stand for (the inverse of
-# sortable_time()), as a number.
+# sortable_time()), as a number; worked on the double's two 32-bit halves, not byte by byte.
 _UNSORTABLE = """
 local function unsortable(hex)
-  local b = {}
-  for i = 1, 8 do b[i] = tonumber(string.sub(hex, 2 * i - 1, 2 * i), 16) end
-  if b[1] >= 128 then
-    b[1] = b[1] - 128
+  local hi, lo = tonumber(string.sub(hex, 1, 8), 16), tonumber(string.sub(hex, 9, 16), 16)
+  if hi >= 2147483648 then
+    hi = hi - 2147483648
   else
-    for i = 1, 8 do b[i] = 255 - b[i] end
+    hi, lo = 4294967295 - hi, 4294967295 - lo
   end
-  return struct.unpack('>d', string.char(unpack(b)))
+  return (struct.unpack('>d', struct.pack('>I4I4', hi, lo)))
 end
 """
 
