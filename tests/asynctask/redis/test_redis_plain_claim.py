@@ -220,7 +220,10 @@ async def test_the_scripts_sortable_times_are_sortable_time_and_back(open_redis:
     sortable = "local out = {}\nfor i = 1, #ARGV do\nlocal now, SNOW = ARGV[i], nil\n" + source[start:end]
     sortable += "out[i] = SNOW\nend\nreturn out\n"
     unsortable = source[: source.index("local P = ARGV[1]")]
-    unsortable += "local out = {}\nfor i = 1, #ARGV do out[i] = string.format('%.17g', unsortable(ARGV[i])) end\nreturn out\n"
+    unsortable += (
+        "local out = {}\nfor i = 1, #ARGV do\nout[i] = string.format('%.17g', unsortable(ARGV[i]))\n"
+    )
+    unsortable += "end\nreturn out\n"
     texts = [repr(t) for t in _TIMES]
     digits = [bytes(d).decode() for d in await client.eval(sortable, 0, *texts)]  # type: ignore[misc]
     assert digits == [sortable_time(t) for t in _TIMES]
