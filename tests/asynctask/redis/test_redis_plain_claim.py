@@ -44,7 +44,8 @@ async def _keys(client: aioredis.Redis, prefix: str) -> dict[str, Any]:
     found: dict[str, Any] = {}
     async for raw in client.scan_iter(match=f"{prefix}*", count=1000):
         name = bytes(raw).decode().removeprefix(prefix)
-        kind = (await client.type(raw)).decode()
+        kind: Any = await client.type(raw)
+        kind = kind.decode()
         value: Any
         if kind == "hash":
             value = {k: v for k, v in (await client.hgetall(raw)).items() if k != b"c"}
@@ -225,8 +226,8 @@ async def test_the_scripts_sortable_times_are_sortable_time_and_back(open_redis:
     )
     unsortable += "end\nreturn out\n"
     texts = [repr(t) for t in _TIMES]
-    digits = [bytes(d).decode() for d in await client.eval(sortable, 0, *texts)]  # type: ignore[misc]
+    digits = [bytes(d).decode() for d in await client.eval(sortable, 0, *texts)]
     assert digits == [sortable_time(t) for t in _TIMES]
-    back = [float(bytes(t)) for t in await client.eval(unsortable, 0, *digits)]  # type: ignore[misc]
+    back = [float(bytes(t)) for t in await client.eval(unsortable, 0, *digits)]
     assert [math.copysign(1, t) for t in back] == [math.copysign(1, t) for t in _TIMES]
     assert back == _TIMES
