@@ -160,8 +160,9 @@ local TAKEN = {'n', 'q', 'p', 's', 'a', 'm', 'to', 'e', 'r', 'err', 'res', 'meta
 # worker when it took `limit` tasks.
 _CLAIM_PLAIN = """
 if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
+  -- The tasks to take, in order: their claim members, ids and records (k-th each); per queue its last k.
   local plan, n, plain = {}, 0, true
-  local LEFTQ = {}
+  local LEFTQ, PM, PI, PR = {}, {}, {}, {}
   for qi = qfirst, #ARGV do
     if n >= limit then break end
     local q = ARGV[qi]
@@ -174,7 +175,6 @@ if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
       end
       local want = limit - n + 16
       local page = redis.call('ZRANGE', P .. 'rd:' .. q, 0, want - 1)
-      local picks = {}
       for _, member in ipairs(page) do
         if n >= limit then
           LEFTQ[q] = true
@@ -192,7 +192,7 @@ if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
             break
           end
           n = n + 1
-          picks[#picks + 1] = {member, id, rec}
+          PM[n], PI[n], PR[n] = member, id, rec
         end
       end
       if not plain then break end
@@ -200,24 +200,26 @@ if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
         plain = false
         break
       end
-      plan[#plan + 1] = {q, picks}
+      plan[#plan + 1] = q
+      plan[#plan + 1] = n
     end
   end
   if plain then
     local KEPT = %(kept)s
-    local out, ids, added, m, k = {'0'}, {}, {}, 1, 0
-    for _, entry in ipairs(plan) do
-      local q, picks = entry[1], entry[2]
-      if #picks > 0 then
+    local out, added, names, m, k = {'0'}, {}, {}, 1, 0
+    for e = 1, #plan, 2 do
+      local q, last = plan[e], plan[e + 1]
+      if last > k then
         local removed, unpending, xrem = {}, {}, {}
-        local active = {'+inf', KEPT}  -- then the entries in reverse (see the general part's take)
-        for j = #picks, 1, -1 do
-          active[#active + 1] = picks[j][3][8]
-          active[#active + 1] = string.sub(picks[j][1], 17)
+        local active, a2 = {'+inf', KEPT}, 2  -- then the entries in reverse (see the general part's take)
+        for j = last, k + 1, -1 do
+          active[a2 + 1] = PR[j][8]
+          active[a2 + 2] = string.sub(PM[j], 17)
+          a2 = a2 + 2
         end
-        for _, pick in ipairs(picks) do
-          local member, id, rec = pick[1], pick[2], pick[3]
+        while k < last do
           k = k + 1
+          local member, id, rec = PM[k], PI[k], PR[k]
           local token = callid .. ':' .. k
           if rec[20] then token = token .. 'g' end  -- a group member's token says so (see settle)
           local set = {'s', 'active', 'st', now, 'l', lease, 'k', token}
@@ -230,19 +232,27 @@ if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
           local N, K = rec[1], rec[14]
           if N then
             -- The running sets of its name (and key), as the general part's count_in() and rn.
-            local rn = #N .. ':' .. N
-            local sets = {'an:' .. N}
-            if K then
-              sets[2] = 'ak:' .. rn .. K
-              rn = rn .. ':' .. K
+            local named = names[N]
+            if not named then
+              named = {'an:' .. N, #N .. ':' .. N}
+              names[N] = named
             end
-            for _, setkey in ipairs(sets) do
-              local list = added[setkey]
+            local list = added[named[1]]
+            if not list then
+              list = {}
+              added[named[1]] = list
+            end
+            list[#list + 1] = id
+            local rn = named[2]
+            if K then
+              local setkey = 'ak:' .. rn .. K
+              list = added[setkey]
               if not list then
                 list = {}
                 added[setkey] = list
               end
               list[#list + 1] = id
+              rn = rn .. ':' .. K
             end
             set[#set + 1] = 'rn'
             set[#set + 1] = rn
@@ -250,7 +260,6 @@ if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
           redis.call('HSET', P .. 't:' .. id, unpack(set))
           rec[4] = 'active'
           if rec[15] then xrem[#xrem + 1] = id end
-          ids[k] = id
           removed[#removed + 1] = member
           unpending[#unpending + 1] = string.sub(member, 17)
           out[m + 1] = token
@@ -284,9 +293,10 @@ if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
     if n > 0 then
       local leases, parts = {'+inf', KEPT}, {}  -- KEPT first: see the prelude
       for j = 1, n do
-        leases[#leases + 1] = lease
-        leases[#leases + 1] = ids[j]
-        parts[j] = #ids[j] .. ':' .. ids[j]  -- as logged() writes it
+        local id = PI[j]
+        leases[2 * j + 1] = lease
+        leases[2 * j + 2] = id
+        parts[j] = #id .. ':' .. id  -- as logged() writes it
       end
       redis.call('ZADD', P .. 'leases', unpack(leases))
       redis.call('SET', log, table.concat(parts), 'EX', %(ttl)d)
