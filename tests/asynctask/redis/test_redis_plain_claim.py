@@ -14,10 +14,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from lifecycle.asynctask import ClaimedTask, FlowLimits, NewGroup, NewTask
-from lifecycle.asynctask._backends.redis._codec import claimed_tasks, sortable_time, time_text
+from lifecycle.asynctask._backends.redis._codec import claimed_tasks, limits_args, sortable_time, time_text
 from lifecycle.asynctask._backends.redis._conn import SCRIPTS
 from lifecycle.asynctask._backends.redis._lua import PRELUDE
-from lifecycle.asynctask._backends.redis._lua_claim import PLAIN_BOUND
+from lifecycle.asynctask._backends.redis._lua_claim import PLAIN_BOUND, SCAN_BOUND
 from lifecycle.asynctask.redis import RedisBackend
 from lifecycle.asynctask.testing import T0
 from tests.asynctask.redis.redis_servers import OpenRedis
@@ -231,3 +231,33 @@ async def test_the_scripts_sortable_times_are_sortable_time_and_back(open_redis:
     back = [float(bytes(t)) for t in await client.eval(unsortable, 0, *digits)]
     assert [math.copysign(1, t) for t in back] == [math.copysign(1, t) for t in _TIMES]
     assert back == _TIMES
+
+
+async def test_a_claim_that_reaches_the_scan_bound_says_so_on_either_path(
+    open_redis: OpenRedis, unique_name: str
+) -> None:
+    """Queues whose ready sets hold only tasks not due by the claim's clock: the entries looked at count
+    against SCAN_BOUND on the plain path as on the general part, which answers that it stopped there."""
+    queues = [f"q{n:02}" for n in range(SCAN_BOUND // 18 + 4)]
+    # 18 each: a page shorter than a claim of 3 reads (19), so every queue's page is the set's end.
+    tasks = [
+        _task(f"{queue}-{i:02}", queue=queue, enqueued_at=T0 + 50, run_at=T0 + 50)
+        for queue in queues
+        for i in range(18)
+    ]
+    replies = []
+    for name, limits in (("plain", limits_args(None)), ("general", limits_args(UNRELATED))):
+        backend = await open_redis(prefix=f"{unique_name}-{name}")
+        await backend.enqueue_many(tasks)
+        args = [
+            time_text(T0 + 1),
+            sortable_time(T0 + 1),
+            time_text(T0 + 31),
+            "3",
+            "c.1",
+            "",
+            *limits,
+            *queues,
+        ]
+        replies.append(await backend._run().run("claim", args))
+    assert replies[0] == replies[1] == [b"1"]

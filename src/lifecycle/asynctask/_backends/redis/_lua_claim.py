@@ -163,6 +163,7 @@ if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
   -- The tasks to take, in order: their claim members, ids and records (k-th each); per queue its last k.
   local plan, n, plain = {}, 0, true
   local LEFTQ, PM, PI, PR = {}, {}, {}, {}
+  local budget = %(scan)d  -- counted as the general part does: one that would reach the bound is its
   for qi = qfirst, #ARGV do
     if n >= limit then break end
     local q = ARGV[qi]
@@ -174,14 +175,23 @@ if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
         break
       end
       local want = limit - n + 16
+      if budget < 16 then  -- the general part's page would be shorter
+        plain = false
+        break
+      end
       local page = redis.call('ZRANGE', P .. 'rd:' .. q, 0, want - 1)
       for _, member in ipairs(page) do
+        if budget <= 0 then
+          plain = false
+          break
+        end
         if n >= limit then
           LEFTQ[q] = true
           break
         end
         if member >= DUE then
           LEFTQ[q] = true
+          budget = budget - 1
         else
           local id = string.sub(member, 33)
           local rec = redis.call('HMGET', P .. 't:' .. id, unpack(TAKEN))
