@@ -53,8 +53,8 @@ _LOOP_ROWS = 100
 _LOOP_BUDGET = 0.002
 _LOOP_STEPS = 1000
 # The loop connection never checkpoints (a checkpoint syncs the file): once it has written about
-# _CHECKPOINT_PAGES WAL frames since the last checkpoint, its next write first checkpoints the WAL on the worker
-# thread (PASSIVE, what an automatic checkpoint does), then runs on the loop's thread as usual. The frames are
+# _CHECKPOINT_PAGES WAL frames since the last checkpoint, its next write first checkpoints the WAL on the
+# worker thread (PASSIVE, what an automatic checkpoint does), then runs on the loop's thread. The frames are
 # estimated from the rows each write changed (a write of one task writes 3.4 pages: the row, its id and its
 # pending index entry, plus splits; each further row about 1.1, mostly its id index leaf). Writing on the
 # worker thread's connection instead (every 256th write, before) cost more than its hop: each connection's
@@ -574,7 +574,7 @@ class SQLiteBackend:
         return None
 
     async def _checkpoint_wal(self) -> None:
-        """Checkpoint the WAL on the worker thread (see ``_FRAMES_PER_WRITE``); the call's scheduling point."""
+        """Checkpoint the WAL on the worker thread (see ``_FRAMES_PER_WRITE``); a scheduling point."""
         self._loop_frames = 0.0
         await anyio.to_thread.run_sync(ops.checkpoint_wal, self._require(), limiter=self._limiter)
 
@@ -608,8 +608,8 @@ class SQLiteBackend:
     def _insert_on_loop(self, task: NewTask) -> list[str] | _Elsewhere | None:
         """:func:`ops.insert_fresh` on the loop connection, as :meth:`_write_on_loop` runs a single statement
         (no budget, see :func:`_autocommit`); :attr:`_Elsewhere.THREAD` when the write must run on the worker
-        thread instead (another connection holds the write lock). An insert returns no text, so no text can fail to
-        decode (what :func:`ops.reading_any_text` is for)."""
+        thread instead (another connection holds the write lock). An insert returns no text, so no text can
+        fail to decode (what :func:`ops.reading_any_text` is for)."""
         connection, cursor = self._loop_connection, self._loop_cursor
         if connection is None or cursor is None:
             return _Elsewhere.THREAD
