@@ -998,17 +998,35 @@ async def test_a_single_enqueue_is_one_insert_on_the_loops_connection(open_sqlit
     assert await backend.stats() == {"default": {TaskState.PENDING: 1}}
 
 
-async def test_the_worker_thread_takes_one_enqueue_in_256_from_the_loops_connection(
-    open_sqlite: Factory,
+async def test_the_loops_connection_takes_every_enqueue_and_the_worker_thread_only_checkpoints(
+    open_sqlite: Factory, db_path: Path
 ) -> None:
-    # Its turns let its commits checkpoint the WAL; each costs more than its hop (both connections read again
-    # the pages the other wrote), so they come seldom.
+    # A write on the worker thread's connection would make both connections read their pages again (each
+    # drops its page cache when the other one wrote), so the thread gets no enqueue: once the loop's
+    # connection wrote about 4 000 WAL frames (1 177 one-task enqueues), the next enqueue first checkpoints
+    # the WAL there, and the WAL starts over.
     backend = await open_sqlite()
     on_loop, on_thread = _trace(backend._loop_connection), _trace(backend._connection)
-    for index in range(512):
+    for index in range(1500):
         await backend.enqueue_many([task(f"t{index}")])
-    assert sum(sql.startswith("INSERT") for sql in on_loop) == 510
-    assert sum(sql.startswith("INSERT") for sql in on_thread) == 2
+    assert sum(sql.startswith("INSERT") for sql in on_loop) == 1500
+    assert not [sql for sql in on_thread if not sql.startswith("PRAGMA wal_checkpoint")]
+    assert len(on_thread) == 1
+    with closing(sqlite3.connect(db_path)) as reader:
+        (_, frames, _) = reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert 0 < frames < 2000, frames  # the 323 enqueues since the checkpoint: about 1 100 frames
+
+
+async def test_batches_on_the_loops_connection_count_towards_its_checkpoints(open_sqlite: Factory) -> None:
+    # A batch writes about a page per task (its id index leaf), so 300 batches of 20 pass 4 000 frames once
+    # (twice would need 330; a batch that ran past its time budget on the loop's thread is counted by the
+    # worker thread's own automatic checkpoint instead).
+    backend = await open_sqlite()
+    on_thread = _trace(backend._connection)
+    for batch in range(300):
+        await backend.enqueue_many([task(f"b{batch}-{index}") for index in range(20)])
+    assert on_thread.count("PRAGMA wal_checkpoint(PASSIVE)") == 1
+    assert (await backend.stats())["default"][TaskState.PENDING] == 6000
 
 
 async def test_an_enqueue_cancelled_before_it_runs_stores_nothing(open_sqlite: Factory) -> None:

@@ -48,16 +48,20 @@ _MEMORY = ":memory:"
 
 # The loop connection (see SQLiteBackend._write_on_loop): the largest batch it is given (a few hundred
 # microseconds of the event loop); the longest its statements may run before SQLite interrupts them and the
-# write goes to the worker thread (checked every _LOOP_STEPS virtual machine steps); and how often a write it
-# could take goes to the thread connection instead, whose commit checkpoints the WAL once it is past
-# _CHECKPOINT_PAGES (the loop connection never checkpoints: a checkpoint syncs the file).
+# write goes to the worker thread (checked every _LOOP_STEPS virtual machine steps).
 _LOOP_ROWS = 100
 _LOOP_BUDGET = 0.002
 _LOOP_STEPS = 1000
-# Each turn of the thread connection costs more than its hop: the two connections' page caches are stale
-# after the other one wrote, and are read again. Every 256th write (not 64th: -3 to -8 % CPU per awaited
-# enqueue) lets the WAL pass _CHECKPOINT_PAGES by at most ~1 200 pages of one-task enqueues.
-_CHECKPOINT_EVERY = 256
+# The loop connection never checkpoints (a checkpoint syncs the file): once it has written about
+# _CHECKPOINT_PAGES WAL frames since the last checkpoint, its next write first checkpoints the WAL on the
+# worker thread (PASSIVE, what an automatic checkpoint does), then runs on the loop's thread. The frames are
+# estimated from the rows each write changed (a write of one task writes 3.4 pages: the row, its id and its
+# pending index entry, plus splits; each further row about 1.1, mostly its id index leaf). Writing on the
+# worker thread's connection instead (every 256th write, before) cost more than its hop: each connection's
+# page cache is dropped when the other one wrote, so both read their pages again (strace of 20 000 one-task
+# enqueues: 0.58 page reads per enqueue with those turns, 0.15 with checkpoints only).
+_FRAMES_PER_WRITE = 2.3
+_FRAMES_PER_ROW = 1.1
 # On asyncio, a write on the loop's thread yields to the event loop first only once this much time passed
 # since the last one yielded: a producer enqueueing in a tight loop holds the loop for at most about this long
 # (plus one write), as asyncio's own StreamWriter.drain() returns without yielding below its high-water mark.
@@ -65,7 +69,8 @@ _CHECKPOINT_EVERY = 256
 # checkpoint per call, as trio's own calls do.
 _YIELD_EVERY = 0.0005
 _yield_clock = time.perf_counter
-# The WAL size (pages) past which a commit of the thread connection checkpoints it. SQLite's default of 1000
+# The WAL size (pages) past which a commit of the thread connection checkpoints it (and the loop connection's
+# estimate, past which its next write checkpoints first). SQLite's default of 1000
 # checkpoints (two file syncs) every ~300 one-task enqueues, as each writes ~3.4 pages (the row and two
 # indexes, schema 5): 4000 (a WAL of up to ~16 MiB) cut the cost of an awaited enqueue by about a quarter.
 # A WAL that is reused costs less than one that grows: frames written past its end cost 4-6 us more per
@@ -221,7 +226,7 @@ class SQLiteBackend:
         self._loop_connection: sqlite3.Connection | None = None  # used on the event loop's thread only
         self._loop_cursor: sqlite3.Cursor | None = None  # the loop connection's, kept for single inserts
         self._loop_budget = _Budget()
-        self._loop_writes = 0
+        self._loop_frames = 0.0  # WAL frames (estimated) the loop connection wrote since the last checkpoint
         self._checkpoint: Callable[[], Awaitable[None]] = anyio.lowlevel.checkpoint
         self._every_write_yields = True  # False on asyncio: see _YIELD_EVERY
         self._next_yield = 0.0  # _yield_clock() from which the next write on the loop's thread yields
@@ -501,7 +506,9 @@ class SQLiteBackend:
             # write, so a cancellation delivered there stores nothing (one that arrives between two yields on
             # asyncio is delivered at the next), and nothing after it can interrupt the call once the task is
             # stored.
-            if self._yield_due():
+            if self._loop_frames >= _CHECKPOINT_PAGES:
+                await self._checkpoint_wal()
+            elif self._yield_due():
                 await self._checkpoint()
             loop_done = self._write_on_loop(run, operation, args)
         if loop_done is not None:
@@ -540,8 +547,8 @@ class SQLiteBackend:
     ) -> tuple[_T, bool] | None:
         """Run ``operation`` with ``run`` (in a write transaction, or alone) on the loop connection, on the
         event loop's thread; or ``None`` when it must run on the worker thread: there is no loop connection,
-        it is the turn of the worker thread's connection (which checkpoints the WAL), another connection (of
-        any process, this object's own worker thread included) holds the write lock, or the statements ran
+        another connection (of any process, this object's own worker thread included) holds the write lock,
+        or the statements ran
         past ``_LOOP_BUDGET``. The loop connection never waits for a lock (``busy_timeout`` 0) and SQLite
         interrupts it at the end of its budget, so this holds the loop for about that long at most (a
         commit's writes, never interrupted, come after the budget); a refused attempt rolled back everything
@@ -549,19 +556,27 @@ class SQLiteBackend:
         connection = self._loop_connection
         if connection is None:
             return None
-        self._loop_writes += 1
-        if self._loop_writes % _CHECKPOINT_EVERY == 0:
-            return None
         self._loop_budget.deadline = time.perf_counter() + _LOOP_BUDGET
+        before = connection.total_changes
         try:
-            return ops.reading_any_text(connection, run, (connection, operation, args, self._loop_budget))
+            done = ops.reading_any_text(connection, run, (connection, operation, args, self._loop_budget))
         except sqlite3.OperationalError as exc:
             if not _refused(exc):
                 raise
+        else:
+            changed = connection.total_changes - before
+            if changed:
+                self._loop_frames += _FRAMES_PER_WRITE + _FRAMES_PER_ROW * changed
+            return done
         self._loop_budget.deadline = math.inf  # the rollback below must not be interrupted
         if connection.in_transaction:  # a refused COMMIT leaves its transaction open
             connection.execute("ROLLBACK")
         return None
+
+    async def _checkpoint_wal(self) -> None:
+        """Checkpoint the WAL on the worker thread (see ``_FRAMES_PER_WRITE``); a scheduling point."""
+        self._loop_frames = 0.0
+        await anyio.to_thread.run_sync(ops.checkpoint_wal, self._require(), limiter=self._limiter)
 
     # -- the Backend protocol -----------------------------------------------------------------------------
 
@@ -579,7 +594,9 @@ class SQLiteBackend:
             # without its layers (about 5 000 instructions): the checkpoint, then _insert_on_loop.
             stored: list[str] | _Elsewhere | None = _Elsewhere.THREAD
             if self._loop_connection is not None:
-                if self._yield_due():
+                if self._loop_frames >= _CHECKPOINT_PAGES:
+                    await self._checkpoint_wal()
+                elif self._yield_due():
                     await self._checkpoint()
                 stored = self._insert_on_loop(tasks[0])
             if stored is _Elsewhere.THREAD:
@@ -591,13 +608,10 @@ class SQLiteBackend:
     def _insert_on_loop(self, task: NewTask) -> list[str] | _Elsewhere | None:
         """:func:`ops.insert_fresh` on the loop connection, as :meth:`_write_on_loop` runs a single statement
         (no budget, see :func:`_autocommit`); :attr:`_Elsewhere.THREAD` when the write must run on the worker
-        thread instead (see :meth:`_write_on_loop`). An insert returns no text, so no text can fail to
-        decode (what :func:`ops.reading_any_text` is for)."""
+        thread instead (another connection holds the write lock). An insert returns no text, so no text can
+        fail to decode (what :func:`ops.reading_any_text` is for)."""
         connection, cursor = self._loop_connection, self._loop_cursor
         if connection is None or cursor is None:
-            return _Elsewhere.THREAD
-        self._loop_writes += 1
-        if self._loop_writes % _CHECKPOINT_EVERY == 0:
             return _Elsewhere.THREAD
         self._loop_budget.deadline = math.inf
         try:
@@ -609,6 +623,7 @@ class SQLiteBackend:
                 connection.execute("ROLLBACK")
             return _Elsewhere.THREAD
         if stored is not None:
+            self._loop_frames += _FRAMES_PER_WRITE + _FRAMES_PER_ROW
             self._changes += 1
             if self._waiters:
                 self._wake()

@@ -34,6 +34,7 @@ from ._schema import LISTED_BY_SEQ, NEWEST_SO_FAR, NOT_LISTED_BY_SEQ, SETTLED, T
 __all__ = [
     "cancel",
     "cancel_requests",
+    "checkpoint_wal",
     "claim",
     "enqueue_group",
     "enqueue_many",
@@ -341,6 +342,17 @@ def _one_task_insert(task: NewTask) -> tuple[str, tuple[Any, ...]]:
     optional = (timeout, meta, key, expires_at, group_id)
     nulls = tuple(value is None for value in optional)
     return _INSERT_ONE[nulls], (*row, *(value for value in optional if value is not None))
+
+
+def checkpoint_wal(connection: sqlite3.Connection) -> None:
+    """Copy the WAL's frames into the database file as far as no reader needs them (``PASSIVE``: waits for
+    no lock, as SQLite's automatic checkpoint), so that the next writer can start the WAL over. Another
+    connection checkpointing at the same time is no error: the WAL is being checkpointed."""
+    try:
+        connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", 5) & 0xFF not in (5, 6):  # SQLITE_BUSY, SQLITE_LOCKED
+            raise
 
 
 def insert_fresh(connection: sqlite3.Connection | sqlite3.Cursor, task: NewTask) -> list[str] | None:
