@@ -470,6 +470,51 @@ async def test_a_wait_that_times_out_says_which_task_and_its_state(tasks: AsyncT
     )
 
 
+class SlowReads(MemoryBackend):
+    """A store whose reads answer only after ``delay`` seconds: the read of a busy machine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delay = 0.0
+
+    async def get(self, task_id: str) -> Any:
+        await anyio.sleep(self.delay)
+        return await super().get(task_id)
+
+    async def get_group(self, group_id: str) -> Any:
+        await anyio.sleep(self.delay)
+        return await super().get_group(group_id)
+
+
+async def test_a_wait_reads_once_whatever_its_timeout_and_then_keeps_to_it() -> None:
+    # A read slower than the timeout (a busy machine) still finds a task that is already finished, and
+    # a wait that gives up names the state it read; timeout=0 looks once. Later reads keep to the deadline.
+    backend = SlowReads()
+    tasks = AsyncTasks(backend, clock=ManualClock(T0), execution=False)
+    tasks.register(job, name="app.job", queue="jobs")
+    async with tasks:
+        done = await tasks.enqueue(job, "done", [])
+        assert await tasks.cancel(done)
+        waiting = await tasks.enqueue(job, "waiting", [], delay=60)
+        group_id = await tasks.enqueue_group([Call(job, "member", [])])
+        group = await tasks.group_info(group_id)
+        assert group is not None
+        assert await tasks.cancel(group.task_ids[0])
+        backend.delay = 0.2
+        assert (await tasks.wait(done, timeout=0.01)).state is TaskState.CANCELLED
+        assert (await tasks.wait(done, timeout=0)).state is TaskState.CANCELLED
+        assert (await tasks.wait_group(group_id, timeout=0)).state is TaskState.CANCELLED
+        with pytest.raises(TimeoutError, match=r"timed out: the task is still pending \(attempt 0 of"):
+            await tasks.wait(waiting, timeout=0.01)
+        with pytest.raises(TimeoutError, match=r"timed out: the task is still pending"):
+            await tasks.wait(waiting, timeout=0)
+        backend.delay = 0.0
+        started = anyio.current_time()
+        with pytest.raises(TimeoutError):
+            await tasks.wait(waiting, timeout=0.3)
+        assert anyio.current_time() - started >= 0.3, "it waited out its timeout"
+
+
 async def test_async_with_inside_a_running_manager_leaves_the_managers_backend_open() -> None:
     closed: list[str] = []
 

@@ -743,8 +743,8 @@ class AsyncTasks:
 
         Woken like :meth:`wait` (at once by a worker of this process, within milliseconds by a backend that
         pushes notices, else every ``poll_interval``). Raises ``TimeoutError`` after ``timeout`` seconds
-        (``None``: no limit), ``LookupError`` when there is no such group, ``TypeError``/``ValueError`` for a
-        bad timeout.
+        (``None``: no limit; the group is read once however short the timeout, as :meth:`wait` does),
+        ``LookupError`` when there is no such group, ``TypeError``/``ValueError`` for a bad timeout.
 
         Example::
 
@@ -1136,8 +1136,10 @@ class AsyncTasks:
         process wakes it within milliseconds on a backend that pushes notices (Redis, PostgreSQL, in-process)
         and within ``poll_interval`` otherwise (SQLite). Raises ``TimeoutError`` after ``timeout``
         seconds (``None``, the default: no limit; its message names the task, the timeout and the task's
-        state then), ``LookupError`` when there is no task with this id (never stored, or purged),
-        ``TypeError``/``ValueError`` for a timeout that is not a finite number of seconds >= 0.
+        state then); the task is read once however short the timeout (``timeout=0`` looks once, without
+        waiting), and only then does the deadline apply. Raises ``LookupError`` when there is no task with
+        this id (never stored, or purged), ``TypeError``/``ValueError`` for a timeout that is not a finite
+        number of seconds >= 0.
 
         Example::
 
@@ -1361,12 +1363,18 @@ class AsyncTasks:
         timed_out: Callable[[T | None], str],
     ) -> T:
         """Read until ``predicate`` holds, woken by this process's verdicts, by the backend's notices (the
-        waiter reads them itself while no worker of this process does), and by polling."""
+        waiter reads them itself while no worker of this process does), and by polling.
+
+        The first read is made whatever the ``timeout``: the deadline (counted from the call) applies once it
+        has answered. So ``timeout=0`` looks once, and a short timeout on a busy machine still returns a task
+        that was already finished, or names the state it read, instead of giving up before the first answer.
+        """
         last: T | None = None
         pump = self._pump
         primed = False
+        deadline = math.inf if timeout is None else anyio.current_time() + timeout
         try:
-            with anyio.move_on_after(timeout) as deadline:
+            with anyio.CancelScope() as waiting:
                 while True:
                     changed = self._changed = self._changed or anyio.Event()
                     if pump is not None and not primed and not pump.lock.locked():
@@ -1375,6 +1383,7 @@ class AsyncTasks:
                     value = await read()
                     if predicate(value):
                         return value
+                    waiting.deadline = deadline
                     last = value
                     if (
                         pump is not None
@@ -1390,7 +1399,7 @@ class AsyncTasks:
                 # takes over the reading instead of waiting out a poll interval unheard.
                 self._notify_changed()
         # Only the deadline ends the loop this way (timeout=None never does).
-        assert deadline.cancelled_caught
+        assert waiting.cancelled_caught
         raise TimeoutError(timed_out(last))
 
     async def _pump_notices(self, pump: NoticePump, timeout: float) -> bool:
