@@ -743,7 +743,7 @@ class AsyncTasks:
 
         Woken like :meth:`wait` (at once by a worker of this process, within milliseconds by a backend that
         pushes notices, else every ``poll_interval``). Raises ``TimeoutError`` after ``timeout`` seconds
-        (``None``: no limit; the group is read once however short the timeout, as :meth:`wait` does),
+        (``None``: no limit; ``timeout=0`` reads the group once and does not wait),
         ``LookupError`` when there is no such group, ``TypeError``/``ValueError`` for a bad timeout.
 
         Example::
@@ -1136,10 +1136,9 @@ class AsyncTasks:
         process wakes it within milliseconds on a backend that pushes notices (Redis, PostgreSQL, in-process)
         and within ``poll_interval`` otherwise (SQLite). Raises ``TimeoutError`` after ``timeout``
         seconds (``None``, the default: no limit; its message names the task, the timeout and the task's
-        state then); the task is read once however short the timeout (``timeout=0`` looks once, without
-        waiting), and only then does the deadline apply. Raises ``LookupError`` when there is no task with
-        this id (never stored, or purged), ``TypeError``/``ValueError`` for a timeout that is not a finite
-        number of seconds >= 0.
+        state then; ``timeout=0`` reads the task once and does not wait). Raises ``LookupError`` when there
+        is no task with this id (never stored, or purged), ``TypeError``/``ValueError`` for a timeout that is
+        not a finite number of seconds >= 0.
 
         Example::
 
@@ -1365,16 +1364,16 @@ class AsyncTasks:
         """Read until ``predicate`` holds, woken by this process's verdicts, by the backend's notices (the
         waiter reads them itself while no worker of this process does), and by polling.
 
-        The first read is made whatever the ``timeout``: the deadline (counted from the call) applies once it
-        has answered. So ``timeout=0`` looks once, and a short timeout on a busy machine still returns a task
-        that was already finished, or names the state it read, instead of giving up before the first answer.
+        ``timeout=0`` looks once: its deadline applies once the first read has answered (a deadline that has
+        passed before the first read would give up without looking). Any other timeout bounds the reads too,
+        counted from the call: a store that does not answer cannot hold the caller past it.
         """
         last: T | None = None
         pump = self._pump
         primed = False
         deadline = math.inf if timeout is None else anyio.current_time() + timeout
         try:
-            with anyio.CancelScope() as waiting:
+            with anyio.CancelScope(deadline=math.inf if timeout == 0 else deadline) as waiting:
                 while True:
                     changed = self._changed = self._changed or anyio.Event()
                     if pump is not None and not primed and not pump.lock.locked():
