@@ -464,10 +464,50 @@ async def test_operation_arguments_follow_the_one_validator_rule(
 async def test_a_wait_that_times_out_says_which_task_and_its_state(tasks: AsyncTasks) -> None:
     task_id = await tasks.enqueue(job, "k", [], delay=60)
     with pytest.raises(TimeoutError) as caught:
-        await tasks.wait(task_id, timeout=0.05)
+        await tasks.wait(task_id, timeout=0)  # one read: a short timeout > 0 could pass before it answered
     assert str(caught.value) == (
-        f"tasks.wait({task_id!r}, timeout=0.05) timed out: the task is still pending (attempt 0 of 4)"
+        f"tasks.wait({task_id!r}, timeout=0) timed out: the task is still pending (attempt 0 of 4)"
     )
+
+
+class SlowReads(MemoryBackend):
+    """A store whose reads answer only after ``delay`` seconds: the read of a busy machine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delay = 0.0
+
+    async def get(self, task_id: str) -> Any:
+        await anyio.sleep(self.delay)
+        return await super().get(task_id)
+
+    async def get_group(self, group_id: str) -> Any:
+        await anyio.sleep(self.delay)
+        return await super().get_group(group_id)
+
+
+async def test_a_wait_with_timeout_0_reads_once_and_any_other_timeout_bounds_the_reads_too() -> None:
+    # timeout=0 looks once, however long the read takes (it gave up without looking: its deadline had passed
+    # before the first read answered); a timeout > 0 is kept even while a read does not answer.
+    backend = SlowReads()
+    tasks = AsyncTasks(backend, clock=ManualClock(T0), execution=False)
+    tasks.register(job, name="app.job", queue="jobs")
+    async with tasks:
+        done = await tasks.enqueue(job, "done", [])
+        assert await tasks.cancel(done)
+        waiting = await tasks.enqueue(job, "waiting", [], delay=60)
+        group_id = await tasks.enqueue_group([Call(job, "member", [])])
+        group = await tasks.group_info(group_id)
+        assert group is not None
+        assert await tasks.cancel(group.task_ids[0])
+        backend.delay = 0.1
+        assert (await tasks.wait(done, timeout=0)).state is TaskState.CANCELLED
+        assert (await tasks.wait_group(group_id, timeout=0)).state is TaskState.CANCELLED
+        with pytest.raises(TimeoutError, match=r"timed out: the task is still pending \(attempt 0 of"):
+            await tasks.wait(waiting, timeout=0)
+        backend.delay = 3600.0
+        with anyio.fail_after(30), pytest.raises(TimeoutError, match="the task's state was not read yet"):
+            await tasks.wait(done, timeout=0.05)
 
 
 async def test_async_with_inside_a_running_manager_leaves_the_managers_backend_open() -> None:

@@ -723,6 +723,45 @@ async def test_wait_for_work_ignores_other_queues(open_sqlite: Factory) -> None:
     assert anyio.current_time() - started >= 0.09
 
 
+async def test_a_group_is_read_as_one_snapshot_while_another_process_settles_its_last_member(
+    open_sqlite: Factory, db_path: Path
+) -> None:
+    # Another process saves the last member's success (and so the group's outcome) just as this object's
+    # read of the group begins to read the members: the outcome and the counts must come from one moment.
+    reader = await open_sqlite()
+    writer = await open_sqlite()
+    members = tuple(dataclasses.replace(task(f"g.{n}"), group_id="g") for n in range(2))
+    await writer.enqueue_group(NewGroup(id="g", members=members, then=None, created_at=1000.0))
+    first, last = await writer.claim(["default"], 2, now=1000.0, lease_until=1030.0)
+    done = Settlement(first.record.id, first.token, TaskState.SUCCEEDED, at=1001.0)
+    assert await writer.settle([done]) == set()
+    settled: list[str] = []
+
+    def settle_the_last_member(statement: str) -> None:
+        if settled or "lifecycle_group_members" not in statement:
+            return
+        settled.append(statement)
+        verdict = Settlement(last.record.id, last.token, TaskState.SUCCEEDED, at=1002.0)
+        with closing(sqlite3.connect(db_path, isolation_level=None)) as other:
+            lost, _ = sqlite_backend_module._in_transaction(other, ops.settle, ([verdict],))
+        assert lost == set()
+
+    connection = reader._connection
+    assert connection is not None
+    connection.set_trace_callback(settle_the_last_member)  # called as each statement begins, before it reads
+    try:
+        group = await reader.get_group("g")
+    finally:
+        connection.set_trace_callback(None)
+    assert settled, "the member settled while the group was read"
+    assert group is not None
+    seen = (group.outcome, group.counts)
+    assert seen in [
+        (None, {TaskState.SUCCEEDED: 1, TaskState.ACTIVE: 1}),  # read before the settlement
+        (TaskState.SUCCEEDED, {TaskState.SUCCEEDED: 2}),  # read after it
+    ], f"the outcome and the members' states were read at different moments: {seen}"
+
+
 # -- SQL edge cases ----------------------------------------------------------------------------------------
 
 

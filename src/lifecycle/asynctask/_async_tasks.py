@@ -743,8 +743,8 @@ class AsyncTasks:
 
         Woken like :meth:`wait` (at once by a worker of this process, within milliseconds by a backend that
         pushes notices, else every ``poll_interval``). Raises ``TimeoutError`` after ``timeout`` seconds
-        (``None``: no limit), ``LookupError`` when there is no such group, ``TypeError``/``ValueError`` for a
-        bad timeout.
+        (``None``: no limit; ``timeout=0`` reads the group once and does not wait),
+        ``LookupError`` when there is no such group, ``TypeError``/``ValueError`` for a bad timeout.
 
         Example::
 
@@ -1136,8 +1136,9 @@ class AsyncTasks:
         process wakes it within milliseconds on a backend that pushes notices (Redis, PostgreSQL, in-process)
         and within ``poll_interval`` otherwise (SQLite). Raises ``TimeoutError`` after ``timeout``
         seconds (``None``, the default: no limit; its message names the task, the timeout and the task's
-        state then), ``LookupError`` when there is no task with this id (never stored, or purged),
-        ``TypeError``/``ValueError`` for a timeout that is not a finite number of seconds >= 0.
+        state then; ``timeout=0`` reads the task once and does not wait). Raises ``LookupError`` when there
+        is no task with this id (never stored, or purged), ``TypeError``/``ValueError`` for a timeout that is
+        not a finite number of seconds >= 0.
 
         Example::
 
@@ -1361,12 +1362,18 @@ class AsyncTasks:
         timed_out: Callable[[T | None], str],
     ) -> T:
         """Read until ``predicate`` holds, woken by this process's verdicts, by the backend's notices (the
-        waiter reads them itself while no worker of this process does), and by polling."""
+        waiter reads them itself while no worker of this process does), and by polling.
+
+        ``timeout=0`` looks once: its deadline applies once the first read has answered (a deadline that has
+        passed before the first read would give up without looking). Any other timeout bounds the reads too,
+        counted from the call: a store that does not answer cannot hold the caller past it.
+        """
         last: T | None = None
         pump = self._pump
         primed = False
+        deadline = math.inf if timeout is None else anyio.current_time() + timeout
         try:
-            with anyio.move_on_after(timeout) as deadline:
+            with anyio.CancelScope(deadline=math.inf if timeout == 0 else deadline) as waiting:
                 while True:
                     changed = self._changed = self._changed or anyio.Event()
                     if pump is not None and not primed and not pump.lock.locked():
@@ -1375,6 +1382,7 @@ class AsyncTasks:
                     value = await read()
                     if predicate(value):
                         return value
+                    waiting.deadline = deadline
                     last = value
                     if (
                         pump is not None
@@ -1390,7 +1398,7 @@ class AsyncTasks:
                 # takes over the reading instead of waiting out a poll interval unheard.
                 self._notify_changed()
         # Only the deadline ends the loop this way (timeout=None never does).
-        assert deadline.cancelled_caught
+        assert waiting.cancelled_caught
         raise TimeoutError(timed_out(last))
 
     async def _pump_notices(self, pump: NoticePump, timeout: float) -> bool:

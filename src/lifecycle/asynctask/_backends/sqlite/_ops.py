@@ -946,21 +946,23 @@ def enqueue_group(connection: sqlite3.Connection, group: NewGroup) -> str:
 
 def get_group(connection: sqlite3.Connection, group_id: str) -> GroupRecord | None:
     """The group with ``group_id`` or ``None``; members are counted by their records' states (a member whose
-    record is gone, by the state it last ended in)."""
-    row = connection.execute(
-        "SELECT outcome, created_at, finished_at, then_id, then_stored, meta FROM lifecycle_groups "
-        "WHERE id = ?",
-        (group_id,),
-    ).fetchone()
-    if row is None:
-        return None
-    outcome, created_at, finished_at, then_id, then_stored, meta = row
-    members = connection.execute(
-        "SELECT m.task_id, m.ended, m.result, t.state FROM lifecycle_group_members AS m "
+    record is gone, by the state it last ended in).
+
+    One statement, so one snapshot: the outcome and the members' states agree. Two (the group, then its
+    members) could read the outcome before another connection's settlement of the last member and the
+    members after it: a group shown active with every member succeeded."""
+    rows = connection.execute(
+        "SELECT g.outcome, g.created_at, g.finished_at, g.then_id, g.then_stored, g.meta, "
+        "m.task_id, m.ended, m.result, t.state FROM lifecycle_groups AS g "
+        "LEFT JOIN lifecycle_group_members AS m ON m.group_id = g.id "
         "LEFT JOIN lifecycle_tasks AS t ON t.id = m.task_id AND t.group_id = m.group_id "
-        "WHERE m.group_id = ? ORDER BY m.idx",
+        "WHERE g.id = ? ORDER BY m.idx",
         (group_id,),
     ).fetchall()
+    if not rows:
+        return None
+    outcome, created_at, finished_at, then_id, then_stored, meta = rows[0][:6]
+    members = [row[6:] for row in rows if row[6] is not None]  # a group without members: one row of NULLs
     counts: dict[TaskState, int] = {}
     for _, ended, _, state in members:
         current = state if state is not None else ended
