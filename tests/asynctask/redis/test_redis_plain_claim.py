@@ -174,8 +174,8 @@ async def test_what_the_plain_path_leaves_to_the_general_part_ends_the_same(
             # A second ready entry for one id (a damaged store): the general part reads the record again after
             # its first lease, so the second lease counts a second attempt.
             first = f"{backend.key_prefix}t:first"
-            sortable = await client.hget(first, "rs")
-            assert sortable is not None
+            sortable: Any = await client.hget(first, "rs")
+            assert isinstance(sortable, bytes)
             await client.zadd(f"{backend.key_prefix}rd:default", {sortable + b"f" * 16 + b"first": 0})
         limits = None if backend is plain else UNRELATED
         limit = PLAIN_BOUND if case == "full" else 3
