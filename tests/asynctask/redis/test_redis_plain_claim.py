@@ -132,7 +132,16 @@ async def test_the_plain_path_stores_and_returns_what_the_general_part_does(
 
 @pytest.mark.parametrize(
     "case",
-    ["expired", "delayed due", "delayed not due", "not due at the head", "wrong queue", "full", "gone"],
+    [
+        "expired",
+        "delayed due",
+        "delayed not due",
+        "not due at the head",
+        "wrong queue",
+        "full",
+        "gone",
+        "listed twice",
+    ],
 )
 async def test_what_the_plain_path_leaves_to_the_general_part_ends_the_same(
     open_redis: OpenRedis, unique_name: str, monkeypatch: pytest.MonkeyPatch, case: str
@@ -161,6 +170,13 @@ async def test_what_the_plain_path_leaves_to_the_general_part_ends_the_same(
             await client.hset(f"{backend.key_prefix}t:first", "q", "elsewhere")
         elif case == "gone":
             await client.delete(f"{backend.key_prefix}t:first")
+        elif case == "listed twice":
+            # A second ready entry for one id (a damaged store): the general part reads the record again after
+            # its first lease, so the second lease counts a second attempt.
+            first = f"{backend.key_prefix}t:first"
+            sortable: Any = await client.hget(first, "rs")
+            assert isinstance(sortable, bytes)
+            await client.zadd(f"{backend.key_prefix}rd:default", {sortable + b"f" * 16 + b"first": 0})
         limits = None if backend is plain else UNRELATED
         limit = PLAIN_BOUND if case == "full" else 3
         for now in (T0 + 1, T0 + 100):
@@ -261,3 +277,41 @@ async def test_a_claim_that_reaches_the_scan_bound_says_so_on_either_path(
         ]
         replies.append(await backend._run().run("claim", args))
     assert replies[0] == replies[1] == [b"1"]
+
+
+@pytest.mark.parametrize("case", ["a queue named twice", "the bound reached by the last entry"])
+async def test_calls_the_plain_path_would_read_wrongly_go_to_the_general_part(
+    open_redis: OpenRedis, unique_name: str, case: str
+) -> None:
+    """Script calls the backend itself never makes, which the plain path's read-then-write plan would answer
+    differently from the general part: a queue named twice (it would lease its tasks twice), and a scan
+    that reaches SCAN_BOUND exactly with the last queue's last entry (the general part says it stopped)."""
+    if case == "a queue named twice":
+        queues, limit = ["default", "default"], 5
+        tasks = [_task("a"), _task("b")]
+    else:
+        # Full queues of not-due tasks (pages shorter than a claim of 20 reads), then one that brings the
+        # count of entries looked at to SCAN_BOUND exactly.
+        per_queue = 35
+        full, rest = divmod(SCAN_BOUND, per_queue)
+        counts = [per_queue] * full + ([rest] if rest else [])
+        queues, limit = [f"q{n:02}" for n in range(len(counts))], 20
+        tasks = [
+            _task(f"{queue}-{i:02}", queue=queue, enqueued_at=T0 + 50, run_at=T0 + 50)
+            for queue, count in zip(queues, counts, strict=True)
+            for i in range(count)
+        ]
+        assert sum(counts) == SCAN_BOUND
+    replies, stores = [], []
+    for name, limits in (("plain", limits_args(None)), ("general", limits_args(UNRELATED))):
+        backend = await open_redis(prefix=f"{unique_name}-{name}")
+        await backend.enqueue_many(tasks)
+        args = [time_text(T0 + 1), sortable_time(T0 + 1), time_text(T0 + 31), str(limit), "c.1", ""]
+        replies.append(await backend._run().run("claim", [*args, *limits, *queues]))
+        stores.append(await _keys(backend._run().client, backend.key_prefix))
+    assert replies[0] == replies[1]
+    assert stores[0] == stores[1]
+    if case == "a queue named twice":
+        assert [c.record.id for c in claimed_tasks(replies[0][1:])] == ["a", "b"]
+    else:
+        assert replies[0] == [b"1"]

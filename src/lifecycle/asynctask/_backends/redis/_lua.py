@@ -1075,9 +1075,9 @@ class LuaScript:
 
 
 def script(name: str, body: str, *, prelude: str = PRELUDE, **numbers: int) -> LuaScript:
-    """The script ``name``: the shared prelude (or the part of it given as ``prelude``) followed by ``body``,
-    with ``%(name)d`` placeholders filled from ``numbers`` (``ttl``, the claim call log's lifetime, is always
-    given)."""
+    """The script ``name``: the shared prelude (or the part of it given as ``prelude``, or none, as for the
+    claim, whose body holds the prelude after its plain path) followed by ``body``, with ``%(name)d``
+    placeholders filled from ``numbers`` (``ttl``, the claim call log's lifetime, is always given)."""
     for placeholder, value in {"ttl": CALL_LOG_TTL, **numbers}.items():
         body = body.replace(f"%({placeholder})d", str(value))
     return LuaScript(name, prelude + body)

@@ -163,10 +163,18 @@ if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
   -- The tasks to take, in order: their claim members, ids and records (k-th each); per queue its last k.
   local plan, n, plain = {}, 0, true
   local LEFTQ, PM, PI, PR = {}, {}, {}, {}
+  -- The plan reads everything before it writes: a queue named twice, or an id listed twice, would be read
+  -- as it was (the general part sees its own writes), so either goes to the general part.
+  local SEENQ, SEENID = {}, {}
   local budget = %(scan)d  -- counted as the general part does: one that would reach the bound is its
   for qi = qfirst, #ARGV do
     if n >= limit then break end
     local q = ARGV[qi]
+    if SEENQ[q] then
+      plain = false
+      break
+    end
+    SEENQ[q] = true
     if not paused[q] then
       if redis.call('ZRANGEBYSCORE', P .. 'x:' .. q, '-inf', now, 'LIMIT', 0, 1)[1]
           or redis.call('ZRANGEBYSCORE', P .. 'dl:' .. q, '-inf', now, 'LIMIT', 0, 1)[1]
@@ -194,6 +202,11 @@ if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
           budget = budget - 1
         else
           local id = string.sub(member, 33)
+          if SEENID[id] then
+            plain = false
+            break
+          end
+          SEENID[id] = true
           local rec = redis.call('HMGET', P .. 't:' .. id, unpack(TAKEN))
           local iscore, ex = rec[8], tonumber(rec[15])
           if not (rec[1] or rec[2] or rec[4]) or rec[2] ~= q or (ex and ex <= NOW)
@@ -206,6 +219,10 @@ if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
         end
       end
       if not plain then break end
+      if budget <= 0 then  -- the bound reached with the page's last entry: the general part says so
+        plain = false
+        break
+      end
       if n < limit and #page == want then  -- another page to read: the general part
         plain = false
         break
