@@ -336,7 +336,7 @@ _DOMAIN_CHECK = [
 
 
 async def _domain_checks(dsn: str, schema: str) -> list[Any]:
-    """The CHECKs of the schema's state domain, and the type of the task table's state column."""
+    """The CHECKs of the domain that is the type of the task table's state column."""
     return await _execute(
         dsn,
         "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "

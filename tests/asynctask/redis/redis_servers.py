@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
@@ -133,6 +134,29 @@ async def keys_of(url: str, prefix: str) -> set[bytes]:
         return {key async for key in client.scan_iter(match=pattern, count=1000)}
     finally:
         await client.aclose()
+
+
+async def stored_keys(client: aioredis.Redis, prefix: str) -> dict[str, tuple[str, Any, bool]]:
+    """Every key of ``prefix`` (named without it) as ``(type, contents, has a TTL)``; a hash's ``c`` field
+    (the id of the call that stored a record, which differs between two backends) left out."""
+    found: dict[str, tuple[str, Any, bool]] = {}
+    async for raw in client.scan_iter(match=f"{prefix}*", count=1000):
+        name = bytes(raw).decode().removeprefix(prefix)
+        kind: Any = await client.type(raw)
+        kind = kind.decode()
+        value: Any
+        if kind == "hash":
+            value = {k: v for k, v in (await client.hgetall(raw)).items() if k != b"c"}
+        elif kind == "zset":
+            value = await client.zrange(raw, 0, -1, withscores=True)
+        elif kind == "set":
+            value = sorted(await client.smembers(raw))
+        elif kind == "list":
+            value = await client.lrange(raw, 0, -1)
+        else:
+            value = await client.get(raw)
+        found[name] = (kind, value, await client.ttl(raw) > 0)
+    return found
 
 
 async def delete_prefix(url: str, prefix: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -20,7 +21,7 @@ from lifecycle.asynctask._backends.redis._lua import PRELUDE
 from lifecycle.asynctask._backends.redis._lua_claim import PLAIN_BOUND, SCAN_BOUND
 from lifecycle.asynctask.redis import RedisBackend
 from lifecycle.asynctask.testing import T0
-from tests.asynctask.redis.redis_servers import OpenRedis
+from tests.asynctask.redis.redis_servers import OpenRedis, stored_keys
 
 pytestmark = pytest.mark.redis
 
@@ -39,28 +40,6 @@ def _counted_calls(backend: RedisBackend, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(backend, "_call_id", lambda: f"x.{next(numbers)}")
 
 
-async def _keys(client: aioredis.Redis, prefix: str) -> dict[str, Any]:
-    """Every key of ``prefix`` (named without it) with its contents; the enqueue call ids left out."""
-    found: dict[str, Any] = {}
-    async for raw in client.scan_iter(match=f"{prefix}*", count=1000):
-        name = bytes(raw).decode().removeprefix(prefix)
-        kind: Any = await client.type(raw)
-        kind = kind.decode()
-        value: Any
-        if kind == "hash":
-            value = {k: v for k, v in (await client.hgetall(raw)).items() if k != b"c"}
-        elif kind == "zset":
-            value = await client.zrange(raw, 0, -1, withscores=True)
-        elif kind == "set":
-            value = sorted(await client.smembers(raw))
-        elif kind == "list":
-            value = await client.lrange(raw, 0, -1)
-        else:
-            value = await client.get(raw)
-        found[name] = (kind, value, await client.ttl(raw) > 0)
-    return found
-
-
 def _shown(claimed: list[ClaimedTask]) -> list[tuple[Any, ...]]:
     return [(c.record, c.token) for c in claimed]
 
@@ -70,12 +49,14 @@ async def _both(
     unique_name: str,
     monkeypatch: pytest.MonkeyPatch,
     tasks: list[NewTask],
-    claims: list[tuple[list[str], int]],
+    claims: list[tuple[list[str], int, float]],
     *,
     groups: tuple[NewGroup, ...] = (),
+    damage: Callable[[RedisBackend, aioredis.Redis], Awaitable[None]] | None = None,
 ) -> tuple[list[Any], list[Any], dict[str, Any], dict[str, Any]]:
-    """Store ``tasks`` (and ``groups``) under two prefixes, run ``claims`` (queues, limit) on each, plainly
-    and with an unrelated limit (the general part); return both replies and both stores."""
+    """Store ``tasks`` (and ``groups``) under two prefixes, let ``damage`` change each store, then run
+    ``claims`` (queues, limit, now; a 30 s lease) on each, plainly and with an unrelated limit (the general
+    part); return both replies and both stores."""
     plain = await open_redis(prefix=f"{unique_name}-plain")
     general = await open_redis(prefix=f"{unique_name}-general")
     client = plain._run().client
@@ -86,13 +67,15 @@ async def _both(
             await backend.enqueue_many(tasks)
         for group in groups:
             await backend.enqueue_group(group)
+        if damage is not None:
+            await damage(backend, client)
         limits = None if backend is plain else UNRELATED
-        for queues, limit in claims:
+        for queues, limit, now in claims:
             got.append(
-                _shown(await backend.claim(queues, limit, now=T0 + 1, lease_until=T0 + 31, limits=limits))
+                _shown(await backend.claim(queues, limit, now=now, lease_until=now + 30, limits=limits))
             )
-    stored = await _keys(client, plain.key_prefix)
-    expected = await _keys(client, general.key_prefix)
+    stored = await stored_keys(client, plain.key_prefix)
+    expected = await stored_keys(client, general.key_prefix)
     return replies[plain], replies[general], stored, expected
 
 
@@ -120,7 +103,7 @@ async def test_the_plain_path_stores_and_returns_what_the_general_part_does(
     ]
     group = NewGroup("grp", (_task("m1", group_id="grp"), _task("m2", group_id="grp")), None, T0)
     # Three of the default queue (a limit reached: another worker is woken), then the rest of both queues.
-    claims = [(["default", "other"], 3), (["other", "default"], 10), (["default"], 5)]
+    claims = [(["default", "other"], 3, T0 + 1), (["other", "default"], 10, T0 + 1), (["default"], 5, T0 + 1)]
     plain, general, stored, expected = await _both(
         open_redis, unique_name, monkeypatch, tasks, claims, groups=(group,)
     )
@@ -159,13 +142,8 @@ async def test_what_the_plain_path_leaves_to_the_general_part_ends_the_same(
         tasks += [_task(f"h{i:02}", enqueued_at=T0 + 50, run_at=T0 + 50, priority=1) for i in range(20)]
     elif case == "full":
         tasks += [_task(f"n{i:02}") for i in range(PLAIN_BOUND + 20)]
-    plain = await open_redis(prefix=f"{unique_name}-plain")
-    general = await open_redis(prefix=f"{unique_name}-general")
-    client = plain._run().client
-    replies: dict[RedisBackend, list[Any]] = {plain: [], general: []}
-    for backend, got in replies.items():
-        _counted_calls(backend, monkeypatch)
-        await backend.enqueue_many(tasks)
+
+    async def damage(backend: RedisBackend, client: aioredis.Redis) -> None:
         if case == "wrong queue":
             await client.hset(f"{backend.key_prefix}t:first", "q", "elsewhere")
         elif case == "gone":
@@ -177,14 +155,15 @@ async def test_what_the_plain_path_leaves_to_the_general_part_ends_the_same(
             sortable: Any = await client.hget(first, "rs")
             assert isinstance(sortable, bytes)
             await client.zadd(f"{backend.key_prefix}rd:default", {sortable + b"f" * 16 + b"first": 0})
-        limits = None if backend is plain else UNRELATED
-        limit = PLAIN_BOUND if case == "full" else 3
-        for now in (T0 + 1, T0 + 100):
-            claimed = await backend.claim(["default"], limit, now=now, lease_until=now + 30, limits=limits)
-            got.append(_shown(claimed))
-    assert replies[plain] == replies[general]
-    assert replies[plain][0], "the first claim took tasks"
-    assert await _keys(client, plain.key_prefix) == await _keys(client, general.key_prefix)
+
+    limit = PLAIN_BOUND if case == "full" else 3
+    claims = [(["default"], limit, now) for now in (T0 + 1, T0 + 100)]
+    plain, general, stored, expected = await _both(
+        open_redis, unique_name, monkeypatch, tasks, claims, damage=damage
+    )
+    assert plain == general
+    assert plain[0], "the first claim took tasks"
+    assert stored == expected
 
 
 async def test_a_repeated_plain_claim_returns_what_it_leased_and_leases_no_more(
@@ -308,7 +287,7 @@ async def test_calls_the_plain_path_would_read_wrongly_go_to_the_general_part(
         await backend.enqueue_many(tasks)
         args = [time_text(T0 + 1), sortable_time(T0 + 1), time_text(T0 + 31), str(limit), "c.1", ""]
         replies.append(await backend._run().run("claim", [*args, *limits, *queues]))
-        stores.append(await _keys(backend._run().client, backend.key_prefix))
+        stores.append(await stored_keys(backend._run().client, backend.key_prefix))
     assert replies[0] == replies[1]
     assert stores[0] == stores[1]
     if case == "a queue named twice":

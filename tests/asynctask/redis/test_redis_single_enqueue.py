@@ -18,7 +18,7 @@ from lifecycle.asynctask import AsyncTasks, DuplicateTaskError, NewTask, TaskSta
 from lifecycle.asynctask._backends.redis._conn import SCRIPTS
 from lifecycle.asynctask._backends.redis._lua import PRELUDE
 from lifecycle.asynctask.redis import RedisBackend
-from tests.asynctask.redis.redis_servers import OpenRedis, RedisServer
+from tests.asynctask.redis.redis_servers import OpenRedis, RedisServer, stored_keys
 
 pytestmark = pytest.mark.redis
 
@@ -234,24 +234,7 @@ def test_the_single_enqueue_script_defines_no_function_on_each_call() -> None:
 
 async def _keys(client: aioredis.Redis, prefix: str) -> dict[str, Any]:
     """Every key of ``prefix`` (named without it) with its contents; the enqueue call ids left out."""
-    found: dict[str, Any] = {}
-    async for raw in client.scan_iter(match=f"{prefix}*", count=1000):
-        name = bytes(raw).decode().removeprefix(prefix)
-        kind: Any = await client.type(raw)
-        kind = kind.decode()
-        value: Any
-        if kind == "hash":
-            value = {k: v for k, v in (await client.hgetall(raw)).items() if k != b"c"}
-        elif kind == "zset":
-            value = await client.zrange(raw, 0, -1, withscores=True)
-        elif kind == "set":
-            value = sorted(await client.smembers(raw))
-        elif kind == "list":
-            value = await client.lrange(raw, 0, -1)
-        else:
-            value = await client.get(raw)
-        found[name] = value
-    return found
+    return {name: value for name, (_kind, value, _ttl) in (await stored_keys(client, prefix)).items()}
 
 
 async def test_the_single_enqueue_script_stores_what_the_general_one_stores(

@@ -289,6 +289,7 @@ if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
           if rec[15] then xrem[#xrem + 1] = id end
           removed[#removed + 1] = member
           unpending[#unpending + 1] = string.sub(member, 17)
+          -- The reply's 25 values, as the general part's taken() writes them (not defined yet here).
           out[m + 1] = token
           out[m + 2] = id
           for i = 1, 9 do out[m + 2 + i] = rec[i] end
