@@ -4,8 +4,12 @@ Each round enqueues ``--n`` tasks one at a time through an enqueue-only ``AsyncT
 awaited ``enqueue`` after another, as a web request does), then drains them with a worker ``AsyncTasks`` in
 the same process; ``INFO commandstats`` deltas count what the server ran per task in each phase (commands
 run inside scripts included; the counts are server-wide, so other clients of the server add noise). Every
-round uses a prefix of its own and deletes it afterwards. Rounds of the plain redis-py ``LPUSH`` floor (what
-a one-command enqueue costs through the same client) are interleaved when ``--floor`` is given.
+round uses a prefix of its own and deletes it afterwards. Rounds of three ``LPUSH`` floors are interleaved
+when ``--floor`` is given: the plain redis-py asyncio client (what a one-command enqueue costs through the
+client we use), a bare asyncio ``Protocol`` that writes hiredis-packed commands and parses replies with
+hiredis (the least an awaited round trip can cost on an asyncio loop, whatever the client), and redis-py's
+synchronous client (what huey's one-``LPUSH`` enqueue rests on). Each floor is one command per call against
+our one script call: they bound what any change to our enqueue can reach on the same machine.
 
 Run: ``python -m benchmarks.redis_single --n 5000 --rounds 3 --floor``
 """
@@ -19,6 +23,8 @@ import statistics
 import time
 from typing import Any
 
+import hiredis
+import redis
 import redis.asyncio as aioredis
 
 from lifecycle.asynctask import AsyncTasks
@@ -105,18 +111,77 @@ async def floor_round(n: int, client: aioredis.Redis) -> float:
     return n / elapsed
 
 
+class _BareProtocol(asyncio.Protocol):
+    """One command in flight at a time: the reply, parsed by hiredis, completes ``waiter``."""
+
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader()
+        self.waiter: asyncio.Future[Any] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        reply = self.reader.gets()
+        if reply is not False and self.waiter is not None:
+            waiter, self.waiter = self.waiter, None
+            waiter.set_result(reply)
+
+
+async def bare_floor_round(n: int, host: str, port: int) -> float:
+    key = f"bench-single-floor-{secrets.token_hex(4)}"
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_connection(_BareProtocol, host, port)
+
+    async def call(*args: str | int) -> Any:
+        protocol.waiter = loop.create_future()
+        # hiredis' stub types the argument as a one-element tuple; it takes any number of them.
+        transport.write(hiredis.pack_command(args))  # type: ignore[arg-type]
+        return await protocol.waiter
+
+    try:
+        started = time.perf_counter()
+        for index in range(n):
+            await call("LPUSH", key, index)
+        elapsed = time.perf_counter() - started
+        await call("DEL", key)
+    finally:
+        transport.close()
+    return n / elapsed
+
+
+def sync_floor_round(n: int, url: str) -> float:
+    client = redis.Redis.from_url(url)
+    key = f"bench-single-floor-{secrets.token_hex(4)}"
+    try:
+        client.ping()
+        started = time.perf_counter()
+        for index in range(n):
+            client.lpush(key, index)
+        elapsed = time.perf_counter() - started
+        client.delete(key)
+    finally:
+        client.close()
+    return n / elapsed
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--floor", action="store_true", help="interleave redis-py LPUSH rounds")
+    parser.add_argument("--floor", action="store_true", help="interleave the three LPUSH floors' rounds")
     parser.add_argument("--url", default=URL, help="the Redis server (default: %(default)s)")
     parser.add_argument("--detail", action="store_true", help="print the commands of each round")
     args = parser.parse_args()
     if not 1 <= args.n <= 20_000:
         parser.error("--n must be between 1 and 20000")
     client = aioredis.Redis.from_url(args.url)
-    results, floors = [], []
+    results: list[dict[str, Any]] = []
+    floors: dict[str, list[float]] = {
+        "redis-py asyncio": [],
+        "bare asyncio protocol": [],
+        "redis-py sync": [],
+    }
+    address = client.connection_pool.connection_kwargs
+    host, port = str(address.get("host", "127.0.0.1")), int(address.get("port", 6379))
     for _ in range(args.rounds):
         result = await one_round(args.n, client, args.url)
         results.append(result)
@@ -126,8 +191,12 @@ async def main() -> None:
             f"drain {result['drain_per_s']:8.0f}/s {result['drain_cmds']:5.2f} cmds/task"
         )
         if args.floor:
-            floors.append(await floor_round(args.n, client))
-            line += f"   LPUSH floor {floors[-1]:8.0f}/s"
+            floors["redis-py asyncio"].append(await floor_round(args.n, client))
+            floors["bare asyncio protocol"].append(await bare_floor_round(args.n, host, port))
+            floors["redis-py sync"].append(sync_floor_round(args.n, args.url))
+            line += "   LPUSH floors " + " ".join(
+                f"{name} {rates[-1]:.0f}/s" for name, rates in floors.items()
+            )
         print(line, flush=True)
         if args.detail:
             print("  enqueue:", result["enqueue_detail"])
@@ -135,7 +204,7 @@ async def main() -> None:
     await client.aclose()
 
     def med(key: str) -> float:
-        return statistics.median(r[key] for r in results)
+        return float(statistics.median(r[key] for r in results))
 
     def spread(key: str) -> str:
         values = [r[key] for r in results]
@@ -146,7 +215,11 @@ async def main() -> None:
         f"{med('enqueue_cpu_us'):.0f} us client CPU, "
         f"{med('enqueue_cmds'):.2f} cmds/task; drain {med('drain_per_s'):.0f}/s ({spread('drain_per_s')}), "
         f"{med('drain_cmds'):.2f} cmds/task"
-        + (f"; LPUSH floor {statistics.median(floors):.0f}/s" if floors else "")
+        + "".join(
+            f"; LPUSH floor, {name}: {statistics.median(rates):.0f}/s ({min(rates):.0f}..{max(rates):.0f})"
+            for name, rates in floors.items()
+            if rates
+        )
     )
 
 
