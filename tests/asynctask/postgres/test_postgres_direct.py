@@ -311,3 +311,49 @@ def test_numbered_placeholders() -> None:
     assert numbered(b"SELECT %s, %b, '100%%'") == (b"SELECT $1, $2, '100%'", 2)
     with pytest.raises(ValueError, match="placeholder"):
         numbered(b"SELECT %x")
+
+
+async def test_the_single_enqueue_s_wake_up_names_its_queue_or_everyone_past_the_payload_limit(
+    open_pg: OpenPostgres, postgres_dsn: str
+) -> None:
+    # The single enqueue's statements take the wake-up's payload as a parameter, NOTIFY_QUEUE's rule applied
+    # by the client: the queue's name, or "*" (wake every waiter) from 7900 bytes of UTF-8 on; both paths,
+    # both statements. A chosen id that exists stores nothing and wakes nobody.
+    backend = await open_pg()
+    await backend.enqueue_many([make_task("warm-up")])
+    fits, too_long = "é" * 3949 + "a", "é" * 3950  # 7899 and 7900 bytes, fewer characters
+    queues = ["quëue", fits, too_long]
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as listener:
+        await listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(backend.channel)))
+        expected: list[str] = []
+        for path in ("direct", "psycopg"):
+            if path == "psycopg":
+                backend._insert_one = backend._insert_one_new = None
+            for n, queue in enumerate(queues):
+                generated = make_task(f"{path}-g{n}")
+                chosen = make_chosen_task(f"{path}-c{n}")
+                for task in (
+                    dataclasses.replace(generated, queue=queue),
+                    dataclasses.replace(chosen, queue=queue),
+                ):
+                    assert await backend.enqueue_many([task]) == [task.id]
+                    expected.append(queue if queue != too_long else "*")
+            again = dataclasses.replace(make_chosen_task(f"{path}-c0"), queue="quëue")
+            assert await backend.enqueue_many([again], if_exists="skip") == []
+        await _execute(postgres_dsn, "SELECT pg_notify(%s, 'marker')", (backend.channel,))
+        payloads: list[str] = []
+        with anyio.fail_after(10):
+            async for notify in listener.notifies():
+                if notify.payload == "marker":
+                    break
+                payloads.append(notify.payload)
+    assert payloads == expected
+    assert len(fits.encode()) == 7899
+    assert len(too_long.encode()) == 7900
+    for queue in queues:
+        assert (await backend.stats())[queue] == {TaskState.PENDING: 4}
+
+
+async def _execute(dsn: str, query: str, params: tuple[object, ...]) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as connection:
+        await connection.execute(query, params)

@@ -43,7 +43,7 @@ from ._arrays import BytesArray, FloatArray, Int8Array, IntArray, TextArray
 from ._copy import copy_data
 from ._direct import DirectStatement
 from ._schema import TASK_COLUMNS
-from ._sql import COPY_TYPES, NOTIFY_QUEUE, Statements
+from ._sql import COPY_TYPES, NOTIFY_PAYLOAD_LIMIT, NOTIFY_QUEUE, Statements
 
 __all__ = [
     "IfExists",
@@ -155,6 +155,19 @@ _INT4 = struct.Struct("!i").pack
 _INT8 = struct.Struct("!q").pack
 
 
+def wake_payload(queue: str) -> str:
+    """The payload of the notification that ``queue`` got work: the queue, or ``"*"`` (wake every waiter)
+    for a name too long for a payload; ``_sql.NOTIFY_QUEUE``'s rule, for the single enqueue, whose statement
+    takes the payload as a parameter."""
+    # A name of fewer characters than a quarter of the limit is shorter than it in UTF-8 whatever they are.
+    if (
+        len(queue) * 4 < NOTIFY_PAYLOAD_LIMIT
+        or len(queue.encode("utf-8", "surrogatepass")) < NOTIFY_PAYLOAD_LIMIT
+    ):
+        return queue
+    return "*"
+
+
 def _insert_one_params(row: tuple[Any, ...], channel: str) -> list[bytes | None] | None:
     """``insert_one``'s parameters for a task's ``row`` (see :func:`_new_task_row`) and ``channel``, in
     binary (``_sql.INSERT_ONE_TYPES``; text in UTF-8), or ``None`` for a value only psycopg's path may send:
@@ -162,10 +175,11 @@ def _insert_one_params(row: tuple[Any, ...], channel: str) -> list[bytes | None]
     raises for it what it always did."""
     ident, name, queue, payload, retries, timeout, enqueued, run_at, meta, priority, key, expires, group = row
     try:
+        queue_bytes = queue.encode()
         return [
             ident.encode(),
             name.encode(),
-            queue.encode(),
+            queue_bytes,
             payload,
             _INT4(retries),
             None if timeout is None else _FLOAT8(timeout),
@@ -177,6 +191,7 @@ def _insert_one_params(row: tuple[Any, ...], channel: str) -> list[bytes | None]
             None if expires is None else _FLOAT8(expires),
             None if group is None else group.encode(),
             channel.encode(),
+            queue_bytes if len(queue_bytes) < NOTIFY_PAYLOAD_LIMIT else b"*",  # wake_payload(queue), encoded
         ]
     except (struct.error, UnicodeEncodeError):
         return None
@@ -300,7 +315,7 @@ async def enqueue(
             added = result.ntuples > 0
         else:  # not run directly, or the server's error: psycopg's path runs it (and raises that error)
             try:
-                await cursor.execute(statement, (*row, st.channel))
+                await cursor.execute(statement, (*row, st.channel, wake_payload(task.queue)))
             except psycopg.errors.UniqueViolation:  # a generated id that exists after all: sorted out below
                 added = False
             else:
