@@ -609,7 +609,7 @@ class SQLiteBackend:
             self._look_at_frames = _RECHECK_FRAMES
             self._checkpointing = threading.Thread(
                 target=_checkpoint_in_background,
-                args=(os.path.expanduser(self._path), self._synchronous),
+                args=(self._path, self._synchronous),
                 name="lifecycle-sqlite-checkpoint",
                 daemon=True,
             )
@@ -874,7 +874,9 @@ def _checkpoint_in_background(path: str, synchronous: str) -> None:
     ``SQLiteBackend._checkpoint_wal``). It never raises: a checkpoint that failed leaves the frames to the
     next one, awaited on the worker thread, which reports the error."""
     try:
-        connection = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+        connection = sqlite3.connect(
+            os.path.expanduser(path), timeout=0, isolation_level=None, check_same_thread=False
+        )
     except sqlite3.Error:
         _log.debug("could not open a connection to checkpoint %s in the background", path, exc_info=True)
         return
