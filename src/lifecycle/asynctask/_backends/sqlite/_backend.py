@@ -54,8 +54,9 @@ _LOOP_ROWS = 100
 _LOOP_BUDGET = 0.002
 _LOOP_STEPS = 1000
 # The loop connection never checkpoints (a checkpoint syncs the file): once it has written about
-# _CHECKPOINT_PAGES WAL frames since the last checkpoint, its next write first checkpoints the WAL on the
-# worker thread (PASSIVE, what an automatic checkpoint does), then runs on the loop's thread. The frames are
+# _CHECKPOINT_PAGES WAL frames since the last checkpoint, the WAL is checkpointed (PASSIVE, what an automatic
+# checkpoint does) on a thread of its own while writes go on, then on the worker thread by the write after
+# it finished (see SQLiteBackend._checkpoint_wal). The frames are
 # estimated from the rows each write changed (a write of one task writes 3.4 pages: the row, its id and its
 # pending index entry, plus splits; each further row about 1.1, mostly its id index leaf). Writing on the
 # worker thread's connection instead (every 256th write, before) cost more than its hop: each connection's
@@ -77,12 +78,9 @@ _yield_clock = time.perf_counter
 # A WAL that is reused costs less than one that grows: frames written past its end cost 4-6 us more per
 # one-task enqueue (measured with schema 5), so a WAL never checkpointed is slower too.
 _CHECKPOINT_PAGES = 4000
-# The background checkpoint (see SQLiteBackend._checkpoint_wal): while one runs, a write looks whether it
-# finished every _RECHECK_FRAMES frames (about 9 one-task enqueues); one that finished with _TAIL_FRAMES or
-# more written meanwhile is followed by another in the background, at most _BACKGROUND_ROUNDS in a row.
+# While the background checkpoint runs (see SQLiteBackend._checkpoint_wal), a write looks whether it finished
+# every _RECHECK_FRAMES frames (about 9 one-task enqueues).
 _RECHECK_FRAMES = 32.0
-_TAIL_FRAMES = 512.0
-_BACKGROUND_ROUNDS = 3
 _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
 _SQLITE_INTERRUPT = 9
@@ -238,7 +236,6 @@ class SQLiteBackend:
             _CHECKPOINT_PAGES
         )  # _loop_frames from which a write calls _checkpoint_wal
         self._checkpointing: threading.Thread | None = None  # the background checkpoint (see _checkpoint_wal)
-        self._background_rounds = 0  # background checkpoints in a row since the last one awaited
         self._checkpoint: Callable[[], Awaitable[None]] = anyio.lowlevel.checkpoint
         self._every_write_yields = True  # False on asyncio: see _YIELD_EVERY
         self._next_yield = 0.0  # _yield_clock() from which the next write on the loop's thread yields
@@ -591,20 +588,15 @@ class SQLiteBackend:
         scheduling point when one is due (see :meth:`_yield_due`).
 
         A checkpoint syncs the WAL, then the database file: most of its time is spent waiting for the disk
-        (awaited, ~14 ms per 4 000 frames, a quarter of the wall time of one-task enqueues in a row). So the
+        (awaited, ~14 ms per 4 000 frames: a quarter of the wall time of one-task enqueues in a row). So it
         first runs on a thread of its own with a connection of its own (``PASSIVE``: it takes no lock that
-        writers need), while the loop connection goes on writing. The frames written meanwhile are not
-        checkpointed, and the WAL starts over only when a write finds every frame checkpointed: once one
-        finished, another follows in the background while it left over ``_TAIL_FRAMES`` or more (at most
-        ``_BACKGROUND_ROUNDS`` in a row), then the next write awaits one on the worker thread as before,
-        which has only the last few hundred frames to sync, and the WAL starts over at the write after it."""
+        writers need) while the loop connection goes on writing. The frames written meanwhile are not
+        checkpointed, and the WAL starts over only when a write finds every frame checkpointed: so once it
+        finished, the next write awaits another one on the worker thread, as before, which has only those
+        frames left to copy and sync, and the write after it starts the WAL over. (Further background rounds
+        before that one left less to await but let the WAL grow larger, for no clear gain.)"""
         running = self._checkpointing
-        if running is not None and running.is_alive():
-            self._look_at_frames = self._loop_frames + _RECHECK_FRAMES
-        elif self._loop_frames >= (_TAIL_FRAMES if running is not None else _CHECKPOINT_PAGES) and (
-            self._background_rounds < _BACKGROUND_ROUNDS
-        ):
-            self._background_rounds += 1
+        if running is None:
             self._loop_frames = 0.0
             self._look_at_frames = _RECHECK_FRAMES
             self._checkpointing = threading.Thread(
@@ -614,9 +606,10 @@ class SQLiteBackend:
                 daemon=True,
             )
             self._checkpointing.start()
+        elif running.is_alive():
+            self._look_at_frames = self._loop_frames + _RECHECK_FRAMES
         else:
             self._checkpointing = None
-            self._background_rounds = 0
             self._loop_frames = 0.0
             self._look_at_frames = float(_CHECKPOINT_PAGES)
             await anyio.to_thread.run_sync(ops.checkpoint_wal, self._require(), limiter=self._limiter)
@@ -627,7 +620,6 @@ class SQLiteBackend:
     async def _join_checkpoint(self) -> None:
         """Wait for the background checkpoint, if one is running (on a worker thread: it may take a while)."""
         running, self._checkpointing = self._checkpointing, None
-        self._background_rounds = 0
         self._loop_frames = 0.0
         self._look_at_frames = float(_CHECKPOINT_PAGES)
         if running is not None and running.is_alive():
