@@ -1145,6 +1145,34 @@ async def test_close_waits_for_the_background_checkpoint(
         assert running.is_alive()
         release.set()
     assert not running.is_alive()
+    assert backend._checkpointer is None
+
+
+async def test_the_background_checkpoint_opens_the_same_file_after_a_change_of_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The checkpoint connection is made at the first background checkpoint: from the absolute path, and
+    # never creating a file, so a relative path does not name another file once the directory changed.
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(here)
+    backend = SQLiteBackend("tasks.db")
+    await backend.open()
+    try:
+        monkeypatch.chdir(elsewhere)
+        on_thread = _trace(backend._connection)
+        await _enqueue_until_awaited_checkpoint(backend, on_thread, "t")
+        await backend.enqueue_many([task("last")])
+        assert backend._checkpointer is not None
+        (file,) = [row[2] for row in backend._checkpointer.execute("PRAGMA database_list")]
+        assert Path(file) == here / "tasks.db"
+        with closing(sqlite3.connect(here / "tasks.db")) as reader:
+            (_, frames, _) = reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert 0 < frames < 20, frames  # checkpointed there: the WAL started over
+    finally:
+        await backend.close()
+    assert list(elsewhere.iterdir()) == []
 
 
 async def test_an_enqueue_cancelled_before_it_runs_stores_nothing(open_sqlite: Factory) -> None:

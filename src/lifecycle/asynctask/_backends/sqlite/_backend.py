@@ -236,6 +236,8 @@ class SQLiteBackend:
             _CHECKPOINT_PAGES
         )  # _loop_frames from which a write calls _checkpoint_wal
         self._checkpointing: threading.Thread | None = None  # the background checkpoint (see _checkpoint_wal)
+        self._checkpointer: sqlite3.Connection | None = None  # its connection, used on its thread only
+        self._checkpoint_uri = ""  # the file's URI for that connection (set when the loop connection is made)
         self._checkpoint: Callable[[], Awaitable[None]] = anyio.lowlevel.checkpoint
         self._every_write_yields = True  # False on asyncio: see _YIELD_EVERY
         self._next_yield = 0.0  # _yield_clock() from which the next write on the loop's thread yields
@@ -366,6 +368,7 @@ class SQLiteBackend:
         (mode,) = connection.execute("PRAGMA journal_mode").fetchone()
         if str(mode).lower() != "wal":
             return None
+        self._checkpoint_uri = f"{Path(self._path).expanduser().absolute().as_uri()}?mode=rw"
         loop_connection = sqlite3.connect(
             os.path.expanduser(self._path),
             timeout=0,  # SQLITE_BUSY at once instead of waiting: the caller goes to the worker thread
@@ -601,7 +604,7 @@ class SQLiteBackend:
             self._look_at_frames = _RECHECK_FRAMES
             self._checkpointing = threading.Thread(
                 target=_checkpoint_in_background,
-                args=(self._path, self._synchronous),
+                args=(self,),
                 name="lifecycle-sqlite-checkpoint",
                 daemon=True,
             )
@@ -618,12 +621,16 @@ class SQLiteBackend:
             await self._checkpoint()
 
     async def _join_checkpoint(self) -> None:
-        """Wait for the background checkpoint, if one is running (on a worker thread: it may take a while)."""
+        """Wait for the background checkpoint if one runs (on a worker thread: it may take a while); close its
+        connection."""
         running, self._checkpointing = self._checkpointing, None
         self._loop_frames = 0.0
         self._look_at_frames = float(_CHECKPOINT_PAGES)
         if running is not None and running.is_alive():
             await anyio.to_thread.run_sync(running.join)
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:
+            await anyio.to_thread.run_sync(checkpointer.close)
 
     # -- the Backend protocol -----------------------------------------------------------------------------
 
@@ -861,24 +868,23 @@ class SQLiteBackend:
         return await self._write(ops.purge, states, queue, before, limit, wake=False, absent=0)
 
 
-def _checkpoint_in_background(path: str, synchronous: str) -> None:
-    """:func:`ops.checkpoint_wal` on a connection of its own, on a thread of its own (see
-    ``SQLiteBackend._checkpoint_wal``). It never raises: a checkpoint that failed leaves the frames to the
-    next one, awaited on the worker thread, which reports the error."""
+def _checkpoint_in_background(backend: SQLiteBackend) -> None:
+    """:func:`ops.checkpoint_wal` on the backend's checkpoint connection (made at the first call), on a thread
+    of its own (see ``SQLiteBackend._checkpoint_wal``). It never raises: a checkpoint that failed leaves the
+    frames to the next one, awaited on the worker thread, which reports the error."""
     try:
-        connection = sqlite3.connect(
-            os.path.expanduser(path), timeout=0, isolation_level=None, check_same_thread=False
-        )
-    except sqlite3.Error:
-        _log.debug("could not open a connection to checkpoint %s in the background", path, exc_info=True)
-        return
-    try:
-        connection.execute(f"PRAGMA synchronous = {synchronous}")  # the checkpoint syncs as the others do
+        connection = backend._checkpointer
+        if connection is None:
+            # The file the other connections opened, by its absolute path (the working directory may have
+            # changed since), never created (mode=rw).
+            connection = sqlite3.connect(
+                backend._checkpoint_uri, uri=True, timeout=0, isolation_level=None, check_same_thread=False
+            )
+            backend._checkpointer = connection
+            connection.execute(f"PRAGMA synchronous = {backend._synchronous}")  # syncs as the others do
         ops.checkpoint_wal(connection)
     except sqlite3.Error:
-        _log.debug("a background checkpoint of %s failed", path, exc_info=True)
-    finally:
-        connection.close()
+        _log.debug("a background checkpoint of %r failed", backend.path, exc_info=True)
 
 
 def _close(connection: sqlite3.Connection) -> None:
