@@ -180,7 +180,8 @@ class SQLiteBackend:
     one at a time per backend object, so it works on asyncio and trio; a small enqueue (up to 100 tasks, or a
     group) first tries a second connection on the event loop's thread that never waits for a lock
     (``busy_timeout`` 0, WAL, ``synchronous`` ``"NORMAL"`` or ``"OFF"``, so its commit does not sync the
-    file), and goes to the worker thread when another connection holds the write lock.
+    file), and goes to the worker thread when another connection holds the write lock. The WAL those writes
+    grow is checkpointed mostly on a thread of its own, with a third connection, while writes go on.
 
     Args:
         path: the database file (created with its tables when missing, see :meth:`open`; its directory
