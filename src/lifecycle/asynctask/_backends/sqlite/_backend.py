@@ -233,9 +233,8 @@ class SQLiteBackend:
         self._loop_cursor: sqlite3.Cursor | None = None  # the loop connection's, kept for single inserts
         self._loop_budget = _Budget()
         self._loop_frames = 0.0  # WAL frames (estimated) the loop connection wrote since the last checkpoint
-        self._look_at_frames = float(
-            _CHECKPOINT_PAGES
-        )  # _loop_frames from which a write calls _checkpoint_wal
+        # the _loop_frames from which a write calls _checkpoint_wal
+        self._look_at_frames = float(_CHECKPOINT_PAGES)
         self._checkpointing: threading.Thread | None = None  # the background checkpoint (see _checkpoint_wal)
         self._checkpointer: sqlite3.Connection | None = None  # its connection, used on its thread only
         self._checkpoint_uri = ""  # the file's URI for that connection (set when the loop connection is made)
