@@ -7,6 +7,7 @@ import itertools
 import math
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import closing
@@ -1037,35 +1038,138 @@ async def test_a_single_enqueue_is_one_insert_on_the_loops_connection(open_sqlit
     assert await backend.stats() == {"default": {TaskState.PENDING: 1}}
 
 
+async def _enqueue_until_awaited_checkpoint(backend: SQLiteBackend, on_thread: list[str], prefix: str) -> int:
+    """Enqueue one task at a time until the worker thread checkpointed the WAL (the checkpoint a write awaits
+    once the background ones are done, see ``SQLiteBackend._checkpoint_wal``); how many were enqueued."""
+    count = 0
+    with anyio.fail_after(60):
+        while not on_thread:
+            await backend.enqueue_many([task(f"{prefix}{count}")])
+            count += 1
+    return count
+
+
 async def test_the_loops_connection_takes_every_enqueue_and_the_worker_thread_only_checkpoints(
     open_sqlite: Factory, db_path: Path
 ) -> None:
     # A write on the worker thread's connection would make both connections read their pages again (each
     # drops its page cache when the other one wrote), so the thread gets no enqueue: once the loop's
-    # connection wrote about 4 000 WAL frames (1 177 one-task enqueues), the next enqueue first checkpoints
-    # the WAL there, and the WAL starts over.
+    # connection wrote about 4 000 WAL frames (1 177 one-task enqueues), the WAL is checkpointed in the
+    # background, then by the worker thread, and the WAL starts over.
     backend = await open_sqlite()
     on_loop, on_thread = _trace(backend._loop_connection), _trace(backend._connection)
-    for index in range(1500):
-        await backend.enqueue_many([task(f"t{index}")])
-    assert sum(sql.startswith("INSERT") for sql in on_loop) == 1500
-    assert not [sql for sql in on_thread if not sql.startswith("PRAGMA wal_checkpoint")]
-    assert len(on_thread) == 1
+    count = await _enqueue_until_awaited_checkpoint(backend, on_thread, "t")
+    assert count > 1177
+    assert sum(sql.startswith("INSERT") for sql in on_loop) == count
+    assert on_thread == ["PRAGMA wal_checkpoint(PASSIVE)"]
+    for index in range(300):
+        await backend.enqueue_many([task(f"after{index}")])
+    assert sum(sql.startswith("INSERT") for sql in on_loop) == count + 300
+    assert on_thread == ["PRAGMA wal_checkpoint(PASSIVE)"]
     with closing(sqlite3.connect(db_path)) as reader:
         (_, frames, _) = reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-    assert 0 < frames < 2000, frames  # the 323 enqueues since the checkpoint: about 1 100 frames
+    assert 0 < frames < 2000, frames  # the 300 enqueues since the WAL started over: about 1 000 frames
 
 
 async def test_batches_on_the_loops_connection_count_towards_its_checkpoints(open_sqlite: Factory) -> None:
-    # A batch writes about a page per task (its id index leaf), so 300 batches of 20 pass 4 000 frames once
-    # (twice would need 330; a batch that ran past its time budget on the loop's thread is counted by the
-    # worker thread's own automatic checkpoint instead).
+    # A batch writes about a page per task (its id index leaf), so the 4 000 frames that start a checkpoint
+    # are passed by the 166th batch of 20 or so (one-task writes would need 1 177; a batch that ran past its
+    # time budget on the loop's thread is counted by the worker thread's own automatic checkpoint instead,
+    # so a loaded machine may start it a little later).
     backend = await open_sqlite()
-    on_thread = _trace(backend._connection)
+    first = None
     for batch in range(300):
         await backend.enqueue_many([task(f"b{batch}-{index}") for index in range(20)])
-    assert on_thread.count("PRAGMA wal_checkpoint(PASSIVE)") == 1
+        if first is None and backend._checkpointing is not None:
+            first = batch
+    assert first is not None
+    assert first >= 160, first
     assert (await backend.stats())["default"][TaskState.PENDING] == 6000
+
+
+async def test_enqueues_go_on_while_the_wal_is_checkpointed(
+    open_sqlite: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A checkpoint mostly waits for the disk (it syncs the WAL, then the file): the loop's connection goes on
+    # writing while it runs on a thread of its own. Here it cannot finish until 500 more tasks are stored.
+    checkpointing, release = threading.Event(), threading.Event()
+    real = ops.checkpoint_wal
+
+    def held(connection: sqlite3.Connection) -> None:
+        checkpointing.set()
+        release.wait(10)
+        real(connection)
+
+    monkeypatch.setattr(ops, "checkpoint_wal", held)
+    backend = await open_sqlite()
+    count = 0
+    try:
+        with anyio.fail_after(5):
+            while not checkpointing.is_set():
+                await backend.enqueue_many([task(f"t{count}")])
+                count += 1
+            for index in range(500):
+                await backend.enqueue_many([task(f"m{index}")])
+    finally:
+        release.set()
+    assert count >= 1177
+    assert await backend.stats() == {"default": {TaskState.PENDING: count + 500}}
+
+
+async def test_close_waits_for_the_background_checkpoint(
+    open_sqlite: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpointing, release = threading.Event(), threading.Event()
+    real = ops.checkpoint_wal
+
+    def held(connection: sqlite3.Connection) -> None:
+        checkpointing.set()
+        release.wait(10)
+        real(connection)
+
+    monkeypatch.setattr(ops, "checkpoint_wal", held)
+    backend = await open_sqlite()
+    count = 0
+    with anyio.fail_after(5):
+        while not checkpointing.is_set():
+            await backend.enqueue_many([task(f"t{count}")])
+            count += 1
+    running = backend._checkpointing
+    assert running is not None
+    async with anyio.create_task_group() as group:
+        group.start_soon(backend.close)
+        await anyio.lowlevel.checkpoint()
+        assert running.is_alive()
+        release.set()
+    assert not running.is_alive()
+    assert backend._checkpointer is None
+
+
+async def test_the_background_checkpoint_opens_the_same_file_after_a_change_of_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The checkpoint connection is made at the first background checkpoint: from the absolute path, and
+    # never creating a file, so a relative path does not name another file once the directory changed.
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(here)
+    backend = SQLiteBackend("tasks.db")
+    await backend.open()
+    try:
+        monkeypatch.chdir(elsewhere)
+        on_thread = _trace(backend._connection)
+        await _enqueue_until_awaited_checkpoint(backend, on_thread, "t")
+        await backend.enqueue_many([task("last")])
+        assert backend._checkpointer is not None
+        (file,) = [row[2] for row in backend._checkpointer.execute("PRAGMA database_list")]
+        assert Path(file) == here / "tasks.db"
+        with closing(sqlite3.connect(here / "tasks.db")) as reader:
+            (_, frames, _) = reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert 0 < frames < 20, frames  # checkpointed there: the WAL started over
+    finally:
+        await backend.close()
+    assert list(elsewhere.iterdir()) == []
 
 
 async def test_an_enqueue_cancelled_before_it_runs_stores_nothing(open_sqlite: Factory) -> None:
@@ -1218,15 +1322,16 @@ async def test_a_budget_running_out_as_a_write_commits_never_stores_it_twice(ope
 async def test_enqueues_on_the_loops_thread_still_let_the_wal_be_checkpointed(
     open_sqlite: Factory, db_path: Path
 ) -> None:
-    # The loop's connection never checkpoints (a checkpoint syncs the file); the worker thread's commits do,
-    # past 4 000 WAL pages. 1 500 one-task enqueues write about 6 900 pages: checkpointed, the WAL restarts
-    # and never holds them all.
+    # The loop's connection never checkpoints (a checkpoint syncs the file). Past 4 000 WAL pages, the WAL is
+    # checkpointed in the background while enqueues go on, then by the worker thread: the write after that
+    # starts the WAL over, so it never holds every page written.
     backend = await open_sqlite()
-    for index in range(1500):
-        await backend.enqueue_many([task(f"w{index}")])
+    on_thread = _trace(backend._connection)
+    await _enqueue_until_awaited_checkpoint(backend, on_thread, "w")
+    await backend.enqueue_many([task("last")])
     with closing(sqlite3.connect(db_path)) as reader:
         (_, frames, _) = reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-    assert 0 < frames < 6000, frames
+    assert 0 < frames < 20, frames  # the last enqueue's pages only
 
 
 def expiring(task_id: str) -> NewTask:
