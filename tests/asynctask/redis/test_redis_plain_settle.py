@@ -85,26 +85,30 @@ async def _both(
     limits: dict[str, FlowLimits] | None = None,
     damage: Damage | None = None,
     sends: int = 0,
+    zmscore: bool = True,
 ) -> tuple[Any, Any, dict[str, Any], dict[str, Any], Any]:
     """Store ``tasks`` (and ``groups``) under two prefixes, claim them (with ``limits``), let ``damage``
     change each store, then settle ``verdicts(claimed)`` on each, with the whole script and with the general
     part alone: by ``RedisBackend.settle``, or (``sends``) the script call with those settlements as they
     are, sent that many times (twice: as a retry after a lost reply sends it). Returns both
     replies, both stores, and what the plain path alone answers to the call on a third store set up alike
-    (which must then be unchanged unless it answered ``[]``)."""
+    (which must then be unchanged unless it answered ``[]``). Without ``zmscore``, as for a server older than
+    6.2 (one ZSCORE per task)."""
     plain = await open_redis(prefix=f"{unique_name}-plain")
     general = await open_redis(prefix=f"{unique_name}-general")
     probe = await open_redis(prefix=f"{unique_name}-probe")
     client = plain._run().client
     replies: dict[RedisBackend, Any] = {}
+    flag = "1" if zmscore else "0"
     for backend in (plain, general):
+        backend._zmscore = flag
         _counted_calls(backend, monkeypatch)
         claimed = await _setup(backend, client, tasks, groups, limits, damage)
         if backend is general:
             monkeypatch.setitem(SCRIPTS, "settle", GENERAL)
         settlements = verdicts(claimed)
         if sends:
-            args: list[str | bytes] = ["x.99", "60", "1"]
+            args: list[str | bytes] = ["x.99", "60", flag]
             for settlement in settlements:
                 args += settlement_args(settlement)
             replies[backend] = [await backend._run().run("settle", args) for _ in range(sends)]
@@ -113,7 +117,7 @@ async def _both(
         monkeypatch.setitem(SCRIPTS, "settle", _SCRIPT)
     _counted_calls(probe, monkeypatch)
     claimed = await _setup(probe, client, tasks, groups, limits, damage)
-    args = ["x.99", "60", "1"]
+    args = ["x.99", "60", flag]
     for settlement in verdicts(claimed):
         args += settlement_args(settlement)
     before = await stored_keys(client, probe.key_prefix)
@@ -138,8 +142,9 @@ def test_the_plain_path_returns_before_the_prelude_and_defines_no_function() -> 
     assert "function" not in before
 
 
+@pytest.mark.parametrize("zmscore", [True, False], ids=["zmscore", "without-zmscore"])
 async def test_the_plain_path_stores_what_the_general_part_does(
-    open_redis: OpenRedis, unique_name: str, monkeypatch: pytest.MonkeyPatch
+    open_redis: OpenRedis, unique_name: str, monkeypatch: pytest.MonkeyPatch, zmscore: bool
 ) -> None:
     tasks = [
         _task("a"),
@@ -170,7 +175,7 @@ async def test_the_plain_path_stores_what_the_general_part_does(
         return out
 
     plain, general, stored, expected, alone = await _both(
-        open_redis, unique_name, monkeypatch, tasks, verdicts
+        open_redis, unique_name, monkeypatch, tasks, verdicts, zmscore=zmscore
     )
     assert alone == []  # the plain path settled the call
     assert plain == general == set()
@@ -240,8 +245,9 @@ async def test_the_plain_path_publishes_the_settled_notice_as_the_general_part_d
         "too many",
     ],
 )
+@pytest.mark.parametrize("zmscore", [True, False], ids=["zmscore", "without-zmscore"])
 async def test_what_the_plain_path_leaves_to_the_general_part_ends_the_same(
-    open_redis: OpenRedis, unique_name: str, monkeypatch: pytest.MonkeyPatch, case: str
+    open_redis: OpenRedis, unique_name: str, monkeypatch: pytest.MonkeyPatch, case: str, zmscore: bool
 ) -> None:
     tasks = [_task("first"), _task("second")]
     groups: tuple[NewGroup, ...] = ()
@@ -291,6 +297,7 @@ async def test_what_the_plain_path_leaves_to_the_general_part_ends_the_same(
         limits=limits,
         damage=damage,
         sends=sends,
+        zmscore=zmscore,
     )
     if case == "repeated call":
         # The first attempt took the plain path; the retry finds the call's marker, and the general part

@@ -1083,6 +1083,9 @@ if n >= 1 and n <= %(plain)d and n == math.floor(n) then
   -- Per settlement: its record key, queue, claim member and active-index score; per running set the ids it
   -- loses (in call order, as released() collects them), the sets in first-seen order.
   local KEY, Q, MEMBER, SCORE, REL, RELKEYS = {}, {}, {}, {}, {}, {}
+  -- With ZMSCORE (Redis 6.2+), the active-index scores are read with one command per queue, as the general
+  -- part reads them; the settlements to look up, per queue, in call order.
+  local ZMS, probes, pqueues = string.byte(ARGV[4], 1) == 49, {}, {}
   for j = 1, n do
     local i = 5 + (j - 1) * 10
     local id, token, state, flags = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 6]
@@ -1099,13 +1102,23 @@ if n >= 1 and n <= %(plain)d and n == math.floor(n) then
       plain = false
       break
     end
-    local member = cur[4] .. id
-    local score = redis.call('ZSCORE', P .. 'i:active:' .. cur[3], member)
-    if not score then
-      plain = false
-      break
+    local q, member = cur[3], cur[4] .. id
+    KEY[j], Q[j], MEMBER[j] = key, q, member
+    if ZMS then
+      local list = probes[q]
+      if not list then
+        list = {}
+        probes[q] = list
+        pqueues[#pqueues + 1] = q
+      end
+      list[#list + 1] = j
+    else
+      SCORE[j] = redis.call('ZSCORE', P .. 'i:active:' .. q, member)
+      if not SCORE[j] then
+        plain = false
+        break
+      end
     end
-    KEY[j], Q[j], MEMBER[j], SCORE[j] = key, cur[3], member, score
     -- release(id, rn): the running sets its rn field names; a name with parked tasks goes to the general
     -- part (released() rechecks them).
     local rn = cur[5]
@@ -1133,6 +1146,25 @@ if n >= 1 and n <= %(plain)d and n == math.floor(n) then
           ids[#ids + 1] = id
         end
       end
+    end
+  end
+  if plain and ZMS then
+    for _, q in ipairs(pqueues) do
+      local at, members = probes[q], {}
+      for k = 1, #at do members[k] = MEMBER[at[k]] end
+      local scores = redis.pcall('ZMSCORE', P .. 'i:active:' .. q, unpack(members))
+      if scores.err then  -- a server without ZMSCORE after a failover, say: the general part's
+        plain = false
+        break
+      end
+      for k = 1, #at do
+        if not scores[k] then
+          plain = false
+          break
+        end
+        SCORE[at[k]] = scores[k]
+      end
+      if not plain then break end
     end
   end
   if plain then
