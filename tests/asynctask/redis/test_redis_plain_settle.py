@@ -35,7 +35,8 @@ GENERAL = LuaScript("settle", PRELUDE + _SETTLE)
 PLAIN_ONLY = LuaScript(
     "settle", _SETTLE_PLAIN.replace("%(plain)d", str(SETTLE_PLAIN_BOUND)) + "return 'general'\n"
 )
-"""The plain path alone: ``{}`` when it settled the call, ``'general'`` when it left it to the general part."""
+"""The plain path alone: ``{}`` when it settled the call, ``'general'`` when it left it to the general
+part."""
 
 Verdicts = Callable[[list[ClaimedTask]], list[Settlement]]
 Damage = Callable[[RedisBackend, aioredis.Redis, list[ClaimedTask]], Awaitable[None]]
@@ -125,7 +126,7 @@ async def _both(
     alone = await probe._run().run("settle", args)
     monkeypatch.setitem(SCRIPTS, "settle", _SCRIPT)
     if alone != []:
-        assert await stored_keys(client, probe.key_prefix) == before, "the plain path wrote before handing over"
+        assert await stored_keys(client, probe.key_prefix) == before, "the plain path wrote, then handed over"
     stored = await stored_keys(client, plain.key_prefix)
     expected = await stored_keys(client, general.key_prefix)
     return replies[plain], replies[general], stored, expected, alone
@@ -160,7 +161,7 @@ async def test_the_plain_path_stores_what_the_general_part_does(
     def verdicts(claimed: list[ClaimedTask]) -> list[Settlement]:
         by_id = {c.record.id: c for c in claimed}
         out = []
-        for task_id, state, fields in [
+        wanted: list[tuple[str, TaskState, dict[str, Any]]] = [
             ("a", TaskState.SUCCEEDED, {"result": b"r\x00esult"}),
             ("b", TaskState.SUCCEEDED, {}),
             ("c", TaskState.DEAD, {"error": "boom"}),
@@ -169,7 +170,8 @@ async def test_the_plain_path_stores_what_the_general_part_does(
             ("f", TaskState.DEAD, {"error": "x", "result": b"partial"}),
             ("g", TaskState.SUCCEEDED, {"result": b"1"}),
             ("h", TaskState.CANCELLED, {}),
-        ]:
+        ]
+        for task_id, state, fields in wanted:
             c = by_id[task_id]
             out.append(Settlement(task_id, c.token, state, at=T0 + 2, **fields))
         return out
@@ -215,7 +217,7 @@ async def test_the_plain_path_publishes_the_settled_notice_as_the_general_part_d
         listener = backend._run().client.pubsub()
         await listener.subscribe(f"{backend.key_prefix}notices")
         try:
-            assert (await listener.get_message(timeout=5))["type"] == "subscribe"  # type: ignore[index]
+            assert (await listener.get_message(timeout=5))["type"] == "subscribe"
             monkeypatch.setitem(SCRIPTS, "settle", script)
             await backend.settle(list(reversed(_ok(claimed))))
             monkeypatch.setitem(SCRIPTS, "settle", _SCRIPT)
@@ -254,7 +256,8 @@ async def test_what_the_plain_path_leaves_to_the_general_part_ends_the_same(
     limits = None
     sends = {"repeated call": 2, "id twice": 1}.get(case, 0)
     if case == "group member":
-        groups = (NewGroup("grp", (_task("m1", group_id="grp"), _task("m2", group_id="grp")), _task("z"), T0),)
+        members = (_task("m1", group_id="grp"), _task("m2", group_id="grp"))
+        groups = (NewGroup("grp", members, _task("z"), T0),)
     elif case == "parked tasks of the name":
         tasks.append(_task("third"))
         limits = {"job": FlowLimits(max_running=2)}  # the claim parks the third

@@ -97,7 +97,7 @@ class Waiter:
 
     @property
     def writes_claims(self) -> bool:
-        """Whether :meth:`wait_then_claim` writes its claim (and a settle call) behind the wait: not on a Redis
+        """Whether :meth:`wait_then_claim` writes its claim (and a settle call) with the wait: not on a Redis
         Cluster client, which has no connection of its own to write them on."""
         return isinstance(self._client, aioredis.Redis)
 
@@ -259,7 +259,7 @@ class Waiter:
                 if settling is not None:
                     try:
                         settled = await connection.read_response()
-                    except ResponseError as exc:  # refused (an error reply is read whole): the rest still runs
+                    except ResponseError as exc:  # refused (an error reply is read whole): the rest runs
                         _log.debug("wait_for_work: the settle call before the wait failed (%s)", exc)
                         settled = None
                     owed -= 1
