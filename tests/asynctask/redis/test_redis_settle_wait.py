@@ -260,3 +260,53 @@ async def test_an_idle_worker_saves_its_verdicts_with_its_waits(
         await producer.cleanup()
         await worker.cleanup()
     assert sum(written) >= 2, written
+
+
+@pytest.mark.parametrize("case", ["refused", "raises"])
+async def test_verdicts_a_wait_did_not_save_are_saved_by_the_settler(
+    open_redis: OpenRedis, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """A settle call the store refused (reported as ``None``), or a call that failed before reporting: the
+    engine gives the verdicts back to its settler, which saves them on its own."""
+    original = RedisBackend.settle_wait_and_claim
+    failed: list[list[str]] = []
+
+    async def failing(self: RedisBackend, settlements: Any, *args: Any, **kwargs: Any) -> Any:
+        if not failed:
+            failed.append([s.task_id for s in settlements])
+            if case == "raises":
+                raise RedisConnectionError("connection lost before anything was written")
+            kwargs["settled"](None)
+            return await self.wait_and_claim(*args, **{k: v for k, v in kwargs.items() if k != "settled"})
+        return await original(self, settlements, *args, **kwargs)
+
+    monkeypatch.setattr(RedisBackend, "settle_wait_and_claim", failing)
+    worker = AsyncTasks(await open_redis(), concurrency=2)
+    producer = AsyncTasks(await open_redis(), execution=False)
+
+    @worker.register(name="double")
+    async def double(n: int) -> int:
+        return n * 2
+
+    await worker.initialize()
+    await producer.initialize()
+    try:
+        async with anyio.create_task_group() as group:
+            scope = anyio.CancelScope()
+
+            async def execute() -> None:
+                with scope:
+                    await worker.execute()
+
+            group.start_soon(execute)
+            ids = []
+            for n in range(4):
+                ids.append(await producer.enqueue("double", n))
+                done = await producer.wait(ids[-1], timeout=PROMPT)
+                assert (done.state, done.result) == (TaskState.SUCCEEDED, n * 2)
+            scope.cancel()
+    finally:
+        await producer.cleanup()
+        await worker.cleanup()
+    assert len(failed) == 1
+    assert failed[0][0] in ids

@@ -84,7 +84,9 @@ class Worker:
         self._wake_generation = 0
         self._wake_scope: anyio.CancelScope | None = None  # the idle wait's, which wake() cancels
         self._wake_event: anyio.Event | None = None  # a wait_and_claim's, which wake() sets
-        self._settle_wait: SettleWaitAndClaim | None = None  # set by the claim loop when it waits so
+        # The backend's settle_wait_and_claim, when the idle waits carry the buffered verdicts (the claim loop
+        # sets it).
+        self._settle_wait: SettleWaitAndClaim | None = None
         self._capacity_event: anyio.Event | None = None
         # The claimed tasks no runner has taken yet (each counted in ``_running`` from its claim on), and the
         # events of the idle runners: ``concurrency`` runners take them one after another, so a task costs no
@@ -444,7 +446,9 @@ class Worker:
     ) -> list[ClaimedTask] | None:
         """The idle wait with the next claim behind it; ``None`` when no claim was made (woken since the last
         claim, work due already, the backend failed): the claim loop then claims as usual. ``wake()`` ends
-        the wait by setting its event, not by cancelling it, so a claim already sent is never lost."""
+        the wait by setting its event, not by cancelling it, so a claim already sent is never lost. With a
+        backend that can, the settler's buffered verdicts go with the wait: the backend reports them saved, or
+        refused (given back to the settler), as soon as it knows; a call that fails first gives them back."""
         if self._stopping or generation != self._wake_generation:
             return None
         event = self._wake_event = anyio.Event()
