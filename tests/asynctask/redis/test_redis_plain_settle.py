@@ -185,19 +185,24 @@ async def test_the_plain_path_stores_what_the_general_part_does(
     assert stored == expected
 
 
-async def test_a_single_success_takes_the_plain_path_with_and_without_a_result(
-    open_redis: OpenRedis, unique_name: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("result", [b"r", None], ids=["with-result", "without-result"])
+@pytest.mark.parametrize("zmscore", [True, False], ids=["zmscore", "without-zmscore"])
+async def test_a_single_success_takes_the_plain_path(
+    open_redis: OpenRedis,
+    unique_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    result: bytes | None,
+    zmscore: bool,
 ) -> None:
-    tasks = [_task("a"), _task("b")]
+    """An idle worker's call: one settlement (its index score read with ZSCORE)."""
+    tasks = [_task("a"), _task("b", queue="other")]
 
     def verdicts(claimed: list[ClaimedTask]) -> list[Settlement]:
-        return [
-            Settlement(c.record.id, c.token, TaskState.SUCCEEDED, at=T0 + 2, result=b"r" if i else None)
-            for i, c in enumerate(claimed)
-        ]
+        c = next(c for c in claimed if c.record.id == "b")
+        return [Settlement("b", c.token, TaskState.SUCCEEDED, at=T0 + 2, result=result)]
 
     plain, general, stored, expected, alone = await _both(
-        open_redis, unique_name, monkeypatch, tasks, verdicts
+        open_redis, unique_name, monkeypatch, tasks, verdicts, zmscore=zmscore
     )
     assert alone == []
     assert plain == general == set()

@@ -1083,9 +1083,10 @@ if n >= 1 and n <= %(plain)d and n == math.floor(n) then
   -- Per settlement: its record key, queue, claim member and active-index score; per running set the ids it
   -- loses (in call order, as released() collects them), the sets in first-seen order.
   local KEY, Q, MEMBER, SCORE, REL, RELKEYS = {}, {}, {}, {}, {}, {}
-  -- With ZMSCORE (Redis 6.2+), the active-index scores are read with one command per queue, as the general
-  -- part reads them; the settlements to look up, per queue, in call order.
-  local ZMS, probes, pqueues = string.byte(ARGV[4], 1) == 49, {}, {}
+  -- With ZMSCORE (Redis 6.2+), the active-index scores of several settlements are read with one command
+  -- per queue, as the general part reads them; the settlements to look up, per queue, in call order. A
+  -- single settlement (an idle worker's) reads its score with ZSCORE, for fewer instructions.
+  local ZMS, probes, pqueues = n > 1 and string.byte(ARGV[4], 1) == 49, {}, {}
   for j = 1, n do
     local i = 5 + (j - 1) * 10
     local id, token, state, flags = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 6]
