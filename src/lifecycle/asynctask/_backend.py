@@ -24,7 +24,7 @@ Write your own by implementing these methods, then run the public conformance su
 from __future__ import annotations
 
 import inspect
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Literal, Protocol, TypeAlias, cast, runtime_checkable
 
 import anyio
@@ -48,10 +48,12 @@ __all__ = [
     "Create",
     "NotifyingBackend",
     "SettleAndClaim",
+    "SettleWaitAndClaim",
     "TransactionalBackend",
     "WaitAndClaim",
     "check_create",
     "combined_settle_and_claim",
+    "combined_settle_wait_and_claim",
     "combined_wait_and_claim",
     "is_backend",
     "open_backend",
@@ -441,6 +443,41 @@ def combined_wait_and_claim(backend: object) -> WaitAndClaim | None:
     """``backend.wait_and_claim``, when it has one whose ``wait_for_work`` and ``claim`` are its own (as for
     :func:`combined_settle_and_claim`)."""
     return cast("WaitAndClaim | None", _combined(backend, "wait_and_claim", ("claim", "wait_for_work")))
+
+
+class SettleWaitAndClaim(Protocol):
+    """A backend's optional ``settle_wait_and_claim``: what :meth:`Backend.settle` does with ``settlements``,
+    sent with a :class:`WaitAndClaim` call's wait (in the same write: the idle worker's verdicts cost no round
+    trip of their own), then that call with the rest of the arguments; returns what it returns.
+
+    ``settled`` is called once with the settlement's outcome as soon as it is known (before the wait ends,
+    unless the wait ends at once): the ids ``settle`` would return, or ``None`` when the store refused the
+    settlements (the caller saves them again, as after a failed ``settle``). When the call raises without
+    having called it, the settlements count as not saved (after a lost connection they may have been: as
+    much as a retried ``settle`` tolerates)."""
+
+    async def __call__(
+        self,
+        settlements: Sequence[Settlement],
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
+        timeout: float,
+        woken: anyio.Event,
+        settled: Callable[[set[str] | None], None],
+    ) -> list[ClaimedTask] | None: ...
+
+
+def combined_settle_wait_and_claim(backend: object) -> SettleWaitAndClaim | None:
+    """``backend.settle_wait_and_claim``, when it has one whose ``settle``, ``wait_for_work`` and ``claim``
+    are its own (as for :func:`combined_settle_and_claim`)."""
+    return cast(
+        "SettleWaitAndClaim | None",
+        _combined(backend, "settle_wait_and_claim", ("claim", "wait_for_work", "settle")),
+    )
 
 
 def _combined(backend: object, method_name: str, parts: tuple[str, ...]) -> object | None:

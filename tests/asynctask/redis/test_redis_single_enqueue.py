@@ -225,11 +225,12 @@ def test_the_single_enqueue_script_defines_no_function_on_each_call() -> None:
     lean = SCRIPTS["enqueue_new"].source
     assert "function" not in lean
     assert "local P = ARGV[1]" not in lean  # no part of the prelude
-    # prepare_wait carries a few prelude lines (test_redis_wait); the claim's plain path runs before the
-    # prelude (test_redis_plain_claim).
-    lean_ones = ("enqueue_new", "prepare_wait", "claim")
+    # prepare_wait carries a few prelude lines (test_redis_wait); the claim's and the settle's plain paths run
+    # before the prelude (test_redis_plain_claim, test_redis_plain_settle).
+    lean_ones = ("enqueue_new", "prepare_wait", "claim", "settle")
     assert all(script.source.startswith(PRELUDE) for name, script in SCRIPTS.items() if name not in lean_ones)
     assert PRELUDE in SCRIPTS["claim"].source
+    assert PRELUDE in SCRIPTS["settle"].source
 
 
 async def _keys(client: aioredis.Redis, prefix: str) -> dict[str, Any]:

@@ -19,8 +19,10 @@ from ..._core._backoff import Backoff
 from ..._core._loopwatch import LoopBlock, LoopWatch
 from .._backend import (
     Backend,
+    SettleWaitAndClaim,
     WaitAndClaim,
     combined_settle_and_claim,
+    combined_settle_wait_and_claim,
     combined_wait_and_claim,
     supports_control,
 )
@@ -82,6 +84,9 @@ class Worker:
         self._wake_generation = 0
         self._wake_scope: anyio.CancelScope | None = None  # the idle wait's, which wake() cancels
         self._wake_event: anyio.Event | None = None  # a wait_and_claim's, which wake() sets
+        # The backend's settle_wait_and_claim, when the idle waits carry the buffered verdicts (the claim loop
+        # sets it).
+        self._settle_wait: SettleWaitAndClaim | None = None
         self._capacity_event: anyio.Event | None = None
         # The claimed tasks no runner has taken yet (each counted in ``_running`` from its claim on), and the
         # events of the idle runners: ``concurrency`` runners take them one after another, so a task costs no
@@ -216,6 +221,10 @@ class Worker:
         # Only on the real clock: that claim's `now` moves on by the real time the wait took, which an
         # injected clock (a test's ManualClock) does not.
         wait_and_claim = combined_wait_and_claim(backend) if clock is time.time else None
+        # And with a backend that can, the verdicts waiting to be saved go with that wait, in its write: an
+        # idle worker's verdict costs no round trip of its own, and the store applies it before the wait
+        # blocks rather than between the enqueue that ends the wait and the claim behind it.
+        self._settle_wait = combined_settle_wait_and_claim(backend) if wait_and_claim is not None else None
         # A claim sent ahead finds no verdicts waiting (the runners have not run the batch before it yet), so
         # it would part the verdicts from the claim that a combined call saves with it: no claims ahead then.
         go_ahead = settle_and_claim is None
@@ -437,13 +446,41 @@ class Worker:
     ) -> list[ClaimedTask] | None:
         """The idle wait with the next claim behind it; ``None`` when no claim was made (woken since the last
         claim, work due already, the backend failed): the claim loop then claims as usual. ``wake()`` ends
-        the wait by setting its event, not by cancelling it, so a claim already sent is never lost."""
+        the wait by setting its event, not by cancelling it, so a claim already sent is never lost. With a
+        backend that can, the settler's buffered verdicts go with the wait: the backend reports them saved, or
+        refused (given back to the settler), as soon as it knows; a call that fails first gives them back."""
         if self._stopping or generation != self._wake_generation:
             return None
         event = self._wake_event = anyio.Event()
         options = self._options
+        settle_wait = self._settle_wait
+        verdicts = self._settler.take() if settle_wait is not None else []
+        pending = bool(verdicts)  # taken, and neither saved nor given back yet
         now = self._clock()
         try:
+            if settle_wait is not None and verdicts:
+
+                def settled(lost: set[str] | None) -> None:
+                    nonlocal pending
+                    if not pending:
+                        return
+                    pending = False
+                    if lost is None:
+                        self._settler.give_back(verdicts)  # refused: the settler saves them (and retries)
+                    else:
+                        self._settler.saved(verdicts, lost)
+
+                return await settle_wait(
+                    verdicts,
+                    options.queues.next_order(),
+                    free,
+                    now=now,
+                    lease_until=now + options.lease,
+                    limits=self._registry.flow_limits(),
+                    timeout=self._idle_timeout(),
+                    woken=event,
+                    settled=settled,
+                )
             return await wait_and_claim(
                 options.queues.next_order(),
                 free,
@@ -454,8 +491,16 @@ class Worker:
                 woken=event,
             )
         except Exception as exc:
+            if pending:
+                pending = False
+                self._settler.give_back(verdicts)
             await self._backend_trouble("wait for work", exc, 1)
             return None
+        except BaseException:
+            if pending:
+                pending = False
+                self._settler.give_back(verdicts)
+            raise
         finally:
             if self._wake_event is event:
                 self._wake_event = None

@@ -68,7 +68,7 @@ from ._conn import (
 )
 from ._lua import LAYOUT_VERSION
 from ._notices import Listener
-from ._wait import Waiter, until_set
+from ._wait import Settling, Waiter, until_set
 
 __all__ = ["RedisBackend"]
 
@@ -468,6 +468,61 @@ class RedisBackend:
             # Nothing to claim: wait as wait_for_work does, ended by woken as the claiming wait is.
             await until_set(woken, self._waiting.wait(queues, timeout))
             return None
+        return await self._wait_then_claim(queues, limit, now, lease_until, limits, timeout, woken, None)
+
+    async def settle_wait_and_claim(
+        self,
+        settlements: Sequence[Settlement],
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
+        timeout: float,
+        woken: anyio.Event,
+        settled: Callable[[set[str] | None], None],
+    ) -> list[ClaimedTask] | None:
+        """:meth:`settle` written with :meth:`wait_and_claim`'s wait, ahead of it on the waiting connection:
+        the server applies the settlements before the wait blocks, and ``settled`` hears the outcome as soon
+        as its reply is read (see :class:`SettleWaitAndClaim`). When no wait is written (nothing to claim,
+        ``woken`` set already, a Redis Cluster client), :meth:`settle` runs first on its own. After a lost
+        connection the settle call is sent again with the same call id, through the runner: its marker makes
+        a repeat of a call that ran count its settlements as applied."""
+        self._run()
+        assert self._waiting is not None
+        if not settlements:
+            settled(set())
+            return await self.wait_and_claim(
+                queues, limit, now=now, lease_until=lease_until, limits=limits, timeout=timeout, woken=woken
+            )
+        if not queues or limit <= 0 or woken.is_set() or not self._waiting.writes_claims:
+            settled(await self.settle(settlements))
+            return await self.wait_and_claim(
+                queues, limit, now=now, lease_until=lease_until, limits=limits, timeout=timeout, woken=woken
+            )
+        args, repeated = self._settle_args(settlements)
+
+        def outcome(reply: Any) -> None:
+            # The script's reply (the lost ids), or None: it refused the call.
+            settled(None if reply is None else {task_id.decode() for task_id in reply} | repeated)
+
+        return await self._wait_then_claim(
+            queues, limit, now, lease_until, limits, timeout, woken, Settling(args, outcome)
+        )
+
+    async def _wait_then_claim(
+        self,
+        queues: Sequence[str],
+        limit: int,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None,
+        timeout: float,
+        woken: anyio.Event,
+        settling: Settling | None,
+    ) -> list[ClaimedTask] | None:
+        assert self._waiting is not None
         began = self._waiting.began
         call = self._call_id()
         rest = [str(int(limit)), call, self._last_claim, *limits_args(limits), *dict.fromkeys(queues)]
@@ -475,7 +530,11 @@ class RedisBackend:
         def claim_args(later: float) -> list[str]:
             return [time_text(now + later), began, time_text(lease_until + later), *rest]
 
-        reply = await self._waiting.wait_then_claim(queues, timeout, woken, now, claim_args, call)
+        waiting = self._waiting
+        if settling is None:
+            reply = await waiting.wait_then_claim(queues, timeout, woken, now, claim_args, call)
+        else:
+            reply = await waiting.wait_then_claim(queues, timeout, woken, now, claim_args, call, settling)
         if reply is None:
             return None
         more, tasks = reply[0], reply[1:]
@@ -500,6 +559,13 @@ class RedisBackend:
         runner = self._run()
         if not settlements:
             return set()
+        args, repeated = self._settle_args(settlements)
+        lost = await runner.run("settle", args)
+        return {task_id.decode() for task_id in lost} | repeated
+
+    def _settle_args(self, settlements: Sequence[Settlement]) -> tuple[list[str | bytes], set[str]]:
+        """The settle script's arguments for ``settlements`` (a new call id), and the ids of those left out:
+        a second settlement of a lease, which the first one ends."""
         # 'q': this object's notices subscription is up, so the script sends the settled notice only when
         # someone else subscribes (this object skips its own). A cluster node counts only its own
         # subscribers, so a cluster backend always sends it.
@@ -519,8 +585,7 @@ class RedisBackend:
                 continue
             leases.add(lease)
             args += settlement_args(settlement)
-        lost = await runner.run("settle", args)
-        return {task_id.decode() for task_id in lost} | repeated
+        return args, repeated
 
     async def cancel_requests(self, task_ids: Sequence[str]) -> set[str]:
         """Of ``task_ids``, those ``ACTIVE`` whose cancellation was asked; one read-only script call. See

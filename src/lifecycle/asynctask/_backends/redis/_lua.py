@@ -65,7 +65,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-__all__ = ["CALL_LOG_TTL", "LAYOUT_VERSION", "PRELUDE", "WORKER_SCRIPTS", "LuaScript", "script"]
+__all__ = [
+    "CALL_LOG_TTL",
+    "LAYOUT_VERSION",
+    "PRELUDE",
+    "SETTLE_PLAIN_BOUND",
+    "WORKER_SCRIPTS",
+    "LuaScript",
+    "script",
+]
 
 LAYOUT_VERSION = 4
 """Version of the key layout; stored in ``{P}:layout``. A newer one is refused at open, an older one is
@@ -1055,6 +1063,170 @@ end
 return lost
 """
 
+SETTLE_PLAIN_BOUND = 1000
+"""A settle call of at most this many settlements may take the plain path (see ``_SETTLE_PLAIN``)."""
+
+# The settle script's plain path, before the prelude: a call whose every settlement ends a task this call
+# holds the lease of as SUCCEEDED, DEAD or CANCELLED, with no then, no group to store, no group membership, no
+# debounce follow-up, whose name has no parked tasks waiting for a slot, and no id twice. It reads everything
+# first and writes what the general part below writes for such a call (the record's fields, the lease and
+# index moves, the running sets, the call marker, the notice), then returns; anything else, or anything
+# unusual it reads (a lost lease, a record no active index holds under its o field, damaged fields), is left
+# to the general part with nothing written. Defining the prelude's functions and tables on every call was
+# most of what the server spent on the single settlement of an idle worker, which runs between a task's
+# start and the next enqueue's claim (test_redis_plain_settle compares what both paths store).
+_SETTLE_PLAIN = """
+local n = (#ARGV - 4) / 10
+if n >= 1 and n <= %(plain)d and n == math.floor(n) then
+  local P = ARGV[1]
+  local plain, SEEN, NAMES = true, {}, {}
+  -- Per settlement: its record key, queue, claim member and active-index score; per running set the ids it
+  -- loses (in call order, as released() collects them), the sets in first-seen order.
+  local KEY, Q, MEMBER, SCORE, REL, RELKEYS = {}, {}, {}, {}, {}, {}
+  -- With ZMSCORE (Redis 6.2+), the active-index scores of several settlements are read with one command
+  -- per queue, as the general part reads them; the settlements to look up, per queue, in call order. A
+  -- single settlement (an idle worker's) reads its score with ZSCORE, for fewer instructions.
+  local ZMS, probes, pqueues = n > 1 and string.byte(ARGV[4], 1) == 49, {}, {}
+  for j = 1, n do
+    local i = 5 + (j - 1) * 10
+    local id, token, state, flags = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 6]
+    if SEEN[id] or ARGV[i + 9] ~= '0' or string.byte(flags, 4) ~= 48 or string.byte(token, -1) == 103
+        or not (state == 'succeeded' or state == 'dead' or state == 'cancelled') then
+      plain = false
+      break
+    end
+    SEEN[id] = true
+    local key = P .. 't:' .. id
+    local cur = redis.call('HMGET', key, 's', 'k', 'q', 'o', 'rn', 'fu')
+    if cur[1] ~= 'active' or cur[2] ~= token or type(cur[3]) ~= 'string' or type(cur[4]) ~= 'string'
+        or cur[6] then
+      plain = false
+      break
+    end
+    local q, member = cur[3], cur[4] .. id
+    KEY[j], Q[j], MEMBER[j] = key, q, member
+    if ZMS then
+      local list = probes[q]
+      if not list then
+        list = {}
+        probes[q] = list
+        pqueues[#pqueues + 1] = q
+      end
+      list[#list + 1] = j
+    else
+      SCORE[j] = redis.call('ZSCORE', P .. 'i:active:' .. q, member)
+      if not SCORE[j] then
+        plain = false
+        break
+      end
+    end
+    -- release(id, rn): the running sets its rn field names; a name with parked tasks goes to the general
+    -- part (released() rechecks them).
+    local rn = cur[5]
+    if type(rn) == 'string' then
+      local size, rest = string.match(rn, '^(%d+):(.*)$')
+      if size then
+        size = tonumber(size)
+        local N = string.sub(rest, 1, size)
+        if not NAMES[N] then
+          NAMES[N] = true
+          if redis.call('EXISTS', P .. 'hq:' .. N) == 1 then
+            plain = false
+            break
+          end
+        end
+        local sets = {'an:' .. N}
+        if #rest > size then sets[2] = 'ak:' .. #N .. ':' .. N .. string.sub(rest, size + 2) end
+        for _, setkey in ipairs(sets) do
+          local ids = REL[setkey]
+          if not ids then
+            ids = {}
+            REL[setkey] = ids
+            RELKEYS[#RELKEYS + 1] = setkey
+          end
+          ids[#ids + 1] = id
+        end
+      end
+    end
+  end
+  if plain and ZMS then
+    for _, q in ipairs(pqueues) do
+      local at, members = probes[q], {}
+      for k = 1, #at do members[k] = MEMBER[at[k]] end
+      local scores = redis.pcall('ZMSCORE', P .. 'i:active:' .. q, unpack(members))
+      if scores.err then  -- a server without ZMSCORE after a failover, say: the general part's
+        plain = false
+        break
+      end
+      for k = 1, #at do
+        if not scores[k] then
+          plain = false
+          break
+        end
+        SCORE[at[k]] = scores[k]
+      end
+      if not plain then break end
+    end
+  end
+  if plain then
+    -- The writes: each record, then the sorted sets (the leases, the active indexes, the final indexes:
+    -- each key once, many members per command), then the running sets.
+    local ids, removals, additions, rkeys, akeys = {}, {}, {}, {}, {}
+    for j = 1, n do
+      local i = 5 + (j - 1) * 10
+      local id, state, at, flags = ARGV[i], ARGV[i + 2], ARGV[i + 3], ARGV[i + 6]
+      local set = {'s', state, 'l', ''}
+      if string.byte(flags, 1) == 49 then
+        set[#set + 1] = 'err'
+        set[#set + 1] = ARGV[i + 7]
+      end
+      set[#set + 1] = 'f'
+      set[#set + 1] = at
+      if string.byte(flags, 2) == 49 then
+        set[#set + 1] = 'res'
+        set[#set + 1] = ARGV[i + 8]
+      end
+      redis.call('HSET', KEY[j], unpack(set))
+      ids[j] = id
+      local act = P .. 'i:active:' .. Q[j]
+      local list = removals[act]
+      if not list then
+        list = {}
+        removals[act] = list
+        rkeys[#rkeys + 1] = act
+      end
+      list[#list + 1] = MEMBER[j]
+      local fin = P .. 'i:' .. state .. ':' .. Q[j]
+      list = additions[fin]
+      if not list then
+        list = {}
+        additions[fin] = list
+        akeys[#akeys + 1] = fin
+      end
+      list[#list + 1] = SCORE[j]
+      list[#list + 1] = MEMBER[j]
+    end
+    redis.call('ZREM', P .. 'leases', unpack(ids))
+    for _, key in ipairs(rkeys) do redis.call('ZREM', key, unpack(removals[key])) end
+    for _, key in ipairs(akeys) do redis.call('ZADD', key, unpack(additions[key])) end
+    for _, setkey in ipairs(RELKEYS) do redis.call('SREM', P .. setkey, unpack(REL[setkey])) end
+    local callid = ARGV[2]
+    redis.call('SET', P .. 'sc:' .. callid, '1', 'EX', ARGV[3])
+    -- The notice, as the general part sends it (see there).
+    local alone = false
+    if string.byte(ARGV[4], 2) == 113 then
+      local subscribed = redis.pcall('PUBSUB', 'NUMSUB', P .. 'notices')
+      alone = type(subscribed) == 'table' and tonumber(subscribed[2]) == 1
+    end
+    if not alone then
+      redis.pcall('PUBLISH', P .. 'notices', 's:' .. string.match(callid, '^[^.]*') .. '\\0'
+        .. table.concat(ids, '\\0'))
+    end
+    return {}
+  end
+end
+"""
+
 # ARGV: P, layout version. Records the layout version on first use; returns the stored version.
 _LAYOUT = """
 redis.call('SET', P .. 'layout', ARGV[2], 'NX')
@@ -1091,7 +1263,8 @@ WORKER_SCRIPTS: dict[str, LuaScript] = {
         LuaScript("enqueue_new", _ENQUEUE_NEW),
         script("reclaim", _RECLAIM),
         script("extend", _EXTEND),
-        script("settle", _SETTLE),
+        # The prelude after the plain path, which returns before it is defined (see _SETTLE_PLAIN).
+        script("settle", _SETTLE_PLAIN + PRELUDE + _SETTLE, prelude="", plain=SETTLE_PLAIN_BOUND),
         script("layout", _LAYOUT),
     )
 }

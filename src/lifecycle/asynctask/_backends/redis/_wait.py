@@ -31,12 +31,31 @@ from ...._redact import library_logger
 from ._codec import time_text
 from ._conn import RETRYABLE, ScriptRunner, close_clients, ready_for_reuse, unread_check
 
-__all__ = ["Waiter", "until_set"]
+__all__ = ["Settling", "Waiter", "until_set"]
 
 _log = library_logger("lifecycle.asynctask.redis")
 
 LONGEST_WAIT = 3600.0
 """A longer ``wait_for_work`` timeout returns after this (returning early is allowed)."""
+
+
+class Settling:
+    """A settle script call written ahead of a wait with a claim behind it (see
+    :meth:`RedisBackend.settle_wait_and_claim`): its arguments, and ``report``, told its reply once (the lost
+    ids) or ``None`` when the server refused it."""
+
+    __slots__ = ("args", "read", "report")
+
+    def __init__(self, args: list[str | bytes], report: Callable[[Any], None]) -> None:
+        self.args = args
+        self.report = report
+        self.read = False  # its outcome was reported
+
+    def done(self, reply: Any) -> None:
+        """Report ``reply`` (``None``: refused), the first time only."""
+        if not self.read:
+            self.read = True
+            self.report(reply)
 
 
 class Waiter:
@@ -75,6 +94,12 @@ class Waiter:
     def claimed(self) -> None:
         """The backend leased tasks: due work seen from now on is news again."""
         self._reported = None
+
+    @property
+    def writes_claims(self) -> bool:
+        """Whether :meth:`wait_then_claim` writes its claim (and a settle call) with the wait: not on a Redis
+        Cluster client, which has no connection of its own to write them on."""
+        return isinstance(self._client, aioredis.Redis)
 
     @property
     def began(self) -> str:
@@ -116,6 +141,7 @@ class Waiter:
         now: float,
         claim_args: Callable[[float], list[str]],
         call: str,
+        settling: Settling | None = None,
     ) -> Any:
         """:meth:`wait`, ended early when ``woken`` is set, written in one go with its BLPOP and the claim
         script behind it, on one connection: the server runs prepare_wait, blocks, and runs the claim as soon
@@ -129,10 +155,18 @@ class Waiter:
         Returns the claim script's reply, also when ``woken`` ended the wait (the claim has run by then), or
         ``None`` when no claim was sent: ``woken`` was set before, no queues, a Redis Cluster client. After a
         lost connection the claim is sent again with the same arguments, through the runner (its call log
-        makes a repeat of a claim that ran return what it leased)."""
+        makes a repeat of a claim that ran return what it leased).
+
+        With ``settling``, its settle call is written first, ahead of prepare_wait, and its reply reported as
+        soon as it is read; when nothing is written, it runs on its own first. After a lost connection it is
+        sent again with the same arguments (its call marker makes a repeat of a call that ran count its
+        settlements as applied), unless its reply was read."""
         started = time.monotonic()
         names = tuple(dict.fromkeys(queues))
         pause = min(float(timeout), LONGEST_WAIT)
+        if settling is not None and (not names or not self.writes_claims or woken.is_set()):
+            settling.done(await self._runner.run("settle", settling.args))
+            settling = None
         if not names or not isinstance(self._client, aioredis.Redis):
             # Nothing to send a claim behind (a cluster client has no connection of its own to write it all
             # on): wait as wait() does, until woken.
@@ -149,22 +183,35 @@ class Waiter:
             later = time.monotonic() - started
             args = claim_args(later)
             sent.append(args)
-            return now + later, (
+            waiting: tuple[tuple[str | bytes | int | float, ...], ...] = (
                 runner.command("prepare_wait", [self._alarm, time_text(now + later), *skip, call, *names]),
                 ("BLPOP", *keys, pause + 1.0),
                 runner.command("claim", args),
             )
+            if settling is None:
+                return now + later, waiting
+            return now + later, (runner.command("settle", settling.args), *waiting)
 
         try:
-            return await self._send_all(commands, skip, pause, woken)
+            return await self._send_all(commands, skip, pause, woken, settling)
         except (*RETRYABLE, NoScriptError) as exc:
             if not sent:
-                raise  # nothing was written: no claim ran
+                raise  # nothing was written: no claim ran (nor the settle call)
             # Whether the claim ran is unknown (or it did not: its script was not loaded): send it again.
             _log.debug("wait_for_work: the claim behind the wait failed (%s); repeating it", exc)
             if isinstance(exc, NoScriptError):
                 await runner.load("prepare_wait")
-            return await runner.run("claim", sent[0])
+            reply = await runner.run("claim", sent[0])
+            if settling is not None and not settling.read:
+                # Whether it ran is unknown too: send it again (after the claim, whose reply is not to be lost
+                # to a failure of this one).
+                try:
+                    settled = await runner.run("settle", settling.args)
+                except Exception as again:
+                    _log.debug("wait_for_work: the settle call before the wait failed (%s)", again)
+                    settled = None
+                settling.done(settled)
+            return reply
 
     def _keys(self, names: tuple[str, ...]) -> list[str]:
         """The lists a BLPOP for ``names`` waits on: their wake-up lists and this waiter's alarm."""
@@ -176,8 +223,11 @@ class Waiter:
         skip: tuple[bytes, bytes] | tuple[str, str],
         pause: float,
         woken: anyio.Event,
+        settling: Settling | None = None,
     ) -> Any:
-        """Write prepare_wait, the BLPOP and the claim at once on one connection of the blocking pool, then
+        """Write prepare_wait, the BLPOP and the claim at once on one connection of the blocking pool (with
+        ``settling``, its settle call first: its reply is read and reported first, an error reply as a
+        refusal), then
         read the three replies in this task (so the task that ended the wait is returned without a hop between
         tasks), while a ringer task (started once the read waits) rings the alarm at the end of the wait or
         when ``woken`` is set. Returns
@@ -206,6 +256,14 @@ class Waiter:
             new_scope, loop_time = self._primitives or self._look_up_primitives()
             reading = new_scope(deadline=loop_time() + self._socket_timeout)
             with reading:
+                if settling is not None:
+                    try:
+                        settled = await connection.read_response()
+                    except ResponseError as exc:  # refused (an error reply is read whole): the rest runs
+                        _log.debug("wait_for_work: the settle call before the wait failed (%s)", exc)
+                        settled = None
+                    owed -= 1
+                    settling.done(settled)
                 try:
                     first = await connection.read_response()
                 except NoScriptError:

@@ -1,0 +1,312 @@
+"""An idle worker's verdicts go with its next wait (``RedisBackend.settle_wait_and_claim``): the settle call
+is written ahead of the wait on the waiting connection, applied before the wait blocks, and its outcome is
+reported as soon as its reply is read; a refused call is reported as such while the claim behind the wait
+still returns its tasks; after a lost connection it is repeated with its call id, so what it applied counts
+as applied."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from lifecycle.asynctask import AsyncTasks, NewTask, Settlement, TaskState
+from lifecycle.asynctask._backends.redis._conn import SCRIPTS
+from lifecycle.asynctask._backends.redis._lua import LuaScript
+from lifecycle.asynctask._backends.redis._wait import Settling, Waiter
+from lifecycle.asynctask.redis import RedisBackend
+from tests.asynctask.redis.redis_servers import OpenRedis, until_blocked
+
+pytestmark = pytest.mark.redis
+
+PROMPT = 10.0
+
+
+def _task(task_id: str, now: float) -> NewTask:
+    return NewTask(task_id, "job", "default", b"[]", 3, None, now, now)
+
+
+class _Outcomes:
+    """The ``settled`` callback: what it was told, and an event set the first time."""
+
+    def __init__(self) -> None:
+        self.told: list[set[str] | None] = []
+        self.event = anyio.Event()
+
+    def __call__(self, lost: set[str] | None) -> None:
+        self.told.append(lost)
+        self.event.set()
+
+
+async def _running(backend: RedisBackend, task_id: str, now: float) -> Settlement:
+    """Enqueue and claim ``task_id``; its success, to settle."""
+    assert await backend.enqueue_many([_task(task_id, now)]) == [task_id]
+    claimed = await backend.claim(["default"], 1, now=now, lease_until=now + 30)
+    assert [c.record.id for c in claimed] == [task_id]
+    return Settlement(task_id, claimed[0].token, TaskState.SUCCEEDED, at=now, result=b"r")
+
+
+async def _state(backend: RedisBackend, task_id: str) -> TaskState:
+    record = await backend.get(task_id)
+    assert record is not None
+    return record.state
+
+
+async def test_verdicts_sent_with_a_wait_are_saved_and_reported_before_the_wait_ends(
+    open_redis: OpenRedis, redis_url: str
+) -> None:
+    backend = await open_redis()
+    producer = await open_redis()
+    admin = aioredis.Redis.from_url(redis_url)
+    now = time.time()
+    verdict = await _running(backend, "done", now)
+    outcomes = _Outcomes()
+    results: list[Any] = []
+    try:
+        with anyio.fail_after(PROMPT):
+            async with anyio.create_task_group() as group:
+
+                async def wait() -> None:
+                    results.append(
+                        await backend.settle_wait_and_claim(
+                            [verdict],
+                            ["default"],
+                            5,
+                            now=now,
+                            lease_until=now + 30,
+                            timeout=120,
+                            woken=anyio.Event(),
+                            settled=outcomes,
+                        )
+                    )
+
+                group.start_soon(wait)
+                await outcomes.event.wait()  # reported while the wait still blocks: nothing is enqueued yet
+                assert outcomes.told == [set()]
+                assert await _state(backend, "done") is TaskState.SUCCEEDED
+                await until_blocked(admin, 1)
+                assert not results
+                assert await producer.enqueue_many([_task("next", time.time())]) == ["next"]
+    finally:
+        await admin.aclose()
+    assert [[c.record.id for c in claimed] for claimed in results] == [["next"]]
+    assert outcomes.told == [set()]
+
+
+async def test_a_lost_lease_is_reported_as_settle_reports_it(open_redis: OpenRedis) -> None:
+    backend = await open_redis()
+    now = time.time()
+    verdict = await _running(backend, "taken", now)
+    assert await backend.enqueue_many([_task("ready", now)]) == ["ready"]
+    outcomes = _Outcomes()
+    wrong = Settlement("taken", "not-the-token", TaskState.SUCCEEDED, at=now)
+    with anyio.fail_after(PROMPT):
+        claimed = await backend.settle_wait_and_claim(
+            [wrong, verdict, verdict],
+            ["default"],
+            5,
+            now=now,
+            lease_until=now + 30,
+            timeout=120,
+            woken=anyio.Event(),
+            settled=outcomes,
+        )
+    assert claimed is not None
+    assert [c.record.id for c in claimed] == ["ready"]  # due already: the wait ended at once
+    # The first settlement's lease is not held; the third repeats the second's lease, which that one ended.
+    assert outcomes.told == [{"taken"}]
+    assert await _state(backend, "taken") is TaskState.SUCCEEDED
+
+
+async def test_a_refused_settle_call_is_reported_and_the_claim_behind_the_wait_still_returns_its_tasks(
+    open_redis: OpenRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = await open_redis()
+    now = time.time()
+    verdict = await _running(backend, "held", now)
+    assert await backend.enqueue_many([_task("ready", now)]) == ["ready"]
+    refusing = LuaScript("settle", "return redis.error_reply('refused for the test')")
+    await backend._run().client.script_load(refusing.source)
+    monkeypatch.setitem(SCRIPTS, "settle", refusing)
+    outcomes = _Outcomes()
+    with anyio.fail_after(PROMPT):
+        claimed = await backend.settle_wait_and_claim(
+            [verdict],
+            ["default"],
+            5,
+            now=now,
+            lease_until=now + 30,
+            timeout=120,
+            woken=anyio.Event(),
+            settled=outcomes,
+        )
+    assert claimed is not None
+    assert [c.record.id for c in claimed] == ["ready"]
+    assert outcomes.told == [None]
+    assert await _state(backend, "held") is TaskState.ACTIVE
+
+
+async def test_a_settle_call_whose_reply_is_lost_is_repeated_and_what_it_applied_counts_as_applied(
+    open_redis: OpenRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection drops after the settle call and the claim ran, before their replies were read: both
+    are sent again with the same call ids. The settle call's marker makes the repeat count its settlement
+    as applied (a new call would find the record settled already and report its lease lost)."""
+    backend = await open_redis()
+    now = time.time()
+    verdict = await _running(backend, "done", now)
+    assert await backend.enqueue_many([_task("ready", now)]) == ["ready"]
+    original = Waiter._send_all
+    sent: list[object] = []
+
+    async def lose_the_replies(
+        self: Waiter, commands: Any, skip: Any, pause: float, woken: anyio.Event, settling: Settling | None
+    ) -> object:
+        assert settling is not None
+        unread = Settling(settling.args, sent.append)  # the reply is read here and not passed on
+        await original(self, commands, skip, pause, woken, unread)
+        raise RedisConnectionError("connection lost after the calls ran")
+
+    monkeypatch.setattr(Waiter, "_send_all", lose_the_replies)
+    outcomes = _Outcomes()
+    with anyio.fail_after(PROMPT):
+        claimed = await backend.settle_wait_and_claim(
+            [verdict],
+            ["default"],
+            5,
+            now=now,
+            lease_until=now + 30,
+            timeout=120,
+            woken=anyio.Event(),
+            settled=outcomes,
+        )
+    assert sent == [[]]  # the first execution applied it
+    assert claimed is not None
+    assert [c.record.id for c in claimed] == ["ready"]
+    assert outcomes.told == [set()]
+    assert await _state(backend, "done") is TaskState.SUCCEEDED
+
+
+@pytest.mark.parametrize("case", ["woken already", "no queues"])
+async def test_with_no_wait_to_write_the_verdicts_are_settled_on_their_own(
+    open_redis: OpenRedis, case: str
+) -> None:
+    backend = await open_redis()
+    now = time.time()
+    verdict = await _running(backend, "done", now)
+    woken = anyio.Event()
+    if case == "woken already":
+        woken.set()
+    outcomes = _Outcomes()
+    with anyio.fail_after(PROMPT):
+        claimed = await backend.settle_wait_and_claim(
+            [verdict],
+            [] if case == "no queues" else ["default"],
+            5,
+            now=now,
+            lease_until=now + 30,
+            timeout=0.05 if case == "no queues" else 120,
+            woken=woken,
+            settled=outcomes,
+        )
+    assert claimed is None
+    assert outcomes.told == [set()]
+    assert await _state(backend, "done") is TaskState.SUCCEEDED
+
+
+async def test_an_idle_worker_saves_its_verdicts_with_its_waits(
+    open_redis: OpenRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tasks sent one at a time to an idle worker: their verdicts go with the worker's next waits (no settle
+    call of their own), and every result is saved."""
+    worker_backend = await open_redis()
+    written: list[bool] = []
+    original = Waiter.wait_then_claim
+
+    async def wait_then_claim(self: Waiter, *args: Any) -> Any:
+        written.append(len(args) > 6 and args[6] is not None)  # a settle call written with the wait
+        return await original(self, *args)
+
+    # On the class: the engine saves verdicts with its waits only when the backend's own methods are used.
+    monkeypatch.setattr(Waiter, "wait_then_claim", wait_then_claim)
+    worker = AsyncTasks(worker_backend, concurrency=2)
+    producer = AsyncTasks(await open_redis(), execution=False)
+
+    @worker.register(name="double")
+    async def double(n: int) -> int:
+        return n * 2
+
+    await worker.initialize()
+    await producer.initialize()
+    try:
+        async with anyio.create_task_group() as group:
+            scope = anyio.CancelScope()
+
+            async def execute() -> None:
+                with scope:
+                    await worker.execute()
+
+            group.start_soon(execute)
+            for n in range(5):
+                task_id = await producer.enqueue("double", n)
+                done = await producer.wait(task_id, timeout=PROMPT)
+                assert (done.state, done.result) == (TaskState.SUCCEEDED, n * 2)
+            scope.cancel()
+    finally:
+        await producer.cleanup()
+        await worker.cleanup()
+    assert sum(written) >= 2, written
+
+
+@pytest.mark.parametrize("case", ["refused", "raises"])
+async def test_verdicts_a_wait_did_not_save_are_saved_by_the_settler(
+    open_redis: OpenRedis, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """A settle call the store refused (reported as ``None``), or a call that failed before reporting: the
+    engine gives the verdicts back to its settler, which saves them on its own."""
+    original = RedisBackend.settle_wait_and_claim
+    failed: list[list[str]] = []
+
+    async def failing(self: RedisBackend, settlements: Any, *args: Any, **kwargs: Any) -> Any:
+        if not failed:
+            failed.append([s.task_id for s in settlements])
+            if case == "raises":
+                raise RedisConnectionError("connection lost before anything was written")
+            kwargs["settled"](None)
+            return await self.wait_and_claim(*args, **{k: v for k, v in kwargs.items() if k != "settled"})
+        return await original(self, settlements, *args, **kwargs)
+
+    monkeypatch.setattr(RedisBackend, "settle_wait_and_claim", failing)
+    worker = AsyncTasks(await open_redis(), concurrency=2)
+    producer = AsyncTasks(await open_redis(), execution=False)
+
+    @worker.register(name="double")
+    async def double(n: int) -> int:
+        return n * 2
+
+    await worker.initialize()
+    await producer.initialize()
+    try:
+        async with anyio.create_task_group() as group:
+            scope = anyio.CancelScope()
+
+            async def execute() -> None:
+                with scope:
+                    await worker.execute()
+
+            group.start_soon(execute)
+            ids = []
+            for n in range(4):
+                ids.append(await producer.enqueue("double", n))
+                done = await producer.wait(ids[-1], timeout=PROMPT)
+                assert (done.state, done.result) == (TaskState.SUCCEEDED, n * 2)
+            scope.cancel()
+    finally:
+        await producer.cleanup()
+        await worker.cleanup()
+    assert len(failed) == 1
+    assert failed[0][0] in ids
