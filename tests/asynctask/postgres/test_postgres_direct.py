@@ -204,6 +204,56 @@ async def test_a_server_error_is_raised_by_psycopg_and_the_next_enqueue_goes_dir
     assert await backend.get("bad") is None
 
 
+def _count_socket_registrations(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How often the running event loop is asked to watch a socket for reading, or to stop, from now on."""
+    loop = asyncio.get_running_loop()
+    calls = {"add_reader": 0, "remove_reader": 0}
+    add_reader, remove_reader = loop.add_reader, loop.remove_reader
+
+    def counting_add(fd: Any, callback: Any, *args: Any) -> None:
+        calls["add_reader"] += 1
+        add_reader(fd, callback, *args)
+
+    def counting_remove(fd: Any) -> bool:
+        calls["remove_reader"] += 1
+        return remove_reader(fd)
+
+    monkeypatch.setattr(loop, "add_reader", counting_add)
+    monkeypatch.setattr(loop, "remove_reader", counting_remove)
+    return calls
+
+
+async def test_single_enqueues_on_a_lease_keep_its_socket_watched_from_one_to_the_next(
+    open_pg: OpenPostgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Registering the socket with the event loop and removing it again was a quarter of a single enqueue's
+    client instructions: the direct statements register a lease's socket once."""
+    backend = await open_pg()
+    await backend.enqueue_many([make_task("warm-up")])
+    calls = _count_socket_registrations(monkeypatch)
+    for n in range(5):
+        assert await backend.enqueue_many([make_task(f"t{n}")]) == [f"t{n}"]
+    assert calls == {"add_reader": 0, "remove_reader": 0}
+
+
+async def test_psycopg_s_calls_between_direct_enqueues_on_a_lease_wait_on_its_socket_as_before(
+    open_pg: OpenPostgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's calls (psycopg's waits) and single enqueues alternate on one lease: the direct statements'
+    watch ends before psycopg waits on the socket and starts again at the next enqueue, so neither loses its
+    wake-up (a watch psycopg had replaced and removed would leave the next enqueue waiting forever)."""
+    backend = await open_pg()
+    await backend.enqueue_many([make_task("warm-up")])
+    calls = _count_socket_registrations(monkeypatch)
+    with anyio.fail_after(10):
+        for n in range(3):
+            assert await backend.enqueue_many([make_task(f"t{n}")]) == [f"t{n}"]
+            claimed = await backend.claim(["default"], 10, now=1e10, lease_until=1e10 + 30)
+            assert [c.record.id for c in claimed] == (["warm-up", "t0"] if n == 0 else [f"t{n}"])
+        assert await backend.enqueue_many([make_task("last")]) == ["last"]
+    assert calls["add_reader"] >= 3, "psycopg's own waits, and the watch started again after them"
+
+
 async def test_a_statement_the_server_lost_is_prepared_again(
     open_pg: OpenPostgres, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -340,7 +340,9 @@ class PostgresBackend:
                 while self._abandoned:
                     await asyncio.gather(*self._abandoned, return_exceptions=True)
 
-    def _connection(self, *, wait: float | None = None, create: bool = True) -> Checkout:
+    def _connection(
+        self, *, wait: float | None = None, create: bool = True, direct: bool = False
+    ) -> Checkout:
         """``async with`` a leased or pooled connection (see :class:`ConnectionLeases`); ``wait`` bounds the
         wait for a pooled one (default: ``connect_timeout``). Tables that do not exist yet (opened with
         ``create="on_enqueue"``) are created first, unless ``create`` is false (inspection and operator
@@ -351,8 +353,8 @@ class PostgresBackend:
                 f"{self!r} is not open: call `await backend.open()` first (AsyncTasks does it in initialize)"
             )
         if self._absent and create:
-            return leases.connection(wait, first=self._create_tables)
-        return leases.connection(wait)
+            return leases.connection(wait, first=self._create_tables, direct=direct)
+        return leases.connection(wait, direct=direct)
 
     async def _take(
         self, pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]], wait: float | None
@@ -402,7 +404,26 @@ class PostgresBackend:
         _check_if_exists(if_exists)
         if not tasks:
             return []
-        checkout = self._connection()
+        leases = self._leases
+        # A lease the last enqueue left watched, taken as the checkout would, without its coroutines.
+        connection = leases.take_idle() if leases is not None and not self._absent else None
+        if connection is not None:
+            assert leases is not None
+            try:
+                return await ops.enqueue(
+                    connection,
+                    self._statements,
+                    tasks,
+                    if_exists,
+                    pooled=True,
+                    cursor=leases.cursor(connection),
+                    insert_one=self._insert_one,
+                    insert_one_new=self._insert_one_new,
+                )
+            finally:
+                if not leases.keep(connection):
+                    await leases.give_back(connection)
+        checkout = self._connection(direct=True)  # ops.enqueue ends the socket's watch before psycopg's use
         async with checkout as connection:
             return await ops.enqueue(
                 connection,

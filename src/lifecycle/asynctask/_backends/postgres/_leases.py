@@ -13,6 +13,8 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow, tuple_row
 from psycopg_pool import AsyncConnectionPool
 
+from ._direct import unwatch, watched
+
 __all__ = ["RENEW_AFTER", "Checkout", "ConnectionLeases", "readable"]
 
 Connection = psycopg.AsyncConnection[Any]
@@ -31,9 +33,11 @@ class ConnectionLeases:
     condition, its check callback, and the task ``take`` runs ``getconn`` in (so that a cancelled caller
     cannot make the pool lose a connection). A leased connection is taken from a plain list instead, checked
     as the pool's check would (:func:`readable`: nothing to do unless the server sent something or closed
-    it), and kept at its release only when it is clean: open, and idle outside any transaction. Anything
-    else (a connection the server closed, a statement interrupted by cancellation, a caller's error inside
-    a transaction) goes back to the pool, which resets or replaces it, as after a server restart before.
+    it; a lease whose socket the event loop watches for the single enqueue, see :func:`._direct.watched`,
+    has been checked by the loop itself), and kept at its release only when it is clean: open, and idle
+    outside any transaction. Anything else (a connection the server closed, a statement interrupted by
+    cancellation, a caller's error inside a transaction) goes back to the pool, which resets or replaces it,
+    as after a server restart before.
     Each lease keeps one cursor too, reused by the calls that take it (a new cursor, with its fresh
     adaptation context, costs a single enqueue about 10 µs).
 
@@ -63,11 +67,17 @@ class ConnectionLeases:
         self._closed = False
 
     def connection(
-        self, wait: float | None, *, first: Callable[[], Awaitable[None]] | None = None
+        self,
+        wait: float | None,
+        *,
+        first: Callable[[], Awaitable[None]] | None = None,
+        direct: bool = False,
     ) -> Checkout:
         """``async with leases.connection(wait) as connection:`` a lease, or a pooled connection waited for
-        at most ``wait`` seconds (``None``: the pool's timeout); ``first`` is awaited before one is taken."""
-        return Checkout(self, wait, first)
+        at most ``wait`` seconds (``None``: the pool's timeout); ``first`` is awaited before one is taken.
+        ``direct``: the caller runs the direct statements (see :mod:`._direct`), and ends the event loop's
+        watch on the connection's socket itself before psycopg uses it; otherwise it is ended here."""
+        return Checkout(self, wait, first, direct)
 
     def cursor(self, connection: Connection) -> Cursor:
         """A cursor of ``connection`` reading tuples: a lease's own (reused), or a new one."""
@@ -78,18 +88,30 @@ class ConnectionLeases:
                 self._cursors[connection] = cursor
         return cursor
 
+    def take_idle(self) -> Connection | None:
+        """An idle lease whose socket the event loop watches (see :func:`._direct.watched`: the check is
+        done), without awaiting anything; ``None``: :meth:`take` finds a connection, and checks it.
+
+        The single enqueue's way to a connection (with :meth:`keep` and :meth:`give_back` at its end): the
+        checkout's coroutines (``__aenter__``, :meth:`take`, ``__aexit__``) cost it a few thousand
+        instructions for nothing to wait for."""
+        idle = self._idle
+        if idle and watched(idle[-1]) and not idle[-1].closed:
+            return idle.pop()
+        return None
+
     async def take(self, wait: float | None) -> Connection:
         """An idle lease that passes the check, or else a pooled connection (leased when fewer than ``keep``
         are)."""
         idle = self._idle
         while idle:
             connection = idle.pop()
-            if not (connection.closed or readable(connection.pgconn.socket)):
+            # A socket the event loop watches (see _direct.watched) had nothing to read at its last look.
+            if not connection.closed and (watched(connection) or not readable(connection.pgconn.socket)):
                 return connection
             # The server wrote to or closed it (a restart?): the pool checks it, and replaces it if broken.
             self._end(connection)
-            with anyio.CancelScope(shield=True):
-                await self._pool.putconn(connection)
+            await self.give_back(connection)
         connection = await self._take(wait)
         if not self._closed and len(self._leased_at) < self._keep:
             self._leased_at[connection] = time.monotonic()
@@ -116,6 +138,7 @@ class ConnectionLeases:
 
     async def give_back(self, connection: Connection) -> None:
         """Return ``connection`` to the pool (shielded: it must not be lost to a cancellation)."""
+        unwatch(connection)  # the pool waits on it through psycopg
         with anyio.CancelScope(shield=True):
             await self._pool.putconn(connection)
 
@@ -132,19 +155,26 @@ class Checkout:
     """What :meth:`ConnectionLeases.connection` returns: takes a connection on entry and keeps or returns it
     on exit (a plain class: a generator-based context manager costs a single enqueue a few microseconds)."""
 
-    __slots__ = ("_connection", "_first", "_leases", "_wait")
+    __slots__ = ("_connection", "_direct", "_first", "_leases", "_wait")
 
     def __init__(
-        self, leases: ConnectionLeases, wait: float | None, first: Callable[[], Awaitable[None]] | None
+        self,
+        leases: ConnectionLeases,
+        wait: float | None,
+        first: Callable[[], Awaitable[None]] | None,
+        direct: bool = False,
     ) -> None:
         self._leases = leases
         self._wait = wait
         self._first = first
+        self._direct = direct
 
     async def __aenter__(self) -> Connection:
         if self._first is not None:
             await self._first()
         self._connection = connection = await self._leases.take(self._wait)
+        if not self._direct:
+            unwatch(connection)  # psycopg waits on it: the direct statements' watch must not be in its way
         return connection
 
     @property

@@ -41,7 +41,7 @@ from ..._records import (
 )
 from ._arrays import BytesArray, FloatArray, Int8Array, IntArray, TextArray
 from ._copy import copy_data
-from ._direct import DirectStatement
+from ._direct import DirectStatement, unwatch
 from ._schema import TASK_COLUMNS
 from ._sql import COPY_TYPES, NOTIFY_PAYLOAD_LIMIT, NOTIFY_QUEUE, Statements
 
@@ -283,6 +283,8 @@ async def enqueue(
     # No task with a uniqueness key (counted at C speed: this runs over every task of a bulk enqueue).
     plain = if_exists != "debounce" and list(map(_UNIQUE_KEY, tasks)).count(None) == len(tasks)
     alone = plain and _outside_transactions(connection)
+    if pooled and not (alone and len(tasks) == 1):
+        unwatch(connection)  # psycopg waits on it below: see _direct.watched
     if alone and pooled and if_exists == "error" and len(tasks) >= _COPY_FROM:
         if await _copy_new(connection, st, tasks):
             return [task.id for task in tasks]
@@ -314,6 +316,7 @@ async def enqueue(
         if result is not None:  # run directly: a row when stored
             added = result.ntuples > 0
         else:  # not run directly, or the server's error: psycopg's path runs it (and raises that error)
+            unwatch(connection)
             try:
                 await cursor.execute(statement, (*row, st.channel, wake_payload(task.queue)))
             except psycopg.errors.UniqueViolation:  # a generated id that exists after all: sorted out below
@@ -324,6 +327,7 @@ async def enqueue(
             return [task.id]
         if if_exists == "skip":
             return []
+        unwatch(connection)  # psycopg's path below
         plain = False  # the id exists: sort it out below
     elif alone and if_exists == "skip":
         # As one statement too: a batch of skip has nothing to undo.
