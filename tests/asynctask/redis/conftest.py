@@ -32,12 +32,18 @@ def anyio_backend() -> str:
 @pytest.fixture
 async def open_redis(redis_url: str, unique_name: str) -> AsyncIterator[OpenRedis]:
     """Open RedisBackend objects on the shared server under the test's own prefix (keyword options pass
-    through, ``url=`` included); all are closed after the test and every key of the prefix is deleted."""
+    through, ``url=`` included); all are closed after the test and every key of the test's prefix, and of
+    each prefix given as ``prefix=`` (such as ``f"{unique_name}-plain"``), is deleted from the shared
+    server."""
     opened: list[RedisBackend] = []
+    prefixes = {unique_name}  # those used on the shared server
 
     async def factory(**options: Any) -> RedisBackend:
         options.setdefault("prefix", unique_name)
-        backend = RedisBackend(options.pop("url", redis_url), **options)
+        url = options.pop("url", redis_url)
+        backend = RedisBackend(url, **options)
+        if url == redis_url:
+            prefixes.add(backend.prefix)
         await backend.open()
         opened.append(backend)
         return backend
@@ -45,7 +51,8 @@ async def open_redis(redis_url: str, unique_name: str) -> AsyncIterator[OpenRedi
     yield factory
     for backend in opened:
         await backend.close()
-    await delete_prefix(redis_url, unique_name)
+    for prefix in sorted(prefixes):
+        await delete_prefix(redis_url, prefix)
 
 
 def _require_binary(path: str) -> None:
