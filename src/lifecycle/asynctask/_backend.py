@@ -472,11 +472,13 @@ class SettleWaitAndClaim(Protocol):
 
 
 def combined_settle_wait_and_claim(backend: object) -> SettleWaitAndClaim | None:
-    """``backend.settle_wait_and_claim``, when it has one whose ``settle``, ``wait_for_work`` and ``claim``
-    are its own (as for :func:`combined_settle_and_claim`)."""
+    """``backend.settle_wait_and_claim``, when it has one whose ``settle``, ``wait_for_work``, ``claim`` and
+    ``wait_and_claim`` are its own (as for :func:`combined_settle_and_claim`): an override of any of them
+    (``wait_and_claim`` included, which the engine calls for the waits that carry no verdicts) is never
+    bypassed for some waits and used for others."""
     return cast(
         "SettleWaitAndClaim | None",
-        _combined(backend, "settle_wait_and_claim", ("claim", "wait_for_work", "settle")),
+        _combined(backend, "settle_wait_and_claim", ("claim", "wait_for_work", "settle", "wait_and_claim")),
     )
 
 

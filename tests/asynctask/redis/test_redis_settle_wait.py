@@ -310,3 +310,21 @@ async def test_verdicts_a_wait_did_not_save_are_saved_by_the_settler(
         await worker.cleanup()
     assert len(failed) == 1
     assert failed[0][0] in ids
+
+
+def test_the_engine_carries_verdicts_with_a_wait_only_through_the_backends_own_methods() -> None:
+    from lifecycle.asynctask._backend import combined_settle_wait_and_claim
+
+    class OwnWaitAndClaim(RedisBackend):
+        async def wait_and_claim(self, *args: Any, **kwargs: Any) -> Any:
+            return await super().wait_and_claim(*args, **kwargs)
+
+    class OwnSettle(RedisBackend):
+        async def settle(self, settlements: Any) -> set[str]:
+            return await super().settle(settlements)
+
+    plain = RedisBackend("redis://127.0.0.1:6379/0", prefix="not-opened")
+    assert combined_settle_wait_and_claim(plain) == plain.settle_wait_and_claim
+    # An override of wait_and_claim would run for the waits without verdicts and be bypassed for the others.
+    for bypassed in (OwnWaitAndClaim("redis://127.0.0.1:6379/0"), OwnSettle("redis://127.0.0.1:6379/0")):
+        assert combined_settle_wait_and_claim(bypassed) is None, bypassed
