@@ -318,3 +318,24 @@ async def test_what_the_plain_path_leaves_to_the_general_part_ends_the_same(
     assert stored == expected
     if case in ("lost lease", "no record", "not in the active index"):
         assert plain == {"first"}
+
+
+@pytest.mark.parametrize(("field", "value"), [(7, "soon"), (6, "nan"), (7, "inf")])
+async def test_a_damaged_follow_up_is_settled_as_if_there_were_none(
+    open_redis: OpenRedis, field: int, value: str
+) -> None:
+    # A follow-up list whose run_at or enqueued_at is no finite number failed the whole settle call (a Lua
+    # comparison with nil, or ZADD's "not a valid float"), and every retry of it, so the worker's settler
+    # never got past it. Now it stays with its task: settled as if no follow-up waited.
+    backend = await open_redis()
+    client = backend._run().client
+    await backend.enqueue_many([_task("first"), _task("other")])
+    claimed = await backend.claim(["default"], 10, now=T0 + 1, lease_until=T0 + 31)
+    assert await backend.enqueue_many([_task("first", payload=b"[1]")], if_exists="debounce") == ["first"]
+    await client.lset(f"{backend.key_prefix}fu:first", field, value)
+    assert await backend.settle(_ok(claimed)) == set()
+    for task_id in ("first", "other"):
+        record = await backend.get(task_id)
+        assert record is not None
+        assert record.state is TaskState.SUCCEEDED, task_id
+    assert await client.exists(f"{backend.key_prefix}fu:first") == 0

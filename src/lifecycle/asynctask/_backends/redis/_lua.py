@@ -949,7 +949,16 @@ while i <= #ARGV do
       local fk = P .. 'fu:' .. id
       follow = redis.call('LRANGE', fk, 0, -1)
       redis.call('DEL', fk)
-      if #follow ~= 16 then follow = nil end  -- damaged: settle as if there were none
+      -- Damaged (not 16 values, or an enqueued_at or run_at that is no finite number, which ZADD and the
+      -- comparison below would fail the whole call on, for good): settle as if there were none.
+      if #follow ~= 16 then
+        follow = nil
+      else
+        for _, v in ipairs({follow[7], follow[8]}) do
+          local n = tonumber(v)
+          if not n or n ~= n or n == math.huge or n == -math.huge then follow = nil end
+        end
+      end
     end
     if follow then
       -- The debounced follow-up: the record's next PENDING period, with the follow-up's fields.
