@@ -1087,11 +1087,8 @@ async def test_batches_on_the_loops_connection_count_towards_its_checkpoints(ope
     assert (await backend.stats())["default"][TaskState.PENDING] == 6000
 
 
-async def test_enqueues_go_on_while_the_wal_is_checkpointed(
-    open_sqlite: Factory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A checkpoint mostly waits for the disk (it syncs the WAL, then the file): the loop's connection goes on
-    # writing while it runs on a thread of its own. Here it cannot finish until 500 more tasks are stored.
+def _hold_checkpoints(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Make each WAL checkpoint set the first event, then wait (10 s at most) for the second to run."""
     checkpointing, release = threading.Event(), threading.Event()
     real = ops.checkpoint_wal
 
@@ -1101,6 +1098,15 @@ async def test_enqueues_go_on_while_the_wal_is_checkpointed(
         real(connection)
 
     monkeypatch.setattr(ops, "checkpoint_wal", held)
+    return checkpointing, release
+
+
+async def test_enqueues_go_on_while_the_wal_is_checkpointed(
+    open_sqlite: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A checkpoint mostly waits for the disk (it syncs the WAL, then the file): the loop's connection goes on
+    # writing while it runs on a thread of its own. Here it cannot finish until 500 more tasks are stored.
+    checkpointing, release = _hold_checkpoints(monkeypatch)
     backend = await open_sqlite()
     count = 0
     try:
@@ -1119,15 +1125,7 @@ async def test_enqueues_go_on_while_the_wal_is_checkpointed(
 async def test_close_waits_for_the_background_checkpoint(
     open_sqlite: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    checkpointing, release = threading.Event(), threading.Event()
-    real = ops.checkpoint_wal
-
-    def held(connection: sqlite3.Connection) -> None:
-        checkpointing.set()
-        release.wait(10)
-        real(connection)
-
-    monkeypatch.setattr(ops, "checkpoint_wal", held)
+    checkpointing, release = _hold_checkpoints(monkeypatch)
     backend = await open_sqlite()
     count = 0
     with anyio.fail_after(5):
