@@ -116,6 +116,8 @@ local paused = {}
 if not before then
   for _, q in ipairs(redis.call('SMEMBERS', P .. 'paused')) do paused[q] = true end
 end
+-- The first page (limit + 16 entries) of each queue's ready set, as the wait's grace step read it.
+local PAGES = {}
 if WAITED and limit >= 1 then
   -- Behind a wait, now moves up to the run_at of the ready tasks this claim may take (the first `limit` of
   -- each queue), by at most %(grace)d s (a bound on what a clock skewed between hosts can do): a task is in
@@ -123,11 +125,16 @@ if WAITED and limit >= 1 then
   -- its run_at, and that was before this claim runs. The enqueue that ended the wait read its clock about as
   -- long before the server ran it as this caller read its own before the wait began, so without this the
   -- claim found that task not due yet in about half the cases and left it to another round trip.
+  -- Each queue's page is read as long as the plain path's first page of it (kept in PAGES for the plain
+  -- path, which so reads the ready set once; nothing is written in between).
   local top, cap = SNOW, NOW + %(grace)d
   for qi = qfirst, #ARGV do
     local q = ARGV[qi]
     if not paused[q] then
-      for _, member in ipairs(redis.call('ZRANGE', P .. 'rd:' .. q, 0, limit - 1)) do
+      local page = redis.call('ZRANGE', P .. 'rd:' .. q, 0, limit + 15)
+      PAGES[q] = page
+      for j = 1, math.min(#page, limit) do
+        local member = page[j]
         local hex = string.sub(member, 1, 16)
         if hex > top then
           local t = unsortable(hex)
@@ -187,8 +194,17 @@ if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
         plain = false
         break
       end
-      local page = redis.call('ZRANGE', P .. 'rd:' .. q, 0, want - 1)
-      for _, member in ipairs(page) do
+      -- The first `want` entries (want <= limit + 16: a prefix of the page the grace step read, if it did).
+      local page = PAGES[q]
+      local got
+      if page then
+        got = math.min(#page, want)
+      else
+        page = redis.call('ZRANGE', P .. 'rd:' .. q, 0, want - 1)
+        got = #page
+      end
+      for j = 1, got do
+        local member = page[j]
         if budget <= 0 then
           plain = false
           break
@@ -223,7 +239,7 @@ if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
         plain = false
         break
       end
-      if n < limit and #page == want then  -- another page to read: the general part
+      if n < limit and got == want then  -- another page to read: the general part
         plain = false
         break
       end
