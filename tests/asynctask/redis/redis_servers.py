@@ -6,6 +6,7 @@ uses.)
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 import redis.asyncio as aioredis
 
 from lifecycle.asynctask.redis import RedisBackend
@@ -134,6 +136,13 @@ async def keys_of(url: str, prefix: str) -> set[bytes]:
         return {key async for key in client.scan_iter(match=pattern, count=1000)}
     finally:
         await client.aclose()
+
+
+def counted_call_ids(backend: RedisBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Call ids ``x.1``, ``x.2``, ... on ``backend``, so two backends that make the same calls write the same
+    tokens, call logs and markers (for comparing two stores key by key, see :func:`stored_keys`)."""
+    numbers = itertools.count(1)
+    monkeypatch.setattr(backend, "_call_id", lambda: f"x.{next(numbers)}")
 
 
 async def stored_keys(client: aioredis.Redis, prefix: str) -> dict[str, tuple[str, Any, bool]]:

@@ -5,7 +5,6 @@ the general part, with nothing written before."""
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -21,7 +20,7 @@ from lifecycle.asynctask._backends.redis._lua import PRELUDE
 from lifecycle.asynctask._backends.redis._lua_claim import PLAIN_BOUND, SCAN_BOUND
 from lifecycle.asynctask.redis import RedisBackend
 from lifecycle.asynctask.testing import T0
-from tests.asynctask.redis.redis_servers import OpenRedis, stored_keys
+from tests.asynctask.redis.redis_servers import OpenRedis, counted_call_ids, stored_keys
 
 pytestmark = pytest.mark.redis
 
@@ -32,12 +31,6 @@ UNRELATED = {"no-such-task": FlowLimits(max_running=1000)}
 def _task(task_id: str, **fields: Any) -> NewTask:
     task = NewTask(task_id, "job", "default", b"[]", 3, None, T0, T0)
     return replace(task, **fields) if fields else task
-
-
-def _counted_calls(backend: RedisBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Call ids ``x.1``, ``x.2``, ... on ``backend``, so two backends write the same tokens and logs."""
-    numbers = itertools.count(1)
-    monkeypatch.setattr(backend, "_call_id", lambda: f"x.{next(numbers)}")
 
 
 def _shown(claimed: list[ClaimedTask]) -> list[tuple[Any, ...]]:
@@ -62,7 +55,7 @@ async def _both(
     client = plain._run().client
     replies: dict[RedisBackend, list[Any]] = {plain: [], general: []}
     for backend, got in replies.items():
-        _counted_calls(backend, monkeypatch)
+        counted_call_ids(backend, monkeypatch)
         if tasks:
             await backend.enqueue_many(tasks)
         for group in groups:

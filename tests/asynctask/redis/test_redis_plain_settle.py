@@ -5,7 +5,6 @@ anything else is left to the general part with nothing written before."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -25,7 +24,7 @@ from lifecycle.asynctask._backends.redis._lua import (
 )
 from lifecycle.asynctask.redis import RedisBackend
 from lifecycle.asynctask.testing import T0
-from tests.asynctask.redis.redis_servers import OpenRedis, stored_keys
+from tests.asynctask.redis.redis_servers import OpenRedis, counted_call_ids, stored_keys
 
 pytestmark = pytest.mark.redis
 
@@ -45,12 +44,6 @@ Damage = Callable[[RedisBackend, aioredis.Redis, list[ClaimedTask]], Awaitable[N
 def _task(task_id: str, **fields: Any) -> NewTask:
     task = NewTask(task_id, "job", "default", b"[]", 3, None, T0, T0)
     return replace(task, **fields) if fields else task
-
-
-def _counted_calls(backend: RedisBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Call ids ``x.1``, ``x.2``, ... on ``backend``, so two backends write the same tokens and markers."""
-    numbers = itertools.count(1)
-    monkeypatch.setattr(backend, "_call_id", lambda: f"x.{next(numbers)}")
 
 
 def _ok(claimed: list[ClaimedTask]) -> list[Settlement]:
@@ -103,7 +96,7 @@ async def _both(
     flag = "1" if zmscore else "0"
     for backend in (plain, general):
         backend._zmscore = flag
-        _counted_calls(backend, monkeypatch)
+        counted_call_ids(backend, monkeypatch)
         claimed = await _setup(backend, client, tasks, groups, limits, damage)
         if backend is general:
             monkeypatch.setitem(SCRIPTS, "settle", GENERAL)
@@ -116,7 +109,7 @@ async def _both(
         else:
             replies[backend] = await backend.settle(settlements)
         monkeypatch.setitem(SCRIPTS, "settle", _SCRIPT)
-    _counted_calls(probe, monkeypatch)
+    counted_call_ids(probe, monkeypatch)
     claimed = await _setup(probe, client, tasks, groups, limits, damage)
     args = ["x.99", "60", flag]
     for settlement in verdicts(claimed):
@@ -216,7 +209,7 @@ async def test_the_plain_path_publishes_the_settled_notice_as_the_general_part_d
     heard: list[Any] = []
     for name, script in (("plain", _SCRIPT), ("general", GENERAL)):
         backend = await open_redis(prefix=f"{unique_name}-{name}")
-        _counted_calls(backend, monkeypatch)
+        counted_call_ids(backend, monkeypatch)
         await backend.enqueue_many([_task("b"), _task("a")])
         claimed = await backend.claim(["default"], 10, now=T0 + 1, lease_until=T0 + 31)
         listener = backend._run().client.pubsub()

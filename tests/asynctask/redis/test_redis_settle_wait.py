@@ -218,6 +218,41 @@ async def test_with_no_wait_to_write_the_verdicts_are_settled_on_their_own(
     assert await _state(backend, "done") is TaskState.SUCCEEDED
 
 
+async def _one_at_a_time(
+    worker_backend: RedisBackend, producer_backend: RedisBackend, count: int
+) -> list[str]:
+    """Send ``count`` tasks one at a time to an idle worker on ``worker_backend`` (each waited for, and its
+    result checked); return their ids."""
+    worker = AsyncTasks(worker_backend, concurrency=2)
+    producer = AsyncTasks(producer_backend, execution=False)
+
+    @worker.register(name="double")
+    async def double(n: int) -> int:
+        return n * 2
+
+    await worker.initialize()
+    await producer.initialize()
+    ids = []
+    try:
+        async with anyio.create_task_group() as group:
+            scope = anyio.CancelScope()
+
+            async def execute() -> None:
+                with scope:
+                    await worker.execute()
+
+            group.start_soon(execute)
+            for n in range(count):
+                ids.append(await producer.enqueue("double", n))
+                done = await producer.wait(ids[-1], timeout=PROMPT)
+                assert (done.state, done.result) == (TaskState.SUCCEEDED, n * 2)
+            scope.cancel()
+    finally:
+        await producer.cleanup()
+        await worker.cleanup()
+    return ids
+
+
 async def test_an_idle_worker_saves_its_verdicts_with_its_waits(
     open_redis: OpenRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -233,32 +268,7 @@ async def test_an_idle_worker_saves_its_verdicts_with_its_waits(
 
     # On the class: the engine saves verdicts with its waits only when the backend's own methods are used.
     monkeypatch.setattr(Waiter, "wait_then_claim", wait_then_claim)
-    worker = AsyncTasks(worker_backend, concurrency=2)
-    producer = AsyncTasks(await open_redis(), execution=False)
-
-    @worker.register(name="double")
-    async def double(n: int) -> int:
-        return n * 2
-
-    await worker.initialize()
-    await producer.initialize()
-    try:
-        async with anyio.create_task_group() as group:
-            scope = anyio.CancelScope()
-
-            async def execute() -> None:
-                with scope:
-                    await worker.execute()
-
-            group.start_soon(execute)
-            for n in range(5):
-                task_id = await producer.enqueue("double", n)
-                done = await producer.wait(task_id, timeout=PROMPT)
-                assert (done.state, done.result) == (TaskState.SUCCEEDED, n * 2)
-            scope.cancel()
-    finally:
-        await producer.cleanup()
-        await worker.cleanup()
+    await _one_at_a_time(worker_backend, await open_redis(), 5)
     assert sum(written) >= 2, written
 
 
@@ -281,33 +291,7 @@ async def test_verdicts_a_wait_did_not_save_are_saved_by_the_settler(
         return await original(self, settlements, *args, **kwargs)
 
     monkeypatch.setattr(RedisBackend, "settle_wait_and_claim", failing)
-    worker = AsyncTasks(await open_redis(), concurrency=2)
-    producer = AsyncTasks(await open_redis(), execution=False)
-
-    @worker.register(name="double")
-    async def double(n: int) -> int:
-        return n * 2
-
-    await worker.initialize()
-    await producer.initialize()
-    try:
-        async with anyio.create_task_group() as group:
-            scope = anyio.CancelScope()
-
-            async def execute() -> None:
-                with scope:
-                    await worker.execute()
-
-            group.start_soon(execute)
-            ids = []
-            for n in range(4):
-                ids.append(await producer.enqueue("double", n))
-                done = await producer.wait(ids[-1], timeout=PROMPT)
-                assert (done.state, done.result) == (TaskState.SUCCEEDED, n * 2)
-            scope.cancel()
-    finally:
-        await producer.cleanup()
-        await worker.cleanup()
+    ids = await _one_at_a_time(await open_redis(), await open_redis(), 4)
     assert len(failed) == 1
     assert failed[0][0] in ids
 
