@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from lifecycle.asynctask import AsyncTasks, NewTask, Settlement, TaskState
+from lifecycle.asynctask import AsyncTasks, ClaimedTask, NewTask, Settlement, TaskState
 from lifecycle.asynctask._backends.redis._conn import SCRIPTS
 from lifecycle.asynctask._backends.redis._lua import LuaScript
 from lifecycle.asynctask._backends.redis._wait import Settling, Waiter
@@ -50,6 +50,30 @@ async def _running(backend: RedisBackend, task_id: str, now: float) -> Settlemen
     return Settlement(task_id, claimed[0].token, TaskState.SUCCEEDED, at=now, result=b"r")
 
 
+async def _settle_then_wait(
+    backend: RedisBackend,
+    verdicts: list[Settlement],
+    now: float,
+    outcomes: _Outcomes,
+    *,
+    queues: list[str] | None = None,
+    timeout: float = 120,
+    woken: anyio.Event | None = None,
+) -> list[ClaimedTask] | None:
+    """``settle_wait_and_claim`` of ``verdicts``, then a claim of up to 5 tasks of ``queues`` (``default``)
+    leased for 30 s; the outcome told to ``outcomes``."""
+    return await backend.settle_wait_and_claim(
+        verdicts,
+        ["default"] if queues is None else queues,
+        5,
+        now=now,
+        lease_until=now + 30,
+        timeout=timeout,
+        woken=anyio.Event() if woken is None else woken,
+        settled=outcomes,
+    )
+
+
 async def _state(backend: RedisBackend, task_id: str) -> TaskState:
     record = await backend.get(task_id)
     assert record is not None
@@ -71,18 +95,7 @@ async def test_verdicts_sent_with_a_wait_are_saved_and_reported_before_the_wait_
             async with anyio.create_task_group() as group:
 
                 async def wait() -> None:
-                    results.append(
-                        await backend.settle_wait_and_claim(
-                            [verdict],
-                            ["default"],
-                            5,
-                            now=now,
-                            lease_until=now + 30,
-                            timeout=120,
-                            woken=anyio.Event(),
-                            settled=outcomes,
-                        )
-                    )
+                    results.append(await _settle_then_wait(backend, [verdict], now, outcomes))
 
                 group.start_soon(wait)
                 await outcomes.event.wait()  # reported while the wait still blocks: nothing is enqueued yet
@@ -105,16 +118,7 @@ async def test_a_lost_lease_is_reported_as_settle_reports_it(open_redis: OpenRed
     outcomes = _Outcomes()
     wrong = Settlement("taken", "not-the-token", TaskState.SUCCEEDED, at=now)
     with anyio.fail_after(PROMPT):
-        claimed = await backend.settle_wait_and_claim(
-            [wrong, verdict, verdict],
-            ["default"],
-            5,
-            now=now,
-            lease_until=now + 30,
-            timeout=120,
-            woken=anyio.Event(),
-            settled=outcomes,
-        )
+        claimed = await _settle_then_wait(backend, [wrong, verdict, verdict], now, outcomes)
     assert claimed is not None
     assert [c.record.id for c in claimed] == ["ready"]  # due already: the wait ended at once
     # The first settlement's lease is not held; the third repeats the second's lease, which that one ended.
@@ -134,16 +138,7 @@ async def test_a_refused_settle_call_is_reported_and_the_claim_behind_the_wait_s
     monkeypatch.setitem(SCRIPTS, "settle", refusing)
     outcomes = _Outcomes()
     with anyio.fail_after(PROMPT):
-        claimed = await backend.settle_wait_and_claim(
-            [verdict],
-            ["default"],
-            5,
-            now=now,
-            lease_until=now + 30,
-            timeout=120,
-            woken=anyio.Event(),
-            settled=outcomes,
-        )
+        claimed = await _settle_then_wait(backend, [verdict], now, outcomes)
     assert claimed is not None
     assert [c.record.id for c in claimed] == ["ready"]
     assert outcomes.told == [None]
@@ -174,16 +169,7 @@ async def test_a_settle_call_whose_reply_is_lost_is_repeated_and_what_it_applied
     monkeypatch.setattr(Waiter, "_send_all", lose_the_replies)
     outcomes = _Outcomes()
     with anyio.fail_after(PROMPT):
-        claimed = await backend.settle_wait_and_claim(
-            [verdict],
-            ["default"],
-            5,
-            now=now,
-            lease_until=now + 30,
-            timeout=120,
-            woken=anyio.Event(),
-            settled=outcomes,
-        )
+        claimed = await _settle_then_wait(backend, [verdict], now, outcomes)
     assert sent == [[]]  # the first execution applied it
     assert claimed is not None
     assert [c.record.id for c in claimed] == ["ready"]
@@ -203,15 +189,14 @@ async def test_with_no_wait_to_write_the_verdicts_are_settled_on_their_own(
         woken.set()
     outcomes = _Outcomes()
     with anyio.fail_after(PROMPT):
-        claimed = await backend.settle_wait_and_claim(
+        claimed = await _settle_then_wait(
+            backend,
             [verdict],
-            [] if case == "no queues" else ["default"],
-            5,
-            now=now,
-            lease_until=now + 30,
+            now,
+            outcomes,
+            queues=[] if case == "no queues" else ["default"],
             timeout=0.05 if case == "no queues" else 120,
             woken=woken,
-            settled=outcomes,
         )
     assert claimed is None
     assert outcomes.told == [set()]
