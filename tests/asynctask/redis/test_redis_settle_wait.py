@@ -216,6 +216,47 @@ async def test_a_settle_call_whose_repeat_failed_too_is_given_back_and_named_by_
     assert await backend.settle([verdict]) == set()
 
 
+async def test_a_refused_settle_call_keeps_the_earlier_call_it_named_for_the_next_one(
+    open_redis: OpenRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A settle call applied its verdict and gave up (no reply); the settle call sent with a wait that named
+    it is refused (a script the server forgot, as after a restart), which applies nothing: the settler's
+    next call still names the first one, which applied the verdict."""
+    backend = await open_redis(reconnect_timeout=0.02)
+    now = time.time()
+    verdict = await _running(backend, "done", now)
+    runner = backend._run()
+    real = runner.evalsha
+    sha = SCRIPTS["settle"].sha
+
+    async def no_reply(called: str, *args: Any) -> Any:
+        reply = await real(called, *args)
+        if called == sha:
+            raise RedisConnectionError("connection lost after the call ran")
+        return reply
+
+    monkeypatch.setattr(runner, "evalsha", no_reply)
+    with anyio.fail_after(PROMPT), pytest.raises(RedisConnectionError):
+        await backend.settle([verdict])
+    monkeypatch.setattr(runner, "evalsha", real)
+    assert await backend.enqueue_many([_task("ready", now)]) == ["ready"]
+    command = ScriptRunner.command
+
+    def forgotten_settle(self: ScriptRunner, name: str, args: Any) -> tuple[str | bytes | int, ...]:
+        sent = command(self, name, args)
+        return ("EVALSHA", "0" * 40, *sent[2:]) if name == "settle" else sent
+
+    monkeypatch.setattr(ScriptRunner, "command", forgotten_settle)
+    outcomes = _Outcomes()
+    with anyio.fail_after(PROMPT):
+        claimed = await _settle_then_wait(backend, [verdict], now, outcomes)
+    monkeypatch.setattr(ScriptRunner, "command", command)
+    assert claimed is not None
+    assert [c.record.id for c in claimed] == ["ready"]
+    assert outcomes.told == [None]  # refused
+    assert await backend.settle([verdict]) == set()
+
+
 @pytest.mark.parametrize("case", ["woken already", "no queues"])
 async def test_with_no_wait_to_write_the_verdicts_are_settled_on_their_own(
     open_redis: OpenRedis, case: str

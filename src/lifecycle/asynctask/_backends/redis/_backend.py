@@ -79,8 +79,10 @@ _ZMSCORE_REDIS = (6, 2)
 _MIGRATE_CHUNK = 5000
 _UNSURE_KEPT = 10_000
 """Past this many leases remembered in ``RedisBackend._unsure``, those whose markers expired are dropped."""
-_UNSURE_CALLS = 4
-"""The most earlier settle calls of one lease a settle call names (the latest ones)."""
+_UNSURE_CALLS = 64
+"""The most earlier settle calls of one lease a settle call names: the oldest ones whose markers may still
+last (of a lease's calls, only the first one that reached the server with the lease held can have applied
+its settlement; the ones after it found it applied and changed nothing)."""
 
 
 class RedisBackend:
@@ -178,10 +180,11 @@ class RedisBackend:
         # '1' when the server has ZMSCORE (Redis 6.2+): the settle script then looks up its tasks' index
         # entries with one command per queue instead of one ZSCORE per task. Set by open().
         self._zmscore = "0"
-        # Leases whose settle call's outcome this object never learned (the call raised: its reply was lost
-        # and its retries gave up), each with when the last of those calls was made and their call ids: a
-        # later settle call of the lease names them, so what they applied counts as applied (settle script).
-        self._unsure: dict[tuple[str, str], tuple[float, tuple[str, ...]]] = {}
+        # Leases whose settle calls' outcome this object never learned (a call raised: its reply was lost and
+        # its retries gave up, or a settle call sent with a wait got no reply), with those calls, each as
+        # (when it was made, its id): a later settle call of the lease names them while their markers may
+        # last, so what they applied counts as applied (see the settle script).
+        self._unsure: dict[tuple[str, str], tuple[tuple[float, str], ...]] = {}
         self._unmarked = False  # open, but no layout key yet: opened with create="on_enqueue"
 
     @property
@@ -514,7 +517,10 @@ class RedisBackend:
         args, repeated, calls = self._settle_args(settlements)
 
         def outcome(reply: Any) -> None:
-            # The script's reply (the lost ids), or None: it refused the call.
+            # The script's reply (the lost ids), or None: it refused the call, which applied nothing, so the
+            # earlier calls it named are still the ones to name.
+            if reply is None:
+                self._remember_unsure(settlements, calls)
             settled(None if reply is None else {task_id.decode() for task_id in reply} | repeated)
 
         settling = Settling(args, outcome)
@@ -593,11 +599,11 @@ class RedisBackend:
 
     def _settle_args(
         self, settlements: Sequence[Settlement]
-    ) -> tuple[list[str | bytes], set[str], tuple[str, ...]]:
+    ) -> tuple[list[str | bytes], set[str], tuple[tuple[float, str], ...]]:
         """The settle script's arguments for ``settlements`` (a new call id), the ids of those left out (a
         second settlement of a lease, which the first one ends), and the ids of the calls whose settlements
         it makes: the earlier calls of the same leases whose outcome is unknown (see ``_unsure``), then
-        itself."""
+        itself, each with when it was made."""
         # 'q': this object's notices subscription is up, so the script sends the settled notice only when
         # someone else subscribes (this object skips its own). A cluster node counts only its own
         # subscribers, so a cluster backend always sends it.
@@ -607,7 +613,7 @@ class RedisBackend:
         args: list[str | bytes] = [call, self._marker_seconds, ""]
         leases: set[tuple[str, str]] = set()
         repeated: set[str] = set()
-        earlier: dict[str, None] = {}
+        earlier: dict[tuple[float, str], None] = {}
         unsure = self._unsure
         for settlement in settlements:
             lease = (settlement.task_id, settlement.token)
@@ -617,24 +623,34 @@ class RedisBackend:
             leases.add(lease)
             if unsure:
                 made = unsure.pop(lease, None)
-                # (A marker outlives its call by _marker_seconds; an older call is not named.)
-                if made is not None and time.monotonic() - made[0] < float(self._marker_seconds):
-                    earlier.update(dict.fromkeys(made[1]))
+                if made is not None:
+                    earlier.update(dict.fromkeys(made))
             args += settlement_args(settlement)
-        args[2] = "".join((self._zmscore, "q" if live else "-", *(f" {c}" for c in earlier)))
-        return args, repeated, (*earlier, call)
+        now = time.monotonic()
+        named = self._still_marked(earlier, now)
+        args[2] = "".join((self._zmscore, "q" if live else "-", *(f" {c}" for _, c in named)))
+        return args, repeated, (*named, (now, call))
 
-    def _remember_unsure(self, settlements: Sequence[Settlement], calls: tuple[str, ...]) -> None:
+    def _still_marked(
+        self, calls: Collection[tuple[float, str]], now: float
+    ) -> tuple[tuple[float, str], ...]:
+        """Of ``calls`` (when made, id), the oldest ``_UNSURE_CALLS`` whose markers may still last (a marker
+        outlives its call by ``_marker_seconds``), oldest first."""
+        horizon = now - float(self._marker_seconds)
+        return tuple(sorted(call for call in calls if call[0] > horizon)[:_UNSURE_CALLS])
+
+    def _remember_unsure(
+        self, settlements: Sequence[Settlement], calls: tuple[tuple[float, str], ...]
+    ) -> None:
         """Remember that the settle calls ``calls`` of ``settlements`` may have applied them (see
-        ``_unsure``). Entries whose markers have expired are dropped once there are many."""
+        ``_unsure``). Past ``_UNSURE_KEPT`` leases, those whose calls' markers all expired are dropped."""
         unsure = self._unsure
         now = time.monotonic()
         if len(unsure) >= _UNSURE_KEPT:
-            horizon = now - float(self._marker_seconds)
-            for lease in [lease for lease, (made, _) in unsure.items() if made < horizon]:
+            for lease in [lease for lease, made in unsure.items() if not self._still_marked(made, now)]:
                 del unsure[lease]
         for settlement in settlements:
-            unsure[(settlement.task_id, settlement.token)] = (now, calls[-_UNSURE_CALLS:])
+            unsure[(settlement.task_id, settlement.token)] = calls
 
     async def cancel_requests(self, task_ids: Sequence[str]) -> set[str]:
         """Of ``task_ids``, those ``ACTIVE`` whose cancellation was asked; one read-only script call. See

@@ -51,9 +51,9 @@ live in the declared key's slot. The key layout, version 4 (documented in ``docs
 - ``{P}:sc:<call id>``     string, set by a settle call that applied settlements (expires once the caller no
                            longer retries), so that only a retry of that call (or a later call that names
                            it, see the settle script) counts them as applied.
-- ``{P}:sr:<call id>``     set, ``<token> <id>`` of each settlement such a call applied that left its task
-                           PENDING (a retry, or a debounce follow-up's next period), expiring with the
-                           marker: a claim may lease the task again before the repeat, changing its token.
+- ``{P}:sr:<call id>``     set, ``<token> <state> <id>`` of each settlement such a call applied that left
+                           its task PENDING (a retry, or a debounce follow-up's next period), expiring with
+                           the marker: a claim may lease the task again before the repeat (a new token).
 - Groups: ``{P}:g:<gid>`` hash (n members, ok succeeded, o outcome once final, c created_at, f finished_at, ti
   then's id once stored, meta, x the enqueue call), ``{P}:gm:<gid>`` list of member ids in call order,
   ``{P}:gr:<gid>`` hash member id -> how it ended (``s`` + result, ``n`` succeeded without one, ``d``,
@@ -860,10 +860,12 @@ local function ran()
   end
   return RAN
 end
--- Whether one of those applied this settlement and left its task PENDING (see {P}:sr:<call id>).
-local function requeued_before(id, token)
+-- Whether one of those applied this settlement (this verdict of this lease) and left its task PENDING (see
+-- {P}:sr:<call id>).
+local function requeued_before(id, token, state)
+  local entry = token .. ' ' .. state .. ' ' .. id
   for _, c in ipairs(calls()) do
-    if redis.call('SISMEMBER', P .. 'sr:' .. c, token .. ' ' .. id) == 1 then return true end
+    if redis.call('SISMEMBER', P .. 'sr:' .. c, entry) == 1 then return true end
   end
   return false
 end
@@ -1007,7 +1009,7 @@ while i <= #ARGV do
       redis.call('HSET', key, unpack(set))
       later(additions, idx('pending', nq), t[7], member)
       queues[nq] = true
-      requeued[#requeued + 1] = token .. ' ' .. id
+      requeued[#requeued + 1] = token .. ' ' .. state .. ' ' .. id
     else
       local set = {'s', state, 'l', ''}
       if cur[6] then
@@ -1037,7 +1039,7 @@ while i <= #ARGV do
         redis.call('HSET', key, unpack(set))
         later(additions, idx('pending', q), score, member)
         queues[q] = true
-        requeued[#requeued + 1] = token .. ' ' .. id
+        requeued[#requeued + 1] = token .. ' ' .. state .. ' ' .. id
       else
         set[#set + 1] = 'f'
         set[#set + 1] = at
@@ -1080,7 +1082,7 @@ while i <= #ARGV do
       g0 = mb + m * 16
     end
   elseif not ((cur[2] == token and (cur[1] == state or redis.call('HGET', key, 'sv') == state) and ran())
-      or requeued_before(id, token)) then
+      or requeued_before(id, token, state)) then
     lost[#lost + 1] = id
   end
 end
