@@ -452,9 +452,9 @@ class SettleWaitAndClaim(Protocol):
 
     ``settled`` is called once with the settlement's outcome as soon as it is known (before the wait ends,
     unless the wait ends at once): the ids ``settle`` would return, or ``None`` when the store refused the
-    settlements (the caller saves them again, as after a failed ``settle``). When the call raises without
-    having called it, the settlements count as not saved (after a lost connection they may have been: as
-    much as a retried ``settle`` tolerates)."""
+    settlements or their outcome is unknown (the caller saves them again, as after a failed ``settle``).
+    When the call raises without having called it, the settlements count as not saved (after a lost
+    connection they may have been: as much as a retried ``settle`` tolerates)."""
 
     async def __call__(
         self,

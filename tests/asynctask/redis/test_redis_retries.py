@@ -292,6 +292,137 @@ async def test_a_settlement_that_started_a_follow_up_and_lost_its_reply_counts_a
     assert (record.state, record.payload, record.attempts) == (TaskState.PENDING, b"again", 0)
 
 
+@pytest.mark.parametrize("verdict", ["retry", "follow-up"])
+async def test_a_settlement_that_left_its_task_pending_counts_as_applied_after_a_new_lease_in_between(
+    open_redis: OpenRedis, verdict: str
+) -> None:
+    """The lost reply's settlement made the task PENDING (a retry, or a debounce follow-up's next period), and
+    another worker leased it before the repeat, so its token changed: the repeat finds the settlement in its
+    call's list, not a lost lease."""
+    backend = await open_redis()
+    other = await open_redis()
+    await backend.enqueue_many([_task("r")])
+    (running,) = await backend.claim(["default"], 1, now=T0, lease_until=T0 + 30)
+    if verdict == "retry":
+        settlement = Settlement("r", running.token, TaskState.PENDING, at=T0 + 1, run_at=T0 + 1, error="e")
+    else:
+        follow_up = NewTask("r", "job", "default", b"again", 3, None, T0 + 1, T0 + 1)
+        assert await backend.enqueue_many([follow_up], if_exists="debounce") == ["r"]
+        settlement = Settlement("r", running.token, TaskState.SUCCEEDED, at=T0 + 1)
+    taken: list[str] = []
+
+    async def lease_it_again() -> None:
+        taken.extend(c.token for c in await other.claim(["default"], 1, now=T0 + 2, lease_until=T0 + 30))
+
+    calls = lose_first_reply(backend, "settle", between=lease_it_again)
+    assert await backend.settle([settlement]) == set(), "applied by the first execution, not a lost lease"
+    assert len(calls) == 2
+    assert len(taken) == 1
+    assert taken[0] != running.token
+    record = await backend.get("r")
+    assert record is not None
+    assert record.state is TaskState.ACTIVE  # the other worker's lease stands
+    # A settlement with that token in any other call finds the lease gone.
+    assert await backend.settle([settlement]) == {"r"}
+
+
+async def test_a_settle_call_that_gave_up_is_named_by_the_next_settle_call_of_its_leases(
+    open_redis: OpenRedis,
+) -> None:
+    """The server applied the call but no reply came back before reconnect_timeout passed, so the call
+    raised: the next settle call of the same leases (the worker's settler retrying them) names it, and counts
+    what it applied as applied instead of reporting lost leases."""
+    backend = await open_redis(reconnect_timeout=0.05)
+    await backend.enqueue_many([_task("done"), _task("retry"), _task("later")])
+    claimed = {c.record.id: c for c in await backend.claim(["default"], 3, now=T0, lease_until=T0 + 30)}
+    verdicts = [
+        Settlement("done", claimed["done"].token, TaskState.SUCCEEDED, at=T0 + 1, result=b"r"),
+        Settlement("retry", claimed["retry"].token, TaskState.PENDING, at=T0 + 1, run_at=T0 + 1, error="e"),
+    ]
+    runner = backend._run()
+    real = runner.evalsha
+    sha = SCRIPTS["settle"].sha
+    ran: list[int] = []
+
+    async def no_reply(called: str, *args: Any) -> Any:
+        reply = await real(called, *args)
+        if called == sha:
+            ran.append(1)
+            raise redis.exceptions.ConnectionError("Connection closed by server. (simulated)")
+        return reply
+
+    runner.evalsha = no_reply  # type: ignore[method-assign, assignment]
+    with anyio.fail_after(10), pytest.raises(redis.exceptions.ConnectionError):
+        await backend.settle(verdicts)
+    assert ran  # it ran on the server, maybe more than once (the repeats have its call id)
+    runner.evalsha = real  # type: ignore[method-assign]
+    # The retry verdict's task is leased again before the settler's next call (its token changes).
+    (again,) = await backend.claim(["default"], 1, now=T0 + 2, lease_until=T0 + 30)
+    assert again.record.id == "retry"
+    later = Settlement("later", claimed["later"].token, TaskState.SUCCEEDED, at=T0 + 3)
+    assert await backend.settle([*verdicts, later]) == set()
+    assert await backend.stats() == {"default": {TaskState.SUCCEEDED: 2, TaskState.ACTIVE: 1}}
+    # Named once: a later call of the same leases is a new call, which finds them gone.
+    assert await backend.settle(verdicts[:1]) == {"done"}
+
+
+def _settle_replies_lost(backend: RedisBackend) -> Callable[[], None]:
+    """Make every settle call run on the server and then fail on the client, as if each reply were lost;
+    returns what undoes it."""
+    runner = backend._run()
+    real = runner.evalsha
+    sha = SCRIPTS["settle"].sha
+
+    async def no_reply(called: str, *args: Any) -> Any:
+        reply = await real(called, *args)
+        if called == sha:
+            raise redis.exceptions.ConnectionError("Connection closed by server. (simulated)")
+        return reply
+
+    runner.evalsha = no_reply  # type: ignore[method-assign, assignment]
+
+    def undo() -> None:
+        runner.evalsha = real  # type: ignore[method-assign]
+
+    return undo
+
+
+async def test_the_call_that_applied_a_settlement_is_named_after_many_calls_that_gave_up(
+    open_redis: OpenRedis,
+) -> None:
+    """Of a lease's calls that gave up, the first applied it and the others found it applied, changing
+    nothing (no marker of their own): however many there were, the next call names the first."""
+    backend = await open_redis(reconnect_timeout=0.02)
+    await backend.enqueue_many([_task("done")])
+    (running,) = await backend.claim(["default"], 1, now=T0, lease_until=T0 + 30)
+    verdict = Settlement("done", running.token, TaskState.SUCCEEDED, at=T0 + 1, result=b"r")
+    undo = _settle_replies_lost(backend)
+    for _ in range(8):
+        with anyio.fail_after(10), pytest.raises(redis.exceptions.ConnectionError):
+            await backend.settle([verdict])
+    undo()
+    assert await backend.settle([verdict]) == set()
+
+
+async def test_a_listed_settlement_counts_as_applied_only_for_its_own_verdict(open_redis: OpenRedis) -> None:
+    """A retry applied by a call that gave up, then another verdict of the same lease (the settler's
+    fallback when a verdict keeps failing): not applied, so reported as a lost lease."""
+    backend = await open_redis(reconnect_timeout=0.02)
+    await backend.enqueue_many([_task("x")])
+    (running,) = await backend.claim(["default"], 1, now=T0, lease_until=T0 + 30)
+    retry = Settlement("x", running.token, TaskState.PENDING, at=T0 + 1, run_at=T0 + 1, error="e")
+    undo = _settle_replies_lost(backend)
+    with anyio.fail_after(10), pytest.raises(redis.exceptions.ConnectionError):
+        await backend.settle([retry])
+    undo()
+    await backend.claim(["default"], 1, now=T0 + 2, lease_until=T0 + 30)  # leased again: a new token
+    dead = Settlement("x", running.token, TaskState.DEAD, at=T0 + 2, error="fallback")
+    assert await backend.settle([dead]) == {"x"}
+    record = await backend.get("x")
+    assert record is not None
+    assert record.state is TaskState.ACTIVE
+
+
 async def test_a_rate_limited_claim_whose_reply_was_lost_takes_its_tokens_once(open_redis: OpenRedis) -> None:
     backend = await open_redis()
     limits = {"job": FlowLimits(rate=3, per=60.0)}

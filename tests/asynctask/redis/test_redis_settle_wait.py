@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from lifecycle.asynctask import AsyncTasks, ClaimedTask, NewTask, Settlement, TaskState
-from lifecycle.asynctask._backends.redis._conn import SCRIPTS
+from lifecycle.asynctask._backends.redis._conn import SCRIPTS, ScriptRunner
 from lifecycle.asynctask._backends.redis._lua import LuaScript
 from lifecycle.asynctask._backends.redis._wait import Settling, Waiter
 from lifecycle.asynctask.redis import RedisBackend
@@ -175,6 +175,86 @@ async def test_a_settle_call_whose_reply_is_lost_is_repeated_and_what_it_applied
     assert [c.record.id for c in claimed] == ["ready"]
     assert outcomes.told == [set()]
     assert await _state(backend, "done") is TaskState.SUCCEEDED
+
+
+async def test_a_settle_call_whose_repeat_failed_too_is_given_back_and_named_by_the_next_settle_call(
+    open_redis: OpenRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection drops after the settle call and the claim ran; the claim's repeat succeeds but the
+    settle call's repeat fails too: its outcome is unknown, so the verdicts go back to the caller (``None``),
+    and the settle call that saves them next names the lost call, which applied them: no lease is reported
+    lost."""
+    backend = await open_redis()
+    now = time.time()
+    verdict = await _running(backend, "done", now)
+    assert await backend.enqueue_many([_task("ready", now)]) == ["ready"]
+    original_send = Waiter._send_all
+    original_run = ScriptRunner.run
+
+    async def lose_the_replies(
+        self: Waiter, commands: Any, skip: Any, pause: float, woken: anyio.Event, settling: Settling | None
+    ) -> object:
+        assert settling is not None
+        await original_send(self, commands, skip, pause, woken, Settling(settling.args, lambda reply: None))
+        raise RedisConnectionError("connection lost after the calls ran")
+
+    async def refuse_settle_repeats(self: ScriptRunner, name: str, args: Any, **options: Any) -> Any:
+        if name == "settle":
+            raise RedisConnectionError("still no connection for the settle call")
+        return await original_run(self, name, args, **options)
+
+    monkeypatch.setattr(Waiter, "_send_all", lose_the_replies)
+    monkeypatch.setattr(ScriptRunner, "run", refuse_settle_repeats)
+    outcomes = _Outcomes()
+    with anyio.fail_after(PROMPT):
+        claimed = await _settle_then_wait(backend, [verdict], now, outcomes)
+    assert claimed is not None
+    assert [c.record.id for c in claimed] == ["ready"]
+    assert outcomes.told == [None]  # given back
+    monkeypatch.setattr(ScriptRunner, "run", original_run)
+    assert await _state(backend, "done") is TaskState.SUCCEEDED  # the first execution applied it
+    assert await backend.settle([verdict]) == set()
+
+
+async def test_a_refused_settle_call_keeps_the_earlier_call_it_named_for_the_next_one(
+    open_redis: OpenRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A settle call applied its verdict and gave up (no reply); the settle call sent with a wait that named
+    it is refused (a script the server forgot, as after a restart), which applies nothing: the settler's
+    next call still names the first one, which applied the verdict."""
+    backend = await open_redis(reconnect_timeout=0.02)
+    now = time.time()
+    verdict = await _running(backend, "done", now)
+    runner = backend._run()
+    real = runner.evalsha
+    sha = SCRIPTS["settle"].sha
+
+    async def no_reply(called: str, *args: Any) -> Any:
+        reply = await real(called, *args)
+        if called == sha:
+            raise RedisConnectionError("connection lost after the call ran")
+        return reply
+
+    monkeypatch.setattr(runner, "evalsha", no_reply)
+    with anyio.fail_after(PROMPT), pytest.raises(RedisConnectionError):
+        await backend.settle([verdict])
+    monkeypatch.setattr(runner, "evalsha", real)
+    assert await backend.enqueue_many([_task("ready", now)]) == ["ready"]
+    command = ScriptRunner.command
+
+    def forgotten_settle(self: ScriptRunner, name: str, args: Any) -> tuple[str | bytes | int, ...]:
+        sent = command(self, name, args)
+        return ("EVALSHA", "0" * 40, *sent[2:]) if name == "settle" else sent
+
+    monkeypatch.setattr(ScriptRunner, "command", forgotten_settle)
+    outcomes = _Outcomes()
+    with anyio.fail_after(PROMPT):
+        claimed = await _settle_then_wait(backend, [verdict], now, outcomes)
+    monkeypatch.setattr(ScriptRunner, "command", command)
+    assert claimed is not None
+    assert [c.record.id for c in claimed] == ["ready"]
+    assert outcomes.told == [None]  # refused
+    assert await backend.settle([verdict]) == set()
 
 
 @pytest.mark.parametrize("case", ["woken already", "no queues"])

@@ -77,6 +77,12 @@ _log = library_logger("lifecycle.asynctask.redis")
 _MIN_REDIS = (6, 0)
 _ZMSCORE_REDIS = (6, 2)
 _MIGRATE_CHUNK = 5000
+_UNSURE_KEPT = 10_000
+"""Past this many leases remembered in ``RedisBackend._unsure``, those whose markers expired are dropped."""
+_UNSURE_CALLS = 64
+"""The most earlier settle calls of one lease a settle call names: the oldest ones whose markers may still
+last (of a lease's calls, only the first one that reached the server with the lease held can have applied
+its settlement; the ones after it found it applied and changed nothing)."""
 
 
 class RedisBackend:
@@ -174,6 +180,11 @@ class RedisBackend:
         # '1' when the server has ZMSCORE (Redis 6.2+): the settle script then looks up its tasks' index
         # entries with one command per queue instead of one ZSCORE per task. Set by open().
         self._zmscore = "0"
+        # Leases whose settle calls' outcome this object never learned (a call raised: its reply was lost and
+        # its retries gave up, or a settle call sent with a wait got no reply), with those calls, each as
+        # (when it was made, its id): a later settle call of the lease names them while their markers may
+        # last, so what they applied counts as applied (see the settle script).
+        self._unsure: dict[tuple[str, str], tuple[tuple[float, str], ...]] = {}
         self._unmarked = False  # open, but no layout key yet: opened with create="on_enqueue"
 
     @property
@@ -488,7 +499,9 @@ class RedisBackend:
         as its reply is read (see :class:`SettleWaitAndClaim`). When no wait is written (nothing to claim,
         ``woken`` set already, a Redis Cluster client), :meth:`settle` runs first on its own. After a lost
         connection the settle call is sent again with the same call id, through the runner: its marker makes
-        a repeat of a call that ran count its settlements as applied."""
+        a repeat of a call that ran count its settlements as applied. When no reply to it could be read,
+        ``settled`` hears ``None`` (the verdicts go back to the caller) and the next settle call of those
+        leases names this one, so that what it applied counts as applied then (see :meth:`settle`)."""
         self._run()
         assert self._waiting is not None
         if not settlements:
@@ -501,15 +514,26 @@ class RedisBackend:
             return await self.wait_and_claim(
                 queues, limit, now=now, lease_until=lease_until, limits=limits, timeout=timeout, woken=woken
             )
-        args, repeated = self._settle_args(settlements)
+        args, repeated, calls = self._settle_args(settlements)
 
         def outcome(reply: Any) -> None:
-            # The script's reply (the lost ids), or None: it refused the call.
+            # The script's reply (the lost ids), or None: it refused the call, which applied nothing, so the
+            # earlier calls it named are still the ones to name.
+            if reply is None:
+                self._remember_unsure(settlements, calls)
             settled(None if reply is None else {task_id.decode() for task_id in reply} | repeated)
 
-        return await self._wait_then_claim(
-            queues, limit, now, lease_until, limits, timeout, woken, Settling(args, outcome)
-        )
+        settling = Settling(args, outcome)
+        try:
+            return await self._wait_then_claim(
+                queues, limit, now, lease_until, limits, timeout, woken, settling
+            )
+        finally:
+            if not settling.read:
+                # Written, but neither its reply nor its repeat's was read: a later settle call of these
+                # leases names this one. The verdicts go back to the caller, whose settler saves them.
+                self._remember_unsure(settlements, calls)
+                settling.done(None)
 
     async def _wait_then_claim(
         self,
@@ -555,37 +579,78 @@ class RedisBackend:
         return {task_id.decode() for task_id in lost}
 
     async def settle(self, settlements: Sequence[Settlement]) -> set[str]:
-        """Apply every settlement (with its ``then`` tasks) in one script call; see :meth:`Backend.settle`."""
+        """Apply every settlement (with its ``then`` tasks) in one script call; see :meth:`Backend.settle`.
+
+        A call repeated after a lost connection keeps its call id, so what its first execution applied counts
+        as applied. When the call raises (no reply could be read before ``reconnect_timeout`` passed), this
+        object remembers it for its leases, and its next settle call of any of them names it: what it applied
+        counts as applied then too, as long as its marker lasts (``reconnect_timeout`` + twice
+        ``socket_timeout`` + 10 s), instead of being reported as a lost lease."""
         runner = self._run()
         if not settlements:
             return set()
-        args, repeated = self._settle_args(settlements)
-        lost = await runner.run("settle", args)
+        args, repeated, calls = self._settle_args(settlements)
+        try:
+            lost = await runner.run("settle", args)
+        except BaseException:
+            self._remember_unsure(settlements, calls)
+            raise
         return {task_id.decode() for task_id in lost} | repeated
 
-    def _settle_args(self, settlements: Sequence[Settlement]) -> tuple[list[str | bytes], set[str]]:
-        """The settle script's arguments for ``settlements`` (a new call id), and the ids of those left out:
-        a second settlement of a lease, which the first one ends."""
+    def _settle_args(
+        self, settlements: Sequence[Settlement]
+    ) -> tuple[list[str | bytes], set[str], tuple[tuple[float, str], ...]]:
+        """The settle script's arguments for ``settlements`` (a new call id), the ids of those left out (a
+        second settlement of a lease, which the first one ends), and the ids of the calls whose settlements
+        it makes: the earlier calls of the same leases whose outcome is unknown (see ``_unsure``), then
+        itself, each with when it was made."""
         # 'q': this object's notices subscription is up, so the script sends the settled notice only when
         # someone else subscribes (this object skips its own). A cluster node counts only its own
         # subscribers, so a cluster backend always sends it.
         listener = self._listener
         live = listener is not None and listener.live and not self._cluster
-        args: list[str | bytes] = [
-            self._call_id(),
-            self._marker_seconds,
-            self._zmscore + "q" if live else self._zmscore,
-        ]
+        call = self._call_id()
+        args: list[str | bytes] = [call, self._marker_seconds, ""]
         leases: set[tuple[str, str]] = set()
         repeated: set[str] = set()
+        earlier: dict[tuple[float, str], None] = {}
+        unsure = self._unsure
         for settlement in settlements:
             lease = (settlement.task_id, settlement.token)
             if lease in leases:  # the first settlement of a lease ends it: a second one finds it gone
                 repeated.add(settlement.task_id)
                 continue
             leases.add(lease)
+            if unsure:
+                made = unsure.pop(lease, None)
+                if made is not None:
+                    earlier.update(dict.fromkeys(made))
             args += settlement_args(settlement)
-        return args, repeated
+        now = time.monotonic()
+        named = self._still_marked(earlier, now)
+        args[2] = "".join((self._zmscore, "q" if live else "-", *(f" {c}" for _, c in named)))
+        return args, repeated, (*named, (now, call))
+
+    def _still_marked(
+        self, calls: Collection[tuple[float, str]], now: float
+    ) -> tuple[tuple[float, str], ...]:
+        """Of ``calls`` (when made, id), the oldest ``_UNSURE_CALLS`` whose markers may still last (a marker
+        outlives its call by ``_marker_seconds``), oldest first."""
+        horizon = now - float(self._marker_seconds)
+        return tuple(sorted(call for call in calls if call[0] > horizon)[:_UNSURE_CALLS])
+
+    def _remember_unsure(
+        self, settlements: Sequence[Settlement], calls: tuple[tuple[float, str], ...]
+    ) -> None:
+        """Remember that the settle calls ``calls`` of ``settlements`` may have applied them (see
+        ``_unsure``). Past ``_UNSURE_KEPT`` leases, those whose calls' markers all expired are dropped."""
+        unsure = self._unsure
+        now = time.monotonic()
+        if len(unsure) >= _UNSURE_KEPT:
+            for lease in [lease for lease, made in unsure.items() if not self._still_marked(made, now)]:
+                del unsure[lease]
+        for settlement in settlements:
+            unsure[(settlement.task_id, settlement.token)] = calls
 
     async def cancel_requests(self, task_ids: Sequence[str]) -> set[str]:
         """Of ``task_ids``, those ``ACTIVE`` whose cancellation was asked; one read-only script call. See

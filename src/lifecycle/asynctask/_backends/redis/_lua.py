@@ -49,7 +49,11 @@ live in the declared key's slot. The key layout, version 4 (documented in ``docs
                            (expires), so a call retried after a dropped connection returns the same tasks
                            instead of leasing more.
 - ``{P}:sc:<call id>``     string, set by a settle call that applied settlements (expires once the caller no
-                           longer retries), so that only a retry of that call counts them as applied.
+                           longer retries), so that only a retry of that call (or a later call that names
+                           it, see the settle script) counts them as applied.
+- ``{P}:sr:<call id>``     set, ``<token> <state> <id>`` of each settlement such a call applied that left
+                           its task PENDING (a retry, or a debounce follow-up's next period), expiring with
+                           the marker: a claim may lease the task again before the repeat (a new token).
 - Groups: ``{P}:g:<gid>`` hash (n members, ok succeeded, o outcome once final, c created_at, f finished_at, ti
   then's id once stored, meta, x the enqueue call), ``{P}:gm:<gid>`` list of member ids in call order,
   ``{P}:gr:<gid>`` hash member id -> how it ended (``s`` + result, ``n`` succeeded without one, ``d``,
@@ -814,7 +818,9 @@ return lost
 """
 
 # ARGV: P, call id, seconds the call's marker lasts, '1' when the server has ZMSCORE (else '0') followed by
-# 'q' when the calling backend object's notices subscription is up (see the end), then per settlement: id,
+# 'q' when the calling backend object's notices subscription is up (see the end; else '-') and by the ids of
+# earlier settle calls, each after a space, whose outcome the caller never learned (their replies were lost
+# and their retries gave up) and whose settlements this call repeats, then per settlement: id,
 # token, state, at, run_at, run_at as sortable hex, flags (4 characters '0'/'1': has error,
 # has result, refund attempt, has groups), error, result, follow-up count, 16 values per follow-up task;
 # with groups, then the group count, and per group: its member count, its header (see group_stored()), 16
@@ -823,20 +829,45 @@ return lost
 # field is read only for members: a plain settlement pays nothing for groups.
 # Returns the ids whose lease was lost. A call that applied settlements leaves a marker {P}:sc:<call id> that
 # expires after the given seconds (longer than the caller retries), so the same call repeated (a retry after
-# a dropped connection) counts a settlement it finds applied with its token and verdict as applied and
-# changes nothing, while any other call with that token finds the lease gone (a second settlement of one
-# lease in one call is left out by the caller): so a group member's success is counted in its group once, by
-# the one execution that applied it (and member_ended() counts a member once in any case).
+# a dropped connection), or a later call that names it, counts a settlement it finds applied with its token
+# and verdict as applied and changes nothing, while any other call with that token finds the lease gone (a
+# second settlement of one lease in one call is left out by the caller): so a group member's success is
+# counted in its group once, by the one execution that applied it (and member_ended() counts a member once in
+# any case). A settlement that left its task PENDING is listed in {P}:sr:<call id> besides, because a claim
+# may have leased the task again before the repeat (a new token): the repeat finds it there.
 # Publishes the settled ids (one 's' notice), unless the caller's own subscription (which skips it) is the
 # channel's only one.
 _SETTLE = """
 local callid, marker = ARGV[2], P .. 'sc:' .. ARGV[2]
-local lost, queues = {}, {}
-local RAN = nil
--- Whether an earlier execution of this very call applied settlements (its reply was lost).
+local lost, queues, requeued = {}, {}, {}
+local RAN, CALLS = nil, nil
+-- This call and the earlier calls it repeats (named in ARGV[4] after its first two characters).
+local function calls()
+  if not CALLS then
+    CALLS = {callid}
+    for earlier in string.gmatch(string.sub(ARGV[4], 3), '[^ ]+') do CALLS[#CALLS + 1] = earlier end
+  end
+  return CALLS
+end
+-- Whether an earlier execution of this very call, or one of the earlier calls it repeats, applied
+-- settlements (its reply was lost).
 local function ran()
-  if RAN == nil then RAN = redis.call('EXISTS', marker) == 1 end
+  if RAN == nil then
+    RAN = false
+    for _, c in ipairs(calls()) do
+      if redis.call('EXISTS', P .. 'sc:' .. c) == 1 then RAN = true; break end
+    end
+  end
   return RAN
+end
+-- Whether one of those applied this settlement (this verdict of this lease) and left its task PENDING (see
+-- {P}:sr:<call id>).
+local function requeued_before(id, token, state)
+  local entry = token .. ' ' .. state .. ' ' .. id
+  for _, c in ipairs(calls()) do
+    if redis.call('SISMEMBER', P .. 'sr:' .. c, entry) == 1 then return true end
+  end
+  return false
 end
 DEFER = true  -- each task is stored or placed at most once per call
 -- Sorted-set changes are collected per key and made at the end, many members per command.
@@ -978,6 +1009,7 @@ while i <= #ARGV do
       redis.call('HSET', key, unpack(set))
       later(additions, idx('pending', nq), t[7], member)
       queues[nq] = true
+      requeued[#requeued + 1] = token .. ' ' .. state .. ' ' .. id
     else
       local set = {'s', state, 'l', ''}
       if cur[6] then
@@ -1007,6 +1039,7 @@ while i <= #ARGV do
         redis.call('HSET', key, unpack(set))
         later(additions, idx('pending', q), score, member)
         queues[q] = true
+        requeued[#requeued + 1] = token .. ' ' .. state .. ' ' .. id
       else
         set[#set + 1] = 'f'
         set[#set + 1] = at
@@ -1048,7 +1081,8 @@ while i <= #ARGV do
       end
       g0 = mb + m * 16
     end
-  elseif not (cur[2] == token and (cur[1] == state or redis.call('HGET', key, 'sv') == state) and ran()) then
+  elseif not ((cur[2] == token and (cur[1] == state or redis.call('HGET', key, 'sv') == state) and ran())
+      or requeued_before(id, token, state)) then
     lost[#lost + 1] = id
   end
 end
@@ -1060,6 +1094,11 @@ announce(queues)
 local settled = removals[LEASES]  -- the ids of the settlements applied, in order
 if settled then
   redis.call('SET', marker, '1', 'EX', ARGV[3])
+  if #requeued > 0 then
+    local list = P .. 'sr:' .. callid
+    bulk('SADD', list, requeued)
+    redis.call('EXPIRE', list, ARGV[3])
+  end
   -- The settling backend object skips its own notice: when its subscription is the channel's only one (the
   -- caller says it has one: 'q' after the ZMSCORE flag), nobody would read it, so it is not sent.
   local alone = false

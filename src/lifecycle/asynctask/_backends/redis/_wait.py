@@ -42,7 +42,7 @@ LONGEST_WAIT = 3600.0
 class Settling:
     """A settle script call written ahead of a wait with a claim behind it (see
     :meth:`RedisBackend.settle_wait_and_claim`): its arguments, and ``report``, told its reply once (the lost
-    ids) or ``None`` when the server refused it."""
+    ids) or ``None`` when the server refused it; never told when no reply was read (its outcome unknown)."""
 
     __slots__ = ("args", "read", "report")
 
@@ -160,7 +160,8 @@ class Waiter:
         With ``settling``, its settle call is written first, ahead of prepare_wait, and its reply reported as
         soon as it is read; when nothing is written, it runs on its own first. After a lost connection it is
         sent again with the same arguments (its call marker makes a repeat of a call that ran count its
-        settlements as applied), unless its reply was read."""
+        settlements as applied), unless its reply was read; when that repeat fails too, nothing is reported:
+        its outcome is unknown (the caller names the call in the next settle call of those leases)."""
         started = time.monotonic()
         names = tuple(dict.fromkeys(queues))
         pause = min(float(timeout), LONGEST_WAIT)
@@ -204,13 +205,11 @@ class Waiter:
             reply = await runner.run("claim", sent[0])
             if settling is not None and not settling.read:
                 # Whether it ran is unknown too: send it again (after the claim, whose reply is not to be lost
-                # to a failure of this one).
+                # to a failure of this one). When that fails too, it stays unread: its outcome is unknown.
                 try:
-                    settled = await runner.run("settle", settling.args)
+                    settling.done(await runner.run("settle", settling.args))
                 except Exception as again:
                     _log.debug("wait_for_work: the settle call before the wait failed (%s)", again)
-                    settled = None
-                settling.done(settled)
             return reply
 
     def _keys(self, names: tuple[str, ...]) -> list[str]:
