@@ -21,7 +21,9 @@ from typing import Any
 import anyio
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 
+from lifecycle.asynctask._backends.redis._conn import SCRIPTS
 from lifecycle.asynctask.redis import RedisBackend
 
 __all__ = [
@@ -143,6 +145,25 @@ def counted_call_ids(backend: RedisBackend, monkeypatch: pytest.MonkeyPatch) -> 
     tokens, call logs and markers (for comparing two stores key by key, see :func:`stored_keys`)."""
     numbers = itertools.count(1)
     monkeypatch.setattr(backend, "_call_id", lambda: f"x.{next(numbers)}")
+
+
+def settle_replies_lost(monkeypatch: pytest.MonkeyPatch, backend: RedisBackend) -> list[int]:
+    """Make every settle call of ``backend`` run on the server and then fail on the client, as if each reply
+    were lost (``monkeypatch.undo()``, or the test's end, ends it). Returns a list counting those calls."""
+    runner = backend._run()
+    real = runner.evalsha
+    sha = SCRIPTS["settle"].sha
+    ran: list[int] = []
+
+    async def no_reply(called: str, *args: Any) -> Any:
+        reply = await real(called, *args)
+        if called == sha:
+            ran.append(1)
+            raise redis.exceptions.ConnectionError("Connection closed by server. (simulated)")
+        return reply
+
+    monkeypatch.setattr(runner, "evalsha", no_reply)
+    return ran
 
 
 async def stored_keys(client: aioredis.Redis, prefix: str) -> dict[str, tuple[str, Any, bool]]:

@@ -20,7 +20,7 @@ from lifecycle.asynctask import DuplicateTaskError, FlowLimits, NewTask, Settlem
 from lifecycle.asynctask._backends.redis._conn import SCRIPTS
 from lifecycle.asynctask.redis import RedisBackend
 from lifecycle.asynctask.testing import T0
-from tests.asynctask.redis.redis_servers import OpenRedis, RedisServer, until_blocked
+from tests.asynctask.redis.redis_servers import OpenRedis, RedisServer, settle_replies_lost, until_blocked
 
 pytestmark = pytest.mark.redis
 
@@ -327,7 +327,7 @@ async def test_a_settlement_that_left_its_task_pending_counts_as_applied_after_a
 
 
 async def test_a_settle_call_that_gave_up_is_named_by_the_next_settle_call_of_its_leases(
-    open_redis: OpenRedis,
+    open_redis: OpenRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The server applied the call but no reply came back before reconnect_timeout passed, so the call
     raised: the next settle call of the same leases (the worker's settler retrying them) names it, and counts
@@ -339,23 +339,11 @@ async def test_a_settle_call_that_gave_up_is_named_by_the_next_settle_call_of_it
         Settlement("done", claimed["done"].token, TaskState.SUCCEEDED, at=T0 + 1, result=b"r"),
         Settlement("retry", claimed["retry"].token, TaskState.PENDING, at=T0 + 1, run_at=T0 + 1, error="e"),
     ]
-    runner = backend._run()
-    real = runner.evalsha
-    sha = SCRIPTS["settle"].sha
-    ran: list[int] = []
-
-    async def no_reply(called: str, *args: Any) -> Any:
-        reply = await real(called, *args)
-        if called == sha:
-            ran.append(1)
-            raise redis.exceptions.ConnectionError("Connection closed by server. (simulated)")
-        return reply
-
-    runner.evalsha = no_reply  # type: ignore[method-assign, assignment]
+    ran = settle_replies_lost(monkeypatch, backend)
     with anyio.fail_after(10), pytest.raises(redis.exceptions.ConnectionError):
         await backend.settle(verdicts)
     assert ran  # it ran on the server, maybe more than once (the repeats have its call id)
-    runner.evalsha = real  # type: ignore[method-assign]
+    monkeypatch.undo()
     # The retry verdict's task is leased again before the settler's next call (its token changes).
     (again,) = await backend.claim(["default"], 1, now=T0 + 2, lease_until=T0 + 30)
     assert again.record.id == "retry"
@@ -366,29 +354,8 @@ async def test_a_settle_call_that_gave_up_is_named_by_the_next_settle_call_of_it
     assert await backend.settle(verdicts[:1]) == {"done"}
 
 
-def _settle_replies_lost(backend: RedisBackend) -> Callable[[], None]:
-    """Make every settle call run on the server and then fail on the client, as if each reply were lost;
-    returns what undoes it."""
-    runner = backend._run()
-    real = runner.evalsha
-    sha = SCRIPTS["settle"].sha
-
-    async def no_reply(called: str, *args: Any) -> Any:
-        reply = await real(called, *args)
-        if called == sha:
-            raise redis.exceptions.ConnectionError("Connection closed by server. (simulated)")
-        return reply
-
-    runner.evalsha = no_reply  # type: ignore[method-assign, assignment]
-
-    def undo() -> None:
-        runner.evalsha = real  # type: ignore[method-assign]
-
-    return undo
-
-
 async def test_the_call_that_applied_a_settlement_is_named_after_many_calls_that_gave_up(
-    open_redis: OpenRedis,
+    open_redis: OpenRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Of a lease's calls that gave up, the first applied it and the others found it applied, changing
     nothing (no marker of their own): however many there were, the next call names the first."""
@@ -396,25 +363,27 @@ async def test_the_call_that_applied_a_settlement_is_named_after_many_calls_that
     await backend.enqueue_many([_task("done")])
     (running,) = await backend.claim(["default"], 1, now=T0, lease_until=T0 + 30)
     verdict = Settlement("done", running.token, TaskState.SUCCEEDED, at=T0 + 1, result=b"r")
-    undo = _settle_replies_lost(backend)
+    settle_replies_lost(monkeypatch, backend)
     for _ in range(8):
         with anyio.fail_after(10), pytest.raises(redis.exceptions.ConnectionError):
             await backend.settle([verdict])
-    undo()
+    monkeypatch.undo()
     assert await backend.settle([verdict]) == set()
 
 
-async def test_a_listed_settlement_counts_as_applied_only_for_its_own_verdict(open_redis: OpenRedis) -> None:
+async def test_a_listed_settlement_counts_as_applied_only_for_its_own_verdict(
+    open_redis: OpenRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A retry applied by a call that gave up, then another verdict of the same lease (the settler's
     fallback when a verdict keeps failing): not applied, so reported as a lost lease."""
     backend = await open_redis(reconnect_timeout=0.02)
     await backend.enqueue_many([_task("x")])
     (running,) = await backend.claim(["default"], 1, now=T0, lease_until=T0 + 30)
     retry = Settlement("x", running.token, TaskState.PENDING, at=T0 + 1, run_at=T0 + 1, error="e")
-    undo = _settle_replies_lost(backend)
+    settle_replies_lost(monkeypatch, backend)
     with anyio.fail_after(10), pytest.raises(redis.exceptions.ConnectionError):
         await backend.settle([retry])
-    undo()
+    monkeypatch.undo()
     await backend.claim(["default"], 1, now=T0 + 2, lease_until=T0 + 30)  # leased again: a new token
     dead = Settlement("x", running.token, TaskState.DEAD, at=T0 + 2, error="fallback")
     assert await backend.settle([dead]) == {"x"}

@@ -19,7 +19,7 @@ from lifecycle.asynctask._backends.redis._conn import SCRIPTS, ScriptRunner
 from lifecycle.asynctask._backends.redis._lua import LuaScript
 from lifecycle.asynctask._backends.redis._wait import Settling, Waiter
 from lifecycle.asynctask.redis import RedisBackend
-from tests.asynctask.redis.redis_servers import OpenRedis, until_blocked
+from tests.asynctask.redis.redis_servers import OpenRedis, settle_replies_lost, until_blocked
 
 pytestmark = pytest.mark.redis
 
@@ -225,20 +225,10 @@ async def test_a_refused_settle_call_keeps_the_earlier_call_it_named_for_the_nex
     backend = await open_redis(reconnect_timeout=0.02)
     now = time.time()
     verdict = await _running(backend, "done", now)
-    runner = backend._run()
-    real = runner.evalsha
-    sha = SCRIPTS["settle"].sha
-
-    async def no_reply(called: str, *args: Any) -> Any:
-        reply = await real(called, *args)
-        if called == sha:
-            raise RedisConnectionError("connection lost after the call ran")
-        return reply
-
-    monkeypatch.setattr(runner, "evalsha", no_reply)
+    settle_replies_lost(monkeypatch, backend)
     with anyio.fail_after(PROMPT), pytest.raises(RedisConnectionError):
         await backend.settle([verdict])
-    monkeypatch.setattr(runner, "evalsha", real)
+    monkeypatch.undo()
     assert await backend.enqueue_many([_task("ready", now)]) == ["ready"]
     command = ScriptRunner.command
 
