@@ -197,6 +197,50 @@ def _insert_one_params(row: tuple[Any, ...], channel: str) -> list[bytes | None]
         return None
 
 
+def _direct_params(task: NewTask, channel: str) -> list[bytes | None] | None:
+    """What ``_insert_one_params(_new_task_row(task), channel)`` returns, built in one pass (the single
+    enqueue's: no row tuple built and taken apart again). Raises what :func:`_new_task_row` raises."""
+    _check_text(task)
+    timeout, meta, key, expires, group = (
+        task.timeout,
+        task.meta,
+        task.concurrency_key,
+        task.expires_at,
+        task.group_id,
+    )
+    # The conversions of _new_task_row first, so that a value it refuses raises here as it does there.
+    payload, retries, timeout, enqueued, run_at, priority, expires = (
+        bytes(task.payload),
+        int(task.max_retries),
+        _float_or_none(timeout),
+        float(task.enqueued_at),
+        float(task.run_at),
+        int(task.priority),
+        _float_or_none(expires),
+    )
+    try:
+        queue = task.queue.encode()
+        return [
+            task.id.encode(),
+            task.name.encode(),
+            queue,
+            payload,
+            _INT4(retries),
+            None if timeout is None else _FLOAT8(timeout),
+            _FLOAT8(enqueued),
+            _FLOAT8(run_at),
+            None if meta is None else meta.encode(),
+            _INT8(priority),
+            None if key is None else key.encode(),
+            None if expires is None else _FLOAT8(expires),
+            None if group is None else group.encode(),
+            channel.encode(),
+            queue if len(queue) < NOTIFY_PAYLOAD_LIMIT else b"*",  # wake_payload(queue), encoded
+        ]
+    except (struct.error, UnicodeEncodeError):
+        return None
+
+
 def _new_task_arrays(tasks: Iterable[NewTask]) -> list[list[Any]]:
     """The thirteen column arrays of ``tasks``, as the classes of ``_arrays`` (dumped in one pass on the
     backend's pooled connections: psycopg's generic list adaptation was most of the client's CPU for a
@@ -279,6 +323,21 @@ async def enqueue(
     of tuple rows), the functions below take it too. ``insert_one``, ``insert_one_new``: the backend's
     ``st.insert_one`` and ``st.insert_one_new`` run through libpq (see :class:`DirectStatement`), for a single
     task on one of its own connections."""
+    # The common single enqueue first, with nothing looked at that it does not need: one task, no uniqueness
+    # key, on an idle autocommit connection of the backend's (direct.usable), run directly. Anything else,
+    # and what it leaves to sort out (an id that exists, the server's error), goes the general way below.
+    tried = False
+    result = None
+    if len(tasks) == 1 and pooled and if_exists != "debounce":
+        task = tasks[0]
+        direct = insert_one if task.generated_id and if_exists == "error" else insert_one_new
+        if task.unique_key is None and direct is not None and direct.usable(connection):
+            params = _direct_params(task, st.channel)
+            if params is not None:
+                tried = True
+                result = await direct.run(connection, params)
+                if result is not None and result.ntuples > 0:
+                    return [task.id]
     cursor = _cursor(connection) if cursor is None else cursor
     # No task with a uniqueness key (counted at C speed: this runs over every task of a bulk enqueue).
     plain = if_exists != "debounce" and list(map(_UNIQUE_KEY, tasks)).count(None) == len(tasks)
@@ -308,8 +367,7 @@ async def enqueue(
         statement = st.insert_one if generated else st.insert_one_new
         direct = insert_one if generated else insert_one_new
         row = _new_task_row(task)
-        result = None
-        if direct is not None and pooled and direct.usable(connection):
+        if not tried and direct is not None and pooled and direct.usable(connection):
             params = _insert_one_params(row, st.channel)
             if params is not None:
                 result = await direct.run(connection, params)
