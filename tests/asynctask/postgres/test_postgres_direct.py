@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import struct
 import time
 from typing import Any
 
@@ -103,27 +104,28 @@ async def test_a_single_enqueue_goes_through_libpq_and_stores_what_psycopg_s_pat
     assert direct.max_retries == 2**31 - 1
 
 
-def test_the_single_enqueue_s_parameters_are_those_of_its_row_built_in_one_pass() -> None:
-    """``_direct_params`` (the single enqueue's) builds what ``_insert_one_params`` makes of the task's row,
-    and declines (``None``) what that declines."""
+def test_the_single_enqueue_s_parameters_are_its_row_s_values_in_binary() -> None:
+    """``_insert_one_params`` builds the single enqueue's parameters from the task in one pass: the values
+    of its row (``_new_task_row``) in binary, and ``None`` (psycopg's path) for what libpq is not given."""
     now = time.time()
     full = _full_task("full", now)
-    tasks = [
-        full,
-        make_task("plain"),
-        dataclasses.replace(full, queue="q" * NOTIFY_PAYLOAD_LIMIT),  # too long for a payload: "*"
-        dataclasses.replace(full, timeout=3, expires_at=int(now), max_retries=True),  # int for float
-        dataclasses.replace(full, priority=2**63),  # out of an int8's range: psycopg's path
-        dataclasses.replace(full, meta="a\ud800"),  # not UTF-8: psycopg's path
-    ]
-    for task in tasks:
-        expected = _ops._insert_one_params(_ops._new_task_row(task), "channel")
-        assert _ops._direct_params(task, "channel") == expected, task
-    long_queue = _ops._direct_params(tasks[2], "c")
+    for task in (full, make_task("plain"), dataclasses.replace(full, timeout=3, expires_at=int(now))):
+        row = _ops._new_task_row(task)
+        params = _ops._insert_one_params(task, "channel")
+        assert params is not None
+        assert params[:4] == [row[0].encode(), row[1].encode(), row[2].encode(), row[3]]
+        assert params[4] == struct.pack("!i", row[4])
+        for index in (5, 6, 7, 11):  # timeout, enqueued_at, run_at, expires_at
+            assert params[index] == (None if row[index] is None else struct.pack("!d", row[index]))
+        assert params[9] == struct.pack("!q", row[9])
+        for index in (8, 10, 12):  # meta, concurrency_key, group_id
+            assert params[index] == (None if row[index] is None else row[index].encode())
+        assert params[13:] == [b"channel", row[2].encode()]
+    long_queue = _ops._insert_one_params(dataclasses.replace(full, queue="q" * NOTIFY_PAYLOAD_LIMIT), "c")
     assert long_queue is not None
-    assert long_queue[-1] == b"*"
-    assert _ops._direct_params(tasks[4], "c") is None
-    assert _ops._direct_params(tasks[5], "c") is None
+    assert long_queue[-1] == b"*", "a queue name too long for a payload wakes every waiter"
+    assert _ops._insert_one_params(dataclasses.replace(full, priority=2**63), "c") is None
+    assert _ops._insert_one_params(dataclasses.replace(full, meta="a\ud800"), "c") is None
 
 
 @pytest.mark.parametrize(
@@ -136,7 +138,7 @@ def test_the_single_enqueue_s_parameters_refuse_what_its_row_refuses(field: str,
     with pytest.raises(Exception) as by_row:
         _ops._new_task_row(bad)
     with pytest.raises(Exception) as in_one_pass:
-        _ops._direct_params(bad, "channel")
+        _ops._insert_one_params(bad, "channel")
     assert type(in_one_pass.value) is type(by_row.value)
     assert str(in_one_pass.value) == str(by_row.value)
 
