@@ -65,7 +65,7 @@ def backend_cpu_ns(pids: list[int]) -> int | None:
 
 
 def task_params(channel: bytes) -> list[bytes | None]:
-    """``insert_one``'s binary parameters for a new task of ``noop(index)``, as the engine sends them."""
+    """``insert_one``'s binary parameters for a new task of ``noop`` (a new id each call)."""
     now = _F8(time.time())
     return [
         new_task_id().encode(),
