@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import struct
 import time
 from typing import Any
 
@@ -17,7 +18,9 @@ import pytest
 from psycopg import sql
 
 from lifecycle.asynctask import DuplicateTaskError, NewTask, TaskState
-from lifecycle.asynctask._backends.postgres._direct import numbered
+from lifecycle.asynctask._backends.postgres import _ops
+from lifecycle.asynctask._backends.postgres._direct import DirectStatement, numbered
+from lifecycle.asynctask._backends.postgres._sql import NOTIFY_PAYLOAD_LIMIT
 
 from ._support import OpenPostgres
 from ._support import make_task as make_chosen_task
@@ -99,6 +102,68 @@ async def test_a_single_enqueue_goes_through_libpq_and_stores_what_psycopg_s_pat
     assert direct.payload == b"\x00\xffpayload"
     assert direct.priority == -(10**15) + 1
     assert direct.max_retries == 2**31 - 1
+
+
+def test_the_single_enqueue_s_parameters_are_its_row_s_values_in_binary() -> None:
+    """``_insert_one_params`` builds the single enqueue's parameters from the task in one pass: the values
+    of its row (``_new_task_row``) in binary, and ``None`` (psycopg's path) for what libpq is not given."""
+    now = time.time()
+    full = _full_task("full", now)
+    for task in (full, make_task("plain"), dataclasses.replace(full, timeout=3, expires_at=int(now))):
+        row = _ops._new_task_row(task)
+        params = _ops._insert_one_params(task, "channel")
+        assert params is not None
+        assert params[:4] == [row[0].encode(), row[1].encode(), row[2].encode(), row[3]]
+        assert params[4] == struct.pack("!i", row[4])
+        for index in (5, 6, 7, 11):  # timeout, enqueued_at, run_at, expires_at
+            assert params[index] == (None if row[index] is None else struct.pack("!d", row[index]))
+        assert params[9] == struct.pack("!q", row[9])
+        for index in (8, 10, 12):  # meta, concurrency_key, group_id
+            assert params[index] == (None if row[index] is None else row[index].encode())
+        assert params[13:] == [b"channel", row[2].encode()]
+    long_queue = _ops._insert_one_params(dataclasses.replace(full, queue="q" * NOTIFY_PAYLOAD_LIMIT), "c")
+    assert long_queue is not None
+    assert long_queue[-1] == b"*", "a queue name too long for a payload wakes every waiter"
+    assert _ops._insert_one_params(dataclasses.replace(full, priority=2**63), "c") is None
+    assert _ops._insert_one_params(dataclasses.replace(full, meta="a\ud800"), "c") is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("name", "a\x00b"), ("timeout", "soon"), ("max_retries", None), ("payload", 3.5), ("run_at", None)],
+)
+def test_the_single_enqueue_s_parameters_refuse_what_its_row_refuses(field: str, value: object) -> None:
+    values: dict[str, Any] = {field: value}
+    bad = dataclasses.replace(make_task("bad"), **values)
+    with pytest.raises(Exception) as by_row:
+        _ops._new_task_row(bad)
+    with pytest.raises(Exception) as in_one_pass:
+        _ops._insert_one_params(bad, "channel")
+    assert type(in_one_pass.value) is type(by_row.value)
+    assert str(in_one_pass.value) == str(by_row.value)
+
+
+async def test_a_direct_statement_that_failed_is_not_run_directly_again_in_the_same_call(
+    open_pg: OpenPostgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server's error is left to psycopg's path, which runs the statement once more and raises it: the
+    # general path after the single enqueue's must not send it directly a second time first.
+    backend = await open_pg()
+    first = make_task("same")
+    assert await backend.enqueue_many([first]) == ["same"]
+    runs: list[bytes] = []
+    run = DirectStatement.run
+
+    async def counting(statement: DirectStatement, connection: Any, params: Any) -> Any:
+        runs.append(params[0])
+        return await run(statement, connection, params)
+
+    monkeypatch.setattr(DirectStatement, "run", counting)
+    with pytest.raises(DuplicateTaskError):
+        await backend.enqueue_many([dataclasses.replace(first, payload=b"other")])
+    assert runs == [b"same"], "one direct run, then psycopg's"
+    assert await backend.enqueue_many([make_task("next")]) == ["next"]
+    assert runs == [b"same", b"next"]
 
 
 async def test_an_existing_id_is_refused_or_skipped_as_before(open_pg: OpenPostgres) -> None:

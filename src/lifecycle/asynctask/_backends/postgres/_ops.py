@@ -168,18 +168,36 @@ def wake_payload(queue: str) -> str:
     return "*"
 
 
-def _insert_one_params(row: tuple[Any, ...], channel: str) -> list[bytes | None] | None:
-    """``insert_one``'s parameters for a task's ``row`` (see :func:`_new_task_row`) and ``channel``, in
-    binary (``_sql.INSERT_ONE_TYPES``; text in UTF-8), or ``None`` for a value only psycopg's path may send:
-    an integer outside its column's range, or text UTF-8 cannot encode (a lone surrogate). psycopg then
-    raises for it what it always did."""
-    ident, name, queue, payload, retries, timeout, enqueued, run_at, meta, priority, key, expires, group = row
+def _insert_one_params(task: NewTask, channel: str) -> list[bytes | None] | None:
+    """``insert_one``'s parameters for ``task`` and ``channel``, in binary (``_sql.INSERT_ONE_TYPES``; text
+    in UTF-8), or ``None`` for a value only psycopg's path may send: an integer outside its column's range,
+    or text UTF-8 cannot encode (a lone surrogate). psycopg then raises for it what it always did. A value
+    :func:`_new_task_row` refuses raises here as there (built from the task in one pass, without that row:
+    this runs once per single enqueue)."""
+    _check_text(task)
+    timeout, meta, key, expires, group = (
+        task.timeout,
+        task.meta,
+        task.concurrency_key,
+        task.expires_at,
+        task.group_id,
+    )
+    # The conversions of _new_task_row first, so that a value it refuses raises here as it does there.
+    payload, retries, timeout, enqueued, run_at, priority, expires = (
+        bytes(task.payload),
+        int(task.max_retries),
+        _float_or_none(timeout),
+        float(task.enqueued_at),
+        float(task.run_at),
+        int(task.priority),
+        _float_or_none(expires),
+    )
     try:
-        queue_bytes = queue.encode()
+        queue = task.queue.encode()
         return [
-            ident.encode(),
-            name.encode(),
-            queue_bytes,
+            task.id.encode(),
+            task.name.encode(),
+            queue,
             payload,
             _INT4(retries),
             None if timeout is None else _FLOAT8(timeout),
@@ -191,7 +209,7 @@ def _insert_one_params(row: tuple[Any, ...], channel: str) -> list[bytes | None]
             None if expires is None else _FLOAT8(expires),
             None if group is None else group.encode(),
             channel.encode(),
-            queue_bytes if len(queue_bytes) < NOTIFY_PAYLOAD_LIMIT else b"*",  # wake_payload(queue), encoded
+            queue if len(queue) < NOTIFY_PAYLOAD_LIMIT else b"*",  # wake_payload(queue), encoded
         ]
     except (struct.error, UnicodeEncodeError):
         return None
@@ -279,6 +297,19 @@ async def enqueue(
     of tuple rows), the functions below take it too. ``insert_one``, ``insert_one_new``: the backend's
     ``st.insert_one`` and ``st.insert_one_new`` run through libpq (see :class:`DirectStatement`), for a single
     task on one of its own connections."""
+    # The common single enqueue first, with nothing looked at that it does not need: one task, no uniqueness
+    # key, on an idle autocommit connection of the backend's (direct.usable), run directly. Anything else,
+    # and what it leaves to sort out (an id that exists, the server's error), goes the general way below.
+    result = None
+    if len(tasks) == 1 and pooled and if_exists != "debounce":
+        task = tasks[0]
+        direct = insert_one if task.generated_id and if_exists == "error" else insert_one_new
+        if task.unique_key is None and direct is not None and direct.usable(connection):
+            params = _insert_one_params(task, st.channel)
+            if params is not None:
+                result = await direct.run(connection, params)
+                if result is not None and result.ntuples > 0:
+                    return [task.id]
     cursor = _cursor(connection) if cursor is None else cursor
     # No task with a uniqueness key (counted at C speed: this runs over every task of a bulk enqueue).
     plain = if_exists != "debounce" and list(map(_UNIQUE_KEY, tasks)).count(None) == len(tasks)
@@ -306,16 +337,10 @@ async def enqueue(
         task = tasks[0]
         generated = task.generated_id and if_exists == "error"
         statement = st.insert_one if generated else st.insert_one_new
-        direct = insert_one if generated else insert_one_new
-        row = _new_task_row(task)
-        result = None
-        if direct is not None and pooled and direct.usable(connection):
-            params = _insert_one_params(row, st.channel)
-            if params is not None:
-                result = await direct.run(connection, params)
-        if result is not None:  # run directly: a row when stored
-            added = result.ntuples > 0
+        if result is not None:  # run directly above, and no row: the id exists
+            added = False
         else:  # not run directly, or the server's error: psycopg's path runs it (and raises that error)
+            row = _new_task_row(task)
             unwatch(connection)
             try:
                 await cursor.execute(statement, (*row, st.channel, wake_payload(task.queue)))
