@@ -164,7 +164,7 @@ class Round:
             binary = [1] * len(INSERT_ONE_TYPES)
             for _ in range(n):
                 if name == b"insert_one":
-                    result = pg.exec_prepared(name, task_params(channel), binary)
+                    result = pg.exec_prepared(name, task_params(channel), binary)  # type: ignore[arg-type]
                 else:
                     result = pg.exec_prepared(name, [new_task_id().encode()])
                 if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
@@ -205,13 +205,13 @@ async def main_async(args: argparse.Namespace) -> None:
         walls = [wall for wall, _, _ in results[mode]]
         cpus = [cpu for _, cpu, _ in results[mode]]
         served = [value for _, _, value in results[mode] if value is not None]
-        server = (
+        server_cpu = (
             f"{statistics.median(served):6.1f} ({min(served):.1f}-{max(served):.1f})" if served else "n/a"
         )
         print(
             f"{mode:7} wall {statistics.median(walls):6.1f} ({min(walls):.1f}-{max(walls):.1f})  "
             f"client CPU {statistics.median(cpus):5.1f} ({min(cpus):.1f}-{max(cpus):.1f})  "
-            f"server CPU {server}"
+            f"server CPU {server_cpu}"
         )
 
 
