@@ -206,7 +206,8 @@ async def test_the_scripts_sortable_times_are_sortable_time_and_back(open_redis:
     end = source.index("  SNOW = string.format('%08x%08x', hi, lo)\n") + len(
         "  SNOW = string.format('%08x%08x', hi, lo)\n"
     )
-    sortable = "local out = {}\nfor i = 1, #ARGV do\nlocal now, SNOW = ARGV[i], nil\n" + source[start:end]
+    sortable = "local out = {}\nfor i = 1, #ARGV do\nlocal NOW, SNOW = tonumber(ARGV[i]), nil\n"
+    sortable += source[start:end]
     sortable += "out[i] = SNOW\nend\nreturn out\n"
     unsortable = source[: source.index("local P = ARGV[1]")]
     unsortable += (
