@@ -115,14 +115,30 @@ local DUE = SNOW .. 'g'
 local nlim = tonumber(ARGV[8])
 local qfirst = 9 + nlim * 5
 local paused = {}
+-- Whether no queue is paused and the queues have no expiry entries, no delayed tasks and no parked sets
+-- (none of the keys exists): then the plain path's reads of them (below) would find nothing, and one command
+-- stands for them all. Asked only by a claim that may take the plain path.
+local CLEAR = false
 if not before then
-  for _, q in ipairs(redis.call('SMEMBERS', P .. 'paused')) do paused[q] = true end
+  if nlim == 0 and limit >= 1 and limit <= %(plain)d then
+    local keys = {P .. 'paused'}
+    for qi = qfirst, #ARGV do
+      local q = ARGV[qi]
+      keys[#keys + 1] = P .. 'x:' .. q
+      keys[#keys + 1] = P .. 'dl:' .. q
+      keys[#keys + 1] = P .. 'hs:' .. q
+    end
+    CLEAR = redis.call('EXISTS', unpack(keys)) == 0
+  end
+  if not CLEAR then
+    for _, q in ipairs(redis.call('SMEMBERS', P .. 'paused')) do paused[q] = true end
+  end
 end
 -- The first page (limit + 16 entries) of each queue's ready set, as the wait's grace step read it.
 local PAGES = {}
--- Numbers given to redis.call are formatted with '%.17g' (about 2k instructions each): strings instead.
-local LAST = string.format('%d', limit + 15)
 if WAITED and limit >= 1 then
+  -- Numbers given to redis.call are formatted with '%.17g' (about 2k instructions each): a string instead.
+  local LAST = string.format('%d', limit + 15)
   -- Behind a wait, now moves up to the run_at of the ready tasks this claim may take (the first `limit` of
   -- each queue), by at most %(grace)d s (a bound on what a clock skewed between hosts can do): a task is in
   -- a ready set only once a clock (its enqueuer's, a settlement's, another claim's) read a time at or past
@@ -187,9 +203,9 @@ if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
     end
     SEENQ[q] = true
     if not paused[q] then
-      if redis.call('ZRANGEBYSCORE', P .. 'x:' .. q, '-inf', now, 'LIMIT', '0', '1')[1]
+      if not CLEAR and (redis.call('ZRANGEBYSCORE', P .. 'x:' .. q, '-inf', now, 'LIMIT', '0', '1')[1]
           or redis.call('ZRANGEBYSCORE', P .. 'dl:' .. q, '-inf', now, 'LIMIT', '0', '1')[1]
-          or redis.call('HGETALL', P .. 'hs:' .. q)[1] then  -- the general part's commands, reading alike
+          or redis.call('HGETALL', P .. 'hs:' .. q)[1]) then  -- the general part's commands, reading alike
         plain = false
         break
       end
