@@ -269,7 +269,12 @@ if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
   end
   if plain then
     local KEPT = %(kept)s
-    local out, added, names, m, k = {'0'}, {}, {}, 1, 0
+    -- With a task to take, the reply's array is made as long as its first task's values at once (every one
+    -- of them is set below; growing it from one entry reallocated it five times).
+    local out = n > 0 and {'0', false, false, false, false, false, false, false, false, false, false, false,
+      false, false, false, false, false, false, false, false, false, false, false, false, false, false}
+      or {'0'}
+    local added, names, m, k = {}, {}, 1, 0
     for e = 1, #plan, 2 do
       local q, last = plan[e], plan[e + 1]
       if last > k then
