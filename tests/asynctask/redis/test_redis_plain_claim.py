@@ -177,6 +177,26 @@ async def test_a_repeated_plain_claim_returns_what_it_leased_and_leases_no_more(
     ]
 
 
+async def test_the_plain_path_logs_and_counts_ids_and_names_that_hold_a_nul_byte(
+    open_redis: OpenRedis, unique_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The call log and the running sets' keys take the id and the name whole (the plain path builds them
+    with string.format('%d') and concatenation: its %s would end them at the NUL byte), so a repeat of the
+    claim replays the leases, and both paths store the same."""
+    tasks = [_task("a\x00b", name="jo\x00b"), _task("c")]
+    plain, general, stored, expected = await _both(
+        open_redis, unique_name, monkeypatch, tasks, [(["default"], 3, T0 + 1)]
+    )
+    assert plain == general
+    assert stored == expected
+    backend = await open_redis(prefix=f"{unique_name}-repeat")
+    await backend.enqueue_many(tasks)
+    args = [time_text(T0 + 1), sortable_time(T0 + 1), time_text(T0 + 31), "3", "same.1", "", "0", "default"]
+    first = await backend._run().run("claim", args)
+    assert [c.record.id for c in claimed_tasks(first[1:])] == ["a\x00b", "c"]
+    assert await backend._run().run("claim", args) == first
+
+
 _TIMES = [
     0.0,
     -0.0,
@@ -206,7 +226,8 @@ async def test_the_scripts_sortable_times_are_sortable_time_and_back(open_redis:
     end = source.index("  SNOW = string.format('%08x%08x', hi, lo)\n") + len(
         "  SNOW = string.format('%08x%08x', hi, lo)\n"
     )
-    sortable = "local out = {}\nfor i = 1, #ARGV do\nlocal now, SNOW = ARGV[i], nil\n" + source[start:end]
+    sortable = "local out = {}\nfor i = 1, #ARGV do\nlocal NOW, SNOW = tonumber(ARGV[i]), nil\n"
+    sortable += source[start:end]
     sortable += "out[i] = SNOW\nend\nreturn out\n"
     unsortable = source[: source.index("local P = ARGV[1]")]
     unsortable += (

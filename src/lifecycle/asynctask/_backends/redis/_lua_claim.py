@@ -85,6 +85,7 @@ if ARGV[7] ~= '' then redis.call('DEL', P .. 'c:' .. ARGV[7]) end  -- forget(ARG
 local log = P .. 'c:' .. callid
 local before = redis.call('GET', log)  -- a repeat of this call: the general part replays what it leased
 local WAITED = not before and string.sub(SNOW, 1, 1) == '@'
+local NOW = nil  -- now as a number: kept where it is computed (parsing a time's text costs as much again)
 if WAITED then
   local passed = 0
   local began = redis.call('GET', string.sub(SNOW, 2))
@@ -97,10 +98,11 @@ if WAITED then
     passed = (tonumber(t[1]) - tonumber(s0)) + (tonumber(t[2]) - tonumber(u0)) / 1000000
   end
   if passed < 0 then passed = 0 end
-  now = string.format('%.17g', tonumber(now) + passed)
+  NOW = tonumber(now) + passed
+  now = string.format('%.17g', NOW)  -- read back as NOW exactly (17 significant digits)
   lease = string.format('%.17g', tonumber(lease) + passed)
   -- As sortable_time() does, on the double's two 32-bit halves (a third of the instructions of a byte each).
-  local hi, lo = struct.unpack('>I4I4', struct.pack('>d', tonumber(now)))
+  local hi, lo = struct.unpack('>I4I4', struct.pack('>d', NOW))
   if hi >= 2147483648 then
     hi, lo = 4294967295 - hi, 4294967295 - lo
   else
@@ -108,17 +110,35 @@ if WAITED then
   end
   SNOW = string.format('%08x%08x', hi, lo)
 end
-local NOW = tonumber(now)
+if not NOW then NOW = tonumber(now) end
 local DUE = SNOW .. 'g'
 local nlim = tonumber(ARGV[8])
 local qfirst = 9 + nlim * 5
 local paused = {}
+-- Whether no queue is paused and the queues have no expiry entries, no delayed tasks and no parked sets
+-- (none of the keys exists): then the plain path's reads of them (below) would find nothing, and one command
+-- stands for them all. Asked only by a claim that may take the plain path.
+local CLEAR = false
 if not before then
-  for _, q in ipairs(redis.call('SMEMBERS', P .. 'paused')) do paused[q] = true end
+  if nlim == 0 and limit >= 1 and limit <= %(plain)d then
+    local keys = {P .. 'paused'}
+    for qi = qfirst, #ARGV do
+      local q = ARGV[qi]
+      keys[#keys + 1] = P .. 'x:' .. q
+      keys[#keys + 1] = P .. 'dl:' .. q
+      keys[#keys + 1] = P .. 'hs:' .. q
+    end
+    CLEAR = redis.call('EXISTS', unpack(keys)) == 0
+  end
+  if not CLEAR then
+    for _, q in ipairs(redis.call('SMEMBERS', P .. 'paused')) do paused[q] = true end
+  end
 end
 -- The first page (limit + 16 entries) of each queue's ready set, as the wait's grace step read it.
 local PAGES = {}
 if WAITED and limit >= 1 then
+  -- Numbers given to redis.call are formatted with '%.17g' (about 2k instructions each): a string instead.
+  local LAST = string.format('%d', limit + 15)
   -- Behind a wait, now moves up to the run_at of the ready tasks this claim may take (the first `limit` of
   -- each queue), by at most %(grace)d s (a bound on what a clock skewed between hosts can do): a task is in
   -- a ready set only once a clock (its enqueuer's, a settlement's, another claim's) read a time at or past
@@ -131,7 +151,7 @@ if WAITED and limit >= 1 then
   for qi = qfirst, #ARGV do
     local q = ARGV[qi]
     if not paused[q] then
-      local page = redis.call('ZRANGE', P .. 'rd:' .. q, 0, limit + 15)
+      local page = redis.call('ZRANGE', P .. 'rd:' .. q, '0', LAST)
       PAGES[q] = page
       for j = 1, math.min(#page, limit) do
         local member = page[j]
@@ -183,9 +203,9 @@ if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
     end
     SEENQ[q] = true
     if not paused[q] then
-      if redis.call('ZRANGEBYSCORE', P .. 'x:' .. q, '-inf', now, 'LIMIT', 0, 1)[1]
-          or redis.call('ZRANGEBYSCORE', P .. 'dl:' .. q, '-inf', now, 'LIMIT', 0, 1)[1]
-          or redis.call('HGETALL', P .. 'hs:' .. q)[1] then  -- the general part's commands, reading alike
+      if not CLEAR and (redis.call('ZRANGEBYSCORE', P .. 'x:' .. q, '-inf', now, 'LIMIT', '0', '1')[1]
+          or redis.call('ZRANGEBYSCORE', P .. 'dl:' .. q, '-inf', now, 'LIMIT', '0', '1')[1]
+          or redis.call('HGETALL', P .. 'hs:' .. q)[1]) then  -- the general part's commands, reading alike
         plain = false
         break
       end
@@ -200,7 +220,7 @@ if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
       if page then
         got = math.min(#page, want)
       else
-        page = redis.call('ZRANGE', P .. 'rd:' .. q, 0, want - 1)
+        page = redis.call('ZRANGE', P .. 'rd:' .. q, '0', string.format('%d', want - 1))
         got = #page
       end
       for j = 1, got do
@@ -249,7 +269,12 @@ if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
   end
   if plain then
     local KEPT = %(kept)s
-    local out, added, names, m, k = {'0'}, {}, {}, 1, 0
+    -- With a task to take, the reply's array is made as long as its first task's values at once (every one
+    -- of them is set below; growing it from one entry reallocated it five times).
+    local out = n > 0 and {'0', false, false, false, false, false, false, false, false, false, false, false,
+      false, false, false, false, false, false, false, false, false, false, false, false, false, false}
+      or {'0'}
+    local added, names, m, k = {}, {}, 1, 0
     for e = 1, #plan, 2 do
       local q, last = plan[e], plan[e + 1]
       if last > k then
@@ -263,7 +288,9 @@ if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
         while k < last do
           k = k + 1
           local member, id, rec = PM[k], PI[k], PR[k]
-          local token = callid .. ':' .. k
+          -- A number concatenated is formatted with '%.14g' (about 4k instructions): string.format('%d')
+          -- instead, then concatenated (its '%s' would end a name or id at a NUL byte).
+          local token = callid .. ':' .. string.format('%d', k)
           if rec[20] then token = token .. 'g' end  -- a group member's token says so (see settle)
           local set = {'s', 'active', 'st', now, 'l', lease, 'k', token}
           local a = rec[5]
@@ -277,7 +304,7 @@ if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
             -- The running sets of its name (and key), as the general part's count_in() and rn.
             local named = names[N]
             if not named then
-              named = {'an:' .. N, #N .. ':' .. N}
+              named = {'an:' .. N, string.format('%d', #N) .. ':' .. N}
               names[N] = named
             end
             local list = added[named[1]]
@@ -325,8 +352,8 @@ if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
       -- More may be due than this call could take: wake another idle worker for the first queue with some.
       for qi = qfirst, #ARGV do
         local q = ARGV[qi]
-        if not paused[q] and (LEFTQ[q] or redis.call('ZRANGE', P .. 'rd:' .. q, 0, 0)[1]
-            or redis.call('ZRANGEBYSCORE', P .. 'dl:' .. q, '-inf', now, 'LIMIT', 0, 1)[1]) then
+        if not paused[q] and (LEFTQ[q] or redis.call('ZRANGE', P .. 'rd:' .. q, '0', '0')[1]
+            or redis.call('ZRANGEBYSCORE', P .. 'dl:' .. q, '-inf', now, 'LIMIT', '0', '1')[1]) then
           local w = P .. 'w:' .. q
           if redis.call('EXISTS', w) == 0 then redis.call('LPUSH', w, '1') end
           break
@@ -340,10 +367,10 @@ if not before and nlim == 0 and limit >= 1 and limit <= %(plain)d then
         local id = PI[j]
         leases[2 * j + 1] = lease
         leases[2 * j + 2] = id
-        parts[j] = #id .. ':' .. id  -- as logged() writes it
+        parts[j] = string.format('%d', #id) .. ':' .. id  -- as logged() writes it
       end
       redis.call('ZADD', P .. 'leases', unpack(leases))
-      redis.call('SET', log, table.concat(parts), 'EX', %(ttl)d)
+      redis.call('SET', log, table.concat(parts), 'EX', '%(ttl)d')
     end
     return out
   end
@@ -872,7 +899,7 @@ if timed then
   if t.err then
     redis.call('DEL', ARGV[2] .. ':t')
   else
-    redis.call('SET', ARGV[2] .. ':t', t[1] .. ' ' .. t[2] .. ' ' .. ARGV[6], 'EX', %(kept)d)
+    redis.call('SET', ARGV[2] .. ':t', t[1] .. ' ' .. t[2] .. ' ' .. ARGV[6], 'EX', '%(kept)d')
   end
 end
 redis.call('DEL', ARGV[2])
@@ -880,29 +907,33 @@ local paused = {}
 for _, q in ipairs(redis.call('SMEMBERS', P .. 'paused')) do paused[q] = true end
 local best = nil
 local soon = false
-local function consider(t, what)
-  local x = tonumber(t)
+-- The caller's now as a number (each parse of a time's text costs about 2k instructions), nil when not timed.
+local cnow = timed and tonumber(ARGV[3])
+-- x: t as a number, when the caller has it.
+local function consider(t, what, x)
+  x = x or tonumber(t)
   if x and x < math.huge and (best == nil or x < best[3]) then best = {t, what, x} end
 end
 for i = 7, #ARGV do
   local q = ARGV[i]
   redis.call('DEL', P .. 'w:' .. q)
   if not paused[q] then
-    local head = redis.call('ZRANGE', ready(q), 0, 0)[1]
+    local head = redis.call('ZRANGE', ready(q), '0', '0')[1]
     if head then
-      local t = string.format('%.17g', unsortable(string.sub(head, 1, 16)))
-      consider(t, head)
-      if timed and tonumber(t) <= tonumber(ARGV[3]) + %(grace)d and (t ~= ARGV[4] or head ~= ARGV[5]) then
+      local x = unsortable(string.sub(head, 1, 16))
+      local t = string.format('%.17g', x)  -- read back as x exactly (17 significant digits)
+      consider(t, head, x)
+      if timed and x <= cnow + %(grace)d and (t ~= ARGV[4] or head ~= ARGV[5]) then
         soon = true  -- the claim behind takes it whatever the caller's now (see the claim script)
       end
     end
-    local first = redis.call('ZRANGE', delayed(q), 0, 0, 'WITHSCORES')
+    local first = redis.call('ZRANGE', delayed(q), '0', '0', 'WITHSCORES')
     if first[1] then consider(first[2], first[1]) end
     local held = redis.call('HGETALL', P .. 'hs:' .. q)
     for j = 1, #held, 2 do
       local f, v = held[j], held[j + 1]
       if string.sub(f, 1, 1) == 'k' then
-        local key = redis.call('ZRANGE', P .. 'hk:' .. enc(q) .. string.sub(f, 2), 0, 0, 'WITHSCORES')
+        local key = redis.call('ZRANGE', P .. 'hk:' .. enc(q) .. string.sub(f, 2), '0', '0', 'WITHSCORES')
         if key[1] then consider(key[2], enc(q) .. f .. key[1]) end
       elseif v == '-' then
         consider('-inf', enc(q) .. f)
@@ -912,7 +943,7 @@ for i = 7, #ARGV do
     end
   end
 end
-if best and timed and best[3] <= tonumber(ARGV[3]) and (best[1] ~= ARGV[4] or best[2] ~= ARGV[5]) then
+if best and timed and best[3] <= cnow and (best[1] ~= ARGV[4] or best[2] ~= ARGV[5]) then
   soon = true
 end
 if soon then
