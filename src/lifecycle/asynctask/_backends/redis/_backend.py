@@ -627,8 +627,12 @@ class RedisBackend:
                     earlier.update(dict.fromkeys(made))
             args += settlement_args(settlement)
         now = time.monotonic()
+        flags = self._zmscore + ("q" if live else "-")
+        if not earlier:  # the usual call: nothing to name
+            args[2] = flags
+            return args, repeated, ((now, call),)
         named = self._still_marked(earlier, now)
-        args[2] = "".join((self._zmscore, "q" if live else "-", *(f" {c}" for _, c in named)))
+        args[2] = "".join((flags, *(f" {c}" for _, c in named)))
         return args, repeated, (*named, (now, call))
 
     def _still_marked(
