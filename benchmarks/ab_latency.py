@@ -5,7 +5,8 @@
 Starts a private ``redis-server`` (as ``benchmarks/run.py`` does), then per round runs the harness's own
 ``latency`` scenario (``benchmarks.peers.ours``: one producer awaiting single enqueues, one idle worker
 process, each task's start time against its send time) once per version, the versions alternating their order
-between rounds. Prints each run's p50 and p99, then per version the medians over the rounds and their spread.
+between rounds. Prints each run's p50, p99 and the worker's CPU per task, then per version the medians over the
+rounds and their spread.
 """
 
 from __future__ import annotations
@@ -56,13 +57,18 @@ def main() -> None:
             for ref in order:
                 result = run_once(sources[ref], server.url, args.n)
                 results[ref].append(result)
-                print(f"round {round_} {ref}: p50 {result['p50_ms']:.3f} ms, p99 {result['p99_ms']:.3f} ms")
+                print(
+                    f"round {round_} {ref}: p50 {result['p50_ms']:.3f} ms, p99 {result['p99_ms']:.3f} ms, "
+                    f"worker CPU {result['worker_cpu_ms_per_task'] * 1000:.0f} µs/task"
+                )
     for ref in refs:
         p50 = [r["p50_ms"] for r in results[ref]]
         p99 = [r["p99_ms"] for r in results[ref]]
+        cpu = [r["worker_cpu_ms_per_task"] * 1000 for r in results[ref]]
         print(
             f"{ref}: p50 median {statistics.median(p50):.3f} ms ({min(p50):.3f}-{max(p50):.3f}), "
-            f"p99 median {statistics.median(p99):.3f} ms ({min(p99):.3f}-{max(p99):.3f})"
+            f"p99 median {statistics.median(p99):.3f} ms ({min(p99):.3f}-{max(p99):.3f}), "
+            f"worker CPU median {statistics.median(cpu):.0f} µs/task ({min(cpu):.0f}-{max(cpu):.0f})"
         )
 
 

@@ -10,8 +10,10 @@ worker's tasks report to the producer through an inherited pipe:
 - ``count`` mode (drain, mix): the task body calls :meth:`Probe.start` / :meth:`Probe.finish`; the worker
   notes the time and its own CPU time (``time.process_time``: every thread of the worker process) at the
   first start and at the N-th finish, and writes one JSON line. Nothing per task crosses the pipe.
-- ``latency`` mode: every start writes ``"<index> <time.monotonic()>"`` (CLOCK_MONOTONIC is system-wide on
-  Linux, so the producer can subtract its own send time).
+- ``latency`` mode: every start writes ``"<index> <time.monotonic()> <time.process_time()>"`` (CLOCK_MONOTONIC
+  is system-wide on Linux, so the producer can subtract its own send time; the worker's CPU time between
+  the first and the last measured start, over the tasks between them, is its CPU per task when tasks come
+  one at a time, every thread included).
 
 The adapter module prints one line ``BENCH-RESULT {json}`` on stdout; ``benchmarks/run.py`` reads it.
 """
@@ -143,7 +145,7 @@ class Probe:
     def start(self, index: int) -> None:
         """Call first thing in the task body."""
         if self.latency:
-            os.write(self.fd, f"{index} {time.monotonic()!r}\n".encode())
+            os.write(self.fd, f"{index} {time.monotonic()!r} {time.process_time()!r}\n".encode())
             return
         if next(self._started) == 0:
             self._first = (time.monotonic(), time.process_time())
@@ -687,22 +689,27 @@ async def _latency(factory: Callable[[Config], Adapter], cfg: Config, module: st
     worker = WorkerProcess(cfg, module, "latency", cfg.n)
     samples: list[float] = []
     late: list[float] = []
+    first_cpu = last_cpu = 0.0  # the worker's CPU time at the first and at the last measured start
     try:
         # Warm-up: the first task waits for the worker to start; a few more warm connections and caches.
         for index in range(-20, cfg.n):
             sent = time.monotonic()
             await _call(adapter, adapter.enqueue, index)
-            got, started = worker.read_line(WORKER_START_TIMEOUT if index == -20 else 10.0).split()
+            line = worker.read_line(WORKER_START_TIMEOUT if index == -20 else 10.0)
+            got, started, worker_cpu = line.split()
             if int(got) != index:
                 raise RuntimeError(f"task {got} started while waiting for task {index}")
             if index >= 0:
                 samples.append((float(started) - sent) * 1000)
+                last_cpu = float(worker_cpu)
+                if index == 0:
+                    first_cpu = last_cpu
         if cfg.storage == "nats" and adapter.delayed:
             # Delayed tasks: how late after its run_at each one starts on the idle worker.
             for index in range(cfg.n, cfg.n + min(cfg.n, DELAYED_SAMPLES)):
                 sent = time.monotonic()
                 await _call(adapter, adapter.enqueue_delayed, index, DELAY)
-                got, started = worker.read_line(10.0).split()
+                got, started, _ = worker.read_line(10.0).split()
                 if int(got) != index:
                     raise RuntimeError(f"task {got} started while waiting for task {index}")
                 late.append((float(started) - sent - DELAY) * 1000)
@@ -716,6 +723,8 @@ async def _latency(factory: Callable[[Config], Adapter], cfg: Config, module: st
         "p99_ms": samples[min(len(samples) - 1, int(len(samples) * 0.99))],
         "max_ms": samples[-1],
     }
+    if cfg.n > 1:
+        metrics["worker_cpu_ms_per_task"] = (last_cpu - first_cpu) * 1000 / (cfg.n - 1)
     if late:
         late.sort()
         metrics["delayed_late_p50_ms"] = statistics.median(late)
