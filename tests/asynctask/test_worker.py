@@ -30,6 +30,7 @@ from lifecycle.asynctask import (
     TaskState,
 )
 from lifecycle.asynctask._clock import Clock
+from lifecycle.asynctask._engine._settler import Settler
 from lifecycle.asynctask._engine._worker import Worker
 
 T0 = 1_700_000_000.0
@@ -818,3 +819,36 @@ def test_the_engine_waits_and_claims_in_one_call_only_through_the_backends_own_m
     assert combined_wait_and_claim(plain) == plain.wait_and_claim
     for bypassed in (OwnClaim(), OwnWait(), MemoryBackend()):
         assert combined_wait_and_claim(bypassed) is None, bypassed
+
+
+async def test_a_held_settler_leaves_verdicts_to_its_taker_and_wakes_its_flusher_on_release() -> None:
+    """``Settler.hold()``: a verdict put meanwhile does not wake the flusher; ``take()`` gets it (ending the
+    hold), and ``release()`` wakes the flusher for what was put since, which it then saves."""
+    backend = Instrumented()
+    now = T0
+    await backend.enqueue_many(
+        [NewTask(f"t{n}", "job", "default", b"[]", 0, None, now, now) for n in range(2)]
+    )
+    claimed = await backend.claim(["default"], 2, now=now, lease_until=now + 30)
+    first, second = (Settlement(c.record.id, c.token, TaskState.SUCCEEDED, at=now) for c in claimed)
+    held = {c.record.id: c.token for c in claimed}
+    settler = Settler(backend, held, lambda: None, logging.getLogger("test"))
+    async with anyio.create_task_group() as group:
+        group.start_soon(settler.run)
+        await anyio.wait_all_tasks_blocked()
+        settler.hold()
+        settler.put(first)
+        await anyio.wait_all_tasks_blocked()
+        assert backend.settle_calls == []  # the flusher sleeps: the verdict waits for its taker
+        assert settler.take() == [first]
+        settler.saved([first], set())
+        settler.hold()
+        settler.put(second)
+        await anyio.wait_all_tasks_blocked()
+        assert backend.settle_calls == []
+        settler.release()
+        with anyio.fail_after(WAIT):
+            await settler.flush()
+        assert backend.settle_calls == [[second.task_id]]
+        group.cancel_scope.cancel()
+    assert held == {}

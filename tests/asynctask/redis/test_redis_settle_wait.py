@@ -6,6 +6,8 @@ as applied."""
 
 from __future__ import annotations
 
+import cProfile
+import pstats
 import time
 from typing import Any
 
@@ -325,6 +327,38 @@ async def test_an_idle_worker_saves_its_verdicts_with_its_waits(
     monkeypatch.setattr(Waiter, "wait_then_claim", wait_then_claim)
     await _one_at_a_time(worker_backend, await open_redis(), 5)
     assert sum(written) >= 2, written
+
+
+async def test_an_idle_worker_wakes_no_flusher_and_looks_up_no_library_per_task(
+    open_redis: OpenRedis,
+) -> None:
+    """Tasks sent one at a time to an idle worker: the verdict of each goes with the next wait without the
+    settler's flusher running for it (it would find the verdict taken), and the engine makes its events,
+    cancel scopes and checkpoints with the running loop's primitives, looked up once (``anyio.Event()``
+    looks up the running library on every call). Counted, not timed: the calls a profiler sees (a few
+    events are made once per worker, each of the ``count`` tasks made one or more before)."""
+    count = 48
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        await _one_at_a_time(await open_redis(), await open_redis(), count)
+    finally:
+        profiler.disable()
+    stats: dict[Any, Any] = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    flusher_runs = sum(
+        calls  # each time the flusher's coroutine resumes
+        for (path, _, name), (_, calls, _, _, _) in stats.items()
+        if path.endswith("_engine/_settler.py") and name == "run"
+    )
+    engine_event_lookups = sum(
+        calls
+        for (path, _, name), (_, _, _, _, callers) in stats.items()
+        if path.endswith("anyio/_core/_synchronization.py") and name == "__new__"
+        for (caller_path, _, _), (_, calls, _, _) in callers.items()
+        if "/asynctask/_engine/" in caller_path
+    )
+    assert flusher_runs <= count / 4, f"the flusher ran {flusher_runs} times for {count} tasks"
+    assert engine_event_lookups <= count / 4, f"{engine_event_lookups} anyio.Event() in the engine"
 
 
 @pytest.mark.parametrize("case", ["refused", "raises"])

@@ -7,8 +7,8 @@ import functools
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from types import FrameType, TracebackType
-from typing import Any, Protocol
+from types import FrameType
+from typing import Any
 
 import anyio
 
@@ -23,6 +23,7 @@ from .._records import ClaimedTask, GroupRecord, Settlement, TaskRecord, TaskSta
 from .._registry import Registry, TaskDefinition
 from .._tracing import Tracing, attempt_span
 from ._control import ProgressBook
+from ._loop import Scope, loop_primitives
 from ._options import ErrorHook
 from ._upkeep import call_error_hook
 from ._verdict import Policy, error_text, is_cancelled_from_outside
@@ -40,21 +41,6 @@ CANCEL = "cancel requested"
 
 _TRACE_MODULE = "opentelemetry.trace"
 """Imported by the application before any tracer provider can be configured (see :mod:`.._tracing`)."""
-
-
-class Scope(Protocol):
-    """A cancel scope of the running event loop: anyio's, or trio's own on trio (the same semantics)."""
-
-    @property
-    def cancel_called(self) -> bool: ...
-
-    def cancel(self) -> Any: ...
-
-    def __enter__(self) -> Any: ...
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None, /
-    ) -> bool | None: ...
 
 
 class Running:
@@ -223,8 +209,9 @@ class TaskRunner:
         running.is_async = is_async = definition.is_async
         new_scope = self._new_scope
         if new_scope is None:
-            new_scope, self._loop_time = _loop_primitives()
-            self._new_scope = new_scope
+            primitives = loop_primitives()
+            new_scope = self._new_scope = primitives.new_scope
+            self._loop_time = primitives.clock
         scope = new_scope() if timeout is None else new_scope(deadline=self._loop_time() + timeout)
         running.scope = scope
         if running.reason is not None:
@@ -445,26 +432,6 @@ def _arguments(value: Any) -> tuple[Any, ...]:
     if isinstance(value, list):
         return tuple(value)
     raise ValueError(f"the payload holds {type(value).__name__}, not an argument list")
-
-
-def _loop_primitives() -> tuple[Callable[..., Scope], Callable[[], float]]:
-    """The cancel scope class and the clock of the running event loop. On trio, trio's own scope: anyio's
-    wraps it, adding a call to each use. Whatever anyio runs on otherwise, its scope class and clock."""
-    trio: Any = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            trio.lowlevel.current_task()
-        except RuntimeError:  # trio is imported, but this is not a trio run
-            pass
-        else:
-            return trio.CancelScope, trio.current_time
-    scope_type: Callable[..., Scope] = type(anyio.CancelScope())
-    try:
-        import asyncio
-
-        return scope_type, asyncio.get_running_loop().time  # anyio's asyncio deadlines are this loop's time
-    except RuntimeError:  # pragma: no cover - anyio runs on asyncio or trio
-        return anyio.CancelScope, anyio.current_time
 
 
 def _capture(fn: Any, *args: Any) -> tuple[Any, BaseException | None]:

@@ -10,6 +10,7 @@ import anyio
 from ..._core._backoff import Backoff
 from .._backend import Backend
 from .._records import Settlement, TaskState
+from ._loop import loop_primitives
 from ._verdict import storable
 
 __all__ = ["Settler"]
@@ -22,7 +23,9 @@ class Settler:
     """Collects settlements and applies them with one ``backend.settle`` call per batch.
 
     The flusher starts a batch as soon as it is free, so a lone result is saved after one round trip and a
-    burst of results shares round trips; nothing waits on a timer. ``held`` maps each task id whose lease this
+    burst of results shares round trips; nothing waits on a timer. While the worker's claim loop is about to
+    take the verdicts for its next backend call (see :meth:`hold`), a verdict put does not wake the flusher,
+    which would otherwise run only to find them taken. ``held`` maps each task id whose lease this
     worker holds to its token: the worker adds an entry when it claims, the settler removes it once the
     verdict is applied (so the heartbeat keeps extending leases of results not yet saved). A failing backend
     is retried with backoff; the batch is kept in order meanwhile.
@@ -46,6 +49,9 @@ class Settler:
         self._in_flight = 0
         self._wake: anyio.Event | None = None
         self._idle: anyio.Event | None = None
+        self._holding = False  # see hold()
+        self._owed = False  # a verdict was put while holding: the flusher is owed a wake-up
+        self._new_event: Callable[[], anyio.Event] = anyio.Event
         self.applied = 0
 
     @property
@@ -56,17 +62,38 @@ class Settler:
     def put(self, settlement: Settlement) -> None:
         """Queue a verdict; the flusher applies it soon."""
         self._buffer.append(settlement)
+        if self._holding:
+            self._owed = True
+            return
         wake = self._wake
         if wake is not None:
             self._wake = None
             wake.set()
 
+    def hold(self) -> None:
+        """Keep the flusher asleep for the verdicts put from now on: the caller takes them with :meth:`take`
+        (which ends the hold) or ends the hold with :meth:`release`, before it next waits for anything. For
+        the worker's claim loop between a claim and the next call that carries the verdicts: a task that
+        ends meanwhile would wake the flusher only for it to find its verdict taken."""
+        self._holding = True
+
+    def release(self) -> None:
+        """End :meth:`hold`: wake the flusher for the verdicts put meanwhile. Idempotent."""
+        self._holding = False
+        if self._owed:
+            self._owed = False
+            wake = self._wake
+            if wake is not None:
+                self._wake = None
+                wake.set()
+
     async def run(self) -> None:
         """The flusher: apply batches until cancelled."""
+        new_event = self._new_event = loop_primitives().new_event
         while True:
             if not self._buffer:
                 self._set_idle()
-                wake = self._wake = anyio.Event()
+                wake = self._wake = new_event()
                 await wake.wait()
                 continue
             batch, self._buffer = self._buffer, []
@@ -80,10 +107,12 @@ class Settler:
         """The buffered verdicts, for a caller that saves them in its own backend call (the worker's claim,
         with a backend that settles and claims in one step); ``[]`` while the flusher is saving a batch (so
         a batch it retries keeps its order). The caller reports back with :meth:`saved` or
-        :meth:`give_back`."""
+        :meth:`give_back`. Ends :meth:`hold`: what was held is taken, or left to the flusher."""
         batch = self._buffer
         if not batch or self._in_flight:
+            self.release()
             return []
+        self._holding = self._owed = False
         self._buffer = []
         self._in_flight = len(batch)
         return batch
@@ -107,7 +136,7 @@ class Settler:
     async def flush(self) -> None:
         """Return once everything put so far is applied (needs :meth:`run` running)."""
         while self._buffer or self._in_flight:
-            idle = self._idle = anyio.Event()
+            idle = self._idle = self._new_event()
             await idle.wait()
 
     def _set_idle(self) -> None:

@@ -31,6 +31,7 @@ from .._observer import TaskObserver, observe_finished, observe_started
 from .._records import ClaimedTask, Settlement, TaskState
 from .._registry import Registry
 from ._control import ProgressBook
+from ._loop import LoopPrimitives, loop_primitives
 from ._notices import NoticePump
 from ._options import EngineOptions
 from ._runner import LOST, SHUTDOWN, Running, TaskRunner
@@ -119,6 +120,10 @@ class Worker:
         )
         self.started = anyio.Event()
         self.stopping = anyio.Event()
+        self._loop = LoopPrimitives(
+            anyio.CancelScope, anyio.current_time, anyio.Event, anyio.lowlevel.checkpoint
+        )
+        """The running loop's primitives: anyio's until :meth:`serve` looks them up in the loop it runs in."""
 
     # -- control --------------------------------------------------------------------------------------------
 
@@ -175,6 +180,7 @@ class Worker:
         """Run until :meth:`stop`: then stop claiming, give in-flight tasks ``shutdown_grace`` seconds, cancel
         the rest and return them to pending (attempt refunded), save every verdict, and return."""
         self._runner.limiter = anyio.CapacityLimiter(self._options.concurrency)
+        self._loop = loop_primitives()
         async with anyio.create_task_group() as services:
             services.start_soon(self._settler.run)
             services.start_soon(self._heartbeat_loop)
@@ -194,7 +200,10 @@ class Worker:
                 for _ in range(self._options.concurrency):
                     runners.start_soon(self._runner_loop)
                 self.started.set()
-                await self._claim_loop()
+                try:
+                    await self._claim_loop()
+                finally:
+                    self._settler.release()
                 await self._drain()
                 self._closing = True  # the runners run what is queued (each stopped already), then end
                 while self._idle_runners:
@@ -215,6 +224,7 @@ class Worker:
         concurrency = options.concurrency
         backend = self._backend
         clock = self._clock
+        checkpoint = self._loop.checkpoint
         # With a backend that can, the verdicts waiting to be saved go with the claim: one call, not two.
         settle_and_claim = combined_settle_and_claim(backend)
         # With a backend that can, an idle wait carries the claim that follows it: one round trip, not two.
@@ -238,6 +248,7 @@ class Worker:
                 2 * concurrency + self._ahead - len(self._held),
             )
             if free <= 0:
+                self._settler.release()
                 await self._wait_for_capacity()
                 continue
             limit = min(free, concurrency)  # one claim takes a batch of at most `concurrency`, as always
@@ -249,10 +260,14 @@ class Worker:
                     self._claimed(waited, limit, ahead=False)
                     idle = len(waited) < limit
                     if waited:
+                        if idle and self._settle_wait is not None:
+                            # What the runners finish meanwhile goes with the next wait: no flusher pass.
+                            self._settler.hold()
                         # The runner starts the task before this loop sends its next wait: the task that
                         # woke an idle worker starts one script call sooner.
-                        await anyio.lowlevel.checkpoint()
+                        await checkpoint()
                 continue
+            self._settler.release()  # (a hold ends before anything else this loop awaits)
             now = clock()
             limits = self._registry.flow_limits()
             if settle_and_claim is not None:
@@ -341,7 +356,7 @@ class Worker:
     async def _wait_for_capacity(self) -> None:
         """Wait until a slot is free; give back the tasks claimed ahead if no runner took one for
         ``_AHEAD_WAIT`` seconds (the runners are on long tasks: other workers may run those now)."""
-        event = self._capacity_event = anyio.Event()
+        event = self._capacity_event = self._loop.new_event()
         deadline = self._ahead_deadline()
         if deadline == math.inf:
             await event.wait()
@@ -385,7 +400,7 @@ class Worker:
         running_by_token = self._running
         held = self._held
         book = self._progress
-        at = anyio.current_time()
+        at = self._loop.clock()
         for claimed in batch:
             # What _hold() does, inline (once per task).
             task_id = claimed.record.id
@@ -409,6 +424,7 @@ class Worker:
         queue = self._queue
         idle = self._idle_runners
         run = self._run
+        new_event = self._loop.new_event
         while True:
             while queue:
                 running = queue.popleft()
@@ -417,7 +433,7 @@ class Worker:
                 await run(running)
             if self._closing:
                 return
-            event = anyio.Event()
+            event = new_event()
             idle.append(event)
             await event.wait()
             self._runner_woken = False
@@ -450,11 +466,16 @@ class Worker:
         backend that can, the settler's buffered verdicts go with the wait: the backend reports them saved, or
         refused (given back to the settler), as soon as it knows; a call that fails first gives them back."""
         if self._stopping or generation != self._wake_generation:
+            self._settler.release()
             return None
-        event = self._wake_event = anyio.Event()
+        event = self._wake_event = self._loop.new_event()
         options = self._options
         settle_wait = self._settle_wait
-        verdicts = self._settler.take() if settle_wait is not None else []
+        if settle_wait is not None:
+            verdicts = self._settler.take()  # (ends a hold)
+        else:
+            verdicts = []
+            self._settler.release()
         pending = bool(verdicts)  # taken, and neither saved nor given back yet
         now = self._clock()
         try:
