@@ -5,8 +5,8 @@
 Starts a private ``redis-server`` (as ``benchmarks/run.py`` does), then per round runs the harness's own
 ``latency`` scenario (``benchmarks.peers.ours``: one producer awaiting single enqueues, one idle worker
 process, each task's start time against its send time) once per version, the versions alternating their order
-between rounds. Prints each run's p50, p99 and the worker's CPU per task, then per version the medians over the
-rounds and their spread.
+between rounds. Prints each run's p50, p99 and the worker's CPU per task, then per version the medians over
+the rounds and their spread.
 """
 
 from __future__ import annotations
