@@ -322,6 +322,7 @@ def render(result: dict[str, Any]) -> str:
             [
                 ("p50 ms", _cell(table, "latency", "p50_ms", 2)),
                 ("p99 ms", _cell(table, "latency", "p99_ms", 2)),
+                ("worker CPU ms/task", _cell(table, "latency", "worker_cpu_ms_per_task", 3, spread=False)),
             ],
             descending=False,
         ),
@@ -483,6 +484,10 @@ def render_nats(result: dict[str, Any]) -> str:
             [
                 ("p50 ms", _cell(table, "nats_latency", "p50_ms", 2)),
                 ("p99 ms", _cell(table, "nats_latency", "p99_ms", 2)),
+                (
+                    "worker CPU ms/task",
+                    _cell(table, "nats_latency", "worker_cpu_ms_per_task", 3, spread=False),
+                ),
             ],
             descending=False,
         ),
@@ -607,6 +612,7 @@ def render_postgres(result: dict[str, Any]) -> str:
             [
                 ("p50 ms", _cell(table, "pg_latency", "p50_ms", 2)),
                 ("p99 ms", _cell(table, "pg_latency", "p99_ms", 2)),
+                ("worker CPU ms/task", _cell(table, "pg_latency", "worker_cpu_ms_per_task", 3, spread=False)),
                 ("max ms", _cell(table, "pg_latency", "max_ms", 2, spread=False)),
             ],
             descending=False,
