@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -822,33 +822,135 @@ def test_the_engine_waits_and_claims_in_one_call_only_through_the_backends_own_m
 
 
 async def test_a_held_settler_leaves_verdicts_to_its_taker_and_wakes_its_flusher_on_release() -> None:
-    """``Settler.hold()``: a verdict put meanwhile does not wake the flusher; ``take()`` gets it (ending the
-    hold), and ``release()`` wakes the flusher for what was put since, which it then saves."""
+    """``Settler.hold()``: a verdict put meanwhile does not wake the flusher; ``take()`` gets it and ends the
+    hold (a verdict put after it wakes the flusher again), ``take()`` finding the flusher's batch in flight
+    ends it too, and ``release()`` wakes the flusher for what was put meanwhile, which it then saves."""
     backend = Instrumented()
     now = T0
     await backend.enqueue_many(
-        [NewTask(f"t{n}", "job", "default", b"[]", 0, None, now, now) for n in range(2)]
+        [NewTask(f"t{n}", "job", "default", b"[]", 0, None, now, now) for n in range(5)]
     )
-    claimed = await backend.claim(["default"], 2, now=now, lease_until=now + 30)
-    first, second = (Settlement(c.record.id, c.token, TaskState.SUCCEEDED, at=now) for c in claimed)
+    claimed = await backend.claim(["default"], 5, now=now, lease_until=now + 30)
+    verdicts = [Settlement(c.record.id, c.token, TaskState.SUCCEEDED, at=now) for c in claimed]
     held = {c.record.id: c.token for c in claimed}
     settler = Settler(backend, held, lambda: None, logging.getLogger("test"))
     async with anyio.create_task_group() as group:
         group.start_soon(settler.run)
         await anyio.wait_all_tasks_blocked()
         settler.hold()
-        settler.put(first)
+        settler.put(verdicts[0])
         await anyio.wait_all_tasks_blocked()
         assert backend.settle_calls == []  # the flusher sleeps: the verdict waits for its taker
-        assert settler.take() == [first]
-        settler.saved([first], set())
+        assert settler.take() == [verdicts[0]]
+        settler.saved([verdicts[0]], set())
+        settler.put(verdicts[1])  # no hold any more: the flusher saves it
+        with anyio.fail_after(WAIT):
+            await settler.flush()
+        assert backend.settle_calls == [[verdicts[1].task_id]]
+        # take() while the flusher's batch is in flight: it takes nothing and ends the hold.
+        backend.heartbeats_held = None
+        gate = anyio.Event()
+        original = backend.settle
+
+        async def slow_settle(settlements: Sequence[Settlement]) -> set[str]:
+            await gate.wait()
+            return await original(settlements)
+
+        backend.settle = slow_settle  # type: ignore[method-assign]
+        settler.put(verdicts[2])
+        await anyio.wait_all_tasks_blocked()  # the flusher is saving it, held up by the gate
         settler.hold()
-        settler.put(second)
+        assert settler.take() == []
+        settler.put(verdicts[3])  # not held: saved by the flusher after its batch
+        gate.set()
+        with anyio.fail_after(WAIT):
+            await settler.flush()
+        assert backend.settle_calls[-2:] == [[verdicts[2].task_id], [verdicts[3].task_id]]
+        settler.hold()
+        settler.put(verdicts[4])
         await anyio.wait_all_tasks_blocked()
-        assert backend.settle_calls == []
+        assert backend.settle_calls[-1] == [verdicts[3].task_id]
         settler.release()
         with anyio.fail_after(WAIT):
             await settler.flush()
-        assert backend.settle_calls == [[second.task_id]]
+        assert backend.settle_calls[-1] == [verdicts[4].task_id]
         group.cancel_scope.cancel()
     assert held == {}
+
+
+class _SilentSettleWait(MemoryBackend):
+    """A backend whose ``settle_wait_and_claim`` breaks its contract: it returns without ever reporting the
+    verdicts' outcome (nor saving them). Its other parts are its own, so the engine uses it."""
+
+    async def claim(
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
+    ) -> list[ClaimedTask]:
+        return await super().claim(queues, limit, now=now, lease_until=lease_until, limits=limits)
+
+    async def wait_for_work(self, queues: Sequence[str], *, timeout: float) -> None:
+        await super().wait_for_work(queues, timeout=timeout)
+
+    async def settle(self, settlements: Sequence[Settlement]) -> set[str]:
+        return await super().settle(settlements)
+
+    async def wait_and_claim(
+        self,
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
+        timeout: float,
+        woken: anyio.Event,
+    ) -> list[ClaimedTask] | None:
+        await self.wait_for_work(queues, timeout=timeout)
+        return await self.claim(queues, limit, now=time.time(), lease_until=lease_until, limits=limits)
+
+    async def settle_wait_and_claim(
+        self,
+        settlements: Sequence[Settlement],
+        queues: Sequence[str],
+        limit: int,
+        *,
+        now: float,
+        lease_until: float,
+        limits: Mapping[str, FlowLimits] | None = None,
+        timeout: float,
+        woken: anyio.Event,
+        settled: Callable[[set[str] | None], None],
+    ) -> list[ClaimedTask] | None:
+        self.silenced += len(settlements)
+        return await self.wait_and_claim(
+            queues, limit, now=now, lease_until=lease_until, limits=limits, timeout=timeout, woken=woken
+        )
+
+    silenced = 0
+
+
+async def test_verdicts_a_combined_wait_never_reported_are_saved_by_the_settler() -> None:
+    """A backend's ``settle_wait_and_claim`` that returns without reporting the verdicts it was given: the
+    worker counts them as not saved, and its settler saves them (rather than holding them in flight, unsaved,
+    until the final flush gives up)."""
+    backend = _SilentSettleWait()
+    tasks = AsyncTasks(backend, concurrency=2, poll_interval=0.05)
+
+    @tasks.register(name="job")
+    async def job(n: int) -> int:
+        return n
+
+    async with tasks, anyio.create_task_group() as group:
+        group.start_soon(tasks.execute)
+        for n in range(3):
+            task_id = await tasks.enqueue("job", n)
+            with anyio.fail_after(WAIT):
+                done = await tasks.wait(task_id, timeout=WAIT)
+            assert (done.state, done.result) == (TaskState.SUCCEEDED, n)
+        group.cancel_scope.cancel()
+    assert backend.silenced >= 1  # the worker did hand verdicts to the silent call

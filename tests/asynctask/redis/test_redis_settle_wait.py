@@ -333,10 +333,10 @@ async def test_an_idle_worker_wakes_no_flusher_and_looks_up_no_library_per_task(
     open_redis: OpenRedis,
 ) -> None:
     """Tasks sent one at a time to an idle worker: the verdict of each goes with the next wait without the
-    settler's flusher running for it (it would find the verdict taken), and the engine makes its events,
-    cancel scopes and checkpoints with the running loop's primitives, looked up once (``anyio.Event()``
-    looks up the running library on every call). Counted, not timed: the calls a profiler sees (a few
-    events are made once per worker, each of the ``count`` tasks made one or more before)."""
+    settler's flusher running for it (it would find the verdict taken), and the engine makes its events with
+    the running loop's event class, looked up once (``anyio.Event()`` looks up the running library on every
+    call). Counted, not timed: the calls a profiler sees (a few events are made once per worker, each of the
+    ``count`` tasks made three before)."""
     count = 48
     profiler = cProfile.Profile()
     profiler.enable()
@@ -357,8 +357,10 @@ async def test_an_idle_worker_wakes_no_flusher_and_looks_up_no_library_per_task(
         for (caller_path, _, _), (_, calls, _, _) in callers.items()
         if "/asynctask/_engine/" in caller_path
     )
-    assert flusher_runs <= count / 4, f"the flusher ran {flusher_runs} times for {count} tasks"
-    assert engine_event_lookups <= count / 4, f"{engine_event_lookups} anyio.Event() in the engine"
+    # Both counts find something (the flusher starts; a few events are made once per worker): the profiler's
+    # names are the ones looked for.
+    assert 1 <= flusher_runs <= count / 4, f"the flusher ran {flusher_runs} times for {count} tasks"
+    assert 1 <= engine_event_lookups <= count / 4, f"{engine_event_lookups} anyio.Event() in the engine"
 
 
 @pytest.mark.parametrize("case", ["refused", "raises"])

@@ -4,7 +4,8 @@
 the running async library anew on every call (a sniffio look-up; ``anyio.Event()`` also initialises its
 event twice, as the class it returns is a subclass whose ``__init__`` runs again). A worker that serves one
 task at a time calls them several times per task, and on an idle worker's path from a claim to the task's
-start every call counts, so the worker looks them up once, in the loop it serves.
+start every call counts, so the worker looks them up once, in the loop it serves, and hands them to its
+runner and its settler.
 """
 
 from __future__ import annotations

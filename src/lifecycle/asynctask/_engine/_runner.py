@@ -23,7 +23,7 @@ from .._records import ClaimedTask, GroupRecord, Settlement, TaskRecord, TaskSta
 from .._registry import Registry, TaskDefinition
 from .._tracing import Tracing, attempt_span
 from ._control import ProgressBook
-from ._loop import Scope, loop_primitives
+from ._loop import LoopPrimitives, Scope, loop_primitives
 from ._options import ErrorHook
 from ._upkeep import call_error_hook
 from ._verdict import Policy, error_text, is_cancelled_from_outside
@@ -134,6 +134,11 @@ class TaskRunner:
         # anew on every call, and this is paid once per task.
         self._new_scope: Callable[..., Scope] | None = None
         self._loop_time: Callable[[], float] = anyio.current_time
+
+    def use_loop(self, primitives: LoopPrimitives) -> None:
+        """Make the attempts' cancel scopes with the running loop's ``primitives`` (looked up by the worker;
+        without this call, the first attempt looks them up)."""
+        self._new_scope, self._loop_time = primitives.new_scope, primitives.clock
 
     def look_up_tracer(self) -> None:
         """Find out whether OpenTelemetry is configured, for the attempts of a batch just claimed: once per

@@ -10,7 +10,7 @@ import anyio
 from ..._core._backoff import Backoff
 from .._backend import Backend
 from .._records import Settlement, TaskState
-from ._loop import loop_primitives
+from ._loop import LoopPrimitives, loop_primitives
 from ._verdict import storable
 
 __all__ = ["Settler"]
@@ -51,6 +51,7 @@ class Settler:
         self._idle: anyio.Event | None = None
         self._holding = False  # see hold()
         self._owed = False  # a verdict was put while holding: the flusher is owed a wake-up
+        self._flusher_first = False  # verdicts were given back: the flusher takes the buffer next
         self._new_event: Callable[[], anyio.Event] = anyio.Event
         self.applied = 0
 
@@ -72,9 +73,9 @@ class Settler:
 
     def hold(self) -> None:
         """Keep the flusher asleep for the verdicts put from now on: the caller takes them with :meth:`take`
-        (which ends the hold) or ends the hold with :meth:`release`, before it next waits for anything. For
-        the worker's claim loop between a claim and the next call that carries the verdicts: a task that
-        ends meanwhile would wake the flusher only for it to find its verdict taken."""
+        (which ends the hold) or ends the hold with :meth:`release`, before it awaits anything but a
+        checkpoint. For the worker's claim loop between a claim and the next call that carries the verdicts:
+        a task that ends meanwhile would wake the flusher only for it to find its verdict taken."""
         self._holding = True
 
     def release(self) -> None:
@@ -87,9 +88,10 @@ class Settler:
                 self._wake = None
                 wake.set()
 
-    async def run(self) -> None:
-        """The flusher: apply batches until cancelled."""
-        new_event = self._new_event = loop_primitives().new_event
+    async def run(self, primitives: LoopPrimitives | None = None) -> None:
+        """The flusher: apply batches until cancelled. ``primitives``: the running loop's, if looked up
+        already (see :func:`loop_primitives`)."""
+        new_event = self._new_event = (primitives or loop_primitives()).new_event
         while True:
             if not self._buffer:
                 self._set_idle()
@@ -97,6 +99,7 @@ class Settler:
                 await wake.wait()
                 continue
             batch, self._buffer = self._buffer, []
+            self._owed = self._flusher_first = False  # what was held or given back is in this batch
             self._in_flight += len(batch)
             try:
                 await self._apply(batch)
@@ -106,10 +109,11 @@ class Settler:
     def take(self) -> list[Settlement]:
         """The buffered verdicts, for a caller that saves them in its own backend call (the worker's claim,
         with a backend that settles and claims in one step); ``[]`` while the flusher is saving a batch (so
-        a batch it retries keeps its order). The caller reports back with :meth:`saved` or
-        :meth:`give_back`. Ends :meth:`hold`: what was held is taken, or left to the flusher."""
+        a batch it retries keeps its order, and after :meth:`give_back` until the flusher has taken what was
+        given back). The caller reports back with :meth:`saved` or :meth:`give_back`. Ends :meth:`hold`: what
+        was held is taken, or left to the flusher."""
         batch = self._buffer
-        if not batch or self._in_flight:
+        if not batch or self._in_flight or self._flusher_first:
             self.release()
             return []
         self._holding = self._owed = False
@@ -125,8 +129,11 @@ class Settler:
             self._set_idle()
 
     def give_back(self, batch: list[Settlement]) -> None:
-        """``batch`` from :meth:`take` was not saved (its call failed): the flusher saves it, first."""
+        """``batch`` from :meth:`take` was not saved (its call failed): the flusher saves it, first (until it
+        has taken the buffer, :meth:`take` takes nothing: a caller whose calls keep failing to save would
+        otherwise take the verdicts back before the flusher, with its retries, could)."""
         self._in_flight -= len(batch)
+        self._flusher_first = True
         self._buffer[:0] = batch
         wake = self._wake
         if wake is not None:

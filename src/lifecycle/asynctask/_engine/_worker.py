@@ -180,9 +180,10 @@ class Worker:
         """Run until :meth:`stop`: then stop claiming, give in-flight tasks ``shutdown_grace`` seconds, cancel
         the rest and return them to pending (attempt refunded), save every verdict, and return."""
         self._runner.limiter = anyio.CapacityLimiter(self._options.concurrency)
-        self._loop = loop_primitives()
+        primitives = self._loop = loop_primitives()
+        self._runner.use_loop(primitives)
         async with anyio.create_task_group() as services:
-            services.start_soon(self._settler.run)
+            services.start_soon(self._settler.run, primitives)
             services.start_soon(self._heartbeat_loop)
             services.start_soon(self._recovery_loop)
             await services.start(self._watch_loop)  # watching before a runner can run (and block) a task
@@ -491,7 +492,7 @@ class Worker:
                     else:
                         self._settler.saved(verdicts, lost)
 
-                return await settle_wait(
+                claimed = await settle_wait(
                     verdicts,
                     options.queues.next_order(),
                     free,
@@ -502,6 +503,12 @@ class Worker:
                     woken=event,
                     settled=settled,
                 )
+                if pending:
+                    # Returned without reporting the outcome, which its contract says it does: the verdicts
+                    # count as not saved, as after a call that failed (the settler saves them).
+                    pending = False
+                    self._settler.give_back(verdicts)
+                return claimed
             return await wait_and_claim(
                 options.queues.next_order(),
                 free,
