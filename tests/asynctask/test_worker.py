@@ -936,21 +936,32 @@ class _SilentSettleWait(MemoryBackend):
 
 async def test_verdicts_a_combined_wait_never_reported_are_saved_by_the_settler() -> None:
     """A backend's ``settle_wait_and_claim`` that returns without reporting the verdicts it was given: the
-    worker counts them as not saved, and its settler saves them (rather than holding them in flight, unsaved,
-    until the final flush gives up)."""
+    worker counts them as not saved, and its settler's flusher saves them (rather than holding them in
+    flight, unsaved, until the final flush gives up), before the claim loop's next call can take them."""
     backend = _SilentSettleWait()
-    tasks = AsyncTasks(backend, concurrency=2, poll_interval=0.05)
+    tasks = AsyncTasks(backend, poll_interval=0.05)
 
     @tasks.register(name="job")
-    async def job(n: int) -> int:
-        return n
+    async def job() -> None:
+        pass
 
-    async with tasks, anyio.create_task_group() as group:
-        group.start_soon(tasks.execute)
-        for n in range(3):
-            task_id = await tasks.enqueue("job", n)
+    async with tasks:
+        task_id = await tasks.enqueue("job")
+        now = time.time()
+        (claimed,) = await backend.claim(["default"], 1, now=now, lease_until=now + 30)
+        worker = Worker(backend, tasks._registry, tasks.encoding, tasks._options, logging.getLogger("test"))
+        worker._settle_wait = backend.settle_wait_and_claim
+        worker._held[task_id] = claimed.token
+        worker._settler.put(Settlement(task_id, claimed.token, TaskState.SUCCEEDED, at=now))
+        assert await worker._wait_and_claim(backend.wait_and_claim, 0, 1) == []
+        assert backend.silenced == 1  # the verdict went to the silent call
+        assert worker._settler.take() == []  # given back: the flusher's to save first
+        async with anyio.create_task_group() as group:
+            group.start_soon(worker._settler.run)
             with anyio.fail_after(WAIT):
-                done = await tasks.wait(task_id, timeout=WAIT)
-            assert (done.state, done.result) == (TaskState.SUCCEEDED, n)
-        group.cancel_scope.cancel()
-    assert backend.silenced >= 1  # the worker did hand verdicts to the silent call
+                await worker._settler.flush()
+            group.cancel_scope.cancel()
+        record = await backend.get(task_id)
+        assert record is not None
+        assert record.state is TaskState.SUCCEEDED
+        assert worker._held == {}
