@@ -880,24 +880,7 @@ async def test_a_held_settler_leaves_verdicts_to_its_taker_and_wakes_its_flusher
 
 class _SilentSettleWait(MemoryBackend):
     """A backend whose ``settle_wait_and_claim`` breaks its contract: it returns without ever reporting the
-    verdicts' outcome (nor saving them). Its other parts are its own, so the engine uses it."""
-
-    async def claim(
-        self,
-        queues: Sequence[str],
-        limit: int,
-        *,
-        now: float,
-        lease_until: float,
-        limits: Mapping[str, FlowLimits] | None = None,
-    ) -> list[ClaimedTask]:
-        return await super().claim(queues, limit, now=now, lease_until=lease_until, limits=limits)
-
-    async def wait_for_work(self, queues: Sequence[str], *, timeout: float) -> None:
-        await super().wait_for_work(queues, timeout=timeout)
-
-    async def settle(self, settlements: Sequence[Settlement]) -> set[str]:
-        return await super().settle(settlements)
+    verdicts' outcome (nor saving them)."""
 
     async def wait_and_claim(
         self,
