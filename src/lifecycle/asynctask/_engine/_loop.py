@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, Protocol
 import anyio
 import anyio.lowlevel
 
-__all__ = ["LoopPrimitives", "Scope", "loop_primitives"]
+__all__ = ["ANYIO_PRIMITIVES", "LoopPrimitives", "Scope", "loop_primitives"]
 
 
 class Scope(Protocol):
@@ -51,6 +51,13 @@ class LoopPrimitives(NamedTuple):
     """``anyio.lowlevel.checkpoint()``: let the other tasks run once."""
 
 
+ANYIO_PRIMITIVES = LoopPrimitives(
+    anyio.CancelScope, anyio.current_time, anyio.Event, anyio.lowlevel.checkpoint
+)
+"""anyio's own functions, which look the running library up on each call: right in any loop, only slower
+(what a worker uses until it has looked up the loop it serves)."""
+
+
 def loop_primitives() -> LoopPrimitives:
     """The primitives of the running event loop (call it inside the loop that uses them). On trio, trio's own
     cancel scope, clock and checkpoint (anyio's wrap them, adding a call to each use); on asyncio, anyio's
@@ -69,5 +76,5 @@ def loop_primitives() -> LoopPrimitives:
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # pragma: no cover - anyio runs on asyncio or trio
-        return LoopPrimitives(anyio.CancelScope, anyio.current_time, anyio.Event, anyio.lowlevel.checkpoint)
+        return ANYIO_PRIMITIVES
     return LoopPrimitives(scope_type, loop.time, new_event, functools.partial(asyncio.sleep, 0))

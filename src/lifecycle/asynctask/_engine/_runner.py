@@ -23,7 +23,7 @@ from .._records import ClaimedTask, GroupRecord, Settlement, TaskRecord, TaskSta
 from .._registry import Registry, TaskDefinition
 from .._tracing import Tracing, attempt_span
 from ._control import ProgressBook
-from ._loop import LoopPrimitives, Scope, loop_primitives
+from ._loop import ANYIO_PRIMITIVES, LoopPrimitives, Scope
 from ._options import ErrorHook
 from ._upkeep import call_error_hook
 from ._verdict import Policy, error_text, is_cancelled_from_outside
@@ -132,12 +132,12 @@ class TaskRunner:
         # The running event loop's cancel scope class and clock, looked up at the first attempt (a worker
         # serves one event loop): anyio.CancelScope() and anyio.current_time() find the running library
         # anew on every call, and this is paid once per task.
-        self._new_scope: Callable[..., Scope] | None = None
-        self._loop_time: Callable[[], float] = anyio.current_time
+        self._new_scope: Callable[..., Scope] = ANYIO_PRIMITIVES.new_scope
+        self._loop_time: Callable[[], float] = ANYIO_PRIMITIVES.clock
 
     def use_loop(self, primitives: LoopPrimitives) -> None:
         """Make the attempts' cancel scopes with the running loop's ``primitives`` (looked up by the worker;
-        without this call, the first attempt looks them up)."""
+        without this call, anyio's own, which look the running library up each time)."""
         self._new_scope, self._loop_time = primitives.new_scope, primitives.clock
 
     def look_up_tracer(self) -> None:
@@ -213,10 +213,6 @@ class TaskRunner:
                 args = (ctx, *args)
         running.is_async = is_async = definition.is_async
         new_scope = self._new_scope
-        if new_scope is None:
-            primitives = loop_primitives()
-            new_scope = self._new_scope = primitives.new_scope
-            self._loop_time = primitives.clock
         scope = new_scope() if timeout is None else new_scope(deadline=self._loop_time() + timeout)
         running.scope = scope
         if running.reason is not None:

@@ -50,7 +50,6 @@ class Settler:
         self._wake: anyio.Event | None = None
         self._idle: anyio.Event | None = None
         self._holding = False  # see hold()
-        self._owed = False  # a verdict was put while holding: the flusher is owed a wake-up
         self._flusher_first = False  # verdicts were given back: the flusher takes the buffer next
         self._new_event: Callable[[], anyio.Event] = anyio.Event
         self.applied = 0
@@ -63,13 +62,8 @@ class Settler:
     def put(self, settlement: Settlement) -> None:
         """Queue a verdict; the flusher applies it soon."""
         self._buffer.append(settlement)
-        if self._holding:
-            self._owed = True
-            return
-        wake = self._wake
-        if wake is not None:
-            self._wake = None
-            wake.set()
+        if not self._holding:
+            self._wake_flusher()
 
     def hold(self) -> None:
         """Keep the flusher asleep for the verdicts put from now on: the caller takes them with :meth:`take`
@@ -81,12 +75,8 @@ class Settler:
     def release(self) -> None:
         """End :meth:`hold`: wake the flusher for the verdicts put meanwhile. Idempotent."""
         self._holding = False
-        if self._owed:
-            self._owed = False
-            wake = self._wake
-            if wake is not None:
-                self._wake = None
-                wake.set()
+        if self._buffer:
+            self._wake_flusher()
 
     async def run(self, primitives: LoopPrimitives | None = None) -> None:
         """The flusher: apply batches until cancelled. ``primitives``: the running loop's, if looked up
@@ -99,7 +89,7 @@ class Settler:
                 await wake.wait()
                 continue
             batch, self._buffer = self._buffer, []
-            self._owed = self._flusher_first = False  # what was held or given back is in this batch
+            self._flusher_first = False  # what was given back is in this batch
             self._in_flight += len(batch)
             try:
                 await self._apply(batch)
@@ -116,7 +106,7 @@ class Settler:
         if not batch or self._in_flight or self._flusher_first:
             self.release()
             return []
-        self._holding = self._owed = False
+        self._holding = False
         self._buffer = []
         self._in_flight = len(batch)
         return batch
@@ -135,16 +125,20 @@ class Settler:
         self._in_flight -= len(batch)
         self._flusher_first = True
         self._buffer[:0] = batch
-        wake = self._wake
-        if wake is not None:
-            self._wake = None
-            wake.set()
+        self._wake_flusher()
 
     async def flush(self) -> None:
         """Return once everything put so far is applied (needs :meth:`run` running)."""
         while self._buffer or self._in_flight:
             idle = self._idle = self._new_event()
             await idle.wait()
+
+    def _wake_flusher(self) -> None:
+        """Wake the flusher if it waits for verdicts."""
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set()
 
     def _set_idle(self) -> None:
         idle = self._idle

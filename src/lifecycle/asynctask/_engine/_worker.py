@@ -31,7 +31,7 @@ from .._observer import TaskObserver, observe_finished, observe_started
 from .._records import ClaimedTask, Settlement, TaskState
 from .._registry import Registry
 from ._control import ProgressBook
-from ._loop import LoopPrimitives, loop_primitives
+from ._loop import ANYIO_PRIMITIVES, LoopPrimitives, loop_primitives
 from ._notices import NoticePump
 from ._options import EngineOptions
 from ._runner import LOST, SHUTDOWN, Running, TaskRunner
@@ -120,9 +120,7 @@ class Worker:
         )
         self.started = anyio.Event()
         self.stopping = anyio.Event()
-        self._loop = LoopPrimitives(
-            anyio.CancelScope, anyio.current_time, anyio.Event, anyio.lowlevel.checkpoint
-        )
+        self._loop: LoopPrimitives = ANYIO_PRIMITIVES
         """The running loop's primitives: anyio's until :meth:`serve` looks them up in the loop it runs in."""
 
     # -- control --------------------------------------------------------------------------------------------
@@ -263,12 +261,15 @@ class Worker:
                     if waited:
                         if idle and self._settle_wait is not None:
                             # What the runners finish meanwhile goes with the next wait: no flusher pass.
+                            # Nothing is awaited before that wait's take() ends the hold (the next turn
+                            # goes there: idle, and nothing since the checkpoint can change the generation
+                            # or stop it unseen), but for the capacity wait, which releases it first, and
+                            # the end of this loop (serve() releases it).
                             self._settler.hold()
                         # The runner starts the task before this loop sends its next wait: the task that
                         # woke an idle worker starts one script call sooner.
                         await checkpoint()
                 continue
-            self._settler.release()  # (a hold ends before anything else this loop awaits)
             now = clock()
             limits = self._registry.flow_limits()
             if settle_and_claim is not None:
@@ -467,16 +468,11 @@ class Worker:
         backend that can, the settler's buffered verdicts go with the wait: the backend reports them saved, or
         refused (given back to the settler), as soon as it knows; a call that fails first gives them back."""
         if self._stopping or generation != self._wake_generation:
-            self._settler.release()
             return None
         event = self._wake_event = self._loop.new_event()
         options = self._options
         settle_wait = self._settle_wait
-        if settle_wait is not None:
-            verdicts = self._settler.take()  # (ends a hold)
-        else:
-            verdicts = []
-            self._settler.release()
+        verdicts = self._settler.take() if settle_wait is not None else []  # (take() ends a hold)
         pending = bool(verdicts)  # taken, and neither saved nor given back yet
         now = self._clock()
         try:
