@@ -5,7 +5,10 @@ and messages (issue 10, "also seen")."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import io
 import json
+import re
 import signal
 import subprocess
 import time
@@ -14,10 +17,12 @@ from pathlib import Path
 
 import anyio
 import pytest
+from rich.console import Console
 
 from lifecycle.asynctask import AsyncTasks, NewTask, Settlement, TaskState, backend_from_url
 from lifecycle.cli import main
 from lifecycle.cli._app import build_parser
+from lifecycle.cli._tasks._session import _print_error
 from lifecycle.cli._tasks._watch import Dashboard
 from tests.cli.cli_support import ENCODING, cli_env, lifecycle_argv
 
@@ -298,3 +303,28 @@ def test_watch_json_prints_one_json_object_per_refresh(store: str) -> None:
     assert documents[2]["throughput"] == {"succeeded_per_s": 0.0, "dead_per_s": 0.0, "window_s": 10.0}
     assert [row["label"] for row in first["recent_failures"]].count("requeued") == 1
     assert all(line.endswith("\n") and line.count("\n") == 1 for line in lines)
+
+
+def test_debug_tracebacks_show_the_event_loops_frames_by_place_only() -> None:
+    password = "-".join(["Sw33p", "Mark42"])  # built, so that no code line a frame shows holds it
+    url = f"redis://worker:{password}@127.0.0.1:1/0"
+
+    async def open_the_store() -> None:
+        raise ConnectionError(f"cannot reach {url}")
+
+    with pytest.raises(ConnectionError) as caught:
+        asyncio.run(open_the_store())
+    out = io.StringIO()
+    _print_error(Console(file=out, width=200, color_system=None), "cannot open", True, caught.value, url)
+    text = out.getvalue()
+    # One block per frame: its place (file:line in function), then its code unless it is suppressed.
+    blocks = re.split(r"(?m)^(?=│ \S+\.py:\d+ in )", text)[1:]
+    loop_blocks = [block for block in blocks if "/asyncio/" in block.splitlines()[0]]
+    ours = [block for block in blocks if "in open_the_store" in block.splitlines()[0]]
+    assert loop_blocks, text  # asyncio.run's frames are listed...
+    assert all("❱" not in block for block in loop_blocks), text  # ...without their code
+    assert len(ours) == 1, text
+    assert "❱" in ours[0], text  # the frame that raised, with its code
+    assert "raise ConnectionError" in ours[0], text
+    assert password not in text
+    assert "***" in text
