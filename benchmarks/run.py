@@ -243,7 +243,7 @@ def _versions(libraries: list[str]) -> dict[str, str]:
     import lifecycle
 
     stack = []
-    for dist in ("redis", "hiredis", "nats-py", "psycopg", "orjson", "anyio", "trio"):
+    for dist in ("redis", "hiredis", "nats-py", "psycopg", "anyio", "trio"):
         try:
             stack.append(f"{dist} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:

@@ -24,6 +24,20 @@ def test_the_ci_script_runs_the_readme_test_command() -> None:
     assert test in (ROOT / ".ci" / "run").read_text(), ".ci/run must call the README's test command verbatim"
 
 
+def test_the_extras_table_lists_every_extra_with_what_it_installs() -> None:
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    section = pyproject.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    # Each extra's first requirement (the multi-line ``test`` list is not one users install).
+    declared = dict(re.findall(r'^([a-z]+) = \["([A-Za-z0-9_.\-]+)', section, flags=re.M))
+    rows = dict(re.findall(r"^\| `([a-z]+)` \| ([^|]+?) \|", README, flags=re.M))
+    assert sorted(rows) == sorted(declared), "README's extras table and pyproject's extras differ"
+    for extra, requirement in declared.items():
+        package = re.split(r"[\[<>=]", requirement)[0]
+        assert package.replace("-", "").lower() in rows[extra].replace("-", "").replace(" ", "").lower(), (
+            f"README says the {extra!r} extra installs {rows[extra]!r}; pyproject: {requirement!r}"
+        )
+
+
 @pytest.mark.slow
 def test_the_readme_example_service_runs_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     code = re.search(r"```python\n(.*?)\n```", README, flags=re.S)

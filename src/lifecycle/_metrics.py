@@ -1,10 +1,10 @@
 """Prometheus metrics for a TaskManager (and its AsyncTasks), with the optional ``prometheus-client``.
 
-This is the one module that knows both the core (it reads a :class:`~lifecycle.TaskManager` through its
-public ``health()``, ``restart_totals()`` and ``loop_blocks``) and ``lifecycle.asynctask`` (queue depths per
-:class:`~lifecycle.asynctask.TaskState`); the core imports neither it nor asynctask, and asynctask does not
-import it: ``AsyncTasks(metrics=...)`` takes anything with an ``async_tasks`` attribute (a :class:`Metrics`)
-or a ``TaskObserver`` such as :class:`AsyncTasksMetrics`.
+This is the one module below ``lifecycle.tasks`` that knows both the core (it reads a
+:class:`~lifecycle.TaskManager` through its public ``health()``, ``restart_totals()`` and ``loop_blocks``) and
+``lifecycle.asynctask`` (queue depths per :class:`~lifecycle.asynctask.TaskState`); the core imports neither
+it nor asynctask, and asynctask does not import it: ``AsyncTasks(metrics=...)`` takes anything with an
+``async_tasks`` attribute (a :class:`Metrics`) or a ``TaskObserver`` such as :class:`AsyncTasksMetrics`.
 
 Nothing here imports ``prometheus_client`` until a :class:`Metrics` is built, so the core runs without it.
 Every :class:`Metrics` has a registry of its own unless given one: two managers in one process never share

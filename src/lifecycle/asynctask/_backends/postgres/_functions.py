@@ -1,7 +1,8 @@
 """The server-side functions of :class:`~lifecycle.asynctask.postgres.PostgresBackend` as schema version 3
-defines them, created by the schema migration (``_schema``) in the backend's schema. (The functions version 2
-created are kept as they were in ``_functions_v2``: a new schema replays every migration step, and version 3
-replaces the two claims.)
+defines them, and the claim without limits that version 5 puts in place of version 3's (``FUNCTIONS_V5``),
+created by the schema migration (``_schema``) in the backend's schema. (The functions version 2 created are
+kept as they were in ``_functions_v2``: a new schema replays every migration step, and version 3 replaces the
+two claims.)
 
 The claims are PL/pgSQL functions, as the Redis backend's are Lua scripts: one call does the whole atomic
 step, and PostgreSQL plans the statements inside once per session (a claim written as one large SQL statement

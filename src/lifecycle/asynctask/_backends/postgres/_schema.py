@@ -44,7 +44,8 @@ skipped without reading its tasks; ``(queue, expires_at)`` over the tasks that h
 expired ones. Over active tasks: ``(lease_until, seq)`` serves recovery, ``(name, concurrency_key)`` counts
 the running tasks of a name (and key) for ``max_running`` and ``max_running_per_key``. A partial index over
 finished tasks ``(coalesce(finished_at, enqueued_at))`` serves retention purges; ``(enqueued_at, seq)`` the
-newest-first listing. ``lifecycle_groups (finished_at)`` over final groups serves their purge.
+newest-first listing. ``lifecycle_groups (finished_at)`` over final groups serves their purge;
+``lifecycle_windows (until)`` the dropping of ended uniqueness windows.
 
 The server-side functions are listed in ``_functions`` (those of version 2 in ``_functions_v2``). Version 4
 sets ``jit = off`` on the two claims. Version 5 replaces the claim without limits with one that enters each

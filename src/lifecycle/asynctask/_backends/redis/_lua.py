@@ -7,24 +7,24 @@ Each script receives the key prefix ``{name}:`` as ``ARGV[1]`` and one declared 
 Redis Cluster routes it; every key a script builds starts with the same ``{name}`` hash tag, so all of them
 live in the declared key's slot. The key layout, version 4 (documented in ``docs/backends.md``):
 
-- ``{P}:t:<id>``           hash, the record. Fields: n name, q queue, p payload, s state, a attempts,
-                           m max_retries, to timeout, e enqueued_at, r run_at, st started_at, f finished_at,
-                           l lease_until, err last_error, res result, meta meta, pr priority, ck concurrency
+- ``{P}:t:<id>``           hash, the record. Fields: n name, q queue, p payload, s state, a attempts, m
+                           max_retries, to timeout, e enqueued_at, r run_at, st started_at, f finished_at, l
+                           lease_until, err last_error, res result, meta meta, pr priority, ck concurrency
                            key, ex expires_at; and the backend's own: o enqueue sequence (16 hex digits), k
-                           lease token, c id of the enqueue call, x id of the last cancel/requeue call, rs
-                           run_at as 16 hex digits that sort as the times do, w the parked set a claim moved
-                           the PENDING task to (a key suffix; stale once it is back), rn the name and key the
-                           claim counted the ACTIVE task under, fu ``1`` while a debounce follow-up waits, sv
-                           the verdict a settlement applied before a follow-up replaced it; cr ``1`` once
-                           the cancellation of the ACTIVE task was asked; pd, pt, pm the progress (done,
-                           total, message); g the group the task is a member of.
-                           Times are the engine's floats as Python ``repr`` text; ``""`` means None for
-                           to/st/f/l; err/res/meta/pr/ck/ex/cr/pd/pt/pm/g are absent when None (pr when 0).
+                           lease token (a group member's ends in ``g``), c id of the enqueue call, x id of the
+                           last cancel/requeue call, rs run_at as 16 hex digits that sort as the times do, w
+                           the parked set a claim moved the PENDING task to (a key suffix; stale once it is
+                           back), rn the name and key the claim counted the ACTIVE task under, fu ``1`` while
+                           a debounce follow-up waits, sv the verdict a settlement applied before a follow-up
+                           replaced it; cr ``1`` once the cancellation of the ACTIVE task was asked; pd, pt,
+                           pm the progress (done, total, message); g the group the task is a member of. Times
+                           are the engine's floats as Python ``repr`` text; ``""`` means None for to/st/f/l;
+                           err/res/meta/pr/ck/ex/cr/pd/pt/pm/g are absent when None (pr when 0).
 - Claim structures of a queue's PENDING tasks, all with the member ``rs .. o .. id`` (a "claim member"):
-  ``{P}:dl:<queue>`` (delayed: score run_at; a claim moves the due ones to ready), ``{P}:rd:<queue>``
-  (ready: score minus the priority, so the highest priority comes first and equal priorities sort by the
-  member: run_at, then enqueue order), ``{P}:h:<queue held by>`` (parked: tasks a claim found held back by a
-  flow limit, scored like ready; see ``_lua_claim``).
+  ``{P}:dl:<queue>`` (delayed: score run_at; a claim moves the due ones to ready), ``{P}:rd:<queue>`` (ready:
+  score minus the priority, so the highest priority comes first and equal priorities sort by the member:
+  run_at, then enqueue order), ``{P}:h:<len>:<queue><kind><name>...`` (parked: tasks a claim found held back
+  by a flow limit, scored like ready; see ``_lua_claim``).
 - ``{P}:x:<queue>``        sorted set of the queue's PENDING tasks that have an expiry, score the later of
                            run_at and expires_at, member id: what claims cancel as expired.
 - ``{P}:i:<state>:<queue>`` sorted set per queue and state, score enqueued_at, member ``o .. id``: stats,
@@ -37,13 +37,17 @@ live in the declared key's slot. The key layout, version 4 (documented in ``docs
   record was deleted behind the backend's back is found when its lease expires (recovery then sets
   ``{P}:check`` for five minutes, during which claims check the sets they find at a limit).
 - ``{P}:hs:<queue>``, ``{P}:hk:<len>:<queue><name>``, ``{P}:hq:<name>``: parked tasks' bookkeeping (see
-  ``_lua_claim``); ``{P}:tb`` hash name -> rate bucket ``"tokens as_of"``; ``{P}:paused`` set of paused
-  queues; ``{P}:uq:<unique key>`` uniqueness window ``"until call_id"`` (expires after the window);
+  ``_lua_claim``); ``{P}:tb`` hash name -> rate bucket ``"tokens as_of"``; ``{P}:tr`` hash name -> how
+  many claims found its due tasks waiting for a token; ``{P}:paused`` set of paused queues;
+  ``{P}:uq:<unique key>`` uniqueness window ``"until call_id"`` (expires a minute after the window ends);
   ``{P}:fu:<id>`` list, the debounce follow-up of an ACTIVE task (the 16 values of a new task).
 - ``{P}:w:<queue>``        list holding at most one wake-up token (pushed only when absent); idle workers
                            block on it (BLPOP).
 - ``{P}:u:<nonce>``        one waiting backend object's alarm list: it pushes to it itself to end its own
                            BLPOP exactly on time (Redis ends blocking commands up to 100 ms late).
+- ``{P}:u:<nonce>:t``      string, the server's TIME when that object's idle wait began and the id of the
+                           claim sent behind it, read and deleted by that claim (expires after an hour,
+                           deleted at close).
 - ``{P}:queues``           set of queue names seen; ``{P}:seq`` enqueue counter; ``{P}:layout`` version.
 - ``{P}:c:<call id>``      string, the task ids one claim/reclaim call leased, each as ``<length>:<id>``
                            (expires), so a call retried after a dropped connection returns the same tasks
@@ -60,8 +64,9 @@ live in the declared key's slot. The key layout, version 4 (documented in ``docs
   ``c``), ``{P}:gt:<gid>`` list, then's 16 values until the group is final, ``{P}:gf:<outcome>`` sorted set
   of final groups by finished_at. Kept up to date by the script that ends a member (settle, cancel, a claim's
   expiry), so a group's then is stored in the same atomic step as its last member's success.
-- ``{P}:notices``          pub/sub channel: ``s`` (settled) and ``c`` (cancellation asked) notices, each the
-                           kind letter and task ids, NUL-separated.
+- ``{P}:notices``          pub/sub channel: ``s`` (settled; ``s:<nonce>`` from the settle script of that
+                           backend object) and ``c`` (cancellation asked) notices, each the kind letter
+                           and task ids, NUL-separated.
 """
 
 from __future__ import annotations
