@@ -109,10 +109,9 @@ def test_a_group_of_200_fans_in_once_while_a_worker_is_killed_twice(
     out = tmp_path / "out"
     libraries = list(WORKER_LIBRARIES.get(backend_name, ("asyncio",) * 3))
     with Workers(backend_url, out) as workers:
-        for index, library in enumerate(libraries):
-            worker = workers.start(
-                f"w{index}", backend=library, extra=["--control"], concurrency=4, lease=2.0
-            )
+        for index, library in enumerate(libraries):  # started side by side, then each waited for
+            workers.start(f"w{index}", backend=library, extra=["--control"], concurrency=4, lease=2.0)
+        for worker in list(workers.workers):
             workers.wait_for("ready", worker=worker.name)
 
         async def enqueue() -> str:
