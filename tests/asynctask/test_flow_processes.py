@@ -142,13 +142,16 @@ def test_max_running_is_never_exceeded_across_three_worker_processes(
 def test_a_killed_worker_gives_its_slot_back_after_recovery(backend_url: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
     with Workers(backend_url, out) as workers:
-        victim = workers.start("victim", lease=1.0, extra=["--flow"])
+        # A 0.1 s first retry backoff (AsyncTasks' default is 1 s): the retry of the task the victim held
+        # waits less, the test proves the same.
+        extra = ["--flow", "--retry-backoff", "0.1"]
+        victim = workers.start("victim", lease=1.0, extra=extra)
         workers.wait_for("ready", worker="victim")
         enqueue(backend_url, [Call("procs.solo", key) for key in ("doomed", "next-1", "next-2")])
         workers.wait_for("started", key="doomed", worker="victim")
         victim.kill()  # kill -9 while it holds the only slot of procs.solo
 
-        rescuer = workers.start("rescuer", lease=1.0, extra=["--flow"])
+        rescuer = workers.start("rescuer", lease=1.0, extra=extra)
         workers.wait_for("ready", worker="rescuer")
         expected = {"doomed", "next-1", "next-2"}
         workers.wait_until(lambda seen: workers.keys_ran() >= expected, what="the slot came back: all ran")
