@@ -193,7 +193,7 @@ def plan(args: argparse.Namespace, sqlite_dir: str) -> list[tuple[str, str, list
             cfg = Config(
                 library=library,
                 scenario=scenario,
-                n=args.latency_n if scenario in ("latency", "pg_latency") else args.n,
+                n=args.latency_n if scenario in ("latency", "nats_latency", "pg_latency") else args.n,
                 concurrency=args.mix_concurrency if scenario == "mix" else args.concurrency,
                 redis_url=args.redis_url or "",
                 sqlite_path=os.path.join(sqlite_dir, f"{library}.db"),

@@ -108,11 +108,13 @@ def test_a_group_of_200_fans_in_once_while_a_worker_is_killed_twice(
     count = 200
     out = tmp_path / "out"
     libraries = list(WORKER_LIBRARIES.get(backend_name, ("asyncio",) * 3))
+    # A 0.1 s first retry backoff (AsyncTasks' default is 1 s): the members the kills cut short are retried
+    # sooner, the test proves the same.
+    extra = ["--control", "--retry-backoff", "0.1"]
     with Workers(backend_url, out) as workers:
-        for index, library in enumerate(libraries):
-            worker = workers.start(
-                f"w{index}", backend=library, extra=["--control"], concurrency=4, lease=2.0
-            )
+        for index, library in enumerate(libraries):  # started side by side, then each waited for
+            workers.start(f"w{index}", backend=library, extra=extra, concurrency=4, lease=2.0)
+        for worker in list(workers.workers):
             workers.wait_for("ready", worker=worker.name)
 
         async def enqueue() -> str:
@@ -126,7 +128,7 @@ def test_a_group_of_200_fans_in_once_while_a_worker_is_killed_twice(
         for round_, ran in enumerate((30, 110)):
             workers.wait_until(members_ran(workers, ran), what=f"{ran} members ran")
             victim.kill()  # kill -9, with members running (and perhaps verdicts not saved)
-            victim = workers.start(f"w0-again-{round_}", backend=libraries[0], extra=["--control"], lease=2.0)
+            victim = workers.start(f"w0-again-{round_}", backend=libraries[0], extra=extra, lease=2.0)
             workers.wait_for("ready", worker=victim.name)
         workers.wait_for("ran", key="join", timeout=120)
 

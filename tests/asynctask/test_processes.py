@@ -137,8 +137,9 @@ def test_several_workers_run_every_task_exactly_once(
     count = 300
     out = tmp_path / "out"
     with Workers(backend_url, out) as workers:
-        for library in WORKER_LIBRARIES.get(backend_name, ("asyncio",) * 3):
-            worker = workers.start(concurrency=8, backend=library)
+        for library in WORKER_LIBRARIES.get(backend_name, ("asyncio",) * 3):  # side by side
+            workers.start(concurrency=8, backend=library)
+        for worker in list(workers.workers):
             workers.wait_for("ready", worker=worker.name)
         ids = enqueue(backend_url, [("procs.slow", (f"k{i}", 0.005)) for i in range(count)])
         workers.wait_until(lambda seen: len(workers.keys_ran()) == count, what=f"all {count} tasks ran")
@@ -156,7 +157,10 @@ def test_several_workers_run_every_task_exactly_once(
 def test_a_killed_worker_loses_nothing_and_its_attempt_counts(backend_url: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
     with Workers(backend_url, out) as workers:
-        victim = workers.start("victim", lease=1.0, concurrency=4)
+        # A 0.1 s first retry backoff (AsyncTasks' default is 1 s): the retries wait less, the test proves
+        # the same.
+        quick_retry = ["--retry-backoff", "0.1"]
+        victim = workers.start("victim", lease=1.0, concurrency=4, extra=quick_retry)
         workers.wait_for("ready", worker="victim")
         [doomed_id, *other_ids] = enqueue(
             backend_url,
@@ -165,7 +169,7 @@ def test_a_killed_worker_loses_nothing_and_its_attempt_counts(backend_url: str, 
         workers.wait_for("started", key="doomed", worker="victim")
         victim.kill()  # kill -9 while "doomed" runs (and perhaps with unsettled results of others)
 
-        workers.start("rescuer", lease=1.0)
+        workers.start("rescuer", lease=1.0, extra=quick_retry)
         expected = {"doomed", *(f"k{i}" for i in range(40))}
         workers.wait_until(lambda seen: workers.keys_ran() >= expected, what="every task ran")
         # Tasks the victim ran but never settled are run again by the rescuer after a retry backoff.

@@ -1,6 +1,10 @@
 """A PostgreSQL worker asked to stop while its server is down stops within the documented bound:
 ``shutdown_grace`` + 10 s (the engine's budget for saving verdicts) + 1 s (a claim waiting for a connection
 gives up after it). A private server on a free port is stopped; the shared one is never touched.
+
+The test checks that the engine's budget is the documented 10 s, then shortens it to 2 s: the bound it
+asserts is the same sum with the shorter budget, so it proves the same (nothing in the PostgreSQL backend
+outlasts the budget: its pool's own 10 s connection timeout would now fail it) without waiting 10 s.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ GRACE = 1.0
 POLL = 1.0
 CLAIM_WAIT = 1.0  # docs/backends.md, PostgreSQL "Durability"
 VERDICT_BUDGET = 10.0  # docs/asynctask.md, "Graceful shutdown"
+SHORT_BUDGET = 2.0  # the budget the test gives the engine instead (see the module docstring)
 SLACK = 1.0  # scheduling on a busy machine
 
 
@@ -51,8 +56,12 @@ class _ClaimFailed(logging.Handler):
 
 @pytest.mark.slow
 async def test_a_worker_stops_within_grace_plus_ten_seconds_while_the_server_is_down(
-    server: PrivatePostgres, unique_name: str
+    server: PrivatePostgres, unique_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import lifecycle.asynctask._engine._worker as worker_module
+
+    assert worker_module._FINAL_FLUSH_TIMEOUT == VERDICT_BUDGET, "the documented budget"
+    monkeypatch.setattr(worker_module, "_FINAL_FLUSH_TIMEOUT", SHORT_BUDGET)
     tasks = AsyncTasks(
         PostgresBackend(server.dsn, schema=unique_name, poll_interval=POLL),
         shutdown_grace=GRACE,
@@ -86,7 +95,7 @@ async def test_a_worker_stops_within_grace_plus_ten_seconds_while_the_server_is_
             # The worker is retrying its claims (one may be waiting for a connection): stop it, as a
             # TaskManager does, and close the backend.
             scope.cancel()
-            with anyio.fail_after(GRACE + VERDICT_BUDGET + CLAIM_WAIT + SLACK):
+            with anyio.fail_after(GRACE + SHORT_BUDGET + CLAIM_WAIT + SLACK):
                 await stopped.wait()
                 await tasks.cleanup()
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 # Run by path: make the `tests` package importable from the repository root (not from tests/asynctask, whose
 # redis/ test package would shadow redis-py).
@@ -38,6 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--every", type=float, default=None, help="run procs.tick on this interval schedule")
     parser.add_argument("--flow", action="store_true", help="also register the flow-limited jobs")
     parser.add_argument("--control", action="store_true", help="also register the cancel and group jobs")
+    parser.add_argument(
+        "--retry-backoff",
+        type=float,
+        default=None,
+        help="the first retry's backoff ceiling in seconds (default: AsyncTasks' own, 1 s)",
+    )
     return parser.parse_args(argv)
 
 
@@ -45,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     """Build the manager, run it until SIGTERM/SIGINT, print the exit code."""
     args = parse_args(argv)
     jobs.configure(args.out_dir)
+    options: dict[str, Any] = {}
+    if args.retry_backoff is not None:  # AsyncTasks' own cap: only the first retries come sooner
+        options["retry_backoff"] = lifecycle.Backoff(initial=args.retry_backoff, cap=600.0)
     tasks = AsyncTasks(
         backend_from_url(args.url),
         concurrency=args.concurrency,
@@ -52,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         lease=args.lease,
         poll_interval=args.poll_interval,
         recovery_interval=args.lease / 2,
+        **options,
     )
     jobs.register_jobs(tasks)
     if args.flow:
