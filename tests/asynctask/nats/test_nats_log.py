@@ -12,6 +12,7 @@ import pytest
 
 from lifecycle.asynctask import ClaimedTask, GroupRecord, NewGroup, ProgressUpdate, Settlement, TaskState
 from lifecycle.asynctask._backends.nats._codec import FORMAT, decode_message, decode_snapshot
+from lifecycle.asynctask._backends.nats._log import Log, Names
 from lifecycle.asynctask.nats import NatsBackend
 from lifecycle.asynctask.testing import T0
 from lifecycle.asynctask.testing._support import new_task
@@ -276,3 +277,34 @@ async def test_a_call_that_changes_nothing_plans_again_when_a_message_arrives_wh
     with anyio.fail_after(10):
         reclaimed = await survivor.reclaim_expired(now=T0 + 40, lease_until=T0 + 70, limit=10)
     assert [claimed.record.id for claimed in reclaimed] == ["lost"]
+
+
+async def test_a_call_under_way_when_the_connection_comes_back_is_sent_again_at_once() -> None:
+    url = "nats://127.0.0.1:4222"  # never connected to: the test calls retrying() with its own call
+    log = Log(url, Names("unit"), replicas=1, options={}, connect_timeout=1, reconnect_timeout=60)
+    told: list[str] = []
+    log.reconnected = lambda: told.append("reconnected")
+    sent = 0
+
+    async def read() -> str:
+        nonlocal sent
+        sent += 1
+        if sent == 1:
+            await anyio.sleep_forever()  # sent before the connection was lost: no reply ever comes
+        return "answer"
+
+    answers: list[str] = []
+
+    async def call() -> None:
+        answers.append(await log.retrying("a read", read))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            group.start_soon(call)
+            await anyio.wait_all_tasks_blocked()
+            assert sent == 1
+            assert not answers
+            log.connection_back()
+    assert answers == ["answer"]
+    assert sent == 2
+    assert told == ["reconnected"]

@@ -87,3 +87,55 @@ async def test_a_restarted_server_loses_nothing_and_repeats_nothing(
         assert await reader.stats() == {"default": {TaskState.SUCCEEDED: FIRST + LATER}}
     finally:
         await reader.close()
+
+
+class _Reconnected(logging.Handler):
+    """Sets an event when the backend logs that it reconnected (the log record comes from nats-py's
+    reconnect callback, on the test's event loop)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.event = anyio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("reconnected to NATS"):
+            self.event.set()
+
+
+async def test_after_a_restart_an_idle_worker_sees_new_work_at_once_not_at_its_next_poll(
+    own_nats: NatsServer,
+) -> None:
+    # The worker learns of work through the log's pushed messages; after a restart, the subscription that
+    # pushed them is followed again at once, so the idle worker does not wait out its poll interval (or
+    # nats-py's own reset of the subscription, after two missed heartbeats: two seconds at least).
+    worker = AsyncTasks(NatsBackend(own_nats.url, prefix="idle"), concurrency=2, poll_interval=30.0)
+    producer = AsyncTasks(NatsBackend(own_nats.url, prefix="idle"), execution=False)
+    started: dict[int, anyio.Event] = {n: anyio.Event() for n in range(2)}
+
+    @worker.register(name="idle.job")
+    async def job(number: int) -> None:
+        started[number].set()
+
+    producer.register(job, name="idle.job")
+    reconnected = _Reconnected()
+    logger = logging.getLogger("lifecycle.asynctask.nats")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(reconnected)
+    try:
+        with anyio.fail_after(60):
+            async with worker, producer, anyio.create_task_group() as group:
+                group.start_soon(worker.execute)
+                await producer.enqueue("idle.job", 0)
+                await started[0].wait()
+                await anyio.wait_all_tasks_blocked()  # the worker is idle, waiting for work
+                await anyio.to_thread.run_sync(own_nats.stop)
+                await anyio.to_thread.run_sync(own_nats.start)
+                await reconnected.event.wait()
+                await producer.enqueue("idle.job", 1)  # stored once the producer has reconnected too
+                with anyio.fail_after(1.5):
+                    await started[1].wait()
+                group.cancel_scope.cancel()
+    finally:
+        logger.removeHandler(reconnected)
+        logger.setLevel(level)

@@ -140,6 +140,7 @@ class NatsBackend:
         self._state = State()
         self._present = False  # the streams exist (else: opened with create="on_enqueue", nothing yet)
         self._stale = False  # the log lost messages this replica had not read: reload from the snapshot
+        self._refollow = False  # reconnected: the log's subscription may be gone, follow the log again
         self._generation = 0
         self._write_lock: anyio.Lock | None = None
         self._reload_lock: anyio.Lock | None = None
@@ -193,6 +194,7 @@ class NatsBackend:
             reconnect_timeout=self.reconnect_timeout,
         )
         await log.connect()
+        log.reconnected = self._reconnected
         self._write_lock = anyio.Lock()
         self._reload_lock = anyio.Lock()
         self._nonce = secrets.token_hex(6)
@@ -246,6 +248,27 @@ class NatsBackend:
         advanced, self._advanced = self._advanced, None
         if advanced is not None:
             advanced.set()
+
+    def _reconnected(self) -> None:
+        # Following the log again is I/O: the next caller that reads the replica does it (wait_for_work
+        # returns for it), not nats-py's reconnect callback, which would hold up its reconnection.
+        self._refollow = True
+        self._notify()
+        self._wake()
+
+    async def _follow_again(self) -> None:
+        """Follow the log again after a reconnect, from the message after the last one this replica read."""
+        assert self._reload_lock is not None
+        async with self._reload_lock:
+            if not self._refollow or self._stale:  # done meanwhile, or _reload() follows anew anyway
+                return
+            self._generation += 1  # what the old subscription still delivers is dropped
+            generation = self._generation
+            await self._opened().follow(
+                self._state.seq + 1,
+                lambda seq, expected, part, data: self._feed(generation, seq, expected, part, data),
+            )
+            self._refollow = False
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, None
@@ -338,6 +361,8 @@ class NatsBackend:
             if self._stale:
                 await self._reload()
                 continue
+            if self._refollow:
+                await self._follow_again()
             state = self._state
             if state.seq >= target:
                 return state
@@ -388,6 +413,8 @@ class NatsBackend:
             while True:
                 if self._stale:
                     await self._reload()
+                if self._refollow:
+                    await self._follow_again()
                 state = self._state
                 if state.partial is not None:  # another writer's transaction of several messages
                     before = state.seq
@@ -591,8 +618,8 @@ class NatsBackend:
                     return
             remaining = deadline - anyio.current_time()
             if (
-                remaining <= 0 or self._log is None or self._stale
-            ):  # stale: the next claim reads the store again
+                remaining <= 0 or self._log is None or self._stale or self._refollow
+            ):  # stale, or reconnected: the next claim reads the store again, or follows the log again
                 await anyio.lowlevel.checkpoint()
                 return
             pause = remaining if due is None or due <= now else min(remaining, due - now)

@@ -132,6 +132,10 @@ class Log:
         self._nc: Client | None = None
         self._subscription: Subscription | None = None
         self.max_payload = 1024 * 1024
+        self._attempts: set[anyio.CancelScope] = set()  # the calls of retrying() under way
+        self.reconnected: Callable[[], None] | None = None
+        """Called (on the event loop, without awaiting anything) each time the connection is back after a
+        loss: the log's subscription may have died with it (see :meth:`follow`)."""
 
     @property
     def shown(self) -> str:
@@ -152,6 +156,7 @@ class Log:
 
         async def on_reconnect() -> None:
             _log.info("reconnected to NATS at %s", self.shown)
+            self.connection_back()
 
         options: dict[str, Any] = {
             "servers": [server.strip() for server in self.url.split(",")],
@@ -197,6 +202,16 @@ class Log:
         self._nc = client
         self.max_payload = client.max_payload or self.max_payload
 
+    def connection_back(self) -> None:
+        """The connection is back after a loss (nats-py's reconnect callback calls this): the calls of
+        :meth:`retrying` under way are sent again, and :attr:`reconnected` is told."""
+        # A request sent before the connection was lost gets no reply (nats-py waits out its timeout, five
+        # seconds, holding up whatever waits for it): send it again now, on the new connection.
+        for attempt in list(self._attempts):
+            attempt.cancel()
+        if self.reconnected is not None:
+            self.reconnected()
+
     async def close(self) -> None:
         client, self._nc = self._nc, None
         self._subscription = None
@@ -211,20 +226,30 @@ class Log:
         return self._nc
 
     async def retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """``await call()``, again after a transient failure until ``reconnect_timeout`` has passed."""
+        """``await call()``, again after a transient failure until ``reconnect_timeout`` has passed, and at
+        once when the connection came back while it was under way (its reply would have gone to the old
+        one). Every call made through it is safe to repeat: reads, and publishes with their message id and
+        expected sequence."""
         deadline = time.monotonic() + self._reconnect_timeout
         pause = 0.05
         while True:
-            try:
-                return await call()
-            except _TRANSIENT as exc:
-                if time.monotonic() + pause > deadline:
-                    raise BackendError(
-                        f"NATS at {self.shown} did not answer {what} for {self._reconnect_timeout:g} s "
-                        f"({type(exc).__name__}: {redact(str(exc), self.url)}); is the server running with "
-                        "JetStream?"
-                    ) from exc
-                _log.debug("retrying %s after %r", what, exc)
+            with anyio.CancelScope() as attempt:
+                self._attempts.add(attempt)
+                try:
+                    return await call()
+                except _TRANSIENT as exc:
+                    if time.monotonic() + pause > deadline:
+                        raise BackendError(
+                            f"NATS at {self.shown} did not answer {what} for {self._reconnect_timeout:g} s "
+                            f"({type(exc).__name__}: {redact(str(exc), self.url)}); is the server running "
+                            "with JetStream?"
+                        ) from exc
+                    _log.debug("retrying %s after %r", what, exc)
+                finally:
+                    self._attempts.discard(attempt)
+            if attempt.cancelled_caught:  # cancelled by the reconnect (see connect()): send it again now
+                _log.debug("sending %s again after a reconnect", what)
+                continue
             await anyio.sleep(pause)
             pause = min(1.0, pause * 2)
 
@@ -344,8 +369,11 @@ class Log:
         self, start: int, on_message: Callable[[int, int | None, tuple[str, int, int], bytes], None]
     ) -> None:
         """Deliver every log message from sequence ``start`` on to ``on_message(seq, expected, part, data)``
-        (see ``State.feed``), in order, by push (an ordered consumer; it is recreated after a reconnect).
-        Replaces the previous subscription."""
+        (see ``State.feed``), in order, by push (an ordered consumer). Replaces the previous subscription.
+
+        After a server restart the consumer is gone, and nats-py recreates it only once two of its heartbeats
+        were missed (two seconds at least): whoever follows the log calls this again when
+        :attr:`reconnected` tells it the connection is back."""
         await self.stop_following()
         js = self.client.jetstream()
 
