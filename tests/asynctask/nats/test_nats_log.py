@@ -3,7 +3,10 @@ and the deletion of the log before them, replicas that fall behind a deleted log
 
 from __future__ import annotations
 
+import functools
 import json
+from collections import Counter
+from collections.abc import Awaitable, Callable
 
 import anyio
 import nats
@@ -279,32 +282,60 @@ async def test_a_call_that_changes_nothing_plans_again_when_a_message_arrives_wh
     assert [claimed.record.id for claimed in reclaimed] == ["lost"]
 
 
-async def test_a_call_under_way_when_the_connection_comes_back_is_sent_again_at_once() -> None:
-    url = "nats://127.0.0.1:4222"  # never connected to: the test calls retrying() with its own call
+async def test_a_call_sent_before_a_lost_connection_is_sent_again_when_it_is_back() -> None:
+    url = "nats://127.0.0.1:4222"  # never connected to: the test calls retrying() with its own calls
     log = Log(url, Names("unit"), replicas=1, options={}, connect_timeout=1, reconnect_timeout=60)
     told: list[str] = []
     log.reconnected = lambda: told.append("reconnected")
-    sent = 0
+    sent: Counter[str] = Counter()
+    back = anyio.Event()
 
-    async def read() -> str:
-        nonlocal sent
-        sent += 1
-        if sent == 1:
-            await anyio.sleep_forever()  # sent before the connection was lost: no reply ever comes
-        return "answer"
+    def request(name: str, *, lost: bool) -> Callable[[], Awaitable[str]]:
+        async def send() -> str:
+            sent[name] += 1
+            if lost and sent[name] == 1:
+                await anyio.sleep_forever()  # its reply went to the lost connection: it never comes
+            else:
+                await back.wait()  # held by nats-py while the connection is down, answered once it is back
+            return f"answer to {name}"
 
-    answers: list[str] = []
+        return send
 
-    async def call() -> None:
-        answers.append(await log.retrying("a read", read))
+    answers: dict[str, str] = {}
+
+    async def call(name: str, *, lost: bool) -> None:
+        answers[name] = await log.retrying(name, request(name, lost=lost))
 
     with anyio.fail_after(5):
         async with anyio.create_task_group() as group:
-            group.start_soon(call)
+            group.start_soon(functools.partial(call, "before", lost=True))
             await anyio.wait_all_tasks_blocked()
-            assert sent == 1
-            assert not answers
+            log.connection_lost()
+            group.start_soon(functools.partial(call, "during", lost=False))
+            await anyio.wait_all_tasks_blocked()
+            assert sent == {"before": 1, "during": 1}
             log.connection_back()
-    assert answers == ["answer"]
-    assert sent == 2
+            await anyio.wait_all_tasks_blocked()
+            assert sent == {"before": 2, "during": 1}  # only the one sent before the loss went again
+            back.set()
+    assert answers == {"before": "answer to before", "during": "answer to during"}
     assert told == ["reconnected"]
+
+
+async def test_a_publish_whose_first_copy_is_still_being_agreed_on_is_sent_again() -> None:
+    url = "nats://127.0.0.1:4222"
+    log = Log(url, Names("unit"), replicas=3, options={}, connect_timeout=1, reconnect_timeout=60)
+    attempts = 0
+
+    async def publish() -> int:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:  # what a cluster answers a repeat while the first copy is not yet stored
+            raise nats.js.errors.APIError(
+                code=409, err_code=10158, description="duplicate message id is in process"
+            )
+        return 42
+
+    with anyio.fail_after(5):
+        assert await log.retrying("publishing", publish) == 42
+    assert attempts == 2

@@ -54,6 +54,16 @@ _TRANSIENT = (
     TimeoutError,
     OSError,
 )
+# "duplicate message id is in process": in a cluster, a publish sent again (after a reconnect) while its
+# first copy is still being agreed on; once that is stored, sending it again returns its sequence.
+_ID_IN_PROCESS = 10158
+
+
+def _transient(exc: Exception) -> bool:
+    """Whether a call that failed with ``exc`` may succeed when sent again."""
+    if isinstance(exc, _TRANSIENT):
+        return True
+    return isinstance(exc, nats.js.errors.APIError) and exc.err_code == _ID_IN_PROCESS
 
 
 class Conflict(Exception):
@@ -132,7 +142,9 @@ class Log:
         self._nc: Client | None = None
         self._subscription: Subscription | None = None
         self.max_payload = 1024 * 1024
-        self._attempts: set[anyio.CancelScope] = set()  # the calls of retrying() under way
+        # The calls of retrying() under way, each with the number of connection losses before it began.
+        self._attempts: dict[anyio.CancelScope, int] = {}
+        self._losses = 0
         self.reconnected: Callable[[], None] | None = None
         """Called (on the event loop, without awaiting anything) each time the connection is back after a
         loss: the log's subscription may have died with it (see :meth:`follow`)."""
@@ -153,6 +165,7 @@ class Log:
 
         async def on_disconnect() -> None:
             _log.info("lost the connection to NATS at %s; reconnecting", self.shown)
+            self.connection_lost()
 
         async def on_reconnect() -> None:
             _log.info("reconnected to NATS at %s", self.shown)
@@ -202,13 +215,19 @@ class Log:
         self._nc = client
         self.max_payload = client.max_payload or self.max_payload
 
+    def connection_lost(self) -> None:
+        """The connection was lost (nats-py's disconnect callback calls this, before it reconnects)."""
+        self._losses += 1
+
     def connection_back(self) -> None:
         """The connection is back after a loss (nats-py's reconnect callback calls this): the calls of
-        :meth:`retrying` under way are sent again, and :attr:`reconnected` is told."""
+        :meth:`retrying` sent before the loss are sent again, and :attr:`reconnected` is told."""
         # A request sent before the connection was lost gets no reply (nats-py waits out its timeout, five
-        # seconds, holding up whatever waits for it): send it again now, on the new connection.
-        for attempt in list(self._attempts):
-            attempt.cancel()
+        # seconds, holding up whatever waits for it): send it again now, on the new connection. One made
+        # while it was down is left alone: nats-py held it, and sent it on the new connection.
+        for attempt, losses in list(self._attempts.items()):
+            if losses < self._losses:
+                attempt.cancel()
         if self.reconnected is not None:
             self.reconnected()
 
@@ -227,17 +246,24 @@ class Log:
 
     async def retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """``await call()``, again after a transient failure until ``reconnect_timeout`` has passed, and at
-        once when the connection came back while it was under way (its reply would have gone to the old
-        one). Every call made through it is safe to repeat: reads, and publishes with their message id and
-        expected sequence."""
+        once when it was sent before the connection was lost and the connection is back (its reply would
+        have gone to the old one).
+
+        What goes through it may be sent twice: reads; publishes to the log, whose message id and expected
+        sequence make a repeat return the first one's sequence (:meth:`publish`); snapshot writes, where a
+        repeated chunk is left for the next compaction to delete and a repeated pointer is refused (that
+        compaction then skips its purge); and the log's subscription (a consumer made twice: nats-py drops
+        the one it does not use)."""
         deadline = time.monotonic() + self._reconnect_timeout
         pause = 0.05
         while True:
             with anyio.CancelScope() as attempt:
-                self._attempts.add(attempt)
+                self._attempts[attempt] = self._losses
                 try:
                     return await call()
-                except _TRANSIENT as exc:
+                except Exception as exc:
+                    if not _transient(exc):
+                        raise
                     if time.monotonic() + pause > deadline:
                         raise BackendError(
                             f"NATS at {self.shown} did not answer {what} for {self._reconnect_timeout:g} s "
@@ -246,8 +272,13 @@ class Log:
                         ) from exc
                     _log.debug("retrying %s after %r", what, exc)
                 finally:
-                    self._attempts.discard(attempt)
-            if attempt.cancelled_caught:  # cancelled by the reconnect (see connect()): send it again now
+                    del self._attempts[attempt]
+            if attempt.cancelled_caught:  # sent before a loss, and the connection is back: send it again now
+                if time.monotonic() > deadline:
+                    raise BackendError(
+                        f"NATS at {self.shown} did not answer {what} for {self._reconnect_timeout:g} s (the "
+                        "connection was lost and came back meanwhile); is the server running with JetStream?"
+                    )
                 _log.debug("sending %s again after a reconnect", what)
                 continue
             await anyio.sleep(pause)
@@ -381,7 +412,6 @@ class Log:
             headers = msg.headers
             on_message(msg.metadata.sequence.stream, _expected_of(headers), _part_of(headers), msg.data)
 
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start))
         self._subscription = await self.retrying(
             "subscribing to the log",
             lambda: js.subscribe(
@@ -390,7 +420,10 @@ class Log:
                 cb=deliver,
                 ordered_consumer=True,
                 idle_heartbeat=1.0,
-                config=config,
+                # A config of its own per attempt: nats-py writes the attempt's delivery inbox into it.
+                config=ConsumerConfig(
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start)
+                ),
             ),
         )
 
