@@ -112,10 +112,12 @@ def test_a_group_of_200_fans_in_once_while_a_worker_is_killed_twice(
     # sooner, the test proves the same.
     extra = ["--control", "--retry-backoff", "0.1"]
     with Workers(backend_url, out) as workers:
-        for index, library in enumerate(libraries):  # started side by side, then each waited for
-            workers.start(f"w{index}", backend=library, extra=extra, concurrency=4, lease=2.0)
-        for worker in list(workers.workers):
-            workers.wait_for("ready", worker=worker.name)
+        workers.wait_ready(
+            [
+                workers.start(f"w{index}", backend=library, extra=extra, concurrency=4, lease=2.0)
+                for index, library in enumerate(libraries)
+            ]
+        )
 
         async def enqueue() -> str:
             tasks = AsyncTasks(backend_from_url(backend_url), execution=False)

@@ -60,9 +60,7 @@ def enqueue(url: str, calls: Sequence[Call]) -> list[str]:
 def start_workers(workers: Workers, backend_name: str, **options: Any) -> None:
     """Start the three workers together (they start up side by side) and return once each is ready."""
     libraries = WORKER_LIBRARIES.get(backend_name, ("asyncio",) * 3)
-    started = [workers.start(backend=library, extra=["--flow"], **options) for library in libraries]
-    for worker in started:
-        workers.wait_for("ready", worker=worker.name)
+    workers.wait_ready([workers.start(backend=library, extra=["--flow"], **options) for library in libraries])
 
 
 def most_at_once(spans: Sequence[Span]) -> int:

@@ -137,10 +137,8 @@ def test_several_workers_run_every_task_exactly_once(
     count = 300
     out = tmp_path / "out"
     with Workers(backend_url, out) as workers:
-        for library in WORKER_LIBRARIES.get(backend_name, ("asyncio",) * 3):  # side by side
-            workers.start(concurrency=8, backend=library)
-        for worker in list(workers.workers):
-            workers.wait_for("ready", worker=worker.name)
+        libraries = WORKER_LIBRARIES.get(backend_name, ("asyncio",) * 3)
+        workers.wait_ready([workers.start(concurrency=8, backend=library) for library in libraries])
         ids = enqueue(backend_url, [("procs.slow", (f"k{i}", 0.005)) for i in range(count)])
         workers.wait_until(lambda seen: len(workers.keys_ran()) == count, what=f"all {count} tasks ran")
         assert workers.stop_all() == {w.name: 0 for w in workers.workers}

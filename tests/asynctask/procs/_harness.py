@@ -160,6 +160,11 @@ class Workers:
         self.workers.append(worker)
         return worker
 
+    def wait_ready(self, started: Sequence[Worker]) -> None:
+        """Return once each of ``started`` is ready (started side by side, they start up in parallel)."""
+        for worker in started:
+            self.wait_for("ready", worker=worker.name)
+
     def _receive(self, deadline: float) -> Event | None:
         try:
             event = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))

@@ -263,12 +263,16 @@ class NatsBackend:
             if not self._refollow or self._stale:  # done meanwhile, or _reload() follows anew anyway
                 return
             self._generation += 1  # what the old subscription still delivers is dropped
-            generation = self._generation
-            await self._opened().follow(
-                self._state.seq + 1,
-                lambda seq, expected, part, data: self._feed(generation, seq, expected, part, data),
-            )
-            self._refollow = False
+            await self._follow()
+
+    async def _follow(self) -> None:
+        """Follow the log from the message after the replica's last one, for the current generation."""
+        generation = self._generation
+        await self._opened().follow(
+            self._state.seq + 1,
+            lambda seq, expected, part, data: self._feed(generation, seq, expected, part, data),
+        )
+        self._refollow = False  # a new subscription, made on the connection as it is now
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, None
@@ -342,16 +346,12 @@ class NatsBackend:
             else:
                 raise BackendError(f"cannot read a snapshot of prefix {self.prefix!r} at {log.shown}")
             self._generation += 1
-            generation = self._generation
             state.notices = self._notices
             self._state = state
             self._stale = False
             self._notify()
             self._wake()
-            await log.follow(
-                state.seq + 1,
-                lambda seq, expected, part, data: self._feed(generation, seq, expected, part, data),
-            )
+            await self._follow()
 
     async def _reach(self, target: int) -> State:
         """Return the replica once it has read the log up to ``target`` (by push, or by reading the missing

@@ -256,6 +256,13 @@ class Log:
         the one it does not use)."""
         deadline = time.monotonic() + self._reconnect_timeout
         pause = 0.05
+
+        def gave_up(why: str) -> BackendError:
+            return BackendError(
+                f"NATS at {self.shown} did not answer {what} for {self._reconnect_timeout:g} s ({why}); is "
+                "the server running with JetStream?"
+            )
+
         while True:
             with anyio.CancelScope() as attempt:
                 self._attempts[attempt] = self._losses
@@ -265,20 +272,13 @@ class Log:
                     if not _transient(exc):
                         raise
                     if time.monotonic() + pause > deadline:
-                        raise BackendError(
-                            f"NATS at {self.shown} did not answer {what} for {self._reconnect_timeout:g} s "
-                            f"({type(exc).__name__}: {redact(str(exc), self.url)}); is the server running "
-                            "with JetStream?"
-                        ) from exc
+                        raise gave_up(f"{type(exc).__name__}: {redact(str(exc), self.url)}") from exc
                     _log.debug("retrying %s after %r", what, exc)
                 finally:
                     del self._attempts[attempt]
             if attempt.cancelled_caught:  # sent before a loss, and the connection is back: send it again now
                 if time.monotonic() > deadline:
-                    raise BackendError(
-                        f"NATS at {self.shown} did not answer {what} for {self._reconnect_timeout:g} s (the "
-                        "connection was lost and came back meanwhile); is the server running with JetStream?"
-                    )
+                    raise gave_up("the connection was lost and came back meanwhile")
                 _log.debug("sending %s again after a reconnect", what)
                 continue
             await anyio.sleep(pause)
